@@ -1,0 +1,36 @@
+"""Errors raised for bad user input (pure Python). The CLI prints them and exits with status 2."""
+
+from __future__ import annotations
+
+from .pattern.errors import PatternError
+
+
+class HybridLMError(Exception):
+    """Base class of hybridlm's own errors."""
+
+
+class ConfigError(HybridLMError, ValueError):
+    """A configuration value is invalid. The message starts with the field's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.field, str(self)[len(self.field) + 2 :]))
+
+
+class CheckpointError(HybridLMError, ValueError):
+    """A checkpoint is missing, damaged, or does not match the model it is loaded into."""
+
+
+class DataError(HybridLMError, ValueError):
+    """Training or evaluation data is missing or malformed."""
+
+
+class UsageError(HybridLMError, ValueError):
+    """A command-line request that cannot be carried out as asked."""
+
+
+#: Errors the CLI reports as ``error: ...`` (exit status 2) rather than as a traceback.
+USER_ERRORS = (PatternError, ConfigError, CheckpointError, DataError, UsageError)

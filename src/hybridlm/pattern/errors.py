@@ -1,0 +1,45 @@
+"""``PatternError``: every problem with a pattern, shown with a caret under its cause."""
+
+from __future__ import annotations
+
+
+def _printable(text: str) -> str:
+    # Keep one display column per character so the caret lines up: control characters
+    # (tabs, newlines) would otherwise shift or break the line.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+class PatternError(ValueError):
+    """A layer pattern broke a rule of the pattern language.
+
+    Attributes:
+        rule: one sentence naming the rule that was broken.
+        pattern: the pattern text as given.
+        position: 0-based index of the offending character in ``pattern`` (``None`` when the
+            problem is not tied to one character, e.g. a bad argument to ``stage``).
+    """
+
+    def __init__(self, rule: str, pattern: str, position: int | None = None) -> None:
+        self.rule = rule
+        self.pattern = pattern
+        self.position = position
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        lines = [self.rule, f"  pattern: '{_printable(self.pattern)}'"]
+        if self.position is not None:
+            # 12 = len("  pattern: '"), so the caret sits under the quoted character.
+            lines.append(" " * (12 + self.position) + "^")
+        return "\n".join(lines)
+
+    def __reduce__(self):  # keep the error picklable (multiprocessing, pytest-xdist)
+        return (type(self), (self.rule, self.pattern, self.position))
+
+
+class RatioError(PatternError, AssertionError):
+    """Bad arguments to :func:`pattern_from_ratios`.
+
+    Megatron-LM checks these with plain ``assert`` statements, so this error is also an
+    ``AssertionError``; it is a ``ValueError`` (through ``PatternError``) like every other
+    pattern problem.
+    """
