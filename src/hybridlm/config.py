@@ -1,0 +1,459 @@
+"""``ModelConfig``: every architectural choice of a hybrid model, as one dataclass (pure Python).
+
+The pattern string lays out the layers; the fields below size them. A field that only matters
+for a layer kind the pattern does not use is ignored (and not validated). ``None`` defaults are
+resolved by the ``resolved_*`` properties, never rewritten, so a saved config reads as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+from .pattern import HybridPattern, PatternError, parse
+
+#: Version of the JSON layout written by :meth:`ModelConfig.to_dict`.
+SCHEMA_VERSION = 1
+
+MLP_ACTIVATIONS = ("relu2", "swiglu", "gelu")
+POSITION_EMBEDDINGS = ("none", "rope")
+ROUTER_SCORES = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a :class:`hybridlm.HybridLM`. Field names are a stable contract."""
+
+    # -- general ---------------------------------------------------------------------------
+    pattern: str  #: layer pattern, e.g. "M-M-[*-]M-|M-[*E]M-/*-/*-"
+    vocab_size: int
+    hidden_size: int
+    norm_eps: float = 1e-5  #: epsilon of every RMSNorm (block norms, final norm, gated norms)
+    tie_embeddings: bool = False  #: share the input embedding with the output head
+    init_std: float = 0.02  #: std of normal initializations; output projections get init_std/sqrt(layers)
+    mtp_loss_scale: float = 0.1  #: weight of the mean MTP loss in the total loss
+
+    # -- attention (*) ---------------------------------------------------------------------
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None  #: key/value heads (GQA); None = num_attention_heads
+    head_dim: int | None = None  #: None = hidden_size / num_attention_heads
+    position_embedding: str = "none"  #: "none" (NemotronH) or "rope"
+    rope_theta: float = 10000.0
+    rotary_percent: float = 1.0  #: fraction of head_dim that is rotated
+    qk_norm: bool = False  #: RMSNorm on each query and key head
+
+    # -- MLP (-) -----------------------------------------------------------------------------
+    ffn_hidden_size: int | None = None  #: None = 4 * hidden_size
+    mlp_activation: str = "relu2"  #: "relu2" (relu(x)^2), "swiglu" or "gelu"
+
+    # -- Mamba2 (M) --------------------------------------------------------------------------
+    mamba_num_heads: int | None = None  #: None = 2 * hidden_size / mamba_head_dim (expand 2)
+    mamba_head_dim: int = 64
+    mamba_state_dim: int = 128
+    mamba_num_groups: int = 8  #: B/C groups; the gated RMSNorm is computed per group too
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_dt_min: float = 0.001
+    mamba_dt_max: float = 0.1
+    mamba_dt_init_floor: float = 1e-4
+    mamba_dt_clamp_min: float = 0.0  #: lower clamp on dt at run time (0 = none; HF NemotronH: time_step_min)
+
+    # -- MoE (E) -----------------------------------------------------------------------------
+    moe_num_experts: int | None = None
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int | None = None  #: None = ffn_hidden_size
+    moe_shared_expert_ffn_hidden_size: int = 0  #: 0 = no shared expert
+    moe_router_score: str = "softmax"  #: "softmax" or "sigmoid"
+    moe_router_expert_bias: bool = False  #: a per-expert bias that affects selection only
+    moe_routed_scaling: float = 1.0
+    moe_num_groups: int = 1  #: expert groups for group-limited routing
+    moe_topk_groups: int = 1  #: groups a token may route to
+    moe_norm_topk_prob: bool = True  #: renormalize the top-k weights to sum to 1
+    moe_aux_loss_coeff: float = 0.0  #: load-balancing loss weight
+
+    # -- Gated DeltaNet (G) ------------------------------------------------------------------
+    gdn_num_heads: int | None = None  #: query/key heads; None = hidden_size / gdn_head_dim
+    gdn_num_value_heads: int | None = None  #: None = gdn_num_heads
+    gdn_head_dim: int = 128
+    gdn_value_head_dim: int | None = None  #: None = gdn_head_dim
+    gdn_conv_kernel: int = 4
+    gdn_chunk_size: int = 64  #: positions per chunk of the chunked gated delta rule
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _validate(self)
+
+    # -- the parsed pattern and resolved sizes -------------------------------------------------
+
+    @cached_property
+    def parsed(self) -> HybridPattern:
+        return parse(self.pattern)
+
+    @property
+    def symbols(self) -> set[str]:
+        """Layer symbols used anywhere in the model (main stack and MTP)."""
+        return set(self.parsed.layers) | set(self.parsed.mtp_layers)
+
+    @property
+    def resolved_num_query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads or 0
+
+    @property
+    def resolved_head_dim(self) -> int:
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.hidden_size // self.num_attention_heads if self.num_attention_heads else 0
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated channels per head (0 without RoPE); always even."""
+        if self.position_embedding != "rope":
+            return 0
+        return int(self.resolved_head_dim * self.rotary_percent) // 2 * 2
+
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def resolved_mamba_num_heads(self) -> int:
+        return self.mamba_num_heads or 2 * self.hidden_size // self.mamba_head_dim
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.resolved_mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def resolved_moe_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.resolved_ffn_hidden_size
+
+    @property
+    def resolved_gdn_num_heads(self) -> int:
+        return self.gdn_num_heads or max(1, self.hidden_size // self.gdn_head_dim)
+
+    @property
+    def resolved_gdn_num_value_heads(self) -> int:
+        return self.gdn_num_value_heads or self.resolved_gdn_num_heads
+
+    @property
+    def resolved_gdn_value_head_dim(self) -> int:
+        return self.gdn_value_head_dim or self.gdn_head_dim
+
+    # -- construction helpers ------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        _check_names(changes, "ModelConfig")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named configuration (see :data:`PRESETS`), optionally with fields overridden."""
+        if name not in PRESETS:
+            hint = difflib.get_close_matches(name, PRESETS, n=1)
+            raise ConfigError(
+                "preset",
+                f"unknown preset {name!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; known presets: {', '.join(PRESETS)}",
+            )
+        values = {**PRESETS[name], **overrides}
+        _check_names(values, "ModelConfig")
+        return cls(**values)
+
+    # -- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (``None`` kept as ``null``) plus ``schema_version``."""
+        d: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        for f in fields(self):
+            d[f.name] = getattr(self, f.name)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys and newer schema versions are refused."""
+        if not isinstance(d, dict):
+            raise ConfigError("config", f"expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+            raise ConfigError(
+                "schema_version", f"this hybridlm reads config schema versions 1..{SCHEMA_VERSION}, got {version!r}"
+            )
+        _check_names(d, "ModelConfig")
+        missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ConfigError(missing[0], "required field is missing")
+        return cls(**d)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> ModelConfig:
+        """Read a config from a JSON string or a ``.json`` file path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text_or_path).read_text()
+            except OSError as e:
+                raise ConfigError("config", f"cannot read {text_or_path}: {e.strerror}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("config", f"invalid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def _check_names(values: dict[str, Any], what: str) -> None:
+    names = [f.name for f in fields(ModelConfig)]
+    for key in values:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(key, f"unknown {what} field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    hints = get_type_hints(ModelConfig)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = get_args(hints[f.name]) if get_origin(hints[f.name]) is not None else (hints[f.name],)
+        if value is None and type(None) in allowed:
+            continue
+        ok = False
+        for t in allowed:
+            if t is bool:
+                ok |= isinstance(value, bool)
+            elif t is int:
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            elif t is float:
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif t is str:
+                ok |= isinstance(value, str)
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f.name, f"expected {names}, got {value!r} ({type(value).__name__})")
+        if float in allowed and isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be finite, got {value!r}")
+
+
+def _positive(cfg: ModelConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(name, f"must be positive, got {value}")
+
+
+def _choice(cfg: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(cfg, name) not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {getattr(cfg, name)!r}")
+
+
+def _validate(cfg: ModelConfig) -> None:
+    try:
+        p = parse(cfg.pattern)
+    except PatternError as e:
+        raise ConfigError("pattern", str(e)) from None
+    used = set(p.layers) | set(p.mtp_layers)
+    _positive(cfg, "vocab_size", "hidden_size", "norm_eps", "init_std")
+    if cfg.mtp_loss_scale < 0:
+        raise ConfigError("mtp_loss_scale", f"must be >= 0, got {cfg.mtp_loss_scale}")
+
+    if "*" in used:
+        if cfg.num_attention_heads is None:
+            raise ConfigError("num_attention_heads", "required: the pattern has attention ('*') layers")
+        _positive(cfg, "num_attention_heads", "num_query_groups", "head_dim", "rope_theta")
+        if cfg.num_attention_heads % cfg.resolved_num_query_groups:
+            raise ConfigError(
+                "num_query_groups",
+                f"{cfg.resolved_num_query_groups} must divide num_attention_heads ({cfg.num_attention_heads})",
+            )
+        if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
+            raise ConfigError(
+                "head_dim",
+                f"not set, and hidden_size ({cfg.hidden_size}) is not divisible by num_attention_heads "
+                f"({cfg.num_attention_heads}); set head_dim",
+            )
+        _choice(cfg, "position_embedding", POSITION_EMBEDDINGS)
+        if not 0.0 < cfg.rotary_percent <= 1.0:
+            raise ConfigError("rotary_percent", f"must be in (0, 1], got {cfg.rotary_percent}")
+        if cfg.position_embedding == "rope" and cfg.rotary_dim < 2:
+            raise ConfigError("rotary_percent", f"rotates fewer than 2 of the {cfg.resolved_head_dim} head channels")
+
+    if "-" in used or ("E" in used and cfg.moe_ffn_hidden_size is None):
+        _positive(cfg, "ffn_hidden_size")
+    if used & {"-", "E"}:
+        _choice(cfg, "mlp_activation", MLP_ACTIVATIONS)
+
+    if "M" in used:
+        _positive(
+            cfg,
+            "mamba_num_heads",
+            "mamba_head_dim",
+            "mamba_state_dim",
+            "mamba_num_groups",
+            "mamba_conv_kernel",
+            "mamba_chunk_size",
+            "mamba_dt_min",
+            "mamba_dt_max",
+        )
+        if cfg.mamba_num_heads is None and (2 * cfg.hidden_size) % cfg.mamba_head_dim:
+            raise ConfigError(
+                "mamba_num_heads",
+                f"not set, and 2 * hidden_size ({2 * cfg.hidden_size}) is not divisible by mamba_head_dim "
+                f"({cfg.mamba_head_dim}); set mamba_num_heads",
+            )
+        if cfg.resolved_mamba_num_heads % cfg.mamba_num_groups:
+            raise ConfigError(
+                "mamba_num_groups",
+                f"{cfg.mamba_num_groups} must divide the number of Mamba heads ({cfg.resolved_mamba_num_heads})",
+            )
+        if cfg.mamba_dt_min > cfg.mamba_dt_max:
+            raise ConfigError("mamba_dt_min", f"{cfg.mamba_dt_min} is larger than mamba_dt_max ({cfg.mamba_dt_max})")
+        for name in ("mamba_dt_init_floor", "mamba_dt_clamp_min"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
+
+    if "E" in used:
+        if cfg.moe_num_experts is None:
+            raise ConfigError("moe_num_experts", "required: the pattern has MoE ('E') layers")
+        _positive(
+            cfg,
+            "moe_num_experts",
+            "moe_top_k",
+            "moe_ffn_hidden_size",
+            "moe_num_groups",
+            "moe_topk_groups",
+            "moe_routed_scaling",
+        )
+        _choice(cfg, "moe_router_score", ROUTER_SCORES)
+        if cfg.moe_top_k > cfg.moe_num_experts:
+            raise ConfigError("moe_top_k", f"{cfg.moe_top_k} exceeds moe_num_experts ({cfg.moe_num_experts})")
+        if cfg.moe_num_experts % cfg.moe_num_groups:
+            raise ConfigError(
+                "moe_num_groups", f"{cfg.moe_num_groups} must divide moe_num_experts ({cfg.moe_num_experts})"
+            )
+        if cfg.moe_topk_groups > cfg.moe_num_groups:
+            raise ConfigError("moe_topk_groups", f"{cfg.moe_topk_groups} exceeds moe_num_groups ({cfg.moe_num_groups})")
+        reachable = cfg.moe_topk_groups * (cfg.moe_num_experts // cfg.moe_num_groups)
+        if cfg.moe_top_k > reachable:
+            raise ConfigError(
+                "moe_top_k",
+                f"{cfg.moe_top_k} exceeds the {reachable} experts in the moe_topk_groups={cfg.moe_topk_groups} "
+                "groups a token may use",
+            )
+        for name in ("moe_shared_expert_ffn_hidden_size", "moe_aux_loss_coeff"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
+
+    if "G" in used:
+        _positive(
+            cfg,
+            "gdn_num_heads",
+            "gdn_num_value_heads",
+            "gdn_head_dim",
+            "gdn_value_head_dim",
+            "gdn_conv_kernel",
+            "gdn_chunk_size",
+        )
+        if cfg.resolved_gdn_num_value_heads % cfg.resolved_gdn_num_heads:
+            raise ConfigError(
+                "gdn_num_value_heads",
+                f"{cfg.resolved_gdn_num_value_heads} must be a multiple of gdn_num_heads "
+                f"({cfg.resolved_gdn_num_heads})",
+            )
+
+
+# -- presets ---------------------------------------------------------------------------------------
+
+#: Named configurations. Shapes of the published models follow their Hugging Face configs;
+#: attention uses no position embedding, as Hugging Face's NemotronH computes it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Every layer kind that runs today, small enough for CPU tests.
+    "tiny": dict(
+        pattern="M-[*-]G-[ME]M*E/[*-]",
+        vocab_size=256,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        mamba_state_dim=16,
+        mamba_num_groups=2,
+        mamba_chunk_size=16,
+        moe_num_experts=4,
+        moe_top_k=2,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_ffn_hidden_size=32,
+        gdn_num_heads=2,
+        gdn_head_dim=16,
+    ),
+    # nvidia/Nemotron-H-8B-Base-8K.
+    "nemotron-h-8b": dict(
+        pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+        vocab_size=131072,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        head_dim=128,
+        ffn_hidden_size=21504,
+        mlp_activation="relu2",
+        mamba_num_heads=128,
+        mamba_head_dim=64,
+        mamba_state_dim=128,
+        mamba_num_groups=8,
+    ),
+    # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B.
+    "nemotron-3-nano-30b-a3b": dict(
+        pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+        vocab_size=131072,
+        hidden_size=2688,
+        num_attention_heads=32,
+        num_query_groups=2,
+        head_dim=128,
+        mlp_activation="relu2",
+        mamba_num_heads=64,
+        mamba_head_dim=64,
+        mamba_state_dim=128,
+        mamba_num_groups=8,
+        moe_num_experts=128,
+        moe_top_k=6,
+        moe_ffn_hidden_size=1856,
+        moe_shared_expert_ffn_hidden_size=3712,
+        moe_router_score="sigmoid",
+        moe_router_expert_bias=True,
+        moe_routed_scaling=2.5,
+        moe_norm_topk_prob=True,
+        moe_aux_loss_coeff=1e-4,
+    ),
+    # The GPU benchmark's model: 1.25B parameters, NemotronH-like.
+    "bench-1.3b": dict(
+        pattern="M-M-M-M*-M-M-M-M*-M-M-M-",
+        vocab_size=131072,
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_query_groups=4,
+        head_dim=128,
+        ffn_hidden_size=8192,
+        mlp_activation="relu2",
+        mamba_num_heads=64,
+        mamba_head_dim=64,
+        mamba_state_dim=128,
+        mamba_num_groups=8,
+    ),
+}

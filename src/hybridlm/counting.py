@@ -1,0 +1,78 @@
+"""Parameter and FLOP counts, split per layer kind.
+
+FLOPs are forward matmul FLOPs (2 per multiply-add) of what the model runs: projections, the
+output head, attention scores and weighted values over all keys (no causal halving, the PaLM
+convention), and the batched products of the chunked Mamba2/GDN scans. Elementwise work,
+convolutions written as shifted adds and triangular solves are not counted. A training step costs
+about three times the forward.
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+from .layers import mixer_class
+
+
+class PerKind(float):
+    """A total that also remembers its parts: ``float(x)``, ``x.by_kind``, ``x["M"]``."""
+
+    by_kind: dict[str, float]
+
+    def __new__(cls, by_kind: dict[str, float]) -> PerKind:
+        obj = super().__new__(cls, sum(by_kind.values()))
+        obj.by_kind = dict(by_kind)
+        return obj
+
+    def __getitem__(self, kind: str) -> float:
+        return self.by_kind[kind]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k!r}: {v:.4g}" for k, v in self.by_kind.items())
+        return f"PerKind({float(self):.6g}; {parts})"
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> PerKind:
+    """Forward FLOPs per token at ``seq_len``, keyed by layer symbol, ``"head"`` and ``"mtp"``."""
+    c, p = config, config.parsed
+    per = {s: mixer_class(s).flops_per_token(c, seq_len) for s in c.symbols}
+    by_kind: dict[str, float] = {}
+    for s in p.layers:
+        by_kind[s] = by_kind.get(s, 0.0) + per[s]
+    head = 2 * c.hidden_size * c.vocab_size
+    by_kind["head"] = head
+    if p.mtp_depths:
+        depth = 2 * (2 * c.hidden_size) * c.hidden_size + head + sum(per[s] for s in p.mtp_layers)
+        by_kind["mtp"] = p.mtp_depths * depth
+    return PerKind(by_kind)
+
+
+def num_params(model, exclude_embeddings: bool = False) -> PerKind:
+    """Parameters of ``model`` keyed by layer symbol plus ``embeddings``, ``head``, ``norm_f`` and ``mtp``.
+
+    Shared (tied) tensors count once. ``exclude_embeddings`` leaves out the input embedding.
+    """
+    seen: set[int] = set()
+
+    def count(module) -> int:
+        n = 0
+        for t in module.parameters():
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel()
+        return n
+
+    by_kind: dict[str, float] = {}
+    if model.embeddings is not None and not exclude_embeddings:
+        by_kind["embeddings"] = count(model.embeddings)
+    elif model.embeddings is not None:
+        seen.add(id(model.embeddings.weight))
+    for block in model.blocks.values():
+        for layer in block.layers:
+            by_kind[layer.symbol] = by_kind.get(layer.symbol, 0) + count(layer)
+    if model.norm_f is not None:
+        by_kind["norm_f"] = count(model.norm_f)
+    if model.lm_head is not None:
+        by_kind["head"] = count(model.lm_head)
+    if len(model.mtp):
+        by_kind["mtp"] = count(model.mtp)
+    return PerKind(by_kind)

@@ -1,0 +1,56 @@
+"""Mixers (one per file), norms and RoPE; a registry from pattern symbol to mixer class.
+
+A mixer is an ``nn.Module`` with ``forward(x, ctx) -> (B, L, hidden)``,
+``init_weights(generator, std, out_std)``, a static ``flops_per_token(config, seq_len)`` and a
+``keep_fp32`` tuple of parameter names that stay float32 when the model is cast.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .context import SequenceContext
+from .gdn import GatedDeltaNet
+from .mamba2 import Mamba2Mixer
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm
+
+MIXERS: dict[str, type[nn.Module]] = {
+    "M": Mamba2Mixer,
+    "G": GatedDeltaNet,
+    "*": Attention,
+    "-": MLP,
+    "E": MoE,
+}
+
+_NOT_YET = {"D": "DeepSeek sparse attention", "+": "multi-latent attention"}
+
+
+def mixer_class(symbol: str) -> type[nn.Module]:
+    if symbol in _NOT_YET:
+        raise NotImplementedError(
+            f"'{symbol}' ({_NOT_YET[symbol]}) layers are not implemented yet; the pattern language accepts them "
+            "so that Megatron-LM patterns parse, but a model with them cannot be built"
+        )
+    return MIXERS[symbol]
+
+
+def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
+    return mixer_class(symbol)(config)
+
+
+__all__ = [
+    "MIXERS",
+    "MLP",
+    "Attention",
+    "GatedDeltaNet",
+    "Mamba2Mixer",
+    "MoE",
+    "RMSNorm",
+    "SequenceContext",
+    "build_mixer",
+    "mixer_class",
+]

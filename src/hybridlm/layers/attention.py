@@ -1,0 +1,110 @@
+"""Causal self-attention with grouped-query heads, optional (partial) RoPE and QK-norm.
+
+Parameter names are NemotronH's (q_proj, k_proj, v_proj, o_proj), plus Qwen3's q_norm / k_norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .context import SequenceContext
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    """The ``*`` mixer. Input and output (B, L, hidden_size)."""
+
+    keep_fp32 = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.nq = c.num_attention_heads
+        self.nkv = c.resolved_num_query_groups
+        self.head_dim = c.resolved_head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.nq * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.nq * self.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        b, seqlen, _ = x.shape
+        q = self.q_proj(x).view(b, seqlen, self.nq, self.head_dim)
+        k = self.k_proj(x).view(b, seqlen, self.nkv, self.head_dim)
+        v = self.v_proj(x).view(b, seqlen, self.nkv, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, L, d)
+        mask = ctx.attention_mask()
+        gqa = self.nkv != self.nq
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nq * self.head_dim))
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.weight.normal_(0.0, std, generator=gen)
+        self.o_proj.weight.normal_(0.0, out_std, generator=gen)
+        if self.config.qk_norm:
+            self.q_norm.init_weights()
+            self.k_norm.init_weights()
+
+    @staticmethod
+    def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+        """Projections plus scores and weighted values over all ``seq_len`` keys (no causal halving)."""
+        hq, hkv, d = c.num_attention_heads, c.resolved_num_query_groups, c.resolved_head_dim
+        proj = 2 * c.hidden_size * (2 * hq * d + 2 * hkv * d)
+        return proj + 4 * seq_len * d * hq
+
+
+def attention_reference(
+    layer: Attention, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Explicit softmax attention in the dtype of ``x`` (pass a float64 copy of the layer and input for
+    the reference): per-head loops over shared KV groups, masks built by hand."""
+    c = layer.config
+    b, seqlen, _ = x.shape
+    x = x
+    d = layer.head_dim
+    q = (x @ layer.q_proj.weight.T).view(b, seqlen, layer.nq, d)
+    k = (x @ layer.k_proj.weight.T).view(b, seqlen, layer.nkv, d)
+    v = (x @ layer.v_proj.weight.T).view(b, seqlen, layer.nkv, d)
+    if c.qk_norm:
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.q_norm.weight
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.k_norm.weight
+    R = c.rotary_dim
+    if R:
+        inv = 1.0 / c.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R)
+        inv = inv.to(x.dtype)
+        ang = position_ids.to(x.dtype)[..., None] * inv  # (b, L, R/2)
+        cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+
+        def rot(t):
+            a, bb, rest = t[..., : R // 2], t[..., R // 2 : R], t[..., R:]
+            return torch.cat([a * cos - bb * sin, bb * cos + a * sin, rest], dim=-1)
+
+        q, k = rot(q), rot(k)
+    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool).tril().expand(b, seqlen, seqlen)
+    if seq_idx is not None:
+        allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
+    out = torch.empty(b, seqlen, layer.nq, d, dtype=x.dtype)
+    per_group = layer.nq // layer.nkv
+    for hq in range(layer.nq):
+        hk = hq // per_group
+        scores = torch.einsum("bld,bsd->bls", q[:, :, hq], k[:, :, hk]) / d**0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, :, hq] = torch.einsum("bls,bsd->bld", scores.softmax(-1), v[:, :, hk])
+    return out.reshape(b, seqlen, -1) @ layer.o_proj.weight.T

@@ -1,0 +1,175 @@
+"""Mamba2 mixer, computed as Megatron-LM and Hugging Face NemotronH compute it.
+
+in_proj -> [z | x | B | C | dt]; causal depthwise conv + SiLU over xBC; dt = softplus(dt + dt_bias);
+A = -exp(A_log); the SSD scan with a per-head D skip; gate with SiLU(z), then RMSNorm per group of
+d_inner / ngroups channels; out_proj. Parameter names are NemotronH's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..ops.conv import causal_conv1d
+from ..ops.norm import gated_rms_norm
+from ..ops.ssd import ssd_chunked
+from .context import SequenceContext
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv parameters, stored as ``nn.Conv1d`` stores them: weight (C, 1, K), bias (C,)."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None, activation: str | None = "silu") -> torch.Tensor:
+        """x: (B, L, C) -> (B, L, C)."""
+        return causal_conv1d(x, self.weight, self.bias, seq_idx, activation)
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator | None) -> None:
+        # nn.Conv1d's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(K), 1/sqrt(K)).
+        bound = 1.0 / math.sqrt(self.weight.shape[-1])
+        self.weight.uniform_(-bound, bound, generator=gen)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound, generator=gen)
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
+
+
+def dt_bias_init(
+    n: int, dt_min: float, dt_max: float, floor: float, gen: torch.Generator | None, device
+) -> torch.Tensor:
+    """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (clamped below at ``floor``)."""
+    u = torch.rand(n, generator=gen, device=device)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba2Mixer(nn.Module):
+    """The ``M`` mixer. Input and output (B, L, hidden_size)."""
+
+    keep_fp32 = ("A_log", "D", "dt_bias")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.nheads = c.resolved_mamba_num_heads
+        self.headdim = c.mamba_head_dim
+        self.ngroups = c.mamba_num_groups
+        self.d_state = c.mamba_state_dim
+        self.d_inner = c.mamba_d_inner
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        self.in_proj = nn.Linear(c.hidden_size, self.d_inner + self.conv_dim + self.nheads, bias=False)
+        self.conv1d = CausalConv1d(self.conv_dim, c.mamba_conv_kernel)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, c.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        b, seqlen, _ = x.shape
+        z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = self.conv1d(xBC, ctx.seq_idx)
+        xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.config.mamba_dt_clamp_min > 0:
+            dt = dt.clamp(min=self.config.mamba_dt_clamp_min)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_chunked(
+            xs.reshape(b, seqlen, self.nheads, self.headdim),
+            dt,
+            A,
+            B.reshape(b, seqlen, self.ngroups, self.d_state),
+            C.reshape(b, seqlen, self.ngroups, self.d_state),
+            self.config.mamba_chunk_size,
+            D=self.D,
+            seq_idx=ctx.seq_idx,
+        )
+        y = self.norm(y.reshape(b, seqlen, self.d_inner), z)
+        return self.out_proj(y)
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
+        c = self.config
+        self.in_proj.weight.normal_(0.0, std, generator=gen)
+        self.conv1d.init_weights(gen)
+        with torch.no_grad():
+            self.dt_bias.copy_(
+                dt_bias_init(
+                    self.nheads, c.mamba_dt_min, c.mamba_dt_max, c.mamba_dt_init_floor, gen, self.dt_bias.device
+                )
+            )
+            self.A_log.copy_(
+                torch.log(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(1, 16, generator=gen))
+            )
+        nn.init.ones_(self.D)
+        nn.init.ones_(self.norm.weight)
+        self.out_proj.weight.normal_(0.0, out_std, generator=gen)
+
+    @staticmethod
+    def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+        """Matmul FLOPs per token of one forward (projections and the chunked scan's products)."""
+        h, p, g, n = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
+        d_inner = h * p
+        proj = 2 * c.hidden_size * (2 * d_inner + 2 * g * n + h) + 2 * d_inner * c.hidden_size
+        Q = c.mamba_chunk_size
+        padded = math.ceil(seq_len / Q) * Q
+        chunks = padded // Q
+        # Per padded position: C·B within the chunk (per group), the intra-chunk mix, the chunk's
+        # state contribution and the read of the entering state; plus the scan over chunks.
+        scan = 2 * Q * n * g + 2 * Q * p * h + 2 * n * p * h + 2 * n * p * h
+        scan_total = scan * padded + 2 * (chunks + 1) ** 2 * h * p * n
+        return proj + scan_total / seq_len
+
+
+def mamba2_reference(layer: Mamba2Mixer, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The mixer written with the reference ops (per-document conv, step recurrence), in float64.
+
+    Uses ``layer``'s parameters as they are (cast a ``copy.deepcopy(layer)`` to get
+    float64 gradients).
+    """
+    from ..ops.conv import causal_conv1d_reference
+    from ..ops.ssd import ssd_reference
+
+    b, seqlen, _ = x.shape
+    x = x
+    zxbcdt = x @ layer.in_proj.weight.T
+    z, xBC, dt = torch.split(zxbcdt, [layer.d_inner, layer.conv_dim, layer.nheads], dim=-1)
+    xBC = causal_conv1d_reference(xBC, layer.conv1d.weight, layer.conv1d.bias, seq_idx, "silu", x.dtype)
+    xs, B, C = torch.split(xBC, [layer.d_inner, layer.ngroups * layer.d_state, layer.ngroups * layer.d_state], -1)
+    dt = F.softplus(dt + layer.dt_bias)
+    if layer.config.mamba_dt_clamp_min > 0:
+        dt = dt.clamp(min=layer.config.mamba_dt_clamp_min)
+    y, _ = ssd_reference(
+        xs.reshape(b, seqlen, layer.nheads, layer.headdim),
+        dt,
+        -torch.exp(layer.A_log),
+        B.reshape(b, seqlen, layer.ngroups, layer.d_state),
+        C.reshape(b, seqlen, layer.ngroups, layer.d_state),
+        D=layer.D,
+        seq_idx=seq_idx,
+        dtype=x.dtype,
+    )
+    y = y.reshape(b, seqlen, layer.d_inner) * F.silu(z)
+    y = y.view(b, seqlen, layer.ngroups, -1)
+    y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + layer.norm.eps)
+    y = y.reshape(b, seqlen, layer.d_inner) * layer.norm.weight
+    return y @ layer.out_proj.weight.T

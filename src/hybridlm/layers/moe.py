@@ -1,0 +1,207 @@
+"""Mixture of experts: a top-k router and experts run as one batched computation over sorted tokens.
+
+Routing (computed in float32, as NemotronH does)::
+
+    scores = softmax(x W^T) or sigmoid(x W^T)                      (T, E)
+    choice = scores + expert_bias                                  (the bias only steers selection)
+    group-limited: keep the topk_groups groups whose best two choice-scores sum highest
+    idx    = top_k(choice);  w = scores[idx]  (/ sum, if moe_norm_topk_prob)  * moe_routed_scaling
+    y      = sum_k w_k expert_{idx_k}(x)  + shared_expert(x)
+
+Names follow Hugging Face NemotronH: ``gate.weight``, ``gate.e_score_correction_bias``,
+``experts.up_proj`` (E, F, H), ``experts.down_proj`` (E, H, F), ``shared_experts.*``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .context import SequenceContext
+from .mlp import MLP, activate
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.weight = nn.Parameter(torch.empty(c.moe_num_experts, c.hidden_size))
+        if c.moe_router_expert_bias:
+            self.register_buffer("e_score_correction_bias", torch.empty(c.moe_num_experts), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (T, H) -> (scores (T, E) float32, weights (T, k) float32, indices (T, k) int64)."""
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if c.moe_router_score == "softmax" else logits.sigmoid()
+        choice = scores.detach()
+        if c.moe_router_expert_bias:
+            choice = choice + self.e_score_correction_bias.float()
+        if c.moe_num_groups > 1:
+            T, E, G = choice.shape[0], c.moe_num_experts, c.moe_num_groups
+            per_group = choice.view(T, G, E // G)
+            group_score = per_group.topk(min(2, E // G), dim=-1).values.sum(dim=-1)  # (T, G)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(c.moe_topk_groups, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+        idx = choice.topk(c.moe_top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if c.moe_norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, weights * c.moe_routed_scaling, idx
+
+
+class Experts(nn.Module):
+    """All routed experts' weights, stacked: (E, out, in) per projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        E, H, Fe = c.moe_num_experts, c.hidden_size, c.resolved_moe_ffn_hidden_size
+        self.activation = c.mlp_activation
+        self.up_proj = nn.Parameter(torch.empty(E, Fe, H))
+        if self.activation == "swiglu":
+            self.gate_proj = nn.Parameter(torch.empty(E, Fe, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, Fe))
+
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run tokens sorted by expert.
+
+        Args:
+            xs: (N, H) token rows, grouped by expert in expert order.
+            counts: (E,) rows per expert.
+        """
+        if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate = (
+                F.grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs) if self.activation == "swiglu" else None
+            )
+            h = activate(F.grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs), self.activation, gate)
+            return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs)
+        # Portable path: one matmul per expert over its contiguous slice of sorted rows.
+        outs = []
+        for e, rows in enumerate(torch.split(xs, counts.tolist())):
+            if rows.shape[0] == 0:
+                continue
+            gate = F.linear(rows, self.gate_proj[e]) if self.activation == "swiglu" else None
+            h = activate(F.linear(rows, self.up_proj[e]), self.activation, gate)
+            outs.append(F.linear(h, self.down_proj[e]))
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+
+class MoE(nn.Module):
+    """The ``E`` mixer. Input and output (B, L, hidden_size)."""
+
+    keep_fp32 = ("gate.weight", "gate.e_score_correction_bias")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        if config.moe_shared_expert_ffn_hidden_size:
+            self.shared_experts = MLP(config, config.moe_shared_expert_ffn_hidden_size)
+        # Tokens routed to each expert since the last expert-bias update (no gradient).
+        self.register_buffer("tokens_per_expert", torch.zeros(config.moe_num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext | None = None) -> torch.Tensor:
+        c = self.config
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        T, k = flat.shape[0], c.moe_top_k
+        scores, weights, idx = self.gate(flat)
+
+        # Sort the T*k (token, expert) pairs by expert so each expert's rows are contiguous.
+        pair_expert = idx.reshape(-1)
+        order = torch.argsort(pair_expert, stable=True)
+        pair_token = order // k
+        counts = torch.bincount(pair_expert, minlength=c.moe_num_experts)
+        out = self.experts(flat[pair_token], counts)
+        out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+        y = torch.zeros_like(flat).index_add_(0, pair_token, out.to(flat.dtype))
+        if c.moe_shared_expert_ffn_hidden_size:
+            y = y + self.shared_experts(flat)
+
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        if c.moe_aux_loss_coeff > 0 and ctx is not None and torch.is_grad_enabled():
+            ctx.aux_losses.append(self.aux_loss(scores, counts, T))
+        return y.reshape(shape)
+
+    def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Switch-style load balancing: coeff * E * sum_e (fraction of routed pairs to e) * (mean prob of e)."""
+        c = self.config
+        probs = scores if c.moe_router_score == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        fraction = counts.float() / (num_tokens * c.moe_top_k)
+        return c.moe_aux_loss_coeff * c.moe_num_experts * (fraction * probs.mean(dim=0)).sum()
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.config.moe_router_expert_bias and self.tokens_per_expert.sum() > 0:
+            load = self.tokens_per_expert
+            self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
+        self.gate.weight.normal_(0.0, std, generator=gen)
+        if self.config.moe_router_expert_bias:
+            nn.init.zeros_(self.gate.e_score_correction_bias)
+        self.experts.up_proj.normal_(0.0, std, generator=gen)
+        if self.config.mlp_activation == "swiglu":
+            self.experts.gate_proj.normal_(0.0, std, generator=gen)
+        self.experts.down_proj.normal_(0.0, out_std, generator=gen)
+        if self.config.moe_shared_expert_ffn_hidden_size:
+            self.shared_experts.init_weights(gen, std, out_std)
+        self.tokens_per_expert.zero_()
+
+    @staticmethod
+    def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+        mult = 3 if c.mlp_activation == "swiglu" else 2
+        flops = 2 * c.hidden_size * c.moe_num_experts  # router
+        flops += c.moe_top_k * 2 * c.hidden_size * c.resolved_moe_ffn_hidden_size * mult
+        flops += 2 * c.hidden_size * c.moe_shared_expert_ffn_hidden_size * mult
+        return flops
+
+
+def moe_reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Reference: route each token, then loop over experts with a mask, in the dtype of ``x`` (slow; for tests)."""
+    c = layer.config
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat @ layer.gate.weight.T
+    scores = logits.softmax(-1) if c.moe_router_score == "softmax" else logits.sigmoid()
+    choice = scores.clone()
+    if c.moe_router_expert_bias:
+        choice = choice + layer.gate.e_score_correction_bias
+    E, G = c.moe_num_experts, c.moe_num_groups
+    if G > 1:
+        group_score = choice.view(-1, G, E // G).topk(min(2, E // G), -1).values.sum(-1)
+        top_groups = group_score.topk(c.moe_topk_groups, -1).indices
+        allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, top_groups, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(E // G, 1), float("-inf"))
+    idx = choice.topk(c.moe_top_k, -1).indices
+    w = scores.gather(1, idx)
+    if c.moe_norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * c.moe_routed_scaling
+    y = torch.zeros_like(flat)
+    ex = layer.experts
+    for e in range(E):
+        hit = idx == e  # (T, k)
+        tokens = hit.any(-1)
+        if not tokens.any():
+            continue
+        xe = flat[tokens]
+        gate = xe @ ex.gate_proj[e].T if c.mlp_activation == "swiglu" else None
+        he = activate(xe @ ex.up_proj[e].T, c.mlp_activation, gate) @ ex.down_proj[e].T
+        y[tokens] += (w * hit).sum(-1)[tokens].unsqueeze(-1) * he
+    if c.moe_shared_expert_ffn_hidden_size:
+        s = layer.shared_experts
+        gate = flat @ s.gate_proj.weight.T if c.mlp_activation == "swiglu" else None
+        y += activate(flat @ s.up_proj.weight.T, c.mlp_activation, gate) @ s.down_proj.weight.T
+    return y.reshape(x.shape)

@@ -1,0 +1,31 @@
+"""Rotary position embedding (rotate-half layout, as Megatron-LM and Hugging Face Llama), optionally partial."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles for ``position_ids`` (B, L): returns cos, sin of shape (B, L, rotary_dim), float32."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=position_ids.device) / rotary_dim
+    )
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of each head; the rest pass through.
+
+    Args:
+        x: (B, L, H, D) queries or keys.
+        cos, sin: (B, L, R) with R <= D even.
+    """
+    R = cos.shape[-1]
+    rot, rest = x[..., :R].float(), x[..., R:]
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = R // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = (rot * c + rotated * s).to(x.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out

@@ -1,0 +1,366 @@
+"""The hybrid language model: embedding -> blocks -> final RMSNorm -> output head, plus MTP depths.
+
+Assembly only: mixers live in ``hybridlm.layers``, kernels in ``hybridlm.ops``, parallelism in
+``hybridlm.parallel``. Blocks are kept in a ``ModuleDict`` keyed by their global block index, so a
+pipeline stage that deletes the blocks it does not run keeps the names of those it does, and the
+canonical checkpoint layout (one entry per pattern symbol) is a pure function of the pattern.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .layers import RMSNorm, SequenceContext, build_mixer, mixer_class
+from .layers.context import positions_in_segment, segment_ids
+from .layers.rope import rope_cos_sin
+from .ops.norm import add_rms_norm
+
+IGNORE_INDEX = -100
+
+
+class Layer(nn.Module):
+    """One canonical layer: ``x + mixer(norm(x))``."""
+
+    def __init__(self, symbol: str, config: ModelConfig) -> None:
+        super().__init__()
+        self.symbol = symbol
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer = build_mixer(symbol, config)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), ctx)
+
+    def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
+        self.norm.init_weights()
+        self.mixer.init_weights(gen, std, out_std)
+
+
+class Block(nn.Module):
+    """One block of the pattern: a single layer, or a fused ``[XY]`` group (sequence then channel mixer).
+
+    A fused block computes exactly ``h = x + X(norm_X(x)); out = h + Y(norm_Y(h))``, the same ops
+    as the two unfused layers, so results agree bitwise. It is one unit for activation
+    checkpointing, ``torch.compile`` and sharding, and ``add_rms_norm`` marks where the residual
+    add and the next norm can become one kernel.
+
+    Attributes:
+        symbols: the block's pattern symbols, e.g. ``"*-"``.
+        layer_offset: canonical index of the block's first layer.
+        activation_checkpointing: recompute this block in the backward pass (set by
+            ``hybridlm.parallel``).
+    """
+
+    def __init__(self, symbols: str, config: ModelConfig, layer_offset: int) -> None:
+        super().__init__()
+        self.symbols = symbols
+        self.layer_offset = layer_offset
+        self.layers = nn.ModuleList(Layer(s, config) for s in symbols)
+        self.activation_checkpointing = False
+
+    @property
+    def fused(self) -> bool:
+        return len(self.layers) > 1
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """x: (B, L, hidden) -> (B, L, hidden)."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, ctx, use_reentrant=False)
+        return self._forward(x, ctx)
+
+    def _forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        if len(self.layers) == 1:
+            return self.layers[0](x, ctx)
+        seq, chan = self.layers
+        h, normed = add_rms_norm(x, seq.mixer(seq.norm(x), ctx), chan.norm.weight, chan.norm.eps)
+        return h + chan.mixer(normed, ctx)
+
+    def init_weights(self, gen_for, std: float, out_std: float) -> None:
+        """``gen_for(i)`` gives the generator of canonical layer ``i``."""
+        for j, layer in enumerate(self.layers):
+            layer.init_weights(gen_for(self.layer_offset + j), std, out_std)
+
+
+def _blocks(config: ModelConfig, blocks: tuple[str, ...], offsets: tuple[int, ...]) -> nn.ModuleDict:
+    return nn.ModuleDict({str(i): Block(sym, config, off) for i, (sym, off) in enumerate(zip(blocks, offsets))})
+
+
+class MTPDepth(nn.Module):
+    """One multi-token-prediction depth (Megatron / DeepSeek-V3 style).
+
+    ``x = eh_proj([enorm(embed(tokens shifted d)), hnorm(h_prev)])``, then the MTP pattern's
+    blocks, then ``final_norm``; the output head is the model's.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        H, p = config.hidden_size, config.parsed
+        self.enorm = RMSNorm(H, config.norm_eps)
+        self.hnorm = RMSNorm(H, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.blocks = _blocks(config, p.mtp_blocks, p.mtp_block_layer_offsets)
+        self.final_norm = RMSNorm(H, config.norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        for block in self.blocks.values():
+            x = block(x, ctx)
+        return self.final_norm(x)
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`HybridLM.forward` returns.
+
+    Attributes:
+        logits: (B, L, V) float32 next-token logits (None on a stage without the head).
+        loss: total loss when labels were given: ``lm_loss + mtp_loss_scale * mean(mtp_losses) + aux_loss``.
+        lm_loss: cross entropy of the main head.
+        mtp_losses: cross entropy of each MTP depth (depth d predicts the token d+1 places further).
+        aux_loss: sum of the MoE load-balancing losses (0 without MoE or with coefficient 0).
+        mtp_logits: (B, L, V) per MTP depth.
+        hidden_states: (B, L, hidden) output of the last block (before the final norm).
+    """
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    aux_loss: torch.Tensor | None = None
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    hidden_states: torch.Tensor | None = None
+
+
+def _seed(seed: int, *key: object) -> int:
+    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy over labels != -100 (0 when there are none)."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def shift_labels(labels: torch.Tensor, shift: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """Labels ``shift`` positions further on (``out[t] = labels[t + shift]``), ignored past the end
+    and wherever position ``t + shift`` lies in another document."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    if shift >= labels.shape[1]:
+        return out
+    out[:, :-shift] = labels[:, shift:]
+    if seq_idx is not None:
+        same = torch.zeros_like(labels, dtype=torch.bool)
+        same[:, :-shift] = seq_idx[:, shift:] == seq_idx[:, :-shift]
+        out = out.masked_fill(~same, IGNORE_INDEX)
+    return out
+
+
+class HybridLM(nn.Module):
+    """A hybrid language model laid out by ``config.pattern``.
+
+    Args:
+        config: the architecture.
+        seed: initialization seed. Each canonical layer draws from its own generator keyed by
+            (seed, canonical index), so the same seed gives the same weights whatever the
+            brackets and whatever the pipeline split.
+        device: where to allocate; ``"meta"`` allocates nothing (call :meth:`init_weights`
+            after ``to_empty``). Default: the current default device.
+        dtype: parameter dtype (``A_log``, ``D``, ``dt_bias`` and router weights stay float32).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        p = config.parsed
+        for s in config.symbols:
+            mixer_class(s)  # fail early, before allocating, on symbols that cannot be built
+        target = torch.device(device) if device is not None else torch.empty(0).device
+        H, V = config.hidden_size, config.vocab_size
+        # Build on meta (no memory, no default init), then allocate once and initialize once.
+        with torch.device("meta"):
+            self.embeddings = nn.Embedding(V, H)
+            self.blocks = _blocks(config, p.blocks, p.block_layer_offsets)
+            self.norm_f = RMSNorm(H, config.norm_eps)
+            self.lm_head = None if config.tie_embeddings else nn.Linear(H, V, bias=False)
+            self.mtp = nn.ModuleList(MTPDepth(config) for _ in range(p.mtp_depths))
+        if target.type != "meta":
+            self.to_empty(device=target)
+            self.init_weights(seed)
+        if dtype is not None:
+            self.cast(dtype)
+
+    # -- parameters --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """(Re)initialize every parameter from ``seed``, keyed by canonical layer index."""
+        c = self.config
+        std = c.init_std
+        # Output projections are scaled by the canonical layer count, not the block count, so
+        # fusing layers does not change the initialization.
+        out_std = std / math.sqrt(max(1, c.parsed.num_layers))
+        device = next(self.parameters()).device
+
+        def gen(*key: object) -> torch.Generator:
+            g = torch.Generator(device=device)
+            g.manual_seed(_seed(seed, *key))
+            return g
+
+        if self.embeddings is not None:
+            self.embeddings.weight.normal_(0.0, std, generator=gen("embeddings"))
+        for block in self.blocks.values():
+            block.init_weights(lambda i: gen("layers", i), std, out_std)
+        if self.norm_f is not None:
+            self.norm_f.init_weights()
+        if self.lm_head is not None:
+            self.lm_head.weight.normal_(0.0, std, generator=gen("lm_head"))
+        for d, depth in enumerate(self.mtp):
+            for norm in (depth.enorm, depth.hnorm, depth.final_norm):
+                norm.init_weights()
+            depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
+            for block in depth.blocks.values():
+                block.init_weights(lambda i, d=d: gen("mtp", d, "layers", i), std, out_std)
+
+    def fp32_parameter_names(self) -> set[str]:
+        """Names of parameters and buffers kept in float32 by :meth:`cast`."""
+        names = set()
+        for prefix, module in self.named_modules():
+            for name in getattr(module, "keep_fp32", ()):
+                names.add(f"{prefix}.{name}" if prefix else name)
+        for name, _ in self.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                names.add(name)
+        return names
+
+    @torch.no_grad()
+    def cast(self, dtype: torch.dtype) -> HybridLM:
+        """Cast floating parameters and buffers to ``dtype``, keeping the numerically sensitive ones in float32."""
+        keep = self.fp32_parameter_names()
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if t.is_floating_point() and name not in keep:
+                t.data = t.data.to(dtype)
+        return self
+
+    def num_params(self, exclude_embeddings: bool = False):
+        """Parameter count; a float-like total whose ``by_kind`` (or ``[kind]``) splits it per layer symbol."""
+        from .counting import num_params
+
+        return num_params(self, exclude_embeddings)
+
+    def flops_per_token(self, seq_len: int):
+        """Forward matmul FLOPs per token at ``seq_len``; ``.by_kind`` splits them per layer symbol."""
+        from .counting import flops_per_token
+
+        return flops_per_token(self.config, seq_len)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def make_context(
+        self,
+        batch: int,
+        seqlen: int,
+        device: torch.device,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> SequenceContext:
+        seq_idx = segment_ids(batch, seqlen, device, doc_ids, cu_seqlens)
+        if position_ids is None:
+            if seq_idx is not None:
+                position_ids = positions_in_segment(seq_idx)
+            else:
+                position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        ctx = SequenceContext(position_ids=position_ids, seq_idx=seq_idx)
+        if self.config.rotary_dim and "*" in self.config.symbols:
+            ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        return ctx
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Output head on normed hidden states: (B, L, hidden) -> float32 logits (B, L, V)."""
+        weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight).float()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (B, L) token ids.
+            labels: (B, L) target of each position (usually ``input_ids`` shifted left by one);
+                -100 is ignored. Given labels, the output carries the losses.
+            position_ids: (B, L) RoPE positions; default: positions within each document.
+            doc_ids: (B, L) document labels of packed rows: no mixer carries information across
+                a change of label (attention is masked, conv and SSM/GDN states restart).
+            cu_seqlens: alternative to ``doc_ids``: cumulative document lengths over the
+                flattened (B*L) tokens.
+            hidden_states: (B, L, hidden) input of a pipeline stage without the embedding.
+        """
+        if self.embeddings is not None and (input_ids is not None) and hidden_states is None:
+            h = self.embeddings(input_ids)
+        elif hidden_states is not None:
+            h = hidden_states
+        else:
+            raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
+        B, L = h.shape[:2]
+        ctx = self.make_context(B, L, h.device, position_ids, doc_ids, cu_seqlens)
+        for block in self.blocks.values():
+            h = block(h, ctx)
+        out = ModelOutput(hidden_states=h)
+        if self.norm_f is None:  # a pipeline stage before the last
+            return out
+        h = self.norm_f(h)
+        out.logits = self.head(h)
+        for d, depth in enumerate(self.mtp, start=1):
+            if input_ids is None:
+                raise ValueError("MTP depths need input_ids")
+            shifted = torch.roll(input_ids, shifts=-d, dims=1)  # wrapped ends are masked in the labels
+            h = depth(h, self.embeddings(shifted), ctx)
+            out.mtp_logits.append(self.head(h))
+        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+        out.aux_loss = aux
+        if labels is not None:
+            out.lm_loss = cross_entropy(out.logits, labels)
+            out.mtp_losses = [
+                cross_entropy(lg, shift_labels(labels, d, ctx.seq_idx)) for d, lg in enumerate(out.mtp_logits, start=1)
+            ]
+            loss = out.lm_loss
+            if out.mtp_losses:
+                loss = loss + self.config.mtp_loss_scale * torch.stack(out.mtp_losses).mean()
+            if aux is not None:
+                loss = loss + aux
+            out.loss = loss
+        return out
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        """Apply the aux-loss-free expert-bias update in every MoE layer (call after each optimizer step)."""
+        from .layers.moe import MoE
+
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.update_expert_bias(rate)

@@ -1,0 +1,75 @@
+"""Causal depthwise 1-D convolution over time, with optional resets at document boundaries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """``out[t] = bias + sum_s weight[:, K-1-s] * x[t-s]`` for ``s < K``, never reaching across documents.
+
+    Same taps as ``nn.Conv1d(C, C, K, groups=C, padding=K-1)`` truncated to the input length.
+    The sum is written as K shifted multiply-adds so that a document mask can zero the taps
+    that would read the previous document (packed sequences).
+
+    Args:
+        x: (B, L, C) input.
+        weight: (C, K) or (C, 1, K) per-channel taps.
+        bias: (C,) or None.
+        seq_idx: (B, L) document index per position (non-decreasing along L), or None.
+        activation: None or "silu".
+
+    Returns:
+        (B, L, C), same dtype as ``x``.
+    """
+    w = weight.reshape(weight.shape[0], -1)
+    K = w.shape[1]
+    L = x.shape[1]
+    xp = F.pad(x, (0, 0, K - 1, 0))  # zeros before the first position
+    out = x * w[:, K - 1]
+    for s in range(1, K):
+        term = xp[:, K - 1 - s : K - 1 - s + L] * w[:, K - 1 - s]
+        if seq_idx is not None:
+            same = torch.zeros_like(seq_idx, dtype=torch.bool)
+            same[:, s:] = seq_idx[:, s:] == seq_idx[:, :-s]
+            term = term * same.unsqueeze(-1).to(term.dtype)
+        out = out + term
+    if bias is not None:
+        out = out + bias
+    if activation == "silu":
+        out = F.silu(out)
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return out
+
+
+def causal_conv1d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    activation: str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference: ``F.conv1d`` run on each document separately, in ``dtype`` (float64 by default)."""
+    w = weight.reshape(weight.shape[0], 1, -1).to(dtype)
+    K = w.shape[-1]
+    B, L, C = x.shape
+    out = torch.empty(B, L, C, dtype=dtype, device=x.device)
+    for b in range(B):
+        ids = seq_idx[b] if seq_idx is not None else torch.zeros(L, dtype=torch.long, device=x.device)
+        for doc in torch.unique(ids):
+            pos = (ids == doc).nonzero().flatten()
+            seg = x[b, pos].to(dtype).T.unsqueeze(0)  # (1, C, n)
+            y = F.conv1d(seg, w, None if bias is None else bias.to(dtype), padding=K - 1, groups=C)[..., : len(pos)]
+            out[b, pos] = y[0].T
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype)

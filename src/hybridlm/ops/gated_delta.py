@@ -1,0 +1,133 @@
+"""The gated delta rule (Gated DeltaNet, as Qwen3-Next and flash-linear-attention define it).
+
+Per head, with state ``S`` (dk × dv), log-decay ``g_t <= 0`` and write strength ``beta_t``::
+
+    S_t = exp(g_t) S_{t-1}
+    S_t = S_t + k_t ⊗ beta_t (v_t - S_t^T k_t)          (delta rule: replace what k_t reads)
+    o_t = S_t^T (q_t * scale)
+
+The chunked form solves each chunk's writes at once (the "WY" form): with ``D[t,s]`` the decay
+from ``s`` to ``t`` and ``A[t,s] = beta_t D[t,s] k_t·k_s`` for ``s < t``, the corrected values are
+``U = (I + A)^{-1} (beta V - beta exp(Gcum) K S_0)``; outputs and the next state follow from U
+with plain matmuls. Resets at document starts set ``g`` to ``-inf``; decays are built with
+``segsum`` so no ``inf - inf`` arises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ssd import reset_mask, segsum
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x**2) + eps)`` over the last dim (flash-linear-attention's l2norm)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def gated_delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule in float32.
+
+    Args:
+        q, k: (b, l, h, dk) queries and keys (normalize them first if the model does).
+        v: (b, l, h, dv) values.
+        g: (b, l, h) log-decays (<= 0).
+        beta: (b, l, h) write strengths in [0, 1].
+        chunk_size: positions per chunk; ``l`` need not be a multiple of it.
+        scale: query scale, default ``dk ** -0.5``.
+        seq_idx: (b, l) document index per position, or None.
+        initial_state: (b, h, dk, dv), or None for zeros.
+        return_final_state: also return the state after the last position.
+
+    Returns:
+        o: (b, l, h, dv) in the dtype of ``v``; and the final state (b, h, dk, dv) if asked.
+    """
+    dtype = v.dtype
+    b, seqlen, h, dk = q.shape
+    dv = v.shape[-1]
+    Q = chunk_size
+    scale = dk**-0.5 if scale is None else scale
+    gf = g.float()
+    if seq_idx is not None:
+        gf = torch.where(reset_mask(seq_idx).unsqueeze(-1), float("-inf"), gf)
+    pad = (-seqlen) % Q
+    qf, kf, vf, bf = q.float() * scale, k.float(), v.float(), beta.float()
+    if pad:
+        # Padding steps write nothing (beta = 0) and do not decay (g = 0).
+        qf, kf, vf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qf, kf, vf))
+        gf, bf = (F.pad(t, (0, 0, 0, pad)) for t in (gf, bf))
+    c = qf.shape[1] // Q
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # (b, l, h, ...) -> (b, h, c, Q, ...)
+        t = t.reshape(b, c, Q, h, *t.shape[3:])
+        return t.permute(0, 3, 1, 2, *range(4, t.dim()))
+
+    qc, kc, vc = chunks(qf), chunks(kf), chunks(vf)
+    gc, bc = chunks(gf), chunks(bf)  # (b, h, c, Q)
+    g_cum = torch.cumsum(gc, dim=-1)
+    decay = torch.exp(segsum(gc))  # (b, h, c, Q, Q), zero above the diagonal
+    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril(-1)
+
+    A = (bc.unsqueeze(-1) * (kc @ kc.transpose(-1, -2)) * decay).masked_fill(~strictly_lower, 0.0)
+    T = A + torch.eye(Q, dtype=A.dtype, device=A.device)
+    U0 = torch.linalg.solve_triangular(T, bc.unsqueeze(-1) * vc, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(T, (bc * torch.exp(g_cum)).unsqueeze(-1) * kc, upper=False, unitriangular=True)
+    qk = (qc @ kc.transpose(-1, -2)) * decay  # causal, decayed q·k within the chunk
+    q_in = qc * torch.exp(g_cum).unsqueeze(-1)  # queries reading the entering state
+    k_out = kc * decay[..., -1, :].unsqueeze(-1)  # keys as seen from the chunk's end
+    chunk_decay = torch.exp(g_cum[..., -1])  # (b, h, c)
+
+    S = q.new_zeros(b, h, dk, dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    outs = []
+    for i in range(c):
+        U = U0[:, :, i] - W[:, :, i] @ S  # (b, h, Q, dv)
+        outs.append(q_in[:, :, i] @ S + qk[:, :, i] @ U)
+        S = chunk_decay[:, :, i, None, None] * S + k_out[:, :, i].transpose(-1, -2) @ U
+    o = torch.stack(outs, dim=2)  # (b, h, c, Q, dv)
+    o = o.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, dv)[:, :seqlen].to(dtype)
+    if return_final_state:
+        return o, S
+    return o
+
+
+def gated_delta_rule_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step-by-step recurrence in ``dtype`` (float64 by default; slow, for tests). Returns ``(o, final_state)``."""
+    b, seqlen, h, dk = q.shape
+    dv = v.shape[-1]
+    scale = dk**-0.5 if scale is None else scale
+    qd, kd, vd, gd, bd = (t.to(dtype) for t in (q, k, v, g, beta))
+    S = torch.zeros(b, h, dk, dv, dtype=dtype, device=q.device)
+    if initial_state is not None:
+        S = initial_state.to(dtype).clone()
+    outs = []
+    for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            S = S * (seq_idx[:, t] == seq_idx[:, t - 1]).to(dtype).view(b, 1, 1, 1)
+        S = S * torch.exp(gd[:, t])[..., None, None]
+        read = torch.einsum("bhkv,bhk->bhv", S, kd[:, t])
+        delta = bd[:, t, :, None] * (vd[:, t] - read)
+        S = S + kd[:, t, :, :, None] * delta[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, qd[:, t] * scale))
+    return torch.stack(outs, dim=1), S

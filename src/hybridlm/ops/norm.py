@@ -1,0 +1,55 @@
+"""RMSNorm variants: plain, residual-add + norm (the fused-block seam), and Mamba's gated, grouped norm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x**2) + eps)`` over the last dim, computed in float32.
+
+    Args:
+        x: (..., D) activations of any float dtype; the result has the same dtype.
+        weight: (D,) scale.
+    """
+    # Normalize in float32 (bf16 has too few mantissa bits for the mean of squares), then
+    # scale and cast back, as Hugging Face's NemotronH does.
+    out = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+    return out.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add followed by the next layer's RMSNorm: returns ``(x + delta, rms_norm(x + delta))``.
+
+    Inside a fused block the add ending the sequence mixer and the norm starting the channel
+    mixer are adjacent; this is the seam where one fused kernel can do both. This plain version
+    is exactly the two separate ops, so fused and unfused models agree bitwise.
+    """
+    h = x + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """Mamba2's output norm: gate first, then RMSNorm over each group of ``group_size`` channels.
+
+    ``out = weight * groupnorm(y * silu(z))`` with ``norm_before_gate=False`` as in Megatron and
+    NemotronH. The group size is ``d_inner / ngroups``, not ``d_inner`` (a known porting bug).
+
+    Args:
+        y: (..., D) scan output; z: (..., D) gate; weight: (D,).
+    """
+    dtype = y.dtype
+    g = y.float() * F.silu(z.float())
+    shape = g.shape
+    g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * g.reshape(shape)).to(dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64 reference of :func:`rms_norm`."""
+    xd = x.double()
+    return (weight.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -1,0 +1,89 @@
+"""Shared test helpers: tolerances, tiny random configs and patterns."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from hybridlm import ModelConfig
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 when both are 0)."""
+    a, e = actual.double(), expected.double()
+    scale = e.abs().max().item()
+    diff = (a - e).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=48,
+    mamba_num_heads=4,
+    mamba_head_dim=8,
+    mamba_state_dim=8,
+    mamba_num_groups=2,
+    mamba_chunk_size=8,
+    moe_num_experts=4,
+    moe_top_k=2,
+    moe_ffn_hidden_size=24,
+    gdn_num_heads=2,
+    gdn_head_dim=8,
+    gdn_chunk_size=8,
+)
+
+
+def tiny_config(pattern: str, **overrides) -> ModelConfig:
+    return ModelConfig(pattern=pattern, **{**TINY, **overrides})
+
+
+def random_block(rng: random.Random, allow_fused: bool = True) -> str:
+    if allow_fused and rng.random() < 0.35:
+        return f"[{rng.choice('MG*')}{rng.choice('-E')}]"
+    return rng.choice("MG*-E")
+
+
+def random_pattern(rng: random.Random, max_blocks: int = 6, mtp: bool = True, pipes: bool = True) -> str:
+    blocks = [random_block(rng) for _ in range(rng.randint(1, max_blocks))]
+    if pipes and len(blocks) > 1 and rng.random() < 0.4:
+        blocks.insert(rng.randint(1, len(blocks) - 1), "|")
+    text = "".join(blocks)
+    if mtp and rng.random() < 0.4:
+        depth = "".join(random_block(rng) for _ in range(rng.randint(1, 2)))
+        text += ("/" + depth) * rng.randint(1, 2)
+    return text
+
+
+def random_config(rng: random.Random, pattern: str) -> ModelConfig:
+    """A tiny config with randomized options around ``pattern``."""
+    groups = rng.choice([1, 2])
+    return tiny_config(
+        pattern,
+        mlp_activation=rng.choice(["relu2", "swiglu", "gelu"]),
+        position_embedding=rng.choice(["none", "rope"]),
+        rotary_percent=rng.choice([1.0, 0.5]),
+        qk_norm=rng.random() < 0.5,
+        moe_router_score=rng.choice(["softmax", "sigmoid"]),
+        moe_router_expert_bias=rng.random() < 0.5,
+        moe_num_groups=groups,
+        moe_topk_groups=rng.randint(1, groups),
+        moe_shared_expert_ffn_hidden_size=rng.choice([0, 16]),
+        moe_aux_loss_coeff=rng.choice([0.0, 0.01]),
+        tie_embeddings=rng.random() < 0.3,
+        gdn_num_value_heads=rng.choice([2, 4]),
+    )
+
+
+def unfused(pattern: str) -> str:
+    return pattern.replace("[", "").replace("]", "")

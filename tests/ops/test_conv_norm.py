@@ -1,0 +1,50 @@
+"""Causal conv and the norms against float64 references."""
+
+import pytest
+import torch
+
+from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
+from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, rms_norm_reference
+from tests.helpers import assert_rel_close
+from tests.ops.test_ssd import docs
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_causal_conv(packed, kernel):
+    x = torch.randn(2, 23, 6, requires_grad=True)
+    w = torch.randn(6, 1, kernel, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    seq_idx = docs(2, 23, seed=kernel) if packed else None
+    y = causal_conv1d(x, w, b, seq_idx, "silu")
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y_ref = causal_conv1d_reference(*leaves, seq_idx, "silu")
+    assert_rel_close(y, y_ref, 1e-6, "conv")
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    for name, t, r in zip("xwb", (x, w, b), leaves):
+        assert_rel_close(t.grad, r.grad, 1e-6, f"grad {name}")
+
+
+def test_conv_matches_nn_conv1d():
+    x = torch.randn(3, 17, 5)
+    conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3)
+    expected = conv(x.transpose(1, 2))[..., :17].transpose(1, 2)
+    assert_rel_close(causal_conv1d(x, conv.weight, conv.bias), expected, 1e-6, "vs nn.Conv1d")
+
+
+def test_rms_norms():
+    x = torch.randn(4, 7, 16)
+    w = torch.randn(16)
+    assert_rel_close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), 1e-6, "rms_norm")
+    d = torch.randn_like(x)
+    h, n = add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(h, x + d) and torch.equal(n, rms_norm(x + d, w, 1e-5))
+    z = torch.randn_like(x)
+    got = gated_rms_norm(x, z, w, group_size=4, eps=1e-5)
+    g = (x * torch.nn.functional.silu(z)).double().view(4, 7, 4, 4)
+    ref = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).view(4, 7, 16) * w.double()
+    assert_rel_close(got, ref, 1e-6, "gated_rms_norm")
+    # The group size matters: a norm over all channels differs.
+    assert (gated_rms_norm(x, z, w, 16, 1e-5) - got).abs().max() > 1e-3

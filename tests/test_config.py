@@ -1,0 +1,151 @@
+"""ModelConfig: JSON round trip with a schema version, field-named validation errors, presets."""
+
+import json
+
+import pytest
+
+from hybridlm import ConfigError, ModelConfig
+from hybridlm.config import PRESETS, SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_json_round_trip(name, tmp_path):
+    cfg = ModelConfig.preset(name)
+    d = cfg.to_dict()
+    assert d["schema_version"] == SCHEMA_VERSION
+    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    cfg.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == cfg
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_contract_field_names():
+    names = set(ModelConfig.__dataclass_fields__)
+    contract = [
+        "pattern",
+        "vocab_size",
+        "hidden_size",
+        "norm_eps",
+        "tie_embeddings",
+        "init_std",
+        "mtp_loss_scale",
+        "num_attention_heads",
+        "num_query_groups",
+        "head_dim",
+        "position_embedding",
+        "rope_theta",
+        "rotary_percent",
+        "qk_norm",
+        "ffn_hidden_size",
+        "mlp_activation",
+        "mamba_num_heads",
+        "mamba_head_dim",
+        "mamba_state_dim",
+        "mamba_num_groups",
+        "mamba_conv_kernel",
+        "mamba_chunk_size",
+        "mamba_dt_min",
+        "mamba_dt_max",
+        "mamba_dt_init_floor",
+        "moe_num_experts",
+        "moe_top_k",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_ffn_hidden_size",
+        "moe_router_score",
+        "moe_router_expert_bias",
+        "moe_routed_scaling",
+        "moe_num_groups",
+        "moe_topk_groups",
+        "moe_norm_topk_prob",
+        "moe_aux_loss_coeff",
+        "gdn_num_heads",
+        "gdn_num_value_heads",
+        "gdn_head_dim",
+        "gdn_value_head_dim",
+        "gdn_conv_kernel",
+    ]
+    assert set(contract) <= names
+    d = ModelConfig(pattern="M", vocab_size=8, hidden_size=256)
+    assert (d.norm_eps, d.tie_embeddings, d.init_std, d.mtp_loss_scale) == (1e-5, False, 0.02, 0.1)
+    assert (d.mamba_head_dim, d.mamba_state_dim, d.mamba_num_groups, d.mamba_conv_kernel, d.mamba_chunk_size) == (
+        64,
+        128,
+        8,
+        4,
+        128,
+    )
+    assert (d.rotary_percent, d.qk_norm, d.position_embedding) == (1.0, False, "none")
+    assert (d.moe_shared_expert_ffn_hidden_size, d.moe_routed_scaling, d.moe_num_groups, d.moe_topk_groups) == (
+        0,
+        1.0,
+        1,
+        1,
+    )
+    assert d.moe_router_expert_bias is False and d.gdn_conv_kernel == 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"vocab_size": 2.5}, "vocab_size"),
+        ({"norm_eps": -1.0}, "norm_eps"),
+        ({"pattern": "M*X"}, "pattern"),
+        ({"pattern": "[*M]"}, "pattern"),
+        ({"pattern": "M*", "num_attention_heads": None}, "num_attention_heads"),
+        ({"pattern": "*", "num_attention_heads": 4, "num_query_groups": 3}, "num_query_groups"),
+        ({"pattern": "*", "num_attention_heads": 5}, "head_dim"),
+        ({"pattern": "*", "num_attention_heads": 4, "position_embedding": "alibi"}, "position_embedding"),
+        ({"pattern": "*", "num_attention_heads": 4, "rotary_percent": 0.0}, "rotary_percent"),
+        ({"pattern": "-", "mlp_activation": "relu"}, "mlp_activation"),
+        ({"pattern": "M", "mamba_num_groups": 3}, "mamba_num_groups"),
+        ({"pattern": "M", "mamba_dt_min": 0.5}, "mamba_dt_min"),
+        ({"pattern": "E"}, "moe_num_experts"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_top_k": 5}, "moe_top_k"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_num_groups": 3}, "moe_num_groups"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_router_score": "relu"}, "moe_router_score"),
+        (
+            {"pattern": "E", "moe_num_experts": 8, "moe_num_groups": 4, "moe_topk_groups": 1, "moe_top_k": 3},
+            "moe_top_k",
+        ),
+        ({"pattern": "G", "gdn_num_heads": 3, "gdn_num_value_heads": 4}, "gdn_num_value_heads"),
+        ({"tie_embeddings": 1}, "tie_embeddings"),
+    ],
+)
+def test_errors_name_the_field(changes, field):
+    base = {"pattern": "M-", "vocab_size": 64, "hidden_size": 256}
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(**{**base, **changes})
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+    assert isinstance(info.value, ValueError)
+
+
+def test_fields_of_unused_layer_kinds_are_not_checked():
+    # No attention in the pattern: attention fields may stay unset.
+    ModelConfig(pattern="M-", vocab_size=64, hidden_size=256, num_attention_heads=None)
+
+
+def test_unknown_keys_and_versions():
+    d = ModelConfig.preset("tiny").to_dict()
+    with pytest.raises(ConfigError, match="did you mean 'hidden_size'"):
+        ModelConfig.from_dict({**d, "hiden_size": 3})
+    with pytest.raises(ConfigError, match="schema_version"):
+        ModelConfig.from_dict({**d, "schema_version": SCHEMA_VERSION + 1})
+    missing = dict(d)
+    del missing["vocab_size"]
+    with pytest.raises(ConfigError, match="vocab_size"):
+        ModelConfig.from_dict(missing)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ModelConfig.preset("nemotron-h-9b")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        ModelConfig.from_json("{not json")
+
+
+def test_resolved_sizes():
+    c = ModelConfig(pattern="M*-", vocab_size=8, hidden_size=256, num_attention_heads=4)
+    assert c.resolved_head_dim == 64 and c.resolved_num_query_groups == 4
+    assert c.resolved_ffn_hidden_size == 1024 and c.resolved_mamba_num_heads == 8
+    assert c.mamba_d_inner == 512
+    assert c.replace(position_embedding="rope", rotary_percent=0.5).rotary_dim == 32

@@ -1,0 +1,187 @@
+"""The assembled model: fused equals unfused, packing, MTP, initialization, counting, presets."""
+
+import random
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.checkpoint.canonical import to_canonical
+from tests.helpers import assert_rel_close, random_config, random_pattern, tiny_config, unfused
+
+
+def canonical_state(model):
+    return to_canonical(model.state_dict(), model.config.parsed)
+
+
+def canonical_grads(model):
+    return to_canonical({n: p.grad for n, p in model.named_parameters()}, model.config.parsed)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_model_equals_unfused_twin(seed):
+    rng = random.Random(seed)
+    pattern = random_pattern(rng)
+    if "[" not in pattern:
+        pattern = "[*-]" + pattern
+    config = random_config(rng, pattern)
+    twin_config = config.replace(pattern=unfused(pattern))
+    fused, twin = HybridLM(config, seed=seed), HybridLM(twin_config, seed=seed)
+    fused.train(), twin.train()
+
+    a, b = canonical_state(fused), canonical_state(twin)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{pattern}: weight {k} differs"
+
+    B, L = 2, 19
+    ids = torch.randint(0, config.vocab_size, (B, L))
+    labels = torch.roll(ids, -1, 1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 12, [0] * 19]) if seed % 2 else None
+    out_f = fused(ids, labels, doc_ids=doc_ids)
+    out_t = twin(ids, labels, doc_ids=doc_ids)
+    assert_rel_close(out_f.logits, out_t.logits, 1e-6, f"{pattern} logits")
+    assert_rel_close(out_f.loss, out_t.loss, 1e-6, f"{pattern} loss")
+    out_f.loss.backward()
+    out_t.loss.backward()
+    ga, gb = canonical_grads(fused), canonical_grads(twin)
+    for k in ga:
+        assert ga[k] is not None, f"{pattern}: no gradient for {k}"
+        assert_rel_close(ga[k], gb[k], 1e-6, f"{pattern} grad {k}")
+
+
+def test_fused_blocks_are_single_modules():
+    model = HybridLM(tiny_config("M[*-]|[GE]-"))
+    assert [b.symbols for b in model.blocks.values()] == ["M", "*-", "GE", "-"]
+    assert [b.fused for b in model.blocks.values()] == [False, True, True, False]
+    assert [b.layer_offset for b in model.blocks.values()] == [0, 1, 3, 5]
+
+
+@pytest.mark.parametrize("pattern", ["M-", "*-", "G-", "[ME]", "[*E]M", "M[G-]*/[*-]"])
+def test_packed_rows_equal_separate_documents(pattern):
+    config = tiny_config(pattern, position_embedding="rope", moe_router_score="sigmoid")
+    model = HybridLM(config, seed=1)
+    lengths = [6, 10, 5]
+    ids = torch.randint(0, config.vocab_size, (1, sum(lengths)))
+    doc_ids = torch.cat([torch.full((n,), 7 * i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    packed = model(ids, doc_ids=doc_ids).logits
+    cu = torch.tensor([0, 6, 16, 21])
+    assert torch.equal(model(ids, cu_seqlens=cu).logits, packed)
+    start = 0
+    for n in lengths:
+        alone = model(ids[:, start : start + n]).logits
+        assert_rel_close(packed[:, start : start + n], alone, 1e-5, f"document at {start}")
+        start += n
+
+
+def test_mtp_depth_d_predicts_token_t_plus_1_plus_d():
+    """Depth d's logits at t are scored against token t+1+d (labels shifted d further)."""
+    config = tiny_config("M-*-/*-/*-", vocab_size=11)
+    model = HybridLM(config, seed=0)
+    ids = torch.randint(0, 11, (2, 12))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    out = model(ids, labels)
+    assert len(out.mtp_logits) == 2 and len(out.mtp_losses) == 2
+    ce = torch.nn.functional.cross_entropy
+    for d, logits in enumerate(out.mtp_logits, start=1):
+        n = 12 - 1 - d  # positions whose token t+1+d exists
+        expected = ce(logits[:, :n].reshape(-1, 11), ids[:, 1 + d :].reshape(-1))
+        assert_rel_close(out.mtp_losses[d - 1], expected, 1e-6, f"depth {d}")
+    total = out.lm_loss + config.mtp_loss_scale * torch.stack(out.mtp_losses).mean()
+    assert_rel_close(out.loss, total, 1e-7, "total loss")
+
+
+def test_mtp_training_lowers_every_depth():
+    torch.manual_seed(0)
+    config = tiny_config("M-[*-]/[*-]/[*-]", vocab_size=16, mtp_loss_scale=1.0)
+    model = HybridLM(config, seed=0)
+    cycle = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 7, 8, 0, 11, 13])  # a repeating sequence
+    ids = cycle.repeat(4)[None, :48].repeat(4, 1)
+    ids = torch.stack([torch.roll(ids[0], -s) for s in range(4)])
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(ids, labels)
+    start = [first.lm_loss.item(), *[m.item() for m in first.mtp_losses]]
+    for _ in range(30):
+        opt.zero_grad()
+        model(ids, labels).loss.backward()
+        opt.step()
+    last = model(ids, labels)
+    end = [last.lm_loss.item(), *[m.item() for m in last.mtp_losses]]
+    for d, (s, e) in enumerate(zip(start, end)):
+        assert e < 0.5 * s, f"depth {d}: loss {s:.3f} -> {e:.3f}"
+
+
+def test_same_seed_same_canonical_weights_across_brackets_and_pipes():
+    base = tiny_config("M-*-G-*E/*-")
+    variants = ["M-[*-]G-[*E]/[*-]", "M-|*-G-|*E/*-", "M-[*-]|[G-][*E]/*-"]
+    ref = canonical_state(HybridLM(base, seed=3))
+    for pattern in variants:
+        other = canonical_state(HybridLM(base.replace(pattern=pattern), seed=3))
+        assert other.keys() == ref.keys()
+        assert all(torch.equal(other[k], ref[k]) for k in ref), pattern
+    different = canonical_state(HybridLM(base, seed=4))
+    assert not torch.equal(different["layers.0.mixer.in_proj.weight"], ref["layers.0.mixer.in_proj.weight"])
+
+
+def test_output_projection_scaled_by_canonical_layer_count():
+    config = tiny_config("[*-][*-][*-][*-]", init_std=0.02, hidden_size=64, ffn_hidden_size=256)
+    model = HybridLM(config)
+    o = model.blocks["0"].layers[0].mixer.o_proj.weight
+    assert abs(o.std().item() - 0.02 / 8**0.5) < 0.0015  # 8 canonical layers, not 4 blocks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flops_match_flop_counter(seed):
+    rng = random.Random(100 + seed)
+    config = random_config(rng, random_pattern(rng, pipes=False))
+    model = HybridLM(config)
+    B, L = 2, rng.choice([8, 13, 24])
+    ids = torch.randint(0, config.vocab_size, (B, L))
+    # The math SDPA backend decomposes into matmuls the counter sees (the fused CPU kernel is not counted).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    expected = model.flops_per_token(L) * B * L
+    assert_rel_close(
+        torch.tensor(float(counter.get_total_flops())), torch.tensor(float(expected)), 1e-9, config.pattern
+    )
+
+
+def test_num_params_per_kind():
+    model = HybridLM(tiny_config("M-[*E]G/[*-]"))
+    n = model.num_params()
+    assert float(n) == sum(p.numel() for p in model.parameters())
+    assert set(n.by_kind) == {"embeddings", "M", "-", "*", "E", "G", "norm_f", "head", "mtp"}
+    tied = HybridLM(tiny_config("M-", tie_embeddings=True))
+    assert float(tied.num_params()) == sum(p.numel() for p in tied.parameters())
+    assert float(tied.num_params(exclude_embeddings=True)) == float(tied.num_params()) - 97 * 32
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [("nemotron-h-8b", 8.10), ("nemotron-3-nano-30b-a3b", 31.58), ("bench-1.3b", 1.2518), ("tiny", None)],
+)
+def test_presets_build_on_meta(name, billions):
+    model = HybridLM(ModelConfig.preset(name), device="meta")
+    assert next(model.parameters()).device.type == "meta"
+    if billions:
+        assert abs(float(model.num_params()) / 1e9 - billions) < 0.01
+
+
+def test_unbuildable_symbols_fail_clearly():
+    with pytest.raises(NotImplementedError, match="multi-latent attention"):
+        HybridLM(tiny_config("M+-"))
+
+
+def test_cast_keeps_sensitive_parameters_fp32():
+    model = HybridLM(tiny_config("M[*E]G", moe_router_expert_bias=True), dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in [*model.named_parameters(), *model.named_buffers()]}
+    assert dtypes["blocks.0.layers.0.mixer.A_log"] == torch.float32
+    assert dtypes["blocks.1.layers.1.mixer.gate.e_score_correction_bias"] == torch.float32
+    assert dtypes["blocks.0.layers.0.mixer.in_proj.weight"] == torch.bfloat16
+    out = model(torch.randint(0, 97, (1, 9)))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
