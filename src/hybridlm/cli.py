@@ -49,8 +49,83 @@ def _add_pattern(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(func=_cmd_pattern)
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint.inspect import describe, render
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2, default=str) if args.json else render(info))
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's config, pattern, tensor count, bytes and dtypes",
+        description="Summarize a hybridlm checkpoint directory, a Hugging Face directory, a DCP training-state "
+        "directory or a safetensors file. Reads file headers only.",
+    )
+    ap.add_argument("path", help="checkpoint directory or .safetensors file")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.set_defaults(func=_cmd_inspect)
+
+
+FORMATS = ("nemotron-h", "megatron")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+
+    if (args.to is None) == (args.from_ is None):
+        raise UsageError("give exactly one of --to FORMAT or --from FORMAT")
+    if args.to == "nemotron-h":
+        from .checkpoint.hf_nemotron import convert_to_nemotron_h as convert
+    elif args.to == "megatron":
+        from .checkpoint.megatron import convert_to_megatron as convert
+    elif args.from_ == "nemotron-h":
+        from .checkpoint.hf_nemotron import convert_from_nemotron_h as convert
+    else:
+        from .checkpoint.megatron import convert_from_megatron
+
+        config = None
+        if args.config is not None:
+            from .config import ModelConfig
+
+            config = ModelConfig.from_json(args.config)
+        out = convert_from_megatron(args.src, args.dst, config)
+        print(f"wrote {out}")
+        return 0
+    if args.config is not None:
+        raise UsageError("--config is only used with --from megatron")
+    out = convert(args.src, args.dst)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to or from Hugging Face NemotronH or Megatron-LM names",
+        description="Convert between a hybridlm checkpoint directory and another format. "
+        "--to nemotron-h writes a directory transformers loads as NemotronHForCausalLM (M * - E patterns "
+        "only; '|' and brackets are dropped, MTP weights stay behind). --from nemotron-h reads one. "
+        "--to megatron writes a Megatron-core HybridModel state dict (.pt or .safetensors) plus "
+        "<DST>.hybridlm.json; --from megatron reads one (the model config comes from --config or that JSON file).",
+    )
+    ap.add_argument("src", help="source checkpoint (directory or file)")
+    ap.add_argument("dst", help="destination")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--to", choices=FORMATS, help="write SRC (a hybridlm checkpoint) in this format")
+    group.add_argument(
+        "--from", dest="from_", choices=FORMATS, help="read SRC in this format into a hybridlm checkpoint"
+    )
+    ap.add_argument("--config", default=None, help="ModelConfig JSON for --from megatron")
+    ap.set_defaults(func=_cmd_convert)
+
+
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return [_add_pattern]
+    return [_add_pattern, _add_inspect, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -237,6 +237,14 @@ class HybridLM(nn.Module):
             depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
             for block in depth.blocks.values():
                 block.init_weights(lambda i, d=d: gen("mtp", d, "layers", i), std, out_std)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Zero the non-persistent buffers (statistics that checkpoints do not carry)."""
+        for name, buf in self.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                buf.zero_()
 
     def fp32_parameter_names(self) -> set[str]:
         """Names of parameters and buffers kept in float32 by :meth:`cast`."""

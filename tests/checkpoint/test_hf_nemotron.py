@@ -1,0 +1,467 @@
+"""Hugging Face NemotronH adapter: exports and imports reproduce transformers' logits, round trips are
+lossless, and everything NemotronH cannot express (or a damaged directory) is refused by name.
+
+Every test model has all its parameters redrawn (``perturb``) so that a wrong key, a swapped
+projection or a missing clamp changes the logits well beyond the 1e-4 tolerance.
+"""
+
+import json
+import logging
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, NemotronHConfig, NemotronHForCausalLM
+from transformers.activations import ACT2FN
+
+import hybridlm
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.checkpoint.hf_nemotron import (
+    NO_CLAMP_TIME_STEP_MIN,
+    check_exportable,
+    convert_from_nemotron_h,
+    convert_to_nemotron_h,
+    export_nemotron_h,
+    import_nemotron_h,
+)
+from hybridlm.checkpoint.weights import canonical_state_dict
+from hybridlm.errors import CheckpointError
+from hybridlm.layers.mlp import activate
+
+LOGGER = "hybridlm.checkpoint.hf_nemotron"
+SEQ_LEN = 29  # longer than the Mamba chunk (8) and not a multiple of it: the inter-chunk path runs
+TOL = 1e-4  # max |Δlogit| in float32
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    head_dim=8,
+    ffn_hidden_size=48,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    mamba_state_dim=8,
+    mamba_num_groups=2,
+    mamba_chunk_size=8,
+    moe_num_experts=8,
+    moe_top_k=2,
+    moe_ffn_hidden_size=24,
+    moe_router_score="sigmoid",
+)
+
+
+def config(pattern: str, **overrides) -> ModelConfig:
+    return ModelConfig(pattern=pattern, **{**BASE, **overrides})
+
+
+@torch.no_grad()
+def perturb(state: dict[str, torch.Tensor], hidden: int, seed: int) -> None:
+    """Redraw every tensor of a state dict in place (works for our names and Hugging Face's alike).
+
+    Norm weights ~ 1 + 0.3 N, D and conv biases random, dt_bias ~ N(-5, 2) so that many dt fall
+    below 1e-3 (a wrong dt clamp shows), decisive routers (weight ~ 2/sqrt(H) N, selection
+    bias ~ 0.1 N), projections ~ N / sqrt(fan_in).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(state):
+        t = state[name]
+        r = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        if name.endswith(("norm.weight", "norm_f.weight")):
+            t.copy_(1 + 0.3 * r)
+        elif name.endswith(".D"):
+            t.copy_(1 + 0.5 * r)
+        elif name.endswith("conv1d.bias"):
+            t.copy_(0.3 * r)
+        elif name.endswith("dt_bias"):
+            t.copy_(2 * r - 5)
+        elif name.endswith("A_log"):
+            t.copy_(0.5 * r)
+        elif name.endswith("gate.weight"):
+            t.copy_(r * 2 / hidden**0.5)
+        elif name.endswith("e_score_correction_bias"):
+            t.copy_(0.1 * r)
+        elif name.endswith("embeddings.weight"):
+            t.copy_(r)
+        else:
+            t.copy_(r / t.shape[-1] ** 0.5)
+
+
+def random_model(cfg: ModelConfig, seed: int) -> HybridLM:
+    model = HybridLM(cfg, seed=seed).eval()
+    perturb(model.state_dict(), cfg.hidden_size, seed + 1)
+    return model
+
+
+def token_ids(vocab: int, seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"{tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return (a - b).abs().max().item()
+
+
+# -- export: our model -> transformers -------------------------------------------------------------
+
+PARITY = {
+    # Fused blocks, router groups (2 groups, best 1), selection bias, scaling 2.5, shared expert.
+    "fused-grouped-moe": config(
+        "M-[*-]M[*E]",
+        moe_router_expert_bias=True,
+        moe_routed_scaling=2.5,
+        moe_num_groups=2,
+        moe_topk_groups=1,
+        moe_shared_expert_ffn_hidden_size=16,
+    ),
+    # No shared expert, no bias (zeros are written), GELU, tied head (copied), dt clamp, MTP (dropped).
+    "gelu-tied-clamped-mtp": config(
+        "[ME]*-M-/*-",
+        mlp_activation="gelu",
+        tie_embeddings=True,
+        mamba_dt_clamp_min=0.01,
+        moe_top_k=3,
+        moe_norm_topk_prob=False,
+        norm_eps=1e-6,
+    ),
+    # No attention layer (use_cache false), 4 groups of 2 experts (best 2), written in shards.
+    "no-attention-sharded": config(
+        "M-ME[ME]",
+        moe_router_expert_bias=True,
+        moe_num_groups=4,
+        moe_topk_groups=2,
+        moe_shared_expert_ffn_hidden_size=16,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PARITY)
+def test_export_matches_transformers(case, tmp_path, caplog):
+    cfg = PARITY[case]
+    model = random_model(cfg, seed=3)
+    src = hybridlm.save(model, tmp_path / "ours")
+    shard = 20_000 if "sharded" in case else 5_000_000_000
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dst = convert_to_nemotron_h(src, tmp_path / "hf", max_shard_size=shard)
+    assert ("MTP" in caplog.text) == bool(cfg.parsed.mtp_depths)
+    assert (dst / "model.safetensors.index.json").exists() == ("sharded" in case)
+
+    hf_json = json.loads((dst / "config.json").read_text())
+    assert hf_json["hybrid_override_pattern"] == cfg.parsed.layers
+    assert hf_json["num_hidden_layers"] == cfg.parsed.num_layers
+    assert "layers_block_type" not in hf_json and "time_step_limit" not in hf_json
+    assert hf_json["time_step_min"] == (cfg.mamba_dt_clamp_min or NO_CLAMP_TIME_STEP_MIN)
+    assert hf_json["use_cache"] == ("*" in cfg.parsed.layers)
+
+    hf, info = AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True, dtype=torch.float32)
+    assert type(hf).__name__ == "NemotronHForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = token_ids(cfg.vocab_size)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids, use_cache=False).logits
+    assert theirs.std() > 0.3  # the logits carry signal, so the tolerance below means something
+    diff = max_diff(ours, theirs)
+    print(f"{case}: export max |Δlogit| = {diff:.3g}")
+    assert diff <= TOL, f"{case}: max |Δlogit| {diff:.3g}"
+
+
+def test_gelu_is_transformers_gelu():
+    x = torch.linspace(-6, 6, 1001)
+    assert torch.equal(activate(x, "gelu"), ACT2FN["gelu"](x))
+    assert torch.equal(activate(x, "relu2"), ACT2FN["relu2"](x))
+
+
+# -- import: transformers -> our model -------------------------------------------------------------
+
+
+def transformers_model(seed: int = 0) -> NemotronHForCausalLM:
+    """A tiny NemotronH made by transformers itself (its defaults: dt clamped at time_step_min 1e-3)."""
+    hf_cfg = NemotronHConfig(
+        vocab_size=128,
+        hidden_size=32,
+        hybrid_override_pattern="M*-EM-E",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        mamba_num_heads=4,
+        mamba_head_dim=16,
+        ssm_state_size=8,
+        n_groups=2,
+        chunk_size=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=16,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+    )
+    model = NemotronHForCausalLM(hf_cfg).eval()
+    perturb(model.state_dict(), 32, seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_saved(tmp_path_factory):
+    """(transformers model, its save_pretrained directory)."""
+    model = transformers_model(seed=21)
+    path = tmp_path_factory.mktemp("transformers") / "nemotron"
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_import_matches_transformers(hf_saved, tmp_path):
+    hf, path = hf_saved
+    ours = hybridlm.load(convert_from_nemotron_h(path, tmp_path / "ours"))
+    c = ours.config
+    assert c.pattern == "M*-EM-E" and not c.tie_embeddings
+    assert c.mamba_dt_clamp_min == 1e-3  # transformers' default time_step_min is a run-time clamp
+    assert c.moe_router_expert_bias and c.moe_shared_expert_ffn_hidden_size == 16
+    ids = token_ids(c.vocab_size)
+    with torch.no_grad():
+        theirs = hf(ids, use_cache=False).logits
+        diff = max_diff(ours(ids).logits, theirs)
+        # The clamp matters for these weights: without it the logits leave the tolerance.
+        unclamped = HybridLM(c.replace(mamba_dt_clamp_min=0.0), device="meta").to_empty(device="cpu")
+        unclamped.load_state_dict(ours.state_dict())
+        unclamped_diff = max_diff(unclamped(ids).logits, theirs)
+    print(f"import max |Δlogit| = {diff:.3g} (without the dt clamp: {unclamped_diff:.3g})")
+    assert diff <= TOL
+    assert unclamped_diff > 10 * TOL
+
+
+def test_import_accepts_older_layouts(hf_saved, tmp_path, caplog):
+    """``model.`` keys, stacked experts, singular ``embedding``, legacy layer names, MTP tensors."""
+    hf, path = hf_saved
+    reference_config, reference = import_nemotron_h(path)
+
+    state = {k: v.clone() for k, v in hf.state_dict().items()}  # model.*, experts stacked (E, F, H)
+    assert "model.layers.3.mixer.experts.up_proj" in state
+    state["model.embedding.weight"] = state.pop("model.embeddings.weight")
+    state["mtp.layers.0.norm.weight"] = torch.ones(32)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(state, old / "model.safetensors", metadata={"format": "pt"})
+    hf_json = json.loads((path / "config.json").read_text())
+    legacy = {"linear_attention": "mamba", "full_attention": "attention"}
+    hf_json["layers_block_type"] = [legacy.get(t, t) for t in hf_json["layers_block_type"]]
+    hf_json["num_nextn_predict_layers"] = 1
+    (old / "config.json").write_text(json.dumps(hf_json))
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        cfg, tensors = import_nemotron_h(old)
+    assert "MTP" in caplog.text
+    assert cfg == reference_config
+    assert tensors.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(tensors[k], reference[k]), k
+
+
+# -- round trip: ours -> NemotronH -> ours ---------------------------------------------------------
+
+ROUND_TRIP = {
+    # Everything NemotronH carries, written in shards, with a tokenizer file along.
+    "full": (
+        config(
+            "M-[*-]M[*E]",
+            moe_router_expert_bias=True,
+            moe_routed_scaling=2.5,
+            moe_num_groups=2,
+            moe_topk_groups=1,
+            moe_shared_expert_ffn_hidden_size=16,
+            mamba_dt_clamp_min=1e-4,
+            mamba_dt_max=0.05,
+            mamba_dt_init_floor=2e-4,
+            init_std=0.01,
+            norm_eps=1e-6,
+        ),
+        dict(pattern="M-*-M*E"),
+    ),
+    # What NemotronH cannot carry comes back as its exact equivalent: brackets -> canonical layers,
+    # no clamp -> 1e-9, tied head -> a copy, MTP -> dropped.
+    "bare": (
+        config("[ME]*-M-/*-", mlp_activation="gelu", tie_embeddings=True),
+        dict(pattern="ME*-M-", mamba_dt_clamp_min=NO_CLAMP_TIME_STEP_MIN, tie_embeddings=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP)
+def test_round_trip(case, tmp_path):
+    cfg, changes = ROUND_TRIP[case]
+    model = random_model(cfg, seed=7)
+    canonical = canonical_state_dict(model)
+
+    hf_json, hf_tensors = export_nemotron_h(cfg, canonical)
+    moe = cfg.parsed.layers.index("E")
+    assert f"backbone.layers.{moe}.mixer.experts.7.down_proj.weight" in hf_tensors
+    assert f"backbone.layers.{moe}.mixer.experts.down_proj" not in hf_tensors
+    assert f"backbone.layers.{moe}.mixer.gate.e_score_correction_bias" in hf_tensors
+    assert f"backbone.layers.{moe}.mixer.shared_experts.up_proj.weight" in hf_tensors
+    assert "lm_head.weight" in hf_tensors and not any(k.startswith("backbone.mtp") for k in hf_tensors)
+    assert hf_json["moe_shared_expert_intermediate_size"] == (cfg.moe_shared_expert_ffn_hidden_size or 1)
+
+    src = hybridlm.save(model, tmp_path / "ours", extra_files={"tokenizer.json": "{}"})
+    dst = convert_to_nemotron_h(src, tmp_path / "hf", max_shard_size=30_000)
+    assert (dst / "tokenizer.json").exists() and (dst / "model.safetensors.index.json").exists()
+    back_cfg, back = import_nemotron_h(dst)
+
+    expected = {k: v for k, v in canonical.items() if not k.startswith("mtp.")}
+    if cfg.tie_embeddings:
+        expected["lm_head.weight"] = canonical["embeddings.weight"]
+    assert back_cfg == cfg.replace(**changes)
+    assert back.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(back[k], expected[k]), k
+
+    reloaded = hybridlm.load(convert_from_nemotron_h(dst, tmp_path / "back"))
+    assert (tmp_path / "back" / "tokenizer.json").exists()
+    ids = token_ids(cfg.vocab_size)
+    with torch.no_grad():
+        assert max_diff(reloaded(ids).logits, model(ids).logits) <= 1e-6
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern, overrides, reason",
+    [
+        ("M-G-", {}, "Gated DeltaNet ('G')"),
+        ("MD-", {}, "DeepSeek sparse attention ('D')"),
+        ("M+-", {}, "multi-latent attention ('+')"),
+        ("M-", {"mlp_activation": "swiglu"}, "mlp_activation='swiglu'"),
+        ("ME", {"mlp_activation": "swiglu"}, "non-gated"),
+        ("ME", {"moe_router_score": "softmax"}, "moe_router_score='softmax'"),
+        ("M*", {"position_embedding": "rope"}, "no RoPE"),
+        ("M*", {"qk_norm": True}, "qk_norm=True"),
+        ("ME", {"moe_num_experts": 4, "moe_num_groups": 4, "moe_top_k": 1}, "at least 2 experts"),
+        ("E", {"moe_num_experts": 1, "moe_top_k": 1}, "at least 2 experts"),
+    ],
+)
+def test_export_refuses(pattern, overrides, reason):
+    with pytest.raises(CheckpointError, match=re.escape(reason)):
+        check_exportable(config(pattern, **overrides))
+
+
+def test_export_lists_every_reason_and_writes_nothing(tmp_path):
+    cfg = config("M-G*E", mlp_activation="swiglu", moe_router_score="softmax", qk_norm=True, position_embedding="rope")
+    with pytest.raises(CheckpointError) as err:
+        check_exportable(cfg)
+    for reason in ("Gated DeltaNet", "swiglu", "softmax", "RoPE", "qk_norm"):
+        assert reason in str(err.value)
+    src = hybridlm.save(HybridLM(cfg), tmp_path / "ours")
+    with pytest.raises(CheckpointError, match="Gated DeltaNet"):
+        convert_to_nemotron_h(src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_allows_what_it_can_express():
+    check_exportable(config("M-*E/G-", mlp_activation="gelu"))  # MTP depths may hold anything: dropped
+    check_exportable(config("M-E/D-"))
+    check_exportable(config("M*", mlp_activation="swiglu", qk_norm=False))  # no MLP: activation unused
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    model = random_model(config("M*-E", moe_shared_expert_ffn_hidden_size=16, moe_router_expert_bias=True), seed=11)
+    return convert_to_nemotron_h(hybridlm.save(model, root / "ours"), root / "hf")
+
+
+def _damage_tensors(path, edit):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _truncate(path):
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+TENSOR_DAMAGE = {
+    "truncated": (_truncate, r"model\.safetensors: cannot read safetensors file"),
+    "garbage": (lambda p: (p / "model.safetensors").write_bytes(b"not safetensors"), "cannot read safetensors"),
+    "no weights": (lambda p: (p / "model.safetensors").unlink(), "no model.safetensors"),
+    "missing tensor": (
+        lambda p: _damage_tensors(p, lambda t: t.pop("backbone.layers.0.mixer.A_log")),
+        "missing tensors: backbone.layers.0.mixer.A_log",
+    ),
+    "missing head": (
+        lambda p: _damage_tensors(p, lambda t: t.pop("lm_head.weight")),
+        "missing tensors: lm_head.weight",
+    ),
+    "missing expert": (
+        lambda p: _damage_tensors(p, lambda t: t.pop("backbone.layers.3.mixer.experts.5.up_proj.weight")),
+        r"experts.{e}.up_proj.weight: no tensor for expert(s) [5]",
+    ),
+    "wrong shape": (
+        lambda p: _damage_tensors(
+            p, lambda t: t.update({"backbone.layers.1.mixer.q_proj.weight": torch.zeros(16, 32)})
+        ),
+        "backbone.layers.1.mixer.q_proj.weight has shape (16, 32), but config.json implies (32, 32)",
+    ),
+    "unknown tensor": (
+        lambda p: _damage_tensors(p, lambda t: t.update({"backbone.layers.0.mixer.extra.weight": torch.zeros(2)})),
+        "unexpected tensor",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TENSOR_DAMAGE)
+def test_import_refuses_damaged_weights(case, exported, tmp_path):
+    damage, message = TENSOR_DAMAGE[case]
+    path = shutil.copytree(exported, tmp_path / "hf")
+    damage(path)
+    with pytest.raises(CheckpointError) as err:
+        import_nemotron_h(path)
+    assert message in str(err.value) or re.search(message, str(err.value)), str(err.value)
+    assert str(path) in str(err.value)
+
+
+CONFIG_DAMAGE = {
+    "latent moe": ({"moe_latent_size": 8}, "moe_latent_size=8"),
+    "mamba act": ({"mamba_hidden_act": "relu"}, "mamba_hidden_act='relu'"),
+    "mamba bias": ({"use_bias": True}, "use_bias=true"),
+    "mlp bias": ({"mlp_bias": True}, "mlp_bias=true"),
+    "mlp act": ({"mlp_hidden_act": "silu"}, "mlp_hidden_act='silu'"),
+    "unknown layer": ({"hybrid_override_pattern": "M*-G"}, "symbols ['G']"),
+    "unknown type": ({"layers_block_type": ["mamba", "linear_attention", "gdn"]}, "unknown layer types ['gdn']"),
+    "other model": ({"model_type": "llama"}, "model_type is 'llama'"),
+    "bad value": ({"ssm_state_size": 0}, "mamba_state_dim: must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_DAMAGE)
+def test_import_refuses_unsupported_config(case, exported, tmp_path):
+    changes, message = CONFIG_DAMAGE[case]
+    path = shutil.copytree(exported, tmp_path / "hf")
+    hf_json = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(hf_json | changes))
+    with pytest.raises(CheckpointError) as err:
+        import_nemotron_h(path)
+    assert message in str(err.value) and str(path / "config.json") in str(err.value), str(err.value)
+
+
+def test_convert_replaces_only_nemotron_h_directories(exported, tmp_path):
+    src = tmp_path / "ours"
+    shutil.copytree(exported.parent / "ours", src)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        convert_to_nemotron_h(src, other)
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        convert_to_nemotron_h(src, src)  # the source itself
+    assert (other / "notes.txt").read_text() == "keep me"
+    dst = tmp_path / "hf"
+    for _ in range(2):  # the second conversion replaces the first
+        convert_to_nemotron_h(src, dst)
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "nemotron_h"

@@ -1,0 +1,114 @@
+"""DCP training state in canonical names: resume under other brackets, other splits, other world sizes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridlm import CheckpointError, HybridLM
+from hybridlm.checkpoint.training_state import load_training_state, save_training_state
+from tests.helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def batches(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (2, 16), generator=gen) for _ in range(n)]
+
+
+def step(model, opt, ids):
+    opt.zero_grad()
+    loss = model(ids, torch.roll(ids, -1, 1)).loss
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def make(pattern, seed=0):
+    model = HybridLM(tiny_config(pattern, moe_router_expert_bias=True), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+    return model, opt, sched
+
+
+@pytest.mark.parametrize("resume_pattern", ["M-*-GE/*-", "M-[*-][GE]/[*-]", "[M-]|*-|[GE]/[*-]"])
+def test_resume_under_other_brackets_continues_exactly(tmp_path, resume_pattern):
+    data = batches(5)
+    model, opt, sched = make("M-[*-][GE]/[*-]")
+    for ids in data[:3]:
+        step(model, opt, ids)
+        sched.step()
+    save_training_state(tmp_path / "s", model, opt, sched, step=3, data={"position": 3})
+    uninterrupted = [step(model, opt, ids) for ids in data[3:]]
+
+    other, other_opt, other_sched = make(resume_pattern, seed=123)  # different init: everything must come from disk
+    extra = load_training_state(tmp_path / "s", other, other_opt, other_sched)
+    assert extra["step"] == 3 and extra["data"] == {"position": 3}
+    assert other_sched.last_epoch == 3 and other_opt.param_groups[0]["lr"] == 1e-2 / 4
+    resumed = [step(other, other_opt, ids) for ids in data[3:]]
+    assert resumed == uninterrupted
+
+
+def test_rng_is_restored(tmp_path):
+    model, opt, _ = make("M-")
+    torch.manual_seed(7)
+    save_training_state(tmp_path / "s", model, opt, step=0)
+    expected = torch.rand(3)
+    torch.manual_seed(8)
+    load_training_state(tmp_path / "s", model, opt)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_model_only_and_overwrite(tmp_path):
+    model, opt, _ = make("M-*-")
+    save_training_state(tmp_path / "s", model, step=1)
+    save_training_state(tmp_path / "s", model, opt, step=2)  # replaces the first
+    fresh, fresh_opt, _ = make("M-*-", seed=9)
+    assert load_training_state(tmp_path / "s", fresh, fresh_opt)["step"] == 2
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+def test_refusals(tmp_path):
+    model, opt, _ = make("M-*-")
+    with pytest.raises(CheckpointError, match="not a training-state directory"):
+        load_training_state(tmp_path, model, opt)
+    save_training_state(tmp_path / "s", model, opt, step=1)
+    bigger, bigger_opt, _ = make("M-*-M-")
+    with pytest.raises(CheckpointError, match="cannot load training state"):
+        load_training_state(tmp_path / "s", bigger, bigger_opt)
+
+
+@pytest.mark.multiprocess
+def test_torchrun_fsdp_save_then_resume_in_one_process_with_other_brackets(tmp_path):
+    """2 ranks, FSDP2-sharded fused model, save; resume unsharded, unfused, in this process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests/distributed/fsdp_train_save.py"),
+        str(tmp_path),
+        "M-[*-][GE]/[*-]",
+        "4",
+        "2",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = json.loads((tmp_path / "losses.json").read_text())
+
+    model = HybridLM(tiny_config("M-*-GE/*-"), seed=55)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert load_training_state(tmp_path / "state", model, opt)["step"] == 2
+    resumed = [step(model, opt, ids) for ids in batches(4)[2:]]
+    for a, b in zip(resumed, losses[2:]):
+        assert abs(a - b) <= 1e-5 * abs(b), (resumed, losses)
