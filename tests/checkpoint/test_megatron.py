@@ -1,0 +1,403 @@
+"""The Megatron-core HybridModel adapter: names, packings, refusals, files, and logits through a round trip.
+
+The functional tests rebuild Megatron's own forward math (read from megatron-core 0.19.2) on the
+exported tensors and compare it with our layers, so the packings are checked on numbers, not only
+on their own inverse.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlm import HybridLM, ModelConfig, load, save
+from hybridlm.checkpoint.megatron import (
+    canonical_shapes,
+    config_sidecar,
+    convert_from_megatron,
+    convert_to_megatron,
+    from_megatron,
+    load_megatron,
+    megatron_keys,
+    megatron_shapes,
+    save_megatron,
+    to_megatron,
+)
+from hybridlm.checkpoint.weights import canonical_state_dict, read_tensors
+from hybridlm.errors import CheckpointError
+from hybridlm.layers.gdn import gdn_reference
+from hybridlm.layers.mlp import mlp_reference
+from hybridlm.ops.conv import causal_conv1d_reference
+from hybridlm.ops.gated_delta import gated_delta_rule_reference, l2_normalize
+from tests.helpers import assert_rel_close, random_config, random_pattern, tiny_config, unfused
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def random_canonical(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Distinct random values in every canonical tensor (norm weights too, so a swapped norm shows)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g).to(dtype) for k, s in canonical_shapes(config).items()}
+
+
+def assert_bitwise_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(actual) == set(expected), sorted(set(actual) ^ set(expected))
+    for k, v in expected.items():
+        assert actual[k].dtype == v.dtype, k
+        assert torch.equal(actual[k], v), k
+
+
+def float64_model(config: ModelConfig, seed: int = 0) -> HybridLM:
+    """A model with random (not unit) norm weights and a nonzero expert bias, in float64."""
+    model = HybridLM(config, seed=seed).to(torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype))
+    return model
+
+
+ROUND_TRIP_CONFIGS = [
+    tiny_config("M*-EG"),
+    tiny_config(
+        "[M-][*E]G[GE]|M*/[*-]E/[*-]E",
+        mlp_activation="swiglu",
+        qk_norm=True,
+        position_embedding="rope",
+        moe_router_expert_bias=True,
+        moe_shared_expert_ffn_hidden_size=16,
+        gdn_num_value_heads=4,
+        gdn_value_head_dim=6,
+        tie_embeddings=True,
+    ),
+    tiny_config("E-/G", mlp_activation="gelu", moe_shared_expert_ffn_hidden_size=16, num_query_groups=4),
+    *[random_config(random.Random(s), random_pattern(random.Random(100 + s))) for s in range(6)],
+]
+
+
+# -- 1. export -> import is the identity ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ROUND_TRIP_CONFIGS, ids=lambda c: c.pattern)
+def test_round_trip_is_bitwise_identity(config):
+    canonical = random_canonical(config)
+    state = to_megatron(config, canonical)
+    assert list(state) == megatron_keys(config)
+    assert {k: tuple(v.shape) for k, v in state.items()} == megatron_shapes(config)
+    assert_bitwise_equal(from_megatron(config, state), canonical)
+
+
+def test_round_trip_keeps_dtypes_and_model_weights():
+    config = ROUND_TRIP_CONFIGS[1]
+    model = HybridLM(config, seed=5).cast(torch.bfloat16)  # A_log, D, dt_bias and the router stay float32
+    canonical = canonical_state_dict(model)
+    assert_bitwise_equal(from_megatron(config, to_megatron(config, canonical)), canonical)
+
+
+def test_brackets_do_not_change_the_megatron_layout():
+    config = ROUND_TRIP_CONFIGS[1]
+    flat = config.replace(pattern=unfused(config.pattern).replace("|", ""))
+    assert megatron_shapes(config) == megatron_shapes(flat)
+
+
+def test_tied_embeddings_have_no_output_layer():
+    keys = megatron_keys(tiny_config("M-", tie_embeddings=True))
+    assert "output_layer.weight" not in keys and "embedding.word_embeddings.weight" in keys
+
+
+def test_mtp_names_and_shapes():
+    config = tiny_config("M-/*E/*E", moe_router_expert_bias=True)
+    shapes = megatron_shapes(config)
+    H = config.hidden_size
+    for d in (0, 1):
+        p = f"mtp.layers.{d}."
+        assert shapes[p + "eh_proj.weight"] == (H, 2 * H)
+        assert shapes[p + "enorm.weight"] == shapes[p + "hnorm.weight"] == shapes[p + "final_layernorm.weight"] == (H,)
+        assert p + "mtp_model_layer.layers.0.self_attention.linear_qkv.weight" in shapes
+        assert shapes[p + "mtp_model_layer.layers.1.mlp.router.expert_bias"] == (config.moe_num_experts,)
+        assert p + "mtp_model_layer.layers.1.mlp.experts.linear_fc2.weight3" in shapes
+    assert not any(k.startswith("mtp.layers.2.") for k in shapes)
+
+
+# -- 2. Megatron's unit-test model "M*-" ---------------------------------------------------------------
+
+
+def test_megatron_unit_test_model_keys_and_shapes():
+    # tests/unit_tests/models/test_hybrid_model.py: pattern "M*-", h=256, 4 heads, vocab 100; Mamba
+    # defaults d_inner=2h=512 (8 heads x 64), ngroups 8, d_state 128, d_conv 4; ffn 4h.
+    config = ModelConfig(pattern="M*-", vocab_size=100, hidden_size=256, num_attention_heads=4)
+    m, a, f = "decoder.layers.0.mixer.", "decoder.layers.1.self_attention.", "decoder.layers.2.mlp."
+    expected = {
+        "embedding.word_embeddings.weight": (100, 256),
+        m + "in_proj.weight": (3080, 256),  # 2*512 + 2*8*128 + 8
+        m + "in_proj.layer_norm_weight": (256,),
+        m + "conv1d_weight": (2560, 1, 4),  # 512 + 2*8*128 channels
+        m + "conv1d_bias": (2560,),
+        m + "dt_bias": (8,),
+        m + "A_log": (8,),
+        m + "D": (8,),
+        m + "norm.weight": (512,),
+        m + "out_proj.weight": (256, 512),
+        a + "linear_qkv.weight": (768, 256),
+        a + "linear_qkv.layer_norm_weight": (256,),
+        a + "linear_proj.weight": (256, 256),
+        f + "linear_fc1.weight": (1024, 256),
+        f + "linear_fc1.layer_norm_weight": (256,),
+        f + "linear_fc2.weight": (256, 1024),
+        "decoder.final_norm.weight": (256,),
+        "output_layer.weight": (100, 256),
+    }
+    assert megatron_shapes(config) == expected
+    assert set(megatron_keys(config)) == set(expected)
+    # Megatron's 1,774,872 parameters (LayerNorm, biases) less the 3,328 norm and linear biases.
+    assert sum(torch.Size(s).numel() for s in expected.values()) == 1_774_872 - 3_328
+
+
+# -- 3. packings checked on numbers against Megatron's forward math ---------------------------------------
+
+
+def test_linear_qkv_rows_are_grouped_per_query_group():
+    config = tiny_config("*", num_attention_heads=4, num_query_groups=2, head_dim=8)
+    model = float64_model(config)
+    attn = model.blocks["0"].layers[0].mixer
+    qkv = to_megatron(config, canonical_state_dict(model))["decoder.layers.0.self_attention.linear_qkv.weight"]
+    x = torch.randn(3, 5, config.hidden_size, dtype=torch.float64)
+    # Megatron: view the output as (groups, (heads per group + 2) * d), split [q heads of the group, k, v].
+    ng, per, d = 2, 2, 8
+    q, k, v = (x @ qkv.T).view(3, 5, ng, (per + 2) * d).split([per * d, d, d], dim=-1)
+    assert_rel_close(q.reshape(3, 5, -1), attn.q_proj(x), 1e-12, "q")
+    assert_rel_close(k.reshape(3, 5, -1), attn.k_proj(x), 1e-12, "k")
+    assert_rel_close(v.reshape(3, 5, -1), attn.v_proj(x), 1e-12, "v")
+    # And the grouping is not the plain [q; k; v] stacking (which would pass with one group).
+    assert not torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+
+
+def megatron_glu_mlp(fc1: torch.Tensor, fc2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Megatron's gated MLP: ``chunk(fc1(x), 2)`` -> ``silu(first) * second`` -> fc2."""
+    gate, up = (x @ fc1.T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ fc2.T
+
+
+def test_swiglu_fc1_is_gate_then_up():
+    config = tiny_config("-E", mlp_activation="swiglu", moe_shared_expert_ffn_hidden_size=16)
+    model = float64_model(config)
+    state = to_megatron(config, canonical_state_dict(model))
+    x = torch.randn(7, config.hidden_size, dtype=torch.float64)
+    mlp = model.blocks["0"].layers[0].mixer
+    m = "decoder.layers.0.mlp."
+    ours = mlp_reference(mlp, x)
+    assert_rel_close(megatron_glu_mlp(state[m + "linear_fc1.weight"], state[m + "linear_fc2.weight"], x), ours, 1e-12)
+    moe = model.blocks["1"].layers[0].mixer
+    m = "decoder.layers.1.mlp."
+    for e in range(config.moe_num_experts):
+        ex = moe.experts
+        ours = (F.silu(x @ ex.gate_proj[e].T) * (x @ ex.up_proj[e].T)) @ ex.down_proj[e].T
+        theirs = megatron_glu_mlp(
+            state[f"{m}experts.linear_fc1.weight{e}"], state[f"{m}experts.linear_fc2.weight{e}"], x
+        )
+        assert_rel_close(theirs, ours, 1e-12, f"expert {e}")
+    ours = mlp_reference(moe.shared_experts, x)
+    theirs = megatron_glu_mlp(
+        state[m + "shared_experts.linear_fc1.weight"], state[m + "shared_experts.linear_fc2.weight"], x
+    )
+    assert_rel_close(theirs, ours, 1e-12, "shared expert")
+
+
+def megatron_gdn(state: dict[str, torch.Tensor], prefix: str, c: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """Megatron-core 0.19.2's GatedDeltaNet forward (gated_delta_net/gdn.py + common.py), in float64."""
+    nk, nv, dk, dv = c.gdn_num_heads, c.gdn_num_value_heads, c.gdn_head_dim, c.gdn_value_head_dim
+    b, L, _ = x.shape
+    qkvzba = x @ state[prefix + "in_proj.weight"].T
+    qkv, gate, beta, alpha = qkvzba.split([2 * nk * dk + nv * dv, nv * dv, nv, nv], dim=-1)
+    qkv = causal_conv1d_reference(qkv, state[prefix + "conv1d.weight"], None, None, "silu")
+    qk, v = qkv.split([2 * nk * dk, nv * dv], dim=-1)
+    q, k = l2_normalize(qk.reshape(b, L, 2 * nk, dk)).split([nk, nk], dim=2)
+    q, k = q.repeat_interleave(nv // nk, dim=2), k.repeat_interleave(nv // nk, dim=2)
+    g = -state[prefix + "A_log"].exp() * F.softplus(alpha + state[prefix + "dt_bias"])
+    o, _ = gated_delta_rule_reference(q, k, v.reshape(b, L, nv, dv), g, beta.sigmoid())
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + c.norm_eps) * state[prefix + "out_norm.weight"]
+    o = o * F.silu(gate.reshape(b, L, nv, dv))
+    return o.reshape(b, L, nv * dv) @ state[prefix + "out_proj.weight"].T
+
+
+def test_gdn_in_proj_matches_megatron_forward():
+    config = tiny_config("G", gdn_num_heads=2, gdn_num_value_heads=4, gdn_head_dim=8, gdn_value_head_dim=6)
+    model = float64_model(config)
+    state = to_megatron(config, canonical_state_dict(model))
+    x = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
+    ours = gdn_reference(model.blocks["0"].layers[0].mixer, x)
+    assert_rel_close(megatron_gdn(state, "decoder.layers.0.self_attention.", config, x), ours, 1e-10, "GDN")
+
+
+# -- 4. refusals, aliases and files ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_config() -> ModelConfig:
+    return tiny_config("M*E", moe_router_expert_bias=True)
+
+
+@pytest.fixture
+def moe_state(moe_config) -> dict[str, torch.Tensor]:
+    return to_megatron(moe_config, random_canonical(moe_config))
+
+
+def test_missing_key_is_refused_by_name(moe_config, moe_state):
+    del moe_state["decoder.layers.2.mlp.router.expert_bias"]
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): decoder\.layers\.2\.mlp\.router\.expert_bias"):
+        from_megatron(moe_config, moe_state)
+
+
+def test_unexpected_key_is_refused_by_name_with_a_hint(moe_config, moe_state):
+    moe_state["decoder.layers.1.self_attention.linear_qkv.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"(?s)unexpected tensors \(1\): .*linear_qkv\.bias.*disable-bias-linear"):
+        from_megatron(moe_config, moe_state)
+
+
+def test_wrong_shape_is_refused_by_name(moe_config, moe_state):
+    name = "decoder.layers.0.mixer.conv1d_weight"
+    moe_state[name] = moe_state[name][:, :, :3]
+    with pytest.raises(CheckpointError, match=re.escape(name) + r": Megatron state dict has \(\d+, 1, 3\)"):
+        from_megatron(moe_config, moe_state)
+
+
+def test_all_problems_are_listed_together(moe_config, moe_state):
+    del moe_state["output_layer.weight"]
+    moe_state["decoder.final_norm.bias"] = torch.zeros(1)
+    moe_state["embedding.word_embeddings.weight"] = torch.zeros(1, 1)
+    with pytest.raises(CheckpointError) as e:
+        from_megatron(moe_config, moe_state)
+    for name in ("output_layer.weight", "decoder.final_norm.bias", "embedding.word_embeddings.weight", "RMSNorm"):
+        assert name in str(e.value)
+
+
+def test_incomplete_canonical_state_is_refused(moe_config):
+    canonical = random_canonical(moe_config)
+    del canonical["layers.1.mixer.k_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mixer\.k_proj\.weight"):
+        to_megatron(moe_config, canonical)
+
+
+def test_extra_state_and_old_names_are_accepted(moe_config, moe_state):
+    expected = from_megatron(moe_config, moe_state)
+    old = {}
+    for k, v in moe_state.items():
+        k = k.replace("mixer.conv1d_weight", "mixer.conv1d.weight").replace("mixer.conv1d_bias", "mixer.conv1d.bias")
+        k = re.sub(r"experts\.(linear_fc[12])\.weight(\d+)$", r"experts.local_experts.\2.\1.weight", k)
+        old[k] = v
+    assert "decoder.layers.2.mlp.experts.local_experts.3.linear_fc2.weight" in old
+    old["decoder.layers.0.mixer.in_proj._extra_state"] = torch.zeros(0, dtype=torch.uint8)
+    old["decoder.layers.2.mlp.experts.linear_fc1._extra_state0"] = torch.zeros(0, dtype=torch.uint8)
+    assert_bitwise_equal(from_megatron(moe_config, old), expected)
+
+
+def test_old_and_new_name_of_one_tensor_is_refused(moe_config, moe_state):
+    moe_state["decoder.layers.0.mixer.conv1d.bias"] = moe_state["decoder.layers.0.mixer.conv1d_bias"]
+    with pytest.raises(CheckpointError, match=r"both .*conv1d"):
+        from_megatron(moe_config, moe_state)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_round_trip(tmp_path, moe_state, suffix):
+    path = save_megatron(moe_state, tmp_path / f"sub/model{suffix}")
+    assert_bitwise_equal(load_megatron(path), moe_state)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    if suffix == ".pt":
+        assert set(torch.load(path, weights_only=True)) == {"model"}
+
+
+def test_load_accepts_a_bare_or_wrapped_state_dict(tmp_path, moe_state):
+    torch.save(moe_state, tmp_path / "bare.pt")
+    assert_bitwise_equal(load_megatron(tmp_path / "bare.pt"), moe_state)
+    torch.save({"model": moe_state, "iteration": 7, "checkpoint_version": 3.0}, tmp_path / "wrapped.pt")
+    assert_bitwise_equal(load_megatron(tmp_path / "wrapped.pt"), moe_state)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("junk.pt", b"not a pickle at all", "cannot read as a torch.save file"),
+        ("junk.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", "cannot read safetensors file"),
+        ("empty.safetensors", b"", "cannot read safetensors file"),
+    ],
+)
+def test_corrupt_files_are_refused(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_megatron(tmp_path / name)
+
+
+def test_truncated_file_is_refused(tmp_path, moe_state):
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_megatron(path)
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ([torch.zeros(1)], "expected a state dict"),
+        ({"model": {"a": torch.zeros(1), "b": 3}}, "not tensors: 'b' (int)"),
+        ({"model0": {}, "model1": {}}, "virtual pipeline stage"),
+    ],
+)
+def test_pt_files_that_hold_no_state_dict_are_refused(tmp_path, obj, message):
+    torch.save(obj, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_megatron(tmp_path / "x.pt")
+
+
+def test_bad_paths_are_refused(tmp_path, moe_state):
+    with pytest.raises(CheckpointError, match=r"\.pt or \.safetensors"):
+        save_megatron(moe_state, tmp_path / "model.bin")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_megatron(tmp_path / "absent.pt")
+
+
+def test_convert_from_megatron_needs_a_config(tmp_path, moe_state):
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=re.escape(str(config_sidecar(path)))):
+        convert_from_megatron(path, tmp_path / "out")
+
+
+# -- 5. through files, logits unchanged ----------------------------------------------------------------
+
+
+def test_convert_round_trip_reproduces_logits(tmp_path):
+    config = tiny_config(
+        "[M-]*E[G-]/[*E]",
+        mlp_activation="swiglu",
+        qk_norm=True,
+        moe_router_expert_bias=True,
+        moe_shared_expert_ffn_hidden_size=16,
+        gdn_num_value_heads=4,
+    )
+    model = float64_model(config, seed=3).to(torch.float32).eval()
+    save(model, tmp_path / "ours")
+    ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids)
+
+    dst = convert_to_megatron(tmp_path / "ours", tmp_path / "megatron.pt")
+    assert ModelConfig.from_json(config_sidecar(dst)) == config
+    back = convert_from_megatron(dst, tmp_path / "back")  # config from the sidecar
+    loaded = load(back).eval()
+    with torch.no_grad():
+        out = loaded(ids)
+    assert torch.equal(out.logits, expected.logits)
+    assert len(out.mtp_logits) == 1 and torch.equal(out.mtp_logits[0], expected.mtp_logits[0])
+
+    # The safetensors path, with the config passed explicitly and another fusion of the same model.
+    dst = convert_to_megatron(tmp_path / "ours", tmp_path / "megatron.safetensors")
+    flat = config.replace(pattern=unfused(config.pattern))
+    back = convert_from_megatron(dst, tmp_path / "back-flat", config=flat)
+    assert_bitwise_equal(read_tensors(back), read_tensors(tmp_path / "ours"))
