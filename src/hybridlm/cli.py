@@ -124,8 +124,147 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(func=_cmd_convert)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train.config import RunConfig
+    from .train.trainer import CONFIG_FILE, Trainer
+
+    run_dir = args.run_dir
+    if args.resume is not None:
+        run_dir = args.resume
+        base = RunConfig.from_toml(args.config or Path(args.resume) / CONFIG_FILE)
+    else:
+        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    run = base.with_overrides(args.set) if args.set else base
+    trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress)
+    summary = trainer.run_loop()
+    if trainer.is_main:
+        first, last = summary["first_val_loss"], summary["val_loss"]
+        minutes, seconds = divmod(int(summary["seconds"]), 60)
+        unit = "nats/byte" if run.data.tokenizer == "byte" else "nats/token"
+        if first is not None and last is not None:
+            print(f"validation loss {first:.4f} -> {last:.4f} {unit} (start -> end) in {minutes}m{seconds:02d}s")
+        elif last is not None:
+            print(f"validation loss {last:.4f} {unit} after {minutes}m{seconds:02d}s")
+        if "model" in summary:
+            print(
+                f"model saved to {summary['model']}"
+                + (f"; loss curve {summary['loss_curve']}" if summary.get("loss_curve") else "")
+            )
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "train",
+        help="train a model (with no arguments: a small hybrid on an embedded corpus, on this machine)",
+        description="Train a hybrid model. With no arguments it trains the embedded default: the pattern "
+        "'M-[*-]M-M-[*-]' (two fused attention+MLP blocks) on the English text of Python's own help topics as "
+        "bytes, with a held-out validation split; a few minutes on 2 CPU cores. A run file (TOML, tables "
+        "[model] [data] [optim] [train]) and --set overrides change anything; see docs/training.md. "
+        "Under torchrun the same command trains data-parallel with FSDP2.",
+    )
+    ap.add_argument("--config", default=None, metavar="RUN.toml", help="run file (default: the embedded default run)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field, e.g. --set train.steps=100 --set model.pattern='M-[*E]'",
+    )
+    ap.add_argument("--run-dir", default=None, help="run directory (default: train.run_dir, runs/<start time>)")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, plus --set)",
+    )
+    bar = ap.add_mutually_exclusive_group()
+    bar.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="always show a progress bar"
+    )
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
+    ap.set_defaults(func=_cmd_train)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint.weights import load
+    from .infer.generate import generate
+    from .train.tokenizer import build_tokenizer, load_tokenizer
+    from .train.trainer import MODEL_DIR
+
+    path = Path(args.checkpoint)
+    if (path / MODEL_DIR).is_dir() and not (path / "config.json").exists():
+        path = path / MODEL_DIR  # a run directory: use its exported model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(path, device=args.device)
+    tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(path)
+    new = generate(
+        model,
+        tokenizer.encode(args.prompt),
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        eos_id=tokenizer.eos_id,
+        seed=args.seed,
+    )
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "generate",
+        help="sample text from a trained checkpoint",
+        description="Continue a prompt with a trained model (greedy with --temperature 0, else sampling). "
+        "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training run directory.",
+    )
+    ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
+    ap.add_argument("--prompt", required=True, help="text to continue")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
+    ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    ap.set_defaults(func=_cmd_generate)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .train.data import load_corpus, write_prepared
+    from .train.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(args.tokenizer)
+    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True)
+    out = write_prepared(stream, args.out, tokenizer, args.source)
+    print(f"wrote {stream.num_tokens:,} tokens of {stream.num_docs:,} documents to {out}")
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "prepare",
+        help="tokenize text or JSONL into a token file for training",
+        description="Tokenize a corpus once (a .txt file or folder: one document per file; a .jsonl file: one "
+        "document per record; or builtin:pydoc) into OUT/tokens.bin (numpy memmap), OUT/docs.npy (document "
+        "offsets) and OUT/meta.json. Train on it with --set data.source=OUT.",
+    )
+    ap.add_argument("source", help=".txt/.jsonl file or folder, or builtin:pydoc")
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
+    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records")
+    ap.set_defaults(func=_cmd_prepare)
+
+
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return [_add_pattern, _add_inspect, _add_convert]
+    return [_add_train, _add_generate, _add_prepare, _add_pattern, _add_inspect, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

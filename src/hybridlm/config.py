@@ -150,7 +150,7 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
-        _check_names(changes, "ModelConfig")
+        check_field_names(changes, "ModelConfig")
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -165,7 +165,7 @@ class ModelConfig:
                 + f"; known presets: {', '.join(PRESETS)}",
             )
         values = {**PRESETS[name], **overrides}
-        _check_names(values, "ModelConfig")
+        check_field_names(values, "ModelConfig")
         return cls(**values)
 
     # -- JSON ---------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class ModelConfig:
             raise ConfigError(
                 "schema_version", f"this hybridlm reads config schema versions 1..{SCHEMA_VERSION}, got {version!r}"
             )
-        _check_names(d, "ModelConfig")
+        check_field_names(d, "ModelConfig")
         missing = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
         if missing:
             raise ConfigError(missing[0], "required field is missing")
@@ -219,7 +219,8 @@ class ModelConfig:
 # -- validation ------------------------------------------------------------------------------------
 
 
-def _check_names(values: dict[str, Any], what: str) -> None:
+def check_field_names(values: dict[str, Any], what: str = "ModelConfig") -> None:
+    """Refuse keys of ``values`` that are not ModelConfig fields (suggesting the closest one)."""
     names = [f.name for f in fields(ModelConfig)]
     for key in values:
         if key not in names:

@@ -354,12 +354,13 @@ def parse(text: str | None) -> HybridPattern:
     for k, p in enumerate(mtp_parts[1:], start=1):
         if p != first:
             # Point at the first character where this depth departs from depth 1.
-            # (An empty depth is pointed at by the '/' that opens it.)
+            # Point at the first differing character; where this depth is a prefix of depth 1, at
+            # its last character (an empty depth: at the '/' that opens it).
             diff = next((j for j, (a, b) in enumerate(zip(p, first)) if a != b), min(len(p), len(first)))
             raise PatternError(
                 f"All MTP patterns must be identical. Pattern 1 is '{first}', but pattern {k + 1} is '{p}'",
                 text,
-                starts[k] + diff if p else starts[k] - 1,
+                starts[k] + min(diff, len(p) - 1),
             )
     _check_symbols(text, starts[0], first, "MTP", allow_pipe=False)
     _check_groups(text, starts[0], first)

@@ -1,0 +1,1 @@
+"""Inference: sampling text from a trained model."""

@@ -1,0 +1,1 @@
+"""Training: run configuration, tokenizers, packed data, optimizer and schedule, metrics, the trainer."""

@@ -1,0 +1,274 @@
+"""The run configuration of ``hybridlm train``: dataclasses, TOML files and ``--set a.b=c`` overrides.
+
+A run file has four tables::
+
+    [model]   # a preset name and/or ModelConfig fields; vocab_size defaults to the tokenizer's
+    preset = "tiny"
+    hidden_size = 128
+    [data]    # corpus, tokenizer, sequence length, validation split
+    [optim]   # AdamW, schedule, clipping
+    [train]   # steps, batch, devices, logging, checkpoints
+
+Every error names the dotted field (``optim.lr: must be positive``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from ..config import ModelConfig, check_field_names
+from ..errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: The embedded default model: a small hybrid with two fused attention+MLP blocks that learns
+#: English bytes on a laptop CPU in a few minutes.
+DEFAULT_MODEL: dict[str, Any] = {
+    "pattern": "M-[*-]M-M-[*-]",
+    "hidden_size": 192,
+    "num_attention_heads": 6,
+    "ffn_hidden_size": 512,
+    "position_embedding": "rope",
+    "mamba_head_dim": 32,
+    "mamba_state_dim": 32,
+    "mamba_num_groups": 2,
+    "mamba_chunk_size": 64,
+}
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:pydoc"  #: builtin:pydoc, a .txt/.jsonl file or folder, or a `hybridlm prepare` folder
+    tokenizer: str = "byte"  #: "byte" or a Hugging Face tokenizer.json
+    seq_len: int = 256  #: tokens per packed row
+    val_fraction: float = 0.05  #: share of documents held out for validation
+    jsonl_field: str = "text"  #: the text field of .jsonl records
+    seed: int = 0  #: data order and validation split
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  #: final learning rate / lr
+    schedule: str = "cosine"  #: "cosine", "wsd" (warmup-stable-decay) or "constant" (after warmup)
+    warmup_steps: int = 30
+    decay_fraction: float = 0.2  #: WSD: share of the steps spent decaying
+    weight_decay: float = 0.1  #: not applied to norms, biases, A_log, D and dt_bias
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  #: max global gradient norm (0 = no clipping)
+    moe_expert_bias_rate: float = 1e-3  #: step of the aux-loss-free expert-bias update
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  #: sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  #: sequences per forward; batch_size / this = accumulation steps
+    seed: int = 0
+    device: str = "auto"  #: "auto" (CUDA when available), "cpu" or "cuda"
+    precision: str = "auto"  #: "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
+    activation_checkpointing: bool = False  #: recompute each block (a fused block is one unit)
+    compile: bool = False  #: torch.compile each block
+    threads: int | None = None  #: CPU threads for torch (None = torch's default)
+    log_every: int = 20
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/{time}"  #: {time} becomes the start time
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        unknown = set(d) - {"model", "data", "optim", "train"}
+        for key in unknown:
+            _unknown(key, ["model", "data", "optim", "train"])
+        run = cls()
+        if "model" in d:
+            if not isinstance(d["model"], dict):
+                raise ConfigError("model", "must be a table")
+            run.model = dict(d["model"])
+        for section in ("data", "optim", "train"):
+            if section in d:
+                if not isinstance(d[section], dict):
+                    raise ConfigError(section, "must be a table")
+                setattr(run, section, _build(type(getattr(run, section)), d[section], section))
+        run.validate()
+        return run
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        try:
+            d = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path}: invalid TOML: {e}") from None
+        return cls.from_dict(d)
+
+    def with_overrides(self, assignments: list[str]) -> RunConfig:
+        """Apply ``a.b=c`` assignments (values parsed as TOML, else taken as strings)."""
+        d = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(item, "an override must look like section.field=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError(key, "an override names a section and a field, e.g. train.steps=100")
+            section, name = parts
+            if section not in d:
+                _unknown(section, list(d))
+            d[section][name] = _parse_value(raw.strip())
+        return RunConfig.from_dict(d)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "optim": dataclasses.asdict(self.optim),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+            lines.append("")
+        return "\n".join(lines)
+
+    # -- checking -----------------------------------------------------------------------------
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The ModelConfig of this run (``vocab_size`` fills the field when the run leaves it out)."""
+        values = dict(self.model)
+        preset = values.pop("preset", None)
+        if vocab_size is not None:
+            values.setdefault("vocab_size", vocab_size)
+        else:
+            values.setdefault("vocab_size", 257)  # the byte tokenizer's, for validation only
+        try:
+            check_field_names(values)
+            if preset is not None:
+                return ModelConfig.preset(preset, **values)
+            for name in ("pattern", "hidden_size"):
+                if name not in values:
+                    raise ConfigError(name, "required (or give a preset)")
+            return ModelConfig(**values)
+        except ConfigError as e:
+            raise ConfigError(f"model.{e.field}", str(e)[len(e.field) + 2 :]) from None
+
+    def validate(self) -> None:
+        self.model_config()
+        d, o, t = self.data, self.optim, self.train
+        _positive("data.seq_len", d.seq_len)
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+        _positive("optim.lr", o.lr)
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+        if o.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError("optim.schedule", f"must be 'cosine', 'wsd' or 'constant', got {o.schedule!r}")
+        for name in ("warmup_steps",):
+            if getattr(o, name) < 0:
+                raise ConfigError(f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
+        if not 0.0 < o.decay_fraction <= 1.0:
+            raise ConfigError("optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
+        for name in ("weight_decay", "grad_clip", "eps", "moe_expert_bias_rate"):
+            if getattr(o, name) < 0:
+                raise ConfigError(f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(o, name) < 1.0:
+                raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(o, name)}")
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every"):
+            _positive(f"train.{name}", getattr(t, name))
+        if t.micro_batch_size is not None:
+            _positive("train.micro_batch_size", t.micro_batch_size)
+            if t.batch_size % t.micro_batch_size:
+                raise ConfigError(
+                    "train.micro_batch_size", f"{t.micro_batch_size} must divide train.batch_size ({t.batch_size})"
+                )
+        if t.keep_checkpoints < 1:
+            raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+        if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+            raise ConfigError("train.device", f"must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError("train.precision", f"must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
+        if t.threads is not None:
+            _positive("train.threads", t.threads)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(name, f"must be positive, got {value}")
+
+
+def _unknown(key: str, known: list[str]) -> None:
+    hint = difflib.get_close_matches(key, known, n=1)
+    raise ConfigError(key, "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _build(cls: type, values: dict[str, Any], section: str):
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in names:
+            _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
+    for key, value in values.items():
+        _check_type(f"{section}.{key}", hints[key], value)
+    return cls(**values)
+
+
+def _check_type(name: str, hint: Any, value: Any) -> None:
+    allowed = get_args(hint) if get_origin(hint) is not None else (hint,)
+    if value is None and type(None) in allowed:
+        return
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if t is str and isinstance(value, str):
+            return
+    names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(name, f"expected {names}, got {value!r}")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string such as a pattern or a path
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'

@@ -1,0 +1,255 @@
+"""Corpora as token streams, packed into fixed-length rows that keep their document boundaries.
+
+Documents are tokenized, each followed by the end-of-document token, and concatenated. Row ``r``
+is the slice ``[r*L, r*L + L + 1)`` of that stream: inputs are its first L tokens, labels its last
+L. Every position carries the index of its document; a label whose token belongs to another
+document than its input is ignored (-100), and the model is given the document ids so that no
+mixer carries information across a boundary.
+
+Sources: ``builtin:pydoc`` (the English text of Python's own help topics, in every CPython, no
+download), a ``.txt`` file or folder of them (one document per file), a ``.jsonl`` file (one per
+record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+PREPARED_META = "meta.json"
+PREPARED_TOKENS = "tokens.bin"
+PREPARED_DOCS = "docs.npy"
+
+
+@dataclass
+class TokenStream:
+    """Documents as one token array plus offsets.
+
+    Attributes:
+        tokens: (N,) token ids, every document ending with the end-of-document token.
+        doc_starts: (D + 1,) offset of each document in ``tokens``, then N.
+    """
+
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_starts) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_starts[-1])
+
+    def select(self, docs: np.ndarray) -> TokenStream:
+        """A new stream of the given documents, in the given order."""
+        parts = [self.tokens[self.doc_starts[d] : self.doc_starts[d + 1]] for d in docs]
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return TokenStream(np.concatenate(parts) if parts else self.tokens[:0], starts)
+
+
+# -- reading documents ---------------------------------------------------------------------------
+
+
+def builtin_documents(name: str) -> list[str]:
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        return [topics[k] for k in sorted(topics)]
+    raise DataError(f"data.source: unknown built-in corpus 'builtin:{name}' (known: builtin:pydoc)")
+
+
+def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
+    """Documents of a .txt file, a folder of .txt files, or a .jsonl file."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data.source: {source} does not exist")
+    files = sorted(path.rglob("*.txt")) + sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"data.source: no .txt or .jsonl files under {source}")
+    for file in files:
+        if file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        text = record[jsonl_field]
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise DataError(
+                            f"{file}:{line_no}: not a JSON object with a {jsonl_field!r} field ({e})"
+                        ) from None
+                    if not isinstance(text, str):
+                        raise DataError(f"{file}:{line_no}: field {jsonl_field!r} is not a string")
+                    yield text
+        else:
+            try:
+                yield file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}: not UTF-8 text ({e})") from None
+
+
+def tokenize_documents(docs: Iterable[str], tokenizer, progress: bool = False) -> TokenStream:
+    """Tokenize ``docs``, appending the end-of-document token to each."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    chunks, lengths = [], []
+    if progress:
+        from tqdm import tqdm
+
+        docs = tqdm(docs, desc="tokenizing", unit="doc")
+    for text in docs:
+        ids = tokenizer.encode(text)
+        ids.append(tokenizer.eos_id)
+        chunks.append(np.asarray(ids, dtype=dtype))
+        lengths.append(len(ids))
+    if not chunks:
+        raise DataError("the corpus has no documents")
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return TokenStream(np.concatenate(chunks), starts)
+
+
+# -- prepared corpora (hybridlm prepare) ------------------------------------------------------------
+
+
+def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str) -> Path:
+    """Write ``stream`` as ``tokens.bin`` (raw little-endian array), ``docs.npy`` and ``meta.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stream.tokens.astype(stream.tokens.dtype.newbyteorder("<")).tofile(out / PREPARED_TOKENS)
+    np.save(out / PREPARED_DOCS, stream.doc_starts)
+    for name, content in tokenizer.files().items():
+        (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    meta = {
+        "format": "hybridlm-tokens",
+        "version": 1,
+        "dtype": str(stream.tokens.dtype),
+        "num_tokens": stream.num_tokens,
+        "num_docs": stream.num_docs,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "source": source,
+    }
+    (out / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
+    path = Path(path)
+    try:
+        meta = json.loads((path / PREPARED_META).read_text())
+        tokens = np.memmap(path / PREPARED_TOKENS, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+        starts = np.load(path / PREPARED_DOCS)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a prepared corpus ({e})") from None
+    if len(tokens) != starts[-1] or len(tokens) != meta["num_tokens"]:
+        raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {PREPARED_DOCS} says {starts[-1]}")
+    return TokenStream(tokens, starts), meta
+
+
+def load_corpus(source: str, tokenizer, jsonl_field: str = "text", progress: bool = False) -> TokenStream:
+    if source.startswith("builtin:"):
+        return tokenize_documents(builtin_documents(source.split(":", 1)[1]), tokenizer, progress)
+    path = Path(source)
+    if path.is_dir() and (path / PREPARED_META).exists():
+        stream, meta = read_prepared(path)
+        if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
+            raise DataError(
+                f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
+                f"data.tokenizer has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id})"
+            )
+        return stream
+    return tokenize_documents(text_documents(source, jsonl_field), tokenizer, progress)
+
+
+def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStream, TokenStream | None]:
+    """Hold out whole documents (a seeded choice) for validation."""
+    if val_fraction <= 0:
+        return stream, None
+    n = stream.num_docs
+    if n < 2:
+        raise DataError("data.val_fraction: the corpus has a single document; nothing to hold out (set it to 0)")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    return stream.select(np.sort(order[n_val:])), stream.select(np.sort(order[:n_val]))
+
+
+# -- packed rows -------------------------------------------------------------------------------------
+
+
+class PackedRows:
+    """Fixed-length rows cut from a stream, with labels and document ids."""
+
+    def __init__(self, stream: TokenStream, seq_len: int) -> None:
+        self.stream = stream
+        self.seq_len = seq_len
+        self.num_rows = (stream.num_tokens - 1) // seq_len
+        if self.num_rows < 1:
+            raise DataError(
+                f"data.seq_len: the corpus ({stream.num_tokens} tokens) is shorter than one row of {seq_len + 1} tokens"
+            )
+
+    def rows(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``index`` as input_ids, labels and doc_ids, each (len(index), seq_len) int64."""
+        L = self.seq_len
+        pos = (np.asarray(index, dtype=np.int64)[:, None] * L) + np.arange(L + 1)[None, :]
+        tokens = np.asarray(self.stream.tokens[pos], dtype=np.int64)
+        docs = np.searchsorted(self.stream.doc_starts, pos, side="right") - 1
+        labels = tokens[:, 1:].copy()
+        labels[docs[:, 1:] != docs[:, :-1]] = -100  # the next token starts another document
+        return {
+            "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
+            "labels": torch.from_numpy(labels),
+            "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
+        }
+
+
+class Sampler:
+    """Which rows each step uses: epochs of seeded permutations, sliced per step, process and micro-batch.
+
+    Stateless: the rows of step ``s`` depend only on ``s`` and the seed, so resuming at a step
+    replays exactly the data order of an uninterrupted run.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise DataError(f"train.batch_size {batch_size} is not divisible by the {world_size} processes")
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """The ``batch_size`` rows of optimizer step ``step`` (0-based), over all processes."""
+        start = step * self.batch_size
+        out = []
+        for i in range(start, start + self.batch_size):
+            epoch, j = divmod(i, self.num_rows)
+            out.append(self._permutation(epoch)[j])
+        return np.asarray(out, dtype=np.int64)
+
+    def local_rows(self, step: int) -> np.ndarray:
+        per = self.batch_size // self.world_size
+        return self.global_rows(step)[self.rank * per : (self.rank + 1) * per]
+
+    def epoch(self, step: int) -> float:
+        return step * self.batch_size / self.num_rows
+
+
+def eval_rows(num_rows: int, count: int) -> np.ndarray:
+    """Evenly spaced validation rows (the same every evaluation)."""
+    count = min(count, num_rows)
+    return np.unique(np.linspace(0, num_rows - 1, count).round().astype(np.int64))

@@ -1,0 +1,155 @@
+"""Metric sinks: a console line every N steps, JSONL always, TensorBoard when installed, a progress
+bar when attached to a terminal, and a loss-curve PNG at the end (when matplotlib is installed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("hybridlm.train")
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+class Metrics:
+    """Where training metrics go. Only the process of rank 0 writes."""
+
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True, progress: bool | None = None
+    ):
+        self.run_dir, self.total, self.enabled = run_dir, total_steps, enabled
+        self.history: list[dict[str, Any]] = []
+        self._jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+        show_bar = sys.stdout.isatty() if progress is None else progress
+        self._bar = None
+        if enabled and show_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+        self._t0 = time.time()
+        self._start_step = start_step
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def record(self, step: int, values: dict[str, Any], console: bool) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time() - self._t0, 3), **values}
+        self.history.append(row)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None and "loss" in values:
+            self._bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        if console:
+            self.print(self.line(step, values))
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def eta(self, step: int) -> float:
+        done = step - self._start_step
+        return (time.time() - self._t0) / done * (self.total - step) if done > 0 else float("nan")
+
+    def line(self, step: int, v: dict[str, Any]) -> str:
+        parts = [f"step {step:>{len(str(self.total))}}/{self.total}"]
+        if "loss" in v:
+            # The console shows the mean over the steps since the last line; the JSONL keeps each step's.
+            parts.append(f"loss {v.get('loss_avg', v['loss']):.4f}")
+        if "val_loss" in v:
+            parts.append(f"val {v['val_loss']:.4f}")
+        if "lr" in v:
+            parts.append(f"lr {v['lr']:.2e}")
+        if "grad_norm" in v:
+            parts.append(f"gnorm {v['grad_norm']:.3f}")
+        if "tokens_per_s" in v:
+            parts.append(f"{_fmt_rate(v['tokens_per_s'])} tok/s")
+        if "mfu" in v:
+            parts.append(f"MFU {100 * v['mfu']:.1f}%")
+        if "peak_mem_gb" in v:
+            parts.append(f"mem {v['peak_mem_gb']:.2f}GB")
+        if step < self.total:
+            parts.append(f"eta {_fmt_time(self.eta(step))}")
+        return " | ".join(parts)
+
+    def history_all(self) -> list[dict[str, Any]]:
+        """Every row of metrics.jsonl (earlier, resumed parts of the run included), last write per step kept."""
+        rows: dict[tuple[int, bool], dict[str, Any]] = {}
+        for row in read_history(self.run_dir / "metrics.jsonl"):
+            rows[(row["step"], "loss" in row)] = row
+        return sorted(rows.values(), key=lambda r: r["step"])
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def plot_losses(history: list[dict[str, Any]], out: Path) -> Path | None:
+    """Training and validation loss against step, as a PNG. None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss-curve PNG (pip install 'hybridlm[logging]')")
+        return None
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.2, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

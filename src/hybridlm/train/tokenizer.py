@@ -1,0 +1,104 @@
+"""Tokenizers: built-in bytes, or a Hugging Face ``tokenizer.json`` through the tokenizers package.
+
+A tokenizer is saved beside a model as ``tokenizer.hybridlm.json`` (its kind and end-of-document
+id) plus, for Hugging Face tokenizers, the ``tokenizer.json`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import DataError
+
+SPEC_NAME = "tokenizer.hybridlm.json"
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]", "<|im_end|>")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def files(self) -> dict[str, str | bytes]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, and 256 as end of document."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def files(self) -> dict[str, str | bytes]:
+        """Files that describe this tokenizer (name -> content), to store beside a model."""
+        return {SPEC_NAME: json.dumps({"type": "byte", "vocab_size": 257, "eos_id": 256}) + "\n"}
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (any model family), loaded with the ``tokenizers`` package."""
+
+    def __init__(self, path: str | Path, eos_token: str | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise DataError(
+                "tokenizer.json files need the tokenizers package: pip install 'hybridlm[tokenizers]'"
+            ) from None
+        self.path = Path(path)
+        try:
+            self._tok = _Tokenizer.from_file(str(self.path))
+        except Exception as e:
+            raise DataError(f"{self.path}: cannot load tokenizer ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        candidates = (eos_token,) if eos_token else _EOS_CANDIDATES
+        ids = [self._tok.token_to_id(t) for t in candidates]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise DataError(f"{self.path}: no end-of-document token found among {', '.join(candidates)}")
+        self.eos_id = found[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def files(self) -> dict[str, str | bytes]:
+        spec = {"type": "hf", "file": "tokenizer.json", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self.path.read_bytes()}
+
+
+def build_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` or the path of a ``tokenizer.json``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"data.tokenizer: {spec!r} is neither 'byte' nor an existing tokenizer.json")
+    return HFTokenizer(path)
+
+
+def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer saved beside a model in ``directory`` (see :meth:`ByteTokenizer.files`)."""
+    directory = Path(directory)
+    spec_file = directory / SPEC_NAME
+    if not spec_file.exists():
+        if (directory / "tokenizer.json").exists():
+            return HFTokenizer(directory / "tokenizer.json")
+        raise DataError(f"{directory}: no {SPEC_NAME} or tokenizer.json; pass a tokenizer explicitly")
+    spec = json.loads(spec_file.read_text())
+    if spec.get("type") == "byte":
+        return ByteTokenizer()
+    tok = HFTokenizer(directory / spec.get("file", "tokenizer.json"))
+    tok.eos_id = spec.get("eos_id", tok.eos_id)
+    return tok

@@ -1,0 +1,341 @@
+"""The training loop behind ``hybridlm train``.
+
+One process or many (``torchrun``: data parallel with FSDP2). Each optimizer step takes
+``train.batch_size`` packed rows (split over processes and micro-batches), clips the gradient,
+steps AdamW and the schedule. Every ``checkpoint_every`` steps the DCP training state is written
+to ``<run_dir>/checkpoints/step-NNNNNN`` (the last ``keep_checkpoints`` are kept); at the end the
+weights are exported as a hybridlm checkpoint in ``<run_dir>/model`` with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.training_state import load_training_state, save_training_state
+from ..checkpoint.weights import canonical_state_dict, full_cpu, save_state_dict
+from ..errors import DataError
+from ..model import HybridLM
+from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
+from .config import RunConfig
+from .data import PackedRows, Sampler, eval_rows, load_corpus, split
+from .metrics import Metrics, plot_losses
+from .optim import build_optimizer, build_scheduler
+from .tokenizer import build_tokenizer
+
+logger = logging.getLogger("hybridlm.train")
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+CONFIG_FILE = "config.toml"
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, local rank, world size), initializing torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
+    return 0, 0, 1
+
+
+def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -> float:
+    """bf16 matmul FLOP/s of this GPU, measured now (the MFU denominator)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1000)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = sorted((run_dir / CHECKPOINTS).glob("step-*")) if (run_dir / CHECKPOINTS).exists() else []
+    return steps[-1] if steps else None
+
+
+class Trainer:
+    """Builds everything a run needs and runs it.
+
+    Args:
+        run: the run configuration.
+        run_dir: where the run lives (default: ``run.train.run_dir`` with ``{time}`` filled in).
+        resume: continue the run in ``run_dir`` from its latest checkpoint.
+        progress: show a progress bar (default: when stdout is a terminal).
+    """
+
+    def __init__(
+        self, run: RunConfig, run_dir: str | Path | None = None, resume: bool = False, progress: bool | None = None
+    ):
+        self.run = run
+        t = run.train
+        self.rank, local_rank, self.world = _dist()
+        self.is_main = self.rank == 0
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.device == "auto":
+            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(t.device)
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise DataError("train.device: 'cuda' was asked for but no CUDA device is available")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+        self.run_dir = self._run_dir(run_dir, resume)
+        torch.manual_seed(t.seed)
+
+        # Data.
+        self.tokenizer = build_tokenizer(run.data.tokenizer)
+        stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
+        train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
+        self.train_rows = PackedRows(train_stream, run.data.seq_len)
+        self.val_rows = PackedRows(val_stream, run.data.seq_len) if val_stream is not None else None
+        self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.rank, self.world)
+        self.local_batch = t.batch_size // self.world
+        self.micro = min(t.micro_batch_size or self.local_batch, self.local_batch)
+        if self.local_batch % self.micro:
+            raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
+
+        # Model.
+        self.config = run.model_config(self.tokenizer.vocab_size)
+        if self.config.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(
+                f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}"
+            )
+        self.model = HybridLM(self.config, seed=t.seed, device=self.device)
+        self.num_params = int(self.model.num_params())
+        self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if t.compile:
+            compile_blocks(self.model)
+        if self.world > 1:
+            apply_fsdp(self.model, param_dtype=self.autocast_dtype)
+        self.has_expert_bias = self.config.moe_router_expert_bias and "E" in self.config.symbols
+
+        self.optimizer = build_optimizer(self.model, run.optim)
+        self.scheduler = build_scheduler(self.optimizer, t.steps, run.optim)
+        self.step = 0
+        if resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise DataError(
+                    f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
+                )
+            state = load_training_state(ckpt, self.model, self.optimizer, self.scheduler)
+            self.step = int(state["step"])
+        self.peak_flops = measure_matmul_flops(self.device) if self.device.type == "cuda" else None
+        self.metrics = Metrics(self.run_dir, t.steps, self.step, enabled=self.is_main, progress=progress)
+
+    # -- set-up helpers -------------------------------------------------------------------------
+
+    def _run_dir(self, run_dir: str | Path | None, resume: bool) -> Path:
+        if run_dir is None:
+            run_dir = self.run.train.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+        if self.world > 1:  # every process must agree on the directory rank 0 chose
+            box = [str(run_dir)]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = box[0]
+        path = Path(run_dir)
+        if self.is_main:
+            if not resume and latest_checkpoint(path) is not None:
+                raise DataError(
+                    f"{path} already holds a run; continue it with --resume {path}, or choose another --run-dir"
+                )
+            path.mkdir(parents=True, exist_ok=True)
+            (path / CONFIG_FILE).write_text(self.run.to_toml())
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the rows of ``self.step``; returns its metrics."""
+        batch = self._to_device(self.train_rows.rows(self.sampler.local_rows(self.step)))
+        valid = (batch["labels"] != -100).sum().clamp(min=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        total = torch.zeros((), device=self.device)
+        lm_total = torch.zeros((), device=self.device)
+        for start in range(0, self.local_batch, self.micro):
+            part = {k: v[start : start + self.micro] for k, v in batch.items()}
+            with self._autocast():
+                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"])
+            # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
+            # is then the gradient of the whole batch's mean loss.
+            share = (part["labels"] != -100).sum() / valid
+            (out.loss * share).backward()
+            total += out.loss.detach() * share
+            lm_total += out.lm_loss.detach() * share
+        clip = self.run.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.has_expert_bias:
+            self.model.update_expert_bias(self.run.optim.moe_expert_bias_rate)
+        self.step += 1
+        loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        return {"loss": loss / self.world, "lm_loss": lm_loss / self.world, "grad_norm": float(grad_norm), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token loss (nats per token) over a fixed set of validation rows."""
+        if self.val_rows is None:
+            return None
+        self.model.eval()
+        rows = eval_rows(self.val_rows.num_rows, self.run.train.eval_batches * self.local_batch * self.world)
+        mine = rows[self.rank :: self.world]
+        loss_sum, count = 0.0, 0.0
+        for start in range(0, len(mine), self.micro):
+            part = self._to_device(self.val_rows.rows(mine[start : start + self.micro]))
+            with self._autocast():
+                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"])
+            n = (part["labels"] != -100).sum().item()
+            loss_sum += out.lm_loss.item() * n
+            count += n
+        self.model.train()
+        loss_sum, count = self._all_reduce([loss_sum, count])
+        return loss_sum / max(count, 1.0)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / CHECKPOINTS / f"step-{self.step:06d}"
+        save_training_state(path, self.model, self.optimizer, self.scheduler, step=self.step)
+        if self.is_main:
+            old = sorted((self.run_dir / CHECKPOINTS).glob("step-*"))[: -self.run.train.keep_checkpoints]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+        return path
+
+    def export(self, path: Path | None = None) -> Path:
+        """Write the weights (canonical safetensors) and the tokenizer to ``<run_dir>/model``."""
+        path = path or self.run_dir / MODEL_DIR
+        tensors = {k: full_cpu(v) for k, v in canonical_state_dict(self.model).items()}  # a collective under FSDP
+        if self.is_main:
+            save_state_dict(tensors, self.config, path, extra_files=self.tokenizer.files())
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def describe(self) -> list[str]:
+        r, t = self.run, self.run.train
+        tokens_per_step = t.batch_size * r.data.seq_len
+        dev = f"{self.device}" + (f" × {self.world} processes" if self.world > 1 else "")
+        if self.device.type == "cpu":
+            dev += f" ({torch.get_num_threads()} threads)"
+        val = f"{self.val_rows.stream.num_tokens:,}" if self.val_rows is not None else "no"
+        return [
+            f"run     {self.run_dir}",
+            f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters · hidden {self.config.hidden_size} "
+            f"· vocab {self.config.vocab_size}",
+            f"data    {r.data.source} · {r.data.tokenizer} tokenizer · {self.train_rows.stream.num_tokens:,} train / "
+            f"{val} validation tokens · rows of {r.data.seq_len}",
+            f"optim   AdamW lr {r.optim.lr:g} ({r.optim.schedule}, warmup {r.optim.warmup_steps}) · batch {t.batch_size} "
+            f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} steps",
+            f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
+            + (" · activation checkpointing" if t.activation_checkpointing else "")
+            + (" · compiled blocks" if t.compile else ""),
+        ]
+
+    def _peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+    def run_loop(self, until: int | None = None) -> dict[str, Any]:
+        """Train to ``train.steps`` (or stop after step ``until``, saving a checkpoint). Returns a summary."""
+        t = self.run.train
+        stop = min(until, t.steps) if until is not None else t.steps
+        for line in self.describe():
+            self.metrics.print(line)
+        start_time = time.time()
+        first_val = self.evaluate() if self.step == 0 else None
+        if first_val is not None:
+            self.metrics.record(self.step, {"val_loss": first_val}, console=False)
+            self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
+        last_val = first_val
+        window_tokens, window_t0, window_losses = 0, time.time(), []
+        try:
+            while self.step < stop:
+                values = self.train_step()
+                self.metrics.advance()
+                window_tokens += t.batch_size * self.run.data.seq_len
+                window_losses.append(values["loss"])
+                record = {**values}
+                console = self.step % t.log_every == 0 or self.step == stop
+                if console:
+                    elapsed = time.time() - window_t0
+                    record["loss_avg"] = sum(window_losses) / len(window_losses)
+                    record["tokens_per_s"] = window_tokens / elapsed
+                    record["peak_mem_gb"] = self._peak_memory_gb()
+                    if self.peak_flops:
+                        per_device = record["tokens_per_s"] / self.world * self.flops_per_token
+                        record["mfu"] = per_device / self.peak_flops
+                    window_tokens, window_t0, window_losses = 0, time.time(), []
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    last_val = self.evaluate()
+                    if last_val is not None:
+                        record["val_loss"] = last_val
+                self.metrics.record(self.step, record, console=console)
+                if self.step % t.checkpoint_every == 0 or self.step == stop:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.metrics.print(f"interrupted at step {self.step}: saving a checkpoint to resume from")
+            self.save_checkpoint()
+            self.metrics.close()
+            raise
+        summary: dict[str, Any] = {
+            "step": self.step,
+            "seconds": time.time() - start_time,
+            "run_dir": str(self.run_dir),
+            "first_val_loss": first_val,
+            "val_loss": last_val,
+        }
+        if self.step >= t.steps:
+            summary["model"] = str(self.export())
+            if self.is_main:
+                png = plot_losses(self.metrics.history_all(), self.run_dir / "loss.png")
+                summary["loss_curve"] = str(png) if png else None
+        self.metrics.close()
+        return summary

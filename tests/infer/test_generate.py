@@ -1,0 +1,26 @@
+"""Sampling without a cache."""
+
+import torch
+
+from hybridlm import HybridLM
+from hybridlm.infer.generate import generate
+from tests.helpers import tiny_config
+
+
+def test_greedy_is_the_argmax_of_the_full_forward():
+    model = HybridLM(tiny_config("M-[*-]"), seed=0)
+    prompt = [5, 17, 3]
+    new = generate(model, prompt, max_new_tokens=6, temperature=0)
+    ids = list(prompt)
+    for token in new:
+        assert token == int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+
+
+def test_sampling_is_seeded_and_stops_at_eos():
+    model = HybridLM(tiny_config("M-[*-]"), seed=0)
+    a = generate(model, [1, 2], 10, temperature=1.0, top_k=5, seed=3)
+    b = generate(model, [1, 2], 10, temperature=1.0, top_k=5, seed=3)
+    assert a == b and len(a) == 10
+    stopped = generate(model, [1, 2], 50, temperature=1.0, top_k=5, eos_id=a[0], seed=3)
+    assert stopped == [a[0]]

@@ -1,0 +1,84 @@
+"""The README's main command, shortened (the CI smoke test), and `hybridlm generate` / `prepare` on its output."""
+
+import subprocess
+import sys
+
+from hybridlm.cli import main
+
+
+def test_default_run_shortened_learns(tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--set",
+            "train.steps=30",
+            "--set",
+            "train.eval_every=30",
+            "--set",
+            "train.log_every=10",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "M-[*-]M-M-[*-]" in out and "step 30/30" in out
+    line = next(x for x in out.splitlines() if x.startswith("validation loss ") and "->" in x)
+    start, end = (float(v) for v in line.split()[2:5:2])
+    assert start > 5.0 and end < 0.6 * start, line
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+    assert (
+        main(["generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "20", "--temperature", "0"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("The ") and len(text) > 10
+
+
+def test_bad_config_value_exits_2_naming_the_field(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "hybridlm.cli", "train", "--set", "optim.lr=-0.1", "--run-dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "optim.lr" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "hybridlm.cli", "train", "--set", "model.pattern=M[-*]"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "model.pattern" in r.stderr and "^" in r.stderr
+
+
+def test_prepare_then_train_on_tokens(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(("hybrid models mix mixers. " * 20) + str(i))
+    assert main(["prepare", str(corpus), str(tmp_path / "tokens")]) == 0
+    assert "12 documents" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                f"data.source={tmp_path / 'tokens'}",
+                "--set",
+                "data.seq_len=32",
+                "--set",
+                "train.steps=3",
+                "--set",
+                "train.batch_size=2",
+                "--set",
+                "model.hidden_size=64",
+                "--set",
+                "model.num_attention_heads=2",
+                "--set",
+                "data.val_fraction=0.2",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )

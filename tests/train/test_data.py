@@ -1,0 +1,121 @@
+"""Tokenizers, corpora, packing with document boundaries, the stateless sampler, prepared token files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hybridlm.errors import DataError
+from hybridlm.train.data import (
+    PackedRows,
+    Sampler,
+    TokenStream,
+    builtin_documents,
+    load_corpus,
+    split,
+    tokenize_documents,
+    write_prepared,
+)
+from hybridlm.train.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, load_tokenizer
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "héllo, wörld ✓"
+    ids = tok.encode(text)
+    assert max(ids) < 256 and tok.decode(ids) == text
+    assert tok.decode([*ids, tok.eos_id]) == text
+
+
+def test_builtin_corpus_needs_no_download():
+    docs = builtin_documents("pydoc")
+    assert len(docs) > 50 and sum(map(len, docs)) > 300_000
+    with pytest.raises(DataError, match="unknown built-in corpus"):
+        builtin_documents("wikipedia")
+
+
+def _stream(lengths, eos=99):
+    docs = [np.arange(10 * (i + 1), 10 * (i + 1) + n - 1) for i, n in enumerate(lengths)]
+    tokens = np.concatenate([np.append(d, eos) for d in docs]).astype(np.uint16)
+    return TokenStream(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def test_packed_rows_mask_labels_across_documents():
+    stream = _stream([5, 7, 4])  # 16 tokens
+    rows = PackedRows(stream, seq_len=5)
+    assert rows.num_rows == 3
+    b = rows.rows(np.array([0, 1]))
+    ids, labels, docs = b["input_ids"], b["labels"], b["doc_ids"]
+    flat = torch.from_numpy(stream.tokens.astype(np.int64))
+    assert torch.equal(ids[0], flat[0:5]) and torch.equal(ids[1], flat[5:10])
+    assert docs[0].tolist() == [0, 0, 0, 0, 0] and docs[1].tolist() == [1, 1, 1, 1, 1]
+    # Row 0 ends on doc 0's end-of-document token (position 4); its label (doc 1's first token) is ignored.
+    assert labels[0].tolist()[:4] == flat[1:5].tolist() and labels[0, 4] == -100
+    assert labels[1].tolist() == flat[6:11].tolist()
+
+
+def test_split_holds_out_whole_documents():
+    stream = _stream([3] * 40)
+    train, val = split(stream, 0.1, seed=0)
+    assert (train.num_docs, val.num_docs) == (36, 4)
+    assert train.num_tokens + val.num_tokens == stream.num_tokens
+    assert split(stream, 0.0, 0)[1] is None
+    with pytest.raises(DataError, match="single document"):
+        split(_stream([50]), 0.1, 0)
+
+
+def test_sampler_is_stateless_and_covers_epochs():
+    s = Sampler(num_rows=10, batch_size=4, seed=3)
+    first = [s.global_rows(i).tolist() for i in range(5)]
+    again = Sampler(num_rows=10, batch_size=4, seed=3)
+    assert [again.global_rows(i).tolist() for i in (4, 2, 0)] == [first[4], first[2], first[0]]
+    epoch0 = [*first[0], *first[1], *first[2][:2]]
+    assert sorted(epoch0) == list(range(10))
+    ranks = [Sampler(10, 4, 3, rank=r, world_size=2).local_rows(1).tolist() for r in range(2)]
+    assert ranks[0] + ranks[1] == first[1]
+    with pytest.raises(DataError, match="not divisible"):
+        Sampler(10, 3, 0, world_size=2)
+
+
+def test_prepared_corpus_round_trip(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["one doc", "two docs", "three"]))
+    tok = ByteTokenizer()
+    stream = load_corpus(str(tmp_path / "docs.jsonl"), tok)
+    assert stream.num_docs == 3 and stream.tokens[stream.doc_starts[1] - 1] == tok.eos_id
+    write_prepared(stream, tmp_path / "prep", tok, "docs.jsonl")
+    again = load_corpus(str(tmp_path / "prep"), tok)
+    assert np.array_equal(again.tokens, stream.tokens) and np.array_equal(again.doc_starts, stream.doc_starts)
+    assert isinstance(load_tokenizer(tmp_path / "prep"), ByteTokenizer)
+
+
+def test_bad_sources(tmp_path):
+    tok = ByteTokenizer()
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus(str(tmp_path / "nope.txt"), tok)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        load_corpus(str(tmp_path / "bad.jsonl"), tok)
+    with pytest.raises(DataError, match="shorter than one row"):
+        PackedRows(tokenize_documents(["tiny"], tok), seq_len=64)
+
+
+def test_hugging_face_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(
+        builtin_documents("pydoc")[:5], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "</s>"])
+    )
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = build_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert isinstance(tok, HFTokenizer) and tok.eos_id == hf.token_to_id("</s>")
+    ids = tok.encode("The assert statement")
+    assert tok.decode(ids).replace(" ", "") == "Theassertstatement"
+    for name, content in tok.files().items():
+        (tmp_path / "saved").mkdir(exist_ok=True)
+        (tmp_path / "saved" / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert load_tokenizer(tmp_path / "saved").encode("The assert statement") == ids
+    with pytest.raises(DataError, match="neither 'byte' nor"):
+        build_tokenizer("gpt2")

@@ -1,0 +1,39 @@
+"""AdamW parameter groups and the learning-rate schedules."""
+
+import itertools
+
+import pytest
+
+from hybridlm import HybridLM
+from hybridlm.train.config import OptimConfig
+from hybridlm.train.optim import build_optimizer, lr_factor
+from tests.helpers import tiny_config
+
+
+def test_no_weight_decay_on_norms_biases_and_ssm_scalars():
+    model = HybridLM(tiny_config("M[*-]G"))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    kept = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    for n in kept:
+        assert n.endswith(("norm.weight", ".bias", "A_log", ".D", "dt_bias", "norm_f.weight")), n
+    assert any(n.endswith("conv1d.bias") for n in kept) and any(n.endswith("A_log") for n in kept)
+    assert all(n.endswith("weight") or n.endswith(("up_proj", "down_proj")) for n in decayed)
+    assert "blocks.0.layers.0.mixer.in_proj.weight" in decayed and "embeddings.weight" in decayed
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules(schedule):
+    cfg = OptimConfig(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup
+    if schedule == "constant":
+        assert all(x == 1.0 for x in f[10:])
+    elif schedule == "cosine":
+        assert all(a >= b for a, b in itertools.pairwise(f[10:])) and f[99] == pytest.approx(0.1, abs=1e-3)
+    else:
+        assert all(x == 1.0 for x in f[10:80]) and f[99] == pytest.approx(0.1)
+        assert all(a > b for a, b in itertools.pairwise(f[80:]))

@@ -1,0 +1,74 @@
+"""RunConfig: TOML, --set overrides, field-named errors."""
+
+import pytest
+
+from hybridlm import ConfigError
+from hybridlm.train.config import DEFAULT_MODEL, RunConfig
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    run = RunConfig()
+    run.validate()
+    assert run.model == DEFAULT_MODEL and "[" in run.model["pattern"]  # the default fuses layers
+    (tmp_path / "run.toml").write_text(run.to_toml())
+    assert RunConfig.from_toml(tmp_path / "run.toml") == run
+
+
+def test_overrides_parse_values():
+    run = RunConfig().with_overrides(
+        [
+            "train.steps=12",
+            "optim.lr=1e-4",
+            "model.pattern=M-[*E]",
+            "model.moe_num_experts=4",
+            "train.compile=true",
+            "data.source=builtin:pydoc",
+            'data.tokenizer="byte"',
+        ]
+    )
+    assert run.train.steps == 12 and run.optim.lr == 1e-4 and run.train.compile is True
+    assert run.model["pattern"] == "M-[*E]" and run.model["moe_num_experts"] == 4
+    assert run.model_config(257).parsed.blocks == ("M", "-", "*E")
+
+
+def test_preset_in_model_table(tmp_path):
+    (tmp_path / "run.toml").write_text('[model]\npreset = "tiny"\nhidden_size = 128\n[train]\nsteps = 5\n')
+    run = RunConfig.from_toml(tmp_path / "run.toml")
+    cfg = run.model_config()
+    assert cfg.hidden_size == 128 and cfg.pattern == "M-[*-]G-[ME]M*E/[*-]" and run.train.steps == 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["train.steps=0"], "train.steps"),
+        (["train.steps=ten"], "train.steps"),
+        (["train.stepz=10"], "train.stepz"),
+        (["optim.lr=-1"], "optim.lr"),
+        (["optim.schedule=linear"], "optim.schedule"),
+        (["optim.beta2=1.5"], "optim.beta2"),
+        (["data.seq_len=0"], "data.seq_len"),
+        (["data.val_fraction=1.0"], "data.val_fraction"),
+        (["train.micro_batch_size=5"], "train.micro_batch_size"),
+        (["train.device=tpu"], "train.device"),
+        (["train.precision=fp8"], "train.precision"),
+        (["model.hidden_size=0"], "model.hidden_size"),
+        (["model.pattern=M*X"], "model.pattern"),
+        (["model.hiden_size=3"], "model.hiden_size"),
+        (["modle.hidden_size=3"], "modle"),
+        (["steps=3"], "steps"),
+    ],
+)
+def test_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        RunConfig().with_overrides(overrides)
+    assert info.value.field == field, str(info.value)
+    assert str(info.value).startswith(field)
+
+
+def test_bad_toml(tmp_path):
+    (tmp_path / "bad.toml").write_text("[train\nsteps=")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        RunConfig.from_toml(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        RunConfig.from_toml(tmp_path / "missing.toml")

@@ -1,0 +1,108 @@
+"""The trainer: exact resume, gradient accumulation, activation checkpointing, outputs of a run."""
+
+import json
+
+import pytest
+import torch
+
+import hybridlm
+from hybridlm.errors import DataError
+from hybridlm.train.config import RunConfig
+from hybridlm.train.trainer import Trainer
+
+TINY_RUN = [
+    "model.pattern=M-[*-]G[ME]",
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.ffn_hidden_size=48",
+    "model.mamba_head_dim=16",
+    "model.mamba_state_dim=8",
+    "model.mamba_chunk_size=16",
+    "model.moe_num_experts=4",
+    "model.moe_ffn_hidden_size=24",
+    "model.moe_router_score=sigmoid",
+    "model.moe_router_expert_bias=true",
+    "model.gdn_num_heads=2",
+    "model.gdn_head_dim=16",
+    "model.gdn_chunk_size=16",
+    "data.seq_len=48",
+    "train.batch_size=4",
+    "train.steps=8",
+    "train.log_every=2",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.checkpoint_every=4",
+    "optim.warmup_steps=2",
+]
+
+
+def tiny_run(*extra):
+    return RunConfig().with_overrides([*TINY_RUN, *extra])
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_is_exact(tmp_path):
+    run = tiny_run()
+    straight = Trainer(run, run_dir=tmp_path / "a", progress=False)
+    straight.run_loop()
+
+    first = Trainer(run, run_dir=tmp_path / "b", progress=False)
+    first.run_loop(until=4)
+    assert first.step == 4 and not (tmp_path / "b" / "model").exists()
+    second = Trainer(run, run_dir=tmp_path / "b", resume=True, progress=False)
+    assert second.step == 4
+    second.run_loop()
+
+    a, b = weights(straight.model), weights(second.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    whole = Trainer(tiny_run("train.steps=2"), run_dir=tmp_path / "a", progress=False)
+    split = Trainer(tiny_run("train.steps=2", "train.micro_batch_size=1"), run_dir=tmp_path / "b", progress=False)
+    for t in (whole, split):
+        t.train_step()
+        t.train_step()
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path):
+    plain = Trainer(tiny_run(), run_dir=tmp_path / "a", progress=False)
+    ac = Trainer(tiny_run("train.activation_checkpointing=true"), run_dir=tmp_path / "b", progress=False)
+    assert all(b.activation_checkpointing for b in ac.model.blocks.values())
+    for _ in range(2):
+        la, lb = plain.train_step()["loss"], ac.train_step()["loss"]
+        assert la == lb
+    for a, b in zip(plain.model.parameters(), ac.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_run_leaves_its_outputs(tmp_path):
+    run_dir = tmp_path / "run"
+    summary = Trainer(tiny_run(), run_dir=run_dir, progress=False).run_loop()
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "model/config.json", "model/tokenizer.hybridlm.json"):
+        assert (run_dir / name).exists(), name
+    assert summary["val_loss"] < summary["first_val_loss"]
+    model = hybridlm.load(run_dir / "model")
+    assert model.config.pattern == "M-[*-]G[ME]"
+    assert RunConfig.from_toml(run_dir / "config.toml").train.steps == 8
+    with pytest.raises(DataError, match="already holds a run"):
+        Trainer(tiny_run(), run_dir=run_dir, progress=False)
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(DataError, match="no checkpoint to resume from"):
+        Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)
