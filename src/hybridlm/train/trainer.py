@@ -208,6 +208,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.has_expert_bias:
+            if self.world > 1:  # every process must apply the same update: balance the global load
+                for name, buf in self.model.named_buffers():
+                    if name.endswith("tokens_per_expert"):
+                        dist.all_reduce(buf)
             self.model.update_expert_bias(self.run.optim.moe_expert_bias_rate)
         self.step += 1
         loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
@@ -295,25 +299,27 @@ class Trainer:
             self.metrics.record(self.step, {"val_loss": first_val}, console=False)
             self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
         last_val = first_val
-        window_tokens, window_t0, window_losses = 0, time.time(), []
+        window_tokens, window_time, window_losses = 0, 0.0, []
         try:
             while self.step < stop:
+                t0 = time.perf_counter()
                 values = self.train_step()
+                window_time += time.perf_counter() - t0  # training time only: evaluation is not counted
                 self.metrics.advance()
                 window_tokens += t.batch_size * self.run.data.seq_len
                 window_losses.append(values["loss"])
                 record = {**values}
-                console = self.step % t.log_every == 0 or self.step == stop
+                evaluate = self.step % t.eval_every == 0 or self.step == t.steps
+                console = self.step % t.log_every == 0 or self.step == stop or evaluate
                 if console:
-                    elapsed = time.time() - window_t0
                     record["loss_avg"] = sum(window_losses) / len(window_losses)
-                    record["tokens_per_s"] = window_tokens / elapsed
+                    record["tokens_per_s"] = window_tokens / window_time
                     record["peak_mem_gb"] = self._peak_memory_gb()
                     if self.peak_flops:
                         per_device = record["tokens_per_s"] / self.world * self.flops_per_token
                         record["mfu"] = per_device / self.peak_flops
-                    window_tokens, window_t0, window_losses = 0, time.time(), []
-                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    window_tokens, window_time, window_losses = 0, 0.0, []
+                if evaluate:
                     last_val = self.evaluate()
                     if last_val is not None:
                         record["val_loss"] = last_val
