@@ -23,10 +23,19 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_blocks(model: nn.Module, **options) -> nn.Module:
-    """``torch.compile`` each block in place (parameter names are unchanged)."""
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` each block in place (parameter names are unchanged).
+
+    On CPU, inductor's vectorized C++ code for the chunked SSD backward corrupts the heap now and
+    then in torch 2.13 ("double free or corruption" with sequence lengths that need padding), so
+    CPU blocks are compiled with scalar C++ code (``cpp.simdlen = 1``) unless the caller passes
+    its own ``options``. GPU code generation is unaffected.
+    """
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and "options" not in compile_kwargs:
+        compile_kwargs = {**compile_kwargs, "options": {"cpp.simdlen": 1}}
     for block in _all_blocks(model):
-        block.compile(**options)
+        block.compile(**compile_kwargs)
     return model
 
 
