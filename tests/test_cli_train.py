@@ -82,3 +82,23 @@ def test_prepare_then_train_on_tokens(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_bare_resume_uses_run_dir(tmp_path, capsys):
+    args = [
+        "--set",
+        "train.steps=2",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "model.hidden_size=64",
+        "--set",
+        "model.num_attention_heads=2",
+        "--no-progress",
+    ]
+    assert main(["train", *args, "--run-dir", str(tmp_path / "r")]) == 0
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=3", "--no-progress"]) == 0
+    assert "step 3/3" in capsys.readouterr().out
+    assert main(["train", "--resume"]) == 2

@@ -69,6 +69,8 @@ def test_packed_rows_equal_separate_documents(pattern):
     packed = model(ids, doc_ids=doc_ids).logits
     cu = torch.tensor([0, 6, 16, 21])
     assert torch.equal(model(ids, cu_seqlens=cu).logits, packed)
+    assert torch.equal(model(ids, seq_idx=doc_ids).logits, packed)
+    assert torch.equal(model(ids, document_ids=doc_ids).logits, packed)
     start = 0
     for n in lengths:
         alone = model(ids[:, start : start + n]).logits

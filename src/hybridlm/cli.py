@@ -127,10 +127,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .errors import UsageError
     from .train.config import RunConfig
     from .train.trainer import CONFIG_FILE, Trainer
 
     run_dir = args.run_dir
+    if args.resume is True:  # a bare --resume continues the run named by --run-dir
+        if args.run_dir is None:
+            raise UsageError("--resume without a directory needs --run-dir RUN_DIR (or give --resume RUN_DIR)")
+        args.resume = args.run_dir
     if args.resume is not None:
         run_dir = args.resume
         base = RunConfig.from_toml(args.config or Path(args.resume) / CONFIG_FILE)
@@ -176,6 +181,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--run-dir", default=None, help="run directory (default: train.run_dir, runs/<start time>)")
     ap.add_argument(
         "--resume",
+        nargs="?",
+        const=True,
         default=None,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, plus --set)",
@@ -209,7 +216,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model,
         tokenizer.encode(args.prompt),
         args.max_new_tokens,
-        args.temperature,
+        0.0 if args.greedy else args.temperature,
         args.top_k,
         eos_id=tokenizer.eos_id,
         seed=args.seed,
@@ -229,6 +236,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--prompt", required=True, help="text to continue")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")

@@ -168,6 +168,8 @@ class ModelConfig:
         check_field_names(values, "ModelConfig")
         return cls(**values)
 
+    from_preset = preset  # the same, under the name other libraries use
+
     # -- JSON ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

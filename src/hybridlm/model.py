@@ -314,6 +314,8 @@ class HybridLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -327,7 +329,12 @@ class HybridLM(nn.Module):
             cu_seqlens: alternative to ``doc_ids``: cumulative document lengths over the
                 flattened (B*L) tokens.
             hidden_states: (B, L, hidden) input of a pipeline stage without the embedding.
+            document_ids, seq_idx: other names for ``doc_ids`` (give at most one of the three).
         """
+        given = [t for t in (doc_ids, document_ids, seq_idx) if t is not None]
+        if len(given) > 1:
+            raise ValueError("give document boundaries once: doc_ids, document_ids and seq_idx are the same input")
+        doc_ids = given[0] if given else None
         if self.embeddings is not None and (input_ids is not None) and hidden_states is None:
             h = self.embeddings(input_ids)
         elif hidden_states is not None:
