@@ -131,10 +131,10 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
     """Write ``tensors`` into ``directory`` as ``model.safetensors``, or as numbered shards plus an index
-    (Hugging Face's layout) when they exceed ``max_shard_size`` bytes."""
+    (Hugging Face's layout) when they exceed ``max_shard_size`` bytes. ``tensors`` are contiguous CPU
+    tensors (see :func:`full_cpu`)."""
     from safetensors.torch import save_file
 
-    tensors = {k: full_cpu(v) for k, v in tensors.items()}
     shards = _shards(tensors, max_shard_size)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
