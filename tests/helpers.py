@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from hybridlm import ModelConfig
+from hybridlm.ops.dispatch import triton_available
+
+#: Marks tests of Triton kernels: they run compiled on a GPU and in Triton's interpreter on CPU.
+requires_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install 'hybridlm[gpu]')")
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
