@@ -66,7 +66,7 @@ def use_kernels(mode: str) -> Iterator[None]:
 def triton_available() -> bool:
     """True when Triton imports (it is an optional dependency: ``pip install "hybridlm[gpu]"``)."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install that fails on import
         return False
