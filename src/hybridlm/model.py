@@ -21,6 +21,8 @@ from .config import ModelConfig
 from .layers import RMSNorm, SequenceContext, build_mixer, mixer_class
 from .layers.context import positions_in_segment, segment_ids
 from .layers.rope import rope_cos_sin
+from .ops.attention import document_block_mask, use_flex
+from .ops.cross_entropy import linear_cross_entropy
 from .ops.norm import add_rms_norm
 
 IGNORE_INDEX = -100
@@ -56,6 +58,8 @@ class Block(nn.Module):
         layer_offset: canonical index of the block's first layer.
         activation_checkpointing: recompute this block in the backward pass (set by
             ``hybridlm.parallel``).
+        checkpoint_context_fn: ``torch.utils.checkpoint`` context_fn (selective recomputation
+            policy) set with it, or None to recompute everything.
     """
 
     def __init__(self, symbols: str, config: ModelConfig, layer_offset: int) -> None:
@@ -64,6 +68,7 @@ class Block(nn.Module):
         self.layer_offset = layer_offset
         self.layers = nn.ModuleList(Layer(s, config) for s in symbols)
         self.activation_checkpointing = False
+        self.checkpoint_context_fn = None
 
     @property
     def fused(self) -> bool:
@@ -72,6 +77,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x: (B, L, hidden) -> (B, L, hidden)."""
         if self.activation_checkpointing and torch.is_grad_enabled():
+            if self.checkpoint_context_fn is not None:
+                return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.checkpoint_context_fn)
             return checkpoint(self._forward, x, ctx, use_reentrant=False)
         return self._forward(x, ctx)
 
@@ -296,14 +303,19 @@ class HybridLM(nn.Module):
             else:
                 position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
         ctx = SequenceContext(position_ids=position_ids, seq_idx=seq_idx)
+        if "*" in self.config.symbols and use_flex(seq_idx):
+            ctx.block_mask = document_block_mask(seq_idx)  # once per forward, outside compiled blocks
         if self.config.rotary_dim and "*" in self.config.symbols:
             ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
         return ctx
 
+    def head_weight(self) -> torch.Tensor:
+        """(V, hidden) output projection: the embedding when tied."""
+        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on normed hidden states: (B, L, hidden) -> float32 logits (B, L, V)."""
-        weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        return F.linear(h, self.head_weight()).float()
 
     def forward(
         self,
@@ -316,6 +328,7 @@ class HybridLM(nn.Module):
         hidden_states: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Run the model.
 
@@ -330,6 +343,9 @@ class HybridLM(nn.Module):
                 flattened (B*L) tokens.
             hidden_states: (B, L, hidden) input of a pipeline stage without the embedding.
             document_ids, seq_idx: other names for ``doc_ids`` (give at most one of the three).
+            return_logits: materialize the float32 logits. With labels and ``False`` (what the
+                trainer passes), each head's loss is computed chunk by chunk
+                (:func:`hybridlm.ops.cross_entropy.linear_cross_entropy`) and the logits are None.
         """
         given = [t for t in (doc_ids, document_ids, seq_idx) if t is not None]
         if len(given) > 1:
@@ -349,20 +365,27 @@ class HybridLM(nn.Module):
         if self.norm_f is None:  # a pipeline stage before the last
             return out
         h = self.norm_f(h)
-        out.logits = self.head(h)
+        fused_loss = labels is not None and not return_logits
+        hiddens = [h]  # the normed input of the head: main, then each MTP depth
         for d, depth in enumerate(self.mtp, start=1):
             if input_ids is None:
                 raise ValueError("MTP depths need input_ids")
             shifted = torch.roll(input_ids, shifts=-d, dims=1)  # wrapped ends are masked in the labels
             h = depth(h, self.embeddings(shifted), ctx)
-            out.mtp_logits.append(self.head(h))
+            hiddens.append(h)
+        if not fused_loss:
+            out.logits = self.head(hiddens[0])
+            out.mtp_logits = [self.head(x) for x in hiddens[1:]]
         aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
         out.aux_loss = aux
         if labels is not None:
-            out.lm_loss = cross_entropy(out.logits, labels)
-            out.mtp_losses = [
-                cross_entropy(lg, shift_labels(labels, d, ctx.seq_idx)) for d, lg in enumerate(out.mtp_logits, start=1)
-            ]
+            targets = [labels] + [shift_labels(labels, d, ctx.seq_idx) for d in range(1, len(hiddens))]
+            if fused_loss:
+                weight = self.head_weight()
+                losses = [linear_cross_entropy(x, weight, y) for x, y in zip(hiddens, targets)]
+            else:
+                losses = [cross_entropy(lg, y) for lg, y in zip([out.logits, *out.mtp_logits], targets)]
+            out.lm_loss, out.mtp_losses = losses[0], losses[1:]
             loss = out.lm_loss
             if out.mtp_losses:
                 loss = loss + self.config.mtp_loss_scale * torch.stack(out.mtp_losses).mean()

@@ -44,3 +44,31 @@ def test_compiled_blocks_match_eager():
     assert_rel_close(lb, la, 1e-5, "loss")
     for n in ga:
         assert_rel_close(gb[n], ga[n], 1e-4, n)
+
+
+def test_selective_activation_checkpointing_is_exact_and_per_kind():
+    import pytest
+
+    from hybridlm.parallel.execution import parse_ac_policy
+
+    config = tiny_config("M-[*-]G[ME]")
+    ids = torch.randint(0, config.vocab_size, (2, 19))
+    ref = HybridLM(config, seed=1)
+    ref(ids, ids).loss.backward()
+    for policy in ("selective", "M=selective,*=full,G=none"):
+        model = apply_activation_checkpointing(HybridLM(config, seed=1), policy)
+        if policy != "selective":
+            kinds = {
+                b.symbols: (b.activation_checkpointing, b.checkpoint_context_fn is not None)
+                for b in model.blocks.values()
+            }
+            assert kinds["M"] == (True, True) and kinds["*-"] == (True, False) and kinds["G"] == (False, False)
+            assert kinds["ME"] == (True, True)  # a fused block takes its sequence mixer's policy
+            assert kinds["-"] == (True, False)  # not named: recomputed whole
+        model(ids, ids).loss.backward()
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            assert torch.equal(p.grad, q.grad), (policy, name)
+    with pytest.raises(ValueError, match="'Q' is not a layer symbol"):
+        parse_ac_policy("Q=full", "full")
+    with pytest.raises(ValueError, match="'some' is not one of"):
+        parse_ac_policy("M=some", "full")

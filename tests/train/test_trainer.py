@@ -75,8 +75,10 @@ def test_gradient_accumulation_matches_one_batch(tmp_path):
     for t in (whole, split):
         t.train_step()
         t.train_step()
+    # Adam divides by sqrt(v): where a gradient is ~0, float32 summation-order differences between
+    # one batch and two micro-batches move a weight by ~1e-6 of an lr of 3e-3, so atol is 1e-5.
     for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_activation_checkpointing_changes_nothing(tmp_path):

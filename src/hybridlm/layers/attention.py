@@ -6,10 +6,10 @@ Parameter names are NemotronH's (q_proj, k_proj, v_proj, o_proj), plus Qwen3's q
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.attention import causal_attention, use_flex
 from .context import SequenceContext
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -45,12 +45,8 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, L, d)
-        mask = ctx.attention_mask()
-        gqa = self.nkv != self.nq
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        dense = ctx.attention_mask() if ctx.block_mask is None and not use_flex(ctx.seq_idx) else None
+        o = causal_attention(q, k, v, ctx.seq_idx, block_mask=ctx.block_mask, dense_mask=dense)
         return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nq * self.head_dim))
 
     @torch.no_grad()

@@ -17,12 +17,15 @@ class SequenceContext:
             every row is one document. Mixers never let information cross a change of index.
         rope: (cos, sin), each (B, L, rotary_dim), when the attention layers use RoPE.
         aux_losses: auxiliary losses added by mixers (MoE load balancing) during this forward.
+        block_mask: FlexAttention block mask of the documents (CUDA, packed rows), built once
+            per forward and shared by every attention layer; None elsewhere.
     """
 
     position_ids: torch.Tensor
     seq_idx: torch.Tensor | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    block_mask: object | None = None
     _attention_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def attention_mask(self) -> torch.Tensor | None:

@@ -19,8 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.dispatch import kernels_mode, record
 from .context import SequenceContext
 from .mlp import MLP, activate
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's dtype where autocast is on, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class Router(nn.Module):
@@ -35,7 +43,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, H) -> (scores (T, E) float32, weights (T, k) float32, indices (T, k) int64)."""
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())
+        # Routing decides which experts run: keep it float32 even under autocast (which would
+        # otherwise run this linear in bf16 and flip near-tied top-k choices).
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if c.moe_router_score == "softmax" else logits.sigmoid()
         choice = scores.detach()
         if c.moe_router_expert_bias:
@@ -74,21 +85,32 @@ class Experts(nn.Module):
             xs: (N, H) token rows, grouped by expert in expert order.
             counts: (E,) rows per expert.
         """
-        if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        dtype = _compute_dtype(xs)
+        if kernels_mode() != "torch" and xs.is_cuda and dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+            # All experts in one grouped GEMM per projection, offsets computed on the device: no
+            # host sync. Explicit bf16 casts: autocast does not cover grouped_mm, and the
+            # parameters (float32 master weights) and rows (float32 residual stream) may differ.
+            record("moe_experts", "grouped_mm")
             offs = counts.cumsum(0).to(torch.int32)
-            gate = (
-                F.grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs) if self.activation == "swiglu" else None
-            )
-            h = activate(F.grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs), self.activation, gate)
-            return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs)
-        # Portable path: one matmul per expert over its contiguous slice of sorted rows.
+            xs = xs.to(dtype)
+
+            def proj(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return F.grouped_mm(inp, w.to(dtype).transpose(-2, -1), offs=offs)
+
+            gate = proj(xs, self.gate_proj) if self.activation == "swiglu" else None
+            h = activate(proj(xs, self.up_proj), self.activation, gate)
+            return proj(h, self.down_proj)
+        record("moe_experts", "loop")
+        # Portable path: one matmul per expert over its contiguous slice of sorted rows (the
+        # split sizes need the counts on the host: one sync).
         outs = []
+        xs = xs.to(dtype)
         for e, rows in enumerate(torch.split(xs, counts.tolist())):
             if rows.shape[0] == 0:
                 continue
-            gate = F.linear(rows, self.gate_proj[e]) if self.activation == "swiglu" else None
-            h = activate(F.linear(rows, self.up_proj[e]), self.activation, gate)
-            outs.append(F.linear(h, self.down_proj[e]))
+            gate = F.linear(rows, self.gate_proj[e].to(dtype)) if self.activation == "swiglu" else None
+            h = activate(F.linear(rows, self.up_proj[e].to(dtype)), self.activation, gate)
+            outs.append(F.linear(h, self.down_proj[e].to(dtype)))
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
 
@@ -118,7 +140,10 @@ class MoE(nn.Module):
         pair_expert = idx.reshape(-1)
         order = torch.argsort(pair_expert, stable=True)
         pair_token = order // k
-        counts = torch.bincount(pair_expert, minlength=c.moe_num_experts)
+        # scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA).
+        counts = torch.zeros(c.moe_num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, pair_expert, torch.ones_like(pair_expert)
+        )
         out = self.experts(flat[pair_token], counts)
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(flat).index_add_(0, pair_token, out.to(flat.dtype))

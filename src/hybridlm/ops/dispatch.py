@@ -95,6 +95,11 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
     return path
 
 
+def record(op: str, path: str) -> None:
+    """Record (and log once) that ``op`` ran ``path``: for fast paths that are not Triton kernels (e.g. ``grouped_mm``)."""
+    _record(op, path)
+
+
 def _record(op: str, path: str) -> None:
     # Inside torch.compile tracing the record/log would be a side effect of tracing only (and a
     # graph break): the eager calls before compilation and the choice itself are what matter.

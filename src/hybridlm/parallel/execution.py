@@ -16,10 +16,81 @@ def _all_blocks(model: nn.Module):
         yield from depth.blocks.values()
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute every block in the backward pass instead of storing its activations."""
+#: Recomputation policies a block can get: keep nothing, or keep the outputs of the matmuls and
+#: attention kernels (the expensive, compute-bound ops) and recompute the rest (norms, activations,
+#: the conv and the scans, which are memory-bound and cheap to redo).
+AC_POLICIES = ("none", "full", "selective")
+
+
+def parse_ac_policy(spec: str, default: str) -> dict[str, str]:
+    """``"M=selective,*=full"`` -> {symbol: policy}; ``"selective"`` alone applies to every kind.
+
+    A block's kind is its first symbol (the sequence mixer of a fused group). Kinds not named get
+    ``default``. Raises ValueError naming the bad entry.
+    """
+    from ..pattern.symbols import LAYER_SYMBOLS as ALL_SYMBOLS
+
+    out: dict[str, str] = {}
+    spec = spec.strip()
+    if not spec:
+        return out
+    if "=" not in spec:
+        if spec not in AC_POLICIES:
+            raise ValueError(f"{spec!r} is not one of {', '.join(AC_POLICIES)}")
+        return {s: spec for s in ALL_SYMBOLS}
+    for entry in spec.split(","):
+        kind, _, policy = (x.strip() for x in entry.partition("="))
+        if kind not in ALL_SYMBOLS:
+            raise ValueError(f"{entry.strip()!r}: {kind!r} is not a layer symbol ({' '.join(ALL_SYMBOLS)})")
+        if policy not in AC_POLICIES:
+            raise ValueError(f"{entry.strip()!r}: {policy!r} is not one of {', '.join(AC_POLICIES)}")
+        out[kind] = policy
+    return out
+
+
+def _save_matmuls_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = (
+        "mm",
+        "addmm",
+        "bmm",
+        "_grouped_mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_flash_attention_forward",
+    )
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def selective_context():
+    """``context_fn`` for ``torch.utils.checkpoint``: save matmul / attention outputs, recompute the rest."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_matmuls_policy())
+
+
+def apply_activation_checkpointing(model: nn.Module, policy: str = "full") -> nn.Module:
+    """Recompute blocks in the backward pass instead of storing their activations.
+
+    Args:
+        policy: ``"full"`` (recompute every block whole), ``"selective"`` (keep matmul and
+            attention outputs, recompute the rest), ``"none"``, or per block kind, e.g.
+            ``"M=selective,*=full,-=none"`` (kinds not named are recomputed whole). A fused
+            block is one unit; its kind is its sequence mixer's symbol.
+    """
+    per_kind = parse_ac_policy(policy, "full")
     for block in _all_blocks(model):
-        block.activation_checkpointing = True
+        chosen = per_kind.get(block.symbols[0], "full")
+        block.activation_checkpointing = chosen != "none"
+        block.checkpoint_context_fn = selective_context if chosen == "selective" else None
     return model
 
 

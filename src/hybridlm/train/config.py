@@ -78,6 +78,9 @@ class TrainConfig:
     device: str = "auto"  #: "auto" (CUDA when available), "cpu" or "cuda"
     precision: str = "auto"  #: "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
     activation_checkpointing: bool = False  #: recompute each block (a fused block is one unit)
+    #: with activation_checkpointing: "full", "selective" (keep matmul/attention outputs, recompute
+    #: norms, conv, scans) or per block kind, e.g. "M=selective,*=full,-=none"
+    ac_policy: str = "full"
     compile: bool = False  #: torch.compile each block
     threads: int | None = None  #: CPU threads for torch (None = torch's default)
     log_every: int = 20
@@ -210,6 +213,12 @@ class RunConfig:
                 raise ConfigError(
                     "train.micro_batch_size", f"{t.micro_batch_size} must divide train.batch_size ({t.batch_size})"
                 )
+        try:
+            from ..parallel.execution import parse_ac_policy
+
+            parse_ac_policy(t.ac_policy, "full")
+        except ValueError as e:
+            raise ConfigError("train.ac_policy", str(e)) from None
         if t.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):

@@ -126,7 +126,7 @@ class Trainer:
         self.num_params = int(self.model.num_params())
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
         if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+            apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile:
             compile_blocks(self.model)
         if self.world > 1:
@@ -195,7 +195,7 @@ class Trainer:
         for start in range(0, self.local_batch, self.micro):
             part = {k: v[start : start + self.micro] for k, v in batch.items()}
             with self._autocast():
-                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"])
+                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
             # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
             # is then the gradient of the whole batch's mean loss.
             share = (part["labels"] != -100).sum() / valid
@@ -231,7 +231,7 @@ class Trainer:
         for start in range(0, len(mine), self.micro):
             part = self._to_device(self.val_rows.rows(mine[start : start + self.micro]))
             with self._autocast():
-                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"])
+                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
             n = (part["labels"] != -100).sum().item()
             loss_sum += out.lm_loss.item() * n
             count += n
@@ -278,7 +278,7 @@ class Trainer:
             f"optim   AdamW lr {r.optim.lr:g} ({r.optim.schedule}, warmup {r.optim.warmup_steps}) · batch {t.batch_size} "
             f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} steps",
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
-            + (" · activation checkpointing" if t.activation_checkpointing else "")
+            + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
             + (" · compiled blocks" if t.compile else ""),
         ]
 

@@ -1,0 +1,106 @@
+"""Causal attention over packed rows: document masking without a dense (B, 1, L, L) mask on the GPU.
+
+Three paths, one function (:func:`causal_attention`), chosen by :mod:`hybridlm.ops.dispatch`:
+
+- no document boundaries: ``scaled_dot_product_attention(is_causal=True)``, with cuDNN's kernel
+  asked for first on CUDA (measured 1.8× the flash backend on an H200, gpu_stack.md §4);
+- document boundaries on CUDA: FlexAttention with a block mask built from the document ids once per
+  forward (:func:`document_block_mask`): fully masked key blocks are skipped, nothing is O(L²) in
+  memory;
+- document boundaries elsewhere (the CPU reference): SDPA with the dense boolean mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import kernels_mode, record
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_flex(seq_idx: torch.Tensor | None) -> bool:
+    """True when packed attention runs through FlexAttention (CUDA, kernels not forced to torch)."""
+    return seq_idx is not None and seq_idx.is_cuda and kernels_mode() != "torch" and _flex_available()
+
+
+def document_block_mask(seq_idx: torch.Tensor):
+    """FlexAttention block mask for causal attention within documents.
+
+    Args:
+        seq_idx: (B, L) document index per position, non-decreasing along L.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L = seq_idx.shape
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
+
+    return create_block_mask(mask_mod, B, None, L, L, device=seq_idx.device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # FlexAttention is a fused kernel only when compiled; eager flex materializes the scores.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _dense_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    L = seq_idx.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq_idx.device).tril()
+    return ((seq_idx[:, :, None] == seq_idx[:, None, :]) & causal).unsqueeze(1)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(order, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_idx: torch.Tensor | None = None,
+    block_mask=None,
+    dense_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (grouped-query) attention that never crosses a document boundary.
+
+    Args:
+        q: (B, Hq, L, D); k, v: (B, Hkv, L, D) with Hq a multiple of Hkv.
+        seq_idx: (B, L) document index per position, or None for one document per row.
+        block_mask: a precomputed :func:`document_block_mask` (shared by all layers of a forward).
+        dense_mask: a precomputed (B, 1, L, L) boolean mask for the reference path.
+
+    Returns:
+        (B, Hq, L, D).
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if seq_idx is None:
+        record("attention", "sdpa")
+        return _sdpa_causal(q, k, v, gqa)
+    if use_flex(seq_idx):
+        record("attention", "flex")
+        if block_mask is None:
+            block_mask = document_block_mask(seq_idx)
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    record("attention", "sdpa_dense_mask")
+    mask = dense_mask if dense_mask is not None else _dense_mask(seq_idx)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,104 @@
+"""Output head + cross entropy without the float32 logits of the whole batch.
+
+With a 131k vocabulary, float32 logits of 4 × 4096 tokens take 8 GiB, their softmax gradient as
+much again. :func:`linear_cross_entropy` runs the head over chunks of tokens instead: per chunk it
+computes the logits (in the matmul dtype, e.g. bf16 under autocast), their float32 log-sum-exp and
+the loss, and — when gradients are needed — the gradient of the logits, which it immediately
+turns into the chunk's ``dh`` and its share of ``dW`` (accumulated in float32). The logits never
+exist for more than one chunk, and the backward pass only scales the stored ``dh`` / ``dW``.
+This is the "fused linear cross entropy" of liger-kernel and others, written with plain matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+#: Tokens per chunk: 4096 × 131072 float32 logits = 2 GiB at a time.
+DEFAULT_CHUNK = 4096
+
+
+def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss over valid labels, float32 softmax) of one chunk; ``logits`` float32 (n, V)."""
+    valid = labels != IGNORE_INDEX
+    target = labels.clamp(min=0)
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    return loss, lse
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax / accumulation dtype: float32, or float64 for float64 inputs (tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk, dtype):
+        n = h.shape[0]
+        acc = _acc_dtype(dtype)
+        w = weight.to(dtype)
+        hc = h.to(dtype)
+        dh = torch.empty_like(hc)
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, n, chunk):
+            x, y = hc[s : s + chunk], labels[s : s + chunk]
+            logits = (x @ w.T).to(acc)
+            loss, lse = _chunk_loss(logits, y)
+            total += loss
+            # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored ones.
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk of float32 logits at a time
+            valid = y != IGNORE_INDEX
+            grad[torch.arange(grad.shape[0], device=grad.device), y.clamp(min=0)] -= 1.0
+            grad *= valid.unsqueeze(1)
+            grad = grad.to(dtype)
+            dh[s : s + chunk] = grad @ w
+            dw += (grad.T @ x).to(acc)
+        ctx.save_for_backward(dh, dw)
+        ctx.h_dtype = h.dtype
+        ctx.w_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        g = grad_total.to(dw.dtype)
+        return (dh.to(dw.dtype) * g).to(ctx.h_dtype), (dw * g).to(ctx.w_dtype), None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """Mean cross entropy of ``h @ weight.T`` against ``labels`` (-100 ignored; 0 when none are valid).
+
+    Equals ``cross_entropy((h @ weight.T).float(), labels)`` up to the matmul's rounding, in
+    O(chunk × V) memory instead of O(N × V).
+
+    Args:
+        h: (..., H) normed hidden states.
+        weight: (V, H) output head (the embedding when tied).
+        labels: (...) target ids.
+        chunk: tokens per chunk.
+    """
+    h2 = h.reshape(-1, h.shape[-1])
+    y = labels.reshape(-1)
+    dtype = _matmul_dtype(h2)
+    count = (y != IGNORE_INDEX).sum().clamp(min=1)
+    with torch.autocast(h.device.type, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = _LinearCrossEntropy.apply(h2, weight, y, chunk, dtype)
+        else:
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=_acc_dtype(dtype), device=h.device)
+            for s in range(0, h2.shape[0], chunk):
+                total += _chunk_loss((h2[s : s + chunk].to(dtype) @ w.T).to(total.dtype), y[s : s + chunk])[0]
+    return total / count
