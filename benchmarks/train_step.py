@@ -1,21 +1,39 @@
-"""Training-step throughput and MFU of a preset model, fused and unfused, measured side by side.
+"""Training-step speed of hybridlm (unfused and fused) and, side by side, Hugging Face NemotronH.
 
-    python benchmarks/train_step.py --preset bench-1.3b --batch 1 --seq 4096
+    python benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096,1x32768 --compare-hf
+    python benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096
+    python benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --curves 200
+    python benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --profile
 
-Prints a table: step time, tokens/s, model TFLOP/s and MFU against a bf16 matmul rate measured in
-the same process, and peak memory, for the preset's pattern and for its fully fused twin (every
-sequence mixer bracketed with the channel mixer after it). Results belong in docs/benchmarks.md.
+One process, one GPU. Every variant gets the same weights (our seed; Hugging Face's model is our
+export of them), the same batches and the same AdamW (fused, lr 1e-4). hybridlm runs as the
+trainer runs it: float32 master weights, bf16 autocast, compiled blocks, packed rows with their
+document ids, the chunked head + loss. Hugging Face runs as its users run it fast: bf16 parameters,
+mamba_ssm's Triton kernels when importable (the table says which path it took), unpacked rows (its
+fused Mamba path takes no document ids). Prints tokens/s, MFU against the H200's 989 TFLOP/s dense
+bf16 peak and against a bf16 matmul rate measured in this run, peak memory and the first step's time
+(compilation included). ``--profile`` adds where one step's GPU time goes, by kernel kind;
+``--curves N`` trains unfused and fused N steps on text and compares their losses.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from hybridlm import HybridLM, ModelConfig
+
+H200_PEAK = 989e12  # dense bf16 FLOP/s, datasheet
 
 
 def fuse_all(pattern: str) -> str:
@@ -23,92 +41,314 @@ def fuse_all(pattern: str) -> str:
     return re.sub(r"(?<!\[)([MG*D+])([-E])", r"[\1\2]", pattern)
 
 
-def matmul_tflops(n: int = 8192, iters: int = 20) -> float:
+def matmul_rate(n: int = 8192, iters: int = 30) -> float:
+    """Median bf16 matmul FLOP/s on random data (the in-run MFU denominator)."""
+    from triton.testing import do_bench
+
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t) / 1e12
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * n**3 / (ms / 1e3)
 
 
-def measure(config: ModelConfig, batch: int, seq: int, steps: int, warmup: int, ac: bool, compile_: bool) -> dict:
+def packed_batches(count: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random tokens in rows packed with documents of random lengths (mean ~seq/3), as the trainer packs them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        doc = torch.zeros(batch, seq, dtype=torch.long)
+        for r in range(batch):
+            cuts = torch.randint(1, seq, (2,), generator=g).sort().values
+            doc[r, cuts[0] :] += 1
+            doc[r, cuts[1] :] += 1
+        labels = ids[:, 1:].clone()
+        labels[:, :-1][doc[:, 1:] != doc[:, :-1]] = -100  # no label across a document boundary
+        out.append({"input_ids": ids[:, :-1].cuda(), "labels": labels.cuda(), "doc_ids": doc.cuda()})
+    return out
+
+
+def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.Module:
     from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 
-    torch.cuda.reset_peak_memory_stats()
-    model = HybridLM(config, device="cuda")
+    model = HybridLM(config, seed=0, device="cuda")
     if ac:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, ac)
     if compile_:
         compile_blocks(model)
+    return model
+
+
+def ours_step(model, batch) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"], return_logits=False)
+    out.loss.backward()
+    return out.loss
+
+
+def hf_step(model, batch) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    out.loss.backward()
+    return out.loss
+
+
+def measure(build, step, batches, steps: int, warmup: int) -> dict:
+    """Build a model (peak memory counted from here), then time ``steps`` optimizer steps after ``warmup``."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = build()
+    gc.collect()  # the peak counts the model, its optimizer and the steps, not what building it needed
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
-    times = []
+    times, losses = [], []
     for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, ids).loss
-        loss.backward()
+        loss = step(model, batch)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    step = times[len(times) // 2]
-    flops = 3 * float(model.flops_per_token(seq)) * batch * seq
-    out = {
-        "step_ms": 1000 * step,
-        "tokens_per_s": batch * seq / step,
-        "tflops": flops / step / 1e12,
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    timed = sorted(times[warmup:])
+    result = {
+        "step_ms": 1e3 * timed[len(timed) // 2],
+        "first_step_s": times[0],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": loss.item(),
+        "loss": losses[-1],
     }
     del model, opt
+    gc.collect()
     torch.cuda.empty_cache()
-    return out
+    return result
+
+
+def profile_step(build, step, batches, label: str) -> None:
+    """Print one step's GPU time by kernel kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for i in range(3):
+        step(model, batches[i % len(batches)])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(model, batches[0])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kinds = [
+        ("GEMM", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|_mm_|grouped"),
+        ("attention", r"flash|fmha|cudnn|attention|flex"),
+        ("SSD / GDN scan (Triton)", r"ssd|chunk|scan|state|delta|gdn"),
+        ("causal conv", r"conv"),
+        ("norm", r"norm|rms"),
+        ("cross entropy / softmax", r"softmax|logsumexp|cross_entropy|nll"),
+        ("optimizer", r"adam|multi_tensor|foreach"),
+        ("elementwise / fused (inductor)", r"triton_|elementwise|vectorized|unrolled|fused"),
+        ("copy / cast / fill", r"copy|cast|fill|memset|memcpy"),
+    ]
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    count = 0
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        name = evt.name.lower()
+        kind = next((k for k, pat in kinds if re.search(pat, name)), "other")
+        totals[kind] = totals.get(kind, 0.0) + evt.device_time_total / 1e3
+        count += 1
+    total = sum(totals.values())
+    print(f"\nwhere one step's GPU time goes: {label} ({count} kernel launches, {total:.1f} ms of kernel time)")
+    print("| kernel kind | ms | share |")
+    print("|---|---|---|")
+    for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {ms:.1f} | {100 * ms / total:.1f} % |")
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def loss_curves(config: ModelConfig, batch: int, seq: int, steps: int, compile_: bool) -> None:
+    """Train unfused and fused ``steps`` steps on the built-in text corpus; compare the losses."""
+    from hybridlm.train.data import PackedRows, load_corpus
+    from hybridlm.train.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("byte")
+    rows = PackedRows(load_corpus("builtin:pydoc", tok, None, progress=False), seq)
+    g = torch.Generator().manual_seed(0)
+    curves = {}
+    for name, pattern in (("unfused", config.pattern), ("fused", fuse_all(config.pattern))):
+        model = build_ours(config.replace(pattern=pattern), compile_, None)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+        g.manual_seed(0)
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, rows.num_rows, (batch,), generator=g).tolist()
+            b = {k: v.cuda() for k, v in rows.rows(idx).items()}
+            losses.append(ours_step(model, b).item())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        curves[name] = losses
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    a, b = torch.tensor(curves["unfused"]), torch.tensor(curves["fused"])
+    diff = (a - b).abs()
+    noise = (a[1:] - a[:-1]).abs().median().item()  # step-to-step variation of one run
+    print(f"\nloss curves, {steps} steps of {batch}×{seq} on builtin:pydoc (bytes), unfused vs fused:")
+    print(f"start {a[0]:.4f} / {b[0]:.4f} · end {a[-1]:.4f} / {b[-1]:.4f} · max |Δ| {diff.max():.4f} ")
+    print(f"mean |Δ| {diff.mean():.4f} · median step-to-step change of one run {noise:.4f}")
+    for s in sorted({0, steps // 4, steps // 2, 3 * steps // 4, steps - 1}):
+        print(f"  step {s + 1}: {a[s]:.4f} {b[s]:.4f}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "loss_curves.json").write_text(json.dumps(curves))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-1.3b")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--ac", action="store_true", help="activation checkpointing per block")
-    ap.add_argument("--compile", action="store_true", help="torch.compile per block")
+    ap.add_argument("--shapes", default="4x4096,1x4096", help="comma-separated BxL, e.g. 4x4096,1x4096,1x32768")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compare-hf", action="store_true", help="also run Hugging Face NemotronHForCausalLM")
+    ap.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
+    ap.add_argument("--ac", default=None, help="activation checkpointing policy (train.ac_policy), e.g. selective")
+    ap.add_argument("--variants", default="unfused,fused", help="which of ours to run")
+    ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind")
+    ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
 
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    hf_path = None
+    if args.compare_hf:
+        from hf_anchor import install_kernels
+
+        hf_path = install_kernels()
+    import transformers
+
+    from hybridlm.ops.dispatch import paths_used
+
     base = ModelConfig.preset(args.preset)
-    peak = matmul_tflops()
+    compile_ = not args.no_compile
+    rate = matmul_rate()
+    params = float(HybridLM(base, device="meta").num_params())
     print(
-        f"device {torch.cuda.get_device_name()} · torch {torch.__version__} · bf16 matmul {peak:.0f} TFLOP/s (measured)"
+        f"{torch.cuda.get_device_name()} · torch {torch.__version__} · transformers {transformers.__version__} · "
+        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s measured (8192³, median) · peak {H200_PEAK / 1e12:.0f} (datasheet)"
     )
     print(
-        f"model {args.preset}: {float(HybridLM(base, device='meta').num_params()) / 1e9:.3f}B parameters · "
-        f"B×L = {args.batch}×{args.seq} · bf16 autocast · AdamW fused"
-        + (" · AC" if args.ac else "")
-        + (" · compiled blocks" if args.compile else "")
+        f"model {args.preset}: {params / 1e9:.3f}B parameters · AdamW fused · ours: fp32 master weights, bf16 "
+        f"autocast, {'compiled' if compile_ else 'eager'} blocks, packed rows" + (f", AC {args.ac}" if args.ac else "")
     )
+    if hf_path:
+        print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")
+
+    variants = {"unfused": base.pattern, "fused": fuse_all(base.pattern)}
     rows = []
-    for name, pattern in (("unfused", base.pattern), ("fused", fuse_all(base.pattern))):
-        r = measure(base.replace(pattern=pattern), args.batch, args.seq, args.steps, args.warmup, args.ac, args.compile)
-        rows.append((name, pattern, r))
-    print()
-    print("| variant | pattern | step ms | tokens/s | model TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for name, pattern, r in rows:
+    for shape in args.shapes.split(","):
+        B, L = (int(x) for x in shape.lower().split("x"))
+        batches = packed_batches(2, B, L, base.vocab_size)
+        flops_per_step = 3 * float(HybridLM(base, device="meta").flops_per_token(L)) * B * L
+        todo = [(v, "ours") for v in args.variants.split(",")]
+        if args.compare_hf:
+            todo.append(("hf", "hf"))
+        for name, kind in todo:
+            try:
+                if kind == "ours":
+                    cfg = base.replace(pattern=variants[name])
+
+                    def build(cfg=cfg):
+                        return build_ours(cfg, compile_, args.ac)
+
+                    r = measure(build, ours_step, batches, args.steps, args.warmup)
+                    label = f"hybridlm {name}"
+                else:
+                    from hf_anchor import anchor_path, hf_model
+
+                    def build():
+                        return hf_model(HybridLM(base, seed=0, device="cuda"), torch.bfloat16).train()
+
+                    r = measure(build, hf_step, batches, args.steps, args.warmup)
+                    label = f"Hugging Face ({anchor_path()})"
+            except torch.cuda.OutOfMemoryError:
+                gc.collect()
+                torch.cuda.empty_cache()
+                r, label = None, (f"hybridlm {name}" if kind == "ours" else "Hugging Face")
+            rows.append((shape, label, r, flops_per_step))
+            if r:
+                tps = B * L / (r["step_ms"] / 1e3)
+                print(
+                    f"  {shape} {label}: {r['step_ms']:.1f} ms, {tps:,.0f} tokens/s, {r['peak_gib']:.1f} GiB",
+                    flush=True,
+                )
+            else:
+                print(f"  {shape} {label}: out of memory", flush=True)
+
+    print(
+        "\n| B×L | variant | step ms | tokens/s | model TFLOP/s | MFU (989) | MFU (measured) | peak GiB | first step s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    by_shape: dict[str, dict[str, float]] = {}
+    for shape, label, r, flops in rows:
+        if r is None:
+            print(f"| {shape} | {label} | out of memory | | | | | | |")
+            continue
+        B, L = (int(x) for x in shape.split("x"))
+        tps = B * L / (r["step_ms"] / 1e3)
+        by_shape.setdefault(shape, {})[label] = tps
+        tf = flops / (r["step_ms"] / 1e3)
         print(
-            f"| {name} | `{pattern}` | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
-            f"{100 * r['tflops'] / peak:.1f}% | {r['peak_gib']:.1f} |"
+            f"| {shape} | {label} | {r['step_ms']:.1f} | {tps:,.0f} | {tf / 1e12:.0f} | {100 * tf / H200_PEAK:.1f} % | "
+            f"{100 * tf / rate:.1f} % | {r['peak_gib']:.1f} | {r['first_step_s']:.1f} |"
         )
-    print(f"\nfused / unfused throughput: {rows[1][2]['tokens_per_s'] / rows[0][2]['tokens_per_s']:.3f}")
+    print()
+    for shape, d in by_shape.items():
+        u, f = d.get("hybridlm unfused"), d.get("hybridlm fused")
+        hf = next((v for k, v in d.items() if k.startswith("Hugging Face")), None)
+        parts = []
+        if u and f:
+            parts.append(f"fused/unfused {f / u:.3f}")
+        if hf and u:
+            parts.append(f"unfused/HF {u / hf:.3f}")
+        if hf and f:
+            parts.append(f"fused/HF {f / hf:.3f}")
+        print(f"{shape}: " + ", ".join(parts))
+    print(f"kernel paths: {paths_used()}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"train_step_{args.preset}.json").write_text(
+            json.dumps([{"shape": s, "variant": v, **(r or {})} for s, v, r, _ in rows], indent=1)
+        )
+
+    if args.profile:
+        B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))
+        batches = packed_batches(2, B, L, base.vocab_size)
+        profile_step(lambda: build_ours(base, compile_, args.ac), ours_step, batches, f"hybridlm unfused {B}x{L}")
+        profile_step(
+            lambda: build_ours(base.replace(pattern=fuse_all(base.pattern)), compile_, args.ac),
+            ours_step,
+            batches,
+            f"hybridlm fused {B}x{L}",
+        )
+        if args.compare_hf:
+            from hf_anchor import hf_model
+
+            profile_step(
+                lambda: hf_model(HybridLM(base, seed=0, device="cuda"), torch.bfloat16).train(),
+                hf_step,
+                batches,
+                f"Hugging Face {B}x{L}",
+            )
+    if args.curves:
+        B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))
+        loss_curves(base, B, L, args.curves, compile_)
 
 
 if __name__ == "__main__":
