@@ -122,7 +122,15 @@ def hf_model(model: torch.nn.Module, dtype: torch.dtype = torch.float32, device:
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(device):  # initialized on the device (fast), then overwritten with our weights
         hf = NemotronHForCausalLM(hf_cfg)
+    # The files say "backbone."; some transformers releases name the module "model." and rename on
+    # from_pretrained only. Follow whatever this release's module uses.
+    own = next(iter(hf.state_dict()))
+    prefix = own.split(".", 1)[0] + "." if not own.startswith("lm_head") else "backbone."
+    tensors = {(prefix + k[len("backbone.") :] if k.startswith("backbone.") else k): v for k, v in tensors.items()}
     missing, unexpected = hf.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"Hugging Face model does not match our export: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"Hugging Face model does not match our export: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
     return hf.to(dtype)

@@ -12,8 +12,6 @@ Three paths, one function (:func:`causal_attention`), chosen by :mod:`hybridlm.o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -49,12 +47,20 @@ def document_block_mask(seq_idx: torch.Tensor):
     return create_block_mask(mask_mod, B, None, L, L, device=seq_idx.device)
 
 
-@functools.cache
-def _compiled_flex():
+_flex_compiled = None
+
+
+def _flex():
+    """FlexAttention as a fused kernel: compiled once for eager callers; inside a compiled block the
+    block's own compilation traces it (eager flex would materialize the scores)."""
+    global _flex_compiled
     from torch.nn.attention.flex_attention import flex_attention
 
-    # FlexAttention is a fused kernel only when compiled; eager flex materializes the scores.
-    return torch.compile(flex_attention, dynamic=False)
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
 
 
 def _dense_mask(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -100,7 +106,7 @@ def causal_attention(
         record("attention", "flex")
         if block_mask is None:
             block_mask = document_block_mask(seq_idx)
-        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return _flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     record("attention", "sdpa_dense_mask")
     mask = dense_mask if dense_mask is not None else _dense_mask(seq_idx)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
