@@ -59,3 +59,51 @@ def test_bf16_training_run_on_cuda(tmp_path):
     assert summary["val_loss"] < summary["first_val_loss"] - 1.0
     rows = trainer.metrics.history
     assert any("mfu" in r and 0 < r["mfu"] < 1 for r in rows)
+
+
+def test_grouped_mm_runs_under_autocast_with_fp32_master_weights():
+    # The trainer's setting: float32 parameters, bf16 autocast. The grouped GEMM must run (no
+    # silent per-expert loop), with bf16 rows or float32 rows, and agree with the loop.
+    from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+
+    config = tiny_config("E", hidden_size=64, moe_num_experts=8, moe_ffn_hidden_size=32)
+    experts = Experts(config).cuda()
+    torch.nn.init.normal_(experts.up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    counts = torch.tensor([5, 0, 17, 3, 9, 0, 1, 29], device="cuda")
+    xs = torch.randn(int(counts.sum()), 64, device="cuda")
+    for rows in (xs, xs.bfloat16()):
+        reset_paths()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            grouped = experts(rows, counts)
+        assert paths_used()["moe_experts"] == "grouped_mm"
+        with use_kernels("torch"), torch.autocast("cuda", dtype=torch.bfloat16):
+            loop = experts(rows, counts)
+        assert paths_used()["moe_experts"] == "loop"
+        assert_rel_close(grouped.float(), loop.float(), 2e-2, "grouped_mm vs loop under autocast")
+
+
+def test_packed_attention_uses_flex_and_matches_the_dense_mask():
+    from hybridlm.ops.attention import causal_attention
+    from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+
+    B, Hq, Hkv, L, D = 2, 8, 2, 4096, 64
+    q = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    seq_idx = torch.zeros(B, L, dtype=torch.long, device="cuda")
+    seq_idx[0, 1000:] += 1
+    seq_idx[0, 3001:] += 1
+    seq_idx[1, 77:] += 1
+    reset_paths()
+    out = causal_attention(q, k, v, seq_idx)
+    assert paths_used()["attention"] == "flex"
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    with use_kernels("torch"):
+        ref = causal_attention(qd, kd, vd, seq_idx)
+    assert paths_used()["attention"] == "sdpa_dense_mask"
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qd, kd, vd))
+    assert_rel_close(out.double(), ref, 2e-2, "flex output")
+    for g, r, name in zip(grads, ref_grads, "qkv"):
+        assert_rel_close(g.double(), r, 3e-2, f"flex d{name}")

@@ -1,0 +1,20 @@
+"""Precision contracts that hold under autocast (checked with CPU bf16 autocast here, on CUDA in test_gpu)."""
+
+import torch
+
+from hybridlm.layers.moe import Router
+from tests.helpers import tiny_config
+
+
+def test_router_logits_stay_float32_under_autocast():
+    config = tiny_config("E", hidden_size=64, moe_num_experts=16, moe_top_k=4)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(257, 64)
+    exact_scores, _, exact_idx = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, w, idx = router(x)
+    assert scores.dtype == torch.float32 and w.dtype == torch.float32
+    # Computed in float32 inside autocast: the same routing as without autocast.
+    assert torch.equal(idx, exact_idx)
+    torch.testing.assert_close(scores, exact_scores, rtol=0, atol=0)
