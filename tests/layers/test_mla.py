@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from hybridlm import ModelConfig
+from hybridlm import HybridLM, ModelConfig
 from hybridlm.errors import ConfigError
 from hybridlm.layers import DSA, MLA
 from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
@@ -101,6 +101,33 @@ def test_selection_keeps_topk_allowed_keys():
     low = scores.masked_fill(~selected, float("inf")).min(-1).values
     high = scores.masked_fill(~allowed | selected, float("-inf")).max(-1).values
     assert (low >= high).all()
+
+
+def test_indexer_stays_float32_under_autocast_and_in_bf16():
+    config = dsa_config()
+    layer = make(DSA, config, seed=8)
+    ctx, pos = context(config, 2, SEQLEN, None)
+    x = torch.randn(2, SEQLEN, config.hidden_size)
+    ix = layer.indexer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos, sin = layer.rope(pos)
+        _, _, _, c_q = layer.qkv(x, pos)
+        q, w = ix.queries(x, c_q, cos, sin)
+        k = ix.keys(x, cos, sin)
+        scores = ix.scores(q, w, k)
+        layer(x, ctx)
+    assert q.dtype == w.dtype == k.dtype == scores.dtype == ctx.aux_losses[0].dtype == torch.float32
+    assert torch.equal(scores, ix.scores(q, w, k))  # the same float32 computation as without autocast
+
+    model = HybridLM(tiny_config("D-", **MLA_TINY), dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["blocks.0.layers.0.mixer.indexer.weights_proj.weight"] == torch.float32
+    assert dtypes["blocks.0.layers.0.mixer.indexer.wq_b.weight"] == torch.bfloat16
+    out = model(torch.randint(0, 97, (1, 9)))
+    assert torch.isfinite(out.logits).all()
+    mixer = model.blocks["0"].layers[0].mixer
+    _, cache = mixer.forward_cached(torch.randn(1, 3, 32, dtype=torch.bfloat16), mixer.init_cache(1))
+    assert cache.c_kv.dtype == torch.bfloat16 and cache.index_k.dtype == torch.float32
 
 
 def test_dsa_with_topk_beyond_the_sequence_is_mla():

@@ -69,20 +69,29 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, H), c_q (B, T, q_lora_rank) -> q (B, T, n, d) and head weights w (B, T, n), float32."""
         b, t, _ = x.shape
-        q = apply_rope(self.wq_b(c_q).float().view(b, t, self.n, self.d), cos, sin)
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n**-0.5 * self.d**-0.5)
+        q = self.wq_b(c_q)
+        with _float32(x):
+            q = apply_rope(q.float().view(b, t, self.n, self.d), cos, sin)
+            w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n**-0.5 * self.d**-0.5)
         return q, w
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, S, H) -> k (B, S, d) float32 (what a decoding cache keeps)."""
-        norm = self.k_norm
-        k = F.layer_norm(self.wk(x).float(), (self.d,), norm.weight.float(), norm.bias.float(), norm.eps)
-        return apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
+        norm, k = self.k_norm, self.wk(x)
+        with _float32(x):
+            k = F.layer_norm(k.float(), (self.d,), norm.weight.float(), norm.bias.float(), norm.eps)
+            return apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
 
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``I(t, s) = sum_j w_j(t) ReLU(q_j(t) · k(s))``: q (B, T, n, d), w (B, T, n), k (B, S, d) -> (B, T, S)."""
-        return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k).relu(), w)
+        with _float32(q):
+            return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k).relu(), w)
+
+
+def _float32(t: torch.Tensor) -> torch.autocast:
+    """A region where autocast is off, so the indexer's float32 math stays float32 under bf16 autocast."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def select_topk(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,9 +153,10 @@ class DSA(MLA):
         allowed = allowed_keys(ctx, x.shape[1], x.device)
         scores, selected = self.select(x, c_q, ctx.position_ids, allowed)
         if c.dsa_indexer_loss_coeff > 0 and torch.is_grad_enabled():
-            logits = torch.einsum("bthd,bshd->bhts", q.detach(), k.detach()) * self.softmax_scale
-            valid = selected if c.dsa_indexer_use_sparse_loss else allowed
-            ctx.aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
+            with _float32(x):
+                logits = torch.einsum("bthd,bshd->bhts", q.detach().float(), k.detach().float()) * self.softmax_scale
+                valid = selected if c.dsa_indexer_use_sparse_loss else allowed
+                ctx.aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
         return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
 
     def init_cache(
