@@ -49,23 +49,39 @@ TINY = dict(
 )
 
 
+#: Small multi-latent / sparse attention sizes (+, D): every dimension distinct, so a swapped one shows.
+MLA_TINY = dict(
+    q_lora_rank=12,
+    kv_lora_rank=10,
+    qk_head_dim=6,
+    qk_pos_emb_head_dim=4,
+    v_head_dim=5,
+    dsa_indexer_n_heads=3,
+    dsa_indexer_head_dim=8,
+    dsa_indexer_topk=5,
+)
+
+
 def tiny_config(pattern: str, **overrides) -> ModelConfig:
     return ModelConfig(pattern=pattern, **{**TINY, **overrides})
 
 
-def random_block(rng: random.Random, allow_fused: bool = True) -> str:
+def random_block(rng: random.Random, allow_fused: bool = True, sequence: str = "MG*") -> str:
+    """A random block; ``sequence``: the sequence mixers to draw from (``*`` excludes ``+`` and ``D``)."""
     if allow_fused and rng.random() < 0.35:
-        return f"[{rng.choice('MG*')}{rng.choice('-E')}]"
-    return rng.choice("MG*-E")
+        return f"[{rng.choice(sequence)}{rng.choice('-E')}]"
+    return rng.choice(sequence + "-E")
 
 
-def random_pattern(rng: random.Random, max_blocks: int = 6, mtp: bool = True, pipes: bool = True) -> str:
-    blocks = [random_block(rng) for _ in range(rng.randint(1, max_blocks))]
+def random_pattern(
+    rng: random.Random, max_blocks: int = 6, mtp: bool = True, pipes: bool = True, sequence: str = "MG*"
+) -> str:
+    blocks = [random_block(rng, sequence=sequence) for _ in range(rng.randint(1, max_blocks))]
     if pipes and len(blocks) > 1 and rng.random() < 0.4:
         blocks.insert(rng.randint(1, len(blocks) - 1), "|")
     text = "".join(blocks)
     if mtp and rng.random() < 0.4:
-        depth = "".join(random_block(rng) for _ in range(rng.randint(1, 2)))
+        depth = "".join(random_block(rng, sequence=sequence) for _ in range(rng.randint(1, 2)))
         text += ("/" + depth) * rng.randint(1, 2)
     return text
 
@@ -87,6 +103,20 @@ def random_config(rng: random.Random, pattern: str) -> ModelConfig:
         moe_aux_loss_coeff=rng.choice([0.0, 0.01]),
         tie_embeddings=rng.random() < 0.3,
         gdn_num_value_heads=rng.choice([2, 4]),
+        **_random_mla(rng, pattern),
+    )
+
+
+def _random_mla(rng: random.Random, pattern: str) -> dict:
+    """MLA/DSA options, drawn only for patterns with ``+`` or ``D`` (other patterns keep their draws)."""
+    if "+" not in pattern and "D" not in pattern:
+        return {}
+    return dict(
+        MLA_TINY,
+        q_lora_rank=None if "D" not in pattern and rng.random() < 0.3 else 12,
+        dsa_indexer_topk=rng.choice([3, 5, 64]),
+        dsa_indexer_loss_coeff=rng.choice([0.01, 0.1]),
+        dsa_indexer_use_sparse_loss=rng.random() < 0.5,
     )
 
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.checkpoint.canonical import to_canonical
-from tests.helpers import assert_rel_close, random_config, random_pattern, tiny_config, unfused
+from tests.helpers import MLA_TINY, assert_rel_close, random_config, random_pattern, tiny_config, unfused
 
 
 def canonical_state(model):
@@ -44,6 +44,33 @@ def test_fused_model_equals_unfused_twin(seed):
     out_t = twin(ids, labels, doc_ids=doc_ids)
     assert_rel_close(out_f.logits, out_t.logits, 1e-6, f"{pattern} logits")
     assert_rel_close(out_f.loss, out_t.loss, 1e-6, f"{pattern} loss")
+    out_f.loss.backward()
+    out_t.loss.backward()
+    ga, gb = canonical_grads(fused), canonical_grads(twin)
+    for k in ga:
+        assert ga[k] is not None, f"{pattern}: no gradient for {k}"
+        assert_rel_close(ga[k], gb[k], 1e-6, f"{pattern} grad {k}")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_mla_model_equals_unfused_twin(seed):
+    """The same twin check for patterns of multi-latent (+) and sparse (D) attention, which exclude '*'."""
+    rng = random.Random(1000 + seed)
+    pattern = ["[+-]", "[+E]", "[D-]", "[DE]"][seed % 4] + random_pattern(rng, sequence="M+D" if seed % 2 else "G+")
+    config = random_config(rng, pattern)
+    fused, twin = HybridLM(config, seed=seed), HybridLM(config.replace(pattern=unfused(pattern)), seed=seed)
+    a, b = canonical_state(fused), canonical_state(twin)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), pattern
+    ids = torch.randint(0, config.vocab_size, (2, 19))
+    doc_ids = torch.tensor([[0] * 7 + [1] * 12, [0] * 19]) if seed % 3 else None
+    out_f, out_t = (
+        fused(ids, torch.roll(ids, -1, 1), doc_ids=doc_ids),
+        twin(ids, torch.roll(ids, -1, 1), doc_ids=doc_ids),
+    )
+    assert_rel_close(out_f.logits, out_t.logits, 1e-6, f"{pattern} logits")
+    assert_rel_close(out_f.loss, out_t.loss, 1e-6, f"{pattern} loss")
+    if "D" in pattern:
+        assert out_f.aux_loss is not None and out_f.aux_loss > 0  # the indexer loss is part of the loss
     out_f.loss.backward()
     out_t.loss.backward()
     ga, gb = canonical_grads(fused), canonical_grads(twin)
@@ -153,6 +180,21 @@ def test_flops_match_flop_counter(seed):
     )
 
 
+@pytest.mark.parametrize(
+    ("pattern", "overrides"),
+    [("M+-[+E]/+-", {}), ("[D-]GD|E", {"dsa_indexer_topk": 3}), ("+D", {"q_lora_rank": 7})],
+)
+def test_mla_flops_match_flop_counter(pattern, overrides):
+    config = tiny_config(pattern, **{**MLA_TINY, **overrides})
+    model = HybridLM(config)
+    B, L = 2, 13
+    ids = torch.randint(0, config.vocab_size, (B, L))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    expected = model.flops_per_token(L) * B * L
+    assert_rel_close(torch.tensor(float(counter.get_total_flops())), torch.tensor(float(expected)), 1e-9, pattern)
+
+
 def test_num_params_per_kind():
     model = HybridLM(tiny_config("M-[*E]G/[*-]"))
     n = model.num_params()
@@ -174,9 +216,14 @@ def test_presets_build_on_meta(name, billions):
         assert abs(float(model.num_params()) / 1e9 - billions) < 0.01
 
 
-def test_unbuildable_symbols_fail_clearly():
-    with pytest.raises(NotImplementedError, match="multi-latent attention"):
-        HybridLM(tiny_config("M+-"))
+def test_every_layer_symbol_builds():
+    for pattern in ("M-G*E", "M+D-E"):
+        model = HybridLM(tiny_config(pattern, **MLA_TINY), device="meta")
+        assert "".join(b.symbols for b in model.blocks.values()) == pattern
+    n = HybridLM(tiny_config("+-D/+", **MLA_TINY)).num_params()
+    assert {"+", "D", "mtp"} <= set(n.by_kind) and float(n) == sum(
+        p.numel() for p in HybridLM(tiny_config("+-D/+", **MLA_TINY)).parameters()
+    )
 
 
 def test_cast_keeps_sensitive_parameters_fp32():

@@ -86,6 +86,20 @@ class ModelConfig:
     gdn_conv_kernel: int = 4
     gdn_chunk_size: int = 64  #: positions per chunk of the chunked gated delta rule
 
+    # -- multi-latent attention (+) and DeepSeek sparse attention (D) -------------------------
+    # Megatron's MLATransformerConfig / TransformerConfig names. Both use num_attention_heads and
+    # rope_theta (Megatron: rotary_base) for their decoupled RoPE; YaRN is not supported.
+    q_lora_rank: int | None = 512  #: rank of the compressed query; None = a full-rank q projection
+    kv_lora_rank: int = 512  #: rank of the compressed key/value latent (what the decoding cache keeps)
+    qk_head_dim: int = 128  #: per-head query/key channels without RoPE (DeepSeek: qk_nope_head_dim)
+    qk_pos_emb_head_dim: int = 64  #: per-head RoPE channels, the key part shared by all heads (qk_rope_head_dim)
+    v_head_dim: int = 128
+    dsa_indexer_n_heads: int = 64  #: lightning-indexer heads (D)
+    dsa_indexer_head_dim: int = 128  #: lightning-indexer head size; its first qk_pos_emb_head_dim channels get RoPE
+    dsa_indexer_topk: int = 2048  #: keys each query attends to (D)
+    dsa_indexer_loss_coeff: float = 0.0  #: weight of the indexer's KL loss (0 = not computed)
+    dsa_indexer_use_sparse_loss: bool = False  #: KL over the selected keys only (the sparse stage), not all
+
     def __post_init__(self) -> None:
         _check_types(self)
         _validate(self)
@@ -363,6 +377,9 @@ def _validate(cfg: ModelConfig) -> None:
             if getattr(cfg, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
 
+    if used & {"+", "D"}:
+        _validate_mla(cfg, "D" in used)
+
     if "G" in used:
         _positive(
             cfg,
@@ -379,6 +396,39 @@ def _validate(cfg: ModelConfig) -> None:
                 f"{cfg.resolved_gdn_num_value_heads} must be a multiple of gdn_num_heads "
                 f"({cfg.resolved_gdn_num_heads})",
             )
+
+
+def _validate_mla(cfg: ModelConfig, sparse: bool) -> None:
+    """Multi-latent attention (``+``) and DeepSeek sparse attention (``D``, ``sparse``)."""
+    if cfg.num_attention_heads is None:
+        raise ConfigError("num_attention_heads", "required: the pattern has MLA ('+') or DSA ('D') layers")
+    _positive(
+        cfg,
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_head_dim",
+        "qk_pos_emb_head_dim",
+        "v_head_dim",
+        "rope_theta",
+    )
+    if cfg.qk_pos_emb_head_dim % 2:
+        raise ConfigError(
+            "qk_pos_emb_head_dim", f"must be even (RoPE rotates channel pairs), got {cfg.qk_pos_emb_head_dim}"
+        )
+    if not sparse:
+        return
+    _positive(cfg, "dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk")
+    if cfg.q_lora_rank is None:
+        raise ConfigError("q_lora_rank", "required by DSA ('D') layers: the indexer reads the compressed query")
+    if cfg.dsa_indexer_head_dim < cfg.qk_pos_emb_head_dim:
+        raise ConfigError(
+            "dsa_indexer_head_dim",
+            f"{cfg.dsa_indexer_head_dim} is smaller than qk_pos_emb_head_dim ({cfg.qk_pos_emb_head_dim}), "
+            "the indexer's RoPE channels",
+        )
+    if cfg.dsa_indexer_loss_coeff < 0:
+        raise ConfigError("dsa_indexer_loss_coeff", f"must be >= 0, got {cfg.dsa_indexer_loss_coeff}")
 
 
 # -- presets ---------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ class ModelOutput:
         loss: total loss when labels were given: ``lm_loss + mtp_loss_scale * mean(mtp_losses) + aux_loss``.
         lm_loss: cross entropy of the main head.
         mtp_losses: cross entropy of each MTP depth (depth d predicts the token d+1 places further).
-        aux_loss: sum of the MoE load-balancing losses (0 without MoE or with coefficient 0).
+        aux_loss: sum of the auxiliary losses: MoE load balancing and the DSA indexer loss (None without any).
         mtp_logits: (B, L, V) per MTP depth.
         hidden_states: (B, L, hidden) output of the last block (before the final norm).
     """

@@ -33,7 +33,7 @@ from hybridlm.layers.gdn import gdn_reference
 from hybridlm.layers.mlp import mlp_reference
 from hybridlm.ops.conv import causal_conv1d_reference
 from hybridlm.ops.gated_delta import gated_delta_rule_reference, l2_normalize
-from tests.helpers import assert_rel_close, random_config, random_pattern, tiny_config, unfused
+from tests.helpers import MLA_TINY, assert_rel_close, random_config, random_pattern, tiny_config, unfused
 
 # -- helpers ------------------------------------------------------------------------------------------
 
@@ -80,6 +80,8 @@ ROUND_TRIP_CONFIGS = [
     ),
     tiny_config("E-/G", mlp_activation="gelu", moe_shared_expert_ffn_hidden_size=16, num_query_groups=4),
     *[random_config(random.Random(s), random_pattern(random.Random(100 + s))) for s in range(6)],
+    tiny_config("[+-]M[DE]|+/[D-]", **MLA_TINY),
+    tiny_config("D-G+", **MLA_TINY, dsa_indexer_use_sparse_loss=True, tie_embeddings=True),
 ]
 
 
@@ -235,6 +237,117 @@ def test_gdn_in_proj_matches_megatron_forward():
     x = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
     ours = gdn_reference(model.blocks["0"].layers[0].mixer, x)
     assert_rel_close(megatron_gdn(state, "decoder.layers.0.self_attention.", config, x), ours, 1e-10, "GDN")
+
+
+def test_mla_and_dsa_names_and_shapes():
+    config = tiny_config("+D", **MLA_TINY)
+    shapes = megatron_shapes(config)
+    H, nh, c = config.hidden_size, config.num_attention_heads, config
+    qk, v = c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim
+    for i in (0, 1):
+        a = f"decoder.layers.{i}.self_attention."
+        assert shapes[f"decoder.layers.{i}.input_layernorm.weight"] == (H,)
+        assert shapes[a + "linear_q_down_proj.weight"] == (c.q_lora_rank, H)
+        assert shapes[a + "linear_q_up_proj.weight"] == (nh * qk, c.q_lora_rank)
+        assert shapes[a + "linear_kv_down_proj.weight"] == (c.kv_lora_rank + c.qk_pos_emb_head_dim, H)
+        assert shapes[a + "linear_kv_up_proj.weight"] == (nh * (c.qk_head_dim + v), c.kv_lora_rank)
+        assert shapes[a + "linear_proj.weight"] == (H, nh * v)
+    # MLA fuses its latent norms into the up projections (Transformer Engine); DSA cannot.
+    a = "decoder.layers.0.self_attention."
+    assert shapes[a + "linear_q_up_proj.layer_norm_weight"] == (c.q_lora_rank,)
+    assert shapes[a + "linear_kv_up_proj.layer_norm_weight"] == (c.kv_lora_rank,)
+    a = "decoder.layers.1.self_attention."
+    assert shapes[a + "q_layernorm.weight"] == (c.q_lora_rank,) and shapes[a + "kv_layernorm.weight"] == (
+        c.kv_lora_rank,
+    )
+    ix, n, d = a + "core_attention.indexer.", c.dsa_indexer_n_heads, c.dsa_indexer_head_dim
+    assert shapes[ix + "linear_wq_b.weight"] == (n * d, c.q_lora_rank)
+    assert shapes[ix + "linear_wk.weight"] == (d, H)
+    assert shapes[ix + "k_norm.weight"] == shapes[ix + "k_norm.bias"] == (d,)
+    assert shapes[ix + "linear_weights_proj.weight"] == (n, H)
+    assert not any("indexer" in k for k in shapes if k.startswith("decoder.layers.0."))
+
+
+def test_mla_without_q_compression_is_refused_for_megatron():
+    with pytest.raises(CheckpointError, match=r"q_lora_rank.*linear_q_proj"):
+        megatron_keys(tiny_config("M+", **{**MLA_TINY, "q_lora_rank": None}))
+
+
+def megatron_mla(state: dict[str, torch.Tensor], layer: str, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """``input_layernorm`` + MLASelfAttention of megatron-core 0.19.2 (rope_type "rope", no YaRN) on plain tensors:
+    ``get_query_key_value_tensors`` (splits, ``mla_rotary_interleaved`` RoPE), causal softmax, ``linear_proj``."""
+    c, a = config, layer + "self_attention."
+    nh, dn, dr, dv, kvr = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim, c.kv_lora_rank
+    b, L, _ = x.shape
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + c.norm_eps) * w
+
+    h = rms(x, state[layer + "input_layernorm.weight"])
+    q_c = rms(h @ state[a + "linear_q_down_proj.weight"].T, state[a + "linear_q_up_proj.layer_norm_weight"])
+    q = (q_c @ state[a + "linear_q_up_proj.weight"].T).view(b, L, nh, dn + dr)
+    kv_c, k_pos = (h @ state[a + "linear_kv_down_proj.weight"].T).split([kvr, dr], dim=-1)
+    kv_c = rms(kv_c, state[a + "linear_kv_up_proj.layer_norm_weight"])
+    k_nope, value = (kv_c @ state[a + "linear_kv_up_proj.weight"].T).view(b, L, nh, dn + dv).split([dn, dv], -1)
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    freqs = torch.arange(L, dtype=torch.float64)[:, None] * inv
+    freqs = torch.cat([freqs, freqs], -1)[None, :, None]  # RotaryEmbedding's [f, f] layout
+
+    def rope(t):  # _apply_rotary_pos_emb_bshd with mla_rotary_interleaved=True
+        t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+        half = torch.cat([-t[..., dr // 2 :], t[..., : dr // 2]], dim=-1)
+        return t * freqs.cos() + half * freqs.sin()
+
+    query = torch.cat([q[..., :dn], rope(q[..., dn:])], -1)
+    key = torch.cat([k_nope, rope(k_pos.unsqueeze(2)).expand(b, L, nh, dr)], -1)
+    scores = torch.einsum("bthd,bshd->bhts", query, key) / (dn + dr) ** 0.5
+    scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    o = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), value).reshape(b, L, nh * dv)
+    return o @ state[a + "linear_proj.weight"].T
+
+
+def megatron_dsa_index_scores(state: dict[str, torch.Tensor], layer: str, config: ModelConfig, x: torch.Tensor):
+    """DSAIndexer.forward_before_topk + _compute_index_scores of megatron-core 0.19.2 (RoPE not interleaved,
+    ReLU scoring; the Hadamard rotation is orthogonal and left out) -> (B, L, L) before masking."""
+    c, a = config, layer + "self_attention."
+    ix, n, d, dr = a + "core_attention.indexer.", c.dsa_indexer_n_heads, c.dsa_indexer_head_dim, c.qk_pos_emb_head_dim
+    b, L, _ = x.shape
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps) * state[layer + "input_layernorm.weight"]
+    qr = h @ state[a + "linear_q_down_proj.weight"].T
+    qr = qr * torch.rsqrt(qr.pow(2).mean(-1, keepdim=True) + c.norm_eps) * state[a + "q_layernorm.weight"]
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    freqs = torch.arange(L, dtype=torch.float64)[:, None] * inv
+    freqs = torch.cat([freqs, freqs], -1)[None, :, None]
+
+    def rope(t):  # x_pe first, x_nope after
+        pe, nope = t[..., :dr], t[..., dr:]
+        half = torch.cat([-pe[..., dr // 2 :], pe[..., : dr // 2]], dim=-1)
+        return torch.cat([pe * freqs.cos() + half * freqs.sin(), nope], -1)
+
+    q = rope((qr @ state[ix + "linear_wq_b.weight"].T).view(b, L, n, d))
+    k = F.layer_norm(
+        h @ state[ix + "linear_wk.weight"].T, (d,), state[ix + "k_norm.weight"], state[ix + "k_norm.bias"], c.norm_eps
+    )
+    k = rope(k.unsqueeze(2)).squeeze(2)
+    w = (h @ state[ix + "linear_weights_proj.weight"].T) * n**-0.5 * d**-0.5
+    return (torch.einsum("bthd,bsd->bths", q, k).relu() * w.unsqueeze(-1)).sum(2)
+
+
+def test_mla_and_dsa_indexer_match_megatron_forward():
+    config = tiny_config("+D", **MLA_TINY)
+    model = float64_model(config)
+    state = to_megatron(config, canonical_state_dict(model))
+    x = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
+    ctx = model.make_context(2, 9, x.device)
+    mla, dsa = model.blocks["0"].layers[0], model.blocks["1"].layers[0]
+    # Our RoPE angles and the indexer run in float32 by design, hence float32-level tolerances.
+    with torch.no_grad():
+        ours = mla.mixer(mla.norm(x), ctx)
+        assert_rel_close(megatron_mla(state, "decoder.layers.0.", config, x), ours, 1e-6, "MLA")
+        h = dsa.norm(x)
+        _, _, _, c_q = dsa.mixer.qkv(h, ctx.position_ids)
+        ours, _ = dsa.mixer.select(h, c_q, ctx.position_ids, torch.ones(1, 9, 9, dtype=torch.bool))
+    assert_rel_close(megatron_dsa_index_scores(state, "decoder.layers.1.", config, x), ours, 1e-6, "DSA indexer")
 
 
 # -- 4. refusals, aliases and files ------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint import weights
 from hybridlm.checkpoint.weights import load_canonical_into, read_tensors
 from hybridlm.parallel.pipeline import build_stage
-from tests.helpers import tiny_config
+from tests.helpers import MLA_TINY, tiny_config
 
 LAYOUTS = ["M-[*-][GE]M-/[*-]", "M-*-GEM-/*-", "M-|[*-]GE|M-/*-", "[M-]*-[GE][M-]/*-"]
 
@@ -74,6 +74,26 @@ def test_load_into_pipeline_stages(tmp_path, ids):
             out = stage(ids, hidden_states=h)
             h = out.hidden_states
         assert torch.equal(out.logits, model(ids).logits), layout
+
+
+def test_mla_and_dsa_round_trip_through_layouts_and_stages(tmp_path, ids):
+    """Canonical names under layers.{i}.mixer.*; any fusion of + and D, and a pipeline split, load the same weights."""
+    config = tiny_config("[+-]D|[DE]+/[D-]", **MLA_TINY)
+    model = HybridLM(config, seed=6)
+    expected = model(ids).logits
+    hybridlm.save(model, tmp_path / "ck")
+    names = set(read_tensors(tmp_path / "ck"))
+    assert {"layers.0.mixer.kv_a_proj_with_mqa.weight", "layers.2.mixer.indexer.wq_b.weight"} <= names
+    assert "mtp.0.layers.0.mixer.indexer.k_norm.bias" in names and "layers.5.mixer.q_b_proj.weight" in names
+    loaded = hybridlm.load(tmp_path / "ck", pattern="+-DDE+/D-")
+    assert torch.equal(loaded(ids).logits, expected)
+    h = None
+    for rank in range(2):
+        stage = build_stage(config, rank, 2, seed=99)
+        load_canonical_into(stage, read_tensors(tmp_path / "ck"))
+        out = stage(ids, hidden_states=h)
+        h = out.hidden_states
+    assert torch.equal(out.logits, expected)
 
 
 def test_sharded_save(tmp_path, ids):

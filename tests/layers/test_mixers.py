@@ -5,15 +5,16 @@ import copy
 import pytest
 import torch
 
-from hybridlm.layers import MLP, Attention, GatedDeltaNet, Mamba2Mixer, MoE, SequenceContext
+from hybridlm.layers import MLA, MLP, Attention, GatedDeltaNet, Mamba2Mixer, MoE, SequenceContext
 from hybridlm.layers.attention import attention_reference
 from hybridlm.layers.context import positions_in_segment
 from hybridlm.layers.gdn import gdn_reference
 from hybridlm.layers.mamba2 import mamba2_reference
+from hybridlm.layers.mla import mla_reference
 from hybridlm.layers.mlp import mlp_reference
 from hybridlm.layers.moe import moe_reference
 from hybridlm.layers.rope import rope_cos_sin
-from tests.helpers import assert_rel_close, rel_err, tiny_config
+from tests.helpers import MLA_TINY, assert_rel_close, rel_err, tiny_config
 from tests.ops.test_ssd import docs
 
 SEQLEN = 21  # longer than the chunk size (8) and not a multiple of it
@@ -82,6 +83,8 @@ CASES = {
         {"mlp_activation": "swiglu", "moe_norm_topk_prob": False, "moe_num_experts": 6, "moe_top_k": 3},
     ),
     "gdn": (GatedDeltaNet, "G", {}),
+    "mla": (MLA, "+", MLA_TINY),
+    "mla-full-rank-q": (MLA, "+", {**MLA_TINY, "q_lora_rank": None, "rope_theta": 500.0}),
     "gdn-more-value-heads": (GatedDeltaNet, "G", {"gdn_num_value_heads": 4, "gdn_value_head_dim": 6}),
 }
 
@@ -91,6 +94,8 @@ def reference(layer, x, pos, seq_idx):
         return mamba2_reference(layer, x, seq_idx)
     if isinstance(layer, Attention):
         return attention_reference(layer, x, pos, seq_idx)
+    if isinstance(layer, MLA):
+        return mla_reference(layer, x, pos, seq_idx)
     if isinstance(layer, GatedDeltaNet):
         return gdn_reference(layer, x, seq_idx)
     if isinstance(layer, MoE):
@@ -134,7 +139,7 @@ def test_mixer_matches_reference(case, packed):
         check(p.grad, p64[name].grad, p32[name].grad, f"grad {name}")
 
 
-@pytest.mark.parametrize("case", ["mamba2", "attention-rope-qknorm", "gdn", "moe-softmax", "mlp-relu2"])
+@pytest.mark.parametrize("case", ["mamba2", "attention-rope-qknorm", "gdn", "moe-softmax", "mlp-relu2", "mla"])
 def test_packed_equals_separate_documents(case):
     """A packed row gives each document exactly what it gets alone (positions restart too)."""
     cls, symbol, overrides = CASES[case]

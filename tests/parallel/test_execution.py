@@ -6,7 +6,7 @@ import torch
 from hybridlm import HybridLM
 from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 from hybridlm.parallel.pipeline import build_stage
-from tests.helpers import assert_rel_close, tiny_config
+from tests.helpers import MLA_TINY, assert_rel_close, tiny_config
 
 
 def _loss_and_grads(model, ids):
@@ -23,6 +23,19 @@ def test_activation_checkpointing_is_exact():
     names_before = [n for n, _ in HybridLM(config, seed=1).named_parameters()]
     assert [n for n, _ in ac.named_parameters()] == names_before  # no wrapper prefixes
     (la, ga), (lb, gb) = _loss_and_grads(plain, ids), _loss_and_grads(ac, ids)
+    assert torch.equal(la, lb)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+
+
+def test_activation_checkpointing_is_exact_with_mla_and_dsa():
+    """The DSA top-k selection is recomputed identically, and the indexer loss is counted once."""
+    config = tiny_config("M-[DE]+/[D-]", **MLA_TINY, dsa_indexer_loss_coeff=0.1, moe_aux_loss_coeff=0.01)
+    ids = torch.randint(0, 97, (2, 21))
+    (la, ga), (lb, gb) = (
+        _loss_and_grads(HybridLM(config, seed=1), ids),
+        _loss_and_grads(apply_activation_checkpointing(HybridLM(config, seed=1)), ids),
+    )
     assert torch.equal(la, lb)
     for n in ga:
         assert torch.equal(ga[n], gb[n]), n

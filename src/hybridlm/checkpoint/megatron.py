@@ -29,6 +29,10 @@ Engine fuses it into (``E`` keeps a separate ``pre_mlp_layernorm``), and:
   ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``); shared expert as an MLP.
 * ``G`` Gated DeltaNet: ``self_attention.`` in_proj / conv1d / dt_bias / A_log / out_norm / out_proj;
   see :func:`_gdn_rule` for the in_proj packing.
+* ``+`` / ``D`` multi-latent / DeepSeek sparse attention: a separate ``input_layernorm``;
+  ``self_attention.linear_q_down_proj`` / ``linear_q_up_proj`` / ``linear_kv_down_proj`` /
+  ``linear_kv_up_proj`` / ``linear_proj``; the DSA indexer under ``self_attention.core_attention.indexer.``;
+  see :func:`_mla_rules`.
 
 Keys ending in ``_extra_state`` (Transformer Engine's FP8 metadata) carry no weights and are ignored.
 Not covered: tensor-parallel shards (merge them first; Megatron's per-rank in_proj slices interleave
@@ -237,7 +241,56 @@ def _layer_rules(symbol: str, c: ModelConfig) -> list[_Rule]:
         rules += [_rename(f"mixer.{n}", f"self_attention.{n}") for n in ("dt_bias", "A_log", "out_proj.weight")]
         rules.append(_rename("mixer.norm.weight", "self_attention.out_norm.weight"))
         return rules
+    if symbol in ("+", "D"):
+        return _mla_rules(c, sparse=symbol == "D")
     raise CheckpointError(f"layer kind '{symbol}' has no Megatron HybridModel mapping")
+
+
+def _mla_rules(c: ModelConfig, sparse: bool) -> list[_Rule]:
+    """Multi-latent attention (``+``: ``MLASelfAttention``) and DSA (``D``: ``AbsorbedMLASelfAttention``
+    with a ``DSAttention`` core), as megatron-core 0.19.2's ``hybrid_stack_spec`` builds them with
+    ``qk_layernorm=True`` (DeepSeek's latent norms).
+
+    Every tensor is a rename: Megatron splits ``linear_kv_down_proj`` into ``[kv latent | RoPE key]``,
+    ``linear_q_up_proj`` per head into ``[no-RoPE | RoPE]`` and ``linear_kv_up_proj`` per head into
+    ``[k | v]``, as we do, and rotates the RoPE channels as adjacent pairs
+    (``mla_rotary_interleaved``), as we do. The latent norms are fused into the up projections
+    (``layer_norm_weight``) for ``+`` and stand alone (``q_layernorm`` / ``kv_layernorm``) for ``D``,
+    where Megatron forbids the fusion. The DSA indexer's key norm is a LayerNorm (weight and bias).
+    """
+    if c.q_lora_rank is None:
+        raise CheckpointError(
+            "an MLA layer without q_lora_rank has no Megatron equivalent: with its latent norms on "
+            "(qk_layernorm), Megatron's linear_q_proj carries a norm of its own that hybridlm's q_proj has not"
+        )
+    a = "self_attention."
+    fused = not sparse
+    rules = [
+        _rename("norm.weight", "input_layernorm.weight"),
+        _rename("mixer.q_a_proj.weight", f"{a}linear_q_down_proj.weight"),
+        _rename(
+            "mixer.q_a_layernorm.weight",
+            f"{a}linear_q_up_proj.layer_norm_weight" if fused else f"{a}q_layernorm.weight",
+        ),
+        _rename("mixer.q_b_proj.weight", f"{a}linear_q_up_proj.weight"),
+        _rename("mixer.kv_a_proj_with_mqa.weight", f"{a}linear_kv_down_proj.weight"),
+        _rename(
+            "mixer.kv_a_layernorm.weight",
+            f"{a}linear_kv_up_proj.layer_norm_weight" if fused else f"{a}kv_layernorm.weight",
+        ),
+        _rename("mixer.kv_b_proj.weight", f"{a}linear_kv_up_proj.weight"),
+        _rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
+    ]
+    if sparse:
+        ix = f"{a}core_attention.indexer."
+        rules += [
+            _rename("mixer.indexer.wq_b.weight", f"{ix}linear_wq_b.weight"),
+            _rename("mixer.indexer.wk.weight", f"{ix}linear_wk.weight"),
+            _rename("mixer.indexer.k_norm.weight", f"{ix}k_norm.weight"),
+            _rename("mixer.indexer.k_norm.bias", f"{ix}k_norm.bias"),
+            _rename("mixer.indexer.weights_proj.weight", f"{ix}linear_weights_proj.weight"),
+        ]
+    return rules
 
 
 def _model_rules(c: ModelConfig) -> list[tuple[str, str, list[_Rule]]]:

@@ -12,8 +12,10 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .context import SequenceContext
+from .dsa import DSA
 from .gdn import GatedDeltaNet
 from .mamba2 import Mamba2Mixer
+from .mla import MLA
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm
@@ -22,11 +24,14 @@ MIXERS: dict[str, type[nn.Module]] = {
     "M": Mamba2Mixer,
     "G": GatedDeltaNet,
     "*": Attention,
+    "+": MLA,
+    "D": DSA,
     "-": MLP,
     "E": MoE,
 }
 
-_NOT_YET = {"D": "DeepSeek sparse attention", "+": "multi-latent attention"}
+#: Symbols the pattern language accepts but no mixer implements yet (symbol -> kind).
+_NOT_YET: dict[str, str] = {}
 
 
 def mixer_class(symbol: str) -> type[nn.Module]:
@@ -43,7 +48,9 @@ def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
 
 
 __all__ = [
+    "DSA",
     "MIXERS",
+    "MLA",
     "MLP",
     "Attention",
     "GatedDeltaNet",

@@ -29,3 +29,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
     out = (rot * c + rotated * s).to(x.dtype)
     return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on adjacent channel pairs ``(2i, 2i+1)``, the layout of DeepSeek's MLA weights.
+
+    As Megatron-LM's ``mla_rotary_interleaved``: the rotated channels are regrouped as
+    ``[even | odd]`` and then rotated by :func:`apply_rope`. The output keeps the regrouped order;
+    queries and keys are treated alike, so no dot product between them changes.
+
+    Args:
+        x: (B, L, H, D) with D >= R.
+        cos, sin: (B, L, R) from :func:`rope_cos_sin`.
+    """
+    R = cos.shape[-1]
+    rot = x[..., :R]
+    regrouped = torch.cat([rot[..., 0::2], rot[..., 1::2], x[..., R:]], dim=-1)
+    return apply_rope(regrouped, cos, sin)

@@ -1,0 +1,243 @@
+"""DeepSeek sparse attention (the ``D`` mixer, DeepSeek-V3.2): MLA whose queries attend only the top-k keys
+that a small "lightning indexer" picks.
+
+The indexer (float32 here), with ``n = dsa_indexer_n_heads``, ``d = dsa_indexer_head_dim``::
+
+    q_j  = c_q W_j^Q  (per index head j; c_q is MLA's normalized query latent)      (d)
+    k    = LayerNorm(x W^K)   one key per token, shared by the index heads           (d)
+    RoPE (rotate-half) on the first qk_pos_emb_head_dim channels of q_j and k
+    w_j  = (x W^w)_j / sqrt(n) / sqrt(d)
+    I(t, s) = sum_j w_j(t) * ReLU(q_j(t) · k(s))
+
+Each query keeps the ``dsa_indexer_topk`` keys with the largest ``I(t, s)`` among those it may see
+(``s <= t``, same document; ties go to the earlier position), and MLA's attention runs over those
+keys only. Here that is dense attention with a mask (reference-grade: no sparse kernel, so the cost
+is that of dense attention; :meth:`DSA.flops_per_token` counts what runs).
+
+The indexer reads ``x`` and ``c_q`` detached, and its selection is discrete, so the language-model
+loss never reaches it and its own loss never reaches the rest of the model (the paper trains the two
+separately). Its loss (DeepSeek-V3.2, section 2.1), appended to ``ctx.aux_losses`` when
+``dsa_indexer_loss_coeff > 0`` and gradients are on::
+
+    p_t = normalize(sum_h softmax_h(main attention logits of query t))   (detached target)
+    L_I = coeff * mean_t KL(p_t || softmax(I(t, :)))
+
+over all keys query ``t`` may see (the paper's dense warm-up stage; run it with
+``dsa_indexer_topk >= seq_len`` so attention is dense and freeze everything but the indexer), or
+over the selected keys only with ``dsa_indexer_use_sparse_loss`` (the sparse training stage).
+
+Left out, as they do not change the function in float32: the Hadamard ``rotate_activation`` of q
+and k (an orthogonal map, so every ``q·k`` is unchanged) and the FP8 quantization of the scores.
+Names follow DeepSeek's reference code (``indexer.wq_b``, ``wk``, ``k_norm``, ``weights_proj``);
+Megatron calls them ``core_attention.indexer.linear_wq_b`` etc.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .context import SequenceContext
+from .mla import (
+    MLA,
+    LatentCache,
+    allowed_keys,
+    attention_over,
+    causal_document_mask,
+    decode_mask,
+    mla_queries_keys_values_reference,
+)
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    """The lightning indexer: scores (B, T, S) of every query against every key, in float32."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.n, self.d = c.dsa_indexer_n_heads, c.dsa_indexer_head_dim
+        self.wq_b = nn.Linear(c.q_lora_rank, self.n * self.d, bias=False)
+        self.wk = nn.Linear(c.hidden_size, self.d, bias=False)
+        self.k_norm = nn.LayerNorm(self.d, eps=c.norm_eps)
+        self.weights_proj = nn.Linear(c.hidden_size, self.n, bias=False)
+
+    def queries(
+        self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, H), c_q (B, T, q_lora_rank) -> q (B, T, n, d) and head weights w (B, T, n), float32."""
+        b, t, _ = x.shape
+        q = self.wq_b(c_q)
+        with _float32(x):
+            q = apply_rope(q.float().view(b, t, self.n, self.d), cos, sin)
+            w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n**-0.5 * self.d**-0.5)
+        return q, w
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, S, H) -> k (B, S, d) float32 (what a decoding cache keeps)."""
+        norm, k = self.k_norm, self.wk(x)
+        with _float32(x):
+            k = F.layer_norm(k.float(), (self.d,), norm.weight.float(), norm.bias.float(), norm.eps)
+            return apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
+
+    @staticmethod
+    def scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``I(t, s) = sum_j w_j(t) ReLU(q_j(t) · k(s))``: q (B, T, n, d), w (B, T, n), k (B, S, d) -> (B, T, S)."""
+        with _float32(q):
+            return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k).relu(), w)
+
+
+def _float32(t: torch.Tensor) -> torch.autocast:
+    """A region where autocast is off, so the indexer's float32 math stays float32 under bf16 autocast."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def select_topk(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` allowed keys with the highest scores per query (all of them when fewer are allowed).
+
+    Args:
+        scores: (B, T, S) float.
+        allowed: (B|1, T, S) bool.
+
+    Returns:
+        (B, T, S) bool. A stable sort breaks ties toward the earlier key, so training and decoding
+        (which see different key ranges) choose alike.
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : min(k, scores.shape[-1])]
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True) & allowed
+
+
+def indexer_kl(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of ``KL(p_t || softmax(I(t, :)))`` over the ``valid`` keys.
+
+    Args:
+        attention_logits: (B, nh, T, S) the main attention's scaled logits (treated as a constant).
+        index_scores: (B, T, S) the indexer's scores (the only input with a gradient).
+        valid: (B|1, T, S) bool, keys the distributions range over (each query has at least one).
+
+    Returns:
+        A scalar float32.
+    """
+    with torch.no_grad():
+        probs = attention_logits.float().masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
+        target = probs / probs.sum(dim=-1, keepdim=True)
+    log_pred = index_scores.float().masked_fill(~valid, float("-inf")).log_softmax(dim=-1).masked_fill(~valid, 0.0)
+    return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1).mean()
+
+
+class DSA(MLA):
+    """The ``D`` mixer: MLA restricted to the indexer's top-k keys. Input and output (B, L, hidden_size)."""
+
+    keep_fp32 = ("indexer.weights_proj.weight", "indexer.k_norm.weight", "indexer.k_norm.bias")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.indexer = Indexer(config)
+
+    def select(
+        self, x: torch.Tensor, c_q: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index scores (B, L, L) and the selected keys (B, L, L) bool of a whole sequence."""
+        cos, sin = self.rope(position_ids)
+        x, c_q = x.detach(), c_q.detach()  # the indexer learns from its own loss only
+        q, w = self.indexer.queries(x, c_q, cos, sin)
+        scores = self.indexer.scores(q, w, self.indexer.keys(x, cos, sin))
+        return scores, select_topk(scores, allowed, self.config.dsa_indexer_topk)
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        c = self.config
+        q, k, v, c_q = self.qkv(x, ctx.position_ids)
+        allowed = allowed_keys(ctx, x.shape[1], x.device)
+        scores, selected = self.select(x, c_q, ctx.position_ids, allowed)
+        if c.dsa_indexer_loss_coeff > 0 and torch.is_grad_enabled():
+            with _float32(x):
+                logits = torch.einsum("bthd,bshd->bhts", q.detach().float(), k.detach().float()) * self.softmax_scale
+                valid = selected if c.dsa_indexer_use_sparse_loss else allowed
+                ctx.aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
+        return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
+
+    def init_cache(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LatentCache:
+        cache = super().init_cache(batch, device, dtype)
+        cache.index_k = torch.zeros(batch, 0, self.indexer.d, device=device, dtype=torch.float32)
+        return cache
+
+    def forward_cached(self, x: torch.Tensor, cache: LatentCache) -> tuple[torch.Tensor, LatentCache]:
+        """As :meth:`MLA.forward_cached`; the cache also keeps the indexer's keys."""
+        b, t, _ = x.shape
+        start = cache.length
+        cos, sin = self.rope(torch.arange(start, start + t, device=x.device).expand(b, t))
+        q, c_q = self.project_query(x, cos, sin)
+        cache = cache.extend(*self.project_latent(x, cos, sin), self.indexer.keys(x, cos, sin))
+        iq, iw = self.indexer.queries(x, c_q, cos, sin)
+        mask = decode_mask(start, t, x.device)
+        selected = select_topk(self.indexer.scores(iq, iw, cache.index_k), mask, self.config.dsa_indexer_topk)
+        return self.o_proj(self.attend_latent(q, cache, selected)), cache
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
+        super().init_weights(gen, std, out_std)
+        for proj in (self.indexer.wq_b, self.indexer.wk, self.indexer.weights_proj):
+            proj.weight.normal_(0.0, std, generator=gen)
+        nn.init.ones_(self.indexer.k_norm.weight)
+        nn.init.zeros_(self.indexer.k_norm.bias)
+
+    @staticmethod
+    def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+        """MLA's (attention over all keys: the mask does not skip work) plus the indexer's projections and
+        its scores and head-weighted sums over all keys. The indexer loss (training only) is not counted."""
+        n, d, H = c.dsa_indexer_n_heads, c.dsa_indexer_head_dim, c.hidden_size
+        indexer = 2 * c.q_lora_rank * n * d + 2 * H * d + 2 * H * n + 2 * seq_len * n * (d + 1)
+        return MLA.flops_per_token(c, seq_len) + indexer
+
+
+def dsa_reference(
+    layer: DSA,
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    seq_idx: torch.Tensor | None = None,
+    selected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense reference in the dtype of ``x``: MLA attention masked to the top-k keys.
+
+    The selection is computed here with explicit per-head indexer loops unless ``selected``
+    (B, L, L) bool is given (e.g. the layer's own, to compare everything else exactly).
+    """
+    b, seqlen, _ = x.shape
+    q, k, v, c_q = mla_queries_keys_values_reference(layer, x, position_ids)
+    allowed = causal_document_mask(seqlen, seq_idx, b)
+    if selected is None:
+        selected = select_topk(
+            indexer_scores_reference(layer, x, c_q, position_ids), allowed, layer.config.dsa_indexer_topk
+        )
+    return attention_over(layer, q, k, v, selected & allowed)
+
+
+def indexer_scores_reference(
+    layer: DSA, x: torch.Tensor, c_q: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """``I(t, s)`` (B, L, L) in the dtype of ``x``, one index head at a time."""
+    ix, c = layer.indexer, layer.config
+    b, seqlen, _ = x.shape
+    dr = c.qk_pos_emb_head_dim
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    ang = position_ids.to(torch.float64)[..., None] * inv
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)  # (B, L, dr/2)
+
+    def rot_half(t):  # (B, L, d): channels (i, i + dr/2) turned by angle i, the rest untouched
+        a, bb, rest = t[..., : dr // 2], t[..., dr // 2 : dr], t[..., dr:]
+        return torch.cat([a * cos - bb * sin, bb * cos + a * sin, rest], dim=-1)
+
+    k = x @ ix.wk.weight.T
+    k = (k - k.mean(-1, keepdim=True)) / torch.sqrt(k.var(-1, unbiased=False, keepdim=True) + c.norm_eps)
+    k = rot_half(k * ix.k_norm.weight + ix.k_norm.bias)
+    q = (c_q @ ix.wq_b.weight.T).view(b, seqlen, ix.n, ix.d)
+    w = (x @ ix.weights_proj.weight.T) / (ix.n * ix.d) ** 0.5
+    scores = torch.zeros(b, seqlen, seqlen, dtype=x.dtype)
+    for j in range(ix.n):
+        scores += w[:, :, j, None] * torch.relu(rot_half(q[:, :, j]) @ k.transpose(1, 2))
+    return scores

@@ -1,0 +1,309 @@
+"""Multi-latent attention (the ``+`` mixer), as DeepSeek-V2/V3 define it.
+
+Per token, with ``nh`` heads, ``dn = qk_head_dim``, ``dr = qk_pos_emb_head_dim``, ``dv = v_head_dim``::
+
+    c_q          = RMSNorm(x W_DQ)                      (q_lora_rank)   [q_lora_rank None: q = x W_Q]
+    q            = c_q W_UQ, per head [q_nope (dn) | q_pe (dr)]
+    [c_kv | k_pe] = x W_DKV;  c_kv = RMSNorm(c_kv)       (kv_lora_rank), (dr): k_pe is shared by all heads
+    [k_nope | v] = c_kv W_UKV, per head                  (dn), (dv)
+    q_pe, k_pe   = RoPE on adjacent channel pairs (DeepSeek's layout; base rope_theta)
+    o_h          = softmax((q_nope·k_nope + q_pe·k_pe) / sqrt(dn + dr)) v_h      causal, per document
+    y            = [o_1 .. o_nh] W_O
+
+The softmax scale is DeepSeek's ``1/sqrt(dn + dr)``; YaRN's extra ``mscale²`` factor (1 without
+YaRN scaling) is left out, as is YaRN itself. Decoding keeps only ``c_kv`` and the rotated ``k_pe``
+per position (:class:`LatentCache`) and attends in the latent space: ``W_UK`` is absorbed into the
+query and ``W_UV`` applied after the weighted sum, which is the same function (see
+:meth:`MLA.forward_cached`).
+
+Parameter names follow Hugging Face's DeepSeek-V3 (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or
+``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``); the Megatron
+adapter maps them to ``linear_q_down_proj`` etc.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .context import SequenceContext
+from .norm import RMSNorm
+from .rope import apply_rope_interleaved, rope_cos_sin
+
+
+@dataclass
+class LatentCache:
+    """What an MLA (or DSA) layer keeps per decoded position.
+
+    Attributes:
+        c_kv: (B, S, kv_lora_rank) the normalized key/value latent.
+        k_pe: (B, S, qk_pos_emb_head_dim) the rotated RoPE key shared by all heads.
+        index_k: (B, S, dsa_indexer_head_dim) float32 lightning-indexer keys (DSA only, else None).
+    """
+
+    c_kv: torch.Tensor
+    k_pe: torch.Tensor
+    index_k: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions held (the position of the next token)."""
+        return self.c_kv.shape[1]
+
+    def extend(self, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None = None) -> LatentCache:
+        """A cache with ``T`` more positions appended (each argument (B, T, ...))."""
+        if (index_k is None) != (self.index_k is None):
+            raise ValueError("index_k must be given exactly when the cache holds indexer keys (DSA)")
+        return LatentCache(
+            torch.cat([self.c_kv, c_kv], dim=1),
+            torch.cat([self.k_pe, k_pe], dim=1),
+            None if index_k is None else torch.cat([self.index_k, index_k], dim=1),
+        )
+
+
+def allowed_keys(ctx: SequenceContext, seqlen: int, device: torch.device) -> torch.Tensor:
+    """(B or 1, L, L) bool: query t may see key s (s <= t, same document)."""
+    mask = ctx.attention_mask()
+    if mask is not None:
+        return mask[:, 0]
+    return torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril().unsqueeze(0)
+
+
+def decode_mask(start: int, new: int, device: torch.device) -> torch.Tensor:
+    """(1, T, S) bool for ``new`` queries at positions ``start..start+T-1`` over ``S = start + T`` keys."""
+    q_pos = torch.arange(start, start + new, device=device)[:, None]
+    return (torch.arange(start + new, device=device)[None, :] <= q_pos).unsqueeze(0)
+
+
+class MLA(nn.Module):
+    """The ``+`` mixer. Input and output (B, L, hidden_size)."""
+
+    keep_fp32: tuple[str, ...] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        nh, dn, dr, dv, H = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim, c.hidden_size
+        self.nh, self.dn, self.dr, self.dv = nh, dn, dr, dv
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * (dn + dr), bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, nh * (dn + dr), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, c.kv_lora_rank + dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, nh * (dn + dv), bias=False)
+        self.o_proj = nn.Linear(nh * dv, H, bias=False)
+        self.softmax_scale = (dn + dr) ** -0.5
+
+    # -- the pieces, shared by training and decoding ----------------------------------------------
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, L, qk_pos_emb_head_dim) float32 for ``position_ids`` (B, L)."""
+        return rope_cos_sin(position_ids, self.dr, self.config.rope_theta)
+
+    def project_query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, L, H) -> q (B, L, nh, dn + dr) with RoPE applied, and c_q (B, L, q_lora_rank) or None."""
+        b, seqlen, _ = x.shape
+        if self.config.q_lora_rank is None:
+            c_q, q = None, self.q_proj(x)
+        else:
+            c_q = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(c_q)
+        q_nope, q_pe = q.view(b, seqlen, self.nh, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
+        return torch.cat([q_nope, apply_rope_interleaved(q_pe, cos, sin)], dim=-1), c_q
+
+    def project_latent(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, H) -> c_kv (B, L, kv_lora_rank) normalized, k_pe (B, L, dr) rotated: what the cache keeps."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.dr], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+
+    def expand_latent(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv (B, S, kv_lora_rank), k_pe (B, S, dr) -> k (B, S, nh, dn + dr), v (B, S, nh, dv)."""
+        b, s, _ = c_kv.shape
+        k_nope, v = self.kv_b_proj(c_kv).view(b, s, self.nh, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
+        return torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.nh, self.dr)], dim=-1), v
+
+    def qkv(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q (B, L, nh, dn+dr), k (B, L, nh, dn+dr), v (B, L, nh, dv), c_q (B, L, q_lora_rank) or None."""
+        cos, sin = self.rope(position_ids)
+        q, c_q = self.project_query(x, cos, sin)
+        k, v = self.expand_latent(*self.project_latent(x, cos, sin))
+        return q, k, v, c_q
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention through SDPA: q, k (B, L, nh, dn+dr), v (B, L, nh, dv), mask (B|1, 1, L, L) bool
+        or None for plain causal -> (B, L, nh * dv)."""
+        b, seqlen = q.shape[:2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return o.transpose(1, 2).reshape(b, seqlen, self.nh * self.dv)
+
+    def attend_latent(self, q: torch.Tensor, cache: LatentCache, mask: torch.Tensor) -> torch.Tensor:
+        """Attention in the latent space (decoding): ``W_UK`` folded into the query, ``W_UV`` after the sum.
+
+        Args:
+            q: (B, T, nh, dn + dr) queries with RoPE applied.
+            cache: S positions, the queries' own included.
+            mask: (B|1, T, S) bool, True where query t may attend key s.
+
+        Returns:
+            (B, T, nh * dv), before ``o_proj``.
+        """
+        b, t = q.shape[:2]
+        w = self.kv_b_proj.weight.view(self.nh, self.dn + self.dv, self.config.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+        scores = torch.einsum("bhtc,bsc->bhts", q_latent, cache.c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, cache.k_pe)
+        scores = (scores * self.softmax_scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, cache.c_kv)
+        return torch.einsum("bthc,hvc->bthv", o_latent, w_uv).reshape(b, t, self.nh * self.dv)
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        q, k, v, _ = self.qkv(x, ctx.position_ids)
+        return self.o_proj(self.attend(q, k, v, ctx.attention_mask()))
+
+    # -- decoding -------------------------------------------------------------------------------------
+
+    def init_cache(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LatentCache:
+        """An empty cache (zero positions) for ``batch`` rows."""
+        dtype = dtype or self.kv_b_proj.weight.dtype
+        return LatentCache(
+            torch.zeros(batch, 0, self.config.kv_lora_rank, device=device, dtype=dtype),
+            torch.zeros(batch, 0, self.dr, device=device, dtype=dtype),
+        )
+
+    def forward_cached(self, x: torch.Tensor, cache: LatentCache) -> tuple[torch.Tensor, LatentCache]:
+        """Run ``T`` new tokens after the ``cache.length`` cached ones (prefill: an empty cache; decode: T = 1).
+
+        Every row is one document whose next position is ``cache.length``.
+
+        Args:
+            x: (B, T, hidden_size) the new tokens' (normed) hidden states.
+            cache: the layer's cache so far (from :meth:`init_cache` or an earlier call).
+
+        Returns:
+            y (B, T, hidden_size), equal to :meth:`forward` on the whole sequence at these positions,
+            and the cache extended by the T new positions.
+        """
+        b, t, _ = x.shape
+        start = cache.length
+        cos, sin = self.rope(torch.arange(start, start + t, device=x.device).expand(b, t))
+        q, _ = self.project_query(x, cos, sin)
+        cache = cache.extend(*self.project_latent(x, cos, sin))
+        o = self.attend_latent(q, cache, decode_mask(start, t, x.device))
+        return self.o_proj(o), cache
+
+    # -- initialization and cost ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
+        if self.config.q_lora_rank is None:
+            self.q_proj.weight.normal_(0.0, std, generator=gen)
+        else:
+            self.q_a_proj.weight.normal_(0.0, std, generator=gen)
+            self.q_b_proj.weight.normal_(0.0, std, generator=gen)
+            self.q_a_layernorm.init_weights()
+        self.kv_a_proj_with_mqa.weight.normal_(0.0, std, generator=gen)
+        self.kv_b_proj.weight.normal_(0.0, std, generator=gen)
+        self.kv_a_layernorm.init_weights()
+        self.o_proj.weight.normal_(0.0, out_std, generator=gen)
+
+    @staticmethod
+    def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+        """Projections, then scores and weighted values over all ``seq_len`` keys (no causal halving)."""
+        nh, dn, dr, dv, H = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim, c.hidden_size
+        qr, kvr = c.q_lora_rank, c.kv_lora_rank
+        q = 2 * H * nh * (dn + dr) if qr is None else 2 * H * qr + 2 * qr * nh * (dn + dr)
+        kv = 2 * H * (kvr + dr) + 2 * kvr * nh * (dn + dv)
+        return q + kv + 2 * nh * dv * H + 2 * seq_len * nh * (dn + dr + dv)
+
+
+def mla_queries_keys_values_reference(
+    layer: MLA, x: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q, k (B, L, nh, dn+dr), v (B, L, nh, dv), c_q, computed in the dtype of ``x`` with explicit math.
+
+    RoPE here rotates each adjacent pair ``(2i, 2i+1)`` in place (the textbook form), not the
+    regrouped layout of the layer; dot products between queries and keys are the same.
+    """
+    c = layer.config
+    b, seqlen, _ = x.shape
+    nh, dn, dr, dv, eps = layer.nh, layer.dn, layer.dr, layer.dv, c.norm_eps
+
+    def rms(t, w):
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    if c.q_lora_rank is None:
+        c_q, q = None, x @ layer.q_proj.weight.T
+    else:
+        c_q = rms(x @ layer.q_a_proj.weight.T, layer.q_a_layernorm.weight)
+        q = c_q @ layer.q_b_proj.weight.T
+    q = q.view(b, seqlen, nh, dn + dr)
+    kv_a = x @ layer.kv_a_proj_with_mqa.weight.T
+    c_kv = rms(kv_a[..., : c.kv_lora_rank], layer.kv_a_layernorm.weight)
+    kv = (c_kv @ layer.kv_b_proj.weight.T).view(b, seqlen, nh, dn + dv)
+
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    ang = position_ids.to(torch.float64)[..., None] * inv  # (B, L, dr/2)
+    cos, sin = ang.cos().to(x.dtype)[:, :, None], ang.sin().to(x.dtype)[:, :, None]
+
+    def rot_pairs(t):  # (B, L, h, dr): pair i = channels (2i, 2i+1) turned by angle i
+        even, odd = t[..., 0::2], t[..., 1::2]
+        return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+
+    q = torch.cat([q[..., :dn], rot_pairs(q[..., dn:])], dim=-1)
+    k_pe = rot_pairs(kv_a[..., c.kv_lora_rank :].unsqueeze(2)).expand(b, seqlen, nh, dr)
+    k = torch.cat([kv[..., :dn], k_pe], dim=-1)
+    return q, k, kv[..., dn:], c_q
+
+
+def attention_over(
+    layer: MLA, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Explicit per-head softmax attention: allowed (B, L, L) bool -> output after ``o_proj`` (B, L, H)."""
+    b, seqlen = q.shape[:2]
+    out = torch.empty(b, seqlen, layer.nh, layer.dv, dtype=q.dtype)
+    for h in range(layer.nh):
+        scores = torch.einsum("bld,bsd->bls", q[:, :, h], k[:, :, h]) / (layer.dn + layer.dr) ** 0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, :, h] = torch.einsum("bls,bsd->bld", scores.softmax(-1), v[:, :, h])
+    return out.reshape(b, seqlen, -1) @ layer.o_proj.weight.T
+
+
+def causal_document_mask(seqlen: int, seq_idx: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """(B, L, L) bool built by hand: s <= t and, when packed, the same document."""
+    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool).tril().expand(batch, seqlen, seqlen)
+    if seq_idx is not None:
+        allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
+    return allowed
+
+
+def mla_reference(
+    layer: MLA, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference MLA in the dtype of ``x`` (pass a float64 copy of the layer and input): full-rank
+    keys and values per head, explicit softmax, masks built by hand."""
+    q, k, v, _ = mla_queries_keys_values_reference(layer, x, position_ids)
+    return attention_over(layer, q, k, v, causal_document_mask(x.shape[1], seq_idx, x.shape[0]))

@@ -1,0 +1,263 @@
+"""Multi-latent attention (+) and DeepSeek sparse attention (D): references, the indexer and its loss, latent caches.
+
+MLA's forward/backward against its float64 reference runs in test_mixers.py with the other mixers;
+DSA is here because its indexer learns from its auxiliary loss, which that harness does not include.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.errors import ConfigError
+from hybridlm.layers import DSA, MLA
+from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
+from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference
+from tests.helpers import MLA_TINY, assert_rel_close, rel_err, tiny_config
+from tests.layers.test_mixers import SEQLEN, context, make
+from tests.ops.test_ssd import docs
+
+
+def dsa_config(**overrides):
+    return tiny_config("D", **{**MLA_TINY, "dsa_indexer_loss_coeff": 0.5, **overrides})
+
+
+def kl_reference(layer, x, pos, seq_idx, sparse: bool) -> torch.Tensor:
+    """The indexer loss, one query row at a time, with the layer's detach rules: the indexer sees
+    ``x`` and ``c_q`` detached, the target distribution is a constant."""
+    b, L, _ = x.shape
+    q, k, _, c_q = mla_queries_keys_values_reference(layer, x, pos)
+    q, k = q.detach(), k.detach()
+    scores = indexer_scores_reference(layer, x.detach(), c_q.detach(), pos)
+    allowed = causal_document_mask(L, seq_idx, b)
+    valid = select_topk(scores.detach(), allowed, layer.config.dsa_indexer_topk) if sparse else allowed
+    rows = []
+    for i in range(b):
+        for t in range(L):
+            keys = valid[i, t].nonzero().flatten()
+            logits = torch.einsum("hd,shd->hs", q[i, t], k[i, keys]) / (layer.dn + layer.dr) ** 0.5
+            p = logits.softmax(-1).sum(0)
+            p = p / p.sum()
+            log_pred = scores[i, t, keys].log_softmax(-1)
+            rows.append((p * (p.log() - log_pred)).sum())
+    return layer.config.dsa_indexer_loss_coeff * torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("sparse_loss", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_dsa_matches_reference(packed, sparse_loss):
+    config = dsa_config(dsa_indexer_use_sparse_loss=sparse_loss)
+    layer = make(DSA, config, seed=3)
+    b = 2
+    seq_idx = docs(b, SEQLEN, seed=5) if packed else None
+    ctx, pos = context(config, b, SEQLEN, seq_idx)
+    x = torch.randn(b, SEQLEN, config.hidden_size, requires_grad=True)
+    y = layer(x, ctx)
+    (aux,) = ctx.aux_losses
+
+    ref64, ref32 = copy.deepcopy(layer).double(), copy.deepcopy(layer)
+    x64, x32 = x.detach().double().requires_grad_(), x.detach().clone().requires_grad_()
+    # The reference chooses its own top-k (float64 scores, explicit loops): the selection matches too.
+    y64, y32 = dsa_reference(ref64, x64, pos, seq_idx), dsa_reference(ref32, x32, pos, seq_idx)
+    aux64, aux32 = (
+        kl_reference(ref64, x64, pos, seq_idx, sparse_loss),
+        kl_reference(ref32, x32, pos, seq_idx, sparse_loss),
+    )
+
+    def check(actual, r64, r32, what):
+        assert_rel_close(actual, r64, max(1e-5, 4 * rel_err(r32, r64)), f"{what}")
+
+    check(y, y64, y32, "output")
+    check(aux, aux64, aux32, "indexer loss")
+    assert aux.item() > 1e-3  # a loss far from zero, so its gradients below are checked on numbers
+
+    g = torch.randn_like(y)
+    ((y * g).sum() + aux).backward()
+    ((y64 * g.double()).sum() + aux64).backward()
+    ((y32 * g).sum() + aux32).backward()
+    check(x.grad, x64.grad, x32.grad, "input grad")
+    p64, p32 = dict(ref64.named_parameters()), dict(ref32.named_parameters())
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+        check(p.grad, p64[name].grad, p32[name].grad, f"grad {name}")
+
+
+def test_selection_keeps_topk_allowed_keys():
+    config = dsa_config()
+    layer = make(DSA, config, seed=4)
+    seq_idx = docs(2, SEQLEN, seed=5)
+    _, pos = context(config, 2, SEQLEN, seq_idx)
+    x = torch.randn(2, SEQLEN, config.hidden_size)
+    with torch.no_grad():
+        _, _, _, c_q = layer.qkv(x, pos)
+        allowed = causal_document_mask(SEQLEN, seq_idx, 2)
+        scores, selected = layer.select(x, c_q, pos, allowed)
+    assert not (selected & ~allowed).any()
+    k = config.dsa_indexer_topk
+    assert torch.equal(selected.sum(-1), allowed.sum(-1).clamp(max=k))
+    assert (allowed.sum(-1) > k).any()  # some queries really choose
+    # Every selected key scores at least as high as every allowed key left out.
+    low = scores.masked_fill(~selected, float("inf")).min(-1).values
+    high = scores.masked_fill(~allowed | selected, float("-inf")).max(-1).values
+    assert (low >= high).all()
+
+
+def test_indexer_stays_float32_under_autocast_and_in_bf16():
+    config = dsa_config()
+    layer = make(DSA, config, seed=8)
+    ctx, pos = context(config, 2, SEQLEN, None)
+    x = torch.randn(2, SEQLEN, config.hidden_size)
+    ix = layer.indexer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos, sin = layer.rope(pos)
+        _, _, _, c_q = layer.qkv(x, pos)
+        q, w = ix.queries(x, c_q, cos, sin)
+        k = ix.keys(x, cos, sin)
+        scores = ix.scores(q, w, k)
+        layer(x, ctx)
+    assert q.dtype == w.dtype == k.dtype == scores.dtype == ctx.aux_losses[0].dtype == torch.float32
+    assert torch.equal(scores, ix.scores(q, w, k))  # the same float32 computation as without autocast
+
+    model = HybridLM(tiny_config("D-", **MLA_TINY), dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["blocks.0.layers.0.mixer.indexer.weights_proj.weight"] == torch.float32
+    assert dtypes["blocks.0.layers.0.mixer.indexer.wq_b.weight"] == torch.bfloat16
+    out = model(torch.randint(0, 97, (1, 9)))
+    assert torch.isfinite(out.logits).all()
+    mixer = model.blocks["0"].layers[0].mixer
+    _, cache = mixer.forward_cached(torch.randn(1, 3, 32, dtype=torch.bfloat16), mixer.init_cache(1))
+    assert cache.c_kv.dtype == torch.bfloat16 and cache.index_k.dtype == torch.float32
+
+
+def test_dsa_with_topk_beyond_the_sequence_is_mla():
+    config = dsa_config(dsa_indexer_topk=SEQLEN)
+    dsa = make(DSA, config, seed=5)
+    mla = MLA(config)
+    mla.load_state_dict({k: v for k, v in dsa.state_dict().items() if not k.startswith("indexer.")})
+    for packed in (False, True):
+        seq_idx = docs(2, SEQLEN, seed=6) if packed else None
+        ctx, _ = context(config, 2, SEQLEN, seq_idx)
+        x = torch.randn(2, SEQLEN, config.hidden_size)
+        with torch.no_grad():
+            assert_rel_close(dsa(x, ctx), mla(x, ctx), 1e-6, f"packed={packed}")
+
+
+def test_indexer_and_attention_learn_from_separate_losses():
+    config = dsa_config()
+    layer = make(DSA, config, seed=6)
+    ctx, _ = context(config, 2, SEQLEN, None)
+    x = torch.randn(2, SEQLEN, config.hidden_size, requires_grad=True)
+    y = layer(x, ctx)
+    (aux,) = ctx.aux_losses
+    indexer = {n for n, _ in layer.named_parameters() if n.startswith("indexer.")}
+    grads = torch.autograd.grad(aux, [x, *layer.parameters()], allow_unused=True)
+    for name, g in zip(["x", *(n for n, _ in layer.named_parameters())], grads):
+        if name in indexer:
+            assert g is not None and g.abs().sum() > 0, name
+        else:
+            assert g is None, f"the indexer loss reaches {name}"
+    grads = torch.autograd.grad(y.sum(), list(layer.parameters()), allow_unused=True)
+    for (name, _), g in zip(layer.named_parameters(), grads):
+        assert (g is None) == (name in indexer), name
+
+
+def test_indexer_loss_only_when_asked():
+    layer = make(DSA, dsa_config(dsa_indexer_loss_coeff=0.0), seed=1)
+    ctx, _ = context(layer.config, 1, 9, None)
+    layer(torch.randn(1, 9, 32), ctx)
+    assert ctx.aux_losses == []
+    layer = make(DSA, dsa_config(), seed=1)
+    ctx, _ = context(layer.config, 1, 9, None)
+    with torch.no_grad():
+        layer(torch.randn(1, 9, 32), ctx)
+    assert ctx.aux_losses == []
+
+
+def test_dsa_packed_equals_separate_documents():
+    config = dsa_config(dsa_indexer_topk=3)
+    layer = make(DSA, config, seed=2)
+    lengths = [5, 11, 9]
+    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    x = torch.randn(1, sum(lengths), config.hidden_size)
+    ctx, _ = context(config, 1, sum(lengths), seq_idx)
+    with torch.no_grad():
+        packed = layer(x, ctx)
+        start = 0
+        for n in lengths:
+            alone = layer(x[:, start : start + n], context(config, 1, n, None)[0])
+            assert_rel_close(packed[:, start : start + n], alone, 1e-5, f"document at {start}")
+            start += n
+
+
+CACHED = {
+    "mla": (MLA, "+", MLA_TINY),
+    "mla-full-rank-q": (MLA, "+", {**MLA_TINY, "q_lora_rank": None}),
+    "dsa": (DSA, "D", {**MLA_TINY, "dsa_indexer_topk": 4}),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHED))
+def test_cached_decoding_equals_full_forward(case):
+    """Prefill 7 tokens from an empty cache, then decode one token at a time: the full forward's outputs."""
+    cls, symbol, overrides = CACHED[case]
+    config = tiny_config(symbol, **overrides)
+    layer = make(cls, config, seed=7)
+    L, prefill = 15, 7
+    x = torch.randn(2, L, config.hidden_size)
+    with torch.no_grad():
+        full = layer(x, context(config, 2, L, None)[0])
+        cache = layer.init_cache(2)
+        outs = []
+        y, cache = layer.forward_cached(x[:, :prefill], cache)
+        outs.append(y)
+        for t in range(prefill, L):
+            y, cache = layer.forward_cached(x[:, t : t + 1], cache)
+            outs.append(y)
+    assert cache.length == L
+    assert cache.c_kv.shape == (2, L, config.kv_lora_rank) and cache.k_pe.shape == (2, L, config.qk_pos_emb_head_dim)
+    assert (cache.index_k is not None) == (cls is DSA)
+    assert_rel_close(torch.cat(outs, dim=1), full, 1e-5, case)
+
+
+def test_cache_holds_only_the_latent():
+    layer = make(MLA, tiny_config("+", **MLA_TINY), seed=0)
+    _, cache = layer.forward_cached(torch.randn(1, 4, 32), layer.init_cache(1))
+    per_position = sum(t.shape[-1] for t in (cache.c_kv, cache.k_pe))
+    c = layer.config
+    assert per_position == c.kv_lora_rank + c.qk_pos_emb_head_dim  # vs 2 * heads * head dims for a KV cache
+    with pytest.raises(ValueError, match="index_k"):
+        cache.extend(cache.c_kv, cache.k_pe, torch.zeros(1, 4, 8))
+
+
+# -- configuration --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["M*+", "[*-]D", "M*-/D-", "+-/*-", "[+E]|*"])
+def test_attention_with_mla_in_one_pattern_is_an_error(pattern):
+    with pytest.raises(ConfigError, match=r"^pattern: .*MLA/DSA"):
+        tiny_config(pattern, **MLA_TINY)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "overrides", "field"),
+    [
+        ("D", {"q_lora_rank": None}, "q_lora_rank"),
+        ("+", {"qk_pos_emb_head_dim": 3}, "qk_pos_emb_head_dim"),
+        ("+", {"kv_lora_rank": 0}, "kv_lora_rank"),
+        ("+", {"num_attention_heads": None}, "num_attention_heads"),
+        ("D", {"dsa_indexer_head_dim": 2}, "dsa_indexer_head_dim"),
+        ("D", {"dsa_indexer_topk": 0}, "dsa_indexer_topk"),
+        ("D", {"dsa_indexer_loss_coeff": -1.0}, "dsa_indexer_loss_coeff"),
+    ],
+)
+def test_bad_mla_fields_are_refused_by_name(pattern, overrides, field):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        tiny_config(pattern, **{**MLA_TINY, **overrides})
+
+
+def test_mla_fields_round_trip_through_json():
+    config = tiny_config("[+-]D", **MLA_TINY, dsa_indexer_use_sparse_loss=True)
+    assert ModelConfig.from_json(config.to_json()) == config
+    # Fields of layer kinds the pattern does not use are not validated.
+    tiny_config("M-", q_lora_rank=None, dsa_indexer_topk=0)
