@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, then run the named stages in order,
+# each under its own time limit, each writing its full log to $OUT/<stage>.log and printing its tail.
+#
+#   bash benchmarks/gpu_session.sh tests kernels mixers step
+#
+# Wheels (.whl/, carried, never committed): mamba-ssm and causal-conv1d built Python-only, fla-core
+# (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1).
+set -u
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=$PWD/src:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
+
+run() {  # run NAME SECONDS TAIL_LINES COMMAND...
+    local name=$1 limit=$2 lines=$3
+    shift 3
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name (rc $rc, $((SECONDS - t0)) s): $*"
+    grep -v -E "Warning|warn\(|^\s*$|^  File|^    " "$OUT/$name.log" | tail -n "$lines"
+}
+
+for stage in "$@"; do
+    case $stage in
+    tests) run tests 240 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
+    kernels)
+        run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
+            python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
+            python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
+    mixers) run mixers 200 16 python3 benchmarks/mixers.py ;;
+    step) run step 420 22 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
+    step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;
+    moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096 ;;
+    profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
+    curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
+    generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
+    *) echo "unknown stage $stage" ;;
+    esac
+done
