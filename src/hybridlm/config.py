@@ -86,6 +86,9 @@ class ModelConfig:
     gdn_value_head_dim: int | None = None  #: None = gdn_head_dim
     gdn_conv_kernel: int = 4
     gdn_chunk_size: int = 64  #: positions per chunk of the chunked gated delta rule
+    gdn_dt_min: float = 0.001  #: dt_bias init: softplus(dt_bias) log-uniform in [gdn_dt_min, gdn_dt_max]
+    gdn_dt_max: float = 0.1
+    gdn_dt_init_floor: float = 1e-4  #: lower clamp of that initial dt
 
     # -- multi-latent attention (+) and DeepSeek sparse attention (D) -------------------------
     # Megatron's MLATransformerConfig / TransformerConfig names. Both use num_attention_heads and
@@ -276,6 +279,16 @@ def _positive(cfg: ModelConfig, *names: str) -> None:
             raise ConfigError(name, f"must be positive, got {value}")
 
 
+def _dt_init_range(cfg: ModelConfig, prefix: str) -> None:
+    """``{prefix}_dt_min``, ``{prefix}_dt_max``, ``{prefix}_dt_init_floor``: the dt range a mixer's init draws from."""
+    lo, hi, floor = (f"{prefix}_dt_min", f"{prefix}_dt_max", f"{prefix}_dt_init_floor")
+    _positive(cfg, lo, hi)
+    if getattr(cfg, lo) > getattr(cfg, hi):
+        raise ConfigError(lo, f"{getattr(cfg, lo)} is larger than {hi} ({getattr(cfg, hi)})")
+    if getattr(cfg, floor) < 0:
+        raise ConfigError(floor, f"must be >= 0, got {getattr(cfg, floor)}")
+
+
 def _choice(cfg: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
     if getattr(cfg, name) not in choices:
         raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {getattr(cfg, name)!r}")
@@ -326,8 +339,6 @@ def _validate(cfg: ModelConfig) -> None:
             "mamba_num_groups",
             "mamba_conv_kernel",
             "mamba_chunk_size",
-            "mamba_dt_min",
-            "mamba_dt_max",
         )
         if cfg.mamba_num_heads is None and (2 * cfg.hidden_size) % cfg.mamba_head_dim:
             raise ConfigError(
@@ -340,11 +351,9 @@ def _validate(cfg: ModelConfig) -> None:
                 "mamba_num_groups",
                 f"{cfg.mamba_num_groups} must divide the number of Mamba heads ({cfg.resolved_mamba_num_heads})",
             )
-        if cfg.mamba_dt_min > cfg.mamba_dt_max:
-            raise ConfigError("mamba_dt_min", f"{cfg.mamba_dt_min} is larger than mamba_dt_max ({cfg.mamba_dt_max})")
-        for name in ("mamba_dt_init_floor", "mamba_dt_clamp_min"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
+        _dt_init_range(cfg, "mamba")
+        if cfg.mamba_dt_clamp_min < 0:
+            raise ConfigError("mamba_dt_clamp_min", f"must be >= 0, got {cfg.mamba_dt_clamp_min}")
 
     if "E" in used:
         if cfg.moe_num_experts is None:
@@ -391,6 +400,7 @@ def _validate(cfg: ModelConfig) -> None:
             "gdn_conv_kernel",
             "gdn_chunk_size",
         )
+        _dt_init_range(cfg, "gdn")
         if cfg.resolved_gdn_num_value_heads % cfg.resolved_gdn_num_heads:
             raise ConfigError(
                 "gdn_num_value_heads",
