@@ -149,3 +149,14 @@ def test_resolved_sizes():
     assert c.resolved_ffn_hidden_size == 1024 and c.resolved_mamba_num_heads == 8
     assert c.mamba_d_inner == 512
     assert c.replace(position_embedding="rope", rotary_percent=0.5).rotary_dim == 32
+
+
+def test_presets_live_in_their_own_module():
+    import hybridlm.config
+    import hybridlm.presets
+
+    assert hybridlm.config.PRESETS is hybridlm.presets.PRESETS
+    assert list(PRESETS) == ["tiny", "nemotron-h-8b", "nemotron-3-nano-30b-a3b", "bench-1.3b", "bench-moe-1b"]
+    assert ModelConfig.from_preset("bench-moe-1b", vocab_size=64) == ModelConfig(
+        **{**PRESETS["bench-moe-1b"], "vocab_size": 64}
+    )

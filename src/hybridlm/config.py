@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 from .pattern import HybridPattern, PatternError, parse
+from .presets import PRESETS  # re-exported: ``from hybridlm.config import PRESETS``
 
 #: Version of the JSON layout written by :meth:`ModelConfig.to_dict`.
 SCHEMA_VERSION = 1
@@ -85,6 +86,9 @@ class ModelConfig:
     gdn_value_head_dim: int | None = None  #: None = gdn_head_dim
     gdn_conv_kernel: int = 4
     gdn_chunk_size: int = 64  #: positions per chunk of the chunked gated delta rule
+    gdn_dt_min: float = 0.001  #: dt_bias init: softplus(dt_bias) log-uniform in [gdn_dt_min, gdn_dt_max]
+    gdn_dt_max: float = 0.1
+    gdn_dt_init_floor: float = 1e-4  #: lower clamp of that initial dt
 
     # -- multi-latent attention (+) and DeepSeek sparse attention (D) -------------------------
     # Megatron's MLATransformerConfig / TransformerConfig names. Both use num_attention_heads and
@@ -275,6 +279,16 @@ def _positive(cfg: ModelConfig, *names: str) -> None:
             raise ConfigError(name, f"must be positive, got {value}")
 
 
+def _dt_init_range(cfg: ModelConfig, prefix: str) -> None:
+    """``{prefix}_dt_min``, ``{prefix}_dt_max``, ``{prefix}_dt_init_floor``: the dt range a mixer's init draws from."""
+    lo, hi, floor = (f"{prefix}_dt_min", f"{prefix}_dt_max", f"{prefix}_dt_init_floor")
+    _positive(cfg, lo, hi)
+    if getattr(cfg, lo) > getattr(cfg, hi):
+        raise ConfigError(lo, f"{getattr(cfg, lo)} is larger than {hi} ({getattr(cfg, hi)})")
+    if getattr(cfg, floor) < 0:
+        raise ConfigError(floor, f"must be >= 0, got {getattr(cfg, floor)}")
+
+
 def _choice(cfg: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
     if getattr(cfg, name) not in choices:
         raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {getattr(cfg, name)!r}")
@@ -325,8 +339,6 @@ def _validate(cfg: ModelConfig) -> None:
             "mamba_num_groups",
             "mamba_conv_kernel",
             "mamba_chunk_size",
-            "mamba_dt_min",
-            "mamba_dt_max",
         )
         if cfg.mamba_num_heads is None and (2 * cfg.hidden_size) % cfg.mamba_head_dim:
             raise ConfigError(
@@ -339,11 +351,9 @@ def _validate(cfg: ModelConfig) -> None:
                 "mamba_num_groups",
                 f"{cfg.mamba_num_groups} must divide the number of Mamba heads ({cfg.resolved_mamba_num_heads})",
             )
-        if cfg.mamba_dt_min > cfg.mamba_dt_max:
-            raise ConfigError("mamba_dt_min", f"{cfg.mamba_dt_min} is larger than mamba_dt_max ({cfg.mamba_dt_max})")
-        for name in ("mamba_dt_init_floor", "mamba_dt_clamp_min"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
+        _dt_init_range(cfg, "mamba")
+        if cfg.mamba_dt_clamp_min < 0:
+            raise ConfigError("mamba_dt_clamp_min", f"must be >= 0, got {cfg.mamba_dt_clamp_min}")
 
     if "E" in used:
         if cfg.moe_num_experts is None:
@@ -390,6 +400,7 @@ def _validate(cfg: ModelConfig) -> None:
             "gdn_conv_kernel",
             "gdn_chunk_size",
         )
+        _dt_init_range(cfg, "gdn")
         if cfg.resolved_gdn_num_value_heads % cfg.resolved_gdn_num_heads:
             raise ConfigError(
                 "gdn_num_value_heads",
@@ -429,108 +440,3 @@ def _validate_mla(cfg: ModelConfig, sparse: bool) -> None:
         )
     if cfg.dsa_indexer_loss_coeff < 0:
         raise ConfigError("dsa_indexer_loss_coeff", f"must be >= 0, got {cfg.dsa_indexer_loss_coeff}")
-
-
-# -- presets ---------------------------------------------------------------------------------------
-
-#: Named configurations. Shapes of the published models follow their Hugging Face configs;
-#: attention uses no position embedding, as Hugging Face's NemotronH computes it.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Every layer kind that runs today, small enough for CPU tests.
-    "tiny": dict(
-        pattern="M-[*-]G-[ME]M*E/[*-]",
-        vocab_size=256,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        mamba_num_heads=4,
-        mamba_head_dim=16,
-        mamba_state_dim=16,
-        mamba_num_groups=2,
-        mamba_chunk_size=16,
-        moe_num_experts=4,
-        moe_top_k=2,
-        moe_ffn_hidden_size=32,
-        moe_shared_expert_ffn_hidden_size=32,
-        gdn_num_heads=2,
-        gdn_head_dim=16,
-    ),
-    # nvidia/Nemotron-H-8B-Base-8K.
-    "nemotron-h-8b": dict(
-        pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
-        vocab_size=131072,
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_query_groups=8,
-        head_dim=128,
-        ffn_hidden_size=21504,
-        mlp_activation="relu2",
-        mamba_num_heads=128,
-        mamba_head_dim=64,
-        mamba_state_dim=128,
-        mamba_num_groups=8,
-    ),
-    # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B.
-    "nemotron-3-nano-30b-a3b": dict(
-        pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
-        vocab_size=131072,
-        hidden_size=2688,
-        num_attention_heads=32,
-        num_query_groups=2,
-        head_dim=128,
-        mlp_activation="relu2",
-        mamba_num_heads=64,
-        mamba_head_dim=64,
-        mamba_state_dim=128,
-        mamba_num_groups=8,
-        moe_num_experts=128,
-        moe_top_k=6,
-        moe_ffn_hidden_size=1856,
-        moe_shared_expert_ffn_hidden_size=3712,
-        moe_router_score="sigmoid",
-        moe_router_expert_bias=True,
-        moe_routed_scaling=2.5,
-        moe_norm_topk_prob=True,
-        moe_aux_loss_coeff=1e-4,
-    ),
-    # The GPU benchmark's model: 1.25B parameters, NemotronH-like.
-    "bench-1.3b": dict(
-        pattern="M-M-M-M*-M-M-M-M*-M-M-M-",
-        vocab_size=131072,
-        hidden_size=2048,
-        num_attention_heads=16,
-        num_query_groups=4,
-        head_dim=128,
-        ffn_hidden_size=8192,
-        mlp_activation="relu2",
-        mamba_num_heads=64,
-        mamba_head_dim=64,
-        mamba_state_dim=128,
-        mamba_num_groups=8,
-    ),
-    # The GPU benchmark's MoE hybrid: bench-1.3b with every MLP replaced by 64 experts (top-6,
-    # sigmoid router with expert bias, a shared expert): 3.93B parameters, 1.17B active per token.
-    "bench-moe-1b": dict(
-        pattern="MEMEMEM*EMEMEMEM*EMEMEME",
-        vocab_size=131072,
-        hidden_size=2048,
-        num_attention_heads=16,
-        num_query_groups=4,
-        head_dim=128,
-        mlp_activation="relu2",
-        mamba_num_heads=64,
-        mamba_head_dim=64,
-        mamba_state_dim=128,
-        mamba_num_groups=8,
-        moe_num_experts=64,
-        moe_top_k=6,
-        moe_ffn_hidden_size=1024,
-        moe_shared_expert_ffn_hidden_size=2048,
-        moe_router_score="sigmoid",
-        moe_router_expert_bias=True,
-        moe_routed_scaling=2.5,
-        moe_norm_topk_prob=True,
-        moe_aux_loss_coeff=1e-4,
-    ),
-}

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from ._errors_base import HybridLMError
 from .pattern.errors import PatternError
 
-
-class HybridLMError(Exception):
-    """Base class of hybridlm's own errors."""
+__all__ = [
+    "USER_ERRORS",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "HybridLMError",
+    "PatternError",
+    "UsageError",
+]
 
 
 class ConfigError(HybridLMError, ValueError):

@@ -72,3 +72,17 @@ def test_bad_toml(tmp_path):
         RunConfig.from_toml(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         RunConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_to_toml_round_trips_any_string(tmp_path):
+    import tomllib
+
+    odd = 'line one\nline "two"\twith a back\\slash, \\n literally, and ünïcødé ✓'
+    run = RunConfig()
+    run.data.jsonl_field = odd
+    run.train.run_dir = str(tmp_path / 'runs "quoted"\\x')
+    text = run.to_toml()
+    assert tomllib.loads(text)["data"]["jsonl_field"] == odd
+    assert list(tomllib.loads(text)) == ["model", "data", "optim", "train"]
+    (tmp_path / "run.toml").write_text(text, encoding="utf-8")
+    assert RunConfig.from_toml(tmp_path / "run.toml") == run

@@ -17,7 +17,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..ops.gated_delta import gated_delta_rule_chunked, l2_normalize
 from .context import SequenceContext
-from .mamba2 import CausalConv1d, dt_bias_init
+from .conv import CausalConv1d
+from .init import dt_bias_init
 
 
 class GatedRMSNormAfter(nn.Module):
@@ -102,7 +103,7 @@ class GatedDeltaNet(nn.Module):
         self.conv1d.init_weights(gen)
         with torch.no_grad():
             self.dt_bias.copy_(
-                dt_bias_init(self.nv, c.mamba_dt_min, c.mamba_dt_max, c.mamba_dt_init_floor, gen, self.dt_bias.device)
+                dt_bias_init(self.nv, c.gdn_dt_min, c.gdn_dt_max, c.gdn_dt_init_floor, gen, self.dt_bias.device)
             )
             self.A_log.copy_(
                 torch.log(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(1, 16, generator=gen))

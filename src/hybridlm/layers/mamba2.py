@@ -14,31 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.conv import causal_conv1d
 from ..ops.norm import gated_rms_norm
 from ..ops.ssd import ssd_chunked
 from .context import SequenceContext
-
-
-class CausalConv1d(nn.Module):
-    """Depthwise causal conv parameters, stored as ``nn.Conv1d`` stores them: weight (C, 1, K), bias (C,)."""
-
-    def __init__(self, channels: int, kernel: int, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
-        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
-
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None, activation: str | None = "silu") -> torch.Tensor:
-        """x: (B, L, C) -> (B, L, C)."""
-        return causal_conv1d(x, self.weight, self.bias, seq_idx, activation)
-
-    @torch.no_grad()
-    def init_weights(self, gen: torch.Generator | None) -> None:
-        # nn.Conv1d's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(K), 1/sqrt(K)).
-        bound = 1.0 / math.sqrt(self.weight.shape[-1])
-        self.weight.uniform_(-bound, bound, generator=gen)
-        if self.bias is not None:
-            self.bias.uniform_(-bound, bound, generator=gen)
+from .conv import CausalConv1d
+from .init import dt_bias_init
 
 
 class GatedRMSNorm(nn.Module):
@@ -50,15 +30,6 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
-
-
-def dt_bias_init(
-    n: int, dt_min: float, dt_max: float, floor: float, gen: torch.Generator | None, device
-) -> torch.Tensor:
-    """softplus^-1 of dt drawn log-uniformly in [dt_min, dt_max] (clamped below at ``floor``)."""
-    u = torch.rand(n, generator=gen, device=device)
-    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class Mamba2Mixer(nn.Module):

@@ -7,8 +7,9 @@ and ``[XY]`` fusing a sequence mixer and the channel mixer after it into one blo
 
 from . import symbols
 from .errors import PatternError, RatioError
-from .parser import HybridPattern, PatternStage, parse
+from .parser import HybridPattern, parse
 from .ratios import pattern_from_ratios
+from .stage import PatternStage
 
 __all__ = [
     "HybridPattern",

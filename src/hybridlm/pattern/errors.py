@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .._errors_base import HybridLMError
+
 
 def _printable(text: str) -> str:
     # Keep one display column per character so the caret lines up: control characters
@@ -9,8 +11,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-class PatternError(ValueError):
+class PatternError(HybridLMError, ValueError):
     """A layer pattern broke a rule of the pattern language.
+
+    It is a :class:`~hybridlm.errors.HybridLMError` like every error of the package, and a
+    ``ValueError`` because the pattern is a bad value.
 
     Attributes:
         rule: one sentence naming the rule that was broken.

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 from . import symbols as S
 from .errors import PatternError
+from .stage import PatternStage, select_stage
+
+__all__ = ["HybridPattern", "PatternStage", "parse"]
 
 _VALID_LAYERS = frozenset(S.LAYER_SYMBOLS)
 _SYMBOL_LIST = " ".join(S.LAYER_SYMBOLS)
@@ -43,46 +46,6 @@ def _split_blocks(part: str) -> tuple[tuple[str, ...], ...]:
         else:
             segments[-1].append(c)
     return tuple(tuple(seg) for seg in segments)
-
-
-@dataclass(frozen=True)
-class PatternStage:
-    """The blocks one pipeline rank (and virtual stage) builds.
-
-    Attributes:
-        blocks: the stage's block strings, in order (a fused group is one string).
-        block_offset: number of main-stack blocks before this stage.
-        layer_offset: canonical index of the stage's first layer (= canonical layers before it).
-        pp_rank, pp_size, vp_stage: the arguments the stage was selected with.
-        segment: index of the ``|`` segment this stage is, or ``None`` for an automatic split
-            (or the whole model).
-        is_first: the stage holds the start of the main stack (it owns the embedding).
-        is_last: the stage holds the end of the main stack (it owns the final norm, the
-            output head and the MTP depths).
-    """
-
-    blocks: tuple[str, ...]
-    block_offset: int
-    layer_offset: int
-    pp_rank: int
-    pp_size: int
-    vp_stage: int | None
-    segment: int | None
-    is_first: bool
-    is_last: bool
-
-    @property
-    def layers(self) -> str:
-        """Canonical layer symbols of this stage."""
-        return "".join(self.blocks)
-
-    @property
-    def num_layers(self) -> int:
-        return sum(len(b) for b in self.blocks)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
 
 @dataclass(frozen=True)
@@ -189,8 +152,6 @@ class HybridPattern:
         on the first / last rank and the rest spread evenly over the middle ranks. Fused groups
         count as one block here, so they are never split.
         """
-        from .stage import select_stage
-
         return select_stage(self, pp_rank, pp_size, vp_stage, first_stage_layers, last_stage_layers)
 
 

@@ -1,16 +1,75 @@
-"""Pipeline stage selection: which blocks a pipeline rank (and virtual stage) builds."""
+"""Pipeline stage selection: which blocks a pipeline rank (and virtual stage) builds.
+
+This module does not import :mod:`.parser` (the parser imports it): a stage is selected from
+any object with the few attributes of a parsed pattern listed in :class:`ParsedBlocks`.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import PatternError
 
-if TYPE_CHECKING:
-    from .parser import HybridPattern, PatternStage
-
 logger = logging.getLogger("hybridlm.pattern")
+
+
+class ParsedBlocks(Protocol):
+    """What stage selection reads from a :class:`~hybridlm.pattern.HybridPattern`."""
+
+    @property
+    def main(self) -> str: ...
+    @property
+    def blocks(self) -> tuple[str, ...]: ...
+    @property
+    def segments(self) -> tuple[tuple[str, ...], ...]: ...
+    @property
+    def block_layer_offsets(self) -> tuple[int, ...]: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class PatternStage:
+    """The blocks one pipeline rank (and virtual stage) builds.
+
+    Attributes:
+        blocks: the stage's block strings, in order (a fused group is one string).
+        block_offset: number of main-stack blocks before this stage.
+        layer_offset: canonical index of the stage's first layer (= canonical layers before it).
+        pp_rank, pp_size, vp_stage: the arguments the stage was selected with.
+        segment: index of the ``|`` segment this stage is, or ``None`` for an automatic split
+            (or the whole model).
+        is_first: the stage holds the start of the main stack (it owns the embedding).
+        is_last: the stage holds the end of the main stack (it owns the final norm, the
+            output head and the MTP depths).
+    """
+
+    blocks: tuple[str, ...]
+    block_offset: int
+    layer_offset: int
+    pp_rank: int
+    pp_size: int
+    vp_stage: int | None
+    segment: int | None
+    is_first: bool
+    is_last: bool
+
+    @property
+    def layers(self) -> str:
+        """Canonical layer symbols of this stage."""
+        return "".join(self.blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
 
 
 def _check_int(value: object, name: str, minimum: int, text: str) -> None:
@@ -19,7 +78,7 @@ def _check_int(value: object, name: str, minimum: int, text: str) -> None:
 
 
 def select_stage(
-    p: HybridPattern,
+    p: ParsedBlocks,
     pp_rank: int,
     pp_size: int,
     vp_stage: int | None,
@@ -28,8 +87,6 @@ def select_stage(
     warn: bool = True,
 ) -> PatternStage:
     """See :meth:`HybridPattern.stage`; ``warn=False`` silences the automatic-split warnings."""
-    from .parser import PatternStage
-
     text = str(p)
     _check_int(pp_size, "pp_size", 1, text)
     _check_int(pp_rank, "pp_rank", 0, text)
@@ -136,7 +193,7 @@ def _auto_split(p, text, pp_rank, pp_size, vp_stage, first, last, make, warn):
     return make(start, start + per, None, is_first, is_last)
 
 
-def _warn_auto_split(p: HybridPattern) -> None:
+def _warn_auto_split(p: ParsedBlocks) -> None:
     logger.warning(
         "DEPRECATION: Using a hybrid layer pattern without pipe ('|') separators with "
         "pipeline_model_parallel_size > 1 is deprecated; the blocks are split by count, not by compute. "

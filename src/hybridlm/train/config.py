@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import tomli_w
+
 from ..config import ModelConfig, check_field_names
 from ..errors import ConfigError
 
@@ -121,7 +123,7 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         try:
-            d = tomllib.loads(Path(path).read_text())
+            d = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
@@ -155,12 +157,11 @@ class RunConfig:
         }
 
     def to_toml(self) -> str:
-        lines = []
-        for section, values in self.to_dict().items():
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-            lines.append("")
-        return "\n".join(lines)
+        """The run file: one table per section, fields in declaration order; ``None`` fields left out."""
+        tables = {
+            section: {k: v for k, v in values.items() if v is not None} for section, values in self.to_dict().items()
+        }
+        return tomli_w.dumps(tables)
 
     # -- checking -----------------------------------------------------------------------------
 
@@ -272,12 +273,3 @@ def _parse_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw  # a bare string such as a pattern or a path
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
