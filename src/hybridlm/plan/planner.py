@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..pattern import HybridPattern, parse
 from ..pattern.symbols import FUSION_END, FUSION_START, MTP_SEPARATOR, PIPE
 from .balance import balanced_cuts, even_cuts, segment_costs
-from .cost import Costs, estimate_costs, in_flight, stage_memory, with_times
+from .cost import HARDWARE, Costs, estimate_costs, in_flight, stage_memory, with_times
 
 GIB = 2**30
 
@@ -112,6 +112,26 @@ class Plan:
             out["user_imbalance"] = imbalance(user)
         return out
 
+    def plot(self, path: str) -> None:
+        """Draw the planned pattern with its per-stage costs (see :func:`hybridlm.plan.plot.plot_pattern`)."""
+        from .plot import plot_pattern
+
+        k = len(self.stages)
+        extras = [0.0] * k
+        extras[0] += self.costs.first_extra_s * 1e3
+        extras[-1] += self.costs.last_extra_s * 1e3
+        labels = [f"rank {s.pp_rank}" + (f"\nvp {s.vp_stage}" if self.vpp > 1 else "") for s in self.stages]
+        plot_pattern(
+            self.pattern,
+            path,
+            [(s.start, s.stop) for s in self.stages],
+            [s.time_s * 1e3 for s in self.stages],
+            extras,
+            "ms per micro-batch (fwd+bwd)",
+            labels,
+            block_costs=[t * 1e3 for t in self.costs.block_times],
+        )
+
     def render(self) -> str:
         """The plan as text: pattern, a table per stage and per rank, and the comparison."""
         c = self.costs
@@ -128,25 +148,24 @@ class Plan:
             m = s.memory
             rows.append(
                 [str(s.index), str(s.pp_rank), str(s.vp_stage), f"{s.start}-{s.stop - 1}", str(s.layers),
-                 f"{s.time_s * 1e3:.2f}", _count(m["params"]), f"{m['state_bytes'] / GIB:.1f}",
-                 f"{m['act_bytes'] / GIB:.2f}", f"{m['act_bytes_ckpt'] / GIB:.2f}"]
+                 _ms(s.time_s), _count(m["params"]), _gib(m['state_bytes']),
+                 _gib(m['act_bytes']), _gib(m['act_bytes_ckpt'])]
             )  # fmt: skip
         lines += _table(rows)
         lines += ["", "per rank (peak memory under 1F1B: state + in-flight micro-batches' activations)"]
         rows = [["rank", "ms", "state GiB", "peak GiB", "peak GiB (AC)"]]
         for r, (t, m) in enumerate(zip(self.rank_costs(self.cuts), self.rank_memory())):
-            rows.append([str(r), f"{t * 1e3:.2f}", f"{m['state_bytes'] / GIB:.1f}", f"{m['peak_bytes'] / GIB:.1f}",
-                         f"{m['peak_bytes_ckpt'] / GIB:.1f}"])  # fmt: skip
+            rows.append([str(r), _ms(t), _gib(m['state_bytes']), _gib(m['peak_bytes']),
+                         _gib(m['peak_bytes_ckpt'])])  # fmt: skip
         lines += _table(rows)
         layouts = [("planned", self.cuts), ("even split", self.even_cuts)]
         if self.user_cuts is not None:
-            layouts.append(("your '|'", self.user_cuts))
+            n = len(self.user_cuts) + 1
+            layouts.append(("your '|'" + ("" if n == len(self.stages) else f" ({n} stages)"), self.user_cuts))
         rows = [["layout", "slowest stage ms", "imbalance (max/mean)", "stage ms"]]
         for name, cuts in layouts:
             seg = self.stage_costs(cuts)
-            rows.append(
-                [name, f"{max(seg) * 1e3:.2f}", f"{imbalance(seg):.3f}", " ".join(f"{t * 1e3:.1f}" for t in seg)]
-            )
+            rows.append([name, _ms(max(seg)), f"{imbalance(seg):.3f}", " ".join(_ms(t) for t in seg)])
         lines += ["", *_table(rows)]
         speedup = max(self.stage_costs(self.even_cuts)) / max(self.stage_costs(self.cuts))
         lines.append(f"\nslowest stage vs the even split: {speedup:.3f}x faster")
@@ -157,6 +176,16 @@ def imbalance(stage_costs: list[float]) -> float:
     """Slowest stage over the mean stage (1.0 = perfectly balanced)."""
     mean = sum(stage_costs) / len(stage_costs)
     return max(stage_costs) / mean if mean > 0 else 1.0
+
+
+def _ms(t: float) -> str:
+    """Seconds as milliseconds with at least three significant digits."""
+    ms = t * 1e3
+    return f"{ms:.2f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3g}"
 
 
 def _count(n: float) -> str:
@@ -180,6 +209,25 @@ def with_cuts(p: HybridPattern, cuts: tuple[int, ...]) -> HybridPattern:
     bounds = [0, *cuts, p.num_blocks]
     main = PIPE.join("".join(block_text(b) for b in p.blocks[a:z]) for a, z in itertools.pairwise(bounds))
     return parse(main + (MTP_SEPARATOR + p.mtp) * p.mtp_depths if p.mtp else main)
+
+
+def resolve_model(pattern: str | None, preset: str | None, run_file: str | None):
+    """The model config of ``hybridlm plan``/``pattern``, and the run config when a run file is given.
+
+    ``pattern`` replaces the preset's or run file's pattern; with neither a preset nor a run file
+    the embedded default run's model is used (as ``hybridlm train`` does).
+    """
+    from ..train.config import RunConfig
+
+    run = None
+    if preset is not None:
+        config = ModelConfig.preset(preset)
+    else:
+        run = RunConfig.from_toml(run_file) if run_file is not None else RunConfig()
+        config = run.model_config()
+    if pattern is not None:
+        config = config.replace(pattern=pattern)
+    return config, run
 
 
 def plan_pipeline(
@@ -206,6 +254,8 @@ def plan_pipeline(
     for name, value in (("pp", pp), ("vpp", vpp), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if hardware not in HARDWARE:
+        raise UsageError(f"--hardware {hardware!r} is not known; choose one of {', '.join(HARDWARE)}")
     p = config.parsed
     k = pp * vpp
     if p.num_blocks < k:
