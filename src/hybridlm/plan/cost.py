@@ -4,7 +4,8 @@ An estimate from the config alone, per micro-batch of ``micro_batch_size`` seque
 tokens (``T`` tokens):
 
 * **FLOPs** are the mixers' own ``flops_per_token`` (matmul FLOPs, see ``hybridlm.counting``) times
-  ``T``; the backward costs twice the forward, and activation checkpointing adds one more forward.
+  ``T``, with attention's scores counted causally (half of all keys); the backward costs twice the
+  forward, and activation checkpointing adds one more forward.
 * **Bytes** are main-memory traffic: every tensor saved for the backward is written once and read
   once in the forward (the backward moves twice that), weights are read once in the forward and
   twice in the backward (input and weight gradients), and fp32 gradients are read and written
@@ -69,7 +70,9 @@ class ItemCost:
         bytes: forward+backward main-memory bytes.
         params: parameters the item owns.
         act_bytes: bytes saved for the backward without activation checkpointing.
-        input_bytes: bytes of the item's input (what block-level checkpointing keeps).
+        ckpt_bytes: bytes saved with block-level checkpointing: a block keeps its input only; the
+            head keeps everything; an MTP depth keeps its projection's and head's tensors and
+            its blocks' inputs.
     """
 
     name: str
@@ -78,7 +81,7 @@ class ItemCost:
     bytes: float
     params: int
     act_bytes: float
-    input_bytes: float
+    ckpt_bytes: float
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,6 @@ def _train_cost(
     tokens: int,
     recompute: bool,
     hw: Hardware,
-    input_elems: float,
 ) -> ItemCost:
     """Forward+backward cost of one unit from its forward FLOPs and saved elements per token."""
     fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
@@ -198,11 +200,11 @@ def _train_cost(
         bytes=passes * fwd_bytes + bwd_bytes,
         params=params,
         act_bytes=act_elems * tokens * BF16,
-        input_bytes=input_elems * tokens * BF16,
+        ckpt_bytes=act_elems * tokens * BF16,
     )
 
 
-def _sum(name: str, parts: list[ItemCost], input_bytes: float) -> ItemCost:
+def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
     return ItemCost(
         name=name,
         time_s=sum(p.time_s for p in parts),
@@ -210,7 +212,7 @@ def _sum(name: str, parts: list[ItemCost], input_bytes: float) -> ItemCost:
         bytes=sum(p.bytes for p in parts),
         params=sum(p.params for p in parts),
         act_bytes=sum(p.act_bytes for p in parts),
-        input_bytes=input_bytes,
+        ckpt_bytes=ckpt_bytes,
     )
 
 
@@ -260,8 +262,14 @@ def estimate_costs(
 
     def layer(s: str, params: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
+        if s == "*":
+            # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
+            # skips the masked half, and time is what the planner balances. The part that grows
+            # with seq_len is exactly the scores and weighted values.
+            core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
+            flops -= core / 2 * T
         return _train_cost(s, flops, _saved_elements(c, s, seq_len), params, _active_params(c, s, params, T), T,
-                           recompute, hw, H)  # fmt: skip
+                           recompute, hw)  # fmt: skip
 
     def block(sym: str, params: list[int]) -> ItemCost:
         return _sum(sym, [layer(s, n) for s, n in zip(sym, params)], H * T * BF16)
@@ -277,22 +285,24 @@ def estimate_costs(
         bytes=2 * T * H * BF16 + 2 * emb_params * FP32 + T * H * BF16,
         params=emb_params,
         act_bytes=0.0,
-        input_bytes=0.0,
+        ckpt_bytes=0.0,
     )
 
     # Head: final norm, (H -> V) projection, logits cast to fp32 and cross entropy. Saved per token:
     # the input and normed input (2H), bf16 logits (V), fp32 logits and fp32 log-probs (2 x 2V).
     def head_cost(name: str, params: int) -> ItemCost:
-        return _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw, H)
+        return _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw)
 
     head = head_cost("head", counts["head"])
     shared = emb_params if (c.tie_embeddings or p.mtp_depths) else 0
     mtp = []
     for d in range(1, p.mtp_depths + 1):
         # enorm/hnorm, concat, eh_proj (2H -> H), the depth's blocks, final norm; then the shared head.
-        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, counts["mtp_extra"], 2 * H * H, T, False, hw, H)
+        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, counts["mtp_extra"], 2 * H * H, T, False, hw)
         inner = [block(sym, n) for sym, n in zip(p.mtp_blocks, counts["mtp_blocks"])]
-        mtp.append(_sum(f"mtp {d}", [proj, *inner, head_cost("head", 0)], H * T * BF16))
+        depth_head = head_cost("head", 0)
+        ckpt = proj.ckpt_bytes + sum(b.ckpt_bytes for b in inner) + depth_head.ckpt_bytes
+        mtp.append(_sum(f"mtp {d}", [proj, *inner, depth_head], ckpt))
 
     source = f"estimate ({hw.name} roofline)"
     return Costs(blocks, embedding, head, tuple(mtp), shared, seq_len, micro_batch_size, recompute, source,
@@ -327,14 +337,16 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
     blocks = costs.blocks[start:stop]
     params = sum(b.params for b in blocks)
     act = sum(b.act_bytes for b in blocks)
-    ckpt = sum(b.input_bytes for b in blocks) + max((b.act_bytes for b in blocks), default=0.0)
+    # Checkpointed blocks keep their inputs; one block at a time holds all of its activations
+    # again while it is recomputed.
+    ckpt = sum(b.ckpt_bytes for b in blocks) + max((b.act_bytes for b in blocks), default=0.0)
     if is_first:
         params += costs.embedding.params
     if is_last:
         extra = [costs.head, *costs.mtp]
         params += sum(m.params for m in extra) + (0 if is_first else costs.shared_embedding_params)
         act += sum(m.act_bytes for m in extra)
-        ckpt += sum(m.act_bytes for m in extra)  # only blocks are checkpointed
+        ckpt += sum(m.ckpt_bytes for m in extra)
     return {
         "params": params,
         "state_bytes": params * costs.state_bytes_per_param,
