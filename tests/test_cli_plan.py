@@ -69,4 +69,4 @@ def test_bad_input_exits_2(capsys, argv, message):
 def test_measure(capsys):
     argv = ["plan", "M-[*-]M", "--preset", "tiny", "--pp", "2", "--seq-len", "16", "--measure", "cpu", "--json"]
     out = _json(capsys, argv)
-    assert out["source"] == "measured on cpu" and out["block_costs"][0] == out["block_costs"][2] > 0
+    assert out["source"] == "measured on cpu" and out["block_costs"][0] == out["block_costs"][3] > 0
