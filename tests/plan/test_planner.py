@@ -135,3 +135,9 @@ def test_bad_requests():
         plan_pipeline(config, 0)
     with pytest.raises(UsageError, match="--hardware 'tpu'"):
         plan_pipeline(config, 2, hardware="tpu")
+
+
+@pytest.mark.gpu
+def test_measured_on_cuda():
+    plan = plan_pipeline(ModelConfig.preset("tiny"), 2, seq_len=256, measure="cuda")
+    assert plan.costs.source == "measured on cuda" and all(t > 0 for t in plan.costs.block_times)

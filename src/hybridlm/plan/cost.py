@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
 from ..layers import mixer_class
+from ..model import HybridLM
 
 BF16 = 2  # bytes per activation / weight element
 FP32 = 4
@@ -131,7 +132,7 @@ def _mult(c: ModelConfig) -> int:
     return 3 if c.mlp_activation == "swiglu" else 2
 
 
-def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
+def _saved_elements(c: ModelConfig, s: str) -> float:
     """Elements per token a layer saves for its backward (bf16-equivalent; fp32 counts twice).
 
     Includes the layer input and its normed copy; the rest follows the mixers' forward.
@@ -220,9 +221,8 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 
 
 def _param_counts(config: ModelConfig) -> dict[str, object]:
-    """Parameters per canonical layer of every block, per MTP depth extra, embedding and head (meta build)."""
-    from ..model import HybridLM  # torch is needed here only
-
+    """Parameters per canonical layer of every main and MTP block, of one MTP depth's own parts
+    (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build."""
     model = HybridLM(config, device="meta")
 
     def count(module) -> int:
@@ -268,7 +268,7 @@ def estimate_costs(
             # with seq_len is exactly the scores and weighted values.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
-        return _train_cost(s, flops, _saved_elements(c, s, seq_len), params, _active_params(c, s, params, T), T,
+        return _train_cost(s, flops, _saved_elements(c, s), params, _active_params(c, s, params, T), T,
                            recompute, hw)  # fmt: skip
 
     def block(sym: str, params: list[int]) -> ItemCost:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import UsageError
+from ..layers import mixer_class
 from ..pattern import HybridPattern, parse
 from ..pattern.symbols import FUSION_END, FUSION_START, MTP_SEPARATOR, PIPE
 from .balance import balanced_cuts, even_cuts, segment_costs
@@ -256,6 +257,11 @@ def plan_pipeline(
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if hardware not in HARDWARE:
         raise UsageError(f"--hardware {hardware!r} is not known; choose one of {', '.join(HARDWARE)}")
+    for symbol in sorted(config.symbols):
+        try:
+            mixer_class(symbol)
+        except NotImplementedError as e:
+            raise UsageError(f"cannot plan this pattern: {e}") from None
     p = config.parsed
     k = pp * vpp
     if p.num_blocks < k:
