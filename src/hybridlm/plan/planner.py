@@ -102,7 +102,7 @@ class Plan:
             "rank_costs": [t * ms for t in self.rank_costs(self.cuts)],
             "stages": [
                 {"pp_rank": s.pp_rank, "vp_stage": s.vp_stage, "blocks": [s.start, s.stop], "layers": s.layers}
-                | {k: v for k, v in s.memory.items()}
+                | s.memory
                 for s in self.stages
             ],
             "ranks": self.rank_memory(),
