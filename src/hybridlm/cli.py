@@ -19,6 +19,10 @@ def _cmd_pattern(args: argparse.Namespace) -> int:
 
     p = parse(args.pattern)
     print(render(p, args.pp, args.first_stage_layers, args.last_stage_layers))
+    if args.plot:
+        from .plan.plot import plot_pattern_cli
+
+        print(f"wrote {plot_pattern_cli(p, args.plot, args.pp, args.first_stage_layers, args.last_stage_layers)}")
     return 0
 
 
@@ -46,7 +50,70 @@ def _add_pattern(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="blocks on the last rank of an automatic split (pattern without '|')",
     )
+    ap.add_argument(
+        "--plot",
+        default=None,
+        metavar="OUT.png|OUT.svg",
+        help="also draw the pattern: blocks by kind, fused groups boxed, stages with their layer counts, MTP depths",
+    )
     ap.set_defaults(func=_cmd_pattern)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan.measure import default_device
+    from .plan.planner import plan_pipeline, resolve_model
+
+    config, run = resolve_model(args.pattern, args.preset, args.config)
+    plan = plan_pipeline(
+        config,
+        args.pp,
+        args.vpp,
+        seq_len=args.seq_len or (run.data.seq_len if run else 4096),
+        micro_batch_size=args.micro_batch_size or (run and run.train.micro_batch_size) or 1,
+        recompute=args.recompute or bool(run and run.train.activation_checkpointing),
+        hardware=args.hardware,
+        measure=default_device() if args.measure == "auto" else args.measure,
+    )
+    if args.plot:
+        plan.plot(args.plot)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "plan",
+        help="place '|' in a pattern so that the pipeline stages are balanced",
+        description="Balance a pattern over pipeline stages: exact dynamic programming over block boundaries "
+        "(never inside a fused group) minimizing the slowest of the PP x VPP stages, with the embedding on the "
+        "first stage and the head and MTP depths on the last. Prints the pattern with '|' placed, per-stage time "
+        "and memory, and the imbalance (slowest / mean) next to Megatron's even split by block count and the "
+        "pattern's own '|'. Times are a roofline estimate from the config, or measured with --measure. "
+        "Example: hybridlm plan --preset nemotron-h-8b --pp 4 --seq-len 8192",
+    )
+    ap.add_argument("pattern", nargs="?", default=None, help="layer pattern (default: the preset's or run file's)")
+    ap.add_argument("--pp", type=int, required=True, metavar="N", help="pipeline-parallel ranks")
+    ap.add_argument("--vpp", type=int, default=1, metavar="V", help="virtual stages per rank (default 1)")
+    model = ap.add_mutually_exclusive_group()
+    model.add_argument("--preset", default=None, metavar="NAME", help="model preset, e.g. nemotron-h-8b")
+    model.add_argument("--config", default=None, metavar="RUN.toml", help="run file (its model, seq_len, batch)")
+    ap.add_argument("--seq-len", type=int, default=None, metavar="L", help="tokens per sequence (default 4096)")
+    ap.add_argument("--micro-batch-size", type=int, default=None, metavar="B", help="sequences per micro-batch")
+    ap.add_argument("--recompute", action="store_true", help="block-level activation checkpointing")
+    ap.add_argument("--hardware", default="h100", help="roofline of the estimate: h100 (default), h200 or a100")
+    ap.add_argument(
+        "--measure",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="DEVICE",
+        help="time each block kind forward+backward on DEVICE (default cuda if available, else cpu) instead",
+    )
+    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    ap.add_argument("--plot", default=None, metavar="OUT.png|OUT.svg", help="also draw the planned pattern")
+    ap.set_defaults(func=_cmd_plan)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -272,7 +339,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return [_add_train, _add_generate, _add_prepare, _add_pattern, _add_inspect, _add_convert]
+    return [_add_train, _add_generate, _add_prepare, _add_pattern, _add_plan, _add_inspect, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,369 @@
+"""What each block costs to train: forward+backward FLOPs, bytes, time, and memory.
+
+An estimate from the config alone, per micro-batch of ``micro_batch_size`` sequences of ``seq_len``
+tokens (``T`` tokens):
+
+* **FLOPs** are the mixers' own ``flops_per_token`` (matmul FLOPs, see ``hybridlm.counting``) times
+  ``T``, with attention's scores counted causally (half of all keys); the backward costs twice the
+  forward, and activation checkpointing adds one more forward.
+* **Bytes** are main-memory traffic: every tensor saved for the backward is written once and read
+  once in the forward (the backward moves twice that), weights are read once in the forward and
+  twice in the backward (input and weight gradients), and fp32 gradients are read and written
+  once. Only the experts that receive tokens (at most ``T * top_k``) are read.
+* **Time** is a roofline per layer: ``max(FLOPs / peak FLOP/s, bytes / bandwidth)`` summed over
+  the layers of a block and over forward and backward. It is a lower bound on a real GPU; the
+  planner only uses its ratios, and ``--measure`` replaces it by measured times.
+* **Memory**: weights, gradients and optimizer state take :attr:`Hardware.state_bytes_per_param`
+  bytes per parameter (Megatron's mixed precision: bf16 weight 2, fp32 gradient 4, fp32 master
+  + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself).
+  Activations are the tensors saved for the backward, in bf16 (fp32 where the model keeps fp32).
+  Block-level activation checkpointing keeps only each block's input, plus one block's full
+  activations while it is recomputed.
+
+Parameters per block are counted exactly, on a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..config import ModelConfig
+from ..layers import mixer_class
+from ..model import HybridLM
+
+BF16 = 2  # bytes per activation / weight element
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Peak rates of one accelerator for the roofline estimate.
+
+    Attributes:
+        name: label shown in reports.
+        flops_per_s: dense bf16 matmul peak.
+        bytes_per_s: main-memory bandwidth.
+        state_bytes_per_param: weight + gradient + optimizer bytes per parameter.
+    """
+
+    name: str
+    flops_per_s: float
+    bytes_per_s: float
+    state_bytes_per_param: float = BF16 + FP32 + 3 * FP32
+
+
+#: Dense bf16 peak and HBM bandwidth from the vendors' data sheets (SXM parts).
+HARDWARE = {
+    "h100": Hardware("H100 SXM", 989e12, 3.35e12),
+    "h200": Hardware("H200 SXM", 989e12, 4.8e12),
+    "a100": Hardware("A100 SXM 80GB", 312e12, 2.04e12),
+}
+
+
+@dataclass(frozen=True)
+class ItemCost:
+    """The cost of one item (a block, the embedding, the head, one MTP depth) for one micro-batch.
+
+    Attributes:
+        name: the block string (``'M'``, ``'*-'``) or ``'embedding'``, ``'head'``, ``'mtp 1'``, ...
+        time_s: forward+backward seconds (estimated, or measured).
+        flops: forward+backward FLOPs.
+        bytes: forward+backward main-memory bytes.
+        params: parameters the item owns.
+        act_bytes: bytes saved for the backward without activation checkpointing.
+        ckpt_bytes: bytes saved with block-level checkpointing: a block keeps its input only; the
+            head keeps everything; an MTP depth keeps its projection's and head's tensors and
+            its blocks' inputs.
+    """
+
+    name: str
+    time_s: float
+    flops: float
+    bytes: float
+    params: int
+    act_bytes: float
+    ckpt_bytes: float
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Costs of every item of a model at one sequence length and micro-batch size.
+
+    Attributes:
+        blocks: one per block of the main stack, in block order.
+        embedding: the input embedding (on the first stage).
+        head: final norm, output head and cross entropy (on the last stage).
+        mtp: one per MTP depth (on the last stage).
+        shared_embedding_params: embedding parameters the last stage also holds (tied head or
+            MTP depths need the embedding there; see ``parallel.pipeline.prune_to_stage``).
+        source: ``'estimate (H100 SXM roofline)'`` or ``'measured on cuda'``.
+    """
+
+    blocks: tuple[ItemCost, ...]
+    embedding: ItemCost
+    head: ItemCost
+    mtp: tuple[ItemCost, ...]
+    shared_embedding_params: int
+    seq_len: int
+    micro_batch_size: int
+    recompute: bool
+    source: str
+    state_bytes_per_param: float
+
+    @property
+    def block_times(self) -> list[float]:
+        return [b.time_s for b in self.blocks]
+
+    @property
+    def first_extra_s(self) -> float:
+        """Time the first stage spends outside its blocks."""
+        return self.embedding.time_s
+
+    @property
+    def last_extra_s(self) -> float:
+        """Time the last stage spends outside its blocks (head and MTP depths)."""
+        return self.head.time_s + sum(m.time_s for m in self.mtp)
+
+
+# -- per layer --------------------------------------------------------------------------------------
+
+
+def _mult(c: ModelConfig) -> int:
+    return 3 if c.mlp_activation == "swiglu" else 2
+
+
+def _saved_elements(c: ModelConfig, s: str) -> float:
+    """Elements per token a layer saves for its backward (bf16-equivalent; fp32 counts twice).
+
+    Includes the layer input and its normed copy; the rest follows the mixers' forward.
+    """
+    H = c.hidden_size
+    n = 2 * H  # input of the norm, normed input of the mixer
+    if s == "-":
+        return n + c.resolved_ffn_hidden_size * _mult(c)  # up (and gate), activation
+    if s == "E":
+        k, E, Fm = c.moe_top_k, c.moe_num_experts, c.resolved_moe_ffn_hidden_size
+        routed = 2 * E + k * (2 * H + Fm * _mult(c))  # fp32 router scores; dispatched in/out; expert hidden
+        return n + routed + c.moe_shared_expert_ffn_hidden_size * _mult(c)
+    if s == "*":
+        hq, hkv, d = c.num_attention_heads, c.resolved_num_query_groups, c.resolved_head_dim
+        return n + (2 * hq + 2 * hkv) * d  # q, k, v, output
+    if s == "M":
+        h, p, g, N = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
+        di = h * p
+        states = 2 * h * p * N / c.mamba_chunk_size  # fp32 chunk states
+        # in_proj output (z, xBC, dt), conv output, dt, scan output, gated-norm output
+        return n + (2 * di + 2 * g * N + h) + (di + 2 * g * N) + h + 2 * di + states
+    if s == "G":
+        nk, nv, dk = c.resolved_gdn_num_heads, c.resolved_gdn_num_value_heads, c.gdn_head_dim
+        dv = c.resolved_gdn_value_head_dim
+        states = 2 * nv * dk * dv / c.gdn_chunk_size
+        # in projections (q k v z, b a), conv output, delta-rule output, gated-norm output
+        return n + (2 * nk * dk + 2 * nv * dv + 2 * nv) + (2 * nk * dk + nv * dv) + 2 * nv * dv + states
+    mixer_class(s)  # raises the "not implemented yet" error for D and +
+    raise AssertionError(s)
+
+
+def _active_params(c: ModelConfig, s: str, params: int, tokens: int) -> float:
+    """Parameters whose weights a micro-batch of ``tokens`` tokens reads."""
+    if s != "E":
+        return params
+    E = c.moe_num_experts
+    per_expert = c.hidden_size * c.resolved_moe_ffn_hidden_size * _mult(c)
+    idle = max(0, E - tokens * c.moe_top_k) * per_expert
+    return params - idle
+
+
+def _roofline(flops: float, nbytes: float, hw: Hardware) -> float:
+    return max(flops / hw.flops_per_s, nbytes / hw.bytes_per_s)
+
+
+def _train_cost(
+    name: str,
+    fwd_flops: float,
+    act_elems: float,
+    params: int,
+    read_params: float,
+    tokens: int,
+    recompute: bool,
+    hw: Hardware,
+) -> ItemCost:
+    """Forward+backward cost of one unit from its forward FLOPs and saved elements per token."""
+    fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
+    bwd_flops = 2 * fwd_flops
+    bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + 2 * read_params * BF16 + 2 * read_params * FP32
+    passes = 2 if recompute else 1
+    time = passes * _roofline(fwd_flops, fwd_bytes, hw) + _roofline(bwd_flops, bwd_bytes, hw)
+    return ItemCost(
+        name=name,
+        time_s=time,
+        flops=passes * fwd_flops + bwd_flops,
+        bytes=passes * fwd_bytes + bwd_bytes,
+        params=params,
+        act_bytes=act_elems * tokens * BF16,
+        ckpt_bytes=act_elems * tokens * BF16,
+    )
+
+
+def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
+    return ItemCost(
+        name=name,
+        time_s=sum(p.time_s for p in parts),
+        flops=sum(p.flops for p in parts),
+        bytes=sum(p.bytes for p in parts),
+        params=sum(p.params for p in parts),
+        act_bytes=sum(p.act_bytes for p in parts),
+        ckpt_bytes=ckpt_bytes,
+    )
+
+
+# -- the model --------------------------------------------------------------------------------------
+
+
+def _param_counts(config: ModelConfig) -> dict[str, object]:
+    """Parameters per canonical layer of every main and MTP block, of one MTP depth's own parts
+    (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build."""
+    model = HybridLM(config, device="meta")
+
+    def count(module) -> int:
+        return sum(t.numel() for t in module.parameters())
+
+    blocks = [[count(layer) for layer in block.layers] for block in model.blocks.values()]
+    mtp_blocks, mtp_extra = [], 0
+    if len(model.mtp):
+        depth = model.mtp[0]
+        mtp_blocks = [[count(layer) for layer in block.layers] for block in depth.blocks.values()]
+        mtp_extra = count(depth) - sum(map(sum, mtp_blocks))
+    head = count(model.norm_f) + (count(model.lm_head) if model.lm_head is not None else 0)
+    return {"blocks": blocks, "mtp_blocks": mtp_blocks, "mtp_extra": mtp_extra, "head": head}
+
+
+def estimate_costs(
+    config: ModelConfig,
+    seq_len: int,
+    micro_batch_size: int = 1,
+    recompute: bool = False,
+    hardware: Hardware | str = "h100",
+) -> Costs:
+    """Estimated costs of every block, the embedding, the head and the MTP depths.
+
+    Args:
+        config: the model.
+        seq_len: tokens per sequence.
+        micro_batch_size: sequences per micro-batch.
+        recompute: block-level activation checkpointing (one more forward per block).
+        hardware: a :class:`Hardware` or a key of :data:`HARDWARE`.
+    """
+    hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+    c, p = config, config.parsed
+    H, V = c.hidden_size, c.vocab_size
+    T = seq_len * micro_batch_size
+    counts = _param_counts(config)
+
+    def layer(s: str, params: int) -> ItemCost:
+        flops = mixer_class(s).flops_per_token(c, seq_len) * T
+        if s == "*":
+            # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
+            # skips the masked half, and time is what the planner balances. The part that grows
+            # with seq_len is exactly the scores and weighted values.
+            core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
+            flops -= core / 2 * T
+        return _train_cost(s, flops, _saved_elements(c, s), params, _active_params(c, s, params, T), T,
+                           recompute, hw)  # fmt: skip
+
+    def block(sym: str, params: list[int]) -> ItemCost:
+        return _sum(sym, [layer(s, n) for s, n in zip(sym, params)], H * T * BF16)
+
+    blocks = tuple(block(sym, n) for sym, n in zip(p.blocks, counts["blocks"]))
+
+    # Embedding: a gather forward; the backward scatters into a dense fp32 (V, H) gradient.
+    emb_params = V * H
+    embedding = ItemCost(
+        "embedding",
+        time_s=(2 * T * H * BF16 + 2 * emb_params * FP32 + T * H * BF16) / hw.bytes_per_s,
+        flops=0.0,
+        bytes=2 * T * H * BF16 + 2 * emb_params * FP32 + T * H * BF16,
+        params=emb_params,
+        act_bytes=0.0,
+        ckpt_bytes=0.0,
+    )
+
+    # Head: final norm, (H -> V) projection, logits cast to fp32 and cross entropy. Saved per token:
+    # the input and normed input (2H), bf16 logits (V), fp32 logits and fp32 log-probs (2 x 2V).
+    def head_cost(name: str, params: int) -> ItemCost:
+        return _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw)
+
+    head = head_cost("head", counts["head"])
+    shared = emb_params if (c.tie_embeddings or p.mtp_depths) else 0
+    mtp = []
+    for d in range(1, p.mtp_depths + 1):
+        # enorm/hnorm, concat, eh_proj (2H -> H), the depth's blocks, final norm; then the shared head.
+        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, counts["mtp_extra"], 2 * H * H, T, False, hw)
+        inner = [block(sym, n) for sym, n in zip(p.mtp_blocks, counts["mtp_blocks"])]
+        depth_head = head_cost("head", 0)
+        ckpt = proj.ckpt_bytes + sum(b.ckpt_bytes for b in inner) + depth_head.ckpt_bytes
+        mtp.append(_sum(f"mtp {d}", [proj, *inner, depth_head], ckpt))
+
+    source = f"estimate ({hw.name} roofline)"
+    return Costs(blocks, embedding, head, tuple(mtp), shared, seq_len, micro_batch_size, recompute, source,
+                 hw.state_bytes_per_param)  # fmt: skip
+
+
+def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:
+    """``costs`` with the time of every item whose name is a key of ``times`` replaced.
+
+    Keys are block strings (``'M'``, ``'*-'``), ``'embedding'``, ``'head'`` and ``'mtp'`` (one depth).
+    """
+
+    def swap(item: ItemCost, key: str) -> ItemCost:
+        return replace(item, time_s=times[key]) if key in times else item
+
+    return replace(
+        costs,
+        blocks=tuple(swap(b, b.name) for b in costs.blocks),
+        embedding=swap(costs.embedding, "embedding"),
+        head=swap(costs.head, "head"),
+        mtp=tuple(swap(m, "mtp") for m in costs.mtp),
+        source=source,
+    )
+
+
+def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: bool) -> dict[str, float]:
+    """Memory of the stage holding blocks ``start:stop`` (per micro-batch for activations).
+
+    Returns ``params``, ``state_bytes`` (weights + gradients + optimizer), ``act_bytes`` (no
+    checkpointing) and ``act_bytes_ckpt`` (block-level checkpointing).
+    """
+    blocks = costs.blocks[start:stop]
+    params = sum(b.params for b in blocks)
+    act = sum(b.act_bytes for b in blocks)
+    # Checkpointed blocks keep their inputs; one block at a time holds all of its activations
+    # again while it is recomputed.
+    ckpt = sum(b.ckpt_bytes for b in blocks) + max((b.act_bytes for b in blocks), default=0.0)
+    if is_first:
+        params += costs.embedding.params
+    if is_last:
+        extra = [costs.head, *costs.mtp]
+        params += sum(m.params for m in extra) + (0 if is_first else costs.shared_embedding_params)
+        act += sum(m.act_bytes for m in extra)
+        ckpt += sum(m.ckpt_bytes for m in extra)
+    return {
+        "params": params,
+        "state_bytes": params * costs.state_bytes_per_param,
+        "act_bytes": act,
+        "act_bytes_ckpt": ckpt,
+    }
+
+
+def in_flight(pp_rank: int, pp_size: int, vpp: int) -> int:
+    """Micro-batch chunks whose activations one rank holds at the peak of Megatron's 1F1B schedule.
+
+    Non-interleaved: ``pp - rank``. Interleaved: the warmup forwards plus one,
+    ``2 (pp - rank - 1) + (vpp - 1) pp + 1`` (each is one virtual stage's activations).
+    """
+    if vpp == 1:
+        return pp_size - pp_rank
+    return 2 * (pp_size - pp_rank - 1) + (vpp - 1) * pp_size + 1
+
+
+__all__ = ["HARDWARE", "Costs", "Hardware", "ItemCost", "estimate_costs", "in_flight", "stage_memory", "with_times"]

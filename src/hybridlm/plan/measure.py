@@ -1,0 +1,97 @@
+"""Measure forward+backward time of each block kind on a device (``hybridlm plan --measure``).
+
+One small model holds one block of every distinct kind in the pattern (plus one MTP depth when
+the pattern has MTP), at the config's real sizes; each piece is timed alone on random input of
+``(micro_batch_size, seq_len, hidden)``. On CUDA the blocks run under bf16 autocast, as training does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import ModelConfig
+from ..pattern.symbols import MTP_SEPARATOR
+from .planner import block_text
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def measure_times(
+    config: ModelConfig,
+    seq_len: int,
+    micro_batch_size: int = 1,
+    device: str | None = None,
+    recompute: bool = False,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Median forward+backward seconds of each block kind, ``'embedding'``, ``'head'`` and ``'mtp'``.
+
+    Keys are block strings as in :attr:`HybridPattern.blocks` (``'M'``, ``'*-'``); ``'mtp'`` is
+    one MTP depth including its head and loss; ``'head'`` is the final norm, head and loss.
+    """
+    from ..model import HybridLM, cross_entropy
+
+    dev = torch.device(device or default_device())
+    p = config.parsed
+    kinds = list(dict.fromkeys(p.blocks))
+    text = "".join(block_text(b) for b in kinds)
+    if p.mtp:
+        text += MTP_SEPARATOR + p.mtp
+    small = config.replace(pattern=text)
+    model = HybridLM(small, device=dev)
+    for block in model.blocks.values():
+        block.activation_checkpointing = recompute
+    B, L, H = micro_batch_size, seq_len, config.hidden_size
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (B, L), device=dev, generator=gen)
+    x = torch.randn(B, L, H, device=dev, generator=gen)
+    ctx = model.make_context(B, L, dev)
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def train_step(forward) -> float:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            ctx.aux_losses.clear()  # MoE layers append here; keep no graph alive between steps
+            with autocast:
+                out = forward()
+            out.float().sum().backward() if out.dim() else out.backward()
+
+        return _timed(step, dev, repeats)
+
+    times: dict[str, float] = {}
+    for i, kind in enumerate(kinds):
+        block = model.blocks[str(i)]
+        inp = x.detach().requires_grad_(True)
+        times[kind] = train_step(lambda block=block, inp=inp: block(inp, ctx))
+    times["embedding"] = train_step(lambda: model.embeddings(ids))
+    h = x.detach().requires_grad_(True)
+    times["head"] = train_step(lambda: cross_entropy(model.head(model.norm_f(h)), ids))
+    if len(model.mtp):
+        depth = model.mtp[0]
+        times["mtp"] = train_step(
+            lambda: cross_entropy(model.head(depth(h, model.embeddings(torch.roll(ids, -1, 1)), ctx)), ids)
+        )
+    ctx.aux_losses.clear()
+    return times

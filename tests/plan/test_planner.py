@@ -1,0 +1,143 @@
+"""The planner: the planned pattern is the same model with pp x vpp segments, fused groups whole;
+costs agree with the model's own counts."""
+
+import math
+import random
+
+import pytest
+
+from hybridlm import ModelConfig
+from hybridlm.counting import flops_per_token
+from hybridlm.errors import UsageError
+from hybridlm.model import HybridLM
+from hybridlm.pattern import parse
+from hybridlm.plan import estimate_costs, plan_pipeline
+from hybridlm.plan.balance import brute_force_cuts, segment_costs
+from hybridlm.plan.cost import stage_memory
+from tests.helpers import random_pattern, tiny_config
+
+
+def _random_cases(n):
+    rng = random.Random(1)
+    cases = []
+    while len(cases) < n:
+        text = random_pattern(rng, max_blocks=9)
+        p = parse(text)
+        pp = rng.randint(1, 4)
+        vpp = rng.randint(1, 3)
+        if pp * vpp <= p.num_blocks:
+            cases.append((text, pp, vpp))
+    return cases
+
+
+@pytest.mark.parametrize("text, pp, vpp", _random_cases(24))
+def test_planned_pattern_is_the_same_model_cut_into_pp_x_vpp_segments(text, pp, vpp):
+    config = tiny_config(text)
+    plan = plan_pipeline(config, pp, vpp, seq_len=16)
+    q, p = plan.pattern, config.parsed
+    assert parse(str(q)) == q
+    assert len(q.segments) == pp * vpp
+    assert all(q.segments)  # no empty stage
+    # Same blocks in the same order: a fused group is never split, nothing moves.
+    assert q.blocks == p.blocks and q.canonical == p.canonical
+    assert (q.mtp, q.mtp_depths) == (p.mtp, p.mtp_depths)  # MTP stays after the last stage
+    # The optimum over every layout (brute force) and never worse than the even split.
+    c = plan.costs
+    best = brute_force_cuts(c.block_times, pp * vpp, c.first_extra_s, c.last_extra_s)
+    stage_costs = plan.stage_costs(plan.cuts)
+    assert math.isclose(max(stage_costs), max(plan.stage_costs(best)), rel_tol=1e-9)
+    assert max(stage_costs) <= max(plan.stage_costs(plan.even_cuts)) * (1 + 1e-12)
+    # Each stage is what HybridPattern.stage selects for its rank and virtual stage.
+    for s in plan.stages:
+        st = q.stage(s.pp_rank, pp, s.vp_stage if vpp > 1 or pp > 1 else None)
+        assert (st.block_offset, st.num_blocks) == (s.start, s.stop - s.start)
+        assert st.is_first == (s.index == 0) and st.is_last == (s.index == pp * vpp - 1)
+
+
+def test_user_cuts_are_reported():
+    plan = plan_pipeline(tiny_config("M-M-|[*-]M-|M-[*E]M-"), 3, seq_len=16)
+    assert plan.user_cuts == (4, 7)
+    out = plan.to_json()
+    assert len(out["user_stage_costs"]) == 3
+    assert math.isclose(max(out["stage_costs"]), min(max(out["stage_costs"]), max(out["user_stage_costs"])))
+
+
+def test_block_flops_are_the_mixers_flops():
+    # No attention, so no causal halving: fwd + bwd = 3 forwards (4 with recomputation).
+    config = tiny_config("M-[ME]G-E/M-")
+    T = 2 * 24
+    fwd = flops_per_token(config, 24)
+    layers = sum(v for k, v in fwd.by_kind.items() if k not in ("head", "mtp"))
+    costs = estimate_costs(config, 24, 2)
+    assert math.isclose(sum(b.flops for b in costs.blocks), 3 * T * layers, rel_tol=1e-12)
+    assert math.isclose(costs.head.flops, 3 * T * fwd["head"], rel_tol=1e-12)
+    assert math.isclose(sum(m.flops for m in costs.mtp), 3 * T * fwd["mtp"], rel_tol=1e-12)
+    again = estimate_costs(config, 24, 2, recompute=True)
+    assert math.isclose(sum(b.flops for b in again.blocks), 4 * T * layers, rel_tol=1e-12)
+    assert again.head.flops == costs.head.flops  # the head is not checkpointed
+
+
+def test_attention_scores_are_counted_causally():
+    config = tiny_config("*")
+    L = 64
+    per_token = flops_per_token(config, L)["*"]
+    core = per_token - flops_per_token(config, 0)["*"]
+    assert math.isclose(estimate_costs(config, L).blocks[0].flops, 3 * L * (per_token - core / 2), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameters_add_up_to_the_model(tie):
+    config = tiny_config("M-[*-]G-[ME]/[*-]/[*-]", tie_embeddings=tie)
+    costs = estimate_costs(config, 16)
+    total = float(HybridLM(config, device="meta").num_params())
+    items = [*costs.blocks, costs.embedding, costs.head, *costs.mtp]
+    assert sum(i.params for i in items) == total
+    # Over stages, the last stage also holds the embedding (MTP needs it).
+    n = len(costs.blocks)
+    staged = stage_memory(costs, 0, 3, True, False)["params"] + stage_memory(costs, 3, n, False, True)["params"]
+    assert staged == total + costs.shared_embedding_params > total
+
+
+def test_checkpointing_keeps_less():
+    costs = estimate_costs(ModelConfig.preset("nemotron-h-8b"), 4096)
+    m = stage_memory(costs, 0, 10, True, False)
+    assert m["act_bytes_ckpt"] < m["act_bytes"]
+    assert m["state_bytes"] == m["params"] * 18
+
+
+def test_presets_beat_the_even_split():
+    for name in ("nemotron-h-8b", "nemotron-3-nano-30b-a3b"):
+        plan = plan_pipeline(ModelConfig.preset(name), 4, seq_len=8192)
+        out = plan.to_json()
+        assert out["imbalance"] < out["even_split_imbalance"]
+        assert len(out["block_costs"]) == 52
+        total = sum(out["block_costs"]) + out["first_stage_extra_cost"] + out["last_stage_extra_cost"]
+        assert math.isclose(sum(out["stage_costs"]), total, rel_tol=1e-9)
+        c = plan.costs
+        seg = segment_costs(c.block_times, plan.cuts, c.first_extra_s, c.last_extra_s)
+        assert out["stage_costs"] == pytest.approx([t * 1e3 for t in seg])
+
+
+def test_measured_times_replace_the_estimate():
+    config = tiny_config("M-[*-]M-[*-]")
+    plan = plan_pipeline(config, 2, seq_len=16, measure="cpu")
+    assert plan.costs.source == "measured on cpu"
+    t = plan.costs.block_times
+    assert all(x > 0 for x in t)
+    assert len(t) == 6 and t[0] == t[3] and t[1] == t[4] and t[2] == t[5]  # one timing per block kind
+
+
+def test_bad_requests():
+    config = tiny_config("M-M-")
+    with pytest.raises(UsageError, match="cannot place 6 pipeline stages"):
+        plan_pipeline(config, 3, 2)
+    with pytest.raises(UsageError, match="--pp must be a positive integer"):
+        plan_pipeline(config, 0)
+    with pytest.raises(UsageError, match="--hardware 'tpu'"):
+        plan_pipeline(config, 2, hardware="tpu")
+
+
+@pytest.mark.gpu
+def test_measured_on_cuda():
+    plan = plan_pipeline(ModelConfig.preset("tiny"), 2, seq_len=256, measure="cuda")
+    assert plan.costs.source == "measured on cuda" and all(t > 0 for t in plan.costs.block_times)

@@ -1,0 +1,73 @@
+"""`hybridlm plan` (text and --json), `--plot` for plan and pattern, and clean exit 2 on bad input."""
+
+import json
+
+import pytest
+
+from hybridlm.cli import main
+from hybridlm.pattern import parse
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_contract(capsys):
+    out = _json(capsys, ["plan", "--preset", "tiny", "--pp", "2", "--vpp", "2", "--seq-len", "64", "--json"])
+    p = parse(out["pattern"])
+    assert len(p.segments) == 4 and p.canonical == parse("M-[*-]G-[ME]M*E/[*-]").canonical
+    assert len(out["block_costs"]) == p.num_blocks
+    assert len(out["stage_costs"]) == len(out["even_split_stage_costs"]) == 4
+    assert all(isinstance(x, float) and x > 0 for x in out["block_costs"] + out["stage_costs"])
+    assert max(out["stage_costs"]) <= max(out["even_split_stage_costs"])
+    assert out["seq_len"] == 64 and out["vpp"] == 2 and "user_stage_costs" not in out
+
+
+def test_text_and_positional_pattern(capsys):
+    assert main(["plan", "M-M-|M*-M-M-", "--preset", "nemotron-h-8b", "--pp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "pattern  " in out and "even split" in out and "your '|'" in out and "imbalance" in out
+
+
+def test_run_file(tmp_path, capsys):
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\npreset = "tiny"\n[data]\nseq_len = 48\n[train]\nactivation_checkpointing = true\n')
+    out = _json(capsys, ["plan", "--config", str(run), "--pp", "2", "--json"])
+    assert out["seq_len"] == 48 and out["recompute"] is True
+    assert parse(out["pattern"]).mtp_depths == 1
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_plot(tmp_path, capsys, suffix):
+    path = tmp_path / f"plan{suffix}"
+    assert main(["plan", "--preset", "tiny", "--pp", "2", "--seq-len", "32", "--plot", str(path)]) == 0
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in data[:2000]
+    other = tmp_path / f"pattern{suffix}"
+    assert main(["pattern", "M-M-[*-]M-|M-[*E]M-/*-/*-", "--plot", str(other)]) == 0
+    assert other.stat().st_size > 1000 and f"wrote {other}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "M-M", "--preset", "tiny", "--pp", "4"], "cannot place 4 pipeline stages"),
+        (["plan", "--preset", "tiny", "--pp", "2", "--hardware", "tpu"], "--hardware 'tpu'"),
+        (["plan", "--preset", "tiny", "--pp", "2", "--plot", "x.pdf"], "must end in .png or .svg"),
+        (["plan", "M-[*M]", "--preset", "tiny", "--pp", "1"], "a fused group must be"),
+        (["plan", "--preset", "nope", "--pp", "2"], "unknown preset"),
+        (["plan", "M-E", "--preset", "nemotron-h-8b", "--pp", "2"], "moe_num_experts"),
+        (["plan", "M-+-", "--preset", "tiny", "--pp", "2"], "not implemented yet"),
+    ],
+)
+def test_bad_input_exits_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_measure(capsys):
+    argv = ["plan", "M-[*-]M", "--preset", "tiny", "--pp", "2", "--seq-len", "16", "--measure", "cpu", "--json"]
+    out = _json(capsys, argv)
+    assert out["source"] == "measured on cpu" and out["block_costs"][0] == out["block_costs"][3] > 0
