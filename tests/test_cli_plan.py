@@ -58,7 +58,7 @@ def test_plot(tmp_path, capsys, suffix):
         (["plan", "M-[*M]", "--preset", "tiny", "--pp", "1"], "a fused group must be"),
         (["plan", "--preset", "nope", "--pp", "2"], "unknown preset"),
         (["plan", "M-E", "--preset", "nemotron-h-8b", "--pp", "2"], "moe_num_experts"),
-        (["plan", "M-+-", "--preset", "tiny", "--pp", "2"], "not implemented yet"),
+        (["plan", "M-+-*-", "--preset", "tiny", "--pp", "2"], "pattern"),  # + and * may not share a model
     ],
 )
 def test_bad_input_exits_2(capsys, argv, message):

@@ -160,7 +160,17 @@ def _saved_elements(c: ModelConfig, s: str) -> float:
         states = 2 * nv * dk * dv / c.gdn_chunk_size
         # in projections (q k v z, b a), conv output, delta-rule output, gated-norm output
         return n + (2 * nk * dk + 2 * nv * dv + 2 * nv) + (2 * nk * dk + nv * dv) + 2 * nv * dv + states
-    mixer_class(s)  # raises the "not implemented yet" error for D and +
+    if s in "+D":
+        h, dqk, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
+        rq = c.q_lora_rank or 0
+        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output
+        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv)
+        if s == "D":  # indexer queries, keys and head weights (float32)
+            saved += 2 * (
+                c.dsa_indexer_n_heads * c.dsa_indexer_head_dim + c.dsa_indexer_head_dim + c.dsa_indexer_n_heads
+            )
+        return saved
+    mixer_class(s)  # fails early on a symbol that cannot be built
     raise AssertionError(s)
 
 
