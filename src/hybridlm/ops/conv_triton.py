@@ -263,7 +263,7 @@ def _conv_bwd(
             BLOCK_C=BWD_BLOCK_C,
             num_warps=BWD_WARPS,
         )
-    dw = dw_part.sum(0).t().to(weight.dtype)
+    dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_zeros(0)
     return dx, dw, db
 

@@ -76,6 +76,17 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     return (weight.float() * g.reshape(shape)).to(dtype)
 
 
+def gated_rms_norm_reference(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+) -> torch.Tensor:
+    """Float64 reference of :func:`gated_rms_norm` (the result stays float64)."""
+    g = y.double() * F.silu(z.double())
+    shape = g.shape
+    g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    g = g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.double() * g.reshape(shape)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Float64 reference of :func:`rms_norm`."""
     xd = x.double()
