@@ -49,19 +49,21 @@ def documents(B: int, L: int) -> torch.Tensor:
 
 
 def cases():
-    """(name, fn(*inputs), make_inputs() -> list of leaves, douts, bytes fwd, bytes fwd+bwd)."""
+    """(name, fn(*inputs), make_inputs() -> list of leaves, bytes fwd, bytes fwd+bwd)."""
     c = CONV
     n = c["B"] * c["L"] * c["C"]
     seq = documents(c["B"], c["L"])
 
     def conv_inputs():
-        wide = torch.randn(c["B"], c["L"], c["width"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        # x is a column slice of the input projection's output, as in the Mamba2 mixer.
+        wide = torch.randn(c["B"], c["L"], c["width"], device="cuda", dtype=torch.bfloat16)
+        x = wide[..., c["offset"] : c["offset"] + c["C"]].requires_grad_()
         w = (torch.randn(c["C"], 1, c["K"], device="cuda") / 2).requires_grad_()  # float32 parameters
         b = torch.randn(c["C"], device="cuda").requires_grad_()
-        return [wide, w, b]
+        return [x, w, b]
 
     def conv(seq_idx):
-        return lambda wide, w, b: causal_conv1d(wide[..., c["offset"] : c["offset"] + c["C"]], w, b, seq_idx, "silu")
+        return lambda x, w, b: causal_conv1d(x, w, b, seq_idx, "silu")
 
     yield "conv [4,4096,6144] K=4", conv(None), conv_inputs, 2 * n * 2, 5 * n * 2
     yield "conv + seq_idx (8 docs/row)", conv(seq), conv_inputs, 2 * n * 2, 5 * n * 2
