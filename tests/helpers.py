@@ -122,3 +122,20 @@ def _random_mla(rng: random.Random, pattern: str) -> dict:
 
 def unfused(pattern: str) -> str:
     return pattern.replace("[", "").replace("]", "")
+
+
+def assert_bf16_within(
+    actual: torch.Tensor, exact_ref: torch.Tensor, rounded_ref: torch.Tensor, factor: float = 2.0, what: str = ""
+) -> None:
+    """The low-precision contract: a kernel's error is judged against a same-precision reference.
+
+    ``actual`` (the kernel fed bf16-rounded inputs) must be within ``factor`` × the error of
+    ``rounded_ref`` (the float64 reference fed the same bf16-rounded inputs, its output rounded
+    to ``actual``'s dtype), both measured against ``exact_ref`` (the float64 reference on the
+    exact inputs) with :func:`rel_err`.
+    """
+    assert actual.shape == exact_ref.shape == rounded_ref.shape, f"{what}: shapes differ"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, exact_ref)
+    base = rel_err(rounded_ref.to(actual.dtype), exact_ref)
+    assert err <= factor * base, f"{what}: error {err:.3g} > {factor} × {base:.3g} (float64 on bf16-rounded inputs)"

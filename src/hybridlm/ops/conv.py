@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import choose, triton_available
+
+if triton_available():
+    from .conv_triton import causal_conv1d_triton
+
 
 def causal_conv1d(
     x: torch.Tensor,
@@ -19,6 +24,10 @@ def causal_conv1d(
     The sum is written as K shifted multiply-adds so that a document mask can zero the taps
     that would read the previous document (packed sequences).
 
+    On CUDA (see :mod:`hybridlm.ops.dispatch`) one Triton kernel does the taps, bias, SiLU and
+    document resets in float32 and a second one the backward (:mod:`hybridlm.ops.conv_triton`);
+    ``x`` may then be any strided view (a column slice of the input projection is read in place).
+
     Args:
         x: (B, L, C) input.
         weight: (C, K) or (C, 1, K) per-channel taps.
@@ -27,9 +36,14 @@ def causal_conv1d(
         activation: None or "silu".
 
     Returns:
-        (B, L, C), same dtype as ``x``.
+        (B, L, C). The Triton path returns ``x``'s dtype; the torch path follows PyTorch's type
+        promotion (float32 when bf16 ``x`` meets float32 weights).
     """
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: unknown activation {activation!r} (expected None or 'silu')")
     w = weight.reshape(weight.shape[0], -1)
+    if choose("causal_conv1d", x, weight, bias, seq_idx) == "triton":
+        return causal_conv1d_triton(x, w, bias, seq_idx, silu=activation == "silu")
     K = w.shape[1]
     L = x.shape[1]
     xp = F.pad(x, (0, 0, K - 1, 0))  # zeros before the first position
@@ -45,8 +59,6 @@ def causal_conv1d(
         out = out + bias
     if activation == "silu":
         out = F.silu(out)
-    elif activation is not None:
-        raise ValueError(f"unknown activation {activation!r}")
     return out
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import choose, triton_available
+
+if triton_available():
+    from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / sqrt(mean(x**2) + eps)`` over the last dim, computed in float32.
@@ -25,9 +30,23 @@ def add_rms_norm(
     """Residual add followed by the next layer's RMSNorm: returns ``(x + delta, rms_norm(x + delta))``.
 
     Inside a fused block the add ending the sequence mixer and the norm starting the channel
-    mixer are adjacent; this is the seam where one fused kernel can do both. This plain version
-    is exactly the two separate ops, so fused and unfused models agree bitwise.
+    mixer are adjacent; this is the seam where one fused kernel can do both. The torch path is
+    exactly the two separate ops, so fused and unfused models agree bitwise; on CUDA one Triton
+    kernel (:mod:`hybridlm.ops.norm_triton`) reads ``x`` and ``delta`` once and writes both outputs,
+    with the same rounding (the sum is rounded to ``h``'s dtype before it is normalized).
+
+    Mixed dtypes follow PyTorch's type promotion, as ``x + delta`` does: a float32 residual stream
+    ``x`` plus a bf16 ``delta`` (float32 parameters under bf16 autocast) gives float32 ``h`` and
+    a float32 normed output.
+
+    Args:
+        x: (..., D) residual stream; delta: (..., D) the sequence mixer's output; weight: (D,).
+
+    Returns:
+        ``(h, normed)``, each (..., D) in ``torch.promote_types(x.dtype, delta.dtype)``.
     """
+    if choose("add_rms_norm", x, delta, weight) == "triton":
+        return add_rms_norm_triton(x, delta, weight, eps)
     h = x + delta
     return h, rms_norm(h, weight, eps)
 
@@ -38,15 +57,34 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     ``out = weight * groupnorm(y * silu(z))`` with ``norm_before_gate=False`` as in Megatron and
     NemotronH. The group size is ``d_inner / ngroups``, not ``d_inner`` (a known porting bug).
 
+    On CUDA one Triton kernel does gate, group norm and scale (and one more the backward),
+    in float32, saving only the per-group ``rstd`` (:mod:`hybridlm.ops.norm_triton`).
+
     Args:
         y: (..., D) scan output; z: (..., D) gate; weight: (D,).
+
+    Returns:
+        (..., D) in ``y``'s dtype.
     """
+    if choose("gated_rms_norm", y, z, weight) == "triton":
+        return gated_rms_norm_triton(y, z, weight, group_size, eps)
     dtype = y.dtype
     g = y.float() * F.silu(z.float())
     shape = g.shape
     g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
     g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * g.reshape(shape)).to(dtype)
+
+
+def gated_rms_norm_reference(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+) -> torch.Tensor:
+    """Float64 reference of :func:`gated_rms_norm` (the result stays float64)."""
+    g = y.double() * F.silu(z.double())
+    shape = g.shape
+    g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    g = g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.double() * g.reshape(shape)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

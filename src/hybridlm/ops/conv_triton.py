@@ -1,0 +1,312 @@
+"""Triton causal depthwise conv (SiLU and document resets fused), forward and backward.
+
+Registered as the custom op ``hybridlm::causal_conv1d`` (with a fake implementation and an
+autograd formula) so ``torch.compile`` treats it as one opaque node. :func:`hybridlm.ops.conv.causal_conv1d`
+dispatches here; the torch code there is the reference.
+
+Precision: products and sums in float32 whatever the input dtype; the output is stored in
+``x``'s dtype; weight and bias gradients are reduced in float32 (per-tile partial sums, then one
+deterministic sum) and cast to the parameters' dtype.
+
+Backward: the pre-activation is *recomputed* from ``x`` (K shifted loads per tap) rather than
+saved, so the op keeps only its inputs for the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes (time × channels). Channels are the contiguous dim of x, so BLOCK_C sets the width
+# of each coalesced load; BLOCK_L trades the K-1 halo rows re-read per tile against registers.
+FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 64, 128, 4
+BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 64, 128, 4
+
+
+@triton.jit
+def _same_doc(seq_ptr, pos, ref_doc, valid):
+    """True where position ``pos`` is valid and belongs to document ``ref_doc``."""
+    doc = tl.load(seq_ptr + pos, mask=valid, other=-1)
+    return valid & (doc == ref_doc)
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    seq_ptr,
+    out_ptr,
+    L,
+    C,
+    sx_b,
+    sx_l,
+    sx_c,
+    s_seq_b,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok = t < L
+    c_ok = c < C
+    x_row = x_ptr + b * sx_b + c[None, :] * sx_c
+    seq_row = seq_ptr + b * s_seq_b
+    if HAS_SEQ:
+        doc_t = tl.load(seq_row + t, mask=t_ok, other=-1)
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        # Tap k multiplies x[t - (K-1-k)]; taps before 0 or in the previous document read zero.
+        src = t - (K - 1 - k)
+        ok = t_ok & (src >= 0)
+        if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
+            if k < K - 1:
+                ok = _same_doc(seq_row, src, doc_t, ok)
+        xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + c * K + k, mask=c_ok, other=0.0)
+        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    out = out_ptr + b * L * C + t.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    seq_ptr,
+    dy_ptr,
+    dx_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    L,
+    C,
+    n_tiles_l,
+    sx_b,
+    sx_l,
+    sx_c,
+    sdy_b,
+    sdy_l,
+    sdy_c,
+    s_seq_b,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dx[t] = sum_s w[K-1-s] * g[t+s]; dw[K-1-s] = sum_t g[t+s] * x[t]; db = sum_t g[t],
+
+    where g = dy * silu'(pre) is the gradient at the pre-activation, and a pair (t, t+s) counts
+    only inside one document. g at the K shifted positions is recomputed from x.
+    """
+    pid_l = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok = t < L
+    c_ok = c < C
+    x_row = x_ptr + b * sx_b + c[None, :] * sx_c
+    dy_row = dy_ptr + b * sdy_b + c[None, :] * sdy_c
+    seq_row = seq_ptr + b * s_seq_b
+    if HAS_SEQ:
+        doc_t = tl.load(seq_row + t, mask=t_ok, other=-1)
+    x_t = tl.load(x_row + t.to(tl.int64)[:, None] * sx_l, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+    x_t = x_t.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    dx = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    part = (b * n_tiles_l + pid_l) * K * C
+    for s in tl.static_range(K):
+        pos = t + s
+        pos_ok = pos < L
+        if HAS_SEQ:
+            doc_p = tl.load(seq_row + pos, mask=pos_ok, other=-1)
+        g = tl.load(dy_row + pos.to(tl.int64)[:, None] * sdy_l, mask=pos_ok[:, None] & c_ok[None, :], other=0.0)
+        g = g.to(tl.float32)
+        if SILU:
+            # Recompute pre[pos] = bias + sum_j w[K-1-j] * x[pos-j] (same document as pos).
+            pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+            if HAS_BIAS:
+                pre += bias[None, :]
+            for j in tl.static_range(K):
+                src = pos - j
+                ok = pos_ok & (src >= 0)
+                if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
+                    if j > 0:
+                        ok = _same_doc(seq_row, src, doc_p, ok)
+                xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + c * K + (K - 1 - j), mask=c_ok, other=0.0).to(tl.float32)
+                pre += xv.to(tl.float32) * wv[None, :]
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+        # Keep the pair (t, t+s) only when t+s exists and lies in t's document.
+        keep = pos_ok & t_ok
+        if HAS_SEQ:
+            keep = keep & (doc_p == doc_t)
+        g = tl.where(keep[:, None], g, 0.0)
+        w_s = tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)
+        dx += g * w_s[None, :]
+        tl.store(dw_part_ptr + part + (K - 1 - s) * C + c, tl.sum(g * x_t, axis=0), mask=c_ok)
+        if HAS_BIAS:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
+            if s == 0:
+                tl.store(db_part_ptr + (b * n_tiles_l + pid_l) * C + c, tl.sum(g, axis=0), mask=c_ok)
+    out = dx_ptr + b * L * C + t.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor | None) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must be (B, L, C), got shape {tuple(x.shape)}")
+    if weight.shape[0] != x.shape[2]:
+        raise ValueError(f"causal_conv1d: weight has {weight.shape[0]} channels, x has {x.shape[2]}")
+    if seq_idx is not None and tuple(seq_idx.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"causal_conv1d: seq_idx must be (B, L) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
+
+
+def _seq(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    # The kernels index seq_idx as (B, L) with unit stride along L.
+    return None if seq_idx is None else seq_idx.contiguous()
+
+
+@torch.library.custom_op("hybridlm::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    B, L, C = x.shape
+    K = weight.shape[1]
+    out = torch.empty(B, L, C, dtype=x.dtype, device=x.device)
+    seq = _seq(seq_idx)
+    grid = (triton.cdiv(L, FWD_BLOCK_L), triton.cdiv(C, FWD_BLOCK_C), B)
+    if out.numel() == 0:
+        return out
+    _conv_fwd_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        seq if seq is not None else weight,
+        out,
+        L,
+        C,
+        *x.stride(),
+        seq.stride(0) if seq is not None else 0,
+        K=K,
+        HAS_BIAS=bias is not None,
+        HAS_SEQ=seq is not None,
+        SILU=silu,
+        BLOCK_L=FWD_BLOCK_L,
+        BLOCK_C=FWD_BLOCK_C,
+        num_warps=FWD_WARPS,
+    )
+    return out
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, seq_idx, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hybridlm::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    dy: torch.Tensor,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, L, C = x.shape
+    K = weight.shape[1]
+    n_tiles = max(1, triton.cdiv(L, BWD_BLOCK_L))
+    dx = torch.empty(B, L, C, dtype=x.dtype, device=x.device)
+    dw_part = torch.zeros(B * n_tiles, K, C, dtype=torch.float32, device=x.device)
+    db_part = torch.zeros(B * n_tiles, C, dtype=torch.float32, device=x.device) if bias is not None else dw_part
+    seq = _seq(seq_idx)
+    grid = (n_tiles, triton.cdiv(C, BWD_BLOCK_C), B)
+    if dx.numel() == 0:  # dw and db are sums of nothing
+        grid = (0, 1, 1)
+    if grid[0] > 0:
+        _conv_bwd_kernel[grid](
+            x,
+            weight,
+            bias if bias is not None else weight,
+            seq if seq is not None else weight,
+            dy,
+            dx,
+            dw_part,
+            db_part,
+            L,
+            C,
+            n_tiles,
+            *x.stride(),
+            *dy.stride(),
+            seq.stride(0) if seq is not None else 0,
+            K=K,
+            HAS_BIAS=bias is not None,
+            HAS_SEQ=seq is not None,
+            SILU=silu,
+            BLOCK_L=BWD_BLOCK_L,
+            BLOCK_C=BWD_BLOCK_C,
+            num_warps=BWD_WARPS,
+        )
+    dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_zeros(0)
+    return dx, dw, db
+
+
+@_conv_bwd.register_fake
+def _(x, weight, bias, seq_idx, dy, silu):
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+    ctx.silu = silu
+
+
+def _conv_backward(ctx, dy):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dw, db = _conv_bwd(x, weight, bias, seq_idx, dy, ctx.silu)
+    return dx, dw, db if bias is not None else None, None, None
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def causal_conv1d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """The Triton path of :func:`hybridlm.ops.conv.causal_conv1d`.
+
+    Args:
+        x: (B, L, C), any strides (e.g. a column slice of a wider projection output; no copy is made).
+        weight: (C, K) taps (any float dtype; made contiguous, it is small).
+        bias: (C,) or None.
+        seq_idx: (B, L) integer document ids, non-decreasing along L, or None.
+        silu: apply SiLU after the bias.
+
+    Returns:
+        (B, L, C) contiguous, dtype of ``x``.
+    """
+    _check(x, weight, seq_idx)
+    return _conv_fwd(x, weight.contiguous(), bias, seq_idx, silu)

@@ -1,0 +1,319 @@
+"""Triton causal conv and norms against float64 references (Triton's interpreter on CPU, compiled on GPU).
+
+The small tests run on CUDA when there is a device, else in the interpreter on CPU. They use float32 inputs: the interpreter rounds float32 -> bf16 by truncation (the GPU rounds
+to nearest), so bf16 behaviour is tested on the GPU only (``gpu`` marker), at realistic sizes.
+"""
+
+import pytest
+import torch
+
+from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
+from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_reference, rms_norm_reference
+from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
+
+pytestmark = requires_triton
+EPS = 1e-5
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def packed_ids(b: int, seqlen: int, device=None) -> torch.Tensor:
+    """(b, seqlen) document ids: row 0 resets at position 1 and at the last position, the others
+    hold several documents of random lengths (seeded)."""
+    gen = torch.Generator().manual_seed(seqlen)
+    rows = [torch.zeros(seqlen, dtype=torch.long)]
+    rows[0][1:] += 1
+    rows[0][seqlen // 2 :] += 1
+    rows[0][-1] += 1
+    for _ in range(b - 1):
+        row = torch.zeros(seqlen, dtype=torch.long)
+        for cut in torch.randint(1, seqlen, (4,), generator=gen).tolist():
+            row[cut:] += 1
+        rows.append(row)
+    return torch.stack(rows).to(device)
+
+
+def grads(out, inputs, dout):
+    """Gradients of ``(out * dout).sum()`` for the inputs that are not None."""
+    outs = out if isinstance(out, tuple) else (out,)
+    douts = dout if isinstance(dout, tuple) else (dout,)
+    leaves = [t for t in inputs if t is not None]
+    return torch.autograd.grad(outs, leaves, douts)
+
+
+def leaves64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_() for t in ts]
+
+
+# --------------------------------------------------------------------------------------------- conv
+
+
+def conv_inputs(B, L, C, K, bias, dtype=torch.float32, device=DEV):
+    wide = torch.randn(B, L, 3 * C, device=device)  # x is a column slice: row stride 3C, not C
+    x = wide[:, :, C : 2 * C].to(dtype)
+    w = torch.randn(C, 1, K, device=device) / K
+    b = torch.randn(C, device=device) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_triton_conv_matches_float64(packed, bias, activation, kernel):
+    B, L, C = 3, 37, 20  # several tiles along C (BLOCK_C is 128: one) and a partial tile along L
+    x, w, b = conv_inputs(B, L, C, kernel, bias)
+    assert x.stride(1) == 3 * C
+    seq_idx = packed_ids(B, L, DEV) if packed else None
+    x, w, b = (t if t is None else t.requires_grad_() for t in (x, w, b))
+    reset_paths()
+    with use_kernels("triton"):
+        y = causal_conv1d(x, w, b, seq_idx, activation)
+    assert paths_used()["causal_conv1d"] == "triton"
+    assert y.dtype == x.dtype and y.shape == x.shape
+    ref_in = leaves64(x, w, b)
+    y_ref = causal_conv1d_reference(*ref_in, seq_idx, activation)
+    assert_rel_close(y, y_ref, 1e-6, "conv out")
+    dy = torch.randn_like(y)
+    for name, got, want in zip("xwb", grads(y, (x, w, b), dy), grads(y_ref, ref_in, dy.double())):
+        assert_rel_close(got, want, 2e-6, f"conv d{name}")
+
+
+def test_triton_conv_documents_do_not_leak():
+    """Changing one document's inputs leaves every other document's outputs and gradients untouched."""
+    B, L, C, K = 1, 16, 4, 4
+    seq_idx = torch.tensor([[0] * 6 + [1] * 10], device=DEV)
+    x, w, b = conv_inputs(B, L, C, K, bias=True)
+    x2 = x.clone()
+    x2[:, :6] += 1.0
+    with use_kernels("triton"):
+        y, y2 = causal_conv1d(x, w, b, seq_idx, "silu"), causal_conv1d(x2, w, b, seq_idx, "silu")
+    assert torch.equal(y[:, 6:], y2[:, 6:]) and not torch.equal(y[:, :6], y2[:, :6])
+
+
+def test_triton_conv_bf16_input_fp32_weight_keeps_x_dtype():
+    x, w, b = conv_inputs(2, 9, 8, 4, bias=True, dtype=torch.bfloat16)
+    with use_kernels("triton"):
+        y = causal_conv1d(x, w, b, None, "silu")
+    assert y.dtype == torch.bfloat16
+    assert_rel_close(y, causal_conv1d_reference(x.double(), w.double(), b.double(), None, "silu"), 1e-2, "bf16")
+
+
+# --------------------------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("group_size", [4, 24, 6])  # several groups, one group, a non-power-of-two group
+def test_triton_gated_norm_matches_float64(group_size):
+    M, D = 37, 24
+    y = torch.randn(2, M, D, device=DEV, requires_grad=True)
+    z = torch.randn(2, M, 3 * D, device=DEV)[..., D : 2 * D].requires_grad_()  # a column slice, like Mamba2's z
+    w = (1 + 0.3 * torch.randn(D, device=DEV)).requires_grad_()
+    reset_paths()
+    with use_kernels("triton"):
+        out = gated_rms_norm(y, z, w, group_size, EPS)
+    assert paths_used()["gated_rms_norm"] == "triton"
+    ref_in = leaves64(y, z, w)
+    ref = gated_rms_norm_reference(*ref_in, group_size, EPS)
+    assert out.dtype == y.dtype
+    assert_rel_close(out, ref, 1e-6, "gated norm out")
+    dout = torch.randn_like(out)
+    for name, got, want in zip(("y", "z", "w"), grads(out, (y, z, w), dout), grads(ref, ref_in, dout.double())):
+        assert_rel_close(got, want, 2e-6, f"gated norm d{name}")
+
+
+def add_norm_reference(x, delta, w):
+    h = x + delta
+    return h, rms_norm_reference(h, w, EPS)
+
+
+@pytest.mark.parametrize("use_h", [True, False])
+def test_triton_add_rms_norm_matches_float64(use_h):
+    x = torch.randn(3, 11, 40, device=DEV, requires_grad=True)
+    delta = torch.randn(3, 11, 40, device=DEV, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(40, device=DEV)).requires_grad_()
+    reset_paths()
+    with use_kernels("triton"):
+        h, n = add_rms_norm(x, delta, w, EPS)
+    assert paths_used()["add_rms_norm"] == "triton"
+    ref_in = leaves64(x, delta, w)
+    h_ref, n_ref = add_norm_reference(*ref_in)
+    assert torch.equal(h, x + delta)  # the same float32 add
+    assert_rel_close(n, n_ref, 1e-6, "add_rms_norm normed")
+    dh, dn = torch.randn_like(h), torch.randn_like(n)
+    outs, refs = ((h, n), (h_ref, n_ref)) if use_h else (n, n_ref)
+    douts, drefs = ((dh, dn), (dh.double(), dn.double())) if use_h else (dn, dn.double())
+    for name, got, want in zip(("x", "delta", "w"), grads(outs, (x, delta, w), douts), grads(refs, ref_in, drefs)):
+        assert_rel_close(got, want, 2e-6, f"add_rms_norm d{name}")
+
+
+def test_triton_add_rms_norm_mixed_dtypes_follow_type_promotion():
+    """float32 residual + bf16 mixer output (float32 parameters under autocast): h and normed are float32."""
+    x = torch.randn(5, 32, device=DEV, requires_grad=True)
+    delta = torch.randn(5, 32, device=DEV).bfloat16().requires_grad_()
+    w = torch.randn(32, device=DEV)
+    with use_kernels("triton"):
+        h, n = add_rms_norm(x, delta, w, EPS)
+    with use_kernels("torch"):
+        h_t, n_t = add_rms_norm(x, delta, w, EPS)
+    assert h.dtype == n.dtype == h_t.dtype == torch.float32
+    assert torch.equal(h, h_t)
+    assert_rel_close(n, n_t, 1e-6, "normed")
+    (n.sum() + h.sum()).backward()
+    assert x.grad.dtype == torch.float32 and delta.grad.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------- dispatch, compile
+
+
+def test_torch_mode_runs_the_reference():
+    x, w, b = conv_inputs(2, 9, 8, 4, bias=True, device="cpu")
+    y, z = torch.randn(4, 16), torch.randn(4, 16)
+    reset_paths()
+    with use_kernels("torch"):
+        conv = causal_conv1d(x, w, b, None, "silu")
+        gated = gated_rms_norm(y, z, torch.ones(16), 8, EPS)
+        h, n = add_rms_norm(y, z, torch.ones(16), EPS)
+    assert paths_used() == {"causal_conv1d": "torch", "gated_rms_norm": "torch", "add_rms_norm": "torch"}
+    # The torch path is the plain code: the same bits as the auto mode's choice on CPU tensors.
+    assert torch.equal(conv, causal_conv1d(x, w, b, None, "silu"))
+    assert torch.equal(gated, gated_rms_norm(y, z, torch.ones(16), 8, EPS))
+    assert torch.equal(h, y + z) and torch.equal(n, add_rms_norm(y, z, torch.ones(16), EPS)[1])
+    assert paths_used()["causal_conv1d"] == "torch"
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake (meta) implementations, schemas and autograd registrations agree with the kernels."""
+    from hybridlm.ops import conv_triton, norm_triton
+
+    x, w, b = conv_inputs(2, 9, 8, 4, bias=True)
+    seq_idx = packed_ids(2, 9, DEV)
+    y = torch.randn(6, 16, device=DEV, requires_grad=True)
+    z = torch.randn(6, 16, device=DEV, requires_grad=True)
+    wn = torch.randn(16, device=DEV, requires_grad=True)
+    cases = [
+        (conv_triton._conv_fwd, (x.requires_grad_(), w.reshape(8, 4).requires_grad_(), b, seq_idx, True)),
+        (norm_triton._gated_fwd, (y, z, wn, 8, EPS)),
+        (norm_triton._add_norm_fwd, (y, z, wn, EPS)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compiled_equals_eager():
+    """torch.compile keeps each op as one custom-op node (graph of the interpreter's kernels on CPU)."""
+
+    def fn(x, w, b, seq_idx, z, wn, r):
+        u = causal_conv1d(x, w, b, seq_idx, "silu")
+        g = gated_rms_norm(u, z, wn, 4, EPS)
+        h, n = add_rms_norm(r, g, wn, EPS)
+        return h * n
+
+    x, w, b = conv_inputs(2, 12, 8, 4, bias=True)
+    args = [x, w, b, packed_ids(2, 12, DEV), *(torch.randn(s, device=DEV) for s in ((2, 12, 8), (8,), (2, 12, 8)))]
+    args = [a if a.dtype == torch.long else a.detach().requires_grad_() for a in args]
+    torch._dynamo.reset()
+    with use_kernels("triton"):
+        eager = fn(*args)
+        compiled = torch.compile(fn, fullgraph=True)(*args)
+    assert_rel_close(compiled, eager, 1e-6, "compiled vs eager")
+    dout = torch.randn_like(eager)
+    leaves = [a for a in args if a.requires_grad]
+    for i, (got, want) in enumerate(zip(grads(compiled, leaves, dout), grads(eager, leaves, dout))):
+        assert_rel_close(got, want, 1e-6, f"grad {i}")
+
+
+# --------------------------------------------------------------------------------------------- GPU, bf16
+
+
+def bf16_check(fn, ref_fn, exact_inputs, douts, what):
+    """Outputs and gradients of ``fn`` on bf16-rounded inputs vs the float64 references (see helpers)."""
+    rounded = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in exact_inputs]
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in rounded]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    got = list(outs) + list(torch.autograd.grad(outs, [t for t in leaves if t.requires_grad], douts))
+    refs = []
+    for inputs in (exact_inputs, rounded):
+        ins = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        r = ref_fn(*ins)
+        r = r if isinstance(r, tuple) else (r,)
+        refs.append(
+            list(r) + list(torch.autograd.grad(r, [t for t in ins if t.requires_grad], [d.double() for d in douts]))
+        )
+    for i, (a, e, rr) in enumerate(zip(got, *refs)):
+        assert_bf16_within(a, e, rr, 2.0, f"{what} output/grad {i}")
+
+
+@pytest.mark.gpu
+def test_gpu_conv_bf16_within_twice_the_rounded_reference():
+    B, L, C, K = 2, 4096, 6144, 4
+    wide = torch.randn(B, L, C + 128, device="cuda")  # x is read as a strided column slice of it
+    w, b = torch.randn(C, 1, K, device="cuda") / 2, torch.randn(C, device="cuda") / 4
+    seq_idx = packed_ids(B, L, device="cuda")
+    dy = torch.randn(B, L, C, device="cuda").bfloat16()
+    reset_paths()
+    bf16_check(
+        lambda xw, w, b: causal_conv1d(xw[..., 64 : 64 + C], w, b, seq_idx, "silu"),
+        lambda xw, w, b: causal_conv1d_reference(xw[..., 64 : 64 + C], w, b, seq_idx, "silu"),
+        [wide, w, b],
+        [dy],
+        "conv",
+    )
+    assert paths_used()["causal_conv1d"] == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_gated_norm_bf16_within_twice_the_rounded_reference():
+    M, D, group = 16384, 4096, 512
+    y, z = torch.randn(M, D, device="cuda"), torch.randn(M, D, device="cuda")
+    w = 1 + 0.2 * torch.randn(D, device="cuda")
+    reset_paths()
+    bf16_check(
+        lambda y, z, w: gated_rms_norm(y, z, w, group, EPS),
+        lambda y, z, w: gated_rms_norm_reference(y, z, w, group, EPS),
+        [y, z, w],
+        [torch.randn(M, D, device="cuda").bfloat16()],
+        "gated norm",
+    )
+    assert paths_used()["gated_rms_norm"] == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_add_rms_norm_bf16_within_twice_the_rounded_reference():
+    M, D = 16384, 2048
+    x, delta = torch.randn(M, D, device="cuda"), torch.randn(M, D, device="cuda")
+    w = 1 + 0.2 * torch.randn(D, device="cuda")
+    douts = [torch.randn(M, D, device="cuda").bfloat16() for _ in range(2)]
+    reset_paths()
+    bf16_check(
+        lambda x, d, w: add_rms_norm(x, d, w, EPS),
+        lambda x, d, w: (x + d, rms_norm_reference(x + d, w, EPS)),
+        [x, delta, w],
+        douts,
+        "add_rms_norm",
+    )
+    assert paths_used()["add_rms_norm"] == "triton"
+
+
+def test_model_with_triton_kernels_matches_torch_path():
+    """End to end through the layers' real call sites: Mamba2's strided xBC/z slices, GDN's conv
+    without bias, the fused block's add_rms_norm; packed documents."""
+    from hybridlm import HybridLM
+    from tests.helpers import tiny_config
+
+    config = tiny_config("[M-]G-")
+    ids = torch.randint(0, 97, (2, 19), device=DEV)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 12, [0] * 18 + [1]], device=DEV)
+    results = {}
+    for mode in ("torch", "triton"):
+        model = HybridLM(config, seed=0, device=DEV)
+        reset_paths()
+        with use_kernels(mode):
+            out = model(ids, torch.roll(ids, -1, 1), doc_ids=doc_ids)
+            out.loss.backward()
+        used = paths_used()
+        assert {used[op] for op in ("causal_conv1d", "gated_rms_norm", "add_rms_norm")} == {mode}
+        results[mode] = (out.loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    assert_rel_close(results["triton"][0], results["torch"][0], 1e-6, "loss")
+    for name, g in results["torch"][1].items():
+        assert_rel_close(results["triton"][1][name], g, 1e-5, name)
