@@ -1,6 +1,6 @@
 """The import rules of docs/design.md ("Layout"), checked on the source with ``ast``.
 
-    pattern → config → ops → layers → model → parallel | checkpoint → train | infer → cli
+    pattern → config → ops → layers → model → parallel | plan | checkpoint → train | infer → cli
 
 A module may import its own unit and any unit to its left; units joined by ``|`` do not import
 each other. Imports inside functions and under ``TYPE_CHECKING`` count too.
@@ -30,6 +30,7 @@ UNIT_OF = {
     "model": "model",
     "counting": "model",
     "parallel": "parallel",
+    "plan": "plan",
     "checkpoint": "checkpoint",
     "train": "train",
     "infer": "infer",
@@ -44,6 +45,7 @@ LEVEL = {
     "layers": 4,
     "model": 5,
     "parallel": 6,
+    "plan": 6,
     "checkpoint": 6,
     "train": 7,
     "infer": 7,
