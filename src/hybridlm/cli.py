@@ -59,13 +59,33 @@ def _add_pattern(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(func=_cmd_pattern)
 
 
+def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None):
+    """The model config of ``hybridlm plan``/``pattern``, and the run config when a run file is given.
+
+    ``pattern`` replaces the preset's or run file's pattern; with neither a preset nor a run file
+    the embedded default run's model is used (as ``hybridlm train`` does).
+    """
+    from .config import ModelConfig
+    from .train.config import RunConfig
+
+    run = None
+    if preset is not None:
+        config = ModelConfig.preset(preset)
+    else:
+        run = RunConfig.from_toml(run_file) if run_file is not None else RunConfig()
+        config = run.model_config()
+    if pattern is not None:
+        config = config.replace(pattern=pattern)
+    return config, run
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from .plan.measure import default_device
-    from .plan.planner import plan_pipeline, resolve_model
+    from .plan.planner import plan_pipeline
 
-    config, run = resolve_model(args.pattern, args.preset, args.config)
+    config, run = _resolve_model(args.pattern, args.preset, args.config)
     plan = plan_pipeline(
         config,
         args.pp,

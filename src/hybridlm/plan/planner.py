@@ -212,25 +212,6 @@ def with_cuts(p: HybridPattern, cuts: tuple[int, ...]) -> HybridPattern:
     return parse(main + (MTP_SEPARATOR + p.mtp) * p.mtp_depths if p.mtp else main)
 
 
-def resolve_model(pattern: str | None, preset: str | None, run_file: str | None):
-    """The model config of ``hybridlm plan``/``pattern``, and the run config when a run file is given.
-
-    ``pattern`` replaces the preset's or run file's pattern; with neither a preset nor a run file
-    the embedded default run's model is used (as ``hybridlm train`` does).
-    """
-    from ..train.config import RunConfig
-
-    run = None
-    if preset is not None:
-        config = ModelConfig.preset(preset)
-    else:
-        run = RunConfig.from_toml(run_file) if run_file is not None else RunConfig()
-        config = run.model_config()
-    if pattern is not None:
-        config = config.replace(pattern=pattern)
-    return config, run
-
-
 def plan_pipeline(
     config: ModelConfig,
     pp: int,
