@@ -92,3 +92,15 @@ def random_config(rng: random.Random, pattern: str) -> ModelConfig:
 
 def unfused(pattern: str) -> str:
     return pattern.replace("[", "").replace("]", "")
+
+
+def assert_bf16_within(
+    actual: torch.Tensor, exact_ref: torch.Tensor, rounded_ref: torch.Tensor, factor: float = 2.0, what: str = ""
+) -> None:
+    """A low-precision result is as good as the inputs allow: its error against ``exact_ref`` (float64
+    on the exact inputs) is at most ``factor`` times the error of ``rounded_ref`` (float64 on the same
+    bf16-rounded inputs, its result rounded as ``actual`` is stored)."""
+    assert actual.shape == exact_ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact_ref.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err, base = rel_err(actual, exact_ref), rel_err(rounded_ref, exact_ref)
+    assert err <= factor * base, f"{what}: error {err:.3g} > {factor} x {base:.3g} (rounded-input reference)"

@@ -90,15 +90,16 @@ def gated_delta_rule_chunked_torch(
 
 def _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state, return_final_state):
     dtype = v.dtype
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 runs serve as references
     b, seqlen, h, dk = q.shape
     dv = v.shape[-1]
     Q = chunk_size
     scale = dk**-0.5 if scale is None else scale
-    gf = g.float()
+    gf = g.to(acc)
     if seq_idx is not None:
         gf = torch.where(reset_mask(seq_idx).unsqueeze(-1), float("-inf"), gf)
     pad = (-seqlen) % Q
-    qf, kf, vf, bf = q.float() * scale, k.float(), v.float(), beta.float()
+    qf, kf, vf, bf = q.to(acc) * scale, k.to(acc), v.to(acc), beta.to(acc)
     if pad:
         # Padding steps write nothing (beta = 0) and do not decay (g = 0).
         qf, kf, vf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qf, kf, vf))
@@ -124,7 +125,7 @@ def _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_st
     k_out = kc * decay[..., -1, :].unsqueeze(-1)  # keys as seen from the chunk's end
     chunk_decay = torch.exp(g_cum[..., -1])  # (b, h, c)
 
-    S = q.new_zeros(b, h, dk, dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    S = q.new_zeros(b, h, dk, dv, dtype=acc) if initial_state is None else initial_state.to(acc)
     outs = []
     for i in range(c):
         U = U0[:, :, i] - W[:, :, i] @ S  # (b, h, Q, dv)
