@@ -210,12 +210,64 @@ def _dstate_kernel(
 
 
 @triton.jit
-def _grads_kernel(
-    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, doc_ptr, t_ptr, h_ptr, dh_ptr, vn_ptr, dvn_ptr, do_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dgc_ptr, dbeta_ptr, scale,
+def _grads_v_kernel(
+    v_ptr, beta_ptr, t_ptr, h_ptr, dh_ptr, vn_ptr, dvn_ptr, do_ptr,
+    dv_ptr, doh_ptr, vndh_ptr, dw_ptr, dovn_ptr, dt_ptr, dbeta_ptr, dgl_ptr,
     L, NT, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVS: tl.constexpr,
-    HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVS: tl.constexpr, PREC_V: tl.constexpr,
+):  # fmt: skip
+    # Everything that sums over value columns: dv, and the products the key side needs
+    # (dO Hᵀ, Vn dH'ᵀ, dW = -dVn Hᵀ, dO Vnᵀ, dT from U, <H, dH'>), stored for _grads_k.
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = i_bh // H, i_bh % H
+    t0 = i_t * BT
+    r = tl.arange(0, BT)
+    ok = tl.arange(0, BK)
+    rows = (b * L + t0 + r) * H + h
+    out = i_bh * L + t0 + r
+    beta = tl.load(beta_ptr + i_bh * L + t0 + r)
+    T = tl.load(t_ptr + out[:, None] * BT + r[None, :])
+    dOH = tl.zeros((BT, BK), dtype=tl.float32)
+    dOVn = tl.zeros((BT, BT), dtype=tl.float32)
+    VndH = tl.zeros((BT, BK), dtype=tl.float32)
+    dW = tl.zeros((BT, BK), dtype=tl.float32)
+    dT = tl.zeros((BT, BT), dtype=tl.float32)
+    dbeta = tl.zeros((BT,), dtype=tl.float32)
+    dGL = tl.zeros((BK,), dtype=tl.float32)
+    for i_v in range(0, BV // BVS):
+        ov = i_v * BVS + tl.arange(0, BVS)
+        vmask = ov[None, :] < DV
+        hoff = ((i_bh * NT + i_t) * BK + ok[:, None]) * BV + ov[None, :]
+        st = tl.load(h_ptr + hoff)
+        dst = tl.load(dh_ptr + hoff)
+        vn = tl.load(vn_ptr + out[:, None] * BV + ov[None, :])
+        dvn = tl.load(dvn_ptr + out[:, None] * BV + ov[None, :])
+        do = tl.load(do_ptr + rows[:, None] * DV + ov[None, :], mask=vmask, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=vmask, other=0.0).to(tl.float32)
+        dOH += tl.dot(do, tl.trans(st), input_precision=PREC_V)
+        dOVn += tl.dot(do, tl.trans(vn), input_precision=PREC_V)
+        VndH += tl.dot(vn, tl.trans(dst), input_precision=PREC_V)
+        dW -= tl.dot(dvn, tl.trans(st), input_precision=PREC_V)
+        dT += tl.dot(dvn, tl.trans(vv * beta[:, None]), input_precision=PREC_V)
+        dvb = tl.dot(tl.trans(T), dvn, input_precision=PREC_V)  # gradient of diag(β) V
+        tl.store(dv_ptr + rows[:, None] * DV + ov[None, :], dvb * beta[:, None], mask=vmask)
+        dbeta += tl.sum(dvb * vv, 1)
+        dGL += tl.sum(st * dst, 1)
+    tl.store(doh_ptr + out[:, None] * BK + ok[None, :], dOH)
+    tl.store(vndh_ptr + out[:, None] * BK + ok[None, :], VndH)
+    tl.store(dw_ptr + out[:, None] * BK + ok[None, :], dW)
+    tl.store(dovn_ptr + out[:, None] * BT + r[None, :], dOVn)
+    tl.store(dt_ptr + out[:, None] * BT + r[None, :], dT)
+    tl.store(dbeta_ptr + i_bh * L + t0 + r, dbeta)
+    tl.store(dgl_ptr + i_bh * NT + i_t, tl.sum(dGL, 0))
+
+
+@triton.jit
+def _grads_k_kernel(
+    q_ptr, k_ptr, gc_ptr, beta_ptr, doc_ptr, t_ptr, doh_ptr, vndh_ptr, dw_ptr, dovn_ptr, dt_ptr, dgl_ptr,
+    dq_ptr, dk_ptr, dgc_ptr, dbeta_ptr, scale,
+    L, NT, H: tl.constexpr, DK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = i_bh // H, i_bh % H
@@ -228,34 +280,11 @@ def _grads_kernel(
     qq = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=kmask, other=0.0).to(tl.float32)
     kk = tl.load(k_ptr + rows[:, None] * DK + ok[None, :], mask=kmask, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + i_bh * L + t0 + r)
+    dbeta = tl.load(dbeta_ptr + i_bh * L + t0 + r)  # the part from U, written by _grads_v
     _gc, D, Gam, gam, Gam_last = _decays(gc_ptr, doc_ptr, i_bh, b, L, t0, BT, HAS_DOC)
     T = tl.load(t_ptr + out[:, None] * BT + r[None, :])
-    dOH = tl.zeros((BT, BK), dtype=tl.float32)  # dO Hᵀ
-    dOVn = tl.zeros((BT, BT), dtype=tl.float32)  # dO Vnᵀ
-    VndH = tl.zeros((BT, BK), dtype=tl.float32)  # Vn dH'ᵀ
-    dW = tl.zeros((BT, BK), dtype=tl.float32)  # -dVn Hᵀ
-    dT = tl.zeros((BT, BT), dtype=tl.float32)
-    dbeta = tl.zeros((BT,), dtype=tl.float32)
-    dGL = tl.zeros((BK,), dtype=tl.float32)  # <H, dH'>, summed over value columns
-    for i_v in range(0, BV // BVS):
-        ov = i_v * BVS + tl.arange(0, BVS)
-        vmask = ov[None, :] < DV
-        hoff = ((i_bh * NT + i_t) * BK + ok[:, None]) * BV + ov[None, :]
-        st = tl.load(h_ptr + hoff)
-        dst = tl.load(dh_ptr + hoff)
-        vn = tl.load(vn_ptr + out[:, None] * BV + ov[None, :])
-        dvn = tl.load(dvn_ptr + out[:, None] * BV + ov[None, :])
-        do = tl.load(do_ptr + rows[:, None] * DV + ov[None, :], mask=vmask, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=vmask, other=0.0).to(tl.float32)
-        dOH += tl.dot(do, tl.trans(st), input_precision=PREC)
-        dOVn += tl.dot(do, tl.trans(vn), input_precision=PREC)
-        VndH += tl.dot(vn, tl.trans(dst), input_precision=PREC)
-        dW -= tl.dot(dvn, tl.trans(st), input_precision=PREC)
-        dT += tl.dot(dvn, tl.trans(vv * beta[:, None]), input_precision=PREC)
-        dvb = tl.dot(tl.trans(T), dvn, input_precision=PREC)  # gradient of diag(β) V
-        tl.store(dv_ptr + rows[:, None] * DV + ov[None, :], dvb * beta[:, None], mask=vmask)
-        dbeta += tl.sum(dvb * vv, 1)
-        dGL += tl.sum(st * dst, 1)
+    dT = tl.load(dt_ptr + out[:, None] * BT + r[None, :])
+    dW = tl.load(dw_ptr + out[:, None] * BK + ok[None, :])
     # W = T diag(βΓ) K
     bg = beta * Gam
     dT += tl.dot(dW, tl.trans(kk * bg[:, None]), input_precision=PREC)
@@ -263,14 +292,17 @@ def _grads_kernel(
     dk = dkb * bg[:, None]
     dbg = tl.sum(dkb * kk, 1)
     dbeta += dbg * Gam
-    dGam = dbg * beta + tl.sum(qq * dOH, 1) * scale
     # O = scale (diag(Γ) Q H + (Q Kᵀ ⊙ D) Vn)
+    dOH = tl.load(doh_ptr + out[:, None] * BK + ok[None, :])
+    dGam = dbg * beta + tl.sum(qq * dOH, 1) * scale
     dq = dOH * (Gam * scale)[:, None]
-    dP = dOVn * D * scale
+    dP = tl.load(dovn_ptr + out[:, None] * BT + r[None, :]) * D * scale
     dq += tl.dot(dP, kk, input_precision=PREC)
+    tl.store(dq_ptr + rows[:, None] * DK + ok[None, :], dq, mask=kmask)
     dk += tl.dot(tl.trans(dP), qq, input_precision=PREC)
     dDD = dP * tl.dot(qq, tl.trans(kk), input_precision=PREC)  # dD ⊙ D from O
     # H' = Γ_last H + Kᵀ diag(γ) Vn
+    VndH = tl.load(vndh_ptr + out[:, None] * BK + ok[None, :])
     dk += VndH * gam[:, None]
     dgam = tl.sum(VndH * kk, 1)
     # T = (I + A)^-1, A = strictly_lower(diag(β) (K Kᵀ ⊙ D))
@@ -284,9 +316,9 @@ def _grads_kernel(
     dk += tl.dot(G, kk, input_precision=PREC) + tl.dot(tl.trans(G), kk, input_precision=PREC)
     dDD += G * KK
     # Decays to the cumulative log-decay gc.
+    dGL = tl.load(dgl_ptr + i_bh * NT + i_t)
     dgc = tl.sum(dDD, 1) - tl.sum(dDD, 0) + dGam * Gam - dgam * gam
-    dgc += tl.where(r == BT - 1, tl.sum(dgam * gam, 0) + tl.sum(dGL, 0) * Gam_last, 0.0)
-    tl.store(dq_ptr + rows[:, None] * DK + ok[None, :], dq, mask=kmask)
+    dgc += tl.where(r == BT - 1, tl.sum(dgam * gam, 0) + dGL * Gam_last, 0.0)
     tl.store(dk_ptr + rows[:, None] * DK + ok[None, :], dk, mask=kmask)
     tl.store(dgc_ptr + i_bh * L + t0 + r, dgc)
     tl.store(dbeta_ptr + i_bh * L + t0 + r, dbeta)
@@ -309,13 +341,13 @@ def _forward_pieces(q, k, v, gc, beta, doc, h0, m):
     has_doc = doc is not None
     doc_arg = doc if has_doc else gc
     common = dict(H=h, DK=m["dk"], DV=m["dv"], BT=BT, BK=BK, BV=BV, HAS_DOC=has_doc, PREC=DOT_PRECISION)
-    _prep_kernel[(NT, b * h)](k, v, gc, beta, doc_arg, T, W, U, L, **common, num_warps=8)
+    _prep_kernel[(NT, b * h)](k, v, gc, beta, doc_arg, T, W, U, L, **common, num_warps=8, num_stages=1)
     Hs = torch.empty(b * h, NT, BK, BV, **f32)
     Vn = torch.empty(b * h, L, BV, **f32)
     ht = torch.empty(b, h, m["dk"], m["dv"], **f32)
     _state_kernel[(BV // BVS, b * h)](
         k, W, U, gc, doc_arg, h0 if h0 is not None else gc, Hs, Vn, ht, L, NT,
-        **common, BVS=BVS, HAS_H0=h0 is not None, num_warps=4,
+        **common, BVS=BVS, HAS_H0=h0 is not None, num_warps=4, num_stages=1,
     )  # fmt: skip
     return T, W, Hs, Vn, ht
 
@@ -347,13 +379,21 @@ def _bwd_impl(q, k, v, gc, beta, doc, h0, do, dht, scale, chunk):
     dh0 = torch.empty(b, h, m["dk"], m["dv"], device=q.device, dtype=torch.float32)
     _dstate_kernel[(BV // BVS, b * h)](
         q, k, W, gc, doc_arg, do, dht if dht is not None else gc, dVn, dHs, dh0, scale, L, NT,
-        **common, HAS_DHT=dht is not None, num_warps=4,
+        **common, HAS_DHT=dht is not None, num_warps=4, num_stages=1,
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dgc, dbeta = torch.empty_like(gc), torch.empty_like(beta)
-    _grads_kernel[(NT, b * h)](
-        q, k, v, gc, beta, doc_arg, T, Hs, dHs, Vn, dVn, do, dq, dk, dv, dgc, dbeta, scale, L, NT,
-        **common, num_warps=8,
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dOH, VndH, dW = (torch.empty(b * h, L, BK, **f32) for _ in range(3))
+    dOVn, dT = (torch.empty(b * h, L, BT, **f32) for _ in range(2))
+    dGL = torch.empty(b * h, NT, **f32)
+    _grads_v_kernel[(NT, b * h)](
+        v, beta, T, Hs, dHs, Vn, dVn, do, dv, dOH, VndH, dW, dOVn, dT, dbeta, dGL, L, NT,
+        H=h, DK=m["dk"], DV=m["dv"], BT=BT, BK=BK, BV=BV, BVS=min(BV, 32), PREC_V=DOT_PRECISION, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    _grads_k_kernel[(NT, b * h)](
+        q, k, gc, beta, doc_arg, T, dOH, VndH, dW, dOVn, dT, dGL, dq, dk, dgc, dbeta, scale, L, NT,
+        H=h, DK=m["dk"], BT=BT, BK=BK, HAS_DOC=has_doc, PREC=DOT_PRECISION, num_warps=8, num_stages=1,
     )  # fmt: skip
     return dq, dk, dv, dgc, dbeta, dh0
 
