@@ -4,7 +4,7 @@ Per (batch, head) and chunk of ``BT`` positions, with ``gc`` the log-decay summe
 start, ``D[t,s] = exp(gc_t - gc_s)`` for ``s <= t`` in the same document (else 0), ``Γ_t =
 exp(gc_t)`` if ``t`` still sees the state entering the chunk (else 0), ``γ_s = D[last, s]``::
 
-    A  = strictly_lower(diag(β) (K Kᵀ ⊙ D))        T = (I + A)^-1   (forward substitution)
+    A  = strictly_lower(diag(β) (K Kᵀ ⊙ D))        T = (I + A)^-1   (block substitution)
     W  = T diag(β Γ) K                              U = T diag(β) V
     Vn = U - W H                                    (H: state entering the chunk, dk × dv)
     O  = scale (diag(Γ) Q H + (Q Kᵀ ⊙ D) Vn)
@@ -68,6 +68,7 @@ def _prep_kernel(
     k_ptr, v_ptr, gc_ptr, beta_ptr, doc_ptr, t_ptr, w_ptr, u_ptr,
     L, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
+    LOG2_BT: tl.constexpr,
 ):  # fmt: skip
     i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = i_bh // H, i_bh % H
@@ -81,11 +82,19 @@ def _prep_kernel(
     _gc, D, Gam, _gam, _Gam_last = _decays(gc_ptr, doc_ptr, i_bh, b, L, t0, BT, HAS_DOC)
     strict = r[:, None] > r[None, :]
     A = tl.where(strict, tl.dot(kk, tl.trans(kk), input_precision=PREC) * D * beta[:, None], 0.0)
-    # T = (I + A)^-1 row by row: T_i = e_i - sum_{j<i} A_ij T_j (rows j < i are final already).
+    # T = (I + A)^-1 by block forward substitution, doubling the block size: with T the inverse of
+    # (I + A)'s diagonal blocks of size b, the inverse for blocks of 2b is T - T C T, C the part of
+    # A below those blocks inside each 2b block ([[X, 0], [C, Y]]^-1 has -Y^-1 C X^-1 there).
     T = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)
-        T = tl.where(r[:, None] == i, T - tl.sum(a_i[:, None] * T, 0)[None, :], T)
+    for i in tl.static_range(LOG2_BT):
+        b_: tl.constexpr = 1 << i
+        sel = (
+            (r[:, None] // (2 * b_) == r[None, :] // (2 * b_))
+            & ((r[:, None] // b_) % 2 == 1)
+            & ((r[None, :] // b_) % 2 == 0)
+        )
+        C = tl.where(sel, A, 0.0)
+        T -= tl.dot(T, tl.dot(C, T, input_precision=PREC), input_precision=PREC)
     out = i_bh * L + t0 + r
     tl.store(t_ptr + out[:, None] * BT + r[None, :], T)
     w = tl.dot(T, kk * (beta * Gam)[:, None], input_precision=PREC)
@@ -341,7 +350,9 @@ def _forward_pieces(q, k, v, gc, beta, doc, h0, m):
     has_doc = doc is not None
     doc_arg = doc if has_doc else gc
     common = dict(H=h, DK=m["dk"], DV=m["dv"], BT=BT, BK=BK, BV=BV, HAS_DOC=has_doc, PREC=DOT_PRECISION)
-    _prep_kernel[(NT, b * h)](k, v, gc, beta, doc_arg, T, W, U, L, **common, num_warps=8, num_stages=1)
+    _prep_kernel[(NT, b * h)](
+        k, v, gc, beta, doc_arg, T, W, U, L, **common, LOG2_BT=BT.bit_length() - 1, num_warps=8, num_stages=1
+    )
     Hs = torch.empty(b * h, NT, BK, BV, **f32)
     Vn = torch.empty(b * h, L, BV, **f32)
     ht = torch.empty(b, h, m["dk"], m["dv"], **f32)
