@@ -93,7 +93,7 @@ def bench_op(path: str, compiled: bool, seq_idx, args) -> tuple[float, float, fl
 
 
 def bench_mixer(path: str, compiled: bool, seq_idx, args) -> tuple[float, float, float]:
-    config = ModelConfig(pattern="G", hidden_size=2048, gdn_num_heads=args.heads, gdn_head_dim=args.dim)
+    config = ModelConfig(pattern="G", vocab_size=256, hidden_size=2048, gdn_num_heads=args.heads, gdn_head_dim=args.dim)
     layer = GatedDeltaNet(config).cuda()
     layer.init_weights(None, 0.02, 0.02)
     x = torch.randn(args.batch, args.seq, config.hidden_size, device="cuda", requires_grad=True)

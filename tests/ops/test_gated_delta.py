@@ -181,3 +181,11 @@ def test_triton_bf16_error_at_4096(packed):
     assert paths_used()["gated_delta"] == "triton"
     for name, a, e, r in zip(["o", "q", "k", "v", "g", "beta"], actual, exact, rounded):
         assert_bf16_within(a, e, r.to(a.dtype), 2.0, name)
+
+
+@requires_triton
+def test_triton_rejects_wide_heads():
+    q, k, v, g, beta = inputs(1, 4, 1, 4, 4, seed=0)
+    wide = torch.zeros(1, 4, 1, 256)
+    with use_kernels("triton"), pytest.raises(ValueError, match="head dims up to 128"):
+        gated_delta_rule_chunked(q, k, wide, g, beta, 16)

@@ -35,6 +35,10 @@ import triton.language as tl
 DOT_PRECISION = "tf32"
 
 
+#: Larger key/value heads would need tiles beyond the shared memory of one Hopper SM.
+MAX_HEAD_DIM = 128
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
@@ -516,6 +520,11 @@ def gated_delta_rule_triton(
     final_state (b, h, dk, dv) float32.
     """
     b, seqlen, h, dk = q.shape
+    if max(dk, v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(
+            f"gated delta rule (Triton): head dims up to {MAX_HEAD_DIM} are supported, got dk={dk}, "
+            f"dv={v.shape[-1]}; run the torch path with HYBRIDLM_KERNELS=torch"
+        )
     chunk = kernel_chunk(chunk_size)
     scale = dk**-0.5 if scale is None else scale
     pad = (-seqlen) % chunk
