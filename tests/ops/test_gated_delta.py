@@ -185,7 +185,7 @@ def test_triton_bf16_error_at_4096(packed):
 
 @requires_triton
 def test_triton_rejects_wide_heads():
-    q, k, v, g, beta = inputs(1, 4, 1, 4, 4, seed=0)
+    q, k, _, g, beta = inputs(1, 4, 1, 4, 4, seed=0)
     wide = torch.zeros(1, 4, 1, 256)
     with use_kernels("triton"), pytest.raises(ValueError, match="head dims up to 128"):
         gated_delta_rule_chunked(q, k, wide, g, beta, 16)
