@@ -14,9 +14,19 @@ from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
 from tests.ops.test_ssd import docs
 
 try:
-    from hybridlm.ops.gated_delta_triton import kernel_chunk
+    from hybridlm.ops import gated_delta_triton
 except ImportError:  # no Triton: those tests skip
-    kernel_chunk = None
+    gated_delta_triton = None
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """Where the Triton tests run: the GPU when there is one (with float32-exact products, so the
+    float32 tolerances hold), else Triton's interpreter on the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    monkeypatch.setattr(gated_delta_triton, "DOT_PRECISION", "ieee")
+    return torch.device("cuda")
 
 
 def inputs(b, seqlen, h, dk, dv, seed):
@@ -93,12 +103,12 @@ def doc_index(seqlen: int) -> torch.Tensor:
 
 @requires_triton
 @pytest.mark.parametrize(("seqlen", "packed", "initial"), [(41, True, True), (41, False, False), (32, True, False)])
-def test_triton_matches_recurrence(seqlen, packed, initial):
-    """Triton (interpreted on CPU) against the float64 recurrence: output, final state, every gradient."""
+def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
+    """Triton against the float64 recurrence: output, final state, every gradient."""
     b, h, dk, dv = 2, 2, 5, 6
-    tensors = inputs(b, seqlen, h, dk, dv, seed=seqlen)
-    init = torch.randn(b, h, dk, dv) if initial else None
-    seq_idx = doc_index(seqlen) if packed else None
+    tensors = [t.to(kernel_device) for t in inputs(b, seqlen, h, dk, dv, seed=seqlen)]
+    init = torch.randn(b, h, dk, dv, device=kernel_device) if initial else None
+    seq_idx = doc_index(seqlen).to(kernel_device) if packed else None
     present = [t for t in (*tensors, init) if t is not None]
     leaves = [t.clone().requires_grad_() for t in present]
     reset_paths()
@@ -119,21 +129,21 @@ def test_triton_matches_recurrence(seqlen, packed, initial):
 
 
 @requires_triton
-def test_triton_chunk_size_rounds_up():
+def test_triton_chunk_size_rounds_up(kernel_device):
     """chunk_size 8 runs the kernels with chunks of 16 (tl.dot's least size); the result is the same."""
-    tensors = inputs(1, 20, 1, 4, 4, seed=5)
+    tensors = [t.to(kernel_device) for t in inputs(1, 20, 1, 4, 4, seed=5)]
     with use_kernels("triton"):
         o = gated_delta_rule_chunked(*tensors, 8)
     o_ref, _ = gated_delta_rule_reference(*tensors)
-    assert kernel_chunk(8) == 16
+    assert gated_delta_triton.kernel_chunk(8) == 16
     assert_rel_close(o, o_ref, 1e-5, "o")
 
 
 @requires_triton
-def test_triton_compiled_equals_eager():
+def test_triton_compiled_equals_eager(kernel_device):
     """torch.compile sees the kernels as one opaque op with a registered backward (fake impl, no graph break)."""
-    tensors = inputs(1, 19, 2, 4, 4, seed=6)
-    seq_idx = doc_index(19)[:1]
+    tensors = [t.to(kernel_device) for t in inputs(1, 19, 2, 4, 4, seed=6)]
+    seq_idx = doc_index(19)[:1].to(kernel_device)
 
     def run(fn):
         leaves = [t.clone().requires_grad_() for t in tensors]
@@ -184,8 +194,8 @@ def test_triton_bf16_error_at_4096(packed):
 
 
 @requires_triton
-def test_triton_rejects_wide_heads():
-    q, k, _, g, beta = inputs(1, 4, 1, 4, 4, seed=0)
-    wide = torch.zeros(1, 4, 1, 256)
+def test_triton_rejects_wide_heads(kernel_device):
+    q, k, _, g, beta = [t.to(kernel_device) for t in inputs(1, 4, 1, 4, 4, seed=0)]
+    wide = torch.zeros(1, 4, 1, 256, device=kernel_device)
     with use_kernels("triton"), pytest.raises(ValueError, match="head dims up to 128"):
         gated_delta_rule_chunked(q, k, wide, g, beta, 16)
