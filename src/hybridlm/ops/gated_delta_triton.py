@@ -13,8 +13,9 @@ exp(gc_t)`` if ``t`` still sees the state entering the chunk (else 0), ``γ_s = 
 Kernels: ``_prep`` (T, W, U; parallel over chunks), ``_state`` (H and Vn; sequential over chunks,
 parallel over value columns, which evolve independently), ``_output`` (O; parallel). The backward
 recomputes T, W, U, H, Vn rather than storing them, then runs ``_dvn_local`` (the part of dVn
-that comes from O; parallel), ``_dstate`` (dH and dVn; sequential, in reverse) and ``_grads``
-(dq, dk, dv, dβ and the gradient of ``gc``; parallel). The cumulative sum of ``g``, padding to
+that comes from O; parallel), ``_dstate`` (dH and dVn; sequential, in reverse), ``_grads_v``
+(dv and the products summed over value columns; parallel) and ``_grads_k`` (dq, dk, dβ and the
+gradient of ``gc``; parallel). The cumulative sum of ``g``, padding to
 whole chunks and the document counter are plain torch around the op (see ``gated_delta_rule_triton``).
 
 Every product accumulates in float32 and every intermediate is float32, whatever the input dtype.
