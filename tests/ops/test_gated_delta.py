@@ -3,9 +3,30 @@
 import pytest
 import torch
 
-from hybridlm.ops.gated_delta import gated_delta_rule_chunked, gated_delta_rule_reference, l2_normalize
-from tests.helpers import assert_rel_close
+from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+from hybridlm.ops.gated_delta import (
+    gated_delta_rule_chunked,
+    gated_delta_rule_chunked_torch,
+    gated_delta_rule_reference,
+    l2_normalize,
+)
+from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
 from tests.ops.test_ssd import docs
+
+try:
+    from hybridlm.ops import gated_delta_triton
+except ImportError:  # no Triton: those tests skip
+    gated_delta_triton = None
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """Where the Triton tests run: the GPU when there is one (with float32-exact products, so the
+    float32 tolerances hold), else Triton's interpreter on the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    monkeypatch.setattr(gated_delta_triton, "DOT_PRECISION", "ieee")
+    return torch.device("cuda")
 
 
 def inputs(b, seqlen, h, dk, dv, seed):
@@ -38,3 +59,143 @@ def test_forward_and_backward_match_recurrence(seqlen, packed):
     torch.autograd.backward([o_ref, final_ref], [go.double(), gs.double()])
     for name, t, r in zip(["q", "k", "v", "g", "beta", "init"], leaves, ref):
         assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
+
+
+def test_float64_chunked_equals_recurrence():
+    """The float64 chunked torch path is an exact reference (the GPU bf16 tests use it at L=4096)."""
+    tensors = [t.double() for t in inputs(2, 37, 2, 5, 6, seed=3)]
+    seq_idx = docs(2, 37, seed=3)
+    o, final = gated_delta_rule_chunked_torch(*tensors, 8, seq_idx=seq_idx, return_final_state=True)
+    o_ref, final_ref = gated_delta_rule_reference(*tensors, seq_idx=seq_idx)
+    assert o.dtype == torch.float64
+    assert_rel_close(o, o_ref, 1e-12, "o")
+    assert_rel_close(final, final_ref, 1e-12, "final state")
+
+
+def test_torch_path_accumulates_in_float32_under_autocast():
+    q, k, v, g, beta = inputs(1, 24, 2, 16, 16, seed=4)
+    expected = gated_delta_rule_chunked_torch(q, k, v, g, beta, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = gated_delta_rule_chunked_torch(q, k, v, g, beta, 8)
+    assert o.dtype == torch.float32
+    assert_rel_close(o, expected, 1e-6, "o under autocast")
+
+
+def test_use_kernels_torch_forces_torch():
+    reset_paths()
+    with use_kernels("torch"):
+        gated_delta_rule_chunked(*inputs(1, 5, 1, 4, 4, seed=0), 8)
+    assert paths_used()["gated_delta"] == "torch"
+
+
+# Resets: row 0 inside the first chunk (5), on a chunk start (16) and inside a later chunk (30);
+# row 1 right after the first position (1) and on a chunk start (32). The kernels' chunk is 16.
+RESETS = ([5, 16, 30], [1, 32])
+
+
+def doc_index(seqlen: int) -> torch.Tensor:
+    seq_idx = torch.zeros(len(RESETS), seqlen, dtype=torch.long)
+    for row, starts in enumerate(RESETS):
+        for s in starts:
+            seq_idx[row, s:] += 1
+    return seq_idx
+
+
+@requires_triton
+@pytest.mark.parametrize(("seqlen", "packed", "initial"), [(41, True, True), (41, False, False), (32, True, False)])
+def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
+    """Triton against the float64 recurrence: output, final state, every gradient."""
+    b, h, dk, dv = 2, 2, 5, 6
+    tensors = [t.to(kernel_device) for t in inputs(b, seqlen, h, dk, dv, seed=seqlen)]
+    init = torch.randn(b, h, dk, dv, device=kernel_device) if initial else None
+    seq_idx = doc_index(seqlen).to(kernel_device) if packed else None
+    present = [t for t in (*tensors, init) if t is not None]
+    leaves = [t.clone().requires_grad_() for t in present]
+    reset_paths()
+    with use_kernels("triton"):
+        o, final = gated_delta_rule_chunked(
+            *leaves[:5], 16, seq_idx=seq_idx, initial_state=leaves[5] if initial else None, return_final_state=True
+        )
+    assert paths_used()["gated_delta"] == "triton"
+    ref = [t.double().clone().requires_grad_() for t in present]
+    o_ref, final_ref = gated_delta_rule_reference(*ref[:5], seq_idx=seq_idx, initial_state=ref[5] if initial else None)
+    assert_rel_close(o, o_ref, 1e-5, "o")
+    assert_rel_close(final, final_ref, 1e-5, "final state")
+    go, gs = torch.randn_like(o), torch.randn_like(final)
+    torch.autograd.backward([o, final], [go, gs])
+    torch.autograd.backward([o_ref, final_ref], [go.double(), gs.double()])
+    for name, t, r in zip(["q", "k", "v", "g", "beta", "init"], leaves, ref):
+        assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
+
+
+@requires_triton
+def test_triton_chunk_size_rounds_up(kernel_device):
+    """chunk_size 8 runs the kernels with chunks of 16 (tl.dot's least size); the result is the same."""
+    tensors = [t.to(kernel_device) for t in inputs(1, 20, 1, 4, 4, seed=5)]
+    with use_kernels("triton"):
+        o = gated_delta_rule_chunked(*tensors, 8)
+    o_ref, _ = gated_delta_rule_reference(*tensors)
+    assert gated_delta_triton.kernel_chunk(8) == 16
+    assert_rel_close(o, o_ref, 1e-5, "o")
+
+
+@requires_triton
+def test_triton_compiled_equals_eager(kernel_device):
+    """torch.compile sees the kernels as one opaque op with a registered backward (fake impl, no graph break)."""
+    tensors = [t.to(kernel_device) for t in inputs(1, 19, 2, 4, 4, seed=6)]
+    seq_idx = doc_index(19)[:1].to(kernel_device)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        with use_kernels("triton"):
+            o = fn(*leaves, 16, seq_idx=seq_idx)
+        o.square().sum().backward()
+        return [o.detach()] + [t.grad for t in leaves]
+
+    eager = run(gated_delta_rule_chunked)
+    compiled = run(torch.compile(gated_delta_rule_chunked, backend="aot_eager", fullgraph=True))
+    for name, c, e in zip(["o", "q", "k", "v", "g", "beta"], compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg=f"compiled {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_bf16_error_at_4096(packed):
+    """bf16 at L=4096: the kernels' error vs float64 is within 2x that of float64 on the bf16-rounded inputs."""
+    seqlen, h, d = 4096, 4, 128
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = l2_normalize(torch.randn(1, seqlen, h, d, device="cuda", generator=gen))
+    k = l2_normalize(torch.randn(1, seqlen, h, d, device="cuda", generator=gen))
+    v = torch.randn(1, seqlen, h, d, device="cuda", generator=gen)
+    g = -torch.nn.functional.softplus(torch.randn(1, seqlen, h, device="cuda", generator=gen) - 3.0)
+    beta = torch.rand(1, seqlen, h, device="cuda", generator=gen)
+    do = torch.randn(1, seqlen, h, d, device="cuda", generator=gen)
+    seq_idx = None
+    if packed:  # 6 documents, two of them starting on a chunk boundary
+        seq_idx = torch.zeros(1, seqlen, dtype=torch.long, device="cuda")
+        for s in (300, 1024, 1500, 2048, 3333):
+            seq_idx[:, s:] += 1
+
+    def run(tensors, grad, path):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        with use_kernels(path):
+            o = gated_delta_rule_chunked(*leaves, 64, seq_idx=seq_idx)
+        o.backward(grad)
+        return [o.detach()] + [t.grad for t in leaves]
+
+    bf16 = [t.bfloat16() for t in (q, k, v)] + [g, beta]
+    exact = run([t.double() for t in (q, k, v, g, beta)], do.double(), "torch")
+    rounded = run([t.double() for t in bf16], do.bfloat16().double(), "torch")
+    reset_paths()
+    actual = run(bf16, do.bfloat16(), "triton")
+    assert paths_used()["gated_delta"] == "triton"
+    for name, a, e, r in zip(["o", "q", "k", "v", "g", "beta"], actual, exact, rounded):
+        assert_bf16_within(a, e, r.to(a.dtype), 2.0, name)
+
+
+@requires_triton
+def test_triton_rejects_wide_heads(kernel_device):
+    q, k, _, g, beta = [t.to(kernel_device) for t in inputs(1, 4, 1, 4, 4, seed=0)]
+    wide = torch.zeros(1, 4, 1, 256, device=kernel_device)
+    with use_kernels("triton"), pytest.raises(ValueError, match="head dims up to 128"):
+        gated_delta_rule_chunked(q, k, wide, g, beta, 16)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import choose
 from .ssd import reset_mask, segsum
 
 
@@ -38,7 +39,10 @@ def gated_delta_rule_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked gated delta rule in float32.
+    """Chunked gated delta rule, accumulating in float32 whatever the input dtype.
+
+    Runs the Triton kernels (:mod:`hybridlm.ops.gated_delta_triton`) or the plain-torch body
+    (:func:`gated_delta_rule_chunked_torch`), as :func:`hybridlm.ops.dispatch.choose` decides.
 
     Args:
         q, k: (b, l, h, dk) queries and keys (normalize them first if the model does).
@@ -54,16 +58,48 @@ def gated_delta_rule_chunked(
     Returns:
         o: (b, l, h, dv) in the dtype of ``v``; and the final state (b, h, dk, dv) if asked.
     """
+    if choose("gated_delta", q, k, v) == "triton":
+        from .gated_delta_triton import gated_delta_rule_triton
+
+        o, final = gated_delta_rule_triton(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state)
+        return (o, final) if return_final_state else o
+    return gated_delta_rule_chunked_torch(
+        q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state, return_final_state
+    )
+
+
+def gated_delta_rule_chunked_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The plain-torch chunked gated delta rule (the reference and the CPU path); arguments and
+    result as :func:`gated_delta_rule_chunked`. Inputs are upcast and every product runs in float32,
+    also under ``torch.autocast``."""
+    # Under autocast the matmuls below would run in bf16: upcast, then keep autocast out.
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state, return_final_state)
+
+
+def _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state, return_final_state):
     dtype = v.dtype
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 runs serve as references
     b, seqlen, h, dk = q.shape
     dv = v.shape[-1]
     Q = chunk_size
     scale = dk**-0.5 if scale is None else scale
-    gf = g.float()
+    gf = g.to(acc)
     if seq_idx is not None:
         gf = torch.where(reset_mask(seq_idx).unsqueeze(-1), float("-inf"), gf)
     pad = (-seqlen) % Q
-    qf, kf, vf, bf = q.float() * scale, k.float(), v.float(), beta.float()
+    qf, kf, vf, bf = q.to(acc) * scale, k.to(acc), v.to(acc), beta.to(acc)
     if pad:
         # Padding steps write nothing (beta = 0) and do not decay (g = 0).
         qf, kf, vf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qf, kf, vf))
@@ -89,7 +125,7 @@ def gated_delta_rule_chunked(
     k_out = kc * decay[..., -1, :].unsqueeze(-1)  # keys as seen from the chunk's end
     chunk_decay = torch.exp(g_cum[..., -1])  # (b, h, c)
 
-    S = q.new_zeros(b, h, dk, dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    S = q.new_zeros(b, h, dk, dv, dtype=acc) if initial_state is None else initial_state.to(acc)
     outs = []
     for i in range(c):
         U = U0[:, :, i] - W[:, :, i] @ S  # (b, h, Q, dv)
