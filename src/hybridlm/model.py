@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from .layers import RMSNorm, SequenceContext, build_mixer, mixer_class
 from .layers.context import positions_in_segment, segment_ids
 from .layers.rope import rope_cos_sin
 from .ops.norm import add_rms_norm
+
+if TYPE_CHECKING:
+    from .infer.cache import InferenceCache
 
 IGNORE_INDEX = -100
 
@@ -316,6 +320,8 @@ class HybridLM(nn.Module):
         hidden_states: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Run the model.
 
@@ -330,6 +336,10 @@ class HybridLM(nn.Module):
                 flattened (B*L) tokens.
             hidden_states: (B, L, hidden) input of a pipeline stage without the embedding.
             document_ids, seq_idx: other names for ``doc_ids`` (give at most one of the three).
+            cache: decoding cache (``hybridlm.infer.cache.InferenceCache``): ``input_ids`` continue
+                the cached positions, every mixer reads and updates its state, positions come from
+                the cache, and the MTP depths are not run.
+            logits_to_keep: compute logits for the last this many positions only (0 = all).
         """
         given = [t for t in (doc_ids, document_ids, seq_idx) if t is not None]
         if len(given) > 1:
@@ -342,14 +352,27 @@ class HybridLM(nn.Module):
         else:
             raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
         B, L = h.shape[:2]
+        if labels is not None and (cache is not None or logits_to_keep):
+            raise ValueError("labels need the logits of every position: drop cache / logits_to_keep")
+        if cache is not None:
+            if doc_ids is not None or cu_seqlens is not None:
+                raise ValueError("a cached forward takes one document per row (padding goes in the cache)")
+            cache.check_room(L)
+            if position_ids is None:
+                position_ids = cache.position_ids(L)
         ctx = self.make_context(B, L, h.device, position_ids, doc_ids, cu_seqlens)
+        ctx.cache = cache
         for block in self.blocks.values():
             h = block(h, ctx)
+        if cache is not None:
+            cache.advance(L)
         out = ModelOutput(hidden_states=h)
         if self.norm_f is None:  # a pipeline stage before the last
             return out
         h = self.norm_f(h)
-        out.logits = self.head(h)
+        out.logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        if cache is not None:
+            return out
         for d, depth in enumerate(self.mtp, start=1):
             if input_ids is None:
                 raise ValueError("MTP depths need input_ids")

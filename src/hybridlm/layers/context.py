@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,12 +18,15 @@ class SequenceContext:
             every row is one document. Mixers never let information cross a change of index.
         rope: (cos, sin), each (B, L, rotary_dim), when the attention layers use RoPE.
         aux_losses: auxiliary losses added by mixers (MoE load balancing) during this forward.
+        cache: an ``hybridlm.infer.cache.InferenceCache`` when decoding with a cache (the input
+            continues the cached positions; see ``layers/cache.py`` for what mixers do with it).
     """
 
     position_ids: torch.Tensor
     seq_idx: torch.Tensor | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    cache: Any = None
     _attention_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def attention_mask(self) -> torch.Tensor | None:
