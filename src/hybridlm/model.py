@@ -75,7 +75,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x: (B, L, hidden) -> (B, L, hidden)."""
-        if self.activation_checkpointing and torch.is_grad_enabled():
+        # Never recompute a cached forward: the recomputation would update the cache a second time.
+        if self.activation_checkpointing and torch.is_grad_enabled() and ctx.cache is None:
             return checkpoint(self._forward, x, ctx, use_reentrant=False)
         return self._forward(x, ctx)
 
