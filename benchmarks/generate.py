@@ -102,12 +102,22 @@ def export_to_hf(model, workdir: str) -> str:
     return dst
 
 
-def hf_generate_time(hf, ids: torch.Tensor, new_tokens: int) -> float:
+def hf_generate_time(hf, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Seconds of a second (warm) transformers greedy ``generate``, and its new tokens."""
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    mask = torch.ones_like(ids)
+    hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
     t0 = sync(ids.device)
-    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    return sync(ids.device) - t0
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    return sync(ids.device) - t0, out[:, ids.shape[1] :].tolist()
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """Leading tokens two greedy runs share (bf16 runs may part at a near-tie, then diverge)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def gpu_bench(args) -> None:
@@ -137,25 +147,29 @@ def gpu_bench(args) -> None:
         mode = "cuda graph"
         try:
             ours(model, prompts, 4, cuda_graph=True)  # warm-up and capture check
-            _, st = ours(model, prompts, args.new_tokens, cuda_graph=True)
+            out, st = ours(model, prompts, args.new_tokens, cuda_graph=True)
         except Exception:
             traceback.print_exc()
             mode = "eager (graph failed)"
             ours(model, prompts, 4)
-            _, st = ours(model, prompts, args.new_tokens)
+            out, st = ours(model, prompts, args.new_tokens)
         our_decode = st["decode_tokens"] / st["decode_seconds"]
         row = [batch, mode, f"{our_decode:,.1f}", rate(st["prefill_tokens"], st["prefill_seconds"])]
         if hf is not None:
             with torch.no_grad():
-                t_all = hf_generate_time(hf, ids, args.new_tokens)
-                t_first = hf_generate_time(hf, ids, 1)
+                t_all, hf_out = hf_generate_time(hf, ids, args.new_tokens)
+                t_first, _ = hf_generate_time(hf, ids, 1)
             hf_decode = batch * (args.new_tokens - 1) / max(t_all - t_first, 1e-9)
-            row += [f"{hf_decode:,.1f}", f"{our_decode / hf_decode:.1f}x"]
+            row += [
+                f"{hf_decode:,.1f}",
+                f"{our_decode / hf_decode:.1f}x",
+                f"{agreement(out[0], hf_out[0])}/{len(out[0])}",
+            ]
         rows.append(row)
         print(f"  batch {batch}: ours {our_decode:,.1f} tok/s", flush=True)
     header = ["batch", "our decode step", "ours decode tok/s", "ours prefill tok/s"]
     if hf is not None:
-        header += ["HF decode tok/s", "speed-up"]
+        header += ["HF decode tok/s", "speed-up", "same leading tokens (row 0)"]
     print(f"\nprompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
     print(table(header, rows))
 

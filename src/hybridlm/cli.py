@@ -312,6 +312,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 repetition_penalty=args.repetition_penalty,
                 callback=lambda row, token, rows=rows: rows[row].add(token),
                 stats=stats,
+                cuda_graph=args.cuda_graph,
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -369,6 +370,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
     ap.set_defaults(func=_cmd_generate)
