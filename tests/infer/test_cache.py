@@ -89,6 +89,14 @@ def test_padding_must_be_on_the_left():
         cache.set_padding(torch.tensor([[True, False, True]]))
     with pytest.raises(ValueError, match="cache holds 8 positions"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="one document per row"):
+        model(ids, cache=cache, doc_ids=torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="labels need the logits"):
+        model(ids, labels=ids, cache=cache)
+    with pytest.raises(KeyError, match="built for other mixers"):
+        model(ids, cache=InferenceCache.for_model(model_for("M"), 1, 8))
+    assert cache.offset == 0  # refused forwards leave the cache as it was
 
 
 @pytest.mark.parametrize("pattern", ["[GE]M*/[*-]", "M[*-]/G/G", "*M/M/M/M"])
