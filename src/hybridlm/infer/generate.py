@@ -154,6 +154,10 @@ def generate(
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device)
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)
+    if speculative:
+        stats.update(drafted=0, accepted=0, verify_steps=0, acceptance_rate=0.0)
+    if not use_cache and (speculative or cuda_graph):
+        raise ValueError("speculative decoding and cuda_graph decode with the cache: leave use_cache=True")
     was_training = model.training
     model.eval()
     try:

@@ -94,7 +94,7 @@ def mtp_generate(model, prompt: list[int], max_new_tokens: int, eos_id, chunk_si
     cache = InferenceCache.for_model(model, 1, max_len)
     depths = _Depths(model, max_len)
     for key in ("drafted", "accepted", "verify_steps"):
-        stats.setdefault(key, 0)
+        stats.setdefault(key, 0)  # summed over the prompts of one generate call
     ids = torch.tensor([prompt], device=device)
     t0 = _sync(device)
     logits = None
