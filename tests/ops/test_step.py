@@ -39,6 +39,10 @@ def test_ssd_steps_equal_the_float64_recurrence():
         ys.append(y)
     torch.testing.assert_close(torch.stack(ys, 1).double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5)
+    inplace = init.clone()
+    for t in range(L):
+        ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], inplace, D=D, inplace=True)
+    torch.testing.assert_close(inplace, state, rtol=0, atol=0)
 
 
 def test_gated_delta_steps_equal_the_float64_recurrence():
@@ -57,3 +61,7 @@ def test_gated_delta_steps_equal_the_float64_recurrence():
         outs.append(o)
     torch.testing.assert_close(torch.stack(outs, 1).double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5)
+    inplace = init.clone()
+    for t in range(L):
+        gated_delta_step(q[:, t], k[:, t], v[:, t], gate[:, t], beta[:, t], inplace, inplace=True)
+    torch.testing.assert_close(inplace, state, rtol=0, atol=0)

@@ -113,9 +113,8 @@ class GatedDeltaNet(nn.Module):
         if cache is None:
             o = gated_delta_rule_chunked(q, k, v, g, beta, self.config.gdn_chunk_size, seq_idx=ctx.seq_idx)
         elif seqlen == 1:
-            o, S = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent)
+            o, _ = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, inplace=True)
             o = o.unsqueeze(1)
-            state.recurrent.copy_(S)
         else:  # prefill, a prefill chunk or a verification window: the chunked form, never the step
             o, S = gated_delta_rule_chunked(
                 q,

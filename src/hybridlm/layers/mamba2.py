@@ -119,9 +119,8 @@ class Mamba2Mixer(nn.Module):
         if cache is None:
             y = ssd_chunked(xs, dt, A, B, C, self.config.mamba_chunk_size, D=self.D, seq_idx=ctx.seq_idx)
         elif seqlen == 1:
-            y, ssm = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.recurrent, D=self.D)
+            y, _ = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.recurrent, D=self.D, inplace=True)
             y = y.unsqueeze(1)
-            state.recurrent.copy_(ssm)
         else:  # prefill, a prefill chunk or a verification window: the chunked scan, never the step
             y, ssm = ssd_chunked(
                 xs,
