@@ -59,6 +59,9 @@ def test_a_batch_of_different_lengths_gives_each_prompt_its_own_tokens(pattern):
     model = model_for(pattern)
     batch = generate(model, PROMPTS, max_new_tokens=10, prefill_chunk_size=5)
     assert batch == [generate(model, p, max_new_tokens=10) for p in PROMPTS]
+    # Prefilled one token at a time, padding goes through the step path: still masked.
+    short = [PROMPTS[0], PROMPTS[1]]
+    assert generate(model, short, 4, prefill_chunk_size=1) == [generate(model, p, 4) for p in short]
 
 
 @pytest.mark.parametrize("pattern", ["M", "G", "*", "[M-]G[*E]"])

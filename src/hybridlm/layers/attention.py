@@ -72,8 +72,9 @@ class Attention(nn.Module):
             # offset and attend over the whole buffer, masking positions not yet written and padding.
             state.k.index_copy_(2, cache.offset_t, k)
             state.v.index_copy_(2, cache.offset_t, v)
-            written = torch.arange(state.k.shape[2], device=q.device) <= cache.offset_t
-            mask = (written & cache.valid)[:, None, None, :]
+            key_pos = torch.arange(state.k.shape[2], device=q.device)
+            # Itself always (a padding query prefilled one token at a time must not get an all -inf row).
+            mask = (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, None, :]
             return F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=mask, enable_gqa=gqa)
         off = cache.offset
         state.k[:, :, off : off + L] = k
