@@ -70,14 +70,13 @@ def ssd_step(
         ``(y, new_state)``: y (b, h, p) in the dtype of ``x``, new_state (b, h, p, n) float32
         (``state`` itself when ``inplace``).
     """
-    b, h, p = x.shape
-    g, n = B.shape[1], B.shape[2]
+    h, g = x.shape[1], B.shape[1]
     xf, dtf = x.float(), dt.float()
     Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
     Ch = C.float().repeat_interleave(h // g, dim=1)
     S = state if inplace else state.float().clone(memory_format=torch.contiguous_format)
     S.mul_(torch.exp(dtf * A.float())[..., None, None])
-    S.view(b * h, p, n).baddbmm_((dtf[..., None] * xf).reshape(b * h, p, 1), Bh.reshape(b * h, 1, n))
+    S.addcmul_((dtf[..., None] * xf)[..., None], Bh[:, :, None, :])  # one fused pass, no outer-product temporary
     y = torch.einsum("bhpn,bhn->bhp", S, Ch)
     if D is not None:
         y = y + D.float()[:, None] * xf
@@ -104,14 +103,12 @@ def gated_delta_step(
         ``(o, new_state)``: o (b, h, dv) in the dtype of ``v``, new_state float32 (``state``
         itself when ``inplace``).
     """
-    b, h, dk = k.shape
-    dv = v.shape[-1]
-    scale = dk**-0.5 if scale is None else scale
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
     S = state if inplace else state.float().clone(memory_format=torch.contiguous_format)
     S.mul_(torch.exp(g.float())[..., None, None])
     kf = k.float()
     read = torch.einsum("bhkv,bhk->bhv", S, kf)
     delta = beta.float()[..., None] * (v.float() - read)
-    S.view(b * h, dk, dv).baddbmm_(kf.reshape(b * h, dk, 1), delta.reshape(b * h, 1, dv))
+    S.addcmul_(kf[..., None], delta[:, :, None, :])
     o = torch.einsum("bhkv,bhk->bhv", S, q.float() * scale)
     return o.to(v.dtype), S
