@@ -193,6 +193,9 @@ def test_bad_arguments_say_what_is_wrong():
         generate(model_for("M/M"), [1, 2], 3, temperature=1.0, speculative="mtp")
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [1, 2], 3, top_p=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            generate(model, [1, 2], 3, cuda_graph=True)
     assert speculative.mtp_generate.__doc__
 
 

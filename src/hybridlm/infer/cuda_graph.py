@@ -28,17 +28,22 @@ class GraphedDecodeStep:
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         snap = cache.snapshot()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the graph (lazy inits, autotuning)
-                self._run()
-                cache.restore(snap)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
-        cache.restore(snap)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the graph (lazy inits, autotuning)
+                    self._run()
+                    cache.restore(snap)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._run()
+        except RuntimeError as e:
+            # e.g. a layer that reads a tensor on the host (MoE's portable expert loop).
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed; run without cuda_graph ({e})") from e
+        finally:
+            cache.restore(snap)
 
     def _run(self) -> torch.Tensor:
         return self.model(self.tokens, cache=self.cache, logits_to_keep=1).logits[:, -1]

@@ -158,6 +158,8 @@ def generate(
         stats.update(drafted=0, accepted=0, verify_steps=0, acceptance_rate=0.0)
     if not use_cache and (speculative or cuda_graph):
         raise ValueError("speculative decoding and cuda_graph decode with the cache: leave use_cache=True")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs the model on a CUDA device, not {device}")
     was_training = model.training
     model.eval()
     try:
