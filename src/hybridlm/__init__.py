@@ -22,6 +22,7 @@ _LAZY = {
     "save": "hybridlm.checkpoint.weights",
     "load": "hybridlm.checkpoint.weights",
     "CheckpointError": "hybridlm.errors",
+    "generate": "hybridlm.infer.generate",
 }
 
 __all__ = ["HybridPattern", "PatternError", "__version__", "parse", "pattern_from_ratios", *_LAZY]

@@ -282,16 +282,92 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(func=_cmd_train)
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text")."""
+    import json
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts-file {path}: no such file")
+        jsonl = path.suffix == ".jsonl"
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if jsonl or line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise UsageError(f'{path}:{n}: a JSONL record needs a string "prompt" or "text" field')
+                prompts.append(text)
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+class _Completion:
+    """One row's text as tokens arrive: cut at the first stop string, optionally streamed to stdout.
+
+    While streaming, the last ``len(longest stop) - 1`` characters are held back (they may begin a
+    stop string), as is a trailing replacement character (an incomplete UTF-8 sequence).
+    """
+
+    def __init__(self, tokenizer, stops: list[str], stream: bool) -> None:
+        self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def add(self, token: int) -> bool:
+        if self.stopped:
+            return True
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, self.stopped = text[: min(cuts)], True
+        self.text = text
+        if self.stream:
+            safe = len(text) if self.stopped else len(text) - self.hold
+            while safe > self.shown and text[safe - 1] == "\ufffd" and not self.stopped:
+                safe -= 1
+            self._show(safe)
+        return self.stopped
+
+    def finish(self) -> None:
+        if self.stream:
+            self._show(len(self.text))
+
+    def _show(self, upto: int) -> None:
+        if upto > self.shown:
+            sys.stdout.write(self.text[self.shown : upto])
+            sys.stdout.flush()
+            self.shown = upto
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
 
     from .checkpoint.weights import load
+    from .errors import UsageError
     from .infer.generate import generate
     from .train.tokenizer import build_tokenizer, load_tokenizer
     from .train.trainer import MODEL_DIR
 
+    prompts = _read_prompts(args)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     path = Path(args.checkpoint)
     if (path / MODEL_DIR).is_dir() and not (path / "config.json").exists():
         path = path / MODEL_DIR  # a run directory: use its exported model
@@ -299,34 +375,89 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load(path, device=args.device)
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(path)
-    new = generate(
-        model,
-        tokenizer.encode(args.prompt),
-        args.max_new_tokens,
-        0.0 if args.greedy else args.temperature,
-        args.top_k,
-        eos_id=tokenizer.eos_id,
-        seed=args.seed,
+    totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
+        rows = [_Completion(tokenizer, args.stop or [], stream) for _ in batch]
+        if stream:
+            sys.stdout.write(batch[0])
+            sys.stdout.flush()
+        stats: dict = {}
+        try:
+            generate(
+                model,
+                [tokenizer.encode(p) for p in batch],
+                max_new_tokens=args.max_new_tokens,
+                temperature=0.0 if args.greedy else args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                eos_id=tokenizer.eos_id,
+                seed=args.seed,
+                use_cache=not args.no_cache,
+                speculative=args.speculative,
+                repetition_penalty=args.repetition_penalty,
+                callback=lambda row, token, rows=rows: rows[row].add(token),
+                stats=stats,
+                cuda_graph=args.cuda_graph,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        for prompt, row in zip(batch, rows):
+            if stream:
+                row.finish()
+                print()
+            else:
+                print(prompt + row.text)
+            if len(prompts) > 1:
+                print()
+        for key in totals:
+            totals[key] += stats.get(key, 0)
+    t = totals
+    line = (
+        f"prefill {t['prefill_tokens']} tokens at {t['prefill_tokens'] / max(t['prefill_seconds'], 1e-9):,.0f} tok/s, "
+        f"decode {t['decode_tokens']} tokens at {t['decode_tokens'] / max(t['decode_seconds'], 1e-9):,.1f} tok/s"
     )
-    print(args.prompt + tokenizer.decode(new))
+    if args.speculative:
+        line += f", MTP acceptance {t['accepted'] / max(t['drafted'], 1):.1%} of {t['drafted']} drafts"
+    print(line, file=sys.stderr)
     return 0
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser(
         "generate",
-        help="sample text from a trained checkpoint",
-        description="Continue a prompt with a trained model (greedy with --temperature 0, else sampling). "
-        "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training run directory.",
+        help="generate text from a trained checkpoint (streamed, cached, batched)",
+        description="Continue prompts with a trained model (greedy with --temperature 0 or --greedy, else "
+        "sampling), with a state cache for every mixer. A single prompt at a time (--batch-size 1) streams its "
+        "tokens as they come; larger batches print each text when the batch is done. Prefill and decode "
+        "tokens/s go to stderr. CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a "
+        "training run directory.",
     )
     ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
-    ap.add_argument("--prompt", required=True, help="text to continue")
+    ap.add_argument("--prompt", action="append", help="text to continue (repeat for several prompts)")
+    ap.add_argument(
+        "--prompts-file",
+        default=None,
+        help='prompts, one per line, or JSONL (*.jsonl or lines starting with "{") with a "prompt" or "text" field',
+    )
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability")
+    ap.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="divide logits of tokens already seen by this (1 = off)"
+    )
+    ap.add_argument("--stop", action="append", help="stop a text at this string (repeatable; not printed)")
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts generated together (left-padded)")
+    ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
+    ap.add_argument(
+        "--speculative", choices=["mtp"], default=None, help="draft with the model's MTP depths (greedy only)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
     ap.set_defaults(func=_cmd_generate)

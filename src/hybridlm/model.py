@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from .layers.rope import rope_cos_sin
 from .ops.attention import document_block_mask, use_flex
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.norm import add_rms_norm
+
+if TYPE_CHECKING:
+    from .infer.cache import InferenceCache
 
 IGNORE_INDEX = -100
 
@@ -76,7 +80,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x: (B, L, hidden) -> (B, L, hidden)."""
-        if self.activation_checkpointing and torch.is_grad_enabled():
+        # Never recompute a cached forward: the recomputation would update the cache a second time.
+        if self.activation_checkpointing and torch.is_grad_enabled() and ctx.cache is None:
             if self.checkpoint_context_fn is not None:
                 return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.checkpoint_context_fn)
             return checkpoint(self._forward, x, ctx, use_reentrant=False)
@@ -329,6 +334,8 @@ class HybridLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         return_logits: bool = True,
+        cache: InferenceCache | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Run the model.
 
@@ -346,6 +353,10 @@ class HybridLM(nn.Module):
             return_logits: materialize the float32 logits. With labels and ``False`` (what the
                 trainer passes), each head's loss is computed chunk by chunk
                 (:func:`hybridlm.ops.cross_entropy.linear_cross_entropy`) and the logits are None.
+            cache: decoding cache (``hybridlm.infer.cache.InferenceCache``): ``input_ids`` continue
+                the cached positions, every mixer reads and updates its state, positions come from
+                the cache, and the MTP depths are not run.
+            logits_to_keep: compute logits for the last this many positions only (0 = all).
         """
         given = [t for t in (doc_ids, document_ids, seq_idx) if t is not None]
         if len(given) > 1:
@@ -358,13 +369,27 @@ class HybridLM(nn.Module):
         else:
             raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
         B, L = h.shape[:2]
+        if labels is not None and (cache is not None or logits_to_keep):
+            raise ValueError("labels need the logits of every position: drop cache / logits_to_keep")
+        if cache is not None:
+            if doc_ids is not None or cu_seqlens is not None:
+                raise ValueError("a cached forward takes one document per row (padding goes in the cache)")
+            cache.check_room(L)
+            if position_ids is None:
+                position_ids = cache.position_ids(L)
         ctx = self.make_context(B, L, h.device, position_ids, doc_ids, cu_seqlens)
+        ctx.cache = cache
         for block in self.blocks.values():
             h = block(h, ctx)
+        if cache is not None:
+            cache.advance(L)
         out = ModelOutput(hidden_states=h)
         if self.norm_f is None:  # a pipeline stage before the last
             return out
         h = self.norm_f(h)
+        if cache is not None:
+            out.logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            return out
         fused_loss = labels is not None and not return_logits
         hiddens = [h]  # the normed input of the head: main, then each MTP depth
         for d, depth in enumerate(self.mtp, start=1):
@@ -374,7 +399,7 @@ class HybridLM(nn.Module):
             h = depth(h, self.embeddings(shifted), ctx)
             hiddens.append(h)
         if not fused_loss:
-            out.logits = self.head(hiddens[0])
+            out.logits = self.head(hiddens[0][:, -logits_to_keep:] if logits_to_keep else hiddens[0])
             out.mtp_logits = [self.head(x) for x in hiddens[1:]]
         aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
         out.aux_loss = aux

@@ -1,60 +1,303 @@
-"""Sampling from a model without a cache: each new token reruns the forward over the whole sequence.
+"""Generation: batched prompts, cached prefill + decode, greedy or sampled, optional MTP self-speculation.
 
-Simple and exact for every mixer; a cached decoder (conv/SSM/KV states) belongs to a later issue.
+``generate(model, prompts, ...)`` prefills every prompt through the chunked kernels (in chunks of
+``prefill_chunk_size`` tokens) into an :class:`~hybridlm.infer.cache.InferenceCache`, then decodes
+one token per row per step. Prompts of different lengths are padded on the left; the cache marks
+the padding so it enters no state and no attention. ``use_cache=False`` is the exact, slow
+reference: every new token reruns the full forward over the whole sequence, one prompt at a time.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+
 import torch
+
+from .cache import InferenceCache
+
+#: ``callback(row, token)`` is called for every new token; returning True stops that row.
+TokenCallback = Callable[[int, int], "bool | None"]
+
+
+class Sampler:
+    """Picks the next token of each row from its logits: repetition penalty, then greedy or sampling.
+
+    Args:
+        temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+        top_k: sample among the k most likely tokens (0 = all).
+        top_p: sample from the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
+        repetition_penalty: CTRL-style: logits of tokens already in the row (prompt or output)
+            are divided by it when positive, multiplied when negative (1 = off).
+        seed: seed of the sampling generator (None = nondeterministic).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.repetition_penalty = repetition_penalty
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.seen: torch.Tensor | None = None  # (B, V) bool, for the repetition penalty
+
+    def observe(self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device) -> None:
+        """Record tokens already present in each row (the prompts, then every picked token)."""
+        if self.repetition_penalty == 1.0:
+            return
+        if self.seen is None:
+            self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+        if isinstance(rows, torch.Tensor):
+            self.seen.scatter_(1, rows.view(-1, 1).to(device), True)
+        else:
+            for i, row in enumerate(rows):
+                if len(row):
+                    self.seen[i, torch.tensor(list(row), device=device)] = True
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, V) -> (B,) int64 token ids."""
+        logits = logits.float()
+        if self.seen is not None:
+            penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
+            logits = torch.where(self.seen, penalized, logits)
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # Drop a token when the tokens before it already reach top_p (the first is always kept).
+            drop_sorted = probs.cumsum(-1) - probs >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(-1)
+        return (
+            torch.multinomial(probs.to(self.generator.device), 1, generator=self.generator).view(-1).to(logits.device)
+        )
 
 
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    prompt_ids: list[int],
+    prompts: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int = 200,
-    temperature: float = 0.8,
+    temperature: float = 0.0,
     top_k: int = 0,
+    top_p: float = 1.0,
     eos_id: int | None = None,
     seed: int | None = 0,
-) -> list[int]:
-    """Continue ``prompt_ids``.
+    use_cache: bool = True,
+    *,
+    speculative: str | None = None,
+    repetition_penalty: float = 1.0,
+    prefill_chunk_size: int = 2048,
+    callback: TokenCallback | None = None,
+    stats: dict | None = None,
+    cuda_graph: bool = False,
+) -> list[int] | list[list[int]]:
+    """Continue one prompt or a batch of prompts.
 
     Args:
-        temperature: 0 picks the most likely token (greedy); otherwise logits are divided by it
-            before sampling.
-        top_k: sample among the k most likely tokens only (0 = all).
-        eos_id: stop after this token.
-        seed: seed of the sampling generator (None = nondeterministic).
+        prompts: one list of token ids, or a list of such lists (any lengths).
+        max_new_tokens: new tokens per prompt at most.
+        temperature, top_k, top_p, repetition_penalty, seed: see :class:`Sampler`. Greedy at
+            temperature 0.
+        eos_id: a row stops after this token.
+        use_cache: False reruns the full forward for every token (the exact reference).
+        speculative: ``"mtp"``: the model's MTP depths draft tokens that the main model verifies
+            in one forward (greedy only; prompts run one at a time). Output equals plain greedy.
+        prefill_chunk_size: prompts are prefilled in chunks of this many tokens.
+        callback: ``callback(row, token)`` for every new token as it is picked (streaming);
+            returning True stops that row.
+        stats: if given, filled with ``prefill_tokens``, ``prefill_seconds``, ``decode_tokens``,
+            ``decode_seconds`` and, with ``speculative``, ``drafted``, ``accepted``,
+            ``acceptance_rate`` and ``verify_steps``.
+        cuda_graph: replay the decode step as a CUDA graph (CUDA only, cached, not speculative).
 
     Returns:
-        The new tokens (without the prompt).
+        The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
+        order for a batch.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    single, rows = _normalize(prompts, eos_id)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+    if speculative not in (None, "mtp"):
+        raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
+    vocab = model.config.vocab_size
+    for i, row in enumerate(rows):
+        bad = [t for t in row if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device)
+    stats = {} if stats is None else stats
+    stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)
+    if speculative:
+        stats.update(drafted=0, accepted=0, verify_steps=0, acceptance_rate=0.0)
+    if not use_cache and (speculative or cuda_graph):
+        raise ValueError("speculative decoding and cuda_graph decode with the cache: leave use_cache=True")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs the model on a CUDA device, not {device}")
     was_training = model.training
     model.eval()
-    ids = torch.tensor([prompt_ids or [eos_id if eos_id is not None else 0]], device=device)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids).logits[0, -1].float()
-        if temperature == 0:
-            token = int(logits.argmax())
+    try:
+        if max_new_tokens == 0:
+            out = [[] for _ in rows]
+        elif speculative == "mtp":
+            from .speculative import mtp_generate
+
+            if temperature != 0 or repetition_penalty != 1.0:
+                raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
+            if cuda_graph:
+                raise ValueError("cuda_graph is not supported with speculative decoding")
+            out = [
+                mtp_generate(model, row, max_new_tokens, eos_id, prefill_chunk_size, _row_callback(callback, i), stats)
+                for i, row in enumerate(rows)
+            ]
+        elif not use_cache:
+            out = [
+                _generate_uncached(model, row, max_new_tokens, sampler, eos_id, _row_callback(callback, i), stats)
+                for i, row in enumerate(rows)
+            ]
         else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-        new.append(token)
-        if eos_id is not None and token == eos_id:
+            out = _generate_cached(
+                model, rows, max_new_tokens, sampler, eos_id, prefill_chunk_size, callback, stats, cuda_graph
+            )
+    finally:
+        model.train(was_training)
+    return out[0] if single else out
+
+
+def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    prompts = list(prompts)
+    single = not prompts or not isinstance(prompts[0], (list, tuple, torch.Tensor))
+    rows = [prompts] if single else [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in prompts]
+    if not single and not rows:
+        raise ValueError("prompts is an empty batch")
+    # An empty prompt starts from the end-of-text token (or 0), as the uncached loop always did.
+    rows = [[int(t) for t in r] or [eos_id if eos_id is not None else 0] for r in rows]
+    return single, rows
+
+
+def _row_callback(callback: TokenCallback | None, row: int) -> TokenCallback | None:
+    return None if callback is None else (lambda _, token: callback(row, token))
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _accept(out: list[int], token: int, row: int, eos_id, callback) -> bool:
+    """Append ``token``; True when the row is finished."""
+    out.append(token)
+    stop = bool(callback(row, token)) if callback is not None else False
+    return stop or (eos_id is not None and token == eos_id)
+
+
+def _generate_uncached(model, row, max_new_tokens, sampler, eos_id, callback, stats) -> list[int]:
+    device = next(model.parameters()).device
+    ids = torch.tensor([row], device=device)
+    sampler.seen = None
+    sampler.observe([row], model.config.vocab_size, device)
+    new: list[int] = []
+    t0 = _sync(device)
+    for step in range(max_new_tokens):
+        token = int(sampler(model(ids).logits[:, -1])[0])
+        sampler.observe(torch.tensor([token]), model.config.vocab_size, device)
+        if step == 0:
+            t1 = _sync(device)
+            stats["prefill_tokens"] += len(row)
+            stats["prefill_seconds"] += t1 - t0
+        if _accept(new, token, 0, eos_id, callback) or step == max_new_tokens - 1:
             break
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-    model.train(was_training)
+    stats["decode_tokens"] += len(new) - 1
+    stats["decode_seconds"] += _sync(device) - t1
     return new
+
+
+def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids padded on the left with 0 and the (B, P) bool mask of real tokens."""
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), P, dtype=torch.long)
+    valid = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :] = torch.tensor(r)
+        valid[i, P - len(r) :] = True
+    return ids.to(device), valid.to(device)
+
+
+def prefill(model, ids: torch.Tensor, cache: InferenceCache, chunk_size: int) -> torch.Tensor:
+    """Run ``ids`` (B, P) into ``cache`` in chunks; returns the last position's logits (B, V) float32."""
+    logits = None
+    for i in range(0, ids.shape[1], chunk_size):
+        logits = model(ids[:, i : i + chunk_size], cache=cache, logits_to_keep=1).logits
+    return logits[:, -1]
+
+
+def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, callback, stats, cuda_graph):
+    device = next(model.parameters()).device
+    ids, valid = left_pad(rows, device)
+    B, P = ids.shape
+    cache = InferenceCache.for_model(model, B, P + max_new_tokens)
+    if not bool(valid.all()):
+        cache.set_padding(valid)
+    sampler.seen = None
+    sampler.observe(rows, model.config.vocab_size, device)
+    t0 = _sync(device)
+    logits = prefill(model, ids, cache, chunk_size)
+    t1 = _sync(device)
+    stats["prefill_tokens"] += int(valid.sum())
+    stats["prefill_seconds"] += t1 - t0
+    if cuda_graph:
+        from .cuda_graph import GraphedDecodeStep
+
+        step = GraphedDecodeStep(model, cache)
+    else:
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            return model(tokens, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    out: list[list[int]] = [[] for _ in rows]
+    done = [False] * B
+    steps = 0
+    t1 = _sync(device)
+    for i in range(max_new_tokens):
+        tokens = sampler(logits)
+        sampler.observe(tokens, model.config.vocab_size, device)
+        for r, token in enumerate(tokens.tolist()):
+            if not done[r]:
+                done[r] = _accept(out[r], token, r, eos_id, callback)
+        if all(done) or i == max_new_tokens - 1:
+            break
+        logits = step(tokens[:, None])  # finished rows keep decoding; their tokens are dropped
+        steps += 1
+    stats["decode_tokens"] += steps * B
+    stats["decode_seconds"] += _sync(device) - t1
+    return out

@@ -2,7 +2,9 @@
 
 A mixer is an ``nn.Module`` with ``forward(x, ctx) -> (B, L, hidden)``,
 ``init_weights(generator, std, out_std)``, a static ``flops_per_token(config, seq_len)`` and a
-``keep_fp32`` tuple of parameter names that stay float32 when the model is cast.
+``keep_fp32`` tuple of parameter names that stay float32 when the model is cast. A mixer that
+keeps state across decoded tokens also has ``init_cache(batch, max_len, device, dtype)`` and
+continues from ``ctx.cache`` in ``forward`` (the protocol is in ``layers/cache.py``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.attention import causal_attention, use_flex
+from .cache import KVState
 from .context import SequenceContext
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -45,9 +46,46 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, L, d)
+        if ctx.cache is not None:
+            o = self._attend_cached(q, k, v, ctx.cache)
+            return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nq * self.head_dim))
         dense = ctx.attention_mask() if ctx.block_mask is None and not use_flex(ctx.seq_idx) else None
         o = causal_attention(q, k, v, ctx.seq_idx, block_mask=ctx.block_mask, dense_mask=dense)
         return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nq * self.head_dim))
+
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> KVState:
+        """Preallocated keys and values, (B, kv_heads, max_len, head_dim) each."""
+        return KVState.zeros(batch, self.nkv, max_len, self.head_dim, device, dtype)
+
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache) -> torch.Tensor:
+        """Write k, v (b, kv_heads, L, d) after the cached positions; attend q (b, heads, L, d) to all of them."""
+        state = cache.state(self)
+        L = q.shape[2]
+        gqa = self.nkv != self.nq
+        k, v = k.to(state.k.dtype), v.to(state.v.dtype)
+        if L == 1:
+            # Decode step with static shapes (a CUDA graph can replay it): write at the device-side
+            # offset and attend over the whole buffer, masking positions not yet written and padding.
+            state.k.index_copy_(2, cache.offset_t, k)
+            state.v.index_copy_(2, cache.offset_t, v)
+            key_pos = torch.arange(state.k.shape[2], device=q.device)
+            # Itself always (a padding query prefilled one token at a time must not get an all -inf row).
+            mask = (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, None, :]
+            return F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=mask, enable_gqa=gqa)
+        off = cache.offset
+        state.k[:, :, off : off + L] = k
+        state.v[:, :, off : off + L] = v
+        keys, values = state.k[:, :, : off + L], state.v[:, :, : off + L]
+        if off == 0 and not cache.has_padding:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        query_pos = torch.arange(off, off + L, device=q.device)[:, None]
+        key_pos = torch.arange(off + L, device=q.device)[None, :]
+        mask = (key_pos <= query_pos).unsqueeze(0)  # (1, L, off+L)
+        if cache.has_padding:
+            # Padding keys are hidden; a padding query still sees itself, so its row is never all
+            # -inf (a NaN there would reach real rows through 0 * NaN in the next layers' values).
+            mask = mask & (cache.valid[:, None, : off + L] | (key_pos == query_pos))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,6 +20,8 @@ class SequenceContext:
         aux_losses: auxiliary losses added by mixers (MoE load balancing) during this forward.
         block_mask: FlexAttention block mask of the documents (CUDA, packed rows), built once
             per forward and shared by every attention layer; None elsewhere.
+        cache: an ``hybridlm.infer.cache.InferenceCache`` when decoding with a cache (the input
+            continues the cached positions; see ``layers/cache.py`` for what mixers do with it).
     """
 
     position_ids: torch.Tensor
@@ -26,6 +29,7 @@ class SequenceContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     block_mask: object | None = None
+    cache: Any = None
     _attention_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def attention_mask(self) -> torch.Tensor | None:

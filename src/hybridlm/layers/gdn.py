@@ -16,6 +16,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.gated_delta import gated_delta_rule_chunked, l2_normalize
+from ..ops.step import causal_conv1d_with_state, gated_delta_step
+from .cache import RecurrentState
 from .context import SequenceContext
 from .conv import CausalConv1d
 from .init import dt_bias_init
@@ -77,10 +79,27 @@ class GatedDeltaNet(nn.Module):
             a.reshape(b, seqlen, self.nv),
         )
 
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> RecurrentState:
+        """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the delta-rule state (B, Hv, dk, dv) in float32."""
+        K = self.conv1d.weight.shape[-1]
+        return RecurrentState.zeros(batch, K, self.conv_dim, (self.nv, self.dk, self.dv), device, dtype)
+
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """x: (B, L, hidden) -> (B, L, hidden); with ``ctx.cache``, continues from and updates the cached state."""
         b, seqlen, _ = x.shape
+        cache = ctx.cache
         q, k, v, z, beta, a = self._split(self.in_proj_qkvz(x), self.in_proj_ba(x))
-        qkv = self.conv1d(torch.cat([q, k, v], dim=-1), ctx.seq_idx)
+        qkv = torch.cat([q, k, v], dim=-1)
+        keep = None
+        if cache is None:
+            qkv = self.conv1d(qkv, ctx.seq_idx)
+        else:
+            state = cache.state(self)
+            keep = cache.pad_mask(seqlen)
+            if keep is not None:  # padding enters the conv as zeros, as the empty history does
+                qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
+            qkv, conv = causal_conv1d_with_state(qkv, state.conv, self.conv1d.weight, None, "silu")
+            state.conv.copy_(conv)
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(b, seqlen, self.nk, self.dk).float())
         k = l2_normalize(k.reshape(b, seqlen, self.nk, self.dk).float())
@@ -89,9 +108,26 @@ class GatedDeltaNet(nn.Module):
             k = k.repeat_interleave(self.nv // self.nk, dim=2)
         v = v.reshape(b, seqlen, self.nv, self.dv)
         g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
-        o = gated_delta_rule_chunked(
-            q, k, v, g, beta.float().sigmoid(), self.config.gdn_chunk_size, seq_idx=ctx.seq_idx
-        )
+        beta = beta.float().sigmoid()
+        if keep is not None:  # g = 0, beta = 0: padding neither decays nor writes the state
+            g, beta = g * keep.unsqueeze(-1), beta * keep.unsqueeze(-1)
+        if cache is None:
+            o = gated_delta_rule_chunked(q, k, v, g, beta, self.config.gdn_chunk_size, seq_idx=ctx.seq_idx)
+        elif seqlen == 1:
+            o, _ = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, inplace=True)
+            o = o.unsqueeze(1)
+        else:  # prefill, a prefill chunk or a verification window: the chunked form, never the step
+            o, S = gated_delta_rule_chunked(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                self.config.gdn_chunk_size,
+                initial_state=state.recurrent,
+                return_final_state=True,
+            )
+            state.recurrent.copy_(S)
         o = self.norm(o, z)
         return self.out_proj(o.reshape(b, seqlen, self.value_dim))
 

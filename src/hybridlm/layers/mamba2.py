@@ -16,6 +16,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..ops.norm import gated_rms_norm
 from ..ops.ssd import ssd_chunked
+from ..ops.step import causal_conv1d_with_state, ssd_step
+from .cache import RecurrentState
 from .context import SequenceContext
 from .conv import CausalConv1d
 from .init import dt_bias_init
@@ -55,25 +57,54 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, c.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=False)
 
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> RecurrentState:
+        """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the SSM state (B, H, P, N) in float32."""
+        K = self.conv1d.weight.shape[-1]
+        return RecurrentState.zeros(batch, K, self.conv_dim, (self.nheads, self.headdim, self.d_state), device, dtype)
+
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """x: (B, L, hidden) -> (B, L, hidden); with ``ctx.cache``, continues from and updates the cached state."""
         b, seqlen, _ = x.shape
+        cache = ctx.cache
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = self.conv1d(xBC, ctx.seq_idx)
+        keep = None
+        if cache is None:
+            xBC = self.conv1d(xBC, ctx.seq_idx)
+        else:
+            state = cache.state(self)
+            keep = cache.pad_mask(seqlen)
+            if keep is not None:  # padding enters the conv as zeros, as the empty history does
+                xBC = xBC * keep.unsqueeze(-1).to(xBC.dtype)
+            xBC, conv = causal_conv1d_with_state(xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu")
+            state.conv.copy_(conv)
         xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         if self.config.mamba_dt_clamp_min > 0:
             dt = dt.clamp(min=self.config.mamba_dt_clamp_min)
+        if keep is not None:  # dt = 0: no decay and no input, so padding leaves the SSM state as it is
+            dt = dt * keep.unsqueeze(-1)
         A = -torch.exp(self.A_log.float())
-        y = ssd_chunked(
-            xs.reshape(b, seqlen, self.nheads, self.headdim),
-            dt,
-            A,
-            B.reshape(b, seqlen, self.ngroups, self.d_state),
-            C.reshape(b, seqlen, self.ngroups, self.d_state),
-            self.config.mamba_chunk_size,
-            D=self.D,
-            seq_idx=ctx.seq_idx,
-        )
+        xs = xs.reshape(b, seqlen, self.nheads, self.headdim)
+        B = B.reshape(b, seqlen, self.ngroups, self.d_state)
+        C = C.reshape(b, seqlen, self.ngroups, self.d_state)
+        if cache is None:
+            y = ssd_chunked(xs, dt, A, B, C, self.config.mamba_chunk_size, D=self.D, seq_idx=ctx.seq_idx)
+        elif seqlen == 1:
+            y, _ = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.recurrent, D=self.D, inplace=True)
+            y = y.unsqueeze(1)
+        else:  # prefill, a prefill chunk or a verification window: the chunked scan, never the step
+            y, ssm = ssd_chunked(
+                xs,
+                dt,
+                A,
+                B,
+                C,
+                self.config.mamba_chunk_size,
+                D=self.D,
+                initial_state=state.recurrent,
+                return_final_state=True,
+            )
+            state.recurrent.copy_(ssm)
         y = self.norm(y.reshape(b, seqlen, self.d_inner), z)
         return self.out_proj(y)
 

@@ -1,0 +1,243 @@
+"""Generation speed: cached vs uncached on CPU, and against Hugging Face NemotronH on a GPU.
+
+    python benchmarks/generate.py                                   # CPU, embedded default model
+    python benchmarks/generate.py --device cuda --compare-hf        # H200: bench-1.3b vs transformers
+    python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
+
+CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
+prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
+both give the same tokens and prints the speed-up.
+
+``--compare-hf``: ``bench-1.3b`` in bf16 (random weights), saved, exported with the
+``hybridlm convert --to nemotron-h`` converter and loaded by transformers' ``NemotronHForCausalLM``
+in the same process. 512-token prompts, 128 new greedy tokens, batch 1 and 64: decode tokens/s of
+both (ours with the decode step replayed as a CUDA graph), and our prefill tokens/s at 32k.
+Results belong in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+from hybridlm import HybridLM, ModelConfig, generate
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def ours(model, prompts, new_tokens: int, **kw) -> tuple[list, dict]:
+    stats: dict = {}
+    out = generate(model, prompts, max_new_tokens=new_tokens, stats=stats, **kw)
+    return out, stats
+
+
+def rate(tokens: float, seconds: float) -> str:
+    return f"{tokens / seconds:,.1f}" if seconds > 0 else "-"
+
+
+# -- CPU: cache vs no cache -------------------------------------------------------------------------
+
+
+def cpu_bench(args) -> None:
+    from hybridlm.train.config import DEFAULT_MODEL
+
+    torch.set_num_threads(args.threads)
+    config = ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
+    model = HybridLM(config, seed=0).eval()
+    prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(
+        f"model {config.pattern} ({model.num_params() / 1e6:.1f}M params), prompt {len(prompt)}, "
+        f"{args.new_tokens} new tokens, {args.threads} thread(s)"
+    )
+    rows, results = [], {}
+    for name, use_cache in (("cache", True), ("no cache", False)):
+        t0 = time.perf_counter()
+        out, st = ours(model, prompt, args.new_tokens, use_cache=use_cache)
+        total = time.perf_counter() - t0
+        results[name] = (out, total)
+        rows.append(
+            [
+                name,
+                rate(st["prefill_tokens"], st["prefill_seconds"]),
+                rate(st["decode_tokens"], st["decode_seconds"]),
+                f"{total:.2f}",
+            ]
+        )
+        print(f"  {name}: {total:.2f} s", flush=True)
+    speedup = results["no cache"][1] / results["cache"][1]
+    for r in rows:
+        r.append(f"{results['no cache'][1] / float(r[3]):.1f}x")
+    print()
+    print(table(["mode", "prefill tok/s", "decode tok/s", "total s", "speed-up"], rows))
+    same = results["cache"][0] == results["no cache"][0]
+    print(f"\nsame tokens: {'yes' if same else 'NO'}; cached generation {speedup:.1f}x faster end to end")
+
+
+# -- GPU: against transformers ----------------------------------------------------------------------
+
+
+def export_to_hf(model, workdir: str) -> str:
+    from hybridlm import save
+    from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
+
+    src, dst = f"{workdir}/ours", f"{workdir}/hf"
+    save(model, src)
+    convert_to_nemotron_h(src, dst)  # what `hybridlm convert --to nemotron-h` runs
+    return dst
+
+
+def hf_generate_time(hf, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Seconds of a second (warm) transformers greedy ``generate``, and its new tokens."""
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    mask = torch.ones_like(ids)
+    hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    t0 = sync(ids.device)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    return sync(ids.device) - t0, out[:, ids.shape[1] :].tolist()
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """Leading tokens two greedy runs share (bf16 runs may part at a near-tie, then diverge)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def gpu_bench(args) -> None:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = ModelConfig.preset(args.preset)
+    model = HybridLM(config, seed=0, device=device, dtype=torch.bfloat16).eval()
+    print(
+        f"{args.preset}: {config.pattern}, {model.num_params() / 1e9:.2f}B params, bf16, {torch.cuda.get_device_name(device)}"
+    )
+    print(f"mamba_ssm kernels importable (used by transformers): {importlib.util.find_spec('mamba_ssm') is not None}")
+    hf = None
+    if args.compare_hf:
+        try:
+            from transformers import NemotronHForCausalLM
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export_to_hf(model, tmp)
+                hf = NemotronHForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        except Exception:
+            traceback.print_exc()
+            print("transformers comparison skipped (see the error above)")
+    rows = []
+    for batch in args.batches:
+        ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
+        prompts = ids.tolist()
+        mode = "cuda graph"
+        try:
+            ours(model, prompts, 4, cuda_graph=True)  # warm-up and capture check
+            out, st = ours(model, prompts, args.new_tokens, cuda_graph=True)
+        except Exception:
+            traceback.print_exc()
+            mode = "eager (graph failed)"
+            ours(model, prompts, 4)
+            out, st = ours(model, prompts, args.new_tokens)
+        our_decode = st["decode_tokens"] / st["decode_seconds"]
+        row = [batch, mode, f"{our_decode:,.1f}", rate(st["prefill_tokens"], st["prefill_seconds"])]
+        if hf is not None:
+            with torch.no_grad():
+                t_all, hf_out = hf_generate_time(hf, ids, args.new_tokens)
+                t_first, _ = hf_generate_time(hf, ids, 1)
+            hf_decode = batch * (args.new_tokens - 1) / max(t_all - t_first, 1e-9)
+            row += [
+                f"{hf_decode:,.1f}",
+                f"{our_decode / hf_decode:.1f}x",
+                f"{agreement(out[0], hf_out[0])}/{len(out[0])}",
+            ]
+        rows.append(row)
+        print(f"  batch {batch}: ours {our_decode:,.1f} tok/s", flush=True)
+    header = ["batch", "our decode step", "ours decode tok/s", "ours prefill tok/s"]
+    if hf is not None:
+        header += ["HF decode tok/s", "speed-up", "same leading tokens (row 0)"]
+    print(f"\nprompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    print(table(header, rows))
+
+    if args.prefill_len:
+        from hybridlm.infer.cache import InferenceCache
+        from hybridlm.infer.generate import prefill
+
+        ids = torch.randint(0, config.vocab_size, (1, args.prefill_len), device=device)
+        times = []
+        with torch.no_grad():
+            for _ in range(2):
+                cache = InferenceCache.for_model(model, 1, args.prefill_len)
+                t0 = sync(device)
+                prefill(model, ids, cache, args.prefill_len)
+                times.append(sync(device) - t0)
+                del cache
+        print(
+            f"\nprefill {args.prefill_len:,} tokens (batch 1): {args.prefill_len / times[-1]:,.0f} tok/s "
+            f"({times[-1]:.2f} s), peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        )
+
+    if args.mtp_checkpoint:
+        mtp_bench(args, device)
+
+
+def mtp_bench(args, device) -> None:
+    from hybridlm import load
+
+    model = load(args.mtp_checkpoint, device=device).eval()
+    if device.type == "cuda":
+        model.cast(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
+    _, plain = ours(model, ids, args.new_tokens)
+    out_plain, plain = ours(model, ids, args.new_tokens)
+    out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp")
+    a, b = plain["decode_tokens"] / plain["decode_seconds"], spec["decode_tokens"] / spec["decode_seconds"]
+    print(
+        f"\nMTP speculation ({model.config.parsed.mtp_depths} depths): plain {a:,.1f} tok/s, speculative {b:,.1f} "
+        f"tok/s ({b / a:.2f}x), acceptance {spec['acceptance_rate']:.1%}, same tokens: {out_plain == out_spec}"
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compare-hf", action="store_true", help="also run transformers' NemotronH on the same weights")
+    ap.add_argument("--preset", default="bench-1.3b", help="GPU model preset")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 1024 on CPU, 512 on GPU")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 256 on CPU, 128 on GPU")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="GPU batch sizes")
+    ap.add_argument("--prefill-len", type=int, default=32768, help="GPU prefill length to time (0 = skip)")
+    ap.add_argument("--mtp-checkpoint", default=None, help="a checkpoint trained with MTP: speculation speed-up")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    args = ap.parse_args(argv)
+    cpu = torch.device(args.device).type == "cpu"
+    args.prompt_len = args.prompt_len or (1024 if cpu else 512)
+    args.new_tokens = args.new_tokens or (256 if cpu else 128)
+    if cpu:
+        cpu_bench(args)
+        if args.mtp_checkpoint:
+            mtp_bench(args, torch.device("cpu"))
+    else:
+        if not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device", file=sys.stderr)
+            return 2
+        gpu_bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

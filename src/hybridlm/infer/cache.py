@@ -1,0 +1,136 @@
+"""The decoding cache of a model (or of one MTP depth): every mixer's state plus the positions written.
+
+Mixers define their own state (``init_cache``, see ``hybridlm.layers.cache``); this container finds
+them, keeps them keyed by mixer, and tracks what is shared: how many positions are cached
+(``offset``, also as the device tensor ``offset_t`` for CUDA-graph replay), which positions are
+real tokens rather than left padding (``valid``), and the next RoPE position of each row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class InferenceCache:
+    """States of ``mixers`` for ``batch`` rows of up to ``max_len`` positions.
+
+    Args:
+        mixers: the mixers to hold state for; those without ``init_cache`` (MLP, MoE) are skipped.
+        batch, max_len: rows and positions to allocate for.
+        device, dtype: where and in which dtype (recurrent states are float32 whatever ``dtype``).
+
+    Attributes:
+        offset: positions already cached (the next forward's first position).
+        offset_t: (1,) int64 tensor equal to ``offset``, on ``device``.
+        valid: (B, max_len) bool, False at left-padding positions.
+        next_pos: (B,) int64 RoPE position of each row's next real token.
+    """
+
+    def __init__(self, mixers: Iterable[nn.Module], batch: int, max_len: int, device, dtype: torch.dtype) -> None:
+        self.batch, self.max_len = batch, max_len
+        self.states: dict[nn.Module, object] = {}
+        for m in mixers:
+            init = getattr(m, "init_cache", None)
+            if init is not None:
+                self.states[m] = init(batch, max_len, device, dtype)
+        self.offset = 0
+        self.offset_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self._pad_end = 0  # no padding at or after this position
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_len: int, device=None, dtype=None) -> InferenceCache:
+        """A cache for the main blocks of a ``HybridLM`` (not its MTP depths)."""
+        return cls(_mixers(model.blocks), batch, max_len, *_where(model, device, dtype))
+
+    @classmethod
+    def for_mtp_depth(cls, model: nn.Module, depth: int, batch: int, max_len: int) -> InferenceCache:
+        """A cache for the blocks of MTP depth ``depth`` (1-based) of a ``HybridLM``."""
+        return cls(_mixers(model.mtp[depth - 1].blocks), batch, max_len, *_where(model, None, None))
+
+    def state(self, mixer: nn.Module):
+        try:
+            return self.states[mixer]
+        except KeyError:
+            raise KeyError(
+                f"no cached state for this {type(mixer).__name__}: the cache was built for other mixers "
+                "(build it with InferenceCache.for_model / for_mtp_depth of the model that runs)"
+            ) from None
+
+    # -- padding and positions -----------------------------------------------------------------
+
+    @property
+    def has_padding(self) -> bool:
+        return self._pad_end > 0
+
+    def set_padding(self, valid: torch.Tensor) -> None:
+        """Mark the prompt's padding before prefill. valid: (B, L) bool, False on the left only."""
+        if self.offset != 0:
+            raise ValueError("set_padding must be called on an empty cache, before prefill")
+        B, L = valid.shape
+        if self.batch != B or self.max_len < L:
+            raise ValueError(f"padding mask {tuple(valid.shape)} does not fit a cache of {self.batch} x {self.max_len}")
+        valid = valid.to(self.valid.device, torch.bool)
+        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+            raise ValueError("padding must be on the left: a row has a real token before a padding position")
+        if not bool(valid[:, -1].all()):
+            raise ValueError("every row needs at least one real token")
+        self.valid[:, :L] = valid
+        self._pad_end = L if not bool(valid.all()) else 0
+
+    def pad_mask(self, L: int) -> torch.Tensor | None:
+        """(B, L) bool: which of the next L positions are real tokens; None when none is padding."""
+        if self.offset >= self._pad_end:
+            return None
+        return self.valid[:, self.offset : self.offset + L]
+
+    def position_ids(self, L: int) -> torch.Tensor:
+        """(B, L) RoPE positions of the next L tokens, counted from each row's first real token."""
+        keep = self.pad_mask(L)
+        if keep is None:
+            return self.next_pos[:, None] + torch.arange(L, device=self.next_pos.device)
+        return (self.next_pos[:, None] + keep.long().cumsum(1) - 1).clamp(min=0)
+
+    def advance(self, L: int) -> None:
+        """Record that L more positions are cached (called by the model after each forward)."""
+        keep = self.pad_mask(L)
+        self.next_pos += L if keep is None else keep.long().sum(1)
+        self.offset += L
+        self.offset_t += L
+
+    def check_room(self, L: int) -> None:
+        if self.offset + L > self.max_len:
+            raise ValueError(
+                f"the cache holds {self.max_len} positions; {self.offset} are used and {L} more were given"
+            )
+
+    # -- rollback ------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple:
+        """What :meth:`restore` needs to return to this moment (recurrent states are copied, KV is not)."""
+        return (
+            self.offset,
+            self.next_pos.clone(),
+            {m: s.snapshot() for m, s in self.states.items()},
+        )
+
+    def restore(self, snap: tuple) -> None:
+        offset, next_pos, states = snap
+        self.offset = offset
+        self.offset_t.fill_(offset)
+        self.next_pos.copy_(next_pos)
+        for m, s in states.items():
+            self.states[m].restore(s)
+
+
+def _mixers(blocks: nn.ModuleDict) -> list[nn.Module]:
+    return [layer.mixer for block in blocks.values() for layer in block.layers]
+
+
+def _where(model: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
+    w = model.embeddings.weight
+    return (w.device if device is None else torch.device(device)), (w.dtype if dtype is None else dtype)

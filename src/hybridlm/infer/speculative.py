@@ -1,0 +1,137 @@
+"""Self-speculative greedy decoding with the model's MTP depths.
+
+Depth ``d`` at position ``t`` reads ``(h^{d-1}_t, embed(x_{t+d}))`` and predicts ``x_{t+d+1}``
+(``h^0`` is the main model's normed hidden state). With ``n`` tokens known, the main cache covers
+positions ``0..n-2`` and depth ``d``'s cache covers ``0..n-1-d``: the positions whose token
+``x_{t+d}`` is known. One round:
+
+1. **Commit** each depth over its newly known positions (true tokens only), in depth order.
+2. **Draft**: depth 1's last committed output predicts ``x_n``; depth ``d > 1`` runs tentatively
+   over positions ``n-d..n-2`` whose tokens are the drafts so far (state snapshot, run, restore)
+   and its last output predicts ``x_{n+d-1}``.
+3. **Verify**: the main model runs ``[x_{n-1}, draft_1..draft_k]`` in one forward from a snapshot;
+   drafts are accepted while they equal the main model's argmax, then one more token (the main
+   model's own pick after the last accepted draft) is free. On a rejection the main cache is
+   restored and the accepted prefix re-run, so its recurrent states never saw rejected tokens.
+
+Greedy output equals plain greedy decoding (up to floating-point ties: the verify forward computes
+the same positions through the chunked kernels instead of the step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import InferenceCache
+from .generate import _accept, _sync
+
+
+class _Depths:
+    """The MTP depths' caches and the hidden states each depth has yet to consume."""
+
+    def __init__(self, model, max_len: int) -> None:
+        self.model = model
+        self.k = len(model.mtp)
+        self.caches = [InferenceCache.for_mtp_depth(model, d, 1, max_len) for d in range(1, self.k + 1)]
+        self.covered = [-1] * self.k  # last position committed by each depth
+        self.pending: list[torch.Tensor | None] = [None] * self.k  # inputs h^{d-1} of uncommitted positions
+
+    def feed_main(self, h: torch.Tensor) -> None:
+        """Append the main model's normed hidden states (1, L, H) of newly cached positions."""
+        self._append(0, h)
+
+    def _append(self, d: int, h: torch.Tensor) -> None:
+        self.pending[d] = h if self.pending[d] is None else torch.cat([self.pending[d], h], dim=1)
+
+    def _run(self, d: int, h_prev: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        model = self.model
+        emb = model.embeddings(torch.tensor([tokens], device=h_prev.device))
+        cache = self.caches[d]
+        ctx = model.make_context(1, len(tokens), h_prev.device, cache.position_ids(len(tokens)))
+        ctx.cache = cache
+        cache.check_room(len(tokens))
+        out = model.mtp[d](h_prev, emb, ctx)
+        cache.advance(len(tokens))
+        return out
+
+    def draft(self, tokens: list[int], num: int) -> list[int]:
+        """Commit every depth over its known positions, then draft up to ``num`` tokens after ``tokens``."""
+        n = len(tokens)
+        drafts: list[int] = []
+        prev = None  # depth d-1's tentative outputs, positions n-d..n-2 (none for depth 1)
+        for d in range(min(num, self.k)):  # 0-based: depth d+1 reads x_{t+d+1}, predicts x_{t+d+2}
+            if n - 1 - d < 0:  # prompt too short for this depth's first position
+                break
+            last, start = n - 2 - d, self.covered[d] + 1  # last position whose token is known
+            if last >= start:
+                count = last - start + 1
+                h_in, self.pending[d] = self.pending[d][:, :count], self.pending[d][:, count:]
+                committed = self._run(d, h_in, tokens[start + d + 1 : last + d + 2])
+                self.covered[d] = last
+                if d + 1 < self.k:
+                    self._append(d + 1, committed)
+            if d == 0:
+                out = committed[:, -1:]
+            else:
+                # Positions n-1-d..n-2 read the drafts so far: run from a snapshot, then roll back.
+                h_in = self.pending[d] if prev is None else torch.cat([self.pending[d], prev], dim=1)
+                snap = self.caches[d].snapshot()
+                prev = self._run(d, h_in, drafts)
+                self.caches[d].restore(snap)
+                out = prev[:, -1:]
+            drafts.append(int(self.model.head(out[:, -1]).argmax(-1)))
+        return drafts
+
+
+@torch.no_grad()
+def mtp_generate(model, prompt: list[int], max_new_tokens: int, eos_id, chunk_size: int, callback, stats) -> list[int]:
+    """Greedy generation for one prompt, drafting with the MTP depths (see the module docstring)."""
+    if not len(model.mtp):
+        raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
+    device = next(model.parameters()).device
+    k = len(model.mtp)
+    max_len = len(prompt) + max_new_tokens + k + 1
+    cache = InferenceCache.for_model(model, 1, max_len)
+    depths = _Depths(model, max_len)
+    for key in ("drafted", "accepted", "verify_steps"):
+        stats.setdefault(key, 0)  # summed over the prompts of one generate call
+    ids = torch.tensor([prompt], device=device)
+    t0 = _sync(device)
+    logits = None
+    for i in range(0, len(prompt), chunk_size):
+        out = model(ids[:, i : i + chunk_size], cache=cache, logits_to_keep=1)
+        depths.feed_main(model.norm_f(out.hidden_states))
+        logits = out.logits
+    t1 = _sync(device)
+    stats["prefill_tokens"] += len(prompt)
+    stats["prefill_seconds"] += t1 - t0
+    tokens = list(prompt)
+    new: list[int] = []
+    done = _accept(new, int(logits[0, -1].argmax()), 0, eos_id, callback)
+    tokens.append(new[-1])
+    while not done and len(new) < max_new_tokens:
+        drafts = depths.draft(tokens, min(k, max_new_tokens - len(new) - 1))
+        window = torch.tensor([[tokens[-1], *drafts]], device=device)
+        snap = cache.snapshot()
+        out = model(window, cache=cache)
+        picks = out.logits[0].argmax(-1).tolist()
+        a = 0
+        while a < len(drafts) and drafts[a] == picks[a]:
+            a += 1
+        hidden = out.hidden_states
+        if a < len(drafts):  # roll back, then re-run the accepted prefix so states never saw a rejection
+            cache.restore(snap)
+            hidden = model(window[:, : a + 1], cache=cache, logits_to_keep=1).hidden_states
+        depths.feed_main(model.norm_f(hidden[:, : a + 1]))
+        stats["drafted"] += len(drafts)
+        stats["accepted"] += a
+        stats["verify_steps"] += 1
+        for token in [*drafts[:a], picks[a]]:
+            tokens.append(token)
+            done = _accept(new, token, 0, eos_id, callback) or len(new) >= max_new_tokens
+            if done:
+                break
+    stats["decode_tokens"] += len(new) - 1
+    stats["decode_seconds"] += _sync(device) - t1
+    stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+    return new

@@ -1,0 +1,81 @@
+"""Per-mixer decoding state, and the small protocol a mixer follows to decode with a cache.
+
+The protocol (every mixer in ``layers/`` follows it; MLA ``+`` and DeepSeek sparse attention ``D``
+must too):
+
+* ``init_cache(batch, max_len, device, dtype)`` returns the mixer's state for ``batch`` sequences
+  of up to ``max_len`` positions, or the mixer has no ``init_cache`` (MLP, MoE: stateless).
+  Buffers are allocated once and updated in place, so a decode step has static shapes and can be
+  captured as a CUDA graph.
+* A state object has ``snapshot()`` and ``restore(snap)``: what must be copied to roll the state
+  back to this moment (speculative decoding). A KV buffer needs nothing copied: rolling back the
+  cache's ``offset`` hides the rejected positions, and they are overwritten next time.
+* In ``forward(x, ctx)`` with ``ctx.cache`` set (an ``hybridlm.infer.cache.InferenceCache``), ``x``
+  holds the ``L`` positions after the ``ctx.cache.offset`` already cached. The mixer reads and
+  updates ``ctx.cache.state(self)``; ``ctx.cache.pad_mask(L)`` (None without padding) marks the
+  real tokens: a padding position must leave every state untouched, and attention must not
+  attend to it (``ctx.cache.valid`` holds the mask of all positions). ``L == 1`` is the decode
+  step and must not depend on Python-side ``offset`` (use the device tensor ``offset_t``), so the
+  step can be replayed as a CUDA graph; ``L > 1`` (prefill, a prefill chunk, speculative
+  verification) goes through the chunked kernels, continuing from the current state.
+* The model advances the cache after each forward (``InferenceCache.advance``); mixers never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RecurrentState:
+    """Mamba2 / Gated DeltaNet state: the conv's last inputs and the recurrent (SSM or delta-rule) state.
+
+    Attributes:
+        conv: (B, K-1, C) the last K-1 conv inputs (pre-activation), oldest first; zeros at start.
+        recurrent: (B, H, P, N) for Mamba2, (B, H, dk, dv) for GDN; always float32.
+    """
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+    @classmethod
+    def zeros(
+        cls, batch: int, kernel: int, channels: int, state_shape: tuple[int, ...], device, dtype
+    ) -> RecurrentState:
+        return cls(
+            conv=torch.zeros(batch, kernel - 1, channels, device=device, dtype=dtype),
+            recurrent=torch.zeros(batch, *state_shape, device=device, dtype=torch.float32),
+        )
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv.clone(), self.recurrent.clone()
+
+    def restore(self, snap: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.conv.copy_(snap[0])
+        self.recurrent.copy_(snap[1])
+
+
+@dataclass
+class KVState:
+    """Preallocated attention keys and values.
+
+    Attributes:
+        k, v: (B, kv_heads, max_len, head_dim), zero-filled (masked positions must hold finite
+            values: a zero attention weight times NaN is still NaN).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def zeros(cls, batch: int, heads: int, max_len: int, head_dim: int, device, dtype) -> KVState:
+        shape = (batch, heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def snapshot(self) -> None:
+        return None
+
+    def restore(self, snap: None) -> None:
+        pass

@@ -1,0 +1,114 @@
+"""Single-step and stateful forms of the ops, for cached decoding.
+
+Each continues from a state instead of from zeros. The chunked ops (``ssd_chunked``,
+``gated_delta_rule_chunked``) already take ``initial_state`` and return the final one, so prompts and
+prefill chunks use them; these functions cover the conv carry-over and the one-token recurrences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .conv import causal_conv1d
+
+
+def causal_conv1d_with_state(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal conv of ``x`` continuing after the inputs kept in ``conv_state``.
+
+    Args:
+        x: (B, L, C) new inputs.
+        conv_state: (B, K-1, C) the previous K-1 inputs, oldest first.
+        weight: (C, K) or (C, 1, K); bias: (C,) or None.
+
+    Returns:
+        ``(out, new_state)``: out (B, L, C) in the dtype of ``x``; new_state (B, K-1, C), the last
+        K-1 inputs of ``[conv_state, x]``.
+    """
+    K1 = conv_state.shape[1]
+    full = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, K-1+L, C)
+    L = x.shape[1]
+    if L == 1:
+        # One dot product per channel: the step path skips the shifted-sum loop.
+        w = weight.reshape(weight.shape[0], -1)
+        out = (full * w.T.to(full.dtype)).sum(dim=1, keepdim=True)
+        if bias is not None:
+            out = out + bias
+        if activation == "silu":
+            out = torch.nn.functional.silu(out)
+        elif activation is not None:
+            raise ValueError(f"unknown activation {activation!r}")
+    else:
+        out = causal_conv1d(full, weight, bias, None, activation)[:, K1:]
+    return out, full[:, full.shape[1] - K1 :]
+
+
+def ssd_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+    D: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the SSD recurrence, ``S = exp(dt A) S + dt x ⊗ B; y = S · C + D x``, in float32.
+
+    Args:
+        x: (b, h, p); dt: (b, h) (after softplus); A: (h,); B, C: (b, g, n); state: (b, h, p, n).
+        inplace: update ``state`` (contiguous float32) in place instead of returning a new tensor.
+            Decoding is bound by state traffic at large batch: in place reads and writes the
+            state twice per step instead of about five times.
+
+    Returns:
+        ``(y, new_state)``: y (b, h, p) in the dtype of ``x``, new_state (b, h, p, n) float32
+        (``state`` itself when ``inplace``).
+    """
+    h, g = x.shape[1], B.shape[1]
+    xf, dtf = x.float(), dt.float()
+    Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    S = state if inplace else state.float().clone(memory_format=torch.contiguous_format)
+    S.mul_(torch.exp(dtf * A.float())[..., None, None])
+    S.addcmul_((dtf[..., None] * xf)[..., None], Bh[:, :, None, :])  # one fused pass, no outer-product temporary
+    y = torch.einsum("bhpn,bhn->bhp", S, Ch)
+    if D is not None:
+        y = y + D.float()[:, None] * xf
+    return y.to(x.dtype), S
+
+
+def gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the gated delta rule (see ``ops.gated_delta``), in float32.
+
+    Args:
+        q, k: (b, h, dk); v: (b, h, dv); g, beta: (b, h); state: (b, h, dk, dv).
+        inplace: update ``state`` (contiguous float32) in place instead of returning a new tensor.
+
+    Returns:
+        ``(o, new_state)``: o (b, h, dv) in the dtype of ``v``, new_state float32 (``state``
+        itself when ``inplace``).
+    """
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    S = state if inplace else state.float().clone(memory_format=torch.contiguous_format)
+    S.mul_(torch.exp(g.float())[..., None, None])
+    kf = k.float()
+    read = torch.einsum("bhkv,bhk->bhv", S, kf)
+    delta = beta.float()[..., None] * (v.float() - read)
+    S.addcmul_(kf[..., None], delta[:, :, None, :])
+    o = torch.einsum("bhkv,bhk->bhv", S, q.float() * scale)
+    return o.to(v.dtype), S

@@ -1,0 +1,210 @@
+"""Cached decoding against the no-cache forward, for every mixer kind, fused blocks and MTP patterns."""
+
+import pytest
+import torch
+
+from hybridlm import HybridLM, generate
+from hybridlm.infer import speculative
+from hybridlm.infer.cache import InferenceCache
+from hybridlm.infer.generate import left_pad, prefill
+from hybridlm.infer.speculative import _Depths
+from tests.helpers import tiny_config
+
+PATTERNS = ["M", "G", "*", "-", "E", "MG*-E", "[M-]G[*E]", "[GE]M*/[*-]", "M[*-]/G/G"]
+PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [1], list(range(3, 26))]
+
+
+def model_for(pattern: str, **kw) -> HybridLM:
+    # rope makes attention position-dependent, so a wrong position in the cache shows.
+    return HybridLM(tiny_config(pattern, position_embedding="rope", **kw), seed=1).eval()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cached_greedy_equals_the_no_cache_loop(pattern):
+    model = model_for(pattern)
+    for prompt in PROMPTS:
+        assert generate(model, prompt, max_new_tokens=12) == generate(model, prompt, 12, use_cache=False)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_prefill_then_steps_gives_the_full_forward_logits(pattern):
+    model = model_for(pattern)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits
+    cache = InferenceCache.for_model(model, 2, 21)
+    got = [model(ids[:, :13], cache=cache).logits]
+    for t in range(13, 21):
+        got.append(model(ids[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_chunked_prefill_equals_one_shot_prefill(pattern):
+    model = model_for(pattern)
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(1))
+    one = InferenceCache.for_model(model, 2, 31)
+    whole = model(ids, cache=one).logits
+    chunked = InferenceCache.for_model(model, 2, 31)
+    parts = [model(ids[:, i : i + 7], cache=chunked).logits for i in range(0, 30, 7)]
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-5)
+    for mixer, state in one.states.items():  # and the states it leaves behind (KV, conv, SSM/GDN)
+        for a, b in zip(vars(state).values(), vars(chunked.states[mixer]).values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    step = torch.tensor([[4], [8]])
+    torch.testing.assert_close(model(step, cache=chunked).logits, model(step, cache=one).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_batch_of_different_lengths_gives_each_prompt_its_own_tokens(pattern):
+    model = model_for(pattern)
+    batch = generate(model, PROMPTS, max_new_tokens=10, prefill_chunk_size=5)
+    assert batch == [generate(model, p, max_new_tokens=10) for p in PROMPTS]
+    # Prefilled one token at a time, padding goes through the step path: still masked.
+    short = [PROMPTS[0], PROMPTS[1]]
+    assert generate(model, short, 4, prefill_chunk_size=1) == [generate(model, p, 4) for p in short]
+
+
+@pytest.mark.parametrize("pattern", ["M", "G", "*", "[M-]G[*E]"])
+def test_padding_never_reaches_states_or_logits(pattern):
+    """A short row next to a long one: whatever the padding ids, its states and logits are those of the row alone."""
+    model = model_for(pattern)
+    rows = [[7, 8, 9], list(range(10, 30))]
+    alone = InferenceCache.for_model(model, 1, 40)
+    ref = model(torch.tensor([rows[0]]), cache=alone).logits[:, -1]
+    for pad_id in (0, 50):
+        ids, valid = left_pad(rows, "cpu")
+        ids[~valid] = pad_id
+        cache = InferenceCache.for_model(model, 2, 40)
+        cache.set_padding(valid)
+        logits = prefill(model, ids, cache, chunk_size=6)  # padding spans several chunks
+        torch.testing.assert_close(logits[:1], ref, rtol=0, atol=1e-5)
+        for mixer, state in alone.states.items():
+            if hasattr(state, "recurrent"):
+                torch.testing.assert_close(cache.states[mixer].conv[:1], state.conv, rtol=0, atol=1e-6)
+                torch.testing.assert_close(cache.states[mixer].recurrent[:1], state.recurrent, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cache.next_pos, torch.tensor([3, 20]))
+
+
+def test_padding_must_be_on_the_left():
+    model = model_for("M")
+    cache = InferenceCache.for_model(model, 1, 8)
+    with pytest.raises(ValueError, match="left"):
+        cache.set_padding(torch.tensor([[True, False, True]]))
+    with pytest.raises(ValueError, match="cache holds 8 positions"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="one document per row"):
+        model(ids, cache=cache, doc_ids=torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="labels need the logits"):
+        model(ids, labels=ids, cache=cache)
+    with pytest.raises(KeyError, match="built for other mixers"):
+        model(ids, cache=InferenceCache.for_model(model_for("M"), 1, 8))
+    assert cache.offset == 0  # refused forwards leave the cache as it was
+
+
+@pytest.mark.parametrize("pattern", ["[GE]M*/[*-]", "M[*-]/G/G", "*M/M/M/M"])
+def test_speculative_greedy_equals_plain_greedy(pattern):
+    model = model_for(pattern)
+    for prompt in PROMPTS:
+        stats = {}
+        spec = generate(model, prompt, max_new_tokens=15, speculative="mtp", stats=stats)
+        assert spec == generate(model, prompt, max_new_tokens=15)
+        assert stats["verify_steps"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+
+
+def test_speculative_accepts_good_drafts_and_rolls_back_bad_ones(monkeypatch):
+    """Drafts that are right for a while then wrong: accepted ones are kept, the first wrong one rolls back."""
+    model = model_for("M[*-]G/[*-]/[*-]/[*-]")
+    prompt = [3, 1, 4, 1, 5]
+    plain = generate(model, prompt, max_new_tokens=20)
+    truth = prompt + plain
+
+    def oracle(self, tokens, num):
+        n = len(tokens)
+        good = truth[n : n + num]
+        return good[:2] + [(t + 1) % 97 for t in good[2:]]  # two right, then wrong
+
+    monkeypatch.setattr(_Depths, "draft", oracle)
+    stats = {}
+    assert generate(model, prompt, max_new_tokens=20, speculative="mtp", stats=stats) == plain
+    assert stats["accepted"] > 0 and stats["accepted"] < stats["drafted"]
+    assert stats["verify_steps"] < 20
+
+
+def test_mtp_drafts_are_the_depths_predictions_of_the_full_forward():
+    model = model_for("M*/[*-]M/[*-]M/[*-]M")
+    tokens = [9, 2, 7, 4, 4, 1]
+    depths = _Depths(model, 40)
+    cache = InferenceCache.for_model(model, 1, 40)
+    out = model(torch.tensor([tokens[:-1]]), cache=cache)
+    depths.feed_main(model.norm_f(out.hidden_states))
+
+    def expected(seq, k):
+        drafts = []
+        for j in range(k):
+            logits = model(torch.tensor([seq + drafts])).mtp_logits[j]
+            drafts.append(int(logits[0, len(seq) - 2].argmax()))
+        return drafts
+
+    assert depths.draft(tokens, 3) == expected(tokens, 3)
+    # Two more tokens become known (as after a verification that accepted one draft).
+    more = [11, 30]
+    out = model(torch.tensor([[tokens[-1], more[0]]]), cache=cache)
+    depths.feed_main(model.norm_f(out.hidden_states))
+    tokens += more
+    assert depths.draft(tokens, 3) == expected(tokens, 3)
+
+
+def test_sampling_is_seeded_per_batch_and_top_p_one_token_is_greedy():
+    model = model_for("M*")
+    a = generate(model, PROMPTS, 8, temperature=1.0, top_k=10, seed=4)
+    assert a == generate(model, PROMPTS, 8, temperature=1.0, top_k=10, seed=4)
+    assert generate(model, PROMPTS, 8, temperature=1.0, top_p=1e-6) == generate(model, PROMPTS, 8)
+
+
+def test_callback_streams_and_stops_rows():
+    model = model_for("M*")
+    seen = []
+
+    def cb(row, token):
+        seen.append((row, token))
+        return row == 0 and len([r for r, _ in seen if r == 0]) == 3
+
+    out = generate(model, PROMPTS[:2], 6, callback=cb)
+    assert len(out[0]) == 3 and len(out[1]) == 6
+    assert [t for r, t in seen if r == 1] == out[1]
+
+
+def test_repetition_penalty_changes_greedy_choices_consistently():
+    model = model_for("M*")
+    plain = generate(model, PROMPTS[0], 20)
+    pen = generate(model, PROMPTS[0], 20, repetition_penalty=5.0)
+    assert pen == generate(model, PROMPTS[0], 20, repetition_penalty=5.0, use_cache=False)
+    assert len(set(pen)) >= len(set(plain))
+
+
+def test_bad_arguments_say_what_is_wrong():
+    model = model_for("M")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[1, 2], [500]], 3)
+    with pytest.raises(ValueError, match="MTP depths"):
+        generate(model, [1, 2], 3, speculative="mtp")
+    with pytest.raises(ValueError, match="greedy only"):
+        generate(model_for("M/M"), [1, 2], 3, temperature=1.0, speculative="mtp")
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [1, 2], 3, top_p=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            generate(model, [1, 2], 3, cuda_graph=True)
+    assert speculative.mtp_generate.__doc__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_decode_on_gpu(dtype):
+    model = HybridLM(tiny_config("M[*-]G-", position_embedding="rope"), seed=1, device="cuda", dtype=dtype).eval()
+    eager_stats, graph_stats = {}, {}
+    eager = generate(model, PROMPTS, max_new_tokens=16, stats=eager_stats)
+    graphed = generate(model, PROMPTS, max_new_tokens=16, cuda_graph=True, stats=graph_stats)
+    assert graphed == eager  # same kernels, replayed: bitwise the same logits
+    assert graph_stats["decode_tokens"] == eager_stats["decode_tokens"]

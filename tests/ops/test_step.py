@@ -1,0 +1,67 @@
+"""The stateful / one-step ops of cached decoding against the whole-sequence references."""
+
+import torch
+import torch.nn.functional as F
+
+from hybridlm.ops.conv import causal_conv1d
+from hybridlm.ops.gated_delta import gated_delta_rule_reference, l2_normalize
+from hybridlm.ops.ssd import ssd_reference
+from hybridlm.ops.step import causal_conv1d_with_state, gated_delta_step, ssd_step
+
+
+def test_conv_in_pieces_and_steps_equals_the_whole_conv():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 13, 6, generator=g)
+    w, b = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    whole = causal_conv1d(x, w, b, activation="silu")
+    state = torch.zeros(2, 3, 6)
+    outs = []
+    for piece in (x[:, :5], x[:, 5:6], x[:, 6:7], x[:, 7:]):  # a prefill, two steps, a chunk
+        y, state = causal_conv1d_with_state(piece, state, w, b, "silu")
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state, x[:, -3:])
+
+
+def test_ssd_steps_equal_the_float64_recurrence():
+    g = torch.Generator().manual_seed(1)
+    b, L, h, p, G, n = 2, 9, 4, 3, 2, 5
+    x = torch.randn(b, L, h, p, generator=g)
+    dt = F.softplus(torch.randn(b, L, h, generator=g))
+    A = -torch.rand(h, generator=g) * 3
+    B, C = torch.randn(b, L, G, n, generator=g), torch.randn(b, L, G, n, generator=g)
+    D = torch.randn(h, generator=g)
+    init = torch.randn(b, h, p, n, generator=g)
+    ref, ref_state = ssd_reference(x, dt, A, B, C, D=D, initial_state=init)
+    state, ys = init, []
+    for t in range(L):
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D=D)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 1).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5)
+    inplace = init.clone()
+    for t in range(L):
+        ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], inplace, D=D, inplace=True)
+    torch.testing.assert_close(inplace, state, rtol=0, atol=0)
+
+
+def test_gated_delta_steps_equal_the_float64_recurrence():
+    g = torch.Generator().manual_seed(2)
+    b, L, h, dk, dv = 2, 9, 3, 4, 5
+    q = l2_normalize(torch.randn(b, L, h, dk, generator=g))
+    k = l2_normalize(torch.randn(b, L, h, dk, generator=g))
+    v = torch.randn(b, L, h, dv, generator=g)
+    gate = -F.softplus(torch.randn(b, L, h, generator=g))
+    beta = torch.rand(b, L, h, generator=g)
+    init = torch.randn(b, h, dk, dv, generator=g)
+    ref, ref_state = gated_delta_rule_reference(q, k, v, gate, beta, initial_state=init)
+    state, outs = init, []
+    for t in range(L):
+        o, state = gated_delta_step(q[:, t], k[:, t], v[:, t], gate[:, t], beta[:, t], state)
+        outs.append(o)
+    torch.testing.assert_close(torch.stack(outs, 1).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5)
+    inplace = init.clone()
+    for t in range(L):
+        gated_delta_step(q[:, t], k[:, t], v[:, t], gate[:, t], beta[:, t], inplace, inplace=True)
+    torch.testing.assert_close(inplace, state, rtol=0, atol=0)
