@@ -6,6 +6,7 @@ Parameter names are NemotronH's (q_proj, k_proj, v_proj, o_proj), plus Qwen3's q
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig

@@ -524,7 +524,7 @@ def gated_delta_rule_triton(
     if max(dk, v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(
             f"gated delta rule (Triton): head dims up to {MAX_HEAD_DIM} are supported, got dk={dk}, "
-            f"dv={v.shape[-1]}; choose the torch path (hybridlm.ops.dispatch.set_kernels(\"torch\"))"
+            f'dv={v.shape[-1]}; choose the torch path (hybridlm.ops.dispatch.set_kernels("torch"))'
         )
     chunk = kernel_chunk(chunk_size)
     scale = dk**-0.5 if scale is None else scale
