@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,6 @@ from .layers.rope import rope_cos_sin
 from .ops.attention import document_block_mask, use_flex
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.norm import add_rms_norm
-
-if TYPE_CHECKING:
-    from .infer.cache import InferenceCache
 
 IGNORE_INDEX = -100
 
@@ -334,7 +331,7 @@ class HybridLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         return_logits: bool = True,
-        cache: InferenceCache | None = None,
+        cache: Any = None,
         logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Run the model.
