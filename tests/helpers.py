@@ -92,3 +92,16 @@ def random_config(rng: random.Random, pattern: str) -> ModelConfig:
 
 def unfused(pattern: str) -> str:
     return pattern.replace("[", "").replace("]", "")
+
+
+def assert_bf16_within(
+    actual: torch.Tensor, exact_ref: torch.Tensor, rounded_ref: torch.Tensor, factor: float = 2.0, what: str = ""
+) -> None:
+    """Low-precision criterion: ``actual``'s error against ``exact_ref`` (float64 reference on the exact
+    inputs) is at most ``factor`` times the error of ``rounded_ref`` (the float64 reference fed the same
+    bf16-rounded inputs), once ``rounded_ref`` is rounded to ``actual``'s dtype. Errors as :func:`rel_err`."""
+    assert actual.shape == exact_ref.shape == rounded_ref.shape, f"{what}: shapes differ"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, exact_ref)
+    budget = rel_err(rounded_ref.to(actual.dtype), exact_ref)
+    assert err <= factor * budget, f"{what}: error {err:.3g} > {factor} x {budget:.3g} (the rounded reference's)"

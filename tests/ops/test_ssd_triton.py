@@ -1,0 +1,147 @@
+"""The Triton SSD kernels (in Triton's interpreter on CPU) against the float64 step recurrence.
+
+Forward, final state and every gradient, with document resets inside a chunk and at a chunk start,
+lengths that are not a multiple of the chunk, groups < heads, several tiles per chunk; the dispatch
+switch; ``torch.compile`` over the op. GPU tests check bf16 at L = 4096 against the float64 reference.
+"""
+
+import pytest
+import torch
+
+from hybridlm.ops import ssd_triton
+from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+from hybridlm.ops.ssd import ssd_chunked, ssd_reference
+from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
+from tests.ops.test_ssd import inputs
+
+pytestmark = requires_triton
+NAMES = ["x", "dt", "A", "B", "C", "D", "init"]
+
+
+def run(fn, tensors, chunk, seq_idx, gy, gs):
+    """Forward + backward of ``fn`` on copies of ``tensors``: (y, final, grads)."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    x, dt, A, B, C, D, init = leaves
+    y, final = fn(x, dt, A, B, C, chunk, D=D, seq_idx=seq_idx, initial_state=init, return_final_state=True)
+    torch.autograd.backward([y, final], [gy.to(y.dtype), gs.to(final.dtype)])
+    return y, final, [t.grad for t in leaves]
+
+
+def reference(x, dt, A, B, C, chunk, D=None, seq_idx=None, initial_state=None, return_final_state=True):
+    return ssd_reference(x, dt, A, B, C, D=D, seq_idx=seq_idx, initial_state=initial_state)
+
+
+def check_against_reference(b, seqlen, h, p, g, n, chunk, seq_idx, seed=0):
+    tensors = [*inputs(b, seqlen, h, p, g, n, seed), torch.randn(b, h, p, n)]
+    gy, gs = torch.randn(b, seqlen, h, p), torch.randn(b, h, p, n)
+    y, final, grads = run(ssd_triton.ssd_chunked_triton, tensors, chunk, seq_idx, gy, gs)
+    y_ref, final_ref, grads_ref = run(reference, [t.double() for t in tensors], chunk, seq_idx, gy, gs)
+    assert_rel_close(y, y_ref, 2e-6, "y")
+    assert_rel_close(final, final_ref, 2e-6, "final state")
+    for name, gr, gr_ref in zip(NAMES, grads, grads_ref):
+        assert_rel_close(gr, gr_ref, 2e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_matches_recurrence(packed):
+    # l = 37, chunk 8: a partial last chunk; resets inside chunk 0 (at 5) and at chunk 2's start (16).
+    seq_idx = None
+    if packed:
+        seq_idx = torch.zeros(2, 37, dtype=torch.long)
+        seq_idx[0, 5:] += 1
+        seq_idx[0, 16:] += 1
+        seq_idx[1, 30:] += 1
+    check_against_reference(2, 37, 4, 6, 2, 5, 8, seq_idx)
+
+
+def test_several_tiles_per_chunk(monkeypatch):
+    # chunk 40 in tiles of 16 (the last one partial), l = 95; one group for all heads.
+    monkeypatch.setattr(ssd_triton, "BLOCK_Q", 16)
+    seq_idx = torch.zeros(1, 95, dtype=torch.long)
+    seq_idx[0, 23:] += 1  # inside chunk 0, in its second tile
+    seq_idx[0, 40:] += 1  # at chunk 1's start
+    seq_idx[0, 57:] += 1
+    check_against_reference(1, 95, 2, 16, 1, 16, 40, seq_idx, seed=1)
+
+
+def test_optional_arguments_and_dispatch():
+    b, seqlen, h, p, g, n = 1, 20, 2, 4, 1, 3
+    x, dt, A, B, C, _ = inputs(b, seqlen, h, p, g, n, seed=2)
+    reset_paths()
+    with use_kernels("triton"):
+        y = ssd_chunked(x, dt, A, B, C, 8)  # no D, no initial state, no final state
+    assert paths_used()["ssd"] == "triton"
+    with use_kernels("torch"):
+        y_torch = ssd_chunked(x, dt, A, B, C, 8)
+    assert paths_used()["ssd"] == "torch"
+    ssd_chunked(x, dt, A, B, C, 8)  # auto: CPU tensors run the torch path
+    assert paths_used()["ssd"] == "torch"
+    y_ref, _ = ssd_reference(x.double(), dt.double(), A.double(), B.double(), C.double())
+    assert_rel_close(y, y_ref, 2e-6, "y (triton)")
+    assert_rel_close(y_torch, y_ref, 2e-6, "y (torch)")
+
+
+def test_bad_shapes_are_named():
+    x, dt, A, B, C, _ = inputs(1, 8, 4, 2, 2, 3, seed=0)
+    with pytest.raises(ValueError, match="dt has shape"):
+        ssd_chunked(x, dt[:, :4], A, B, C, 4)
+    with pytest.raises(ValueError, match="not a multiple of 3 groups"):
+        ssd_chunked(x, dt, A, B.repeat(1, 1, 2, 1)[:, :, :3], C.repeat(1, 1, 2, 1)[:, :, :3], 4)
+
+
+def test_torch_compile_matches_eager():
+    b, seqlen, h, p, g, n = 1, 19, 2, 4, 1, 3
+    tensors = [*inputs(b, seqlen, h, p, g, n, seed=4), torch.randn(b, h, p, n)]
+    seq_idx = torch.tensor([[0] * 7 + [1] * 12])
+    gy, gs = torch.randn(b, seqlen, h, p), torch.randn(b, h, p, n)
+
+    def fn(x, dt, A, B, C, chunk, D, seq_idx, initial_state, return_final_state):
+        y, final = ssd_triton.ssd_chunked_triton(
+            x * 1.0, dt, A, B, C, chunk, D=D, seq_idx=seq_idx, initial_state=initial_state, return_final_state=True
+        )
+        return y * 2.0, final
+
+    eager = run(fn, tensors, 8, seq_idx, gy, gs)
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"), tensors, 8, seq_idx, gy, gs)
+    names = ["y", "final", *NAMES]
+    for name, a, e in zip(names, [compiled[0], compiled[1], *compiled[2]], [eager[0], eager[1], *eager[2]]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=f"compiled vs eager: {name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: bf16 at a realistic length, against the float64 reference
+
+
+def bf16_case(packed: bool, seed: int = 0):
+    b, seqlen, h, p, g, n, chunk = 2, 4096, 8, 64, 2, 128, 128
+    gen = torch.Generator().manual_seed(seed)
+    x, dt, A, B, C, D = inputs(b, seqlen, h, p, g, n, seed)
+    init = torch.randn(b, h, p, n, generator=gen)
+    seq_idx = None
+    if packed:  # several documents per row, one cut exactly at a chunk start
+        cuts = [[700, 1024, 2900], [129, 1500, 1501, 3333]]
+        seq_idx = torch.zeros(b, seqlen, dtype=torch.long)
+        for row, cs in enumerate(cuts):
+            for cut in cs:
+                seq_idx[row, cut:] += 1
+    gy = torch.randn(b, seqlen, h, p, generator=gen).bfloat16()
+    gs = torch.randn(b, h, p, n, generator=gen)
+    return [x, dt, A, B, C, D, init], seq_idx, chunk, gy, gs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_within_twice_the_rounded_reference(packed):
+    cuda = torch.device("cuda")
+    tensors, seq_idx, chunk, gy, gs = bf16_case(packed)
+    tensors = [t.to(cuda) for t in tensors]
+    seq_idx = seq_idx.to(cuda) if seq_idx is not None else None
+    gy, gs = gy.to(cuda), gs.to(cuda)
+    low = [t.bfloat16() if i in (0, 3, 4) else t for i, t in enumerate(tensors)]  # x, B, C in bf16
+    y, final, grads = run(ssd_triton.ssd_chunked_triton, low, chunk, seq_idx, gy, gs)
+    exact = run(reference, [t.double() for t in tensors], chunk, seq_idx, gy.double(), gs.double())
+    rounded = run(reference, [t.double() for t in low], chunk, seq_idx, gy.double(), gs.double())
+    assert_bf16_within(y, exact[0], rounded[0], what="y")
+    assert_bf16_within(final, exact[1], rounded[1], what="final state")
+    for name, gr, ge, grr in zip(NAMES, grads, exact[2], rounded[2]):
+        assert_bf16_within(gr, ge, grr, what=f"grad {name}")
