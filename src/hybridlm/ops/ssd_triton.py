@@ -34,6 +34,8 @@ The op is registered with ``torch.library.custom_op`` (``hybridlm::ssd_chunk_sca
 backward), so ``torch.compile`` treats it as one opaque node with a fake (meta) implementation.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -47,8 +49,29 @@ NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 8
 
 
+#: Triton's interpreter (CPU tests; triton 3.9) multiplies bf16 tiles wrongly and truncates float32
+#: to bf16 instead of rounding. There the raw bf16 products run on float32 copies (the same exact
+#: products the GPU's bf16 tensor cores give) and outputs are stored in float32 and rounded by torch
+#: (as the GPU's conversion rounds to nearest even).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if _INTERPRET else dtype
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b for tiles of raw inputs (same dtype): exact products for bf16, float32 accumulation."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +203,7 @@ def _scan_fwd_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -236,7 +260,7 @@ def _scan_fwd_kernel(
             seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
             mask = mask & (seq_t[:, None] == seq_s[None, :])
         decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))
-        cb = tl.dot(c_t, tl.trans(b_s), input_precision=PREC)  # raw inputs: exact products for bf16
+        cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
         acc += tl.dot(cb * decay * dt_s[None, :], x_s.to(tl.float32), input_precision=PREC)
 
     x_t = tl.load(
@@ -263,6 +287,7 @@ def _bwd_dx_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -338,9 +363,9 @@ def _bwd_dx_kernel(
                 seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
                 mask = mask & (seq_s[:, None] == seq_t[None, :])
             decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
-            bc = tl.dot(b_s, tl.trans(c_t), input_precision=PREC)  # (s, t) = C_t·B_s
+            bc = _dot_raw(b_s, tl.trans(c_t), PREC, UPCAST)  # (s, t) = C_t·B_s
             acc_x += tl.dot(bc * decay, dy_t.to(tl.float32), input_precision=PREC)
-            xdy = tl.dot(x_s, tl.trans(dy_t), input_precision=PREC)  # (s, t) = x_s·dy_t
+            xdy = _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST)  # (s, t) = x_s·dy_t
             w = decay * xdy * dt_s[:, None]
             acc_db += tl.dot(w, c_t.to(tl.float32), input_precision=PREC)
             dacum -= tl.sum(bc * w, axis=1)
@@ -375,6 +400,7 @@ def _bwd_dc_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -442,8 +468,8 @@ def _bwd_dc_kernel(
                 seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
                 mask = mask & (seq_t[:, None] == seq_s[None, :])
             decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))  # (t, s)
-            cb = tl.dot(c_t, tl.trans(b_s), input_precision=PREC)  # (t, s)
-            dyx = tl.dot(dy_t, tl.trans(x_s), input_precision=PREC)  # (t, s)
+            cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # (t, s)
+            dyx = _dot_raw(dy_t, tl.trans(x_s), PREC, UPCAST)  # (t, s)
             w = decay * dyx * dt_s[None, :]
             acc_dc += tl.dot(w, b_s.to(tl.float32), input_precision=PREC)
             dacum += tl.sum(cb * w, axis=1)
@@ -511,7 +537,7 @@ def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
     dt_p, acum, seq_p, decay = _prepare(dt, A, seq_idx, Q)
     nc = decay.shape[-1]
     S = _states(x, B, acum, dt_p, seq_p, decay, init, Q)
-    y = torch.empty(b, L, h, p, device=x.device, dtype=x.dtype)
+    y = torch.empty(b, L, h, p, device=x.device, dtype=_out_dtype(x.dtype))
     bq = min(BLOCK_Q, _pow2(Q))
     bp = min(_pow2(p), 64)
     _scan_fwd_kernel[(nc * triton.cdiv(Q, bq), b * h, triton.cdiv(p, bp))](
@@ -519,9 +545,10 @@ def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
         acum, dt_p, seq_p if seq_p is not None else acum, S, D if D is not None else acum, y,
         L, nc * Q, h, p, n, Q, h // g, nc,
         HAS_SEQ=seq_p is not None, HAS_D=D is not None,
-        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, num_warps=NUM_WARPS_FWD,
+        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, UPCAST=_INTERPRET,
+        num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
-    return y, S[:, nc].clone()
+    return y.to(x.dtype), S[:, nc].clone()
 
 
 def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
@@ -556,14 +583,21 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
 
     bq = min(BLOCK_Q, _pow2(Q))
     nqb = triton.cdiv(Q, bq)
-    dx = torch.empty(b, L, h, p, device=x.device, dtype=x.dtype)
-    dB = torch.empty(b, L, g, n, device=x.device, dtype=B.dtype)
-    dC = torch.empty(b, L, g, n, device=x.device, dtype=C.dtype)
+    dx = torch.empty(b, L, h, p, device=x.device, dtype=_out_dtype(x.dtype))
+    dB = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(B.dtype))
+    dC = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(C.dtype))
     ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     dacum_src = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     dacum_dst = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     dD_part = torch.empty(b, nc * nqb, h, device=x.device, dtype=torch.float32)
-    common = dict(HAS_SEQ=seq_p is not None, BLOCK_Q=bq, BLOCK_P=_pow2(p), BLOCK_N=_pow2(n), PREC=DOT_PRECISION)
+    common = dict(
+        HAS_SEQ=seq_p is not None,
+        BLOCK_Q=bq,
+        BLOCK_P=_pow2(p),
+        BLOCK_N=_pow2(n),
+        PREC=DOT_PRECISION,
+        UPCAST=_INTERPRET,
+    )
     _bwd_dx_kernel[(nc * nqb, b * g)](
         x, *x.stride(), B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
         acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, dB, ddt_direct, dacum_src, dD_part,
@@ -584,7 +618,8 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
     ddt = ddt_direct + da * A.float()[None, :, None]
     dA = (da * dt_p).sum((0, 2))
     dD = dD_part.sum((0, 1))
-    return dx, ddt[..., :L].transpose(1, 2).to(dt.dtype), dA.to(A.dtype), dB, dC, dD, dinit
+    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype)
+    return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
 
 
 def _device_guard(t: torch.Tensor):
