@@ -69,8 +69,10 @@ def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b for tiles of raw inputs (same dtype): exact products for bf16, float32 accumulation."""
     if UPCAST:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-    else:
+    elif a.dtype == tl.float32:
         out = tl.dot(a, b, input_precision=PREC)
+    else:  # bf16 / fp16: the precision setting is for float32 operands only
+        out = tl.dot(a, b)
     return out
 
 
