@@ -148,3 +148,29 @@ def test_bf16_within_twice_the_rounded_reference(packed):
     # chunk start (1024) and on consecutive positions (1500, 1501).
     cuts = [[700, 1024, 2900], [129, 1500, 1501, 3333]]
     bf16_check("cuda", packed, 2, 4096, 8, 64, 2, 128, 128, cuts)
+
+
+def test_mamba2_mixer_same_on_both_paths():
+    # The layer hands the op strided views of one projection (x, B, C from a split) and float32 dt.
+    from hybridlm.layers import Mamba2Mixer
+    from tests.helpers import tiny_config
+    from tests.layers.test_mixers import context, make
+    from tests.ops.test_ssd import docs
+
+    config = tiny_config("M")
+    layer = make(Mamba2Mixer, config, seed=3)
+    seq_idx = docs(2, 21, seed=5)
+    ctx, _ = context(config, 2, 21, seq_idx)
+    x = torch.randn(2, 21, config.hidden_size)
+    g = torch.randn(2, 21, config.hidden_size)
+    results = {}
+    for mode in ("torch", "triton"):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with use_kernels(mode):
+            y = layer(xi, ctx)
+        y.backward(g)
+        results[mode] = [y, xi.grad] + [p.grad.clone() for p in layer.parameters()]
+    names = ["y", "x"] + [n for n, _ in layer.named_parameters()]
+    for name, a, e in zip(names, results["triton"], results["torch"]):
+        assert_rel_close(a, e, 1e-5, f"mixer {name}")
