@@ -14,7 +14,8 @@ document equality (``seq_idx`` is non-decreasing, so equal ids at both ends mean
 which keeps every exponent finite and every cumulative sum free of ``inf - inf``.
 
 Kernels (all accumulate in float32; products of two raw inputs use the input dtype on tensor cores,
-which is exact for bf16, and products involving a float32 intermediate use ``tf32x3``):
+which is exact for bf16; a float32 intermediate multiplied with bf16 inputs is split into two bf16
+tiles, see ``_dot_fr``; with float32 inputs such products use ``tf32x3``):
 
 1. ``_state_kernel``   per (b, c, h): ``st_c`` (forward), or ``sum_t exp(acum_t) dy_t ⊗ C_t`` (backward).
 2. ``_pass_fwd_kernel`` per (b, h): the sequential scan over chunks, in place: the state entering
@@ -40,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-#: Precision of tensor-core products that involve a float32 intermediate (decay-weighted matrices,
-#: float32 states): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
+#: Precision of float32 tensor-core products (float32 inputs, or fp16 inputs times a float32
+#: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
 DOT_PRECISION = "tf32x3"
 #: Positions per tile inside a chunk (chunk_size need not be a multiple of it).
 BLOCK_Q = 64
@@ -76,6 +77,51 @@ def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     return out
 
 
+@triton.jit
+def _split_bf16(v):
+    """float32 v = hi + lo (+ ~2^-17 |v|) with hi, lo bf16: two bf16 products carry v almost exactly."""
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """f @ r for a float32 intermediate f and a tile r of raw inputs.
+
+    bf16 inputs: f is split into two bf16 tiles and multiplied on bf16 tensor cores (exact products,
+    float32 accumulation): f keeps ~16 significant bits, more than tf32's 10, at the cost of one tf32
+    product. Other dtypes: float32 products at ``PREC``.
+    """
+    if r.dtype == tl.bfloat16:
+        hi, lo = _split_bf16(f)
+        if UPCAST:
+            rf = r.to(tl.float32)
+            out = tl.dot(hi.to(tl.float32), rf, input_precision=PREC)
+            out = tl.dot(lo.to(tl.float32), rf, out, input_precision=PREC)
+        else:
+            out = tl.dot(lo, r, tl.dot(hi, r))
+    else:
+        out = tl.dot(f, r.to(tl.float32), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _dot_rf(r, f, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """r @ f for a tile r of raw inputs and a float32 intermediate f (as :func:`_dot_fr`)."""
+    if r.dtype == tl.bfloat16:
+        hi, lo = _split_bf16(f)
+        if UPCAST:
+            rf = r.to(tl.float32)
+            out = tl.dot(rf, hi.to(tl.float32), input_precision=PREC)
+            out = tl.dot(rf, lo.to(tl.float32), out, input_precision=PREC)
+        else:
+            out = tl.dot(r, lo, tl.dot(r, hi))
+    else:
+        out = tl.dot(r.to(tl.float32), f, input_precision=PREC)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # kernels
 
@@ -90,6 +136,7 @@ def _state_kernel(
     MODE: tl.constexpr,  # 0: chunk state st_c; 1: sum_t exp(acum_t) [same doc as before chunk] dy_t ⊗ C_t
     HAS_SEQ: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -132,8 +179,8 @@ def _state_kernel(
             Y + bb * sy_b + t[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
             mask=valid[:, None] & (offs_n < N)[None, :],
             other=0.0,
-        ).to(tl.float32)
-        acc += tl.dot(tl.trans(xs * scale[:, None]), ys, input_precision=PREC)
+        )
+        acc += _dot_fr(tl.trans(xs * scale[:, None]), ys, PREC, UPCAST)
     out = OUT + (((bb * NSLOTS + c + SLOT_OFF) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_p < P)[:, None] & (offs_n < N)[None, :])
 
@@ -238,7 +285,7 @@ def _scan_fwd_kernel(
         mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
         other=0.0,
     )  # (n, p): S_c transposed
-    acc = tl.dot(c_t.to(tl.float32), s_in, input_precision=PREC)
+    acc = _dot_rf(c_t, s_in, PREC, UPCAST)
     acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
 
     for sb in range(0, qb + 1):
@@ -263,7 +310,7 @@ def _scan_fwd_kernel(
             mask = mask & (seq_t[:, None] == seq_s[None, :])
         decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))
         cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
-        acc += tl.dot(cb * decay * dt_s[None, :], x_s.to(tl.float32), input_precision=PREC)
+        acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST)
 
     x_t = tl.load(
         X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
@@ -341,8 +388,8 @@ def _bwd_dx_kernel(
         # Through the chunk state: st_c = sum_s scale_s dt_s x_s ⊗ B_s.
         scale_s = tl.where(to_state, tl.exp(acum_last - acum_s), 0.0)
         xf = x_s.to(tl.float32)
-        acc_x = tl.dot(b_s.to(tl.float32), tl.trans(dst), input_precision=PREC) * scale_s[:, None]  # (s, p)
-        acc_db += tl.dot(xf, dst, input_precision=PREC) * (scale_s * dt_s)[:, None]
+        acc_x = _dot_rf(b_s, tl.trans(dst), PREC, UPCAST) * scale_s[:, None]  # (s, p)
+        acc_db += _dot_rf(x_s, dst, PREC, UPCAST) * (scale_s * dt_s)[:, None]
         dacum = -tl.sum(acc_x * xf, axis=1) * dt_s
         # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
         for tb in range(sb, nqb):
@@ -366,10 +413,10 @@ def _bwd_dx_kernel(
                 mask = mask & (seq_s[:, None] == seq_t[None, :])
             decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
             bc = _dot_raw(b_s, tl.trans(c_t), PREC, UPCAST)  # (s, t) = C_t·B_s
-            acc_x += tl.dot(bc * decay, dy_t.to(tl.float32), input_precision=PREC)
+            acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
             xdy = _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST)  # (s, t) = x_s·dy_t
             w = decay * xdy * dt_s[:, None]
-            acc_db += tl.dot(w, c_t.to(tl.float32), input_precision=PREC)
+            acc_db += _dot_fr(w, c_t, PREC, UPCAST)
             dacum -= tl.sum(bc * w, axis=1)
         dyf = dy_s.to(tl.float32)
         dx = acc_x * dt_s[:, None]
@@ -446,7 +493,7 @@ def _bwd_dc_kernel(
         )  # (p, n)
         # Through the entering state: y_t += exp(acum_t) C_t·S_c.
         scale_t = tl.where(from_state, tl.exp(acum_t), 0.0)
-        part = tl.dot(dy_t.to(tl.float32), s_in, input_precision=PREC) * scale_t[:, None]  # (t, n)
+        part = _dot_rf(dy_t, s_in, PREC, UPCAST) * scale_t[:, None]  # (t, n)
         acc_dc += part
         dacum = tl.sum(part * c_t.to(tl.float32), axis=1)
         for sb in range(0, tb + 1):
@@ -473,7 +520,7 @@ def _bwd_dc_kernel(
             cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # (t, s)
             dyx = _dot_raw(dy_t, tl.trans(x_s), PREC, UPCAST)  # (t, s)
             w = decay * dyx * dt_s[None, :]
-            acc_dc += tl.dot(w, b_s.to(tl.float32), input_precision=PREC)
+            acc_dc += _dot_fr(w, b_s, PREC, UPCAST)
             dacum += tl.sum(cb * w, axis=1)
         tl.store(DACUM + row + offs_t, dacum, mask=offs_t < Q)
     tl.store(
@@ -523,7 +570,7 @@ def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
         x, *x.stride(), B, *B.stride(), acum, dt_p, seq_p if seq_p is not None else dummy, S,
         L, Lp, h, p, n, Q, h // g, nc + 1, 1,
         MODE=0, HAS_SEQ=seq_p is not None,
-        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, num_warps=NUM_WARPS_FWD,
+        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
     block = 1024
     _pass_fwd_kernel[(b * h, triton.cdiv(p * n, block))](
@@ -571,7 +618,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
         dy, *dy.stride(), C, *C.stride(), acum, dt_p, seq_arg, dS,
         L, Lp, h, p, n, Q, r, nc, 0,
         MODE=1, HAS_SEQ=seq_p is not None,
-        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, num_warps=NUM_WARPS_FWD,
+        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
     block = 1024
     nblk = triton.cdiv(p * n, block)
