@@ -57,6 +57,7 @@ def test_matches_recurrence(packed):
 def test_several_tiles_per_chunk(monkeypatch):
     # chunk 40 in tiles of 16 (the last one partial), l = 95; one group for all heads.
     monkeypatch.setattr(ssd_triton, "BLOCK_Q", 16)
+    monkeypatch.setattr(ssd_triton, "BLOCK_Q_BWD", 16)
     seq_idx = torch.zeros(1, 95, dtype=torch.long)
     seq_idx[0, 23:] += 1  # inside chunk 0, in its second tile
     seq_idx[0, 40:] += 1  # at chunk 1's start
@@ -174,3 +175,55 @@ def test_mamba2_mixer_same_on_both_paths():
     names = ["y", "x"] + [n for n, _ in layer.named_parameters()]
     for name, a, e in zip(names, results["triton"], results["torch"]):
         assert_rel_close(a, e, 1e-5, f"mixer {name}")
+
+
+def build_for_hopper(dtype: str) -> None:
+    """Build every kernel for sm_90 (ptx + cubin, with the ptxas that ships with Triton) at the
+    bench-1.3b tile sizes. Needs compiled (not interpreted) kernels: run without TRITON_INTERPRET."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    common = dict(BLOCK_P=64, PREC=ssd_triton.DOT_PRECISION, UPCAST=False, HAS_SEQ=True)
+    fwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q, BLOCK_N=128, **common)
+    bwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=128, **common)
+    ints = {"L", "Lp", "H", "P", "N", "Q", "R", "NC", "NSLOTS", "SLOT_OFF", "PN", "NBLK"}  # the rest: pointers
+    io = dict(X=dtype, B=dtype, C=dtype, DY=dtype, Y=dtype, DX=dtype, DB=dtype, DC=dtype, SEQ="i32")
+    kernels = [
+        (ssd_triton._state_kernel, dict(MODE=0, **{**fwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_FWD),
+        (ssd_triton._pass_fwd_kernel, dict(HAS_INIT=True, BLOCK=1024), 4),
+        (ssd_triton._scan_fwd_kernel, dict(HAS_D=True, **fwd), ssd_triton.NUM_WARPS_FWD),
+        (ssd_triton._pass_bwd_kernel, dict(HAS_DFINAL=True, BLOCK=1024), 4),
+        (ssd_triton._bwd_dx_kernel, dict(HAS_D=True, **bwd), ssd_triton.NUM_WARPS_BWD),
+        (ssd_triton._bwd_dc_kernel, bwd, ssd_triton.NUM_WARPS_BWD),
+    ]
+    for kernel, consts, warps in kernels:
+        names = list(inspect.signature(kernel.fn).parameters)
+        sig = {
+            n: "constexpr" if n in consts else "i32" if n in ints or n.startswith("s") else "*" + io.get(n, "fp32")
+            for n in names
+        }
+        compiled = triton.compile(
+            ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+        )
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_build_for_hopper(dtype):
+    # The interpreter never compiles the kernels, so one the compiler rejects would first fail on
+    # the GPU machine; build them for sm_90 here, in a process without TRITON_INTERPRET.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root), env.get("PYTHONPATH", "")])
+    code = f"from tests.ops.test_ssd_triton import build_for_hopper; build_for_hopper({dtype!r})"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -44,9 +44,13 @@ import triton.language as tl
 #: Precision of float32 tensor-core products (float32 inputs, or fp16 inputs times a float32
 #: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
 DOT_PRECISION = "tf32x3"
-#: Positions per tile inside a chunk (chunk_size need not be a multiple of it).
+#: Positions per tile inside a chunk (chunk_size need not be a multiple of it), in the forward
+#: kernels and in the two big backward kernels, and warps per program. Chosen (without a GPU at hand)
+#: as the settings whose sm_90 builds spill least: the forward kernels do not spill, the backward
+#: ones a few hundred bytes. Tune on the GPU with benchmarks/ssd_kernel.py.
 BLOCK_Q = 64
-NUM_WARPS_FWD = 4
+BLOCK_Q_BWD = 32
+NUM_WARPS_FWD = 8
 NUM_WARPS_BWD = 8
 
 
@@ -375,11 +379,6 @@ def _bwd_dx_kernel(
             mask=vs[:, None] & mp[None, :],
             other=0.0,
         )
-        dy_s = tl.load(
-            DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
-            mask=vs[:, None] & mp[None, :],
-            other=0.0,
-        )
         dst = tl.load(
             DST + (((bb * NC + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
             mask=mp[:, None] & mn[None, :],
@@ -387,10 +386,9 @@ def _bwd_dx_kernel(
         )  # (p, n)
         # Through the chunk state: st_c = sum_s scale_s dt_s x_s ⊗ B_s.
         scale_s = tl.where(to_state, tl.exp(acum_last - acum_s), 0.0)
-        xf = x_s.to(tl.float32)
         acc_x = _dot_rf(b_s, tl.trans(dst), PREC, UPCAST) * scale_s[:, None]  # (s, p)
         acc_db += _dot_rf(x_s, dst, PREC, UPCAST) * (scale_s * dt_s)[:, None]
-        dacum = -tl.sum(acc_x * xf, axis=1) * dt_s
+        dacum = -tl.sum(acc_x * x_s.to(tl.float32), axis=1) * dt_s
         # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
         for tb in range(sb, nqb):
             offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -418,7 +416,13 @@ def _bwd_dx_kernel(
             w = decay * xdy * dt_s[:, None]
             acc_db += _dot_fr(w, c_t, PREC, UPCAST)
             dacum -= tl.sum(bc * w, axis=1)
-        dyf = dy_s.to(tl.float32)
+        # Loaded here, not before the loop, to keep registers free inside it.
+        dyf = tl.load(
+            DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            mask=vs[:, None] & mp[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        xf = x_s.to(tl.float32)
         dx = acc_x * dt_s[:, None]
         if HAS_D:
             dx += tl.load(Dp + hh).to(tl.float32) * dyf
@@ -564,7 +568,7 @@ def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
     nc = decay.shape[-1]
     Lp = nc * Q
     S = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=torch.float32)
-    bp, bn = min(_pow2(p), 64), min(_pow2(n), 128)
+    bp, bn = min(_pow2(p), 64), min(_pow2(n), 64)
     dummy = acum
     _state_kernel[(nc, b * h, triton.cdiv(p, bp) * triton.cdiv(n, bn))](
         x, *x.stride(), B, *B.stride(), acum, dt_p, seq_p if seq_p is not None else dummy, S,
@@ -613,7 +617,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
 
     # Gradient of each entering state from y, then the reverse scan over chunks (in place).
     dS = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
-    bp, bn = min(_pow2(p), 64), min(_pow2(n), 128)
+    bp, bn = min(_pow2(p), 64), min(_pow2(n), 64)
     _state_kernel[(nc, b * h, triton.cdiv(p, bp) * triton.cdiv(n, bn))](
         dy, *dy.stride(), C, *C.stride(), acum, dt_p, seq_arg, dS,
         L, Lp, h, p, n, Q, r, nc, 0,
@@ -630,7 +634,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
         HAS_DFINAL=dfinal is not None, BLOCK=block, num_warps=4,
     )  # fmt: skip
 
-    bq = min(BLOCK_Q, _pow2(Q))
+    bq = min(BLOCK_Q_BWD, _pow2(Q))
     nqb = triton.cdiv(Q, bq)
     dx = torch.empty(b, L, h, p, device=x.device, dtype=_out_dtype(x.dtype))
     dB = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(B.dtype))
