@@ -227,3 +227,17 @@ def test_kernels_build_for_hopper(dtype):
     code = f"from tests.ops.test_ssd_triton import build_for_hopper; build_for_hopper({dtype!r})"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_custom_op_registration():
+    # torch.library.opcheck: schema, fake (meta) impl vs real outputs, autograd registration, and
+    # AOT dispatch, for the forward op and its backward op.
+    b, seqlen, h, p, g, n = 1, 11, 2, 4, 1, 3
+    x, dt, A, B, C, D = inputs(b, seqlen, h, p, g, n, seed=6)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 6])
+    init = torch.randn(b, h, p, n)
+    args = [t.requires_grad_() for t in (x, dt, A, B, C, D)] + [seq_idx, init.requires_grad_(), 4]
+    torch.library.opcheck(torch.ops.hybridlm.ssd_chunk_scan, args)
+    dy, dfinal = torch.randn(b, seqlen, h, p), torch.randn(b, h, p, n)
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    torch.library.opcheck(torch.ops.hybridlm.ssd_chunk_scan_bwd, [dy, dfinal, *plain])

@@ -671,7 +671,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
     ddt = ddt_direct + da * A.float()[None, :, None]
     dA = (da * dt_p).sum((0, 2))
     dD = dD_part.sum((0, 1))
-    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype)
+    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype).contiguous()
     return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
 
 
@@ -706,8 +706,9 @@ def ssd_chunk_scan(
 
 @ssd_chunk_scan.register_fake
 def _(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size):
+    # Shapes, dtypes and (contiguous) strides exactly as the real op returns them.
     b, _, h, p = x.shape
-    return torch.empty_like(x), x.new_empty((b, h, p, B.shape[-1]), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("hybridlm::ssd_chunk_scan_bwd", mutates_args=())
@@ -734,11 +735,11 @@ def _(dy, dfinal, x, dt, A, B, C, D, seq_idx, initial_state, chunk_size):
     b, _, h, p = x.shape
     f32 = torch.float32
     return (
-        torch.empty_like(x),
-        torch.empty_like(dt),
-        torch.empty_like(A),
-        torch.empty_like(B),
-        torch.empty_like(C),
+        x.new_empty(x.shape),
+        dt.new_empty(dt.shape),
+        A.new_empty(A.shape),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
         x.new_empty((h,), dtype=f32),
         x.new_empty((b, h, p, B.shape[-1]), dtype=f32),
     )
