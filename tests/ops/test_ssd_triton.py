@@ -72,6 +72,8 @@ def test_optional_arguments_and_dispatch():
     with use_kernels("triton"):
         y = ssd_chunked(x, dt, A, B, C, 8)  # no D, no initial state, no final state
     assert paths_used()["ssd"] == "triton"
+    with use_kernels("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ssd_chunked(x, dt, A, B, C, 8), y, rtol=0, atol=0)  # autocast changes nothing
     with use_kernels("torch"):
         y_torch = ssd_chunked(x, dt, A, B, C, 8)
     assert paths_used()["ssd"] == "torch"

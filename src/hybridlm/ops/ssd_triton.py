@@ -35,6 +35,7 @@ The op is registered with ``torch.library.custom_op`` (``hybridlm::ssd_chunk_sca
 backward), so ``torch.compile`` treats it as one opaque node with a fake (meta) implementation.
 """
 
+import contextlib
 import os
 
 import torch
@@ -675,12 +676,15 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
     return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
 
 
-def _device_guard(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def _launch_context(t: torch.Tensor):
+    """Kernels launch on ``t``'s device; the few torch ops around them stay float32 under autocast."""
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        if t.is_cuda:
+            with torch.cuda.device(t.device):
+                yield
+        else:
+            yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,7 +704,7 @@ def ssd_chunk_scan(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton SSD forward: ``(y (b, l, h, p) in x's dtype, final state (b, h, p, n) float32)``."""
-    with _device_guard(x):
+    with _launch_context(x):
         return _forward(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
 
 
@@ -726,7 +730,7 @@ def ssd_chunk_scan_bwd(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton SSD backward: ``(dx, ddt, dA, dB, dC, dD (h,) float32, d initial_state (b, h, p, n) float32)``."""
-    with _device_guard(x):
+    with _launch_context(x):
         return _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
 
 
