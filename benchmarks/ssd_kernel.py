@@ -2,6 +2,7 @@
 
     python benchmarks/ssd_kernel.py            # bench-1.3b shape: b=4, l=4096, h=64, p=64, n=128, g=8, chunk 128
     python benchmarks/ssd_kernel.py --check    # bf16 error vs the float64 reference at L = 4096
+    python benchmarks/ssd_kernel.py --tune     # Triton only, a few tile sizes / warp counts (compiles each)
 
 Timing prints one row per (path, packed): forward ms, forward + backward ms (``triton.testing.do_bench``,
 median) and the peak memory one forward + backward allocates beyond its inputs. x, B, C are bf16 and
@@ -105,6 +106,43 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
+TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD); the first is the default
+    (64, 32, 8, 8),
+    (64, 32, 4, 8),
+    (64, 64, 8, 8),
+    (64, 16, 8, 8),
+    (128, 32, 8, 8),
+]
+
+
+def tune(args) -> None:
+    """Time the Triton path for each setting in TUNE (unpacked, then packed) at the benchmark shape."""
+    from hybridlm.ops import ssd_triton
+
+    shape = (args.batch, args.seqlen, args.heads, args.headdim, args.groups, args.state)
+    print(
+        f"{'BLOCK_Q':>7} {'BLOCK_Q_BWD':>11} {'warps fwd':>9} {'warps bwd':>9} {'packed':<7} {'fwd ms':>8} {'fwd+bwd ms':>11}"
+    )
+    for packed in (False, True):
+        (x, dt, A, B, C, D, _), seq_idx = make_inputs(*shape, packed)
+        leaves = [t.requires_grad_() for t in (x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D)]
+        gy = torch.randn_like(leaves[0])
+        for setting in TUNE:
+            (ssd_triton.BLOCK_Q, ssd_triton.BLOCK_Q_BWD, ssd_triton.NUM_WARPS_FWD, ssd_triton.NUM_WARPS_BWD) = setting
+            try:
+                t_fwd, t_all, _ = measure(ssd_triton.ssd_chunked_triton, leaves, args.chunk, seq_idx, gy)
+                print(
+                    f"{setting[0]:>7} {setting[1]:>11} {setting[2]:>9} {setting[3]:>9} {packed!s:<7} {t_fwd:8.2f} {t_all:11.2f}"
+                )
+            except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
+                print(
+                    f"{setting[0]:>7} {setting[1]:>11} {setting[2]:>9} {setting[3]:>9} {packed!s:<7} failed: {type(e).__name__}"
+                )
+            for t in leaves:
+                t.grad = None
+    (ssd_triton.BLOCK_Q, ssd_triton.BLOCK_Q_BWD, ssd_triton.NUM_WARPS_FWD, ssd_triton.NUM_WARPS_BWD) = TUNE[0]
+
+
 def run(fn, tensors, chunk, seq_idx, gy, gs):
     """Forward + backward on fresh leaves: y, final state, [grads of x, dt, A, B, C, D, init]."""
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -164,6 +202,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--check", action="store_true", help="run the bf16 correctness comparison instead")
+    ap.add_argument("--tune", action="store_true", help="time a few Triton tile settings instead")
     ap.add_argument("--check-len", type=int, default=4096, help="sequence length of --check")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test under TRITON_INTERPRET=1
     args = ap.parse_args()
@@ -172,6 +211,9 @@ def main() -> None:
         sys.exit(2)
     if args.check:
         sys.exit(0 if check(args) else 1)
+    if args.tune:
+        tune(args)
+        return
     bench(args)
 
 
