@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybridlm.ops.ssd import segsum, ssd_chunked, ssd_reference
+from hybridlm.ops.ssd import segsum, ssd_chunked, ssd_chunked_torch, ssd_reference
 from tests.helpers import assert_rel_close
 
 
@@ -72,3 +72,12 @@ def test_segsum_tolerates_minus_infinity():
     assert torch.isneginf(s[3, 0]) and torch.isneginf(s[2, 1])
     assert s[3, 2] == -2.0 and s[1, 0] == -1.0 and s[0, 0] == 0.0
     assert not torch.isnan(s).any()
+
+
+def test_torch_path_is_float32_under_autocast():
+    x, dt, A, B, C, D = inputs(1, 40, 4, 8, 2, 8, seed=5)
+    plain = ssd_chunked_torch(x, dt, A, B, C, 16, D=D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = ssd_chunked_torch(x, dt, A, B, C, 16, D=D)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import choose
+
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = sum(a[..., j+1 : i+1])`` for ``j <= i``, ``-inf`` above the diagonal.
@@ -45,6 +47,30 @@ def reset_mask(seq_idx: torch.Tensor) -> torch.Tensor:
     return reset
 
 
+def check_ssd_shapes(x, dt, A, B, C, chunk_size, D=None, seq_idx=None, initial_state=None) -> None:
+    """Raise ValueError naming the argument whose shape does not fit ``x: (b, l, h, p)``."""
+    if x.dim() != 4 or B.dim() != 4:
+        raise ValueError(f"ssd: x must be (b, l, h, p) and B (b, l, g, n), got {tuple(x.shape)} and {tuple(B.shape)}")
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    expected = {
+        "dt": (dt, (b, seqlen, h)),
+        "A": (A, (h,)),
+        "B": (B, (b, seqlen, g, n)),
+        "C": (C, (b, seqlen, g, n)),
+        "D": (D, (h,)),
+        "seq_idx": (seq_idx, (b, seqlen)),
+        "initial_state": (initial_state, (b, h, p, n)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"ssd: {name} has shape {tuple(t.shape)}, expected {shape} for x {tuple(x.shape)}")
+    if g == 0 or h % g:
+        raise ValueError(f"ssd: {h} heads are not a multiple of {g} groups (B, C: (b, l, g, n))")
+    if chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -57,7 +83,10 @@ def ssd_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan (the algorithm of the Mamba2 paper's "minimal SSD"), in float32.
+    """Chunked SSD scan, accumulated in float32 whatever the input dtype (also under autocast).
+
+    Runs the Triton kernels of :mod:`hybridlm.ops.ssd_triton` when :func:`~hybridlm.ops.dispatch.choose`
+    says so (CUDA inputs by default), else :func:`ssd_chunked_torch`; both compute the same thing.
 
     Args:
         x: (b, l, h, p) inputs.
@@ -73,6 +102,37 @@ def ssd_chunked(
     Returns:
         y: (b, l, h, p) in the dtype of ``x``; and the final state (b, h, p, n) in float32 if asked.
     """
+    check_ssd_shapes(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
+    if choose("ssd", x, dt, B, C) == "triton":
+        from .ssd_triton import ssd_chunked_triton
+
+        return ssd_chunked_triton(
+            x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_state=initial_state,
+            return_final_state=return_final_state,
+        )  # fmt: skip
+    return ssd_chunked_torch(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state)
+
+
+def ssd_chunked_torch(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The plain-PyTorch chunked SSD (the Mamba2 paper's "minimal SSD"), in float32: the reference
+    path and the CPU path. Arguments and results as :func:`ssd_chunked`."""
+    # Under autocast the einsums below would run in bf16; the scan's contract is float32.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state)
+
+
+def _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state):
     dtype = x.dtype
     b, seqlen, h, p = x.shape
     g, n = B.shape[2], B.shape[3]

@@ -1,0 +1,790 @@
+"""Mamba2's chunked SSD scan as Triton kernels, forward and backward (the fast path of ``ops.ssd``).
+
+Notation (per batch row ``b``, head ``h`` of group ``g``, chunk ``c`` of ``Q`` positions)::
+
+    a_t    = dt_t * A_h                      log-decay of step t (<= 0)
+    acum_t = a_{cQ} + ... + a_t              cumulative log-decay inside the chunk
+    L[t,s] = exp(acum_t - acum_s)            for s <= t in the same chunk *and* the same document
+    st_c   = sum_s exp(acum_last - acum_s) dt_s x_s ⊗ B_s    (s in the chunk's last document)
+    S_{c+1} = decay_c * S_c + st_c,  decay_c = exp(acum_last) if the chunk has no reset else 0
+    y_t    = sum_s (C_t·B_s) L[t,s] dt_s x_s + exp(acum_t) [doc_t = doc before chunk] C_t·S_c + D x_t
+
+Document resets (``seq_idx``) never enter the log-decays as ``-inf`` here: they are masks on
+document equality (``seq_idx`` is non-decreasing, so equal ids at both ends means no reset between),
+which keeps every exponent finite and every cumulative sum free of ``inf - inf``.
+
+Kernels (all accumulate in float32; products of two raw inputs use the input dtype on tensor cores,
+which is exact for bf16; a float32 intermediate multiplied with bf16 inputs is split into two bf16
+tiles, see ``_dot_fr``; with float32 inputs such products use ``tf32x3``):
+
+1. ``_state_kernel``   per (b, c, h): ``st_c`` (forward), or ``sum_t exp(acum_t) dy_t ⊗ C_t`` (backward).
+2. ``_pass_fwd_kernel`` per (b, h): the sequential scan over chunks, in place: the state entering
+   each chunk and the final state.
+3. ``_scan_fwd_kernel`` per (b, c, h, block of Q): ``y``.
+4. ``_pass_bwd_kernel`` the reverse scan: gradient of each chunk's entering state, of the initial
+   state, and of each chunk's total log-decay.
+5. ``_bwd_dx_kernel``  per (b, c, g, block of Q), heads of the group in a loop: dx, dB, dt's direct
+   gradient, the "source" half of d acum, and partial sums for dD.
+6. ``_bwd_dc_kernel``  per (b, c, g, block of Q): dC and the "target" half of d acum.
+
+Nothing but the inputs is saved for the backward: the chunk states are recomputed (two cheap
+kernels). The cumulative sums over dt, their reverse in the backward and the small reductions are
+plain torch on (b, h, l) tensors.
+
+The op is registered with ``torch.library.custom_op`` (``hybridlm::ssd_chunk_scan`` and its
+backward), so ``torch.compile`` treats it as one opaque node with a fake (meta) implementation.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Precision of float32 tensor-core products (float32 inputs, or fp16 inputs times a float32
+#: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
+DOT_PRECISION = "tf32x3"
+#: Positions per tile inside a chunk (chunk_size need not be a multiple of it), in the forward
+#: kernels and in the two big backward kernels, and warps per program. Chosen (without a GPU at hand)
+#: as the settings whose sm_90 builds spill least: the forward kernels do not spill, the backward
+#: ones a few hundred bytes. Tune on the GPU with benchmarks/ssd_kernel.py.
+BLOCK_Q = 64
+BLOCK_Q_BWD = 32
+NUM_WARPS_FWD = 8
+NUM_WARPS_BWD = 8
+
+
+#: Triton's interpreter (CPU tests; triton 3.9) multiplies bf16 tiles wrongly and truncates float32
+#: to bf16 instead of rounding. There the raw bf16 products run on float32 copies (the same exact
+#: products the GPU's bf16 tensor cores give) and outputs are stored in float32 and rounded by torch
+#: (as the GPU's conversion rounds to nearest even).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if _INTERPRET else dtype
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b for tiles of raw inputs (same dtype): exact products for bf16, float32 accumulation."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, input_precision=PREC)
+    else:  # bf16 / fp16: the precision setting is for float32 operands only
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _split_bf16(v):
+    """float32 v = hi + lo (+ ~2^-17 |v|) with hi, lo bf16: two bf16 products carry v almost exactly."""
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """f @ r for a float32 intermediate f and a tile r of raw inputs.
+
+    bf16 inputs: f is split into two bf16 tiles and multiplied on bf16 tensor cores (exact products,
+    float32 accumulation): f keeps ~16 significant bits, more than tf32's 10, at the cost of one tf32
+    product. Other dtypes: float32 products at ``PREC``.
+    """
+    if r.dtype == tl.bfloat16:
+        hi, lo = _split_bf16(f)
+        if UPCAST:
+            rf = r.to(tl.float32)
+            out = tl.dot(hi.to(tl.float32), rf, input_precision=PREC)
+            out = tl.dot(lo.to(tl.float32), rf, out, input_precision=PREC)
+        else:
+            out = tl.dot(lo, r, tl.dot(hi, r))
+    else:
+        out = tl.dot(f, r.to(tl.float32), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _dot_rf(r, f, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """r @ f for a tile r of raw inputs and a float32 intermediate f (as :func:`_dot_fr`)."""
+    if r.dtype == tl.bfloat16:
+        hi, lo = _split_bf16(f)
+        if UPCAST:
+            rf = r.to(tl.float32)
+            out = tl.dot(rf, hi.to(tl.float32), input_precision=PREC)
+            out = tl.dot(rf, lo.to(tl.float32), out, input_precision=PREC)
+        else:
+            out = tl.dot(r, lo, tl.dot(r, hi))
+    else:
+        out = tl.dot(r.to(tl.float32), f, input_precision=PREC)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _state_kernel(
+    X, sx_b, sx_l, sx_h, sx_p,  # (b, l, h, p): x (forward) or dy (backward)
+    Y, sy_b, sy_l, sy_g, sy_n,  # (b, l, g, n): B (forward) or C (backward)
+    ACUM, DT, SEQ,  # (b, h, Lp) float32, (b, h, Lp) float32, (b, Lp) int32
+    OUT,  # (b, NSLOTS, h, p, n) float32
+    L, Lp, H, P, N, Q, R, NSLOTS, SLOT_OFF,
+    MODE: tl.constexpr,  # 0: chunk state st_c; 1: sum_t exp(acum_t) [same doc as before chunk] dy_t ⊗ C_t
+    HAS_SEQ: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_pn = tl.program_id(2)
+    bb = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    gg = hh // R
+    nnb = tl.cdiv(N, BLOCK_N)
+    offs_p = (pid_pn // nnb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % nnb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = (bb * H + hh) * Lp + c * Q
+    if MODE == 0:
+        a_ref = tl.load(ACUM + row + Q - 1)
+        ref_pos = c * Q + Q - 1
+    else:
+        ref_pos = tl.maximum(c * Q - 1, 0)
+    if HAS_SEQ:
+        seq_ref = tl.load(SEQ + bb * Lp + ref_pos)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        t = c * Q + offs_q
+        valid = (offs_q < Q) & (t < L)
+        acum = tl.load(ACUM + row + offs_q, mask=offs_q < Q, other=0.0)
+        if MODE == 0:
+            dt = tl.load(DT + row + offs_q, mask=offs_q < Q, other=0.0)
+            scale = tl.exp(a_ref - acum) * dt
+        else:
+            scale = tl.exp(acum)
+        if HAS_SEQ:
+            sq = tl.load(SEQ + bb * Lp + c * Q + offs_q, mask=offs_q < Q, other=-1)
+            valid = valid & (sq == seq_ref)
+        scale = tl.where(valid, scale, 0.0)
+        xs = tl.load(
+            X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=valid[:, None] & (offs_p < P)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        ys = tl.load(
+            Y + bb * sy_b + t[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
+            mask=valid[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        acc += _dot_fr(tl.trans(xs * scale[:, None]), ys, PREC, UPCAST)
+    out = OUT + (((bb * NSLOTS + c + SLOT_OFF) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_p < P)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _pass_fwd_kernel(
+    S,  # (b, nc + 1, h, p*n) float32: slot c+1 holds st_c on entry, S_{c+1} on exit; slot 0 gets S_0
+    INIT,  # (b, h, p*n) float32 (read when HAS_INIT)
+    DECAY,  # (b, h, nc) float32
+    H, PN, NC,
+    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    bb = pid_bh // H
+    hh = pid_bh % H
+    if HAS_INIT:
+        s = tl.load(INIT + pid_bh * PN + offs, mask=mask, other=0.0)
+    else:
+        s = tl.zeros((BLOCK,), dtype=tl.float32)
+    tl.store(S + ((bb * (NC + 1)) * H + hh) * PN + offs, s, mask=mask)
+    for c in range(NC):
+        ptr = S + ((bb * (NC + 1) + c + 1) * H + hh) * PN + offs
+        st = tl.load(ptr, mask=mask, other=0.0)
+        s = s * tl.load(DECAY + pid_bh * NC + c) + st
+        tl.store(ptr, s, mask=mask)
+
+
+@triton.jit
+def _pass_bwd_kernel(
+    DS,  # (b, nc, h, p*n) float32: slot c holds the gradient of S_c from y on entry, dL/dS_{c+1} on exit
+    S,  # (b, nc + 1, h, p*n) float32: the states S_0 .. S_nc
+    DFINAL,  # (b, h, p*n) (read when HAS_DFINAL)
+    DECAY,  # (b, h, nc)
+    DINIT,  # (b, h, p*n) float32 out: dL/dS_0
+    DLAST,  # (b, h, nc, nblocks) float32 out: partial <dL/dS_{c+1}, S_{c+1}> = dL/d acum_last
+    H, PN, NC, NBLK,
+    HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_blk = tl.program_id(1)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    bb = pid_bh // H
+    hh = pid_bh % H
+    if HAS_DFINAL:
+        ds = tl.load(DFINAL + pid_bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        ds = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(NC):
+        c = NC - 1 - i
+        ptr = DS + ((bb * NC + c) * H + hh) * PN + offs
+        from_y = tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, ds, mask=mask)
+        s_next = tl.load(S + ((bb * (NC + 1) + c + 1) * H + hh) * PN + offs, mask=mask, other=0.0)
+        tl.store(DLAST + (pid_bh * NC + c) * NBLK + pid_blk, tl.sum(ds * s_next, axis=0))
+        ds = ds * tl.load(DECAY + pid_bh * NC + c) + from_y
+    tl.store(DINIT + pid_bh * PN + offs, ds, mask=mask)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    X, sx_b, sx_l, sx_h, sx_p,
+    B, sb_b, sb_l, sb_g, sb_n,
+    C, sc_b, sc_l, sc_g, sc_n,
+    ACUM, DT, SEQ, S, Dp,
+    Y,  # (b, l, h, p) contiguous, dtype of x
+    L, Lp, H, P, N, Q, R, NC,
+    HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    c = tl.program_id(0) // nqb
+    qb = tl.program_id(0) % nqb
+    pid_bh = tl.program_id(1)
+    bb = (pid_bh // H).to(tl.int64)
+    hh = pid_bh % H
+    gg = hh // R
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    row = (bb * H + hh) * Lp + c * Q
+
+    offs_t = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    t = c * Q + offs_t
+    vt = (offs_t < Q) & (t < L)
+    acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
+    if HAS_SEQ:
+        seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
+        seq_prev = tl.load(SEQ + bb * Lp + tl.maximum(c * Q - 1, 0))
+        from_state = vt & (seq_t == seq_prev)
+    else:
+        from_state = vt
+    c_t = tl.load(
+        C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+        mask=vt[:, None] & (offs_n < N)[None, :],
+        other=0.0,
+    )
+    s_in = tl.load(
+        S + (((bb * (NC + 1) + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
+        mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
+        other=0.0,
+    )  # (n, p): S_c transposed
+    acc = _dot_rf(c_t, s_in, PREC, UPCAST)
+    acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
+
+    for sb in range(0, qb + 1):
+        offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        s = c * Q + offs_s
+        vs = (offs_s < Q) & (s < L)
+        acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
+        dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
+        b_s = tl.load(
+            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            mask=vs[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        x_s = tl.load(
+            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vs[:, None] & (offs_p < P)[None, :],
+            other=0.0,
+        )
+        mask = (offs_t[:, None] >= offs_s[None, :]) & vt[:, None] & vs[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
+            mask = mask & (seq_t[:, None] == seq_s[None, :])
+        decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))
+        cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
+        acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST)
+
+    x_t = tl.load(
+        X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+        mask=vt[:, None] & (offs_p < P)[None, :],
+        other=0.0,
+    )
+    if HAS_D:
+        acc += tl.load(Dp + hh).to(tl.float32) * x_t.to(tl.float32)
+    y_ptr = Y + ((bb * L + t[:, None]) * H + hh) * P + offs_p[None, :]
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=vt[:, None] & (offs_p < P)[None, :])
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    X, sx_b, sx_l, sx_h, sx_p,
+    B, sb_b, sb_l, sb_g, sb_n,
+    C, sc_b, sc_l, sc_g, sc_n,
+    DY, sd_b, sd_l, sd_h, sd_p,
+    ACUM, DT, SEQ, DST, Dp,  # DST: (b, nc, h, p, n) float32, dL/dS_{c+1} (= dL/d st_c)
+    DX, DB,  # (b, l, h, p) and (b, l, g, n) contiguous
+    DDT, DACUM,  # (b, h, Lp) float32 out: dt's direct gradient, the source half of d acum
+    DD_PART,  # (b, nc * nqb, h) float32 out: partial sums of dy·x
+    L, Lp, H, P, N, Q, R, NC,
+    HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    c = tl.program_id(0) // nqb
+    sb = tl.program_id(0) % nqb
+    G = H // R
+    bb = (tl.program_id(1) // G).to(tl.int64)
+    gg = tl.program_id(1) % G
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+
+    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    s = c * Q + offs_s
+    vs = (offs_s < Q) & (s < L)
+    b_s = tl.load(
+        B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+        mask=vs[:, None] & mn[None, :],
+        other=0.0,
+    )
+    if HAS_SEQ:
+        seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
+        seq_last = tl.load(SEQ + bb * Lp + c * Q + Q - 1)
+        to_state = vs & (seq_s == seq_last)
+    else:
+        to_state = vs
+    acc_db = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for i in range(R):
+        hh = gg * R + i
+        row = (bb * H + hh) * Lp + c * Q
+        acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
+        dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
+        acum_last = tl.load(ACUM + row + Q - 1)
+        x_s = tl.load(
+            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vs[:, None] & mp[None, :],
+            other=0.0,
+        )
+        dst = tl.load(
+            DST + (((bb * NC + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
+            mask=mp[:, None] & mn[None, :],
+            other=0.0,
+        )  # (p, n)
+        # Through the chunk state: st_c = sum_s scale_s dt_s x_s ⊗ B_s.
+        scale_s = tl.where(to_state, tl.exp(acum_last - acum_s), 0.0)
+        acc_x = _dot_rf(b_s, tl.trans(dst), PREC, UPCAST) * scale_s[:, None]  # (s, p)
+        acc_db += _dot_rf(x_s, dst, PREC, UPCAST) * (scale_s * dt_s)[:, None]
+        dacum = -tl.sum(acc_x * x_s.to(tl.float32), axis=1) * dt_s
+        # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
+        for tb in range(sb, nqb):
+            offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            t = c * Q + offs_t
+            vt = (offs_t < Q) & (t < L)
+            acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
+            c_t = tl.load(
+                C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+                mask=vt[:, None] & mn[None, :],
+                other=0.0,
+            )
+            dy_t = tl.load(
+                DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+                mask=vt[:, None] & mp[None, :],
+                other=0.0,
+            )
+            mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
+            if HAS_SEQ:
+                seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
+                mask = mask & (seq_s[:, None] == seq_t[None, :])
+            decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
+            bc = _dot_raw(b_s, tl.trans(c_t), PREC, UPCAST)  # (s, t) = C_t·B_s
+            acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
+            xdy = _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST)  # (s, t) = x_s·dy_t
+            w = decay * xdy * dt_s[:, None]
+            acc_db += _dot_fr(w, c_t, PREC, UPCAST)
+            dacum -= tl.sum(bc * w, axis=1)
+        # Loaded here, not before the loop, to keep registers free inside it.
+        dyf = tl.load(
+            DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            mask=vs[:, None] & mp[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        xf = x_s.to(tl.float32)
+        dx = acc_x * dt_s[:, None]
+        if HAS_D:
+            dx += tl.load(Dp + hh).to(tl.float32) * dyf
+        tl.store(
+            DX + ((bb * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+            dx.to(DX.dtype.element_ty),
+            mask=vs[:, None] & mp[None, :],
+        )
+        tl.store(DDT + row + offs_s, tl.sum(acc_x * xf, axis=1), mask=offs_s < Q)
+        tl.store(DACUM + row + offs_s, dacum, mask=offs_s < Q)
+        tl.store(DD_PART + (bb * NC * nqb + tl.program_id(0)) * H + hh, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
+    tl.store(
+        DB + ((bb * L + s[:, None]) * G + gg) * N + offs_n[None, :],
+        acc_db.to(DB.dtype.element_ty),
+        mask=vs[:, None] & mn[None, :],
+    )
+
+
+@triton.jit
+def _bwd_dc_kernel(
+    X, sx_b, sx_l, sx_h, sx_p,
+    B, sb_b, sb_l, sb_g, sb_n,
+    C, sc_b, sc_l, sc_g, sc_n,
+    DY, sd_b, sd_l, sd_h, sd_p,
+    ACUM, DT, SEQ, S,  # S: (b, nc + 1, h, p, n) float32 states entering each chunk
+    DC,  # (b, l, g, n) contiguous
+    DACUM,  # (b, h, Lp) float32 out: the target half of d acum
+    L, Lp, H, P, N, Q, R, NC,
+    HAS_SEQ: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    c = tl.program_id(0) // nqb
+    tb = tl.program_id(0) % nqb
+    G = H // R
+    bb = (tl.program_id(1) // G).to(tl.int64)
+    gg = tl.program_id(1) % G
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+
+    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    t = c * Q + offs_t
+    vt = (offs_t < Q) & (t < L)
+    c_t = tl.load(
+        C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+        mask=vt[:, None] & mn[None, :],
+        other=0.0,
+    )
+    if HAS_SEQ:
+        seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
+        seq_prev = tl.load(SEQ + bb * Lp + tl.maximum(c * Q - 1, 0))
+        from_state = vt & (seq_t == seq_prev)
+    else:
+        from_state = vt
+    acc_dc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for i in range(R):
+        hh = gg * R + i
+        row = (bb * H + hh) * Lp + c * Q
+        acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
+        dy_t = tl.load(
+            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            mask=vt[:, None] & mp[None, :],
+            other=0.0,
+        )
+        s_in = tl.load(
+            S + (((bb * (NC + 1) + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
+            mask=mp[:, None] & mn[None, :],
+            other=0.0,
+        )  # (p, n)
+        # Through the entering state: y_t += exp(acum_t) C_t·S_c.
+        scale_t = tl.where(from_state, tl.exp(acum_t), 0.0)
+        part = _dot_rf(dy_t, s_in, PREC, UPCAST) * scale_t[:, None]  # (t, n)
+        acc_dc += part
+        dacum = tl.sum(part * c_t.to(tl.float32), axis=1)
+        for sb in range(0, tb + 1):
+            offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            s = c * Q + offs_s
+            vs = (offs_s < Q) & (s < L)
+            acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
+            dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
+            b_s = tl.load(
+                B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+                mask=vs[:, None] & mn[None, :],
+                other=0.0,
+            )
+            x_s = tl.load(
+                X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+                mask=vs[:, None] & mp[None, :],
+                other=0.0,
+            )
+            mask = (offs_t[:, None] >= offs_s[None, :]) & vt[:, None] & vs[None, :]
+            if HAS_SEQ:
+                seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
+                mask = mask & (seq_t[:, None] == seq_s[None, :])
+            decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))  # (t, s)
+            cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # (t, s)
+            dyx = _dot_raw(dy_t, tl.trans(x_s), PREC, UPCAST)  # (t, s)
+            w = decay * dyx * dt_s[None, :]
+            acc_dc += _dot_fr(w, b_s, PREC, UPCAST)
+            dacum += tl.sum(cb * w, axis=1)
+        tl.store(DACUM + row + offs_t, dacum, mask=offs_t < Q)
+    tl.store(
+        DC + ((bb * L + t[:, None]) * G + gg) * N + offs_n[None, :],
+        acc_dc.to(DC.dtype.element_ty),
+        mask=vt[:, None] & mn[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _prepare(dt: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor | None, Q: int):
+    """Per-chunk float32 quantities, padded to whole chunks (padding steps: dt = 0, same document).
+
+    Returns dt_p (b, h, Lp), acum (b, h, Lp), seq_p (b, Lp) int32 or None, decay (b, h, nc).
+    """
+    b, L, h = dt.shape
+    nc = triton.cdiv(L, Q)
+    Lp = nc * Q
+    dt_p = torch.nn.functional.pad(dt.float().transpose(1, 2), (0, Lp - L)).contiguous()
+    acum = (dt_p * A.float()[None, :, None]).view(b, h, nc, Q).cumsum(-1).view(b, h, Lp)
+    decay = torch.exp(acum.view(b, h, nc, Q)[..., -1])
+    seq_p = None
+    if seq_idx is not None:
+        seq_p = seq_idx.to(torch.int32)
+        if Lp > L:
+            seq_p = torch.cat([seq_p, seq_p[:, -1:].expand(b, Lp - L)], dim=1)
+        seq_p = seq_p.contiguous()
+        prev = seq_p[:, (torch.arange(nc, device=dt.device) * Q - 1).clamp(min=0)]
+        keep = seq_p[:, Q - 1 :: Q] == prev  # no document starts inside the chunk (or at its start)
+        decay = decay * keep[:, None, :]
+    return dt_p, acum, seq_p, decay.contiguous()
+
+
+def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
+    """(b, nc + 1, h, p, n) float32: the state entering each chunk, and the final state in the last slot."""
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nc = decay.shape[-1]
+    Lp = nc * Q
+    S = torch.empty(b, nc + 1, h, p, n, device=x.device, dtype=torch.float32)
+    bp, bn = min(_pow2(p), 64), min(_pow2(n), 64)
+    dummy = acum
+    _state_kernel[(nc, b * h, triton.cdiv(p, bp) * triton.cdiv(n, bn))](
+        x, *x.stride(), B, *B.stride(), acum, dt_p, seq_p if seq_p is not None else dummy, S,
+        L, Lp, h, p, n, Q, h // g, nc + 1, 1,
+        MODE=0, HAS_SEQ=seq_p is not None,
+        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
+    )  # fmt: skip
+    block = 1024
+    _pass_fwd_kernel[(b * h, triton.cdiv(p * n, block))](
+        S, init.float().contiguous() if init is not None else dummy, decay, h, p * n, nc,
+        HAS_INIT=init is not None, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return S
+
+
+def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    dt_p, acum, seq_p, decay = _prepare(dt, A, seq_idx, Q)
+    nc = decay.shape[-1]
+    S = _states(x, B, acum, dt_p, seq_p, decay, init, Q)
+    y = torch.empty(b, L, h, p, device=x.device, dtype=_out_dtype(x.dtype))
+    bq = min(BLOCK_Q, _pow2(Q))
+    bp = min(_pow2(p), 64)
+    _scan_fwd_kernel[(nc * triton.cdiv(Q, bq), b * h, triton.cdiv(p, bp))](
+        x, *x.stride(), B, *B.stride(), C, *C.stride(),
+        acum, dt_p, seq_p if seq_p is not None else acum, S, D if D is not None else acum, y,
+        L, nc * Q, h, p, n, Q, h // g, nc,
+        HAS_SEQ=seq_p is not None, HAS_D=D is not None,
+        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, UPCAST=_INTERPRET,
+        num_warps=NUM_WARPS_FWD,
+    )  # fmt: skip
+    return y.to(x.dtype), S[:, nc].clone()
+
+
+def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    dt_p, acum, seq_p, decay = _prepare(dt, A, seq_idx, Q)
+    nc = decay.shape[-1]
+    Lp = nc * Q
+    dy = dy.to(x.dtype)
+    seq_arg = seq_p if seq_p is not None else acum
+    S = _states(x, B, acum, dt_p, seq_p, decay, init, Q)
+
+    # Gradient of each entering state from y, then the reverse scan over chunks (in place).
+    dS = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)
+    bp, bn = min(_pow2(p), 64), min(_pow2(n), 64)
+    _state_kernel[(nc, b * h, triton.cdiv(p, bp) * triton.cdiv(n, bn))](
+        dy, *dy.stride(), C, *C.stride(), acum, dt_p, seq_arg, dS,
+        L, Lp, h, p, n, Q, r, nc, 0,
+        MODE=1, HAS_SEQ=seq_p is not None,
+        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
+    )  # fmt: skip
+    block = 1024
+    nblk = triton.cdiv(p * n, block)
+    dinit = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+    dlast = torch.empty(b, h, nc, nblk, device=x.device, dtype=torch.float32)
+    _pass_bwd_kernel[(b * h, nblk)](
+        dS, S, dfinal.contiguous() if dfinal is not None else acum, decay, dinit, dlast,
+        h, p * n, nc, nblk,
+        HAS_DFINAL=dfinal is not None, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+
+    bq = min(BLOCK_Q_BWD, _pow2(Q))
+    nqb = triton.cdiv(Q, bq)
+    dx = torch.empty(b, L, h, p, device=x.device, dtype=_out_dtype(x.dtype))
+    dB = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(B.dtype))
+    dC = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(C.dtype))
+    ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
+    dacum_src = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
+    dacum_dst = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
+    dD_part = torch.empty(b, nc * nqb, h, device=x.device, dtype=torch.float32)
+    common = dict(
+        HAS_SEQ=seq_p is not None,
+        BLOCK_Q=bq,
+        BLOCK_P=_pow2(p),
+        BLOCK_N=_pow2(n),
+        PREC=DOT_PRECISION,
+        UPCAST=_INTERPRET,
+    )
+    _bwd_dx_kernel[(nc * nqb, b * g)](
+        x, *x.stride(), B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
+        acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, dB, ddt_direct, dacum_src, dD_part,
+        L, Lp, h, p, n, Q, r, nc,
+        HAS_D=D is not None, num_warps=NUM_WARPS_BWD, **common,
+    )  # fmt: skip
+    _bwd_dc_kernel[(nc * nqb, b * g)](
+        x, *x.stride(), B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
+        acum, dt_p, seq_arg, S, dC, dacum_dst,
+        L, Lp, h, p, n, Q, r, nc,
+        num_warps=NUM_WARPS_BWD, **common,
+    )  # fmt: skip
+
+    # d acum -> d a (a reverse cumulative sum inside each chunk) -> dt and A.
+    dacum = (dacum_src + dacum_dst).view(b, h, nc, Q)
+    dacum[..., -1] += dlast.sum(-1)
+    da = dacum.flip(-1).cumsum(-1).flip(-1).view(b, h, Lp)
+    ddt = ddt_direct + da * A.float()[None, :, None]
+    dA = (da * dt_p).sum((0, 2))
+    dD = dD_part.sum((0, 1))
+    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype).contiguous()
+    return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
+
+
+@contextlib.contextmanager
+def _launch_context(t: torch.Tensor):
+    """Kernels launch on ``t``'s device; the few torch ops around them stay float32 under autocast."""
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        if t.is_cuda:
+            with torch.cuda.device(t.device):
+                yield
+        else:
+            yield
+
+
+# --------------------------------------------------------------------------------------------------
+# the op, as torch.compile sees it
+
+
+@torch.library.custom_op("hybridlm::ssd_chunk_scan", mutates_args=())
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton SSD forward: ``(y (b, l, h, p) in x's dtype, final state (b, h, p, n) float32)``."""
+    with _launch_context(x):
+        return _forward(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
+
+
+@ssd_chunk_scan.register_fake
+def _(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size):
+    # Shapes, dtypes and (contiguous) strides exactly as the real op returns them.
+    b, _, h, p = x.shape
+    return x.new_empty(x.shape), x.new_empty((b, h, p, B.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("hybridlm::ssd_chunk_scan_bwd", mutates_args=())
+def ssd_chunk_scan_bwd(
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton SSD backward: ``(dx, ddt, dA, dB, dC, dD (h,) float32, d initial_state (b, h, p, n) float32)``."""
+    with _launch_context(x):
+        return _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
+
+
+@ssd_chunk_scan_bwd.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, seq_idx, initial_state, chunk_size):
+    b, _, h, p = x.shape
+    f32 = torch.float32
+    return (
+        x.new_empty(x.shape),
+        dt.new_empty(dt.shape),
+        A.new_empty(A.shape),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        x.new_empty((h,), dtype=f32),
+        x.new_empty((b, h, p, B.shape[-1]), dtype=f32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, seq_idx, initial_state, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, seq_idx, initial_state)
+    ctx.chunk_size = chunk_size
+
+
+def _backward_rule(ctx, dy, dfinal):
+    x, dt, A, B, C, D, seq_idx, initial_state = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, dinit = ssd_chunk_scan_bwd(
+        dy, dfinal, x, dt, A, B, C, D, seq_idx, initial_state, ctx.chunk_size
+    )
+    dD = dD.to(D.dtype) if D is not None else None
+    dinit = dinit.to(initial_state.dtype) if initial_state is not None else None
+    return dx, ddt, dA, dB, dC, dD, None, dinit, None
+
+
+ssd_chunk_scan.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def ssd_chunked_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of :func:`hybridlm.ops.ssd.ssd_chunked` (same arguments, same results)."""
+    dtype = x.dtype
+    if not (x.dtype == B.dtype == C.dtype):
+        # The kernels multiply raw x·dy and C·B tiles on tensor cores, which needs one dtype.
+        x, B, C = x.float(), B.float(), C.float()
+    y, final = ssd_chunk_scan(x, dt, A, B, C, D, seq_idx, initial_state, int(chunk_size))
+    y = y.to(dtype)
+    return (y, final) if return_final_state else y
