@@ -27,13 +27,18 @@ from hybridlm.layers.context import SequenceContext, segment_ids
 
 
 def bench(fn, x: torch.Tensor) -> float:
+    """Median fwd+bwd ms; NaN (with the error printed) if the variant fails, so the other rows still run."""
     from triton.testing import do_bench
 
     def step():
         x.grad = None
         fn(x).float().pow(2).mean().backward()
 
-    return do_bench(step, warmup=200, rep=1000, return_mode="median")
+    try:
+        return do_bench(step, warmup=100, rep=500, return_mode="median")
+    except Exception as e:  # a benchmark row, not library code: report and go on
+        print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+        return float("nan")
 
 
 def main() -> None:
