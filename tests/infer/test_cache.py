@@ -8,7 +8,7 @@ from hybridlm.infer import speculative
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.infer.generate import left_pad, prefill
 from hybridlm.infer.speculative import _Depths
-from tests.helpers import tiny_config
+from tests.helpers import MLA_TINY, tiny_config
 
 PATTERNS = ["M", "G", "*", "-", "E", "MG*-E", "[M-]G[*E]", "[GE]M*/[*-]", "M[*-]/G/G"]
 PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [1], list(range(3, 26))]
@@ -16,7 +16,8 @@ PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [1], list(range(3, 26))]
 
 def model_for(pattern: str, **kw) -> HybridLM:
     # rope makes attention position-dependent, so a wrong position in the cache shows.
-    return HybridLM(tiny_config(pattern, position_embedding="rope", **kw), seed=1).eval()
+    mla = MLA_TINY if "+" in pattern or "D" in pattern else {}  # tiny latent sizes (test_cache_mla.py)
+    return HybridLM(tiny_config(pattern, position_embedding="rope", **{**mla, **kw}), seed=1).eval()
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -1,4 +1,5 @@
-"""Multi-latent attention (+) and DeepSeek sparse attention (D): references, the indexer and its loss, latent caches.
+"""Multi-latent attention (+) and DeepSeek sparse attention (D): references, the indexer and its loss, latent caches
+(layer level; the model-level cached decoding tests are in tests/infer/test_cache_mla.py).
 
 MLA's forward/backward against its float64 reference runs in test_mixers.py with the other mixers;
 DSA is here because its indexer learns from its auxiliary loss, which that harness does not include.
@@ -11,7 +12,9 @@ import torch
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.errors import ConfigError
+from hybridlm.infer.cache import InferenceCache
 from hybridlm.layers import DSA, MLA
+from hybridlm.layers.context import SequenceContext
 from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
 from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference
 from tests.helpers import MLA_TINY, assert_rel_close, rel_err, tiny_config
@@ -125,9 +128,10 @@ def test_indexer_stays_float32_under_autocast_and_in_bf16():
     assert dtypes["blocks.0.layers.0.mixer.indexer.wq_b.weight"] == torch.bfloat16
     out = model(torch.randint(0, 97, (1, 9)))
     assert torch.isfinite(out.logits).all()
-    mixer = model.blocks["0"].layers[0].mixer
-    _, cache = mixer.forward_cached(torch.randn(1, 3, 32, dtype=torch.bfloat16), mixer.init_cache(1))
-    assert cache.c_kv.dtype == torch.bfloat16 and cache.index_k.dtype == torch.float32
+    cache = InferenceCache.for_model(model, 1, 3)
+    model(torch.randint(0, 97, (1, 3)), cache=cache)
+    state = cache.state(model.blocks["0"].layers[0].mixer)
+    assert state.c_kv.dtype == torch.bfloat16 and state.index_k.dtype == torch.float32
 
 
 def test_dsa_with_topk_beyond_the_sequence_is_mla():
@@ -207,27 +211,16 @@ def test_cached_decoding_equals_full_forward(case):
     x = torch.randn(2, L, config.hidden_size)
     with torch.no_grad():
         full = layer(x, context(config, 2, L, None)[0])
-        cache = layer.init_cache(2)
+        cache = InferenceCache([layer], 2, L, "cpu", torch.float32)
         outs = []
-        y, cache = layer.forward_cached(x[:, :prefill], cache)
-        outs.append(y)
-        for t in range(prefill, L):
-            y, cache = layer.forward_cached(x[:, t : t + 1], cache)
-            outs.append(y)
-    assert cache.length == L
-    assert cache.c_kv.shape == (2, L, config.kv_lora_rank) and cache.k_pe.shape == (2, L, config.qk_pos_emb_head_dim)
-    assert (cache.index_k is not None) == (cls is DSA)
+        for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, L)]:
+            ctx = SequenceContext(position_ids=cache.position_ids(end - start), cache=cache)
+            outs.append(layer(x[:, start:end], ctx))
+            cache.advance(end - start)
+    state = cache.state(layer)
+    assert state.c_kv.shape == (2, L, config.kv_lora_rank) and state.k_pe.shape == (2, L, config.qk_pos_emb_head_dim)
+    assert (state.index_k is not None) == (cls is DSA)
     assert_rel_close(torch.cat(outs, dim=1), full, 1e-5, case)
-
-
-def test_cache_holds_only_the_latent():
-    layer = make(MLA, tiny_config("+", **MLA_TINY), seed=0)
-    _, cache = layer.forward_cached(torch.randn(1, 4, 32), layer.init_cache(1))
-    per_position = sum(t.shape[-1] for t in (cache.c_kv, cache.k_pe))
-    c = layer.config
-    assert per_position == c.kv_lora_rank + c.qk_pos_emb_head_dim  # vs 2 * heads * head dims for a KV cache
-    with pytest.raises(ValueError, match="index_k"):
-        cache.extend(cache.c_kv, cache.k_pe, torch.zeros(1, 4, 8))
 
 
 # -- configuration --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Per-mixer decoding state, and the small protocol a mixer follows to decode with a cache.
 
 The protocol (every mixer in ``layers/`` follows it; MLA ``+`` and DeepSeek sparse attention ``D``
-must too):
+keep a ``LatentCache``, defined in ``layers/mla.py``):
 
 * ``init_cache(batch, max_len, device, dtype)`` returns the mixer's state for ``batch`` sequences
   of up to ``max_len`` positions, or the mixer has no ``init_cache`` (MLP, MoE: stateless).

@@ -45,8 +45,8 @@ from .mla import (
     LatentCache,
     allowed_keys,
     attention_over,
+    cached_keys_mask,
     causal_document_mask,
-    decode_mask,
     mla_queries_keys_values_reference,
 )
 from .rope import apply_rope
@@ -148,6 +148,8 @@ class DSA(MLA):
         return scores, select_topk(scores, allowed, self.config.dsa_indexer_topk)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        if ctx.cache is not None:
+            return self._forward_cached(x, ctx)
         c = self.config
         q, k, v, c_q = self.qkv(x, ctx.position_ids)
         allowed = allowed_keys(ctx, x.shape[1], x.device)
@@ -159,24 +161,24 @@ class DSA(MLA):
                 ctx.aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
         return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
 
-    def init_cache(
-        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> LatentCache:
-        cache = super().init_cache(batch, device, dtype)
-        cache.index_k = torch.zeros(batch, 0, self.indexer.d, device=device, dtype=torch.float32)
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
+        """MLA's latents plus the indexer's keys, index_k (B, max_len, dsa_indexer_head_dim) float32."""
+        cache = super().init_cache(batch, max_len, device, dtype)
+        cache.index_k = torch.zeros(batch, max_len, self.indexer.d, device=device, dtype=torch.float32)
         return cache
 
-    def forward_cached(self, x: torch.Tensor, cache: LatentCache) -> tuple[torch.Tensor, LatentCache]:
-        """As :meth:`MLA.forward_cached`; the cache also keeps the indexer's keys."""
-        b, t, _ = x.shape
-        start = cache.length
-        cos, sin = self.rope(torch.arange(start, start + t, device=x.device).expand(b, t))
+    def _forward_cached(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """As :meth:`MLA._forward_cached`; the indexer scores every cached key and each query keeps the
+        top-k of those it may see (ties to the earlier key), as :meth:`forward` selects."""
+        cache, L = ctx.cache, x.shape[1]
+        state = cache.state(self)
+        cos, sin = self.rope(ctx.position_ids)
         q, c_q = self.project_query(x, cos, sin)
-        cache = cache.extend(*self.project_latent(x, cos, sin), self.indexer.keys(x, cos, sin))
+        S = state.write(cache, *self.project_latent(x, cos, sin), self.indexer.keys(x, cos, sin))
         iq, iw = self.indexer.queries(x, c_q, cos, sin)
-        mask = decode_mask(start, t, x.device)
-        selected = select_topk(self.indexer.scores(iq, iw, cache.index_k), mask, self.config.dsa_indexer_topk)
-        return self.o_proj(self.attend_latent(q, cache, selected)), cache
+        scores = self.indexer.scores(iq, iw, state.index_k[:, :S])
+        selected = select_topk(scores, cached_keys_mask(cache, L, x.device), self.config.dsa_indexer_topk)
+        return self.o_proj(self.attend_cached(q, state, S, selected))
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:

@@ -14,7 +14,7 @@ The softmax scale is DeepSeek's ``1/sqrt(dn + dr)``; YaRN's extra ``mscale²`` f
 YaRN scaling) is left out, as is YaRN itself. Decoding keeps only ``c_kv`` and the rotated ``k_pe``
 per position (:class:`LatentCache`) and attends in the latent space: ``W_UK`` is absorbed into the
 query and ``W_UV`` applied after the weighted sum, which is the same function (see
-:meth:`MLA.forward_cached`).
+:meth:`MLA.attend_cached`).
 
 Parameter names follow Hugging Face's DeepSeek-V3 (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or
 ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``); the Megatron
@@ -37,32 +37,64 @@ from .rope import apply_rope_interleaved, rope_cos_sin
 
 @dataclass
 class LatentCache:
-    """What an MLA (or DSA) layer keeps per decoded position.
+    """What an MLA (or DSA) layer keeps per decoded position, preallocated for ``max_len`` positions.
 
     Attributes:
-        c_kv: (B, S, kv_lora_rank) the normalized key/value latent.
-        k_pe: (B, S, qk_pos_emb_head_dim) the rotated RoPE key shared by all heads.
-        index_k: (B, S, dsa_indexer_head_dim) float32 lightning-indexer keys (DSA only, else None).
+        c_kv: (B, max_len, kv_lora_rank) the normalized key/value latent.
+        k_pe: (B, max_len, qk_pos_emb_head_dim) the rotated RoPE key shared by all heads.
+        index_k: (B, max_len, dsa_indexer_head_dim) float32 lightning-indexer keys (DSA only, else None).
+
+    Zero-filled (masked positions must hold finite values: a zero weight times NaN is still NaN) and
+    written in place. The buffers are append-only, so rolling back the cache's ``offset`` is all a
+    rollback needs (as for ``KVState``): nothing is copied.
     """
 
     c_kv: torch.Tensor
     k_pe: torch.Tensor
     index_k: torch.Tensor | None = None
 
-    @property
-    def length(self) -> int:
-        """Positions held (the position of the next token)."""
-        return self.c_kv.shape[1]
+    def snapshot(self) -> None:
+        return None
 
-    def extend(self, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None = None) -> LatentCache:
-        """A cache with ``T`` more positions appended (each argument (B, T, ...))."""
+    def restore(self, snap: None) -> None:
+        pass
+
+    def write(self, cache, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None = None) -> int:
+        """Store L new positions (each argument (B, L, ...)) after ``cache.offset``; returns the key count S.
+
+        L == 1 writes at the device offset ``cache.offset_t`` and returns ``max_len`` (the step
+        attends over the whole buffer: static shapes for CUDA graphs); L > 1 writes a slice and
+        returns ``offset + L``.
+        """
         if (index_k is None) != (self.index_k is None):
             raise ValueError("index_k must be given exactly when the cache holds indexer keys (DSA)")
-        return LatentCache(
-            torch.cat([self.c_kv, c_kv], dim=1),
-            torch.cat([self.k_pe, k_pe], dim=1),
-            None if index_k is None else torch.cat([self.index_k, index_k], dim=1),
-        )
+        pairs = [(self.c_kv, c_kv), (self.k_pe, k_pe)] + ([] if index_k is None else [(self.index_k, index_k)])
+        L = c_kv.shape[1]
+        if L == 1:
+            for buf, new in pairs:
+                buf.index_copy_(1, cache.offset_t, new.to(buf.dtype))
+            return self.c_kv.shape[1]
+        off = cache.offset
+        for buf, new in pairs:
+            buf[:, off : off + L] = new
+        return off + L
+
+
+def cached_keys_mask(cache, L: int, device: torch.device) -> torch.Tensor:
+    """(B|1, L, S) bool: which of the S keys that :meth:`LatentCache.write` returned each of the L new
+    queries may attend: itself and earlier real tokens. A padding query sees itself only, so its row
+    is never all -inf (a NaN there would reach real rows through 0 * NaN in the next layers).
+    """
+    if L == 1:  # static shapes: the whole buffer, masked by the device-side offset
+        key_pos = torch.arange(cache.max_len, device=device)
+        return (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, :]
+    off = cache.offset
+    query_pos = torch.arange(off, off + L, device=device)[:, None]
+    key_pos = torch.arange(off + L, device=device)[None, :]
+    mask = (key_pos <= query_pos).unsqueeze(0)
+    if cache.has_padding:
+        mask = mask & (cache.valid[:, None, : off + L] | (key_pos == query_pos))
+    return mask
 
 
 def allowed_keys(ctx: SequenceContext, seqlen: int, device: torch.device) -> torch.Tensor:
@@ -71,12 +103,6 @@ def allowed_keys(ctx: SequenceContext, seqlen: int, device: torch.device) -> tor
     if mask is not None:
         return mask[:, 0]
     return torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril().unsqueeze(0)
-
-
-def decode_mask(start: int, new: int, device: torch.device) -> torch.Tensor:
-    """(1, T, S) bool for ``new`` queries at positions ``start..start+T-1`` over ``S = start + T`` keys."""
-    q_pos = torch.arange(start, start + new, device=device)[:, None]
-    return (torch.arange(start + new, device=device)[None, :] <= q_pos).unsqueeze(0)
 
 
 class MLA(nn.Module):
@@ -154,66 +180,88 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return o.transpose(1, 2).reshape(b, seqlen, self.nh * self.dv)
 
-    def attend_latent(self, q: torch.Tensor, cache: LatentCache, mask: torch.Tensor) -> torch.Tensor:
+    def attend_latent(
+        self, q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Attention in the latent space (decoding): ``W_UK`` folded into the query, ``W_UV`` after the sum.
 
         Args:
             q: (B, T, nh, dn + dr) queries with RoPE applied.
-            cache: S positions, the queries' own included.
+            c_kv: (B, S, kv_lora_rank), k_pe: (B, S, dr) the cached keys, the queries' own included.
             mask: (B|1, T, S) bool, True where query t may attend key s.
 
         Returns:
             (B, T, nh * dv), before ``o_proj``.
         """
         b, t = q.shape[:2]
-        w = self.kv_b_proj.weight.view(self.nh, self.dn + self.dv, self.config.kv_lora_rank)
+        c_kv, k_pe = c_kv.to(q.dtype), k_pe.to(q.dtype)
+        w = self.kv_b_proj.weight.view(self.nh, self.dn + self.dv, self.config.kv_lora_rank).to(q.dtype)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
-        scores = torch.einsum("bhtc,bsc->bhts", q_latent, cache.c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, cache.k_pe)
+        scores = torch.einsum("bhtc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
         scores = (scores * self.softmax_scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
         probs = scores.float().softmax(dim=-1).to(q.dtype)
-        o_latent = torch.einsum("bhts,bsc->bthc", probs, cache.c_kv)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         return torch.einsum("bthc,hvc->bthv", o_latent, w_uv).reshape(b, t, self.nh * self.dv)
 
-    # -- training -----------------------------------------------------------------------------------
+    # -- training (and, with ``ctx.cache`` set, cached decoding) ------------------------------------------
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        if ctx.cache is not None:
+            return self._forward_cached(x, ctx)
         q, k, v, _ = self.qkv(x, ctx.position_ids)
         return self.o_proj(self.attend(q, k, v, ctx.attention_mask()))
 
-    # -- decoding -------------------------------------------------------------------------------------
+    # -- decoding (the protocol of ``layers/cache.py``) -------------------------------------------------
 
-    def init_cache(
-        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> LatentCache:
-        """An empty cache (zero positions) for ``batch`` rows."""
-        dtype = dtype or self.kv_b_proj.weight.dtype
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
+        """Preallocated latents: c_kv (B, max_len, kv_lora_rank) and k_pe (B, max_len, qk_pos_emb_head_dim),
+        ``kv_lora_rank + qk_pos_emb_head_dim`` values per token instead of a KV cache's
+        ``num_attention_heads * (qk_head_dim + qk_pos_emb_head_dim + v_head_dim)``."""
         return LatentCache(
-            torch.zeros(batch, 0, self.config.kv_lora_rank, device=device, dtype=dtype),
-            torch.zeros(batch, 0, self.dr, device=device, dtype=dtype),
+            torch.zeros(batch, max_len, self.config.kv_lora_rank, device=device, dtype=dtype),
+            torch.zeros(batch, max_len, self.dr, device=device, dtype=dtype),
         )
 
-    def forward_cached(self, x: torch.Tensor, cache: LatentCache) -> tuple[torch.Tensor, LatentCache]:
-        """Run ``T`` new tokens after the ``cache.length`` cached ones (prefill: an empty cache; decode: T = 1).
+    def _forward_cached(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        """x (B, L, hidden_size): the L positions after the ``ctx.cache.offset`` cached ones -> (B, L, hidden_size).
 
-        Every row is one document whose next position is ``cache.length``.
-
-        Args:
-            x: (B, T, hidden_size) the new tokens' (normed) hidden states.
-            cache: the layer's cache so far (from :meth:`init_cache` or an earlier call).
-
-        Returns:
-            y (B, T, hidden_size), equal to :meth:`forward` on the whole sequence at these positions,
-            and the cache extended by the T new positions.
+        Positions (RoPE) come from the cache (``ctx.position_ids``); the new latents are written into
+        the layer's :class:`LatentCache` and the queries attend every cached key they may see.
         """
-        b, t, _ = x.shape
-        start = cache.length
-        cos, sin = self.rope(torch.arange(start, start + t, device=x.device).expand(b, t))
+        cache, L = ctx.cache, x.shape[1]
+        state = cache.state(self)
+        cos, sin = self.rope(ctx.position_ids)
         q, _ = self.project_query(x, cos, sin)
-        cache = cache.extend(*self.project_latent(x, cos, sin))
-        o = self.attend_latent(q, cache, decode_mask(start, t, x.device))
-        return self.o_proj(o), cache
+        S = state.write(cache, *self.project_latent(x, cos, sin))
+        return self.o_proj(self.attend_cached(q, state, S, cached_keys_mask(cache, L, x.device)))
+
+    def attend_cached(self, q: torch.Tensor, state: LatentCache, S: int, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, L, nh, dn+dr) over the first S cached positions, mask (B|1, L, S) bool -> (B, L, nh * dv).
+
+        A decode step (L == 1) always stays in the latent space: expanding every cached latent to
+        per-head keys and values would cost ``S * kv_lora_rank * nh * (dn + dv)`` per step. Longer
+        inputs (prefill, speculative verification) take whichever form costs fewer FLOPs.
+        """
+        c_kv, k_pe = state.c_kv[:, :S], state.k_pe[:, :S]
+        L = q.shape[1]
+        if L == 1 or self.latent_is_cheaper(L, S):
+            return self.attend_latent(q, c_kv, k_pe, mask)
+        k, v = self.expand_latent(c_kv.to(q.dtype), k_pe.to(q.dtype))
+        return self.attend(q, k, v, mask.unsqueeze(1))
+
+    def latent_is_cheaper(self, L: int, S: int) -> bool:
+        """Whether L queries over S keys cost fewer FLOPs in the latent space than with expanded keys/values.
+
+        Per head (common factors dropped): latent ``L*S*(2*rkv + dr) + L*rkv*(dn + dv)`` (scores and
+        sums over the rkv-wide latent, plus absorbing ``W_UK``/``W_UV`` per query) against expanded
+        ``L*S*(dn + dr + dv) + S*rkv*(dn + dv)`` (scores and sums per head, plus expanding each key).
+        """
+        rkv, dn, dr, dv = self.config.kv_lora_rank, self.dn, self.dr, self.dv
+        latent = L * S * (2 * rkv + dr) + L * rkv * (dn + dv)
+        expanded = L * S * (dn + dr + dv) + S * rkv * (dn + dv)
+        return latent < expanded
 
     # -- initialization and cost ------------------------------------------------------------------------
 
