@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -211,6 +212,14 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """(Re)initialize every parameter from ``seed``, keyed by canonical layer index."""
+        for _, init in self.init_parts(seed):
+            init()
+        self.reset_buffers()
+
+    def init_parts(self, seed: int = 0) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialization as independent parts: ``(module, init)`` pairs, ``init()`` filling the
+        parameters of ``module`` only. Each part draws from its own keyed generator, so any subset,
+        in any order, gives the values the whole model gets (sharded initialization relies on it)."""
         c = self.config
         std = c.init_std
         # Output projections are scaled by the canonical layer count, not the block count, so
@@ -223,21 +232,30 @@ class HybridLM(nn.Module):
             g.manual_seed(_seed(seed, *key))
             return g
 
+        parts: list[tuple[nn.Module, Callable[[], None]]] = []
         if self.embeddings is not None:
-            self.embeddings.weight.normal_(0.0, std, generator=gen("embeddings"))
+            emb = self.embeddings
+            parts.append((emb, lambda: emb.weight.normal_(0.0, std, generator=gen("embeddings"))))
         for block in self.blocks.values():
-            block.init_weights(lambda i: gen("layers", i), std, out_std)
+            parts.append((block, lambda b=block: b.init_weights(lambda i: gen("layers", i), std, out_std)))
         if self.norm_f is not None:
-            self.norm_f.init_weights()
+            parts.append((self.norm_f, self.norm_f.init_weights))
         if self.lm_head is not None:
-            self.lm_head.weight.normal_(0.0, std, generator=gen("lm_head"))
+            head = self.lm_head
+            parts.append((head, lambda: head.weight.normal_(0.0, std, generator=gen("lm_head"))))
         for d, depth in enumerate(self.mtp):
-            for norm in (depth.enorm, depth.hnorm, depth.final_norm):
-                norm.init_weights()
-            depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
+
+            def init_depth(d: int = d, depth: MTPDepth = depth) -> None:
+                for norm in (depth.enorm, depth.hnorm, depth.final_norm):
+                    norm.init_weights()
+                depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
+
+            parts.append((depth, init_depth))  # its blocks are parts of their own
             for block in depth.blocks.values():
-                block.init_weights(lambda i, d=d: gen("mtp", d, "layers", i), std, out_std)
-        self.reset_buffers()
+                parts.append(
+                    (block, lambda b=block, d=d: b.init_weights(lambda i: gen("mtp", d, "layers", i), std, out_std))
+                )
+        return parts
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -302,8 +320,9 @@ class HybridLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on normed hidden states: (B, L, hidden) -> float32 logits (B, L, V)."""
-        weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        if self.lm_head is None:
+            return F.linear(h, self.embeddings.weight).float()
+        return self.lm_head(h).float()  # a module call, so FSDP can shard the head as a unit of its own
 
     def forward(
         self,
