@@ -365,7 +365,8 @@ class HybridLM(nn.Module):
         for block in self.blocks.values():
             h = block(h, ctx)
         out = ModelOutput(hidden_states=h)
-        if self.norm_f is None:  # a pipeline stage before the last
+        if self.norm_f is None:  # a pipeline stage before the last: its MoE losses ride along
+            out.aux_loss = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
             return out
         h = self.norm_f(h)
         out.logits = self.head(h)

@@ -84,6 +84,7 @@ def apply_fsdp(
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
     return model
 
 

@@ -60,8 +60,10 @@ SCHEDULES = {
     "1f1b": "Schedule1F1B",
     "interleaved-1f1b": "ScheduleInterleaved1F1B",
     "looped-bfs": "ScheduleLoopedBFS",
-    "interleaved-zb": "ScheduleInterleavedZeroBubble",
 }
+# Not offered: torch's zero-bubble schedules split the backward into input and weight passes, which
+# fails here ("backward through the graph a second time", torch 2.13); the V-shaped ones place
+# stages in another order than Megatron's.
 SINGLE_STAGE = ("gpipe", "1f1b")
 
 
@@ -145,7 +147,7 @@ def rank_stages(config: ModelConfig, pp_rank: int, pp_size: int) -> list[Pattern
     the legacy split of a pattern without ``|``."""
     p = config.parsed
     n_seg = len(p.segments)
-    if n_seg == 1 or n_seg == pp_size:
+    if n_seg == 1 or n_seg == pp_size or pp_size == 1:
         return [p.stage(pp_rank, pp_size)]
     return [p.stage(pp_rank, pp_size, vp) for vp in range(n_seg // pp_size)]
 

@@ -92,14 +92,14 @@ class TrainConfig:
 #: ``parallel.schedule`` names: torch.distributed.pipelining schedules that run stages cut by ``|``.
 #: The first two run one stage per rank; the others run several (virtual stages, Megatron's order).
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
-MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs", "interleaved-zb")
+MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs")
 
 
 @dataclass
 class ParallelConfig:
     pp: int = 1  #: pipeline ranks; the data-parallel size is world size / pp
     schedule: str | None = (
-        None  #: gpipe | 1f1b | interleaved-1f1b | looped-bfs | interleaved-zb (default: 1f1b, interleaved-1f1b with virtual stages)
+        None  #: gpipe | 1f1b | interleaved-1f1b | looped-bfs (default: 1f1b; interleaved-1f1b with virtual stages)
     )
     microbatches: int | None = None  #: micro-batches per optimizer step and rank (default 2 * pp)
 

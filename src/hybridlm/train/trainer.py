@@ -121,6 +121,12 @@ class Trainer:
         self.micro = min(t.micro_batch_size or self.local_batch, self.local_batch)
         if self.pp > 1:  # the pipeline splits each step into parallel.microbatches
             self.micro = self.local_batch // run.parallel.resolved_microbatches()
+            if t.micro_batch_size not in (None, self.micro):
+                raise ConfigError(
+                    "train.micro_batch_size",
+                    f"{t.micro_batch_size} differs from the pipeline's micro-batches of {self.micro} rows "
+                    "(batch_size / data-parallel size / parallel.microbatches); leave it unset",
+                )
         if self.local_batch % self.micro:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
 
@@ -257,10 +263,10 @@ class Trainer:
 
     def _global_valid(self, labels: torch.Tensor) -> torch.Tensor:
         """Labelled tokens of the step over all data-parallel ranks (each row counted once)."""
-        valid = (labels != -100).sum().float()
+        valid = (labels != -100).sum()
         if self.world > 1:
             dist.all_reduce(valid)
-            valid = valid / self.pp  # the pp ranks of a data-parallel group hold the same rows
+            valid = valid // self.pp  # the pp ranks of a data-parallel group hold the same rows
         return valid.clamp(min=1)
 
     @torch.no_grad()
