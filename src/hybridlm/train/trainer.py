@@ -1,6 +1,7 @@
 """The training loop behind ``hybridlm train``.
 
-One process or many (``torchrun``: data parallel with FSDP2). Each optimizer step takes
+One process or many (``torchrun``: data parallel with FSDP2; with ``parallel.pp > 1`` pipeline
+stages too, run by :class:`hybridlm.train.pipeline.PipelineRunner`). Each optimizer step takes
 ``train.batch_size`` packed rows (split over processes and micro-batches), clips the gradient,
 steps AdamW and the schedule. Every ``checkpoint_every`` steps the DCP training state is written
 to ``<run_dir>/checkpoints/step-NNNNNN`` (the last ``keep_checkpoints`` are kept); at the end the
