@@ -125,7 +125,7 @@ class PipelineRunner:
         # depths embed tokens: one group per data-parallel index sums the two copies' gradients.
         self.tied_group = None
         self.duplicate: set[int] = set()
-        if config.tie_embeddings or config.parsed.mtp_depths:
+        if pp > 1 and (config.tie_embeddings or config.parsed.mtp_depths):
             for d in range(self.dp):
                 group = dist.new_group([d * pp, d * pp + pp - 1])
                 if d == self.dp_rank:
@@ -156,8 +156,9 @@ class PipelineRunner:
                 return_outputs=False,
                 **kwargs,
             )
-        total = sum(float(x) for x in losses) + sum(float(m.aux_total) for m in self.stages)
-        return total, sum(float(x) for x in self._lm)
+        zero = torch.zeros((), device=self.device)
+        total = sum((x.detach() for x in losses), zero) + sum((m.aux_total for m in self.stages), zero)
+        return float(total), float(sum(self._lm, zero))  # one device sync each, after the schedule
 
     def forward_backward(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[float, float]:
         """Forward and backward over all micro-batches of one step; gradients end up reduced over dp
