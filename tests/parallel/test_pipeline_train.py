@@ -117,8 +117,12 @@ def test_pipeline_layouts_and_resume_follow_one_process(tmp_path):
         assert held == stage_params(pattern, 2), name
     assert sum(stage_params(P2, 2)) < 2 * sum(stage_params(P2, 1))
 
-    # pp=2 (step 1) -> one process (step 2) -> dp=2 (step 3): the losses of the uninterrupted run.
-    moved = Trainer(RunConfig().with_overrides([*BASE, P2]), run_dir=tmp_path / "moved", resume=True, progress=False)
+    # pp=2 (step 1) -> one process, without brackets (step 2) -> dp=2 with two micro-batches per
+    # process, gradients reduced after the second (step 3): the losses of the uninterrupted run.
+    unfused = P2.replace("[", "").replace("]", "")
+    moved = Trainer(
+        RunConfig().with_overrides([*BASE, unfused]), run_dir=tmp_path / "moved", resume=True, progress=False
+    )
     assert moved.step == 1
     moved.run_loop(until=2)
     torchrun(2, [{"set": [*BASE, P2], "run_dir": str(tmp_path / "moved"), "resume": True}], tmp_path)
@@ -187,6 +191,8 @@ def test_rank_stages_follow_megatron_order():
     assert [s.segment for s in rank_stages(config, 0, 2)] == [0, 2]
     assert [s.segment for s in rank_stages(config, 1, 2)] == [1, 3]
     assert [s.segment for s in rank_stages(config, 1, 4)] == [1]
+    legacy = RunConfig().with_overrides([*BASE, "model.pattern=M-[*E]M"]).model_config(257)
+    assert [(s.block_offset, s.num_blocks) for r in (0, 1) for s in rank_stages(legacy, r, 2)] == [(0, 2), (2, 2)]
 
 
 @pytest.mark.parametrize(

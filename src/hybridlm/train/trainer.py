@@ -232,6 +232,8 @@ class Trainer:
         else:
             for start in range(0, self.local_batch, self.micro):
                 part = {k: v[start : start + self.micro] for k, v in batch.items()}
+                if self.world > 1:  # reduce gradients once, after the last micro-batch
+                    self.model.set_requires_gradient_sync(start + self.micro >= self.local_batch)
                 with self._autocast():
                     out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"])
                 # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
@@ -324,7 +326,11 @@ class Trainer:
         if self.pipeline is not None:
             tensors = self.pipeline.gather_canonical()  # on rank 0, one stage at a time
         else:
-            tensors = {k: full_cpu(v) for k, v in canonical_state_dict(self.model).items()}  # a collective under FSDP
+            tensors = {}
+            for k, v in canonical_state_dict(self.model).items():
+                full = full_cpu(v)  # a collective under FSDP; only rank 0 keeps the gathered tensors
+                if self.is_main:
+                    tensors[k] = full
         if self.is_main:
             save_state_dict(tensors, self.config, path, extra_files=self.tokenizer.files())
         if self.world > 1:
