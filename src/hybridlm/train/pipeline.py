@@ -89,8 +89,8 @@ class PipelineRunner:
         self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp)
         if activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        if compile:
-            compile_blocks(self.model)
+        if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code
+            compile_blocks(self.model, **({"options": {"cpp.simdlen": 1}} if device.type == "cpu" else {}))
         for m in self.stages:
             m.boundary_dtype = param_dtype or torch.float32
             # Stages keep their gathered parameters between micro-batches (torchtitan does the same).
