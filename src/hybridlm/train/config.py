@@ -98,9 +98,7 @@ MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs")
 @dataclass
 class ParallelConfig:
     pp: int = 1  #: pipeline ranks; the data-parallel size is world size / pp
-    schedule: str | None = (
-        None  #: gpipe | 1f1b | interleaved-1f1b | looped-bfs (default: 1f1b; interleaved-1f1b with virtual stages)
-    )
+    schedule: str | None = None  #: gpipe, 1f1b, interleaved-1f1b, looped-bfs (default: 1f1b; interleaved if virtual)
     microbatches: int | None = None  #: micro-batches per optimizer step and rank (default 2 * pp)
 
     def resolved_microbatches(self) -> int:

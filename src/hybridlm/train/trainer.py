@@ -121,7 +121,14 @@ class Trainer:
         self.local_batch = t.batch_size // self.dp
         self.micro = min(t.micro_batch_size or self.local_batch, self.local_batch)
         if self.pp > 1:  # the pipeline splits each step into parallel.microbatches
-            self.micro = self.local_batch // run.parallel.resolved_microbatches()
+            n_micro = run.parallel.resolved_microbatches()
+            if self.local_batch % n_micro:
+                raise ConfigError(
+                    "parallel.microbatches",
+                    f"{n_micro} micro-batches do not split the {self.local_batch} rows each data-parallel rank "
+                    f"takes per step (train.batch_size {t.batch_size} / {self.dp} data-parallel ranks)",
+                )
+            self.micro = self.local_batch // n_micro
             if t.micro_batch_size not in (None, self.micro):
                 raise ConfigError(
                     "train.micro_batch_size",
