@@ -128,7 +128,7 @@ class PipelineRunner:
         if pp > 1 and (config.tie_embeddings or config.parsed.mtp_depths):
             for d in range(self.dp):
                 group = dist.new_group([d * pp, d * pp + pp - 1])
-                if d == self.dp_rank:
+                if d == self.dp_rank and self.pp_rank in (0, pp - 1):
                     self.tied_group = group
             if self.pp_rank == pp - 1 and self.model.embeddings is not None:
                 self.duplicate = {id(self.model.embeddings.weight)}  # counted once, on the first stage
@@ -173,7 +173,7 @@ class PipelineRunner:
         """
         weight = (batch["labels"] != IGNORE_INDEX).sum(1).float() / valid
         out = self._run(batch, weight, train=True)
-        if self.tied_group is not None and self.model.embeddings is not None:
+        if self.tied_group is not None:
             grad = self.model.embeddings.weight.grad
             dist.all_reduce(_local(grad), group=self.tied_group)
         return out
