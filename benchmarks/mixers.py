@@ -35,7 +35,9 @@ def bench(fn, x: torch.Tensor) -> float:
         fn(x).float().pow(2).mean().backward()
 
     try:
-        return do_bench(step, warmup=100, rep=500, return_mode="median")
+        ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+        print(f"  {ms:.2f} ms", flush=True)
+        return ms
     except Exception as e:  # a benchmark row, not library code: report and go on
         print(f"  failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
         return float("nan")

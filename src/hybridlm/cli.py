@@ -254,8 +254,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a hybrid model. With no arguments it trains the embedded default: the pattern "
         "'M-[*-]M-M-[*-]' (two fused attention+MLP blocks) on the English text of Python's own help topics as "
         "bytes, with a held-out validation split; a few minutes on 2 CPU cores. A run file (TOML, tables "
-        "[model] [data] [optim] [train]) and --set overrides change anything; see docs/training.md. "
-        "Under torchrun the same command trains data-parallel with FSDP2.",
+        "[model] [data] [optim] [train] [parallel]) and --set overrides change anything; see docs/training.md. "
+        "Under torchrun the same command trains data-parallel with FSDP2, and with --set parallel.pp=N "
+        "runs the pattern's '|' stages on N pipeline ranks.",
     )
     ap.add_argument("--config", default=None, metavar="RUN.toml", help="run file (default: the embedded default run)")
     ap.add_argument(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,21 @@ class Block(nn.Module):
 
 def _blocks(config: ModelConfig, blocks: tuple[str, ...], offsets: tuple[int, ...]) -> nn.ModuleDict:
     return nn.ModuleDict({str(i): Block(sym, config, off) for i, (sym, off) in enumerate(zip(blocks, offsets))})
+
+
+class OutputHead(nn.Linear):
+    """The untied output projection (``lm_head.weight``, (V, hidden)).
+
+    ``head(h)`` gives logits (B, L, V); ``head(h, labels)`` gives the mean cross entropy computed
+    chunk by chunk (:func:`hybridlm.ops.cross_entropy.linear_cross_entropy`), never holding the
+    logits of the whole batch. Both go through ``forward``, so FSDP2 gathers the sharded weight
+    around either call.
+    """
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels)
 
 
 class MTPDepth(nn.Module):
@@ -207,7 +223,7 @@ class HybridLM(nn.Module):
             self.embeddings = nn.Embedding(V, H)
             self.blocks = _blocks(config, p.blocks, p.block_layer_offsets)
             self.norm_f = RMSNorm(H, config.norm_eps)
-            self.lm_head = None if config.tie_embeddings else nn.Linear(H, V, bias=False)
+            self.lm_head = None if config.tie_embeddings else OutputHead(H, V, bias=False)
             self.mtp = nn.ModuleList(MTPDepth(config) for _ in range(p.mtp_depths))
         if target.type != "meta":
             self.to_empty(device=target)
@@ -220,6 +236,14 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """(Re)initialize every parameter from ``seed``, keyed by canonical layer index."""
+        for _, init in self.init_parts(seed):
+            init()
+        self.reset_buffers()
+
+    def init_parts(self, seed: int = 0) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialization as independent parts: ``(module, init)`` pairs, ``init()`` filling the
+        parameters of ``module`` only. Each part draws from its own keyed generator, so any subset,
+        in any order, gives the values the whole model gets (sharded initialization relies on it)."""
         c = self.config
         std = c.init_std
         # Output projections are scaled by the canonical layer count, not the block count, so
@@ -232,21 +256,30 @@ class HybridLM(nn.Module):
             g.manual_seed(_seed(seed, *key))
             return g
 
+        parts: list[tuple[nn.Module, Callable[[], None]]] = []
         if self.embeddings is not None:
-            self.embeddings.weight.normal_(0.0, std, generator=gen("embeddings"))
+            emb = self.embeddings
+            parts.append((emb, lambda: emb.weight.normal_(0.0, std, generator=gen("embeddings"))))
         for block in self.blocks.values():
-            block.init_weights(lambda i: gen("layers", i), std, out_std)
+            parts.append((block, lambda b=block: b.init_weights(lambda i: gen("layers", i), std, out_std)))
         if self.norm_f is not None:
-            self.norm_f.init_weights()
+            parts.append((self.norm_f, self.norm_f.init_weights))
         if self.lm_head is not None:
-            self.lm_head.weight.normal_(0.0, std, generator=gen("lm_head"))
+            head = self.lm_head
+            parts.append((head, lambda: head.weight.normal_(0.0, std, generator=gen("lm_head"))))
         for d, depth in enumerate(self.mtp):
-            for norm in (depth.enorm, depth.hnorm, depth.final_norm):
-                norm.init_weights()
-            depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
+
+            def init_depth(d: int = d, depth: MTPDepth = depth) -> None:
+                for norm in (depth.enorm, depth.hnorm, depth.final_norm):
+                    norm.init_weights()
+                depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
+
+            parts.append((depth, init_depth))  # its blocks are parts of their own
             for block in depth.blocks.values():
-                block.init_weights(lambda i, d=d: gen("mtp", d, "layers", i), std, out_std)
-        self.reset_buffers()
+                parts.append(
+                    (block, lambda b=block, d=d: b.init_weights(lambda i: gen("mtp", d, "layers", i), std, out_std))
+                )
+        return parts
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -311,13 +344,17 @@ class HybridLM(nn.Module):
             ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
         return ctx
 
-    def head_weight(self) -> torch.Tensor:
-        """(V, hidden) output projection: the embedding when tied."""
-        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy of the head on normed ``h`` (B, L, hidden), chunked: no (B, L, V) logits."""
+        if self.lm_head is None:
+            return linear_cross_entropy(h, self.embeddings.weight, labels)
+        return self.lm_head(h, labels)  # a module call: FSDP gathers the head's weight around it
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Output head on normed hidden states: (B, L, hidden) -> float32 logits (B, L, V)."""
-        return F.linear(h, self.head_weight()).float()
+        if self.lm_head is None:
+            return F.linear(h, self.embeddings.weight).float()
+        return self.lm_head(h).float()  # a module call, so FSDP can shard the head as a unit of its own
 
     def forward(
         self,
@@ -381,7 +418,8 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.advance(L)
         out = ModelOutput(hidden_states=h)
-        if self.norm_f is None:  # a pipeline stage before the last
+        if self.norm_f is None:  # a pipeline stage before the last: its MoE losses ride along
+            out.aux_loss = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
             return out
         h = self.norm_f(h)
         if cache is not None:
@@ -403,8 +441,7 @@ class HybridLM(nn.Module):
         if labels is not None:
             targets = [labels] + [shift_labels(labels, d, ctx.seq_idx) for d in range(1, len(hiddens))]
             if fused_loss:
-                weight = self.head_weight()
-                losses = [linear_cross_entropy(x, weight, y) for x, y in zip(hiddens, targets)]
+                losses = [self.head_loss(x, y) for x, y in zip(hiddens, targets)]
             else:
                 losses = [cross_entropy(lg, y) for lg, y in zip([out.logits, *out.mtp_logits], targets)]
             out.lm_loss, out.mtp_losses = losses[0], losses[1:]

@@ -6,6 +6,8 @@ and sharded as one FSDP group. Order (as torchtitan): checkpointing, then compil
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -110,21 +112,95 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     return model
 
 
-def apply_fsdp(model: nn.Module, mesh=None, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Shard parameters over the data-parallel processes with FSDP2, one group per block.
+def apply_fsdp(
+    model: nn.Module,
+    mesh=None,
+    param_dtype: torch.dtype | None = None,
+    *,
+    reshard_after_forward: bool = True,
+    sum_gradients: bool = False,
+) -> nn.Module:
+    """Shard parameters over the data-parallel processes with FSDP2.
+
+    Units: one per block (a fused block is one), the embedding and the output head each their own
+    (a 131k vocabulary is a large share of a small model; the tied head stays with the root,
+    which reads the embedding's weight outside its forward), then the root for what is left
+    (norms, MTP projections). Works on a model built on the meta device (materialize it with
+    :func:`init_sharded` afterwards).
 
     Args:
         mesh: a 1-D device mesh (default: all processes).
         param_dtype: compute dtype of gathered parameters (e.g. bfloat16); gradients are reduced
             in float32.
+        reshard_after_forward: free gathered parameters after each forward (pipeline stages keep
+            them between micro-batches instead).
+        sum_gradients: reduce gradients by sum instead of mean over the mesh (for losses already
+            divided by the global number of tokens).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"mesh": mesh} if mesh is not None else {}
-    if mp is not None:
-        kwargs["mp_policy"] = mp
+    kwargs: dict = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in _all_blocks(model):
         fully_shard(block, **kwargs)
+    if model.embeddings is not None and not (model.config.tie_embeddings and model.norm_f is not None):
+        fully_shard(model.embeddings, **kwargs)
+    if model.lm_head is not None:
+        fully_shard(model.lm_head, **kwargs)
     fully_shard(model, **kwargs)
+    if sum_gradients:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
     return model
+
+
+@contextlib.contextmanager
+def _full_parameters(module: nn.Module, skip: set[int]):
+    """Swap ``module``'s sharded (DTensor) parameters for full plain tensors; on exit copy each
+    rank's shard of the full values back and restore the sharded parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    swapped = []
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or id(p) in skip or not isinstance(p, DTensor):
+                continue
+            local = p.to_local()
+            full = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=local.device), p.requires_grad)
+            mod._parameters[name] = full
+            swapped.append((mod, name, p, full))
+    try:
+        yield
+    finally:
+        for mod, name, p, full in swapped:
+            shard = distribute_tensor(full.detach(), p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+            mod._parameters[name] = p
+
+
+@torch.no_grad()
+def init_sharded(model: nn.Module, seed: int, roots: list[nn.Module], device: torch.device) -> None:
+    """Allocate a meta-built, FSDP-sharded HybridLM (or pipeline stage) on ``device`` and initialize it
+    to the weights ``HybridLM(config, seed=seed)`` has, holding one part's full tensors at a time.
+
+    Args:
+        model: the HybridLM whose ``init_parts`` cover the parameters.
+        roots: the FSDP root modules to allocate (``model`` itself, or the pipeline stages sharing
+            its modules); FSDP re-registers its shards when a root is moved.
+    """
+    for root in roots:
+        root.to_empty(device=device)
+    parts = model.init_parts(seed)
+    modules = [m for m, _ in parts]
+    for module, init in parts:
+        # Parameters of parts nested in this one (an MTP depth's blocks) are initialized by those parts.
+        inner = {m for m in module.modules() if m is not module and any(m is q for q in modules)}
+        skip = {id(p) for m in inner for p in m.parameters()}
+        with _full_parameters(module, skip):
+            init()
+    model.reset_buffers()

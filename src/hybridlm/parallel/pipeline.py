@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..model import HybridLM
 from ..pattern import PatternStage
 
 
@@ -43,8 +44,6 @@ def build_stage(
     Built on the meta device, pruned, then allocated and initialized: weights equal the whole
     model's for the same seed.
     """
-    from ..model import HybridLM
-
     stage = config.parsed.stage(pp_rank, pp_size, vp_stage)
     model = prune_to_stage(HybridLM(config, device="meta"), stage)
     target = torch.device(device) if device is not None else torch.empty(0).device
@@ -52,3 +51,144 @@ def build_stage(
         model.to_empty(device=target)
         model.init_weights(seed)
     return model
+
+
+# -- running stages with torch.distributed.pipelining ----------------------------------------------
+
+SCHEDULES = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "looped-bfs": "ScheduleLoopedBFS",
+}
+# Not offered: torch's zero-bubble schedules split the backward into input and weight passes, which
+# fails here ("backward through the graph a second time", torch 2.13); the V-shaped ones place
+# stages in another order than Megatron's.
+SINGLE_STAGE = ("gpipe", "1f1b")
+
+
+class _AddAuxGrad(torch.autograd.Function):
+    """Return ``h`` unchanged; in the backward pass give ``aux`` the gradient 1.
+
+    A stage before the last cannot add its MoE load-balancing loss to the loss (that lives on the
+    last stage), so the loss rides on the stage's output: its gradient flows as if it had been added.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape = aux.shape
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.aux_shape, dtype=torch.float32, device=grad.device)
+
+
+class StageLM(HybridLM):
+    """A HybridLM pruned to one pipeline stage (see :func:`prune_to_stage`), whose forward is the
+    tensor-only interface a ``PipelineStage`` calls. Parameter names are the whole model's.
+
+    Attributes:
+        pattern_stage: the stage it runs.
+        boundary_dtype: dtype of the hidden states sent to the next stage.
+        aux_total: MoE load-balancing losses of this stage since the trainer last reset it
+            (weighted, no gradient; for the logged loss).
+    """
+
+    pattern_stage: PatternStage
+    boundary_dtype: torch.dtype = torch.float32
+    aux_total: torch.Tensor | float = 0.0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        doc_ids: torch.Tensor,
+        weight: torch.Tensor,
+    ):
+        """The forward ``PipelineStage`` calls: tensors in, tensors out.
+
+        Args:
+            x: (B, L) token ids on the first stage, (B, L, hidden) hidden states on the others.
+            input_ids: (B, L) token ids (MTP depths on the last stage embed them again).
+            labels: (B, L) next-token labels, -100 ignored.
+            doc_ids: (B, L) document index of each position: every stage masks at document changes.
+            weight: (B,) each row's share of the step's loss (its labelled tokens / all labelled tokens
+                of the step over all data-parallel ranks), so the micro-batch losses add up to the
+                global mean and gradients are summed, not averaged.
+
+        Returns:
+            (B, L, hidden) hidden states on a stage before the last; on the last, a pair of 0-d
+            tensors (weighted loss, weighted main-head loss, the latter without gradient).
+        """
+        stage = self.pattern_stage
+        share = weight.sum()
+        out = super().forward(
+            input_ids=input_ids,
+            labels=labels if stage.is_last else None,
+            doc_ids=doc_ids,
+            hidden_states=None if stage.is_first else x,
+            return_logits=False,
+        )
+        if stage.is_last:
+            return out.loss * share, out.lm_loss.detach() * share
+        h = out.hidden_states.to(self.boundary_dtype)
+        if out.aux_loss is not None:
+            aux = out.aux_loss * share
+            self.aux_total = self.aux_total + aux.detach()
+            h = _AddAuxGrad.apply(h, aux)
+        return h
+
+
+def rank_stages(config: ModelConfig, pp_rank: int, pp_size: int) -> list[PatternStage]:
+    """The pattern stages pipeline rank ``pp_rank`` runs, in order: one per ``|`` segment it owns
+    (virtual stages ``vp`` at segment ``vp * pp_size + pp_rank``, Megatron's order), or its share of
+    the legacy split of a pattern without ``|``."""
+    p = config.parsed
+    n_seg = len(p.segments)
+    if n_seg == 1 or n_seg == pp_size or pp_size == 1:
+        return [p.stage(pp_rank, pp_size)]
+    return [p.stage(pp_rank, pp_size, vp) for vp in range(n_seg // pp_size)]
+
+
+def build_pipeline_model(config: ModelConfig, pp_rank: int, pp_size: int) -> tuple[nn.Module, list[nn.Module]]:
+    """The stages of one pipeline rank, built on the meta device, and one HybridLM viewing them all.
+
+    Returns:
+        ``(rank_model, stage_models)``: each stage model is pruned to its stage; ``rank_model`` is a
+        HybridLM holding the same module objects (the union of the stages), so optimizer,
+        checkpoints and counting see one model with the whole model's names.
+    """
+    stages = rank_stages(config, pp_rank, pp_size)
+    models = []
+    for st in stages:
+        m = prune_to_stage(StageLM(config, device="meta"), st)
+        m.pattern_stage = st
+        m.boundary_dtype = torch.float32
+        m.aux_total = 0.0
+        models.append(m)
+    rank = HybridLM(config, device="meta")
+    rank.blocks = nn.ModuleDict(
+        sorted(((k, b) for m in models for k, b in m.blocks.items()), key=lambda kb: int(kb[0]))
+    )
+    first = [m for m in models if m.pattern_stage.is_first]
+    last = [m for m in models if m.pattern_stage.is_last]
+    holders = first or [m for m in last if m.embeddings is not None]
+    rank.embeddings = holders[0].embeddings if holders else None
+    rank.norm_f = last[0].norm_f if last else None
+    rank.lm_head = last[0].lm_head if last else None
+    rank.mtp = last[0].mtp if last else nn.ModuleList()
+    return rank, models
+
+
+def make_schedule(name: str, stages: list, microbatches: int, loss_fn):
+    """A ``torch.distributed.pipelining`` schedule by its run-file name (see :data:`SCHEDULES`).
+
+    Gradients are not rescaled by the schedule: the stages' losses are already weighted."""
+    from torch.distributed import pipelining
+
+    cls = getattr(pipelining, SCHEDULES[name])
+    target = stages[0] if name in SINGLE_STAGE else stages
+    return cls(target, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

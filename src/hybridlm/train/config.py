@@ -1,6 +1,6 @@
 """The run configuration of ``hybridlm train``: dataclasses, TOML files and ``--set a.b=c`` overrides.
 
-A run file has four tables::
+A run file has five tables::
 
     [model]   # a preset name and/or ModelConfig fields; vocab_size defaults to the tokenizer's
     preset = "tiny"
@@ -8,6 +8,7 @@ A run file has four tables::
     [data]    # corpus, tokenizer, sequence length, validation split
     [optim]   # AdamW, schedule, clipping
     [train]   # steps, batch, devices, logging, checkpoints
+    [parallel]  # pipeline ranks, schedule, micro-batches (data parallel = world size / pp)
 
 Every error names the dotted field (``optim.lr: must be positive``).
 """
@@ -93,26 +94,43 @@ class TrainConfig:
     run_dir: str = "runs/{time}"  #: {time} becomes the start time
 
 
+#: ``parallel.schedule`` names: torch.distributed.pipelining schedules that run stages cut by ``|``.
+#: The first two run one stage per rank; the others run several (virtual stages, Megatron's order).
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs")
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1  #: pipeline ranks; the data-parallel size is world size / pp
+    schedule: str | None = None  #: gpipe, 1f1b, interleaved-1f1b, looped-bfs (default: 1f1b; interleaved if virtual)
+    microbatches: int | None = None  #: micro-batches per optimizer step and rank (default 2 * pp)
+
+    def resolved_microbatches(self) -> int:
+        return self.microbatches if self.microbatches is not None else 2 * self.pp
+
+
 @dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     # -- reading ------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        unknown = set(d) - {"model", "data", "optim", "train"}
+        unknown = set(d) - set(SECTIONS)
         for key in unknown:
-            _unknown(key, ["model", "data", "optim", "train"])
+            _unknown(key, list(SECTIONS))
         run = cls()
         if "model" in d:
             if not isinstance(d["model"], dict):
                 raise ConfigError("model", "must be a table")
             run.model = dict(d["model"])
-        for section in ("data", "optim", "train"):
+        for section in SECTIONS[1:]:
             if section in d:
                 if not isinstance(d[section], dict):
                     raise ConfigError(section, "must be a table")
@@ -131,8 +149,15 @@ class RunConfig:
         return cls.from_dict(d)
 
     def with_overrides(self, assignments: list[str]) -> RunConfig:
-        """Apply ``a.b=c`` assignments (values parsed as TOML, else taken as strings)."""
+        """Apply ``a.b=c`` assignments (values parsed as TOML, else taken as strings).
+
+        ``model.preset=NAME`` replaces the whole model table with the preset (applied first, so
+        other ``model.*`` assignments change the preset's fields)."""
         d = self.to_dict()
+        presets = [a for a in assignments if a.split("=", 1)[0].strip() == "model.preset"]
+        if presets:
+            d["model"] = {}
+            assignments = presets[-1:] + [a for a in assignments if a not in presets]
         for item in assignments:
             if "=" not in item:
                 raise ConfigError(item, "an override must look like section.field=value")
@@ -154,6 +179,7 @@ class RunConfig:
             "data": dataclasses.asdict(self.data),
             "optim": dataclasses.asdict(self.optim),
             "train": dataclasses.asdict(self.train),
+            "parallel": dataclasses.asdict(self.parallel),
         }
 
     def to_toml(self) -> str:
@@ -169,10 +195,8 @@ class RunConfig:
         """The ModelConfig of this run (``vocab_size`` fills the field when the run leaves it out)."""
         values = dict(self.model)
         preset = values.pop("preset", None)
-        if vocab_size is not None:
-            values.setdefault("vocab_size", vocab_size)
-        else:
-            values.setdefault("vocab_size", 257)  # the byte tokenizer's, for validation only
+        if preset is None:  # a preset's own vocabulary is kept (the trainer checks it is large enough)
+            values.setdefault("vocab_size", vocab_size if vocab_size is not None else 257)
         try:
             check_field_names(values)
             if preset is not None:
@@ -228,6 +252,55 @@ class RunConfig:
             raise ConfigError("train.precision", f"must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
         if t.threads is not None:
             _positive("train.threads", t.threads)
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        """The checks that need no world size (the trainer checks ``world % pp`` and the batch split)."""
+        par = self.parallel
+        _positive("parallel.pp", par.pp)
+        if par.microbatches is not None:
+            _positive("parallel.microbatches", par.microbatches)
+        known = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES
+        if par.schedule is not None and par.schedule not in known:
+            raise ConfigError("parallel.schedule", f"must be one of {', '.join(known)}; got {par.schedule!r}")
+        if par.pp == 1:
+            return
+        p = self.model_config().parsed
+        n_seg = len(p.segments)
+        if n_seg == 1:
+            if p.num_blocks % par.pp:
+                raise ConfigError(
+                    "parallel.pp",
+                    f"{par.pp} pipeline ranks cannot split the {p.num_blocks} blocks of a pattern without '|' "
+                    "evenly; cut the stages with '|'",
+                )
+        elif n_seg % par.pp:
+            raise ConfigError(
+                "parallel.pp", f"must divide the pattern's {n_seg} '|' segments (one stage per segment), got {par.pp}"
+            )
+        virtual = max(1, n_seg // par.pp)
+        schedule = self.resolved_schedule()
+        if virtual > 1 and schedule in SINGLE_STAGE_SCHEDULES:
+            raise ConfigError(
+                "parallel.schedule",
+                f"{schedule!r} runs one stage per rank, but {n_seg} segments over pp={par.pp} make {virtual} "
+                f"virtual stages per rank; use one of {', '.join(MULTI_STAGE_SCHEDULES)}",
+            )
+        mb = par.resolved_microbatches()
+        if schedule in MULTI_STAGE_SCHEDULES and mb % par.pp:
+            raise ConfigError(
+                "parallel.microbatches", f"{schedule} needs a multiple of pp ({par.pp}) micro-batches, got {mb}"
+            )
+
+    def resolved_schedule(self) -> str:
+        """``parallel.schedule``, or its default: 1f1b, interleaved-1f1b when ranks hold virtual stages."""
+        if self.parallel.schedule is not None:
+            return self.parallel.schedule
+        n_seg = len(self.model_config().parsed.segments)
+        return "interleaved-1f1b" if n_seg > self.parallel.pp > 1 else "1f1b"
+
+
+SECTIONS = ("model", "data", "optim", "train", "parallel")
 
 
 def _positive(name: str, value: float) -> None:

@@ -1,6 +1,7 @@
 """The training loop behind ``hybridlm train``.
 
-One process or many (``torchrun``: data parallel with FSDP2). Each optimizer step takes
+One process or many (``torchrun``: data parallel with FSDP2; with ``parallel.pp > 1`` pipeline
+stages too, run by :class:`hybridlm.train.pipeline.PipelineRunner`). Each optimizer step takes
 ``train.batch_size`` packed rows (split over processes and micro-batches), clips the gradient,
 steps AdamW and the schedule. Every ``checkpoint_every`` steps the DCP training state is written
 to ``<run_dir>/checkpoints/step-NNNNNN`` (the last ``keep_checkpoints`` are kept); at the end the
@@ -23,13 +24,14 @@ import torch.distributed as dist
 
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, full_cpu, save_state_dict
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model import HybridLM
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
 from .config import RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
 from .metrics import Metrics, plot_losses
 from .optim import build_optimizer, build_scheduler
+from .pipeline import PipelineRunner
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("hybridlm.train")
@@ -110,9 +112,29 @@ class Trainer:
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
         self.train_rows = PackedRows(train_stream, run.data.seq_len)
         self.val_rows = PackedRows(val_stream, run.data.seq_len) if val_stream is not None else None
-        self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.rank, self.world)
-        self.local_batch = t.batch_size // self.world
+        # Pipeline ranks of one data-parallel group read the same rows (rank = dp index * pp + pp index).
+        self.pp = run.parallel.pp
+        if self.world % self.pp:
+            raise ConfigError("parallel.pp", f"{self.pp} does not divide the {self.world} processes")
+        self.dp, self.dp_rank = self.world // self.pp, self.rank // self.pp
+        self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
+        self.local_batch = t.batch_size // self.dp
         self.micro = min(t.micro_batch_size or self.local_batch, self.local_batch)
+        if self.pp > 1:  # the pipeline splits each step into parallel.microbatches
+            n_micro = run.parallel.resolved_microbatches()
+            if self.local_batch % n_micro:
+                raise ConfigError(
+                    "parallel.microbatches",
+                    f"{n_micro} micro-batches do not split the {self.local_batch} rows each data-parallel rank "
+                    f"takes per step (train.batch_size {t.batch_size} / {self.dp} data-parallel ranks)",
+                )
+            self.micro = self.local_batch // n_micro
+            if t.micro_batch_size not in (None, self.micro):
+                raise ConfigError(
+                    "train.micro_batch_size",
+                    f"{t.micro_batch_size} differs from the pipeline's micro-batches of {self.micro} rows "
+                    "(batch_size / data-parallel size / parallel.microbatches); leave it unset",
+                )
         if self.local_batch % self.micro:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
 
@@ -122,15 +144,35 @@ class Trainer:
             raise DataError(
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}"
             )
-        self.model = HybridLM(self.config, seed=t.seed, device=self.device)
-        self.num_params = int(self.model.num_params())
+        self.pipeline = None
+        if self.pp > 1:
+            self.pipeline = PipelineRunner(
+                self.config,
+                pp=self.pp,
+                schedule=run.resolved_schedule(),
+                microbatches=run.parallel.resolved_microbatches(),
+                local_batch=self.local_batch,
+                seq_len=run.data.seq_len,
+                seed=t.seed,
+                device=self.device,
+                param_dtype=self.autocast_dtype,
+                activation_checkpointing=t.ac_policy if t.activation_checkpointing else None,
+                compile=t.compile,
+                autocast=self._autocast,
+            )
+            self.model = self.pipeline.model  # this rank's stages, under the whole model's names
+            self.num_params = int(HybridLM(self.config, device="meta").num_params())
+        else:
+            self.model = HybridLM(self.config, seed=t.seed, device=self.device)
+            self.num_params = int(self.model.num_params())
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
-        if t.activation_checkpointing:
+        if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
-        if t.compile:
+        if t.compile and self.pipeline is None:
             compile_blocks(self.model)
-        if self.world > 1:
-            apply_fsdp(self.model, param_dtype=self.autocast_dtype)
+        if self.world > 1 and self.pipeline is None:
+            # Losses are divided by the labelled tokens of all processes: gradients are summed.
+            apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
         self.has_expert_bias = self.config.moe_router_expert_bias and "E" in self.config.symbols
 
         self.optimizer = build_optimizer(self.model, run.optim)
@@ -188,27 +230,37 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the rows of ``self.step``; returns its metrics."""
         batch = self._to_device(self.train_rows.rows(self.sampler.local_rows(self.step)))
-        valid = (batch["labels"] != -100).sum().clamp(min=1)
+        valid = self._global_valid(batch["labels"])
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=self.device)
         lm_total = torch.zeros((), device=self.device)
-        for start in range(0, self.local_batch, self.micro):
-            part = {k: v[start : start + self.micro] for k, v in batch.items()}
-            with self._autocast():
-                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
-            # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
-            # is then the gradient of the whole batch's mean loss.
-            share = (part["labels"] != -100).sum() / valid
-            (out.loss * share).backward()
-            total += out.loss.detach() * share
-            lm_total += out.lm_loss.detach() * share
+        if self.pipeline is not None:
+            total, lm_total = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, valid))
+        else:
+            for start in range(0, self.local_batch, self.micro):
+                part = {k: v[start : start + self.micro] for k, v in batch.items()}
+                if self.world > 1:  # reduce gradients once, after the last micro-batch
+                    self.model.set_requires_gradient_sync(start + self.micro >= self.local_batch)
+                with self._autocast():
+                    out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
+                # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
+                # is then the gradient of the whole batch's mean loss.
+                share = (part["labels"] != -100).sum() / valid
+                (out.loss * share).backward()
+                total += out.loss.detach() * share
+                lm_total += out.lm_loss.detach() * share
         clip = self.run.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.pipeline is not None:
+            grad_norm = self.pipeline.clip_grad_norm(clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.has_expert_bias:
-            if self.world > 1:  # every process must apply the same update: balance the global load
+            if self.pipeline is not None:
+                self.pipeline.reduce_expert_load()
+            elif self.world > 1:  # every process must apply the same update: balance the global load
                 for name, buf in self.model.named_buffers():
                     if name.endswith("tokens_per_expert"):
                         dist.all_reduce(buf)
@@ -217,7 +269,15 @@ class Trainer:
         loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        return {"loss": loss / self.world, "lm_loss": lm_loss / self.world, "grad_norm": float(grad_norm), "lr": lr}
+        return {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
+
+    def _global_valid(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labelled tokens of the step over all data-parallel ranks (each row counted once)."""
+        valid = (labels != -100).sum()
+        if self.world > 1:
+            dist.all_reduce(valid)
+            valid = valid // self.pp  # the pp ranks of a data-parallel group hold the same rows
+        return valid.clamp(min=1)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -225,19 +285,36 @@ class Trainer:
         if self.val_rows is None:
             return None
         self.model.eval()
-        rows = eval_rows(self.val_rows.num_rows, self.run.train.eval_batches * self.local_batch * self.world)
-        mine = rows[self.rank :: self.world]
+        rows = eval_rows(self.val_rows.num_rows, self.run.train.eval_batches * self.local_batch * self.dp)
+        mine = rows[self.dp_rank :: self.dp]
         loss_sum, count = 0.0, 0.0
-        for start in range(0, len(mine), self.micro):
-            part = self._to_device(self.val_rows.rows(mine[start : start + self.micro]))
-            with self._autocast():
-                out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
-            n = (part["labels"] != -100).sum().item()
-            loss_sum += out.lm_loss.item() * n
-            count += n
+        if self.pipeline is not None:
+            loss_sum, count = self._evaluate_pipeline(mine)
+        else:
+            for start in range(0, len(mine), self.micro):
+                part = self._to_device(self.val_rows.rows(mine[start : start + self.micro]))
+                with self._autocast():
+                    out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
+                n = (part["labels"] != -100).sum().item()
+                loss_sum += out.lm_loss.item() * n
+                count += n
         self.model.train()
         loss_sum, count = self._all_reduce([loss_sum, count])
         return loss_sum / max(count, 1.0)
+
+    def _evaluate_pipeline(self, rows) -> tuple[float, float]:
+        """Validation over the pipeline, a full step's rows at a time (the last chunk padded with
+        unlabelled rows: stages have fixed shapes)."""
+        loss_sum, count = 0.0, 0.0
+        for start in range(0, len(rows), self.local_batch):
+            part = self.val_rows.rows(rows[start : start + self.local_batch])
+            pad = self.local_batch - len(part["labels"])
+            if pad:
+                part = {k: torch.cat([v, v[:1].expand(pad, -1)]) for k, v in part.items()}
+                part["labels"][-pad:] = -100
+            s, n = self.pipeline.evaluate(self._to_device(part))
+            loss_sum, count = loss_sum + s, count + n
+        return loss_sum, count
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -253,7 +330,14 @@ class Trainer:
     def export(self, path: Path | None = None) -> Path:
         """Write the weights (canonical safetensors) and the tokenizer to ``<run_dir>/model``."""
         path = path or self.run_dir / MODEL_DIR
-        tensors = {k: full_cpu(v) for k, v in canonical_state_dict(self.model).items()}  # a collective under FSDP
+        if self.pipeline is not None:
+            tensors = self.pipeline.gather_canonical()  # on rank 0, one stage at a time
+        else:
+            tensors = {}
+            for k, v in canonical_state_dict(self.model).items():
+                full = full_cpu(v)  # a collective under FSDP; only rank 0 keeps the gathered tensors
+                if self.is_main:
+                    tensors[k] = full
         if self.is_main:
             save_state_dict(tensors, self.config, path, extra_files=self.tokenizer.files())
         if self.world > 1:
@@ -266,6 +350,8 @@ class Trainer:
         r, t = self.run, self.run.train
         tokens_per_step = t.batch_size * r.data.seq_len
         dev = f"{self.device}" + (f" × {self.world} processes" if self.world > 1 else "")
+        if self.pp > 1:
+            dev += f" (dp {self.dp} × pp {self.pp}, {self.run.resolved_schedule()}, {len(self.pipeline.stages)} stage(s) per rank)"
         if self.device.type == "cpu":
             dev += f" ({torch.get_num_threads()} threads)"
         val = f"{self.val_rows.stream.num_tokens:,}" if self.val_rows is not None else "no"

@@ -1,0 +1,227 @@
+"""One training step over pipeline stages: ``parallel.pp`` ranks run the stages cut at ``|`` with a
+``torch.distributed.pipelining`` schedule, and FSDP2 shards each stage over the data-parallel ranks.
+
+The processes form a (dp, pp) device mesh (rank = dp_index * pp + pp_index). Every rank of a
+data-parallel group reads the same rows; the first stage takes the token ids, and the token ids,
+labels and document ids travel to every stage as keyword inputs of each micro-batch. Each row's
+loss is weighted by its labelled tokens over all labelled tokens of the step (over dp), and FSDP
+sums the gradients, so a step equals one process's step on the whole batch.
+
+The trainer keeps its one-process path when ``pp == 1``; :class:`PipelineRunner` is what it calls
+otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.canonical import to_canonical
+from ..checkpoint.weights import full_cpu
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..model import IGNORE_INDEX
+from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks, init_sharded
+from ..parallel.pipeline import build_pipeline_model, make_schedule
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+class PipelineRunner:
+    """The stages of this rank, their schedule, and the collectives a step needs.
+
+    Args:
+        config: the model.
+        pp: pipeline ranks; ``world_size / pp`` is the data-parallel size.
+        schedule: a name of :data:`hybridlm.parallel.pipeline.SCHEDULES`.
+        microbatches: micro-batches per step (each of ``local_batch / microbatches`` rows).
+        local_batch: rows per step on each data-parallel rank.
+        seq_len: tokens per row.
+        seed: initialization seed (weights equal ``HybridLM(config, seed=seed)``).
+        param_dtype: FSDP's compute dtype (bf16 under autocast), None for float32.
+        autocast: a context manager factory for the forward passes.
+
+    Attributes:
+        model: one HybridLM holding this rank's stages' modules under the whole model's names (for
+            the optimizer, checkpoints and counting).
+        stages: the stage modules, in the order the schedule runs them.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        pp: int,
+        schedule: str,
+        microbatches: int,
+        local_batch: int,
+        seq_len: int,
+        seed: int,
+        device: torch.device,
+        param_dtype: torch.dtype | None = None,
+        activation_checkpointing: str | None = None,
+        compile: bool = False,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.pipelining import PipelineStage
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % pp:
+            raise ConfigError("parallel.pp", f"{pp} does not divide the {world} processes")
+        if local_batch % microbatches:
+            raise ConfigError(
+                "parallel.microbatches",
+                f"{microbatches} micro-batches do not split the {local_batch} rows each data-parallel rank "
+                "takes per step (train.batch_size / (world size / parallel.pp))",
+            )
+        self.config, self.device, self.autocast = config, device, autocast
+        self.pp, self.dp = pp, world // pp
+        self.mesh = init_device_mesh(device.type, (self.dp, pp), mesh_dim_names=("dp", "pp"))
+        self.pp_rank, self.dp_rank = rank % pp, rank // pp
+        self.dp_group, pp_group = self.mesh["dp"].get_group(), self.mesh["pp"].get_group()
+
+        self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp)
+        if activation_checkpointing:  # a policy: "full", "selective" or per block kind
+            apply_activation_checkpointing(self.model, activation_checkpointing)
+        if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code
+            compile_blocks(self.model, **({"options": {"cpp.simdlen": 1}} if device.type == "cpu" else {}))
+        for m in self.stages:
+            m.boundary_dtype = param_dtype or torch.float32
+            # Stages keep their gathered parameters between micro-batches (torchtitan does the same).
+            apply_fsdp(m, self.mesh["dp"], param_dtype, reshard_after_forward=False, sum_gradients=True)
+        init_sharded(self.model, seed, self.stages, device)
+
+        # Static shapes: no probing forward on real data (it would count MoE routing twice).
+        mb = local_batch // microbatches
+        n_stages = len(self.stages) * pp
+        hidden = torch.empty(mb, seq_len, config.hidden_size, dtype=param_dtype or torch.float32, device=device)
+        hidden.requires_grad_(True)  # activations carry gradients both ways
+        ids = torch.zeros(mb, seq_len, dtype=torch.long, device=device)
+        loss = torch.zeros((), device=device)
+        self.pipeline_stages = [
+            PipelineStage(
+                m,
+                m.pattern_stage.segment if m.pattern_stage.segment is not None else self.pp_rank,
+                n_stages,
+                device,
+                input_args=ids if m.pattern_stage.is_first else hidden,
+                output_args=(loss, loss) if m.pattern_stage.is_last else hidden,
+                group=pp_group,
+            )
+            for m in self.stages
+        ]
+        self.has_first = any(m.pattern_stage.is_first for m in self.stages)
+        self.has_last = any(m.pattern_stage.is_last for m in self.stages)
+        self._lm: list[torch.Tensor] = []
+        self.schedule = make_schedule(schedule, self.pipeline_stages, microbatches, self._loss)
+
+        # The first and the last stage both hold the embedding when the head is tied to it or MTP
+        # depths embed tokens: one group per data-parallel index sums the two copies' gradients.
+        self.tied_group = None
+        self.duplicate: set[int] = set()
+        if pp > 1 and (config.tie_embeddings or config.parsed.mtp_depths):
+            for d in range(self.dp):
+                group = dist.new_group([d * pp, d * pp + pp - 1])
+                if d == self.dp_rank and self.pp_rank in (0, pp - 1):
+                    self.tied_group = group
+            if self.pp_rank == pp - 1 and self.model.embeddings is not None:
+                self.duplicate = {id(self.model.embeddings.weight)}  # counted once, on the first stage
+
+    def _loss(self, output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        loss, lm_loss = output
+        self._lm.append(lm_loss)
+        return loss
+
+    def _run(self, batch: dict[str, torch.Tensor], weight: torch.Tensor, train: bool) -> tuple[float, float]:
+        """Run the schedule on this rank's rows; returns this rank's (weighted loss, weighted main loss)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        kwargs = {"input_ids": ids, "labels": labels, "doc_ids": batch["doc_ids"], "weight": weight}
+        self._lm = []
+        for m in self.stages:
+            m.aux_total = 0.0
+        losses: list[torch.Tensor] = []
+        args = (ids,) if self.has_first else ()
+        run = self.schedule.step if train else self.schedule.eval
+        with self.autocast():
+            run(
+                *args,
+                target=labels if self.has_last else None,
+                losses=losses if self.has_last else None,
+                return_outputs=False,
+                **kwargs,
+            )
+        zero = torch.zeros((), device=self.device)
+        total = sum((x.detach() for x in losses), zero) + sum((m.aux_total for m in self.stages), zero)
+        return float(total), float(sum(self._lm, zero))  # one device sync each, after the schedule
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[float, float]:
+        """Forward and backward over all micro-batches of one step; gradients end up reduced over dp
+        (FSDP syncs only after the last micro-batch) and the tied embedding copies summed.
+
+        Args:
+            batch: this rank's rows: ``input_ids``, ``labels``, ``doc_ids``, each (B, L).
+            valid: labelled tokens of the step over all data-parallel ranks.
+
+        Returns:
+            This rank's part of the step's loss and main-head loss (sum over all ranks = the step's).
+        """
+        weight = (batch["labels"] != IGNORE_INDEX).sum(1).float() / valid
+        out = self._run(batch, weight, train=True)
+        if self.tied_group is not None:
+            grad = self.model.embeddings.weight.grad
+            dist.all_reduce(_local(grad), group=self.tied_group)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(sum of main-head losses over labelled tokens, labelled tokens) of this rank's rows (on
+        the last stage; zeros elsewhere)."""
+        for m in self.stages:
+            m.eval()
+        weight = (batch["labels"] != IGNORE_INDEX).sum(1).float()
+        _, lm = self._run(batch, weight, train=False)
+        for m in self.stages:
+            m.train()
+        return lm, float(weight.sum()) if self.has_last else 0.0
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradient of the whole model (over stages and shards) to ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does in one process; returns the norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in params:
+            if id(p) not in self.duplicate:
+                sq += _local(p.grad).float().pow(2).sum()
+        dist.all_reduce(sq)  # shards are disjoint over dp, stages over pp
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            _local(p.grad).mul_(coef.to(p.grad.dtype))
+        return float(norm)
+
+    def reduce_expert_load(self) -> None:
+        """Sum each MoE layer's routing counts over the data-parallel ranks (its stage's copies)."""
+        for name, buf in self.model.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                dist.all_reduce(buf, group=self.dp_group)
+
+    def gather_canonical(self) -> dict[str, torch.Tensor]:
+        """The whole model's canonical tensors on rank 0 (empty elsewhere), gathered one stage at a
+        time: each data-parallel group gathers its stage's shards, and its first rank sends them."""
+        mine = {k: full_cpu(v) for k, v in to_canonical(self.model.state_dict(), self.config.parsed).items()}
+        if self.dp_rank != 0:
+            mine = {}
+        out: dict[str, torch.Tensor] = {}
+        for r in range(self.pp):  # one stage in flight at a time
+            box = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(mine if self.pp_rank == r else {}, box, dst=0)
+            for part in box or []:
+                for k, v in part.items():
+                    out.setdefault(k, v)
+        return out

@@ -1,0 +1,244 @@
+"""Pipeline parallelism (gloo, CPU, float32): every layout trains as one process does.
+
+One tiny model exercises everything a stage boundary can break: MoE with a load-balancing loss and
+the expert-bias update on a stage before the last, tied embeddings, an MTP depth, packed documents.
+The one-process reference uses the same micro-batches (the MoE loss is per micro-batch).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridlm.checkpoint.weights import read_tensors
+from hybridlm.cli import main
+from hybridlm.errors import ConfigError
+from hybridlm.parallel.pipeline import SCHEDULES, build_stage, rank_stages
+from hybridlm.train.config import MULTI_STAGE_SCHEDULES, SINGLE_STAGE_SCHEDULES, RunConfig
+from hybridlm.train.trainer import Trainer
+from tests.helpers import rel_err
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = [
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.ffn_hidden_size=48",
+    "model.mamba_head_dim=16",
+    "model.mamba_state_dim=8",
+    "model.mamba_chunk_size=16",
+    "model.moe_num_experts=4",
+    "model.moe_ffn_hidden_size=24",
+    "model.moe_router_score=sigmoid",
+    "model.moe_router_expert_bias=true",
+    "model.moe_aux_loss_coeff=0.01",
+    "model.tie_embeddings=true",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "train.micro_batch_size=2",
+    "train.steps=3",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "train.checkpoint_every=3",
+]
+P2 = "model.pattern=M[*E]|M-[*-]/[*-]"  # two stages
+P4 = "model.pattern=M-|[*E]|M-|[*-]/[*-]"  # four: two virtual stages on each of two ranks
+
+
+def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    script = ROOT / "tests/distributed/pipeline_train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    r = subprocess.run(
+        [*cmd, str(script), str(tmp / "jobs.json")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def one_process(run_dir: Path, *sets: str) -> Path:
+    Trainer(RunConfig().with_overrides([*BASE, *sets]), run_dir=run_dir, progress=False).run_loop()
+    return run_dir
+
+
+def assert_same_run(run: Path, ref: Path, tol: float = 1e-5) -> None:
+    a, b = metrics(run), metrics(ref)
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in b:
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert abs(a[step][key] - b[step][key]) <= tol * abs(b[step][key]), (run.name, step, key, a[step], b[step])
+    wa, wb = read_tensors(run / "model"), read_tensors(ref / "model")
+    assert wa.keys() == wb.keys()
+    for k in wb:
+        assert rel_err(wa[k], wb[k]) <= tol, (run.name, k, rel_err(wa[k], wb[k]))
+
+
+def stage_params(pattern: str, pp: int) -> list[int]:
+    """Parameters each pipeline rank's stages hold (whole, before sharding over dp)."""
+    config = RunConfig().with_overrides([*BASE, pattern]).model_config(257)
+    counts = []
+    for r in range(pp):
+        stages = rank_stages(config, r, pp)
+        vps = [s.vp_stage for s in stages]
+        counts.append(
+            sum(sum(p.numel() for p in build_stage(config, r, pp, v, device="meta").parameters()) for v in vps)
+        )
+    return counts
+
+
+@pytest.mark.multiprocess
+def test_pipeline_layouts_and_resume_follow_one_process(tmp_path):
+    """gpipe, 1f1b (2 stages) and interleaved-1f1b (2 ranks x 2 virtual stages) on 2 processes, and a run
+    that starts with pp=2, continues in one process and ends data-parallel on two."""
+    par = "parallel.pp=2"
+    jobs = [
+        {"set": [*BASE, P2, par, "parallel.schedule=gpipe"], "run_dir": str(tmp_path / "gpipe")},
+        {"set": [*BASE, P2, par, "parallel.schedule=1f1b"], "run_dir": str(tmp_path / "1f1b")},
+        {"set": [*BASE, P4, par, "parallel.schedule=interleaved-1f1b"], "run_dir": str(tmp_path / "interleaved")},
+        {"set": [*BASE, P2, par], "run_dir": str(tmp_path / "moved"), "until": 1},
+    ]
+    torchrun(2, jobs, tmp_path)
+    ref2, ref4 = one_process(tmp_path / "ref2", P2), one_process(tmp_path / "ref4", P4)
+    for name in ("gpipe", "1f1b"):
+        assert_same_run(tmp_path / name, ref2)
+    assert_same_run(tmp_path / "interleaved", ref4)
+
+    # Each rank holds only its stages' parameters.
+    for name, pattern in (("1f1b", P2), ("interleaved", P4)):
+        held = json.loads((tmp_path / name / "params.json").read_text())
+        assert held == stage_params(pattern, 2), name
+    assert sum(stage_params(P2, 2)) < 2 * sum(stage_params(P2, 1))
+
+    # pp=2 (step 1) -> one process, without brackets (step 2) -> dp=2 with two micro-batches per
+    # process, gradients reduced after the second (step 3): the losses of the uninterrupted run.
+    unfused = P2.replace("[", "").replace("]", "")
+    moved = Trainer(
+        RunConfig().with_overrides([*BASE, unfused]), run_dir=tmp_path / "moved", resume=True, progress=False
+    )
+    assert moved.step == 1
+    moved.run_loop(until=2)
+    torchrun(2, [{"set": [*BASE, P2], "run_dir": str(tmp_path / "moved"), "resume": True}], tmp_path)
+    assert_same_run(tmp_path / "moved", ref2)
+
+
+@pytest.mark.multiprocess
+def test_data_and_pipeline_parallel_follow_one_process(tmp_path):
+    """dp=2 x pp=2 on 4 processes: FSDP2 shards each stage over its two data-parallel ranks."""
+    sets = [*BASE, P2, "parallel.pp=2", "parallel.microbatches=2"]
+    torchrun(4, [{"set": sets, "run_dir": str(tmp_path / "dp2pp2")}], tmp_path)
+    assert_same_run(tmp_path / "dp2pp2", one_process(tmp_path / "ref", P2))
+    held = json.loads((tmp_path / "dp2pp2" / "params.json").read_text())  # rank = dp * pp + pp_rank
+    whole = stage_params(P2, 2)
+    assert [held[0] + held[2], held[1] + held[3]] == whole
+    assert all(h < w for h, w in zip(held, whole + whole))
+
+
+CLI = [
+    "--set",
+    "model.hidden_size=64",
+    "--set",
+    "model.num_attention_heads=2",
+    "--set",
+    "model.ffn_hidden_size=128",
+    "--set",
+    "data.seq_len=64",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_batches=1",
+    "--no-progress",
+]
+
+
+@pytest.mark.multiprocess
+def test_torchrun_cli_pipeline_logs_the_losses_of_one_process(tmp_path):
+    pattern = ["--set", "model.pattern=M-[*-]|M-M-[*-]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "hybridlm.cli", "train", *pattern, "--set", "parallel.pp=2", *CLI, "--run-dir", str(tmp_path / "pp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "pp 2" in r.stdout
+    assert main(["train", *pattern, *CLI, "--run-dir", str(tmp_path / "one")]) == 0
+    pp, one = metrics(tmp_path / "pp"), metrics(tmp_path / "one")
+    assert pp.keys() == one.keys() == {1, 2, 3, 4}
+    for step in one:
+        assert abs(pp[step]["loss"] - one[step]["loss"]) <= 1e-5 * one[step]["loss"], (step, pp[step], one[step])
+
+
+# -- without processes ----------------------------------------------------------------------------
+
+
+def test_schedule_names_match_the_run_file_contract():
+    assert set(SCHEDULES) == set(SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES)
+    assert {"gpipe", "1f1b", "interleaved-1f1b"} <= set(SCHEDULES)
+
+
+def test_rank_stages_follow_megatron_order():
+    config = RunConfig().with_overrides([*BASE, "model.pattern=M-|[*E]|M-|[*-]"]).model_config(257)
+    assert [s.segment for s in rank_stages(config, 0, 2)] == [0, 2]
+    assert [s.segment for s in rank_stages(config, 1, 2)] == [1, 3]
+    assert [s.segment for s in rank_stages(config, 1, 4)] == [1]
+    legacy = RunConfig().with_overrides([*BASE, "model.pattern=M-[*E]M"]).model_config(257)
+    assert [(s.block_offset, s.num_blocks) for r in (0, 1) for s in rank_stages(legacy, r, 2)] == [(0, 2), (2, 2)]
+
+
+@pytest.mark.parametrize(
+    "sets, field",
+    [
+        (["parallel.pp=0"], "parallel.pp"),
+        (["parallel.schedule=zigzag"], "parallel.schedule"),
+        (["parallel.microbatches=0"], "parallel.microbatches"),
+        (["model.pattern=M-|M-|M-", "parallel.pp=2"], "parallel.pp"),  # 3 segments over 2 ranks
+        (["model.pattern=M-M", "parallel.pp=2"], "parallel.pp"),  # legacy split: 3 blocks over 2 ranks
+        (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.schedule=1f1b"], "parallel.schedule"),
+        (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.microbatches=3"], "parallel.microbatches"),
+    ],
+)
+def test_bad_parallel_settings_name_the_field(sets, field):
+    with pytest.raises(ConfigError) as e:
+        RunConfig().with_overrides(sets)
+    assert e.value.field == field
+
+
+def test_bad_parallel_settings_exit_2(capsys):
+    assert main(["train", "--set", "parallel.schedule=zigzag"]) == 2
+    assert "parallel.schedule" in capsys.readouterr().err
+
+
+def test_default_schedule_interleaves_virtual_stages():
+    run = RunConfig().with_overrides(["model.pattern=M-|M-|M-|M-", "parallel.pp=2"])
+    assert run.resolved_schedule() == "interleaved-1f1b" and run.parallel.resolved_microbatches() == 4
+    assert RunConfig().with_overrides(["model.pattern=M-|M-", "parallel.pp=2"]).resolved_schedule() == "1f1b"
+
+
+def test_pp_needs_as_many_processes(tmp_path):
+    """The checks that need the world size name their field too (one process cannot run pp=2)."""
+    run = RunConfig().with_overrides(["model.pattern=M-|M-", "parallel.pp=2"])
+    with pytest.raises(ConfigError) as e:
+        Trainer(run, run_dir=tmp_path, progress=False)
+    assert e.value.field == "parallel.pp"
+
+
+def test_preset_replaces_the_default_model_and_keeps_its_vocabulary():
+    run = RunConfig().with_overrides(["model.preset=bench-1.3b"])
+    assert run.model == {"preset": "bench-1.3b"}
+    config = run.model_config(257)  # the byte tokenizer needs fewer ids than the preset has
+    assert config.vocab_size == 131072 and config.num_attention_heads == 16
+    # Other model fields still apply on top of the preset, whatever their order on the command line.
+    run = RunConfig().with_overrides(["model.hidden_size=128", "model.preset=tiny"])
+    assert run.model_config(257).hidden_size == 128 and run.model_config(257).pattern == "M-[*-]G-[ME]M*E/[*-]"
+    # Without a preset the tokenizer's vocabulary is the default.
+    assert RunConfig().model_config(300).vocab_size == 300
