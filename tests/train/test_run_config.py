@@ -83,6 +83,6 @@ def test_to_toml_round_trips_any_string(tmp_path):
     run.train.run_dir = str(tmp_path / 'runs "quoted"\\x')
     text = run.to_toml()
     assert tomllib.loads(text)["data"]["jsonl_field"] == odd
-    assert list(tomllib.loads(text)) == ["model", "data", "optim", "train"]
+    assert list(tomllib.loads(text)) == ["model", "data", "optim", "train", "parallel"]
     (tmp_path / "run.toml").write_text(text, encoding="utf-8")
     assert RunConfig.from_toml(tmp_path / "run.toml") == run
