@@ -120,11 +120,15 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         try:
-            d = tomllib.loads(Path(path).read_text())
+            d = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("config", f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("config", f"{path}: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ConfigError("config", f"{path}: nested too deeply") from None
         return cls.from_dict(d)
 
     def with_overrides(self, assignments: list[str]) -> RunConfig:
@@ -275,7 +279,7 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
 def _parse_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw  # a bare string such as a pattern or a path
 
 
