@@ -64,6 +64,7 @@ def refused_everywhere(path, marker, capsys):
 
 
 def test_crafted_metadata_pickle(state, tmp_path, capsys):
+    assert describe(state)["kind"] == "DCP training state"  # the genuine folder is read
     marker = tmp_path / "pwned"
     (state / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     refused_everywhere(state, marker, capsys)

@@ -10,6 +10,8 @@ resumed run). ``train.max_nonfinite_steps`` skipped steps in a row end the run w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,8 +36,9 @@ class NonFiniteGuard:
     def finite(loss: float, grad_norm: float) -> bool:
         return math.isfinite(loss) and math.isfinite(grad_norm)
 
-    def record(self, step: int, finite: bool, last_checkpoint: str | None = None) -> None:
-        """Account for optimizer step ``step`` (1-based); raise when the streak reaches the limit."""
+    def record(self, step: int, finite: bool, last_checkpoint: Callable[[], Path | None] = lambda: None) -> None:
+        """Account for optimizer step ``step`` (1-based); raise when the streak reaches the limit
+        (the message names ``last_checkpoint()``, looked up only then)."""
         if finite:
             self.in_a_row = 0
             return
@@ -43,7 +46,8 @@ class NonFiniteGuard:
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
             first = step - self.in_a_row + 1
-            where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint was written"
+            latest = last_checkpoint()
+            where = f"; the last checkpoint is {latest}" if latest else "; no checkpoint was written"
             raise TrainingDivergedError(
                 f"training diverged: the loss or gradient was not finite at steps {first}-{step} "
                 f"({self.in_a_row} in a row, train.max_nonfinite_steps = {self.limit}); stopped at step {step} "

@@ -365,7 +365,7 @@ class Trainer:
                     if last_val is not None:
                         record["val_loss"] = last_val
                 self.metrics.record(self.step, record, console=console)
-                self.guard.record(self.step, "nonfinite_skipped" not in values, str(latest_checkpoint(self.run_dir)))
+                self.guard.record(self.step, "nonfinite_skipped" not in values, lambda: latest_checkpoint(self.run_dir))
                 if self.step % t.checkpoint_every == 0 or self.step == stop:
                     self.save_checkpoint()
         except TrainingDivergedError:
