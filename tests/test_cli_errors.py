@@ -94,3 +94,16 @@ def test_full_disk_says_so(monkeypatch, capsys):
     assert err.startswith("error: no space left on device (runs/x/") and "\n" not in err
     with pytest.raises(OSError):
         main(["--debug", "train"])
+
+
+@pytest.mark.parametrize(("signum", "status"), [(2, 130), (15, 143), (1, 129)])
+def test_training_stopped_by_a_signal_exits_128_plus_n(monkeypatch, capsys, signum, status):
+    import hybridlm.train.trainer as trainer
+    from hybridlm.train.signals import TrainingInterrupted
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(signum, "SIGTERM received: ...; resume with: hybridlm train --resume runs/x")
+
+    monkeypatch.setattr(trainer, "Trainer", stopped)
+    assert main(["train"]) == status
+    assert "resume with: hybridlm train --resume runs/x" in capsys.readouterr().err
