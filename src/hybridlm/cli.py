@@ -1,22 +1,30 @@
 """The ``hybridlm`` command line: parse arguments, call the library, print results.
 
-Exit status: 0 on success, 2 on bad input (a bad pattern, config value or checkpoint), with a
-message and no traceback.
+Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
+disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
+stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, HybridLMError
 
 
 def _cmd_pattern(args: argparse.Namespace) -> int:
+    from .errors import UsageError
     from .pattern import parse
     from .pattern.table import render
 
+    for flag, value, low in (("--pp", args.pp, 1), ("--first-stage-layers", args.first_stage_layers, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.last_stage_layers is not None and args.last_stage_layers < 0:
+        raise UsageError(f"--last-stage-layers must be >= 0, got {args.last_stage_layers}")
     p = parse(args.pattern)
     print(render(p, args.pp, args.first_stage_layers, args.last_stage_layers))
     if args.plot:
@@ -34,7 +42,11 @@ def _add_pattern(sub: argparse._SubParsersAction) -> None:
         "fused or not, '|' segment, pipeline rank and virtual stage (with --pp), and MTP depth; then totals. "
         "Example: hybridlm pattern 'M-M-[*-]M-|M-[*E]M-/*-/*-' --pp 2",
     )
-    ap.add_argument("pattern", help="layer pattern, e.g. 'M-M-[*-]M-|M-[*E]M-/*-/*-' (quote it in the shell)")
+    ap.add_argument(
+        "pattern",
+        help="layer pattern, e.g. 'M-M-[*-]M-|M-[*E]M-/*-/*-' (quote it in the shell; one that starts with '-' "
+        "goes after '--': hybridlm pattern -- '-M')",
+    )
     ap.add_argument("--pp", type=int, default=None, metavar="N", help="pipeline-parallel size to lay the blocks out on")
     ap.add_argument(
         "--first-stage-layers",
@@ -374,7 +386,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         path = path / MODEL_DIR  # a run directory: use its exported model
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(path, device=args.device)
+    model = load(path, device=args.device, verify=not args.no_verify)
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(path)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):
@@ -461,6 +473,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    ap.add_argument(
+        "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"
+    )
     ap.set_defaults(func=_cmd_generate)
 
 
@@ -500,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build, train, checkpoint and serve hybrid language models laid out by one pattern string.",
     )
     ap.add_argument("--version", action="version", version=f"hybridlm {_version()}")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for register in _subcommands():
@@ -513,6 +529,25 @@ def _version() -> str:
     return __version__
 
 
+def one_line(message: str) -> str:
+    """An error message on one line; a pattern quoted with a caret under it keeps its three lines."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if any(set(line) == {"^"} for line in lines):
+        return message
+    return "; ".join(lines)
+
+
+def _error(e: BaseException) -> str:
+    if isinstance(e, USER_ERRORS):
+        return one_line(str(e))
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{where}: free some space (or choose another --run-dir) and retry"
+        return f"{e.strerror or e}{where}"
+    return one_line(f"unexpected {type(e).__name__}: {e} (this may be a bug in hybridlm; --debug shows the traceback)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -521,8 +556,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        status = getattr(e, "exit_status", None)
+        if isinstance(e, HybridLMError) and isinstance(status, int):
+            # train.signals.TrainingInterrupted: a checkpoint was saved; the message says how to resume.
+            print(str(e), file=sys.stderr)
+            return status
+        if args.debug:
+            raise
+        print(f"error: {_error(e)}", file=sys.stderr)
         return 2
 
 

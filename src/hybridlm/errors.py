@@ -31,6 +31,14 @@ class CheckpointError(HybridLMError, ValueError):
     """A checkpoint is missing, damaged, or does not match the model it is loaded into."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint is sound but holds another model than the one it is loaded into."""
+
+
+class TrainingDivergedError(HybridLMError, RuntimeError):
+    """Training stopped: the loss or gradient was not finite for too many steps in a row."""
+
+
 class DataError(HybridLMError, ValueError):
     """Training or evaluation data is missing or malformed."""
 
@@ -40,4 +48,4 @@ class UsageError(HybridLMError, ValueError):
 
 
 #: Errors the CLI reports as ``error: ...`` (exit status 2) rather than as a traceback.
-USER_ERRORS = (PatternError, ConfigError, CheckpointError, DataError, UsageError)
+USER_ERRORS = (PatternError, ConfigError, CheckpointError, DataError, UsageError, TrainingDivergedError)

@@ -88,7 +88,7 @@ def test_refusals(tmp_path):
 @pytest.mark.multiprocess
 def test_torchrun_fsdp_save_then_resume_in_one_process_with_other_brackets(tmp_path):
     """2 ranks, FSDP2-sharded fused model, save; resume unsharded, unfused, in this process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",

@@ -1,4 +1,8 @@
-"""``hybridlm inspect``: what a checkpoint holds, read from file headers (no tensor is loaded)."""
+"""``hybridlm inspect``: what a checkpoint holds, read from file headers (no tensor is loaded).
+
+Nothing is unpickled freely: DCP's ``.metadata`` goes through the allow-listed reader of
+:mod:`.safe_dcp`; everything else is JSON or safetensors headers.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .weights import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from .weights import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_shard_name
 
 _ITEMSIZE = {
     "F64": 8,
@@ -44,8 +48,10 @@ def _safetensors_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        for n in names:
+            check_shard_name(index, n)
         return [path / n for n in names]
     if (path / WEIGHTS_NAME).exists():
         return [path / WEIGHTS_NAME]
@@ -90,9 +96,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir() and (path / ".metadata").exists():
-        from torch.distributed.checkpoint import FileSystemReader
+        from .safe_dcp import read_dcp_metadata
 
-        meta = FileSystemReader(str(path)).read_metadata()
+        meta = read_dcp_metadata(path)
         tensors = {k: v for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
         numel = sum(v.size.numel() for v in tensors.values())
         return {
@@ -108,6 +114,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             cfg = json.loads((path / CONFIG_NAME).read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path / CONFIG_NAME}: unreadable ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(cfg).__name__}")
         if cfg.get("format") == "hybridlm":
             info.update(
                 kind="hybridlm checkpoint",

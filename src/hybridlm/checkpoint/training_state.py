@@ -3,8 +3,13 @@
 Tensors are stored under canonical names (optimizer state too, flattened per parameter), so a
 run saved with one fusion choice, pipeline layout or world size resumes with another: DCP
 reshards, and each process loads exactly the canonical tensors its model holds. The small
-non-tensor state (step, scheduler, data position, RNG) goes to ``trainer_state.pt`` beside the
-DCP files. A directory is written under a temporary name and renamed when complete.
+non-tensor state (step, scheduler position, data position, the model config) goes to
+``trainer_state.json`` and each rank's RNG state to ``rng.safetensors`` beside the DCP files: no
+pickle is written that a load would have to trust. Loading reads DCP's ``.metadata`` with an
+allow-listed unpickler and reads tensors only (see :mod:`.safe_dcp`). Optimizer hyperparameters
+(lr, betas, weight decay, ...) are not restored: those of the optimizer loaded into are in effect,
+so a changed ``optim.*`` setting applies on resume. A directory is written under a temporary name
+and renamed when complete.
 
 Works in one process without ``torch.distributed`` initialized, and under ``torchrun`` (every rank
 calls the same functions).
@@ -13,6 +18,7 @@ calls the same functions).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -25,10 +31,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointMismatchError
 from .canonical import _pattern, canonical_name, model_name
+from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+RNG_STATE = "rng.safetensors"
+STATE_FORMAT = "hybridlm-training-state"
+STATE_VERSION = 1
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -71,18 +81,70 @@ def _canonical_states(model, optimizer) -> dict[str, Any]:
     return states
 
 
+def _tensors_only(states: dict[str, Any]) -> dict[str, Any]:
+    """What goes through DCP: tensors only. The optimizer's ``param_groups.*`` hyperparameters are
+    left out (DCP would pickle them); the optimizer they are loaded into keeps its own."""
+    out = {"model": states["model"]}
+    if "optim" in states:
+        out["optim"] = {k: v for k, v in states["optim"].items() if isinstance(v, torch.Tensor)}
+    return out
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states: Python's as JSON-able lists, torch's (and CUDA's) as uint8 tensors."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _scheduler_json(scheduler: Any) -> dict[str, Any]:
+    state = scheduler.state_dict()
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list)) and k != "lr_lambdas"}
+
+
+def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
+    """Put ``scheduler`` at the saved position. For a LambdaLR (hybridlm's schedules) only the
+    position is taken: the learning rates come from the optimizer's own base rates, so a changed
+    ``optim.lr`` applies (and equals the saved rates bit for bit when unchanged)."""
+    epoch = int(saved["last_epoch"])
+    if hasattr(scheduler, "lr_lambdas"):
+        scheduler.last_epoch = epoch
+        scheduler._step_count = int(saved.get("_step_count", epoch + 1))
+        lrs = [base * lam(epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+    else:
+        scheduler.load_state_dict(saved)
+
+
+def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
+    """Where model config ``config`` differs from the saved config dict, beyond brackets and ``|``."""
+    from ..pattern import PatternError, parse
+    from .weights import pattern_differences
+
+    mine = config.to_dict()
+    diffs = []
+    try:
+        diffs += pattern_differences(parse(str(saved.get("pattern"))), config.parsed)
+    except PatternError:
+        diffs.append(f"pattern: checkpoint has an invalid pattern {saved.get('pattern')!r}")
+    for key in sorted(set(saved) | set(mine)):
+        if key in ("pattern", "schema_version"):
+            continue
+        if saved.get(key) != mine.get(key):
+            diffs.append(f"model.{key}: checkpoint has {saved.get(key)!r}, this run has {mine.get(key)!r}")
+    return diffs
 
 
 def save_training_state(
@@ -97,9 +159,11 @@ def save_training_state(
     Args:
         model: a HybridLM (whole, a pipeline stage, or FSDP-sharded).
         optimizer, scheduler: optional; the scheduler needs ``state_dict()``.
-        trainer_state: small picklable values to restore (step, data position, ...). Each rank's
-            RNG state is added.
+        trainer_state: small JSON-serializable values to restore (step, data position, ...). Each
+            rank's RNG state and the model config are added.
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
     rank = _rank()
     tmp = path.parent / f".{path.name}.tmp"
@@ -108,26 +172,74 @@ def save_training_state(
         tmp.mkdir(parents=True)
     _barrier()
     with _quiet_single_process():
-        dcp.save(_canonical_states(model, optimizer), checkpoint_id=str(tmp))
-    extra = {"rng": {rank: rng_state()}, **trainer_state}
-    if scheduler is not None:
-        extra["scheduler"] = scheduler.state_dict()
-    gathered = [extra]
+        dcp.save(_tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
+    gathered = [rng_state()]
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, extra)
+        dist.all_gather_object(gathered, rng_state())
     if rank == 0:
-        merged = dict(gathered[0])
-        merged["rng"] = {r: g["rng"][r] for r, g in enumerate(gathered)}
-        merged["world_size"] = len(gathered)
-        torch.save(merged, tmp / TRAINER_STATE)
+        state = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            **trainer_state,
+            "world_size": len(gathered),
+            "model_config": model.config.to_dict(),
+            "rng_python": {str(r): g["python"] for r, g in enumerate(gathered)},
+        }
+        if scheduler is not None:
+            state["scheduler"] = _scheduler_json(scheduler)
+        (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
+        rng = {f"rank{r}.{k}": g[k].contiguous() for r, g in enumerate(gathered) for k in ("torch", "cuda") if k in g}
+        save_file(rng, tmp / RNG_STATE)
+        for f in tmp.iterdir():  # durable before the rename makes the folder visible
+            _fsync(f)
         old = path.parent / f".{path.name}.old"
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The JSON trainer state of training-state folder ``path`` (step, scheduler, model config, ...)."""
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{file}: not a hybridlm training state")
+    if not isinstance(state.get("format_version"), int) or state["format_version"] > STATE_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {state.get('format_version')!r} is newer than this hybridlm reads"
+        )
+    return state
+
+
+def _read_rng(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path / RNG_STATE)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing {RNG_STATE}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path / RNG_STATE}: cannot read safetensors file ({e})") from None
 
 
 def load_training_state(
@@ -140,34 +252,61 @@ def load_training_state(
     """Load a state written by :func:`save_training_state` into ``model`` (and optimizer, scheduler).
 
     The model may use other brackets, another pipeline split or another world size than the one
-    that saved. Returns the trainer state (step, data position, ...).
+    that saved; any other difference of the model config is refused. The optimizer keeps its own
+    hyperparameters (lr, betas, ...); its moments and step counts are loaded. Returns the trainer
+    state (step, data position, ...).
+
+    Raises:
+        CheckpointMismatchError: the checkpoint holds another model (the differences are listed).
+        CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely).
     """
     path = Path(path)
-    if not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: not a training-state directory (no DCP .metadata)")
+    read_dcp_metadata(path)  # refuse a crafted or damaged .metadata before anything else
+    extra = read_trainer_state(path)
+    saved_config = extra.get("model_config")
+    if isinstance(saved_config, dict) and hasattr(model, "config"):
+        diffs = config_differences(saved_config, model.config)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"{path}: cannot load training state into this model: the checkpoint holds another model "
+                "(only brackets and '|' may differ): " + "; ".join(diffs)
+            )
+    rng = _read_rng(path) if restore_rng else {}
     p = _pattern(model.config.parsed)
     states = _canonical_states(model, optimizer)
+    wanted = _tensors_only(states)
     try:
         with _quiet_single_process():
-            dcp.load(states, checkpoint_id=str(path))
+            dcp.load(
+                wanted,
+                storage_reader=SafeFileSystemReader(str(path)),
+                planner=TensorOnlyLoadPlanner(),
+            )
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
         # DCP wraps each rank's traceback; its last line says what did not fit.
         reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
         raise CheckpointError(f"{path}: cannot load training state into this model: {reason[0]}") from None
+    states["model"] = wanted["model"]
+    if optimizer is not None:
+        states["optim"].update(wanted["optim"])
     model_sd = {model_name(k, p): v for k, v in states["model"].items()}
     if optimizer is not None:
         optim_sd = _rename_optimizer(states["optim"], lambda n: model_name(n, p))
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
     else:
         set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={}, options=_OPTIONS)
-    try:
-        extra = torch.load(path / TRAINER_STATE, weights_only=True)
-    except FileNotFoundError:
-        extra = {}
-    if scheduler is not None and "scheduler" in extra:
-        scheduler.load_state_dict(extra["scheduler"])
-    if restore_rng and "rng" in extra:
-        mine = extra["rng"].get(_rank()) or extra["rng"].get(0)
-        if mine is not None:
-            set_rng_state(mine)
+    if scheduler is not None and isinstance(extra.get("scheduler"), dict):
+        _restore_scheduler(scheduler, extra["scheduler"])
+    if restore_rng:
+        rank = str(_rank())
+        py = extra.get("rng_python", {})
+        key = rank if rank in py else "0"
+        if key in py and f"rank{key}.torch" in rng:
+            state = {"python": py[key], "torch": rng[f"rank{key}.torch"]}
+            if f"rank{key}.cuda" in rng:
+                state["cuda"] = rng[f"rank{key}.cuda"]
+            try:
+                set_rng_state(state)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: damaged RNG state ({e})") from None
     return extra

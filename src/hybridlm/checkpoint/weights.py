@@ -4,7 +4,8 @@
 
     path/
       config.json                         format, format_version, the resolved ModelConfig, the
-                                          pattern, its canonical layers
+                                          pattern, its canonical layers, and the SHA-256 of each
+                                          safetensors file (``sha256``), checked at load
       model.safetensors                   or, above ``max_shard_size``:
       model-00001-of-00003.safetensors ... + model.safetensors.index.json (weight_map)
 
@@ -14,7 +15,9 @@ half-written checkpoint where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +39,24 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # bytes, as Hugging Face's save_pretrained
+CHECKSUMS_KEY = "sha256"  #: config.json key: safetensors file name -> SHA-256 hex digest
+
+logger = logging.getLogger("hybridlm.checkpoint")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shard_name(index: Path, name: object) -> str:
+    """An index entry must name a file inside the checkpoint folder: a bare ``*.safetensors`` name."""
+    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder")
+    return name
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -185,6 +206,7 @@ def save_state_dict(
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp, tensors, max_shard_size)
+        meta[CHECKSUMS_KEY] = {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             target = tmp / name
@@ -271,7 +293,10 @@ def weight_files(path: str | Path) -> dict[str, str]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is not a JSON object")
         for name in set(weight_map.values()):
+            check_shard_name(index, name)
             if not (path / name).exists():
                 raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
         return dict(weight_map)
@@ -285,8 +310,40 @@ def weight_files(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{single}: cannot read safetensors file ({e})") from None
 
 
-def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU."""
+def _expected_checksums(path: Path) -> dict[str, str]:
+    """The ``sha256`` map of a hybridlm checkpoint's config.json ({} for other folders)."""
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return {}
+    sums = meta.get(CHECKSUMS_KEY)
+    if sums is None:
+        logger.warning("%s: written without checksums (an older hybridlm); loading unverified", path)
+        return {}
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{path / CONFIG_NAME}: {CHECKSUMS_KEY} is not a JSON object")
+    return sums
+
+
+def verify_file(path: Path, file: str, expected: dict[str, str]) -> None:
+    """Refuse ``path/file`` when its SHA-256 differs from the one written at save."""
+    if file not in expected:
+        raise CheckpointError(f"{path}: {file} has no checksum in {CONFIG_NAME} (added after the save?)")
+    if file_sha256(path / file) != expected[file]:
+        raise CheckpointError(
+            f"{path / file}: checksum mismatch, the file is damaged "
+            "(load anyway with verify=False, or --no-verify on the command line)"
+        )
+
+
+def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU.
+
+    With ``verify`` (the default) each file read is checked against the SHA-256 that
+    :func:`save` wrote into ``config.json`` (folders without checksums load unverified).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -308,7 +365,18 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[s
             raise
         except Exception as e:
             raise CheckpointError(f"{path / file}: cannot read safetensors file ({e})") from None
+    if verify:  # after the structural checks above, whose messages say more
+        verify_checksums(path, by_file)
     return out
+
+
+def verify_checksums(path: str | Path, files: Iterable[str] | None = None) -> None:
+    """Check ``files`` (default: all) of checkpoint ``path`` against the SHA-256 in its config.json."""
+    path = Path(path)
+    expected = _expected_checksums(path)
+    if expected:
+        for file in sorted(set(weight_files(path).values()) if files is None else set(files)):
+            verify_file(path, file, expected)
 
 
 def pattern_differences(saved: HybridPattern, wanted: HybridPattern) -> list[str]:
@@ -395,6 +463,7 @@ def load(
     pattern: str | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    verify: bool = True,
 ) -> torch.nn.Module:
     """Build a :class:`hybridlm.HybridLM` from checkpoint directory ``path``.
 
@@ -405,16 +474,18 @@ def load(
         dtype: parameter dtype; default: the checkpoint's. Numerically sensitive parameters
             (``A_log``, ``D``, ``dt_bias``, router weights) stay float32.
         device: where to put the model (default CPU).
+        verify: check each safetensors file against the SHA-256 written at save (default);
+            ``False`` skips the check (e.g. a file edited on purpose).
 
     Raises:
-        CheckpointError: a missing or damaged file, a pattern that describes another model, or
+        CheckpointError: a missing or damaged file (checksum mismatch), a pattern that describes another model, or
             tensors that are missing, unexpected or mis-shaped (all listed by name).
     """
     from ..model import HybridLM
 
     path = Path(path)
     config = config_for_pattern(read_config(path), pattern)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, verify=False)
     if dtype is None:
         counts: dict[torch.dtype, int] = {}
         for t in tensors.values():
@@ -426,4 +497,6 @@ def load(
     if dtype != torch.float32:
         model.cast(dtype)
     load_canonical_into(model, tensors, source=str(path))
+    if verify:  # last, so that a file that does not fit says how
+        verify_checksums(path)
     return model

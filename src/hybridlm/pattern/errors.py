@@ -11,6 +11,9 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
+_MAX_SHOWN = 80  #: characters of a long pattern quoted in an error message
+
+
 class PatternError(HybridLMError, ValueError):
     """A layer pattern broke a rule of the pattern language.
 
@@ -31,10 +34,22 @@ class PatternError(HybridLMError, ValueError):
         super().__init__(self._format())
 
     def _format(self) -> str:
-        lines = [self.rule, f"  pattern: '{_printable(self.pattern)}'"]
-        if self.position is not None:
+        text, position = _printable(self.pattern), self.position
+        rule = self.rule
+        if len(text) > _MAX_SHOWN:
+            # A long pattern is shown as a window around the caret, so the message stays readable.
+            centre = position if position is not None else 0
+            start = max(0, min(centre - _MAX_SHOWN // 2, len(text) - _MAX_SHOWN))
+            end = start + _MAX_SHOWN
+            text = ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+            if position is not None:
+                position = position - start + (3 if start else 0)
+            where = f", error at position {self.position}" if self.position is not None else ""
+            rule = f"{rule} (pattern of {len(self.pattern)} characters, shortened{where})"
+        lines = [rule, f"  pattern: '{text}'"]
+        if position is not None:
             # 12 = len("  pattern: '"), so the caret sits under the quoted character.
-            lines.append(" " * (12 + self.position) + "^")
+            lines.append(" " * (12 + position) + "^")
         return "\n".join(lines)
 
     def __reduce__(self):  # keep the error picklable (multiprocessing, pytest-xdist)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -91,6 +92,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10  #: stop after this many skipped (inf/nan loss or gradient) steps in a row
     run_dir: str = "runs/{time}"  #: {time} becomes the start time
 
 
@@ -146,6 +148,10 @@ class RunConfig:
             raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("config", f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("config", f"{path}: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ConfigError("config", f"{path}: nested too deeply") from None
         return cls.from_dict(d)
 
     def with_overrides(self, assignments: list[str]) -> RunConfig:
@@ -230,7 +236,15 @@ class RunConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(o, name) < 1.0:
                 raise ConfigError(f"optim.{name}", f"must be in [0, 1), got {getattr(o, name)}")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "max_nonfinite_steps",
+        ):
             _positive(f"train.{name}", getattr(t, name))
         if t.micro_batch_size is not None:
             _positive("train.micro_batch_size", t.micro_batch_size)
@@ -246,8 +260,10 @@ class RunConfig:
             raise ConfigError("train.ac_policy", str(e)) from None
         if t.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-        if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
-            raise ConfigError("train.device", f"must be 'auto', 'cpu' or 'cuda', got {t.device!r}")
+        if t.device not in ("auto", "cpu", "cuda") and not (
+            t.device.startswith("cuda:") and t.device[5:].isascii() and t.device[5:].isdigit()
+        ):
+            raise ConfigError("train.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {t.device!r}")
         if t.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision", f"must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
         if t.threads is not None:
@@ -334,6 +350,8 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
             return
         if t is str and isinstance(value, str):
             return
@@ -344,5 +362,5 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
 def _parse_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw  # a bare string such as a pattern or a path

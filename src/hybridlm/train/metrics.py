@@ -32,6 +32,8 @@ class Metrics:
     ):
         self.run_dir, self.total, self.enabled = run_dir, total_steps, enabled
         self.history: list[dict[str, Any]] = []
+        if enabled:
+            repair_jsonl(run_dir / "metrics.jsonl")
         self._jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (closed in close())
         self._tb = None
         if enabled:
@@ -119,12 +121,33 @@ class Metrics:
             self._tb.close()
 
 
+def repair_jsonl(path: Path) -> None:
+    """Cut a torn last line (the process died mid-write) so that appends start on a line of their own."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        logger.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - data.rfind(b"\n") - 1)
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_history(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; lines that are not JSON objects (torn writes) are skipped."""
     rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                logger.warning("%s:%d: skipping a line that is not a metrics row", path, number)
     return rows
 
 

@@ -96,9 +96,20 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
         if (directory / "tokenizer.json").exists():
             return HFTokenizer(directory / "tokenizer.json")
         raise DataError(f"{directory}: no {SPEC_NAME} or tokenizer.json; pass a tokenizer explicitly")
-    spec = json.loads(spec_file.read_text())
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{spec_file}: unreadable ({e})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
     if spec.get("type") == "byte":
         return ByteTokenizer()
-    tok = HFTokenizer(directory / spec.get("file", "tokenizer.json"))
-    tok.eos_id = spec.get("eos_id", tok.eos_id)
+    name = spec.get("file", "tokenizer.json")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise DataError(f"{spec_file}: 'file' must name a file in {directory}, got {name!r}")
+    tok = HFTokenizer(directory / name)
+    eos = spec.get("eos_id", tok.eos_id)
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < tok.vocab_size):
+        raise DataError(f"{spec_file}: eos_id must be a token id below {tok.vocab_size}, got {eos!r}")
+    tok.eos_id = eos
     return tok

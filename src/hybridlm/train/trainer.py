@@ -22,16 +22,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.listing import checkpoint_dir_name, list_checkpoints, load_newest
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, full_cpu, save_state_dict
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
 from .config import RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
+from .guard import NonFiniteGuard, weights_finite
 from .metrics import Metrics, plot_losses
 from .optim import build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
+from .signals import StopSignals, TrainingInterrupted, signal_name
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("hybridlm.train")
@@ -69,7 +72,7 @@ def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = sorted((run_dir / CHECKPOINTS).glob("step-*")) if (run_dir / CHECKPOINTS).exists() else []
+    steps = list_checkpoints(run_dir / CHECKPOINTS)  # in step order: step-1000000 after step-999999
     return steps[-1] if steps else None
 
 
@@ -184,8 +187,13 @@ class Trainer:
                 raise DataError(
                     f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
                 )
-            state = load_training_state(ckpt, self.model, self.optimizer, self.scheduler)
+            # The newest checkpoint that loads (a damaged one is skipped with a warning).
+            state, _ = load_newest(
+                list_checkpoints(self.run_dir / CHECKPOINTS),
+                lambda p: load_training_state(p, self.model, self.optimizer, self.scheduler),
+            )
             self.step = int(state["step"])
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.peak_flops = measure_matmul_flops(self.device) if self.device.type == "cuda" else None
         self.metrics = Metrics(self.run_dir, t.steps, self.step, enabled=self.is_main, progress=progress)
 
@@ -254,7 +262,13 @@ class Trainer:
             grad_norm = self.pipeline.clip_grad_norm(clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
+        loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        # A non-finite loss or gradient skips the update (see train/guard.py); the schedule moves on.
+        finite = self.guard.finite(loss, float(grad_norm))
+        if finite:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.has_expert_bias:
@@ -264,12 +278,12 @@ class Trainer:
                 for name, buf in self.model.named_buffers():
                     if name.endswith("tokens_per_expert"):
                         dist.all_reduce(buf)
-            self.model.update_expert_bias(self.run.optim.moe_expert_bias_rate)
+            self.model.update_expert_bias(self.run.optim.moe_expert_bias_rate if finite else 0.0)  # 0: reset counts
         self.step += 1
-        loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        return {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
+        out = {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
+        if not finite:
+            out["nonfinite_skipped"] = self.guard.skipped + 1
+        return out
 
     def _global_valid(self, labels: torch.Tensor) -> torch.Tensor:
         """Labelled tokens of the step over all data-parallel ranks (each row counted once)."""
@@ -319,13 +333,32 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / CHECKPOINTS / f"step-{self.step:06d}"
+        if not weights_finite(self.model):  # never let a NaN checkpoint push a good one out
+            raise TrainingDivergedError(
+                f"the weights are not finite at step {self.step}: no checkpoint written; "
+                f"the last checkpoint is {latest_checkpoint(self.run_dir)} (lower optim.lr, then resume)"
+            )
+        path = self.run_dir / CHECKPOINTS / checkpoint_dir_name(self.step)
         save_training_state(path, self.model, self.optimizer, self.scheduler, step=self.step)
+        self._saved_step = self.step
         if self.is_main:
-            old = sorted((self.run_dir / CHECKPOINTS).glob("step-*"))[: -self.run.train.keep_checkpoints]
-            for p in old:
+            for p in list_checkpoints(self.run_dir / CHECKPOINTS)[: -self.run.train.keep_checkpoints]:
                 shutil.rmtree(p, ignore_errors=True)
         return path
+
+    def _stop_for_signal(self, signals: StopSignals) -> None:
+        """Between steps: on SIGINT/SIGTERM/SIGHUP, save the current step (unless just saved) and stop."""
+        signum = signals.pending(self.device if self.world > 1 else None)
+        if signum is None:
+            return
+        if getattr(self, "_saved_step", None) != self.step:
+            self.save_checkpoint()
+        self.metrics.close()
+        raise TrainingInterrupted(
+            signum,
+            f"{signal_name(signum)} received: stopped at step {self.step} with a checkpoint in "
+            f"{latest_checkpoint(self.run_dir)}; resume with: hybridlm train --resume {self.run_dir}",
+        )
 
     def export(self, path: Path | None = None) -> Path:
         """Write the weights (canonical safetensors) and the tokenizer to ``<run_dir>/model``."""
@@ -384,10 +417,18 @@ class Trainer:
         if first_val is not None:
             self.metrics.record(self.step, {"val_loss": first_val}, console=False)
             self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
+        with StopSignals() as signals:
+            summary = self._loop(stop, start_time, first_val, signals)
+            self._stop_for_signal(signals)  # a signal during the final export: it is saved, say so
+        return summary
+
+    def _loop(self, stop: int, start_time: float, first_val: float | None, signals: StopSignals) -> dict[str, Any]:
+        t = self.run.train
         last_val = first_val
         window_tokens, window_time, window_losses = 0, 0.0, []
         try:
             while self.step < stop:
+                self._stop_for_signal(signals)
                 t0 = time.perf_counter()
                 values = self.train_step()
                 window_time += time.perf_counter() - t0  # training time only: evaluation is not counted
@@ -410,8 +451,12 @@ class Trainer:
                     if last_val is not None:
                         record["val_loss"] = last_val
                 self.metrics.record(self.step, record, console=console)
+                self.guard.record(self.step, "nonfinite_skipped" not in values, lambda: latest_checkpoint(self.run_dir))
                 if self.step % t.checkpoint_every == 0 or self.step == stop:
                     self.save_checkpoint()
+        except TrainingDivergedError:
+            self.metrics.close()
+            raise
         except KeyboardInterrupt:
             self.metrics.print(f"interrupted at step {self.step}: saving a checkpoint to resume from")
             self.save_checkpoint()

@@ -1,0 +1,109 @@
+"""Reading DCP training-state folders without running code from them.
+
+DCP writes its ``.metadata`` file with :mod:`pickle`, and loads every non-tensor entry with
+``torch.load(weights_only=False)``: a folder received from someone else could run any code it
+likes. Here the metadata is unpickled by an :class:`pickle.Unpickler` that resolves only the
+classes DCP metadata is made of (an allow-list), and a load planner refuses every non-tensor
+entry, so only tensors are read (DCP reads those with ``torch.load(weights_only=True)``).
+Everything non-tensor hybridlm needs is stored as JSON beside the DCP files.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from ..errors import CheckpointError
+
+METADATA_NAME = ".metadata"
+
+_DCP = "torch.distributed.checkpoint.metadata"
+#: (module, name) pairs a DCP ``.metadata`` pickle may name. Constructing any of them runs no
+#: user-controlled code: dataclasses, enums, torch.Size, dtypes and paths.
+_ALLOWED: set[tuple[str, str]] = {
+    (_DCP, "Metadata"),
+    (_DCP, "MetadataIndex"),
+    (_DCP, "StorageMeta"),
+    (_DCP, "TensorProperties"),
+    (_DCP, "TensorStorageMetadata"),
+    (_DCP, "BytesStorageMetadata"),
+    (_DCP, "ChunkStorageMetadata"),
+    (_DCP, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"'{module}.{name}' is not part of DCP metadata")
+
+
+def read_dcp_metadata(path: str | Path) -> Metadata:
+    """The DCP ``Metadata`` of folder ``path``, unpickled with the allow-list above.
+
+    Raises:
+        CheckpointError: a missing or damaged file, or one that names anything but DCP metadata
+            classes (a crafted pickle), with the offending name.
+    """
+    file = Path(path) / METADATA_NAME
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a training-state directory (no DCP {METADATA_NAME})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: unreadable ({e.strerror})") from None
+    try:
+        meta = _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # any unpickling failure: damaged or crafted
+        raise CheckpointError(f"{file}: refused ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
+        raise CheckpointError(f"{file}: not DCP metadata")
+    for info in (meta.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+            raise CheckpointError(f"{file}: a storage entry points outside the folder ({rel!r})")
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{file}: storage transforms are not supported ({info.transform_descriptors!r})")
+    return meta
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """A :class:`FileSystemReader` that reads ``.metadata`` with :func:`read_dcp_metadata`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise CheckpointError(f"{self.path}: per-rank DCP metadata is not supported")
+        meta = read_dcp_metadata(self.path)
+        if getattr(meta, "storage_meta", None) is None:
+            meta.storage_meta = StorageMeta()
+        meta.storage_meta.load_id = self.load_id
+        return meta
+
+
+class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+    """Refuses to unpickle non-tensor entries (DCP would use ``torch.load(weights_only=False)``)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CheckpointError(
+            f"entry {read_item.dest_index.fqn!r} is stored as a pickled object, which hybridlm never loads"
+        )

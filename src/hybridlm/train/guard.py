@@ -1,0 +1,72 @@
+"""Non-finite loss or gradient: skip the step, count it, stop after too many in a row.
+
+A step whose loss or global gradient norm is ``inf``/``nan`` is skipped: the optimizer does not
+step (weights, moments and AdamW's step counter stay as they were), while the learning-rate
+schedule and the data position move on, so the schedule stays aligned with ``step`` (and with a
+resumed run). ``train.max_nonfinite_steps`` skipped steps in a row end the run with
+:class:`~hybridlm.errors.TrainingDivergedError`. :func:`weights_finite` guards every save.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import TrainingDivergedError
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps; raises once ``limit`` come in a row.
+
+    Attributes:
+        skipped: non-finite steps skipped in this process's run so far.
+        in_a_row: the current streak of non-finite steps.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.skipped = 0
+        self.in_a_row = 0
+
+    @staticmethod
+    def finite(loss: float, grad_norm: float) -> bool:
+        return math.isfinite(loss) and math.isfinite(grad_norm)
+
+    def record(self, step: int, finite: bool, last_checkpoint: Callable[[], Path | None] = lambda: None) -> None:
+        """Account for optimizer step ``step`` (1-based); raise when the streak reaches the limit
+        (the message names ``last_checkpoint()``, looked up only then)."""
+        if finite:
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            first = step - self.in_a_row + 1
+            latest = last_checkpoint()
+            where = f"; the last checkpoint is {latest}" if latest else "; no checkpoint was written"
+            raise TrainingDivergedError(
+                f"training diverged: the loss or gradient was not finite at steps {first}-{step} "
+                f"({self.in_a_row} in a row, train.max_nonfinite_steps = {self.limit}); stopped at step {step} "
+                f"without saving{where} (lower optim.lr or set optim.grad_clip, then resume)"
+            )
+
+
+@torch.no_grad()
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Every parameter and floating buffer finite, on every process (a collective when distributed)."""
+    ok = True
+    for t in [*model.parameters(), *model.buffers()]:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            ok = False
+            break
+    if dist.is_available() and dist.is_initialized():
+        device = next(model.parameters()).device
+        flag = torch.tensor([0.0 if ok else 1.0], device=device if device.type != "meta" else "cpu")
+        dist.all_reduce(flag)
+        ok = flag.item() == 0
+    return ok

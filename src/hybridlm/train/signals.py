@@ -1,0 +1,70 @@
+"""SIGINT, SIGTERM and SIGHUP during training: finish what is running, save, exit conventionally.
+
+The handler only records the signal; the training loop looks at the record between steps (and
+after a save), so a signal never lands inside a DCP write. The loop then writes a checkpoint of
+the current step and raises :class:`TrainingInterrupted`, which the CLI turns into exit status
+128 + signal number (130, 143, 129) with a line saying how to resume.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+from ..errors import HybridLMError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class TrainingInterrupted(HybridLMError):
+    """Training stopped on a signal after saving a checkpoint. ``exit_status`` is 128 + the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.signum, str(self)))
+
+
+class StopSignals:
+    """While entered, STOP_SIGNALS set :attr:`received` (the first signal number) instead of acting.
+
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def pending(self, device: torch.device | None = None) -> int | None:
+        """The signal to stop for, agreed on by every process (a collective when distributed)."""
+        signum = self.received or 0
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([signum], dtype=torch.int64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t.item())
+        return signum or None
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

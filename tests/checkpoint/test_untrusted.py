@@ -1,0 +1,154 @@
+"""No file a user may receive runs code when loaded: crafted pickles in every load path, flipped
+bytes, index entries outside the folder."""
+
+import json
+import pathlib
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import hybridlm
+from hybridlm import CheckpointError, HybridLM
+from hybridlm.checkpoint.inspect import describe
+from hybridlm.checkpoint.safe_dcp import read_dcp_metadata
+from hybridlm.checkpoint.training_state import (
+    RNG_STATE,
+    TRAINER_STATE,
+    _canonical_states,
+    load_training_state,
+    save_training_state,
+)
+from hybridlm.cli import main
+from tests.helpers import tiny_config
+
+
+class Payload:
+    """Unpickling this creates ``marker``: the proof that a load ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def make(seed=0):
+    model = HybridLM(tiny_config("M-*-"), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids, ids).loss.backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.fixture
+def state(tmp_path):
+    model, opt = make()
+    save_training_state(tmp_path / "s", model, opt, step=1)
+    return tmp_path / "s"
+
+
+def refused_everywhere(path, marker, capsys):
+    model, opt = make(seed=1)
+    with pytest.raises(CheckpointError):
+        load_training_state(path, model, opt)
+    with pytest.raises(CheckpointError):
+        describe(path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not marker.exists(), "a load ran code from the checkpoint"
+
+
+def test_crafted_metadata_pickle(state, tmp_path, capsys):
+    assert describe(state)["kind"] == "DCP training state"  # the genuine folder is read
+    marker = tmp_path / "pwned"
+    (state / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    refused_everywhere(state, marker, capsys)
+
+
+def test_object_planted_inside_genuine_metadata(state, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    meta = read_dcp_metadata(state)
+    meta.planner_data = {"x": Payload(marker)}
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    refused_everywhere(state, marker, capsys)
+    with pytest.raises(CheckpointError, match="is not part of DCP metadata"):
+        read_dcp_metadata(state)
+
+
+def test_object_planted_in_an_optimizer_entry(state, tmp_path):
+    """DCP stores non-tensors with torch.save and loads them with weights_only=False: never asked for."""
+    marker = tmp_path / "pwned"
+    model, opt = make()
+    states = _canonical_states(model, opt)
+    key = next(k for k in states["optim"] if k.endswith(".exp_avg"))
+    states["optim"][key] = Payload(marker)
+    states["optim"]["param_groups.extra.lr"] = Payload(marker)
+    evil = tmp_path / "evil"
+    dcp.save(states, checkpoint_id=str(evil))
+    for name in (TRAINER_STATE, RNG_STATE):
+        shutil.copy(state / name, evil / name)
+    fresh, fresh_opt = make(seed=1)
+    with pytest.raises(CheckpointError, match="pickled object, which hybridlm never loads"):
+        load_training_state(evil, fresh, fresh_opt)
+    assert not marker.exists()
+
+
+def test_trainer_state_is_json_and_a_planted_pickle_is_ignored(state, tmp_path):
+    marker = tmp_path / "pwned"
+    assert json.loads((state / TRAINER_STATE).read_text())["step"] == 1
+    (state / TRAINER_STATE).unlink()
+    torch.save({"step": Payload(marker)}, state / "trainer_state.pt")  # the old file name
+    model, opt = make(seed=1)
+    with pytest.raises(CheckpointError, match=r"missing trainer_state\.json"):
+        load_training_state(state, model, opt)
+    assert not marker.exists()
+
+
+def test_storage_entry_outside_the_folder_is_refused(state):
+    meta = read_dcp_metadata(state)
+    info = next(iter(meta.storage_data.values()))
+    info.relative_path = "../elsewhere/__0_0.distcp"
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match="points outside the folder"):
+        read_dcp_metadata(state)
+
+
+# -- published weights: checksums and index entries ------------------------------------------------
+
+
+def test_flipped_data_byte_is_refused_unless_verify_is_off(tmp_path):
+    path = tmp_path / "ck"
+    model = HybridLM(tiny_config("M-*-"))
+    hybridlm.save(model, path)
+    assert "model.safetensors" in json.loads((path / "config.json").read_text())["sha256"]
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10  # a bit of the last tensor's data: the file still parses
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        hybridlm.load(path)
+    loaded = hybridlm.load(path, verify=False)
+    differ = [k for k, v in loaded.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert len(differ) == 1  # the flipped bit, loaded on request
+
+
+def test_sharded_checkpoint_checksums_and_outside_index_entries(tmp_path):
+    path = tmp_path / "ck"
+    hybridlm.save(HybridLM(tiny_config("M-*-")), path, max_shard_size=20_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and sorted(json.loads((path / "config.json").read_text())["sha256"]) == shards
+    hybridlm.load(path)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(path / shards[0], other / shards[0])
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][name] = f"../other/{shards[0]}"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for load in (hybridlm.load, describe):
+        with pytest.raises(CheckpointError, match=r"not a \.safetensors file inside the checkpoint folder"):
+            load(path)

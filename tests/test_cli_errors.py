@@ -1,0 +1,109 @@
+"""Every CLI error: one line, exit 2, no traceback (unless --debug); a full disk says so."""
+
+import errno
+
+import pytest
+
+import hybridlm
+from hybridlm import HybridLM
+from hybridlm.cli import main
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "latin1.toml").write_bytes(b'[data]\nsource = "caf\xe9"\n')
+    (d / "nested.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    (d / "list").mkdir()
+    (d / "list/config.json").write_text("[1, 2]")
+    (d / "notes.safetensors").write_text("not safetensors")
+    hybridlm.save(HybridLM(tiny_config("M-")), d / "model")
+    (d / "garbage.json").write_text("{garbage")
+    (d / "model/tokenizer.hybridlm.json").write_text("[1]")
+    return d
+
+
+CASES = [
+    ["pattern", "M-", "--pp", "0"],
+    ["pattern", "M-", "--pp", "-1"],
+    ["pattern", "M-M-", "--last-stage-layers", "-2", "--pp", "2"],
+    ["train", "--set", "train.device=cuda:abc"],
+    ["train", "--set", "train.device=cuda:"],
+    ["train", "--set", "optim.lr=nan"],
+    ["train", "--set", "optim.lr=inf"],
+    ["train", "--set", "optim.grad_clip=nan"],
+    ["train", "--set", "optim.weight_decay=inf"],
+    ["train", "--set", "data.val_fraction=nan"],
+    ["train", "--set", "model.rope_theta=inf"],
+    ["train", "--set", "model.hidden_size=nan"],
+    ["train", "--set", "train.steps=1e400"],
+    ["train", "--set", "train.max_nonfinite_steps=0"],
+    ["train", "--set", "model=3"],
+    ["train", "--config", "{d}/latin1.toml"],
+    ["train", "--config", "{d}/nested.toml"],
+    ["train", "--config", "{d}"],
+    ["train", "--config", "{d}/missing.toml"],
+    ["train", "--resume", "{d}/no-run"],
+    ["train", "--resume"],
+    ["inspect", "{d}/list"],
+    ["inspect", "{d}/notes.safetensors"],
+    ["inspect", "{d}/missing"],
+    ["generate", "{d}/missing", "--prompt", "a"],
+    ["generate", "{d}/model", "--prompt", "a", "--tokenizer", "{d}/garbage.json"],
+    ["generate", "{d}/model", "--prompt", "a"],
+    ["generate", "{d}/list", "--prompt", "a"],
+    ["convert", "{d}/model", "{d}/out", "--to", "megatron"],
+    ["convert", "{d}/list", "{d}/out2", "--from", "nemotron-h"],
+    ["prepare", "{d}/missing", "{d}/prepared"],
+]
+
+
+@pytest.mark.parametrize("argv", CASES, ids=[" ".join(c)[:60] for c in CASES])
+def test_one_line_and_exit_2(files, argv, capsys):
+    assert main([a.format(d=files) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if not line.startswith(("tokenizing", "\r"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in lines[0]
+
+
+def test_long_pattern_shortened_around_the_caret(capsys):
+    text = "M-" * 50_000 + "X" + "M-" * 10
+    assert main(["pattern", text]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 500 and "X" in err and "shortened, error at position 100000" in err
+    quoted, caret = err.splitlines()[1:3]
+    assert quoted[caret.index("^")] == "X"
+
+
+def test_pattern_starting_with_a_dash(capsys):
+    assert main(["pattern", "--", "-M"]) == 0
+    assert "MLP" in capsys.readouterr().out
+
+
+def test_full_disk_says_so(monkeypatch, capsys):
+    import hybridlm.train.trainer as trainer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/.step-000100.tmp")
+
+    monkeypatch.setattr(trainer, "Trainer", full)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on device (runs/x/") and "\n" not in err
+    with pytest.raises(OSError):
+        main(["--debug", "train"])
+
+
+@pytest.mark.parametrize(("signum", "status"), [(2, 130), (15, 143), (1, 129)])
+def test_training_stopped_by_a_signal_exits_128_plus_n(monkeypatch, capsys, signum, status):
+    import hybridlm.train.trainer as trainer
+    from hybridlm.train.signals import TrainingInterrupted
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(signum, "SIGTERM received: ...; resume with: hybridlm train --resume runs/x")
+
+    monkeypatch.setattr(trainer, "Trainer", stopped)
+    assert main(["train"]) == status
+    assert "resume with: hybridlm train --resume runs/x" in capsys.readouterr().err

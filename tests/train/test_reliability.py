@@ -1,0 +1,238 @@
+"""Reliability of a training run: non-finite steps, signals, checkpoint order and fallback, resume
+checks, torn metrics lines. Tiny runs in one process (see tests/train/test_sigkill.py for kills)."""
+
+import json
+import logging
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from hybridlm.checkpoint.listing import list_checkpoints
+from hybridlm.cli import main
+from hybridlm.errors import CheckpointError, CheckpointMismatchError, TrainingDivergedError
+from hybridlm.train.metrics import read_history
+from hybridlm.train.optim import lr_factor
+from hybridlm.train.signals import TrainingInterrupted
+from hybridlm.train.trainer import Trainer, latest_checkpoint
+from tests.train.test_trainer import TINY_RUN, losses, tiny_run, weights
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted tiny run: final weights and per-step losses."""
+    path = tmp_path_factory.mktemp("ref") / "run"
+    t = Trainer(tiny_run(), run_dir=path, progress=False)
+    t.run_loop()
+    return weights(t.model), losses(path)
+
+
+def assert_same_run(trainer, run_dir, reference):
+    ref_weights, ref_losses = reference
+    got = weights(trainer.model)
+    assert got.keys() == ref_weights.keys()
+    for k in got:
+        assert torch.equal(got[k], ref_weights[k]), k
+    assert losses(run_dir) == ref_losses
+
+
+def poison_grads_from(trainer, first_step):
+    """Make the gradient NaN on optimizer steps >= ``first_step`` (1-based)."""
+    p = next(trainer.model.parameters())
+    p.register_hook(lambda g: g * float("nan") if trainer.step + 1 >= first_step else g)
+
+
+# -- non-finite loss or gradient ---------------------------------------------------------------------
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    t.train_step()
+    t.train_step()
+    before = weights(t.model)
+    optim_before = {k: v.clone() for s in t.optimizer.state.values() for k, v in s.items() if k == "step"}
+    moments = [s["exp_avg"].clone() for s in t.optimizer.state.values()]
+    poison_grads_from(t, 3)
+    out = t.train_step()
+    assert out["nonfinite_skipped"] == 1
+    after = weights(t.model)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(int(s["step"]) == 2 for s in t.optimizer.state.values()), optim_before  # AdamW counter unchanged
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, t.optimizer.state.values()))
+    # The schedule moved on with the step: the next lr is the one planned for step 4.
+    assert t.step == 3 and t.scheduler.last_epoch == 3
+    assert t.optimizer.param_groups[0]["lr"] == t.run.optim.lr * lr_factor(3, t.run.train.steps, t.run.optim)
+
+
+def test_diverging_run_stops_nonzero_and_keeps_finite_checkpoints(tmp_path):
+    run = tiny_run("train.steps=12", "train.checkpoint_every=2", "train.max_nonfinite_steps=3")
+    t = Trainer(run, run_dir=tmp_path, progress=False)
+    poison_grads_from(t, 5)
+    with pytest.raises(TrainingDivergedError, match=r"not finite at steps 5-7 .*stopped at step 7"):
+        t.run_loop()
+    kept = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in kept] == ["step-000004", "step-000006"]
+    assert not (tmp_path / "model").exists()
+    rows = [r for r in read_history(tmp_path / "metrics.jsonl") if "nonfinite_skipped" in r]
+    assert [r["step"] for r in rows] == [5, 6, 7]
+    # Never a checkpoint from non-finite weights: the save refuses, the older ones stay.
+    with torch.no_grad():
+        next(t.model.parameters())[0] = float("inf")
+    t.step = 8
+    with pytest.raises(TrainingDivergedError, match="weights are not finite at step 8"):
+        t.save_checkpoint()
+    assert list_checkpoints(tmp_path / "checkpoints") == kept
+
+
+def test_huge_learning_rate_diverges_without_a_nan_checkpoint(tmp_path):
+    run = tiny_run("optim.lr=1e6", "optim.warmup_steps=0", "train.steps=40", "train.checkpoint_every=1")
+    t = Trainer(run, run_dir=tmp_path, progress=False)
+    with pytest.raises(TrainingDivergedError):
+        t.run_loop()
+    assert not (tmp_path / "model").exists()
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):
+        fresh = Trainer(run, run_dir=tmp_path / "x", progress=False)
+        from hybridlm.checkpoint.training_state import load_training_state
+
+        load_training_state(ckpt, fresh.model)
+        assert all(torch.isfinite(p).all() for p in fresh.model.parameters()), ckpt
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_between_steps_saves_the_current_step(tmp_path, reference, signum):
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    step = t.train_step
+
+    def train_step():
+        out = step()
+        if t.step == 3:
+            os.kill(os.getpid(), signum)
+        return out
+
+    t.train_step = train_step
+    with pytest.raises(TrainingInterrupted) as info:
+        t.run_loop()
+    assert info.value.exit_status == 128 + signum
+    assert f"hybridlm train --resume {tmp_path}" in str(info.value)
+    assert latest_checkpoint(tmp_path).name == "step-000003"
+    resumed = Trainer(tiny_run(), run_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.run_loop()
+    assert_same_run(resumed, tmp_path, reference)
+
+
+def test_sigint_inside_a_save_finishes_it(tmp_path, reference, monkeypatch):
+    real_save = dcp.save
+
+    def save(*args, **kwargs):  # the signal lands inside the periodic save of step 4
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", save)
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    with pytest.raises(TrainingInterrupted) as info:
+        t.run_loop()
+    monkeypatch.undo()
+    assert info.value.exit_status == 130
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000004"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = Trainer(tiny_run(), run_dir=tmp_path, resume=True, progress=False)
+    resumed.run_loop()
+    assert_same_run(resumed, tmp_path, reference)
+
+
+# -- checkpoints: order, fallback, resume checks ---------------------------------------------------
+
+
+def test_step_one_million_is_kept(tmp_path):
+    t = Trainer(tiny_run("train.keep_checkpoints=1"), run_dir=tmp_path, progress=False)
+    for step in (999_999, 1_000_000):
+        t.step = step
+        t.save_checkpoint()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-1000000"]
+    assert latest_checkpoint(tmp_path).name == "step-1000000"
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """A tiny run stopped at step 6 with checkpoints of steps 2, 4, 6."""
+    run = tiny_run("train.checkpoint_every=2", "train.keep_checkpoints=3")
+    t = Trainer(run, run_dir=tmp_path, progress=False)
+    t.run_loop(until=6)
+    return run, tmp_path
+
+
+def test_resume_falls_back_to_the_newest_loadable_checkpoint(saved_run, caplog):
+    run, path = saved_run
+    (path / "checkpoints/step-000006/__0_0.distcp").write_bytes(b"damaged")
+    (path / "checkpoints/step-000004/trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        t = Trainer(run, run_dir=path, resume=True, progress=False)
+    assert t.step == 2
+    assert "step-000006" in caplog.text and "step-000004" in caplog.text
+    (path / "checkpoints/step-000002/.metadata").write_bytes(b"\x80garbage")
+    with pytest.raises(CheckpointError, match="no checkpoint could be loaded"):
+        Trainer(run, run_dir=path, resume=True, progress=False)
+    # The CLI says so in one line, exit 2.
+    assert main(["train", "--resume", str(path), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.pattern=M-[*-]G", "checkpoint has 7 layers, pattern has 5"),
+        ("model.tie_embeddings=true", "model.tie_embeddings: checkpoint has False"),
+        ("model.hidden_size=48", "model.hidden_size"),
+    ],
+)
+def test_resume_refuses_another_architecture(saved_run, override, named):
+    run, path = saved_run
+    with pytest.raises(CheckpointMismatchError, match=named):
+        Trainer(run.with_overrides([override]), run_dir=path, resume=True, progress=False)
+
+
+def test_resume_accepts_other_brackets_and_applies_optimizer_overrides(saved_run):
+    run, path = saved_run
+    changed = run.with_overrides(["model.pattern=M-*-G[ME]", "optim.lr=0.001", "optim.weight_decay=0.5"])
+    t = Trainer(changed, run_dir=path, resume=True, progress=False)
+    assert t.step == 6
+    expected = 0.001 * lr_factor(6, changed.train.steps, changed.optim)
+    assert [g["lr"] for g in t.optimizer.param_groups] == [expected, expected]
+    assert t.optimizer.param_groups[0]["weight_decay"] == 0.5
+    toml = (path / "config.toml").read_text()
+    assert "lr = 0.001" in toml and "weight_decay = 0.5" in toml  # config.toml says what is in effect
+    t.run_loop()
+    assert t.step == 8
+
+
+def test_torn_metrics_line_does_not_break_resume(saved_run):
+    run, path = saved_run
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.2')  # the process died mid-write
+    t = Trainer(run, run_dir=path, resume=True, progress=False)
+    summary = t.run_loop()
+    assert summary["step"] == 8
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert 8 in {r["step"] for r in read_history(path / "metrics.jsonl")}
+
+
+def test_config_refuses_nonfinite_numbers():
+    from hybridlm.errors import ConfigError
+
+    for item in (
+        "optim.lr=nan",
+        "optim.lr=inf",
+        "optim.grad_clip=nan",
+        "optim.weight_decay=inf",
+        "data.val_fraction=nan",
+    ):
+        with pytest.raises(ConfigError, match="finite"):
+            tiny_run(item)
+    assert "train.max_nonfinite_steps=10" not in TINY_RUN and tiny_run().train.max_nonfinite_steps == 10
