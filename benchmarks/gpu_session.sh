@@ -39,6 +39,7 @@ for stage in "$@"; do
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
+    pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;
     esac
 done
