@@ -17,7 +17,7 @@ if [[ ${1:-} == --rehearse ]]; then
     fused='M-M-[*-]|M-M-M-'
     inter_unfused='M-M-|*-M-|M-|M-'       # 4 segments: 2 ranks × 2 virtual stages
     inter_fused='M-M-|[*-]M-|M-|M-'
-    common=(--set model.preset=tiny --set train.steps=4 --set train.batch_size=8 --set data.seq_len=64
+    common=(--set model.preset=tiny --set model.vocab_size=257 --set train.steps=4 --set train.batch_size=8 --set data.seq_len=64
         --set train.log_every=1 --set train.eval_every=4 --set train.checkpoint_every=4 --set train.device=cpu)
     one=(python3 -m hybridlm.cli)
 else
