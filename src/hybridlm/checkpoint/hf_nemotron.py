@@ -43,18 +43,19 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .canonical import to_canonical
-from .weights import (
+from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
+    config_says,
+    dominant_dtype,
+    fit_problems,
     full_cpu,
-    read_config,
-    read_tensors,
-    save_state_dict,
+    meta_shapes,
     weight_files,
     write_safetensors,
 )
+from .weights import read_config, read_tensors, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -282,49 +283,9 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every main-stack tensor of ``config``'s model (MTP left out).
-
-    Built on the meta device, so it costs no memory whatever the model's size.
-    """
-    from ..model import HybridLM
-
-    # Main layers only: the MTP depths are not exported, and may hold layers that cannot be built.
-    main = config.replace(pattern=config.parsed.layers)
-    state = to_canonical(HybridLM(main, device="meta").state_dict(), main.parsed)
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def _check_canonical(config: ModelConfig, canonical: Mapping[str, torch.Tensor]) -> None:
-    expected = expected_shapes(config)
-    given = {k for k in canonical if not k.startswith("mtp.")}
-    problems = []
-    missing = sorted(set(expected) - given)
-    unexpected = sorted(given - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    problems += [
-        f"{k}: shape {tuple(canonical[k].shape)}, the config implies {shape}"
-        for k, shape in expected.items()
-        if k in canonical and tuple(canonical[k].shape) != shape
-    ]
-    if problems:
-        raise CheckpointError("the tensors do not fit the config:\n  " + "\n  ".join(problems))
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Name of the floating dtype holding the most elements (what ``torch_dtype`` reports)."""
-    counts: dict[torch.dtype, int] = {}
-    for t in tensors.values():
-        if t.is_floating_point():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    dtype = max(counts, key=counts.get) if counts else torch.float32
-    return str(dtype).removeprefix("torch.")
+    """Canonical name -> shape of every main-stack tensor of ``config``'s model (MTP left out: it is
+    not exported, and may hold layers that cannot be built)."""
+    return meta_shapes(config.replace(pattern=config.parsed.layers))
 
 
 def _export_moe_defaults(config: ModelConfig, layer: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -362,7 +323,12 @@ def export_nemotron_h(
         CheckpointError: the config is not exportable, or the tensors do not fit it.
     """
     check_exportable(config)
-    _check_canonical(config, canonical)
+    given = {k: tuple(t.shape) for k, t in canonical.items() if not k.startswith("mtp.")}
+    problems = fit_problems(
+        given, expected_shapes(config), wrong_shape="{name}: shape {got}, the config implies {want}", counted=False
+    )
+    if problems:
+        raise CheckpointError("the tensors do not fit the config:\n  " + "\n  ".join(problems))
     p = config.parsed
     if p.mtp_depths:
         logger.warning(
@@ -389,19 +355,12 @@ def export_nemotron_h(
     for i, symbol in enumerate(p.layers):
         if symbol == "E":
             _export_moe_defaults(config, i, tensors)
-    return nemotron_h_config(config, _dtype_name(tensors)), tensors
+    return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
 
 
 def _is_nemotron_h_dir(path: Path) -> bool:
     """May :func:`convert_to_nemotron_h` replace ``path``? Only if empty or a NemotronH directory."""
-    if not path.is_dir():
-        return False
-    if not any(path.iterdir()):
-        return True
-    try:
-        return json.loads((path / CONFIG_NAME).read_text()).get("model_type") == HF_MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+    return config_says(path, "model_type", HF_MODEL_TYPE)
 
 
 def _aux_files(path: Path) -> dict[str, Path]:
@@ -439,7 +398,7 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
         for name, file in aux.items():
             shutil.copyfile(file, tmp / name)
 
-    return atomic_directory(dst, write, overwrite=_is_nemotron_h_dir)
+    return atomic_directory(dst, write, _is_nemotron_h_dir, "a Hugging Face NemotronH directory")
 
 
 # -- import ----------------------------------------------------------------------------------------
@@ -724,19 +683,23 @@ def _fill_conv_bias(config: ModelConfig, tensors: dict[str, torch.Tensor], where
 
 def _check_fit(config: ModelConfig, tensors: dict[str, torch.Tensor], reader: _Reader) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    expected = expected_shapes(config)
     where = reader.where
+
+    def show(k: str) -> str:
+        if k not in where:
+            return _file_name(k)
+        return where[k] + (" (stacked over the experts)" if _STACKED_EXPERTS.match(k) else "")
+
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     problems = list(reader.problems)
-    missing = sorted(set(expected) - set(tensors) - reader.broken)
-    if missing:
-        problems.append("missing tensors: " + _names([_file_name(k) for k in missing]))
-    problems += [f"unexpected tensor {where[k]}" for k in sorted(set(tensors) - set(expected))]
-    problems += [
-        f"{where[k]} has shape {tuple(tensors[k].shape)}, but {CONFIG_NAME} implies {shape}"
-        + (" (stacked over the experts)" if _STACKED_EXPERTS.match(k) else "")
-        for k, shape in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != shape
-    ]
+    problems += fit_problems(
+        shapes,
+        expected_shapes(config),
+        show=show,
+        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
+        skip=reader.broken,
+        counted=False,
+    )
     if problems:
         raise CheckpointError(f"{reader.path}: cannot import this NemotronH model:\n  - " + "\n  - ".join(problems))
 

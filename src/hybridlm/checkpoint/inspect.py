@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .weights import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_shard_name
+from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_shard_name
 
 _ITEMSIZE = {
     "F64": 8,

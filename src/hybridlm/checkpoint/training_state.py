@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from ..errors import CheckpointError, CheckpointMismatchError
 from .canonical import _pattern, canonical_name, model_name
+from .io import commit_directory, temp_directory
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -166,10 +165,9 @@ def save_training_state(
 
     path = Path(path)
     rank = _rank()
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        temp_directory(path, unique=False)
     _barrier()
     with _quiet_single_process():
         dcp.save(_tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
@@ -191,24 +189,9 @@ def save_training_state(
         (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
         rng = {f"rank{r}.{k}": g[k].contiguous() for r, g in enumerate(gathered) for k in ("torch", "cuda") if k in g}
         save_file(rng, tmp / RNG_STATE)
-        for f in tmp.iterdir():  # durable before the rename makes the folder visible
-            _fsync(f)
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_directory(tmp, path, lambda _: True, "a training state")  # durable, then renamed
     _barrier()
     return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
