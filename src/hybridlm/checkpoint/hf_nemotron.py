@@ -52,6 +52,7 @@ from .io import (
     fit_problems,
     full_cpu,
     meta_shapes,
+    read_json,
     weight_files,
     write_safetensors,
 )
@@ -561,12 +562,7 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a Hugging Face model is a directory with {CONFIG_NAME})")
     file = path / CONFIG_NAME
-    try:
-        hf = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {CONFIG_NAME}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    hf = read_json(file, f"{path}: missing {CONFIG_NAME}")
     if not isinstance(hf, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return hf

@@ -20,6 +20,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +73,16 @@ def temp_directory(path: Path, unique: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     os.mkdir(tmp)  # mode 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
     return tmp
+
+
+def read_json(file: Path, missing: str) -> Any:
+    """The parsed JSON of ``file``; CheckpointError ``missing`` when there is none, naming the file when unreadable."""
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(missing) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
 
 
 def config_says(path: Path, key: str, value: str) -> bool:

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from ..errors import CheckpointError, CheckpointMismatchError
 from .canonical import _pattern, canonical_name, model_name
-from .io import commit_directory, temp_directory
+from .io import commit_directory, read_json, temp_directory
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -197,14 +197,8 @@ def save_training_state(
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The JSON trainer state of training-state folder ``path`` (step, scheduler, model config, ...)."""
     file = Path(path) / TRAINER_STATE
-    try:
-        state = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
+    state = read_json(file, missing)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{file}: not a hybridlm training state")
     if not isinstance(state.get("format_version"), int) or state["format_version"] > STATE_VERSION:

@@ -37,6 +37,7 @@ from .io import (
     file_sha256,
     fit_problems,
     full_cpu,
+    read_json,
     read_safetensors,
     weight_files,
     write_safetensors,
@@ -155,12 +156,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint is a directory (with {CONFIG_NAME} and safetensors files)")
     file = path / CONFIG_NAME
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    meta = read_json(file, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         hint = ""
         if isinstance(meta, dict) and meta.get("model_type") == "nemotron_h":
