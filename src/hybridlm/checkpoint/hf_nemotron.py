@@ -152,6 +152,52 @@ _HF_LEGACY_NAMES = {
     "n_routed_experts": "num_local_experts",
 }
 
+#: Hugging Face config key <-> our ModelConfig field, written and read when the pattern uses one of
+#: the layer kinds ("": always). Export writes ``resolved_<field>`` where the config has one.
+CONFIG_MAP = (
+    ("vocab_size", "vocab_size", ""),
+    ("hidden_size", "hidden_size", ""),
+    ("layer_norm_epsilon", "norm_eps", ""),
+    ("initializer_range", "init_std", ""),
+    ("num_attention_heads", "num_attention_heads", "*"),
+    ("num_key_value_heads", "num_query_groups", "*"),
+    ("head_dim", "head_dim", "*"),
+    ("intermediate_size", "ffn_hidden_size", "-"),
+    ("mlp_hidden_act", "mlp_activation", "-E"),
+    ("mamba_num_heads", "mamba_num_heads", "M"),
+    ("mamba_head_dim", "mamba_head_dim", "M"),
+    ("ssm_state_size", "mamba_state_dim", "M"),
+    ("n_groups", "mamba_num_groups", "M"),
+    ("conv_kernel", "mamba_conv_kernel", "M"),
+    ("chunk_size", "mamba_chunk_size", "M"),
+    ("time_step_min", "mamba_dt_clamp_min", "M"),
+    ("time_step_max", "mamba_dt_max", "M"),
+    ("time_step_floor", "mamba_dt_init_floor", "M"),
+    ("n_routed_experts", "moe_num_experts", "E"),
+    ("num_experts_per_tok", "moe_top_k", "E"),
+    ("moe_intermediate_size", "moe_ffn_hidden_size", "E"),
+    ("moe_shared_expert_intermediate_size", "moe_shared_expert_ffn_hidden_size", "E"),
+    ("routed_scaling_factor", "moe_routed_scaling", "E"),
+    ("n_group", "moe_num_groups", "E"),
+    ("topk_group", "moe_topk_groups", "E"),
+    ("norm_topk_prob", "moe_norm_topk_prob", "E"),
+)
+#: Keys our config has no field for, written as NemotronH's defaults (pinned by test_hf_defaults)
+#: when the pattern uses one of the layer kinds ("": always). NemotronH never ties its head: a
+#: tied model is written with a copied head.
+_CONSTANTS: dict[str, dict[str, Any]] = {
+    "*": {"attention_bias": False},
+    "": {
+        "mlp_bias": False,
+        "residual_in_fp32": False,
+        "rescale_prenorm_residual": True,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 0,
+    },
+    "M": {"use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu"},
+    "E": {"n_shared_experts": 1},
+}
+
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight$")
 _STACKED_EXPERTS = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)$")
 
@@ -221,66 +267,25 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
     hf: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE],
         "model_type": HF_MODEL_TYPE,
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
         "num_hidden_layers": len(layers),
         "hybrid_override_pattern": layers,
     }
-    if "*" in used:
-        hf |= {
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.resolved_num_query_groups,
-            "head_dim": c.resolved_head_dim,
-            "attention_bias": False,
-        }
-    if "-" in used:
-        hf["intermediate_size"] = c.resolved_ffn_hidden_size
-    if used & {"-", "E"}:
-        hf["mlp_hidden_act"] = c.mlp_activation
-    hf["mlp_bias"] = False
+    for key, field, kinds in CONFIG_MAP:
+        if not kinds or used & set(kinds):
+            value = getattr(c, f"resolved_{field}", getattr(c, field))  # e.g. head_dim None -> its value
+            hf[key] = float(value) if isinstance(getattr(ModelConfig, field, None), float) else value
+    for kinds, constants in _CONSTANTS.items():
+        if not kinds or used & set(kinds):
+            hf |= constants
     if "M" in used:
-        d_inner = c.mamba_d_inner
-        hf |= {
-            "mamba_num_heads": c.resolved_mamba_num_heads,
-            "mamba_head_dim": c.mamba_head_dim,
-            "ssm_state_size": c.mamba_state_dim,
-            "n_groups": c.mamba_num_groups,
-            "conv_kernel": c.mamba_conv_kernel,
-            "chunk_size": c.mamba_chunk_size,
-            "use_conv_bias": True,
-            "use_bias": False,
-            "mamba_hidden_act": "silu",
-            # Unused by the modeling code (the inner width is heads * head_dim); informative only.
-            "expand": d_inner // c.hidden_size if d_inner % c.hidden_size == 0 else 2,
-            # The run-time lower clamp on dt; see the module docstring for why never 0.
-            "time_step_min": float(c.mamba_dt_clamp_min) if c.mamba_dt_clamp_min > 0 else NO_CLAMP_TIME_STEP_MIN,
-            "time_step_max": float(c.mamba_dt_max),
-            "time_step_floor": float(c.mamba_dt_init_floor),
-        }
-    hf |= {
-        "layer_norm_epsilon": float(c.norm_eps),
-        "initializer_range": float(c.init_std),
-        "residual_in_fp32": False,
-        "rescale_prenorm_residual": True,
-        # Hugging Face never ties NemotronH's head; a tied model is written with a copied head.
-        "tie_word_embeddings": False,
-        # transformers 5.24 cannot build a cache for a model without attention layers.
-        "use_cache": "*" in used,
-    }
+        # Unused by the modeling code (the inner width is heads * head_dim); informative only.
+        hf["expand"] = c.mamba_d_inner // c.hidden_size if c.mamba_d_inner % c.hidden_size == 0 else 2
+        # The run-time lower clamp on dt; see the module docstring for why never 0.
+        hf["time_step_min"] = hf["time_step_min"] or NO_CLAMP_TIME_STEP_MIN
     if "E" in used:
-        hf |= {
-            "n_routed_experts": c.moe_num_experts,
-            "num_experts_per_tok": c.moe_top_k,
-            "moe_intermediate_size": c.resolved_moe_ffn_hidden_size,
-            "moe_shared_expert_intermediate_size": c.moe_shared_expert_ffn_hidden_size or ZERO_SHARED_EXPERT_SIZE,
-            "n_shared_experts": 1,
-            "routed_scaling_factor": float(c.moe_routed_scaling),
-            "n_group": c.moe_num_groups,
-            "topk_group": c.moe_topk_groups,
-            "norm_topk_prob": c.moe_norm_topk_prob,
-        }
-    hf |= {"num_nextn_predict_layers": 0, "torch_dtype": torch_dtype}
-    return hf
+        hf["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_ffn_hidden_size or ZERO_SHARED_EXPERT_SIZE
+    # transformers 5.24 cannot build a cache for a model without attention layers.
+    return hf | {"use_cache": "*" in used, "torch_dtype": torch_dtype}
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -497,61 +502,21 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     if problems:
         raise CheckpointError(f"{source}: this NemotronH model cannot be imported:\n  - " + "\n  - ".join(problems))
 
-    def v(name: str) -> Any:
-        return _hf_value(hf, name)
-
     fields: dict[str, Any] = {
-        "pattern": layers,
-        "vocab_size": v("vocab_size"),
-        "hidden_size": v("hidden_size"),
-        "norm_eps": v("layer_norm_epsilon"),
-        "init_std": v("initializer_range"),
-        "tie_embeddings": False,  # Hugging Face never ties NemotronH's head; the file holds it
+        field: _hf_value(hf, key) for key, field, kinds in CONFIG_MAP if not kinds or used & set(kinds)
     }
+    fields |= {"pattern": layers, "tie_embeddings": False}  # Hugging Face never ties NemotronH's head
     if "*" in used:
-        heads = v("num_attention_heads")
-        kv = hf.get("num_key_value_heads", _HF_DEFAULTS["num_key_value_heads"])
-        fields |= {
-            "num_attention_heads": heads,
-            "num_query_groups": heads if kv is None else kv,  # null means one KV head per query head
-            "head_dim": v("head_dim"),
-            "position_embedding": "none",
-            "qk_norm": False,
-        }
-    if "-" in used:
-        fields["ffn_hidden_size"] = v("intermediate_size")
-    if used & {"-", "E"}:
-        fields["mlp_activation"] = v("mlp_hidden_act")
-    if "M" in used:
-        dt_max = v("time_step_max")
-        fields |= {
-            "mamba_num_heads": v("mamba_num_heads"),
-            "mamba_head_dim": v("mamba_head_dim"),
-            "mamba_state_dim": v("ssm_state_size"),
-            "mamba_num_groups": v("n_groups"),
-            "mamba_conv_kernel": v("conv_kernel"),
-            "mamba_chunk_size": v("chunk_size"),
-            # HF's time_step_min is both the dt-init minimum and the run-time clamp; the clamp is
-            # what decides the outputs, so it becomes ours. Our init minimum keeps its default.
-            "mamba_dt_clamp_min": v("time_step_min"),
-            "mamba_dt_max": dt_max,
-            "mamba_dt_init_floor": v("time_step_floor"),
-        }
-        if isinstance(dt_max, (int, float)) and dt_max < ModelConfig.mamba_dt_min:
-            fields["mamba_dt_min"] = dt_max
+        kv = fields["num_query_groups"]  # null means one KV head per query head
+        fields |= {"num_query_groups": fields["num_attention_heads"] if kv is None else kv}
+        fields |= {"position_embedding": "none", "qk_norm": False}
+    # HF's time_step_min is both the dt-init minimum and the run-time clamp; the clamp is what
+    # decides the outputs, so it becomes ours (mamba_dt_clamp_min). Our init minimum keeps its default.
+    dt_max = fields.get("mamba_dt_max")
+    if isinstance(dt_max, (int, float)) and dt_max < ModelConfig.mamba_dt_min:
+        fields["mamba_dt_min"] = dt_max
     if "E" in used:
-        fields |= {
-            "moe_num_experts": v("n_routed_experts"),
-            "moe_top_k": v("num_experts_per_tok"),
-            "moe_ffn_hidden_size": v("moe_intermediate_size"),
-            "moe_shared_expert_ffn_hidden_size": v("moe_shared_expert_intermediate_size"),
-            "moe_router_score": "sigmoid",
-            "moe_router_expert_bias": True,
-            "moe_routed_scaling": v("routed_scaling_factor"),
-            "moe_num_groups": v("n_group"),
-            "moe_topk_groups": v("topk_group"),
-            "moe_norm_topk_prob": v("norm_topk_prob"),
-        }
+        fields |= {"moe_router_score": "sigmoid", "moe_router_expert_bias": True}
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
