@@ -347,15 +347,10 @@ def export_nemotron_h(
         if name.startswith("mtp."):
             continue
         t = full_cpu(t)  # detached, contiguous, on the CPU (an FSDP DTensor is gathered)
-        stacked = _STACKED_EXPERTS.match(name)
-        if stacked:
-            layer, proj = stacked.groups()
-            for e in range(t.shape[0]):  # (E, out, in) -> E tensors (out, in)
-                tensors[f"backbone.layers.{layer}.mixer.experts.{e}.{proj}.weight"] = t[e].clone()
-        elif name == "lm_head.weight":
-            tensors[name] = t
+        if _STACKED_EXPERTS.match(name):  # (E, out, in) -> E tensors (out, in)
+            tensors |= {hf_key(name, e): t[e].clone() for e in range(t.shape[0])}
         else:
-            tensors["backbone." + name] = t
+            tensors[hf_key(name)] = t
     if "lm_head.weight" not in tensors:  # tied: Hugging Face needs its own copy
         tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"].clone()
     for i, symbol in enumerate(p.layers):
@@ -548,11 +543,11 @@ def _file_key(key: str) -> str | None:
     return "embeddings.weight" if key == "embedding.weight" else key
 
 
-def _file_name(name: str) -> str:
-    """The Hugging Face file key we would write for canonical ``name`` (for messages)."""
+def hf_key(name: str, expert: int | str = "{e}") -> str:
+    """The Hugging Face file key of canonical ``name`` (of one ``expert`` for a stacked expert tensor)."""
     stacked = _STACKED_EXPERTS.match(name)
     if stacked:
-        return f"backbone.layers.{stacked.group(1)}.mixer.experts.{{e}}.{stacked.group(2)}.weight"
+        return f"backbone.layers.{stacked.group(1)}.mixer.experts.{expert}.{stacked.group(2)}.weight"
     return name if name == "lm_head.weight" else "backbone." + name
 
 
@@ -616,14 +611,14 @@ class _Reader:
         """Stack per-expert (out, in) tensors into (E, out, in); None (and a problem) if they do not fit."""
         first = by_expert[min(by_expert)]
         file = self.path / self.files[first]
-        self.where[name] = f"{file}: {_file_name(name)}"
+        self.where[name] = f"{file}: {hf_key(name)}"
         count = num_experts if num_experts is not None else max(by_expert) + 1
         missing = sorted(set(range(count)) - set(by_expert))
         extra = sorted(set(by_expert) - set(range(count)))
         if missing:
-            self.problems.append(f"{file}: {_file_name(name)}: no tensor for expert(s) {missing}")
+            self.problems.append(f"{file}: {hf_key(name)}: no tensor for expert(s) {missing}")
         if extra:
-            self.problems.append(f"{file}: {_file_name(name)}: expert(s) {extra} beyond n_routed_experts={count}")
+            self.problems.append(f"{file}: {hf_key(name)}: expert(s) {extra} beyond n_routed_experts={count}")
         shape = tuple(raw[first].shape)
         uneven = [k for k in by_expert.values() if tuple(raw[k].shape) != shape]
         for k in uneven:
@@ -648,7 +643,7 @@ def _check_fit(config: ModelConfig, tensors: dict[str, torch.Tensor], reader: _R
 
     def show(k: str) -> str:
         if k not in where:
-            return _file_name(k)
+            return hf_key(k)
         return where[k] + (" (stacked over the experts)" if _STACKED_EXPERTS.match(k) else "")
 
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
