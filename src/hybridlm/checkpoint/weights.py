@@ -235,22 +235,16 @@ def pattern_differences(saved: HybridPattern, wanted: HybridPattern) -> list[str
     Only brackets and ``|`` may differ; everything else (each canonical layer's symbol, MTP depths
     and their layers) must match. Returns one line per difference (empty when compatible).
     """
-    diffs = []
-    a, b = saved.layers, wanted.layers
-    for i in range(min(len(a), len(b))):
-        if a[i] != b[i]:
-            diffs.append(f"layer {i}: checkpoint has '{a[i]}', pattern has '{b[i]}'")
-    if len(a) != len(b):
-        diffs.append(f"checkpoint has {len(a)} layers, pattern has {len(b)}")
+
+    def layers(a: str, b: str, what: str, count: str) -> list[str]:
+        diffs = [f"{what} {i}: checkpoint has '{x}', pattern has '{y}'" for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return diffs + ([f"checkpoint has {len(a)} {count}, pattern has {len(b)}"] if len(a) != len(b) else [])
+
+    diffs = layers(saved.layers, wanted.layers, "layer", "layers")
     if saved.mtp_depths != wanted.mtp_depths:
         diffs.append(f"checkpoint has {saved.mtp_depths} MTP depth(s), pattern has {wanted.mtp_depths}")
-    a, b = saved.mtp_layers, wanted.mtp_layers
     if saved.mtp_depths and wanted.mtp_depths:
-        for i in range(min(len(a), len(b))):
-            if a[i] != b[i]:
-                diffs.append(f"MTP layer {i}: checkpoint has '{a[i]}', pattern has '{b[i]}'")
-        if len(a) != len(b):
-            diffs.append(f"checkpoint has {len(a)} layers per MTP depth, pattern has {len(b)}")
+        diffs += layers(saved.mtp_layers, wanted.mtp_layers, "MTP layer", "layers per MTP depth")
     return diffs
 
 
