@@ -75,14 +75,7 @@ EXPORTABLE_ACTIVATIONS = ("relu2", "gelu")
 #: Pattern symbol -> Hugging Face layer type (transformers >= 5.14 names).
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 #: Hugging Face layer type (current and legacy names) -> pattern symbol.
-SYMBOL_OF_LAYER_TYPE = {
-    "linear_attention": "M",
-    "mamba": "M",
-    "full_attention": "*",
-    "attention": "*",
-    "mlp": "-",
-    "moe": "E",
-}
+SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
 #: Why the other symbols of our pattern language have no NemotronH equivalent.
 _UNSUPPORTED_SYMBOLS = {
     "G": "Gated DeltaNet ('G') layers: NemotronH has no such mixer",
