@@ -82,14 +82,3 @@ def from_canonical(state: Mapping[str, T], pattern: HybridPattern | str) -> dict
     """Rename a canonical state dict to the names of a model built with ``pattern``."""
     p = _pattern(pattern)
     return {model_name(k, p): v for k, v in state.items()}
-
-
-def canonical_symbol(name: str, pattern: HybridPattern | str) -> str | None:
-    """The pattern symbol of the canonical layer a canonical tensor name belongs to (None outside layers)."""
-    p = _pattern(pattern)
-    m = _LAYER.match(name)
-    if not m:
-        return None
-    layers = p.mtp_layers if m.group(1) else p.layers
-    i = int(m.group(3))
-    return layers[i] if i < len(layers) else None

@@ -43,18 +43,20 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .canonical import to_canonical
-from .weights import (
+from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
+    config_says,
+    dominant_dtype,
+    fit_problems,
     full_cpu,
-    read_config,
-    read_tensors,
-    save_state_dict,
+    meta_shapes,
+    read_json,
     weight_files,
     write_safetensors,
 )
+from .weights import read_config, read_tensors, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +75,7 @@ EXPORTABLE_ACTIVATIONS = ("relu2", "gelu")
 #: Pattern symbol -> Hugging Face layer type (transformers >= 5.14 names).
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 #: Hugging Face layer type (current and legacy names) -> pattern symbol.
-SYMBOL_OF_LAYER_TYPE = {
-    "linear_attention": "M",
-    "mamba": "M",
-    "full_attention": "*",
-    "attention": "*",
-    "mlp": "-",
-    "moe": "E",
-}
+SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
 #: Why the other symbols of our pattern language have no NemotronH equivalent.
 _UNSUPPORTED_SYMBOLS = {
     "G": "Gated DeltaNet ('G') layers: NemotronH has no such mixer",
@@ -148,6 +143,52 @@ _HF_LEGACY_NAMES = {
     "use_conv_bias": "mamba_conv_bias",
     "chunk_size": "mamba_chunk_size",
     "n_routed_experts": "num_local_experts",
+}
+
+#: Hugging Face config key <-> our ModelConfig field, written and read when the pattern uses one of
+#: the layer kinds ("": always). Export writes ``resolved_<field>`` where the config has one.
+CONFIG_MAP = (
+    ("vocab_size", "vocab_size", ""),
+    ("hidden_size", "hidden_size", ""),
+    ("layer_norm_epsilon", "norm_eps", ""),
+    ("initializer_range", "init_std", ""),
+    ("num_attention_heads", "num_attention_heads", "*"),
+    ("num_key_value_heads", "num_query_groups", "*"),
+    ("head_dim", "head_dim", "*"),
+    ("intermediate_size", "ffn_hidden_size", "-"),
+    ("mlp_hidden_act", "mlp_activation", "-E"),
+    ("mamba_num_heads", "mamba_num_heads", "M"),
+    ("mamba_head_dim", "mamba_head_dim", "M"),
+    ("ssm_state_size", "mamba_state_dim", "M"),
+    ("n_groups", "mamba_num_groups", "M"),
+    ("conv_kernel", "mamba_conv_kernel", "M"),
+    ("chunk_size", "mamba_chunk_size", "M"),
+    ("time_step_min", "mamba_dt_clamp_min", "M"),
+    ("time_step_max", "mamba_dt_max", "M"),
+    ("time_step_floor", "mamba_dt_init_floor", "M"),
+    ("n_routed_experts", "moe_num_experts", "E"),
+    ("num_experts_per_tok", "moe_top_k", "E"),
+    ("moe_intermediate_size", "moe_ffn_hidden_size", "E"),
+    ("moe_shared_expert_intermediate_size", "moe_shared_expert_ffn_hidden_size", "E"),
+    ("routed_scaling_factor", "moe_routed_scaling", "E"),
+    ("n_group", "moe_num_groups", "E"),
+    ("topk_group", "moe_topk_groups", "E"),
+    ("norm_topk_prob", "moe_norm_topk_prob", "E"),
+)
+#: Keys our config has no field for, written as NemotronH's defaults (pinned by test_hf_defaults)
+#: when the pattern uses one of the layer kinds ("": always). NemotronH never ties its head: a
+#: tied model is written with a copied head.
+_CONSTANTS: dict[str, dict[str, Any]] = {
+    "*": {"attention_bias": False},
+    "": {
+        "mlp_bias": False,
+        "residual_in_fp32": False,
+        "rescale_prenorm_residual": True,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 0,
+    },
+    "M": {"use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu"},
+    "E": {"n_shared_experts": 1},
 }
 
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight$")
@@ -219,112 +260,31 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
     hf: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE],
         "model_type": HF_MODEL_TYPE,
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
         "num_hidden_layers": len(layers),
         "hybrid_override_pattern": layers,
     }
-    if "*" in used:
-        hf |= {
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.resolved_num_query_groups,
-            "head_dim": c.resolved_head_dim,
-            "attention_bias": False,
-        }
-    if "-" in used:
-        hf["intermediate_size"] = c.resolved_ffn_hidden_size
-    if used & {"-", "E"}:
-        hf["mlp_hidden_act"] = c.mlp_activation
-    hf["mlp_bias"] = False
+    for key, field, kinds in CONFIG_MAP:
+        if not kinds or used & set(kinds):
+            value = getattr(c, f"resolved_{field}", getattr(c, field))  # e.g. head_dim None -> its value
+            hf[key] = float(value) if isinstance(getattr(ModelConfig, field, None), float) else value
+    for kinds, constants in _CONSTANTS.items():
+        if not kinds or used & set(kinds):
+            hf |= constants
     if "M" in used:
-        d_inner = c.mamba_d_inner
-        hf |= {
-            "mamba_num_heads": c.resolved_mamba_num_heads,
-            "mamba_head_dim": c.mamba_head_dim,
-            "ssm_state_size": c.mamba_state_dim,
-            "n_groups": c.mamba_num_groups,
-            "conv_kernel": c.mamba_conv_kernel,
-            "chunk_size": c.mamba_chunk_size,
-            "use_conv_bias": True,
-            "use_bias": False,
-            "mamba_hidden_act": "silu",
-            # Unused by the modeling code (the inner width is heads * head_dim); informative only.
-            "expand": d_inner // c.hidden_size if d_inner % c.hidden_size == 0 else 2,
-            # The run-time lower clamp on dt; see the module docstring for why never 0.
-            "time_step_min": float(c.mamba_dt_clamp_min) if c.mamba_dt_clamp_min > 0 else NO_CLAMP_TIME_STEP_MIN,
-            "time_step_max": float(c.mamba_dt_max),
-            "time_step_floor": float(c.mamba_dt_init_floor),
-        }
-    hf |= {
-        "layer_norm_epsilon": float(c.norm_eps),
-        "initializer_range": float(c.init_std),
-        "residual_in_fp32": False,
-        "rescale_prenorm_residual": True,
-        # Hugging Face never ties NemotronH's head; a tied model is written with a copied head.
-        "tie_word_embeddings": False,
-        # transformers 5.24 cannot build a cache for a model without attention layers.
-        "use_cache": "*" in used,
-    }
+        # Unused by the modeling code (the inner width is heads * head_dim); informative only.
+        hf["expand"] = c.mamba_d_inner // c.hidden_size if c.mamba_d_inner % c.hidden_size == 0 else 2
+        # The run-time lower clamp on dt; see the module docstring for why never 0.
+        hf["time_step_min"] = hf["time_step_min"] or NO_CLAMP_TIME_STEP_MIN
     if "E" in used:
-        hf |= {
-            "n_routed_experts": c.moe_num_experts,
-            "num_experts_per_tok": c.moe_top_k,
-            "moe_intermediate_size": c.resolved_moe_ffn_hidden_size,
-            "moe_shared_expert_intermediate_size": c.moe_shared_expert_ffn_hidden_size or ZERO_SHARED_EXPERT_SIZE,
-            "n_shared_experts": 1,
-            "routed_scaling_factor": float(c.moe_routed_scaling),
-            "n_group": c.moe_num_groups,
-            "topk_group": c.moe_topk_groups,
-            "norm_topk_prob": c.moe_norm_topk_prob,
-        }
-    hf |= {"num_nextn_predict_layers": 0, "torch_dtype": torch_dtype}
-    return hf
+        hf["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_ffn_hidden_size or ZERO_SHARED_EXPERT_SIZE
+    # transformers 5.24 cannot build a cache for a model without attention layers.
+    return hf | {"use_cache": "*" in used, "torch_dtype": torch_dtype}
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every main-stack tensor of ``config``'s model (MTP left out).
-
-    Built on the meta device, so it costs no memory whatever the model's size.
-    """
-    from ..model import HybridLM
-
-    # Main layers only: the MTP depths are not exported, and may hold layers that cannot be built.
-    main = config.replace(pattern=config.parsed.layers)
-    state = to_canonical(HybridLM(main, device="meta").state_dict(), main.parsed)
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def _check_canonical(config: ModelConfig, canonical: Mapping[str, torch.Tensor]) -> None:
-    expected = expected_shapes(config)
-    given = {k for k in canonical if not k.startswith("mtp.")}
-    problems = []
-    missing = sorted(set(expected) - given)
-    unexpected = sorted(given - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    problems += [
-        f"{k}: shape {tuple(canonical[k].shape)}, the config implies {shape}"
-        for k, shape in expected.items()
-        if k in canonical and tuple(canonical[k].shape) != shape
-    ]
-    if problems:
-        raise CheckpointError("the tensors do not fit the config:\n  " + "\n  ".join(problems))
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Name of the floating dtype holding the most elements (what ``torch_dtype`` reports)."""
-    counts: dict[torch.dtype, int] = {}
-    for t in tensors.values():
-        if t.is_floating_point():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    dtype = max(counts, key=counts.get) if counts else torch.float32
-    return str(dtype).removeprefix("torch.")
+    """Canonical name -> shape of every main-stack tensor of ``config``'s model (MTP left out: it is
+    not exported, and may hold layers that cannot be built)."""
+    return meta_shapes(config.replace(pattern=config.parsed.layers))
 
 
 def _export_moe_defaults(config: ModelConfig, layer: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -362,7 +322,12 @@ def export_nemotron_h(
         CheckpointError: the config is not exportable, or the tensors do not fit it.
     """
     check_exportable(config)
-    _check_canonical(config, canonical)
+    given = {k: tuple(t.shape) for k, t in canonical.items() if not k.startswith("mtp.")}
+    problems = fit_problems(
+        given, expected_shapes(config), wrong_shape="{name}: shape {got}, the config implies {want}", counted=False
+    )
+    if problems:
+        raise CheckpointError("the tensors do not fit the config:\n  " + "\n  ".join(problems))
     p = config.parsed
     if p.mtp_depths:
         logger.warning(
@@ -375,33 +340,21 @@ def export_nemotron_h(
         if name.startswith("mtp."):
             continue
         t = full_cpu(t)  # detached, contiguous, on the CPU (an FSDP DTensor is gathered)
-        stacked = _STACKED_EXPERTS.match(name)
-        if stacked:
-            layer, proj = stacked.groups()
-            for e in range(t.shape[0]):  # (E, out, in) -> E tensors (out, in)
-                tensors[f"backbone.layers.{layer}.mixer.experts.{e}.{proj}.weight"] = t[e].clone()
-        elif name == "lm_head.weight":
-            tensors[name] = t
+        if _STACKED_EXPERTS.match(name):  # (E, out, in) -> E tensors (out, in)
+            tensors |= {hf_key(name, e): t[e].clone() for e in range(t.shape[0])}
         else:
-            tensors["backbone." + name] = t
+            tensors[hf_key(name)] = t
     if "lm_head.weight" not in tensors:  # tied: Hugging Face needs its own copy
         tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"].clone()
     for i, symbol in enumerate(p.layers):
         if symbol == "E":
             _export_moe_defaults(config, i, tensors)
-    return nemotron_h_config(config, _dtype_name(tensors)), tensors
+    return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
 
 
 def _is_nemotron_h_dir(path: Path) -> bool:
     """May :func:`convert_to_nemotron_h` replace ``path``? Only if empty or a NemotronH directory."""
-    if not path.is_dir():
-        return False
-    if not any(path.iterdir()):
-        return True
-    try:
-        return json.loads((path / CONFIG_NAME).read_text()).get("model_type") == HF_MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+    return config_says(path, "model_type", HF_MODEL_TYPE)
 
 
 def _aux_files(path: Path) -> dict[str, Path]:
@@ -439,7 +392,7 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
         for name, file in aux.items():
             shutil.copyfile(file, tmp / name)
 
-    return atomic_directory(dst, write, overwrite=_is_nemotron_h_dir)
+    return atomic_directory(dst, write, _is_nemotron_h_dir, "a Hugging Face NemotronH directory")
 
 
 # -- import ----------------------------------------------------------------------------------------
@@ -537,61 +490,21 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     if problems:
         raise CheckpointError(f"{source}: this NemotronH model cannot be imported:\n  - " + "\n  - ".join(problems))
 
-    def v(name: str) -> Any:
-        return _hf_value(hf, name)
-
     fields: dict[str, Any] = {
-        "pattern": layers,
-        "vocab_size": v("vocab_size"),
-        "hidden_size": v("hidden_size"),
-        "norm_eps": v("layer_norm_epsilon"),
-        "init_std": v("initializer_range"),
-        "tie_embeddings": False,  # Hugging Face never ties NemotronH's head; the file holds it
+        field: _hf_value(hf, key) for key, field, kinds in CONFIG_MAP if not kinds or used & set(kinds)
     }
+    fields |= {"pattern": layers, "tie_embeddings": False}  # Hugging Face never ties NemotronH's head
     if "*" in used:
-        heads = v("num_attention_heads")
-        kv = hf.get("num_key_value_heads", _HF_DEFAULTS["num_key_value_heads"])
-        fields |= {
-            "num_attention_heads": heads,
-            "num_query_groups": heads if kv is None else kv,  # null means one KV head per query head
-            "head_dim": v("head_dim"),
-            "position_embedding": "none",
-            "qk_norm": False,
-        }
-    if "-" in used:
-        fields["ffn_hidden_size"] = v("intermediate_size")
-    if used & {"-", "E"}:
-        fields["mlp_activation"] = v("mlp_hidden_act")
-    if "M" in used:
-        dt_max = v("time_step_max")
-        fields |= {
-            "mamba_num_heads": v("mamba_num_heads"),
-            "mamba_head_dim": v("mamba_head_dim"),
-            "mamba_state_dim": v("ssm_state_size"),
-            "mamba_num_groups": v("n_groups"),
-            "mamba_conv_kernel": v("conv_kernel"),
-            "mamba_chunk_size": v("chunk_size"),
-            # HF's time_step_min is both the dt-init minimum and the run-time clamp; the clamp is
-            # what decides the outputs, so it becomes ours. Our init minimum keeps its default.
-            "mamba_dt_clamp_min": v("time_step_min"),
-            "mamba_dt_max": dt_max,
-            "mamba_dt_init_floor": v("time_step_floor"),
-        }
-        if isinstance(dt_max, (int, float)) and dt_max < ModelConfig.mamba_dt_min:
-            fields["mamba_dt_min"] = dt_max
+        kv = fields["num_query_groups"]  # null means one KV head per query head
+        fields |= {"num_query_groups": fields["num_attention_heads"] if kv is None else kv}
+        fields |= {"position_embedding": "none", "qk_norm": False}
+    # HF's time_step_min is both the dt-init minimum and the run-time clamp; the clamp is what
+    # decides the outputs, so it becomes ours (mamba_dt_clamp_min). Our init minimum keeps its default.
+    dt_max = fields.get("mamba_dt_max")
+    if isinstance(dt_max, (int, float)) and dt_max < ModelConfig.mamba_dt_min:
+        fields["mamba_dt_min"] = dt_max
     if "E" in used:
-        fields |= {
-            "moe_num_experts": v("n_routed_experts"),
-            "moe_top_k": v("num_experts_per_tok"),
-            "moe_ffn_hidden_size": v("moe_intermediate_size"),
-            "moe_shared_expert_ffn_hidden_size": v("moe_shared_expert_intermediate_size"),
-            "moe_router_score": "sigmoid",
-            "moe_router_expert_bias": True,
-            "moe_routed_scaling": v("routed_scaling_factor"),
-            "moe_num_groups": v("n_group"),
-            "moe_topk_groups": v("topk_group"),
-            "moe_norm_topk_prob": v("norm_topk_prob"),
-        }
+        fields |= {"moe_router_score": "sigmoid", "moe_router_expert_bias": True}
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -602,12 +515,7 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a Hugging Face model is a directory with {CONFIG_NAME})")
     file = path / CONFIG_NAME
-    try:
-        hf = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {CONFIG_NAME}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    hf = read_json(file, f"{path}: missing {CONFIG_NAME}")
     if not isinstance(hf, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return hf
@@ -628,11 +536,11 @@ def _file_key(key: str) -> str | None:
     return "embeddings.weight" if key == "embedding.weight" else key
 
 
-def _file_name(name: str) -> str:
-    """The Hugging Face file key we would write for canonical ``name`` (for messages)."""
+def hf_key(name: str, expert: int | str = "{e}") -> str:
+    """The Hugging Face file key of canonical ``name`` (of one ``expert`` for a stacked expert tensor)."""
     stacked = _STACKED_EXPERTS.match(name)
     if stacked:
-        return f"backbone.layers.{stacked.group(1)}.mixer.experts.{{e}}.{stacked.group(2)}.weight"
+        return f"backbone.layers.{stacked.group(1)}.mixer.experts.{expert}.{stacked.group(2)}.weight"
     return name if name == "lm_head.weight" else "backbone." + name
 
 
@@ -696,14 +604,14 @@ class _Reader:
         """Stack per-expert (out, in) tensors into (E, out, in); None (and a problem) if they do not fit."""
         first = by_expert[min(by_expert)]
         file = self.path / self.files[first]
-        self.where[name] = f"{file}: {_file_name(name)}"
+        self.where[name] = f"{file}: {hf_key(name)}"
         count = num_experts if num_experts is not None else max(by_expert) + 1
         missing = sorted(set(range(count)) - set(by_expert))
         extra = sorted(set(by_expert) - set(range(count)))
         if missing:
-            self.problems.append(f"{file}: {_file_name(name)}: no tensor for expert(s) {missing}")
+            self.problems.append(f"{file}: {hf_key(name)}: no tensor for expert(s) {missing}")
         if extra:
-            self.problems.append(f"{file}: {_file_name(name)}: expert(s) {extra} beyond n_routed_experts={count}")
+            self.problems.append(f"{file}: {hf_key(name)}: expert(s) {extra} beyond n_routed_experts={count}")
         shape = tuple(raw[first].shape)
         uneven = [k for k in by_expert.values() if tuple(raw[k].shape) != shape]
         for k in uneven:
@@ -724,19 +632,23 @@ def _fill_conv_bias(config: ModelConfig, tensors: dict[str, torch.Tensor], where
 
 def _check_fit(config: ModelConfig, tensors: dict[str, torch.Tensor], reader: _Reader) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    expected = expected_shapes(config)
     where = reader.where
+
+    def show(k: str) -> str:
+        if k not in where:
+            return hf_key(k)
+        return where[k] + (" (stacked over the experts)" if _STACKED_EXPERTS.match(k) else "")
+
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     problems = list(reader.problems)
-    missing = sorted(set(expected) - set(tensors) - reader.broken)
-    if missing:
-        problems.append("missing tensors: " + _names([_file_name(k) for k in missing]))
-    problems += [f"unexpected tensor {where[k]}" for k in sorted(set(tensors) - set(expected))]
-    problems += [
-        f"{where[k]} has shape {tuple(tensors[k].shape)}, but {CONFIG_NAME} implies {shape}"
-        + (" (stacked over the experts)" if _STACKED_EXPERTS.match(k) else "")
-        for k, shape in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != shape
-    ]
+    problems += fit_problems(
+        shapes,
+        expected_shapes(config),
+        show=show,
+        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
+        skip=reader.broken,
+        counted=False,
+    )
     if problems:
         raise CheckpointError(f"{reader.path}: cannot import this NemotronH model:\n  - " + "\n  - ".join(problems))
 

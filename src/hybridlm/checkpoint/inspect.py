@@ -10,34 +10,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
-from .weights import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_shard_name
+import torch
 
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-_DTYPE_NAME = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
+from ..errors import CheckpointError
+from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_shard_name
+
+#: safetensors dtype codes -> torch dtypes (their names and element sizes).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -74,8 +65,8 @@ def _tensor_summary(files: list[Path]) -> dict[str, Any]:
                     dt = sl.get_dtype()
                     count += 1
                     params += numel
-                    total_bytes += numel * _ITEMSIZE.get(dt, 0)
-                    name = _DTYPE_NAME.get(dt, dt.lower())
+                    total_bytes += numel * (_DTYPES[dt].itemsize if dt in _DTYPES else 0)
+                    name = str(_DTYPES[dt]).removeprefix("torch.") if dt in _DTYPES else dt.lower()
                     dtypes[name] = dtypes.get(name, 0) + numel
         except FileNotFoundError:
             raise CheckpointError(f"{file}: missing") from None

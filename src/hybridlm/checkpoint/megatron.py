@@ -42,9 +42,7 @@ and linear biases (refused as unexpected tensors, with a hint).
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +52,12 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from .io import MAX_LISTED, check_fit, replace_file
+from .io import meta_shapes as canonical_shapes
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
 CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
 _SUFFIXES = (".pt", ".safetensors")
-_MAX_LISTED = 20
 
 
 # -- per-tensor packings ------------------------------------------------------------------------------
@@ -339,15 +338,6 @@ def _owned(t: Tensor) -> Tensor:
 # -- expected names and shapes ------------------------------------------------------------------------
 
 
-def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every canonical tensor of a model with ``config`` (built on the meta device: no memory)."""
-    from ..model import HybridLM
-    from .canonical import to_canonical
-
-    model = HybridLM(config, device="meta")
-    return {k: tuple(v.shape) for k, v in to_canonical(model.state_dict(), config.parsed).items()}
-
-
 def megatron_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the Megatron state dict of a model with ``config``, in module order."""
     meta = {k: torch.empty(s, device="meta") for k, s in canonical_shapes(config).items()}
@@ -360,31 +350,6 @@ def megatron_keys(config: ModelConfig) -> list[str]:
 
 
 # -- checking -----------------------------------------------------------------------------------------
-
-
-def _listing(what: str, names: list[str]) -> str:
-    more = f" ... (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-    return f"{what} ({len(names)}): " + ", ".join(names[:_MAX_LISTED]) + more
-
-
-def _check(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], source: str, hint: str = "") -> None:
-    """Refuse ``tensors`` unless its names and shapes are exactly ``expected``; list every problem by name."""
-    missing = [k for k in expected if k not in tensors]
-    unexpected = sorted(k for k in tensors if k not in expected)
-    shapes = [
-        f"{k}: {source} has {tuple(tensors[k].shape)}, expected {shape}"
-        for k, shape in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != shape
-    ]
-    problems = []
-    if missing:
-        problems.append(_listing("missing tensors", missing))
-    if unexpected:
-        problems.append(_listing("unexpected tensors", unexpected))
-    if shapes:
-        problems.append("shape mismatches:\n    " + "\n    ".join(shapes))
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems) + hint)
 
 
 def _unexpected_hint(unexpected: list[str]) -> str:
@@ -444,7 +409,7 @@ def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[st
     Raises:
         CheckpointError: ``canonical`` is not exactly the tensor set of ``config`` (listed by name).
     """
-    _check(canonical, canonical_shapes(config), "canonical state dict")
+    check_fit(canonical, canonical_shapes(config), "canonical state dict")
     return _apply(config, canonical, to_megatron=True)
 
 
@@ -463,7 +428,7 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     # Report a tensor by the name it was given (an alias stays recognizable to the user).
     shown = {given[k]: t for k, t in state.items()}
     shown_expected = {given.get(k, k): s for k, s in expected.items()}
-    _check(shown, shown_expected, "Megatron state dict", _unexpected_hint([given[k] for k in unexpected]))
+    check_fit(shown, shown_expected, "Megatron state dict", _unexpected_hint([given[k] for k in unexpected]))
     return _apply(config, state, to_megatron=False)
 
 
@@ -476,22 +441,6 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` next to ``path``, flush it to disk, then rename it over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
     """Write a Megatron state dict: ``.pt`` as ``torch.save({"model": state})``, ``.safetensors`` as a safetensors file.
 
@@ -501,11 +450,11 @@ def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
     kind = _suffix(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if kind == ".pt":
-        _replace_atomically(path, lambda tmp: torch.save({"model": tensors}, tmp))
+        replace_file(path, lambda tmp: torch.save({"model": tensors}, tmp))
     else:
         from safetensors.torch import save_file
 
-        _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        replace_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return path
 
 
@@ -528,7 +477,7 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     if bad:
         raise CheckpointError(
             f"{path}: expected a state dict of tensors (or {{'model': state_dict}}); these entries are not tensors: "
-            + ", ".join(bad[:_MAX_LISTED])
+            + ", ".join(bad[:MAX_LISTED])
         )
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
@@ -578,7 +527,7 @@ def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
     _suffix(dst)
     config = read_config(src)
     save_megatron(to_megatron(config, read_tensors(src)), dst)
-    _replace_atomically(config_sidecar(dst), lambda tmp: tmp.write_text(config.to_json()))
+    replace_file(config_sidecar(dst), lambda tmp: tmp.write_text(config.to_json()))
     return dst
 
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from ..errors import CheckpointError, CheckpointMismatchError
 from .canonical import _pattern, canonical_name, model_name
+from .io import commit_directory, read_json, temp_directory
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -166,10 +165,9 @@ def save_training_state(
 
     path = Path(path)
     rank = _rank()
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        temp_directory(path, unique=False)
     _barrier()
     with _quiet_single_process():
         dcp.save(_tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
@@ -191,37 +189,16 @@ def save_training_state(
         (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
         rng = {f"rank{r}.{k}": g[k].contiguous() for r, g in enumerate(gathered) for k in ("torch", "cuda") if k in g}
         save_file(rng, tmp / RNG_STATE)
-        for f in tmp.iterdir():  # durable before the rename makes the folder visible
-            _fsync(f)
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_directory(tmp, path, lambda _: True, "a training state")  # durable, then renamed
     _barrier()
     return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The JSON trainer state of training-state folder ``path`` (step, scheduler, model config, ...)."""
     file = Path(path) / TRAINER_STATE
-    try:
-        state = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
+    state = read_json(file, missing)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{file}: not a hybridlm training state")
     if not isinstance(state.get("format_version"), int) or state["format_version"] > STATE_VERSION:

@@ -15,14 +15,10 @@ half-written checkpoint where a good one was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,92 +28,30 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..pattern import HybridPattern, PatternError, parse
 from .canonical import from_canonical, to_canonical
+from .io import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    atomic_directory,
+    config_says,
+    dominant_dtype,
+    file_sha256,
+    fit_problems,
+    full_cpu,
+    read_json,
+    read_safetensors,
+    weight_files,
+    write_safetensors,
+)
 
 FORMAT = "hybridlm"
 FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # bytes, as Hugging Face's save_pretrained
 CHECKSUMS_KEY = "sha256"  #: config.json key: safetensors file name -> SHA-256 hex digest
 
 logger = logging.getLogger("hybridlm.checkpoint")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_shard_name(index: Path, name: object) -> str:
-    """An index entry must name a file inside the checkpoint folder: a bare ``*.safetensors`` name."""
-    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".safetensors"):
-        raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder")
-    return name
-
-
-# -- writing ---------------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_checkpoint_dir(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if not any(path.iterdir()):
-        return True
-    try:
-        return json.loads((path / CONFIG_NAME).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def atomic_directory(
-    path: str | Path, write: Callable[[Path], None], overwrite: Callable[[Path], bool] | None = None
-) -> Path:
-    """Fill a fresh temporary directory with ``write(tmp)``, then move it to ``path``.
-
-    An existing ``path`` is replaced only if ``overwrite(path)`` says it may be (default: it is
-    empty or a hybridlm checkpoint). Until the final rename, ``path`` keeps its old content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        if path.exists():
-            if not (overwrite or _is_checkpoint_dir)(path):
-                raise CheckpointError(f"{path} exists and is not a hybridlm checkpoint; refusing to replace it")
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def full_cpu(t: torch.Tensor) -> torch.Tensor:
-    if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): gather the shards
-        t = t.full_tensor()
-    return t.detach().to("cpu").contiguous()
+    return config_says(path, "format", FORMAT)
 
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -136,47 +70,14 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return to_canonical(model.state_dict(), p)
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
-
-
-def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
-    """Write ``tensors`` into ``directory`` as ``model.safetensors``, or as numbered shards plus an index
-    (Hugging Face's layout) when they exceed ``max_shard_size`` bytes. ``tensors`` are contiguous CPU
-    tensors (see :func:`full_cpu`)."""
-    from safetensors.torch import save_file
-
-    shards = _shards(tensors, max_shard_size)
-    if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
 def checkpoint_metadata(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     from .. import __version__
 
     p = config.parsed
     dtypes: dict[str, int] = {}
     for t in tensors.values():
-        dtypes[str(t.dtype).removeprefix("torch.")] = dtypes.get(str(t.dtype).removeprefix("torch."), 0) + t.numel()
+        name = str(t.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + t.numel()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -217,7 +118,7 @@ def save_state_dict(
             else:
                 target.write_text(content)
 
-    return atomic_directory(path, write)
+    return atomic_directory(path, write, _is_checkpoint_dir, "a hybridlm checkpoint")
 
 
 def save(
@@ -255,12 +156,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint is a directory (with {CONFIG_NAME} and safetensors files)")
     file = path / CONFIG_NAME
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    meta = read_json(file, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         hint = ""
         if isinstance(meta, dict) and meta.get("model_type") == "nemotron_h":
@@ -280,34 +176,6 @@ def read_config(path: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{Path(path) / CONFIG_NAME}: invalid model config: {e}") from None
-
-
-def weight_files(path: str | Path) -> dict[str, str]:
-    """Map tensor name -> safetensors file name of checkpoint directory ``path``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    index = path / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: weight_map is not a JSON object")
-        for name in set(weight_map.values()):
-            check_shard_name(index, name)
-            if not (path / name).exists():
-                raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
-        return dict(weight_map)
-    single = path / WEIGHTS_NAME
-    if not single.exists():
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
-    try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), WEIGHTS_NAME)
-    except Exception as e:
-        raise CheckpointError(f"{single}: cannot read safetensors file ({e})") from None
 
 
 def _expected_checksums(path: Path) -> dict[str, str]:
@@ -344,27 +212,9 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: b
     With ``verify`` (the default) each file read is checked against the SHA-256 that
     :func:`save` wrote into ``config.json`` (folders without checksums load unverified).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     files = weight_files(path)
-    wanted = list(files) if names is None else list(names)
-    by_file: dict[str, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
-    out = {}
-    for file, keys in by_file.items():
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                stored = set(f.keys())
-                for k in keys:
-                    if k not in stored:
-                        raise CheckpointError(f"{path / file}: tensor {k} listed in the index is not in the file")
-                    out[k] = f.get_tensor(k)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path / file}: cannot read safetensors file ({e})") from None
+    out, by_file = read_safetensors(path, files, list(files) if names is None else names)
     if verify:  # after the structural checks above, whose messages say more
         verify_checksums(path, by_file)
     return out
@@ -385,22 +235,16 @@ def pattern_differences(saved: HybridPattern, wanted: HybridPattern) -> list[str
     Only brackets and ``|`` may differ; everything else (each canonical layer's symbol, MTP depths
     and their layers) must match. Returns one line per difference (empty when compatible).
     """
-    diffs = []
-    a, b = saved.layers, wanted.layers
-    for i in range(min(len(a), len(b))):
-        if a[i] != b[i]:
-            diffs.append(f"layer {i}: checkpoint has '{a[i]}', pattern has '{b[i]}'")
-    if len(a) != len(b):
-        diffs.append(f"checkpoint has {len(a)} layers, pattern has {len(b)}")
+
+    def layers(a: str, b: str, what: str, count: str) -> list[str]:
+        diffs = [f"{what} {i}: checkpoint has '{x}', pattern has '{y}'" for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return diffs + ([f"checkpoint has {len(a)} {count}, pattern has {len(b)}"] if len(a) != len(b) else [])
+
+    diffs = layers(saved.layers, wanted.layers, "layer", "layers")
     if saved.mtp_depths != wanted.mtp_depths:
         diffs.append(f"checkpoint has {saved.mtp_depths} MTP depth(s), pattern has {wanted.mtp_depths}")
-    a, b = saved.mtp_layers, wanted.mtp_layers
     if saved.mtp_depths and wanted.mtp_depths:
-        for i in range(min(len(a), len(b))):
-            if a[i] != b[i]:
-                diffs.append(f"MTP layer {i}: checkpoint has '{a[i]}', pattern has '{b[i]}'")
-        if len(a) != len(b):
-            diffs.append(f"checkpoint has {len(a)} layers per MTP depth, pattern has {len(b)}")
+        diffs += layers(saved.mtp_layers, wanted.mtp_layers, "MTP layer", "layers per MTP depth")
     return diffs
 
 
@@ -430,26 +274,13 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     p = model.config.parsed
     expected = to_canonical(model.state_dict(), p)
     is_stage = len(model.blocks) != p.num_blocks or model.embeddings is None or model.norm_f is None
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = [] if is_stage else sorted(set(tensors) - set(expected))
-    shapes = [
-        f"{k}: {source} has {tuple(tensors[k].shape)}, model has {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(
-            f"missing tensors ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        )
-    if unexpected:
-        problems.append(
-            f"unexpected tensors ({len(unexpected)}): "
-            + ", ".join(unexpected[:20])
-            + (" ..." if len(unexpected) > 20 else "")
-        )
-    if shapes:
-        problems.append("shape mismatches:\n    " + "\n    ".join(shapes))
+    shapes = {k: tuple(t.shape) for k, t in tensors.items() if not is_stage or k in expected}
+    problems = fit_problems(
+        shapes,
+        {k: tuple(v.shape) for k, v in expected.items()},
+        source=source,
+        wrong_shape="{name}: {source} has {got}, model has {want}",
+    )
     if problems:
         raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
     state = from_canonical({k: tensors[k] for k in expected}, p)
@@ -487,11 +318,7 @@ def load(
     config = config_for_pattern(read_config(path), pattern)
     tensors = read_tensors(path, verify=False)
     if dtype is None:
-        counts: dict[torch.dtype, int] = {}
-        for t in tensors.values():
-            if t.is_floating_point():
-                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-        dtype = max(counts, key=counts.get) if counts else torch.float32
+        dtype = dominant_dtype(tensors.values())
     model = HybridLM(config, device="meta")
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
     if dtype != torch.float32:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.canonical import to_canonical
-from ..checkpoint.weights import full_cpu
+from ..checkpoint.io import full_cpu
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import IGNORE_INDEX

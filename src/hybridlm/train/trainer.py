@@ -22,9 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.io import full_cpu
 from ..checkpoint.listing import checkpoint_dir_name, list_checkpoints, load_newest
 from ..checkpoint.training_state import load_training_state, save_training_state
-from ..checkpoint.weights import canonical_state_dict, full_cpu, save_state_dict
+from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks

@@ -1,0 +1,64 @@
+"""checkpoint.io: what every format writes is readable by others, and refusals list every problem."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+import hybridlm
+from hybridlm import CheckpointError, HybridLM
+from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
+from hybridlm.checkpoint.io import check_fit, dominant_dtype
+from hybridlm.checkpoint.megatron import convert_to_megatron
+from hybridlm.checkpoint.training_state import save_training_state
+from tests.helpers import tiny_config
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _modes(root):
+    """(path, permission bits) of ``root`` and everything under it."""
+    out = [(root, stat.S_IMODE(os.stat(root).st_mode))]
+    for folder, dirs, files in os.walk(root):
+        out += [(os.path.join(folder, n), stat.S_IMODE(os.stat(os.path.join(folder, n)).st_mode)) for n in dirs + files]
+    return out
+
+
+def test_saved_checkpoints_are_readable_by_others(tmp_path, umask_022):
+    config = tiny_config(
+        "M*-E", position_embedding="none", qk_norm=False, mlp_activation="relu2", moe_router_score="sigmoid"
+    )
+    model = HybridLM(config, seed=1)
+    ours = hybridlm.save(model, tmp_path / "ours", max_shard_size=10_000)  # sharded: several files and an index
+    convert_to_nemotron_h(ours, tmp_path / "hf")
+    convert_to_megatron(ours, tmp_path / "megatron" / "model.pt")
+    save_training_state(tmp_path / "state", model, torch.optim.AdamW(model.parameters()), step=1)
+    seen = _modes(tmp_path / "ours") + _modes(tmp_path / "hf") + _modes(tmp_path / "megatron")
+    seen += _modes(tmp_path / "state")
+    assert len(seen) > 10
+    for path, mode in seen:
+        want = 0o755 if os.path.isdir(path) else 0o644
+        assert mode == want, f"{path}: mode {mode:o}, expected {want:o} under umask 022"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "megatron", "ours", "state"], "no temporary folder is left"
+
+
+def test_check_fit_lists_every_problem():
+    tensors = {"a": torch.zeros(2), "b": torch.zeros(3, 1), "x": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as err:
+        check_fit(tensors, {"a": (2,), "b": (3, 2), "c": (4,)}, "test dict")
+    text = str(err.value)
+    assert "missing tensors (1): c" in text and "unexpected tensors (1): x" in text
+    assert "b: test dict has (3, 1), expected (3, 2)" in text
+    check_fit({"a": torch.zeros(2)}, {"a": (2,)}, "test dict")  # a fit passes
+
+
+def test_dominant_dtype_counts_elements():
+    ts = [torch.zeros(10, dtype=torch.bfloat16), torch.zeros(3), torch.zeros(100, dtype=torch.int64)]
+    assert dominant_dtype(ts) == torch.bfloat16
+    assert dominant_dtype([torch.zeros(2, dtype=torch.int32)]) == torch.float32
