@@ -129,3 +129,22 @@ def test_a_step_without_forwards_does_nothing(monkeypatch):
     opt.step()
     assert all(m.gate.e_score_correction_bias.abs().sum() == 0 for m in moe_layers(model))
     hook.remove()
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_count_once_and_keep_the_aux_loss():
+    from hybridlm.parallel.execution import compile_blocks
+
+    ids = torch.randint(0, 97, (2, 13))
+    eager = HybridLM(moe_config(), seed=8)
+    compiled = compile_blocks(apply_activation_checkpointing(HybridLM(moe_config(), seed=8)))
+    losses = []
+    for model in (eager, compiled):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        hook = ExpertBiasHook(opt, model, RATE)
+        out = model(ids, torch.roll(ids, -1, 1), return_logits=False)
+        out.loss.backward()
+        losses.append(out.aux_loss.detach())
+        assert all(m.tokens_per_expert.sum() == ids.numel() * 2 for m in moe_layers(model))
+        hook.remove()
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
