@@ -39,8 +39,16 @@ class Layer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mixer = build_mixer(symbol, config)
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        return x + self.mixer(self.norm(x), ctx)
+    def forward(
+        self, x: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        return x + self.mix(self.norm(x), ctx, aux_losses)
+
+    def mix(self, x: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor] | None) -> torch.Tensor:
+        """The mixer on normed ``x``; a mixer with an auxiliary loss records it in ``aux_losses``."""
+        if getattr(self.mixer, "has_aux_loss", False):
+            return self.mixer(x, ctx, aux_losses)
+        return self.mixer(x, ctx)
 
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
         self.norm.init_weights()
@@ -77,20 +85,30 @@ class Block(nn.Module):
         return len(self.layers) > 1
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        """x: (B, L, hidden) -> (B, L, hidden)."""
+        """x: (B, L, hidden) -> (B, L, hidden); the block's auxiliary losses go to ``ctx.aux_losses``."""
         # Never recompute a cached forward: the recomputation would update the cache a second time.
         if self.activation_checkpointing and torch.is_grad_enabled() and ctx.cache is None:
             if self.checkpoint_context_fn is not None:
-                return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.checkpoint_context_fn)
-            return checkpoint(self._forward, x, ctx, use_reentrant=False)
-        return self._forward(x, ctx)
+                out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.checkpoint_context_fn)
+            else:
+                out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False)
+        else:
+            out, aux = self._forward(x, ctx)
+        # Recorded here, outside the checkpointed function: a recomputation returns its own copy,
+        # which the checkpoint discards (only its saved tensors are used), so the loss has one term.
+        ctx.aux_losses.extend(aux)
+        return out
 
-    def _forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, ctx: SequenceContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The block's computation: (output (B, L, hidden), its mixers' auxiliary losses, each 0-d)."""
+        aux_losses: list[torch.Tensor] = []  # this call's own: never shared with a recomputation
         if len(self.layers) == 1:
-            return self.layers[0](x, ctx)
-        seq, chan = self.layers
-        h, normed = add_rms_norm(x, seq.mixer(seq.norm(x), ctx), chan.norm.weight, chan.norm.eps)
-        return h + chan.mixer(normed, ctx)
+            out = self.layers[0](x, ctx, aux_losses)
+        else:
+            seq, chan = self.layers
+            h, normed = add_rms_norm(x, seq.mix(seq.norm(x), ctx, aux_losses), chan.norm.weight, chan.norm.eps)
+            out = h + chan.mix(normed, ctx, aux_losses)
+        return out, aux_losses
 
     def init_weights(self, gen_for, std: float, out_std: float) -> None:
         """``gen_for(i)`` gives the generator of canonical layer ``i``."""
@@ -452,12 +470,3 @@ class HybridLM(nn.Module):
                 loss = loss + aux
             out.loss = loss
         return out
-
-    @torch.no_grad()
-    def update_expert_bias(self, rate: float) -> None:
-        """Apply the aux-loss-free expert-bias update in every MoE layer (call after each optimizer step)."""
-        from .layers.moe import MoE
-
-        for m in self.modules():
-            if isinstance(m, MoE):
-                m.update_expert_bias(rate)

@@ -56,8 +56,9 @@ def test_dsa_matches_reference(packed, sparse_loss):
     seq_idx = docs(b, SEQLEN, seed=5) if packed else None
     ctx, pos = context(config, b, SEQLEN, seq_idx)
     x = torch.randn(b, SEQLEN, config.hidden_size, requires_grad=True)
-    y = layer(x, ctx)
-    (aux,) = ctx.aux_losses
+    aux_losses = []
+    y = layer(x, ctx, aux_losses)
+    (aux,) = aux_losses
 
     ref64, ref32 = copy.deepcopy(layer).double(), copy.deepcopy(layer)
     x64, x32 = x.detach().double().requires_grad_(), x.detach().clone().requires_grad_()
@@ -118,8 +119,9 @@ def test_indexer_stays_float32_under_autocast_and_in_bf16():
         q, w = ix.queries(x, c_q, cos, sin)
         k = ix.keys(x, cos, sin)
         scores = ix.scores(q, w, k)
-        layer(x, ctx)
-    assert q.dtype == w.dtype == k.dtype == scores.dtype == ctx.aux_losses[0].dtype == torch.float32
+        aux_losses = []
+        layer(x, ctx, aux_losses)
+    assert q.dtype == w.dtype == k.dtype == scores.dtype == aux_losses[0].dtype == torch.float32
     assert torch.equal(scores, ix.scores(q, w, k))  # the same float32 computation as without autocast
 
     model = HybridLM(tiny_config("D-", **MLA_TINY), dtype=torch.bfloat16)
@@ -152,8 +154,9 @@ def test_indexer_and_attention_learn_from_separate_losses():
     layer = make(DSA, config, seed=6)
     ctx, _ = context(config, 2, SEQLEN, None)
     x = torch.randn(2, SEQLEN, config.hidden_size, requires_grad=True)
-    y = layer(x, ctx)
-    (aux,) = ctx.aux_losses
+    aux_losses = []
+    y = layer(x, ctx, aux_losses)
+    (aux,) = aux_losses
     indexer = {n for n, _ in layer.named_parameters() if n.startswith("indexer.")}
     grads = torch.autograd.grad(aux, [x, *layer.parameters()], allow_unused=True)
     for name, g in zip(["x", *(n for n, _ in layer.named_parameters())], grads):
@@ -169,13 +172,14 @@ def test_indexer_and_attention_learn_from_separate_losses():
 def test_indexer_loss_only_when_asked():
     layer = make(DSA, dsa_config(dsa_indexer_loss_coeff=0.0), seed=1)
     ctx, _ = context(layer.config, 1, 9, None)
-    layer(torch.randn(1, 9, 32), ctx)
-    assert ctx.aux_losses == []
+    aux_losses = []
+    layer(torch.randn(1, 9, 32), ctx, aux_losses)
+    assert aux_losses == []
     layer = make(DSA, dsa_config(), seed=1)
     ctx, _ = context(layer.config, 1, 9, None)
     with torch.no_grad():
-        layer(torch.randn(1, 9, 32), ctx)
-    assert ctx.aux_losses == []
+        layer(torch.randn(1, 9, 32), ctx, aux_losses)
+    assert aux_losses == []
 
 
 def test_dsa_packed_equals_separate_documents():

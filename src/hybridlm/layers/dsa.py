@@ -16,7 +16,7 @@ is that of dense attention; :meth:`DSA.flops_per_token` counts what runs).
 
 The indexer reads ``x`` and ``c_q`` detached, and its selection is discrete, so the language-model
 loss never reaches it and its own loss never reaches the rest of the model (the paper trains the two
-separately). Its loss (DeepSeek-V3.2, section 2.1), appended to ``ctx.aux_losses`` when
+separately). Its loss (DeepSeek-V3.2, section 2.1), recorded in the caller's ``aux_losses`` list when
 ``dsa_indexer_loss_coeff > 0`` and gradients are on::
 
     p_t = normalize(sum_h softmax_h(main attention logits of query t))   (detached target)
@@ -147,18 +147,24 @@ class DSA(MLA):
         scores = self.indexer.scores(q, w, self.indexer.keys(x, cos, sin))
         return scores, select_topk(scores, allowed, self.config.dsa_indexer_topk)
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    #: ``forward`` takes ``aux_losses``: a list owned by the caller for this one call.
+    has_aux_loss = True
+
+    def forward(
+        self, x: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x: (B, L, H) -> (B, L, H); the indexer loss (0-d) goes to ``aux_losses`` (see ``MoE.forward``)."""
         if ctx.cache is not None:
             return self._forward_cached(x, ctx)
         c = self.config
         q, k, v, c_q = self.qkv(x, ctx.position_ids)
         allowed = allowed_keys(ctx, x.shape[1], x.device)
         scores, selected = self.select(x, c_q, ctx.position_ids, allowed)
-        if c.dsa_indexer_loss_coeff > 0 and torch.is_grad_enabled():
+        if c.dsa_indexer_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
             with _float32(x):
                 logits = torch.einsum("bthd,bshd->bhts", q.detach().float(), k.detach().float()) * self.softmax_scale
                 valid = selected if c.dsa_indexer_use_sparse_loss else allowed
-                ctx.aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
+                aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
         return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:

@@ -126,10 +126,24 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         if config.moe_shared_expert_ffn_hidden_size:
             self.shared_experts = MLP(config, config.moe_shared_expert_ffn_hidden_size)
-        # Tokens routed to each expert since the last expert-bias update (no gradient).
+        # Tokens routed to each expert since the last expert-bias update (no gradient). The model never
+        # writes it: the training hook (``hybridlm.train.optim.ExpertBiasHook``) counts the router's
+        # choices once per real forward and applies the update before each optimizer step.
         self.register_buffer("tokens_per_expert", torch.zeros(config.moe_num_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext | None = None) -> torch.Tensor:
+    #: ``forward`` takes ``aux_losses``: a list owned by the caller for this one call.
+    has_aux_loss = True
+
+    def forward(
+        self, x: torch.Tensor, ctx: SequenceContext | None = None, aux_losses: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x: (B, L, H) -> (B, L, H).
+
+        Args:
+            aux_losses: where the load-balancing loss (0-d) is recorded when ``moe_aux_loss_coeff > 0``
+                and gradients are on; a per-call list (the block's), so a recomputation under
+                activation checkpointing records into its own list, never a second term.
+        """
         c = self.config
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -150,11 +164,8 @@ class MoE(nn.Module):
         if c.moe_shared_expert_ffn_hidden_size:
             y = y + self.shared_experts(flat)
 
-        if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-        if c.moe_aux_loss_coeff > 0 and ctx is not None and torch.is_grad_enabled():
-            ctx.aux_losses.append(self.aux_loss(scores, counts, T))
+        if c.moe_aux_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
+            aux_losses.append(self.aux_loss(scores, counts, T))
         return y.reshape(shape)
 
     def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -166,7 +177,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, rate: float) -> None:
-        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower over-loaded ones."""
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower over-loaded ones,
+        from ``tokens_per_expert``, then zero the counts (``rate=0`` only zeroes them)."""
         if self.config.moe_router_expert_bias and self.tokens_per_expert.sum() > 0:
             load = self.tokens_per_expert
             self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)

@@ -205,12 +205,6 @@ class PipelineRunner:
             _local(p.grad).mul_(coef.to(p.grad.dtype))
         return float(norm)
 
-    def reduce_expert_load(self) -> None:
-        """Sum each MoE layer's routing counts over the data-parallel ranks (its stage's copies)."""
-        for name, buf in self.model.named_buffers():
-            if name.endswith("tokens_per_expert"):
-                dist.all_reduce(buf, group=self.dp_group)
-
     def gather_canonical(self) -> dict[str, torch.Tensor]:
         """The whole model's canonical tensors on rank 0 (empty elsewhere), gathered one stage at a
         time: each data-parallel group gathers its stage's shards, and its first rank sends them."""

@@ -33,7 +33,7 @@ from .config import RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
 from .metrics import Metrics, plot_losses
-from .optim import build_optimizer, build_scheduler
+from .optim import ExpertBiasHook, build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
 from .signals import StopSignals, TrainingInterrupted, signal_name
 from .tokenizer import build_tokenizer
@@ -177,9 +177,14 @@ class Trainer:
         if self.world > 1 and self.pipeline is None:
             # Losses are divided by the labelled tokens of all processes: gradients are summed.
             apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
-        self.has_expert_bias = self.config.moe_router_expert_bias and "E" in self.config.symbols
-
         self.optimizer = build_optimizer(self.model, run.optim)
+        # Counts routed tokens and moves the expert biases before each optimizer step.
+        self.expert_bias = ExpertBiasHook(
+            self.optimizer,
+            self.model,
+            run.optim.moe_expert_bias_rate,
+            group=self.pipeline.dp_group if self.pipeline is not None else None,
+        )
         self.scheduler = build_scheduler(self.optimizer, t.steps, run.optim)
         self.step = 0
         if resume:
@@ -269,17 +274,11 @@ class Trainer:
         # A non-finite loss or gradient skips the update (see train/guard.py); the schedule moves on.
         finite = self.guard.finite(loss, float(grad_norm))
         if finite:
-            self.optimizer.step()
+            self.optimizer.step()  # its pre-step hook updates the expert biases
+        else:
+            self.expert_bias.reset()  # no step, no bias update: the skipped step's counts are dropped
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.has_expert_bias:
-            if self.pipeline is not None:
-                self.pipeline.reduce_expert_load()
-            elif self.world > 1:  # every process must apply the same update: balance the global load
-                for name, buf in self.model.named_buffers():
-                    if name.endswith("tokens_per_expert"):
-                        dist.all_reduce(buf)
-            self.model.update_expert_bias(self.run.optim.moe_expert_bias_rate if finite else 0.0)  # 0: reset counts
         self.step += 1
         out = {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
         if not finite:
