@@ -256,6 +256,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"model saved to {summary['model']}"
                 + (f"; loss curve {summary['loss_curve']}" if summary.get("loss_curve") else "")
             )
+    trainer.close()
     return 0
 
 

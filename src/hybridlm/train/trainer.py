@@ -406,6 +406,14 @@ class Trainer:
             return torch.cuda.max_memory_allocated(self.device) / 1e9
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
+    def close(self) -> None:
+        """Leave torch.distributed cleanly (after a finished run): wait for every rank, then destroy
+        the process group. A rank that exits while its peer still holds the group open can abort in
+        gloo's teardown (seen as SIGABRT at the very end of a successful torchrun)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def run_loop(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``train.steps`` (or stop after step ``until``, saving a checkpoint). Returns a summary."""
         t = self.run.train
