@@ -17,7 +17,6 @@ it, so a test can assert which path ran (:func:`paths_used`). Nothing falls back
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -62,15 +61,21 @@ def use_kernels(mode: str) -> Iterator[None]:
         _mode = previous
 
 
-@functools.cache
+_triton_ok: bool | None = None  # cached import check (a plain global: torch.compile traces it cleanly)
+
+
 def triton_available() -> bool:
     """True when Triton imports (it is an optional dependency: ``pip install "hybridlm[gpu]"``)."""
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install that fails on import
-        return False
-    return True
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton
+            import triton.language  # noqa: F401
+        except Exception:  # ImportError, or a broken install that fails on import
+            _triton_ok = False
+        else:
+            _triton_ok = True
+    return _triton_ok
 
 
 def choose(op: str, *tensors: torch.Tensor | None) -> str:
