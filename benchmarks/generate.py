@@ -18,11 +18,11 @@ Results belong in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -128,9 +128,13 @@ def gpu_bench(args) -> None:
     print(
         f"{args.preset}: {config.pattern}, {model.num_params() / 1e9:.2f}B params, bf16, {torch.cuda.get_device_name(device)}"
     )
-    print(f"mamba_ssm kernels importable (used by transformers): {importlib.util.find_spec('mamba_ssm') is not None}")
     hf = None
     if args.compare_hf:
+        # Before transformers' NemotronH module is imported: the mamba_ssm stand-ins (hf_anchor.py).
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from hf_anchor import install_kernels
+
+        print(f"Hugging Face: {install_kernels()}")
         try:
             from transformers import NemotronHForCausalLM
 

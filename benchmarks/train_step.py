@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.train.trainer import measure_matmul_flops
 
 H200_PEAK = 989e12  # dense bf16 FLOP/s, datasheet
 
@@ -39,16 +40,6 @@ H200_PEAK = 989e12  # dense bf16 FLOP/s, datasheet
 def fuse_all(pattern: str) -> str:
     """Bracket every sequence mixer that a channel mixer follows: 'M-M*-' -> '[M-]M[*-]'."""
     return re.sub(r"(?<!\[)([MG*D+])([-E])", r"[\1\2]", pattern)
-
-
-def matmul_rate(n: int = 8192, iters: int = 30) -> float:
-    """Median bf16 matmul FLOP/s on random data (the in-run MFU denominator)."""
-    from triton.testing import do_bench
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    return 2 * n**3 / (ms / 1e3)
 
 
 def packed_batches(count: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -238,11 +229,11 @@ def main() -> None:
 
     base = ModelConfig.preset(args.preset)
     compile_ = not args.no_compile
-    rate = matmul_rate()
+    rate = measure_matmul_flops(torch.device("cuda"), n=8192, iters=30)
     params = float(HybridLM(base, device="meta").num_params())
     print(
         f"{torch.cuda.get_device_name()} · torch {torch.__version__} · transformers {transformers.__version__} · "
-        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s measured (8192³, median) · peak {H200_PEAK / 1e12:.0f} (datasheet)"
+        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s measured (8192³, the trainer's MFU denominator) · peak {H200_PEAK / 1e12:.0f} (datasheet)"
     )
     print(
         f"model {args.preset}: {params / 1e9:.3f}B parameters · AdamW fused · ours: fp32 master weights, bf16 "

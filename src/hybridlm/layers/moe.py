@@ -20,15 +20,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.dispatch import kernels_mode, record
+from ..ops.precision import matmul_dtype
 from .context import SequenceContext
 from .mlp import MLP, activate
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on ``x`` run in: autocast's dtype where autocast is on, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class Router(nn.Module):
@@ -85,7 +79,7 @@ class Experts(nn.Module):
             xs: (N, H) token rows, grouped by expert in expert order.
             counts: (E,) rows per expert.
         """
-        dtype = _compute_dtype(xs)
+        dtype = matmul_dtype(xs)
         if kernels_mode() != "torch" and xs.is_cuda and dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
             # All experts in one grouped GEMM per projection, offsets computed on the device: no
             # host sync. Explicit bf16 casts: autocast does not cover grouped_mm, and the

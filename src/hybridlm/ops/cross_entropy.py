@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from .precision import matmul_dtype
+
 IGNORE_INDEX = -100
 
 #: Tokens per chunk: 4096 × 131072 float32 logits = 2 GiB at a time.
 DEFAULT_CHUNK = 4096
-
-
-def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(h.device.type):
-        return torch.get_autocast_dtype(h.device.type)
-    return h.dtype
 
 
 def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +87,7 @@ def linear_cross_entropy(
     """
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
-    dtype = _matmul_dtype(h2)
+    dtype = matmul_dtype(h2)
     count = (y != IGNORE_INDEX).sum().clamp(min=1)
     with torch.autocast(h.device.type, enabled=False):
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
