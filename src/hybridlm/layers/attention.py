@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.attention import causal_attention, use_flex
+from ..ops.attention import causal_attention
 from .cache import KVState
 from .context import SequenceContext
 from .norm import RMSNorm
@@ -50,8 +50,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache)
             return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nq * self.head_dim))
-        dense = ctx.attention_mask() if ctx.block_mask is None and not use_flex(ctx.seq_idx) else None
-        o = causal_attention(q, k, v, ctx.seq_idx, block_mask=ctx.block_mask, dense_mask=dense)
+        o = causal_attention(q, k, v, ctx.seq_idx, block_mask=ctx.block_mask, dense_mask=ctx.attention_mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nq * self.head_dim))
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> KVState:

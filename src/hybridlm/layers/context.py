@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..ops.attention import document_causal_mask
+
 
 @dataclass
 class SequenceContext:
@@ -41,11 +43,8 @@ class SequenceContext:
         """
         if self.seq_idx is None:
             return None
-        if self._attention_mask is None:
-            L = self.seq_idx.shape[1]
-            causal = torch.ones(L, L, dtype=torch.bool, device=self.seq_idx.device).tril()
-            same = self.seq_idx[:, :, None] == self.seq_idx[:, None, :]
-            self._attention_mask = (same & causal).unsqueeze(1)
+        if self._attention_mask is None:  # built once per forward, shared by the attention layers
+            self._attention_mask = document_causal_mask(self.seq_idx)
         return self._attention_mask
 
 

@@ -12,6 +12,8 @@ Three paths, one function (:func:`causal_attention`), chosen by :mod:`hybridlm.o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +65,12 @@ def _flex():
     return _flex_compiled
 
 
-def _dense_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool, True where query t may attend key s: s <= t in the same document.
+
+    Args:
+        seq_idx: (B, L) document index per position.
+    """
     L = seq_idx.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=seq_idx.device).tril()
     return ((seq_idx[:, :, None] == seq_idx[:, None, :]) & causal).unsqueeze(1)
@@ -85,7 +92,7 @@ def causal_attention(
     v: torch.Tensor,
     seq_idx: torch.Tensor | None = None,
     block_mask=None,
-    dense_mask: torch.Tensor | None = None,
+    dense_mask: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal (grouped-query) attention that never crosses a document boundary.
 
@@ -93,7 +100,8 @@ def causal_attention(
         q: (B, Hq, L, D); k, v: (B, Hkv, L, D) with Hq a multiple of Hkv.
         seq_idx: (B, L) document index per position, or None for one document per row.
         block_mask: a precomputed :func:`document_block_mask` (shared by all layers of a forward).
-        dense_mask: a precomputed (B, 1, L, L) boolean mask for the reference path.
+        dense_mask: returns the (B, 1, L, L) boolean mask of the reference path (called only when
+            that path runs, so a caller can share one cached mask between layers).
 
     Returns:
         (B, Hq, L, D).
@@ -108,5 +116,5 @@ def causal_attention(
             block_mask = document_block_mask(seq_idx)
         return _flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     record("attention", "sdpa_dense_mask")
-    mask = dense_mask if dense_mask is not None else _dense_mask(seq_idx)
+    mask = dense_mask() if dense_mask is not None else document_causal_mask(seq_idx)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
