@@ -139,3 +139,13 @@ def assert_bf16_within(
     err = rel_err(actual, exact_ref)
     base = rel_err(rounded_ref.to(actual.dtype), exact_ref)
     assert err <= factor * base, f"{what}: error {err:.3g} > {factor} × {base:.3g} (float64 on bf16-rounded inputs)"
+
+
+def run_failure(r) -> str:
+    """What a failed ``subprocess.run`` of torchrun printed that matters: the lines that name an
+    error or an abort (a rank's C++ ``terminate`` message is otherwise lost in torchrun's report),
+    then the tails of stdout and stderr."""
+    text = r.stdout + r.stderr
+    marks = ("terminate", "what()", "Abort", "Error", "error:", "Traceback", "Signal")
+    lines = [x for x in text.splitlines() if any(m in x for m in marks)][:30]
+    return "\n".join(["-- lines naming an error --", *lines, "-- stdout --", r.stdout[-1500:], "-- stderr --", r.stderr[-1500:]])

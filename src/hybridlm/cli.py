@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -256,7 +257,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"model saved to {summary['model']}"
                 + (f"; loss curve {summary['loss_curve']}" if summary.get("loss_curve") else "")
             )
-    trainer.close()
+    trainer.close(destroy=False)  # every rank is done; entry() leaves without C++ teardown
     return 0
 
 
@@ -569,5 +570,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``hybridlm`` command (and ``python -m hybridlm.cli``).
+
+    A process of a torchrun job leaves with ``os._exit`` once ``main`` returned: its ranks have
+    met at a final barrier, so nothing is in flight, and skipping the interpreter's teardown
+    skips gloo's (a finished run could otherwise end with SIGABRT on one rank, which torchrun
+    reports as a failed job). Streams and logging are flushed first."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

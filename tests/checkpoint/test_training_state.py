@@ -11,7 +11,7 @@ import torch
 
 from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint.training_state import load_training_state, save_training_state
-from tests.helpers import tiny_config
+from tests.helpers import run_failure, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,7 +103,7 @@ def test_torchrun_fsdp_save_then_resume_in_one_process_with_other_brackets(tmp_p
         "2",
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, run_failure(r)
     losses = json.loads((tmp_path / "losses.json").read_text())
 
     model = HybridLM(tiny_config("M-*-GE/*-"), seed=55)

@@ -4,6 +4,7 @@ Writes <out>/losses.json with the loss of every step; the state is saved after s
 """
 
 import json
+import os
 import sys
 import warnings
 
@@ -39,8 +40,10 @@ def main(out: str, pattern: str, steps: int, save_at: int) -> None:
     if dist.get_rank() == 0:
         with open(f"{out}/losses.json", "w") as f:
             json.dump(losses, f)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is done; leave as `hybridlm train` does (hybridlm.cli.entry)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    sys.stdout.flush()
+    os._exit(0)

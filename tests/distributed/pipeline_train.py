@@ -6,6 +6,7 @@ Usage: pipeline_train.py JOBS.json, where JOBS.json lists {"set": [...], "run_di
 """
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,8 +30,10 @@ def main(jobs_file: str) -> None:
             with open(f"{job['run_dir']}/params.json", "w") as f:
                 json.dump(counts, f)
         trainer.run_loop(until=job.get("until"))
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is done; leave as `hybridlm train` does (hybridlm.cli.entry)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)

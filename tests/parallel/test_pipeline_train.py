@@ -19,7 +19,7 @@ from hybridlm.errors import ConfigError
 from hybridlm.parallel.pipeline import SCHEDULES, build_stage, rank_stages
 from hybridlm.train.config import MULTI_STAGE_SCHEDULES, SINGLE_STAGE_SCHEDULES, RunConfig
 from hybridlm.train.trainer import Trainer
-from tests.helpers import rel_err
+from tests.helpers import rel_err, run_failure
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = [
@@ -56,7 +56,7 @@ def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
     r = subprocess.run(
         [*cmd, str(script), str(tmp / "jobs.json")], env=env, capture_output=True, text=True, timeout=300
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, run_failure(r)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -169,7 +169,7 @@ def test_torchrun_cli_pipeline_logs_the_losses_of_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "hybridlm.cli", "train", *pattern, "--set", "parallel.pp=2", *CLI, "--run-dir", str(tmp_path / "pp")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0, run_failure(r)
     assert "pp 2" in r.stdout
     assert main(["train", *pattern, *CLI, "--run-dir", str(tmp_path / "one")]) == 0
     pp, one = metrics(tmp_path / "pp"), metrics(tmp_path / "one")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hybridlm.cli import main
+from tests.helpers import run_failure
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [
@@ -65,7 +66,7 @@ def test_two_processes_follow_one(tmp_path):
         str(tmp_path / "two"),
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0, run_failure(r)
     assert main(["train", *RUN, "--run-dir", str(tmp_path / "one")]) == 0
     two, one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
     assert two.keys() == one.keys() == set(range(1, 7))

@@ -406,13 +406,15 @@ class Trainer:
             return torch.cuda.max_memory_allocated(self.device) / 1e9
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
-    def close(self) -> None:
-        """Leave torch.distributed cleanly (after a finished run): wait for every rank, then destroy
-        the process group. A rank that exits while its peer still holds the group open can abort in
-        gloo's teardown (seen as SIGABRT at the very end of a successful torchrun)."""
+    def close(self, destroy: bool = True) -> None:
+        """Leave torch.distributed after a finished run: wait for every rank, then (``destroy``)
+        destroy the process group. The CLI passes ``destroy=False`` and then leaves the process
+        with ``os._exit`` (see ``hybridlm.cli.entry``): gloo's teardown at interpreter exit could
+        abort a rank after a successful run (SIGABRT, seen in CI with and without the destroy)."""
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if destroy:
+                dist.destroy_process_group()
 
     def run_loop(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``train.steps`` (or stop after step ``until``, saving a checkpoint). Returns a summary."""
