@@ -148,4 +148,6 @@ def run_failure(r) -> str:
     text = r.stdout + r.stderr
     marks = ("terminate", "what()", "Abort", "Error", "error:", "Traceback", "Signal")
     lines = [x for x in text.splitlines() if any(m in x for m in marks)][:30]
-    return "\n".join(["-- lines naming an error --", *lines, "-- stdout --", r.stdout[-1500:], "-- stderr --", r.stderr[-1500:]])
+    return "\n".join(
+        ["-- lines naming an error --", *lines, "-- stdout --", r.stdout[-1500:], "-- stderr --", r.stderr[-1500:]]
+    )
