@@ -317,3 +317,13 @@ def test_control_characters_keep_the_caret_aligned():
         parse("M\t*")
     assert info.value.position == 1
     assert "'\\t' is not a valid layer symbol" in str(info.value)
+
+
+def test_differences_ignore_brackets_and_pipes_only():
+    assert parse("M-[*-]|M-/*-").differences(parse("[M-]*-M-/[*-]")) == []
+    diffs = parse("M-*-/*-").differences(parse("M-G-E/*-/*-"))
+    assert diffs == [
+        "layer 2: checkpoint has '*', pattern has 'G'",
+        "checkpoint has 4 layers, pattern has 5",
+        "checkpoint has 1 MTP depth(s), pattern has 2",
+    ]

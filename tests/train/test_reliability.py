@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from hybridlm.checkpoint.listing import list_checkpoints
 from hybridlm.cli import main
 from hybridlm.errors import CheckpointError, CheckpointMismatchError, TrainingDivergedError
+from hybridlm.train.listing import list_checkpoints
 from hybridlm.train.metrics import read_history
 from hybridlm.train.optim import lr_factor
 from hybridlm.train.signals import TrainingInterrupted

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from hybridlm.checkpoint.canonical import to_canonical
-from hybridlm.checkpoint.listing import list_checkpoints, step_of
 from hybridlm.checkpoint.safe_dcp import read_dcp_metadata
 from hybridlm.checkpoint.training_state import read_trainer_state
 from hybridlm.checkpoint.weights import read_tensors
+from hybridlm.train.listing import list_checkpoints, step_of
 from hybridlm.train.trainer import Trainer
 from tests.train.test_trainer import TINY_RUN, tiny_run
 

@@ -1,14 +1,7 @@
-"""Checkpoint I/O that every format shares, each job written once.
-
-* :func:`atomic_directory` / :func:`replace_file`: fill a temporary directory (file) next to the
-  target, flush it to disk, then rename it into place, so a crash never leaves a half-written
-  checkpoint where a good one was. Everything is created as a plain ``mkdir`` / ``open`` would:
-  directories ``0777 & ~umask``, files ``0666 & ~umask`` (0755 / 0644 under the usual umask 022),
-  so another user of a shared cluster can read a checkpoint.
-* :func:`write_safetensors` / :func:`weight_files` / :func:`read_safetensors`: safetensors files
-  in Hugging Face's layout (one ``model.safetensors``, or numbered shards plus an index).
-* :func:`check_fit`: the one missing / unexpected / mis-shaped check, listing every problem by name.
-* :func:`dominant_dtype` and :func:`meta_shapes`: the checkpoint's dtype and a config's tensor shapes.
+"""Checkpoint I/O that every format shares, each job written once: atomic writes (durable, with the
+permissions of a plain ``mkdir`` / ``open``, so others on a shared cluster can read a checkpoint),
+safetensors in Hugging Face's layout (one file, or shards plus an index), and the one
+missing / unexpected / mis-shaped check. docs/checkpoints.md describes the formats.
 """
 
 from __future__ import annotations
@@ -45,38 +38,36 @@ def fsync(path: Path) -> None:
 
 
 def umask() -> int:
-    """The process's umask (from /proc where it can be read, so it is never changed even for a moment)."""
+    """The process's umask, read from /proc where possible (``os.umask`` can only read it by changing it)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        return int(
+            next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:")).split()[1], 8
+        )
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def publish(file: Path) -> None:
-    """Give ``file`` the mode a plain ``open()`` would (``0o666 & ~umask``; safetensors writes 0o600)
-    and flush it to disk."""
+    """Give ``file`` the mode of a plain ``open()`` (safetensors and tempfiles write 0o600), flushed to disk."""
     os.chmod(file, 0o666 & ~umask())
     fsync(file)
 
 
 def temp_directory(path: Path, unique: bool = True) -> Path:
-    """A fresh empty directory next to ``path`` (``.name.tmp-<id>``; ``.name.tmp`` when not ``unique``,
-    a name every rank of a distributed save can compute), with the permissions of a plain ``mkdir``."""
+    """A fresh empty directory beside ``path``: ``.name.tmp-<id>``, or ``.name.tmp`` (a name every rank
+    of a distributed save can compute) when not ``unique``; mode as a plain ``mkdir``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" if unique else f".{path.name}.tmp")
     if not unique:
         shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)  # mode 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
+    os.mkdir(tmp)  # 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
     return tmp
 
 
 def read_json(file: Path, missing: str) -> Any:
-    """The parsed JSON of ``file``; CheckpointError ``missing`` when there is none, naming the file when unreadable."""
+    """The parsed JSON of ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
     try:
         return json.loads(file.read_text())
     except FileNotFoundError:
@@ -89,30 +80,28 @@ def config_says(path: Path, key: str, value: str) -> bool:
     """Is ``path`` an empty directory, or one whose config.json has ``key: value``?"""
     if not path.is_dir():
         return False
-    if not any(path.iterdir()):
-        return True
     try:
-        return json.loads((path / CONFIG_NAME).read_text()).get(key) == value
+        return not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
     except (OSError, ValueError, AttributeError):
         return False
 
 
 def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], what: str) -> Path:
-    """Flush the files of ``tmp`` to disk and rename it to ``path``, replacing an existing ``path``
-    only if ``overwrite(path)`` (else CheckpointError, ``what`` naming the kind it must be)."""
+    """Flush ``tmp``'s files to disk and rename it to ``path``; an existing ``path`` is replaced only
+    if ``overwrite(path)`` (else CheckpointError: ``what`` names the kind it must be)."""
     for f in tmp.iterdir():
         if f.is_file():
             publish(f)
     fsync(tmp)
+    old = None
     if path.exists():
         if not overwrite(path):
             raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
-        os.replace(tmp, path)
+    os.replace(tmp, path)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
     fsync(path.parent)
     return path
 
@@ -120,10 +109,8 @@ def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], w
 def atomic_directory(
     path: str | Path, write: Callable[[Path], None], overwrite: Callable[[Path], bool], what: str
 ) -> Path:
-    """Fill a fresh temporary directory with ``write(tmp)``, then move it to ``path``.
-
-    Until the final rename, ``path`` keeps its old content; see :func:`commit_directory`.
-    """
+    """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps
+    its old content until that rename)."""
     path = Path(path)
     tmp = temp_directory(path)
     try:
@@ -135,7 +122,7 @@ def atomic_directory(
 
 
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` next to ``path``, flush it to disk, then rename it over ``path`` (never half-written)."""
+    """``write(tmp)`` beside ``path``, flush it to disk, then rename it over ``path`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -170,36 +157,41 @@ def full_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
-    """Write ``tensors`` into ``directory`` as ``model.safetensors``, or as numbered shards plus an index
-    (Hugging Face's layout) when they exceed ``max_shard_size`` bytes. ``tensors`` are contiguous CPU
-    tensors (see :func:`full_cpu`)."""
+    """Write contiguous CPU ``tensors`` (see :func:`full_cpu`) into ``directory``: ``model.safetensors``,
+    or numbered shards of at most ``max_shard_size`` bytes plus an index, as Hugging Face does."""
     from safetensors.torch import save_file
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
+        if shards[-1] and size + _nbytes(tensors[name]) > max_shard_size:
             shards.append({})
             size = 0
         shards[-1][name] = tensors[name]
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        size += _nbytes(tensors[name])
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for name, shard in zip(names, shards):
         save_file(shard, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        index = {
+            "metadata": {"total_size": sum(map(_nbytes, tensors.values()))},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def weight_files(path: str | Path) -> dict[str, str]:
-    """Map tensor name -> safetensors file name of the directory ``path``."""
+    """Tensor name -> safetensors file name, for the directory ``path`` (its index, or its one file)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -212,8 +204,7 @@ def weight_files(path: str | Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")
         for name in set(weight_map.values()):
-            check_shard_name(index, name)
-            if not (path / name).exists():
+            if not (path / check_shard_name(index, name)).exists():
                 raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
         return dict(weight_map)
     single = path / WEIGHTS_NAME
@@ -229,8 +220,8 @@ def weight_files(path: str | Path) -> dict[str, str]:
 def read_safetensors(
     path: Path, files: Mapping[str, str], names: Iterable[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Tensors ``names`` of directory ``path`` (``files``: name -> file, from :func:`weight_files`)
-    onto the CPU; returns them and the names read from each file."""
+    """Tensors ``names`` of directory ``path`` onto the CPU (``files``: from :func:`weight_files`);
+    returns them and the names read from each file."""
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
@@ -240,11 +231,10 @@ def read_safetensors(
     for file, keys in by_file.items():
         try:
             with safe_open(path / file, framework="pt") as f:
-                stored = set(f.keys())
-                for k in keys:
-                    if k not in stored:
-                        raise CheckpointError(f"{path / file}: tensor {k} listed in the index is not in the file")
-                    out[k] = f.get_tensor(k)
+                missing = sorted(set(keys) - set(f.keys()))
+                if missing:
+                    raise CheckpointError(f"{path / file}: tensor {missing[0]} listed in the index is not in the file")
+                out |= {k: f.get_tensor(k) for k in keys}
         except CheckpointError:
             raise
         except Exception as e:
@@ -271,14 +261,9 @@ def fit_problems(
     skip: Iterable[str] = (),
     counted: bool = True,
 ) -> list[str]:
-    """Every way the name -> shape map ``shapes`` differs from ``expected``, one line per kind.
-
-    Args:
-        source: what ``shapes`` were read from.
-        show: how a name is written in the message (e.g. where it was read from).
-        wrong_shape: the line for a mis-shaped tensor (``{name}``, ``{source}``, ``{got}``, ``{want}``).
-        skip: expected names already reported otherwise (not listed again as missing).
-    """
+    """Every way the name -> shape map ``shapes`` (read from ``source``) differs from ``expected``, a line
+    per kind. ``show`` writes a name (e.g. where it was read from); ``wrong_shape`` is the line of a
+    mis-shaped tensor; names in ``skip`` were reported otherwise and are not listed as missing."""
     skip = set(skip)
     missing = [show(k) for k in expected if k not in shapes and k not in skip]
     unexpected = [show(k) for k in sorted(shapes) if k not in expected]
@@ -287,20 +272,18 @@ def fit_problems(
         for k, s in expected.items()
         if k in shapes and tuple(shapes[k]) != tuple(s)
     ]
-    problems = []
-    if missing:
-        problems.append(listing("missing tensors", missing, counted))
-    if unexpected:
-        problems.append(listing("unexpected tensors", unexpected, counted))
-    if wrong:
-        problems.append("shape mismatches:\n    " + "\n    ".join(wrong))
-    return problems
+    problems = [
+        listing(what, names, counted)
+        for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected))
+        if names
+    ]
+    return problems + (["shape mismatches:\n    " + "\n    ".join(wrong)] if wrong else [])
 
 
 def check_fit(
     tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str, hint: str = "", **kw
 ) -> None:
-    """Refuse ``tensors`` unless its names and shapes are exactly ``expected``; list every problem by name."""
+    """Refuse ``tensors`` unless its names and shapes are exactly ``expected``, listing every problem."""
     problems = fit_problems({k: tuple(t.shape) for k, t in tensors.items()}, expected, source=source, **kw)
     if problems:
         raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems) + hint)
@@ -316,8 +299,7 @@ def dominant_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
 
 
 def meta_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every tensor of a model with ``config`` (``ModelConfig``), built on
-    the meta device: no memory whatever the model's size."""
+    """Canonical name -> shape of every tensor of a model with ``config`` (built on the meta device)."""
     from ..model import HybridLM
     from .canonical import to_canonical
 

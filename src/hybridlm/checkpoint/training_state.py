@@ -130,12 +130,11 @@ def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
 def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
     """Where model config ``config`` differs from the saved config dict, beyond brackets and ``|``."""
     from ..pattern import PatternError, parse
-    from .weights import pattern_differences
 
     mine = config.to_dict()
     diffs = []
     try:
-        diffs += pattern_differences(parse(str(saved.get("pattern"))), config.parsed)
+        diffs += parse(str(saved.get("pattern"))).differences(config.parsed)
     except PatternError:
         diffs.append(f"pattern: checkpoint has an invalid pattern {saved.get('pattern')!r}")
     for key in sorted(set(saved) | set(mine)):

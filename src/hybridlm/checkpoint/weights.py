@@ -26,16 +26,16 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..pattern import HybridPattern, PatternError, parse
+from ..pattern import PatternError, parse
 from .canonical import from_canonical, to_canonical
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
+    check_fit,
     config_says,
     dominant_dtype,
     file_sha256,
-    fit_problems,
     full_cpu,
     read_json,
     read_safetensors,
@@ -178,34 +178,6 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{Path(path) / CONFIG_NAME}: invalid model config: {e}") from None
 
 
-def _expected_checksums(path: Path) -> dict[str, str]:
-    """The ``sha256`` map of a hybridlm checkpoint's config.json ({} for other folders)."""
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return {}
-    sums = meta.get(CHECKSUMS_KEY)
-    if sums is None:
-        logger.warning("%s: written without checksums (an older hybridlm); loading unverified", path)
-        return {}
-    if not isinstance(sums, dict):
-        raise CheckpointError(f"{path / CONFIG_NAME}: {CHECKSUMS_KEY} is not a JSON object")
-    return sums
-
-
-def verify_file(path: Path, file: str, expected: dict[str, str]) -> None:
-    """Refuse ``path/file`` when its SHA-256 differs from the one written at save."""
-    if file not in expected:
-        raise CheckpointError(f"{path}: {file} has no checksum in {CONFIG_NAME} (added after the save?)")
-    if file_sha256(path / file) != expected[file]:
-        raise CheckpointError(
-            f"{path / file}: checksum mismatch, the file is damaged "
-            "(load anyway with verify=False, or --no-verify on the command line)"
-        )
-
-
 def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
     """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU.
 
@@ -221,31 +193,29 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: b
 
 
 def verify_checksums(path: str | Path, files: Iterable[str] | None = None) -> None:
-    """Check ``files`` (default: all) of checkpoint ``path`` against the SHA-256 in its config.json."""
+    """Refuse a file of checkpoint ``path`` (``files``, default all) whose SHA-256 differs from the one
+    :func:`save` wrote into config.json. Folders that are no hybridlm checkpoint have none to check."""
     path = Path(path)
-    expected = _expected_checksums(path)
-    if expected:
-        for file in sorted(set(weight_files(path).values()) if files is None else set(files)):
-            verify_file(path, file, expected)
-
-
-def pattern_differences(saved: HybridPattern, wanted: HybridPattern) -> list[str]:
-    """Why a model with pattern ``wanted`` cannot take the weights of one with ``saved``.
-
-    Only brackets and ``|`` may differ; everything else (each canonical layer's symbol, MTP depths
-    and their layers) must match. Returns one line per difference (empty when compatible).
-    """
-
-    def layers(a: str, b: str, what: str, count: str) -> list[str]:
-        diffs = [f"{what} {i}: checkpoint has '{x}', pattern has '{y}'" for i, (x, y) in enumerate(zip(a, b)) if x != y]
-        return diffs + ([f"checkpoint has {len(a)} {count}, pattern has {len(b)}"] if len(a) != len(b) else [])
-
-    diffs = layers(saved.layers, wanted.layers, "layer", "layers")
-    if saved.mtp_depths != wanted.mtp_depths:
-        diffs.append(f"checkpoint has {saved.mtp_depths} MTP depth(s), pattern has {wanted.mtp_depths}")
-    if saved.mtp_depths and wanted.mtp_depths:
-        diffs += layers(saved.mtp_layers, wanted.mtp_layers, "MTP layer", "layers per MTP depth")
-    return diffs
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return
+    sums = meta.get(CHECKSUMS_KEY)
+    if sums is None:
+        logger.warning("%s: written without checksums (an older hybridlm); loading unverified", path)
+        return
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{path / CONFIG_NAME}: {CHECKSUMS_KEY} is not a JSON object")
+    for file in sorted(set(weight_files(path).values()) if files is None else set(files)):
+        if file not in sums:
+            raise CheckpointError(f"{path}: {file} has no checksum in {CONFIG_NAME} (added after the save?)")
+        if file_sha256(path / file) != sums[file]:
+            raise CheckpointError(
+                f"{path / file}: checksum mismatch, the file is damaged "
+                "(load anyway with verify=False, or --no-verify on the command line)"
+            )
 
 
 def config_for_pattern(config: ModelConfig, pattern: str | None) -> ModelConfig:
@@ -256,7 +226,7 @@ def config_for_pattern(config: ModelConfig, pattern: str | None) -> ModelConfig:
         wanted = parse(pattern)
     except PatternError as e:
         raise CheckpointError(f"pattern: {e}") from None
-    diffs = pattern_differences(config.parsed, wanted)
+    diffs = config.parsed.differences(wanted)
     if diffs:
         raise CheckpointError(
             f"pattern '{pattern}' does not fit the checkpoint's '{config.pattern}' (only brackets and '|' may "
@@ -274,15 +244,9 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     p = model.config.parsed
     expected = to_canonical(model.state_dict(), p)
     is_stage = len(model.blocks) != p.num_blocks or model.embeddings is None or model.norm_f is None
-    shapes = {k: tuple(t.shape) for k, t in tensors.items() if not is_stage or k in expected}
-    problems = fit_problems(
-        shapes,
-        {k: tuple(v.shape) for k, v in expected.items()},
-        source=source,
-        wrong_shape="{name}: {source} has {got}, model has {want}",
-    )
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    held = {k: t for k, t in tensors.items() if not is_stage or k in expected}
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    check_fit(held, want, source, wrong_shape="{name}: {source} has {got}, model has {want}")
     state = from_canonical({k: tensors[k] for k in expected}, p)
     with torch.no_grad():
         model.load_state_dict(state, strict=True)

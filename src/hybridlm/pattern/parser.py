@@ -122,6 +122,26 @@ class HybridPattern:
         """The canonical (unfused, unsplit) form: what a checkpoint of this model records."""
         return self.layers + (S.MTP_SEPARATOR + self.mtp_layers) * self.mtp_depths
 
+    def differences(self, other: HybridPattern) -> list[str]:
+        """Why ``other`` describes another model than this pattern, a line each (empty: the same model).
+
+        Only brackets and ``|`` may differ (how the model runs); each canonical layer's symbol, the
+        MTP depths and their layers are what it computes, and what a checkpoint records.
+        """
+
+        def layers(a: str, b: str, what: str, count: str) -> list[str]:
+            diffs = [
+                f"{what} {i}: checkpoint has '{x}', pattern has '{y}'" for i, (x, y) in enumerate(zip(a, b)) if x != y
+            ]
+            return diffs + ([f"checkpoint has {len(a)} {count}, pattern has {len(b)}"] if len(a) != len(b) else [])
+
+        diffs = layers(self.layers, other.layers, "layer", "layers")
+        if self.mtp_depths != other.mtp_depths:
+            diffs.append(f"checkpoint has {self.mtp_depths} MTP depth(s), pattern has {other.mtp_depths}")
+        if self.mtp_depths and other.mtp_depths:
+            diffs += layers(self.mtp_layers, other.mtp_layers, "MTP layer", "layers per MTP depth")
+        return diffs
+
     def layer_counts(self) -> dict[str, int]:
         """Canonical layers per symbol, main stack plus every MTP depth.
 

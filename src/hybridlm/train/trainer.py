@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.io import full_cpu
-from ..checkpoint.listing import checkpoint_dir_name, list_checkpoints, load_newest
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
@@ -32,6 +31,7 @@ from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, com
 from .config import RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
+from .listing import checkpoint_dir_name, list_checkpoints, load_newest
 from .metrics import Metrics, plot_losses
 from .optim import ExpertBiasHook, build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
