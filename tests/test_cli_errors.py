@@ -107,3 +107,18 @@ def test_training_stopped_by_a_signal_exits_128_plus_n(monkeypatch, capsys, sign
     monkeypatch.setattr(trainer, "Trainer", stopped)
     assert main(["train"]) == status
     assert "resume with: hybridlm train --resume runs/x" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`hybridlm pattern ... | head -1`: the reader leaves early; no error message, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "hybridlm.cli", "pattern", "M-" * 2000 + "*-"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err

@@ -558,6 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hybridlm pattern ... | head`): stop quietly, as other CLI tools do;
+        # stdout goes to /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         status = getattr(e, "exit_status", None)
         if isinstance(e, HybridLMError) and isinstance(status, int):

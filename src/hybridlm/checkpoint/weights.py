@@ -1,17 +1,6 @@
-"""Published weights: a directory of safetensors in the canonical layout plus ``config.json``.
-
-::
-
-    path/
-      config.json                         format, format_version, the resolved ModelConfig, the
-                                          pattern, its canonical layers, and the SHA-256 of each
-                                          safetensors file (``sha256``), checked at load
-      model.safetensors                   or, above ``max_shard_size``:
-      model-00001-of-00003.safetensors ... + model.safetensors.index.json (weight_map)
-
-A directory is written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint where a good one was.
-"""
+"""Published weights: a directory of safetensors in the canonical layout, plus ``config.json`` (the
+resolved ModelConfig, the pattern, the SHA-256 of each file), written atomically. The layout is in
+docs/checkpoints.md ("Published weights")."""
 
 from __future__ import annotations
 
