@@ -1,8 +1,8 @@
 """Training state (model, optimizer, scheduler, data position, RNG) through torch.distributed.checkpoint.
 
-Tensors under canonical names (a run resumes under another fusion, pipeline layout or world size), the
-rest as JSON and safetensors: no pickle is written or trusted. In one process or under torchrun (every
-rank calls the same functions). Files and rules: docs/checkpoints.md, "Training state".
+Tensors under canonical names, so a run resumes under another fusion, pipeline layout or world size;
+the rest as JSON and safetensors (no pickle is written or trusted). One process or torchrun, where
+every rank calls the same functions. Files and rules: docs/checkpoints.md, "Training state".
 """
 
 from __future__ import annotations
@@ -117,17 +117,15 @@ def save_training_state(
     if _distributed():
         dist.barrier()
     _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
-    # This rank's RNG states: Python's as a JSON-able list, torch's (and CUDA's) as uint8 tensors.
-    version, internal, gauss = random.getstate()
+    version, internal, gauss = random.getstate()  # this rank's RNG: Python's as JSON, torch's and CUDA's as tensors
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
     mine = ([version, list(internal), gauss], {"torch": torch.get_rng_state(), **cuda})
     gathered = [None] * dist.get_world_size() if _distributed() else [mine]
     if _distributed():
         dist.all_gather_object(gathered, mine)
     if rank == 0:
-        state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **trainer_state}
-        state.update(world_size=len(gathered), model_config=model.config.to_dict())
-        state["rng_python"] = {str(r): python for r, (python, _) in enumerate(gathered)}
+        state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **trainer_state, "world_size": len(gathered)}
+        state.update(model_config=model.config.to_dict(), rng_python={str(r): py for r, (py, _) in enumerate(gathered)})
         if scheduler is not None:  # its position; LambdaLR's functions are code, not state
             saved = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
             state["scheduler"] = {k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool, list))}
@@ -168,8 +166,7 @@ def load_training_state(
     path = Path(path)
     read_dcp_metadata(path)  # refuse a crafted or damaged .metadata before anything else
     extra = read_trainer_state(path)
-    saved = extra.get("model_config")
-    if isinstance(saved, dict) and (diffs := config_differences(saved, model.config)):
+    if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, model.config)):
         why = "the checkpoint holds another model (only brackets and '|' may differ)"
         raise CheckpointMismatchError(f"{path}: cannot load training state into this model: {why}: {'; '.join(diffs)}")
     try:
@@ -195,8 +192,7 @@ def load_training_state(
     key = rank if rank in py else "0"  # a rank the saving run did not have: rank 0's
     if restore_rng and key in py and f"rank{key}.torch" in rng:
         try:
-            version, internal, gauss = py[key]
-            random.setstate((version, tuple(internal), gauss))
+            random.setstate((py[key][0], tuple(py[key][1]), py[key][2]))
             torch.set_rng_state(rng[f"rank{key}.torch"])
             if f"rank{key}.cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng[f"rank{key}.cuda"])
