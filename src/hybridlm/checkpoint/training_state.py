@@ -192,7 +192,8 @@ def load_training_state(
     key = rank if rank in py else "0"  # a rank the saving run did not have: rank 0's
     if restore_rng and key in py and f"rank{key}.torch" in rng:
         try:
-            random.setstate((py[key][0], tuple(py[key][1]), py[key][2]))
+            version, internal, gauss = py[key]
+            random.setstate((version, tuple(internal), gauss))
             torch.set_rng_state(rng[f"rank{key}.torch"])
             if f"rank{key}.cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng[f"rank{key}.cuda"])
