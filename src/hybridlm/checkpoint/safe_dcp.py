@@ -1,16 +1,12 @@
-"""Reading DCP training-state folders without running code from them.
+"""Reading DCP training-state folders without running code from them ("What is safe to open", docs/checkpoints.md).
 
-DCP writes its ``.metadata`` file with :mod:`pickle`, and loads every non-tensor entry with
-``torch.load(weights_only=False)``: a folder received from someone else could run any code it
-likes. Here the metadata is unpickled by an :class:`pickle.Unpickler` that resolves only the
-classes DCP metadata is made of (an allow-list), and a load planner refuses every non-tensor
-entry, so only tensors are read (DCP reads those with ``torch.load(weights_only=True)``).
-Everything non-tensor hybridlm needs is stored as JSON beside the DCP files.
+DCP pickles its ``.metadata`` and loads non-tensor entries with ``torch.load(weights_only=False)``:
+here the metadata is unpickled with an allow-list of the classes it is made of, and a load planner
+refuses every non-tensor entry. What hybridlm needs besides tensors is JSON beside the DCP files.
 """
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -24,37 +20,25 @@ from ..errors import CheckpointError
 
 METADATA_NAME = ".metadata"
 
-_DCP = "torch.distributed.checkpoint.metadata"
-#: (module, name) pairs a DCP ``.metadata`` pickle may name. Constructing any of them runs no
-#: user-controlled code: dataclasses, enums, torch.Size, dtypes and paths.
-_ALLOWED: set[tuple[str, str]] = {
-    (_DCP, "Metadata"),
-    (_DCP, "MetadataIndex"),
-    (_DCP, "StorageMeta"),
-    (_DCP, "TensorProperties"),
-    (_DCP, "TensorStorageMetadata"),
-    (_DCP, "BytesStorageMetadata"),
-    (_DCP, "ChunkStorageMetadata"),
-    (_DCP, "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
-    ("torch", "Size"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("collections", "OrderedDict"),
+#: The names a DCP ``.metadata`` pickle may use, by module (besides torch dtypes). Constructing any
+#: of them runs no user-controlled code: dataclasses, enums, torch.Size, dtypes and paths.
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": "Metadata MetadataIndex StorageMeta TensorProperties "
+    "TensorStorageMetadata BytesStorageMetadata ChunkStorageMetadata _MEM_FORMAT_ENCODING",
+    "torch.distributed.checkpoint.filesystem": "_StorageInfo",
+    "torch.serialization": "_get_layout",  # looks a torch.layout up by name
+    "torch": "Size",
+    "pathlib": "PosixPath PurePosixPath WindowsPath PureWindowsPath",
+    "builtins": "set frozenset",
+    "collections": "OrderedDict",
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or name in _ALLOWED.get(module, "").split():
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
         raise pickle.UnpicklingError(f"'{module}.{name}' is not part of DCP metadata")
 
 
@@ -62,18 +46,16 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     """The DCP ``Metadata`` of folder ``path``, unpickled with the allow-list above.
 
     Raises:
-        CheckpointError: a missing or damaged file, or one that names anything but DCP metadata
-            classes (a crafted pickle), with the offending name.
+        CheckpointError: a missing or damaged file, or a crafted one naming anything else (named).
     """
     file = Path(path) / METADATA_NAME
     try:
-        data = file.read_bytes()
+        with open(file, "rb") as f:
+            meta = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a training-state directory (no DCP {METADATA_NAME})") from None
     except OSError as e:
         raise CheckpointError(f"{file}: unreadable ({e.strerror})") from None
-    try:
-        meta = _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # any unpickling failure: damaged or crafted
         raise CheckpointError(f"{file}: refused ({type(e).__name__}: {e})") from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
