@@ -1,50 +1,13 @@
-"""Megatron-core ``HybridModel`` state dicts: our canonical layout to and from Megatron's names and packings.
+"""Megatron-core ``HybridModel`` plain state dicts (TP=1, unfused, RMSNorm, no biases) <-> our canonical layout.
 
-Target: the *plain* (``model.state_dict()``, tensor-parallel size 1, unfused) state dict of
-megatron-core 0.19's ``HybridModel`` built with the Transformer Engine ``hybrid_stack_spec``,
-``normalization="RMSNorm"`` and ``add_bias_linear=False``. Megatron numbers layers per pattern
-symbol exactly as our canonical layout does, so layer ``i`` maps to ``decoder.layers.{i}``; only
-the names inside a layer and some packings differ::
-
-    canonical (ours)                          Megatron
-    embeddings.weight                         embedding.word_embeddings.weight
-    layers.{i}.…                              decoder.layers.{i}.…          (per symbol, below)
-    norm_f.weight                             decoder.final_norm.weight
-    lm_head.weight (absent when tied)         output_layer.weight (absent when tied)
-    mtp.{d}.enorm / hnorm / eh_proj           mtp.layers.{d}.enorm / hnorm / eh_proj
-    mtp.{d}.layers.{j}.…                      mtp.layers.{d}.mtp_model_layer.layers.{j}.…
-    mtp.{d}.final_norm.weight                 mtp.layers.{d}.final_layernorm.weight
-
-Per symbol, a layer's pre-norm becomes the ``layer_norm_weight`` of the first linear that Transformer
-Engine fuses it into (``E`` keeps a separate ``pre_mlp_layernorm``), and:
-
-* ``M`` Mamba2: same names and layouts under ``mixer.``; the conv parameters are ``conv1d_weight`` /
-  ``conv1d_bias`` (0.16 called them ``conv1d.weight`` / ``conv1d.bias``; accepted on import).
-* ``*`` attention: q/k/v are one ``linear_qkv`` whose rows are grouped per query group as
-  ``[q heads of the group | k | v]``; o_proj is ``linear_proj``; QK-norm is ``q_layernorm`` / ``k_layernorm``.
-* ``-`` MLP: ``linear_fc1`` = up (SwiGLU: ``cat[gate, up]``, Megatron's GLU takes ``act(first half) *
-  second half``), ``linear_fc2`` = down.
-* ``E`` MoE: router ``mlp.router.weight`` / ``expert_bias``; experts as Transformer Engine grouped
-  linears ``mlp.experts.linear_fc{1,2}.weight{e}`` (import also takes the sequential
-  ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``); shared expert as an MLP.
-* ``G`` Gated DeltaNet: ``self_attention.`` in_proj / conv1d / dt_bias / A_log / out_norm / out_proj;
-  see :func:`_gdn_rule` for the in_proj packing.
-* ``+`` / ``D`` multi-latent / DeepSeek sparse attention: a separate ``input_layernorm``;
-  ``self_attention.linear_q_down_proj`` / ``linear_q_up_proj`` / ``linear_kv_down_proj`` /
-  ``linear_kv_up_proj`` / ``linear_proj``; the DSA indexer under ``self_attention.core_attention.indexer.``;
-  see :func:`_mla_rules`.
-
-Keys ending in ``_extra_state`` (Transformer Engine's FP8 metadata) carry no weights and are ignored.
-Not covered: tensor-parallel shards (merge them first; Megatron's per-rank in_proj slices interleave
-the sections), a vocabulary padded beyond ``vocab_size`` (refused as a shape mismatch), LayerNorm
-and linear biases (refused as unexpected tensors, with a hint).
+A rule table on :mod:`hybridlm.checkpoint.adapter`; the name and packing table is in docs/checkpoints.md
+("Megatron-LM"). Layer ``i`` of our canonical layout is Megatron's ``decoder.layers.{i}``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -52,6 +15,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from .adapter import Rule, apply, concat, foreign_shapes, normalize, per_expert, rename, under
 from .io import MAX_LISTED, check_fit, replace_file
 from .io import meta_shapes as canonical_shapes
 
@@ -60,35 +24,7 @@ CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
 _SUFFIXES = (".pt", ".safetensors")
 
 
-# -- per-tensor packings ------------------------------------------------------------------------------
-#
-# A rule maps a few canonical tensors of one layer to a few Megatron tensors of the same layer.
-# Most rules are renames (one to one, the tensor passes through untouched); the others repack
-# rows. Every packing below is a pure permutation / concatenation of rows, so export followed by
-# import is bitwise the identity.
-
-Pack = Callable[[list[Tensor]], list[Tensor]]
-
-
-def _same(ts: list[Tensor]) -> list[Tensor]:
-    return ts
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """``canonical`` tensors (suffixes after the layer prefix) <-> ``megatron`` tensors (suffixes)."""
-
-    canonical: tuple[str, ...]
-    megatron: tuple[str, ...]
-    to_megatron: Pack = _same
-    from_megatron: Pack = _same
-
-
-def _rename(canonical: str, megatron: str) -> _Rule:
-    return _Rule((canonical,), (megatron,))
-
-
-def _qkv_rule(c: ModelConfig, prefix: str) -> _Rule:
+def _qkv_rule(c: ModelConfig, prefix: str) -> Rule:
     """q_proj (nq*d, H), k_proj / v_proj (ng*d, H) <-> linear_qkv ((nq + 2 ng) * d, H).
 
     Megatron's ``SelfAttention.get_query_key_value_tensors`` views the fused output as
@@ -112,51 +48,30 @@ def _qkv_rule(c: ModelConfig, prefix: str) -> _Rule:
         return [q.reshape(ng * per * d, H), k.reshape(ng * d, H), v.reshape(ng * d, H)]
 
     names = tuple(f"{prefix}{n}_proj.weight" for n in "qkv")
-    return _Rule(names, ("self_attention.linear_qkv.weight",), pack, unpack)
+    return Rule(names, ("self_attention.linear_qkv.weight",), pack, unpack)
 
 
-def _glu_pack(ts: list[Tensor]) -> list[Tensor]:
-    """[gate (F, H), up (F, H)] -> [fc1 (2F, H)]: Megatron's GLU applies the activation to the first half."""
-    return [torch.cat(ts, dim=-2)]
+def _mlp_rules(c: ModelConfig, canonical: str, megatron: str) -> list[Rule]:
+    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2.
+
+    SwiGLU's fc1 is ``[gate; up]``: Megatron's GLU applies the activation to the first half.
+    """
+    up = ("gate_proj", "up_proj") if c.mlp_activation == "swiglu" else ("up_proj",)
+    fc1 = concat(tuple(f"{canonical}{n}.weight" for n in up), f"{megatron}linear_fc1.weight")
+    return [fc1, rename(f"{canonical}down_proj.weight", f"{megatron}linear_fc2.weight")]
 
 
-def _glu_unpack(ts: list[Tensor]) -> list[Tensor]:
-    return list(ts[0].chunk(2, dim=-2))
-
-
-def _mlp_rules(c: ModelConfig, canonical: str, megatron: str) -> list[_Rule]:
-    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2."""
-    fc2 = _rename(f"{canonical}down_proj.weight", f"{megatron}linear_fc2.weight")
-    if c.mlp_activation != "swiglu":
-        return [_rename(f"{canonical}up_proj.weight", f"{megatron}linear_fc1.weight"), fc2]
-    names = (f"{canonical}gate_proj.weight", f"{canonical}up_proj.weight")
-    return [_Rule(names, (f"{megatron}linear_fc1.weight",), _glu_pack, _glu_unpack), fc2]
-
-
-def _expert_rules(c: ModelConfig) -> list[_Rule]:
-    """Stacked experts up/gate (E, F, H), down (E, H, F) <-> one (2)F x H / H x F matrix per expert."""
-    E = c.moe_num_experts
-    fc1 = tuple(f"mlp.experts.linear_fc1.weight{e}" for e in range(E))
-    fc2 = tuple(f"mlp.experts.linear_fc2.weight{e}" for e in range(E))
-    glu = c.mlp_activation == "swiglu"
-
-    def fc1_pack(ts: list[Tensor]) -> list[Tensor]:
-        return [torch.cat([t[e] for t in ts], dim=0) if glu else ts[0][e] for e in range(E)]
-
-    def fc1_unpack(ts: list[Tensor]) -> list[Tensor]:
-        if not glu:
-            return [torch.stack(ts)]
-        gates, ups = zip(*(t.chunk(2, dim=0) for t in ts))
-        return [torch.stack(gates), torch.stack(ups)]
-
-    up = ("mixer.experts.gate_proj", "mixer.experts.up_proj") if glu else ("mixer.experts.up_proj",)
+def _expert_rules(c: ModelConfig) -> list[Rule]:
+    """Stacked experts up (and gate) (E, F, H), down (E, H, F) <-> Transformer Engine's grouped ``weight{e}``."""
+    up = ("gate_proj", "up_proj") if c.mlp_activation == "swiglu" else ("up_proj",)
+    fc = "mlp.experts.linear_fc{}.weight{{e}}"
     return [
-        _Rule(up, fc1, fc1_pack, fc1_unpack),
-        _Rule(("mixer.experts.down_proj",), fc2, lambda ts: list(ts[0].unbind(0)), lambda ts: [torch.stack(ts)]),
+        per_expert(tuple(f"mixer.experts.{n}" for n in up), fc.format(1), c.moe_num_experts),
+        per_expert(("mixer.experts.down_proj",), fc.format(2), c.moe_num_experts),
     ]
 
 
-def _gdn_rule(c: ModelConfig) -> _Rule:
+def _gdn_rule(c: ModelConfig) -> Rule:
     """Qwen3-Next's in_proj_qkvz + in_proj_ba <-> Megatron's single GatedDeltaNet ``in_proj``.
 
     Source: megatron-core 0.19.2 (PyPI wheel), ``megatron/core/ssm/gated_delta_net/gdn.py``
@@ -197,55 +112,55 @@ def _gdn_rule(c: ModelConfig) -> _Rule:
         return [qkvz, ba]
 
     names = ("mixer.in_proj_qkvz.weight", "mixer.in_proj_ba.weight")
-    return _Rule(names, ("self_attention.in_proj.weight",), pack, unpack)
+    return Rule(names, ("self_attention.in_proj.weight",), pack, unpack)
 
 
-def _layer_rules(symbol: str, c: ModelConfig) -> list[_Rule]:
-    """The rules of one canonical layer of kind ``symbol`` (suffixes after ``layers.{i}.``)."""
+def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
+    """The rules of one canonical layer of kind ``symbol`` (suffixes after ``layers.{i}.``).
+
+    The pre-norm becomes the ``layer_norm_weight`` of the first linear Transformer Engine fuses it into.
+    """
     if symbol == "M":
-        rules = [
-            _rename("norm.weight", "mixer.in_proj.layer_norm_weight"),
-            _rename("mixer.in_proj.weight", "mixer.in_proj.weight"),
+        return [
+            rename("norm.weight", "mixer.in_proj.layer_norm_weight"),
+            rename("mixer.in_proj.weight"),
             # megatron-core 0.19 holds the conv parameters directly (0.16: an nn.Conv1d submodule).
-            _rename("mixer.conv1d.weight", "mixer.conv1d_weight"),
-            _rename("mixer.conv1d.bias", "mixer.conv1d_bias"),
+            rename("mixer.conv1d.weight", "mixer.conv1d_weight"),
+            rename("mixer.conv1d.bias", "mixer.conv1d_bias"),
+            *(rename(f"mixer.{n}") for n in ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")),
         ]
-        names = ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
-        return rules + [_rename(f"mixer.{n}", f"mixer.{n}") for n in names]
+    a = "self_attention."
     if symbol == "*":
-        rules = [
-            _rename("norm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+        norms = (rename(f"mixer.{n}_norm.weight", f"{a}{n}_layernorm.weight") for n in "qk")
+        return [
+            rename("norm.weight", f"{a}linear_qkv.layer_norm_weight"),
             _qkv_rule(c, "mixer."),
-            _rename("mixer.o_proj.weight", "self_attention.linear_proj.weight"),
+            rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
+            *(norms if c.qk_norm else ()),
         ]
-        if c.qk_norm:
-            rules += [
-                _rename("mixer.q_norm.weight", "self_attention.q_layernorm.weight"),
-                _rename("mixer.k_norm.weight", "self_attention.k_layernorm.weight"),
-            ]
-        return rules
     if symbol == "-":
-        return [_rename("norm.weight", "mlp.linear_fc1.layer_norm_weight"), *_mlp_rules(c, "mixer.", "mlp.")]
+        return [rename("norm.weight", "mlp.linear_fc1.layer_norm_weight"), *_mlp_rules(c, "mixer.", "mlp.")]
     if symbol == "E":
-        rules = [_rename("norm.weight", "pre_mlp_layernorm.weight"), _rename("mixer.gate.weight", "mlp.router.weight")]
+        rules = [rename("norm.weight", "pre_mlp_layernorm.weight"), rename("mixer.gate.weight", "mlp.router.weight")]
         if c.moe_router_expert_bias:
-            rules.append(_rename("mixer.gate.e_score_correction_bias", "mlp.router.expert_bias"))
+            rules.append(rename("mixer.gate.e_score_correction_bias", "mlp.router.expert_bias"))
         rules += _expert_rules(c)
         if c.moe_shared_expert_ffn_hidden_size:
             rules += _mlp_rules(c, "mixer.shared_experts.", "mlp.shared_experts.")
         return rules
     if symbol == "G":
-        rules = [_rename("norm.weight", "self_attention.in_proj.layer_norm_weight"), _gdn_rule(c)]
-        rules.append(_rename("mixer.conv1d.weight", "self_attention.conv1d.weight"))
-        rules += [_rename(f"mixer.{n}", f"self_attention.{n}") for n in ("dt_bias", "A_log", "out_proj.weight")]
-        rules.append(_rename("mixer.norm.weight", "self_attention.out_norm.weight"))
-        return rules
+        return [
+            rename("norm.weight", f"{a}in_proj.layer_norm_weight"),
+            _gdn_rule(c),
+            *(rename(f"mixer.{n}", a + n) for n in ("conv1d.weight", "dt_bias", "A_log", "out_proj.weight")),
+            rename("mixer.norm.weight", f"{a}out_norm.weight"),
+        ]
     if symbol in ("+", "D"):
         return _mla_rules(c, sparse=symbol == "D")
     raise CheckpointError(f"layer kind '{symbol}' has no Megatron HybridModel mapping")
 
 
-def _mla_rules(c: ModelConfig, sparse: bool) -> list[_Rule]:
+def _mla_rules(c: ModelConfig, sparse: bool) -> list[Rule]:
     """Multi-latent attention (``+``: ``MLASelfAttention``) and DSA (``D``: ``AbsorbedMLASelfAttention``
     with a ``DSAttention`` core), as megatron-core 0.19.2's ``hybrid_stack_spec`` builds them with
     ``qk_layernorm=True`` (DeepSeek's latent norms).
@@ -265,91 +180,59 @@ def _mla_rules(c: ModelConfig, sparse: bool) -> list[_Rule]:
     a = "self_attention."
     fused = not sparse
     rules = [
-        _rename("norm.weight", "input_layernorm.weight"),
-        _rename("mixer.q_a_proj.weight", f"{a}linear_q_down_proj.weight"),
-        _rename(
+        rename("norm.weight", "input_layernorm.weight"),
+        rename("mixer.q_a_proj.weight", f"{a}linear_q_down_proj.weight"),
+        rename(
             "mixer.q_a_layernorm.weight",
             f"{a}linear_q_up_proj.layer_norm_weight" if fused else f"{a}q_layernorm.weight",
         ),
-        _rename("mixer.q_b_proj.weight", f"{a}linear_q_up_proj.weight"),
-        _rename("mixer.kv_a_proj_with_mqa.weight", f"{a}linear_kv_down_proj.weight"),
-        _rename(
+        rename("mixer.q_b_proj.weight", f"{a}linear_q_up_proj.weight"),
+        rename("mixer.kv_a_proj_with_mqa.weight", f"{a}linear_kv_down_proj.weight"),
+        rename(
             "mixer.kv_a_layernorm.weight",
             f"{a}linear_kv_up_proj.layer_norm_weight" if fused else f"{a}kv_layernorm.weight",
         ),
-        _rename("mixer.kv_b_proj.weight", f"{a}linear_kv_up_proj.weight"),
-        _rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
+        rename("mixer.kv_b_proj.weight", f"{a}linear_kv_up_proj.weight"),
+        rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
     ]
     if sparse:
         ix = f"{a}core_attention.indexer."
         rules += [
-            _rename("mixer.indexer.wq_b.weight", f"{ix}linear_wq_b.weight"),
-            _rename("mixer.indexer.wk.weight", f"{ix}linear_wk.weight"),
-            _rename("mixer.indexer.k_norm.weight", f"{ix}k_norm.weight"),
-            _rename("mixer.indexer.k_norm.bias", f"{ix}k_norm.bias"),
-            _rename("mixer.indexer.weights_proj.weight", f"{ix}linear_weights_proj.weight"),
+            rename("mixer.indexer.wq_b.weight", f"{ix}linear_wq_b.weight"),
+            rename("mixer.indexer.wk.weight", f"{ix}linear_wk.weight"),
+            rename("mixer.indexer.k_norm.weight", f"{ix}k_norm.weight"),
+            rename("mixer.indexer.k_norm.bias", f"{ix}k_norm.bias"),
+            rename("mixer.indexer.weights_proj.weight", f"{ix}linear_weights_proj.weight"),
         ]
     return rules
 
 
-def _model_rules(c: ModelConfig) -> list[tuple[str, str, list[_Rule]]]:
-    """Every rule of the model as (canonical prefix, Megatron prefix, rules), in Megatron's module order."""
+def _model_rules(c: ModelConfig) -> list[Rule]:
+    """Every rule of the model (full names), in Megatron's module order."""
     p = c.parsed
-    groups = [("", "", [_rename("embeddings.weight", "embedding.word_embeddings.weight")])]
-    groups += [(f"layers.{i}.", f"decoder.layers.{i}.", _layer_rules(s, c)) for i, s in enumerate(p.layers)]
-    groups.append(("", "", [_rename("norm_f.weight", "decoder.final_norm.weight")]))
+    rules = [rename("embeddings.weight", "embedding.word_embeddings.weight")]
+    for i, s in enumerate(p.layers):
+        rules += under(f"layers.{i}.", f"decoder.layers.{i}.", _layer_rules(s, c))
+    rules.append(rename("norm_f.weight", "decoder.final_norm.weight"))
     if not c.tie_embeddings:
-        groups.append(("", "", [_rename("lm_head.weight", "output_layer.weight")]))
+        rules.append(rename("lm_head.weight", "output_layer.weight"))
     for d in range(p.mtp_depths):
         ours, theirs = f"mtp.{d}.", f"mtp.layers.{d}."
-        norms = [_rename(f"{n}.weight", f"{n}.weight") for n in ("enorm", "hnorm", "eh_proj")]
-        groups.append((ours, theirs, norms))
+        rules += under(ours, theirs, [rename(f"{n}.weight") for n in ("enorm", "hnorm", "eh_proj")])
         for j, s in enumerate(p.mtp_layers):
-            groups.append((f"{ours}layers.{j}.", f"{theirs}mtp_model_layer.layers.{j}.", _layer_rules(s, c)))
-        groups.append((ours, theirs, [_rename("final_norm.weight", "final_layernorm.weight")]))
-    return groups
-
-
-def _apply(c: ModelConfig, tensors: Mapping[str, Tensor], to_megatron: bool) -> dict[str, Tensor]:
-    """Run every rule in one direction over a complete, checked state dict."""
-    out: dict[str, Tensor] = {}
-    for ours, theirs, rules in _model_rules(c):
-        for rule in rules:
-            canonical = [ours + n for n in rule.canonical]
-            megatron = [theirs + n for n in rule.megatron]
-            if to_megatron:
-                src, dst, fn = canonical, megatron, rule.to_megatron
-            else:
-                src, dst, fn = megatron, canonical, rule.from_megatron
-            for name, t in zip(dst, fn([tensors[k] for k in src]), strict=True):
-                out[name] = _owned(t)
-    return out
-
-
-def _owned(t: Tensor) -> Tensor:
-    """``t`` with storage of its own when it is a view (a split row block or one expert of a stack).
-
-    A view would keep the whole source tensor alive and make safetensors refuse the file (tensors
-    sharing memory); ``clone`` copies values exactly.
-    """
-    return t.clone() if t._base is not None else t
-
-
-# -- expected names and shapes ------------------------------------------------------------------------
+            rules += under(f"{ours}layers.{j}.", f"{theirs}mtp_model_layer.layers.{j}.", _layer_rules(s, c))
+        rules += under(ours, theirs, [rename("final_norm.weight", "final_layernorm.weight")])
+    return rules
 
 
 def megatron_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the Megatron state dict of a model with ``config``, in module order."""
-    meta = {k: torch.empty(s, device="meta") for k, s in canonical_shapes(config).items()}
-    return {k: tuple(v.shape) for k, v in _apply(config, meta, to_megatron=True).items()}
+    return foreign_shapes(_model_rules(config), canonical_shapes(config))
 
 
 def megatron_keys(config: ModelConfig) -> list[str]:
     """The Megatron state-dict key set of a model with ``config`` (no ``_extra_state``), in module order."""
     return list(megatron_shapes(config))
-
-
-# -- checking -----------------------------------------------------------------------------------------
 
 
 def _unexpected_hint(unexpected: list[str]) -> str:
@@ -376,26 +259,6 @@ def _is_extra_state(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("_extra_state")
 
 
-def _normalize_names(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Drop ``_extra_state`` entries and rename aliases; returns (state, {0.19 name: name given})."""
-    out: dict[str, Tensor] = {}
-    given: dict[str, str] = {}
-    for name, t in state.items():
-        if _is_extra_state(name):
-            continue
-        target = name
-        for pattern, repl in _ALIASES:
-            target = pattern.sub(repl, target)
-        if target in out:
-            raise CheckpointError(f"Megatron state dict has both {given[target]} and {name} (the same tensor)")
-        out[target] = t
-        given[target] = name
-    return out, given
-
-
-# -- the conversion -----------------------------------------------------------------------------------
-
-
 def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Our canonical state dict -> Megatron-core ``HybridModel``'s plain (unfused, TP=1) state dict.
 
@@ -410,7 +273,7 @@ def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[st
         CheckpointError: ``canonical`` is not exactly the tensor set of ``config`` (listed by name).
     """
     check_fit(canonical, canonical_shapes(config), "canonical state dict")
-    return _apply(config, canonical, to_megatron=True)
+    return apply(_model_rules(config), canonical, export=True)
 
 
 def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -420,16 +283,15 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     sequential-experts names ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`` are accepted.
 
     Raises:
-        CheckpointError: missing, unexpected or mis-shaped tensors, each listed by Megatron name.
+        CheckpointError: missing, unexpected or mis-shaped tensors, each listed by the name given.
     """
-    state, given = _normalize_names(state)
-    expected = megatron_shapes(config)
-    unexpected = sorted(k for k in state if k not in expected)
-    # Report a tensor by the name it was given (an alias stays recognizable to the user).
-    shown = {given[k]: t for k, t in state.items()}
-    shown_expected = {given.get(k, k): s for k, s in expected.items()}
-    check_fit(shown, shown_expected, "Megatron state dict", _unexpected_hint([given[k] for k in unexpected]))
-    return _apply(config, state, to_megatron=False)
+    weights = {k: t for k, t in state.items() if not _is_extra_state(k)}
+    state, given = normalize(weights, _ALIASES, "Megatron state dict")
+    rules = _model_rules(config)
+    expected = foreign_shapes(rules, canonical_shapes(config))
+    hint = _unexpected_hint([given[k] for k in state if k not in expected])
+    check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
+    return apply(rules, state, export=False)
 
 
 # -- files ------------------------------------------------------------------------------------------
