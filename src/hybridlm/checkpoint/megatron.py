@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from .adapter import Rule, apply, concat, foreign_shapes, normalize, per_expert, rename, under
 from .io import MAX_LISTED, check_fit, replace_file
-from .io import meta_shapes as canonical_shapes
+from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
 CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
@@ -72,24 +72,14 @@ def _expert_rules(c: ModelConfig) -> list[Rule]:
 
 
 def _gdn_rule(c: ModelConfig) -> Rule:
-    """Qwen3-Next's in_proj_qkvz + in_proj_ba <-> Megatron's single GatedDeltaNet ``in_proj``.
+    """Qwen3-Next's in_proj_qkvz (nk*(2dk + 2r*dv), H) + in_proj_ba (2nv, H) <-> Megatron's in_proj
+    ((2nk*dk + 2nv*dv + 2nv), H), r = nv/nk.
 
-    Source: megatron-core 0.19.2 (PyPI wheel), ``megatron/core/ssm/gated_delta_net/gdn.py``
-    (``GatedDeltaNet._setup_variant_attrs`` and ``forward``) and ``common.py`` (``_GDNBase``,
-    ``_prepare_input_for_gated_delta_rule``); the same layout as ``megatron/core/ssm/gated_delta_net.py``
-    of earlier releases. Megatron splits the in_proj output *flat*, not per key head::
-
-        in_proj rows = [q (nk*dk) | k (nk*dk) | v (nv*dv) | z (nv*dv) | beta (nv) | alpha (nv)]
-
-    each section head-major (q/k reshape to (nk, dk), v/z to (nv, dv)); ``conv1d`` (an ``nn.Conv1d``,
-    no bias by default) runs over ``[q | k | v]`` in that flat order; q/k heads are repeated
-    (``repeat_interleave``) to the value heads. Qwen3-Next instead interleaves per key head:
-    in_proj_qkvz rows = for each key head h: ``[q_h (dk) | k_h (dk) | v_h (r*dv) | z_h (r*dv)]`` and
-    in_proj_ba rows = for each h: ``[b_h (r) | a_h (r)]`` with r = nv/nk. Both give value head
-    ``h*r + j`` to key head ``h``, and our conv already runs over the flat ``[q | k | v]``, so conv1d,
-    dt_bias, A_log, out_norm and out_proj need no reordering; only the in_proj rows are regrouped.
-    (Some third-party Megatron patches, e.g. ModelScope's for Qwen3-Next, override the forward to
-    use the Qwen3-Next interleaving inside Megatron's ``in_proj``; their checkpoints are not this layout.)
+    Qwen3-Next interleaves per key head h: ``[q_h | k_h | v_h (r*dv) | z_h (r*dv)]`` and ``[b_h (r) | a_h (r)]``;
+    megatron-core 0.19.2 (``ssm/gated_delta_net/gdn.py``) splits its output flat:
+    ``[q (nk*dk) | k | v (nv*dv) | z | beta (nv) | alpha (nv)]``, each head-major. Both give value head
+    ``h*r + j`` to key head ``h`` and run the conv over the flat ``[q | k | v]``, so only these rows move
+    (docs/checkpoints.md has the sources and the third-party layouts this is not).
     """
     nk, nv = c.resolved_gdn_num_heads, c.resolved_gdn_num_value_heads
     dk, dv, r = c.gdn_head_dim, c.resolved_gdn_value_head_dim, nv // nk
@@ -161,16 +151,11 @@ def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
 
 
 def _mla_rules(c: ModelConfig, sparse: bool) -> list[Rule]:
-    """Multi-latent attention (``+``: ``MLASelfAttention``) and DSA (``D``: ``AbsorbedMLASelfAttention``
-    with a ``DSAttention`` core), as megatron-core 0.19.2's ``hybrid_stack_spec`` builds them with
-    ``qk_layernorm=True`` (DeepSeek's latent norms).
+    """Multi-latent (``+``) and DeepSeek sparse attention (``D``) as megatron-core 0.19.2's ``hybrid_stack_spec``
+    builds them with ``qk_layernorm=True``: renames only (Megatron splits and rotates the latents as we do).
 
-    Every tensor is a rename: Megatron splits ``linear_kv_down_proj`` into ``[kv latent | RoPE key]``,
-    ``linear_q_up_proj`` per head into ``[no-RoPE | RoPE]`` and ``linear_kv_up_proj`` per head into
-    ``[k | v]``, as we do, and rotates the RoPE channels as adjacent pairs
-    (``mla_rotary_interleaved``), as we do. The latent norms are fused into the up projections
-    (``layer_norm_weight``) for ``+`` and stand alone (``q_layernorm`` / ``kv_layernorm``) for ``D``,
-    where Megatron forbids the fusion. The DSA indexer's key norm is a LayerNorm (weight and bias).
+    The latent norms fuse into the up projections for ``+`` and stand alone for ``D``, where Megatron
+    forbids the fusion; the DSA indexer's key norm is a LayerNorm (weight and bias).
     """
     if c.q_lora_rank is None:
         raise CheckpointError(
@@ -178,33 +163,21 @@ def _mla_rules(c: ModelConfig, sparse: bool) -> list[Rule]:
             "(qk_layernorm), Megatron's linear_q_proj carries a norm of its own that hybridlm's q_proj has not"
         )
     a = "self_attention."
-    fused = not sparse
-    rules = [
-        rename("norm.weight", "input_layernorm.weight"),
-        rename("mixer.q_a_proj.weight", f"{a}linear_q_down_proj.weight"),
-        rename(
-            "mixer.q_a_layernorm.weight",
-            f"{a}linear_q_up_proj.layer_norm_weight" if fused else f"{a}q_layernorm.weight",
-        ),
-        rename("mixer.q_b_proj.weight", f"{a}linear_q_up_proj.weight"),
-        rename("mixer.kv_a_proj_with_mqa.weight", f"{a}linear_kv_down_proj.weight"),
-        rename(
-            "mixer.kv_a_layernorm.weight",
-            f"{a}linear_kv_up_proj.layer_norm_weight" if fused else f"{a}kv_layernorm.weight",
-        ),
-        rename("mixer.kv_b_proj.weight", f"{a}linear_kv_up_proj.weight"),
-        rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
-    ]
+    norm = "{}_layernorm.weight" if sparse else "linear_{}_up_proj.layer_norm_weight"
+    names = {
+        "q_a_proj.weight": "linear_q_down_proj.weight",
+        "q_a_layernorm.weight": norm.format("q"),
+        "q_b_proj.weight": "linear_q_up_proj.weight",
+        "kv_a_proj_with_mqa.weight": "linear_kv_down_proj.weight",
+        "kv_a_layernorm.weight": norm.format("kv"),
+        "kv_b_proj.weight": "linear_kv_up_proj.weight",
+        "o_proj.weight": "linear_proj.weight",
+    }
     if sparse:
-        ix = f"{a}core_attention.indexer."
-        rules += [
-            rename("mixer.indexer.wq_b.weight", f"{ix}linear_wq_b.weight"),
-            rename("mixer.indexer.wk.weight", f"{ix}linear_wk.weight"),
-            rename("mixer.indexer.k_norm.weight", f"{ix}k_norm.weight"),
-            rename("mixer.indexer.k_norm.bias", f"{ix}k_norm.bias"),
-            rename("mixer.indexer.weights_proj.weight", f"{ix}linear_weights_proj.weight"),
-        ]
-    return rules
+        indexer = {"wq_b": "linear_wq_b", "wk": "linear_wk", "k_norm": "k_norm", "weights_proj": "linear_weights_proj"}
+        names |= {f"indexer.{k}.weight": f"core_attention.indexer.{v}.weight" for k, v in indexer.items()}
+        names["indexer.k_norm.bias"] = "core_attention.indexer.k_norm.bias"
+    return [rename("norm.weight", "input_layernorm.weight"), *(rename(f"mixer.{k}", a + v) for k, v in names.items())]
 
 
 def _model_rules(c: ModelConfig) -> list[Rule]:
@@ -425,18 +398,3 @@ def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig 
     config = config if config is not None else _sidecar_config(src)
     canonical = from_megatron(config, load_megatron(src))
     return save_state_dict(canonical, config, dst)
-
-
-__all__ = [
-    "CONFIG_SIDECAR_SUFFIX",
-    "canonical_shapes",
-    "config_sidecar",
-    "convert_from_megatron",
-    "convert_to_megatron",
-    "from_megatron",
-    "load_megatron",
-    "megatron_keys",
-    "megatron_shapes",
-    "save_megatron",
-    "to_megatron",
-]
