@@ -60,20 +60,14 @@ _UNSUPPORTED_SYMBOLS = {
 }
 
 #: Files other than the weights and config.json that travel with a conversion (tokenizer, generation).
-AUX_FILES = tuple(
-    [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "tokenizer.model",
-        "vocab.json",
-        "merges.txt",
-        "chat_template.jinja",
-        "chat_template.json",
-        "generation_config.json",
-    ]
+AUX_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
 )
+AUX_FILES += ("vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 #: Every config.json key we read or write: (key, our field, the layer kinds that use it ("": all), the default
 #: of transformers 5.24's NemotronHConfig[, an older name it still reads, which wins as in transformers]).
@@ -244,18 +238,13 @@ def _rules(c: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: torch.d
 def export_nemotron_h(
     config: ModelConfig, canonical: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Express a model as Hugging Face NemotronH.
+    """Express a model as Hugging Face NemotronH: ``(config.json dict, tensors under its file keys)``.
 
-    Args:
-        config: the model's config (checked with :func:`check_exportable`).
-        canonical: its canonical tensors, e.g. from ``canonical_state_dict(model)``; ``mtp.*`` are dropped.
-
-    Returns:
-        ``(config.json dict, tensors under Hugging Face file keys)``: contiguous CPU tensors in the
-        dtypes they had, no two sharing memory (safetensors refuses that).
+    ``canonical`` are the model's canonical tensors (``mtp.*`` are dropped); the result holds contiguous
+    CPU tensors in the dtypes they had, no two sharing memory (safetensors refuses that).
 
     Raises:
-        CheckpointError: the config is not exportable, or the tensors do not fit it.
+        CheckpointError: the config is not exportable (:func:`check_exportable`), or the tensors do not fit it.
     """
     check_exportable(config)
     shapes = expected_shapes(config)
@@ -282,14 +271,10 @@ def _aux_files(path: Path) -> dict[str, Path]:
 
 
 def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face NemotronH directory ``dst``.
-
-    ``dst`` gets config.json and model.safetensors (sharded above ``max_shard_size`` bytes), plus
-    the tokenizer and generation files found in ``src``. It is written atomically; an existing
-    ``dst`` is replaced only if it is empty or a NemotronH directory. MTP depths are dropped.
-
-    Returns:
-        ``dst``, loadable with ``transformers.AutoModelForCausalLM.from_pretrained``.
+    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face NemotronH directory ``dst``, which
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads: config.json, model.safetensors (sharded above
+    ``max_shard_size`` bytes) and the tokenizer and generation files of ``src``; MTP depths are dropped.
+    Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory.
     """
     src, dst = Path(src), Path(dst)
     config = read_config(src)
@@ -386,18 +371,11 @@ def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
 
 
 def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME) -> ModelConfig:
-    """The :class:`ModelConfig` that computes what Hugging Face NemotronH computes for config ``hf``.
+    """The :class:`ModelConfig` that computes what Hugging Face NemotronH computes for config.json ``hf``
+    (read from ``source``, which every error names with each unsupported option).
 
     Every MoE layer gets a shared expert and a selection bias (NemotronH always has both);
-    :func:`import_nemotron_h` drops them again where the weights are exactly zero. Options of
-    layer kinds the pattern does not use are left at our defaults.
-
-    Args:
-        hf: the parsed config.json.
-        source: its path, for error messages.
-
-    Raises:
-        CheckpointError: naming ``source`` and every unsupported option.
+    :func:`import_nemotron_h` drops them again where the weights are exactly zero.
     """
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
@@ -471,18 +449,6 @@ def _read_weights(path: Path, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     return state, {k: f"{path / files[g.split('[')[0]]}: {g}" for k, g in given.items()}
 
 
-def _missing_experts(
-    expected: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor]
-) -> dict[str, list[int]]:
-    """``{"…experts.{e}.up_proj.weight": [missing experts]}``: one line per tensor rather than one per expert."""
-    missing: dict[str, list[int]] = {}
-    for k in expected:
-        m = _EXPERT.match(k)
-        if m and k not in state:
-            missing.setdefault(f"{m[1]}{{e}}{m[3]}", []).append(int(m[2]))
-    return missing
-
-
 def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
     """Drop the selection biases and shared experts if they are zero in every MoE layer.
 
@@ -507,28 +473,17 @@ def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor])
 
 
 def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face NemotronH directory as our config and canonical tensors.
+    """Read a Hugging Face NemotronH directory (config.json plus model.safetensors, or an index and shards)
+    as our config and canonical tensors, in the file's dtypes, ready for ``save_state_dict``.
 
-    Accepts what transformers accepts: ``backbone.`` or ``model.`` keys, per-expert
-    (``experts.{e}.up_proj.weight``) or stacked (``experts.up_proj``, (E, F, H)) experts,
-    ``hybrid_override_pattern`` or ``layers_block_type`` (current or legacy names), legacy
-    ``mamba_*`` config names; plus the singular ``embedding.weight`` of older files. MTP
-    tensors are dropped (Hugging Face does not run them). The model clamps dt at the file's
-    ``time_step_min``, as Hugging Face's forward does (``time_step_limit`` is ignored, as
-    transformers 5.15-5.24 ignore it), and never ties its head. Selection biases and shared
-    experts that are zero in every MoE layer are dropped (exactly: they change nothing), so our
-    own exports come back as they were. ``n_shared_experts`` is ignored: transformers always
-    builds exactly one shared expert, whose weights must be in the file.
-
-    Args:
-        path: the directory (config.json plus model.safetensors or an index and shards).
-
-    Returns:
-        ``(config, canonical tensors)`` in the file's dtypes, ready for ``save_state_dict``.
+    Accepts what transformers accepts (``model.`` keys, stacked experts, ``layers_block_type``, legacy
+    names) plus the singular ``embedding.weight`` of older files; drops MTP tensors (Hugging Face does not
+    run them) and selection biases and shared experts that are zero in every MoE layer (exactly: they
+    change nothing, so our own exports come back as they were). The model clamps dt at the file's
+    ``time_step_min`` as Hugging Face's forward does, and never ties its head.
 
     Raises:
-        CheckpointError: an unreadable or unsupported directory; the message names the file and
-            each offending option or tensor.
+        CheckpointError: an unreadable or unsupported directory, naming the file and each offending option or tensor.
     """
     path = Path(path)
     hf = _read_hf_config(path)
@@ -536,24 +491,24 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     state, where = _read_weights(path, hf)
     layers = config.parsed.layers
     if "M" in layers and not _hf_value(hf, "use_conv_bias"):  # no conv bias in the file; ours is exact zeros
-        for w, b in (
-            (f"backbone.layers.{i}.mixer.conv1d.weight", f"backbone.layers.{i}.mixer.conv1d.bias")
-            for i, s in enumerate(layers)
-            if s == "M"
-        ):
+        for i in (i for i, s in enumerate(layers) if s == "M"):
+            w, b = (f"backbone.layers.{i}.mixer.conv1d.{n}" for n in ("weight", "bias"))
             if w in state and b not in state:
                 state[b] = torch.zeros(state[w].shape[0], dtype=state[w].dtype)
     shapes = expected_shapes(config)
     rules = _rules(config, shapes)
     expected = foreign_shapes(rules, shapes)
-    missing = _missing_experts(expected, state)
+    missing: dict[str, list[int]] = {}  # "…experts.{e}.up_proj.weight" -> missing experts: one line, not E
+    for m in (_EXPERT.match(k) for k in expected if k not in state):
+        if m:
+            missing.setdefault(f"{m[1]}{{e}}{m[3]}", []).append(int(m[2]))
     problems = [f"{name}: no tensor for expert(s) {experts}" for name, experts in missing.items()]
     problems += fit_problems(
         {k: tuple(t.shape) for k, t in state.items()},
         expected,
         show=lambda k: where.get(k, k),
         wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
-        skip=(k for k in expected if _EXPERT.match(k) and k not in state),
+        skip=(k for k in expected if k not in state and _EXPERT.match(k)),
         counted=False,
     )
     if problems:

@@ -233,14 +233,8 @@ def _is_extra_state(name: str) -> bool:
 
 
 def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our canonical state dict -> Megatron-core ``HybridModel``'s plain (unfused, TP=1) state dict.
-
-    Args:
-        config: the model's architecture (brackets in its pattern do not matter).
-        canonical: canonical name -> tensor, e.g. from :func:`hybridlm.checkpoint.weights.read_tensors`.
-
-    Returns:
-        Megatron name -> tensor, same dtypes; renamed tensors are passed through, repacked ones are new.
+    """Our canonical state dict -> Megatron-core ``HybridModel``'s plain state dict, same dtypes (renamed tensors
+    pass through, repacked ones are new). Brackets in ``config.pattern`` do not matter.
 
     Raises:
         CheckpointError: ``canonical`` is not exactly the tensor set of ``config`` (listed by name).
@@ -250,10 +244,8 @@ def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[st
 
 
 def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Megatron-core ``HybridModel``'s plain state dict -> our canonical state dict (inverse of :func:`to_megatron`).
-
-    ``_extra_state`` entries are ignored; megatron-core 0.16's ``mixer.conv1d.weight/.bias`` and the
-    sequential-experts names ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`` are accepted.
+    """Megatron's plain state dict -> our canonical one (inverse of :func:`to_megatron`); ``_extra_state``
+    entries are ignored, megatron-core 0.16's conv names and sequential experts' names accepted.
 
     Raises:
         CheckpointError: missing, unexpected or mis-shaped tensors, each listed by the name given.
@@ -277,10 +269,7 @@ def _suffix(path: Path) -> str:
 
 
 def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
-    """Write a Megatron state dict: ``.pt`` as ``torch.save({"model": state})``, ``.safetensors`` as a safetensors file.
-
-    Both are written to a temporary file and renamed into place. Returns ``path``.
-    """
+    """Write ``state`` atomically: ``.pt`` as ``torch.save({"model": state})``, or ``.safetensors``. Returns ``path``."""
     path = Path(path)
     kind = _suffix(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -318,11 +307,8 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
 
 
 def load_megatron(path: str | Path) -> dict[str, Tensor]:
-    """Read a Megatron state dict from a ``.pt`` (``{"model": sd}`` or a bare ``sd``) or ``.safetensors`` file.
-
-    ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors and plain containers only,
-    no arbitrary pickled objects. Returns name -> tensor on the CPU.
-    """
+    """Read a ``.pt`` (``{"model": sd}`` or a bare ``sd``, with ``torch.load(weights_only=True)``: no arbitrary
+    pickled objects) or ``.safetensors`` Megatron state dict onto the CPU."""
     path = Path(path)
     kind = _suffix(path)
     if not path.is_file():
@@ -351,11 +337,8 @@ def config_sidecar(path: str | Path) -> Path:
 
 
 def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
-    """Convert the hybridlm checkpoint directory ``src`` to a Megatron state-dict file ``dst`` (.pt or .safetensors).
-
-    Also writes our config to ``<dst>.hybridlm.json`` so that :func:`convert_from_megatron` needs no
-    config argument. Returns ``dst``.
-    """
+    """Convert hybridlm checkpoint directory ``src`` to Megatron state-dict file ``dst`` (.pt or .safetensors),
+    with our config at ``<dst>.hybridlm.json`` for :func:`convert_from_megatron`. Returns ``dst``."""
     from .weights import read_config, read_tensors
 
     dst = Path(dst)
@@ -380,16 +363,8 @@ def _sidecar_config(src: Path) -> ModelConfig:
 
 
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
-    """Convert the Megatron state-dict file ``src`` to a hybridlm checkpoint directory ``dst``.
-
-    Args:
-        src: a ``.pt`` or ``.safetensors`` file (see :func:`load_megatron`).
-        dst: the checkpoint directory to write (replaced atomically if it is a hybridlm checkpoint).
-        config: the architecture; default: read from ``<src>.hybridlm.json``.
-
-    Returns:
-        ``dst``.
-    """
+    """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
+    (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
     from .weights import save_state_dict
 
     src = Path(src)
