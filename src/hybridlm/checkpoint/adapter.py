@@ -75,6 +75,16 @@ def per_expert(canonical: tuple[str, ...], foreign: str, num_experts: int) -> Ru
     return Rule(canonical, tuple(foreign.format(e=e) for e in range(num_experts)), pack, unpack)
 
 
+def interleave(ts: list[Tensor], groups: int) -> Tensor:
+    """Tensors (groups * r_i, C) -> (groups * sum(r_i), C), group by group: ``[t0 of group 0 | t1 of group 0 | …]``."""
+    return torch.cat([t.reshape(groups, -1, t.shape[-1]) for t in ts], dim=1).reshape(-1, ts[0].shape[-1])
+
+
+def deinterleave(t: Tensor, groups: int, sizes: list[int]) -> list[Tensor]:
+    """Inverse of :func:`interleave`: (groups * sum(sizes), C) -> tensors (groups * sizes[i], C)."""
+    return [part.reshape(-1, t.shape[-1]) for part in t.reshape(groups, sum(sizes), -1).split(sizes, dim=1)]
+
+
 def zeros(foreign: str, shape: tuple[int, ...], dtype: torch.dtype) -> Rule:
     """A foreign tensor we have no counterpart for, exported as exact zeros (the caller says why that is a no-op)."""
     return Rule((), (foreign,), lambda ts: [torch.zeros(shape, dtype=dtype)], lambda ts: [])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .adapter import Rule, apply, concat, foreign_shapes, normalize, per_expert, rename, under
+from .adapter import Rule, apply, concat, deinterleave, foreign_shapes, interleave, normalize, per_expert, rename, under
 from .io import MAX_LISTED, check_fit, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
@@ -33,22 +33,10 @@ def _qkv_rule(c: ModelConfig, prefix: str) -> Rule:
     ``h // (nq/ng)``, which is also how our grouped-query attention pairs them.
     """
     ng, d = c.resolved_num_query_groups, c.resolved_head_dim
-    per = c.num_attention_heads // ng
-
-    def pack(ts: list[Tensor]) -> list[Tensor]:
-        q, k, v = ts
-        H = q.shape[-1]
-        grouped = torch.cat([q.reshape(ng, per * d, H), k.reshape(ng, d, H), v.reshape(ng, d, H)], dim=1)
-        return [grouped.reshape(ng * (per + 2) * d, H)]
-
-    def unpack(ts: list[Tensor]) -> list[Tensor]:
-        (qkv,) = ts
-        H = qkv.shape[-1]
-        q, k, v = qkv.reshape(ng, (per + 2) * d, H).split([per * d, d, d], dim=1)
-        return [q.reshape(ng * per * d, H), k.reshape(ng * d, H), v.reshape(ng * d, H)]
-
+    sizes = [c.num_attention_heads // ng * d, d, d]
     names = tuple(f"{prefix}{n}_proj.weight" for n in "qkv")
-    return Rule(names, ("self_attention.linear_qkv.weight",), pack, unpack)
+    fused = ("self_attention.linear_qkv.weight",)
+    return Rule(names, fused, lambda ts: [interleave(ts, ng)], lambda ts: deinterleave(ts[0], ng, sizes))
 
 
 def _mlp_rules(c: ModelConfig, canonical: str, megatron: str) -> list[Rule]:
@@ -83,23 +71,14 @@ def _gdn_rule(c: ModelConfig) -> Rule:
     """
     nk, nv = c.resolved_gdn_num_heads, c.resolved_gdn_num_value_heads
     dk, dv, r = c.gdn_head_dim, c.resolved_gdn_value_head_dim, nv // nk
-    qkvz_sections = [dk, dk, r * dv, r * dv]
 
     def pack(ts: list[Tensor]) -> list[Tensor]:
         qkvz, ba = ts
-        H = qkvz.shape[-1]
-        q, k, v, z = qkvz.reshape(nk, sum(qkvz_sections), H).split(qkvz_sections, dim=1)
-        b, a = ba.reshape(nk, 2 * r, H).split([r, r], dim=1)
-        return [torch.cat([t.reshape(-1, H) for t in (q, k, v, z, b, a)], dim=0)]
+        return [torch.cat(deinterleave(qkvz, nk, [dk, dk, r * dv, r * dv]) + deinterleave(ba, nk, [r, r]))]
 
     def unpack(ts: list[Tensor]) -> list[Tensor]:
-        (w,) = ts
-        H = w.shape[-1]
-        q, k, v, z, b, a = w.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv], dim=0)
-        per_head = [t.reshape(nk, -1, H) for t in (q, k, v, z, b, a)]
-        qkvz = torch.cat(per_head[:4], dim=1).reshape(-1, H)
-        ba = torch.cat(per_head[4:], dim=1).reshape(-1, H)
-        return [qkvz, ba]
+        q, k, v, z, b, a = ts[0].split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv])
+        return [interleave([q, k, v, z], nk), interleave([b, a], nk)]
 
     names = ("mixer.in_proj_qkvz.weight", "mixer.in_proj_ba.weight")
     return Rule(names, ("self_attention.in_proj.weight",), pack, unpack)
