@@ -54,9 +54,8 @@ LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": 
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
 #: Why the other symbols of our pattern language have no NemotronH equivalent.
 _UNSUPPORTED_SYMBOLS = {
-    "G": "Gated DeltaNet ('G') layers: NemotronH has no such mixer",
-    "D": "DeepSeek sparse attention ('D') layers: NemotronH has no such mixer",
-    "+": "multi-latent attention ('+') layers: NemotronH has no such mixer",
+    s: f"{name} ('{s}') layers: NemotronH has no such mixer"
+    for s, name in (("G", "Gated DeltaNet"), ("D", "DeepSeek sparse attention"), ("+", "multi-latent attention"))
 }
 
 #: Files other than the weights and config.json that travel with a conversion (tokenizer, generation).
@@ -313,31 +312,32 @@ def _hf_value(hf: Mapping[str, Any], name: str) -> Any:
 def _hf_layers(hf: Mapping[str, Any]) -> str:
     """The pattern symbols of the file's layers (ValueError when none are given or some are unknown).
 
-    ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as
-    in transformers.
+    ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as in transformers.
     """
     types = hf.get("layers_block_type", hf.get("layer_types"))
-    if types is not None:
-        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-            raise ValueError(f"layers_block_type must be a list of strings, got {types!r}")
-        unknown = sorted({t for t in types if t not in SYMBOL_OF_LAYER_TYPE})
+    if types is None:
+        pattern = hf.get("hybrid_override_pattern")
+        if not isinstance(pattern, str):
+            raise ValueError(
+                "neither hybrid_override_pattern nor layers_block_type is set"
+                if pattern is None
+                else f"hybrid_override_pattern must be a string, got {pattern!r}"
+            )
+        unknown = sorted(set(pattern) - set(LAYER_TYPES))
         if unknown:
             raise ValueError(
-                f"layers_block_type has unknown layer types {unknown}; known: {', '.join(SYMBOL_OF_LAYER_TYPE)}"
+                f"hybrid_override_pattern {pattern!r} has symbols {unknown} that NemotronH does not know "
+                f"(it knows {' '.join(LAYER_TYPES)})"
             )
-        return "".join(SYMBOL_OF_LAYER_TYPE[t] for t in types)
-    pattern = hf.get("hybrid_override_pattern")
-    if pattern is None:
-        raise ValueError("neither hybrid_override_pattern nor layers_block_type is set")
-    if not isinstance(pattern, str):
-        raise ValueError(f"hybrid_override_pattern must be a string, got {pattern!r}")
-    unknown = sorted(set(pattern) - set(LAYER_TYPES))
+        return pattern
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ValueError(f"layers_block_type must be a list of strings, got {types!r}")
+    unknown = sorted({t for t in types if t not in SYMBOL_OF_LAYER_TYPE})
     if unknown:
         raise ValueError(
-            f"hybrid_override_pattern {pattern!r} has symbols {unknown} that NemotronH does not know "
-            f"(it knows {' '.join(LAYER_TYPES)})"
+            f"layers_block_type has unknown layer types {unknown}; known: {', '.join(SYMBOL_OF_LAYER_TYPE)}"
         )
-    return pattern
+    return "".join(SYMBOL_OF_LAYER_TYPE[t] for t in types)
 
 
 def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
