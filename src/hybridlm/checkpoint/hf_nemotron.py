@@ -208,11 +208,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return meta_shapes(config.replace(pattern=config.parsed.layers))
 
 
-def _rules(c: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> list[Rule]:
+def _rules(c: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype | None = None) -> list[Rule]:
     """The file tensors of the canonical ``shapes``: ``backbone.`` + name, one tensor per expert, always a head.
 
-    NemotronH always has a selection bias and a shared expert; a model without them is written with
-    exact no-ops (``dtype``): a zero bias changes no routing decision, and a shared expert whose down
+    NemotronH always has a selection bias and a shared expert; on export (``dtype`` given) a model without
+    them is written with exact no-ops: a zero bias changes no routing decision, and a shared expert whose down
     projection is zero adds ``down(act(up(x))) = 0``.
     """
     rules = []
@@ -224,7 +224,7 @@ def _rules(c: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: torch.d
             rules.append(rename(name, name if name == "lm_head.weight" else "backbone." + name))
     if c.tie_embeddings:  # a copy: safetensors refuses two names for one tensor
         rules.append(Rule(("embeddings.weight",), ("lm_head.weight",), lambda ts: [ts[0].clone()]))
-    for i in (i for i, s in enumerate(c.parsed.layers) if s == "E"):
+    for i in (i for i, s in enumerate(c.parsed.layers) if s == "E" and dtype is not None):
         p, H, Fs = f"backbone.layers.{i}.mixer.", c.hidden_size, ZERO_SHARED_EXPERT_SIZE
         if not c.moe_router_expert_bias:
             rules.append(zeros(p + "gate.e_score_correction_bias", (c.moe_num_experts,), torch.float32))

@@ -24,7 +24,7 @@ CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
 _SUFFIXES = (".pt", ".safetensors")
 
 
-def _qkv_rule(c: ModelConfig, prefix: str) -> Rule:
+def _qkv_rule(c: ModelConfig) -> Rule:
     """q_proj (nq*d, H), k_proj / v_proj (ng*d, H) <-> linear_qkv ((nq + 2 ng) * d, H).
 
     Megatron's ``SelfAttention.get_query_key_value_tensors`` views the fused output as
@@ -34,7 +34,7 @@ def _qkv_rule(c: ModelConfig, prefix: str) -> Rule:
     """
     ng, d = c.resolved_num_query_groups, c.resolved_head_dim
     sizes = [c.num_attention_heads // ng * d, d, d]
-    names = tuple(f"{prefix}{n}_proj.weight" for n in "qkv")
+    names = tuple(f"mixer.{n}_proj.weight" for n in "qkv")
     fused = ("self_attention.linear_qkv.weight",)
     return Rule(names, fused, lambda ts: [interleave(ts, ng)], lambda ts: deinterleave(ts[0], ng, sizes))
 
@@ -103,7 +103,7 @@ def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
         norms = (rename(f"mixer.{n}_norm.weight", f"{a}{n}_layernorm.weight") for n in "qk")
         return [
             rename("norm.weight", f"{a}linear_qkv.layer_norm_weight"),
-            _qkv_rule(c, "mixer."),
+            _qkv_rule(c),
             rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
             *(norms if c.qk_norm else ()),
         ]
