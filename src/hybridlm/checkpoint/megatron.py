@@ -153,9 +153,14 @@ def _mla_rules(c: ModelConfig, sparse: bool) -> list[Rule]:
         "o_proj.weight": "linear_proj.weight",
     }
     if sparse:
-        indexer = {"wq_b": "linear_wq_b", "wk": "linear_wk", "k_norm": "k_norm", "weights_proj": "linear_weights_proj"}
-        names |= {f"indexer.{k}.weight": f"core_attention.indexer.{v}.weight" for k, v in indexer.items()}
-        names["indexer.k_norm.bias"] = "core_attention.indexer.k_norm.bias"
+        ix = "core_attention.indexer."
+        names |= {
+            "indexer.wq_b.weight": ix + "linear_wq_b.weight",
+            "indexer.wk.weight": ix + "linear_wk.weight",
+            "indexer.k_norm.weight": ix + "k_norm.weight",
+            "indexer.k_norm.bias": ix + "k_norm.bias",
+            "indexer.weights_proj.weight": ix + "linear_weights_proj.weight",
+        }
     return [rename("norm.weight", "input_layernorm.weight"), *(rename(f"mixer.{k}", a + v) for k, v in names.items())]
 
 
