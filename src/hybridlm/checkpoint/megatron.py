@@ -39,24 +39,18 @@ def _qkv_rule(c: ModelConfig) -> Rule:
     return Rule(names, fused, lambda ts: [interleave(ts, ng)], lambda ts: deinterleave(ts[0], ng, sizes))
 
 
-def _mlp_rules(c: ModelConfig, canonical: str, megatron: str) -> list[Rule]:
-    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2.
+def _mlp_rules(c: ModelConfig, canonical: str, megatron: str, experts: int = 0) -> list[Rule]:
+    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2; with
+    ``experts``, stacked experts (E, F, H) / (E, H, F) as Transformer Engine's grouped ``weight{e}``, one per expert.
 
     SwiGLU's fc1 is ``[gate; up]``: Megatron's GLU applies the activation to the first half.
     """
-    up = ("gate_proj", "up_proj") if c.mlp_activation == "swiglu" else ("up_proj",)
-    fc1 = concat(tuple(f"{canonical}{n}.weight" for n in up), f"{megatron}linear_fc1.weight")
-    return [fc1, rename(f"{canonical}down_proj.weight", f"{megatron}linear_fc2.weight")]
-
-
-def _expert_rules(c: ModelConfig) -> list[Rule]:
-    """Stacked experts up (and gate) (E, F, H), down (E, H, F) <-> Transformer Engine's grouped ``weight{e}``."""
-    up = ("gate_proj", "up_proj") if c.mlp_activation == "swiglu" else ("up_proj",)
-    fc = "mlp.experts.linear_fc{}.weight{{e}}"
-    return [
-        per_expert(tuple(f"mixer.experts.{n}" for n in up), fc.format(1), c.moe_num_experts),
-        per_expert(("mixer.experts.down_proj",), fc.format(2), c.moe_num_experts),
-    ]
+    w = "" if experts else ".weight"  # our stacked experts are bare parameters (experts.up_proj), not Linears
+    up = tuple(f"{canonical}{n}_proj{w}" for n in (("gate", "up") if c.mlp_activation == "swiglu" else ("up",)))
+    fc1, fc2 = (f"{megatron}linear_fc{i}.weight" + ("{e}" if experts else "") for i in (1, 2))
+    if experts:
+        return [per_expert(up, fc1, experts), per_expert((f"{canonical}down_proj",), fc2, experts)]
+    return [concat(up, fc1), rename(f"{canonical}down_proj.weight", fc2)]
 
 
 def _gdn_rule(c: ModelConfig) -> Rule:
@@ -113,7 +107,7 @@ def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
         rules = [rename("norm.weight", "pre_mlp_layernorm.weight"), rename("mixer.gate.weight", "mlp.router.weight")]
         if c.moe_router_expert_bias:
             rules.append(rename("mixer.gate.e_score_correction_bias", "mlp.router.expert_bias"))
-        rules += _expert_rules(c)
+        rules += _mlp_rules(c, "mixer.experts.", "mlp.experts.", c.moe_num_experts)
         if c.moe_shared_expert_ffn_hidden_size:
             rules += _mlp_rules(c, "mixer.shared_experts.", "mlp.shared_experts.")
         return rules
