@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from .io import check_fit
 
 Pack = Callable[[list[Tensor]], list[Tensor]]
 #: (pattern, replacement) pairs that rewrite a foreign name given in an older or alternative spelling.
@@ -102,6 +103,14 @@ def apply(rules: Iterable[Rule], tensors: Mapping[str, Tensor], export: bool) ->
         for name, t in zip(dst, fn([tensors[k] for k in src]), strict=True):
             out[name] = t.clone() if t._base is not None else t
     return out
+
+
+def to_foreign(
+    rules: Iterable[Rule], canonical: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Tensor]:
+    """:func:`apply` canonical -> foreign, after refusing a ``canonical`` that is not exactly ``shapes`` (listed by name)."""
+    check_fit(canonical, shapes, "canonical state dict")
+    return apply(rules, canonical, export=True)
 
 
 def foreign_shapes(

@@ -17,12 +17,11 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, zeros
+from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, to_foreign, zeros
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
-    check_fit,
     config_says,
     dominant_dtype,
     fit_problems,
@@ -247,16 +246,14 @@ def export_nemotron_h(
     """
     check_exportable(config)
     shapes = expected_shapes(config)
-    canonical = {k: t for k, t in canonical.items() if not k.startswith("mtp.")}
-    check_fit(canonical, shapes, "canonical state dict")
+    canonical = {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}  # a DTensor is gathered
     if config.parsed.mtp_depths:
         logger.warning(
             "dropping %d MTP depth(s) ('%s') on export: Hugging Face NemotronH does not run multi-token prediction",
             config.parsed.mtp_depths,
             config.parsed.mtp_layers,
         )
-    canonical = {k: full_cpu(t) for k, t in canonical.items()}  # an FSDP DTensor is gathered
-    tensors = apply(_rules(config, shapes, dominant_dtype(canonical.values())), canonical, export=True)
+    tensors = to_foreign(_rules(config, shapes, dominant_dtype(canonical.values())), canonical, shapes)
     return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
 
 

@@ -15,7 +15,19 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .adapter import Rule, apply, concat, deinterleave, foreign_shapes, interleave, normalize, per_expert, rename, under
+from .adapter import (
+    Rule,
+    apply,
+    concat,
+    deinterleave,
+    foreign_shapes,
+    interleave,
+    normalize,
+    per_expert,
+    rename,
+    to_foreign,
+    under,
+)
 from .io import MAX_LISTED, check_fit, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
@@ -217,8 +229,7 @@ def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[st
     Raises:
         CheckpointError: ``canonical`` is not exactly the tensor set of ``config`` (listed by name).
     """
-    check_fit(canonical, canonical_shapes(config), "canonical state dict")
-    return apply(_model_rules(config), canonical, export=True)
+    return to_foreign(_model_rules(config), canonical, canonical_shapes(config))
 
 
 def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
