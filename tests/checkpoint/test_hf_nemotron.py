@@ -412,6 +412,19 @@ TENSOR_DAMAGE = {
         lambda p: _damage_tensors(p, lambda t: t.update({"backbone.layers.0.mixer.extra.weight": torch.zeros(2)})),
         "unexpected tensor",
     ),
+    "stacked and per expert": (
+        lambda p: _damage_tensors(
+            p,
+            lambda t: t.update(
+                {
+                    "backbone.layers.3.mixer.experts.up_proj": torch.stack(
+                        [t[f"backbone.layers.3.mixer.experts.{e}.up_proj.weight"] for e in range(8)]
+                    )
+                }
+            ),
+        ),
+        r"has both .*experts\.0\.up_proj\.weight and .*experts\.up_proj\[0\] \(the same tensor\)",
+    ),
 }
 
 
@@ -424,6 +437,19 @@ def test_import_refuses_damaged_weights(case, exported, tmp_path):
         import_nemotron_h(path)
     assert message in str(err.value) or re.search(message, str(err.value)), str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_import_fills_a_missing_conv_bias_with_zeros(exported, tmp_path):
+    path = shutil.copytree(exported, tmp_path / "hf")
+    _damage_tensors(path, lambda t: t.pop("backbone.layers.0.mixer.conv1d.bias"))
+    hf_json = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(hf_json | {"use_conv_bias": False}))
+    _, reference = import_nemotron_h(exported)
+    _, tensors = import_nemotron_h(path)
+    assert tensors.keys() == reference.keys()
+    bias = tensors.pop("layers.0.mixer.conv1d.bias")
+    assert bias.shape == reference.pop("layers.0.mixer.conv1d.bias").shape and not bias.any()
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
 
 
 CONFIG_DAMAGE = {

@@ -1,32 +1,6 @@
-"""Hugging Face NemotronH (``model_type: nemotron_h``) export and import.
-
-NemotronH is the one Hugging Face family whose block is ours: ``x + mixer(RMSNorm(x))`` with exactly
-one mixer of kind Mamba2 (``M``), attention (``*``), MLP (``-``) or MoE (``E``). Our canonical names
-are NemotronH's in-memory names, so the two layouts differ only in a few places::
-
-    canonical (hybridlm)                   Hugging Face file (what we write)
-    embeddings.weight                      backbone.embeddings.weight
-    layers.{i}.{norm,mixer}.…              backbone.layers.{i}.{norm,mixer}.…
-    layers.{i}.mixer.experts.up_proj       backbone.layers.{i}.mixer.experts.{e}.up_proj.weight   (one per expert)
-      (E, F, H) / down_proj (E, H, F)        (F, H) / …down_proj.weight (H, F)
-    (no gate.e_score_correction_bias)      …mixer.gate.e_score_correction_bias = zeros (HF always has one)
-    (no shared_experts)                    …mixer.shared_experts.{up,down}_proj.weight = zeros of width 1
-    norm_f.weight                          backbone.norm_f.weight
-    lm_head.weight (or tied)               lm_head.weight (always; a copy of the embedding when tied)
-    mtp.{d}.…                              dropped: Hugging Face NemotronH does not run MTP
-
-What the config must say for the two models to compute the same function (checked by
-:func:`check_exportable`): only ``M * - E`` in the main stack, no RoPE and no QK-norm (NemotronH
-attention has neither), non-gated relu² (or exact-erf GELU) MLPs and experts, sigmoid routing with
-at least two experts per router group (Hugging Face scores a group by its top two experts).
-
-Mamba2's dt clamp: Hugging Face clamps ``dt`` below at ``time_step_min`` in its (prefill) forward.
-We write ``time_step_min = mamba_dt_clamp_min``, or 1e-9 when we do not clamp (never 0: older
-transformers take its logarithm at load), and on import we clamp at the file's ``time_step_min``.
-
-The file layout written here follows the portable template of the project's NemotronH fact sheet:
-``hybrid_override_pattern`` (not ``layers_block_type``, which transformers ≤ 5.12 rejects),
-``backbone.`` keys, one key per expert and an explicit ``lm_head.weight``.
+"""Hugging Face NemotronH (``model_type: nemotron_h``) export and import: config.json both ways plus a rule
+table on :mod:`hybridlm.checkpoint.adapter`. The layouts, and what a config must say to be exported, are in
+docs/checkpoints.md ("Hugging Face NemotronH").
 """
 
 from __future__ import annotations
@@ -43,6 +17,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, to_foreign, zeros
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
@@ -78,9 +53,8 @@ LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": 
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
 #: Why the other symbols of our pattern language have no NemotronH equivalent.
 _UNSUPPORTED_SYMBOLS = {
-    "G": "Gated DeltaNet ('G') layers: NemotronH has no such mixer",
-    "D": "DeepSeek sparse attention ('D') layers: NemotronH has no such mixer",
-    "+": "multi-latent attention ('+') layers: NemotronH has no such mixer",
+    s: f"{name} ('{s}') layers: NemotronH has no such mixer"
+    for s, name in (("G", "Gated DeltaNet"), ("D", "DeepSeek sparse attention"), ("+", "multi-latent attention"))
 }
 
 #: Files other than the weights and config.json that travel with a conversion (tokenizer, generation).
@@ -90,109 +64,58 @@ AUX_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
 )
+AUX_FILES += ("vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
-# Hugging Face NemotronHConfig defaults (transformers 5.24) of the fields read on import: a
-# config.json that leaves a field out gets these from transformers too.
-_HF_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 131072,
-    "hidden_size": 4096,
-    "layer_norm_epsilon": 1e-5,
-    "initializer_range": 0.02,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "intermediate_size": 21504,
-    "mlp_hidden_act": "relu2",
-    "mlp_bias": False,
-    "mamba_num_heads": 128,
-    "mamba_head_dim": 64,
-    "ssm_state_size": 128,
-    "n_groups": 8,
-    "conv_kernel": 4,
-    "chunk_size": 128,
-    "mamba_hidden_act": "silu",
-    "use_conv_bias": True,
-    "use_bias": False,
-    "time_step_min": HF_DEFAULT_TIME_STEP_MIN,
-    "time_step_max": 0.1,
-    "time_step_floor": 1e-4,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 7688,
-    "moe_shared_expert_intermediate_size": 7688,
-    "moe_latent_size": None,
-    "routed_scaling_factor": 1.0,
-    "n_group": 1,
-    "topk_group": 1,
-    "norm_topk_prob": True,
-    "num_nextn_predict_layers": 0,
-}
-# Older names NemotronHConfig still reads; like transformers, the old name wins when both are present.
-_HF_LEGACY_NAMES = {
-    "n_groups": "mamba_n_groups",
-    "conv_kernel": "mamba_d_conv",
-    "time_step_min": "mamba_dt_min",
-    "time_step_max": "mamba_dt_max",
-    "time_step_floor": "mamba_dt_init_floor",
-    "use_conv_bias": "mamba_conv_bias",
-    "chunk_size": "mamba_chunk_size",
-    "n_routed_experts": "num_local_experts",
-}
-
-#: Hugging Face config key <-> our ModelConfig field, written and read when the pattern uses one of
-#: the layer kinds ("": always). Export writes ``resolved_<field>`` where the config has one.
-CONFIG_MAP = (
-    ("vocab_size", "vocab_size", ""),
-    ("hidden_size", "hidden_size", ""),
-    ("layer_norm_epsilon", "norm_eps", ""),
-    ("initializer_range", "init_std", ""),
-    ("num_attention_heads", "num_attention_heads", "*"),
-    ("num_key_value_heads", "num_query_groups", "*"),
-    ("head_dim", "head_dim", "*"),
-    ("intermediate_size", "ffn_hidden_size", "-"),
-    ("mlp_hidden_act", "mlp_activation", "-E"),
-    ("mamba_num_heads", "mamba_num_heads", "M"),
-    ("mamba_head_dim", "mamba_head_dim", "M"),
-    ("ssm_state_size", "mamba_state_dim", "M"),
-    ("n_groups", "mamba_num_groups", "M"),
-    ("conv_kernel", "mamba_conv_kernel", "M"),
-    ("chunk_size", "mamba_chunk_size", "M"),
-    ("time_step_min", "mamba_dt_clamp_min", "M"),
-    ("time_step_max", "mamba_dt_max", "M"),
-    ("time_step_floor", "mamba_dt_init_floor", "M"),
-    ("n_routed_experts", "moe_num_experts", "E"),
-    ("num_experts_per_tok", "moe_top_k", "E"),
-    ("moe_intermediate_size", "moe_ffn_hidden_size", "E"),
-    ("moe_shared_expert_intermediate_size", "moe_shared_expert_ffn_hidden_size", "E"),
-    ("routed_scaling_factor", "moe_routed_scaling", "E"),
-    ("n_group", "moe_num_groups", "E"),
-    ("topk_group", "moe_topk_groups", "E"),
-    ("norm_topk_prob", "moe_norm_topk_prob", "E"),
+#: Every config.json key we read or write: (key, our field, the layer kinds that use it ("": all), the default
+#: of transformers 5.24's NemotronHConfig[, an older name it still reads, which wins as in transformers]).
+#: Field "": our model has no option for it; written as that default (pinned by test_hf_defaults), and
+#: read to refuse other values. Field None: only read. Export writes ``resolved_<field>`` where there is one.
+_KEYS: tuple[tuple[Any, ...], ...] = (
+    ("vocab_size", "vocab_size", "", 131072),
+    ("hidden_size", "hidden_size", "", 4096),
+    ("layer_norm_epsilon", "norm_eps", "", 1e-5),
+    ("initializer_range", "init_std", "", 0.02),
+    ("num_attention_heads", "num_attention_heads", "*", 32),
+    ("num_key_value_heads", "num_query_groups", "*", 8),
+    ("head_dim", "head_dim", "*", 128),
+    ("intermediate_size", "ffn_hidden_size", "-", 21504),
+    ("mlp_hidden_act", "mlp_activation", "-E", "relu2"),
+    ("mamba_num_heads", "mamba_num_heads", "M", 128),
+    ("mamba_head_dim", "mamba_head_dim", "M", 64),
+    ("ssm_state_size", "mamba_state_dim", "M", 128),
+    ("n_groups", "mamba_num_groups", "M", 8, "mamba_n_groups"),
+    ("conv_kernel", "mamba_conv_kernel", "M", 4, "mamba_d_conv"),
+    ("chunk_size", "mamba_chunk_size", "M", 128, "mamba_chunk_size"),
+    ("time_step_min", "mamba_dt_clamp_min", "M", HF_DEFAULT_TIME_STEP_MIN, "mamba_dt_min"),
+    ("time_step_max", "mamba_dt_max", "M", 0.1, "mamba_dt_max"),
+    ("time_step_floor", "mamba_dt_init_floor", "M", 1e-4, "mamba_dt_init_floor"),
+    ("n_routed_experts", "moe_num_experts", "E", 8, "num_local_experts"),
+    ("num_experts_per_tok", "moe_top_k", "E", 2),
+    ("moe_intermediate_size", "moe_ffn_hidden_size", "E", 7688),
+    ("moe_shared_expert_intermediate_size", "moe_shared_expert_ffn_hidden_size", "E", 7688),
+    ("routed_scaling_factor", "moe_routed_scaling", "E", 1.0),
+    ("n_group", "moe_num_groups", "E", 1),
+    ("topk_group", "moe_topk_groups", "E", 1),
+    ("norm_topk_prob", "moe_norm_topk_prob", "E", True),
+    ("attention_bias", "", "*", False),
+    ("mlp_bias", "", "", False),
+    ("residual_in_fp32", "", "", False),
+    ("rescale_prenorm_residual", "", "", True),
+    ("tie_word_embeddings", "", "", False),  # NemotronH never ties its head: a tied model gets a copy
+    ("num_nextn_predict_layers", "", "", 0),
+    ("use_conv_bias", "", "M", True, "mamba_conv_bias"),
+    ("use_bias", "", "M", False),
+    ("mamba_hidden_act", "", "M", "silu"),
+    ("n_shared_experts", "", "E", 1),
+    ("moe_latent_size", None, "E", None),
 )
-#: Keys our config has no field for, written as NemotronH's defaults (pinned by test_hf_defaults)
-#: when the pattern uses one of the layer kinds ("": always). NemotronH never ties its head: a
-#: tied model is written with a copied head.
-_CONSTANTS: dict[str, dict[str, Any]] = {
-    "*": {"attention_bias": False},
-    "": {
-        "mlp_bias": False,
-        "residual_in_fp32": False,
-        "rescale_prenorm_residual": True,
-        "tie_word_embeddings": False,
-        "num_nextn_predict_layers": 0,
-    },
-    "M": {"use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu"},
-    "E": {"n_shared_experts": 1},
-}
+#: Hugging Face config key <-> our ModelConfig field, for the layer kinds that use it ("": always).
+CONFIG_MAP = tuple(row[:3] for row in _KEYS if row[1])
+_HF_DEFAULTS = {row[0]: row[3] for row in _KEYS}
+_HF_LEGACY_NAMES = {row[0]: row[4] for row in _KEYS if len(row) > 4}
 
-_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight$")
-_STACKED_EXPERTS = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)$")
+_STACKED = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
 
 
 # -- what can be exported --------------------------------------------------------------------------
@@ -249,7 +172,7 @@ def check_exportable(config: ModelConfig) -> None:
 
 
 def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """The ``config.json`` of ``config`` as NemotronH (the portable template; see the module docstring).
+    """The ``config.json`` of ``config`` as NemotronH (the portable template of docs/checkpoints.md).
 
     Options of layer kinds the main pattern does not use are left out (transformers' defaults
     apply and no layer reads them). ``torch_dtype`` is the weights' dtype name, e.g. "bfloat16".
@@ -263,17 +186,14 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
         "num_hidden_layers": len(layers),
         "hybrid_override_pattern": layers,
     }
-    for key, field, kinds in CONFIG_MAP:
-        if not kinds or used & set(kinds):
-            value = getattr(c, f"resolved_{field}", getattr(c, field))  # e.g. head_dim None -> its value
+    for key, field, kinds, default, *_ in _KEYS:
+        if field is not None and (not kinds or used & set(kinds)):
+            value = getattr(c, f"resolved_{field}", getattr(c, field)) if field else default  # e.g. head_dim None
             hf[key] = float(value) if isinstance(getattr(ModelConfig, field, None), float) else value
-    for kinds, constants in _CONSTANTS.items():
-        if not kinds or used & set(kinds):
-            hf |= constants
     if "M" in used:
         # Unused by the modeling code (the inner width is heads * head_dim); informative only.
         hf["expand"] = c.mamba_d_inner // c.hidden_size if c.mamba_d_inner % c.hidden_size == 0 else 2
-        # The run-time lower clamp on dt; see the module docstring for why never 0.
+        # The run-time lower clamp on dt: never 0, which older transformers take the logarithm of at load.
         hf["time_step_min"] = hf["time_step_min"] or NO_CLAMP_TIME_STEP_MIN
     if "E" in used:
         hf["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_ffn_hidden_size or ZERO_SHARED_EXPERT_SIZE
@@ -287,68 +207,53 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return meta_shapes(config.replace(pattern=config.parsed.layers))
 
 
-def _export_moe_defaults(config: ModelConfig, layer: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Add the MoE tensors NemotronH always has but ``config`` may lack, as exact no-ops.
+def _rules(c: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype | None = None) -> list[Rule]:
+    """The file tensors of the canonical ``shapes``: ``backbone.`` + name, one tensor per expert, always a head.
 
-    A zero selection bias changes no routing decision, and a zero-weight shared expert adds
-    ``down(act(up(x))) = 0`` (down is zero), so the exported model computes ours.
+    NemotronH always has a selection bias and a shared expert; on export (``dtype`` given) a model without
+    them is written with exact no-ops: a zero bias changes no routing decision, and a shared expert whose down
+    projection is zero adds ``down(act(up(x))) = 0``.
     """
-    prefix = f"backbone.layers.{layer}.mixer."
-    if not config.moe_router_expert_bias:
-        tensors[prefix + "gate.e_score_correction_bias"] = torch.zeros(config.moe_num_experts, dtype=torch.float32)
-    if not config.moe_shared_expert_ffn_hidden_size:
-        dtype = tensors[prefix + "experts.0.up_proj.weight"].dtype
-        H, Fs = config.hidden_size, ZERO_SHARED_EXPERT_SIZE
-        tensors[prefix + "shared_experts.up_proj.weight"] = torch.zeros(Fs, H, dtype=dtype)
-        tensors[prefix + "shared_experts.down_proj.weight"] = torch.zeros(H, Fs, dtype=dtype)
+    rules = []
+    for name in shapes:
+        stacked = _STACKED.match(name)
+        if stacked:
+            rules.append(per_expert((name,), f"backbone.{stacked[1]}.{{e}}.{stacked[2]}.weight", c.moe_num_experts))
+        else:
+            rules.append(rename(name, name if name == "lm_head.weight" else "backbone." + name))
+    if c.tie_embeddings:  # a copy: safetensors refuses two names for one tensor
+        rules.append(Rule(("embeddings.weight",), ("lm_head.weight",), lambda ts: [ts[0].clone()]))
+    for i in (i for i, s in enumerate(c.parsed.layers) if s == "E" and dtype is not None):
+        p, H, Fs = f"backbone.layers.{i}.mixer.", c.hidden_size, ZERO_SHARED_EXPERT_SIZE
+        if not c.moe_router_expert_bias:
+            rules.append(zeros(p + "gate.e_score_correction_bias", (c.moe_num_experts,), torch.float32))
+        if not c.moe_shared_expert_ffn_hidden_size:
+            rules.append(zeros(p + "shared_experts.up_proj.weight", (Fs, H), dtype))
+            rules.append(zeros(p + "shared_experts.down_proj.weight", (H, Fs), dtype))
+    return rules
 
 
 def export_nemotron_h(
     config: ModelConfig, canonical: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Express a model as Hugging Face NemotronH.
+    """Express a model as Hugging Face NemotronH: ``(config.json dict, tensors under its file keys)``.
 
-    Args:
-        config: the model's config (checked with :func:`check_exportable`).
-        canonical: its canonical tensors (see ``hybridlm.checkpoint.canonical``), e.g. from
-            ``canonical_state_dict(model)``; ``mtp.*`` tensors may be present and are dropped.
-
-    Returns:
-        ``(config.json dict, tensors under Hugging Face file keys)``: contiguous CPU tensors in
-        the dtypes they had, no two sharing memory (safetensors refuses that, so per-expert
-        slices and the copy of a tied head are cloned).
+    ``canonical`` are the model's canonical tensors (``mtp.*`` are dropped); the result holds contiguous
+    CPU tensors in the dtypes they had, no two sharing memory (safetensors refuses that).
 
     Raises:
-        CheckpointError: the config is not exportable, or the tensors do not fit it.
+        CheckpointError: the config is not exportable (:func:`check_exportable`), or the tensors do not fit it.
     """
     check_exportable(config)
-    given = {k: tuple(t.shape) for k, t in canonical.items() if not k.startswith("mtp.")}
-    problems = fit_problems(
-        given, expected_shapes(config), wrong_shape="{name}: shape {got}, the config implies {want}", counted=False
-    )
-    if problems:
-        raise CheckpointError("the tensors do not fit the config:\n  " + "\n  ".join(problems))
-    p = config.parsed
-    if p.mtp_depths:
+    shapes = expected_shapes(config)
+    canonical = {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}  # a DTensor is gathered
+    if config.parsed.mtp_depths:
         logger.warning(
             "dropping %d MTP depth(s) ('%s') on export: Hugging Face NemotronH does not run multi-token prediction",
-            p.mtp_depths,
-            p.mtp_layers,
+            config.parsed.mtp_depths,
+            config.parsed.mtp_layers,
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in canonical.items():
-        if name.startswith("mtp."):
-            continue
-        t = full_cpu(t)  # detached, contiguous, on the CPU (an FSDP DTensor is gathered)
-        if _STACKED_EXPERTS.match(name):  # (E, out, in) -> E tensors (out, in)
-            tensors |= {hf_key(name, e): t[e].clone() for e in range(t.shape[0])}
-        else:
-            tensors[hf_key(name)] = t
-    if "lm_head.weight" not in tensors:  # tied: Hugging Face needs its own copy
-        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"].clone()
-    for i, symbol in enumerate(p.layers):
-        if symbol == "E":
-            _export_moe_defaults(config, i, tensors)
+    tensors = to_foreign(_rules(config, shapes, dominant_dtype(canonical.values())), canonical, shapes)
     return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
 
 
@@ -362,14 +267,10 @@ def _aux_files(path: Path) -> dict[str, Path]:
 
 
 def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face NemotronH directory ``dst``.
-
-    ``dst`` gets config.json and model.safetensors (sharded above ``max_shard_size`` bytes), plus
-    the tokenizer and generation files found in ``src``. It is written atomically; an existing
-    ``dst`` is replaced only if it is empty or a NemotronH directory. MTP depths are dropped.
-
-    Returns:
-        ``dst``, loadable with ``transformers.AutoModelForCausalLM.from_pretrained``.
+    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face NemotronH directory ``dst``, which
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads: config.json, model.safetensors (sharded above
+    ``max_shard_size`` bytes) and the tokenizer and generation files of ``src``; MTP depths are dropped.
+    Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory.
     """
     src, dst = Path(src), Path(dst)
     config = read_config(src)
@@ -408,31 +309,32 @@ def _hf_value(hf: Mapping[str, Any], name: str) -> Any:
 def _hf_layers(hf: Mapping[str, Any]) -> str:
     """The pattern symbols of the file's layers (ValueError when none are given or some are unknown).
 
-    ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as
-    in transformers.
+    ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as in transformers.
     """
     types = hf.get("layers_block_type", hf.get("layer_types"))
-    if types is not None:
-        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-            raise ValueError(f"layers_block_type must be a list of strings, got {types!r}")
-        unknown = sorted({t for t in types if t not in SYMBOL_OF_LAYER_TYPE})
+    if types is None:
+        pattern = hf.get("hybrid_override_pattern")
+        if not isinstance(pattern, str):
+            raise ValueError(
+                "neither hybrid_override_pattern nor layers_block_type is set"
+                if pattern is None
+                else f"hybrid_override_pattern must be a string, got {pattern!r}"
+            )
+        unknown = sorted(set(pattern) - set(LAYER_TYPES))
         if unknown:
             raise ValueError(
-                f"layers_block_type has unknown layer types {unknown}; known: {', '.join(SYMBOL_OF_LAYER_TYPE)}"
+                f"hybrid_override_pattern {pattern!r} has symbols {unknown} that NemotronH does not know "
+                f"(it knows {' '.join(LAYER_TYPES)})"
             )
-        return "".join(SYMBOL_OF_LAYER_TYPE[t] for t in types)
-    pattern = hf.get("hybrid_override_pattern")
-    if pattern is None:
-        raise ValueError("neither hybrid_override_pattern nor layers_block_type is set")
-    if not isinstance(pattern, str):
-        raise ValueError(f"hybrid_override_pattern must be a string, got {pattern!r}")
-    unknown = sorted(set(pattern) - set(LAYER_TYPES))
+        return pattern
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ValueError(f"layers_block_type must be a list of strings, got {types!r}")
+    unknown = sorted({t for t in types if t not in SYMBOL_OF_LAYER_TYPE})
     if unknown:
         raise ValueError(
-            f"hybrid_override_pattern {pattern!r} has symbols {unknown} that NemotronH does not know "
-            f"(it knows {' '.join(LAYER_TYPES)})"
+            f"layers_block_type has unknown layer types {unknown}; known: {', '.join(SYMBOL_OF_LAYER_TYPE)}"
         )
-    return pattern
+    return "".join(SYMBOL_OF_LAYER_TYPE[t] for t in types)
 
 
 def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
@@ -466,18 +368,11 @@ def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
 
 
 def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME) -> ModelConfig:
-    """The :class:`ModelConfig` that computes what Hugging Face NemotronH computes for config ``hf``.
+    """The :class:`ModelConfig` that computes what Hugging Face NemotronH computes for config.json ``hf``
+    (read from ``source``, which every error names with each unsupported option).
 
     Every MoE layer gets a shared expert and a selection bias (NemotronH always has both);
-    :func:`import_nemotron_h` drops them again where the weights are exactly zero. Options of
-    layer kinds the pattern does not use are left at our defaults.
-
-    Args:
-        hf: the parsed config.json.
-        source: its path, for error messages.
-
-    Raises:
-        CheckpointError: naming ``source`` and every unsupported option.
+    :func:`import_nemotron_h` drops them again where the weights are exactly zero.
     """
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
@@ -521,136 +416,34 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
     return hf
 
 
-def _file_key(key: str) -> str | None:
-    """Canonical-style name of Hugging Face file key ``key`` (None: an MTP tensor, which HF ignores).
+#: Other spellings of the file keys transformers reads, -> the keys we write.
+_ALIASES = (
+    (re.compile(r"^model\."), "backbone."),
+    (re.compile(r"^backbone\.embedding\.weight$"), "backbone.embeddings.weight"),  # transformers 5.3-5.15
+    (re.compile(r"\.experts\.(up_proj|down_proj)\[(\d+)\]$"), r".experts.\2.\1.weight"),  # see _read_weights
+)
+_MTP = re.compile(r"^(backbone\.|model\.)?mtp\.")
+_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)(\..*)$")
 
-    Strips ``backbone.`` / ``model.`` and reads the singular ``embedding.weight`` of files written
-    by transformers 5.3-5.15 as ``embeddings.weight``. Experts keep their per-expert form here.
+
+def _read_weights(path: Path, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The non-MTP tensors of directory ``path`` under the keys we write, and where each was read ({key: "file: key"}).
+
+    Stacked experts (E, out, in) (transformers' in-memory layout) are read as ``…experts.up_proj[e]``,
+    which the aliases rename to the per-expert key, so the per-expert rules read both layouts.
     """
-    for prefix in ("backbone.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-            break
-    if key.startswith("mtp."):
-        return None
-    return "embeddings.weight" if key == "embedding.weight" else key
-
-
-def hf_key(name: str, expert: int | str = "{e}") -> str:
-    """The Hugging Face file key of canonical ``name`` (of one ``expert`` for a stacked expert tensor)."""
-    stacked = _STACKED_EXPERTS.match(name)
-    if stacked:
-        return f"backbone.layers.{stacked.group(1)}.mixer.experts.{expert}.{stacked.group(2)}.weight"
-    return name if name == "lm_head.weight" else "backbone." + name
-
-
-class _Reader:
-    """Tensors of a NemotronH directory under canonical names, remembering where each came from.
-
-    Attributes:
-        where: canonical name -> "file: key" it was read from (for messages).
-        problems: what is wrong, one line each (duplicates, incomplete or uneven experts).
-        broken: canonical names already covered by a problem (not reported again as missing).
-        dropped_mtp: number of MTP tensors left out.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.files = weight_files(path)  # file key -> shard file name
-        self.where: dict[str, str] = {}
-        self.problems: list[str] = []
-        self.broken: set[str] = set()
-        self.dropped_mtp = 0
-
-    def origin(self, key: str) -> str:
-        return f"{self.path / self.files[key]}: {key}"
-
-    def read(self, num_experts: int | None) -> dict[str, torch.Tensor]:
-        """All non-MTP tensors under canonical names; per-expert tensors stacked to (E, out, in)."""
-        keys: dict[str, str] = {}  # canonical-style name -> file key
-        for key in self.files:
-            name = _file_key(key)
-            if name is None:
-                self.dropped_mtp += 1
-            elif name in keys:
-                self.problems.append(f"{self.origin(key)} and {self.origin(keys[name])} are the same tensor")
-            else:
-                keys[name] = key
-        raw = read_tensors(self.path, keys.values())
-        out: dict[str, torch.Tensor] = {}
-        experts: dict[str, dict[int, str]] = {}  # stacked canonical name -> expert -> file key
-        for name, key in keys.items():
-            m = _EXPERT_KEY.match(name)
-            if m:
-                experts.setdefault(f"layers.{m.group(1)}.mixer.experts.{m.group(3)}", {})[int(m.group(2))] = key
-            else:
-                out[name] = raw[key]
-                self.where[name] = self.origin(key)
-        for name, by_expert in sorted(experts.items()):
-            if name in out:
-                self.problems.append(f"{self.where[name]}: the layer's experts are also stored one per expert")
-                self.broken.add(name)
-                continue
-            stacked = self._stack(name, by_expert, raw, num_experts)
-            if stacked is None:
-                self.broken.add(name)
-            else:
-                out[name] = stacked
-        return out
-
-    def _stack(
-        self, name: str, by_expert: dict[int, str], raw: dict[str, torch.Tensor], num_experts: int | None
-    ) -> torch.Tensor | None:
-        """Stack per-expert (out, in) tensors into (E, out, in); None (and a problem) if they do not fit."""
-        first = by_expert[min(by_expert)]
-        file = self.path / self.files[first]
-        self.where[name] = f"{file}: {hf_key(name)}"
-        count = num_experts if num_experts is not None else max(by_expert) + 1
-        missing = sorted(set(range(count)) - set(by_expert))
-        extra = sorted(set(by_expert) - set(range(count)))
-        if missing:
-            self.problems.append(f"{file}: {hf_key(name)}: no tensor for expert(s) {missing}")
-        if extra:
-            self.problems.append(f"{file}: {hf_key(name)}: expert(s) {extra} beyond n_routed_experts={count}")
-        shape = tuple(raw[first].shape)
-        uneven = [k for k in by_expert.values() if tuple(raw[k].shape) != shape]
-        for k in uneven:
-            self.problems.append(f"{self.origin(k)} has shape {tuple(raw[k].shape)}, but {first} has {shape}")
-        if missing or extra or uneven:
-            return None
-        return torch.stack([raw[by_expert[e]] for e in sorted(by_expert)])
-
-
-def _fill_conv_bias(config: ModelConfig, tensors: dict[str, torch.Tensor], where: dict[str, str]) -> None:
-    """``use_conv_bias: false`` files have no conv bias; ours always has one, so add exact zeros."""
-    for i, symbol in enumerate(config.parsed.layers):
-        weight, bias = f"layers.{i}.mixer.conv1d.weight", f"layers.{i}.mixer.conv1d.bias"
-        if symbol == "M" and weight in tensors and bias not in tensors:
-            tensors[bias] = torch.zeros(tensors[weight].shape[0], dtype=tensors[weight].dtype)
-            where[bias] = "(zeros: use_conv_bias is false)"
-
-
-def _check_fit(config: ModelConfig, tensors: dict[str, torch.Tensor], reader: _Reader) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    where = reader.where
-
-    def show(k: str) -> str:
-        if k not in where:
-            return hf_key(k)
-        return where[k] + (" (stacked over the experts)" if _STACKED_EXPERTS.match(k) else "")
-
-    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    problems = list(reader.problems)
-    problems += fit_problems(
-        shapes,
-        expected_shapes(config),
-        show=show,
-        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
-        skip=reader.broken,
-        counted=False,
-    )
-    if problems:
-        raise CheckpointError(f"{reader.path}: cannot import this NemotronH model:\n  - " + "\n  - ".join(problems))
+    files = weight_files(path)
+    mtp = {k for k in files if _MTP.match(k)}
+    if mtp or (isinstance(hf.get("num_nextn_predict_layers"), int) and hf["num_nextn_predict_layers"] > 0):
+        logger.warning(
+            "%s: dropping the MTP layers (%d tensors): Hugging Face NemotronH does not run them", path, len(mtp)
+        )
+    state = {}
+    for key, t in read_tensors(path, [k for k in files if k not in mtp]).items():
+        stacked = t.dim() > 0 and re.search(r"\.experts\.(up|down)_proj$", key)
+        state |= {f"{key}[{e}]": t[e] for e in range(len(t))} if stacked else {key: t}
+    state, given = normalize(state, _ALIASES, str(path))
+    return state, {k: f"{path / files[g.split('[')[0]]}: {g}" for k, g in given.items()}
 
 
 def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
@@ -677,45 +470,47 @@ def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor])
 
 
 def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face NemotronH directory as our config and canonical tensors.
+    """Read a Hugging Face NemotronH directory (config.json plus model.safetensors, or an index and shards)
+    as our config and canonical tensors, in the file's dtypes, ready for ``save_state_dict``.
 
-    Accepts what transformers accepts: ``backbone.`` or ``model.`` keys, per-expert
-    (``experts.{e}.up_proj.weight``) or stacked (``experts.up_proj``, (E, F, H)) experts,
-    ``hybrid_override_pattern`` or ``layers_block_type`` (current or legacy names), legacy
-    ``mamba_*`` config names; plus the singular ``embedding.weight`` of older files. MTP
-    tensors are dropped (Hugging Face does not run them). The model clamps dt at the file's
-    ``time_step_min``, as Hugging Face's forward does (``time_step_limit`` is ignored, as
-    transformers 5.15-5.24 ignore it), and never ties its head. Selection biases and shared
-    experts that are zero in every MoE layer are dropped (exactly: they change nothing), so our
-    own exports come back as they were. ``n_shared_experts`` is ignored: transformers always
-    builds exactly one shared expert, whose weights must be in the file.
-
-    Args:
-        path: the directory (config.json plus model.safetensors or an index and shards).
-
-    Returns:
-        ``(config, canonical tensors)`` in the file's dtypes, ready for ``save_state_dict``.
+    Accepts what transformers accepts (``model.`` keys, stacked experts, ``layers_block_type``, legacy
+    names) plus the singular ``embedding.weight`` of older files; drops MTP tensors (Hugging Face does not
+    run them) and selection biases and shared experts that are zero in every MoE layer (exactly: they
+    change nothing, so our own exports come back as they were). The model clamps dt at the file's
+    ``time_step_min`` as Hugging Face's forward does, and never ties its head.
 
     Raises:
-        CheckpointError: an unreadable or unsupported directory; the message names the file and
-            each offending option or tensor.
+        CheckpointError: an unreadable or unsupported directory, naming the file and each offending option or tensor.
     """
     path = Path(path)
     hf = _read_hf_config(path)
     config = config_from_nemotron_h(hf, path / CONFIG_NAME)
-    reader = _Reader(path)
-    tensors = reader.read(config.moe_num_experts if "E" in config.parsed.layers else None)
-    if reader.dropped_mtp or (
-        isinstance(hf.get("num_nextn_predict_layers"), int) and hf["num_nextn_predict_layers"] > 0
-    ):
-        logger.warning(
-            "%s: dropping the MTP layers (%d tensors): Hugging Face NemotronH does not run them",
-            path,
-            reader.dropped_mtp,
-        )
-    if "M" in config.parsed.layers and not _hf_value(hf, "use_conv_bias"):
-        _fill_conv_bias(config, tensors, reader.where)
-    _check_fit(config, tensors, reader)
+    state, where = _read_weights(path, hf)
+    layers = config.parsed.layers
+    if "M" in layers and not _hf_value(hf, "use_conv_bias"):  # no conv bias in the file; ours is exact zeros
+        for i in (i for i, s in enumerate(layers) if s == "M"):
+            w, b = (f"backbone.layers.{i}.mixer.conv1d.{n}" for n in ("weight", "bias"))
+            if w in state and b not in state:
+                state[b] = torch.zeros(state[w].shape[0], dtype=state[w].dtype)
+    shapes = expected_shapes(config)
+    rules = _rules(config, shapes)
+    expected = foreign_shapes(rules, shapes)
+    missing: dict[str, list[int]] = {}  # "…experts.{e}.up_proj.weight" -> missing experts: one line, not E
+    for m in (_EXPERT.match(k) for k in expected if k not in state):
+        if m:
+            missing.setdefault(f"{m[1]}{{e}}{m[3]}", []).append(int(m[2]))
+    problems = [f"{name}: no tensor for expert(s) {experts}" for name, experts in missing.items()]
+    problems += fit_problems(
+        {k: tuple(t.shape) for k, t in state.items()},
+        expected,
+        show=lambda k: where.get(k, k),
+        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
+        skip=(k for k in expected if k not in state and _EXPERT.match(k)),
+        counted=False,
+    )
+    if problems:
+        raise CheckpointError(f"{path}: cannot import this NemotronH model:\n  - " + "\n  - ".join(problems))
+    tensors = apply(rules, state, export=False)
     return _drop_zero_moe_extras(config, tensors), tensors
 
 

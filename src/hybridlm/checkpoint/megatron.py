@@ -1,50 +1,13 @@
-"""Megatron-core ``HybridModel`` state dicts: our canonical layout to and from Megatron's names and packings.
+"""Megatron-core ``HybridModel`` plain state dicts (TP=1, unfused, RMSNorm, no biases) <-> our canonical layout.
 
-Target: the *plain* (``model.state_dict()``, tensor-parallel size 1, unfused) state dict of
-megatron-core 0.19's ``HybridModel`` built with the Transformer Engine ``hybrid_stack_spec``,
-``normalization="RMSNorm"`` and ``add_bias_linear=False``. Megatron numbers layers per pattern
-symbol exactly as our canonical layout does, so layer ``i`` maps to ``decoder.layers.{i}``; only
-the names inside a layer and some packings differ::
-
-    canonical (ours)                          Megatron
-    embeddings.weight                         embedding.word_embeddings.weight
-    layers.{i}.…                              decoder.layers.{i}.…          (per symbol, below)
-    norm_f.weight                             decoder.final_norm.weight
-    lm_head.weight (absent when tied)         output_layer.weight (absent when tied)
-    mtp.{d}.enorm / hnorm / eh_proj           mtp.layers.{d}.enorm / hnorm / eh_proj
-    mtp.{d}.layers.{j}.…                      mtp.layers.{d}.mtp_model_layer.layers.{j}.…
-    mtp.{d}.final_norm.weight                 mtp.layers.{d}.final_layernorm.weight
-
-Per symbol, a layer's pre-norm becomes the ``layer_norm_weight`` of the first linear that Transformer
-Engine fuses it into (``E`` keeps a separate ``pre_mlp_layernorm``), and:
-
-* ``M`` Mamba2: same names and layouts under ``mixer.``; the conv parameters are ``conv1d_weight`` /
-  ``conv1d_bias`` (0.16 called them ``conv1d.weight`` / ``conv1d.bias``; accepted on import).
-* ``*`` attention: q/k/v are one ``linear_qkv`` whose rows are grouped per query group as
-  ``[q heads of the group | k | v]``; o_proj is ``linear_proj``; QK-norm is ``q_layernorm`` / ``k_layernorm``.
-* ``-`` MLP: ``linear_fc1`` = up (SwiGLU: ``cat[gate, up]``, Megatron's GLU takes ``act(first half) *
-  second half``), ``linear_fc2`` = down.
-* ``E`` MoE: router ``mlp.router.weight`` / ``expert_bias``; experts as Transformer Engine grouped
-  linears ``mlp.experts.linear_fc{1,2}.weight{e}`` (import also takes the sequential
-  ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``); shared expert as an MLP.
-* ``G`` Gated DeltaNet: ``self_attention.`` in_proj / conv1d / dt_bias / A_log / out_norm / out_proj;
-  see :func:`_gdn_rule` for the in_proj packing.
-* ``+`` / ``D`` multi-latent / DeepSeek sparse attention: a separate ``input_layernorm``;
-  ``self_attention.linear_q_down_proj`` / ``linear_q_up_proj`` / ``linear_kv_down_proj`` /
-  ``linear_kv_up_proj`` / ``linear_proj``; the DSA indexer under ``self_attention.core_attention.indexer.``;
-  see :func:`_mla_rules`.
-
-Keys ending in ``_extra_state`` (Transformer Engine's FP8 metadata) carry no weights and are ignored.
-Not covered: tensor-parallel shards (merge them first; Megatron's per-rank in_proj slices interleave
-the sections), a vocabulary padded beyond ``vocab_size`` (refused as a shape mismatch), LayerNorm
-and linear biases (refused as unexpected tensors, with a hint).
+A rule table on :mod:`hybridlm.checkpoint.adapter`; the name and packing table is in docs/checkpoints.md
+("Megatron-LM"). Layer ``i`` of our canonical layout is Megatron's ``decoder.layers.{i}``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -52,43 +15,28 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from .adapter import (
+    Rule,
+    apply,
+    concat,
+    deinterleave,
+    foreign_shapes,
+    interleave,
+    normalize,
+    per_expert,
+    rename,
+    to_foreign,
+    under,
+)
 from .io import MAX_LISTED, check_fit, replace_file
-from .io import meta_shapes as canonical_shapes
+from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
 CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
 _SUFFIXES = (".pt", ".safetensors")
 
 
-# -- per-tensor packings ------------------------------------------------------------------------------
-#
-# A rule maps a few canonical tensors of one layer to a few Megatron tensors of the same layer.
-# Most rules are renames (one to one, the tensor passes through untouched); the others repack
-# rows. Every packing below is a pure permutation / concatenation of rows, so export followed by
-# import is bitwise the identity.
-
-Pack = Callable[[list[Tensor]], list[Tensor]]
-
-
-def _same(ts: list[Tensor]) -> list[Tensor]:
-    return ts
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """``canonical`` tensors (suffixes after the layer prefix) <-> ``megatron`` tensors (suffixes)."""
-
-    canonical: tuple[str, ...]
-    megatron: tuple[str, ...]
-    to_megatron: Pack = _same
-    from_megatron: Pack = _same
-
-
-def _rename(canonical: str, megatron: str) -> _Rule:
-    return _Rule((canonical,), (megatron,))
-
-
-def _qkv_rule(c: ModelConfig, prefix: str) -> _Rule:
+def _qkv_rule(c: ModelConfig) -> Rule:
     """q_proj (nq*d, H), k_proj / v_proj (ng*d, H) <-> linear_qkv ((nq + 2 ng) * d, H).
 
     Megatron's ``SelfAttention.get_query_key_value_tensors`` views the fused output as
@@ -97,165 +45,102 @@ def _qkv_rule(c: ModelConfig, prefix: str) -> _Rule:
     ``h // (nq/ng)``, which is also how our grouped-query attention pairs them.
     """
     ng, d = c.resolved_num_query_groups, c.resolved_head_dim
-    per = c.num_attention_heads // ng
-
-    def pack(ts: list[Tensor]) -> list[Tensor]:
-        q, k, v = ts
-        H = q.shape[-1]
-        grouped = torch.cat([q.reshape(ng, per * d, H), k.reshape(ng, d, H), v.reshape(ng, d, H)], dim=1)
-        return [grouped.reshape(ng * (per + 2) * d, H)]
-
-    def unpack(ts: list[Tensor]) -> list[Tensor]:
-        (qkv,) = ts
-        H = qkv.shape[-1]
-        q, k, v = qkv.reshape(ng, (per + 2) * d, H).split([per * d, d, d], dim=1)
-        return [q.reshape(ng * per * d, H), k.reshape(ng * d, H), v.reshape(ng * d, H)]
-
-    names = tuple(f"{prefix}{n}_proj.weight" for n in "qkv")
-    return _Rule(names, ("self_attention.linear_qkv.weight",), pack, unpack)
+    sizes = [c.num_attention_heads // ng * d, d, d]
+    names = tuple(f"mixer.{n}_proj.weight" for n in "qkv")
+    fused = ("self_attention.linear_qkv.weight",)
+    return Rule(names, fused, lambda ts: [interleave(ts, ng)], lambda ts: deinterleave(ts[0], ng, sizes))
 
 
-def _glu_pack(ts: list[Tensor]) -> list[Tensor]:
-    """[gate (F, H), up (F, H)] -> [fc1 (2F, H)]: Megatron's GLU applies the activation to the first half."""
-    return [torch.cat(ts, dim=-2)]
+def _mlp_rules(c: ModelConfig, canonical: str, megatron: str, experts: int = 0) -> list[Rule]:
+    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2; with
+    ``experts``, stacked experts (E, F, H) / (E, H, F) as Transformer Engine's grouped ``weight{e}``, one per expert.
+
+    SwiGLU's fc1 is ``[gate; up]``: Megatron's GLU applies the activation to the first half.
+    """
+    w = "" if experts else ".weight"  # our stacked experts are bare parameters (experts.up_proj), not Linears
+    up = tuple(f"{canonical}{n}_proj{w}" for n in (("gate", "up") if c.mlp_activation == "swiglu" else ("up",)))
+    fc1, fc2 = (f"{megatron}linear_fc{i}.weight" + ("{e}" if experts else "") for i in (1, 2))
+    if experts:
+        return [per_expert(up, fc1, experts), per_expert((f"{canonical}down_proj",), fc2, experts)]
+    return [concat(up, fc1), rename(f"{canonical}down_proj.weight", fc2)]
 
 
-def _glu_unpack(ts: list[Tensor]) -> list[Tensor]:
-    return list(ts[0].chunk(2, dim=-2))
+def _gdn_rule(c: ModelConfig) -> Rule:
+    """Qwen3-Next's in_proj_qkvz (nk*(2dk + 2r*dv), H) + in_proj_ba (2nv, H) <-> Megatron's in_proj
+    ((2nk*dk + 2nv*dv + 2nv), H), r = nv/nk.
 
-
-def _mlp_rules(c: ModelConfig, canonical: str, megatron: str) -> list[_Rule]:
-    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2."""
-    fc2 = _rename(f"{canonical}down_proj.weight", f"{megatron}linear_fc2.weight")
-    if c.mlp_activation != "swiglu":
-        return [_rename(f"{canonical}up_proj.weight", f"{megatron}linear_fc1.weight"), fc2]
-    names = (f"{canonical}gate_proj.weight", f"{canonical}up_proj.weight")
-    return [_Rule(names, (f"{megatron}linear_fc1.weight",), _glu_pack, _glu_unpack), fc2]
-
-
-def _expert_rules(c: ModelConfig) -> list[_Rule]:
-    """Stacked experts up/gate (E, F, H), down (E, H, F) <-> one (2)F x H / H x F matrix per expert."""
-    E = c.moe_num_experts
-    fc1 = tuple(f"mlp.experts.linear_fc1.weight{e}" for e in range(E))
-    fc2 = tuple(f"mlp.experts.linear_fc2.weight{e}" for e in range(E))
-    glu = c.mlp_activation == "swiglu"
-
-    def fc1_pack(ts: list[Tensor]) -> list[Tensor]:
-        return [torch.cat([t[e] for t in ts], dim=0) if glu else ts[0][e] for e in range(E)]
-
-    def fc1_unpack(ts: list[Tensor]) -> list[Tensor]:
-        if not glu:
-            return [torch.stack(ts)]
-        gates, ups = zip(*(t.chunk(2, dim=0) for t in ts))
-        return [torch.stack(gates), torch.stack(ups)]
-
-    up = ("mixer.experts.gate_proj", "mixer.experts.up_proj") if glu else ("mixer.experts.up_proj",)
-    return [
-        _Rule(up, fc1, fc1_pack, fc1_unpack),
-        _Rule(("mixer.experts.down_proj",), fc2, lambda ts: list(ts[0].unbind(0)), lambda ts: [torch.stack(ts)]),
-    ]
-
-
-def _gdn_rule(c: ModelConfig) -> _Rule:
-    """Qwen3-Next's in_proj_qkvz + in_proj_ba <-> Megatron's single GatedDeltaNet ``in_proj``.
-
-    Source: megatron-core 0.19.2 (PyPI wheel), ``megatron/core/ssm/gated_delta_net/gdn.py``
-    (``GatedDeltaNet._setup_variant_attrs`` and ``forward``) and ``common.py`` (``_GDNBase``,
-    ``_prepare_input_for_gated_delta_rule``); the same layout as ``megatron/core/ssm/gated_delta_net.py``
-    of earlier releases. Megatron splits the in_proj output *flat*, not per key head::
-
-        in_proj rows = [q (nk*dk) | k (nk*dk) | v (nv*dv) | z (nv*dv) | beta (nv) | alpha (nv)]
-
-    each section head-major (q/k reshape to (nk, dk), v/z to (nv, dv)); ``conv1d`` (an ``nn.Conv1d``,
-    no bias by default) runs over ``[q | k | v]`` in that flat order; q/k heads are repeated
-    (``repeat_interleave``) to the value heads. Qwen3-Next instead interleaves per key head:
-    in_proj_qkvz rows = for each key head h: ``[q_h (dk) | k_h (dk) | v_h (r*dv) | z_h (r*dv)]`` and
-    in_proj_ba rows = for each h: ``[b_h (r) | a_h (r)]`` with r = nv/nk. Both give value head
-    ``h*r + j`` to key head ``h``, and our conv already runs over the flat ``[q | k | v]``, so conv1d,
-    dt_bias, A_log, out_norm and out_proj need no reordering; only the in_proj rows are regrouped.
-    (Some third-party Megatron patches, e.g. ModelScope's for Qwen3-Next, override the forward to
-    use the Qwen3-Next interleaving inside Megatron's ``in_proj``; their checkpoints are not this layout.)
+    Qwen3-Next interleaves per key head h: ``[q_h | k_h | v_h (r*dv) | z_h (r*dv)]`` and ``[b_h (r) | a_h (r)]``;
+    megatron-core 0.19.2 (``ssm/gated_delta_net/gdn.py``) splits its output flat:
+    ``[q (nk*dk) | k | v (nv*dv) | z | beta (nv) | alpha (nv)]``, each head-major. Both give value head
+    ``h*r + j`` to key head ``h`` and run the conv over the flat ``[q | k | v]``, so only these rows move
+    (docs/checkpoints.md has the sources and the third-party layouts this is not).
     """
     nk, nv = c.resolved_gdn_num_heads, c.resolved_gdn_num_value_heads
     dk, dv, r = c.gdn_head_dim, c.resolved_gdn_value_head_dim, nv // nk
-    qkvz_sections = [dk, dk, r * dv, r * dv]
 
     def pack(ts: list[Tensor]) -> list[Tensor]:
         qkvz, ba = ts
-        H = qkvz.shape[-1]
-        q, k, v, z = qkvz.reshape(nk, sum(qkvz_sections), H).split(qkvz_sections, dim=1)
-        b, a = ba.reshape(nk, 2 * r, H).split([r, r], dim=1)
-        return [torch.cat([t.reshape(-1, H) for t in (q, k, v, z, b, a)], dim=0)]
+        return [torch.cat(deinterleave(qkvz, nk, [dk, dk, r * dv, r * dv]) + deinterleave(ba, nk, [r, r]))]
 
     def unpack(ts: list[Tensor]) -> list[Tensor]:
-        (w,) = ts
-        H = w.shape[-1]
-        q, k, v, z, b, a = w.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv], dim=0)
-        per_head = [t.reshape(nk, -1, H) for t in (q, k, v, z, b, a)]
-        qkvz = torch.cat(per_head[:4], dim=1).reshape(-1, H)
-        ba = torch.cat(per_head[4:], dim=1).reshape(-1, H)
-        return [qkvz, ba]
+        q, k, v, z, b, a = ts[0].split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv])
+        return [interleave([q, k, v, z], nk), interleave([b, a], nk)]
 
     names = ("mixer.in_proj_qkvz.weight", "mixer.in_proj_ba.weight")
-    return _Rule(names, ("self_attention.in_proj.weight",), pack, unpack)
+    return Rule(names, ("self_attention.in_proj.weight",), pack, unpack)
 
 
-def _layer_rules(symbol: str, c: ModelConfig) -> list[_Rule]:
-    """The rules of one canonical layer of kind ``symbol`` (suffixes after ``layers.{i}.``)."""
+def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
+    """The rules of one canonical layer of kind ``symbol`` (suffixes after ``layers.{i}.``).
+
+    The pre-norm becomes the ``layer_norm_weight`` of the first linear Transformer Engine fuses it into.
+    """
     if symbol == "M":
-        rules = [
-            _rename("norm.weight", "mixer.in_proj.layer_norm_weight"),
-            _rename("mixer.in_proj.weight", "mixer.in_proj.weight"),
+        return [
+            rename("norm.weight", "mixer.in_proj.layer_norm_weight"),
+            rename("mixer.in_proj.weight"),
             # megatron-core 0.19 holds the conv parameters directly (0.16: an nn.Conv1d submodule).
-            _rename("mixer.conv1d.weight", "mixer.conv1d_weight"),
-            _rename("mixer.conv1d.bias", "mixer.conv1d_bias"),
+            rename("mixer.conv1d.weight", "mixer.conv1d_weight"),
+            rename("mixer.conv1d.bias", "mixer.conv1d_bias"),
+            *(rename(f"mixer.{n}") for n in ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")),
         ]
-        names = ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
-        return rules + [_rename(f"mixer.{n}", f"mixer.{n}") for n in names]
+    a = "self_attention."
     if symbol == "*":
-        rules = [
-            _rename("norm.weight", "self_attention.linear_qkv.layer_norm_weight"),
-            _qkv_rule(c, "mixer."),
-            _rename("mixer.o_proj.weight", "self_attention.linear_proj.weight"),
+        norms = (rename(f"mixer.{n}_norm.weight", f"{a}{n}_layernorm.weight") for n in "qk")
+        return [
+            rename("norm.weight", f"{a}linear_qkv.layer_norm_weight"),
+            _qkv_rule(c),
+            rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
+            *(norms if c.qk_norm else ()),
         ]
-        if c.qk_norm:
-            rules += [
-                _rename("mixer.q_norm.weight", "self_attention.q_layernorm.weight"),
-                _rename("mixer.k_norm.weight", "self_attention.k_layernorm.weight"),
-            ]
-        return rules
     if symbol == "-":
-        return [_rename("norm.weight", "mlp.linear_fc1.layer_norm_weight"), *_mlp_rules(c, "mixer.", "mlp.")]
+        return [rename("norm.weight", "mlp.linear_fc1.layer_norm_weight"), *_mlp_rules(c, "mixer.", "mlp.")]
     if symbol == "E":
-        rules = [_rename("norm.weight", "pre_mlp_layernorm.weight"), _rename("mixer.gate.weight", "mlp.router.weight")]
+        rules = [rename("norm.weight", "pre_mlp_layernorm.weight"), rename("mixer.gate.weight", "mlp.router.weight")]
         if c.moe_router_expert_bias:
-            rules.append(_rename("mixer.gate.e_score_correction_bias", "mlp.router.expert_bias"))
-        rules += _expert_rules(c)
+            rules.append(rename("mixer.gate.e_score_correction_bias", "mlp.router.expert_bias"))
+        rules += _mlp_rules(c, "mixer.experts.", "mlp.experts.", c.moe_num_experts)
         if c.moe_shared_expert_ffn_hidden_size:
             rules += _mlp_rules(c, "mixer.shared_experts.", "mlp.shared_experts.")
         return rules
     if symbol == "G":
-        rules = [_rename("norm.weight", "self_attention.in_proj.layer_norm_weight"), _gdn_rule(c)]
-        rules.append(_rename("mixer.conv1d.weight", "self_attention.conv1d.weight"))
-        rules += [_rename(f"mixer.{n}", f"self_attention.{n}") for n in ("dt_bias", "A_log", "out_proj.weight")]
-        rules.append(_rename("mixer.norm.weight", "self_attention.out_norm.weight"))
-        return rules
+        return [
+            rename("norm.weight", f"{a}in_proj.layer_norm_weight"),
+            _gdn_rule(c),
+            *(rename(f"mixer.{n}", a + n) for n in ("conv1d.weight", "dt_bias", "A_log", "out_proj.weight")),
+            rename("mixer.norm.weight", f"{a}out_norm.weight"),
+        ]
     if symbol in ("+", "D"):
         return _mla_rules(c, sparse=symbol == "D")
     raise CheckpointError(f"layer kind '{symbol}' has no Megatron HybridModel mapping")
 
 
-def _mla_rules(c: ModelConfig, sparse: bool) -> list[_Rule]:
-    """Multi-latent attention (``+``: ``MLASelfAttention``) and DSA (``D``: ``AbsorbedMLASelfAttention``
-    with a ``DSAttention`` core), as megatron-core 0.19.2's ``hybrid_stack_spec`` builds them with
-    ``qk_layernorm=True`` (DeepSeek's latent norms).
+def _mla_rules(c: ModelConfig, sparse: bool) -> list[Rule]:
+    """Multi-latent (``+``) and DeepSeek sparse attention (``D``) as megatron-core 0.19.2's ``hybrid_stack_spec``
+    builds them with ``qk_layernorm=True``: renames only (Megatron splits and rotates the latents as we do).
 
-    Every tensor is a rename: Megatron splits ``linear_kv_down_proj`` into ``[kv latent | RoPE key]``,
-    ``linear_q_up_proj`` per head into ``[no-RoPE | RoPE]`` and ``linear_kv_up_proj`` per head into
-    ``[k | v]``, as we do, and rotates the RoPE channels as adjacent pairs
-    (``mla_rotary_interleaved``), as we do. The latent norms are fused into the up projections
-    (``layer_norm_weight``) for ``+`` and stand alone (``q_layernorm`` / ``kv_layernorm``) for ``D``,
-    where Megatron forbids the fusion. The DSA indexer's key norm is a LayerNorm (weight and bias).
+    The latent norms fuse into the up projections for ``+`` and stand alone for ``D``, where Megatron
+    forbids the fusion; the DSA indexer's key norm is a LayerNorm (weight and bias).
     """
     if c.q_lora_rank is None:
         raise CheckpointError(
@@ -263,93 +148,54 @@ def _mla_rules(c: ModelConfig, sparse: bool) -> list[_Rule]:
             "(qk_layernorm), Megatron's linear_q_proj carries a norm of its own that hybridlm's q_proj has not"
         )
     a = "self_attention."
-    fused = not sparse
-    rules = [
-        _rename("norm.weight", "input_layernorm.weight"),
-        _rename("mixer.q_a_proj.weight", f"{a}linear_q_down_proj.weight"),
-        _rename(
-            "mixer.q_a_layernorm.weight",
-            f"{a}linear_q_up_proj.layer_norm_weight" if fused else f"{a}q_layernorm.weight",
-        ),
-        _rename("mixer.q_b_proj.weight", f"{a}linear_q_up_proj.weight"),
-        _rename("mixer.kv_a_proj_with_mqa.weight", f"{a}linear_kv_down_proj.weight"),
-        _rename(
-            "mixer.kv_a_layernorm.weight",
-            f"{a}linear_kv_up_proj.layer_norm_weight" if fused else f"{a}kv_layernorm.weight",
-        ),
-        _rename("mixer.kv_b_proj.weight", f"{a}linear_kv_up_proj.weight"),
-        _rename("mixer.o_proj.weight", f"{a}linear_proj.weight"),
-    ]
+    norm = "{}_layernorm.weight" if sparse else "linear_{}_up_proj.layer_norm_weight"
+    names = {
+        "q_a_proj.weight": "linear_q_down_proj.weight",
+        "q_a_layernorm.weight": norm.format("q"),
+        "q_b_proj.weight": "linear_q_up_proj.weight",
+        "kv_a_proj_with_mqa.weight": "linear_kv_down_proj.weight",
+        "kv_a_layernorm.weight": norm.format("kv"),
+        "kv_b_proj.weight": "linear_kv_up_proj.weight",
+        "o_proj.weight": "linear_proj.weight",
+    }
     if sparse:
-        ix = f"{a}core_attention.indexer."
-        rules += [
-            _rename("mixer.indexer.wq_b.weight", f"{ix}linear_wq_b.weight"),
-            _rename("mixer.indexer.wk.weight", f"{ix}linear_wk.weight"),
-            _rename("mixer.indexer.k_norm.weight", f"{ix}k_norm.weight"),
-            _rename("mixer.indexer.k_norm.bias", f"{ix}k_norm.bias"),
-            _rename("mixer.indexer.weights_proj.weight", f"{ix}linear_weights_proj.weight"),
-        ]
-    return rules
+        ix = "core_attention.indexer."
+        names |= {
+            "indexer.wq_b.weight": ix + "linear_wq_b.weight",
+            "indexer.wk.weight": ix + "linear_wk.weight",
+            "indexer.k_norm.weight": ix + "k_norm.weight",
+            "indexer.k_norm.bias": ix + "k_norm.bias",
+            "indexer.weights_proj.weight": ix + "linear_weights_proj.weight",
+        }
+    return [rename("norm.weight", "input_layernorm.weight"), *(rename(f"mixer.{k}", a + v) for k, v in names.items())]
 
 
-def _model_rules(c: ModelConfig) -> list[tuple[str, str, list[_Rule]]]:
-    """Every rule of the model as (canonical prefix, Megatron prefix, rules), in Megatron's module order."""
+def _model_rules(c: ModelConfig) -> list[Rule]:
+    """Every rule of the model (full names), in Megatron's module order."""
     p = c.parsed
-    groups = [("", "", [_rename("embeddings.weight", "embedding.word_embeddings.weight")])]
-    groups += [(f"layers.{i}.", f"decoder.layers.{i}.", _layer_rules(s, c)) for i, s in enumerate(p.layers)]
-    groups.append(("", "", [_rename("norm_f.weight", "decoder.final_norm.weight")]))
+    rules = [rename("embeddings.weight", "embedding.word_embeddings.weight")]
+    for i, s in enumerate(p.layers):
+        rules += under(f"layers.{i}.", f"decoder.layers.{i}.", _layer_rules(s, c))
+    rules.append(rename("norm_f.weight", "decoder.final_norm.weight"))
     if not c.tie_embeddings:
-        groups.append(("", "", [_rename("lm_head.weight", "output_layer.weight")]))
+        rules.append(rename("lm_head.weight", "output_layer.weight"))
     for d in range(p.mtp_depths):
         ours, theirs = f"mtp.{d}.", f"mtp.layers.{d}."
-        norms = [_rename(f"{n}.weight", f"{n}.weight") for n in ("enorm", "hnorm", "eh_proj")]
-        groups.append((ours, theirs, norms))
+        rules += under(ours, theirs, [rename(f"{n}.weight") for n in ("enorm", "hnorm", "eh_proj")])
         for j, s in enumerate(p.mtp_layers):
-            groups.append((f"{ours}layers.{j}.", f"{theirs}mtp_model_layer.layers.{j}.", _layer_rules(s, c)))
-        groups.append((ours, theirs, [_rename("final_norm.weight", "final_layernorm.weight")]))
-    return groups
-
-
-def _apply(c: ModelConfig, tensors: Mapping[str, Tensor], to_megatron: bool) -> dict[str, Tensor]:
-    """Run every rule in one direction over a complete, checked state dict."""
-    out: dict[str, Tensor] = {}
-    for ours, theirs, rules in _model_rules(c):
-        for rule in rules:
-            canonical = [ours + n for n in rule.canonical]
-            megatron = [theirs + n for n in rule.megatron]
-            if to_megatron:
-                src, dst, fn = canonical, megatron, rule.to_megatron
-            else:
-                src, dst, fn = megatron, canonical, rule.from_megatron
-            for name, t in zip(dst, fn([tensors[k] for k in src]), strict=True):
-                out[name] = _owned(t)
-    return out
-
-
-def _owned(t: Tensor) -> Tensor:
-    """``t`` with storage of its own when it is a view (a split row block or one expert of a stack).
-
-    A view would keep the whole source tensor alive and make safetensors refuse the file (tensors
-    sharing memory); ``clone`` copies values exactly.
-    """
-    return t.clone() if t._base is not None else t
-
-
-# -- expected names and shapes ------------------------------------------------------------------------
+            rules += under(f"{ours}layers.{j}.", f"{theirs}mtp_model_layer.layers.{j}.", _layer_rules(s, c))
+        rules += under(ours, theirs, [rename("final_norm.weight", "final_layernorm.weight")])
+    return rules
 
 
 def megatron_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the Megatron state dict of a model with ``config``, in module order."""
-    meta = {k: torch.empty(s, device="meta") for k, s in canonical_shapes(config).items()}
-    return {k: tuple(v.shape) for k, v in _apply(config, meta, to_megatron=True).items()}
+    return foreign_shapes(_model_rules(config), canonical_shapes(config))
 
 
 def megatron_keys(config: ModelConfig) -> list[str]:
     """The Megatron state-dict key set of a model with ``config`` (no ``_extra_state``), in module order."""
     return list(megatron_shapes(config))
-
-
-# -- checking -----------------------------------------------------------------------------------------
 
 
 def _unexpected_hint(unexpected: list[str]) -> str:
@@ -376,60 +222,30 @@ def _is_extra_state(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("_extra_state")
 
 
-def _normalize_names(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Drop ``_extra_state`` entries and rename aliases; returns (state, {0.19 name: name given})."""
-    out: dict[str, Tensor] = {}
-    given: dict[str, str] = {}
-    for name, t in state.items():
-        if _is_extra_state(name):
-            continue
-        target = name
-        for pattern, repl in _ALIASES:
-            target = pattern.sub(repl, target)
-        if target in out:
-            raise CheckpointError(f"Megatron state dict has both {given[target]} and {name} (the same tensor)")
-        out[target] = t
-        given[target] = name
-    return out, given
-
-
-# -- the conversion -----------------------------------------------------------------------------------
-
-
 def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our canonical state dict -> Megatron-core ``HybridModel``'s plain (unfused, TP=1) state dict.
-
-    Args:
-        config: the model's architecture (brackets in its pattern do not matter).
-        canonical: canonical name -> tensor, e.g. from :func:`hybridlm.checkpoint.weights.read_tensors`.
-
-    Returns:
-        Megatron name -> tensor, same dtypes; renamed tensors are passed through, repacked ones are new.
+    """Our canonical state dict -> Megatron-core ``HybridModel``'s plain state dict, same dtypes (renamed tensors
+    pass through, repacked ones are new). Brackets in ``config.pattern`` do not matter.
 
     Raises:
         CheckpointError: ``canonical`` is not exactly the tensor set of ``config`` (listed by name).
     """
-    check_fit(canonical, canonical_shapes(config), "canonical state dict")
-    return _apply(config, canonical, to_megatron=True)
+    return to_foreign(_model_rules(config), canonical, canonical_shapes(config))
 
 
 def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Megatron-core ``HybridModel``'s plain state dict -> our canonical state dict (inverse of :func:`to_megatron`).
-
-    ``_extra_state`` entries are ignored; megatron-core 0.16's ``mixer.conv1d.weight/.bias`` and the
-    sequential-experts names ``mlp.experts.local_experts.{e}.linear_fc{1,2}.weight`` are accepted.
+    """Megatron's plain state dict -> our canonical one (inverse of :func:`to_megatron`); ``_extra_state``
+    entries are ignored, megatron-core 0.16's conv names and sequential experts' names accepted.
 
     Raises:
-        CheckpointError: missing, unexpected or mis-shaped tensors, each listed by Megatron name.
+        CheckpointError: missing, unexpected or mis-shaped tensors, each listed by the name given.
     """
-    state, given = _normalize_names(state)
-    expected = megatron_shapes(config)
-    unexpected = sorted(k for k in state if k not in expected)
-    # Report a tensor by the name it was given (an alias stays recognizable to the user).
-    shown = {given[k]: t for k, t in state.items()}
-    shown_expected = {given.get(k, k): s for k, s in expected.items()}
-    check_fit(shown, shown_expected, "Megatron state dict", _unexpected_hint([given[k] for k in unexpected]))
-    return _apply(config, state, to_megatron=False)
+    weights = {k: t for k, t in state.items() if not _is_extra_state(k)}
+    state, given = normalize(weights, _ALIASES, "Megatron state dict")
+    rules = _model_rules(config)
+    expected = foreign_shapes(rules, canonical_shapes(config))
+    hint = _unexpected_hint([given[k] for k in state if k not in expected])
+    check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
+    return apply(rules, state, export=False)
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -442,10 +258,7 @@ def _suffix(path: Path) -> str:
 
 
 def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
-    """Write a Megatron state dict: ``.pt`` as ``torch.save({"model": state})``, ``.safetensors`` as a safetensors file.
-
-    Both are written to a temporary file and renamed into place. Returns ``path``.
-    """
+    """Write ``state`` atomically: ``.pt`` as ``torch.save({"model": state})``, or ``.safetensors``. Returns ``path``."""
     path = Path(path)
     kind = _suffix(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -483,11 +296,8 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
 
 
 def load_megatron(path: str | Path) -> dict[str, Tensor]:
-    """Read a Megatron state dict from a ``.pt`` (``{"model": sd}`` or a bare ``sd``) or ``.safetensors`` file.
-
-    ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors and plain containers only,
-    no arbitrary pickled objects. Returns name -> tensor on the CPU.
-    """
+    """Read a ``.pt`` (``{"model": sd}`` or a bare ``sd``, with ``torch.load(weights_only=True)``: no arbitrary
+    pickled objects) or ``.safetensors`` Megatron state dict onto the CPU."""
     path = Path(path)
     kind = _suffix(path)
     if not path.is_file():
@@ -516,11 +326,8 @@ def config_sidecar(path: str | Path) -> Path:
 
 
 def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
-    """Convert the hybridlm checkpoint directory ``src`` to a Megatron state-dict file ``dst`` (.pt or .safetensors).
-
-    Also writes our config to ``<dst>.hybridlm.json`` so that :func:`convert_from_megatron` needs no
-    config argument. Returns ``dst``.
-    """
+    """Convert hybridlm checkpoint directory ``src`` to Megatron state-dict file ``dst`` (.pt or .safetensors),
+    with our config at ``<dst>.hybridlm.json`` for :func:`convert_from_megatron`. Returns ``dst``."""
     from .weights import read_config, read_tensors
 
     dst = Path(dst)
@@ -545,16 +352,8 @@ def _sidecar_config(src: Path) -> ModelConfig:
 
 
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
-    """Convert the Megatron state-dict file ``src`` to a hybridlm checkpoint directory ``dst``.
-
-    Args:
-        src: a ``.pt`` or ``.safetensors`` file (see :func:`load_megatron`).
-        dst: the checkpoint directory to write (replaced atomically if it is a hybridlm checkpoint).
-        config: the architecture; default: read from ``<src>.hybridlm.json``.
-
-    Returns:
-        ``dst``.
-    """
+    """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
+    (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
     from .weights import save_state_dict
 
     src = Path(src)
@@ -563,18 +362,3 @@ def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig 
     config = config if config is not None else _sidecar_config(src)
     canonical = from_megatron(config, load_megatron(src))
     return save_state_dict(canonical, config, dst)
-
-
-__all__ = [
-    "CONFIG_SIDECAR_SUFFIX",
-    "canonical_shapes",
-    "config_sidecar",
-    "convert_from_megatron",
-    "convert_to_megatron",
-    "from_megatron",
-    "load_megatron",
-    "megatron_keys",
-    "megatron_shapes",
-    "save_megatron",
-    "to_megatron",
-]
