@@ -64,8 +64,12 @@ AUX_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
-AUX_FILES += ("vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 #: Every config.json key we read or write: (key, our field, the layer kinds that use it ("": all), the default
 #: of transformers 5.24's NemotronHConfig[, an older name it still reads, which wins as in transformers]).
