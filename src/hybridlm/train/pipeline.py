@@ -192,17 +192,20 @@ class PipelineRunner:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradient of the whole model (over stages and shards) to ``max_norm``, as
-        ``torch.nn.utils.clip_grad_norm_`` does in one process; returns the norm before clipping."""
+        ``torch.nn.utils.clip_grad_norm_`` does in one process; returns the norm before clipping.
+
+        Norms and the scaling run as foreach kernels (``get_total_norm``, ``_foreach_mul_``), a few
+        launches for the whole model instead of a few per parameter.
+        """
         params = [p for p in self.model.parameters() if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for p in params:
-            if id(p) not in self.duplicate:
-                sq += _local(p.grad).float().pow(2).sum()
+        grads = [_local(p.grad) for p in params]
+        counted = [g for p, g in zip(params, grads) if id(p) not in self.duplicate]  # a tied copy once
+        local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+        sq = local.float().square()
         dist.all_reduce(sq)  # shards are disjoint over dp, stages over pp
         norm = sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            _local(p.grad).mul_(coef.to(p.grad.dtype))
+        if grads:
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return float(norm)
 
     def gather_canonical(self) -> dict[str, torch.Tensor]:
