@@ -122,3 +122,30 @@ def test_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # as `head -1` does
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_torchrun_process_leaves_with_os_exit_after_flushing(monkeypatch, capsys):
+    """`hybridlm.cli.entry` under torchrun (WORLD_SIZE > 1): main's status through os._exit, output flushed."""
+    import logging
+    import os
+    import sys
+
+    from hybridlm.cli import entry
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["hybridlm", "pattern", "M-"])
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # pytest's own log handlers stay open
+    with pytest.raises(SystemExit):
+        entry()
+    assert exits == [0] and "Mamba2" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["hybridlm", "pattern", "M-", "--pp", "0"])
+    with pytest.raises(SystemExit):
+        entry()
+    assert exits == [0, 2]
