@@ -62,7 +62,9 @@ SCHEDULES = {
     "looped-bfs": "ScheduleLoopedBFS",
 }
 # Not offered: torch's zero-bubble schedules split the backward into input and weight passes, which
-# fails here ("backward through the graph a second time", torch 2.13); the V-shaped ones place
+# fails with these stages in torch 2.13 (tried with ScheduleInterleavedZeroBubble on 2 x 2 stages:
+# "backward through the graph a second time" in the weight pass of a last stage holding a tied
+# head and an MTP depth, "Can't detach views in-place" without them); the V-shaped ones place
 # stages in another order than Megatron's.
 SINGLE_STAGE = ("gpipe", "1f1b")
 
