@@ -12,12 +12,21 @@ from ..errors import CheckpointError
 from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, read_json, weight_files
 from .safe_dcp import METADATA_NAME, read_dcp_metadata
 
-_PAIRS = (
-    "F64:float64 F32:float32 F16:float16 BF16:bfloat16 I64:int64 I32:int32 I16:int16 I8:int8 U8:uint8 BOOL:bool "
-    "F8_E4M3:float8_e4m3fn F8_E5M2:float8_e5m2"
-)
 #: safetensors dtype codes -> torch dtypes (their names and element sizes).
-_DTYPES = {code: getattr(torch, name) for code, name in (pair.split(":") for pair in _PAIRS.split())}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _tensor_summary(files: list[Path]) -> dict[str, Any]:

@@ -54,8 +54,12 @@ def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[st
     p = model.config.parsed
     out = {"model": {rename(k, p): v for k, v in states["model"].items()}}
     if "optim" in states:
-        sub = lambda m: f"{m[1]}.{rename(m[2], p)}.{m[3]}"  # noqa: E731
-        out["optim"] = {_OPTIM_KEY.sub(sub, k): v for k, v in states["optim"].items()}
+
+        def key(k: str) -> str:
+            kind, param, leaf = _OPTIM_KEY.fullmatch(k).groups()
+            return f"{kind}.{rename(param, p)}.{leaf}"
+
+        out["optim"] = {key(k): v for k, v in states["optim"].items()}
     return out
 
 
