@@ -3,16 +3,35 @@
 # each under its own time limit, each writing its full log to $OUT/<stage>.log and printing its tail.
 #
 #   bash benchmarks/gpu_session.sh tests kernels mixers step
+#   bash benchmarks/gpu_session.sh --lanes "kernels mixers" "step"   # lane i on GPU i, concurrently
+#
+# Logs are also packed into $OUT/logs.tgz (the device tool returns at most 8 files).
 #
 # Wheels (.whl/, carried, never committed): mamba-ssm and causal-conv1d built Python-only, fla-core
 # (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1).
 set -u
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [[ ${1:-} != --no-install ]] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD/src:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+
+if [[ ${1:-} == --lanes ]]; then  # each later argument: the stages of one lane, run on its own GPU
+    shift
+    nvidia-smi --query-gpu=index,name,memory.used,clocks.sm --format=csv,noheader
+    lane=0
+    for stages in "$@"; do
+        # shellcheck disable=SC2086  # a lane's stages are space-separated on purpose
+        CUDA_VISIBLE_DEVICES=$lane OUT=$OUT bash "$0" --no-install $stages >"$OUT/lane$lane.txt" 2>&1 &
+        lane=$((lane + 1))
+    done
+    wait
+    for ((i = 0; i < lane; i++)); do echo "##### lane $i (GPU $i)"; cat "$OUT/lane$i.txt"; done
+    (cd "$OUT" && tar czf logs.tgz ./*.log lane*.txt && rm -f ./*.log lane*.txt)
+    exit 0
+fi
+[[ ${1:-} == --no-install ]] && shift
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 
 run() {  # run NAME SECONDS TAIL_LINES COMMAND...
@@ -33,7 +52,10 @@ for stage in "$@"; do
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
             python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
     mixers) run mixers 200 16 python3 benchmarks/mixers.py ;;
-    step) run step 420 22 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
+    mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
+    ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
+    tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
+    step) run step 560 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
     step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;
     moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096 ;;
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;

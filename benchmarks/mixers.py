@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print each Mamba2 mixer's kernels by GPU time")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     hf_path = "not run"
@@ -112,6 +113,20 @@ def main() -> None:
             f"Hugging Face mixer vs ours, same weights: max |Δ| / max |y| = {(got - ref).abs().max() / ref.abs().max():.2e}"
         )
         rows.append((f"Hugging Face NemotronH Mamba2 ({hf_path}; ran: {anchor_path()})", bench(hf, x)))
+
+    if args.profile:
+        from kernel_profile import top_kernels
+
+        def fwd_bwd(f):
+            def run():
+                x.grad = None
+                f(x).float().pow(2).mean().backward()
+
+            return run
+
+        top_kernels(fwd_bwd(lambda t: cm(t, plain)), "hybridlm Mamba2, compiled, fwd + bwd", rows=20)
+        if not args.no_hf:
+            top_kernels(fwd_bwd(hf), "Hugging Face NemotronH Mamba2, fwd + bwd", rows=20)
 
     print(f"\none mixer, fwd + bwd, B×L = {B}×{L}, hidden {H}, bf16 · {torch.cuda.get_device_name()}")
     print("| mixer | ms |")

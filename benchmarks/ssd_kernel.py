@@ -52,6 +52,9 @@ def paths():
 
     out = {"torch": ssd_chunked_torch, "triton": ssd_chunked_triton}
     try:
+        from hf_anchor import install_kernels  # the Python-only mamba_ssm wheel needs its stand-ins
+
+        install_kernels()
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
         def mamba(x, dt, A, B, C, chunk, D=None, seq_idx=None, initial_state=None, return_final_state=False):
@@ -106,13 +109,15 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
-TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD); the first is the default
-    (64, 32, 8, 8),
-    (64, 32, 4, 8),
-    (64, 64, 8, 8),
-    (64, 16, 8, 8),
-    (128, 32, 8, 8),
+TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, SPLIT_F32); the first is the default
+    (64, 32, 8, 8, True),
+    (64, 32, 4, 4, True),
+    (64, 64, 8, 8, True),
+    (128, 32, 8, 8, True),
+    (64, 32, 8, 8, False),
+    (64, 16, 8, 8, True),
 ]
+_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "SPLIT_F32")
 
 
 def tune(args) -> None:
@@ -120,27 +125,45 @@ def tune(args) -> None:
     from hybridlm.ops import ssd_triton
 
     shape = (args.batch, args.seqlen, args.heads, args.headdim, args.groups, args.state)
-    print(
-        f"{'BLOCK_Q':>7} {'BLOCK_Q_BWD':>11} {'warps fwd':>9} {'warps bwd':>9} {'packed':<7} {'fwd ms':>8} {'fwd+bwd ms':>11}"
-    )
+    default = tuple(getattr(ssd_triton, k) for k in _KNOBS)
+    print(" ".join(f"{k:>13}" for k in _KNOBS) + f" {'packed':<7} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     for packed in (False, True):
         (x, dt, A, B, C, D, _), seq_idx = make_inputs(*shape, packed)
         leaves = [t.requires_grad_() for t in (x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D)]
         gy = torch.randn_like(leaves[0])
         for setting in TUNE:
-            (ssd_triton.BLOCK_Q, ssd_triton.BLOCK_Q_BWD, ssd_triton.NUM_WARPS_FWD, ssd_triton.NUM_WARPS_BWD) = setting
+            for k, v in zip(_KNOBS, setting):
+                setattr(ssd_triton, k, v)
+            row = " ".join(f"{v!s:>13}" for v in setting) + f" {packed!s:<7}"
             try:
                 t_fwd, t_all, _ = measure(ssd_triton.ssd_chunked_triton, leaves, args.chunk, seq_idx, gy)
-                print(
-                    f"{setting[0]:>7} {setting[1]:>11} {setting[2]:>9} {setting[3]:>9} {packed!s:<7} {t_fwd:8.2f} {t_all:11.2f}"
-                )
+                print(f"{row} {t_fwd:8.2f} {t_all:11.2f}", flush=True)
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
-                print(
-                    f"{setting[0]:>7} {setting[1]:>11} {setting[2]:>9} {setting[3]:>9} {packed!s:<7} failed: {type(e).__name__}"
-                )
+                print(f"{row} failed: {type(e).__name__}", flush=True)
             for t in leaves:
                 t.grad = None
-    (ssd_triton.BLOCK_Q, ssd_triton.BLOCK_Q_BWD, ssd_triton.NUM_WARPS_FWD, ssd_triton.NUM_WARPS_BWD) = TUNE[0]
+    for k, v in zip(_KNOBS, default):
+        setattr(ssd_triton, k, v)
+
+
+def profile(args) -> None:
+    """Each path's kernels by GPU time, forward + backward, unpacked, at the benchmark shape."""
+    from kernel_profile import top_kernels
+
+    shape = (args.batch, args.seqlen, args.heads, args.headdim, args.groups, args.state)
+    (x, dt, A, B, C, D, _), _ = make_inputs(*shape, False)
+    leaves = [t.requires_grad_() for t in (x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D)]
+    gy = torch.randn_like(leaves[0])
+    for name, fn in paths().items():
+        if name == "torch":
+            continue
+
+        def fwd_bwd(fn=fn):
+            torch.autograd.backward(fn(leaves[0], *leaves[1:5], args.chunk, D=leaves[5]), gy)
+            for t in leaves:
+                t.grad = None
+
+        top_kernels(fwd_bwd, f"SSD {name}, fwd + bwd, b={args.batch} l={args.seqlen}")
 
 
 def run(fn, tensors, chunk, seq_idx, gy, gs):
@@ -203,16 +226,27 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--check", action="store_true", help="run the bf16 correctness comparison instead")
     ap.add_argument("--tune", action="store_true", help="time a few Triton tile settings instead")
+    ap.add_argument("--profile", action="store_true", help="print each path's kernels by GPU time (fwd + bwd)")
+    ap.add_argument(
+        "--no-split", action="store_true", help="one bf16 product for float32 intermediates (ssd_triton.SPLIT_F32)"
+    )
     ap.add_argument("--check-len", type=int, default=4096, help="sequence length of --check")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test under TRITON_INTERPRET=1
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("ssd_kernel.py needs a CUDA GPU", file=sys.stderr)
         sys.exit(2)
+    if args.no_split:
+        from hybridlm.ops import ssd_triton
+
+        ssd_triton.SPLIT_F32 = False
     if args.check:
         sys.exit(0 if check(args) else 1)
     if args.tune:
         tune(args)
+        return
+    if args.profile:
+        profile(args)
         return
     bench(args)
 

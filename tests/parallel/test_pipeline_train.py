@@ -242,3 +242,31 @@ def test_preset_replaces_the_default_model_and_keeps_its_vocabulary():
     assert run.model_config(257).hidden_size == 128 and run.model_config(257).pattern == "M-[*-]G-[ME]M*E/[*-]"
     # Without a preset the tokenizer's vocabulary is the default.
     assert RunConfig().model_config(300).vocab_size == 300
+
+
+def test_a_later_stage_marks_its_received_activations_as_needing_gradients():
+    """torch <= 2.11 leaves a stage's receive buffers without requires_grad when the schedule first
+    ran an evaluation (seen on two H200s: "[1] for chunk 0 has gradients None"); the stage marks
+    them itself, so the backward has a gradient to send to the previous stage."""
+    import torch
+
+    from hybridlm import ModelConfig
+    from hybridlm.parallel.pipeline import build_pipeline_model
+
+    config = ModelConfig.preset("tiny").replace(pattern="M-*-|M-M-", vocab_size=64)
+    _, (stage,) = build_pipeline_model(config, 1, 2)
+    stage.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 + (1.0 if p.dim() == 1 else 0.0))
+    B, L = 2, 16
+    x = torch.randn(B, L, config.hidden_size, generator=gen)  # a receive buffer made without requires_grad
+    ids = torch.randint(0, 64, (B, L), generator=gen)
+    loss, _ = stage(x, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B))
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation leaves the buffer alone
+        y = x.detach()
+        stage(y, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B))
+    assert not y.requires_grad

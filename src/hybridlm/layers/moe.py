@@ -94,6 +94,9 @@ class Experts(nn.Module):
             gate = proj(xs, self.gate_proj) if self.activation == "swiglu" else None
             h = activate(proj(xs, self.up_proj), self.activation, gate)
             return proj(h, self.down_proj)
+        if xs.is_cuda and torch.cuda.is_current_stream_capturing():
+            record("moe_experts", "dense")
+            return self.dense(xs, counts)
         record("moe_experts", "loop")
         # Portable path: one matmul per expert over its contiguous slice of sorted rows (the
         # split sizes need the counts on the host: one sync).
@@ -106,6 +109,26 @@ class Experts(nn.Module):
             h = activate(F.linear(rows, self.up_proj[e].to(dtype)), self.activation, gate)
             outs.append(F.linear(h, self.down_proj[e].to(dtype)))
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+    def dense(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row, each row keeping its own expert's output: no host sync, so a
+        CUDA graph can capture it (the decode step of a float32 model, a few rows); E times the
+        work, so never the training path.
+
+        Args:
+            xs: (N, H) token rows, grouped by expert in expert order.
+            counts: (E,) rows per expert.
+        """
+        dtype = matmul_dtype(xs)
+        xs = xs.to(dtype)
+        ends = counts.cumsum(0)
+        expert = torch.searchsorted(ends, torch.arange(xs.shape[0], device=xs.device), right=True)  # (N,)
+        out = xs.new_zeros(xs.shape[0], self.down_proj.shape[1])
+        for e in range(self.down_proj.shape[0]):
+            gate = F.linear(xs, self.gate_proj[e].to(dtype)) if self.activation == "swiglu" else None
+            h = activate(F.linear(xs, self.up_proj[e].to(dtype)), self.activation, gate)
+            out = torch.where((expert == e)[:, None], F.linear(h, self.down_proj[e].to(dtype)), out)
+        return out
 
 
 class MoE(nn.Module):

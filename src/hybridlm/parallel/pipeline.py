@@ -127,6 +127,12 @@ class StageLM(HybridLM):
         """
         stage = self.pattern_stage
         share = weight.sum()
+        if not stage.is_first and torch.is_grad_enabled() and x.is_leaf and not x.requires_grad:
+            # x is the stage's receive buffer. torch <= 2.11 creates those buffers once, when the
+            # schedule first runs, and marks them as needing gradients only if that first run
+            # had a backward: an evaluation before the first training step leaves them without,
+            # and the next backward has no gradient to send back ("gradients None"). Mark it here.
+            x.requires_grad_(True)
         out = super().forward(
             input_ids=input_ids,
             labels=labels if stage.is_last else None,
