@@ -109,15 +109,14 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
-TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, SPLIT_F32); the first is the default
-    (64, 32, 8, 8, True),
-    (64, 32, 4, 4, True),
-    (64, 64, 8, 8, True),
-    (128, 32, 8, 8, True),
-    (64, 32, 8, 8, False),
-    (64, 16, 8, 8, True),
+TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD); the first is the default
+    (64, 32, 8, 8),
+    (64, 32, 4, 4),
+    (64, 64, 8, 8),
+    (128, 32, 8, 8),
+    (64, 16, 8, 8),
 ]
-_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "SPLIT_F32")
+_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD")
 
 
 def tune(args) -> None:
@@ -227,19 +226,12 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="run the bf16 correctness comparison instead")
     ap.add_argument("--tune", action="store_true", help="time a few Triton tile settings instead")
     ap.add_argument("--profile", action="store_true", help="print each path's kernels by GPU time (fwd + bwd)")
-    ap.add_argument(
-        "--no-split", action="store_true", help="one bf16 product for float32 intermediates (ssd_triton.SPLIT_F32)"
-    )
     ap.add_argument("--check-len", type=int, default=4096, help="sequence length of --check")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test under TRITON_INTERPRET=1
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("ssd_kernel.py needs a CUDA GPU", file=sys.stderr)
         sys.exit(2)
-    if args.no_split:
-        from hybridlm.ops import ssd_triton
-
-        ssd_triton.SPLIT_F32 = False
     if args.check:
         sys.exit(0 if check(args) else 1)
     if args.tune:

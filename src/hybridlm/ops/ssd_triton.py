@@ -50,9 +50,6 @@ DOT_PRECISION = "tf32x3"
 #: as the settings whose sm_90 builds spill least: the forward kernels do not spill, the backward
 #: ones a few hundred bytes. Tune on the GPU with benchmarks/ssd_kernel.py.
 BLOCK_Q = 64
-#: Float32 intermediates times bf16 inputs as two bf16 products (True) or one (False): see ``_dot_fr``.
-#: benchmarks/ssd_kernel.py --check --no-split measures the error ratio of the cheaper choice.
-SPLIT_F32 = True
 BLOCK_Q_BWD = 32
 NUM_WARPS_FWD = 8
 NUM_WARPS_BWD = 8
@@ -94,20 +91,14 @@ def _split_bf16(v):
 
 
 @triton.jit
-def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """f @ r for a float32 intermediate f and a tile r of raw inputs.
 
-    bf16 inputs: with ``SPLIT``, f is split into two bf16 tiles and multiplied on bf16 tensor cores
-    (exact products, float32 accumulation): f keeps ~16 significant bits, more than tf32's 10, at the
-    cost of one tf32 product; without it, f is rounded to bf16 once (half the products; mamba_ssm's
-    choice). Other dtypes: float32 products at ``PREC``.
+    bf16 inputs: f is split into two bf16 tiles and multiplied on bf16 tensor cores (exact products,
+    float32 accumulation): f keeps ~16 significant bits, more than tf32's 10, at the cost of one tf32
+    product. Other dtypes: float32 products at ``PREC``.
     """
-    if r.dtype == tl.bfloat16 and not SPLIT:  # one bf16 product: f rounded to 8 significant bits
-        if UPCAST:
-            out = tl.dot(f.to(tl.bfloat16).to(tl.float32), r.to(tl.float32), input_precision=PREC)
-        else:
-            out = tl.dot(f.to(tl.bfloat16), r)
-    elif r.dtype == tl.bfloat16:
+    if r.dtype == tl.bfloat16:
         hi, lo = _split_bf16(f)
         if UPCAST:
             rf = r.to(tl.float32)
@@ -121,14 +112,9 @@ def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr)
 
 
 @triton.jit
-def _dot_rf(r, f, PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+def _dot_rf(r, f, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """r @ f for a tile r of raw inputs and a float32 intermediate f (as :func:`_dot_fr`)."""
-    if r.dtype == tl.bfloat16 and not SPLIT:
-        if UPCAST:
-            out = tl.dot(r.to(tl.float32), f.to(tl.bfloat16).to(tl.float32), input_precision=PREC)
-        else:
-            out = tl.dot(r, f.to(tl.bfloat16))
-    elif r.dtype == tl.bfloat16:
+    if r.dtype == tl.bfloat16:
         hi, lo = _split_bf16(f)
         if UPCAST:
             rf = r.to(tl.float32)
@@ -155,7 +141,7 @@ def _state_kernel(
     MODE: tl.constexpr,  # 0: chunk state st_c; 1: sum_t exp(acum_t) [same doc as before chunk] dy_t ⊗ C_t
     HAS_SEQ: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -199,7 +185,7 @@ def _state_kernel(
             mask=valid[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
-        acc += _dot_fr(tl.trans(xs * scale[:, None]), ys, PREC, UPCAST, SPLIT)
+        acc += _dot_fr(tl.trans(xs * scale[:, None]), ys, PREC, UPCAST)
     out = OUT + (((bb * NSLOTS + c + SLOT_OFF) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_p < P)[:, None] & (offs_n < N)[None, :])
 
@@ -271,7 +257,7 @@ def _scan_fwd_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -304,7 +290,7 @@ def _scan_fwd_kernel(
         mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
         other=0.0,
     )  # (n, p): S_c transposed
-    acc = _dot_rf(c_t, s_in, PREC, UPCAST, SPLIT)
+    acc = _dot_rf(c_t, s_in, PREC, UPCAST)
     acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
 
     for sb in range(0, qb + 1):
@@ -329,7 +315,7 @@ def _scan_fwd_kernel(
             mask = mask & (seq_t[:, None] == seq_s[None, :])
         decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))
         cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
-        acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST, SPLIT)
+        acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST)
 
     x_t = tl.load(
         X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
@@ -355,7 +341,7 @@ def _bwd_dx_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -401,8 +387,8 @@ def _bwd_dx_kernel(
         )  # (p, n)
         # Through the chunk state: st_c = sum_s scale_s dt_s x_s ⊗ B_s.
         scale_s = tl.where(to_state, tl.exp(acum_last - acum_s), 0.0)
-        acc_x = _dot_rf(b_s, tl.trans(dst), PREC, UPCAST, SPLIT) * scale_s[:, None]  # (s, p)
-        acc_db += _dot_rf(x_s, dst, PREC, UPCAST, SPLIT) * (scale_s * dt_s)[:, None]
+        acc_x = _dot_rf(b_s, tl.trans(dst), PREC, UPCAST) * scale_s[:, None]  # (s, p)
+        acc_db += _dot_rf(x_s, dst, PREC, UPCAST) * (scale_s * dt_s)[:, None]
         dacum = -tl.sum(acc_x * x_s.to(tl.float32), axis=1) * dt_s
         # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
         for tb in range(sb, nqb):
@@ -426,10 +412,10 @@ def _bwd_dx_kernel(
                 mask = mask & (seq_s[:, None] == seq_t[None, :])
             decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
             bc = _dot_raw(b_s, tl.trans(c_t), PREC, UPCAST)  # (s, t) = C_t·B_s
-            acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST, SPLIT)
+            acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
             xdy = _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST)  # (s, t) = x_s·dy_t
             w = decay * xdy * dt_s[:, None]
-            acc_db += _dot_fr(w, c_t, PREC, UPCAST, SPLIT)
+            acc_db += _dot_fr(w, c_t, PREC, UPCAST)
             dacum -= tl.sum(bc * w, axis=1)
         # Loaded here, not before the loop, to keep registers free inside it.
         dyf = tl.load(
@@ -468,7 +454,7 @@ def _bwd_dc_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -512,7 +498,7 @@ def _bwd_dc_kernel(
         )  # (p, n)
         # Through the entering state: y_t += exp(acum_t) C_t·S_c.
         scale_t = tl.where(from_state, tl.exp(acum_t), 0.0)
-        part = _dot_rf(dy_t, s_in, PREC, UPCAST, SPLIT) * scale_t[:, None]  # (t, n)
+        part = _dot_rf(dy_t, s_in, PREC, UPCAST) * scale_t[:, None]  # (t, n)
         acc_dc += part
         dacum = tl.sum(part * c_t.to(tl.float32), axis=1)
         for sb in range(0, tb + 1):
@@ -539,7 +525,7 @@ def _bwd_dc_kernel(
             cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # (t, s)
             dyx = _dot_raw(dy_t, tl.trans(x_s), PREC, UPCAST)  # (t, s)
             w = decay * dyx * dt_s[None, :]
-            acc_dc += _dot_fr(w, b_s, PREC, UPCAST, SPLIT)
+            acc_dc += _dot_fr(w, b_s, PREC, UPCAST)
             dacum += tl.sum(cb * w, axis=1)
         tl.store(DACUM + row + offs_t, dacum, mask=offs_t < Q)
     tl.store(
@@ -589,7 +575,7 @@ def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
         x, *x.stride(), B, *B.stride(), acum, dt_p, seq_p if seq_p is not None else dummy, S,
         L, Lp, h, p, n, Q, h // g, nc + 1, 1,
         MODE=0, HAS_SEQ=seq_p is not None,
-        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, SPLIT=SPLIT_F32, num_warps=NUM_WARPS_FWD,
+        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
     block = 1024
     _pass_fwd_kernel[(b * h, triton.cdiv(p * n, block))](
@@ -613,7 +599,7 @@ def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
         acum, dt_p, seq_p if seq_p is not None else acum, S, D if D is not None else acum, y,
         L, nc * Q, h, p, n, Q, h // g, nc,
         HAS_SEQ=seq_p is not None, HAS_D=D is not None,
-        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, UPCAST=_INTERPRET, SPLIT=SPLIT_F32,
+        BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, UPCAST=_INTERPRET,
         num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
     return y.to(x.dtype), S[:, nc].clone()
@@ -637,7 +623,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
         dy, *dy.stride(), C, *C.stride(), acum, dt_p, seq_arg, dS,
         L, Lp, h, p, n, Q, r, nc, 0,
         MODE=1, HAS_SEQ=seq_p is not None,
-        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, SPLIT=SPLIT_F32, num_warps=NUM_WARPS_FWD,
+        BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
     block = 1024
     nblk = triton.cdiv(p * n, block)
@@ -665,7 +651,6 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
         BLOCK_N=_pow2(n),
         PREC=DOT_PRECISION,
         UPCAST=_INTERPRET,
-        SPLIT=SPLIT_F32,
     )
     _bwd_dx_kernel[(nc * nqb, b * g)](
         x, *x.stride(), B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
