@@ -3,6 +3,7 @@
     python benchmarks/generate.py                                   # CPU, embedded default model
     python benchmarks/generate.py --device cuda --compare-hf        # H200: bench-1.3b vs transformers
     python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
+    python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
@@ -199,6 +200,50 @@ def gpu_bench(args) -> None:
         mtp_bench(args, device)
 
 
+def profile_decode(args, device) -> None:
+    """Kernels of one decode step after a ``--prompt-len`` prefill: eager, and replayed as a CUDA graph."""
+    config = ModelConfig.preset(args.preset)
+    model = HybridLM(config, seed=0, device=device, dtype=torch.bfloat16).eval()
+    for batch in args.batches:
+        with torch.no_grad():
+            _profile_batch(model, batch, args.prompt_len, device)
+
+
+def _profile_batch(model, batch: int, prompt_len: int, device) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kernel_profile import top_kernels
+
+    from hybridlm.infer.cache import InferenceCache
+    from hybridlm.infer.cuda_graph import GraphedDecodeStep
+    from hybridlm.infer.generate import prefill
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    cache = InferenceCache.for_model(model, batch, prompt_len + 64)
+    prefill(model, ids, cache, prompt_len)
+    tokens = ids[:, -1:]
+    snap = cache.snapshot()
+
+    def eager():
+        cache.restore(snap)
+        return model(tokens, cache=cache, logits_to_keep=1).logits
+
+    top_kernels(eager, f"batch {batch}: eager decode step", rows=15, calls=5)
+    cache.restore(snap)
+    graphed = GraphedDecodeStep(model, cache)
+
+    def replay():
+        cache.restore(snap)
+        return graphed(tokens)
+
+    top_kernels(replay, f"batch {batch}: decode step as a CUDA graph", rows=15, calls=5)
+    for name, fn in (("eager", eager), ("graph", replay)):
+        fn()
+        t0 = sync(device)
+        for _ in range(20):
+            fn()
+        print(f"batch {batch}, {name}: {(sync(device) - t0) / 20 * 1e3:.3f} ms per step (wall, with a cache restore)")
+
+
 def mtp_bench(args, device) -> None:
     from hybridlm import load
 
@@ -227,6 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=32768, help="GPU prefill length to time (0 = skip)")
     ap.add_argument("--mtp-checkpoint", default=None, help="a checkpoint trained with MTP: speculation speed-up")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument(
+        "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
+    )
     args = ap.parse_args(argv)
     cpu = torch.device(args.device).type == "cpu"
     args.prompt_len = args.prompt_len or (1024 if cpu else 512)
@@ -239,6 +287,9 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device", file=sys.stderr)
             return 2
+        if args.profile:
+            profile_decode(args, torch.device(args.device))
+            return 0
         gpu_bench(args)
     return 0
 

@@ -1,6 +1,6 @@
 """What the pipeline machinery costs on one device: the trainer's plain step against the same step
-through ``PipelineRunner`` with one stage (a ``Schedule1F1B`` over one ``PipelineStage``, FSDP2 on a
-one-rank mesh), side by side on the same model, batch and micro-batches.
+through ``PipelineRunner`` with one stage (a ``Schedule1F1B`` over one ``PipelineStage``; one
+data-parallel rank, so no FSDP), side by side on the same model, batch and micro-batches.
 
     python benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096
 
@@ -112,7 +112,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     print(f"{'path':<28} {'step s':>8} {'tokens/s':>10}")
     print(f"{'plain (pp = 1 today)':<28} {t_plain:8.3f} {tokens / t_plain:10.0f}")
-    print(f"{'1 stage, 1f1b, FSDP(1)':<28} {t_stage:8.3f} {tokens / t_stage:10.0f}")
+    print(f"{'1 stage, 1f1b':<28} {t_stage:8.3f} {tokens / t_stage:10.0f}")
     print(f"pipeline wrapper / plain tokens/s: {t_plain / t_stage:.3f}")
     dist.destroy_process_group()
 

@@ -115,6 +115,9 @@ TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD); the first is t
     (64, 64, 8, 8),
     (128, 32, 8, 8),
     (64, 16, 8, 8),
+    (64, 32, 4, 8),
+    (32, 32, 4, 4),
+    (128, 64, 8, 8),
 ]
 _KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD")
 

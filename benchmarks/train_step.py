@@ -253,6 +253,9 @@ def main() -> None:
             todo.append(("hf", "hf"))
         for name, kind in todo:
             try:
+                # Each variant compiles afresh, as in its own training process (and dynamo's
+                # cache of graphs per code object does not fill up across variants).
+                torch._dynamo.reset()
                 if kind == "ours":
                     cfg = base.replace(pattern=variants[name])
 

@@ -25,7 +25,7 @@ def main(jobs_file: str) -> None:
         run = RunConfig().with_overrides(job["set"])
         trainer = Trainer(run, run_dir=job["run_dir"], resume=job.get("resume", False), progress=False)
         counts = [None] * dist.get_world_size()
-        dist.all_gather_object(counts, sum(p.to_local().numel() for p in trainer.model.parameters()))
+        dist.all_gather_object(counts, sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters()))
         if dist.get_rank() == 0:
             with open(f"{job['run_dir']}/params.json", "w") as f:
                 json.dump(counts, f)

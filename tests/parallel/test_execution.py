@@ -85,3 +85,24 @@ def test_selective_activation_checkpointing_is_exact_and_per_kind():
         parse_ac_policy("Q=full", "full")
     with pytest.raises(ValueError, match="'some' is not one of"):
         parse_ac_policy("M=some", "full")
+
+
+def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
+    """Many block kinds, each traced for training and evaluation and at a second batch shape, stay
+    compiled: dynamo's per-code-object cap (8 graphs by default) would otherwise send the later
+    blocks to eager mode. ``fail_on_recompile_limit_hit`` turns that fallback into an error."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    config = tiny_config("-*E[*-][*E]-")
+    model = HybridLM(config, seed=0)
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
+        compile_blocks(model, backend="eager")  # tracing only (fast); raises the limit for 5 kinds
+        for batch in (2, 3):
+            ids = torch.randint(0, 97, (batch, 9))
+            model.train()
+            model(ids, torch.roll(ids, -1, 1)).loss.backward()
+            model.eval()
+            with torch.no_grad():
+                model(ids)
+    torch._dynamo.reset()

@@ -8,8 +8,9 @@ Precision: products and sums in float32 whatever the input dtype; the output is 
 ``x``'s dtype; weight and bias gradients are reduced in float32 (per-tile partial sums, then one
 deterministic sum) and cast to the parameters' dtype.
 
-Backward: the pre-activation is *recomputed* from ``x`` (K shifted loads per tap) rather than
-saved, so the op keeps only its inputs for the backward pass.
+Backward, two passes: the first recomputes the pre-activation from ``x`` (not saved, so the op
+keeps only its inputs), forms g = dy * silu'(pre) into a float32 buffer and reduces the weight and
+bias gradients per tile; the second forms dx from K shifted reads of g.
 """
 
 from __future__ import annotations
@@ -82,13 +83,13 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
+def _conv_bwd_g_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
     seq_ptr,
     dy_ptr,
-    dx_ptr,
+    g_ptr,
     dw_part_ptr,
     db_part_ptr,
     L,
@@ -108,11 +109,71 @@ def _conv_bwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """dx[t] = sum_s w[K-1-s] * g[t+s]; dw[K-1-s] = sum_t g[t+s] * x[t]; db = sum_t g[t],
-
-    where g = dy * silu'(pre) is the gradient at the pre-activation, and a pair (t, t+s) counts
-    only inside one document. g at the K shifted positions is recomputed from x.
+    """Backward, first pass, over a tile of positions p: g[p] = dy[p] * silu'(pre[p]) (the gradient
+    at the pre-activation, stored in float32), and the tile's partial sums
+    dw[K-1-j] = sum_p g[p] * x[p-j] (pairs inside one document) and db = sum_p g[p].
     """
+    pid_l = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < L
+    c_ok = c < C
+    x_row = x_ptr + b * sx_b + c[None, :] * sx_c
+    seq_row = seq_ptr + b * s_seq_b
+    if HAS_SEQ:
+        doc_p = tl.load(seq_row + p, mask=p_ok, other=-1)
+    g = tl.load(
+        dy_ptr + b * sdy_b + p.to(tl.int64)[:, None] * sdy_l + c[None, :] * sdy_c,
+        mask=p_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if SILU:
+        pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(K):
+            src = p - j
+            ok = p_ok & (src >= 0)
+            if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
+                if j > 0:
+                    ok = _same_doc(seq_row, src, doc_p, ok)
+            xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * K + (K - 1 - j), mask=c_ok, other=0.0).to(tl.float32)
+            pre += xv.to(tl.float32) * wv[None, :]
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(g_ptr + b * L * C + p.to(tl.int64)[:, None] * C + c[None, :], g, mask=p_ok[:, None] & c_ok[None, :])
+    part = (b * n_tiles_l + pid_l) * K * C
+    for j in tl.static_range(K):
+        # The same masked loads as above (L1/L2 hits): x[p-j] is zero outside p's document.
+        src = p - j
+        ok = p_ok & (src >= 0)
+        if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
+            if j > 0:
+                ok = _same_doc(seq_row, src, doc_p, ok)
+        xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        tl.store(dw_part_ptr + part + (K - 1 - j) * C + c, tl.sum(g * xv.to(tl.float32), axis=0), mask=c_ok)
+    if HAS_BIAS:
+        tl.store(db_part_ptr + (b * n_tiles_l + pid_l) * C + c, tl.sum(g, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    g_ptr,
+    w_ptr,
+    seq_ptr,
+    dx_ptr,
+    L,
+    C,
+    s_seq_b,
+    K: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Backward, second pass: dx[t] = sum_s w[K-1-s] * g[t+s], over t+s inside t's document."""
     pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -120,51 +181,20 @@ def _conv_bwd_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok = t < L
     c_ok = c < C
-    x_row = x_ptr + b * sx_b + c[None, :] * sx_c
-    dy_row = dy_ptr + b * sdy_b + c[None, :] * sdy_c
+    g_row = g_ptr + b * L * C + c[None, :]
     seq_row = seq_ptr + b * s_seq_b
     if HAS_SEQ:
         doc_t = tl.load(seq_row + t, mask=t_ok, other=-1)
-    x_t = tl.load(x_row + t.to(tl.int64)[:, None] * sx_l, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
-    x_t = x_t.to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     dx = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    part = (b * n_tiles_l + pid_l) * K * C
     for s in tl.static_range(K):
         pos = t + s
-        pos_ok = pos < L
-        if HAS_SEQ:
-            doc_p = tl.load(seq_row + pos, mask=pos_ok, other=-1)
-        g = tl.load(dy_row + pos.to(tl.int64)[:, None] * sdy_l, mask=pos_ok[:, None] & c_ok[None, :], other=0.0)
-        g = g.to(tl.float32)
-        if SILU:
-            # Recompute pre[pos] = bias + sum_j w[K-1-j] * x[pos-j] (same document as pos).
-            pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-            if HAS_BIAS:
-                pre += bias[None, :]
-            for j in tl.static_range(K):
-                src = pos - j
-                ok = pos_ok & (src >= 0)
-                if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
-                    if j > 0:
-                        ok = _same_doc(seq_row, src, doc_p, ok)
-                xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                wv = tl.load(w_ptr + c * K + (K - 1 - j), mask=c_ok, other=0.0).to(tl.float32)
-                pre += xv.to(tl.float32) * wv[None, :]
-            sig = tl.sigmoid(pre)
-            g = g * sig * (1.0 + pre * (1.0 - sig))
-        # Keep the pair (t, t+s) only when t+s exists and lies in t's document.
-        keep = pos_ok & t_ok
-        if HAS_SEQ:
-            keep = keep & (doc_p == doc_t)
-        g = tl.where(keep[:, None], g, 0.0)
+        ok = t_ok & (pos < L)
+        if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
+            if s > 0:
+                ok = _same_doc(seq_row, pos, doc_t, ok)
+        gv = tl.load(g_row + pos.to(tl.int64)[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
         w_s = tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)
-        dx += g * w_s[None, :]
-        tl.store(dw_part_ptr + part + (K - 1 - s) * C + c, tl.sum(g * x_t, axis=0), mask=c_ok)
-        if HAS_BIAS:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
-            if s == 0:
-                tl.store(db_part_ptr + (b * n_tiles_l + pid_l) * C + c, tl.sum(g, axis=0), mask=c_ok)
+        dx += gv * w_s[None, :]
     out = dx_ptr + b * L * C + t.to(tl.int64)[:, None] * C + c[None, :]
     tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
 
@@ -240,13 +270,18 @@ def _conv_bwd(
     if dx.numel() == 0:  # dw and db are sums of nothing
         grid = (0, 1, 1)
     if grid[0] > 0:
-        _conv_bwd_kernel[grid](
+        # g (the gradient at the pre-activation) goes through a float32 buffer: dx at t needs g
+        # at t..t+K-1, which the next tile computes; recomputing it there costs K× the loads.
+        g = torch.empty(B, L, C, dtype=torch.float32, device=x.device)
+        seq_arg = seq if seq is not None else weight
+        s_seq = seq.stride(0) if seq is not None else 0
+        _conv_bwd_g_kernel[grid](
             x,
             weight,
             bias if bias is not None else weight,
-            seq if seq is not None else weight,
+            seq_arg,
             dy,
-            dx,
+            g,
             dw_part,
             db_part,
             L,
@@ -254,11 +289,25 @@ def _conv_bwd(
             n_tiles,
             *x.stride(),
             *dy.stride(),
-            seq.stride(0) if seq is not None else 0,
+            s_seq,
             K=K,
             HAS_BIAS=bias is not None,
             HAS_SEQ=seq is not None,
             SILU=silu,
+            BLOCK_L=BWD_BLOCK_L,
+            BLOCK_C=BWD_BLOCK_C,
+            num_warps=BWD_WARPS,
+        )
+        _conv_bwd_dx_kernel[grid](
+            g,
+            weight,
+            seq_arg,
+            dx,
+            L,
+            C,
+            s_seq,
+            K=K,
+            HAS_SEQ=seq is not None,
             BLOCK_L=BWD_BLOCK_L,
             BLOCK_C=BWD_BLOCK_C,
             num_warps=BWD_WARPS,

@@ -43,7 +43,8 @@ class PipelineRunner:
         local_batch: rows per step on each data-parallel rank.
         seq_len: tokens per row.
         seed: initialization seed (weights equal ``HybridLM(config, seed=seed)``).
-        param_dtype: FSDP's compute dtype (bf16 under autocast), None for float32.
+        param_dtype: compute dtype (bf16 under autocast), None for float32: FSDP's parameter
+            dtype when dp > 1, and the dtype of activations sent between stages.
         autocast: a context manager factory for the forward passes.
 
     Attributes:
@@ -93,8 +94,12 @@ class PipelineRunner:
             compile_blocks(self.model, **({"options": {"cpp.simdlen": 1}} if device.type == "cpu" else {}))
         for m in self.stages:
             m.boundary_dtype = param_dtype or torch.float32
-            # Stages keep their gathered parameters between micro-batches (torchtitan does the same).
-            apply_fsdp(m, self.mesh["dp"], param_dtype, reshard_after_forward=False, sum_gradients=True)
+            # One data-parallel rank has nothing to shard: the stage then runs like the one-process
+            # trainer (float32 parameters under autocast), without FSDP's per-step copies
+            # (measured on one H200 with FSDP(1): 0.925x the plain step).
+            if self.dp > 1:
+                # Stages keep their gathered parameters between micro-batches (torchtitan does the same).
+                apply_fsdp(m, self.mesh["dp"], param_dtype, reshard_after_forward=False, sum_gradients=True)
         init_sharded(self.model, seed, self.stages, device)
 
         # Static shapes: no probing forward on real data (it would count MoE routing twice).
