@@ -244,13 +244,34 @@ def _profile_batch(model, batch: int, prompt_len: int, device) -> None:
         print(f"batch {batch}, {name}: {(sync(device) - t0) / 20 * 1e3:.3f} ms per step (wall, with a cache restore)")
 
 
+def text_prompt(checkpoint: str, length: int) -> list[int] | None:
+    """The first ``length`` tokens of the built-in corpus's last document, in the checkpoint's
+    tokenizer (drafts are accepted on text like the training text, not on random ids); None when
+    the checkpoint has no tokenizer."""
+    from hybridlm.train.data import builtin_documents
+    from hybridlm.train.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(checkpoint)
+    except Exception:
+        return None
+    ids: list[int] = []
+    for doc in reversed(builtin_documents("pydoc")):
+        ids += tokenizer.encode(doc)
+        if len(ids) >= length:
+            return ids[:length]
+    return ids
+
+
 def mtp_bench(args, device) -> None:
     from hybridlm import load
 
     model = load(args.mtp_checkpoint, device=device).eval()
     if device.type == "cuda":
         model.cast(torch.bfloat16)
-    ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
+    ids = text_prompt(args.mtp_checkpoint, args.prompt_len)
+    if ids is None:
+        ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     _, plain = ours(model, ids, args.new_tokens)
     out_plain, plain = ours(model, ids, args.new_tokens)
     out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp")
@@ -289,8 +310,10 @@ def main(argv=None) -> int:
             return 2
         if args.profile:
             profile_decode(args, torch.device(args.device))
-            return 0
-        gpu_bench(args)
+        elif args.mtp_checkpoint and not args.compare_hf:
+            mtp_bench(args, torch.device(args.device))
+        else:
+            gpu_bench(args)
     return 0
 
 

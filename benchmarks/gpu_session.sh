@@ -62,6 +62,9 @@ for stage in "$@"; do
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
     genprof) run genprof 200 80 python3 benchmarks/generate.py --device cuda --profile ;;
+    mtp) run mtp 300 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \
+            --set train.steps=1000 --set train.log_every=250 --set train.eval_every=1000 \
+            && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256" ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;

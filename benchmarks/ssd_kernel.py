@@ -110,14 +110,15 @@ def bench(args) -> None:
 
 
 TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD); the first is the default
-    (64, 32, 8, 8),
     (64, 32, 4, 4),
-    (64, 64, 8, 8),
-    (128, 32, 8, 8),
-    (64, 16, 8, 8),
-    (64, 32, 4, 8),
-    (32, 32, 4, 4),
-    (128, 64, 8, 8),
+    (64, 32, 8, 8),
+    (64, 32, 2, 2),
+    (64, 32, 4, 2),
+    (64, 64, 4, 4),
+    (128, 32, 4, 4),
+    (128, 64, 4, 4),
+    (32, 16, 4, 4),
+    (32, 32, 2, 2),
 ]
 _KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD")
 

@@ -61,12 +61,14 @@ def test_bf16_training_run_on_cuda(tmp_path):
     assert any("mfu" in r and 0 < r["mfu"] < 1 for r in rows)
 
 
-def test_grouped_mm_runs_under_autocast_with_fp32_master_weights():
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_grouped_mm_runs_under_autocast_with_fp32_master_weights(activation):
     # The trainer's setting: float32 parameters, bf16 autocast. The grouped GEMM must run (no
-    # silent per-expert loop), with bf16 rows or float32 rows, and agree with the loop.
+    # silent per-expert loop), with bf16 rows or float32 rows, and agree with the loop. relu²:
+    # autocast runs its square in float32, so the down projection gets float32 rows.
     from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 
-    config = tiny_config("E", hidden_size=64, moe_num_experts=8, moe_ffn_hidden_size=32)
+    config = tiny_config("E", hidden_size=64, moe_num_experts=8, moe_ffn_hidden_size=32, mlp_activation=activation)
     experts = Experts(config).cuda()
     torch.nn.init.normal_(experts.up_proj, std=0.1)
     torch.nn.init.normal_(experts.down_proj, std=0.1)

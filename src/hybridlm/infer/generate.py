@@ -287,17 +287,53 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, c
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
     steps = 0
+    reader = _TokenReader(B, device)
     t1 = _sync(device)
+    tokens = sampler(logits)
     for i in range(max_new_tokens):
-        tokens = sampler(logits)
         sampler.observe(tokens, model.config.vocab_size, device)
-        for r, token in enumerate(tokens.tolist()):
+        reader.start(tokens)
+        more = i < max_new_tokens - 1
+        if more:
+            # The next step is queued before the host reads these tokens, so the device never
+            # waits for the host's bookkeeping; when every row has finished, that one step is
+            # wasted. Finished rows keep decoding; their tokens are dropped.
+            logits = step(tokens[:, None])
+            steps += 1
+        for r, token in enumerate(reader.finish()):
             if not done[r]:
                 done[r] = _accept(out[r], token, r, eos_id, callback)
-        if all(done) or i == max_new_tokens - 1:
+        if all(done) or not more:
             break
-        logits = step(tokens[:, None])  # finished rows keep decoding; their tokens are dropped
-        steps += 1
+        tokens = sampler(logits)
     stats["decode_tokens"] += steps * B
     stats["decode_seconds"] += _sync(device) - t1
     return out
+
+
+class _TokenReader:
+    """Copies a step's (B,) token ids to the host without waiting for work queued after them.
+
+    On CUDA the copy goes to pinned memory and an event marks its end, so reading the ids waits
+    for the copy only, not for the next decode step queued behind it.
+    """
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.empty(batch, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.tokens: torch.Tensor | None = None
+
+    def start(self, tokens: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(tokens, non_blocking=True)
+            self.event.record()
+        else:
+            self.tokens = tokens
+
+    def finish(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+            return self.host.tolist()
+        return self.tokens.tolist()

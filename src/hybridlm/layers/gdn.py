@@ -98,8 +98,7 @@ class GatedDeltaNet(nn.Module):
             keep = cache.pad_mask(seqlen)
             if keep is not None:  # padding enters the conv as zeros, as the empty history does
                 qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
-            qkv, conv = causal_conv1d_with_state(qkv, state.conv, self.conv1d.weight, None, "silu")
-            state.conv.copy_(conv)
+            qkv, _ = causal_conv1d_with_state(qkv, state.conv, self.conv1d.weight, None, "silu", inplace=True)
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(b, seqlen, self.nk, self.dk).float())
         k = l2_normalize(k.reshape(b, seqlen, self.nk, self.dk).float())

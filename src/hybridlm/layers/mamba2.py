@@ -75,8 +75,9 @@ class Mamba2Mixer(nn.Module):
             keep = cache.pad_mask(seqlen)
             if keep is not None:  # padding enters the conv as zeros, as the empty history does
                 xBC = xBC * keep.unsqueeze(-1).to(xBC.dtype)
-            xBC, conv = causal_conv1d_with_state(xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu")
-            state.conv.copy_(conv)
+            xBC, _ = causal_conv1d_with_state(
+                xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu", inplace=True
+            )
         xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         if self.config.mamba_dt_clamp_min > 0:

@@ -89,7 +89,8 @@ class Experts(nn.Module):
             xs = xs.to(dtype)
 
             def proj(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return F.grouped_mm(inp, w.to(dtype).transpose(-2, -1), offs=offs)
+                # inp.to: CUDA autocast runs pow (relu²'s square) in float32.
+                return F.grouped_mm(inp.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)
 
             gate = proj(xs, self.gate_proj) if self.activation == "swiglu" else None
             h = activate(proj(xs, self.up_proj), self.activation, gate)

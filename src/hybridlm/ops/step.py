@@ -3,6 +3,10 @@
 Each continues from a state instead of from zeros. The chunked ops (``ssd_chunked``,
 ``gated_delta_rule_chunked``) already take ``initial_state`` and return the final one, so prompts and
 prefill chunks use them; these functions cover the conv carry-over and the one-token recurrences.
+
+On CUDA the one-token conv and SSD steps run Triton kernels (:mod:`hybridlm.ops.step_triton`,
+chosen by :func:`hybridlm.ops.dispatch.choose` as ``conv_step`` / ``ssd_step``); the torch code
+here is the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ from __future__ import annotations
 import torch
 
 from .conv import causal_conv1d
+from .dispatch import choose, triton_available
+
+if triton_available():
+    from .step_triton import conv_step_triton, ssd_step_triton
 
 
 def causal_conv1d_with_state(
@@ -18,6 +26,7 @@ def causal_conv1d_with_state(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal conv of ``x`` continuing after the inputs kept in ``conv_state``.
 
@@ -25,12 +34,24 @@ def causal_conv1d_with_state(
         x: (B, L, C) new inputs.
         conv_state: (B, K-1, C) the previous K-1 inputs, oldest first.
         weight: (C, K) or (C, 1, K); bias: (C,) or None.
+        inplace: write the new state into ``conv_state`` (and return it) instead of a new tensor.
 
     Returns:
         ``(out, new_state)``: out (B, L, C) in the dtype of ``x``; new_state (B, K-1, C), the last
         K-1 inputs of ``[conv_state, x]``.
     """
     K1 = conv_state.shape[1]
+    if activation not in (None, "silu"):
+        raise ValueError(f"unknown activation {activation!r}")
+    if (
+        inplace
+        and x.shape[1] == 1
+        and K1 >= 1
+        and conv_state.dtype == x.dtype
+        and choose("conv_step", x, conv_state, weight, bias) == "triton"
+    ):
+        w = weight.reshape(weight.shape[0], -1).contiguous()
+        return conv_step_triton(x, conv_state, w, bias, activation == "silu"), conv_state
     full = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, K-1+L, C)
     L = x.shape[1]
     if L == 1:
@@ -41,11 +62,13 @@ def causal_conv1d_with_state(
             out = out + bias
         if activation == "silu":
             out = torch.nn.functional.silu(out)
-        elif activation is not None:
-            raise ValueError(f"unknown activation {activation!r}")
     else:
         out = causal_conv1d(full, weight, bias, None, activation)[:, K1:]
-    return out, full[:, full.shape[1] - K1 :]
+    new_state = full[:, full.shape[1] - K1 :]
+    if inplace:
+        conv_state.copy_(new_state)
+        new_state = conv_state
+    return out, new_state
 
 
 def ssd_step(
@@ -70,6 +93,8 @@ def ssd_step(
         ``(y, new_state)``: y (b, h, p) in the dtype of ``x``, new_state (b, h, p, n) float32
         (``state`` itself when ``inplace``).
     """
+    if inplace and choose("ssd_step", x, dt, A, B, C, state, D) == "triton":
+        return ssd_step_triton(x, dt, A, B, C, state, D), state
     h, g = x.shape[1], B.shape[1]
     xf, dtf = x.float(), dt.float()
     Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)

@@ -1,0 +1,198 @@
+"""Triton kernels for the one-token decode step: the SSD state update and the conv carry-over.
+
+:mod:`hybridlm.ops.step` dispatches here on CUDA; its torch code is the reference. A decode step
+moves little data per kernel, so what matters is the number of launches and, at large batch, the
+passes over the float32 SSM state: the torch reference makes about five (casts, repeat of B and C,
+decay, update, read-out); :func:`ssd_step_triton` reads and writes the state once and returns y in
+the same pass. Both kernels update their state in place, so a CUDA graph can capture them.
+
+Precision: float32 throughout (state, products, sums); y and the conv output are stored in the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ssd_step_kernel(
+    x_ptr,
+    dt_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    s_ptr,
+    y_ptr,
+    H,
+    P,
+    N,
+    heads_per_group,
+    sx_b,
+    sx_h,
+    sx_p,
+    sdt_b,
+    sdt_h,
+    sb_b,
+    sb_g,
+    sb_n,
+    sc_b,
+    sc_g,
+    sc_n,
+    HAS_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (row, head, block of head channels): S = exp(dt A) S + dt x ⊗ B; y = S · C (+ D x)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // heads_per_group
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_ok = p < P
+    n_ok = n < N
+    dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h).to(tl.float32)
+    decay = tl.exp(dt * tl.load(a_ptr + h).to(tl.float32))
+    x = tl.load(x_ptr + b * sx_b + h * sx_h + p * sx_p, mask=p_ok, other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + b * sb_b + g * sb_g + n * sb_n, mask=n_ok, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + b * sc_b + g * sc_g + n * sc_n, mask=n_ok, other=0.0).to(tl.float32)
+    rows = (pid_bh.to(tl.int64) * P + p) * N
+    s_off = rows[:, None] + n[None, :]
+    mask = p_ok[:, None] & n_ok[None, :]
+    s = tl.load(s_ptr + s_off, mask=mask, other=0.0)
+    s = s * decay + (dt * x)[:, None] * bv[None, :]
+    tl.store(s_ptr + s_off, s, mask=mask)
+    y = tl.sum(s * cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(d_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + pid_bh.to(tl.int64) * P + p, y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+
+def ssd_step_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton path of :func:`hybridlm.ops.step.ssd_step` with ``inplace=True``.
+
+    Args:
+        x: (b, h, p); dt: (b, h) (after softplus); A: (h,); B, C: (b, g, n); D: (h,) or None; any
+            strides.
+        state: (b, h, p, n) contiguous float32, updated in place.
+
+    Returns:
+        y: (b, h, p) contiguous, dtype of ``x``.
+    """
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != (b, h, p, n):
+        raise ValueError(f"ssd_step: state must be contiguous float32 {(b, h, p, n)}, got {tuple(state.shape)}")
+    y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
+    block_p = min(triton.next_power_of_2(p), 64)
+    grid = (b * h, triton.cdiv(p, block_p))
+    _ssd_step_kernel[grid](
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D if D is not None else A,
+        state,
+        y,
+        h,
+        p,
+        n,
+        h // g,
+        *x.stride(),
+        *dt.stride(),
+        *B.stride(),
+        *C.stride(),
+        HAS_D=D is not None,
+        BLOCK_P=block_p,
+        BLOCK_N=triton.next_power_of_2(n),
+        num_warps=4,
+    )
+    return y
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr,
+    s_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    C,
+    sx_b,
+    sx_c,
+    ss_b,
+    ss_k,
+    ss_c,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One (row, block of channels): out = sum_j w[j] * [state, x][j] (+ bias, SiLU); then the
+    state shifts by one and takes x as its newest row. Each program owns its channels, so the
+    shift in place races with no other program."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = c < C
+    x = tl.load(x_ptr + b * sx_b + c * sx_c, mask=ok, other=0.0)
+    acc = x.to(tl.float32) * tl.load(w_ptr + c * K + (K - 1), mask=ok, other=0.0).to(tl.float32)
+    row = s_ptr + b * ss_b + c * ss_c
+    for j in tl.static_range(K - 1):  # state row j holds the input K-1-j steps back
+        sj = tl.load(row + j * ss_k, mask=ok, other=0.0).to(tl.float32)
+        acc += sj * tl.load(w_ptr + c * K + j, mask=ok, other=0.0).to(tl.float32)
+    for j in tl.static_range(K - 2):
+        tl.store(row + j * ss_k, tl.load(row + (j + 1) * ss_k, mask=ok, other=0.0), mask=ok)
+    tl.store(row + (K - 2) * ss_k, x.to(s_ptr.dtype.element_ty), mask=ok)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=ok, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * C + c, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def conv_step_triton(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    """The Triton path of :func:`hybridlm.ops.step.causal_conv1d_with_state` for one token, in place.
+
+    Args:
+        x: (B, 1, C), any strides; conv_state: (B, K-1, C) with K >= 2, updated in place;
+        weight: (C, K) contiguous; bias: (C,) or None.
+
+    Returns:
+        out: (B, 1, C) contiguous, dtype of ``x``.
+    """
+    Bsz, _, C = x.shape
+    K = weight.shape[1]
+    out = torch.empty(Bsz, 1, C, dtype=x.dtype, device=x.device)
+    block_c = min(triton.next_power_of_2(C), 1024)
+    _conv_step_kernel[(Bsz, triton.cdiv(C, block_c))](
+        x,
+        conv_state,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        C,
+        x.stride(0),
+        x.stride(2),
+        *conv_state.stride(),
+        K=K,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return out
