@@ -275,6 +275,13 @@ def mtp_bench(args, device) -> None:
     _, plain = ours(model, ids, args.new_tokens)
     out_plain, plain = ours(model, ids, args.new_tokens)
     out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp")
+    if args.mtp_profile:  # where a speculative run's time goes, host side and device side
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            ours(model, ids, min(args.new_tokens, 64), speculative="mtp")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     a, b = plain["decode_tokens"] / plain["decode_seconds"], spec["decode_tokens"] / spec["decode_seconds"]
     print(
         f"\nMTP speculation ({model.config.parsed.mtp_depths} depths): plain {a:,.1f} tok/s, speculative {b:,.1f} "
@@ -293,6 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=32768, help="GPU prefill length to time (0 = skip)")
     ap.add_argument("--mtp-checkpoint", default=None, help="a checkpoint trained with MTP: speculation speed-up")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--mtp-profile", action="store_true", help="with --mtp-checkpoint: profile a speculative run")
     ap.add_argument(
         "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
     )

@@ -14,6 +14,7 @@ if [[ ${1:-} != --no-install ]] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD/src:/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+MTP_ARGS=${MTP_ARGS:-}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
@@ -64,7 +65,7 @@ for stage in "$@"; do
     genprof) run genprof 200 80 python3 benchmarks/generate.py --device cuda --profile ;;
     mtp) run mtp 300 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \
             --set train.steps=1000 --set train.log_every=250 --set train.eval_every=1000 \
-            && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256" ;;
+            && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256 $MTP_ARGS" ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;

@@ -356,7 +356,7 @@ class HybridLM(nn.Module):
             else:
                 position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
         ctx = SequenceContext(position_ids=position_ids, seq_idx=seq_idx)
-        if "*" in self.config.symbols and use_flex(seq_idx):
+        if "*" in self.config.symbols and use_flex(seq_idx, self.config.resolved_head_dim):
             ctx.block_mask = document_block_mask(seq_idx)  # once per forward, outside compiled blocks
         if self.config.rotary_dim and "*" in self.config.symbols:
             ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)

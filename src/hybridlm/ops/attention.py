@@ -28,9 +28,21 @@ def _flex_available() -> bool:
     return True
 
 
-def use_flex(seq_idx: torch.Tensor | None) -> bool:
-    """True when packed attention runs through FlexAttention (CUDA, kernels not forced to torch)."""
-    return seq_idx is not None and seq_idx.is_cuda and kernels_mode() != "torch" and _flex_available()
+#: FlexAttention's generated kernel needs head dimensions of at least 16 (inductor raises
+#: "NYI: embedding dimension ... must be at least 16" otherwise); smaller heads take the dense mask.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def use_flex(seq_idx: torch.Tensor | None, head_dim: int = FLEX_MIN_HEAD_DIM) -> bool:
+    """True when packed attention runs through FlexAttention (CUDA, kernels not forced to torch,
+    heads of at least :data:`FLEX_MIN_HEAD_DIM`)."""
+    return (
+        seq_idx is not None
+        and seq_idx.is_cuda
+        and head_dim >= FLEX_MIN_HEAD_DIM
+        and kernels_mode() != "torch"
+        and _flex_available()
+    )
 
 
 def document_block_mask(seq_idx: torch.Tensor):
@@ -110,7 +122,7 @@ def causal_attention(
     if seq_idx is None:
         record("attention", "sdpa")
         return _sdpa_causal(q, k, v, gqa)
-    if use_flex(seq_idx):
+    if use_flex(seq_idx, min(q.shape[-1], v.shape[-1])):
         record("attention", "flex")
         if block_mask is None:
             block_mask = document_block_mask(seq_idx)
