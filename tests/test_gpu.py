@@ -30,8 +30,11 @@ def test_cuda_forward_and_backward_match_cpu():
     assert_rel_close(b.logits.cpu(), a.logits, 1e-4, "logits")
     a.loss.backward()
     b.loss.backward()
+    # 2e-3: the GPU runs float32 products of the Triton SSD as tf32x3 (close to, not equal to,
+    # float32) and reduces in other orders; a norm weight's gradient sums many such terms
+    # (measured 1.01e-3 on an H200).
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        assert_rel_close(q.grad.cpu(), p.grad, 1e-3, name)
+        assert_rel_close(q.grad.cpu(), p.grad, 2e-3, name)
 
 
 def test_grouped_mm_experts_match_the_per_expert_loop():

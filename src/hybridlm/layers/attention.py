@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.attention import causal_attention
+from ..ops.attention import attention_growing_keys, causal_attention
 from .cache import KVState
 from .context import SequenceContext
 from .norm import RMSNorm
@@ -85,7 +85,7 @@ class Attention(nn.Module):
             # Padding keys are hidden; a padding query still sees itself, so its row is never all
             # -inf (a NaN there would reach real rows through 0 * NaN in the next layers' values).
             mask = mask & (cache.valid[:, None, : off + L] | (key_pos == query_pos))
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
+        return attention_growing_keys(q, keys, values, mask.unsqueeze(1), gqa)
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:

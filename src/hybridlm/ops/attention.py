@@ -98,6 +98,27 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
+def attention_growing_keys(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, gqa: bool
+) -> torch.Tensor:
+    """SDPA for a query window over keys whose count changes from call to call (a growing cache:
+    prefill chunks, speculative verification).
+
+    cuDNN's SDPA builds an execution plan for every new shape: measured on an H200, 15 ms of host
+    time per call, 0.09x plain decoding for MTP speculation. So it is left out here (the memory-
+    efficient kernel takes the mask); fixed-shape calls keep cuDNN.
+
+    Args:
+        q: (B, Hq, L, D); k, v: (B, Hkv, S, D); attn_mask: (B or 1, 1, L, S) bool or None.
+    """
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
