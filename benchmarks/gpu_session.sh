@@ -47,7 +47,7 @@ run() {  # run NAME SECONDS TAIL_LINES COMMAND...
 
 for stage in "$@"; do
     case $stage in
-    tests) run tests 150 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
+    tests) run tests 240 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
     kernels)
         run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
@@ -57,13 +57,13 @@ for stage in "$@"; do
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
-    step) run step 400 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
+    step) run step 560 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
     step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;
     moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096 ;;
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
     genprof) run genprof 200 80 python3 benchmarks/generate.py --device cuda --profile ;;
-    mtp) run mtp 150 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \
+    mtp) run mtp 300 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \
             --set train.steps=1000 --set train.log_every=250 --set train.eval_every=1000 \
             && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256 $MTP_ARGS" ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
