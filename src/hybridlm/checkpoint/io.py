@@ -66,14 +66,17 @@ def temp_directory(path: Path, unique: bool = True) -> Path:
     return tmp
 
 
-def read_json(file: Path, missing: str) -> Any:
-    """The parsed JSON of ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
+def read_json(file: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(missing) from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def config_says(path: Path, key: str, value: str) -> bool:
@@ -86,17 +89,22 @@ def config_says(path: Path, key: str, value: str) -> bool:
         return False
 
 
+def _refuse(path: Path, overwrite: Callable[[Path], bool], what: str) -> bool:
+    """Does ``path`` exist? CheckpointError if it may not be replaced (``what`` names the kind it must be)."""
+    if path.exists() and not overwrite(path):
+        raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
+    return path.exists()
+
+
 def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], what: str) -> Path:
     """Flush ``tmp``'s files to disk and rename it to ``path``; an existing ``path`` is replaced only
-    if ``overwrite(path)`` (else CheckpointError: ``what`` names the kind it must be)."""
+    if ``overwrite(path)``."""
     for f in tmp.iterdir():
         if f.is_file():
             publish(f)
     fsync(tmp)
     old = None
-    if path.exists():
-        if not overwrite(path):
-            raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
+    if _refuse(path, overwrite, what):
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
     os.replace(tmp, path)
@@ -110,8 +118,9 @@ def atomic_directory(
     path: str | Path, write: Callable[[Path], None], overwrite: Callable[[Path], bool], what: str
 ) -> Path:
     """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps
-    its old content until that rename)."""
+    its old content until that rename). A ``path`` that may not be replaced is refused before ``write``."""
     path = Path(path)
+    _refuse(path, overwrite, what)
     tmp = temp_directory(path)
     try:
         write(tmp)
@@ -144,21 +153,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_shard_name(index: Path, name: object) -> str:
-    """An index entry must name a file inside the checkpoint folder: a bare ``*.safetensors`` name."""
-    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".safetensors"):
-        raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder")
-    return name
-
-
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): gather the shards
         t = t.full_tensor()
     return t.detach().to("cpu").contiguous()
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
@@ -169,24 +167,18 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
-        if shards[-1] and size + _nbytes(tensors[name]) > max_shard_size:
+        if shards[-1] and size + tensors[name].nbytes > max_shard_size:
             shards.append({})
             size = 0
         shards[-1][name] = tensors[name]
-        size += _nbytes(tensors[name])
-    names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
+        size += tensors[name].nbytes
+    n = len(shards)
+    names = [WEIGHTS_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names, shards):
         save_file(shard, directory / name, metadata={"format": "pt"})
-    if len(shards) > 1:
+    if n > 1:  # the names are sorted, so the weight map is too
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        index = {
-            "metadata": {"total_size": sum(map(_nbytes, tensors.values()))},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -203,8 +195,17 @@ def weight_files(path: str | Path) -> dict[str, str]:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")
-        for name in set(weight_map.values()):
-            if not (path / check_shard_name(index, name)).exists():
+        for name in set(weight_map.values()):  # each must be a bare ``*.safetensors`` name: a file in this folder
+            if (
+                not isinstance(name, str)
+                or Path(name).name != name
+                or "\\" in name
+                or not name.endswith(".safetensors")
+            ):
+                raise CheckpointError(
+                    f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder"
+                )
+            if not (path / name).exists():
                 raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
         return dict(weight_map)
     single = path / WEIGHTS_NAME
@@ -258,14 +259,12 @@ def fit_problems(
     source: str = "checkpoint",
     show: Callable[[str], str] = str,
     wrong_shape: str = "{name}: {source} has {got}, expected {want}",
-    skip: Iterable[str] = (),
     counted: bool = True,
 ) -> list[str]:
     """Every way the name -> shape map ``shapes`` (read from ``source``) differs from ``expected``, a line
     per kind. ``show`` writes a name (e.g. where it was read from); ``wrong_shape`` is the line of a
-    mis-shaped tensor; names in ``skip`` were reported otherwise and are not listed as missing."""
-    skip = set(skip)
-    missing = [show(k) for k in expected if k not in shapes and k not in skip]
+    mis-shaped tensor."""
+    missing = [show(k) for k in expected if k not in shapes]
     unexpected = [show(k) for k in sorted(shapes) if k not in expected]
     wrong = [
         wrong_shape.format(name=show(k), source=source, got=tuple(shapes[k]), want=tuple(s))

@@ -28,7 +28,7 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, replace_file
+from .io import MAX_LISTED, check_fit, full_cpu, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
@@ -259,14 +259,13 @@ def _suffix(path: Path) -> str:
 
 def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
     """Write ``state`` atomically: ``.pt`` as ``torch.save({"model": state})``, or ``.safetensors``. Returns ``path``."""
+    from safetensors.torch import save_file
+
     path = Path(path)
-    kind = _suffix(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    if kind == ".pt":
+    tensors = {k: full_cpu(v) for k, v in state.items()}
+    if _suffix(path) == ".pt":
         replace_file(path, lambda tmp: torch.save({"model": tensors}, tmp))
     else:
-        from safetensors.torch import save_file
-
         replace_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return path
 
@@ -338,27 +337,19 @@ def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _sidecar_config(src: Path) -> ModelConfig:
-    sidecar = config_sidecar(src)
-    if not sidecar.is_file():
-        raise CheckpointError(
-            f"{src}: a Megatron state dict does not describe its architecture; pass the model config "
-            f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"
-        )
-    try:
-        return ModelConfig.from_json(sidecar)
-    except ConfigError as e:
-        raise CheckpointError(f"{sidecar}: invalid model config: {e}") from None
-
-
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
     (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
     from .weights import save_state_dict
 
-    src = Path(src)
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file")
-    config = config if config is not None else _sidecar_config(src)
-    canonical = from_megatron(config, load_megatron(src))
-    return save_state_dict(canonical, config, dst)
+    state, sidecar = load_megatron(src), config_sidecar(src)
+    if config is None and not sidecar.is_file():
+        raise CheckpointError(
+            f"{src}: a Megatron state dict does not describe its architecture; pass the model config "
+            f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"
+        )
+    try:
+        config = config if config is not None else ModelConfig.from_json(sidecar)
+    except ConfigError as e:
+        raise CheckpointError(f"{sidecar}: invalid model config: {e}") from None
+    return save_state_dict(from_megatron(config, state), config, dst)

@@ -146,10 +146,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: a checkpoint is a directory (with {CONFIG_NAME} and safetensors files)")
     file = path / CONFIG_NAME
     meta = read_json(file, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        hint = ""
-        if isinstance(meta, dict) and meta.get("model_type") == "nemotron_h":
-            hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
+    if meta.get("format") != FORMAT:
+        hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
+        hint = hint if meta.get("model_type") == "nemotron_h" else ""
         raise CheckpointError(f"{file}: not a hybridlm checkpoint{hint}")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -171,7 +170,8 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: b
     """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU.
 
     With ``verify`` (the default) each file read is checked against the SHA-256 that
-    :func:`save` wrote into ``config.json`` (folders without checksums load unverified).
+    :func:`save` wrote into ``config.json`` (checkpoints without checksums load unverified);
+    ``verify=False`` also reads a folder of safetensors that is no hybridlm checkpoint.
     """
     path = Path(path)
     files = weight_files(path)
@@ -183,15 +183,9 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: b
 
 def verify_checksums(path: str | Path, files: Iterable[str] | None = None) -> None:
     """Refuse a file of checkpoint ``path`` (``files``, default all) whose SHA-256 differs from the one
-    :func:`save` wrote into config.json. Folders that are no hybridlm checkpoint have none to check."""
+    :func:`save` wrote into config.json."""
     path = Path(path)
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return
-    sums = meta.get(CHECKSUMS_KEY)
+    sums = read_metadata(path).get(CHECKSUMS_KEY)
     if sums is None:
         logger.warning("%s: written without checksums (an older hybridlm); loading unverified", path)
         return
