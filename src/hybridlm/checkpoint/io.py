@@ -6,12 +6,13 @@ missing / unexpected / mis-shaped check. docs/checkpoints.md describes the forma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,10 +183,28 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def weight_files(path: str | Path) -> dict[str, str]:
-    """Tensor name -> safetensors file name, for the directory ``path`` (its index, or its one file)."""
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """``safetensors.safe_open(file)`` for torch; a failure to read it is a CheckpointError naming the file."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of safetensors ``file``, on the CPU."""
+    with open_safetensors(file) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+
+
+def weight_files(path: str | Path) -> dict[str, str]:
+    """Tensor name -> safetensors file name, for the directory ``path`` (its index, or its one file)."""
     path = Path(path)
     index = path / INDEX_NAME
     if index.exists():
@@ -211,11 +230,8 @@ def weight_files(path: str | Path) -> dict[str, str]:
     single = path / WEIGHTS_NAME
     if not single.exists():
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
-    try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), WEIGHTS_NAME)
-    except Exception as e:
-        raise CheckpointError(f"{single}: cannot read safetensors file ({e})") from None
+    with open_safetensors(single) as f:
+        return dict.fromkeys(f.keys(), WEIGHTS_NAME)
 
 
 def read_safetensors(
@@ -223,23 +239,16 @@ def read_safetensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Tensors ``names`` of directory ``path`` onto the CPU (``files``: from :func:`weight_files`);
     returns them and the names read from each file."""
-    from safetensors import safe_open
-
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     out = {}
     for file, keys in by_file.items():
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                missing = sorted(set(keys) - set(f.keys()))
-                if missing:
-                    raise CheckpointError(f"{path / file}: tensor {missing[0]} listed in the index is not in the file")
-                out |= {k: f.get_tensor(k) for k in keys}
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path / file}: cannot read safetensors file ({e})") from None
+        with open_safetensors(path / file) as f:
+            missing = sorted(set(keys) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path / file}: tensor {missing[0]} listed in the index is not in the file")
+            out |= {k: f.get_tensor(k) for k in keys}
     return out, by_file
 
 

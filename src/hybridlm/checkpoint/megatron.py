@@ -28,7 +28,7 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, full_cpu, replace_file
+from .io import MAX_LISTED, check_fit, full_cpu, load_safetensors, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
@@ -302,12 +302,7 @@ def load_megatron(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if kind == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
