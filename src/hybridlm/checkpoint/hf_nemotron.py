@@ -22,7 +22,6 @@ from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
-    config_says,
     dominant_dtype,
     fit_problems,
     full_cpu,
@@ -114,8 +113,6 @@ _KEYS: tuple[tuple[Any, ...], ...] = (
     ("n_shared_experts", "", "E", 1),
     ("moe_latent_size", None, "E", None),
 )
-#: Hugging Face config key <-> our ModelConfig field, for the layer kinds that use it ("": always).
-CONFIG_MAP = tuple(row[:3] for row in _KEYS if row[1])
 _HF_DEFAULTS = {row[0]: row[3] for row in _KEYS}
 _HF_LEGACY_NAMES = {row[0]: row[4] for row in _KEYS if len(row) > 4}
 
@@ -248,11 +245,6 @@ def export_nemotron_h(
     return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
 
 
-def _is_nemotron_h_dir(path: Path) -> bool:
-    """May :func:`convert_to_nemotron_h` replace ``path``? Only if empty or a NemotronH directory."""
-    return config_says(path, "model_type", HF_MODEL_TYPE)
-
-
 def _aux_files(path: Path) -> dict[str, Path]:
     return {name: path / name for name in AUX_FILES if (path / name).is_file()}
 
@@ -278,7 +270,7 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
         for name, file in _aux_files(src).items():
             shutil.copyfile(file, tmp / name)
 
-    return atomic_directory(dst, write, _is_nemotron_h_dir, "a Hugging Face NemotronH directory")
+    return atomic_directory(dst, write, "a Hugging Face NemotronH directory", "model_type", HF_MODEL_TYPE)
 
 
 # -- import ----------------------------------------------------------------------------------------
@@ -291,23 +283,25 @@ def _hf_value(hf: Mapping[str, Any], name: str) -> Any:
     return hf.get(name, _HF_DEFAULTS[name])
 
 
-def _hf_layers(hf: Mapping[str, Any]) -> str:
-    """The pattern symbols of the file's layers (ValueError when none are given or some are unknown).
-
-    ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as in transformers.
+def _hf_layers(hf: Mapping[str, Any], source: str | Path) -> str:
+    """The pattern symbols of the file's layers (CheckpointError naming ``source`` when none are given or some
+    are unknown). ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as
+    in transformers.
     """
     types = hf.get("layers_block_type", hf.get("layer_types"))
     key, kind, what, known = "layers_block_type", list, "layer types", SYMBOL_OF_LAYER_TYPE
     if types is None:
         types = hf.get("hybrid_override_pattern")
         key, kind, what, known = "hybrid_override_pattern", str, "symbols", {s: s for s in LAYER_TYPES}
-        if types is None:
-            raise ValueError("neither hybrid_override_pattern nor layers_block_type is set")
+    if types is None:
+        raise CheckpointError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
     if not isinstance(types, kind) or not all(isinstance(t, str) for t in types):
-        raise ValueError(f"{key} must be a {'string' if kind is str else 'list of strings'}, got {types!r}")
+        raise CheckpointError(
+            f"{source}: {key} must be a {'string' if kind is str else 'list of strings'}, got {types!r}"
+        )
     unknown = sorted({t for t in types if t not in known})
     if unknown:
-        raise ValueError(f"{key} has unknown {what} {unknown}; known: {', '.join(known)}")
+        raise CheckpointError(f"{source}: {key} has unknown {what} {unknown}; known: {', '.join(known)}")
     return "".join(known[t] for t in types)
 
 
@@ -343,17 +337,14 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     """
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
-    try:
-        layers = _hf_layers(hf)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+    layers = _hf_layers(hf, source)
     used = set(layers)
     problems = _hf_problems(hf, used)
     if problems:
         raise CheckpointError(f"{source}: this NemotronH model cannot be imported:\n  - " + "\n  - ".join(problems))
 
     fields: dict[str, Any] = {
-        field: _hf_value(hf, key) for key, field, kinds in CONFIG_MAP if not kinds or used & set(kinds)
+        field: _hf_value(hf, key) for key, field, kinds, *_ in _KEYS if field and (not kinds or used & set(kinds))
     }
     fields |= {"pattern": layers, "tie_embeddings": False}  # Hugging Face never ties NemotronH's head
     if "*" in used:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,11 @@ def _tensor_summary(files: list[Path]) -> dict[str, Any]:
     for file in files:
         with open_safetensors(file) as f:
             found += [(math.prod(s.get_shape()), s.get_dtype()) for s in map(f.get_slice, f.keys())]
-    dtypes: dict[str, int] = {}
+    dtypes: Counter[str] = Counter()
     for numel, code in found:
-        name = str(_DTYPES[code]).removeprefix("torch.") if code in _DTYPES else code.lower()
-        dtypes[name] = dtypes.get(name, 0) + numel
+        dtypes[str(_DTYPES[code]).removeprefix("torch.") if code in _DTYPES else code.lower()] += numel
     nbytes = sum(numel * _DTYPES[code].itemsize for numel, code in found if code in _DTYPES)
-    return dict(tensors=len(found), parameters=sum(dtypes.values()), bytes=nbytes, dtypes=dtypes)
+    return dict(tensors=len(found), parameters=sum(dtypes.values()), bytes=nbytes, dtypes=dict(dtypes))
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ missing / unexpected / mis-shaped check. docs/checkpoints.md describes the forma
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -80,32 +81,29 @@ def read_json(file: Path, missing: str) -> dict[str, Any]:
     return data
 
 
-def config_says(path: Path, key: str, value: str) -> bool:
-    """Is ``path`` an empty directory, or one whose config.json has ``key: value``?"""
-    if not path.is_dir():
-        return False
+def _check_replaceable(path: Path, key: str, value: str, what: str) -> None:
+    """Refuse (CheckpointError) unless ``path`` is absent, an empty directory, or one whose config.json
+    has ``key: value``; ``what`` names the kind of directory it must be."""
+    if not path.exists():
+        return
     try:
-        return not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _refuse(path: Path, overwrite: Callable[[Path], bool], what: str) -> bool:
-    """Does ``path`` exist? CheckpointError if it may not be replaced (``what`` names the kind it must be)."""
-    if path.exists() and not overwrite(path):
+        empty_or_marked = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
+    except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
+        empty_or_marked = False
+    if not empty_or_marked:
         raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
-    return path.exists()
 
 
-def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], what: str) -> Path:
-    """Flush ``tmp``'s files to disk and rename it to ``path``; an existing ``path`` is replaced only
-    if ``overwrite(path)``."""
+def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: None) -> Path:
+    """Flush ``tmp``'s files to disk, ``check()`` (which may refuse), then rename ``tmp`` to ``path`` (an
+    existing ``path`` is moved aside first and deleted after)."""
     for f in tmp.iterdir():
         if f.is_file():
             publish(f)
     fsync(tmp)
+    check()
     old = None
-    if _refuse(path, overwrite, what):
+    if path.exists():
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
     os.replace(tmp, path)
@@ -115,17 +113,18 @@ def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], w
     return path
 
 
-def atomic_directory(
-    path: str | Path, write: Callable[[Path], None], overwrite: Callable[[Path], bool], what: str
-) -> Path:
-    """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps
-    its old content until that rename). A ``path`` that may not be replaced is refused before ``write``."""
+def atomic_directory(path: str | Path, write: Callable[[Path], None], what: str, key: str, value: str) -> Path:
+    """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps its
+    old content until that rename). An existing ``path`` is replaced only if empty or its config.json has
+    ``key: value`` (else CheckpointError: ``what`` names the kind it must be), checked before ``write``
+    and again before the rename."""
     path = Path(path)
-    _refuse(path, overwrite, what)
+    check = functools.partial(_check_replaceable, path, key, value, what)
+    check()
     tmp = temp_directory(path)
     try:
         write(tmp)
-        return commit_directory(tmp, path, overwrite, what)
+        return commit_directory(tmp, path, check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

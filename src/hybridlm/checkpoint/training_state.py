@@ -135,7 +135,7 @@ def save_training_state(
         (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
         rng = {f"rank{r}.{k}": t.contiguous() for r, (_, ts) in enumerate(gathered) for k, t in ts.items()}
         save_file(rng, tmp / RNG_STATE)
-        commit_directory(tmp, path, lambda _: True, "a training state")  # durable, then renamed
+        commit_directory(tmp, path)  # durable, then renamed
     if _distributed():
         dist.barrier()
     return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
     check_fit,
-    config_says,
     dominant_dtype,
     file_sha256,
     full_cpu,
@@ -37,10 +37,6 @@ FORMAT_VERSION = 1
 CHECKSUMS_KEY = "sha256"  #: config.json key: safetensors file name -> SHA-256 hex digest
 
 logger = logging.getLogger("hybridlm.checkpoint")
-
-
-def _is_checkpoint_dir(path: Path) -> bool:
-    return config_says(path, "format", FORMAT)
 
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,10 +59,9 @@ def checkpoint_metadata(config: ModelConfig, tensors: dict[str, torch.Tensor]) -
     from .. import __version__
 
     p = config.parsed
-    dtypes: dict[str, int] = {}
+    dtypes: Counter[str] = Counter()
     for t in tensors.values():
-        name = str(t.dtype).removeprefix("torch.")
-        dtypes[name] = dtypes.get(name, 0) + t.numel()
+        dtypes[str(t.dtype).removeprefix("torch.")] += t.numel()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -77,7 +72,7 @@ def checkpoint_metadata(config: ModelConfig, tensors: dict[str, torch.Tensor]) -
         "mtp_layers": list(p.mtp_layers),
         "mtp_depths": p.mtp_depths,
         "num_parameters": sum(t.numel() for t in tensors.values()),
-        "dtypes": dtypes,
+        "dtypes": dict(dtypes),
         "config": config.to_dict(),
     }
 
@@ -107,7 +102,7 @@ def save_state_dict(
             else:
                 target.write_text(content)
 
-    return atomic_directory(path, write, _is_checkpoint_dir, "a hybridlm checkpoint")
+    return atomic_directory(path, write, "a hybridlm checkpoint", "format", FORMAT)
 
 
 def save(
