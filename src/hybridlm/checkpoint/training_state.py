@@ -52,15 +52,14 @@ def _dcp(call: Callable, *args: Any, **kwargs: Any) -> Any:
 def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[str, Any]:
     """``states`` ({"model": ..., "optim": ...}) with each parameter name ``n`` replaced by ``rename(n, pattern)``."""
     p = model.config.parsed
-    out = {"model": {rename(k, p): v for k, v in states["model"].items()}}
-    if "optim" in states:
 
-        def key(k: str) -> str:
-            kind, param, leaf = _OPTIM_KEY.fullmatch(k).groups()
-            return f"{kind}.{rename(param, p)}.{leaf}"
+    def key(part: str, k: str) -> str:
+        if part == "model":
+            return rename(k, p)
+        kind, param, leaf = _OPTIM_KEY.fullmatch(k).groups()
+        return f"{kind}.{rename(param, p)}.{leaf}"
 
-        out["optim"] = {key(k): v for k, v in states["optim"].items()}
-    return out
+    return {part: {key(part, k): v for k, v in sd.items()} for part, sd in states.items()}
 
 
 def _canonical_states(model, optimizer) -> dict[str, Any]:

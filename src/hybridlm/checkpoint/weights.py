@@ -55,28 +55,6 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return to_canonical(model.state_dict(), p)
 
 
-def checkpoint_metadata(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from .. import __version__
-
-    p = config.parsed
-    dtypes: Counter[str] = Counter()
-    for t in tensors.values():
-        dtypes[str(t.dtype).removeprefix("torch.")] += t.numel()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "hybridlm_version": __version__,
-        "pattern": config.pattern,
-        "canonical": p.canonical,
-        "canonical_layers": list(p.layers),
-        "mtp_layers": list(p.mtp_layers),
-        "mtp_depths": p.mtp_depths,
-        "num_parameters": sum(t.numel() for t in tensors.values()),
-        "dtypes": dict(dtypes),
-        "config": config.to_dict(),
-    }
-
-
 def save_state_dict(
     tensors: dict[str, torch.Tensor],
     config: ModelConfig,
@@ -86,8 +64,25 @@ def save_state_dict(
     extra_files: dict[str, str | bytes | Path] | None = None,
 ) -> Path:
     """Write canonical ``tensors`` and ``config`` as a checkpoint directory at ``path`` (atomically)."""
-    tensors = {k: full_cpu(v) for k, v in tensors.items()}
-    meta = checkpoint_metadata(config, tensors)
+    from .. import __version__
+
+    tensors, p = {k: full_cpu(v) for k, v in tensors.items()}, config.parsed
+    dtypes: Counter[str] = Counter()
+    for t in tensors.values():
+        dtypes[str(t.dtype).removeprefix("torch.")] += t.numel()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hybridlm_version": __version__,
+        "pattern": config.pattern,
+        "canonical": p.canonical,
+        "canonical_layers": list(p.layers),
+        "mtp_layers": list(p.mtp_layers),
+        "mtp_depths": p.mtp_depths,
+        "num_parameters": sum(dtypes.values()),
+        "dtypes": dict(dtypes),
+        "config": config.to_dict(),
+    }
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp, tensors, max_shard_size)
