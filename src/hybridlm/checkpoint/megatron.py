@@ -33,7 +33,6 @@ from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
 CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
-_SUFFIXES = (".pt", ".safetensors")
 
 
 def _qkv_rule(c: ModelConfig) -> Rule:
@@ -198,17 +197,12 @@ def megatron_keys(config: ModelConfig) -> list[str]:
     return list(megatron_shapes(config))
 
 
-def _unexpected_hint(unexpected: list[str]) -> str:
-    """Why a Megatron state dict may carry tensors we do not have (the usual recipe mismatches)."""
-    hints = []
-    if any(re.search(r"(layer_norm_bias|norm\.bias)$", k) for k in unexpected):
-        hints.append("norm biases: the Megatron model used LayerNorm; hybridlm models use RMSNorm")
-    if any(re.search(r"(linear_\w+|_proj)\.bias\d*$", k) for k in unexpected):
-        hints.append("linear biases: the Megatron model was trained without --disable-bias-linear")
-    if any(k.endswith("position_embeddings.weight") for k in unexpected):
-        hints.append("learned absolute position embeddings: hybridlm supports 'none' or 'rope'")
-    return "".join(f"\n  hint: {h}" for h in hints)
-
+#: (an unexpected name's ending, why a Megatron state dict has it): the usual recipe mismatches.
+_HINTS = (
+    (r"(layer_norm_bias|norm\.bias)$", "norm biases: the Megatron model used LayerNorm; hybridlm models use RMSNorm"),
+    (r"(linear_\w+|_proj)\.bias\d*$", "linear biases: the Megatron model was trained without --disable-bias-linear"),
+    (r"position_embeddings\.weight$", "learned absolute position embeddings: hybridlm supports 'none' or 'rope'"),
+)
 
 #: Names that older or alternative Megatron builds use for a tensor, -> the 0.19 TE name.
 _ALIASES = (
@@ -243,7 +237,8 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     state, given = normalize(weights, _ALIASES, "Megatron state dict")
     rules = _model_rules(config)
     expected = foreign_shapes(rules, canonical_shapes(config))
-    hint = _unexpected_hint([given[k] for k in state if k not in expected])
+    unexpected = [given[k] for k in state if k not in expected]
+    hint = "".join(f"\n  hint: {why}" for end, why in _HINTS if any(re.search(end, k) for k in unexpected))
     check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
     return apply(rules, state, export=False)
 
@@ -252,7 +247,7 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
 
 
 def _suffix(path: Path) -> str:
-    if path.suffix not in _SUFFIXES:
+    if path.suffix not in (".pt", ".safetensors"):
         raise CheckpointError(f"{path}: a Megatron state dict file must end in .pt or .safetensors")
     return path.suffix
 
