@@ -153,6 +153,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_shard_name(index: Path, name: object) -> str:
+    """An index entry must name a file inside the checkpoint folder: a bare ``*.safetensors`` name."""
+    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder")
+    return name
+
+
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): gather the shards
         t = t.full_tensor()
@@ -213,17 +220,8 @@ def weight_files(path: str | Path) -> dict[str, str]:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")
-        for name in set(weight_map.values()):  # each must be a bare ``*.safetensors`` name: a file in this folder
-            if (
-                not isinstance(name, str)
-                or Path(name).name != name
-                or "\\" in name
-                or not name.endswith(".safetensors")
-            ):
-                raise CheckpointError(
-                    f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder"
-                )
-            if not (path / name).exists():
+        for name in set(weight_map.values()):
+            if not (path / check_shard_name(index, name)).exists():
                 raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
         return dict(weight_map)
     single = path / WEIGHTS_NAME
