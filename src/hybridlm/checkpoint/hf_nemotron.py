@@ -72,8 +72,9 @@ AUX_FILES = (
 
 #: Every config.json key we read or write: (key, our field, the layer kinds that use it ("": all), the default
 #: of transformers 5.24's NemotronHConfig[, an older name it still reads, which wins as in transformers]).
-#: Field "": our model has no option for it; written as that default (pinned by test_hf_defaults), and
-#: read to refuse other values. Field None: only read. Export writes ``resolved_<field>`` where there is one.
+#: Field "": our model has no option for it; written as that default (pinned by test_hf_defaults), and read
+#: where another value would change the outputs (:func:`_hf_problems`). Field None: only read. Export writes
+#: ``resolved_<field>`` where there is one.
 _KEYS: tuple[tuple[Any, ...], ...] = (
     ("vocab_size", "vocab_size", "", 131072),
     ("hidden_size", "hidden_size", "", 4096),
@@ -289,8 +290,9 @@ def _hf_layers(hf: Mapping[str, Any], source: str | Path) -> str:
     in transformers.
     """
     types = hf.get("layers_block_type", hf.get("layer_types"))
-    key, kind, what, known = "layers_block_type", list, "layer types", SYMBOL_OF_LAYER_TYPE
-    if types is None:
+    if types is not None:  # a list of layer types (current or legacy names)
+        key, kind, what, known = "layers_block_type", list, "layer types", SYMBOL_OF_LAYER_TYPE
+    else:  # a string of pattern symbols
         types = hf.get("hybrid_override_pattern")
         key, kind, what, known = "hybrid_override_pattern", str, "symbols", {s: s for s in LAYER_TYPES}
     if types is None:
