@@ -18,6 +18,7 @@ saving and loading.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import TypeVar
@@ -26,59 +27,54 @@ from ..pattern import HybridPattern, parse
 
 T = TypeVar("T")
 
-_BLOCK = re.compile(r"^(mtp\.(\d+)\.)?blocks\.(\d+)\.layers\.(\d+)\.(.+)$")
-_LAYER = re.compile(r"^(mtp\.(\d+)\.)?layers\.(\d+)\.(.+)$")
+_MODEL = re.compile(r"^(mtp\.\d+\.)?blocks\.\d+\.layers\.\d+\.")
+_CANONICAL = re.compile(r"^(mtp\.\d+\.)?layers\.\d+\.")
 # Wrappers that torch adds to names (activation checkpointing, torch.compile, FSDP).
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
-def _pattern(pattern: HybridPattern | str) -> HybridPattern:
-    return pattern if isinstance(pattern, HybridPattern) else parse(pattern)
+@functools.lru_cache(maxsize=16)
+def _prefixes(pattern: HybridPattern | str) -> tuple[dict[str, str], dict[str, str]]:
+    """(model -> canonical, canonical -> model) name prefixes of every layer of ``pattern``, MTP depths included."""
+    p = pattern if isinstance(pattern, HybridPattern) else parse(pattern)
+    stacks = [("", p.blocks, p.block_layer_offsets)]
+    stacks += [(f"mtp.{d}.", p.mtp_blocks, p.mtp_block_layer_offsets) for d in range(p.mtp_depths)]
+    to_canonical = {
+        f"{mtp}blocks.{b}.layers.{j}.": f"{mtp}layers.{offset + j}."
+        for mtp, blocks, offsets in stacks
+        for b, (block, offset) in enumerate(zip(blocks, offsets))
+        for j in range(len(block))
+    }
+    return to_canonical, {v: k for k, v in to_canonical.items()}
 
 
-def _unwrap(name: str) -> str:
-    for w in _WRAPPERS:
-        name = name.replace(w, "")
-    return name
+def _swap_prefix(name: str, prefix: re.Pattern[str], table: dict[str, str], pattern: HybridPattern | str) -> str:
+    """``name`` with its layer prefix (matched by ``prefix``) replaced from ``table``; other names unchanged."""
+    m = prefix.match(name)
+    if not m:
+        return name
+    if m[0] not in table:
+        raise KeyError(f"{name}: pattern '{pattern}' has no such layer")
+    return table[m[0]] + name[m.end() :]
 
 
 def canonical_name(name: str, pattern: HybridPattern | str) -> str:
     """The canonical name of the model tensor ``name``."""
-    p = _pattern(pattern)
-    name = _unwrap(name)
-    m = _BLOCK.match(name)
-    if not m:
-        return name
-    mtp, depth, b, j, rest = m.group(1), m.group(2), int(m.group(3)), int(m.group(4)), m.group(5)
-    blocks, offsets = (p.mtp_blocks, p.mtp_block_layer_offsets) if mtp else (p.blocks, p.block_layer_offsets)
-    if b >= len(blocks) or j >= len(blocks[b]):
-        raise KeyError(f"{name}: pattern '{p}' has no layer {j} in {'MTP ' if mtp else ''}block {b}")
-    i = offsets[b] + j
-    return f"mtp.{depth}.layers.{i}.{rest}" if mtp else f"layers.{i}.{rest}"
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    return _swap_prefix(name, _MODEL, _prefixes(pattern)[0], pattern)
 
 
 def model_name(name: str, pattern: HybridPattern | str) -> str:
     """The model name of the canonical tensor ``name`` (inverse of :func:`canonical_name`)."""
-    p = _pattern(pattern)
-    m = _LAYER.match(name)
-    if not m:
-        return name
-    mtp, depth, i, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-    blocks, offsets = (p.mtp_blocks, p.mtp_block_layer_offsets) if mtp else (p.blocks, p.block_layer_offsets)
-    for b, (sym, off) in enumerate(zip(blocks, offsets)):
-        if off <= i < off + len(sym):
-            prefix = f"mtp.{depth}." if mtp else ""
-            return f"{prefix}blocks.{b}.layers.{i - off}.{rest}"
-    raise KeyError(f"{name}: pattern '{p}' has no canonical {'MTP ' if mtp else ''}layer {i}")
+    return _swap_prefix(name, _CANONICAL, _prefixes(pattern)[1], pattern)
 
 
 def to_canonical(state: Mapping[str, T], pattern: HybridPattern | str) -> dict[str, T]:
     """Rename a model state dict (or any name-keyed mapping) to canonical names."""
-    p = _pattern(pattern)
-    return {canonical_name(k, p): v for k, v in state.items()}
+    return {canonical_name(k, pattern): v for k, v in state.items()}
 
 
 def from_canonical(state: Mapping[str, T], pattern: HybridPattern | str) -> dict[str, T]:
     """Rename a canonical state dict to the names of a model built with ``pattern``."""
-    p = _pattern(pattern)
-    return {model_name(k, p): v for k, v in state.items()}
+    return {model_name(k, pattern): v for k, v in state.items()}

@@ -6,12 +6,14 @@ missing / unexpected / mis-shaped check. docs/checkpoints.md describes the forma
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,37 +68,42 @@ def temp_directory(path: Path, unique: bool = True) -> Path:
     return tmp
 
 
-def read_json(file: Path, missing: str) -> Any:
-    """The parsed JSON of ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
+def read_json(file: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(missing) from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def config_says(path: Path, key: str, value: str) -> bool:
-    """Is ``path`` an empty directory, or one whose config.json has ``key: value``?"""
-    if not path.is_dir():
-        return False
+def _check_replaceable(path: Path, key: str, value: str, what: str) -> None:
+    """Refuse (CheckpointError) unless ``path`` is absent, an empty directory, or one whose config.json
+    has ``key: value``; ``what`` names the kind of directory it must be."""
+    if not path.exists():
+        return
     try:
-        return not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
-    except (OSError, ValueError, AttributeError):
-        return False
+        empty_or_marked = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
+    except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
+        empty_or_marked = False
+    if not empty_or_marked:
+        raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
 
 
-def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], what: str) -> Path:
-    """Flush ``tmp``'s files to disk and rename it to ``path``; an existing ``path`` is replaced only
-    if ``overwrite(path)`` (else CheckpointError: ``what`` names the kind it must be)."""
+def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: None) -> Path:
+    """Flush ``tmp``'s files to disk, ``check()`` (which may refuse), then rename ``tmp`` to ``path`` (an
+    existing ``path`` is moved aside first and deleted after)."""
     for f in tmp.iterdir():
         if f.is_file():
             publish(f)
     fsync(tmp)
+    check()
     old = None
     if path.exists():
-        if not overwrite(path):
-            raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
     os.replace(tmp, path)
@@ -106,16 +113,18 @@ def commit_directory(tmp: Path, path: Path, overwrite: Callable[[Path], bool], w
     return path
 
 
-def atomic_directory(
-    path: str | Path, write: Callable[[Path], None], overwrite: Callable[[Path], bool], what: str
-) -> Path:
-    """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps
-    its old content until that rename)."""
+def atomic_directory(path: str | Path, write: Callable[[Path], None], what: str, key: str, value: str) -> Path:
+    """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps its
+    old content until that rename). An existing ``path`` is replaced only if empty or its config.json has
+    ``key: value`` (else CheckpointError: ``what`` names the kind it must be), checked before ``write``
+    and again before the rename."""
     path = Path(path)
+    check = functools.partial(_check_replaceable, path, key, value, what)
+    check()
     tmp = temp_directory(path)
     try:
         write(tmp)
-        return commit_directory(tmp, path, overwrite, what)
+        return commit_directory(tmp, path, check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -157,10 +166,6 @@ def full_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
     """Write contiguous CPU ``tensors`` (see :func:`full_cpu`) into ``directory``: ``model.safetensors``,
     or numbered shards of at most ``max_shard_size`` bytes plus an index, as Hugging Face does."""
@@ -169,31 +174,43 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
-        if shards[-1] and size + _nbytes(tensors[name]) > max_shard_size:
+        if shards[-1] and size + tensors[name].nbytes > max_shard_size:
             shards.append({})
             size = 0
         shards[-1][name] = tensors[name]
-        size += _nbytes(tensors[name])
-    names = (
-        [WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
+        size += tensors[name].nbytes
+    n = len(shards)
+    names = [WEIGHTS_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names, shards):
         save_file(shard, directory / name, metadata={"format": "pt"})
-    if len(shards) > 1:
+    if n > 1:  # the names are sorted, so the weight map is too
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        index = {
-            "metadata": {"total_size": sum(map(_nbytes, tensors.values()))},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """``safetensors.safe_open(file)`` for torch; a failure to read it is a CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of safetensors ``file``, on the CPU."""
+    with open_safetensors(file) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
 
 
 def weight_files(path: str | Path) -> dict[str, str]:
     """Tensor name -> safetensors file name, for the directory ``path`` (its index, or its one file)."""
-    from safetensors import safe_open
-
     path = Path(path)
     index = path / INDEX_NAME
     if index.exists():
@@ -210,11 +227,8 @@ def weight_files(path: str | Path) -> dict[str, str]:
     single = path / WEIGHTS_NAME
     if not single.exists():
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
-    try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), WEIGHTS_NAME)
-    except Exception as e:
-        raise CheckpointError(f"{single}: cannot read safetensors file ({e})") from None
+    with open_safetensors(single) as f:
+        return dict.fromkeys(f.keys(), WEIGHTS_NAME)
 
 
 def read_safetensors(
@@ -222,23 +236,16 @@ def read_safetensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Tensors ``names`` of directory ``path`` onto the CPU (``files``: from :func:`weight_files`);
     returns them and the names read from each file."""
-    from safetensors import safe_open
-
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     out = {}
     for file, keys in by_file.items():
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                missing = sorted(set(keys) - set(f.keys()))
-                if missing:
-                    raise CheckpointError(f"{path / file}: tensor {missing[0]} listed in the index is not in the file")
-                out |= {k: f.get_tensor(k) for k in keys}
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path / file}: cannot read safetensors file ({e})") from None
+        with open_safetensors(path / file) as f:
+            missing = sorted(set(keys) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path / file}: tensor {missing[0]} listed in the index is not in the file")
+            out |= {k: f.get_tensor(k) for k in keys}
     return out, by_file
 
 
@@ -258,14 +265,12 @@ def fit_problems(
     source: str = "checkpoint",
     show: Callable[[str], str] = str,
     wrong_shape: str = "{name}: {source} has {got}, expected {want}",
-    skip: Iterable[str] = (),
     counted: bool = True,
 ) -> list[str]:
     """Every way the name -> shape map ``shapes`` (read from ``source``) differs from ``expected``, a line
     per kind. ``show`` writes a name (e.g. where it was read from); ``wrong_shape`` is the line of a
-    mis-shaped tensor; names in ``skip`` were reported otherwise and are not listed as missing."""
-    skip = set(skip)
-    missing = [show(k) for k in expected if k not in shapes and k not in skip]
+    mis-shaped tensor."""
+    missing = [show(k) for k in expected if k not in shapes]
     unexpected = [show(k) for k in sorted(shapes) if k not in expected]
     wrong = [
         wrong_shape.format(name=show(k), source=source, got=tuple(shapes[k]), want=tuple(s))

@@ -28,12 +28,11 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, replace_file
+from .io import MAX_LISTED, check_fit, full_cpu, load_safetensors, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 
 #: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
 CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
-_SUFFIXES = (".pt", ".safetensors")
 
 
 def _qkv_rule(c: ModelConfig) -> Rule:
@@ -198,17 +197,12 @@ def megatron_keys(config: ModelConfig) -> list[str]:
     return list(megatron_shapes(config))
 
 
-def _unexpected_hint(unexpected: list[str]) -> str:
-    """Why a Megatron state dict may carry tensors we do not have (the usual recipe mismatches)."""
-    hints = []
-    if any(re.search(r"(layer_norm_bias|norm\.bias)$", k) for k in unexpected):
-        hints.append("norm biases: the Megatron model used LayerNorm; hybridlm models use RMSNorm")
-    if any(re.search(r"(linear_\w+|_proj)\.bias\d*$", k) for k in unexpected):
-        hints.append("linear biases: the Megatron model was trained without --disable-bias-linear")
-    if any(k.endswith("position_embeddings.weight") for k in unexpected):
-        hints.append("learned absolute position embeddings: hybridlm supports 'none' or 'rope'")
-    return "".join(f"\n  hint: {h}" for h in hints)
-
+#: (an unexpected name's ending, why a Megatron state dict has it): the usual recipe mismatches.
+_HINTS = (
+    (r"(layer_norm_bias|norm\.bias)$", "norm biases: the Megatron model used LayerNorm; hybridlm models use RMSNorm"),
+    (r"(linear_\w+|_proj)\.bias\d*$", "linear biases: the Megatron model was trained without --disable-bias-linear"),
+    (r"position_embeddings\.weight$", "learned absolute position embeddings: hybridlm supports 'none' or 'rope'"),
+)
 
 #: Names that older or alternative Megatron builds use for a tensor, -> the 0.19 TE name.
 _ALIASES = (
@@ -243,7 +237,8 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     state, given = normalize(weights, _ALIASES, "Megatron state dict")
     rules = _model_rules(config)
     expected = foreign_shapes(rules, canonical_shapes(config))
-    hint = _unexpected_hint([given[k] for k in state if k not in expected])
+    unexpected = [given[k] for k in state if k not in expected]
+    hint = "".join(f"\n  hint: {why}" for end, why in _HINTS if any(re.search(end, k) for k in unexpected))
     check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
     return apply(rules, state, export=False)
 
@@ -252,21 +247,20 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
 
 
 def _suffix(path: Path) -> str:
-    if path.suffix not in _SUFFIXES:
+    if path.suffix not in (".pt", ".safetensors"):
         raise CheckpointError(f"{path}: a Megatron state dict file must end in .pt or .safetensors")
     return path.suffix
 
 
 def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
     """Write ``state`` atomically: ``.pt`` as ``torch.save({"model": state})``, or ``.safetensors``. Returns ``path``."""
+    from safetensors.torch import save_file
+
     path = Path(path)
-    kind = _suffix(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    if kind == ".pt":
+    tensors = {k: full_cpu(v) for k, v in state.items()}
+    if _suffix(path) == ".pt":
         replace_file(path, lambda tmp: torch.save({"model": tensors}, tmp))
     else:
-        from safetensors.torch import save_file
-
         replace_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return path
 
@@ -303,12 +297,7 @@ def load_megatron(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if kind == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -338,27 +327,19 @@ def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _sidecar_config(src: Path) -> ModelConfig:
-    sidecar = config_sidecar(src)
-    if not sidecar.is_file():
-        raise CheckpointError(
-            f"{src}: a Megatron state dict does not describe its architecture; pass the model config "
-            f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"
-        )
-    try:
-        return ModelConfig.from_json(sidecar)
-    except ConfigError as e:
-        raise CheckpointError(f"{sidecar}: invalid model config: {e}") from None
-
-
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
     (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
     from .weights import save_state_dict
 
-    src = Path(src)
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file")
-    config = config if config is not None else _sidecar_config(src)
-    canonical = from_megatron(config, load_megatron(src))
-    return save_state_dict(canonical, config, dst)
+    state, sidecar = load_megatron(src), config_sidecar(src)
+    if config is None and not sidecar.is_file():
+        raise CheckpointError(
+            f"{src}: a Megatron state dict does not describe its architecture; pass the model config "
+            f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"
+        )
+    try:
+        config = config if config is not None else ModelConfig.from_json(sidecar)
+    except ConfigError as e:
+        raise CheckpointError(f"{sidecar}: invalid model config: {e}") from None
+    return save_state_dict(from_megatron(config, state), config, dst)

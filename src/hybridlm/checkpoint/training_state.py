@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import commit_directory, read_json, temp_directory
+from .io import commit_directory, load_safetensors, read_json, temp_directory
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -52,15 +52,14 @@ def _dcp(call: Callable, *args: Any, **kwargs: Any) -> Any:
 def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[str, Any]:
     """``states`` ({"model": ..., "optim": ...}) with each parameter name ``n`` replaced by ``rename(n, pattern)``."""
     p = model.config.parsed
-    out = {"model": {rename(k, p): v for k, v in states["model"].items()}}
-    if "optim" in states:
 
-        def key(k: str) -> str:
-            kind, param, leaf = _OPTIM_KEY.fullmatch(k).groups()
-            return f"{kind}.{rename(param, p)}.{leaf}"
+    def key(part: str, k: str) -> str:
+        if part == "model":
+            return rename(k, p)
+        kind, param, leaf = _OPTIM_KEY.fullmatch(k).groups()
+        return f"{kind}.{rename(param, p)}.{leaf}"
 
-        out["optim"] = {key(k): v for k, v in states["optim"].items()}
-    return out
+    return {part: {key(part, k): v for k, v in sd.items()} for part, sd in states.items()}
 
 
 def _canonical_states(model, optimizer) -> dict[str, Any]:
@@ -135,7 +134,7 @@ def save_training_state(
         (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
         rng = {f"rank{r}.{k}": t.contiguous() for r, (_, ts) in enumerate(gathered) for k, t in ts.items()}
         save_file(rng, tmp / RNG_STATE)
-        commit_directory(tmp, path, lambda _: True, "a training state")  # durable, then renamed
+        commit_directory(tmp, path)  # durable, then renamed
     if _distributed():
         dist.barrier()
     return path
@@ -146,7 +145,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     file = Path(path) / TRAINER_STATE
     missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
     state = read_json(file, missing)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{file}: not a hybridlm training state")
     if not isinstance(version := state.get("format_version"), int) or version > STATE_VERSION:
         raise CheckpointError(f"{file}: format_version {version!r} is newer than this hybridlm reads")
@@ -172,12 +171,9 @@ def load_training_state(
     if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, model.config)):
         why = "the checkpoint holds another model (only brackets and '|' may differ)"
         raise CheckpointMismatchError(f"{path}: cannot load training state into this model: {why}: {'; '.join(diffs)}")
-    try:
-        rng = load_file(path / RNG_STATE) if restore_rng else {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {RNG_STATE}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path / RNG_STATE}: cannot read safetensors file ({e})") from None
+    if restore_rng and not (path / RNG_STATE).is_file():
+        raise CheckpointError(f"{path}: missing {RNG_STATE}")
+    rng = load_safetensors(path / RNG_STATE) if restore_rng else {}
     states = _canonical_states(model, optimizer)
     wanted = _tensors_only(states)
     try:

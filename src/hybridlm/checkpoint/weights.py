@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
     check_fit,
-    config_says,
     dominant_dtype,
     file_sha256,
     full_cpu,
@@ -37,10 +37,6 @@ FORMAT_VERSION = 1
 CHECKSUMS_KEY = "sha256"  #: config.json key: safetensors file name -> SHA-256 hex digest
 
 logger = logging.getLogger("hybridlm.checkpoint")
-
-
-def _is_checkpoint_dir(path: Path) -> bool:
-    return config_says(path, "format", FORMAT)
 
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -59,29 +55,6 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return to_canonical(model.state_dict(), p)
 
 
-def checkpoint_metadata(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from .. import __version__
-
-    p = config.parsed
-    dtypes: dict[str, int] = {}
-    for t in tensors.values():
-        name = str(t.dtype).removeprefix("torch.")
-        dtypes[name] = dtypes.get(name, 0) + t.numel()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "hybridlm_version": __version__,
-        "pattern": config.pattern,
-        "canonical": p.canonical,
-        "canonical_layers": list(p.layers),
-        "mtp_layers": list(p.mtp_layers),
-        "mtp_depths": p.mtp_depths,
-        "num_parameters": sum(t.numel() for t in tensors.values()),
-        "dtypes": dtypes,
-        "config": config.to_dict(),
-    }
-
-
 def save_state_dict(
     tensors: dict[str, torch.Tensor],
     config: ModelConfig,
@@ -91,8 +64,25 @@ def save_state_dict(
     extra_files: dict[str, str | bytes | Path] | None = None,
 ) -> Path:
     """Write canonical ``tensors`` and ``config`` as a checkpoint directory at ``path`` (atomically)."""
-    tensors = {k: full_cpu(v) for k, v in tensors.items()}
-    meta = checkpoint_metadata(config, tensors)
+    from .. import __version__
+
+    tensors, p = {k: full_cpu(v) for k, v in tensors.items()}, config.parsed
+    dtypes: Counter[str] = Counter()
+    for t in tensors.values():
+        dtypes[str(t.dtype).removeprefix("torch.")] += t.numel()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hybridlm_version": __version__,
+        "pattern": config.pattern,
+        "canonical": p.canonical,
+        "canonical_layers": list(p.layers),
+        "mtp_layers": list(p.mtp_layers),
+        "mtp_depths": p.mtp_depths,
+        "num_parameters": sum(dtypes.values()),
+        "dtypes": dict(dtypes),
+        "config": config.to_dict(),
+    }
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp, tensors, max_shard_size)
@@ -107,7 +97,7 @@ def save_state_dict(
             else:
                 target.write_text(content)
 
-    return atomic_directory(path, write, _is_checkpoint_dir, "a hybridlm checkpoint")
+    return atomic_directory(path, write, "a hybridlm checkpoint", "format", FORMAT)
 
 
 def save(
@@ -146,10 +136,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: a checkpoint is a directory (with {CONFIG_NAME} and safetensors files)")
     file = path / CONFIG_NAME
     meta = read_json(file, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        hint = ""
-        if isinstance(meta, dict) and meta.get("model_type") == "nemotron_h":
-            hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
+    if meta.get("format") != FORMAT:
+        hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
+        hint = hint if meta.get("model_type") == "nemotron_h" else ""
         raise CheckpointError(f"{file}: not a hybridlm checkpoint{hint}")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -171,7 +160,8 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: b
     """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU.
 
     With ``verify`` (the default) each file read is checked against the SHA-256 that
-    :func:`save` wrote into ``config.json`` (folders without checksums load unverified).
+    :func:`save` wrote into ``config.json`` (checkpoints without checksums load unverified);
+    ``verify=False`` also reads a folder of safetensors that is no hybridlm checkpoint.
     """
     path = Path(path)
     files = weight_files(path)
@@ -183,15 +173,9 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: b
 
 def verify_checksums(path: str | Path, files: Iterable[str] | None = None) -> None:
     """Refuse a file of checkpoint ``path`` (``files``, default all) whose SHA-256 differs from the one
-    :func:`save` wrote into config.json. Folders that are no hybridlm checkpoint have none to check."""
+    :func:`save` wrote into config.json."""
     path = Path(path)
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return
-    sums = meta.get(CHECKSUMS_KEY)
+    sums = read_metadata(path).get(CHECKSUMS_KEY)
     if sums is None:
         logger.warning("%s: written without checksums (an older hybridlm); loading unverified", path)
         return
