@@ -62,3 +62,25 @@ def test_dominant_dtype_counts_elements():
     ts = [torch.zeros(10, dtype=torch.bfloat16), torch.zeros(3), torch.zeros(100, dtype=torch.int64)]
     assert dominant_dtype(ts) == torch.bfloat16
     assert dominant_dtype([torch.zeros(2, dtype=torch.int32)]) == torch.float32
+
+
+def test_a_removed_directory_vanishes_before_its_files_are_deleted(tmp_path, monkeypatch):
+    """A crash during the deletion (simulated: rmtree dies at once) leaves no visible half folder."""
+    from hybridlm.checkpoint import io
+    from hybridlm.train.listing import list_checkpoints
+
+    for step in (1, 2):
+        (tmp_path / f"step-{step:06d}").mkdir()
+        (tmp_path / f"step-{step:06d}" / ".metadata").write_text("x")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.remove_directory(tmp_path / "step-000001")
+    assert list_checkpoints(tmp_path) == [tmp_path / "step-000002"]
+    monkeypatch.undo()
+    io.remove_directory(tmp_path / "step-000002")
+    io.remove_directory(tmp_path / "step-000002")  # already gone: nothing to do
+    assert list_checkpoints(tmp_path) == []

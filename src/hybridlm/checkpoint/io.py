@@ -57,6 +57,18 @@ def publish(file: Path) -> None:
     fsync(file)
 
 
+def remove_directory(path: Path) -> None:
+    """Delete ``path`` so that it vanishes at once: renamed to a hidden ``.name.del-<id>`` first (one
+    atomic step), then removed. A crash mid-way leaves only the hidden folder, never a visible half
+    (a listing would otherwise show a checkpoint that no longer loads)."""
+    hidden = path.parent / f".{path.name}.del-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def temp_directory(path: Path, unique: bool = True) -> Path:
     """A fresh empty directory beside ``path``: ``.name.tmp-<id>``, or ``.name.tmp`` (a name every rank
     of a distributed save can compute) when not ``unique``; mode as a plain ``mkdir``."""

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.io import full_cpu
+from ..checkpoint.io import full_cpu, remove_directory
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
@@ -343,7 +342,7 @@ class Trainer:
         self._saved_step = self.step
         if self.is_main:
             for p in list_checkpoints(self.run_dir / CHECKPOINTS)[: -self.run.train.keep_checkpoints]:
-                shutil.rmtree(p, ignore_errors=True)
+                remove_directory(p)
         return path
 
     def _stop_for_signal(self, signals: StopSignals) -> None:
