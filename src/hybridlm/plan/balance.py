@@ -10,10 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-# Segments whose cost is within this relative distance of the optimum count as optimal, so that
-# float rounding in prefix sums cannot make the second pass miss the optimum.
-_REL_TOL = 1e-9
-
 
 def segment_costs(
     costs: Sequence[float], cuts: Sequence[int], first_extra: float = 0.0, last_extra: float = 0.0
@@ -47,10 +43,23 @@ def balanced_cuts(costs: Sequence[float], k: int, first_extra: float = 0.0, last
     """
     n = len(costs)
     _check(n, k)
-    prefix = [0.0, *itertools.accumulate(float(c) for c in costs)]
+    # Every segment's cost computed once, with the additions in the order segment_costs makes them,
+    # so both passes and any caller comparing layouts see the same floats. (Prefix-sum differences
+    # round differently; the tolerance that papered over it let a costlier slowest stage through.)
+    table = [[0.0] * (n + 1) for _ in range(n + 1)]
+    for i in range(n):
+        acc = 0
+        for j in range(i + 1, n + 1):
+            acc = acc + costs[j - 1]
+            c = float(acc)
+            if i == 0:
+                c += first_extra
+            if j == n:
+                c += last_extra
+            table[i][j] = c
 
     def seg(i: int, j: int) -> float:
-        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0.0) + (last_extra if j == n else 0.0)
+        return table[i][j]
 
     inf = float("inf")
     # worst[s][j]: smallest possible largest cost when blocks [0, j) form s segments.
@@ -59,7 +68,7 @@ def balanced_cuts(costs: Sequence[float], k: int, first_extra: float = 0.0, last
     for s in range(1, k + 1):
         for j in range(s, n - (k - s) + 1):
             worst[s][j] = min(max(worst[s - 1][i], seg(i, j)) for i in range(s - 1, j))
-    limit = worst[k][n] * (1 + _REL_TOL) + _REL_TOL
+    limit = worst[k][n]
 
     # Second pass: least sum of squares among segmentations whose segments all stay within `limit`.
     square = [[inf] * (n + 1) for _ in range(k + 1)]
