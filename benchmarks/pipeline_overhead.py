@@ -76,7 +76,8 @@ def main() -> None:
             for s in range(0, args.batch, args.micro):
                 part = {k: v[s : s + args.micro] for k, v in data.items()}
                 with autocast():
-                    out = model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"])
+                    # As the trainer calls it: the chunked head + loss (no float32 logits of the batch).
+                    out = model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
                 (out.loss * ((part["labels"] != -100).sum() / valid)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
