@@ -317,3 +317,16 @@ def test_model_with_triton_kernels_matches_torch_path():
     assert_rel_close(results["triton"][0], results["torch"][0], 1e-6, "loss")
     for name, g in results["torch"][1].items():
         assert_rel_close(results["triton"][1][name], g, 1e-5, name)
+
+
+def test_a_compiled_caller_still_records_the_kernel_path():
+    """Tracing skips the record (it would be a side effect of tracing only); the custom op records
+    when the compiled graph runs it, so a compiled training run still reports its kernels."""
+    x, w, b = conv_inputs(1, 9, 8, 4, bias=True)
+    fn = torch.compile(lambda x: causal_conv1d(x, w, b, None, "silu"), backend="eager", fullgraph=True)
+    with use_kernels("triton"):
+        fn(x)  # traces and runs once
+        reset_paths()
+        fn(x)  # runs the compiled graph only
+    assert paths_used() == {"causal_conv1d": "triton"}
+    torch._dynamo.reset()

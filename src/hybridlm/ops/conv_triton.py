@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import record
+
 # Tile sizes (time × channels). Channels are the contiguous dim of x, so BLOCK_C sets the width
 # of each coalesced load; BLOCK_L trades the K-1 halo rows re-read per tile against registers.
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 64, 128, 4
@@ -217,6 +219,7 @@ def _seq(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
 def _conv_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
+    record("causal_conv1d", "triton")  # also at run time inside compiled graphs (tracing records nothing)
     B, L, C = x.shape
     K = weight.shape[1]
     out = torch.empty(B, L, C, dtype=x.dtype, device=x.device)

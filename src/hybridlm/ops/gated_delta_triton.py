@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .dispatch import record
+
 #: ``tl.dot``'s input precision for float32 operands: "tf32" (tensor cores: operands rounded to a
 #: 10-bit mantissa, sums in float32), "tf32x3" (about float32 products, three tf32 products each)
 #: or "ieee". On an H200 (b=4, l=4096, 16 heads x 128) "tf32" ran fwd+bwd in 6.2 ms with bf16
@@ -443,6 +445,7 @@ def _fwd_op(
     scale: float,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    record("gated_delta", "triton")  # also at run time inside compiled graphs (tracing records nothing)
     return _fwd_impl(q, k, v, gc, beta, doc, h0, scale, chunk)
 
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import record
+
 # Largest row (add_rms_norm) or group (gated norm) one program holds in registers.
 MAX_BLOCK_N = 65536
 # Programs that accumulate weight-gradient partials: each loops over a share of the row tiles.
@@ -127,6 +129,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _gated_fwd(
     y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    record("gated_rms_norm", "triton")  # also at run time inside compiled graphs (tracing records nothing)
     y, z = _rows(y), _rows(z)
     M, D = y.shape
     G = D // group_size
@@ -300,6 +303,7 @@ def _add_norm_bwd_kernel(
 def _add_norm_fwd(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    record("add_rms_norm", "triton")  # also at run time inside compiled graphs (tracing records nothing)
     x, delta = _rows(x), _rows(delta)
     M, D = x.shape
     dtype = torch.promote_types(x.dtype, delta.dtype)

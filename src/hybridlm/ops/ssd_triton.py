@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import record
+
 #: Precision of float32 tensor-core products (float32 inputs, or fp16 inputs times a float32
 #: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
 DOT_PRECISION = "tf32x3"
@@ -704,6 +706,7 @@ def ssd_chunk_scan(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton SSD forward: ``(y (b, l, h, p) in x's dtype, final state (b, h, p, n) float32)``."""
+    record("ssd", "triton")  # also at run time inside compiled graphs (tracing records nothing)
     with _launch_context(x):
         return _forward(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
 
