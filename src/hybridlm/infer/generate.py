@@ -9,6 +9,7 @@ reference: every new token reruns the full forward over the whole sequence, one 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -162,29 +163,34 @@ def generate(
         raise ValueError(f"cuda_graph needs the model on a CUDA device, not {device}")
     was_training = model.training
     model.eval()
+    # Kernels (Triton's especially) launch on the current CUDA device: make it the model's (cuda:1 too).
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        if max_new_tokens == 0:
-            out = [[] for _ in rows]
-        elif speculative == "mtp":
-            from .speculative import mtp_generate
+        with on_device:
+            if max_new_tokens == 0:
+                out = [[] for _ in rows]
+            elif speculative == "mtp":
+                from .speculative import mtp_generate
 
-            if temperature != 0 or repetition_penalty != 1.0:
-                raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
-            if cuda_graph:
-                raise ValueError("cuda_graph is not supported with speculative decoding")
-            out = [
-                mtp_generate(model, row, max_new_tokens, eos_id, prefill_chunk_size, _row_callback(callback, i), stats)
-                for i, row in enumerate(rows)
-            ]
-        elif not use_cache:
-            out = [
-                _generate_uncached(model, row, max_new_tokens, sampler, eos_id, _row_callback(callback, i), stats)
-                for i, row in enumerate(rows)
-            ]
-        else:
-            out = _generate_cached(
-                model, rows, max_new_tokens, sampler, eos_id, prefill_chunk_size, callback, stats, cuda_graph
-            )
+                if temperature != 0 or repetition_penalty != 1.0:
+                    raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
+                if cuda_graph:
+                    raise ValueError("cuda_graph is not supported with speculative decoding")
+                out = [
+                    mtp_generate(
+                        model, row, max_new_tokens, eos_id, prefill_chunk_size, _row_callback(callback, i), stats
+                    )
+                    for i, row in enumerate(rows)
+                ]
+            elif not use_cache:
+                out = [
+                    _generate_uncached(model, row, max_new_tokens, sampler, eos_id, _row_callback(callback, i), stats)
+                    for i, row in enumerate(rows)
+                ]
+            else:
+                out = _generate_cached(
+                    model, rows, max_new_tokens, sampler, eos_id, prefill_chunk_size, callback, stats, cuda_graph
+                )
     finally:
         model.train(was_training)
     return out[0] if single else out
@@ -328,7 +334,8 @@ class _TokenReader:
     def start(self, tokens: torch.Tensor) -> None:
         if self.cuda:
             self.host.copy_(tokens, non_blocking=True)
-            self.event.record()
+            # On the tokens' device's stream (not the current device's): the model may live on cuda:1.
+            self.event.record(torch.cuda.current_stream(tokens.device))
         else:
             self.tokens = tokens
 
