@@ -33,7 +33,7 @@ def _flex_available() -> bool:
 FLEX_MIN_HEAD_DIM = 16
 
 
-def use_flex(seq_idx: torch.Tensor | None, head_dim: int = FLEX_MIN_HEAD_DIM) -> bool:
+def use_flex(seq_idx: torch.Tensor | None, head_dim: int) -> bool:
     """True when packed attention runs through FlexAttention (CUDA, kernels not forced to torch,
     heads of at least :data:`FLEX_MIN_HEAD_DIM`)."""
     return (
