@@ -96,7 +96,8 @@ class Block(nn.Module):
             out, aux = self._forward(x, ctx)
         # Recorded here, outside the checkpointed function: a recomputation returns its own copy,
         # which the checkpoint discards (only its saved tensors are used), so the loss has one term.
-        ctx.aux_losses.extend(aux)
+        if aux:
+            _record_aux_losses(ctx, aux)
         return out
 
     def _forward(self, x: torch.Tensor, ctx: SequenceContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -114,6 +115,18 @@ class Block(nn.Module):
         """``gen_for(i)`` gives the generator of canonical layer ``i``."""
         for j, layer in enumerate(self.layers):
             layer.init_weights(gen_for(self.layer_offset + j), std, out_std)
+
+
+@torch.compiler.disable
+def _record_aux_losses(ctx: SequenceContext, aux: list[torch.Tensor]) -> None:
+    """Append a block's auxiliary losses to the forward's list, outside any compiled graph.
+
+    Traced inside a compiled block, the append would make dynamo guard on the list's length, which
+    differs at every block: each MoE block would get its own graph, and past the recompile limit
+    the rest would run eagerly. Here it costs one graph break at the end of the blocks that have
+    auxiliary losses, and nothing elsewhere.
+    """
+    ctx.aux_losses.extend(aux)
 
 
 def _blocks(config: ModelConfig, blocks: tuple[str, ...], offsets: tuple[int, ...]) -> nn.ModuleDict:

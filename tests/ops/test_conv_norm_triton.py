@@ -9,7 +9,7 @@ import torch
 
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
-from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_reference, rms_norm_reference
+from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference
 from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
 
 pytestmark = requires_triton
@@ -162,6 +162,30 @@ def test_triton_add_rms_norm_mixed_dtypes_follow_type_promotion():
     assert x.grad.dtype == torch.float32 and delta.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_rms_norm_forward_matches_float64(dtype):
+    """The inference norm: a strided (column-slice) input, rows of a width that is not a power of two."""
+    wide = torch.randn(3, 7, 3 * 40, device=DEV, dtype=dtype)
+    x, w = wide[..., 40:80], 1 + 0.3 * torch.randn(40, device=DEV)
+    reset_paths()
+    with torch.no_grad(), use_kernels("triton"):
+        got = rms_norm(x, w, EPS)
+    assert paths_used() == {"rms_norm": "triton"}
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_rel_close(got, rms_norm_reference(x.double(), w, EPS), 1e-6, "rms_norm")
+
+
+def test_rms_norm_keeps_the_torch_path_when_a_gradient_is_wanted():
+    """The Triton norm is forward-only: a call that needs a gradient runs the reference, and records nothing else."""
+    x = torch.randn(4, 16, device=DEV, requires_grad=True)
+    w = torch.ones(16, device=DEV)
+    reset_paths()
+    with use_kernels("triton"):
+        rms_norm(x, w, EPS).sum().backward()
+    assert "rms_norm" not in paths_used()
+    assert_rel_close(x.grad, torch.autograd.grad(rms_norm_reference(x.double(), w, EPS).sum(), x)[0], 1e-5, "dx")
+
+
 # --------------------------------------------------------------------------------------------- dispatch, compile
 
 
@@ -293,6 +317,18 @@ def test_gpu_add_rms_norm_bf16_within_twice_the_rounded_reference():
         "add_rms_norm",
     )
     assert paths_used()["add_rms_norm"] == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_rms_norm_bf16_within_twice_the_rounded_reference():
+    M, D = 16384, 2048
+    x, w = torch.randn(M, D, device="cuda"), 1 + 0.2 * torch.randn(D, device="cuda")
+    xb, wb = x.bfloat16(), w.bfloat16()
+    reset_paths()
+    with torch.no_grad():
+        got = rms_norm(xb, wb, EPS)
+    assert paths_used()["rms_norm"] == "triton" and got.dtype == torch.bfloat16
+    assert_bf16_within(got, rms_norm_reference(x.double(), w, EPS), rms_norm_reference(xb.double(), wb, EPS), 2.0, "rms_norm")
 
 
 def test_model_with_triton_kernels_matches_torch_path():

@@ -106,3 +106,29 @@ def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
             with torch.no_grad():
                 model(ids)
     torch._dynamo.reset()
+
+
+def test_blocks_with_auxiliary_losses_share_one_compiled_graph(monkeypatch):
+    """Each MoE block appends its load-balancing loss to the forward's list. Traced inside the
+    compiled block, that append made dynamo guard on the list's length, so every MoE block got a
+    graph of its own, and past the recompile limit the rest ran eagerly (seen on the H200 with
+    ``bench-moe-1b``). Six blocks of one kind must fit the limit ``compile_blocks`` sets for one
+    kind, and every block's loss is still counted once."""
+    import torch._dynamo.config as dynamo_config
+
+    from hybridlm.layers.moe import Experts
+
+    # The expert path without a host sync, as grouped_mm is on CUDA (the CPU loop splits by
+    # counts on the host, a graph break that would hide the guard this test is about).
+    monkeypatch.setattr(Experts, "forward", Experts.dense)
+    torch._dynamo.reset()
+    config = tiny_config("EEEEEE", moe_aux_loss_coeff=0.01)
+    ids = torch.randint(0, 97, (2, 9))
+    eager = HybridLM(config, seed=0)(ids, torch.roll(ids, -1, 1))
+    model = HybridLM(config, seed=0)
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=1):
+        compile_blocks(model, backend="eager")  # raises the limit to what one block kind needs
+        out = model(ids, torch.roll(ids, -1, 1))
+    torch._dynamo.reset()
+    assert_rel_close(out.aux_loss, eager.aux_loss, 1e-6, "aux loss")
+    assert_rel_close(out.loss, eager.loss, 1e-6, "loss")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .dispatch import choose, triton_available
 
 if triton_available():
-    from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton
+    from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -17,11 +17,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Args:
         x: (..., D) activations of any float dtype; the result has the same dtype.
         weight: (D,) scale.
+
+    On CUDA, when no gradient is wanted (inference) and outside ``torch.compile``, one forward-only
+    Triton kernel runs instead; training and compiled code keep this reference, which inductor
+    fuses with its neighbours.
     """
+    if not _wants_grad(x, weight) and not torch.compiler.is_compiling() and choose("rms_norm", x, weight) == "triton":
+        return rms_norm_triton(x, weight, eps)
+    return _rms_norm_torch(x, weight, eps)
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalize in float32 (bf16 has too few mantissa bits for the mean of squares), then
     # scale and cast back, as Hugging Face's NemotronH does.
     out = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
     return out.to(x.dtype)
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def add_rms_norm(
@@ -48,7 +62,7 @@ def add_rms_norm(
     if choose("add_rms_norm", x, delta, weight) == "triton":
         return add_rms_norm_triton(x, delta, weight, eps)
     h = x + delta
-    return h, rms_norm(h, weight, eps)
+    return h, _rms_norm_torch(h, weight, eps)
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:

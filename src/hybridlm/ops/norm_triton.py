@@ -233,6 +233,7 @@ def _add_norm_fwd_kernel(
     sx,
     sd,
     eps,
+    HAS_DELTA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -240,18 +241,20 @@ def _add_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr + r64 * sd + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # Round the sum to h's dtype first, then normalize the rounded h: exactly what
-    # ``h = x + delta; rms_norm(h)`` computes.
-    h = (x + d).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + r64 * D + cols[None, :], h, mask=mask)
-    h = h.to(tl.float32)
+    h = tl.load(x_ptr + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + r64 * sd + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Round the sum to h's dtype first, then normalize the rounded h: exactly what
+        # ``h = x + delta; rms_norm(h)`` computes.
+        h = (h + d).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + r64 * D + cols[None, :], h, mask=mask)
+        h = h.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / D + eps)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     out = h * rstd[:, None] * w[None, :]
     tl.store(out_ptr + r64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+    if HAS_DELTA:  # the backward's saved statistic (the forward-only plain norm needs none)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
 @triton.jit
@@ -315,7 +318,7 @@ def _add_norm_fwd(
         return h, out, rstd
     _add_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, delta, weight, h, out, rstd, M, D, x.stride(0), delta.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        HAS_DELTA=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return h, out, rstd
 
@@ -405,3 +408,32 @@ def add_rms_norm_triton(
         )
     h, out, _ = _add_norm_fwd(x.reshape(-1, D), delta.reshape(-1, D), weight, eps)
     return h.view(x.shape), out.view(x.shape)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Forward-only Triton path of :func:`hybridlm.ops.norm.rms_norm`, for inference.
+
+    One launch in place of the reference's casts, norm and cast back: a decode step runs a norm
+    per layer on a single token, where launches, not bytes, are the cost. Training keeps the
+    torch path (inductor fuses it with its neighbours inside compiled blocks), so this has no
+    autograd formula; the dispatcher calls it only when no gradient is wanted.
+
+    Args:
+        x: (..., D) activations of any float dtype; weight: (D,).
+
+    Returns:
+        (..., D) in ``x``'s dtype, normalized in float32.
+    """
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}: need weight (D,) = ({D},)")
+    rows = _rows(x.reshape(-1, D))
+    M = rows.shape[0]
+    out = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    if M:
+        block_m, block_n, warps = _tile(D)
+        _add_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+            rows, rows, weight, out, out, out, M, D, rows.stride(0), 0, eps,
+            HAS_DELTA=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
+    return out.view(x.shape)
