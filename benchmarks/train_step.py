@@ -59,6 +59,9 @@ def packed_batches(count: int, batch: int, seq: int, vocab: int, seed: int = 0) 
     return out
 
 
+COMPILE_MODE: str | None = None  # --compile-mode: torch.compile's mode for our blocks
+
+
 def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.Module:
     from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 
@@ -66,7 +69,7 @@ def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.
     if ac:
         apply_activation_checkpointing(model, ac)
     if compile_:
-        compile_blocks(model)
+        compile_blocks(model, **({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
     return model
 
 
@@ -127,11 +130,14 @@ def profile_step(build, step, batches, label: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(model, batches[0])
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+    wall_ms = 1e3 * (time.perf_counter() - t0)
     kinds = [
         ("GEMM", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|_mm_|grouped"),
         ("attention", r"flash|fmha|cudnn|attention|flex"),
@@ -160,6 +166,15 @@ def profile_step(build, step, batches, label: str) -> None:
     print("|---|---|---|")
     for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {ms:.1f} | {100 * ms / total:.1f} % |")
+    # When the wall time exceeds the kernel time, the GPU waited for the host: the host ops that
+    # cost most (self time, under the profiler's own overhead) say what it was doing.
+    host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    host_ms = sum(e.self_cpu_time_total for e in host) / 1e3
+    print(f"host side ({label}): profiled step {wall_ms:.1f} ms wall, {host_ms:.1f} ms of host op self time")
+    print("| host op | calls | self ms |")
+    print("|---|---|---|")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:14]:
+        print(f"| {e.key[:70]} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} |")
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
@@ -212,7 +227,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
     ap.add_argument("--ac", default=None, help="activation checkpointing policy (train.ac_policy), e.g. selective")
     ap.add_argument("--variants", default="unfused,fused", help="which of ours to run")
-    ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind")
+    ap.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode for our blocks, e.g. reduce-overhead (CUDA graphs)"
+    )
+    ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind, and host ops")
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
 
@@ -229,6 +247,8 @@ def main() -> None:
 
     base = ModelConfig.preset(args.preset)
     compile_ = not args.no_compile
+    global COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
     rate = measure_matmul_flops(torch.device("cuda"), n=8192, iters=30)
     params = float(HybridLM(base, device="meta").num_params())
     print(
@@ -237,7 +257,9 @@ def main() -> None:
     )
     print(
         f"model {args.preset}: {params / 1e9:.3f}B parameters · AdamW fused · ours: fp32 master weights, bf16 "
-        f"autocast, {'compiled' if compile_ else 'eager'} blocks, packed rows" + (f", AC {args.ac}" if args.ac else "")
+        f"autocast, {'compiled' if compile_ else 'eager'} blocks, packed rows"
+        + (f" (mode {args.compile_mode})" if compile_ and args.compile_mode else "")
+        + (f", AC {args.ac}" if args.ac else "")
     )
     if hf_path:
         print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")
