@@ -74,6 +74,8 @@ def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.
 
 
 def ours_step(model, batch) -> torch.Tensor:
+    if COMPILE_MODE in ("reduce-overhead", "max-autotune"):  # CUDA graphs: as the trainer marks each step
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"], return_logits=False)
     out.loss.backward()

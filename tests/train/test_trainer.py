@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hybridlm
-from hybridlm.errors import DataError
+from hybridlm.errors import ConfigError, DataError
 from hybridlm.train.config import RunConfig
 from hybridlm.train.trainer import Trainer
 
@@ -108,3 +108,10 @@ def test_a_run_leaves_its_outputs(tmp_path):
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(DataError, match="no checkpoint to resume from"):
         Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
+    """reduce-overhead records CUDA graphs: on CPU the trainer refuses it, naming the field, before any step."""
+    run = tiny_run("train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu")
+    with pytest.raises(ConfigError, match="train.compile_mode: 'reduce-overhead' records CUDA graphs"):
+        Trainer(run, run_dir=tmp_path / "a", progress=False)

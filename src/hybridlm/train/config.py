@@ -73,6 +73,12 @@ class OptimConfig:
     moe_expert_bias_rate: float = 1e-3  #: step of the aux-loss-free expert-bias update
 
 
+#: ``train.compile_mode`` values: torch.compile's modes. The two marked in CUDA_GRAPH_MODES record
+#: CUDA graphs, so the trainer marks where each step begins (``cudagraph_mark_step_begin``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -86,6 +92,9 @@ class TrainConfig:
     #: norms, conv, scans) or per block kind, e.g. "M=selective,*=full,-=none"
     ac_policy: str = "full"
     compile: bool = False  #: torch.compile each block
+    #: with compile: torch.compile's mode; "reduce-overhead" replays each block as CUDA graphs
+    #: (one CUDA process, no pipeline stages), which pays where the host cannot keep the GPU busy
+    compile_mode: str = "default"
     threads: int | None = None  #: CPU threads for torch (None = torch's default)
     log_every: int = 20
     eval_every: int = 50
@@ -258,6 +267,8 @@ class RunConfig:
             parse_ac_policy(t.ac_policy, "full")
         except ValueError as e:
             raise ConfigError("train.ac_policy", str(e)) from None
+        if t.compile_mode not in COMPILE_MODES:
+            raise ConfigError("train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
         if t.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
         if t.device not in ("auto", "cpu", "cuda") and not (

@@ -27,7 +27,7 @@ from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
-from .config import RunConfig
+from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest
@@ -171,8 +171,16 @@ class Trainer:
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
+        # CUDA graphs (reduce-overhead) replay the blocks with static buffers: one process, one device.
+        self.cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
+        if self.cuda_graphs and (self.world > 1 or self.device.type != "cuda"):
+            raise ConfigError(
+                "train.compile_mode",
+                f"{t.compile_mode!r} records CUDA graphs: it needs one CUDA process (here {self.world} "
+                f"process(es) on {self.device.type}); use 'default' or 'max-autotune-no-cudagraphs'",
+            )
         if t.compile and self.pipeline is None:
-            compile_blocks(self.model)
+            compile_blocks(self.model, **({} if t.compile_mode == "default" else {"mode": t.compile_mode}))
         if self.world > 1 and self.pipeline is None:
             # Losses are divided by the labelled tokens of all processes: gradients are summed.
             apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
@@ -254,6 +262,7 @@ class Trainer:
                 part = {k: v[start : start + self.micro] for k, v in batch.items()}
                 if self.world > 1:  # reduce gradients once, after the last micro-batch
                     self.model.set_requires_gradient_sync(start + self.micro >= self.local_batch)
+                self._mark_graph_step()
                 with self._autocast():
                     out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
                 # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
@@ -293,6 +302,15 @@ class Trainer:
         return valid.clamp(min=1)
 
     @torch.no_grad()
+    def _mark_graph_step(self) -> None:
+        """Before each forward under CUDA graphs: the previous forward's graph outputs may be reused.
+
+        Without the mark, cudagraph trees see each block's forward while earlier blocks' backwards
+        are pending and leave the fast replay path (measured: 4 x 4096 steps 1.7x slower).
+        """
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def evaluate(self) -> float | None:
         """Mean next-token loss (nats per token) over a fixed set of validation rows."""
         if self.val_rows is None:
@@ -306,6 +324,7 @@ class Trainer:
         else:
             for start in range(0, len(mine), self.micro):
                 part = self._to_device(self.val_rows.rows(mine[start : start + self.micro]))
+                self._mark_graph_step()
                 with self._autocast():
                     out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
                 n = (part["labels"] != -100).sum().item()
