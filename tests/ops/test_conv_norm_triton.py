@@ -328,7 +328,9 @@ def test_gpu_rms_norm_bf16_within_twice_the_rounded_reference():
     with torch.no_grad():
         got = rms_norm(xb, wb, EPS)
     assert paths_used()["rms_norm"] == "triton" and got.dtype == torch.bfloat16
-    assert_bf16_within(got, rms_norm_reference(x.double(), w, EPS), rms_norm_reference(xb.double(), wb, EPS), 2.0, "rms_norm")
+    assert_bf16_within(
+        got, rms_norm_reference(x.double(), w, EPS), rms_norm_reference(xb.double(), wb, EPS), 2.0, "rms_norm"
+    )
 
 
 def test_model_with_triton_kernels_matches_torch_path():

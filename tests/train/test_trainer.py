@@ -113,5 +113,5 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
     """reduce-overhead records CUDA graphs: on CPU the trainer refuses it, naming the field, before any step."""
     run = tiny_run("train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu")
-    with pytest.raises(ConfigError, match="train.compile_mode: 'reduce-overhead' records CUDA graphs"):
+    with pytest.raises(ConfigError, match=r"train\.compile_mode: 'reduce-overhead' records CUDA graphs"):
         Trainer(run, run_dir=tmp_path / "a", progress=False)

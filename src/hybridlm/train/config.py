@@ -268,7 +268,9 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError("train.ac_policy", str(e)) from None
         if t.compile_mode not in COMPILE_MODES:
-            raise ConfigError("train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+            raise ConfigError(
+                "train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}"
+            )
         if t.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
         if t.device not in ("auto", "cpu", "cuda") and not (
