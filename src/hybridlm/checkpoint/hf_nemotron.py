@@ -5,10 +5,8 @@ docs/checkpoints.md ("Hugging Face NemotronH").
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,13 @@ from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename,
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
-    atomic_directory,
     dominant_dtype,
     fit_problems,
     full_cpu,
     meta_shapes,
     read_json,
     weight_files,
-    write_safetensors,
+    write_directory,
 )
 from .weights import read_config, read_tensors, save_state_dict
 
@@ -259,19 +256,13 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
     src = Path(src)
     config = read_config(src)
     check_exportable(config)  # before reading any weights
-
-    def write(tmp: Path) -> None:
-        names = [n for n in weight_files(src) if not n.startswith("mtp.")]
-        try:
-            hf_config, tensors = export_nemotron_h(config, read_tensors(src, names))
-        except CheckpointError as e:
-            raise CheckpointError(f"{src}: {e}") from None
-        write_safetensors(tmp, tensors, max_shard_size)
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        for name, file in _aux_files(src).items():
-            shutil.copyfile(file, tmp / name)
-
-    return atomic_directory(dst, write, "a Hugging Face NemotronH directory", "model_type", HF_MODEL_TYPE)
+    names = [n for n in weight_files(src) if not n.startswith("mtp.")]
+    try:
+        hf_config, tensors = export_nemotron_h(config, read_tensors(src, names))
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src))
+    return write_directory(dst, tensors, hf_config, "model_type", "a Hugging Face NemotronH directory", **kw)
 
 
 # -- import ----------------------------------------------------------------------------------------

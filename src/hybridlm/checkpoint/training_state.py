@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import commit_directory, load_safetensors, read_json, temp_directory
+from .io import check_format, commit_directory, load_safetensors, read_json, temp_directory
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -145,10 +145,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     file = Path(path) / TRAINER_STATE
     missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
     state = read_json(file, missing)
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{file}: not a hybridlm training state")
-    if not isinstance(version := state.get("format_version"), int) or version > STATE_VERSION:
-        raise CheckpointError(f"{file}: format_version {version!r} is newer than this hybridlm reads")
+    check_format(state, file, "hybridlm training state", STATE_FORMAT, STATE_VERSION)
     return state
 
 
