@@ -108,13 +108,11 @@ def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: 
             publish(f)
     fsync(tmp)
     check()
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    with contextlib.suppress(FileNotFoundError):
         os.replace(path, old)
     os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     fsync(path.parent)
     return path
 
@@ -158,12 +156,8 @@ def write_directory(
             config = config | {checksums: {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            elif isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
+            content = content.read_bytes() if isinstance(content, Path) else content
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
         return commit_directory(tmp, path, check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
