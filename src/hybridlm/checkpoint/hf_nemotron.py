@@ -263,16 +263,13 @@ def _hf_layers(hf: Mapping[str, Any], source: str | Path) -> str:
     ``hybrid_override_pattern``, as in transformers."""
     types = hf.get("layers_block_type", hf.get("layer_types"))
     if types is not None:  # a list of layer types (current or legacy names)
-        key, kind, what, known = "layers_block_type", list, "layer types", SYMBOL_OF_LAYER_TYPE
-    else:  # a string of pattern symbols
-        types = hf.get("hybrid_override_pattern")
-        key, kind, what, known = "hybrid_override_pattern", str, "symbols", {s: s for s in LAYER_TYPES}
-    if types is None:
+        key, kind, what, known = "layers_block_type", "list of strings", "layer types", SYMBOL_OF_LAYER_TYPE
+    elif (types := hf.get("hybrid_override_pattern")) is not None:  # a string of pattern symbols
+        key, kind, what, known = "hybrid_override_pattern", "string", "symbols", {s: s for s in LAYER_TYPES}
+    else:
         raise CheckpointError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
-    if not isinstance(types, kind) or not all(isinstance(t, str) for t in types):
-        raise CheckpointError(
-            f"{source}: {key} must be a {'string' if kind is str else 'list of strings'}, got {types!r}"
-        )
+    if not isinstance(types, str if kind == "string" else list) or not all(isinstance(t, str) for t in types):
+        raise CheckpointError(f"{source}: {key} must be a {kind}, got {types!r}")
     unknown = sorted({t for t in types if t not in known})
     if unknown:
         raise CheckpointError(f"{source}: {key} has unknown {what} {unknown}; known: {', '.join(known)}")

@@ -128,13 +128,10 @@ def write_directory(
     extra_files: Mapping[str, str | bytes | Path] | None = None,
     checksums: str | None = None,
 ) -> Path:
-    """Write a weights directory atomically: ``tensors`` (see :func:`write_safetensors`), ``config`` as
-    config.json (plus, under key ``checksums``, each safetensors file's SHA-256) and ``extra_files``
-    (name -> text, bytes or a file to copy), into a fresh directory that is then renamed to ``path``.
-
-    An existing ``path`` keeps its content until that rename, and is replaced only if empty or if its
-    config.json has ``config``'s ``key`` value (else CheckpointError: ``what`` names the kind it must
-    be), checked before writing and again before the rename.
+    """Write ``tensors`` (see :func:`write_safetensors`), ``config`` as config.json (with each file's SHA-256 under
+    key ``checksums``) and ``extra_files`` (name -> text, bytes or a file to copy) into a fresh directory, then
+    rename it to ``path``. An existing ``path`` is replaced only if empty or its config.json has ``config``'s
+    ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
     path = Path(path)
 

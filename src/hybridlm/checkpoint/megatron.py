@@ -83,10 +83,8 @@ def _gdn_rule(c: ModelConfig) -> Rule:
 
 
 def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
-    """The rules of one canonical layer of kind ``symbol`` (suffixes after ``layers.{i}.``).
-
-    The pre-norm becomes the ``layer_norm_weight`` of the first linear Transformer Engine fuses it into.
-    """
+    """The rules of one layer of kind ``symbol`` (names after ``layers.{i}.``); the pre-norm becomes the
+    ``layer_norm_weight`` of the first linear Transformer Engine fuses it into."""
     if symbol == "M":
         return [
             rename("norm.weight", "mixer.in_proj.layer_norm_weight"),

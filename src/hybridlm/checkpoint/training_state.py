@@ -50,7 +50,7 @@ def _dcp(call: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[str, Any]:
-    """``states`` ({"model": ..., "optim": ...}) with each parameter name ``n`` replaced by ``rename(n, pattern)``."""
+    """``states`` ({"model": ..., "optim": ...}) with each parameter name replaced by ``rename(name, pattern)``."""
     p = model.config.parsed
 
     def key(part: str, k: str) -> str:
@@ -75,9 +75,8 @@ def _tensors_only(states: dict[str, Any]) -> dict[str, Any]:
 
 
 def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
-    """Put ``scheduler`` at the saved position. For a LambdaLR (hybridlm's schedules) only the
-    position is taken: the learning rates come from the optimizer's own base rates, so a changed
-    ``optim.lr`` applies (and equals the saved rates bit for bit when unchanged)."""
+    """Put ``scheduler`` at the saved position. A LambdaLR (hybridlm's schedules) takes only the position, its
+    rates coming from the optimizer's base rates: a changed ``optim.lr`` applies (unchanged: bitwise the saved)."""
     if not hasattr(scheduler, "lr_lambdas"):
         scheduler.load_state_dict(saved)
         return
@@ -152,11 +151,9 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 def load_training_state(
     path: str | Path, model: Module, optimizer: Optimizer | None = None, scheduler: Any = None, restore_rng: bool = True
 ) -> dict[str, Any]:
-    """Load a state written by :func:`save_training_state` into ``model`` (and optimizer, scheduler).
-
-    The model may differ from the one that saved in brackets, pipeline split and world size only. The
-    optimizer keeps its own hyperparameters (lr, betas, ...) and takes the saved moments and step
-    counts. Returns the trainer state (step, data position, ...).
+    """Load a state written by :func:`save_training_state` into ``model`` (and optimizer, scheduler), which may
+    differ from the saving one in brackets, pipeline split and world size only; returns the trainer state. The
+    optimizer keeps its own hyperparameters (lr, betas, ...) and takes the saved moments and step counts.
 
     Raises:
         CheckpointMismatchError: the checkpoint holds another model (the differences are listed).

@@ -135,12 +135,8 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU.
-
-    With ``verify`` (the default) each file read is checked against the SHA-256 that
-    :func:`save` wrote into ``config.json`` (checkpoints without checksums load unverified);
-    ``verify=False`` also reads a folder of safetensors that is no hybridlm checkpoint.
-    """
+    """Tensors (all, or ``names``) of checkpoint directory ``path``, on the CPU, each file read checked against its
+    SHA-256 in config.json unless not ``verify`` (which also reads safetensors folders that are no checkpoint)."""
     path, by_file = Path(path), {}
     files = weight_files(path)
     for name in files if names is None else names:
@@ -189,11 +185,8 @@ def config_for_pattern(config: ModelConfig, pattern: str | None) -> ModelConfig:
 
 
 def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy canonical ``tensors`` into ``model`` (any fusion; a pipeline stage takes the tensors it holds).
-
-    Every tensor the model has must be present with the right shape; tensors of layers the model
-    does not hold are expected only if the model is a pipeline stage. Refusals list the names.
-    """
+    """Copy canonical ``tensors`` into ``model`` (any fusion), refusing (listing names) missing or mis-shaped
+    tensors, and unexpected ones unless the model is a pipeline stage, which takes the tensors it holds."""
     p = model.config.parsed
     expected = to_canonical(model.state_dict(), p)
     is_stage = len(model.blocks) != p.num_blocks or model.embeddings is None or model.norm_f is None
