@@ -115,7 +115,7 @@ _HF_LEGACY_NAMES = {row[0]: row[4] for row in _KEYS if len(row) > 4}
 _STACKED = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
 
 
-# -- what can be exported --------------------------------------------------------------------------
+# -- export ----------------------------------------------------------------------------------------
 
 
 def check_exportable(config: ModelConfig) -> None:
@@ -150,9 +150,6 @@ def check_exportable(config: ModelConfig) -> None:
         raise CheckpointError(
             f"pattern '{config.pattern}' cannot be exported as Hugging Face NemotronH:\n  - " + "\n  - ".join(problems)
         )
-
-
-# -- export ----------------------------------------------------------------------------------------
 
 
 def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:

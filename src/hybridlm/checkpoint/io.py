@@ -68,17 +68,6 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def temp_directory(path: Path, unique: bool = True) -> Path:
-    """A fresh empty directory beside ``path``: ``.name.tmp-<id>``, or ``.name.tmp`` (a name every rank
-    of a distributed save can compute) when not ``unique``; mode as a plain ``mkdir``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" if unique else f".{path.name}.tmp")
-    if not unique:
-        shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)  # 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
-    return tmp
-
-
 def read_json(file: Path, missing: str) -> dict[str, Any]:
     """The JSON object in ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
     try:
@@ -146,7 +135,9 @@ def write_directory(
             raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
 
     check()
-    tmp = temp_directory(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp)  # 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
     try:
         write_safetensors(tmp, tensors, max_shard_size)
         if checksums:

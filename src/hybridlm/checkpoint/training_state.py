@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import check_format, commit_directory, load_safetensors, read_json, temp_directory
+from .io import check_format, commit_directory, load_safetensors, read_json
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -113,8 +114,9 @@ def save_training_state(
     """
     path, rank = Path(path), dist.get_rank() if _distributed() else 0
     tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
-    if rank == 0:
-        temp_directory(path, unique=False)
+    if rank == 0:  # fresh, with the mode of a plain mkdir
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()
     _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
