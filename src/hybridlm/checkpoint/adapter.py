@@ -61,10 +61,8 @@ def concat(canonical: tuple[str, ...], foreign: str) -> Rule:
 
 
 def per_expert(canonical: tuple[str, ...], foreign: str, num_experts: int) -> Rule:
-    """k stacked canonical (E, R, C) <-> E foreign (k*R, C), one per expert (``foreign`` names expert e as ``{e}``).
-
-    Each expert's k matrices are concatenated by rows in order, as :func:`concat` does for one MLP.
-    """
+    """k stacked canonical (E, R, C) <-> E foreign (k*R, C), each expert's k matrices concatenated by rows as
+    :func:`concat` does for one MLP (``foreign`` names expert e as ``{e}``)."""
     k = len(canonical)
 
     def pack(ts: list[Tensor]) -> list[Tensor]:

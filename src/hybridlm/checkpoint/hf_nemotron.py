@@ -1,14 +1,10 @@
-"""Hugging Face NemotronH (``model_type: nemotron_h``) export and import: config.json both ways plus a rule
-table on :mod:`hybridlm.checkpoint.adapter`. The layouts, and what a config must say to be exported, are in
-docs/checkpoints.md ("Hugging Face NemotronH").
-"""
+"""Hugging Face NemotronH (``model_type: nemotron_h``) export and import: a config.json key table and a rule
+table on :mod:`hybridlm.checkpoint.adapter` (docs/checkpoints.md, "Hugging Face NemotronH")."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,14 +17,13 @@ from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename,
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
-    atomic_directory,
     dominant_dtype,
     fit_problems,
     full_cpu,
     meta_shapes,
     read_json,
     weight_files,
-    write_safetensors,
+    write_directory,
 )
 from .weights import read_config, read_tensors, save_state_dict
 
@@ -120,16 +115,12 @@ _HF_LEGACY_NAMES = {row[0]: row[4] for row in _KEYS if len(row) > 4}
 _STACKED = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
 
 
-# -- what can be exported --------------------------------------------------------------------------
+# -- export ----------------------------------------------------------------------------------------
 
 
 def check_exportable(config: ModelConfig) -> None:
-    """Raise :class:`CheckpointError` listing every reason ``config``'s main stack cannot be computed by
-    Hugging Face NemotronH.
-
-    MTP depths are no reason: they are dropped on export. Only options of layer kinds the main
-    pattern uses are looked at, as :class:`ModelConfig` does.
-    """
+    """Raise :class:`CheckpointError` listing every reason why NemotronH cannot compute ``config``'s main stack
+    (MTP depths are dropped on export; only options of the layer kinds it uses count)."""
     c, used = config, set(config.parsed.layers)
     problems = [
         _UNSUPPORTED_SYMBOLS.get(s, f"'{s}' layers: not a NemotronH layer kind")
@@ -161,15 +152,9 @@ def check_exportable(config: ModelConfig) -> None:
         )
 
 
-# -- export ----------------------------------------------------------------------------------------
-
-
 def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """The ``config.json`` of ``config`` as NemotronH (the portable template of docs/checkpoints.md).
-
-    Options of layer kinds the main pattern does not use are left out (transformers' defaults
-    apply and no layer reads them). ``torch_dtype`` is the weights' dtype name, e.g. "bfloat16".
-    """
+    """The NemotronH ``config.json`` of ``config`` (weights in ``torch_dtype``), without the options of layer kinds
+    the main pattern does not use (no layer reads them)."""
     c = config
     layers = c.parsed.layers
     used = set(layers)
@@ -195,13 +180,10 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
 
 
 def _rules(c: ModelConfig, dtype: torch.dtype | None = None) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
-    """The rules of ``c``'s main stack and its canonical shapes (MTP left out: it is not exported, and may hold
-    layers that cannot be built). The file holds ``backbone.`` + name, one tensor per expert, always a head.
-
-    NemotronH always has a selection bias and a shared expert; on export (``dtype`` given) a model without
-    them is written with exact no-ops: a zero bias changes no routing decision, and a shared expert whose down
-    projection is zero adds ``down(act(up(x))) = 0``.
-    """
+    """The rules and canonical shapes of ``c``'s main stack (MTP is not exported): ``backbone.`` + name, one
+    tensor per expert, always a head. On export (``dtype`` given) a missing selection bias or shared expert,
+    which NemotronH always has, is written as exact no-ops: a zero bias changes no routing decision, and a
+    zero down projection adds ``down(act(up(x))) = 0``."""
     shapes = meta_shapes(c.replace(pattern=c.parsed.layers))
     rules = []
     for name in shapes:
@@ -225,13 +207,8 @@ def _rules(c: ModelConfig, dtype: torch.dtype | None = None) -> tuple[list[Rule]
 def export_nemotron_h(
     config: ModelConfig, canonical: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Express a model as Hugging Face NemotronH: ``(config.json dict, tensors under its file keys)``.
-
-    ``canonical`` are the model's canonical tensors (``mtp.*`` are dropped); the result holds contiguous
-    CPU tensors in the dtypes they had, no two sharing memory (safetensors refuses that).
-
-    Raises:
-        CheckpointError: the config is not exportable (:func:`check_exportable`), or the tensors do not fit it.
+    """(config.json, tensors under NemotronH's keys) of a model's canonical tensors (``mtp.*`` dropped), as
+    contiguous CPU tensors in their dtypes; CheckpointError when :func:`check_exportable` refuses or they do not fit.
     """
     check_exportable(config)
     canonical = {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}  # a DTensor is gathered
@@ -259,19 +236,13 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
     src = Path(src)
     config = read_config(src)
     check_exportable(config)  # before reading any weights
-
-    def write(tmp: Path) -> None:
-        names = [n for n in weight_files(src) if not n.startswith("mtp.")]
-        try:
-            hf_config, tensors = export_nemotron_h(config, read_tensors(src, names))
-        except CheckpointError as e:
-            raise CheckpointError(f"{src}: {e}") from None
-        write_safetensors(tmp, tensors, max_shard_size)
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        for name, file in _aux_files(src).items():
-            shutil.copyfile(file, tmp / name)
-
-    return atomic_directory(dst, write, "a Hugging Face NemotronH directory", "model_type", HF_MODEL_TYPE)
+    names = [n for n in weight_files(src) if not n.startswith("mtp.")]
+    try:
+        hf_config, tensors = export_nemotron_h(config, read_tensors(src, names))
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src))
+    return write_directory(dst, tensors, hf_config, "model_type", "a Hugging Face NemotronH directory", **kw)
 
 
 # -- import ----------------------------------------------------------------------------------------
@@ -285,22 +256,17 @@ def _hf_value(hf: Mapping[str, Any], name: str) -> Any:
 
 
 def _hf_layers(hf: Mapping[str, Any], source: str | Path) -> str:
-    """The pattern symbols of the file's layers (CheckpointError naming ``source`` when none are given or some
-    are unknown). ``layers_block_type`` (or its alias ``layer_types``) wins over ``hybrid_override_pattern``, as
-    in transformers.
-    """
+    """The pattern symbols of the file's layers; ``layers_block_type`` (alias ``layer_types``) wins over
+    ``hybrid_override_pattern``, as in transformers."""
     types = hf.get("layers_block_type", hf.get("layer_types"))
     if types is not None:  # a list of layer types (current or legacy names)
-        key, kind, what, known = "layers_block_type", list, "layer types", SYMBOL_OF_LAYER_TYPE
-    else:  # a string of pattern symbols
-        types = hf.get("hybrid_override_pattern")
-        key, kind, what, known = "hybrid_override_pattern", str, "symbols", {s: s for s in LAYER_TYPES}
-    if types is None:
+        key, kind, what, known = "layers_block_type", "list of strings", "layer types", SYMBOL_OF_LAYER_TYPE
+    elif (types := hf.get("hybrid_override_pattern")) is not None:  # a string of pattern symbols
+        key, kind, what, known = "hybrid_override_pattern", "string", "symbols", {s: s for s in LAYER_TYPES}
+    else:
         raise CheckpointError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
-    if not isinstance(types, kind) or not all(isinstance(t, str) for t in types):
-        raise CheckpointError(
-            f"{source}: {key} must be a {'string' if kind is str else 'list of strings'}, got {types!r}"
-        )
+    if not isinstance(types, str if kind == "string" else list) or not all(isinstance(t, str) for t in types):
+        raise CheckpointError(f"{source}: {key} must be a {kind}, got {types!r}")
     unknown = sorted({t for t in types if t not in known})
     if unknown:
         raise CheckpointError(f"{source}: {key} has unknown {what} {unknown}; known: {', '.join(known)}")
@@ -331,12 +297,8 @@ def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
 
 
 def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME) -> ModelConfig:
-    """The :class:`ModelConfig` that computes what Hugging Face NemotronH computes for config.json ``hf``
-    (read from ``source``, which every error names with each unsupported option).
-
-    Every MoE layer gets a shared expert and a selection bias (NemotronH always has both);
-    :func:`import_nemotron_h` drops them again where the weights are exactly zero.
-    """
+    """The :class:`ModelConfig` computing what NemotronH computes for config.json ``hf`` (read from ``source``,
+    which errors name), with a shared expert and selection bias in every MoE layer, as NemotronH has."""
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
     layers = _hf_layers(hf, source)
@@ -397,11 +359,8 @@ def _read_weights(path: Path, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Te
 
 
 def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
-    """Drop the selection biases, then the shared experts, if they are zero in every MoE layer.
-
-    Exact: a zero bias changes no choice, and a shared expert with a zero down projection adds
-    zero. This is how our own exports of models without them come back unchanged.
-    """
+    """Drop the selection biases, then the shared experts, if zero in every MoE layer (exact, see :func:`_rules`),
+    so that our own exports of models without them come back unchanged."""
     moe = [f"layers.{i}.mixer." for i, s in enumerate(config.parsed.layers) if s == "E"]
     for field, off, names in (  # names[0] decides: the bias, or the shared expert's down projection
         ("moe_router_expert_bias", False, ("gate.e_score_correction_bias",)),
@@ -416,18 +375,10 @@ def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor])
 
 
 def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face NemotronH directory (config.json plus model.safetensors, or an index and shards)
-    as our config and canonical tensors, in the file's dtypes, ready for ``save_state_dict``.
-
-    Accepts what transformers accepts (``model.`` keys, stacked experts, ``layers_block_type``, legacy
-    names) plus the singular ``embedding.weight`` of older files; drops MTP tensors (Hugging Face does not
-    run them) and selection biases and shared experts that are zero in every MoE layer (exactly: they
-    change nothing, so our own exports come back as they were). The model clamps dt at the file's
-    ``time_step_min`` as Hugging Face's forward does, and never ties its head.
-
-    Raises:
-        CheckpointError: an unreadable or unsupported directory, naming the file and each offending option or tensor.
-    """
+    """Our config and canonical tensors (in the file's dtypes) of a NemotronH directory, as transformers reads it
+    (``model.`` keys, stacked experts, ``layers_block_type``, legacy names; also ``embedding.weight``), without
+    MTP tensors and all-zero selection biases and shared experts. CheckpointError names the file and each
+    offending option or tensor."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (a Hugging Face model is a directory with {CONFIG_NAME})")
@@ -461,11 +412,8 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
 
 
 def convert_from_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert Hugging Face NemotronH directory ``src`` into hybridlm checkpoint directory ``dst``.
-
-    The tokenizer and generation files of ``src`` are copied along. ``dst`` is written
-    atomically and replaces only an empty directory or a hybridlm checkpoint.
-    """
+    """Convert NemotronH directory ``src``, with its tokenizer and generation files, into hybridlm checkpoint
+    ``dst`` (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
     src = Path(src)
     config, tensors = import_nemotron_h(src)
     return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=_aux_files(src))

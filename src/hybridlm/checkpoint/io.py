@@ -7,7 +7,6 @@ missing / unexpected / mis-shaped check. docs/checkpoints.md describes the forma
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -69,17 +68,6 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def temp_directory(path: Path, unique: bool = True) -> Path:
-    """A fresh empty directory beside ``path``: ``.name.tmp-<id>``, or ``.name.tmp`` (a name every rank
-    of a distributed save can compute) when not ``unique``; mode as a plain ``mkdir``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (f".{path.name}.tmp-{uuid.uuid4().hex[:8]}" if unique else f".{path.name}.tmp")
-    if not unique:
-        shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp)  # 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
-    return tmp
-
-
 def read_json(file: Path, missing: str) -> dict[str, Any]:
     """The JSON object in ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
     try:
@@ -93,17 +81,12 @@ def read_json(file: Path, missing: str) -> dict[str, Any]:
     return data
 
 
-def _check_replaceable(path: Path, key: str, value: str, what: str) -> None:
-    """Refuse (CheckpointError) unless ``path`` is absent, an empty directory, or one whose config.json
-    has ``key: value``; ``what`` names the kind of directory it must be."""
-    if not path.exists():
-        return
-    try:
-        empty_or_marked = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
-    except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
-        empty_or_marked = False
-    if not empty_or_marked:
-        raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
+def check_format(data: Mapping[str, Any], file: Path, kind: str, format: str, version: int) -> None:
+    """Refuse JSON ``data`` from ``file`` unless it is a ``kind`` (key ``format``) of at most ``version``."""
+    if data.get("format") != format:
+        raise CheckpointError(f"{file}: not a {kind}")
+    if not isinstance(v := data.get("format_version"), int) or v > version:
+        raise CheckpointError(f"{file}: format_version {v!r} is newer than this hybridlm reads ({version})")
 
 
 def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: None) -> Path:
@@ -114,28 +97,55 @@ def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: 
             publish(f)
     fsync(tmp)
     check()
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    with contextlib.suppress(FileNotFoundError):
         os.replace(path, old)
     os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     fsync(path.parent)
     return path
 
 
-def atomic_directory(path: str | Path, write: Callable[[Path], None], what: str, key: str, value: str) -> Path:
-    """``write(tmp)`` into a fresh directory, then :func:`commit_directory` it to ``path`` (which keeps its
-    old content until that rename). An existing ``path`` is replaced only if empty or its config.json has
-    ``key: value`` (else CheckpointError: ``what`` names the kind it must be), checked before ``write``
-    and again before the rename."""
+def write_directory(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    key: str,
+    what: str,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, str | bytes | Path] | None = None,
+    checksums: str | None = None,
+) -> Path:
+    """Write ``tensors`` (see :func:`write_safetensors`), ``config`` as config.json (with each file's SHA-256 under
+    key ``checksums``) and ``extra_files`` (name -> text, bytes or a file to copy) into a fresh directory, then
+    rename it to ``path``. An existing ``path`` is replaced only if empty or its config.json has ``config``'s
+    ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
+    """
     path = Path(path)
-    check = functools.partial(_check_replaceable, path, key, value, what)
+
+    def check() -> None:
+        if not path.exists():
+            return
+        try:
+            same = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == config[key]
+        except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
+            same = False
+        if not same:
+            raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
+
     check()
-    tmp = temp_directory(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp)  # 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
     try:
-        write(tmp)
+        write_safetensors(tmp, tensors, max_shard_size)
+        if checksums:
+            config = config | {checksums: {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            content = content.read_bytes() if isinstance(content, Path) else content
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
         return commit_directory(tmp, path, check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,13 +173,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
-
-
-def check_shard_name(index: Path, name: object) -> str:
-    """An index entry must name a file inside the checkpoint folder: a bare ``*.safetensors`` name."""
-    if not isinstance(name, str) or Path(name).name != name or "\\" in name or not name.endswith(".safetensors"):
-        raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder")
-    return name
 
 
 def full_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -215,10 +218,13 @@ def open_safetensors(file: Path) -> Iterator[Any]:
         raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
 
 
-def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of safetensors ``file``, on the CPU."""
+def load_safetensors(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (default: all) of safetensors ``file``, on the CPU."""
     with open_safetensors(file) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+        missing = sorted(set(names or ()) - set(f.keys()))
+        if missing:
+            raise CheckpointError(f"{file}: tensor {missing[0]} listed in the index is not in the file")
+        return {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
 
 
 def weight_files(path: str | Path) -> dict[str, str]:
@@ -232,42 +238,26 @@ def weight_files(path: str | Path) -> dict[str, str]:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")
-        for name in set(weight_map.values()):
-            if not (path / check_shard_name(index, name)).exists():
+        for name in set(weight_map.values()):  # a bare *.safetensors name: a file inside the checkpoint folder
+            if (
+                not isinstance(name, str)
+                or Path(name).name != name
+                or "\\" in name
+                or not name.endswith(".safetensors")
+            ):
+                raise CheckpointError(
+                    f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder"
+                )
+            if not (path / name).exists():
                 raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
         return dict(weight_map)
-    single = path / WEIGHTS_NAME
-    if not single.exists():
+    if not (path / WEIGHTS_NAME).exists():
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
-    with open_safetensors(single) as f:
+    with open_safetensors(path / WEIGHTS_NAME) as f:
         return dict.fromkeys(f.keys(), WEIGHTS_NAME)
 
 
-def read_safetensors(
-    path: Path, files: Mapping[str, str], names: Iterable[str]
-) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Tensors ``names`` of directory ``path`` onto the CPU (``files``: from :func:`weight_files`);
-    returns them and the names read from each file."""
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    out = {}
-    for file, keys in by_file.items():
-        with open_safetensors(path / file) as f:
-            missing = sorted(set(keys) - set(f.keys()))
-            if missing:
-                raise CheckpointError(f"{path / file}: tensor {missing[0]} listed in the index is not in the file")
-            out |= {k: f.get_tensor(k) for k in keys}
-    return out, by_file
-
-
 # -- checking --------------------------------------------------------------------------------------
-
-
-def listing(what: str, names: list[str], counted: bool = True) -> str:
-    """``what (n): a, b, ...`` with at most :data:`MAX_LISTED` names (``what: ...`` when not ``counted``)."""
-    more = f" ... ({len(names)} in all)" if len(names) > MAX_LISTED else ""
-    return f"{what}{f' ({len(names)})' if counted else ''}: " + ", ".join(names[:MAX_LISTED]) + more
 
 
 def fit_problems(
@@ -280,19 +270,20 @@ def fit_problems(
     counted: bool = True,
 ) -> list[str]:
     """Every way the name -> shape map ``shapes`` (read from ``source``) differs from ``expected``, a line
-    per kind. ``show`` writes a name (e.g. where it was read from); ``wrong_shape`` is the line of a
-    mis-shaped tensor."""
-    missing = [show(k) for k in expected if k not in shapes]
-    unexpected = [show(k) for k in sorted(shapes) if k not in expected]
+    per kind, at most :data:`MAX_LISTED` names each (with their number when ``counted``). ``show`` writes
+    a name (e.g. where it was read from); ``wrong_shape`` is the line of a mis-shaped tensor."""
+    problems = []
+    for what, names in (
+        ("missing tensors", [show(k) for k in expected if k not in shapes]),
+        ("unexpected tensors", [show(k) for k in sorted(shapes) if k not in expected]),
+    ):
+        if names:
+            more = f" ... ({len(names)} in all)" if len(names) > MAX_LISTED else ""
+            problems.append(f"{what}{f' ({len(names)})' if counted else ''}: " + ", ".join(names[:MAX_LISTED]) + more)
     wrong = [
         wrong_shape.format(name=show(k), source=source, got=tuple(shapes[k]), want=tuple(s))
         for k, s in expected.items()
         if k in shapes and tuple(shapes[k]) != tuple(s)
-    ]
-    problems = [
-        listing(what, names, counted)
-        for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected))
-        if names
     ]
     return problems + (["shape mismatches:\n    " + "\n    ".join(wrong)] if wrong else [])
 

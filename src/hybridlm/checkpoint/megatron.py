@@ -1,7 +1,5 @@
-"""Megatron-core ``HybridModel`` plain state dicts (TP=1, unfused, RMSNorm, no biases) <-> our canonical layout.
-
-A rule table on :mod:`hybridlm.checkpoint.adapter`; the name and packing table is in docs/checkpoints.md
-("Megatron-LM"). Layer ``i`` of our canonical layout is Megatron's ``decoder.layers.{i}``.
+"""Megatron-core ``HybridModel`` plain state dicts (TP=1, unfused, RMSNorm, no biases) <-> our canonical layout:
+a rule table on :mod:`hybridlm.checkpoint.adapter` (layer ``i`` is ``decoder.layers.{i}``; docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -30,9 +28,7 @@ from .adapter import (
 )
 from .io import MAX_LISTED, check_fit, full_cpu, load_safetensors, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
-
-#: Suffix of the file written next to an exported state dict, holding our ``ModelConfig`` as JSON.
-CONFIG_SIDECAR_SUFFIX = ".hybridlm.json"
+from .weights import read_config, read_tensors, save_state_dict
 
 
 def _qkv_rule(c: ModelConfig) -> Rule:
@@ -51,11 +47,8 @@ def _qkv_rule(c: ModelConfig) -> Rule:
 
 
 def _mlp_rules(c: ModelConfig, canonical: str, megatron: str, experts: int = 0) -> list[Rule]:
-    """An MLP's projections (``canonical``: e.g. ``mixer.``; ``megatron``: e.g. ``mlp.``) as fc1 / fc2; with
-    ``experts``, stacked experts (E, F, H) / (E, H, F) as Transformer Engine's grouped ``weight{e}``, one per expert.
-
-    SwiGLU's fc1 is ``[gate; up]``: Megatron's GLU applies the activation to the first half.
-    """
+    """An MLP's projections as fc1 / fc2 (SwiGLU's fc1 is ``[gate; up]``: Megatron's GLU activates the first half);
+    with ``experts``, stacked (E, F, H) / (E, H, F) as Transformer Engine's grouped ``weight{e}``, one per expert."""
     w = "" if experts else ".weight"  # our stacked experts are bare parameters (experts.up_proj), not Linears
     up = tuple(f"{canonical}{n}_proj{w}" for n in (("gate", "up") if c.mlp_activation == "swiglu" else ("up",)))
     fc1, fc2 = (f"{megatron}linear_fc{i}.weight" + ("{e}" if experts else "") for i in (1, 2))
@@ -90,10 +83,8 @@ def _gdn_rule(c: ModelConfig) -> Rule:
 
 
 def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
-    """The rules of one canonical layer of kind ``symbol`` (suffixes after ``layers.{i}.``).
-
-    The pre-norm becomes the ``layer_norm_weight`` of the first linear Transformer Engine fuses it into.
-    """
+    """The rules of one layer of kind ``symbol`` (names after ``layers.{i}.``); the pre-norm becomes the
+    ``layer_norm_weight`` of the first linear Transformer Engine fuses it into."""
     if symbol == "M":
         return [
             rename("norm.weight", "mixer.in_proj.layer_norm_weight"),
@@ -188,12 +179,11 @@ def _model_rules(c: ModelConfig) -> list[Rule]:
 
 
 def megatron_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in the Megatron state dict of a model with ``config``, in module order."""
+    """Name -> shape of every tensor (no ``_extra_state``) in the Megatron state dict of ``config``, in module order."""
     return foreign_shapes(_model_rules(config), canonical_shapes(config))
 
 
 def megatron_keys(config: ModelConfig) -> list[str]:
-    """The Megatron state-dict key set of a model with ``config`` (no ``_extra_state``), in module order."""
     return list(megatron_shapes(config))
 
 
@@ -217,22 +207,13 @@ def _is_extra_state(name: str) -> bool:
 
 
 def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our canonical state dict -> Megatron-core ``HybridModel``'s plain state dict, same dtypes (renamed tensors
-    pass through, repacked ones are new). Brackets in ``config.pattern`` do not matter.
-
-    Raises:
-        CheckpointError: ``canonical`` is not exactly the tensor set of ``config`` (listed by name).
-    """
+    """Our canonical state dict -> Megatron's plain one, same dtypes; CheckpointError listing what does not fit."""
     return to_foreign(_model_rules(config), canonical, canonical_shapes(config))
 
 
 def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Megatron's plain state dict -> our canonical one (inverse of :func:`to_megatron`); ``_extra_state``
-    entries are ignored, megatron-core 0.16's conv names and sequential experts' names accepted.
-
-    Raises:
-        CheckpointError: missing, unexpected or mis-shaped tensors, each listed by the name given.
-    """
+    """Inverse of :func:`to_megatron`, ignoring ``_extra_state``, accepting :data:`_ALIASES`' older names, and
+    listing missing, unexpected or mis-shaped tensors by the name given."""
     weights = {k: t for k, t in state.items() if not _is_extra_state(k)}
     state, given = normalize(weights, _ALIASES, "Megatron state dict")
     rules = _model_rules(config)
@@ -241,9 +222,6 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     hint = "".join(f"\n  hint: {why}" for end, why in _HINTS if any(re.search(end, k) for k in unexpected))
     check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
     return apply(rules, state, export=False)
-
-
-# -- files ------------------------------------------------------------------------------------------
 
 
 def _suffix(path: Path) -> str:
@@ -310,15 +288,13 @@ def load_megatron(path: str | Path) -> dict[str, Tensor]:
 
 
 def config_sidecar(path: str | Path) -> Path:
-    """Where our config JSON lives next to an exported Megatron file: ``<path>.hybridlm.json``."""
-    return Path(str(path) + CONFIG_SIDECAR_SUFFIX)
+    """Where our config JSON lives next to an exported Megatron file."""
+    return Path(f"{path}.hybridlm.json")
 
 
 def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
     """Convert hybridlm checkpoint directory ``src`` to Megatron state-dict file ``dst`` (.pt or .safetensors),
     with our config at ``<dst>.hybridlm.json`` for :func:`convert_from_megatron`. Returns ``dst``."""
-    from .weights import read_config, read_tensors
-
     dst = Path(dst)
     _suffix(dst)
     config = read_config(src)
@@ -330,8 +306,6 @@ def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
     (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
-    from .weights import save_state_dict
-
     state, sidecar = load_megatron(src), config_sidecar(src)
     if config is None and not sidecar.is_file():
         raise CheckpointError(

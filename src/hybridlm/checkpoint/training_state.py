@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import commit_directory, load_safetensors, read_json, temp_directory
+from .io import check_format, commit_directory, load_safetensors, read_json
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -50,7 +51,7 @@ def _dcp(call: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[str, Any]:
-    """``states`` ({"model": ..., "optim": ...}) with each parameter name ``n`` replaced by ``rename(n, pattern)``."""
+    """``states`` ({"model": ..., "optim": ...}) with each parameter name replaced by ``rename(name, pattern)``."""
     p = model.config.parsed
 
     def key(part: str, k: str) -> str:
@@ -75,9 +76,8 @@ def _tensors_only(states: dict[str, Any]) -> dict[str, Any]:
 
 
 def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
-    """Put ``scheduler`` at the saved position. For a LambdaLR (hybridlm's schedules) only the
-    position is taken: the learning rates come from the optimizer's own base rates, so a changed
-    ``optim.lr`` applies (and equals the saved rates bit for bit when unchanged)."""
+    """Put ``scheduler`` at the saved position. A LambdaLR (hybridlm's schedules) takes only the position, its
+    rates coming from the optimizer's base rates: a changed ``optim.lr`` applies (unchanged: bitwise the saved)."""
     if not hasattr(scheduler, "lr_lambdas"):
         scheduler.load_state_dict(saved)
         return
@@ -114,8 +114,9 @@ def save_training_state(
     """
     path, rank = Path(path), dist.get_rank() if _distributed() else 0
     tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
-    if rank == 0:
-        temp_directory(path, unique=False)
+    if rank == 0:  # fresh, with the mode of a plain mkdir
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()
     _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
@@ -145,21 +146,16 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     file = Path(path) / TRAINER_STATE
     missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
     state = read_json(file, missing)
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{file}: not a hybridlm training state")
-    if not isinstance(version := state.get("format_version"), int) or version > STATE_VERSION:
-        raise CheckpointError(f"{file}: format_version {version!r} is newer than this hybridlm reads")
+    check_format(state, file, "hybridlm training state", STATE_FORMAT, STATE_VERSION)
     return state
 
 
 def load_training_state(
     path: str | Path, model: Module, optimizer: Optimizer | None = None, scheduler: Any = None, restore_rng: bool = True
 ) -> dict[str, Any]:
-    """Load a state written by :func:`save_training_state` into ``model`` (and optimizer, scheduler).
-
-    The model may differ from the one that saved in brackets, pipeline split and world size only. The
-    optimizer keeps its own hyperparameters (lr, betas, ...) and takes the saved moments and step
-    counts. Returns the trainer state (step, data position, ...).
+    """Load a state written by :func:`save_training_state` into ``model`` (and optimizer, scheduler), which may
+    differ from the saving one in brackets, pipeline split and world size only; returns the trainer state. The
+    optimizer keeps its own hyperparameters (lr, betas, ...) and takes the saved moments and step counts.
 
     Raises:
         CheckpointMismatchError: the checkpoint holds another model (the differences are listed).

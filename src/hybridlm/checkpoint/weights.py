@@ -4,9 +4,7 @@ docs/checkpoints.md ("Published weights")."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,15 +19,15 @@ from .canonical import from_canonical, to_canonical
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
-    atomic_directory,
     check_fit,
+    check_format,
     dominant_dtype,
     file_sha256,
     full_cpu,
+    load_safetensors,
     read_json,
-    read_safetensors,
     weight_files,
-    write_safetensors,
+    write_directory,
 )
 
 FORMAT = "hybridlm"
@@ -83,21 +81,8 @@ def save_state_dict(
         "dtypes": dict(dtypes),
         "config": config.to_dict(),
     }
-
-    def write(tmp: Path) -> None:
-        write_safetensors(tmp, tensors, max_shard_size)
-        meta[CHECKSUMS_KEY] = {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        for name, content in (extra_files or {}).items():
-            target = tmp / name
-            if isinstance(content, Path):
-                shutil.copyfile(content, target)
-            elif isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content)
-
-    return atomic_directory(path, write, "a hybridlm checkpoint", "format", FORMAT)
+    kw = dict(max_shard_size=max_shard_size, extra_files=extra_files, checksums=CHECKSUMS_KEY)
+    return write_directory(path, tensors, meta, "format", "a hybridlm checkpoint", **kw)
 
 
 def save(
@@ -134,17 +119,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint is a directory (with {CONFIG_NAME} and safetensors files)")
-    file = path / CONFIG_NAME
-    meta = read_json(file, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
-    if meta.get("format") != FORMAT:
-        hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
-        hint = hint if meta.get("model_type") == "nemotron_h" else ""
-        raise CheckpointError(f"{file}: not a hybridlm checkpoint{hint}")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file}: format_version {version!r} is newer than this hybridlm reads ({FORMAT_VERSION})"
-        )
+    meta = read_json(path / CONFIG_NAME, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
+    hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
+    kind = "hybridlm checkpoint" + (hint if meta.get("model_type") == "nemotron_h" else "")
+    check_format(meta, path / CONFIG_NAME, kind, FORMAT, FORMAT_VERSION)
     return meta
 
 
@@ -157,15 +135,13 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``names``) from checkpoint directory ``path`` onto the CPU.
-
-    With ``verify`` (the default) each file read is checked against the SHA-256 that
-    :func:`save` wrote into ``config.json`` (checkpoints without checksums load unverified);
-    ``verify=False`` also reads a folder of safetensors that is no hybridlm checkpoint.
-    """
-    path = Path(path)
+    """Tensors (all, or ``names``) of checkpoint directory ``path``, on the CPU, each file read checked against its
+    SHA-256 in config.json unless not ``verify`` (which also reads safetensors folders that are no checkpoint)."""
+    path, by_file = Path(path), {}
     files = weight_files(path)
-    out, by_file = read_safetensors(path, files, list(files) if names is None else names)
+    for name in files if names is None else names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {k: t for file, keys in by_file.items() for k, t in load_safetensors(path / file, keys).items()}
     if verify:  # after the structural checks above, whose messages say more
         verify_checksums(path, by_file)
     return out
@@ -209,11 +185,8 @@ def config_for_pattern(config: ModelConfig, pattern: str | None) -> ModelConfig:
 
 
 def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy canonical ``tensors`` into ``model`` (any fusion; a pipeline stage takes the tensors it holds).
-
-    Every tensor the model has must be present with the right shape; tensors of layers the model
-    does not hold are expected only if the model is a pipeline stage. Refusals list the names.
-    """
+    """Copy canonical ``tensors`` into ``model`` (any fusion), refusing (listing names) missing or mis-shaped
+    tensors, and unexpected ones unless the model is a pipeline stage, which takes the tensors it holds."""
     p = model.config.parsed
     expected = to_canonical(model.state_dict(), p)
     is_stage = len(model.blocks) != p.num_blocks or model.embeddings is None or model.norm_f is None
