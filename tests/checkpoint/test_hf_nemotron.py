@@ -491,3 +491,19 @@ def test_convert_replaces_only_nemotron_h_directories(exported, tmp_path):
     for _ in range(2):  # the second conversion replaces the first
         convert_to_nemotron_h(src, dst)
     assert json.loads((dst / "config.json").read_text())["model_type"] == "nemotron_h"
+
+
+def test_convert_refuses_the_destination_before_reading_weights(exported, tmp_path, monkeypatch):
+    """A multi-gigabyte source is not read only to be refused at the end."""
+    import hybridlm.checkpoint.hf_nemotron as hf_module
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights read before the destination was checked")
+
+    monkeypatch.setattr(hf_module, "read_tensors", no_reading)
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        convert_to_nemotron_h(exported.parent / "ours", other)

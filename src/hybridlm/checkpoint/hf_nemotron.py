@@ -17,6 +17,7 @@ from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename,
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
+    check_replaceable,
     dominant_dtype,
     fit_problems,
     full_cpu,
@@ -233,16 +234,17 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
     ``max_shard_size`` bytes) and the tokenizer and generation files of ``src``; MTP depths are dropped.
     Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory.
     """
-    src = Path(src)
+    src, what = Path(src), "a Hugging Face NemotronH directory"
     config = read_config(src)
     check_exportable(config)  # before reading any weights
+    check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
     names = [n for n in weight_files(src) if not n.startswith("mtp.")]
     try:
         hf_config, tensors = export_nemotron_h(config, read_tensors(src, names))
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
     kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src))
-    return write_directory(dst, tensors, hf_config, "model_type", "a Hugging Face NemotronH directory", **kw)
+    return write_directory(dst, tensors, hf_config, "model_type", what, **kw)
 
 
 # -- import ----------------------------------------------------------------------------------------

@@ -106,6 +106,19 @@ def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: 
     return path
 
 
+def check_replaceable(path: Path, key: str, value: Any, what: str) -> None:
+    """Refuse (CheckpointError) unless ``path`` is absent, empty, or has a config.json with ``key: value``
+    (``what`` names the kind of directory it must be)."""
+    if not path.exists():
+        return
+    try:
+        same = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
+    except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
+        same = False
+    if not same:
+        raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
+
+
 def write_directory(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -125,14 +138,7 @@ def write_directory(
     path = Path(path)
 
     def check() -> None:
-        if not path.exists():
-            return
-        try:
-            same = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == config[key]
-        except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
-            same = False
-        if not same:
-            raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
+        check_replaceable(path, key, config[key], what)
 
     check()
     path.parent.mkdir(parents=True, exist_ok=True)
