@@ -63,6 +63,9 @@ for stage in "$@"; do
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
     graphs) run graphs 400 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compile-mode reduce-overhead --compare-hf ;;
+    graphprof)  # why the CUDA-graphed 4x4096 step is slower than the default: kernels, host ops, re-recordings
+        run graphprof 300 80 env TORCH_LOGS=cudagraphs,perf_hints python3 benchmarks/train_step.py --preset bench-1.3b \
+            --shapes 4x4096 --steps 3 --warmup 3 --variants unfused --compile-mode reduce-overhead --profile ;;
     graphtrain)  # the trainer with CUDA-graphed blocks against default compiled blocks: same losses?
         run graphtrain 240 12 bash -c "for m in default reduce-overhead; do python3 -m hybridlm.cli train --run-dir /tmp/gt-\$m \
             --set train.compile=true --set train.compile_mode=\$m --set train.steps=40 --set train.log_every=10 \
