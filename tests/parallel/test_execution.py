@@ -132,3 +132,18 @@ def test_blocks_with_auxiliary_losses_share_one_compiled_graph(monkeypatch):
     torch._dynamo.reset()
     assert_rel_close(out.aux_loss, eager.aux_loss, 1e-6, "aux loss")
     assert_rel_close(out.loss, eager.loss, 1e-6, "loss")
+
+
+def test_compile_blocks_spells_a_mode_out_as_options_beside_the_cpu_options(monkeypatch):
+    """torch.compile refuses ``mode`` together with ``options``; on CPU compile_blocks always passes
+    options (scalar C++ code), so a mode such as train.compile_mode's must become its options."""
+    from hybridlm.model import Block
+
+    seen = []
+    monkeypatch.setattr(Block, "compile", lambda self, **kw: seen.append(kw))
+    model = HybridLM(tiny_config("M-*"), seed=0)
+    compile_blocks(model, mode="max-autotune-no-cudagraphs")
+    assert len(seen) == 3 and all("mode" not in kw for kw in seen)
+    assert seen[0]["options"]["cpp.simdlen"] == 1 and seen[0]["options"]["max_autotune"] is True
+    compile_blocks(model)
+    assert seen[-1] == {"options": {"cpp.simdlen": 1}}

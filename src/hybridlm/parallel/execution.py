@@ -102,11 +102,18 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     On CPU, inductor's vectorized C++ code for the chunked SSD backward corrupts the heap now and
     then in torch 2.13 ("double free or corruption" with sequence lengths that need padding), so
     CPU blocks are compiled with scalar C++ code (``cpp.simdlen = 1``) unless the caller passes
-    its own ``options``. GPU code generation is unaffected.
+    its own ``options``. GPU code generation is unaffected. ``torch.compile`` takes a ``mode`` or
+    ``options``, not both: a ``mode`` given with options is spelled out as its options.
     """
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if on_cpu and "options" not in compile_kwargs:
         compile_kwargs = {**compile_kwargs, "options": {"cpp.simdlen": 1}}
+    if "options" in compile_kwargs and compile_kwargs.get("mode") is not None:
+        from torch._inductor import list_mode_options
+
+        mode = compile_kwargs["mode"]
+        compile_kwargs = {k: v for k, v in compile_kwargs.items() if k != "mode"}
+        compile_kwargs["options"] = list_mode_options(mode) | compile_kwargs["options"]
     blocks = list(_all_blocks(model))
     _raise_recompile_limit(len({b.symbols for b in blocks}))
     for block in blocks:

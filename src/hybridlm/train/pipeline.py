@@ -45,6 +45,8 @@ class PipelineRunner:
         seed: initialization seed (weights equal ``HybridLM(config, seed=seed)``).
         param_dtype: compute dtype (bf16 under autocast), None for float32: FSDP's parameter
             dtype when dp > 1, and the dtype of activations sent between stages.
+        activation_checkpointing: a recomputation policy (``train.ac_policy``), or None.
+        compile, compile_mode: ``torch.compile`` each block, in this mode (``train.compile_mode``).
         autocast: a context manager factory for the forward passes.
 
     Attributes:
@@ -67,6 +69,7 @@ class PipelineRunner:
         param_dtype: torch.dtype | None = None,
         activation_checkpointing: str | None = None,
         compile: bool = False,
+        compile_mode: str = "default",
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +94,8 @@ class PipelineRunner:
         if activation_checkpointing:  # a policy: "full", "selective" or per block kind
             apply_activation_checkpointing(self.model, activation_checkpointing)
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code
-            compile_blocks(self.model, **({"options": {"cpp.simdlen": 1}} if device.type == "cpu" else {}))
+            mode = {} if compile_mode == "default" else {"mode": compile_mode}
+            compile_blocks(self.model, **mode, **({"options": {"cpp.simdlen": 1}} if device.type == "cpu" else {}))
         for m in self.stages:
             m.boundary_dtype = param_dtype or torch.float32
             # One data-parallel rank has nothing to shard: the stage then runs like the one-process

@@ -161,6 +161,7 @@ class Trainer:
                 param_dtype=self.autocast_dtype,
                 activation_checkpointing=t.ac_policy if t.activation_checkpointing else None,
                 compile=t.compile,
+                compile_mode=t.compile_mode,
                 autocast=self._autocast,
             )
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
