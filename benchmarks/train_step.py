@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096
     python benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --curves 200
     python benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --profile
+    python benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds 4 --steps 10   # A B B A A B B A
 
 One process, one GPU. Every variant gets the same weights (our seed; Hugging Face's model is our
 export of them), the same batches and the same AdamW (fused, lr 1e-4). hybridlm runs as the
@@ -13,7 +14,9 @@ mamba_ssm's Triton kernels when importable (the table says which path it took), 
 fused Mamba path takes no document ids). Prints tokens/s, MFU against the H200's 989 TFLOP/s dense
 bf16 peak and against a bf16 matmul rate measured in this run, peak memory and the first step's time
 (compilation included). ``--profile`` adds where one step's GPU time goes, by kernel kind;
-``--curves N`` trains unfused and fused N steps on text and compares their losses.
+``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
+measures each variant N times in alternating order and reports medians (host-bound shapes such as
+1 × 4096 move by several percent from run to run).
 """
 
 from __future__ import annotations
@@ -121,6 +124,19 @@ def measure(build, step, batches, steps: int, warmup: int) -> dict:
     return result
 
 
+def merge_rounds(results: list[dict | None]) -> dict | None:
+    """One variant's rounds as one result: the median of the rounds' median step times (None if any ran out of
+    memory), the first round's first step (it compiled from scratch), the largest peak."""
+    if not results or any(r is None for r in results):
+        return None
+    times = sorted(r["step_ms"] for r in results)
+    return results[0] | {
+        "step_ms": times[len(times) // 2],
+        "peak_gib": max(r["peak_gib"] for r in results),
+        "rounds_ms": [r["step_ms"] for r in results],
+    }
+
+
 def profile_step(build, step, batches, label: str) -> None:
     """Print one step's GPU time by kernel kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -224,6 +240,9 @@ def main() -> None:
     ap.add_argument("--preset", default="bench-1.3b")
     ap.add_argument("--shapes", default="4x4096,1x4096", help="comma-separated BxL, e.g. 4x4096,1x4096,1x32768")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="measure every variant this many times, alternating the order; medians"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="also run Hugging Face NemotronHForCausalLM")
     ap.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
@@ -275,7 +294,10 @@ def main() -> None:
         todo = [(v, "ours") for v in args.variants.split(",")]
         if args.compare_hf:
             todo.append(("hf", "hf"))
-        for name, kind in todo:
+        runs: dict[str, list[dict | None]] = {}  # label -> one result per round
+        # Rounds alternate the order (A B, then B A, ...), so that a slow drift of the host or the
+        # GPU clock does not favour whichever variant runs first; each round rebuilds and recompiles.
+        for name, kind in [job for rnd in range(args.rounds) for job in (todo if rnd % 2 == 0 else todo[::-1])]:
             try:
                 # Each variant compiles afresh, as in its own training process (and dynamo's
                 # cache of graphs per code object does not fill up across variants).
@@ -300,7 +322,7 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
                 r, label = None, (f"hybridlm {name}" if kind == "ours" else "Hugging Face")
-            rows.append((shape, label, r, flops_per_step))
+            runs.setdefault(label, []).append(r)
             if r:
                 tps = B * L / (r["step_ms"] / 1e3)
                 print(
@@ -309,12 +331,14 @@ def main() -> None:
                 )
             else:
                 print(f"  {shape} {label}: out of memory", flush=True)
+        rows += [(shape, label, merge_rounds(results), flops_per_step) for label, results in runs.items()]
 
     print(
         "\n| B×L | variant | step ms | tokens/s | model TFLOP/s | MFU (989) | MFU (measured) | peak GiB | first step s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     by_shape: dict[str, dict[str, float]] = {}
+    round_ms: dict[str, dict[str, list[float]]] = {}
     for shape, label, r, flops in rows:
         if r is None:
             print(f"| {shape} | {label} | out of memory | | | | | | |")
@@ -322,6 +346,7 @@ def main() -> None:
         B, L = (int(x) for x in shape.split("x"))
         tps = B * L / (r["step_ms"] / 1e3)
         by_shape.setdefault(shape, {})[label] = tps
+        round_ms.setdefault(shape, {})[label] = r.get("rounds_ms", [])
         tf = flops / (r["step_ms"] / 1e3)
         print(
             f"| {shape} | {label} | {r['step_ms']:.1f} | {tps:,.0f} | {tf / 1e12:.0f} | {100 * tf / H200_PEAK:.1f} % | "
@@ -334,6 +359,9 @@ def main() -> None:
         parts = []
         if u and f:
             parts.append(f"fused/unfused {f / u:.3f}")
+            ru, rf = round_ms[shape]["hybridlm unfused"], round_ms[shape]["hybridlm fused"]
+            if len(ru) > 1:
+                parts.append("by round " + " ".join(f"{a / b:.3f}" for a, b in zip(ru, rf)))
         if hf and u:
             parts.append(f"unfused/HF {u / hf:.3f}")
         if hf and f:
