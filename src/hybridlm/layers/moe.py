@@ -80,7 +80,12 @@ class Experts(nn.Module):
             counts: (E,) rows per expert.
         """
         dtype = matmul_dtype(xs)
-        if kernels_mode() != "torch" and xs.is_cuda and dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        if (
+            kernels_mode("moe_experts") != "torch"
+            and xs.is_cuda
+            and dtype == torch.bfloat16
+            and hasattr(F, "grouped_mm")
+        ):
             # All experts in one grouped GEMM per projection, offsets computed on the device: no
             # host sync. Explicit bf16 casts: autocast does not cover grouped_mm, and the
             # parameters (float32 master weights) and rows (float32 residual stream) may differ.

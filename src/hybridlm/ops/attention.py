@@ -40,7 +40,7 @@ def use_flex(seq_idx: torch.Tensor | None, head_dim: int) -> bool:
         seq_idx is not None
         and seq_idx.is_cuda
         and head_dim >= FLEX_MIN_HEAD_DIM
-        and kernels_mode() != "torch"
+        and kernels_mode("attention") != "torch"
         and _flex_available()
     )
 

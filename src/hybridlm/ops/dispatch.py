@@ -2,8 +2,10 @@
 
 One switch for every op, an *execution* setting (never a model field):
 
-- the environment variable ``HYBRIDLM_KERNELS`` = ``auto`` (default) | ``torch`` | ``triton``;
-- or, in Python, :func:`set_kernels` / the context manager :func:`use_kernels`.
+- the environment variable ``HYBRIDLM_KERNELS`` = ``auto`` (default) | ``torch`` | ``triton``,
+  optionally followed by per-op overrides, e.g. ``auto,add_rms_norm=torch`` (every op automatic,
+  the fused seam on the reference: how one kernel is ruled out or compared, one run each);
+- or, in Python, :func:`set_kernels` / the context manager :func:`use_kernels` (the same strings).
 
 ``auto`` runs the Triton kernel when the inputs live on a CUDA device and Triton imports, and the
 torch reference otherwise (always on CPU). ``torch`` always runs the reference. ``triton`` always
@@ -17,6 +19,7 @@ it, so a test can assert which path ran (:func:`paths_used`). Nothing falls back
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -27,25 +30,66 @@ logger = logging.getLogger("hybridlm.ops")
 
 MODES = ("auto", "torch", "triton")
 ENV = "HYBRIDLM_KERNELS"
+#: Every op with a fast path, as named in the setting's overrides and in :func:`paths_used`.
+OPS = (
+    "ssd",
+    "causal_conv1d",
+    "gated_rms_norm",
+    "add_rms_norm",
+    "rms_norm",
+    "gated_delta",
+    "conv_step",
+    "ssd_step",
+    "attention",
+    "moe_experts",
+)
 
 _mode: str | None = None  # set by set_kernels(); None = read the environment
 _used: dict[str, str] = {}  # op -> path of its latest call
 _logged: set[tuple[str, str]] = set()
 
 
-def kernels_mode() -> str:
-    """The current mode: :func:`set_kernels`'s value, else ``$HYBRIDLM_KERNELS``, else ``auto``."""
-    mode = _mode if _mode is not None else os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
-    return mode
+@functools.lru_cache(maxsize=32)
+def parse_setting(setting: str, source: str = ENV) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``"auto"`` or ``"torch,ssd=triton"`` -> (mode for every op, ((op, mode), ...) overrides).
+
+    The mode may be left out (``"add_rms_norm=torch"`` means ``auto`` for the rest). Raises ValueError
+    naming ``source`` and the part that is wrong.
+    """
+    mode, overrides = "auto", {}
+    for i, part in enumerate(p.strip().lower() for p in setting.split(",")):
+        op, eq, value = part.partition("=")
+        op, value = op.strip(), value.strip()
+        if not part and i == 0:
+            continue
+        if not eq and i == 0 and part in MODES:
+            mode = part
+        elif eq and op in OPS and value in MODES:
+            overrides[op] = value
+        elif eq and op not in OPS:
+            raise ValueError(f"{source}={setting!r}: {op!r} is not an op; ops: {', '.join(OPS)}")
+        else:
+            raise ValueError(
+                f"{source}={setting!r}: {part!r}: expected one of {', '.join(MODES)} first, "
+                f"then op=mode overrides (e.g. auto,add_rms_norm=torch)"
+            )
+    return mode, tuple(overrides.items())
+
+
+def kernels_mode(op: str | None = None) -> str:
+    """The mode of ``op`` (its override, else the mode for every op), or with no ``op`` the mode for every op:
+    :func:`set_kernels`'s setting, else ``$HYBRIDLM_KERNELS``, else ``auto``."""
+    setting = _mode if _mode is not None else os.environ.get(ENV, "auto")
+    mode, overrides = parse_setting(setting, "kernels" if _mode is not None else ENV)
+    return dict(overrides).get(op, mode) if op is not None else mode
 
 
 def set_kernels(mode: str | None) -> None:
-    """Choose the kernels for the whole process (``None`` returns to the environment's choice)."""
+    """Choose the kernels for the whole process, e.g. ``"torch"`` or ``"auto,ssd=torch"`` (``None`` returns to
+    the environment's choice)."""
     global _mode
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"kernels: {mode!r} is not one of {', '.join(MODES)}")
+    if mode is not None:
+        parse_setting(mode, "kernels")  # refuse a bad setting here, not at the next op
     _mode = mode
 
 
@@ -86,7 +130,7 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
         tensors: the call's tensor inputs (None entries are ignored); ``auto`` picks Triton only
             when all of them are on CUDA.
     """
-    mode = kernels_mode()
+    mode = kernels_mode(op)
     if mode == "torch":
         path = "torch"
     elif mode == "triton":

@@ -1,0 +1,59 @@
+"""The one kernel switch: a mode for every op, per-op overrides, errors that say what is wrong."""
+
+import pytest
+import torch
+
+from hybridlm.ops import dispatch
+from hybridlm.ops.dispatch import ENV, choose, kernels_mode, parse_setting, paths_used, reset_paths, use_kernels
+from tests.helpers import requires_triton
+
+
+@pytest.mark.parametrize(
+    ("setting", "mode", "overrides"),
+    [
+        ("auto", "auto", ()),
+        ("", "auto", ()),
+        (" Torch ", "torch", ()),
+        ("auto,add_rms_norm=torch", "auto", (("add_rms_norm", "torch"),)),
+        ("ssd=torch", "auto", (("ssd", "torch"),)),
+        ("torch, ssd = triton, causal_conv1d=auto", "torch", (("ssd", "triton"), ("causal_conv1d", "auto"))),
+    ],
+)
+def test_settings_parse(setting, mode, overrides):
+    assert parse_setting(setting) == (mode, overrides)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("fast", "'fast': expected one of auto, torch, triton first"),
+        ("auto,torch", "'torch': expected one of auto, torch, triton first"),
+        ("auto,flash=torch", "'flash' is not an op; ops: ssd, causal_conv1d"),
+        ("auto,ssd=fast", "'ssd=fast': expected one of"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(setting, message, monkeypatch):
+    with pytest.raises(ValueError, match=message):
+        dispatch.set_kernels(setting)
+    monkeypatch.setenv(ENV, setting)
+    with pytest.raises(ValueError, match=f"{ENV}="):
+        kernels_mode()
+
+
+def test_environment_overrides_reach_each_op(monkeypatch):
+    monkeypatch.setenv(ENV, "torch,ssd=auto")
+    assert kernels_mode() == "torch" and kernels_mode("ssd") == "auto" and kernels_mode("causal_conv1d") == "torch"
+    with use_kernels("auto"):  # the Python switch wins over the environment, then gives way again
+        assert kernels_mode("causal_conv1d") == "auto"
+    assert kernels_mode("causal_conv1d") == "torch"
+
+
+@requires_triton
+def test_an_override_decides_that_ops_path():
+    """On CPU tensors ``triton`` forces the kernels (the interpreter's setting); one op held on the reference."""
+    x = torch.zeros(2)
+    reset_paths()
+    with use_kernels("triton,add_rms_norm=torch"):
+        assert choose("add_rms_norm", x) == "torch"
+        assert choose("gated_rms_norm", x) == "triton"
+    assert paths_used() == {"add_rms_norm": "torch", "gated_rms_norm": "triton"}
