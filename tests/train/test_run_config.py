@@ -53,6 +53,7 @@ def test_preset_in_model_table(tmp_path):
         (["train.device=tpu"], "train.device"),
         (["train.precision=fp8"], "train.precision"),
         (["train.compile_mode=fast"], "train.compile_mode"),
+        (["train.compile_mode=max-autotune"], "train.compile_mode"),
         (["model.hidden_size=0"], "model.hidden_size"),
         (["model.pattern=M*X"], "model.pattern"),
         (["model.hiden_size=3"], "model.hiden_size"),

@@ -73,10 +73,13 @@ class OptimConfig:
     moe_expert_bias_rate: float = 1e-3  #: step of the aux-loss-free expert-bias update
 
 
-#: ``train.compile_mode`` values: torch.compile's modes. The two marked in CUDA_GRAPH_MODES record
-#: CUDA graphs, so the trainer marks where each step begins (``cudagraph_mark_step_begin``).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: ``train.compile_mode`` values: the torch.compile modes the trainer has run. Those in
+#: CUDA_GRAPH_MODES record CUDA graphs, so the trainer marks where each step begins
+#: (``cudagraph_mark_step_begin``). Not offered: the max-autotune modes, whose code for a second
+#: batch shape (evaluation after training) failed on CPU in torch 2.13 ("Expected size for first
+#: two dimensions of batch2 tensor": a bmm with the first shape's batch size baked in).
+COMPILE_MODES = ("default", "reduce-overhead")
+CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 
 @dataclass

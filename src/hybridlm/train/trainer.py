@@ -178,7 +178,7 @@ class Trainer:
             raise ConfigError(
                 "train.compile_mode",
                 f"{t.compile_mode!r} records CUDA graphs: it needs one CUDA process (here {self.world} "
-                f"process(es) on {self.device.type}); use 'default' or 'max-autotune-no-cudagraphs'",
+                f"process(es) on {self.device.type}); use 'default'",
             )
         if t.compile and self.pipeline is None:
             compile_blocks(self.model, **({} if t.compile_mode == "default" else {"mode": t.compile_mode}))
