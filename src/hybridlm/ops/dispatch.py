@@ -19,7 +19,6 @@ it, so a test can assert which path ran (:func:`paths_used`). Nothing falls back
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -49,12 +48,12 @@ _used: dict[str, str] = {}  # op -> path of its latest call
 _logged: set[tuple[str, str]] = set()
 
 
-@functools.lru_cache(maxsize=32)
 def parse_setting(setting: str, source: str = ENV) -> tuple[str, tuple[tuple[str, str], ...]]:
     """``"auto"`` or ``"torch,ssd=triton"`` -> (mode for every op, ((op, mode), ...) overrides).
 
     The mode may be left out (``"add_rms_norm=torch"`` means ``auto`` for the rest). Raises ValueError
-    naming ``source`` and the part that is wrong.
+    naming ``source`` and the part that is wrong. Not cached: a few string splits per op call, and
+    dynamo traces it cleanly inside compiled blocks (it warns about ``lru_cache`` there).
     """
     mode, overrides = "auto", {}
     for i, part in enumerate(p.strip().lower() for p in setting.split(",")):
