@@ -137,7 +137,9 @@ def _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, 
     b, seqlen, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    Q = chunk_size
+    # A sequence shorter than a chunk is one chunk of its own length: the same result, without
+    # padding a decode-time window (speculative verify, an MTP depth's commit) to a full chunk.
+    Q = min(chunk_size, max(seqlen, 1))
     pad = (-seqlen) % Q
     xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
     a = dtf * A.float()  # (b, l, h) log-decays, <= 0
