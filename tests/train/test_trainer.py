@@ -115,3 +115,17 @@ def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
     run = tiny_run("train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu")
     with pytest.raises(ConfigError, match=r"train\.compile_mode: 'reduce-overhead' records CUDA graphs"):
         Trainer(run, run_dir=tmp_path / "a", progress=False)
+
+
+def test_evaluation_runs_without_autograd(tmp_path):
+    """Validation forwards build no autograd graph (memory), and take the no-gradient kernels."""
+    t = Trainer(tiny_run(), run_dir=tmp_path / "a", progress=False)
+    seen, forward = [], t.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    t.model.forward = spy
+    assert t.evaluate() is not None
+    assert seen and not any(seen)

@@ -303,7 +303,6 @@ class Trainer:
             valid = valid // self.pp  # the pp ranks of a data-parallel group hold the same rows
         return valid.clamp(min=1)
 
-    @torch.no_grad()
     def _mark_graph_step(self) -> None:
         """Under CUDA graphs, at the start of each optimizer step and before each evaluation forward.
 
@@ -315,6 +314,7 @@ class Trainer:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
+    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean next-token loss (nats per token) over a fixed set of validation rows."""
         if self.val_rows is None:
