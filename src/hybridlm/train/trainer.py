@@ -420,7 +420,8 @@ class Trainer:
             f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} steps",
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
-            + (" · compiled blocks" if t.compile else ""),
+            + (" · compiled blocks" if t.compile else "")
+            + (f" ({t.compile_mode})" if t.compile and t.compile_mode != "default" else ""),
         ]
 
     def _peak_memory_gb(self) -> float:
