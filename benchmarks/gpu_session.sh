@@ -62,6 +62,8 @@ for stage in "$@"; do
     moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096 ;;
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
+    seam) run seam 400 16 env HYBRIDLM_KERNELS=auto,add_rms_norm=torch python3 benchmarks/train_step.py \
+            --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor
     rounds) run rounds 500 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds 4 --steps 10 ;;
     graphs) run graphs 400 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compile-mode reduce-overhead --compare-hf ;;
     graphprof)  # why the CUDA-graphed 4x4096 step is slower than the default: kernels, host ops, re-recordings
