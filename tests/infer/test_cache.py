@@ -209,3 +209,24 @@ def test_cuda_graph_decode_equals_eager_decode_on_gpu(dtype):
     graphed = generate(model, PROMPTS, max_new_tokens=16, cuda_graph=True, stats=graph_stats)
     assert graphed == eager  # same kernels, replayed: bitwise the same logits
     assert graph_stats["decode_tokens"] == eager_stats["decode_tokens"]
+
+
+@pytest.mark.parametrize("window", [2, 3, 4])
+def test_short_windows_stepped_equal_the_chunked_scan(window, monkeypatch):
+    """Mamba2 runs a cached window of at most ``STEPPED_WINDOW`` tokens position by position with
+    the step; the chunked scan over the same window gives the same logits and states."""
+    from hybridlm.layers import mamba2
+
+    model = model_for("M[*-]M")
+    ids = torch.randint(0, 97, (2, 9 + window), generator=torch.Generator().manual_seed(window))
+    caches = []
+    for stepped in (True, False):
+        monkeypatch.setattr(mamba2, "STEPPED_WINDOW", 4 if stepped else 1)
+        cache = InferenceCache.for_model(model, 2, 9 + window)
+        model(ids[:, :9], cache=cache)
+        caches.append((model(ids[:, 9:], cache=cache).logits, cache))
+    (a, ca), (b, cb) = caches
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for mixer, state in ca.states.items():
+        for x, y in zip(vars(state).values(), vars(cb.states[mixer]).values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)

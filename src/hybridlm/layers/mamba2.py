@@ -34,6 +34,10 @@ class GatedRMSNorm(nn.Module):
         return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
 
 
+#: Cached forwards of at most this many tokens (and no padding) take the one-token step per position.
+STEPPED_WINDOW = 4
+
+
 class Mamba2Mixer(nn.Module):
     """The ``M`` mixer. Input and output (B, L, hidden_size)."""
 
@@ -90,10 +94,17 @@ class Mamba2Mixer(nn.Module):
         C = C.reshape(b, seqlen, self.ngroups, self.d_state)
         if cache is None:
             y = ssd_chunked(xs, dt, A, B, C, self.config.mamba_chunk_size, D=self.D, seq_idx=ctx.seq_idx)
-        elif seqlen == 1:
-            y, _ = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.recurrent, D=self.D, inplace=True)
-            y = y.unsqueeze(1)
-        else:  # prefill, a prefill chunk or a verification window: the chunked scan, never the step
+        elif seqlen <= STEPPED_WINDOW and keep is None:
+            # One token, or a short window (a speculative verify, an MTP depth's commit): the exact
+            # recurrence position by position, fewer ops than a chunked scan over a tiny chunk.
+            y = torch.stack(
+                [
+                    ssd_step(xs[:, i], dt[:, i], A, B[:, i], C[:, i], state.recurrent, D=self.D, inplace=True)[0]
+                    for i in range(seqlen)
+                ],
+                dim=1,
+            )
+        else:  # prefill, a longer prefill chunk, or padding: the chunked scan over the whole window
             y, ssm = ssd_chunked(
                 xs,
                 dt,
