@@ -8,6 +8,7 @@ from hybridlm.infer import speculative
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.infer.generate import left_pad, prefill
 from hybridlm.infer.speculative import _Depths
+from hybridlm.layers.cache import KVState
 from tests.helpers import MLA_TINY, tiny_config
 
 PATTERNS = ["M", "G", "*", "-", "E", "MG*-E", "[M-]G[*E]", "[GE]M*/[*-]", "M[*-]/G/G"]
@@ -230,3 +231,42 @@ def test_short_windows_stepped_equal_the_chunked_scan(window, monkeypatch):
     for mixer, state in ca.states.items():
         for x, y in zip(vars(state).values(), vars(cb.states[mixer]).values()):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_rollback_keeps_the_recorded_prefix_of_a_window(keep):
+    """After a recorded 4-token window, rolling back to its first ``keep`` positions leaves the cache
+    as if only those had run: states, offsets, and the next step's logits."""
+    model = model_for("M[*-]M")
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(keep))
+    rolled, direct = InferenceCache.for_model(model, 1, 14), InferenceCache.for_model(model, 1, 14)
+    for cache in (rolled, direct):
+        model(ids[:, :9], cache=cache)
+    snap = rolled.snapshot()
+    rolled.record_positions()
+    model(ids[:, 9:13], cache=rolled)
+    assert rolled.rollback(snap, keep) and rolled.trail is None
+    model(ids[:, 9 : 9 + keep], cache=direct)
+    assert rolled.offset == direct.offset == 9 + keep and torch.equal(rolled.next_pos, direct.next_pos)
+    for mixer, state in direct.states.items():
+        for x, y in zip(vars(state).values(), vars(rolled.states[mixer]).values()):
+            if isinstance(state, KVState):  # beyond the offset a KV buffer holds stale, hidden slots
+                x, y = x[:, :, : direct.offset], y[:, :, : direct.offset]
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    step = ids[:, 13:14]
+    torch.testing.assert_close(model(step, cache=rolled).logits, model(step, cache=direct).logits, rtol=0, atol=1e-5)
+
+
+def test_rollback_without_a_recorded_trail_restores_the_snapshot():
+    """Gated DeltaNet keeps no per-position state: rollback refuses, leaving the snapshot for a re-run."""
+    model = model_for("G*")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = InferenceCache.for_model(model, 1, 12)
+    model(ids[:, :8], cache=cache)
+    snap = cache.snapshot()
+    before = {m: [t.clone() for t in vars(s).values()] for m, s in cache.states.items()}
+    cache.record_positions()
+    model(ids[:, 8:11], cache=cache)
+    assert not cache.rollback(snap, 2) and cache.offset == 8 and cache.trail is None
+    gdn = next(m for m in cache.states if type(m).__name__ != "Attention" and hasattr(cache.states[m], "recurrent"))
+    assert all(torch.equal(a, b) for a, b in zip(before[gdn], vars(cache.states[gdn]).values()))

@@ -41,6 +41,9 @@ class InferenceCache:
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self._pad_end = 0  # no padding at or after this position
+        #: While recording (:meth:`record_positions`): mixer -> the state snapshot after each position
+        #: of the next window, for the mixers that can give it (see :meth:`rollback`).
+        self.trail: dict[nn.Module, list] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int, device=None, dtype=None) -> InferenceCache:
@@ -125,6 +128,33 @@ class InferenceCache:
         self.next_pos.copy_(next_pos)
         for m, s in states.items():
             self.states[m].restore(s)
+
+    def record_positions(self) -> None:
+        """Ask the mixers of the next forward to keep their state after each of its positions.
+
+        Mixers whose state is a pure KV buffer need nothing kept; a recurrent mixer keeps
+        (state snapshot) per position when its window takes the stepped path (Mamba2, windows of
+        at most ``STEPPED_WINDOW`` tokens), and nothing otherwise.
+        """
+        self.trail = {}
+
+    def rollback(self, snap: tuple, keep: int) -> bool:
+        """Return to ``snap`` (taken before the recorded window), then keep its first ``keep`` positions.
+
+        The KV of those positions is already in the buffers; each recurrent state is set to the
+        one recorded after position ``keep - 1``. Returns False, with the cache restored to
+        ``snap`` only, when some mixer with recurrent state recorded nothing (the caller then
+        runs the ``keep`` positions again). Recording stops either way.
+        """
+        trail, self.trail = self.trail, None
+        recurrent = [m for m, s in snap[2].items() if s is not None]  # KV states snapshot as None
+        self.restore(snap)
+        if trail is None or any(len(trail.get(m, ())) < keep for m in recurrent):
+            return False
+        for m in recurrent:
+            self.states[m].restore(trail[m][keep - 1])
+        self.advance(keep)
+        return True
 
 
 def _mixers(blocks: nn.ModuleDict) -> list[nn.Module]:

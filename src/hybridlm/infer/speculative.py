@@ -11,11 +11,13 @@ positions ``0..n-2`` and depth ``d``'s cache covers ``0..n-1-d``: the positions 
    and its last output predicts ``x_{n+d-1}``.
 3. **Verify**: the main model runs ``[x_{n-1}, draft_1..draft_k]`` in one forward from a snapshot;
    drafts are accepted while they equal the main model's argmax, then one more token (the main
-   model's own pick after the last accepted draft) is free. On a rejection the main cache is
-   restored and the accepted prefix re-run, so its recurrent states never saw rejected tokens.
+   model's own pick after the last accepted draft) is free. On a rejection the main cache rolls
+   back to the accepted prefix (``InferenceCache.rollback``: the states recorded after each
+   position of the window), or, where a mixer recorded none, is restored and the accepted prefix
+   re-run; either way its recurrent states never saw a rejected token.
 
-Greedy output equals plain greedy decoding (up to floating-point ties: the verify forward computes
-the same positions through the chunked kernels instead of the step).
+Greedy output equals plain greedy decoding (up to floating-point ties: a long verify window runs
+the chunked kernels instead of the step).
 """
 
 from __future__ import annotations
@@ -113,14 +115,18 @@ def mtp_generate(model, prompt: list[int], max_new_tokens: int, eos_id, chunk_si
         drafts = depths.draft(tokens, min(k, max_new_tokens - len(new) - 1))
         window = torch.tensor([[tokens[-1], *drafts]], device=device)
         snap = cache.snapshot()
+        cache.record_positions()
         out = model(window, cache=cache)
         picks = out.logits[0].argmax(-1).tolist()
         a = 0
         while a < len(drafts) and drafts[a] == picks[a]:
             a += 1
         hidden = out.hidden_states
-        if a < len(drafts):  # roll back, then re-run the accepted prefix so states never saw a rejection
-            cache.restore(snap)
+        if a == len(drafts):
+            cache.trail = None  # every draft taken: the window stands as it ran
+        elif cache.rollback(snap, a + 1):  # states as they were after the accepted prefix
+            hidden = hidden[:, : a + 1]  # causal: the verify computed these positions as a re-run would
+        else:  # a mixer kept no per-position state: re-run the accepted prefix from the snapshot
             hidden = model(window[:, : a + 1], cache=cache, logits_to_keep=1).hidden_states
         depths.feed_main(model.norm_f(hidden[:, : a + 1]))
         stats["drafted"] += len(drafts)

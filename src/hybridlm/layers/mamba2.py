@@ -71,7 +71,7 @@ class Mamba2Mixer(nn.Module):
         b, seqlen, _ = x.shape
         cache = ctx.cache
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        keep = None
+        keep = history = None
         if cache is None:
             xBC = self.conv1d(xBC, ctx.seq_idx)
         else:
@@ -79,6 +79,8 @@ class Mamba2Mixer(nn.Module):
             keep = cache.pad_mask(seqlen)
             if keep is not None:  # padding enters the conv as zeros, as the empty history does
                 xBC = xBC * keep.unsqueeze(-1).to(xBC.dtype)
+            if cache.trail is not None:  # the conv inputs before and in this window, oldest first
+                history = torch.cat([state.conv, xBC], dim=1)
             xBC, _ = causal_conv1d_with_state(
                 xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu", inplace=True
             )
@@ -97,13 +99,13 @@ class Mamba2Mixer(nn.Module):
         elif seqlen <= STEPPED_WINDOW and keep is None:
             # One token, or a short window (a speculative verify, an MTP depth's commit): the exact
             # recurrence position by position, fewer ops than a chunked scan over a tiny chunk.
-            y = torch.stack(
-                [
-                    ssd_step(xs[:, i], dt[:, i], A, B[:, i], C[:, i], state.recurrent, D=self.D, inplace=True)[0]
-                    for i in range(seqlen)
-                ],
-                dim=1,
-            )
+            ys = []
+            for i in range(seqlen):
+                ys.append(ssd_step(xs[:, i], dt[:, i], A, B[:, i], C[:, i], state.recurrent, D=self.D, inplace=True)[0])
+                if history is not None:  # the state after position i, for InferenceCache.rollback
+                    K1 = state.conv.shape[1]
+                    cache.trail.setdefault(self, []).append((history[:, i + 1 : i + 1 + K1], state.recurrent.clone()))
+            y = torch.stack(ys, dim=1)
         else:  # prefill, a longer prefill chunk, or padding: the chunked scan over the whole window
             y, ssm = ssd_chunked(
                 xs,
