@@ -96,7 +96,7 @@ class Mamba2Mixer(nn.Module):
         C = C.reshape(b, seqlen, self.ngroups, self.d_state)
         if cache is None:
             y = ssd_chunked(xs, dt, A, B, C, self.config.mamba_chunk_size, D=self.D, seq_idx=ctx.seq_idx)
-        elif seqlen <= STEPPED_WINDOW and keep is None:
+        elif seqlen == 1 or (seqlen <= STEPPED_WINDOW and keep is None):
             # One token, or a short window (a speculative verify, an MTP depth's commit): the exact
             # recurrence position by position, fewer ops than a chunked scan over a tiny chunk.
             ys = []
@@ -105,7 +105,7 @@ class Mamba2Mixer(nn.Module):
                 if history is not None:  # the state after position i, for InferenceCache.rollback
                     K1 = state.conv.shape[1]
                     cache.trail.setdefault(self, []).append((history[:, i + 1 : i + 1 + K1], state.recurrent.clone()))
-            y = torch.stack(ys, dim=1)
+            y = ys[0].unsqueeze(1) if seqlen == 1 else torch.stack(ys, dim=1)  # the decode step: a view, no copy
         else:  # prefill, a longer prefill chunk, or padding: the chunked scan over the whole window
             y, ssm = ssd_chunked(
                 xs,
