@@ -274,17 +274,17 @@ def mtp_bench(args, device) -> None:
         ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     _, plain = ours(model, ids, args.new_tokens)
     out_plain, plain = ours(model, ids, args.new_tokens)
-    out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp")
+    out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp", draft_tokens=args.draft_tokens)
     if args.mtp_profile:  # where a speculative run's time goes, host side and device side
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            ours(model, ids, min(args.new_tokens, 64), speculative="mtp")
+            ours(model, ids, min(args.new_tokens, 64), speculative="mtp", draft_tokens=args.draft_tokens)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     a, b = plain["decode_tokens"] / plain["decode_seconds"], spec["decode_tokens"] / spec["decode_seconds"]
     print(
-        f"\nMTP speculation ({model.config.parsed.mtp_depths} depths): plain {a:,.1f} tok/s, speculative {b:,.1f} "
+        f"\nMTP speculation ({model.config.parsed.mtp_depths} depths, {args.draft_tokens or 'all'} drafted): plain {a:,.1f} tok/s, speculative {b:,.1f} "
         f"tok/s ({b / a:.2f}x), acceptance {spec['acceptance_rate']:.1%}, same tokens: {out_plain == out_spec}"
     )
 
@@ -301,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mtp-checkpoint", default=None, help="a checkpoint trained with MTP: speculation speed-up")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--mtp-profile", action="store_true", help="with --mtp-checkpoint: profile a speculative run")
+    ap.add_argument("--draft-tokens", type=int, default=None, help="with --mtp-checkpoint: drafts per round")
     ap.add_argument(
         "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
     )

@@ -411,6 +411,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 use_cache=not args.no_cache,
                 speculative=args.speculative,
+                draft_tokens=args.draft_tokens,
                 repetition_penalty=args.repetition_penalty,
                 callback=lambda row, token, rows=rows: rows[row].add(token),
                 stats=stats,
@@ -469,6 +470,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
     ap.add_argument(
         "--speculative", choices=["mtp"], default=None, help="draft with the model's MTP depths (greedy only)"
+    )
+    ap.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --speculative: drafts per round (default: all depths)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")

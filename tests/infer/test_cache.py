@@ -270,3 +270,51 @@ def test_rollback_without_a_recorded_trail_restores_the_snapshot():
     assert not cache.rollback(snap, 2) and cache.offset == 8 and cache.trail is None
     gdn = next(m for m in cache.states if type(m).__name__ != "Attention" and hasattr(cache.states[m], "recurrent"))
     assert all(torch.equal(a, b) for a, b in zip(before[gdn], vars(cache.states[gdn]).values()))
+
+
+@pytest.mark.parametrize("pattern", ["M[*-]M/[*-]/[*-]/[*-]", "M[*-]G/[*-]/[*-]/[*-]"])
+def test_partly_right_drafts_keep_the_prefix_by_rollback_or_rerun(pattern, monkeypatch):
+    """Three drafts, the first right: without Gated DeltaNet the cache rolls back to the accepted
+    prefix from the verify window's recorded states (no re-run); with it, the prefix is re-run.
+    Both give plain greedy's tokens."""
+    model = model_for(pattern)
+    prompt = [3, 1, 4, 1, 5]
+    plain = generate(model, prompt, max_new_tokens=20)
+    truth = prompt + plain
+
+    def oracle(self, tokens, num):
+        good = truth[len(tokens) : len(tokens) + num]
+        return good[:1] + [(t + 1) % 97 for t in good[1:]]
+
+    monkeypatch.setattr(_Depths, "draft", oracle)
+    forwards, rollbacks = [], []
+    monkeypatch.setattr(type(model), "forward", _counting(type(model).forward, forwards))
+    monkeypatch.setattr(InferenceCache, "rollback", _counting(InferenceCache.rollback, rollbacks))
+    stats = {}
+    assert generate(model, prompt, max_new_tokens=20, speculative="mtp", stats=stats) == plain
+    assert len(rollbacks) > 3
+    # One prefill chunk, one verify per round, plus a re-run for each rollback that refused.
+    reruns = 0 if "G" not in pattern else len(rollbacks)
+    assert len(forwards) == 1 + stats["verify_steps"] + reruns
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_draft_tokens_limits_the_drafts_per_round():
+    model = model_for("M[*-]/[*-]/[*-]")
+    prompt = [7, 3, 9, 2]
+    plain = generate(model, prompt, max_new_tokens=12)
+    for n in (1, 2, 5):
+        stats = {}
+        assert generate(model, prompt, 12, speculative="mtp", draft_tokens=n, stats=stats) == plain
+        assert stats["drafted"] <= min(n, 3) * stats["verify_steps"]
+    with pytest.raises(ValueError, match="draft_tokens"):
+        generate(model, prompt, 3, draft_tokens=2)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        generate(model, prompt, 3, speculative="mtp", draft_tokens=0)

@@ -110,6 +110,7 @@ def generate(
     use_cache: bool = True,
     *,
     speculative: str | None = None,
+    draft_tokens: int | None = None,
     repetition_penalty: float = 1.0,
     prefill_chunk_size: int = 2048,
     callback: TokenCallback | None = None,
@@ -127,6 +128,8 @@ def generate(
         use_cache: False reruns the full forward for every token (the exact reference).
         speculative: ``"mtp"``: the model's MTP depths draft tokens that the main model verifies
             in one forward (greedy only; prompts run one at a time). Output equals plain greedy.
+        draft_tokens: with ``speculative``, tokens drafted per round, from the first depths (default:
+            one per MTP depth). Deeper drafts are accepted less often; fewer can be faster.
         prefill_chunk_size: prompts are prefilled in chunks of this many tokens.
         callback: ``callback(row, token)`` for every new token as it is picked (streaming);
             returning True stops that row.
@@ -146,6 +149,8 @@ def generate(
         raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
     if speculative not in (None, "mtp"):
         raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+    if draft_tokens is not None and (not speculative or draft_tokens < 1):
+        raise ValueError(f"draft_tokens ({draft_tokens}) needs speculative='mtp' and must be >= 1")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     for i, row in enumerate(rows):
@@ -178,7 +183,14 @@ def generate(
                     raise ValueError("cuda_graph is not supported with speculative decoding")
                 out = [
                     mtp_generate(
-                        model, row, max_new_tokens, eos_id, prefill_chunk_size, _row_callback(callback, i), stats
+                        model,
+                        row,
+                        max_new_tokens,
+                        eos_id,
+                        prefill_chunk_size,
+                        _row_callback(callback, i),
+                        stats,
+                        draft_tokens=draft_tokens,
                     )
                     for i, row in enumerate(rows)
                 ]

@@ -31,9 +31,9 @@ from .generate import _accept, _sync
 class _Depths:
     """The MTP depths' caches and the hidden states each depth has yet to consume."""
 
-    def __init__(self, model, max_len: int) -> None:
+    def __init__(self, model, max_len: int, depths: int | None = None) -> None:
         self.model = model
-        self.k = len(model.mtp)
+        self.k = len(model.mtp) if depths is None else depths  # the first ``depths`` depths draft
         self.caches = [InferenceCache.for_mtp_depth(model, d, 1, max_len) for d in range(1, self.k + 1)]
         self.covered = [-1] * self.k  # last position committed by each depth
         self.pending: list[torch.Tensor | None] = [None] * self.k  # inputs h^{d-1} of uncommitted positions
@@ -86,15 +86,18 @@ class _Depths:
 
 
 @torch.no_grad()
-def mtp_generate(model, prompt: list[int], max_new_tokens: int, eos_id, chunk_size: int, callback, stats) -> list[int]:
-    """Greedy generation for one prompt, drafting with the MTP depths (see the module docstring)."""
+def mtp_generate(
+    model, prompt: list[int], max_new_tokens: int, eos_id, chunk_size: int, callback, stats, draft_tokens=None
+) -> list[int]:
+    """Greedy generation for one prompt, drafting with the MTP depths (see the module docstring);
+    ``draft_tokens`` drafts per round from the first depths (default: every depth)."""
     if not len(model.mtp):
         raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
     device = next(model.parameters()).device
-    k = len(model.mtp)
+    k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     max_len = len(prompt) + max_new_tokens + k + 1
     cache = InferenceCache.for_model(model, 1, max_len)
-    depths = _Depths(model, max_len)
+    depths = _Depths(model, max_len, k)
     for key in ("drafted", "accepted", "verify_steps"):
         stats.setdefault(key, 0)  # summed over the prompts of one generate call
     ids = torch.tensor([prompt], device=device)
