@@ -141,6 +141,15 @@ class Trainer:
         if self.local_batch % self.micro:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
 
+        # CUDA graphs (reduce-overhead) replay the blocks with static buffers: one process, one device.
+        self.cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
+        if self.cuda_graphs and (self.world > 1 or self.device.type != "cuda"):
+            raise ConfigError(
+                "train.compile_mode",
+                f"{t.compile_mode!r} records CUDA graphs: it needs one CUDA process (here {self.world} "
+                f"process(es) on {self.device.type}); use 'default'",
+            )
+
         # Model.
         self.config = run.model_config(self.tokenizer.vocab_size)
         if self.config.vocab_size < self.tokenizer.vocab_size:
@@ -172,14 +181,6 @@ class Trainer:
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
-        # CUDA graphs (reduce-overhead) replay the blocks with static buffers: one process, one device.
-        self.cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
-        if self.cuda_graphs and (self.world > 1 or self.device.type != "cuda"):
-            raise ConfigError(
-                "train.compile_mode",
-                f"{t.compile_mode!r} records CUDA graphs: it needs one CUDA process (here {self.world} "
-                f"process(es) on {self.device.type}); use 'default'",
-            )
         if t.compile and self.pipeline is None:
             compile_blocks(self.model, **({} if t.compile_mode == "default" else {"mode": t.compile_mode}))
         if self.world > 1 and self.pipeline is None:
