@@ -52,12 +52,14 @@ for stage in "$@"; do
         run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
             python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
+    ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
     mixers) run mixers 200 16 python3 benchmarks/mixers.py ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
     step) run step 560 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
+    step4k) run step4k 330 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --variants unfused --compare-hf ;;
     step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;
     moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096 ;;
     profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;

@@ -109,18 +109,15 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
-TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD); the first is the default
-    (64, 32, 4, 4),
-    (64, 32, 8, 8),
-    (64, 32, 2, 2),
-    (64, 32, 4, 2),
-    (64, 64, 4, 4),
-    (128, 32, 4, 4),
-    (128, 64, 4, 4),
-    (32, 16, 4, 4),
-    (32, 32, 2, 2),
+TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, PASS_STAGES); the first is the default
+    (64, 64, 4, 4, 3),
+    (64, 64, 8, 4, 3),
+    (64, 32, 4, 4, 3),
+    (32, 64, 4, 4, 3),
+    (128, 64, 4, 4, 3),
+    (64, 64, 8, 8, 3),
 ]
-_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD")
+_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES")
 
 
 def tune(args) -> None:

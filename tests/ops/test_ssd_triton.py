@@ -65,6 +65,13 @@ def test_several_tiles_per_chunk(monkeypatch):
     check_against_reference(1, 95, 2, 16, 1, 16, 40, seq_idx, seed=1)
 
 
+def test_state_wider_than_one_block():
+    # n = 70: the backward's state products and dB / dC run over two blocks of n (64 + a partial 6).
+    seq_idx = torch.zeros(1, 40, dtype=torch.long)
+    seq_idx[0, 21:] += 1
+    check_against_reference(1, 40, 2, 8, 1, 70, 16, seq_idx, seed=3)
+
+
 def test_optional_arguments_and_dispatch():
     b, seqlen, h, p, g, n = 1, 20, 2, 4, 1, 3
     x, dt, A, B, C, _ = inputs(b, seqlen, h, p, g, n, seed=2)
@@ -193,15 +200,18 @@ def build_for_hopper(dtype: str) -> None:
     common = dict(BLOCK_P=64, PREC=ssd_triton.DOT_PRECISION, UPCAST=False, HAS_SEQ=True)
     fwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q, BLOCK_N=128, **common)
     bwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=128, **common)
-    ints = {"L", "Lp", "H", "P", "N", "Q", "R", "NC", "NSLOTS", "SLOT_OFF", "PN", "NBLK"}  # the rest: pointers
+    ints = {"L", "Lp", "G", "H", "P", "N", "Q", "R", "NC", "NSLOTS", "SLOT_OFF", "PN", "NBLK"}  # the rest: pointers
     io = dict(X=dtype, B=dtype, C=dtype, DY=dtype, Y=dtype, DX=dtype, DB=dtype, DC=dtype, SEQ="i32")
     kernels = [
         (ssd_triton._state_kernel, dict(MODE=0, **{**fwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_FWD),
-        (ssd_triton._pass_fwd_kernel, dict(HAS_INIT=True, BLOCK=1024), 4),
+        (ssd_triton._pass_fwd_kernel, dict(HAS_INIT=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4),
         (ssd_triton._scan_fwd_kernel, dict(HAS_D=True, **fwd), ssd_triton.NUM_WARPS_FWD),
-        (ssd_triton._pass_bwd_kernel, dict(HAS_DFINAL=True, BLOCK=1024), 4),
-        (ssd_triton._bwd_dx_kernel, dict(HAS_D=True, **bwd), ssd_triton.NUM_WARPS_BWD),
-        (ssd_triton._bwd_dc_kernel, bwd, ssd_triton.NUM_WARPS_BWD),
+        (ssd_triton._pass_bwd_kernel, dict(HAS_DFINAL=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4),
+        (ssd_triton._cb_kernel, dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=64, PREC=common["PREC"], UPCAST=False), ssd_triton.NUM_WARPS_BWD),
+        (ssd_triton._bwd_w_kernel, {k: v for k, v in bwd.items() if k != "BLOCK_N"}, ssd_triton.NUM_WARPS_BWD),
+        (ssd_triton._bwd_dx_kernel, dict(HAS_D=True, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
+        (ssd_triton._bwd_dbc_kernel, dict(MODE=0, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
+        (ssd_triton._bwd_dbc_kernel, dict(MODE=1, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
     ]
     for kernel, consts, warps in kernels:
         names = list(inspect.signature(kernel.fn).parameters)

@@ -23,9 +23,17 @@ tiles, see ``_dot_fr``; with float32 inputs such products use ``tf32x3``):
 3. ``_scan_fwd_kernel`` per (b, c, h, block of Q): ``y``.
 4. ``_pass_bwd_kernel`` the reverse scan: gradient of each chunk's entering state, of the initial
    state, and of each chunk's total log-decay.
-5. ``_bwd_dx_kernel``  per (b, c, g, block of Q), heads of the group in a loop: dx, dB, dt's direct
-   gradient, the "source" half of d acum, and partial sums for dD.
-6. ``_bwd_dc_kernel``  per (b, c, g, block of Q): dC and the "target" half of d acum.
+5. ``_cb_kernel``      per (b, c, g, tile of Q × Q): ``C_t·B_s`` inside the chunk, for the group.
+6. ``_bwd_w_kernel``   per (b, c, g, tile of Q × Q), heads in a loop: ``W[s, t]``, the sum over the
+   group's heads of ``dt_s L[t, s] x_s·dy_t`` (what multiplies ``B_s`` and ``C_t`` in y), and both
+   halves of d acum through y inside the chunk.
+7. ``_bwd_dx_kernel``  per (b, c, h, block of Q): dx, dt's direct gradient, d acum through the
+   chunk state, and partial sums for dD.
+8. ``_bwd_dbc_kernel`` per (b, c, g, block of Q, block of n), twice: dB (through the chunk state,
+   then ``W @ C``) and dC (through the entering state, then ``Wᵀ @ B``, and d acum through that
+   state). Summing over heads in ``W`` first makes dB and dC one product per group, not per head,
+   and leaves each kernel's tiles small enough for few register spills (mamba_ssm's backward is
+   split the same way).
 
 Nothing but the inputs is saved for the backward: the chunk states are recomputed (two cheap
 kernels). The cumulative sums over dt, their reverse in the backward and the small reductions are
@@ -48,13 +56,17 @@ from .dispatch import record
 #: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
 DOT_PRECISION = "tf32x3"
 #: Positions per tile inside a chunk (chunk_size need not be a multiple of it), in the forward
-#: kernels and in the two big backward kernels, and warps per program. Measured on an H200
+#: kernels and in the backward kernels 5-8, and warps per program. Measured on an H200
 #: (``benchmarks/ssd_kernel.py --tune``, b=4, L=4096, 64 heads × 64, state 128, bf16): 4 warps
-#: everywhere took fwd + bwd from 7.28 ms (8 warps) to 4.86 ms; other tiles were no faster.
+#: everywhere took fwd + bwd from 7.28 ms (8 warps) to 4.86 ms; with the split backward, tiles of
+#: 64 in the backward 3.69 ms against 4.07 at 32; 8 warps were slower in every kernel.
 BLOCK_Q = 64
-BLOCK_Q_BWD = 32
+BLOCK_Q_BWD = 64
 NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 4
+#: Chunks whose loads the sequential state passes prefetch: the reverse pass went from 0.58 to
+#: 0.20 ms (H200, same shape), its chain of chunks having waited on each load.
+PASS_STAGES = 3
 
 
 #: Triton's interpreter (CPU tests; triton 3.9) multiplies bf16 tiles wrongly and truncates float32
@@ -198,7 +210,7 @@ def _pass_fwd_kernel(
     INIT,  # (b, h, p*n) float32 (read when HAS_INIT)
     DECAY,  # (b, h, nc) float32
     H, PN, NC,
-    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -210,7 +222,7 @@ def _pass_fwd_kernel(
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
     tl.store(S + ((bb * (NC + 1)) * H + hh) * PN + offs, s, mask=mask)
-    for c in range(NC):
+    for c in tl.range(NC, num_stages=STAGES):  # loads prefetched: the chain waits on memory
         ptr = S + ((bb * (NC + 1) + c + 1) * H + hh) * PN + offs
         st = tl.load(ptr, mask=mask, other=0.0)
         s = s * tl.load(DECAY + pid_bh * NC + c) + st
@@ -226,7 +238,7 @@ def _pass_bwd_kernel(
     DINIT,  # (b, h, p*n) float32 out: dL/dS_0
     DLAST,  # (b, h, nc, nblocks) float32 out: partial <dL/dS_{c+1}, S_{c+1}> = dL/d acum_last
     H, PN, NC, NBLK,
-    HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_blk = tl.program_id(1)
@@ -238,7 +250,7 @@ def _pass_bwd_kernel(
         ds = tl.load(DFINAL + pid_bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         ds = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(NC):
+    for i in tl.range(NC, num_stages=STAGES):  # loads prefetched: the chain waits on memory
         c = NC - 1 - i
         ptr = DS + ((bb * NC + c) * H + hh) * PN + offs
         from_y = tl.load(ptr, mask=mask, other=0.0)
@@ -331,14 +343,118 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _cb_kernel(
+    B, sb_b, sb_l, sb_g, sb_n,
+    C, sc_b, sc_l, sc_g, sc_n,
+    CB,  # (b, nc, g, Q, Q) float32 out: CB[t, s] = C_t·B_s inside each chunk, tiles on or below the diagonal
+    L, G, N, Q, NC,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    c = tl.program_id(0) // (nqb * nqb)
+    tb = (tl.program_id(0) // nqb) % nqb
+    sb = tl.program_id(0) % nqb
+    if sb > tb:  # above the diagonal: never read (t >= s only)
+        return
+    bb = (tl.program_id(1) // G).to(tl.int64)
+    gg = tl.program_id(1) % G
+    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    t = c * Q + offs_t
+    s = c * Q + offs_s
+    vt = (offs_t < Q) & (t < L)
+    vs = (offs_s < Q) & (s < L)
+    acc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        c_t = tl.load(
+            C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+            mask=vt[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        b_s = tl.load(
+            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            mask=vs[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        acc += _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
+    out = CB + ((bb * NC + c) * G + gg) * Q * Q + offs_t[:, None] * Q + offs_s[None, :]
+    tl.store(out, acc, mask=(offs_t < Q)[:, None] & (offs_s < Q)[None, :])
+
+
+@triton.jit
+def _bwd_w_kernel(
+    X, sx_b, sx_l, sx_h, sx_p,
+    DY, sd_b, sd_l, sd_h, sd_p,
+    CB,  # (b, nc, g, Q, Q) float32: C_t·B_s, from _cb_kernel
+    W,  # (b, nc, g, Q, Q) float32 out: W[s, t] = sum over the group's heads of dt_s L[t, s] x_s·dy_t
+    ACUM, DT, SEQ,
+    DACUM_PART,  # (b, h, 2, nqb, Lp) float32 out, zero on entry: d acum through y inside the chunk,
+    # [0] the source half (at s, one partial per target tile), [1] the target half (at t, per source tile)
+    L, Lp, H, P, Q, R, NC,
+    HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    c = tl.program_id(0) // (nqb * nqb)
+    tb = (tl.program_id(0) // nqb) % nqb
+    sb = tl.program_id(0) % nqb
+    if sb > tb:  # above the diagonal: L[t, s] = 0
+        return
+    G = H // R
+    bb = (tl.program_id(1) // G).to(tl.int64)
+    gg = tl.program_id(1) % G
+    offs_p = tl.arange(0, BLOCK_P)
+    mp = offs_p < P
+    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    s = c * Q + offs_s
+    t = c * Q + offs_t
+    vs = (offs_s < Q) & (s < L)
+    vt = (offs_t < Q) & (t < L)
+    mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
+    if HAS_SEQ:
+        seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
+        seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
+        mask = mask & (seq_s[:, None] == seq_t[None, :])
+    tile = ((bb * NC + c) * G + gg) * Q * Q
+    bc = tl.load(CB + tile + offs_t[None, :] * Q + offs_s[:, None], mask=mask, other=0.0)  # (s, t)
+    acc_w = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    for i in range(R):
+        hh = gg * R + i
+        row = (bb * H + hh) * Lp + c * Q
+        acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
+        acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
+        dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
+        x_s = tl.load(
+            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vs[:, None] & mp[None, :],
+            other=0.0,
+        )
+        dy_t = tl.load(
+            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            mask=vt[:, None] & mp[None, :],
+            other=0.0,
+        )
+        decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
+        w = decay * _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST) * dt_s[:, None]  # raw x_s·dy_t: exact
+        acc_w += w
+        bw = bc * w
+        part = DACUM_PART + (bb * H + hh) * 2 * nqb * Lp + c * Q
+        tl.store(part + tb * Lp + offs_s, -tl.sum(bw, axis=1), mask=offs_s < Q)
+        tl.store(part + (nqb + sb) * Lp + offs_t, tl.sum(bw, axis=0), mask=offs_t < Q)
+    tl.store(W + tile + offs_s[:, None] * Q + offs_t[None, :], acc_w, mask=(offs_s < Q)[:, None] & (offs_t < Q)[None, :])
+
+
+@triton.jit
 def _bwd_dx_kernel(
     X, sx_b, sx_l, sx_h, sx_p,
     B, sb_b, sb_l, sb_g, sb_n,
-    C, sc_b, sc_l, sc_g, sc_n,
     DY, sd_b, sd_l, sd_h, sd_p,
+    CB,  # (b, nc, g, Q, Q) float32: C_t·B_s, from _cb_kernel
     ACUM, DT, SEQ, DST, Dp,  # DST: (b, nc, h, p, n) float32, dL/dS_{c+1} (= dL/d st_c)
-    DX, DB,  # (b, l, h, p) and (b, l, g, n) contiguous
-    DDT, DACUM,  # (b, h, Lp) float32 out: dt's direct gradient, the source half of d acum
+    DX,  # (b, l, h, p) contiguous
+    DDT, DACUM,  # (b, h, Lp) float32 out: dt's direct gradient, d acum through the chunk state
     DD_PART,  # (b, nc * nqb, h) float32 out: partial sums of dy·x
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
@@ -348,192 +464,178 @@ def _bwd_dx_kernel(
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
     sb = tl.program_id(0) % nqb
+    bb = (tl.program_id(1) // H).to(tl.int64)
+    hh = tl.program_id(1) % H
+    gg = hh // R
     G = H // R
-    bb = (tl.program_id(1) // G).to(tl.int64)
-    gg = tl.program_id(1) % G
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mp = offs_p < P
-    mn = offs_n < N
+    row = (bb * H + hh) * Lp + c * Q
+    tile = ((bb * NC + c) * G + gg) * Q * Q
 
     offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     s = c * Q + offs_s
     vs = (offs_s < Q) & (s < L)
-    b_s = tl.load(
-        B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
-        mask=vs[:, None] & mn[None, :],
-        other=0.0,
-    )
+    acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
+    dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
     if HAS_SEQ:
         seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
         seq_last = tl.load(SEQ + bb * Lp + c * Q + Q - 1)
         to_state = vs & (seq_s == seq_last)
     else:
         to_state = vs
-    acc_db = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for i in range(R):
-        hh = gg * R + i
-        row = (bb * H + hh) * Lp + c * Q
-        acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
-        dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
-        acum_last = tl.load(ACUM + row + Q - 1)
-        x_s = tl.load(
-            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-            mask=vs[:, None] & mp[None, :],
+    # Through the chunk state: st_c = sum_s scale_s dt_s x_s ⊗ B_s (n in blocks, to bound registers).
+    acc_x = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        b_s = tl.load(
+            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            mask=vs[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
         dst = tl.load(
-            DST + (((bb * NC + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
-            mask=mp[:, None] & mn[None, :],
+            DST + (((bb * NC + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
+            mask=mp[None, :] & (offs_n < N)[:, None],
             other=0.0,
-        )  # (p, n)
-        # Through the chunk state: st_c = sum_s scale_s dt_s x_s ⊗ B_s.
-        scale_s = tl.where(to_state, tl.exp(acum_last - acum_s), 0.0)
-        acc_x = _dot_rf(b_s, tl.trans(dst), PREC, UPCAST) * scale_s[:, None]  # (s, p)
-        acc_db += _dot_rf(x_s, dst, PREC, UPCAST) * (scale_s * dt_s)[:, None]
-        dacum = -tl.sum(acc_x * x_s.to(tl.float32), axis=1) * dt_s
-        # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
-        for tb in range(sb, nqb):
-            offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-            t = c * Q + offs_t
-            vt = (offs_t < Q) & (t < L)
-            acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
-            c_t = tl.load(
-                C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
-                mask=vt[:, None] & mn[None, :],
-                other=0.0,
-            )
-            dy_t = tl.load(
-                DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
-                mask=vt[:, None] & mp[None, :],
-                other=0.0,
-            )
-            mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
-            if HAS_SEQ:
-                seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
-                mask = mask & (seq_s[:, None] == seq_t[None, :])
-            decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
-            bc = _dot_raw(b_s, tl.trans(c_t), PREC, UPCAST)  # (s, t) = C_t·B_s
-            acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
-            xdy = _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST)  # (s, t) = x_s·dy_t
-            w = decay * xdy * dt_s[:, None]
-            acc_db += _dot_fr(w, c_t, PREC, UPCAST)
-            dacum -= tl.sum(bc * w, axis=1)
-        # Loaded here, not before the loop, to keep registers free inside it.
-        dyf = tl.load(
-            DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
-            mask=vs[:, None] & mp[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        xf = x_s.to(tl.float32)
-        dx = acc_x * dt_s[:, None]
-        if HAS_D:
-            dx += tl.load(Dp + hh).to(tl.float32) * dyf
-        tl.store(
-            DX + ((bb * L + s[:, None]) * H + hh) * P + offs_p[None, :],
-            dx.to(DX.dtype.element_ty),
-            mask=vs[:, None] & mp[None, :],
-        )
-        tl.store(DDT + row + offs_s, tl.sum(acc_x * xf, axis=1), mask=offs_s < Q)
-        tl.store(DACUM + row + offs_s, dacum, mask=offs_s < Q)
-        tl.store(DD_PART + (bb * NC * nqb + tl.program_id(0)) * H + hh, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
-    tl.store(
-        DB + ((bb * L + s[:, None]) * G + gg) * N + offs_n[None, :],
-        acc_db.to(DB.dtype.element_ty),
-        mask=vs[:, None] & mn[None, :],
-    )
-
-
-@triton.jit
-def _bwd_dc_kernel(
-    X, sx_b, sx_l, sx_h, sx_p,
-    B, sb_b, sb_l, sb_g, sb_n,
-    C, sc_b, sc_l, sc_g, sc_n,
-    DY, sd_b, sd_l, sd_h, sd_p,
-    ACUM, DT, SEQ, S,  # S: (b, nc + 1, h, p, n) float32 states entering each chunk
-    DC,  # (b, l, g, n) contiguous
-    DACUM,  # (b, h, Lp) float32 out: the target half of d acum
-    L, Lp, H, P, N, Q, R, NC,
-    HAS_SEQ: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):  # fmt: skip
-    nqb = tl.cdiv(Q, BLOCK_Q)
-    c = tl.program_id(0) // nqb
-    tb = tl.program_id(0) % nqb
-    G = H // R
-    bb = (tl.program_id(1) // G).to(tl.int64)
-    gg = tl.program_id(1) % G
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-
-    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    t = c * Q + offs_t
-    vt = (offs_t < Q) & (t < L)
-    c_t = tl.load(
-        C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
-        mask=vt[:, None] & mn[None, :],
+        )  # (n, p)
+        acc_x += _dot_rf(b_s, dst, PREC, UPCAST)
+    acc_x = acc_x * tl.where(to_state, tl.exp(tl.load(ACUM + row + Q - 1) - acum_s), 0.0)[:, None]
+    xf = tl.load(
+        X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+        mask=vs[:, None] & mp[None, :],
         other=0.0,
-    )
-    if HAS_SEQ:
-        seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
-        seq_prev = tl.load(SEQ + bb * Lp + tl.maximum(c * Q - 1, 0))
-        from_state = vt & (seq_t == seq_prev)
-    else:
-        from_state = vt
-    acc_dc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for i in range(R):
-        hh = gg * R + i
-        row = (bb * H + hh) * Lp + c * Q
+    ).to(tl.float32)
+    tl.store(DACUM + row + offs_s, -tl.sum(acc_x * xf, axis=1) * dt_s, mask=offs_s < Q)
+    # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
+    for tb in range(sb, nqb):
+        offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        t = c * Q + offs_t
+        vt = (offs_t < Q) & (t < L)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
         dy_t = tl.load(
             DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
             mask=vt[:, None] & mp[None, :],
             other=0.0,
         )
-        s_in = tl.load(
-            S + (((bb * (NC + 1) + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
+        mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
+        if HAS_SEQ:
+            seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
+            mask = mask & (seq_s[:, None] == seq_t[None, :])
+        decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
+        bc = tl.load(CB + tile + offs_t[None, :] * Q + offs_s[:, None], mask=mask, other=0.0)  # (s, t)
+        acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
+    dyf = tl.load(
+        DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+        mask=vs[:, None] & mp[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    dx = acc_x * dt_s[:, None]
+    if HAS_D:
+        dx += tl.load(Dp + hh).to(tl.float32) * dyf
+    tl.store(
+        DX + ((bb * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+        dx.to(DX.dtype.element_ty),
+        mask=vs[:, None] & mp[None, :],
+    )
+    tl.store(DDT + row + offs_s, tl.sum(acc_x * xf, axis=1), mask=offs_s < Q)
+    tl.store(DD_PART + (bb * NC * nqb + tl.program_id(0)) * H + hh, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
+
+
+@triton.jit
+def _bwd_dbc_kernel(
+    X, sx_b, sx_l, sx_h, sx_p,  # x (dB) or dy (dC)
+    Y, sy_b, sy_l, sy_g, sy_n,  # C (dB) or B (dC): the other side of W
+    Z, sz_b, sz_l, sz_g, sz_n,  # C (dC): dacum's partner; unused for dB
+    W,  # (b, nc, g, Q, Q) float32, from _bwd_w_kernel
+    ACUM, DT, SEQ,
+    ST,  # (b, NSLOTS, h, p, n) float32: dL/dS_{c+1} (dB) or the state S_c entering chunk c (dC)
+    OUT,  # (b, l, g, n) contiguous: dB or dC
+    DACUM_PART,  # (b, h, nnb, Lp) float32 out (dC): d acum through the entering state, per n block
+    L, Lp, H, P, N, Q, R, NC, NSLOTS,
+    MODE: tl.constexpr,  # 0: dB at source rows s; 1: dC at target rows t
+    HAS_SEQ: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    nnb = tl.cdiv(N, BLOCK_N)
+    c = tl.program_id(0) // (nqb * nnb)
+    qb = (tl.program_id(0) // nnb) % nqb
+    nb = tl.program_id(0) % nnb
+    G = H // R
+    bb = (tl.program_id(1) // G).to(tl.int64)
+    gg = tl.program_id(1) % G
+    offs_p = tl.arange(0, BLOCK_P)
+    mp = offs_p < P
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = c * Q + offs_q
+    vq = (offs_q < Q) & (q < L)
+    if MODE == 0:  # positions feeding the chunk state: those in the chunk's last document
+        ref_pos = c * Q + Q - 1
+    else:  # positions reading the entering state: those in the document before the chunk
+        ref_pos = tl.maximum(c * Q - 1, 0)
+        z_q = tl.load(
+            Z + bb * sz_b + q[:, None] * sz_l + gg * sz_g + offs_n[None, :] * sz_n,
+            mask=vq[:, None] & mn[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    if HAS_SEQ:
+        seq_q = tl.load(SEQ + bb * Lp + c * Q + offs_q, mask=offs_q < Q, other=-1)
+        linked = vq & (seq_q == tl.load(SEQ + bb * Lp + ref_pos))
+    else:
+        linked = vq
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    # Through the state, head by head.
+    for i in range(R):
+        hh = gg * R + i
+        row = (bb * H + hh) * Lp + c * Q
+        acum_q = tl.load(ACUM + row + offs_q, mask=offs_q < Q, other=0.0)
+        if MODE == 0:
+            scale = tl.exp(tl.load(ACUM + row + Q - 1) - acum_q) * tl.load(DT + row + offs_q, mask=offs_q < Q, other=0.0)
+        else:
+            scale = tl.exp(acum_q)
+        x_q = tl.load(
+            X + bb * sx_b + q[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vq[:, None] & mp[None, :],
+            other=0.0,
+        )
+        st = tl.load(
+            ST + (((bb * NSLOTS + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
             mask=mp[:, None] & mn[None, :],
             other=0.0,
         )  # (p, n)
-        # Through the entering state: y_t += exp(acum_t) C_t·S_c.
-        scale_t = tl.where(from_state, tl.exp(acum_t), 0.0)
-        part = _dot_rf(dy_t, s_in, PREC, UPCAST) * scale_t[:, None]  # (t, n)
-        acc_dc += part
-        dacum = tl.sum(part * c_t.to(tl.float32), axis=1)
-        for sb in range(0, tb + 1):
-            offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-            s = c * Q + offs_s
-            vs = (offs_s < Q) & (s < L)
-            acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
-            dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
-            b_s = tl.load(
-                B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
-                mask=vs[:, None] & mn[None, :],
-                other=0.0,
-            )
-            x_s = tl.load(
-                X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-                mask=vs[:, None] & mp[None, :],
-                other=0.0,
-            )
-            mask = (offs_t[:, None] >= offs_s[None, :]) & vt[:, None] & vs[None, :]
-            if HAS_SEQ:
-                seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
-                mask = mask & (seq_t[:, None] == seq_s[None, :])
-            decay = tl.exp(tl.where(mask, acum_t[:, None] - acum_s[None, :], float("-inf")))  # (t, s)
-            cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # (t, s)
-            dyx = _dot_raw(dy_t, tl.trans(x_s), PREC, UPCAST)  # (t, s)
-            w = decay * dyx * dt_s[None, :]
-            acc_dc += _dot_fr(w, b_s, PREC, UPCAST)
-            dacum += tl.sum(cb * w, axis=1)
-        tl.store(DACUM + row + offs_t, dacum, mask=offs_t < Q)
+        part = _dot_rf(x_q, st, PREC, UPCAST) * tl.where(linked, scale, 0.0)[:, None]
+        acc += part
+        if MODE == 1:
+            tl.store(DACUM_PART + ((bb * H + hh) * nnb + nb) * Lp + c * Q + offs_q, tl.sum(part * z_q, axis=1), mask=offs_q < Q)
+    # Inside the chunk, for the whole group at once: dB_s += sum_t W[s, t] C_t, dC_t += sum_s W[s, t] B_s.
+    tile = W + ((bb * NC + c) * G + gg) * Q * Q
+    if MODE == 0:
+        lo = qb
+        hi = nqb
+    else:
+        lo = 0
+        hi = qb + 1
+    for kb in range(lo, hi):
+        offs_k = kb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        k = c * Q + offs_k
+        y_k = tl.load(
+            Y + bb * sy_b + k[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
+            mask=((offs_k < Q) & (k < L))[:, None] & mn[None, :],
+            other=0.0,
+        )
+        w_mask = (offs_q < Q)[:, None] & (offs_k < Q)[None, :]
+        if MODE == 0:
+            w = tl.load(tile + offs_q[:, None] * Q + offs_k[None, :], mask=w_mask, other=0.0)  # W[s=q, t=k]
+        else:
+            w = tl.load(tile + offs_k[None, :] * Q + offs_q[:, None], mask=w_mask, other=0.0)  # W[s=k, t=q]
+        acc += _dot_fr(w, y_k, PREC, UPCAST)
     tl.store(
-        DC + ((bb * L + t[:, None]) * G + gg) * N + offs_n[None, :],
-        acc_dc.to(DC.dtype.element_ty),
-        mask=vt[:, None] & mn[None, :],
+        OUT + ((bb * L + q[:, None]) * G + gg) * N + offs_n[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=vq[:, None] & mn[None, :],
     )
 
 
@@ -582,7 +684,7 @@ def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
     block = 1024
     _pass_fwd_kernel[(b * h, triton.cdiv(p * n, block))](
         S, init.float().contiguous() if init is not None else dummy, decay, h, p * n, nc,
-        HAS_INIT=init is not None, BLOCK=block, num_warps=4,
+        HAS_INIT=init is not None, BLOCK=block, STAGES=PASS_STAGES, num_warps=4,
     )  # fmt: skip
     return S
 
@@ -634,7 +736,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
     _pass_bwd_kernel[(b * h, nblk)](
         dS, S, dfinal.contiguous() if dfinal is not None else acum, decay, dinit, dlast,
         h, p * n, nc, nblk,
-        HAS_DFINAL=dfinal is not None, BLOCK=block, num_warps=4,
+        HAS_DFINAL=dfinal is not None, BLOCK=block, STAGES=PASS_STAGES, num_warps=4,
     )  # fmt: skip
 
     bq = min(BLOCK_Q_BWD, _pow2(Q))
@@ -643,32 +745,39 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
     dB = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(B.dtype))
     dC = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(C.dtype))
     ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
-    dacum_src = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
-    dacum_dst = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     dD_part = torch.empty(b, nc * nqb, h, device=x.device, dtype=torch.float32)
-    common = dict(
-        HAS_SEQ=seq_p is not None,
-        BLOCK_Q=bq,
-        BLOCK_P=_pow2(p),
-        BLOCK_N=_pow2(n),
-        PREC=DOT_PRECISION,
-        UPCAST=_INTERPRET,
-    )
-    _bwd_dx_kernel[(nc * nqb, b * g)](
-        x, *x.stride(), B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
-        acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, dB, ddt_direct, dacum_src, dD_part,
-        L, Lp, h, p, n, Q, r, nc,
-        HAS_D=D is not None, num_warps=NUM_WARPS_BWD, **common,
+    # d acum in parts: through the chunk state (at s), through the entering state (at t, per n
+    # block), and through y inside the chunk (both halves, per tile; tiles above the diagonal: 0).
+    dacum_st = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
+    bn = min(_pow2(n), 64)
+    nnb = triton.cdiv(n, bn)
+    dacum_in = torch.empty(b, h, nnb, Lp, device=x.device, dtype=torch.float32)
+    dacum_y = torch.zeros(b, h, 2 * nqb, Lp, device=x.device, dtype=torch.float32)
+    cb = torch.empty(b, nc, g, Q, Q, device=x.device, dtype=torch.float32)
+    w = torch.empty(b, nc, g, Q, Q, device=x.device, dtype=torch.float32)
+    has_seq = seq_p is not None
+    kw = dict(BLOCK_Q=bq, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_BWD)
+    _cb_kernel[(nc * nqb * nqb, b * g)](B, *B.stride(), C, *C.stride(), cb, L, g, n, Q, nc, BLOCK_N=bn, **kw)
+    _bwd_w_kernel[(nc * nqb * nqb, b * g)](
+        x, *x.stride(), dy, *dy.stride(), cb, w, acum, dt_p, seq_arg, dacum_y,
+        L, Lp, h, p, Q, r, nc,
+        HAS_SEQ=has_seq, BLOCK_P=_pow2(p), **kw,
     )  # fmt: skip
-    _bwd_dc_kernel[(nc * nqb, b * g)](
-        x, *x.stride(), B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
-        acum, dt_p, seq_arg, S, dC, dacum_dst,
+    _bwd_dx_kernel[(nc * nqb, b * h)](
+        x, *x.stride(), B, *B.stride(), dy, *dy.stride(), cb,
+        acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, ddt_direct, dacum_st, dD_part,
         L, Lp, h, p, n, Q, r, nc,
-        num_warps=NUM_WARPS_BWD, **common,
+        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
     )  # fmt: skip
+    for mode, (xx, yy, zz, st, out, slots) in enumerate([(x, C, C, dS, dB, nc), (dy, B, C, S, dC, nc + 1)]):
+        _bwd_dbc_kernel[(nc * nqb * nnb, b * g)](
+            xx, *xx.stride(), yy, *yy.stride(), zz, *zz.stride(), w, acum, dt_p, seq_arg, st, out, dacum_in,
+            L, Lp, h, p, n, Q, r, nc, slots,
+            MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
+        )  # fmt: skip
 
     # d acum -> d a (a reverse cumulative sum inside each chunk) -> dt and A.
-    dacum = (dacum_src + dacum_dst).view(b, h, nc, Q)
+    dacum = (dacum_st + dacum_in.sum(2) + dacum_y.sum(2)).view(b, h, nc, Q)
     dacum[..., -1] += dlast.sum(-1)
     da = dacum.flip(-1).cumsum(-1).flip(-1).view(b, h, Lp)
     ddt = ddt_direct + da * A.float()[None, :, None]
