@@ -207,7 +207,11 @@ def build_for_hopper(dtype: str) -> None:
         (ssd_triton._pass_fwd_kernel, dict(HAS_INIT=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4),
         (ssd_triton._scan_fwd_kernel, dict(HAS_D=True, **fwd), ssd_triton.NUM_WARPS_FWD),
         (ssd_triton._pass_bwd_kernel, dict(HAS_DFINAL=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4),
-        (ssd_triton._cb_kernel, dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=64, PREC=common["PREC"], UPCAST=False), ssd_triton.NUM_WARPS_BWD),
+        (
+            ssd_triton._cb_kernel,
+            dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=64, PREC=common["PREC"], UPCAST=False),
+            ssd_triton.NUM_WARPS_BWD,
+        ),
         (ssd_triton._bwd_w_kernel, {k: v for k, v in bwd.items() if k != "BLOCK_N"}, ssd_triton.NUM_WARPS_BWD),
         (ssd_triton._bwd_dx_kernel, dict(HAS_D=True, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
         (ssd_triton._bwd_dbc_kernel, dict(MODE=0, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),

@@ -443,7 +443,9 @@ def _bwd_w_kernel(
         part = DACUM_PART + (bb * H + hh) * 2 * nqb * Lp + c * Q
         tl.store(part + tb * Lp + offs_s, -tl.sum(bw, axis=1), mask=offs_s < Q)
         tl.store(part + (nqb + sb) * Lp + offs_t, tl.sum(bw, axis=0), mask=offs_t < Q)
-    tl.store(W + tile + offs_s[:, None] * Q + offs_t[None, :], acc_w, mask=(offs_s < Q)[:, None] & (offs_t < Q)[None, :])
+    tl.store(
+        W + tile + offs_s[:, None] * Q + offs_t[None, :], acc_w, mask=(offs_s < Q)[:, None] & (offs_t < Q)[None, :]
+    )
 
 
 @triton.jit
@@ -593,7 +595,9 @@ def _bwd_dbc_kernel(
         row = (bb * H + hh) * Lp + c * Q
         acum_q = tl.load(ACUM + row + offs_q, mask=offs_q < Q, other=0.0)
         if MODE == 0:
-            scale = tl.exp(tl.load(ACUM + row + Q - 1) - acum_q) * tl.load(DT + row + offs_q, mask=offs_q < Q, other=0.0)
+            scale = tl.exp(tl.load(ACUM + row + Q - 1) - acum_q) * tl.load(
+                DT + row + offs_q, mask=offs_q < Q, other=0.0
+            )
         else:
             scale = tl.exp(acum_q)
         x_q = tl.load(
@@ -609,7 +613,11 @@ def _bwd_dbc_kernel(
         part = _dot_rf(x_q, st, PREC, UPCAST) * tl.where(linked, scale, 0.0)[:, None]
         acc += part
         if MODE == 1:
-            tl.store(DACUM_PART + ((bb * H + hh) * nnb + nb) * Lp + c * Q + offs_q, tl.sum(part * z_q, axis=1), mask=offs_q < Q)
+            tl.store(
+                DACUM_PART + ((bb * H + hh) * nnb + nb) * Lp + c * Q + offs_q,
+                tl.sum(part * z_q, axis=1),
+                mask=offs_q < Q,
+            )
     # Inside the chunk, for the whole group at once: dB_s += sum_t W[s, t] C_t, dC_t += sum_s W[s, t] B_s.
     tile = W + ((bb * NC + c) * G + gg) * Q * Q
     if MODE == 0:
