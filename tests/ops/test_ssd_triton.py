@@ -191,42 +191,53 @@ def test_mamba2_mixer_same_on_both_paths():
 def build_for_hopper(dtype: str) -> None:
     """Build every kernel for sm_90 (ptx + cubin, with the ptxas that ships with Triton) at the
     bench-1.3b tile sizes. Needs compiled (not interpreted) kernels: run without TRITON_INTERPRET."""
+    common = dict(BLOCK_P=64, PREC=ssd_triton.DOT_PRECISION, UPCAST=False, HAS_SEQ=True)
+    fwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q, BLOCK_N=128, **common)
+    bwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=64, **common)
+    io = dict(
+        X=dtype, B=dtype, C=dtype, Z=dtype, DY=dtype, Y=dtype, DX=dtype, DB=dtype, DC=dtype, SEQ="i32", SEQ_P="i32"
+    )
+    kernels = [
+        # The prepare kernel reads the caller's document ids (int64) as they are.
+        (ssd_triton._prepare_kernel, dict(HAS_SEQ=True, BLOCK=128), 4, {**io, "SEQ": "i64"}),
+        (ssd_triton._state_kernel, dict(MODE=0, **{**fwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_FWD, io),
+        (ssd_triton._pass_fwd_kernel, dict(HAS_INIT=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4, io),
+        (ssd_triton._scan_fwd_kernel, dict(HAS_D=True, **fwd), ssd_triton.NUM_WARPS_FWD, io),
+        (ssd_triton._pass_bwd_kernel, dict(HAS_DFINAL=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4, io),
+        (
+            ssd_triton._cb_kernel,
+            {k: bwd[k] for k in ("BLOCK_Q", "BLOCK_N", "PREC", "UPCAST")},
+            ssd_triton.NUM_WARPS_BWD,
+            io,
+        ),
+        (ssd_triton._bwd_w_kernel, {k: v for k, v in bwd.items() if k != "BLOCK_N"}, ssd_triton.NUM_WARPS_BWD, io),
+        (ssd_triton._bwd_dx_kernel, dict(HAS_D=True, **bwd), ssd_triton.NUM_WARPS_BWD, io),
+        (ssd_triton._bwd_dbc_kernel, dict(MODE=0, **bwd), ssd_triton.NUM_WARPS_BWD, io),
+        (ssd_triton._bwd_dbc_kernel, dict(MODE=1, **bwd), ssd_triton.NUM_WARPS_BWD, io),
+        (ssd_triton._finish_kernel, dict(BLOCK=128), 4, io),
+    ]
+    for kernel, consts, warps, types in kernels:
+        _build_sm90(kernel, consts, warps, types)
+
+
+def _build_sm90(kernel, consts: dict, warps: int, types: dict) -> None:
+    """Compile one kernel for sm_90: parameters named in ``consts`` are constexprs, counts and
+    strides (lower-case ``s…``) i32, the rest pointers to ``types[name]`` (float32 if unnamed)."""
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    common = dict(BLOCK_P=64, PREC=ssd_triton.DOT_PRECISION, UPCAST=False, HAS_SEQ=True)
-    fwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q, BLOCK_N=128, **common)
-    bwd = dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=128, **common)
-    ints = {"L", "Lp", "G", "H", "P", "N", "Q", "R", "NC", "NSLOTS", "SLOT_OFF", "PN", "NBLK"}  # the rest: pointers
-    io = dict(X=dtype, B=dtype, C=dtype, DY=dtype, Y=dtype, DX=dtype, DB=dtype, DC=dtype, SEQ="i32")
-    kernels = [
-        (ssd_triton._state_kernel, dict(MODE=0, **{**fwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_FWD),
-        (ssd_triton._pass_fwd_kernel, dict(HAS_INIT=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4),
-        (ssd_triton._scan_fwd_kernel, dict(HAS_D=True, **fwd), ssd_triton.NUM_WARPS_FWD),
-        (ssd_triton._pass_bwd_kernel, dict(HAS_DFINAL=True, BLOCK=1024, STAGES=ssd_triton.PASS_STAGES), 4),
-        (
-            ssd_triton._cb_kernel,
-            dict(BLOCK_Q=ssd_triton.BLOCK_Q_BWD, BLOCK_N=64, PREC=common["PREC"], UPCAST=False),
-            ssd_triton.NUM_WARPS_BWD,
-        ),
-        (ssd_triton._bwd_w_kernel, {k: v for k, v in bwd.items() if k != "BLOCK_N"}, ssd_triton.NUM_WARPS_BWD),
-        (ssd_triton._bwd_dx_kernel, dict(HAS_D=True, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
-        (ssd_triton._bwd_dbc_kernel, dict(MODE=0, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
-        (ssd_triton._bwd_dbc_kernel, dict(MODE=1, **{**bwd, "BLOCK_N": 64}), ssd_triton.NUM_WARPS_BWD),
-    ]
-    for kernel, consts, warps in kernels:
-        names = list(inspect.signature(kernel.fn).parameters)
-        sig = {
-            n: "constexpr" if n in consts else "i32" if n in ints or n.startswith("s") else "*" + io.get(n, "fp32")
-            for n in names
-        }
-        compiled = triton.compile(
-            ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-        )
-        assert compiled.asm["cubin"], kernel.fn.__name__
+    ints = {"L", "Lp", "G", "H", "P", "N", "Q", "R", "NC", "NSLOTS", "SLOT_OFF", "PN", "NBLK", "NIN", "NY"}
+    sig = {
+        n: "constexpr" if n in consts else "i32" if n in ints or n.startswith("s") else "*" + types.get(n, "fp32")
+        for n in inspect.signature(kernel.fn).parameters
+    }
+    compiled = triton.compile(
+        ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+    )
+    assert compiled.asm["cubin"], kernel.fn.__name__
 
 
 @pytest.mark.slow

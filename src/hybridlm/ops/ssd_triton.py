@@ -36,8 +36,9 @@ tiles, see ``_dot_fr``; with float32 inputs such products use ``tf32x3``):
    split the same way).
 
 Nothing but the inputs is saved for the backward: the chunk states are recomputed (two cheap
-kernels). The cumulative sums over dt, their reverse in the backward and the small reductions are
-plain torch on (b, h, l) tensors.
+kernels). The cumulative sums over dt·A (``_prepare_kernel``) and, in the backward, their reverse
+with the gradients of dt and A (``_finish_kernel``) are one small kernel each: as torch ops they
+were about 30 launches per call, which the host pays for at every layer.
 
 The op is registered with ``torch.library.custom_op`` (``hybridlm::ssd_chunk_scan`` and its
 backward), so ``torch.compile`` treats it as one opaque node with a fake (meta) implementation.
@@ -647,6 +648,76 @@ def _bwd_dbc_kernel(
     )
 
 
+@triton.jit
+def _prepare_kernel(
+    DT, sdt_b, sdt_l, sdt_h,  # (b, l, h), any float dtype
+    A,  # (h,)
+    SEQ, ss_b, ss_l,  # (b, l) integer document ids (read when HAS_SEQ)
+    DT_P, ACUM,  # (b, h, Lp) float32 out: dt padded with zeros, the in-chunk cumulative sum of dt·A
+    SEQ_P,  # (b, Lp) int32 out (HAS_SEQ): ids padded with the last one, written by head 0
+    DECAY,  # (b, h, nc) float32 out: exp(total log-decay), 0 where a document starts in the chunk
+    L, Lp, H, Q, NC,
+    HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    bb = pid_bh // H
+    hh = pid_bh % H
+    offs = tl.arange(0, BLOCK)
+    t = c * Q + offs
+    dt = tl.load(DT + bb * sdt_b + t * sdt_l + hh * sdt_h, mask=(offs < Q) & (t < L), other=0.0).to(tl.float32)
+    acum = tl.cumsum(dt * tl.load(A + hh).to(tl.float32), axis=0)
+    row = pid_bh * Lp + c * Q
+    tl.store(DT_P + row + offs, dt, mask=offs < Q)
+    tl.store(ACUM + row + offs, acum, mask=offs < Q)
+    decay = tl.exp(tl.sum(tl.where(offs == Q - 1, acum, 0.0), axis=0))
+    if HAS_SEQ:
+        seq = tl.load(SEQ + bb * ss_b + tl.minimum(t, L - 1) * ss_l, mask=offs < Q, other=0)
+        seq_last = tl.load(SEQ + bb * ss_b + tl.minimum(c * Q + Q - 1, L - 1) * ss_l)
+        seq_prev = tl.load(SEQ + bb * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
+        decay = tl.where(seq_last == seq_prev, decay, 0.0)
+        if hh == 0:
+            tl.store(SEQ_P + bb * Lp + t, seq.to(tl.int32), mask=offs < Q)
+    tl.store(DECAY + pid_bh * NC + c, decay)
+
+
+@triton.jit
+def _finish_kernel(
+    DACUM_ST,  # (b, h, Lp) float32: d acum through the chunk state
+    DACUM_IN, NIN,  # (b, h, NIN, Lp) float32: through the entering state, per n block
+    DACUM_Y, NY,  # (b, h, NY, Lp) float32: through y inside the chunk, per tile and half
+    DLAST, NBLK,  # (b, h, nc, NBLK) float32: through the state passed on, at the chunk's last position
+    DDT_DIRECT, DT_P, A,  # (b, h, Lp) float32, (b, h, Lp) float32, (h,)
+    DDT, sd_b, sd_l, sd_h,  # (b, l, h) out, dt's dtype
+    DA_PART,  # (b, h, nc) float32 out: sum over the chunk of d(dt·A) · dt
+    L, Lp, H, Q, NC,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    bb = pid_bh // H
+    hh = pid_bh % H
+    offs = tl.arange(0, BLOCK)
+    # Positions in reverse order, so that a plain cumulative sum is the sum over the chunk's rest:
+    # d(dt·A)_t = sum over t' >= t in the chunk of d acum_t'.
+    pos = Q - 1 - offs
+    m = offs < Q
+    row = pid_bh * Lp + c * Q + pos
+    d = tl.load(DACUM_ST + row, mask=m, other=0.0)
+    for k in range(NIN):
+        d += tl.load(DACUM_IN + (pid_bh * NIN + k) * Lp + c * Q + pos, mask=m, other=0.0)
+    for k in range(NY):
+        d += tl.load(DACUM_Y + (pid_bh * NY + k) * Lp + c * Q + pos, mask=m, other=0.0)
+    last = 0.0
+    for k in range(NBLK):
+        last += tl.load(DLAST + (pid_bh * NC + c) * NBLK + k)
+    da = tl.cumsum(tl.where(offs == 0, d + last, d), axis=0)
+    ddt = tl.load(DDT_DIRECT + row, mask=m, other=0.0) + da * tl.load(A + hh).to(tl.float32)
+    t = c * Q + pos
+    tl.store(DDT + bb * sd_b + t * sd_l + hh * sd_h, ddt.to(DDT.dtype.element_ty), mask=m & (t < L))
+    tl.store(DA_PART + pid_bh * NC + c, tl.sum(da * tl.load(DT_P + row, mask=m, other=0.0), axis=0))
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 
@@ -659,19 +730,17 @@ def _prepare(dt: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor | None, Q:
     b, L, h = dt.shape
     nc = triton.cdiv(L, Q)
     Lp = nc * Q
-    dt_p = torch.nn.functional.pad(dt.float().transpose(1, 2), (0, Lp - L)).contiguous()
-    acum = (dt_p * A.float()[None, :, None]).view(b, h, nc, Q).cumsum(-1).view(b, h, Lp)
-    decay = torch.exp(acum.view(b, h, nc, Q)[..., -1])
-    seq_p = None
-    if seq_idx is not None:
-        seq_p = seq_idx.to(torch.int32)
-        if Lp > L:
-            seq_p = torch.cat([seq_p, seq_p[:, -1:].expand(b, Lp - L)], dim=1)
-        seq_p = seq_p.contiguous()
-        prev = seq_p[:, (torch.arange(nc, device=dt.device) * Q - 1).clamp(min=0)]
-        keep = seq_p[:, Q - 1 :: Q] == prev  # no document starts inside the chunk (or at its start)
-        decay = decay * keep[:, None, :]
-    return dt_p, acum, seq_p, decay.contiguous()
+    dt_p = torch.empty(b, h, Lp, device=dt.device, dtype=torch.float32)
+    acum = torch.empty_like(dt_p)
+    decay = torch.empty(b, h, nc, device=dt.device, dtype=torch.float32)
+    seq_p = torch.empty(b, Lp, device=dt.device, dtype=torch.int32) if seq_idx is not None else None
+    seq = seq_idx if seq_idx is not None else dt_p
+    _prepare_kernel[(nc, b * h)](
+        dt, *dt.stride(), A, seq, seq.stride(0), seq.stride(1), dt_p, acum, seq_p if seq_p is not None else dt_p,
+        decay, L, Lp, h, Q, nc,
+        HAS_SEQ=seq_idx is not None, BLOCK=_pow2(Q),
+    )  # fmt: skip
+    return dt_p, acum, seq_p, decay
 
 
 def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
@@ -784,15 +853,17 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
             MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
         )  # fmt: skip
 
-    # d acum -> d a (a reverse cumulative sum inside each chunk) -> dt and A.
-    dacum = (dacum_st + dacum_in.sum(2) + dacum_y.sum(2)).view(b, h, nc, Q)
-    dacum[..., -1] += dlast.sum(-1)
-    da = dacum.flip(-1).cumsum(-1).flip(-1).view(b, h, Lp)
-    ddt = ddt_direct + da * A.float()[None, :, None]
-    dA = (da * dt_p).sum((0, 2))
+    # d acum -> d(dt·A) (a reverse cumulative sum inside each chunk) -> dt and A, in one kernel.
+    ddt = torch.empty(b, L, h, device=x.device, dtype=_out_dtype(dt.dtype))
+    da_part = torch.empty(b, h, nc, device=x.device, dtype=torch.float32)
+    _finish_kernel[(nc, b * h)](
+        dacum_st, dacum_in, nnb, dacum_y, 2 * nqb, dlast, nblk, ddt_direct, dt_p, A, ddt, *ddt.stride(), da_part,
+        L, Lp, h, Q, nc,
+        BLOCK=_pow2(Q),
+    )  # fmt: skip
+    dA = da_part.sum((0, 2))
     dD = dD_part.sum((0, 1))
-    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype).contiguous()
-    return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
+    return dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
 
 
 @contextlib.contextmanager
