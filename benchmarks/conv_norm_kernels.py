@@ -2,6 +2,7 @@
 
     python benchmarks/conv_norm_kernels.py            # timing table (bench-1.3b sizes)
     python benchmarks/conv_norm_kernels.py --check    # bf16 error ratios against float64 references
+    python benchmarks/conv_norm_kernels.py --tune     # the conv kernels' tiles and warps, Triton only
 
 The table gives forward and forward+backward milliseconds and the effective bandwidth, counting
 each tensor the op must read or write once (the minimum traffic; parameters and document ids
@@ -136,6 +137,40 @@ def timing(reps: int, compile_: bool) -> None:
         torch.cuda.empty_cache()
 
 
+#: (BLOCK_L, BLOCK_C, warps) of the conv kernels, forward and backward alike; the first is the default.
+#: Compiled for sm_90 on CPU (benchmarks/kernel_build.py), 64 × 128 × 4 spills up to 1.9 kB per thread
+#: in the backward's first pass; 32 × 64 × 4 and 16 × 128 × 4 spill nothing.
+TUNE = [(64, 128, 4), (32, 128, 4), (16, 128, 4), (32, 64, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8)]
+
+
+def tune(reps: int) -> None:
+    """Time the Triton conv (forward, forward + backward) for each tile setting in TUNE."""
+    from hybridlm.ops import conv_triton
+
+    knobs = ("BLOCK_L", "BLOCK_C", "WARPS")
+    default = {f"{d}_{k}": getattr(conv_triton, f"{d}_{k}") for d in ("FWD", "BWD") for k in knobs}
+    print(f"{'op':34s} {'BLOCK_L, BLOCK_C, warps':>24s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
+    for name, fn, make, *_ in list(cases())[:2]:  # the conv rows, without and with documents
+        inputs = make()
+        for setting in TUNE:
+            for d in ("FWD", "BWD"):
+                for k, v in zip(knobs, setting):
+                    setattr(conv_triton, f"{d}_{k}", v)
+            with use_kernels("triton"):
+                douts = [torch.randn_like(fn(*inputs))]
+
+                def fwd(fn=fn, inputs=inputs):
+                    with torch.no_grad():
+                        fn(*inputs)
+
+                def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
+                    torch.autograd.backward((fn(*inputs),), douts)
+
+                print(f"{name:34s} {setting!s:>24s} {bench(fwd, reps):8.3f} {bench(fwd_bwd, reps):11.3f}", flush=True)
+    for k, v in default.items():
+        setattr(conv_triton, k, v)
+
+
 def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
     return ((a.double() - e).abs().max() / e.abs().max()).item()
 
@@ -195,6 +230,7 @@ def check() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="print bf16 error ratios instead of timings")
+    parser.add_argument("--tune", action="store_true", help="time the conv kernels' tile settings instead")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd torch rows")
     args = parser.parse_args()
@@ -204,6 +240,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.check:
         check()
+    elif args.tune:
+        tune(args.reps)
     else:
         timing(args.reps, not args.no_compile)
 

@@ -53,6 +53,7 @@ for stage in "$@"; do
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
             python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
     ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
+    convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
     mixers) run mixers 200 16 python3 benchmarks/mixers.py ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;

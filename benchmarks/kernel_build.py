@@ -1,0 +1,216 @@
+"""Build every Triton kernel of ``hybridlm.ops`` for the H200 (sm_90) on a machine without a GPU.
+
+Each op's real launcher runs on CPU tensors at ``bench-1.3b``'s widths, forward and backward, with
+the kernel launches captured instead of run; each captured launch is then compiled for sm_90 with
+its own constexprs, warps and argument types, and its registers, spilled bytes (stack) and shared
+memory are read from the cubin. So a kernel the compiler rejects, or one that spills, shows up
+here and not first on the GPU machine. Needs a real Triton (no ``TRITON_INTERPRET``)::
+
+    python benchmarks/kernel_build.py            # a table of every kernel, bf16 and float32 inputs
+    python benchmarks/kernel_build.py --dtypes bf16 --ops ssd
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+#: torch dtype -> Triton's pointer element type.
+_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+def capture(fn: Callable[[], object]) -> list[tuple[object, dict, dict]]:
+    """Run ``fn`` with every Triton launch recorded instead of run: [(kernel, {param: value}, options)]."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        names = [p.name for p in self.params]
+        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        for p in self.params:  # defaults of parameters the launcher left out
+            if p.name not in values and p.default is not inspect.Parameter.empty:
+                values[p.name] = p.default
+        options = {k: v for k, v in kwargs.items() if k not in names}
+        launches.append((self, values, options))
+
+    saved = JITFunction.run
+    JITFunction.run = record
+    try:
+        fn()
+    finally:
+        JITFunction.run = saved
+    return launches
+
+
+def _arg_type(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def build(kernel, values: dict, options: dict, arch: int = 90):
+    """Compile one captured launch for ``sm_<arch>``; returns Triton's compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {p.name: values.get(p.name) for p in kernel.params if p.is_constexpr or values.get(p.name) is None}
+    sig = {p.name: "constexpr" if p.name in consts else _arg_type(values[p.name]) for p in kernel.params}
+    opts = {k: options[k] for k in ("num_warps", "num_stages") if k in options}
+    return triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def resources(compiled) -> dict[str, int]:
+    """Registers per thread, spilled bytes per thread (stack) and shared memory of a compiled kernel."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True)
+    line = next((ln for ln in out.stdout.splitlines() if "REG:" in ln), "")
+    fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+    return {
+        "regs": int(fields.get("REG", -1)),
+        "stack": int(fields.get("STACK", -1)),
+        "shared": int(compiled.metadata.shared),
+    }
+
+
+# -- the ops, at bench-1.3b widths (short sequences: the constexprs do not depend on the length) --------
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.requires_grad_() if t.is_floating_point() else t for t in tensors]
+
+
+def _backward(out: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+    """Backward from every output that needs it (the values are whatever the skipped launches left)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward([o for o in outs if o.requires_grad], [torch.ones_like(o) for o in outs if o.requires_grad])
+
+
+def _seq(b: int, L: int) -> torch.Tensor:
+    seq = torch.zeros(b, L, dtype=torch.long)
+    seq[:, L // 3 :] += 1
+    return seq
+
+
+def run_ssd(dtype: torch.dtype, L: int = 512) -> None:
+    from hybridlm.ops.ssd_triton import ssd_chunked_triton
+
+    b, h, p, g, n = 1, 64, 64, 8, 128
+    x, B, C = (torch.randn(b, L, *s).to(dtype) for s in ((h, p), (g, n), (g, n)))
+    dt, A, D = torch.rand(b, L, h), -torch.rand(h), torch.rand(h)
+    leaves = _leaves(x, dt, A, B, C, D)
+    out = ssd_chunked_triton(*leaves[:5], 128, D=leaves[5], seq_idx=_seq(b, L), return_final_state=True)
+    _backward(out)
+
+
+def run_conv(dtype: torch.dtype, L: int = 512) -> None:
+    from hybridlm.ops.conv_triton import causal_conv1d_triton
+
+    x, w, bias = _leaves(torch.randn(1, L, 6144).to(dtype), torch.randn(6144, 4), torch.randn(6144))
+    _backward(causal_conv1d_triton(x, w, bias, seq_idx=_seq(1, L), silu=True))
+
+
+def run_norm(dtype: torch.dtype, L: int = 512) -> None:
+    from hybridlm.ops.norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
+
+    y, z, w = _leaves(torch.randn(1, L, 4096).to(dtype), torch.randn(1, L, 4096).to(dtype), torch.ones(4096))
+    _backward(gated_rms_norm_triton(y, z, w, 512, 1e-5))
+    x, delta, w2 = _leaves(torch.randn(1, L, 2048), torch.randn(1, L, 2048).to(dtype), torch.ones(2048))
+    _backward(add_rms_norm_triton(x, delta, w2, 1e-5))
+    with torch.no_grad():
+        rms_norm_triton(torch.randn(1, L, 2048).to(dtype), torch.ones(2048), 1e-5)
+
+
+def run_gated_delta(dtype: torch.dtype, L: int = 512) -> None:
+    from hybridlm.ops.gated_delta_triton import gated_delta_rule_triton
+
+    b, h, dk, dv = 1, 16, 128, 128
+    q, k, v = (torch.randn(b, L, h, d).to(dtype) for d in (dk, dk, dv))
+    g, beta = -torch.rand(b, L, h), torch.rand(b, L, h)
+    leaves = _leaves(q, k, v, g, beta)
+    _backward(gated_delta_rule_triton(*leaves, seq_idx=_seq(b, L)))
+
+
+def run_step(dtype: torch.dtype) -> None:
+    from hybridlm.ops.step_triton import conv_step_triton, ssd_step_triton
+
+    b, h, p, g, n = 8, 64, 64, 8, 128
+    with torch.no_grad():
+        ssd_step_triton(
+            torch.randn(b, h, p).to(dtype),
+            torch.rand(b, h),
+            -torch.rand(h),
+            torch.randn(b, g, n).to(dtype),
+            torch.randn(b, g, n).to(dtype),
+            torch.zeros(b, h, p, n),
+            torch.rand(h),
+        )
+        conv_step_triton(torch.randn(b, 1, 6144).to(dtype), torch.zeros(b, 3, 6144), torch.randn(6144, 4), None, True)
+
+
+OPS = {"ssd": run_ssd, "conv": run_conv, "norm": run_norm, "gated_delta": run_gated_delta, "step": run_step}
+
+
+def build_all(ops: list[str], dtypes: list[torch.dtype], arch: int = 90) -> list[tuple[str, str, str, dict]]:
+    """[(op, dtype, kernel name, resources)] for every distinct launch of ``ops`` at ``dtypes``."""
+    rows, seen = [], set()
+    for op in ops:
+        for dtype in dtypes:
+            for kernel, values, options in capture(lambda op=op, dtype=dtype: OPS[op](dtype)):
+                compiled = build(kernel, values, options, arch)
+                key = (kernel.fn.__name__, compiled.hash)
+                if key not in seen:  # the same specialization launched twice
+                    seen.add(key)
+                    rows.append((op, _TYPES[dtype], kernel.fn.__name__, resources(compiled)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of: {', '.join(OPS)}")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp32")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("kernel_build.py compiles kernels: run it without TRITON_INTERPRET=1")
+    unknown = set(args.ops.split(",")) - set(OPS)
+    if unknown:
+        sys.exit(f"unknown ops {sorted(unknown)}; known: {', '.join(OPS)}")
+    dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtypes.split(",")]
+    print("| op | inputs | kernel | registers | spilled bytes | shared bytes |")
+    print("|---|---|---|---|---|---|")
+    for op, dtype, name, res in build_all(args.ops.split(","), dtypes):
+        print(f"| {op} | {dtype} | `{name}` | {res['regs']} | {res['stack']} | {res['shared']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
