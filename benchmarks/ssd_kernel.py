@@ -109,15 +109,15 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
-TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, PASS_STAGES); the first is the default
-    (64, 64, 4, 4, 3),
-    (64, 64, 8, 4, 3),
-    (64, 32, 4, 4, 3),
-    (32, 64, 4, 4, 3),
-    (128, 64, 4, 4, 3),
-    (64, 64, 8, 8, 3),
+TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, PASS_STAGES, BLOCK_N_BWD); the first is the default
+    (64, 64, 4, 4, 3, 64),
+    (64, 64, 4, 4, 3, 32),
+    (64, 32, 4, 4, 3, 32),
+    (64, 64, 4, 8, 3, 32),
+    (32, 64, 4, 4, 3, 64),
+    (64, 64, 4, 4, 2, 64),
 ]
-_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES")
+_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD")
 
 
 def tune(args) -> None:

@@ -65,6 +65,8 @@ BLOCK_Q = 64
 BLOCK_Q_BWD = 64
 NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 4
+#: Width of the blocks of the state dimension n in the backward kernels (state products, dB, dC).
+BLOCK_N_BWD = 64
 #: Chunks whose loads the sequential state passes prefetch: the reverse pass went from 0.58 to
 #: 0.20 ms (H200, same shape), its chain of chunks having waited on each load.
 PASS_STAGES = 3
@@ -826,7 +828,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
     # d acum in parts: through the chunk state (at s), through the entering state (at t, per n
     # block), and through y inside the chunk (both halves, per tile; tiles above the diagonal: 0).
     dacum_st = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
-    bn = min(_pow2(n), 64)
+    bn = min(_pow2(n), BLOCK_N_BWD)
     nnb = triton.cdiv(n, bn)
     dacum_in = torch.empty(b, h, nnb, Lp, device=x.device, dtype=torch.float32)
     dacum_y = torch.zeros(b, h, 2 * nqb, Lp, device=x.device, dtype=torch.float32)
