@@ -318,3 +318,43 @@ def test_draft_tokens_limits_the_drafts_per_round():
         generate(model, prompt, 3, draft_tokens=2)
     with pytest.raises(ValueError, match="draft_tokens"):
         generate(model, prompt, 3, speculative="mtp", draft_tokens=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", [1, 3])
+def test_stepped_window_and_rollback_on_gpu(keep, monkeypatch):
+    """On CUDA (the Triton step kernels on strided window slices): a stepped 4-token window equals
+    the chunked scan's, and a rollback to its first ``keep`` positions equals running only those."""
+    from hybridlm.layers import mamba2
+
+    model = model_for("M[*-]M").cuda()
+    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(keep)).cuda()
+    logits = []
+    for window in (4, 1):  # stepped, then the chunked scan
+        monkeypatch.setattr(mamba2, "STEPPED_WINDOW", window)
+        cache = InferenceCache.for_model(model, 2, 14)
+        model(ids[:, :9], cache=cache)
+        logits.append(model(ids[:, 9:13], cache=cache).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
+    monkeypatch.setattr(mamba2, "STEPPED_WINDOW", 4)
+    rolled, direct = InferenceCache.for_model(model, 2, 14), InferenceCache.for_model(model, 2, 14)
+    for cache in (rolled, direct):
+        model(ids[:, :9], cache=cache)
+    snap = rolled.snapshot()
+    rolled.record_positions()
+    model(ids[:, 9:13], cache=rolled)
+    assert rolled.rollback(snap, keep)
+    model(ids[:, 9 : 9 + keep], cache=direct)
+    step = ids[:, 13:14]
+    torch.testing.assert_close(model(step, cache=rolled).logits, model(step, cache=direct).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_speculative_greedy_equals_plain_greedy_on_gpu(draft_tokens):
+    model = model_for("M[*-]M/[*-]/[*-]/[*-]").cuda()
+    for prompt in PROMPTS:
+        stats = {}
+        spec = generate(model, prompt, 15, speculative="mtp", draft_tokens=draft_tokens, stats=stats)
+        assert spec == generate(model, prompt, 15)
+        assert stats["verify_steps"] > 0
