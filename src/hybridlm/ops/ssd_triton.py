@@ -100,6 +100,16 @@ def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok):
+    """The (rows, cols) tile of ``base[rows * row_stride + cols * col_stride]``, zero outside ``row_ok × col_ok``."""
+    return tl.load(
+        base + rows[:, None] * row_stride + cols[None, :] * col_stride,
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _split_bf16(v):
     """float32 v = hi + lo (+ ~2^-17 |v|) with hi, lo bf16: two bf16 products carry v almost exactly."""
     hi = v.to(tl.bfloat16)
@@ -192,16 +202,8 @@ def _state_kernel(
             sq = tl.load(SEQ + bb * Lp + c * Q + offs_q, mask=offs_q < Q, other=-1)
             valid = valid & (sq == seq_ref)
         scale = tl.where(valid, scale, 0.0)
-        xs = tl.load(
-            X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-            mask=valid[:, None] & (offs_p < P)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        ys = tl.load(
-            Y + bb * sy_b + t[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
-            mask=valid[:, None] & (offs_n < N)[None, :],
-            other=0.0,
-        )
+        xs = _tile(X + bb * sx_b + hh * sx_h, t, sx_l, valid, offs_p, sx_p, offs_p < P).to(tl.float32)
+        ys = _tile(Y + bb * sy_b + gg * sy_g, t, sy_l, valid, offs_n, sy_n, offs_n < N)
         acc += _dot_fr(tl.trans(xs * scale[:, None]), ys, PREC, UPCAST)
     out = OUT + (((bb * NSLOTS + c + SLOT_OFF) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_p < P)[:, None] & (offs_n < N)[None, :])
@@ -297,16 +299,8 @@ def _scan_fwd_kernel(
         from_state = vt & (seq_t == seq_prev)
     else:
         from_state = vt
-    c_t = tl.load(
-        C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
-        mask=vt[:, None] & (offs_n < N)[None, :],
-        other=0.0,
-    )
-    s_in = tl.load(
-        S + (((bb * (NC + 1) + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
-        mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
-        other=0.0,
-    )  # (n, p): S_c transposed
+    c_t = _tile(C + bb * sc_b + gg * sc_g, t, sc_l, vt, offs_n, sc_n, offs_n < N)
+    s_in = _tile(S + ((bb * (NC + 1) + c) * H + hh) * P * N, offs_n, 1, offs_n < N, offs_p, N, offs_p < P)  # S_cᵀ
     acc = _dot_rf(c_t, s_in, PREC, UPCAST)
     acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
 
@@ -316,16 +310,8 @@ def _scan_fwd_kernel(
         vs = (offs_s < Q) & (s < L)
         acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
-        b_s = tl.load(
-            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
-            mask=vs[:, None] & (offs_n < N)[None, :],
-            other=0.0,
-        )
-        x_s = tl.load(
-            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-            mask=vs[:, None] & (offs_p < P)[None, :],
-            other=0.0,
-        )
+        b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
+        x_s = _tile(X + bb * sx_b + hh * sx_h, s, sx_l, vs, offs_p, sx_p, offs_p < P)
         mask = (offs_t[:, None] >= offs_s[None, :]) & vt[:, None] & vs[None, :]
         if HAS_SEQ:
             seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
@@ -334,11 +320,7 @@ def _scan_fwd_kernel(
         cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
         acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST)
 
-    x_t = tl.load(
-        X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-        mask=vt[:, None] & (offs_p < P)[None, :],
-        other=0.0,
-    )
+    x_t = _tile(X + bb * sx_b + hh * sx_h, t, sx_l, vt, offs_p, sx_p, offs_p < P)
     if HAS_D:
         acc += tl.load(Dp + hh).to(tl.float32) * x_t.to(tl.float32)
     y_ptr = Y + ((bb * L + t[:, None]) * H + hh) * P + offs_p[None, :]
@@ -370,16 +352,8 @@ def _cb_kernel(
     acc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        c_t = tl.load(
-            C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
-            mask=vt[:, None] & (offs_n < N)[None, :],
-            other=0.0,
-        )
-        b_s = tl.load(
-            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
-            mask=vs[:, None] & (offs_n < N)[None, :],
-            other=0.0,
-        )
+        c_t = _tile(C + bb * sc_b + gg * sc_g, t, sc_l, vt, offs_n, sc_n, offs_n < N)
+        b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
         acc += _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
     out = CB + ((bb * NC + c) * G + gg) * Q * Q + offs_t[:, None] * Q + offs_s[None, :]
     tl.store(out, acc, mask=(offs_t < Q)[:, None] & (offs_s < Q)[None, :])
@@ -429,16 +403,8 @@ def _bwd_w_kernel(
         acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
-        x_s = tl.load(
-            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-            mask=vs[:, None] & mp[None, :],
-            other=0.0,
-        )
-        dy_t = tl.load(
-            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
-            mask=vt[:, None] & mp[None, :],
-            other=0.0,
-        )
+        x_s = _tile(X + bb * sx_b + hh * sx_h, s, sx_l, vs, offs_p, sx_p, mp)
+        dy_t = _tile(DY + bb * sd_b + hh * sd_h, t, sd_l, vt, offs_p, sd_p, mp)
         decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
         w = decay * _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST) * dt_s[:, None]  # raw x_s·dy_t: exact
         acc_w += w
@@ -493,23 +459,11 @@ def _bwd_dx_kernel(
     acc_x = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        b_s = tl.load(
-            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
-            mask=vs[:, None] & (offs_n < N)[None, :],
-            other=0.0,
-        )
-        dst = tl.load(
-            DST + (((bb * NC + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
-            mask=mp[None, :] & (offs_n < N)[:, None],
-            other=0.0,
-        )  # (n, p)
+        b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
+        dst = _tile(DST + ((bb * NC + c) * H + hh) * P * N, offs_n, 1, offs_n < N, offs_p, N, mp)  # (n, p)
         acc_x += _dot_rf(b_s, dst, PREC, UPCAST)
     acc_x = acc_x * tl.where(to_state, tl.exp(tl.load(ACUM + row + Q - 1) - acum_s), 0.0)[:, None]
-    xf = tl.load(
-        X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-        mask=vs[:, None] & mp[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    xf = _tile(X + bb * sx_b + hh * sx_h, s, sx_l, vs, offs_p, sx_p, mp).to(tl.float32)
     tl.store(DACUM + row + offs_s, -tl.sum(acc_x * xf, axis=1) * dt_s, mask=offs_s < Q)
     # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
     for tb in range(sb, nqb):
@@ -517,11 +471,7 @@ def _bwd_dx_kernel(
         t = c * Q + offs_t
         vt = (offs_t < Q) & (t < L)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
-        dy_t = tl.load(
-            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
-            mask=vt[:, None] & mp[None, :],
-            other=0.0,
-        )
+        dy_t = _tile(DY + bb * sd_b + hh * sd_h, t, sd_l, vt, offs_p, sd_p, mp)
         mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
         if HAS_SEQ:
             seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
@@ -529,11 +479,7 @@ def _bwd_dx_kernel(
         decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
         bc = tl.load(CB + tile + offs_t[None, :] * Q + offs_s[:, None], mask=mask, other=0.0)  # (s, t)
         acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
-    dyf = tl.load(
-        DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
-        mask=vs[:, None] & mp[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    dyf = _tile(DY + bb * sd_b + hh * sd_h, s, sd_l, vs, offs_p, sd_p, mp).to(tl.float32)
     dx = acc_x * dt_s[:, None]
     if HAS_D:
         dx += tl.load(Dp + hh).to(tl.float32) * dyf
@@ -581,11 +527,7 @@ def _bwd_dbc_kernel(
         ref_pos = c * Q + Q - 1
     else:  # positions reading the entering state: those in the document before the chunk
         ref_pos = tl.maximum(c * Q - 1, 0)
-        z_q = tl.load(
-            Z + bb * sz_b + q[:, None] * sz_l + gg * sz_g + offs_n[None, :] * sz_n,
-            mask=vq[:, None] & mn[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        z_q = _tile(Z + bb * sz_b + gg * sz_g, q, sz_l, vq, offs_n, sz_n, mn).to(tl.float32)
     if HAS_SEQ:
         seq_q = tl.load(SEQ + bb * Lp + c * Q + offs_q, mask=offs_q < Q, other=-1)
         linked = vq & (seq_q == tl.load(SEQ + bb * Lp + ref_pos))
@@ -603,16 +545,8 @@ def _bwd_dbc_kernel(
             )
         else:
             scale = tl.exp(acum_q)
-        x_q = tl.load(
-            X + bb * sx_b + q[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
-            mask=vq[:, None] & mp[None, :],
-            other=0.0,
-        )
-        st = tl.load(
-            ST + (((bb * NSLOTS + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
-            mask=mp[:, None] & mn[None, :],
-            other=0.0,
-        )  # (p, n)
+        x_q = _tile(X + bb * sx_b + hh * sx_h, q, sx_l, vq, offs_p, sx_p, mp)
+        st = _tile(ST + ((bb * NSLOTS + c) * H + hh) * P * N, offs_p, N, mp, offs_n, 1, mn)  # (p, n)
         part = _dot_rf(x_q, st, PREC, UPCAST) * tl.where(linked, scale, 0.0)[:, None]
         acc += part
         if MODE == 1:
@@ -632,11 +566,7 @@ def _bwd_dbc_kernel(
     for kb in range(lo, hi):
         offs_k = kb * BLOCK_Q + tl.arange(0, BLOCK_Q)
         k = c * Q + offs_k
-        y_k = tl.load(
-            Y + bb * sy_b + k[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
-            mask=((offs_k < Q) & (k < L))[:, None] & mn[None, :],
-            other=0.0,
-        )
+        y_k = _tile(Y + bb * sy_b + gg * sy_g, k, sy_l, (offs_k < Q) & (k < L), offs_n, sy_n, mn)
         w_mask = (offs_q < Q)[:, None] & (offs_k < Q)[None, :]
         if MODE == 0:
             w = tl.load(tile + offs_q[:, None] * Q + offs_k[None, :], mask=w_mask, other=0.0)  # W[s=q, t=k]
