@@ -8,6 +8,10 @@ here and not first on the GPU machine. Needs a real Triton (no ``TRITON_INTERPRE
 
     python benchmarks/kernel_build.py            # a table of every kernel, bf16 and float32 inputs
     python benchmarks/kernel_build.py --dtypes bf16 --ops ssd
+    python benchmarks/kernel_build.py --host-ops   # torch ops and Triton launches per fwd + bwd instead
+
+The host launches every one of those per layer and step, so their count is the host-side cost a
+custom op adds (``--host-ops`` counts aten ops with a dispatch mode, the launches as captured).
 """
 
 from __future__ import annotations
@@ -122,63 +126,68 @@ def _seq(b: int, L: int) -> torch.Tensor:
     return seq
 
 
-def run_ssd(dtype: torch.dtype, L: int = 512) -> None:
+def setup_ssd(dtype: torch.dtype, L: int = 512) -> Callable[[], None]:
     from hybridlm.ops.ssd_triton import ssd_chunked_triton
 
     b, h, p, g, n = 1, 64, 64, 8, 128
     x, B, C = (torch.randn(b, L, *s).to(dtype) for s in ((h, p), (g, n), (g, n)))
-    dt, A, D = torch.rand(b, L, h), -torch.rand(h), torch.rand(h)
-    leaves = _leaves(x, dt, A, B, C, D)
-    out = ssd_chunked_triton(*leaves[:5], 128, D=leaves[5], seq_idx=_seq(b, L), return_final_state=True)
-    _backward(out)
+    x, dt, A, B, C, D = _leaves(x, torch.rand(b, L, h), -torch.rand(h), B, C, torch.rand(h))
+    seq = _seq(b, L)
+    return lambda: _backward(ssd_chunked_triton(x, dt, A, B, C, 128, D=D, seq_idx=seq, return_final_state=True))
 
 
-def run_conv(dtype: torch.dtype, L: int = 512) -> None:
+def setup_conv(dtype: torch.dtype, L: int = 512) -> Callable[[], None]:
     from hybridlm.ops.conv_triton import causal_conv1d_triton
 
     x, w, bias = _leaves(torch.randn(1, L, 6144).to(dtype), torch.randn(6144, 4), torch.randn(6144))
-    _backward(causal_conv1d_triton(x, w, bias, seq_idx=_seq(1, L), silu=True))
+    seq = _seq(1, L)
+    return lambda: _backward(causal_conv1d_triton(x, w, bias, seq_idx=seq, silu=True))
 
 
-def run_norm(dtype: torch.dtype, L: int = 512) -> None:
+def setup_norm(dtype: torch.dtype, L: int = 512) -> Callable[[], None]:
     from hybridlm.ops.norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
 
     y, z, w = _leaves(torch.randn(1, L, 4096).to(dtype), torch.randn(1, L, 4096).to(dtype), torch.ones(4096))
-    _backward(gated_rms_norm_triton(y, z, w, 512, 1e-5))
     x, delta, w2 = _leaves(torch.randn(1, L, 2048), torch.randn(1, L, 2048).to(dtype), torch.ones(2048))
-    _backward(add_rms_norm_triton(x, delta, w2, 1e-5))
-    with torch.no_grad():
-        rms_norm_triton(torch.randn(1, L, 2048).to(dtype), torch.ones(2048), 1e-5)
+    h = torch.randn(1, L, 2048).to(dtype)
+
+    def run() -> None:
+        _backward(gated_rms_norm_triton(y, z, w, 512, 1e-5))
+        _backward(add_rms_norm_triton(x, delta, w2, 1e-5))
+        with torch.no_grad():
+            rms_norm_triton(h, w2, 1e-5)
+
+    return run
 
 
-def run_gated_delta(dtype: torch.dtype, L: int = 512) -> None:
+def setup_gated_delta(dtype: torch.dtype, L: int = 512) -> Callable[[], None]:
     from hybridlm.ops.gated_delta_triton import gated_delta_rule_triton
 
     b, h, dk, dv = 1, 16, 128, 128
     q, k, v = (torch.randn(b, L, h, d).to(dtype) for d in (dk, dk, dv))
-    g, beta = -torch.rand(b, L, h), torch.rand(b, L, h)
-    leaves = _leaves(q, k, v, g, beta)
-    _backward(gated_delta_rule_triton(*leaves, seq_idx=_seq(b, L)))
+    leaves = _leaves(q, k, v, -torch.rand(b, L, h), torch.rand(b, L, h))
+    seq = _seq(b, L)
+    return lambda: _backward(gated_delta_rule_triton(*leaves, seq_idx=seq))
 
 
-def run_step(dtype: torch.dtype) -> None:
+def setup_step(dtype: torch.dtype) -> Callable[[], None]:
     from hybridlm.ops.step_triton import conv_step_triton, ssd_step_triton
 
     b, h, p, g, n = 8, 64, 64, 8, 128
-    with torch.no_grad():
-        ssd_step_triton(
-            torch.randn(b, h, p).to(dtype),
-            torch.rand(b, h),
-            -torch.rand(h),
-            torch.randn(b, g, n).to(dtype),
-            torch.randn(b, g, n).to(dtype),
-            torch.zeros(b, h, p, n),
-            torch.rand(h),
-        )
-        conv_step_triton(torch.randn(b, 1, 6144).to(dtype), torch.zeros(b, 3, 6144), torch.randn(6144, 4), None, True)
+    ssd = (torch.randn(b, h, p).to(dtype), torch.rand(b, h), -torch.rand(h), torch.randn(b, g, n).to(dtype))
+    ssd += (torch.randn(b, g, n).to(dtype), torch.zeros(b, h, p, n), torch.rand(h))
+    conv = (torch.randn(b, 1, 6144).to(dtype), torch.zeros(b, 3, 6144), torch.randn(6144, 4), None, True)
+
+    def run() -> None:
+        with torch.no_grad():
+            ssd_step_triton(*ssd)
+            conv_step_triton(*conv)
+
+    return run
 
 
-OPS = {"ssd": run_ssd, "conv": run_conv, "norm": run_norm, "gated_delta": run_gated_delta, "step": run_step}
+#: op -> setup(dtype) -> the op's forward + backward (decode: one step), inputs made by the setup.
+OPS = {"ssd": setup_ssd, "conv": setup_conv, "norm": setup_norm, "gated_delta": setup_gated_delta, "step": setup_step}
 
 
 def build_all(ops: list[str], dtypes: list[torch.dtype], arch: int = 90) -> list[tuple[str, str, str, dict]]:
@@ -186,7 +195,7 @@ def build_all(ops: list[str], dtypes: list[torch.dtype], arch: int = 90) -> list
     rows, seen = [], set()
     for op in ops:
         for dtype in dtypes:
-            for kernel, values, options in capture(lambda op=op, dtype=dtype: OPS[op](dtype)):
+            for kernel, values, options in capture(OPS[op](dtype)):
                 compiled = build(kernel, values, options, arch)
                 key = (kernel.fn.__name__, compiled.hash)
                 if key not in seen:  # the same specialization launched twice
@@ -195,10 +204,27 @@ def build_all(ops: list[str], dtypes: list[torch.dtype], arch: int = 90) -> list
     return rows
 
 
+def host_ops(op: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(aten ops, Triton launches) of one forward + backward of ``op`` (its inputs' creation left out).
+
+    The aten ops are those the Python code calls (the profiler's aten events whose parent is not
+    itself an aten op: ``zeros`` counts once, not also as ``empty`` and ``zero_``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    run = OPS[op](dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        launches = capture(run)
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in aten if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    return len(top), len(launches)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of: {', '.join(OPS)}")
     ap.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp32")
+    ap.add_argument("--host-ops", action="store_true", help="count aten ops and Triton launches per call instead")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("kernel_build.py compiles kernels: run it without TRITON_INTERPRET=1")
@@ -206,6 +232,13 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown ops {sorted(unknown)}; known: {', '.join(OPS)}")
     dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtypes.split(",")]
+    if args.host_ops:
+        print("| op | inputs | aten ops | Triton launches |")
+        print("|---|---|---|---|")
+        for op in args.ops.split(","):
+            for dtype in dtypes:
+                print(f"| {op} | {_TYPES[dtype]} | {' | '.join(map(str, host_ops(op, dtype)))} |", flush=True)
+        return
     print("| op | inputs | kernel | registers | spilled bytes | shared bytes |")
     print("|---|---|---|---|---|---|")
     for op, dtype, name, res in build_all(args.ops.split(","), dtypes):
