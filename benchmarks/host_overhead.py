@@ -21,23 +21,11 @@ from train_step import fuse_all  # this folder is on the path when run as a scri
 from hybridlm import HybridLM
 from hybridlm.config import ModelConfig
 from hybridlm.parallel.execution import compile_blocks
+from hybridlm.presets import PRESETS
 
-#: Widths small enough that the arithmetic of a 64-token row costs next to nothing.
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_query_groups=2,
-    head_dim=16,
-    ffn_hidden_size=128,
-    moe_ffn_hidden_size=32,
-    moe_shared_expert_ffn_hidden_size=32,
-    mamba_num_heads=4,
-    mamba_head_dim=16,
-    mamba_state_dim=16,
-    mamba_num_groups=2,
-    mamba_chunk_size=16,
-)
+#: The tiny preset's widths (the arithmetic of a 64-token row costs next to nothing), with the
+#: head width derived from them.
+TINY = {k: v for k, v in PRESETS["tiny"].items() if k != "pattern"} | {"head_dim": None}
 
 
 def step_ms(config: ModelConfig, compiled: bool, steps: int, seq: int) -> float:
@@ -65,12 +53,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = ModelConfig.preset(args.preset)
-    keep = {k: v for k, v in TINY.items() if hasattr(base, k)}
     variants = {"unfused": base.pattern, "fused": fuse_all(base.pattern)}
     results: dict[str, list[float]] = {name: [] for name in variants}
     for order in (list(variants), list(reversed(variants))):
         for name in order:
-            config = base.replace(pattern=variants[name], **keep)
+            config = base.replace(pattern=variants[name], **TINY)
             results[name].append(step_ms(config, not args.eager, args.steps, args.seq))
             print(f"{name:8s} {results[name][-1]:8.2f} ms", flush=True)
     mode = "eager" if args.eager else "compiled blocks"
