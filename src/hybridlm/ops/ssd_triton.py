@@ -100,6 +100,14 @@ def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block(c, blk, Q, L, BLOCK_Q: tl.constexpr):
+    """Block ``blk`` of chunk ``c``: offsets inside the chunk, positions in the row, which are real."""
+    offs = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    pos = c * Q + offs
+    return offs, pos, (offs < Q) & (pos < L)
+
+
+@triton.jit
 def _tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok):
     """The (rows, cols) tile of ``base[rows * row_stride + cols * col_stride]``, zero outside ``row_ok × col_ok``."""
     return tl.load(
@@ -289,9 +297,7 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row = (bb * H + hh) * Lp + c * Q
 
-    offs_t = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    t = c * Q + offs_t
-    vt = (offs_t < Q) & (t < L)
+    offs_t, t, vt = _block(c, qb, Q, L, BLOCK_Q)
     acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
     if HAS_SEQ:
         seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
@@ -305,9 +311,7 @@ def _scan_fwd_kernel(
     acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
 
     for sb in range(0, qb + 1):
-        offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        s = c * Q + offs_s
-        vs = (offs_s < Q) & (s < L)
+        offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
         acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
         b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
@@ -343,12 +347,8 @@ def _cb_kernel(
         return
     bb = (tl.program_id(1) // G).to(tl.int64)
     gg = tl.program_id(1) % G
-    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    t = c * Q + offs_t
-    s = c * Q + offs_s
-    vt = (offs_t < Q) & (t < L)
-    vs = (offs_s < Q) & (s < L)
+    offs_t, t, vt = _block(c, tb, Q, L, BLOCK_Q)
+    offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
     acc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -383,12 +383,8 @@ def _bwd_w_kernel(
     gg = tl.program_id(1) % G
     offs_p = tl.arange(0, BLOCK_P)
     mp = offs_p < P
-    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    s = c * Q + offs_s
-    t = c * Q + offs_t
-    vs = (offs_s < Q) & (s < L)
-    vt = (offs_t < Q) & (t < L)
+    offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
+    offs_t, t, vt = _block(c, tb, Q, L, BLOCK_Q)
     mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
     if HAS_SEQ:
         seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
@@ -444,9 +440,7 @@ def _bwd_dx_kernel(
     row = (bb * H + hh) * Lp + c * Q
     tile = ((bb * NC + c) * G + gg) * Q * Q
 
-    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    s = c * Q + offs_s
-    vs = (offs_s < Q) & (s < L)
+    offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
     acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
     dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
     if HAS_SEQ:
@@ -467,9 +461,7 @@ def _bwd_dx_kernel(
     tl.store(DACUM + row + offs_s, -tl.sum(acc_x * xf, axis=1) * dt_s, mask=offs_s < Q)
     # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
     for tb in range(sb, nqb):
-        offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        t = c * Q + offs_t
-        vt = (offs_t < Q) & (t < L)
+        offs_t, t, vt = _block(c, tb, Q, L, BLOCK_Q)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
         dy_t = _tile(DY + bb * sd_b + hh * sd_h, t, sd_l, vt, offs_p, sd_p, mp)
         mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
@@ -520,9 +512,7 @@ def _bwd_dbc_kernel(
     mp = offs_p < P
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q = c * Q + offs_q
-    vq = (offs_q < Q) & (q < L)
+    offs_q, q, vq = _block(c, qb, Q, L, BLOCK_Q)
     if MODE == 0:  # positions feeding the chunk state: those in the chunk's last document
         ref_pos = c * Q + Q - 1
     else:  # positions reading the entering state: those in the document before the chunk
@@ -564,9 +554,8 @@ def _bwd_dbc_kernel(
         lo = 0
         hi = qb + 1
     for kb in range(lo, hi):
-        offs_k = kb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        k = c * Q + offs_k
-        y_k = _tile(Y + bb * sy_b + gg * sy_g, k, sy_l, (offs_k < Q) & (k < L), offs_n, sy_n, mn)
+        offs_k, k, vk = _block(c, kb, Q, L, BLOCK_Q)
+        y_k = _tile(Y + bb * sy_b + gg * sy_g, k, sy_l, vk, offs_n, sy_n, mn)
         w_mask = (offs_q < Q)[:, None] & (offs_k < Q)[None, :]
         if MODE == 0:
             w = tl.load(tile + offs_q[:, None] * Q + offs_k[None, :], mask=w_mask, other=0.0)  # W[s=q, t=k]
