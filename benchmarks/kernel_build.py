@@ -94,6 +94,8 @@ def resources(compiled) -> dict[str, int]:
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():  # a Triton without NVIDIA's tools: the build still counts, the figures are unknown
+        return {"regs": -1, "stack": -1, "shared": int(compiled.metadata.shared)}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
