@@ -37,4 +37,4 @@ def test_every_kernel_builds_for_hopper():
     built = set(re.findall(r"\| `(\w+)` \|", out.stdout))
     missing = triton_kernels() - built
     assert not missing, f"kernels no op launched in kernel_build.py: {sorted(missing)}"
-    assert len(built) >= 25, out.stdout  # the table is not empty or cut short
+    assert built and built <= triton_kernels(), out.stdout  # a table, of the package's kernels

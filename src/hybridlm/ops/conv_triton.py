@@ -54,17 +54,14 @@ def _conv_fwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    # Addresses: one 64-bit base per tile (its first row), then 32-bit offsets inside it; 64-bit
-    # offsets per element cost registers (and spills) for nothing.
-    t0 = tl.program_id(0) * BLOCK_L
-    rel = tl.arange(0, BLOCK_L)
-    t = t0 + rel
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok = t < L
     c_ok = c < C
-    x_tile = x_ptr + b * sx_b + t0.to(tl.int64) * sx_l
+    x_row = x_ptr + b * sx_b + c[None, :] * sx_c
     seq_row = seq_ptr + b * s_seq_b
     if HAS_SEQ:
         doc_t = tl.load(seq_row + t, mask=t_ok, other=-1)
@@ -76,15 +73,14 @@ def _conv_fwd_kernel(
         if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
             if k < K - 1:
                 ok = _same_doc(seq_row, src, doc_t, ok)
-        offs = (rel - (K - 1 - k))[:, None] * sx_l + c[None, :] * sx_c
-        xv = tl.load(x_tile + offs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
         wv = tl.load(w_ptr + c * K + k, mask=c_ok, other=0.0)
         acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    out = out_ptr + (b * L + t0) * C + rel[:, None] * C + c[None, :]
+    out = out_ptr + b * L * C + t.to(tl.int64)[:, None] * C + c[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
 
 
@@ -122,20 +118,19 @@ def _conv_bwd_g_kernel(
     pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    p0 = pid_l * BLOCK_L  # 64-bit bases per tile, 32-bit offsets inside (as in the forward)
-    rel = tl.arange(0, BLOCK_L)
-    p = p0 + rel
+    p = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = p < L
     c_ok = c < C
-    x_tile = x_ptr + b * sx_b + p0.to(tl.int64) * sx_l
+    x_row = x_ptr + b * sx_b + c[None, :] * sx_c
     seq_row = seq_ptr + b * s_seq_b
     if HAS_SEQ:
         doc_p = tl.load(seq_row + p, mask=p_ok, other=-1)
-    dy_tile = dy_ptr + b * sdy_b + p0.to(tl.int64) * sdy_l
-    g = tl.load(dy_tile + rel[:, None] * sdy_l + c[None, :] * sdy_c, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(
-        tl.float32
-    )
+    g = tl.load(
+        dy_ptr + b * sdy_b + p.to(tl.int64)[:, None] * sdy_l + c[None, :] * sdy_c,
+        mask=p_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
     if SILU:
         pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
         if HAS_BIAS:
@@ -146,13 +141,12 @@ def _conv_bwd_g_kernel(
             if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
                 if j > 0:
                     ok = _same_doc(seq_row, src, doc_p, ok)
-            offs = (rel - j)[:, None] * sx_l + c[None, :] * sx_c
-            xv = tl.load(x_tile + offs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + c * K + (K - 1 - j), mask=c_ok, other=0.0).to(tl.float32)
             pre += xv.to(tl.float32) * wv[None, :]
         sig = tl.sigmoid(pre)
         g = g * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(g_ptr + (b * L + p0) * C + rel[:, None] * C + c[None, :], g, mask=p_ok[:, None] & c_ok[None, :])
+    tl.store(g_ptr + b * L * C + p.to(tl.int64)[:, None] * C + c[None, :], g, mask=p_ok[:, None] & c_ok[None, :])
     part = (b * n_tiles_l + pid_l) * K * C
     for j in tl.static_range(K):
         # The same masked loads as above (L1/L2 hits): x[p-j] is zero outside p's document.
@@ -161,8 +155,7 @@ def _conv_bwd_g_kernel(
         if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
             if j > 0:
                 ok = _same_doc(seq_row, src, doc_p, ok)
-        offs = (rel - j)[:, None] * sx_l + c[None, :] * sx_c
-        xv = tl.load(x_tile + offs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        xv = tl.load(x_row + src.to(tl.int64)[:, None] * sx_l, mask=ok[:, None] & c_ok[None, :], other=0.0)
         tl.store(dw_part_ptr + part + (K - 1 - j) * C + c, tl.sum(g * xv.to(tl.float32), axis=0), mask=c_ok)
     if HAS_BIAS:
         tl.store(db_part_ptr + (b * n_tiles_l + pid_l) * C + c, tl.sum(g, axis=0), mask=c_ok)
@@ -183,15 +176,14 @@ def _conv_bwd_dx_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Backward, second pass: dx[t] = sum_s w[K-1-s] * g[t+s], over t+s inside t's document."""
+    pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    t0 = tl.program_id(0) * BLOCK_L  # 64-bit bases per tile, 32-bit offsets inside (as in the forward)
-    rel = tl.arange(0, BLOCK_L)
-    t = t0 + rel
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok = t < L
     c_ok = c < C
-    g_tile = g_ptr + (b * L + t0) * C
+    g_row = g_ptr + b * L * C + c[None, :]
     seq_row = seq_ptr + b * s_seq_b
     if HAS_SEQ:
         doc_t = tl.load(seq_row + t, mask=t_ok, other=-1)
@@ -202,10 +194,10 @@ def _conv_bwd_dx_kernel(
         if HAS_SEQ:  # noqa: SIM102 (nested constexpr ifs compile on every Triton 3.x)
             if s > 0:
                 ok = _same_doc(seq_row, pos, doc_t, ok)
-        gv = tl.load(g_tile + (rel + s)[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+        gv = tl.load(g_row + pos.to(tl.int64)[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
         w_s = tl.load(w_ptr + c * K + (K - 1 - s), mask=c_ok, other=0.0).to(tl.float32)
         dx += gv * w_s[None, :]
-    out = dx_ptr + (b * L + t0) * C + rel[:, None] * C + c[None, :]
+    out = dx_ptr + b * L * C + t.to(tl.int64)[:, None] * C + c[None, :]
     tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
 
 

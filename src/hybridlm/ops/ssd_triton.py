@@ -36,9 +36,8 @@ tiles, see ``_dot_fr``; with float32 inputs such products use ``tf32x3``):
    split the same way).
 
 Nothing but the inputs is saved for the backward: the chunk states are recomputed (two cheap
-kernels). The cumulative sums over dt·A (``_prepare_kernel``) and, in the backward, their reverse
-with the gradients of dt and A (``_finish_kernel``) are one small kernel each: as torch ops they
-were about 30 launches per call, which the host pays for at every layer.
+kernels). The cumulative sums over dt, their reverse in the backward and the small reductions are
+plain torch on (b, h, l) tensors.
 
 The op is registered with ``torch.library.custom_op`` (``hybridlm::ssd_chunk_scan`` and its
 backward), so ``torch.compile`` treats it as one opaque node with a fake (meta) implementation.
@@ -97,24 +96,6 @@ def _dot_raw(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     else:  # bf16 / fp16: the precision setting is for float32 operands only
         out = tl.dot(a, b)
     return out
-
-
-@triton.jit
-def _block(c, blk, Q, L, BLOCK_Q: tl.constexpr):
-    """Block ``blk`` of chunk ``c``: offsets inside the chunk, positions in the row, which are real."""
-    offs = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    pos = c * Q + offs
-    return offs, pos, (offs < Q) & (pos < L)
-
-
-@triton.jit
-def _tile(base, rows, row_stride, row_ok, cols, col_stride, col_ok):
-    """The (rows, cols) tile of ``base[rows * row_stride + cols * col_stride]``, zero outside ``row_ok × col_ok``."""
-    return tl.load(
-        base + rows[:, None] * row_stride + cols[None, :] * col_stride,
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    )
 
 
 @triton.jit
@@ -210,8 +191,16 @@ def _state_kernel(
             sq = tl.load(SEQ + bb * Lp + c * Q + offs_q, mask=offs_q < Q, other=-1)
             valid = valid & (sq == seq_ref)
         scale = tl.where(valid, scale, 0.0)
-        xs = _tile(X + bb * sx_b + hh * sx_h, t, sx_l, valid, offs_p, sx_p, offs_p < P).to(tl.float32)
-        ys = _tile(Y + bb * sy_b + gg * sy_g, t, sy_l, valid, offs_n, sy_n, offs_n < N)
+        xs = tl.load(
+            X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=valid[:, None] & (offs_p < P)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        ys = tl.load(
+            Y + bb * sy_b + t[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
+            mask=valid[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
         acc += _dot_fr(tl.trans(xs * scale[:, None]), ys, PREC, UPCAST)
     out = OUT + (((bb * NSLOTS + c + SLOT_OFF) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_p < P)[:, None] & (offs_n < N)[None, :])
@@ -297,7 +286,9 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row = (bb * H + hh) * Lp + c * Q
 
-    offs_t, t, vt = _block(c, qb, Q, L, BLOCK_Q)
+    offs_t = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    t = c * Q + offs_t
+    vt = (offs_t < Q) & (t < L)
     acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
     if HAS_SEQ:
         seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
@@ -305,17 +296,35 @@ def _scan_fwd_kernel(
         from_state = vt & (seq_t == seq_prev)
     else:
         from_state = vt
-    c_t = _tile(C + bb * sc_b + gg * sc_g, t, sc_l, vt, offs_n, sc_n, offs_n < N)
-    s_in = _tile(S + ((bb * (NC + 1) + c) * H + hh) * P * N, offs_n, 1, offs_n < N, offs_p, N, offs_p < P)  # S_cᵀ
+    c_t = tl.load(
+        C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+        mask=vt[:, None] & (offs_n < N)[None, :],
+        other=0.0,
+    )
+    s_in = tl.load(
+        S + (((bb * (NC + 1) + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
+        mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
+        other=0.0,
+    )  # (n, p): S_c transposed
     acc = _dot_rf(c_t, s_in, PREC, UPCAST)
     acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
 
     for sb in range(0, qb + 1):
-        offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
+        offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        s = c * Q + offs_s
+        vs = (offs_s < Q) & (s < L)
         acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
-        b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
-        x_s = _tile(X + bb * sx_b + hh * sx_h, s, sx_l, vs, offs_p, sx_p, offs_p < P)
+        b_s = tl.load(
+            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            mask=vs[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        x_s = tl.load(
+            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vs[:, None] & (offs_p < P)[None, :],
+            other=0.0,
+        )
         mask = (offs_t[:, None] >= offs_s[None, :]) & vt[:, None] & vs[None, :]
         if HAS_SEQ:
             seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
@@ -324,7 +333,11 @@ def _scan_fwd_kernel(
         cb = _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
         acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST)
 
-    x_t = _tile(X + bb * sx_b + hh * sx_h, t, sx_l, vt, offs_p, sx_p, offs_p < P)
+    x_t = tl.load(
+        X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+        mask=vt[:, None] & (offs_p < P)[None, :],
+        other=0.0,
+    )
     if HAS_D:
         acc += tl.load(Dp + hh).to(tl.float32) * x_t.to(tl.float32)
     y_ptr = Y + ((bb * L + t[:, None]) * H + hh) * P + offs_p[None, :]
@@ -347,13 +360,25 @@ def _cb_kernel(
         return
     bb = (tl.program_id(1) // G).to(tl.int64)
     gg = tl.program_id(1) % G
-    offs_t, t, vt = _block(c, tb, Q, L, BLOCK_Q)
-    offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
+    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    t = c * Q + offs_t
+    s = c * Q + offs_s
+    vt = (offs_t < Q) & (t < L)
+    vs = (offs_s < Q) & (s < L)
     acc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        c_t = _tile(C + bb * sc_b + gg * sc_g, t, sc_l, vt, offs_n, sc_n, offs_n < N)
-        b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
+        c_t = tl.load(
+            C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+            mask=vt[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        b_s = tl.load(
+            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            mask=vs[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
         acc += _dot_raw(c_t, tl.trans(b_s), PREC, UPCAST)  # raw inputs: exact products for bf16
     out = CB + ((bb * NC + c) * G + gg) * Q * Q + offs_t[:, None] * Q + offs_s[None, :]
     tl.store(out, acc, mask=(offs_t < Q)[:, None] & (offs_s < Q)[None, :])
@@ -383,8 +408,12 @@ def _bwd_w_kernel(
     gg = tl.program_id(1) % G
     offs_p = tl.arange(0, BLOCK_P)
     mp = offs_p < P
-    offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
-    offs_t, t, vt = _block(c, tb, Q, L, BLOCK_Q)
+    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    s = c * Q + offs_s
+    t = c * Q + offs_t
+    vs = (offs_s < Q) & (s < L)
+    vt = (offs_t < Q) & (t < L)
     mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
     if HAS_SEQ:
         seq_s = tl.load(SEQ + bb * Lp + c * Q + offs_s, mask=offs_s < Q, other=-2)
@@ -399,8 +428,16 @@ def _bwd_w_kernel(
         acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
-        x_s = _tile(X + bb * sx_b + hh * sx_h, s, sx_l, vs, offs_p, sx_p, mp)
-        dy_t = _tile(DY + bb * sd_b + hh * sd_h, t, sd_l, vt, offs_p, sd_p, mp)
+        x_s = tl.load(
+            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vs[:, None] & mp[None, :],
+            other=0.0,
+        )
+        dy_t = tl.load(
+            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            mask=vt[:, None] & mp[None, :],
+            other=0.0,
+        )
         decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
         w = decay * _dot_raw(x_s, tl.trans(dy_t), PREC, UPCAST) * dt_s[:, None]  # raw x_s·dy_t: exact
         acc_w += w
@@ -440,7 +477,9 @@ def _bwd_dx_kernel(
     row = (bb * H + hh) * Lp + c * Q
     tile = ((bb * NC + c) * G + gg) * Q * Q
 
-    offs_s, s, vs = _block(c, sb, Q, L, BLOCK_Q)
+    offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    s = c * Q + offs_s
+    vs = (offs_s < Q) & (s < L)
     acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
     dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
     if HAS_SEQ:
@@ -453,17 +492,35 @@ def _bwd_dx_kernel(
     acc_x = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        b_s = _tile(B + bb * sb_b + gg * sb_g, s, sb_l, vs, offs_n, sb_n, offs_n < N)
-        dst = _tile(DST + ((bb * NC + c) * H + hh) * P * N, offs_n, 1, offs_n < N, offs_p, N, mp)  # (n, p)
+        b_s = tl.load(
+            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            mask=vs[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        dst = tl.load(
+            DST + (((bb * NC + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
+            mask=mp[None, :] & (offs_n < N)[:, None],
+            other=0.0,
+        )  # (n, p)
         acc_x += _dot_rf(b_s, dst, PREC, UPCAST)
     acc_x = acc_x * tl.where(to_state, tl.exp(tl.load(ACUM + row + Q - 1) - acum_s), 0.0)[:, None]
-    xf = _tile(X + bb * sx_b + hh * sx_h, s, sx_l, vs, offs_p, sx_p, mp).to(tl.float32)
+    xf = tl.load(
+        X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+        mask=vs[:, None] & mp[None, :],
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DACUM + row + offs_s, -tl.sum(acc_x * xf, axis=1) * dt_s, mask=offs_s < Q)
     # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
     for tb in range(sb, nqb):
-        offs_t, t, vt = _block(c, tb, Q, L, BLOCK_Q)
+        offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        t = c * Q + offs_t
+        vt = (offs_t < Q) & (t < L)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
-        dy_t = _tile(DY + bb * sd_b + hh * sd_h, t, sd_l, vt, offs_p, sd_p, mp)
+        dy_t = tl.load(
+            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            mask=vt[:, None] & mp[None, :],
+            other=0.0,
+        )
         mask = (offs_t[None, :] >= offs_s[:, None]) & vt[None, :] & vs[:, None]
         if HAS_SEQ:
             seq_t = tl.load(SEQ + bb * Lp + c * Q + offs_t, mask=offs_t < Q, other=-1)
@@ -471,7 +528,11 @@ def _bwd_dx_kernel(
         decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
         bc = tl.load(CB + tile + offs_t[None, :] * Q + offs_s[:, None], mask=mask, other=0.0)  # (s, t)
         acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
-    dyf = _tile(DY + bb * sd_b + hh * sd_h, s, sd_l, vs, offs_p, sd_p, mp).to(tl.float32)
+    dyf = tl.load(
+        DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+        mask=vs[:, None] & mp[None, :],
+        other=0.0,
+    ).to(tl.float32)
     dx = acc_x * dt_s[:, None]
     if HAS_D:
         dx += tl.load(Dp + hh).to(tl.float32) * dyf
@@ -512,12 +573,18 @@ def _bwd_dbc_kernel(
     mp = offs_p < P
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    offs_q, q, vq = _block(c, qb, Q, L, BLOCK_Q)
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = c * Q + offs_q
+    vq = (offs_q < Q) & (q < L)
     if MODE == 0:  # positions feeding the chunk state: those in the chunk's last document
         ref_pos = c * Q + Q - 1
     else:  # positions reading the entering state: those in the document before the chunk
         ref_pos = tl.maximum(c * Q - 1, 0)
-        z_q = _tile(Z + bb * sz_b + gg * sz_g, q, sz_l, vq, offs_n, sz_n, mn).to(tl.float32)
+        z_q = tl.load(
+            Z + bb * sz_b + q[:, None] * sz_l + gg * sz_g + offs_n[None, :] * sz_n,
+            mask=vq[:, None] & mn[None, :],
+            other=0.0,
+        ).to(tl.float32)
     if HAS_SEQ:
         seq_q = tl.load(SEQ + bb * Lp + c * Q + offs_q, mask=offs_q < Q, other=-1)
         linked = vq & (seq_q == tl.load(SEQ + bb * Lp + ref_pos))
@@ -535,8 +602,16 @@ def _bwd_dbc_kernel(
             )
         else:
             scale = tl.exp(acum_q)
-        x_q = _tile(X + bb * sx_b + hh * sx_h, q, sx_l, vq, offs_p, sx_p, mp)
-        st = _tile(ST + ((bb * NSLOTS + c) * H + hh) * P * N, offs_p, N, mp, offs_n, 1, mn)  # (p, n)
+        x_q = tl.load(
+            X + bb * sx_b + q[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            mask=vq[:, None] & mp[None, :],
+            other=0.0,
+        )
+        st = tl.load(
+            ST + (((bb * NSLOTS + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
+            mask=mp[:, None] & mn[None, :],
+            other=0.0,
+        )  # (p, n)
         part = _dot_rf(x_q, st, PREC, UPCAST) * tl.where(linked, scale, 0.0)[:, None]
         acc += part
         if MODE == 1:
@@ -554,8 +629,13 @@ def _bwd_dbc_kernel(
         lo = 0
         hi = qb + 1
     for kb in range(lo, hi):
-        offs_k, k, vk = _block(c, kb, Q, L, BLOCK_Q)
-        y_k = _tile(Y + bb * sy_b + gg * sy_g, k, sy_l, vk, offs_n, sy_n, mn)
+        offs_k = kb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        k = c * Q + offs_k
+        y_k = tl.load(
+            Y + bb * sy_b + k[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
+            mask=((offs_k < Q) & (k < L))[:, None] & mn[None, :],
+            other=0.0,
+        )
         w_mask = (offs_q < Q)[:, None] & (offs_k < Q)[None, :]
         if MODE == 0:
             w = tl.load(tile + offs_q[:, None] * Q + offs_k[None, :], mask=w_mask, other=0.0)  # W[s=q, t=k]
@@ -567,76 +647,6 @@ def _bwd_dbc_kernel(
         acc.to(OUT.dtype.element_ty),
         mask=vq[:, None] & mn[None, :],
     )
-
-
-@triton.jit
-def _prepare_kernel(
-    DT, sdt_b, sdt_l, sdt_h,  # (b, l, h), any float dtype
-    A,  # (h,)
-    SEQ, ss_b, ss_l,  # (b, l) integer document ids (read when HAS_SEQ)
-    DT_P, ACUM,  # (b, h, Lp) float32 out: dt padded with zeros, the in-chunk cumulative sum of dt·A
-    SEQ_P,  # (b, Lp) int32 out (HAS_SEQ): ids padded with the last one, written by head 0
-    DECAY,  # (b, h, nc) float32 out: exp(total log-decay), 0 where a document starts in the chunk
-    L, Lp, H, Q, NC,
-    HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    bb = pid_bh // H
-    hh = pid_bh % H
-    offs = tl.arange(0, BLOCK)
-    t = c * Q + offs
-    dt = tl.load(DT + bb * sdt_b + t * sdt_l + hh * sdt_h, mask=(offs < Q) & (t < L), other=0.0).to(tl.float32)
-    acum = tl.cumsum(dt * tl.load(A + hh).to(tl.float32), axis=0)
-    row = pid_bh * Lp + c * Q
-    tl.store(DT_P + row + offs, dt, mask=offs < Q)
-    tl.store(ACUM + row + offs, acum, mask=offs < Q)
-    decay = tl.exp(tl.sum(tl.where(offs == Q - 1, acum, 0.0), axis=0))
-    if HAS_SEQ:
-        seq = tl.load(SEQ + bb * ss_b + tl.minimum(t, L - 1) * ss_l, mask=offs < Q, other=0)
-        seq_last = tl.load(SEQ + bb * ss_b + tl.minimum(c * Q + Q - 1, L - 1) * ss_l)
-        seq_prev = tl.load(SEQ + bb * ss_b + tl.maximum(c * Q - 1, 0) * ss_l)
-        decay = tl.where(seq_last == seq_prev, decay, 0.0)
-        if hh == 0:
-            tl.store(SEQ_P + bb * Lp + t, seq.to(tl.int32), mask=offs < Q)
-    tl.store(DECAY + pid_bh * NC + c, decay)
-
-
-@triton.jit
-def _finish_kernel(
-    DACUM_ST,  # (b, h, Lp) float32: d acum through the chunk state
-    DACUM_IN, NIN,  # (b, h, NIN, Lp) float32: through the entering state, per n block
-    DACUM_Y, NY,  # (b, h, NY, Lp) float32: through y inside the chunk, per tile and half
-    DLAST, NBLK,  # (b, h, nc, NBLK) float32: through the state passed on, at the chunk's last position
-    DDT_DIRECT, DT_P, A,  # (b, h, Lp) float32, (b, h, Lp) float32, (h,)
-    DDT, sd_b, sd_l, sd_h,  # (b, l, h) out, dt's dtype
-    DA_PART,  # (b, h, nc) float32 out: sum over the chunk of d(dt·A) · dt
-    L, Lp, H, Q, NC,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    c = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    bb = pid_bh // H
-    hh = pid_bh % H
-    offs = tl.arange(0, BLOCK)
-    # Positions in reverse order, so that a plain cumulative sum is the sum over the chunk's rest:
-    # d(dt·A)_t = sum over t' >= t in the chunk of d acum_t'.
-    pos = Q - 1 - offs
-    m = offs < Q
-    row = pid_bh * Lp + c * Q + pos
-    d = tl.load(DACUM_ST + row, mask=m, other=0.0)
-    for k in range(NIN):
-        d += tl.load(DACUM_IN + (pid_bh * NIN + k) * Lp + c * Q + pos, mask=m, other=0.0)
-    for k in range(NY):
-        d += tl.load(DACUM_Y + (pid_bh * NY + k) * Lp + c * Q + pos, mask=m, other=0.0)
-    last = 0.0
-    for k in range(NBLK):
-        last += tl.load(DLAST + (pid_bh * NC + c) * NBLK + k)
-    da = tl.cumsum(tl.where(offs == 0, d + last, d), axis=0)
-    ddt = tl.load(DDT_DIRECT + row, mask=m, other=0.0) + da * tl.load(A + hh).to(tl.float32)
-    t = c * Q + pos
-    tl.store(DDT + bb * sd_b + t * sd_l + hh * sd_h, ddt.to(DDT.dtype.element_ty), mask=m & (t < L))
-    tl.store(DA_PART + pid_bh * NC + c, tl.sum(da * tl.load(DT_P + row, mask=m, other=0.0), axis=0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -651,17 +661,19 @@ def _prepare(dt: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor | None, Q:
     b, L, h = dt.shape
     nc = triton.cdiv(L, Q)
     Lp = nc * Q
-    dt_p = torch.empty(b, h, Lp, device=dt.device, dtype=torch.float32)
-    acum = torch.empty_like(dt_p)
-    decay = torch.empty(b, h, nc, device=dt.device, dtype=torch.float32)
-    seq_p = torch.empty(b, Lp, device=dt.device, dtype=torch.int32) if seq_idx is not None else None
-    seq = seq_idx if seq_idx is not None else dt_p
-    _prepare_kernel[(nc, b * h)](
-        dt, *dt.stride(), A, seq, seq.stride(0), seq.stride(1), dt_p, acum, seq_p if seq_p is not None else dt_p,
-        decay, L, Lp, h, Q, nc,
-        HAS_SEQ=seq_idx is not None, BLOCK=_pow2(Q),
-    )  # fmt: skip
-    return dt_p, acum, seq_p, decay
+    dt_p = torch.nn.functional.pad(dt.float().transpose(1, 2), (0, Lp - L)).contiguous()
+    acum = (dt_p * A.float()[None, :, None]).view(b, h, nc, Q).cumsum(-1).view(b, h, Lp)
+    decay = torch.exp(acum.view(b, h, nc, Q)[..., -1])
+    seq_p = None
+    if seq_idx is not None:
+        seq_p = seq_idx.to(torch.int32)
+        if Lp > L:
+            seq_p = torch.cat([seq_p, seq_p[:, -1:].expand(b, Lp - L)], dim=1)
+        seq_p = seq_p.contiguous()
+        prev = seq_p[:, (torch.arange(nc, device=dt.device) * Q - 1).clamp(min=0)]
+        keep = seq_p[:, Q - 1 :: Q] == prev  # no document starts inside the chunk (or at its start)
+        decay = decay * keep[:, None, :]
+    return dt_p, acum, seq_p, decay.contiguous()
 
 
 def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
@@ -774,17 +786,15 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, seq_idx, init, Q):
             MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
         )  # fmt: skip
 
-    # d acum -> d(dt·A) (a reverse cumulative sum inside each chunk) -> dt and A, in one kernel.
-    ddt = torch.empty(b, L, h, device=x.device, dtype=_out_dtype(dt.dtype))
-    da_part = torch.empty(b, h, nc, device=x.device, dtype=torch.float32)
-    _finish_kernel[(nc, b * h)](
-        dacum_st, dacum_in, nnb, dacum_y, 2 * nqb, dlast, nblk, ddt_direct, dt_p, A, ddt, *ddt.stride(), da_part,
-        L, Lp, h, Q, nc,
-        BLOCK=_pow2(Q),
-    )  # fmt: skip
-    dA = da_part.sum((0, 2))
+    # d acum -> d a (a reverse cumulative sum inside each chunk) -> dt and A.
+    dacum = (dacum_st + dacum_in.sum(2) + dacum_y.sum(2)).view(b, h, nc, Q)
+    dacum[..., -1] += dlast.sum(-1)
+    da = dacum.flip(-1).cumsum(-1).flip(-1).view(b, h, Lp)
+    ddt = ddt_direct + da * A.float()[None, :, None]
+    dA = (da * dt_p).sum((0, 2))
     dD = dD_part.sum((0, 1))
-    return dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
+    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype).contiguous()
+    return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
 
 
 @contextlib.contextmanager
