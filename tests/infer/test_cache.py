@@ -13,6 +13,9 @@ from tests.helpers import MLA_TINY, tiny_config
 
 PATTERNS = ["M", "G", "*", "-", "E", "MG*-E", "[M-]G[*E]", "[GE]M*/[*-]", "M[*-]/G/G"]
 PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [1], list(range(3, 26))]
+#: CPU (torch step and scan), and CUDA (the Triton step kernels on strided window slices, the
+#: Triton scan), with the absolute tolerance of each: tf32x3 products on the GPU.
+DEVICES = [pytest.param("cpu", 1e-5, id="cpu"), pytest.param("cuda", 1e-4, id="cuda", marks=pytest.mark.gpu)]
 
 
 def model_for(pattern: str, **kw) -> HybridLM:
@@ -212,14 +215,15 @@ def test_cuda_graph_decode_equals_eager_decode_on_gpu(dtype):
     assert graph_stats["decode_tokens"] == eager_stats["decode_tokens"]
 
 
+@pytest.mark.parametrize(("device", "atol"), DEVICES)
 @pytest.mark.parametrize("window", [2, 3, 4])
-def test_short_windows_stepped_equal_the_chunked_scan(window, monkeypatch):
+def test_short_windows_stepped_equal_the_chunked_scan(window, device, atol, monkeypatch):
     """Mamba2 runs a cached window of at most ``STEPPED_WINDOW`` tokens position by position with
     the step; the chunked scan over the same window gives the same logits and states."""
     from hybridlm.layers import mamba2
 
-    model = model_for("M[*-]M")
-    ids = torch.randint(0, 97, (2, 9 + window), generator=torch.Generator().manual_seed(window))
+    model = model_for("M[*-]M").to(device)
+    ids = torch.randint(0, 97, (2, 9 + window), generator=torch.Generator().manual_seed(window)).to(device)
     caches = []
     for stepped in (True, False):
         monkeypatch.setattr(mamba2, "STEPPED_WINDOW", 4 if stepped else 1)
@@ -227,18 +231,19 @@ def test_short_windows_stepped_equal_the_chunked_scan(window, monkeypatch):
         model(ids[:, :9], cache=cache)
         caches.append((model(ids[:, 9:], cache=cache).logits, cache))
     (a, ca), (b, cb) = caches
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
     for mixer, state in ca.states.items():
         for x, y in zip(vars(state).values(), vars(cb.states[mixer]).values()):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+            torch.testing.assert_close(x, y, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize(("device", "atol"), DEVICES)
 @pytest.mark.parametrize("keep", [1, 2, 3])
-def test_rollback_keeps_the_recorded_prefix_of_a_window(keep):
+def test_rollback_keeps_the_recorded_prefix_of_a_window(keep, device, atol):
     """After a recorded 4-token window, rolling back to its first ``keep`` positions leaves the cache
     as if only those had run: states, offsets, and the next step's logits."""
-    model = model_for("M[*-]M")
-    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(keep))
+    model = model_for("M[*-]M").to(device)
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(keep)).to(device)
     rolled, direct = InferenceCache.for_model(model, 1, 14), InferenceCache.for_model(model, 1, 14)
     for cache in (rolled, direct):
         model(ids[:, :9], cache=cache)
@@ -252,9 +257,9 @@ def test_rollback_keeps_the_recorded_prefix_of_a_window(keep):
         for x, y in zip(vars(state).values(), vars(rolled.states[mixer]).values()):
             if isinstance(state, KVState):  # beyond the offset a KV buffer holds stale, hidden slots
                 x, y = x[:, :, : direct.offset], y[:, :, : direct.offset]
-            torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+            torch.testing.assert_close(y, x, rtol=0, atol=atol / 10)
     step = ids[:, 13:14]
-    torch.testing.assert_close(model(step, cache=rolled).logits, model(step, cache=direct).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(step, cache=rolled).logits, model(step, cache=direct).logits, rtol=0, atol=atol)
 
 
 def test_rollback_without_a_recorded_trail_restores_the_snapshot():
@@ -318,35 +323,6 @@ def test_draft_tokens_limits_the_drafts_per_round():
         generate(model, prompt, 3, draft_tokens=2)
     with pytest.raises(ValueError, match="draft_tokens"):
         generate(model, prompt, 3, speculative="mtp", draft_tokens=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("keep", [1, 3])
-def test_stepped_window_and_rollback_on_gpu(keep, monkeypatch):
-    """On CUDA (the Triton step kernels on strided window slices): a stepped 4-token window equals
-    the chunked scan's, and a rollback to its first ``keep`` positions equals running only those."""
-    from hybridlm.layers import mamba2
-
-    model = model_for("M[*-]M").cuda()
-    ids = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(keep)).cuda()
-    logits = []
-    for window in (4, 1):  # stepped, then the chunked scan
-        monkeypatch.setattr(mamba2, "STEPPED_WINDOW", window)
-        cache = InferenceCache.for_model(model, 2, 14)
-        model(ids[:, :9], cache=cache)
-        logits.append(model(ids[:, 9:13], cache=cache).logits)
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
-    monkeypatch.setattr(mamba2, "STEPPED_WINDOW", 4)
-    rolled, direct = InferenceCache.for_model(model, 2, 14), InferenceCache.for_model(model, 2, 14)
-    for cache in (rolled, direct):
-        model(ids[:, :9], cache=cache)
-    snap = rolled.snapshot()
-    rolled.record_positions()
-    model(ids[:, 9:13], cache=rolled)
-    assert rolled.rollback(snap, keep)
-    model(ids[:, 9 : 9 + keep], cache=direct)
-    step = ids[:, 13:14]
-    torch.testing.assert_close(model(step, cache=rolled).logits, model(step, cache=direct).logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.gpu
