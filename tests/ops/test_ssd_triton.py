@@ -199,4 +199,5 @@ def test_custom_op_registration():
     torch.library.opcheck(torch.ops.hybridlm.ssd_chunk_scan, args)
     dy, dfinal = torch.randn(b, seqlen, h, p), torch.randn(b, h, p, n)
     plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
-    torch.library.opcheck(torch.ops.hybridlm.ssd_chunk_scan_bwd, [dy, dfinal, *plain])
+    _, states = torch.ops.hybridlm.ssd_chunk_scan(*plain)
+    torch.library.opcheck(torch.ops.hybridlm.ssd_chunk_scan_bwd, [dy, dfinal, states, *plain])
