@@ -368,3 +368,16 @@ def test_a_compiled_caller_still_records_the_kernel_path():
         fn(x)  # runs the compiled graph only
     assert paths_used() == {"causal_conv1d": "triton"}
     torch._dynamo.reset()
+
+
+def test_add_rms_norm_under_torch_compile_takes_the_reference():
+    # Inside a compiled region inductor fuses the add and the norm itself; the Triton custom op would
+    # only add a Python launch per call. Eager calls still take the kernel (tests above).
+    x, delta, w = torch.randn(3, 5, 64, device=DEV), torch.randn(3, 5, 64, device=DEV), torch.randn(64, device=DEV)
+    reset_paths()
+    with use_kernels("triton"):
+        h, n = torch.compile(add_rms_norm, backend="eager", fullgraph=True)(x, delta, w, EPS)
+    assert "add_rms_norm" not in paths_used()
+    assert torch.equal(h, x + delta)
+    with use_kernels("torch"):
+        assert torch.equal(n, rms_norm(x + delta, w, EPS))

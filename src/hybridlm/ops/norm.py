@@ -49,6 +49,11 @@ def add_rms_norm(
     kernel (:mod:`hybridlm.ops.norm_triton`) reads ``x`` and ``delta`` once and writes both outputs,
     with the same rounding (the sum is rounded to ``h``'s dtype before it is normalized).
 
+    Under ``torch.compile`` the torch path runs: inductor fuses the add and the norm into one
+    kernel of its own there (a fused block is one compile region), without the custom op's Python
+    launch per call. On an H200 (``bench-1.3b``, 1 × 4096) inductor's seam took 1.4 ms of GPU time
+    per step against the Triton kernel's 1.8 ms.
+
     Mixed dtypes follow PyTorch's type promotion, as ``x + delta`` does: a float32 residual stream
     ``x`` plus a bf16 ``delta`` (float32 parameters under bf16 autocast) gives float32 ``h`` and
     a float32 normed output.
@@ -59,7 +64,7 @@ def add_rms_norm(
     Returns:
         ``(h, normed)``, each (..., D) in ``torch.promote_types(x.dtype, delta.dtype)``.
     """
-    if choose("add_rms_norm", x, delta, weight) == "triton":
+    if not torch.compiler.is_compiling() and choose("add_rms_norm", x, delta, weight) == "triton":
         return add_rms_norm_triton(x, delta, weight, eps)
     h = x + delta
     return h, _rms_norm_torch(h, weight, eps)
