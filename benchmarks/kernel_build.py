@@ -188,8 +188,21 @@ def setup_step(dtype: torch.dtype) -> Callable[[], None]:
     return run
 
 
+def setup_cross_entropy(dtype: torch.dtype) -> Callable[[], None]:
+    from hybridlm.ops.cross_entropy_triton import cross_entropy_rows_triton
+
+    logits, labels = torch.randn(64, 131072).to(dtype), torch.randint(0, 131072, (64,))
+
+    def run() -> None:
+        cross_entropy_rows_triton(logits.clone(), labels, -100, write_grad=True)
+        cross_entropy_rows_triton(logits, labels, -100, write_grad=False)
+
+    return run
+
+
 #: op -> setup(dtype) -> the op's forward + backward (decode: one step), inputs made by the setup.
 OPS = {"ssd": setup_ssd, "conv": setup_conv, "norm": setup_norm, "gated_delta": setup_gated_delta, "step": setup_step}
+OPS["cross_entropy"] = setup_cross_entropy
 
 
 def build_all(ops: list[str], dtypes: list[torch.dtype], arch: int = 90) -> list[tuple[str, str, str, dict]]:

@@ -7,13 +7,22 @@ the loss, and — when gradients are needed — the gradient of the logits, whic
 turns into the chunk's ``dh`` and its share of ``dW`` (accumulated in float32). The logits never
 exist for more than one chunk, and the backward pass only scales the stored ``dh`` / ``dW``.
 This is the "fused linear cross entropy" of liger-kernel and others, written with plain matmuls.
+
+On CUDA (and outside ``torch.compile``) one Triton kernel per chunk
+(:mod:`hybridlm.ops.cross_entropy_triton`) does the log-sum-exp, the loss and the gradient of the
+logits in the logits' own dtype, writing the gradient over them; the torch code here is the
+reference (and the CPU path): it upcasts each chunk's logits to float32 and makes one pass per op.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .dispatch import choose, triton_available
 from .precision import matmul_dtype
+
+if triton_available():
+    from .cross_entropy_triton import cross_entropy_rows_triton
 
 IGNORE_INDEX = -100
 
@@ -29,6 +38,34 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
     loss = ((lse - picked) * valid).sum()
     return loss, lse
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss in ``acc``, d(summed loss)/d logits in the logits' dtype) of one chunk.
+
+    ``logits`` (n, V) in the matmul dtype; the Triton path overwrites them with the gradient.
+    """
+    if not torch.compiler.is_compiling() and choose("cross_entropy", logits) == "triton":
+        rows = cross_entropy_rows_triton(logits, labels, IGNORE_INDEX, write_grad=True)
+        return rows.sum().to(acc), logits
+    dtype = logits.dtype
+    logits = logits.to(acc)
+    loss, lse = _chunk_loss(logits, labels)
+    # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored ones.
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk of float32 logits at a time
+    valid = labels != IGNORE_INDEX
+    grad[torch.arange(grad.shape[0], device=grad.device), labels.clamp(min=0)] -= 1.0
+    grad *= valid.unsqueeze(1)
+    return loss, grad.to(dtype)
+
+
+def _chunk_loss_only(logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Summed loss of one chunk (no gradient), in ``acc``."""
+    if not torch.compiler.is_compiling() and choose("cross_entropy", logits) == "triton":
+        return cross_entropy_rows_triton(logits, labels, IGNORE_INDEX, write_grad=False).sum().to(acc)
+    return _chunk_loss(logits.to(acc), labels)[0]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,17 +85,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, n, chunk):
             x, y = hc[s : s + chunk], labels[s : s + chunk]
-            logits = (x @ w.T).to(acc)
-            loss, lse = _chunk_loss(logits, y)
+            loss, grad = _chunk_loss_and_grad(x @ w.T, y, acc)
             total += loss
-            # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored ones.
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: one chunk of float32 logits at a time
-            valid = y != IGNORE_INDEX
-            grad[torch.arange(grad.shape[0], device=grad.device), y.clamp(min=0)] -= 1.0
-            grad *= valid.unsqueeze(1)
-            grad = grad.to(dtype)
-            dh[s : s + chunk] = grad @ w
-            dw += (grad.T @ x).to(acc)
+            torch.mm(grad, w, out=dh[s : s + chunk])
+            dw.add_(grad.T @ x)  # the float32 sum of each chunk's matmul-dtype product, as before
         ctx.save_for_backward(dh, dw)
         ctx.h_dtype = h.dtype
         ctx.w_dtype = weight.dtype
@@ -96,5 +126,5 @@ def linear_cross_entropy(
             w = weight.to(dtype)
             total = torch.zeros((), dtype=_acc_dtype(dtype), device=h.device)
             for s in range(0, h2.shape[0], chunk):
-                total += _chunk_loss((h2[s : s + chunk].to(dtype) @ w.T).to(total.dtype), y[s : s + chunk])[0]
+                total += _chunk_loss_only(h2[s : s + chunk].to(dtype) @ w.T, y[s : s + chunk], total.dtype)
     return total / count

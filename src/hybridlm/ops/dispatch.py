@@ -41,6 +41,7 @@ OPS = (
     "ssd_step",
     "attention",
     "moe_experts",
+    "cross_entropy",
 )
 
 _mode: str | None = None  # set by set_kernels(); None = read the environment
