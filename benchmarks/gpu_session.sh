@@ -67,7 +67,9 @@ for stage in "$@"; do
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
     seam) run seam 400 16 env HYBRIDLM_KERNELS=auto,add_rms_norm=torch python3 benchmarks/train_step.py \
             --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor
-    rounds) run rounds 500 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds 4 --steps 10 ;;
+    rounds) run rounds 500 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds "${ROUNDS:-4}" --steps 10 ;;
+    cegpu) run cegpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;
+    convgpu) run convgpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_conv_norm_triton.py ;;
     graphs) run graphs 400 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compile-mode reduce-overhead --compare-hf ;;
     graphprof)  # why the CUDA-graphed 4x4096 step is slower than the default: kernels, host ops, re-recordings
         run graphprof 300 80 env TORCH_LOGS=cudagraphs,perf_hints python3 benchmarks/train_step.py --preset bench-1.3b \

@@ -137,6 +137,29 @@ def merge_rounds(results: list[dict | None]) -> dict | None:
     }
 
 
+def our_kernels() -> dict[str, str]:
+    """Kernel name -> kind for every Triton kernel of ``hybridlm.ops`` (by the module that defines it)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import hybridlm.ops
+
+    kinds = {"ssd": "SSD / GDN scan (Triton)", "gated_delta": "SSD / GDN scan (Triton)", "conv": "causal conv"}
+    kinds |= {"norm": "norm", "step": "decode step (Triton)"}
+    out = {}
+    for info in pkgutil.iter_modules(hybridlm.ops.__path__):
+        if not info.name.endswith("_triton"):
+            continue
+        module = importlib.import_module(f"hybridlm.ops.{info.name}")
+        kind = kinds.get(info.name.removesuffix("_triton"), "other")
+        for name, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                out[name] = kind
+    return out
+
+
 def profile_step(build, step, batches, label: str) -> None:
     """Print one step's GPU time by kernel kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -169,14 +192,20 @@ def profile_step(build, step, batches, label: str) -> None:
     ]
     from torch.autograd import DeviceType
 
+    ours = our_kernels()
     totals: dict[str, float] = {}
+    per_kernel: dict[str, list[float]] = {}
     count = 0
     for evt in prof.events():
-        if evt.device_type != DeviceType.CUDA:
+        # A user annotation (e.g. ``Optimizer.step#AdamW.step``) spans kernels already counted.
+        if evt.device_type != DeviceType.CUDA or getattr(evt, "is_user_annotation", False) or "#" in evt.name:
             continue
         name = evt.name.lower()
-        kind = next((k for k, pat in kinds if re.search(pat, name)), "other")
+        kind = ours.get(evt.name) or next((k for k, pat in kinds if re.search(pat, name)), "other")
         totals[kind] = totals.get(kind, 0.0) + evt.device_time_total / 1e3
+        per_kernel.setdefault(evt.name, [0, 0.0])
+        per_kernel[evt.name][0] += 1
+        per_kernel[evt.name][1] += evt.device_time_total / 1e3
         count += 1
     total = sum(totals.values())
     print(f"\nwhere one step's GPU time goes: {label} ({count} kernel launches, {total:.1f} ms of kernel time)")
@@ -184,6 +213,11 @@ def profile_step(build, step, batches, label: str) -> None:
     print("|---|---|---|")
     for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {ms:.1f} | {100 * ms / total:.1f} % |")
+    print(f"\nthe kernels that took most GPU time ({label})")
+    print("| kernel | launches | ms |")
+    print("|---|---|---|")
+    for name, (n, ms) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"| {name[:110]} | {n} | {ms:.2f} |")
     # When the wall time exceeds the kernel time, the GPU waited for the host: the host ops that
     # cost most (self time, under the profiler's own overhead) say what it was doing.
     host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
