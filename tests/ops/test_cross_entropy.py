@@ -83,6 +83,12 @@ def test_triton_cross_entropy_rows_match_float64(V):
     assert_rel_close(loss, ref_loss, 1e-6, "loss")
     assert_rel_close(buf, ref_grad, 1e-6, "grad written over the logits")
     assert torch.all(buf[2] == 0)  # an ignored row has no gradient
+    # A label outside the vocabulary is not read: that row's loss is NaN, the others are unchanged.
+    bad = labels.clone()
+    bad[0], bad[1] = V, -3
+    loss = cross_entropy_rows_triton(logits.clone(), bad, -100, write_grad=True)
+    assert torch.isnan(loss[:2]).all()
+    assert_rel_close(loss[2:], ref_loss[2:], 1e-6, "loss beside out-of-range labels")
 
 
 @requires_triton

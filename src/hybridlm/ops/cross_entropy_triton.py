@@ -45,7 +45,10 @@ def _ce_rows_kernel(
     base = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    target = tl.where(valid, label, 0)
+    # A label outside [0, V) is not read: its row's loss is NaN (as a visible failure, with no host
+    # sync to raise from), where the torch path's gather raises.
+    in_range = (label >= 0) & (label < V)
+    target = tl.where(valid & in_range, label, 0)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -56,6 +59,7 @@ def _ce_rows_kernel(
         m = m_new
     lse = m + tl.log(s)
     picked = tl.load(base + target).to(tl.float32)  # read before the loop below overwrites the row
+    picked = tl.where(in_range | ~valid, picked, float("nan"))
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
     if WRITE_GRAD:
         for start in range(0, V, BLOCK_V):
@@ -71,7 +75,8 @@ def cross_entropy_rows_triton(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, write_grad: bool
 ) -> torch.Tensor:
     """Loss per row (n,) float32 of ``logits`` (n, V) against ``labels`` (n,); with ``write_grad`` the
-    logits are overwritten by ``softmax - onehot`` (zero rows where the label is ignored)."""
+    logits are overwritten by ``softmax - onehot`` (zero rows where the label is ``ignore_index``).
+    A label outside [0, V) gives a NaN loss for its row."""
     n, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows_triton: the logits' last dim must be contiguous")
