@@ -3,7 +3,7 @@
 :func:`hybridlm.ops.cross_entropy.linear_cross_entropy` computes the logits of a chunk of tokens
 with one GEMM; the torch reference then upcasts them to float32 and runs log-sum-exp, subtract,
 exp, the one-hot subtraction, the mask and the cast back as separate passes (at 4 × 4096 tokens
-and a 131k vocabulary, 4 chunks of 4096 × 131072: about 30 ms of an H200's step). This kernel
+and a 131k vocabulary, 4 chunks of 4096 × 131072: about 40 ms of an H200's step). This kernel
 reads each row of logits twice in their own dtype (an online max / sum-exp, then the gradient)
 and writes the gradient over the logits:
 
@@ -24,7 +24,9 @@ import triton.language as tl
 
 from .dispatch import record
 
-#: Columns per step of the loop over the vocabulary, and warps per row.
+#: Columns per step of the loop over the vocabulary, and warps per row. Not tuned: on the H200 the
+#: 4 chunks of a 4 × 4096 step (two reads and one write of 1 GiB of bf16 logits each) take 3.3 ms,
+#: 3.9 TB/s, against 4.25 TB/s for a plain device copy.
 BLOCK_V = 4096
 NUM_WARPS = 8
 
