@@ -201,8 +201,14 @@ def setup_cross_entropy(dtype: torch.dtype) -> Callable[[], None]:
 
 
 #: op -> setup(dtype) -> the op's forward + backward (decode: one step), inputs made by the setup.
-OPS = {"ssd": setup_ssd, "conv": setup_conv, "norm": setup_norm, "gated_delta": setup_gated_delta, "step": setup_step}
-OPS["cross_entropy"] = setup_cross_entropy
+OPS = {
+    "ssd": setup_ssd,
+    "conv": setup_conv,
+    "norm": setup_norm,
+    "gated_delta": setup_gated_delta,
+    "step": setup_step,
+    "cross_entropy": setup_cross_entropy,
+}
 
 
 def build_all(ops: list[str], dtypes: list[torch.dtype], arch: int = 90) -> list[tuple[str, str, str, dict]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import choose, triton_available
+from .dispatch import choose_eager, triton_available
 from .precision import matmul_dtype
 
 if triton_available():
@@ -47,7 +47,7 @@ def _chunk_loss_and_grad(
 
     ``logits`` (n, V) in the matmul dtype; the Triton path overwrites them with the gradient.
     """
-    if not torch.compiler.is_compiling() and choose("cross_entropy", logits) == "triton":
+    if choose_eager("cross_entropy", logits) == "triton":
         rows = cross_entropy_rows_triton(logits, labels, IGNORE_INDEX, write_grad=True)
         return rows.sum().to(acc), logits
     dtype = logits.dtype
@@ -63,7 +63,7 @@ def _chunk_loss_and_grad(
 
 def _chunk_loss_only(logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """Summed loss of one chunk (no gradient), in ``acc``."""
-    if not torch.compiler.is_compiling() and choose("cross_entropy", logits) == "triton":
+    if choose_eager("cross_entropy", logits) == "triton":
         return cross_entropy_rows_triton(logits, labels, IGNORE_INDEX, write_grad=False).sum().to(acc)
     return _chunk_loss(logits.to(acc), labels)[0]
 

@@ -144,6 +144,13 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
     return path
 
 
+def choose_eager(op: str, *tensors: torch.Tensor | None) -> str:
+    """:func:`choose` for an op whose kernel pays only in eager code: inside ``torch.compile`` it is
+    ``"torch"`` (inductor fuses the reference with its neighbours, without a custom op's Python
+    launch), and tracing records nothing."""
+    return "torch" if torch.compiler.is_compiling() else choose(op, *tensors)
+
+
 def record(op: str, path: str) -> None:
     """Record (and log once) that ``op`` ran ``path``: for fast paths that are not Triton kernels (e.g. ``grouped_mm``)."""
     _record(op, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose, triton_available
+from .dispatch import choose, choose_eager, triton_available
 
 if triton_available():
     from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
@@ -22,7 +22,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Triton kernel runs instead; training and compiled code keep this reference, which inductor
     fuses with its neighbours.
     """
-    if not _wants_grad(x, weight) and not torch.compiler.is_compiling() and choose("rms_norm", x, weight) == "triton":
+    if not _wants_grad(x, weight) and choose_eager("rms_norm", x, weight) == "triton":
         return rms_norm_triton(x, weight, eps)
     return _rms_norm_torch(x, weight, eps)
 
@@ -64,7 +64,7 @@ def add_rms_norm(
     Returns:
         ``(h, normed)``, each (..., D) in ``torch.promote_types(x.dtype, delta.dtype)``.
     """
-    if not torch.compiler.is_compiling() and choose("add_rms_norm", x, delta, weight) == "triton":
+    if choose_eager("add_rms_norm", x, delta, weight) == "triton":
         return add_rms_norm_triton(x, delta, weight, eps)
     h = x + delta
     return h, _rms_norm_torch(h, weight, eps)
