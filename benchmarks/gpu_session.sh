@@ -53,6 +53,7 @@ for stage in "$@"; do
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
             python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
     ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
+    ssdsplit) run ssdsplit 120 24 python3 benchmarks/ssd_kernel.py --check --set DX_SINGLE_PRODUCT=0 ;;
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
     mixers) run mixers 200 16 python3 benchmarks/mixers.py ;;
@@ -70,6 +71,7 @@ for stage in "$@"; do
     rounds) run rounds 500 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds "${ROUNDS:-4}" --steps 10 ;;
     cegpu) run cegpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;
     rows) run rows 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x32768 --rounds 2 --steps 6 --warmup 2 ;;
+    kgpu) run kgpu 200 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_ssd_triton.py tests/ops/test_conv_norm_triton.py ;;
     convgpu) run convgpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_conv_norm_triton.py ;;
     graphs) run graphs 400 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compile-mode reduce-overhead --compare-hf ;;
     graphprof)  # why the CUDA-graphed 4x4096 step is slower than the default: kernels, host ops, re-recordings

@@ -109,15 +109,15 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
-TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, PASS_STAGES, BLOCK_N_BWD); the first is the default
-    (64, 64, 4, 4, 3, 64),
-    (64, 64, 4, 4, 3, 32),
-    (64, 32, 4, 4, 3, 32),
-    (64, 64, 4, 8, 3, 32),
-    (32, 64, 4, 4, 3, 64),
-    (64, 64, 4, 4, 2, 64),
+TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, PASS_STAGES, BLOCK_N_BWD, DX_SINGLE_PRODUCT); the first is the default
+    (64, 64, 4, 4, 3, 64, True),
+    (64, 64, 4, 4, 3, 64, False),
+    (64, 64, 4, 4, 3, 32, True),
+    (64, 32, 4, 4, 3, 64, True),
+    (64, 64, 4, 8, 3, 64, True),
+    (64, 64, 4, 4, 2, 64, True),
 ]
-_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD")
+_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT")
 
 
 def tune(args) -> None:
@@ -229,7 +229,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print each path's kernels by GPU time (fwd + bwd)")
     ap.add_argument("--check-len", type=int, default=4096, help="sequence length of --check")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test under TRITON_INTERPRET=1
+    ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                    help=f"set one of ops.ssd_triton's settings first ({', '.join(_KNOBS)}), e.g. DX_SINGLE_PRODUCT=0")  # fmt: skip
     args = ap.parse_args()
+    from hybridlm.ops import ssd_triton
+
+    for item in args.set:
+        knob, _, value = item.partition("=")
+        if knob not in _KNOBS or not value:
+            ap.error(f"--set {item!r}: expected KNOB=VALUE with KNOB one of {', '.join(_KNOBS)}")
+        setattr(ssd_triton, knob, int(value))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("ssd_kernel.py needs a CUDA GPU", file=sys.stderr)
         sys.exit(2)

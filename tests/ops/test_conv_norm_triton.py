@@ -60,8 +60,15 @@ def conv_inputs(B, L, C, K, bias, dtype=torch.float32, device=DEV):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("kernel", [2, 4])
-def test_triton_conv_matches_float64(packed, bias, activation, kernel):
-    B, L, C = 3, 37, 20  # several tiles along C (BLOCK_C is 128: one) and a partial tile along L
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_triton_conv_matches_float64(packed, bias, activation, kernel, tiles, monkeypatch):
+    B, L, C = 3, 37, 20  # a partial tile along L (and along C: BLOCK_C is 128, or 16 for "small")
+    if tiles == "small":  # several tiles both ways: the halo rows read across tile edges
+        from hybridlm.ops import conv_triton
+
+        for d in ("FWD", "BWD"):
+            monkeypatch.setattr(conv_triton, f"{d}_BLOCK_L", 16)
+            monkeypatch.setattr(conv_triton, f"{d}_BLOCK_C", 16)
     x, w, b = conv_inputs(B, L, C, kernel, bias)
     assert x.stride(1) == 3 * C
     seq_idx = packed_ids(B, L, DEV) if packed else None

@@ -70,6 +70,13 @@ NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 4
 #: Width of the blocks of the state dimension n in the backward kernels (state products, dB, dC).
 BLOCK_N_BWD = 64
+#: dx's in-chunk term (sum over t of C_t·B_s L[t, s] dy_t) with its float32 factor rounded once to
+#: bf16: one tensor-core product instead of :func:`_dot_fr`'s two. Only dx and dt's direct gradient
+#: see that rounding; dA, whose error criterion single products broke on the paths through the
+#: chunk states (fifth and sixth device sessions), does not. The same change in the forward's
+#: in-chunk term failed y's criterion on CPU (2.02× at L = 512: one bf16 step at the largest
+#: outputs), so the forward keeps the split.
+DX_SINGLE_PRODUCT = True
 #: Chunks whose loads the sequential state passes prefetch: the reverse pass went from 0.58 to
 #: 0.20 ms (H200, same shape), its chain of chunks having waited on each load.
 PASS_STAGES = 3
@@ -126,6 +133,29 @@ def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
             out = tl.dot(lo.to(tl.float32), rf, out, input_precision=PREC)
         else:
             out = tl.dot(lo, r, tl.dot(hi, r))
+    else:
+        out = tl.dot(f, r.to(tl.float32), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _round_bf16(v):
+    """float32 v rounded to the nearest bf16 (ties to even), kept in float32: the GPU's conversion,
+    written out because Triton's interpreter truncates instead."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_f1r(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """f @ r with the float32 intermediate f rounded once to bf16 (one product, not :func:`_dot_fr`'s
+    two) for bf16 inputs; float32 products at ``PREC`` otherwise."""
+    if r.dtype == tl.bfloat16:
+        if UPCAST:
+            out = tl.dot(_round_bf16(f), r.to(tl.float32), input_precision=PREC)
+        else:
+            out = tl.dot(f.to(tl.bfloat16), r)
     else:
         out = tl.dot(f, r.to(tl.float32), input_precision=PREC)
     return out
@@ -289,6 +319,9 @@ def _scan_fwd_kernel(
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     row = (bb * H + hh) * Lp + c * Q
+    c0 = (c * Q).to(tl.int64)  # scalar 64-bit bases at the chunk's first row, 32-bit offsets inside
+    x_base = X + bb * sx_b + c0 * sx_l + hh * sx_h
+    b_base = B + bb * sb_b + c0 * sb_l + gg * sb_g
 
     offs_t = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     t = c * Q + offs_t
@@ -301,12 +334,12 @@ def _scan_fwd_kernel(
     else:
         from_state = vt
     c_t = tl.load(
-        C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+        C + bb * sc_b + c0 * sc_l + gg * sc_g + offs_t[:, None] * sc_l + offs_n[None, :] * sc_n,
         mask=vt[:, None] & (offs_n < N)[None, :],
         other=0.0,
     )
     s_in = tl.load(
-        S + (((bb * (NC + 1) + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
+        S + ((bb * (NC + 1) + c) * H + hh) * P * N + offs_p[None, :] * N + offs_n[:, None],
         mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
         other=0.0,
     )  # (n, p): S_c transposed
@@ -320,12 +353,12 @@ def _scan_fwd_kernel(
         acum_s = tl.load(ACUM + row + offs_s, mask=offs_s < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
         b_s = tl.load(
-            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            b_base + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
             mask=vs[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
         x_s = tl.load(
-            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            x_base + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
             mask=vs[:, None] & (offs_p < P)[None, :],
             other=0.0,
         )
@@ -338,13 +371,13 @@ def _scan_fwd_kernel(
         acc += _dot_fr(cb * decay * dt_s[None, :], x_s, PREC, UPCAST)
 
     x_t = tl.load(
-        X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+        x_base + offs_t[:, None] * sx_l + offs_p[None, :] * sx_p,
         mask=vt[:, None] & (offs_p < P)[None, :],
         other=0.0,
     )
     if HAS_D:
         acc += tl.load(Dp + hh).to(tl.float32) * x_t.to(tl.float32)
-    y_ptr = Y + ((bb * L + t[:, None]) * H + hh) * P + offs_p[None, :]
+    y_ptr = Y + ((bb * L + c0) * H + hh) * P + offs_t[:, None] * (H * P) + offs_p[None, :]
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=vt[:, None] & (offs_p < P)[None, :])
 
 
@@ -467,7 +500,7 @@ def _bwd_dx_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SINGLE_Y: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -480,6 +513,13 @@ def _bwd_dx_kernel(
     mp = offs_p < P
     row = (bb * H + hh) * Lp + c * Q
     tile = ((bb * NC + c) * G + gg) * Q * Q
+    # Scalar 64-bit bases at the chunk's first row; the per-element offsets inside stay 32-bit
+    # (fewer registers: this kernel spilled twice as much with 64-bit offsets per element).
+    c0 = (c * Q).to(tl.int64)
+    x_base = X + bb * sx_b + c0 * sx_l + hh * sx_h
+    dy_base = DY + bb * sd_b + c0 * sd_l + hh * sd_h
+    b_base = B + bb * sb_b + c0 * sb_l + gg * sb_g
+    dst_base = DST + ((bb * NC + c) * H + hh) * P * N
 
     offs_s = sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     s = c * Q + offs_s
@@ -497,19 +537,19 @@ def _bwd_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         b_s = tl.load(
-            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            b_base + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
             mask=vs[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
         dst = tl.load(
-            DST + (((bb * NC + c) * H + hh) * P + offs_p[None, :]) * N + offs_n[:, None],
+            dst_base + offs_p[None, :] * N + offs_n[:, None],
             mask=mp[None, :] & (offs_n < N)[:, None],
             other=0.0,
         )  # (n, p)
         acc_x += _dot_rf(b_s, dst, PREC, UPCAST)
     acc_x = acc_x * tl.where(to_state, tl.exp(tl.load(ACUM + row + Q - 1) - acum_s), 0.0)[:, None]
     xf = tl.load(
-        X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+        x_base + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
         mask=vs[:, None] & mp[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -521,7 +561,7 @@ def _bwd_dx_kernel(
         vt = (offs_t < Q) & (t < L)
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
         dy_t = tl.load(
-            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            dy_base + offs_t[:, None] * sd_l + offs_p[None, :] * sd_p,
             mask=vt[:, None] & mp[None, :],
             other=0.0,
         )
@@ -531,9 +571,12 @@ def _bwd_dx_kernel(
             mask = mask & (seq_s[:, None] == seq_t[None, :])
         decay = tl.exp(tl.where(mask, acum_t[None, :] - acum_s[:, None], float("-inf")))  # (s, t)
         bc = tl.load(CB + tile + offs_t[None, :] * Q + offs_s[:, None], mask=mask, other=0.0)  # (s, t)
-        acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
+        if SINGLE_Y:
+            acc_x += _dot_f1r(bc * decay, dy_t, PREC, UPCAST)
+        else:
+            acc_x += _dot_fr(bc * decay, dy_t, PREC, UPCAST)
     dyf = tl.load(
-        DY + bb * sd_b + s[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+        dy_base + offs_s[:, None] * sd_l + offs_p[None, :] * sd_p,
         mask=vs[:, None] & mp[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -541,7 +584,7 @@ def _bwd_dx_kernel(
     if HAS_D:
         dx += tl.load(Dp + hh).to(tl.float32) * dyf
     tl.store(
-        DX + ((bb * L + s[:, None]) * H + hh) * P + offs_p[None, :],
+        DX + ((bb * L + c0) * H + hh) * P + offs_s[:, None] * (H * P) + offs_p[None, :],
         dx.to(DX.dtype.element_ty),
         mask=vs[:, None] & mp[None, :],
     )
@@ -580,12 +623,13 @@ def _bwd_dbc_kernel(
     offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q = c * Q + offs_q
     vq = (offs_q < Q) & (q < L)
+    c0 = (c * Q).to(tl.int64)  # scalar 64-bit bases at the chunk's first row, 32-bit offsets inside
     if MODE == 0:  # positions feeding the chunk state: those in the chunk's last document
         ref_pos = c * Q + Q - 1
     else:  # positions reading the entering state: those in the document before the chunk
         ref_pos = tl.maximum(c * Q - 1, 0)
         z_q = tl.load(
-            Z + bb * sz_b + q[:, None] * sz_l + gg * sz_g + offs_n[None, :] * sz_n,
+            Z + bb * sz_b + c0 * sz_l + gg * sz_g + offs_q[:, None] * sz_l + offs_n[None, :] * sz_n,
             mask=vq[:, None] & mn[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -607,12 +651,12 @@ def _bwd_dbc_kernel(
         else:
             scale = tl.exp(acum_q)
         x_q = tl.load(
-            X + bb * sx_b + q[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            X + bb * sx_b + c0 * sx_l + hh * sx_h + offs_q[:, None] * sx_l + offs_p[None, :] * sx_p,
             mask=vq[:, None] & mp[None, :],
             other=0.0,
         )
         st = tl.load(
-            ST + (((bb * NSLOTS + c) * H + hh) * P + offs_p[:, None]) * N + offs_n[None, :],
+            ST + ((bb * NSLOTS + c) * H + hh) * P * N + offs_p[:, None] * N + offs_n[None, :],
             mask=mp[:, None] & mn[None, :],
             other=0.0,
         )  # (p, n)
@@ -636,7 +680,7 @@ def _bwd_dbc_kernel(
         offs_k = kb * BLOCK_Q + tl.arange(0, BLOCK_Q)
         k = c * Q + offs_k
         y_k = tl.load(
-            Y + bb * sy_b + k[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
+            Y + bb * sy_b + c0 * sy_l + gg * sy_g + offs_k[:, None] * sy_l + offs_n[None, :] * sy_n,
             mask=((offs_k < Q) & (k < L))[:, None] & mn[None, :],
             other=0.0,
         )
@@ -647,7 +691,7 @@ def _bwd_dbc_kernel(
             w = tl.load(tile + offs_k[None, :] * Q + offs_q[:, None], mask=w_mask, other=0.0)  # W[s=k, t=q]
         acc += _dot_fr(w, y_k, PREC, UPCAST)
     tl.store(
-        OUT + ((bb * L + q[:, None]) * G + gg) * N + offs_n[None, :],
+        OUT + ((bb * L + c0) * G + gg) * N + offs_q[:, None] * (G * N) + offs_n[None, :],
         acc.to(OUT.dtype.element_ty),
         mask=vq[:, None] & mn[None, :],
     )
@@ -781,7 +825,7 @@ def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q):
         x, *x.stride(), B, *B.stride(), dy, *dy.stride(), cb,
         acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, ddt_direct, dacum_st, dD_part,
         L, Lp, h, p, n, Q, r, nc,
-        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
+        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), BLOCK_N=bn, SINGLE_Y=DX_SINGLE_PRODUCT, **kw,
     )  # fmt: skip
     for mode, (xx, yy, zz, st, out, slots) in enumerate([(x, C, C, dS, dB, nc), (dy, B, C, S, dC, nc + 1)]):
         _bwd_dbc_kernel[(nc * nqb * nnb, b * g)](
