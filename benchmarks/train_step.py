@@ -16,7 +16,8 @@ bf16 peak and against a bf16 matmul rate measured in this run, peak memory and t
 (compilation included). ``--profile`` adds where one step's GPU time goes, by kernel kind;
 ``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
 measures each variant N times in alternating order and reports medians (host-bound shapes such as
-1 × 4096 move by several percent from run to run).
+1 × 4096 move by several percent from run to run); ``--gc-every N`` collects Python's garbage
+after every N-th step only, as ``train.gc_every`` does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.train.collector import ManualGC
 from hybridlm.train.trainer import measure_matmul_flops
 
 H200_PEAK = 989e12  # dense bf16 FLOP/s, datasheet
@@ -63,6 +65,7 @@ def packed_batches(count: int, batch: int, seq: int, vocab: int, seed: int = 0) 
 
 
 COMPILE_MODE: str | None = None  # --compile-mode: torch.compile's mode for our blocks
+GC_EVERY = 0  # --gc-every: as train.gc_every (0: Python's automatic garbage collection)
 
 
 def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.Module:
@@ -101,16 +104,18 @@ def measure(build, step, batches, steps: int, warmup: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times, losses = [], []
-    for i in range(warmup + steps):
-        batch = batches[i % len(batches)]
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = step(model, batch)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
+    with ManualGC(GC_EVERY) as collector:
+        for i in range(warmup + steps):
+            batch = batches[i % len(batches)]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = step(model, batch)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            collector.after_step(i + 1)  # as the trainer: a collection's pause counts as step time
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            losses.append(loss.item())
     timed = sorted(times[warmup:])
     result = {
         "step_ms": 1e3 * timed[len(timed) // 2],
@@ -285,6 +290,9 @@ def main() -> None:
     ap.add_argument(
         "--compile-mode", default=None, help="torch.compile mode for our blocks, e.g. reduce-overhead (CUDA graphs)"
     )
+    ap.add_argument(
+        "--gc-every", type=int, default=0, metavar="N", help="as train.gc_every: 0 = automatic garbage collection"
+    )
     ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind, and host ops")
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
@@ -302,8 +310,9 @@ def main() -> None:
 
     base = ModelConfig.preset(args.preset)
     compile_ = not args.no_compile
-    global COMPILE_MODE
+    global COMPILE_MODE, GC_EVERY
     COMPILE_MODE = args.compile_mode
+    GC_EVERY = args.gc_every
     rate = measure_matmul_flops(torch.device("cuda"), n=8192, iters=30)
     params = float(HybridLM(base, device="meta").num_params())
     print(

@@ -54,6 +54,7 @@ def test_preset_in_model_table(tmp_path):
         (["train.precision=fp8"], "train.precision"),
         (["train.compile_mode=fast"], "train.compile_mode"),
         (["train.compile_mode=max-autotune"], "train.compile_mode"),
+        (["train.gc_every=-1"], "train.gc_every"),
         (["model.hidden_size=0"], "model.hidden_size"),
         (["model.pattern=M*X"], "model.pattern"),
         (["model.hiden_size=3"], "model.hiden_size"),

@@ -99,6 +99,9 @@ class TrainConfig:
     #: (one CUDA process, no pipeline stages), which pays where the host cannot keep the GPU busy
     compile_mode: str = "default"
     threads: int | None = None  #: CPU threads for torch (None = torch's default)
+    #: 0: Python's automatic garbage collection; N > 0: automatic collection off and a full
+    #: collection after every N-th step, so its pauses land at known steps (Megatron's --manual-gc)
+    gc_every: int = 0
     log_every: int = 20
     eval_every: int = 50
     eval_batches: int = 8
@@ -284,6 +287,8 @@ class RunConfig:
             raise ConfigError("train.precision", f"must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
         if t.threads is not None:
             _positive("train.threads", t.threads)
+        if t.gc_every < 0:
+            raise ConfigError("train.gc_every", f"must be >= 0 (0: automatic collection), got {t.gc_every}")
         self._validate_parallel()
 
     def _validate_parallel(self) -> None:

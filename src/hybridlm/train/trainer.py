@@ -27,6 +27,7 @@ from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
+from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
@@ -460,42 +461,46 @@ class Trainer:
         t = self.run.train
         last_val = first_val
         window_tokens, window_time, window_losses = 0, 0.0, []
-        try:
-            while self.step < stop:
-                self._stop_for_signal(signals)
-                t0 = time.perf_counter()
-                values = self.train_step()
-                window_time += time.perf_counter() - t0  # training time only: evaluation is not counted
-                self.metrics.advance()
-                window_tokens += t.batch_size * self.run.data.seq_len
-                window_losses.append(values["loss"])
-                record = {**values}
-                evaluate = self.step % t.eval_every == 0 or self.step == t.steps
-                console = self.step % t.log_every == 0 or self.step == stop or evaluate
-                if console:
-                    record["loss_avg"] = sum(window_losses) / len(window_losses)
-                    record["tokens_per_s"] = window_tokens / window_time
-                    record["peak_mem_gb"] = self._peak_memory_gb()
-                    if self.peak_flops:
-                        per_device = record["tokens_per_s"] / self.world * self.flops_per_token
-                        record["mfu"] = per_device / self.peak_flops
-                    window_tokens, window_time, window_losses = 0, 0.0, []
-                if evaluate:
-                    last_val = self.evaluate()
-                    if last_val is not None:
-                        record["val_loss"] = last_val
-                self.metrics.record(self.step, record, console=console)
-                self.guard.record(self.step, "nonfinite_skipped" not in values, lambda: latest_checkpoint(self.run_dir))
-                if self.step % t.checkpoint_every == 0 or self.step == stop:
-                    self.save_checkpoint()
-        except TrainingDivergedError:
-            self.metrics.close()
-            raise
-        except KeyboardInterrupt:
-            self.metrics.print(f"interrupted at step {self.step}: saving a checkpoint to resume from")
-            self.save_checkpoint()
-            self.metrics.close()
-            raise
+        with ManualGC(t.gc_every) as collector:
+            try:
+                while self.step < stop:
+                    self._stop_for_signal(signals)
+                    t0 = time.perf_counter()
+                    values = self.train_step()
+                    collector.after_step(self.step)  # inside the timed window: its pause is training time
+                    window_time += time.perf_counter() - t0  # training time only: evaluation is not counted
+                    self.metrics.advance()
+                    window_tokens += t.batch_size * self.run.data.seq_len
+                    window_losses.append(values["loss"])
+                    record = {**values}
+                    evaluate = self.step % t.eval_every == 0 or self.step == t.steps
+                    console = self.step % t.log_every == 0 or self.step == stop or evaluate
+                    if console:
+                        record["loss_avg"] = sum(window_losses) / len(window_losses)
+                        record["tokens_per_s"] = window_tokens / window_time
+                        record["peak_mem_gb"] = self._peak_memory_gb()
+                        if self.peak_flops:
+                            per_device = record["tokens_per_s"] / self.world * self.flops_per_token
+                            record["mfu"] = per_device / self.peak_flops
+                        window_tokens, window_time, window_losses = 0, 0.0, []
+                    if evaluate:
+                        last_val = self.evaluate()
+                        if last_val is not None:
+                            record["val_loss"] = last_val
+                    self.metrics.record(self.step, record, console=console)
+                    self.guard.record(
+                        self.step, "nonfinite_skipped" not in values, lambda: latest_checkpoint(self.run_dir)
+                    )
+                    if self.step % t.checkpoint_every == 0 or self.step == stop:
+                        self.save_checkpoint()
+            except TrainingDivergedError:
+                self.metrics.close()
+                raise
+            except KeyboardInterrupt:
+                self.metrics.print(f"interrupted at step {self.step}: saving a checkpoint to resume from")
+                self.save_checkpoint()
+                self.metrics.close()
+                raise
         summary: dict[str, Any] = {
             "step": self.step,
             "seconds": time.time() - start_time,
