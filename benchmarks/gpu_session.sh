@@ -56,7 +56,7 @@ for stage in "$@"; do
     ssdsplit) run ssdsplit 120 24 python3 benchmarks/ssd_kernel.py --check --set DX_SINGLE_PRODUCT=0 ;;
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
-    mixers) run mixers 200 16 python3 benchmarks/mixers.py ;;
+    mixers) run mixers 320 16 python3 benchmarks/mixers.py ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
