@@ -137,36 +137,45 @@ def timing(reps: int, compile_: bool) -> None:
         torch.cuda.empty_cache()
 
 
-#: (BLOCK_L, BLOCK_C, warps) of the conv kernels, forward and backward alike; the first is the default.
-#: Compiled for sm_90 on CPU (benchmarks/kernel_build.py), 64 × 128 × 4 spills up to 1.9 kB per thread
-#: in the backward's first pass; 32 × 64 × 4 and 16 × 128 × 4 spill nothing.
-TUNE = [(64, 128, 4), (32, 128, 4), (16, 128, 4), (32, 64, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8)]
+#: Tiles (BLOCK_L, BLOCK_C, warps) tried per conv kernel, each with the others at their defaults
+#: (the first setting of each list is the default). Compiled for sm_90 on CPU
+#: (benchmarks/kernel_build.py), the backward's first pass spills up to 1.9 kB per thread at
+#: 64 × 128 × 4; 32 × 64 × 4 and 16 × 128 × 4 spill nothing.
+TUNE = {
+    "FWD": [(32, 128, 4), (64, 128, 4), (16, 128, 4)],
+    "BWD": [(64, 128, 4), (32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (32, 128, 8), (16, 256, 4)],
+    "DX": [(64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8)],
+}
 
 
 def tune(reps: int) -> None:
-    """Time the Triton conv (forward, forward + backward) for each tile setting in TUNE."""
+    """Time the Triton conv (forward, forward + backward) for each kernel's tile settings in TUNE:
+    FWD the forward, BWD the backward's first pass (g, dw, db), DX its second (dx)."""
     from hybridlm.ops import conv_triton
 
     knobs = ("BLOCK_L", "BLOCK_C", "WARPS")
-    default = {f"{d}_{k}": getattr(conv_triton, f"{d}_{k}") for d in ("FWD", "BWD") for k in knobs}
-    print(f"{'op':34s} {'BLOCK_L, BLOCK_C, warps':>24s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
+    default = {f"{d}_{k}": getattr(conv_triton, f"{d}_{k}") for d in TUNE for k in knobs}
+    print(f"{'op':34s} {'kernel':>6s} {'BLOCK_L, BLOCK_C, warps':>24s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
     for name, fn, make, *_ in list(cases())[:2]:  # the conv rows, without and with documents
         inputs = make()
-        for setting in TUNE:
-            for d in ("FWD", "BWD"):
+        for kernel, settings in TUNE.items():
+            for setting in settings:
+                for k, v in default.items():
+                    setattr(conv_triton, k, v)
                 for k, v in zip(knobs, setting):
-                    setattr(conv_triton, f"{d}_{k}", v)
-            with use_kernels("triton"):
-                douts = [torch.randn_like(fn(*inputs))]
+                    setattr(conv_triton, f"{kernel}_{k}", v)
+                with use_kernels("triton"):
+                    douts = [torch.randn_like(fn(*inputs))]
 
-                def fwd(fn=fn, inputs=inputs):
-                    with torch.no_grad():
-                        fn(*inputs)
+                    def fwd(fn=fn, inputs=inputs):
+                        with torch.no_grad():
+                            fn(*inputs)
 
-                def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
-                    torch.autograd.backward((fn(*inputs),), douts)
+                    def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
+                        torch.autograd.backward((fn(*inputs),), douts)
 
-                print(f"{name:34s} {setting!s:>24s} {bench(fwd, reps):8.3f} {bench(fwd_bwd, reps):11.3f}", flush=True)
+                    t_fwd, t_all = bench(fwd, reps), bench(fwd_bwd, reps)
+                    print(f"{name:34s} {kernel:>6s} {setting!s:>24s} {t_fwd:8.3f} {t_all:11.3f}", flush=True)
     for k, v in default.items():
         setattr(conv_triton, k, v)
 

@@ -30,7 +30,8 @@ from .dispatch import record
 # 0.230 ms at 32 × 128 against 0.327 at 64 × 128 (0.256 / 0.370 with document ids); the
 # backward is fastest at 64 × 128 (1.21 ms; 32 × 128: 1.60).
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
-BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 64, 128, 4
+BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 64, 128, 4  # the backward's first pass (g, dw, db)
+DX_BLOCK_L, DX_BLOCK_C, DX_WARPS = 64, 128, 4  # its second pass (dx from g)
 
 
 @triton.jit
@@ -307,7 +308,7 @@ def _conv_bwd(
             BLOCK_C=BWD_BLOCK_C,
             num_warps=BWD_WARPS,
         )
-        _conv_bwd_dx_kernel[grid](
+        _conv_bwd_dx_kernel[(triton.cdiv(L, DX_BLOCK_L), triton.cdiv(C, DX_BLOCK_C), B)](
             g,
             weight,
             seq_arg,
@@ -317,9 +318,9 @@ def _conv_bwd(
             s_seq,
             K=K,
             HAS_SEQ=seq is not None,
-            BLOCK_L=BWD_BLOCK_L,
-            BLOCK_C=BWD_BLOCK_C,
-            num_warps=BWD_WARPS,
+            BLOCK_L=DX_BLOCK_L,
+            BLOCK_C=DX_BLOCK_C,
+            num_warps=DX_WARPS,
         )
     dw = dw_part.sum(0).t().contiguous().to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_zeros(0)
