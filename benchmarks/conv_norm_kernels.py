@@ -3,6 +3,7 @@
     python benchmarks/conv_norm_kernels.py            # timing table (bench-1.3b sizes)
     python benchmarks/conv_norm_kernels.py --check    # bf16 error ratios against float64 references
     python benchmarks/conv_norm_kernels.py --tune     # the conv kernels' tiles and warps, Triton only
+    python benchmarks/conv_norm_kernels.py --tune --profile   # the same, each setting's kernels by GPU time
 
 The table gives forward and forward+backward milliseconds and the effective bandwidth, counting
 each tensor the op must read or write once (the minimum traffic; parameters and document ids
@@ -148,9 +149,13 @@ TUNE = {
 }
 
 
-def tune(reps: int) -> None:
+def tune(reps: int, profile: bool = False) -> None:
     """Time the Triton conv (forward, forward + backward) for each kernel's tile settings in TUNE:
-    FWD the forward, BWD the backward's first pass (g, dw, db), DX its second (dx)."""
+    FWD the forward, BWD the backward's first pass (g, dw, db), DX its second (dx). ``profile``:
+    each setting's kernels by GPU time instead (wall-clock times of one setting repeated vary by
+    about 10 % on the H200; kernel times do not)."""
+    from kernel_profile import top_kernels
+
     from hybridlm.ops import conv_triton
 
     knobs = ("BLOCK_L", "BLOCK_C", "WARPS")
@@ -174,6 +179,9 @@ def tune(reps: int) -> None:
                     def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
                         torch.autograd.backward((fn(*inputs),), douts)
 
+                    if profile:
+                        top_kernels(fwd_bwd, f"{name}, {kernel} {setting}, fwd + bwd", rows=6)
+                        continue
                     t_fwd, t_all = bench(fwd, reps), bench(fwd_bwd, reps)
                     print(f"{name:34s} {kernel:>6s} {setting!s:>24s} {t_fwd:8.3f} {t_all:11.3f}", flush=True)
     for k, v in default.items():
@@ -240,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="print bf16 error ratios instead of timings")
     parser.add_argument("--tune", action="store_true", help="time the conv kernels' tile settings instead")
+    parser.add_argument("--profile", action="store_true", help="with --tune: each setting's kernels by GPU time")
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd torch rows")
     args = parser.parse_args()
@@ -250,7 +259,7 @@ def main() -> None:
     if args.check:
         check()
     elif args.tune:
-        tune(args.reps)
+        tune(args.reps, args.profile)
     else:
         timing(args.reps, not args.no_compile)
 

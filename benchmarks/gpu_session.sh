@@ -55,6 +55,7 @@ for stage in "$@"; do
     ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
     ssdsplit) run ssdsplit 120 24 python3 benchmarks/ssd_kernel.py --check --set DX_SINGLE_PRODUCT=0 ;;
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
+    convprof) run convprof 200 60 python3 benchmarks/conv_norm_kernels.py --tune --profile ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
     mixers) run mixers 320 16 python3 benchmarks/mixers.py ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
