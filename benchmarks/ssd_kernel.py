@@ -232,16 +232,17 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                     help=f"set one of ops.ssd_triton's settings first ({', '.join(_KNOBS)}), e.g. DX_SINGLE_PRODUCT=0")  # fmt: skip
     args = ap.parse_args()
-    from hybridlm.ops import ssd_triton
-
-    for item in args.set:
-        knob, _, value = item.partition("=")
-        if knob not in _KNOBS or not value:
-            ap.error(f"--set {item!r}: expected KNOB=VALUE with KNOB one of {', '.join(_KNOBS)}")
-        setattr(ssd_triton, knob, int(value))
+    settings = [item.partition("=") for item in args.set]
+    for knob, _, value in settings:
+        if knob not in _KNOBS or not value.lstrip("-").isdigit():
+            ap.error(f"--set {knob}={value}: expected KNOB=INTEGER with KNOB one of {', '.join(_KNOBS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("ssd_kernel.py needs a CUDA GPU", file=sys.stderr)
         sys.exit(2)
+    from hybridlm.ops import ssd_triton
+
+    for knob, _, value in settings:
+        setattr(ssd_triton, knob, int(value))
     if args.check:
         sys.exit(0 if check(args) else 1)
     if args.tune:
