@@ -140,8 +140,8 @@ def _dot_fr(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _round_bf16(v):
-    """float32 v rounded to the nearest bf16 (ties to even), kept in float32: the GPU's conversion,
-    written out because Triton's interpreter truncates instead."""
+    """Finite float32 v rounded to the nearest bf16 (ties to even), kept in float32: the GPU's
+    conversion, written out because Triton's interpreter truncates instead."""
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
