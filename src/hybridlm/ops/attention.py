@@ -45,8 +45,26 @@ def use_flex(seq_idx: torch.Tensor | None, head_dim: int) -> bool:
     )
 
 
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled_once(fn: Callable) -> Callable:
+    """``fn`` compiled once (fixed shapes) for eager callers; ``fn`` itself inside a compiled region,
+    whose own compilation traces it."""
+    if torch.compiler.is_compiling():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
 def document_block_mask(seq_idx: torch.Tensor):
     """FlexAttention block mask for causal attention within documents.
+
+    Built by a compiled ``create_block_mask`` (as torch's documentation advises): run eagerly it
+    materializes the dense (B, 1, L, L) boolean mask (1 GiB at 1 × 32768) and walks it with vmap
+    on the host. The compiled builder takes each batch's ids as an input (no recompilation per
+    batch of one shape) and gives the same mask (tests/ops/test_attention.py).
 
     Args:
         seq_idx: (B, L) document index per position, non-decreasing along L.
@@ -58,23 +76,14 @@ def document_block_mask(seq_idx: torch.Tensor):
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
 
-    return create_block_mask(mask_mod, B, None, L, L, device=seq_idx.device)
-
-
-_flex_compiled = None
+    return _compiled_once(create_block_mask)(mask_mod, B, None, L, L, device=seq_idx.device)
 
 
 def _flex():
-    """FlexAttention as a fused kernel: compiled once for eager callers; inside a compiled block the
-    block's own compilation traces it (eager flex would materialize the scores)."""
-    global _flex_compiled
+    """FlexAttention as a fused kernel (eager flex would materialize the scores)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if torch.compiler.is_compiling():
-        return flex_attention
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled
+    return _compiled_once(flex_attention)
 
 
 def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
