@@ -28,7 +28,8 @@ from .dispatch import record
 # of each coalesced load; BLOCK_L trades the K-1 halo rows re-read per tile against registers.
 # Measured on an H200 (``conv_norm_kernels.py --tune``, [4, 4096, 6144], K = 4): the forward takes
 # 0.230 ms at 32 × 128 against 0.327 at 64 × 128 (0.256 / 0.370 with document ids); the
-# backward is fastest at 64 × 128 (1.21 ms; 32 × 128: 1.60).
+# backward is fastest at 64 × 128 (1.21 ms; 32 × 128: 1.60). Its two passes tuned apart (seventh
+# device session): no other tile beat these by more than the run-to-run noise.
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 64, 128, 4  # the backward's first pass (g, dw, db)
 DX_BLOCK_L, DX_BLOCK_C, DX_WARPS = 64, 128, 4  # its second pass (dx from g)

@@ -18,7 +18,7 @@ class ManualGC:
         if every < 0:
             raise ValueError(f"ManualGC: every must be >= 0, got {every}")
         self.every = every
-        self._was_enabled = gc.isenabled()
+        self._was_enabled = True  # as found on entry
 
     def __enter__(self) -> ManualGC:
         if self.every:
