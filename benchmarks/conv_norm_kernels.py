@@ -138,36 +138,39 @@ def timing(reps: int, compile_: bool) -> None:
         torch.cuda.empty_cache()
 
 
-#: Tiles (BLOCK_L, BLOCK_C, warps) tried per conv kernel, each with the others at their defaults
-#: (the first setting of each list is the default). Compiled for sm_90 on CPU
-#: (benchmarks/kernel_build.py), the backward's first pass spills up to 1.9 kB per thread at
-#: 64 × 128 × 4; 32 × 64 × 4 and 16 × 128 × 4 spill nothing.
+#: Settings tried per conv kernel, each with the others at their defaults (the first setting of
+#: each list is the default): (BLOCK_L, BLOCK_C, warps). Compiled for sm_90 on CPU
+#: (benchmarks/kernel_build.py), tiles of 32 × 128 hold 216–255 registers a thread (two blocks of
+#: 4 warps an SM) and spill little or nothing; 16 × 128 hold 110-150.
 TUNE = {
-    "FWD": [(32, 128, 4), (64, 128, 4), (16, 128, 4)],
-    "BWD": [(64, 128, 4), (32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (32, 128, 8), (16, 256, 4)],
-    "DX": [(64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8)],
+    "FWD": [(32, 128, 4), (16, 128, 4), (16, 256, 4)],
+    "BWD": [(16, 256, 4), (16, 128, 4), (32, 128, 4), (16, 512, 8)],
+    "DX": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 128, 8), (32, 256, 8)],
 }
+KNOBS = ("BLOCK_L", "BLOCK_C", "WARPS")
 
 
 def tune(reps: int, profile: bool = False) -> None:
-    """Time the Triton conv (forward, forward + backward) for each kernel's tile settings in TUNE:
-    FWD the forward, BWD the backward's first pass (g, dw, db), DX its second (dx). ``profile``:
-    each setting's kernels by GPU time instead (wall-clock times of one setting repeated vary by
-    about 10 % on the H200; kernel times do not)."""
-    from kernel_profile import top_kernels
+    """Time the Triton conv (forward, forward + backward) for each kernel's settings in TUNE:
+    FWD the forward, BWD the backward's first pass (g), DX its second (dx, dw, db). ``profile``:
+    each conv kernel's GPU time instead (wall-clock times of one setting repeated vary by about
+    10 % on the H200; kernel times do not), and the other kernels' (the partial sums' reduction)."""
+    from kernel_profile import kernel_times
 
     from hybridlm.ops import conv_triton
 
-    knobs = ("BLOCK_L", "BLOCK_C", "WARPS")
-    default = {f"{d}_{k}": getattr(conv_triton, f"{d}_{k}") for d in TUNE for k in knobs}
-    print(f"{'op':34s} {'kernel':>6s} {'BLOCK_L, BLOCK_C, warps':>24s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
+    knobs = [f"{d}_{k}" for d in TUNE for k in KNOBS]
+    default = {k: getattr(conv_triton, k) for k in knobs if hasattr(conv_triton, k)}
+    kernels = {"fwd": "_conv_fwd_kernel", "g": "_conv_bwd_g_kernel", "dx": "_conv_bwd_dx_kernel"}
+    cols = [f"{k} ms" for k in kernels] + ["other ms", "total ms"] if profile else ["fwd ms", "fwd+bwd ms"]
+    print(f"{'op':30s} {'kernel':>6s} {'setting':>20s} " + " ".join(f"{c:>10s}" for c in cols))
     for name, fn, make, *_ in list(cases())[:2]:  # the conv rows, without and with documents
         inputs = make()
         for kernel, settings in TUNE.items():
             for setting in settings:
                 for k, v in default.items():
                     setattr(conv_triton, k, v)
-                for k, v in zip(knobs, setting):
+                for k, v in zip(KNOBS, setting):
                     setattr(conv_triton, f"{kernel}_{k}", v)
                 with use_kernels("triton"):
                     douts = [torch.randn_like(fn(*inputs))]
@@ -180,10 +183,16 @@ def tune(reps: int, profile: bool = False) -> None:
                         torch.autograd.backward((fn(*inputs),), douts)
 
                     if profile:
-                        top_kernels(fwd_bwd, f"{name}, {kernel} {setting}, fwd + bwd", rows=6)
-                        continue
-                    t_fwd, t_all = bench(fwd, reps), bench(fwd_bwd, reps)
-                    print(f"{name:34s} {kernel:>6s} {setting!s:>24s} {t_fwd:8.3f} {t_all:11.3f}", flush=True)
+                        per = kernel_times(fwd_bwd, calls=5)
+                        ms = [sum(t for n, (t, _) in per.items() if n == k) for k in kernels.values()]
+                        total = sum(t for t, _ in per.values())
+                        values = [*ms, total - sum(ms), total]
+                    else:
+                        values = [bench(fwd, reps), bench(fwd_bwd, reps)]
+                    print(
+                        f"{name[:30]:30s} {kernel:>6s} {setting!s:>20s} " + " ".join(f"{v:10.3f}" for v in values),
+                        flush=True,
+                    )
     for k, v in default.items():
         setattr(conv_triton, k, v)
 

@@ -72,7 +72,7 @@ for stage in "$@"; do
             --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor
     rounds) run rounds 500 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds "${ROUNDS:-4}" --steps 10 ;;
     roundsgc) run roundsgc 400 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds "${ROUNDS:-6}" --steps 12 --gc-every 1000 ;;
-    rows32k) run rows32k 250 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --rounds 2 --steps 4 --warmup 2 --gc-every 1000 ;;
+    rows32k) run rows32k 250 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --rounds "${ROUNDS:-4}" --steps 4 --warmup 2 --gc-every 1000 ;;
     cegpu) run cegpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;
     rows) run rows 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x32768 --rounds 2 --steps 6 --warmup 2 ;;
     kgpu) run kgpu 200 8 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_ssd_triton.py tests/ops/test_conv_norm_triton.py ;;

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 
 
-def top_kernels(fn: Callable[[], object], label: str, rows: int = 12, calls: int = 3) -> None:
-    """Run ``fn`` once to warm up, then ``calls`` times under the profiler; print its kernels by GPU time per call."""
+def kernel_times(fn: Callable[[], object], calls: int = 3) -> dict[str, tuple[float, int]]:
+    """Run ``fn`` once to warm up, then ``calls`` times under the profiler: {kernel: (GPU ms per call, launches per call)}."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -24,10 +24,16 @@ def top_kernels(fn: Callable[[], object], label: str, rows: int = 12, calls: int
             entry = per.setdefault(evt.name, [0.0, 0])
             entry[0] += evt.device_time_total / 1e3 / calls
             entry[1] += 1
+    return {name: (ms, n // calls) for name, (ms, n) in per.items()}
+
+
+def top_kernels(fn: Callable[[], object], label: str, rows: int = 12, calls: int = 3) -> None:
+    """Print ``fn``'s kernels by GPU time per call (see :func:`kernel_times`)."""
+    per = kernel_times(fn, calls)
     total = sum(ms for ms, _ in per.values())
-    launches = sum(n for _, n in per.values()) // calls
+    launches = sum(n for _, n in per.values())
     print(f"\n{label}: {total:.2f} ms of kernel time per call, {launches} launches")
     print("| kernel | ms/call | launches/call | share |")
     print("|---|---|---|---|")
     for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:rows]:
-        print(f"| {name[:90]} | {ms:.3f} | {n // calls} | {ms / total:.1%} |")
+        print(f"| {name[:90]} | {ms:.3f} | {n} | {ms / total:.1%} |")

@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,9 +135,8 @@ def merge_rounds(results: list[dict | None]) -> dict | None:
     memory), the first round's first step (it compiled from scratch), the largest peak."""
     if not results or any(r is None for r in results):
         return None
-    times = sorted(r["step_ms"] for r in results)
     return results[0] | {
-        "step_ms": times[len(times) // 2],
+        "step_ms": statistics.median(r["step_ms"] for r in results),  # of an even count: the middle pair's mean
         "peak_gib": max(r["peak_gib"] for r in results),
         "rounds_ms": [r["step_ms"] for r in results],
     }

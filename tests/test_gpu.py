@@ -40,8 +40,8 @@ def test_cuda_forward_and_backward_match_cpu():
 def test_grouped_mm_experts_match_the_per_expert_loop():
     config = tiny_config("E", hidden_size=64, moe_num_experts=8, moe_ffn_hidden_size=32)
     experts = Experts(config).cuda().bfloat16()
-    torch.nn.init.normal_(experts.up_proj, std=0.1)
-    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    for p in experts.parameters():  # every one: swiglu's gate_proj too (torch.empty holds garbage)
+        torch.nn.init.normal_(p, std=0.1)
     counts = torch.tensor([5, 0, 17, 3, 9, 0, 1, 29], device="cuda")
     xs = torch.randn(int(counts.sum()), 64, device="cuda", dtype=torch.bfloat16)
     grouped = experts(xs, counts)
@@ -73,8 +73,8 @@ def test_grouped_mm_runs_under_autocast_with_fp32_master_weights(activation):
 
     config = tiny_config("E", hidden_size=64, moe_num_experts=8, moe_ffn_hidden_size=32, mlp_activation=activation)
     experts = Experts(config).cuda()
-    torch.nn.init.normal_(experts.up_proj, std=0.1)
-    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    for p in experts.parameters():  # every one: swiglu's gate_proj too (torch.empty holds garbage)
+        torch.nn.init.normal_(p, std=0.1)
     counts = torch.tensor([5, 0, 17, 3, 9, 0, 1, 29], device="cuda")
     xs = torch.randn(int(counts.sum()), 64, device="cuda")
     for rows in (xs, xs.bfloat16()):

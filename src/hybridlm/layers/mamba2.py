@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.mamba2_core import Mamba2Dims, Mamba2Weights, mamba2_core, mamba2_dt
 from ..ops.norm import gated_rms_norm
 from ..ops.ssd import ssd_chunked
 from ..ops.step import causal_conv1d_with_state, ssd_step
@@ -60,6 +61,10 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, c.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=False)
+        self.dims = Mamba2Dims(
+            self.nheads, self.headdim, self.ngroups, self.d_state, c.mamba_chunk_size, self.norm.group_size,
+            self.norm.eps, c.mamba_dt_clamp_min,
+        )  # fmt: skip
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> RecurrentState:
         """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the SSM state (B, H, P, N) in float32."""
@@ -70,33 +75,29 @@ class Mamba2Mixer(nn.Module):
         """x: (B, L, hidden) -> (B, L, hidden); with ``ctx.cache``, continues from and updates the cached state."""
         b, seqlen, _ = x.shape
         cache = ctx.cache
-        z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        keep = history = None
-        if cache is None:
-            xBC = self.conv1d(xBC, ctx.seq_idx)
-        else:
-            state = cache.state(self)
-            keep = cache.pad_mask(seqlen)
-            if keep is not None:  # padding enters the conv as zeros, as the empty history does
-                xBC = xBC * keep.unsqueeze(-1).to(xBC.dtype)
-            if cache.trail is not None:  # the conv inputs before and in this window, oldest first
-                history = torch.cat([state.conv, xBC], dim=1)
-            xBC, _ = causal_conv1d_with_state(
-                xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu", inplace=True
+        if cache is None:  # training, or a forward without a cache: the core as one op
+            weights = Mamba2Weights(
+                self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight
             )
+            return self.out_proj(mamba2_core(self.in_proj(x), weights, ctx.seq_idx, self.dims))
+        z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        history = None
+        state = cache.state(self)
+        keep = cache.pad_mask(seqlen)
+        if keep is not None:  # padding enters the conv as zeros, as the empty history does
+            xBC = xBC * keep.unsqueeze(-1).to(xBC.dtype)
+        if cache.trail is not None:  # the conv inputs before and in this window, oldest first
+            history = torch.cat([state.conv, xBC], dim=1)
+        xBC, _ = causal_conv1d_with_state(xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu", inplace=True)
         xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if self.config.mamba_dt_clamp_min > 0:
-            dt = dt.clamp(min=self.config.mamba_dt_clamp_min)
+        dt = mamba2_dt(dt, self.dt_bias, self.config.mamba_dt_clamp_min)
         if keep is not None:  # dt = 0: no decay and no input, so padding leaves the SSM state as it is
             dt = dt * keep.unsqueeze(-1)
         A = -torch.exp(self.A_log.float())
         xs = xs.reshape(b, seqlen, self.nheads, self.headdim)
         B = B.reshape(b, seqlen, self.ngroups, self.d_state)
         C = C.reshape(b, seqlen, self.ngroups, self.d_state)
-        if cache is None:
-            y = ssd_chunked(xs, dt, A, B, C, self.config.mamba_chunk_size, D=self.D, seq_idx=ctx.seq_idx)
-        elif seqlen == 1 or (seqlen <= STEPPED_WINDOW and keep is None):
+        if seqlen == 1 or (seqlen <= STEPPED_WINDOW and keep is None):
             # One token, or a short window (a speculative verify, an MTP depth's commit): the exact
             # recurrence position by position, fewer ops than a chunked scan over a tiny chunk.
             ys = []

@@ -34,6 +34,7 @@ OPS = (
     "ssd",
     "causal_conv1d",
     "gated_rms_norm",
+    "mamba2_core",
     "add_rms_norm",
     "rms_norm",
     "gated_delta",

@@ -88,6 +88,7 @@ def _gated_bwd_kernel(
     sy,
     sz,
     sdo,
+    sdz,
     tiles_per_program,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -116,7 +117,7 @@ def _gated_bwd_kernel(
         dy = dg * z * sig
         dz = dg * y * sig * (1.0 + z * (1.0 - sig))
         tl.store(dy_ptr + r64 * D + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
-        tl.store(dz_ptr + r64 * D + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + r64 * sdz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + pid_m * D + cols, dw, mask=col_ok)
 
 
@@ -125,11 +126,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("hybridlm::gated_rms_norm_fwd", mutates_args=())
-def _gated_fwd(
+def gated_norm_forward(
     y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    record("gated_rms_norm", "triton")  # also at run time inside compiled graphs (tracing records nothing)
+    """(out (M, D) in y's dtype, rstd (M, D / group_size) float32) for (M, D) rows."""
     y, z = _rows(y), _rows(z)
     M, D = y.shape
     G = D // group_size
@@ -146,16 +146,31 @@ def _gated_fwd(
     return out, rstd
 
 
+@torch.library.custom_op("hybridlm::gated_rms_norm_fwd", mutates_args=())
+def _gated_fwd(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    record("gated_rms_norm", "triton")  # also at run time inside compiled graphs (tracing records nothing)
+    return gated_norm_forward(y, z, weight, group_size, eps)
+
+
 @_gated_fwd.register_fake
 def _(y, z, weight, group_size, eps):
     M, D = y.shape
     return y.new_empty(M, D), y.new_empty(M, D // group_size, dtype=torch.float32)
 
 
-@torch.library.custom_op("hybridlm::gated_rms_norm_bwd", mutates_args=())
-def _gated_bwd(
-    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dout: torch.Tensor, group_size: int
+def gated_norm_backward(
+    y: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dout: torch.Tensor,
+    group_size: int,
+    dz: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dz, dweight) for (M, D) rows; ``dz``: an (M, D) tensor with unit column stride (e.g. a
+    column slice of a wider gradient) to write dz into instead of a new one."""
     y, z, dout = _rows(y), _rows(z), _rows(dout)
     M, D = y.shape
     G = D // group_size
@@ -165,14 +180,22 @@ def _gated_bwd(
     per_program = triton.cdiv(n_tiles, programs)
     programs = triton.cdiv(n_tiles, per_program)
     dy = torch.empty(M, D, dtype=y.dtype, device=y.device)
-    dz = torch.empty(M, D, dtype=z.dtype, device=z.device)
+    if dz is None:
+        dz = torch.empty(M, D, dtype=z.dtype, device=z.device)
     dw_part = torch.empty(programs, D, dtype=torch.float32, device=y.device)
     _gated_bwd_kernel[(programs, G)](
         y, z, weight, rstd, dout, dy, dz, dw_part, M, D, G, group_size,
-        y.stride(0), z.stride(0), dout.stride(0), per_program,
+        y.stride(0), z.stride(0), dout.stride(0), dz.stride(0), per_program,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return dy, dz, dw_part.sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("hybridlm::gated_rms_norm_bwd", mutates_args=())
+def _gated_bwd(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dout: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_norm_backward(y, z, weight, rstd, dout, group_size)
 
 
 @_gated_bwd.register_fake

@@ -494,7 +494,7 @@ def _bwd_dx_kernel(
     DY, sd_b, sd_l, sd_h, sd_p,
     CB,  # (b, nc, g, Q, Q) float32: C_t·B_s, from _cb_kernel
     ACUM, DT, SEQ, DST, Dp,  # DST: (b, nc, h, p, n) float32, dL/dS_{c+1} (= dL/d st_c)
-    DX,  # (b, l, h, p) contiguous
+    DX, sdx_b, sdx_l, sdx_h, sdx_p,  # (b, l, h, p) out
     DDT, DACUM,  # (b, h, Lp) float32 out: dt's direct gradient, d acum through the chunk state
     DD_PART,  # (b, nc * nqb, h) float32 out: partial sums of dy·x
     L, Lp, H, P, N, Q, R, NC,
@@ -584,7 +584,7 @@ def _bwd_dx_kernel(
     if HAS_D:
         dx += tl.load(Dp + hh).to(tl.float32) * dyf
     tl.store(
-        DX + ((bb * L + c0) * H + hh) * P + offs_s[:, None] * (H * P) + offs_p[None, :],
+        DX + bb * sdx_b + c0 * sdx_l + hh * sdx_h + offs_s[:, None] * sdx_l + offs_p[None, :] * sdx_p,
         dx.to(DX.dtype.element_ty),
         mask=vs[:, None] & mp[None, :],
     )
@@ -600,7 +600,7 @@ def _bwd_dbc_kernel(
     W,  # (b, nc, g, Q, Q) float32, from _bwd_w_kernel
     ACUM, DT, SEQ,
     ST,  # (b, NSLOTS, h, p, n) float32: dL/dS_{c+1} (dB) or the state S_c entering chunk c (dC)
-    OUT,  # (b, l, g, n) contiguous: dB or dC
+    OUT, so_b, so_l, so_g, so_n,  # (b, l, g, n) out: dB or dC
     DACUM_PART,  # (b, h, nnb, Lp) float32 out (dC): d acum through the entering state, per n block
     L, Lp, H, P, N, Q, R, NC, NSLOTS,
     MODE: tl.constexpr,  # 0: dB at source rows s; 1: dC at target rows t
@@ -691,7 +691,7 @@ def _bwd_dbc_kernel(
             w = tl.load(tile + offs_k[None, :] * Q + offs_q[:, None], mask=w_mask, other=0.0)  # W[s=k, t=q]
         acc += _dot_fr(w, y_k, PREC, UPCAST)
     tl.store(
-        OUT + ((bb * L + c0) * G + gg) * N + offs_q[:, None] * (G * N) + offs_n[None, :],
+        OUT + bb * so_b + c0 * so_l + gg * so_g + offs_q[:, None] * so_l + offs_n[None, :] * so_n,
         acc.to(OUT.dtype.element_ty),
         mask=vq[:, None] & mn[None, :],
     )
@@ -767,8 +767,10 @@ def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
     return y.to(x.dtype), S
 
 
-def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q):
-    """Gradients; ``S`` (b, nc + 1, h, p, n) float32 is the forward's states (only read)."""
+def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
+    """Gradients; ``S`` (b, nc + 1, h, p, n) float32 is the forward's states (only read). ``out``:
+    (dx, dB, dC) tensors (any strides, e.g. views of one wider gradient) to write those into
+    instead of new ones; each used only where its dtype is what the kernels store."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -799,9 +801,12 @@ def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q):
 
     bq = min(BLOCK_Q_BWD, _pow2(Q))
     nqb = triton.cdiv(Q, bq)
-    dx = torch.empty(b, L, h, p, device=x.device, dtype=_out_dtype(x.dtype))
-    dB = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(B.dtype))
-    dC = torch.empty(b, L, g, n, device=x.device, dtype=_out_dtype(C.dtype))
+    dx, dB, dC = (
+        o
+        if o is not None and o.dtype == _out_dtype(t.dtype)
+        else torch.empty(t.shape, device=x.device, dtype=_out_dtype(t.dtype))
+        for o, t in zip(out or (None,) * 3, (x, B, C))
+    )
     ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     dD_part = torch.empty(b, nc * nqb, h, device=x.device, dtype=torch.float32)
     # d acum in parts: through the chunk state (at s), through the entering state (at t, per n
@@ -823,13 +828,13 @@ def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q):
     )  # fmt: skip
     _bwd_dx_kernel[(nc * nqb, b * h)](
         x, *x.stride(), B, *B.stride(), dy, *dy.stride(), cb,
-        acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, ddt_direct, dacum_st, dD_part,
+        acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, *dx.stride(), ddt_direct, dacum_st, dD_part,
         L, Lp, h, p, n, Q, r, nc,
         HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), BLOCK_N=bn, SINGLE_Y=DX_SINGLE_PRODUCT, **kw,
     )  # fmt: skip
     for mode, (xx, yy, zz, st, out, slots) in enumerate([(x, C, C, dS, dB, nc), (dy, B, C, S, dC, nc + 1)]):
         _bwd_dbc_kernel[(nc * nqb * nnb, b * g)](
-            xx, *xx.stride(), yy, *yy.stride(), zz, *zz.stride(), w, acum, dt_p, seq_arg, st, out, dacum_in,
+            xx, *xx.stride(), yy, *yy.stride(), zz, *zz.stride(), w, acum, dt_p, seq_arg, st, out, *out.stride(), dacum_in,
             L, Lp, h, p, n, Q, r, nc, slots,
             MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
         )  # fmt: skip
