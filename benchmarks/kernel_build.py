@@ -172,6 +172,34 @@ def setup_gated_delta(dtype: torch.dtype, L: int = 512) -> Callable[[], None]:
     return lambda: _backward(gated_delta_rule_triton(*leaves, seq_idx=seq))
 
 
+def setup_mamba2_core(dtype: torch.dtype, L: int = 512, one_op: bool = True) -> Callable[[], None]:
+    """The Mamba2 core at bench-1.3b's width: the one op, or (``one_op=False``) the composition of
+    the conv, SSD and gated-norm ops, each on Triton."""
+    from hybridlm.ops.dispatch import use_kernels
+    from hybridlm.ops.mamba2_core import Mamba2Dims, Mamba2Weights, mamba2_core, mamba2_core_torch
+
+    dims = Mamba2Dims(64, 64, 8, 128, chunk_size=128, norm_group_size=512, eps=1e-5)
+    (zxbcdt,) = _leaves(torch.randn(1, L, dims.d_inner + dims.conv_dim + dims.nheads).to(dtype))
+    c, h = dims.conv_dim, dims.nheads
+    params = (
+        torch.randn(c, 1, 4),
+        torch.randn(c),
+        torch.randn(h),
+        torch.zeros(h),
+        torch.ones(h),
+        torch.ones(dims.d_inner),
+    )
+    weights = Mamba2Weights(*_leaves(*params))
+    seq = _seq(1, L)
+    core = mamba2_core if one_op else mamba2_core_torch
+
+    def run() -> None:
+        with use_kernels("triton"):
+            _backward(core(zxbcdt, weights, seq, dims))
+
+    return run
+
+
 def setup_step(dtype: torch.dtype) -> Callable[[], None]:
     from hybridlm.ops.step_triton import conv_step_triton, ssd_step_triton
 
@@ -208,6 +236,8 @@ OPS = {
     "gated_delta": setup_gated_delta,
     "step": setup_step,
     "cross_entropy": setup_cross_entropy,
+    "mamba2_core": setup_mamba2_core,
+    "mamba2_composed": lambda dtype: setup_mamba2_core(dtype, one_op=False),
 }
 
 

@@ -48,9 +48,7 @@ def _core_fwd(
         dt = mamba2_dt(dt_raw, dt_bias, d.dt_clamp_min)
         x, B, C = d.split_scan(xBC)
         y, states = ssd_forward(x, dt, -torch.exp(A_log.float()), B, C, D, seq_idx, None, d.chunk_size)
-        out, rstd = gated_norm_forward(
-            y.flatten(-2).flatten(0, 1), z.flatten(0, 1), norm_weight, d.norm_group_size, d.eps
-        )
+        out, rstd = gated_norm_forward(y.view(-1, d.d_inner), z.flatten(0, 1), norm_weight, d.norm_group_size, d.eps)
     return out.view(z.shape), xBC, dt, y, states, rstd
 
 
@@ -95,14 +93,15 @@ def _core_bwd(
         dz, dxBC_in, ddt_raw = d.split(grad)
         # Gated norm: dz into its columns of the gradient, dy (the scan output's gradient) apart.
         dy, _, dnorm = gated_norm_backward(
-            y.flatten(-2).flatten(0, 1), z.flatten(0, 1), norm_weight, rstd, dout.flatten(0, 1), d.norm_group_size,
+            y.view(-1, d.d_inner), z.flatten(0, 1), norm_weight, rstd, dout.reshape(-1, d.d_inner), d.norm_group_size,
             dz=dz.flatten(0, 1),
         )  # fmt: skip
         # SSD: dx, dB and dC into the columns of the conv output's gradient.
         dxBC = torch.empty_like(xBC)
         x, B, C = d.split_scan(xBC)
         outs = d.split_scan(dxBC)
-        A = -torch.exp(A_log.float())
+        exp_A_log = torch.exp(A_log.float())  # A = -exp(A_log), as in the forward
+        A = -exp_A_log
         dx, ddt, dA, dB, dC, dD, _ = ssd_backward(
             dy.view(y.shape), None, states, x, dt, A, B, C, D, seq_idx, None, d.chunk_size, out=outs
         )
@@ -118,7 +117,7 @@ def _core_bwd(
         du = torch.ops.aten.softplus_backward(ddt, u, 1.0, 20.0)
         ddt_raw.copy_(du)
         d_dt_bias = du.sum((0, 1)).to(dt_bias.dtype)
-        dA_log = ((-dA) * torch.exp(A_log.float())).to(A_log.dtype)
+        dA_log = ((-dA) * exp_A_log).to(A_log.dtype)
         dD = dD.to(D.dtype) if D is not None else dD.new_empty(0)
     return grad, dconv_w, dconv_b, d_dt_bias, dA_log, dD, dnorm
 
@@ -147,9 +146,15 @@ def _setup(ctx, inputs, output):
     _, *saved = output
     ctx.save_for_backward(*tensors, *saved)
     ctx.dims = dims
+    # The outputs kept for the backward get no gradient; materialized they would be zero-filled
+    # tensors as large as the conv output, the scan output and the chunk states.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, *_unused):
+    if dout is None:  # the output took no part in the loss
+        y = ctx.saved_tensors[10]
+        dout = y.new_zeros(*y.shape[:2], y.shape[2] * y.shape[3])
     grad, dw, db, d_dt_bias, dA_log, dD, dnorm = _core_bwd(dout, *ctx.saved_tensors, ctx.dims)
     conv_bias, D = ctx.saved_tensors[2], ctx.saved_tensors[5]
     return (
