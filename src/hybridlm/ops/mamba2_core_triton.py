@@ -19,9 +19,7 @@ from .conv_triton import conv_backward, conv_forward
 from .dispatch import record
 from .mamba2_core import PARTS, Mamba2Dims, Mamba2Weights, mamba2_dt
 from .norm_triton import gated_norm_backward, gated_norm_forward
-from .ssd_triton import _backward as ssd_backward
-from .ssd_triton import _forward as ssd_forward
-from .ssd_triton import _launch_context
+from .ssd_triton import launch_context, ssd_backward, ssd_forward
 
 
 @torch.library.custom_op("hybridlm::mamba2_core_fwd", mutates_args=())
@@ -42,7 +40,7 @@ def _core_fwd(
     for op in (*PARTS, "mamba2_core"):  # at run time too, inside compiled graphs
         record(op, "triton")
     d = _dims(dims)
-    with _launch_context(zxbcdt):
+    with launch_context(zxbcdt):
         z, xBC_in, dt_raw = d.split(zxbcdt)
         xBC = conv_forward(xBC_in, conv_weight, conv_bias, seq_idx, True)
         dt = mamba2_dt(dt_raw, dt_bias, d.dt_clamp_min)
@@ -87,7 +85,7 @@ def _core_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d zxbcdt, d conv_weight (conv_dim, K), d conv_bias (or empty), d dt_bias, d A_log, d D (or empty), d norm_weight)."""
     d = _dims(dims)
-    with _launch_context(zxbcdt):
+    with launch_context(zxbcdt):
         grad = torch.empty_like(zxbcdt, memory_format=torch.contiguous_format)
         z, xBC_in, dt_raw = d.split(zxbcdt)
         dz, dxBC_in, ddt_raw = d.split(grad)

@@ -747,7 +747,7 @@ def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
     return S
 
 
-def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
+def ssd_forward(x, dt, A, B, C, D, seq_idx, init, Q):
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     dt_p, acum, seq_p, decay = _prepare(dt, A, seq_idx, Q)
@@ -767,7 +767,7 @@ def _forward(x, dt, A, B, C, D, seq_idx, init, Q):
     return y.to(x.dtype), S
 
 
-def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
+def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     """Gradients; ``S`` (b, nc + 1, h, p, n) float32 is the forward's states (only read). ``out``:
     (dx, dB, dC) tensors (any strides, e.g. views of one wider gradient) to write those into
     instead of new ones; each used only where its dtype is what the kernels store."""
@@ -802,10 +802,10 @@ def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     bq = min(BLOCK_Q_BWD, _pow2(Q))
     nqb = triton.cdiv(Q, bq)
     dx, dB, dC = (
-        o
-        if o is not None and o.dtype == _out_dtype(t.dtype)
-        else torch.empty(t.shape, device=x.device, dtype=_out_dtype(t.dtype))
-        for o, t in zip(out or (None,) * 3, (x, B, C))
+        given
+        if given is not None and given.dtype == _out_dtype(t.dtype)
+        else t.new_empty(t.shape, dtype=_out_dtype(t.dtype))
+        for given, t in zip(out or (None, None, None), (x, B, C))
     )
     ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     dD_part = torch.empty(b, nc * nqb, h, device=x.device, dtype=torch.float32)
@@ -851,7 +851,7 @@ def _backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
 
 
 @contextlib.contextmanager
-def _launch_context(t: torch.Tensor):
+def launch_context(t: torch.Tensor):
     """Kernels launch on ``t``'s device; the few torch ops around them stay float32 under autocast."""
     with torch.autocast(device_type=t.device.type, enabled=False):
         if t.is_cuda:
@@ -883,8 +883,8 @@ def ssd_chunk_scan(
     final state. The backward reads them back (saved, not recomputed).
     """
     record("ssd", "triton")  # also at run time inside compiled graphs (tracing records nothing)
-    with _launch_context(x):
-        return _forward(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
+    with launch_context(x):
+        return ssd_forward(x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
 
 
 @ssd_chunk_scan.register_fake
@@ -911,8 +911,8 @@ def ssd_chunk_scan_bwd(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton SSD backward: ``(dx, ddt, dA, dB, dC, dD (h,) float32, d initial_state (b, h, p, n) float32)``."""
-    with _launch_context(x):
-        return _backward(dy, dfinal, states, x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
+    with launch_context(x):
+        return ssd_backward(dy, dfinal, states, x, dt, A, B, C, D, seq_idx, initial_state, chunk_size)
 
 
 @ssd_chunk_scan_bwd.register_fake
