@@ -53,12 +53,14 @@ for stage in "$@"; do
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
             python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
     ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
+    ssdq) run ssdq 150 40 bash -c "for q in 128 256 128 256; do python3 benchmarks/ssd_kernel.py --paths triton --chunk \$q; done" ;;  # chunk sizes
     ssdsplit) run ssdsplit 120 24 python3 benchmarks/ssd_kernel.py --check --set DX_SINGLE_PRODUCT=0 ;;
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convprof) run convprof 200 60 python3 benchmarks/conv_norm_kernels.py --tune --profile ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
     mixers) run mixers 320 16 python3 benchmarks/mixers.py ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
+    mixall) run mixall 240 250 python3 benchmarks/mixers.py --profile --profile-rows 120 ;;  # every kernel
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
     step) run step 560 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
@@ -72,6 +74,10 @@ for stage in "$@"; do
             --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor
     rounds) run rounds 500 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds "${ROUNDS:-4}" --steps 10 ;;
     roundsgc) run roundsgc 400 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds "${ROUNDS:-6}" --steps 12 --gc-every 1000 ;;
+    final9) run coregpu 90 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_mamba2_core.py
+        run final9 430 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096,1x32768 \
+            --interleave --compare-hf --steps "${STEPS:-12}" --warmup 2 --gc-every 1000 ;;  # issue 9's rows, steps taking turns
+    inter32k) run inter32k 300 14 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --interleave --steps "${STEPS:-16}" --warmup 2 --gc-every 1000 ;;
     rows32k) run rows32k 250 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --rounds "${ROUNDS:-4}" --steps 4 --warmup 2 --gc-every 1000 ;;
     cegpu) run cegpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;
     rows) run rows 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x32768 --rounds 2 --steps 6 --warmup 2 ;;

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print each Mamba2 mixer's kernels by GPU time")
+    ap.add_argument("--profile-rows", type=int, default=20, metavar="N", help="kernels listed per mixer (--profile)")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     hf_path = "not run"
@@ -124,9 +125,9 @@ def main() -> None:
 
             return run
 
-        top_kernels(fwd_bwd(lambda t: cm(t, plain)), "hybridlm Mamba2, compiled, fwd + bwd", rows=20)
+        top_kernels(fwd_bwd(lambda t: cm(t, plain)), "hybridlm Mamba2, compiled, fwd + bwd", rows=args.profile_rows)
         if not args.no_hf:
-            top_kernels(fwd_bwd(hf), "Hugging Face NemotronH Mamba2, fwd + bwd", rows=20)
+            top_kernels(fwd_bwd(hf), "Hugging Face NemotronH Mamba2, fwd + bwd", rows=args.profile_rows)
 
     print(f"\none mixer, fwd + bwd, B×L = {B}×{L}, hidden {H}, bf16 · {torch.cuda.get_device_name()}")
     print("| mixer | ms |")

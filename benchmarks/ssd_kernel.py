@@ -47,10 +47,13 @@ def make_inputs(b, seqlen, h, p, g, n, packed, seed=0, device="cuda"):
     return [t.to(device) for t in (x, dt, A, B, C, D, init)], seq_idx
 
 
-def paths():
+def paths(wanted: str = "torch,triton,mamba_ssm"):
     from hybridlm.ops.ssd_triton import ssd_chunked_triton
 
     out = {"torch": ssd_chunked_torch, "triton": ssd_chunked_triton}
+    out = {k: v for k, v in out.items() if k in wanted.split(",")}
+    if "mamba_ssm" not in wanted.split(","):
+        return out
     try:
         from hf_anchor import install_kernels  # the Python-only mamba_ssm wheel needs its stand-ins
 
@@ -98,7 +101,7 @@ def bench(args) -> None:
         (x, dt, A, B, C, D, _), seq_idx = make_inputs(*shape, packed)
         leaves = [t.requires_grad_() for t in (x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D)]
         gy = torch.randn_like(leaves[0])
-        for name, fn in paths().items():
+        for name, fn in paths(args.paths).items():
             try:
                 t_fwd, t_all, peak = measure(fn, leaves, args.chunk, seq_idx, gy)
                 print(f"{name:<10} {packed!s:<7} {t_fwd:8.2f} {t_all:11.2f} {peak:9.2f}")
@@ -154,7 +157,7 @@ def profile(args) -> None:
     (x, dt, A, B, C, D, _), _ = make_inputs(*shape, False)
     leaves = [t.requires_grad_() for t in (x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D)]
     gy = torch.randn_like(leaves[0])
-    for name, fn in paths().items():
+    for name, fn in paths(args.paths).items():
         if name == "torch":
             continue
 
@@ -224,6 +227,9 @@ def main() -> None:
     ap.add_argument("--state", type=int, default=128)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument(
+        "--paths", default="torch,triton,mamba_ssm", help="comma-separated paths to time (bench, --profile)"
+    )
     ap.add_argument("--check", action="store_true", help="run the bf16 correctness comparison instead")
     ap.add_argument("--tune", action="store_true", help="time a few Triton tile settings instead")
     ap.add_argument("--profile", action="store_true", help="print each path's kernels by GPU time (fwd + bwd)")

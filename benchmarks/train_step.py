@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --curves 200
     python benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --profile
     python benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --rounds 4 --steps 10   # A B B A A B B A
+    python benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --interleave --steps 20  # steps A B B A ...
 
 One process, one GPU. Every variant gets the same weights (our seed; Hugging Face's model is our
 export of them), the same batches and the same AdamW (fused, lr 1e-4). hybridlm runs as the
@@ -17,7 +18,10 @@ bf16 peak and against a bf16 matmul rate measured in this run, peak memory and t
 ``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
 measures each variant N times in alternating order and reports medians (host-bound shapes such as
 1 × 4096 move by several percent from run to run); ``--gc-every N`` collects Python's garbage
-after every N-th step only, as ``train.gc_every`` does.
+after every N-th step only, as ``train.gc_every`` does. ``--interleave`` holds our variants at once
+and times their steps taking turns (A B, then B A, ...), each step on its own: the ratio of each
+pair of neighbouring steps is unaffected by a slow drift of the GPU clock (the 1 × 32768 rows, where
+fused and unfused differ by less than that drift).
 """
 
 from __future__ import annotations
@@ -128,6 +132,65 @@ def measure(build, step, batches, steps: int, warmup: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def measure_interleaved(builds: dict, step, batches, steps: int, warmup: int) -> dict[str, dict]:
+    """Build every variant at once, warm each up, then time single optimizer steps taking turns (A B, then
+    B A, ...), each between two synchronizations, all on the same batches.
+
+    A drift of the GPU clock (an H200 under a long GEMM-heavy step slows by a percent or two from one
+    minute to the next) or of the host then moves every variant alike, and each pair of neighbouring
+    steps is a ratio measured on its own. A variant's peak memory is its own: what it holds between
+    steps plus the most one of its steps allocated on top (the others' weights left out).
+    """
+    gc.collect()
+    torch.cuda.empty_cache()
+    state: dict[str, dict] = {}
+    for name, build in builds.items():
+        before = torch.cuda.memory_allocated()
+        model = build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        for i in range(max(warmup, 1)):
+            t = time.perf_counter()
+            step(model, batches[i % len(batches)])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i == 0:
+                first = time.perf_counter() - t
+        held = torch.cuda.memory_allocated() - before  # weights, gradients' absence, AdamW's moments
+        state[name] = {"model": model, "opt": opt, "held": held, "first": first, "times": [], "extra": 0}
+    names = list(builds)
+    with ManualGC(GC_EVERY) as collector:
+        for i in range(steps):
+            for name in names if i % 2 == 0 else names[::-1]:
+                s = state[name]
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t = time.perf_counter()
+                loss = step(s["model"], batches[i % len(batches)])
+                s["opt"].step()
+                s["opt"].zero_grad(set_to_none=True)
+                collector.after_step(i + 1)
+                torch.cuda.synchronize()
+                s["times"].append(time.perf_counter() - t)
+                s["extra"] = max(s["extra"], torch.cuda.max_memory_allocated() - base)
+                s["loss"] = loss.item()
+    out = {
+        name: {
+            "step_ms": 1e3 * statistics.median(s["times"]),
+            "first_step_s": s["first"],
+            "peak_gib": (s["held"] + s["extra"]) / 2**30,
+            "loss": s["loss"],
+            "steps_ms": [1e3 * t for t in s["times"]],
+        }
+        for name, s in state.items()
+    }
+    del state
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def merge_rounds(results: list[dict | None]) -> dict | None:
@@ -283,6 +346,11 @@ def main() -> None:
         "--rounds", type=int, default=1, help="measure every variant this many times, alternating the order; medians"
     )
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="hold our variants at once and time their steps taking turns (A B B A ...): ratios per pair of steps",
+    )
     ap.add_argument("--compare-hf", action="store_true", help="also run Hugging Face NemotronHForCausalLM")
     ap.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
     ap.add_argument("--ac", default=None, help="activation checkpointing policy (train.ac_policy), e.g. selective")
@@ -340,6 +408,15 @@ def main() -> None:
         if args.compare_hf:
             todo.append(("hf", "hf"))
         runs: dict[str, list[dict | None]] = {}  # label -> one result per round
+        if args.interleave:  # ours in one process, steps taking turns; Hugging Face (if asked) after them
+            torch._dynamo.reset()
+            configs = {name: base.replace(pattern=variants[name]) for name in args.variants.split(",")}
+            builds = {name: lambda cfg=cfg: build_ours(cfg, compile_, args.ac) for name, cfg in configs.items()}
+            for name, r in measure_interleaved(builds, ours_step, batches, args.steps, args.warmup).items():
+                runs[f"hybridlm {name}"] = [r]
+                tps = B * L / (r["step_ms"] / 1e3)
+                print(f"  {shape} hybridlm {name}: {r['step_ms']:.1f} ms, {tps:,.0f} tokens/s, {r['peak_gib']:.1f} GiB")
+            todo = [job for job in todo if job[1] != "ours"]
         # Rounds alternate the order (A B, then B A, ...), so that a slow drift of the host or the
         # GPU clock does not favour whichever variant runs first; each round rebuilds and recompiles.
         for name, kind in [job for rnd in range(args.rounds) for job in (todo if rnd % 2 == 0 else todo[::-1])]:
@@ -384,6 +461,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     by_shape: dict[str, dict[str, float]] = {}
     round_ms: dict[str, dict[str, list[float]]] = {}
+    pair_ms: dict[str, dict[str, list[float]]] = {}  # --interleave: each timed step
     for shape, label, r, flops in rows:
         if r is None:
             print(f"| {shape} | {label} | out of memory | | | | | | |")
@@ -392,6 +470,7 @@ def main() -> None:
         tps = B * L / (r["step_ms"] / 1e3)
         by_shape.setdefault(shape, {})[label] = tps
         round_ms.setdefault(shape, {})[label] = r.get("rounds_ms", [])
+        pair_ms.setdefault(shape, {})[label] = r.get("steps_ms", [])
         tf = flops / (r["step_ms"] / 1e3)
         print(
             f"| {shape} | {label} | {r['step_ms']:.1f} | {tps:,.0f} | {tf / 1e12:.0f} | {100 * tf / H200_PEAK:.1f} % | "
@@ -407,6 +486,13 @@ def main() -> None:
             ru, rf = round_ms[shape]["hybridlm unfused"], round_ms[shape]["hybridlm fused"]
             if len(ru) > 1:
                 parts.append("by round " + " ".join(f"{a / b:.3f}" for a, b in zip(ru, rf)))
+            su, sf = pair_ms[shape].get("hybridlm unfused"), pair_ms[shape].get("hybridlm fused")
+            if su and sf:  # --interleave: each pair of neighbouring steps is a ratio of its own
+                q = statistics.quantiles([a / b for a, b in zip(su, sf)], n=4)
+                parts.append(
+                    f"step pairs: median {statistics.median(a / b for a, b in zip(su, sf)):.3f}, "
+                    f"quartiles {q[0]:.3f}-{q[2]:.3f}, fused ahead in {sum(a > b for a, b in zip(su, sf))} of {len(su)}"
+                )
         if hf and u:
             parts.append(f"unfused/HF {u / hf:.3f}")
         if hf and f:

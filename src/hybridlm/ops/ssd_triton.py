@@ -40,8 +40,8 @@ slot), and the backward takes them back instead of recomputing them: at ``bench-
 (b=4, L=4096, 64 heads × 64, n=128) that is 277 MB per layer kept until the backward, against
 one ``_state_kernel`` and one ``_pass_fwd_kernel`` (about 0.37 ms on an H200) saved per call; the
 kernels being deterministic, the saved states are bitwise the recomputed ones. The cumulative sums
-over dt, their reverse in the backward and the small reductions are plain torch on (b, h, l)
-tensors.
+over dt (``_prep_kernel``) and the sum of d acum's parts with its reverse cumulative sum
+(``_dacum_kernel``) are one small launch each; the two remaining reductions (dA, dD) are torch.
 
 The op is registered with ``torch.library.custom_op`` (``hybridlm::ssd_chunk_scan`` and its
 backward), so ``torch.compile`` treats it as one opaque node with a fake (meta) implementation.
@@ -77,6 +77,9 @@ BLOCK_N_BWD = 64
 #: in-chunk term failed y's criterion on CPU (2.02× at L = 512: one bf16 step at the largest
 #: outputs), so the forward keeps the split.
 DX_SINGLE_PRODUCT = True
+#: Heads per program of the two small kernels that prepare the per-step quantities and sum the
+#: gradient of the cumulative log-decays (each program holds one chunk of them).
+PREP_BLOCK_H = 16
 #: Chunks whose loads the sequential state passes prefetch: the reverse pass went from 0.58 to
 #: 0.20 ms (H200, same shape), its chain of chunks having waited on each load.
 PASS_STAGES = 3
@@ -428,8 +431,9 @@ def _bwd_w_kernel(
     CB,  # (b, nc, g, Q, Q) float32: C_t·B_s, from _cb_kernel
     W,  # (b, nc, g, Q, Q) float32 out: W[s, t] = sum over the group's heads of dt_s L[t, s] x_s·dy_t
     ACUM, DT, SEQ,
-    DACUM_PART,  # (b, h, 2, nqb, Lp) float32 out, zero on entry: d acum through y inside the chunk,
-    # [0] the source half (at s, one partial per target tile), [1] the target half (at t, per source tile)
+    DACUM_PART,  # (b, h, 2, nqb, Lp) float32 out: d acum through y inside the chunk, [0] the source half
+    # (at s, one partial per target tile), [1] the target half (at t, per source tile); tiles above the
+    # diagonal are left unwritten (``_dacum_kernel`` reads only the others)
     L, Lp, H, P, Q, R, NC,
     HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -697,31 +701,116 @@ def _bwd_dbc_kernel(
     )
 
 
+@triton.jit
+def _prep_kernel(
+    DT, sdt_b, sdt_l, sdt_h,  # (b, l, h) step sizes
+    A,  # (h,) float32
+    SEQ_IN, ss_b, ss_l,  # (b, l) document ids (read when HAS_SEQ)
+    DT_P, ACUM,  # (b, h, Lp) float32 out: dt per head, padded with 0; cumulative log-decay in each chunk
+    SEQ_P,  # (b, Lp) int32 out (HAS_SEQ): the ids, the last one repeated over the padding
+    DECAY,  # (b, h, nc) float32 out: exp(acum_last), or 0 where a document starts inside the chunk
+    L, Lp, H, Q, NC,
+    HAS_SEQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    bb = tl.program_id(1).to(tl.int64)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_q = tl.arange(0, BLOCK_T)
+    t = c * Q + offs_q
+    mq = offs_q < Q
+    dt = tl.load(
+        DT + bb * sdt_b + t[:, None] * sdt_l + offs_h[None, :] * sdt_h,
+        mask=(mq & (t < L))[:, None] & mh[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    acum = tl.cumsum(dt * tl.load(A + offs_h, mask=mh, other=0.0)[None, :], axis=0)
+    rows = (bb * H + offs_h[None, :]) * Lp + c * Q + offs_q[:, None]
+    tl.store(DT_P + rows, dt, mask=mq[:, None] & mh[None, :])
+    tl.store(ACUM + rows, acum, mask=mq[:, None] & mh[None, :])
+    decay = tl.exp(tl.sum(tl.where((offs_q == Q - 1)[:, None], acum, 0.0), axis=0))
+    if HAS_SEQ:
+        seq = SEQ_IN + bb * ss_b
+        last = tl.load(seq + tl.minimum(c * Q + Q - 1, L - 1) * ss_l)
+        before = tl.load(seq + tl.maximum(c * Q - 1, 0) * ss_l)
+        decay = tl.where(last == before, decay, 0.0)  # no document starts inside the chunk (or at its start)
+        if tl.program_id(2) == 0:
+            ids = tl.load(seq + tl.minimum(t, L - 1) * ss_l, mask=mq, other=0)
+            tl.store(SEQ_P + bb * Lp + t, ids.to(tl.int32), mask=mq)
+    tl.store(DECAY + (bb * H + offs_h) * NC + c, decay, mask=mh)
+
+
+@triton.jit
+def _dacum_kernel(
+    DACUM_ST,  # (b, h, Lp) float32: d acum through the chunk state
+    DACUM_IN,  # (b, h, NNB, Lp) float32: through the entering state, per n block
+    DACUM_Y,  # (b, h, 2 * NQB, Lp) float32: through y inside the chunk, per tile (only tiles on or below the diagonal written)
+    DLAST,  # (b, h, nc, NBLK) float32: partial d acum_last through the next chunk's state
+    DDT_DIRECT, DT_P, A,  # (b, h, Lp), (b, h, Lp), (h,) float32
+    DDT, sdd_b, sdd_l, sdd_h,  # (b, l, h) out: dt's gradient
+    DA_PART,  # (b, nc, h) float32 out: sum over the chunk of d a_t * dt_t (dA's partial sums)
+    L, Lp, H, Q, NC, NNB, NQB, NBLK, BQ,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BLK: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    bb = tl.program_id(1).to(tl.int64)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_q = tl.arange(0, BLOCK_T)
+    mq = offs_q < Q
+    m = mq[:, None] & mh[None, :]
+    head = bb * H + offs_h[None, :]
+    pos = c * Q + offs_q[:, None]
+    d = tl.load(DACUM_ST + head * Lp + pos, mask=m, other=0.0)
+    for k in range(NNB):
+        d += tl.load(DACUM_IN + (head * NNB + k) * Lp + pos, mask=m, other=0.0)
+    tile = offs_q // BQ
+    for j in range(NQB):  # source halves from target tiles j >= the row's tile, target halves from source tiles j <= it
+        d += tl.load(DACUM_Y + (head * 2 * NQB + j) * Lp + pos, mask=m & (tile <= j)[:, None], other=0.0)
+        d += tl.load(DACUM_Y + (head * 2 * NQB + NQB + j) * Lp + pos, mask=m & (tile >= j)[:, None], other=0.0)
+    offs_k = tl.arange(0, BLOCK_BLK)
+    dlast = tl.load(
+        DLAST + (head * NC + c) * NBLK + offs_k[:, None], mask=(offs_k < NBLK)[:, None] & mh[None, :], other=0.0
+    )
+    d += tl.where((offs_q == Q - 1)[:, None], tl.sum(dlast, axis=0)[None, :], 0.0)
+    da = tl.cumsum(d, axis=0, reverse=True)  # d a_t = sum over u >= t in the chunk of d acum_u
+    a = tl.load(A + offs_h, mask=mh, other=0.0)
+    ddt = tl.load(DDT_DIRECT + head * Lp + pos, mask=m, other=0.0) + da * a[None, :]
+    t = c * Q + offs_q
+    tl.store(
+        DDT + bb * sdd_b + t[:, None] * sdd_l + offs_h[None, :] * sdd_h,
+        ddt.to(DDT.dtype.element_ty),
+        mask=m & (t < L)[:, None],
+    )
+    dt = tl.load(DT_P + head * Lp + pos, mask=m, other=0.0)
+    tl.store(DA_PART + (bb * NC + c) * H + offs_h, tl.sum(da * dt, axis=0), mask=mh)
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 
 
 def _prepare(dt: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor | None, Q: int):
-    """Per-chunk float32 quantities, padded to whole chunks (padding steps: dt = 0, same document).
+    """Per-chunk float32 quantities, padded to whole chunks (padding steps: dt = 0, same document), in one
+    launch (:func:`_prep_kernel`).
 
     Returns dt_p (b, h, Lp), acum (b, h, Lp), seq_p (b, Lp) int32 or None, decay (b, h, nc).
     """
     b, L, h = dt.shape
     nc = triton.cdiv(L, Q)
     Lp = nc * Q
-    dt_p = torch.nn.functional.pad(dt.float().transpose(1, 2), (0, Lp - L)).contiguous()
-    acum = (dt_p * A.float()[None, :, None]).view(b, h, nc, Q).cumsum(-1).view(b, h, Lp)
-    decay = torch.exp(acum.view(b, h, nc, Q)[..., -1])
-    seq_p = None
-    if seq_idx is not None:
-        seq_p = seq_idx.to(torch.int32)
-        if Lp > L:
-            seq_p = torch.cat([seq_p, seq_p[:, -1:].expand(b, Lp - L)], dim=1)
-        seq_p = seq_p.contiguous()
-        prev = seq_p[:, (torch.arange(nc, device=dt.device) * Q - 1).clamp(min=0)]
-        keep = seq_p[:, Q - 1 :: Q] == prev  # no document starts inside the chunk (or at its start)
-        decay = decay * keep[:, None, :]
-    return dt_p, acum, seq_p, decay.contiguous()
+    f32 = dict(device=dt.device, dtype=torch.float32)
+    dt_p, acum, decay = torch.empty(b, h, Lp, **f32), torch.empty(b, h, Lp, **f32), torch.empty(b, h, nc, **f32)
+    seq_p = torch.empty(b, Lp, device=dt.device, dtype=torch.int32) if seq_idx is not None else None
+    seq = seq_idx if seq_idx is not None else dt
+    bh = min(_pow2(h, 1), PREP_BLOCK_H)
+    _prep_kernel[(nc, b, triton.cdiv(h, bh))](
+        dt, *dt.stride(), A.float().contiguous(), seq, seq.stride(0), seq.stride(1),
+        dt_p, acum, seq_p if seq_p is not None else dt_p, decay,
+        L, Lp, h, Q, nc,
+        HAS_SEQ=seq_idx is not None, BLOCK_T=_pow2(Q), BLOCK_H=bh, num_warps=4,
+    )  # fmt: skip
+    return dt_p, acum, seq_p, decay
 
 
 def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
@@ -815,7 +904,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     bn = min(_pow2(n), BLOCK_N_BWD)
     nnb = triton.cdiv(n, bn)
     dacum_in = torch.empty(b, h, nnb, Lp, device=x.device, dtype=torch.float32)
-    dacum_y = torch.zeros(b, h, 2 * nqb, Lp, device=x.device, dtype=torch.float32)
+    dacum_y = torch.empty(b, h, 2 * nqb, Lp, device=x.device, dtype=torch.float32)
     cb = torch.empty(b, nc, g, Q, Q, device=x.device, dtype=torch.float32)
     w = torch.empty(b, nc, g, Q, Q, device=x.device, dtype=torch.float32)
     has_seq = seq_p is not None
@@ -839,15 +928,18 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
             MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
         )  # fmt: skip
 
-    # d acum -> d a (a reverse cumulative sum inside each chunk) -> dt and A.
-    dacum = (dacum_st + dacum_in.sum(2) + dacum_y.sum(2)).view(b, h, nc, Q)
-    dacum[..., -1] += dlast.sum(-1)
-    da = dacum.flip(-1).cumsum(-1).flip(-1).view(b, h, Lp)
-    ddt = ddt_direct + da * A.float()[None, :, None]
-    dA = (da * dt_p).sum((0, 2))
+    # d acum (its parts summed) -> d a (a reverse cumulative sum inside each chunk) -> dt and A, in one launch.
+    ddt = torch.empty(b, L, h, device=x.device, dtype=_out_dtype(dt.dtype))
+    da_part = torch.empty(b, nc, h, device=x.device, dtype=torch.float32)
+    bh = min(_pow2(h, 1), PREP_BLOCK_H)
+    _dacum_kernel[(nc, b, triton.cdiv(h, bh))](
+        dacum_st, dacum_in, dacum_y, dlast, ddt_direct, dt_p, A.float().contiguous(), ddt, *ddt.stride(), da_part,
+        L, Lp, h, Q, nc, nnb, nqb, nblk, bq,
+        BLOCK_T=_pow2(Q), BLOCK_H=bh, BLOCK_BLK=_pow2(nblk, 1), num_warps=4,
+    )  # fmt: skip
+    dA = da_part.sum((0, 1))
     dD = dD_part.sum((0, 1))
-    ddt = ddt[..., :L].transpose(1, 2).to(dt.dtype).contiguous()
-    return dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
+    return dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dinit
 
 
 @contextlib.contextmanager
