@@ -112,15 +112,18 @@ def bench(args) -> None:
             torch.cuda.empty_cache()
 
 
-TUNE = [  # (BLOCK_Q, BLOCK_Q_BWD, NUM_WARPS_FWD, NUM_WARPS_BWD, PASS_STAGES, BLOCK_N_BWD, DX_SINGLE_PRODUCT); the first is the default
-    (64, 64, 4, 4, 3, 64, True),
-    (64, 64, 4, 4, 3, 64, False),
-    (64, 64, 4, 4, 3, 32, True),
-    (64, 32, 4, 4, 3, 64, True),
-    (64, 64, 4, 8, 3, 64, True),
-    (64, 64, 4, 4, 2, 64, True),
+TUNE = [  # a value per _KNOBS entry; the first row is the default
+    (64, 64, 4, 4, 3, 64, True, None, None),
+    (64, 64, 4, 4, 3, 64, True, 32, 32),  # dx's tiles alone: fewer registers per program
+    (64, 64, 4, 4, 3, 64, True, 16, 32),
+    (64, 64, 4, 4, 3, 64, True, 32, 64),
+    (64, 64, 4, 4, 3, 64, True, 16, 64),
+    (64, 64, 4, 4, 3, 32, True, None, None),
 ]
-_KNOBS = ("BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT")
+_KNOBS = (
+    "BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT",
+    "DX_BLOCK_Q", "DX_BLOCK_N",
+)  # fmt: skip
 
 
 def tune(args) -> None:

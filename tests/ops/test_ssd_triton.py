@@ -65,6 +65,19 @@ def test_several_tiles_per_chunk(monkeypatch):
     check_against_reference(1, 95, 2, 16, 1, 16, 40, seq_idx, seed=1)
 
 
+@pytest.mark.parametrize(("bwd", "dx"), [(32, 16), (16, 32)])
+def test_dx_tiles_of_its_own(monkeypatch, bwd, dx):
+    # dx's tiles and state blocks differ from the other backward kernels' (C·B is written in their
+    # tiles, read in dx's); chunk 40, n = 40 in blocks of 16 for dx (the last partial).
+    monkeypatch.setattr(ssd_triton, "BLOCK_Q_BWD", bwd)
+    monkeypatch.setattr(ssd_triton, "DX_BLOCK_Q", dx)
+    monkeypatch.setattr(ssd_triton, "DX_BLOCK_N", 16)
+    seq_idx = torch.zeros(1, 95, dtype=torch.long)
+    seq_idx[0, 23:] += 1
+    seq_idx[0, 40:] += 1
+    check_against_reference(1, 95, 2, 16, 1, 40, 40, seq_idx, seed=3)
+
+
 def test_state_wider_than_one_block():
     # n = 70: the backward's state products and dB / dC run over two blocks of n (64 + a partial 6).
     seq_idx = torch.zeros(1, 40, dtype=torch.long)

@@ -77,6 +77,12 @@ BLOCK_N_BWD = 64
 #: in-chunk term failed y's criterion on CPU (2.02× at L = 512: one bf16 step at the largest
 #: outputs), so the forward keeps the split.
 DX_SINGLE_PRODUCT = True
+#: Positions per tile and width of the state blocks of ``_bwd_dx_kernel`` alone (None:
+#: ``BLOCK_Q_BWD``, ``BLOCK_N_BWD``). Built for sm_90 on CPU (``benchmarks/kernel_build.py``):
+#: 64 × 64 holds 255 registers per thread and spills 128 bytes (two 4-warp programs per SM);
+#: 32 × 32 244 registers, 16 × 32 134 (three programs per SM), neither spilling. Not yet timed.
+DX_BLOCK_Q = None
+DX_BLOCK_N = None
 #: Heads per program of the two small kernels that prepare the per-step quantities and sum the
 #: gradient of the cumulative log-decays (each program holds one chunk of them).
 PREP_BLOCK_H = 16
@@ -897,7 +903,8 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         for given, t in zip(out or (None, None, None), (x, B, C))
     )
     ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
-    dD_part = torch.empty(b, nc * nqb, h, device=x.device, dtype=torch.float32)
+    bq_dx = min(DX_BLOCK_Q or BLOCK_Q_BWD, _pow2(Q))  # dx's own tiles: C·B is read only where t >= s
+    dD_part = torch.empty(b, nc * triton.cdiv(Q, bq_dx), h, device=x.device, dtype=torch.float32)
     # d acum in parts: through the chunk state (at s), through the entering state (at t, per n
     # block), and through y inside the chunk (both halves, per tile; tiles above the diagonal: 0).
     dacum_st = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
@@ -915,11 +922,12 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         L, Lp, h, p, Q, r, nc,
         HAS_SEQ=has_seq, BLOCK_P=_pow2(p), **kw,
     )  # fmt: skip
-    _bwd_dx_kernel[(nc * nqb, b * h)](
+    _bwd_dx_kernel[(nc * triton.cdiv(Q, bq_dx), b * h)](
         x, *x.stride(), B, *B.stride(), dy, *dy.stride(), cb,
         acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, *dx.stride(), ddt_direct, dacum_st, dD_part,
         L, Lp, h, p, n, Q, r, nc,
-        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), BLOCK_N=bn, SINGLE_Y=DX_SINGLE_PRODUCT, **kw,
+        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), SINGLE_Y=DX_SINGLE_PRODUCT,
+        **(kw | {"BLOCK_Q": bq_dx, "BLOCK_N": min(_pow2(n), DX_BLOCK_N or BLOCK_N_BWD)}),
     )  # fmt: skip
     for mode, (xx, yy, zz, st, out, slots) in enumerate([(x, C, C, dS, dB, nc), (dy, B, C, S, dC, nc + 1)]):
         _bwd_dbc_kernel[(nc * nqb * nnb, b * g)](
