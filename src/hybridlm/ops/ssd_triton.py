@@ -708,6 +708,15 @@ def _bwd_dbc_kernel(
 
 
 @triton.jit
+def _chunk_of_heads(H, Q, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A program's chunk c, batch row, heads (offsets, mask) and rows in the chunk (offsets, mask),
+    for a grid (chunks, batch, blocks of heads)."""
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_q = tl.arange(0, BLOCK_T)
+    return tl.program_id(0), tl.program_id(1).to(tl.int64), offs_h, offs_h < H, offs_q, offs_q < Q
+
+
+@triton.jit
 def _prep_kernel(
     DT, sdt_b, sdt_l, sdt_h,  # (b, l, h) step sizes
     A,  # (h,) float32
@@ -718,13 +727,8 @@ def _prep_kernel(
     L, Lp, H, Q, NC,
     HAS_SEQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
-    bb = tl.program_id(1).to(tl.int64)
-    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_q = tl.arange(0, BLOCK_T)
+    c, bb, offs_h, mh, offs_q, mq = _chunk_of_heads(H, Q, BLOCK_T, BLOCK_H)
     t = c * Q + offs_q
-    mq = offs_q < Q
     dt = tl.load(
         DT + bb * sdt_b + t[:, None] * sdt_l + offs_h[None, :] * sdt_h,
         mask=(mq & (t < L))[:, None] & mh[None, :],
@@ -758,12 +762,7 @@ def _dacum_kernel(
     L, Lp, H, Q, NC, NNB, NQB, NBLK, BQ,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BLK: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
-    bb = tl.program_id(1).to(tl.int64)
-    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mh = offs_h < H
-    offs_q = tl.arange(0, BLOCK_T)
-    mq = offs_q < Q
+    c, bb, offs_h, mh, offs_q, mq = _chunk_of_heads(H, Q, BLOCK_T, BLOCK_H)
     m = mq[:, None] & mh[None, :]
     head = bb * H + offs_h[None, :]
     pos = c * Q + offs_q[:, None]
