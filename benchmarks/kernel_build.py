@@ -9,6 +9,7 @@ here and not first on the GPU machine. Needs a real Triton (no ``TRITON_INTERPRE
     python benchmarks/kernel_build.py            # a table of every kernel, bf16 and float32 inputs
     python benchmarks/kernel_build.py --dtypes bf16 --ops ssd
     python benchmarks/kernel_build.py --host-ops   # torch ops and Triton launches per fwd + bwd instead
+    python benchmarks/kernel_build.py --ops ssd --dtypes bf16 --set ssd_triton.DX_BLOCK_Q=16 --set ssd_triton.DX_BLOCK_N=32
 
 The host launches every one of those per layer and step, so their count is the host-side cost a
 custom op adds (``--host-ops`` counts aten ops with a dispatch mode, the launches as captured).
@@ -17,6 +18,7 @@ custom op adds (``--host-ops`` counts aten ops with a dispatch mode, the launche
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import os
 import subprocess
@@ -276,9 +278,26 @@ def main() -> None:
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of: {', '.join(OPS)}")
     ap.add_argument("--dtypes", default="bf16,fp32", help="input dtypes: bf16, fp32")
     ap.add_argument("--host-ops", action="store_true", help="count aten ops and Triton launches per call instead")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.KNOB=N",
+        help="set a tile setting of hybridlm.ops.MODULE first, e.g. ssd_triton.DX_BLOCK_Q=16 (repeatable)",
+    )
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("kernel_build.py compiles kernels: run it without TRITON_INTERPRET=1")
+    for item in args.set:
+        target, _, value = item.partition("=")
+        module, _, knob = target.rpartition(".")
+        try:
+            mod = importlib.import_module(f"hybridlm.ops.{module}")
+        except ImportError:
+            sys.exit(f"--set {item}: no module hybridlm.ops.{module}")
+        if not knob.isupper() or not hasattr(mod, knob) or not value.isdigit():
+            sys.exit(f"--set {item}: expected MODULE.KNOB=N with KNOB an upper-case setting of hybridlm.ops.{module}")
+        setattr(mod, knob, int(value))
     unknown = set(args.ops.split(",")) - set(OPS)
     if unknown:
         sys.exit(f"unknown ops {sorted(unknown)}; known: {', '.join(OPS)}")
