@@ -119,6 +119,11 @@ TUNE = [  # a value per _KNOBS entry; the first row is the default
     (64, 64, 4, 4, 3, 64, True, 32, 64),
     (64, 64, 4, 4, 3, 64, True, 16, 64),
     (64, 64, 4, 4, 3, 32, True, None, None),
+    (64, 32, 4, 4, 3, 64, True, None, None),
+    # Smaller backward tiles and state blocks: no spills in the sm_90 build (kernel_build.py --set)
+    (64, 32, 4, 4, 3, 32, True, None, None),
+    (64, 16, 4, 4, 3, 32, True, None, None),
+    (64, 32, 4, 4, 3, 32, True, 16, 32),
 ]
 _KNOBS = (
     "BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT",
