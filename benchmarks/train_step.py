@@ -21,7 +21,9 @@ measures each variant N times in alternating order and reports medians (host-bou
 after every N-th step only, as ``train.gc_every`` does. ``--interleave`` holds our variants at once
 and times their steps taking turns (A B, then B A, ...), each step on its own: the ratio of each
 pair of neighbouring steps is unaffected by a slow drift of the GPU clock (the 1 × 32768 rows, where
-fused and unfused differ by less than that drift).
+fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
+``torch._inductor.config``'s settings before anything compiles (e.g. ``triton.multi_kernel=1``:
+inductor times a one-pass and a looped version of each reduction and keeps the faster).
 """
 
 from __future__ import annotations
@@ -361,6 +363,13 @@ def main() -> None:
     ap.add_argument(
         "--gc-every", type=int, default=0, metavar="N", help="as train.gc_every: 0 = automatic garbage collection"
     )
+    ap.add_argument(
+        "--inductor-config",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="set torch._inductor.config.KEY to the integer N first, e.g. triton.multi_kernel=1 (repeatable)",
+    )
     ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind, and host ops")
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
@@ -380,6 +389,17 @@ def main() -> None:
 
     base = ModelConfig.preset(args.preset)
     compile_ = not args.no_compile
+    import torch._inductor.config as inductor_config
+
+    for item in args.inductor_config:  # e.g. triton.multi_kernel=1: inductor times both reduction kinds
+        key, _, value = item.partition("=")
+        *path, leaf = key.split(".")
+        holder = inductor_config
+        for part in path:
+            holder = getattr(holder, part, None)
+        if holder is None or not hasattr(holder, leaf) or not value.lstrip("-").isdigit():
+            ap.error(f"--inductor-config {item}: expected KEY=N with KEY a setting of torch._inductor.config")
+        setattr(holder, leaf, int(value))
     global COMPILE_MODE, GC_EVERY
     COMPILE_MODE = args.compile_mode
     GC_EVERY = args.gc_every
@@ -394,6 +414,7 @@ def main() -> None:
         f"autocast, {'compiled' if compile_ else 'eager'} blocks, packed rows"
         + (f" (mode {args.compile_mode})" if compile_ and args.compile_mode else "")
         + (f", AC {args.ac}" if args.ac else "")
+        + (f", inductor {' '.join(args.inductor_config)}" if args.inductor_config else "")
     )
     if hf_path:
         print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")
