@@ -77,6 +77,10 @@ BLOCK_N_BWD = 64
 #: in-chunk term failed y's criterion on CPU (2.02× at L = 512: one bf16 step at the largest
 #: outputs), so the forward keeps the split.
 DX_SINGLE_PRODUCT = True
+#: y's term through the entering state (C_t · S_c) with the float32 state rounded once to bf16:
+#: one tensor-core product instead of two. Only y sees it (the backward reads the saved states
+#: and dy, never y).
+FWD_STATE_SINGLE_PRODUCT = False
 #: Positions per tile and width of the state blocks of ``_bwd_dx_kernel`` alone (None:
 #: ``BLOCK_Q_BWD``, ``BLOCK_N_BWD``). Built for sm_90 on CPU (``benchmarks/kernel_build.py``):
 #: 64 × 64 holds 255 registers per thread and spills 128 bytes (two 4-warp programs per SM);
@@ -167,6 +171,19 @@ def _dot_f1r(f, r, PREC: tl.constexpr, UPCAST: tl.constexpr):
             out = tl.dot(f.to(tl.bfloat16), r)
     else:
         out = tl.dot(f, r.to(tl.float32), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _dot_r1f(r, f, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """r @ f with the float32 intermediate f rounded once to bf16 (one product) for bf16 inputs."""
+    if r.dtype == tl.bfloat16:
+        if UPCAST:
+            out = tl.dot(r.to(tl.float32), _round_bf16(f), input_precision=PREC)
+        else:
+            out = tl.dot(r, f.to(tl.bfloat16))
+    else:
+        out = tl.dot(r.to(tl.float32), f, input_precision=PREC)
     return out
 
 
@@ -316,7 +333,7 @@ def _scan_fwd_kernel(
     L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SINGLE_STATE: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     c = tl.program_id(0) // nqb
@@ -352,7 +369,10 @@ def _scan_fwd_kernel(
         mask=(offs_p < P)[None, :] & (offs_n < N)[:, None],
         other=0.0,
     )  # (n, p): S_c transposed
-    acc = _dot_rf(c_t, s_in, PREC, UPCAST)
+    if SINGLE_STATE:
+        acc = _dot_r1f(c_t, s_in, PREC, UPCAST)
+    else:
+        acc = _dot_rf(c_t, s_in, PREC, UPCAST)
     acc = acc * tl.where(from_state, tl.exp(acum_t), 0.0)[:, None]
 
     for sb in range(0, qb + 1):
@@ -856,7 +876,7 @@ def ssd_forward(x, dt, A, B, C, D, seq_idx, init, Q):
         L, nc * Q, h, p, n, Q, h // g, nc,
         HAS_SEQ=seq_p is not None, HAS_D=D is not None,
         BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, UPCAST=_INTERPRET,
-        num_warps=NUM_WARPS_FWD,
+        SINGLE_STATE=FWD_STATE_SINGLE_PRODUCT, num_warps=NUM_WARPS_FWD,
     )  # fmt: skip
     return y.to(x.dtype), S
 
