@@ -54,7 +54,8 @@ for stage in "$@"; do
             python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
     ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
     ssdq) run ssdq 150 40 bash -c "for q in 128 256 128 256; do python3 benchmarks/ssd_kernel.py --paths triton --chunk \$q; done" ;;  # chunk sizes
-    ssdsingle) run ssdsingle 120 24 python3 benchmarks/ssd_kernel.py --check --set FWD_STATE_SINGLE_PRODUCT=1 ;;
+    ssdsingle) run ssdsingle 200 60 bash -c "for k in FWD_STATE_SINGLE_PRODUCT DB_STATE_SINGLE_PRODUCT DBC_W_SINGLE_PRODUCT; do \
+            echo \$k; python3 benchmarks/ssd_kernel.py --check --set \$k=1; done" ;;  # products only one output sees
     ssdsplit) run ssdsplit 120 24 python3 benchmarks/ssd_kernel.py --check --set DX_SINGLE_PRODUCT=0 ;;
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convprof) run convprof 200 60 python3 benchmarks/conv_norm_kernels.py --tune --profile ;;

@@ -113,22 +113,26 @@ def bench(args) -> None:
 
 
 TUNE = [  # a value per _KNOBS entry; the first row is the default
-    (64, 64, 4, 4, 3, 64, True, None, None, False),
-    (64, 64, 4, 4, 3, 64, True, 32, 32, False),  # dx's tiles alone: fewer registers per program
-    (64, 64, 4, 4, 3, 64, True, 16, 32, False),
-    (64, 64, 4, 4, 3, 64, True, 32, 64, False),
-    (64, 64, 4, 4, 3, 64, True, 16, 64, False),
-    (64, 64, 4, 4, 3, 32, True, None, None, False),
-    (64, 32, 4, 4, 3, 64, True, None, None, False),
+    (64, 64, 4, 4, 3, 64, True, None, None, False, False, False),
+    (64, 64, 4, 4, 3, 64, True, 32, 32, False, False, False),  # dx's tiles alone: fewer registers per program
+    (64, 64, 4, 4, 3, 64, True, 16, 32, False, False, False),
+    (64, 64, 4, 4, 3, 64, True, 32, 64, False, False, False),
+    (64, 64, 4, 4, 3, 64, True, 16, 64, False, False, False),
+    (64, 64, 4, 4, 3, 32, True, None, None, False, False, False),
+    (64, 32, 4, 4, 3, 64, True, None, None, False, False, False),
     # Smaller backward tiles and state blocks: no spills in the sm_90 build (kernel_build.py --set)
-    (64, 32, 4, 4, 3, 32, True, None, None, False),
-    (64, 16, 4, 4, 3, 32, True, None, None, False),
-    (64, 32, 4, 4, 3, 32, True, 16, 32, False),
-    (64, 64, 4, 4, 3, 64, True, None, None, True),  # y's state term in one product
+    (64, 32, 4, 4, 3, 32, True, None, None, False, False, False),
+    (64, 16, 4, 4, 3, 32, True, None, None, False, False, False),
+    (64, 32, 4, 4, 3, 32, True, 16, 32, False, False, False),
+    (64, 64, 4, 4, 3, 64, True, None, None, True, False, False),  # y's state term in one product
+    (64, 64, 4, 4, 3, 64, True, None, None, False, True, False),  # dB's state term in one product
+    (64, 64, 4, 4, 3, 64, True, None, None, False, False, True),  # W @ C and Wᵀ @ B in one product
+    (64, 64, 4, 4, 3, 64, True, None, None, True, True, True),
 ]
 _KNOBS = (
     "BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT",
-    "DX_BLOCK_Q", "DX_BLOCK_N", "FWD_STATE_SINGLE_PRODUCT",
+    "DX_BLOCK_Q", "DX_BLOCK_N", "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT",
+    "DBC_W_SINGLE_PRODUCT",
 )  # fmt: skip
 
 

@@ -158,10 +158,13 @@ def bf16_check(device, packed, b, seqlen, h, p, g, n, chunk, cuts, seed=0):
         assert_bf16_within(gr, ge, grr, what=f"grad {name}")
 
 
-@pytest.mark.parametrize("single_state", [False, True])
-def test_bf16_inputs_small(monkeypatch, single_state):
-    # single_state: y's term through the entering state in one bf16 product (FWD_STATE_SINGLE_PRODUCT).
-    monkeypatch.setattr(ssd_triton, "FWD_STATE_SINGLE_PRODUCT", single_state)
+@pytest.mark.parametrize(
+    "single", [None, "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT", "DBC_W_SINGLE_PRODUCT"]
+)
+def test_bf16_inputs_small(monkeypatch, single):
+    # single: one of the products that only one output sees, in one bf16 product instead of two.
+    if single:
+        monkeypatch.setattr(ssd_triton, single, True)
     bf16_check("cpu", True, 1, 70, 4, 32, 2, 32, 32, [[20, 32]])
 
 

@@ -81,6 +81,12 @@ DX_SINGLE_PRODUCT = True
 #: one tensor-core product instead of two. Only y sees it (the backward reads the saved states
 #: and dy, never y).
 FWD_STATE_SINGLE_PRODUCT = False
+#: Products of ``_bwd_dbc_kernel`` whose float32 factor no other output reads, with that factor
+#: rounded once to bf16: dB's state term x · dS (``DB_STATE_SINGLE_PRODUCT``), and the in-chunk
+#: products W @ C and Wᵀ @ B (``DBC_W_SINGLE_PRODUCT``). dC's state term, which also gives d acum
+#: (and so dA), keeps the split.
+DB_STATE_SINGLE_PRODUCT = False
+DBC_W_SINGLE_PRODUCT = False
 #: Positions per tile and width of the state blocks of ``_bwd_dx_kernel`` alone (None:
 #: ``BLOCK_Q_BWD``, ``BLOCK_N_BWD``). Built for sm_90 on CPU (``benchmarks/kernel_build.py``):
 #: 64 × 64 holds 255 registers per thread and spills 128 bytes (two 4-warp programs per SM);
@@ -636,7 +642,7 @@ def _bwd_dbc_kernel(
     MODE: tl.constexpr,  # 0: dB at source rows s; 1: dC at target rows t
     HAS_SEQ: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SINGLE_STATE: tl.constexpr, SINGLE_W: tl.constexpr,  # see DB_STATE_SINGLE_PRODUCT
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
     nnb = tl.cdiv(N, BLOCK_N)
@@ -690,7 +696,11 @@ def _bwd_dbc_kernel(
             mask=mp[:, None] & mn[None, :],
             other=0.0,
         )  # (p, n)
-        part = _dot_rf(x_q, st, PREC, UPCAST) * tl.where(linked, scale, 0.0)[:, None]
+        if SINGLE_STATE and MODE == 0:  # dB's state term: nothing else reads it (dC's also feeds d acum)
+            part = _dot_r1f(x_q, st, PREC, UPCAST)
+        else:
+            part = _dot_rf(x_q, st, PREC, UPCAST)
+        part = part * tl.where(linked, scale, 0.0)[:, None]
         acc += part
         if MODE == 1:
             tl.store(
@@ -719,7 +729,10 @@ def _bwd_dbc_kernel(
             w = tl.load(tile + offs_q[:, None] * Q + offs_k[None, :], mask=w_mask, other=0.0)  # W[s=q, t=k]
         else:
             w = tl.load(tile + offs_k[None, :] * Q + offs_q[:, None], mask=w_mask, other=0.0)  # W[s=k, t=q]
-        acc += _dot_fr(w, y_k, PREC, UPCAST)
+        if SINGLE_W:
+            acc += _dot_f1r(w, y_k, PREC, UPCAST)
+        else:
+            acc += _dot_fr(w, y_k, PREC, UPCAST)
     tl.store(
         OUT + bb * so_b + c0 * so_l + gg * so_g + offs_q[:, None] * so_l + offs_n[None, :] * so_n,
         acc.to(OUT.dtype.element_ty),
@@ -952,7 +965,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         _bwd_dbc_kernel[(nc * nqb * nnb, b * g)](
             xx, *xx.stride(), yy, *yy.stride(), zz, *zz.stride(), w, acum, dt_p, seq_arg, st, out, *out.stride(), dacum_in,
             L, Lp, h, p, n, Q, r, nc, slots,
-            MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, **kw,
+            MODE=mode, HAS_SEQ=has_seq, BLOCK_P=_pow2(p), BLOCK_N=bn, SINGLE_STATE=DB_STATE_SINGLE_PRODUCT, SINGLE_W=DBC_W_SINGLE_PRODUCT, **kw,
         )  # fmt: skip
 
     # d acum (its parts summed) -> d a (a reverse cumulative sum inside each chunk) -> dt and A, in one launch.
