@@ -373,6 +373,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind, and host ops")
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
+    if args.interleave and args.rounds > 1:
+        ap.error("--interleave times every pair of steps on its own: use --steps for more pairs, not --rounds")
     if args.gc_every < 0:
         ap.error(f"--gc-every must be >= 0 (0: automatic garbage collection), got {args.gc_every}")
 
