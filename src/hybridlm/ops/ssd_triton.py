@@ -938,7 +938,8 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     bq_dx = min(DX_BLOCK_Q or BLOCK_Q_BWD, _pow2(Q))  # dx's own tiles: C·B is read only where t >= s
     dD_part = torch.empty(b, nc * triton.cdiv(Q, bq_dx), h, device=x.device, dtype=torch.float32)
     # d acum in parts: through the chunk state (at s), through the entering state (at t, per n
-    # block), and through y inside the chunk (both halves, per tile; tiles above the diagonal: 0).
+    # block), and through y inside the chunk (both halves, per tile; tiles above the diagonal are
+    # never written, and `_dacum_kernel` never reads them).
     dacum_st = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     bn = min(_pow2(n), BLOCK_N_BWD)
     nnb = triton.cdiv(n, bn)
