@@ -101,6 +101,19 @@ def hf_step(model, batch) -> torch.Tensor:
     return out.loss
 
 
+def adamw(model) -> torch.optim.Optimizer:
+    """The same optimizer for every variant."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
+def optimizer_step(model, opt, step, batch) -> torch.Tensor:
+    """One training step: ``step`` (forward + backward, returns the loss), then the optimizer's."""
+    loss = step(model, batch)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(build, step, batches, steps: int, warmup: int) -> dict:
     """Build a model (peak memory counted from here), then time ``steps`` optimizer steps after ``warmup``."""
     gc.collect()
@@ -109,16 +122,14 @@ def measure(build, step, batches, steps: int, warmup: int) -> dict:
     gc.collect()  # the peak counts the model, its optimizer and the steps, not what building it needed
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = adamw(model)
     times, losses = [], []
     with ManualGC(GC_EVERY) as collector:
         for i in range(warmup + steps):
             batch = batches[i % len(batches)]
             torch.cuda.synchronize()
             t = time.perf_counter()
-            loss = step(model, batch)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = optimizer_step(model, opt, step, batch)
             collector.after_step(i + 1)  # as the trainer: a collection's pause counts as step time
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -151,12 +162,10 @@ def measure_interleaved(builds: dict, step, batches, steps: int, warmup: int) ->
     for name, build in builds.items():
         before = torch.cuda.memory_allocated()
         model = build()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        opt = adamw(model)
         for i in range(max(warmup, 1)):
             t = time.perf_counter()
-            step(model, batches[i % len(batches)])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(model, opt, step, batches[i % len(batches)])
             torch.cuda.synchronize()
             if i == 0:
                 first = time.perf_counter() - t
@@ -171,9 +180,7 @@ def measure_interleaved(builds: dict, step, batches, steps: int, warmup: int) ->
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 t = time.perf_counter()
-                loss = step(s["model"], batches[i % len(batches)])
-                s["opt"].step()
-                s["opt"].zero_grad(set_to_none=True)
+                loss = optimizer_step(s["model"], s["opt"], step, batches[i % len(batches)])
                 collector.after_step(i + 1)
                 torch.cuda.synchronize()
                 s["times"].append(time.perf_counter() - t)
@@ -235,18 +242,13 @@ def profile_step(build, step, batches, label: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = adamw(model)
     for i in range(3):
-        step(model, batches[i % len(batches)])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+        optimizer_step(model, opt, step, batches[i % len(batches)])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(model, batches[0])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, step, batches[0])
         torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - t0)
     kinds = [
