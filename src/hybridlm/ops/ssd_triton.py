@@ -79,20 +79,24 @@ BLOCK_N_BWD = 64
 DX_SINGLE_PRODUCT = True
 #: y's term through the entering state (C_t · S_c) with the float32 state rounded once to bf16:
 #: one tensor-core product instead of two. Only y sees it (the backward reads the saved states
-#: and dy, never y).
-FWD_STATE_SINGLE_PRODUCT = False
+#: and dy, never y). H200, bench shape: forward 0.92 → 0.88 ms; y's error 1.00× the rounded
+#: reference's at L = 4096 (``ssd_kernel.py --check``), as before.
+FWD_STATE_SINGLE_PRODUCT = True
 #: Products of ``_bwd_dbc_kernel`` whose float32 factor no other output reads, with that factor
 #: rounded once to bf16: dB's state term x · dS (``DB_STATE_SINGLE_PRODUCT``), and the in-chunk
 #: products W @ C and Wᵀ @ B (``DBC_W_SINGLE_PRODUCT``). dC's state term, which also gives d acum
-#: (and so dA), keeps the split.
-DB_STATE_SINGLE_PRODUCT = False
-DBC_W_SINGLE_PRODUCT = False
+#: (and so dA), keeps the split. H200, bench shape, L = 4096: dB 0.95× and dC 1.01× the rounded
+#: reference's error with both; the three single products together took fwd + bwd from 3.13 to
+#: 3.06 ms.
+DB_STATE_SINGLE_PRODUCT = True
+DBC_W_SINGLE_PRODUCT = True
 #: Positions per tile and width of the state blocks of ``_bwd_dx_kernel`` alone (None:
 #: ``BLOCK_Q_BWD``, ``BLOCK_N_BWD``). Built for sm_90 on CPU (``benchmarks/kernel_build.py``):
 #: 64 × 64 holds 255 registers per thread and spills 128 bytes (two 4-warp programs per SM);
-#: 32 × 32 244 registers, 16 × 32 134 (three programs per SM), neither spilling. Not yet timed.
-DX_BLOCK_Q = None
-DX_BLOCK_N = None
+#: 32 × 32 244 registers, 16 × 32 134 (three programs per SM), neither spilling. Timed on an
+#: H200 (bench shape, fwd + bwd): 64 × 64 3.13 ms, 32 × 32 **3.01**, 16 × 32 3.04, 32 × 64 3.22.
+DX_BLOCK_Q = 32
+DX_BLOCK_N = 32
 #: Heads per program of the two small kernels that prepare the per-step quantities and sum the
 #: gradient of the cumulative log-decays (each program holds one chunk of them).
 PREP_BLOCK_H = 16
