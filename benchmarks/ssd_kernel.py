@@ -121,6 +121,9 @@ TUNE = [  # a value per _KNOBS entry; the first row is the default
     (64, 64, 4, 4, 3, 64, True, None, None, True, True, True),  # dx on the other kernels' tiles
     (64, 64, 4, 4, 3, 64, True, 32, 32, False, False, False),  # every float32 factor split in two
     (64, 32, 4, 4, 3, 32, True, 32, 32, True, True, True),
+    # Forward tiles of 32 (sm_90 build: _scan_fwd_kernel 220 registers against 244, _state_kernel
+    # 128 against 219, so four state programs per SM instead of two). Not yet timed.
+    (32, 64, 4, 4, 3, 64, True, 32, 32, True, True, True),
 ]
 _KNOBS = (
     "BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT",
