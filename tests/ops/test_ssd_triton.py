@@ -159,12 +159,13 @@ def bf16_check(device, packed, b, seqlen, h, p, g, n, chunk, cuts, seed=0):
 
 
 @pytest.mark.parametrize(
-    "single", [None, "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT", "DBC_W_SINGLE_PRODUCT"]
+    "split", [None, "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT", "DBC_W_SINGLE_PRODUCT"]
 )
-def test_bf16_inputs_small(monkeypatch, single):
-    # single: one of the products that only one output sees, in one bf16 product instead of two.
-    if single:
-        monkeypatch.setattr(ssd_triton, single, True)
+def test_bf16_inputs_small(monkeypatch, split):
+    # The products that only one output sees run as one bf16 product by default; split: one of
+    # them back in two (the float32 factor as hi + lo), so both paths stay tested.
+    if split:
+        monkeypatch.setattr(ssd_triton, split, False)
     bf16_check("cpu", True, 1, 70, 4, 32, 2, 32, 32, [[20, 32]])
 
 
