@@ -60,7 +60,7 @@ for stage in "$@"; do
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convprof) run convprof 200 60 python3 benchmarks/conv_norm_kernels.py --tune --profile ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
-    mixers) run mixers 320 16 python3 benchmarks/mixers.py ;;
+    mixers) run mixers 320 18 python3 benchmarks/mixers.py --rounds 8 ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     mixall) run mixall 240 250 python3 benchmarks/mixers.py --profile --profile-rows 120 ;;  # every kernel
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
