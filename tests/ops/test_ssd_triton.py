@@ -158,9 +158,7 @@ def bf16_check(device, packed, b, seqlen, h, p, g, n, chunk, cuts, seed=0):
         assert_bf16_within(gr, ge, grr, what=f"grad {name}")
 
 
-@pytest.mark.parametrize(
-    "split", [None, "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT", "DBC_W_SINGLE_PRODUCT"]
-)
+@pytest.mark.parametrize("split", [None, "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT", "DBC_W_SINGLE_PRODUCT"])
 def test_bf16_inputs_small(monkeypatch, split):
     # The products that only one output sees run as one bf16 product by default; split: one of
     # them back in two (the float32 factor as hi + lo), so both paths stay tested.
