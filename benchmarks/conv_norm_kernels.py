@@ -148,51 +148,53 @@ TUNE = {
     "DX": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 128, 8), (32, 256, 8)],
 }
 KNOBS = ("BLOCK_L", "BLOCK_C", "WARPS")
+#: Settings of ``ops.conv_triton`` that are not tiles, each timed on (the tiles at their defaults).
+FLAGS = ("G_IN_DY_DTYPE",)
 
 
 def tune(reps: int, profile: bool = False) -> None:
     """Time the Triton conv (forward, forward + backward) for each kernel's settings in TUNE:
-    FWD the forward, BWD the backward's first pass (g), DX its second (dx, dw, db). ``profile``:
-    each conv kernel's GPU time instead (wall-clock times of one setting repeated vary by about
-    10 % on the H200; kernel times do not), and the other kernels' (the partial sums' reduction)."""
+    FWD the forward, BWD the backward's first pass (g), DX its second (dx, dw, db), then each of
+    FLAGS switched. ``profile``: each conv kernel's GPU time instead (wall-clock times of one
+    setting repeated vary by about 10 % on the H200; kernel times do not), and the other kernels'
+    (the partial sums' reduction)."""
     from kernel_profile import kernel_times
 
     from hybridlm.ops import conv_triton
 
-    knobs = [f"{d}_{k}" for d in TUNE for k in KNOBS]
-    default = {k: getattr(conv_triton, k) for k in knobs if hasattr(conv_triton, k)}
+    names = [f"{d}_{k}" for d in TUNE for k in KNOBS] + list(FLAGS)
+    default = {k: getattr(conv_triton, k) for k in names if hasattr(conv_triton, k)}
+    settings = [(d, str(s), dict(zip((f"{d}_{k}" for k in KNOBS), s))) for d in TUNE for s in TUNE[d]]
+    settings += [("flag", f"{f}={not default[f]}", {f: not default[f]}) for f in FLAGS]
     kernels = {"fwd": "_conv_fwd_kernel", "g": "_conv_bwd_g_kernel", "dx": "_conv_bwd_dx_kernel"}
     cols = [f"{k} ms" for k in kernels] + ["other ms", "total ms"] if profile else ["fwd ms", "fwd+bwd ms"]
     print(f"{'op':30s} {'kernel':>6s} {'setting':>20s} " + " ".join(f"{c:>10s}" for c in cols))
     for name, fn, make, *_ in list(cases())[:2]:  # the conv rows, without and with documents
         inputs = make()
-        for kernel, settings in TUNE.items():
-            for setting in settings:
-                for k, v in default.items():
-                    setattr(conv_triton, k, v)
-                for k, v in zip(KNOBS, setting):
-                    setattr(conv_triton, f"{kernel}_{k}", v)
-                with use_kernels("triton"):
-                    douts = [torch.randn_like(fn(*inputs))]
+        for kernel, label, values in settings:
+            for k, v in (default | values).items():
+                setattr(conv_triton, k, v)
+            with use_kernels("triton"):
+                douts = [torch.randn_like(fn(*inputs))]
 
-                    def fwd(fn=fn, inputs=inputs):
-                        with torch.no_grad():
-                            fn(*inputs)
+                def fwd(fn=fn, inputs=inputs):
+                    with torch.no_grad():
+                        fn(*inputs)
 
-                    def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
-                        torch.autograd.backward((fn(*inputs),), douts)
+                def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
+                    torch.autograd.backward((fn(*inputs),), douts)
 
-                    if profile:
-                        per = kernel_times(fwd_bwd, calls=5)
-                        ms = [sum(t for n, (t, _) in per.items() if n == k) for k in kernels.values()]
-                        total = sum(t for t, _ in per.values())
-                        values = [*ms, total - sum(ms), total]
-                    else:
-                        values = [bench(fwd, reps), bench(fwd_bwd, reps)]
-                    print(
-                        f"{name[:30]:30s} {kernel:>6s} {setting!s:>20s} " + " ".join(f"{v:10.3f}" for v in values),
-                        flush=True,
-                    )
+                if profile:
+                    per = kernel_times(fwd_bwd, calls=5)
+                    ms = [sum(t for n, (t, _) in per.items() if n == k) for k in kernels.values()]
+                    total = sum(t for t, _ in per.values())
+                    times = [*ms, total - sum(ms), total]
+                else:
+                    times = [bench(fwd, reps), bench(fwd_bwd, reps)]
+                print(
+                    f"{name[:30]:30s} {kernel:>6s} {label:>20s} " + " ".join(f"{v:10.3f}" for v in times),
+                    flush=True,
+                )
     for k, v in default.items():
         setattr(conv_triton, k, v)
 

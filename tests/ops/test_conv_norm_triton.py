@@ -106,6 +106,28 @@ def test_triton_conv_bf16_input_fp32_weight_keeps_x_dtype():
     assert_rel_close(y, causal_conv1d_reference(x.double(), w.double(), b.double(), None, "silu"), 1e-2, "bf16")
 
 
+def test_triton_conv_g_in_dy_dtype(monkeypatch):
+    # g's buffer in bf16: the gradients stay close to float64 on the same rounded inputs (the
+    # interpreter truncates to bf16, so the bf16 error criterion is the GPU test's), and differ
+    # from the float32 buffer's, so the setting reached the kernel.
+    from hybridlm.ops import conv_triton
+
+    x, w, b = conv_inputs(2, 37, 24, 4, bias=True, dtype=torch.bfloat16)
+    seq_idx = packed_ids(2, 37, device=DEV)
+    dy = torch.randn(2, 37, 24, device=DEV).bfloat16()
+    ins = leaves64(x, w, b)
+    ref = grads(causal_conv1d_reference(*ins, seq_idx, "silu"), ins, dy.double())
+    got = {}
+    for setting in (False, True):
+        monkeypatch.setattr(conv_triton, "G_IN_DY_DTYPE", setting)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        with use_kernels("triton"):
+            got[setting] = grads(causal_conv1d(*leaves, seq_idx, "silu"), leaves, dy)
+    for name, a, e in zip(("dx", "dw", "db"), got[True], ref):
+        assert_rel_close(a, e, 2e-2, f"{name}, g in bf16")
+    assert any(not torch.equal(a, c) for a, c in zip(got[True], got[False]))
+
+
 # --------------------------------------------------------------------------------------------- norms
 
 
@@ -276,7 +298,11 @@ def bf16_check(fn, ref_fn, exact_inputs, douts, what):
 
 
 @pytest.mark.gpu
-def test_gpu_conv_bf16_within_twice_the_rounded_reference():
+@pytest.mark.parametrize("g_in_dy_dtype", [False, True])
+def test_gpu_conv_bf16_within_twice_the_rounded_reference(monkeypatch, g_in_dy_dtype):
+    from hybridlm.ops import conv_triton
+
+    monkeypatch.setattr(conv_triton, "G_IN_DY_DTYPE", g_in_dy_dtype)
     B, L, C, K = 2, 4096, 6144, 4
     wide = torch.randn(B, L, C + 128, device="cuda")  # x is read as a strided column slice of it
     w, b = torch.randn(C, 1, K, device="cuda") / 2, torch.randn(C, device="cuda") / 4

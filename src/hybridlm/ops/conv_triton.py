@@ -9,9 +9,9 @@ Precision: products and sums in float32 whatever the input dtype; the output is 
 deterministic sum) and cast to the parameters' dtype.
 
 Backward, two passes: the first recomputes the pre-activation from ``x`` (not saved, so the op
-keeps only its inputs) and forms g = dy * silu'(pre) into a float32 buffer, elementwise; the
-second forms dx from K shifted reads of g, and the weight and bias gradients per tile from those
-reads and one read of x (fla's order: shifted g against unshifted x). On an H200, [4, 4096, 6144],
+keeps only its inputs) and forms g = dy * silu'(pre) into a buffer (float32; ``G_IN_DY_DTYPE``:
+dy's dtype), elementwise; the second forms dx from K shifted reads of g, and the weight and bias
+gradients per tile from those reads and one read of x (fla's order: shifted g against unshifted x). On an H200, [4, 4096, 6144],
 the passes take 0.24 + 0.44 ms; with the weight and bias sums in the first pass instead they took
 0.91 + 0.20 (that pass spilled 1.9 kB a thread at its fastest tile). One pass that recomputes g
 at the K shifted rows (K² tile loads, no buffer) took 2.20 ms fwd + bwd against 1.54 for those two
@@ -34,6 +34,11 @@ from .dispatch import record
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 16, 256, 4  # the backward's first pass (g)
 DX_BLOCK_L, DX_BLOCK_C, DX_WARPS = 32, 128, 4  # its second pass (dx, dw, db from g and x)
+#: g's buffer in dy's dtype (bf16 activations: half the bytes the two passes write and read)
+#: instead of float32. Simulated in float64 on CPU (B=2, L=4096, 384 channels), the errors against
+#: the rounded reference's: dx 1.00-1.15×, dw 0.90-1.20×, db 1.29-1.38×. sm_90 build: the dx pass
+#: spills 48 bytes a thread against 16. Not yet timed (``conv_norm_kernels.py --tune``); off.
+G_IN_DY_DTYPE = False
 
 
 @triton.jit
@@ -118,7 +123,8 @@ def _conv_bwd_g_kernel(
 ):
     """Backward, first pass (SiLU only), elementwise over a tile of positions p:
     g[p] = dy[p] * silu'(pre[p]), the gradient at the pre-activation, stored in float32; pre is
-    recomputed from K shifted reads of x as in the forward."""
+    recomputed from K shifted reads of x as in the forward (stored in float32, or in dy's dtype
+    with ``G_IN_DY_DTYPE``)."""
     pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -146,7 +152,8 @@ def _conv_bwd_g_kernel(
     g = tl.load(dy_ptr + b * sdy_b + p.to(tl.int64)[:, None] * sdy_l + c[None, :] * sdy_c, mask=mask, other=0.0)
     sig = tl.sigmoid(pre)
     g = g.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(g_ptr + b * L * C + p.to(tl.int64)[:, None] * C + c[None, :], g, mask=mask)
+    g_out = g_ptr + b * L * C + p.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(g_out, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -309,9 +316,9 @@ def conv_backward(
         s_seq = seq.stride(0) if seq is not None else 0
         g = dy  # without SiLU the gradient at the pre-activation is dy itself
         if silu:
-            # g goes through a float32 buffer: dx at t needs g at t..t+K-1, which the next tile
+            # g goes through a buffer: dx at t needs g at t..t+K-1, which the next tile
             # computes; recomputing it there costs K× the loads.
-            g = torch.empty(B, L, C, dtype=torch.float32, device=x.device)
+            g = torch.empty(B, L, C, dtype=dy.dtype if G_IN_DY_DTYPE else torch.float32, device=x.device)
             _conv_bwd_g_kernel[(triton.cdiv(L, BWD_BLOCK_L), triton.cdiv(C, BWD_BLOCK_C), B)](
                 x,
                 weight,
