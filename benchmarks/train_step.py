@@ -24,6 +24,8 @@ pair of neighbouring steps is unaffected by a slow drift of the GPU clock (the 1
 fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
 ``torch._inductor.config``'s settings before anything compiles (e.g. ``triton.multi_kernel=1``:
 inductor times a one-pass and a looped version of each reduction and keeps the faster).
+``--save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=True)`` (they keep the
+residual sum between their mixers for the backward, as unfused blocks keep their input).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def packed_batches(count: int, batch: int, seq: int, vocab: int, seed: int = 0) 
 
 
 COMPILE_MODE: str | None = None  # --compile-mode: torch.compile's mode for our blocks
+SAVE_SEAMS = False  # --save-seams: compiled fused blocks keep their seam's residual sum
 GC_EVERY = 0  # --gc-every: as train.gc_every (0: Python's automatic garbage collection)
 
 
@@ -82,7 +85,7 @@ def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.
     if ac:
         apply_activation_checkpointing(model, ac)
     if compile_:
-        compile_blocks(model, **({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
+        compile_blocks(model, save_seams=SAVE_SEAMS, **({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
     return model
 
 
@@ -360,6 +363,12 @@ def main() -> None:
     ap.add_argument("--ac", default=None, help="activation checkpointing policy (train.ac_policy), e.g. selective")
     ap.add_argument("--variants", default="unfused,fused", help="which of ours to run")
     ap.add_argument(
+        "--save-seams",
+        action="store_true",
+        help="compiled fused blocks keep the residual sum between their mixers for the backward "
+        "(hybridlm.parallel.execution.compile_blocks(save_seams=True))",
+    )
+    ap.add_argument(
         "--compile-mode", default=None, help="torch.compile mode for our blocks, e.g. reduce-overhead (CUDA graphs)"
     )
     ap.add_argument(
@@ -404,8 +413,9 @@ def main() -> None:
         if holder is None or not hasattr(holder, leaf) or not value.lstrip("-").isdigit():
             ap.error(f"--inductor-config {item}: expected KEY=N with KEY a setting of torch._inductor.config")
         setattr(holder, leaf, int(value))
-    global COMPILE_MODE, GC_EVERY
+    global COMPILE_MODE, GC_EVERY, SAVE_SEAMS
     COMPILE_MODE = args.compile_mode
+    SAVE_SEAMS = args.save_seams
     GC_EVERY = args.gc_every
     rate = measure_matmul_flops(torch.device("cuda"), n=8192, iters=30)
     params = float(HybridLM(base, device="meta").num_params())
@@ -419,6 +429,7 @@ def main() -> None:
         + (f" (mode {args.compile_mode})" if compile_ and args.compile_mode else "")
         + (f", AC {args.ac}" if args.ac else "")
         + (f", inductor {' '.join(args.inductor_config)}" if args.inductor_config else "")
+        + (", fused seams saved" if args.save_seams else "")
     )
     if hf_path:
         print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")

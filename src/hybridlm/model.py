@@ -70,6 +70,9 @@ class Block(nn.Module):
             ``hybridlm.parallel``).
         checkpoint_context_fn: ``torch.utils.checkpoint`` context_fn (selective recomputation
             policy) set with it, or None to recompute everything.
+        seam_context_fn: a context_fn that only decides what a compiled block's backward keeps
+            (``compile_blocks(save_seams=True)``), applied while ``torch.compile`` traces the
+            block and it is not checkpointed; run eagerly, the block ignores it.
     """
 
     def __init__(self, symbols: str, config: ModelConfig, layer_offset: int) -> None:
@@ -79,6 +82,7 @@ class Block(nn.Module):
         self.layers = nn.ModuleList(Layer(s, config) for s in symbols)
         self.activation_checkpointing = False
         self.checkpoint_context_fn = None
+        self.seam_context_fn = None
 
     @property
     def fused(self) -> bool:
@@ -92,6 +96,11 @@ class Block(nn.Module):
                 out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.checkpoint_context_fn)
             else:
                 out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False)
+        elif self.seam_context_fn is not None and torch.compiler.is_compiling() and torch.is_grad_enabled():
+            # Traced, the region only tags what the partitioner must save; if dynamo cannot trace
+            # it whole, the block runs eagerly, where this branch is not taken (an eager
+            # selective checkpoint would keep every intermediate and run the forward twice).
+            out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.seam_context_fn)
         else:
             out, aux = self._forward(x, ctx)
         # Recorded here, outside the checkpointed function: a recomputation returns its own copy,

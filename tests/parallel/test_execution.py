@@ -147,3 +147,40 @@ def test_compile_blocks_spells_a_mode_out_as_options_beside_the_cpu_options(monk
     assert seen[0]["options"]["cpp.simdlen"] == 1 and seen[0]["options"]["max_autotune"] is True
     compile_blocks(model)
     assert seen[-1] == {"options": {"cpp.simdlen": 1}}
+
+
+def _saved_and_grads(model, ids):
+    """(shape, dtype) of each distinct tensor the forward keeps for the backward, the loss and the
+    gradients, under bf16 autocast (the trainer's GPU setting; here on the CPU)."""
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), tuple(t.shape), t.dtype)] = (tuple(t.shape), t.dtype)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, grads = _loss_and_grads(model, ids)
+    return sorted(saved.values(), key=str), loss, grads
+
+
+def test_compiled_fused_blocks_keep_the_seam_sum_with_save_seams():
+    # Unfused blocks keep h = x + attention(x) as the MLP block's input; a compiled fused block
+    # keeps the bf16 attention output instead and recomputes h in its backward, unless
+    # save_seams: then it keeps what the unfused pair keeps, and computes the same bits.
+    torch._dynamo.reset()
+    overrides = dict(hidden_size=64, num_attention_heads=2, num_query_groups=1, head_dim=32, ffn_hidden_size=128)
+    ids = torch.randint(0, 97, (2, 64))
+    runs = {
+        name: _saved_and_grads(compile_blocks(HybridLM(tiny_config(p, **overrides), seed=3), save_seams=s), ids)
+        for name, p, s in (("unfused", "*-*-", False), ("fused", "[*-][*-]", False), ("saved", "[*-][*-]", True))
+    }
+    (u_saved, u_loss, u_grads), (f_saved, _, _), (s_saved, s_loss, s_grads) = runs.values()
+    moe = compile_blocks(HybridLM(tiny_config("[*-][*E]", **overrides)), backend="eager", save_seams=True)
+    assert [b.seam_context_fn is not None for b in moe.blocks.values()] == [True, False]  # MoE: left alone
+    h = ((2, 64, 64), torch.float32)
+    assert u_saved.count(h) > f_saved.count(h)  # without save_seams the fused blocks recompute h
+    assert s_saved == u_saved
+    assert torch.equal(s_loss, u_loss)
+    assert len(s_grads) == len(u_grads)
+    for (n, a), b in zip(u_grads.items(), s_grads.values()):  # the same layers in the same order
+        assert torch.equal(b, a), n

@@ -96,8 +96,54 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "full") -> nn
     return model
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+def _seam_policy(hidden_size: int):
+    """Keep a fused block's residual sum ``h = x + delta`` for the backward pass, recompute nothing.
+
+    Under bf16 autocast the seam is the add of the float32 residual stream and the sequence
+    mixer's bf16 output: the one add of two (..., hidden) tensors of different dtypes that the
+    backward reads (the block's final add is the same kind, but nothing reads its output back).
+    Left alone, inductor's partitioner saves ``delta`` (bf16, half the bytes) and recomputes ``h``
+    inside the seam's norm backward, which then reads two tensors instead of one; an unfused
+    model saves ``h`` as the next block's input.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    add = torch.ops.aten.add.Tensor
+
+    def policy(ctx, op, *args, **kwargs):
+        if op is add and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
+            a, b = args
+            if a.dtype != b.dtype and a.shape == b.shape and a.shape[-1] == hidden_size:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_SAVE  # the partitioner's own choice, as without a policy
+
+    return policy
+
+
+def _save_seams(model: nn.Module) -> None:
+    """Fused blocks keep their seam's sum (:func:`_seam_policy`) when compiled and not
+    checkpointed: a checkpoint region that saves, traced only (``Block.seam_context_fn``).
+
+    Not MoE blocks: their routing breaks the graph (the per-expert loop syncs with the host), and
+    dynamo resumes after a break inside the region by running the region eagerly, as a selective
+    checkpoint that keeps every intermediate (and refuses the router's in-place bookkeeping).
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    context = partial(create_selective_checkpoint_contexts, _seam_policy(model.config.hidden_size))
+    for block in _all_blocks(model):
+        if block.fused and "E" not in block.symbols:
+            block.seam_context_fn = context
+
+
+def compile_blocks(model: nn.Module, save_seams: bool = False, **compile_kwargs) -> nn.Module:
     """``torch.compile`` each block in place (parameter names are unchanged).
+
+    ``save_seams``: fused blocks keep the residual sum between their two mixers for the backward
+    pass, as unfused blocks keep their input, instead of recomputing it there (:func:`_seam_policy`;
+    an experiment, not yet timed on the GPU).
 
     On CPU, inductor's vectorized C++ code for the chunked SSD backward corrupts the heap now and
     then in torch 2.13 ("double free or corruption" with sequence lengths that need padding), so
@@ -114,6 +160,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
         mode = compile_kwargs["mode"]
         compile_kwargs = {k: v for k, v in compile_kwargs.items() if k != "mode"}
         compile_kwargs["options"] = list_mode_options(mode) | compile_kwargs["options"]
+    if save_seams:
+        _save_seams(model)
     blocks = list(_all_blocks(model))
     _raise_recompile_limit(len({b.symbols for b in blocks}))
     for block in blocks:
