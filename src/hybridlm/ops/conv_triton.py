@@ -11,8 +11,8 @@ deterministic sum) and cast to the parameters' dtype.
 Backward, two passes: the first recomputes the pre-activation from ``x`` (not saved, so the op
 keeps only its inputs) and forms g = dy * silu'(pre) into a buffer (float32; ``G_IN_DY_DTYPE``:
 dy's dtype), elementwise; the second forms dx from K shifted reads of g, and the weight and bias
-gradients per tile from those reads and one read of x (fla's order: shifted g against unshifted x). On an H200, [4, 4096, 6144],
-the passes take 0.24 + 0.44 ms; with the weight and bias sums in the first pass instead they took
+gradients per tile from those reads and one read of x (fla's order: shifted g against unshifted
+x). On an H200, [4, 4096, 6144], the passes take 0.24 + 0.44 ms; with the weight and bias sums in the first pass instead they took
 0.91 + 0.20 (that pass spilled 1.9 kB a thread at its fastest tile). One pass that recomputes g
 at the K shifted rows (K² tile loads, no buffer) took 2.20 ms fwd + bwd against 1.54 for those two
 passes (docs/benchmarks.md, seventh and eighth device sessions).
@@ -122,9 +122,8 @@ def _conv_bwd_g_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Backward, first pass (SiLU only), elementwise over a tile of positions p:
-    g[p] = dy[p] * silu'(pre[p]), the gradient at the pre-activation, stored in float32; pre is
-    recomputed from K shifted reads of x as in the forward (stored in float32, or in dy's dtype
-    with ``G_IN_DY_DTYPE``)."""
+    g[p] = dy[p] * silu'(pre[p]), the gradient at the pre-activation, stored in float32 (in dy's
+    dtype with ``G_IN_DY_DTYPE``); pre is recomputed from K shifted reads of x as in the forward."""
     pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
