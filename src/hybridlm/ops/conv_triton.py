@@ -12,10 +12,11 @@ Backward, two passes: the first recomputes the pre-activation from ``x`` (not sa
 keeps only its inputs) and forms g = dy * silu'(pre) into a buffer (float32; ``G_IN_DY_DTYPE``:
 dy's dtype), elementwise; the second forms dx from K shifted reads of g, and the weight and bias
 gradients per tile from those reads and one read of x (fla's order: shifted g against unshifted
-x). On an H200, [4, 4096, 6144], the passes take 0.24 + 0.44 ms; with the weight and bias sums in the first pass instead they took
-0.91 + 0.20 (that pass spilled 1.9 kB a thread at its fastest tile). One pass that recomputes g
-at the K shifted rows (K² tile loads, no buffer) took 2.20 ms fwd + bwd against 1.54 for those two
-passes (docs/benchmarks.md, seventh and eighth device sessions).
+x). On an H200, [4, 4096, 6144], the passes take 0.24 + 0.44 ms; with the weight and bias sums
+in the first pass instead they took 0.91 + 0.20 (that pass spilled 1.9 kB a thread at its fastest
+tile). One pass that recomputes g at the K shifted rows (K² tile loads, no buffer) took 2.20 ms
+fwd + bwd against 1.54 for those two passes (docs/benchmarks.md, seventh and eighth device
+sessions).
 """
 
 from __future__ import annotations
