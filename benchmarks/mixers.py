@@ -168,9 +168,11 @@ def turns(ours, theirs, x: torch.Tensor, rounds: int) -> None:
     """Time ``ours`` and ``theirs`` taking turns (A B, then B A, ...) and print each pair's ratio."""
     ratios = []
     for r in range(rounds):
-        order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-        ms = dict(zip((id(f) for f in order), (bench(f, x) for f in order)))
-        ratios.append(ms[id(ours)] / ms[id(theirs)])
+        if r % 2 == 0:
+            a, b = bench(ours, x), bench(theirs, x)
+        else:
+            b, a = bench(theirs, x), bench(ours, x)
+        ratios.append(a / b)
     print(f"ours (compiled) / Hugging Face, {rounds} rounds taking turns: median {statistics.median(ratios):.3f} "
           f"({', '.join(f'{q:.3f}' for q in ratios)})")  # fmt: skip
 
