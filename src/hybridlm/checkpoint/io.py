@@ -7,6 +7,7 @@ missing / unexpected / mis-shaped check. docs/checkpoints.md describes the forma
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -136,10 +137,7 @@ def write_directory(
     ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
     path = Path(path)
-
-    def check() -> None:
-        check_replaceable(path, key, config[key], what)
-
+    check = functools.partial(check_replaceable, path, key, config[key], what)
     check()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -245,12 +243,8 @@ def weight_files(path: str | Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")
         for name in set(weight_map.values()):  # a bare *.safetensors name: a file inside the checkpoint folder
-            if (
-                not isinstance(name, str)
-                or Path(name).name != name
-                or "\\" in name
-                or not name.endswith(".safetensors")
-            ):
+            bare = isinstance(name, str) and Path(name).name == name and "\\" not in name
+            if not (bare and name.endswith(".safetensors")):
                 raise CheckpointError(
                     f"{index}: shard {name!r} is not a .safetensors file inside the checkpoint folder"
                 )
