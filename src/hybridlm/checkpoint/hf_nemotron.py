@@ -387,9 +387,8 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     hf = read_json(path / CONFIG_NAME, f"{path}: missing {CONFIG_NAME}")
     config = config_from_nemotron_h(hf, path / CONFIG_NAME)
     state, where = _read_weights(path, hf)
-    layers = config.parsed.layers
-    if "M" in layers and not _hf_value(hf, "use_conv_bias"):  # no conv bias in the file; ours is exact zeros
-        for i in (i for i, s in enumerate(layers) if s == "M"):
+    if not _hf_value(hf, "use_conv_bias"):  # no conv bias in the file; ours is exact zeros
+        for i in (i for i, s in enumerate(config.parsed.layers) if s == "M"):
             w, b = (f"backbone.layers.{i}.mixer.conv1d.{n}" for n in ("weight", "bias"))
             if w in state and b not in state:
                 state[b] = torch.zeros(state[w].shape[0], dtype=state[w].dtype)
