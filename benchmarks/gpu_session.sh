@@ -83,8 +83,8 @@ for stage in "$@"; do
             --steps "${STEPS:-12}" --warmup 2 --gc-every 1000 --inductor-config triton.multi_kernel=1 ;;  # the seam's reductions
     mixorder) run mixorder 420 20 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-4x4096,1x32768}" --interleave \
             --steps "${STEPS:-12}" --warmup 2 --gc-every 1000 --inductor-config triton.mix_order_reduction_max_reads=0 ;;  # the seam's norm backward in one kernel?
-    seamsave) run seamsave 420 20 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-4x4096,1x4096,1x32768}" --interleave \
-            --steps "${STEPS:-12}" --warmup 2 --gc-every 1000 --save-seams ;;  # fused blocks keep h = x + delta, as unfused ones do
+    seamoff) run seamoff 420 20 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-4x4096,1x4096,1x32768}" --interleave \
+            --steps "${STEPS:-12}" --warmup 2 --gc-every 1000 --no-save-seams ;;  # fused blocks recompute h = x + delta (the old default)
     inter32k) run inter32k 300 14 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --interleave --steps "${STEPS:-16}" --warmup 2 --gc-every 1000 ;;
     rows32k) run rows32k 250 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --rounds "${ROUNDS:-4}" --steps 4 --warmup 2 --gc-every 1000 ;;
     cegpu) run cegpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;

@@ -122,8 +122,14 @@ TUNE = [  # a value per _KNOBS entry; the first row is the default
     (64, 64, 4, 4, 3, 64, True, 32, 32, False, False, False),  # every float32 factor split in two
     (64, 32, 4, 4, 3, 32, True, 32, 32, True, True, True),
     # Forward tiles of 32 (sm_90 build: _scan_fwd_kernel 220 registers against 244, _state_kernel
-    # 128 against 219, so four state programs per SM instead of two). Not yet timed.
+    # 128 against 219, so four state programs per SM instead of two): eleventh device session
+    # 2.93 ms against the default's 2.92, packed 3.17 against 3.02.
     (32, 64, 4, 4, 3, 64, True, 32, 32, True, True, True),
+    # Tried in the eleventh device session and not kept (fwd + bwd against the default's 2.92 ms,
+    # packed 3.02): the forward reading the group's C·B from _cb_kernel instead of recomputing it
+    # per head (half its tensor-core work at 8 heads per group), 3.15 at tiles of 64 (its sm_90
+    # build spilled 416 bytes) and 2.91 at 32 (packed 3.04); dx on 64-row tiles with eight warps
+    # (half the reloads of the chunk's float32 state gradient), 3.43 at 64 x 32 and 3.30 at 64 x 64.
 ]
 _KNOBS = (
     "BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT",

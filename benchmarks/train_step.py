@@ -24,8 +24,9 @@ pair of neighbouring steps is unaffected by a slow drift of the GPU clock (the 1
 fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
 ``torch._inductor.config``'s settings before anything compiles (e.g. ``triton.multi_kernel=1``:
 inductor times a one-pass and a looped version of each reduction and keeps the faster).
-``--save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=True)`` (they keep the
-residual sum between their mixers for the backward, as unfused blocks keep their input).
+``--no-save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=False)`` (they then
+recompute the residual sum between their mixers in the backward instead of keeping it, as unfused
+blocks keep their input; the default until the eleventh device session).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def packed_batches(count: int, batch: int, seq: int, vocab: int, seed: int = 0) 
 
 
 COMPILE_MODE: str | None = None  # --compile-mode: torch.compile's mode for our blocks
-SAVE_SEAMS = False  # --save-seams: compiled fused blocks keep their seam's residual sum
+SAVE_SEAMS = True  # --no-save-seams: compiled fused blocks recompute their seam's residual sum
 GC_EVERY = 0  # --gc-every: as train.gc_every (0: Python's automatic garbage collection)
 
 
@@ -364,9 +365,10 @@ def main() -> None:
     ap.add_argument("--variants", default="unfused,fused", help="which of ours to run")
     ap.add_argument(
         "--save-seams",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="compiled fused blocks keep the residual sum between their mixers for the backward "
-        "(hybridlm.parallel.execution.compile_blocks(save_seams=True))",
+        "(hybridlm.parallel.execution.compile_blocks(save_seams=...); default: on)",
     )
     ap.add_argument(
         "--compile-mode", default=None, help="torch.compile mode for our blocks, e.g. reduce-overhead (CUDA graphs)"
@@ -429,7 +431,7 @@ def main() -> None:
         + (f" (mode {args.compile_mode})" if compile_ and args.compile_mode else "")
         + (f", AC {args.ac}" if args.ac else "")
         + (f", inductor {' '.join(args.inductor_config)}" if args.inductor_config else "")
-        + (", fused seams saved" if args.save_seams else "")
+        + ("" if args.save_seams else ", fused seams recomputed")
     )
     if hf_path:
         print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")

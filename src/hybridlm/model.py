@@ -71,7 +71,7 @@ class Block(nn.Module):
         checkpoint_context_fn: ``torch.utils.checkpoint`` context_fn (selective recomputation
             policy) set with it, or None to recompute everything.
         seam_context_fn: a context_fn that only decides what a compiled block's backward keeps
-            (``compile_blocks(save_seams=True)``), applied while ``torch.compile`` traces the
+            (``compile_blocks(save_seams=True)``, the default), applied while ``torch.compile`` traces the
             block and it is not checkpointed; run eagerly, the block ignores it.
     """
 

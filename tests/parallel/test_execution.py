@@ -184,3 +184,20 @@ def test_compiled_fused_blocks_keep_the_seam_sum_with_save_seams():
     assert len(s_grads) == len(u_grads)
     for (n, a), b in zip(u_grads.items(), s_grads.values()):  # the same layers in the same order
         assert torch.equal(b, a), n
+
+
+def test_seam_region_run_eagerly_is_a_plain_checkpoint():
+    # A backend that runs the traced graph as it is (or a graph break in the block) runs the seam
+    # region as an eager checkpoint: there it recomputes rather than caching every op's output
+    # (a cache that refused the fused blocks' in-place updates), with the same values.
+    torch._dynamo.reset()
+    config = tiny_config("M[*-][G-]")
+    ids = torch.randint(0, 97, (2, 21))
+    (la, ga), (lb, gb) = (
+        _loss_and_grads(m, ids)
+        for m in (HybridLM(config, seed=2), compile_blocks(HybridLM(config, seed=2), backend="eager"))
+    )
+    assert torch.equal(la, lb)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+    torch._dynamo.reset()

@@ -111,6 +111,12 @@ def _seam_policy(hidden_size: int):
     add = torch.ops.aten.add.Tensor
 
     def policy(ctx, op, *args, **kwargs):
+        if not _tracing():
+            # Run eagerly (a graph break in the block, or a backend such as "eager" that runs the
+            # traced region as it is): caching every op's output would make it an eager selective
+            # checkpoint that keeps every intermediate and refuses any later in-place update of
+            # one. Recomputing instead makes it a plain checkpoint: the same values, more time.
+            return CheckpointPolicy.PREFER_RECOMPUTE
         if op is add and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args):
             a, b = args
             if a.dtype != b.dtype and a.shape == b.shape and a.shape[-1] == hidden_size:
@@ -118,6 +124,17 @@ def _seam_policy(hidden_size: int):
         return CheckpointPolicy.PREFER_SAVE  # the partitioner's own choice, as without a policy
 
     return policy
+
+
+def _tracing() -> bool:
+    """Whether a selective-checkpoint policy is being asked while AOTAutograd traces the region
+    (the partitioner reads its answers), not while the region runs eagerly.
+
+    The test ``torch.utils.checkpoint`` itself makes: a proxy dispatch mode is active.
+    ``torch.compiler.is_compiling()`` is no such test: torch 2.11 answers False there, so every op
+    was recomputed (fused blocks 13 % slower on the H200, eleventh device session).
+    """
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
 def _save_seams(model: nn.Module) -> None:
@@ -138,12 +155,14 @@ def _save_seams(model: nn.Module) -> None:
             block.seam_context_fn = context
 
 
-def compile_blocks(model: nn.Module, save_seams: bool = False, **compile_kwargs) -> nn.Module:
+def compile_blocks(model: nn.Module, save_seams: bool = True, **compile_kwargs) -> nn.Module:
     """``torch.compile`` each block in place (parameter names are unchanged).
 
     ``save_seams``: fused blocks keep the residual sum between their two mixers for the backward
-    pass, as unfused blocks keep their input, instead of recomputing it there (:func:`_seam_policy`;
-    an experiment, not yet timed on the GPU).
+    pass, as unfused blocks keep their input, instead of recomputing it there (:func:`_seam_policy`).
+    On an H200 (``bench-1.3b``) it took fused/unfused from 0.983 to 0.996 at 4 × 4096, 1.028 to 1.044
+    at 1 × 4096 and 1.002 to 1.005 at 1 × 32768, fused peaking at unfused's memory (40.7 GiB at
+    4 × 4096, 0.7 GiB more than without); False leaves the choice to inductor's partitioner.
 
     On CPU, inductor's vectorized C++ code for the chunked SSD backward corrupts the heap now and
     then in torch 2.13 ("double free or corruption" with sequence lengths that need padding), so
