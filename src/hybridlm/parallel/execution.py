@@ -160,9 +160,10 @@ def compile_blocks(model: nn.Module, save_seams: bool = True, **compile_kwargs) 
 
     ``save_seams``: fused blocks keep the residual sum between their two mixers for the backward
     pass, as unfused blocks keep their input, instead of recomputing it there (:func:`_seam_policy`).
-    On an H200 (``bench-1.3b``) it took fused/unfused from 0.983 to 0.996 at 4 × 4096, 1.028 to 1.044
-    at 1 × 4096 and 1.002 to 1.005 at 1 × 32768, fused peaking at unfused's memory (40.7 GiB at
-    4 × 4096, 0.7 GiB more than without); False leaves the choice to inductor's partitioner.
+    On an H200 (``bench-1.3b``, docs/benchmarks.md) fused/unfused went from 0.983 to 1.000 at
+    4 × 4096, 1.028 to 1.081 at 1 × 4096 and 1.002 to 0.994 at 1 × 32768, fused peaking at
+    unfused's memory (40.7 GiB at 4 × 4096, 0.7 GiB more than without); False leaves the choice
+    to inductor's partitioner.
 
     On CPU, inductor's vectorized C++ code for the chunked SSD backward corrupts the heap now and
     then in torch 2.13 ("double free or corruption" with sequence lengths that need padding), so
