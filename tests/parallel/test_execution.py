@@ -201,3 +201,18 @@ def test_seam_region_run_eagerly_is_a_plain_checkpoint():
     for n in ga:
         assert torch.equal(ga[n], gb[n]), n
     torch._dynamo.reset()
+
+
+def test_save_seams_drops_only_torchs_in_place_notice():
+    # torch prints a notice once per process when a checkpoint with a context_fn is compiled; the
+    # seam regions are ours and checked, so compile_blocks drops that message, and only that one.
+    import logging
+
+    compile_blocks(HybridLM(tiny_config("[*-]"), seed=0), backend="eager")
+    notices = logging.getLogger("torch._higher_order_ops.wrap")
+
+    def passes(msg):
+        return notices.filter(logging.LogRecord(notices.name, logging.WARNING, __file__, 1, msg, None, None))
+
+    assert not passes("\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\nPlease ...")
+    assert passes("some other warning")

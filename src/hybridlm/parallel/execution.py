@@ -142,9 +142,10 @@ def _save_seams(model: nn.Module) -> None:
     checkpointed: a checkpoint region that saves, traced only (``Block.seam_context_fn``).
 
     Not MoE blocks: their routing breaks the graph (the per-expert loop syncs with the host), and
-    dynamo resumes after a break inside the region by running the region eagerly, as a selective
-    checkpoint that keeps every intermediate (and refuses the router's in-place bookkeeping).
+    dynamo resumes after a break inside the region by running the region eagerly, where the policy
+    makes it a checkpoint that recomputes the whole block in the backward.
     """
+    import logging
     from functools import partial
 
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
@@ -153,6 +154,20 @@ def _save_seams(model: nn.Module) -> None:
     for block in _all_blocks(model):
         if block.fused and "E" not in block.symbols:
             block.seam_context_fn = context
+    notices = logging.getLogger("torch._higher_order_ops.wrap")
+    if not any(isinstance(f, _SeamRegionNotice) for f in notices.filters):
+        notices.addFilter(_SeamRegionNotice())
+
+
+class _SeamRegionNotice:
+    """Drops torch's notice, printed once per process when a checkpoint with a ``context_fn`` is
+    compiled, that the region must not hold in-place ops. The seam regions hold one, ``F.rms_norm``'s
+    own ``add_`` of eps to a temporary; functionalized under ``torch.compile`` it is harmless, and
+    fused blocks compute the unfused pair's bits (``tests/parallel/test_execution.py``; 200 steps on
+    the H200, docs/benchmarks.md). Any other message of that logger passes."""
+
+    def filter(self, record) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint under torch.compile" not in record.getMessage()
 
 
 def compile_blocks(model: nn.Module, save_seams: bool = True, **compile_kwargs) -> nn.Module:
