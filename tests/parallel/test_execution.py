@@ -189,7 +189,7 @@ def test_compiled_fused_blocks_keep_the_seam_sum_with_save_seams():
 def test_seam_region_run_eagerly_is_a_plain_checkpoint():
     # A backend that runs the traced graph as it is (or a graph break in the block) runs the seam
     # region as an eager checkpoint: there it recomputes rather than caching every op's output
-    # (a cache that refused the fused blocks' in-place updates), with the same values.
+    # (a cache that refused F.rms_norm's own in-place add of eps), with the same values.
     torch._dynamo.reset()
     config = tiny_config("M[*-][G-]")
     ids = torch.randint(0, 97, (2, 21))
