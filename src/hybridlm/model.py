@@ -97,9 +97,9 @@ class Block(nn.Module):
             else:
                 out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False)
         elif self.seam_context_fn is not None and torch.compiler.is_compiling() and torch.is_grad_enabled():
-            # Traced, the region only tags what the partitioner must save; if dynamo cannot trace
-            # it whole, the block runs eagerly, where this branch is not taken (an eager
-            # selective checkpoint would keep every intermediate and run the forward twice).
+            # Traced, the region only tags what the partitioner must save. Run eagerly (a graph
+            # break inside it, or a backend that runs the traced graph as it is) the policy makes
+            # it a plain checkpoint (``parallel.execution._seam_policy``).
             out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.seam_context_fn)
         else:
             out, aux = self._forward(x, ctx)
