@@ -18,7 +18,6 @@ custom op adds (``--host-ops`` counts aten ops with a dispatch mode, the launche
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import os
 import subprocess
@@ -28,6 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import knobs
 
 #: torch dtype -> Triton's pointer element type.
 _TYPES = {
@@ -288,16 +290,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("kernel_build.py compiles kernels: run it without TRITON_INTERPRET=1")
-    for item in args.set:
-        target, _, value = item.partition("=")
-        module, _, knob = target.rpartition(".")
-        try:
-            mod = importlib.import_module(f"hybridlm.ops.{module}")
-        except ImportError:
-            sys.exit(f"--set {item}: no module hybridlm.ops.{module}")
-        if not knob.isupper() or not hasattr(mod, knob) or not value.isdigit():
-            sys.exit(f"--set {item}: expected MODULE.KNOB=N with KNOB an upper-case setting of hybridlm.ops.{module}")
-        setattr(mod, knob, int(value))
+    knobs.apply(args.set)
     unknown = set(args.ops.split(",")) - set(OPS)
     if unknown:
         sys.exit(f"unknown ops {sorted(unknown)}; known: {', '.join(OPS)}")

@@ -15,6 +15,10 @@ Hugging Face's mixer launches many small kernels from Python, so its wall time f
 (9.5 to 12.4 ms across device sessions at the same 9.4 ms of kernel time). ``--rounds N`` times
 ours (compiled) and Hugging Face's again, taking turns N times, and prints each pair's ratio and
 their median, so that a slow stretch of the host weighs on both.
+
+``--try MODULE.KNOB=N[,MODULE.KNOB=N...]`` (repeatable) then times our compiled mixer with each
+group of kernel settings against the defaults, taking turns ``--try-rounds`` times: a setting
+judged by the whole mixer, side by side, rather than by its kernel alone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import knobs
 
 from hybridlm import ModelConfig
 from hybridlm.layers import GatedDeltaNet, Mamba2Mixer
@@ -75,7 +81,20 @@ def main() -> None:
         metavar="N",
         help="then time ours (compiled) and Hugging Face's N times, taking turns",
     )
+    ap.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="MODULE.KNOB=N[,...]",
+        help="then time ours (compiled) with these kernel settings against the defaults (repeatable)",
+    )
+    ap.add_argument("--try-rounds", type=int, default=4, metavar="N", help="turns per --try setting")
+    ap.add_argument("--no-gdn", action="store_true", help="skip the Gated DeltaNet rows")
     args = ap.parse_args()
+    for group in args.tries:  # every setting checked before anything runs
+        for item in group.split(","):
+            knobs.parse(item)
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     hf_path = "not run"
     if not args.no_hf:
@@ -118,10 +137,11 @@ def main() -> None:
     rows.append(
         ("hybridlm Mamba2, compiled, packed (3 documents/row)", bench(fwd_bwd(lambda t: cm(t, packed), x, dy, pm)))
     )
-    cg = torch.compile(gdn)
-    rows.append(("hybridlm Gated DeltaNet, eager", bench(fwd_bwd(lambda t: gdn(t, plain), x, dy, pg))))
-    rows.append(("hybridlm Gated DeltaNet, compiled", bench(fwd_bwd(lambda t: cg(t, plain), x, dy, pg))))
-    rows.append(("hybridlm Gated DeltaNet, compiled, packed", bench(fwd_bwd(lambda t: cg(t, packed), x, dy, pg))))
+    if not args.no_gdn:
+        cg = torch.compile(gdn)
+        rows.append(("hybridlm Gated DeltaNet, eager", bench(fwd_bwd(lambda t: gdn(t, plain), x, dy, pg))))
+        rows.append(("hybridlm Gated DeltaNet, compiled", bench(fwd_bwd(lambda t: cg(t, plain), x, dy, pg))))
+        rows.append(("hybridlm Gated DeltaNet, compiled, packed", bench(fwd_bwd(lambda t: cg(t, packed), x, dy, pg))))
     theirs = None
     if not args.no_hf:
         from hf_anchor import anchor_path
@@ -164,7 +184,8 @@ def main() -> None:
     print(
         f"\npacked / unpacked (Mamba2, compiled): {d['hybridlm Mamba2, compiled, packed (3 documents/row)'] / m_c:.3f}"
     )
-    print(f"GDN / Mamba2 (compiled): {d['hybridlm Gated DeltaNet, compiled'] / m_c:.3f}")
+    if not args.no_gdn:
+        print(f"GDN / Mamba2 (compiled): {d['hybridlm Gated DeltaNet, compiled'] / m_c:.3f}")
     hf_ms = next((v for k, v in rows if k.startswith("Hugging Face")), None)
     if hf_ms:
         print(
@@ -172,6 +193,8 @@ def main() -> None:
         )
     if args.rounds and hf_ms and math.isfinite(hf_ms):
         turns(ours, theirs, args.rounds)
+    for group in args.tries:
+        try_setting(ours, group.split(","), args.try_rounds)
     print(f"kernel paths: {paths_used()}")
 
 
@@ -186,6 +209,23 @@ def turns(ours, theirs, rounds: int) -> None:
         ratios.append(a / b)
     print(f"ours (compiled) / Hugging Face, {rounds} rounds taking turns: median {statistics.median(ratios):.3f} "
           f"({', '.join(f'{q:.3f}' for q in ratios)})")  # fmt: skip
+
+
+def try_setting(ours, items: list[str], rounds: int) -> None:
+    """Time ``ours`` with the kernel settings ``items`` and with the defaults, taking turns, and
+    print each pair's ratio (with / without) and their median."""
+    ratios = []
+    for r in range(rounds):
+        pair = {}
+        for with_setting in (r % 2 == 0, r % 2 != 0):
+            old = knobs.apply(items) if with_setting else {}
+            try:
+                pair[with_setting] = bench(ours)
+            finally:
+                knobs.restore(old)
+        ratios.append(pair[True] / pair[False])
+    print(f"{','.join(items)}: ours (compiled) with / without, {rounds} rounds taking turns: median "
+          f"{statistics.median(ratios):.3f} ({', '.join(f'{q:.3f}' for q in ratios)})", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm import HybridLM
-from hybridlm.ops.cross_entropy import linear_cross_entropy
+from hybridlm.ops.cross_entropy import _accumulate_product, linear_cross_entropy
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton, tiny_config
 
@@ -135,3 +135,29 @@ def test_gpu_linear_cross_entropy_bf16_kernel_within_twice_the_torch_path():
     exact = [ref, *torch.autograd.grad(ref, (hd, wd))]
     for name, a, e, rr in zip(["loss", "dh", "dW"], results["triton"], exact, results["torch"]):
         assert_bf16_within(a, e, rr, 2.0, f"linear cross entropy {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_head_gradient_summed_over_chunks_in_float32():
+    # The head's weight gradient is a float32 sum of per-chunk bf16 products. On CUDA one GEMM per
+    # chunk adds into the sum (addmm with a float32 out_dtype), so no chunk's product is rounded to
+    # bf16 first: the sum equals float64's to float32 accuracy, where rounding each product to bf16
+    # would be off by about 1e-3 of the largest entry.
+    torch.manual_seed(6)
+    chunks = [(torch.randn(512, 1024, device="cuda").bfloat16(), torch.randn(1024, 256, device="cuda").bfloat16())]
+    chunks += [(a * 0.5, b) for a, b in chunks * 3]
+    acc = torch.full((512, 256), float("nan"), device="cuda")  # the first chunk must not read it
+    for i, (a, b) in enumerate(chunks):
+        _accumulate_product(acc, a, b, first=i == 0)
+    exact = sum(a.double() @ b.double() for a, b in chunks)
+    err = ((acc.double() - exact).abs().max() / exact.abs().max()).item()
+    assert err < 1e-5, f"float32 sum of chunk products off by {err:.2e} of the largest entry"
+
+
+def test_head_gradient_sum_starts_from_the_first_chunk():
+    # The sum's buffer is allocated uninitialized: the first chunk overwrites it, NaNs included.
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    acc = torch.full((6, 4), float("nan"))
+    _accumulate_product(acc, a, b, first=True)
+    _accumulate_product(acc, a, b, first=False)
+    assert torch.equal(acc, a @ b + a @ b)

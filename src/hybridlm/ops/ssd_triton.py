@@ -68,6 +68,15 @@ BLOCK_Q = 64
 BLOCK_Q_BWD = 64
 NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 4
+#: Software-pipelining stages of the chunk kernels' loops (None: Triton's default, 3 on sm_90):
+#: ``_state_kernel``, ``_scan_fwd_kernel``, ``_bwd_dx_kernel`` and the other backward kernels
+#: (``_cb_kernel``, ``_bwd_w_kernel``, ``_bwd_dbc_kernel``). Their loops run 1 to 4 times per
+#: program, so the stages' prologue and buffers (shared memory, registers) may cost more than
+#: the prefetch gains.
+STATE_STAGES = None
+SCAN_STAGES = None
+DX_STAGES = None
+BWD_STAGES = None
 #: Width of the blocks of the state dimension n in the backward kernels (state products, dB, dC).
 BLOCK_N_BWD = 64
 #: dx's in-chunk term (sum over t of C_t·B_s L[t, s] dy_t) with its float32 factor rounded once to
@@ -114,6 +123,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if _INTERPRET else dtype
+
+
+def _stages(n: int | None) -> dict:
+    """A launch's ``num_stages`` option, or none (Triton's default) for None."""
+    return {} if n is None else {"num_stages": n}
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -869,6 +883,7 @@ def _states(x, B, acum, dt_p, seq_p, decay, init, Q):
         L, Lp, h, p, n, Q, h // g, nc + 1, 1,
         MODE=0, HAS_SEQ=seq_p is not None,
         BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
+        **_stages(STATE_STAGES),
     )  # fmt: skip
     block = 1024
     _pass_fwd_kernel[(b * h, triton.cdiv(p * n, block))](
@@ -893,7 +908,7 @@ def ssd_forward(x, dt, A, B, C, D, seq_idx, init, Q):
         L, nc * Q, h, p, n, Q, h // g, nc,
         HAS_SEQ=seq_p is not None, HAS_D=D is not None,
         BLOCK_Q=bq, BLOCK_P=bp, BLOCK_N=_pow2(n), PREC=DOT_PRECISION, UPCAST=_INTERPRET,
-        SINGLE_STATE=FWD_STATE_SINGLE_PRODUCT, num_warps=NUM_WARPS_FWD,
+        SINGLE_STATE=FWD_STATE_SINGLE_PRODUCT, num_warps=NUM_WARPS_FWD, **_stages(SCAN_STAGES),
     )  # fmt: skip
     return y.to(x.dtype), S
 
@@ -919,6 +934,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         L, Lp, h, p, n, Q, r, nc, 0,
         MODE=1, HAS_SEQ=seq_p is not None,
         BLOCK_Q=min(BLOCK_Q, _pow2(Q)), BLOCK_P=bp, BLOCK_N=bn, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_FWD,
+        **_stages(STATE_STAGES),
     )  # fmt: skip
     block = 1024
     nblk = triton.cdiv(p * n, block)
@@ -952,7 +968,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     cb = torch.empty(b, nc, g, Q, Q, device=x.device, dtype=torch.float32)
     w = torch.empty(b, nc, g, Q, Q, device=x.device, dtype=torch.float32)
     has_seq = seq_p is not None
-    kw = dict(BLOCK_Q=bq, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_BWD)
+    kw = dict(BLOCK_Q=bq, PREC=DOT_PRECISION, UPCAST=_INTERPRET, num_warps=NUM_WARPS_BWD) | _stages(BWD_STAGES)
     _cb_kernel[(nc * nqb * nqb, b * g)](B, *B.stride(), C, *C.stride(), cb, L, g, n, Q, nc, BLOCK_N=bn, **kw)
     _bwd_w_kernel[(nc * nqb * nqb, b * g)](
         x, *x.stride(), dy, *dy.stride(), cb, w, acum, dt_p, seq_arg, dacum_y,
@@ -964,7 +980,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, *dx.stride(), ddt_direct, dacum_st, dD_part,
         L, Lp, h, p, n, Q, r, nc,
         HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), SINGLE_Y=DX_SINGLE_PRODUCT,
-        **(kw | {"BLOCK_Q": bq_dx, "BLOCK_N": min(_pow2(n), DX_BLOCK_N or BLOCK_N_BWD)}),
+        **(kw | {"BLOCK_Q": bq_dx, "BLOCK_N": min(_pow2(n), DX_BLOCK_N or BLOCK_N_BWD)} | _stages(DX_STAGES)),
     )  # fmt: skip
     for mode, (xx, yy, zz, st, out, slots) in enumerate([(x, C, C, dS, dB, nc), (dy, B, C, S, dC, nc + 1)]):
         _bwd_dbc_kernel[(nc * nqb * nnb, b * g)](
