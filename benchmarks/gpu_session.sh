@@ -45,6 +45,11 @@ run() {  # run NAME SECONDS TAIL_LINES COMMAND...
     grep -v -E "Warning|warn\(|^\s*$|^  File|^    " "$OUT/$name.log" | tail -n "$lines"
 }
 
+tries() {  # tries SETTING...: a --try option of benchmarks/mixers.py for each
+    local t
+    for t in "$@"; do printf -- "--try %s " "$t"; done
+}
+
 for stage in "$@"; do
     case $stage in
     tests) run tests 240 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
@@ -60,17 +65,14 @@ for stage in "$@"; do
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convprof) run convprof 200 60 python3 benchmarks/conv_norm_kernels.py --tune --profile ;;
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
-    mixers) run mixers 320 18 python3 benchmarks/mixers.py --rounds 8 ;;
+    mixers)  # TRIES: kernel settings then timed against the defaults (as in mixtry)
+        # shellcheck disable=SC2046  # one --try per setting
+        run mixers 400 30 python3 benchmarks/mixers.py --rounds 8 $(tries ${TRIES:-}) ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     mixtry)  # kernel settings judged by the whole mixer (each against the defaults, taking turns), and its kernels
-        tries=""
-        for t in ssd_triton.DX_STAGES=1 ssd_triton.DX_STAGES=2 ssd_triton.SCAN_STAGES=1 ssd_triton.SCAN_STAGES=2 \
-            ssd_triton.STATE_STAGES=1 ssd_triton.STATE_STAGES=2 ssd_triton.BWD_STAGES=1 ssd_triton.BWD_STAGES=2 \
-            norm_triton.BWD_PROGRAMS=2048 norm_triton.BWD_PROGRAMS=8192 conv_triton.G_IN_DY_DTYPE=1 ${TRIES:-}; do
-            tries="$tries --try $t"
-        done
-        # shellcheck disable=SC2086  # one --try per setting
-        run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 $tries ;;
+        # shellcheck disable=SC2046  # one --try per setting
+        run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 $(tries ${TRIES:-\
+            ssd_triton.DX_STAGES=1 ssd_triton.SCAN_STAGES=1 ssd_triton.STATE_STAGES=1 ssd_triton.BWD_STAGES=1}) ;;
     mixall) run mixall 240 250 python3 benchmarks/mixers.py --profile --profile-rows 120 ;;  # every kernel
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;

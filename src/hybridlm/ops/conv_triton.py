@@ -9,10 +9,10 @@ Precision: products and sums in float32 whatever the input dtype; the output is 
 deterministic sum) and cast to the parameters' dtype.
 
 Backward, two passes: the first recomputes the pre-activation from ``x`` (not saved, so the op
-keeps only its inputs) and forms g = dy * silu'(pre) into a buffer (float32; ``G_IN_DY_DTYPE``:
-dy's dtype), elementwise; the second forms dx from K shifted reads of g, and the weight and bias
-gradients per tile from those reads and one read of x (fla's order: shifted g against unshifted
-x). On an H200, [4, 4096, 6144], the passes take 0.24 + 0.44 ms; with the weight and bias sums
+keeps only its inputs) and forms g = dy * silu'(pre) into a buffer (in dy's dtype; float32 with
+``G_IN_DY_DTYPE`` off), elementwise; the second forms dx from K shifted reads of g, and the weight
+and bias gradients per tile from those reads and one read of x (fla's order: shifted g against
+unshifted x). On an H200, [4, 4096, 6144], the passes take 0.24 + 0.44 ms; with the weight and bias sums
 in the first pass instead they took 0.91 + 0.20 (that pass spilled 1.9 kB a thread at its fastest
 tile). One pass that recomputes g at the K shifted rows (K² tile loads, no buffer) took 2.20 ms
 fwd + bwd against 1.54 for those two passes (docs/benchmarks.md, seventh and eighth device
@@ -37,11 +37,12 @@ BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 16, 256, 4  # the backward's first pass (g
 DX_BLOCK_L, DX_BLOCK_C, DX_WARPS = 32, 128, 4  # its second pass (dx, dw, db from g and x)
 #: g's buffer in dy's dtype (bf16 activations: half the bytes the two passes write and read)
 #: instead of float32. Simulated in float64 on CPU (B=2, L=4096, 384 channels), the errors against
-#: the rounded reference's: dx 1.00-1.15×, dw 0.90-1.20×, db 1.29-1.38×. sm_90 build: the dx pass
-#: spills 48 bytes a thread against 16. Timed on an H200 (``conv_norm_kernels.py --tune``, eleventh
-#: device session): 1.39 ms fwd + bwd against 1.35-1.71 for the default in the same table, inside
-#: its spread; off.
-G_IN_DY_DTYPE = False
+#: the rounded reference's: dx 1.00-1.15×, dw 0.90-1.20×, db 1.29-1.38× (the GPU test checks
+#: ≤ 2× at L = 4096). sm_90 build: the dx pass spills 48 bytes a thread against 16. Timed on an
+#: H200: the conv alone (``conv_norm_kernels.py --tune``) 1.39 ms fwd + bwd against 1.35-1.71 for
+#: the float32 buffer, inside its spread; in the whole Mamba2 mixer (``mixers.py --try``, 4 pairs
+#: taking turns) 0.978 of the mixer's time with it against without.
+G_IN_DY_DTYPE = True
 
 
 @triton.jit
@@ -125,8 +126,8 @@ def _conv_bwd_g_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Backward, first pass (SiLU only), elementwise over a tile of positions p:
-    g[p] = dy[p] * silu'(pre[p]), the gradient at the pre-activation, stored in float32 (in dy's
-    dtype with ``G_IN_DY_DTYPE``); pre is recomputed from K shifted reads of x as in the forward."""
+    g[p] = dy[p] * silu'(pre[p]), the gradient at the pre-activation, stored in dy's dtype (float32
+    with ``G_IN_DY_DTYPE`` off); pre is recomputed from K shifted reads of x as in the forward."""
     pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
