@@ -67,7 +67,7 @@ for stage in "$@"; do
     convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
     mixers)  # TRIES: kernel settings then timed against the defaults (as in mixtry)
         # shellcheck disable=SC2046  # one --try per setting
-        run mixers 400 30 python3 benchmarks/mixers.py --rounds 8 $(tries ${TRIES:-}) ;;
+        run mixers 400 30 python3 benchmarks/mixers.py --rounds 8 --try-rounds "${TRY_ROUNDS:-4}" $(tries ${TRIES:-}) ;;
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     mixtry)  # kernel settings judged by the whole mixer (each against the defaults, taking turns), and its kernels
         # shellcheck disable=SC2046  # one --try per setting

@@ -76,10 +76,10 @@ NUM_WARPS_BWD = 4
 #: (``mixers.py --try``, 4 × 4096, fwd + bwd, each setting against Triton's default, 4 pairs,
 #: median ratio): ``SCAN_STAGES`` 2 0.970, 1 0.974; ``STATE_STAGES`` 2 0.983, 1 0.986;
 #: ``DX_STAGES`` 1 0.989, 2 1.002; ``BWD_STAGES`` 1 0.994, 2 1.003.
-STATE_STAGES = 2
-SCAN_STAGES = 2
+STATE_STAGES = 1
+SCAN_STAGES = 1
 DX_STAGES = None
-BWD_STAGES = None
+BWD_STAGES = 1
 #: Width of the blocks of the state dimension n in the backward kernels (state products, dB, dC).
 BLOCK_N_BWD = 64
 #: dx's in-chunk term (sum over t of C_t·B_s L[t, s] dy_t) with its float32 factor rounded once to
