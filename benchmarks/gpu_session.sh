@@ -71,7 +71,7 @@ for stage in "$@"; do
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     mixtry)  # kernel settings judged by the whole mixer (each against the defaults, taking turns), and its kernels
         # shellcheck disable=SC2046  # one --try per setting
-        run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 $(tries ${TRIES:-\
+        run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 --rounds 8 $(tries ${TRIES:-\
             ssd_triton.DX_STAGES=1 ssd_triton.SCAN_STAGES=1 ssd_triton.STATE_STAGES=1 ssd_triton.BWD_STAGES=1}) ;;
     mixall) run mixall 240 250 python3 benchmarks/mixers.py --profile --profile-rows 120 ;;  # every kernel
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
