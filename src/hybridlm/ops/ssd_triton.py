@@ -69,16 +69,21 @@ BLOCK_Q_BWD = 64
 NUM_WARPS_FWD = 4
 NUM_WARPS_BWD = 4
 #: Software-pipelining stages of the chunk kernels' loops (None: Triton's default, 3 on sm_90):
-#: ``_state_kernel``, ``_scan_fwd_kernel``, and the backward's ``_cb_kernel``, ``_bwd_w_kernel``,
-#: ``_bwd_dbc_kernel`` (``BWD_STAGES``) and ``_bwd_dx_kernel`` (``DX_STAGES``; None: as
-#: ``BWD_STAGES``). Their loops run 1 to 4 times per program, so the stages' prologue and buffers
-#: may cost more than the prefetch gains. Timed in the whole Mamba2 mixer on an H200
-#: (``mixers.py --try``, 4 × 4096, fwd + bwd, each setting against Triton's default, 4 pairs,
-#: median ratio): ``SCAN_STAGES`` 2 0.970, 1 0.974; ``STATE_STAGES`` 2 0.983, 1 0.986;
-#: ``DX_STAGES`` 1 0.989, 2 1.002; ``BWD_STAGES`` 1 0.994, 2 1.003.
+#: ``_state_kernel``, ``_scan_fwd_kernel``, and the backward's ``_cb_kernel`` and
+#: ``_bwd_dbc_kernel`` (``BWD_STAGES``), ``_bwd_dx_kernel`` (``DX_STAGES``) and ``_bwd_w_kernel``
+#: (``W_STAGES``; these two None: as ``BWD_STAGES``). Their loops run 1 to 4 times per program,
+#: so the stages' prologue and buffers cost more than the prefetch gains. Timed in the whole
+#: Mamba2 mixer on an H200 (``mixers.py --try``, 4 × 4096, fwd + bwd, median ratio of pairs
+#: taking turns; twelfth device session): against Triton's default, ``SCAN_STAGES`` 2 0.970,
+#: 1 0.974, ``STATE_STAGES`` 2 0.983, 1 0.986; against one stage everywhere, ``SCAN_STAGES`` 2
+#: 1.006, ``STATE_STAGES`` 2 1.015, ``BWD_STAGES`` 3 1.002, ``DX_STAGES`` 2 1.003 (a setting
+#: against itself: 0.997, 0.998). Kernel times against Triton's default: ``_scan_fwd_kernel``
+#: 0.51 → 0.30 ms, ``_state_kernel`` 0.46 → 0.42 (two launches), ``_bwd_dx_kernel`` 0.72 → 0.67,
+#: ``_bwd_w_kernel`` 0.30 → 0.35 (``W_STAGES`` = 3, to give it back its default, not yet timed).
 STATE_STAGES = 1
 SCAN_STAGES = 1
 DX_STAGES = None
+W_STAGES = None
 BWD_STAGES = 1
 #: Width of the blocks of the state dimension n in the backward kernels (state products, dB, dC).
 BLOCK_N_BWD = 64
@@ -976,7 +981,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     _bwd_w_kernel[(nc * nqb * nqb, b * g)](
         x, *x.stride(), dy, *dy.stride(), cb, w, acum, dt_p, seq_arg, dacum_y,
         L, Lp, h, p, Q, r, nc,
-        HAS_SEQ=has_seq, BLOCK_P=_pow2(p), **kw,
+        HAS_SEQ=has_seq, BLOCK_P=_pow2(p), **(kw | _stages(W_STAGES)),
     )  # fmt: skip
     _bwd_dx_kernel[(nc * triton.cdiv(Q, bq_dx), b * h)](
         x, *x.stride(), B, *B.stride(), dy, *dy.stride(), cb,
