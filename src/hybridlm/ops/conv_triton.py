@@ -10,13 +10,13 @@ deterministic sum) and cast to the parameters' dtype.
 
 Backward, two passes: the first recomputes the pre-activation from ``x`` (not saved, so the op
 keeps only its inputs) and forms g = dy * silu'(pre) into a buffer (in dy's dtype; float32 with
-``G_IN_DY_DTYPE`` off), elementwise; the second forms dx from K shifted reads of g, and the weight
-and bias gradients per tile from those reads and one read of x (fla's order: shifted g against
-unshifted x). On an H200, [4, 4096, 6144], the passes take 0.24 + 0.44 ms; with the weight and bias sums
-in the first pass instead they took 0.91 + 0.20 (that pass spilled 1.9 kB a thread at its fastest
-tile). One pass that recomputes g at the K shifted rows (K² tile loads, no buffer) took 2.20 ms
-fwd + bwd against 1.54 for those two passes (docs/benchmarks.md, seventh and eighth device
-sessions).
+``G_IN_DY_DTYPE`` off), elementwise; the second forms dx from K shifted reads of g, and the
+weight and bias gradients per tile from those reads and one read of x (fla's order: shifted g
+against unshifted x). On an H200, [4, 4096, 6144], the passes take 0.19 + 0.42 ms (0.24 + 0.44
+with g in float32); with the weight and bias sums in the first pass instead they took 0.91 + 0.20
+(that pass spilled 1.9 kB a thread at its fastest tile). One pass that recomputes g at the K
+shifted rows (K² tile loads, no buffer) took 2.20 ms fwd + bwd against 1.54 for those two passes
+(docs/benchmarks.md, seventh, eighth and twelfth device sessions).
 """
 
 from __future__ import annotations
