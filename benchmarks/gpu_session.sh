@@ -72,7 +72,7 @@ for stage in "$@"; do
     mixtry)  # kernel settings judged by the whole mixer (each against the defaults, taking turns), and its kernels
         # shellcheck disable=SC2046  # one --try per setting
         run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 --rounds 8 $(tries ${TRIES:-\
-            ssd_triton.DX_STAGES=1 ssd_triton.SCAN_STAGES=1 ssd_triton.STATE_STAGES=1 ssd_triton.BWD_STAGES=1}) ;;
+            ssd_triton.W_STAGES=3 ssd_triton.W_STAGES=2}) ;;
     seamcode)  # what inductor's seam kernels read and write, fused blocks against unfused (issue 9)
         run seamcode 240 120 bash -c "TORCH_LOGS=output_code python3 benchmarks/train_step.py --preset bench-1.3b \
             --shapes 1x4096 --steps 1 --warmup 1 --variants fused,unfused >/tmp/seamcode_raw.log 2>&1; \

@@ -1,10 +1,10 @@
 """What AOTAutograd hands inductor for fused blocks against the unfused pair, on CPU (no GPU needed).
 
-    python benchmarks/seam_graphs.py                      # "*-*-" against "[*-][*-]"
-    python benchmarks/seam_graphs.py "M-M-" "[M-][M-]"
+    python benchmarks/seam_graphs.py                # "*-" against "[*-]"
+    python benchmarks/seam_graphs.py "M-" "[M-]"
 
-Builds a tiny model of each pattern, compiles its blocks as ``compile_blocks`` does (the seam
-policy included) with a backend that records the forward and backward graphs instead of running
+Builds a tiny model of each pattern, compiles its blocks with ``compile_blocks`` (the seam policy
+included) and a backend that records the forward and backward graphs instead of running
 inductor, takes one bf16-autocast training step, and prints per graph the tensors saved for the
 backward and the counts of the ATen ops that matter at the seam. Equal counts mean the fused
 block computes and keeps what the pair does, and any GPU difference is in how inductor groups
@@ -20,31 +20,25 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.parallel import execution
+from hybridlm.parallel.execution import compile_blocks
 
 SEAM_OPS = ("add", "mul", "pow", "sum", "mean", "rsqrt", "mm", "_to_copy")
 
 
 def graphs_of(pattern: str) -> list[tuple[str, torch.fx.GraphModule]]:
-    """[(name, graph)] of each block's forward and backward, in block order."""
+    """[(name, graph)] of the compiled blocks' forward and backward graphs, in the order traced."""
     found = []
 
-    def backend(i):
-        def keep(kind):
-            def compiler(gm, _inputs):
-                found.append((f"block {i} {kind}", gm))
-                return gm.forward
+    def keep(kind):
+        def compiler(gm, _inputs):
+            found.append((f"graph {len(found)} {kind}", gm))
+            return gm.forward
 
-            return compiler
+        return compiler
 
-        return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"))
-
-    config = ModelConfig.preset("tiny").replace(pattern=pattern)
-    model = HybridLM(config, seed=1)
-    execution._save_seams(model)
-    for i, block in enumerate(execution._all_blocks(model)):
-        block.compile(backend=backend(i))
-    ids = torch.randint(0, config.vocab_size, (2, 64))
+    model = HybridLM(ModelConfig.preset("tiny").replace(pattern=pattern), seed=1)
+    compile_blocks(model, backend=aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")))
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids, torch.roll(ids, -1, 1)).loss.backward()
     return found
@@ -64,7 +58,7 @@ def summary(gm: torch.fx.GraphModule) -> tuple[int, collections.Counter]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("patterns", nargs="*", default=["*-*-", "[*-][*-]"])
+    ap.add_argument("patterns", nargs="*", default=["*-", "[*-]"])
     args = ap.parse_args()
     for pattern in args.patterns:
         print(f"## {pattern}")
