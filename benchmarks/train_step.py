@@ -18,7 +18,9 @@ bf16 peak and against a bf16 matmul rate measured in this run, peak memory and t
 ``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
 measures each variant N times in alternating order and reports medians (host-bound shapes such as
 1 × 4096 move by several percent from run to run); ``--gc-every N`` collects Python's garbage
-after every N-th step only, as ``train.gc_every`` does. ``--interleave`` holds our variants at once
+after every N-th step only, as ``train.gc_every`` does. Like the trainer, the process gives CUDA's
+caching allocator expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` says otherwise (the header
+prints the setting), for every variant and Hugging Face alike. ``--interleave`` holds our variants at once
 and times their steps taking turns (A B, then B A, ...), each step on its own: the ratio of each
 pair of neighbouring steps is unaffected by a slow drift of the GPU clock (the 1 × 32768 rows, where
 fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import re
 import statistics
@@ -47,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.train.collector import ManualGC
-from hybridlm.train.trainer import measure_matmul_flops
+from hybridlm.train.trainer import configure_cuda_allocator, measure_matmul_flops
 
 H200_PEAK = 989e12  # dense bf16 FLOP/s, datasheet
 
@@ -204,6 +207,17 @@ def measure_interleaved(builds: dict, step, batches, steps: int, warmup: int) ->
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free ``confidence`` interval of the median of ``xs``: the order statistics whose ranks
+    a Binomial(n, 1/2) count of values below the median falls between (no assumption on the spread's shape)."""
+    xs, n = sorted(xs), len(xs)
+    cdf, k = 0.0, 0  # the largest k with P(count < k) <= (1 - confidence) / 2
+    while k < n and cdf + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        cdf += math.comb(n, k) / 2**n
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k > 0 else (xs[0], xs[-1])
 
 
 def merge_rounds(results: list[dict | None]) -> dict | None:
@@ -391,6 +405,7 @@ def main() -> None:
     if args.gc_every < 0:
         ap.error(f"--gc-every must be >= 0 (0: automatic garbage collection), got {args.gc_every}")
 
+    alloc_conf = configure_cuda_allocator()  # as the trainer does, before any CUDA memory exists
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     torch.backends.cuda.matmul.allow_tf32 = True
     hf_path = None
@@ -421,9 +436,11 @@ def main() -> None:
     GC_EVERY = args.gc_every
     rate = measure_matmul_flops(torch.device("cuda"), n=8192, iters=30)
     params = float(HybridLM(base, device="meta").num_params())
+    expandable = {str(seg.get("is_expandable", "?")) for seg in torch.cuda.memory_snapshot()}
     print(
         f"{torch.cuda.get_device_name()} · torch {torch.__version__} · transformers {transformers.__version__} · "
         f"bf16 matmul {rate / 1e12:.0f} TFLOP/s measured (8192³, the trainer's MFU denominator) · peak {H200_PEAK / 1e12:.0f} (datasheet)"
+        f" · PYTORCH_CUDA_ALLOC_CONF={alloc_conf} (segments expandable: {'/'.join(sorted(expandable))})"
     )
     print(
         f"model {args.preset}: {params / 1e9:.3f}B parameters · AdamW fused · ours: fp32 master weights, bf16 "
@@ -526,10 +543,11 @@ def main() -> None:
                 parts.append("by round " + " ".join(f"{a / b:.3f}" for a, b in zip(ru, rf)))
             su, sf = pair_ms[shape].get("hybridlm unfused"), pair_ms[shape].get("hybridlm fused")
             if su and sf:  # --interleave: each pair of neighbouring steps is a ratio of its own
-                q = statistics.quantiles([a / b for a, b in zip(su, sf)], n=4)
+                ratios = [a / b for a, b in zip(su, sf)]
+                q, (lo, hi) = statistics.quantiles(ratios, n=4), median_interval(ratios)
                 parts.append(
-                    f"step pairs: median {statistics.median(a / b for a, b in zip(su, sf)):.3f}, "
-                    f"quartiles {q[0]:.3f}-{q[2]:.3f}, fused ahead in {sum(a > b for a, b in zip(su, sf))} of {len(su)}"
+                    f"step pairs: median {statistics.median(ratios):.3f} (95 % interval {lo:.3f}-{hi:.3f}), "
+                    f"quartiles {q[0]:.3f}-{q[2]:.3f}, fused ahead in {sum(r > 1 for r in ratios)} of {len(ratios)}"
                 )
         if hf and u:
             parts.append(f"unfused/HF {u / hf:.3f}")
@@ -538,7 +556,7 @@ def main() -> None:
         print(f"{shape}: " + ", ".join(parts))
     print(f"kernel paths: {paths_used()}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"train_step_{args.preset}.json").write_text(
+        Path(os.environ["OUT"], f"train_step_{args.preset}_{args.shapes.replace(',', '_')}.json").write_text(
             json.dumps([{"shape": s, "variant": v, **(r or {})} for s, v, r, _ in rows], indent=1)
         )
 

@@ -1,6 +1,7 @@
 """The trainer: exact resume, gradient accumulation, activation checkpointing, outputs of a run."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -129,3 +130,16 @@ def test_evaluation_runs_without_autograd(tmp_path):
     t.model.forward = spy
     assert t.evaluate() is not None
     assert seen and not any(seen)
+
+
+def test_trainer_gives_the_cuda_allocator_expandable_segments_unless_the_environment_says(tmp_path, monkeypatch):
+    from hybridlm.train.trainer import CUDA_ALLOC_CONF
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # so that the test's end restores what was there
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    Trainer(tiny_run("train.steps=1"), run_dir=tmp_path / "a", progress=False)
+    assert CUDA_ALLOC_CONF == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's setting wins
+    Trainer(tiny_run("train.steps=1"), run_dir=tmp_path / "b", progress=False)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

@@ -56,6 +56,19 @@ def _dist() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+#: The CUDA caching allocator's setting for a run whose environment sets none (torchtitan's launcher
+#: sets the same): segments that grow in place instead of one cudaMalloc per size, so memory freed by
+#: one shape (eval, a longer row) is reused by the next instead of fragmenting.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator() -> str:
+    """Set ``PYTORCH_CUDA_ALLOC_CONF`` to :data:`CUDA_ALLOC_CONF` unless the environment already has it;
+    returns the setting in force. torch reads it when CUDA memory is first allocated, so this must
+    come before that (the trainer calls it first thing); later, it changes nothing."""
+    return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+
+
 def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -> float:
     """bf16 matmul FLOP/s of this GPU, measured now (the MFU denominator)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -92,6 +105,7 @@ class Trainer:
     ):
         self.run = run
         t = run.train
+        self.cuda_alloc_conf = configure_cuda_allocator()
         self.rank, local_rank, self.world = _dist()
         self.is_main = self.rank == 0
         if t.threads:
@@ -423,7 +437,8 @@ class Trainer:
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
             + (" · compiled blocks" if t.compile else "")
-            + (f" ({t.compile_mode})" if t.compile and t.compile_mode != "default" else ""),
+            + (f" ({t.compile_mode})" if t.compile and t.compile_mode != "default" else "")
+            + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
         ]
 
     def _peak_memory_gb(self) -> float:
