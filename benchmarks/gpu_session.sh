@@ -113,9 +113,9 @@ for stage in "$@"; do
         run graphprof 300 80 env TORCH_LOGS=cudagraphs,perf_hints python3 benchmarks/train_step.py --preset bench-1.3b \
             --shapes 4x4096 --steps 3 --warmup 3 --variants unfused --compile-mode reduce-overhead --profile ;;
     graphtrain)  # the trainer with CUDA-graphed blocks against default compiled blocks: same losses?
-        run graphtrain 240 12 bash -c "for m in default reduce-overhead; do python3 -m hybridlm.cli train --run-dir /tmp/gt-\$m \
+        run graphtrain 240 30 bash -c "for m in default reduce-overhead; do python3 -m hybridlm.cli train --run-dir /tmp/gt-\$m \
             --set train.compile=true --set train.compile_mode=\$m --set train.steps=40 --set train.log_every=10 \
-            --set train.eval_every=20 --set train.micro_batch_size=8 2>&1 | grep -E 'step +(10|20|30|40)|val|tok/s|rror' | tail -6; done" ;;
+            --set train.eval_every=20 --set train.micro_batch_size=8 2>&1 | grep -E 'device|step +(10|20|30|40)|val|tok/s|rror' | tail -12; done" ;;
     curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
     genprof) run genprof 200 80 python3 benchmarks/generate.py --device cuda --profile ;;
     mtp) run mtp 300 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \
