@@ -1,0 +1,71 @@
+"""``hybridlm inspect``: what it reports for each kind of checkpoint, counted from the files' headers."""
+
+import torch
+from safetensors.torch import save_file
+
+import hybridlm
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
+from hybridlm.checkpoint.inspect import _human, describe, render
+from hybridlm.checkpoint.weights import canonical_state_dict
+from hybridlm.cli import main
+
+PATTERN = "M-[*-]"
+
+
+def tiny() -> HybridLM:
+    return HybridLM(ModelConfig.preset("tiny").replace(pattern=PATTERN), seed=0)
+
+
+def test_a_hybridlm_checkpoint_one_file_or_sharded(tmp_path, capsys):
+    model = tiny()
+    state = canonical_state_dict(model)
+    numel, nbytes = sum(t.numel() for t in state.values()), sum(t.nbytes for t in state.values())
+    for name, shard in (("one", 5_000_000_000), ("sharded", 20_000)):
+        info = describe(hybridlm.save(model, tmp_path / name, max_shard_size=shard))
+        assert info["kind"] == "hybridlm checkpoint"
+        assert info["pattern"] == PATTERN
+        assert (info["tensors"], info["parameters"], info["bytes"]) == (len(state), numel, nbytes)
+        assert info["dtypes"] == {"float32": numel}
+        assert (len(info["files"]) > 1) == (name == "sharded")
+    assert main(["inspect", str(tmp_path / "sharded")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"hybridlm checkpoint: {tmp_path / 'sharded'}")
+    assert f"parameters   {numel:,} ({_human(numel)})" in out
+    assert f"{len(info['files'])} file(s)" in out and f"pattern      {PATTERN}" in out
+
+
+def test_a_hugging_face_directory(tmp_path):
+    src = hybridlm.save(tiny(), tmp_path / "ours")
+    info = describe(convert_to_nemotron_h(src, tmp_path / "hf"))
+    assert info["kind"] == "Hugging Face nemotron_h"
+    assert info["pattern"] == PATTERN.replace("[", "").replace("]", "")  # NemotronH has no fusion
+    assert info["config"]["model_type"] == "nemotron_h"
+    assert render(info).startswith(f"Hugging Face nemotron_h: {tmp_path / 'hf'}")
+
+
+def test_a_safetensors_file_of_mixed_dtypes(tmp_path):
+    file = tmp_path / "w.safetensors"
+    tensors = {
+        "a": torch.zeros(3, 5, dtype=torch.bfloat16),
+        "b": torch.zeros(7),
+        "c": torch.zeros(2, 2, dtype=torch.int64),
+    }
+    save_file(tensors, file)
+    info = describe(file)
+    assert info["kind"] == "safetensors file" and info["files"] == ["w.safetensors"]
+    assert info["dtypes"] == {"bfloat16": 15, "float32": 7, "int64": 4}
+    assert (info["tensors"], info["parameters"], info["bytes"]) == (3, 26, 15 * 2 + 7 * 4 + 4 * 8)
+    assert "dtypes       bfloat16 15, float32 7, int64 4" in render(info)
+
+
+def test_human_sizes():
+    assert [_human(n) for n in (0, 999, 1000, 20172, 5_300_000, 2.5e9, 1e15)] == [
+        "0",
+        "999",
+        "1.0K",
+        "20.2K",
+        "5.3M",
+        "2.5G",
+        "1.0P",
+    ]
