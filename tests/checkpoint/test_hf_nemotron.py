@@ -507,3 +507,51 @@ def test_convert_refuses_the_destination_before_reading_weights(exported, tmp_pa
     monkeypatch.setattr(hf_module, "read_tensors", no_reading)
     with pytest.raises(CheckpointError, match="refusing to replace"):
         convert_to_nemotron_h(exported.parent / "ours", other)
+
+
+def _with_config(exported, tmp_path, edit):
+    path = shutil.copytree(exported, tmp_path / "hf")
+    hf_json = json.loads((path / "config.json").read_text())
+    edit(hf_json)
+    (path / "config.json").write_text(json.dumps(hf_json))
+    return path
+
+
+def test_import_reads_legacy_key_names_and_they_win_as_in_transformers(exported, tmp_path):
+    reference_config, reference = import_nemotron_h(exported)
+
+    def legacy(hf):  # the current name with a wrong value beside the legacy name with the right one
+        hf["mamba_d_conv"], hf["conv_kernel"] = hf["conv_kernel"], hf["conv_kernel"] + 3
+        hf["num_local_experts"], hf["n_routed_experts"] = hf["n_routed_experts"], 2
+
+    cfg, tensors = import_nemotron_h(_with_config(exported, tmp_path, legacy))
+    assert cfg == reference_config
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+
+
+def test_import_lowers_the_init_minimum_of_dt_below_a_small_maximum(exported, tmp_path):
+    small = ModelConfig.mamba_dt_min / 2  # NemotronH's time_step_max below our default init minimum
+    cfg, _ = import_nemotron_h(_with_config(exported, tmp_path, lambda hf: hf.update(time_step_max=small)))
+    assert (cfg.mamba_dt_max, cfg.mamba_dt_min) == (small, small)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"layers_block_type": "M*-E"}, "layers_block_type must be a list of strings"),
+        (
+            {"layers_block_type": None, "hybrid_override_pattern": ["M", "*"]},
+            "hybrid_override_pattern must be a string",
+        ),
+        ({"layers_block_type": None, "hybrid_override_pattern": None}, "neither hybrid_override_pattern nor"),
+        ({"n_group": 8}, "n_routed_experts=8 in n_group=8 groups: fewer than 2 experts per group"),
+    ],
+)
+def test_import_refuses_malformed_layer_lists_and_groups(exported, tmp_path, changes, message):
+    def edit(hf):
+        hf.update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del hf[key]
+
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        import_nemotron_h(_with_config(exported, tmp_path, edit))

@@ -482,6 +482,14 @@ def test_convert_from_megatron_needs_a_config(tmp_path, moe_state):
         convert_from_megatron(path, tmp_path / "out")
 
 
+def test_convert_from_megatron_refuses_an_invalid_sidecar_config_by_name(tmp_path, moe_state):
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    config_sidecar(path).write_text('{"pattern": "M-", "vocab_size": 0}')
+    with pytest.raises(CheckpointError, match=re.escape(f"{config_sidecar(path)}: invalid model config")):
+        convert_from_megatron(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # -- 5. through files, logits unchanged ----------------------------------------------------------------
 
 

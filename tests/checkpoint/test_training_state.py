@@ -112,3 +112,36 @@ def test_torchrun_fsdp_save_then_resume_in_one_process_with_other_brackets(tmp_p
     resumed = [step(model, opt, ids) for ids in batches(4)[2:]]
     for a, b in zip(resumed, losses[2:]):
         assert abs(a - b) <= 1e-5 * abs(b), (resumed, losses)
+
+
+def test_a_scheduler_other_than_lambda_lr_gets_its_whole_state_back(tmp_path):
+    model, opt, _ = make("M-")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    save_training_state(tmp_path / "s", model, opt, sched, step=5)
+    fresh, fresh_opt, _ = make("M-", seed=3)
+    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=2, gamma=0.5)
+    load_training_state(tmp_path / "s", fresh, fresh_opt, fresh_sched)
+    assert fresh_sched.last_epoch == 5 and fresh_sched.get_last_lr() == sched.get_last_lr() == [1e-2 / 4]
+
+
+@pytest.mark.parametrize("damage", ["python", "torch"])
+def test_a_damaged_rng_state_is_refused_by_name(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from hybridlm.checkpoint.training_state import RNG_STATE, TRAINER_STATE
+
+    model, opt, _ = make("M-")
+    path = save_training_state(tmp_path / "s", model, opt, step=1)
+    if damage == "python":
+        state = json.loads((path / TRAINER_STATE).read_text())
+        state["rng_python"]["0"] = [3, [1, 2, 3], None]  # a Mersenne Twister state of the wrong length
+        (path / TRAINER_STATE).write_text(json.dumps(state))
+    else:
+        rng = load_file(path / RNG_STATE)
+        save_file({k: v.float() for k, v in rng.items()}, path / RNG_STATE)  # not a byte tensor
+    with pytest.raises(CheckpointError, match="damaged RNG state"):
+        load_training_state(path, model, opt)
+    load_training_state(path, model, opt, restore_rng=False)  # the rest of it still loads
