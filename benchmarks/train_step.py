@@ -14,7 +14,8 @@ document ids, the chunked head + loss. Hugging Face runs as its users run it fas
 mamba_ssm's Triton kernels when importable (the table says which path it took), unpacked rows (its
 fused Mamba path takes no document ids). Prints tokens/s, MFU against the H200's 989 TFLOP/s dense
 bf16 peak and against a bf16 matmul rate measured in this run, peak memory and the first step's time
-(compilation included). ``--profile`` adds where one step's GPU time goes, by kernel kind;
+(compilation included). ``--profile`` adds where one step's GPU time goes, by kernel kind, and
+where the GPU waits in it (its idle gaps, by the host op running during each);
 ``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
 measures each variant N times in alternating order and reports medians (host-bound shapes such as
 1 × 4096 move by several percent from run to run); ``--gc-every N`` collects Python's garbage
@@ -255,6 +256,64 @@ def our_kernels() -> dict[str, str]:
     return out
 
 
+Interval = tuple[float, float, str]  # (start µs, end µs, name) on the profiler's clock
+
+
+def gpu_idle(kernels: list[Interval], host: list[Interval]) -> tuple[float, list[tuple[float, float, str, str, str]]]:
+    """Where the GPU waited: (idle µs between the first kernel's start and the last one's end, the gaps as
+    (µs, start µs, kernel before, kernel after, host op)). The host op is the shortest one running at the
+    gap's midpoint ("(Python)" where none is): what the GPU was waiting for the host to finish. Gaps under
+    5 µs (one launch after another) are counted as "(launch)" without a search of the host ops."""
+    kernels = sorted(kernels)
+    gaps, busy_until, before = [], kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            mid, op = (busy_until + start) / 2, "(launch)"
+            if start - busy_until >= 5:
+                running = [h for h in host if h[0] <= mid <= h[1]]
+                op = min(running, key=lambda h: h[1] - h[0])[2] if running else "(Python)"
+            gaps.append((start - busy_until, busy_until, before, name, op))
+        if end > busy_until:
+            busy_until, before = end, name
+    return sum(g[0] for g in gaps), gaps
+
+
+def print_gpu_idle(prof, label: str, top: int = 12) -> None:
+    """The GPU's idle time inside one profiled step, by the host op it waited on, and its longest gaps (the
+    profiler slows the host, so host-bound gaps are larger here than in an unprofiled step)."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.events() if not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA]
+    host = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CPU and not e.name.startswith(("cuda", "cu", "Activity"))
+    ]
+    if not kernels:
+        return
+    first = min(h[0] for h in host) if host else kernels[0][0]
+    idle, gaps = gpu_idle(kernels, host)
+    lead = min(k[0] for k in kernels) - first
+    print(
+        f"GPU idle ({label}): {lead / 1e3:.1f} ms before the first kernel, then {idle / 1e3:.1f} ms in "
+        f"{len(gaps)} gaps ({sum(g[0] >= 50 for g in gaps)} of 50 µs or more)"
+    )
+    by_op: dict[str, list[float]] = {}
+    for us, _, _, _, op in gaps:
+        by_op.setdefault(op, [0, 0.0])
+        by_op[op][0] += 1
+        by_op[op][1] += us
+    print("| host op running during the gaps | gaps | idle ms |")
+    print("|---|---|---|")
+    for op, (n, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {op[:70]} | {n} | {us / 1e3:.2f} |")
+    print("| longest gaps: µs | at ms | kernel before | kernel after | host op |")
+    print("|---|---|---|---|---|")
+    for us, at, before, after, op in sorted(gaps, reverse=True)[:top]:
+        print(f"| {us:.0f} | {(at - first) / 1e3:.1f} | {before[:40]} | {after[:40]} | {op[:40]} |")
+
+
 def profile_step(build, step, batches, label: str) -> None:
     """Print one step's GPU time by kernel kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -317,6 +376,7 @@ def profile_step(build, step, batches, label: str) -> None:
     print("|---|---|---|")
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:14]:
         print(f"| {e.key[:70]} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} |")
+    print_gpu_idle(prof, label)
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
