@@ -84,8 +84,9 @@ for stage in "$@"; do
     step4k) run step4k 330 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --variants unfused --compare-hf ;;
     step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;
     moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 4x4096,1x4096 ;;
-    profile) run profile 300 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
-    prof32k) run prof32k 300 150 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --steps 2 --warmup 2 --variants fused,unfused --profile ;;
+    profile) run profile 300 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
+    prof32k) run prof32k 300 210 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --steps 2 --warmup 2 \
+            --variants "${VARIANTS:-fused,unfused}" --profile ;;  # profiled in this order
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
     seam) run seam 400 16 env HYBRIDLM_KERNELS=auto,add_rms_norm=torch python3 benchmarks/train_step.py \
             --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor
