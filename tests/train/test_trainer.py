@@ -133,7 +133,7 @@ def test_evaluation_runs_without_autograd(tmp_path):
 
 
 def test_trainer_gives_the_cuda_allocator_expandable_segments_unless_the_environment_says(tmp_path, monkeypatch):
-    from hybridlm.train.trainer import CUDA_ALLOC_CONF
+    from hybridlm.train.trainer import CUDA_ALLOC_CONF, configure_cuda_allocator
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # so that the test's end restores what was there
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
@@ -143,3 +143,7 @@ def test_trainer_gives_the_cuda_allocator_expandable_segments_unless_the_environ
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's setting wins
     Trainer(tiny_run("train.steps=1"), run_dir=tmp_path / "b", progress=False)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")  # too late once CUDA runs: nothing set, and the answer says so
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert configure_cuda_allocator().startswith("unset (CUDA was in use")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

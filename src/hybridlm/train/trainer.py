@@ -64,8 +64,11 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 
 def configure_cuda_allocator() -> str:
     """Set ``PYTORCH_CUDA_ALLOC_CONF`` to :data:`CUDA_ALLOC_CONF` unless the environment already has it;
-    returns the setting in force. torch reads it when CUDA memory is first allocated, so this must
-    come before that (the trainer calls it first thing); later, it changes nothing."""
+    returns the setting in force. torch reads it when CUDA starts, so this must come before that (the
+    trainer calls it first thing): where the process has already used CUDA, nothing is set and the
+    answer says so."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and torch.cuda.is_initialized():
+        return "unset (CUDA was in use before the trainer started)"
     return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
 
 
