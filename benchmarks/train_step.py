@@ -19,12 +19,12 @@ where the GPU waits in it (its idle gaps, by the host op running during each);
 ``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
 measures each variant N times in alternating order and reports medians (host-bound shapes such as
 1 × 4096 move by several percent from run to run); ``--gc-every N`` collects Python's garbage
-after every N-th step only, as ``train.gc_every`` does. Like the trainer, the process gives CUDA's
-caching allocator expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` says otherwise (the header
-prints the setting), for every variant and Hugging Face alike. ``--interleave`` holds our variants at once
-and times their steps taking turns (A B, then B A, ...), each step on its own: the ratio of each
-pair of neighbouring steps is unaffected by a slow drift of the GPU clock (the 1 × 32768 rows, where
-fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
+after every N-th step only, as ``train.gc_every`` does. Like the trainer, the process gives
+CUDA's caching allocator expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` says otherwise
+(the header prints the setting), for every variant and Hugging Face alike. ``--interleave`` holds
+our variants at once and times their steps taking turns (A B, then B A, ...), each step on its
+own: the ratio of each pair of neighbouring steps is unaffected by a slow drift of the GPU clock
+(the 1 × 32768 rows, where fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
 ``torch._inductor.config``'s settings before anything compiles (e.g. ``triton.multi_kernel=1``:
 inductor times a one-pass and a looped version of each reduction and keeps the faster).
 ``--no-save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=False)`` (they then
@@ -278,17 +278,23 @@ def gpu_idle(kernels: list[Interval], host: list[Interval]) -> tuple[float, list
     return sum(g[0] for g in gaps), gaps
 
 
+def _is_kernel(evt) -> bool:
+    """A GPU kernel of a profile (a user annotation, e.g. ``Optimizer.step#AdamW.step``, spans kernels)."""
+    from torch.autograd import DeviceType
+
+    return evt.device_type == DeviceType.CUDA and not getattr(evt, "is_user_annotation", False) and "#" not in evt.name
+
+
 def print_gpu_idle(prof, label: str, top: int = 12) -> None:
     """The GPU's idle time inside one profiled step, by the host op it waited on, and its longest gaps (the
     profiler slows the host, so host-bound gaps are larger here than in an unprofiled step)."""
     from torch.autograd import DeviceType
 
-    events = [e for e in prof.events() if not getattr(e, "is_user_annotation", False) and "#" not in e.name]
-    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if _is_kernel(e)]
     host = [
         (e.time_range.start, e.time_range.end, e.name)
-        for e in events
-        if e.device_type == DeviceType.CPU and not e.name.startswith(("cuda", "cu", "Activity"))
+        for e in prof.events()
+        if e.device_type == DeviceType.CPU and "#" not in e.name and not e.name.startswith(("cu", "Activity"))
     ]
     if not kernels:
         return
@@ -315,7 +321,7 @@ def print_gpu_idle(prof, label: str, top: int = 12) -> None:
 
 
 def profile_step(build, step, batches, label: str) -> None:
-    """Print one step's GPU time by kernel kind."""
+    """Print one step's GPU time by kernel kind, the host ops that cost most and where the GPU idled."""
     from torch.profiler import ProfilerActivity, profile
 
     model = build()
@@ -339,15 +345,13 @@ def profile_step(build, step, batches, label: str) -> None:
         ("elementwise / fused (inductor)", r"triton_|elementwise|vectorized|unrolled|fused"),
         ("copy / cast / fill", r"copy|cast|fill|memset|memcpy"),
     ]
-    from torch.autograd import DeviceType
 
     ours = our_kernels()
     totals: dict[str, float] = {}
     per_kernel: dict[str, list[float]] = {}
     count = 0
     for evt in prof.events():
-        # A user annotation (e.g. ``Optimizer.step#AdamW.step``) spans kernels already counted.
-        if evt.device_type != DeviceType.CUDA or getattr(evt, "is_user_annotation", False) or "#" in evt.name:
+        if not _is_kernel(evt):
             continue
         name = evt.name.lower()
         kind = ours.get(evt.name) or next((k for k, pat in kinds if re.search(pat, name)), "other")
@@ -457,7 +461,11 @@ def main() -> None:
         metavar="KEY=N",
         help="set torch._inductor.config.KEY to the integer N first, e.g. triton.multi_kernel=1 (repeatable)",
     )
-    ap.add_argument("--profile", action="store_true", help="print one step's GPU time by kernel kind, and host ops")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print one step's GPU time by kernel kind, host ops and the GPU's idle gaps (per variant, in --variants order)",
+    )
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
     if args.interleave and args.rounds > 1:
