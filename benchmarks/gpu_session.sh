@@ -104,6 +104,9 @@ for stage in "$@"; do
             --steps "${STEPS:-12}" --warmup 2 --gc-every 1000 --no-save-seams ;;  # fused blocks recompute h = x + delta (the old default)
     inter32k) run inter32k 300 14 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --interleave --steps "${STEPS:-16}" \
             --warmup 2 --gc-every 1000 --variants "${VARIANTS:-unfused,fused}" ;;  # VARIANTS=fused,unfused: built in the other order
+    inter)  # fused against unfused, many pairs taking turns, no Hugging Face (LIMIT: about 100 + 0.95 s per STEPS at 1x32768)
+        run inter "${LIMIT:-560}" 16 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-4x4096,1x32768}" --interleave \
+            --steps "${STEPS:-200}" --warmup 2 --gc-every 1000 --variants "${VARIANTS:-unfused,fused}" ;;
     rows32k) run rows32k 250 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --rounds "${ROUNDS:-4}" --steps 4 --warmup 2 --gc-every 1000 ;;
     cegpu) run cegpu 120 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;
     rows) run rows 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x32768 --rounds 2 --steps 6 --warmup 2 ;;

@@ -221,6 +221,14 @@ def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, f
     return (xs[k - 1], xs[n - k]) if k > 0 else (xs[0], xs[-1])
 
 
+def mean_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``xs`` and its normal-approximation ``confidence`` interval (mean ± z·s/√n).
+    Tighter than :func:`median_interval` for the near-normal spread of step ratios; needs two values or more."""
+    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+    mean, half = statistics.fmean(xs), z * statistics.stdev(xs) / math.sqrt(len(xs))
+    return mean, mean - half, mean + half
+
+
 def merge_rounds(results: list[dict | None]) -> dict | None:
     """One variant's rounds as one result: the median of the rounds' median step times (None if any ran out of
     memory), the first round's first step (it compiled from scratch), the largest peak."""
@@ -610,11 +618,13 @@ def main() -> None:
             if len(ru) > 1:
                 parts.append("by round " + " ".join(f"{a / b:.3f}" for a, b in zip(ru, rf)))
             su, sf = pair_ms[shape].get("hybridlm unfused"), pair_ms[shape].get("hybridlm fused")
-            if su and sf:  # --interleave: each pair of neighbouring steps is a ratio of its own
+            if su and sf and len(su) > 1:  # --interleave: each pair of neighbouring steps is a ratio of its own
                 ratios = [a / b for a, b in zip(su, sf)]
                 q, (lo, hi) = statistics.quantiles(ratios, n=4), median_interval(ratios)
+                mean, mlo, mhi = mean_interval(ratios)
                 parts.append(
                     f"step pairs: median {statistics.median(ratios):.3f} (95 % interval {lo:.3f}-{hi:.3f}), "
+                    f"mean {mean:.4f} ({mlo:.4f}-{mhi:.4f}), "
                     f"quartiles {q[0]:.3f}-{q[2]:.3f}, fused ahead in {sum(r > 1 for r in ratios)} of {len(ratios)}"
                 )
         if hf and u:
