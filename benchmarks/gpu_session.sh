@@ -87,6 +87,8 @@ for stage in "$@"; do
     profile) run profile 300 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     prof32k) run prof32k 300 210 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --steps 2 --warmup 2 \
             --variants "${VARIANTS:-fused,unfused}" --profile ;;  # profiled in this order
+    syncs) run syncs 240 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-1x4096}" --steps 1 --warmup 1 \
+            --variants "${VARIANTS:-unfused,fused}" --sync-check ;;  # which lines make the host wait for the GPU
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
     seam) run seam 400 16 env HYBRIDLM_KERNELS=auto,add_rms_norm=torch python3 benchmarks/train_step.py \
             --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor

@@ -27,7 +27,8 @@ own: the ratio of each pair of neighbouring steps is unaffected by a slow drift 
 (the 1 × 32768 rows, where fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
 ``torch._inductor.config``'s settings before anything compiles (e.g. ``triton.multi_kernel=1``:
 inductor times a one-pass and a looped version of each reduction and keeps the faster).
-``--no-save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=False)`` (they then
+``--sync-check`` lists the host-device synchronizations inside one step of each variant and the line
+that asked for each. ``--no-save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=False)`` (they then
 recompute the residual sum between their mixers in the backward instead of keeping it, as unfused
 blocks keep their input; the default until the eleventh device session).
 """
@@ -35,6 +36,7 @@ blocks keep their input; the default until the eleventh device session).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -43,6 +45,9 @@ import re
 import statistics
 import sys
 import time
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -394,6 +399,57 @@ def profile_step(build, step, batches, label: str) -> None:
     torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def warnings_by_site(frames: int = 4) -> Iterator[dict[tuple[str, str], int]]:
+    """Count the warnings raised inside the block by (message's first line, call site): the innermost
+    ``frames`` Python frames outside the standard library and site-packages (ours, a benchmark's, or
+    inductor's generated code), innermost first."""
+    sites: dict[tuple[str, str], int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        stack = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if not any(part in f.filename for part in ("site-packages", "/lib/python3", "<frozen"))
+        ]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack[::-1][:frames])
+        key = (str(message).strip().splitlines()[0][:90], where or f"{Path(filename).name}:{lineno}")
+        sites[key] = sites.get(key, 0) + 1
+
+    with warnings.catch_warnings():  # restores showwarning and the filters on the way out
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield sites
+
+
+def sync_check(build, step, batches, label: str) -> None:
+    """Print every host-device synchronization inside one training step after three warm-up steps: with
+    ``torch.cuda.set_sync_debug_mode("warn")`` each synchronizing call (``.item()``, a copy to the host,
+    ``nonzero``...) warns, and its Python stack names the line that asked. A synchronization empties the
+    GPU's queue: the GPU then idles while the host launches what follows."""
+    model = build()
+    opt = adamw(model)
+    for i in range(3):
+        optimizer_step(model, opt, step, batches[i % len(batches)])
+    torch.cuda.synchronize()
+    with warnings_by_site() as sites:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            optimizer_step(model, opt, step, batches[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    print(f"\nhost-device synchronizations in one step ({label}): {sum(sites.values())}")
+    if sites:
+        print("| calls | warning | where (innermost first) |")
+        print("|---|---|---|")
+        for (message, where), n in sorted(sites.items(), key=lambda kv: -kv[1]):
+            print(f"| {n} | {message} | {where} |")
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def loss_curves(config: ModelConfig, batch: int, seq: int, steps: int, compile_: bool) -> None:
     """Train unfused and fused ``steps`` steps on the built-in text corpus; compare the losses."""
     from hybridlm.train.data import PackedRows, load_corpus
@@ -473,6 +529,11 @@ def main() -> None:
         "--profile",
         action="store_true",
         help="print one step's GPU time by kernel kind, host ops and the GPU's idle gaps (per variant, in --variants order)",
+    )
+    ap.add_argument(
+        "--sync-check",
+        action="store_true",
+        help="print each host-device synchronization inside one step and the line that asked for it (per variant)",
     )
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
@@ -655,6 +716,14 @@ def main() -> None:
                 hf_step,
                 batches,
                 f"Hugging Face {B}x{L}",
+            )
+    if args.sync_check:
+        B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))
+        batches = packed_batches(2, B, L, base.vocab_size)
+        for name in args.variants.split(","):
+            cfg = base.replace(pattern=variants[name])
+            sync_check(
+                lambda cfg=cfg: build_ours(cfg, compile_, args.ac), ours_step, batches, f"hybridlm {name} {B}x{L}"
             )
     if args.curves:
         B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))

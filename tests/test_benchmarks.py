@@ -59,3 +59,24 @@ def test_gpu_idle_attributes_gaps_to_the_host_op(ts):
     assert idle == 72.0
     assert gaps == [(2.0, 10.0, "a", "b", "(launch)"), (70.0, 30.0, "c", "d", "aten::copy_")]
     assert ts.gpu_idle([(0.0, 1.0, "a"), (50.0, 51.0, "b")], [])[1][0][4] == "(Python)"
+
+
+def test_warnings_by_site_counts_each_call_site(ts):
+    import warnings
+
+    def sync_like():
+        warnings.warn("called a synchronizing CUDA operation\nsecond line", UserWarning, stacklevel=1)
+
+    with ts.warnings_by_site() as sites:
+        for _ in range(3):
+            sync_like()
+        warnings.warn("another", stacklevel=1)
+    assert sum(sites.values()) == 4
+    (first, n), (second, m) = sorted(sites.items(), key=lambda kv: -kv[1])
+    assert n == 3 and first[0] == "called a synchronizing CUDA operation"
+    assert first[1].startswith("test_benchmarks.py:") and "sync_like" in first[1]
+    assert m == 1 and second[0] == "another"
+    with warnings.catch_warnings(record=True) as after:  # the handler is gone again
+        warnings.simplefilter("always")
+        warnings.warn("outside", stacklevel=1)
+    assert len(after) == 1 and sum(sites.values()) == 4
