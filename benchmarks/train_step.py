@@ -534,7 +534,8 @@ def main() -> None:
     ap.add_argument(
         "--sync-check",
         action="store_true",
-        help="print each host-device synchronization inside one step and the line that asked for it (per variant)",
+        help="print each host-device synchronization inside one step and the line that asked for it (per variant, "
+        "and Hugging Face with --compare-hf)",
     )
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
     args = ap.parse_args()
@@ -700,34 +701,25 @@ def main() -> None:
             json.dumps([{"shape": s, "variant": v, **(r or {})} for s, v, r, _ in rows], indent=1)
         )
 
-    if args.profile:
-        B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))
+    B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))  # one-step diagnostics: the first shape
+    for wanted, diagnose in ((args.profile, profile_step), (args.sync_check, sync_check)):
+        if not wanted:
+            continue
         batches = packed_batches(2, B, L, base.vocab_size)
         # In the order of --variants: the step profiled later may meet a warmer, slower-clocked GPU.
         for name in args.variants.split(","):
             cfg = base.replace(pattern=variants[name])
-            profile_step(
-                lambda cfg=cfg: build_ours(cfg, compile_, args.ac), ours_step, batches, f"hybridlm {name} {B}x{L}"
-            )
+            diagnose(lambda cfg=cfg: build_ours(cfg, compile_, args.ac), ours_step, batches, f"hybridlm {name} {B}x{L}")
         if args.compare_hf:
             from hf_anchor import hf_model
 
-            profile_step(
+            diagnose(
                 lambda: hf_model(HybridLM(base, seed=0, device="cuda"), torch.bfloat16).train(),
                 hf_step,
                 batches,
                 f"Hugging Face {B}x{L}",
             )
-    if args.sync_check:
-        B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))
-        batches = packed_batches(2, B, L, base.vocab_size)
-        for name in args.variants.split(","):
-            cfg = base.replace(pattern=variants[name])
-            sync_check(
-                lambda cfg=cfg: build_ours(cfg, compile_, args.ac), ours_step, batches, f"hybridlm {name} {B}x{L}"
-            )
     if args.curves:
-        B, L = (int(x) for x in args.shapes.split(",")[0].split("x"))
         loss_curves(base, B, L, args.curves, compile_)
 
 
