@@ -24,13 +24,15 @@ CUDA's caching allocator expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` 
 (the header prints the setting), for every variant and Hugging Face alike. ``--interleave`` holds
 our variants at once and times their steps taking turns (A B, then B A, ...), each step on its
 own: the ratio of each pair of neighbouring steps is unaffected by a slow drift of the GPU clock
-(the 1 × 32768 rows, where fused and unfused differ by less than that drift). ``--inductor-config KEY=N`` sets one of
+(the 1 × 32768 rows, where fused and unfused differ by less than that drift); it prints the median
+and the mean of the pair ratios, each with a 95 % interval. ``--inductor-config KEY=N`` sets one of
 ``torch._inductor.config``'s settings before anything compiles (e.g. ``triton.multi_kernel=1``:
 inductor times a one-pass and a looped version of each reduction and keeps the faster).
-``--sync-check`` lists the host-device synchronizations inside one step of each variant and the line
-that asked for each. ``--no-save-seams`` compiles our fused blocks with ``compile_blocks(save_seams=False)`` (they then
-recompute the residual sum between their mixers in the backward instead of keeping it, as unfused
-blocks keep their input; the default until the eleventh device session).
+``--sync-check`` lists the host-device synchronizations inside one step of each variant and the
+line that asked for each. ``--no-save-seams`` compiles our fused blocks with
+``compile_blocks(save_seams=False)`` (they then recompute the residual sum between their mixers in
+the backward instead of keeping it, as unfused blocks keep their input; the default until the
+eleventh device session).
 """
 
 from __future__ import annotations
