@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh tests kernels mixers step
 #   bash benchmarks/gpu_session.sh --lanes "kernels mixers" "step"   # lane i on GPU i, concurrently
 #
-# Logs are also packed into $OUT/logs.tgz (the device tool returns at most 8 files).
+# Logs are also packed into $OUT/logs.tgz (the device tool returns at most 8 files). CLOCKS=1 also
+# writes $OUT/<stage>.clocks.csv: the GPU's SM clock, power and temperature every 200 ms of the stage.
 #
 # Wheels (.whl/, carried, never committed): mamba-ssm and causal-conv1d built Python-only, fla-core
 # (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1).
@@ -35,12 +36,18 @@ fi
 [[ ${1:-} == --no-install ]] && shift
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 
-run() {  # run NAME SECONDS TAIL_LINES COMMAND...
-    local name=$1 limit=$2 lines=$3
+run() {  # run NAME SECONDS TAIL_LINES COMMAND...   (CLOCKS=1: also log SM clock, power, temperature every 200 ms)
+    local name=$1 limit=$2 lines=$3 logger=
     shift 3
     local t0=$SECONDS
+    if [[ ${CLOCKS:-0} == 1 ]]; then
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,utilization.gpu --format=csv -lms 200 \
+            >"$OUT/$name.clocks.csv" 2>&1 &
+        logger=$!
+    fi
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
+    [[ -n $logger ]] && kill "$logger" 2>/dev/null
     echo "=== $name (rc $rc, $((SECONDS - t0)) s): $*"
     grep -v -E "Warning|warn\(|^\s*$|^  File|^    " "$OUT/$name.log" | tail -n "$lines"
 }
