@@ -335,18 +335,28 @@ def print_gpu_idle(prof, label: str, top: int = 12) -> None:
         print(f"| {us:.0f} | {(at - first) / 1e3:.1f} | {before[:40]} | {after[:40]} | {op[:40]} |")
 
 
-def profile_step(build, step, batches, label: str) -> None:
-    """Print one step's GPU time by kernel kind, the host ops that cost most and where the GPU idled."""
-    from torch.profiler import ProfilerActivity, profile
-
+def one_step_diagnostic(diagnose, build, step, batches, label: str) -> None:
+    """Build a model, warm it up with three steps (compiled, autotuned, the allocator settled), run
+    ``diagnose(model, opt, step, batch, label)`` (:func:`profile_step`, :func:`sync_check`) on one more
+    step, then free the model."""
     model = build()
     opt = adamw(model)
     for i in range(3):
         optimizer_step(model, opt, step, batches[i % len(batches)])
     torch.cuda.synchronize()
+    diagnose(model, opt, step, batches[0], label)
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def profile_step(model, opt, step, batch, label: str) -> None:
+    """Print one step's GPU time by kernel kind, the host ops that cost most and where the GPU idled."""
+    from torch.profiler import ProfilerActivity, profile
+
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        optimizer_step(model, opt, step, batches[0])
+        optimizer_step(model, opt, step, batch)
         torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - t0)
     kinds = [
@@ -396,9 +406,6 @@ def profile_step(build, step, batches, label: str) -> None:
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:14]:
         print(f"| {e.key[:70]} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} |")
     print_gpu_idle(prof, label)
-    del model, opt
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -424,21 +431,16 @@ def warnings_by_site(frames: int = 4) -> Iterator[dict[tuple[str, str], int]]:
         yield sites
 
 
-def sync_check(build, step, batches, label: str) -> None:
-    """Print every host-device synchronization inside one training step after three warm-up steps: with
+def sync_check(model, opt, step, batch, label: str) -> None:
+    """Print every host-device synchronization inside one training step: with
     ``torch.cuda.set_sync_debug_mode("warn")`` each synchronizing call (``.item()``, a copy to the host,
     ``nonzero``...) warns, and its Python stack names the line that asked. A synchronization empties the
     GPU's queue: the GPU then idles while the host launches what follows. (Torch calls the mode a prototype
     that does not yet catch every synchronizing operation.)"""
-    model = build()
-    opt = adamw(model)
-    for i in range(3):
-        optimizer_step(model, opt, step, batches[i % len(batches)])
-    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")  # warns once that it is a prototype: outside the count
     try:
         with warnings_by_site() as sites:
-            optimizer_step(model, opt, step, batches[0])
+            optimizer_step(model, opt, step, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -448,9 +450,6 @@ def sync_check(build, step, batches, label: str) -> None:
         print("|---|---|---|")
         for (message, where), n in sorted(sites.items(), key=lambda kv: -kv[1]):
             print(f"| {n} | {message} | {where} |")
-    del model, opt
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def loss_curves(config: ModelConfig, batch: int, seq: int, steps: int, compile_: bool) -> None:
@@ -711,11 +710,18 @@ def main() -> None:
         # In the order of --variants: the step profiled later may meet a warmer, slower-clocked GPU.
         for name in args.variants.split(","):
             cfg = base.replace(pattern=variants[name])
-            diagnose(lambda cfg=cfg: build_ours(cfg, compile_, args.ac), ours_step, batches, f"hybridlm {name} {B}x{L}")
+            one_step_diagnostic(
+                diagnose,
+                lambda cfg=cfg: build_ours(cfg, compile_, args.ac),
+                ours_step,
+                batches,
+                f"hybridlm {name} {B}x{L}",
+            )
         if args.compare_hf:
             from hf_anchor import hf_model
 
-            diagnose(
+            one_step_diagnostic(
+                diagnose,
                 lambda: hf_model(HybridLM(base, seed=0, device="cuda"), torch.bfloat16).train(),
                 hf_step,
                 batches,
