@@ -96,6 +96,12 @@ for stage in "$@"; do
             --variants "${VARIANTS:-fused,unfused}" --profile ;;  # profiled in this order
     syncs) run syncs 240 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-1x4096}" --steps 1 --warmup 1 \
             --variants "${VARIANTS:-unfused,fused}" --sync-check ;;  # which lines make the host wait for the GPU
+    corehost) run corehost 200 120 bash -c "python3 benchmarks/core_host.py; python3 benchmarks/core_host.py --packed --rows 0" ;;  # the core op's host time
+    modes)  # SHAPES (default 1x4096, host-bound) with default compiled blocks, then with CUDA graphs (reduce-overhead)
+        for mode in default reduce-overhead; do
+            run "modes-$mode" 300 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-1x4096}" \
+                --steps "${STEPS:-20}" --compile-mode "$mode"
+        done ;;
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
     seam) run seam 400 16 env HYBRIDLM_KERNELS=auto,add_rms_norm=torch python3 benchmarks/train_step.py \
             --preset bench-1.3b --shapes 4x4096,1x4096 --rounds 2 ;;  # the fused seam left to inductor

@@ -271,6 +271,13 @@ class HybridLM(nn.Module):
         if dtype is not None:
             self.cast(dtype)
 
+    @property
+    def is_whole(self) -> bool:
+        """False for a pipeline stage: some blocks, the embedding or the final norm removed
+        (:func:`hybridlm.parallel.pipeline.prune_to_stage`)."""
+        whole = len(self.blocks) == self.config.parsed.num_blocks
+        return whole and self.embeddings is not None and self.norm_f is not None
+
     # -- parameters --------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -47,6 +47,14 @@ def test_pipeline_stage_keeps_global_block_names():
     assert {n.split(".")[1] for n, _ in stage.named_parameters()} == {"2", "3"}
 
 
+def test_every_stage_knows_it_is_not_the_whole_model():
+    # The first stage keeps the embedding, the last keeps norm_f and the head: each lacks something.
+    config = tiny_config("M-|[*-]G|E-")
+    assert HybridLM(config).is_whole
+    assert not any(build_stage(config, rank, 3).is_whole for rank in range(3))
+    assert build_stage(config, 0, 1).is_whole  # one stage is the whole model
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_eager():
     config = tiny_config("M-[*-]G[ME]")

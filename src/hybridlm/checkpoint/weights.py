@@ -43,13 +43,12 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     if not isinstance(model, HybridLM):
         raise TypeError(f"expected a HybridLM, got {type(model).__name__}")
-    p = model.config.parsed
-    if len(model.blocks) != p.num_blocks or model.embeddings is None or model.norm_f is None:
+    if not model.is_whole:
         raise CheckpointError(
             "save needs the whole model, but this one is a pipeline stage (some blocks, the embedding or the head "
             "are missing); gather the stages' canonical state dicts and save those with save_state_dict"
         )
-    return to_canonical(model.state_dict(), p)
+    return to_canonical(model.state_dict(), model.config.parsed)
 
 
 def save_state_dict(
@@ -188,8 +187,7 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     tensors, and unexpected ones unless the model is a pipeline stage, which takes the tensors it holds."""
     p = model.config.parsed
     expected = to_canonical(model.state_dict(), p)
-    is_stage = len(model.blocks) != p.num_blocks or model.embeddings is None or model.norm_f is None
-    held = {k: t for k, t in tensors.items() if not is_stage or k in expected}
+    held = {k: t for k, t in tensors.items() if model.is_whole or k in expected}
     want = {k: tuple(v.shape) for k, v in expected.items()}
     check_fit(held, want, source, wrong_shape="{name}: {source} has {got}, model has {want}")
     state = from_canonical({k: tensors[k] for k in expected}, p)
