@@ -88,6 +88,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="times through the table (a noisy host: medians)")
     ap.add_argument("--profile-calls", type=int, default=100, help="calls of the two ops' bodies under cProfile")
     ap.add_argument("--rows", type=int, default=30, help="cProfile rows to print")
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="instead: torch.profiler's host ops of the backward op through torch.ops and of its body alone",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("core_host.py measures CUDA launches: no CUDA device here")
@@ -171,6 +176,19 @@ def main() -> None:
         ),
         "  conv_backward": lambda: conv_triton.conv_backward(xBC_in, cw, wd.conv_bias, seq_idx, xBC, True),
     } | yardsticks()
+
+    if args.trace:  # what the dispatcher adds to the backward op: its host ops, side by side
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in ("torch.ops.hybridlm.mamba2_core_bwd", "  mamba2_core_bwd body (no dispatcher)"):
+            per_call_us(rows[name], 20)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    rows[name]()
+                torch.cuda.synchronize()
+            print(f"\n{name.strip()}: 20 calls, host ops by self time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        return
 
     print(f"{args.preset} Mamba2 core, {B} × {L} tokens{' (packed)' if args.packed else ''}, bf16, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")  # fmt: skip

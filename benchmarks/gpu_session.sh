@@ -97,6 +97,7 @@ for stage in "$@"; do
     syncs) run syncs 240 40 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-1x4096}" --steps 1 --warmup 1 \
             --variants "${VARIANTS:-unfused,fused}" --sync-check ;;  # which lines make the host wait for the GPU
     corehost) run corehost 200 120 bash -c "python3 benchmarks/core_host.py; python3 benchmarks/core_host.py --packed --rows 0" ;;  # the core op's host time
+    coretrace) run coretrace 200 90 python3 benchmarks/core_host.py --trace --rows 25 ;;  # what the backward op's dispatch adds
     modes)  # SHAPES (default 1x4096, host-bound) with default compiled blocks, then with CUDA graphs (reduce-overhead)
         for mode in default reduce-overhead; do
             run "modes-$mode" 300 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-1x4096}" \
