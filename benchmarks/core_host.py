@@ -1,6 +1,7 @@
 """Host time of the Mamba2 core op on CUDA: what one call costs the CPU, and where that time goes.
 
-    python benchmarks/core_host.py [--seq 256] [--calls 200] [--rows 30] [--packed]
+    python benchmarks/core_host.py [--seq 256] [--calls 200] [--rounds 3] [--rows 30] [--packed]
+    python benchmarks/core_host.py --trace     # torch.profiler: the backward op via torch.ops vs its body
 
 At ``bench-1.3b``'s Mamba2 width (64 heads × 64, state 128, 8 groups; bf16) and a short row, the
 kernels finish sooner than the host launches the next ones, so a loop of calls runs at the host's
@@ -8,7 +9,9 @@ pace. Printed, per call of the op (``mamba2_core_triton``, as the Mamba2 layer c
 
 * host: the loop's time on the host clock divided by the calls (no synchronization inside the
   loop), and wall: the same loop ended by a synchronization. wall ≈ host means host-bound;
-* for the forward alone (no autograd), forward + backward, and each launcher inside the op;
+* for the forward alone (no autograd), forward + backward through autograd, the two ops as a
+  compiled block's graphs call them (``torch.ops.hybridlm.mamba2_core_fwd`` / ``_bwd``) and their
+  bodies alone, and each launcher inside the op; medians of ``--rounds`` passes over the table;
 * yardsticks measured in the same process: an empty Triton kernel launched with 1 and with 24
   arguments, ``torch.empty``, and a no-op ``torch.library`` custom op;
 * then cProfile over ``--profile-calls`` calls of the two ops' bodies: the functions with the most
