@@ -135,23 +135,20 @@ def main() -> None:
             p.grad = None
         mamba2_core_triton(zxbcdt, w, seq_idx, d).backward(dout)
 
-    # The launchers inside the op, on the op's own intermediate tensors (weights detached, as the op sees them).
+    # The two ops as a compiled block's graphs call them (the dispatcher, no autograd: nothing they
+    # see there requires grad), their bodies alone, and the launchers inside them, on the forward's
+    # own intermediate tensors (the op returns them for its backward).
     wd = Mamba2Weights(*(t.detach() for t in w))
-    z, xBC_in, dt_raw = d.split(zxbcdt.detach())
     cw = wd.conv_weight.reshape(wd.conv_weight.shape[0], -1).contiguous()
-    xBC = conv_triton.conv_forward(xBC_in, cw, wd.conv_bias, seq_idx, True)
-    dt = mamba2_dt(dt_raw, wd.dt_bias, d.dt_clamp_min)
+    dims = [float(v) for v in astuple(d)]
+    op_in = (zxbcdt.detach(), cw, *wd[1:], seq_idx)
+    saved = _core_fwd(*op_in, dims)[1:]
+    xBC, dt, y, states, rstd = saved
+    z, xBC_in, dt_raw = d.split(zxbcdt.detach())
     x, Bm, Cm = d.split_scan(xBC)
     A = -torch.exp(wd.A_log.float())
-    y, states = ssd_triton.ssd_forward(x, dt, A, Bm, Cm, wd.D, seq_idx, None, d.chunk_size)
     yf, zf = y.view(-1, d.d_inner), z.flatten(0, 1)
-    _, rstd = norm_triton.gated_norm_forward(yf, zf, wd.norm_weight, d.norm_group_size, d.eps)
     dy = torch.randn_like(y)
-    # The two ops as a compiled block's graphs call them (the dispatcher, no autograd: nothing
-    # they see there requires grad), and their bodies alone.
-    dims = [float(v) for v in astuple(d)]
-    op_in = tuple(t.detach() if t is not None else None for t in (zxbcdt, cw, *wd[1:], seq_idx))
-    saved = _core_fwd(*op_in, dims)[1:]
 
     def body(op, *args):
         with torch.no_grad():  # as the dispatcher runs it: below autograd
