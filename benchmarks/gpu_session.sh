@@ -59,7 +59,7 @@ tries() {  # tries SETTING...: a --try option of benchmarks/mixers.py for each
 
 for stage in "$@"; do
     case $stage in
-    tests) run tests 240 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
+    tests) run tests 360 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
     kernels)
         run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
@@ -78,7 +78,7 @@ for stage in "$@"; do
     mixprof) run mixprof 240 60 python3 benchmarks/mixers.py --profile ;;
     mixtry)  # kernel settings judged by the whole mixer (each against the defaults, taking turns), and its kernels
         # shellcheck disable=SC2046  # one --try per setting
-        run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 --rounds 8 $(tries ${TRIES:-\
+        run mixtry 300 40 python3 benchmarks/mixers.py --no-gdn --profile --profile-rows 40 --rounds 8 --try-rounds "${TRY_ROUNDS:-4}" $(tries ${TRIES:-\
             ssd_triton.W_STAGES=3 ssd_triton.W_STAGES=2}) ;;
     seamcode)  # what inductor's seam kernels read and write, fused blocks against unfused (issue 9)
         run seamcode 240 120 bash -c "TORCH_LOGS=output_code python3 benchmarks/train_step.py --preset bench-1.3b \
@@ -98,9 +98,9 @@ for stage in "$@"; do
             --variants "${VARIANTS:-unfused,fused}" --sync-check ;;  # which lines make the host wait for the GPU
     corehost) run corehost 200 120 bash -c "python3 benchmarks/core_host.py; python3 benchmarks/core_host.py --packed --rows 0" ;;  # the core op's host time
     coretrace) run coretrace 200 90 python3 benchmarks/core_host.py --trace --rows 25 ;;  # what the backward op's dispatch adds
-    modes)  # SHAPES (default 1x4096, host-bound) with default compiled blocks, then with CUDA graphs (reduce-overhead)
+    modes)  # PRESET (default bench-1.3b) at SHAPES (default 1x4096, host-bound) with default compiled blocks, then CUDA graphs
         for mode in default reduce-overhead; do
-            run "modes-$mode" 300 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes "${SHAPES:-1x4096}" \
+            run "modes-$mode" 300 12 python3 benchmarks/train_step.py --preset "${PRESET:-bench-1.3b}" --shapes "${SHAPES:-1x4096}" \
                 --steps "${STEPS:-20}" --compile-mode "$mode"
         done ;;
     fusedprof) run fusedprof 400 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --steps 4 --warmup 3 --variants fused,unfused --profile ;;
@@ -132,9 +132,9 @@ for stage in "$@"; do
     graphprof)  # why the CUDA-graphed 4x4096 step is slower than the default: kernels, host ops, re-recordings
         run graphprof 300 80 env TORCH_LOGS=cudagraphs,perf_hints python3 benchmarks/train_step.py --preset bench-1.3b \
             --shapes 4x4096 --steps 3 --warmup 3 --variants unfused --compile-mode reduce-overhead --profile ;;
-    graphtrain)  # the trainer with CUDA-graphed blocks against default compiled blocks: same losses?
+    graphtrain)  # the trainer with CUDA-graphed blocks against default compiled blocks: same losses? (GT_SET: more --set)
         run graphtrain 240 30 bash -c "for m in default reduce-overhead; do python3 -m hybridlm.cli train --run-dir /tmp/gt-\$m \
-            --set train.compile=true --set train.compile_mode=\$m --set train.steps=40 --set train.log_every=10 \
+            --set train.compile=true --set train.compile_mode=\$m --set train.steps=40 --set train.log_every=10 ${GT_SET:-} \
             --set train.eval_every=20 --set train.micro_batch_size=8 2>&1 | grep -E 'device|step +(10|20|30|40)|val|tok/s|rror' | tail -12; done" ;;
     curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
     genprof) run genprof 200 80 python3 benchmarks/generate.py --device cuda --profile ;;

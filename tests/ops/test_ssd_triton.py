@@ -180,6 +180,27 @@ def test_bf16_within_twice_the_rounded_reference(packed):
     bf16_check("cuda", packed, 2, 4096, 8, 64, 2, 128, 128, cuts)
 
 
+@pytest.mark.gpu
+def test_pipelining_stages_leave_the_outputs_bitwise_unchanged(monkeypatch):
+    # The *_STAGES settings are tuned for speed alone (the comments beside them say so): prefetching
+    # loads must not change a product or a sum. bf16 at L = 4096, packed, bench-like widths.
+    tensors = [t.cuda() for t in (*inputs(2, 4096, 8, 64, 2, 128, 0), torch.randn(2, 8, 64, 128))]
+    low = [t.bfloat16() if i in (0, 3, 4) else t for i, t in enumerate(tensors)]
+    seq_idx = torch.zeros(2, 4096, dtype=torch.long, device="cuda")
+    seq_idx[:, 1000:] += 1
+    gy, gs = torch.randn(2, 4096, 8, 64, device="cuda").bfloat16(), torch.randn(2, 8, 64, 128, device="cuda")
+    knobs = ["STATE_STAGES", "SCAN_STAGES", "DX_STAGES", "W_STAGES", "BWD_STAGES"]
+    outs = []
+    for stages in (1, 2, 3):
+        for knob in knobs:
+            monkeypatch.setattr(ssd_triton, knob, stages)
+        y, final, grads = run(ssd_triton.ssd_chunked_triton, low, 128, seq_idx, gy, gs)
+        outs.append([y, final, *grads])
+    for stages, out in zip((2, 3), outs[1:]):
+        for name, a, e in zip(["y", "final", *NAMES], out, outs[0]):
+            assert torch.equal(a, e), f"{name} with {stages} stages differs from 1 stage"
+
+
 def test_mamba2_mixer_same_on_both_paths():
     # The layer hands the op strided views of one projection (x, B, C from a split) and float32 dt.
     from hybridlm.layers import Mamba2Mixer

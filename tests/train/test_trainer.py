@@ -118,6 +118,29 @@ def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
         Trainer(run, run_dir=tmp_path / "a", progress=False)
 
 
+def test_auto_compile_mode_records_cuda_graphs_only_where_they_can_run(tmp_path):
+    """The default compile mode, "auto", is plain compiled blocks on CPU (CUDA graphs need CUDA)."""
+    assert RunConfig().train.compile_mode == "auto"
+    t = Trainer(tiny_run("train.compile=true", "train.device=cpu"), run_dir=tmp_path / "a", progress=False)
+    assert t.compile_mode == "default" and not t.cuda_graphs
+    assert "compiled blocks" in t.describe()[-1] and "reduce-overhead" not in t.describe()[-1]
+
+
+@pytest.mark.gpu
+def test_auto_compile_mode_on_one_gpu_is_cuda_graphs_with_the_same_losses(tmp_path):
+    """On one CUDA device "auto" replays the compiled blocks as CUDA graphs (train and evaluation),
+    and trains to the same losses as plain compiled blocks."""
+    runs = {}
+    for mode in ("auto", "default"):
+        t = Trainer(tiny_run("train.compile=true", f"train.compile_mode={mode}"), run_dir=tmp_path / mode, progress=False)
+        assert t.cuda_graphs == (mode == "auto")
+        t.run_loop()
+        runs[mode] = losses(tmp_path / mode)
+    assert runs["auto"].keys() == runs["default"].keys()
+    for step, loss in runs["default"].items():
+        assert runs["auto"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
 def test_evaluation_runs_without_autograd(tmp_path):
     """Validation forwards build no autograd graph (memory), and take the no-gradient kernels."""
     t = Trainer(tiny_run(), run_dir=tmp_path / "a", progress=False)

@@ -73,12 +73,15 @@ class OptimConfig:
     moe_expert_bias_rate: float = 1e-3  #: step of the aux-loss-free expert-bias update
 
 
-#: ``train.compile_mode`` values: the torch.compile modes the trainer has run. Those in
+#: ``train.compile_mode`` values: "auto" and the torch.compile modes the trainer has run. Those in
 #: CUDA_GRAPH_MODES record CUDA graphs, so the trainer marks where each step begins
-#: (``cudagraph_mark_step_begin``). Not offered: the max-autotune modes, whose code for a second
-#: batch shape (evaluation after training) failed on CPU in torch 2.13 ("Expected size for first
-#: two dimensions of batch2 tensor": a bmm with the first shape's batch size baked in).
-COMPILE_MODES = ("default", "reduce-overhead")
+#: (``cudagraph_mark_step_begin``). "auto" is "reduce-overhead" where CUDA graphs can run (one
+#: CUDA process) and "default" elsewhere: on an H200 CUDA graphs were as fast at every shape where
+#: the GPU is the bottleneck and faster wherever the host is, with the same losses (docs/training.md).
+#: Not offered: the max-autotune modes, whose code for a second batch shape (evaluation after
+#: training) failed on CPU in torch 2.13 ("Expected size for first two dimensions of batch2
+#: tensor": a bmm with the first shape's batch size baked in).
+COMPILE_MODES = ("auto", "default", "reduce-overhead")
 CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 
@@ -96,8 +99,9 @@ class TrainConfig:
     ac_policy: str = "full"
     compile: bool = False  #: torch.compile each block
     #: with compile: torch.compile's mode; "reduce-overhead" replays each block as CUDA graphs
-    #: (one CUDA process, no pipeline stages), which pays where the host cannot keep the GPU busy
-    compile_mode: str = "default"
+    #: (one CUDA process, so no pipeline stages), which pays where the host cannot keep the GPU
+    #: busy; "auto": "reduce-overhead" where it can run, else "default"
+    compile_mode: str = "auto"
     threads: int | None = None  #: CPU threads for torch (None = torch's default)
     #: 0: Python's automatic garbage collection; N > 0: automatic collection off and a full
     #: collection after every N-th step, so its pauses land at known steps (Megatron's --manual-gc)

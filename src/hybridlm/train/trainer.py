@@ -160,12 +160,16 @@ class Trainer:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
 
         # CUDA graphs (reduce-overhead) replay the blocks with static buffers: one process, one device.
-        self.cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
-        if self.cuda_graphs and (self.world > 1 or self.device.type != "cuda"):
+        graphs_fit = self.world == 1 and self.device.type == "cuda"
+        self.compile_mode = t.compile_mode
+        if self.compile_mode == "auto":
+            self.compile_mode = "reduce-overhead" if graphs_fit else "default"
+        self.cuda_graphs = t.compile and self.compile_mode in CUDA_GRAPH_MODES
+        if self.cuda_graphs and not graphs_fit:
             raise ConfigError(
                 "train.compile_mode",
                 f"{t.compile_mode!r} records CUDA graphs: it needs one CUDA process (here {self.world} "
-                f"process(es) on {self.device.type}); use 'default'",
+                f"process(es) on {self.device.type}); use 'auto' or 'default'",
             )
 
         # Model.
@@ -188,7 +192,7 @@ class Trainer:
                 param_dtype=self.autocast_dtype,
                 activation_checkpointing=t.ac_policy if t.activation_checkpointing else None,
                 compile=t.compile,
-                compile_mode=t.compile_mode,
+                compile_mode=self.compile_mode,
                 autocast=self._autocast,
             )
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
@@ -200,7 +204,7 @@ class Trainer:
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
-            compile_blocks(self.model, **({} if t.compile_mode == "default" else {"mode": t.compile_mode}))
+            compile_blocks(self.model, **({} if self.compile_mode == "default" else {"mode": self.compile_mode}))
         if self.world > 1 and self.pipeline is None:
             # Losses are divided by the labelled tokens of all processes: gradients are summed.
             apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
@@ -440,7 +444,7 @@ class Trainer:
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
             + (" · compiled blocks" if t.compile else "")
-            + (f" ({t.compile_mode})" if t.compile and t.compile_mode != "default" else "")
+            + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
         ]
 
