@@ -132,7 +132,9 @@ def test_auto_compile_mode_on_one_gpu_is_cuda_graphs_with_the_same_losses(tmp_pa
     and trains to the same losses as plain compiled blocks."""
     runs = {}
     for mode in ("auto", "default"):
-        t = Trainer(tiny_run("train.compile=true", f"train.compile_mode={mode}"), run_dir=tmp_path / mode, progress=False)
+        t = Trainer(
+            tiny_run("train.compile=true", f"train.compile_mode={mode}"), run_dir=tmp_path / mode, progress=False
+        )
         assert t.cuda_graphs == (mode == "auto")
         t.run_loop()
         runs[mode] = losses(tmp_path / mode)
