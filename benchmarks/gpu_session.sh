@@ -87,8 +87,6 @@ for stage in "$@"; do
     mixall) run mixall 240 250 python3 benchmarks/mixers.py --profile --profile-rows 120 ;;  # every kernel
     ssdprof) run ssdprof 150 40 python3 benchmarks/ssd_kernel.py --profile ;;
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
-    tunedx) run tunedx 200 40 bash -c "python3 benchmarks/ssd_kernel.py --tune --tune-rows 0,6,7,8,9,10; \
-            python3 benchmarks/ssd_kernel.py --check --set DX_BLOCK_P=32" ;;  # dx split over the head dimension
     step) run step 560 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
     step4k) run step4k 330 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --variants unfused --compare-hf ;;
     step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;

@@ -3,7 +3,7 @@
     python benchmarks/ssd_kernel.py            # bench-1.3b shape: b=4, l=4096, h=64, p=64, n=128, g=8, chunk 128
     python benchmarks/ssd_kernel.py --check    # bf16 error vs the float64 reference at L = 4096
     python benchmarks/ssd_kernel.py --tune     # Triton only, a few tile sizes / warp counts (compiles each)
-    python benchmarks/ssd_kernel.py --tune --tune-rows 0,11   # the default and row 11 of TUNE only
+    python benchmarks/ssd_kernel.py --tune --tune-rows 0,4    # the default and row 4 of TUNE only
 
 Timing prints one row per (path, packed): forward ms, forward + backward ms (``triton.testing.do_bench``,
 median) and the peak memory one forward + backward allocates beyond its inputs. x, B, C are bf16 and
@@ -114,37 +114,33 @@ def bench(args) -> None:
 
 
 TUNE = [  # a value per _KNOBS entry; the first row is the default
-    (64, 64, 4, 4, 3, 64, True, 32, 32, True, True, True, None),
+    (64, 64, 4, 4, 3, 64, True, 32, 32, True, True, True),
     # The tenth device session's alternatives (H200, bench shape, fwd + bwd against 3.13 ms for
     # the then-default 64 x 64 dx tiles and split products): dx's tiles 16 x 32 3.04, 32 x 64
     # 3.22; backward tiles of 32 (3.46) or 16 (4.02) and state blocks of 32 (3.15) were slower.
-    (64, 64, 4, 4, 3, 64, True, 16, 32, True, True, True, None),
-    (64, 64, 4, 4, 3, 64, True, None, None, True, True, True, None),  # dx on the other kernels' tiles
-    (64, 64, 4, 4, 3, 64, True, 32, 32, False, False, False, None),  # every float32 factor split in two
-    (64, 32, 4, 4, 3, 32, True, 32, 32, True, True, True, None),
+    (64, 64, 4, 4, 3, 64, True, 16, 32, True, True, True),
+    (64, 64, 4, 4, 3, 64, True, None, None, True, True, True),  # dx on the other kernels' tiles
+    (64, 64, 4, 4, 3, 64, True, 32, 32, False, False, False),  # every float32 factor split in two
+    (64, 32, 4, 4, 3, 32, True, 32, 32, True, True, True),
     # Forward tiles of 32 (sm_90 build: _scan_fwd_kernel 220 registers against 244, _state_kernel
     # 128 against 219, so four state programs per SM instead of two): eleventh device session
     # 2.93 ms against the default's 2.92, packed 3.17 against 3.02.
-    (32, 64, 4, 4, 3, 64, True, 32, 32, True, True, True, None),
+    (32, 64, 4, 4, 3, 64, True, 32, 32, True, True, True),
     # Tried in the eleventh device session and not kept (fwd + bwd against the default's 2.92 ms,
     # packed 3.02): the forward reading the group's C·B from _cb_kernel instead of recomputing it
     # per head (half its tensor-core work at 8 heads per group), 3.15 at tiles of 64 (its sm_90
     # build spilled 416 bytes) and 2.91 at 32 (packed 3.04); dx on 64-row tiles with eight warps
     # (half the reloads of the chunk's float32 state gradient), 3.43 at 64 x 32 and 3.30 at 64 x 64.
-    # dx split over the head dimension (DX_BLOCK_P), as mamba_ssm's dx kernel is: each program
-    # reloads C·B and B for its block of p, and holds a smaller accumulator. Sixteenth device
-    # session, fwd + bwd unpacked / packed against the default's 2.87 / 2.81 ms: 3.11 / 3.30,
-    # 2.78 / 2.93, 2.76 / 3.04, 3.28 / 5.99, 3.42 / 3.30 (rows in order), so not kept.
-    (64, 64, 4, 4, 3, 64, True, 32, 32, True, True, True, 32),
-    (64, 64, 4, 4, 3, 64, True, 64, 32, True, True, True, 32),
-    (64, 64, 4, 4, 3, 64, True, 64, 64, True, True, True, 32),
-    (64, 64, 4, 4, 3, 64, True, 128, 32, True, True, True, 32),
-    (64, 64, 4, 4, 3, 64, True, 64, 32, True, True, True, 16),
+    # Tried in the sixteenth device session and not kept: dx split over the head dimension as
+    # mamba_ssm's dx kernel is (each program a block of p, its partial sums over p added in a fixed
+    # order by _dacum_kernel), fwd + bwd unpacked / packed against the default's 2.87 / 2.81 ms:
+    # blocks of 32 with dx tiles 32 x 32 3.11 / 3.30, 64 x 32 2.78 / 2.93, 64 x 64 2.76 / 3.04,
+    # 128 x 32 3.28 / 5.99; blocks of 16 with 64 x 32 3.42 / 3.30.
 ]
 _KNOBS = (
     "BLOCK_Q", "BLOCK_Q_BWD", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "PASS_STAGES", "BLOCK_N_BWD", "DX_SINGLE_PRODUCT",
     "DX_BLOCK_Q", "DX_BLOCK_N", "FWD_STATE_SINGLE_PRODUCT", "DB_STATE_SINGLE_PRODUCT",
-    "DBC_W_SINGLE_PRODUCT", "DX_BLOCK_P",
+    "DBC_W_SINGLE_PRODUCT",
 )  # fmt: skip
 
 

@@ -78,17 +78,6 @@ def test_dx_tiles_of_its_own(monkeypatch, bwd, dx):
     check_against_reference(1, 95, 2, 16, 1, 40, 40, seq_idx, seed=3)
 
 
-@pytest.mark.parametrize("dx_p", [16, 32])
-def test_dx_split_over_the_head_dimension(monkeypatch, dx_p):
-    # p = 40 in dx blocks of 16 (three, the last partial) or 32 (two): dt's direct gradient and
-    # d acum through the chunk state come out per block and are summed by _dacum_kernel.
-    monkeypatch.setattr(ssd_triton, "DX_BLOCK_P", dx_p)
-    seq_idx = torch.zeros(2, 70, dtype=torch.long)
-    seq_idx[0, 23:] += 1
-    seq_idx[1, 32:] += 1
-    check_against_reference(2, 70, 4, 40, 2, 16, 32, seq_idx, seed=4)
-
-
 def test_state_wider_than_one_block():
     # n = 70: the backward's state products and dB / dC run over two blocks of n (64 + a partial 6).
     seq_idx = torch.zeros(1, 40, dtype=torch.long)
@@ -189,13 +178,6 @@ def test_bf16_within_twice_the_rounded_reference(packed):
     # chunk start (1024) and on consecutive positions (1500, 1501).
     cuts = [[700, 1024, 2900], [129, 1500, 1501, 3333]]
     bf16_check("cuda", packed, 2, 4096, 8, 64, 2, 128, 128, cuts)
-
-
-@pytest.mark.gpu
-def test_bf16_dx_split_over_the_head_dimension(monkeypatch):
-    # DX_BLOCK_P = 32: dx in two blocks of the 64-wide heads, their partial sums added by _dacum_kernel.
-    monkeypatch.setattr(ssd_triton, "DX_BLOCK_P", 32)
-    bf16_check("cuda", True, 2, 4096, 8, 64, 2, 128, 128, [[700, 1024, 2900], [129, 1500, 1501, 3333]])
 
 
 @pytest.mark.gpu

@@ -27,8 +27,8 @@ tiles, see ``_dot_fr``; with float32 inputs such products use ``tf32x3``):
 6. ``_bwd_w_kernel``   per (b, c, g, tile of Q × Q), heads in a loop: ``W[s, t]``, the sum over the
    group's heads of ``dt_s L[t, s] x_s·dy_t`` (what multiplies ``B_s`` and ``C_t`` in y), and both
    halves of d acum through y inside the chunk.
-7. ``_bwd_dx_kernel``  per (b, c, h, block of Q[, block of p]): dx, dt's direct gradient, d acum
-   through the chunk state, and partial sums for dD.
+7. ``_bwd_dx_kernel``  per (b, c, h, block of Q): dx, dt's direct gradient, d acum through the
+   chunk state, and partial sums for dD.
 8. ``_bwd_dbc_kernel`` per (b, c, g, block of Q, block of n), twice: dB (through the chunk state,
    then ``W @ C``) and dC (through the entering state, then ``Wᵀ @ B``, and d acum through that
    state). Summing over heads in ``W`` first makes dB and dC one product per group, not per head,
@@ -117,15 +117,6 @@ DBC_W_SINGLE_PRODUCT = True
 #: H200 (bench shape, fwd + bwd): 64 × 64 3.13 ms, 32 × 32 **3.01**, 16 × 32 3.04, 32 × 64 3.22.
 DX_BLOCK_Q = 32
 DX_BLOCK_N = 32
-#: Width of the blocks of the head dimension p that ``_bwd_dx_kernel`` splits over programs (None:
-#: the whole head in one program). Split, each program reloads C·B and B for its block, and dt's
-#: direct gradient and d acum through the chunk state, sums over p, come out in one partial per
-#: block, added in a fixed order by ``_dacum_kernel`` (no atomics: the results stay deterministic).
-#: At p = 64 it did not pay (H200, bench shape, SSD fwd + bwd ms unpacked / packed, sixteenth
-#: device session; forward-only times moved by up to 0.2 ms between rows, so differences under
-#: that are noise): whole heads 2.87 / 2.81; blocks of 32 with dx tiles 32 × 32 3.11 / 3.30,
-#: 64 × 32 2.78 / 2.93, 64 × 64 2.76 / 3.04, 128 × 32 3.28 / 5.99; blocks of 16 3.42 / 3.30.
-DX_BLOCK_P = None
 #: Heads per program of the two small kernels that prepare the per-step quantities and sum the
 #: gradient of the cumulative log-decays (each program holds one chunk of them).
 PREP_BLOCK_H = 16
@@ -569,25 +560,23 @@ def _bwd_dx_kernel(
     CB,  # (b, nc, g, Q, Q) float32: C_t·B_s, from _cb_kernel
     ACUM, DT, SEQ, DST, Dp,  # DST: (b, nc, h, p, n) float32, dL/dS_{c+1} (= dL/d st_c)
     DX, sdx_b, sdx_l, sdx_h, sdx_p,  # (b, l, h, p) out
-    DDT, DACUM,  # (b, h, NPB, Lp) float32 out: dt's direct gradient, d acum through the chunk state, per p block
-    DD_PART,  # (b, nc * nqb * NPB, h) float32 out: partial sums of dy·x
-    L, Lp, H, P, N, Q, R, NC, NPB,
+    DDT, DACUM,  # (b, h, Lp) float32 out: dt's direct gradient, d acum through the chunk state
+    DD_PART,  # (b, nc * nqb, h) float32 out: partial sums of dy·x
+    L, Lp, H, P, N, Q, R, NC,
     HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, SINGLE_Y: tl.constexpr,
 ):  # fmt: skip
     nqb = tl.cdiv(Q, BLOCK_Q)
-    pb = tl.program_id(0) % NPB
-    c = tl.program_id(0) // (nqb * NPB)
-    sb = (tl.program_id(0) // NPB) % nqb
+    c = tl.program_id(0) // nqb
+    sb = tl.program_id(0) % nqb
     bb = (tl.program_id(1) // H).to(tl.int64)
     hh = tl.program_id(1) % H
     gg = hh // R
     G = H // R
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.arange(0, BLOCK_P)
     mp = offs_p < P
     row = (bb * H + hh) * Lp + c * Q
-    part = ((bb * H + hh) * NPB + pb) * Lp + c * Q  # this p block's partial sums over p
     tile = ((bb * NC + c) * G + gg) * Q * Q
     # Scalar 64-bit bases at the chunk's first row; the per-element offsets inside stay 32-bit
     # (fewer registers: this kernel spilled twice as much with 64-bit offsets per element).
@@ -629,7 +618,7 @@ def _bwd_dx_kernel(
         mask=vs[:, None] & mp[None, :],
         other=0.0,
     ).to(tl.float32)
-    tl.store(DACUM + part + offs_s, -tl.sum(acc_x * xf, axis=1) * dt_s, mask=offs_s < Q)
+    tl.store(DACUM + row + offs_s, -tl.sum(acc_x * xf, axis=1) * dt_s, mask=offs_s < Q)
     # Through y inside the chunk: y_t += sum_s (C_t·B_s) L[t, s] dt_s x_s, for t >= s.
     for tb in range(sb, nqb):
         offs_t = tb * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -664,8 +653,8 @@ def _bwd_dx_kernel(
         dx.to(DX.dtype.element_ty),
         mask=vs[:, None] & mp[None, :],
     )
-    tl.store(DDT + part + offs_s, tl.sum(acc_x * xf, axis=1), mask=offs_s < Q)
-    tl.store(DD_PART + (bb * NC * nqb * NPB + tl.program_id(0)) * H + hh, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
+    tl.store(DDT + row + offs_s, tl.sum(acc_x * xf, axis=1), mask=offs_s < Q)
+    tl.store(DD_PART + (bb * NC * nqb + tl.program_id(0)) * H + hh, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
 
 
 @triton.jit
@@ -825,25 +814,21 @@ def _prep_kernel(
 
 @triton.jit
 def _dacum_kernel(
-    DACUM_ST,  # (b, h, NPB, Lp) float32: d acum through the chunk state, per p block
+    DACUM_ST,  # (b, h, Lp) float32: d acum through the chunk state
     DACUM_IN,  # (b, h, NNB, Lp) float32: through the entering state, per n block
     DACUM_Y,  # (b, h, 2 * NQB, Lp) float32: through y inside the chunk, per tile (only tiles on or below the diagonal written)
     DLAST,  # (b, h, nc, NBLK) float32: partial d acum_last through the next chunk's state
-    DDT_DIRECT, DT_P, A,  # (b, h, NPB, Lp), (b, h, Lp), (h,) float32
+    DDT_DIRECT, DT_P, A,  # (b, h, Lp), (b, h, Lp), (h,) float32
     DDT, sdd_b, sdd_l, sdd_h,  # (b, l, h) out: dt's gradient
     DA_PART,  # (b, nc, h) float32 out: sum over the chunk of d a_t * dt_t (dA's partial sums)
-    L, Lp, H, Q, NC, NNB, NQB, NBLK, BQ, NPB,
+    L, Lp, H, Q, NC, NNB, NQB, NBLK, BQ,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BLK: tl.constexpr,
 ):  # fmt: skip
     c, bb, offs_h, mh, offs_q, mq = _chunk_of_heads(H, Q, BLOCK_T, BLOCK_H)
     m = mq[:, None] & mh[None, :]
     head = bb * H + offs_h[None, :]
     pos = c * Q + offs_q[:, None]
-    d = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    ddt = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k in range(NPB):
-        d += tl.load(DACUM_ST + (head * NPB + k) * Lp + pos, mask=m, other=0.0)
-        ddt += tl.load(DDT_DIRECT + (head * NPB + k) * Lp + pos, mask=m, other=0.0)
+    d = tl.load(DACUM_ST + head * Lp + pos, mask=m, other=0.0)
     for k in range(NNB):
         d += tl.load(DACUM_IN + (head * NNB + k) * Lp + pos, mask=m, other=0.0)
     tile = offs_q // BQ
@@ -857,7 +842,7 @@ def _dacum_kernel(
     d += tl.where((offs_q == Q - 1)[:, None], tl.sum(dlast, axis=0)[None, :], 0.0)
     da = tl.cumsum(d, axis=0, reverse=True)  # d a_t = sum over u >= t in the chunk of d acum_u
     a = tl.load(A + offs_h, mask=mh, other=0.0)
-    ddt += da * a[None, :]
+    ddt = tl.load(DDT_DIRECT + head * Lp + pos, mask=m, other=0.0) + da * a[None, :]
     t = c * Q + offs_q
     tl.store(
         DDT + bb * sdd_b + t[:, None] * sdd_l + offs_h[None, :] * sdd_h,
@@ -980,15 +965,13 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         else t.new_empty(t.shape, dtype=_out_dtype(t.dtype))
         for given, t in zip(out or (None, None, None), (x, B, C))
     )
+    ddt_direct = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     bq_dx = min(DX_BLOCK_Q or BLOCK_Q_BWD, _pow2(Q))  # dx's own tiles: C·B is read only where t >= s
-    bp_dx = min(DX_BLOCK_P or _pow2(p), _pow2(p))
-    npb = triton.cdiv(p, bp_dx)
-    ddt_direct = torch.empty(b, h, npb, Lp, device=x.device, dtype=torch.float32)
-    dD_part = torch.empty(b, nc * triton.cdiv(Q, bq_dx) * npb, h, device=x.device, dtype=torch.float32)
+    dD_part = torch.empty(b, nc * triton.cdiv(Q, bq_dx), h, device=x.device, dtype=torch.float32)
     # d acum in parts: through the chunk state (at s), through the entering state (at t, per n
     # block), and through y inside the chunk (both halves, per tile; tiles above the diagonal are
     # never written, and `_dacum_kernel` never reads them).
-    dacum_st = torch.empty(b, h, npb, Lp, device=x.device, dtype=torch.float32)
+    dacum_st = torch.empty(b, h, Lp, device=x.device, dtype=torch.float32)
     bn = min(_pow2(n), BLOCK_N_BWD)
     nnb = triton.cdiv(n, bn)
     dacum_in = torch.empty(b, h, nnb, Lp, device=x.device, dtype=torch.float32)
@@ -1003,11 +986,11 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
         L, Lp, h, p, Q, r, nc,
         HAS_SEQ=has_seq, BLOCK_P=_pow2(p), **(kw | _stages(W_STAGES)),
     )  # fmt: skip
-    _bwd_dx_kernel[(nc * triton.cdiv(Q, bq_dx) * npb, b * h)](
+    _bwd_dx_kernel[(nc * triton.cdiv(Q, bq_dx), b * h)](
         x, *x.stride(), B, *B.stride(), dy, *dy.stride(), cb,
         acum, dt_p, seq_arg, dS, D if D is not None else acum, dx, *dx.stride(), ddt_direct, dacum_st, dD_part,
-        L, Lp, h, p, n, Q, r, nc, npb,
-        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=bp_dx, SINGLE_Y=DX_SINGLE_PRODUCT,
+        L, Lp, h, p, n, Q, r, nc,
+        HAS_SEQ=has_seq, HAS_D=D is not None, BLOCK_P=_pow2(p), SINGLE_Y=DX_SINGLE_PRODUCT,
         **(kw | {"BLOCK_Q": bq_dx, "BLOCK_N": min(_pow2(n), DX_BLOCK_N or BLOCK_N_BWD)} | _stages(DX_STAGES)),
     )  # fmt: skip
     for mode, (xx, yy, zz, st, out, slots) in enumerate([(x, C, C, dS, dB, nc), (dy, B, C, S, dC, nc + 1)]):
@@ -1023,7 +1006,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     bh = min(_pow2(h, 1), PREP_BLOCK_H)
     _dacum_kernel[(nc, b, triton.cdiv(h, bh))](
         dacum_st, dacum_in, dacum_y, dlast, ddt_direct, dt_p, A.float().contiguous(), ddt, *ddt.stride(), da_part,
-        L, Lp, h, Q, nc, nnb, nqb, nblk, bq, npb,
+        L, Lp, h, Q, nc, nnb, nqb, nblk, bq,
         BLOCK_T=_pow2(Q), BLOCK_H=bh, BLOCK_BLK=_pow2(nblk, 1), num_warps=4,
     )  # fmt: skip
     dA = da_part.sum((0, 1))
