@@ -92,6 +92,15 @@ def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None
     return config, run
 
 
+def _plan_micro_batch(run, pp: int) -> int:
+    """The rows per micro-batch a run would give each pipeline stage with one data-parallel group: its
+    ``train.micro_batch_size``, else its batch over ``parallel.microbatches`` (2 × pp by default); 1 without a run."""
+    if run is None:
+        return 1
+    microbatches = run.parallel.microbatches or 2 * max(pp, 1)
+    return run.train.micro_batch_size or max(1, run.train.batch_size // microbatches)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -103,8 +112,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         config,
         args.pp,
         args.vpp,
-        seq_len=args.seq_len or (run.data.seq_len if run else 4096),
-        micro_batch_size=args.micro_batch_size or (run and run.train.micro_batch_size) or 1,
+        seq_len=args.seq_len if args.seq_len is not None else (run.data.seq_len if run else 4096),
+        micro_batch_size=args.micro_batch_size
+        if args.micro_batch_size is not None
+        else _plan_micro_batch(run, args.pp),
         recompute=args.recompute or bool(run and run.train.activation_checkpointing),
         hardware=args.hardware,
         measure=default_device() if args.measure == "auto" else args.measure,
@@ -132,8 +143,22 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     model = ap.add_mutually_exclusive_group()
     model.add_argument("--preset", default=None, metavar="NAME", help="model preset, e.g. nemotron-h-8b")
     model.add_argument("--config", default=None, metavar="RUN.toml", help="run file (its model, seq_len, batch)")
-    ap.add_argument("--seq-len", type=int, default=None, metavar="L", help="tokens per sequence (default 4096)")
-    ap.add_argument("--micro-batch-size", type=int, default=None, metavar="B", help="sequences per micro-batch")
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="L",
+        help="tokens per sequence (default: the run file's data.seq_len; 4096 with --preset; without either, the "
+        "embedded default run's 256)",
+    )
+    ap.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="sequences per micro-batch (default: the run file's train.micro_batch_size, else its batch_size / "
+        "parallel.microbatches (2 × pp unless set); 1 with --preset)",
+    )
     ap.add_argument("--recompute", action="store_true", help="block-level activation checkpointing")
     ap.add_argument("--hardware", default="h100", help="roofline of the estimate: h100 (default), h200 or a100")
     ap.add_argument(
@@ -188,19 +213,38 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         from .checkpoint.megatron import convert_from_megatron
 
-        config = None
-        if args.config is not None:
-            from .config import ModelConfig
-
-            config = ModelConfig.from_json(args.config)
+        config = _megatron_config(args.config) if args.config is not None else None
         out = convert_from_megatron(args.src, args.dst, config)
         print(f"wrote {out}")
         return 0
     if args.config is not None:
         raise UsageError("--config is only used with --from megatron")
-    out = convert(args.src, args.dst)
+    if args.no_verify and args.to is None:
+        raise UsageError("--no-verify is only used with --to (it skips the SHA-256 check of a hybridlm checkpoint)")
+    out = convert(args.src, args.dst, **({"verify": False} if args.no_verify else {}))
     print(f"wrote {out}")
     return 0
+
+
+def _megatron_config(path: str):
+    """``convert --from megatron --config``: a ModelConfig JSON, or a hybridlm checkpoint's config.json or folder."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint.weights import read_config
+    from .config import ModelConfig
+    from .errors import ConfigError, UsageError
+
+    if Path(path).is_dir():
+        return read_config(path)
+    try:
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and data.get("format") == "hybridlm":  # a checkpoint's config.json
+            return ModelConfig.from_dict(data.get("config"))
+        return ModelConfig.from_json(path)
+    except (OSError, ValueError, RecursionError) as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
+        raise UsageError(f"--config {path}: not a model config ({reason})") from None
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -220,7 +264,17 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--from", dest="from_", choices=FORMATS, help="read SRC in this format into a hybridlm checkpoint"
     )
-    ap.add_argument("--config", default=None, help="ModelConfig JSON for --from megatron")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="--from megatron: the model's config, a ModelConfig JSON or a hybridlm checkpoint (folder or its "
+        "config.json); default: <SRC>.hybridlm.json",
+    )
+    ap.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="--to: skip the SHA-256 check of SRC's weight files (a damaged file converts)",
+    )
     ap.set_defaults(func=_cmd_convert)
 
 
@@ -229,7 +283,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .errors import UsageError
     from .train.config import RunConfig
-    from .train.trainer import CONFIG_FILE, Trainer
+    from .train.rundir import CONFIG_FILE
+    from .train.trainer import Trainer
 
     run_dir = args.run_dir
     if args.resume is True:  # a bare --resume continues the run named by --run-dir
@@ -237,6 +292,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--resume without a directory needs --run-dir RUN_DIR (or give --resume RUN_DIR)")
         args.resume = args.run_dir
     if args.resume is not None:
+        if args.run_dir is not None and Path(args.run_dir) != Path(args.resume):
+            raise UsageError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
         run_dir = args.resume
         base = RunConfig.from_toml(args.config or Path(args.resume) / CONFIG_FILE)
     else:
@@ -305,12 +362,26 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     from .errors import UsageError
 
     prompts = list(args.prompt or [])
+    for i, p in enumerate(prompts, start=1):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's locale could not decode (kept as surrogates)
+            raise UsageError(f"--prompt number {i}: not UTF-8 text") from None
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"--prompts-file {path}: no such file")
+        try:  # "-": standard input; also pipes and devices
+            raw = sys.stdin.buffer.read() if args.prompts_file == "-" else path.read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"--prompts-file {path}: no such file") from None
+        except OSError as e:
+            raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
+        lines = raw.split(b"\n")
         jsonl = path.suffix == ".jsonl"
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(lines, start=1):
+            try:
+                line = line.decode("utf-8").removesuffix("\r")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{n}: not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             if jsonl or line.lstrip().startswith("{"):
@@ -336,17 +407,27 @@ class _Completion:
     stop string), as is a trailing replacement character (an incomplete UTF-8 sequence).
     """
 
-    def __init__(self, tokenizer, stops: list[str], stream: bool) -> None:
+    #: Prompt tokens decoded before the completion and cut off again: decoders that drop a leading
+    #: space (sentencepiece's Metaspace, Strip) would otherwise glue the first word to the prompt.
+    CONTEXT = 8
+
+    def __init__(self, tokenizer, stops: list[str], stream: bool, prompt: list[int] | None = None) -> None:
         self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.context = list(prompt or [])[-self.CONTEXT :]
+        self.prefix = tokenizer.decode(self.context) if self.context else ""
         self.ids: list[int] = []
         self.text, self.shown, self.stopped = "", 0, False
+
+    def _decode(self) -> str:
+        text = self.tokenizer.decode(self.context + self.ids)
+        return text[len(self.prefix) :] if text.startswith(self.prefix) else self.tokenizer.decode(self.ids)
 
     def add(self, token: int) -> bool:
         if self.stopped:
             return True
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self._decode()
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if cuts:
             text, self.stopped = text[: min(cuts)], True
@@ -369,6 +450,71 @@ class _Completion:
             self.shown = upto
 
 
+def _unescape(stop: str) -> str:
+    r"""``--stop`` with the escapes \n, \t, \r and \\ read as the characters they name (a shell passes them as typed)."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], stop)
+
+
+def _check_generate_args(args: argparse.Namespace, stops: list[str]) -> None:
+    """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded."""
+    import math
+
+    import torch
+
+    from .errors import UsageError
+
+    checks = (
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
+        (
+            math.isfinite(args.temperature) and args.temperature >= 0,
+            f"--temperature must be >= 0, got {args.temperature}",
+        ),
+        (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (
+            math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
+            f"--repetition-penalty must be > 0, got {args.repetition_penalty}",
+        ),
+        (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (all(stops), "--stop: an empty string would end every text at once"),
+        (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
+        (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
+        (
+            not args.speculative or args.greedy or args.temperature == 0,
+            "--speculative mtp decodes greedily: add --greedy",
+        ),
+        (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
+        (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError("--cuda-graph needs --device cuda")
+
+
+def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separate: bool) -> None:
+    """The texts of a batch: a streamed row's rest, or each prompt with its text; a blank line after each
+    when several prompts are printed."""
+    for prompt, row in zip(batch, rows):
+        if stream:
+            row.finish()
+            print()
+        else:
+            print(prompt + row.text)
+        if separate:
+            print()
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -377,24 +523,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint.weights import load
     from .errors import UsageError
     from .infer.generate import generate
+    from .train.rundir import MODEL_DIR
     from .train.tokenizer import build_tokenizer, load_tokenizer
-    from .train.trainer import MODEL_DIR
 
     prompts = _read_prompts(args)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    stops = [_unescape(s) for s in args.stop or []]
+    _check_generate_args(args, stops)
     path = Path(args.checkpoint)
     if (path / MODEL_DIR).is_dir() and not (path / "config.json").exists():
         path = path / MODEL_DIR  # a run directory: use its exported model
-    if args.threads:
+    elif (path / "checkpoints").is_dir() and not (path / "config.json").exists():
+        raise UsageError(
+            f"{path} is a training run without an exported model yet ({MODEL_DIR}/ is written when it reaches "
+            f"train.steps): finish it with hybridlm train --resume {path}"
+        )
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load(path, device=args.device, verify=not args.no_verify)
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(path)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
+        ids = [tokenizer.encode(p) for p in batch]
         stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
-        rows = [_Completion(tokenizer, args.stop or [], stream) for _ in batch]
+        rows = [_Completion(tokenizer, stops, stream, prompt) for prompt in ids]
         if stream:
             sys.stdout.write(batch[0])
             sys.stdout.flush()
@@ -402,13 +554,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         try:
             generate(
                 model,
-                [tokenizer.encode(p) for p in batch],
+                ids,
                 max_new_tokens=args.max_new_tokens,
                 temperature=0.0 if args.greedy else args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
                 eos_id=tokenizer.eos_id,
-                seed=args.seed,
+                seed=None if args.seed is None else args.seed + start,  # each batch its own random stream
                 use_cache=not args.no_cache,
                 speculative=args.speculative,
                 draft_tokens=args.draft_tokens,
@@ -419,14 +571,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
-        for prompt, row in zip(batch, rows):
-            if stream:
-                row.finish()
-                print()
-            else:
-                print(prompt + row.text)
-            if len(prompts) > 1:
-                print()
+        except KeyboardInterrupt:  # show what this batch has so far (held-back characters too), then stop
+            _print_rows(batch, rows, stream, separate=False)
+            raise
+        _print_rows(batch, rows, stream, separate=len(prompts) > 1)
         for key in totals:
             totals[key] += stats.get(key, 0)
     t = totals
@@ -455,7 +603,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--prompts-file",
         default=None,
-        help='prompts, one per line, or JSONL (*.jsonl or lines starting with "{") with a "prompt" or "text" field',
+        help='prompts, one per line, or JSONL (*.jsonl or lines starting with "{") with a "prompt" or "text" field; '
+        "- reads standard input",
     )
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -465,7 +614,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="divide logits of tokens already seen by this (1 = off)"
     )
-    ap.add_argument("--stop", action="append", help="stop a text at this string (repeatable; not printed)")
+    ap.add_argument(
+        "--stop",
+        action="append",
+        help=r"stop a text at this string (repeatable; not printed; \n, \t, \r and \\ are read as escapes)",
+    )
     ap.add_argument("--batch-size", type=int, default=1, help="prompts generated together (left-padded)")
     ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
     ap.add_argument(
@@ -478,7 +631,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="with --speculative: drafts per round (default: all depths)",
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed (each batch of --batch-size prompts draws from seed + its first index)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")

@@ -299,6 +299,8 @@ def _validate(cfg: ModelConfig) -> None:
         p = parse(cfg.pattern)
     except PatternError as e:
         raise ConfigError("pattern", str(e)) from None
+    if not p.layers:  # Megatron's parser takes it; a model of no layers is an empty or mistyped string
+        raise ConfigError("pattern", f"{cfg.pattern!r} has no layers in its main stack")
     used = set(p.layers) | set(p.mtp_layers)
     _positive(cfg, "vocab_size", "hidden_size", "norm_eps", "init_std")
     if cfg.mtp_loss_scale < 0:

@@ -66,3 +66,79 @@ def test_bad_input_exits_2_with_one_line(checkpoint, capsys, tmp_path):
     ):
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_options_are_checked_by_flag_before_anything_is_loaded_or_printed(checkpoint, capsys, tmp_path):
+    path, _ = checkpoint
+    for argv, says in (
+        (["--max-new-tokens", -3], "--max-new-tokens must be >= 0"),
+        (["--temperature", "nan"], "--temperature must be >= 0"),
+        (["--repetition-penalty", "nan"], "--repetition-penalty must be > 0"),
+        (["--device", "banana"], "--device 'banana': not a device"),
+        (["--threads", -1], "--threads must be >= 1"),
+        (["--stop", ""], "--stop: an empty string"),
+        (["--draft-tokens", 2], "--draft-tokens needs --speculative mtp"),
+        (["--speculative", "mtp"], "add --greedy"),
+    ):
+        code, out, err = run(capsys, path, "--prompt", "x", *argv)
+        assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1, (argv, err)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    code, _, err = run(capsys, tmp_path / "run", "--prompt", "x")
+    assert code == 2 and "a training run without an exported model yet" in err
+
+
+def test_prompt_files_name_bad_bytes_and_read_standard_input(checkpoint, capsys, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    path, _ = checkpoint
+    (tmp_path / "latin.txt").write_bytes(b"fine\n\xff\xfeabc\n")
+    code, _, err = run(capsys, path, "--prompts-file", tmp_path / "latin.txt")
+    assert code == 2 and "latin.txt:2: not UTF-8 (byte 0xff" in err
+    args = ("--max-new-tokens", 5, "--greedy")
+    _, expected, _ = run(capsys, path, "--prompt", "ab", *args)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\n")))
+    _, out, _ = run(capsys, path, "--prompts-file", "-", *args)
+    assert out == expected
+
+
+def test_stop_escapes_and_a_random_stream_per_batch(checkpoint, capsys):
+    path, model = checkpoint
+    tok = ByteTokenizer()
+    text = tok.decode(generate(model, tok.encode("x"), 30, eos_id=tok.eos_id))
+    cut = text[5]
+    escaped = {"\n": r"\n", "\t": r"\t", "\r": r"\r", "\\": "\\\\"}.get(cut, cut)
+    _, out, _ = run(capsys, path, "--prompt", "x", "--max-new-tokens", 30, "--greedy", "--stop", escaped)
+    assert out == "x" + text[: text.find(cut)] + "\n"
+    # Sampling the same prompt three times, one per batch: three draws, not one repeated.
+    _, out, _ = run(capsys, path, *("--prompt", "x") * 3, "--max-new-tokens", 12, "--temperature", 1.5)
+    samples = out.strip("\n").split("\n\n")
+    assert len(samples) == 3 and len(set(samples)) == 3, samples
+
+
+def test_the_completion_keeps_the_space_a_decoder_strips_at_the_start():
+    from hybridlm.cli import _Completion
+
+    class Metaspace:  # decodes like sentencepiece: "▁" becomes a space, and a leading space is dropped
+        def decode(self, ids):
+            return "".join(("▁Hello", "▁world")[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    row = _Completion(Metaspace(), [], stream=False, prompt=[0])
+    row.add(1)
+    assert row.text == " world"
+
+
+def test_ctrl_c_prints_what_was_generated_so_far(checkpoint, capsys, monkeypatch):
+    from hybridlm.infer import generate as module
+
+    def interrupted(model, prompts, callback=None, **kwargs):
+        for token in b"abcd":
+            callback(0, token)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "generate", interrupted)
+    # The stop string holds back its length - 1 characters while streaming: they are printed too.
+    code, out, err = run(capsys, checkpoint[0], "--prompt", "x", "--stop", "zzz")
+    assert code == 130 and out == "xabcd\n" and err.strip() == "interrupted"
+    code, out, _ = run(capsys, checkpoint[0], "--prompt", "x", "--prompt", "y", "--batch-size", 2)
+    assert code == 130 and out == "xabcd\ny\n"

@@ -1,5 +1,6 @@
 """Sampling without a cache."""
 
+import pytest
 import torch
 
 from hybridlm import HybridLM
@@ -24,3 +25,18 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert a == b and len(a) == 10
     stopped = generate(model, [1, 2], 50, temperature=1.0, top_k=5, eos_id=a[0], seed=3)
     assert stopped == [a[0]]
+
+
+def test_bad_arguments_are_refused_by_name():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    for kwargs, says in (
+        (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be > 0 and finite"),
+        (dict(eos_id=10_000), "eos_id 10000 is outside the vocabulary"),
+        (dict(max_new_tokens=10**15), r"cannot allocate the cache .*\(max_new_tokens\)"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            generate(model, [1, 2, 3], **kwargs)
+    for prompt in ("hello", [1.7, 2.2]):
+        with pytest.raises(ValueError, match="prompts are token ids"):
+            generate(model, prompt, max_new_tokens=2)

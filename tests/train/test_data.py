@@ -100,6 +100,45 @@ def test_bad_sources(tmp_path):
         PackedRows(tokenize_documents(["tiny"], tok), seq_len=64)
 
 
+def test_bad_bytes_and_escapes_name_the_line(tmp_path):
+    tok = ByteTokenizer()
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not UTF-8 \(byte 0xff"):
+        load_corpus(str(tmp_path / "a.jsonl"), tok)
+    (tmp_path / "b.jsonl").write_text('{"text": "lone \\ud800 x"}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' holds an unpaired surrogate"):
+        load_corpus(str(tmp_path / "b.jsonl"), tok)
+    (tmp_path / "c.json").write_text('{"text": "x"}')
+    with pytest.raises(DataError, match=r"a \.json file; training reads \.txt"):
+        load_corpus(str(tmp_path / "c.json"), tok)
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prep" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"not a prepared corpus .*not an object"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_extensions_in_any_case_keep_the_txt_then_jsonl_order(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "B.JSONL").write_text('{"text": "from jsonl"}\n')
+    (tmp_path / "d" / "a.TXT").write_text("from txt")
+    (tmp_path / "d" / "skip.json").write_text("{}")
+    stream = load_corpus(str(tmp_path / "d"), ByteTokenizer())
+    assert stream.num_docs == 2 and bytes(stream.tokens[: len("from txt")].tolist()) == b"from txt"
+    assert load_corpus(str(tmp_path / "d" / "B.JSONL"), ByteTokenizer()).num_tokens == len("from jsonl") + 1
+
+
+def test_a_short_validation_split_is_named(tmp_path):
+    tok = ByteTokenizer()
+    stream = tokenize_documents(["a" * 500, "b" * 500, "c"], tok)
+    with pytest.raises(DataError, match=r"the validation split .*raise data.val_fraction, or choose another data.seed"):
+        PackedRows(
+            stream.select(np.array([2])),
+            32,
+            "the validation split",
+            ", raise data.val_fraction, or choose another data.seed",
+        )
+
+
 def test_hugging_face_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

@@ -71,10 +71,13 @@ def test_diverging_run_stops_nonzero_and_keeps_finite_checkpoints(tmp_path):
     run = tiny_run("train.steps=12", "train.checkpoint_every=2", "train.max_nonfinite_steps=3")
     t = Trainer(run, run_dir=tmp_path, progress=False)
     poison_grads_from(t, 5)
-    with pytest.raises(TrainingDivergedError, match=r"not finite at steps 5-7 .*stopped at step 7"):
+    with pytest.raises(TrainingDivergedError, match=r"not finite at steps 5-7 .*stopped at step 7") as info:
         t.run_loop()
+    # The periodic save of step 6 waited (inside the streak), so nothing the streak touched is kept,
+    # and the message names the newest checkpoint from before it.
     kept = list_checkpoints(tmp_path / "checkpoints")
-    assert [p.name for p in kept] == ["step-000004", "step-000006"]
+    assert [p.name for p in kept] == ["step-000002", "step-000004"]
+    assert "the last checkpoint before them is " + str(kept[-1]) in str(info.value)
     assert not (tmp_path / "model").exists()
     rows = [r for r in read_history(tmp_path / "metrics.jsonl") if "nonfinite_skipped" in r]
     assert [r["step"] for r in rows] == [5, 6, 7]
@@ -85,6 +88,25 @@ def test_diverging_run_stops_nonzero_and_keeps_finite_checkpoints(tmp_path):
     with pytest.raises(TrainingDivergedError, match="weights are not finite at step 8"):
         t.save_checkpoint()
     assert list_checkpoints(tmp_path / "checkpoints") == kept
+
+
+def test_a_save_inside_a_streak_prunes_nothing_and_a_deferred_save_follows_it(tmp_path):
+    """Finite weights can still be the ones that diverge (a finite step that blew them up): a save
+    inside a streak of skipped steps (here the last step's) must not push out an older checkpoint."""
+    run = tiny_run("train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=1")
+    t = Trainer(run, run_dir=tmp_path, progress=False)
+    poison_grads_from(t, 5)
+    t.run_loop()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000004", "step-000006"]
+    # A streak that ends: the save deferred at step 4 comes at step 5, the first finite step after it.
+    run = tiny_run("train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3")
+    t = Trainer(run, run_dir=tmp_path / "b", progress=False)
+    p = next(t.model.parameters())
+    p.register_hook(lambda g: g * float("nan") if t.step + 1 in (3, 4) else g)
+    t.run_loop()
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-000005", "step-000008"]
+    rows = [r["step"] for r in read_history(tmp_path / "b" / "metrics.jsonl") if "nonfinite_skipped" in r]
+    assert rows == [3, 4]
 
 
 def test_huge_learning_rate_diverges_without_a_nan_checkpoint(tmp_path):

@@ -228,8 +228,11 @@ def _aux_files(path: Path) -> dict[str, Path]:
     return {name: path / name for name in AUX_FILES if (path / name).is_file()}
 
 
-def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face NemotronH directory ``dst``, which
+def convert_to_nemotron_h(
+    src: str | Path, dst: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, verify: bool = True
+) -> Path:
+    """Convert hybridlm checkpoint directory ``src`` (its files checked against their SHA-256 unless not
+    ``verify``) into a Hugging Face NemotronH directory ``dst``, which
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads: config.json, model.safetensors (sharded above
     ``max_shard_size`` bytes) and the tokenizer and generation files of ``src``; MTP depths are dropped.
     Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory.
@@ -238,9 +241,9 @@ def convert_to_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: i
     config = read_config(src)
     check_exportable(config)  # before reading any weights
     check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
-    names = [n for n in weight_files(src) if not n.startswith("mtp.")]
+    canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
     try:
-        hf_config, tensors = export_nemotron_h(config, read_tensors(src, names))
+        hf_config, tensors = export_nemotron_h(config, canonical)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
     kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src))

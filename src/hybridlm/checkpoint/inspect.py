@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -31,15 +32,23 @@ _DTYPES = {
 
 
 def _tensor_summary(files: list[Path]) -> dict[str, Any]:
-    found = []  # (elements, safetensors dtype code) of every tensor
+    """Tensors, elements and dtypes from the headers; bytes as the files' data sections hold them (any dtype)."""
+    found, nbytes = [], 0  # (elements, safetensors dtype code) of every tensor
     for file in files:
         with open_safetensors(file) as f:
             found += [(math.prod(s.get_shape()), s.get_dtype()) for s in map(f.get_slice, f.keys())]
+        with open(file, "rb") as raw:  # safe_open has checked the header: 8-byte length, then JSON
+            header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
+        nbytes += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
     dtypes: Counter[str] = Counter()
     for numel, code in found:
         dtypes[str(_DTYPES[code]).removeprefix("torch.") if code in _DTYPES else code.lower()] += numel
-    nbytes = sum(numel * _DTYPES[code].itemsize for numel, code in found if code in _DTYPES)
     return dict(tensors=len(found), parameters=sum(dtypes.values()), bytes=nbytes, dtypes=dict(dtypes))
+
+
+def _head(file: Path) -> bytes:
+    with open(file, "rb") as f:
+        return f.read(9)
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -69,7 +78,16 @@ def describe(path: str | Path) -> dict[str, Any]:
     else:
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{path}: no safetensors files found")
+        run = (
+            " (a training run: inspect its model/ or one of its checkpoints/)"
+            if (path / "checkpoints").is_dir()
+            else ""
+        )
+        raise CheckpointError(f"{path}: no safetensors files found{run}")
+    if path.is_file() and path.suffix != ".safetensors" and _head(path)[8:9] != b"{":  # a header opens with {
+        raise CheckpointError(
+            f"{path}: not a safetensors file (inspect reads .safetensors files and checkpoint folders)"
+        )
     return {**info, "files": [f.name for f in files], **_tensor_summary(files)}
 
 

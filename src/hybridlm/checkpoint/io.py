@@ -7,6 +7,7 @@ missing / unexpected / mis-shaped check. docs/checkpoints.md describes the forma
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -75,8 +76,8 @@ def read_json(file: Path, missing: str) -> dict[str, Any]:
         data = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(missing) from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting deeper than json parses
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -86,23 +87,50 @@ def check_format(data: Mapping[str, Any], file: Path, kind: str, format: str, ve
     """Refuse JSON ``data`` from ``file`` unless it is a ``kind`` (key ``format``) of at most ``version``."""
     if data.get("format") != format:
         raise CheckpointError(f"{file}: not a {kind}")
-    if not isinstance(v := data.get("format_version"), int) or v > version:
-        raise CheckpointError(f"{file}: format_version {v!r} is newer than this hybridlm reads ({version})")
+    v = data.get("format_version")
+    if type(v) is not int or v < 1:
+        raise CheckpointError(f"{file}: format_version must be a positive integer, got {v!r}")
+    if v > version:
+        raise CheckpointError(f"{file}: format_version {v} is newer than this hybridlm reads ({version})")
+
+
+def destination(path: str | Path) -> Path:
+    """Where a directory at ``path`` is written: through symbolic links (the link keeps pointing at the
+    new folder), and never the current directory or one holding it (the swap would pull it away)."""
+    real = Path(path).resolve()
+    if Path.cwd().resolve().is_relative_to(real):
+        raise CheckpointError(f"{path}: is the current directory or holds it; write from outside it, or elsewhere")
+    return real
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    C library or the file system cannot (the caller then renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: None) -> Path:
-    """Flush ``tmp``'s files to disk, ``check()`` (which may refuse), then rename ``tmp`` to ``path`` (an
-    existing ``path`` is moved aside first and deleted after)."""
+    """Flush ``tmp``'s files to disk, ``check()`` (which may refuse), then put ``tmp`` at ``path`` (a
+    :func:`destination`). An existing ``path`` is swapped with ``tmp`` in one step, so that every moment
+    has a whole folder there (two renames where the system cannot swap), and deleted after."""
     for f in tmp.iterdir():
         if f.is_file():
             publish(f)
     fsync(tmp)
     check()
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    if path.is_dir() and _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
+    else:
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     fsync(path.parent)
     return path
 
@@ -136,7 +164,7 @@ def write_directory(
     rename it to ``path``. An existing ``path`` is replaced only if empty or its config.json has ``config``'s
     ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
-    path = Path(path)
+    path = destination(path)
     check = functools.partial(check_replaceable, path, key, config[key], what)
     check()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +266,7 @@ def weight_files(path: str | Path) -> dict[str, str]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")

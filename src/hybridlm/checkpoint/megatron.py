@@ -292,13 +292,19 @@ def config_sidecar(path: str | Path) -> Path:
     return Path(f"{path}.hybridlm.json")
 
 
-def convert_to_megatron(src: str | Path, dst: str | Path) -> Path:
-    """Convert hybridlm checkpoint directory ``src`` to Megatron state-dict file ``dst`` (.pt or .safetensors),
-    with our config at ``<dst>.hybridlm.json`` for :func:`convert_from_megatron`. Returns ``dst``."""
+def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -> Path:
+    """Convert hybridlm checkpoint directory ``src`` (checked against its SHA-256 unless not ``verify``) to
+    Megatron state-dict file ``dst`` (.pt or .safetensors), with our config at ``<dst>.hybridlm.json`` for
+    :func:`convert_from_megatron`. An existing ``dst`` is replaced only if it is such an export. Returns ``dst``."""
     dst = Path(dst)
     _suffix(dst)
+    if dst.exists() and not (dst.is_file() and config_sidecar(dst).is_file()):
+        raise CheckpointError(
+            f"{dst} exists and is not a Megatron export of hybridlm (no {config_sidecar(dst).name} beside it); "
+            "refusing to replace it"
+        )
     config = read_config(src)
-    save_megatron(to_megatron(config, read_tensors(src)), dst)
+    save_megatron(to_megatron(config, read_tensors(src, verify=verify)), dst)
     replace_file(config_sidecar(dst), lambda tmp: tmp.write_text(config.to_json()))
     return dst
 

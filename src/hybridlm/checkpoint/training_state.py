@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import check_format, commit_directory, load_safetensors, read_json
+from .io import check_format, commit_directory, destination, load_safetensors, read_json
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -101,6 +101,12 @@ def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
     return diffs
 
 
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is absent, an empty folder or a training state."""
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / TRAINER_STATE).is_file())):
+        raise CheckpointError(f"{path} exists and is not a training state; refusing to replace it")
+
+
 def save_training_state(
     path: str | Path, model: Module, optimizer: Optimizer | None = None, scheduler: Any = None, **trainer_state: Any
 ) -> Path:
@@ -112,14 +118,20 @@ def save_training_state(
         trainer_state: small JSON-serializable values to restore (step, data position, ...). Each
             rank's RNG state and the model config are added.
     """
-    path, rank = Path(path), dist.get_rank() if _distributed() else 0
+    path, rank = destination(path), dist.get_rank() if _distributed() else 0
     tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
     if rank == 0:  # fresh, with the mode of a plain mkdir
+        _check_replaceable(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()
-    _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
+    try:
+        _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
+    except dcp.api.CheckpointException as e:  # a BaseException: raise what failed (e.g. OSError ENOSPC) instead
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise next(iter(e.failures.values()), (e,))[0] from None
     version, internal, gauss = random.getstate()  # this rank's RNG: Python's as JSON, torch's and CUDA's as tensors
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
     mine = ([version, list(internal), gauss], {"torch": torch.get_rng_state(), **cuda})
@@ -147,6 +159,8 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
     state = read_json(file, missing)
     check_format(state, file, "hybridlm training state", STATE_FORMAT, STATE_VERSION)
+    if "step" in state and not (type(state["step"]) is int and state["step"] >= 0):
+        raise CheckpointError(f"{file}: step must be a non-negative integer, got {state['step']!r}")
     return state
 
 
@@ -182,7 +196,10 @@ def load_training_state(
     optims = [] if optimizer is None else optimizer
     set_state_dict(model, optims, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}), options=_OPTIONS)
     if scheduler is not None and isinstance(extra.get("scheduler"), dict):
-        _restore_scheduler(scheduler, extra["scheduler"])
+        try:
+            _restore_scheduler(scheduler, extra["scheduler"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: damaged scheduler state in {TRAINER_STATE} ({e!r})") from None
     py, rank = extra.get("rng_python", {}), str(dist.get_rank() if _distributed() else 0)
     key = rank if rank in py else "0"  # a rank the saving run did not have: rank 0's
     if restore_rng and key in py and f"rank{key}.torch" in rng:

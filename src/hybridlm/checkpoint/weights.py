@@ -161,7 +161,7 @@ def verify_checksums(path: str | Path, files: Iterable[str] | None = None) -> No
         if file_sha256(path / file) != sums[file]:
             raise CheckpointError(
                 f"{path / file}: checksum mismatch, the file is damaged "
-                "(load anyway with verify=False, or --no-verify on the command line)"
+                "(load anyway with verify=False, or --no-verify with hybridlm generate or convert --to)"
             )
 
 
@@ -199,7 +199,7 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
 def load(
     path: str | Path,
     pattern: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     verify: bool = True,
 ) -> torch.nn.Module:
@@ -209,7 +209,8 @@ def load(
         path: a directory written by :func:`save`.
         pattern: build with this pattern instead of the saved one; it may differ only in
             brackets and ``|`` (any fusion, any pipeline layout of the same model).
-        dtype: parameter dtype; default: the checkpoint's. Numerically sensitive parameters
+        dtype: parameter dtype (a floating ``torch.dtype`` or its name); default: the checkpoint's.
+            Numerically sensitive parameters
             (``A_log``, ``D``, ``dt_bias``, router weights) stay float32.
         device: where to put the model (default CPU).
         verify: check each safetensors file against the SHA-256 written at save (default);
@@ -222,6 +223,12 @@ def load(
     from ..model import HybridLM
 
     path = Path(path)
+    if isinstance(dtype, str):  # "bfloat16", "torch.bfloat16"
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if device is not None and torch.device(device).type == "meta":
+        raise CheckpointError("device 'meta' holds no weights; build HybridLM(config, device='meta') instead")
     config = config_for_pattern(read_config(path), pattern)
     tensors = read_tensors(path, verify=False)
     if dtype is None:

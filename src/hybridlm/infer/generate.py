@@ -10,6 +10,7 @@ reference: every new token reruns the full forward over the whole sequence, one 
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,14 +43,14 @@ class Sampler:
         seed: int | None = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature < float("inf"):  # also NaN
+            raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        if not 0 < repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0 and finite, got {repetition_penalty}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty = repetition_penalty
         self.generator = torch.Generator(device=device)
@@ -157,6 +158,8 @@ def generate(
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    if eos_id is not None and not 0 <= eos_id < vocab:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device)
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)
@@ -216,8 +219,15 @@ def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
     rows = [prompts] if single else [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in prompts]
     if not single and not rows:
         raise ValueError("prompts is an empty batch")
+    try:  # ints, numpy or 0-d integer tensors; not floats (truncated) or text
+        rows = [[operator.index(t) for t in r] for r in rows]
+    except TypeError:
+        bad = next(t for r in rows for t in r if not hasattr(t, "__index__"))
+        raise ValueError(
+            f"prompts are token ids (integers): got {bad!r}; encode text with the tokenizer first"
+        ) from None
     # An empty prompt starts from the end-of-text token (or 0), as the uncached loop always did.
-    rows = [[int(t) for t in r] or [eos_id if eos_id is not None else 0] for r in rows]
+    rows = [r or [eos_id if eos_id is not None else 0] for r in rows]
     return single, rows
 
 
@@ -283,7 +293,14 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, c
     device = next(model.parameters()).device
     ids, valid = left_pad(rows, device)
     B, P = ids.shape
-    cache = InferenceCache.for_model(model, B, P + max_new_tokens)
+    try:
+        cache = InferenceCache.for_model(model, B, P + max_new_tokens)
+    except (RuntimeError, MemoryError) as e:  # attention keys and values are allocated for every position
+        reason = (str(e).splitlines() or [""])[0][:160]
+        raise ValueError(
+            f"cannot allocate the cache for {B} row(s) of {P} prompt + {max_new_tokens} new tokens "
+            f"(max_new_tokens): {reason}"
+        ) from None
     if not bool(valid.all()):
         cache.set_padding(valid)
     sampler.seen = None

@@ -295,6 +295,24 @@ class RunConfig:
             raise ConfigError("train.gc_every", f"must be >= 0 (0: automatic collection), got {t.gc_every}")
         self._validate_parallel()
 
+    def notes(self) -> list[str]:
+        """Settings that are valid but change nothing in this run (the trainer prints them)."""
+        o, t, par = self.optim, self.train, self.parallel
+        notes = []
+        if o.warmup_steps >= t.steps:
+            notes.append(
+                f"optim.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning rate never "
+                "reaches optim.lr and never decays"
+            )
+        if t.ac_policy != TrainConfig.ac_policy and not t.activation_checkpointing:
+            notes.append("train.ac_policy has no effect without train.activation_checkpointing = true")
+        if t.compile_mode != TrainConfig.compile_mode and not t.compile:
+            notes.append("train.compile_mode has no effect without train.compile = true")
+        unused = [f"parallel.{k}" for k in ("schedule", "microbatches") if getattr(par, k) is not None]
+        if par.pp == 1 and unused:
+            notes.append(f"{' and '.join(unused)} have no effect with parallel.pp = 1")
+        return notes
+
     def _validate_parallel(self) -> None:
         """The checks that need no world size (the trainer checks ``world % pp`` and the batch split)."""
         par = self.parallel

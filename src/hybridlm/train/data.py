@@ -72,30 +72,47 @@ def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
     path = Path(source)
     if not path.exists():
         raise DataError(f"data.source: {source} does not exist")
-    files = sorted(path.rglob("*.txt")) + sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    if path.is_dir():  # .txt files first, then .jsonl, each sorted; extensions in any case
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
+        files = [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() == ".jsonl"]
+    else:
+        files = [path]
     if not files:
         raise DataError(f"data.source: no .txt or .jsonl files under {source}")
     for file in files:
-        if file.suffix == ".jsonl":
-            with open(file, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        text = record[jsonl_field]
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise DataError(
-                            f"{file}:{line_no}: not a JSON object with a {jsonl_field!r} field ({e})"
-                        ) from None
-                    if not isinstance(text, str):
-                        raise DataError(f"{file}:{line_no}: field {jsonl_field!r} is not a string")
-                    yield text
+        if file.suffix.lower() == ".json":
+            raise DataError(f"{file}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
+        if file.suffix.lower() == ".jsonl":
+            yield from _jsonl_documents(file, jsonl_field)
         else:
             try:
                 yield file.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{file}: not UTF-8 text ({e})") from None
+
+
+def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
+    """The ``field`` strings of a JSON Lines file; errors name the file and line."""
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{file}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[field]
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise DataError(f"{where}: not a JSON object with a {field!r} field ({e})") from None
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {field!r} is not a string")
+            try:
+                text.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape ({e.reason})") from None
+            yield text
 
 
 def tokenize_documents(docs: Iterable[str], tokenizer, progress: bool = False) -> TokenStream:
@@ -146,9 +163,14 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     path = Path(path)
     try:
         meta = json.loads((path / PREPARED_META).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{PREPARED_META} holds a {type(meta).__name__}, not an object")
+        missing = [k for k in ("dtype", "num_tokens", "vocab_size", "eos_id") if k not in meta]
+        if missing:
+            raise ValueError(f"{PREPARED_META} has no {', '.join(missing)}")
         tokens = np.memmap(path / PREPARED_TOKENS, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
         starts = np.load(path / PREPARED_DOCS)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a prepared corpus ({e})") from None
     if len(tokens) != starts[-1] or len(tokens) != meta["num_tokens"]:
         raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {PREPARED_DOCS} says {starts[-1]}")
@@ -188,13 +210,15 @@ def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStr
 class PackedRows:
     """Fixed-length rows cut from a stream, with labels and document ids."""
 
-    def __init__(self, stream: TokenStream, seq_len: int) -> None:
+    def __init__(self, stream: TokenStream, seq_len: int, what: str = "the corpus", fix: str = "") -> None:
+        """``what`` names the stream in errors (e.g. "the validation split"), ``fix`` says what else helps."""
         self.stream = stream
         self.seq_len = seq_len
         self.num_rows = (stream.num_tokens - 1) // seq_len
         if self.num_rows < 1:
             raise DataError(
-                f"data.seq_len: the corpus ({stream.num_tokens} tokens) is shorter than one row of {seq_len + 1} tokens"
+                f"data.seq_len: {what} ({stream.num_tokens} tokens in {stream.num_docs} document(s)) is shorter "
+                f"than one row of {seq_len + 1} tokens; shorten data.seq_len{fix}"
             )
 
     def rows(self, index: np.ndarray) -> dict[str, torch.Tensor]:

@@ -36,9 +36,12 @@ class NonFiniteGuard:
     def finite(loss: float, grad_norm: float) -> bool:
         return math.isfinite(loss) and math.isfinite(grad_norm)
 
-    def record(self, step: int, finite: bool, last_checkpoint: Callable[[], Path | None] = lambda: None) -> None:
-        """Account for optimizer step ``step`` (1-based); raise when the streak reaches the limit
-        (the message names ``last_checkpoint()``, looked up only then)."""
+    def record(
+        self, step: int, finite: bool, checkpoint_before: Callable[[int], Path | None] = lambda first: None
+    ) -> None:
+        """Account for optimizer step ``step`` (1-based); raise when the streak reaches the limit. The
+        message names ``checkpoint_before(first)``, the newest checkpoint from before the streak's first
+        step (looked up only then)."""
         if finite:
             self.in_a_row = 0
             return
@@ -46,8 +49,8 @@ class NonFiniteGuard:
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
             first = step - self.in_a_row + 1
-            latest = last_checkpoint()
-            where = f"; the last checkpoint is {latest}" if latest else "; no checkpoint was written"
+            latest = checkpoint_before(first)
+            where = f"; the last checkpoint before them is {latest}" if latest else "; no checkpoint precedes them"
             raise TrainingDivergedError(
                 f"training diverged: the loss or gradient was not finite at steps {first}-{step} "
                 f"({self.in_a_row} in a row, train.max_nonfinite_steps = {self.limit}); stopped at step {step} "

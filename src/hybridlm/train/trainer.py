@@ -31,18 +31,15 @@ from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
-from .listing import checkpoint_dir_name, list_checkpoints, load_newest
+from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
 from .metrics import Metrics, plot_losses
 from .optim import ExpertBiasHook, build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
+from .rundir import CHECKPOINTS, MODEL_DIR, claim, latest_checkpoint, remove_if_empty, write_config
 from .signals import StopSignals, TrainingInterrupted, signal_name
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("hybridlm.train")
-
-CHECKPOINTS = "checkpoints"
-MODEL_DIR = "model"
-CONFIG_FILE = "config.toml"
 
 
 def _dist() -> tuple[int, int, int]:
@@ -88,11 +85,6 @@ def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -
     return 2 * n**3 * iters / (start.elapsed_time(end) / 1000)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = list_checkpoints(run_dir / CHECKPOINTS)  # in step order: step-1000000 after step-999999
-    return steps[-1] if steps else None
-
-
 class Trainer:
     """Builds everything a run needs and runs it.
 
@@ -124,15 +116,29 @@ class Trainer:
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-        self.run_dir = self._run_dir(run_dir, resume)
+        self.run_dir, created = self._claim_run_dir(run_dir, resume)
+        try:
+            self._build(resume, progress)
+        except BaseException:
+            if created and self.is_main:  # a run that did not start leaves no empty folder behind
+                remove_if_empty(self.run_dir)
+            raise
+
+    def _build(self, resume: bool, progress: bool | None) -> None:
+        """Everything after the run folder: data, model, optimizer, a resumed state, then config.toml."""
+        run, t = self.run, self.run.train
         torch.manual_seed(t.seed)
 
         # Data.
         self.tokenizer = build_tokenizer(run.data.tokenizer)
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
-        self.train_rows = PackedRows(train_stream, run.data.seq_len)
-        self.val_rows = PackedRows(val_stream, run.data.seq_len) if val_stream is not None else None
+        what = "the training split" if val_stream is not None else "the corpus"
+        self.train_rows = PackedRows(train_stream, run.data.seq_len, what)
+        self.val_rows = None
+        if val_stream is not None:  # documents held out by data.val_fraction, chosen by data.seed
+            fix = ", raise data.val_fraction, or choose another data.seed"
+            self.val_rows = PackedRows(val_stream, run.data.seq_len, "the validation split", fix)
         # Pipeline ranks of one data-parallel group read the same rows (rank = dp index * pp + pp index).
         self.pp = run.parallel.pp
         if self.world % self.pp:
@@ -230,30 +236,29 @@ class Trainer:
                 lambda p: load_training_state(p, self.model, self.optimizer, self.scheduler),
             )
             self.step = int(state["step"])
+            if self.step > t.steps:
+                raise DataError(
+                    f"{self.run_dir}: the checkpoint is at step {self.step}, beyond train.steps = {t.steps}; "
+                    f"nothing to train (raise it, e.g. --set train.steps={self.step + t.steps})"
+                )
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
+        self._checkpoint_due = False  # a periodic save deferred by a streak of non-finite steps
         self.peak_flops = measure_matmul_flops(self.device) if self.device.type == "cuda" else None
+        if self.is_main:  # only now: a run that failed to start, or a refused resume, keeps its config.toml
+            write_config(self.run_dir, run.to_toml())
         self.metrics = Metrics(self.run_dir, t.steps, self.step, enabled=self.is_main, progress=progress)
 
     # -- set-up helpers -------------------------------------------------------------------------
 
-    def _run_dir(self, run_dir: str | Path | None, resume: bool) -> Path:
-        if run_dir is None:
-            run_dir = self.run.train.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
-        if self.world > 1:  # every process must agree on the directory rank 0 chose
-            box = [str(run_dir)]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = box[0]
-        path = Path(run_dir)
+    def _claim_run_dir(self, run_dir: str | Path | None, resume: bool) -> tuple[Path, bool]:
+        """The run folder (rank 0 chooses and claims it, see :func:`rundir.claim`) and whether it was created."""
+        box: list[Any] = [None, False]
         if self.is_main:
-            if not resume and latest_checkpoint(path) is not None:
-                raise DataError(
-                    f"{path} already holds a run; continue it with --resume {path}, or choose another --run-dir"
-                )
-            path.mkdir(parents=True, exist_ok=True)
-            (path / CONFIG_FILE).write_text(self.run.to_toml())
-        if self.world > 1:
-            dist.barrier()
-        return path
+            path, created = claim(run_dir, self.run.train.run_dir, self.run.to_toml(), resume)
+            box = [str(path), created]
+        if self.world > 1:  # every process must agree on the directory rank 0 chose
+            dist.broadcast_object_list(box, src=0)
+        return Path(box[0]), bool(box[1])
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -385,11 +390,16 @@ class Trainer:
             )
         path = self.run_dir / CHECKPOINTS / checkpoint_dir_name(self.step)
         save_training_state(path, self.model, self.optimizer, self.scheduler, step=self.step)
-        self._saved_step = self.step
-        if self.is_main:
+        self._saved_step, self._checkpoint_due = self.step, False
+        if self.is_main and not self.guard.in_a_row:  # a save inside a streak (a signal, the last step) prunes none
             for p in list_checkpoints(self.run_dir / CHECKPOINTS)[: -self.run.train.keep_checkpoints]:
                 remove_directory(p)
         return path
+
+    def _checkpoint_before(self, step: int) -> Path | None:
+        """The newest checkpoint of a step before ``step`` (named when a streak from ``step`` on stops the run)."""
+        older = [p for p in list_checkpoints(self.run_dir / CHECKPOINTS) if step_of(p) < step]
+        return older[-1] if older else None
 
     def _stop_for_signal(self, signals: StopSignals) -> None:
         """Between steps: on SIGINT/SIGTERM/SIGHUP, save the current step (unless just saved) and stop."""
@@ -446,7 +456,7 @@ class Trainer:
             + (" · compiled blocks" if t.compile else "")
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
-        ]
+        ] + [f"note    {n}" for n in r.notes()]
 
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -510,10 +520,11 @@ class Trainer:
                         if last_val is not None:
                             record["val_loss"] = last_val
                     self.metrics.record(self.step, record, console=console)
-                    self.guard.record(
-                        self.step, "nonfinite_skipped" not in values, lambda: latest_checkpoint(self.run_dir)
-                    )
-                    if self.step % t.checkpoint_every == 0 or self.step == stop:
+                    self.guard.record(self.step, "nonfinite_skipped" not in values, self._checkpoint_before)
+                    self._checkpoint_due |= self.step % t.checkpoint_every == 0
+                    # Inside a streak of skipped steps the weights may be what caused it (a finite step
+                    # that made them blow up): the periodic save waits for a finite step.
+                    if (self._checkpoint_due and not self.guard.in_a_row) or self.step == stop:
                         self.save_checkpoint()
             except TrainingDivergedError:
                 self.metrics.close()

@@ -1,0 +1,92 @@
+"""The run directory: choosing it, keeping two runs out of one folder, and what lives in it.
+
+A run folder holds ``config.toml`` (the resolved run file), ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/step-N`` (DCP training states) and, at the end, ``model/`` (the exported weights).
+:func:`claim` picks the folder before anything is built; the trainer writes ``config.toml`` only
+once the run has started (data read, model built, a resumed state loaded), so a run that fails to
+start, or a refused ``--resume``, leaves an existing folder exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from pathlib import Path
+
+from ..checkpoint.io import check_replaceable, replace_file
+from ..errors import DataError
+from .listing import list_checkpoints
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+#: The placeholder of ``train.run_dir`` filled with the start time (``runs/{time}``).
+TIME_FIELD = "{time}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = list_checkpoints(run_dir / CHECKPOINTS)  # in step order: step-1000000 after step-999999
+    return steps[-1] if steps else None
+
+
+def _check_fresh(path: Path, toml: str) -> None:
+    """Refuse to start a new run in ``path`` if it holds another run's files (or a ``config.toml``
+    that is not this run's: a user's run file, which the run's own would overwrite)."""
+    if latest_checkpoint(path) is not None:
+        raise DataError(f"{path} already holds a run; continue it with --resume {path}, or choose another --run-dir")
+    metrics = path / METRICS_FILE
+    if (path / MODEL_DIR).exists() or (metrics.is_file() and metrics.stat().st_size > 0):
+        raise DataError(
+            f"{path} already holds a run that has no checkpoint to resume from ({METRICS_FILE} or {MODEL_DIR}/ "
+            "are there); remove it, or choose another --run-dir"
+        )
+    config = path / CONFIG_FILE
+    if config.is_file() and config.read_text(errors="replace") != toml:
+        raise DataError(f"{config} exists and is not this run's; refusing to overwrite it (choose another --run-dir)")
+
+
+def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) -> tuple[Path, bool]:
+    """The run's folder and whether this call created it (so that a failed start can remove it).
+
+    Args:
+        run_dir: the folder asked for; None: ``template`` with :data:`TIME_FIELD` filled in. Runs
+            started in the same second get ``-2``, ``-3``, ... (each folder is created atomically).
+        template: ``train.run_dir``.
+        toml: the run file this run will write (a ``config.toml`` already there must be it).
+        resume: continue the run in ``run_dir``, whose ``model/`` must be one a finished run can replace.
+
+    Raises:
+        DataError: the folder holds another run (or another file where the run writes its own).
+    """
+    if run_dir is None and TIME_FIELD in template and not resume:
+        base = template.replace(TIME_FIELD, time.strftime("%Y%m%d-%H%M%S"))
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        for i in itertools.count(1):
+            path = Path(base if i == 1 else f"{base}-{i}")
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                continue
+            return path, True
+    path = Path(template if run_dir is None else run_dir)
+    if resume:  # before training, not after it: the export at the end replaces model/
+        check_replaceable(path / MODEL_DIR, "format", "hybridlm", "a hybridlm checkpoint")
+        return path, False
+    _check_fresh(path, toml)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    return path, created
+
+
+def write_config(path: Path, toml: str) -> None:
+    """Write the run file atomically (a resume reads it)."""
+    replace_file(path / CONFIG_FILE, lambda tmp: tmp.write_text(toml))
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove the folder a failed start created, if nothing was written into it."""
+    with contextlib.suppress(OSError):
+        path.rmdir()

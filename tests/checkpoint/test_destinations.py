@@ -1,0 +1,163 @@
+"""Where checkpoints are written and what they replace: one-step swaps, links, the current directory,
+foreign files and folders left alone; damaged metadata refused with where and why."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import hybridlm
+from hybridlm import CheckpointError, HybridLM
+from hybridlm.checkpoint import io
+from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
+from hybridlm.checkpoint.inspect import describe
+from hybridlm.checkpoint.megatron import convert_to_megatron, load_megatron
+from hybridlm.checkpoint.training_state import load_training_state, save_training_state
+from hybridlm.cli import main
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HybridLM(tiny_config("M*-"), seed=0)
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_replacing_a_checkpoint_is_one_swap(tmp_path, model, monkeypatch):
+    path = hybridlm.save(HybridLM(model.config, seed=1), tmp_path / "ck")
+    # With the swap, no rename happens at all: a crash at any moment leaves a whole folder at `ck`.
+    monkeypatch.setattr(io.os, "replace", lambda *a: pytest.fail("renamed instead of swapped"))
+    hybridlm.save(model, path)
+    monkeypatch.undo()
+    assert _same(hybridlm.load(path), model)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # the previous folder is gone, nothing hidden is left
+    # Where the system cannot swap: two renames, the same result.
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    hybridlm.save(HybridLM(model.config, seed=1), path)
+    assert not _same(hybridlm.load(path), model) and sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_a_link_is_written_through_and_the_current_directory_is_refused(tmp_path, model, monkeypatch):
+    target = hybridlm.save(HybridLM(model.config, seed=1), tmp_path / "target")
+    (tmp_path / "link").symlink_to(target)
+    hybridlm.save(model, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and _same(hybridlm.load(target), model)
+    assert sorted(os.listdir(tmp_path)) == ["link", "target"]
+    monkeypatch.chdir(target)
+    with pytest.raises(CheckpointError, match="current directory"):
+        hybridlm.save(model, ".")
+    assert _same(hybridlm.load(target), model)
+
+
+def test_save_training_state_replaces_only_a_training_state(tmp_path, model):
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for victim in ("thesis", "file"):
+        with pytest.raises(CheckpointError, match="is not a training state; refusing"):
+            save_training_state(tmp_path / victim, model, step=1)
+    assert (tmp_path / "thesis" / "thesis.tex").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+    save_training_state(tmp_path / "state", model, step=1)
+    save_training_state(tmp_path / "state", model, step=2)  # its own kind: replaced
+    assert json.loads((tmp_path / "state" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_damaged_trainer_state_fields_are_refused(tmp_path, model):
+    save_training_state(tmp_path / "s", model, step=3)
+    file = tmp_path / "s" / "trainer_state.json"
+    good = json.loads(file.read_text())
+    for step in ("three", -5, True):
+        file.write_text(json.dumps(good | {"step": step}))
+        with pytest.raises(CheckpointError, match="step must be a non-negative integer"):
+            load_training_state(tmp_path / "s", HybridLM(model.config, seed=1))
+
+
+def test_convert_to_megatron_replaces_only_its_own_export(tmp_path, model):
+    ck = hybridlm.save(model, tmp_path / "ck")
+    weights = (ck / "model.safetensors").read_bytes()
+    (tmp_path / "notes.pt").write_text("precious")
+    (tmp_path / "dir.pt").mkdir()
+    for dst in (ck / "model.safetensors", tmp_path / "notes.pt", tmp_path / "dir.pt"):
+        with pytest.raises(CheckpointError, match=r"is not a Megatron export of hybridlm .*refusing to replace"):
+            convert_to_megatron(ck, dst)
+    assert (ck / "model.safetensors").read_bytes() == weights and (tmp_path / "notes.pt").read_text() == "precious"
+    out = convert_to_megatron(ck, tmp_path / "m.pt")
+    assert convert_to_megatron(ck, out) == out  # its own export: replaced
+    assert load_megatron(out).keys()
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, True, 0, -5, None])
+def test_format_version_must_be_a_positive_integer(tmp_path, model, version):
+    ck = hybridlm.save(model, tmp_path / "ck")
+    meta = json.loads((ck / "config.json").read_text())
+    if version is None:
+        del meta["format_version"]
+    else:
+        meta["format_version"] = version
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version must be a positive integer"):
+        hybridlm.load(ck)
+    meta["format_version"] = 2
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version 2 is newer than this hybridlm reads"):
+        hybridlm.load(ck)
+
+
+def test_deeply_nested_json_is_unreadable_not_a_crash(tmp_path, model, capsys):
+    ck = hybridlm.save(model, tmp_path / "ck")
+    (ck / "config.json").write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match=r"config\.json: unreadable"):
+        hybridlm.load(ck)
+    assert main(["inspect", str(ck)]) == 2
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_load_checks_dtype_and_device(tmp_path, model):
+    ck = hybridlm.save(model, tmp_path / "ck")
+    assert next(hybridlm.load(ck, dtype="bfloat16").embeddings.parameters()).dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match=r"floating torch\.dtype"):
+        hybridlm.load(ck, dtype=torch.int32)
+    with pytest.raises(CheckpointError, match=r"floating torch\.dtype"):
+        hybridlm.load(ck, dtype="cuda")
+    with pytest.raises(CheckpointError, match="device 'meta' holds no weights"):
+        hybridlm.load(ck, device="meta")
+
+
+def test_inspect_counts_bytes_of_every_dtype_and_says_what_a_path_is(tmp_path, capsys):
+    tensors = {"u16": torch.zeros(1000, dtype=torch.uint16), "u32": torch.zeros(1000, dtype=torch.uint32)}
+    save_file(tensors | {"f": torch.zeros(10)}, tmp_path / "x.safetensors")
+    assert describe(tmp_path / "x.safetensors")["bytes"] == 2000 + 4000 + 40
+    torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        describe(tmp_path / "m.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="a training run: inspect its model/"):
+        describe(tmp_path / "run")
+
+
+def test_convert_cli_takes_a_checkpoint_as_megatron_config_and_no_verify(tmp_path, model, capsys):
+    config = tiny_config(
+        "M*-", position_embedding="none", qk_norm=False, mlp_activation="relu2", moe_router_score="sigmoid"
+    )
+    ck = hybridlm.save(HybridLM(config, seed=0), tmp_path / "ck")
+    assert main(["convert", str(ck), str(tmp_path / "m.pt"), "--to", "megatron"]) == 0
+    for given in (ck, ck / "config.json"):
+        out = tmp_path / f"back-{given.name}"
+        assert main(["convert", str(tmp_path / "m.pt"), str(out), "--from", "megatron", "--config", str(given)]) == 0
+        assert _same(hybridlm.load(out), hybridlm.load(ck))
+    assert main(["convert", str(tmp_path / "m.pt"), str(tmp_path / "x"), "--from", "megatron", "--config", "nope"]) == 2
+    assert "--config nope: not a model config" in capsys.readouterr().err
+    data = bytearray((ck / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last weight
+    (ck / "model.safetensors").write_bytes(bytes(data))
+    assert main(["convert", str(ck), str(tmp_path / "hf"), "--to", "nemotron-h"]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and err.count(str(ck / "model.safetensors")) == 1 and "convert --to" in err
+    assert main(["convert", str(ck), str(tmp_path / "hf"), "--to", "nemotron-h", "--no-verify"]) == 0
+    convert_to_nemotron_h(ck, tmp_path / "hf2", verify=False)

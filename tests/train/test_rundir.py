@@ -1,0 +1,98 @@
+"""The run folder: one run per folder, config.toml written only once a run has started, failed starts
+and refused resumes leave no trace; write errors inside a save reach the user as one line."""
+
+import errno
+import os
+
+import pytest
+
+from hybridlm.cli import main
+from hybridlm.errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError
+from hybridlm.train import rundir
+from hybridlm.train.trainer import Trainer
+from tests.train.test_trainer import TINY_RUN, tiny_run
+
+
+def _args(*extra):
+    return [a for kv in [*TINY_RUN, *extra] for a in ("--set", kv)]
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20261202-010203")
+    template = str(tmp_path / "runs" / "{time}")
+    got = [rundir.claim(None, template, "toml", resume=False) for _ in range(3)]
+    assert [p.name for p, _ in got] == ["20261202-010203", "20261202-010203-2", "20261202-010203-3"]
+    assert all(created for _, created in got)
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path):
+    run = tiny_run("train.steps=2", "train.checkpoint_every=100")
+    for name, make in (
+        ("metrics", lambda p: (p / "metrics.jsonl").write_text('{"step": 0}\n')),
+        ("model", lambda p: (p / "model").mkdir()),
+        ("user", lambda p: (p / "config.toml").write_text("# my run file\n")),
+    ):
+        (tmp_path / name).mkdir()
+        make(tmp_path / name)
+        before = sorted(os.listdir(tmp_path / name))
+        with pytest.raises(DataError, match=r"already holds a run|exists and is not this run's"):
+            Trainer(run, run_dir=tmp_path / name, progress=False)
+        assert sorted(os.listdir(tmp_path / name)) == before
+    assert (tmp_path / "user" / "config.toml").read_text() == "# my run file\n"
+    # Its own config.toml (a trainer built but not run) and an empty folder are fine.
+    Trainer(run, run_dir=tmp_path / "fresh", progress=False)
+    Trainer(run, run_dir=tmp_path / "fresh", progress=False)
+
+
+def test_a_failed_start_leaves_no_folder_and_a_refused_resume_keeps_config_toml(tmp_path):
+    with pytest.raises(DataError):
+        Trainer(tiny_run("data.source=" + str(tmp_path / "missing.txt")), run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    run = tiny_run("train.steps=2", "train.checkpoint_every=1")
+    Trainer(run, run_dir=tmp_path / "run", progress=False).run_loop()
+    toml = (tmp_path / "run" / "config.toml").read_text()
+    for bad, error in (
+        (tiny_run("train.steps=4", "model.hidden_size=48"), CheckpointMismatchError),
+        (tiny_run("train.steps=4", "data.source=" + str(tmp_path / "missing.txt")), DataError),
+        (tiny_run("train.steps=1"), DataError),  # the checkpoint is at step 2: nothing to train
+    ):
+        with pytest.raises(error):
+            Trainer(bad, run_dir=tmp_path / "run", resume=True, progress=False)
+        assert (tmp_path / "run" / "config.toml").read_text() == toml
+    # A model/ folder the final export could not replace is refused before training, not after it.
+    (tmp_path / "run2" / "model").mkdir(parents=True)
+    (tmp_path / "run2" / "model" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="is not a hybridlm checkpoint; refusing"):
+        Trainer(run, run_dir=tmp_path / "run2", resume=True, progress=False)
+
+
+def test_a_write_error_inside_a_save_is_one_line(tmp_path, monkeypatch, capsys):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # DCP flushes each file it writes
+    args = ["train", *_args("train.steps=1"), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on device") and "Traceback" not in err
+
+
+def test_cli_refuses_resume_and_run_dir_naming_two_runs(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")]) == 2
+    assert "name different runs" in capsys.readouterr().err
+
+
+def test_settings_that_change_nothing_are_noted(tmp_path, capsys):
+    run = tiny_run("train.steps=2", "optim.warmup_steps=5", "train.ac_policy=selective", "parallel.microbatches=3")
+    notes = run.notes()
+    assert any("never reaches optim.lr" in n for n in notes)
+    assert any("train.ac_policy has no effect" in n for n in notes)
+    assert any("parallel.microbatches have no effect" in n for n in notes)
+    assert tiny_run().notes() == []
+    t = Trainer(run, run_dir=tmp_path, progress=False)
+    assert [line for line in t.describe() if line.startswith("note")] == [f"note    {n}" for n in notes]
+
+
+def test_an_empty_pattern_is_refused():
+    with pytest.raises(ConfigError, match="no layers"):
+        tiny_run("model.pattern=").model_config()
