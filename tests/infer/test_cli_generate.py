@@ -117,7 +117,7 @@ def test_stop_escapes_and_a_random_stream_per_batch(checkpoint, capsys):
 
 
 def test_the_completion_keeps_the_space_a_decoder_strips_at_the_start():
-    from hybridlm.cli import _Completion
+    from hybridlm.cli.generate import _Completion
 
     class Metaspace:  # decodes like sentencepiece: "▁" becomes a space, and a leading space is dropped
         def decode(self, ids):

@@ -1,0 +1,109 @@
+"""The ``hybridlm`` command line: parse arguments, call the library, print results. One module per
+group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``checkpoints``:
+inspect, convert); this one builds the parser and turns errors into exit statuses.
+
+Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
+disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
+stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import USER_ERRORS, HybridLMError
+
+
+def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from .checkpoints import add_convert, add_inspect
+    from .generate import add_generate
+    from .model import add_pattern, add_plan
+    from .train import add_prepare, add_train
+
+    return [add_train, add_generate, add_prepare, add_pattern, add_plan, add_inspect, add_convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hybridlm",
+        description="Build, train, checkpoint and serve hybrid language models laid out by one pattern string.",
+    )
+    ap.add_argument("--version", action="version", version=f"hybridlm {_version()}")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for register in _subcommands():
+        register(sub)
+    return ap
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def one_line(message: str) -> str:
+    """An error message on one line; a pattern quoted with a caret under it keeps its three lines."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if any(set(line) == {"^"} for line in lines):
+        return message
+    return "; ".join(lines)
+
+
+def _error(e: BaseException) -> str:
+    if isinstance(e, USER_ERRORS):
+        return one_line(str(e))
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{where}: free some space (or choose another --run-dir) and retry"
+        return f"{e.strerror or e}{where}"
+    return one_line(f"unexpected {type(e).__name__}: {e} (this may be a bug in hybridlm; --debug shows the traceback)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`hybridlm pattern ... | head`): stop quietly, as other CLI tools do;
+        # stdout goes to /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        status = getattr(e, "exit_status", None)
+        if isinstance(e, HybridLMError) and isinstance(status, int):
+            # train.signals.TrainingInterrupted: a checkpoint was saved; the message says how to resume.
+            print(str(e), file=sys.stderr)
+            return status
+        if args.debug:
+            raise
+        print(f"error: {_error(e)}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    """The ``hybridlm`` command (and ``python -m hybridlm.cli``).
+
+    A process of a torchrun job leaves with ``os._exit`` once ``main`` returned: its ranks have
+    met at a final barrier, so nothing is in flight, and skipping the interpreter's teardown
+    skips gloo's (a finished run could otherwise end with SIGABRT on one rank, which torchrun
+    reports as a failed job). Streams and logging are flushed first."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)

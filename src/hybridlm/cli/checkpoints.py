@@ -1,0 +1,109 @@
+"""``hybridlm inspect`` and ``hybridlm convert``: what a checkpoint holds, and other formats' names."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ..checkpoint.inspect import describe, render
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2, default=str) if args.json else render(info))
+    return 0
+
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's config, pattern, tensor count, bytes and dtypes",
+        description="Summarize a hybridlm checkpoint directory, a Hugging Face directory, a DCP training-state "
+        "directory or a safetensors file. Reads file headers only.",
+    )
+    ap.add_argument("path", help="checkpoint directory or .safetensors file")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.set_defaults(func=_cmd_inspect)
+
+
+FORMATS = ("nemotron-h", "megatron")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+
+    if (args.to is None) == (args.from_ is None):
+        raise UsageError("give exactly one of --to FORMAT or --from FORMAT")
+    if args.to == "nemotron-h":
+        from ..checkpoint.hf_nemotron import convert_to_nemotron_h as convert
+    elif args.to == "megatron":
+        from ..checkpoint.megatron import convert_to_megatron as convert
+    elif args.from_ == "nemotron-h":
+        from ..checkpoint.hf_nemotron import convert_from_nemotron_h as convert
+    else:
+        from ..checkpoint.megatron import convert_from_megatron
+
+        config = _megatron_config(args.config) if args.config is not None else None
+        out = convert_from_megatron(args.src, args.dst, config)
+        print(f"wrote {out}")
+        return 0
+    if args.config is not None:
+        raise UsageError("--config is only used with --from megatron")
+    if args.no_verify and args.to is None:
+        raise UsageError("--no-verify is only used with --to (it skips the SHA-256 check of a hybridlm checkpoint)")
+    out = convert(args.src, args.dst, **({"verify": False} if args.no_verify else {}))
+    print(f"wrote {out}")
+    return 0
+
+
+def _megatron_config(path: str):
+    """``convert --from megatron --config``: a ModelConfig JSON, or a hybridlm checkpoint's config.json or folder."""
+    import json
+    from pathlib import Path
+
+    from ..checkpoint.weights import read_config
+    from ..config import ModelConfig
+    from ..errors import ConfigError, UsageError
+
+    if Path(path).is_dir():
+        return read_config(path)
+    try:
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and data.get("format") == "hybridlm":  # a checkpoint's config.json
+            return ModelConfig.from_dict(data.get("config"))
+        return ModelConfig.from_json(path)
+    except (OSError, ValueError, RecursionError) as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
+        raise UsageError(f"--config {path}: not a model config ({reason})") from None
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to or from Hugging Face NemotronH or Megatron-LM names",
+        description="Convert between a hybridlm checkpoint directory and another format. "
+        "--to nemotron-h writes a directory transformers loads as NemotronHForCausalLM (M * - E patterns "
+        "only; '|' and brackets are dropped, MTP weights stay behind). --from nemotron-h reads one. "
+        "--to megatron writes a Megatron-core HybridModel state dict (.pt or .safetensors) plus "
+        "<DST>.hybridlm.json; --from megatron reads one (the model config comes from --config or that JSON file).",
+    )
+    ap.add_argument("src", help="source checkpoint (directory or file)")
+    ap.add_argument("dst", help="destination")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--to", choices=FORMATS, help="write SRC (a hybridlm checkpoint) in this format")
+    group.add_argument(
+        "--from", dest="from_", choices=FORMATS, help="read SRC in this format into a hybridlm checkpoint"
+    )
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="--from megatron: the model's config, a ModelConfig JSON or a hybridlm checkpoint (folder or its "
+        "config.json); default: <SRC>.hybridlm.json",
+    )
+    ap.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="--to: skip the SHA-256 check of SRC's weight files (a damaged file converts)",
+    )
+    ap.set_defaults(func=_cmd_convert)

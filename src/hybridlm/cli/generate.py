@@ -1,0 +1,300 @@
+"""``hybridlm generate``: prompts from arguments, files or standard input, streamed or batched, with stop
+strings; every option checked by its flag before the model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text")."""
+    import json
+    from pathlib import Path
+
+    from ..errors import UsageError
+
+    prompts = list(args.prompt or [])
+    for i, p in enumerate(prompts, start=1):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's locale could not decode (kept as surrogates)
+            raise UsageError(f"--prompt number {i}: not UTF-8 text") from None
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        try:  # "-": standard input; also pipes and devices
+            raw = sys.stdin.buffer.read() if args.prompts_file == "-" else path.read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"--prompts-file {path}: no such file") from None
+        except OSError as e:
+            raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
+        lines = raw.split(b"\n")
+        jsonl = path.suffix == ".jsonl"
+        for n, line in enumerate(lines, start=1):
+            try:
+                line = line.decode("utf-8").removesuffix("\r")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{n}: not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            if jsonl or line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise UsageError(f'{path}:{n}: a JSONL record needs a string "prompt" or "text" field')
+                prompts.append(text)
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+class _Completion:
+    """One row's text as tokens arrive: cut at the first stop string, optionally streamed to stdout.
+
+    While streaming, the last ``len(longest stop) - 1`` characters are held back (they may begin a
+    stop string), as is a trailing replacement character (an incomplete UTF-8 sequence).
+    """
+
+    #: Prompt tokens decoded before the completion and cut off again: decoders that drop a leading
+    #: space (sentencepiece's Metaspace, Strip) would otherwise glue the first word to the prompt.
+    CONTEXT = 8
+
+    def __init__(self, tokenizer, stops: list[str], stream: bool, prompt: list[int] | None = None) -> None:
+        self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.context = list(prompt or [])[-self.CONTEXT :]
+        self.prefix = tokenizer.decode(self.context) if self.context else ""
+        self.ids: list[int] = []
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def _decode(self) -> str:
+        text = self.tokenizer.decode(self.context + self.ids)
+        return text[len(self.prefix) :] if text.startswith(self.prefix) else self.tokenizer.decode(self.ids)
+
+    def add(self, token: int) -> bool:
+        if self.stopped:
+            return True
+        self.ids.append(token)
+        text = self._decode()
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, self.stopped = text[: min(cuts)], True
+        self.text = text
+        if self.stream:
+            safe = len(text) if self.stopped else len(text) - self.hold
+            while safe > self.shown and text[safe - 1] == "\ufffd" and not self.stopped:
+                safe -= 1
+            self._show(safe)
+        return self.stopped
+
+    def finish(self) -> None:
+        if self.stream:
+            self._show(len(self.text))
+
+    def _show(self, upto: int) -> None:
+        if upto > self.shown:
+            sys.stdout.write(self.text[self.shown : upto])
+            sys.stdout.flush()
+            self.shown = upto
+
+
+def _unescape(stop: str) -> str:
+    r"""``--stop`` with the escapes \n, \t, \r and \\ read as the characters they name (a shell passes them as typed)."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], stop)
+
+
+def _check_generate_args(args: argparse.Namespace, stops: list[str]) -> None:
+    """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded."""
+    import math
+
+    import torch
+
+    from ..errors import UsageError
+
+    checks = (
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
+        (
+            math.isfinite(args.temperature) and args.temperature >= 0,
+            f"--temperature must be >= 0, got {args.temperature}",
+        ),
+        (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (
+            math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
+            f"--repetition-penalty must be > 0, got {args.repetition_penalty}",
+        ),
+        (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (all(stops), "--stop: an empty string would end every text at once"),
+        (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
+        (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
+        (
+            not args.speculative or args.greedy or args.temperature == 0,
+            "--speculative mtp decodes greedily: add --greedy",
+        ),
+        (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
+        (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError("--cuda-graph needs --device cuda")
+
+
+def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separate: bool) -> None:
+    """The texts of a batch: a streamed row's rest, or each prompt with its text; a blank line after each
+    when several prompts are printed."""
+    for prompt, row in zip(batch, rows):
+        if stream:
+            row.finish()
+            print()
+        else:
+            print(prompt + row.text)
+        if separate:
+            print()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..checkpoint.weights import load
+    from ..errors import UsageError
+    from ..infer.generate import generate
+    from ..train.rundir import MODEL_DIR
+    from ..train.tokenizer import build_tokenizer, load_tokenizer
+
+    prompts = _read_prompts(args)
+    stops = [_unescape(s) for s in args.stop or []]
+    _check_generate_args(args, stops)
+    path = Path(args.checkpoint)
+    if (path / MODEL_DIR).is_dir() and not (path / "config.json").exists():
+        path = path / MODEL_DIR  # a run directory: use its exported model
+    elif (path / "checkpoints").is_dir() and not (path / "config.json").exists():
+        raise UsageError(
+            f"{path} is a training run without an exported model yet ({MODEL_DIR}/ is written when it reaches "
+            f"train.steps): finish it with hybridlm train --resume {path}"
+        )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load(path, device=args.device, verify=not args.no_verify)
+    tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(path)
+    totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        ids = [tokenizer.encode(p) for p in batch]
+        stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
+        rows = [_Completion(tokenizer, stops, stream, prompt) for prompt in ids]
+        if stream:
+            sys.stdout.write(batch[0])
+            sys.stdout.flush()
+        stats: dict = {}
+        try:
+            generate(
+                model,
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                temperature=0.0 if args.greedy else args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                eos_id=tokenizer.eos_id,
+                seed=None if args.seed is None else args.seed + start,  # each batch its own random stream
+                use_cache=not args.no_cache,
+                speculative=args.speculative,
+                draft_tokens=args.draft_tokens,
+                repetition_penalty=args.repetition_penalty,
+                callback=lambda row, token, rows=rows: rows[row].add(token),
+                stats=stats,
+                cuda_graph=args.cuda_graph,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        except KeyboardInterrupt:  # show what this batch has so far (held-back characters too), then stop
+            _print_rows(batch, rows, stream, separate=False)
+            raise
+        _print_rows(batch, rows, stream, separate=len(prompts) > 1)
+        for key in totals:
+            totals[key] += stats.get(key, 0)
+    t = totals
+    line = (
+        f"prefill {t['prefill_tokens']} tokens at {t['prefill_tokens'] / max(t['prefill_seconds'], 1e-9):,.0f} tok/s, "
+        f"decode {t['decode_tokens']} tokens at {t['decode_tokens'] / max(t['decode_seconds'], 1e-9):,.1f} tok/s"
+    )
+    if args.speculative:
+        line += f", MTP acceptance {t['accepted'] / max(t['drafted'], 1):.1%} of {t['drafted']} drafts"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "generate",
+        help="generate text from a trained checkpoint (streamed, cached, batched)",
+        description="Continue prompts with a trained model (greedy with --temperature 0 or --greedy, else "
+        "sampling), with a state cache for every mixer. A single prompt at a time (--batch-size 1) streams its "
+        "tokens as they come; larger batches print each text when the batch is done. Prefill and decode "
+        "tokens/s go to stderr. CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a "
+        "training run directory.",
+    )
+    ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
+    ap.add_argument("--prompt", action="append", help="text to continue (repeat for several prompts)")
+    ap.add_argument(
+        "--prompts-file",
+        default=None,
+        help='prompts, one per line, or JSONL (*.jsonl or lines starting with "{") with a "prompt" or "text" field; '
+        "- reads standard input",
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability")
+    ap.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="divide logits of tokens already seen by this (1 = off)"
+    )
+    ap.add_argument(
+        "--stop",
+        action="append",
+        help=r"stop a text at this string (repeatable; not printed; \n, \t, \r and \\ are read as escapes)",
+    )
+    ap.add_argument("--batch-size", type=int, default=1, help="prompts generated together (left-padded)")
+    ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
+    ap.add_argument(
+        "--speculative", choices=["mtp"], default=None, help="draft with the model's MTP depths (greedy only)"
+    )
+    ap.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --speculative: drafts per round (default: all depths)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed (each batch of --batch-size prompts draws from seed + its first index)",
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
+    ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    ap.add_argument(
+        "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"
+    )
+    ap.set_defaults(func=_cmd_generate)

@@ -1,0 +1,163 @@
+"""``hybridlm pattern`` and ``hybridlm plan``: a pattern's blocks, layers and stages, and balanced stage cuts."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_pattern(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+    from ..pattern import parse
+    from ..pattern.table import render
+
+    for flag, value, low in (("--pp", args.pp, 1), ("--first-stage-layers", args.first_stage_layers, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.last_stage_layers is not None and args.last_stage_layers < 0:
+        raise UsageError(f"--last-stage-layers must be >= 0, got {args.last_stage_layers}")
+    p = parse(args.pattern)
+    print(render(p, args.pp, args.first_stage_layers, args.last_stage_layers))
+    if args.plot:
+        from ..plan.plot import plot_pattern_cli
+
+        print(f"wrote {plot_pattern_cli(p, args.plot, args.pp, args.first_stage_layers, args.last_stage_layers)}")
+    return 0
+
+
+def add_pattern(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "pattern",
+        help="show the blocks, canonical layers and pipeline stages of a layer pattern",
+        description="Show the blocks of a layer pattern: block index, canonical layer indices, symbols, kind, "
+        "fused or not, '|' segment, pipeline rank and virtual stage (with --pp), and MTP depth; then totals. "
+        "Example: hybridlm pattern 'M-M-[*-]M-|M-[*E]M-/*-/*-' --pp 2",
+    )
+    ap.add_argument(
+        "pattern",
+        help="layer pattern, e.g. 'M-M-[*-]M-|M-[*E]M-/*-/*-' (quote it in the shell; one that starts with '-' "
+        "goes after '--': hybridlm pattern -- '-M')",
+    )
+    ap.add_argument("--pp", type=int, default=None, metavar="N", help="pipeline-parallel size to lay the blocks out on")
+    ap.add_argument(
+        "--first-stage-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="blocks on the first rank of an automatic split (pattern without '|')",
+    )
+    ap.add_argument(
+        "--last-stage-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="blocks on the last rank of an automatic split (pattern without '|')",
+    )
+    ap.add_argument(
+        "--plot",
+        default=None,
+        metavar="OUT.png|OUT.svg",
+        help="also draw the pattern: blocks by kind, fused groups boxed, stages with their layer counts, MTP depths",
+    )
+    ap.set_defaults(func=_cmd_pattern)
+
+
+def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None):
+    """The model config of ``hybridlm plan``/``pattern``, and the run config when a run file is given.
+
+    ``pattern`` replaces the preset's or run file's pattern; with neither a preset nor a run file
+    the embedded default run's model is used (as ``hybridlm train`` does).
+    """
+    from ..config import ModelConfig
+    from ..train.config import RunConfig
+
+    run = None
+    if preset is not None:
+        config = ModelConfig.preset(preset)
+    else:
+        run = RunConfig.from_toml(run_file) if run_file is not None else RunConfig()
+        config = run.model_config()
+    if pattern is not None:
+        config = config.replace(pattern=pattern)
+    return config, run
+
+
+def _plan_micro_batch(run, pp: int) -> int:
+    """The rows per micro-batch a run would give each pipeline stage with one data-parallel group: its
+    ``train.micro_batch_size``, else its batch over ``parallel.microbatches`` (2 × pp by default); 1 without a run."""
+    if run is None:
+        return 1
+    microbatches = run.parallel.microbatches or 2 * max(pp, 1)
+    return run.train.micro_batch_size or max(1, run.train.batch_size // microbatches)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from ..plan.measure import default_device
+    from ..plan.planner import plan_pipeline
+
+    config, run = _resolve_model(args.pattern, args.preset, args.config)
+    plan = plan_pipeline(
+        config,
+        args.pp,
+        args.vpp,
+        seq_len=args.seq_len if args.seq_len is not None else (run.data.seq_len if run else 4096),
+        micro_batch_size=args.micro_batch_size
+        if args.micro_batch_size is not None
+        else _plan_micro_batch(run, args.pp),
+        recompute=args.recompute or bool(run and run.train.activation_checkpointing),
+        hardware=args.hardware,
+        measure=default_device() if args.measure == "auto" else args.measure,
+    )
+    if args.plot:
+        plan.plot(args.plot)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
+    return 0
+
+
+def add_plan(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "plan",
+        help="place '|' in a pattern so that the pipeline stages are balanced",
+        description="Balance a pattern over pipeline stages: exact dynamic programming over block boundaries "
+        "(never inside a fused group) minimizing the slowest of the PP x VPP stages, with the embedding on the "
+        "first stage and the head and MTP depths on the last. Prints the pattern with '|' placed, per-stage time "
+        "and memory, and the imbalance (slowest / mean) next to Megatron's even split by block count and the "
+        "pattern's own '|'. Times are a roofline estimate from the config, or measured with --measure. "
+        "Example: hybridlm plan --preset nemotron-h-8b --pp 4 --seq-len 8192",
+    )
+    ap.add_argument("pattern", nargs="?", default=None, help="layer pattern (default: the preset's or run file's)")
+    ap.add_argument("--pp", type=int, required=True, metavar="N", help="pipeline-parallel ranks")
+    ap.add_argument("--vpp", type=int, default=1, metavar="V", help="virtual stages per rank (default 1)")
+    model = ap.add_mutually_exclusive_group()
+    model.add_argument("--preset", default=None, metavar="NAME", help="model preset, e.g. nemotron-h-8b")
+    model.add_argument("--config", default=None, metavar="RUN.toml", help="run file (its model, seq_len, batch)")
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="L",
+        help="tokens per sequence (default: the run file's data.seq_len; 4096 with --preset; without either, the "
+        "embedded default run's 256)",
+    )
+    ap.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="sequences per micro-batch (default: the run file's train.micro_batch_size, else its batch_size / "
+        "parallel.microbatches (2 × pp unless set); 1 with --preset)",
+    )
+    ap.add_argument("--recompute", action="store_true", help="block-level activation checkpointing")
+    ap.add_argument("--hardware", default="h100", help="roofline of the estimate: h100 (default), h200 or a100")
+    ap.add_argument(
+        "--measure",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="DEVICE",
+        help="time each block kind forward+backward on DEVICE (default cuda if available, else cpu) instead",
+    )
+    ap.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    ap.add_argument("--plot", default=None, metavar="OUT.png|OUT.svg", help="also draw the planned pattern")
+    ap.set_defaults(func=_cmd_plan)

@@ -1,0 +1,107 @@
+"""``hybridlm train`` and ``hybridlm prepare``: a training run (or its resume), and a pre-tokenized corpus."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..train.config import RunConfig
+    from ..train.rundir import CONFIG_FILE
+    from ..train.trainer import Trainer
+
+    run_dir = args.run_dir
+    if args.resume is True:  # a bare --resume continues the run named by --run-dir
+        if args.run_dir is None:
+            raise UsageError("--resume without a directory needs --run-dir RUN_DIR (or give --resume RUN_DIR)")
+        args.resume = args.run_dir
+    if args.resume is not None:
+        if args.run_dir is not None and Path(args.run_dir) != Path(args.resume):
+            raise UsageError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
+        run_dir = args.resume
+        base = RunConfig.from_toml(args.config or Path(args.resume) / CONFIG_FILE)
+    else:
+        base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    run = base.with_overrides(args.set) if args.set else base
+    trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress)
+    summary = trainer.run_loop()
+    if trainer.is_main:
+        first, last = summary["first_val_loss"], summary["val_loss"]
+        minutes, seconds = divmod(int(summary["seconds"]), 60)
+        unit = "nats/byte" if run.data.tokenizer == "byte" else "nats/token"
+        if first is not None and last is not None:
+            print(f"validation loss {first:.4f} -> {last:.4f} {unit} (start -> end) in {minutes}m{seconds:02d}s")
+        elif last is not None:
+            print(f"validation loss {last:.4f} {unit} after {minutes}m{seconds:02d}s")
+        if "model" in summary:
+            print(
+                f"model saved to {summary['model']}"
+                + (f"; loss curve {summary['loss_curve']}" if summary.get("loss_curve") else "")
+            )
+    trainer.close(destroy=False)  # every rank is done; entry() leaves without C++ teardown
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "train",
+        help="train a model (with no arguments: a small hybrid on an embedded corpus, on this machine)",
+        description="Train a hybrid model. With no arguments it trains the embedded default: the pattern "
+        "'M-[*-]M-M-[*-]' (two fused attention+MLP blocks) on the English text of Python's own help topics as "
+        "bytes, with a held-out validation split; a few minutes on 2 CPU cores. A run file (TOML, tables "
+        "[model] [data] [optim] [train] [parallel]) and --set overrides change anything; see docs/training.md. "
+        "Under torchrun the same command trains data-parallel with FSDP2, and with --set parallel.pp=N "
+        "runs the pattern's '|' stages on N pipeline ranks.",
+    )
+    ap.add_argument("--config", default=None, metavar="RUN.toml", help="run file (default: the embedded default run)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field, e.g. --set train.steps=100 --set model.pattern='M-[*E]'",
+    )
+    ap.add_argument("--run-dir", default=None, help="run directory (default: train.run_dir, runs/<start time>)")
+    ap.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, plus --set)",
+    )
+    bar = ap.add_mutually_exclusive_group()
+    bar.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="always show a progress bar"
+    )
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
+    ap.set_defaults(func=_cmd_train)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ..train.data import load_corpus, write_prepared
+    from ..train.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(args.tokenizer)
+    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True)
+    out = write_prepared(stream, args.out, tokenizer, args.source)
+    print(f"wrote {stream.num_tokens:,} tokens of {stream.num_docs:,} documents to {out}")
+    return 0
+
+
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "prepare",
+        help="tokenize text or JSONL into a token file for training",
+        description="Tokenize a corpus once (a .txt file or folder: one document per file; a .jsonl file: one "
+        "document per record; or builtin:pydoc) into OUT/tokens.bin (numpy memmap), OUT/docs.npy (document "
+        "offsets) and OUT/meta.json. Train on it with --set data.source=OUT.",
+    )
+    ap.add_argument("source", help=".txt/.jsonl file or folder, or builtin:pydoc")
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
+    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records")
+    ap.set_defaults(func=_cmd_prepare)
