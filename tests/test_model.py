@@ -234,3 +234,63 @@ def test_cast_keeps_sensitive_parameters_fp32():
     assert dtypes["blocks.0.layers.0.mixer.in_proj.weight"] == torch.bfloat16
     out = model(torch.randint(0, 97, (1, 9)))
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("L", [5, 8, 16, 21])
+def test_mamba2_flops_below_a_chunk_match_flop_counter(L):
+    """A sequence shorter than a chunk is one chunk of its own length, in the count as in the op.
+    (At L = 1 the op's einsums over chunks of one position are products the counter does not see.)"""
+    config = tiny_config("M-M", mamba_chunk_size=16)
+    model = HybridLM(config)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (2, L)))
+    assert_rel_close(
+        torch.tensor(float(counter.get_total_flops())), torch.tensor(float(model.flops_per_token(L) * 2 * L)), 1e-9, L
+    )
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1"):
+        model.flops_per_token(0)
+
+
+def test_malformed_inputs_are_refused_by_name():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (2, 8))
+    for kwargs, says in (
+        (dict(input_ids=ids[0]), r"input_ids must be \(B, L\) integer token ids"),
+        (dict(input_ids=ids.float()), "input_ids must be"),
+        (dict(input_ids=ids + V), rf"token ids must be in \[0, {V}\)"),
+        (dict(input_ids=ids, labels=ids[:1]), r"labels must be \(2, 8\) int64"),
+        (dict(input_ids=ids, labels=ids.int()), "labels must be"),
+        (dict(input_ids=ids, labels=torch.full_like(ids, -1)), "-1 is neither a token id"),
+        (dict(input_ids=ids, logits_to_keep=-3), "logits_to_keep must be an int >= 0"),
+        (dict(input_ids=ids, logits_to_keep=True), "logits_to_keep must be an int >= 0"),
+    ):
+        for return_logits in (True, False):
+            with pytest.raises(ValueError, match=says):
+                model(**kwargs, return_logits=return_logits)
+    labels = ids.clone()
+    labels[:, -1] = -100  # the ignore index stays allowed
+    assert torch.isfinite(model(ids, labels=labels, return_logits=False).loss)
+
+
+def test_seed_is_an_integer_of_any_type_and_dtype_a_floating_one():
+    import numpy as np
+
+    config = tiny_config("M*-")
+    ref = HybridLM(config, seed=3).state_dict()
+    for seed in (np.int64(3), torch.tensor(3)):
+        assert all(torch.equal(ref[k], v) for k, v in HybridLM(config, seed=seed).state_dict().items())
+    for seed in (1.5, "3", True, None):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            HybridLM(config, seed=seed)
+    assert HybridLM(config, dtype="bfloat16").embeddings.weight.dtype == torch.bfloat16
+    for dtype in (torch.int8, "cuda"):
+        with pytest.raises(ValueError, match=r"floating torch\.dtype"):
+            HybridLM(config, dtype=dtype)
+
+
+def test_an_empty_sequence_runs_through_every_mixer():
+    model = HybridLM(ModelConfig.preset("tiny"), seed=0)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    out = model(empty, labels=empty)
+    assert out.logits.shape == (2, 0, model.config.vocab_size) and float(out.loss) == 0.0

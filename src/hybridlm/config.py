@@ -174,8 +174,8 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named configuration (see :data:`PRESETS`), optionally with fields overridden."""
-        if name not in PRESETS:
-            hint = difflib.get_close_matches(name, PRESETS, n=1)
+        if not isinstance(name, str) or name not in PRESETS:
+            hint = difflib.get_close_matches(name, PRESETS, n=1) if isinstance(name, str) else []
             raise ConfigError(
                 "preset",
                 f"unknown preset {name!r}"
@@ -204,7 +204,7 @@ class ModelConfig:
             raise ConfigError("config", f"expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("schema_version", SCHEMA_VERSION)
-        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        if type(version) is not int or version > SCHEMA_VERSION or version < 1:
             raise ConfigError(
                 "schema_version", f"this hybridlm reads config schema versions 1..{SCHEMA_VERSION}, got {version!r}"
             )
@@ -224,14 +224,14 @@ class ModelConfig:
     def from_json(cls, text_or_path: str | Path) -> ModelConfig:
         """Read a config from a JSON string or a ``.json`` file path."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        if not text.lstrip().startswith(("{", "[")) and not text.strip().isdigit():  # else JSON text, not a path
             try:
                 text = Path(text_or_path).read_text()
             except OSError as e:
                 raise ConfigError("config", f"cannot read {text_or_path}: {e.strerror}") from None
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError("config", f"invalid JSON: {e}") from None
         return cls.from_dict(d)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,8 +205,49 @@ class ModelOutput:
 
 
 def _seed(seed: int, *key: object) -> int:
+    try:  # an integer of any type (numpy, a 0-d tensor) seeds as that integer; bools and floats are refused
+        seed = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        seed = None
+    if seed is None:
+        raise ValueError("seed must be an integer")
     digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def float_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
+    """``dtype`` (a torch dtype or its name, ``"bfloat16"``), refused unless floating."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{what} must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    return dtype
+
+
+def _check_inputs(input_ids, labels, rows: tuple[int, ...], logits_to_keep, vocab: int) -> None:
+    """Refuse malformed inputs by name: shapes and dtypes always; token values where reading them
+    costs no device synchronization (CPU tensors; on a GPU a bad id fails in the embedding and a bad
+    label makes the loss NaN)."""
+    if input_ids is not None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be (B, L) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids: token ids must be in [0, {vocab}), got values from {low} to {high}")
+    if labels is not None:
+        if tuple(labels.shape) != rows or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be {rows} int64 like the input, got {tuple(labels.shape)} {labels.dtype}")
+        if labels.device.type == "cpu":
+            bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))]
+            if bad.numel():
+                raise ValueError(
+                    f"labels: {int(bad[0])} is neither a token id in [0, {vocab}) nor the ignore index {IGNORE_INDEX}"
+                )
+    if type(logits_to_keep) is not int or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -254,6 +296,9 @@ class HybridLM(nn.Module):
         super().__init__()
         self.config = config
         p = config.parsed
+        _seed(seed)  # refuse a seed that is not an integer before allocating
+        if dtype is not None:
+            dtype = float_dtype(dtype)
         for s in config.symbols:
             mixer_class(s)  # fail early, before allocating, on symbols that cannot be built
         target = torch.device(device) if device is not None else torch.empty(0).device
@@ -349,6 +394,7 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def cast(self, dtype: torch.dtype) -> HybridLM:
         """Cast floating parameters and buffers to ``dtype``, keeping the numerically sensitive ones in float32."""
+        dtype = float_dtype(dtype)
         keep = self.fp32_parameter_names()
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
             if t.is_floating_point() and name not in keep:
@@ -443,6 +489,8 @@ class HybridLM(nn.Module):
         if len(given) > 1:
             raise ValueError("give document boundaries once: doc_ids, document_ids and seq_idx are the same input")
         doc_ids = given[0] if given else None
+        rows = tuple((input_ids if input_ids is not None else hidden_states).shape[:2])
+        _check_inputs(input_ids, labels, rows, logits_to_keep, self.config.vocab_size)
         if self.embeddings is not None and (input_ids is not None) and hidden_states is None:
             h = self.embeddings(input_ids)
         elif hidden_states is not None:

@@ -205,6 +205,17 @@ def test_resume_falls_back_to_the_newest_loadable_checkpoint(saved_run, caplog):
     assert main(["train", "--resume", str(path), "--no-progress"]) == 2
 
 
+def test_checkpoints_a_resume_could_not_load_are_moved_aside_and_saved_again(saved_run):
+    run, path = saved_run
+    (path / "checkpoints/step-000006/trainer_state.json").unlink()
+    t = Trainer(run, run_dir=path, resume=True, progress=False)
+    assert t.step == 4
+    # Kept for a look, hidden: no longer listed, pruned, or in the way of the run's save of step 6.
+    assert [p.name.split(".damaged-")[0] for p in (path / "checkpoints").glob(".*")] == [".step-000006"]
+    t.run_loop()
+    assert [p.name for p in list_checkpoints(path / "checkpoints")] == ["step-000004", "step-000006", "step-000008"]
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

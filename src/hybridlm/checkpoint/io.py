@@ -135,13 +135,13 @@ def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: 
     return path
 
 
-def check_replaceable(path: Path, key: str, value: Any, what: str) -> None:
-    """Refuse (CheckpointError) unless ``path`` is absent, empty, or has a config.json with ``key: value``
-    (``what`` names the kind of directory it must be)."""
+def check_replaceable(path: Path, key: str, value: Any, what: str, file: str = CONFIG_NAME) -> None:
+    """Refuse (CheckpointError) unless ``path`` is absent, an empty directory, or one whose JSON ``file``
+    has ``key: value`` (``what`` names the kind of directory it must be)."""
     if not path.exists():
         return
     try:
-        same = not any(path.iterdir()) or json.loads((path / CONFIG_NAME).read_text()).get(key) == value
+        same = not any(path.iterdir()) or json.loads((path / file).read_text()).get(key) == value
     except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
         same = False
     if not same:

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import check_format, commit_directory, destination, load_safetensors, read_json
+from .io import check_format, check_replaceable, commit_directory, destination, load_safetensors, read_json
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -101,12 +101,6 @@ def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
     return diffs
 
 
-def _check_replaceable(path: Path) -> None:
-    """Refuse to replace ``path`` unless it is absent, an empty folder or a training state."""
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / TRAINER_STATE).is_file())):
-        raise CheckpointError(f"{path} exists and is not a training state; refusing to replace it")
-
-
 def save_training_state(
     path: str | Path, model: Module, optimizer: Optimizer | None = None, scheduler: Any = None, **trainer_state: Any
 ) -> Path:
@@ -121,7 +115,7 @@ def save_training_state(
     path, rank = destination(path), dist.get_rank() if _distributed() else 0
     tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
     if rank == 0:  # fresh, with the mode of a plain mkdir
-        _check_replaceable(path)
+        check_replaceable(path, "format", STATE_FORMAT, "a training state", TRAINER_STATE)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     if _distributed():

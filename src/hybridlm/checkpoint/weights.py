@@ -220,13 +220,11 @@ def load(
         CheckpointError: a missing or damaged file (checksum mismatch), a pattern that describes another model, or
             tensors that are missing, unexpected or mis-shaped (all listed by name).
     """
-    from ..model import HybridLM
+    from ..model import HybridLM, float_dtype
 
     path = Path(path)
-    if isinstance(dtype, str):  # "bfloat16", "torch.bfloat16"
-        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise CheckpointError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if dtype is not None:
+        dtype = float_dtype(dtype)
     if device is not None and torch.device(device).type == "meta":
         raise CheckpointError("device 'meta' holds no weights; build HybridLM(config, device='meta') instead")
     config = config_for_pattern(read_config(path), pattern)

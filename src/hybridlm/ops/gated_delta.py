@@ -131,7 +131,7 @@ def _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_st
         U = U0[:, :, i] - W[:, :, i] @ S  # (b, h, Q, dv)
         outs.append(q_in[:, :, i] @ S + qk[:, :, i] @ U)
         S = chunk_decay[:, :, i, None, None] * S + k_out[:, :, i].transpose(-1, -2) @ U
-    o = torch.stack(outs, dim=2)  # (b, h, c, Q, dv)
+    o = torch.stack(outs, dim=2) if outs else q_in.new_zeros(b, h, 0, Q, dv)  # (b, h, c, Q, dv); c = 0 at L = 0
     o = o.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, dv)[:, :seqlen].to(dtype)
     if return_final_state:
         return o, S

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from ..checkpoint.io import check_replaceable, replace_file
 from ..errors import DataError
-from .listing import list_checkpoints
+from .listing import list_checkpoints, step_of
+
+logger = logging.getLogger("hybridlm.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -79,6 +83,20 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     return path, created
+
+
+def set_aside_newer(run_dir: Path, loaded: Path) -> list[Path]:
+    """Rename the checkpoints newer than ``loaded`` (those a resume could not load) to hidden
+    ``.step-N.damaged-<id>`` folders: kept for a look, no longer listed, pruned or in the way of the
+    run's next save of that step. Returns their new paths."""
+    moved = []
+    for path in list_checkpoints(run_dir / CHECKPOINTS):
+        if step_of(path) > step_of(loaded):
+            aside = path.with_name(f".{path.name}.damaged-{uuid.uuid4().hex[:8]}")
+            os.replace(path, aside)
+            logger.warning("%s could not be loaded; moved aside to %s", path, aside)
+            moved.append(aside)
+    return moved
 
 
 def write_config(path: Path, toml: str) -> None:

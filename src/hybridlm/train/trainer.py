@@ -35,7 +35,15 @@ from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
 from .metrics import Metrics, plot_losses
 from .optim import ExpertBiasHook, build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
-from .rundir import CHECKPOINTS, MODEL_DIR, claim, latest_checkpoint, remove_if_empty, write_config
+from .rundir import (
+    CHECKPOINTS,
+    MODEL_DIR,
+    claim,
+    latest_checkpoint,
+    remove_if_empty,
+    set_aside_newer,
+    write_config,
+)
 from .signals import StopSignals, TrainingInterrupted, signal_name
 from .tokenizer import build_tokenizer
 
@@ -231,11 +239,15 @@ class Trainer:
                     f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
                 )
             # The newest checkpoint that loads (a damaged one is skipped with a warning).
-            state, _ = load_newest(
+            state, loaded = load_newest(
                 list_checkpoints(self.run_dir / CHECKPOINTS),
                 lambda p: load_training_state(p, self.model, self.optimizer, self.scheduler),
             )
             self.step = int(state["step"])
+            if self.is_main:
+                set_aside_newer(self.run_dir, loaded)
+            if self.world > 1:
+                dist.barrier()
             if self.step > t.steps:
                 raise DataError(
                     f"{self.run_dir}: the checkpoint is at step {self.step}, beyond train.steps = {t.steps}; "
