@@ -96,6 +96,35 @@ def test_full_disk_says_so(monkeypatch, capsys):
         main(["--debug", "train"])
 
 
+def test_a_dead_peer_process_is_named_with_the_way_back(monkeypatch, capsys):
+    import hybridlm.train.trainer as trainer
+
+    def gone(*args, **kwargs):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:939\nmore")
+
+    monkeypatch.setattr(trainer, "Trainer", gone)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: another process of this torchrun job stopped") and "--resume RUN_DIR" in err
+    assert "may be a bug" not in err and "\n" not in err
+
+
+def test_the_resume_command_names_torchrun_under_torchrun(tmp_path, monkeypatch):
+    from tests.train.test_trainer import tiny_run
+
+    t = trainer_for(tmp_path, tiny_run())
+    assert t.resume_command() == f"hybridlm train --resume {tmp_path}"
+    t.world = 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert t.resume_command() == f"torchrun --nnodes 2 --nproc_per_node 4 -m hybridlm.cli train --resume {tmp_path}"
+
+
+def trainer_for(path, run):
+    from hybridlm.train.trainer import Trainer
+
+    return Trainer(run, run_dir=path, progress=False)
+
+
 @pytest.mark.parametrize(("signum", "status"), [(2, 130), (15, 143), (1, 129)])
 def test_training_stopped_by_a_signal_exits_128_plus_n(monkeypatch, capsys, signum, status):
     import hybridlm.train.trainer as trainer

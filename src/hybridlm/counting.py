@@ -33,8 +33,8 @@ class PerKind(float):
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> PerKind:
     """Forward FLOPs per token at ``seq_len``, keyed by layer symbol, ``"head"`` and ``"mtp"``."""
-    if not hasattr(seq_len, "__index__") or isinstance(seq_len, bool) or seq_len < 1:
-        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    if not hasattr(seq_len, "__index__") or isinstance(seq_len, bool) or seq_len < 0:
+        raise ValueError(f"seq_len must be an integer >= 0 (0: the per-token projections alone), got {seq_len!r}")
     seq_len = int(seq_len)
     c, p = config, config.parsed
     per = {s: mixer_class(s).flops_per_token(c, seq_len) for s in c.symbols}

@@ -60,6 +60,8 @@ def test_preset_in_model_table(tmp_path):
         (["model.hiden_size=3"], "model.hiden_size"),
         (["modle.hidden_size=3"], "modle"),
         (["steps=3"], "steps"),
+        (["model.pattern=M-|M-", "parallel.pp=2", "parallel.microbatches=1"], "parallel.microbatches"),
+        (["model.pattern=", "train.steps=3"], "model.pattern"),
     ],
 )
 def test_errors_name_the_field(overrides, field):
@@ -89,3 +91,9 @@ def test_to_toml_round_trips_any_string(tmp_path):
     assert list(tomllib.loads(text)) == ["model", "data", "optim", "train", "parallel"]
     (tmp_path / "run.toml").write_text(text, encoding="utf-8")
     assert RunConfig.from_toml(tmp_path / "run.toml") == run
+
+
+def test_gpipe_takes_fewer_micro_batches_than_stages():
+    RunConfig().with_overrides(
+        ["model.pattern=M-|M-", "parallel.pp=2", "parallel.microbatches=1", "parallel.schedule=gpipe"]
+    )

@@ -55,9 +55,24 @@ def one_line(message: str) -> str:
     return "; ".join(lines)
 
 
+#: What gloo and NCCL say when a peer process of the job has died.
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL communicator was aborted",
+    "remote process exited",
+)
+
+
 def _error(e: BaseException) -> str:
     if isinstance(e, USER_ERRORS):
         return one_line(str(e))
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_GONE):
+        first = (str(e).splitlines() or [""])[0][:160]
+        return (
+            f"another process of this torchrun job stopped ({first}); the checkpoints written so far are whole: "
+            "rerun the same torchrun command with --resume RUN_DIR"
+        )
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         if e.errno == errno.ENOSPC:

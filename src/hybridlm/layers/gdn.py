@@ -156,7 +156,7 @@ class GatedDeltaNet(nn.Module):
         # Per padded position and value head: k·k and q·k within the chunk, the mix of corrected
         # values, and three reads/writes of the (dk x dv) state. Triangular solves are not counted.
         chunk = nv * (2 * Q * dk + 2 * Q * dk + 2 * Q * dv + 3 * 2 * dk * dv)
-        return proj + chunk * padded / seq_len
+        return proj + chunk * padded / seq_len if seq_len else proj  # seq_len 0: the projections alone
 
 
 def gdn_reference(layer: GatedDeltaNet, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,6 +147,8 @@ class Mamba2Mixer(nn.Module):
         h, p, g, n = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
         d_inner = h * p
         proj = 2 * c.hidden_size * (2 * d_inner + 2 * g * n + h) + 2 * d_inner * c.hidden_size
+        if seq_len == 0:  # no sequence: the projections alone
+            return proj
         Q = min(c.mamba_chunk_size, seq_len)  # a sequence shorter than a chunk is one chunk of its length (ops/ssd.py)
         padded = math.ceil(seq_len / Q) * Q
         chunks = padded // Q

@@ -346,6 +346,10 @@ class RunConfig:
                 f"virtual stages per rank; use one of {', '.join(MULTI_STAGE_SCHEDULES)}",
             )
         mb = par.resolved_microbatches()
+        if schedule == "1f1b" and mb < par.pp:  # torch's 1F1B fills the pipeline with one per stage first
+            raise ConfigError(
+                "parallel.microbatches", f"1f1b needs at least pp ({par.pp}) micro-batches, got {mb} (or use gpipe)"
+            )
         if schedule in MULTI_STAGE_SCHEDULES and mb % par.pp:
             raise ConfigError(
                 "parallel.microbatches", f"{schedule} needs a multiple of pp ({par.pp}) micro-batches, got {mb}"

@@ -150,7 +150,8 @@ class Trainer:
         # Pipeline ranks of one data-parallel group read the same rows (rank = dp index * pp + pp index).
         self.pp = run.parallel.pp
         if self.world % self.pp:
-            raise ConfigError("parallel.pp", f"{self.pp} does not divide the {self.world} processes")
+            hint = " (pipeline ranks are processes: launch with torchrun --nproc_per_node N, N a multiple of pp)"
+            raise ConfigError("parallel.pp", f"{self.pp} does not divide the {self.world} processes" + hint)
         self.dp, self.dp_rank = self.world // self.pp, self.rank // self.pp
         self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
         self.local_batch = t.batch_size // self.dp
@@ -424,8 +425,16 @@ class Trainer:
         raise TrainingInterrupted(
             signum,
             f"{signal_name(signum)} received: stopped at step {self.step} with a checkpoint in "
-            f"{latest_checkpoint(self.run_dir)}; resume with: hybridlm train --resume {self.run_dir}",
+            f"{latest_checkpoint(self.run_dir)}; resume with: {self.resume_command()}",
         )
+
+    def resume_command(self) -> str:
+        """The command that continues this run as it was launched (torchrun with the same processes)."""
+        if self.world == 1:
+            return f"hybridlm train --resume {self.run_dir}"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        nodes = f"--nnodes {self.world // local} " if self.world > local else ""
+        return f"torchrun {nodes}--nproc_per_node {local} -m hybridlm.cli train --resume {self.run_dir}"
 
     def export(self, path: Path | None = None) -> Path:
         """Write the weights (canonical safetensors) and the tokenizer to ``<run_dir>/model``."""
