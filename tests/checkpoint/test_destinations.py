@@ -92,6 +92,22 @@ def test_convert_to_megatron_replaces_only_its_own_export(tmp_path, model):
     assert load_megatron(out).keys()
 
 
+def test_an_interrupted_megatron_export_can_be_rerun(tmp_path, model, monkeypatch):
+    from hybridlm.checkpoint import megatron
+
+    ck = hybridlm.save(model, tmp_path / "ck")
+
+    def interrupted(state, path):
+        path.write_bytes(b"half")  # the weights half written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(megatron, "save_megatron", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    monkeypatch.undo()
+    assert load_megatron(convert_to_megatron(ck, tmp_path / "m.pt")).keys()
+
+
 @pytest.mark.parametrize("version", ["1", 1.0, True, 0, -5, None])
 def test_format_version_must_be_a_positive_integer(tmp_path, model, version):
     ck = hybridlm.save(model, tmp_path / "ck")

@@ -96,3 +96,42 @@ def test_settings_that_change_nothing_are_noted(tmp_path, capsys):
 def test_an_empty_pattern_is_refused():
     with pytest.raises(ConfigError, match="no layers"):
         tiny_run("model.pattern=").model_config()
+
+
+def test_a_folder_in_use_by_another_live_process_is_refused(tmp_path):
+    """Two runs started in one folder would write the same files: the second is refused while the
+    first lives; a lock left by a process that is gone is taken over, and a finished run frees it."""
+    import socket
+
+    run = tiny_run("train.steps=2", "train.checkpoint_every=100")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / rundir.LOCK_FILE).write_text(f"{os.getppid()} {socket.gethostname()}")
+    with pytest.raises(DataError, match=r"in use by another run \(process \d+"):
+        Trainer(run, run_dir=tmp_path / "busy", progress=False)
+    with pytest.raises(DataError, match="in use by another run"):
+        Trainer(run, run_dir=tmp_path / "busy", resume=True, progress=False)
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    (tmp_path / "busy" / rundir.LOCK_FILE).write_text(f"{dead} {socket.gethostname()}")
+    t = Trainer(run, run_dir=tmp_path / "busy", progress=False)
+    t.run_loop()
+    assert not (tmp_path / "busy" / rundir.LOCK_FILE).exists()
+
+
+def test_cr_line_endings_still_split_jsonl_lines(tmp_path):
+    from hybridlm.train.data import text_documents
+
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text":"aaaa"}\r{"text":"bbbb"}\r\n{"text":"cc"}\n')
+    assert list(text_documents(str(tmp_path / "cr.jsonl"))) == ["aaaa", "bbbb", "cc"]
+
+
+def test_a_refused_resume_moves_nothing_aside_and_one_folder_has_one_name(tmp_path, monkeypatch, capsys):
+    run = tiny_run("train.steps=4", "train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path / "r", progress=False).run_loop()
+    (tmp_path / "r" / "checkpoints" / "step-000004" / "trainer_state.json").write_text("garbage")
+    before = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
+    with pytest.raises(DataError, match=r"beyond train\.steps"):  # falls back to step 2, then refuses
+        Trainer(tiny_run("train.steps=1"), run_dir=tmp_path / "r", resume=True, progress=False)
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == before
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "r", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=1"]) == 2
+    assert "beyond train.steps" in capsys.readouterr().err  # the same run, named twice: not refused as two

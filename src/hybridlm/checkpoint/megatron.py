@@ -304,8 +304,10 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
             "refusing to replace it"
         )
     config = read_config(src)
-    save_megatron(to_megatron(config, read_tensors(src, verify=verify)), dst)
+    tensors = to_megatron(config, read_tensors(src, verify=verify))
+    # The sidecar first: an interrupted export leaves a file this command may replace when rerun.
     replace_file(config_sidecar(dst), lambda tmp: tmp.write_text(config.to_json()))
+    save_megatron(tensors, dst)
     return dst
 
 

@@ -70,8 +70,9 @@ def _error(e: BaseException) -> str:
     if isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_GONE):
         first = (str(e).splitlines() or [""])[0][:160]
         return (
-            f"another process of this torchrun job stopped ({first}); the checkpoints written so far are whole: "
-            "rerun the same torchrun command with --resume RUN_DIR"
+            f"another process of this torchrun job stopped ({first}): its own error says why; if training had "
+            "started, the checkpoints written so far are whole and the same torchrun command with --resume "
+            "RUN_DIR continues the run"
         )
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""

@@ -28,11 +28,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             raise UsageError(f"--prompts-file {path}: no such file") from None
         except OSError as e:
             raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
-        lines = raw.split(b"\n")
         jsonl = path.suffix == ".jsonl"
-        for n, line in enumerate(lines, start=1):
+        for n, line in enumerate(raw.splitlines(), start=1):  # \n, \r\n and \r end a line
             try:
-                line = line.decode("utf-8").removesuffix("\r")
+                line = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UsageError(f"{path}:{n}: not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():

@@ -19,7 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--resume without a directory needs --run-dir RUN_DIR (or give --resume RUN_DIR)")
         args.resume = args.run_dir
     if args.resume is not None:
-        if args.run_dir is not None and Path(args.run_dir) != Path(args.resume):
+        if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
             raise UsageError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
         run_dir = args.resume
         base = RunConfig.from_toml(args.config or Path(args.resume) / CONFIG_FILE)

@@ -94,7 +94,8 @@ def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
 def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
     """The ``field`` strings of a JSON Lines file; errors name the file and line."""
     with open(file, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        lines = (piece for chunk in f for piece in chunk.splitlines())  # \n, \r\n and \r end a line
+        for line_no, raw in enumerate(lines, start=1):
             where = f"{file}:{line_no}"
             try:
                 line = raw.decode("utf-8")
@@ -109,7 +110,7 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             if not isinstance(text, str):
                 raise DataError(f"{where}: field {field!r} is not a string")
             try:
-                text.encode("utf-8")  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+                text.encode("utf-8")  # JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer takes
             except UnicodeEncodeError as e:
                 raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape ({e.reason})") from None
             yield text

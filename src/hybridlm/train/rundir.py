@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,8 @@ CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
+#: Marks a run folder in use: ``pid host`` of the process running it (see :func:`lock`).
+LOCK_FILE = ".hybridlm.pid"
 #: The placeholder of ``train.run_dir`` filled with the start time (``runs/{time}``).
 TIME_FIELD = "{time}"
 
@@ -74,15 +77,66 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
                 os.mkdir(path)
             except FileExistsError:
                 continue
+            lock(path)
             return path, True
     path = Path(template if run_dir is None else run_dir)
     if resume:  # before training, not after it: the export at the end replaces model/
         check_replaceable(path / MODEL_DIR, "format", "hybridlm", "a hybridlm checkpoint")
+        if path.is_dir():
+            lock(path)
         return path, False
     _check_fresh(path, toml)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    lock(path)
     return path, created
+
+
+def _me() -> list[str]:
+    return [str(os.getpid()), socket.gethostname()]
+
+
+def lock(path: Path) -> None:
+    """Mark ``path`` as this process's run (:data:`LOCK_FILE` holds ``pid host``), refusing a folder that
+    another live process holds: two runs started in one folder would write the same files. A lock
+    left by a process that is gone (a kill) is taken over; one from another host is trusted."""
+    file = path / LOCK_FILE
+    try:
+        fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        holder = file.read_text(errors="replace").split()
+        if holder != _me() and _alive(holder):
+            pid, host = holder  # _alive accepts only "pid host"
+            raise DataError(
+                f"{path} is in use by another run (process {pid} on {host}); wait for it, choose another --run-dir, "
+                f"or remove {file} if that run is gone"
+            ) from None
+        file.write_text(" ".join(_me()))
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(" ".join(_me()))
+
+
+def _alive(holder: list[str]) -> bool:
+    if len(holder) != 2 or not holder[0].isdigit():
+        return False  # not a lock this code wrote
+    if holder[1] != socket.gethostname():
+        return True  # another machine's process: no way to tell, so it may be running
+    try:
+        os.kill(int(holder[0]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def unlock(path: Path) -> None:
+    """Remove this process's lock from ``path`` (another process's is left alone)."""
+    file = path / LOCK_FILE
+    with contextlib.suppress(OSError):
+        if file.read_text().split() == _me():
+            file.unlink()
 
 
 def set_aside_newer(run_dir: Path, loaded: Path) -> list[Path]:

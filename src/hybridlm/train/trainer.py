@@ -42,6 +42,7 @@ from .rundir import (
     latest_checkpoint,
     remove_if_empty,
     set_aside_newer,
+    unlock,
     write_config,
 )
 from .signals import StopSignals, TrainingInterrupted, signal_name
@@ -128,8 +129,10 @@ class Trainer:
         try:
             self._build(resume, progress)
         except BaseException:
-            if created and self.is_main:  # a run that did not start leaves no empty folder behind
-                remove_if_empty(self.run_dir)
+            if self.is_main:  # a run that did not start leaves the folder as it was (no empty one behind)
+                unlock(self.run_dir)
+                if created:
+                    remove_if_empty(self.run_dir)
             raise
 
     def _build(self, resume: bool, progress: bool | None) -> None:
@@ -245,10 +248,6 @@ class Trainer:
                 lambda p: load_training_state(p, self.model, self.optimizer, self.scheduler),
             )
             self.step = int(state["step"])
-            if self.is_main:
-                set_aside_newer(self.run_dir, loaded)
-            if self.world > 1:
-                dist.barrier()
             if self.step > t.steps:
                 raise DataError(
                     f"{self.run_dir}: the checkpoint is at step {self.step}, beyond train.steps = {t.steps}; "
@@ -257,7 +256,9 @@ class Trainer:
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self._checkpoint_due = False  # a periodic save deferred by a streak of non-finite steps
         self.peak_flops = measure_matmul_flops(self.device) if self.device.type == "cuda" else None
-        if self.is_main:  # only now: a run that failed to start, or a refused resume, keeps its config.toml
+        if self.is_main:  # only now: a run that failed to start, or a refused resume, leaves the folder as it was
+            if resume:
+                set_aside_newer(self.run_dir, loaded)
             write_config(self.run_dir, run.to_toml())
         self.metrics = Metrics(self.run_dir, t.steps, self.step, enabled=self.is_main, progress=progress)
 
@@ -505,9 +506,13 @@ class Trainer:
         if first_val is not None:
             self.metrics.record(self.step, {"val_loss": first_val}, console=False)
             self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
-        with StopSignals() as signals:
-            summary = self._loop(stop, start_time, first_val, signals)
-            self._stop_for_signal(signals)  # a signal during the final export: it is saved, say so
+        try:
+            with StopSignals() as signals:
+                summary = self._loop(stop, start_time, first_val, signals)
+                self._stop_for_signal(signals)  # a signal during the final export: it is saved, say so
+        finally:
+            if self.is_main:  # the folder is free for the next run (or the resume)
+                unlock(self.run_dir)
         return summary
 
     def _loop(self, stop: int, start_time: float, first_val: float | None, signals: StopSignals) -> dict[str, Any]:
