@@ -13,6 +13,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     from pathlib import Path
 
     from ..errors import UsageError
+    from ..train.data import decode_line
 
     prompts = list(args.prompt or [])
     for i, p in enumerate(prompts, start=1):
@@ -29,11 +30,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         except OSError as e:
             raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
         jsonl = path.suffix == ".jsonl"
-        for n, line in enumerate(raw.splitlines(), start=1):  # \n, \r\n and \r end a line
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{path}:{n}: not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+        for n, raw_line in enumerate(raw.splitlines(), start=1):  # \n, \r\n and \r end a line
+            line = decode_line(raw_line, f"{path}:{n}")
             if not line.strip():
                 continue
             if jsonl or line.lstrip().startswith("{"):

@@ -91,16 +91,21 @@ def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
                 raise DataError(f"{file}: not UTF-8 text ({e})") from None
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """One line of a text file as UTF-8; DataError at ``where`` (``file:line``) naming the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+
+
 def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
     """The ``field`` strings of a JSON Lines file; errors name the file and line."""
     with open(file, "rb") as f:
         lines = (piece for chunk in f for piece in chunk.splitlines())  # \n, \r\n and \r end a line
         for line_no, raw in enumerate(lines, start=1):
             where = f"{file}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
             try:
