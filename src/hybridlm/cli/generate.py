@@ -109,25 +109,20 @@ def _unescape(stop: str) -> str:
 
 def _check_generate_args(args: argparse.Namespace, stops: list[str]) -> None:
     """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded."""
-    import math
-
     import torch
 
     from ..errors import UsageError
+    from ..infer.generate import check_sampling
 
+    try:  # the API's own rules, named by flag
+        check_sampling(
+            args.temperature, args.top_k, args.top_p, args.repetition_penalty, name=lambda p: "--" + p.replace("_", "-")
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     checks = (
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
-        (
-            math.isfinite(args.temperature) and args.temperature >= 0,
-            f"--temperature must be >= 0, got {args.temperature}",
-        ),
-        (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
-        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (
-            math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
-            f"--repetition-penalty must be > 0, got {args.repetition_penalty}",
-        ),
         (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
         (all(stops), "--stop: an empty string would end every text at once"),
         (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),

@@ -22,6 +22,21 @@ from .cache import InferenceCache
 TokenCallback = Callable[[int, int], "bool | None"]
 
 
+def check_sampling(
+    temperature: float, top_k: int, top_p: float, repetition_penalty: float, name: Callable[[str], str] = str
+) -> None:
+    """Refuse sampling settings :class:`Sampler` cannot use (NaN included): ValueError naming the
+    setting as ``name(parameter)`` (the CLI passes its flags)."""
+    for ok, param, rule, value in (
+        (0 <= temperature < float("inf"), "temperature", ">= 0 and finite", temperature),
+        (top_k >= 0, "top_k", ">= 0", top_k),
+        (0 < top_p <= 1, "top_p", "in (0, 1]", top_p),
+        (0 < repetition_penalty < float("inf"), "repetition_penalty", "> 0 and finite", repetition_penalty),
+    ):
+        if not ok:
+            raise ValueError(f"{name(param)} must be {rule}, got {value}")
+
+
 class Sampler:
     """Picks the next token of each row from its logits: repetition penalty, then greedy or sampling.
 
@@ -43,14 +58,7 @@ class Sampler:
         seed: int | None = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if not 0 <= temperature < float("inf"):  # also NaN
-            raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if not 0 < repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be > 0 and finite, got {repetition_penalty}")
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty = repetition_penalty
         self.generator = torch.Generator(device=device)
