@@ -4,6 +4,7 @@
     python benchmarks/generate.py --device cuda --compare-hf        # H200: bench-1.3b vs transformers
     python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
     python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
+    python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
@@ -13,6 +14,10 @@ both give the same tokens and prints the speed-up.
 ``hybridlm convert --to nemotron-h`` converter and loaded by transformers' ``NemotronHForCausalLM``
 in the same process. 512-token prompts, 128 new greedy tokens, batch 1 and 64: decode tokens/s of
 both (ours with the decode step replayed as a CUDA graph), and our prefill tokens/s at 32k.
+
+``--buffers N ...``: one decode step of the embedded default model (4 rows, 16-token prompts) in caches
+of N positions each, eager (attention over the positions written) and static (over the whole
+buffer, masked: what a CUDA graph replays), best of 3 rounds of 32 steps taking turns.
 Results belong in docs/benchmarks.md.
 """
 
@@ -88,6 +93,36 @@ def cpu_bench(args) -> None:
     print(table(["mode", "prefill tok/s", "decode tok/s", "total s", "speed-up"], rows))
     same = results["cache"][0] == results["no cache"][0]
     print(f"\nsame tokens: {'yes' if same else 'NO'}; cached generation {speedup:.1f}x faster end to end")
+
+
+# -- a decode step's cost against the buffer length -------------------------------------------------
+
+
+def buffer_bench(args, device: torch.device) -> None:
+    from hybridlm.infer.cache import InferenceCache
+    from hybridlm.infer.generate import prefill
+    from hybridlm.train.config import DEFAULT_MODEL
+
+    torch.set_num_threads(args.threads)
+    model = HybridLM(ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257}), seed=0, device=device).eval()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    step = ids[:, :1]
+    print(f"model {model.config.pattern}, 4 rows, 16-token prompts, {args.threads} thread(s), {device}")
+    rows = []
+    with torch.no_grad():
+        for n in args.buffers:
+            best = {False: float("inf"), True: float("inf")}
+            for _ in range(3):
+                for static in (False, True):
+                    cache = InferenceCache.for_model(model, 4, n)
+                    cache.static = static
+                    prefill(model, ids, cache, 16)
+                    t0 = sync(device)
+                    for _ in range(min(32, n - 16)):
+                        model(step, cache=cache, logits_to_keep=1)
+                    best[static] = min(best[static], (sync(device) - t0) / min(32, n - 16) * 1e3)
+            rows.append([f"{n:,}", f"{best[False]:.2f}", f"{best[True]:.2f}", f"{best[True] / best[False]:.2f}"])
+    print(table(["buffer positions", "eager ms/step", "static ms/step", "static / eager"], rows))
 
 
 # -- GPU: against transformers ----------------------------------------------------------------------
@@ -305,7 +340,18 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
     )
+    ap.add_argument(
+        "--buffers", type=int, nargs="+", default=None, help="time a decode step in caches of these lengths, then exit"
+    )
     args = ap.parse_args(argv)
+    if args.buffers:
+        if min(args.buffers) <= 16:
+            ap.error("--buffers: each length must exceed the 16-token prompts")
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device", file=sys.stderr)
+            return 2
+        buffer_bench(args, torch.device(args.device))
+        return 0
     cpu = torch.device(args.device).type == "cpu"
     args.prompt_len = args.prompt_len or (1024 if cpu else 512)
     args.new_tokens = args.new_tokens or (256 if cpu else 128)

@@ -3,7 +3,8 @@
 Mixers define their own state (``init_cache``, see ``hybridlm.layers.cache``); this container finds
 them, keeps them keyed by mixer, and tracks what is shared: how many positions are cached
 (``offset``, also as the device tensor ``offset_t`` for CUDA-graph replay), which positions are
-real tokens rather than left padding (``valid``), and the next RoPE position of each row.
+real tokens rather than left padding (``valid``), the next RoPE position of each row, and whether a
+decode step keeps static shapes (``static``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ class InferenceCache:
         offset_t: (1,) int64 tensor equal to ``offset``, on ``device``.
         valid: (B, max_len) bool, False at left-padding positions.
         next_pos: (B,) int64 RoPE position of each row's next real token.
+        static: False (eager decoding): a decode step attends over the ``offset + 1`` positions
+            written so far, so its cost grows with the tokens produced, not with ``max_len``.
+            True (set by :class:`~hybridlm.infer.cuda_graph.GraphedDecodeStep`): a decode step
+            writes at ``offset_t`` and attends over all ``max_len`` positions, masked, so that its
+            shapes never change and a CUDA graph can replay it.
     """
+
+    static: bool = False
 
     def __init__(self, mixers: Iterable[nn.Module], batch: int, max_len: int, device, dtype: torch.dtype) -> None:
         self.batch, self.max_len = batch, max_len
@@ -63,6 +71,10 @@ class InferenceCache:
                 f"no cached state for this {type(mixer).__name__}: the cache was built for other mixers "
                 "(build it with InferenceCache.for_model / for_mtp_depth of the model that runs)"
             ) from None
+
+    def static_step(self, L: int) -> bool:
+        """Whether a forward of ``L`` positions is a decode step with static shapes (see ``static``)."""
+        return L == 1 and self.static
 
     # -- padding and positions -----------------------------------------------------------------
 

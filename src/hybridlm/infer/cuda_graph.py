@@ -1,8 +1,9 @@
 """The decode step captured once as a CUDA graph and replayed for every token.
 
 A decode step launches hundreds of small kernels for one token per row; on a GPU, launch overhead
-then dominates. Every mixer's ``L == 1`` path has static shapes and reads the position from the
-cache's device tensors (``offset_t``, ``next_pos``), so the whole step can be recorded once.
+then dominates. With the cache's ``static`` set, every mixer's decode step has static shapes
+(attention over the whole preallocated buffer, masked) and reads the position from the cache's
+device tensors (``offset_t``, ``next_pos``), so the whole step can be recorded once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class GraphedDecodeStep:
             raise ValueError("cuda_graph needs the model and cache on a CUDA device")
         cache.check_room(1)
         self.model, self.cache = model, cache
+        cache.static = True  # from now on every decode step of this cache, replayed or not
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         snap = cache.snapshot()
         try:

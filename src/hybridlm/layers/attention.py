@@ -63,7 +63,7 @@ class Attention(nn.Module):
         L = q.shape[2]
         gqa = self.nkv != self.nq
         k, v = k.to(state.k.dtype), v.to(state.v.dtype)
-        if L == 1:
+        if cache.static_step(L):
             # Decode step with static shapes (a CUDA graph can replay it): write at the device-side
             # offset and attend over the whole buffer, masking positions not yet written and padding.
             state.k.index_copy_(2, cache.offset_t, k)
@@ -78,6 +78,8 @@ class Attention(nn.Module):
         keys, values = state.k[:, :, : off + L], state.v[:, :, : off + L]
         if off == 0 and not cache.has_padding:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        if L == 1 and not cache.has_padding:  # an eager decode step: one query sees every key written
+            return attention_growing_keys(q, keys, values, None, gqa)
         query_pos = torch.arange(off, off + L, device=q.device)[:, None]
         key_pos = torch.arange(off + L, device=q.device)[None, :]
         mask = (key_pos <= query_pos).unsqueeze(0)  # (1, L, off+L)

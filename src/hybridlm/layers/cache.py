@@ -15,10 +15,12 @@ keep a ``LatentCache``, defined in ``layers/mla.py``):
   updates ``ctx.cache.state(self)``; ``ctx.cache.pad_mask(L)`` (None without padding) marks the
   real tokens: a padding position must leave every state untouched, and attention must not
   attend to it (``ctx.cache.valid`` holds the mask of all positions). ``L == 1`` is the decode
-  step and must not depend on Python-side ``offset`` (use the device tensor ``offset_t``), so the
-  step can be replayed as a CUDA graph; ``L > 1`` (prefill, a prefill chunk, speculative
-  verification) goes through the chunked kernels, continuing from the current state (Mamba2
-  steps through windows of at most ``STEPPED_WINDOW`` tokens position by position instead).
+  step. Where ``ctx.cache.static_step(L)`` holds it must keep static shapes and not depend on the
+  Python-side ``offset`` (use the device tensor ``offset_t``), so the step can be replayed as a CUDA
+  graph; eager, attention reads only the positions written so far. ``L > 1`` (prefill, a prefill
+  chunk, speculative verification) goes through the chunked kernels, continuing from the current
+  state (Mamba2 steps through windows of at most ``STEPPED_WINDOW`` tokens position by position
+  instead).
 * While ``ctx.cache.trail`` is a dict (``InferenceCache.record_positions``), a recurrent mixer that
   can appends, per position of the window, what its ``restore`` takes to be at that position;
   ``InferenceCache.rollback`` uses it to keep a prefix of a speculative window without a re-run.

@@ -62,15 +62,15 @@ class LatentCache:
     def write(self, cache, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None = None) -> int:
         """Store L new positions (each argument (B, L, ...)) after ``cache.offset``; returns the key count S.
 
-        L == 1 writes at the device offset ``cache.offset_t`` and returns ``max_len`` (the step
-        attends over the whole buffer: static shapes for CUDA graphs); L > 1 writes a slice and
-        returns ``offset + L``.
+        A decode step with static shapes (``cache.static_step(L)``, for CUDA graphs) writes at the
+        device offset ``cache.offset_t`` and returns ``max_len`` (the step attends over the whole
+        buffer); otherwise the positions are written as a slice and ``offset + L`` is returned.
         """
         if (index_k is None) != (self.index_k is None):
             raise ValueError("index_k must be given exactly when the cache holds indexer keys (DSA)")
         pairs = [(self.c_kv, c_kv), (self.k_pe, k_pe)] + ([] if index_k is None else [(self.index_k, index_k)])
         L = c_kv.shape[1]
-        if L == 1:
+        if cache.static_step(L):
             for buf, new in pairs:
                 buf.index_copy_(1, cache.offset_t, new.to(buf.dtype))
             return self.c_kv.shape[1]
@@ -85,7 +85,7 @@ def cached_keys_mask(cache, L: int, device: torch.device) -> torch.Tensor:
     queries may attend: itself and earlier real tokens. A padding query sees itself only, so its row
     is never all -inf (a NaN there would reach real rows through 0 * NaN in the next layers).
     """
-    if L == 1:  # static shapes: the whole buffer, masked by the device-side offset
+    if cache.static_step(L):  # static shapes: the whole buffer, masked by the device-side offset
         key_pos = torch.arange(cache.max_len, device=device)
         return (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, :]
     off = cache.offset
