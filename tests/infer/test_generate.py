@@ -34,9 +34,31 @@ def test_bad_arguments_are_refused_by_name():
         (dict(repetition_penalty=float("nan")), "repetition_penalty must be > 0 and finite"),
         (dict(eos_id=10_000), "eos_id 10000 is outside the vocabulary"),
         (dict(max_new_tokens=10**15), r"cannot allocate the cache .*\(max_new_tokens\)"),
+        (dict(seed=2**64), "seed must be None or an integer"),
+        (dict(seed=1.5), "seed must be None or an integer"),
     ):
         with pytest.raises(ValueError, match=says):
             generate(model, [1, 2, 3], **kwargs)
     for prompt in ("hello", [1.7, 2.2]):
         with pytest.raises(ValueError, match="prompts are token ids"):
             generate(model, prompt, max_new_tokens=2)
+
+
+def test_batches_as_numpy_arrays_are_batches():
+    np = pytest.importorskip("numpy")
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    want = generate(model, [[1, 2], [3, 4]], 3)
+    assert generate(model, torch.tensor([[1, 2], [3, 4]]), 3) == want
+    assert generate(model, np.array([[1, 2], [3, 4]]), 3) == want
+    assert generate(model, [np.array([1, 2]), np.array([3, 4])], 3) == want
+    assert generate(model, np.array([1, 2]), 3) == want[0]
+    assert generate(model, [np.int64(1), torch.tensor(2)], 3) == want[0]
+    with pytest.raises(ValueError, match=r"got \[1, 2\]"):
+        generate(model, [[[1, 2]]], 3)
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    """Dividing the logits by 1e-45 overflows to inf (and inf - inf is NaN): the best logit is made 0 first."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    greedy = generate(model, [[1, 2], [3, 4]], 5)
+    assert generate(model, [[1, 2], [3, 4]], 5, temperature=1e-45, seed=7) == greedy

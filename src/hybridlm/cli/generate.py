@@ -116,7 +116,12 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str]) -> None:
 
     try:  # the API's own rules, named by flag
         check_sampling(
-            args.temperature, args.top_k, args.top_p, args.repetition_penalty, name=lambda p: "--" + p.replace("_", "-")
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.repetition_penalty,
+            args.seed,
+            name=lambda p: "--" + p.replace("_", "-"),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

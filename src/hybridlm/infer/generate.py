@@ -22,8 +22,27 @@ from .cache import InferenceCache
 TokenCallback = Callable[[int, int], "bool | None"]
 
 
+#: Seeds accepted: 64-bit signed integers (a torch generator takes up to 2**64 - 1, which leaves room
+#: for the CLI's per-batch offsets, seed + first prompt index).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _seed_ok(seed) -> bool:
+    if seed is None:
+        return True
+    try:
+        return not isinstance(seed, bool) and SEED_RANGE[0] <= operator.index(seed) <= SEED_RANGE[1]
+    except TypeError:
+        return False
+
+
 def check_sampling(
-    temperature: float, top_k: int, top_p: float, repetition_penalty: float, name: Callable[[str], str] = str
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None = None,
+    name: Callable[[str], str] = str,
 ) -> None:
     """Refuse sampling settings :class:`Sampler` cannot use (NaN included): ValueError naming the
     setting as ``name(parameter)`` (the CLI passes its flags)."""
@@ -32,6 +51,7 @@ def check_sampling(
         (top_k >= 0, "top_k", ">= 0", top_k),
         (0 < top_p <= 1, "top_p", "in (0, 1]", top_p),
         (0 < repetition_penalty < float("inf"), "repetition_penalty", "> 0 and finite", repetition_penalty),
+        (_seed_ok(seed), "seed", "None or an integer in [-2**63, 2**63 - 1]", seed),
     ):
         if not ok:
             raise ValueError(f"{name(param)} must be {rule}, got {value}")
@@ -58,7 +78,7 @@ class Sampler:
         seed: int | None = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        check_sampling(temperature, top_k, top_p, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.repetition_penalty = repetition_penalty
         self.generator = torch.Generator(device=device)
@@ -89,7 +109,8 @@ class Sampler:
             logits = torch.where(self.seen, penalized, logits)
         if self.temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits / self.temperature
+        # The best logit becomes 0 first, so that a tiny temperature gives -inf, not inf - inf = NaN.
+        logits = (logits - logits.amax(-1, keepdim=True)) / self.temperature
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -219,21 +240,23 @@ def generate(
     return out[0] if single else out
 
 
-def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    prompts = list(prompts)
-    single = not prompts or not isinstance(prompts[0], (list, tuple, torch.Tensor))
-    rows = [prompts] if single else [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in prompts]
-    if not single and not rows:
-        raise ValueError("prompts is an empty batch")
+def _plain(x):
+    """A tensor or numpy array (of any rank) as Python lists and ints; anything else unchanged."""
+    return x.tolist() if isinstance(x, torch.Tensor) or type(x).__module__ == "numpy" else x
+
+
+def _token(t) -> int:
     try:  # ints, numpy or 0-d integer tensors; not floats (truncated) or text
-        rows = [[operator.index(t) for t in r] for r in rows]
+        return operator.index(t)
     except TypeError:
-        bad = next(t for r in rows for t in r if not hasattr(t, "__index__"))
-        raise ValueError(
-            f"prompts are token ids (integers): got {bad!r}; encode text with the tokenizer first"
-        ) from None
+        raise ValueError(f"prompts are token ids (integers): got {t!r}; encode text with the tokenizer first") from None
+
+
+def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
+    prompts = [_plain(p) for p in list(_plain(prompts))]
+    single = not prompts or not isinstance(prompts[0], (list, tuple))
+    rows = [prompts] if single else [list(p) for p in prompts]
+    rows = [[_token(t) for t in r] for r in rows]
     # An empty prompt starts from the end-of-text token (or 0), as the uncached loop always did.
     rows = [r or [eos_id if eos_id is not None else 0] for r in rows]
     return single, rows
