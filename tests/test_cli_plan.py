@@ -59,12 +59,44 @@ def test_plot(tmp_path, capsys, suffix):
         (["plan", "--preset", "nope", "--pp", "2"], "unknown preset"),
         (["plan", "M-E", "--preset", "nemotron-h-8b", "--pp", "2"], "moe_num_experts"),
         (["plan", "M-+-*-", "--preset", "tiny", "--pp", "2"], "pattern"),  # + and * may not share a model
+        (["plan", "--preset", "tiny", "--pp", "2", "--measure", "gpu"], "--measure 'gpu': not a device"),
+        (["plan", "--preset", "tiny", "--pp", "2", "--measure", ""], "--measure '': not a device"),
+        (["plan", "--preset", "tiny", "--pp", "2", "--measure", "meta"], "runs on cpu or cuda"),
+        (["pattern", "MMMM", "--first-stage-layers", "1"], "give --pp 2 or more"),
+        (["pattern", "MMMM", "--pp", "2", "--plot", "x.pdf"], "must end in .png or .svg"),
+        (["pattern", "MMMM", "--plot", ""], "--plot '': the file name must end in .png or .svg"),
     ],
 )
 def test_bad_input_exits_2(capsys, argv, message):
     assert main(argv) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.startswith("error: ") and message in err
+    assert out == ""  # refused before anything is computed or printed
+
+
+def test_a_run_file_sizes_the_head_by_its_tokenizer(tmp_path, capsys):
+    """As the trainer does: a run without model.vocab_size takes its tokenizer's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from hybridlm.train.tokenizer import build_tokenizer
+
+    hf = Tokenizer(models.BPE(unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = [f"w{i} x{i * 7} y{i * 13}" for i in range(3000)]
+    hf.train_from_iterator(words, trainers.BpeTrainer(vocab_size=3000, special_tokens=["[UNK]", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    vocab = build_tokenizer(str(tmp_path / "tokenizer.json")).vocab_size
+    assert vocab > 1000
+    model = '[model]\npattern = "M-M-M-M-"\nhidden_size = 64\nmamba_num_groups = 1\n'
+    data = f'[data]\ntokenizer = "{tmp_path / "tokenizer.json"}"\nseq_len = 64\n'
+    (tmp_path / "tok.toml").write_text(model + data)
+    (tmp_path / "explicit.toml").write_text(model.replace("64\n", f"64\nvocab_size = {vocab}\n") + data)
+    (tmp_path / "byte.toml").write_text(model + "[data]\nseq_len = 64\n")
+    plans = [
+        _json(capsys, ["plan", "--config", str(tmp_path / f), "--pp", "2", "--json"])
+        for f in ("tok.toml", "explicit.toml", "byte.toml")
+    ]
+    assert plans[0] == plans[1] != plans[2]
 
 
 def test_measure(capsys):

@@ -141,6 +141,18 @@ def test_unknown_keys_and_versions():
         ModelConfig.preset("nemotron-h-9b")
     with pytest.raises(ConfigError, match="invalid JSON"):
         ModelConfig.from_json("{not json")
+    with pytest.raises(ConfigError, match="invalid JSON"):  # over Python's 4,300-digit integer limit
+        ModelConfig.from_json('{"vocab_size": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError, match="must be finite"):  # an integer no float holds
+        ModelConfig.from_dict({**d, "norm_eps": 10**400})
+    with pytest.raises(ConfigError, match="field name must be a string"):
+        ModelConfig.from_dict({**d, 1: 2})
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "c.json").write_bytes(b'{"pattern": "\xff"}')
+    with pytest.raises(ConfigError, match=r"c\.json: not UTF-8 text"):
+        ModelConfig.from_json(tmp_path / "c.json")
 
 
 def test_resolved_sizes():

@@ -226,12 +226,14 @@ class ModelConfig:
         text = str(text_or_path)
         if not text.lstrip().startswith(("{", "[")) and not text.strip().isdigit():  # else JSON text, not a path
             try:
-                text = Path(text_or_path).read_text()
+                text = Path(text_or_path).read_text(encoding="utf-8")
             except OSError as e:
                 raise ConfigError("config", f"cannot read {text_or_path}: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError("config", f"{text_or_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer of over 4,300 digits
             raise ConfigError("config", f"invalid JSON: {e}") from None
         return cls.from_dict(d)
 
@@ -239,10 +241,20 @@ class ModelConfig:
 # -- validation ------------------------------------------------------------------------------------
 
 
+def is_finite(value: int | float) -> bool:
+    """Whether a number is finite as a float (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_field_names(values: dict[str, Any], what: str = "ModelConfig") -> None:
     """Refuse keys of ``values`` that are not ModelConfig fields (suggesting the closest one)."""
     names = [f.name for f in fields(ModelConfig)]
     for key in values:
+        if not isinstance(key, str):
+            raise ConfigError(str(key), f"a {what} field name must be a string, got {key!r}")
         if key not in names:
             hint = difflib.get_close_matches(key, names, n=1)
             raise ConfigError(key, f"unknown {what} field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
@@ -268,7 +280,7 @@ def _check_types(cfg: ModelConfig) -> None:
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise ConfigError(f.name, f"expected {names}, got {value!r} ({type(value).__name__})")
-        if float in allowed and isinstance(value, (int, float)) and not math.isfinite(value):
+        if float in allowed and isinstance(value, (int, float)) and not is_finite(value):
             raise ConfigError(f.name, f"must be finite, got {value!r}")
 
 

@@ -14,7 +14,7 @@ from hybridlm.pattern import parse
 from hybridlm.plan import estimate_costs, plan_pipeline
 from hybridlm.plan.balance import brute_force_cuts, segment_costs
 from hybridlm.plan.cost import stage_memory
-from tests.helpers import random_pattern, tiny_config
+from tests.helpers import MLA_TINY, random_pattern, tiny_config
 
 
 def _random_cases(n):
@@ -77,12 +77,27 @@ def test_block_flops_are_the_mixers_flops():
     assert again.head.flops == costs.head.flops  # the head is not checkpointed
 
 
-def test_attention_scores_are_counted_causally():
-    config = tiny_config("*")
+@pytest.mark.parametrize(("pattern", "causal"), [("*", True), ("+", True), ("D", False)])
+def test_attention_scores_are_counted_causally(pattern, causal):
+    """Attention and MLA run causal kernels (half the scores); DSA attends densely under its top-k mask."""
+    config = tiny_config(pattern, **(MLA_TINY if pattern in "+D" else {}))
     L = 64
-    per_token = flops_per_token(config, L)["*"]
-    core = per_token - flops_per_token(config, 0)["*"]
-    assert math.isclose(estimate_costs(config, L).blocks[0].flops, 3 * L * (per_token - core / 2), rel_tol=1e-12)
+    per_token = flops_per_token(config, L)[pattern]
+    core = per_token - flops_per_token(config, 0)[pattern]
+    want = 3 * L * (per_token - core / 2 if causal else per_token)
+    assert core > 0 and math.isclose(estimate_costs(config, L).blocks[0].flops, want, rel_tol=1e-12)
+
+
+def test_checkpointed_activations_never_exceed_the_plain_ones():
+    """Block-level checkpointing keeps each block's input, plus one block's activations while it is
+    recomputed; that block's input is one tensor, not two."""
+    for pattern in ("M-M-", "M-[*-]G-E", "*"):
+        costs = estimate_costs(tiny_config(pattern), 64)
+        n = len(costs.blocks)
+        m = stage_memory(costs, 0, n, False, False)
+        assert m["act_bytes_ckpt"] <= m["act_bytes"]
+        if n > 1:
+            assert m["act_bytes_ckpt"] < m["act_bytes"]
 
 
 @pytest.mark.parametrize("tie", [False, True])

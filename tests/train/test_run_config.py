@@ -62,6 +62,17 @@ def test_preset_in_model_table(tmp_path):
         (["steps=3"], "steps"),
         (["model.pattern=M-|M-", "parallel.pp=2", "parallel.microbatches=1"], "parallel.microbatches"),
         (["model.pattern=", "train.steps=3"], "model.pattern"),
+        # An empty path or name would mean the current folder; seeds and threads in range.
+        (["train.run_dir="], "train.run_dir"),
+        (["data.source= "], "data.source"),
+        (["data.tokenizer="], "data.tokenizer"),
+        (["data.seed=-1"], "data.seed"),
+        (["train.seed=18446744073709551616"], "train.seed"),
+        (["train.threads=100000"], "train.threads"),
+        # Numbers beyond a float, or beyond Python's 4,300-digit integer parsing.
+        (["optim.lr=" + "9" * 400], "optim.lr"),
+        (["optim.lr=" + "9" * 5000], "optim.lr"),
+        (["model.rope_theta=" + "1" + "0" * 400], "model.rope_theta"),
     ],
 )
 def test_errors_name_the_field(overrides, field):
@@ -71,12 +82,29 @@ def test_errors_name_the_field(overrides, field):
     assert str(info.value).startswith(field)
 
 
+def test_override_keys_may_have_spaces_and_unset_means_leave_out():
+    assert RunConfig().with_overrides([" train . steps = 7"]).train.steps == 7
+    with pytest.raises(ConfigError, match="TOML has no null: to get the default, leave the field out"):
+        RunConfig().with_overrides(["train.micro_batch_size=none"])
+
+
+def test_threads_beyond_the_cores_are_noted():
+    import os
+
+    run = RunConfig().with_overrides([f"train.threads={(os.cpu_count() or 1) + 1}"])
+    assert any("train.threads" in n and "CPU cores" in n for n in run.notes())
+    assert not any("train.threads" in n for n in RunConfig().with_overrides(["train.threads=1"]).notes())
+
+
 def test_bad_toml(tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nsteps=")
     with pytest.raises(ConfigError, match="invalid TOML"):
         RunConfig.from_toml(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         RunConfig.from_toml(tmp_path / "missing.toml")
+    (tmp_path / "long.toml").write_text("[train]\nsteps = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"long\.toml: Exceeds the limit"):
+        RunConfig.from_toml(tmp_path / "long.toml")
 
 
 def test_to_toml_round_trips_any_string(tmp_path):

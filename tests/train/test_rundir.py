@@ -87,7 +87,7 @@ def test_settings_that_change_nothing_are_noted(tmp_path, capsys):
     notes = run.notes()
     assert any("never reaches optim.lr" in n for n in notes)
     assert any("train.ac_policy has no effect" in n for n in notes)
-    assert any("parallel.microbatches have no effect" in n for n in notes)
+    assert any("parallel.microbatches has no effect" in n for n in notes)
     assert tiny_run().notes() == []
     t = Trainer(run, run_dir=tmp_path, progress=False)
     assert [line for line in t.describe() if line.startswith("note")] == [f"note    {n}" for n in notes]

@@ -47,6 +47,25 @@ def _version() -> str:
     return __version__
 
 
+def device_option(flag: str, value: str):
+    """The ``torch.device`` named by option ``flag``; UsageError unless it is cpu, or cuda[:N] with CUDA here."""
+    import torch
+
+    from ..errors import UsageError
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise UsageError(f"{flag} {value!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {value!r}: hybridlm runs on cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {value}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def one_line(message: str) -> str:
     """An error message on one line; a pattern quoted with a caret under it keeps its three lines."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]

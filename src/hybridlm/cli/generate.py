@@ -107,24 +107,26 @@ def _unescape(stop: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], stop)
 
 
-def _check_generate_args(args: argparse.Namespace, stops: list[str]) -> None:
+def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts: int) -> None:
     """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded."""
-    import torch
-
     from ..errors import UsageError
     from ..infer.generate import check_sampling
+    from . import device_option
 
-    try:  # the API's own rules, named by flag
-        check_sampling(
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.repetition_penalty,
-            args.seed,
-            name=lambda p: "--" + p.replace("_", "-"),
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    last_start = (max(num_prompts, 1) - 1) // max(args.batch_size, 1) * max(args.batch_size, 1)
+    for seed in (args.seed, None if args.seed is None else args.seed + last_start):  # every batch's seed
+        try:  # the API's own rules, named by flag
+            check_sampling(
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                args.repetition_penalty,
+                seed,
+                name=lambda p: "--" + p.replace("_", "-"),
+            )
+        except ValueError as e:
+            more = f" (the last batch draws from --seed + {last_start})" if seed != args.seed else ""
+            raise UsageError(f"{e}{more}") from None
     checks = (
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
@@ -142,12 +144,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str]) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    device = device_option("--device", args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda-graph needs --device cuda")
 
@@ -178,7 +175,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)
     stops = [_unescape(s) for s in args.stop or []]
-    _check_generate_args(args, stops)
+    _check_generate_args(args, stops, len(prompts))
     path = Path(args.checkpoint)
     if (path / MODEL_DIR).is_dir() and not (path / "config.json").exists():
         path = path / MODEL_DIR  # a run directory: use its exported model

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 
 
+def _check_plot(plot: str | None) -> None:
+    """Refuse a ``--plot`` file name that cannot be written, before any work is done."""
+    if plot is not None:
+        from ..plan.plot import check_plot_path
+
+        check_plot_path(plot)
+
+
 def _cmd_pattern(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..pattern import parse
@@ -15,9 +23,16 @@ def _cmd_pattern(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.last_stage_layers is not None and args.last_stage_layers < 0:
         raise UsageError(f"--last-stage-layers must be >= 0, got {args.last_stage_layers}")
+    for flag, value in (
+        ("--first-stage-layers", args.first_stage_layers),
+        ("--last-stage-layers", args.last_stage_layers),
+    ):
+        if value is not None and (args.pp or 1) == 1:
+            raise UsageError(f"{flag} sizes a stage of an automatic split: give --pp 2 or more")
+    _check_plot(args.plot)
     p = parse(args.pattern)
     print(render(p, args.pp, args.first_stage_layers, args.last_stage_layers))
-    if args.plot:
+    if args.plot is not None:
         from ..plan.plot import plot_pattern_cli
 
         print(f"wrote {plot_pattern_cli(p, args.plot, args.pp, args.first_stage_layers, args.last_stage_layers)}")
@@ -75,7 +90,12 @@ def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None
         config = ModelConfig.preset(preset)
     else:
         run = RunConfig.from_toml(run_file) if run_file is not None else RunConfig()
-        config = run.model_config()
+        vocab = None
+        if "vocab_size" not in run.model and "preset" not in run.model:  # the head sized as train sizes it
+            from ..train.tokenizer import build_tokenizer
+
+            vocab = build_tokenizer(run.data.tokenizer).vocab_size
+        config = run.model_config(vocab)
     if pattern is not None:
         config = config.replace(pattern=pattern)
     return config, run
@@ -95,7 +115,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from ..plan.measure import default_device
     from ..plan.planner import plan_pipeline
+    from . import device_option
 
+    if args.measure not in (None, "auto"):
+        device_option("--measure", args.measure)
+    _check_plot(args.plot)
     config, run = _resolve_model(args.pattern, args.preset, args.config)
     plan = plan_pipeline(
         config,
@@ -109,7 +133,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         measure=default_device() if args.measure == "auto" else args.measure,
     )
-    if args.plot:
+    if args.plot is not None:
         plan.plot(args.plot)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
     return 0

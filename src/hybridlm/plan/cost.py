@@ -272,10 +272,11 @@ def estimate_costs(
 
     def layer(s: str, params: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
-        if s == "*":
+        if s in ("*", "+"):
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
-            # skips the masked half, and time is what the planner balances. The part that grows
-            # with seq_len is exactly the scores and weighted values.
+            # (attention, and MLA's causal SDPA) skips the masked half, and time is what the planner
+            # balances. The part that grows with seq_len is exactly the scores and weighted values.
+            # DSA ('D') runs dense attention under its top-k mask, so it pays for every key.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
         return _train_cost(s, flops, _saved_elements(c, s), params, _active_params(c, s, params, T), T,
@@ -348,8 +349,8 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
     params = sum(b.params for b in blocks)
     act = sum(b.act_bytes for b in blocks)
     # Checkpointed blocks keep their inputs; one block at a time holds all of its activations
-    # again while it is recomputed.
-    ckpt = sum(b.ckpt_bytes for b in blocks) + max((b.act_bytes for b in blocks), default=0.0)
+    # again while it is recomputed, its input (counted in both) once.
+    ckpt = sum(b.ckpt_bytes for b in blocks) + max((b.act_bytes - b.ckpt_bytes for b in blocks), default=0.0)
     if is_first:
         params += costs.embedding.params
     if is_last:

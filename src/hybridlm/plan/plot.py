@@ -26,6 +26,14 @@ COLORS = {
 FORMATS = (".png", ".svg")
 
 
+def check_plot_path(path: str | Path) -> Path:
+    """``path`` as a Path; UsageError unless it names a ``.png`` or ``.svg`` file."""
+    given, path = str(path), Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise UsageError(f"--plot {given!r}: the file name must end in .png or .svg, not {path.suffix or 'nothing'!r}")
+    return path
+
+
 def plot_pattern(
     p: HybridPattern,
     path: str | Path,
@@ -51,9 +59,7 @@ def plot_pattern(
         block_costs: one cost per main block (same unit): each stage's bar is then stacked from
             its blocks' costs, coloured by kind (a fused group by its sequence mixer).
     """
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise UsageError(f"--plot {path}: the file name must end in .png or .svg, not {path.suffix or 'nothing'!r}")
+    path = check_plot_path(path)
     try:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch, Rectangle
@@ -96,12 +102,14 @@ def plot_pattern(
         if extra:
             ax_cost.bar(a, extra, bottom=cost - extra, width=z - a, align="edge", color="#d9dde5",
                         edgecolor="#6b7280", hatch="///")  # fmt: skip
-        ax_cost.text((a + z) / 2, cost, f"{cost:.3g}", ha="center", va="bottom", fontsize=8)
+        ax_cost.text(
+            (a + z) / 2, cost, f"{cost:,.3g}" if cost < 1000 else f"{cost:,.0f}", ha="center", va="bottom", fontsize=8
+        )
     if stage_costs:
         mean = sum(stage_costs) / len(stage_costs)
         ax_cost.axhline(mean, color="#374151", linestyle=":", linewidth=1)
         ax_cost.text(0, mean, " mean", va="bottom", fontsize=7, color="#374151")
-        ax_cost.set_ylim(0, max(stage_costs) * 1.18)
+        ax_cost.set_ylim(0, max(max(stage_costs) * 1.18, 1e-9))  # an empty pattern: no zero-height axis
         imb = max(stage_costs) / mean if mean else 1.0
         ax_cost.set_title(f"per-stage cost (slowest / mean = {imb:.3f})", fontsize=9, loc="left")
     ax_cost.set_ylabel(unit, fontsize=8)

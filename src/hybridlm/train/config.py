@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,13 +25,18 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-from ..config import ModelConfig, check_field_names
+from ..config import ModelConfig, check_field_names, is_finite
 from ..errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+#: Largest seeds (data order, initialization): numpy's generators take non-negative integers, torch's 64 bits.
+MAX_SEED = 2**63 - 1
+#: Largest ``train.threads``: far above any CPU's cores; starting 100,000 threads crashed the process.
+MAX_THREADS = 4096
 
 #: The embedded default model: a small hybrid with two fused attention+MLP blocks that learns
 #: English bytes on a laptop CPU in a few minutes.
@@ -171,6 +176,8 @@ class RunConfig:
             raise ConfigError("config", f"{path}: not UTF-8 text (byte {e.start})") from None
         except RecursionError:
             raise ConfigError("config", f"{path}: nested too deeply") from None
+        except ValueError as e:  # an integer of over 4,300 digits
+            raise ConfigError("config", f"{path}: {e}") from None
         return cls.from_dict(d)
 
     def with_overrides(self, assignments: list[str]) -> RunConfig:
@@ -187,13 +194,13 @@ class RunConfig:
             if "=" not in item:
                 raise ConfigError(item, "an override must look like section.field=value")
             key, raw = item.split("=", 1)
-            parts = key.strip().split(".")
+            parts = [part.strip() for part in key.split(".")]
             if len(parts) != 2:
                 raise ConfigError(key, "an override names a section and a field, e.g. train.steps=100")
             section, name = parts
             if section not in d:
                 _unknown(section, list(d))
-            d[section][name] = _parse_value(raw.strip())
+            d[section][name] = _parse_value(raw.strip(), f"{section}.{name}")
         return RunConfig.from_dict(d)
 
     # -- writing ------------------------------------------------------------------------------
@@ -236,6 +243,14 @@ class RunConfig:
     def validate(self) -> None:
         self.model_config()
         d, o, t = self.data, self.optim, self.train
+        for section in ("data", "optim", "train", "parallel"):  # paths, names: "" would mean the current folder
+            for f in fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                if isinstance(value, str) and not value.strip():
+                    raise ConfigError(f"{section}.{f.name}", "must not be empty (leave it out for its default)")
+        for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+            if not 0 <= seed <= MAX_SEED:
+                raise ConfigError(name, f"must be in [0, 2**63 - 1], got {seed}")
         _positive("data.seq_len", d.seq_len)
         if not 0.0 <= d.val_fraction < 1.0:
             raise ConfigError("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
@@ -291,6 +306,8 @@ class RunConfig:
             raise ConfigError("train.precision", f"must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
         if t.threads is not None:
             _positive("train.threads", t.threads)
+            if t.threads > MAX_THREADS:
+                raise ConfigError("train.threads", f"must be at most {MAX_THREADS:,}, got {t.threads:,}")
         if t.gc_every < 0:
             raise ConfigError("train.gc_every", f"must be >= 0 (0: automatic collection), got {t.gc_every}")
         self._validate_parallel()
@@ -306,11 +323,15 @@ class RunConfig:
             )
         if t.ac_policy != TrainConfig.ac_policy and not t.activation_checkpointing:
             notes.append("train.ac_policy has no effect without train.activation_checkpointing = true")
+        cores = os.cpu_count() or 1
+        if t.threads is not None and t.threads > cores:
+            notes.append(f"train.threads ({t.threads}) is more than this machine's {cores} CPU cores: they compete")
         if t.compile_mode != TrainConfig.compile_mode and not t.compile:
             notes.append("train.compile_mode has no effect without train.compile = true")
         unused = [f"parallel.{k}" for k in ("schedule", "microbatches") if getattr(par, k) is not None]
         if par.pp == 1 and unused:
-            notes.append(f"{' and '.join(unused)} have no effect with parallel.pp = 1")
+            verb = "has" if len(unused) == 1 else "have"
+            notes.append(f"{' and '.join(unused)} {verb} no effect with parallel.pp = 1")
         return notes
 
     def _validate_parallel(self) -> None:
@@ -397,17 +418,22 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(name, f"must be a finite number, got {value!r}")
+            if not is_finite(value):
+                shown = repr(value) if isinstance(value, float) else "an integer too large for a float"
+                raise ConfigError(name, f"must be a finite number, got {shown}")
             return
         if t is str and isinstance(value, str):
             return
-    names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(name, f"expected {names}, got {value!r}")
+    names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    unset = " (TOML has no null: to get the default, leave the field out)" if type(None) in allowed else ""
+    raise ConfigError(name, f"expected {names}, got {value!r}{unset}")
 
 
-def _parse_value(raw: str) -> Any:
+def _parse_value(raw: str, name: str) -> Any:
+    """An override's value (of field ``name``) as TOML reads it, else the bare string (a pattern, a path)."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
-        return raw  # a bare string such as a pattern or a path
+        return raw
+    except ValueError:  # an integer of over 4,300 digits
+        raise ConfigError(name, f"a number of {len(raw):,} characters is out of range") from None
