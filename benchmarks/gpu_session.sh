@@ -60,6 +60,7 @@ tries() {  # tries SETTING...: a --try option of benchmarks/mixers.py for each
 for stage in "$@"; do
     case $stage in
     tests) run tests 360 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
+    all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     kernels)
         run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
