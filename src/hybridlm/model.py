@@ -89,8 +89,13 @@ class Block(nn.Module):
     def fused(self) -> bool:
         return len(self.layers) > 1
 
-    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        """x: (B, L, hidden) -> (B, L, hidden); the block's auxiliary losses go to ``ctx.aux_losses``."""
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (B, L, hidden) -> (output (B, L, hidden), the block's auxiliary losses, each 0-d).
+
+        The losses are returned, not added to something in ``ctx``: FSDP2 hands each sharded
+        block a copy of its dataclass arguments, so what one block put into ``ctx`` the next
+        would not see (every MoE loss after the first was lost under data parallelism).
+        """
         # Never recompute a cached forward: the recomputation would update the cache a second time.
         if self.activation_checkpointing and torch.is_grad_enabled() and ctx.cache is None:
             if self.checkpoint_context_fn is not None:
@@ -104,11 +109,9 @@ class Block(nn.Module):
             out, aux = checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=self.seam_context_fn)
         else:
             out, aux = self._forward(x, ctx)
-        # Recorded here, outside the checkpointed function: a recomputation returns its own copy,
-        # which the checkpoint discards (only its saved tensors are used), so the loss has one term.
-        if aux:
-            _record_aux_losses(ctx, aux)
-        return out
+        # Returned from here, outside the checkpointed function: a recomputation returns its own
+        # copy, which the checkpoint discards (only its saved tensors are used): one term each.
+        return out, aux
 
     def _forward(self, x: torch.Tensor, ctx: SequenceContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The block's computation: (output (B, L, hidden), its mixers' auxiliary losses, each 0-d)."""
@@ -127,16 +130,17 @@ class Block(nn.Module):
             layer.init_weights(gen_for(self.layer_offset + j), std, out_std)
 
 
-@torch.compiler.disable
-def _record_aux_losses(ctx: SequenceContext, aux: list[torch.Tensor]) -> None:
-    """Append a block's auxiliary losses to the forward's list, outside any compiled graph.
+def run_blocks(blocks: nn.ModuleDict, x: torch.Tensor, ctx: SequenceContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``blocks`` in order on x (B, L, hidden): (output, every block's auxiliary losses in order)."""
+    aux_losses: list[torch.Tensor] = []
+    for block in blocks.values():
+        x, aux = block(x, ctx)
+        aux_losses += aux
+    return x, aux_losses
 
-    Traced inside a compiled block, the append would make dynamo guard on the list's length, which
-    differs at every block: each MoE block would get its own graph, and past the recompile limit
-    the rest would run eagerly. Here it costs one graph break at the end of the blocks that have
-    auxiliary losses, and nothing elsewhere.
-    """
-    ctx.aux_losses.extend(aux)
+
+def _sum(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(losses).sum() if losses else None
 
 
 def _blocks(config: ModelConfig, blocks: tuple[str, ...], offsets: tuple[int, ...]) -> nn.ModuleDict:
@@ -174,11 +178,13 @@ class MTPDepth(nn.Module):
         self.blocks = _blocks(config, p.mtp_blocks, p.mtp_block_layer_offsets)
         self.final_norm = RMSNorm(H, config.norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+    def forward(
+        self, h_prev: torch.Tensor, emb: torch.Tensor, ctx: SequenceContext
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h_prev, emb (B, L, hidden) -> (the depth's normed output (B, L, hidden), its blocks' auxiliary losses)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        for block in self.blocks.values():
-            x = block(x, ctx)
-        return self.final_norm(x)
+        x, aux = run_blocks(self.blocks, x, ctx)
+        return self.final_norm(x), aux
 
 
 @dataclass
@@ -508,13 +514,12 @@ class HybridLM(nn.Module):
                 position_ids = cache.position_ids(L)
         ctx = self.make_context(B, L, h.device, position_ids, doc_ids, cu_seqlens)
         ctx.cache = cache
-        for block in self.blocks.values():
-            h = block(h, ctx)
+        h, aux_losses = run_blocks(self.blocks, h, ctx)
         if cache is not None:
             cache.advance(L)
         out = ModelOutput(hidden_states=h)
         if self.norm_f is None:  # a pipeline stage before the last: its MoE losses ride along
-            out.aux_loss = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+            out.aux_loss = _sum(aux_losses)
             return out
         h = self.norm_f(h)
         if cache is not None:
@@ -526,12 +531,13 @@ class HybridLM(nn.Module):
             if input_ids is None:
                 raise ValueError("MTP depths need input_ids")
             shifted = torch.roll(input_ids, shifts=-d, dims=1)  # wrapped ends are masked in the labels
-            h = depth(h, self.embeddings(shifted), ctx)
+            h, aux = depth(h, self.embeddings(shifted), ctx)
+            aux_losses += aux
             hiddens.append(h)
         if not fused_loss:
             out.logits = self.head(hiddens[0][:, -logits_to_keep:] if logits_to_keep else hiddens[0])
             out.mtp_logits = [self.head(x) for x in hiddens[1:]]
-        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+        aux = _sum(aux_losses)
         out.aux_loss = aux
         if labels is not None:
             targets = [labels] + [shift_labels(labels, d, ctx.seq_idx) for d in range(1, len(hiddens))]

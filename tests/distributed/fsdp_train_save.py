@@ -10,6 +10,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from hybridlm import HybridLM
@@ -21,10 +22,11 @@ warnings.filterwarnings("ignore")
 
 def main(out: str, pattern: str, steps: int, save_at: int) -> None:
     dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # FSDP's default would be a GPU where there is one
     model = HybridLM(tiny_config(pattern), seed=0)
     for block in model.blocks.values():
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 97, (2, 16), generator=gen) for _ in range(steps)]

@@ -15,6 +15,8 @@ from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
 from tests.ops.test_ssd import inputs
 
 pytestmark = requires_triton
+#: The CPU tests below run the kernels on CPU tensors, in Triton's interpreter (conftest.py).
+INTERPRETER_ONLY = True
 NAMES = ["x", "dt", "A", "B", "C", "D", "init"]
 
 

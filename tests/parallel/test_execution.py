@@ -224,3 +224,28 @@ def test_save_seams_drops_only_torchs_in_place_notice():
 
     assert not passes("\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\nPlease ...")
     assert passes("some other warning")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("pattern", ["M-E-[*E]/[*E]", "D-[DE]"])
+def test_fsdp_keeps_every_blocks_auxiliary_loss(tmp_path, pattern):
+    """FSDP2 hands each sharded block copies of its dataclass arguments: a loss put into the shared
+    context was lost after the first block. Blocks return theirs; two ranks give one process's sum."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import run_failure
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]), "OMP_NUM_THREADS": "1"}
+    script = root / "tests/distributed/fsdp_aux_losses.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    r = subprocess.run(
+        [*cmd, str(tmp_path / "out.json"), pattern], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert r.returncode == 0, run_failure(r)
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["plain"] > 0 and abs(got["sharded"] - got["plain"]) <= 1e-6 * got["plain"], got

@@ -43,6 +43,7 @@ BASE = [
     "train.eval_every=3",
     "train.eval_batches=1",
     "train.checkpoint_every=3",
+    "train.device=cpu",  # gloo on the CPU, on a machine with GPUs too
 ]
 P2 = "model.pattern=M[*E]|M-[*-]/[*-]"  # two stages
 P4 = "model.pattern=M-|[*E]|M-|[*-]/[*-]"  # four: two virtual stages on each of two ranks
@@ -158,6 +159,8 @@ CLI = [
     "train.log_every=1",
     "--set",
     "train.eval_batches=1",
+    "--set",
+    "train.device=cpu",
     "--no-progress",
 ]
 

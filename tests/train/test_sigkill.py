@@ -36,6 +36,7 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, seed: int) -> None:
     # One thread in the killed runs and in the reference: float32 sums in matmuls depend on how many
     # threads split them, and "bitwise" means the same arithmetic.
     sets = [*TINY_RUN, f"train.steps={steps}", "train.checkpoint_every=1", "train.eval_every=1000", "train.threads=1"]
+    sets.append("train.device=cpu")  # the same arithmetic on a machine with GPUs too
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     rng = random.Random(seed)

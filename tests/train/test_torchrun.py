@@ -14,6 +14,8 @@ from tests.helpers import run_failure
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [
     "--set",
+    "train.device=cpu",  # gloo on the CPU, on a machine with GPUs too
+    "--set",
     "model.pattern=M-[*E]",
     "--set",
     "model.hidden_size=64",

@@ -52,7 +52,7 @@ class _Depths:
         ctx = model.make_context(1, len(tokens), h_prev.device, cache.position_ids(len(tokens)))
         ctx.cache = cache
         cache.check_room(len(tokens))
-        out = model.mtp[d](h_prev, emb, ctx)
+        out, _ = model.mtp[d](h_prev, emb, ctx)  # (hidden states, auxiliary losses: none without grad)
         cache.advance(len(tokens))
         return out
 

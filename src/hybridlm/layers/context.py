@@ -19,9 +19,6 @@ class SequenceContext:
         seq_idx: (B, L) document index of each token (non-decreasing along L), or None when
             every row is one document. Mixers never let information cross a change of index.
         rope: (cos, sin), each (B, L, rotary_dim), when the attention layers use RoPE.
-        aux_losses: the auxiliary losses (MoE load balancing, DSA indexer) of this forward, added
-            by ``Block.forward`` once per real forward (never by a recomputation under activation
-            checkpointing); mixers return theirs into a per-call list (see ``Block._forward``).
         block_mask: FlexAttention block mask of the documents (CUDA, packed rows), built once
             per forward and shared by every attention layer; None elsewhere.
         cache: an ``hybridlm.infer.cache.InferenceCache`` when decoding with a cache (the input
@@ -31,7 +28,6 @@ class SequenceContext:
     position_ids: torch.Tensor
     seq_idx: torch.Tensor | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    aux_losses: list[torch.Tensor] = field(default_factory=list)
     block_mask: object | None = None
     cache: Any = None
     _attention_mask: torch.Tensor | None = field(default=None, repr=False)

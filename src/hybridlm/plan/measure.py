@@ -73,7 +73,6 @@ def measure_times(
     def train_step(forward) -> float:
         def step() -> None:
             model.zero_grad(set_to_none=True)
-            ctx.aux_losses.clear()  # MoE layers append here; keep no graph alive between steps
             with autocast:
                 out = forward()
             out.float().sum().backward() if out.dim() else out.backward()
@@ -84,14 +83,13 @@ def measure_times(
     for i, kind in enumerate(kinds):
         block = model.blocks[str(i)]
         inp = x.detach().requires_grad_(True)
-        times[kind] = train_step(lambda block=block, inp=inp: block(inp, ctx))
+        times[kind] = train_step(lambda block=block, inp=inp: block(inp, ctx)[0])  # (output, auxiliary losses)
     times["embedding"] = train_step(lambda: model.embeddings(ids))
     h = x.detach().requires_grad_(True)
     times["head"] = train_step(lambda: cross_entropy(model.head(model.norm_f(h)), ids))
     if len(model.mtp):
         depth = model.mtp[0]
         times["mtp"] = train_step(
-            lambda: cross_entropy(model.head(depth(h, model.embeddings(torch.roll(ids, -1, 1)), ctx)), ids)
+            lambda: cross_entropy(model.head(depth(h, model.embeddings(torch.roll(ids, -1, 1)), ctx)[0]), ids)
         )
-    ctx.aux_losses.clear()
     return times

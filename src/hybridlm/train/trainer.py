@@ -51,15 +51,15 @@ from .tokenizer import build_tokenizer
 logger = logging.getLogger("hybridlm.train")
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, local rank, world size), initializing torch.distributed under torchrun."""
+def _dist(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), initializing torch.distributed under torchrun: NCCL for a run on CUDA,
+    gloo for one on the CPU (also on a machine with GPUs, where NCCL would refuse CPU tensors)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
-        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
-    return 0, 0, 1
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 #: The CUDA caching allocator's setting for a run whose environment sets none (torchtitan's launcher
@@ -110,16 +110,17 @@ class Trainer:
         self.run = run
         t = run.train
         self.cuda_alloc_conf = configure_cuda_allocator()
-        self.rank, local_rank, self.world = _dist()
-        self.is_main = self.rank == 0
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's; 0 in one process
         if t.device == "auto":
             self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(t.device)
             if self.device.type == "cuda" and not torch.cuda.is_available():
                 raise DataError("train.device: 'cuda' was asked for but no CUDA device is available")
+        self.rank, self.world = _dist(self.device)
+        self.is_main = self.rank == 0
+        if t.threads:
+            torch.set_num_threads(t.threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -224,8 +225,12 @@ class Trainer:
         if t.compile and self.pipeline is None:
             compile_blocks(self.model, **({} if self.compile_mode == "default" else {"mode": self.compile_mode}))
         if self.world > 1 and self.pipeline is None:
-            # Losses are divided by the labelled tokens of all processes: gradients are summed.
-            apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
+            # Losses are divided by the labelled tokens of all processes: gradients are summed. The mesh
+            # is on the run's device (FSDP's default is the GPU wherever there is one).
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            apply_fsdp(self.model, mesh, param_dtype=self.autocast_dtype, sum_gradients=True)
         self.optimizer = build_optimizer(self.model, run.optim)
         # Counts routed tokens and moves the expert biases before each optimizer step.
         self.expert_bias = ExpertBiasHook(
