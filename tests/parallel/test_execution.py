@@ -95,6 +95,30 @@ def test_selective_activation_checkpointing_is_exact_and_per_kind():
         parse_ac_policy("M=some", "full")
 
 
+def test_selective_checkpointing_keeps_the_attention_output():
+    """Under "selective" the backward recomputes norms and the like, not attention (on CPU SDPA is
+    ``_scaled_dot_product_flash_attention_for_cpu``): its forward runs once per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket.__name__)
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    config = tiny_config("*-")
+    ids = torch.randint(0, config.vocab_size, (2, 19))
+    model = apply_activation_checkpointing(HybridLM(config, seed=1), "selective")
+    with Count() as count:
+        model(ids, ids).loss.backward()
+    forwards = {k: v for k, v in count.calls.items() if "scaled_dot_product" in k and "backward" not in k}
+    assert forwards and all(v == 1 for v in forwards.values()), forwards
+
+
 def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
     """Many block kinds, each traced for training and evaluation and at a second batch shape, stay
     compiled: dynamo's per-code-object cap (8 graphs by default) would otherwise send the later

@@ -149,6 +149,29 @@ def test_signal_between_steps_saves_the_current_step(tmp_path, reference, signum
     assert_same_run(resumed, tmp_path, reference)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_the_first_evaluation_saves_step_zero(tmp_path, reference, signum):
+    """The first evaluation runs under the signal handling too: the folder can then be resumed (it
+    used to hold a run that could be neither resumed, for want of a checkpoint, nor replaced)."""
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    evaluate = t.evaluate
+
+    def first_evaluation():
+        os.kill(os.getpid(), signum)
+        t.evaluate = evaluate
+        return evaluate()
+
+    t.evaluate = first_evaluation
+    with pytest.raises((TrainingInterrupted, KeyboardInterrupt)):
+        t.run_loop()
+    assert latest_checkpoint(tmp_path).name == "step-000000"
+    assert not (tmp_path / ".hybridlm.pid").exists()
+    resumed = Trainer(tiny_run(), run_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step == 0
+    resumed.run_loop()
+    assert_same_run(resumed, tmp_path, reference)
+
+
 def test_sigint_inside_a_save_finishes_it(tmp_path, reference, monkeypatch):
     real_save = dcp.save
 

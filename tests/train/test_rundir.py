@@ -86,6 +86,7 @@ def test_settings_that_change_nothing_are_noted(tmp_path, capsys):
     run = tiny_run("train.steps=2", "optim.warmup_steps=5", "train.ac_policy=selective", "parallel.microbatches=3")
     notes = run.notes()
     assert any("never reaches optim.lr" in n for n in notes)
+    assert any("at the last step only" in n for n in tiny_run("train.steps=5", "optim.warmup_steps=5").notes())
     assert any("train.ac_policy has no effect" in n for n in notes)
     assert any("parallel.microbatches has no effect" in n for n in notes)
     assert tiny_run().notes() == []

@@ -113,6 +113,10 @@ def save_training_state(
             rank's RNG state and the model config are added.
     """
     path, rank = destination(path), dist.get_rank() if _distributed() else 0
+    if optimizer is not None and not optimizer.state:
+        # Never stepped (a save at step 0): nothing to keep, and DCP's get_state_dict would give the
+        # optimizer a state by running a step (at lr 0), so that a resume took a second first step.
+        optimizer = None
     tmp = path.parent / f".{path.name}.tmp"  # a name every rank knows
     if rank == 0:  # fresh, with the mode of a plain mkdir
         check_replaceable(path, "format", STATE_FORMAT, "a training state", TRAINER_STATE)
@@ -170,7 +174,9 @@ def load_training_state(
         CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely).
     """
     path = Path(path)
-    read_dcp_metadata(path)  # refuse a crafted or damaged .metadata before anything else
+    saved = read_dcp_metadata(path).state_dict_metadata  # refuse a crafted or damaged .metadata first
+    if not any(k.startswith("optim.") for k in saved):
+        optimizer = None  # saved before the first step: the optimizer stays as it is, fresh
     extra = read_trainer_state(path)
     if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, model.config)):
         why = "the checkpoint holds another model (only brackets and '|' may differ)"

@@ -60,6 +60,7 @@ def _save_matmuls_policy():
         "bmm",
         "_grouped_mm",
         "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_efficient_attention",
         "_flash_attention_forward",

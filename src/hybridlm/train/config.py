@@ -66,7 +66,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  #: final learning rate / lr
+    min_lr_ratio: float = 0.1  #: the floor the decay ends at, / lr (cosine: after the last step; WSD: at it)
     schedule: str = "cosine"  #: "cosine", "wsd" (warmup-stable-decay) or "constant" (after warmup)
     warmup_steps: int = 30
     decay_fraction: float = 0.2  #: WSD: share of the steps spent decaying
@@ -317,9 +317,10 @@ class RunConfig:
         o, t, par = self.optim, self.train, self.parallel
         notes = []
         if o.warmup_steps >= t.steps:
+            reach = "never reaches optim.lr" if o.warmup_steps > t.steps else "reaches optim.lr at the last step only"
             notes.append(
-                f"optim.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning rate never "
-                "reaches optim.lr and never decays"
+                f"optim.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning rate {reach} "
+                "and never decays"
             )
         if t.ac_policy != TrainConfig.ac_policy and not t.activation_checkpointing:
             notes.append("train.ac_policy has no effect without train.activation_checkpointing = true")

@@ -50,11 +50,19 @@ class NonFiniteGuard:
         if self.in_a_row >= self.limit:
             first = step - self.in_a_row + 1
             latest = checkpoint_before(first)
-            where = f"; the last checkpoint before them is {latest}" if latest else "; no checkpoint precedes them"
+            if latest:
+                # The step just before the streak was finite but may be the one that broke the weights.
+                where = (
+                    f"; the last checkpoint before them is {latest} (lower optim.lr or set optim.grad_clip, then "
+                    "resume; if the same steps fail again, its weights were already damaged: move it aside and "
+                    "resume from an earlier one)"
+                )
+            else:
+                where = "; no checkpoint precedes them (start a new run, in another --run-dir, with a lower optim.lr or optim.grad_clip set)"
             raise TrainingDivergedError(
                 f"training diverged: the loss or gradient was not finite at steps {first}-{step} "
                 f"({self.in_a_row} in a row, train.max_nonfinite_steps = {self.limit}); stopped at step {step} "
-                f"without saving{where} (lower optim.lr or set optim.grad_clip, then resume)"
+                f"without saving{where}"
             )
 
 

@@ -89,6 +89,9 @@ class Metrics:
         if "loss" in v:
             # The console shows the mean over the steps since the last line; the JSONL keeps each step's.
             parts.append(f"loss {v.get('loss_avg', v['loss']):.4f}")
+            main = v.get("lm_loss_avg", v.get("lm_loss"))
+            if main is not None and v["lm_loss"] != v["loss"]:  # MTP or auxiliary losses: the main head's too
+                parts.append(f"main {main:.4f}")
         if "val_loss" in v:
             parts.append(f"val {v['val_loss']:.4f}")
         if "lr" in v:
@@ -161,11 +164,16 @@ def plot_losses(history: list[dict[str, Any]], out: Path) -> Path | None:
     except ImportError:
         logger.info("matplotlib is not installed: no loss-curve PNG (pip install 'hybridlm[logging]')")
         return None
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    # The validation loss is the main head's: the training curve beside it is too. The total (with
+    # MTP depths and auxiliary losses), where it differs, is drawn apart.
+    train = [(r["step"], r.get("lm_loss", r["loss"])) for r in history if "loss" in r]
+    total = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1.2)
+        ax.plot(*zip(*train), label="train (main head)", linewidth=1.2)
+    if total != train:
+        ax.plot(*zip(*total), "--", label="train, total (MTP, auxiliary)", linewidth=0.8, alpha=0.7)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.2, markersize=3)
     ax.set_xlabel("step")

@@ -315,7 +315,9 @@ class Trainer:
                 with self._autocast():
                     out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
                 # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
-                # is then the gradient of the whole batch's mean loss.
+                # is then the gradient of the whole batch's mean main-head loss. MTP depths (whose
+                # labels stop earlier at document ends) and the auxiliary losses are each micro-batch's
+                # own mean under the same weight, so they depend slightly on the split (docs/training.md).
                 share = (part["labels"] != -100).sum() / valid
                 (out.loss * share).backward()
                 total += out.loss.detach() * share
@@ -507,25 +509,26 @@ class Trainer:
         for line in self.describe():
             self.metrics.print(line)
         start_time = time.time()
-        first_val = self.evaluate() if self.step == 0 else None
-        if first_val is not None:
-            self.metrics.record(self.step, {"val_loss": first_val}, console=False)
-            self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
         try:
             with StopSignals() as signals:
-                summary = self._loop(stop, start_time, first_val, signals)
+                summary = self._loop(stop, start_time, signals)
                 self._stop_for_signal(signals)  # a signal during the final export: it is saved, say so
         finally:
             if self.is_main:  # the folder is free for the next run (or the resume)
                 unlock(self.run_dir)
         return summary
 
-    def _loop(self, stop: int, start_time: float, first_val: float | None, signals: StopSignals) -> dict[str, Any]:
+    def _loop(self, stop: int, start_time: float, signals: StopSignals) -> dict[str, Any]:
         t = self.run.train
-        last_val = first_val
         window_tokens, window_time, window_losses = 0, 0.0, []
         with ManualGC(t.gc_every) as collector:
             try:
+                # Inside the signal handling: a signal during the first evaluation saves step 0, so the
+                # folder can be resumed (else it held a run that could be neither resumed nor replaced).
+                first_val = last_val = self.evaluate() if self.step == 0 else None
+                if first_val is not None:
+                    self.metrics.record(self.step, {"val_loss": first_val}, console=False)
+                    self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
                 while self.step < stop:
                     self._stop_for_signal(signals)
                     t0 = time.perf_counter()
@@ -534,12 +537,13 @@ class Trainer:
                     window_time += time.perf_counter() - t0  # training time only: evaluation is not counted
                     self.metrics.advance()
                     window_tokens += t.batch_size * self.run.data.seq_len
-                    window_losses.append(values["loss"])
+                    window_losses.append((values["loss"], values["lm_loss"]))
                     record = {**values}
                     evaluate = self.step % t.eval_every == 0 or self.step == t.steps
                     console = self.step % t.log_every == 0 or self.step == stop or evaluate
                     if console:
-                        record["loss_avg"] = sum(window_losses) / len(window_losses)
+                        record["loss_avg"] = sum(x for x, _ in window_losses) / len(window_losses)
+                        record["lm_loss_avg"] = sum(x for _, x in window_losses) / len(window_losses)
                         record["tokens_per_s"] = window_tokens / window_time
                         record["peak_mem_gb"] = self._peak_memory_gb()
                         if self.peak_flops:
