@@ -1,4 +1,4 @@
-"""Where to cut a sequence of blocks into contiguous segments (pure Python).
+"""Where to cut a sequence of blocks into contiguous segments.
 
 Blocks are atomic (a fused group is one block), so the only cut points are block boundaries.
 The first segment also pays ``first_extra`` (the embedding) and the last ``last_extra`` (head and
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+
+import numpy as np
 
 
 def segment_costs(
@@ -43,46 +45,44 @@ def balanced_cuts(costs: Sequence[float], k: int, first_extra: float = 0.0, last
     """
     n = len(costs)
     _check(n, k)
-    # Every segment's cost computed once, with the additions in the order segment_costs makes them,
-    # so both passes and any caller comparing layouts see the same floats. (Prefix-sum differences
-    # round differently; the tolerance that papered over it let a costlier slowest stage through.)
-    table = [[0.0] * (n + 1) for _ in range(n + 1)]
+    # Every segment's cost computed once, with the additions in the order segment_costs makes them
+    # (a running sum from the segment's first block: numpy's accumulate adds in order), so both
+    # passes and any caller comparing layouts see the same floats. (Prefix-sum differences round
+    # differently; the tolerance that papered over it let a costlier slowest stage through.)
+    # table[i, j]: the cost of blocks [i, j). Each pass is vectorized over i: n = 4,000 blocks
+    # took 102 s in pure Python.
+    values = np.asarray(costs, dtype=np.float64)
+    table = np.zeros((n + 1, n + 1))
     for i in range(n):
-        acc = 0
-        for j in range(i + 1, n + 1):
-            acc = acc + costs[j - 1]
-            c = float(acc)
-            if i == 0:
-                c += first_extra
-            if j == n:
-                c += last_extra
-            table[i][j] = c
-
-    def seg(i: int, j: int) -> float:
-        return table[i][j]
+        table[i, i + 1 :] = np.add.accumulate(values[i:])
+        if i == 0:
+            table[i, 1:] += first_extra
+    table[:n, n] += last_extra
 
     inf = float("inf")
-    # worst[s][j]: smallest possible largest cost when blocks [0, j) form s segments.
-    worst = [[inf] * (n + 1) for _ in range(k + 1)]
-    worst[0][0] = 0.0
+    # worst[s, j]: smallest possible largest cost when blocks [0, j) form s segments.
+    worst = np.full((k + 1, n + 1), inf)
+    worst[0, 0] = 0.0
     for s in range(1, k + 1):
         for j in range(s, n - (k - s) + 1):
-            worst[s][j] = min(max(worst[s - 1][i], seg(i, j)) for i in range(s - 1, j))
-    limit = worst[k][n]
+            worst[s, j] = np.maximum(worst[s - 1, s - 1 : j], table[s - 1 : j, j]).min()
+    limit = worst[k, n]
 
-    # Second pass: least sum of squares among segmentations whose segments all stay within `limit`.
-    square = [[inf] * (n + 1) for _ in range(k + 1)]
-    came = [[-1] * (n + 1) for _ in range(k + 1)]
-    square[0][0] = 0.0
+    # Second pass: least sum of squares among segmentations whose segments all stay within `limit`;
+    # among equal sums the earliest cut (argmin's first minimum), as a loop keeping strict improvements.
+    square = np.full((k + 1, n + 1), inf)
+    came = np.full((k + 1, n + 1), -1, dtype=np.int64)
+    square[0, 0] = 0.0
     for s in range(1, k + 1):
         for j in range(s, n - (k - s) + 1):
-            for i in range(s - 1, j):
-                c = seg(i, j)
-                if c <= limit and square[s - 1][i] + c * c < square[s][j]:
-                    square[s][j], came[s][j] = square[s - 1][i] + c * c, i
+            c = table[s - 1 : j, j]
+            total = np.where(c <= limit, square[s - 1, s - 1 : j] + c * c, inf)
+            best = int(total.argmin())
+            if total[best] < inf:
+                square[s, j], came[s, j] = total[best], s - 1 + best
     cuts, j = [], n
     for s in range(k, 0, -1):
-        j = came[s][j]
+        j = int(came[s, j])
         cuts.append(j)
     return tuple(reversed(cuts[:-1]))
 
