@@ -174,8 +174,8 @@ def load_training_state(
         CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely).
     """
     path = Path(path)
-    saved = read_dcp_metadata(path).state_dict_metadata  # refuse a crafted or damaged .metadata first
-    if not any(k.startswith("optim.") for k in saved):
+    entries = read_dcp_metadata(path).state_dict_metadata  # refuse a crafted or damaged .metadata first
+    if not any(k.startswith("optim.") for k in entries):
         optimizer = None  # saved before the first step: the optimizer stays as it is, fresh
     extra = read_trainer_state(path)
     if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, model.config)):

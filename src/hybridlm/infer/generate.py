@@ -22,8 +22,7 @@ from .cache import InferenceCache
 TokenCallback = Callable[[int, int], "bool | None"]
 
 
-#: Seeds accepted: 64-bit signed integers (a torch generator takes up to 2**64 - 1, which leaves room
-#: for the CLI's per-batch offsets, seed + first prompt index).
+#: Seeds accepted: 64-bit signed integers (torch takes them all, a negative one as its two's complement).
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 

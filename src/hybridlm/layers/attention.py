@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.attention import attention_growing_keys, causal_attention
-from .cache import KVState
+from .cache import KVState, cached_keys_mask
 from .context import SequenceContext
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -68,9 +68,7 @@ class Attention(nn.Module):
             # offset and attend over the whole buffer, masking positions not yet written and padding.
             state.k.index_copy_(2, cache.offset_t, k)
             state.v.index_copy_(2, cache.offset_t, v)
-            key_pos = torch.arange(state.k.shape[2], device=q.device)
-            # Itself always (a padding query prefilled one token at a time must not get an all -inf row).
-            mask = (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, None, :]
+            mask = cached_keys_mask(cache, L, q.device).unsqueeze(1)  # (B, 1, 1, max_len)
             return F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=mask, enable_gqa=gqa)
         off = cache.offset
         state.k[:, :, off : off + L] = k
@@ -80,14 +78,8 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
         if L == 1 and not cache.has_padding:  # an eager decode step: one query sees every key written
             return attention_growing_keys(q, keys, values, None, gqa)
-        query_pos = torch.arange(off, off + L, device=q.device)[:, None]
-        key_pos = torch.arange(off + L, device=q.device)[None, :]
-        mask = (key_pos <= query_pos).unsqueeze(0)  # (1, L, off+L)
-        if cache.has_padding:
-            # Padding keys are hidden; a padding query still sees itself, so its row is never all
-            # -inf (a NaN there would reach real rows through 0 * NaN in the next layers' values).
-            mask = mask & (cache.valid[:, None, : off + L] | (key_pos == query_pos))
-        return attention_growing_keys(q, keys, values, mask.unsqueeze(1), gqa)
+        mask = cached_keys_mask(cache, L, q.device).unsqueeze(1)  # (B|1, 1, L, off+L)
+        return attention_growing_keys(q, keys, values, mask, gqa)
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:

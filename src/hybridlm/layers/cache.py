@@ -5,8 +5,8 @@ keep a ``LatentCache``, defined in ``layers/mla.py``):
 
 * ``init_cache(batch, max_len, device, dtype)`` returns the mixer's state for ``batch`` sequences
   of up to ``max_len`` positions, or the mixer has no ``init_cache`` (MLP, MoE: stateless).
-  Buffers are allocated once and updated in place, so a decode step has static shapes and can be
-  captured as a CUDA graph.
+  Buffers are allocated once and updated in place, so a decode step can keep static shapes and be
+  captured as a CUDA graph (where ``ctx.cache.static`` is set; see ``forward`` below).
 * A state object has ``snapshot()`` and ``restore(snap)``: what must be copied to roll the state
   back to this moment (speculative decoding). A KV buffer needs nothing copied: rolling back the
   cache's ``offset`` hides the rejected positions, and they are overwritten next time.
@@ -32,6 +32,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def cached_keys_mask(cache, L: int, device: torch.device) -> torch.Tensor:
+    """(B|1, L, S) bool: which of the S cached keys each of the L new queries may attend (S: the whole
+    buffer, ``max_len``, for a static decode step; else ``offset + L``): itself and earlier real
+    tokens. A padding query sees itself only, so its row is never all -inf (a NaN there would reach
+    real rows through 0 * NaN in the next layers' values). Attention and MLA / DSA use it alike.
+    """
+    if cache.static_step(L):  # static shapes: the whole buffer, masked by the device-side offset
+        key_pos = torch.arange(cache.max_len, device=device)
+        return (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, :]
+    off = cache.offset
+    query_pos = torch.arange(off, off + L, device=device)[:, None]
+    key_pos = torch.arange(off + L, device=device)[None, :]
+    mask = (key_pos <= query_pos).unsqueeze(0)
+    if cache.has_padding:
+        mask = mask & (cache.valid[:, None, : off + L] | (key_pos == query_pos))
+    return mask
 
 
 @dataclass

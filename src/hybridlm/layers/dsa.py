@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cache import cached_keys_mask
 from .context import SequenceContext
 from .mla import (
     MLA,
     LatentCache,
     allowed_keys,
     attention_over,
-    cached_keys_mask,
     causal_document_mask,
     mla_queries_keys_values_reference,
 )

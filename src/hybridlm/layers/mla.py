@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cache import cached_keys_mask
 from .context import SequenceContext
 from .norm import RMSNorm
 from .rope import apply_rope_interleaved, rope_cos_sin
@@ -78,23 +79,6 @@ class LatentCache:
         for buf, new in pairs:
             buf[:, off : off + L] = new
         return off + L
-
-
-def cached_keys_mask(cache, L: int, device: torch.device) -> torch.Tensor:
-    """(B|1, L, S) bool: which of the S keys that :meth:`LatentCache.write` returned each of the L new
-    queries may attend: itself and earlier real tokens. A padding query sees itself only, so its row
-    is never all -inf (a NaN there would reach real rows through 0 * NaN in the next layers).
-    """
-    if cache.static_step(L):  # static shapes: the whole buffer, masked by the device-side offset
-        key_pos = torch.arange(cache.max_len, device=device)
-        return (((key_pos <= cache.offset_t) & cache.valid) | (key_pos == cache.offset_t))[:, None, :]
-    off = cache.offset
-    query_pos = torch.arange(off, off + L, device=device)[:, None]
-    key_pos = torch.arange(off + L, device=device)[None, :]
-    mask = (key_pos <= query_pos).unsqueeze(0)
-    if cache.has_padding:
-        mask = mask & (cache.valid[:, None, : off + L] | (key_pos == query_pos))
-    return mask
 
 
 def allowed_keys(ctx: SequenceContext, seqlen: int, device: torch.device) -> torch.Tensor:

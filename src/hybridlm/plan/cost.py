@@ -272,11 +272,11 @@ def estimate_costs(
 
     def layer(s: str, params: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
-        if s in ("*", "+"):
+        if s == "*":
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
-            # (attention, and MLA's causal SDPA) skips the masked half, and time is what the planner
-            # balances. The part that grows with seq_len is exactly the scores and weighted values.
-            # DSA ('D') runs dense attention under its top-k mask, so it pays for every key.
+            # skips the masked half, and time is what the planner balances. The part that grows
+            # with seq_len is exactly the scores and weighted values. MLA ('+') and DSA ('D') train
+            # with a dense (document, or top-k) mask, which skips nothing: they pay for every key.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
         return _train_cost(s, flops, _saved_elements(c, s), params, _active_params(c, s, params, T), T,

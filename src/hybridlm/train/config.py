@@ -426,7 +426,8 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
         if t is str and isinstance(value, str):
             return
     names = " or ".join(t.__name__ for t in allowed if t is not type(None))
-    unset = " (TOML has no null: to get the default, leave the field out)" if type(None) in allowed else ""
+    null = isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "")
+    unset = " (TOML has no null: to get the default, leave the field out)" if null and type(None) in allowed else ""
     raise ConfigError(name, f"expected {names}, got {value!r}{unset}")
 
 
