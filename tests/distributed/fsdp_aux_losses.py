@@ -11,7 +11,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from hybridlm import HybridLM
 from hybridlm.parallel.execution import apply_fsdp
@@ -26,7 +25,7 @@ def main(out: str, pattern: str) -> None:
     config = tiny_config(pattern, moe_aux_loss_coeff=0.01, dsa_indexer_loss_coeff=0.1, **mla)
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(dist.get_rank()))
     plain = HybridLM(config, seed=0)(ids, torch.roll(ids, -1, 1)).aux_loss
-    model = apply_fsdp(HybridLM(config, seed=0), init_device_mesh("cpu", (dist.get_world_size(),)))
+    model = apply_fsdp(HybridLM(config, seed=0))  # the default mesh: on the parameters' device (CPU)
     result = model(ids, torch.roll(ids, -1, 1))
     result.loss.backward()  # a training step's backward runs through the sharded blocks
     sharded = result.aux_loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -244,7 +245,9 @@ def apply_fsdp(
     :func:`init_sharded` afterwards).
 
     Args:
-        mesh: a 1-D device mesh (default: all processes).
+        mesh: a 1-D device mesh (default: all processes, on the device type of the model's
+            parameters; FSDP's own default would be the GPU wherever there is one, also for a model
+            on the CPU; a model on the meta device gets FSDP's default).
         param_dtype: compute dtype of gathered parameters (e.g. bfloat16); gradients are reduced
             in float32.
         reshard_after_forward: free gathered parameters after each forward (pipeline stages keep
@@ -255,6 +258,11 @@ def apply_fsdp(
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"reshard_after_forward": reshard_after_forward}
+    device_type = next(model.parameters()).device.type
+    if mesh is None and device_type != "meta":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     if mesh is not None:
         kwargs["mesh"] = mesh
     if param_dtype is not None:

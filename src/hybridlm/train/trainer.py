@@ -225,12 +225,8 @@ class Trainer:
         if t.compile and self.pipeline is None:
             compile_blocks(self.model, **({} if self.compile_mode == "default" else {"mode": self.compile_mode}))
         if self.world > 1 and self.pipeline is None:
-            # Losses are divided by the labelled tokens of all processes: gradients are summed. The mesh
-            # is on the run's device (FSDP's default is the GPU wherever there is one).
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh(self.device.type, (self.world,))
-            apply_fsdp(self.model, mesh, param_dtype=self.autocast_dtype, sum_gradients=True)
+            # Losses are divided by the labelled tokens of all processes: gradients are summed.
+            apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
         self.optimizer = build_optimizer(self.model, run.optim)
         # Counts routed tokens and moves the expert biases before each optimizer step.
         self.expert_bias = ExpertBiasHook(
