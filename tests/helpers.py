@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +153,14 @@ def run_failure(r) -> str:
     return "\n".join(
         ["-- lines naming an error --", *lines, "-- stdout --", r.stdout[-1500:], "-- stderr --", r.stderr[-1500:]]
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's child Python (torchrun ranks, the CLI): this checkout's ``src``
+    and root first on ``PYTHONPATH``, then whatever the parent had there (a machine may carry
+    packages on it), and one thread per process unless ``extra`` says otherwise."""
+    path = [str(ROOT / "src"), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), **extra}

@@ -11,7 +11,7 @@ import torch
 
 from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint.training_state import load_training_state, save_training_state
-from tests.helpers import run_failure, tiny_config
+from tests.helpers import run_failure, subprocess_env, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_refusals(tmp_path):
 @pytest.mark.multiprocess
 def test_torchrun_fsdp_save_then_resume_in_one_process_with_other_brackets(tmp_path):
     """2 ranks, FSDP2-sharded fused model, save; resume unsharded, unfused, in this process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     cmd = [
         sys.executable,
         "-m",

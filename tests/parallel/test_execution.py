@@ -6,7 +6,7 @@ import torch
 from hybridlm import HybridLM
 from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 from hybridlm.parallel.pipeline import build_stage
-from tests.helpers import MLA_TINY, assert_rel_close, tiny_config
+from tests.helpers import MLA_TINY, assert_rel_close, subprocess_env, tiny_config
 
 
 def _loss_and_grads(model, ids):
@@ -256,7 +256,6 @@ def test_fsdp_keeps_every_blocks_auxiliary_loss(tmp_path, pattern):
     """FSDP2 hands each sharded block copies of its dataclass arguments: a loss put into the shared
     context was lost after the first block. Blocks return theirs; two ranks give one process's sum."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -264,7 +263,7 @@ def test_fsdp_keeps_every_blocks_auxiliary_loss(tmp_path, pattern):
     from tests.helpers import run_failure
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     script = root / "tests/distributed/fsdp_aux_losses.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     r = subprocess.run(

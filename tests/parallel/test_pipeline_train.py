@@ -6,7 +6,6 @@ The one-process reference uses the same micro-batches (the MoE loss is per micro
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from hybridlm.errors import ConfigError
 from hybridlm.parallel.pipeline import SCHEDULES, build_stage, rank_stages
 from hybridlm.train.config import MULTI_STAGE_SCHEDULES, SINGLE_STAGE_SCHEDULES, RunConfig
 from hybridlm.train.trainer import Trainer
-from tests.helpers import rel_err, run_failure
+from tests.helpers import rel_err, run_failure, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = [
@@ -51,7 +50,7 @@ P4 = "model.pattern=M-|[*E]|M-|[*-]/[*-]"  # four: two virtual stages on each of
 
 def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    env = subprocess_env()
     script = ROOT / "tests/distributed/pipeline_train.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     r = subprocess.run(
@@ -168,7 +167,7 @@ CLI = [
 @pytest.mark.multiprocess
 def test_torchrun_cli_pipeline_logs_the_losses_of_one_process(tmp_path):
     pattern = ["--set", "model.pattern=M-[*-]|M-M-[*-]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "hybridlm.cli", "train", *pattern, "--set", "parallel.pp=2", *CLI, "--run-dir", str(tmp_path / "pp")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

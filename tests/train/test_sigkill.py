@@ -1,7 +1,6 @@
 """SIGKILL at random moments (inside saves too): no checkpoint is lost, and the run resumed after
 every kill ends bitwise equal to an uninterrupted one."""
 
-import os
 import random
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from hybridlm.checkpoint.training_state import read_trainer_state
 from hybridlm.checkpoint.weights import read_tensors
 from hybridlm.train.listing import list_checkpoints, step_of
 from hybridlm.train.trainer import Trainer
+from tests.helpers import subprocess_env
 from tests.train.test_trainer import TINY_RUN, tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, seed: int) -> None:
     sets = [*TINY_RUN, f"train.steps={steps}", "train.checkpoint_every=1", "train.eval_every=1000", "train.threads=1"]
     sets.append("train.device=cpu")  # the same arithmetic on a machine with GPUs too
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     rng = random.Random(seed)
     newest, done = 0, 0
     while True:

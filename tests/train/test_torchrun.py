@@ -1,7 +1,6 @@
 """`hybridlm train` under torchrun: data parallel with FSDP2 (gloo, CPU) follows the one-process run."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hybridlm.cli import main
-from tests.helpers import run_failure
+from tests.helpers import run_failure, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [
@@ -52,7 +51,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.multiprocess
 def test_two_processes_follow_one(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = subprocess_env()
     cmd = [
         sys.executable,
         "-m",
