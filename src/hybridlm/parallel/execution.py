@@ -250,8 +250,9 @@ def apply_fsdp(
             on the CPU; a model on the meta device gets FSDP's default).
         param_dtype: compute dtype of gathered parameters (e.g. bfloat16); gradients are reduced
             in float32.
-        reshard_after_forward: free gathered parameters after each forward (pipeline stages keep
-            them between micro-batches instead).
+        reshard_after_forward: free the blocks' (and embedding's, head's) gathered parameters
+            after each forward (pipeline stages keep them between micro-batches instead); the
+            root always keeps its own until the backward, which begins with them.
         sum_gradients: reduce gradients by sum instead of mean over the mesh (for losses already
             divided by the global number of tokens).
     """
@@ -273,7 +274,10 @@ def apply_fsdp(
         fully_shard(model.embeddings, **kwargs)
     if model.lm_head is not None:
         fully_shard(model.lm_head, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root keeps its parameters from the end of the forward to the backward, which starts with
+    # them (FSDP's own default for a root): resharding would free them only to gather them again at
+    # once. In torch 2.11 on gloo, a root resharded after forward also crashed the backward (SIGSEGV).
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     if sum_gradients:
         for m in model.modules():
             if isinstance(m, FSDPModule):
