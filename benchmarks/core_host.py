@@ -28,7 +28,6 @@ import cProfile
 import pstats
 import statistics
 import time
-from dataclasses import astuple
 
 import torch
 import triton
@@ -140,7 +139,7 @@ def main() -> None:
     # own intermediate tensors (the op returns them for its backward).
     wd = Mamba2Weights(*(t.detach() for t in w))
     cw = wd.conv_weight.reshape(wd.conv_weight.shape[0], -1).contiguous()
-    dims = [float(v) for v in astuple(d)]
+    dims = d.as_floats()
     op_in = (zxbcdt.detach(), cw, *wd[1:], seq_idx)
     saved = _core_fwd(*op_in, dims)[1:]
     xBC, dt, y, states, rstd = saved

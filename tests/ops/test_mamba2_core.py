@@ -2,8 +2,6 @@
 of the conv, SSD and gated-norm ops it replaces: the same kernels in the same order, so equal bitwise,
 outputs and every gradient."""
 
-from dataclasses import astuple
-
 import pytest
 import torch
 
@@ -97,7 +95,7 @@ def test_custom_ops_pass_opcheck():
 
     zxbcdt, w, cb, dtb, A_log, D, nw = core_inputs(1, 11, 2, 4, 1, 8, seed=3)
     seq = torch.tensor([[0] * 5 + [1] * 6], device=DEV)
-    flat = [float(v) for v in astuple(dims(2, 4, 1, 8, 4))]
+    flat = dims(2, 4, 1, 8, 4).as_floats()
     args = [zxbcdt, w.detach().reshape(w.shape[0], -1).requires_grad_(), cb, dtb, A_log, D, nw, seq, flat]
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(core._core_fwd, args, test_utils=checks)

@@ -140,6 +140,51 @@ def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
     torch._dynamo.reset()
 
 
+def _graph_breaks(model: HybridLM, ids: torch.Tensor, kernels: str) -> dict[str, list[str]]:
+    """Each block kind's graph breaks, as dynamo traces the block on the inputs the model gives it."""
+    from hybridlm.ops.dispatch import use_kernels
+
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a)) for n, b in model.blocks.items()]
+    model(ids, torch.roll(ids, -1, 1))
+    for h in hooks:
+        h.remove()
+    torch._dynamo.reset()
+    breaks = {}
+    with use_kernels(kernels):
+        for name, block in model.blocks.items():
+            found = torch._dynamo.explain(block)(*inputs[name])
+            breaks[block.symbols] = [str(r.reason).splitlines()[0] for r in found.break_reasons]
+    torch._dynamo.reset()
+    return breaks
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("pattern", ["M-G-*-[*-][M-][G-]", "+-D-[D-]"])
+def test_compiled_blocks_have_no_graph_breaks(pattern, kernels):
+    """A graph break splits a compiled block (and its CUDA graphs) in parts. Under torch 2.11 and
+    Python 3.11 the Mamba2 core's ``dataclasses.astuple`` broke every Mamba2 block five times. (On
+    the CPU, MoE's per-expert loop needs the counts on the host, a break by design; the GPU test
+    covers MoE.)"""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("Triton's interpreter on CPU tensors; with CUDA the gpu test runs these kernels")
+    model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0)
+    breaks = _graph_breaks(model, torch.randint(0, 97, (2, 24)), kernels)
+    assert breaks and not any(breaks.values()), breaks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["M-G-*-E[*E][M-][GE]", "+-D-[DE]"])
+def test_gpu_compiled_blocks_have_no_graph_breaks(pattern):
+    """The GPU's paths (Triton kernels, grouped_mm experts, bf16 autocast) trace without a break."""
+    model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        breaks = _graph_breaks(model, torch.randint(0, 97, (2, 256), device="cuda"), "auto")
+    assert breaks and not any(breaks.values()), breaks
+
+
 def test_blocks_with_auxiliary_losses_share_one_compiled_graph(monkeypatch):
     """Each MoE block appends its load-balancing loss to the forward's list. Traced inside the
     compiled block, that append made dynamo guard on the list's length, so every MoE block got a

@@ -15,7 +15,7 @@ tensors (a copy of the whole projection's gradient per layer). mamba_ssm's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -67,6 +67,13 @@ class Mamba2Dims:
     @property
     def d_inner(self) -> int:
         return self.nheads * self.headdim
+
+    def as_floats(self) -> list[float]:
+        """The fields in order, as floats: how a custom op takes them (it takes no dataclass).
+        Not ``dataclasses.astuple``: before Python 3.12 it deep-copies each number, which
+        torch.compile in torch 2.11 cannot trace: five graph breaks in every compiled Mamba2 block
+        (an error under ``fullgraph``)."""
+        return [float(getattr(self, f.name)) for f in fields(self)]
 
     @property
     def conv_dim(self) -> int:

@@ -11,8 +11,6 @@ differentiated by the formulas autograd uses.
 
 from __future__ import annotations
 
-from dataclasses import astuple
-
 import torch
 
 from .conv_triton import conv_backward, conv_forward
@@ -171,5 +169,5 @@ def mamba2_core_triton(
     dims.check(zxbcdt)
     w = weights._replace(conv_weight=weights.conv_weight.reshape(weights.conv_weight.shape[0], -1).contiguous())
     seq = seq_idx.contiguous() if seq_idx is not None else None
-    out, *_ = _core_fwd(zxbcdt, *w, seq, [float(v) for v in astuple(dims)])
+    out, *_ = _core_fwd(zxbcdt, *w, seq, dims.as_floats())
     return out
