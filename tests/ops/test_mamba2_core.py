@@ -123,6 +123,29 @@ def test_compiled_equals_eager():
         assert torch.equal(got, want)
 
 
+def test_backward_under_activation_checkpointing():
+    """Non-reentrant checkpointing (the trainer's) lets a backward unpack its saved tensors once: the
+    op's backward had read them three times, a CheckpointError in every eager GPU run with
+    ``train.activation_checkpointing``. Recomputed, the gradients are the plain ones, bitwise."""
+    from torch.utils.checkpoint import checkpoint
+
+    leaves = core_inputs(1, 12, 2, 4, 1, 8, seed=5)
+    seq, kw = documents(1, 12), dims(2, 4, 1, 8, 4)
+
+    def fn(*ts):
+        return mamba2_core(ts[0], Mamba2Weights(*ts[1:]), seq, kw)
+
+    with use_kernels("triton"):
+        plain = fn(*leaves)
+        recomputed = checkpoint(fn, *leaves, use_reentrant=False)
+        dout = torch.randn_like(plain)
+        want = torch.autograd.grad(plain, leaves, dout)
+        got = torch.autograd.grad(recomputed, leaves, dout)
+    assert torch.equal(recomputed, plain)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_one_op_equals_the_composition_at_bench_width():

@@ -148,11 +148,14 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dout, *_unused):
+    # Unpacked once: under activation checkpointing each unpack recomputes or hands over the
+    # tensors, and a second ``ctx.saved_tensors`` raises CheckpointError.
+    saved = ctx.saved_tensors
     if dout is None:  # the output took no part in the loss
-        y = ctx.saved_tensors[10]
+        y = saved[10]
         dout = y.new_zeros(*y.shape[:2], y.shape[2] * y.shape[3])
-    grad, dw, db, d_dt_bias, dA_log, dD, dnorm = _core_bwd(dout, *ctx.saved_tensors, ctx.dims)
-    conv_bias, D = ctx.saved_tensors[2], ctx.saved_tensors[5]
+    grad, dw, db, d_dt_bias, dA_log, dD, dnorm = _core_bwd(dout, *saved, ctx.dims)
+    conv_bias, D = saved[2], saved[5]
     return (
         grad, dw, db if conv_bias is not None else None, d_dt_bias, dA_log, dD if D is not None else None, dnorm,
         None, None,
