@@ -61,6 +61,17 @@ for stage in "$@"; do
     case $stage in
     tests) run tests 360 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
+    cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once
+        n=${SHARDS:-4}
+        mapfile -t files < <(find tests -name 'test_*.py' | sort)
+        for ((i = 0; i < n; i++)); do
+            mine=()
+            for ((j = i; j < ${#files[@]}; j += n)); do mine+=("${files[j]}"); done
+            OMP_NUM_THREADS=$((16 / n)) run "cpu$i" "${LIMIT:-500}" 12 python3 -m pytest -q -p no:cacheprovider -m "not gpu and not slow" \
+                "${mine[@]}" >"$OUT/cpu$i.txt" 2>&1 &
+        done
+        wait
+        cat "$OUT"/cpu*.txt ;;
     kernels)
         run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
             python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
