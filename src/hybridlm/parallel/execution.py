@@ -221,11 +221,7 @@ def _raise_recompile_limit(kinds: int) -> None:
     """
     import torch._dynamo.config as dynamo_config
 
-    need = _GRAPHS_PER_KIND * kinds
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.7
-        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < need:
-            setattr(dynamo_config, name, need)
-            return
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _GRAPHS_PER_KIND * kinds)
 
 
 def apply_fsdp(
