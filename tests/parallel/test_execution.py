@@ -6,7 +6,7 @@ import torch
 from hybridlm import HybridLM
 from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 from hybridlm.parallel.pipeline import build_stage
-from tests.helpers import MLA_TINY, assert_rel_close, subprocess_env, tiny_config
+from tests.helpers import MLA_TINY, assert_rel_close, requires_triton, subprocess_env, tiny_config
 
 
 def _loss_and_grads(model, ids):
@@ -159,17 +159,15 @@ def _graph_breaks(model: HybridLM, ids: torch.Tensor, kernels: str) -> dict[str,
     return breaks
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=requires_triton)])
 @pytest.mark.parametrize("pattern", ["M-G-*-[*-][M-][G-]", "+-D-[D-]"])
 def test_compiled_blocks_have_no_graph_breaks(pattern, kernels):
     """A graph break splits a compiled block (and its CUDA graphs) in parts. Under torch 2.11 and
     Python 3.11 the Mamba2 core's ``dataclasses.astuple`` broke every Mamba2 block five times. (On
     the CPU, MoE's per-expert loop needs the counts on the host, a break by design; the GPU test
     covers MoE.)"""
-    if kernels == "triton":
-        pytest.importorskip("triton")
-        if torch.cuda.is_available():
-            pytest.skip("Triton's interpreter on CPU tensors; with CUDA the gpu test runs these kernels")
+    if kernels == "triton" and torch.cuda.is_available():
+        pytest.skip("Triton's interpreter on CPU tensors; with CUDA the gpu test runs these kernels")
     model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0)
     breaks = _graph_breaks(model, torch.randint(0, 97, (2, 24)), kernels)
     assert breaks and not any(breaks.values()), breaks
