@@ -10,9 +10,9 @@ import torch
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference
-from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
+from tests.helpers import assert_bf16_within, assert_rel_close, runs_triton_kernels
 
-pytestmark = requires_triton
+pytestmark = runs_triton_kernels
 EPS = 1e-5
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

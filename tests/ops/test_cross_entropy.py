@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hybridlm import HybridLM
 from hybridlm.ops.cross_entropy import _accumulate_product, linear_cross_entropy
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
-from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton, tiny_config
+from tests.helpers import assert_bf16_within, assert_rel_close, runs_triton_kernels, tiny_config
 
 
 def test_linear_cross_entropy_matches_full_logits_forward_and_backward():
@@ -56,7 +56,7 @@ def test_model_fused_loss_equals_logits_loss_with_mtp_and_tied_head():
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@requires_triton
+@runs_triton_kernels
 @pytest.mark.parametrize("V", [53, 4096 + 7])  # one partial block; two blocks, the last ragged
 def test_triton_cross_entropy_rows_match_float64(V):
     from hybridlm.ops.cross_entropy_triton import cross_entropy_rows_triton
@@ -91,7 +91,7 @@ def test_triton_cross_entropy_rows_match_float64(V):
     assert_rel_close(loss[2:], ref_loss[2:], 1e-6, "loss beside out-of-range labels")
 
 
-@requires_triton
+@runs_triton_kernels
 def test_linear_cross_entropy_triton_path_equals_torch_path():
     torch.manual_seed(4)
     h = torch.randn(2, 23, 16, device=DEV, requires_grad=True)

@@ -10,7 +10,7 @@ from hybridlm.ops.gated_delta import (
     gated_delta_rule_reference,
     l2_normalize,
 )
-from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
+from tests.helpers import assert_bf16_within, assert_rel_close, runs_triton_kernels
 from tests.ops.test_ssd import docs
 
 try:
@@ -101,7 +101,7 @@ def doc_index(seqlen: int) -> torch.Tensor:
     return seq_idx
 
 
-@requires_triton
+@runs_triton_kernels
 @pytest.mark.parametrize(("seqlen", "packed", "initial"), [(41, True, True), (41, False, False), (32, True, False)])
 def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
     """Triton against the float64 recurrence: output, final state, every gradient."""
@@ -128,7 +128,7 @@ def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
         assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
 
 
-@requires_triton
+@runs_triton_kernels
 def test_triton_chunk_size_rounds_up(kernel_device):
     """chunk_size 8 runs the kernels with chunks of 16 (tl.dot's least size); the result is the same."""
     tensors = [t.to(kernel_device) for t in inputs(1, 20, 1, 4, 4, seed=5)]
@@ -139,7 +139,7 @@ def test_triton_chunk_size_rounds_up(kernel_device):
     assert_rel_close(o, o_ref, 1e-5, "o")
 
 
-@requires_triton
+@runs_triton_kernels
 def test_triton_compiled_equals_eager(kernel_device):
     """torch.compile sees the kernels as one opaque op with a registered backward (fake impl, no graph break)."""
     tensors = [t.to(kernel_device) for t in inputs(1, 19, 2, 4, 4, seed=6)]
@@ -193,7 +193,7 @@ def test_triton_bf16_error_at_4096(packed):
         assert_bf16_within(a, e, r.to(a.dtype), 2.0, name)
 
 
-@requires_triton
+@runs_triton_kernels
 def test_triton_rejects_wide_heads(kernel_device):
     q, k, _, g, beta = [t.to(kernel_device) for t in inputs(1, 4, 1, 4, 4, seed=0)]
     wide = torch.zeros(1, 4, 1, 256, device=kernel_device)

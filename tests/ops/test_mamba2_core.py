@@ -7,9 +7,9 @@ import torch
 
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.mamba2_core import Mamba2Dims, Mamba2Weights, mamba2_core, mamba2_core_torch
-from tests.helpers import requires_triton
+from tests.helpers import runs_triton_kernels
 
-pytestmark = requires_triton
+pytestmark = runs_triton_kernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -11,10 +11,10 @@ import torch
 from hybridlm.ops import ssd_triton
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.ssd import ssd_chunked, ssd_reference
-from tests.helpers import assert_bf16_within, assert_rel_close, requires_triton
+from tests.helpers import assert_bf16_within, assert_rel_close, runs_triton_kernels
 from tests.ops.test_ssd import inputs
 
-pytestmark = requires_triton
+pytestmark = runs_triton_kernels
 #: The CPU tests below run the kernels on CPU tensors, in Triton's interpreter (conftest.py).
 INTERPRETER_ONLY = True
 NAMES = ["x", "dt", "A", "B", "C", "D", "init"]

@@ -12,9 +12,9 @@ from hybridlm.ops.conv import causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.ssd import ssd_reference
 from hybridlm.ops.step import causal_conv1d_with_state, ssd_step
-from tests.helpers import assert_rel_close, rel_err, requires_triton
+from tests.helpers import assert_rel_close, rel_err, runs_triton_kernels
 
-pytestmark = requires_triton
+pytestmark = runs_triton_kernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
