@@ -108,7 +108,7 @@ def test_bad_toml(tmp_path):
 
 
 def test_to_toml_round_trips_any_string(tmp_path):
-    import tomllib
+    from hybridlm.train.config import tomllib  # the standard library's, or tomli before Python 3.11
 
     odd = 'line one\nline "two"\twith a back\\slash, \\n literally, and ünïcødé ✓'
     run = RunConfig()
