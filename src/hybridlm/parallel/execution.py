@@ -272,7 +272,9 @@ def apply_fsdp(
         fully_shard(model.lm_head, **kwargs)
     # The root keeps its parameters from the end of the forward to the backward, which starts with
     # them (FSDP's own default for a root): resharding would free them only to gather them again at
-    # once. In torch 2.11 on gloo, a root resharded after forward also crashed the backward (SIGSEGV).
+    # once. In torch 2.11 it was worse: FSDP2 looks for the forward's output tensors to hook the
+    # re-gather on, did not look inside the ModelOutput dataclass, and the backward read the freed
+    # parameters (SIGSEGV in the first backward of every multi-process run; torch 2.13 looks inside).
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     if sum_gradients:
         for m in model.modules():
