@@ -95,6 +95,27 @@ def test_selective_activation_checkpointing_is_exact_and_per_kind():
         parse_ac_policy("M=some", "full")
 
 
+@runs_triton_kernels
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_is_exact_on_the_kernels(policy):
+    """The GPU's kernel paths (here in Triton's interpreter) under recomputation: each custom op's
+    backward must read its saved tensors once, and recomputing must give the stored values. The
+    Mamba2 core op read them three times (CheckpointError in every eager GPU run with it)."""
+    from hybridlm.ops.dispatch import use_kernels
+
+    if torch.cuda.is_available():
+        pytest.skip("Triton's interpreter on CPU tensors; on a GPU the trainer's test covers this")
+    config = tiny_config("M-[*-]G[ME]")
+    ids = torch.randint(0, config.vocab_size, (2, 19))
+    with use_kernels("triton"):
+        ref = HybridLM(config, seed=1)
+        ref(ids, ids).loss.backward()
+        model = apply_activation_checkpointing(HybridLM(config, seed=1), policy)
+        model(ids, ids).loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
 def test_selective_checkpointing_keeps_the_attention_output():
     """Under "selective" the backward recomputes norms and the like, not attention (on CPU SDPA is
     ``_scaled_dot_product_flash_attention_for_cpu``): its forward runs once per step."""
