@@ -21,13 +21,12 @@ def pytest_collection_modifyitems(config, items):
     # A module that sets INTERPRETER_ONLY runs its other tests in Triton's interpreter on CPU
     # tensors, which a CUDA machine does not use (kernels there are compiled): they skip, visibly,
     # and its gpu tests cover the kernels.
+    from tests.helpers import interpreter_only
+
     cuda = torch.cuda.is_available()
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    interpreted = pytest.mark.skip(
-        reason="Triton's interpreter on CPU tensors; with CUDA the gpu tests run these kernels"
-    )
     for item in items:
         if not cuda and "gpu" in item.keywords:
             item.add_marker(no_gpu)
         elif cuda and "gpu" not in item.keywords and getattr(item.module, "INTERPRETER_ONLY", False):
-            item.add_marker(interpreted)
+            item.add_marker(interpreter_only)

@@ -44,6 +44,12 @@ def _interpreter_problem() -> str | None:
     return None
 
 
+#: Why a test of Triton's interpreter on CPU tensors skips where CUDA is (compiled Triton cannot
+#: take CPU tensors); the GPU tests run those kernels there. tests/conftest.py gives it to the tests
+#: of a module that sets ``INTERPRETER_ONLY``.
+INTERPRETER_ONLY_REASON = "Triton's interpreter on CPU tensors; with CUDA the gpu tests run these kernels"
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ONLY_REASON)
+
 #: Marks tests that run Triton kernels: compiled on a GPU, in Triton's interpreter on the CPU.
 _interpreter = _interpreter_problem()
 runs_triton_kernels = pytest.mark.skipif(

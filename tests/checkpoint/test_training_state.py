@@ -4,16 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint.training_state import load_training_state, save_training_state
-from tests.helpers import run_failure, subprocess_env, tiny_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, run_failure, subprocess_env, tiny_config
 
 
 def batches(n, seed=1):

@@ -10,13 +10,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import requires_triton
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, requires_triton
 
 
 def triton_kernels() -> set[str]:

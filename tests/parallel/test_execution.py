@@ -6,7 +6,14 @@ import torch
 from hybridlm import HybridLM
 from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 from hybridlm.parallel.pipeline import build_stage
-from tests.helpers import MLA_TINY, assert_rel_close, runs_triton_kernels, subprocess_env, tiny_config
+from tests.helpers import (
+    MLA_TINY,
+    assert_rel_close,
+    interpreter_only,
+    runs_triton_kernels,
+    subprocess_env,
+    tiny_config,
+)
 
 
 def _loss_and_grads(model, ids):
@@ -96,6 +103,7 @@ def test_selective_activation_checkpointing_is_exact_and_per_kind():
 
 
 @runs_triton_kernels
+@interpreter_only  # on a GPU, tests/train/test_trainer.py's recomputation test runs the kernels
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_activation_checkpointing_is_exact_on_the_kernels(policy):
     """The GPU's kernel paths (here in Triton's interpreter) under recomputation: each custom op's
@@ -103,8 +111,6 @@ def test_activation_checkpointing_is_exact_on_the_kernels(policy):
     Mamba2 core op read them three times (CheckpointError in every eager GPU run with it)."""
     from hybridlm.ops.dispatch import use_kernels
 
-    if torch.cuda.is_available():
-        pytest.skip("Triton's interpreter on CPU tensors; on a GPU the trainer's test covers this")
     config = tiny_config("M-[*-]G[ME]")
     ids = torch.randint(0, config.vocab_size, (2, 19))
     with use_kernels("triton"):
@@ -180,15 +186,13 @@ def _graph_breaks(model: HybridLM, ids: torch.Tensor, kernels: str) -> dict[str,
     return breaks
 
 
-@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=runs_triton_kernels)])
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=[runs_triton_kernels, interpreter_only])])
 @pytest.mark.parametrize("pattern", ["M-G-*-[*-][M-][G-]", "+-D-[D-]"])
 def test_compiled_blocks_have_no_graph_breaks(pattern, kernels):
     """A graph break splits a compiled block (and its CUDA graphs) in parts. Under torch 2.11 and
     Python 3.11 the Mamba2 core's ``dataclasses.astuple`` broke every Mamba2 block five times (the
     triton case fails there on that code; torch 2.13 traces it). On the CPU, MoE's per-expert loop
     needs the counts on the host, a break by design; the GPU test covers MoE."""
-    if kernels == "triton" and torch.cuda.is_available():
-        pytest.skip("Triton's interpreter on CPU tensors; with CUDA the gpu test runs these kernels")
     model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0)
     breaks = _graph_breaks(model, torch.randint(0, 97, (2, 24)), kernels)
     assert breaks and not any(breaks.values()), breaks

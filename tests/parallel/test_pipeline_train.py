@@ -18,9 +18,8 @@ from hybridlm.errors import ConfigError
 from hybridlm.parallel.pipeline import SCHEDULES, build_stage, rank_stages
 from hybridlm.train.config import MULTI_STAGE_SCHEDULES, SINGLE_STAGE_SCHEDULES, RunConfig
 from hybridlm.train.trainer import Trainer
-from tests.helpers import rel_err, run_failure, subprocess_env
+from tests.helpers import ROOT, rel_err, run_failure, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 BASE = [
     "model.hidden_size=32",
     "model.num_attention_heads=2",

@@ -19,8 +19,6 @@ from hybridlm.train.trainer import Trainer
 from tests.helpers import subprocess_env
 from tests.train.test_trainer import TINY_RUN, tiny_run
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def newest_complete_step(run_dir: Path) -> int:
     """The newest checkpoint step; every visible checkpoint folder must be complete."""

@@ -10,7 +10,6 @@ import pytest
 from hybridlm.cli import main
 from tests.helpers import run_failure, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN = [
     "--set",
     "train.device=cpu",  # gloo on the CPU, on a machine with GPUs too
