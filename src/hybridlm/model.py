@@ -509,7 +509,7 @@ class HybridLM(nn.Module):
         if cache is not None:
             if doc_ids is not None or cu_seqlens is not None:
                 raise ValueError("a cached forward takes one document per row (padding goes in the cache)")
-            cache.check_room(L)
+            cache.check_room(L, batch=B)
             if position_ids is None:
                 position_ids = cache.position_ids(L)
         ctx = self.make_context(B, L, h.device, position_ids, doc_ids, cu_seqlens)

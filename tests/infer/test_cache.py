@@ -241,6 +241,16 @@ def test_bad_arguments_say_what_is_wrong():
     assert speculative.mtp_generate.__doc__
 
 
+@pytest.mark.parametrize("pattern", ["M", "G", "*", "+", "-"])
+def test_a_cached_forward_refuses_an_input_of_another_batch_size(pattern):
+    """A cache holds one state per row: other rows are refused by number, not by a mixer's shape error."""
+    model = model_for(pattern)
+    for cache_rows, input_rows in ((2, 1), (1, 2)):
+        cache = InferenceCache.for_model(model, cache_rows, 8)
+        with pytest.raises(ValueError, match=f"the input has {input_rows} row.s.; the cache was made for {cache_rows}"):
+            model(torch.ones(input_rows, 3, dtype=torch.long), cache=cache)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decode_equals_eager_decode_on_gpu(dtype, monkeypatch):

@@ -144,3 +144,39 @@ def test_ctrl_c_prints_what_was_generated_so_far(checkpoint, capsys, monkeypatch
     assert code == 130 and out == "xabcd\n" and err.strip() == "interrupted"
     code, out, _ = run(capsys, checkpoint[0], "--prompt", "x", "--prompt", "y", "--batch-size", 2)
     assert code == 130 and out == "xabcd\ny\n"
+
+
+def test_prompt_files_drop_a_byte_order_mark_and_refuse_lone_surrogates(checkpoint, capsys, tmp_path):
+    path, _ = checkpoint
+    args = ("--max-new-tokens", 4, "--greedy")
+    _, expected, _ = run(capsys, path, "--prompt", "ab", *args)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfab\n")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "ab"}\n')
+    for name in ("bom.txt", "bom.jsonl"):
+        code, out, err = run(capsys, path, "--prompts-file", tmp_path / name, *args)
+        assert code == 0 and out == expected, (name, err)
+    (tmp_path / "lone.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a\\ud800b"}\n')
+    code, out, err = run(capsys, path, "--prompts-file", tmp_path / "lone.jsonl")
+    assert code == 2 and out == "" and "lone.jsonl:2: not UTF-8 text" in err
+
+
+def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoint, capsys, tmp_path):
+    """Options that depend on the model (MTP depths, the tokenizer's ids) are checked against its
+    config.json before the weights are read, and nothing reaches stdout."""
+    path, _ = checkpoint
+    no_mtp = tmp_path / "no_mtp"
+    save(HybridLM(tiny_config("M*-", vocab_size=257), seed=0), no_mtp, extra_files=ByteTokenizer().files())
+    small = tmp_path / "small_vocab"
+    save(HybridLM(tiny_config("M*-", vocab_size=256), seed=0), small)
+    for argv, says in (
+        ([path, "--greedy", "--speculative", "mtp", "--repetition-penalty", 1.2], "leave out --repetition-penalty"),
+        ([no_mtp, "--greedy", "--speculative", "mtp"], "has no MTP depths"),
+        ([path, "--tokenizer", tmp_path / "none.json"], "--tokenizer: "),
+        ([small], "no tokenizer.hybridlm.json or tokenizer.json; pass --tokenizer explicitly"),
+        (
+            [small, "--tokenizer", "byte"],
+            "--tokenizer byte has 257 token ids (end of text 256), more than the model's vocabulary of 256",
+        ),
+    ):
+        code, out, err = run(capsys, *argv, "--prompt", "x")
+        assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -44,6 +44,50 @@ def test_bad_arguments_are_refused_by_name():
             generate(model, prompt, max_new_tokens=2)
 
 
+def test_wrongly_typed_arguments_are_refused_by_name():
+    """Arguments of the wrong type are refused by name, not by an error from deep inside a layer."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    for kwargs, says in (
+        (dict(max_new_tokens=3.0), "max_new_tokens must be an integer, got 3.0"),
+        (dict(max_new_tokens=None), "max_new_tokens must be an integer, got None"),
+        (dict(max_new_tokens=3.0, use_cache=False), "max_new_tokens must be an integer"),
+        (dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
+        (dict(temperature=None), "temperature must be >= 0 and finite, got None"),
+        (dict(top_p="0.9"), "top_p must be in"),
+        (dict(prefill_chunk_size=1.5), "prefill_chunk_size must be an integer"),
+        (dict(eos_id=[2, 3]), r"eos_id must be an integer, got \[2, 3\]"),
+        (dict(draft_tokens=1.0, speculative="mtp"), "draft_tokens must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            generate(model, [1, 2, 3], **kwargs)
+    for prompts, says in (
+        ([[1, 2], 3], "prompt 1: a batch is a list of token-id lists, got 3"),
+        (torch.tensor(5), "got 5"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            generate(model, prompts, 2)
+
+
+def test_speculative_settings_are_refused_even_for_no_new_tokens():
+    plain, with_mtp = HybridLM(tiny_config("M*-"), seed=0), HybridLM(tiny_config("M*/-"), seed=0)
+    for model, kwargs, says in (
+        (plain, {}, "needs a model with MTP depths"),
+        (with_mtp, dict(temperature=1.0), "greedy only"),
+        (with_mtp, dict(repetition_penalty=1.5), "greedy only"),
+    ):
+        for n in (0, 1):
+            with pytest.raises(ValueError, match=says):
+                generate(model, [1, 2], n, speculative="mtp", **kwargs)
+
+
+def test_numpy_and_tensor_seeds_are_the_integer_seed():
+    np = pytest.importorskip("numpy")
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    want = generate(model, [1, 2], 4, temperature=1.0, seed=5)
+    for seed in (np.int64(5), np.int32(5), torch.tensor(5)):
+        assert generate(model, [1, 2], 4, temperature=1.0, seed=seed) == want
+
+
 def test_batches_as_numpy_arrays_are_batches():
     np = pytest.importorskip("numpy")
     model = HybridLM(tiny_config("M*-"), seed=0)

@@ -8,19 +8,16 @@ import sys
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
-    """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text")."""
+    """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text");
+    a byte-order mark at the file's start is not text."""
+    import codecs
     import json
     from pathlib import Path
 
     from ..errors import UsageError
     from ..train.data import decode_line
 
-    prompts = list(args.prompt or [])
-    for i, p in enumerate(prompts, start=1):
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the terminal's locale could not decode (kept as surrogates)
-            raise UsageError(f"--prompt number {i}: not UTF-8 text") from None
+    prompts = [(p, f"--prompt number {i}") for i, p in enumerate(args.prompt or [], start=1)]
     if args.prompts_file:
         path = Path(args.prompts_file)
         try:  # "-": standard input; also pipes and devices
@@ -30,6 +27,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         except OSError as e:
             raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
         jsonl = path.suffix == ".jsonl"
+        raw = raw.removeprefix(codecs.BOM_UTF8)
         for n, raw_line in enumerate(raw.splitlines(), start=1):  # \n, \r\n and \r end a line
             line = decode_line(raw_line, f"{path}:{n}")
             if not line.strip():
@@ -42,12 +40,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise UsageError(f'{path}:{n}: a JSONL record needs a string "prompt" or "text" field')
-                prompts.append(text)
+                prompts.append((text, f"{path}:{n}"))
             else:
-                prompts.append(line)
+                prompts.append((line, f"{path}:{n}"))
+    for text, where in prompts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes the locale could not decode, or JSON's \ud800 escapes
+            raise UsageError(f"{where}: not UTF-8 text (a lone surrogate)") from None
     if not prompts:
         raise UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
-    return prompts
+    return [text for text, _ in prompts]
 
 
 class _Completion:
@@ -61,8 +64,11 @@ class _Completion:
     #: space (sentencepiece's Metaspace, Strip) would otherwise glue the first word to the prompt.
     CONTEXT = 8
 
-    def __init__(self, tokenizer, stops: list[str], stream: bool, prompt: list[int] | None = None) -> None:
+    def __init__(
+        self, tokenizer, stops: list[str], stream: bool, prompt: list[int] | None = None, heading: str = ""
+    ) -> None:
         self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+        self.heading = heading  # streamed before the first text: the prompt, once generation has started
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.context = list(prompt or [])[-self.CONTEXT :]
         self.prefix = tokenizer.decode(self.context) if self.context else ""
@@ -94,10 +100,13 @@ class _Completion:
             self._show(len(self.text))
 
     def _show(self, upto: int) -> None:
+        if self.heading:
+            sys.stdout.write(self.heading)
+            self.heading = ""
         if upto > self.shown:
             sys.stdout.write(self.text[self.shown : upto])
-            sys.stdout.flush()
             self.shown = upto
+        sys.stdout.flush()
 
 
 def _unescape(stop: str) -> str:
@@ -138,6 +147,10 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
             not args.speculative or args.greedy or args.temperature == 0,
             "--speculative mtp decodes greedily: add --greedy",
         ),
+        (
+            not args.speculative or args.repetition_penalty == 1,
+            "--speculative mtp decodes greedily: leave out --repetition-penalty",
+        ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
     )
@@ -167,7 +180,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint.weights import load
+    from ..checkpoint.weights import load, read_config
     from ..errors import UsageError
     from ..infer.generate import generate
     from ..train.rundir import MODEL_DIR
@@ -184,19 +197,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{path} is a training run without an exported model yet ({MODEL_DIR}/ is written when it reaches "
             f"train.steps): finish it with hybridlm train --resume {path}"
         )
+    config = read_config(path)  # the checks below, before the weights are read
+    if args.speculative and not config.parsed.mtp_depths:
+        raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
+    tokenizer = (
+        build_tokenizer(args.tokenizer, key="--tokenizer") if args.tokenizer else load_tokenizer(path, "--tokenizer")
+    )
+    if tokenizer.vocab_size > config.vocab_size:
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer in {path}"
+        raise UsageError(
+            f"{source} has {tokenizer.vocab_size} token ids (end of text {tokenizer.eos_id}), more than the model's "
+            f"vocabulary of {config.vocab_size}: the model was not trained with this tokenizer"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load(path, device=args.device, verify=not args.no_verify)
-    tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(path)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         ids = [tokenizer.encode(p) for p in batch]
         stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
-        rows = [_Completion(tokenizer, stops, stream, prompt) for prompt in ids]
-        if stream:
-            sys.stdout.write(batch[0])
-            sys.stdout.flush()
+        # A streamed prompt is printed with the first token: an error before it leaves stdout empty.
+        rows = [_Completion(tokenizer, stops, stream, prompt, heading=text) for prompt, text in zip(ids, batch)]
         stats: dict = {}
         try:
             generate(

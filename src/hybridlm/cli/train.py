@@ -85,7 +85,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from ..train.data import load_corpus, write_prepared
     from ..train.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer)
+    tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer")
     stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True)
     out = write_prepared(stream, args.out, tokenizer, args.source)
     print(f"wrote {stream.num_tokens:,} tokens of {stream.num_docs:,} documents to {out}")

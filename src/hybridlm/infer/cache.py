@@ -117,7 +117,10 @@ class InferenceCache:
         self.offset += L
         self.offset_t += L
 
-    def check_room(self, L: int) -> None:
+    def check_room(self, L: int, batch: int | None = None) -> None:
+        """Refuse ``L`` more positions (of ``batch`` rows, where given) that this cache cannot take."""
+        if batch is not None and batch != self.batch:
+            raise ValueError(f"the input has {batch} row(s); the cache was made for {self.batch}")
         if self.offset + L > self.max_len:
             raise ValueError(
                 f"the cache holds {self.max_len} positions; {self.offset} are used and {L} more were given"

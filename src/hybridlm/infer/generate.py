@@ -10,9 +10,10 @@ reference: every new token reruns the full forward over the whole sequence, one 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -26,13 +27,29 @@ TokenCallback = Callable[[int, int], "bool | None"]
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
-def _seed_ok(seed) -> bool:
-    if seed is None:
-        return True
+def _whole(x) -> bool:
+    """An integer (int, numpy or 0-d integer tensor), not a bool or a float."""
     try:
-        return not isinstance(seed, bool) and SEED_RANGE[0] <= operator.index(seed) <= SEED_RANGE[1]
+        return not isinstance(x, bool) and isinstance(operator.index(x), int)
     except TypeError:
         return False
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _seed_ok(seed) -> bool:
+    return seed is None or (_whole(seed) and SEED_RANGE[0] <= operator.index(seed) <= SEED_RANGE[1])
+
+
+def _integer(name: str, value, low: int | None = None) -> int:
+    """``value`` as an int (see :func:`_whole`), at least ``low``; ValueError naming ``name`` otherwise."""
+    if not _whole(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if low is not None and operator.index(value) < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return operator.index(value)
 
 
 def check_sampling(
@@ -46,10 +63,15 @@ def check_sampling(
     """Refuse sampling settings :class:`Sampler` cannot use (NaN included): ValueError naming the
     setting as ``name(parameter)`` (the CLI passes its flags)."""
     for ok, param, rule, value in (
-        (0 <= temperature < float("inf"), "temperature", ">= 0 and finite", temperature),
-        (top_k >= 0, "top_k", ">= 0", top_k),
-        (0 < top_p <= 1, "top_p", "in (0, 1]", top_p),
-        (0 < repetition_penalty < float("inf"), "repetition_penalty", "> 0 and finite", repetition_penalty),
+        (_real(temperature) and 0 <= temperature < float("inf"), "temperature", ">= 0 and finite", temperature),
+        (_whole(top_k) and top_k >= 0, "top_k", "an integer >= 0", top_k),
+        (_real(top_p) and 0 < top_p <= 1, "top_p", "in (0, 1]", top_p),
+        (
+            _real(repetition_penalty) and 0 < repetition_penalty < float("inf"),
+            "repetition_penalty",
+            "> 0 and finite",
+            repetition_penalty,
+        ),
         (_seed_ok(seed), "seed", "None or an integer in [-2**63, 2**63 - 1]", seed),
     ):
         if not ok:
@@ -78,13 +100,13 @@ class Sampler:
         device: torch.device | str = "cpu",
     ) -> None:
         check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.temperature, self.top_k, self.top_p = temperature, operator.index(top_k), top_p
         self.repetition_penalty = repetition_penalty
         self.generator = torch.Generator(device=device)
         if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(operator.index(seed))
         self.seen: torch.Tensor | None = None  # (B, V) bool, for the repetition penalty
 
     def observe(self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device) -> None:
@@ -171,15 +193,24 @@ def generate(
         The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
         order for a batch.
     """
+    eos_id = None if eos_id is None else _integer("eos_id", eos_id)
     single, rows = _normalize(prompts, eos_id)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+    check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
+    prefill_chunk_size = _integer("prefill_chunk_size", prefill_chunk_size, 1)
     if speculative not in (None, "mtp"):
         raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
-    if draft_tokens is not None and (not speculative or draft_tokens < 1):
-        raise ValueError(f"draft_tokens ({draft_tokens}) needs speculative='mtp' and must be >= 1")
+    if draft_tokens is not None:
+        draft_tokens = _integer("draft_tokens", draft_tokens, 1)
+        if not speculative:
+            raise ValueError(f"draft_tokens ({draft_tokens}) needs speculative='mtp'")
+    if speculative:  # refused whatever max_new_tokens is
+        if temperature != 0 or repetition_penalty != 1.0:
+            raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
+        if cuda_graph:
+            raise ValueError("cuda_graph is not supported with speculative decoding")
+        if not len(getattr(model, "mtp", ())):
+            raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     for i, row in enumerate(rows):
@@ -208,10 +239,6 @@ def generate(
             elif speculative == "mtp":
                 from .speculative import mtp_generate
 
-                if temperature != 0 or repetition_penalty != 1.0:
-                    raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
-                if cuda_graph:
-                    raise ValueError("cuda_graph is not supported with speculative decoding")
                 out = [
                     mtp_generate(
                         model,
@@ -252,8 +279,14 @@ def _token(t) -> int:
 
 
 def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
-    prompts = [_plain(p) for p in list(_plain(prompts))]
+    prompts = _plain(prompts)
+    if not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a list of token ids or a list of such lists, got {prompts!r}")
+    prompts = [_plain(p) for p in prompts]
     single = not prompts or not isinstance(prompts[0], (list, tuple))
+    for i, p in enumerate(prompts if not single else ()):
+        if not isinstance(p, (list, tuple)):
+            raise ValueError(f"prompt {i}: a batch is a list of token-id lists, got {p!r}")
     rows = [prompts] if single else [list(p) for p in prompts]
     rows = [[_token(t) for t in r] for r in rows]
     # An empty prompt starts from the end-of-text token (or 0), as the uncached loop always did.

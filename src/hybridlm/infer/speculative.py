@@ -90,9 +90,8 @@ def mtp_generate(
     model, prompt: list[int], max_new_tokens: int, eos_id, chunk_size: int, callback, stats, draft_tokens=None
 ) -> list[int]:
     """Greedy generation for one prompt, drafting with the MTP depths (see the module docstring);
-    ``draft_tokens`` drafts per round from the first depths (default: every depth)."""
-    if not len(model.mtp):
-        raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
+    ``draft_tokens`` drafts per round from the first depths (default: every depth). :func:`generate` checks
+    the arguments (a model with MTP depths among them)."""
     device = next(model.parameters()).device
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     max_len = len(prompt) + max_new_tokens + k + 1

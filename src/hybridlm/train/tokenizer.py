@@ -78,24 +78,25 @@ class HFTokenizer:
         return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self.path.read_bytes()}
 
 
-def build_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """``"byte"`` or the path of a ``tokenizer.json``."""
+def build_tokenizer(spec: str, key: str = "data.tokenizer") -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` or the path of a ``tokenizer.json``; errors name the setting as ``key``."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data.tokenizer: {spec!r} is neither 'byte' nor an existing tokenizer.json")
+        raise DataError(f"{key}: {spec!r} is neither 'byte' nor an existing tokenizer.json")
     return HFTokenizer(path)
 
 
-def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
-    """The tokenizer saved beside a model in ``directory`` (see :meth:`ByteTokenizer.files`)."""
+def load_tokenizer(directory: str | Path, option: str = "a tokenizer") -> ByteTokenizer | HFTokenizer:
+    """The tokenizer saved beside a model in ``directory`` (see :meth:`ByteTokenizer.files`); where there is
+    none, the error says to pass ``option`` instead (the CLI names its flag)."""
     directory = Path(directory)
     spec_file = directory / SPEC_NAME
     if not spec_file.exists():
         if (directory / "tokenizer.json").exists():
             return HFTokenizer(directory / "tokenizer.json")
-        raise DataError(f"{directory}: no {SPEC_NAME} or tokenizer.json; pass a tokenizer explicitly")
+        raise DataError(f"{directory}: no {SPEC_NAME} or tokenizer.json; pass {option} explicitly")
     try:
         spec = json.loads(spec_file.read_text())
     except (OSError, ValueError) as e:
