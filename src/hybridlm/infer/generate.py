@@ -23,7 +23,8 @@ from .cache import InferenceCache
 TokenCallback = Callable[[int, int], "bool | None"]
 
 
-#: Seeds accepted: 64-bit signed integers (torch takes them all, a negative one as its two's complement).
+#: Seeds accepted: 64-bit signed integers (torch takes them all, a negative one as its two's complement;
+#: its CPU generator, a Mersenne twister, reads only the low 32 bits, so seeds 2**32 apart sample alike there).
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
