@@ -14,6 +14,7 @@ from hybridlm.train.data import (
     builtin_documents,
     load_corpus,
     split,
+    text_documents,
     tokenize_documents,
     write_prepared,
 )
@@ -98,6 +99,15 @@ def test_bad_sources(tmp_path):
         load_corpus(str(tmp_path / "bad.jsonl"), tok)
     with pytest.raises(DataError, match="shorter than one row"):
         PackedRows(tokenize_documents(["tiny"], tok), seq_len=64)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 byte-order mark at a file's start (Windows editors write one) is dropped, in .txt and .jsonl;
+    the same character inside a record is part of its text."""
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello\n")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n{"text": "\xef\xbb\xbfkept"}\n')
+    assert list(text_documents(str(tmp_path / "a.txt"))) == ["hello\n"]
+    assert list(text_documents(str(tmp_path / "b.jsonl"))) == ["hello", "\ufeffkept"]  # inside a line it is text
 
 
 def test_bad_bytes_and_escapes_name_the_line(tmp_path):

@@ -13,6 +13,7 @@ record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap).
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -85,8 +86,8 @@ def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
         if file.suffix.lower() == ".jsonl":
             yield from _jsonl_documents(file, jsonl_field)
         else:
-            try:
-                yield file.read_text(encoding="utf-8")
+            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not text
+                yield file.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as e:
                 raise DataError(f"{file}: not UTF-8 text ({e})") from None
 
@@ -105,7 +106,7 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
         lines = (piece for chunk in f for piece in chunk.splitlines())  # \n, \r\n and \r end a line
         for line_no, raw in enumerate(lines, start=1):
             where = f"{file}:{line_no}"
-            line = decode_line(raw, where)
+            line = decode_line(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where)
             if not line.strip():
                 continue
             try:
