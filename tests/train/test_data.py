@@ -90,6 +90,44 @@ def test_prepared_corpus_round_trip(tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "prep"), ByteTokenizer)
 
 
+def test_a_split_of_a_prepared_corpus_stays_on_its_memmap(tmp_path):
+    """The validation split selects documents without copying the corpus into memory; its rows are
+    the rows of the selected documents laid end to end."""
+    tok = ByteTokenizer()
+    docs = [f"document {i} " * (i % 7 + 1) for i in range(60)]
+    write_prepared(tokenize_documents(docs, tok), tmp_path / "prep", tok, "test")
+    stream = load_corpus(str(tmp_path / "prep"), tok)
+    train, val = split(stream, 0.2, seed=3)
+    assert isinstance(train.tokens, np.memmap) and train.tokens is stream.tokens is val.tokens
+    for part in (train, val):
+        chosen = [i for i in range(60) if [*tok.encode(docs[i]), tok.eos_id] in _documents(part)]
+        laid = tokenize_documents([docs[i] for i in chosen], tok)
+        assert part.num_tokens == laid.num_tokens and np.array_equal(part.doc_starts, laid.doc_starts)
+        got, want = PackedRows(part, seq_len=16), PackedRows(laid, seq_len=16)
+        index = np.arange(got.num_rows)
+        for key, value in got.rows(index).items():
+            assert torch.equal(value, want.rows(index)[key]), key
+    again = val.select(np.array([1, 0]))  # a selection of a selection
+    assert _documents(again) == _documents(val)[1::-1]
+
+
+def _documents(stream) -> list[list[int]]:
+    return [stream.take(np.arange(a, b)).tolist() for a, b in zip(stream.doc_starts[:-1], stream.doc_starts[1:])]
+
+
+def test_a_damaged_prepared_corpus_is_named(tmp_path):
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    np.save(tmp_path / "prep" / "docs.npy", np.zeros(0, dtype=np.int64))
+    with pytest.raises(DataError, match=r"docs\.npy must hold non-decreasing document offsets from 0"):
+        load_corpus(str(tmp_path / "prep"), tok)
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    (tmp_path / "prep" / "meta.json").write_text(json.dumps(meta | {"num_tokens": "8"}))
+    with pytest.raises(DataError, match=r"tokens\.bin holds 8 tokens, meta\.json says '8'"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
 def test_bad_sources(tmp_path):
     tok = ByteTokenizer()
     with pytest.raises(DataError, match="does not exist"):

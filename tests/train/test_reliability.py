@@ -90,6 +90,17 @@ def test_diverging_run_stops_nonzero_and_keeps_finite_checkpoints(tmp_path):
     assert list_checkpoints(tmp_path / "checkpoints") == kept
 
 
+def test_non_finite_weights_before_any_checkpoint_say_so(tmp_path):
+    t = Trainer(tiny_run("train.steps=4"), run_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        next(t.model.parameters())[0] = float("nan")
+    with pytest.raises(
+        TrainingDivergedError, match=r"there is no earlier checkpoint \(lower optim.lr and start again\)$"
+    ):
+        t.save_checkpoint()
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
 def test_a_save_inside_a_streak_prunes_nothing_and_a_deferred_save_follows_it(tmp_path):
     """Finite weights can still be the ones that diverge (a finite step that blew them up): a save
     inside a streak of skipped steps (here the last step's) must not push out an older checkpoint."""
@@ -170,6 +181,25 @@ def test_signal_during_the_first_evaluation_saves_step_zero(tmp_path, reference,
     assert resumed.step == 0
     resumed.run_loop()
     assert_same_run(resumed, tmp_path, reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_final_export_leaves_a_complete_run(tmp_path, reference, signum, capsys):
+    """The export finishes under the signal handling, so the run is complete: it says so and returns its
+    summary, not "stopped at the last step, resume with ..." (a resume would only export again)."""
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=True)
+    export = t.export
+
+    def exporting():
+        os.kill(os.getpid(), signum)
+        return export()
+
+    t.export = exporting
+    summary = t.run_loop()
+    assert summary["model"] == str(tmp_path / "model") and (tmp_path / "model" / "config.json").exists()
+    assert f"{signal.Signals(signum).name} received after the last step: the run is complete" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert_same_run(t, tmp_path, reference)
 
 
 def test_sigint_inside_a_save_finishes_it(tmp_path, reference, monkeypatch):
@@ -292,3 +322,16 @@ def test_config_refuses_nonfinite_numbers():
         with pytest.raises(ConfigError, match="finite"):
             tiny_run(item)
     assert "train.max_nonfinite_steps=10" not in TINY_RUN and tiny_run().train.max_nonfinite_steps == 10
+
+
+def test_the_console_line_of_a_non_finite_step_shows_one_loss(tmp_path):
+    """The main head's loss is shown beside the total only where they differ: NaN against NaN is no
+    difference (it printed "loss nan | main nan")."""
+    from hybridlm.train.metrics import Metrics
+
+    m = Metrics(tmp_path, 10, 0, enabled=False, progress=False)
+    nan = float("nan")
+    assert "main" not in m.line(3, {"loss": nan, "lm_loss": nan})
+    assert "main 2.0000" in m.line(3, {"loss": 2.5, "lm_loss": 2.0})
+    assert "main nan" in m.line(3, {"loss": 2.5, "lm_loss": nan})
+    m.close()

@@ -47,6 +47,7 @@ def test_preset_in_model_table(tmp_path):
         (["optim.lr=-1"], "optim.lr"),
         (["optim.schedule=linear"], "optim.schedule"),
         (["optim.beta2=1.5"], "optim.beta2"),
+        (["optim.eps=0"], "optim.eps"),  # AdamW's 0 / 0 for a parameter with no gradient yet
         (["data.seq_len=0"], "data.seq_len"),
         (["data.val_fraction=1.0"], "data.val_fraction"),
         (["train.micro_batch_size=5"], "train.micro_batch_size"),

@@ -25,6 +25,16 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert all(created for _, created in got)
 
 
+def test_a_run_dir_asked_for_with_the_time_field_is_a_template(tmp_path, monkeypatch):
+    """``--run-dir 'x/{time}'`` fills in the start time as ``train.run_dir`` does (it made a folder named
+    ``{time}``); a resume takes the folder it is given as it is."""
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20261202-010203")
+    asked = str(tmp_path / "x" / "{time}")
+    got = [rundir.claim(asked, "runs/{time}", "toml", resume=False)[0] for _ in range(2)]
+    assert got == [tmp_path / "x" / "20261202-010203", tmp_path / "x" / "20261202-010203-2"]
+    assert not (tmp_path / "x" / "{time}").exists()
+
+
 def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path):
     run = tiny_run("train.steps=2", "train.checkpoint_every=100")
     for name, make in (

@@ -75,3 +75,33 @@ def test_two_processes_follow_one(tmp_path):
     # The two-process run's checkpoint resumes in one process.
     assert main(["train", "--resume", str(tmp_path / "two"), "--set", "train.steps=8", "--no-progress"]) == 0
     assert max(step_losses(tmp_path / "two")) == 8
+
+
+@pytest.mark.multiprocess
+def test_two_processes_evaluate_rows_that_do_not_split_evenly(tmp_path):
+    """71 validation rows, one per forward: one rank runs 36 forwards, the other 35 and one of padding
+    (every FSDP forward is collective: unequal counts hung). The loss is the one-process loss."""
+    run = [
+        *("--set", "train.device=cpu", "--set", "data.seq_len=250", "--set", "train.micro_batch_size=1"),
+        *("--set", "train.steps=1", "--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2"),
+        *("--set", "model.ffn_hidden_size=64", "--set", "model.mamba_head_dim=16", "--set", "model.mamba_state_dim=16"),
+        "--no-progress",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
+    r = subprocess.run(
+        [*cmd, "train", *run, "--run-dir", str(tmp_path / "two")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, run_failure(r)
+    assert main(["train", *run, "--run-dir", str(tmp_path / "one")]) == 0
+
+    def val_losses(run_dir: Path) -> dict[int, float]:
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+    two, one = val_losses(tmp_path / "two"), val_losses(tmp_path / "one")
+    assert two.keys() == one.keys() == {0, 1}
+    assert two[0] == pytest.approx(one[0], rel=1e-6) and two[1] == pytest.approx(one[1], rel=2e-4)

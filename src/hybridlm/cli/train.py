@@ -62,16 +62,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one field, e.g. --set train.steps=100 --set model.pattern='M-[*E]'",
+        help="override one field, e.g. --set train.steps=100 --set model.pattern='M-[*-]M-'",
     )
-    ap.add_argument("--run-dir", default=None, help="run directory (default: train.run_dir, runs/<start time>)")
+    ap.add_argument(
+        "--run-dir",
+        default=None,
+        help="run directory; {time} becomes the start time (default: train.run_dir, runs/{time})",
+    )
     ap.add_argument(
         "--resume",
         nargs="?",
         const=True,
         default=None,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, plus --set)",
+        help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, or --config's run file, "
+        "which then replaces it; plus --set)",
     )
     bar = ap.add_mutually_exclusive_group()
     bar.add_argument(

@@ -2,8 +2,9 @@
 
 A run file has five tables::
 
-    [model]   # a preset name and/or ModelConfig fields; vocab_size defaults to the tokenizer's
-    preset = "tiny"
+    [model]   # a preset name and/or ModelConfig fields; vocab_size defaults to the tokenizer's,
+    preset = "tiny"   # or else the preset's (tiny's 256: the byte tokenizer needs 257)
+    vocab_size = 257
     hidden_size = 128
     [data]    # corpus, tokenizer, sequence length, validation split
     [optim]   # AdamW, schedule, clipping
@@ -264,7 +265,8 @@ class RunConfig:
                 raise ConfigError(f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
         if not 0.0 < o.decay_fraction <= 1.0:
             raise ConfigError("optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
-        for name in ("weight_decay", "grad_clip", "eps", "moe_expert_bias_rate"):
+        _positive("optim.eps", o.eps)  # 0 divides 0 by 0 for a parameter with no gradient yet
+        for name in ("weight_decay", "grad_clip", "moe_expert_bias_rate"):
             if getattr(o, name) < 0:
                 raise ConfigError(f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
         for name in ("beta1", "beta2"):

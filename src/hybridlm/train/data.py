@@ -35,11 +35,15 @@ class TokenStream:
 
     Attributes:
         tokens: (N,) token ids, every document ending with the end-of-document token.
-        doc_starts: (D + 1,) offset of each document in ``tokens``, then N.
+        doc_starts: (D + 1,) offset of each document in the stream, then the stream's length.
+        doc_offsets: (D,) where each document starts in ``tokens``, for a selection of another stream's
+            documents (:meth:`select`) that shares its token array (a memmap stays one); None: the stream is
+            ``tokens`` itself.
     """
 
     tokens: np.ndarray
     doc_starts: np.ndarray
+    doc_offsets: np.ndarray | None = None
 
     @property
     def num_docs(self) -> int:
@@ -49,12 +53,19 @@ class TokenStream:
     def num_tokens(self) -> int:
         return int(self.doc_starts[-1])
 
+    def take(self, pos: np.ndarray) -> np.ndarray:
+        """The token ids at stream positions ``pos`` (any shape)."""
+        if self.doc_offsets is None:
+            return self.tokens[pos]
+        doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
+        return self.tokens[self.doc_offsets[doc] + (pos - self.doc_starts[doc])]
+
     def select(self, docs: np.ndarray) -> TokenStream:
-        """A new stream of the given documents, in the given order."""
-        parts = [self.tokens[self.doc_starts[d] : self.doc_starts[d + 1]] for d in docs]
-        lengths = np.array([len(p) for p in parts], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return TokenStream(np.concatenate(parts) if parts else self.tokens[:0], starts)
+        """A stream of the given documents, in the given order, over the same token array (nothing copied)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        offsets = self.doc_starts[:-1] if self.doc_offsets is None else self.doc_offsets
+        lengths = np.diff(self.doc_starts)[docs]
+        return TokenStream(self.tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), offsets[docs])
 
 
 # -- reading documents ---------------------------------------------------------------------------
@@ -148,7 +159,8 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
     """Write ``stream`` as ``tokens.bin`` (raw little-endian array), ``docs.npy`` and ``meta.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stream.tokens.astype(stream.tokens.dtype.newbyteorder("<")).tofile(out / PREPARED_TOKENS)
+    tokens = stream.tokens if stream.doc_offsets is None else stream.take(np.arange(stream.num_tokens))
+    tokens.astype(tokens.dtype.newbyteorder("<")).tofile(out / PREPARED_TOKENS)
     np.save(out / PREPARED_DOCS, stream.doc_starts)
     for name, content in tokenizer.files().items():
         (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -179,8 +191,15 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         starts = np.load(path / PREPARED_DOCS)
     except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a prepared corpus ({e})") from None
-    if len(tokens) != starts[-1] or len(tokens) != meta["num_tokens"]:
-        raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {PREPARED_DOCS} says {starts[-1]}")
+    ordered = starts.ndim == 1 and len(starts) >= 2 and np.issubdtype(starts.dtype, np.integer)
+    if not (ordered and starts[0] == 0 and bool(np.all(np.diff(starts) >= 0))):
+        raise DataError(
+            f"{path}: {PREPARED_DOCS} must hold non-decreasing document offsets from 0 to the token count "
+            f"(got a {starts.dtype} array of shape {starts.shape})"
+        )
+    for what, count in ((PREPARED_DOCS, starts[-1]), (PREPARED_META, meta["num_tokens"])):
+        if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count != len(tokens):
+            raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {what} says {count!r}")
     return TokenStream(tokens, starts), meta
 
 
@@ -232,7 +251,7 @@ class PackedRows:
         """Rows ``index`` as input_ids, labels and doc_ids, each (len(index), seq_len) int64."""
         L = self.seq_len
         pos = (np.asarray(index, dtype=np.int64)[:, None] * L) + np.arange(L + 1)[None, :]
-        tokens = np.asarray(self.stream.tokens[pos], dtype=np.int64)
+        tokens = np.asarray(self.stream.take(pos), dtype=np.int64)
         docs = np.searchsorted(self.stream.doc_starts, pos, side="right") - 1
         labels = tokens[:, 1:].copy()
         labels[docs[:, 1:] != docs[:, :-1]] = -100  # the next token starts another document

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,8 @@ class Metrics:
             # The console shows the mean over the steps since the last line; the JSONL keeps each step's.
             parts.append(f"loss {v.get('loss_avg', v['loss']):.4f}")
             main = v.get("lm_loss_avg", v.get("lm_loss"))
-            if main is not None and v["lm_loss"] != v["loss"]:  # MTP or auxiliary losses: the main head's too
+            differ = v["lm_loss"] != v["loss"] and not (math.isnan(v["lm_loss"]) and math.isnan(v["loss"]))
+            if main is not None and differ:  # MTP or auxiliary losses: the main head's too
                 parts.append(f"main {main:.4f}")
         if "val_loss" in v:
             parts.append(f"val {v['val_loss']:.4f}")

@@ -59,7 +59,7 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
     """The run's folder and whether this call created it (so that a failed start can remove it).
 
     Args:
-        run_dir: the folder asked for; None: ``template`` with :data:`TIME_FIELD` filled in. Runs
+        run_dir: the folder asked for (with :data:`TIME_FIELD`: a template); None: ``template`` with it filled in. Runs
             started in the same second get ``-2``, ``-3``, ... (each folder is created atomically).
         template: ``train.run_dir``.
         toml: the run file this run will write (a ``config.toml`` already there must be it).
@@ -68,6 +68,8 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
     Raises:
         DataError: the folder holds another run (or another file where the run writes its own).
     """
+    if run_dir is not None and TIME_FIELD in str(run_dir) and not resume:  # a folder asked for as a template
+        run_dir, template = None, str(run_dir)
     if run_dir is None and TIME_FIELD in template and not resume:
         base = template.replace(TIME_FIELD, time.strftime("%Y%m%d-%H%M%S"))
         Path(base).parent.mkdir(parents=True, exist_ok=True)

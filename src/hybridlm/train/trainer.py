@@ -15,9 +15,11 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -366,44 +368,51 @@ class Trainer:
             return None
         self.model.eval()
         rows = eval_rows(self.val_rows.num_rows, self.run.train.eval_batches * self.local_batch * self.dp)
-        mine = rows[self.dp_rank :: self.dp]
+        size = self.local_batch if self.pipeline is not None else self.micro
         loss_sum, count = 0.0, 0.0
-        if self.pipeline is not None:
-            loss_sum, count = self._evaluate_pipeline(mine)
-        else:
-            for start in range(0, len(mine), self.micro):
-                part = self._to_device(self.val_rows.rows(mine[start : start + self.micro]))
+        for part in self._eval_parts(rows, size):
+            if self.pipeline is not None:
+                s, n = self.pipeline.evaluate(self._to_device(part))
+            else:
+                part = self._to_device(part)
                 self._mark_graph_step()
                 with self._autocast():
                     out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
                 n = (part["labels"] != -100).sum().item()
-                loss_sum += out.lm_loss.item() * n
-                count += n
+                s = out.lm_loss.item() * n if n else 0.0  # a part of padding only: its mean loss is 0 / 0
+            loss_sum, count = loss_sum + s, count + n
         self.model.train()
         loss_sum, count = self._all_reduce([loss_sum, count])
         return loss_sum / max(count, 1.0)
 
-    def _evaluate_pipeline(self, rows) -> tuple[float, float]:
-        """Validation over the pipeline, a full step's rows at a time (the last chunk padded with
-        unlabelled rows: stages have fixed shapes)."""
-        loss_sum, count = 0.0, 0.0
-        for start in range(0, len(rows), self.local_batch):
-            part = self.val_rows.rows(rows[start : start + self.local_batch])
-            pad = self.local_batch - len(part["labels"])
-            if pad:
-                part = {k: torch.cat([v, v[:1].expand(pad, -1)]) for k, v in part.items()}
-                part["labels"][-pad:] = -100
-            s, n = self.pipeline.evaluate(self._to_device(part))
-            loss_sum, count = loss_sum + s, count + n
-        return loss_sum, count
+    def _eval_parts(self, rows: np.ndarray, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of the validation ``rows`` (every ``dp``-th), ``size`` rows at a time, as many parts
+        as the rank with the most rows has: every forward is collective under FSDP and the pipeline, so ranks
+        that ran different numbers hung. A pipeline's parts have ``size`` rows (stages have fixed shapes): a
+        short or missing part is filled with unlabelled copies of a row, which add nothing to the loss."""
+        mine = rows[self.dp_rank :: self.dp]
+        most = -(-len(rows) // self.dp)
+        for start in range(0, most, size):
+            part = self.val_rows.rows(mine[start : start + size] if start < len(mine) else rows[:0])
+            fill = (size if self.pipeline is not None else 1) - len(part["labels"])
+            if fill > 0:
+                filler = self.val_rows.rows(rows[:1])
+                part = {k: torch.cat([v, filler[k].expand(fill, -1)]) for k, v in part.items()}
+                part["labels"][-fill:] = -100
+            yield part
 
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
         if not weights_finite(self.model):  # never let a NaN checkpoint push a good one out
+            last = latest_checkpoint(self.run_dir)
+            then = (
+                f"the last checkpoint is {last} (lower optim.lr, then resume)"
+                if last
+                else "there is no earlier checkpoint (lower optim.lr and start again)"
+            )
             raise TrainingDivergedError(
-                f"the weights are not finite at step {self.step}: no checkpoint written; "
-                f"the last checkpoint is {latest_checkpoint(self.run_dir)} (lower optim.lr, then resume)"
+                f"the weights are not finite at step {self.step}: no checkpoint written; {then}"
             )
         path = self.run_dir / CHECKPOINTS / checkpoint_dir_name(self.step)
         save_training_state(path, self.model, self.optimizer, self.scheduler, step=self.step)
@@ -508,7 +517,11 @@ class Trainer:
         try:
             with StopSignals() as signals:
                 summary = self._loop(stop, start_time, signals)
-                self._stop_for_signal(signals)  # a signal during the final export: it is saved, say so
+                if "model" not in summary:  # stopped early (``until``): a signal since the last step, say so
+                    self._stop_for_signal(signals)
+                elif (signum := signals.pending(self.device if self.world > 1 else None)) is not None:
+                    # During the last save or the export: both finished, so the run is complete.
+                    self.metrics.print(f"{signal_name(signum)} received after the last step: the run is complete")
         finally:
             if self.is_main:  # the folder is free for the next run (or the resume)
                 unlock(self.run_dir)
