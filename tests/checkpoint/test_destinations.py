@@ -3,6 +3,7 @@ foreign files and folders left alone; damaged metadata refused with where and wh
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ from safetensors.torch import save_file
 import hybridlm
 from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint import io
-from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
+from hybridlm.checkpoint.hf_nemotron import convert_from_nemotron_h, convert_to_nemotron_h
 from hybridlm.checkpoint.inspect import describe
-from hybridlm.checkpoint.megatron import convert_to_megatron, load_megatron
+from hybridlm.checkpoint.megatron import convert_from_megatron, convert_to_megatron, load_megatron
 from hybridlm.checkpoint.training_state import load_training_state, save_training_state
 from hybridlm.cli import main
 from tests.helpers import tiny_config
@@ -97,15 +98,60 @@ def test_an_interrupted_megatron_export_can_be_rerun(tmp_path, model, monkeypatc
 
     ck = hybridlm.save(model, tmp_path / "ck")
 
-    def interrupted(state, path):
-        path.write_bytes(b"half")  # the weights half written, then Ctrl-C
+    def interrupted(obj, file):
+        Path(file).write_bytes(b"half")  # the weights half written, then Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(megatron, "save_megatron", interrupted)
+    monkeypatch.setattr(megatron.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_to_megatron(ck, tmp_path / "m.pt")
     monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # nothing half written is left
     assert load_megatron(convert_to_megatron(ck, tmp_path / "m.pt")).keys()
+
+
+def test_a_failed_megatron_export_leaves_the_previous_pair(tmp_path, model, monkeypatch, capsys):
+    """The config beside a Megatron export and its weights are both written before either replaces a file:
+    a write that fails (here a full disk) leaves the previous export whole, not new config beside old weights."""
+    from hybridlm.checkpoint import megatron
+
+    ck = hybridlm.save(model, tmp_path / "ck")
+    out = convert_to_megatron(ck, tmp_path / "m.pt")
+    before = {f: (tmp_path / f).read_bytes() for f in ("m.pt", "m.pt.hybridlm.json")}
+    other = hybridlm.save(HybridLM(tiny_config("M*-", mlp_activation="gelu"), seed=1), tmp_path / "other")
+
+    def disk_full(obj, file):
+        Path(file).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6016 vs 5910")
+
+    monkeypatch.setattr(megatron.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot write it, is the disk full\? \(RuntimeError: "):
+        convert_to_megatron(other, out)
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["ck", "m.pt", "m.pt.hybridlm.json", "other"]
+
+    def no_space(*args, **kwargs):  # what safetensors raises: no OSError, the error number in its message
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", no_space)
+    assert main(["convert", str(ck), str(tmp_path / "hf"), "--to", "nemotron-h"]) == 2
+    assert "error: no space left on device (" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["ck", "m.pt", "m.pt.hybridlm.json", "other"]
+
+
+def test_a_conversion_never_writes_over_its_own_source(tmp_path, model):
+    ck = hybridlm.save(model, tmp_path / "ck")
+    convert_to_nemotron_h(ck, tmp_path / "hf" / "a")
+    exported = convert_to_megatron(ck, ck / "model.pt")  # an export kept inside the checkpoint folder
+    for convert in (
+        lambda: convert_to_nemotron_h(tmp_path / "hf" / "a", tmp_path / "hf"),
+        lambda: convert_from_nemotron_h(tmp_path / "hf" / "a", tmp_path / "hf" / "a"),
+        lambda: convert_from_megatron(exported, ck),
+    ):
+        with pytest.raises(CheckpointError, match=r"is the source .* or holds it, which writing there would delete"):
+            convert()
+    assert (tmp_path / "hf" / "a" / "config.json").exists() and exported.exists()
+    assert _same(hybridlm.load(ck), model)
 
 
 @pytest.mark.parametrize("version", ["1", 1.0, True, 0, -5, None])

@@ -51,6 +51,36 @@ def test_resume_under_other_brackets_continues_exactly(tmp_path, resume_pattern)
     assert resumed == uninterrupted
 
 
+def test_parameters_without_optimizer_state_resume_without_one(tmp_path):
+    """A parameter that never had a gradient has no AdamW state (DSA's indexer without its loss): the
+    resumed optimizer gives it none either, and the run continues exactly once it gets gradients."""
+    data = batches(5)
+    model, opt, sched = make("M-*E")
+    frozen = "blocks.2.layers.0.mixer.o_proj.weight"  # no gradient for the first 3 steps
+
+    def train(model, opt, ids, first):
+        opt.zero_grad()
+        model(ids, torch.roll(ids, -1, 1)).loss.backward()
+        if first:
+            model.get_parameter(frozen).grad = None
+        opt.step()
+
+    for ids in data[:3]:
+        train(model, opt, ids, first=True)
+    assert model.get_parameter(frozen) not in opt.state
+    save_training_state(tmp_path / "s", model, opt, sched, step=3)
+    for ids in data[3:]:
+        train(model, opt, ids, first=False)
+
+    other, other_opt, other_sched = make("M-*E", seed=123)
+    load_training_state(tmp_path / "s", other, other_opt, other_sched)
+    assert other.get_parameter(frozen) not in other_opt.state and len(other_opt.state) == len(opt.state) - 1
+    for ids in data[3:]:
+        train(other, other_opt, ids, first=False)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_rng_is_restored(tmp_path):
     model, opt, _ = make("M-")
     torch.manual_seed(7)

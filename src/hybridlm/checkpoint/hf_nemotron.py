@@ -18,6 +18,7 @@ from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     check_replaceable,
+    destination,
     dominant_dtype,
     fit_problems,
     full_cpu,
@@ -238,6 +239,7 @@ def convert_to_nemotron_h(
     Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory.
     """
     src, what = Path(src), "a Hugging Face NemotronH directory"
+    destination(dst, src)
     config = read_config(src)
     check_exportable(config)  # before reading any weights
     check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
@@ -419,5 +421,6 @@ def convert_from_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size:
     """Convert NemotronH directory ``src``, with its tokenizer and generation files, into hybridlm checkpoint
     ``dst`` (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
     src = Path(src)
+    destination(dst, src)
     config, tensors = import_nemotron_h(src)
     return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=_aux_files(src))

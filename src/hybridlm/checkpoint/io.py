@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -94,12 +95,15 @@ def check_format(data: Mapping[str, Any], file: Path, kind: str, format: str, ve
         raise CheckpointError(f"{file}: format_version {v} is newer than this hybridlm reads ({version})")
 
 
-def destination(path: str | Path) -> Path:
+def destination(path: str | Path, source: str | Path | None = None) -> Path:
     """Where a directory at ``path`` is written: through symbolic links (the link keeps pointing at the
-    new folder), and never the current directory or one holding it (the swap would pull it away)."""
+    new folder), and never the current directory, a conversion's ``source``, or a folder holding either
+    (the swap would pull the one away, and delete the other)."""
     real = Path(path).resolve()
     if Path.cwd().resolve().is_relative_to(real):
         raise CheckpointError(f"{path}: is the current directory or holds it; write from outside it, or elsewhere")
+    if source is not None and Path(source).resolve().is_relative_to(real):
+        raise CheckpointError(f"{path}: is the source {source} or holds it, which writing there would delete")
     return real
 
 
@@ -184,16 +188,37 @@ def write_directory(
         raise
 
 
-def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` beside ``path``, flush it to disk, then rename it over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, Callable[[Path], None]]) -> None:
+    """``write(tmp)`` beside ``path`` (and each ``more`` file's), flush them to disk, then rename each over its
+    path in order: never half-written, and a failed write leaves every file as it was."""
+    tmps: dict[Path, Path] = {}
     try:
-        write(tmp)
-        publish(tmp)
-        os.replace(tmp, path)
+        for file, writer in ((path, write), *more):
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tmps[file] = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
+            written(file, writer, tmp)
+            publish(tmp)
+        for file, tmp in tmps.items():
+            os.replace(tmp, file)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def written(file: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run ``write(*args, **kwargs)``, which writes ``file``. What the library writing it raises (safetensors and torch.save
+    raise no OSError) becomes an OSError naming ``file`` where its message gives the system's error number
+    (the CLI then says "no space left on device"), else a CheckpointError naming ``file``."""
+    try:
+        write(*args, **kwargs)
+    except OSError as e:
+        e.filename = e.filename or str(file)
+        raise
+    except Exception as e:
+        if code := re.search(r"os error (\d+)", str(e)):
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{file}: cannot write it, is the disk full? ({type(e).__name__}: {first})") from None
 
 
 # -- safetensors -----------------------------------------------------------------------------------
@@ -229,7 +254,7 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     n = len(shards)
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names, shards):
-        save_file(shard, directory / name, metadata={"format": "pt"})
+        written(directory / name, save_file, shard, directory / name, metadata={"format": "pt"})
     if n > 1:  # the names are sorted, so the weight map is too
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}

@@ -26,7 +26,7 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, full_cpu, load_safetensors, replace_file
+from .io import MAX_LISTED, check_fit, destination, full_cpu, load_safetensors, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 from .weights import read_config, read_tensors, save_state_dict
 
@@ -230,16 +230,22 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
-def save_megatron(state: Mapping[str, Tensor], path: str | Path) -> Path:
-    """Write ``state`` atomically: ``.pt`` as ``torch.save({"model": state})``, or ``.safetensors``. Returns ``path``."""
+def save_megatron(state: Mapping[str, Tensor], path: str | Path, config: ModelConfig | None = None) -> Path:
+    """Write ``state`` atomically: ``.pt`` as ``torch.save({"model": state})``, or ``.safetensors``; with
+    ``config``, also its JSON at :func:`config_sidecar` (both written before either replaces a file, the config
+    renamed first). Returns ``path``."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: full_cpu(v) for k, v in state.items()}
     if _suffix(path) == ".pt":
-        replace_file(path, lambda tmp: torch.save({"model": tensors}, tmp))
+        weights = (path, lambda tmp: torch.save({"model": tensors}, tmp))
     else:
-        replace_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        weights = (path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    if config is None:
+        replace_file(*weights)
+    else:
+        replace_file(config_sidecar(path), lambda tmp: tmp.write_text(config.to_json()), weights)
     return path
 
 
@@ -305,15 +311,14 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
         )
     config = read_config(src)
     tensors = to_megatron(config, read_tensors(src, verify=verify))
-    # The sidecar first: an interrupted export leaves a file this command may replace when rerun.
-    replace_file(config_sidecar(dst), lambda tmp: tmp.write_text(config.to_json()))
-    save_megatron(tensors, dst)
-    return dst
+    # The sidecar is renamed first: an interrupted export leaves a file this command may replace when rerun.
+    return save_megatron(tensors, dst, config)
 
 
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
     (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
+    destination(dst, src)
     state, sidecar = load_megatron(src), config_sidecar(src)
     if config is None and not sidecar.is_file():
         raise CheckpointError(

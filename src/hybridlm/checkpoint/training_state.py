@@ -27,7 +27,15 @@ from torch.optim import Optimizer
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
-from .io import check_format, check_replaceable, commit_directory, destination, load_safetensors, read_json
+from .io import (
+    check_format,
+    check_replaceable,
+    commit_directory,
+    destination,
+    load_safetensors,
+    read_json,
+    written,
+)
 from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
@@ -144,7 +152,7 @@ def save_training_state(
             state["scheduler"] = {k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool, list))}
         (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
         rng = {f"rank{r}.{k}": t.contiguous() for r, (_, ts) in enumerate(gathered) for k, t in ts.items()}
-        save_file(rng, tmp / RNG_STATE)
+        written(tmp / RNG_STATE, save_file, rng, tmp / RNG_STATE)
         commit_directory(tmp, path)  # durable, then renamed
     if _distributed():
         dist.barrier()
@@ -184,8 +192,14 @@ def load_training_state(
     if restore_rng and not (path / RNG_STATE).is_file():
         raise CheckpointError(f"{path}: missing {RNG_STATE}")
     rng = load_safetensors(path / RNG_STATE) if restore_rng else {}
-    states = _canonical_states(model, optimizer)
+    states = _canonical_states(model, optimizer)  # the optimizer gets a state for every parameter here
     wanted = _tensors_only(states)
+    # A parameter with no saved state had none when saved (it never had a gradient, e.g. DSA's indexer
+    # without its loss): it gets none back, so that its first gradient starts from step 0 as it would have.
+    saved = {_OPTIM_KEY.fullmatch(k[len("optim.") :])[2] for k in entries if k.startswith("optim.state.")}
+    stateless = {_OPTIM_KEY.fullmatch(k)[2] for k in wanted.get("optim", {})} - saved
+    if "optim" in wanted:
+        wanted["optim"] = {k: v for k, v in wanted["optim"].items() if _OPTIM_KEY.fullmatch(k)[2] not in stateless}
     try:
         _dcp(dcp.load, wanted, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner())
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
@@ -195,6 +209,9 @@ def load_training_state(
     sd = _renamed({part: {**states[part], **wanted[part]} for part in states}, model_name, model)
     optims = [] if optimizer is None else optimizer
     set_state_dict(model, optims, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}), options=_OPTIONS)
+    for name, param in model.named_parameters() if optimizer is not None else ():
+        if canonical_name(name, model.config.parsed) in stateless:
+            optimizer.state.pop(param, None)
     if scheduler is not None and isinstance(extra.get("scheduler"), dict):
         try:
             _restore_scheduler(scheduler, extra["scheduler"])
