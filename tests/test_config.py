@@ -19,6 +19,15 @@ def test_json_round_trip(name, tmp_path):
     assert ModelConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_a_file_whose_name_looks_like_json_is_read_as_a_file(tmp_path, monkeypatch):
+    """A relative name starting with '[' or '{' (an export called "[v1].pt") is a file where one exists."""
+    cfg = ModelConfig.preset("tiny")
+    monkeypatch.chdir(tmp_path)
+    for name in ("[v1].json", "{run}.json"):
+        cfg.to_json(name)
+        assert ModelConfig.from_json(name) == cfg
+
+
 def test_contract_field_names():
     names = set(ModelConfig.__dataclass_fields__)
     contract = [

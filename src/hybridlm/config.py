@@ -222,9 +222,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> ModelConfig:
-        """Read a config from a JSON string or a ``.json`` file path."""
+        """Read a config from a JSON string or a ``.json`` file path (a Path, or a string naming a file)."""
         text = str(text_or_path)
-        if not text.lstrip().startswith(("{", "[")) and not text.strip().isdigit():  # else JSON text, not a path
+        json_like = text.lstrip().startswith(("{", "[")) or text.strip().isdigit()
+        if isinstance(text_or_path, Path) or not json_like or _is_file(text):  # a file named "[v1].json" too
             try:
                 text = Path(text_or_path).read_text(encoding="utf-8")
             except OSError as e:
@@ -454,3 +455,10 @@ def _validate_mla(cfg: ModelConfig, sparse: bool) -> None:
         )
     if cfg.dsa_indexer_loss_coeff < 0:
         raise ConfigError("dsa_indexer_loss_coeff", f"must be >= 0, got {cfg.dsa_indexer_loss_coeff}")
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name too long for the system, or holding NUL: JSON text, not a file
+        return False

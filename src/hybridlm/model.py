@@ -347,7 +347,7 @@ class HybridLM(nn.Module):
         # Output projections are scaled by the canonical layer count, not the block count, so
         # fusing layers does not change the initialization.
         out_std = std / math.sqrt(max(1, c.parsed.num_layers))
-        device = next(self.parameters()).device
+        device = next(self.parameters(), torch.empty(0)).device  # a pipeline stage may hold none
 
         def gen(*key: object) -> torch.Generator:
             g = torch.Generator(device=device)

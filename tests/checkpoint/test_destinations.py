@@ -223,3 +223,12 @@ def test_convert_cli_takes_a_checkpoint_as_megatron_config_and_no_verify(tmp_pat
     assert "checksum mismatch" in err and err.count(str(ck / "model.safetensors")) == 1 and "convert --to" in err
     assert main(["convert", str(ck), str(tmp_path / "hf"), "--to", "nemotron-h", "--no-verify"]) == 0
     convert_to_nemotron_h(ck, tmp_path / "hf2", verify=False)
+
+
+def test_no_verify_is_refused_with_every_from(tmp_path, model, capsys):
+    ck = hybridlm.save(model, tmp_path / "ck")
+    out = convert_to_megatron(ck, tmp_path / "m.pt")
+    for src, kind in ((out, "megatron"), (ck, "nemotron-h")):
+        assert main(["convert", str(src), str(tmp_path / "back"), "--from", kind, "--no-verify"]) == 2
+        assert "--no-verify is only used with --to" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()

@@ -2,6 +2,7 @@
 bytes, index entries outside the folder."""
 
 import json
+import os
 import pathlib
 import pickle
 import shutil
@@ -152,3 +153,13 @@ def test_sharded_checkpoint_checksums_and_outside_index_entries(tmp_path):
     for load in (hybridlm.load, describe):
         with pytest.raises(CheckpointError, match=r"not a \.safetensors file inside the checkpoint folder"):
             load(path)
+
+
+def test_a_weight_file_that_is_no_regular_file_is_refused_not_waited_on(tmp_path, capsys):
+    """A FIFO named model.safetensors in a folder from someone else blocked load and inspect forever."""
+    ck = hybridlm.save(HybridLM(tiny_config("M-"), seed=0), tmp_path / "ck")
+    (ck / "model.safetensors").unlink()
+    os.mkfifo(ck / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a regular file"):
+        hybridlm.load(ck)
+    assert main(["inspect", str(ck)]) == 2 and "not a regular file" in capsys.readouterr().err

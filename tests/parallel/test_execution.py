@@ -54,6 +54,13 @@ def test_pipeline_stage_keeps_global_block_names():
     assert {n.split(".")[1] for n, _ in stage.named_parameters()} == {"2", "3"}
 
 
+def test_a_stage_of_an_empty_segment_builds_with_no_parameters():
+    """The pattern language allows an empty segment between '|'s (hybridlm pattern shows its rank with no
+    blocks); building that stage gave a bare StopIteration (training refuses it: nothing to save)."""
+    stage = build_stage(tiny_config("M-||*-"), 1, 3)
+    assert list(stage.blocks) == [] and not list(stage.parameters())
+
+
 def test_every_stage_knows_it_is_not_the_whole_model():
     # The first stage keeps the embedding, the last keeps norm_f and the head: each lacks something.
     config = tiny_config("M-|[*-]G|E-")

@@ -206,6 +206,7 @@ def test_rank_stages_follow_megatron_order():
         (["model.pattern=M-M", "parallel.pp=2"], "parallel.pp"),  # legacy split: 3 blocks over 2 ranks
         (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.schedule=1f1b"], "parallel.schedule"),
         (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.microbatches=3"], "parallel.microbatches"),
+        (["model.pattern=M-||M-", "parallel.pp=3"], "model.pattern"),  # rank 1 would hold nothing to save
     ],
 )
 def test_bad_parallel_settings_name_the_field(sets, field):

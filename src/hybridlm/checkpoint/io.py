@@ -266,6 +266,8 @@ def open_safetensors(file: Path) -> Iterator[Any]:
     """``safetensors.safe_open(file)`` for torch; a failure to read it is a CheckpointError naming the file."""
     from safetensors import safe_open
 
+    if file.exists() and not file.is_file():  # a FIFO or a device would block the read, a folder fail obscurely
+        raise CheckpointError(f"{file}: not a regular file")
     try:
         with safe_open(file, framework="pt") as f:
             yield f

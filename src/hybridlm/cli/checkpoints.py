@@ -35,6 +35,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if (args.to is None) == (args.from_ is None):
         raise UsageError("give exactly one of --to FORMAT or --from FORMAT")
+    if args.no_verify and args.to is None:
+        raise UsageError("--no-verify is only used with --to (it skips the SHA-256 check of a hybridlm checkpoint)")
     if args.to == "nemotron-h":
         from ..checkpoint.hf_nemotron import convert_to_nemotron_h as convert
     elif args.to == "megatron":
@@ -50,8 +52,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0
     if args.config is not None:
         raise UsageError("--config is only used with --from megatron")
-    if args.no_verify and args.to is None:
-        raise UsageError("--no-verify is only used with --to (it skips the SHA-256 check of a hybridlm checkpoint)")
     out = convert(args.src, args.dst, **({"verify": False} if args.no_verify else {}))
     print(f"wrote {out}")
     return 0

@@ -255,7 +255,7 @@ def apply_fsdp(
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"reshard_after_forward": reshard_after_forward}
-    device_type = next(model.parameters()).device.type
+    device_type = next(model.parameters(), torch.empty(0)).device.type  # a pipeline stage may hold none
     if mesh is None and device_type != "meta":
         from torch.distributed.device_mesh import init_device_mesh
 

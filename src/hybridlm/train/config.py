@@ -361,6 +361,9 @@ class RunConfig:
             raise ConfigError(
                 "parallel.pp", f"must divide the pattern's {n_seg} '|' segments (one stage per segment), got {par.pp}"
             )
+        from .pipeline import check_every_rank_holds_layers
+
+        check_every_rank_holds_layers(self.model_config(), par.pp)
         virtual = max(1, n_seg // par.pp)
         schedule = self.resolved_schedule()
         if virtual > 1 and schedule in SINGLE_STAGE_SCHEDULES:

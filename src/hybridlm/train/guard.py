@@ -67,8 +67,9 @@ class NonFiniteGuard:
 
 
 @torch.no_grad()
-def weights_finite(model: torch.nn.Module) -> bool:
-    """Every parameter and floating buffer finite, on every process (a collective when distributed)."""
+def weights_finite(model: torch.nn.Module, device: torch.device | None = None) -> bool:
+    """Every parameter and floating buffer finite, on every process (a collective when distributed, on
+    ``device``: by default the first parameter's; a pipeline stage may hold none)."""
     ok = True
     for t in [*model.parameters(), *model.buffers()]:
         local = t.to_local() if hasattr(t, "to_local") else t
@@ -76,7 +77,7 @@ def weights_finite(model: torch.nn.Module) -> bool:
             ok = False
             break
     if dist.is_available() and dist.is_initialized():
-        device = next(model.parameters()).device
+        device = device or next(model.parameters()).device
         flag = torch.tensor([0.0 if ok else 1.0], device=device if device.type != "meta" else "cpu")
         dist.all_reduce(flag)
         ok = flag.item() == 0

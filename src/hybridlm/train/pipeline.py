@@ -25,11 +25,23 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import IGNORE_INDEX
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks, init_sharded
-from ..parallel.pipeline import build_pipeline_model, make_schedule
+from ..parallel.pipeline import build_pipeline_model, make_schedule, rank_stages
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def check_every_rank_holds_layers(config: ModelConfig, pp: int) -> None:
+    """Refuse (ConfigError) a pattern that leaves a pipeline rank without layers, embedding or head (an empty
+    segment between '|'s): it would have no training state to save. Every rank checks every rank alike."""
+    for r in range(pp):
+        if not any(st.blocks or st.is_first or st.is_last for st in rank_stages(config, r, pp)):
+            raise ConfigError(
+                "model.pattern",
+                f"pipeline rank {r} of {pp} would hold no layers (an empty segment between '|'s); "
+                "training needs a layer on every rank",
+            )
 
 
 class PipelineRunner:
@@ -84,6 +96,7 @@ class PipelineRunner:
                 f"{microbatches} micro-batches do not split the {local_batch} rows each data-parallel rank "
                 "takes per step (train.batch_size / (world size / parallel.pp))",
             )
+        check_every_rank_holds_layers(config, pp)
         self.config, self.device, self.autocast = config, device, autocast
         self.pp, self.dp = pp, world // pp
         self.mesh = init_device_mesh(device.type, (self.dp, pp), mesh_dim_names=("dp", "pp"))

@@ -404,7 +404,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        if not weights_finite(self.model):  # never let a NaN checkpoint push a good one out
+        if not weights_finite(self.model, self.device):  # never let a NaN checkpoint push a good one out
             last = latest_checkpoint(self.run_dir)
             then = (
                 f"the last checkpoint is {last} (lower optim.lr, then resume)"
