@@ -137,6 +137,17 @@ def test_flipped_data_byte_is_refused_unless_verify_is_off(tmp_path):
     assert len(differ) == 1  # the flipped bit, loaded on request
 
 
+def test_a_damaged_checksum_entry_names_config_json_not_the_weights(tmp_path):
+    path = hybridlm.save(HybridLM(tiny_config("M-"), seed=0), tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    for entry in (12345, "abc", None):
+        (path / "config.json").write_text(json.dumps(meta | {"sha256": {"model.safetensors": entry}}))
+        with pytest.raises(
+            CheckpointError, match=r"config\.json: sha256 of model\.safetensors is no SHA-256 hex digest"
+        ):
+            hybridlm.load(path)
+
+
 def test_sharded_checkpoint_checksums_and_outside_index_entries(tmp_path):
     path = tmp_path / "ck"
     hybridlm.save(HybridLM(tiny_config("M-*-")), path, max_shard_size=20_000)

@@ -5,6 +5,7 @@ docs/checkpoints.md ("Published weights")."""
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,6 +159,8 @@ def verify_checksums(path: str | Path, files: Iterable[str] | None = None) -> No
     for file in sorted(set(weight_files(path).values()) if files is None else set(files)):
         if file not in sums:
             raise CheckpointError(f"{path}: {file} has no checksum in {CONFIG_NAME} (added after the save?)")
+        if not (isinstance(sums[file], str) and re.fullmatch(r"[0-9a-f]{64}", sums[file])):
+            raise CheckpointError(f"{path / CONFIG_NAME}: {CHECKSUMS_KEY} of {file} is no SHA-256 hex digest")
         if file_sha256(path / file) != sums[file]:
             raise CheckpointError(
                 f"{path / file}: checksum mismatch, the file is damaged "
