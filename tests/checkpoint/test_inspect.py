@@ -44,6 +44,18 @@ def test_a_hugging_face_directory(tmp_path):
     assert render(info).startswith(f"Hugging Face nemotron_h: {tmp_path / 'hf'}")
 
 
+def test_a_hugging_face_directory_with_layer_type_names(tmp_path):
+    """transformers' save_pretrained writes the layer types as names (layers_block_type): shown as symbols."""
+    import json
+
+    hf = convert_to_nemotron_h(hybridlm.save(tiny(), tmp_path / "ours"), tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    names = {"M": "mamba", "-": "mlp", "*": "attention"}
+    cfg["layers_block_type"] = [names[s] for s in cfg.pop("hybrid_override_pattern")]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    assert describe(hf)["pattern"] == PATTERN.replace("[", "").replace("]", "")
+
+
 def test_a_safetensors_file_of_mixed_dtypes(tmp_path):
     file = tmp_path / "w.safetensors"
     tensors = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import Counter
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .hf_nemotron import HF_MODEL_TYPE, _hf_layers
 from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, open_safetensors, read_json, weight_files
 from .safe_dcp import METADATA_NAME, read_dcp_metadata
 
@@ -70,6 +72,9 @@ def describe(path: str | Path) -> dict[str, Any]:
             info.update(kind="hybridlm checkpoint", **{k: cfg.get(k) for k in keys})
         elif cfg.get("model_type"):
             pattern = cfg.get("hybrid_override_pattern") or cfg.get("layers_block_type")
+            if cfg["model_type"] == HF_MODEL_TYPE:  # as symbols, whichever key transformers wrote
+                with contextlib.suppress(CheckpointError):
+                    pattern = _hf_layers(cfg, path)
             info.update(kind=f"Hugging Face {cfg['model_type']}", pattern=pattern, config=cfg)
         else:
             info.update(kind="directory with config.json", config=cfg)
