@@ -232,3 +232,10 @@ def test_no_verify_is_refused_with_every_from(tmp_path, model, capsys):
         assert main(["convert", str(src), str(tmp_path / "back"), "--from", kind, "--no-verify"]) == 2
         assert "--no-verify is only used with --to" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
+
+
+def test_a_destination_under_a_file_is_named(tmp_path, model):
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(CheckpointError, match=r"afile is a file, not a folder"):
+        hybridlm.save(model, tmp_path / "afile" / "ck")
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -104,6 +104,8 @@ def destination(path: str | Path, source: str | Path | None = None) -> Path:
         raise CheckpointError(f"{path}: is the current directory or holds it; write from outside it, or elsewhere")
     if source is not None and Path(source).resolve().is_relative_to(real):
         raise CheckpointError(f"{path}: is the source {source} or holds it, which writing there would delete")
+    if file := next((p for p in real.parents if p.exists() and not p.is_dir()), None):
+        raise CheckpointError(f"{path}: {file} is a file, not a folder")
     return real
 
 
