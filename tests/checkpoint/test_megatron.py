@@ -412,6 +412,18 @@ def test_extra_state_and_old_names_are_accepted(moe_config, moe_state):
     assert_bitwise_equal(from_megatron(moe_config, old), expected)
 
 
+def test_transformer_engine_extra_state_as_bytes_io_loads(tmp_path, moe_config, moe_state):
+    """Transformer Engine pickles a module's _extra_state as an io.BytesIO (empty: as bytes); the safe
+    unpickler may build those, and they are ignored like every _extra_state."""
+    import io
+
+    for extra in (io.BytesIO(), io.BytesIO(b"fp8 meta")):
+        torch.save({"model": {**moe_state, "decoder.layers.0.mixer.in_proj._extra_state": extra}}, tmp_path / "te.pt")
+        assert_bitwise_equal(
+            from_megatron(moe_config, load_megatron(tmp_path / "te.pt")), from_megatron(moe_config, moe_state)
+        )
+
+
 def test_old_and_new_name_of_one_tensor_is_refused(moe_config, moe_state):
     moe_state["decoder.layers.0.mixer.conv1d.bias"] = moe_state["decoder.layers.0.mixer.conv1d_bias"]
     with pytest.raises(CheckpointError, match=r"both .*conv1d"):

@@ -4,6 +4,7 @@ a rule table on :mod:`hybridlm.checkpoint.adapter` (layer ``i`` is ``decoder.lay
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -283,7 +284,10 @@ def load_megatron(path: str | Path) -> dict[str, Tensor]:
     if kind == ".safetensors":
         return load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Transformer Engine stores a module's _extra_state (FP8 metadata, ignored here) as an io.BytesIO:
+        # rebuilding one from its bytes runs no code, so the safe unpickler may make it.
+        with torch.serialization.safe_globals([io.BytesIO, bytes]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot read as a torch.save file of tensors ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). "
