@@ -205,7 +205,8 @@ def load_training_state(
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
         # DCP wraps each rank's traceback; its last line says what did not fit.
         reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
-        raise CheckpointError(f"{path}: cannot load training state into this model: {reason[0]}") from None
+        # A damaged file or another model's tensors (the saved model config matched, so most likely the former).
+        raise CheckpointError(f"{path}: cannot load training state (a damaged file?): {reason[0]}") from None
     sd = _renamed({part: {**states[part], **wanted[part]} for part in states}, model_name, model)
     optims = [] if optimizer is None else optimizer
     set_state_dict(model, optims, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}), options=_OPTIONS)
