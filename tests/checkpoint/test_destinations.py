@@ -125,7 +125,7 @@ def test_a_failed_megatron_export_leaves_the_previous_pair(tmp_path, model, monk
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6016 vs 5910")
 
     monkeypatch.setattr(megatron.torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match=r"m\.pt: cannot write it, is the disk full\? \(RuntimeError: "):
+    with pytest.raises(CheckpointError, match=r"m\.pt: cannot write it, is the disk full\? \(\[enforce fail"):
         convert_to_megatron(other, out)
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
     assert sorted(os.listdir(tmp_path)) == ["ck", "m.pt", "m.pt.hybridlm.json", "other"]
@@ -140,18 +140,32 @@ def test_a_failed_megatron_export_leaves_the_previous_pair(tmp_path, model, monk
 
 
 def test_a_conversion_never_writes_over_its_own_source(tmp_path, model):
+    """A destination that holds the source would be replaced by a folder without it: each of these deleted
+    the source before (the destinations are of the kind each conversion may replace)."""
     ck = hybridlm.save(model, tmp_path / "ck")
-    convert_to_nemotron_h(ck, tmp_path / "hf" / "a")
-    exported = convert_to_megatron(ck, ck / "model.pt")  # an export kept inside the checkpoint folder
+    inner_hf = convert_to_nemotron_h(ck, ck / "hf")  # a NemotronH export kept inside the checkpoint folder
+    hf = convert_to_nemotron_h(ck, tmp_path / "hf")
+    inner_ck = hybridlm.save(model, hf / "ck")  # a checkpoint kept inside a NemotronH folder
+    exported = convert_to_megatron(ck, ck / "model.pt")  # a Megatron export inside the checkpoint folder
     for convert in (
-        lambda: convert_to_nemotron_h(tmp_path / "hf" / "a", tmp_path / "hf"),
-        lambda: convert_from_nemotron_h(tmp_path / "hf" / "a", tmp_path / "hf" / "a"),
+        lambda: convert_from_nemotron_h(inner_hf, ck),
+        lambda: convert_to_nemotron_h(inner_ck, hf),
         lambda: convert_from_megatron(exported, ck),
     ):
         with pytest.raises(CheckpointError, match=r"is the source .* or holds it, which writing there would delete"):
             convert()
-    assert (tmp_path / "hf" / "a" / "config.json").exists() and exported.exists()
+    assert all(p.exists() for p in (inner_hf / "config.json", inner_ck / "config.json", exported))
     assert _same(hybridlm.load(ck), model)
+
+
+def test_a_write_error_that_is_no_system_refusal_is_raised_as_it_is(tmp_path, model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the writer")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    with pytest.raises(ValueError, match=r"^a bug in the writer$"):
+        hybridlm.save(model, tmp_path / "ck")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("version", ["1", 1.0, True, 0, -5, None])

@@ -174,3 +174,9 @@ def test_a_weight_file_that_is_no_regular_file_is_refused_not_waited_on(tmp_path
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a regular file"):
         hybridlm.load(ck)
     assert main(["inspect", str(ck)]) == 2 and "not a regular file" in capsys.readouterr().err
+    for name in ("config.json", "model.safetensors.index.json"):  # the JSON files read before the weights
+        ck = hybridlm.save(HybridLM(tiny_config("M-"), seed=0), tmp_path / name, max_shard_size=1000)
+        (ck / name).unlink()
+        os.mkfifo(ck / name)
+        with pytest.raises(CheckpointError, match=f"{name}: not a regular file"):
+            hybridlm.load(ck)

@@ -160,14 +160,17 @@ def test_prompt_files_drop_a_byte_order_mark_and_refuse_lone_surrogates(checkpoi
     assert code == 2 and out == "" and "lone.jsonl:2: not UTF-8 text" in err
 
 
-def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoint, capsys, tmp_path):
+def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoint, capsys, tmp_path, monkeypatch):
     """Options that depend on the model (MTP depths, the tokenizer's ids) are checked against its
     config.json before the weights are read, and nothing reaches stdout."""
+    from hybridlm.checkpoint import weights
+
     path, _ = checkpoint
     no_mtp = tmp_path / "no_mtp"
     save(HybridLM(tiny_config("M*-", vocab_size=257), seed=0), no_mtp, extra_files=ByteTokenizer().files())
     small = tmp_path / "small_vocab"
     save(HybridLM(tiny_config("M*-", vocab_size=256), seed=0), small)
+    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
     for argv, says in (
         ([path, "--greedy", "--speculative", "mtp", "--repetition-penalty", 1.2], "leave out --repetition-penalty"),
         ([no_mtp, "--greedy", "--speculative", "mtp"], "has no MTP depths"),

@@ -80,12 +80,18 @@ def test_speculative_settings_are_refused_even_for_no_new_tokens():
                 generate(model, [1, 2], n, speculative="mtp", **kwargs)
 
 
-def test_numpy_and_tensor_seeds_are_the_integer_seed():
+def test_numpy_and_tensor_settings_are_their_values():
     np = pytest.importorskip("numpy")
     model = HybridLM(tiny_config("M*-"), seed=0)
     want = generate(model, [1, 2], 4, temperature=1.0, seed=5)
     for seed in (np.int64(5), np.int32(5), torch.tensor(5)):
         assert generate(model, [1, 2], 4, temperature=1.0, seed=seed) == want
+    settings = dict(temperature=0.7, top_p=0.9, top_k=3, repetition_penalty=1.2)
+    want = generate(model, [1, 2], 4, seed=5, **settings)
+    assert generate(model, [1, 2], 4, seed=5, **{k: torch.tensor(v) for k, v in settings.items()}) == want
+    assert generate(model, [1, 2], 4, seed=5, **{k: np.float32(v) for k, v in settings.items() if k != "top_k"}) == (
+        generate(model, [1, 2], 4, seed=5, **{k: float(np.float32(v)) for k, v in settings.items() if k != "top_k"})
+    )
 
 
 def test_batches_as_numpy_arrays_are_batches():

@@ -334,4 +334,5 @@ def test_the_console_line_of_a_non_finite_step_shows_one_loss(tmp_path):
     assert "main" not in m.line(3, {"loss": nan, "lm_loss": nan})
     assert "main 2.0000" in m.line(3, {"loss": 2.5, "lm_loss": 2.0})
     assert "main nan" in m.line(3, {"loss": 2.5, "lm_loss": nan})
+    assert "main" not in m.line(3, {"loss": 2.5}) and "main" not in m.line(3, {"loss": 2.5, "lm_loss": None})
     m.close()

@@ -71,10 +71,20 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
+def regular(file: Path) -> Path:
+    """``file``, unless it exists as something other than a regular file: a FIFO or a device would block the
+    read, a folder fail obscurely (CheckpointError)."""
+    if file.exists() and not file.is_file():
+        raise CheckpointError(f"{file}: not a regular file")
+    return file
+
+
 def read_json(file: Path, missing: str) -> dict[str, Any]:
     """The JSON object in ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(regular(file).read_text())
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(missing) from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting deeper than json parses
@@ -147,7 +157,7 @@ def check_replaceable(path: Path, key: str, value: Any, what: str, file: str = C
     if not path.exists():
         return
     try:
-        same = not any(path.iterdir()) or json.loads((path / file).read_text()).get(key) == value
+        same = not any(path.iterdir()) or json.loads(regular(path / file).read_text()).get(key) == value
     except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
         same = False
     if not same:
@@ -208,9 +218,10 @@ def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, C
 
 
 def written(file: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Run ``write(*args, **kwargs)``, which writes ``file``. What the library writing it raises (safetensors and torch.save
-    raise no OSError) becomes an OSError naming ``file`` where its message gives the system's error number
-    (the CLI then says "no space left on device"), else a CheckpointError naming ``file``."""
+    """Run ``write(*args, **kwargs)``, which writes ``file``. safetensors and torch.save raise no OSError when
+    the system refuses a write: their errors become an OSError naming ``file`` where the message gives the
+    system's error number (the CLI then says "no space left on device"), or a CheckpointError naming it for
+    torch.save's failed writes; any other error is raised as it is."""
     try:
         write(*args, **kwargs)
     except OSError as e:
@@ -218,9 +229,11 @@ def written(file: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) ->
         raise
     except Exception as e:
         if code := re.search(r"os error (\d+)", str(e)):
-            raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{file}: cannot write it, is the disk full? ({type(e).__name__}: {first})") from None
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from e
+        if isinstance(e, RuntimeError) and re.search(r"unexpected pos|PytorchStreamWriter failed", str(e)):
+            reason = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+            raise CheckpointError(f"{file}: cannot write it, is the disk full? ({reason})") from e
+        raise
 
 
 # -- safetensors -----------------------------------------------------------------------------------
@@ -228,7 +241,7 @@ def written(file: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) ->
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(regular(path), "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
@@ -268,8 +281,7 @@ def open_safetensors(file: Path) -> Iterator[Any]:
     """``safetensors.safe_open(file)`` for torch; a failure to read it is a CheckpointError naming the file."""
     from safetensors import safe_open
 
-    if file.exists() and not file.is_file():  # a FIFO or a device would block the read, a folder fail obscurely
-        raise CheckpointError(f"{file}: not a regular file")
+    regular(file)
     try:
         with safe_open(file, framework="pt") as f:
             yield f
@@ -293,6 +305,7 @@ def weight_files(path: str | Path) -> dict[str, str]:
     path = Path(path)
     index = path / INDEX_NAME
     if index.exists():
+        regular(index)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ..errors import CheckpointError
+from .io import regular
 
 METADATA_NAME = ".metadata"
 
@@ -48,7 +49,7 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     Raises:
         CheckpointError: a missing or damaged file, or a crafted one naming anything else (named).
     """
-    file = Path(path) / METADATA_NAME
+    file = regular(Path(path) / METADATA_NAME)
     try:
         with open(file, "rb") as f:
             meta = _MetadataUnpickler(f).load()

@@ -37,6 +37,9 @@ def _whole(x) -> bool:
 
 
 def _real(x) -> bool:
+    """A real number (a Python or numpy number, or a one-element tensor), not a bool."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and x.dtype != torch.bool and not x.is_complex()
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
@@ -101,8 +104,8 @@ class Sampler:
         device: torch.device | str = "cpu",
     ) -> None:
         check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
-        self.temperature, self.top_k, self.top_p = temperature, operator.index(top_k), top_p
-        self.repetition_penalty = repetition_penalty
+        self.temperature, self.top_k, self.top_p = float(temperature), operator.index(top_k), float(top_p)
+        self.repetition_penalty = float(repetition_penalty)
         self.generator = torch.Generator(device=device)
         if seed is None:
             self.generator.seed()

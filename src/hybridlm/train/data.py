@@ -53,11 +53,12 @@ class TokenStream:
     def num_tokens(self) -> int:
         return int(self.doc_starts[-1])
 
-    def take(self, pos: np.ndarray) -> np.ndarray:
-        """The token ids at stream positions ``pos`` (any shape)."""
+    def take(self, pos: np.ndarray, doc: np.ndarray | None = None) -> np.ndarray:
+        """The token ids at stream positions ``pos`` (any shape); ``doc``: the document of each, where known."""
         if self.doc_offsets is None:
             return self.tokens[pos]
-        doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
+        if doc is None:
+            doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
         return self.tokens[self.doc_offsets[doc] + (pos - self.doc_starts[doc])]
 
     def select(self, docs: np.ndarray) -> TokenStream:
@@ -251,8 +252,8 @@ class PackedRows:
         """Rows ``index`` as input_ids, labels and doc_ids, each (len(index), seq_len) int64."""
         L = self.seq_len
         pos = (np.asarray(index, dtype=np.int64)[:, None] * L) + np.arange(L + 1)[None, :]
-        tokens = np.asarray(self.stream.take(pos), dtype=np.int64)
         docs = np.searchsorted(self.stream.doc_starts, pos, side="right") - 1
+        tokens = np.asarray(self.stream.take(pos, docs), dtype=np.int64)
         labels = tokens[:, 1:].copy()
         labels[docs[:, 1:] != docs[:, :-1]] = -100  # the next token starts another document
         return {

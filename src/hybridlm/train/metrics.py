@@ -90,8 +90,8 @@ class Metrics:
         if "loss" in v:
             # The console shows the mean over the steps since the last line; the JSONL keeps each step's.
             parts.append(f"loss {v.get('loss_avg', v['loss']):.4f}")
-            main = v.get("lm_loss_avg", v.get("lm_loss"))
-            differ = v["lm_loss"] != v["loss"] and not (math.isnan(v["lm_loss"]) and math.isnan(v["loss"]))
+            main, lm = v.get("lm_loss_avg", v.get("lm_loss")), v.get("lm_loss")
+            differ = lm is not None and lm != v["loss"] and not (math.isnan(lm) and math.isnan(v["loss"]))
             if main is not None and differ:  # MTP or auxiliary losses: the main head's too
                 parts.append(f"main {main:.4f}")
         if "val_loss" in v:
