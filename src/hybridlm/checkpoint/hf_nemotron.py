@@ -239,10 +239,10 @@ def convert_to_nemotron_h(
     Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory.
     """
     src, what = Path(src), "a Hugging Face NemotronH directory"
-    destination(dst, src)
     config = read_config(src)
     check_exportable(config)  # before reading any weights
     check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
+    destination(dst, src)
     canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
     try:
         hf_config, tensors = export_nemotron_h(config, canonical)

@@ -225,7 +225,8 @@ def written(file: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) ->
     try:
         write(*args, **kwargs)
     except OSError as e:
-        e.filename = e.filename or str(file)
+        if e.errno is not None and e.filename is None:  # (an OSError without a number prints only its message)
+            e.filename = str(file)
         raise
     except Exception as e:
         if code := re.search(r"os error (\d+)", str(e)):
