@@ -81,3 +81,16 @@ def test_human_sizes():
         "2.5G",
         "1.0P",
     ]
+
+
+def test_a_dcp_training_state_shows_its_step_and_model(tmp_path, capsys):
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    model = tiny()
+    save_training_state(tmp_path / "state", model, step=7)
+    info = describe(tmp_path / "state")
+    assert (info["kind"], info["step"], info["pattern"]) == ("DCP training state", 7, PATTERN)
+    assert info["tensors"] == len(canonical_state_dict(model))
+    assert main(["inspect", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    assert "step         7" in out and f"pattern      {PATTERN}" in out and "hidden_size=" in out

@@ -128,6 +128,24 @@ def test_a_folder_in_use_by_another_live_process_is_refused(tmp_path):
     assert not (tmp_path / "busy" / rundir.LOCK_FILE).exists()
 
 
+def test_a_new_run_in_a_live_run_s_folder_is_told_it_is_in_use(tmp_path):
+    """Not "already holds a run ... remove it", which is no advice for a folder a live run writes."""
+    import socket
+
+    run = tiny_run("train.steps=2", "train.checkpoint_every=100")
+    Trainer(run, run_dir=tmp_path / "live", progress=False).run_loop()  # a run's files
+    (tmp_path / "live" / rundir.LOCK_FILE).write_text(f"{os.getppid()} {socket.gethostname()}")
+    with pytest.raises(DataError, match=r"in use by another run \(process \d+"):
+        Trainer(run, run_dir=tmp_path / "live", progress=False)
+
+
+def test_a_bad_kernel_choice_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDLM_KERNELS", "fast")
+    with pytest.raises(ConfigError, match=r"^HYBRIDLM_KERNELS: 'fast': expected one of"):
+        Trainer(tiny_run(), run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cr_line_endings_still_split_jsonl_lines(tmp_path):
     from hybridlm.train.data import text_documents
 

@@ -15,6 +15,7 @@ from ..errors import CheckpointError
 from .hf_nemotron import HF_MODEL_TYPE, _hf_layers
 from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, open_safetensors, read_json, weight_files
 from .safe_dcp import METADATA_NAME, read_dcp_metadata
+from .training_state import read_trainer_state
 
 #: safetensors dtype codes -> torch dtypes (their names and element sizes).
 _DTYPES = {
@@ -61,9 +62,16 @@ def describe(path: str | Path) -> dict[str, Any]:
     if path.is_dir() and (path / METADATA_NAME).exists():
         meta = read_dcp_metadata(path).state_dict_metadata
         sizes = [v.size.numel() for v in meta.values() if hasattr(v, "size")]
-        return dict(
+        info = dict(
             kind="DCP training state", path=str(path), tensors=len(sizes), elements=sum(sizes), entries=len(meta)
         )
+        with contextlib.suppress(CheckpointError):  # the step and model beside the tensors, where readable
+            state = read_trainer_state(path)
+            cfg = state.get("model_config")
+            info |= {"step": state.get("step")} | (
+                {"pattern": cfg.get("pattern"), "config": cfg} if isinstance(cfg, dict) else {}
+            )
+        return info
     info: dict[str, Any] = {"path": str(path), "kind": "safetensors file" if path.is_file() else "directory"}
     if path.is_dir() and (path / CONFIG_NAME).exists():
         cfg = read_json(path / CONFIG_NAME, f"{path / CONFIG_NAME}: missing")
@@ -104,7 +112,7 @@ def _human(n: float) -> str:
 
 def render(info: dict[str, Any]) -> str:
     """The lines ``hybridlm inspect`` prints for a :func:`describe` summary."""
-    rows = [(k, info[k]) for k in ("pattern", "canonical", "tensors") if info.get(k) is not None]
+    rows = [(k, info[k]) for k in ("step", "pattern", "canonical", "tensors") if info.get(k) is not None]
     if "parameters" in info:
         rows += [
             ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
@@ -113,7 +121,7 @@ def render(info: dict[str, Any]) -> str:
         ]
     if "elements" in info:
         rows.append(("elements", f"{info['elements']:,} in {info['entries']} entries"))
-    if info["kind"] == "hybridlm checkpoint" and isinstance(cfg := info.get("config"), dict):
+    if info["kind"] in ("hybridlm checkpoint", "DCP training state") and isinstance(cfg := info.get("config"), dict):
         keys = [k for k in cfg if k not in ("schema_version", "pattern") and cfg[k] not in (None, 0, False)]
         rows.append(("config", ", ".join(f"{k}={cfg[k]}" for k in keys)))
     return "\n".join([f"{info['kind']}: {info['path']}"] + [f"{k:<13}{v}" for k, v in rows])

@@ -275,8 +275,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help='prompts, one per line, or JSONL (*.jsonl or lines starting with "{") with a "prompt" or "text" field; '
         "- reads standard input",
     )
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="new tokens per prompt at most (default: 200)")
+    ap.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8, sampling)"
+    )
     ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability")
@@ -306,7 +308,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="sampling seed (each batch of --batch-size prompts draws from seed + its first index)",
     )
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")

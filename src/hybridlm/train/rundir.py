@@ -87,6 +87,7 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
         if path.is_dir():
             lock(path)
         return path, False
+    _refuse_if_in_use(path)  # first: "already holds a run ... remove it" is no advice for a live one
     _check_fresh(path, toml)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
@@ -106,17 +107,26 @@ def lock(path: Path) -> None:
     try:
         fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
-        holder = file.read_text(errors="replace").split()
-        if holder != _me() and _alive(holder):
-            pid, host = holder  # _alive accepts only "pid host"
-            raise DataError(
-                f"{path} is in use by another run (process {pid} on {host}); wait for it, choose another --run-dir, "
-                f"or remove {file} if that run is gone"
-            ) from None
+        _refuse_if_in_use(path)
         file.write_text(" ".join(_me()))
         return
     with os.fdopen(fd, "w") as f:
         f.write(" ".join(_me()))
+
+
+def _refuse_if_in_use(path: Path) -> None:
+    """DataError if another live process holds ``path`` (see :func:`lock`)."""
+    file = path / LOCK_FILE
+    try:
+        holder = file.read_text(errors="replace").split()
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if holder != _me() and _alive(holder):
+        pid, host = holder  # _alive accepts only "pid host"
+        raise DataError(
+            f"{path} is in use by another run (process {pid} on {host}); wait for it, choose another --run-dir, "
+            f"or remove {file} if that run is gone"
+        )
 
 
 def _alive(holder: list[str]) -> bool:

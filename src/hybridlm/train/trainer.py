@@ -28,6 +28,8 @@ from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
+from ..ops.dispatch import ENV as KERNELS_ENV
+from ..ops.dispatch import kernels_mode
 from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
@@ -111,6 +113,10 @@ class Trainer:
     ):
         self.run = run
         t = run.train
+        try:  # the kernel choice is read at every op: a bad one is refused here, before the run starts
+            kernels_mode()
+        except ValueError as e:
+            raise ConfigError(KERNELS_ENV, str(e).partition(": ")[2]) from None
         self.cuda_alloc_conf = configure_cuda_allocator()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's; 0 in one process
         if t.device == "auto":
