@@ -28,6 +28,12 @@ def test_a_file_whose_name_looks_like_json_is_read_as_a_file(tmp_path, monkeypat
         assert ModelConfig.from_json(name) == cfg
 
 
+def test_sizes_beyond_64_bits_are_refused_by_name():
+    for field, value in (("hidden_size", 2**64), ("vocab_size", 2**63), ("ffn_hidden_size", 10**30)):
+        with pytest.raises(ConfigError, match=f"^{field}: must fit in 64 bits"):
+            ModelConfig.preset("tiny", **{field: value})
+
+
 def test_contract_field_names():
     names = set(ModelConfig.__dataclass_fields__)
     contract = [

@@ -296,3 +296,46 @@ def test_an_empty_sequence_runs_through_every_mixer():
     empty = torch.zeros(2, 0, dtype=torch.long)
     out = model(empty, labels=empty)
     assert out.logits.shape == (2, 0, model.config.vocab_size) and float(out.loss) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0)])
+def test_an_empty_batch_has_zero_auxiliary_losses(shape):
+    """MoE's balancing loss and DSA's indexer loss over no tokens are 0 (they were 0 / 0 = NaN, which the
+    trainer counts as a failed step)."""
+    for config in (
+        tiny_config("M-*E", moe_aux_loss_coeff=0.01),
+        tiny_config("D-", dsa_indexer_loss_coeff=0.1, **MLA_TINY),
+    ):
+        ids = torch.zeros(shape, dtype=torch.long)
+        out = HybridLM(config, seed=0)(ids, labels=ids)
+        assert float(out.aux_loss) == 0.0 and float(out.loss) == 0.0, config.pattern
+
+
+def test_logits_to_keep_cuts_the_mtp_logits_too():
+    model = HybridLM(tiny_config("M-*-/*-/*-"), seed=0)
+    ids = torch.randint(0, 97, (2, 9))
+    full, cut = model(ids), model(ids, logits_to_keep=3)
+    assert cut.logits.shape[1] == 3 and [t.shape[1] for t in cut.mtp_logits] == [3, 3]
+    for a, b in zip(full.mtp_logits, cut.mtp_logits):  # the head on fewer rows: float32 rounding apart
+        torch.testing.assert_close(b, a[:, -3:], rtol=1e-5, atol=1e-6)
+
+
+def test_cu_seqlens_may_end_in_empty_documents_and_a_forward_needs_an_input():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    ids = torch.randint(0, 97, (2, 10))
+    want = model(ids, cu_seqlens=torch.tensor([0, 20])).logits
+    for cu in ([0, 20, 20], [0, 10, 20, 20]):
+        expected = want if cu[1] == 20 else model(ids, cu_seqlens=torch.tensor([0, 10, 20])).logits
+        assert torch.equal(model(ids, cu_seqlens=torch.tensor(cu)).logits, expected), cu
+    with pytest.raises(ValueError, match="forward needs input_ids"):
+        model()
+
+
+def test_counts_survive_copy_and_pickle():
+    import copy
+    import pickle
+
+    model = HybridLM(tiny_config("M*E"), seed=0)
+    for count in (model.num_params(), model.flops_per_token(16)):
+        for again in (copy.deepcopy({"n": count})["n"], pickle.loads(pickle.dumps(count))):
+            assert float(again) == float(count) and again.by_kind == count.by_kind

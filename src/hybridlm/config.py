@@ -283,6 +283,8 @@ def _check_types(cfg: ModelConfig) -> None:
             raise ConfigError(f.name, f"expected {names}, got {value!r} ({type(value).__name__})")
         if float in allowed and isinstance(value, (int, float)) and not is_finite(value):
             raise ConfigError(f.name, f"must be finite, got {value!r}")
+        if float not in allowed and isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f.name, f"must fit in 64 bits, got {value}")  # a tensor size or a seed
 
 
 def _positive(cfg: ModelConfig, *names: str) -> None:

@@ -26,6 +26,9 @@ class PerKind(float):
     def __getitem__(self, kind: str) -> float:
         return self.by_kind[kind]
 
+    def __reduce__(self):  # copy and pickle rebuild it from its parts (float's own would pass the total)
+        return (PerKind, (self.by_kind,))
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{k!r}: {v:.4g}" for k, v in self.by_kind.items())
         return f"PerKind({float(self):.6g}; {parts})"

@@ -197,7 +197,7 @@ class ModelOutput:
         lm_loss: cross entropy of the main head.
         mtp_losses: cross entropy of each MTP depth (depth d predicts the token d+1 places further).
         aux_loss: sum of the auxiliary losses: MoE load balancing and the DSA indexer loss (None without any).
-        mtp_logits: (B, L, V) per MTP depth.
+        mtp_logits: (B, L, V) per MTP depth (the last ``logits_to_keep`` positions, as ``logits``).
         hidden_states: (B, L, hidden) output of the last block (before the final norm).
     """
 
@@ -495,6 +495,8 @@ class HybridLM(nn.Module):
         if len(given) > 1:
             raise ValueError("give document boundaries once: doc_ids, document_ids and seq_idx are the same input")
         doc_ids = given[0] if given else None
+        if input_ids is None and hidden_states is None:
+            raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
         rows = tuple((input_ids if input_ids is not None else hidden_states).shape[:2])
         _check_inputs(input_ids, labels, rows, logits_to_keep, self.config.vocab_size)
         if self.embeddings is not None and (input_ids is not None) and hidden_states is None:
@@ -536,7 +538,7 @@ class HybridLM(nn.Module):
             hiddens.append(h)
         if not fused_loss:
             out.logits = self.head(hiddens[0][:, -logits_to_keep:] if logits_to_keep else hiddens[0])
-            out.mtp_logits = [self.head(x) for x in hiddens[1:]]
+            out.mtp_logits = [self.head(x[:, -logits_to_keep:] if logits_to_keep else x) for x in hiddens[1:]]
         aux = _sum(aux_losses)
         out.aux_loss = aux
         if labels is not None:

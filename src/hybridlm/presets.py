@@ -85,7 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         mamba_num_groups=8,
     ),
     # The GPU benchmark's MoE hybrid: bench-1.3b with every MLP replaced by 64 experts (top-6,
-    # sigmoid router with expert bias, a shared expert): 3.93B parameters, 1.17B active per token.
+    # sigmoid router with expert bias, a shared expert): 3.93B parameters, 1.25B active per token
+    # (embeddings and head included; 11 MoE layers of 6 routed experts plus the shared one).
     "bench-moe-1b": dict(
         pattern="MEMEMEM*EMEMEMEM*EMEMEME",
         vocab_size=131072,

@@ -212,9 +212,10 @@ def load(
         path: a directory written by :func:`save`.
         pattern: build with this pattern instead of the saved one; it may differ only in
             brackets and ``|`` (any fusion, any pipeline layout of the same model).
-        dtype: parameter dtype (a floating ``torch.dtype`` or its name); default: the checkpoint's.
-            Numerically sensitive parameters
-            (``A_log``, ``D``, ``dt_bias``, router weights) stay float32.
+        dtype: parameter dtype (a floating ``torch.dtype`` or its name); default: the dtype holding most
+            of the checkpoint's elements. Numerically sensitive parameters (``A_log``, ``D``, ``dt_bias``,
+            router weights, DSA's indexer scales) are float32 whatever the file holds: a model saved from
+            ``.to(torch.bfloat16)`` comes back with those in float32, one from ``.double()`` rounds them.
         device: where to put the model (default CPU).
         verify: check each safetensors file against the SHA-256 written at save (default);
             ``False`` skips the check (e.g. a file edited on purpose).

@@ -77,7 +77,7 @@ def segment_ids(
         if cu.numel() < 2 or cu[0].item() != 0 or cu[-1].item() != total or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"cu_seqlens must rise from 0 to batch*seqlen={total}, got {cu.tolist()}")
         starts = torch.zeros(total, dtype=torch.long, device=device)
-        starts[cu[1:-1]] = 1
+        starts[cu[1:-1][cu[1:-1] < total]] = 1  # a boundary at the end (empty last documents) starts nothing
         starts = starts.view(batch, seqlen)
         starts[:, 0] = 0
         return starts.cumsum(dim=1)

@@ -125,7 +125,8 @@ def indexer_kl(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid
         probs = attention_logits.float().masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
         target = probs / probs.sum(dim=-1, keepdim=True)
     log_pred = index_scores.float().masked_fill(~valid, float("-inf")).log_softmax(dim=-1).masked_fill(~valid, 0.0)
-    return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1).mean()
+    kl = (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
+    return kl.mean() if kl.numel() else kl.sum()  # no query at all: 0, not the mean of nothing
 
 
 class DSA(MLA):

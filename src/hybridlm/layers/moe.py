@@ -194,6 +194,8 @@ class MoE(nn.Module):
     def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Switch-style load balancing: coeff * E * sum_e (fraction of routed pairs to e) * (mean prob of e)."""
         c = self.config
+        if num_tokens == 0:  # an empty batch balances nothing: 0, not 0 / 0
+            return scores.sum() * 0.0
         probs = scores if c.moe_router_score == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
         fraction = counts.float() / (num_tokens * c.moe_top_k)
         return c.moe_aux_loss_coeff * c.moe_num_experts * (fraction * probs.mean(dim=0)).sum()
