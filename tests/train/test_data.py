@@ -115,6 +115,25 @@ def _documents(stream) -> list[list[int]]:
     return [stream.take(np.arange(a, b)).tolist() for a, b in zip(stream.doc_starts[:-1], stream.doc_starts[1:])]
 
 
+def test_a_prepared_corpus_refuses_another_tokenizer_of_the_same_size(tmp_path):
+    """Same vocabulary size and end-of-document id, other tokens: ids would mean other text."""
+    tokenizers = pytest.importorskip("tokenizers")
+
+    def bpe(words: list[str], path) -> HFTokenizer:
+        vocab = {"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+        tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok.save(str(path))
+        return HFTokenizer(path)
+
+    first, second = bpe(["a", "b", "c"], tmp_path / "one.json"), bpe(["c", "b", "a"], tmp_path / "two.json")
+    assert first.vocab_size == second.vocab_size and first.eos_id == second.eos_id
+    write_prepared(tokenize_documents(["a b c", "c b a"], first), tmp_path / "prep", first, "test")
+    assert load_corpus(str(tmp_path / "prep"), first).num_docs == 2
+    with pytest.raises(DataError, match=r"prepared with another tokenizer \(tokenizer\.json differs"):
+        load_corpus(str(tmp_path / "prep"), second)
+
+
 def test_a_damaged_prepared_corpus_is_named(tmp_path):
     tok = ByteTokenizer()
     write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")

@@ -215,6 +215,11 @@ def load_corpus(source: str, tokenizer, jsonl_field: str = "text", progress: boo
                 f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
                 f"data.tokenizer has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id})"
             )
+        # The folder keeps the tokenizer's files: another one of the same size would map ids to other text.
+        for name, content in tokenizer.files().items():
+            kept = path / name
+            if kept.is_file() and kept.read_bytes() != (content.encode() if isinstance(content, str) else content):
+                raise DataError(f"{path}: prepared with another tokenizer ({name} differs from data.tokenizer's)")
         return stream
     return tokenize_documents(text_documents(source, jsonl_field), tokenizer, progress)
 
@@ -272,7 +277,10 @@ class Sampler:
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
-            raise DataError(f"train.batch_size {batch_size} is not divisible by the {world_size} processes")
+            raise DataError(
+                f"train.batch_size {batch_size} is not divisible by the {world_size} data-parallel ranks "
+                "(processes / parallel.pp)"
+            )
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)

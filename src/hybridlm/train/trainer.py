@@ -178,10 +178,12 @@ class Trainer:
                 )
             self.micro = self.local_batch // n_micro
             if t.micro_batch_size not in (None, self.micro):
+                fits = self.local_batch % t.micro_batch_size == 0
+                match = f", or --set parallel.microbatches={self.local_batch // t.micro_batch_size}" if fits else ""
                 raise ConfigError(
                     "train.micro_batch_size",
                     f"{t.micro_batch_size} differs from the pipeline's micro-batches of {self.micro} rows "
-                    "(batch_size / data-parallel size / parallel.microbatches); leave it unset",
+                    f"(batch_size / data-parallel size / parallel.microbatches); leave it unset{match}",
                 )
         if self.local_batch % self.micro:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
