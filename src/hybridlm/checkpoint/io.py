@@ -81,10 +81,9 @@ def regular(file: Path) -> Path:
 
 def read_json(file: Path, missing: str) -> dict[str, Any]:
     """The JSON object in ``file``; CheckpointError ``missing`` when absent, naming the file when unreadable."""
+    regular(file)
     try:
-        data = json.loads(regular(file).read_text())
-    except CheckpointError:
-        raise
+        data = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(missing) from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting deeper than json parses
