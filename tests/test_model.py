@@ -266,6 +266,8 @@ def test_malformed_inputs_are_refused_by_name():
         (dict(input_ids=ids, labels=torch.full_like(ids, -1)), "-1 is neither a token id"),
         (dict(input_ids=ids, logits_to_keep=-3), "logits_to_keep must be an int >= 0"),
         (dict(input_ids=ids, logits_to_keep=True), "logits_to_keep must be an int >= 0"),
+        (dict(input_ids=ids, position_ids=torch.zeros(2, 1, dtype=torch.long)), r"position_ids must be \(2, 8\)"),
+        (dict(input_ids=ids, position_ids=torch.arange(8.0).expand(2, 8)), "integer positions, got .* torch.float32"),
     ):
         for return_logits in (True, False):
             with pytest.raises(ValueError, match=says):
@@ -273,6 +275,25 @@ def test_malformed_inputs_are_refused_by_name():
     labels = ids.clone()
     labels[:, -1] = -100  # the ignore index stays allowed
     assert torch.isfinite(model(ids, labels=labels, return_logits=False).loss)
+
+
+def test_position_ids_of_one_row_serve_every_row():
+    model = HybridLM(tiny_config("M*-", position_embedding="rope"), seed=0)
+    ids = torch.randint(0, 97, (2, 8))
+    shifted = torch.arange(0, 16, 2)  # spread out: attention sees other distances
+    want = model(ids, position_ids=shifted.expand(2, 8)).logits
+    assert torch.equal(model(ids, position_ids=shifted[None]).logits, want)
+    assert not torch.equal(model(ids).logits, want)  # the positions reach attention's RoPE
+
+
+def test_a_float64_model_computes_its_logits_and_loss_in_float64():
+    """The head and the loss keep a float64 model's precision (they were cast to float32)."""
+    model = HybridLM(tiny_config("M*-/*-"), seed=0, dtype=torch.float64)
+    ids = torch.randint(0, 97, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == out.mtp_logits[0].dtype == out.loss.dtype == torch.float64
+    fused = model(ids, labels=ids, return_logits=False).loss
+    torch.testing.assert_close(fused, out.loss, rtol=1e-12, atol=0)
 
 
 def test_seed_is_an_integer_of_any_type_and_dtype_a_floating_one():

@@ -230,7 +230,7 @@ def float_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
     return dtype
 
 
-def _check_inputs(input_ids, labels, rows: tuple[int, ...], logits_to_keep, vocab: int) -> None:
+def _check_inputs(input_ids, labels, position_ids, rows: tuple[int, ...], logits_to_keep, vocab: int) -> None:
     """Refuse malformed inputs by name: shapes and dtypes always; token values where reading them
     costs no device synchronization (CPU tensors; on a GPU a bad id fails in the embedding and a bad
     label makes the loss NaN)."""
@@ -252,14 +252,30 @@ def _check_inputs(input_ids, labels, rows: tuple[int, ...], logits_to_keep, voca
                 raise ValueError(
                     f"labels: {int(bad[0])} is neither a token id in [0, {vocab}) nor the ignore index {IGNORE_INDEX}"
                 )
+    if position_ids is not None:  # (a (B, 1) tensor would broadcast over the positions silently)
+        B, L = rows
+        integer = position_ids.dtype in (torch.int64, torch.int32)
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != L or not integer:
+            raise ValueError(
+                f"position_ids must be ({B}, {L}) or (1, {L}) integer positions, "
+                f"got {tuple(position_ids.shape)} {position_ids.dtype}"
+            )
     if type(logits_to_keep) is not int or logits_to_keep < 0:
         raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in its own dtype where that is wider (a float64 model keeps float64 logits)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross entropy over labels != -100 (0 when there are none)."""
     total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        _at_least_float32(logits.reshape(-1, logits.shape[-1])),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
@@ -450,10 +466,11 @@ class HybridLM(nn.Module):
         return self.lm_head(h, labels)  # a module call: FSDP gathers the head's weight around it
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Output head on normed hidden states: (B, L, hidden) -> float32 logits (B, L, V)."""
+        """Output head on normed hidden states: (B, L, hidden) -> float32 logits (B, L, V) (float64 in a
+        float64 model)."""
         if self.lm_head is None:
-            return F.linear(h, self.embeddings.weight).float()
-        return self.lm_head(h).float()  # a module call, so FSDP can shard the head as a unit of its own
+            return _at_least_float32(F.linear(h, self.embeddings.weight))
+        return _at_least_float32(self.lm_head(h))  # a module call, so FSDP can shard the head as a unit of its own
 
     def forward(
         self,
@@ -476,7 +493,7 @@ class HybridLM(nn.Module):
             input_ids: (B, L) token ids.
             labels: (B, L) target of each position (usually ``input_ids`` shifted left by one);
                 -100 is ignored. Given labels, the output carries the losses.
-            position_ids: (B, L) RoPE positions; default: positions within each document.
+            position_ids: (B, L) or (1, L) RoPE positions; default: positions within each document.
             doc_ids: (B, L) document labels of packed rows: no mixer carries information across
                 a change of label (attention is masked, conv and SSM/GDN states restart).
             cu_seqlens: alternative to ``doc_ids``: cumulative document lengths over the
@@ -498,7 +515,9 @@ class HybridLM(nn.Module):
         if input_ids is None and hidden_states is None:
             raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
         rows = tuple((input_ids if input_ids is not None else hidden_states).shape[:2])
-        _check_inputs(input_ids, labels, rows, logits_to_keep, self.config.vocab_size)
+        _check_inputs(input_ids, labels, position_ids, rows, logits_to_keep, self.config.vocab_size)
+        if position_ids is not None:
+            position_ids = position_ids.expand(rows)
         if self.embeddings is not None and (input_ids is not None) and hidden_states is None:
             h = self.embeddings(input_ids)
         elif hidden_states is not None:

@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 from hybridlm.cli import main
 from hybridlm.errors import CheckpointError, CheckpointMismatchError, TrainingDivergedError
+from hybridlm.train import trainer as trainer_module
 from hybridlm.train.listing import list_checkpoints
 from hybridlm.train.metrics import read_history
 from hybridlm.train.optim import lr_factor
@@ -200,6 +201,45 @@ def test_a_signal_during_the_final_export_leaves_a_complete_run(tmp_path, refere
     assert f"{signal.Signals(signum).name} received after the last step: the run is complete" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert_same_run(t, tmp_path, reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_signal_during_set_up_leaves_the_folder_as_it_was(tmp_path, monkeypatch, signum, resume):
+    """SIGTERM and SIGHUP while the data are read or the model built end the start as SIGINT does: the
+    folder is released (their default action killed the process and left it marked in use)."""
+    run_dir = tmp_path / "run"
+    if resume:
+        Trainer(tiny_run(), run_dir=run_dir, progress=False).run_loop(until=2)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) if resume else None
+    build, unlock, seen = Trainer._build, trainer_module.unlock, []
+
+    def building(self, *args):
+        os.kill(os.getpid(), signum)
+        seen.append("built")  # not reached: the signal raises before this line
+        return build(self, *args)
+
+    def unlocking(path):  # a second signal (torchrun signals again) does not stop the clean-up
+        os.kill(os.getpid(), signum)
+        seen.append("unlocked")
+        return unlock(path)
+
+    def failing(self, *args):  # a start that fails by itself, then gets a signal while it cleans up
+        raise ValueError("bad data")
+
+    monkeypatch.setattr(trainer_module, "unlock", unlocking)
+    for build_step, error in ((building, TrainingInterrupted), (failing, ValueError)):
+        seen.clear()
+        monkeypatch.setattr(Trainer, "_build", build_step)
+        with pytest.raises(error) as info:
+            Trainer(tiny_run(), run_dir=run_dir, resume=resume, progress=False)
+        if error is TrainingInterrupted:
+            assert info.value.exit_status == 128 + signum and "training did not start" in str(info.value)
+        assert seen == ["unlocked"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if resume:
+            assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+        else:
+            assert not run_dir.exists()
 
 
 def test_sigint_inside_a_save_finishes_it(tmp_path, reference, monkeypatch):

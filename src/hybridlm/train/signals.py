@@ -20,7 +20,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingInterrupted(HybridLMError):
-    """Training stopped on a signal after saving a checkpoint. ``exit_status`` is 128 + the signal."""
+    """Training stopped on a signal, after saving a checkpoint (or before it started: see
+    :class:`SetupSignals`). ``exit_status`` is 128 + the signal."""
 
     def __init__(self, signum: int, message: str) -> None:
         self.signum = signum
@@ -31,21 +32,14 @@ class TrainingInterrupted(HybridLMError):
         return (type(self), (self.signum, str(self)))
 
 
-class StopSignals:
-    """While entered, STOP_SIGNALS set :attr:`received` (the first signal number) instead of acting.
+class _Handlers:
+    """While entered, ``self._handle`` is the handler of STOP_SIGNALS; the previous ones come back at exit.
 
     Handlers can only be installed from the main thread; elsewhere this does nothing.
     """
 
-    def __init__(self) -> None:
-        self.received: int | None = None
+    def __enter__(self):
         self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -56,6 +50,20 @@ class StopSignals:
             signal.signal(s, handler)
         self._previous.clear()
 
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class StopSignals(_Handlers):
+    """While entered, STOP_SIGNALS set :attr:`received` (the first signal number) instead of acting."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
     def pending(self, device: torch.device | None = None) -> int | None:
         """The signal to stop for, agreed on by every process (a collective when distributed)."""
         signum = self.received or 0
@@ -64,6 +72,25 @@ class StopSignals:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             signum = int(t.item())
         return signum or None
+
+
+class SetupSignals(_Handlers):
+    """While entered (a run's set-up: its folder claimed, data read, model built), the first of STOP_SIGNALS
+    raises :class:`TrainingInterrupted`, as SIGINT raises KeyboardInterrupt, so that the set-up's clean-up
+    runs (SIGTERM's and SIGHUP's default action would kill the process and leave the folder marked in use).
+    Later signals, and any while :attr:`deferred` is set (during that clean-up), are ignored.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self._raised = False
+
+    def _handle(self, signum, frame) -> None:
+        if not (self._raised or self.deferred):
+            self._raised = True
+            raise TrainingInterrupted(
+                signum, f"{signal_name(signum)} received while setting up: training did not start"
+            )
 
 
 def signal_name(signum: int) -> str:

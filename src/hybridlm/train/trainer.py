@@ -49,7 +49,7 @@ from .rundir import (
     unlock,
     write_config,
 )
-from .signals import StopSignals, TrainingInterrupted, signal_name
+from .signals import SetupSignals, StopSignals, TrainingInterrupted, signal_name
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("hybridlm.train")
@@ -134,15 +134,17 @@ class Trainer:
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-        self.run_dir, created = self._claim_run_dir(run_dir, resume)
-        try:
-            self._build(resume, progress)
-        except BaseException:
-            if self.is_main:  # a run that did not start leaves the folder as it was (no empty one behind)
-                unlock(self.run_dir)
-                if created:
-                    remove_if_empty(self.run_dir)
-            raise
+        with SetupSignals() as signals:  # a signal now raises, so that the clean-up below runs
+            self.run_dir, created = self._claim_run_dir(run_dir, resume)
+            try:
+                self._build(resume, progress)
+            except BaseException:
+                signals.deferred = True  # (torchrun signals the other ranks when one fails)
+                if self.is_main:  # a run that did not start leaves the folder as it was (no empty one behind)
+                    unlock(self.run_dir)
+                    if created:
+                        remove_if_empty(self.run_dir)
+                raise
 
     def _build(self, resume: bool, progress: bool | None) -> None:
         """Everything after the run folder: data, model, optimizer, a resumed state, then config.toml."""
@@ -162,7 +164,10 @@ class Trainer:
         # Pipeline ranks of one data-parallel group read the same rows (rank = dp index * pp + pp index).
         self.pp = run.parallel.pp
         if self.world % self.pp:
-            hint = " (pipeline ranks are processes: launch with torchrun --nproc_per_node N, N a multiple of pp)"
+            hint = (
+                " (pipeline ranks are processes: launch with torchrun --nproc_per_node N, N a multiple of pp, or"
+                " set parallel.pp to one that divides it, e.g. --set parallel.pp=1: checkpoints load into any split)"
+            )
             raise ConfigError("parallel.pp", f"{self.pp} does not divide the {self.world} processes" + hint)
         self.dp, self.dp_rank = self.world // self.pp, self.rank // self.pp
         self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
