@@ -192,7 +192,7 @@ class ModelOutput:
     """What :meth:`HybridLM.forward` returns.
 
     Attributes:
-        logits: (B, L, V) float32 next-token logits (None on a stage without the head).
+        logits: (B, L, V) float32 next-token logits (float64 in a float64 model; None on a stage without the head).
         loss: total loss when labels were given: ``lm_loss + mtp_loss_scale * mean(mtp_losses) + aux_loss``.
         lm_loss: cross entropy of the main head.
         mtp_losses: cross entropy of each MTP depth (depth d predicts the token d+1 places further).
