@@ -69,11 +69,12 @@ class Attention(nn.Module):
             state.k.index_copy_(2, cache.offset_t, k)
             state.v.index_copy_(2, cache.offset_t, v)
             mask = cached_keys_mask(cache, L, q.device).unsqueeze(1)  # (B, 1, 1, max_len)
-            return F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=mask, enable_gqa=gqa)
+            keys, values = state.k.to(q.dtype), state.v.to(q.dtype)  # (a cache of another dtype: read in q's)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         off = cache.offset
         state.k[:, :, off : off + L] = k
         state.v[:, :, off : off + L] = v
-        keys, values = state.k[:, :, : off + L], state.v[:, :, : off + L]
+        keys, values = state.k[:, :, : off + L].to(q.dtype), state.v[:, :, : off + L].to(q.dtype)
         if off == 0 and not cache.has_padding:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
         if L == 1 and not cache.has_padding:  # an eager decode step: one query sees every key written
