@@ -65,6 +65,8 @@ def test_plot(tmp_path, capsys, suffix):
         (["pattern", "MMMM", "--first-stage-layers", "1"], "give --pp 2 or more"),
         (["pattern", "MMMM", "--pp", "2", "--plot", "x.pdf"], "must end in .png or .svg"),
         (["pattern", "MMMM", "--plot", ""], "--plot '': the file name must end in .png or .svg"),
+        # before a --measure run, which takes minutes on a GPU
+        (["plan", "--preset", "tiny", "--pp", "2", "--measure", "cpu", "--plot", "/no-such/p.png"], "no folder"),
     ],
 )
 def test_bad_input_exits_2(capsys, argv, message):
@@ -72,6 +74,12 @@ def test_bad_input_exits_2(capsys, argv, message):
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and message in err
     assert out == ""  # refused before anything is computed or printed
+
+
+def test_a_plot_over_a_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "p.png").mkdir()
+    assert main(["pattern", "MMMM", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "cannot write a folder" in capsys.readouterr().err
 
 
 def test_a_run_file_sizes_the_head_by_its_tokenizer(tmp_path, capsys):

@@ -143,6 +143,22 @@ def test_measured_times_replace_the_estimate():
     assert len(t) == 6 and t[0] == t[3] and t[1] == t[4] and t[2] == t[5]  # one timing per block kind
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_measured_blocks_recompute_as_training_does_mtp_depths_too(recompute, monkeypatch):
+    from hybridlm import model as model_module
+    from hybridlm.plan.measure import measure_times
+
+    seen, forward = {}, model_module.Block.forward
+
+    def spy(block, x, ctx):
+        seen[block.symbols] = block.activation_checkpointing
+        return forward(block, x, ctx)
+
+    monkeypatch.setattr(model_module.Block, "forward", spy)
+    measure_times(tiny_config("M-/[*-]"), 16, recompute=recompute, repeats=1)
+    assert seen == {"M": recompute, "-": recompute, "*-": recompute}  # "*-": the MTP depth's block
+
+
 def test_bad_requests():
     config = tiny_config("M-M-")
     with pytest.raises(UsageError, match="cannot place 6 pipeline stages"):

@@ -61,8 +61,8 @@ def measure_times(
         text += MTP_SEPARATOR + p.mtp
     small = config.replace(pattern=text)
     model = HybridLM(small, device=dev)
-    for block in model.blocks.values():
-        block.activation_checkpointing = recompute
+    for block in (*model.blocks.values(), *(b for depth in model.mtp for b in depth.blocks.values())):
+        block.activation_checkpointing = recompute  # the MTP depths' too, as training recomputes them
     B, L, H = micro_batch_size, seq_len, config.hidden_size
     gen = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (B, L), device=dev, generator=gen)

@@ -6,6 +6,7 @@ pyplot, so no global backend is touched.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,10 +28,16 @@ FORMATS = (".png", ".svg")
 
 
 def check_plot_path(path: str | Path) -> Path:
-    """``path`` as a Path; UsageError unless it names a ``.png`` or ``.svg`` file."""
+    """``path`` as a Path; UsageError unless it names a ``.png`` or ``.svg`` file that can be written (checked
+    before a plan's work, which ``--measure`` makes minutes long)."""
     given, path = str(path), Path(path)
     if path.suffix.lower() not in FORMATS:
         raise UsageError(f"--plot {given!r}: the file name must end in .png or .svg, not {path.suffix or 'nothing'!r}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"--plot {given!r}: no folder {str(folder)!r} to write it in")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--plot {given!r}: cannot write {'a folder' if path.is_dir() else 'there'}")
     return path
 
 
