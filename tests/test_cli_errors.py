@@ -178,3 +178,22 @@ def test_a_torchrun_process_leaves_with_os_exit_after_flushing(monkeypatch, caps
     with pytest.raises(SystemExit):
         entry()
     assert exits == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "argv, prefix",
+    [
+        (["train", "--bogus"], "hybridlm train: error: unrecognized arguments: --bogus"),
+        (["pattern", "M-", "--bogus", "x"], "hybridlm pattern: error: unrecognized arguments: --bogus x"),
+        (["convert", "a", "b", "--to", "foo"], "hybridlm convert: error: argument --to: invalid choice"),
+        (["generate"], "hybridlm generate: error: the following arguments are required"),
+    ],
+)
+def test_unparsable_options_get_their_commands_usage(capsys, argv, prefix):
+    """An unknown flag too (argparse reported it under the top-level usage, as "hybridlm: error")."""
+    from hybridlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: hybridlm {argv[0]} " in err and prefix in err, err

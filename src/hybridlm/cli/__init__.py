@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for register in _subcommands():
         register(sub)
+    for command in sub.choices.values():  # so that a command's unknown flag gets its own usage lines
+        command.set_defaults(command_parser=command)
     return ap
 
 
@@ -103,7 +105,9 @@ def _error(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # (parse_args would report them under the top-level usage, as "hybridlm: error")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
