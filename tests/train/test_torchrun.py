@@ -105,3 +105,29 @@ def test_two_processes_evaluate_rows_that_do_not_split_evenly(tmp_path):
     two, one = val_losses(tmp_path / "two"), val_losses(tmp_path / "one")
     assert two.keys() == one.keys() == {0, 1}
     assert two[0] == pytest.approx(one[0], rel=1e-6) and two[1] == pytest.approx(one[1], rel=2e-4)
+
+
+@pytest.mark.multiprocess
+def test_bf16_data_parallel_keeps_the_float32_parameters(tmp_path):
+    """FSDP gathers parameters in bf16 but leaves the ones the model keeps in float32 (A_log, D, dt_bias, the
+    router) whole on every rank: float32 in the forward (they were gathered in bf16), their gradients summed
+    over the ranks, the gradient norm counting each copy once; the checkpoint resumes in one process."""
+    root = Path(__file__).resolve().parents[2]
+    script = root / "tests/distributed/fsdp_fp32_parameters.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    out, run_dir = tmp_path / "out.json", tmp_path / "run"
+    r = subprocess.run(
+        [*cmd, str(out), str(run_dir)], env=subprocess_env(), capture_output=True, text=True, timeout=240
+    )
+    assert r.returncode == 0, run_failure(r)
+    got = json.loads(out.read_text())
+    names = {"blocks.0.layers.0.mixer." + n for n in ("A_log", "D", "dt_bias")} | {
+        "blocks.2.layers.1.mixer.gate.weight"
+    }
+    assert got["dtypes"] == dict.fromkeys(names, "torch.float32")
+    assert got["equal_copies"] == dict.fromkeys(names, True)  # each rank saw other rows: only the sum keeps them equal
+    norm, full, twice = got["norm"]
+    assert abs(norm - full) <= 1e-6 * full and abs(twice - full) > 3e-6 * full, got["norm"]  # seen: 1.2e-7, 6.2e-6
+    resume = ["--set", "train.steps=6", "--set", "train.device=cpu", "--no-progress"]
+    assert main(["train", "--resume", str(run_dir), *resume]) == 0
+    assert max(step_losses(run_dir)) == 6

@@ -9,7 +9,7 @@ import torch
 import hybridlm
 from hybridlm.errors import ConfigError, DataError
 from hybridlm.train.config import RunConfig
-from hybridlm.train.trainer import Trainer
+from hybridlm.train.trainer import Trainer, resolve_device
 
 TINY_RUN = [
     "model.pattern=M-[*-]G[ME]",
@@ -176,3 +176,21 @@ def test_trainer_gives_the_cuda_allocator_expandable_segments_unless_the_environ
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert configure_cuda_allocator().startswith("unset (CUDA was in use")
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_train_device_gives_each_torchrun_process_its_gpu(monkeypatch):
+    """'cuda' without an index takes the process's LOCAL_RANK (torch.cuda.set_device refused it: "Expected a
+    torch.device with a specified index"); one GPU named for every process of a machine is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda:3")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="every process on this machine on one GPU") as e:
+        resolve_device("cuda:1")
+    assert e.value.field == "train.device"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")  # one process: the GPU it names
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DataError, match="no CUDA device"):
+        resolve_device("cuda")

@@ -245,7 +245,9 @@ def apply_fsdp(
             parameters; FSDP's own default would be the GPU wherever there is one, also for a model
             on the CPU; a model on the meta device gets FSDP's default).
         param_dtype: compute dtype of gathered parameters (e.g. bfloat16); gradients are reduced
-            in float32.
+            in float32. Other than float32, the parameters the model keeps in float32 stay whole on
+            every rank: sum their gradients with :func:`reduce_replicated_gradients`, clip with
+            :func:`clip_grad_norm`, and build the optimizer with ``train.optim.build_optimizer``.
         reshard_after_forward: free the blocks' (and embedding's, head's) gathered parameters
             after each forward (pipeline stages keep them between micro-batches instead); the
             root always keeps its own until the backward, which begins with them.
@@ -264,6 +266,13 @@ def apply_fsdp(
         kwargs["mesh"] = mesh
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if param_dtype not in (None, torch.float32):
+        # The parameters the model keeps in float32 (``HybridLM.cast``: Mamba2's A_log, D and dt_bias,
+        # the MoE router, ...) would be gathered in param_dtype with the rest of their unit; FSDP
+        # leaves them whole on every rank instead (a few small tensors), and
+        # reduce_replicated_gradients sums their gradients.
+        keep = model.fp32_parameter_names()
+        kwargs["ignored_params"] = {p for name, p in model.named_parameters() if name in keep}
     for block in _all_blocks(model):
         fully_shard(block, **kwargs)
     if model.embeddings is not None and not (model.config.tie_embeddings and model.norm_f is not None):
@@ -282,6 +291,46 @@ def apply_fsdp(
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
     return model
+
+
+def replicated(p: torch.Tensor) -> bool:
+    """Whether ``p`` is held whole by each data-parallel rank: not an FSDP shard (DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(p, DTensor)
+
+
+def reduce_replicated_gradients(model: nn.Module, group=None) -> None:
+    """Sum over ``group`` the gradients of the parameters an FSDP-sharded ``model`` holds whole on every
+    rank (:func:`apply_fsdp` with a param_dtype; FSDP reduces only its shards'), as ``sum_gradients``
+    does for the shards. Call after the step's last backward and before the gradient is clipped."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None and replicated(p)]
+    if grads:  # one collective for all of them
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+
+def clip_grad_norm(params, max_norm: float, device: torch.device, counted=lambda p: True) -> float:
+    """Clip the gradient of a model spread over processes to ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``
+    does in one process; returns the norm before clipping. Each process contributes its local gradients
+    (an FSDP shard, or a whole tensor) where ``counted(p)``, so that a copy held by several processes
+    (a replicated parameter, a tied embedding on two stages) is counted once; the squares are summed
+    over every process.
+
+    Norms and the scaling run as foreach kernels (``get_total_norm``, ``_foreach_mul_``), a few
+    launches for the whole model instead of a few per parameter.
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad.to_local() if not replicated(p) else p.grad for p in params]
+    mine = [g for p, g in zip(params, grads) if counted(p)]
+    local = torch.nn.utils.get_total_norm(mine) if mine else torch.zeros((), device=device)
+    sq = local.float().square()
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return float(norm)
 
 
 @contextlib.contextmanager

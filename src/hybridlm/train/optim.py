@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..parallel.execution import replicated
 from .config import OptimConfig
 
 #: Parameters never decayed: scales and offsets whose size is not a capacity knob.
@@ -20,12 +21,19 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay, keep = [], []
+    """AdamW over ``model``'s trainable parameters: decayed, and not (:func:`no_weight_decay`). Under FSDP
+    the parameters it leaves whole (``parallel.execution.apply_fsdp``) get groups of their own: foreach
+    and fused kernels refuse to mix shards (DTensors) with plain tensors."""
+    split: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (keep if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + keep) and bool(decay + keep)
+            split.setdefault((no_weight_decay(name, p), replicated(p)), []).append(p)
+    groups = [
+        {"params": split[kind], "weight_decay": 0.0 if kind[0] else cfg.weight_decay}
+        for kind in sorted(split, key=lambda kind: (kind[0], not kind[1]))  # decayed first, as before
+    ] or [{"params": []}]
+    params = [p for group in groups for p in group["params"]]
+    fused = all(p.is_cuda for p in params) and bool(params)
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

@@ -24,7 +24,15 @@ from ..checkpoint.io import full_cpu
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import IGNORE_INDEX
-from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks, init_sharded
+from ..parallel.execution import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    clip_grad_norm,
+    compile_blocks,
+    init_sharded,
+    reduce_replicated_gradients,
+    replicated,
+)
 from ..parallel.pipeline import build_pipeline_model, make_schedule, rank_stages
 
 
@@ -195,6 +203,8 @@ class PipelineRunner:
         """
         weight = (batch["labels"] != IGNORE_INDEX).sum(1).float() / valid
         out = self._run(batch, weight, train=True)
+        if self.dp > 1:
+            reduce_replicated_gradients(self.model, self.dp_group)
         if self.tied_group is not None:
             grad = self.model.embeddings.weight.grad
             dist.all_reduce(_local(grad), group=self.tied_group)
@@ -214,21 +224,12 @@ class PipelineRunner:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradient of the whole model (over stages and shards) to ``max_norm``, as
-        ``torch.nn.utils.clip_grad_norm_`` does in one process; returns the norm before clipping.
+        ``torch.nn.utils.clip_grad_norm_`` does in one process; returns the norm before clipping."""
 
-        Norms and the scaling run as foreach kernels (``get_total_norm``, ``_foreach_mul_``), a few
-        launches for the whole model instead of a few per parameter.
-        """
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [_local(p.grad) for p in params]
-        counted = [g for p, g in zip(params, grads) if id(p) not in self.duplicate]  # a tied copy once
-        local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
-        sq = local.float().square()
-        dist.all_reduce(sq)  # shards are disjoint over dp, stages over pp
-        norm = sq.sqrt()
-        if grads:
-            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-        return float(norm)
+        def counted(p) -> bool:  # a tied copy once, a parameter each dp rank holds whole once
+            return id(p) not in self.duplicate and (self.dp_rank == 0 or not replicated(p))
+
+        return clip_grad_norm(self.model.parameters(), max_norm, self.device, counted)
 
     def gather_canonical(self) -> dict[str, torch.Tensor]:
         """The whole model's canonical tensors on rank 0 (empty elsewhere), gathered one stage at a

@@ -30,7 +30,14 @@ from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..ops.dispatch import ENV as KERNELS_ENV
 from ..ops.dispatch import kernels_mode
-from ..parallel.execution import apply_activation_checkpointing, apply_fsdp, compile_blocks
+from ..parallel.execution import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    clip_grad_norm,
+    compile_blocks,
+    reduce_replicated_gradients,
+    replicated,
+)
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import PackedRows, Sampler, eval_rows, load_corpus, split
@@ -98,6 +105,28 @@ def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -
     return 2 * n**3 * iters / (start.elapsed_time(end) / 1000)
 
 
+def resolve_device(spec: str) -> torch.device:
+    """The device of ``train.device`` (auto, cpu, cuda, cuda:N) for this process: under torchrun, "auto" and
+    "cuda" take the GPU of the process's ``LOCAL_RANK``, and one GPU named for every process is refused."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's; 0 in one process
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise DataError("train.device: 'cuda' was asked for but no CUDA device is available")
+    if device.index is None:  # (torch.cuda.set_device refuses an index-less device)
+        return torch.device(f"cuda:{local_rank}")
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "train.device",
+            f"{spec!r} would put every process on this machine on one GPU; use 'cuda' or 'auto' "
+            "(each process takes the GPU of its LOCAL_RANK)",
+        )
+    return device
+
+
 class Trainer:
     """Builds everything a run needs and runs it.
 
@@ -118,13 +147,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(KERNELS_ENV, str(e).partition(": ")[2]) from None
         self.cuda_alloc_conf = configure_cuda_allocator()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's; 0 in one process
-        if t.device == "auto":
-            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(t.device)
-            if self.device.type == "cuda" and not torch.cuda.is_available():
-                raise DataError("train.device: 'cuda' was asked for but no CUDA device is available")
+        self.device = resolve_device(t.device)
         self.rank, self.world = _dist(self.device)
         self.is_main = self.rank == 0
         if t.threads:
@@ -336,11 +359,13 @@ class Trainer:
         clip = self.run.optim.grad_clip or float("inf")
         if self.pipeline is not None:
             grad_norm = self.pipeline.clip_grad_norm(clip)
+        elif self.world > 1:  # FSDP: shards, and the float32 parameters each rank holds whole (counted once)
+            reduce_replicated_gradients(self.model)
+            counted = (lambda p: True) if self.is_main else (lambda p: not replicated(p))
+            grad_norm = clip_grad_norm(self.model.parameters(), clip, self.device, counted)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
         # A non-finite loss or gradient skips the update (see train/guard.py); the schedule moves on.
         finite = self.guard.finite(loss, float(grad_norm))
         if finite:
