@@ -225,3 +225,54 @@ def test_hugging_face_tokenizer(tmp_path):
     assert load_tokenizer(tmp_path / "saved").encode("The assert statement") == ids
     with pytest.raises(DataError, match="neither 'byte' nor"):
         build_tokenizer("gpt2")
+
+
+def _word_level(vocab: dict[str, int], path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return tok
+
+
+def test_a_tokenizer_saved_with_truncation_or_padding_keeps_whole_documents(tmp_path):
+    """Exported tokenizer.json files often carry truncation and fixed-length padding: documents were cut
+    to the truncation length, or padded with pad ids inside them."""
+    hf = _word_level({"<|endoftext|>": 0, "a": 1, "b": 2, "<pad>": 3}, tmp_path / "plain.json")
+    text = " ".join(["a", "b"] * 20)
+    hf.enable_truncation(max_length=4)
+    hf.save(str(tmp_path / "truncating.json"))
+    hf.no_truncation()
+    hf.enable_padding(length=64, pad_id=3, pad_token="<pad>")
+    hf.save(str(tmp_path / "padding.json"))
+    want = HFTokenizer(tmp_path / "plain.json").encode(text)
+    assert len(want) == 40
+    for name in ("truncating.json", "padding.json"):
+        tok = HFTokenizer(tmp_path / name)
+        assert tok.encode(text) == want, name
+        assert tokenize_documents([text], tok).num_tokens == 41, name  # and the end-of-document token
+
+
+def test_a_vocabulary_with_gaps_is_sized_by_its_largest_id(tmp_path):
+    """The model needs the largest id + 1 (the number of tokens made prepare overflow uint16, and the
+    model too small for the ids)."""
+    _word_level({"<|endoftext|>": 0, "a": 1, "b": 70000}, tmp_path / "gaps.json")
+    tok = HFTokenizer(tmp_path / "gaps.json")
+    assert tok.vocab_size == 70001
+    stream = tokenize_documents(["a b a"], tok)
+    assert stream.tokens.tolist() == [1, 70000, 1, 0]
+    write_prepared(stream, tmp_path / "prep", tok, "test")
+    assert load_corpus(str(tmp_path / "prep"), tok).tokens.tolist() == [1, 70000, 1, 0]
+
+
+def test_a_text_folder_may_hold_a_meta_json_of_its_own(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("one document")
+    (tmp_path / "c" / "meta.json").write_text('{"author": "me"}')  # not a prepared corpus: no token files
+    assert load_corpus(str(tmp_path / "c"), ByteTokenizer()).num_docs == 1
+
+
+def test_a_jsonl_line_nested_too_deep_is_named(tmp_path):
+    (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n' + "[" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: not a JSON object"):
+        load_corpus(str(tmp_path / "deep.jsonl"), ByteTokenizer())

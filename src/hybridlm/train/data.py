@@ -27,6 +27,7 @@ from ..errors import DataError
 PREPARED_META = "meta.json"
 PREPARED_TOKENS = "tokens.bin"
 PREPARED_DOCS = "docs.npy"
+PREPARED_FILES = (PREPARED_TOKENS, PREPARED_DOCS)
 
 
 @dataclass
@@ -80,16 +81,18 @@ def builtin_documents(name: str) -> list[str]:
     raise DataError(f"data.source: unknown built-in corpus 'builtin:{name}' (known: builtin:pydoc)")
 
 
+def _text_files(folder: Path) -> list[Path]:
+    """The .txt files under ``folder``, then its .jsonl files, each sorted; extensions in any case."""
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
+    return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() == ".jsonl"]
+
+
 def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
     """Documents of a .txt file, a folder of .txt files, or a .jsonl file."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"data.source: {source} does not exist")
-    if path.is_dir():  # .txt files first, then .jsonl, each sorted; extensions in any case
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
-        files = [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() == ".jsonl"]
-    else:
-        files = [path]
+    files = _text_files(path) if path.is_dir() else [path]
     if not files:
         raise DataError(f"data.source: no .txt or .jsonl files under {source}")
     for file in files:
@@ -123,7 +126,7 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
                 continue
             try:
                 text = json.loads(line)[field]
-            except (ValueError, KeyError, TypeError, IndexError) as e:
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:  # (nesting beyond json's)
                 raise DataError(f"{where}: not a JSON object with a {field!r} field ({e})") from None
             if not isinstance(text, str):
                 raise DataError(f"{where}: field {field!r} is not a string")
@@ -208,7 +211,13 @@ def load_corpus(source: str, tokenizer, jsonl_field: str = "text", progress: boo
     if source.startswith("builtin:"):
         return tokenize_documents(builtin_documents(source.split(":", 1)[1]), tokenizer, progress)
     path = Path(source)
-    if path.is_dir() and (path / PREPARED_META).exists():
+    # A folder of text may hold a meta.json of its own: it is read as prepared only with token files, or
+    # without text (where a damaged prepared corpus is named as one).
+    if (
+        path.is_dir()
+        and (path / PREPARED_META).exists()
+        and (any((path / f).exists() for f in PREPARED_FILES) or not _text_files(path))
+    ):
         stream, meta = read_prepared(path)
         if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
             raise DataError(

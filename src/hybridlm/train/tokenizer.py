@@ -59,7 +59,13 @@ class HFTokenizer:
             self._tok = _Tokenizer.from_file(str(self.path))
         except Exception as e:
             raise DataError(f"{self.path}: cannot load tokenizer ({e})") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Every document whole and unpadded: a tokenizer.json saved with truncation or fixed-length padding
+        # (common in exported ones) would cut documents short or put pad ids inside them.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        # Ids past the number of tokens where the vocabulary has gaps: the model needs the largest id + 1.
+        ids = self._tok.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
         candidates = (eos_token,) if eos_token else _EOS_CANDIDATES
         ids = [self._tok.token_to_id(t) for t in candidates]
         found = [i for i in ids if i is not None]
