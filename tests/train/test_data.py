@@ -227,9 +227,9 @@ def test_hugging_face_tokenizer(tmp_path):
         build_tokenizer("gpt2")
 
 
-def _word_level(vocab: dict[str, int], path):
+def _word_level(vocab: dict[str, int], path, unk: str = "<|endoftext|>"):
     tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(path))
     return tok
@@ -276,3 +276,58 @@ def test_a_jsonl_line_nested_too_deep_is_named(tmp_path):
     (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n' + "[" * 200_000 + "\n")
     with pytest.raises(DataError, match=r"deep\.jsonl:2: not a JSON object"):
         load_corpus(str(tmp_path / "deep.jsonl"), ByteTokenizer())
+
+
+def test_an_end_of_document_token_of_another_name_is_named_by_a_setting(tmp_path, capsys):
+    """DeepSeek-style names are not among the usual ones: data.eos_token / prepare --eos-token name it, the
+    model folder keeps its id, and generate loads it without the name."""
+    from hybridlm.cli import main
+    from tests.train.test_trainer import TINY_RUN
+
+    eos = "<｜end▁of▁sentence｜>"
+    words = builtin_documents("pydoc")[0].split()[:200]
+    _word_level({eos: 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}, tmp_path / "ds.json", unk=eos)
+    _word_level({eos: 0, "a": 1}, tmp_path / "no_unk.json")  # its unknown token is not in the vocabulary
+    with pytest.raises(DataError, match=r"no_unk\.json: cannot tokenize the text"):
+        build_tokenizer(str(tmp_path / "no_unk.json"), eos_token=eos).encode("b")
+    with pytest.raises(DataError, match=r"no end-of-document token found .*name its own with data\.eos_token"):
+        build_tokenizer(str(tmp_path / "ds.json"))
+    with pytest.raises(DataError, match=r"data\.eos_token: '<x>' is not a token of"):
+        build_tokenizer(str(tmp_path / "ds.json"), eos_token="<x>")
+    with pytest.raises(DataError, match=r"data\.eos_token: the byte tokenizer's end of document is id 256"):
+        build_tokenizer("byte", eos_token=eos)
+    assert build_tokenizer(str(tmp_path / "ds.json"), eos_token=eos).eos_id == 0
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(words))
+    assert main(["prepare", str(corpus), str(tmp_path / "prep"), "--tokenizer", str(tmp_path / "ds.json")]) == 2
+    assert "--eos-token" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "prepare",
+                str(corpus),
+                str(tmp_path / "prep"),
+                "--tokenizer",
+                str(tmp_path / "ds.json"),
+                "--eos-token",
+                eos,
+            ]
+        )
+        == 0
+    )
+    sets = [
+        *TINY_RUN,
+        "data.seq_len=16",
+        "train.steps=1",
+        "train.batch_size=2",
+        "train.eval_batches=1",
+        "data.val_fraction=0",
+    ]
+    sets += [f"data.source={tmp_path / 'prep'}", f"data.tokenizer={tmp_path / 'ds.json'}", f"data.eos_token={eos}"]
+    argv = ["train", *(x for s in sets for x in ("--set", s)), "--no-progress", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 0, capsys.readouterr().err
+    tok = load_tokenizer(tmp_path / "run" / "model")
+    assert tok.eos_id == 0 and tok.encode(words[0]) == build_tokenizer(str(tmp_path / "ds.json"), eos_token=eos).encode(
+        words[0]
+    )

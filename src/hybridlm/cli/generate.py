@@ -153,6 +153,10 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
+        (
+            args.eos_token == "auto" or args.tokenizer,
+            "--eos-token goes with --tokenizer (a checkpoint's keeps its own)",
+        ),
     )
     for ok, message in checks:
         if not ok:
@@ -201,7 +205,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.speculative and not config.parsed.mtp_depths:
         raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
     tokenizer = (
-        build_tokenizer(args.tokenizer, key="--tokenizer") if args.tokenizer else load_tokenizer(path, "--tokenizer")
+        build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
+        if args.tokenizer
+        else load_tokenizer(path, "--tokenizer")
     )
     if tokenizer.vocab_size > config.vocab_size:
         source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer in {path}"
@@ -312,6 +318,12 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    ap.add_argument(
+        "--eos-token",
+        default="auto",
+        metavar="TOKEN",
+        help="with --tokenizer: its end-of-document token (default: auto, the first of the usual names it holds)",
+    )
     ap.add_argument(
         "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"
     )

@@ -94,7 +94,7 @@ def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None
         if "vocab_size" not in run.model and "preset" not in run.model:  # the head sized as train sizes it
             from ..train.tokenizer import build_tokenizer
 
-            vocab = build_tokenizer(run.data.tokenizer).vocab_size
+            vocab = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token).vocab_size
         config = run.model_config(vocab)
     if pattern is not None:
         config = config.replace(pattern=pattern)

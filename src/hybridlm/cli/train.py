@@ -90,7 +90,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from ..train.data import load_corpus, write_prepared
     from ..train.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer")
+    tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
     stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True)
     out = write_prepared(stream, args.out, tokenizer, args.source)
     print(f"wrote {stream.num_tokens:,} tokens of {stream.num_docs:,} documents to {out}")
@@ -109,4 +109,10 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("out", help="output folder")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
     ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records")
+    ap.add_argument(
+        "--eos-token",
+        default="auto",
+        metavar="TOKEN",
+        help="the tokenizer.json's end-of-document token (default: auto, the first of the usual names it holds)",
+    )
     ap.set_defaults(func=_cmd_prepare)

@@ -61,6 +61,7 @@ class DataConfig:
     seq_len: int = 256  #: tokens per packed row
     val_fraction: float = 0.05  #: share of documents held out for validation
     jsonl_field: str = "text"  #: the text field of .jsonl records
+    eos_token: str = "auto"  #: a tokenizer.json's end-of-document token ("auto": the first usual name it holds)
     seed: int = 0  #: data order and validation split
 
 

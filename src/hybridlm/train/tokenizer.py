@@ -47,7 +47,11 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (any model family), loaded with the ``tokenizers`` package."""
 
-    def __init__(self, path: str | Path, eos_token: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, eos_token: str | None = None, key: str = "data.eos_token", eos_id: int | None = None
+    ) -> None:
+        """``eos_token``: the end-of-document token (default: the first of the usual ones the vocabulary
+        holds; errors name its setting as ``key``), or its id ``eos_id`` (a saved tokenizer's)."""
         try:
             from tokenizers import Tokenizer as _Tokenizer
         except ImportError:
@@ -66,15 +70,25 @@ class HFTokenizer:
         # Ids past the number of tokens where the vocabulary has gaps: the model needs the largest id + 1.
         ids = self._tok.get_vocab(with_added_tokens=True).values()
         self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+        if eos_id is not None:
+            self.eos_id = eos_id
+            return
         candidates = (eos_token,) if eos_token else _EOS_CANDIDATES
         ids = [self._tok.token_to_id(t) for t in candidates]
         found = [i for i in ids if i is not None]
         if not found:
-            raise DataError(f"{self.path}: no end-of-document token found among {', '.join(candidates)}")
+            if eos_token:
+                raise DataError(f"{key}: {eos_token!r} is not a token of {self.path}")
+            raise DataError(
+                f"{self.path}: no end-of-document token found among {', '.join(candidates)}; name its own with {key}"
+            )
         self.eos_id = found[0]
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # e.g. a word-level vocabulary without its unknown token
+            raise DataError(f"{self.path}: cannot tokenize the text ({e})") from None
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
@@ -84,14 +98,22 @@ class HFTokenizer:
         return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self.path.read_bytes()}
 
 
-def build_tokenizer(spec: str, key: str = "data.tokenizer") -> ByteTokenizer | HFTokenizer:
-    """``"byte"`` or the path of a ``tokenizer.json``; errors name the setting as ``key``."""
+def build_tokenizer(
+    spec: str, key: str = "data.tokenizer", eos_token: str = "auto", eos_key: str = "data.eos_token"
+) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` or the path of a ``tokenizer.json`` whose end-of-document token is ``eos_token`` ("auto":
+    the first of the usual ones it holds); errors name the settings as ``key`` and ``eos_key``."""
+    eos_token = "" if eos_token == "auto" else eos_token
     if spec == "byte":
+        if eos_token:
+            raise DataError(
+                f"{eos_key}: the byte tokenizer's end of document is id 256; {eos_key} is for a tokenizer.json"
+            )
         return ByteTokenizer()
     path = Path(spec)
     if not path.exists():
         raise DataError(f"{key}: {spec!r} is neither 'byte' nor an existing tokenizer.json")
-    return HFTokenizer(path)
+    return HFTokenizer(path, eos_token or None, eos_key)
 
 
 def load_tokenizer(directory: str | Path, option: str = "a tokenizer") -> ByteTokenizer | HFTokenizer:
@@ -114,9 +136,10 @@ def load_tokenizer(directory: str | Path, option: str = "a tokenizer") -> ByteTo
     name = spec.get("file", "tokenizer.json")
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise DataError(f"{spec_file}: 'file' must name a file in {directory}, got {name!r}")
-    tok = HFTokenizer(directory / name)
-    eos = spec.get("eos_id", tok.eos_id)
-    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < tok.vocab_size):
+    eos = spec.get("eos_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
+        raise DataError(f"{spec_file}: eos_id must be a token id, got {eos!r}")
+    tok = HFTokenizer(directory / name, eos_id=eos)  # the saved id: the token may have no usual name
+    if not tok.eos_id < tok.vocab_size:
         raise DataError(f"{spec_file}: eos_id must be a token id below {tok.vocab_size}, got {eos!r}")
-    tok.eos_id = eos
     return tok

@@ -175,7 +175,7 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         # Data.
-        self.tokenizer = build_tokenizer(run.data.tokenizer)
+        self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
         what = "the training split" if val_stream is not None else "the corpus"
