@@ -81,7 +81,7 @@ def test_options_are_checked_by_flag_before_anything_is_loaded_or_printed(checkp
         (["--speculative", "mtp"], "add --greedy"),
         (["--seed", 2**64], "--seed must be None or an integer in [-2**63, 2**63 - 1]"),
         (["--seed", 2**63 - 1, "--prompt", "y"], "the last batch draws from --seed + 1"),
-        (["--eos-token", "</s>"], "--eos-token goes with --tokenizer"),
+        (["--eos-token", "</s>"], "--eos-token: the byte tokenizer's end of document is id 256"),
     ):
         code, out, err = run(capsys, path, "--prompt", "x", *argv)
         assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -253,16 +253,14 @@ def test_a_tokenizer_saved_with_truncation_or_padding_keeps_whole_documents(tmp_
         assert tokenize_documents([text], tok).num_tokens == 41, name  # and the end-of-document token
 
 
-def test_a_vocabulary_with_gaps_is_sized_by_its_largest_id(tmp_path):
-    """The model needs the largest id + 1 (the number of tokens made prepare overflow uint16, and the
-    model too small for the ids)."""
+def test_a_vocabulary_with_gaps_refuses_ids_past_its_size_by_name(tmp_path):
+    """Models and prepared corpora record the number of tokens: an id at or past it (a vocabulary with gaps)
+    is refused when the text reaches it (prepare overflowed uint16, training failed in the embedding)."""
     _word_level({"<|endoftext|>": 0, "a": 1, "b": 70000}, tmp_path / "gaps.json")
     tok = HFTokenizer(tmp_path / "gaps.json")
-    assert tok.vocab_size == 70001
-    stream = tokenize_documents(["a b a"], tok)
-    assert stream.tokens.tolist() == [1, 70000, 1, 0]
-    write_prepared(stream, tmp_path / "prep", tok, "test")
-    assert load_corpus(str(tmp_path / "prep"), tok).tokens.tolist() == [1, 70000, 1, 0]
+    assert tok.vocab_size == 3 and tokenize_documents(["a a"], tok).tokens.tolist() == [1, 1, 0]  # a gap unused
+    with pytest.raises(DataError, match=r"gaps\.json: token 'b' has id 70000, past the vocabulary's 3 tokens"):
+        tokenize_documents(["a b a"], tok)
 
 
 def test_a_text_folder_may_hold_a_meta_json_of_its_own(tmp_path):
@@ -297,6 +295,8 @@ def test_an_end_of_document_token_of_another_name_is_named_by_a_setting(tmp_path
     with pytest.raises(DataError, match=r"data\.eos_token: the byte tokenizer's end of document is id 256"):
         build_tokenizer("byte", eos_token=eos)
     assert build_tokenizer(str(tmp_path / "ds.json"), eos_token=eos).eos_id == 0
+    with pytest.raises(DataError, match=r"data\.eos_token: empty; leave it out"):
+        build_tokenizer(str(tmp_path / "ds.json"), eos_token="")
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(" ".join(words))
@@ -331,3 +331,8 @@ def test_an_end_of_document_token_of_another_name_is_named_by_a_setting(tmp_path
     assert tok.eos_id == 0 and tok.encode(words[0]) == build_tokenizer(str(tmp_path / "ds.json"), eos_token=eos).encode(
         words[0]
     )
+    # A folder without the saved id (as one converted from NemotronH): --eos-token names it.
+    (tmp_path / "run" / "model" / "tokenizer.hybridlm.json").unlink()
+    with pytest.raises(DataError, match="name its own with --eos-token"):
+        load_tokenizer(tmp_path / "run" / "model")
+    assert load_tokenizer(tmp_path / "run" / "model", eos_token=eos).eos_id == 0

@@ -153,10 +153,6 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
-        (
-            args.eos_token == "auto" or args.tokenizer,
-            "--eos-token goes with --tokenizer (a checkpoint's keeps its own)",
-        ),
     )
     for ok, message in checks:
         if not ok:
@@ -207,7 +203,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = (
         build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
         if args.tokenizer
-        else load_tokenizer(path, "--tokenizer")
+        else load_tokenizer(path, "--tokenizer", args.eos_token)
     )
     if tokenizer.vocab_size > config.vocab_size:
         source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer in {path}"
@@ -322,7 +318,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--eos-token",
         default="auto",
         metavar="TOKEN",
-        help="with --tokenizer: its end-of-document token (default: auto, the first of the usual names it holds)",
+        help="the tokenizer's end-of-document token (default: auto, the id the checkpoint saved, else the first "
+        "of the usual names it holds; a folder converted from NemotronH saved none)",
     )
     ap.add_argument(
         "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"

@@ -220,9 +220,10 @@ def load_corpus(source: str, tokenizer, jsonl_field: str = "text", progress: boo
     ):
         stream, meta = read_prepared(path)
         if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
+            hint = ", set by data.eos_token" if meta["vocab_size"] == tokenizer.vocab_size else ""
             raise DataError(
                 f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
-                f"data.tokenizer has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id})"
+                f"data.tokenizer has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint})"
             )
         # The folder keeps the tokenizer's files: another one of the same size would map ids to other text.
         for name, content in tokenizer.files().items():

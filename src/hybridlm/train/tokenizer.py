@@ -67,9 +67,9 @@ class HFTokenizer:
         # (common in exported ones) would cut documents short or put pad ids inside them.
         self._tok.no_truncation()
         self._tok.no_padding()
-        # Ids past the number of tokens where the vocabulary has gaps: the model needs the largest id + 1.
-        ids = self._tok.get_vocab(with_added_tokens=True).values()
-        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+        # The number of tokens (as models and prepared corpora recorded it); where the vocabulary has gaps,
+        # encode refuses an id at or past it by name.
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         if eos_id is not None:
             self.eos_id = eos_id
             return
@@ -86,9 +86,15 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         try:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         except Exception as e:  # e.g. a word-level vocabulary without its unknown token
             raise DataError(f"{self.path}: cannot tokenize the text ({e})") from None
+        if ids and max(ids) >= self.vocab_size:  # a vocabulary with gaps in its ids
+            raise DataError(
+                f"{self.path}: token {self._tok.id_to_token(max(ids))!r} has id {max(ids)}, past the vocabulary's "
+                f"{self.vocab_size} tokens (its ids have gaps); hybridlm needs ids below the number of tokens"
+            )
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
@@ -103,6 +109,8 @@ def build_tokenizer(
 ) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` or the path of a ``tokenizer.json`` whose end-of-document token is ``eos_token`` ("auto":
     the first of the usual ones it holds); errors name the settings as ``key`` and ``eos_key``."""
+    if not eos_token:
+        raise DataError(f"{eos_key}: empty; leave it out (auto: the first of the usual names)")
     eos_token = "" if eos_token == "auto" else eos_token
     if spec == "byte":
         if eos_token:
@@ -116,30 +124,35 @@ def build_tokenizer(
     return HFTokenizer(path, eos_token or None, eos_key)
 
 
-def load_tokenizer(directory: str | Path, option: str = "a tokenizer") -> ByteTokenizer | HFTokenizer:
+def load_tokenizer(
+    directory: str | Path, option: str = "a tokenizer", eos_token: str = "auto", eos_key: str = "--eos-token"
+) -> ByteTokenizer | HFTokenizer:
     """The tokenizer saved beside a model in ``directory`` (see :meth:`ByteTokenizer.files`); where there is
-    none, the error says to pass ``option`` instead (the CLI names its flag)."""
+    none, the error says to pass ``option`` instead (the CLI names its flag). ``eos_token`` (named by
+    ``eos_key``) replaces the saved end-of-document id, which a folder converted from another format lacks."""
     directory = Path(directory)
     spec_file = directory / SPEC_NAME
-    if not spec_file.exists():
-        if (directory / "tokenizer.json").exists():
-            return HFTokenizer(directory / "tokenizer.json")
+    spec = {}
+    if spec_file.exists():
+        try:
+            spec = json.loads(spec_file.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{spec_file}: unreadable ({e})") from None
+        if not isinstance(spec, dict):
+            raise DataError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
+    elif not (directory / "tokenizer.json").exists():
         raise DataError(f"{directory}: no {SPEC_NAME} or tokenizer.json; pass {option} explicitly")
-    try:
-        spec = json.loads(spec_file.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{spec_file}: unreadable ({e})") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
     if spec.get("type") == "byte":
-        return ByteTokenizer()
+        return build_tokenizer("byte", option, eos_token, eos_key)
     name = spec.get("file", "tokenizer.json")
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise DataError(f"{spec_file}: 'file' must name a file in {directory}, got {name!r}")
+    if eos_token != "auto":
+        return build_tokenizer(str(directory / name), option, eos_token, eos_key)
     eos = spec.get("eos_id")
     if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
         raise DataError(f"{spec_file}: eos_id must be a token id, got {eos!r}")
-    tok = HFTokenizer(directory / name, eos_id=eos)  # the saved id: the token may have no usual name
+    tok = HFTokenizer(directory / name, key=eos_key, eos_id=eos)  # the saved id: the token may have no usual name
     if not tok.eos_id < tok.vocab_size:
         raise DataError(f"{spec_file}: eos_id must be a token id below {tok.vocab_size}, got {eos!r}")
     return tok
