@@ -47,6 +47,19 @@ def test_prefill_then_steps_gives_the_full_forward_logits(pattern, static):
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", [*PATTERNS, "+D"])
+def test_an_empty_window_adds_nothing_to_the_cache(pattern):
+    """Zero new tokens give (B, 0, V) logits, as the uncached forward does (Mamba2's stepped path crashed),
+    and leave the states as they were."""
+    model = model_for(pattern)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits
+    cache = InferenceCache.for_model(model, 2, 12)
+    model(ids[:, :8], cache=cache)
+    assert model(ids[:, :0], cache=cache).logits.shape == (2, 0, 97)
+    torch.testing.assert_close(model(ids[:, 8:], cache=cache).logits, full[:, 8:], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("pattern", ["M*G-", "+D-"])
 def test_a_cache_of_another_dtype_serves_every_mixer(pattern, static):

@@ -44,6 +44,15 @@ def test_bad_arguments_are_refused_by_name():
             generate(model, prompt, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+@pytest.mark.parametrize("max_new_tokens", [10**15, 2**64])
+def test_a_cache_too_large_to_allocate_is_refused_naming_max_new_tokens(speculative, max_new_tokens):
+    """Out of memory, or past int64, on the plain and the speculative path alike."""
+    model = HybridLM(tiny_config("M*/-"), seed=0)
+    with pytest.raises(ValueError, match=r"cannot allocate the cache .*\(max_new_tokens\)"):
+        generate(model, [1, 2, 3], max_new_tokens, speculative=speculative)
+
+
 def test_wrongly_typed_arguments_are_refused_by_name():
     """Arguments of the wrong type are refused by name, not by an error from deep inside a layer."""
     model = HybridLM(tiny_config("M*-"), seed=0)

@@ -356,18 +356,31 @@ def prefill(model, ids: torch.Tensor, cache: InferenceCache, chunk_size: int) ->
     return logits[:, -1]
 
 
+@contextlib.contextmanager
+def cache_allocation(rows: int, prompt: int, max_new_tokens: int):
+    """Turn a failure to allocate the decoding buffers into a ValueError naming ``max_new_tokens``.
+
+    Attention keys and values are allocated for every position up front, so a large ``max_new_tokens``
+    fails here: out of memory (RuntimeError, MemoryError) or, past int64, torch's overflow TypeError.
+    """
+    try:
+        yield
+    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:
+        if isinstance(e, TypeError) and "overflow" not in str(e).lower():
+            raise
+        reason = (str(e).splitlines() or [""])[0][:160]
+        raise ValueError(
+            f"cannot allocate the cache for {rows} row(s) of {prompt} prompt + {max_new_tokens} new tokens "
+            f"(max_new_tokens): {reason}"
+        ) from None
+
+
 def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, callback, stats, cuda_graph):
     device = next(model.parameters()).device
     ids, valid = left_pad(rows, device)
     B, P = ids.shape
-    try:
+    with cache_allocation(B, P, max_new_tokens):
         cache = InferenceCache.for_model(model, B, P + max_new_tokens)
-    except (RuntimeError, MemoryError) as e:  # attention keys and values are allocated for every position
-        reason = (str(e).splitlines() or [""])[0][:160]
-        raise ValueError(
-            f"cannot allocate the cache for {B} row(s) of {P} prompt + {max_new_tokens} new tokens "
-            f"(max_new_tokens): {reason}"
-        ) from None
     if not bool(valid.all()):
         cache.set_padding(valid)
     sampler.seen = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .cache import InferenceCache
-from .generate import _accept, _sync
+from .generate import _accept, _sync, cache_allocation
 
 
 class _Depths:
@@ -95,8 +95,9 @@ def mtp_generate(
     device = next(model.parameters()).device
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     max_len = len(prompt) + max_new_tokens + k + 1
-    cache = InferenceCache.for_model(model, 1, max_len)
-    depths = _Depths(model, max_len, k)
+    with cache_allocation(1, len(prompt), max_new_tokens):
+        cache = InferenceCache.for_model(model, 1, max_len)
+        depths = _Depths(model, max_len, k)
     for key in ("drafted", "accepted", "verify_steps"):
         stats.setdefault(key, 0)  # summed over the prompts of one generate call
     ids = torch.tensor([prompt], device=device)

@@ -106,7 +106,10 @@ class Mamba2Mixer(nn.Module):
                 if history is not None:  # the state after position i, for InferenceCache.rollback
                     K1 = state.conv.shape[1]
                     cache.trail.setdefault(self, []).append((history[:, i + 1 : i + 1 + K1], state.recurrent.clone()))
-            y = ys[0].unsqueeze(1) if seqlen == 1 else torch.stack(ys, dim=1)  # the decode step: a view, no copy
+            if seqlen == 1:
+                y = ys[0].unsqueeze(1)  # the decode step: a view, no copy
+            else:  # no new token at all gives an empty window, as every other mixer does
+                y = torch.stack(ys, dim=1) if ys else xs.new_zeros(xs.shape)
         else:  # prefill, a longer prefill chunk, or padding: the chunked scan over the whole window
             y, ssm = ssd_chunked(
                 xs,
