@@ -1,5 +1,6 @@
 """The stateful / one-step ops of cached decoding against the whole-sequence references."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +66,16 @@ def test_gated_delta_steps_equal_the_float64_recurrence():
     for t in range(L):
         gated_delta_step(q[:, t], k[:, t], v[:, t], gate[:, t], beta[:, t], inplace, inplace=True)
     torch.testing.assert_close(inplace, state, rtol=0, atol=0)
+
+
+def test_conv_step_returns_the_dtype_of_x_and_refuses_a_state_of_another_length():
+    """A float32 bias under bf16 inputs promoted the one-token output to float32 (the Triton step and
+    the docstring give x's dtype); a state whose length is not K-1 is refused by name."""
+    x, w, b = torch.randn(2, 1, 8).bfloat16(), torch.randn(8, 4), torch.randn(8)
+    for L in (1, 3):
+        out, _ = causal_conv1d_with_state(
+            torch.randn(2, L, 8).bfloat16(), torch.zeros(2, 3, 8).bfloat16(), w, b, "silu"
+        )
+        assert out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"conv_state has shape \(2, 2, 8\), expected \(2, 3, 8\)"):
+        causal_conv1d_with_state(x, torch.zeros(2, 2, 8), w, b)

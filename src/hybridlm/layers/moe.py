@@ -85,6 +85,10 @@ class Experts(nn.Module):
             and xs.is_cuda
             and dtype == torch.bfloat16
             and hasattr(F, "grouped_mm")
+            # grouped_mm needs 16-byte aligned strides: bf16 widths a multiple of 8 (measured: other
+            # widths raise "strides should be multiple of 16 bytes"); others take the loop below.
+            and self.up_proj.shape[-1] % 8 == 0
+            and self.up_proj.shape[-2] % 8 == 0
         ):
             # All experts in one grouped GEMM per projection, offsets computed on the device: no
             # host sync. Explicit bf16 casts: autocast does not cover grouped_mm, and the

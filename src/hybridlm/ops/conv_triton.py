@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import grid as launch_grid
 from .dispatch import record
+from .grid import in_row_groups
 
 # Tile sizes (time × channels). Channels are the contiguous dim of x, so BLOCK_C sets the width
 # of each coalesced load; BLOCK_L trades the K-1 halo rows re-read per tile against registers.
@@ -422,4 +424,11 @@ def causal_conv1d_triton(
         (B, L, C) contiguous, dtype of ``x``.
     """
     _check(x, weight, seq_idx)
-    return _conv_fwd(x, weight.contiguous(), bias, seq_idx, silu)
+    if x.shape[0] > launch_grid.MAX_GRID_YZ:  # the batch is the grids' third dimension
+
+        def part(x, seq_idx):
+            return causal_conv1d_triton(x, weight, bias, seq_idx, silu)
+
+        return in_row_groups(part, launch_grid.MAX_GRID_YZ, x, seq_idx)
+    # The (C,) bias is read as b_ptr + channel: contiguous, like the taps (a no-op for parameters).
+    return _conv_fwd(x, weight.contiguous(), None if bias is None else bias.contiguous(), seq_idx, silu)

@@ -57,7 +57,9 @@ def _ce_rows_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        # While every logit so far is -inf (a masked block), subtract 0, not -inf: inf - inf is NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
         m = m_new
     lse = m + tl.log(s)
     picked = tl.load(base + target).to(tl.float32)  # read before the loop below overwrites the row

@@ -27,6 +27,31 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def check_gated_delta_shapes(q, k, v, g, beta, chunk_size, seq_idx=None, initial_state=None) -> None:
+    """Raise ValueError naming the argument whose shape does not fit ``q: (b, l, h, dk)`` (the Triton
+    kernels index every tensor by q's layout, so a misfit would be read, not refused)."""
+    if q.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"gated delta rule: q must be (b, l, h, dk) and v (b, l, h, dv), got {tuple(q.shape)} and {tuple(v.shape)}"
+        )
+    b, seqlen, h, dk = q.shape
+    expected = {
+        "k": (k, (b, seqlen, h, dk)),
+        "v": (v, (b, seqlen, h, v.shape[-1])),
+        "g": (g, (b, seqlen, h)),
+        "beta": (beta, (b, seqlen, h)),
+        "seq_idx": (seq_idx, (b, seqlen)),
+        "initial_state": (initial_state, (b, h, dk, v.shape[-1])),
+    }
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"gated delta rule: {name} has shape {tuple(t.shape)}, expected {shape} for q {tuple(q.shape)}"
+            )
+    if chunk_size < 1:
+        raise ValueError(f"gated delta rule: chunk_size must be >= 1, got {chunk_size}")
+
+
 def gated_delta_rule_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,6 +83,7 @@ def gated_delta_rule_chunked(
     Returns:
         o: (b, l, h, dv) in the dtype of ``v``; and the final state (b, h, dk, dv) if asked.
     """
+    check_gated_delta_shapes(q, k, v, g, beta, chunk_size, seq_idx, initial_state)
     if choose("gated_delta", q, k, v) == "triton":
         from .gated_delta_triton import gated_delta_rule_triton
 

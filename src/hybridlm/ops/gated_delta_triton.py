@@ -29,7 +29,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import grid as launch_grid
 from .dispatch import record
+from .grid import in_row_groups, rows_per_launch
 
 #: ``tl.dot``'s input precision for float32 operands: "tf32" (tensor cores: operands rounded to a
 #: 10-bit mantissa, sums in float32), "tf32x3" (about float32 products, three tf32 products each)
@@ -530,6 +532,17 @@ def gated_delta_rule_triton(
             f'dv={v.shape[-1]}; choose the torch path (hybridlm.ops.dispatch.set_kernels("torch"))'
         )
     chunk = kernel_chunk(chunk_size)
+    if triton.cdiv(seqlen, chunk) > launch_grid.MAX_GRID_YZ:
+        raise ValueError(
+            f"gated delta rule (Triton): {seqlen} positions make {triton.cdiv(seqlen, chunk)} chunks of {chunk}, "
+            f"more than a launch grid holds ({launch_grid.MAX_GRID_YZ}); split the sequence (initial_state carries it on)"
+        )
+    if b > rows_per_launch(h):  # grids hold batch x heads programs along one dimension
+
+        def part(q, k, v, g, beta, seq_idx, initial_state):
+            return gated_delta_rule_triton(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state)
+
+        return in_row_groups(part, rows_per_launch(h), q, k, v, g, beta, seq_idx, initial_state)
     scale = dk**-0.5 if scale is None else scale
     pad = (-seqlen) % chunk
     gf, bf = g.float(), beta.float()

@@ -15,6 +15,7 @@ import torch
 
 from .conv_triton import conv_backward, conv_forward
 from .dispatch import record
+from .grid import in_row_groups, rows_per_launch
 from .mamba2_core import PARTS, Mamba2Dims, Mamba2Weights, mamba2_dt
 from .norm_triton import gated_norm_backward, gated_norm_forward
 from .ssd_triton import launch_context, ssd_backward, ssd_forward
@@ -170,7 +171,13 @@ def mamba2_core_triton(
 ) -> torch.Tensor:
     """The Triton path of :func:`hybridlm.ops.mamba2_core.mamba2_core` (same arguments, same result)."""
     dims.check(zxbcdt)
-    w = weights._replace(conv_weight=weights.conv_weight.reshape(weights.conv_weight.shape[0], -1).contiguous())
+    # The kernels read the small weights as pointer + index: contiguous (a no-op for parameters).
+    w = Mamba2Weights(*(None if t is None else t.contiguous() for t in weights))
+    w = w._replace(conv_weight=w.conv_weight.reshape(w.conv_weight.shape[0], -1))
     seq = seq_idx.contiguous() if seq_idx is not None else None
-    out, *_ = _core_fwd(zxbcdt, *w, seq, dims.as_floats())
-    return out
+
+    def core(rows: torch.Tensor, seq_rows: torch.Tensor | None) -> torch.Tensor:
+        return _core_fwd(rows, *w, seq_rows, dims.as_floats())[0]
+
+    # The scan's grid holds batch x heads programs along one dimension (hybridlm.ops.grid).
+    return in_row_groups(core, rows_per_launch(dims.nheads), zxbcdt, seq)

@@ -236,7 +236,7 @@ def gated_rms_norm_triton(
             f"gated_rms_norm: y {tuple(y.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}, "
             f"group_size {group_size}: need y and z of one shape (..., D), weight (D,), D divisible by group_size"
         )
-    out, _ = _gated_fwd(y.reshape(-1, D), z.reshape(-1, D), weight, group_size, eps)
+    out, _ = _gated_fwd(y.reshape(-1, D), z.reshape(-1, D), weight.contiguous(), group_size, eps)
     return out.view(y.shape)
 
 
@@ -402,7 +402,7 @@ def _add_norm_backward(ctx, dh, dout, _drstd):
     if dout is None:  # only h was used downstream
         dout = torch.zeros_like(h)
     dx, dd, dw = _add_norm_bwd(h, weight, rstd, dh, dout, *ctx.dtypes)
-    if dd.numel() == 0 and dx.numel() != 0:
+    if ctx.dtypes[0] == ctx.dtypes[1]:
         dd = dx  # one dtype: the add's two gradients are one tensor, as in autograd's own AddBackward
     return dx, dd, dw, None
 
@@ -429,7 +429,8 @@ def add_rms_norm_triton(
             f"add_rms_norm: x {tuple(x.shape)}, delta {tuple(delta.shape)}, weight {tuple(weight.shape)}: "
             "need x and delta of one shape (..., D) and weight (D,)"
         )
-    h, out, _ = _add_norm_fwd(x.reshape(-1, D), delta.reshape(-1, D), weight, eps)
+    # .contiguous() on the (D,) weight: the kernels read it as w_ptr + column (a no-op for a parameter).
+    h, out, _ = _add_norm_fwd(x.reshape(-1, D), delta.reshape(-1, D), weight.contiguous(), eps)
     return h.view(x.shape), out.view(x.shape)
 
 
@@ -456,7 +457,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if M:
         block_m, block_n, warps = _tile(D)
         _add_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
-            rows, rows, weight, out, out, out, M, D, rows.stride(0), 0, eps,
+            rows, rows, weight.contiguous(), out, out, out, M, D, rows.stride(0), 0, eps,
             HAS_DELTA=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     return out.view(x.shape)

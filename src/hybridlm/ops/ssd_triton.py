@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import record
+from .grid import in_row_groups, rows_per_launch
 
 #: Precision of float32 tensor-core products (float32 inputs, or fp16 inputs times a float32
 #: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
@@ -272,6 +273,9 @@ def _state_kernel(
     if HAS_SEQ:
         seq_ref = tl.load(SEQ + bb * Lp + ref_pos)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    # A scalar 64-bit base at the chunk's first row, 32-bit offsets inside: t * stride overflows int32
+    # past 2^31 elements (a column slice of xBC has row stride conv_dim: ~350k positions at 6144).
+    c0 = (c * Q).to(tl.int64)
     for q0 in range(0, Q, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         t = c * Q + offs_q
@@ -287,12 +291,12 @@ def _state_kernel(
             valid = valid & (sq == seq_ref)
         scale = tl.where(valid, scale, 0.0)
         xs = tl.load(
-            X + bb * sx_b + t[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            X + bb * sx_b + c0 * sx_l + offs_q[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
             mask=valid[:, None] & (offs_p < P)[None, :],
             other=0.0,
         ).to(tl.float32)
         ys = tl.load(
-            Y + bb * sy_b + t[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
+            Y + bb * sy_b + c0 * sy_l + offs_q[:, None] * sy_l + gg * sy_g + offs_n[None, :] * sy_n,
             mask=valid[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
@@ -468,15 +472,16 @@ def _cb_kernel(
     vt = (offs_t < Q) & (t < L)
     vs = (offs_s < Q) & (s < L)
     acc = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    c0 = (c * Q).to(tl.int64)  # 64-bit chunk base, 32-bit offsets inside (see _state_kernel)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         c_t = tl.load(
-            C + bb * sc_b + t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
+            C + bb * sc_b + c0 * sc_l + offs_t[:, None] * sc_l + gg * sc_g + offs_n[None, :] * sc_n,
             mask=vt[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
         b_s = tl.load(
-            B + bb * sb_b + s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
+            B + bb * sb_b + c0 * sb_l + offs_s[:, None] * sb_l + gg * sb_g + offs_n[None, :] * sb_n,
             mask=vs[:, None] & (offs_n < N)[None, :],
             other=0.0,
         )
@@ -524,6 +529,7 @@ def _bwd_w_kernel(
     tile = ((bb * NC + c) * G + gg) * Q * Q
     bc = tl.load(CB + tile + offs_t[None, :] * Q + offs_s[:, None], mask=mask, other=0.0)  # (s, t)
     acc_w = tl.zeros((BLOCK_Q, BLOCK_Q), dtype=tl.float32)
+    c0 = (c * Q).to(tl.int64)  # 64-bit chunk base, 32-bit offsets inside (see _state_kernel)
     for i in range(R):
         hh = gg * R + i
         row = (bb * H + hh) * Lp + c * Q
@@ -531,12 +537,12 @@ def _bwd_w_kernel(
         acum_t = tl.load(ACUM + row + offs_t, mask=offs_t < Q, other=0.0)
         dt_s = tl.load(DT + row + offs_s, mask=offs_s < Q, other=0.0)
         x_s = tl.load(
-            X + bb * sx_b + s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
+            X + bb * sx_b + c0 * sx_l + offs_s[:, None] * sx_l + hh * sx_h + offs_p[None, :] * sx_p,
             mask=vs[:, None] & mp[None, :],
             other=0.0,
         )
         dy_t = tl.load(
-            DY + bb * sd_b + t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
+            DY + bb * sd_b + c0 * sd_l + offs_t[:, None] * sd_l + hh * sd_h + offs_p[None, :] * sd_p,
             mask=vt[:, None] & mp[None, :],
             other=0.0,
         )
@@ -791,8 +797,9 @@ def _prep_kernel(
 ):  # fmt: skip
     c, bb, offs_h, mh, offs_q, mq = _chunk_of_heads(H, Q, BLOCK_T, BLOCK_H)
     t = c * Q + offs_q
+    c0 = (c * Q).to(tl.int64)  # 64-bit chunk base (dt may be a column slice of the projection: wide rows)
     dt = tl.load(
-        DT + bb * sdt_b + t[:, None] * sdt_l + offs_h[None, :] * sdt_h,
+        DT + bb * sdt_b + c0 * sdt_l + offs_q[:, None] * sdt_l + offs_h[None, :] * sdt_h,
         mask=(mq & (t < L))[:, None] & mh[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -845,7 +852,7 @@ def _dacum_kernel(
     ddt = tl.load(DDT_DIRECT + head * Lp + pos, mask=m, other=0.0) + da * a[None, :]
     t = c * Q + offs_q
     tl.store(
-        DDT + bb * sdd_b + t[:, None] * sdd_l + offs_h[None, :] * sdd_h,
+        DDT + bb * sdd_b + (c * Q).to(tl.int64) * sdd_l + offs_q[:, None] * sdd_l + offs_h[None, :] * sdd_h,
         ddt.to(DDT.dtype.element_ty),
         mask=m & (t < L)[:, None],
     )
@@ -1132,7 +1139,16 @@ def ssd_chunked_triton(
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of :func:`hybridlm.ops.ssd.ssd_chunked` (same arguments, same results)."""
+    rows = rows_per_launch(x.shape[2])  # grids hold batch x heads programs along one dimension
+    if x.shape[0] > rows:
+
+        def part(x, dt, B, C, seq_idx, initial_state):
+            return ssd_chunked_triton(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state)
+
+        return in_row_groups(part, rows, x, dt, B, C, seq_idx, initial_state)
     dtype = x.dtype
+    if D is not None:
+        D = D.contiguous()  # (h,), read as D_ptr + head (a no-op for a parameter)
     if not (x.dtype == B.dtype == C.dtype):
         # The kernels multiply raw x·dy and C·B tiles on tensor cores, which needs one dtype.
         x, B, C = x.float(), B.float(), C.float()

@@ -43,6 +43,14 @@ def causal_conv1d_with_state(
     K1 = conv_state.shape[1]
     if activation not in (None, "silu"):
         raise ValueError(f"unknown activation {activation!r}")
+    want = (x.shape[0], weight.shape[-1] - 1, x.shape[-1])
+    if x.dim() != 3 or tuple(conv_state.shape) != want:
+        # The Triton step reads and shifts K-1 rows whatever the state holds: a shorter state would
+        # let it write past its end.
+        raise ValueError(
+            f"causal_conv1d_with_state: conv_state has shape {tuple(conv_state.shape)}, expected {want} "
+            f"(B, K-1, C) for x {tuple(x.shape)} and {weight.shape[-1]} taps"
+        )
     if (
         inplace
         and x.shape[1] == 1
@@ -64,6 +72,7 @@ def causal_conv1d_with_state(
             out = torch.nn.functional.silu(out)
     else:
         out = causal_conv1d(full, weight, bias, None, activation)[:, K1:]
+    out = out.to(x.dtype)  # a float32 weight or bias promoted it (the Triton step keeps x's dtype)
     new_state = full[:, full.shape[1] - K1 :]
     if inplace:
         conv_state.copy_(new_state)

@@ -85,7 +85,7 @@ def ssd_step_triton(
 
     Args:
         x: (b, h, p); dt: (b, h) (after softplus); A: (h,); B, C: (b, g, n); D: (h,) or None; any
-            strides.
+            strides (A and D are small: made contiguous).
         state: (b, h, p, n) contiguous float32, updated in place.
 
     Returns:
@@ -94,8 +94,12 @@ def ssd_step_triton(
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != (b, h, p, n):
-        raise ValueError(f"ssd_step: state must be contiguous float32 {(b, h, p, n)}, got {tuple(state.shape)}")
+        raise ValueError(
+            f"ssd_step: the state is updated in place, so it must be a contiguous float32 {(b, h, p, n)}; got "
+            f"{'a contiguous' if state.is_contiguous() else 'a non-contiguous'} {state.dtype} {tuple(state.shape)}"
+        )
     y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
+    A, D = A.contiguous(), None if D is None else D.contiguous()  # (h,) read as ptr + head
     block_p = min(triton.next_power_of_2(p), 64)
     grid = (b * h, triton.cdiv(p, block_p))
     _ssd_step_kernel[grid](
@@ -183,7 +187,7 @@ def conv_step_triton(
         x,
         conv_state,
         weight,
-        bias if bias is not None else weight,
+        bias.contiguous() if bias is not None else weight,  # read as b_ptr + channel
         out,
         C,
         x.stride(0),
