@@ -44,6 +44,25 @@ def test_replacing_a_checkpoint_is_one_swap(tmp_path, model, monkeypatch):
     assert not _same(hybridlm.load(path), model) and sorted(os.listdir(tmp_path)) == ["ck"]
 
 
+def test_replacing_a_checkpoint_never_deletes_files_it_does_not_write_back(tmp_path, model):
+    """A load-then-save onto the same folder lost its tokenizer (and a user's README) with the old folder."""
+    path = hybridlm.save(model, tmp_path / "ck", extra_files={"tokenizer.json": "{}"})
+    (path / "README.md").write_text("notes")
+    with pytest.raises(CheckpointError, match=r"would delete README.md, tokenizer.json, which this write does not"):
+        hybridlm.save(hybridlm.load(path), path)
+    assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    (path / "README.md").unlink()
+    hybridlm.save(model, path, extra_files={"tokenizer.json": "{}"}, max_shard_size=4096)  # other shards: fine
+    assert "tokenizer.json" in os.listdir(path) and len(list(path.glob("*.safetensors"))) > 1
+    hf = convert_to_nemotron_h(path, tmp_path / "hf")  # carries the tokenizer: converting back keeps it
+    convert_from_nemotron_h(hf, path)
+    (hf / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"would delete tokenizer\.json"):
+        convert_from_nemotron_h(hf, path)
+    assert "tokenizer.json" in os.listdir(path)
+    assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]  # nothing half-written or hidden is left
+
+
 def test_a_link_is_written_through_and_the_current_directory_is_refused(tmp_path, model, monkeypatch):
     target = hybridlm.save(HybridLM(model.config, seed=1), tmp_path / "target")
     (tmp_path / "link").symlink_to(target)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import json
 import os
@@ -180,10 +179,23 @@ def write_directory(
     ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
     path = destination(path)
-    check = functools.partial(check_replaceable, path, key, config[key], what)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def check() -> None:
+        check_replaceable(path, key, config[key], what)
+        # Weights, index and config.json are replaced; any other file (a tokenizer, a README) that the new
+        # folder would not hold again is refused, not deleted with the old folder.
+        own = {CONFIG_NAME, INDEX_NAME}
+        kept = {f.name for f in tmp.iterdir()} if tmp.is_dir() else set(extra_files or ())
+        lost = sorted(f.name for f in path.glob("*") if f.name not in own | kept and f.suffix != ".safetensors")
+        if lost:
+            raise CheckpointError(
+                f"{path}: replacing it would delete {', '.join(lost)}, which this write does not put back; move "
+                "them out (or pass them as extra files, e.g. the tokenizer), or write to another folder"
+            )
+
     check()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     os.mkdir(tmp)  # 0o777 & ~umask (tempfile.mkdtemp would give 0o700)
     try:
         write_safetensors(tmp, tensors, max_shard_size)
