@@ -57,3 +57,25 @@ def test_an_override_decides_that_ops_path():
         assert choose("add_rms_norm", x) == "torch"
         assert choose("gated_rms_norm", x) == "triton"
     assert paths_used() == {"add_rms_norm": "torch", "gated_rms_norm": "triton"}
+
+
+@requires_triton
+def test_forced_triton_on_the_cpu_outside_the_interpreter_is_refused_by_name(monkeypatch, tmp_path, capsys):
+    """Triton failed inside the first launch ("0 active drivers"), after a run had started; the CLI
+    called it an unexpected error."""
+    from hybridlm import ConfigError
+    from hybridlm.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with use_kernels("auto,ssd=triton"):
+        with pytest.raises(ConfigError, match="'triton' for ssd on cpu: Triton's kernels run on CUDA"):
+            dispatch.check_device(torch.device("cpu"))
+        dispatch.check_device("cuda")  # fine: what CUDA runs is the kernels' business
+        with pytest.raises(ConfigError, match="'triton' for ssd on CPU tensors"):
+            choose("ssd", torch.zeros(1))
+        assert choose("causal_conv1d", torch.zeros(1)) == "torch"
+    monkeypatch.setenv(ENV, "triton")
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--set", "train.steps=1"]) == 2
+    assert "'triton' for every op on cpu" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.check_device("cpu")  # the interpreter runs them on CPU tensors (how the tests run them)

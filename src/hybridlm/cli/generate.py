@@ -160,6 +160,9 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
     device = device_option("--device", args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda-graph needs --device cuda")
+    from ..ops.dispatch import check_device
+
+    check_device(device)  # HYBRIDLM_KERNELS=triton on the CPU: refused before the model loads
 
 
 def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separate: bool) -> None:

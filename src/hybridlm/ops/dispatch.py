@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import ConfigError
+
 logger = logging.getLogger("hybridlm.ops")
 
 MODES = ("auto", "torch", "triton")
@@ -136,13 +138,32 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
         path = "torch"
     elif mode == "triton":
         if not triton_available():
-            raise RuntimeError(f"{ENV}=triton but Triton does not import; install it with: pip install 'hybridlm[gpu]'")
+            raise ConfigError(ENV, "'triton' but Triton does not import; install it with: pip install 'hybridlm[gpu]'")
+        if not all(t.is_cuda for t in tensors if t is not None):
+            _check_interpreted([op], "CPU tensors")
         path = "triton"
     else:
         on_cuda = all(t.is_cuda for t in tensors if t is not None)
         path = "triton" if on_cuda and triton_available() else "torch"
     _record(op, path)
     return path
+
+
+def check_device(device: torch.device | str) -> None:
+    """Refuse (ConfigError) a setting that forces Triton for some op on a ``device`` other than CUDA outside
+    Triton's interpreter: called where a run starts, so that it fails before any work, not at its first op."""
+    if torch.device(device).type != "cuda":
+        _check_interpreted([op for op in OPS if kernels_mode(op) == "triton"], str(device))
+
+
+def _check_interpreted(ops: list[str], where: str) -> None:
+    # Compiled Triton kernels need CUDA tensors; elsewhere Triton fails inside the launch ("0 active drivers").
+    if ops and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            ENV,
+            f"'triton' for {'every op' if len(ops) == len(OPS) else ', '.join(ops)} on {where}: Triton's kernels run on CUDA, or on the CPU only in its "
+            "interpreter (TRITON_INTERPRET=1, for tests); use 'auto' or 'torch' here",
+        )
 
 
 def choose_eager(op: str, *tensors: torch.Tensor | None) -> str:

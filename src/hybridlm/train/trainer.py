@@ -29,6 +29,7 @@ from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..ops.dispatch import ENV as KERNELS_ENV
+from ..ops.dispatch import check_device as check_kernels_device
 from ..ops.dispatch import kernels_mode
 from ..parallel.execution import (
     apply_activation_checkpointing,
@@ -148,6 +149,7 @@ class Trainer:
             raise ConfigError(KERNELS_ENV, str(e).partition(": ")[2]) from None
         self.cuda_alloc_conf = configure_cuda_allocator()
         self.device = resolve_device(t.device)
+        check_kernels_device(self.device)
         self.rank, self.world = _dist(self.device)
         self.is_main = self.rank == 0
         if t.threads:
