@@ -184,3 +184,30 @@ def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoi
     ):
         code, out, err = run(capsys, *argv, "--prompt", "x")
         assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_generate_and_convert_take_a_run_and_explain_a_training_checkpoint(tmp_path, capsys):
+    """convert refused a run folder that generate takes; a DCP checkpoint was 'not a hybridlm checkpoint'."""
+    from hybridlm.cli import main
+
+    run_dir = tmp_path / "run"
+    sets = [
+        "train.steps=2",
+        "train.checkpoint_every=1",
+        "data.seq_len=32",
+        "train.batch_size=2",
+        "model.hidden_size=64",
+        "model.num_attention_heads=2",
+    ]
+    assert main(["train", "--run-dir", str(run_dir), "--no-progress", *(a for s in sets for a in ("--set", s))]) == 0
+    assert main(["convert", str(run_dir), str(tmp_path / "mg.pt"), "--to", "megatron"]) == 0
+    step = sorted((run_dir / "checkpoints").iterdir())[0]
+    capsys.readouterr()
+    for argv in (
+        ["generate", str(step), "--prompt", "x"],
+        ["convert", str(step), str(tmp_path / "hf"), "--to", "nemotron-h"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is a training-state checkpoint of the run {run_dir} (DCP, not a model folder)" in err, err
+        assert f"hybridlm train --resume {run_dir}" in err

@@ -14,6 +14,7 @@ import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..errors import USER_ERRORS, HybridLMError
 
@@ -47,6 +48,33 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def model_folder(path: str | Path, flag: str) -> Path:
+    """The hybridlm checkpoint that ``path`` (argument ``flag``) names: itself, or a run directory's exported
+    ``model/``; UsageError for a run without one yet and for a training-state checkpoint, saying what to do."""
+    from ..checkpoint.safe_dcp import METADATA_NAME
+    from ..errors import UsageError
+    from ..train.rundir import CHECKPOINTS, MODEL_DIR
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    if (path / MODEL_DIR).is_dir():
+        return path / MODEL_DIR  # a run directory: its exported model
+    run = path if (path / CHECKPOINTS).is_dir() else path.parent.parent if (path / METADATA_NAME).exists() else None
+    if run is not None:
+        what = (
+            "a training run without an exported model yet"
+            if run == path
+            else f"a training-state checkpoint of the run {run} (DCP, not a model folder)"
+        )
+        raise UsageError(
+            f"{flag} {path} is {what}; the run exports its model to {run / MODEL_DIR} when it reaches train.steps "
+            f"(hybridlm train --resume {run} finishes it; --set train.steps=N with N the latest checkpoint's step "
+            "exports that checkpoint as it is)"
+        )
+    return path
 
 
 def device_option(flag: str, value: str):

@@ -32,6 +32,7 @@ FORMATS = ("nemotron-h", "megatron")
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ..errors import UsageError
+    from . import model_folder
 
     if (args.to is None) == (args.from_ is None):
         raise UsageError("give exactly one of --to FORMAT or --from FORMAT")
@@ -52,7 +53,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0
     if args.config is not None:
         raise UsageError("--config is only used with --from megatron")
-    out = convert(args.src, args.dst, **({"verify": False} if args.no_verify else {}))
+    src = model_folder(args.src, "src") if args.to else args.src  # --to: a checkpoint, or a run's model/
+    out = convert(src, args.dst, **({"verify": False} if args.no_verify else {}))
     print(f"wrote {out}")
     return 0
 
@@ -88,7 +90,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         "--to megatron writes a Megatron-core HybridModel state dict (.pt or .safetensors) plus "
         "<DST>.hybridlm.json; --from megatron reads one (the model config comes from --config or that JSON file).",
     )
-    ap.add_argument("src", help="source checkpoint (directory or file)")
+    ap.add_argument(
+        "src",
+        help="source: with --to a hybridlm checkpoint or a training run (its model/); with --from the foreign one",
+    )
     ap.add_argument("dst", help="destination")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--to", choices=FORMATS, help="write SRC (a hybridlm checkpoint) in this format")

@@ -179,27 +179,19 @@ def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separat
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import torch
 
     from ..checkpoint.weights import load, read_config
     from ..errors import UsageError
     from ..infer.generate import generate
-    from ..train.rundir import MODEL_DIR
     from ..train.tokenizer import build_tokenizer, load_tokenizer
+    from . import model_folder
 
     prompts = _read_prompts(args)
     stops = [_unescape(s) for s in args.stop or []]
     _check_generate_args(args, stops, len(prompts))
-    path = Path(args.checkpoint)
-    if (path / MODEL_DIR).is_dir() and not (path / "config.json").exists():
-        path = path / MODEL_DIR  # a run directory: use its exported model
-    elif (path / "checkpoints").is_dir() and not (path / "config.json").exists():
-        raise UsageError(
-            f"{path} is a training run without an exported model yet ({MODEL_DIR}/ is written when it reaches "
-            f"train.steps): finish it with hybridlm train --resume {path}"
-        )
+    path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)  # the checks below, before the weights are read
     if args.speculative and not config.parsed.mtp_depths:
         raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
