@@ -90,6 +90,32 @@ def test_prepared_corpus_round_trip(tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "prep"), ByteTokenizer)
 
 
+def test_preparing_again_replaces_the_whole_corpus_and_nothing_else(tmp_path):
+    """A second prepare (byte tokenizer) left the first one's tokenizer.json beside its own meta.json, and
+    prepare wrote into any folder; now the corpus is replaced as one folder, and only a corpus is."""
+    from hybridlm import CheckpointError
+
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tok.json"))
+    first, byte, out = HFTokenizer(tmp_path / "tok.json"), ByteTokenizer(), tmp_path / "prep"
+    write_prepared(tokenize_documents(["a b", "b a"], first), out, first, "test")
+    assert (out / "tokenizer.json").exists()
+    write_prepared(tokenize_documents(["a b", "b a"], byte), out, byte, "test")
+    assert sorted(p.name for p in out.iterdir()) == ["docs.npy", "meta.json", "tokenizer.hybridlm.json", "tokens.bin"]
+    assert isinstance(load_tokenizer(out), ByteTokenizer) and load_corpus(str(out), byte).num_docs == 2
+    (out / "README.md").write_text("where this came from")
+    with pytest.raises(CheckpointError, match=r"would delete README\.md"):
+        write_prepared(tokenize_documents(["c"], byte), out, byte, "test")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is not a prepared corpus"):
+        write_prepared(tokenize_documents(["c"], byte), tmp_path / "notes", byte, "test")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "prep", "tok.json"]  # nothing half-written
+
+
 def test_a_split_of_a_prepared_corpus_stays_on_its_memmap(tmp_path):
     """The validation split selects documents without copying the corpus into memory; its rows are
     the rows of the selected documents laid end to end."""

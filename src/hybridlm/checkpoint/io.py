@@ -162,6 +162,17 @@ def check_replaceable(path: Path, key: str, value: Any, what: str, file: str = C
         raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
 
 
+def refuse_losing(path: Path, replaced: set[str], pattern: str = "", hint: str = "") -> None:
+    """Refuse (CheckpointError, naming them) to replace folder ``path`` while it holds files other than the
+    ``replaced`` names and those matching glob ``pattern``: they would be deleted with the old folder."""
+    lost = sorted(f.name for f in path.glob("*") if f.name not in replaced and not (pattern and f.match(pattern)))
+    if lost:
+        raise CheckpointError(
+            f"{path}: replacing it would delete {', '.join(lost)}, which this write does not put back; move "
+            f"them out {hint + ' ' if hint else ''}or write to another folder"
+        )
+
+
 def write_directory(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -183,16 +194,9 @@ def write_directory(
 
     def check() -> None:
         check_replaceable(path, key, config[key], what)
-        # Weights, index and config.json are replaced; any other file (a tokenizer, a README) that the new
-        # folder would not hold again is refused, not deleted with the old folder.
-        own = {CONFIG_NAME, INDEX_NAME}
+        # Weights, index and config.json are replaced; a tokenizer or a README is not ours to delete.
         kept = {f.name for f in tmp.iterdir()} if tmp.is_dir() else set(extra_files or ())
-        lost = sorted(f.name for f in path.glob("*") if f.name not in own | kept and f.suffix != ".safetensors")
-        if lost:
-            raise CheckpointError(
-                f"{path}: replacing it would delete {', '.join(lost)}, which this write does not put back; move "
-                "them out (or pass them as extra files, e.g. the tokenizer), or write to another folder"
-            )
+        refuse_losing(path, kept | {CONFIG_NAME, INDEX_NAME}, "*.safetensors", "(or pass them as extra files)")
 
     check()
     path.parent.mkdir(parents=True, exist_ok=True)

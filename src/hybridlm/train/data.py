@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import shutil
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from ..errors import DataError
 
 PREPARED_META = "meta.json"
+PREPARED_FORMAT = "hybridlm-tokens"
 PREPARED_TOKENS = "tokens.bin"
 PREPARED_DOCS = "docs.npy"
 PREPARED_FILES = (PREPARED_TOKENS, PREPARED_DOCS)
@@ -160,16 +163,42 @@ def tokenize_documents(docs: Iterable[str], tokenizer, progress: bool = False) -
 
 
 def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str) -> Path:
-    """Write ``stream`` as ``tokens.bin`` (raw little-endian array), ``docs.npy`` and ``meta.json``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``stream`` as ``tokens.bin`` (raw little-endian array), ``docs.npy``, ``meta.json`` and the tokenizer's
+    files into a fresh folder that then takes ``out``'s place in one step (as a checkpoint is written): an existing
+    ``out`` is replaced only if empty or a prepared corpus whose files are all this kind's (a run reading the old
+    one keeps its open files; a tokenizer of an earlier prepare does not stay behind)."""
+    from ..checkpoint.io import check_replaceable, commit_directory, destination, refuse_losing
+    from .tokenizer import SPEC_NAME
+
+    out = destination(out, source if Path(source).exists() else None)
+
+    def check() -> None:
+        check_replaceable(out, "format", PREPARED_FORMAT, "a prepared corpus", PREPARED_META)
+        if out.is_dir():
+            refuse_losing(out, {PREPARED_META, *PREPARED_FILES, SPEC_NAME, "tokenizer.json"})
+
+    check()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_prepared(stream, tmp, tokenizer, source)
+        return commit_directory(tmp, out, check)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> None:
+    from ..checkpoint.io import written  # a refused write (disk full) names its file
+
     tokens = stream.tokens if stream.doc_offsets is None else stream.take(np.arange(stream.num_tokens))
-    tokens.astype(tokens.dtype.newbyteorder("<")).tofile(out / PREPARED_TOKENS)
-    np.save(out / PREPARED_DOCS, stream.doc_starts)
+    written(out / PREPARED_TOKENS, tokens.astype(tokens.dtype.newbyteorder("<")).tofile, out / PREPARED_TOKENS)
+    written(out / PREPARED_DOCS, np.save, out / PREPARED_DOCS, stream.doc_starts)
     for name, content in tokenizer.files().items():
         (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     meta = {
-        "format": "hybridlm-tokens",
+        "format": PREPARED_FORMAT,
         "version": 1,
         "dtype": str(stream.tokens.dtype),
         "num_tokens": stream.num_tokens,
@@ -179,7 +208,6 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
         "source": source,
     }
     (out / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
