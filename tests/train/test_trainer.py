@@ -112,6 +112,30 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
         Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)
 
 
+def test_resume_refuses_other_data_under_the_same_source(tmp_path, monkeypatch):
+    """A relative data.source resumed from another directory trained on whatever that directory held there."""
+    for where, word in (("a", "alpha"), ("b", "beta")):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "c.jsonl").write_text(
+            "".join(json.dumps({"text": f"{word} {i} " * 9}) + "\n" for i in range(30))
+        )
+    run = tiny_run("data.source=c.jsonl", "train.steps=4")
+    monkeypatch.chdir(tmp_path / "a")
+    Trainer(run, run_dir=tmp_path / "run", progress=False).run_loop(until=4)
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(DataError, match=r"data\.source 'c\.jsonl' now gives .* not the data this run started with"):
+        Trainer(tiny_run("data.source=c.jsonl", "train.steps=8"), run_dir=tmp_path / "run", resume=True, progress=False)
+    other = tiny_run(f"data.source={tmp_path / 'b' / 'c.jsonl'}", "train.steps=8")  # named on purpose: the user's call
+    assert Trainer(other, run_dir=tmp_path / "run", resume=True, progress=False).step == 4
+    monkeypatch.chdir(tmp_path / "a")
+    assert (
+        Trainer(
+            tiny_run("data.source=c.jsonl", "train.steps=8"), run_dir=tmp_path / "run", resume=True, progress=False
+        ).step
+        == 4
+    )
+
+
 def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
     """reduce-overhead records CUDA graphs: on CPU the trainer refuses it, naming the field, before any step."""
     run = tiny_run("train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu")
