@@ -161,6 +161,19 @@ def test_signal_between_steps_saves_the_current_step(tmp_path, reference, signum
     assert_same_run(resumed, tmp_path, reference)
 
 
+def test_only_the_first_process_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Every rank of a torchrun job printed the same stop message; the others now stop with the status alone."""
+    from hybridlm.cli import main
+
+    for rank, expected in ((0, 1), (1, 0)):
+        t = Trainer(tiny_run(), run_dir=tmp_path / str(rank), progress=False)
+        t.is_main = rank == 0  # what a second process of the job has
+        t.train_step = lambda t=t, step=t.train_step: (step(), os.kill(os.getpid(), signal.SIGTERM))[0]
+        monkeypatch.setattr("hybridlm.cli.train._cmd_train", lambda args, t=t: t.run_loop())
+        assert main(["train"]) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.count("SIGTERM received: stopped at step 1") == expected
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_the_first_evaluation_saves_step_zero(tmp_path, reference, signum):
     """The first evaluation runs under the signal handling too: the folder can then be resumed (it

@@ -149,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         status = getattr(e, "exit_status", None)
         if isinstance(e, HybridLMError) and isinstance(status, int):
-            # train.signals.TrainingInterrupted: a checkpoint was saved; the message says how to resume.
-            print(str(e), file=sys.stderr)
+            # train.signals.TrainingInterrupted: a checkpoint was saved; the message (rank 0's) says how to resume.
+            if str(e):
+                print(str(e), file=sys.stderr)
             return status
         if args.debug:
             raise

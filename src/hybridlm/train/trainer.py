@@ -235,7 +235,8 @@ class Trainer:
         self.config = run.model_config(self.tokenizer.vocab_size)
         if self.config.vocab_size < self.tokenizer.vocab_size:
             raise DataError(
-                f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}"
+                f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
+                f"(a preset's own size, or one set): --set model.vocab_size={self.tokenizer.vocab_size} or more"
             )
         self.pipeline = None
         if self.pp > 1:
@@ -504,7 +505,9 @@ class Trainer:
         raise TrainingInterrupted(
             signum,
             f"{signal_name(signum)} received: stopped at step {self.step} with a checkpoint in "
-            f"{latest_checkpoint(self.run_dir)}; resume with: {self.resume_command()}",
+            f"{latest_checkpoint(self.run_dir)}; resume with: {self.resume_command()}"
+            if self.is_main
+            else "",  # one message per job, not one per process (every rank stops with the same status)
         )
 
     def resume_command(self) -> str:
