@@ -555,3 +555,22 @@ def test_import_refuses_malformed_layer_lists_and_groups(exported, tmp_path, cha
 
     with pytest.raises(CheckpointError, match=re.escape(message)):
         import_nemotron_h(_with_config(exported, tmp_path, edit))
+
+
+def test_convert_writes_the_end_of_document_id_transformers_generation_stops_at(exported, tmp_path):
+    """Without it transformers fell back to NemotronHConfig's eos_token_id 2, some other token of a vocabulary."""
+    from transformers import GenerationConfig
+
+    from hybridlm.cli import main
+    from hybridlm.train.tokenizer import ByteTokenizer
+
+    src = tmp_path / "ours"
+    shutil.copytree(exported.parent / "ours", src)
+    assert main(["convert", str(src), str(tmp_path / "plain"), "--to", "nemotron-h"]) == 0
+    assert "eos_token_id" not in json.loads((tmp_path / "plain" / "config.json").read_text())  # no tokenizer: none
+    for name, content in ByteTokenizer().files().items():
+        (src / name).write_text(content)
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "nemotron-h"]) == 0
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["eos_token_id"] == 256
+    assert GenerationConfig.from_model_config(NemotronHConfig(**hf)).eos_token_id == 256
