@@ -303,7 +303,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--seed",
         type=int,
         default=0,
-        help="sampling seed (each batch of --batch-size prompts draws from seed + its first index)",
+        help="sampling seed (default 0, so a command repeats its samples: pass another to vary them; each batch "
+        "of --batch-size prompts draws from seed + its first index)",
     )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
