@@ -136,6 +136,20 @@ def test_resume_refuses_other_data_under_the_same_source(tmp_path, monkeypatch):
     )
 
 
+def test_a_resume_that_would_delete_a_file_in_model_is_refused_before_training(tmp_path):
+    """The export at the end replaces model/: a file of the user's there is refused at the start, not after
+    the steps (and a run folder that is a file is named as one)."""
+    from hybridlm import CheckpointError
+
+    Trainer(tiny_run("train.steps=4"), run_dir=tmp_path / "run", progress=False).run_loop()
+    (tmp_path / "run" / "model" / "README.md").write_text("notes")
+    with pytest.raises(CheckpointError, match=r"model: replacing it would delete README\.md"):
+        Trainer(tiny_run("train.steps=8"), run_dir=tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="a file, not a folder"):
+        Trainer(tiny_run(), run_dir=tmp_path / "file", progress=False)
+
+
 def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
     """reduce-overhead records CUDA graphs: on CPU the trainer refuses it, naming the field, before any step."""
     run = tiny_run("train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu")

@@ -82,6 +82,8 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
             lock(path)
             return path, True
     path = Path(template if run_dir is None else run_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: a file, not a folder; the run writes a folder there (choose another --run-dir)")
     if resume:  # before training, not after it: the export at the end replaces model/
         check_replaceable(path / MODEL_DIR, "format", "hybridlm", "a hybridlm checkpoint")
         if path.is_dir():
