@@ -162,7 +162,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         raise UsageError("--cuda-graph needs --device cuda")
     from ..ops.dispatch import check_device
 
-    check_device(device)  # HYBRIDLM_KERNELS=triton on the CPU: refused before the model loads
+    check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
 
 
 def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separate: bool) -> None:
