@@ -68,14 +68,19 @@ def test_forced_triton_on_the_cpu_outside_the_interpreter_is_refused_by_name(mon
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with use_kernels("auto,ssd=triton"):
-        with pytest.raises(ConfigError, match="'triton' for ssd on cpu: Triton's kernels run on CUDA"):
-            dispatch.check_device(torch.device("cpu"))
-        dispatch.check_device("cuda")  # fine: what CUDA runs is the kernels' business
-        with pytest.raises(ConfigError, match="'triton' for ssd on CPU tensors"):
+        dispatch.check_device("cpu")  # a per-op override is checked at its op, if the model runs it
+        with pytest.raises(ConfigError, match="'triton' for ssd on CPU tensors: Triton's kernels run on CUDA"):
             choose("ssd", torch.zeros(1))
         assert choose("causal_conv1d", torch.zeros(1)) == "torch"
+    with use_kernels("auto,attention=triton,moe_experts=triton"):  # no Triton kernels: "not torch" only
+        dispatch.check_device("cpu")
+    with use_kernels("triton"):
+        with pytest.raises(ConfigError, match="'triton' for every op on cpu"):
+            dispatch.check_device(torch.device("cpu"))
+        dispatch.check_device("cuda")  # fine: what CUDA runs is the kernels' business
     monkeypatch.setenv(ENV, "triton")
     assert main(["train", "--run-dir", str(tmp_path / "run"), "--set", "train.steps=1"]) == 2
     assert "'triton' for every op on cpu" in capsys.readouterr().err and not (tmp_path / "run").exists()
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    dispatch.check_device("cpu")  # the interpreter runs them on CPU tensors (how the tests run them)
+    for on in ("1", "true"):  # the interpreter runs them on CPU tensors (how the tests run them)
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        dispatch.check_device("cpu")

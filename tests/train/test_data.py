@@ -116,6 +116,16 @@ def test_preparing_again_replaces_the_whole_corpus_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "prep", "tok.json"]  # nothing half-written
 
 
+def test_prepare_refuses_its_destination_before_tokenizing(tmp_path, monkeypatch, capsys):
+    from hybridlm.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    monkeypatch.setattr("hybridlm.train.data.load_corpus", lambda *a, **k: pytest.fail("tokenized first"))
+    assert main(["prepare", "builtin:pydoc", str(tmp_path / "notes")]) == 2
+    assert "exists and is not a prepared corpus" in capsys.readouterr().err
+
+
 def test_a_split_of_a_prepared_corpus_stays_on_its_memmap(tmp_path):
     """The validation split selects documents without copying the corpus into memory; its rows are
     the rows of the selected documents laid end to end."""

@@ -123,17 +123,14 @@ def test_resume_refuses_other_data_under_the_same_source(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "a")
     Trainer(run, run_dir=tmp_path / "run", progress=False).run_loop(until=4)
     monkeypatch.chdir(tmp_path / "b")
-    with pytest.raises(DataError, match=r"data\.source 'c\.jsonl' now gives .* not the data this run started with"):
+    with pytest.raises(DataError, match=r"data\.source 'c\.jsonl' now holds .* not the corpus this run started with"):
         Trainer(tiny_run("data.source=c.jsonl", "train.steps=8"), run_dir=tmp_path / "run", resume=True, progress=False)
     other = tiny_run(f"data.source={tmp_path / 'b' / 'c.jsonl'}", "train.steps=8")  # named on purpose: the user's call
     assert Trainer(other, run_dir=tmp_path / "run", resume=True, progress=False).step == 4
     monkeypatch.chdir(tmp_path / "a")
-    assert (
-        Trainer(
-            tiny_run("data.source=c.jsonl", "train.steps=8"), run_dir=tmp_path / "run", resume=True, progress=False
-        ).step
-        == 4
-    )
+    for split in ("train.steps=8", "data.val_fraction=0.2", "data.seed=7"):  # the same corpus, split otherwise too
+        run = tiny_run("data.source=c.jsonl", "train.steps=8", split)
+        assert Trainer(run, run_dir=tmp_path / "run", resume=True, progress=False).step == 4
 
 
 def test_a_resume_that_would_delete_a_file_in_model_is_refused_before_training(tmp_path):

@@ -34,7 +34,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.tokenizer import SPEC_NAME, load_tokenizer
+    from ..train.tokenizer import saved_eos_id
     from . import model_folder
 
     if (args.to is None) == (args.from_ is None):
@@ -58,8 +58,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--config is only used with --from megatron")
     src = model_folder(args.src, "src") if args.to else args.src  # --to: a checkpoint, or a run's model/
     kw = {"verify": False} if args.no_verify else {}
-    if args.to == "nemotron-h" and ((Path(src) / SPEC_NAME).exists() or (Path(src) / "tokenizer.json").exists()):
-        kw["eos_token_id"] = load_tokenizer(src, "a tokenizer").eos_id  # transformers' generation stops there
+    if args.to == "nemotron-h":  # transformers' generation stops at it
+        kw["eos_token_id"] = saved_eos_id(Path(src))
     out = convert(src, args.dst, **kw)
     print(f"wrote {out}")
     return 0

@@ -87,10 +87,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ..train.data import load_corpus, write_prepared
+    from ..train.data import load_corpus, prepared_destination, write_prepared
     from ..train.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
+    prepared_destination(args.out, args.source)  # a destination it may not replace: refused before tokenizing
     stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True)
     out = write_prepared(stream, args.out, tokenizer, args.source)
     print(f"wrote {stream.num_tokens:,} tokens of {stream.num_docs:,} documents to {out}")

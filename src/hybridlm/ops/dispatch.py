@@ -150,15 +150,26 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
 
 
 def check_device(device: torch.device | str) -> None:
-    """Refuse (ConfigError) a setting that forces Triton for some op on a ``device`` other than CUDA outside
-    Triton's interpreter: called where a run starts, so that it fails before any work, not at its first op."""
-    if torch.device(device).type != "cuda":
-        _check_interpreted([op for op in OPS if kernels_mode(op) == "triton"], str(device))
+    """Refuse (ConfigError) ``triton`` for every op on a ``device`` other than CUDA outside Triton's interpreter:
+    called where a run starts, so that it fails before any work. (A per-op override fails at its op, if the model
+    runs it; ``attention`` and ``moe_experts`` have no Triton kernel, and their ``triton`` only means "not torch".)"""
+    if torch.device(device).type != "cuda" and kernels_mode() == "triton":
+        _check_interpreted(list(OPS), str(device))
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET, as Triton itself reads it)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # a Triton without knobs reads the variable as 1 / true / on
+        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 def _check_interpreted(ops: list[str], where: str) -> None:
     # Compiled Triton kernels need CUDA tensors; elsewhere Triton fails inside the launch ("0 active drivers").
-    if ops and os.environ.get("TRITON_INTERPRET") != "1":
+    if ops and not _interpreting():
         raise ConfigError(
             ENV,
             f"'triton' for {'every op' if len(ops) == len(OPS) else ', '.join(ops)} on {where}: Triton's kernels run on CUDA, or on the CPU only in its "

@@ -167,26 +167,31 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
     files into a fresh folder that then takes ``out``'s place in one step (as a checkpoint is written): an existing
     ``out`` is replaced only if empty or a prepared corpus whose files are all this kind's (a run reading the old
     one keeps its open files; a tokenizer of an earlier prepare does not stay behind)."""
-    from ..checkpoint.io import check_replaceable, commit_directory, destination, refuse_losing
-    from .tokenizer import SPEC_NAME
+    from ..checkpoint.io import commit_directory
 
-    out = destination(out, source if Path(source).exists() else None)
-
-    def check() -> None:
-        check_replaceable(out, "format", PREPARED_FORMAT, "a prepared corpus", PREPARED_META)
-        if out.is_dir():
-            refuse_losing(out, {PREPARED_META, *PREPARED_FILES, SPEC_NAME, "tokenizer.json"})
-
-    check()
+    out = prepared_destination(out, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         _write_prepared(stream, tmp, tokenizer, source)
-        return commit_directory(tmp, out, check)
+        return commit_directory(tmp, out, lambda: prepared_destination(out, source))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def prepared_destination(out: str | Path, source: str) -> Path:
+    """Where :func:`write_prepared` writes ``out`` (resolved), after refusing (CheckpointError) a folder it may not
+    replace: call it before tokenizing, so that a refusal comes before the work."""
+    from ..checkpoint.io import check_replaceable, destination, refuse_losing
+    from .tokenizer import SPEC_NAME
+
+    out = destination(out, source if Path(source).exists() else None)
+    check_replaceable(out, "format", PREPARED_FORMAT, "a prepared corpus", PREPARED_META)
+    if out.is_dir():
+        refuse_losing(out, {PREPARED_META, *PREPARED_FILES, SPEC_NAME, "tokenizer.json"})
+    return out
 
 
 def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> None:

@@ -124,6 +124,16 @@ def build_tokenizer(
     return HFTokenizer(path, eos_token or None, eos_key)
 
 
+def saved_eos_id(directory: Path) -> int | None:
+    """The end-of-document id a model folder's tokenizer spec records, or None (no spec, or an unreadable one):
+    read from the JSON alone, without loading the tokenizer (or needing the ``tokenizers`` package)."""
+    try:
+        eos = json.loads((directory / SPEC_NAME).read_text()).get("eos_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
+
+
 def load_tokenizer(
     directory: str | Path, option: str = "a tokenizer", eos_token: str = "auto", eos_key: str = "--eos-token"
 ) -> ByteTokenizer | HFTokenizer:

@@ -179,6 +179,9 @@ class Trainer:
         # Data.
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
+        # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
+        # (data.val_fraction and data.seed may change at a resume).
+        self.data_identity = {"source": run.data.source, "tokens": stream.num_tokens, "docs": stream.num_docs}
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
         what = "the training split" if val_stream is not None else "the corpus"
         self.train_rows = PackedRows(train_stream, run.data.seq_len, what)
@@ -310,27 +313,19 @@ class Trainer:
 
     # -- set-up helpers -------------------------------------------------------------------------
 
-    def _data_identity(self) -> dict[str, Any]:
-        """What a checkpoint records of the training data, to recognise it at a resume."""
-        stream = self.train_rows.stream
-        return {"source": self.run.data.source, "train_tokens": stream.num_tokens, "train_docs": stream.num_docs}
-
     def _check_same_data(self, saved: Any) -> None:
         """Refuse a resume whose ``data.source``, the same setting, now reads other data than the checkpoint's run
         trained on (a relative path read from another directory, or files changed since); a source changed on
         purpose (``--set data.source=...``) is the user's call. Checkpoints from before the record pass."""
-        now = self._data_identity()
+        now = self.data_identity
         if not isinstance(saved, dict) or saved.get("source") != now["source"] or saved == now:
             return
-        was = [
-            f"{v:,}" if isinstance(v, int) else repr(v) for v in (saved.get("train_tokens"), saved.get("train_docs"))
-        ]
+        was = [f"{v:,}" if isinstance(v, int) else repr(v) for v in (saved.get("tokens"), saved.get("docs"))]
         raise DataError(
-            f"{self.run_dir}: data.source {now['source']!r} now gives {now['train_tokens']:,} training tokens in "
-            f"{now['train_docs']:,} documents, but the run was trained on {was[0]} in {was[1]}: not the data this "
-            "run started with (a relative path is read from the "
-            f"current directory, {Path.cwd()}); resume from where the run started, or name the data with "
-            "--set data.source=PATH"
+            f"{self.run_dir}: data.source {now['source']!r} now holds {now['tokens']:,} tokens in {now['docs']:,} "
+            f"documents, but the run was trained on {was[0]} in {was[1]}: not the corpus this run started with (a "
+            f"relative path is read from the current directory, {Path.cwd()}); resume from where the run started, "
+            "or name the data with --set data.source=PATH"
         )
 
     def _claim_run_dir(self, run_dir: str | Path | None, resume: bool) -> tuple[Path, bool]:
@@ -483,9 +478,7 @@ class Trainer:
                 f"the weights are not finite at step {self.step}: no checkpoint written; {then}"
             )
         path = self.run_dir / CHECKPOINTS / checkpoint_dir_name(self.step)
-        save_training_state(
-            path, self.model, self.optimizer, self.scheduler, step=self.step, data=self._data_identity()
-        )
+        save_training_state(path, self.model, self.optimizer, self.scheduler, step=self.step, data=self.data_identity)
         self._saved_step, self._checkpoint_due = self.step, False
         if self.is_main and not self.guard.in_a_row:  # a save inside a streak (a signal, the last step) prunes none
             for p in list_checkpoints(self.run_dir / CHECKPOINTS)[: -self.run.train.keep_checkpoints]:
