@@ -47,6 +47,7 @@ from hybridlm.ops.norm import (
 from hybridlm.ops.ssd import ssd_chunked, ssd_reference
 from hybridlm.ops.step import causal_conv1d_with_state, ssd_step
 from tests.helpers import assert_bf16_within, assert_rel_close, rel_err, runs_triton_kernels, subprocess_env
+from tests.ops.test_ssd import inputs as ssd_inputs
 
 CUDA = torch.cuda.is_available()
 pytestmark = [runs_triton_kernels, *([pytest.mark.gpu] if CUDA else [])]
@@ -86,15 +87,9 @@ def cut_ids(b: int, L: int, cuts: list[int]) -> torch.Tensor:
 
 
 def ssd_tensors(b, L, h, p, g, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, L, h, p, generator=gen)
-    dt = F.softplus(torch.randn(b, L, h, generator=gen) - 1.0)
-    A = -torch.exp(torch.rand(h, generator=gen) * 2.0)
-    B = torch.randn(b, L, g, n, generator=gen)
-    C = torch.randn(b, L, g, n, generator=gen)
-    D = torch.randn(h, generator=gen)
-    init = torch.randn(b, h, p, n, generator=gen)
-    return [t.to(DEV) for t in (x, dt, A, B, C, D, init)]
+    """x, dt, A, B, C, D as tests/ops/test_ssd.py draws them, and an initial state, on DEV."""
+    init = torch.randn(b, h, p, n, generator=torch.Generator().manual_seed(seed + 1000))
+    return [t.to(DEV) for t in (*ssd_inputs(b, L, h, p, g, n, seed), init)]
 
 
 def _as_wide(x, B, C):
