@@ -158,13 +158,9 @@ def check_device(device: torch.device | str) -> None:
 
 
 def _interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET, as Triton itself reads it)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # a Triton without knobs reads the variable as 1 / true / on
-        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    """Whether Triton runs kernels in its interpreter: TRITON_INTERPRET read as Triton reads a flag (1, true, on).
+    The variable itself, not ``triton.knobs``: dynamo traces this inside compiled blocks, and cannot trace knobs."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _check_interpreted(ops: list[str], where: str) -> None:
