@@ -173,6 +173,12 @@ def refuse_losing(path: Path, replaced: set[str], pattern: str = "", hint: str =
         )
 
 
+def refuse_losing_checkpoint(path: Path, extra_names: set[str]) -> None:
+    """:func:`refuse_losing` for a checkpoint folder rewritten with its weights, config.json, index and the
+    ``extra_names`` files (a tokenizer's)."""
+    refuse_losing(path, extra_names | {CONFIG_NAME, INDEX_NAME}, "*.safetensors", "(or pass them as extra files)")
+
+
 def write_directory(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -195,8 +201,7 @@ def write_directory(
     def check() -> None:
         check_replaceable(path, key, config[key], what)
         # Weights, index and config.json are replaced; a tokenizer or a README is not ours to delete.
-        kept = {f.name for f in tmp.iterdir()} if tmp.is_dir() else set(extra_files or ())
-        refuse_losing(path, kept | {CONFIG_NAME, INDEX_NAME}, "*.safetensors", "(or pass them as extra files)")
+        refuse_losing_checkpoint(path, {f.name for f in tmp.iterdir()} if tmp.is_dir() else set(extra_files or ()))
 
     check()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -179,7 +179,6 @@ def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separat
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-
     import torch
 
     from ..checkpoint.weights import load, read_config

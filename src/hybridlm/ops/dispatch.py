@@ -140,7 +140,7 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
         if not triton_available():
             raise ConfigError(ENV, "'triton' but Triton does not import; install it with: pip install 'hybridlm[gpu]'")
         if not all(t.is_cuda for t in tensors if t is not None):
-            _check_interpreted([op], "CPU tensors")
+            _check_interpreted(op, "CPU tensors")
         path = "triton"
     else:
         on_cuda = all(t.is_cuda for t in tensors if t is not None)
@@ -154,7 +154,7 @@ def check_device(device: torch.device | str) -> None:
     called where a run starts, so that it fails before any work. (A per-op override fails at its op, if the model
     runs it; ``attention`` and ``moe_experts`` have no Triton kernel, and their ``triton`` only means "not torch".)"""
     if torch.device(device).type != "cuda" and kernels_mode() == "triton":
-        _check_interpreted(list(OPS), str(device))
+        _check_interpreted("every op", str(device))
 
 
 def _interpreting() -> bool:
@@ -163,13 +163,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _check_interpreted(ops: list[str], where: str) -> None:
+def _check_interpreted(what: str, where: str) -> None:
     # Compiled Triton kernels need CUDA tensors; elsewhere Triton fails inside the launch ("0 active drivers").
-    if ops and not _interpreting():
+    if not _interpreting():
         raise ConfigError(
             ENV,
-            f"'triton' for {'every op' if len(ops) == len(OPS) else ', '.join(ops)} on {where}: Triton's kernels run on CUDA, or on the CPU only in its "
-            "interpreter (TRITON_INTERPRET=1, for tests); use 'auto' or 'torch' here",
+            f"'triton' for {what} on {where}: Triton's kernels run on CUDA, or on the CPU only in its interpreter "
+            "(TRITON_INTERPRET=1, for tests); use 'auto' or 'torch' here",
         )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.io import CONFIG_NAME, INDEX_NAME, full_cpu, refuse_losing, remove_directory
+from ..checkpoint.io import full_cpu, refuse_losing_checkpoint, remove_directory
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
@@ -295,8 +295,7 @@ class Trainer:
             self.step = int(state["step"])
             self._check_same_data(state.get("data"))
             if (self.run_dir / MODEL_DIR).is_dir():  # the export at the end replaces model/: refuse now, not then
-                own = {CONFIG_NAME, INDEX_NAME, *self.tokenizer.files()}
-                refuse_losing(self.run_dir / MODEL_DIR, own, "*.safetensors")
+                refuse_losing_checkpoint(self.run_dir / MODEL_DIR, set(self.tokenizer.files()))
             if self.step > t.steps:
                 raise DataError(
                     f"{self.run_dir}: the checkpoint is at step {self.step}, beyond train.steps = {t.steps}; "
