@@ -161,6 +161,9 @@ def test_padding_must_be_on_the_left():
     cache = InferenceCache.for_model(model, 1, 8)
     with pytest.raises(ValueError, match="left"):
         cache.set_padding(torch.tensor([[True, False, True]]))
+    for bad in (torch.ones(1, 0, dtype=torch.bool), torch.ones(3, dtype=torch.bool)):  # IndexError, unpacking
+        with pytest.raises(ValueError, match=r"padding mask must be \(batch, prompt length\)"):
+            cache.set_padding(bad)
     with pytest.raises(ValueError, match="cache holds 8 positions"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
     ids = torch.zeros(1, 4, dtype=torch.long)

@@ -69,6 +69,17 @@ def test_latent_and_expanded_attention_give_the_same_logits(pattern, latent, mon
     torch.testing.assert_close(torch.cat(got, 1), model(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", ["+", "D"])
+def test_latent_decoding_of_a_float64_model_is_float64_exact(pattern):
+    """The latent path's softmax ran in float32 whatever the model's dtype: 4e-7 off the float64 forward."""
+    model = model_for(pattern).double()
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+    cache = InferenceCache.for_model(model, 2, 13)
+    with torch.no_grad():
+        got = torch.cat([model(ids[:, i : i + 1], cache=cache).logits for i in range(13)], 1)
+        torch.testing.assert_close(got, model(ids).logits, rtol=0, atol=1e-12)
+
+
 def test_the_cost_rule_picks_latent_attention_for_few_queries_over_many_keys():
     layer = model_for("+").blocks["0"].layers[0].mixer
     assert layer.latent_is_cheaper(1, 64) and layer.latent_is_cheaper(4, 64)

@@ -84,3 +84,24 @@ def test_forced_triton_on_the_cpu_outside_the_interpreter_is_refused_by_name(mon
     for on in ("1", "true"):  # the interpreter runs them on CPU tensors (how the tests run them)
         monkeypatch.setenv("TRITON_INTERPRET", on)
         dispatch.check_device("cpu")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "no-such-model", "--prompt", "x"],  # refused before the model is looked for
+        ["plan", "--preset", "tiny", "--pp", "2", "--measure", "cpu"],
+    ],
+)
+def test_a_malformed_setting_is_a_config_error_wherever_a_run_starts(argv, monkeypatch, capsys):
+    """generate and plan --measure called it an unexpected ValueError ("this may be a bug in hybridlm");
+    train refused it by name."""
+    from hybridlm import ConfigError
+    from hybridlm.cli import main
+
+    monkeypatch.setenv(ENV, "auto,foo=torch")
+    with pytest.raises(ConfigError, match=r"^HYBRIDLM_KERNELS: 'foo' is not an op"):
+        dispatch.check_device("cpu")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: HYBRIDLM_KERNELS: 'foo' is not an op" in err and "unexpected" not in err

@@ -113,12 +113,15 @@ def _plan_micro_batch(run, pp: int) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from ..ops.dispatch import check_device
     from ..plan.measure import default_device
     from ..plan.planner import plan_pipeline
     from . import device_option
 
     if args.measure not in (None, "auto"):
         device_option("--measure", args.measure)
+    if args.measure is not None:  # kernels forced to Triton on the CPU: refused before any timing
+        check_device(default_device() if args.measure == "auto" else args.measure)
     _check_plot(args.plot)
     config, run = _resolve_model(args.pattern, args.preset, args.config)
     plan = plan_pipeline(

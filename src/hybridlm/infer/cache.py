@@ -86,6 +86,10 @@ class InferenceCache:
         """Mark the prompt's padding before prefill. valid: (B, L) bool, False on the left only."""
         if self.offset != 0:
             raise ValueError("set_padding must be called on an empty cache, before prefill")
+        if valid.dim() != 2 or valid.shape[1] == 0:
+            raise ValueError(
+                f"padding mask must be (batch, prompt length) with a position at least, got {tuple(valid.shape)}"
+            )
         B, L = valid.shape
         if self.batch != B or self.max_len < L:
             raise ValueError(f"padding mask {tuple(valid.shape)} does not fit a cache of {self.batch} x {self.max_len}")

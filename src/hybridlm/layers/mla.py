@@ -185,7 +185,8 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
         scores = torch.einsum("bhtc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
         scores = (scores * self.softmax_scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        # At least float32 (bf16 scores), and float64 in a float64 model, as the full forward's SDPA.
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         return torch.einsum("bthc,hvc->bthv", o_latent, w_uv).reshape(b, t, self.nh * self.dv)
 

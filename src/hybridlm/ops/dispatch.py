@@ -150,10 +150,15 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
 
 
 def check_device(device: torch.device | str) -> None:
-    """Refuse (ConfigError) ``triton`` for every op on a ``device`` other than CUDA outside Triton's interpreter:
-    called where a run starts, so that it fails before any work. (A per-op override fails at its op, if the model
-    runs it; ``attention`` and ``moe_experts`` have no Triton kernel, and their ``triton`` only means "not torch".)"""
-    if torch.device(device).type != "cuda" and kernels_mode() == "triton":
+    """Refuse (ConfigError) a malformed kernel setting, or ``triton`` for every op on a ``device`` other than CUDA
+    outside Triton's interpreter: called where a run starts, so that it fails before any work. (A per-op override
+    fails at its op, if the model runs it; ``attention`` and ``moe_experts`` have no Triton kernel, and their
+    ``triton`` only means "not torch".)"""
+    try:  # the setting is read at every op: a bad one is refused here, not as a ValueError inside the model
+        mode = kernels_mode()
+    except ValueError as e:
+        raise ConfigError(ENV, str(e).partition(": ")[2]) from None
+    if torch.device(device).type != "cuda" and mode == "triton":
         _check_interpreted("every op", str(device))
 
 

@@ -28,9 +28,7 @@ from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
-from ..ops.dispatch import ENV as KERNELS_ENV
 from ..ops.dispatch import check_device as check_kernels_device
-from ..ops.dispatch import kernels_mode
 from ..parallel.execution import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -143,10 +141,6 @@ class Trainer:
     ):
         self.run = run
         t = run.train
-        try:  # the kernel choice is read at every op: a bad one is refused here, before the run starts
-            kernels_mode()
-        except ValueError as e:
-            raise ConfigError(KERNELS_ENV, str(e).partition(": ")[2]) from None
         self.cuda_alloc_conf = configure_cuda_allocator()
         self.device = resolve_device(t.device)
         check_kernels_device(self.device)
