@@ -6,6 +6,7 @@ The one-process reference uses the same micro-batches (the MoE loss is per micro
 """
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,22 @@ def test_rank_stages_follow_megatron_order():
     assert [(s.block_offset, s.num_blocks) for r in (0, 1) for s in rank_stages(legacy, r, 2)] == [(0, 2), (2, 2)]
 
 
+def test_the_legacy_split_warns_once_per_rank_not_at_every_check(caplog):
+    """The run file's check, the trainer's and the build each logged both warnings: 36 lines at pp=4."""
+    from hybridlm.parallel.pipeline import build_pipeline_model
+    from hybridlm.train.pipeline import check_every_rank_holds_layers
+
+    run = RunConfig().with_overrides([*BASE, "model.pattern=M-[*E]M", "parallel.pp=2"])
+    with caplog.at_level(logging.WARNING, logger="hybridlm.pattern"):
+        config = run.model_config(257)
+        run.validate()
+        check_every_rank_holds_layers(config, 2)
+        build_pipeline_model(config, 1, 2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("DEPRECATION" in m for m in messages) == 1
+    assert sum("counts a fused block as one" in m for m in messages) == 1
+
+
 @pytest.mark.parametrize(
     "sets, field",
     [
@@ -272,3 +289,21 @@ def test_a_later_stage_marks_its_received_activations_as_needing_gradients():
         y = x.detach()
         stage(y, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B))
     assert not y.requires_grad
+
+
+def test_a_micro_batch_size_hint_names_only_a_count_the_schedule_runs():
+    """The trainer suggested parallel.microbatches=1 for 1f1b at pp=2, which the run file then refused."""
+    from hybridlm.train.trainer import microbatches_for
+
+    def run(schedule):
+        return RunConfig().with_overrides(
+            [*BASE, "model.pattern=M-|M-", "parallel.pp=2", f"parallel.schedule={schedule}"]
+        )
+
+    assert microbatches_for(run("1f1b"), 8, 8) is None  # 1 micro-batch: 1f1b needs pp
+    assert microbatches_for(run("1f1b"), 8, 4) == 2
+    assert microbatches_for(run("gpipe"), 8, 8) == 1
+    assert microbatches_for(run("gpipe"), 8, 3) is None  # 3 rows do not split 8
+    looped = RunConfig().with_overrides([*BASE, "model.pattern=M|-|M|-", "parallel.pp=2"])
+    assert microbatches_for(looped, 6, 2) is None  # interleaved-1f1b needs a multiple of pp: 3 is not
+    assert microbatches_for(looped, 8, 2) == 4

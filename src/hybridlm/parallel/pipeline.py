@@ -8,6 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import HybridLM
 from ..pattern import PatternStage
+from ..pattern.stage import select_stage
 
 
 def prune_to_stage(model: nn.Module, stage: PatternStage) -> nn.Module:
@@ -150,15 +151,16 @@ class StageLM(HybridLM):
         return h
 
 
-def rank_stages(config: ModelConfig, pp_rank: int, pp_size: int) -> list[PatternStage]:
+def rank_stages(config: ModelConfig, pp_rank: int, pp_size: int, warn: bool = False) -> list[PatternStage]:
     """The pattern stages pipeline rank ``pp_rank`` runs, in order: one per ``|`` segment it owns
     (virtual stages ``vp`` at segment ``vp * pp_size + pp_rank``, Megatron's order), or its share of
-    the legacy split of a pattern without ``|``."""
+    the legacy split of a pattern without ``|`` (whose deprecation is logged only with ``warn``: once,
+    where a rank builds its stages, not at every check)."""
     p = config.parsed
     n_seg = len(p.segments)
     if n_seg == 1 or n_seg == pp_size or pp_size == 1:
-        return [p.stage(pp_rank, pp_size)]
-    return [p.stage(pp_rank, pp_size, vp) for vp in range(n_seg // pp_size)]
+        return [select_stage(p, pp_rank, pp_size, None, None, None, warn)]
+    return [select_stage(p, pp_rank, pp_size, vp, None, None, warn) for vp in range(n_seg // pp_size)]
 
 
 def build_pipeline_model(config: ModelConfig, pp_rank: int, pp_size: int) -> tuple[nn.Module, list[nn.Module]]:
@@ -169,7 +171,7 @@ def build_pipeline_model(config: ModelConfig, pp_rank: int, pp_size: int) -> tup
         HybridLM holding the same module objects (the union of the stages), so optimizer,
         checkpoints and counting see one model with the whole model's names.
     """
-    stages = rank_stages(config, pp_rank, pp_size)
+    stages = rank_stages(config, pp_rank, pp_size, warn=True)
     models = []
     for st in stages:
         m = prune_to_stage(StageLM(config, device="meta"), st)

@@ -126,6 +126,18 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def microbatches_for(run: RunConfig, local_batch: int, rows: int) -> int | None:
+    """The ``parallel.microbatches`` that gives pipeline micro-batches of ``rows`` rows, where the schedule runs
+    that many (1F1B needs at least pp, the multi-stage schedules a multiple of it); else None."""
+    if local_batch % rows:
+        return None
+    try:
+        run.with_overrides([f"parallel.microbatches={local_batch // rows}"])._validate_parallel()
+    except ConfigError:
+        return None
+    return local_batch // rows
+
+
 class Trainer:
     """Builds everything a run needs and runs it.
 
@@ -205,8 +217,8 @@ class Trainer:
                 )
             self.micro = self.local_batch // n_micro
             if t.micro_batch_size not in (None, self.micro):
-                fits = self.local_batch % t.micro_batch_size == 0
-                match = f", or --set parallel.microbatches={self.local_batch // t.micro_batch_size}" if fits else ""
+                n = microbatches_for(run, self.local_batch, t.micro_batch_size)
+                match = f", or --set parallel.microbatches={n}" if n else ""
                 raise ConfigError(
                     "train.micro_batch_size",
                     f"{t.micro_batch_size} differs from the pipeline's micro-batches of {self.micro} rows "
