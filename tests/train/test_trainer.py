@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hybridlm
-from hybridlm.errors import ConfigError, DataError
+from hybridlm.errors import ConfigError, DataError, HybridLMError
 from hybridlm.train.config import RunConfig
 from hybridlm.train.trainer import Trainer, resolve_device
 
@@ -152,6 +152,25 @@ def test_cuda_graph_compile_mode_is_refused_off_cuda(tmp_path):
     run = tiny_run("train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu")
     with pytest.raises(ConfigError, match=r"train\.compile_mode: 'reduce-overhead' records CUDA graphs"):
         Trainer(run, run_dir=tmp_path / "a", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("sets", "error"),
+    [
+        (["train.compile=true", "train.compile_mode=reduce-overhead", "train.device=cpu"], r"records CUDA graphs"),
+        (["parallel.pp=2"], r"parallel\.pp: 2 does not divide the 1 processes"),
+    ],
+)
+def test_a_refused_layout_never_reads_the_corpus(tmp_path, monkeypatch, sets, error):
+    """The layout's checks ran after the whole corpus was tokenized (minutes for a large one)."""
+    from hybridlm.train import trainer as trainer_module
+
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the layout was checked")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", reading)
+    with pytest.raises(HybridLMError, match=error):
+        Trainer(tiny_run("model.pattern=M-|M-", *sets), run_dir=tmp_path / "a", progress=False)
 
 
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_can_run(tmp_path):

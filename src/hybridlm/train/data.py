@@ -311,6 +311,15 @@ class PackedRows:
         }
 
 
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Refuse (DataError) a batch that the ``world_size`` data-parallel ranks cannot share evenly."""
+    if batch_size % world_size:
+        raise DataError(
+            f"train.batch_size {batch_size} is not divisible by the {world_size} data-parallel ranks "
+            "(processes / parallel.pp)"
+        )
+
+
 class Sampler:
     """Which rows each step uses: epochs of seeded permutations, sliced per step, process and micro-batch.
 
@@ -319,11 +328,7 @@ class Sampler:
     """
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        if batch_size % world_size:
-            raise DataError(
-                f"train.batch_size {batch_size} is not divisible by the {world_size} data-parallel ranks "
-                "(processes / parallel.pp)"
-            )
+        check_batch_split(batch_size, world_size)
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)

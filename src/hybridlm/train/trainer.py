@@ -39,7 +39,7 @@ from ..parallel.execution import (
 )
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
-from .data import PackedRows, Sampler, eval_rows, load_corpus, split
+from .data import PackedRows, Sampler, check_batch_split, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
 from .metrics import Metrics, plot_losses
@@ -182,20 +182,8 @@ class Trainer:
         run, t = self.run, self.run.train
         torch.manual_seed(t.seed)
 
-        # Data.
-        self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
-        stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
-        # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
-        # (data.val_fraction and data.seed may change at a resume).
-        self.data_identity = {"source": run.data.source, "tokens": stream.num_tokens, "docs": stream.num_docs}
-        train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
-        what = "the training split" if val_stream is not None else "the corpus"
-        self.train_rows = PackedRows(train_stream, run.data.seq_len, what)
-        self.val_rows = None
-        if val_stream is not None:  # documents held out by data.val_fraction, chosen by data.seed
-            fix = ", raise data.val_fraction, or choose another data.seed"
-            self.val_rows = PackedRows(val_stream, run.data.seq_len, "the validation split", fix)
-        # Pipeline ranks of one data-parallel group read the same rows (rank = dp index * pp + pp index).
+        # The layout first: the corpus may take long to read. Pipeline ranks of one data-parallel group read the
+        # same rows (rank = dp index * pp + pp index).
         self.pp = run.parallel.pp
         if self.world % self.pp:
             hint = (
@@ -204,7 +192,7 @@ class Trainer:
             )
             raise ConfigError("parallel.pp", f"{self.pp} does not divide the {self.world} processes" + hint)
         self.dp, self.dp_rank = self.world // self.pp, self.rank // self.pp
-        self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
+        check_batch_split(t.batch_size, self.dp)
         self.local_batch = t.batch_size // self.dp
         self.micro = min(t.micro_batch_size or self.local_batch, self.local_batch)
         if self.pp > 1:  # the pipeline splits each step into parallel.microbatches
@@ -239,6 +227,21 @@ class Trainer:
                 f"{t.compile_mode!r} records CUDA graphs: it needs one CUDA process (here {self.world} "
                 f"process(es) on {self.device.type}); use 'auto' or 'default'",
             )
+
+        # Data.
+        self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
+        stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
+        # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
+        # (data.val_fraction and data.seed may change at a resume).
+        self.data_identity = {"source": run.data.source, "tokens": stream.num_tokens, "docs": stream.num_docs}
+        train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
+        what = "the training split" if val_stream is not None else "the corpus"
+        self.train_rows = PackedRows(train_stream, run.data.seq_len, what)
+        self.val_rows = None
+        if val_stream is not None:  # documents held out by data.val_fraction, chosen by data.seed
+            fix = ", raise data.val_fraction, or choose another data.seed"
+            self.val_rows = PackedRows(val_stream, run.data.seq_len, "the validation split", fix)
+        self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
 
         # Model.
         self.config = run.model_config(self.tokenizer.vocab_size)
