@@ -27,16 +27,23 @@ def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("ref") / "run"
     t = Trainer(tiny_run(), run_dir=path, progress=False)
     t.run_loop()
-    return weights(t.model), losses(path)
+    return weights(t.model), losses(path), averages(path)
+
+
+def averages(run_dir):
+    """Each console row's means over the steps since the previous row (a resume must not cut them short)."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: (r["loss_avg"], r["lm_loss_avg"]) for r in rows if "loss_avg" in r}
 
 
 def assert_same_run(trainer, run_dir, reference):
-    ref_weights, ref_losses = reference
+    ref_weights, ref_losses, ref_averages = reference
     got = weights(trainer.model)
     assert got.keys() == ref_weights.keys()
     for k in got:
         assert torch.equal(got[k], ref_weights[k]), k
     assert losses(run_dir) == ref_losses
+    assert averages(run_dir) == ref_averages
 
 
 def poison_grads_from(trainer, first_step):

@@ -97,6 +97,19 @@ def test_threads_beyond_the_cores_are_noted():
     assert not any("train.threads" in n for n in RunConfig().with_overrides(["train.threads=1"]).notes())
 
 
+def test_a_wsd_decay_that_starts_inside_the_warmup_is_noted():
+    """The learning rate dropped at the warmup's end and decayed over fewer steps than decay_fraction says."""
+    from hybridlm.train.optim import lr_factor
+
+    sets = ["optim.schedule=wsd", "train.steps=100", "optim.warmup_steps=30", "optim.decay_fraction=0.8"]
+    run = RunConfig().with_overrides(sets)
+    note = [n for n in run.notes() if n.startswith("optim.decay_fraction")]
+    assert len(note) == 1 and "starts the decay at step 20, inside the warmup of 30 steps" in note[0]
+    assert lr_factor(29, 100, run.optim) == 1.0 > lr_factor(30, 100, run.optim)  # the drop the note describes
+    for fine in ("optim.decay_fraction=0.7", "optim.schedule=cosine"):
+        assert not any(n.startswith("optim.decay_fraction") for n in run.with_overrides([fine]).notes())
+
+
 def test_bad_toml(tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nsteps=")
     with pytest.raises(ConfigError, match="invalid TOML"):

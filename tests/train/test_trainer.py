@@ -1,7 +1,9 @@
 """The trainer: exact resume, gradient accumulation, activation checkpointing, outputs of a run."""
 
 import json
+import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +94,31 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
         assert la == lb
     for a, b in zip(plain.model.parameters(), ac.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_resume_with_another_batch_size_continues_after_the_rows_consumed(tmp_path, caplog):
+    """The rows of a step were step * batch_size on: a doubled batch skipped rows 16-31 of the epoch."""
+    first = Trainer(tiny_run(), run_dir=tmp_path / "r", progress=False)
+    first.run_loop(until=4)
+    consumed = {int(r) for s in range(4) for r in first.sampler.global_rows(s)}
+    second = Trainer(tiny_run("train.batch_size=8"), run_dir=tmp_path / "r", resume=True, progress=False)
+    perm = second.sampler._permutation(0)
+    assert second.sampler.position(4) == 16
+    assert second.sampler.global_rows(4).tolist() == perm[16:24].tolist()
+    assert consumed == set(perm[:16].tolist())
+    with caplog.at_level(logging.WARNING, logger="hybridlm.train"):  # rows cut anew: counted in tokens
+        third = Trainer(tiny_run("data.seq_len=24"), run_dir=tmp_path / "r", resume=True, progress=False)
+    assert third.sampler.position(4) == 32 and "data.seq_len changed from 48 to 24" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_peak_memory_on_the_cpu_is_in_gigabytes(tmp_path):
+    """ru_maxrss is in KiB: dividing it by 1e6 gave neither GB nor GiB (2.4 % low)."""
+    trainer = Trainer(tiny_run("train.device=cpu"), run_dir=tmp_path / "r", progress=False)
+    got = trainer._peak_memory_gb()
+    status = Path("/proc/self/status").read_text()
+    hwm_kib = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1])
+    assert got == pytest.approx(hwm_kib * 1024 / 1e9, rel=0.002)
 
 
 def test_a_run_leaves_its_outputs(tmp_path):

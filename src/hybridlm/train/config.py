@@ -325,6 +325,14 @@ class RunConfig:
                 f"optim.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning rate {reach} "
                 "and never decays"
             )
+        decay_start = t.steps - max(1, round(t.steps * o.decay_fraction))  # as optim.lr_factor places it
+        if o.schedule == "wsd" and decay_start < o.warmup_steps < t.steps:
+            notes.append(
+                f"optim.decay_fraction ({o.decay_fraction}) of train.steps ({t.steps}) starts the decay at step "
+                f"{decay_start}, inside the warmup of {o.warmup_steps} steps: the learning rate drops at step "
+                f"{o.warmup_steps} from optim.lr to the decay's value there, and decays over the "
+                f"{t.steps - o.warmup_steps} steps after the warmup"
+            )
         if t.ac_policy != TrainConfig.ac_policy and not t.activation_checkpointing:
             notes.append("train.ac_policy has no effect without train.activation_checkpointing = true")
         cores = os.cpu_count() or 1

@@ -323,8 +323,10 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
 class Sampler:
     """Which rows each step uses: epochs of seeded permutations, sliced per step, process and micro-batch.
 
-    Stateless: the rows of step ``s`` depend only on ``s`` and the seed, so resuming at a step
-    replays exactly the data order of an uninterrupted run.
+    The rows form one stream (epoch after epoch); step ``s`` takes the next ``batch_size`` of them from
+    :meth:`position`, a pure function of ``s``, the seed and where a resume placed the stream
+    (:meth:`resume_at`), so resuming replays exactly the data order of an uninterrupted run, and a
+    batch size changed at a resume continues from the rows consumed.
     """
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -332,6 +334,15 @@ class Sampler:
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self._start_step, self._start_row = 0, 0
+
+    def resume_at(self, step: int, rows: int) -> None:
+        """Continue the stream at row ``rows`` (the rows consumed before) with step ``step``."""
+        self._start_step, self._start_row = step, rows
+
+    def position(self, step: int) -> int:
+        """The rows of the stream consumed before step ``step``."""
+        return self._start_row + (step - self._start_step) * self.batch_size
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -341,7 +352,7 @@ class Sampler:
 
     def global_rows(self, step: int) -> np.ndarray:
         """The ``batch_size`` rows of optimizer step ``step`` (0-based), over all processes."""
-        start = step * self.batch_size
+        start = self.position(step)
         out = []
         for i in range(start, start + self.batch_size):
             epoch, j = divmod(i, self.num_rows)
@@ -351,9 +362,6 @@ class Sampler:
     def local_rows(self, step: int) -> np.ndarray:
         per = self.batch_size // self.world_size
         return self.global_rows(step)[self.rank * per : (self.rank + 1) * per]
-
-    def epoch(self, step: int) -> float:
-        return step * self.batch_size / self.num_rows
 
 
 def eval_rows(num_rows: int, count: int) -> np.ndarray:

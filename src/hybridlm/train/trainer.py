@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..checkpoint.io import full_cpu, refuse_losing_checkpoint, remove_directory
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
-from ..errors import ConfigError, DataError, TrainingDivergedError
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM
 from ..ops.dispatch import check_device as check_kernels_device
 from ..parallel.execution import (
@@ -124,6 +124,26 @@ def resolve_device(spec: str) -> torch.device:
             "(each process takes the GPU of its LOCAL_RANK)",
         )
     return device
+
+
+def _fresh_window() -> dict[str, Any]:
+    """What a console row averages over: the steps since the previous row."""
+    return {"tokens": 0, "time": 0.0, "losses": []}
+
+
+def _saved_window(saved: Any) -> dict[str, Any]:
+    """The window a checkpoint saved, so that the first row after a resume averages what it would have;
+    a fresh one where it is missing (an older checkpoint) or malformed (it is only what the rows report)."""
+    window = _fresh_window()
+    if not isinstance(saved, dict):
+        return window
+    tokens, seconds, losses = saved.get("tokens"), saved.get("time"), saved.get("losses")
+    pairs = isinstance(losses, list) and all(
+        isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) for v in x) for x in losses
+    )
+    if type(tokens) is int and isinstance(seconds, (int, float)) and pairs:
+        window.update(tokens=tokens, time=float(seconds), losses=losses)
+    return window
 
 
 def microbatches_for(run: RunConfig, local_batch: int, rows: int) -> int | None:
@@ -289,7 +309,7 @@ class Trainer:
             group=self.pipeline.dp_group if self.pipeline is not None else None,
         )
         self.scheduler = build_scheduler(self.optimizer, t.steps, run.optim)
-        self.step = 0
+        self.step, self._window = 0, _fresh_window()
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -303,6 +323,8 @@ class Trainer:
             )
             self.step = int(state["step"])
             self._check_same_data(state.get("data"))
+            self._continue_data(state.get("data_position"), loaded)
+            self._window = _saved_window(state.get("window"))
             if (self.run_dir / MODEL_DIR).is_dir():  # the export at the end replaces model/: refuse now, not then
                 refuse_losing_checkpoint(self.run_dir / MODEL_DIR, set(self.tokenizer.files()))
             if self.step > t.steps:
@@ -320,6 +342,26 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, t.steps, self.step, enabled=self.is_main, progress=progress)
 
     # -- set-up helpers -------------------------------------------------------------------------
+
+    def _continue_data(self, saved: Any, checkpoint: Path) -> None:
+        """Continue the row stream where the checkpoint's run left it: at the rows it consumed, whatever the
+        batch size was; rows of another ``data.seq_len`` are counted in tokens (the rows are cut anew, so the
+        order continues only approximately). Checkpoints from before the position was saved: the step's place."""
+        if saved is None:
+            return
+        rows, seq_len = (saved.get(k) if isinstance(saved, dict) else None for k in ("rows", "seq_len"))
+        if not all(type(v) is int and v >= 0 for v in (rows, seq_len)) or seq_len == 0:
+            raise CheckpointError(f"{checkpoint}: damaged data_position in its trainer state: {saved!r}")
+        now = self.run.data.seq_len
+        if seq_len != now:
+            rows = rows * seq_len // now  # row i starts at token i * seq_len
+            logger.warning(
+                "data.seq_len changed from %d to %d at the resume: the rows are cut anew, so the data order "
+                "continues only approximately (after the same number of tokens)",
+                seq_len,
+                now,
+            )
+        self.sampler.resume_at(self.step, rows)
 
     def _check_same_data(self, saved: Any) -> None:
         """Refuse a resume whose ``data.source``, the same setting, now reads other data than the checkpoint's run
@@ -486,7 +528,17 @@ class Trainer:
                 f"the weights are not finite at step {self.step}: no checkpoint written; {then}"
             )
         path = self.run_dir / CHECKPOINTS / checkpoint_dir_name(self.step)
-        save_training_state(path, self.model, self.optimizer, self.scheduler, step=self.step, data=self.data_identity)
+        position = {"rows": self.sampler.position(self.step), "seq_len": self.run.data.seq_len}
+        save_training_state(
+            path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            step=self.step,
+            data=self.data_identity,
+            data_position=position,
+            window=self._window,
+        )
         self._saved_step, self._checkpoint_due = self.step, False
         if self.is_main and not self.guard.in_a_row:  # a save inside a streak (a signal, the last step) prunes none
             for p in list_checkpoints(self.run_dir / CHECKPOINTS)[: -self.run.train.keep_checkpoints]:
@@ -568,7 +620,7 @@ class Trainer:
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 1e9
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux; GB as on CUDA
 
     def close(self, destroy: bool = True) -> None:
         """Leave torch.distributed after a finished run: wait for every rank, then (``destroy``)
@@ -602,7 +654,7 @@ class Trainer:
 
     def _loop(self, stop: int, start_time: float, signals: StopSignals) -> dict[str, Any]:
         t = self.run.train
-        window_tokens, window_time, window_losses = 0, 0.0, []
+        window = self._window  # since the last console row; saved with each checkpoint
         with ManualGC(t.gc_every) as collector:
             try:
                 # Inside the signal handling: a signal during the first evaluation saves step 0, so the
@@ -616,22 +668,23 @@ class Trainer:
                     t0 = time.perf_counter()
                     values = self.train_step()
                     collector.after_step(self.step)  # inside the timed window: its pause is training time
-                    window_time += time.perf_counter() - t0  # training time only: evaluation is not counted
+                    window["time"] += time.perf_counter() - t0  # training time only: evaluation is not counted
                     self.metrics.advance()
-                    window_tokens += t.batch_size * self.run.data.seq_len
-                    window_losses.append((values["loss"], values["lm_loss"]))
+                    window["tokens"] += t.batch_size * self.run.data.seq_len
+                    window["losses"].append([values["loss"], values["lm_loss"]])
                     record = {**values}
                     evaluate = self.step % t.eval_every == 0 or self.step == t.steps
                     console = self.step % t.log_every == 0 or self.step == stop or evaluate
                     if console:
-                        record["loss_avg"] = sum(x for x, _ in window_losses) / len(window_losses)
-                        record["lm_loss_avg"] = sum(x for _, x in window_losses) / len(window_losses)
-                        record["tokens_per_s"] = window_tokens / window_time
+                        losses = window["losses"]
+                        record["loss_avg"] = sum(x for x, _ in losses) / len(losses)
+                        record["lm_loss_avg"] = sum(x for _, x in losses) / len(losses)
+                        record["tokens_per_s"] = window["tokens"] / window["time"]
                         record["peak_mem_gb"] = self._peak_memory_gb()
                         if self.peak_flops:
                             per_device = record["tokens_per_s"] / self.world * self.flops_per_token
                             record["mfu"] = per_device / self.peak_flops
-                        window_tokens, window_time, window_losses = 0, 0.0, []
+                        window.update(_fresh_window())
                     if evaluate:
                         last_val = self.evaluate()
                         if last_val is not None:
