@@ -408,9 +408,6 @@ class HybridLM(nn.Module):
         for prefix, module in self.named_modules():
             for name in getattr(module, "keep_fp32", ()):
                 names.add(f"{prefix}.{name}" if prefix else name)
-        for name, _ in self.named_buffers():
-            if name.endswith("tokens_per_expert"):
-                names.add(name)
         return names
 
     @torch.no_grad()

@@ -67,7 +67,8 @@ def test_bias_update_follows_the_counts_and_resets_them():
     before = [m.gate.e_score_correction_bias.clone() for m in moe_layers(model)]
     counts = step(model, [torch.randint(0, 97, (2, 11))])
     for m, b, c in zip(moe_layers(model), before, counts):
-        expected = b + RATE * torch.sign(c.mean() - c)
+        c = c.double()  # integer counts
+        expected = b + RATE * torch.sign(c.mean() - c).float()
         assert torch.equal(m.gate.e_score_correction_bias, expected)
         assert m.tokens_per_expert.sum() == 0
 
@@ -148,3 +149,21 @@ def test_compiled_checkpointed_blocks_count_once_and_keep_the_aux_loss():
         assert all(m.tokens_per_expert.sum() == ids.numel() * 2 for m in moe_layers(model))
         hook.remove()
     assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_counts_stay_exact_in_a_model_moved_to_bfloat16():
+    """The counts were a float buffer: ``model.to(torch.bfloat16)`` made them bf16, which stops adding ones at
+    256 (and float32 at 2^24)."""
+    model = HybridLM(moe_config(), seed=4).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (3, 171), generator=torch.Generator().manual_seed(0))
+    chosen = {}  # MoE layer -> the experts its router chose, (T, k)
+    for m in moe_layers(model):
+        m.gate.register_forward_hook(lambda router, args, out, m=m: chosen.__setitem__(m, out[2]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    hook = ExpertBiasHook(opt, model, RATE)
+    with torch.no_grad():
+        model(ids)
+    for m in moe_layers(model):
+        expected = torch.bincount(chosen[m].reshape(-1), minlength=m.config.moe_num_experts)
+        assert expected.max() > 256 and m.tokens_per_expert.tolist() == expected.tolist()
+    hook.remove()

@@ -155,8 +155,11 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config, config.moe_shared_expert_ffn_hidden_size)
         # Tokens routed to each expert since the last expert-bias update (no gradient). The model never
         # writes it: the training hook (``hybridlm.train.optim.ExpertBiasHook``) counts the router's
-        # choices once per real forward and applies the update before each optimizer step.
-        self.register_buffer("tokens_per_expert", torch.zeros(config.moe_num_experts), persistent=False)
+        # choices once per real forward and applies the update before each optimizer step. Integers: exact
+        # at any batch size (float32 stops counting at 2^24), and untouched by ``model.to(torch.bfloat16)``.
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(config.moe_num_experts, dtype=torch.int64), persistent=False
+        )
 
     #: ``forward`` takes ``aux_losses``: a list owned by the caller for this one call.
     has_aux_loss = True
@@ -209,8 +212,9 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower over-loaded ones,
         from ``tokens_per_expert``, then zero the counts (``rate=0`` only zeroes them)."""
         if self.config.moe_router_expert_bias and self.tokens_per_expert.sum() > 0:
-            load = self.tokens_per_expert
-            self.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            load = self.tokens_per_expert.double()
+            bias = self.gate.e_score_correction_bias
+            bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
         self.tokens_per_expert.zero_()
 
     @torch.no_grad()
