@@ -396,3 +396,19 @@ def test_the_console_line_of_a_non_finite_step_shows_one_loss(tmp_path):
     assert "main nan" in m.line(3, {"loss": 2.5, "lm_loss": nan})
     assert "main" not in m.line(3, {"loss": 2.5}) and "main" not in m.line(3, {"loss": 2.5, "lm_loss": None})
     m.close()
+
+
+def test_a_fallback_to_a_step_0_checkpoint_gives_a_fresh_optimizer(tmp_path, reference):
+    """Reading the damaged step-1 checkpoint created the optimizer's state before DCP failed; step 0 holds none,
+    so the resumed run kept it (44 states at step count 1) and trained differently."""
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    t.save_checkpoint()  # step 0, as a signal during the first evaluation writes it
+    t.run_loop(until=1)
+    shard = tmp_path / "checkpoints" / "step-000001" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    resumed = Trainer(tiny_run(), run_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step == 0 and not resumed.optimizer.state
+    resumed.run_loop()
+    ref_weights, ref_losses, _ = reference
+    got = weights(resumed.model)
+    assert all(torch.equal(got[k], ref_weights[k]) for k in ref_weights)

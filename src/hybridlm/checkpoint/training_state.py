@@ -181,7 +181,21 @@ def load_training_state(
         CheckpointMismatchError: the checkpoint holds another model (the differences are listed).
         CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely).
     """
-    path = Path(path)
+    # Reading creates the optimizer's state before DCP fills it: a checkpoint that then fails to load must not
+    # leave it behind (a fallback to a step-0 checkpoint, which holds none, kept it and trained differently).
+    before = None if optimizer is None else dict(optimizer.state)
+    try:
+        return _load_training_state(Path(path), model, optimizer, scheduler, restore_rng)
+    except BaseException:
+        if optimizer is not None:
+            optimizer.state.clear()
+            optimizer.state.update(before)
+        raise
+
+
+def _load_training_state(
+    path: Path, model: Module, optimizer: Optimizer | None, scheduler: Any, restore_rng: bool
+) -> dict[str, Any]:
     entries = read_dcp_metadata(path).state_dict_metadata  # refuse a crafted or damaged .metadata first
     if not any(k.startswith("optim.") for k in entries):
         optimizer = None  # saved before the first step: the optimizer stays as it is, fresh
