@@ -172,3 +172,34 @@ def test_a_damaged_rng_state_is_refused_by_name(tmp_path, damage):
     with pytest.raises(CheckpointError, match="damaged RNG state"):
         load_training_state(path, model, opt)
     load_training_state(path, model, opt, restore_rng=False)  # the rest of it still loads
+
+
+def test_a_save_that_fills_the_disk_names_the_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """DCP's torch.save failed with "unexpected pos" (the CLI called it a possible bug), and a failed write
+    after DCP's left the hidden folder on the full disk."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from hybridlm.checkpoint import training_state
+
+    model, opt, sched = make("M-*-")
+    step(model, opt, batches(1)[0])
+    ok = save_training_state(tmp_path / "step-1", model, opt, sched, step=1)
+
+    def full(*args, **kwargs):
+        failure = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        raise CheckpointException("save failed", {0: (failure, None)})
+
+    with monkeypatch.context() as m:
+        m.setattr(dcp, "save", full)
+        with pytest.raises(CheckpointError, match=r"\.step-2\.tmp: cannot write it, is the disk full\?"):
+            save_training_state(tmp_path / "step-2", model, opt, sched, step=2)
+    assert sorted(os.listdir(tmp_path)) == ["step-1"]
+
+    def no_space(tensors, file, **kwargs):  # ENOSPC from a write: Python's OSError names no file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training_state, "save_file", no_space)
+    with pytest.raises(OSError, match=r"No space left on device: '.*\.step-2\.tmp/rng\.safetensors'"):
+        save_training_state(tmp_path / "step-2", model, opt, sched, step=2)
+    assert sorted(os.listdir(tmp_path)) == ["step-1"] and ok.is_dir()

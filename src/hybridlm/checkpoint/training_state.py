@@ -132,28 +132,36 @@ def save_training_state(
         tmp.mkdir(parents=True)
     if _distributed():
         dist.barrier()
-    try:
-        _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
-    except dcp.api.CheckpointException as e:  # a BaseException: raise what failed (e.g. OSError ENOSPC) instead
+
+    def save_tensors() -> None:
+        try:
+            _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
+        except dcp.api.CheckpointException as e:  # a BaseException: raise what failed (e.g. OSError ENOSPC) instead
+            raise next(iter(e.failures.values()), (e,))[0] from None
+
+    try:  # a failed save leaves no hidden folder behind (a full disk stays full)
+        written(tmp, save_tensors)  # torch.save's failed writes named, not "unexpected pos"
+        version, internal, gauss = random.getstate()  # this rank's RNG: Python's as JSON, torch's and CUDA's as tensors
+        cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+        mine = ([version, list(internal), gauss], {"torch": torch.get_rng_state(), **cuda})
+        gathered = [None] * dist.get_world_size() if _distributed() else [mine]
+        if _distributed():
+            dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **trainer_state}
+            state.update(world_size=len(gathered), model_config=model.config.to_dict())
+            state.update(rng_python={str(r): py for r, (py, _) in enumerate(gathered)})
+            if scheduler is not None:  # its position; LambdaLR's functions are code, not state
+                saved = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+                state["scheduler"] = {k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool, list))}
+            written(tmp / TRAINER_STATE, (tmp / TRAINER_STATE).write_text, json.dumps(state) + "\n")
+            rng = {f"rank{r}.{k}": t.contiguous() for r, (_, ts) in enumerate(gathered) for k, t in ts.items()}
+            written(tmp / RNG_STATE, save_file, rng, tmp / RNG_STATE)
+            commit_directory(tmp, path)  # durable, then renamed
+    except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise next(iter(e.failures.values()), (e,))[0] from None
-    version, internal, gauss = random.getstate()  # this rank's RNG: Python's as JSON, torch's and CUDA's as tensors
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
-    mine = ([version, list(internal), gauss], {"torch": torch.get_rng_state(), **cuda})
-    gathered = [None] * dist.get_world_size() if _distributed() else [mine]
-    if _distributed():
-        dist.all_gather_object(gathered, mine)
-    if rank == 0:
-        state = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **trainer_state, "world_size": len(gathered)}
-        state.update(model_config=model.config.to_dict(), rng_python={str(r): py for r, (py, _) in enumerate(gathered)})
-        if scheduler is not None:  # its position; LambdaLR's functions are code, not state
-            saved = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-            state["scheduler"] = {k: v for k, v in saved.items() if isinstance(v, (int, float, str, bool, list))}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
-        rng = {f"rank{r}.{k}": t.contiguous() for r, (_, ts) in enumerate(gathered) for k, t in ts.items()}
-        written(tmp / RNG_STATE, save_file, rng, tmp / RNG_STATE)
-        commit_directory(tmp, path)  # durable, then renamed
+        raise
     if _distributed():
         dist.barrier()
     return path
