@@ -128,6 +128,44 @@ def test_a_folder_in_use_by_another_live_process_is_refused(tmp_path):
     assert not (tmp_path / "busy" / rundir.LOCK_FILE).exists()
 
 
+def _claim_at(path, start, results):
+    import time
+
+    while time.time() < start:  # both processes claim at the same instant
+        pass
+    try:
+        rundir.claim(path, "runs/{time}", "", resume=True)
+        results.put("claimed")
+    except DataError:
+        results.put("refused")
+    time.sleep(0.3)  # a live run while the other decides
+
+
+@pytest.mark.parametrize("stale", [True, False], ids=["stale-lock", "no-lock"])
+def test_two_processes_starting_at_once_never_both_hold_a_folder(tmp_path, stale):
+    """Between creating the lock file and writing it, the other process read it empty, judged it dead and took
+    it; a stale lock was taken by read-then-write: both claimed the folder in 15 of 40 tries."""
+    import multiprocessing
+    import socket
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(8):
+        path = tmp_path / str(trial)
+        path.mkdir()
+        if stale:
+            (path / rundir.LOCK_FILE).write_text(f"{2**22 + 12345} {socket.gethostname()}")  # a pid no process has
+        results = ctx.Queue()
+        start = time.time() + 0.2
+        procs = [ctx.Process(target=_claim_at, args=(path, start, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        got = sorted(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        assert got == ["claimed", "refused"], (trial, got)
+
+
 def test_a_new_run_in_a_live_run_s_folder_is_told_it_is_in_use(tmp_path):
     """Not "already holds a run ... remove it", which is no advice for a folder a live run writes."""
     import socket

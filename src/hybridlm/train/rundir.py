@@ -10,6 +10,7 @@ start, or a refused ``--resume``, leaves an existing folder exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -101,19 +102,51 @@ def _me() -> list[str]:
     return [str(os.getpid()), socket.gethostname()]
 
 
+#: Run folders this process holds -> the open lock file, whose ``flock`` is held until :func:`unlock`.
+_HELD: dict[Path, int] = {}
+
+
 def lock(path: Path) -> None:
     """Mark ``path`` as this process's run (:data:`LOCK_FILE` holds ``pid host``), refusing a folder that
     another live process holds: two runs started in one folder would write the same files. A lock
-    left by a process that is gone (a kill) is taken over; one from another host is trusted."""
+    left by a process that is gone (a kill) is taken over; one from another host is trusted.
+
+    The file is also ``flock``-ed while the run lasts: reading, judging and writing it is then one step
+    (two processes starting at once both took a stale or half-written lock), and the system frees it
+    when the process dies."""
     file = path / LOCK_FILE
-    try:
-        fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
+    if path.resolve() in _HELD:  # this process holds it already (a trainer built again in one process)
         _refuse_if_in_use(path)
-        file.write_text(" ".join(_me()))
         return
-    with os.fdopen(fd, "w") as f:
-        f.write(" ".join(_me()))
+    for _ in range(100):  # an unlink between our open and our flock: open the new file
+        fd = os.open(file, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by a live process of this host
+            os.close(fd)
+            _refuse_if_in_use(path)  # names it, once it has written its name
+            raise DataError(
+                f"{path} is in use by another run, starting; wait for it, or choose another --run-dir"
+            ) from None
+        except OSError:  # a file system without flock: the file's content alone decides
+            pass
+        try:
+            if os.fstat(fd).st_ino != os.stat(file).st_ino:
+                os.close(fd)
+                continue
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        try:
+            _refuse_if_in_use(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, " ".join(_me()).encode())
+        _HELD[path.resolve()] = fd
+        return
+    raise DataError(f"{file}: cannot take the run's lock (the file keeps changing)")
 
 
 def _refuse_if_in_use(path: Path) -> None:
@@ -146,11 +179,14 @@ def _alive(holder: list[str]) -> bool:
 
 
 def unlock(path: Path) -> None:
-    """Remove this process's lock from ``path`` (another process's is left alone)."""
+    """Remove this process's lock from ``path`` (another process's is left alone), then release it."""
     file = path / LOCK_FILE
     with contextlib.suppress(OSError):
         if file.read_text().split() == _me():
             file.unlink()
+    fd = _HELD.pop(path.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def set_aside_newer(run_dir: Path, loaded: Path) -> list[Path]:
