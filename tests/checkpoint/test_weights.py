@@ -179,6 +179,18 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path):
         hybridlm.load(tmp_path / "ck")
 
 
+def test_an_edited_size_is_refused_before_the_model_is_allocated(tmp_path):
+    """vocab_size = 10**13 in config.json: load asked the allocator for 1.28 PB before comparing shapes."""
+    path = hybridlm.save(HybridLM(tiny_config("M-*-")), tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["vocab_size"] = 10**13
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=r"embeddings\.weight: .* has \(97, 32\), model has \(10000000000000, 32\)"
+    ):
+        hybridlm.load(path, verify=False)
+
+
 def test_damaged_files_are_refused(tmp_path):
     path = tmp_path / "ck"
     hybridlm.save(HybridLM(tiny_config("M-")), path)

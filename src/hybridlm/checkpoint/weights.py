@@ -26,6 +26,7 @@ from .io import (
     file_sha256,
     full_cpu,
     load_safetensors,
+    meta_shapes,
     read_json,
     weight_files,
     write_directory,
@@ -233,6 +234,8 @@ def load(
         raise CheckpointError("device 'meta' holds no weights; build HybridLM(config, device='meta') instead")
     config = config_for_pattern(read_config(path), pattern)
     tensors = read_tensors(path, verify=False)
+    # Before allocating: an edited config.json (vocab_size=10**13) failed in the allocator, not here.
+    check_fit(tensors, meta_shapes(config), str(path), wrong_shape="{name}: {source} has {got}, model has {want}")
     if dtype is None:
         dtype = dominant_dtype(tensors.values())
     model = HybridLM(config, device="meta")
