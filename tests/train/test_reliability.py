@@ -369,6 +369,19 @@ def test_torn_metrics_line_does_not_break_resume(saved_run):
     assert 8 in {r["step"] for r in read_history(path / "metrics.jsonl")}
 
 
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
+    """repair_jsonl cut every last line without a newline, a whole row too."""
+    from hybridlm.train.metrics import repair_jsonl
+
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}')
+    repair_jsonl(file)
+    assert file.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    file.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    repair_jsonl(file)
+    assert file.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
 def test_config_refuses_nonfinite_numbers():
     from hybridlm.errors import ConfigError
 

@@ -127,12 +127,22 @@ class Metrics:
 
 
 def repair_jsonl(path: Path) -> None:
-    """Cut a torn last line (the process died mid-write) so that appends start on a line of their own."""
+    """Cut a torn last line (the process died mid-write) so that appends start on a line of their own; a last
+    line that is a whole row, only its newline missing (written by another tool), gets the newline instead."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return
     if data and not data.endswith(b"\n"):
+        last = data[data.rfind(b"\n") + 1 :]
+        try:
+            whole = isinstance(json.loads(last), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            return
         logger.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - data.rfind(b"\n") - 1)
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
