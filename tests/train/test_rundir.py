@@ -202,3 +202,23 @@ def test_a_refused_resume_moves_nothing_aside_and_one_folder_has_one_name(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--resume", "r", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=1"]) == 2
     assert "beyond train.steps" in capsys.readouterr().err  # the same run, named twice: not refused as two
+
+
+def test_a_resume_removes_what_interrupted_writes_left(tmp_path, caplog):
+    """A kill during an export or a save left hidden folders (16 MB each for a 16 MB model) that nothing removed."""
+    import logging
+
+    run = tiny_run("train.steps=4", "train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop(until=2)
+    left = [".model.tmp-0123abcd", ".model.del-deadbeef", "checkpoints/.step-000004.tmp", "checkpoints/.x.old-89abcdef"]
+    for name in left:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    kept = [".notes", ".model.tmp-mine"]  # not names an interrupted write leaves
+    for name in kept:
+        (tmp_path / name).write_text("mine")
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint"):
+        Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert not any((tmp_path / name).exists() for name in left)
+    assert all((tmp_path / name).read_text() == "mine" for name in kept)
+    assert "removed what interrupted writes left" in caplog.text

@@ -70,6 +70,23 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
+#: The hidden names of an unfinished write: ``.NAME.tmp-ID`` (being written), ``.NAME.old-ID`` / ``.NAME.del-ID``
+#: (being deleted) and ``.NAME.tmp`` (a training state, one name for every rank). A kill leaves them behind.
+_LEFTOVER = re.compile(r"\..+\.(?:(?:tmp|old|del)-[0-9a-f]{8}|tmp)")
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete the leftovers of interrupted writes in ``folder`` (only while no write can be running there,
+    e.g. under a run's lock); returns their names."""
+    names = sorted(p.name for p in folder.glob(".*") if _LEFTOVER.fullmatch(p.name)) if folder.is_dir() else []
+    for name in names:
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name, ignore_errors=True)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    return names
+
+
 def regular(file: Path) -> Path:
     """``file``, unless it exists as something other than a regular file: a FIFO or a device would block the
     read, a folder fail obscurely (CheckpointError)."""

@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..checkpoint.io import check_replaceable, replace_file
+from ..checkpoint.io import check_replaceable, remove_leftovers, replace_file
 from ..errors import DataError
 from .listing import list_checkpoints, step_of
 
@@ -89,6 +89,10 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
         check_replaceable(path / MODEL_DIR, "format", "hybridlm", "a hybridlm checkpoint")
         if path.is_dir():
             lock(path)
+            # Under the lock no write runs: what a killed run was writing is only taking room.
+            left = [*remove_leftovers(path), *remove_leftovers(path / CHECKPOINTS)]
+            if left:
+                logger.warning("%s: removed what interrupted writes left: %s", path, ", ".join(left))
         return path, False
     _refuse_if_in_use(path)  # first: "already holds a run ... remove it" is no advice for a live one
     _check_fresh(path, toml)
