@@ -84,3 +84,29 @@ def test_a_removed_directory_vanishes_before_its_files_are_deleted(tmp_path, mon
     io.remove_directory(tmp_path / "step-000002")
     io.remove_directory(tmp_path / "step-000002")  # already gone: nothing to do
     assert list_checkpoints(tmp_path) == []
+
+
+def test_every_refused_write_names_its_file(tmp_path):
+    """numpy's tofile on a full disk raised "N requested and 0 written" (prepare printed only that), and
+    Python's own ENOSPC from a write (metrics.jsonl, a tokenizer file beside the weights) named no file."""
+    from hybridlm.checkpoint.io import written
+    from hybridlm.train.metrics import Metrics
+
+    def failing(error):
+        def write(*args):
+            raise error
+
+        return write
+
+    file = tmp_path / "tokens.bin"
+    with pytest.raises(CheckpointError, match=r"tokens\.bin: cannot write it, is the disk full\? \(1133296 requested"):
+        written(file, failing(OSError("1133296 requested and 0 written")))
+    with pytest.raises(OSError, match=r"No space left on device: '.*tokens\.bin'"):
+        written(file, failing(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="not a refused write"):  # other errors as they are
+        written(file, failing(OSError("not a refused write")))
+
+    metrics = Metrics(tmp_path, 10, 0, enabled=True, progress=False)
+    metrics._jsonl.write = failing(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.jsonl'"):
+        metrics.record(1, {"loss": 1.0}, console=False)

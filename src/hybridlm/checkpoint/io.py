@@ -227,10 +227,11 @@ def write_directory(
         write_safetensors(tmp, tensors, max_shard_size)
         if checksums:
             config = config | {checksums: {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}}
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        written(tmp / CONFIG_NAME, (tmp / CONFIG_NAME).write_text, json.dumps(config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             content = content.read_bytes() if isinstance(content, Path) else content
-            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+            data = content.encode() if isinstance(content, str) else content
+            written(tmp / name, (tmp / name).write_bytes, data)
         return commit_directory(tmp, path, check)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,20 +256,23 @@ def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, C
 
 
 def written(file: Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Run ``write(*args, **kwargs)``, which writes ``file``. safetensors and torch.save raise no OSError when
-    the system refuses a write: their errors become an OSError naming ``file`` where the message gives the
-    system's error number (the CLI then says "no space left on device"), or a CheckpointError naming it for
-    torch.save's failed writes; any other error is raised as it is."""
+    """Run ``write(*args, **kwargs)``, which writes ``file``. A refused write becomes an error naming ``file``:
+    Python's own OSError from a write (ENOSPC) names no file; safetensors raises no OSError, only the system's
+    error number in its message (both become an OSError naming ``file``: the CLI then says "no space left on
+    device"); torch.save's stream writer ("unexpected pos") and numpy's ``tofile`` ("N requested and M written",
+    an OSError without a number) say nothing of why (a CheckpointError naming ``file``). Any other error is raised
+    as it is."""
+    short = r"unexpected pos|PytorchStreamWriter failed|\d+ requested and \d+ written"
     try:
         write(*args, **kwargs)
-    except OSError as e:
-        if e.errno is not None and e.filename is None:  # (an OSError without a number prints only its message)
-            e.filename = str(file)
-        raise
     except Exception as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            if e.filename is None:
+                e.filename = str(file)
+            raise
         if code := re.search(r"os error (\d+)", str(e)):
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from e
-        if isinstance(e, RuntimeError) and re.search(r"unexpected pos|PytorchStreamWriter failed", str(e)):
+        if re.search(short, str(e)):
             reason = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
             raise CheckpointError(f"{file}: cannot write it, is the disk full? ({reason})") from e
         raise
@@ -311,7 +315,7 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     if n > 1:  # the names are sorted, so the weight map is too
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        written(directory / INDEX_NAME, (directory / INDEX_NAME).write_text, json.dumps(index, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -126,7 +126,7 @@ def _error(e: BaseException) -> str:
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         if e.errno == errno.ENOSPC:
-            return f"no space left on device{where}: free some space (or choose another --run-dir) and retry"
+            return f"no space left on device{where}: free some space, or write elsewhere, and retry"
         return f"{e.strerror or e}{where}"
     return one_line(f"unexpected {type(e).__name__}: {e} (this may be a bug in hybridlm; --debug shows the traceback)")
 

@@ -201,7 +201,7 @@ def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> N
     written(out / PREPARED_TOKENS, tokens.astype(tokens.dtype.newbyteorder("<")).tofile, out / PREPARED_TOKENS)
     written(out / PREPARED_DOCS, np.save, out / PREPARED_DOCS, stream.doc_starts)
     for name, content in tokenizer.files().items():
-        (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        written(out / name, (out / name).write_bytes, content if isinstance(content, bytes) else content.encode())
     meta = {
         "format": PREPARED_FORMAT,
         "version": 1,

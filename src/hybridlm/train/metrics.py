@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.io import written
+
 logger = logging.getLogger("hybridlm.train")
 
 
@@ -66,8 +68,8 @@ class Metrics:
             return
         row = {"step": step, "time": round(time.time() - self._t0, 3), **values}
         self.history.append(row)
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(row) + "\n"
+        written(Path(self._jsonl.name), lambda: (self._jsonl.write(line), self._jsonl.flush()))  # a full disk named
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
