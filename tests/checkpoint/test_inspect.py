@@ -94,3 +94,23 @@ def test_a_dcp_training_state_shows_its_step_and_model(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out
     assert "step         7" in out and f"pattern      {PATTERN}" in out and "hidden_size=" in out
+
+
+def test_a_damaged_training_state_is_refused_by_name(tmp_path, capsys):
+    """Without .metadata it was shown as a directory of one tensor (rng.safetensors's), exit 0; a truncated or
+    deleted data file passed unnoticed."""
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    state = save_training_state(tmp_path / "state", tiny(), step=7)
+    data = state / "__0_0.distcp"
+    whole = data.read_bytes()
+    data.write_bytes(whole[:100])
+    assert main(["inspect", str(state)]) == 2
+    assert f"a damaged training state: __0_0.distcp holds 100 of {len(whole):,} bytes" in capsys.readouterr().err
+    data.unlink()
+    assert main(["inspect", str(state)]) == 2
+    assert "__0_0.distcp is missing" in capsys.readouterr().err
+    data.write_bytes(whole)
+    (state / ".metadata").unlink()
+    assert main(["inspect", str(state)]) == 2
+    assert "no DCP .metadata" in capsys.readouterr().err

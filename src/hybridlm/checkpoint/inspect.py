@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from .hf_nemotron import HF_MODEL_TYPE, _hf_layers
 from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, open_safetensors, read_json, weight_files
 from .safe_dcp import METADATA_NAME, read_dcp_metadata
-from .training_state import read_trainer_state
+from .training_state import TRAINER_STATE, read_trainer_state
 
 #: safetensors dtype codes -> torch dtypes (their names and element sizes).
 _DTYPES = {
@@ -59,8 +59,19 @@ def describe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_dir() and (path / METADATA_NAME).exists():
-        meta = read_dcp_metadata(path).state_dict_metadata
+    if path.is_dir() and ((path / METADATA_NAME).exists() or (path / TRAINER_STATE).exists()):
+        dcp_meta = read_dcp_metadata(path)  # a training state without .metadata is refused here, by name
+        ends: dict[str, int] = {}  # each data file -> the end of its last entry
+        for s in (dcp_meta.storage_data or {}).values():
+            ends[s.relative_path] = max(ends.get(s.relative_path, 0), s.offset + s.length)
+        short = [
+            f"{name} is missing" if not (path / name).is_file() else f"{name} holds {size:,} of {end:,} bytes"
+            for name, end in sorted(ends.items())
+            if (size := (path / name).stat().st_size if (path / name).is_file() else -1) < end
+        ]
+        if short:
+            raise CheckpointError(f"{path}: a damaged training state: {'; '.join(short)}")
+        meta = dcp_meta.state_dict_metadata
         sizes = [v.size.numel() for v in meta.values() if hasattr(v, "size")]
         info = dict(
             kind="DCP training state", path=str(path), tensors=len(sizes), elements=sum(sizes), entries=len(meta)
