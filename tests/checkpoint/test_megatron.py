@@ -534,3 +534,15 @@ def test_convert_round_trip_reproduces_logits(tmp_path):
     flat = config.replace(pattern=unfused(config.pattern))
     back = convert_from_megatron(dst, tmp_path / "back-flat", config=flat)
     assert_bitwise_equal(read_tensors(back), read_tensors(tmp_path / "ours"))
+
+
+def test_a_checkpoint_whose_config_and_weights_disagree_is_named(tmp_path):
+    """convert --to megatron said only "canonical state dict does not fit the model", naming no folder."""
+    import json
+
+    ck = save(HybridLM(tiny_config("M-*-")), tmp_path / "ck")
+    meta = json.loads((ck / "config.json").read_text())
+    meta["config"]["hidden_size"] = 64
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ck))}: canonical state dict does not fit the model"):
+        convert_to_megatron(ck, tmp_path / "m.pt")

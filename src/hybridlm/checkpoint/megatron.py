@@ -314,7 +314,11 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
             "refusing to replace it"
         )
     config = read_config(src)
-    tensors = to_megatron(config, read_tensors(src, verify=verify))
+    canonical = read_tensors(src, verify=verify)
+    try:
+        tensors = to_megatron(config, canonical)
+    except CheckpointError as e:  # its config.json and weights disagree: say which folder
+        raise CheckpointError(f"{src}: {e}") from None
     # The sidecar is renamed first: an interrupted export leaves a file this command may replace when rerun.
     return save_megatron(tensors, dst, config)
 
