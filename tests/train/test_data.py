@@ -372,3 +372,14 @@ def test_an_end_of_document_token_of_another_name_is_named_by_a_setting(tmp_path
     with pytest.raises(DataError, match="name its own with --eos-token"):
         load_tokenizer(tmp_path / "run" / "model")
     assert load_tokenizer(tmp_path / "run" / "model", eos_token=eos).eos_id == 0
+
+
+def test_a_tokenizer_spec_pointing_at_a_missing_file_is_named(tmp_path):
+    """A tokenizer.hybridlm.json reduced to {} was reported as ".../tokenizer.json: cannot load tokenizer (No such
+    file)", naming a file the folder never had."""
+    (tmp_path / "tokenizer.hybridlm.json").write_text("{}")
+    with pytest.raises(DataError, match=r"tokenizer\.hybridlm\.json: its tokenizer file tokenizer\.json is not in"):
+        load_tokenizer(tmp_path, "--tokenizer")
+    (tmp_path / "tokenizer.hybridlm.json").write_text('{"file": "tok.json"}')
+    with pytest.raises(DataError, match=r"its tokenizer file tok\.json is not in .*; pass --tokenizer explicitly"):
+        load_tokenizer(tmp_path, "--tokenizer")

@@ -157,6 +157,8 @@ def load_tokenizer(
     name = spec.get("file", "tokenizer.json")
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise DataError(f"{spec_file}: 'file' must name a file in {directory}, got {name!r}")
+    if spec_file.exists() and not (directory / name).is_file():  # the spec is what is wrong: name it
+        raise DataError(f"{spec_file}: its tokenizer file {name} is not in {directory}; pass {option} explicitly")
     if eos_token != "auto":
         return build_tokenizer(str(directory / name), option, eos_token, eos_key)
     eos = spec.get("eos_id")
