@@ -27,3 +27,9 @@ def test_bad_pattern_exits_2_without_traceback():
 def test_bad_pipeline_exits_2(capsys):
     assert main(["pattern", "M|M|M", "--pp", "2"]) == 2
     assert "evenly divisible" in capsys.readouterr().err
+
+
+def test_python_dash_m_hybridlm_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "hybridlm", "pattern", "M-*"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split()[:3] == ["block", "layers", "symbols"]

@@ -35,6 +35,7 @@ UNIT_OF = {
     "train": "train",
     "infer": "infer",
     "cli": "cli",
+    "__main__": "cli",  # ``python -m hybridlm``: runs the command line
 }
 #: Unit -> level; a unit imports only units of a lower level (siblings share a level).
 LEVEL = {
