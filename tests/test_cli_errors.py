@@ -68,6 +68,14 @@ def test_one_line_and_exit_2(files, argv, capsys):
     assert "Traceback" not in lines[0]
 
 
+def test_a_heading_and_its_list_join_without_a_semicolon():
+    from hybridlm.cli import one_line
+
+    assert one_line("ck does not fit the model:\n  missing: a\n  unexpected: b") == (
+        "ck does not fit the model: missing: a; unexpected: b"
+    )
+
+
 def test_long_pattern_shortened_around_the_caret(capsys):
     text = "M-" * 50_000 + "X" + "M-" * 10
     assert main(["pattern", text]) == 2

@@ -412,6 +412,12 @@ TENSOR_DAMAGE = {
         lambda p: _damage_tensors(p, lambda t: t.update({"backbone.layers.0.mixer.extra.weight": torch.zeros(2)})),
         "unexpected tensor",
     ),
+    "integer weights": (
+        lambda p: _damage_tensors(
+            p, lambda t: t.update({"backbone.layers.0.mixer.in_proj.weight": torch.zeros(228, 32, dtype=torch.int32)})
+        ),
+        "weights must be floating point, not: backbone.layers.0.mixer.in_proj.weight (torch.int32)",
+    ),
     "stacked and per expert": (
         lambda p: _damage_tensors(
             p,
@@ -450,6 +456,15 @@ def test_import_fills_a_missing_conv_bias_with_zeros(exported, tmp_path):
     bias = tensors.pop("layers.0.mixer.conv1d.bias")
     assert bias.shape == reference.pop("layers.0.mixer.conv1d.bias").shape and not bias.any()
     assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+
+
+def test_import_refuses_a_conv_bias_its_config_turns_off(exported, tmp_path):
+    """transformers builds no conv bias then and ignores the file's: we would compute another model."""
+    path = shutil.copytree(exported, tmp_path / "hf")
+    hf_json = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(hf_json | {"use_conv_bias": False}))
+    with pytest.raises(CheckpointError, match=r"conv1d\.bias: a conv bias, but config.json sets use_conv_bias false"):
+        import_nemotron_h(path)
 
 
 CONFIG_DAMAGE = {
@@ -575,3 +590,29 @@ def test_convert_writes_the_end_of_document_id_transformers_generation_stops_at(
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf["eos_token_id"] == 256
     assert GenerationConfig.from_model_config(NemotronHConfig(**hf)).eos_token_id == 256
+
+
+def test_convert_from_keeps_the_end_of_document_id_the_config_names(exported, tmp_path):
+    """The import wrote no tokenizer spec, so generation stopped at the first usual name (here id 1), not at
+    config.json's eos_token_id; a second export then lost the id too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hybridlm.cli import main
+    from hybridlm.train.tokenizer import load_tokenizer
+
+    hf = shutil.copytree(exported, tmp_path / "hf")
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "</s>": 2} | {f"w{i}": i + 3 for i in range(125)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf / "tokenizer.json"))
+    for eos, file in ((2, "config.json"), (3, "generation_config.json")):  # config.json's, else generation's
+        data = json.loads((hf / "config.json").read_text())
+        data.pop("eos_token_id", None)
+        (hf / "config.json").write_text(json.dumps(data | ({"eos_token_id": eos} if file == "config.json" else {})))
+        if file == "generation_config.json":
+            (hf / file).write_text(json.dumps({"eos_token_id": [eos, 0]}))
+        back = tmp_path / f"back{eos}"
+        assert main(["convert", str(hf), str(back), "--from", "nemotron-h"]) == 0
+        assert load_tokenizer(back).eos_id == eos
+        assert main(["convert", str(back), str(tmp_path / f"again{eos}"), "--to", "nemotron-h"]) == 0
+        assert json.loads((tmp_path / f"again{eos}" / "config.json").read_text())["eos_token_id"] == eos

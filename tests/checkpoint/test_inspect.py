@@ -1,5 +1,8 @@
 """``hybridlm inspect``: what it reports for each kind of checkpoint, counted from the files' headers."""
 
+import json
+
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -114,3 +117,21 @@ def test_a_damaged_training_state_is_refused_by_name(tmp_path, capsys):
     (state / ".metadata").unlink()
     assert main(["inspect", str(state)]) == 2
     assert "no DCP .metadata" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["config"].update(pattern="M---"), "does not fit the model: missing tensors"),
+        (lambda m: m.update(format_version=99), "format_version 99 is newer than this hybridlm reads"),
+        (lambda m: m.pop("config"), "invalid model config"),
+    ],
+)
+def test_a_checkpoint_load_refuses_is_refused(tmp_path, capsys, edit, message):
+    """inspect showed the top-level pattern and exit 0 for a config.json that load refuses."""
+    path = hybridlm.save(tiny(), tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    edit(meta)
+    (path / "config.json").write_text(json.dumps(meta))
+    assert main(["inspect", str(path)]) == 2
+    assert message in capsys.readouterr().err

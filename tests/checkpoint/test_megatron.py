@@ -546,3 +546,16 @@ def test_a_checkpoint_whose_config_and_weights_disagree_is_named(tmp_path):
     (ck / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ck))}: canonical state dict does not fit the model"):
         convert_to_megatron(ck, tmp_path / "m.pt")
+
+
+def test_export_warns_of_mamba_options_megatron_does_not_compute(tmp_path, caplog):
+    """A dt clamp (every import of a Nemotron-H has one) or another gated-norm eps was exported without a word."""
+    ck = save(HybridLM(tiny_config("M-*-", mamba_dt_clamp_min=0.001, norm_eps=1e-6)), tmp_path / "ck")
+    with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    assert "mamba_dt_clamp_min=0.001 (Megatron does not clamp dt)" in caplog.text
+    assert "norm_eps=1e-06 (Megatron's Mamba gated norm uses 1e-5)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
+        convert_to_megatron(save(HybridLM(tiny_config("M-*-")), tmp_path / "plain"), tmp_path / "p.pt")
+    assert caplog.text == ""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -242,3 +243,13 @@ def test_extra_files(tmp_path):
     hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", extra_files={"tokenizer.json": "{}"})
     assert (tmp_path / "ck" / "tokenizer.json").read_text() == "{}"
     assert weights.read_config(tmp_path / "ck").pattern == "M-"
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "model.safetensors", "model.safetensors.index.json", "../out.txt", ".."]
+)
+def test_extra_files_may_not_replace_the_weights_or_leave_the_folder(tmp_path, name):
+    """They replaced config.json or the weights (the checkpoint no longer loaded) or wrote outside the folder."""
+    with pytest.raises(CheckpointError, match=re.escape(f"extra file {name!r}: must be a file name other than")):
+        hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", extra_files={name: "junk"})
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "out.txt").exists()

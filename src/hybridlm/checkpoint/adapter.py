@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from .io import check_fit
+from .io import MAX_LISTED, check_fit
 
 Pack = Callable[[list[Tensor]], list[Tensor]]
 #: (pattern, replacement) pairs that rewrite a foreign name given in an older or alternative spelling.
@@ -123,8 +123,12 @@ def normalize(state: Mapping[str, Tensor], aliases: Aliases, source: str) -> tup
     """Rewrite aliased names to the rules' names; returns (state, {rule name: name given}).
 
     Raises:
-        CheckpointError: two given names are one tensor (``source`` says where they were read).
+        CheckpointError: two given names are one tensor (``source`` says where they were read), or tensors
+            that are not floating point (weights are: an integer one would be cast without a word).
     """
+    odd = [f"{k} ({t.dtype})" for k, t in state.items() if isinstance(t, Tensor) and not t.is_floating_point()]
+    if odd:
+        raise CheckpointError(f"{source}: weights must be floating point, not: " + ", ".join(odd[:MAX_LISTED]))
     out: dict[str, Tensor] = {}
     given: dict[str, str] = {}
     for name, t in state.items():

@@ -3,6 +3,7 @@ table on :mod:`hybridlm.checkpoint.adapter` (docs/checkpoints.md, "Hugging Face 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -401,10 +402,13 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     hf = read_json(path / CONFIG_NAME, f"{path}: missing {CONFIG_NAME}")
     config = config_from_nemotron_h(hf, path / CONFIG_NAME)
     state, where = _read_weights(path, hf)
+    problems = []
     if not _hf_value(hf, "use_conv_bias"):  # no conv bias in the file; ours is exact zeros
         for i in (i for i, s in enumerate(config.parsed.layers) if s == "M"):
             w, b = (f"backbone.layers.{i}.mixer.conv1d.{n}" for n in ("weight", "bias"))
-            if w in state and b not in state:
+            if b in state:  # transformers builds no bias and ignores this one: we would compute another model
+                problems.append(f"{where[b]}: a conv bias, but {CONFIG_NAME} sets use_conv_bias false")
+            elif w in state:
                 state[b] = torch.zeros(state[w].shape[0], dtype=state[w].dtype)
     rules, shapes = _rules(config)
     expected = foreign_shapes(rules, shapes)
@@ -412,7 +416,7 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     for m in (_EXPERT.match(k) for k in expected if k not in state):
         if m:
             missing.setdefault(f"{m[1]}{{e}}{m[3]}", []).append(int(m[2]))
-    problems = [f"{name}: no tensor for expert(s) {experts}" for name, experts in missing.items()]
+    problems += [f"{name}: no tensor for expert(s) {experts}" for name, experts in missing.items()]
     problems += fit_problems(
         {k: tuple(t.shape) for k, t in state.items()},
         {k: s for k, s in expected.items() if k in state or not _EXPERT.match(k)},
@@ -426,10 +430,32 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     return _drop_zero_moe_extras(config, tensors), tensors
 
 
-def convert_from_nemotron_h(src: str | Path, dst: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Convert NemotronH directory ``src``, with its tokenizer and generation files, into hybridlm checkpoint
-    ``dst`` (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
+def hf_eos_token_id(path: str | Path) -> int | None:
+    """The end-of-document id a Hugging Face folder names (config.json's ``eos_token_id``, else
+    generation_config.json's; the first of a list), or None: none, or unreadable (the import says why)."""
+    for name in (CONFIG_NAME, "generation_config.json"):
+        try:
+            eos = json.loads((Path(path) / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:
+            return eos
+    return None
+
+
+def convert_from_nemotron_h(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Convert NemotronH directory ``src``, with its tokenizer and generation files and ``extra_files`` (name ->
+    content; the CLI adds our tokenizer spec naming :func:`hf_eos_token_id`), into hybridlm checkpoint ``dst``
+    (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
     src = Path(src)
     destination(dst, src)
     config, tensors = import_nemotron_h(src)
-    return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=_aux_files(src))
+    files = _aux_files(src) | dict(extra_files or {})
+    return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=files)

@@ -13,9 +13,19 @@ import torch
 
 from ..errors import CheckpointError
 from .hf_nemotron import HF_MODEL_TYPE, _hf_layers
-from .io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, open_safetensors, read_json, weight_files
+from .io import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_fit,
+    meta_shapes,
+    open_safetensors,
+    read_json,
+    weight_files,
+)
 from .safe_dcp import METADATA_NAME, read_dcp_metadata
 from .training_state import TRAINER_STATE, read_trainer_state
+from .weights import read_config
 
 #: safetensors dtype codes -> torch dtypes (their names and element sizes).
 _DTYPES = {
@@ -36,17 +46,19 @@ _DTYPES = {
 
 def _tensor_summary(files: list[Path]) -> dict[str, Any]:
     """Tensors, elements and dtypes from the headers; bytes as the files' data sections hold them (any dtype)."""
-    found, nbytes = [], 0  # (elements, safetensors dtype code) of every tensor
+    found, nbytes, shapes = [], 0, {}  # (elements, safetensors dtype code) of every tensor; name -> shape
     for file in files:
         with open_safetensors(file) as f:
-            found += [(math.prod(s.get_shape()), s.get_dtype()) for s in map(f.get_slice, f.keys())]
+            for k, s in zip(f.keys(), map(f.get_slice, f.keys()), strict=True):
+                shapes[k] = tuple(s.get_shape())
+                found.append((math.prod(shapes[k]), s.get_dtype()))
         with open(file, "rb") as raw:  # safe_open has checked the header: 8-byte length, then JSON
             header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
         nbytes += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
     dtypes: Counter[str] = Counter()
     for numel, code in found:
         dtypes[str(_DTYPES[code]).removeprefix("torch.") if code in _DTYPES else code.lower()] += numel
-    return dict(tensors=len(found), parameters=sum(dtypes.values()), bytes=nbytes, dtypes=dict(dtypes))
+    return dict(tensors=len(found), parameters=sum(dtypes.values()), bytes=nbytes, dtypes=dict(dtypes), shapes=shapes)
 
 
 def _head(file: Path) -> bytes:
@@ -87,8 +99,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     if path.is_dir() and (path / CONFIG_NAME).exists():
         cfg = read_json(path / CONFIG_NAME, f"{path / CONFIG_NAME}: missing")
         if cfg.get("format") == "hybridlm":
-            keys = ("format_version", "pattern", "canonical", "config")
-            info.update(kind="hybridlm checkpoint", **{k: cfg.get(k) for k in keys})
+            model = read_config(path)  # refused as a load refuses it: another format version, a bad config
+            info.update(kind="hybridlm checkpoint", format_version=cfg.get("format_version"), config=cfg.get("config"))
+            info.update(pattern=model.pattern, canonical=model.parsed.canonical)
         elif cfg.get("model_type"):
             pattern = cfg.get("hybrid_override_pattern") or cfg.get("layers_block_type")
             if cfg["model_type"] == HF_MODEL_TYPE:  # as symbols, whichever key transformers wrote
@@ -112,7 +125,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a safetensors file (inspect reads .safetensors files and checkpoint folders)"
         )
-    return {**info, "files": [f.name for f in files], **_tensor_summary(files)}
+    summary = _tensor_summary(files)
+    shapes = summary.pop("shapes")
+    if info["kind"] == "hybridlm checkpoint":  # names and shapes from the headers, as a load checks them
+        check_fit({k: torch.empty(s, device="meta") for k, s in shapes.items()}, meta_shapes(model), str(path))
+    return {**info, "files": [f.name for f in files], **summary}
 
 
 def _human(n: float) -> str:

@@ -213,6 +213,9 @@ def write_directory(
     ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
     path = destination(path)
+    for name in extra_files or ():  # ours to write (weights, index, config.json), or outside the folder
+        if Path(name).name != name or name in ("", ".", "..", CONFIG_NAME, INDEX_NAME) or name.endswith(".safetensors"):
+            raise CheckpointError(f"extra file {name!r}: must be a file name other than the weights' and {CONFIG_NAME}")
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def check() -> None:

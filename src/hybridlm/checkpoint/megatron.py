@@ -5,6 +5,7 @@ a rule table on :mod:`hybridlm.checkpoint.adapter` (layer ``i`` is ``decoder.lay
 from __future__ import annotations
 
 import io
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ from .adapter import (
 from .io import MAX_LISTED, check_fit, destination, full_cpu, load_safetensors, replace_file
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 from .weights import read_config, read_tensors, save_state_dict
+
+logger = logging.getLogger(__name__)
 
 
 def _qkv_rule(c: ModelConfig) -> Rule:
@@ -314,6 +317,13 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
             "refusing to replace it"
         )
     config = read_config(src)
+    differ = []  # the names map exactly, but these options have no Megatron counterpart
+    if "M" in config.parsed.layers and config.mamba_dt_clamp_min > 0:
+        differ.append(f"mamba_dt_clamp_min={config.mamba_dt_clamp_min} (Megatron does not clamp dt)")
+    if "M" in config.parsed.layers and config.norm_eps != 1e-5:
+        differ.append(f"norm_eps={config.norm_eps} (Megatron's Mamba gated norm uses 1e-5)")
+    if differ:
+        logger.warning("%s: Megatron-core computes its Mamba layers otherwise: %s", src, "; ".join(differ))
     canonical = read_tensors(src, verify=verify)
     try:
         tensors = to_megatron(config, canonical)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -101,7 +102,10 @@ def one_line(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     if any(set(line) == {"^"} for line in lines):
         return message
-    return "; ".join(lines)
+    out = lines[0] if lines else ""
+    for prev, line in itertools.pairwise(lines):  # "…does not fit:" then its list: no ":;" between them
+        out += (" " if prev.endswith(":") else "; ") + line
+    return out
 
 
 #: What gloo and NCCL say when a peer process of the job has died.

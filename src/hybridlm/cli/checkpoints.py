@@ -34,7 +34,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.tokenizer import saved_eos_id
+    from ..train.tokenizer import converted_spec, saved_eos_id
     from . import model_folder
 
     if (args.to is None) == (args.from_ is None):
@@ -47,6 +47,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from ..checkpoint.megatron import convert_to_megatron as convert
     elif args.from_ == "nemotron-h":
         from ..checkpoint.hf_nemotron import convert_from_nemotron_h as convert
+        from ..checkpoint.hf_nemotron import hf_eos_token_id
     else:
         from ..checkpoint.megatron import convert_from_megatron
 
@@ -60,6 +61,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     kw = {"verify": False} if args.no_verify else {}
     if args.to == "nemotron-h":  # transformers' generation stops at it
         kw["eos_token_id"] = saved_eos_id(Path(src))
+    elif args.from_ == "nemotron-h":  # and ours: keep the id the Hugging Face config names
+        kw["extra_files"] = converted_spec(src, hf_eos_token_id(src))
     out = convert(src, args.dst, **kw)
     print(f"wrote {out}")
     return 0

@@ -134,6 +134,15 @@ def saved_eos_id(directory: Path) -> int | None:
     return eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
 
 
+def converted_spec(directory: str | Path, eos_id: int | None) -> dict[str, str]:
+    """The tokenizer spec (name -> content) of a model folder converted from another format, whose
+    ``tokenizer.json`` is in ``directory`` and whose config names end-of-document id ``eos_id``;
+    empty where either is missing (then the folder's tokenizer takes the first usual name, or --eos-token)."""
+    if eos_id is None or not (Path(directory) / "tokenizer.json").is_file():
+        return {}
+    return {SPEC_NAME: json.dumps({"type": "hf", "file": "tokenizer.json", "eos_id": eos_id}) + "\n"}
+
+
 def load_tokenizer(
     directory: str | Path, option: str = "a tokenizer", eos_token: str = "auto", eos_key: str = "--eos-token"
 ) -> ByteTokenizer | HFTokenizer:
