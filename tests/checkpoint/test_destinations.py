@@ -272,3 +272,19 @@ def test_a_destination_under_a_file_is_named(tmp_path, model):
     with pytest.raises(CheckpointError, match=r"afile is a file, not a folder"):
         hybridlm.save(model, tmp_path / "afile" / "ck")
     assert (tmp_path / "afile").read_text() == "keep"
+    ck = hybridlm.save(model, tmp_path / "ck")
+    with pytest.raises(
+        CheckpointError, match=r"^\S*afile/m\.pt: \S*afile is a file, not a folder"
+    ):  # was "File exists"
+        convert_to_megatron(ck, tmp_path / "afile" / "m.pt")
+
+
+def test_a_link_loop_as_destination_is_named(tmp_path, model, capsys):
+    """It was "unexpected RuntimeError: Symlink loop ... (this may be a bug in hybridlm)"."""
+    ck = hybridlm.save(model, tmp_path / "ck")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for argv in (["--to", "nemotron-h"], ["--to", "megatron"]):
+        dst = tmp_path / ("a" if argv[1] == "nemotron-h" else "a/m.pt")
+        assert main(["convert", str(ck), str(dst), *argv]) == 2
+        assert f"error: {dst}: cannot resolve it" in capsys.readouterr().err

@@ -124,11 +124,20 @@ def destination(path: str | Path, source: str | Path | None = None) -> Path:
     """Where a directory at ``path`` is written: through symbolic links (the link keeps pointing at the
     new folder), and never the current directory, a conversion's ``source``, or a folder holding either
     (the swap would pull the one away, and delete the other)."""
-    real = Path(path).resolve()
+    real = resolved(path)
     if Path.cwd().resolve().is_relative_to(real):
         raise CheckpointError(f"{path}: is the current directory or holds it; write from outside it, or elsewhere")
     if source is not None and Path(source).resolve().is_relative_to(real):
         raise CheckpointError(f"{path}: is the source {source} or holds it, which writing there would delete")
+    return real
+
+
+def resolved(path: str | Path) -> Path:
+    """``path`` with its links resolved; CheckpointError for a link loop, or a file where a folder must be."""
+    try:
+        real = Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # a link loop: RuntimeError before Python 3.13, OSError since
+        raise CheckpointError(f"{path}: cannot resolve it ({e})") from None
     if file := next((p for p in real.parents if p.exists() and not p.is_dir()), None):
         raise CheckpointError(f"{path}: {file} is a file, not a folder")
     return real
@@ -247,6 +256,7 @@ def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, C
     tmps: dict[Path, Path] = {}
     try:
         for file, writer in ((path, write), *more):
+            resolved(file)
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmps[file] = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
             written(file, writer, tmp)

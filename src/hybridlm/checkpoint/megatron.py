@@ -28,7 +28,7 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, destination, full_cpu, load_safetensors, replace_file
+from .io import MAX_LISTED, check_fit, destination, full_cpu, load_safetensors, replace_file, resolved
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 from .weights import read_config, read_tensors, save_state_dict
 
@@ -311,6 +311,7 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
     :func:`convert_from_megatron`. An existing ``dst`` is replaced only if it is such an export. Returns ``dst``."""
     dst = Path(dst)
     _suffix(dst)
+    resolved(dst)  # before any work: a file where a folder must be, a link loop
     if dst.exists() and not (dst.is_file() and config_sidecar(dst).is_file()):
         raise CheckpointError(
             f"{dst} exists and is not a Megatron export of hybridlm (no {config_sidecar(dst).name} beside it); "
