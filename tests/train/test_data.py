@@ -1,6 +1,7 @@
 """Tokenizers, corpora, packing with document boundaries, the stateless sampler, prepared token files."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -181,6 +182,42 @@ def test_a_damaged_prepared_corpus_is_named(tmp_path):
     (tmp_path / "prep" / "meta.json").write_text(json.dumps(meta | {"num_tokens": "8"}))
     with pytest.raises(DataError, match=r"tokens\.bin holds 8 tokens, meta\.json says '8'"):
         load_corpus(str(tmp_path / "prep"), tok)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"dtype": "float16"}, "dtype must be an integer type, got 'float16'"),  # uint16's size: read silently
+        ({"vocab_size": "257"}, "vocab_size must be a count, got '257'"),
+        ({"eos_id": None}, "eos_id must be a count, got None"),
+    ],
+)
+def test_a_prepared_corpus_with_a_bad_meta_json_is_named(tmp_path, edit, message):
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    (tmp_path / "prep" / "meta.json").write_text(json.dumps(meta | edit))
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_a_prepared_corpus_with_ids_past_its_vocabulary_is_refused_when_read(tmp_path):
+    """Training stopped at the first batch holding one ("unexpected ValueError ... may be a bug"), or never
+    noticed where no batch did."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    ids = np.fromfile(tmp_path / "prep" / "tokens.bin", dtype="<u2")
+    ids[2] = 300
+    ids.tofile(tmp_path / "prep" / "tokens.bin")
+    with pytest.raises(DataError, match=r"tokens\.bin holds ids from 0 to 300, outside the vocabulary of 257"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_ndjson_is_json_lines(tmp_path):
+    """A .ndjson file was read as one text document, its JSON syntax included."""
+    (tmp_path / "c.ndjson").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert list(text_documents(str(tmp_path / "c.ndjson"))) == ["one", "two"]
+    assert load_corpus(str(tmp_path), ByteTokenizer()).num_docs == 2
 
 
 def test_bad_sources(tmp_path):

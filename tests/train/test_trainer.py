@@ -5,6 +5,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,38 @@ def test_resume_refuses_other_data_under_the_same_source(tmp_path, monkeypatch):
     for split in ("train.steps=8", "data.val_fraction=0.2", "data.seed=7"):  # the same corpus, split otherwise too
         run = tiny_run("data.source=c.jsonl", "train.steps=8", split)
         assert Trainer(run, run_dir=tmp_path / "run", resume=True, progress=False).step == 4
+
+
+def test_resume_refuses_a_corpus_edited_in_place_unless_named(tmp_path, monkeypatch, capsys):
+    """An edit that kept the token and document counts (here every 'a' made a 'b') resumed silently; and the
+    error's advice, ``--set data.source=PATH`` with the same path, was refused again."""
+    from hybridlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"a line about {i} " * 9}) + "\n" for i in range(30)))
+    Trainer(tiny_run("data.source=c.jsonl", "train.steps=4"), run_dir=tmp_path / "run", progress=False).run_loop()
+    corpus.write_text(corpus.read_text().replace("a", "b"))
+    with pytest.raises(DataError, match=r"now holds other token ids than the run was trained on \(as many: "):
+        Trainer(tiny_run("data.source=c.jsonl", "train.steps=8"), run_dir=tmp_path / "run", resume=True, progress=False)
+    assert main(["train", "--resume", "run", "--set", "train.steps=6", "--no-progress"]) == 2
+    assert "--set data.source=PATH" in capsys.readouterr().err
+    assert main(["train", "--resume", "run", "--set", "train.steps=6", "--set", "data.source=c.jsonl"]) == 0
+
+
+def test_the_corpus_fingerprint_samples_a_large_corpus_and_ignores_the_array_type():
+    from hybridlm.train.data import TokenStream
+
+    ids = np.arange(100_000) % 257
+    stream = TokenStream(ids.astype(np.uint16), np.array([0, len(ids)]))
+    assert stream.fingerprint() == TokenStream(ids.astype(np.int64), stream.doc_starts).fingerprint()
+    edited = ids.copy()
+    edited[50_000] += 1
+    assert TokenStream(edited, stream.doc_starts).fingerprint() != stream.fingerprint()  # all read: caught
+    sampled = TokenStream(edited, stream.doc_starts).fingerprint(block=16, blocks=4)  # runs at 0 … 99,984
+    assert sampled == stream.fingerprint(block=16, blocks=4)  # the documented gap: between the runs
+    edited[99_990] += 1
+    assert TokenStream(edited, stream.doc_starts).fingerprint(block=16, blocks=4) != sampled
 
 
 def test_a_resume_that_would_delete_a_file_in_model_is_refused_before_training(tmp_path):

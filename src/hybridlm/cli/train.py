@@ -26,7 +26,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = RunConfig.from_toml(args.config) if args.config else RunConfig()
     run = base.with_overrides(args.set) if args.set else base
-    trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress)
+    named = any(item.partition("=")[0].strip() == "data.source" for item in args.set or ())
+    trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
     summary = trainer.run_loop()
     if trainer.is_main:
         first, last = summary["first_val_loss"], summary["val_loss"]

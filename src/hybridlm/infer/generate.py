@@ -87,7 +87,8 @@ class Sampler:
 
     Args:
         temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
-        top_k: sample among the k most likely tokens (0 = all).
+        top_k: sample among the k most likely tokens (0 = all; tokens tied with the k-th are kept, as in
+            transformers).
         top_p: sample from the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
         repetition_penalty: CTRL-style: logits of tokens already in the row (prompt or output)
             are divided by it when positive, multiplied when negative (1 = off).

@@ -14,6 +14,7 @@ record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap).
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import shutil
 import uuid
@@ -57,6 +58,18 @@ class TokenStream:
     def num_tokens(self) -> int:
         return int(self.doc_starts[-1])
 
+    def fingerprint(self, block: int = 4096, blocks: int = 1024) -> str:
+        """A hash of the token ids: all of them up to ``block * blocks``, else ``blocks`` evenly spaced runs of
+        ``block`` (a few reads, whatever the corpus's size). It tells a corpus edited in place at the same
+        counts from the one a checkpoint recorded (an edit inside no sampled run of a large corpus passes)."""
+        n = len(self.tokens)
+        starts = [0] if n <= block * blocks else np.linspace(0, n - block, blocks).astype(np.int64)
+        size = n if n <= block * blocks else block
+        h = hashlib.blake2b(digest_size=16)
+        for s in starts:  # as int64: the same ids hash alike whatever array type holds them
+            h.update(np.asarray(self.tokens[s : s + size], dtype=np.int64).tobytes())
+        return h.hexdigest()
+
     def take(self, pos: np.ndarray, doc: np.ndarray | None = None) -> np.ndarray:
         """The token ids at stream positions ``pos`` (any shape); ``doc``: the document of each, where known."""
         if self.doc_offsets is None:
@@ -84,10 +97,14 @@ def builtin_documents(name: str) -> list[str]:
     raise DataError(f"data.source: unknown built-in corpus 'builtin:{name}' (known: builtin:pydoc)")
 
 
+#: Extensions of JSON Lines files (a JSON object per line; NDJSON is the same format).
+JSON_LINES = (".jsonl", ".ndjson")
+
+
 def _text_files(folder: Path) -> list[Path]:
-    """The .txt files under ``folder``, then its .jsonl files, each sorted; extensions in any case."""
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
-    return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() == ".jsonl"]
+    """The .txt files under ``folder``, then its JSON Lines files, each sorted; extensions in any case."""
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", *JSON_LINES))
+    return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
 
 
 def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
@@ -101,7 +118,7 @@ def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
     for file in files:
         if file.suffix.lower() == ".json":
             raise DataError(f"{file}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
-        if file.suffix.lower() == ".jsonl":
+        if file.suffix.lower() in JSON_LINES:
             yield from _jsonl_documents(file, jsonl_field)
         else:
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not text
@@ -224,7 +241,13 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         missing = [k for k in ("dtype", "num_tokens", "vocab_size", "eos_id") if k not in meta]
         if missing:
             raise ValueError(f"{PREPARED_META} has no {', '.join(missing)}")
-        tokens = np.memmap(path / PREPARED_TOKENS, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+        for key in ("vocab_size", "eos_id"):  # (num_tokens is compared with the files below)
+            if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+                raise ValueError(f"{PREPARED_META}: {key} must be a count, got {meta[key]!r}")
+        dtype = np.dtype(meta["dtype"])
+        if dtype.kind not in "ui":  # ids: "float16" has uint16's size and would read every id as another
+            raise ValueError(f"{PREPARED_META}: dtype must be an integer type, got {meta['dtype']!r}")
+        tokens = np.memmap(path / PREPARED_TOKENS, dtype=dtype.newbyteorder("<"), mode="r")
         starts = np.load(path / PREPARED_DOCS)
     except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a prepared corpus ({e})") from None
@@ -237,6 +260,15 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     for what, count in ((PREPARED_DOCS, starts[-1]), (PREPARED_META, meta["num_tokens"])):
         if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count != len(tokens):
             raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {what} says {count!r}")
+    # One pass over the ids (memory-bound): an id past the vocabulary would stop training at the first batch
+    # holding it, or pass unseen where no batch does.
+    low = int(tokens.min()) if len(tokens) and tokens.dtype.kind == "i" else 0
+    high = int(tokens.max()) if len(tokens) else 0
+    if low < 0 or high >= meta["vocab_size"]:
+        raise DataError(
+            f"{path}: {PREPARED_TOKENS} holds ids from {low} to {high}, outside the vocabulary of "
+            f"{meta['vocab_size']} that {PREPARED_META} records"
+        )
     return TokenStream(tokens, starts), meta
 
 

@@ -169,9 +169,17 @@ class Trainer:
     """
 
     def __init__(
-        self, run: RunConfig, run_dir: str | Path | None = None, resume: bool = False, progress: bool | None = None
+        self,
+        run: RunConfig,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool | None = None,
+        data_named: bool = False,
     ):
+        """``data_named``: the resume's data was named on purpose (the CLI: ``--set data.source=...``), so a
+        corpus other than the checkpoint's is meant, not refused (see :meth:`_check_same_data`)."""
         self.run = run
+        self.data_named = data_named
         t = run.train
         self.cuda_alloc_conf = configure_cuda_allocator()
         self.device = resolve_device(t.device)
@@ -253,7 +261,12 @@ class Trainer:
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
         # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
         # (data.val_fraction and data.seed may change at a resume).
-        self.data_identity = {"source": run.data.source, "tokens": stream.num_tokens, "docs": stream.num_docs}
+        self.data_identity = {
+            "source": run.data.source,
+            "tokens": stream.num_tokens,
+            "docs": stream.num_docs,
+            "fingerprint": stream.fingerprint(),
+        }
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
         what = "the training split" if val_stream is not None else "the corpus"
         self.train_rows = PackedRows(train_stream, run.data.seq_len, what)
@@ -365,17 +378,24 @@ class Trainer:
 
     def _check_same_data(self, saved: Any) -> None:
         """Refuse a resume whose ``data.source``, the same setting, now reads other data than the checkpoint's run
-        trained on (a relative path read from another directory, or files changed since); a source changed on
-        purpose (``--set data.source=...``) is the user's call. Checkpoints from before the record pass."""
+        trained on (a relative path read from another directory, or files changed since); data named on purpose
+        (``self.data_named``: ``--set data.source=...``, or another source) is the user's call. What older
+        checkpoints did not record is not compared."""
         now = self.data_identity
-        if not isinstance(saved, dict) or saved.get("source") != now["source"] or saved == now:
+        if self.data_named or not isinstance(saved, dict) or saved.get("source") != now["source"]:
+            return
+        if all(saved[k] == v for k, v in now.items() if k in saved):
             return
         was = [f"{v:,}" if isinstance(v, int) else repr(v) for v in (saved.get("tokens"), saved.get("docs"))]
+        counts = f"{now['tokens']:,} tokens in {now['docs']:,} documents"
+        if was == [f"{now['tokens']:,}", f"{now['docs']:,}"]:
+            what = f"other token ids than the run was trained on (as many: {counts})"
+        else:
+            what = f"{counts}, but the run was trained on {was[0]} in {was[1]}"
         raise DataError(
-            f"{self.run_dir}: data.source {now['source']!r} now holds {now['tokens']:,} tokens in {now['docs']:,} "
-            f"documents, but the run was trained on {was[0]} in {was[1]}: not the corpus this run started with (a "
-            f"relative path is read from the current directory, {Path.cwd()}); resume from where the run started, "
-            "or name the data with --set data.source=PATH"
+            f"{self.run_dir}: data.source {now['source']!r} now holds {what}: not the corpus this run started with "
+            f"(edited since? a relative path is read from the current directory, {Path.cwd()}); resume from where "
+            "the run started, or, to go on with this data, name it: --set data.source=PATH"
         )
 
     def _claim_run_dir(self, run_dir: str | Path | None, resume: bool) -> tuple[Path, bool]:
