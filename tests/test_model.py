@@ -360,3 +360,17 @@ def test_counts_survive_copy_and_pickle():
     for count in (model.num_params(), model.flops_per_token(16)):
         for again in (copy.deepcopy({"n": count})["n"], pickle.loads(pickle.dumps(count))):
             assert float(again) == float(count) and again.by_kind == count.by_kind
+
+
+def test_shift_labels_stop_at_document_ends():
+    """An MTP depth's targets are the labels ``shift`` further on, never across a document end: a mask
+    compared one position off and no test passed documents to it."""
+    from hybridlm.model import IGNORE_INDEX, shift_labels
+
+    labels = torch.arange(10, 20).unsqueeze(0)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2]])
+    x = IGNORE_INDEX
+    assert shift_labels(labels, 1, docs).tolist() == [[11, 12, x, 14, 15, 16, x, 18, 19, x]]
+    assert shift_labels(labels, 2, docs).tolist() == [[12, x, x, 15, 16, x, x, 19, x, x]]
+    assert shift_labels(labels, 2, None).tolist() == [[12, 13, 14, 15, 16, 17, 18, 19, x, x]]
+    assert shift_labels(labels, 10, docs).tolist() == [[x] * 10]

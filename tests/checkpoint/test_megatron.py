@@ -129,6 +129,29 @@ def test_mtp_names_and_shapes():
     assert not any(k.startswith("mtp.layers.2.") for k in shapes)
 
 
+def test_mtp_depth_input_follows_megatron_names():
+    """Megatron's MultiTokenPredictionLayer: ``eh_proj(cat[enorm(embedding), hnorm(hidden)])``. enorm and
+    hnorm have one shape, so swapped names kept the round trip bitwise and every shape right."""
+    from hybridlm.model import MTPDepth
+
+    config = tiny_config("M-/*-")
+    canonical = random_canonical(config, seed=3)
+    meg = to_megatron(config, canonical)
+    depth = MTPDepth(config)
+    for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):  # canonical names, as the model's
+        depth.get_parameter(name).data.copy_(canonical[f"mtp.0.{name}"])
+    g = torch.Generator().manual_seed(4)
+    emb, hidden = (torch.randn(1, 5, config.hidden_size, generator=g) for _ in range(2))
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * w
+
+    p = "mtp.layers.0."
+    x = torch.cat([rms(emb, meg[p + "enorm.weight"]), rms(hidden, meg[p + "hnorm.weight"])], -1)
+    ours = depth.eh_proj(torch.cat([depth.enorm(emb), depth.hnorm(hidden)], -1))
+    torch.testing.assert_close(ours, x @ meg[p + "eh_proj.weight"].T, rtol=1e-5, atol=1e-5)
+
+
 # -- 2. Megatron's unit-test model "M*-" ---------------------------------------------------------------
 
 

@@ -156,6 +156,24 @@ def test_padding_never_reaches_states_or_logits(pattern):
         torch.testing.assert_close(cache.next_pos, torch.tensor([3, 20]))
 
 
+@pytest.mark.parametrize("chunk_size", [6, 1])
+def test_a_padded_row_decodes_as_the_row_alone(chunk_size):
+    """The prefill gave a padded row's tokens the positions one past their own: invisible in its prefill
+    logits under RoPE (relative), but its first decoding step then sat one position off (3e-4 in the
+    logits; greedy tokens of a tiny model did not change)."""
+    model = model_for("[M-]G[*E]")
+    rows = [[7, 8, 9], list(range(10, 30))]
+    alone = InferenceCache.for_model(model, 1, 40)
+    model(torch.tensor([rows[0]]), cache=alone)
+    ref = model(torch.tensor([[33]]), cache=alone).logits[:, -1]
+    ids, valid = left_pad(rows, "cpu")
+    cache = InferenceCache.for_model(model, 2, 40)
+    cache.set_padding(valid)
+    prefill(model, ids, cache, chunk_size=chunk_size)
+    logits = model(torch.tensor([[33], [33]]), cache=cache).logits[:, -1]
+    torch.testing.assert_close(logits[:1], ref, rtol=0, atol=1e-5)
+
+
 def test_padding_must_be_on_the_left():
     model = model_for("M")
     cache = InferenceCache.for_model(model, 1, 8)

@@ -27,6 +27,21 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert stopped == [a[0]]
 
 
+def test_top_k_keeps_exactly_the_k_best_and_top_p_the_smallest_set():
+    """Tests checked only that sampling is seeded: a top_k that kept k - 1 tokens passed (and top_k=1
+    then raised "probability tensor contains inf")."""
+    from hybridlm.infer.generate import Sampler
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).repeat(400, 1)  # best 1, then 2, then 4
+    greedy = Sampler(temperature=0)(logits)
+    assert set(Sampler(temperature=5.0, top_k=1, seed=0)(logits).tolist()) == {1} == set(greedy.tolist())
+    assert set(Sampler(temperature=5.0, top_k=2, seed=0)(logits).tolist()) == {1, 2}
+    assert set(Sampler(temperature=5.0, top_k=3, seed=0)(logits).tolist()) == {1, 2, 4}
+    p = torch.softmax(logits[0] / 5.0, -1)  # top_p just above the best two's mass: three tokens
+    assert set(Sampler(temperature=5.0, top_p=float(p[1] + p[2]) + 1e-3, seed=0)(logits).tolist()) == {1, 2, 4}
+    assert set(Sampler(temperature=5.0, top_p=float(p[1] + p[2]) - 1e-3, seed=0)(logits).tolist()) == {1, 2}
+
+
 def test_bad_arguments_are_refused_by_name():
     model = HybridLM(tiny_config("M*-"), seed=0)
     for kwargs, says in (

@@ -72,6 +72,24 @@ def test_float64_chunked_equals_recurrence():
     assert_rel_close(final, final_ref, 1e-12, "final state")
 
 
+def test_l2_normalize_gives_unit_rows():
+    """q and k are normalized to unit length (flash-linear-attention's l2norm): a mean in place of the sum
+    made them sqrt(dk) times too long, and both references share this function, so only this test sees it."""
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    torch.testing.assert_close(l2_normalize(x).norm(dim=-1), torch.ones(3, 7, dtype=torch.float64))
+    tiny = torch.full((4,), 1e-4, dtype=torch.float64)  # eps inside the root: sqrt(4e-8 + 1e-6)
+    torch.testing.assert_close(l2_normalize(tiny), tiny / (4e-8 + 1e-6) ** 0.5)
+
+
+def test_an_explicit_scale_is_used():
+    """The torch chunked path used 1.0 for any scale given, and no test passed one."""
+    tensors = [t.double() for t in inputs(2, 21, 2, 5, 6, seed=4)]
+    o_default, _ = gated_delta_rule_reference(*tensors)
+    o_ref, _ = gated_delta_rule_reference(*tensors, scale=0.3)
+    assert_rel_close(o_ref, o_default * (0.3 / 5**-0.5), 1e-12, "reference")  # o is linear in the query scale
+    assert_rel_close(gated_delta_rule_chunked_torch(*tensors, 8, scale=0.3), o_ref, 1e-12, "o")
+
+
 def test_torch_path_accumulates_in_float32_under_autocast():
     q, k, v, g, beta = inputs(1, 24, 2, 16, 16, seed=4)
     expected = gated_delta_rule_chunked_torch(q, k, v, g, beta, 8)
@@ -126,6 +144,15 @@ def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
     torch.autograd.backward([o_ref, final_ref], [go.double(), gs.double()])
     for name, t, r in zip(["q", "k", "v", "g", "beta", "init"], leaves, ref):
         assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
+
+
+@runs_triton_kernels
+def test_triton_takes_an_explicit_scale(kernel_device):
+    tensors = [t.to(kernel_device) for t in inputs(1, 20, 2, 4, 4, seed=6)]
+    with use_kernels("triton"):
+        o = gated_delta_rule_chunked(*tensors, 16, scale=0.3)
+    o_ref, _ = gated_delta_rule_reference(*tensors, scale=0.3)
+    assert_rel_close(o, o_ref, 1e-5, "o")
 
 
 @runs_triton_kernels
