@@ -1,5 +1,6 @@
 """checkpoint.io: what every format writes is readable by others, and refusals list every problem."""
 
+import json
 import os
 import stat
 
@@ -9,7 +10,7 @@ import torch
 import hybridlm
 from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
-from hybridlm.checkpoint.io import check_fit, dominant_dtype
+from hybridlm.checkpoint.io import INDEX_NAME, check_fit, dominant_dtype, write_safetensors
 from hybridlm.checkpoint.megatron import convert_to_megatron
 from hybridlm.checkpoint.training_state import save_training_state
 from tests.helpers import tiny_config
@@ -110,3 +111,21 @@ def test_every_refused_write_names_its_file(tmp_path):
     metrics._jsonl.write = failing(OSError(28, "No space left on device"))
     with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.jsonl'"):
         metrics.record(1, {"loss": 1.0}, console=False)
+
+
+def test_dominant_dtype_is_the_dtype_of_most_elements_not_most_tensors():
+    """Many small float32 tensors (norm weights) beside one large bfloat16 matrix: the weights are bfloat16."""
+    ts = [torch.zeros(100, dtype=torch.bfloat16), torch.zeros(4), torch.zeros(4), torch.zeros(4)]
+    assert dominant_dtype(ts) == torch.bfloat16
+    assert dominant_dtype([torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2), torch.zeros(3)]) == torch.float32
+
+
+def test_safetensors_shards_fill_up_to_the_limit_each(tmp_path):
+    """Every shard starts counting its bytes from zero: after the first full shard, every tensor got a file
+    of its own."""
+    tensors = {name: torch.full((25,), float(i)) for i, name in enumerate("abcdef")}  # 100 bytes each
+    write_safetensors(tmp_path, tensors, max_shard_size=250)
+    weight_map = json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"]
+    shards = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert weight_map == dict(zip("abcdef", [s for s in shards for _ in range(2)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([INDEX_NAME, *shards])

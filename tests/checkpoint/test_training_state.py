@@ -203,3 +203,16 @@ def test_a_save_that_fills_the_disk_names_the_folder_and_leaves_nothing_behind(t
     with pytest.raises(OSError, match=r"No space left on device: '.*\.step-2\.tmp/rng\.safetensors'"):
         save_training_state(tmp_path / "step-2", model, opt, sched, step=2)
     assert sorted(os.listdir(tmp_path)) == ["step-1"] and ok.is_dir()
+
+
+def test_python_rng_is_restored(tmp_path):
+    """Python's ``random`` comes back as it was saved, as torch's does (it was validated, then dropped)."""
+    import random
+
+    model, opt, _ = make("M-")
+    random.seed(7)
+    save_training_state(tmp_path / "s", model, opt, step=0)
+    expected = [random.random() for _ in range(3)]
+    random.seed(8)
+    load_training_state(tmp_path / "s", model, opt)
+    assert [random.random() for _ in range(3)] == expected

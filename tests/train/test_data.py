@@ -420,3 +420,14 @@ def test_a_tokenizer_spec_pointing_at_a_missing_file_is_named(tmp_path):
     (tmp_path / "tokenizer.hybridlm.json").write_text('{"file": "tok.json"}')
     with pytest.raises(DataError, match=r"its tokenizer file tok\.json is not in .*; pass --tokenizer explicitly"):
         load_tokenizer(tmp_path, "--tokenizer")
+
+
+def test_sampler_draws_a_new_permutation_each_epoch():
+    """Each epoch covers every row once in an order of its own: reusing epoch 0's permutation repeated the
+    same batches epoch after epoch."""
+    s = Sampler(num_rows=12, batch_size=4, seed=3)
+    epochs = [[r for step in range(3 * e, 3 * e + 3) for r in s.global_rows(step).tolist()] for e in range(4)]
+    for order in epochs:
+        assert sorted(order) == list(range(12))
+    assert len({tuple(order) for order in epochs}) == 4, epochs
+    assert Sampler(12, 4, seed=3).global_rows(3).tolist() == epochs[1][:4]  # stateless across epochs too

@@ -37,3 +37,15 @@ def test_schedules(schedule):
     else:
         assert all(x == 1.0 for x in f[10:80]) and f[99] == pytest.approx(0.1)
         assert all(a > b for a, b in itertools.pairwise(f[80:]))
+
+
+def test_every_one_dimensional_weight_is_left_undecayed():
+    """Norm weights are kept out of weight decay by their shape (1-D), whatever their name: decaying them
+    pulled every RMSNorm scale towards 0."""
+    model = HybridLM(tiny_config("M[*-]G"))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    flat = {n for n, p in model.named_parameters() if p.dim() < 2}
+    assert "norm_f.weight" in flat and any(n.endswith("norm.weight") and n != "norm_f.weight" for n in flat)
+    assert flat <= kept, sorted(flat - kept)

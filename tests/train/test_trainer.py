@@ -308,3 +308,54 @@ def test_train_device_gives_each_torchrun_process_its_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DataError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def _uneven_corpus(path):
+    """Ten documents of 61 characters, then 300 of one: rows of the first part hold 47 or 48 labelled tokens of
+    48, rows of the second (a document boundary every other token) 24."""
+    docs = [f"{i:02d} long text " + "a" * 48 for i in range(10)] + ["x"] * 300
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_labelled_tokens(tmp_path):
+    """The accumulated gradient is the whole batch's: each micro-batch's loss scaled by its share of the
+    step's labelled tokens. Unscaled, the gradient was micro-batches times too large (AdamW hides it, the
+    gradient norm does not); scaled by rows, micro-batches with fewer labelled tokens weighed too much."""
+    corpus = _uneven_corpus(tmp_path / "c.jsonl")
+    one = ("train.steps=2", "train.device=cpu", f"data.source={corpus}", "data.val_fraction=0")
+    whole = Trainer(tiny_run(*one), run_dir=tmp_path / "a", progress=False)
+    split = Trainer(tiny_run(*one, "train.micro_batch_size=1"), run_dir=tmp_path / "b", progress=False)
+    labelled = [
+        (whole.train_rows.rows(whole.sampler.local_rows(s))["labels"] != -100).sum(dim=1).tolist() for s in (0, 1)
+    ]
+    assert all(max(n) - min(n) >= 10 for n in labelled), labelled  # the micro-batches differ
+    for _ in range(2):
+        a, b = whole.train_step(), split.train_step()
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_console_averages_cover_the_steps_since_the_previous_row(tmp_path):
+    """loss_avg and lm_loss_avg (like tokens_per_s) average the steps since the last console row: a window
+    never reset averaged everything since the start of the run."""
+    run_dir = tmp_path / "run"
+    Trainer(tiny_run("train.steps=6", "train.eval_every=6"), run_dir=run_dir, progress=False).run_loop()
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert [s for s in sorted(rows) if "loss_avg" in rows[s]] == [2, 4, 6]
+    for step in (2, 4, 6):
+        for key in ("loss", "lm_loss"):
+            window = [rows[s][key] for s in (step - 1, step)]
+            assert rows[step][f"{key}_avg"] == pytest.approx(sum(window) / 2, rel=1e-6), (step, key)
+
+
+def test_validation_loss_is_the_main_heads_without_mtp(tmp_path):
+    """Validation reports the main head's next-token loss: with MTP depths the total loss (which adds
+    mtp_loss_scale times their mean) made it depend on the scale."""
+    mtp = ("model.pattern=M-[*-]G[ME]/*-", "train.device=cpu")
+    plain = Trainer(tiny_run(*mtp, "model.mtp_loss_scale=0"), run_dir=tmp_path / "a", progress=False)
+    scaled = Trainer(tiny_run(*mtp, "model.mtp_loss_scale=1"), run_dir=tmp_path / "b", progress=False)
+    assert len(scaled.model.mtp) == 1
+    for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
+        assert torch.equal(a, b)
+    assert scaled.evaluate() == pytest.approx(plain.evaluate(), rel=1e-6)
