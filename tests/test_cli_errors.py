@@ -68,6 +68,25 @@ def test_one_line_and_exit_2(files, argv, capsys):
     assert "Traceback" not in lines[0]
 
 
+def test_a_model_too_large_to_train_names_a_field(capsys, tmp_path):
+    """The allocator's error came from inside torch: "unexpected RuntimeError ... (this may be a bug)"."""
+    argv = ["train", "--set", "model.vocab_size=10000000000", "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: model.vocab_size: the model's 3,840,002,033,196 parameters need 57,220.5 GiB per process" in err
+
+
+def test_an_allocation_the_machine_cannot_meet_is_out_of_memory():
+    from hybridlm.cli import _error
+
+    for e in (
+        MemoryError("Unable to allocate 191. GiB for an array"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"),
+    ):
+        message = _error(e)
+        assert message.startswith("out of memory (") and "train.batch_size" in message and "bug" not in message
+
+
 def test_a_heading_and_its_list_join_without_a_semicolon():
     from hybridlm.cli import one_line
 

@@ -107,6 +107,8 @@ def test_selective_activation_checkpointing_is_exact_and_per_kind():
         parse_ac_policy("Q=full", "full")
     with pytest.raises(ValueError, match="'some' is not one of"):
         parse_ac_policy("M=some", "full")
+    with pytest.raises(ValueError, match="'M' is named twice"):  # the last one won without a word
+        parse_ac_policy("M=full,*=none,M=none", "full")
 
 
 @runs_triton_kernels

@@ -110,6 +110,35 @@ def test_a_wsd_decay_that_starts_inside_the_warmup_is_noted():
         assert not any(n.startswith("optim.decay_fraction") for n in run.with_overrides([fine]).notes())
 
 
+def test_settings_the_schedule_or_model_does_not_use_are_noted():
+    def notes(*sets):
+        return RunConfig().with_overrides(list(sets)).notes()
+
+    assert "optim.schedule = 'cosine' does not use optim.decay_fraction (only 'wsd' does)" in notes(
+        "optim.schedule=cosine", "optim.decay_fraction=0.5"
+    )
+    assert "optim.schedule = 'constant' does not use optim.min_lr_ratio" in notes(
+        "optim.schedule=constant", "optim.min_lr_ratio=0.5"
+    )
+    expert = "optim.moe_expert_bias_rate has no effect without model.moe_router_expert_bias = true"
+    assert expert in notes("optim.moe_expert_bias_rate=0.01")
+    assert expert not in notes("optim.moe_expert_bias_rate=0.01", "model.moe_router_expert_bias=true")
+    assert notes("optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.min_lr_ratio=0.5") == []
+
+
+def test_an_override_key_is_read_as_its_parts_and_a_text_field_keeps_its_text(tmp_path):
+    """``model . preset=tiny`` was not seen as the preset (the default model's fields then overrode it), and
+    ``train.run_dir=20240601`` was refused as "expected str, got 20240601"."""
+    assert RunConfig().with_overrides(["model . preset=tiny"]).model == {"preset": "tiny"}
+    run = RunConfig().with_overrides(["train.run_dir=2024-06-01", "data.source=1.5", "data.jsonl_field=true"])
+    assert (run.train.run_dir, run.data.source, run.data.jsonl_field) == ("2024-06-01", "1.5", "true")
+    assert RunConfig().with_overrides(['train.run_dir="a b"']).train.run_dir == "a b"
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int"):  # other types are still checked
+        RunConfig().with_overrides(["train.steps=abc"])
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf[train]\nsteps = 5\n")  # a Windows editor's byte-order mark
+    assert RunConfig.from_toml(tmp_path / "bom.toml").train.steps == 5
+
+
 def test_bad_toml(tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nsteps=")
     with pytest.raises(ConfigError, match="invalid TOML"):

@@ -117,6 +117,10 @@ _PEER_GONE = (
 )
 
 
+#: What torch's allocators say when a request cannot be met (CPU, CUDA).
+_NO_MEMORY = ("can't allocate memory", "out of memory")
+
+
 def _error(e: BaseException) -> str:
     if isinstance(e, USER_ERRORS):
         return one_line(str(e))
@@ -126,6 +130,12 @@ def _error(e: BaseException) -> str:
             f"another process of this torchrun job stopped ({first}): its own error says why; if training had "
             "started, the checkpoints written so far are whole and the same torchrun command with --resume "
             "RUN_DIR continues the run"
+        )
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _NO_MEMORY)):
+        first = (str(e).splitlines() or [""])[0][:200]
+        return (
+            f"out of memory ({first or type(e).__name__}): a size is too large for this machine (the model's, "
+            "train.batch_size, data.seq_len, or generate's --max-new-tokens and batch); make it smaller"
         )
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""

@@ -9,7 +9,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.config import RunConfig
+    from ..train.config import RunConfig, override_key
     from ..train.rundir import CONFIG_FILE
     from ..train.trainer import Trainer
 
@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = RunConfig.from_toml(args.config) if args.config else RunConfig()
     run = base.with_overrides(args.set) if args.set else base
-    named = any(item.partition("=")[0].strip() == "data.source" for item in args.set or ())
+    named = any(override_key(item) == "data.source" for item in args.set or ())
     trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
     summary = trainer.run_loop()
     if trainer.is_main:

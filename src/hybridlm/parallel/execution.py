@@ -47,6 +47,8 @@ def parse_ac_policy(spec: str, default: str) -> dict[str, str]:
             raise ValueError(f"{entry.strip()!r}: {kind!r} is not a layer symbol ({' '.join(ALL_SYMBOLS)})")
         if policy not in AC_POLICIES:
             raise ValueError(f"{entry.strip()!r}: {policy!r} is not one of {', '.join(AC_POLICIES)}")
+        if kind in out:  # the first or the last would win without a word
+            raise ValueError(f"{entry.strip()!r}: {kind!r} is named twice")
         out[kind] = policy
     return out
 

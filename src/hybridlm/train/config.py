@@ -169,7 +169,7 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         try:
-            d = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            d = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is no TOML
         except OSError as e:
             raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
@@ -188,7 +188,7 @@ class RunConfig:
         ``model.preset=NAME`` replaces the whole model table with the preset (applied first, so
         other ``model.*`` assignments change the preset's fields)."""
         d = self.to_dict()
-        presets = [a for a in assignments if a.split("=", 1)[0].strip() == "model.preset"]
+        presets = [a for a in assignments if override_key(a) == "model.preset"]
         if presets:
             d["model"] = {}
             assignments = presets[-1:] + [a for a in assignments if a not in presets]
@@ -196,13 +196,15 @@ class RunConfig:
             if "=" not in item:
                 raise ConfigError(item, "an override must look like section.field=value")
             key, raw = item.split("=", 1)
-            parts = [part.strip() for part in key.split(".")]
+            parts = override_key(item).split(".")
             if len(parts) != 2:
                 raise ConfigError(key, "an override names a section and a field, e.g. train.steps=100")
             section, name = parts
             if section not in d:
                 _unknown(section, list(d))
-            d[section][name] = _parse_value(raw.strip(), f"{section}.{name}")
+            value = _parse_value(raw.strip(), f"{section}.{name}")
+            # A text field keeps its text where TOML reads another type: run_dir=20240601, source=1.5.
+            d[section][name] = raw.strip() if not isinstance(value, str) and _holds_text(section, name) else value
         return RunConfig.from_dict(d)
 
     # -- writing ------------------------------------------------------------------------------
@@ -335,6 +337,15 @@ class RunConfig:
             )
         if t.ac_policy != TrainConfig.ac_policy and not t.activation_checkpointing:
             notes.append("train.ac_policy has no effect without train.activation_checkpointing = true")
+        if o.decay_fraction != OptimConfig.decay_fraction and o.schedule != "wsd":
+            notes.append(f"optim.schedule = {o.schedule!r} does not use optim.decay_fraction (only 'wsd' does)")
+        if o.min_lr_ratio != OptimConfig.min_lr_ratio and o.schedule == "constant":
+            notes.append("optim.schedule = 'constant' does not use optim.min_lr_ratio")
+        if (
+            o.moe_expert_bias_rate != OptimConfig.moe_expert_bias_rate
+            and not self.model_config().moe_router_expert_bias
+        ):
+            notes.append("optim.moe_expert_bias_rate has no effect without model.moe_router_expert_bias = true")
         cores = os.cpu_count() or 1
         if t.threads is not None and t.threads > cores:
             notes.append(f"train.threads ({t.threads}) is more than this machine's {cores} CPU cores: they compete")
@@ -410,6 +421,19 @@ def _positive(name: str, value: float) -> None:
 def _unknown(key: str, known: list[str]) -> None:
     hint = difflib.get_close_matches(key, known, n=1)
     raise ConfigError(key, "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def override_key(item: str) -> str:
+    """The ``section.field`` that override ``item`` (``section.field=value``) assigns, spaces dropped."""
+    return ".".join(part.strip() for part in item.partition("=")[0].split("."))
+
+
+def _holds_text(section: str, name: str) -> bool:
+    """Whether field ``name`` of ``section`` takes text only (str, or str or None)."""
+    cls = ModelConfig if section == "model" else type(getattr(RunConfig(), section))
+    hint = get_type_hints(cls).get(name)
+    allowed = set(get_args(hint) if get_origin(hint) is not None else (hint,))
+    return str in allowed and allowed <= {str, type(None)}
 
 
 def _build(cls: type, values: dict[str, Any], section: str):

@@ -283,6 +283,8 @@ class Trainer:
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
                 f"(a preset's own size, or one set): --set model.vocab_size={self.tokenizer.vocab_size} or more"
             )
+        self.num_params = int(HybridLM(self.config, device="meta").num_params())
+        self._check_model_fits()
         self.pipeline = None
         if self.pp > 1:
             self.pipeline = PipelineRunner(
@@ -301,10 +303,8 @@ class Trainer:
                 autocast=self._autocast,
             )
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
-            self.num_params = int(HybridLM(self.config, device="meta").num_params())
         else:
             self.model = HybridLM(self.config, seed=t.seed, device=self.device)
-            self.num_params = int(self.model.num_params())
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
@@ -375,6 +375,26 @@ class Trainer:
                 now,
             )
         self.sampler.resume_at(self.step, rows)
+
+    def _check_model_fits(self) -> None:
+        """Refuse, naming a field, a model whose training state alone outgrows this device (the allocator's
+        own error came from deep inside torch, as "may be a bug"): 16 bytes a parameter (float32 weights and
+        gradients, AdamW's two moments), split over the processes (FSDP shards, stages)."""
+        if self.device.type == "cuda":
+            have = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        need = 16 * self.num_params / self.world
+        if need <= have:
+            return
+        c = self.config
+        embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)
+        raise ConfigError(
+            "model.vocab_size" if embeddings > self.num_params / 2 else "model.hidden_size",
+            f"the model's {self.num_params:,} parameters need {need / 2**30:,.1f} GiB per process to train (16 "
+            f"bytes each: float32 weights and gradients, AdamW's two moments), more than the "
+            f"{have / 2**30:,.1f} GiB of this {self.device.type} device; make the model smaller",
+        )
 
     def _check_same_data(self, saved: Any) -> None:
         """Refuse a resume whose ``data.source``, the same setting, now reads other data than the checkpoint's run
