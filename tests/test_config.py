@@ -126,6 +126,20 @@ def test_contract_field_names():
         ),
         ({"pattern": "G", "gdn_num_heads": 3, "gdn_num_value_heads": 4}, "gdn_num_value_heads"),
         ({"tie_embeddings": 1}, "tie_embeddings"),
+        # moe_topk_groups above moe_num_groups (top_k still reachable): must be refused, not crash in topk
+        (
+            {"pattern": "E", "moe_num_experts": 8, "moe_num_groups": 2, "moe_topk_groups": 3, "moe_top_k": 2},
+            "moe_topk_groups",
+        ),
+        # RoPE rotating fewer than 2 channels would silently do nothing
+        (
+            {"pattern": "*", "num_attention_heads": 4, "position_embedding": "rope", "rotary_percent": 0.01},
+            "rotary_percent",
+        ),
+        # rotary_percent above 1 (checked even without RoPE)
+        ({"pattern": "*", "num_attention_heads": 4, "rotary_percent": 1.5}, "rotary_percent"),
+        # an E-only pattern whose experts fall back to ffn_hidden_size checks it
+        ({"pattern": "E", "moe_num_experts": 4, "ffn_hidden_size": 0}, "ffn_hidden_size"),
     ],
 )
 def test_errors_name_the_field(changes, field):
@@ -176,6 +190,24 @@ def test_resolved_sizes():
     assert c.resolved_ffn_hidden_size == 1024 and c.resolved_mamba_num_heads == 8
     assert c.mamba_d_inner == 512
     assert c.replace(position_embedding="rope", rotary_percent=0.5).rotary_dim == 32
+
+
+def test_mtp_loss_scale_zero_is_accepted():
+    """Guards against refusing mtp_loss_scale=0, the documented way to turn the MTP loss off."""
+    c = ModelConfig(pattern="M-/-", vocab_size=64, hidden_size=256, mtp_loss_scale=0.0)
+    assert c.mtp_loss_scale == 0.0
+    with pytest.raises(ConfigError, match="mtp_loss_scale"):
+        ModelConfig(pattern="M-/-", vocab_size=64, hidden_size=256, mtp_loss_scale=-0.1)
+
+
+def test_resolved_default_expert_and_gdn_value_sizes():
+    """Guards against default expert / GDN value sizes that ignore the fields they fall back to."""
+    c = ModelConfig(pattern="E", vocab_size=8, hidden_size=256, moe_num_experts=4, ffn_hidden_size=96)
+    assert c.resolved_moe_ffn_hidden_size == 96
+    assert c.replace(moe_ffn_hidden_size=40).resolved_moe_ffn_hidden_size == 40
+    g = ModelConfig(pattern="G", vocab_size=8, hidden_size=256, gdn_head_dim=32)
+    assert g.resolved_gdn_value_head_dim == 32
+    assert g.replace(gdn_value_head_dim=48).resolved_gdn_value_head_dim == 48
 
 
 def test_presets_live_in_their_own_module():

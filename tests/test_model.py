@@ -374,3 +374,52 @@ def test_shift_labels_stop_at_document_ends():
     assert shift_labels(labels, 2, docs).tolist() == [[12, x, x, 15, 16, x, x, 19, x, x]]
     assert shift_labels(labels, 2, None).tolist() == [[12, 13, 14, 15, 16, 17, 18, 19, x, x]]
     assert shift_labels(labels, 10, docs).tolist() == [[x] * 10]
+
+
+def test_an_moe_layer_in_an_mtp_depth_reports_its_balancing_loss():
+    """Guards against dropping the MTP depths' auxiliary losses (MoE inside MTP got no balancing loss)."""
+    model = HybridLM(tiny_config("M-/E", moe_aux_loss_coeff=0.01), seed=0)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and float(out.aux_loss) > 0
+    expected = out.lm_loss + model.config.mtp_loss_scale * torch.stack(out.mtp_losses).mean() + out.aux_loss
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_each_layer_kind_is_initialized_as_documented():
+    """Guards against wrong init scales: embeddings/eh_proj std, out_proj/down_proj out_std, conv bound, A_log range."""
+    std = 0.02
+    config = tiny_config(
+        "G-G-/-", hidden_size=64, ffn_hidden_size=256, gdn_num_heads=4, gdn_num_value_heads=32, init_std=std
+    )
+    model = HybridLM(config, seed=0)
+    out_std = std / config.parsed.num_layers**0.5  # 4 canonical layers: half of std
+
+    def assert_std(w, expected, what):
+        assert abs(w.float().std().item() / expected - 1) < 0.15, f"{what}: std {w.std().item():.4g} != {expected:.4g}"
+
+    assert_std(model.embeddings.weight, std, "embeddings")
+    assert_std(model.mtp[0].eh_proj.weight, std, "eh_proj")
+    gdn, mlp = model.blocks["0"].layers[0].mixer, model.blocks["1"].layers[0].mixer
+    assert_std(gdn.in_proj_qkvz.weight, std, "gdn in_proj_qkvz")
+    assert_std(gdn.out_proj.weight, out_std, "gdn out_proj")
+    assert_std(mlp.up_proj.weight, std, "mlp up_proj")
+    assert_std(mlp.down_proj.weight, out_std, "mlp down_proj")
+    assert_std(model.mtp[0].blocks["0"].layers[0].mixer.down_proj.weight, out_std, "mtp mlp down_proj")
+    # The causal conv: nn.Conv1d's default, U(-1/sqrt(K), 1/sqrt(K)).
+    conv = gdn.conv1d.weight
+    bound = 1 / conv.shape[-1] ** 0.5
+    assert 0.9 * bound < conv.abs().max().item() <= bound
+    # A = exp(A_log) ~ U(1, 16) per value head.
+    a = gdn.A_log.float().exp()
+    assert a.min().item() >= 1 - 1e-5 and a.max().item() <= 16 + 1e-4
+    assert a.max().item() > 8 and a.min().item() < 4
+
+
+def test_a_tied_bf16_model_returns_float32_logits():
+    """Guards against the tied head (embedding weight) returning bf16 logits from a bf16 model."""
+    model = HybridLM(tiny_config("M-/-", tie_embeddings=True), seed=0, dtype=torch.bfloat16)
+    assert model.lm_head is None and model.embeddings.weight.dtype == torch.bfloat16
+    out = model(torch.randint(0, 97, (1, 9)))
+    assert out.logits.dtype == out.mtp_logits[0].dtype == torch.float32
+    assert torch.isfinite(out.logits).all()

@@ -204,6 +204,16 @@ def test_speculative_greedy_equals_plain_greedy(pattern):
         assert stats["verify_steps"] > 0 and 0 <= stats["acceptance_rate"] <= 1
 
 
+def test_speculative_decode_tokens_count_as_plain_decoding_does():
+    """Guards against speculative decoding counting the prefill's first token as a decode token."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    for prompt in PROMPTS[:2]:
+        plain_stats, spec_stats = {}, {}
+        plain = generate(model, prompt, max_new_tokens=8, stats=plain_stats)
+        assert generate(model, prompt, max_new_tokens=8, speculative="mtp", stats=spec_stats) == plain
+        assert spec_stats["decode_tokens"] == plain_stats["decode_tokens"] == len(plain) - 1
+
+
 def test_speculative_accepts_good_drafts_and_rolls_back_bad_ones(monkeypatch):
     """Drafts that are right for a while then wrong: accepted ones are kept, the first wrong one rolls back."""
     model = model_for("M[*-]G/[*-]/[*-]/[*-]")
@@ -375,6 +385,19 @@ def test_rollback_without_a_recorded_trail_restores_the_snapshot():
     assert not cache.rollback(snap, 2) and cache.offset == 8 and cache.trail is None
     gdn = next(m for m in cache.states if type(m).__name__ != "Attention" and hasattr(cache.states[m], "recurrent"))
     assert all(torch.equal(a, b) for a, b in zip(before[gdn], vars(cache.states[gdn]).values()))
+
+
+def test_restore_rewinds_the_device_offset_too():
+    """Guards against restore() leaving offset_t (the CUDA-graph write slot) past the snapshot."""
+    model = model_for("M*")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = InferenceCache.for_model(model, 1, 12)
+    model(ids[:, :5], cache=cache)
+    snap = cache.snapshot()
+    model(ids[:, 5:9], cache=cache)
+    assert cache.offset == 9 and int(cache.offset_t) == 9
+    cache.restore(snap)
+    assert cache.offset == 5 and int(cache.offset_t) == 5
 
 
 @pytest.mark.parametrize("pattern", ["M[*-]M/[*-]/[*-]/[*-]", "M[*-]G/[*-]/[*-]/[*-]"])

@@ -3,6 +3,7 @@
 import torch
 
 from hybridlm.layers.moe import Router
+from hybridlm.ops.precision import matmul_dtype
 from tests.helpers import tiny_config
 
 
@@ -18,3 +19,12 @@ def test_router_logits_stay_float32_under_autocast():
     # Computed in float32 inside autocast: the same routing as without autocast.
     assert torch.equal(idx, exact_idx)
     torch.testing.assert_close(scores, exact_scores, rtol=0, atol=0)
+
+
+def test_matmul_dtype_follows_cpu_autocast():
+    """Guards against matmul_dtype ignoring autocast (fp32 head/expert matmuls under bf16 autocast)."""
+    x = torch.randn(4, 8)
+    assert matmul_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul_dtype(x) == torch.bfloat16
+    assert matmul_dtype(x.to(torch.float64)) == torch.float64

@@ -48,6 +48,16 @@ def test_environment_overrides_reach_each_op(monkeypatch):
     assert kernels_mode("causal_conv1d") == "torch"
 
 
+def test_use_kernels_restores_an_earlier_set_kernels_setting(monkeypatch):
+    """Guards against use_kernels() undoing an earlier set_kernels() (restoring None, not the previous setting)."""
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_mode", None)  # set_kernels's setting goes back when the test ends
+    dispatch.set_kernels("torch,ssd=auto")
+    with use_kernels("auto"):
+        assert kernels_mode("causal_conv1d") == "auto"
+    assert kernels_mode() == "torch" and kernels_mode("ssd") == "auto" and kernels_mode("causal_conv1d") == "torch"
+
+
 @requires_triton
 def test_an_override_decides_that_ops_path():
     """On CPU tensors ``triton`` forces the kernels (the interpreter's setting); one op held on the reference."""
