@@ -349,3 +349,18 @@ def test_fsdp_keeps_every_blocks_auxiliary_loss(tmp_path, pattern):
     assert r.returncode == 0, run_failure(r)
     got = json.loads((tmp_path / "out.json").read_text())
     assert got["plain"] > 0 and abs(got["sharded"] - got["plain"]) <= 1e-6 * got["plain"], got
+
+
+def test_clip_grad_norm_never_scales_a_small_gradient_up(monkeypatch):
+    """The clip factor is clamped at 1: a gradient whose norm is below max_norm was scaled up to it."""
+    from hybridlm.parallel import execution
+
+    monkeypatch.setattr(execution.dist, "all_reduce", lambda t, *a, **k: None)  # one process: sum of one
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([0.3, 0.4])  # norm 0.5
+    norm = execution.clip_grad_norm([p], 1.0, torch.device("cpu"))
+    assert abs(norm - 0.5) < 1e-6
+    assert torch.equal(p.grad, torch.tensor([0.3, 0.4]))
+    p.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped down to 1
+    assert abs(execution.clip_grad_norm([p], 1.0, torch.device("cpu")) - 5.0) < 1e-5
+    assert torch.allclose(p.grad, torch.tensor([0.6, 0.8]), atol=1e-5)

@@ -50,3 +50,14 @@ def test_trainer_gc_every_same_losses(tmp_path, monkeypatch):
     assert gc.isenabled()
     assert len(calls) == 3  # on entry, after steps 3 and 6
     assert losses(tmp_path / "manual") == losses(tmp_path / "auto")
+
+
+def test_manual_gc_leaves_the_collector_off_when_it_was_off():
+    """On exit the collector is restored as found: one switched off by the caller was switched on again."""
+    gc.disable()
+    try:
+        with ManualGC(2) as collector:
+            collector.after_step(2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -426,3 +426,23 @@ def test_a_fallback_to_a_step_0_checkpoint_gives_a_fresh_optimizer(tmp_path, ref
     got = weights(resumed.model)
     assert all(torch.equal(got[k], ref_weights[k]) for k in ref_weights)
     assert losses(tmp_path) == ref_losses
+
+
+def test_a_second_signal_does_not_replace_the_first():
+    """The first stop signal decides the exit status: a later one overwrote it (SIGHUP's 129 for a SIGTERM)."""
+    from hybridlm.train.signals import StopSignals
+
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert signals.pending() == signal.SIGTERM
+
+
+def test_weights_finite_checks_floating_buffers():
+    """A non-finite floating buffer (running statistics, say) makes the weights non-finite: buffers were skipped."""
+    from hybridlm.train.guard import weights_finite
+
+    model = torch.nn.BatchNorm1d(3)
+    assert weights_finite(model)
+    model.running_mean[1] = float("nan")
+    assert not weights_finite(model)

@@ -168,3 +168,28 @@ def test_gpipe_takes_fewer_micro_batches_than_stages():
     RunConfig().with_overrides(
         ["model.pattern=M-|M-", "parallel.pp=2", "parallel.microbatches=1", "parallel.schedule=gpipe"]
     )
+
+
+def test_the_last_model_preset_override_wins():
+    """Of two --set model.preset, the first was applied: a later --set did not override an earlier one."""
+    run = RunConfig().with_overrides(["model.preset=tiny", "model.hidden_size=64", "model.preset=bench-1.3b"])
+    assert run.model["preset"] == "bench-1.3b" and run.model["hidden_size"] == 64
+    assert run.model_config().pattern == RunConfig().with_overrides(["model.preset=bench-1.3b"]).model_config().pattern
+    assert RunConfig().with_overrides(["model.preset=bench-1.3b", "model.preset=tiny"]).model["preset"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["optim.beta1=1.0"], "optim.beta1"),  # AdamW's bias correction divides by 1 - beta**t = 0
+        (["optim.beta2=1.0"], "optim.beta2"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints"),  # checkpoints[:-0] pruned none
+        (["train.steps=true"], "train.steps"),  # a bool is an int to Python: it trained 1 step
+        (["train.batch_size=false"], "train.batch_size"),
+    ],
+)
+def test_edge_values_are_refused_with_the_field(overrides, field):
+    """Values at the edge of a range, or bools in an int field, were accepted (a torch error or a wrong run later)."""
+    with pytest.raises(ConfigError) as info:
+        RunConfig().with_overrides(overrides)
+    assert info.value.field == field, str(info.value)

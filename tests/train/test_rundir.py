@@ -222,3 +222,53 @@ def test_a_resume_removes_what_interrupted_writes_left(tmp_path, caplog):
     assert not any((tmp_path / name).exists() for name in left)
     assert all((tmp_path / name).read_text() == "mine" for name in kept)
     assert "removed what interrupted writes left" in caplog.text
+
+
+def _claim_refused(path):
+    """Whether rundir.claim refuses ``path`` (a folder claimed by mistake is released again)."""
+    try:
+        rundir.claim(path, "runs/{time}", "", resume=True)
+    except DataError as e:
+        assert "in use by another run" in str(e)
+        return True
+    rundir.unlock(path)
+    return False
+
+
+def test_a_lock_from_another_host_is_trusted(tmp_path):
+    """A lock written on another machine cannot be checked: it was taken as dead and two nodes shared a folder."""
+    import socket
+
+    (tmp_path / "r").mkdir()
+    lock_file = tmp_path / "r" / rundir.LOCK_FILE
+    lock_file.write_text(f"{2**22 + 12345} not-{socket.gethostname()}")
+    assert _claim_refused(tmp_path / "r")
+    assert lock_file.read_text() == f"{2**22 + 12345} not-{socket.gethostname()}"
+
+
+def test_a_lock_of_another_users_live_process_is_trusted(tmp_path, monkeypatch):
+    """kill(pid, 0) raising PermissionError means the process lives (under another user): it was taken as dead."""
+    import socket
+
+    def kill(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / rundir.LOCK_FILE).write_text(f"{2**22 + 12345} {socket.gethostname()}")
+    monkeypatch.setattr(rundir.os, "kill", kill)
+    assert _claim_refused(tmp_path / "r")
+
+
+def test_unlock_leaves_another_process_s_lock(tmp_path):
+    """unlock removes only this process's lock: it removed a live run's lock from its folder."""
+    import socket
+
+    (tmp_path / "r").mkdir()
+    lock_file = tmp_path / "r" / rundir.LOCK_FILE
+    lock_file.write_text(f"{os.getppid()} {socket.gethostname()}")
+    rundir.unlock(tmp_path / "r")
+    assert lock_file.read_text() == f"{os.getppid()} {socket.gethostname()}"
+    rundir.claim(tmp_path / "s", "runs/{time}", "", resume=False)  # this process's own lock is removed
+    assert (tmp_path / "s" / rundir.LOCK_FILE).exists()
+    rundir.unlock(tmp_path / "s")
+    assert not (tmp_path / "s" / rundir.LOCK_FILE).exists()

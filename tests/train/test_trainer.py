@@ -359,3 +359,22 @@ def test_validation_loss_is_the_main_heads_without_mtp(tmp_path):
     for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
         assert torch.equal(a, b)
     assert scaled.evaluate() == pytest.approx(plain.evaluate(), rel=1e-6)
+
+
+def test_mfu_counts_forward_and_backward_per_device(tmp_path):
+    """MFU is tokens/s per process × 3 × forward flops / peak: it dropped the 3 (fwd+bwd) or the / world."""
+    trainer = Trainer(tiny_run("train.device=cpu"), run_dir=tmp_path / "r", progress=False)
+    model_flops = float(trainer.model.flops_per_token(trainer.run.data.seq_len))
+    assert trainer.flops_per_token == pytest.approx(3 * model_flops)
+    # Two processes' worth of tokens through one: the rest of the step is faked (no process group here).
+    trainer.peak_flops, trainer.world = 1e12, 2
+
+    def step():
+        trainer.step += 1
+        return {"loss": 1.0, "lm_loss": 1.0}
+
+    trainer.train_step, trainer.evaluate, trainer.save_checkpoint = step, lambda: None, lambda: None
+    trainer.run_loop(until=2)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if "mfu" in r)
+    assert row["mfu"] == pytest.approx(row["tokens_per_s"] / 2 * 3 * model_flops / 1e12, rel=1e-9)
