@@ -79,6 +79,20 @@ def assert_same_run(run: Path, ref: Path, tol: float = 1e-5) -> None:
     assert wa.keys() == wb.keys()
     for k in wb:
         assert rel_err(wa[k], wb[k]) <= tol, (run.name, k, rel_err(wa[k], wb[k]))
+    assert_same_val_loss(run, ref, tol)
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+def assert_same_val_loss(run: Path, ref: Path, tol: float = 1e-5) -> None:
+    """Guards against the stages before the last counting evaluation tokens too (val_loss divided by pp)."""
+    a, b = val_losses(run), val_losses(ref)
+    assert a.keys() == b.keys() and 3 in b, (run.name, a, b)
+    for step in b:
+        assert abs(a[step] - b[step]) <= tol * abs(b[step]), (run.name, step, a[step], b[step])
 
 
 def stage_params(pattern: str, pp: int) -> list[int]:

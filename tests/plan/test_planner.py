@@ -14,6 +14,7 @@ from hybridlm.pattern import parse
 from hybridlm.plan import estimate_costs, plan_pipeline
 from hybridlm.plan.balance import brute_force_cuts, segment_costs
 from hybridlm.plan.cost import stage_memory
+from hybridlm.plan.planner import imbalance
 from tests.helpers import MLA_TINY, random_pattern, tiny_config
 
 
@@ -173,3 +174,54 @@ def test_bad_requests():
 def test_measured_on_cuda():
     plan = plan_pipeline(ModelConfig.preset("tiny"), 2, seq_len=256, measure="cuda")
     assert plan.costs.source == "measured on cuda" and all(t > 0 for t in plan.costs.block_times)
+
+
+def test_rank_costs_sum_each_ranks_interleaved_segments():
+    """Guards against rank_costs taking segments r * vpp + v instead of Megatron's v * pp + r."""
+    plan = plan_pipeline(tiny_config("M-[*-]G-E[ME]"), 2, 2, seq_len=16)
+    seg = plan.stage_costs(plan.cuts)
+    assert len(set(seg)) == 4
+    want = [seg[0] + seg[2], seg[1] + seg[3]]
+    assert plan.rank_costs(plan.cuts) == pytest.approx(want, rel=1e-12)
+    assert plan.rank_costs((1, 2, 3)) == pytest.approx(
+        [sum(plan.stage_costs((1, 2, 3))[i] for i in (r, r + 2)) for r in range(2)], rel=1e-12
+    )
+    assert [s.pp_rank for s in plan.stages] == [0, 1, 0, 1]
+
+
+def test_planned_last_stage_holds_the_head_and_mtp():
+    """Guards against the planned last stage's memory leaving out the head, MTP depths and shared embedding."""
+    config = tiny_config("M-[*-]G-/[*-]")
+    plan = plan_pipeline(config, 2, seq_len=16)
+    c = plan.costs
+    last = plan.stages[-1]
+    assert last.memory == stage_memory(c, last.start, last.stop, False, True)
+    blocks = sum(b.params for b in c.blocks[last.start : last.stop])
+    assert last.memory["params"] == blocks + c.head.params + sum(m.params for m in c.mtp) + c.embedding.params
+    total = float(HybridLM(config, device="meta").num_params())
+    assert sum(s.memory["params"] for s in plan.stages) == total + c.shared_embedding_params
+
+
+def test_rank_peak_memory_takes_the_mean_virtual_stage():
+    """Guards against the interleaved peak multiplying the in-flight count by the sum, not the mean, of a
+    rank's virtual stages' activations."""
+    plan = plan_pipeline(tiny_config("M-[*-]G-E[ME]"), 2, 2, seq_len=16)
+    ranks = plan.rank_memory()
+    for r, m in enumerate(ranks):
+        a, b = plan.stages[r].memory, plan.stages[r + 2].memory
+        assert m["state_bytes"] == a["state_bytes"] + b["state_bytes"]
+        n = 2 * (2 - r - 1) + (2 - 1) * 2 + 1  # interleaved 1F1B: 5 on rank 0, 3 on rank 1
+        assert math.isclose(m["peak_bytes"], m["state_bytes"] + n * (a["act_bytes"] + b["act_bytes"]) / 2)
+        ckpt = (a["act_bytes_ckpt"] + b["act_bytes_ckpt"]) / 2
+        assert math.isclose(m["peak_bytes_ckpt"], m["state_bytes"] + n * ckpt)
+
+
+def test_imbalance_is_the_slowest_stage_over_the_mean():
+    """Guards against imbalance dividing by the fastest stage instead of the mean (docs: slowest / mean)."""
+    assert imbalance([1.0, 2.0, 3.0]) == 1.5
+    assert imbalance([2.0, 2.0]) == 1.0
+    assert imbalance([0.0, 0.0]) == 1.0
+    plan = plan_pipeline(tiny_config("M-[*-]G-E[ME]"), 3, seq_len=16)
+    out = plan.to_json()
+    seg = out["stage_costs"]
+    assert math.isclose(out["imbalance"], max(seg) * len(seg) / sum(seg), rel_tol=1e-9)

@@ -1,0 +1,91 @@
+"""The cost model against hand-computed values from its documented formulas: bytes moved per
+block, experts read at small micro-batches, stage memory and the 1F1B in-flight counts."""
+
+import math
+
+import pytest
+
+from hybridlm.model import HybridLM
+from hybridlm.plan import estimate_costs
+from hybridlm.plan.cost import in_flight, stage_memory
+from tests.helpers import tiny_config
+
+
+def _weight_bytes(item):
+    """Weight traffic of one unit without recomputation: all of its bytes less the activations'
+    (written + read in the forward, twice that in the backward: 6 x the saved bytes)."""
+    return item.bytes - 6 * item.act_bytes
+
+
+def test_bytes_count_bf16_weight_reads_and_fp32_gradient_traffic():
+    """Guards against the backward's fp32 gradient read+write being dropped from the bytes."""
+    costs = estimate_costs(tiny_config("-"), 16)
+    (block,) = costs.blocks
+    # Weights read once in the forward and twice in the backward (bf16), fp32 gradients read and
+    # written once: 2 + 2 * 2 + 2 * 4 = 14 bytes per parameter.
+    assert math.isclose(_weight_bytes(block), 14 * block.params, rel_tol=1e-12)
+
+
+def test_only_experts_that_receive_tokens_are_read():
+    """Guards against the idle-expert count ignoring top_k (T * top_k experts receive tokens)."""
+    config = tiny_config("E")
+    E, k = config.moe_num_experts, config.moe_top_k
+    assert k > 1 and k < E
+    assert config.mlp_activation == "relu2"
+    per_expert = config.hidden_size * config.resolved_moe_ffn_hidden_size * 2  # up and down projections
+    # One token routes to top_k experts: E - top_k of them stay idle and are not read.
+    (one,) = estimate_costs(config, 1).blocks
+    want = one.params - (E - k) * per_expert
+    assert math.isclose(_weight_bytes(one) / 14, want, rel_tol=1e-12)
+    # Two tokens already reach (up to) every expert.
+    (two,) = estimate_costs(config, 2).blocks
+    assert math.isclose(_weight_bytes(two) / 14, two.params, rel_tol=1e-12)
+
+
+def test_one_checkpointed_block_holds_all_its_activations_while_recomputed():
+    """Guards against checkpointed memory leaving out the recomputed block's own activations."""
+    costs = estimate_costs(tiny_config("M-[*-]G"), 64)
+    for i, b in enumerate(costs.blocks):
+        m = stage_memory(costs, i, i + 1, False, False)
+        assert m["act_bytes_ckpt"] == m["act_bytes"] == b.act_bytes
+    # Several blocks: every input, plus the largest block's activations beyond its input.
+    m = stage_memory(costs, 0, len(costs.blocks), False, False)
+    want = sum(b.ckpt_bytes for b in costs.blocks) + max(b.act_bytes - b.ckpt_bytes for b in costs.blocks)
+    assert math.isclose(m["act_bytes_ckpt"], want, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("pp", [1, 2, 4, 8])
+def test_in_flight_without_interleaving_is_pp_minus_rank(pp):
+    """Guards against an off-by-one in the 1F1B in-flight count (the last rank holds one micro-batch)."""
+    assert [in_flight(r, pp, 1) for r in range(pp)] == list(range(pp, 0, -1))
+
+
+def test_in_flight_with_interleaving():
+    """Guards against counting vpp * pp instead of (vpp - 1) * pp warmup chunks when interleaved."""
+    # 2 (pp - rank - 1) + (vpp - 1) pp + 1
+    assert [in_flight(r, 4, 2) for r in range(4)] == [11, 9, 7, 5]
+    assert [in_flight(r, 2, 3) for r in range(2)] == [7, 5]
+    assert [in_flight(r, 1, 2) for r in range(1)] == [2]
+
+
+@pytest.mark.parametrize("pattern, tie", [("M-[*-]", True), ("M-[*-]/[*-]", False)])
+def test_single_stage_holds_the_embedding_once(pattern, tie):
+    """Guards against a stage that is both first and last counting the shared embedding twice."""
+    config = tiny_config(pattern, tie_embeddings=tie)
+    costs = estimate_costs(config, 16)
+    assert costs.shared_embedding_params == costs.embedding.params > 0
+    total = float(HybridLM(config, device="meta").num_params())
+    m = stage_memory(costs, 0, len(costs.blocks), True, True)
+    assert m["params"] == total
+    assert m["state_bytes"] == total * 18
+
+
+def test_last_stage_holds_the_head_and_mtp():
+    """Guards against the last stage's memory missing the head, the MTP depths and the shared embedding."""
+    costs = estimate_costs(tiny_config("M-[*-]/[*-]"), 16)
+    n = len(costs.blocks)
+    inner, last = stage_memory(costs, 1, n, False, False), stage_memory(costs, 1, n, False, True)
+    extra = [costs.head, *costs.mtp]
+    assert last["params"] == inner["params"] + sum(m.params for m in extra) + costs.shared_embedding_params
+    assert last["act_bytes"] == inner["act_bytes"] + sum(m.act_bytes for m in extra)
+    assert last["act_bytes_ckpt"] == inner["act_bytes_ckpt"] + sum(m.ckpt_bytes for m in extra)
