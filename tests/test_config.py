@@ -219,3 +219,19 @@ def test_presets_live_in_their_own_module():
     assert ModelConfig.from_preset("bench-moe-1b", vocab_size=64) == ModelConfig(
         **{**PRESETS["bench-moe-1b"], "vocab_size": 64}
     )
+
+
+def test_the_nemotron_3_nano_preset_is_the_published_model():
+    """Routing fields change no parameter count (top_k, routed scaling) or little (KV groups: 0.008B), so the
+    count check let them drift; these are the published config's values (shared/reference, hf_hybrid.md)."""
+    c = ModelConfig.preset("nemotron-3-nano-30b-a3b")
+    assert c.pattern == "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME" and c.hidden_size == 2688
+    assert (c.num_attention_heads, c.num_query_groups, c.head_dim) == (32, 2, 128)
+    assert (c.mamba_num_heads, c.mamba_head_dim, c.mamba_state_dim, c.mamba_num_groups) == (64, 64, 128, 8)
+    assert (c.moe_num_experts, c.moe_top_k, c.moe_ffn_hidden_size, c.moe_shared_expert_ffn_hidden_size) == (
+        128,
+        6,
+        1856,
+        3712,
+    )
+    assert (c.moe_routed_scaling, c.moe_num_groups, c.moe_router_score) == (2.5, 1, "sigmoid")
