@@ -1,5 +1,6 @@
 """`hybridlm pattern`: the table, and a clean exit 2 on bad patterns."""
 
+import json
 import subprocess
 import sys
 
@@ -33,3 +34,16 @@ def test_python_dash_m_hybridlm_is_the_command():
     r = subprocess.run([sys.executable, "-m", "hybridlm", "pattern", "M-*"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].split()[:3] == ["block", "layers", "symbols"]
+
+
+def test_a_pattern_that_starts_with_an_mlp_is_the_operand_not_an_option(capsys):
+    # '-M-M' looks like an option to argparse; both commands take it for the pattern, wherever it stands.
+    assert main(["pattern", "-M-M", "--pp", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:6]]
+    assert [r[2] for r in rows] == ["-", "M", "-", "M"] and rows[-1][6:8] == ["rank", "1"]
+    assert main(["plan", "--pp", "2", "--json", "-M-M*-"]) == 0
+    assert json.loads(capsys.readouterr().out)["pattern"].replace("|", "") == "-M-M*-"
+    assert main(["pattern", "--", "-M"]) == 0  # the explicit form still works
+    capsys.readouterr()
+    assert main(["pattern", "--pp", "-1", "M-"]) == 2  # an option's negative number is not moved
+    assert "--pp" in capsys.readouterr().err

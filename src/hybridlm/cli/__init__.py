@@ -145,9 +145,30 @@ def _error(e: BaseException) -> str:
     return one_line(f"unexpected {type(e).__name__}: {e} (this may be a bug in hybridlm; --debug shows the traceback)")
 
 
+#: The commands whose operand is a layer pattern, and the characters a pattern is written with.
+_PATTERN_COMMANDS = ("pattern", "plan")
+_PATTERN_CHARS = frozenset("MG*D+-E|/[]")
+
+
+def dash_pattern_operands(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a layer pattern that starts with ``-`` (an MLP first, ``-M-M``) moved after ``--``, so that
+    argparse takes it for the pattern instead of an unknown option. No option of ``pattern`` or ``plan`` is
+    written with pattern characters alone, nor takes such a value; a lone ``--`` keeps its usual meaning."""
+    argv = list(argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is None or argv[command] not in _PATTERN_COMMANDS or "--" in argv[command:]:
+        return argv
+    dashed = [a for a in argv[command + 1 :] if len(a) > 1 and a != "--" and a[0] == "-" and set(a) <= _PATTERN_CHARS]
+    if len(dashed) != 1:  # none, or several (argparse then says which it did not recognise)
+        return argv
+    rest = argv[command + 1 :]
+    rest.remove(dashed[0])
+    return [*argv[: command + 1], *rest, "--", dashed[0]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(dash_pattern_operands(sys.argv[1:] if argv is None else argv))
     if unknown:  # (parse_args would report them under the top-level usage, as "hybridlm: error")
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

@@ -49,8 +49,8 @@ def add_pattern(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument(
         "pattern",
-        help="layer pattern, e.g. 'M-M-[*-]M-|M-[*E]M-/*-/*-' (quote it in the shell; one that starts with '-' "
-        "goes after '--': hybridlm pattern -- '-M')",
+        help="layer pattern, e.g. 'M-M-[*-]M-|M-[*E]M-/*-/*-' (quote it in the shell; one that starts with '-', "
+        "e.g. '-M', is the pattern too)",
     )
     ap.add_argument("--pp", type=int, default=None, metavar="N", help="pipeline-parallel size to lay the blocks out on")
     ap.add_argument(
