@@ -129,3 +129,21 @@ def test_safetensors_shards_fill_up_to_the_limit_each(tmp_path):
     shards = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
     assert weight_map == dict(zip("abcdef", [s for s in shards for _ in range(2)]))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([INDEX_NAME, *shards])
+
+
+def test_a_file_behind_a_link_is_written_through_it(tmp_path):
+    # As a checkpoint folder behind a link: the link stays and points at the new file (a Megatron export,
+    # a run's config.toml), and nothing else is left beside either.
+    from hybridlm.checkpoint.megatron import load_megatron, save_megatron
+
+    (tmp_path / "real").mkdir()
+    state = {"embedding.word_embeddings.weight": torch.arange(6.0).reshape(2, 3)}
+    save_megatron({k: v + 1 for k, v in state.items()}, tmp_path / "real" / "model.pt")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "real" / "model.pt")
+    save_megatron(state, tmp_path / "link.pt")
+    assert (tmp_path / "link.pt").is_symlink()
+    assert torch.equal(
+        load_megatron(tmp_path / "real" / "model.pt")["embedding.word_embeddings.weight"],
+        state["embedding.word_embeddings.weight"],
+    )
+    assert sorted(os.listdir(tmp_path)) == ["link.pt", "real"] and os.listdir(tmp_path / "real") == ["model.pt"]

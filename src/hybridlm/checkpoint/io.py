@@ -252,11 +252,12 @@ def write_directory(
 
 def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, Callable[[Path], None]]) -> None:
     """``write(tmp)`` beside ``path`` (and each ``more`` file's), flush them to disk, then rename each over its
-    path in order: never half-written, and a failed write leaves every file as it was."""
+    path in order: never half-written, and a failed write leaves every file as it was. A path that is a
+    symbolic link is written through it (the link stays), as :func:`destination` does for folders."""
     tmps: dict[Path, Path] = {}
     try:
         for file, writer in ((path, write), *more):
-            resolved(file)
+            file = resolved(file)
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmps[file] = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
             written(file, writer, tmp)
