@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hybridlm.cli import main
 
 
@@ -47,3 +49,19 @@ def test_a_pattern_that_starts_with_an_mlp_is_the_operand_not_an_option(capsys):
     capsys.readouterr()
     assert main(["pattern", "--pp", "-1", "M-"]) == 2  # an option's negative number is not moved
     assert "--pp" in capsys.readouterr().err
+
+
+def test_a_split_that_training_refuses_says_so(capsys):
+    # A rank between the first (embedding) and the last (head) with no blocks: `hybridlm train` refuses it.
+    from hybridlm.errors import ConfigError
+    from hybridlm.train.config import RunConfig
+
+    for pattern, pp, note in (("M-||M-", 3, "rank 1 holds no layers"), ("M-|||M-", 4, "ranks 1, 2 hold no layers")):
+        with pytest.raises(ConfigError, match="would hold no layers"):
+            RunConfig().with_overrides([f"model.pattern={pattern}", f"parallel.pp={pp}"])
+        assert main(["pattern", pattern, "--pp", str(pp)]) == 0
+        assert note in capsys.readouterr().out
+    for pattern in ("|M-|M-", "M-|M-|", "M-|M-|M-"):  # first and last ranks hold the embedding and the head
+        RunConfig().with_overrides([f"model.pattern={pattern}", "parallel.pp=3"])
+        assert main(["pattern", pattern, "--pp", "3"]) == 0
+        assert "no layers" not in capsys.readouterr().out

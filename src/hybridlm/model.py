@@ -332,6 +332,9 @@ class HybridLM(nn.Module):
             self.norm_f = RMSNorm(H, config.norm_eps)
             self.lm_head = None if config.tie_embeddings else OutputHead(H, V, bias=False)
             self.mtp = nn.ModuleList(MTPDepth(config) for _ in range(p.mtp_depths))
+        # False on a pipeline stage after the first (prune_to_stage): its embedding, where it keeps one (a
+        # tied head, MTP depths), never embeds the input, which is the previous stage's hidden states.
+        self.embeds_input = True
         if target.type != "meta":
             self.to_empty(device=target)
             self.init_weights(seed)
@@ -495,7 +498,8 @@ class HybridLM(nn.Module):
                 a change of label (attention is masked, conv and SSM/GDN states restart).
             cu_seqlens: alternative to ``doc_ids``: cumulative document lengths over the
                 flattened (B*L) tokens.
-            hidden_states: (B, L, hidden) input of a pipeline stage without the embedding.
+            hidden_states: (B, L, hidden) input of a pipeline stage after the first (the previous stage's
+                output); given, it is the input, and ``input_ids`` only feed the MTP depths.
             document_ids, seq_idx: other names for ``doc_ids`` (give at most one of the three).
             return_logits: materialize the float32 logits. With labels and ``False`` (what the
                 trainer passes), each head's loss is computed chunk by chunk
@@ -510,17 +514,20 @@ class HybridLM(nn.Module):
             raise ValueError("give document boundaries once: doc_ids, document_ids and seq_idx are the same input")
         doc_ids = given[0] if given else None
         if input_ids is None and hidden_states is None:
-            raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
+            raise ValueError("forward needs input_ids (or hidden_states on a pipeline stage after the first)")
         rows = tuple((input_ids if input_ids is not None else hidden_states).shape[:2])
         _check_inputs(input_ids, labels, position_ids, rows, logits_to_keep, self.config.vocab_size)
         if position_ids is not None:
             position_ids = position_ids.expand(rows)
-        if self.embeddings is not None and (input_ids is not None) and hidden_states is None:
-            h = self.embeddings(input_ids)
-        elif hidden_states is not None:
+        if hidden_states is not None:
             h = hidden_states
+        elif self.embeddings is not None and self.embeds_input:
+            h = self.embeddings(input_ids)
         else:
-            raise ValueError("forward needs input_ids (or hidden_states on a stage without the embedding)")
+            raise ValueError(
+                "forward needs hidden_states on a pipeline stage after the first (the previous stage's output); "
+                "input_ids alone are the first stage's input"
+            )
         B, L = h.shape[:2]
         if labels is not None and (cache is not None or logits_to_keep):
             raise ValueError("labels need the logits of every position: drop cache / logits_to_keep")

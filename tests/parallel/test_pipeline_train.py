@@ -321,3 +321,67 @@ def test_a_micro_batch_size_hint_names_only_a_count_the_schedule_runs():
     looped = RunConfig().with_overrides([*BASE, "model.pattern=M|-|M|-", "parallel.pp=2"])
     assert microbatches_for(looped, 6, 2) is None  # interleaved-1f1b needs a multiple of pp: 3 is not
     assert microbatches_for(looped, 8, 2) == 4
+
+
+def test_a_later_stage_keeps_a_float32_residual_under_bf16_autocast_as_one_process_does():
+    """With one data-parallel rank the trainer sets residual_dtype: the bf16 a stage receives is its residual
+    stream's start, which one process keeps in float32 (the embedding's output); left bf16, every block of the
+    stage added its output in bf16."""
+    import torch
+
+    from hybridlm import ModelConfig
+    from hybridlm.parallel.pipeline import build_pipeline_model
+
+    config = ModelConfig.preset("tiny").replace(pattern="M-|M-*-", vocab_size=64)
+    _, (stage,) = build_pipeline_model(config, 1, 2)
+    stage.to_empty(device="cpu")
+    stage.init_weights(0)
+    seen = []
+    for block in stage.blocks.values():
+        block.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+    B, L = 1, 16
+    ids = torch.zeros(B, L, dtype=torch.long)
+    x = torch.randn(B, L, config.hidden_size).to(torch.bfloat16)  # what stage 0 sends under bf16 autocast
+    for residual, want in ((None, torch.bfloat16), (torch.float32, torch.float32)):
+        stage.residual_dtype, seen[:] = residual, []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            stage(x, input_ids=ids, labels=ids, doc_ids=ids, weight=torch.ones(B))
+        assert seen == [want] * len(stage.blocks)
+
+
+def test_a_stage_after_the_first_refuses_token_ids_alone():
+    """The last stage keeps an embedding for a tied head or MTP depths; given token ids alone it embedded them and
+    ran its own blocks: the loss of a model without the first stage's, without a word."""
+    import torch
+
+    from hybridlm import ModelConfig
+
+    config = ModelConfig.preset("tiny").replace(pattern="M-|M-/*-", vocab_size=64)
+    ids = torch.randint(0, 64, (1, 8))
+    for tied in (True, False):
+        last = build_stage(config.replace(tie_embeddings=tied), 1, 2)
+        with pytest.raises(ValueError, match="needs hidden_states on a pipeline stage after the first"):
+            last(ids, ids)
+        h = torch.randn(1, 8, config.hidden_size)
+        assert torch.isfinite(last(ids, ids, hidden_states=h).loss)  # with them, the ids feed the MTP depth
+    first = build_stage(config, 0, 2)
+    assert first(ids).hidden_states.shape == (1, 8, config.hidden_size)
+
+
+@pytest.mark.parametrize(
+    ("sets", "hint"),
+    [
+        (["train.batch_size=2"], "--set parallel.microbatches=2, or a train.batch_size that is a multiple of 4"),
+        (["train.batch_size=6", "parallel.microbatches=4"], "microbatches=2 or 3 or 6, or a train.batch_size that"),
+    ],
+)
+def test_micro_batches_that_do_not_split_the_rows_name_the_counts_that_do(tmp_path, monkeypatch, sets, hint):
+    """The error named the problem only; the micro_batch_size mismatch beside it already said what to set."""
+    import hybridlm.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_dist", lambda device: (0, 2))  # pipeline rank 0 of 2 (the check needs no peer)
+    monkeypatch.setattr(trainer.dist, "broadcast_object_list", lambda box, src: None)  # rank 0's run folder
+    run = RunConfig().with_overrides(["model.pattern=M-|M-", "parallel.pp=2", "train.device=cpu", *sets])
+    with pytest.raises(ConfigError, match="micro-batches do not split") as e:
+        Trainer(run, run_dir=tmp_path / "run", progress=False)
+    assert e.value.field == "parallel.microbatches" and hint in str(e.value)

@@ -163,3 +163,15 @@ def test_auto_split_logs_deprecation(caplog):
     with caplog.at_level(logging.WARNING, logger="hybridlm.pattern"):
         parse("M*M*").stage(0, 2)
     assert any("DEPRECATION" in r.getMessage() for r in caplog.records)
+
+
+def test_one_rank_holds_the_whole_model_as_no_segment_and_refuses_stage_sizes():
+    """A one-segment pattern at pp 1 said segment 0 where 'M-|M-' said None (the whole model); stage sizes for
+    one rank were dropped without a word (the CLI refuses them)."""
+    for main in ("M-M-", "M-|M-"):
+        st = parse(main).stage(0, 1)
+        assert st.segment is None and st.is_first and st.is_last and st.num_blocks == 4
+    assert parse("M-M-").stage(0, 1, 0).segment == 0  # a virtual stage asked for by index is that segment
+    for kwargs in ({"first_stage_layers": 99}, {"last_stage_layers": 1}):
+        with pytest.raises(PatternError, match="with pp_size 1 the one stage holds every block"):
+            parse("M-M-").stage(0, 1, **kwargs)

@@ -72,8 +72,9 @@ def model_folder(path: str | Path, flag: str) -> Path:
         )
         raise UsageError(
             f"{flag} {path} is {what}; the run exports its model to {run / MODEL_DIR} when it reaches train.steps "
-            f"(hybridlm train --resume {run} finishes it; --set train.steps=N with N the latest checkpoint's step "
-            "exports that checkpoint as it is)"
+            f"(hybridlm train --resume {run} finishes it, a pipelined run under torchrun as it started or in one "
+            "process with --set parallel.pp=1; --set train.steps=N with N the latest checkpoint's step exports that "
+            "checkpoint as it is)"
         )
     return path
 

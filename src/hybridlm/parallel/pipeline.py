@@ -24,6 +24,7 @@ def prune_to_stage(model: nn.Module, stage: PatternStage) -> nn.Module:
     needs_embedding = stage.is_first or (stage.is_last and (model.config.tie_embeddings or len(model.mtp) > 0))
     if not needs_embedding:
         model.embeddings = None
+    model.embeds_input = stage.is_first
     if not stage.is_last:
         model.norm_f = None
         model.lm_head = None
@@ -94,12 +95,15 @@ class StageLM(HybridLM):
     Attributes:
         pattern_stage: the stage it runs.
         boundary_dtype: dtype of the hidden states sent to the next stage.
+        residual_dtype: dtype the received hidden states are cast to, on a stage after the first (None: as they
+            arrive): float32 keeps the residual stream in float32 under bf16 autocast, as one process does.
         aux_total: MoE load-balancing losses of this stage since the trainer last reset it
             (weighted, no gradient; for the logged loss).
     """
 
     pattern_stage: PatternStage
     boundary_dtype: torch.dtype = torch.float32
+    residual_dtype: torch.dtype | None = None
     aux_total: torch.Tensor | float = 0.0
 
     def forward(
@@ -138,7 +142,7 @@ class StageLM(HybridLM):
             input_ids=input_ids,
             labels=labels if stage.is_last else None,
             doc_ids=doc_ids,
-            hidden_states=None if stage.is_first else x,
+            hidden_states=None if stage.is_first else x if self.residual_dtype is None else x.to(self.residual_dtype),
             return_logits=False,
         )
         if stage.is_last:

@@ -119,9 +119,16 @@ def select_stage(
     if n_seg == 1 and pp_size > 1:
         return _auto_split(p, text, pp_rank, pp_size, vp_stage, first, last, make, warn)
 
-    if n_seg > 1 and pp_size == 1 and vp_stage is None:
-        # Deliberate deviation from Megatron, which builds only segment 0 here: one rank
-        # without virtual stages holds the whole model.
+    if pp_size == 1 and (first is not None or last is not None):
+        raise PatternError(
+            "first_stage_layers / last_stage_layers size the first and last of several pipeline stages; with "
+            "pp_size 1 the one stage holds every block",
+            text,
+            None,
+        )
+    if pp_size == 1 and vp_stage is None:
+        # One rank without virtual stages holds the whole model, which is no segment. (A deliberate
+        # deviation from Megatron where the pattern has '|': it builds only segment 0 here.)
         return make(0, p.num_blocks, None, True, True)
 
     if n_seg > 1 and n_seg % pp_size != 0:

@@ -139,6 +139,14 @@ def render(
             where = f"rank {rank}" + ("" if vp is None else f", vp {vp}")
             span = f"blocks {start}-{stop - 1}" if stop > start else "no blocks"
             lines.append(f"  {where:<14} {span}")
+        # The first and last ranks hold the embedding and the head; a rank between them may hold nothing.
+        empty = sorted({r for r, *_ in plan} - {r for r, _, a, b in plan if b > a} - {0, pp_size - 1})
+        if empty:
+            lines.append(
+                f"  {'ranks' if len(empty) > 1 else 'rank'} {', '.join(map(str, empty))} "
+                f"{'hold' if len(empty) > 1 else 'holds'} no layers (an empty segment between '|'s): "
+                "hybridlm train refuses this split"
+            )
     return "\n".join(lines)
 
 

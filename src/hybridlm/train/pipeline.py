@@ -1,8 +1,8 @@
 """One training step over pipeline stages: ``parallel.pp`` ranks run the stages cut at ``|`` with a
 ``torch.distributed.pipelining`` schedule, and FSDP2 shards each stage over the data-parallel ranks.
 
-The processes form a (dp, pp) device mesh (rank = dp_index * pp + pp_index). Every rank of a
-data-parallel group reads the same rows; the first stage takes the token ids, and the token ids,
+The processes form a (dp, pp) device mesh (rank = dp_index * pp + pp_index). Every rank of one
+pipeline replica (one dp_index) reads the same rows; the first stage takes the token ids, and the token ids,
 labels and document ids travel to every stage as keyword inputs of each micro-batch. Each row's
 loss is weighted by its labelled tokens over all labelled tokens of the step (over dp), and FSDP
 sums the gradients, so a step equals one process's step on the whole batch.
@@ -120,8 +120,10 @@ class PipelineRunner:
         for m in self.stages:
             m.boundary_dtype = param_dtype or torch.float32
             # One data-parallel rank has nothing to shard: the stage then runs like the one-process
-            # trainer (float32 parameters under autocast), without FSDP's per-step copies
-            # (measured on one H200: 0.925x -> 0.942x of the same plain benchmark step).
+            # trainer (float32 parameters under autocast, a float32 residual stream from the bf16 it
+            # receives), without FSDP's per-step copies (measured on one H200: 0.925x -> 0.942x of the
+            # same plain benchmark step). Under FSDP the residual is in the gathered parameters' dtype.
+            m.residual_dtype = torch.float32 if self.dp == 1 else None
             if self.dp > 1:
                 # Stages keep their gathered parameters between micro-batches (torchtitan does the same).
                 apply_fsdp(m, self.mesh["dp"], param_dtype, reshard_after_forward=False, sum_gradients=True)

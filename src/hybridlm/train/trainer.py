@@ -210,7 +210,7 @@ class Trainer:
         run, t = self.run, self.run.train
         torch.manual_seed(t.seed)
 
-        # The layout first: the corpus may take long to read. Pipeline ranks of one data-parallel group read the
+        # The layout first: the corpus may take long to read. The pp ranks of one pipeline replica read the
         # same rows (rank = dp index * pp + pp index).
         self.pp = run.parallel.pp
         if self.world % self.pp:
@@ -226,10 +226,13 @@ class Trainer:
         if self.pp > 1:  # the pipeline splits each step into parallel.microbatches
             n_micro = run.parallel.resolved_microbatches()
             if self.local_batch % n_micro:
+                fits = [n for r in range(1, self.local_batch + 1) if (n := microbatches_for(run, self.local_batch, r))]
+                hint = f"--set parallel.microbatches={' or '.join(map(str, sorted(fits)))}, or " if fits else ""
                 raise ConfigError(
                     "parallel.microbatches",
                     f"{n_micro} micro-batches do not split the {self.local_batch} rows each data-parallel rank "
-                    f"takes per step (train.batch_size {t.batch_size} / {self.dp} data-parallel ranks)",
+                    f"takes per step (train.batch_size {t.batch_size} / {self.dp} data-parallel ranks); {hint}"
+                    f"a train.batch_size that is a multiple of {self.dp * n_micro}",
                 )
             self.micro = self.local_batch // n_micro
             if t.micro_batch_size not in (None, self.micro):
@@ -500,7 +503,7 @@ class Trainer:
         valid = (labels != -100).sum()
         if self.world > 1:
             dist.all_reduce(valid)
-            valid = valid // self.pp  # the pp ranks of a data-parallel group hold the same rows
+            valid = valid // self.pp  # the pp ranks of a pipeline replica hold the same rows
         return valid.clamp(min=1)
 
     def _mark_graph_step(self) -> None:
