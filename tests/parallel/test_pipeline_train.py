@@ -385,3 +385,48 @@ def test_micro_batches_that_do_not_split_the_rows_name_the_counts_that_do(tmp_pa
     with pytest.raises(ConfigError, match="micro-batches do not split") as e:
         Trainer(run, run_dir=tmp_path / "run", progress=False)
     assert e.value.field == "parallel.microbatches" and hint in str(e.value)
+
+
+# Layouts beyond the default suite's (slow: several torchrun jobs each; `pytest -m slow` runs them).
+P2_ALIKE = "model.pattern=M-[*E]|M-[*-]/[*-]"
+P4_ALIKE = "model.pattern=M-|[*E]|M-|[*-]/[*-]"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_empty_end_segments_and_empty_virtual_stage_follow_one_process(tmp_path):
+    """A first stage holding only the embedding, a last one holding only norm/head/MTP, and an
+    empty *virtual* stage (rank 1's segment 1 in 'M-||...') are accepted by the checks; they must
+    also train as one process does."""
+    jobs = [
+        {"set": [*BASE, "model.pattern=|M-[*E]M-[*-]/[*-]", "parallel.pp=2"], "run_dir": str(tmp_path / "first")},
+        {"set": [*BASE, "model.pattern=M-[*E]M-[*-]|/[*-]", "parallel.pp=2"], "run_dir": str(tmp_path / "last")},
+        {"set": [*BASE, "model.pattern=M-||[*E]M-|[*-]/[*-]", "parallel.pp=2"], "run_dir": str(tmp_path / "vempty")},
+        {"set": [*BASE, P4_ALIKE, "parallel.pp=2", "parallel.schedule=looped-bfs"], "run_dir": str(tmp_path / "bfs")},
+    ]
+    torchrun(2, jobs, tmp_path)
+    ref = one_process(tmp_path / "ref", P2_ALIKE)
+    for name in ("first", "last", "vempty", "bfs"):
+        assert_same_run(tmp_path / name, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("pp, pattern", [(3, "model.pattern=M-|[*E]M-|[*-]/[*-]"), (4, P4_ALIKE)])
+def test_three_and_four_stages_follow_one_process(tmp_path, pp, pattern):
+    """Middle ranks are in no tied-embedding group and hold neither embedding nor head."""
+    sets = [*BASE, pattern, f"parallel.pp={pp}", "parallel.microbatches=4"]
+    torchrun(pp, [{"set": sets, "run_dir": str(tmp_path / "run")}], tmp_path)
+    assert_same_run(tmp_path / "run", one_process(tmp_path / "ref", P2_ALIKE))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_resume_pp2_then_dp2_pp2_interleaved_then_dp2(tmp_path):
+    """The suite resumes pp 2 -> one process -> dp 2; never into or out of FSDP-sharded stages."""
+    run = str(tmp_path / "moved")
+    torchrun(2, [{"set": [*BASE, P2_ALIKE, "parallel.pp=2"], "run_dir": run, "until": 1}], tmp_path)
+    sets = [*BASE, P4_ALIKE, "parallel.pp=2", "parallel.microbatches=2"]
+    torchrun(4, [{"set": sets, "run_dir": run, "until": 2, "resume": True}], tmp_path)
+    torchrun(2, [{"set": [*BASE, P2_ALIKE], "run_dir": run, "resume": True}], tmp_path)
+    assert_same_run(tmp_path / "moved", one_process(tmp_path / "ref", P2_ALIKE))

@@ -379,7 +379,10 @@ class RunConfig:
                 )
         elif n_seg % par.pp:
             raise ConfigError(
-                "parallel.pp", f"must divide the pattern's {n_seg} '|' segments (one stage per segment), got {par.pp}"
+                "parallel.pp",
+                f"must divide the pattern's {n_seg} '|' segments (one stage per segment), got {par.pp}; or place the "
+                "'|' anew (--set model.pattern=..., also at a resume: checkpoints load into any split; hybridlm plan "
+                f"--pp {par.pp} balances them)",
             )
         from .pipeline import check_every_rank_holds_layers
 
