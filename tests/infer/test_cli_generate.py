@@ -238,3 +238,113 @@ def test_generate_and_convert_take_a_run_and_explain_a_training_checkpoint(tmp_p
         err = capsys.readouterr().err
         assert f"is a training-state checkpoint of the run {run_dir} (DCP, not a model folder)" in err, err
         assert f"hybridlm train --resume {run_dir}" in err
+
+
+def test_more_options_are_refused_by_flag_before_the_model_is_loaded(checkpoint, capsys, monkeypatch):
+    from hybridlm.checkpoint import weights
+
+    path, _ = checkpoint
+    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
+    for argv, says in (
+        (["--batch-size", 0], "--batch-size must be >= 1, got 0"),
+        (["--greedy", "--speculative", "mtp", "--draft-tokens", 0], "--draft-tokens must be >= 1, got 0"),
+        (["--greedy", "--speculative", "mtp", "--no-cache"], "--speculative needs the cache: leave out --no-cache"),
+        (["--cuda-graph", "--no-cache"], "--cuda-graph needs the cache: leave out --no-cache"),
+        (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+        (["--seed", 2**63 - 2, *("--prompt", "y") * 2, "--batch-size", 2], "the last batch draws from --seed + 2"),
+    ):
+        code, out, err = run(capsys, path, "--prompt", "x", *argv)
+        assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_the_seed_check_follows_the_batches(checkpoint, capsys):
+    """Two prompts in one batch of two draw from --seed itself: the largest seed is taken (no batch at seed + 1)."""
+    code, _, err = run(
+        capsys, checkpoint[0], *("--prompt", "x") * 2, "--batch-size", 2, "--seed", 2**63 - 1, "--max-new-tokens", 2
+    )
+    assert code == 0, err
+    assert "MTP acceptance" not in err  # reported with --speculative only
+
+
+def test_prompt_files_skip_blank_lines_and_read_json_lines_anywhere(checkpoint, capsys, tmp_path):
+    """Blank lines are no prompts; a line starting with "{" is a JSON record in a text file too, and its
+    "prompt" field comes before its "text"."""
+    path, _ = checkpoint
+    args = ("--max-new-tokens", 4, "--greedy")
+    _, expected, _ = run(capsys, path, "--prompt", "ab", *args)
+    for body in ("\n\nab\n  \n", '{"prompt": "ab"}\n', '  {"text": "zz", "prompt": "ab"}\n'):
+        (tmp_path / "p.txt").write_text(body)
+        code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.txt", *args)
+        assert code == 0 and out == expected, (body, out, err)
+
+
+def test_stop_escapes_name_newline_tab_return_and_backslash():
+    from hybridlm.cli.generate import _unescape
+
+    assert _unescape(r"a\nb\tc\rd\\n\q") == "a\nb\tc\rd\\n\\q"
+
+
+def test_streaming_holds_back_only_what_may_begin_a_stop_string(capsys):
+    """While streaming, len(longest stop) - 1 characters wait (they may begin a stop); without stops none do."""
+    from hybridlm.cli.generate import _Completion
+
+    for stops, want in (([], ["a", "b", "z", "c"]), (["zz", "q"], ["", "a", "b", "z"])):
+        row = _Completion(ByteTokenizer(), stops, stream=True)
+        shown = []
+        for ch in "abzc":
+            row.add(ord(ch))
+            shown.append(capsys.readouterr().out)
+        assert shown == want, stops
+
+
+def test_a_long_stop_string_across_the_settled_text_still_stops():
+    """A stop string longer than the settling window: its start lies in text settled before its end arrives."""
+    from hybridlm.cli.generate import _Completion
+
+    stop = "0123456789abcdefghijklmnop"  # 26 characters, more than WINDOW tokens
+    text = "x" * 40 + stop + "tail"
+    row = _Completion(ByteTokenizer(), [stop], stream=False)
+    stopped_at = next((i for i, t in enumerate(text.encode()) if row.add(t)), None)
+    assert stopped_at == len("x" * 40 + stop) - 1 and row.text == "x" * 40
+
+
+def test_prompt_files_end_lines_at_crlf_and_stats_sum_over_batches(checkpoint, capsys, tmp_path):
+    path, _ = checkpoint
+    args = ("--max-new-tokens", 4, "--greedy")
+    _, expected, _ = run(capsys, path, "--prompt", "ab", "--prompt", "cde", *args)
+    (tmp_path / "crlf.txt").write_bytes(b"ab\r\ncde\r\n")
+    code, out, err = run(capsys, path, "--prompts-file", tmp_path / "crlf.txt", *args)
+    assert code == 0 and out == expected, err
+    assert "prefill 5 tokens" in err  # both batches of one prompt: 2 + 3
+
+
+def test_the_first_stop_string_in_the_text_cuts_it():
+    from hybridlm.cli.generate import _Completion
+
+    row = _Completion(ByteTokenizer(), ["b", "xb"], stream=False)  # both end with the same token
+    assert [row.add(t) for t in b"axb"] == [False, False, True] and row.text == "a"
+
+
+def test_output_that_is_not_utf8_settles_too_and_reads_as_the_whole_decode():
+    """Bytes that are not UTF-8 never settled (each cut ended in a replacement character), so every token decoded
+    the whole completion again. Settled or not, the text is at every token what the whole completion decodes to
+    (truncated sequences before ASCII, lone continuation bytes, 0xFF)."""
+    from hybridlm.cli.generate import _Completion
+    from hybridlm.train.tokenizer import ByteTokenizer
+
+    class Counting(ByteTokenizer):
+        longest = 0
+
+        def decode(self, ids):
+            Counting.longest = max(Counting.longest, len(ids))
+            return super().decode(ids)
+
+    for ids in ([0xFF] * 400, [0xE2, 0x82, 0x41, 0x80, 0xF0, 0x9F] * 70, list("€ä日".encode()[1:]) * 60):
+        row = _Completion(Counting(), ["\n"], stream=False, prompt=[65])
+        for i, t in enumerate(ids):
+            assert not row.add(t)
+            assert row.text == ByteTokenizer().decode(ids[: i + 1]), (
+                i
+            )  # what the whole completion decodes to, at every token
+        assert row.settled > len(ids) - 3 * _Completion.WINDOW
+    assert Counting.longest <= 2 * _Completion.WINDOW + _Completion.CONTEXT

@@ -80,12 +80,24 @@ class _Completion:
         self.settled, self.settled_text = 0, ""  # ids[:settled] decode to settled_text, whatever follows
         self.text, self.shown, self.stopped = "", 0, False
 
-    def _decode(self, ids: list[int]) -> str:
-        """The text of ``ids``, which follow ``self.context``."""
-        if not self.context:
+    def _decode(self, ids: list[int], context: list[int] | None = None) -> str:
+        """The text of ``ids``, which follow ``context`` (default ``self.context``)."""
+        context = self.context if context is None else context[-self.CONTEXT :]
+        if not context:
             return self.tokenizer.decode(ids)
-        prefix, text = self.tokenizer.decode(self.context), self.tokenizer.decode(self.context + ids)
+        prefix, text = self.tokenizer.decode(context), self.tokenizer.decode(context + ids)
         return text[len(prefix) :] if text.startswith(prefix) else self.tokenizer.decode(ids)
+
+    def _settles(self, end: int, head: str, tail: str) -> bool:
+        """Whether ``ids[settled:end]`` (decoding to ``head``) can be settled: ``tail``, the text of all pending ids,
+        starts with it, and where ``head`` ends in a replacement character (the cut may split a byte sequence),
+        the ids after ``end`` decode to the rest of ``tail`` (output that is not UTF-8 settles too)."""
+        if not tail.startswith(head):
+            return False
+        return (
+            not head.endswith("\ufffd")
+            or self._decode(self.ids[end:], self.context + self.ids[self.settled : end]) == tail[len(head) :]
+        )
 
     def add(self, token: int) -> bool:
         if self.stopped:
@@ -97,7 +109,7 @@ class _Completion:
         if pending >= 2 * self.WINDOW and pending % self.WINDOW == 0:  # settle the older ids, if they decode alike
             for end in range(len(self.ids) - self.WINDOW, len(self.ids) - self.WINDOW - 4, -1):  # (a character
                 head = self._decode(self.ids[self.settled : end])  # is up to 4 byte tokens: not cut in one)
-                if tail.startswith(head) and not head.endswith("\ufffd"):
+                if self._settles(end, head, tail):
                     self.context = (self.context + self.ids[self.settled : end])[-self.CONTEXT :]
                     self.settled, self.settled_text, tail = end, self.settled_text + head, tail[len(head) :]
                     break
