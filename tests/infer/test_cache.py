@@ -457,3 +457,150 @@ def test_speculative_greedy_equals_plain_greedy_on_gpu(draft_tokens):
         spec = generate(model, prompt, 15, speculative="mtp", draft_tokens=draft_tokens, stats=stats)
         assert spec == generate(model, prompt, 15)
         assert stats["verify_steps"] > 0
+
+
+def test_set_padding_refuses_a_used_cache_and_a_row_without_a_real_token():
+    model = model_for("M*")
+    cache = InferenceCache.for_model(model, 2, 8)
+    with pytest.raises(ValueError, match="every row needs at least one real token"):
+        cache.set_padding(torch.tensor([[False, False, False], [True, True, True]]))
+    model(torch.ones(2, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="must be called on an empty cache, before prefill"):
+        cache.set_padding(torch.tensor([[False, True], [True, True]]))
+    assert not cache.has_padding and cache.offset == 3
+
+
+def test_rollback_keeps_a_whole_recorded_window():
+    """``keep`` may be the window's length: the states recorded after its last position (as if no draft failed)."""
+    test_rollback_keeps_the_recorded_prefix_of_a_window(4, "cpu", 1e-5)
+
+
+def test_rollback_of_a_window_that_was_not_recorded_restores_the_snapshot():
+    """No record_positions before the window: rollback refuses (False) and leaves the snapshot for a re-run."""
+    model = model_for("M[*-]M")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache, direct = InferenceCache.for_model(model, 1, 12), InferenceCache.for_model(model, 1, 12)
+    for c in (cache, direct):
+        model(ids[:, :6], cache=c)
+    snap = cache.snapshot()
+    model(ids[:, 6:9], cache=cache)
+    assert not cache.rollback(snap, 2) and cache.offset == 6 and cache.trail is None
+    step = ids[:, 6:8]
+    torch.testing.assert_close(model(step, cache=cache).logits, model(step, cache=direct).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["M*G", "+D"])
+def test_a_cache_keeps_attention_state_in_its_dtype_and_recurrent_state_in_float32(pattern):
+    """InferenceCache's ``dtype`` (default: the model's) is the dtype of keys, values, latents and convolution
+    windows; recurrent states are float32 whatever it is."""
+    model = model_for(pattern)
+    for dtype, want in ((None, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)):
+        cache = InferenceCache.for_model(model, 1, 8, dtype=dtype)
+        seen = 0
+        for state in cache.states.values():
+            for name, t in vars(state).items():
+                if name == "recurrent":
+                    assert t.dtype == torch.float32
+                elif name in ("k", "v", "c_kv", "k_pe", "conv"):
+                    assert t.dtype == want, (name, t.dtype)
+                    seen += 1
+        assert seen >= 2
+
+
+def test_a_finished_batch_stops_decoding(monkeypatch):
+    """Once every row has stopped (eos_id, callback), no more decode steps run: at most the one queued ahead."""
+    model = model_for("M*")
+    eos = generate(model, PROMPTS[0], 1)[0]
+    forwards = []
+    monkeypatch.setattr(type(model), "forward", _counting(type(model).forward, forwards))
+    out = generate(model, PROMPTS[:2], 50, eos_id=eos, callback=lambda row, token: row == 1 and token is not None)
+    assert out[0] == [eos] and len(out[1]) == 1
+    assert len(forwards) <= 2  # the prefill, and the step queued before the host read the first tokens
+
+
+def test_speculative_drafts_never_run_past_max_new_tokens(monkeypatch):
+    """A round drafts at most the tokens still wanted after the main model's own pick: with drafts that are
+    always right, every drafted token is used (drafted + one pick per round = the new tokens after the first)."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    prompt = [3, 1, 4, 1, 5]
+    truth = prompt + generate(model, prompt, max_new_tokens=30)
+    monkeypatch.setattr(_Depths, "draft", lambda self, tokens, num: truth[len(tokens) : len(tokens) + num])
+    for n in range(2, 12):
+        stats = {}
+        assert generate(model, prompt, n, speculative="mtp", stats=stats) == truth[len(prompt) : len(prompt) + n]
+        assert stats["accepted"] == stats["drafted"] and stats["drafted"] + stats["verify_steps"] == n - 1, (n, stats)
+
+
+def test_mtp_drafts_of_a_one_token_prompt_use_every_depth_that_can_see_it():
+    """Two known tokens: depths 1 and 2 draft (depth 2 reads depth 1's draft); depth 3 has no position yet."""
+    model = model_for("M*/[*-]M/[*-]M/[*-]M")
+    tokens = [9, 2]
+    depths = _Depths(model, 40)
+    cache = InferenceCache.for_model(model, 1, 40)
+    depths.feed_main(model.norm_f(model(torch.tensor([tokens[:-1]]), cache=cache).hidden_states))
+    drafts = []
+    for j in range(2):
+        drafts.append(int(model(torch.tensor([tokens + drafts])).mtp_logits[j][0, 0].argmax()))
+    assert depths.draft(tokens, 3) == drafts
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_speculative_prefill_runs_in_chunks_and_drafts_as_one_chunk_does(chunk, monkeypatch):
+    """prefill_chunk_size bounds the prefill's forwards as in plain decoding, and the depths take the main
+    model's hidden states of every chunk, not the last one only: the same drafts as one chunk."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    prompt = PROMPTS[2]
+    one, chunked = {}, {}
+    want = generate(model, prompt, 12, speculative="mtp", stats=one)
+    widths = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, ids, **kw: widths.append(ids.shape[1]) or forward(self, ids, **kw)
+    )
+    assert generate(model, prompt, 12, speculative="mtp", prefill_chunk_size=chunk, stats=chunked) == want
+    prefill = -(-len(prompt) // chunk)
+    assert sum(widths[:prefill]) == len(prompt) and max(widths[:prefill]) == chunk
+    assert want == generate(model, prompt, 12)
+    assert (chunked["drafted"], chunked["accepted"]) == (one["drafted"], one["accepted"])
+
+
+def test_mtp_draft_logits_are_the_full_forward_mtp_logits(monkeypatch):
+    """Each depth's cached run (committed positions, then the tentative ones over the drafts) sits at its true
+    RoPE positions: the logits behind each draft are the full forward's MTP logits, not just their argmax."""
+    model = model_for("M*/[*-]M/[*-]M/[*-]M")
+    tokens = [9, 2, 7, 4, 4, 1]
+    depths = _Depths(model, 40)
+    cache = InferenceCache.for_model(model, 1, 40)
+    depths.feed_main(model.norm_f(model(torch.tensor([tokens[:-1]]), cache=cache).hidden_states))
+    head, seen = model.head, []
+    monkeypatch.setattr(model, "head", lambda h: seen.append(head(h)) or seen[-1])
+    for more in ([], [11, 30]):
+        if more:  # two more tokens become known (as after a verification that accepted one draft)
+            out = model(torch.tensor([[tokens[-1], more[0]]]), cache=cache)
+            depths.feed_main(model.norm_f(out.hidden_states))
+            tokens += more
+        seen.clear()
+        drafts = depths.draft(tokens, 3)
+        got = list(seen)
+        full = model(torch.tensor([tokens + drafts])).mtp_logits
+        assert len(got) == 3
+        for j, logits in enumerate(got):
+            torch.testing.assert_close(logits[0], full[j][0, len(tokens) - 2], rtol=0, atol=1e-5)
+
+
+def test_speculative_batches_stop_at_eos_and_stream_each_row_as_plain_greedy_does():
+    """eos_id ends a row at the first token (from the prefill) or inside a verified window, and the callback
+    hears each row under its own index: the same tokens and calls as plain greedy decoding."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    free = generate(model, prompts, 12)
+    assert free[1][5] not in free[1][:5]  # row 1 stops inside the verify rounds
+    for eos_id in (free[0][0], free[1][5]):
+        out, calls = {}, {}
+        for spec in (None, "mtp"):
+            heard = calls[spec] = []
+            out[spec] = generate(
+                model, prompts, 12, eos_id=eos_id, speculative=spec, callback=lambda r, t, c=heard: c.append((r, t))
+            )
+        assert out["mtp"] == out[None] and eos_id in (out[None][0][-1], out[None][1][-1])
+        assert sorted(calls["mtp"]) == sorted(calls[None])

@@ -136,3 +136,143 @@ def test_a_tiny_temperature_samples_the_argmax():
     model = HybridLM(tiny_config("M*-"), seed=0)
     greedy = generate(model, [[1, 2], [3, 4]], 5)
     assert generate(model, [[1, 2], [3, 4]], 5, temperature=1e-45, seed=7) == greedy
+
+
+def test_out_of_range_settings_are_refused_and_the_edges_accepted():
+    """Each bound of check_sampling (and of the integer arguments) is its own rule: a bool is not a number,
+    top_p may not pass 1, a penalty of 0 or an infinite temperature is refused; the seed range's ends are taken."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    for kwargs, says in (
+        (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+        (dict(temperature=True), "temperature must be >= 0 and finite"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0 and finite"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an integer, got True"),
+        (dict(top_k=True), "top_k must be an integer >= 0"),
+        (dict(speculative="MTP"), "speculative must be None or 'mtp'"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            generate(model, [1, 2, 3], **kwargs)
+    for prompt in ([1, -1], [[1], [2, -3]]):
+        with pytest.raises(ValueError, match=r"token ids \[-\d\] are outside the vocabulary"):
+            generate(model, prompt, 2)
+    for seed in (-(2**63), 2**63 - 1):
+        assert len(generate(model, [1, 2], 2, temperature=1.0, seed=seed)) == 2
+
+
+def test_cuda_graph_with_speculative_is_refused_as_unsupported():
+    """The speculative refusal comes first, whatever the device (not 'needs a CUDA device')."""
+    model = HybridLM(tiny_config("M*/-"), seed=0)
+    with pytest.raises(ValueError, match="cuda_graph is not supported with speculative decoding"):
+        generate(model, [1, 2], 3, speculative="mtp", cuda_graph=True)
+
+
+def test_repetition_penalty_covers_generated_tokens_as_a_step_by_step_reference_does():
+    """The penalty applies to every token already in the row, prompt and output: a reference loop over the
+    full forward, penalizing each seen token's logit, picks the same tokens (cached and uncached)."""
+    model = HybridLM(tiny_config("M*-"), seed=0).eval()
+    prompt, penalty = [5, 17, 3], 3.0
+    ids = list(prompt)
+    for _ in range(12):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        ids.append(int(logits.argmax()))
+    want = ids[len(prompt) :]
+    for use_cache in (True, False):
+        assert generate(model, prompt, 12, repetition_penalty=penalty, use_cache=use_cache) == want
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token():
+    """top_k >= vocabulary size filters nothing: the same samples as top_k=0 (a top_k past it crashed topk)."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    want = generate(model, [[1, 2], [3, 4]], 5, temperature=1.0, seed=3)
+    for top_k in (97, 1000):
+        assert generate(model, [[1, 2], [3, 4]], 5, temperature=1.0, top_k=top_k, seed=3) == want
+
+
+def test_top_p_reached_exactly_keeps_the_smallest_set():
+    """Four equally likely tokens (each exactly 0.25): top_p=0.5 is reached by two of them, so the third is dropped."""
+    from hybridlm.infer.generate import Sampler
+
+    logits = torch.zeros(400, 4)
+    assert len(set(Sampler(temperature=1.0, top_p=0.5, seed=0)(logits).tolist())) == 2
+    assert len(set(Sampler(temperature=1.0, top_p=0.75, seed=0)(logits).tolist())) == 3
+
+
+def test_an_empty_prompt_starts_from_the_end_of_text_token():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    for use_cache in (True, False):
+        assert generate(model, [], 4, eos_id=5, use_cache=use_cache) == generate(model, [5], 4, eos_id=5)
+        assert generate(model, [[], [1, 2]], 4, use_cache=use_cache) == generate(model, [[0], [1, 2]], 4)
+
+
+def test_stats_count_real_tokens_alike_with_and_without_the_cache():
+    """prefill_tokens are the prompts' tokens (not the left padding), decode_tokens the tokens after each row's
+    first: the same numbers from the cached batch and from the uncached loop over its rows."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    prompts = [[5, 17, 3, 9], [1], [2, 2, 7]]
+    got = {}
+    for use_cache in (True, False):
+        stats = got[use_cache] = {}
+        out = generate(model, prompts, 5, use_cache=use_cache, stats=stats)
+        assert [len(o) for o in out] == [5, 5, 5]
+    for stats in got.values():
+        assert stats["prefill_tokens"] == 8 and stats["decode_tokens"] == 3 * 4, stats
+
+
+def test_generate_leaves_the_model_in_the_mode_it_found():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    for training in (True, False):
+        model.train(training)
+        for use_cache in (True, False):
+            generate(model, [1, 2], 3, use_cache=use_cache)
+            assert model.training == training
+
+
+def test_the_uncached_loop_over_a_batch_treats_each_row_as_the_cached_batch_does():
+    """use_cache=False runs the rows one at a time: each keeps its own repetition penalty, stops at eos_id,
+    and reports its own row to the callback, as the cached batch does."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    prompts, settings = [[5, 17, 3], [1, 2]], dict(repetition_penalty=5.0)
+    eos = generate(model, prompts, 1, **settings)[0][0]  # row 0 stops at its first token
+    seen, out = {}, {}
+    for use_cache in (True, False):
+        calls = seen[use_cache] = []
+        out[use_cache] = generate(
+            model,
+            prompts,
+            10,
+            eos_id=eos,
+            use_cache=use_cache,
+            callback=lambda r, t, c=calls: c.append((r, t)),
+            **settings,
+        )
+    assert out[True] == out[False] and out[True][0] == [eos] and len(out[True][1]) > 1
+    assert sorted(seen[True]) == sorted(seen[False])
+    assert [t for r, t in seen[False] if r == 1] == out[False][1]
+
+
+def test_a_stats_dict_given_twice_holds_the_last_calls_numbers():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    stats = {}
+    generate(model, [[1, 2, 3], [4]], 5, stats=stats)
+    generate(model, [7, 8], 3, stats=stats)
+    assert stats["prefill_tokens"] == 2 and stats["decode_tokens"] == 2
+
+
+def test_tuple_batches_are_batches_and_a_negative_eos_id_is_refused():
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    assert generate(model, ((1, 2), (3, 4, 5)), 3) == generate(model, [[1, 2], [3, 4, 5]], 3)
+    with pytest.raises(ValueError, match=r"eos_id -1 is outside the vocabulary \[0, 97\)"):
+        generate(model, [1, 2], 3, eos_id=-1)
+
+
+def test_no_new_tokens_give_an_empty_list_per_prompt_and_cacheless_speculation_is_refused():
+    model = HybridLM(tiny_config("M*/-"), seed=0)
+    assert generate(model, [[1], [2, 3], [4]], 0) == [[], [], []] and generate(model, [1, 2], 0) == []
+    with pytest.raises(ValueError, match="prefill_chunk_size must be >= 1, got 0"):
+        generate(model, [1, 2], 3, prefill_chunk_size=0)
+    with pytest.raises(ValueError, match="leave use_cache=True"):
+        generate(model, [1, 2], 3, speculative="mtp", use_cache=False)

@@ -1,10 +1,12 @@
 """Precision contracts that hold under autocast (checked with CPU bf16 autocast here, on CUDA in test_gpu)."""
 
+import pytest
 import torch
 
+from hybridlm import HybridLM
 from hybridlm.layers.moe import Router
 from hybridlm.ops.precision import matmul_dtype
-from tests.helpers import tiny_config
+from tests.helpers import MLA_TINY, tiny_config
 
 
 def test_router_logits_stay_float32_under_autocast():
@@ -28,3 +30,20 @@ def test_matmul_dtype_follows_cpu_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert matmul_dtype(x) == torch.bfloat16
     assert matmul_dtype(x.to(torch.float64)) == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("pattern", "names"),
+    [
+        ("M", {"A_log", "D", "dt_bias"}),  # Mamba2's decay, skip and step bias, as Megatron keeps them
+        ("G", {"A_log", "dt_bias"}),
+        ("D", {"indexer.weights_proj.weight", "indexer.k_norm.weight", "indexer.k_norm.bias"}),
+    ],
+)
+def test_a_bf16_model_keeps_exactly_these_mixer_parameters_in_float32(pattern, names):
+    """Listed by hand (not read back from ``keep_fp32``), so dropping a name from a mixer's list shows."""
+    model = HybridLM(tiny_config(pattern, **(MLA_TINY if pattern == "D" else {})), dtype=torch.bfloat16)
+    mixer = model.blocks["0"].layers[0].mixer
+    dtypes = {n: p.dtype for n, p in mixer.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == torch.float32} == names
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in names)

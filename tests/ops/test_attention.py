@@ -41,3 +41,28 @@ def test_compiled_document_block_mask_equals_eager_and_is_not_rebuilt_per_batch(
         a, b = block_tensors(mine), block_tensors(ref)
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(block_tensors(got), block_tensors(got2)))
+
+
+def test_flex_attention_under_the_document_block_mask_equals_the_dense_mask(monkeypatch):
+    """Position by position, not only block by block: within the diagonal blocks of 128 the block mask
+    still allows exactly what ``document_causal_mask`` allows (each query sees itself, no later key,
+    nothing of another document), so FlexAttention under it is SDPA under the dense mask."""
+    import warnings
+
+    from hybridlm.ops.attention import document_causal_mask
+
+    monkeypatch.setitem(attention._COMPILED, flex.create_block_mask, flex.create_block_mask)  # eager: fast on CPU
+    seq_idx = torch.zeros(2, 128, dtype=torch.long)
+    seq_idx[0, 50:] = 1
+    seq_idx[0, 90:] = 2
+    seq_idx[1, 1:] = 1  # a one-token document at the start
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 128, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 128, 16, generator=gen) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is not the fused kernel
+        got = flex.flex_attention(q, k, v, block_mask=document_block_mask(seq_idx), enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=True
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

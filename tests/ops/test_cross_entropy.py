@@ -161,3 +161,36 @@ def test_head_gradient_sum_starts_from_the_first_chunk():
     _accumulate_product(acc, a, b, first=True)
     _accumulate_product(acc, a, b, first=False)
     assert torch.equal(acc, a @ b + a @ b)
+
+
+def test_linear_cross_entropy_under_autocast_takes_bf16_logits_and_a_float32_softmax():
+    # Under bf16 autocast the head's matmul runs in bf16 (as the unfused head would) and the
+    # log-sum-exp, loss and softmax run in float32 on those logits: the result is the float64 cross
+    # entropy of the bf16 logits, with or without gradients.
+    torch.manual_seed(7)
+    h = torch.randn(2, 13, 16, requires_grad=True)
+    w = torch.randn(41, 16, requires_grad=True)
+    labels = torch.randint(0, 41, (2, 13))
+    labels[0, :3] = -100
+    logits = (h.detach().bfloat16() @ w.detach().bfloat16().T).double()
+    ref = F.cross_entropy(logits.reshape(-1, 41), labels.reshape(-1), ignore_index=-100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, labels, chunk=5)
+        with torch.no_grad():
+            loss_eval = linear_cross_entropy(h, w, labels, chunk=5)
+    assert loss.dtype == loss_eval.dtype == torch.float32
+    assert_rel_close(loss, ref, 1e-6, "loss")
+    assert_rel_close(loss_eval, ref, 1e-6, "no-grad loss")
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert gh.dtype == gw.dtype == torch.float32
+
+
+def test_linear_cross_entropy_of_no_tokens_has_zero_gradients():
+    # The head's gradient sum is allocated uninitialized; with no token at all no chunk overwrites it.
+    torch.full((41, 16), float("nan")).sum()  # leave NaNs where the allocator may hand out memory again
+    h = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(41, 16, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert loss.item() == 0.0 and gh.shape == (0, 16)
+    assert torch.equal(gw, torch.zeros_like(w))

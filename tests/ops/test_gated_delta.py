@@ -226,3 +226,35 @@ def test_triton_rejects_wide_heads(kernel_device):
     wide = torch.zeros(1, 4, 1, 256, device=kernel_device)
     with use_kernels("triton"), pytest.raises(ValueError, match="head dims up to 128"):
         gated_delta_rule_chunked(q, k, wide, g, beta, 16)
+
+
+def test_bad_shapes_and_chunk_size_are_refused_by_name():
+    q, k, v, g, beta = inputs(1, 8, 2, 4, 3, seed=0)
+    with pytest.raises(ValueError, match=r"k has shape \(1, 8, 2, 3\), expected \(1, 8, 2, 4\)"):
+        gated_delta_rule_chunked(q, k[..., :3], v, g, beta, 4)
+    with pytest.raises(ValueError, match=r"beta has shape \(1, 4, 2\)"):
+        gated_delta_rule_chunked(q, k, v, g, beta[:, :4], 4)
+    with pytest.raises(ValueError, match=r"initial_state has shape \(1, 2, 3, 4\)"):
+        gated_delta_rule_chunked(q, k, v, g, beta, 4, initial_state=torch.zeros(1, 2, 3, 4))
+    for chunk in (0, -4):
+        with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk}"):
+            gated_delta_rule_chunked(q, k, v, g, beta, chunk)
+
+
+def test_output_in_the_dtype_of_v_and_the_state_in_float32():
+    """The GDN layer feeds float32 (normalized) q, k and bf16 v: o must come back in v's dtype."""
+    q, k, v, g, beta = inputs(2, 12, 2, 4, 6, seed=2)
+    vb = v.bfloat16()
+    o, final = gated_delta_rule_chunked(q, k, vb, g, beta, 8, return_final_state=True)
+    assert o.dtype == torch.bfloat16 and final.dtype == torch.float32
+    o_ref, final_ref = gated_delta_rule_reference(q, k, vb, g, beta)
+    assert_rel_close(o, o_ref, 1e-2, "o")  # bf16 rounding of the result
+    assert_rel_close(final, final_ref, 1e-5, "final state")
+
+
+def test_the_dispatcher_passes_an_explicit_scale_on():
+    """``gated_delta_rule_chunked`` (what the layer calls) with a scale: that scale, on the torch path too."""
+    tensors = inputs(2, 13, 2, 5, 6, seed=7)
+    o_ref, _ = gated_delta_rule_reference(*tensors, scale=0.3)
+    with use_kernels("torch"):
+        assert_rel_close(gated_delta_rule_chunked(*tensors, 8, scale=0.3), o_ref, 1e-5, "o")

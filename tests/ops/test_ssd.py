@@ -81,3 +81,24 @@ def test_torch_path_is_float32_under_autocast():
         under = ssd_chunked_torch(x, dt, A, B, C, 16, D=D)
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, plain, rtol=0, atol=0)
+
+
+def test_bad_chunk_size_and_initial_state_are_refused_by_name():
+    x, dt, A, B, C, _ = inputs(1, 8, 4, 2, 2, 3, seed=0)
+    # (b, h, n, p) instead of (b, h, p, n): as many elements, so only the check stops it being read transposed
+    with pytest.raises(ValueError, match=r"initial_state has shape \(1, 4, 3, 2\), expected \(1, 4, 2, 3\)"):
+        ssd_chunked(x, dt, A, B, C, 4, initial_state=torch.zeros(1, 4, 3, 2))
+    for chunk in (0, -4):
+        with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk}"):
+            ssd_chunked(x, dt, A, B, C, chunk)
+
+
+def test_bf16_inputs_give_y_in_bf16_and_the_state_in_float32():
+    """y comes back in the dtype of x (the layer's next ops are bf16), the final state in float32."""
+    x, dt, A, B, C, D = inputs(2, 20, 4, 6, 2, 5, seed=6)
+    xb, Bb, Cb = (t.bfloat16() for t in (x, B, C))
+    y, final = ssd_chunked(xb, dt, A, Bb, Cb, 8, D=D, return_final_state=True)
+    assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
+    y_ref, final_ref = ssd_reference(xb, dt, A, Bb, Cb, D=D)
+    assert_rel_close(y, y_ref, 1e-2, "y")  # bf16 rounding of the result
+    assert_rel_close(final, final_ref, 1e-5, "final state")
