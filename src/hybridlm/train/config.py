@@ -98,7 +98,7 @@ class TrainConfig:
     batch_size: int = 16  #: sequences per optimizer step, over all processes
     micro_batch_size: int | None = None  #: sequences per forward; batch_size / this = accumulation steps
     seed: int = 0
-    device: str = "auto"  #: "auto" (CUDA when available), "cpu" or "cuda"
+    device: str = "auto"  #: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
     precision: str = "auto"  #: "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
     activation_checkpointing: bool = False  #: recompute each block (a fused block is one unit)
     #: with activation_checkpointing: "full", "selective" (keep matmul/attention outputs, recompute
