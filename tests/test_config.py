@@ -235,3 +235,82 @@ def test_the_nemotron_3_nano_preset_is_the_published_model():
         3712,
     )
     assert (c.moe_routed_scaling, c.moe_num_groups, c.moe_router_score) == (2.5, 1, "sigmoid")
+
+
+def test_boundary_values_that_are_valid_are_accepted():
+    """Guards against off-by-one refusals: a token may use every expert (top_k = num_experts) and every group
+    (topk_groups = num_groups); dt_min may equal dt_max; a zero floor, clamp, shared expert or aux weight is off."""
+    base = {"pattern": "M-E", "vocab_size": 64, "hidden_size": 256, "moe_num_experts": 4}
+    for changes in (
+        {"moe_top_k": 4},
+        {"moe_num_groups": 2, "moe_topk_groups": 2, "moe_top_k": 4},
+        {"mamba_dt_min": 0.01, "mamba_dt_max": 0.01, "mamba_dt_init_floor": 0.0, "mamba_dt_clamp_min": 0.0},
+        {"moe_shared_expert_ffn_hidden_size": 0, "moe_aux_loss_coeff": 0.0},
+    ):
+        ModelConfig(**{**base, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"init_std": 0.0}, "init_std"),
+        ({"hidden_size": True}, "hidden_size"),
+        ({"vocab_size": 2**63}, "vocab_size"),
+        ({"pattern": "M", "mamba_dt_min": 0.15, "mamba_dt_max": 0.1}, "mamba_dt_min"),
+        ({"pattern": "M", "mamba_dt_init_floor": -1e-4}, "mamba_dt_init_floor"),
+        ({"pattern": "M", "mamba_dt_clamp_min": -0.01}, "mamba_dt_clamp_min"),
+        ({"pattern": "M", "mamba_head_dim": 48}, "mamba_num_heads"),
+        ({"pattern": "G", "gdn_dt_init_floor": -1e-4}, "gdn_dt_init_floor"),
+        ({"pattern": "G", "gdn_chunk_size": 0}, "gdn_chunk_size"),
+        ({"pattern": "-", "ffn_hidden_size": -8}, "ffn_hidden_size"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_routed_scaling": 0.0}, "moe_routed_scaling"),
+        (
+            {"pattern": "E", "moe_num_experts": 4, "moe_shared_expert_ffn_hidden_size": -1},
+            "moe_shared_expert_ffn_hidden_size",
+        ),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_aux_loss_coeff": -0.01}, "moe_aux_loss_coeff"),
+        ({"pattern": "*", "num_attention_heads": 4, "rope_theta": 0.0}, "rope_theta"),
+        ({"pattern": "+", "num_attention_heads": 4, "qk_pos_emb_head_dim": 5}, "qk_pos_emb_head_dim"),
+        ({"pattern": "D", "num_attention_heads": 4, "q_lora_rank": None}, "q_lora_rank"),
+        ({"pattern": "D", "num_attention_heads": 4, "dsa_indexer_head_dim": 63}, "dsa_indexer_head_dim"),
+        ({"pattern": "D", "num_attention_heads": 4, "dsa_indexer_loss_coeff": -0.1}, "dsa_indexer_loss_coeff"),
+    ],
+)
+def test_more_invalid_values_are_refused_by_name(changes, field):
+    """Guards against dropped or loosened checks the parametrized list above did not exercise: each value
+    here builds a model that cannot run, or runs wrongly (a negative loss weight, a dt clamp below 0)."""
+    base = {"pattern": "M-", "vocab_size": 64, "hidden_size": 256}
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(**{**base, **changes})
+    assert info.value.field == field
+
+
+def test_schema_version_below_one_is_refused():
+    d = ModelConfig.preset("tiny").to_dict()
+    for version in (0, -1, "1", 1.0, True):
+        with pytest.raises(ConfigError, match="schema_version"):
+            ModelConfig.from_dict({**d, "schema_version": version})
+
+
+def test_resolved_rotary_and_gdn_sizes():
+    """Guards against an odd rotary width (RoPE rotates channel pairs) and GDN defaults: heads =
+    hidden_size / gdn_head_dim but at least one, value heads = gdn_num_heads."""
+    c = ModelConfig(pattern="*", vocab_size=8, hidden_size=40, num_attention_heads=4, position_embedding="rope")
+    assert c.resolved_head_dim == 10 and c.replace(rotary_percent=0.5).rotary_dim == 4
+    assert c.replace(rotary_percent=0.75).rotary_dim == 6
+    g = ModelConfig(pattern="G", vocab_size=8, hidden_size=64, gdn_head_dim=128)
+    assert g.resolved_gdn_num_heads == 1 and g.resolved_gdn_num_value_heads == 1
+    g = g.replace(hidden_size=256, gdn_head_dim=32)
+    assert g.resolved_gdn_num_heads == 8 and g.resolved_gdn_num_value_heads == 8
+    assert g.replace(gdn_num_heads=2).resolved_gdn_num_value_heads == 2
+
+
+def test_moe_presets_route_as_published():
+    """Routing fields the parameter count does not see. Nemotron-3 Nano's router (hf_hybrid.md 2.5.5) has the
+    selection-only ``e_score_correction_bias`` and renormalizes its top-k weights; bench-moe-1b is, as
+    docs/model.md states, 64 experts top-6 with a 2048-wide shared expert, 3.93B parameters."""
+    c = ModelConfig.preset("nemotron-3-nano-30b-a3b")
+    assert c.moe_router_expert_bias is True and c.moe_norm_topk_prob is True and c.moe_topk_groups == 1
+    b = ModelConfig.preset("bench-moe-1b")
+    assert (b.moe_num_experts, b.moe_top_k, b.moe_shared_expert_ffn_hidden_size) == (64, 6, 2048)
+    assert (b.moe_router_score, b.moe_router_expert_bias, b.moe_routed_scaling) == ("sigmoid", True, 2.5)

@@ -423,3 +423,173 @@ def test_a_tied_bf16_model_returns_float32_logits():
     out = model(torch.randint(0, 97, (1, 9)))
     assert out.logits.dtype == out.mtp_logits[0].dtype == torch.float32
     assert torch.isfinite(out.logits).all()
+
+
+def _randomize(model, seed):
+    """Decisive random parameters: norm weights around 1, projections of unit-ish gain, a spread-out router."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / p.shape[-1] ** 0.5)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _mlp(mixer, x):
+    return (x @ mixer.up_proj.weight.T).clamp(min=0).pow(2) @ mixer.down_proj.weight.T
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_with_mtp_equals_a_float64_reference_written_out(tie):
+    """The whole forward written out in float64 for an attention/MoE/MLP model with two MTP depths (Megatron's MTP:
+    depth d embeds the tokens rolled d left, ``eh_proj(cat[enorm(emb), hnorm(h_prev)])`` with h_prev the
+    previous depth's normed output, then its layers and ``final_layernorm``; its targets the labels d further
+    on, never across a document end), a large norm_eps so every norm's epsilon shows, and the total loss
+    ``lm + mtp_loss_scale * mean(mtp)``. Fused-vs-unfused twins and loss-only MTP checks let the depth's input
+    shift, its chaining, its norms, its concatenation order and the fused seam's epsilon drift unseen."""
+    import copy
+
+    from hybridlm.layers.attention import attention_reference
+    from hybridlm.layers.moe import moe_reference
+
+    config = tiny_config("[*E]-/-/-", norm_eps=0.5, mtp_loss_scale=0.3, tie_embeddings=tie, moe_router_score="sigmoid")
+    model = HybridLM(config, seed=0, dtype=torch.float64)
+    _randomize(model, 1)
+    gen = torch.Generator().manual_seed(2)
+    B, L, eps = 2, 11, config.norm_eps
+    ids = torch.randint(0, config.vocab_size, (B, L), generator=gen)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    doc_ids = torch.tensor([[0] * 4 + [1] * 7, [0] * 11])
+    out = model(ids, labels, doc_ids=doc_ids)
+
+    E = model.embeddings.weight
+    W = E if tie else model.lm_head.weight
+
+    def layers(x, blocks):
+        for block in blocks.values():
+            for layer in block.layers:
+                normed = _rms(x, layer.norm.weight, eps)
+                if layer.symbol == "*":
+                    x = x + attention_reference(layer.mixer, normed, torch.arange(L).expand(B, L), doc_ids)
+                elif layer.symbol == "E":
+                    x = x + moe_reference(copy.deepcopy(layer.mixer).double(), normed)  # its router is kept float32
+                else:
+                    x = x + _mlp(layer.mixer, normed)
+        return x
+
+    h = _rms(layers(E[ids], model.blocks), model.norm_f.weight, eps)
+    logits, hiddens = [h @ W.T], h
+    for d, depth in enumerate(model.mtp, start=1):
+        emb = E[torch.roll(ids, -d, 1)]
+        x = torch.cat([_rms(emb, depth.enorm.weight, eps), _rms(hiddens, depth.hnorm.weight, eps)], -1)
+        hiddens = _rms(layers(x @ depth.eh_proj.weight.T, depth.blocks), depth.final_norm.weight, eps)
+        logits.append(hiddens @ W.T)
+    ce = torch.nn.functional.cross_entropy
+    losses = []
+    for d, lg in enumerate(logits):
+        target = torch.full_like(labels, -100)
+        target[:, : L - d] = labels[:, d:]
+        if d:
+            target[:, : L - d][doc_ids[:, d:] != doc_ids[:, : L - d]] = -100
+        losses.append(ce(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), ignore_index=-100))
+    total = losses[0] + config.mtp_loss_scale * torch.stack(losses[1:]).mean()
+
+    # The MoE router computes in float32 (as NemotronH does), so agreement is to float32 rounding.
+    assert_rel_close(out.logits, logits[0], 1e-6, "logits")
+    for d in (1, 2):
+        assert_rel_close(out.mtp_logits[d - 1], logits[d], 1e-6, f"depth {d} logits")
+        assert_rel_close(out.mtp_losses[d - 1], losses[d], 1e-6, f"depth {d} loss")
+    assert_rel_close(out.loss, total, 1e-6, "total loss")
+    chunked = model(ids, labels, doc_ids=doc_ids, return_logits=False)
+    assert chunked.logits is None and chunked.mtp_logits == []
+    assert_rel_close(chunked.loss, total, 1e-6, "chunked loss")
+
+
+def test_a_token_or_label_equal_to_the_vocab_size_is_refused():
+    """The first id past the vocabulary (an off-by-one tokenizer) is refused like any other: the checks were
+    only tried with ids far beyond it."""
+    model = HybridLM(tiny_config("M-"), seed=0)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(ids + torch.tensor([0, 0, 0, 97]))
+    with pytest.raises(ValueError, match="97 is neither a token id"):
+        model(ids, labels=ids + torch.tensor([0, 0, 97, 0]))
+    model(ids + 96, labels=ids + 96)  # the last id is fine
+
+
+def test_labels_with_logits_to_keep_are_refused_and_return_logits_false_returns_none():
+    model = HybridLM(tiny_config("M-/-"), seed=0)
+    ids = torch.randint(0, 97, (2, 6))
+    for return_logits in (True, False):
+        with pytest.raises(ValueError, match="labels need the logits of every position"):
+            model(ids, ids, logits_to_keep=2, return_logits=return_logits)
+    out = model(ids, ids, return_logits=False)
+    assert out.logits is None and out.mtp_logits == [] and torch.isfinite(out.loss)
+
+
+def test_output_projections_scaled_by_the_main_stack_layer_count():
+    """out_std = init_std / sqrt(canonical layers of the main stack) (Megatron's scaled init), tight enough to tell
+    n from n + 1 layers; the MTP depths' layers do not count. The output head is N(0, init_std), not scaled."""
+    from hybridlm.layers import MLP
+
+    for pattern, n in (("-", 1), ("[*-]", 2), ("*-/-", 2), ("*-*-*", 5)):
+        config = tiny_config(pattern, hidden_size=64, ffn_hidden_size=256, vocab_size=512, init_std=0.05)
+        model = HybridLM(config, seed=0)
+        down = next(m for m in model.modules() if isinstance(m, MLP)).down_proj.weight
+        assert abs(down.std().item() / (0.05 / n**0.5) - 1) < 0.04, pattern
+        assert abs(model.lm_head.weight.std().item() / 0.05 - 1) < 0.04, pattern
+
+
+def test_attention_only_in_the_mtp_depths_gets_rope():
+    """RoPE reaches an attention layer that lives only in an MTP depth (its cos/sin were made only when the
+    main stack had attention)."""
+    model = HybridLM(tiny_config("M-/*-", position_embedding="rope"), seed=0)
+    ids = torch.randint(0, 97, (2, 8))
+    plain, spread = model(ids), model(ids, position_ids=torch.arange(0, 16, 2)[None])
+    assert torch.equal(plain.logits, spread.logits)  # no attention in the main stack
+    assert not torch.allclose(plain.mtp_logits[0], spread.mtp_logits[0])
+
+
+def test_each_mtp_depth_draws_its_own_weights():
+    """Each depth's layers come from generators of their own, not the main stack's nor another depth's."""
+    model = HybridLM(tiny_config("*-*-/*-/*-"), seed=0)
+    main = model.blocks["2"].layers[0].mixer.o_proj.weight
+    first, second = (depth.blocks["0"].layers[0].mixer.o_proj.weight for depth in model.mtp)
+    assert not torch.equal(first, second) and not torch.equal(first, main) and not torch.equal(second, main)
+
+
+def test_reset_buffers_zeroes_the_expert_counts():
+    """What a model allocated on meta and loaded (``to_empty`` leaves garbage) relies on."""
+    model = HybridLM(tiny_config("M-E/E"), seed=0)
+    counts = [b for n, b in model.named_buffers() if n.endswith("tokens_per_expert")]
+    assert len(counts) == 2
+    for b in counts:
+        b.fill_(5)
+    model.reset_buffers()
+    assert all(int(b.abs().sum()) == 0 for b in counts)
+
+
+def test_a_tied_head_trains_the_embedding_through_the_chunked_loss_too():
+    """The chunked loss (``return_logits=False``, the trainer's path) gives a tied model the same gradients as
+    the loss on materialized logits, the embedding's through the head included."""
+    model = HybridLM(tiny_config("M-/-", tie_embeddings=True), seed=0, dtype=torch.float64)
+    ids = torch.randint(0, 97, (2, 7))
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        model(ids, torch.roll(ids, -1, 1), return_logits=return_logits).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_the_moe_benchmark_preset_has_its_documented_size():
+    """docs/model.md: bench-moe-1b has 3.93B parameters; the count was checked for the other presets only."""
+    model = HybridLM(ModelConfig.preset("bench-moe-1b"), device="meta")
+    assert abs(float(model.num_params()) / 1e9 - 3.93) < 0.01

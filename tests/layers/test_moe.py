@@ -32,3 +32,106 @@ def test_aux_loss_is_the_switch_formula(score):
     share = torch.bincount(chosen.reshape(-1), minlength=6).double() / (18 * 2)
     expected = 0.01 * 6 * (share * probs.double().mean(0)).sum()
     torch.testing.assert_close(aux.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_moe_weights_are_initialized_as_megatron_does():
+    """Router and expert input projections N(0, init_std), expert output projections N(0, init_std / sqrt(layers))
+    (Megatron's output_layer_init_method), the selection bias zero. Only the dense layers' scales were checked."""
+    from hybridlm import HybridLM
+
+    config = ModelConfig.preset("tiny").replace(
+        pattern="EE",
+        hidden_size=64,
+        moe_num_experts=8,
+        moe_ffn_hidden_size=128,
+        mlp_activation="swiglu",
+        moe_router_expert_bias=True,
+        init_std=0.05,
+    )
+    layer = HybridLM(config, seed=0).blocks["0"].layers[0].mixer
+    out_std = 0.05 / 2**0.5
+
+    def std(t):
+        return t.float().std().item()
+
+    for name, t, expected in (
+        ("gate.weight", layer.gate.weight, 0.05),
+        ("experts.up_proj", layer.experts.up_proj, 0.05),
+        ("experts.gate_proj", layer.experts.gate_proj, 0.05),
+        ("experts.down_proj", layer.experts.down_proj, out_std),
+        ("shared_experts.down_proj", layer.shared_experts.down_proj.weight, out_std),
+    ):
+        assert abs(std(t) / expected - 1) < 0.1, f"{name}: std {std(t):.4g} != {expected:.4g}"
+    assert torch.equal(layer.gate.e_score_correction_bias, torch.zeros(8))
+
+
+def test_no_balancing_loss_without_gradients():
+    """The balancing loss is a training term: recorded only with gradients on (an evaluation's loss is the
+    cross entropy alone, as documented in MoE.forward)."""
+    config = ModelConfig.preset("tiny").replace(moe_aux_loss_coeff=0.01)
+    layer = MoE(config)
+    layer.init_weights(torch.Generator().manual_seed(0), 0.02, 0.01)
+    x = torch.randn(2, 5, config.hidden_size)
+    aux_losses = []
+    with torch.no_grad():
+        layer(x, None, aux_losses)
+    assert aux_losses == []
+    layer(x, None, aux_losses)
+    assert len(aux_losses) == 1
+
+
+@pytest.mark.parametrize(("groups", "topk_groups", "top_k"), [(4, 2, 3), (4, 3, 4), (2, 2, 3)])
+def test_group_limited_routing_keeps_the_best_groups(groups, topk_groups, top_k):
+    """Group-limited routing against a float64 computation written out (hf_hybrid.md 2.5.5): a group's score is
+    the sum of its two best biased choice scores, the topk_groups best groups stay, top-k picks within them and
+    the weights are the unbiased sigmoid scores, renormalized, times the routed scaling. The mixer checks used
+    one group of two only, where taking the best group alone is the same."""
+    config = ModelConfig.preset("tiny").replace(
+        moe_num_experts=8,
+        moe_top_k=top_k,
+        moe_num_groups=groups,
+        moe_topk_groups=topk_groups,
+        moe_router_score="sigmoid",
+        moe_router_expert_bias=True,
+        moe_routed_scaling=2.5,
+    )
+    layer = MoE(config)
+    gen = torch.Generator().manual_seed(groups * 10 + topk_groups)
+    with torch.no_grad():
+        layer.gate.weight.copy_(torch.randn(layer.gate.weight.shape, generator=gen))
+        layer.gate.e_score_correction_bias.copy_(0.3 * torch.randn(8, generator=gen))
+    x = torch.randn(40, config.hidden_size, generator=gen)
+    _, weights, idx = layer.gate(x)
+
+    s = (x.double() @ layer.gate.weight.double().T).sigmoid()
+    choice = s + layer.gate.e_score_correction_bias.double()
+    per = 8 // groups
+    want_idx, want_w = [], []
+    for t in range(x.shape[0]):
+        group_score = [sorted(choice[t, g * per : (g + 1) * per].tolist())[-2:] for g in range(groups)]
+        best = sorted(range(groups), key=lambda g: -sum(group_score[g]))[:topk_groups]
+        allowed = [e for e in range(8) if e // per in best]
+        chosen = sorted(allowed, key=lambda e: -choice[t, e].item())[:top_k]
+        w = s[t, chosen]
+        want_idx.append(chosen)
+        want_w.append(2.5 * w / w.sum())
+    assert idx.tolist() == want_idx
+    torch.testing.assert_close(weights.double(), torch.stack(want_w), rtol=1e-5, atol=1e-6)
+
+
+def test_the_router_computes_in_float32_in_a_bf16_model_and_under_autocast():
+    """Routing decides which experts run: NemotronH computes it in float32 (hf_hybrid.md 2.5.5), whatever the
+    activations' dtype and under bf16 autocast too."""
+    from hybridlm import HybridLM
+
+    model = HybridLM(ModelConfig.preset("tiny").replace(pattern="E"), seed=0, dtype=torch.bfloat16)
+    gate = model.blocks["0"].layers[0].mixer.gate
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    want = (x.to(torch.bfloat16).double() @ gate.weight.double().T).softmax(-1)
+    scores, _, _ = gate(x.to(torch.bfloat16))
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, _, _ = gate(x)
+    want = (x.double() @ gate.weight.double().T).softmax(-1)
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-6)
