@@ -60,8 +60,9 @@ def test_use_kernels_restores_an_earlier_set_kernels_setting(monkeypatch):
 
 @requires_triton
 def test_an_override_decides_that_ops_path():
-    """On CPU tensors ``triton`` forces the kernels (the interpreter's setting); one op held on the reference."""
-    x = torch.zeros(2)
+    """``triton`` forces the kernels (on CPU tensors: the interpreter's setting, how CPU tests run them); one op
+    held on the reference."""
+    x = torch.zeros(2, device="cuda" if torch.cuda.is_available() else "cpu")
     reset_paths()
     with use_kernels("triton,add_rms_norm=torch"):
         assert choose("add_rms_norm", x) == "torch"
@@ -89,7 +90,8 @@ def test_forced_triton_on_the_cpu_outside_the_interpreter_is_refused_by_name(mon
             dispatch.check_device(torch.device("cpu"))
         dispatch.check_device("cuda")  # fine: what CUDA runs is the kernels' business
     monkeypatch.setenv(ENV, "triton")
-    assert main(["train", "--run-dir", str(tmp_path / "run"), "--set", "train.steps=1"]) == 2
+    run = ["train", "--run-dir", str(tmp_path / "run"), "--set", "train.steps=1", "--set", "train.device=cpu"]
+    assert main(run) == 2  # the device pinned: on a machine with CUDA the default run would take the GPU
     assert "'triton' for every op on cpu" in capsys.readouterr().err and not (tmp_path / "run").exists()
     for on in ("1", "true"):  # the interpreter runs them on CPU tensors (how the tests run them)
         monkeypatch.setenv("TRITON_INTERPRET", on)
