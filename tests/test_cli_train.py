@@ -102,3 +102,22 @@ def test_bare_resume_uses_run_dir(tmp_path, capsys):
     assert main(["train", "--resume", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=3", "--no-progress"]) == 0
     assert "step 3/3" in capsys.readouterr().out
     assert main(["train", "--resume"]) == 2
+
+
+def test_prepare_names_its_own_argument_and_refuses_before_tokenizing(tmp_path, capsys):
+    """prepare's missing source was called data.source (the trainer's field), after an empty progress bar."""
+    for source, said in (
+        (tmp_path / "missing.txt", f"error: source: {tmp_path / 'missing.txt'} does not exist"),
+        ("builtin:wikipedia", "error: source: unknown built-in corpus 'builtin:wikipedia'"),
+        (tmp_path, f"error: source: no .txt or .jsonl files under {tmp_path}"),
+    ):
+        assert main(["prepare", str(source), str(tmp_path / "prep")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(said) and "tokenizing" not in err and "data.source" not in err, err
+    (tmp_path / "one.json").write_text('{"text": "a"}')
+    assert main(["prepare", str(tmp_path / "one.json"), str(tmp_path / "prep")]) == 2
+    err = capsys.readouterr().err
+    assert "a .json file; training reads .txt" in err and "tokenizing" not in err, err
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["prepare", str(tmp_path / "empty.txt"), str(tmp_path / "prep")]) == 0
+    assert "wrote 1 token of 1 document to" in capsys.readouterr().out  # the end-of-document token alone

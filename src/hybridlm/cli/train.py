@@ -93,9 +93,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
     prepared_destination(args.out, args.source)  # a destination it may not replace: refused before tokenizing
-    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True)
+    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True, key="source")
     out = write_prepared(stream, args.out, tokenizer, args.source)
-    print(f"wrote {stream.num_tokens:,} tokens of {stream.num_docs:,} documents to {out}")
+    tokens, docs = stream.num_tokens, stream.num_docs
+    print(f"wrote {tokens:,} token{'s' * (tokens != 1)} of {docs:,} document{'s' * (docs != 1)} to {out}")
     return 0
 
 

@@ -89,12 +89,12 @@ class TokenStream:
 # -- reading documents ---------------------------------------------------------------------------
 
 
-def builtin_documents(name: str) -> list[str]:
+def builtin_documents(name: str, key: str = "data.source") -> list[str]:
     if name == "pydoc":
         from pydoc_data.topics import topics
 
         return [topics[k] for k in sorted(topics)]
-    raise DataError(f"data.source: unknown built-in corpus 'builtin:{name}' (known: builtin:pydoc)")
+    raise DataError(f"{key}: unknown built-in corpus 'builtin:{name}' (known: builtin:pydoc)")
 
 
 #: Extensions of JSON Lines files (a JSON object per line; NDJSON is the same format).
@@ -107,17 +107,22 @@ def _text_files(folder: Path) -> list[Path]:
     return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
 
 
-def text_documents(source: str, jsonl_field: str = "text") -> Iterator[str]:
-    """Documents of a .txt file, a folder of .txt files, or a .jsonl file."""
+def text_documents(source: str, jsonl_field: str = "text", key: str = "data.source") -> Iterator[str]:
+    """Documents of a .txt file, a folder of .txt files, or a .jsonl file. A source that does not exist or holds
+    no text is refused here, before any document is read (errors name it as ``key``)."""
     path = Path(source)
     if not path.exists():
-        raise DataError(f"data.source: {source} does not exist")
+        raise DataError(f"{key}: {source} does not exist")
     files = _text_files(path) if path.is_dir() else [path]
     if not files:
-        raise DataError(f"data.source: no .txt or .jsonl files under {source}")
+        raise DataError(f"{key}: no .txt or .jsonl files under {source}")
+    if path.suffix.lower() == ".json" and not path.is_dir():
+        raise DataError(f"{path}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
+    return _file_documents(files, jsonl_field)
+
+
+def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str]:
     for file in files:
-        if file.suffix.lower() == ".json":
-            raise DataError(f"{file}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
         if file.suffix.lower() in JSON_LINES:
             yield from _jsonl_documents(file, jsonl_field)
         else:
@@ -272,9 +277,12 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     return TokenStream(tokens, starts), meta
 
 
-def load_corpus(source: str, tokenizer, jsonl_field: str = "text", progress: bool = False) -> TokenStream:
+def load_corpus(
+    source: str, tokenizer, jsonl_field: str = "text", progress: bool = False, key: str = "data.source"
+) -> TokenStream:
+    """The tokens of ``source`` (named ``key`` in errors): a built-in corpus, a prepared folder, or text files."""
     if source.startswith("builtin:"):
-        return tokenize_documents(builtin_documents(source.split(":", 1)[1]), tokenizer, progress)
+        return tokenize_documents(builtin_documents(source.split(":", 1)[1], key), tokenizer, progress)
     path = Path(source)
     # A folder of text may hold a meta.json of its own: it is read as prepared only with token files, or
     # without text (where a damaged prepared corpus is named as one).
@@ -296,7 +304,7 @@ def load_corpus(source: str, tokenizer, jsonl_field: str = "text", progress: boo
             if kept.is_file() and kept.read_bytes() != (content.encode() if isinstance(content, str) else content):
                 raise DataError(f"{path}: prepared with another tokenizer ({name} differs from data.tokenizer's)")
         return stream
-    return tokenize_documents(text_documents(source, jsonl_field), tokenizer, progress)
+    return tokenize_documents(text_documents(source, jsonl_field, key), tokenizer, progress)
 
 
 def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStream, TokenStream | None]:
