@@ -19,7 +19,8 @@ def checkpoint(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    code = main(["generate", *map(str, argv)])
+    device = () if "--device" in argv else ("--device", "cpu")  # compared with the model in this process, on the CPU
+    code = main(["generate", *map(str, argv), *device])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -348,3 +349,21 @@ def test_output_that_is_not_utf8_settles_too_and_reads_as_the_whole_decode():
             )  # what the whole completion decodes to, at every token
         assert row.settled > len(ids) - 3 * _Completion.WINDOW
     assert Counting.longest <= 2 * _Completion.WINDOW + _Completion.CONTEXT
+
+
+def test_the_default_device_is_the_gpu_where_there_is_one(checkpoint, capsys, monkeypatch):
+    """generate ran on the CPU by default even on a GPU machine (train's default is auto)."""
+    import torch
+
+    from hybridlm import cli
+    from hybridlm.cli import device_option
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert device_option("--device", "auto") == torch.device("cuda" if cuda else "cpu")
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(cli, "device_option", lambda flag, value: seen.append(value) or torch.device("cpu"))
+    path, _ = checkpoint
+    assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "1"]) == 0
+    assert seen == ["auto"]

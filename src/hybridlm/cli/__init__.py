@@ -80,11 +80,14 @@ def model_folder(path: str | Path, flag: str) -> Path:
 
 
 def device_option(flag: str, value: str):
-    """The ``torch.device`` named by option ``flag``; UsageError unless it is cpu, or cuda[:N] with CUDA here."""
+    """The ``torch.device`` named by option ``flag``: ``auto`` (CUDA when available, else the CPU), cpu, or
+    cuda[:N] with CUDA here (UsageError otherwise)."""
     import torch
 
     from ..errors import UsageError
 
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(value)
     except RuntimeError:

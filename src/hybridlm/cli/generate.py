@@ -146,8 +146,9 @@ def _unescape(stop: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], stop)
 
 
-def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts: int) -> None:
-    """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded."""
+def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts: int):
+    """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded; the ``torch.device``
+    to run on (``--device auto`` resolved)."""
     from ..errors import UsageError
     from ..infer.generate import check_sampling
     from . import device_option
@@ -193,6 +194,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
     from ..ops.dispatch import check_device
 
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
+    return device
 
 
 def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separate: bool) -> None:
@@ -219,7 +221,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)
     stops = [_unescape(s) for s in args.stop or []]
-    _check_generate_args(args, stops, len(prompts))
+    device = _check_generate_args(args, stops, len(prompts))
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)  # the checks below, before the weights are read
     if args.speculative and not config.parsed.mtp_depths:
@@ -237,7 +239,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = load(path, device=args.device, verify=not args.no_verify)
+    model = load(path, device=device, verify=not args.no_verify)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
@@ -335,7 +337,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help="sampling seed (default 0, so a command repeats its samples: pass another to vary them; each batch "
         "of --batch-size prompts draws from seed + its first index)",
     )
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    ap.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N (default: auto)"
+    )
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")

@@ -114,14 +114,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from ..ops.dispatch import check_device
-    from ..plan.measure import default_device
     from ..plan.planner import plan_pipeline
     from . import device_option
 
-    if args.measure not in (None, "auto"):
-        device_option("--measure", args.measure)
-    if args.measure is not None:  # kernels forced to Triton on the CPU: refused before any timing
-        check_device(default_device() if args.measure == "auto" else args.measure)
+    measure = None if args.measure is None else str(device_option("--measure", args.measure))
+    if measure is not None:  # kernels forced to Triton on the CPU: refused before any timing
+        check_device(measure)
     _check_plot(args.plot)
     config, run = _resolve_model(args.pattern, args.preset, args.config)
     plan = plan_pipeline(
@@ -134,7 +132,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         else _plan_micro_batch(run, args.pp),
         recompute=args.recompute or bool(run and run.train.activation_checkpointing),
         hardware=args.hardware,
-        measure=default_device() if args.measure == "auto" else args.measure,
+        measure=measure,
     )
     if args.plot is not None:
         plan.plot(args.plot)
