@@ -99,6 +99,17 @@ def test_a_dcp_training_state_shows_its_step_and_model(tmp_path, capsys):
     assert "step         7" in out and f"pattern      {PATTERN}" in out and "hidden_size=" in out
 
 
+def test_a_training_run_shows_its_exported_model_as_generate_and_convert_read_it(tmp_path, capsys):
+    """inspect refused a run folder that generate and convert take (its model/)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert main(["inspect", str(run)]) == 2  # no model exported yet: says where to look
+    assert "a training run: inspect its model/ or one of its checkpoints/" in capsys.readouterr().err
+    hybridlm.save(tiny(), run / "model")
+    assert main(["inspect", str(run)]) == 0
+    assert capsys.readouterr().out.startswith(f"hybridlm checkpoint: {run / 'model'}\npattern      {PATTERN}")
+
+
 def test_a_damaged_training_state_is_refused_by_name(tmp_path, capsys):
     """Without .metadata it was shown as a directory of one tensor (rng.safetensors's), exit 0; a truncated or
     deleted data file passed unnoticed."""

@@ -7,10 +7,15 @@ import argparse
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from ..checkpoint.inspect import describe, render
+    from ..train.rundir import CHECKPOINTS, MODEL_DIR
 
-    info = describe(args.path)
+    path = Path(args.path)
+    if (path / CHECKPOINTS).is_dir() and (path / MODEL_DIR).is_dir():
+        path = path / MODEL_DIR  # a run directory: its exported model, as generate and convert read it
+    info = describe(path)
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
@@ -19,10 +24,10 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser(
         "inspect",
         help="show a checkpoint's config, pattern, tensor count, bytes and dtypes",
-        description="Summarize a hybridlm checkpoint directory, a Hugging Face directory, a DCP training-state "
-        "directory or a safetensors file. Reads file headers only.",
+        description="Summarize a hybridlm checkpoint directory (or a training run's exported model/), a Hugging "
+        "Face directory, a DCP training-state directory or a safetensors file. Reads file headers only.",
     )
-    ap.add_argument("path", help="checkpoint directory or .safetensors file")
+    ap.add_argument("path", help="checkpoint or run directory, or .safetensors file")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.set_defaults(func=_cmd_inspect)
 
