@@ -237,6 +237,7 @@ def convert_to_nemotron_h(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     verify: bool = True,
     eos_token_id: int | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """Convert hybridlm checkpoint directory ``src`` (its files checked against their SHA-256 unless not
     ``verify``) into a Hugging Face NemotronH directory ``dst``, which
@@ -244,7 +245,8 @@ def convert_to_nemotron_h(
     ``max_shard_size`` bytes) and the tokenizer and generation files of ``src``; MTP depths are dropped.
     Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory. ``eos_token_id``
     (the tokenizer's end of document; the CLI reads it from ``src``) goes into config.json, where transformers'
-    generation reads it (its default, 2, is some other token of most vocabularies).
+    generation reads it (its default, 2, is some other token of most vocabularies). ``extra_files`` (name ->
+    content; the CLI adds the byte tokenizer's Hugging Face files) are written too.
     """
     src, what = Path(src), "a Hugging Face NemotronH directory"
     config = read_config(src)
@@ -258,7 +260,7 @@ def convert_to_nemotron_h(
         raise CheckpointError(f"{src}: {e}") from None
     if eos_token_id is not None:
         hf_config["eos_token_id"] = eos_token_id
-    kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src))
+    kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src) | dict(extra_files or {}))
     return write_directory(dst, tensors, hf_config, "model_type", what, **kw)
 
 

@@ -39,7 +39,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.tokenizer import converted_spec, saved_eos_id
+    from ..train.tokenizer import converted_spec, exported_files, saved_eos_id
     from . import model_folder
 
     if (args.to is None) == (args.from_ is None):
@@ -64,8 +64,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--config is only used with --from megatron")
     src = model_folder(args.src, "src") if args.to else args.src  # --to: a checkpoint, or a run's model/
     kw = {"verify": False} if args.no_verify else {}
-    if args.to == "nemotron-h":  # transformers' generation stops at it
-        kw["eos_token_id"] = saved_eos_id(Path(src))
+    if args.to == "nemotron-h":  # transformers' generation stops at it; a byte tokenizer as a tokenizer.json
+        kw |= {"eos_token_id": saved_eos_id(Path(src)), "extra_files": exported_files(Path(src))}
     elif args.from_ == "nemotron-h":  # and ours: keep the id the Hugging Face config names
         kw["extra_files"] = converted_spec(src, hf_eos_token_id(src))
     out = convert(src, args.dst, **kw)

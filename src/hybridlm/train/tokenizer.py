@@ -13,6 +13,8 @@ from typing import Protocol
 from ..errors import DataError
 
 SPEC_NAME = "tokenizer.hybridlm.json"
+#: The byte tokenizer's end of document (id 256) in its Hugging Face files.
+HF_EOS = "<|endoftext|>"
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]", "<|im_end|>")
 
 
@@ -42,6 +44,36 @@ class ByteTokenizer:
     def files(self) -> dict[str, str | bytes]:
         """Files that describe this tokenizer (name -> content), to store beside a model."""
         return {SPEC_NAME: json.dumps({"type": "byte", "vocab_size": 257, "eos_id": 256}) + "\n"}
+
+    def hf_files(self) -> dict[str, str]:
+        """The same tokenizer as Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``), for an
+        exported model: byte-level BPE without merges, so byte ``b`` is token ``b`` and ``HF_EOS`` is 256."""
+        # GPT-2's printable stand-ins for bytes, which the ByteLevel pre-tokenizer and decoder use.
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        shifted = iter(range(256, 512))
+        char = {b: chr(b if b in printable else next(shifted)) for b in range(256)}
+        eos = {"id": 256, "content": HF_EOS, "single_word": False, "lstrip": False, "rstrip": False}
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        tokenizer = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [eos | {"normalized": False, "special": True}],
+            "normalizer": None,
+            "pre_tokenizer": byte_level,
+            "post_processor": None,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "vocab": {char[b]: b for b in range(256)} | {HF_EOS: 256}, "merges": []},
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": HF_EOS,
+            "clean_up_tokenization_spaces": False,
+        }
+        return {
+            "tokenizer.json": json.dumps(tokenizer, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config),
+        }
 
 
 class HFTokenizer:
@@ -122,6 +154,16 @@ def build_tokenizer(
     if not path.exists():
         raise DataError(f"{key}: {spec!r} is neither 'byte' nor an existing tokenizer.json")
     return HFTokenizer(path, eos_token or None, eos_key)
+
+
+def exported_files(directory: Path) -> dict[str, str]:
+    """Tokenizer files to add to a Hugging Face export of the model folder ``directory``: the byte tokenizer's
+    (:meth:`ByteTokenizer.hf_files`) where its spec names it; nothing otherwise (a tokenizer.json travels as it is)."""
+    try:
+        kind = json.loads((directory / SPEC_NAME).read_text()).get("type")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return ByteTokenizer().hf_files() if kind == "byte" else {}
 
 
 def saved_eos_id(directory: Path) -> int | None:

@@ -1,0 +1,82 @@
+"""The byte tokenizer as Hugging Face files: what an exported model carries, so transformers and a round trip
+back read the same ids as the bytes the model was trained on."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridlm import HybridLM, save
+from hybridlm.cli import main
+from hybridlm.train.tokenizer import HF_EOS, SPEC_NAME, ByteTokenizer, exported_files, load_tokenizer
+from tests.helpers import tiny_config
+
+TEXTS = ["", "a", "héllo wörld", " two  spaces\n\ttab\r\n", "\x00\x7f\x80 control", "日本語 🙂 emoji", "~!¡¬®ÿ"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_byte")
+    for name, content in ByteTokenizer().hf_files().items():
+        (path / name).write_text(content, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_the_hugging_face_files_encode_each_text_as_its_bytes(hf_dir, text):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    expected = list(text.encode("utf-8"))  # the ids the model was trained on
+    assert Tokenizer.from_file(str(hf_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids == expected
+    auto = AutoTokenizer.from_pretrained(hf_dir)
+    assert auto(text, add_special_tokens=False)["input_ids"] == expected
+    assert auto.decode(expected) == text
+    assert (auto.eos_token, auto.eos_token_id, len(auto)) == (HF_EOS, 256, 257)
+    assert auto.decode([*expected, 256], skip_special_tokens=True) == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40))
+def test_any_text_round_trips_through_the_hugging_face_files(hf_dir, text):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if HF_EOS not in text:  # the literal text of the end token reads as that token, as in GPT-2's files
+        assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_a_byte_model_exported_to_nemotron_h_carries_its_tokenizer_and_comes_back_with_it(tmp_path, capsys):
+    """The export had no tokenizer: transformers could not read text for it, and the model converted back
+    could not generate without --tokenizer."""
+    config = tiny_config("M-*-", vocab_size=257).replace(position_embedding="none")
+    save(HybridLM(config, seed=0), tmp_path / "ours", extra_files=ByteTokenizer().files())
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "nemotron-h"]) == 0
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["eos_token_id"] == 256
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--from", "nemotron-h"]) == 0
+    back = load_tokenizer(tmp_path / "back")
+    assert back.eos_id == 256 and back.vocab_size == 257
+    for text in TEXTS:
+        assert back.encode(text) == ByteTokenizer().encode(text)
+        assert back.decode(ByteTokenizer().encode(text)) == text
+    capsys.readouterr()
+    argv = ["--prompt", "héllo", "--max-new-tokens", "6", "--greedy", "--device", "cpu"]
+    outs = []
+    for folder in ("ours", "back"):
+        assert main(["generate", str(tmp_path / folder), *argv]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("héllo")
+
+
+def test_only_a_byte_spec_adds_files(tmp_path):
+    assert exported_files(tmp_path) == {}  # no spec
+    (tmp_path / SPEC_NAME).write_text(json.dumps({"type": "hf", "file": "tokenizer.json", "eos_id": 2}))
+    assert exported_files(tmp_path) == {}  # its tokenizer.json travels as it is
+    (tmp_path / SPEC_NAME).write_text("not json")
+    assert exported_files(tmp_path) == {}
+    (tmp_path / SPEC_NAME).write_text(ByteTokenizer().files()[SPEC_NAME])
+    assert set(exported_files(tmp_path)) == {"tokenizer.json", "tokenizer_config.json"}
