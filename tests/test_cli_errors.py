@@ -224,3 +224,65 @@ def test_unparsable_options_get_their_commands_usage(capsys, argv, prefix):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"usage: hybridlm {argv[0]} " in err and prefix in err, err
+
+
+def test_other_os_errors_read_as_their_reason_and_file():
+    """An OSError is shown by its reason and, where it has one, its file: not Python's '[Errno 13] ...' form, and
+    no '(None)' for an error without a file."""
+    from hybridlm.cli import _error
+
+    assert _error(PermissionError(errno.EACCES, "Permission denied", "runs/x/log.txt")) == (
+        "Permission denied (runs/x/log.txt)"
+    )
+    assert _error(OSError(errno.EIO, "Input/output error")) == "Input/output error"
+    assert _error(OSError(errno.ENOSPC, "No space left on device")).startswith("no space left on device: free")
+
+
+def test_a_command_is_required(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    assert "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+def test_two_operands_that_look_like_patterns_are_left_to_argparse(capsys):
+    """Only a single dash-led pattern operand is moved after '--'; with two, neither is taken for the pattern."""
+    from hybridlm.cli import dash_pattern_operands
+
+    assert dash_pattern_operands(["pattern", "-M", "--pp", "2"]) == ["pattern", "--pp", "2", "--", "-M"]
+    assert dash_pattern_operands(["pattern", "-M", "-M-"]) == ["pattern", "-M", "-M-"]
+
+
+def test_only_hybridlm_errors_choose_the_exit_status(monkeypatch, capsys):
+    """An exit_status on a foreign exception (here 0) is no training interruption: the command fails with status 2."""
+    import hybridlm.train.trainer as trainer
+
+    class Foreign(RuntimeError):
+        exit_status = 0
+
+    def failing(*args, **kwargs):
+        raise Foreign("from elsewhere")
+
+    monkeypatch.setattr(trainer, "Trainer", failing)
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err.startswith("error: unexpected Foreign: from elsewhere")
+
+
+def test_messages_become_one_line_without_empty_pieces():
+    """Blank lines are dropped, not joined as '; ;'; an unexpected error's message is one line too; a MemoryError
+    without a message is named by its type."""
+    from hybridlm.cli import _error, one_line
+
+    assert one_line("first\n\n  \nsecond\n") == "first; second"
+    unexpected = _error(TypeError("a\nb"))
+    assert "\n" not in unexpected and unexpected.startswith("unexpected TypeError: a; b (this may be a bug")
+    assert _error(MemoryError()).startswith("out of memory (MemoryError): ")
+
+
+def test_a_cuda_device_without_cuda_is_refused_by_its_flag(files, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert main(["generate", str(files / "model"), "--prompt", "a", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available"

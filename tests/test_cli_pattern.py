@@ -65,3 +65,50 @@ def test_a_split_that_training_refuses_says_so(capsys):
         RunConfig().with_overrides([f"model.pattern={pattern}", "parallel.pp=3"])
         assert main(["pattern", pattern, "--pp", "3"]) == 0
         assert "no layers" not in capsys.readouterr().out
+
+
+def test_table_columns_for_mtp_rows_and_as_many_segments_as_ranks():
+    """With one segment per rank there are no virtual stages; MTP blocks run on the last rank (with the head),
+    number their layers within a depth and have no segment."""
+    from hybridlm.pattern import parse
+    from hybridlm.pattern.table import block_rows, pipeline_plan
+
+    p = parse("M-|M-/[*-]/[*-]")
+    rows = block_rows(p, pipeline_plan(p, 2))
+    assert [r.stage for r in rows] == ["rank 0", "rank 0", "rank 1", "rank 1", "rank 1", "rank 1"]
+    assert [(r.mtp_depth, r.layers) for r in rows[4:]] == [(1, (0, 1)), (2, (0, 1))]
+    empty_main = parse("/*-")  # no main blocks: the MTP depth is still on the last rank
+    assert [r.stage for r in block_rows(empty_main, pipeline_plan(empty_main, 2))] == ["rank 1", "rank 1"]
+
+
+def test_table_totals_and_pipeline_lines(capsys):
+    assert main(["pattern", "M-||M-/*-/*-", "--pp", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mtp_row = next(line.split() for line in lines if line.startswith("0 ") and line.split()[2] == "*")
+    assert mtp_row[-4:] == ["-", "rank", "2", "1"]  # segment '-', stage 'rank 2', depth 1
+    assert "3 segment(s)" in next(line for line in lines if line.startswith("main stack"))
+    # 4 main layers and 2 depths of 2: Mamba2 2, MLP 2 + 2, attention 2 (symbols named as in docs/pattern.md).
+    assert "total layers   8 (attention 2, Mamba2 2, MLP 4)" in lines
+    at = lines.index("pipeline       3 rank(s)")
+    assert [line.split(maxsplit=2)[2] for line in lines[at + 1 : at + 4]] == [
+        "blocks 0-1",
+        "no blocks",
+        "blocks 2-3",
+    ]
+
+
+def test_table_kind_names_the_layers_as_the_docs_do(capsys):
+    assert main(["pattern", "MG-E"]) == 0
+    out = capsys.readouterr().out
+    for name in ("Mamba2", "Gated DeltaNet", "MLP"):  # (E, "mixture of experts" there, is abbreviated MoE)
+        assert f"  {name} " in out, name
+
+
+def test_table_of_an_empty_pattern_and_of_fused_mtp_layers(capsys):
+    assert main(["pattern", ""]) == 0
+    out = capsys.readouterr().out
+    assert "(no blocks)" in out and "canonical      (empty)" in out and "total layers   0 (none)" in out
+    assert main(["pattern", "M-/[*-]"]) == 0
+    out = capsys.readouterr().out
+    assert "MTP            1 depth(s) of '[*-]' (2 layers each)" in out  # a fused block: two canonical layers
+    assert "canonical      M-/*-" in out

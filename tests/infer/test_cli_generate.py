@@ -367,3 +367,113 @@ def test_the_default_device_is_the_gpu_where_there_is_one(checkpoint, capsys, mo
     path, _ = checkpoint
     assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "1"]) == 0
     assert seen == ["auto"]
+
+
+def test_prompts_are_named_by_their_flag_number_and_jsonl_lines_must_be_records(checkpoint, capsys, tmp_path):
+    """A bad --prompt is named by its 1-based number; in a .jsonl file every line is a record, even one that does
+    not start with "{" (in a text file that line is a prompt)."""
+    path, _ = checkpoint
+    code, out, err = run(capsys, path, "--prompt", "fine", "--prompt", "a\ud800b")
+    assert code == 2 and out == "" and "--prompt number 2: not UTF-8 text" in err, err
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ab"}\n["ab"]\n')
+    code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.jsonl")
+    assert code == 2 and out == "" and 'p.jsonl:2: a JSONL record needs a string "prompt" or "text" field' in err
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ab"}\n{"prompt": "ab"\n')
+    code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.jsonl")
+    assert code == 2 and out == "" and "p.jsonl:2: not a JSON object (" in err, err
+    (tmp_path / "p.txt").write_text('["ab"]\n')
+    code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.txt", "--max-new-tokens", 1, "--greedy")
+    assert code == 0 and out.startswith('["ab"]'), err
+
+
+def test_boundary_values_of_the_options_are_accepted(checkpoint, capsys, monkeypatch):
+    """--max-new-tokens 0 prints the prompt alone; --threads 1 sets one thread; --speculative mtp with
+    --temperature 0 is greedy without --greedy."""
+    import torch
+
+    path, _ = checkpoint
+    code, out, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 0)
+    assert code == 0 and out == "hi\n" and "decode 0 tokens" in err, err
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    code, _, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 2, "--threads", 1)
+    assert code == 0 and threads == [1], err
+    _, greedy, _ = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 6, "--greedy")
+    code, out, err = run(
+        capsys, path, "--prompt", "hi", "--max-new-tokens", 6, "--temperature", 0, "--speculative", "mtp"
+    )
+    assert code == 0 and out == greedy and "MTP acceptance" in err, err
+
+
+def test_flags_reach_the_generator_with_their_documented_defaults(checkpoint, capsys, monkeypatch):
+    """The help's defaults (200 new tokens, seed 0, sampling at 0.8, the cache on) and what the flags change."""
+    from hybridlm.infer import generate as module
+
+    calls = []
+
+    def recording(model, prompts, **kwargs):
+        calls.append(kwargs)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(module, "generate", recording)
+    assert run(capsys, checkpoint[0], "--prompt", "x")[0] == 0
+    assert run(capsys, checkpoint[0], "--prompt", "x", "--no-cache", "--greedy", "--seed", 5)[0] == 0
+    first, second = calls
+    assert (first["max_new_tokens"], first["seed"], first["temperature"], first["use_cache"]) == (200, 0, 0.8, True)
+    assert (second["seed"], second["temperature"], second["use_cache"]) == (5, 0.0, False)
+
+
+def test_sampling_repeats_without_a_seed(checkpoint, capsys):
+    """The default seed is fixed: the same sampling command prints the same text twice."""
+    path, _ = checkpoint
+    args = ("--prompt", "x", "--max-new-tokens", 16, "--temperature", 1.5)
+    assert run(capsys, path, *args)[1] == run(capsys, path, *args)[1]
+
+
+def test_one_prompt_at_a_time_streams_even_among_several(checkpoint, capsys, monkeypatch):
+    """With --batch-size 1 each prompt streams: its text is on stdout as the tokens arrive, not when it is done."""
+    from hybridlm.infer import generate as module
+
+    seen = []
+
+    def streaming(model, prompts, callback=None, **kwargs):
+        for token in b"ab":
+            callback(0, token)
+            seen.append(capsys.readouterr().out)
+        return [list(b"ab")]
+
+    monkeypatch.setattr(module, "generate", streaming)
+    code, _, _ = run(capsys, checkpoint[0], "--prompt", "x", "--prompt", "y")
+    assert code == 0 and seen == ["xa", "b", "\n\nya", "b"]  # (the first row's end of line and blank line)
+
+
+def test_a_cache_too_large_is_a_usage_error_naming_max_new_tokens(checkpoint, capsys):
+    """The generator's ValueError (here: the cache cannot be allocated) is the user's error, not a bug."""
+    code, out, err = run(capsys, checkpoint[0], "--prompt", "x", "--max-new-tokens", 10**15)
+    assert code == 2 and out == "", err
+    assert err.startswith("error: cannot allocate the cache for 1 row(s)") and "(max_new_tokens)" in err, err
+    assert "may be a bug" not in err
+
+
+def test_a_completion_after_a_prompt_cut_inside_a_character_keeps_its_own_text():
+    """Where the prompt's last ids and the new ones decode together to other text than the prompt's (here the
+    prompt ends inside a UTF-8 character that the new byte completes), the new ids are decoded alone: their byte
+    is no character by itself, and nothing of it is dropped."""
+    from hybridlm.cli.generate import _Completion
+
+    euro = list("€".encode())
+    row = _Completion(ByteTokenizer(), [], stream=False, prompt=euro[:2])
+    row.add(euro[2])
+    assert row.text == "\ufffd"
+    row.add(ord("a"))
+    assert row.text == "\ufffda"
+
+
+def test_a_prompts_file_in_json_lines_is_known_by_either_suffix_in_any_case(checkpoint, capsys, tmp_path):
+    """Only a lowercase .jsonl was read as records (corpora take .jsonl and .ndjson in any case): a record line
+    not starting with "{" was taken as prompt text."""
+    path, _ = checkpoint
+    for name in ("p.NDJSON", "p.JSONL", "p.ndjson"):
+        (tmp_path / name).write_text('{"prompt": "ab"}\n["ab"]\n')
+        code, out, err = run(capsys, path, "--prompts-file", tmp_path / name)
+        assert code == 2 and out == "" and f'{name}:2: a JSONL record needs a string "prompt" or "text"' in err, err

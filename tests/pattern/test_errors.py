@@ -36,3 +36,44 @@ def test_pattern_and_errors_import_without_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_control_characters_show_as_question_marks_on_the_pattern_line():
+    """A control character (here a newline) is quoted as '?', so the message keeps three lines and the caret its
+    column."""
+    with pytest.raises(PatternError) as info:
+        parse("M\n*X")
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3
+    assert lines[1] == "  pattern: 'M?*X'"
+    assert lines[2] == " " * len("  pattern: 'M") + "^"  # under the '?'
+
+
+def _quoted_and_caret(text):
+    with pytest.raises(PatternError) as info:
+        parse(text)
+    rule, quoted, caret = str(info.value).splitlines()
+    return rule, quoted.removeprefix("  pattern: '").removesuffix("'"), caret.index("^") - len("  pattern: '")
+
+
+def test_a_pattern_of_80_characters_is_quoted_whole_and_81_are_shortened():
+    """Up to 80 characters are quoted as they are; a longer pattern is shown as an 80-character window."""
+    rule, shown, caret = _quoted_and_caret("M-" * 39 + "MX")  # 80 characters, 'X' last
+    assert "shortened" not in rule and shown == "M-" * 39 + "MX" and caret == 79
+    rule, shown, caret = _quoted_and_caret("M-" * 40 + "X")  # 81 characters
+    assert "(pattern of 81 characters, shortened, error at position 80)" in rule
+    assert shown == "..." + ("M-" * 40 + "X")[1:] and shown[caret] == "X"
+
+
+def test_a_long_pattern_is_windowed_around_the_caret_and_not_padded_past_its_ends():
+    """The window holds 40 characters before the offending one; at either end of the pattern it stops at that
+    end, with '...' only on the side where characters were left out."""
+    text = "M" * 100 + "X" + "M" * 99  # 200 characters, error at 100
+    _, shown, caret = _quoted_and_caret(text)
+    assert shown == "..." + "M" * 40 + "X" + "M" * 39 + "..." and caret == 3 + 40
+    text = "M" * 199 + "X"  # error at the last character: the last 80 characters, nothing after them
+    _, shown, caret = _quoted_and_caret(text)
+    assert shown == "..." + "M" * 79 + "X" and caret == 3 + 79
+    text = "X" + "M" * 199  # error at the first: the first 80 characters
+    _, shown, caret = _quoted_and_caret(text)
+    assert shown == "X" + "M" * 79 + "..." and caret == 0

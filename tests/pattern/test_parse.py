@@ -327,3 +327,36 @@ def test_differences_ignore_brackets_and_pipes_only():
         "checkpoint has 4 layers, pattern has 5",
         "checkpoint has 1 MTP depth(s), pattern has 2",
     ]
+
+
+def test_differences_with_mtp_on_one_side_only_name_the_depths_alone():
+    """Against a pattern without MTP, only the number of depths differs: there are no MTP layers to compare."""
+    assert parse("M-").differences(parse("M-/*-")) == ["checkpoint has 0 MTP depth(s), pattern has 1"]
+    assert parse("M-/*-/*-").differences(parse("M-")) == ["checkpoint has 2 MTP depth(s), pattern has 0"]
+
+
+def test_an_invalid_symbol_lists_the_structure_allowed_where_it_stands():
+    """The main pattern may hold '[ ]' and '|'; an MTP part only '[ ]'."""
+    with pytest.raises(PatternError) as info:
+        parse("M*x")
+    assert info.value.rule.startswith("In main pattern, 'x' is not a valid layer symbol")
+    assert info.value.rule.endswith("Valid symbols are: M G * D + - E [ ] |")
+    with pytest.raises(PatternError) as info:
+        parse("M*/Mx")
+    assert info.value.rule.startswith("In MTP pattern, 'x' is not a valid layer symbol")
+    assert info.value.rule.endswith("Valid symbols are: M G * D + - E [ ]")
+
+
+@pytest.mark.parametrize(
+    ("text", "position"),
+    [
+        ("M/M/MMM", 5),  # depth 2 runs on past depth 1: the first character beyond it
+        ("M-/M-/M-*-", 8),
+        ("M/MM/M", 5),  # depth 2 stops short of depth 1: its last character
+        ("M/*M/*-", 6),  # the first differing character
+    ],
+)
+def test_mtp_depth_mismatch_points_where_the_depth_departs(text, position):
+    with pytest.raises(PatternError, match="All MTP patterns must be identical") as info:
+        parse(text)
+    assert info.value.position == position

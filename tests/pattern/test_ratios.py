@@ -51,3 +51,26 @@ def test_bad_arguments(args):
         pattern_from_ratios(*args)
     with pytest.raises(PatternError):
         pattern_from_ratios(*args)
+
+
+def test_mlp_quota_of_exactly_one_half_keeps_the_mamba_layer():
+    """Megatron places an MLP only where the quota is *below* one half: 3 layers, 2 MLPs give a Mamba:MLP
+    ratio of 0.5, so the first Mamba stays (quota 0.5), then -0.5 and 0.0 place MLPs."""
+    assert pattern_from_ratios(3, 0, 2 / 3) == "M--"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((True, 0, 0), "num_layers must be a positive integer, got True"),
+        ((4, True, 0), "attention_ratio must be a number in [0, 1], got True"),
+        ((4, 0, False), "mlp_ratio must be a number in [0, 1], got False"),
+        ((4, 0.25, 1.5), "mlp_ratio must be a number in [0, 1], got 1.5"),
+        ((4, -0.5, 0.25), "attention_ratio must be a number in [0, 1], got -0.5"),
+    ],
+)
+def test_bad_arguments_are_named(args, message):
+    """A bool is no count or ratio (Megatron's asserts would take True as 1); the message names the argument."""
+    with pytest.raises(PatternError) as info:
+        pattern_from_ratios(*args)
+    assert info.value.rule == message

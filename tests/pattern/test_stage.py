@@ -175,3 +175,69 @@ def test_one_rank_holds_the_whole_model_as_no_segment_and_refuses_stage_sizes():
     for kwargs in ({"first_stage_layers": 99}, {"last_stage_layers": 1}):
         with pytest.raises(PatternError, match="with pp_size 1 the one stage holds every block"):
             parse("M-M-").stage(0, 1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("main", "kwargs", "message"),
+    [
+        ("M-|M-", {"vp_stage": -1}, "vp_stage must be an integer >= 0, got -1"),
+        ("M-|M-", {"pp_size": 2, "vp_stage": 1.0}, "vp_stage must be an integer >= 0, got 1.0"),
+        ("M-M-", {"pp_size": True}, "pp_size must be an integer >= 1, got True"),
+        ("M-M-", {"pp_rank": False, "pp_size": 2}, "pp_rank must be an integer >= 0, got False"),
+        ("M-M-", {"pp_size": 2, "first_stage_layers": -2}, "first_stage_layers must be an integer >= 0, got -2"),
+        ("M-M-", {"pp_size": 2, "last_stage_layers": -1}, "last_stage_layers must be an integer >= 0, got -1"),
+    ],
+)
+def test_stage_arguments_are_checked_by_name(main, kwargs, message):
+    """A negative or non-integer argument (a bool too) is refused by name: a negative vp_stage would select a
+    segment counted from the end, a negative stage size would slice blocks off the far end."""
+    args = {"pp_rank": 0, "pp_size": 1, **kwargs}
+    with pytest.raises(PatternError) as info:
+        parse(main).stage(**args)
+    assert message in info.value.rule and info.value.position is None
+
+
+def test_a_virtual_stage_just_past_the_last_segment_is_out_of_range():
+    """Segment index == number of segments is one past the end: a PatternError, not an IndexError."""
+    with pytest.raises(PatternError, match=r"Pipeline segment index 2 .* out of range for 2 segments"):
+        parse("M*|M-").stage(0, 1, vp_stage=2)
+    with pytest.raises(PatternError, match=r"Pipeline segment index 2 .* out of range for 2 segments"):
+        parse("M*|M-").stage(0, 2, vp_stage=1)
+
+
+@pytest.mark.parametrize(
+    ("main", "pp", "first", "last"),
+    [("M*M-", 2, None, None), ("M*M*M*", 3, None, None), ("M*M*M*M*", 4, 1, 1), ("M*M*M*", 3, 2, None)],
+)
+def test_auto_split_flags_mark_the_first_and_last_rank(main, pp, first, last):
+    p = parse(main)
+    flags = [(st.is_first, st.is_last) for st in (p.stage(r, pp, None, first, last) for r in range(pp))]
+    assert flags == [(r == 0, r == pp - 1) for r in range(pp)]
+
+
+def test_auto_split_warns_about_fused_groups_only_when_there_are_some(caplog):
+    fused = "counts a fused block as one block"
+    with caplog.at_level(logging.WARNING, logger="hybridlm.pattern"):
+        parse("[*-]M[*-]M").stage(0, 2)
+    assert any(fused in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hybridlm.pattern"):
+        parse("M*-M*-").stage(0, 2)
+    assert [r.getMessage() for r in caplog.records if "DEPRECATION" in r.getMessage()]
+    assert not any(fused in r.getMessage() for r in caplog.records)
+
+
+def test_the_pipeline_plan_warns_about_an_automatic_split_once(caplog):
+    """The table selects every rank's stage; the deprecation is logged once, not once per rank."""
+    from hybridlm.pattern.table import pipeline_plan
+
+    with caplog.at_level(logging.WARNING, logger="hybridlm.pattern"):
+        plan = pipeline_plan(parse("M*M*M*M*"), 4)
+    assert [start for _, _, start, _ in plan] == [0, 2, 4, 6]
+    assert sum("DEPRECATION" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_stage_sizes_with_pipes_point_at_the_first_pipe():
+    with pytest.raises(PatternError, match="Cannot specify") as info:
+        parse("M*M|M*|M").stage(0, 3, 0, first_stage_layers=1)
+    assert info.value.position == 3  # the first '|'

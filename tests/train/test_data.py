@@ -431,3 +431,273 @@ def test_sampler_draws_a_new_permutation_each_epoch():
         assert sorted(order) == list(range(12))
     assert len({tuple(order) for order in epochs}) == 4, epochs
     assert Sampler(12, 4, seed=3).global_rows(3).tolist() == epochs[1][:4]  # stateless across epochs too
+
+
+def test_the_tokenizer_counts_added_tokens_and_takes_the_first_usual_end_of_document_name(tmp_path):
+    """A token added on top of the model's vocabulary (as special tokens usually are) has an id too; where the
+    vocabulary holds several usual end-of-document names, the first of the usual order wins, whatever their ids."""
+    hf = _word_level({"a": 0, "</s>": 1, "<|endoftext|>": 2, "b": 3}, tmp_path / "tok.json", unk="a")
+    hf.add_special_tokens(["<|im_end|>"])  # id 4, outside the WordLevel model
+    hf.save(str(tmp_path / "tok.json"))
+    tok = HFTokenizer(tmp_path / "tok.json")
+    assert tok.vocab_size == 5  # a, </s>, <|endoftext|>, b and the added token
+    assert tok.eos_id == 2  # '<|endoftext|>' comes before '</s>' among the usual names
+    assert tok.encode("b <|im_end|>") == [3, 4]
+
+
+def test_the_tokenizer_refuses_an_id_equal_to_the_vocabulary_size_and_takes_empty_text(tmp_path):
+    """Ids run from 0 to vocab_size - 1: one equal to the size is past the vocabulary. An empty document has no
+    ids, and is its end-of-document token alone."""
+    _word_level({"<|endoftext|>": 0, "a": 1, "b": 3}, tmp_path / "gap.json")
+    tok = HFTokenizer(tmp_path / "gap.json")
+    assert tok.vocab_size == 3 and tok.encode("a") == [1]
+    with pytest.raises(DataError, match=r"token 'b' has id 3, past the vocabulary's 3 tokens"):
+        tok.encode("a b")
+    assert tok.encode("") == []
+    assert tokenize_documents(["", "a"], tok).tokens.tolist() == [0, 1, 0]
+
+
+def test_the_tokenizer_adds_no_special_tokens_of_a_post_processor(tmp_path):
+    """A tokenizer.json with a template (BERT-style [CLS] ... [SEP]) would put those ids inside every document."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = _word_level({"<|endoftext|>": 0, "a": 1, "b": 2, "[CLS]": 3, "[SEP]": 4}, tmp_path / "tok.json")
+    hf.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 3), ("[SEP]", 4)]
+    )
+    hf.save(str(tmp_path / "tok.json"))
+    assert hf.encode("a b").ids == [3, 1, 2, 4]  # what the file does by default
+    assert HFTokenizer(tmp_path / "tok.json").encode("a b") == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("[1]", "tokenizer.hybridlm.json: expected a JSON object, got list"),
+        ('{"file": "../tok.json"}', "'file' must name a file in"),
+        ('{"file": "sub/tok.json"}', "'file' must name a file in"),
+        ('{"eos_id": -1}', "tokenizer.hybridlm.json: eos_id must be a token id, got -1"),
+        ('{"eos_id": true}', "tokenizer.hybridlm.json: eos_id must be a token id, got True"),
+        ('{"eos_id": 3}', "tokenizer.hybridlm.json: eos_id must be a token id below 3, got 3"),
+    ],
+)
+def test_a_bad_tokenizer_spec_is_named(tmp_path, spec, message):
+    """A saved spec that is no object, names a file outside its folder, or records an id outside the vocabulary
+    is refused by its file name (not an AttributeError, a tokenizer read from elsewhere, or an eos past the ids)."""
+    (tmp_path / "model").mkdir()
+    _word_level({"<|endoftext|>": 0, "a": 1, "b": 2}, tmp_path / "model" / "tokenizer.json")
+    _word_level({"<|endoftext|>": 0, "a": 1, "b": 2}, tmp_path / "tok.json")
+    (tmp_path / "model" / "sub").mkdir()
+    _word_level({"<|endoftext|>": 0, "a": 1, "b": 2}, tmp_path / "model" / "sub" / "tok.json")
+    (tmp_path / "model" / "tokenizer.hybridlm.json").write_text(spec)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_tokenizer(tmp_path / "model")
+
+
+def test_a_folder_without_any_tokenizer_file_says_to_pass_one(tmp_path):
+    with pytest.raises(
+        DataError, match=r"no tokenizer\.hybridlm\.json or tokenizer\.json; pass --tokenizer explicitly"
+    ):
+        load_tokenizer(tmp_path, "--tokenizer")
+
+
+def test_the_saved_end_of_document_id_is_read_from_the_spec_alone(tmp_path):
+    """Id 0 is a token id like any other; anything but a non-negative int (or no readable spec) is no id. A
+    converted folder gets a spec only where both its tokenizer.json and an id exist."""
+    from hybridlm.train.tokenizer import converted_spec, saved_eos_id
+
+    assert saved_eos_id(tmp_path) is None
+    for content, want in (('{"eos_id": 0}', 0), ('{"eos_id": 7}', 7), ('{"eos_id": -1}', None)):
+        (tmp_path / "tokenizer.hybridlm.json").write_text(content)
+        assert saved_eos_id(tmp_path) == want, content
+    for content in ('{"eos_id": true}', '{"eos_id": "0"}', "[0]", "{"):
+        (tmp_path / "tokenizer.hybridlm.json").write_text(content)
+        assert saved_eos_id(tmp_path) is None, content
+    assert converted_spec(tmp_path, 5) == {}  # no tokenizer.json
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert converted_spec(tmp_path, None) == {}
+    spec = converted_spec(tmp_path, 0)
+    assert json.loads(spec["tokenizer.hybridlm.json"]) == {"type": "hf", "file": "tokenizer.json", "eos_id": 0}
+
+
+def test_json_lines_skip_blank_lines_and_name_bad_records_by_line_and_column(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n   \n{"text": "two"}\n')
+    assert list(text_documents(str(tmp_path / "a.jsonl"))) == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": 5}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:2: field 'text' is not a string"):
+        list(text_documents(str(tmp_path / "b.jsonl")))
+    line = b'{"text": "bad \xff"}'
+    (tmp_path / "c.jsonl").write_bytes(line + b"\n")
+    column = line.index(b"\xff") + 1  # 1-based, as editors count
+    with pytest.raises(DataError, match=rf"c\.jsonl:1: not UTF-8 \(byte 0xff at column {column}\)"):
+        list(text_documents(str(tmp_path / "c.jsonl")))
+
+
+def test_a_byte_order_mark_starts_only_the_first_line(tmp_path):
+    """A BOM at the start of a later line is no byte-order mark: that line is not a JSON object."""
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "one"}\n\xef\xbb\xbf{"text": "two"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not a JSON object"):
+        list(text_documents(str(tmp_path / "a.jsonl")))
+
+
+def test_an_empty_corpus_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \.txt or \.jsonl files under"):
+        list(text_documents(str(tmp_path / "empty")))
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="the corpus has no documents"):
+        load_corpus(str(tmp_path / "blank.jsonl"), ByteTokenizer())
+
+
+def test_token_ids_are_stored_in_16_bits_up_to_65536_tokens():
+    """Ids 0 .. 65535 fit in uint16; one more token needs 32 bits."""
+
+    class Sized:
+        eos_id = 0
+
+        def __init__(self, vocab_size):
+            self.vocab_size = vocab_size
+
+        def encode(self, text):
+            return [self.vocab_size - 1]
+
+    assert tokenize_documents(["x"], Sized(65536)).tokens.tolist() == [65535, 0]
+    assert tokenize_documents(["x"], Sized(65536)).tokens.dtype == np.uint16
+    assert tokenize_documents(["x"], Sized(65537)).tokens.dtype == np.uint32
+
+
+def _prepared(tmp_path, docs=("one", "two")):
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(list(docs), tok), tmp_path / "prep", tok, "test")
+    return tmp_path / "prep", tok
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"drop": ["vocab_size", "eos_id"]}, "meta.json has no vocab_size, eos_id"),
+        ({"vocab_size": -1}, "meta.json: vocab_size must be a count, got -1"),
+        ({"eos_id": -2}, "meta.json: eos_id must be a count, got -2"),
+    ],
+)
+def test_a_prepared_corpus_with_missing_or_negative_meta_fields_is_named(tmp_path, edit, message):
+    prep, tok = _prepared(tmp_path)
+    meta = json.loads((prep / "meta.json").read_text())
+    for key in edit.pop("drop", []):
+        del meta[key]
+    (prep / "meta.json").write_text(json.dumps(meta | edit))
+    with pytest.raises(DataError, match=re.escape(f"not a prepared corpus ({message})")):
+        load_corpus(str(prep), tok)
+
+
+def test_a_prepared_corpus_with_offsets_off_its_tokens_is_named(tmp_path):
+    """docs.npy must start at 0 and end at the token count (8 here: 'one', 'two' and their end tokens)."""
+    prep, tok = _prepared(tmp_path)
+    np.save(prep / "docs.npy", np.array([1, 4, 8], dtype=np.int64))
+    with pytest.raises(DataError, match=r"docs\.npy must hold non-decreasing document offsets from 0"):
+        load_corpus(str(prep), tok)
+    np.save(prep / "docs.npy", np.array([0, 4, 7], dtype=np.int64))
+    with pytest.raises(DataError, match=r"tokens\.bin holds 8 tokens, docs\.npy says 7$"):  # not np.int64(7)
+        load_corpus(str(prep), tok)
+    np.save(prep / "docs.npy", np.array([0], dtype=np.int64))  # no document: not even one offset pair
+    with pytest.raises(DataError, match=r"docs\.npy must hold non-decreasing document offsets"):
+        load_corpus(str(prep), tok)
+
+
+def test_a_prepared_id_equal_to_the_vocabulary_size_or_negative_is_refused(tmp_path):
+    prep, tok = _prepared(tmp_path)
+    ids = np.fromfile(prep / "tokens.bin", dtype="<u2")
+    ids[1] = 257  # the vocabulary holds ids 0 .. 256
+    ids.tofile(prep / "tokens.bin")
+    with pytest.raises(DataError, match=r"holds ids from 0 to 257, outside the vocabulary of 257"):
+        load_corpus(str(prep), tok)
+    signed = np.array([111, -5, 256, 116, 119, 111, 256, 256], dtype="<i2")  # stored as int16: a negative id
+    signed.tofile(prep / "tokens.bin")
+    meta = json.loads((prep / "meta.json").read_text())
+    (prep / "meta.json").write_text(json.dumps(meta | {"dtype": "int16"}))
+    with pytest.raises(DataError, match=r"holds ids from -5 to 256"):
+        load_corpus(str(prep), tok)
+
+
+def test_a_prepared_corpus_with_another_end_of_document_id_names_the_setting(tmp_path):
+    """Same vocabulary size, another end-of-document id: the difference is data.eos_token's."""
+    prep, tok = _prepared(tmp_path)
+    meta = json.loads((prep / "meta.json").read_text())
+    (prep / "meta.json").write_text(json.dumps(meta | {"eos_id": 10}))
+    with pytest.raises(DataError) as info:
+        load_corpus(str(prep), tok)
+    assert "prepared with a tokenizer of vocab 257 (eos 10), but data.tokenizer has vocab 257 (eos 256, set by " in str(
+        info.value
+    )
+    assert "data.eos_token" in str(info.value)
+
+
+def test_split_keeps_a_document_on_each_side():
+    """However large or small val_fraction, both parts hold at least one document."""
+    stream = _stream([3] * 5)
+    train, val = split(stream, 1.0, seed=0)
+    assert (train.num_docs, val.num_docs) == (1, 4)
+    train, val = split(_stream([3] * 40), 0.001, seed=0)
+    assert (train.num_docs, val.num_docs) == (39, 1)
+
+
+def test_packed_rows_take_every_row_that_fits_and_no_more():
+    """A row needs seq_len + 1 tokens (the labels run one ahead): 16 tokens hold 3 rows of 5, 15 hold only 2."""
+    assert PackedRows(_stream([5, 7, 4]), seq_len=5).num_rows == 3
+    stream = _stream([5, 7, 3])  # 15 tokens
+    rows = PackedRows(stream, seq_len=5)
+    assert rows.num_rows == 2
+    last = rows.rows(np.array([1]))
+    assert last["labels"][0].tolist() == stream.tokens[6:11].tolist()
+
+
+def test_a_resumed_sampler_continues_from_the_rows_consumed():
+    """After resume_at(step, rows) step s takes the rows after those consumed plus (s - step) batches, the same
+    rows the uninterrupted stream gives at that position, whatever batch size was used before."""
+    whole = Sampler(num_rows=10, batch_size=2, seed=1)
+    stream_of_rows = [r for step in range(10) for r in whole.global_rows(step).tolist()]
+    resumed = Sampler(num_rows=10, batch_size=4, seed=1)
+    resumed.resume_at(step=3, rows=6)  # 3 steps of 2 rows were consumed
+    assert resumed.global_rows(3).tolist() == stream_of_rows[6:10]
+    assert resumed.global_rows(4).tolist() == stream_of_rows[10:14]
+
+
+def test_evaluation_rows_are_spread_from_the_first_to_the_last():
+    from hybridlm.train.data import eval_rows
+
+    assert eval_rows(11, 3).tolist() == [0, 5, 10]  # the first, middle and last rows
+    assert eval_rows(4, 10).tolist() == [0, 1, 2, 3]  # no more rows than there are
+    assert eval_rows(7, 1).tolist() == [0]
+
+
+def test_a_selected_stream_is_prepared_as_its_own_documents(tmp_path):
+    """Writing a selection (e.g. a split) writes its documents' tokens, not the whole array it selects from."""
+    tok = ByteTokenizer()
+    stream = tokenize_documents(["aa", "bbb", "c"], tok)
+    part = stream.select(np.array([2, 0]))
+    write_prepared(part, tmp_path / "prep", tok, "test")
+    again = load_corpus(str(tmp_path / "prep"), tok)
+    assert again.tokens.tolist() == [*b"c", 256, *b"aa", 256]
+    assert again.doc_starts.tolist() == [0, 2, 5]
+
+
+def test_a_text_folder_is_read_with_its_subfolders(tmp_path):
+    (tmp_path / "c" / "sub").mkdir(parents=True)
+    (tmp_path / "c" / "a.txt").write_text("top")
+    (tmp_path / "c" / "sub" / "b.txt").write_text("nested")
+    assert list(text_documents(str(tmp_path / "c"))) == ["top", "nested"]
+
+
+def test_a_selection_fingerprints_its_own_documents():
+    """A selection hashed the whole shared token array, so any two selections of one corpus matched."""
+    stream = tokenize_documents(["aa", "bbb", "c"], ByteTokenizer())
+    assert stream.select(np.array([0])).fingerprint() != stream.select(np.array([1])).fingerprint()
+    # Its own ids, in its order: every document in order is the stream itself, and the same ids alone hash alike.
+    assert stream.select(np.arange(3)).fingerprint() == stream.fingerprint()
+    assert stream.select(np.array([1])).fingerprint() == tokenize_documents(["bbb"], ByteTokenizer()).fingerprint()
+    assert (
+        stream.select(np.array([2, 0])).fingerprint() == tokenize_documents(["c", "aa"], ByteTokenizer()).fingerprint()
+    )
+    # Sampled runs (a corpus longer than block * blocks) read across the selection's documents too.
+    assert stream.select(np.array([1, 0])).fingerprint(block=2, blocks=2) == (
+        tokenize_documents(["bbb", "aa"], ByteTokenizer()).fingerprint(block=2, blocks=2)
+    )

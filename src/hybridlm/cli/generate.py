@@ -15,7 +15,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.data import decode_line
+    from ..train.data import JSON_LINES, decode_line
 
     prompts = [(p, f"--prompt number {i}") for i, p in enumerate(args.prompt or [], start=1)]
     if args.prompts_file:
@@ -26,7 +26,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             raise UsageError(f"--prompts-file {path}: no such file") from None
         except OSError as e:
             raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror})") from None
-        jsonl = path.suffix == ".jsonl"
+        jsonl = path.suffix.lower() in JSON_LINES  # as corpora: .jsonl and .ndjson, in any case
         raw = raw.removeprefix(codecs.BOM_UTF8)
         for n, raw_line in enumerate(raw.splitlines(), start=1):  # \n, \r\n and \r end a line
             line = decode_line(raw_line, f"{path}:{n}")
@@ -300,7 +300,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--prompts-file",
         default=None,
-        help='prompts, one per line, or JSONL (*.jsonl or lines starting with "{") with a "prompt" or "text" field; '
+        help='prompts, one per line, or JSONL (*.jsonl, *.ndjson or lines starting with "{") with a "prompt" or "text" field; '
         "- reads standard input",
     )
     ap.add_argument("--max-new-tokens", type=int, default=200, help="new tokens per prompt at most (default: 200)")

@@ -17,7 +17,7 @@ class BlockRow:
     block: int  # index within its stack (main stack, or one MTP depth)
     layers: tuple[int, ...]  # canonical layer indices (within the MTP depth for MTP blocks)
     symbols: str
-    segment: int  # '|' segment (0 for MTP blocks, which follow the last segment)
+    segment: int  # '|' segment (for MTP blocks the last one, whose rank runs them; the table shows '-')
     stage: str  # "rank r" / "rank r, vp v" with a pipeline size, "" otherwise
     mtp_depth: int  # 0 for the main stack, 1.. for MTP depths
 

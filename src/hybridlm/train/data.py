@@ -61,13 +61,15 @@ class TokenStream:
     def fingerprint(self, block: int = 4096, blocks: int = 1024) -> str:
         """A hash of the token ids: all of them up to ``block * blocks``, else ``blocks`` evenly spaced runs of
         ``block`` (a few reads, whatever the corpus's size). It tells a corpus edited in place at the same
-        counts from the one a checkpoint recorded (an edit inside no sampled run of a large corpus passes)."""
-        n = len(self.tokens)
+        counts from the one a checkpoint recorded (an edit inside no sampled run of a large corpus passes).
+        A selection (:meth:`select`) hashes its own documents' ids, in its order."""
+        n = self.num_tokens
         starts = [0] if n <= block * blocks else np.linspace(0, n - block, blocks).astype(np.int64)
         size = n if n <= block * blocks else block
         h = hashlib.blake2b(digest_size=16)
         for s in starts:  # as int64: the same ids hash alike whatever array type holds them
-            h.update(np.asarray(self.tokens[s : s + size], dtype=np.int64).tobytes())
+            run = self.tokens[s : s + size] if self.doc_offsets is None else self.take(np.arange(s, s + size))
+            h.update(np.asarray(run, dtype=np.int64).tobytes())
         return h.hexdigest()
 
     def take(self, pos: np.ndarray, doc: np.ndarray | None = None) -> np.ndarray:
@@ -264,7 +266,8 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         )
     for what, count in ((PREPARED_DOCS, starts[-1]), (PREPARED_META, meta["num_tokens"])):
         if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count != len(tokens):
-            raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {what} says {count!r}")
+            shown = count.item() if isinstance(count, np.generic) else count  # 7, not np.int64(7)
+            raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {what} says {shown!r}")
     # One pass over the ids (memory-bound): an id past the vocabulary would stop training at the first batch
     # holding it, or pass unseen where no batch does.
     low = int(tokens.min()) if len(tokens) and tokens.dtype.kind == "i" else 0
