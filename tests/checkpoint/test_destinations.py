@@ -288,3 +288,26 @@ def test_a_link_loop_as_destination_is_named(tmp_path, model, capsys):
         dst = tmp_path / ("a" if argv[1] == "nemotron-h" else "a/m.pt")
         assert main(["convert", str(ck), str(dst), *argv]) == 2
         assert f"error: {dst}: cannot resolve it" in capsys.readouterr().err
+
+
+def test_a_megatron_export_interrupted_between_its_renames_can_be_rerun(tmp_path, model, monkeypatch):
+    """The config beside the weights is renamed into place first: an interruption before the weights' rename
+    leaves no weights file without its config, which a rerun would refuse to replace."""
+    from hybridlm.checkpoint import io
+
+    ck = hybridlm.save(model, tmp_path / "ck")
+    real, calls = io.os.replace, []
+
+    def interrupted_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    monkeypatch.undo()
+    assert not (tmp_path / "m.pt").exists()
+    assert load_megatron(convert_to_megatron(ck, tmp_path / "m.pt")).keys()
+    assert sorted(os.listdir(tmp_path)) == ["ck", "m.pt", "m.pt.hybridlm.json"]

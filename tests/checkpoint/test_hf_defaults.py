@@ -132,3 +132,12 @@ def test_values_that_differ_from_transformers_on_purpose():
 @pytest.mark.parametrize("key", sorted(hf._HF_DEFAULTS))
 def test_import_defaults_are_transformers_defaults(key):
     assert getattr(HF, key) == hf._HF_DEFAULTS[key], f"{key}: NemotronHConfig() has {getattr(HF, key)!r}"
+
+
+def test_float_options_are_written_as_floats_like_transformers_defaults():
+    """Options our config holds as a whole number (moe_routed_scaling=2) are written with the type of
+    NemotronHConfig()'s value (2.0), as its JSON would hold them."""
+    cfg = hf.nemotron_h_config(B.replace(moe_routed_scaling=2, norm_eps=1, mamba_dt_max=1))
+    for key in ("routed_scaling_factor", "layer_norm_epsilon", "time_step_max"):
+        assert type(cfg[key]) is type(getattr(HF, key)) is float, key
+    assert (cfg["routed_scaling_factor"], cfg["layer_norm_epsilon"], cfg["time_step_max"]) == (2.0, 1.0, 1.0)

@@ -26,7 +26,7 @@ from hybridlm.checkpoint.hf_nemotron import (
     export_nemotron_h,
     import_nemotron_h,
 )
-from hybridlm.checkpoint.weights import canonical_state_dict
+from hybridlm.checkpoint.weights import canonical_state_dict, save_state_dict
 from hybridlm.errors import CheckpointError
 from hybridlm.layers.mlp import activate
 
@@ -616,3 +616,172 @@ def test_convert_from_keeps_the_end_of_document_id_the_config_names(exported, tm
         assert load_tokenizer(back).eos_id == eos
         assert main(["convert", str(back), str(tmp_path / f"again{eos}"), "--to", "nemotron-h"]) == 0
         assert json.loads((tmp_path / f"again{eos}" / "config.json").read_text())["eos_token_id"] == eos
+
+
+def test_export_judges_attention_options_only_where_there_is_attention():
+    """RoPE is refused for attention layers ('*'), whatever else the pattern holds, and ignored without them."""
+    with pytest.raises(CheckpointError, match="no RoPE"):
+        check_exportable(config("*-", position_embedding="rope"))
+    check_exportable(config("M-", position_embedding="rope"))  # no attention layer reads it
+
+
+def test_export_writes_the_missing_selection_bias_in_float32_like_a_real_one():
+    """A bfloat16 model without a selection bias gets a zero one of the dtype a model with one exports (float32)."""
+    with_bias = HybridLM(config("ME", moe_router_expert_bias=True), seed=1).cast(torch.bfloat16)
+    without = HybridLM(config("ME"), seed=1).cast(torch.bfloat16)
+    name = "backbone.layers.1.mixer.gate.e_score_correction_bias"
+    _, real = export_nemotron_h(with_bias.config, canonical_state_dict(with_bias))
+    _, filled = export_nemotron_h(without.config, canonical_state_dict(without))
+    assert real[name].dtype == torch.float32
+    assert filled[name].dtype == real[name].dtype and not filled[name].any()
+    assert filled["backbone.layers.1.mixer.experts.0.up_proj.weight"].dtype == torch.bfloat16
+
+
+def test_convert_states_the_weights_dtype_and_carries_the_tokenizer_and_generation_files(tmp_path):
+    """config.json's torch_dtype is the dtype the written weights mostly hold; the tokenizer and generation
+    files of the source travel both ways, byte for byte."""
+    model = HybridLM(config("M*-"), seed=2).cast(torch.bfloat16)
+    aux = {"tokenizer.json": '{"model": {}}', "generation_config.json": '{"eos_token_id": 3}'}
+    ours = hybridlm.save(model, tmp_path / "ours", extra_files=aux)
+    hf = convert_to_nemotron_h(ours, tmp_path / "hf")
+    written = load_file(hf / "model.safetensors")
+    counts = {}
+    for t in written.values():
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    assert max(counts, key=counts.get) == torch.bfloat16
+    assert json.loads((hf / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = convert_from_nemotron_h(hf, tmp_path / "back")
+    for folder in (hf, back):
+        assert {name: (folder / name).read_text() for name in aux} == aux, folder
+
+
+def test_import_reads_the_layer_types_alias(exported, tmp_path):
+    """``layer_types`` (the alias transformers also reads) names the layers when no other key does."""
+    reference_config, reference = import_nemotron_h(exported)
+    names = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+    def alias(hf):
+        hf["layer_types"] = [names[s] for s in hf.pop("hybrid_override_pattern")]
+
+    cfg, tensors = import_nemotron_h(_with_config(exported, tmp_path, alias))
+    assert cfg == reference_config and cfg.pattern == "M*-E"
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+
+
+def test_import_refuses_zero_router_groups_as_an_invalid_model(exported, tmp_path):
+    """n_group=0 is refused as a config error naming the file, not a division by zero."""
+    path = _with_config(exported, tmp_path, lambda hf: hf.update(n_group=0))
+    with pytest.raises(CheckpointError, match=r"config\.json: does not describe a valid model"):
+        import_nemotron_h(path)
+
+
+@pytest.mark.parametrize(
+    "config_json, generation_json, expected",
+    [
+        ({"eos_token_id": 0}, None, 0),  # id 0 is a token like any other
+        ({"eos_token_id": [7, 0]}, None, 7),  # the first of a list
+        ({"eos_token_id": True}, None, None),  # a JSON boolean is no token id
+        ({"eos_token_id": -1}, {"eos_token_id": 5}, 5),  # no valid id in config.json: generation's
+        ({}, {"eos_token_id": [4, 9]}, 4),
+        ({"eos_token_id": 6}, {"eos_token_id": 4}, 6),  # config.json's wins
+        ({}, None, None),
+    ],
+)
+def test_hf_eos_token_id_reads_config_json_then_generation_config(tmp_path, config_json, generation_json, expected):
+    from hybridlm.checkpoint.hf_nemotron import hf_eos_token_id
+
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    if generation_json is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_json))
+    assert hf_eos_token_id(tmp_path) == expected
+
+
+def test_import_fills_a_missing_conv_bias_in_the_weights_dtype(tmp_path):
+    """The zero conv bias of a bfloat16 file is bfloat16 too: the imported weights keep one dtype."""
+    model = HybridLM(config("M-"), seed=3).cast(torch.bfloat16)
+    hf = convert_to_nemotron_h(hybridlm.save(model, tmp_path / "ours"), tmp_path / "hf")
+    _damage_tensors(hf, lambda t: t.pop("backbone.layers.0.mixer.conv1d.bias"))
+    hf_json = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(hf_json | {"use_conv_bias": False}))
+    _, tensors = import_nemotron_h(hf)
+    bias, weight = tensors["layers.0.mixer.conv1d.bias"], tensors["layers.0.mixer.conv1d.weight"]
+    assert weight.dtype == bias.dtype == torch.bfloat16 and not bias.any()
+
+
+def test_import_keeps_selection_biases_that_are_zero_in_only_some_layers(tmp_path):
+    """Only biases (and shared experts) that are zero in every MoE layer are dropped: a zero bias in one layer
+    beside a trained one in another comes back as saved."""
+    model = random_model(config("ME-E", moe_router_expert_bias=True, moe_shared_expert_ffn_hidden_size=16), seed=4)
+    with torch.no_grad():
+        model.get_buffer("blocks.1.layers.0.mixer.gate.e_score_correction_bias").zero_()
+        model.get_parameter("blocks.1.layers.0.mixer.shared_experts.down_proj.weight").zero_()
+    saved = canonical_state_dict(model)
+    cfg, tensors = import_nemotron_h(convert_to_nemotron_h(hybridlm.save(model, tmp_path / "ours"), tmp_path / "hf"))
+    assert cfg.moe_router_expert_bias and cfg.moe_shared_expert_ffn_hidden_size == 16
+    assert tensors.keys() == saved.keys() and all(torch.equal(tensors[k], saved[k]) for k in saved)
+
+
+def test_convert_from_extra_files_win_over_the_sources_files(exported, tmp_path):
+    """An extra file (the CLI's tokenizer spec) replaces a source file of the same name; other files travel."""
+    src = shutil.copytree(exported, tmp_path / "hf")
+    (src / "generation_config.json").write_text('{"eos_token_id": 1}')
+    (src / "tokenizer_config.json").write_text('{"from": "source"}')
+    dst = convert_from_nemotron_h(src, tmp_path / "ours", extra_files={"tokenizer_config.json": '{"from": "extra"}'})
+    assert (dst / "tokenizer_config.json").read_text() == '{"from": "extra"}'
+    assert (dst / "generation_config.json").read_text() == '{"eos_token_id": 1}'
+
+
+def test_import_of_a_file_says_a_model_is_a_directory(exported):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a directory \(a Hugging Face model is"):
+        import_nemotron_h(exported / "model.safetensors")
+
+
+def test_import_warns_of_mtp_layers_the_config_announces_without_tensors(exported, tmp_path, caplog):
+    """num_nextn_predict_layers > 0 alone is enough to say the MTP layers are not run (their tensors may be
+    elsewhere); a file without either says nothing."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        import_nemotron_h(exported)
+    assert "MTP" not in caplog.text
+    path = _with_config(exported, tmp_path, lambda hf: hf.update(num_nextn_predict_layers=1))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        import_nemotron_h(path)
+    assert "dropping the MTP layers (0 tensors)" in caplog.text
+
+
+def test_exported_experts_are_copies_not_views_of_the_stack():
+    """Each exported expert matrix owns its memory: writing to it leaves the model's stacked experts alone,
+    and it does not keep the whole (E, F, H) stack alive."""
+    model = HybridLM(config("ME"), seed=1)
+    canonical = canonical_state_dict(model)
+    stack = canonical["layers.1.mixer.experts.up_proj"].clone()
+    _, tensors = export_nemotron_h(model.config, canonical)
+    expert = tensors["backbone.layers.1.mixer.experts.3.up_proj.weight"]
+    assert torch.equal(expert, stack[3])
+    assert expert.untyped_storage().nbytes() == expert.nbytes
+    expert.add_(1.0)
+    assert torch.equal(canonical["layers.1.mixer.experts.up_proj"], stack)
+
+
+def test_a_shared_expert_width_of_zero_is_intermediate_size_as_transformers_builds_it(tmp_path):
+    """transformers builds NemotronH's shared expert with ``moe_shared_expert_intermediate_size or
+    intermediate_size``; the import read 0 as "no shared expert" and refused the folder's tensors as unexpected
+    (and, without them, stopped on a bare KeyError)."""
+    hf_config = NemotronHConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=4, hybrid_override_pattern="M*-E", num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4, mamba_head_dim=16,
+        ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=24, moe_shared_expert_intermediate_size=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    theirs = NemotronHForCausalLM(hf_config).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    cfg, tensors = import_nemotron_h(tmp_path / "hf")
+    assert cfg.moe_shared_expert_ffn_hidden_size == 48
+    ours = hybridlm.load(save_state_dict(tensors, cfg, tmp_path / "ours"))
+    ids = token_ids(128)
+    with torch.no_grad():
+        assert max_diff(ours(ids).logits, theirs(ids).logits) < 1e-5
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({k: t for k, t in state.items() if ".shared_experts." not in k}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensors: .*shared_experts\.down_proj\.weight"):
+        import_nemotron_h(tmp_path / "hf")

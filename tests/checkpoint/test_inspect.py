@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import hybridlm
-from hybridlm import HybridLM, ModelConfig
+from hybridlm import CheckpointError, HybridLM, ModelConfig
 from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
 from hybridlm.checkpoint.inspect import _human, describe, render
 from hybridlm.checkpoint.weights import canonical_state_dict
@@ -146,3 +146,65 @@ def test_a_checkpoint_load_refuses_is_refused(tmp_path, capsys, edit, message):
     (path / "config.json").write_text(json.dumps(meta))
     assert main(["inspect", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_dtypes_without_a_torch_name_are_shown_by_their_safetensors_code_in_lower_case(tmp_path):
+    """uint16 / uint32 (no entry in the table of torch names) are counted as "u16" / "u32", like "bfloat16"."""
+    file = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(6, dtype=torch.uint16), "b": torch.zeros(2, 2, dtype=torch.uint32)}, file)
+    info = describe(file)
+    assert info["dtypes"] == {"u16": 6, "u32": 4}
+    assert "dtypes       u16 6, u32 4" in render(info)
+
+
+def test_a_training_state_one_byte_short_is_refused_whatever_the_order_of_its_entries(tmp_path):
+    """Each data file must reach the end of its furthest entry: one byte short is damage, even when that entry
+    is not the last one listed in .metadata."""
+    import pickle
+
+    from hybridlm.checkpoint.safe_dcp import read_dcp_metadata
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    state = save_training_state(tmp_path / "state", tiny(), step=7)
+    meta = read_dcp_metadata(state)
+    entries = sorted(meta.storage_data.items(), key=lambda kv: -(kv[1].offset + kv[1].length))  # furthest first
+    meta.storage_data = dict(entries)
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    name, end = entries[0][1].relative_path, entries[0][1].offset + entries[0][1].length
+    assert describe(state)["kind"] == "DCP training state"
+    data = (state / name).read_bytes()
+    assert len(data) == end
+    (state / name).write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match=f"{name} holds {end - 1:,} of {end:,} bytes"):
+        describe(state)
+
+
+def test_a_damaged_safetensors_file_is_called_unreadable(tmp_path):
+    """A .safetensors name is taken at its word: garbage in it is a file that cannot be read."""
+    (tmp_path / "w.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: cannot read safetensors file"):
+        describe(tmp_path / "w.safetensors")
+
+
+def test_render_shows_step_zero_and_only_the_options_that_are_set(tmp_path):
+    """A state saved at step 0 shows "step 0"; the config line leaves out options that are off (False, 0,
+    None) and the schema version."""
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    model = tiny()
+    text = render(describe(save_training_state(tmp_path / "state", model, step=0)))
+    assert "\nstep         0\n" in text
+    config_line = next(line for line in text.splitlines() if line.startswith("config "))
+    shown = dict(item.split("=", 1) for item in config_line.removeprefix("config").strip().split(", "))
+    saved = model.config.to_dict()
+    assert "schema_version" in saved and "schema_version" not in shown
+    assert shown == {k: str(v) for k, v in saved.items() if k not in ("schema_version", "pattern") and v}
+
+
+def test_a_dcp_folder_counts_tensors_and_other_entries_apart(tmp_path):
+    """entries counts every entry of .metadata, tensors only the tensors (a pickled value is an entry)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.zeros(3, 2), "v": torch.zeros(4), "note": "text"}, checkpoint_id=str(tmp_path / "dcp"))
+    info = describe(tmp_path / "dcp")
+    assert (info["kind"], info["tensors"], info["elements"], info["entries"]) == ("DCP training state", 2, 10, 3)

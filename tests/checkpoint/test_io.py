@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -147,3 +148,153 @@ def test_a_file_behind_a_link_is_written_through_it(tmp_path):
         state["embedding.word_embeddings.weight"],
     )
     assert sorted(os.listdir(tmp_path)) == ["link.pt", "real"] and os.listdir(tmp_path / "real") == ["model.pt"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Modes are those of a plain open()/mkdir under the process's umask (here 027: no access for others)."""
+    old = os.umask(0o027)
+    try:
+        path = hybridlm.save(HybridLM(tiny_config("M-"), seed=1), tmp_path / "ck", extra_files={"notes.txt": "x"})
+    finally:
+        os.umask(old)
+    seen = _modes(path)
+    assert len(seen) == 4  # the folder, config.json, the weights, notes.txt
+    for file, mode in seen:
+        assert mode == (0o750 if os.path.isdir(file) else 0o640), f"{file}: mode {mode:o}"
+
+
+def test_remove_leftovers_deletes_exactly_the_names_of_interrupted_writes(tmp_path):
+    from hybridlm.checkpoint.io import remove_leftovers
+
+    leftovers = [".ck.tmp-0123abcd", ".ck.old-89abcdef", ".ck.del-00ff00ff", ".step-000002.tmp"]
+    kept = [".hidden", "ck.tmp", ".ck.tmp-xyz", ".ck.tmp-0123abcde", "ck", ".ck.bak-0123abcd"]
+    for i, name in enumerate(leftovers + kept):
+        if i % 2:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "inner").write_text("x")
+        else:
+            (tmp_path / name).write_text("x")
+    assert remove_leftovers(tmp_path) == sorted(leftovers)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    assert remove_leftovers(tmp_path / "nowhere") == []
+
+
+def test_shards_are_filled_exactly_to_the_limit_and_none_is_empty(tmp_path):
+    """A shard may reach max_shard_size exactly; a tensor larger than the limit gets a shard of its own (no
+    empty shard before it); the index states the total size."""
+    tensors = {name: torch.full((25,), float(i)) for i, name in enumerate("abcd")}  # 100 bytes each
+    (tmp_path / "exact").mkdir()
+    write_safetensors(tmp_path / "exact", tensors, max_shard_size=200)
+    index = json.loads((tmp_path / "exact" / INDEX_NAME).read_text())
+    shards = [f"model-{i:05d}-of-00002.safetensors" for i in (1, 2)]
+    assert index["weight_map"] == {"a": shards[0], "b": shards[0], "c": shards[1], "d": shards[1]}
+    assert index["metadata"]["total_size"] == 400
+    (tmp_path / "big").mkdir()
+    write_safetensors(tmp_path / "big", {"a": torch.zeros(100), "b": torch.zeros(10)}, max_shard_size=50)
+    index = json.loads((tmp_path / "big" / INDEX_NAME).read_text())
+    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == 440
+
+
+def test_config_json_that_is_no_object_is_refused_by_name(tmp_path):
+    path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        hybridlm.load(path)
+
+
+def test_an_existing_empty_folder_is_written_into(tmp_path):
+    (tmp_path / "ck").mkdir()
+    hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    assert hybridlm.load(tmp_path / "ck").config.pattern == "M-"
+
+
+def test_the_destination_is_checked_again_just_before_the_swap(tmp_path, monkeypatch):
+    """A file that appears in the destination while the weights are written (another process) is not deleted
+    with the old folder: the write is refused at the end, and nothing of it is left behind."""
+    from hybridlm.checkpoint import io
+
+    path = hybridlm.save(HybridLM(tiny_config("M-"), seed=1), tmp_path / "ck")
+    real = io.write_safetensors
+
+    def meanwhile(directory, tensors, max_shard_size):
+        real(directory, tensors, max_shard_size)
+        (path / "notes.txt").write_text("written meanwhile")
+
+    monkeypatch.setattr(io, "write_safetensors", meanwhile)
+    with pytest.raises(CheckpointError, match=r"replacing it would delete notes\.txt"):
+        hybridlm.save(HybridLM(tiny_config("M-"), seed=2), path)
+    assert (path / "notes.txt").read_text() == "written meanwhile"
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_an_empty_extra_file_name_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match=r"extra file '': must be a file name"):
+        hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", extra_files={"": "junk"})
+    assert not (tmp_path / "ck").exists()
+
+
+def _sharded(tmp_path):
+    path = hybridlm.save(HybridLM(tiny_config("M-*-"), seed=1), tmp_path / "ck", max_shard_size=20_000)
+    return path, json.loads((path / INDEX_NAME).read_text())
+
+
+def test_an_index_naming_the_wrong_shard_for_a_tensor_is_refused_by_name(tmp_path):
+    path, index = _sharded(tmp_path)
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][name] = shards[1]
+    (path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"{shards[1]}: tensor {name} listed in the index is not in")):
+        hybridlm.load(path)
+
+
+def test_an_index_entry_with_a_backslash_is_refused_as_outside_the_folder(tmp_path):
+    """``..\\x.safetensors`` is a path on Windows: refused as such everywhere, not looked up as a file name."""
+    path, index = _sharded(tmp_path)
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "..\\model-00001-of-00002.safetensors"
+    (path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"not a \.safetensors file inside the checkpoint folder"):
+        hybridlm.load(path)
+
+
+def test_check_fit_lists_at_most_twenty_names_per_problem():
+    """Twenty names are listed as they are; from the twenty-first on, the first twenty and the count."""
+    expected = {f"t{i:02d}": (1,) for i in range(21)}
+    with pytest.raises(CheckpointError) as err:
+        check_fit({}, dict(list(expected.items())[:20]), "test dict")
+    assert str(err.value).endswith("missing tensors (20): " + ", ".join(f"t{i:02d}" for i in range(20)))
+    with pytest.raises(CheckpointError) as err:
+        check_fit({}, expected, "test dict")
+    listed = ", ".join(f"t{i:02d}" for i in range(20))
+    assert str(err.value).endswith(f"missing tensors (21): {listed} ... (21 in all)") and "t20" not in str(err.value)
+
+
+def test_non_contiguous_tensors_are_saved(tmp_path):
+    """A transposed view (as a fused layer's slice may be) is written as its values."""
+    from hybridlm.checkpoint.weights import canonical_state_dict, read_tensors, save_state_dict
+
+    model = HybridLM(tiny_config("M-"), seed=1)
+    tensors = canonical_state_dict(model)
+    name = "layers.1.mixer.up_proj.weight"
+    tensors[name] = tensors[name].t().contiguous().t()
+    assert not tensors[name].is_contiguous()
+    path = save_state_dict(tensors, model.config, tmp_path / "ck")
+    assert torch.equal(read_tensors(path, [name])[name], model.state_dict()["blocks.1.layers.0.mixer.up_proj.weight"])
+
+
+def test_a_destination_whose_config_json_is_no_object_is_not_replaced(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="exists and is not a hybridlm checkpoint; refusing to replace it"):
+        hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    assert (tmp_path / "ck" / "config.json").read_text() == "[1, 2]"
+
+
+def test_an_index_entry_that_is_no_safetensors_file_is_refused(tmp_path):
+    path, index = _sharded(tmp_path)
+    index["weight_map"][next(iter(index["weight_map"]))] = "config.json"
+    (path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"shard 'config\.json' is not a \.safetensors file inside"):
+        hybridlm.load(path)

@@ -582,3 +582,29 @@ def test_export_warns_of_mamba_options_megatron_does_not_compute(tmp_path, caplo
     with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
         convert_to_megatron(save(HybridLM(tiny_config("M-*-")), tmp_path / "plain"), tmp_path / "p.pt")
     assert caplog.text == ""
+
+
+def test_convert_from_megatron_without_a_config_says_what_to_pass(tmp_path, moe_state):
+    """No sidecar and no config: the refusal says that the architecture is missing, not that a config is invalid."""
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as err:
+        convert_from_megatron(path, tmp_path / "out")
+    assert "does not describe its architecture; pass the model config" in str(err.value)
+    assert "invalid model config" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hints_come_from_the_unexpected_names_only(moe_state, moe_config):
+    """DSA's indexer key norm is a LayerNorm with a bias, a tensor of the model: a refusal for another reason
+    gives no "LayerNorm" hint; an unexpected grouped expert bias (``linear_fc1.bias3``) gives the bias hint."""
+    config = tiny_config("D-", **MLA_TINY)
+    state = to_megatron(config, random_canonical(config))
+    assert "decoder.layers.0.self_attention.core_attention.indexer.k_norm.bias" in state
+    del state["decoder.layers.1.mlp.linear_fc2.weight"]
+    with pytest.raises(CheckpointError) as err:
+        from_megatron(config, state)
+    assert "missing tensors (1): decoder.layers.1.mlp.linear_fc2.weight" in str(err.value)
+    assert "hint:" not in str(err.value)
+    moe_state["decoder.layers.2.mlp.experts.linear_fc1.bias3"] = torch.zeros(24)
+    with pytest.raises(CheckpointError, match=r"hint: linear biases: the Megatron model was trained without"):
+        from_megatron(moe_config, moe_state)

@@ -216,3 +216,105 @@ def test_python_rng_is_restored(tmp_path):
     random.seed(8)
     load_training_state(tmp_path / "s", model, opt)
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_a_save_before_the_first_step_leaves_the_optimizer_untouched_and_loads_into_a_fresh_one(tmp_path):
+    """An optimizer that never stepped has no state: saving does not give it one (nor change the weights), the
+    folder holds no optimizer entries, and a fresh optimizer loading it stays fresh."""
+    from hybridlm.checkpoint.safe_dcp import read_dcp_metadata
+
+    model, opt, _ = make("M-*-")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_training_state(tmp_path / "s", model, opt, step=0)
+    assert len(opt.state) == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(k.startswith("optim.") for k in read_dcp_metadata(path).state_dict_metadata)
+    fresh, fresh_opt, _ = make("M-*-", seed=5)
+    assert load_training_state(path, fresh, fresh_opt)["step"] == 0
+    assert len(fresh_opt.state) == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_a_model_only_state_loads_with_an_optimizer_that_stays_fresh(tmp_path):
+    model, opt, _ = make("M-*-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, step=1)  # no optimizer
+    fresh, fresh_opt, _ = make("M-*-", seed=5)
+    load_training_state(path, fresh, fresh_opt)
+    assert len(fresh_opt.state) == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_the_config_schema_version_is_not_a_difference_but_an_option_is(tmp_path):
+    """model_config's schema_version is no model property; any option that differs is named."""
+    from hybridlm.errors import CheckpointMismatchError
+
+    model = make("M-")[0]
+    path = save_training_state(tmp_path / "s", model, step=1)
+    file = path / "trainer_state.json"
+    state = json.loads(file.read_text())
+    assert "schema_version" in state["model_config"]
+    state["model_config"]["schema_version"] = 999
+    file.write_text(json.dumps(state))
+    load_training_state(path, HybridLM(model.config, seed=1))
+    state["model_config"]["norm_eps"] = 0.5
+    file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointMismatchError, match=r"model\.norm_eps: checkpoint has 0\.5"):
+        load_training_state(path, HybridLM(model.config, seed=1))
+
+
+def test_a_missing_rng_file_is_named_unless_the_rng_is_not_restored(tmp_path):
+    model = make("M-")[0]
+    path = save_training_state(tmp_path / "s", model, step=1)
+    (path / "rng.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing rng\.safetensors"):
+        load_training_state(path, model)
+    assert load_training_state(path, model, restore_rng=False)["step"] == 1
+
+
+def test_a_scheduler_state_without_step_count_resumes_as_after_that_many_steps(tmp_path):
+    """_step_count left out of the saved scheduler is last_epoch + 1, as a LambdaLR has after last_epoch steps."""
+    model, opt, sched = make("M-")
+    for ids in batches(3):
+        step(model, opt, ids)
+        sched.step()
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=3)
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert state["scheduler"].pop("_step_count") == sched._step_count
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    other, other_opt, other_sched = make("M-", seed=1)
+    load_training_state(path, other, other_opt, other_sched)
+    assert (other_sched.last_epoch, other_sched._step_count) == (sched.last_epoch, sched._step_count)
+
+
+def test_a_failed_load_leaves_the_optimizer_as_it_was(tmp_path):
+    """Reading gives the optimizer a state before DCP fills it: a load that then fails takes it back."""
+    model, opt, sched = make("M-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
+    data = next(path.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:64])
+    fresh, fresh_opt, _ = make("M-", seed=5)
+    with pytest.raises(CheckpointError, match="cannot load training state"):
+        load_training_state(path, fresh, fresh_opt)
+    assert len(fresh_opt.state) == 0
+
+
+@pytest.mark.parametrize("value", [None, {"last_epoch": "three"}, {"_step_count": 1}])
+def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp_path, value):
+    """``"scheduler": null`` is no scheduler state (the scheduler keeps its own); a position that is no integer
+    or is missing is a damaged file, named."""
+    model, opt, sched = make("M-")
+    for ids in batches(2):
+        step(model, opt, ids)
+        sched.step()
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=2)
+    state = json.loads((path / "trainer_state.json").read_text())
+    (path / "trainer_state.json").write_text(json.dumps(state | {"scheduler": value}))
+    other, other_opt, other_sched = make("M-", seed=1)
+    if value is None:
+        load_training_state(path, other, other_opt, other_sched)
+        assert other_sched.last_epoch == 0
+    else:
+        with pytest.raises(CheckpointError, match=r"damaged scheduler state in trainer_state\.json"):
+            load_training_state(path, other, other_opt, other_sched)

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 
 import pytest
@@ -180,3 +181,70 @@ def test_a_weight_file_that_is_no_regular_file_is_refused_not_waited_on(tmp_path
         os.mkfifo(ck / name)
         with pytest.raises(CheckpointError, match=f"{name}: not a regular file"):
             hybridlm.load(ck)
+
+
+@pytest.mark.parametrize("rel", ["..", "", "sub/__0_0.distcp", "/tmp/__0_0.distcp"])
+def test_storage_entries_must_be_bare_file_names(state, rel):
+    """Only a file name inside the folder: the parent directory itself, an empty name, a subfolder or an
+    absolute path are refused."""
+    meta = read_dcp_metadata(state)
+    next(iter(meta.storage_data.values())).relative_path = rel
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match=re.escape(f"points outside the folder ({rel!r})")):
+        read_dcp_metadata(state)
+
+
+@pytest.mark.parametrize("protocol", [3, pickle.DEFAULT_PROTOCOL])
+def test_metadata_may_hold_sets_and_ordered_dicts(state, protocol):
+    """Plain containers that other torch versions put into DCP metadata are read, also as an older pickle
+    protocol (3) writes them, by class name (builtins.set); they run no code."""
+    from collections import OrderedDict
+
+    meta = read_dcp_metadata(state)
+    meta.planner_data = OrderedDict(a=frozenset({1, 2}), b={3})
+    (state / ".metadata").write_bytes(pickle.dumps(meta, protocol=protocol))
+    assert read_dcp_metadata(state).planner_data == OrderedDict(a=frozenset({1, 2}), b={3})
+
+
+def test_storage_transforms_and_odd_metadata_are_refused_by_name(state):
+    """Compressed (transformed) storage, and a Metadata whose entries are no dict, are refused as such."""
+    meta = read_dcp_metadata(state)
+    next(iter(meta.storage_data.values())).transform_descriptors = ["zstd"]
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"storage transforms are not supported \(\['zstd'\]\)"):
+        read_dcp_metadata(state)
+    for info in meta.storage_data.values():
+        info.transform_descriptors = None
+    meta.state_dict_metadata = None
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"\.metadata: not DCP metadata"):
+        read_dcp_metadata(state)
+
+
+def test_per_rank_metadata_is_refused(state):
+    from hybridlm.checkpoint.safe_dcp import SafeFileSystemReader
+
+    reader = SafeFileSystemReader(str(state))
+    assert reader.read_metadata().state_dict_metadata  # the one shared .metadata is read
+    with pytest.raises(CheckpointError, match="per-rank DCP metadata is not supported"):
+        reader.read_metadata(rank=1)
+
+
+def test_an_unreadable_metadata_file_is_called_unreadable(state):
+    """An OS error (here a link loop) is reported as unreadable, not as a refused (crafted) file."""
+    (state / ".metadata").unlink()
+    (state / ".metadata").symlink_to(state / ".metadata")
+    with pytest.raises(CheckpointError, match=r"\.metadata: unreadable \(Too many levels of symbolic links\)"):
+        read_dcp_metadata(state)
+
+
+@pytest.mark.parametrize("module, name", [("builtins", "int"), ("numpy", "float32"), ("torch", "load")])
+def test_only_torch_dtypes_are_taken_by_a_dtype_name(state, module, name):
+    """The dtype exception of the allow-list is torch's own dtypes: another module's attribute of a dtype's
+    name (int, float32), or a torch function, is refused."""
+    (state / ".metadata").write_bytes(f"c{module}\n{name}\n.".encode())
+    with pytest.raises(CheckpointError, match=re.escape(f"'{module}.{name}' is not part of DCP metadata")):
+        read_dcp_metadata(state)
+    (state / ".metadata").write_bytes(b"ctorch\nfloat32\n.")
+    with pytest.raises(CheckpointError, match="not DCP metadata"):  # read, then refused as no Metadata
+        read_dcp_metadata(state)

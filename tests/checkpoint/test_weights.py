@@ -253,3 +253,166 @@ def test_extra_files_may_not_replace_the_weights_or_leave_the_folder(tmp_path, n
     with pytest.raises(CheckpointError, match=re.escape(f"extra file {name!r}: must be a file name other than")):
         hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", extra_files={name: "junk"})
     assert not (tmp_path / "ck").exists() and not (tmp_path / "out.txt").exists()
+
+
+def test_config_json_counts_the_stored_elements_by_dtype(tmp_path):
+    """config.json's num_parameters, dtypes and mtp_depths describe what the files hold, counted from them."""
+    model = HybridLM(tiny_config("M-[*E]/*-/*-"), seed=1).cast(torch.bfloat16)  # A_log, D, ... stay float32
+    path = hybridlm.save(model, tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    stored = load_file(path / "model.safetensors")
+    by_dtype = {}
+    for t in stored.values():
+        name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[t.dtype]
+        by_dtype[name] = by_dtype.get(name, 0) + t.numel()
+    assert set(by_dtype) == {"bfloat16", "float32"}
+    assert meta["dtypes"] == by_dtype
+    assert meta["num_parameters"] == sum(t.numel() for t in stored.values())
+    assert meta["mtp_depths"] == 2 and meta["mtp_layers"] == list("*-")
+    assert meta["canonical"] == "M-*E/*-/*-"  # the pattern without brackets
+
+
+def test_canonical_pattern_in_config_json_has_no_brackets_or_pipes(tmp_path):
+    path = hybridlm.save(HybridLM(tiny_config(LAYOUTS[2])), tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["pattern"] == LAYOUTS[2]
+    assert meta["canonical"] == LAYOUTS[2].replace("[", "").replace("]", "").replace("|", "")
+
+
+def test_a_file_is_refused_as_a_checkpoint_by_saying_it_must_be_a_directory(tmp_path):
+    """A safetensors file given where the checkpoint directory is expected is named as such, not "unreadable"."""
+    path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a checkpoint is a directory"):
+        hybridlm.load(path / "model.safetensors")
+
+
+def test_a_nemotron_h_directory_is_refused_with_the_convert_command(tmp_path):
+    """Loading a Hugging Face NemotronH folder says how to convert it; another foreign folder gets no such hint."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "nemotron_h"}))
+    with pytest.raises(CheckpointError, match=r"not a hybridlm checkpoint \(this is a Hugging Face NemotronH"):
+        hybridlm.load(tmp_path / "hf")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError) as info:
+        hybridlm.load(tmp_path / "other")
+    assert str(info.value).endswith("not a hybridlm checkpoint") and "hybridlm convert" not in str(info.value)
+
+
+def _flip_last_byte(file):
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01  # the last tensor's data: the file still parses
+    file.write_bytes(bytes(data))
+
+
+def test_read_tensors_verifies_by_default_and_only_the_files_it_reads(tmp_path):
+    """read_tensors checks each file it reads against config.json, and only those: a damaged shard whose
+    tensors were not asked for does not stop reading the others."""
+    path = hybridlm.save(HybridLM(tiny_config("M-*-E"), seed=5), tmp_path / "ck", max_shard_size=20_000)
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    _flip_last_byte(path / shards[-1])
+    with pytest.raises(CheckpointError, match=re.escape(f"{shards[-1]}: checksum mismatch")):
+        read_tensors(path)
+    intact = [k for k, v in weight_map.items() if v == shards[0]]
+    expected = load_file(path / shards[0])
+    got = read_tensors(path, intact)
+    assert set(got) == set(intact) and all(torch.equal(got[k], expected[k]) for k in intact)
+    assert len(read_tensors(path, verify=False)) == len(weight_map)
+
+
+@pytest.mark.parametrize(
+    ("sums", "message"),
+    [
+        ({}, r"model\.safetensors has no checksum in config\.json"),
+        ({"model-00001-of-00002.safetensors": "0" * 64}, r"model\.safetensors has no checksum in config\.json"),
+        ("0" * 64, r"config\.json: sha256 is not a JSON object"),
+        (["model.safetensors"], r"config\.json: sha256 is not a JSON object"),
+    ],
+)
+def test_a_checksum_table_without_the_file_or_no_table_is_refused(tmp_path, sums, message):
+    """An empty or foreign checksum table, or one that is no JSON object, is refused by name (only an absent
+    table means an older, unverified checkpoint)."""
+    path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(meta | {"sha256": sums}))
+    with pytest.raises(CheckpointError, match=message):
+        hybridlm.load(path)
+
+
+def test_an_unparsable_pattern_is_refused_as_the_pattern(tmp_path):
+    path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"^pattern: "):
+        hybridlm.load(path, pattern="M-Q")
+
+
+def test_load_canonical_into_a_whole_model_refuses_unexpected_tensors():
+    """Only a pipeline stage takes the subset it holds; a whole model refuses a tensor it has no place for."""
+    model = HybridLM(tiny_config("M-*-"), seed=2)
+    tensors = weights.canonical_state_dict(model) | {"layers.9.mixer.extra": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): layers\.9\.mixer\.extra"):
+        load_canonical_into(HybridLM(tiny_config("M-*-"), seed=3), tensors)
+
+
+def test_loading_zeroes_the_expert_token_counts():
+    """tokens_per_expert is not saved: a load leaves it zero, whatever the model had counted before."""
+    model = HybridLM(tiny_config("M-E", moe_router_expert_bias=True), seed=2)
+    tensors = weights.canonical_state_dict(model)
+    target = HybridLM(tiny_config("M-E", moe_router_expert_bias=True), seed=3)
+    counts = [b for n, b in target.named_buffers() if n.endswith("tokens_per_expert")]
+    assert counts
+    for b in counts:
+        b.fill_(5)
+    load_canonical_into(target, tensors)
+    assert all(int(b.abs().sum()) == 0 for b in counts)
+
+
+def test_only_a_hybridlm_can_be_saved(tmp_path):
+    """Another module is refused by its type, before anything is written."""
+    with pytest.raises(TypeError, match="expected a HybridLM, got Linear"):
+        hybridlm.save(torch.nn.Linear(2, 2), tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_load_as_float64_casts_all_but_the_float32_parameters(tmp_path, ids):
+    """dtype=torch.float64 gives float64 weights (A_log stays float32), like dtype=torch.bfloat16 gives bfloat16."""
+    model = HybridLM(tiny_config("M-[*E]"), seed=4)
+    hybridlm.save(model, tmp_path / "ck")
+    loaded = hybridlm.load(tmp_path / "ck", dtype=torch.float64)
+    mixer = loaded.blocks["0"].layers[0].mixer
+    assert mixer.in_proj.weight.dtype == torch.float64 and mixer.A_log.dtype == torch.float32
+    assert loaded.embeddings.weight.dtype == torch.float64
+    assert torch.equal(loaded.embeddings.weight, model.embeddings.weight.double())
+
+
+def test_canonical_names_see_through_compile_and_activation_checkpointing_wrappers():
+    """torch.compile's ``_orig_mod.`` and activation checkpointing's ``_checkpoint_wrapped_module.`` in a name
+    do not change its canonical name."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from hybridlm.checkpoint.canonical import to_canonical
+
+    model = HybridLM(tiny_config("M-[*-]/*-"), seed=1)
+    expected = set(weights.canonical_state_dict(model))
+    p = model.config.parsed
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it runs
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert set(to_canonical(compiled.state_dict(), p)) == expected
+    plain = {k for k, _ in model.named_parameters()}
+    model.blocks["2"] = checkpoint_wrapper(model.blocks["2"])
+    names = dict(model.named_parameters())
+    assert "blocks.2._checkpoint_wrapped_module.layers.0.mixer.q_proj.weight" in names
+    assert set(to_canonical(names, p)) == set(to_canonical(dict.fromkeys(plain), p))
+
+
+def test_canonical_names_of_ten_and_more_mtp_depths_and_of_unknown_layers():
+    """Depth numbers of two digits are renamed like one-digit ones (both ways); a layer the pattern does not
+    have is a KeyError naming the pattern."""
+    from hybridlm.checkpoint.canonical import canonical_name, model_name
+
+    pattern = "M-" + "/[*-]" * 11
+    for d in (3, 10):
+        ours, canonical = f"mtp.{d}.blocks.0.layers.1.mixer.up_proj.weight", f"mtp.{d}.layers.1.mixer.up_proj.weight"
+        assert canonical_name(ours, pattern) == canonical and model_name(canonical, pattern) == ours
+    with pytest.raises(KeyError, match="pattern 'M-' has no such layer"):
+        canonical_name("blocks.7.layers.0.mixer.in_proj.weight", "M-")

@@ -341,6 +341,9 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
         fields["mamba_dt_min"] = dt_max
     if "E" in used:
         fields |= {"moe_router_score": "sigmoid", "moe_router_expert_bias": True}
+        # transformers builds a shared expert of width 0 (or null) as one of intermediate_size, as it computes.
+        shared = fields["moe_shared_expert_ffn_hidden_size"] or _hf_value(hf, "intermediate_size")
+        fields["moe_shared_expert_ffn_hidden_size"] = shared
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
