@@ -93,7 +93,7 @@ def apply(rules: Iterable[Rule], tensors: Mapping[str, Tensor], export: bool) ->
     """Run every rule in one direction (``export``: canonical -> foreign) over a complete, checked state dict.
 
     A view in the result (a row block, one expert of a stack) is cloned: it would keep its whole
-    source alive and make safetensors refuse the file (tensors sharing memory); clone is exact.
+    source alive (and safetensors refuses tensors that overlap in memory); clone is exact.
     """
     out: dict[str, Tensor] = {}
     for r in rules:
