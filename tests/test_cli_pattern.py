@@ -112,3 +112,48 @@ def test_table_of_an_empty_pattern_and_of_fused_mtp_layers(capsys):
     out = capsys.readouterr().out
     assert "MTP            1 depth(s) of '[*-]' (2 layers each)" in out  # a fused block: two canonical layers
     assert "canonical      M-/*-" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pp", "0"], "--pp must be >= 1, got 0"),
+        (["--pp", "2", "--first-stage-layers", "-1"], "--first-stage-layers must be >= 0, got -1"),
+        (["--pp", "2", "--last-stage-layers", "-1"], "--last-stage-layers must be >= 0, got -1"),
+    ],
+)
+def test_pattern_names_the_first_out_of_range_number(capsys, argv, message):
+    """Each bound is checked on its own flag, at its own limit (a rank of no blocks is allowed, no ranks is not)."""
+    assert main(["pattern", "M-M-M-M-", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {message}\n" and out == ""
+
+
+def _rank_lines(capsys, argv):
+    assert main(["pattern", "M-M-M-M-", *argv]) == 0
+    return [line.split(None, 2)[2] for line in capsys.readouterr().out.splitlines() if line.startswith("  rank ")]
+
+
+def test_pattern_takes_each_bound_itself_and_sizes_the_stage_it_names(capsys):
+    """--pp 1 and 0 blocks on a rank are the lowest numbers allowed; first and last size the ranks they name."""
+    assert _rank_lines(capsys, ["--pp", "1"]) == ["blocks 0-7"]
+    assert _rank_lines(capsys, ["--pp", "2", "--first-stage-layers", "0"]) == ["no blocks", "blocks 0-7"]
+    assert _rank_lines(capsys, ["--pp", "2", "--first-stage-layers", "1"]) == ["blocks 0-0", "blocks 1-7"]
+    assert _rank_lines(capsys, ["--pp", "2", "--last-stage-layers", "3"]) == ["blocks 0-4", "blocks 5-7"]
+
+
+def _svg_texts(path):
+    import re
+
+    return [t for t in re.findall(r"<text[^>]*>([^<]*)", path.read_text())]
+
+
+def test_pattern_plot_labels_each_rank_with_the_layers_the_flag_gave_it(tmp_path, capsys):
+    """--first-stage-layers 1 of 8 blocks: the plot's stage labels read 1 then 7 (rank 0 first), as the table."""
+    for flag, counts in (("--first-stage-layers", ["1", "7"]), ("--last-stage-layers", ["7", "1"])):
+        out = tmp_path / f"{flag}.svg"
+        assert main(["pattern", "M-M-M-M-", "--pp", "2", flag, "1", "--plot", str(out)]) == 0
+        texts = _svg_texts(out)
+        start = texts.index("canonical layers") + 1
+        assert texts[start : start + 3] == [*counts, " mean"], texts
+    capsys.readouterr()

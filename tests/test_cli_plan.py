@@ -111,3 +111,72 @@ def test_measure(capsys):
     argv = ["plan", "M-[*-]M", "--preset", "tiny", "--pp", "2", "--seq-len", "16", "--measure", "cpu", "--json"]
     out = _json(capsys, argv)
     assert out["source"] == "measured on cpu" and out["block_costs"][0] == out["block_costs"][3] > 0
+
+
+def _plan(capsys, argv):
+    assert main(["plan", *argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    return {k: out[k] for k in ("vpp", "seq_len", "micro_batch_size", "recompute", "source")}
+
+
+def test_plan_defaults_with_a_preset(capsys):
+    """--help's defaults: 4096 tokens, one sequence per micro-batch, one virtual stage, the H100 roofline."""
+    assert _plan(capsys, ["--preset", "tiny", "--pp", "2"]) == {
+        "vpp": 1,
+        "seq_len": 4096,
+        "micro_batch_size": 1,
+        "recompute": False,
+        "source": "estimate (H100 SXM roofline)",
+    }
+
+
+@pytest.mark.parametrize(
+    "train, parallel, expected",
+    [
+        ("batch_size = 16\n", "", 4),  # 16 rows over 2 x pp = 4 micro-batches
+        ("batch_size = 16\n", "microbatches = 8\n", 2),  # the run's own count of micro-batches
+        ("batch_size = 16\nmicro_batch_size = 8\n", "", 8),  # the run's own micro-batch size wins
+        ("batch_size = 2\n", "", 1),  # fewer rows than micro-batches: still one row each
+    ],
+)
+def test_plan_sizes_micro_batches_as_the_run_file_would(tmp_path, capsys, train, parallel, expected):
+    """The run file's tokenizer is not read with a preset (nor needed): the preset keeps its own vocabulary."""
+    run = tmp_path / "run.toml"
+    run.write_text(
+        '[model]\npreset = "tiny"\n[data]\nseq_len = 48\ntokenizer = "/no-such/tokenizer.json"\n'
+        f"[train]\n{train}[parallel]\n{parallel}"
+    )
+    got = _plan(capsys, ["--config", str(run), "--pp", "2"])
+    assert (got["micro_batch_size"], got["seq_len"]) == (expected, 48)
+
+
+def test_plan_does_not_read_the_tokenizer_of_a_run_that_sizes_its_head(tmp_path, capsys):
+    """model.vocab_size given: a missing data.tokenizer is no reason to refuse a plan."""
+    run = tmp_path / "run.toml"
+    run.write_text(
+        '[model]\npattern = "M-M-"\nhidden_size = 64\nvocab_size = 300\nmamba_num_groups = 1\n'
+        '[data]\nseq_len = 32\ntokenizer = "/no-such/tokenizer.json"\n'
+    )
+    assert _plan(capsys, ["--config", str(run), "--pp", "2"])["seq_len"] == 32
+
+
+@pytest.mark.parametrize("flag", ["--micro-batch-size", "--seq-len"])
+def test_plan_refuses_zero_sizes(capsys, flag):
+    """0 is a size given (and wrong), not a size left out."""
+    assert main(["plan", "--preset", "tiny", "--pp", "2", flag, "0"]) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be a positive integer, got 0\n"
+
+
+def test_plan_measure_refuses_a_bad_kernel_setting_first(monkeypatch, capsys):
+    """The kernel setting is checked before anything else (the plot's folder here), so before any timing."""
+    monkeypatch.setenv("HYBRIDLM_KERNELS", "bogus")
+    assert main(["plan", "--preset", "tiny", "--pp", "2", "--measure", "cpu", "--plot", "/no-such/p.png"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: HYBRIDLM_KERNELS: 'bogus': expected one of auto, torch, triton") and out == ""
+
+
+def test_plan_refuses_its_plot_before_reading_the_model(capsys):
+    """A bad --plot is named first: nothing (a preset, a run file, a measurement) is looked at before it."""
+    assert main(["plan", "--preset", "nope", "--pp", "2", "--plot", "x.pdf"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --plot 'x.pdf'") and "must end in .png or .svg" in err and out == ""

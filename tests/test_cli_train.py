@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from typing import ClassVar
+
+import pytest
 
 from hybridlm.cli import main
 
@@ -121,3 +124,138 @@ def test_prepare_names_its_own_argument_and_refuses_before_tokenizing(tmp_path, 
     (tmp_path / "empty.txt").write_text("")
     assert main(["prepare", str(tmp_path / "empty.txt"), str(tmp_path / "prep")]) == 0
     assert "wrote 1 token of 1 document to" in capsys.readouterr().out  # the end-of-document token alone
+
+
+class _FakeTrainer:
+    """Stands in for the Trainer: records what the CLI built and returns a set summary (no training)."""
+
+    made: ClassVar[list] = []
+    summary: ClassVar[dict] = {}
+
+    def __init__(self, run, run_dir=None, resume=False, progress=None, data_named=False):
+        self.is_main = True
+        _FakeTrainer.made.append(dict(run=run, run_dir=run_dir, resume=resume, data_named=data_named))
+
+    def run_loop(self):
+        return dict(_FakeTrainer.summary)
+
+    def close(self, destroy=True):
+        pass
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    from hybridlm.train import trainer
+
+    monkeypatch.setattr(trainer, "Trainer", _FakeTrainer)
+    _FakeTrainer.made = []
+    _FakeTrainer.summary = {"first_val_loss": None, "val_loss": None, "seconds": 0.0}
+    return _FakeTrainer
+
+
+@pytest.mark.parametrize(
+    "summary, tokenizer, line",
+    [
+        (
+            {"first_val_loss": 5.5, "val_loss": 1.25, "seconds": 125.7},
+            "byte",
+            "validation loss 5.5000 -> 1.2500 nats/byte (start -> end) in 2m05s",
+        ),
+        (
+            {"first_val_loss": None, "val_loss": 2.0, "seconds": 61},
+            "byte",
+            "validation loss 2.0000 nats/byte after 1m01s",
+        ),
+        ({"first_val_loss": 3.0, "val_loss": None, "seconds": 3}, "byte", None),
+        (
+            {"first_val_loss": 5.5, "val_loss": 1.25, "seconds": 9},
+            "tok.json",
+            "validation loss 5.5000 -> 1.2500 nats/token (start -> end) in 0m09s",
+        ),
+    ],
+)
+def test_train_summary_line(fake_trainer, capsys, summary, tokenizer, line):
+    """Minutes and two-digit seconds; bytes or tokens as the tokenizer counts; a loss line only with a last loss."""
+    fake_trainer.summary = summary
+    argv = ["train", "--set", f"data.tokenizer={tokenizer}", "--no-progress"] if tokenizer != "byte" else ["train"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ([line] if line else []), out
+
+
+def test_train_names_the_model_and_its_loss_curve(fake_trainer, capsys, tmp_path):
+    fake_trainer.summary = {"first_val_loss": None, "val_loss": None, "seconds": 1, "model": tmp_path / "m"}
+    assert main(["train"]) == 0
+    assert capsys.readouterr().out == f"model saved to {tmp_path / 'm'}\n"
+    fake_trainer.summary |= {"loss_curve": tmp_path / "loss.png"}
+    assert main(["train"]) == 0
+    assert capsys.readouterr().out == f"model saved to {tmp_path / 'm'}; loss curve {tmp_path / 'loss.png'}\n"
+
+
+def test_train_builds_the_run_from_config_and_set(fake_trainer, tmp_path):
+    """--set overrides the run file; only an override of data.source names the data (a resume may change it)."""
+    (tmp_path / "run.toml").write_text("[train]\nsteps = 7\n")
+    argv = ["train", "--config", str(tmp_path / "run.toml"), "--set", "train.batch_size=4", "--set", "data.seq_len=32"]
+    assert main(argv) == 0
+    assert main([*argv, "--set", " data . source =builtin:pydoc"]) == 0
+    first, second = fake_trainer.made
+    assert (first["run"].train.steps, first["run"].train.batch_size, first["run"].data.seq_len) == (7, 4, 32)
+    assert (first["data_named"], second["data_named"]) == (False, True)
+    assert (first["resume"], first["run_dir"]) == (False, None)
+
+
+def test_train_resume_takes_its_folder_and_a_replacing_run_file(fake_trainer, tmp_path, capsys):
+    """--resume DIR reads DIR/config.toml unless --config replaces it; --run-dir may name DIR in another spelling."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.toml").write_text("[train]\nsteps = 5\n")
+    (tmp_path / "other.toml").write_text("[train]\nsteps = 9\n")
+    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--config", str(tmp_path / "other.toml")]) == 0
+    assert main(["train", "--resume", "--run-dir", f"{run}/"]) == 0
+    assert main(["train", "--resume", str(run), "--run-dir", str(tmp_path / "r" / ".." / "r")]) == 0
+    made = fake_trainer.made
+    assert [m["run"].train.steps for m in made] == [5, 9, 5, 5]
+    assert all(m["resume"] is True for m in made)
+    assert [str(m["run_dir"]) for m in made] == [str(run), str(run), f"{run}/", str(run)]
+    assert main(["train", "--resume", str(run), "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --resume {run} and --run-dir {tmp_path / 'x'} name different runs; give one\n"
+    assert main(["train", "--resume"]) == 2
+    assert "error: --resume without a directory needs --run-dir RUN_DIR" in capsys.readouterr().err
+    assert len(made) == 4
+
+
+# -- prepare -------------------------------------------------------------------------------------------
+
+
+def test_prepare_reads_jsonl_text_fields_by_default(tmp_path, capsys):
+    """Each record's "text" is a document: 2 + 1 bytes and one end-of-document token each."""
+    (tmp_path / "c.jsonl").write_text('{"text": "ab"}\n{"text": "c", "body": "zzzz"}\n')
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == f"wrote 5 tokens of 2 documents to {tmp_path / 'out'}\n"
+
+
+def test_prepare_refuses_a_folder_it_may_not_replace_before_tokenizing(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text('{"text": "ab"}\n')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.md").write_text("keep")
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'out'} exists and is not a prepared corpus; refusing to replace it\n", err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.md"]
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--eos-token", "foo"], "--eos-token: the byte tokenizer's end of document is id 256; --eos-token is for"),
+        (["--tokenizer", "missing.json"], "--tokenizer: 'missing.json' is neither 'byte' nor an existing"),
+    ],
+)
+def test_prepare_names_its_own_tokenizer_options(tmp_path, capsys, option, message):
+    """prepare's flags, not the trainer's data.tokenizer / data.eos_token fields."""
+    (tmp_path / "c.jsonl").write_text('{"text": "ab"}\n')
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), *option]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()

@@ -80,3 +80,57 @@ def test_only_a_byte_spec_adds_files(tmp_path):
     assert exported_files(tmp_path) == {}
     (tmp_path / SPEC_NAME).write_text(ByteTokenizer().files()[SPEC_NAME])
     assert set(exported_files(tmp_path)) == {"tokenizer.json", "tokenizer_config.json"}
+
+
+def test_the_end_token_is_special_to_the_tokenizers_package_too(hf_dir):
+    """Skipping special tokens drops id 256 in the tokenizers package itself, not only in transformers."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    ids = [*b"end. ", 256]
+    assert tok.decode(ids, skip_special_tokens=True) == "end. "
+    assert tok.decode(ids, skip_special_tokens=False) == "end. " + HF_EOS
+
+
+def test_the_vocabulary_is_gpt2s_byte_alphabet(hf_dir):
+    """Byte b is the token of GPT-2's printable stand-in for b (transformers' own table), id b: so the
+    ByteLevel pre-tokenizer and decoder, which use that table, meet every byte, 0xff included."""
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert vocab == {char: b for b, char in bytes_to_unicode().items()} | {HF_EOS: 256}
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    for b in (0, 0x7E, 0x7F, 0xAD, 0xFE, 0xFF):  # printable edges and the stand-ins around them
+        assert tok.decode([b]) == bytes([b]).decode("utf-8", errors="replace"), b
+
+
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("a <|endoftext|> b", [97, 32, 256, 32, 98]),  # the spaces around it stay bytes of their own
+        ("x<|endoftext|>y", [120, 256, 121]),  # inside a word too
+    ],
+)
+def test_the_end_token_takes_exactly_its_own_text(hf_dir, text, ids):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    assert tok.encode(text, add_special_tokens=False).ids == ids
+
+
+def test_transformers_knows_no_special_token_but_the_end(hf_dir):
+    """No begin, unknown or padding token: every byte is a token, and 256 ends a document."""
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(hf_dir)
+    assert (auto.all_special_tokens, auto.bos_token, auto.unk_token, auto.pad_token) == ([HF_EOS], None, None, None)
+
+
+@pytest.mark.parametrize("spec", ["[1]", '"byte"', "3", "null"])
+def test_a_spec_that_is_not_an_object_adds_no_files(tmp_path, spec):
+    """A spec file of valid JSON but not an object is no byte tokenizer: nothing added, nothing raised."""
+    (tmp_path / SPEC_NAME).write_text(spec)
+    assert exported_files(tmp_path) == {}
+    (tmp_path / SPEC_NAME).write_text(json.dumps({"type": "byte"}))
+    assert set(exported_files(tmp_path)) == {"tokenizer.json", "tokenizer_config.json"}

@@ -1,0 +1,78 @@
+"""`hybridlm convert`: options given where they do nothing are refused, a run directory is read as its exported
+model, and --config says why a file is not a model config."""
+
+import json
+
+import pytest
+
+import hybridlm
+from hybridlm import HybridLM
+from hybridlm.cli import main
+from hybridlm.train.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A byte-tokenized checkpoint that NemotronH and Megatron names both hold."""
+    path = tmp_path_factory.mktemp("ck") / "ck"
+    config = tiny_config("M-*-", vocab_size=257).replace(position_embedding="none")
+    return hybridlm.save(HybridLM(config, seed=0), path, extra_files=ByteTokenizer().files())
+
+
+@pytest.mark.parametrize("to", ["nemotron-h", "megatron"])
+def test_convert_to_refuses_config_and_writes_nothing(byte_model, tmp_path, capsys, to):
+    """--config only says which model a Megatron file holds: with --to it would be silently ignored."""
+    dst = tmp_path / ("out.pt" if to == "megatron" else "out")
+    assert main(["convert", str(byte_model), str(dst), "--to", to, "--config", str(byte_model)]) == 2
+    assert "error: --config is only used with --from megatron" in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_convert_to_takes_a_run_directory_as_its_exported_model(byte_model, tmp_path, capsys):
+    """With --to, SRC may be a training run: its model/ is converted (as generate and inspect read it)."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(byte_model, run / "model")
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "nemotron-h"]) == 0
+    assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
+    back = hybridlm.load(convert_back(tmp_path / "hf", tmp_path / "back"))
+    original = hybridlm.load(byte_model)
+    assert all(back.state_dict()[k].equal(v) for k, v in original.state_dict().items())
+    # A run that has not exported its model yet is named as such, not as a folder without config.json.
+    shutil.rmtree(run / "model")
+    assert main(["convert", str(run), str(tmp_path / "hf2"), "--to", "nemotron-h"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: src {run} is a training run without an exported model yet" in err
+    assert not (tmp_path / "hf2").exists()
+
+
+def convert_back(hf, dst):
+    from hybridlm.checkpoint.hf_nemotron import convert_from_nemotron_h
+
+    return convert_from_nemotron_h(hf, dst)
+
+
+def test_megatron_config_says_why_a_file_is_not_a_model_config(byte_model, tmp_path, capsys):
+    """A ConfigError's own words, other errors with their type: both after the --config path."""
+    pt = tmp_path / "m.pt"
+    assert main(["convert", str(byte_model), str(pt), "--to", "megatron"]) == 0
+    capsys.readouterr()
+    cases = {
+        "garbage.json": ("{garbage", "(JSONDecodeError: Expecting property name"),
+        "misspelt.json": (json.dumps({"pattern": "M-", "hidden_sizee": 3}), "(hidden_sizee: unknown ModelConfig field"),
+        "wrapped.json": (
+            json.dumps({"format": "hybridlm", "config": {"pattern": "M-", "hidden_sizee": 3}}),
+            "(hidden_sizee: unknown ModelConfig field",
+        ),
+        "list.json": ("[1, 2]", "(config: expected a JSON object, got list)"),
+    }
+    for name, (text, reason) in cases.items():
+        (tmp_path / name).write_text(text)
+        argv = ["convert", str(pt), str(tmp_path / "back"), "--from", "megatron", "--config", str(tmp_path / name)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --config {tmp_path / name}: not a model config {reason}"), err
+    assert not (tmp_path / "back").exists()
