@@ -156,23 +156,26 @@ def build_tokenizer(
     return HFTokenizer(path, eos_token or None, eos_key)
 
 
+def _saved_spec(directory: Path) -> dict:
+    """A model folder's tokenizer spec as JSON alone (no tokenizer loaded); empty where it is missing or unreadable
+    (loading the tokenizer says why)."""
+    try:
+        spec = json.loads((directory / SPEC_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 def exported_files(directory: Path) -> dict[str, str]:
     """Tokenizer files to add to a Hugging Face export of the model folder ``directory``: the byte tokenizer's
     (:meth:`ByteTokenizer.hf_files`) where its spec names it; nothing otherwise (a tokenizer.json travels as it is)."""
-    try:
-        kind = json.loads((directory / SPEC_NAME).read_text()).get("type")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return ByteTokenizer().hf_files() if kind == "byte" else {}
+    return ByteTokenizer().hf_files() if _saved_spec(directory).get("type") == "byte" else {}
 
 
 def saved_eos_id(directory: Path) -> int | None:
     """The end-of-document id a model folder's tokenizer spec records, or None (no spec, or an unreadable one):
     read from the JSON alone, without loading the tokenizer (or needing the ``tokenizers`` package)."""
-    try:
-        eos = json.loads((directory / SPEC_NAME).read_text()).get("eos_id")
-    except (OSError, ValueError, AttributeError):
-        return None
+    eos = _saved_spec(directory).get("eos_id")
     return eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
 
 
