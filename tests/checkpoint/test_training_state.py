@@ -300,10 +300,11 @@ def test_a_failed_load_leaves_the_optimizer_as_it_was(tmp_path):
     assert len(fresh_opt.state) == 0
 
 
-@pytest.mark.parametrize("value", [None, {"last_epoch": "three"}, {"_step_count": 1}])
+@pytest.mark.parametrize("value", [None, {"last_epoch": "three"}, {"_step_count": 1}, 5, [2], "2"])
 def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp_path, value):
     """``"scheduler": null`` is no scheduler state (the scheduler keeps its own); a position that is no integer
-    or is missing is a damaged file, named."""
+    or is missing, or an entry that is no JSON object, is a damaged file, named (not a schedule silently
+    restarted)."""
     model, opt, sched = make("M-")
     for ids in batches(2):
         step(model, opt, ids)

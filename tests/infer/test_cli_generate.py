@@ -394,6 +394,8 @@ def test_boundary_values_of_the_options_are_accepted(checkpoint, capsys, monkeyp
     path, _ = checkpoint
     code, out, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 0)
     assert code == 0 and out == "hi\n" and "decode 0 tokens" in err, err
+    code, out, err = run(capsys, path, "--prompt", "h", "--max-new-tokens", 2, "--greedy")  # one of each: singular
+    assert code == 0 and len(out) == 4 and "prefill 1 token at" in err and "decode 1 token at" in err, (out, err)
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     code, _, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 2, "--threads", 1)

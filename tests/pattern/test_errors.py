@@ -56,13 +56,16 @@ def _quoted_and_caret(text):
     return rule, quoted.removeprefix("  pattern: '").removesuffix("'"), caret.index("^") - len("  pattern: '")
 
 
-def test_a_pattern_of_80_characters_is_quoted_whole_and_81_are_shortened():
-    """Up to 80 characters are quoted as they are; a longer pattern is shown as an 80-character window."""
-    rule, shown, caret = _quoted_and_caret("M-" * 39 + "MX")  # 80 characters, 'X' last
-    assert "shortened" not in rule and shown == "M-" * 39 + "MX" and caret == 79
-    rule, shown, caret = _quoted_and_caret("M-" * 40 + "X")  # 81 characters
-    assert "(pattern of 81 characters, shortened, error at position 80)" in rule
-    assert shown == "..." + ("M-" * 40 + "X")[1:] and shown[caret] == "X"
+def test_a_pattern_is_quoted_whole_unless_its_window_is_shorter():
+    """A pattern is quoted as it is unless the 80-character window with its '...' marks (at most 86 characters) is
+    shorter: 86 characters are quoted whole (a window of 81 would be 83 long), 87 are shortened."""
+    for n in (80, 81, 86):
+        text = "M" * (n - 1) + "X"
+        rule, shown, caret = _quoted_and_caret(text)
+        assert "shortened" not in rule and shown == text and caret == n - 1
+    rule, shown, caret = _quoted_and_caret("M-" * 43 + "X")  # 87 characters
+    assert "(pattern of 87 characters, shortened, error at position 86)" in rule
+    assert shown == "..." + ("M-" * 43 + "X")[7:] and len(shown) == 83 and shown[caret] == "X"
 
 
 def test_a_long_pattern_is_windowed_around_the_caret_and_not_padded_past_its_ends():

@@ -3,6 +3,7 @@ costs agree with the model's own counts."""
 
 import math
 import random
+import re
 
 import pytest
 
@@ -225,3 +226,16 @@ def test_imbalance_is_the_slowest_stage_over_the_mean():
     out = plan.to_json()
     seg = out["stage_costs"]
     assert math.isclose(out["imbalance"], max(seg) * len(seg) / sum(seg), rel_tol=1e-9)
+
+
+def test_the_summary_claims_a_gain_only_where_the_plan_beats_the_even_split():
+    """A model whose even split is already the best ("M-M-" cut in two) is reported as fast as it, not "1.000x
+    faster"; a preset the planner rebalances states its gain."""
+    even = plan_pipeline(tiny_config("M-M-"), 2, seq_len=16)
+    assert max(even.stage_costs(even.cuts)) == max(even.stage_costs(even.even_cuts))
+    assert (
+        even.render().splitlines()[-1]
+        == "slowest stage vs the even split: as fast (the even split is already balanced)"
+    )
+    better = plan_pipeline(ModelConfig.preset("nemotron-h-8b"), 4, seq_len=8192)
+    assert re.fullmatch(r"slowest stage vs the even split: 1\.\d{3}x faster", better.render().splitlines()[-1])

@@ -235,10 +235,10 @@ def _load_training_state(
     for name, param in model.named_parameters() if optimizer is not None else ():
         if canonical_name(name, model.config.parsed) in stateless:
             optimizer.state.pop(param, None)
-    if scheduler is not None and isinstance(extra.get("scheduler"), dict):
+    if scheduler is not None and extra.get("scheduler") is not None:  # null: saved without a scheduler
         try:
             _restore_scheduler(scheduler, extra["scheduler"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{path}: damaged scheduler state in {TRAINER_STATE} ({e!r})") from None
     py, rank = extra.get("rng_python", {}), str(dist.get_rank() if _distributed() else 0)
     key = rank if rank in py else "0"  # a rank the saving run did not have: rank 0's

@@ -276,8 +276,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             totals[key] += stats.get(key, 0)
     t = totals
     line = (
-        f"prefill {t['prefill_tokens']} tokens at {t['prefill_tokens'] / max(t['prefill_seconds'], 1e-9):,.0f} tok/s, "
-        f"decode {t['decode_tokens']} tokens at {t['decode_tokens'] / max(t['decode_seconds'], 1e-9):,.1f} tok/s"
+        f"prefill {t['prefill_tokens']:,} token{'s' * (t['prefill_tokens'] != 1)} at "
+        f"{t['prefill_tokens'] / max(t['prefill_seconds'], 1e-9):,.0f} tok/s, "
+        f"decode {t['decode_tokens']:,} token{'s' * (t['decode_tokens'] != 1)} at "
+        f"{t['decode_tokens'] / max(t['decode_seconds'], 1e-9):,.1f} tok/s"
     )
     if args.speculative:
         line += f", MTP acceptance {t['accepted'] / max(t['drafted'], 1):.1%} of {t['drafted']} drafts"

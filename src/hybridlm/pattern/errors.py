@@ -36,7 +36,7 @@ class PatternError(HybridLMError, ValueError):
     def _format(self) -> str:
         text, position = _printable(self.pattern), self.position
         rule = self.rule
-        if len(text) > _MAX_SHOWN:
+        if len(text) > _MAX_SHOWN + 2 * len("..."):  # shortened only where the window is shorter than the whole
             # A long pattern is shown as a window around the caret, so the message stays readable.
             centre = position if position is not None else 0
             start = max(0, min(centre - _MAX_SHOWN // 2, len(text) - _MAX_SHOWN))

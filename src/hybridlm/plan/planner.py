@@ -169,7 +169,9 @@ class Plan:
             rows.append([name, _ms(max(seg)), f"{imbalance(seg):.3f}", " ".join(_ms(t) for t in seg)])
         lines += ["", *_table(rows)]
         speedup = max(self.stage_costs(self.even_cuts)) / max(self.stage_costs(self.cuts))
-        lines.append(f"\nslowest stage vs the even split: {speedup:.3f}x faster")
+        # Rounded as printed: "1.000x faster" would claim a gain where the plan is the even split's equal.
+        gain = f"{speedup:.3f}x faster" if round(speedup, 3) > 1 else "as fast (the even split is already balanced)"
+        lines.append(f"\nslowest stage vs the even split: {gain}")
         return "\n".join(lines)
 
 
