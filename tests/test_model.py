@@ -593,3 +593,41 @@ def test_the_moe_benchmark_preset_has_its_documented_size():
     """docs/model.md: bench-moe-1b has 3.93B parameters; the count was checked for the other presets only."""
     model = HybridLM(ModelConfig.preset("bench-moe-1b"), device="meta")
     assert abs(float(model.num_params()) / 1e9 - 3.93) < 0.01
+
+
+def test_inputs_that_are_not_tensors_and_misshaped_hidden_states_are_refused_by_name():
+    """A list or numpy array of ids (or labels, positions, document ids) failed with an AttributeError naming
+    no argument, and hidden states of the wrong width inside the first norm; each is now refused by name."""
+    import numpy as np
+
+    model = HybridLM(tiny_config("M*-/-"), seed=0)
+    ids = torch.randint(0, 97, (2, 5))
+    rows = ids.tolist()
+    for kwargs, says in (
+        (dict(input_ids=rows), "input_ids must be a torch.Tensor, got list"),
+        (dict(input_ids=np.array(rows)), "input_ids must be a torch.Tensor, got ndarray"),
+        (dict(input_ids=ids, labels=rows), "labels must be a torch.Tensor"),
+        (dict(input_ids=ids, position_ids=[list(range(5))]), "position_ids must be a torch.Tensor"),
+        (dict(input_ids=ids, doc_ids=[[0, 0, 1, 1, 1]] * 2), "doc_ids must be a torch.Tensor"),
+        (dict(input_ids=ids, seq_idx=[[0, 0, 1, 1, 1]] * 2), "seq_idx must be a torch.Tensor"),
+        (dict(input_ids=ids, cu_seqlens=[0, 5, 10]), "cu_seqlens must be a torch.Tensor"),
+        (dict(hidden_states=torch.randn(2, 5)), r"hidden_states must be \(B, L, 32\)"),
+        (dict(input_ids=ids, hidden_states=torch.randn(2, 5, 7)), r"hidden_states must be \(B, L, 32\)"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            model(**kwargs)
+    assert model(ids, hidden_states=model.embeddings(ids)).logits.shape == (2, 5, 97)
+
+
+def test_init_parts_run_one_by_one_outside_no_grad_give_the_models_weights():
+    """Each part of ``init_parts`` is callable on its own, in any order: the embedding's, the head's and the
+    MTP depths' parts filled leaf parameters in place under autograd and raised a RuntimeError."""
+    config = tiny_config("M-[*E]/-")
+    want = HybridLM(config, seed=3).state_dict()
+    model = HybridLM(config, device="meta")
+    model.to_empty(device="cpu")
+    for _, init in reversed(model.init_parts(3)):
+        init()
+    model.reset_buffers()
+    got = model.state_dict()
+    assert all(torch.equal(got[name], want[name]) for name in want)

@@ -230,6 +230,17 @@ def float_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
     return dtype
 
 
+def _check_tensors(hidden_size: int, **inputs: Any) -> None:
+    """Refuse, by name, an input that is not a tensor (a list or a numpy array failed later with an
+    AttributeError naming no argument) and ``hidden_states`` that are not (B, L, hidden_size)."""
+    for name, value in inputs.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    h = inputs.get("hidden_states")
+    if h is not None and (h.dim() != 3 or h.shape[-1] != hidden_size or not h.is_floating_point()):
+        raise ValueError(f"hidden_states must be (B, L, {hidden_size}) floating point, got {tuple(h.shape)} {h.dtype}")
+
+
 def _check_inputs(input_ids, labels, position_ids, rows: tuple[int, ...], logits_to_keep, vocab: int) -> None:
     """Refuse malformed inputs by name: shapes and dtypes always; token values where reading them
     costs no device synchronization (CPU tensors; on a GPU a bad id fails in the embedding and a bad
@@ -396,7 +407,9 @@ class HybridLM(nn.Module):
                 parts.append(
                     (block, lambda b=block, d=d: b.init_weights(lambda i: gen("mtp", d, "layers", i), std, out_std))
                 )
-        return parts
+        # Each part fills parameters in place, so it runs without autograd whoever calls it (the
+        # embedding's, the head's and the MTP projections' raised "a leaf Variable that requires grad").
+        return [(module, torch.no_grad()(init)) for module, init in parts]
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -509,6 +522,17 @@ class HybridLM(nn.Module):
                 the cache, and the MTP depths are not run.
             logits_to_keep: compute logits for the last this many positions only (0 = all).
         """
+        _check_tensors(
+            self.config.hidden_size,
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            doc_ids=doc_ids,
+            document_ids=document_ids,
+            seq_idx=seq_idx,
+            cu_seqlens=cu_seqlens,
+            hidden_states=hidden_states,
+        )
         given = [t for t in (doc_ids, document_ids, seq_idx) if t is not None]
         if len(given) > 1:
             raise ValueError("give document boundaries once: doc_ids, document_ids and seq_idx are the same input")
