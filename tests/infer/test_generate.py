@@ -54,7 +54,7 @@ def test_bad_arguments_are_refused_by_name():
     ):
         with pytest.raises(ValueError, match=says):
             generate(model, [1, 2, 3], **kwargs)
-    for prompt in ("hello", [1.7, 2.2]):
+    for prompt in ("hello", [1.7, 2.2], [True, False], torch.tensor([1, 0]).bool(), [torch.tensor(True)]):
         with pytest.raises(ValueError, match="prompts are token ids"):
             generate(model, prompt, max_new_tokens=2)
 

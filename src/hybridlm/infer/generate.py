@@ -277,7 +277,9 @@ def _plain(x):
 
 
 def _token(t) -> int:
-    try:  # ints, numpy or 0-d integer tensors; not floats (truncated) or text
+    try:  # ints, numpy or 0-d integer tensors; not floats (truncated), text or bools (a mask, not ids)
+        if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
+            raise TypeError
         return operator.index(t)
     except TypeError:
         raise ValueError(f"prompts are token ids (integers): got {t!r}; encode text with the tokenizer first") from None
