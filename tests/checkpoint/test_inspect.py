@@ -208,3 +208,12 @@ def test_a_dcp_folder_counts_tensors_and_other_entries_apart(tmp_path):
     dcp.save({"w": torch.zeros(3, 2), "v": torch.zeros(4), "note": "text"}, checkpoint_id=str(tmp_path / "dcp"))
     info = describe(tmp_path / "dcp")
     assert (info["kind"], info["tensors"], info["elements"], info["entries"]) == ("DCP training state", 2, 10, 3)
+
+
+def test_a_run_folder_without_checkpoints_shows_its_model_as_generate_reads_it(tmp_path, capsys):
+    """A run folder whose checkpoints/ is gone (pruned, or only model/ copied) was 'no safetensors files found',
+    while generate and convert read its model/."""
+    run = tmp_path / "run"
+    hybridlm.save(tiny(), run / "model")
+    assert main(["inspect", str(run)]) == 0
+    assert capsys.readouterr().out.startswith(f"hybridlm checkpoint: {run / 'model'}\npattern      {PATTERN}")

@@ -4,7 +4,8 @@ inspect, convert); this one builds the parser and turns errors into exit statuse
 
 Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
 disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
-stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint.
+stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint; 130 ("interrupted") on
+Ctrl-C in any other command; 141, quietly, when the reader of standard output closed the pipe.
 """
 
 from __future__ import annotations

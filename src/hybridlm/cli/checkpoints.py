@@ -10,10 +10,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..checkpoint.inspect import describe, render
-    from ..train.rundir import CHECKPOINTS, MODEL_DIR
+    from ..train.rundir import MODEL_DIR
 
     path = Path(args.path)
-    if (path / CHECKPOINTS).is_dir() and (path / MODEL_DIR).is_dir():
+    if not (path / "config.json").exists() and (path / MODEL_DIR).is_dir():
         path = path / MODEL_DIR  # a run directory: its exported model, as generate and convert read it
     info = describe(path)
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))

@@ -330,7 +330,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="with --speculative: drafts per round (default: all depths)",
+        help="with --speculative: drafts per round (default, and at most: one per MTP depth)",
     )
     ap.add_argument(
         "--seed",

@@ -104,11 +104,12 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser(
         "prepare",
         help="tokenize text or JSONL into a token file for training",
-        description="Tokenize a corpus once (a .txt file or folder: one document per file; a .jsonl file: one "
-        "document per record; or builtin:pydoc) into OUT/tokens.bin (numpy memmap), OUT/docs.npy (document "
-        "offsets) and OUT/meta.json. Train on it with --set data.source=OUT.",
+        description="Tokenize a corpus once (a .txt file: one document; a .jsonl or .ndjson file: one document "
+        "per record; a folder of such files, searched recursively; or builtin:pydoc) into OUT/tokens.bin (numpy "
+        "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files. Train on it with --set "
+        "data.source=OUT.",
     )
-    ap.add_argument("source", help=".txt/.jsonl file or folder, or builtin:pydoc")
+    ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
     ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records")

@@ -184,8 +184,8 @@ def generate(
         use_cache: False reruns the full forward for every token (the exact reference).
         speculative: ``"mtp"``: the model's MTP depths draft tokens that the main model verifies
             in one forward (greedy only; prompts run one at a time). Output equals plain greedy.
-        draft_tokens: with ``speculative``, tokens drafted per round, from the first depths (default:
-            one per MTP depth). Deeper drafts are accepted less often; fewer can be faster.
+        draft_tokens: with ``speculative``, tokens drafted per round, from the first depths (default, and
+            at most: one per MTP depth). Deeper drafts are accepted less often; fewer can be faster.
         prefill_chunk_size: prompts are prefilled in chunks of this many tokens.
         callback: ``callback(row, token)`` for every new token as it is picked (streaming);
             returning True stops that row.
