@@ -44,6 +44,10 @@ def test_plot(tmp_path, capsys, suffix):
     assert main(["plan", "--preset", "tiny", "--pp", "2", "--seq-len", "32", "--plot", str(path)]) == 0
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in data[:2000]
+    assert capsys.readouterr().out.endswith(f"\nwrote {path}\n")  # as pattern --plot says it
+    assert main(["plan", "--preset", "tiny", "--pp", "2", "--seq-len", "32", "--plot", str(path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["pp"] == 2 and out.err == f"wrote {path}\n"  # stdout stays one JSON document
     other = tmp_path / f"pattern{suffix}"
     assert main(["pattern", "M-M-[*-]M-|M-[*E]M-/*-/*-", "--plot", str(other)]) == 0
     assert other.stat().st_size > 1000 and f"wrote {other}" in capsys.readouterr().out

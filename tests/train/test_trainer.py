@@ -122,11 +122,19 @@ def test_peak_memory_on_the_cpu_is_in_gigabytes(tmp_path):
     assert got == pytest.approx(hwm_kib * 1024 / 1e9, rel=0.002)
 
 
-def test_a_run_leaves_its_outputs(tmp_path):
+def test_a_run_leaves_its_outputs(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labels = []  # loss.png's y axis, in the unit the console prints (a byte's, here: nats/token before)
+    set_ylabel = Axes.set_ylabel
+    monkeypatch.setattr(
+        Axes, "set_ylabel", lambda ax, label, *a, **kw: (labels.append(label), set_ylabel(ax, label))[1]
+    )
     run_dir = tmp_path / "run"
     summary = Trainer(tiny_run(), run_dir=run_dir, progress=False).run_loop()
     for name in ("config.toml", "metrics.jsonl", "loss.png", "model/config.json", "model/tokenizer.hybridlm.json"):
         assert (run_dir / name).exists(), name
+    assert labels == ["loss (nats/byte)"]
     assert summary["val_loss"] < summary["first_val_loss"]
     model = hybridlm.load(run_dir / "model")
     assert model.config.pattern == "M-[*-]G[ME]"
@@ -378,3 +386,14 @@ def test_mfu_counts_forward_and_backward_per_device(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     row = next(r for r in rows if "mfu" in r)
     assert row["mfu"] == pytest.approx(row["tokens_per_s"] / 2 * 3 * model_flops / 1e12, rel=1e-9)
+
+
+def test_the_header_counts_one_step_and_one_thread_in_the_singular(tmp_path, monkeypatch):
+    """"· 1 steps" and "(1 threads)" read as typos; counts other than one keep their plural."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    lines = Trainer(tiny_run("train.steps=1", "train.device=cpu"), run_dir=tmp_path / "a", progress=False).describe()
+    assert any(line.endswith("tokens/step · 1 step") for line in lines), lines
+    assert any(line.startswith("device  cpu (1 thread) ·") for line in lines), lines
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    lines = Trainer(tiny_run("train.steps=2", "train.device=cpu"), run_dir=tmp_path / "b", progress=False).describe()
+    assert any(line.endswith(" · 2 steps") for line in lines) and any("(2 threads)" in line for line in lines)

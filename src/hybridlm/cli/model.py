@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _check_plot(plot: str | None) -> None:
@@ -134,9 +135,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         measure=measure,
     )
-    if args.plot is not None:
-        plan.plot(args.plot)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
+    if args.plot is not None:  # as pattern --plot says it; on stderr under --json, which keeps stdout one document
+        print(f"wrote {plan.plot(args.plot)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

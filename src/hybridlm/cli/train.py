@@ -10,6 +10,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from ..errors import UsageError
     from ..train.config import RunConfig, override_key
+    from ..train.metrics import loss_unit
     from ..train.rundir import CONFIG_FILE
     from ..train.trainer import Trainer
 
@@ -32,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.is_main:
         first, last = summary["first_val_loss"], summary["val_loss"]
         minutes, seconds = divmod(int(summary["seconds"]), 60)
-        unit = "nats/byte" if run.data.tokenizer == "byte" else "nats/token"
+        unit = loss_unit(run.data.tokenizer)
         if first is not None and last is not None:
             print(f"validation loss {first:.4f} -> {last:.4f} {unit} (start -> end) in {minutes}m{seconds:02d}s")
         elif last is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
@@ -113,7 +114,7 @@ class Plan:
             out["user_imbalance"] = imbalance(user)
         return out
 
-    def plot(self, path: str) -> None:
+    def plot(self, path: str) -> Path:
         """Draw the planned pattern with its per-stage costs (see :func:`hybridlm.plan.plot.plot_pattern`)."""
         from .plot import plot_pattern
 
@@ -122,7 +123,7 @@ class Plan:
         extras[0] += self.costs.first_extra_s * 1e3
         extras[-1] += self.costs.last_extra_s * 1e3
         labels = [f"rank {s.pp_rank}" + (f"\nvp {s.vp_stage}" if self.vpp > 1 else "") for s in self.stages]
-        plot_pattern(
+        return plot_pattern(
             self.pattern,
             path,
             [(s.start, s.stop) for s in self.stages],

@@ -168,7 +168,12 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_losses(history: list[dict[str, Any]], out: Path) -> Path | None:
+def loss_unit(tokenizer: str) -> str:
+    """The unit of a loss over ``data.tokenizer``'s tokens: a byte tokenizer's tokens are bytes."""
+    return "nats/byte" if tokenizer == "byte" else "nats/token"
+
+
+def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/token") -> Path | None:
     """Training and validation loss against step, as a PNG. None when matplotlib is missing."""
     try:
         import matplotlib
@@ -191,7 +196,7 @@ def plot_losses(history: list[dict[str, Any]], out: Path) -> Path | None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.2, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(f"loss ({unit})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -42,7 +42,7 @@ from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import PackedRows, Sampler, check_batch_split, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
-from .metrics import Metrics, plot_losses
+from .metrics import Metrics, loss_unit, plot_losses
 from .optim import ExpertBiasHook, build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
 from .rundir import (
@@ -410,7 +410,9 @@ class Trainer:
         if all(saved[k] == v for k, v in now.items() if k in saved):
             return
         was = [f"{v:,}" if isinstance(v, int) else repr(v) for v in (saved.get("tokens"), saved.get("docs"))]
-        counts = f"{now['tokens']:,} tokens in {now['docs']:,} documents"
+        counts = (
+            f"{now['tokens']:,} token{'s' * (now['tokens'] != 1)} in {now['docs']:,} document{'s' * (now['docs'] != 1)}"
+        )
         if was == [f"{now['tokens']:,}", f"{now['docs']:,}"]:
             what = f"other token ids than the run was trained on (as many: {counts})"
         else:
@@ -643,7 +645,8 @@ class Trainer:
         if self.pp > 1:
             dev += f" (dp {self.dp} × pp {self.pp}, {self.run.resolved_schedule()}, {len(self.pipeline.stages)} stage(s) per rank)"
         if self.device.type == "cpu":
-            dev += f" ({torch.get_num_threads()} threads)"
+            threads = torch.get_num_threads()
+            dev += f" ({threads} thread{'s' * (threads != 1)})"
         val = f"{self.val_rows.stream.num_tokens:,}" if self.val_rows is not None else "no"
         return [
             f"run     {self.run_dir}",
@@ -652,7 +655,7 @@ class Trainer:
             f"data    {r.data.source} · {r.data.tokenizer} tokenizer · {self.train_rows.stream.num_tokens:,} train / "
             f"{val} validation tokens · rows of {r.data.seq_len}",
             f"optim   AdamW lr {r.optim.lr:g} ({r.optim.schedule}, warmup {r.optim.warmup_steps}) · batch {t.batch_size} "
-            f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} steps",
+            f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} step{'s' * (t.steps != 1)}",
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
             + (" · compiled blocks" if t.compile else "")
@@ -757,7 +760,8 @@ class Trainer:
         if self.step >= t.steps:
             summary["model"] = str(self.export())
             if self.is_main:
-                png = plot_losses(self.metrics.history_all(), self.run_dir / "loss.png")
+                unit = loss_unit(self.run.data.tokenizer)
+                png = plot_losses(self.metrics.history_all(), self.run_dir / "loss.png", unit)
                 summary["loss_curve"] = str(png) if png else None
         self.metrics.close()
         return summary
