@@ -286,3 +286,31 @@ def test_a_cuda_device_without_cuda_is_refused_by_its_flag(files, capsys):
         pytest.skip("needs a machine without CUDA")
     assert main(["generate", str(files / "model"), "--prompt", "a", "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device cuda: no CUDA device is available"
+
+
+@pytest.mark.parametrize("signum, status", [(15, 143), (1, 129)])
+def test_sigterm_during_a_write_removes_its_temporary_folder(tmp_path, signum, status):
+    """SIGTERM (or SIGHUP) while `prepare` wrote its output killed the process with the default action: the hidden
+    .OUT.tmp-ID folder (as large as the corpus) stayed behind. Now it raises as SIGINT does: removed, exit 128 + N."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "c.jsonl").write_text('{"text": "some text"}\n' * 10)
+    code = (
+        "import os, sys\n"
+        "import hybridlm.train.data as data\n"
+        "from hybridlm.cli import main\n"
+        "write = data._write_prepared\n"
+        "def killed(*args):\n"
+        "    write(*args)\n"
+        f"    os.kill(os.getpid(), {signum})\n"
+        "    for _ in range(10**8): pass\n"
+        "data._write_prepared = killed\n"
+        f"sys.exit(main(['prepare', {str(tmp_path / 'c.jsonl')!r}, {str(tmp_path / 'out')!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stderr.endswith(f"interrupted by {'SIGTERM' if signum == 15 else 'SIGHUP'}\n"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

@@ -184,3 +184,14 @@ def test_plan_refuses_its_plot_before_reading_the_model(capsys):
     assert main(["plan", "--preset", "nope", "--pp", "2", "--plot", "x.pdf"]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("error: --plot 'x.pdf'") and "must end in .png or .svg" in err and out == ""
+
+
+def test_a_pattern_the_model_cannot_hold_says_how_to_give_one(capsys):
+    """plan 'M-E' said "moe_num_experts: required: the pattern has MoE ('E') layers", a field no flag of plan sets;
+    a bad pattern keeps its own message and caret."""
+    assert main(["plan", "M-E", "--pp", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: pattern 'M-E' does not fit the model of the default run: moe_num_experts: required")
+    assert err.endswith("give a run file (--config RUN.toml) or a preset (--preset NAME) whose model sets it\n")
+    assert main(["plan", "M-X", "--pp", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: pattern: In main pattern, 'X' is not a valid layer symbol")

@@ -259,3 +259,20 @@ def test_prepare_names_its_own_tokenizer_options(tmp_path, capsys, option, messa
     assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), *option]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_names_a_folder_that_is_missing_or_not_a_run(fake_trainer, tmp_path, capsys):
+    """--resume of a missing folder, a file or a folder without config.toml (a start abandoned at once) said
+    "config: cannot read .../config.toml: No such file or directory", naming a file the user never gave."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for name, says in (
+        ("missing", "no such folder; give a run folder"),
+        ("file", "not a folder; give a run folder"),
+        ("empty", "not a training run (no config.toml; a run writes it once it has started)"),
+    ):
+        assert main(["train", "--resume", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err == f"error: --resume {tmp_path / name}: {says}" + (
+            " that `hybridlm train` wrote\n" if name != "empty" else "\n"
+        )
+    assert fake_trainer.made == []

@@ -785,3 +785,16 @@ def test_a_shared_expert_width_of_zero_is_intermediate_size_as_transformers_buil
     save_file({k: t for k, t in state.items() if ".shared_experts." not in k}, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing tensors: .*shared_experts\.down_proj\.weight"):
         import_nemotron_h(tmp_path / "hf")
+
+
+def test_an_end_of_text_id_outside_the_vocabulary_is_not_saved(tmp_path, caplog):
+    """config.json's eos_token_id 1000 of 257 ids was saved in the converted folder's tokenizer spec, so that every
+    `generate` on it failed ("eos_id must be a token id below 257"): it is passed over, with a warning."""
+    from hybridlm.checkpoint.hf_nemotron import hf_eos_token_id
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 257, "eos_token_id": [1000, 3]}))
+    with caplog.at_level(logging.WARNING):
+        assert hf_eos_token_id(tmp_path) is None
+    assert "eos_token_id 1000 is outside the vocabulary of 257; not saved" in caplog.text
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 256}))
+    assert hf_eos_token_id(tmp_path) == 256

@@ -298,3 +298,16 @@ def test_an_index_entry_that_is_no_safetensors_file_is_refused(tmp_path):
     (path / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"shard 'config\.json' is not a \.safetensors file inside"):
         hybridlm.load(path)
+
+
+def test_a_leftover_that_is_a_link_is_removed_and_its_target_kept(tmp_path):
+    """A pruned checkpoint that was a link to a folder became `.step-N.del-ID -> target`: rmtree refuses links (its
+    error ignored), so every resume named it as removed and none removed it."""
+    from hybridlm.checkpoint.io import remove_leftovers
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep.txt").write_text("keep")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".step-000001.del-0123abcd").symlink_to(tmp_path / "target")
+    assert remove_leftovers(tmp_path / "run") == [".step-000001.del-0123abcd"]
+    assert list((tmp_path / "run").iterdir()) == [] and (tmp_path / "target" / "keep.txt").read_text() == "keep"

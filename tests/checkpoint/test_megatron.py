@@ -608,3 +608,17 @@ def test_hints_come_from_the_unexpected_names_only(moe_state, moe_config):
     moe_state["decoder.layers.2.mlp.experts.linear_fc1.bias3"] = torch.zeros(24)
     with pytest.raises(CheckpointError, match=r"hint: linear biases: the Megatron model was trained without"):
         from_megatron(moe_config, moe_state)
+
+
+@pytest.mark.parametrize("odd", ["meta", "sparse"])
+def test_a_tensor_without_dense_data_is_refused_by_name(moe_config, moe_state, odd):
+    """A torch.save file may hold a meta tensor (a model saved before its weights existed) or a sparse one: they
+    failed deep inside torch ("unexpected NotImplementedError: Cannot copy out of meta tensor; no data!")."""
+    name = next(k for k in moe_state if "word_embeddings" in k)
+    t = moe_state[name]
+    moe_state[name] = t.to("meta") if odd == "meta" else t.to_sparse()
+    shown = "a meta tensor" if odd == "meta" else "torch.sparse_coo"
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"weights must be dense tensors with data, not: {name} ({shown})")
+    ):
+        from_megatron(moe_config, moe_state)

@@ -479,3 +479,21 @@ def test_a_prompts_file_in_json_lines_is_known_by_either_suffix_in_any_case(chec
         (tmp_path / name).write_text('{"prompt": "ab"}\n["ab"]\n')
         code, out, err = run(capsys, path, "--prompts-file", tmp_path / name)
         assert code == 2 and out == "" and f'{name}:2: a JSONL record needs a string "prompt" or "text"' in err, err
+
+
+def test_a_thread_count_torch_cannot_start_is_refused_by_flag(checkpoint, capsys, monkeypatch):
+    """--threads 100000 reached torch.set_num_threads and the process died of a segmentation fault, with no
+    message; it is bounded as train.threads is."""
+    import torch
+
+    path, _ = checkpoint
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail(f"set_num_threads({n})"))
+    code, out, err = run(capsys, path, "--prompt", "x", "--threads", 100000)
+    assert (code, out, err) == (2, "", "error: --threads must be at most 4096, got 100000\n")
+
+
+def test_an_empty_tokenizer_flag_is_refused_not_ignored(checkpoint, capsys):
+    """--tokenizer '' (an unset shell variable) silently used the checkpoint's own tokenizer."""
+    path, _ = checkpoint
+    code, out, err = run(capsys, path, "--prompt", "x", "--tokenizer", "")
+    assert (code, out) == (2, "") and err == "error: --tokenizer: '' is neither 'byte' nor an existing tokenizer.json\n"

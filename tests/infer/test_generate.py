@@ -276,3 +276,18 @@ def test_no_new_tokens_give_an_empty_list_per_prompt_and_cacheless_speculation_i
         generate(model, [1, 2], 3, prefill_chunk_size=0)
     with pytest.raises(ValueError, match="leave use_cache=True"):
         generate(model, [1, 2], 3, speculative="mtp", use_cache=False)
+
+
+def test_settings_beyond_float32s_range_sample_without_nan():
+    """A temperature, top_p or repetition penalty that float32 rounds to 0 or inf (1e-300, 1e300) gave NaN
+    probabilities ("probability tensor contains either inf, nan"): the sampler keeps every logit a number."""
+    from hybridlm.infer.generate import Sampler
+
+    logits = torch.tensor([[0.0, 3.0, -1.0, 2.0], [1.0, 0.0, 5.0, -2.0]])
+    best = logits.argmax(-1).tolist()
+    assert Sampler(temperature=1e-300, seed=0)(logits).tolist() == best
+    assert Sampler(temperature=1.0, top_p=1e-300, seed=0)(logits).tolist() == best
+    for penalty in (1e-300, 1e300):
+        sampler = Sampler(temperature=1.0, repetition_penalty=penalty, seed=0)
+        sampler.observe([[0, 1, 2, 3], [0, 1, 2, 3]], 4, "cpu")
+        assert all(0 <= t < 4 for t in sampler(logits).tolist())

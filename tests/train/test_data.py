@@ -701,3 +701,12 @@ def test_a_selection_fingerprints_its_own_documents():
     assert stream.select(np.array([1, 0])).fingerprint(block=2, blocks=2) == (
         tokenize_documents(["bbb", "aa"], ByteTokenizer()).fingerprint(block=2, blocks=2)
     )
+
+
+def test_an_empty_source_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    """Path("") is ".": `hybridlm prepare "" OUT` read every .txt under the current directory as the corpus."""
+    (tmp_path / "notes.txt").write_text("not meant as a corpus")
+    monkeypatch.chdir(tmp_path)
+    for source in ("", "  "):
+        with pytest.raises(DataError, match=r"^source: empty; name a \.txt or \.jsonl file or folder"):
+            load_corpus(source, ByteTokenizer(), key="source")

@@ -193,3 +193,11 @@ def test_edge_values_are_refused_with_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
         RunConfig().with_overrides(overrides)
     assert info.value.field == field, str(info.value)
+
+
+@pytest.mark.parametrize("item", [".=3", "train.=3", ".steps=3", " . =3"])
+def test_an_override_without_a_section_or_field_name_says_what_it_needs(item):
+    """An override of ".=3" said ": unknown field", and one of "train.=3" "train.: unknown field (did you mean
+    'train.seed'?)"."""
+    with pytest.raises(ConfigError, match=r"an override names a section and a field, e\.g\. train\.steps=100"):
+        RunConfig().with_overrides([item])

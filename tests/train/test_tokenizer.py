@@ -134,3 +134,13 @@ def test_a_spec_that_is_not_an_object_adds_no_files(tmp_path, spec):
     assert exported_files(tmp_path) == {}
     (tmp_path / SPEC_NAME).write_text(json.dumps({"type": "byte"}))
     assert set(exported_files(tmp_path)) == {"tokenizer.json", "tokenizer_config.json"}
+
+
+def test_an_empty_tokenizer_path_is_not_the_current_directory(tmp_path, monkeypatch):
+    """build_tokenizer("") read Path("") (the current directory) and said ".: cannot load tokenizer (Is a directory)"."""
+    from hybridlm.errors import DataError
+    from hybridlm.train.tokenizer import build_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^--tokenizer: '' is neither 'byte' nor an existing tokenizer\.json$"):
+        build_tokenizer("", key="--tokenizer")

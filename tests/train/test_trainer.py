@@ -389,7 +389,7 @@ def test_mfu_counts_forward_and_backward_per_device(tmp_path):
 
 
 def test_the_header_counts_one_step_and_one_thread_in_the_singular(tmp_path, monkeypatch):
-    """"· 1 steps" and "(1 threads)" read as typos; counts other than one keep their plural."""
+    """ "· 1 steps" and "(1 threads)" read as typos; counts other than one keep their plural."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     lines = Trainer(tiny_run("train.steps=1", "train.device=cpu"), run_dir=tmp_path / "a", progress=False).describe()
     assert any(line.endswith("tokens/step · 1 step") for line in lines), lines
@@ -397,3 +397,25 @@ def test_the_header_counts_one_step_and_one_thread_in_the_singular(tmp_path, mon
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     lines = Trainer(tiny_run("train.steps=2", "train.device=cpu"), run_dir=tmp_path / "b", progress=False).describe()
     assert any(line.endswith(" · 2 steps") for line in lines) and any("(2 threads)" in line for line in lines)
+
+
+def test_a_run_folder_inside_a_text_folder_source_is_refused(tmp_path):
+    """The run's metrics.jsonl landed among the corpus's files: the first run trained, and its resume (or any run
+    on that folder) failed with "run/metrics.jsonl:1: not a JSON object with a 'text' field"."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(f"document number {i} " * 20)
+    for run_dir in (corpus / "run", corpus):
+        with pytest.raises(DataError, match=r"the run folder is inside data\.source .*choose a --run-dir outside it"):
+            Trainer(tiny_run(f"data.source='{corpus}'"), run_dir=run_dir, progress=False)
+    assert sorted(p.name for p in corpus.iterdir()) == [f"{i}.txt" for i in range(8)]
+    Trainer(tiny_run(f"data.source='{corpus}'", "train.steps=1"), run_dir=tmp_path / "run", progress=False).run_loop()
+
+
+def test_an_init_std_that_overflows_the_weights_is_refused_by_name(tmp_path):
+    """model.init_std=1e308 made every weight inf: ten skipped steps later the run stopped as diverged, advising to
+    "lower optim.lr and start again", which could not help."""
+    with pytest.raises(ConfigError, match=r"^model\.init_std: 1e\+308 makes the initial weights overflow to inf"):
+        Trainer(tiny_run("model.init_std=1e308"), run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()

@@ -124,11 +124,19 @@ def normalize(state: Mapping[str, Tensor], aliases: Aliases, source: str) -> tup
 
     Raises:
         CheckpointError: two given names are one tensor (``source`` says where they were read), or tensors
-            that are not floating point (weights are: an integer one would be cast without a word).
+            that are not floating point (weights are: an integer one would be cast without a word), or hold no
+            dense data (a meta or sparse tensor, which a torch.save file may hold, failed deep inside torch).
     """
     odd = [f"{k} ({t.dtype})" for k, t in state.items() if isinstance(t, Tensor) and not t.is_floating_point()]
     if odd:
         raise CheckpointError(f"{source}: weights must be floating point, not: " + ", ".join(odd[:MAX_LISTED]))
+    odd = [
+        f"{k} ({'a meta tensor' if t.is_meta else t.layout})"
+        for k, t in state.items()
+        if isinstance(t, Tensor) and (t.is_meta or t.layout != torch.strided)
+    ]
+    if odd:
+        raise CheckpointError(f"{source}: weights must be dense tensors with data, not: " + ", ".join(odd[:MAX_LISTED]))
     out: dict[str, Tensor] = {}
     given: dict[str, str] = {}
     for name, t in state.items():

@@ -437,7 +437,13 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
 
 def hf_eos_token_id(path: str | Path) -> int | None:
     """The end-of-document id a Hugging Face folder names (config.json's ``eos_token_id``, else
-    generation_config.json's; the first of a list), or None: none, or unreadable (the import says why)."""
+    generation_config.json's; the first of a list), or None: none, or unreadable (the import says why). An id at
+    or past config.json's ``vocab_size`` is passed over with a warning: saved, it made every later load of the
+    converted folder's tokenizer fail."""
+    try:
+        vocab = json.loads((Path(path) / CONFIG_NAME).read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        vocab = None
     for name in (CONFIG_NAME, "generation_config.json"):
         try:
             eos = json.loads((Path(path) / name).read_text()).get("eos_token_id")
@@ -445,6 +451,15 @@ def hf_eos_token_id(path: str | Path) -> int | None:
             continue
         eos = eos[0] if isinstance(eos, list) and eos else eos
         if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:
+            if isinstance(vocab, int) and not isinstance(vocab, bool) and eos >= vocab:
+                logger.warning(
+                    "%s: eos_token_id %d is outside the vocabulary of %d; not saved (generate takes the tokenizer's "
+                    "usual end-of-text name, or --eos-token)",
+                    Path(path) / name,
+                    eos,
+                    vocab,
+                )
+                continue
             return eos
     return None
 

@@ -80,7 +80,7 @@ def remove_leftovers(folder: Path) -> list[str]:
     e.g. under a run's lock); returns their names."""
     names = sorted(p.name for p in folder.glob(".*") if _LEFTOVER.fullmatch(p.name)) if folder.is_dir() else []
     for name in names:
-        if (folder / name).is_dir():
+        if (folder / name).is_dir() and not (folder / name).is_symlink():  # (rmtree refuses a link, silently here)
             shutil.rmtree(folder / name, ignore_errors=True)
         else:
             (folder / name).unlink(missing_ok=True)

@@ -4,17 +4,21 @@ inspect, convert); this one builds the parser and turns errors into exit statuse
 
 Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
 disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
-stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint; 130 ("interrupted") on
-Ctrl-C in any other command; 141, quietly, when the reader of standard output closed the pipe.
+stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint; 128 + N, with
+"interrupted", when another command stopped on one of them (a write in progress removed, ``generate``'s
+rows so far printed); 141, quietly, when the reader of standard output closed the pipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import itertools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -171,13 +175,50 @@ def dash_pattern_operands(argv: Sequence[str]) -> list[str]:
     return [*argv[: command + 1], *rest, "--", dashed[0]]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside training (whose own handlers save first): raised as SIGINT raises
+    KeyboardInterrupt, so that a write in progress (``prepare``, ``convert``) removes its hidden temporary
+    folder instead of the signal's default action killing the process and leaving it behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """While entered (on the main thread), SIGTERM and SIGHUP raise :class:`_Terminated` where they have their
+    default action, which comes back at exit; a handler installed by others (or SIGHUP ignored under nohup) stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for s, handler in previous.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(s, _terminate)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is signal.SIG_DFL:
+                signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(dash_pattern_operands(sys.argv[1:] if argv is None else argv))
     if unknown:  # (parse_args would report them under the top-level usage, as "hybridlm: error")
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
+        with _stop_signals_raise():
+            return int(args.func(args) or 0)
+    except _Terminated as e:
+        print(f"interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -151,6 +151,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
     to run on (``--device auto`` resolved)."""
     from ..errors import UsageError
     from ..infer.generate import check_sampling
+    from ..train.config import MAX_THREADS
     from . import device_option
 
     last_start = (max(num_prompts, 1) - 1) // max(args.batch_size, 1) * max(args.batch_size, 1)
@@ -171,6 +172,10 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
         (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (  # torch starting 100,000 threads crashed the process (a segmentation fault, no message)
+            args.threads is None or args.threads <= MAX_THREADS,
+            f"--threads must be at most {MAX_THREADS}, got {args.threads}",
+        ),
         (all(stops), "--stop: an empty string would end every text at once"),
         (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
         (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
@@ -228,7 +233,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
     tokenizer = (
         build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
-        if args.tokenizer
+        if args.tokenizer is not None  # ("" is refused by name, not taken for "the checkpoint's")
         else load_tokenizer(path, "--tokenizer", args.eos_token)
     )
     if tokenizer.vocab_size > config.vocab_size:

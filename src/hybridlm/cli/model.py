@@ -84,6 +84,7 @@ def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None
     the embedded default run's model is used (as ``hybridlm train`` does).
     """
     from ..config import ModelConfig
+    from ..errors import ConfigError, UsageError
     from ..train.config import RunConfig
 
     run = None
@@ -98,7 +99,16 @@ def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None
             vocab = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token).vocab_size
         config = run.model_config(vocab)
     if pattern is not None:
-        config = config.replace(pattern=pattern)
+        try:
+            config = config.replace(pattern=pattern)
+        except ConfigError as e:  # ("moe_num_experts: required" named a field no flag of plan sets)
+            if e.field == "pattern":  # the pattern itself (with its caret line)
+                raise
+            source = f"--preset {preset}" if preset else f"--config {run_file}" if run_file else "the default run"
+            raise UsageError(
+                f"pattern {pattern!r} does not fit the model of {source}: {e}; give a run file (--config RUN.toml) "
+                "or a preset (--preset NAME) whose model sets it"
+            ) from None
     return config, run
 
 

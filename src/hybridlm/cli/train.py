@@ -23,7 +23,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
             raise UsageError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
         run_dir = args.resume
-        base = RunConfig.from_toml(args.config or Path(args.resume) / CONFIG_FILE)
+        folder = Path(args.resume)
+        if not folder.is_dir():
+            what = "no such folder" if not folder.exists() else "not a folder"
+            raise UsageError(f"--resume {args.resume}: {what}; give a run folder that `hybridlm train` wrote")
+        if args.config is None and not (folder / CONFIG_FILE).is_file():
+            what = f"its {CONFIG_FILE} is not a file" if (folder / CONFIG_FILE).exists() else f"no {CONFIG_FILE}"
+            raise UsageError(
+                f"--resume {args.resume}: not a training run ({what}; a run writes it once it has started)"
+            )
+        base = RunConfig.from_toml(args.config or folder / CONFIG_FILE)
     else:
         base = RunConfig.from_toml(args.config) if args.config else RunConfig()
     run = base.with_overrides(args.set) if args.set else base

@@ -132,11 +132,14 @@ class Sampler:
         logits = logits.float()
         if self.seen is not None:
             penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
-            logits = torch.where(self.seen, penalized, logits)
+            # A penalty beyond float32's range (1e-300, 1e300) divides by 0 or multiplies by inf: the logits become
+            # inf (then inf - inf = NaN below), or NaN (0 * inf); the largest finite ones instead, and 0 stays 0.
+            logits = torch.where(self.seen, penalized.nan_to_num(nan=0.0, neginf=float("-inf")), logits)
         if self.temperature == 0:
             return logits.argmax(dim=-1)
-        # The best logit becomes 0 first, so that a tiny temperature gives -inf, not inf - inf = NaN.
-        logits = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+        # The best logit becomes 0 first, so that a tiny temperature gives -inf, not inf - inf = NaN; one below
+        # float32's smallest normal number (1e-300 is 0 in float32, and 0 / 0 is NaN) divides as that number.
+        logits = (logits - logits.amax(-1, keepdim=True)) / max(self.temperature, torch.finfo(logits.dtype).tiny)
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -145,6 +148,7 @@ class Sampler:
             probs = sorted_logits.softmax(-1)
             # Drop a token when the tokens before it already reach top_p (the first is always kept).
             drop_sorted = probs.cumsum(-1) - probs >= self.top_p
+            drop_sorted[:, 0] = False  # (a top_p of 1e-300 is 0 in float32, which the first token's 0 reaches)
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(-1)

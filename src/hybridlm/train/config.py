@@ -197,7 +197,7 @@ class RunConfig:
                 raise ConfigError(item, "an override must look like section.field=value")
             key, raw = item.split("=", 1)
             parts = override_key(item).split(".")
-            if len(parts) != 2:
+            if len(parts) != 2 or not all(parts):  # (".=3", "train.=3": no section or no field named)
                 raise ConfigError(key, "an override names a section and a field, e.g. train.steps=100")
             section, name = parts
             if section not in d:

@@ -280,20 +280,40 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     return TokenStream(tokens, starts), meta
 
 
+def is_prepared(path: Path) -> bool:
+    """Whether :func:`load_corpus` reads folder ``path`` as a prepared corpus. A folder of text may hold a meta.json
+    of its own: it is read as prepared only with token files, or without text (where a damaged prepared corpus is
+    named as one)."""
+    return (
+        path.is_dir()
+        and (path / PREPARED_META).exists()
+        and (any((path / f).exists() for f in PREPARED_FILES) or not _text_files(path))
+    )
+
+
+def check_outside_text_folder(folder: Path, source: str) -> None:
+    """Refuse (DataError) a run folder ``folder`` inside ``source`` where that is a folder read for its .txt and JSON
+    Lines files: the run's metrics.jsonl would be read as documents (a resume failed on its first line)."""
+    path = Path(source)
+    if source.startswith("builtin:") or not path.is_dir() or is_prepared(path):
+        return
+    if folder.resolve().is_relative_to(path.resolve()):
+        raise DataError(
+            f"{folder}: the run folder is inside data.source {source}, whose .txt and .jsonl files are the corpus: "
+            "the run's metrics.jsonl would be read as documents; choose a --run-dir outside it"
+        )
+
+
 def load_corpus(
     source: str, tokenizer, jsonl_field: str = "text", progress: bool = False, key: str = "data.source"
 ) -> TokenStream:
     """The tokens of ``source`` (named ``key`` in errors): a built-in corpus, a prepared folder, or text files."""
+    if not source.strip():  # Path("") is the current directory: every .txt under it would be read
+        raise DataError(f"{key}: empty; name a .txt or .jsonl file or folder, a prepared folder, or builtin:pydoc")
     if source.startswith("builtin:"):
         return tokenize_documents(builtin_documents(source.split(":", 1)[1], key), tokenizer, progress)
     path = Path(source)
-    # A folder of text may hold a meta.json of its own: it is read as prepared only with token files, or
-    # without text (where a damaged prepared corpus is named as one).
-    if (
-        path.is_dir()
-        and (path / PREPARED_META).exists()
-        and (any((path / f).exists() for f in PREPARED_FILES) or not _text_files(path))
-    ):
+    if is_prepared(path):
         stream, meta = read_prepared(path)
         if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
             hint = ", set by data.eos_token" if meta["vocab_size"] == tokenizer.vocab_size else ""

@@ -151,7 +151,7 @@ def build_tokenizer(
             )
         return ByteTokenizer()
     path = Path(spec)
-    if not path.exists():
+    if not spec or not path.exists():  # ("" is the current directory's path)
         raise DataError(f"{key}: {spec!r} is neither 'byte' nor an existing tokenizer.json")
     return HFTokenizer(path, eos_token or None, eos_key)
 

@@ -39,7 +39,7 @@ from ..parallel.execution import (
 )
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
-from .data import PackedRows, Sampler, check_batch_split, eval_rows, load_corpus, split
+from .data import PackedRows, Sampler, check_batch_split, check_outside_text_folder, eval_rows, load_corpus, split
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
 from .metrics import Metrics, loss_unit, plot_losses
@@ -260,6 +260,7 @@ class Trainer:
             )
 
         # Data.
+        check_outside_text_folder(self.run_dir, run.data.source)
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
         # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
@@ -308,6 +309,12 @@ class Trainer:
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
         else:
             self.model = HybridLM(self.config, seed=t.seed, device=self.device)
+        if not resume and not weights_finite(self.model, self.device):  # (a resume loads its weights instead)
+            raise ConfigError(
+                "model.init_std",
+                f"{self.config.init_std} makes the initial weights overflow to inf: nothing could train (every "
+                "step would be skipped, and the end refused as diverged); use a smaller one (default 0.02)",
+            )
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
