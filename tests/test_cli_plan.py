@@ -70,7 +70,10 @@ def test_plot(tmp_path, capsys, suffix):
         (["pattern", "MMMM", "--pp", "2", "--plot", "x.pdf"], "must end in .png or .svg"),
         (["pattern", "MMMM", "--plot", ""], "--plot '': the file name must end in .png or .svg"),
         # before a --measure run, which takes minutes on a GPU
-        (["plan", "--preset", "tiny", "--pp", "2", "--measure", "cpu", "--plot", "/no-such/p.png"], "no folder"),
+        (
+            ["plan", "--preset", "tiny", "--pp", "2", "--measure", "cpu", "--plot", "/no-such/p.png"],
+            "'/no-such' is no folder",
+        ),
     ],
 )
 def test_bad_input_exits_2(capsys, argv, message):
@@ -84,6 +87,13 @@ def test_a_plot_over_a_folder_is_refused(tmp_path, capsys):
     (tmp_path / "p.png").mkdir()
     assert main(["pattern", "MMMM", "--plot", str(tmp_path / "p.png")]) == 2
     assert "cannot write a folder" in capsys.readouterr().err
+
+
+def test_a_plot_under_a_file_says_the_file_is_no_folder(tmp_path, capsys):
+    """A file where the plot's folder should be was "no folder 'notes.txt'", as if nothing were there."""
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["pattern", "MMMM", "--plot", str(tmp_path / "notes.txt" / "p.png")]) == 2
+    assert f"'{tmp_path / 'notes.txt'}' is a file, not a folder, to write it in" in capsys.readouterr().err
 
 
 def test_a_run_file_sizes_the_head_by_its_tokenizer(tmp_path, capsys):

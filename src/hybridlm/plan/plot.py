@@ -35,7 +35,8 @@ def check_plot_path(path: str | Path) -> Path:
         raise UsageError(f"--plot {given!r}: the file name must end in .png or .svg, not {path.suffix or 'nothing'!r}")
     folder = path.parent
     if not folder.is_dir():
-        raise UsageError(f"--plot {given!r}: no folder {str(folder)!r} to write it in")
+        what = "is a file, not a folder," if folder.exists() else "is no folder"
+        raise UsageError(f"--plot {given!r}: {str(folder)!r} {what} to write it in")
     if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UsageError(f"--plot {given!r}: cannot write {'a folder' if path.is_dir() else 'there'}")
     return path
