@@ -98,6 +98,14 @@ def test_packed_rows_equal_separate_documents(pattern):
     assert torch.equal(model(ids, cu_seqlens=cu).logits, packed)
     assert torch.equal(model(ids, seq_idx=doc_ids).logits, packed)
     assert torch.equal(model(ids, document_ids=doc_ids).logits, packed)
+    if "*" in pattern:
+        # Positions restart at each document. RoPE is relative, so positions counted on across the row
+        # give the documents the same logits up to rounding (within the tolerance below): only the
+        # bits tell the two apart.
+        restarted = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        assert torch.equal(model(ids, doc_ids=doc_ids, position_ids=restarted).logits, packed)
+        counted_on = torch.arange(sum(lengths)).unsqueeze(0)
+        assert not torch.equal(model(ids, doc_ids=doc_ids, position_ids=counted_on).logits, packed)
     start = 0
     for n in lengths:
         alone = model(ids[:, start : start + n]).logits

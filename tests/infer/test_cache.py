@@ -9,6 +9,7 @@ from hybridlm.infer.cache import InferenceCache
 from hybridlm.infer.generate import left_pad, prefill
 from hybridlm.infer.speculative import _Depths
 from hybridlm.layers.cache import KVState
+from hybridlm.ops.dispatch import paths_used, reset_paths
 from tests.helpers import MLA_TINY, tiny_config
 
 PATTERNS = ["M", "G", "*", "-", "E", "MG*-E", "[M-]G[*E]", "[GE]M*/[*-]", "M[*-]/G/G"]
@@ -339,7 +340,13 @@ def test_short_windows_stepped_equal_the_chunked_scan(window, device, atol, monk
         monkeypatch.setattr(mamba2, "STEPPED_WINDOW", 4 if stepped else 1)
         cache = InferenceCache.for_model(model, 2, 9 + window)
         model(ids[:, :9], cache=cache)
+        reset_paths()
         caches.append((model(ids[:, 9:], cache=cache).logits, cache))
+        # The window took the path named (on the device's kernels): a window that never took the step
+        # compared the chunked scan with itself.
+        ran, other = ("ssd_step", "ssd") if stepped else ("ssd", "ssd_step")
+        used = paths_used()
+        assert used.get(ran) == ("triton" if device == "cuda" else "torch") and other not in used, (stepped, used)
     (a, ca), (b, cb) = caches
     torch.testing.assert_close(a, b, rtol=0, atol=atol)
     for mixer, state in ca.states.items():

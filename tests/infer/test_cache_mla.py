@@ -61,11 +61,17 @@ def test_latent_and_expanded_attention_give_the_same_logits(pattern, latent, mon
     """Prefill and verification chunks may attend in either form (decode steps always in the latent one)."""
     model = model_for(pattern)
     monkeypatch.setattr(MLA, "latent_is_cheaper", lambda self, L, S: latent)
+    widths, attend_latent = [], MLA.attend_latent
+    monkeypatch.setattr(
+        MLA, "attend_latent", lambda self, q, *a: widths.append(q.shape[1]) or attend_latent(self, q, *a)
+    )
     ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(2))
     cache = InferenceCache.for_model(model, 2, 19)
     got = [model(ids[:, i : i + 4], cache=cache).logits for i in (0, 4, 8, 12)] + [
         model(ids[:, 16:], cache=cache).logits
     ]
+    # Every window (4 or 3 tokens) took the form asked for: the latent one in each window, or never.
+    assert widths == ([4, 4, 4, 4, 3] if latent else []), widths
     torch.testing.assert_close(torch.cat(got, 1), model(ids).logits, rtol=0, atol=1e-5)
 
 

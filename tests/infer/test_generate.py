@@ -182,6 +182,14 @@ def test_repetition_penalty_covers_generated_tokens_as_a_step_by_step_reference_
     want = ids[len(prompt) :]
     for use_cache in (True, False):
         assert generate(model, prompt, 12, repetition_penalty=penalty, use_cache=use_cache) == want
+    # The tiny model's best logits are positive, so the loop above passes whatever is done to negative ones:
+    # CTRL's rule on both signs, a positive logit divided by the penalty, a negative one multiplied by it.
+    from hybridlm.infer.generate import Sampler
+
+    sampler = Sampler(temperature=0, repetition_penalty=3.0)
+    sampler.observe([[0], [0]], 3, "cpu")
+    logits = torch.tensor([[2.0, 1.0, -5.0], [-1.0, -2.0, -5.0]])  # token 0 seen in both rows, the best
+    assert sampler(logits).tolist() == [1, 1]  # 2 / 3 < 1, and -1 * 3 < -2
 
 
 def test_a_top_k_past_the_vocabulary_keeps_every_token():

@@ -149,6 +149,8 @@ def test_packed_equals_separate_documents(case):
     seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
     x = torch.randn(1, sum(lengths), config.hidden_size)
     ctx, _ = context(config, 1, sum(lengths), seq_idx)
+    # RoPE is relative: positions counted on across the row would pass the comparison below too.
+    assert torch.equal(ctx.position_ids, torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0))
     packed = layer(x, ctx)
     start = 0
     for n in lengths:

@@ -33,18 +33,30 @@ def test_in_row_groups_concatenates_tensors_and_tuples_and_passes_none():
 
 
 def split_and_whole(monkeypatch, limit, fn, leaves):
-    """(outputs, gradients) of ``fn`` on copies of ``leaves``, with the grid limit at ``limit`` and as it is."""
+    """(outputs, gradients) of ``fn`` on copies of ``leaves``, with the grid limit at ``limit`` and as it is.
+
+    The first run must split its batch into row groups and the second must not: a wrapper that never split
+    compared one whole launch with another (the real limit is only reached on a GPU)."""
+    from hybridlm.ops import conv_triton, gated_delta_triton, mamba2_core_triton, ssd_triton
+
+    splits = []
+
+    def spy(part, rows, *batched):
+        splits.append(next(t for t in batched if t is not None).shape[0] > rows)
+        return grid.in_row_groups(part, rows, *batched)
+
+    for module in (conv_triton, gated_delta_triton, mamba2_core_triton, ssd_triton):
+        monkeypatch.setattr(module, "in_row_groups", spy)
     results = []
-    for patch in (limit, None):
-        if patch is not None:
-            monkeypatch.setattr(grid, "MAX_GRID_YZ", patch)
-        else:
-            monkeypatch.undo()
+    for patch in (limit, grid.MAX_GRID_YZ):
+        monkeypatch.setattr(grid, "MAX_GRID_YZ", patch)
+        splits.clear()
         copies = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
         with use_kernels("triton"):
             out = fn(*copies)
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        assert any(splits) == (patch == limit), f"grid limit {patch}: split into row groups {splits}"
         results.append(([o.detach() for o in outs], [t.grad for t in copies if t.requires_grad]))
     return results
 

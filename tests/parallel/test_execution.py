@@ -211,10 +211,18 @@ def test_compiled_blocks_have_no_graph_breaks(pattern, kernels):
 @pytest.mark.parametrize("pattern", ["M-G-*-E[*E][M-][GE]", "+-D-[DE]"])
 def test_gpu_compiled_blocks_have_no_graph_breaks(pattern):
     """The GPU's paths (Triton kernels, grouped_mm experts, bf16 autocast) trace without a break."""
+    from hybridlm.ops.dispatch import paths_used, reset_paths
+
     model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0).cuda()
+    reset_paths()
     with torch.autocast("cuda", torch.bfloat16):
         breaks = _graph_breaks(model, torch.randint(0, 97, (2, 256), device="cuda"), "auto")
     assert breaks and not any(breaks.values()), breaks
+    # The blocks' eager forward took the GPU's paths (a dispatch falling back to torch traced only the reference).
+    kernels = ("mamba2_core", "gated_delta", "add_rms_norm") if "M" in pattern else ("add_rms_norm",)
+    used = paths_used()
+    assert {op: used.get(op) for op in kernels} == dict.fromkeys(kernels, "triton"), used
+    assert used.get("moe_experts") == "grouped_mm", used
 
 
 def test_blocks_with_auxiliary_losses_share_one_compiled_graph(monkeypatch):

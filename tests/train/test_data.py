@@ -55,6 +55,12 @@ def test_packed_rows_mask_labels_across_documents():
     # Row 0 ends on doc 0's end-of-document token (position 4); its label (doc 1's first token) is ignored.
     assert labels[0].tolist()[:4] == flat[1:5].tolist() and labels[0, 4] == -100
     assert labels[1].tolist() == flat[6:11].tolist()
+    # Row 2 (tokens 10-14) crosses from doc 1 into doc 2 inside the row: doc 1's end-of-document token at
+    # position 1 has its label ignored, the tokens around it keep theirs (rows 0 and 1 end where a document
+    # ends, so a mask applied only at a row's end passed the checks above).
+    last = rows.rows(np.array([2]))
+    assert last["doc_ids"][0].tolist() == [1, 1, 2, 2, 2]
+    assert last["labels"][0].tolist() == [int(flat[11]), -100, *flat[13:16].tolist()]
 
 
 def test_split_holds_out_whole_documents():

@@ -389,7 +389,7 @@ def test_mfu_counts_forward_and_backward_per_device(tmp_path):
 
 
 def test_the_header_counts_one_step_and_one_thread_in_the_singular(tmp_path, monkeypatch):
-    """ "· 1 steps" and "(1 threads)" read as typos; counts other than one keep their plural."""
+    """Counts of one are singular in the header ("1 steps" and "(1 threads)" read as typos); others stay plural."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     lines = Trainer(tiny_run("train.steps=1", "train.device=cpu"), run_dir=tmp_path / "a", progress=False).describe()
     assert any(line.endswith("tokens/step · 1 step") for line in lines), lines
