@@ -497,3 +497,17 @@ def test_an_empty_tokenizer_flag_is_refused_not_ignored(checkpoint, capsys):
     path, _ = checkpoint
     code, out, err = run(capsys, path, "--prompt", "x", "--tokenizer", "")
     assert (code, out) == (2, "") and err == "error: --tokenizer: '' is neither 'byte' nor an existing tokenizer.json\n"
+
+
+def test_a_record_whose_read_field_is_no_string_names_that_field(checkpoint, capsys, tmp_path):
+    """{"prompt": null, "text": "hi"} was told it "needs a string prompt or text field" while it had one: the
+    message now names the field read ("prompt" where both are given) and its value."""
+    path, _ = checkpoint
+    for record, says in (
+        ('{"prompt": null, "text": "hi"}', 'not null in "prompt"'),
+        ('{"text": 5}', 'not 5 in "text"'),
+        ('{"other": "hi"}', 'a string "prompt" or "text" field\n'),
+    ):
+        (tmp_path / "p.jsonl").write_text(record + "\n")
+        code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.jsonl")
+        assert code == 2 and out == "" and err.endswith(says if says.endswith("\n") else says + "\n"), err

@@ -37,9 +37,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UsageError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-                text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise UsageError(f'{path}:{n}: a JSONL record needs a string "prompt" or "text" field')
+                field = next((k for k in ("prompt", "text") if k in record), None) if isinstance(record, dict) else None
+                text = record[field] if field else None
+                if not isinstance(text, str):  # "prompt" is read where both are given: its own value is named
+                    got = f', not {json.dumps(text)[:40]} in "{field}"' if field else ""
+                    raise UsageError(f'{path}:{n}: a JSONL record needs a string "prompt" or "text" field{got}')
                 prompts.append((text, f"{path}:{n}"))
             else:
                 prompts.append((line, f"{path}:{n}"))
