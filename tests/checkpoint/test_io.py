@@ -311,3 +311,15 @@ def test_a_leftover_that_is_a_link_is_removed_and_its_target_kept(tmp_path):
     (tmp_path / "run" / ".step-000001.del-0123abcd").symlink_to(tmp_path / "target")
     assert remove_leftovers(tmp_path / "run") == [".step-000001.del-0123abcd"]
     assert list((tmp_path / "run").iterdir()) == [] and (tmp_path / "target" / "keep.txt").read_text() == "keep"
+
+
+def test_replacing_a_checkpoint_keeps_safetensors_files_it_did_not_write(tmp_path):
+    """Every *.safetensors counted as the old weights: an adapter's file beside them was deleted without a word."""
+    path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", max_shard_size=1000)
+    (path / "adapter.safetensors").write_bytes(b"mine")
+    with pytest.raises(CheckpointError, match=r"replacing it would delete adapter\.safetensors"):
+        hybridlm.save(HybridLM(tiny_config("M-")), path)
+    assert (path / "adapter.safetensors").read_bytes() == b"mine"
+    (path / "adapter.safetensors").unlink()
+    hybridlm.save(HybridLM(tiny_config("M-")), path)  # its own shards are replaced by one file
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]

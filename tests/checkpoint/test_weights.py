@@ -416,3 +416,11 @@ def test_canonical_names_of_ten_and_more_mtp_depths_and_of_unknown_layers():
         assert canonical_name(ours, pattern) == canonical and model_name(canonical, pattern) == ours
     with pytest.raises(KeyError, match="pattern 'M-' has no such layer"):
         canonical_name("blocks.7.layers.0.mixer.in_proj.weight", "M-")
+
+
+def test_a_tensor_that_is_not_floating_point_is_refused_by_name(tmp_path):
+    """An integer norm weight of the right shape was cast into the model without a word (its values truncated)."""
+    hybridlm.save(HybridLM(tiny_config("M-*")), tmp_path / "ck")
+    _rewrite(tmp_path / "ck", lambda t: t.update({"layers.1.norm.weight": torch.ones(32, dtype=torch.int64)}))
+    with pytest.raises(CheckpointError, match=r"not floating point: layers\.1\.norm\.weight \(torch\.int64\)"):
+        hybridlm.load(tmp_path / "ck", verify=False)

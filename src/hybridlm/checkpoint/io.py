@@ -200,9 +200,11 @@ def refuse_losing(path: Path, replaced: set[str], pattern: str = "", hint: str =
 
 
 def refuse_losing_checkpoint(path: Path, extra_names: set[str]) -> None:
-    """:func:`refuse_losing` for a checkpoint folder rewritten with its weights, config.json, index and the
-    ``extra_names`` files (a tokenizer's)."""
-    refuse_losing(path, extra_names | {CONFIG_NAME, INDEX_NAME}, "*.safetensors", "(or pass them as extra files)")
+    """:func:`refuse_losing` for a checkpoint folder rewritten with its weights (``model.safetensors`` or
+    ``model-*-of-*.safetensors``; another safetensors file there, an adapter's, is not ours), config.json, index
+    and the ``extra_names`` files (a tokenizer's)."""
+    replaced = extra_names | {CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME}
+    refuse_losing(path, replaced, "model-*-of-*.safetensors", "(or pass them as extra files)")
 
 
 def write_directory(
@@ -417,8 +419,11 @@ def fit_problems(
 def check_fit(
     tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str, hint: str = "", **kw
 ) -> None:
-    """Refuse ``tensors`` unless its names and shapes are exactly ``expected``, listing every problem."""
+    """Refuse ``tensors`` unless its names and shapes are exactly ``expected`` and all are floating point (an
+    integer one was cast into the model without a word), listing every problem."""
     problems = fit_problems({k: tuple(t.shape) for k, t in tensors.items()}, expected, source=source, **kw)
+    if odd := [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]:
+        problems.append("not floating point: " + ", ".join(odd[:MAX_LISTED]))
     if problems:
         raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems) + hint)
 

@@ -319,9 +319,10 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
         )
     config = read_config(src)
     differ = []  # the names map exactly, but these options have no Megatron counterpart
-    if "M" in config.parsed.layers and config.mamba_dt_clamp_min > 0:
+    mamba = "M" in config.parsed.layers + config.parsed.mtp_layers  # MTP depths are exported too
+    if mamba and config.mamba_dt_clamp_min > 0:
         differ.append(f"mamba_dt_clamp_min={config.mamba_dt_clamp_min} (Megatron does not clamp dt)")
-    if "M" in config.parsed.layers and config.norm_eps != 1e-5:
+    if mamba and config.norm_eps != 1e-5:
         differ.append(f"norm_eps={config.norm_eps} (Megatron's Mamba gated norm uses 1e-5)")
     if differ:
         logger.warning("%s: Megatron-core computes its Mamba layers otherwise: %s", src, "; ".join(differ))
