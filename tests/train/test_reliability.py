@@ -446,3 +446,21 @@ def test_weights_finite_checks_floating_buffers():
     assert weights_finite(model)
     model.running_mean[1] = float("nan")
     assert not weights_finite(model)
+
+
+def test_a_streak_of_skipped_steps_goes_on_across_a_resume(tmp_path):
+    """A run saved inside a streak (a signal, ``until``) and resumed counts the streak on: the guard's counts
+    restarted at 0, so the resumed run skipped max_nonfinite_steps more steps than the uninterrupted one (every
+    resume another streak) and named a checkpoint inside the streak as the one before it."""
+    run = tiny_run("train.steps=12", "train.checkpoint_every=2", "train.max_nonfinite_steps=3")
+    first = Trainer(run, run_dir=tmp_path, progress=False)
+    poison_grads_from(first, 5)
+    first.run_loop(until=6)  # steps 5 and 6 skipped, saved at step 6
+    resumed = Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert (resumed.guard.skipped, resumed.guard.in_a_row) == (2, 2)
+    poison_grads_from(resumed, 5)
+    with pytest.raises(TrainingDivergedError, match=r"not finite at steps 5-7 .*stopped at step 7") as info:
+        resumed.run_loop()
+    assert "the last checkpoint before them is " + str(tmp_path / "checkpoints" / "step-000004") in str(info.value)
+    rows = [r for r in read_history(tmp_path / "metrics.jsonl") if "nonfinite_skipped" in r]
+    assert [(r["step"], r["nonfinite_skipped"]) for r in rows] == [(5, 1), (6, 2), (7, 3)]

@@ -32,6 +32,17 @@ class NonFiniteGuard:
         self.skipped = 0
         self.in_a_row = 0
 
+    def state(self) -> dict[str, int]:
+        """What a checkpoint keeps, so that a resumed run counts on (a streak does not restart at a resume)."""
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def restore(self, saved: object) -> None:
+        """Take the counts :meth:`state` saved; a missing (older checkpoint) or malformed one leaves them at 0."""
+        if isinstance(saved, dict) and all(
+            type(saved.get(k)) is int and saved[k] >= 0 for k in ("skipped", "in_a_row")
+        ):
+            self.skipped, self.in_a_row = saved["skipped"], saved["in_a_row"]
+
     @staticmethod
     def finite(loss: float, grad_norm: float) -> bool:
         return math.isfinite(loss) and math.isfinite(grad_norm)

@@ -333,6 +333,7 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, t.steps, run.optim)
         self.step, self._window = 0, _fresh_window()
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
@@ -348,6 +349,7 @@ class Trainer:
             self._check_same_data(state.get("data"))
             self._continue_data(state.get("data_position"), loaded)
             self._window = _saved_window(state.get("window"))
+            self.guard.restore(state.get("guard"))  # a streak of skipped steps goes on across a resume
             if (self.run_dir / MODEL_DIR).is_dir():  # the export at the end replaces model/: refuse now, not then
                 refuse_losing_checkpoint(self.run_dir / MODEL_DIR, set(self.tokenizer.files()))
             if self.step > t.steps:
@@ -355,7 +357,6 @@ class Trainer:
                     f"{self.run_dir}: the checkpoint is at step {self.step}, beyond train.steps = {t.steps}; "
                     f"nothing to train (raise it, e.g. --set train.steps={self.step + t.steps})"
                 )
-        self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self._checkpoint_due = False  # a periodic save deferred by a streak of non-finite steps
         self.peak_flops = measure_matmul_flops(self.device) if self.device.type == "cuda" else None
         if self.is_main:  # only now: a run that failed to start, or a refused resume, leaves the folder as it was
@@ -590,6 +591,7 @@ class Trainer:
             data=self.data_identity,
             data_position=position,
             window=self._window,
+            guard=self.guard.state(),
         )
         self._saved_step, self._checkpoint_due = self.step, False
         if self.is_main and not self.guard.in_a_row:  # a save inside a streak (a signal, the last step) prunes none
