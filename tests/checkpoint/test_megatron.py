@@ -571,9 +571,10 @@ def test_a_checkpoint_whose_config_and_weights_disagree_is_named(tmp_path):
         convert_to_megatron(ck, tmp_path / "m.pt")
 
 
-def test_export_warns_of_mamba_options_megatron_does_not_compute(tmp_path, caplog):
+@pytest.mark.parametrize("pattern", ["M-*-", "*-/M-"])  # MTP depths are exported too: their Mamba layers count
+def test_export_warns_of_mamba_options_megatron_does_not_compute(tmp_path, caplog, pattern):
     """A dt clamp (every import of a Nemotron-H has one) or another gated-norm eps was exported without a word."""
-    ck = save(HybridLM(tiny_config("M-*-", mamba_dt_clamp_min=0.001, norm_eps=1e-6)), tmp_path / "ck")
+    ck = save(HybridLM(tiny_config(pattern, mamba_dt_clamp_min=0.001, norm_eps=1e-6)), tmp_path / "ck")
     with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
         convert_to_megatron(ck, tmp_path / "m.pt")
     assert "mamba_dt_clamp_min=0.001 (Megatron does not clamp dt)" in caplog.text
@@ -622,12 +623,3 @@ def test_a_tensor_without_dense_data_is_refused_by_name(moe_config, moe_state, o
         CheckpointError, match=re.escape(f"weights must be dense tensors with data, not: {name} ({shown})")
     ):
         from_megatron(moe_config, moe_state)
-
-
-def test_export_warns_of_mamba_options_also_for_mamba_layers_only_in_mtp_depths(tmp_path, caplog):
-    """The MTP depths are exported too: their Mamba layers were left out of the warning."""
-    ck = save(HybridLM(tiny_config("*-/M-", mamba_dt_clamp_min=0.001, norm_eps=1e-6)), tmp_path / "ck")
-    with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
-        convert_to_megatron(ck, tmp_path / "m.pt")
-    assert "mamba_dt_clamp_min=0.001 (Megatron does not clamp dt)" in caplog.text
-    assert "norm_eps=1e-06 (Megatron's Mamba gated norm uses 1e-5)" in caplog.text
