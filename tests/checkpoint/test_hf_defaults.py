@@ -81,7 +81,7 @@ INTENTIONAL = {
 
 def _constants() -> dict[str, object]:
     a, b = hf.nemotron_h_config(A, "float32"), hf.nemotron_h_config(B, "bfloat16")
-    assert a.keys() == b.keys()
+    assert a.keys() | {"time_step_limit"} == b.keys()  # written for a model with a dt clamp (B) only
     return {k: a[k] for k in a if a[k] == b[k]}
 
 

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, NemotronHConfig, NemotronHForCausalLM
 from transformers.activations import ACT2FN
@@ -152,7 +153,10 @@ def test_export_matches_transformers(case, tmp_path, caplog):
     hf_json = json.loads((dst / "config.json").read_text())
     assert hf_json["hybrid_override_pattern"] == cfg.parsed.layers
     assert hf_json["num_hidden_layers"] == cfg.parsed.num_layers
-    assert "layers_block_type" not in hf_json and "time_step_limit" not in hf_json
+    assert "layers_block_type" not in hf_json
+    # The clamp for transformers >= 5.25 (time_step_limit) and for the versions before (time_step_min).
+    clamp = cfg.mamba_dt_clamp_min
+    assert hf_json.get("time_step_limit") == ([clamp, {"__float__": "Infinity"}] if clamp else None)
     assert hf_json["time_step_min"] == (cfg.mamba_dt_clamp_min or NO_CLAMP_TIME_STEP_MIN)
     assert hf_json["use_cache"] == ("*" in cfg.parsed.layers)
 
@@ -178,7 +182,7 @@ def test_gelu_is_transformers_gelu():
 
 
 def transformers_model(seed: int = 0) -> NemotronHForCausalLM:
-    """A tiny NemotronH made by transformers itself (its defaults: dt clamped at time_step_min 1e-3)."""
+    """A tiny NemotronH made by transformers itself (with its defaults: before 5.25, dt clamped at 1e-3)."""
     hf_cfg = NemotronHConfig(
         vocab_size=128,
         hidden_size=32,
@@ -219,19 +223,21 @@ def test_import_matches_transformers(hf_saved, tmp_path):
     ours = hybridlm.load(convert_from_nemotron_h(path, tmp_path / "ours"))
     c = ours.config
     assert c.pattern == "M*-EM-E" and not c.tie_embeddings
-    assert c.mamba_dt_clamp_min == 1e-3  # transformers' default time_step_min is a run-time clamp
+    # transformers' default: a clamp at time_step_min 1e-3 before 5.25, none (time_step_limit [0, inf]) since.
+    old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25)
+    assert c.mamba_dt_clamp_min == (1e-3 if old else 0.0)
     assert c.moe_router_expert_bias and c.moe_shared_expert_ffn_hidden_size == 16
     ids = token_ids(c.vocab_size)
     with torch.no_grad():
         theirs = hf(ids, use_cache=False).logits
         diff = max_diff(ours(ids).logits, theirs)
-        # The clamp matters for these weights: without it the logits leave the tolerance.
-        unclamped = HybridLM(c.replace(mamba_dt_clamp_min=0.0), device="meta").to_empty(device="cpu")
-        unclamped.load_state_dict(ours.state_dict())
-        unclamped_diff = max_diff(unclamped(ids).logits, theirs)
-    print(f"import max |Δlogit| = {diff:.3g} (without the dt clamp: {unclamped_diff:.3g})")
+        # The clamp matters for these weights: the other choice leaves the tolerance.
+        other = HybridLM(c.replace(mamba_dt_clamp_min=0.0 if old else 1e-3), device="meta").to_empty(device="cpu")
+        other.load_state_dict(ours.state_dict())
+        other_diff = max_diff(other(ids).logits, theirs)
+    print(f"import max |Δlogit| = {diff:.3g} (with the other dt clamp: {other_diff:.3g})")
     assert diff <= TOL
-    assert unclamped_diff > 10 * TOL
+    assert other_diff > 10 * TOL
 
 
 def test_import_accepts_older_layouts(hf_saved, tmp_path, caplog):
@@ -282,10 +288,11 @@ ROUND_TRIP = {
         dict(pattern="M-*-M*E"),
     ),
     # What NemotronH cannot carry comes back as its exact equivalent: brackets -> canonical layers,
-    # no clamp -> 1e-9, tied head -> a copy, MTP -> dropped.
+    # tied head -> a copy, MTP -> dropped (no clamp comes back as none: time_step_min 1e-9 is read only from files
+    # of transformers 5.x before 5.25, whose clamp it was).
     "bare": (
         config("[ME]*-M-/*-", mlp_activation="gelu", tie_embeddings=True),
-        dict(pattern="ME*-M-", mamba_dt_clamp_min=NO_CLAMP_TIME_STEP_MIN, tie_embeddings=False),
+        dict(pattern="ME*-M-", tie_embeddings=False),
     ),
 }
 
@@ -798,3 +805,24 @@ def test_an_end_of_text_id_outside_the_vocabulary_is_not_saved(tmp_path, caplog)
     assert "eos_token_id 1000 is outside the vocabulary of 257; not saved" in caplog.text
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 256}))
     assert hf_eos_token_id(tmp_path) == 256
+
+
+@pytest.mark.parametrize(
+    "written, clamp",
+    [
+        ({"transformers_version": "5.24.0"}, 0.002),  # the native versions before 5.25 clamped at time_step_min
+        ({"transformers_version": "5.25.0"}, 0.0),  # since 5.25 (#48989) at time_step_limit's lower end: none
+        ({"transformers_version": "5.25.0", "time_step_limit": [3e-4, {"__float__": "Infinity"}]}, 3e-4),
+        ({"time_step_limit": [3e-4, float("inf")]}, 3e-4),  # no version: NVIDIA's remote code, or ours
+        ({"transformers_version": "4.48.3"}, 0.0),  # remote code, which has always used time_step_limit
+    ],
+)
+def test_the_dt_clamp_is_read_as_the_writing_transformers_applied_it(written, clamp):
+    """transformers 5.25 moved NemotronH's run-time dt clamp from time_step_min to time_step_limit: a file is read
+    with the clamp of the version that wrote it (CI caught the change: every clamped parity test failed)."""
+    from hybridlm.checkpoint.hf_nemotron import config_from_nemotron_h, nemotron_h_config
+
+    hf = nemotron_h_config(config("M-*-")) | {"time_step_min": 0.002} | written
+    assert config_from_nemotron_h(hf).mamba_dt_clamp_min == clamp
+    with pytest.raises(CheckpointError, match=r"time_step_limit must be \[lower, Infinity\] \(no upper dt limit\)"):
+        config_from_nemotron_h(hf | {"transformers_version": "5.25.0", "time_step_limit": [0.0, 5.0]})

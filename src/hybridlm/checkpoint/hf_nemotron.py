@@ -176,6 +176,8 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
         hf["expand"] = c.mamba_d_inner // c.hidden_size if c.mamba_d_inner % c.hidden_size == 0 else 2
         # The run-time lower clamp on dt: never 0, which older transformers take the logarithm of at load.
         hf["time_step_min"] = hf["time_step_min"] or NO_CLAMP_TIME_STEP_MIN
+        if c.mamba_dt_clamp_min > 0:  # transformers >= 5.25 clamps at time_step_limit's lower end instead
+            hf["time_step_limit"] = [float(c.mamba_dt_clamp_min), {"__float__": "Infinity"}]  # (its inf in JSON)
     if "E" in used:
         hf["moe_shared_expert_intermediate_size"] = c.moe_shared_expert_ffn_hidden_size or ZERO_SHARED_EXPERT_SIZE
     # transformers 5.24 cannot build a cache for a model without attention layers.
@@ -292,6 +294,25 @@ def _hf_layers(hf: Mapping[str, Any], source: str | Path) -> str:
     return "".join(known[t] for t in types)
 
 
+def _dt_clamp(hf: Mapping[str, Any], source: str | Path) -> Any:
+    """The lower clamp on Mamba's dt that transformers applies to config.json ``hf``: ``time_step_limit``'s lower
+    end since 5.25 (and in NVIDIA's remote code); the native versions before it clamped at ``time_step_min``,
+    which a file they wrote (``transformers_version``) is read with, so that it computes as it did for its author."""
+    version = re.match(r"(\d+)\.(\d+)", str(hf.get("transformers_version", "")))
+    if version and (5, 0) <= (int(version[1]), int(version[2])) < (5, 25):
+        return _hf_value(hf, "time_step_min")
+    limit = hf.get("time_step_limit", [0.0, "inf"])
+    try:
+        lower, upper = (v.get("__float__") if isinstance(v, dict) else v for v in limit)
+        if float(upper) != float("inf"):
+            raise ValueError
+    except (TypeError, ValueError, AttributeError):
+        raise CheckpointError(
+            f"{source}: time_step_limit must be [lower, Infinity] (no upper dt limit), got {limit}"
+        ) from None
+    return lower
+
+
 def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
     """Options of a NemotronH config.json that our model does not compute (empty when all are fine)."""
     act, mamba_act, latent = (_hf_value(hf, k) for k in ("mlp_hidden_act", "mamba_hidden_act", "moe_latent_size"))
@@ -334,8 +355,10 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
         kv = fields["num_query_groups"]  # null means one KV head per query head
         fields |= {"num_query_groups": fields["num_attention_heads"] if kv is None else kv}
         fields |= {"position_embedding": "none", "qk_norm": False}
-    # HF's time_step_min is both the dt-init minimum and the run-time clamp; the clamp is what
-    # decides the outputs, so it becomes ours (mamba_dt_clamp_min). Our init minimum keeps its default.
+    # The run-time clamp decides the outputs (HF's time_step_min is also the dt-init minimum, which ours
+    # is not: it keeps its default).
+    if "M" in used:
+        fields["mamba_dt_clamp_min"] = _dt_clamp(hf, source)
     dt_max = fields.get("mamba_dt_max")
     if isinstance(dt_max, (int, float)) and dt_max < ModelConfig.mamba_dt_min:
         fields["mamba_dt_min"] = dt_max
