@@ -272,14 +272,19 @@ def test_a_missing_rng_file_is_named_unless_the_rng_is_not_restored(tmp_path):
     assert load_training_state(path, model, restore_rng=False)["step"] == 1
 
 
-def test_a_scheduler_state_without_step_count_resumes_as_after_that_many_steps(tmp_path):
-    """_step_count left out of the saved scheduler is last_epoch + 1, as a LambdaLR has after last_epoch steps."""
+def _saved_with_scheduler(tmp_path, steps):
+    """(training-state folder, scheduler, its trainer_state.json) after ``steps`` steps of an ``M-`` model."""
     model, opt, sched = make("M-")
-    for ids in batches(3):
+    for ids in batches(steps):
         step(model, opt, ids)
         sched.step()
-    path = save_training_state(tmp_path / "s", model, opt, sched, step=3)
-    state = json.loads((path / "trainer_state.json").read_text())
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=steps)
+    return path, sched, json.loads((path / "trainer_state.json").read_text())
+
+
+def test_a_scheduler_state_without_step_count_resumes_as_after_that_many_steps(tmp_path):
+    """_step_count left out of the saved scheduler is last_epoch + 1, as a LambdaLR has after last_epoch steps."""
+    path, sched, state = _saved_with_scheduler(tmp_path, 3)
     assert state["scheduler"].pop("_step_count") == sched._step_count
     (path / "trainer_state.json").write_text(json.dumps(state))
     other, other_opt, other_sched = make("M-", seed=1)
@@ -305,12 +310,7 @@ def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp
     """``"scheduler": null`` is no scheduler state (the scheduler keeps its own); a position that is no integer
     or is missing, or an entry that is no JSON object, is a damaged file, named (not a schedule silently
     restarted)."""
-    model, opt, sched = make("M-")
-    for ids in batches(2):
-        step(model, opt, ids)
-        sched.step()
-    path = save_training_state(tmp_path / "s", model, opt, sched, step=2)
-    state = json.loads((path / "trainer_state.json").read_text())
+    path, _, state = _saved_with_scheduler(tmp_path, 2)
     (path / "trainer_state.json").write_text(json.dumps(state | {"scheduler": value}))
     other, other_opt, other_sched = make("M-", seed=1)
     if value is None:
