@@ -1,11 +1,14 @@
-"""ModelConfig: JSON round trip with a schema version, field-named validation errors, presets."""
+"""ModelConfig: JSON round trip with a schema version, field-named validation errors, presets, which
+layers read which field."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
-from hybridlm import ConfigError, ModelConfig
-from hybridlm.config import PRESETS, SCHEMA_VERSION
+from hybridlm import ConfigError, HybridLM, ModelConfig
+from hybridlm.config import FIELD_READERS, PRESETS, SCHEMA_VERSION, unused_fields
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -314,3 +317,97 @@ def test_moe_presets_route_as_published():
     b = ModelConfig.preset("bench-moe-1b")
     assert (b.moe_num_experts, b.moe_top_k, b.moe_shared_expert_ffn_hidden_size) == (64, 6, 2048)
     assert (b.moe_router_score, b.moe_router_expert_bias, b.moe_routed_scaling) == ("sigmoid", True, 2.5)
+
+
+# -- which layers read which field (FIELD_READERS, unused_fields) ------------------------------------
+
+#: Small sizes that every layer kind accepts, with the fields that matter only under another field's
+#: value switched on (RoPE, the indexer's loss), so that each field is read where its readers are.
+_READERS_BASE = dict(
+    vocab_size=61, hidden_size=32, num_attention_heads=4, num_query_groups=2, position_embedding="rope",
+    ffn_hidden_size=48, mamba_num_heads=4, mamba_head_dim=16, mamba_state_dim=8, mamba_num_groups=2,
+    mamba_chunk_size=8, moe_num_experts=4, moe_num_groups=2, moe_topk_groups=1, moe_aux_loss_coeff=0.01,
+    gdn_num_heads=2, gdn_head_dim=8, gdn_chunk_size=8, q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8,
+    qk_pos_emb_head_dim=4, v_head_dim=8, dsa_indexer_n_heads=2, dsa_indexer_head_dim=8, dsa_indexer_topk=4,
+    dsa_indexer_loss_coeff=0.1,
+)  # fmt: skip
+#: A valid other value of each field with readers.
+_OTHER_VALUE = dict(
+    mtp_loss_scale=0.5, num_attention_heads=2, rope_theta=500.0, num_query_groups=4, head_dim=4,
+    position_embedding="none", rotary_percent=0.5, qk_norm=True, ffn_hidden_size=40, mlp_activation="swiglu",
+    q_lora_rank=8, kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2, v_head_dim=4,
+    mamba_num_heads=2, mamba_head_dim=8, mamba_state_dim=4, mamba_num_groups=1, mamba_conv_kernel=3,
+    mamba_chunk_size=4, mamba_dt_min=0.01, mamba_dt_max=0.05, mamba_dt_init_floor=0.09, mamba_dt_clamp_min=0.05,
+    moe_num_experts=8, moe_top_k=1, moe_ffn_hidden_size=24, moe_shared_expert_ffn_hidden_size=16,
+    moe_router_score="sigmoid", moe_router_expert_bias=True, moe_routed_scaling=2.0, moe_num_groups=1,
+    moe_topk_groups=2, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.1,
+    gdn_num_heads=4, gdn_num_value_heads=4, gdn_head_dim=4, gdn_value_head_dim=4, gdn_conv_kernel=3,
+    gdn_chunk_size=4, gdn_dt_min=0.01, gdn_dt_max=0.05, gdn_dt_init_floor=0.09,
+    dsa_indexer_n_heads=4, dsa_indexer_head_dim=4, dsa_indexer_topk=2, dsa_indexer_loss_coeff=0.5,
+    dsa_indexer_use_sparse_loss=True,
+)  # fmt: skip
+#: One pattern per layer kind ("/": MTP depths, here of MLP layers).
+_KIND_PATTERNS = {"M": "M", "G": "G", "*": "*", "+": "+", "D": "D", "-": "-", "E": "E", "/": "-/-"}
+
+
+def _what_it_computes(**fields) -> tuple:
+    """Parameter names, shapes and values at seed 0, and the training-mode loss on fixed tokens."""
+    model = HybridLM(ModelConfig(**{**_READERS_BASE, **fields}), seed=0)
+    tokens = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(tokens, tokens, return_logits=True)
+    state = model.state_dict()
+    return sorted((k, tuple(v.shape)) for k, v in state.items()), state, out.logits, out.loss
+
+
+def _computes_the_same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1]) and all(map(torch.equal, a[2:], b[2:]))
+
+
+def test_every_field_is_read_by_every_model_or_listed_with_its_readers():
+    """A new field must say which layers read it, or the trainer's "has no effect" notes miss it."""
+    general = {"pattern", "vocab_size", "hidden_size", "norm_eps", "tie_embeddings", "init_std"}
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert names - general == set(FIELD_READERS) and set(_OTHER_VALUE) == set(FIELD_READERS)
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_READERS))
+def test_a_field_changes_nothing_without_its_readers_and_something_with_them(name):
+    """The map's claims, on models: every layer kind the map leaves out computes bitwise the same
+    with the field changed (so the trainer's note is true), and every kind it names computes
+    something else (so the map names no reader that ignores the field)."""
+    for kind, pattern in _KIND_PATTERNS.items():
+        other = {name: _OTHER_VALUE[name]}
+        same = _computes_the_same(_what_it_computes(pattern=pattern), _what_it_computes(pattern=pattern, **other))
+        read = bool(set(pattern) & set(FIELD_READERS[name]))
+        assert same != read, (name, kind)
+        assert (name in unused_fields(ModelConfig(**_READERS_BASE, pattern=pattern), [name])) != read
+
+
+def test_fields_read_only_under_another_fields_value():
+    """Attention rotates by rope_theta and rotary_percent only with RoPE; the experts read
+    ffn_hidden_size only while moe_ffn_hidden_size is unset."""
+    no_rope = dict(pattern="*-", position_embedding="none")
+    for name in ("rope_theta", "rotary_percent"):
+        assert _computes_the_same(
+            _what_it_computes(**no_rope), _what_it_computes(**no_rope, **{name: _OTHER_VALUE[name]})
+        )
+        why = unused_fields(ModelConfig(**{**_READERS_BASE, **no_rope}), [name])[name]
+        assert why == "attention ('*') rotates nothing with position_embedding = 'none'"
+    sized = dict(pattern="E", moe_ffn_hidden_size=24)
+    assert _computes_the_same(_what_it_computes(**sized), _what_it_computes(**sized, ffn_hidden_size=40))
+    assert unused_fields(ModelConfig(**{**_READERS_BASE, **sized}), ["ffn_hidden_size"]) == {
+        "ffn_hidden_size": "the MoE experts are sized by moe_ffn_hidden_size"
+    }
+    assert unused_fields(ModelConfig(**{**_READERS_BASE, **sized, "pattern": "E-"}), ["ffn_hidden_size"]) == {}
+
+
+def test_unused_fields_say_which_layers_are_missing():
+    cfg = ModelConfig(**{**_READERS_BASE, "pattern": "M-"})
+    assert unused_fields(
+        cfg, ["hidden_size", "mamba_head_dim", "moe_top_k", "num_attention_heads", "mtp_loss_scale"]
+    ) == {
+        "moe_top_k": "the pattern has no MoE ('E') layers",
+        "num_attention_heads": "the pattern has no attention ('*'), multi-latent attention ('+') or DeepSeek sparse "
+        "attention ('D') layers",
+        "mtp_loss_scale": "the pattern has no MTP depths",
+    }

@@ -1,7 +1,8 @@
 """``ModelConfig``: every architectural choice of a hybrid model, as one dataclass (pure Python).
 
 The pattern string lays out the layers; the fields below size them. A field that only matters
-for a layer kind the pattern does not use is ignored (and not validated). ``None`` defaults are
+for a layer kind the pattern does not use is ignored (and not validated);
+:data:`FIELD_READERS` says which layers read which field. ``None`` defaults are
 resolved by the ``resolved_*`` properties, never rewritten, so a saved config reads as written.
 """
 
@@ -11,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 from .pattern import HybridPattern, PatternError, parse
+from .pattern.symbols import KIND
 from .presets import PRESETS  # re-exported: ``from hybridlm.config import PRESETS``
 
 #: Version of the JSON layout written by :meth:`ModelConfig.to_dict`.
@@ -26,6 +29,8 @@ SCHEMA_VERSION = 1
 MLP_ACTIVATIONS = ("relu2", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("none", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
+#: Field-name prefixes of the fields only one layer kind reads (see :data:`FIELD_READERS`).
+_PREFIX_READERS = (("mamba_", "M"), ("moe_", "E"), ("gdn_", "G"), ("dsa_", "D"))
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,50 @@ class ModelConfig:
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer of over 4,300 digits
             raise ConfigError("config", f"invalid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+# -- which layers read which field ---------------------------------------------------------------
+
+#: The layer symbols whose layers read each field that not every model reads ("/": the MTP depths).
+#: The general fields (``vocab_size`` ... ``init_std``) are read by every model and left out. A
+#: field a run sets that none of its layers reads changes nothing; :func:`unused_fields` names it
+#: so that the trainer can say so. ``tests/test_config.py`` checks every entry against the models.
+FIELD_READERS: dict[str, str] = {
+    "mtp_loss_scale": "/",
+    **dict.fromkeys(("num_attention_heads", "rope_theta"), "*+D"),
+    **dict.fromkeys(("num_query_groups", "head_dim", "position_embedding", "rotary_percent", "qk_norm"), "*"),
+    **dict.fromkeys(("ffn_hidden_size", "mlp_activation"), "-E"),
+    **dict.fromkeys(("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"), "+D"),
+    **{f.name: s for f in fields(ModelConfig) for p, s in _PREFIX_READERS if f.name.startswith(p)},
+}
+
+
+def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
+    """Of the fields ``names`` (those a user set), the ones no layer of ``cfg`` reads, each with why.
+
+    Two fields are read only under another field's value: attention ('*') rotates with
+    ``rope_theta`` and ``rotary_percent`` only when ``position_embedding = "rope"``, and the MoE
+    experts size themselves by ``ffn_hidden_size`` only while ``moe_ffn_hidden_size`` is unset.
+    """
+    used = cfg.symbols | ({"/"} if cfg.parsed.mtp_depths else set())
+    out = {}
+    for name in names:
+        readers = FIELD_READERS.get(name)
+        if not readers:
+            continue
+        if not used & set(readers):
+            kinds = [KIND[s] + f" ('{s}')" for s in readers if s != "/"]
+            kinds = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else "".join(kinds)
+            out[name] = f"the pattern has no {kinds} layers" if kinds else "the pattern has no MTP depths"
+        elif (
+            name in ("rope_theta", "rotary_percent")
+            and cfg.position_embedding != "rope"
+            and used & set(readers) == {"*"}
+        ):
+            out[name] = "attention ('*') rotates nothing with position_embedding = 'none'"
+        elif name == "ffn_hidden_size" and cfg.moe_ffn_hidden_size is not None and "-" not in used:
+            out[name] = "the MoE experts are sized by moe_ffn_hidden_size"
+    return out
 
 
 # -- validation ------------------------------------------------------------------------------------

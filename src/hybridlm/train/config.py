@@ -26,7 +26,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-from ..config import ModelConfig, check_field_names, is_finite
+from ..config import ModelConfig, check_field_names, is_finite, unused_fields
 from ..errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -346,6 +346,15 @@ class RunConfig:
             and not self.model_config().moe_router_expert_bias
         ):
             notes.append("optim.moe_expert_bias_rate has no effect without model.moe_router_expert_bias = true")
+        set_fields = [name for name in self.model if name != "preset"]  # a preset's own fields are its business
+        by_reason: dict[str, list[str]] = {}
+        for name, why in unused_fields(self.model_config(), set_fields).items():
+            by_reason.setdefault(why, []).append(f"model.{name}")
+        for why, names in by_reason.items():
+            verb = "has" if len(names) == 1 else "have"
+            notes.append(
+                f"{', '.join(names[:-1])}{' and ' if len(names) > 1 else ''}{names[-1]} {verb} no effect: {why}"
+            )
         cores = os.cpu_count() or 1
         if t.threads is not None and t.threads > cores:
             notes.append(f"train.threads ({t.threads}) is more than this machine's {cores} CPU cores: they compete")
