@@ -53,6 +53,17 @@ def test_bad_config_value_exits_2_naming_the_field(tmp_path):
     assert r.returncode == 2 and "model.pattern" in r.stderr and "^" in r.stderr
 
 
+def test_a_failed_start_removes_the_folders_it_created_and_only_those(tmp_path, capsys):
+    """``--run-dir a/b/c`` with ``a/b`` missing: a run that failed to start (here: no such corpus) removed ``c``
+    and left ``a/b`` behind, empty. The folders the start created go (while empty), those there before stay."""
+    missing = "data.source=" + str(tmp_path / "missing.txt")
+    (tmp_path / "kept").mkdir()  # there before the run: stays, though empty
+    for run_dir in ("a/b/c", "kept/x/y", "t/u/{time}"):  # {time}: a template, its parents made the same way
+        assert main(["train", "--set", missing, "--run-dir", str(tmp_path / run_dir), "--no-progress"]) == 2
+        assert "missing.txt" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
 def test_prepare_then_train_on_tokens(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

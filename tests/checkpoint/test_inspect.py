@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import hybridlm
 from hybridlm import CheckpointError, HybridLM, ModelConfig
@@ -149,12 +149,14 @@ def test_a_checkpoint_load_refuses_is_refused(tmp_path, capsys, edit, message):
 
 
 def test_dtypes_without_a_torch_name_are_shown_by_their_safetensors_code_in_lower_case(tmp_path):
-    """uint16 / uint32 (no entry in the table of torch names) are counted as "u16" / "u32", like "bfloat16"."""
+    """float8_e8m0fnu (no entry in the table of torch names) is counted as "f8_e8m0", like "bfloat16"; uint16 and
+    uint32 have entries (the fit check needs them, as not floating point)."""
     file = tmp_path / "w.safetensors"
-    save_file({"a": torch.zeros(6, dtype=torch.uint16), "b": torch.zeros(2, 2, dtype=torch.uint32)}, file)
+    tensors = {"a": torch.zeros(6, dtype=torch.uint16), "b": torch.zeros(2, 2, dtype=torch.uint32)}
+    save_file(tensors | {"c": torch.zeros(3, dtype=torch.float8_e8m0fnu)}, file)
     info = describe(file)
-    assert info["dtypes"] == {"u16": 6, "u32": 4}
-    assert "dtypes       u16 6, u32 4" in render(info)
+    assert info["dtypes"] == {"uint16": 6, "uint32": 4, "f8_e8m0": 3}
+    assert "dtypes       f8_e8m0 3, uint16 6, uint32 4" in render(info)
 
 
 def test_a_training_state_one_byte_short_is_refused_whatever_the_order_of_its_entries(tmp_path):
@@ -217,3 +219,15 @@ def test_a_run_folder_without_checkpoints_shows_its_model_as_generate_reads_it(t
     hybridlm.save(tiny(), run / "model")
     assert main(["inspect", str(run)]) == 0
     assert capsys.readouterr().out.startswith(f"hybridlm checkpoint: {run / 'model'}\npattern      {PATTERN}")
+
+
+def test_a_checkpoint_with_a_tensor_that_is_not_floating_point_is_refused_as_load_refuses_it(tmp_path, capsys):
+    """The header's shapes were checked with float32 stand-ins: an integer tensor passed inspect, exit 0."""
+    path = hybridlm.save(tiny(), tmp_path / "ck")
+    file = path / "model.safetensors"
+    tensors = {k: t.to(torch.int64) if k == "embeddings.weight" else t for k, t in load_file(file).items()}
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"not floating point: embeddings\.weight \(torch\.int64\)"):
+        hybridlm.load(path, verify=False)
+    assert main(["inspect", str(path)]) == 2
+    assert "not floating point: embeddings.weight (torch.int64)" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -298,7 +299,7 @@ def test_a_failed_load_leaves_the_optimizer_as_it_was(tmp_path):
     step(model, opt, batches(1)[0])
     path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
     data = next(path.glob("*.distcp"))
-    data.write_bytes(data.read_bytes()[:64])
+    data.write_bytes(bytes(64) + data.read_bytes()[64:])  # of full size (a truncated file is refused before)
     fresh, fresh_opt, _ = make("M-", seed=5)
     with pytest.raises(CheckpointError, match="cannot load training state"):
         load_training_state(path, fresh, fresh_opt)
@@ -319,3 +320,35 @@ def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp
     else:
         with pytest.raises(CheckpointError, match=r"damaged scheduler state in trainer_state\.json"):
             load_training_state(path, other, other_opt, other_sched)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "a folder"])
+def test_a_damaged_data_file_is_refused_before_the_model_and_optimizer_are_touched(tmp_path, damage):
+    """DCP fills the live tensors in place: a truncated .distcp had overwritten part of the weights and moments
+    when the load failed, leaving a direct caller (no fallback) with a half-loaded model."""
+    model, opt, _ = make("M-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, opt, step=1)
+    data = path / "__0_0.distcp"
+    size = data.stat().st_size
+    if damage == "truncated":
+        data.write_bytes(data.read_bytes()[: size // 2])
+    else:
+        data.unlink()
+        if damage == "a folder":
+            data.mkdir()
+    other, other_opt, _ = make("M-", seed=5)
+    step(other, other_opt, batches(1, seed=2)[0])
+    weights = {k: v.clone() for k, v in other.state_dict().items()}
+    moments = {p: {k: v.clone() for k, v in s.items()} for p, s in other_opt.state.items()}
+    why = {
+        "truncated": f"holds {size // 2:,} of {size:,} bytes",
+        "missing": "is missing",
+        "a folder": "is not a regular",
+    }
+    with pytest.raises(CheckpointError) as error:
+        load_training_state(path, other, other_opt)
+    assert all(torch.equal(v, weights[k]) for k, v in other.state_dict().items())
+    assert other_opt.state.keys() == moments.keys()
+    assert all(torch.equal(v, moments[p][k]) for p, s in other_opt.state.items() for k, v in s.items())
+    error.match(re.escape(f"{path}: a damaged training state: __0_0.distcp {why[damage]}"))

@@ -272,3 +272,32 @@ def test_unlock_leaves_another_process_s_lock(tmp_path):
     assert (tmp_path / "s" / rundir.LOCK_FILE).exists()
     rundir.unlock(tmp_path / "s")
     assert not (tmp_path / "s" / rundir.LOCK_FILE).exists()
+
+
+def _start_of(pid):
+    """Boot id and start time (field 22 of /proc/PID/stat, after the parenthesized command name) of ``pid``."""
+    with open("/proc/sys/kernel/random/boot_id") as boot, open(f"/proc/{pid}/stat") as stat:
+        return boot.read().strip(), stat.read().rsplit(")", 1)[1].split()[19]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc/PID/stat (Linux)")
+def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
+    """After a reboot, or once pids wrap around, a killed run's pid names an unrelated live process, which kept the
+    folder "in use" for good. The lock records its process's start (boot id, start time): another start is stale."""
+    import socket
+
+    host, run = socket.gethostname(), tmp_path / "r"
+    run.mkdir()
+    lock_file = run / rundir.LOCK_FILE
+    boot, ticks = _start_of(os.getpid())
+    for stale in (f"{boot} {int(ticks) - 1}", f"another-boot {ticks}"):  # this live pid, another process's start
+        lock_file.write_text(f"{os.getpid()} {host} {stale}")
+        assert not _claim_refused(run)
+    rundir.claim(run, "runs/{time}", "", resume=True)
+    assert lock_file.read_text() == f"{os.getpid()} {host} {boot} {ticks}"
+    rundir.unlock(run)
+    parent = os.getppid()  # alive: refused with its own start, and with none (a lock an older hybridlm wrote)
+    for held in (" ".join([str(parent), host, *_start_of(parent)]), f"{parent} {host}"):
+        lock_file.write_text(held)
+        assert _claim_refused(run)
+        assert lock_file.read_text() == held

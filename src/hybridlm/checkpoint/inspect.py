@@ -41,17 +41,21 @@ _DTYPES = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
 }
 
 
 def _tensor_summary(files: list[Path]) -> dict[str, Any]:
     """Tensors, elements and dtypes from the headers; bytes as the files' data sections hold them (any dtype)."""
-    found, nbytes, shapes = [], 0, {}  # (elements, safetensors dtype code) of every tensor; name -> shape
+    found, nbytes, shapes = [], 0, {}  # (elements, safetensors dtype code) of every tensor; name -> (shape, code)
     for file in files:
         with open_safetensors(file) as f:
             for k, s in zip(f.keys(), map(f.get_slice, f.keys()), strict=True):
-                shapes[k] = tuple(s.get_shape())
-                found.append((math.prod(shapes[k]), s.get_dtype()))
+                shapes[k] = tuple(s.get_shape()), s.get_dtype()
+                found.append((math.prod(shapes[k][0]), shapes[k][1]))
         with open(file, "rb") as raw:  # safe_open has checked the header: 8-byte length, then JSON
             header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
         nbytes += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
@@ -72,18 +76,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir() and ((path / METADATA_NAME).exists() or (path / TRAINER_STATE).exists()):
-        dcp_meta = read_dcp_metadata(path)  # a training state without .metadata is refused here, by name
-        ends: dict[str, int] = {}  # each data file -> the end of its last entry
-        for s in (dcp_meta.storage_data or {}).values():
-            ends[s.relative_path] = max(ends.get(s.relative_path, 0), s.offset + s.length)
-        short = [
-            f"{name} is missing" if not (path / name).is_file() else f"{name} holds {size:,} of {end:,} bytes"
-            for name, end in sorted(ends.items())
-            if (size := (path / name).stat().st_size if (path / name).is_file() else -1) < end
-        ]
-        if short:
-            raise CheckpointError(f"{path}: a damaged training state: {'; '.join(short)}")
-        meta = dcp_meta.state_dict_metadata
+        # Refused here, by name: a training state without .metadata, or with a missing or truncated data file.
+        meta = read_dcp_metadata(path).state_dict_metadata
         sizes = [v.size.numel() for v in meta.values() if hasattr(v, "size")]
         info = dict(
             kind="DCP training state", path=str(path), tensors=len(sizes), elements=sum(sizes), entries=len(meta)
@@ -127,8 +121,12 @@ def describe(path: str | Path) -> dict[str, Any]:
         )
     summary = _tensor_summary(files)
     shapes = summary.pop("shapes")
-    if info["kind"] == "hybridlm checkpoint":  # names and shapes from the headers, as a load checks them
-        check_fit({k: torch.empty(s, device="meta") for k, s in shapes.items()}, meta_shapes(model), str(path))
+    if info["kind"] == "hybridlm checkpoint":  # names, shapes and dtypes from the headers, as a load checks them
+        # Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
+        tensors = {
+            k: torch.empty(s, dtype=_DTYPES.get(c, torch.float32), device="meta") for k, (s, c) in shapes.items()
+        }
+        check_fit(tensors, meta_shapes(model), str(path))
     return {**info, "files": [f.name for f in files], **summary}
 
 

@@ -47,7 +47,8 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     """The DCP ``Metadata`` of folder ``path``, unpickled with the allow-list above.
 
     Raises:
-        CheckpointError: a missing or damaged file, or a crafted one naming anything else (named).
+        CheckpointError: a missing or damaged file, or a crafted one naming anything else (named); a data
+            file it names missing or too short for it (:func:`_check_data_files`).
     """
     file = regular(Path(path) / METADATA_NAME)
     try:
@@ -61,13 +62,35 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
         raise CheckpointError(f"{file}: refused ({type(e).__name__}: {e})") from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise CheckpointError(f"{file}: not DCP metadata")
+    ends: dict[str, int] = {}  # each data file -> the end of its last entry
     for info in (meta.storage_data or {}).values():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
             raise CheckpointError(f"{file}: a storage entry points outside the folder ({rel!r})")
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{file}: storage transforms are not supported ({info.transform_descriptors!r})")
+        span = getattr(info, "offset", None), getattr(info, "length", None)
+        if not all(type(n) is int and n >= 0 for n in span):
+            raise CheckpointError(f"{file}: a storage entry of {rel} has no byte range ({span!r})")
+        ends[rel] = max(ends.get(rel, 0), sum(span))
+    _check_data_files(Path(path), ends)
     return meta
+
+
+def _check_data_files(path: Path, ends: dict[str, int]) -> None:
+    """Refuse a folder whose data files cannot hold what its metadata says (name -> bytes ``ends``): one missing,
+    not a regular file, or shorter (a truncated copy). Checked before a load writes into a live model: DCP fills
+    its tensors in place, and one that failed half-way left them half-loaded. Only sizes can be checked: DCP
+    stores no checksums, so a flipped bit inside tensor data loads unnoticed."""
+    problems = []
+    for name, end in sorted(ends.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is {'not a regular file' if file.exists() else 'missing'}")
+        elif (size := file.stat().st_size) < end:
+            problems.append(f"{name} holds {size:,} of {end:,} bytes")
+    if problems:
+        raise CheckpointError(f"{path}: a damaged training state: {'; '.join(problems)}")
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -187,7 +187,8 @@ def load_training_state(
 
     Raises:
         CheckpointMismatchError: the checkpoint holds another model (the differences are listed).
-        CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely).
+        CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely); a data file
+            missing or shorter than the metadata says is refused before the model or optimizer is touched.
     """
     # Reading creates the optimizer's state before DCP fills it: a checkpoint that then fails to load must not
     # leave it behind (a fallback to a step-0 checkpoint, which holds none, kept it and trained differently).
@@ -204,7 +205,8 @@ def load_training_state(
 def _load_training_state(
     path: Path, model: Module, optimizer: Optimizer | None, scheduler: Any, restore_rng: bool
 ) -> dict[str, Any]:
-    entries = read_dcp_metadata(path).state_dict_metadata  # refuse a crafted or damaged .metadata first
+    # First, before DCP writes into the live model: a crafted or damaged .metadata, a missing or truncated data file.
+    entries = read_dcp_metadata(path).state_dict_metadata
     if not any(k.startswith("optim.") for k in entries):
         optimizer = None  # saved before the first step: the optimizer stays as it is, fresh
     extra = read_trainer_state(path)

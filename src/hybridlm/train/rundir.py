@@ -29,7 +29,8 @@ CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
-#: Marks a run folder in use: ``pid host`` of the process running it (see :func:`lock`).
+#: Marks a run folder in use: ``pid host`` of the process running it, then its start where the system shows
+#: it (``boot-id start-ticks`` on Linux), see :func:`lock`.
 LOCK_FILE = ".hybridlm.pid"
 #: The placeholder of ``train.run_dir`` filled with the start time (``runs/{time}``).
 TIME_FIELD = "{time}"
@@ -56,8 +57,9 @@ def _check_fresh(path: Path, toml: str) -> None:
         raise DataError(f"{config} exists and is not this run's; refusing to overwrite it (choose another --run-dir)")
 
 
-def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) -> tuple[Path, bool]:
-    """The run's folder and whether this call created it (so that a failed start can remove it).
+def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) -> tuple[Path, list[Path]]:
+    """The run's folder and the folders this call created, deepest first (so that a failed start can remove
+    them, see :func:`remove_if_empty`): the run's and those of its parents that were missing.
 
     Args:
         run_dir: the folder asked for (with :data:`TIME_FIELD`: a template); None: ``template`` with it filled in. Runs
@@ -73,7 +75,7 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
         run_dir, template = None, str(run_dir)
     if run_dir is None and TIME_FIELD in template and not resume:
         base = template.replace(TIME_FIELD, time.strftime("%Y%m%d-%H%M%S"))
-        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        parents = _make_folders(Path(base).parent)
         for i in itertools.count(1):
             path = Path(base if i == 1 else f"{base}-{i}")
             try:
@@ -81,7 +83,7 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
             except FileExistsError:
                 continue
             lock(path)
-            return path, True
+            return path, [path, *parents]
     path = Path(template if run_dir is None else run_dir)
     if path.exists() and not path.is_dir():
         raise DataError(f"{path}: a file, not a folder; the run writes a folder there (choose another --run-dir)")
@@ -93,17 +95,42 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
             left = [*remove_leftovers(path), *remove_leftovers(path / CHECKPOINTS)]
             if left:
                 logger.warning("%s: removed what interrupted writes left: %s", path, ", ".join(left))
-        return path, False
+        return path, []
     _refuse_if_in_use(path)  # first: "already holds a run ... remove it" is no advice for a live one
     _check_fresh(path, toml)
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    created = _make_folders(path)
     lock(path)
     return path, created
 
 
+def _make_folders(path: Path) -> list[Path]:
+    """Create folder ``path`` and its missing parents; returns those this call created, deepest first. One made
+    meanwhile by another process is not counted: it is not this run's to remove."""
+    made: list[Path] = []
+    for folder in reversed([p for p in (path, *path.parents) if not p.exists()]):  # from the top down
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        made.insert(0, folder)
+    return made
+
+
 def _me() -> list[str]:
-    return [str(os.getpid()), socket.gethostname()]
+    return [str(os.getpid()), socket.gethostname(), *_started(os.getpid())]
+
+
+def _started(pid: int | str) -> list[str]:
+    """When process ``pid`` of this host started: the boot id and its start time in clock ticks since boot
+    (field 22 of ``/proc/PID/stat``), which no other process shares, unlike its pid after a reboot or once
+    the pids wrap around; ``[]`` where the system does not show them (not Linux, no ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return []
+    fields = stat.rsplit(")", 1)[-1].split()  # fields 3, 4, ...: the command name (field 2) may hold ")"
+    return [boot, fields[19]] if len(fields) > 19 and boot else []  # field 22: the start time
 
 
 #: Run folders this process holds -> the open lock file, whose ``flock`` is held until :func:`unlock`.
@@ -111,9 +138,10 @@ _HELD: dict[Path, int] = {}
 
 
 def lock(path: Path) -> None:
-    """Mark ``path`` as this process's run (:data:`LOCK_FILE` holds ``pid host``), refusing a folder that
-    another live process holds: two runs started in one folder would write the same files. A lock
-    left by a process that is gone (a kill) is taken over; one from another host is trusted.
+    """Mark ``path`` as this process's run (:data:`LOCK_FILE` holds ``pid host``, and the process's start where
+    known), refusing a folder that another live process holds: two runs started in one folder would write the
+    same files. A lock left by a process that is gone (a kill, a reboot: its pid is now another process's) is
+    taken over; one from another host is trusted.
 
     The file is also ``flock``-ed while the run lasts: reading, judging and writing it is then one step
     (two processes starting at once both took a stale or half-written lock), and the system frees it
@@ -161,7 +189,7 @@ def _refuse_if_in_use(path: Path) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     if holder != _me() and _alive(holder):
-        pid, host = holder  # _alive accepts only "pid host"
+        pid, host = holder[:2]  # _alive accepts only "pid host" and "pid host boot-id start-ticks"
         raise DataError(
             f"{path} is in use by another run (process {pid} on {host}); wait for it, choose another --run-dir, "
             f"or remove {file} if that run is gone"
@@ -169,7 +197,7 @@ def _refuse_if_in_use(path: Path) -> None:
 
 
 def _alive(holder: list[str]) -> bool:
-    if len(holder) != 2 or not holder[0].isdigit():
+    if len(holder) not in (2, 4) or not holder[0].isdigit():
         return False  # not a lock this code wrote
     if holder[1] != socket.gethostname():
         return True  # another machine's process: no way to tell, so it may be running
@@ -178,8 +206,11 @@ def _alive(holder: list[str]) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, under another user
-    return True
+        pass  # it exists, under another user
+    # A process has that pid: the holder unless it started at another time (a reboot, a pid used again). Without
+    # both starts (an older lock file, a system without /proc) it may be the holder.
+    now = _started(holder[0])
+    return len(holder) == 2 or not now or now == holder[2:]
 
 
 def unlock(path: Path) -> None:
@@ -212,7 +243,9 @@ def write_config(path: Path, toml: str) -> None:
     replace_file(path / CONFIG_FILE, lambda tmp: tmp.write_text(toml))
 
 
-def remove_if_empty(path: Path) -> None:
-    """Remove the folder a failed start created, if nothing was written into it."""
-    with contextlib.suppress(OSError):
-        path.rmdir()
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed start created (deepest first, see :func:`claim`), each only if nothing was
+    written into it: a folder that was there before the run, or that holds anything, stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -201,8 +201,7 @@ class Trainer:
                 signals.deferred = True  # (torchrun signals the other ranks when one fails)
                 if self.is_main:  # a run that did not start leaves the folder as it was (no empty one behind)
                     unlock(self.run_dir)
-                    if created:
-                        remove_if_empty(self.run_dir)
+                    remove_if_empty(created)
                 raise
 
     def _build(self, resume: bool, progress: bool | None) -> None:
@@ -431,15 +430,17 @@ class Trainer:
             "the run started, or, to go on with this data, name it: --set data.source=PATH"
         )
 
-    def _claim_run_dir(self, run_dir: str | Path | None, resume: bool) -> tuple[Path, bool]:
-        """The run folder (rank 0 chooses and claims it, see :func:`rundir.claim`) and whether it was created."""
-        box: list[Any] = [None, False]
+    def _claim_run_dir(self, run_dir: str | Path | None, resume: bool) -> tuple[Path, list[Path]]:
+        """The run folder (rank 0 chooses and claims it, see :func:`rundir.claim`) and the folders the claim
+        created (on rank 0, which removes them if the start fails; none on the others)."""
+        box: list[Any] = [None]
+        created: list[Path] = []
         if self.is_main:
             path, created = claim(run_dir, self.run.train.run_dir, self.run.to_toml(), resume)
-            box = [str(path), created]
+            box = [str(path)]
         if self.world > 1:  # every process must agree on the directory rank 0 chose
             dist.broadcast_object_list(box, src=0)
-        return Path(box[0]), bool(box[1])
+        return Path(box[0]), created
 
     def _autocast(self):
         if self.autocast_dtype is None:
