@@ -27,6 +27,7 @@ from .layers.rope import rope_cos_sin
 from .ops.attention import document_block_mask, use_flex
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.norm import add_rms_norm
+from .ops.precision import accumulation_dtype
 
 IGNORE_INDEX = -100
 
@@ -277,7 +278,7 @@ def _check_inputs(input_ids, labels, position_ids, rows: tuple[int, ...], logits
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or in its own dtype where that is wider (a float64 model keeps float64 logits)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(accumulation_dtype(x))
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

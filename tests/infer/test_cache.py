@@ -497,9 +497,10 @@ def test_rollback_of_a_window_that_was_not_recorded_restores_the_snapshot():
 
 
 @pytest.mark.parametrize("pattern", ["M*G", "+D"])
-def test_a_cache_keeps_attention_state_in_its_dtype_and_recurrent_state_in_float32(pattern):
+def test_a_cache_keeps_attention_state_in_its_dtype_and_recurrent_state_in_float32_or_float64(pattern):
     """InferenceCache's ``dtype`` (default: the model's) is the dtype of keys, values, latents and convolution
-    windows; recurrent states are float32 whatever it is."""
+    windows; recurrent states are float32 whatever it is, but float64 in a float64 cache (the ops' accumulation
+    dtype: a float64 model's states were float32, its decoding 1e-8 off its forward)."""
     model = model_for(pattern)
     for dtype, want in ((None, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)):
         cache = InferenceCache.for_model(model, 1, 8, dtype=dtype)
@@ -507,11 +508,55 @@ def test_a_cache_keeps_attention_state_in_its_dtype_and_recurrent_state_in_float
         for state in cache.states.values():
             for name, t in vars(state).items():
                 if name == "recurrent":
-                    assert t.dtype == torch.float32
+                    assert t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
                 elif name in ("k", "v", "c_kv", "k_pe", "conv"):
                     assert t.dtype == want, (name, t.dtype)
                     seen += 1
         assert seen >= 2
+
+
+def test_a_float64_model_decodes_exactly_as_its_full_forward():
+    """Every kind of layer and an MTP depth, in float64: prefill, a 3-token window (Mamba2's stepped path) and
+    one-token steps give the full forward's logits to float64 rounding (the main stack's and the depth's). The
+    norms, scans, steps and recurrent states computed in float32 whatever the model: 4e-8 apart."""
+    model = model_for("[M-]G[*E]/G[*-]M").cast(torch.float64)  # as HybridLM(dtype=float64): A_log, D float32
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(4))
+    windows = [(0, 9), (9, 12), *((t, t + 1) for t in range(12, 17))]
+    with torch.no_grad():
+        full = model(ids)
+        cache, hidden, got = InferenceCache.for_model(model, 2, 17), [], []
+        for a, b in windows:
+            out = model(ids[:, a:b], cache=cache)
+            got.append(out.logits)
+            hidden.append(model.norm_f(out.hidden_states))
+        torch.testing.assert_close(torch.cat(got, 1), full.logits, rtol=0, atol=1e-12)
+        # Depth 1 at position t reads h_t and the token t + 1: positions 0..15, cached as _Depths runs them.
+        hidden, depth, got = torch.cat(hidden, 1), InferenceCache.for_mtp_depth(model, 1, 2, 16), []
+        for a, b in [(0, 9), (9, 12), *((t, t + 1) for t in range(12, 16))]:
+            ctx = model.make_context(2, b - a, ids.device, depth.position_ids(b - a))
+            ctx.cache = depth
+            h, _ = model.mtp[0](hidden[:, a:b], model.embeddings(ids[:, a + 1 : b + 1]), ctx)
+            depth.advance(b - a)
+            got.append(model.head(h))
+        torch.testing.assert_close(torch.cat(got, 1), full.mtp_logits[0][:, :16], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "cache_dtype"),
+    [(torch.float64, torch.float32), (torch.float32, torch.float64)],
+    ids=["float64-model-float32-cache", "float32-model-float64-cache"],
+)
+def test_a_cache_of_another_precision_than_the_model_decodes_in_place(model_dtype, cache_dtype):
+    """The steps compute in float64 where the input or the state is float64, and write the result back into the
+    cache's state in that state's dtype: float64 products met a float32 state in place under a float64 model."""
+    model = model_for("MG*").to(model_dtype)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits
+    cache = InferenceCache.for_model(model, 2, 9, dtype=cache_dtype)
+    got = [model(ids[:, :6], cache=cache).logits]
+    got += [model(ids[:, t : t + 1], cache=cache).logits for t in (6, 7, 8)]
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=1e-5)
+    assert all(s.recurrent.dtype == cache_dtype for s in cache.states.values() if hasattr(s, "recurrent"))
 
 
 def test_a_finished_batch_stops_decoding(monkeypatch):

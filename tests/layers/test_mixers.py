@@ -212,3 +212,23 @@ def test_left_padded_prefill_in_one_window_equals_the_row_alone(case):
         cache.set_padding(valid)
         out = torch.cat([run(cache, x[:, :L]), run(cache, x[:, L:])], dim=1)  # the prefill, then one step
     assert_rel_close(out[:1, pad:], ref, 1e-5, case)
+
+
+@pytest.mark.parametrize("case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads"])
+def test_a_float64_recurrent_mixer_equals_its_float64_reference(case):
+    """Cast as a float64 model casts it (``keep_fp32`` parameters stay float32), a recurrent mixer computes in
+    float64 end to end: its dt / gates, conv, scan and norms ran in float32 (1e-7 off the reference)."""
+    cls, symbol, overrides = CASES[case]
+    config = tiny_config(symbol, **overrides)
+    layer = make(cls, config, seed=len(case))
+    ref64 = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name not in cls.keep_fp32:
+                p.data = p.data.double()
+    seq_idx = docs(2, SEQLEN, seed=7)
+    ctx, pos = context(config, 2, SEQLEN, seq_idx)
+    x = torch.randn(2, SEQLEN, config.hidden_size, dtype=torch.float64)
+    y = layer(x, ctx)
+    assert y.dtype == torch.float64
+    assert_rel_close(y, reference(ref64, x, pos, seq_idx), 1e-12, case)

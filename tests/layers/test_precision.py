@@ -5,7 +5,7 @@ import torch
 
 from hybridlm import HybridLM
 from hybridlm.layers.moe import Router
-from hybridlm.ops.precision import matmul_dtype
+from hybridlm.ops.precision import accumulation_dtype, matmul_dtype
 from tests.helpers import MLA_TINY, tiny_config
 
 
@@ -30,6 +30,15 @@ def test_matmul_dtype_follows_cpu_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert matmul_dtype(x) == torch.bfloat16
     assert matmul_dtype(x.to(torch.float64)) == torch.float64
+
+
+def test_accumulation_dtype_is_float64_only_for_float64():
+    """The plain-torch ops' rule: float32 for every lower precision, float64 once any input is float64."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert accumulation_dtype(torch.zeros(1, dtype=dtype)) == accumulation_dtype(dtype) == torch.float32
+    assert accumulation_dtype(torch.zeros(1, dtype=torch.float64)) == torch.float64
+    assert accumulation_dtype(torch.zeros(1, dtype=torch.bfloat16), None, torch.float64) == torch.float64
+    assert accumulation_dtype() == accumulation_dtype(None) == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
-from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, rms_norm_reference
+from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference
 from tests.helpers import assert_rel_close
 from tests.ops.test_ssd import docs
 
@@ -48,3 +48,18 @@ def test_rms_norms():
     assert_rel_close(got, ref, 1e-6, "gated_rms_norm")
     # The group size matters: a norm over all channels differs.
     assert (gated_rms_norm(x, z, w, 16, 1e-5) - got).abs().max() > 1e-3
+
+
+def test_rms_norms_of_float64_inputs_compute_in_float64():
+    """A float64 model is a reference: its norms were computed in float32 (1e-7 off), whatever the input.
+    The weight stays float32 as a float64 model keeps Mamba's parameters (it holds exact float32 values)."""
+    x, z, d = (torch.randn(4, 7, 16, dtype=torch.float64) for _ in range(3))
+    w = 1 + 0.3 * torch.randn(16)
+    got = rms_norm(x, w, 1e-5)
+    assert got.dtype == torch.float64
+    assert_rel_close(got, rms_norm_reference(x, w.double(), 1e-5), 1e-14, "rms_norm")
+    _, n = add_rms_norm(x, d, w.double(), 1e-5)
+    assert_rel_close(n, rms_norm_reference(x + d, w.double(), 1e-5), 1e-14, "add_rms_norm")
+    got = gated_rms_norm(x, z, w, group_size=4, eps=1e-5)
+    assert got.dtype == torch.float64
+    assert_rel_close(got, gated_rms_norm_reference(x, z, w, 4, 1e-5), 1e-14, "gated_rms_norm")

@@ -70,6 +70,37 @@ def test_an_override_decides_that_ops_path():
     assert paths_used() == {"add_rms_norm": "torch", "gated_rms_norm": "triton"}
 
 
+def test_auto_sends_float64_cuda_inputs_to_the_reference(monkeypatch):
+    """The kernels accumulate in float32: a float64 model on CUDA ran them under ``auto`` and lost its precision.
+    Stand-ins for CUDA tensors (``choose`` reads ``is_cuda`` and ``dtype``), so the rule is checked without a GPU."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    cuda32, cuda64 = (SimpleNamespace(is_cuda=True, dtype=d) for d in (torch.float32, torch.float64))
+    reset_paths()
+    with use_kernels("auto"):
+        assert choose("ssd", cuda32, cuda32, None) == "triton"
+        assert choose("ssd_step", cuda32, cuda64, None) == "torch"  # one float64 input is enough (a float64 state)
+        assert choose("gated_rms_norm", cuda64) == "torch"
+    with use_kernels("triton"):  # forcing the kernels still runs them (their tests feed them float64)
+        assert choose("rms_norm", cuda64) == "triton"
+    assert paths_used() == {"ssd": "triton", "ssd_step": "torch", "gated_rms_norm": "torch", "rms_norm": "triton"}
+
+
+@pytest.mark.gpu
+def test_a_float64_model_on_cuda_runs_only_the_references():
+    from hybridlm import HybridLM
+    from tests.helpers import tiny_config
+
+    model = HybridLM(tiny_config("MG*-"), seed=0, device="cuda", dtype=torch.float64)
+    reset_paths()
+    with use_kernels("auto"), torch.no_grad():
+        model(torch.randint(0, 97, (2, 9), device="cuda"))
+    used = paths_used()
+    assert used.get("mamba2_core") == used.get("gated_delta") == used.get("rms_norm") == "torch", used
+    assert "triton" not in used.values(), used
+
+
 @requires_triton
 def test_forced_triton_on_the_cpu_outside_the_interpreter_is_refused_by_name(monkeypatch, tmp_path, capsys):
     """Triton failed inside the first launch ("0 active drivers"), after a run had started; the CLI

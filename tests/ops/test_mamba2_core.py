@@ -4,10 +4,14 @@ outputs and every gradient."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from hybridlm.ops.conv import causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.mamba2_core import Mamba2Dims, Mamba2Weights, mamba2_core, mamba2_core_torch
-from tests.helpers import runs_triton_kernels
+from hybridlm.ops.norm import gated_rms_norm_reference
+from hybridlm.ops.ssd import ssd_reference
+from tests.helpers import assert_rel_close, runs_triton_kernels
 
 pytestmark = runs_triton_kernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +86,23 @@ def test_an_override_of_one_part_sends_the_core_to_the_composition():
         mamba2_core(leaves[0], Mamba2Weights(*leaves[1:]), None, dims(2, 4, 1, 8, 4))
     used = paths_used()
     assert used["mamba2_core"] == "torch" and used["ssd"] == "torch" and used["causal_conv1d"] == "triton"
+
+
+def test_a_float64_core_computes_in_float64():
+    """float64 activations beside the float32 A_log, D and dt_bias a float64 model keeps: the core equals the
+    references (per-document conv, softplus, the step recurrence, the gated norm) in float64; dt = softplus(...)
+    and A = -exp(A_log) were float32, and the scan and norm with them (1e-7 off)."""
+    leaves = core_inputs(2, 21, 4, 8, 2, 16, dtype=torch.float64, device="cpu", seed=6)
+    zxbcdt, conv_w, conv_b, dt_bias, A_log, D, norm_w = (t.detach() for t in leaves)
+    conv_w, conv_b, norm_w = conv_w.double(), conv_b.double(), norm_w.double()
+    kw, seq = dims(4, 8, 2, 16, chunk=8, clamp=0.3), documents(2, 21, "cpu")
+    got = mamba2_core(zxbcdt, Mamba2Weights(conv_w, conv_b, dt_bias, A_log, D, norm_w), seq, kw)
+    z, xBC, dt = kw.split(zxbcdt)
+    x, B, C = kw.split_scan(causal_conv1d_reference(xBC, conv_w, conv_b, seq, "silu"))
+    dt = F.softplus(dt + dt_bias.double()).clamp(min=0.3)
+    y, _ = ssd_reference(x, dt, -torch.exp(A_log.double()), B, C, D=D.double(), seq_idx=seq)
+    assert got.dtype == torch.float64
+    assert_rel_close(got, gated_rms_norm_reference(y.flatten(-2), z, norm_w, kw.norm_group_size, kw.eps), 1e-12)
 
 
 def test_widths_that_do_not_add_up_are_refused():

@@ -24,44 +24,55 @@ def test_conv_in_pieces_and_steps_equals_the_whole_conv():
     torch.testing.assert_close(state, x[:, -3:])
 
 
-def test_ssd_steps_equal_the_float64_recurrence():
+#: Tolerance of the steps against the float64 recurrences: float32 steps, and float64 ones (which ran in float32
+#: too, 1e-7 off: a float64 model decoded no better than a float32 one).
+STEP_TOL = {torch.float32: 1e-5, torch.float64: 1e-13}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_ssd_steps_equal_the_float64_recurrence(dtype):
     g = torch.Generator().manual_seed(1)
     b, L, h, p, G, n = 2, 9, 4, 3, 2, 5
-    x = torch.randn(b, L, h, p, generator=g)
-    dt = F.softplus(torch.randn(b, L, h, generator=g))
-    A = -torch.rand(h, generator=g) * 3
-    B, C = torch.randn(b, L, G, n, generator=g), torch.randn(b, L, G, n, generator=g)
+    x = torch.randn(b, L, h, p, generator=g, dtype=dtype)
+    dt = F.softplus(torch.randn(b, L, h, generator=g, dtype=dtype))
+    A = -torch.rand(h, generator=g) * 3  # float32, as a float64 model keeps A_log
+    B, C = torch.randn(b, L, G, n, generator=g, dtype=dtype), torch.randn(b, L, G, n, generator=g, dtype=dtype)
     D = torch.randn(h, generator=g)
-    init = torch.randn(b, h, p, n, generator=g)
+    init = torch.randn(b, h, p, n, generator=g, dtype=dtype)
     ref, ref_state = ssd_reference(x, dt, A, B, C, D=D, initial_state=init)
     state, ys = init, []
     for t in range(L):
         y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D=D)
         ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1).double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5)
+    assert state.dtype == dtype
+    tol = STEP_TOL[dtype]
+    torch.testing.assert_close(torch.stack(ys, 1).double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(state.double(), ref_state, rtol=tol, atol=tol)
     inplace = init.clone()
     for t in range(L):
         ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], inplace, D=D, inplace=True)
     torch.testing.assert_close(inplace, state, rtol=0, atol=0)
 
 
-def test_gated_delta_steps_equal_the_float64_recurrence():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_gated_delta_steps_equal_the_float64_recurrence(dtype):
     g = torch.Generator().manual_seed(2)
     b, L, h, dk, dv = 2, 9, 3, 4, 5
-    q = l2_normalize(torch.randn(b, L, h, dk, generator=g))
-    k = l2_normalize(torch.randn(b, L, h, dk, generator=g))
-    v = torch.randn(b, L, h, dv, generator=g)
-    gate = -F.softplus(torch.randn(b, L, h, generator=g))
-    beta = torch.rand(b, L, h, generator=g)
-    init = torch.randn(b, h, dk, dv, generator=g)
+    q = l2_normalize(torch.randn(b, L, h, dk, generator=g, dtype=dtype))
+    k = l2_normalize(torch.randn(b, L, h, dk, generator=g, dtype=dtype))
+    v = torch.randn(b, L, h, dv, generator=g, dtype=dtype)
+    gate = -F.softplus(torch.randn(b, L, h, generator=g, dtype=dtype))
+    beta = torch.rand(b, L, h, generator=g, dtype=dtype)
+    init = torch.randn(b, h, dk, dv, generator=g, dtype=dtype)
     ref, ref_state = gated_delta_rule_reference(q, k, v, gate, beta, initial_state=init)
     state, outs = init, []
     for t in range(L):
         o, state = gated_delta_step(q[:, t], k[:, t], v[:, t], gate[:, t], beta[:, t], state)
         outs.append(o)
-    torch.testing.assert_close(torch.stack(outs, 1).double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state.double(), ref_state, rtol=1e-5, atol=1e-5)
+    assert state.dtype == dtype
+    tol = STEP_TOL[dtype]
+    torch.testing.assert_close(torch.stack(outs, 1).double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(state.double(), ref_state, rtol=tol, atol=tol)
     inplace = init.clone()
     for t in range(L):
         gated_delta_step(q[:, t], k[:, t], v[:, t], gate[:, t], beta[:, t], inplace, inplace=True)

@@ -21,7 +21,8 @@ class InferenceCache:
     Args:
         mixers: the mixers to hold state for; those without ``init_cache`` (MLP, MoE) are skipped.
         batch, max_len: rows and positions to allocate for.
-        device, dtype: where and in which dtype (recurrent states are float32 whatever ``dtype``).
+        device, dtype: where and in which dtype (recurrent states are float32 whatever ``dtype``, float64
+            when it is float64).
 
     Attributes:
         offset: positions already cached (the next forward's first position).

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.precision import accumulation_dtype
+
 
 def cached_keys_mask(cache, L: int, device: torch.device) -> torch.Tensor:
     """(B|1, L, S) bool: which of the S cached keys each of the L new queries may attend (S: the whole
@@ -58,7 +60,8 @@ class RecurrentState:
 
     Attributes:
         conv: (B, K-1, C) the last K-1 conv inputs (pre-activation), oldest first; zeros at start.
-        recurrent: (B, H, P, N) for Mamba2, (B, H, dk, dv) for GDN; always float32.
+        recurrent: (B, H, P, N) for Mamba2, (B, H, dk, dv) for GDN; in the ops' accumulation dtype:
+            float32, or float64 in a float64 cache (a float64 model's reference decoding).
     """
 
     conv: torch.Tensor
@@ -70,7 +73,7 @@ class RecurrentState:
     ) -> RecurrentState:
         return cls(
             conv=torch.zeros(batch, kernel - 1, channels, device=device, dtype=dtype),
-            recurrent=torch.zeros(batch, *state_shape, device=device, dtype=torch.float32),
+            recurrent=torch.zeros(batch, *state_shape, device=device, dtype=accumulation_dtype(dtype)),
         )
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:

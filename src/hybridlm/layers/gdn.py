@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.gated_delta import gated_delta_rule_chunked, l2_normalize
+from ..ops.precision import accumulation_dtype
 from ..ops.step import causal_conv1d_with_state, gated_delta_step
 from .cache import RecurrentState
 from .context import SequenceContext
@@ -32,11 +33,11 @@ class GatedRMSNormAfter(nn.Module):
         self.weight = nn.Parameter(torch.empty(size))
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """o, z: (..., head_dim) -> same shape, dtype of ``o``."""
-        dtype = o.dtype
-        of = o.float()
+        """o, z: (..., head_dim) -> same shape, dtype of ``o``; normalized in float32 (float64 for float64 ``o``)."""
+        dtype, acc = o.dtype, accumulation_dtype(o, z)
+        of = o.to(acc)
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * of.to(dtype) * F.silu(z.float())).to(dtype)
+        return (self.weight * of.to(dtype) * F.silu(z.to(acc))).to(dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -80,7 +81,8 @@ class GatedDeltaNet(nn.Module):
         )
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> RecurrentState:
-        """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the delta-rule state (B, Hv, dk, dv) in float32."""
+        """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the delta-rule state (B, Hv, dk, dv) in float32
+        (float64 for a float64 ``dtype``)."""
         K = self.conv1d.weight.shape[-1]
         return RecurrentState.zeros(batch, K, self.conv_dim, (self.nv, self.dk, self.dv), device, dtype)
 
@@ -100,14 +102,15 @@ class GatedDeltaNet(nn.Module):
                 qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
             qkv, _ = causal_conv1d_with_state(qkv, state.conv, self.conv1d.weight, None, "silu", inplace=True)
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.reshape(b, seqlen, self.nk, self.dk).float())
-        k = l2_normalize(k.reshape(b, seqlen, self.nk, self.dk).float())
+        acc = accumulation_dtype(qkv)  # float32 for bf16 / fp32 activations; a float64 model stays float64
+        q = l2_normalize(q.reshape(b, seqlen, self.nk, self.dk).to(acc))
+        k = l2_normalize(k.reshape(b, seqlen, self.nk, self.dk).to(acc))
         if self.nv != self.nk:
             q = q.repeat_interleave(self.nv // self.nk, dim=2)
             k = k.repeat_interleave(self.nv // self.nk, dim=2)
         v = v.reshape(b, seqlen, self.nv, self.dv)
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
-        beta = beta.float().sigmoid()
+        g = -torch.exp(self.A_log.to(acc)) * F.softplus(a.to(acc) + self.dt_bias.to(acc))
+        beta = beta.to(acc).sigmoid()
         if keep is not None:  # g = 0, beta = 0: padding neither decays nor writes the state
             g, beta = g * keep.unsqueeze(-1), beta * keep.unsqueeze(-1)
         if cache is None:

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..ops.mamba2_core import Mamba2Dims, Mamba2Weights, mamba2_core, mamba2_dt
 from ..ops.norm import gated_rms_norm
+from ..ops.precision import accumulation_dtype
 from ..ops.ssd import ssd_chunked
 from ..ops.step import causal_conv1d_with_state, ssd_step
 from .cache import RecurrentState
@@ -67,7 +68,8 @@ class Mamba2Mixer(nn.Module):
         )  # fmt: skip
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> RecurrentState:
-        """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the SSM state (B, H, P, N) in float32."""
+        """Conv inputs (B, K-1, conv_dim) in ``dtype`` and the SSM state (B, H, P, N) in float32 (float64 for
+        a float64 ``dtype``)."""
         K = self.conv1d.weight.shape[-1]
         return RecurrentState.zeros(batch, K, self.conv_dim, (self.nheads, self.headdim, self.d_state), device, dtype)
 
@@ -93,7 +95,7 @@ class Mamba2Mixer(nn.Module):
         dt = mamba2_dt(dt, self.dt_bias, self.config.mamba_dt_clamp_min)
         if keep is not None:  # dt = 0: no decay and no input, so padding leaves the SSM state as it is
             dt = dt * keep.unsqueeze(-1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(accumulation_dtype(xs, self.A_log)))  # as ops.mamba2_core computes it
         xs = xs.reshape(b, seqlen, self.nheads, self.headdim)
         B = B.reshape(b, seqlen, self.ngroups, self.d_state)
         C = C.reshape(b, seqlen, self.ngroups, self.d_state)

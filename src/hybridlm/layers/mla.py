@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
 from .norm import RMSNorm
@@ -186,7 +187,7 @@ class MLA(nn.Module):
         scores = torch.einsum("bhtc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
         scores = (scores * self.softmax_scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
         # At least float32 (bf16 scores), and float64 in a float64 model, as the full forward's SDPA.
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+        probs = scores.softmax(dim=-1, dtype=accumulation_dtype(scores)).to(q.dtype)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         return torch.einsum("bthc,hvc->bthv", o_latent, w_uv).reshape(b, t, self.nh * self.dv)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import choose_eager, triton_available
-from .precision import matmul_dtype
+from .precision import accumulation_dtype, matmul_dtype
 
 if triton_available():
     from .cross_entropy_triton import cross_entropy_rows_triton
@@ -89,16 +89,11 @@ def _chunk_loss_only(logits: torch.Tensor, labels: torch.Tensor, acc: torch.dtyp
     return _chunk_loss(logits.to(acc), labels)[0]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax / accumulation dtype: float32, or float64 for float64 inputs (tests)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, chunk, dtype):
         n = h.shape[0]
-        acc = _acc_dtype(dtype)
+        acc = accumulation_dtype(dtype)
         w = weight.to(dtype)
         hc = h.to(dtype)
         dh = torch.empty_like(hc)
@@ -147,7 +142,7 @@ def linear_cross_entropy(
             total = _LinearCrossEntropy.apply(h2, weight, y, chunk, dtype)
         else:
             w = weight.to(dtype)
-            total = torch.zeros((), dtype=_acc_dtype(dtype), device=h.device)
+            total = torch.zeros((), dtype=accumulation_dtype(dtype), device=h.device)
             for s in range(0, h2.shape[0], chunk):
                 total += _chunk_loss_only(h2[s : s + chunk].to(dtype) @ w.T, y[s : s + chunk], total.dtype)
     return total / count

@@ -8,9 +8,11 @@ One switch for every op, an *execution* setting (never a model field):
 - or, in Python, :func:`set_kernels` / the context manager :func:`use_kernels` (the same strings).
 
 ``auto`` runs the Triton kernel when the inputs live on a CUDA device and Triton imports, and the
-torch reference otherwise (always on CPU). ``torch`` always runs the reference. ``triton`` always
-runs the kernel (on CPU only under ``TRITON_INTERPRET=1``, which is how the kernels are tested
-without a GPU) and raises if Triton is missing.
+torch reference otherwise: always on CPU, and for any float64 input (the kernels compute in float32,
+while the references keep a float64 model float64, see :func:`hybridlm.ops.precision.accumulation_dtype`).
+``torch`` always runs the reference. ``triton`` always runs the kernel, float64 inputs included (on CPU
+only under ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU) and raises if
+Triton is missing.
 
 Every op reports its choice through :func:`choose`, which logs it once per (op, path) and records
 it, so a test can assert which path ran (:func:`paths_used`). Nothing falls back silently.
@@ -131,7 +133,7 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
     Args:
         op: the op's name, e.g. ``"ssd"``, ``"causal_conv1d"``.
         tensors: the call's tensor inputs (None entries are ignored); ``auto`` picks Triton only
-            when all of them are on CUDA.
+            when all of them are on CUDA and none is float64.
     """
     mode = kernels_mode(op)
     if mode == "torch":
@@ -143,8 +145,10 @@ def choose(op: str, *tensors: torch.Tensor | None) -> str:
             _check_interpreted(op, "CPU tensors")
         path = "triton"
     else:
-        on_cuda = all(t.is_cuda for t in tensors if t is not None)
-        path = "triton" if on_cuda and triton_available() else "torch"
+        present = [t for t in tensors if t is not None]
+        on_cuda = all(t.is_cuda for t in present)
+        float64 = any(t.dtype == torch.float64 for t in present)  # the kernels accumulate in float32
+        path = "triton" if on_cuda and not float64 and triton_available() else "torch"
     _record(op, path)
     return path
 

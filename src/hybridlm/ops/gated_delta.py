@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose
+from .precision import accumulation_dtype
 from .ssd import reset_mask, segsum
 
 
@@ -64,7 +65,7 @@ def gated_delta_rule_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked gated delta rule, accumulating in float32 whatever the input dtype.
+    """Chunked gated delta rule, accumulating in float32 whatever the input dtype (float64 for float64 inputs).
 
     Runs the Triton kernels (:mod:`hybridlm.ops.gated_delta_triton`) or the plain-torch body
     (:func:`gated_delta_rule_chunked_torch`), as :func:`hybridlm.ops.dispatch.choose` decides.
@@ -107,8 +108,8 @@ def gated_delta_rule_chunked_torch(
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The plain-torch chunked gated delta rule (the reference and the CPU path); arguments and
-    result as :func:`gated_delta_rule_chunked`. Inputs are upcast and every product runs in float32,
-    also under ``torch.autocast``."""
+    result as :func:`gated_delta_rule_chunked`. Inputs are upcast and every product runs in float32
+    (float64 for float64 inputs), also under ``torch.autocast``."""
     # Under autocast the matmuls below would run in bf16: upcast, then keep autocast out.
     with torch.autocast(q.device.type, enabled=False):
         return _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state, return_final_state)
@@ -116,7 +117,7 @@ def gated_delta_rule_chunked_torch(
 
 def _chunked_torch_fp32(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state, return_final_state):
     dtype = v.dtype
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 runs serve as references
+    acc = accumulation_dtype(q, k, v, g, beta, initial_state)
     b, seqlen, h, dk = q.shape
     dv = v.shape[-1]
     Q = chunk_size

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .conv import causal_conv1d
 from .dispatch import choose, kernels_mode, record
 from .norm import gated_rms_norm
+from .precision import accumulation_dtype
 from .ssd import ssd_chunked
 
 #: The ops whose kernels the one op runs: an override that sends any of them to torch
@@ -32,8 +33,10 @@ PARTS = ("causal_conv1d", "ssd", "gated_rms_norm")
 
 
 def mamba2_dt(dt: torch.Tensor, dt_bias: torch.Tensor, clamp_min: float) -> torch.Tensor:
-    """(B, L, H) step sizes in float32: softplus(dt + dt_bias), clamped from below when ``clamp_min`` > 0."""
-    dt = F.softplus(dt.float() + dt_bias.float())
+    """(B, L, H) step sizes in float32 (float64 for a float64 ``dt``): softplus(dt + dt_bias), clamped from
+    below when ``clamp_min`` > 0."""
+    acc = accumulation_dtype(dt, dt_bias)
+    dt = F.softplus(dt.to(acc) + dt_bias.to(acc))
     return dt.clamp(min=clamp_min) if clamp_min > 0 else dt
 
 
@@ -140,5 +143,7 @@ def mamba2_core_torch(
     z, xBC, dt = dims.split(zxbcdt)
     x, B, C = dims.split_scan(causal_conv1d(xBC, w.conv_weight, w.conv_bias, seq_idx, "silu"))
     dt = mamba2_dt(dt, w.dt_bias, dims.dt_clamp_min)
-    y = ssd_chunked(x, dt, -torch.exp(w.A_log.float()), B, C, dims.chunk_size, D=w.D, seq_idx=seq_idx)
+    # A_log stays float32 in a float64 model (``keep_fp32``): the activations decide the precision of exp.
+    A = -torch.exp(w.A_log.to(accumulation_dtype(x, w.A_log)))
+    y = ssd_chunked(x, dt, A, B, C, dims.chunk_size, D=w.D, seq_idx=seq_idx)
     return gated_rms_norm(y.flatten(-2), z, w.norm_weight, dims.norm_group_size, dims.eps)

@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose, choose_eager, triton_available
+from .precision import accumulation_dtype
 
 if triton_available():
     from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x**2) + eps)`` over the last dim, computed in float32.
+    """``weight * x / sqrt(mean(x**2) + eps)`` over the last dim, computed in float32 (float64 for
+    float64 inputs).
 
     Args:
         x: (..., D) activations of any float dtype; the result has the same dtype.
@@ -28,9 +30,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in float32 (bf16 has too few mantissa bits for the mean of squares), then
-    # scale and cast back, as Hugging Face's NemotronH does.
-    out = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+    # Normalize in float32 (bf16 has too few mantissa bits for the mean of squares; float64 stays
+    # float64), then scale and cast back, as Hugging Face's NemotronH does.
+    acc = accumulation_dtype(x, weight)
+    out = F.rms_norm(x.to(acc), (x.shape[-1],), weight.to(acc), eps)
     return out.to(x.dtype)
 
 
@@ -76,8 +79,9 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     ``out = weight * groupnorm(y * silu(z))`` with ``norm_before_gate=False`` as in Megatron and
     NemotronH. The group size is ``d_inner / ngroups``, not ``d_inner`` (a known porting bug).
 
-    On CUDA one Triton kernel does gate, group norm and scale (and one more the backward),
-    in float32, saving only the per-group ``rstd`` (:mod:`hybridlm.ops.norm_triton`).
+    Computed in float32 (float64 for float64 inputs). On CUDA one Triton kernel does gate, group
+    norm and scale (and one more the backward), in float32, saving only the per-group ``rstd``
+    (:mod:`hybridlm.ops.norm_triton`).
 
     Args:
         y: (..., D) scan output; z: (..., D) gate; weight: (D,).
@@ -87,12 +91,12 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     """
     if choose("gated_rms_norm", y, z, weight) == "triton":
         return gated_rms_norm_triton(y, z, weight, group_size, eps)
-    dtype = y.dtype
-    g = y.float() * F.silu(z.float())
+    dtype, acc = y.dtype, accumulation_dtype(y, z, weight)
+    g = y.to(acc) * F.silu(z.to(acc))
     shape = g.shape
     g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
     g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * g.reshape(shape)).to(dtype)
+    return (weight.to(acc) * g.reshape(shape)).to(dtype)
 
 
 def gated_rms_norm_reference(

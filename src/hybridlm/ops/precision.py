@@ -1,8 +1,22 @@
-"""The dtype a matmul really runs in, for code that calls kernels autocast does not cover."""
+"""Precision rules: the dtype a matmul really runs in, and the dtype the plain-torch ops accumulate in."""
 
 from __future__ import annotations
 
 import torch
+
+
+def accumulation_dtype(*inputs: torch.Tensor | torch.dtype | None) -> torch.dtype:
+    """float64 where any of ``inputs`` (tensors or dtypes; None is skipped) is float64, else float32.
+
+    The one rule for the plain-torch ops (norms, scans, decode steps) and the decoding caches'
+    recurrent states: bf16 / fp16 have too few mantissa bits for sums of squares and decays, so they
+    compute in float32 whatever the input; a float64 model is a reference (an oracle for the
+    kernels, the cache, other precisions), and float32 intermediates would cap it at ~1e-7.
+    """
+    for t in inputs:
+        if t is not None and (t if isinstance(t, torch.dtype) else t.dtype) == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose
+from .precision import accumulation_dtype
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,8 @@ def ssd_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan, accumulated in float32 whatever the input dtype (also under autocast).
+    """Chunked SSD scan, accumulated in float32 whatever the input dtype (also under autocast), or in
+    float64 for float64 inputs.
 
     Runs the Triton kernels of :mod:`hybridlm.ops.ssd_triton` when :func:`~hybridlm.ops.dispatch.choose`
     says so (CUDA inputs by default), else :func:`ssd_chunked_torch`; both compute the same thing.
@@ -100,7 +102,8 @@ def ssd_chunked(
         return_final_state: also return the state after the last position.
 
     Returns:
-        y: (b, l, h, p) in the dtype of ``x``; and the final state (b, h, p, n) in float32 if asked.
+        y: (b, l, h, p) in the dtype of ``x``; and the final state (b, h, p, n) in the accumulation dtype
+        (float32, float64 for float64 inputs) if asked.
     """
     check_ssd_shapes(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
     if choose("ssd", x, dt, B, C) == "triton":
@@ -125,9 +128,9 @@ def ssd_chunked_torch(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The plain-PyTorch chunked SSD (the Mamba2 paper's "minimal SSD"), in float32: the reference
-    path and the CPU path. Arguments and results as :func:`ssd_chunked`."""
-    # Under autocast the einsums below would run in bf16; the scan's contract is float32.
+    """The plain-PyTorch chunked SSD (the Mamba2 paper's "minimal SSD"), in float32 (float64 for
+    float64 inputs): the reference path and the CPU path. Arguments and results as :func:`ssd_chunked`."""
+    # Under autocast the einsums below would run in bf16; the scan's contract is float32 (or float64).
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, return_final_state)
 
@@ -141,8 +144,9 @@ def _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, 
     # padding a decode-time window (speculative verify, an MTP depth's commit) to a full chunk.
     Q = min(chunk_size, max(seqlen, 1))
     pad = (-seqlen) % Q
-    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
-    a = dtf * A.float()  # (b, l, h) log-decays, <= 0
+    acc = accumulation_dtype(x, dt, A, B, C, D, initial_state)
+    xf, dtf, Bf, Cf = x.to(acc), dt.to(acc), B.to(acc), C.to(acc)
+    a = dtf * A.to(acc)  # (b, l, h) log-decays, <= 0
     if seq_idx is not None:
         a = torch.where(reset_mask(seq_idx).unsqueeze(-1), float("-inf"), a)
     if pad:
@@ -174,7 +178,7 @@ def _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, 
     if initial_state is None:
         init = torch.zeros(b, 1, g, r, p, n, dtype=states.dtype, device=states.device)
     else:
-        init = initial_state.float().reshape(b, 1, g, r, p, n)
+        init = initial_state.to(acc).reshape(b, 1, g, r, p, n)
     states = torch.cat([init, states], dim=1)  # (b, c+1, g, r, p, n)
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
     states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
@@ -186,7 +190,7 @@ def _ssd_chunked_float32(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state, 
 
     y = y.reshape(b, c * Q, h, p)[:, :seqlen]
     if D is not None:
-        y = y + x.float() * D.float().unsqueeze(-1)
+        y = y + x.to(acc) * D.to(acc).unsqueeze(-1)
     y = y.to(dtype)
     if return_final_state:
         return y, final.reshape(b, h, p, n)

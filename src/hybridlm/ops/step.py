@@ -15,6 +15,7 @@ import torch
 
 from .conv import causal_conv1d
 from .dispatch import choose, triton_available
+from .precision import accumulation_dtype
 
 if triton_available():
     from .step_triton import conv_step_triton, ssd_step_triton
@@ -90,31 +91,34 @@ def ssd_step(
     D: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the SSD recurrence, ``S = exp(dt A) S + dt x ⊗ B; y = S · C + D x``, in float32.
+    """One step of the SSD recurrence, ``S = exp(dt A) S + dt x ⊗ B; y = S · C + D x``, in float32
+    (float64 for float64 inputs or state).
 
     Args:
         x: (b, h, p); dt: (b, h) (after softplus); A: (h,); B, C: (b, g, n); state: (b, h, p, n).
-        inplace: update ``state`` (contiguous float32) in place instead of returning a new tensor.
+        inplace: update ``state`` (contiguous, in the accumulation dtype) in place instead of returning
+            a new tensor.
             Decoding is bound by state traffic at large batch: in place reads and writes the
             state twice per step instead of about five times.
 
     Returns:
-        ``(y, new_state)``: y (b, h, p) in the dtype of ``x``, new_state (b, h, p, n) float32
-        (``state`` itself when ``inplace``).
+        ``(y, new_state)``: y (b, h, p) in the dtype of ``x``, new_state (b, h, p, n) float32, float64
+        for float64 inputs (``state`` itself when ``inplace``).
     """
     if inplace and choose("ssd_step", x, dt, A, B, C, state, D) == "triton":
         return ssd_step_triton(x, dt, A, B, C, state, D), state
     h, g = x.shape[1], B.shape[1]
-    xf, dtf = x.float(), dt.float()
-    Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
-    Ch = C.float().repeat_interleave(h // g, dim=1)
-    S = state if inplace else state.float().clone(memory_format=torch.contiguous_format)
-    S.mul_(torch.exp(dtf * A.float())[..., None, None])
+    acc = accumulation_dtype(x, dt, A, B, C, state, D)
+    xf, dtf = x.to(acc), dt.to(acc)
+    Bh = B.to(acc).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.to(acc).repeat_interleave(h // g, dim=1)
+    S = _working_state(state, acc, inplace)
+    S.mul_(torch.exp(dtf * A.to(acc))[..., None, None])
     S.addcmul_((dtf[..., None] * xf)[..., None], Bh[:, :, None, :])  # one fused pass, no outer-product temporary
     y = torch.einsum("bhpn,bhn->bhp", S, Ch)
     if D is not None:
-        y = y + D.float()[:, None] * xf
-    return y.to(x.dtype), S
+        y = y + D.to(acc)[:, None] * xf
+    return y.to(x.dtype), _write_back(S, state, inplace)
 
 
 def gated_delta_step(
@@ -127,22 +131,41 @@ def gated_delta_step(
     scale: float | None = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the gated delta rule (see ``ops.gated_delta``), in float32.
+    """One step of the gated delta rule (see ``ops.gated_delta``), in float32 (float64 for float64
+    inputs or state).
 
     Args:
         q, k: (b, h, dk); v: (b, h, dv); g, beta: (b, h); state: (b, h, dk, dv).
-        inplace: update ``state`` (contiguous float32) in place instead of returning a new tensor.
+        inplace: update ``state`` (contiguous, in the accumulation dtype) in place instead of returning
+            a new tensor.
 
     Returns:
-        ``(o, new_state)``: o (b, h, dv) in the dtype of ``v``, new_state float32 (``state``
-        itself when ``inplace``).
+        ``(o, new_state)``: o (b, h, dv) in the dtype of ``v``, new_state float32, float64 for float64
+        inputs (``state`` itself when ``inplace``).
     """
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    S = state if inplace else state.float().clone(memory_format=torch.contiguous_format)
-    S.mul_(torch.exp(g.float())[..., None, None])
-    kf = k.float()
+    acc = accumulation_dtype(q, k, v, g, beta, state)
+    S = _working_state(state, acc, inplace)
+    S.mul_(torch.exp(g.to(acc))[..., None, None])
+    kf = k.to(acc)
     read = torch.einsum("bhkv,bhk->bhv", S, kf)
-    delta = beta.float()[..., None] * (v.float() - read)
+    delta = beta.to(acc)[..., None] * (v.to(acc) - read)
     S.addcmul_(kf[..., None], delta[:, :, None, :])
-    o = torch.einsum("bhkv,bhk->bhv", S, q.float() * scale)
-    return o.to(v.dtype), S
+    o = torch.einsum("bhkv,bhk->bhv", S, q.to(acc) * scale)
+    return o.to(v.dtype), _write_back(S, state, inplace)
+
+
+def _working_state(state: torch.Tensor, acc: torch.dtype, inplace: bool) -> torch.Tensor:
+    """The state the step updates: ``state`` itself in place, else (or where a cache of another dtype holds it,
+    e.g. a float32 cache under a float64 model) a contiguous copy in the accumulation dtype."""
+    if inplace and state.dtype == acc:
+        return state
+    return state.to(acc).clone(memory_format=torch.contiguous_format)
+
+
+def _write_back(S: torch.Tensor, state: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``state`` holding ``S`` when the step was asked to work in place (a no-op where it did), else ``S``."""
+    if inplace and S is not state:
+        state.copy_(S)
+        return state
+    return S
