@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.model import combine_losses, label_counts
 from hybridlm.train.pipeline import PipelineRunner
 
 
@@ -66,7 +67,8 @@ def main() -> None:
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     data = batch(config.vocab_size, args.batch, args.seq, device)
-    valid = (data["labels"] != -100).sum()
+    counts = label_counts(data["labels"], config.parsed.mtp_depths, data["doc_ids"])
+    weight = counts / counts.sum(0).clamp(min=1)  # each row's share of each head's labels, as the trainer's
 
     def measure_plain() -> float:
         model = HybridLM(config, device=device)
@@ -78,7 +80,8 @@ def main() -> None:
                 with autocast():
                     # As the trainer calls it: the chunked head + loss (no float32 logits of the batch).
                     out = model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
-                (out.loss * ((part["labels"] != -100).sum() / valid)).backward()
+                shares = weight[s : s + args.micro].sum(0)
+                combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, config.mtp_loss_scale, shares).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -104,7 +107,7 @@ def main() -> None:
     opt = torch.optim.AdamW(runner.model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
 
     def staged() -> None:
-        runner.forward_backward(data, valid)
+        runner.forward_backward(data, weight)
         runner.clip_grad_norm(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

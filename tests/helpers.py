@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -195,6 +196,22 @@ def run_failure(r) -> str:
     return "\n".join(
         ["-- lines naming an error --", *lines, "-- stdout --", r.stdout[-1500:], "-- stderr --", r.stderr[-1500:]]
     )
+
+
+def short_documents(path: Path, seed: int = 0) -> Path:
+    """Write a JSONL corpus to ``path``: stretches of documents of 1 to 3 characters between documents of 40.
+
+    A row of short documents holds a boundary every few tokens, so an MTP depth (whose labels stop d
+    positions before each document's end) has a fraction of the main head's labels there, and rows differ a
+    lot in that fraction: the corpus on which weighting the depths by the main head's labels showed.
+    """
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(40):
+        docs += ["".join(rng.choices("abcdefgh", k=rng.randint(1, 3))) for _ in range(20)]
+        docs.append("".join(rng.choices("abcdefgh ", k=40)))
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -384,6 +384,47 @@ def test_shift_labels_stop_at_document_ends():
     assert shift_labels(labels, 10, docs).tolist() == [[x] * 10]
 
 
+def test_label_counts_count_each_heads_labels():
+    from hybridlm.model import label_counts
+
+    labels = torch.arange(10, 20).unsqueeze(0)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2]])  # the depths' labels: test_shift_labels_stop_at_document_ends
+    assert label_counts(labels, 2, docs).tolist() == [[10, 7, 4]]
+    assert label_counts(labels, 0).tolist() == [[10]]
+
+
+def test_per_head_shares_add_rows_up_to_the_whole_batch():
+    """Each row's loss, each head weighted by the row's share of that head's labels, adds up to the whole batch's
+    loss and gradient. Weighting every head by the main head's share (how the trainer once accumulated
+    micro-batches) did not: the MTP depths have fewer labels, fewest in rows with many document ends."""
+    from hybridlm.model import IGNORE_INDEX, combine_losses, label_counts
+
+    model = HybridLM(tiny_config("M*/*/*", mtp_loss_scale=1.0), seed=0)
+    g = torch.Generator().manual_seed(0)
+    B, L = 4, 24
+    ids = torch.randint(0, 97, (B, L + 1), generator=g)
+    docs = torch.stack([torch.arange(L + 1) // n for n in (2, 3, 8, 24)])  # documents of 2, 3, 8 and 24 tokens
+    labels = ids[:, 1:].masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE_INDEX)
+    ids, docs = ids[:, :-1], docs[:, :-1]
+    model(ids, labels, doc_ids=docs).loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    counts = label_counts(labels, 2, docs)
+    assert counts[0, 2] == 0 and counts[3, 2] == L - 3  # the last depth: no labels in row 0
+    shares = counts / counts.sum(0)
+    total = 0.0
+    for r in range(B):
+        out = model(ids[r : r + 1], labels[r : r + 1], doc_ids=docs[r : r + 1])
+        loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, 1.0, shares[r])
+        loss.backward()
+        total += loss.item()
+    whole_loss = model(ids, labels, doc_ids=docs).loss.item()
+    assert total == pytest.approx(whole_loss, rel=1e-6)
+    for n, p in model.named_parameters():
+        assert_rel_close(p.grad, whole[n], 1e-5, n)
+
+
 def test_an_moe_layer_in_an_mtp_depth_reports_its_balancing_loss():
     """Guards against dropping the MTP depths' auxiliary losses (MoE inside MTP got no balancing loss)."""
     model = HybridLM(tiny_config("M-/E", moe_aux_loss_coeff=0.01), seed=0)

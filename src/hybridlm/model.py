@@ -306,6 +306,51 @@ def shift_labels(labels: torch.Tensor, shift: int, seq_idx: torch.Tensor | None)
     return out
 
 
+def head_labels(labels: torch.Tensor, depths: int, seq_idx: torch.Tensor | None) -> list[torch.Tensor]:
+    """The targets of the main head (``labels``) and of MTP depths 1..``depths`` (each (B, L))."""
+    return [labels] + [shift_labels(labels, d, seq_idx) for d in range(1, depths + 1)]
+
+
+def label_counts(labels: torch.Tensor, depths: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1 + depths) int64: each row's labelled positions for the main head, then each MTP depth.
+
+    A depth's labels stop ``d`` positions before each document's end, so its count is smaller and
+    varies between rows: the trainer turns these counts into each head's share of a step.
+
+    Args:
+        labels: (B, L) next-token labels, -100 ignored.
+        depths: MTP depths of the model (``config.parsed.mtp_depths``).
+        doc_ids: (B, L) document labels of packed rows, as ``forward`` takes them.
+    """
+    seq_idx = segment_ids(labels.shape[0], labels.shape[1], labels.device, doc_ids)
+    return torch.stack([(y != IGNORE_INDEX).sum(1) for y in head_labels(labels, depths, seq_idx)], dim=1)
+
+
+def combine_losses(
+    lm_loss: torch.Tensor,
+    mtp_losses: list[torch.Tensor],
+    aux_loss: torch.Tensor | None,
+    mtp_loss_scale: float,
+    shares: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The total loss ``lm_loss + mtp_loss_scale * mean_d(mtp_losses[d]) + aux_loss``.
+
+    With ``shares`` ((1 + depths,): the main head's, then each depth's share of a step's labels, see
+    :func:`label_counts`) each head's mean loss is multiplied by its own share, so that the parts of
+    a batch add up to the whole batch's loss whatever the split; the auxiliary losses, which are
+    not means over labels, take the main head's share.
+    """
+    if shares is None:
+        loss = lm_loss
+        if mtp_losses:
+            loss = loss + mtp_loss_scale * torch.stack(mtp_losses).mean()
+        return loss if aux_loss is None else loss + aux_loss
+    loss = lm_loss * shares[0]
+    if mtp_losses:
+        loss = loss + mtp_loss_scale * (torch.stack(mtp_losses) * shares[1:]).mean()
+    return loss if aux_loss is None else loss + aux_loss * shares[0]
+
+
 class HybridLM(nn.Module):
     """A hybrid language model laid out by ``config.pattern``.
 
@@ -590,16 +635,11 @@ class HybridLM(nn.Module):
         aux = _sum(aux_losses)
         out.aux_loss = aux
         if labels is not None:
-            targets = [labels] + [shift_labels(labels, d, ctx.seq_idx) for d in range(1, len(hiddens))]
+            targets = head_labels(labels, len(hiddens) - 1, ctx.seq_idx)
             if fused_loss:
                 losses = [self.head_loss(x, y) for x, y in zip(hiddens, targets)]
             else:
                 losses = [cross_entropy(lg, y) for lg, y in zip([out.logits, *out.mtp_logits], targets)]
             out.lm_loss, out.mtp_losses = losses[0], losses[1:]
-            loss = out.lm_loss
-            if out.mtp_losses:
-                loss = loss + self.config.mtp_loss_scale * torch.stack(out.mtp_losses).mean()
-            if aux is not None:
-                loss = loss + aux
-            out.loss = loss
+            out.loss = combine_losses(out.lm_loss, out.mtp_losses, aux, self.config.mtp_loss_scale)
         return out

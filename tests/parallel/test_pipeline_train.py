@@ -19,7 +19,7 @@ from hybridlm.errors import ConfigError
 from hybridlm.parallel.pipeline import SCHEDULES, build_stage, rank_stages
 from hybridlm.train.config import MULTI_STAGE_SCHEDULES, SINGLE_STAGE_SCHEDULES, RunConfig
 from hybridlm.train.trainer import Trainer
-from tests.helpers import ROOT, rel_err, run_failure, subprocess_env
+from tests.helpers import ROOT, rel_err, run_failure, short_documents, subprocess_env
 
 BASE = [
     "model.hidden_size=32",
@@ -153,6 +153,30 @@ def test_data_and_pipeline_parallel_follow_one_process(tmp_path):
     whole = stage_params(P2, 2)
     assert [held[0] + held[2], held[1] + held[3]] == whole
     assert all(h < w for h, w in zip(held, whole + whole))
+
+
+# Two MTP depths weighing as much as the main head; no MoE, whose balancing loss is per micro-batch.
+MTP = ["model.pattern=M-*-|M-*-/*-/*-", "model.mtp_loss_scale=1"]
+
+
+@pytest.mark.multiprocess
+def test_mtp_losses_do_not_depend_on_the_micro_batches(tmp_path):
+    """On short documents (MTP labels masked often, unevenly over rows) 1f1b with 2 micro-batches, gpipe with 8
+    and two data-parallel ranks with 4 micro-batches each take the step one process takes on the whole batch:
+    each head's loss is weighted by the micro-batch's share of that head's labels over all ranks (the MTP
+    depths were weighted by the main head's share)."""
+    sets = [*BASE, *MTP, f"data.source={short_documents(tmp_path / 'c.jsonl')}"]
+    pp = ["parallel.pp=2", "parallel.schedule=1f1b", "parallel.microbatches=2", "train.micro_batch_size=4"]
+    gpipe = ["parallel.pp=2", "parallel.schedule=gpipe", "parallel.microbatches=8", "train.micro_batch_size=1"]
+    jobs = [
+        {"set": [*sets, *pp], "run_dir": str(tmp_path / "1f1b")},
+        {"set": [*sets, *gpipe], "run_dir": str(tmp_path / "gpipe")},
+        {"set": [*sets, "train.micro_batch_size=1"], "run_dir": str(tmp_path / "dp2")},  # pp 1: FSDP over 2
+    ]
+    torchrun(2, jobs, tmp_path)
+    ref = one_process(tmp_path / "ref", *sets[len(BASE) :], "train.micro_batch_size=8")
+    for name in ("1f1b", "gpipe", "dp2"):
+        assert_same_run(tmp_path / name, ref)
 
 
 CLI = [
@@ -296,12 +320,12 @@ def test_a_later_stage_marks_its_received_activations_as_needing_gradients():
     B, L = 2, 16
     x = torch.randn(B, L, config.hidden_size, generator=gen)  # a receive buffer made without requires_grad
     ids = torch.randint(0, 64, (B, L), generator=gen)
-    loss, _ = stage(x, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B))
+    loss, _ = stage(x, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B, 1))
     loss.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with torch.no_grad():  # evaluation leaves the buffer alone
         y = x.detach()
-        stage(y, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B))
+        stage(y, input_ids=ids, labels=ids, doc_ids=torch.zeros(B, L, dtype=torch.long), weight=torch.ones(B, 1))
     assert not y.requires_grad
 
 
@@ -345,7 +369,7 @@ def test_a_later_stage_keeps_a_float32_residual_under_bf16_autocast_as_one_proce
     for residual, want in ((None, torch.bfloat16), (torch.float32, torch.float32)):
         stage.residual_dtype, seen[:] = residual, []
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            stage(x, input_ids=ids, labels=ids, doc_ids=ids, weight=torch.ones(B))
+            stage(x, input_ids=ids, labels=ids, doc_ids=ids, weight=torch.ones(B, 1))
         assert seen == [want] * len(stage.blocks)
 
 

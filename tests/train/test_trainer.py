@@ -11,8 +11,10 @@ import torch
 
 import hybridlm
 from hybridlm.errors import ConfigError, DataError, HybridLMError
+from hybridlm.model import label_counts
 from hybridlm.train.config import RunConfig
 from hybridlm.train.trainer import Trainer, resolve_device
+from tests.helpers import rel_err, short_documents
 
 TINY_RUN = [
     "model.pattern=M-[*-]G[ME]",
@@ -342,6 +344,71 @@ def test_gradient_accumulation_weights_micro_batches_by_their_labelled_tokens(tm
         a, b = whole.train_step(), split.train_step()
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def _step_gradients(trainer):
+    """Train one step; returns its metrics and the gradients the optimizer stepped with (after clipping)."""
+    grads = {}
+    hook = trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    )
+    values = trainer.train_step()
+    hook.remove()
+    return values, grads
+
+
+# Two MTP depths weighing as much as the main head.
+MTP_RUN = (
+    "model.pattern=M-*-/*-/*-",
+    "model.mtp_loss_scale=1",
+    "train.device=cpu",
+    "data.val_fraction=0",
+    "train.steps=2",
+)
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 1])  # 2 and 4 micro-batches of the 4 rows
+def test_mtp_losses_do_not_depend_on_the_micro_batch_split(tmp_path, micro_batch_size):
+    """Each head's loss is weighted by the micro-batch's share of that head's labels: the MTP depths were
+    weighted by the main head's share, and on short documents their mean moved by ~14 % with the split."""
+    corpus = short_documents(tmp_path / "c.jsonl")
+    one = (*MTP_RUN, f"data.source={corpus}")
+    whole = Trainer(tiny_run(*one), run_dir=tmp_path / "a", progress=False)
+    split = Trainer(
+        tiny_run(*one, f"train.micro_batch_size={micro_batch_size}"), run_dir=tmp_path / "b", progress=False
+    )
+    for step in range(2):
+        batch = whole.train_rows.rows(whole.sampler.local_rows(step))
+        counts = label_counts(batch["labels"], 2, batch["doc_ids"])  # (rows, main + 2 depths)
+        share = counts[:, 2] / counts[:, 0]  # the last depth's labels per main-head label, row by row
+        assert share.max() - share.min() > 0.3, counts
+        (a, ga), (b, gb) = _step_gradients(whole), _step_gradients(split)
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (step, key)
+        for name, g in ga.items():
+            assert rel_err(gb[name], g) <= 1e-5, (step, name, rel_err(gb[name], g))
+    # The gradients agree to ~3e-6; AdamW's g / sqrt(v) turns that into up to ~2e-6 of a weight where g is ~0
+    # (as in test_gradient_accumulation_matches_one_batch), hence the atol.
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_an_mtp_depth_without_labels_in_the_step_adds_zero_not_nan(tmp_path):
+    """Documents of one character: no MTP depth has a label anywhere (the next token of every labelled
+    position is in the next document). Their terms are 0, so the loss is the main head's."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": c}) + "\n" for c in "abcdefgh" * 40))
+    one = (*MTP_RUN, f"data.source={corpus}")
+    whole = Trainer(tiny_run(*one), run_dir=tmp_path / "a", progress=False)
+    split = Trainer(tiny_run(*one, "train.micro_batch_size=1"), run_dir=tmp_path / "b", progress=False)
+    batch = whole.train_rows.rows(whole.sampler.local_rows(0))
+    counts = label_counts(batch["labels"], 2, batch["doc_ids"])
+    assert (counts[:, 0] > 0).all() and (counts[:, 1:] == 0).all(), counts
+    (a, ga), (b, gb) = _step_gradients(whole), _step_gradients(split)
+    assert a["loss"] == a["lm_loss"] and b["loss"] == b["lm_loss"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert all(torch.isfinite(g).all() for g in [*ga.values(), *gb.values()])
+    assert all(g.abs().sum() == 0 for n, g in ga.items() if n.startswith("mtp."))  # nothing to learn there
 
 
 def test_console_averages_cover_the_steps_since_the_previous_row(tmp_path):

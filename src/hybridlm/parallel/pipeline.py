@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import HybridLM
+from ..model import HybridLM, combine_losses
 from ..pattern import PatternStage
 from ..pattern.stage import select_stage
 
@@ -122,16 +122,17 @@ class StageLM(HybridLM):
             input_ids: (B, L) token ids (MTP depths on the last stage embed them again).
             labels: (B, L) next-token labels, -100 ignored.
             doc_ids: (B, L) document index of each position: every stage masks at document changes.
-            weight: (B,) each row's share of the step's loss (its labelled tokens / all labelled tokens
-                of the step over all data-parallel ranks), so the micro-batch losses add up to the
-                global mean and gradients are summed, not averaged.
+            weight: (B, 1 + MTP depths) each row's share of the step's loss, per head: its labels of
+                the main head and of each MTP depth over that head's labels in the step (all
+                data-parallel ranks; see :func:`hybridlm.model.combine_losses`), so the micro-batch
+                losses add up to the whole batch's and gradients are summed, not averaged.
 
         Returns:
             (B, L, hidden) hidden states on a stage before the last; on the last, a pair of 0-d
             tensors (weighted loss, weighted main-head loss, the latter without gradient).
         """
         stage = self.pattern_stage
-        share = weight.sum()
+        shares = weight.sum(0)  # this micro-batch's share of each head's labels
         if not stage.is_first and torch.is_grad_enabled() and x.is_leaf and not x.requires_grad:
             # x is the stage's receive buffer. torch <= 2.11 creates those buffers once, when the
             # schedule first runs, and marks them as needing gradients only if that first run
@@ -146,10 +147,12 @@ class StageLM(HybridLM):
             return_logits=False,
         )
         if stage.is_last:
-            return out.loss * share, out.lm_loss.detach() * share
+            scale = self.config.mtp_loss_scale
+            loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, scale, shares)
+            return loss, out.lm_loss.detach() * shares[0]
         h = out.hidden_states.to(self.boundary_dtype)
-        if out.aux_loss is not None:
-            aux = out.aux_loss * share
+        if out.aux_loss is not None:  # like the last stage's: under the main head's share
+            aux = out.aux_loss * shares[0]
             self.aux_total = self.aux_total + aux.detach()
             h = _AddAuxGrad.apply(h, aux)
         return h

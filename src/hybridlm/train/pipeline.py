@@ -4,8 +4,10 @@
 The processes form a (dp, pp) device mesh (rank = dp_index * pp + pp_index). Every rank of one
 pipeline replica (one dp_index) reads the same rows; the first stage takes the token ids, and the token ids,
 labels and document ids travel to every stage as keyword inputs of each micro-batch. Each row's
-loss is weighted by its labelled tokens over all labelled tokens of the step (over dp), and FSDP
-sums the gradients, so a step equals one process's step on the whole batch.
+losses are weighted per head (the main head and each MTP depth) by its labels of that head over that
+head's labels in the whole step (over dp), and FSDP sums the gradients, so a step equals one
+process's step on the whole batch, whatever the micro-batches (the MoE balancing losses are each
+micro-batch's own, under the main head's weight).
 
 The trainer keeps its one-process path when ``pp == 1``; :class:`PipelineRunner` is what it calls
 otherwise.
@@ -23,7 +25,7 @@ from ..checkpoint.canonical import to_canonical
 from ..checkpoint.io import full_cpu
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..model import IGNORE_INDEX
+from ..model import label_counts
 from ..parallel.execution import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -192,18 +194,18 @@ class PipelineRunner:
         total = sum((x.detach() for x in losses), zero) + sum((m.aux_total for m in self.stages), zero)
         return float(total), float(sum(self._lm, zero))  # one device sync each, after the schedule
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[float, float]:
+    def forward_backward(self, batch: dict[str, torch.Tensor], weight: torch.Tensor) -> tuple[float, float]:
         """Forward and backward over all micro-batches of one step; gradients end up reduced over dp
         (FSDP syncs only after the last micro-batch) and the tied embedding copies summed.
 
         Args:
             batch: this rank's rows: ``input_ids``, ``labels``, ``doc_ids``, each (B, L).
-            valid: labelled tokens of the step over all data-parallel ranks.
+            weight: (B, 1 + MTP depths) each row's share of the step's labels of the main head and of
+                each depth, over all data-parallel ranks (the trainer's ``_label_weights``).
 
         Returns:
             This rank's part of the step's loss and main-head loss (sum over all ranks = the step's).
         """
-        weight = (batch["labels"] != IGNORE_INDEX).sum(1).float() / valid
         out = self._run(batch, weight, train=True)
         if self.dp > 1:
             reduce_replicated_gradients(self.model, self.dp_group)
@@ -218,11 +220,11 @@ class PipelineRunner:
         the last stage; zeros elsewhere)."""
         for m in self.stages:
             m.eval()
-        weight = (batch["labels"] != IGNORE_INDEX).sum(1).float()
+        weight = label_counts(batch["labels"], self.config.parsed.mtp_depths, batch["doc_ids"]).float()
         _, lm = self._run(batch, weight, train=False)
         for m in self.stages:
             m.train()
-        return lm, float(weight.sum()) if self.has_last else 0.0
+        return lm, float(weight[:, 0].sum()) if self.has_last else 0.0
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradient of the whole model (over stages and shards) to ``max_norm``, as

@@ -27,7 +27,7 @@ from ..checkpoint.io import full_cpu, refuse_losing_checkpoint, remove_directory
 from ..checkpoint.training_state import load_training_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
-from ..model import HybridLM
+from ..model import HybridLM, combine_losses, label_counts
 from ..ops.dispatch import check_device as check_kernels_device
 from ..parallel.execution import (
     apply_activation_checkpointing,
@@ -462,12 +462,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the rows of ``self.step``; returns its metrics."""
         batch = self._to_device(self.train_rows.rows(self.sampler.local_rows(self.step)))
-        valid = self._global_valid(batch["labels"])
+        weight = self._label_weights(batch)
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=self.device)
         lm_total = torch.zeros((), device=self.device)
         if self.pipeline is not None:
-            total, lm_total = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, valid))
+            total, lm_total = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, weight))
         else:
             for start in range(0, self.local_batch, self.micro):
                 part = {k: v[start : start + self.micro] for k, v in batch.items()}
@@ -477,14 +477,15 @@ class Trainer:
                     self._mark_graph_step()
                 with self._autocast():
                     out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
-                # Weight each micro-batch by its share of the labelled tokens: the accumulated gradient
-                # is then the gradient of the whole batch's mean main-head loss. MTP depths (whose
-                # labels stop earlier at document ends) and the auxiliary losses are each micro-batch's
-                # own mean under the same weight, so they depend slightly on the split (docs/training.md).
-                share = (part["labels"] != -100).sum() / valid
-                (out.loss * share).backward()
-                total += out.loss.detach() * share
-                lm_total += out.lm_loss.detach() * share
+                # Each head's mean loss times the micro-batch's share of that head's labels: the
+                # accumulated loss and gradient are the whole batch's, whatever the split (MTP depths
+                # have fewer labels than the main head, and fewer in rows with more document ends).
+                # The auxiliary losses are each micro-batch's own, under the main head's share.
+                shares = weight[start : start + self.micro].sum(0)
+                loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, self.config.mtp_loss_scale, shares)
+                loss.backward()
+                total += loss.detach()
+                lm_total += out.lm_loss.detach() * shares[0]
         clip = self.run.optim.grad_clip or float("inf")
         if self.pipeline is not None:
             grad_norm = self.pipeline.clip_grad_norm(clip)
@@ -509,13 +510,22 @@ class Trainer:
             out["nonfinite_skipped"] = self.guard.skipped + 1
         return out
 
-    def _global_valid(self, labels: torch.Tensor) -> torch.Tensor:
-        """Labelled tokens of the step over all data-parallel ranks (each row counted once)."""
-        valid = (labels != -100).sum()
+    def _label_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 1 + MTP depths): each of this rank's rows' labels of the main head and of each MTP depth, over
+        that head's labels in the whole step (all data-parallel ranks, each row counted once).
+
+        The step's counts are found once, as Hugging Face's ``num_items_in_batch`` is, but stay out of the
+        model's forward: the model keeps returning plain means (what a library user gets), ``combine_losses``
+        weighs them, and the plain and the pipeline path use the same tensor (a pipeline schedule cuts it
+        into micro-batches with the rows). A head without labels in the whole step gets weights 0 (its loss,
+        a mean over no labels, is 0 too: no NaN).
+        """
+        counts = label_counts(batch["labels"], self.config.parsed.mtp_depths, batch["doc_ids"])
+        total = counts.sum(0)
         if self.world > 1:
-            dist.all_reduce(valid)
-            valid = valid // self.pp  # the pp ranks of a pipeline replica hold the same rows
-        return valid.clamp(min=1)
+            dist.all_reduce(total)
+            total = total // self.pp  # the pp ranks of a pipeline replica hold the same rows
+        return counts / total.clamp(min=1)
 
     def _mark_graph_step(self) -> None:
         """Under CUDA graphs, at the start of each optimizer step and before each evaluation forward.
