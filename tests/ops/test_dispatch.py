@@ -89,16 +89,27 @@ def test_auto_sends_float64_cuda_inputs_to_the_reference(monkeypatch):
 
 @pytest.mark.gpu
 def test_a_float64_model_on_cuda_runs_only_the_references():
+    """Under ``auto`` a float64 model on CUDA runs the references, whose float64 the kernels would lose, and
+    attention on SDPA's math backend: it found "No available kernel" (cuDNN, flash and memory-efficient
+    attention take no float64) and would have run packed rows through FlexAttention. Its logits are the
+    CPU's to float64 rounding, packed rows or not."""
     from hybridlm import HybridLM
     from tests.helpers import tiny_config
 
-    model = HybridLM(tiny_config("MG*-"), seed=0, device="cuda", dtype=torch.float64)
-    reset_paths()
-    with use_kernels("auto"), torch.no_grad():
-        model(torch.randint(0, 97, (2, 9), device="cuda"))
-    used = paths_used()
-    assert used.get("mamba2_core") == used.get("gated_delta") == used.get("rms_norm") == "torch", used
-    assert "triton" not in used.values(), used
+    model = HybridLM(tiny_config("MG*-", head_dim=16), seed=0, dtype=torch.float64)  # heads FlexAttention takes
+    ids = torch.randint(0, 97, (2, 9))
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0] * 4 + [1] * 5])
+    with torch.no_grad():
+        want = [model(ids).logits, model(ids, doc_ids=doc_ids).logits]
+    model.cuda()
+    for packed, attention in ((None, "sdpa"), (doc_ids, "sdpa_dense_mask")):
+        reset_paths()
+        with use_kernels("auto"), torch.no_grad():
+            got = model(ids.cuda(), doc_ids=None if packed is None else packed.cuda()).logits
+        used = paths_used()
+        assert used.get("mamba2_core") == used.get("gated_delta") == used.get("rms_norm") == "torch", used
+        assert used["attention"] == attention and "triton" not in used.values(), used
+        torch.testing.assert_close(got.cpu(), want[packed is not None], rtol=0, atol=1e-10)
 
 
 @requires_triton

@@ -33,13 +33,15 @@ def _flex_available() -> bool:
 FLEX_MIN_HEAD_DIM = 16
 
 
-def use_flex(seq_idx: torch.Tensor | None, head_dim: int) -> bool:
+def use_flex(seq_idx: torch.Tensor | None, head_dim: int, dtype: torch.dtype | None = None) -> bool:
     """True when packed attention runs through FlexAttention (CUDA, kernels not forced to torch,
-    heads of at least :data:`FLEX_MIN_HEAD_DIM`)."""
+    heads of at least :data:`FLEX_MIN_HEAD_DIM`, inputs of ``dtype`` other than float64: a float64
+    model is a reference and takes SDPA's math backend, which computes in float64)."""
     return (
         seq_idx is not None
         and seq_idx.is_cuda
         and head_dim >= FLEX_MIN_HEAD_DIM
+        and dtype != torch.float64
         and kernels_mode("attention") != "torch"
         and _flex_available()
     )
@@ -101,7 +103,14 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        # cuDNN first (the fastest on Hopper at these shapes). The math backend last: the only one that
+        # takes float64 (a float64 model on CUDA found "No available kernel" without it).
+        order = [
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        ]
         with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -152,7 +161,7 @@ def causal_attention(
     if seq_idx is None:
         record("attention", "sdpa")
         return _sdpa_causal(q, k, v, gqa)
-    if use_flex(seq_idx, min(q.shape[-1], v.shape[-1])):
+    if use_flex(seq_idx, min(q.shape[-1], v.shape[-1]), q.dtype):
         record("attention", "flex")
         if block_mask is None:
             block_mask = document_block_mask(seq_idx)
