@@ -515,7 +515,9 @@ class HybridLM(nn.Module):
         if "*" in self.config.symbols and use_flex(seq_idx, self.config.resolved_head_dim):
             ctx.block_mask = document_block_mask(seq_idx)  # once per forward, outside compiled blocks
         if self.config.rotary_dim and "*" in self.config.symbols:
-            ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
+            # float32 angles (as Hugging Face's), float64 in a float64 model: its first parameter tells.
+            dtype = accumulation_dtype(next(self.parameters(), None))
+            ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
         return ctx
 
     def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

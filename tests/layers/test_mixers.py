@@ -48,11 +48,11 @@ def make(cls, config, seed=0):
     return layer
 
 
-def context(config, b, seqlen, seq_idx):
+def context(config, b, seqlen, seq_idx, dtype=torch.float32):
     pos = positions_in_segment(seq_idx) if seq_idx is not None else torch.arange(seqlen).expand(b, seqlen)
     ctx = SequenceContext(position_ids=pos, seq_idx=seq_idx)
     if config.rotary_dim:
-        ctx.rope = rope_cos_sin(pos, config.rotary_dim, config.rope_theta)
+        ctx.rope = rope_cos_sin(pos, config.rotary_dim, config.rope_theta, dtype)
     return ctx, pos
 
 
@@ -214,10 +214,13 @@ def test_left_padded_prefill_in_one_window_equals_the_row_alone(case):
     assert_rel_close(out[:1, pad:], ref, 1e-5, case)
 
 
-@pytest.mark.parametrize("case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads"])
-def test_a_float64_recurrent_mixer_equals_its_float64_reference(case):
-    """Cast as a float64 model casts it (``keep_fp32`` parameters stay float32), a recurrent mixer computes in
-    float64 end to end: its dt / gates, conv, scan and norms ran in float32 (1e-7 off the reference)."""
+@pytest.mark.parametrize(
+    "case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads", "attention-rope-qknorm", "mla"]
+)
+def test_a_float64_mixer_equals_its_float64_reference(case):
+    """Cast as a float64 model casts it (``keep_fp32`` parameters stay float32), a mixer computes in float64 end
+    to end: a recurrent one's dt / gates, conv, scan and norms ran in float32 (1e-7 off the reference), and
+    attention's and MLA's RoPE angles and rotation did (2e-8 off)."""
     cls, symbol, overrides = CASES[case]
     config = tiny_config(symbol, **overrides)
     layer = make(cls, config, seed=len(case))
@@ -227,7 +230,7 @@ def test_a_float64_recurrent_mixer_equals_its_float64_reference(case):
             if name not in cls.keep_fp32:
                 p.data = p.data.double()
     seq_idx = docs(2, SEQLEN, seed=7)
-    ctx, pos = context(config, 2, SEQLEN, seq_idx)
+    ctx, pos = context(config, 2, SEQLEN, seq_idx, torch.float64)  # as a float64 HybridLM makes it
     x = torch.randn(2, SEQLEN, config.hidden_size, dtype=torch.float64)
     y = layer(x, ctx)
     assert y.dtype == torch.float64

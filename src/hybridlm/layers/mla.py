@@ -116,8 +116,8 @@ class MLA(nn.Module):
     # -- the pieces, shared by training and decoding ----------------------------------------------
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, L, qk_pos_emb_head_dim) float32 for ``position_ids`` (B, L)."""
-        return rope_cos_sin(position_ids, self.dr, self.config.rope_theta)
+        """cos, sin (B, L, qk_pos_emb_head_dim) for ``position_ids`` (B, L): float32, float64 in a float64 model."""
+        return rope_cos_sin(position_ids, self.dr, self.config.rope_theta, accumulation_dtype(self.o_proj.weight))
 
     def project_query(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

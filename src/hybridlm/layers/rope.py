@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.precision import accumulation_dtype
 
-def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angles for ``position_ids`` (B, L): returns cos, sin of shape (B, L, rotary_dim), float32."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=position_ids.device) / rotary_dim
-    )
-    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles for ``position_ids`` (B, L): returns cos, sin of shape (B, L, rotary_dim) in ``dtype``
+    (float32, as Hugging Face computes them; float64 for a float64 model, a reference)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=dtype, device=position_ids.device) / rotary_dim)
+    freqs = position_ids.to(dtype).unsqueeze(-1) * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -23,7 +26,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin: (B, L, R) with R <= D even.
     """
     R = cos.shape[-1]
-    rot, rest = x[..., :R].float(), x[..., R:]
+    rot, rest = x[..., :R].to(accumulation_dtype(x, cos)), x[..., R:]  # float32, or float64 in a float64 model
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
     half = R // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
