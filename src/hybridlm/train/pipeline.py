@@ -201,7 +201,7 @@ class PipelineRunner:
         Args:
             batch: this rank's rows: ``input_ids``, ``labels``, ``doc_ids``, each (B, L).
             weight: (B, 1 + MTP depths) each row's share of the step's labels of the main head and of
-                each depth, over all data-parallel ranks (the trainer's ``_label_weights``).
+                each depth, over all data-parallel ranks (the trainer's ``_label_counts`` over its totals).
 
         Returns:
             This rank's part of the step's loss and main-head loss (sum over all ranks = the step's).

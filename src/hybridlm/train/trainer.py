@@ -462,12 +462,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the rows of ``self.step``; returns its metrics."""
         batch = self._to_device(self.train_rows.rows(self.sampler.local_rows(self.step)))
-        weight = self._label_weights(batch)
+        counts, totals = self._label_counts(batch)
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=self.device)
         lm_total = torch.zeros((), device=self.device)
         if self.pipeline is not None:
-            total, lm_total = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, weight))
+            total, lm_total = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, counts / totals))
         else:
             for start in range(0, self.local_batch, self.micro):
                 part = {k: v[start : start + self.micro] for k, v in batch.items()}
@@ -481,7 +481,7 @@ class Trainer:
                 # accumulated loss and gradient are the whole batch's, whatever the split (MTP depths
                 # have fewer labels than the main head, and fewer in rows with more document ends).
                 # The auxiliary losses are each micro-batch's own, under the main head's share.
-                shares = weight[start : start + self.micro].sum(0)
+                shares = counts[start : start + self.micro].sum(0) / totals  # exactly 1 for the whole batch
                 loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, self.config.mtp_loss_scale, shares)
                 loss.backward()
                 total += loss.detach()
@@ -510,22 +510,22 @@ class Trainer:
             out["nonfinite_skipped"] = self.guard.skipped + 1
         return out
 
-    def _label_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, 1 + MTP depths): each of this rank's rows' labels of the main head and of each MTP depth, over
-        that head's labels in the whole step (all data-parallel ranks, each row counted once).
+    def _label_counts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels per head (the main head, then each MTP depth): this rank's rows' (B, 1 + depths), and the
+        whole step's (1 + depths,) over all data-parallel ranks (each row counted once; at least 1).
 
-        The step's counts are found once, as Hugging Face's ``num_items_in_batch`` is, but stay out of the
-        model's forward: the model keeps returning plain means (what a library user gets), ``combine_losses``
-        weighs them, and the plain and the pipeline path use the same tensor (a pipeline schedule cuts it
-        into micro-batches with the rows). A head without labels in the whole step gets weights 0 (its loss,
-        a mean over no labels, is 0 too: no NaN).
+        A micro-batch's share of a head is its rows' labels over the step's. The step's counts are found
+        once, as Hugging Face's ``num_items_in_batch`` is, but stay out of the model's forward: the model
+        keeps returning plain means (what a library user gets), ``combine_losses`` weighs them, and the
+        pipeline takes each row's share (its schedule cuts them into micro-batches with the rows). A head
+        without labels in the whole step gets shares 0 (its loss, a mean over no labels, is 0 too: no NaN).
         """
         counts = label_counts(batch["labels"], self.config.parsed.mtp_depths, batch["doc_ids"])
         total = counts.sum(0)
         if self.world > 1:
             dist.all_reduce(total)
             total = total // self.pp  # the pp ranks of a pipeline replica hold the same rows
-        return counts / total.clamp(min=1)
+        return counts, total.clamp(min=1)
 
     def _mark_graph_step(self) -> None:
         """Under CUDA graphs, at the start of each optimizer step and before each evaluation forward.
