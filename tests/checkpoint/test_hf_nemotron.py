@@ -423,7 +423,7 @@ TENSOR_DAMAGE = {
         lambda p: _damage_tensors(
             p, lambda t: t.update({"backbone.layers.0.mixer.in_proj.weight": torch.zeros(228, 32, dtype=torch.int32)})
         ),
-        "weights must be floating point, not: backbone.layers.0.mixer.in_proj.weight (torch.int32)",
+        "not floating point: backbone.layers.0.mixer.in_proj.weight (torch.int32)",
     ),
     "stacked and per expert": (
         lambda p: _damage_tensors(

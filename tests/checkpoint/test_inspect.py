@@ -1,6 +1,7 @@
 """``hybridlm inspect``: what it reports for each kind of checkpoint, counted from the files' headers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import hybridlm
 from hybridlm import CheckpointError, HybridLM, ModelConfig
-from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
+from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h, import_nemotron_h
 from hybridlm.checkpoint.inspect import _human, describe, render
 from hybridlm.checkpoint.weights import canonical_state_dict
 from hybridlm.cli import main
@@ -45,6 +46,24 @@ def test_a_hugging_face_directory(tmp_path):
     assert info["pattern"] == PATTERN.replace("[", "").replace("]", "")  # NemotronH has no fusion
     assert info["config"]["model_type"] == "nemotron_h"
     assert render(info).startswith(f"Hugging Face nemotron_h: {tmp_path / 'hf'}")
+
+
+def test_a_hugging_face_directory_with_a_tensor_that_is_not_floating_point_is_refused_as_import_refuses_it(
+    tmp_path, capsys
+):
+    """Only its config was read: an integer tensor passed inspect, exit 0, while the import refused it. MTP layers,
+    which the import drops, are not looked at."""
+    hf = convert_to_nemotron_h(hybridlm.save(tiny(), tmp_path / "ours"), tmp_path / "hf")
+    file, name = hf / "model.safetensors", "backbone.layers.0.mixer.in_proj.weight"
+    tensors = load_file(file)
+    save_file(tensors | {"mtp.layers.0.norm.weight": torch.zeros(2, dtype=torch.int32)}, file)
+    assert describe(hf)["kind"] == "Hugging Face nemotron_h" and import_nemotron_h(hf)
+    save_file(tensors | {name: tensors[name].to(torch.int32)}, file)
+    assert main(["inspect", str(hf)]) == 2
+    message = f"{hf}: not floating point: {name} (torch.int32)"
+    assert message in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        import_nemotron_h(hf)
 
 
 def test_a_hugging_face_directory_with_layer_type_names(tmp_path):

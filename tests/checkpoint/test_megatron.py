@@ -611,6 +611,18 @@ def test_hints_come_from_the_unexpected_names_only(moe_state, moe_config):
         from_megatron(moe_config, moe_state)
 
 
+def test_a_tensor_that_is_not_floating_point_is_refused_by_the_name_given(moe_config, moe_state):
+    """One rule and one line (``checkpoint.io.not_floating``) for a load, an inspect and both imports; the name is
+    the one given (here megatron-core's older conv1d name), not the alias it stands for."""
+    weight = moe_state.pop("decoder.layers.0.mixer.conv1d_weight")
+    moe_state["decoder.layers.0.mixer.conv1d.weight"] = weight.to(torch.int64)
+    with pytest.raises(CheckpointError) as err:
+        from_megatron(moe_config, moe_state)
+    assert (
+        str(err.value) == "Megatron state dict: not floating point: decoder.layers.0.mixer.conv1d.weight (torch.int64)"
+    )
+
+
 @pytest.mark.parametrize("odd", ["meta", "sparse"])
 def test_a_tensor_without_dense_data_is_refused_by_name(moe_config, moe_state, odd):
     """A torch.save file may hold a meta tensor (a model saved before its weights existed) or a sparse one: they

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -25,6 +26,45 @@ def step(model, opt, ids):
     loss.backward()
     opt.step()
     return loss.item()
+
+
+def _equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
+def untouched(model, opt, sched=None):
+    """A check that ``model``, ``opt`` (moments, learning rates), ``sched`` and the RNGs are bitwise as now."""
+
+    def now():
+        return {
+            "weights": {k: v.clone() for k, v in model.state_dict().items()},
+            "moments": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state],
+            "lr": [g["lr"] for g in opt.param_groups],
+            "scheduler": None if sched is None else sched.state_dict(),
+            "rng": [random.getstate(), torch.get_rng_state()],
+        }
+
+    before = now()
+
+    def check():
+        after = now()
+        assert not (changed := [k for k in before if not _equal(after[k], before[k])]), f"changed: {changed}"
+
+    return check
+
+
+def stepped(pattern, seed):
+    """``make(pattern, seed)`` after one step (on other data than ``batches``'): weights and moments to keep."""
+    model, opt, sched = make(pattern, seed)
+    step(model, opt, batches(1, seed=2)[0])
+    sched.step()
+    return model, opt, sched
 
 
 def make(pattern, seed=0):
@@ -155,24 +195,32 @@ def test_a_scheduler_other_than_lambda_lr_gets_its_whole_state_back(tmp_path):
     assert fresh_sched.last_epoch == 5 and fresh_sched.get_last_lr() == sched.get_last_lr() == [1e-2 / 4]
 
 
-@pytest.mark.parametrize("damage", ["python", "torch"])
-def test_a_damaged_rng_state_is_refused_by_name(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["python", "python, no object", "torch"])
+def test_a_damaged_rng_state_is_refused_by_name_before_anything_is_loaded(tmp_path, damage):
+    """Refused before DCP fills the model and optimizer in place (and before Python's RNG was set, when torch's
+    was the damaged one): model, optimizer, scheduler and RNG stay as they were."""
     from safetensors.torch import load_file, save_file
 
     from hybridlm.checkpoint.training_state import RNG_STATE, TRAINER_STATE
 
-    model, opt, _ = make("M-")
-    path = save_training_state(tmp_path / "s", model, opt, step=1)
-    if damage == "python":
+    model, opt, sched = make("M-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
+    if damage.startswith("python"):
         state = json.loads((path / TRAINER_STATE).read_text())
-        state["rng_python"]["0"] = [3, [1, 2, 3], None]  # a Mersenne Twister state of the wrong length
+        # A Mersenne Twister state of the wrong length; no JSON object of ranks at all.
+        state["rng_python"] = {"0": [3, [1, 2, 3], None]} if damage == "python" else 5
         (path / TRAINER_STATE).write_text(json.dumps(state))
     else:
         rng = load_file(path / RNG_STATE)
         save_file({k: v.float() for k, v in rng.items()}, path / RNG_STATE)  # not a byte tensor
+    random.random()  # Python's RNG moves on from the saved state
+    other, other_opt, other_sched = stepped("M-", seed=5)
+    check = untouched(other, other_opt, other_sched)
     with pytest.raises(CheckpointError, match="damaged RNG state"):
-        load_training_state(path, model, opt)
-    load_training_state(path, model, opt, restore_rng=False)  # the rest of it still loads
+        load_training_state(path, other, other_opt, other_sched)
+    check()
+    load_training_state(path, other, other_opt, other_sched, restore_rng=False)  # the rest of it still loads
 
 
 def test_a_save_that_fills_the_disk_names_the_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -310,16 +358,41 @@ def test_a_failed_load_leaves_the_optimizer_as_it_was(tmp_path):
 def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp_path, value):
     """``"scheduler": null`` is no scheduler state (the scheduler keeps its own); a position that is no integer
     or is missing, or an entry that is no JSON object, is a damaged file, named (not a schedule silently
-    restarted)."""
+    restarted), before DCP fills the model and optimizer in place: they, and the scheduler, stay as they were."""
     path, _, state = _saved_with_scheduler(tmp_path, 2)
     (path / "trainer_state.json").write_text(json.dumps(state | {"scheduler": value}))
-    other, other_opt, other_sched = make("M-", seed=1)
+    other, other_opt, other_sched = stepped("M-", seed=1)
     if value is None:
         load_training_state(path, other, other_opt, other_sched)
-        assert other_sched.last_epoch == 0
+        assert other_sched.last_epoch == 1
     else:
+        check = untouched(other, other_opt, other_sched)
         with pytest.raises(CheckpointError, match=r"damaged scheduler state in trainer_state\.json"):
             load_training_state(path, other, other_opt, other_sched)
+        check()
+
+
+_BESIDE_THE_TENSORS = {  # damage to trainer_state.json (as a dict) or the folder -> the error
+    "step": (lambda path, state: state.update(step=-1), "step must be a non-negative integer"),
+    "format version": (lambda path, state: state.update(format_version=99), "newer than this hybridlm reads"),
+    "another model": (lambda path, state: state["model_config"].update(norm_eps=0.5), r"model\.norm_eps"),
+    "no RNG file": (lambda path, state: (path / "rng.safetensors").unlink(), r"missing rng\.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_BESIDE_THE_TENSORS))
+def test_the_other_refusals_without_tensor_data_leave_everything_as_it_was(tmp_path, damage):
+    """Besides a damaged scheduler entry or RNG state (tested above), what else is refused without reading a
+    tensor is refused before DCP fills the model and optimizer in place."""
+    path, _, state = _saved_with_scheduler(tmp_path, 2)
+    spoil, error = _BESIDE_THE_TENSORS[damage]
+    spoil(path, state)
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    other, other_opt, other_sched = stepped("M-", seed=1)
+    check = untouched(other, other_opt, other_sched)
+    with pytest.raises(CheckpointError, match=error):
+        load_training_state(path, other, other_opt, other_sched)
+    check()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "a folder"])
@@ -337,10 +410,8 @@ def test_a_damaged_data_file_is_refused_before_the_model_and_optimizer_are_touch
         data.unlink()
         if damage == "a folder":
             data.mkdir()
-    other, other_opt, _ = make("M-", seed=5)
-    step(other, other_opt, batches(1, seed=2)[0])
-    weights = {k: v.clone() for k, v in other.state_dict().items()}
-    moments = {p: {k: v.clone() for k, v in s.items()} for p, s in other_opt.state.items()}
+    other, other_opt, _ = stepped("M-", seed=5)
+    check = untouched(other, other_opt)
     why = {
         "truncated": f"holds {size // 2:,} of {size:,} bytes",
         "missing": "is missing",
@@ -348,7 +419,34 @@ def test_a_damaged_data_file_is_refused_before_the_model_and_optimizer_are_touch
     }
     with pytest.raises(CheckpointError) as error:
         load_training_state(path, other, other_opt)
-    assert all(torch.equal(v, weights[k]) for k, v in other.state_dict().items())
-    assert other_opt.state.keys() == moments.keys()
-    assert all(torch.equal(v, moments[p][k]) for p, s in other_opt.state.items() for k, v in s.items())
+    check()
     error.match(re.escape(f"{path}: a damaged training state: __0_0.distcp {why[damage]}"))
+
+
+@pytest.mark.gpu
+def test_the_cuda_rng_state_is_checked_before_and_restored_after_the_tensors(tmp_path):
+    """On a machine with CUDA the state holds the CUDA generator's too: a damaged one is refused (checked on a
+    throwaway CUDA generator) with the model, optimizer and every generator as they were; a sound one is set."""
+    from safetensors.torch import load_file, save_file
+
+    from hybridlm.checkpoint.training_state import RNG_STATE
+
+    model, opt, sched = make("M-")
+    step(model, opt, batches(1)[0])
+    torch.cuda.manual_seed(11)
+    saved_cuda = torch.cuda.get_rng_state()
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
+    assert "rank0.cuda" in load_file(path / RNG_STATE)
+    damaged = save_training_state(tmp_path / "d", model, opt, sched, step=1)
+    rng = load_file(damaged / RNG_STATE)
+    save_file({**rng, "rank0.cuda": rng["rank0.cuda"][:5]}, damaged / RNG_STATE)  # too short for a CUDA state
+    torch.cuda.manual_seed(12)
+    moved = torch.cuda.get_rng_state()
+    other, other_opt, other_sched = stepped("M-", seed=5)
+    check = untouched(other, other_opt, other_sched)
+    with pytest.raises(CheckpointError, match="damaged RNG state"):
+        load_training_state(damaged, other, other_opt, other_sched)
+    check()
+    assert torch.equal(torch.cuda.get_rng_state(), moved)
+    load_training_state(path, other, other_opt, other_sched)
+    assert torch.equal(torch.cuda.get_rng_state(), saved_cuda)

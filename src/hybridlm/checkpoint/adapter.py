@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from .io import MAX_LISTED, check_fit
+from .io import MAX_LISTED, check_fit, not_floating
 
 Pack = Callable[[list[Tensor]], list[Tensor]]
 #: (pattern, replacement) pairs that rewrite a foreign name given in an older or alternative spelling.
@@ -124,12 +124,11 @@ def normalize(state: Mapping[str, Tensor], aliases: Aliases, source: str) -> tup
 
     Raises:
         CheckpointError: two given names are one tensor (``source`` says where they were read), or tensors
-            that are not floating point (weights are: an integer one would be cast without a word), or hold no
+            that are not floating point (:func:`~hybridlm.checkpoint.io.not_floating`), or hold no
             dense data (a meta or sparse tensor, which a torch.save file may hold, failed deep inside torch).
     """
-    odd = [f"{k} ({t.dtype})" for k, t in state.items() if isinstance(t, Tensor) and not t.is_floating_point()]
-    if odd:
-        raise CheckpointError(f"{source}: weights must be floating point, not: " + ", ".join(odd[:MAX_LISTED]))
+    if odd := not_floating(state):
+        raise CheckpointError(f"{source}: {odd[0]}")
     odd = [
         f"{k} ({'a meta tensor' if t.is_meta else t.layout})"
         for k, t in state.items()

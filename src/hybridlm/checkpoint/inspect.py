@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .hf_nemotron import HF_MODEL_TYPE, _hf_layers
+from .hf_nemotron import _MTP, HF_MODEL_TYPE, _hf_layers
 from .io import (
     CONFIG_NAME,
     INDEX_NAME,
     WEIGHTS_NAME,
     check_fit,
     meta_shapes,
+    not_floating,
     open_safetensors,
     read_json,
     weight_files,
@@ -121,12 +122,15 @@ def describe(path: str | Path) -> dict[str, Any]:
         )
     summary = _tensor_summary(files)
     shapes = summary.pop("shapes")
-    if info["kind"] == "hybridlm checkpoint":  # names, shapes and dtypes from the headers, as a load checks them
-        # Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
-        tensors = {
-            k: torch.empty(s, dtype=_DTYPES.get(c, torch.float32), device="meta") for k, (s, c) in shapes.items()
-        }
+    # From the headers, as a load checks them: our names, shapes and dtypes; an import's dtypes (MTP layers aside, as
+    # it drops them). Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
+    tensors = {k: torch.empty(s, dtype=_DTYPES.get(c, torch.float32), device="meta") for k, (s, c) in shapes.items()}
+    if info["kind"] == "hybridlm checkpoint":
         check_fit(tensors, meta_shapes(model), str(path))
+    elif info["kind"] == f"Hugging Face {HF_MODEL_TYPE}" and (
+        odd := not_floating({k: t for k, t in tensors.items() if not _MTP.match(k)})
+    ):
+        raise CheckpointError(f"{path}: {odd[0]}")
     return {**info, "files": [f.name for f in files], **summary}
 
 

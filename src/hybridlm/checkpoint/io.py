@@ -419,13 +419,18 @@ def fit_problems(
 def check_fit(
     tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str, hint: str = "", **kw
 ) -> None:
-    """Refuse ``tensors`` unless its names and shapes are exactly ``expected`` and all are floating point (an
-    integer one was cast into the model without a word), listing every problem."""
+    """Refuse ``tensors`` unless its names and shapes are exactly ``expected`` and all are floating point
+    (:func:`not_floating`), listing every problem."""
     problems = fit_problems({k: tuple(t.shape) for k, t in tensors.items()}, expected, source=source, **kw)
-    if odd := [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]:
-        problems.append("not floating point: " + ", ".join(odd[:MAX_LISTED]))
-    if problems:
+    if problems := problems + not_floating(tensors):
         raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems) + hint)
+
+
+def not_floating(tensors: Mapping[str, Any]) -> list[str]:
+    """The problem line naming the tensors of ``tensors`` that are not floating point, if any: weights are, and an
+    integer one would be cast into the model without a word."""
+    odd = [f"{k} ({t.dtype})" for k, t in tensors.items() if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    return ["not floating point: " + ", ".join(odd[:MAX_LISTED])] if odd else []
 
 
 def dominant_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:

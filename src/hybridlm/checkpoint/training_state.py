@@ -7,6 +7,7 @@ every rank calls the same functions. Files and rules: docs/checkpoints.md, "Trai
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -83,17 +84,22 @@ def _tensors_only(states: dict[str, Any]) -> dict[str, Any]:
     return {**states, "optim": optim} if "optim" in states else states
 
 
-def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
-    """Put ``scheduler`` at the saved position. A LambdaLR (hybridlm's schedules) takes only the position, its
-    rates coming from the optimizer's base rates: a changed ``optim.lr`` applies (unchanged: bitwise the saved)."""
+def _scheduler_setter(scheduler: Any, saved: Any) -> Callable[[], None]:
+    """What puts ``scheduler`` at the saved position, ``saved`` checked now (KeyError, TypeError, ValueError). A
+    LambdaLR (hybridlm's schedules) takes only the position, its rates coming from the optimizer's base rates: a
+    changed ``optim.lr`` applies (unchanged: bitwise the saved)."""
     if not hasattr(scheduler, "lr_lambdas"):
-        scheduler.load_state_dict(saved)
-        return
-    scheduler.last_epoch = epoch = int(saved["last_epoch"])
-    scheduler._step_count = int(saved.get("_step_count", epoch + 1))
-    scheduler._last_lr = [base * lam(epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr):
-        group["lr"] = lr
+        return functools.partial(scheduler.load_state_dict, dict(saved))
+    epoch = int(saved["last_epoch"])
+    count = int(saved.get("_step_count", epoch + 1))
+    lrs = [base * lam(epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+
+    def put() -> None:
+        scheduler.last_epoch, scheduler._step_count, scheduler._last_lr = epoch, count, lrs
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+    return put
 
 
 def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
@@ -187,8 +193,8 @@ def load_training_state(
 
     Raises:
         CheckpointMismatchError: the checkpoint holds another model (the differences are listed).
-        CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely); a data file
-            missing or shorter than the metadata says is refused before the model or optimizer is touched.
+        CheckpointError: a missing, damaged or crafted file (nothing in it is unpickled freely); refused before the
+            model, optimizer, scheduler or RNG is touched unless the damage is inside tensor data.
     """
     # Reading creates the optimizer's state before DCP fills it: a checkpoint that then fails to load must not
     # leave it behind (a fallback to a step-0 checkpoint, which holds none, kept it and trained differently).
@@ -216,6 +222,28 @@ def _load_training_state(
     if restore_rng and not (path / RNG_STATE).is_file():
         raise CheckpointError(f"{path}: missing {RNG_STATE}")
     rng = load_safetensors(path / RNG_STATE) if restore_rng else {}
+    # The rest of the JSON side is checked (RNG states on throwaway generators) here and applied once the tensors are
+    # loaded: a damaged entry leaves the model, optimizer, scheduler and RNG as they were.
+    puts = []
+    if scheduler is not None and extra.get("scheduler") is not None:  # null: saved without a scheduler
+        try:
+            puts.append(_scheduler_setter(scheduler, extra["scheduler"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: damaged scheduler state in {TRAINER_STATE} ({e!r})") from None
+    py, rank = extra.get("rng_python", {}), str(dist.get_rank() if _distributed() else 0)
+    try:
+        key = rank if restore_rng and rank in py else "0"  # a rank the saving run did not have: rank 0's
+        if restore_rng and key in py and f"rank{key}.torch" in rng:
+            version, internal, gauss = py[key]
+            sets = [(random.setstate, random.Random().setstate, (version, tuple(internal), gauss))]
+            sets.append((torch.set_rng_state, torch.Generator().set_state, rng[f"rank{key}.torch"]))
+            if f"rank{key}.cuda" in rng and torch.cuda.is_available():
+                sets.append((torch.cuda.set_rng_state, torch.Generator("cuda").set_state, rng[f"rank{key}.cuda"]))
+            for put, check, state in sets:
+                check(state)
+                puts.append(functools.partial(put, state))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: damaged RNG state ({e})") from None
     states = _canonical_states(model, optimizer)  # the optimizer gets a state for every parameter here
     wanted = _tensors_only(states)
     # A parameter with no saved state had none when saved (it never had a gradient, e.g. DSA's indexer
@@ -237,20 +265,6 @@ def _load_training_state(
     for name, param in model.named_parameters() if optimizer is not None else ():
         if canonical_name(name, model.config.parsed) in stateless:
             optimizer.state.pop(param, None)
-    if scheduler is not None and extra.get("scheduler") is not None:  # null: saved without a scheduler
-        try:
-            _restore_scheduler(scheduler, extra["scheduler"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{path}: damaged scheduler state in {TRAINER_STATE} ({e!r})") from None
-    py, rank = extra.get("rng_python", {}), str(dist.get_rank() if _distributed() else 0)
-    key = rank if rank in py else "0"  # a rank the saving run did not have: rank 0's
-    if restore_rng and key in py and f"rank{key}.torch" in rng:
-        try:
-            version, internal, gauss = py[key]
-            random.setstate((version, tuple(internal), gauss))
-            torch.set_rng_state(rng[f"rank{key}.torch"])
-            if f"rank{key}.cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng[f"rank{key}.cuda"])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: damaged RNG state ({e})") from None
+    for put in puts:
+        put()
     return extra
