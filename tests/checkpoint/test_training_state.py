@@ -450,3 +450,24 @@ def test_the_cuda_rng_state_is_checked_before_and_restored_after_the_tensors(tmp
     assert torch.equal(torch.cuda.get_rng_state(), moved)
     load_training_state(path, other, other_opt, other_sched)
     assert torch.equal(torch.cuda.get_rng_state(), saved_cuda)
+
+
+def test_an_optimizer_entry_of_no_known_shape_is_a_damaged_checkpoint(tmp_path):
+    """A ``.metadata`` key ``optim.state.X`` without ``<param>.<stat>`` raised a bare TypeError (so a resume
+    did not fall back to an older checkpoint); it is a damaged checkpoint, refused by name, nothing touched."""
+    import pickle
+
+    from hybridlm.checkpoint.safe_dcp import METADATA_NAME, read_dcp_metadata
+
+    model, opt, sched = make("M-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
+    meta = read_dcp_metadata(path)
+    entries = meta.state_dict_metadata
+    entries["optim.state.nodots"] = next(v for k, v in entries.items() if k.startswith("optim.state."))
+    (path / METADATA_NAME).write_bytes(pickle.dumps(meta))
+    other, other_opt, other_sched = stepped("M-", seed=5)
+    check = untouched(other, other_opt, other_sched)
+    with pytest.raises(CheckpointError, match=r"damaged optimizer entries in \.metadata: optim\.state\.nodots"):
+        load_training_state(path, other, other_opt, other_sched)
+    check()

@@ -29,6 +29,7 @@ from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
 from .io import (
+    MAX_LISTED,
     check_format,
     check_replaceable,
     commit_directory,
@@ -37,7 +38,7 @@ from .io import (
     read_json,
     written,
 )
-from .safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
+from .safe_dcp import METADATA_NAME, SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 TRAINER_STATE = "trainer_state.json"
 RNG_STATE = "rng.safetensors"
@@ -248,7 +249,10 @@ def _load_training_state(
     wanted = _tensors_only(states)
     # A parameter with no saved state had none when saved (it never had a gradient, e.g. DSA's indexer
     # without its loss): it gets none back, so that its first gradient starts from step 0 as it would have.
-    saved = {_OPTIM_KEY.fullmatch(k[len("optim.") :])[2] for k in entries if k.startswith("optim.state.")}
+    state_keys = [k[len("optim.") :] for k in entries if k.startswith("optim.state.")]
+    if odd := [f"optim.{k}" for k in state_keys if not _OPTIM_KEY.fullmatch(k)]:  # not state.<param>.<stat>
+        raise CheckpointError(f"{path}: damaged optimizer entries in {METADATA_NAME}: {', '.join(odd[:MAX_LISTED])}")
+    saved = {_OPTIM_KEY.fullmatch(k)[2] for k in state_keys}
     stateless = {_OPTIM_KEY.fullmatch(k)[2] for k in wanted.get("optim", {})} - saved
     if "optim" in wanted:
         wanted["optim"] = {k: v for k, v in wanted["optim"].items() if _OPTIM_KEY.fullmatch(k)[2] not in stateless}
