@@ -301,3 +301,17 @@ def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
         lock_file.write_text(held)
         assert _claim_refused(run)
         assert lock_file.read_text() == held
+
+
+def test_a_damaged_data_position_falls_back_to_the_older_checkpoint(tmp_path, caplog):
+    """It was refused after the newest checkpoint had loaded, outside the fallback: the resume stopped, though
+    an older checkpoint was sound (as it does for a damaged step or scheduler entry)."""
+    import json
+
+    run = tiny_run("train.steps=4", "train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path / "r", progress=False).run_loop()
+    file = tmp_path / "r" / "checkpoints" / "step-000004" / "trainer_state.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | {"data_position": {"rows": -1, "seq_len": 64}}))
+    trainer = Trainer(tiny_run("train.steps=6"), run_dir=tmp_path / "r", resume=True, progress=False)
+    assert trainer.step == 2
+    assert "damaged data_position" in caplog.text

@@ -158,6 +158,16 @@ def microbatches_for(run: RunConfig, local_batch: int, rows: int) -> int | None:
     return local_batch // rows
 
 
+def _data_position(saved: Any, checkpoint: Path) -> tuple[int, int] | None:
+    """``(rows, seq_len)`` of a checkpoint's ``data_position`` (None: saved before positions were)."""
+    if saved is None:
+        return None
+    rows, seq_len = (saved.get(k) if isinstance(saved, dict) else None for k in ("rows", "seq_len"))
+    if not all(type(v) is int and v >= 0 for v in (rows, seq_len)) or seq_len == 0:
+        raise CheckpointError(f"{checkpoint}: damaged data_position in its trainer state: {saved!r}")
+    return rows, seq_len
+
+
 class Trainer:
     """Builds everything a run needs and runs it.
 
@@ -339,11 +349,14 @@ class Trainer:
                 raise DataError(
                     f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
                 )
+
             # The newest checkpoint that loads (a damaged one is skipped with a warning).
-            state, loaded = load_newest(
-                list_checkpoints(self.run_dir / CHECKPOINTS),
-                lambda p: load_training_state(p, self.model, self.optimizer, self.scheduler),
-            )
+            def load(path: Path) -> dict[str, Any]:  # a damaged data position, too, skips to an older one
+                state = load_training_state(path, self.model, self.optimizer, self.scheduler)
+                _data_position(state.get("data_position"), path)
+                return state
+
+            state, loaded = load_newest(list_checkpoints(self.run_dir / CHECKPOINTS), load)
             self.step = int(state["step"])
             self._check_same_data(state.get("data"))
             self._continue_data(state.get("data_position"), loaded)
@@ -370,11 +383,9 @@ class Trainer:
         """Continue the row stream where the checkpoint's run left it: at the rows it consumed, whatever the
         batch size was; rows of another ``data.seq_len`` are counted in tokens (the rows are cut anew, so the
         order continues only approximately). Checkpoints from before the position was saved: the step's place."""
-        if saved is None:
+        if (position := _data_position(saved, checkpoint)) is None:
             return
-        rows, seq_len = (saved.get(k) if isinstance(saved, dict) else None for k in ("rows", "seq_len"))
-        if not all(type(v) is int and v >= 0 for v in (rows, seq_len)) or seq_len == 0:
-            raise CheckpointError(f"{checkpoint}: damaged data_position in its trainer state: {saved!r}")
+        rows, seq_len = position
         now = self.run.data.seq_len
         if seq_len != now:
             rows = rows * seq_len // now  # row i starts at token i * seq_len
