@@ -411,3 +411,14 @@ def test_unused_fields_say_which_layers_are_missing():
         "attention ('D') layers",
         "mtp_loss_scale": "the pattern has no MTP depths",
     }
+
+
+def test_the_sparse_indexer_loss_is_noted_without_the_indexer_loss():
+    """dsa_indexer_use_sparse_loss picks the keys of the indexer's KL loss, which is not computed with
+    dsa_indexer_loss_coeff = 0: a run setting it trained as if it were unset, without a note."""
+    off = dict(pattern="D", dsa_indexer_loss_coeff=0.0)
+    assert _computes_the_same(_what_it_computes(**off), _what_it_computes(**off, dsa_indexer_use_sparse_loss=True))
+    assert unused_fields(ModelConfig(**{**_READERS_BASE, **off}), ["dsa_indexer_use_sparse_loss"]) == {
+        "dsa_indexer_use_sparse_loss": "the indexer loss is not computed with dsa_indexer_loss_coeff = 0"
+    }
+    assert unused_fields(ModelConfig(**{**_READERS_BASE, "pattern": "D"}), ["dsa_indexer_use_sparse_loss"]) == {}

@@ -689,3 +689,18 @@ def test_rope_angles_are_float32_and_float64_in_a_float64_model():
         model = HybridLM(tiny_config("M*-", position_embedding="rope"), seed=0, dtype=dtype)
         cos, sin = model.make_context(2, 5, torch.device("cpu")).rope
         assert cos.dtype == sin.dtype == want
+
+
+def test_a_float64_model_builds_no_flex_block_mask(monkeypatch):
+    """Packed float64 rows skip FlexAttention (causal_attention asks use_flex with q's dtype), but make_context
+    asked without a dtype: on CUDA it compiled and built a block mask every forward that no layer used. A
+    stand-in for CUDA's answer (use_flex is true there except for float64) checks what make_context asks."""
+    import hybridlm.model as model_module
+
+    asked = []
+    monkeypatch.setattr(model_module, "use_flex", lambda seq_idx, head_dim, dtype=None: asked.append(dtype) or False)
+    ids, docs = torch.randint(0, 97, (2, 6)), torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    for dtype, want in ((None, torch.float32), (torch.float64, torch.float64)):
+        asked.clear()
+        HybridLM(tiny_config("M*-"), seed=0, dtype=dtype)(ids, doc_ids=docs)
+        assert asked == [want]

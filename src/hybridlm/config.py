@@ -263,9 +263,11 @@ FIELD_READERS: dict[str, str] = {
 def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
     """Of the fields ``names`` (those a user set), the ones no layer of ``cfg`` reads, each with why.
 
-    Two fields are read only under another field's value: attention ('*') rotates with
-    ``rope_theta`` and ``rotary_percent`` only when ``position_embedding = "rope"``, and the MoE
-    experts size themselves by ``ffn_hidden_size`` only while ``moe_ffn_hidden_size`` is unset.
+    Some fields are read only under another field's value: attention ('*') rotates with
+    ``rope_theta`` and ``rotary_percent`` only when ``position_embedding = "rope"``, the MoE
+    experts size themselves by ``ffn_hidden_size`` only while ``moe_ffn_hidden_size`` is unset,
+    and DSA reads ``dsa_indexer_use_sparse_loss`` only for its indexer loss
+    (``dsa_indexer_loss_coeff > 0``).
     """
     used = cfg.symbols | ({"/"} if cfg.parsed.mtp_depths else set())
     out = {}
@@ -285,6 +287,8 @@ def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
             out[name] = "attention ('*') rotates nothing with position_embedding = 'none'"
         elif name == "ffn_hidden_size" and cfg.moe_ffn_hidden_size is not None and "-" not in used:
             out[name] = "the MoE experts are sized by moe_ffn_hidden_size"
+        elif name == "dsa_indexer_use_sparse_loss" and cfg.dsa_indexer_loss_coeff == 0:
+            out[name] = "the indexer loss is not computed with dsa_indexer_loss_coeff = 0"
     return out
 
 

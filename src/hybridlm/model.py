@@ -512,11 +512,13 @@ class HybridLM(nn.Module):
             else:
                 position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
         ctx = SequenceContext(position_ids=position_ids, seq_idx=seq_idx)
-        if "*" in self.config.symbols and use_flex(seq_idx, self.config.resolved_head_dim):
+        # float64 in a float64 model (its first parameter tells), else float32: a float64 model's attention
+        # takes no FlexAttention (so no block mask to build), and its RoPE angles are float64.
+        dtype = accumulation_dtype(next(self.parameters(), None))
+        if "*" in self.config.symbols and use_flex(seq_idx, self.config.resolved_head_dim, dtype):
             ctx.block_mask = document_block_mask(seq_idx)  # once per forward, outside compiled blocks
         if self.config.rotary_dim and "*" in self.config.symbols:
-            # float32 angles (as Hugging Face's), float64 in a float64 model: its first parameter tells.
-            dtype = accumulation_dtype(next(self.parameters(), None))
+            # float32 angles (as Hugging Face's), float64 in a float64 model.
             ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
         return ctx
 

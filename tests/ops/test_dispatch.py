@@ -87,6 +87,37 @@ def test_auto_sends_float64_cuda_inputs_to_the_reference(monkeypatch):
     assert paths_used() == {"ssd": "triton", "ssd_step": "torch", "gated_rms_norm": "torch", "rms_norm": "triton"}
 
 
+def test_auto_sends_a_float64_initial_state_of_a_scan_to_the_reference(monkeypatch):
+    """A float32 model decoding with a float64 cache prefills its scans from the cache's float64 state: ``ssd``
+    and ``gated_delta`` chose their path from x, dt, B, C (q, k, v) only, so on CUDA the kernels (float32) took
+    the float64 state, while the steps after them, which see the state, ran in float64. Stand-ins for CUDA
+    tensors in ``choose``'s place (the answer is recorded; the reference runs)."""
+    from types import SimpleNamespace
+
+    from hybridlm.ops import gated_delta, ssd
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    chosen = {}
+
+    def as_on_cuda(op, *tensors):
+        cuda = [t if t is None else SimpleNamespace(is_cuda=True, dtype=t.dtype) for t in tensors]
+        chosen[op] = choose(op, *cuda)
+        return "torch"
+
+    monkeypatch.setattr(ssd, "choose", as_on_cuda)
+    monkeypatch.setattr(gated_delta, "choose", as_on_cuda)
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n = 1, 4, 2, 3, 4
+    x, dt = torch.randn(b, L, h, p, generator=g), torch.rand(b, L, h, generator=g)
+    B, C = torch.randn(b, L, 1, n, generator=g), torch.randn(b, L, 1, n, generator=g)
+    ssd.ssd_chunked(x, dt, -torch.rand(h), B, C, 4, initial_state=torch.zeros(b, h, p, n, dtype=torch.float64))
+    q, k, v = (torch.randn(b, L, h, 4, generator=g) for _ in range(3))
+    gate, beta = -torch.rand(b, L, h, generator=g), torch.rand(b, L, h, generator=g)
+    state = torch.zeros(b, h, 4, 4, dtype=torch.float64)
+    gated_delta.gated_delta_rule_chunked(q, k, v, gate, beta, 4, initial_state=state)
+    assert chosen == {"ssd": "torch", "gated_delta": "torch"}
+
+
 @pytest.mark.gpu
 def test_a_float64_model_on_cuda_runs_only_the_references():
     """Under ``auto`` a float64 model on CUDA runs the references, whose float64 the kernels would lose, and

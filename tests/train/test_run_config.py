@@ -126,16 +126,18 @@ def test_settings_the_schedule_or_model_does_not_use_are_noted():
     assert notes("optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.min_lr_ratio=0.5") == []
 
 
-def test_model_fields_the_pattern_does_not_read_are_noted_but_not_a_presets_own():
-    """A run that sets a field for a layer kind its pattern lacks trained as if it were unset, silently."""
+def test_model_fields_the_pattern_does_not_read_are_noted_but_not_a_presets_or_the_defaults_own():
+    """A run that sets a field for a layer kind its pattern lacks trained as if it were unset, silently. The
+    fields a preset or the embedded default sets are theirs: changing only the pattern notes none of them."""
     run = RunConfig().with_overrides(["model.pattern=M-M-", "model.moe_top_k=3", "model.moe_num_experts=8"])
     assert run.notes() == [
-        "model.num_attention_heads has no effect: the pattern has no attention ('*'), multi-latent attention "
-        "('+') or DeepSeek sparse attention ('D') layers",
-        "model.position_embedding has no effect: the pattern has no attention ('*') layers",
-        "model.moe_top_k and model.moe_num_experts have no effect: the pattern has no MoE ('E') layers",
+        "model.moe_top_k and model.moe_num_experts have no effect: the pattern has no MoE ('E') layers"
     ]
     assert RunConfig().notes() == []  # the embedded default reads every field it sets
+    assert run.with_overrides(["model.num_attention_heads=8"]).notes()[0] == (
+        "model.num_attention_heads has no effect: the pattern has no attention ('*'), multi-latent attention "
+        "('+') or DeepSeek sparse attention ('D') layers"
+    )  # set to another value than the default's: the user's
     tiny = RunConfig().with_overrides(["model.preset=tiny", "model.pattern=M-M-"])  # the preset sets MoE fields
     assert tiny.notes() == []
     assert tiny.with_overrides(["model.mtp_loss_scale=0.3"]).notes() == [

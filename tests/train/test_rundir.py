@@ -315,3 +315,16 @@ def test_a_damaged_data_position_falls_back_to_the_older_checkpoint(tmp_path, ca
     trainer = Trainer(tiny_run("train.steps=6"), run_dir=tmp_path / "r", resume=True, progress=False)
     assert trainer.step == 2
     assert "damaged data_position" in caplog.text
+
+
+def test_a_lock_without_a_start_naming_this_process_is_taken_over(tmp_path):
+    """A lock with pid and host only (an older hybridlm's) that names this very process was written by a process
+    that is gone (a container restarted under the same host name starts its run under the same pid): the pid
+    alone was compared once, and the lock taken over; with the start added to this process's own line, the
+    old line no longer equalled it and the live pid (this process) refused the folder to itself."""
+    import socket
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / rundir.LOCK_FILE).write_text(f"{os.getpid()} {socket.gethostname()}")
+    assert not _claim_refused(run)

@@ -103,14 +103,12 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        # cuDNN first (the fastest on Hopper at these shapes). The math backend last: the only one that
-        # takes float64 (a float64 model on CUDA found "No available kernel" without it).
-        order = [
-            SDPBackend.CUDNN_ATTENTION,
-            SDPBackend.FLASH_ATTENTION,
-            SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH,
-        ]
+        # cuDNN first (the fastest on Hopper at these shapes). For float64 (a reference model) the math
+        # backend, the only one that takes it ("No available kernel" without it); a bf16 or float32 call
+        # that none of the three takes still fails by name rather than run the slow math silently.
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        if q.dtype == torch.float64:
+            order = [SDPBackend.MATH]
         with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -85,7 +85,7 @@ def gated_delta_rule_chunked(
         o: (b, l, h, dv) in the dtype of ``v``; and the final state (b, h, dk, dv) if asked.
     """
     check_gated_delta_shapes(q, k, v, g, beta, chunk_size, seq_idx, initial_state)
-    if choose("gated_delta", q, k, v) == "triton":
+    if choose("gated_delta", q, k, v, initial_state) == "triton":  # a float64 state (cache) takes the reference
         from .gated_delta_triton import gated_delta_rule_triton
 
         o, final = gated_delta_rule_triton(q, k, v, g, beta, chunk_size, scale, seq_idx, initial_state)

@@ -106,7 +106,7 @@ def ssd_chunked(
         (float32, float64 for float64 inputs) if asked.
     """
     check_ssd_shapes(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
-    if choose("ssd", x, dt, B, C) == "triton":
+    if choose("ssd", x, dt, B, C, initial_state) == "triton":  # a float64 state (cache) takes the reference
         from .ssd_triton import ssd_chunked_triton
 
         return ssd_chunked_triton(

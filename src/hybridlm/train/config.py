@@ -346,7 +346,8 @@ class RunConfig:
             and not self.model_config().moe_router_expert_bias
         ):
             notes.append("optim.moe_expert_bias_rate has no effect without model.moe_router_expert_bias = true")
-        set_fields = [name for name in self.model if name != "preset"]  # a preset's own fields are its business
+        # The fields a user set: a preset's own, and the embedded default's, are theirs to choose.
+        set_fields = [k for k, v in self.model.items() if k != "preset" and (k, v) not in DEFAULT_MODEL.items()]
         by_reason: dict[str, list[str]] = {}
         for name, why in unused_fields(self.model_config(), set_fields).items():
             by_reason.setdefault(why, []).append(f"model.{name}")

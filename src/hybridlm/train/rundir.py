@@ -201,6 +201,8 @@ def _alive(holder: list[str]) -> bool:
         return False  # not a lock this code wrote
     if holder[1] != socket.gethostname():
         return True  # another machine's process: no way to tell, so it may be running
+    if int(holder[0]) == os.getpid():
+        return False  # this process's pid in a line it did not write (see _refuse_if_in_use): a gone process's
     try:
         os.kill(int(holder[0]), 0)
     except ProcessLookupError:
