@@ -351,12 +351,13 @@ _KIND_PATTERNS = {"M": "M", "G": "G", "*": "*", "+": "+", "D": "D", "-": "-", "E
 
 
 def _what_it_computes(**fields) -> tuple:
-    """Parameter names, shapes and values at seed 0, and the training-mode loss on fixed tokens."""
+    """Parameter names, shapes and values at seed 0; the logits (MTP depths' too) and the training-mode loss on
+    fixed tokens."""
     model = HybridLM(ModelConfig(**{**_READERS_BASE, **fields}), seed=0)
     tokens = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
     out = model(tokens, tokens, return_logits=True)
     state = model.state_dict()
-    return sorted((k, tuple(v.shape)) for k, v in state.items()), state, out.logits, out.loss
+    return sorted((k, tuple(v.shape)) for k, v in state.items()), state, out.logits, out.loss, *out.mtp_logits
 
 
 def _computes_the_same(a: tuple, b: tuple) -> bool:
