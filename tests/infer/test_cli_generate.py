@@ -511,3 +511,37 @@ def test_a_record_whose_read_field_is_no_string_names_that_field(checkpoint, cap
         (tmp_path / "p.jsonl").write_text(record + "\n")
         code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.jsonl")
         assert code == 2 and out == "" and err.endswith(says if says.endswith("\n") else says + "\n"), err
+
+
+def test_cuda_graph_with_speculative_is_refused_by_flag_before_the_model_is_loaded(checkpoint, capsys, monkeypatch):
+    """generate() refuses the pair whatever the device; the CLI let it through on a CUDA device, read the weights,
+    then failed with the API's message (no flag named), and on the CPU it asked for --device cuda instead."""
+    import torch
+
+    from hybridlm import cli
+    from hybridlm.checkpoint import weights
+
+    path, _ = checkpoint
+    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
+    argv = ("--prompt", "x", "--greedy", "--speculative", "mtp", "--cuda-graph")
+    for device in ("cuda", "cpu"):
+        monkeypatch.setattr(cli, "device_option", lambda flag, value, device=device: torch.device(device))
+        code, out, err = run(capsys, path, *argv, "--device", device)
+        assert code == 2 and out == "", err
+        assert "--cuda-graph does not work with --speculative mtp" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_streaming_never_prints_the_start_of_a_stop_string_ending_in_a_multibyte_character(capsys):
+    """A stop string whose last character spans several tokens: while that character was incomplete, its
+    replacement character took the held-back place, and the stop's first characters were printed ("b" of
+    "bß", the space of " 😀"). What streams is exactly the text, cut before the stop."""
+    from hybridlm.cli.generate import _Completion
+
+    for stop, text in (("bß", "abßc"), (" 😀", "x 😀y"), ("\n€", "q\n\n€")):
+        row = _Completion(ByteTokenizer(), [stop], stream=True, heading="> ")
+        for t in text.encode():
+            if row.add(t):
+                break
+        row.finish()
+        want = text[: text.find(stop)]
+        assert row.text == want and capsys.readouterr().out == "> " + want, stop

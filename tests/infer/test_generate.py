@@ -299,3 +299,23 @@ def test_settings_beyond_float32s_range_sample_without_nan():
         sampler = Sampler(temperature=1.0, repetition_penalty=penalty, seed=0)
         sampler.observe([[0, 1, 2, 3], [0, 1, 2, 3]], 4, "cpu")
         assert all(0 <= t < 4 for t in sampler(logits).tolist())
+
+
+def test_a_float64_models_greedy_pick_is_its_float64_argmax():
+    """Two logits closer than float32 can tell apart: a float64 model's greedy token is the argmax of its float64
+    logits (as its full forward, and the speculative path, pick), not of the logits rounded to float32 (a tie,
+    which went to the lower id)."""
+    model = HybridLM(tiny_config("M*/[*-]"), seed=0, dtype=torch.float64).eval()
+    prompt = [5, 17, 3]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+        best = int(logits.argmax())
+        other = next(j for j in range(best) if j not in prompt)  # a lower id (the best is not id 0 here)
+        # The other token's logit just below the best's: (1 - 1e-12) times it, the same number in float32.
+        model.lm_head.weight[other] = model.lm_head.weight[best] * (1 - 1e-12 * logits[best].sign())
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    assert int(logits.argmax()) == best and logits[other] < logits[best]
+    assert logits.float()[other] == logits.float()[best]  # tied in float32
+    for use_cache in (True, False):
+        assert generate(model, prompt, 1, use_cache=use_cache) == [best]
+    assert generate(model, prompt, 1, speculative="mtp") == [best]

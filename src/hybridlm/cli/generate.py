@@ -58,8 +58,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 class _Completion:
     """One row's text as tokens arrive: cut at the first stop string, optionally streamed to stdout.
 
-    While streaming, the last ``len(longest stop) - 1`` characters are held back (they may begin a
-    stop string), as is a trailing replacement character (an incomplete UTF-8 sequence).
+    While streaming, a trailing replacement character (an incomplete UTF-8 sequence) is held back, and
+    the ``len(longest stop) - 1`` characters before it (with the character it becomes, they may make a
+    stop string).
 
     Each token decodes only the ids after a settled point (at most ``2 * WINDOW``), not the whole
     completion, which made a long completion quadratic (8,000 tokens: 0.55 ms a token).
@@ -121,9 +122,13 @@ class _Completion:
             text, self.stopped = text[: min(cuts)], True
         self.text = text
         if self.stream:
-            safe = len(text) if self.stopped else len(text) - self.hold
-            while safe > self.shown and text[safe - 1] == "\ufffd" and not self.stopped:
-                safe -= 1
+            safe = len(text)
+            if not self.stopped:
+                # A trailing replacement character may be an incomplete character, which may end a stop
+                # string: it waits, and the characters held back for the stops are counted before it.
+                while safe > self.shown and text[safe - 1] == "\ufffd":
+                    safe -= 1
+                safe -= self.hold
             self._show(safe)
         return self.stopped
 
@@ -191,6 +196,10 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
+        (  # generate() refuses the pair whatever the device: here before the device is asked for
+            not (args.speculative and args.cuda_graph),
+            "--cuda-graph does not work with --speculative mtp: leave one out",
+        ),
     )
     for ok, message in checks:
         if not ok:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
 
 #: ``callback(row, token)`` is called for every new token; returning True stops that row.
@@ -129,7 +130,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) -> (B,) int64 token ids."""
-        logits = logits.float()
+        # float32 (bf16 logits), float64 in a float64 model: rounding its logits to float32 made near-tied
+        # ones equal, and argmax then took the lower id where the full forward (and speculation) did not.
+        logits = logits.to(accumulation_dtype(logits))
         if self.seen is not None:
             penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
             # A penalty beyond float32's range (1e-300, 1e300) divides by 0 or multiplies by inf: the logits become
