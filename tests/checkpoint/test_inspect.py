@@ -250,3 +250,24 @@ def test_a_checkpoint_with_a_tensor_that_is_not_floating_point_is_refused_as_loa
         hybridlm.load(path, verify=False)
     assert main(["inspect", str(path)]) == 2
     assert "not floating point: embeddings.weight (torch.int64)" in capsys.readouterr().err
+
+
+def test_a_header_shape_torch_cannot_hold_is_listed_in_a_file_and_refused_by_name_in_a_checkpoint(tmp_path, capsys):
+    """A zero-element tensor whose other dimensions overflow torch's strides is valid safetensors: stand-in meta
+    tensors were built for every file (only the checkpoint kinds use them), and torch's RuntimeError escaped
+    inspect of a plain safetensors file; in a checkpoint it is refused by name, as a CheckpointError."""
+    import struct
+
+    def write(file, header):
+        raw = json.dumps(header).encode()
+        file.write_bytes(struct.pack("<Q", len(raw) + -len(raw) % 8) + raw + b" " * (-len(raw) % 8))
+
+    odd = {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}
+    write(tmp_path / "w.safetensors", {"w": odd})
+    info = describe(tmp_path / "w.safetensors")
+    assert (info["kind"], info["tensors"], info["parameters"]) == ("safetensors file", 1, 0)
+    path = hybridlm.save(tiny(), tmp_path / "ck")
+    (path / "model.safetensors").unlink()
+    write(path / "model.safetensors", {"embeddings.weight": odd})
+    with pytest.raises(CheckpointError, match=r"embeddings\.weight has shape \[0, 1099511627776, 1099511627776\]"):
+        describe(path)

@@ -195,6 +195,64 @@ def test_a_scheduler_other_than_lambda_lr_gets_its_whole_state_back(tmp_path):
     assert fresh_sched.last_epoch == 5 and fresh_sched.get_last_lr() == sched.get_last_lr() == [1e-2 / 4]
 
 
+def _sequential(opt):
+    S = torch.optim.lr_scheduler
+    return S.SequentialLR(opt, [S.LinearLR(opt, 0.5, total_iters=2), S.ExponentialLR(opt, 0.9)], milestones=[2])
+
+
+_OTHER_SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10),
+    "MultiplicativeLR": lambda opt: torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda e: 0.9),
+    "SequentialLR": _sequential,
+}
+
+
+@pytest.mark.parametrize("kind", list(_OTHER_SCHEDULERS))
+def test_a_scheduler_other_than_lambda_lr_continues_at_the_saved_learning_rate(tmp_path, kind):
+    """Only a LambdaLR computes its rate from the optimizer's base rates; the others step from the rate the
+    optimizer holds, which a resume left at the fresh optimizer's (a StepLR at 1e-2 where it was 2.5e-3), and a
+    MultiplicativeLR (it has lr_lambdas too) was put at base * lambda(epoch), one factor for all its steps."""
+    model, opt, _ = make("M-")
+    sched = _OTHER_SCHEDULERS[kind](opt)
+    for ids in batches(5):
+        step(model, opt, ids)
+        sched.step()
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=5)
+    fresh, fresh_opt, _ = make("M-", seed=3)
+    fresh_sched = _OTHER_SCHEDULERS[kind](fresh_opt)
+    load_training_state(path, fresh, fresh_opt, fresh_sched)
+    for _ in range(3):
+        assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        assert fresh_sched.get_last_lr() == sched.get_last_lr()
+        for o, s in ((opt, sched), (fresh_opt, fresh_sched)):
+            o.step()
+            s.step()
+
+
+def test_a_scheduler_entry_its_own_load_state_dict_refuses_is_a_damaged_checkpoint(tmp_path):
+    """A scheduler other than LambdaLR takes its entry through its own load_state_dict, which was called only
+    after DCP had filled the model and optimizer: its KeyError escaped as such (the resume did not fall back to
+    an older checkpoint) with the model and optimizer already overwritten."""
+    from hybridlm.checkpoint.training_state import TRAINER_STATE
+
+    model, opt, _ = make("M-")
+    sched = _sequential(opt)
+    step(model, opt, batches(1)[0])
+    sched.step()
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    del state["scheduler"]["_schedulers"]
+    (path / TRAINER_STATE).write_text(json.dumps(state))
+    other, other_opt, _ = stepped("M-", seed=5)
+    other_sched = _sequential(other_opt)
+    other_sched.step()
+    check = untouched(other, other_opt, other_sched)
+    with pytest.raises(CheckpointError, match=r"damaged scheduler state in trainer_state\.json.*_schedulers"):
+        load_training_state(path, other, other_opt, other_sched)
+    check()
+
+
 @pytest.mark.parametrize("damage", ["python", "python, no object", "torch"])
 def test_a_damaged_rng_state_is_refused_by_name_before_anything_is_loaded(tmp_path, damage):
     """Refused before DCP fills the model and optimizer in place (and before Python's RNG was set, when torch's
@@ -354,7 +412,9 @@ def test_a_failed_load_leaves_the_optimizer_as_it_was(tmp_path):
     assert len(fresh_opt.state) == 0
 
 
-@pytest.mark.parametrize("value", [None, {"last_epoch": "three"}, {"_step_count": 1}, 5, [2], "2"])
+@pytest.mark.parametrize(
+    "value", [None, {"last_epoch": "three"}, {"_step_count": 1}, 5, [2], "2", {"last_epoch": float("inf")}]
+)
 def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp_path, value):
     """``"scheduler": null`` is no scheduler state (the scheduler keeps its own); a position that is no integer
     or is missing, or an entry that is no JSON object, is a damaged file, named (not a schedule silently

@@ -328,3 +328,19 @@ def test_a_lock_without_a_start_naming_this_process_is_taken_over(tmp_path):
     run.mkdir()
     (run / rundir.LOCK_FILE).write_text(f"{os.getpid()} {socket.gethostname()}")
     assert not _claim_refused(run)
+
+
+def test_a_damaged_data_position_leaves_nothing_of_its_checkpoint_behind(tmp_path):
+    """The data position was checked after the newest checkpoint had loaded: its moments stayed in the optimizer
+    when the fallback then loaded a checkpoint saved before the first step (which holds none, and so leaves the
+    optimizer as it is), and the resumed run trained on from another run's moments."""
+    import json
+
+    run = tiny_run("train.steps=2", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    trainer = Trainer(run, run_dir=tmp_path / "r", progress=False)
+    trainer.save_checkpoint()  # step 0: no optimizer state
+    trainer.run_loop()
+    file = tmp_path / "r" / "checkpoints" / "step-000002" / "trainer_state.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | {"data_position": {"rows": -1, "seq_len": 64}}))
+    resumed = Trainer(tiny_run("train.steps=4"), run_dir=tmp_path / "r", resume=True, progress=False)
+    assert resumed.step == 0 and len(resumed.optimizer.state) == 0

@@ -124,14 +124,25 @@ def describe(path: str | Path) -> dict[str, Any]:
     shapes = summary.pop("shapes")
     # From the headers, as a load checks them: our names, shapes and dtypes; an import's dtypes (MTP layers aside, as
     # it drops them). Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
-    tensors = {k: torch.empty(s, dtype=_DTYPES.get(c, torch.float32), device="meta") for k, (s, c) in shapes.items()}
     if info["kind"] == "hybridlm checkpoint":
-        check_fit(tensors, meta_shapes(model), str(path))
+        check_fit(_stand_ins(shapes, path), meta_shapes(model), str(path))
     elif info["kind"] == f"Hugging Face {HF_MODEL_TYPE}" and (
-        odd := not_floating({k: t for k, t in tensors.items() if not _MTP.match(k)})
+        odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if not _MTP.match(k)}, path))
     ):
         raise CheckpointError(f"{path}: {odd[0]}")
     return {**info, "files": [f.name for f in files], **summary}
+
+
+def _stand_ins(shapes: dict[str, tuple[tuple[int, ...], str]], path: Path) -> dict[str, torch.Tensor]:
+    """Meta tensors of the headers' ``{name: (shape, dtype code)}``; only checkpoints need them: a zero-element
+    shape whose other dimensions overflow torch's strides is valid safetensors, and refused by name here."""
+    tensors = {}
+    for k, (s, c) in shapes.items():
+        try:
+            tensors[k] = torch.empty(s, dtype=_DTYPES.get(c, torch.float32), device="meta")
+        except RuntimeError:
+            raise CheckpointError(f"{path}: {k} has shape {list(s)}, which torch cannot hold") from None
+    return tensors
 
 
 def _human(n: float) -> str:

@@ -86,11 +86,35 @@ def _tensors_only(states: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scheduler_setter(scheduler: Any, saved: Any) -> Callable[[], None]:
-    """What puts ``scheduler`` at the saved position, ``saved`` checked now (KeyError, TypeError, ValueError). A
-    LambdaLR (hybridlm's schedules) takes only the position, its rates coming from the optimizer's base rates: a
-    changed ``optim.lr`` applies (unchanged: bitwise the saved)."""
-    if not hasattr(scheduler, "lr_lambdas"):
-        return functools.partial(scheduler.load_state_dict, dict(saved))
+    """What puts ``scheduler`` at the saved position, ``saved`` checked now (KeyError, TypeError, ValueError,
+    OverflowError). A LambdaLR (hybridlm's schedules) takes only the position, its rates coming from the
+    optimizer's base rates: a changed ``optim.lr`` applies (unchanged: bitwise the saved). Any other scheduler
+    steps from the rates the optimizer holds: it takes its whole entry (tried on it now and put back) and the
+    optimizer its last rates."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        entry = dict(saved)
+        if hasattr(scheduler, "lr_lambdas"):  # a MultiplicativeLR: its functions are code, left out when saved
+            entry.setdefault("lr_lambdas", [None] * len(scheduler.lr_lambdas))
+        optimizer = getattr(scheduler, "optimizer", None)
+        lrs = entry.get("_last_lr") if hasattr(optimizer, "param_groups") else None
+        if lrs is not None and not (
+            isinstance(lrs, list)
+            and len(lrs) == len(optimizer.param_groups)
+            and all(type(lr) in (int, float) for lr in lrs)
+        ):
+            raise ValueError(f"_last_lr is not one rate per parameter group: {lrs!r}")
+        before = scheduler.state_dict()
+        try:
+            scheduler.load_state_dict(dict(entry))
+        finally:
+            scheduler.load_state_dict(before)
+
+        def put_whole() -> None:
+            scheduler.load_state_dict(dict(entry))
+            for group, lr in zip(optimizer.param_groups if lrs else [], lrs or []):  # (new groups since DCP)
+                group["lr"] = lr
+
+        return put_whole
     epoch = int(saved["last_epoch"])
     count = int(saved.get("_step_count", epoch + 1))
     lrs = [base * lam(epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
@@ -229,7 +253,7 @@ def _load_training_state(
     if scheduler is not None and extra.get("scheduler") is not None:  # null: saved without a scheduler
         try:
             puts.append(_scheduler_setter(scheduler, extra["scheduler"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # (int(Infinity))
             raise CheckpointError(f"{path}: damaged scheduler state in {TRAINER_STATE} ({e!r})") from None
     py, rank = extra.get("rng_python", {}), str(dist.get_rank() if _distributed() else 0)
     try:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.io import full_cpu, refuse_losing_checkpoint, remove_directory
-from ..checkpoint.training_state import load_training_state, save_training_state
+from ..checkpoint.training_state import load_training_state, read_trainer_state, save_training_state
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM, combine_losses, label_counts
@@ -352,9 +352,10 @@ class Trainer:
 
             # The newest checkpoint that loads (a damaged one is skipped with a warning).
             def load(path: Path) -> dict[str, Any]:  # a damaged data position, too, skips to an older one
-                state = load_training_state(path, self.model, self.optimizer, self.scheduler)
-                _data_position(state.get("data_position"), path)
-                return state
+                # Checked before the load: refused after it, the checkpoint's moments stayed in the optimizer
+                # where the older one the fallback loads holds none (saved before the first step).
+                _data_position(read_trainer_state(path).get("data_position"), path)
+                return load_training_state(path, self.model, self.optimizer, self.scheduler)
 
             state, loaded = load_newest(list_checkpoints(self.run_dir / CHECKPOINTS), load)
             self.step = int(state["step"])
