@@ -157,3 +157,24 @@ def test_pattern_plot_labels_each_rank_with_the_layers_the_flag_gave_it(tmp_path
         start = texts.index("canonical layers") + 1
         assert texts[start : start + 3] == [*counts, " mean"], texts
     capsys.readouterr()
+
+
+def test_pattern_plot_warns_about_an_automatic_split_once(tmp_path, caplog, capsys):
+    """The table and the plot both lay the ranks out; the deprecation (and the fused-group warning) is said once."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hybridlm.pattern"):
+        assert main(["pattern", "M[M-]MM", "--pp", "2", "--plot", str(tmp_path / "p.svg")]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("DEPRECATION" in m for m in said) == 1, said
+    assert sum("counts a fused block as one block" in m for m in said) == 1, said
+    capsys.readouterr()
+
+
+def test_an_automatic_split_that_leaves_a_rank_empty_blames_the_stage_sizes_not_pipes(capsys):
+    """No '|' in the pattern: the empty middle ranks come from --first/--last-stage-layers, not from '|'s."""
+    assert main(["pattern", "MMMM", "--pp", "4", "--first-stage-layers", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ranks 1, 2 hold no layers" in out
+    assert "between '|'s" not in out
+    assert "--first-stage-layers / --last-stage-layers" in out

@@ -239,3 +239,26 @@ def test_the_summary_claims_a_gain_only_where_the_plan_beats_the_even_split():
     )
     better = plan_pipeline(ModelConfig.preset("nemotron-h-8b"), 4, seq_len=8192)
     assert re.fullmatch(r"slowest stage vs the even split: 1\.\d{3}x faster", better.render().splitlines()[-1])
+
+
+@pytest.mark.parametrize("pattern, tie", [("M-M-", True), ("M-M-/-", False)])
+def test_one_rank_holding_the_first_and_last_segment_holds_the_embedding_once(pattern, tie):
+    """pp 1 x vpp 2: the one rank holds the embedding (segment 0) and the tied head / MTP depths (the last
+    segment); the embedding those share is one tensor on that rank, so its state counts it once."""
+    config = tiny_config(pattern, tie_embeddings=tie)
+    plan = plan_pipeline(config, 1, 2, seq_len=16)
+    total = float(HybridLM(config, device="meta").num_params())
+    assert plan.costs.shared_embedding_params > 0
+    assert plan.rank_memory()[0]["state_bytes"] == total * plan.costs.state_bytes_per_param
+
+
+def test_the_params_column_tells_small_stages_apart():
+    """A tiny model's stages hold tens of thousands of parameters: '0.0M' / '0.1M' for all of them hid them."""
+    plan = plan_pipeline(tiny_config("M-M-[*E]M-"), 2, seq_len=16)
+    rows = [line.split() for line in plan.render().splitlines() if re.match(r"^[01]\s+[01]\s+0\s+\d+-\d+", line)]
+    assert len(rows) == 2
+    shown = [r[6] for r in rows]
+    for s, text in zip(plan.stages, shown):
+        assert not text.startswith("0."), shown
+        assert math.isclose(float(text.rstrip("KMB")) * {"K": 1e3, "M": 1e6, "B": 1e9}[text[-1]],
+                            s.memory["params"], rel_tol=0.005)  # fmt: skip

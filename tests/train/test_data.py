@@ -716,3 +716,111 @@ def test_an_empty_source_is_refused_not_read_as_the_current_directory(tmp_path, 
     for source in ("", "  "):
         with pytest.raises(DataError, match=r"^source: empty; name a \.txt or \.jsonl file or folder"):
             load_corpus(source, ByteTokenizer(), key="source")
+
+
+def test_an_end_of_document_token_past_the_vocabulary_is_refused_when_the_tokenizer_loads(tmp_path):
+    """A tokenizer.json whose ids have gaps may hold its end-of-document token at or past its number of tokens:
+    the id went into every document unchecked (past 65,535 an OverflowError; below, an id the embedding lacks)."""
+    _word_level({"a": 0, "b": 1, "<|endoftext|>": 3}, tmp_path / "gap.json", unk="a")
+    with pytest.raises(DataError, match=r"gap\.json: end-of-document token '<\|endoftext\|>' has id 3, past the"):
+        HFTokenizer(tmp_path / "gap.json")
+    _word_level({"a": 0, "b": 1, "</s>": 70000}, tmp_path / "far.json", unk="a")
+    with pytest.raises(DataError, match=r"far\.json: end-of-document token '</s>' has id 70000, past the"):
+        build_tokenizer(str(tmp_path / "far.json"), eos_token="</s>")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 a zip archive, as np.savez writes"])
+def test_a_truncated_or_foreign_docs_npy_is_named(tmp_path, content):
+    """An empty docs.npy (a copy cut short) raised EOFError, a zip archive AttributeError: neither named the file."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    if content:
+        np.savez(tmp_path / "z.npz", docs=np.array([0, 8]))
+        content = (tmp_path / "z.npz").read_bytes()
+    (tmp_path / "prep" / "docs.npy").write_bytes(content)
+    with pytest.raises(DataError, match=r"prep: not a prepared corpus \(docs\.npy"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_a_prepared_corpus_without_its_meta_json_is_named_as_one(tmp_path):
+    """Token files without meta.json were read as a text folder: "no .txt or .jsonl files under" it."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    (tmp_path / "prep" / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"prep: not a prepared corpus \(.*meta\.json"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_a_text_file_that_is_not_utf8_names_its_line_and_column(tmp_path):
+    """The error gave the byte's offset in the whole file (after a byte-order mark), not a line to open."""
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfline one\r\nline two\nthree \xff here\n")
+    with pytest.raises(DataError, match=r"a\.txt:3: not UTF-8 \(byte 0xff at column 7\)"):
+        list(text_documents(str(tmp_path / "a.txt")))
+
+
+def test_a_source_without_documents_is_named_by_its_path(tmp_path):
+    """A JSON Lines file of blank lines alone was refused as "the corpus has no documents", naming no file."""
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match=r"^source: \S*blank\.jsonl: the corpus has no documents"):
+        load_corpus(str(tmp_path / "blank.jsonl"), ByteTokenizer(), key="source")
+
+
+def test_unsigned_document_offsets_out_of_order_are_refused(tmp_path):
+    """np.diff of unsigned offsets wraps around: 10 then 5 passed the order check as a step of 2**64 - 5."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["hello", "world", "x"], tok), tmp_path / "prep", tok, "test")
+    np.save(tmp_path / "prep" / "docs.npy", np.array([0, 10, 5, 14], dtype=np.uint64))
+    with pytest.raises(DataError, match=r"docs\.npy must hold non-decreasing document offsets from 0"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+@pytest.mark.parametrize(
+    "name, cut",
+    [("meta.json", 30), ("docs.npy", -5), ("docs.npy", 20), ("tokens.bin", -1)],
+)
+def test_a_prepared_file_cut_short_is_named(tmp_path, name, cut):
+    """A file cut short (a copy interrupted) was reported by the reader's own words alone ("Unterminated string
+    starting at: line 2 column 13", "Size of available data is not a multiple ..."), naming no file."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["hello", "world", "x"], tok), tmp_path / "prep", tok, "test")
+    path = tmp_path / "prep" / name
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(DataError, match=rf"prep: not a prepared corpus \({re.escape(name)}: "):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_unsigned_document_offsets_read_as_any_other(tmp_path):
+    """Offsets written as uint64 (another tool's) passed the checks, but a split's rows then added uint64 offsets
+    to int64 positions: numpy made them float64, which cannot index the tokens."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["hello", "world", "x" * 40], tok), tmp_path / "prep", tok, "test")
+    starts = np.load(tmp_path / "prep" / "docs.npy")
+    np.save(tmp_path / "prep" / "docs.npy", starts.astype(np.uint64))
+    stream = load_corpus(str(tmp_path / "prep"), tok)
+    train, _ = split(stream, 0.3, seed=0)
+    rows = PackedRows(train, 4).rows(np.arange(2))
+    assert rows["input_ids"].dtype == torch.int64 and rows["input_ids"].shape == (2, 4)
+
+
+def test_a_file_of_a_prepared_corpus_is_refused_as_text(tmp_path):
+    """data.source=OUT/tokens.bin (the file, not its folder) was read as one text document: a byte tokenizer's
+    uint16 ids of ASCII text are valid UTF-8 ('h', NUL, 'e', NUL, ...), so training went on, on that."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["hello", "world"], tok), tmp_path / "prep", tok, "test")
+    for name in ("tokens.bin", "docs.npy"):
+        with pytest.raises(DataError, match=rf"data\.source: \S*{name} is a file of the prepared corpus \S*prep; nam"):
+            load_corpus(str(tmp_path / "prep" / name), tok)
+
+
+def test_prepare_from_a_prepared_corpus_of_another_tokenizer_names_its_flags(tmp_path, capsys):
+    """prepare's refusal named data.tokenizer and data.eos_token, settings of train, not its own flags."""
+    from hybridlm.cli import main
+
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["a b", "b a"], tok), tmp_path / "prep", tok, "test")
+    _word_level({"<|endoftext|>": 0, "a": 1, "b": 2}, tmp_path / "w.json")
+    assert (
+        main(["prepare", str(tmp_path / "prep"), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "w.json")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "but --tokenizer has vocab 3 (eos 0)" in err and "data.tokenizer" not in err, err

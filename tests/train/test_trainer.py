@@ -486,3 +486,18 @@ def test_an_init_std_that_overflows_the_weights_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.init_std: 1e\+308 makes the initial weights overflow to inf"):
         Trainer(tiny_run("model.init_std=1e308"), run_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_training_split_shorter_than_a_row_says_the_split_took_it(tmp_path):
+    """Where data.val_fraction holds out the long documents, the training split is short though the corpus is
+    not: the error said only to shorten data.seq_len, not that the split (fraction, seed) took the text."""
+    from hybridlm.train.data import load_corpus, split
+    from hybridlm.train.tokenizer import ByteTokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a" * 200, "b", "c", "d"]))
+    stream = load_corpus(str(corpus), ByteTokenizer())
+    seed = next(s for s in range(100) if split(stream, 0.25, s)[1].num_tokens > 100)  # the long one held out
+    run = tiny_run("train.device=cpu", f"data.source={corpus}", "data.val_fraction=0.25", f"data.seed={seed}")
+    with pytest.raises(DataError, match=r"the training split \(6 tokens in 3 document\(s\)\).*lower data\.val_"):
+        Trainer(run, run_dir=tmp_path / "run", progress=False)

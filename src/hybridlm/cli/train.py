@@ -103,7 +103,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
     prepared_destination(args.out, args.source)  # a destination it may not replace: refused before tokenizing
-    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True, key="source")
+    flags = ("--tokenizer", "--eos-token")
+    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True, key="source", tokenizer_keys=flags)
     out = write_prepared(stream, args.out, tokenizer, args.source)
     tokens, docs = stream.num_tokens, stream.num_docs
     print(f"wrote {tokens:,} token{'s' * (tokens != 1)} of {docs:,} document{'s' * (docs != 1)} to {out}")

@@ -31,11 +31,16 @@ class BlockRow:
 
 
 def pipeline_plan(
-    p: HybridPattern, pp_size: int, first_stage_layers: int | None = None, last_stage_layers: int | None = None
+    p: HybridPattern,
+    pp_size: int,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    warn: bool = True,
 ) -> list[tuple[int, int | None, int, int]]:
     """Every (rank, vp_stage, block_start, block_stop) of a pipeline of ``pp_size`` ranks.
 
-    Virtual stages come from the ``|`` segments: ``len(segments) // pp_size`` per rank.
+    Virtual stages come from the ``|`` segments: ``len(segments) // pp_size`` per rank. ``warn=False``
+    silences the automatic-split warnings (for a second layout of a split already reported).
     """
     n_seg = len(p.segments)
     vps: list[int | None] = [None]
@@ -48,7 +53,7 @@ def pipeline_plan(
     for vp in vps:
         for rank in range(pp_size):
             # Warn (about an automatic split) once, not once per rank.
-            st = select_stage(p, rank, pp_size, vp, first_stage_layers, last_stage_layers, warn=not plan)
+            st = select_stage(p, rank, pp_size, vp, first_stage_layers, last_stage_layers, warn=warn and not plan)
             plan.append((rank, vp, st.block_offset, st.block_offset + st.num_blocks))
     return plan
 
@@ -142,10 +147,16 @@ def render(
         # The first and last ranks hold the embedding and the head; a rank between them may hold nothing.
         empty = sorted({r for r, *_ in plan} - {r for r, _, a, b in plan if b > a} - {0, pp_size - 1})
         if empty:
+            # Without '|' only the stage sizes of the automatic split can leave a middle rank empty.
+            if len(p.segments) > 1:
+                cause = "an empty segment between '|'s"
+            elif not p.num_blocks:
+                cause = "the main stack has no blocks"
+            else:
+                cause = "--first-stage-layers / --last-stage-layers leave them none"
             lines.append(
                 f"  {'ranks' if len(empty) > 1 else 'rank'} {', '.join(map(str, empty))} "
-                f"{'hold' if len(empty) > 1 else 'holds'} no layers (an empty segment between '|'s): "
-                "hybridlm train refuses this split"
+                f"{'hold' if len(empty) > 1 else 'holds'} no layers ({cause}): hybridlm train refuses this split"
             )
     return "\n".join(lines)
 

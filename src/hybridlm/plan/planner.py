@@ -75,6 +75,11 @@ class Plan:
         for r in range(self.pp):
             mine = [s for s in self.stages if s.pp_rank == r]
             state = sum(s.memory["state_bytes"] for s in mine)
+            indices = {s.index for s in mine}
+            if len(mine) > 1 and {0, len(self.stages) - 1} <= indices:
+                # One rank (pp 1) holds the first and the last segment: the embedding the last stage
+                # shares (tied head, MTP) is the one the first stage holds, counted there already.
+                state -= self.costs.shared_embedding_params * self.costs.state_bytes_per_param
             n = in_flight(r, self.pp, self.vpp)
             act = sum(s.memory["act_bytes"] for s in mine) / len(mine)
             ckpt = sum(s.memory["act_bytes_ckpt"] for s in mine) / len(mine)
@@ -193,7 +198,10 @@ def _gib(nbytes: float) -> str:
 
 
 def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    # Thousands below a million: a tiny model's stages would all read "0.0M".
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def _table(rows: list[list[str]]) -> list[str]:

@@ -191,7 +191,8 @@ def plot_pattern_cli(
         return plot_pattern(p, path)
     from ..pattern.table import pipeline_plan
 
-    plan = pipeline_plan(p, pp, first_stage_layers, last_stage_layers)
+    # The table laid these ranks out already and said any automatic-split warning: not twice.
+    plan = pipeline_plan(p, pp, first_stage_layers, last_stage_layers, warn=False)
     labels = [f"rank {r}" + ("" if vp is None else f" vp {vp}") for r, vp, _, _ in plan]
     order = sorted(range(len(plan)), key=lambda i: plan[i][2])  # by first block
     return plot_pattern(p, path, [plan[i][2:] for i in order], stage_labels=[labels[i] for i in order])

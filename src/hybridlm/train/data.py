@@ -115,6 +115,8 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
     path = Path(source)
     if not path.exists():
         raise DataError(f"{key}: {source} does not exist")
+    if not path.is_dir() and path.name in PREPARED_FILES and is_prepared(path.parent):  # its ids, read as text
+        raise DataError(f"{key}: {source} is a file of the prepared corpus {path.parent}; name the folder")
     files = _text_files(path) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{key}: no .txt or .jsonl files under {source}")
@@ -130,7 +132,10 @@ def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str]:
         else:
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not text
                 yield file.read_text(encoding="utf-8-sig")
-            except UnicodeDecodeError as e:
+            except UnicodeDecodeError as e:  # name the line: one line at a time finds it
+                raw = file.read_bytes().removeprefix(codecs.BOM_UTF8)
+                for line_no, line in enumerate(raw.splitlines(), start=1):  # as the JSON Lines reader counts
+                    decode_line(line, f"{file}:{line_no}")
                 raise DataError(f"{file}: not UTF-8 text ({e})") from None
 
 
@@ -164,8 +169,10 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             yield text
 
 
-def tokenize_documents(docs: Iterable[str], tokenizer, progress: bool = False) -> TokenStream:
-    """Tokenize ``docs``, appending the end-of-document token to each."""
+def tokenize_documents(
+    docs: Iterable[str], tokenizer, progress: bool = False, where: str = "the corpus"
+) -> TokenStream:
+    """Tokenize ``docs``, appending the end-of-document token to each; ``where`` names them in errors."""
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     chunks, lengths = [], []
     if progress:
@@ -178,7 +185,7 @@ def tokenize_documents(docs: Iterable[str], tokenizer, progress: bool = False) -
         chunks.append(np.asarray(ids, dtype=dtype))
         lengths.append(len(ids))
     if not chunks:
-        raise DataError("the corpus has no documents")
+        raise DataError(f"{where} has no documents")
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return TokenStream(np.concatenate(chunks), starts)
 
@@ -241,6 +248,7 @@ def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> N
 
 def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     path = Path(path)
+    reading = PREPARED_META  # the file being read, which an error names (the readers' own words do not)
     try:
         meta = json.loads((path / PREPARED_META).read_text())
         if not isinstance(meta, dict):
@@ -254,12 +262,20 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         dtype = np.dtype(meta["dtype"])
         if dtype.kind not in "ui":  # ids: "float16" has uint16's size and would read every id as another
             raise ValueError(f"{PREPARED_META}: dtype must be an integer type, got {meta['dtype']!r}")
+        reading = PREPARED_TOKENS
         tokens = np.memmap(path / PREPARED_TOKENS, dtype=dtype.newbyteorder("<"), mode="r")
-        starts = np.load(path / PREPARED_DOCS)
+        reading = PREPARED_DOCS
+        try:
+            starts = np.load(path / PREPARED_DOCS)
+        except EOFError:  # an empty file (a copy cut short)
+            raise ValueError("empty") from None
+        if not isinstance(starts, np.ndarray):  # a .npz archive under the name
+            raise ValueError(f"holds a {type(starts).__name__}, not one array")
     except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: not a prepared corpus ({e})") from None
+        said = str(e) if str(e).startswith(reading) else f"{reading}: {e}"
+        raise DataError(f"{path}: not a prepared corpus ({said})") from None
     ordered = starts.ndim == 1 and len(starts) >= 2 and np.issubdtype(starts.dtype, np.integer)
-    if not (ordered and starts[0] == 0 and bool(np.all(np.diff(starts) >= 0))):
+    if not (ordered and starts[0] == 0 and bool(np.all(starts[1:] >= starts[:-1]))):  # (np.diff of uints wraps)
         raise DataError(
             f"{path}: {PREPARED_DOCS} must hold non-decreasing document offsets from 0 to the token count "
             f"(got a {starts.dtype} array of shape {starts.shape})"
@@ -277,18 +293,17 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
             f"{path}: {PREPARED_TOKENS} holds ids from {low} to {high}, outside the vocabulary of "
             f"{meta['vocab_size']} that {PREPARED_META} records"
         )
-    return TokenStream(tokens, starts), meta
+    return TokenStream(tokens, starts.astype(np.int64)), meta  # (uint64 + int64 positions would be float64)
 
 
 def is_prepared(path: Path) -> bool:
     """Whether :func:`load_corpus` reads folder ``path`` as a prepared corpus. A folder of text may hold a meta.json
-    of its own: it is read as prepared only with token files, or without text (where a damaged prepared corpus is
-    named as one)."""
-    return (
-        path.is_dir()
-        and (path / PREPARED_META).exists()
-        and (any((path / f).exists() for f in PREPARED_FILES) or not _text_files(path))
-    )
+    of its own: it is read as prepared only with token files, or without text; token files without text are one
+    too, its meta.json lost (a damaged prepared corpus is named as one)."""
+    if not path.is_dir():
+        return False
+    has_meta, has_tokens = (path / PREPARED_META).exists(), any((path / f).exists() for f in PREPARED_FILES)
+    return (has_meta and has_tokens) or ((has_meta or has_tokens) and not _text_files(path))
 
 
 def check_outside_text_folder(folder: Path, source: str) -> None:
@@ -305,9 +320,15 @@ def check_outside_text_folder(folder: Path, source: str) -> None:
 
 
 def load_corpus(
-    source: str, tokenizer, jsonl_field: str = "text", progress: bool = False, key: str = "data.source"
+    source: str,
+    tokenizer,
+    jsonl_field: str = "text",
+    progress: bool = False,
+    key: str = "data.source",
+    tokenizer_keys: tuple[str, str] = ("data.tokenizer", "data.eos_token"),
 ) -> TokenStream:
-    """The tokens of ``source`` (named ``key`` in errors): a built-in corpus, a prepared folder, or text files."""
+    """The tokens of ``source`` (named ``key`` in errors): a built-in corpus, a prepared folder, or text files.
+    ``tokenizer_keys``: the settings of the tokenizer and its end-of-document token, as errors name them."""
     if not source.strip():  # Path("") is the current directory: every .txt under it would be read
         raise DataError(f"{key}: empty; name a .txt or .jsonl file or folder, a prepared folder, or builtin:pydoc")
     if source.startswith("builtin:"):
@@ -316,18 +337,19 @@ def load_corpus(
     if is_prepared(path):
         stream, meta = read_prepared(path)
         if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
-            hint = ", set by data.eos_token" if meta["vocab_size"] == tokenizer.vocab_size else ""
+            hint = f", set by {tokenizer_keys[1]}" if meta["vocab_size"] == tokenizer.vocab_size else ""
             raise DataError(
                 f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
-                f"data.tokenizer has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint})"
+                f"{tokenizer_keys[0]} has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint})"
             )
         # The folder keeps the tokenizer's files: another one of the same size would map ids to other text.
         for name, content in tokenizer.files().items():
             kept = path / name
             if kept.is_file() and kept.read_bytes() != (content.encode() if isinstance(content, str) else content):
-                raise DataError(f"{path}: prepared with another tokenizer ({name} differs from data.tokenizer's)")
+                raise DataError(f"{path}: prepared with another tokenizer ({name} differs from {tokenizer_keys[0]}'s)")
         return stream
-    return tokenize_documents(text_documents(source, jsonl_field, key), tokenizer, progress)
+    docs = text_documents(source, jsonl_field, key)
+    return tokenize_documents(docs, tokenizer, progress, f"{key}: {source}: the corpus")
 
 
 def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStream, TokenStream | None]:

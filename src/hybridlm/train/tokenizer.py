@@ -115,6 +115,12 @@ class HFTokenizer:
                 f"{self.path}: no end-of-document token found among {', '.join(candidates)}; name its own with {key}"
             )
         self.eos_id = found[0]
+        if self.eos_id >= self.vocab_size:  # (a vocabulary with gaps): every document would end in an id past it
+            name = candidates[ids.index(self.eos_id)]
+            raise DataError(
+                f"{self.path}: end-of-document token {name!r} has id {self.eos_id}, past the vocabulary's "
+                f"{self.vocab_size} tokens (its ids have gaps); hybridlm needs ids below the number of tokens"
+            )
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -281,8 +281,10 @@ class Trainer:
             "fingerprint": stream.fingerprint(),
         }
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
-        what = "the training split" if val_stream is not None else "the corpus"
-        self.train_rows = PackedRows(train_stream, run.data.seq_len, what)
+        what, fix = "the corpus", ""
+        if val_stream is not None:  # the split may have held out the long documents: say so
+            what, fix = "the training split", ", lower data.val_fraction, or choose another data.seed"
+        self.train_rows = PackedRows(train_stream, run.data.seq_len, what, fix)
         self.val_rows = None
         if val_stream is not None:  # documents held out by data.val_fraction, chosen by data.seed
             fix = ", raise data.val_fraction, or choose another data.seed"
