@@ -15,7 +15,7 @@ from hybridlm.pattern import parse
 from hybridlm.plan import estimate_costs, plan_pipeline
 from hybridlm.plan.balance import brute_force_cuts, segment_costs
 from hybridlm.plan.cost import stage_memory
-from hybridlm.plan.planner import imbalance
+from hybridlm.plan.planner import _count, imbalance
 from tests.helpers import MLA_TINY, random_pattern, tiny_config
 
 
@@ -262,3 +262,12 @@ def test_the_params_column_tells_small_stages_apart():
         assert not text.startswith("0."), shown
         assert math.isclose(float(text.rstrip("KMB")) * {"K": 1e3, "M": 1e6, "B": 1e9}[text[-1]],
                             s.memory["params"], rel_tol=0.005)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "n, shown",
+    [(999, "1.0K"), (999_949, "999.9K"), (999_999, "1.0M"), (1_000_000, "1.0M"), (999_999_999, "1.00B")],
+)
+def test_a_count_just_below_a_unit_reads_in_that_unit(n, shown):
+    """The unit was chosen on the exact count, then rounded: 999,999 parameters read "1000.0K"."""
+    assert _count(n) == shown

@@ -742,6 +742,16 @@ def test_a_truncated_or_foreign_docs_npy_is_named(tmp_path, content):
         load_corpus(str(tmp_path / "prep"), tok)
 
 
+def test_a_zip_archive_cut_short_as_docs_npy_is_named(tmp_path):
+    """A .npz archive cut short under the name raised zipfile.BadZipFile, which named no file."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    np.savez(tmp_path / "z.npz", docs=np.array([0, 8]))
+    (tmp_path / "prep" / "docs.npy").write_bytes((tmp_path / "z.npz").read_bytes()[:30])
+    with pytest.raises(DataError, match=r"prep: not a prepared corpus \(docs\.npy: "):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
 def test_a_prepared_corpus_without_its_meta_json_is_named_as_one(tmp_path):
     """Token files without meta.json were read as a text folder: "no .txt or .jsonl files under" it."""
     tok = ByteTokenizer()

@@ -198,10 +198,11 @@ def _gib(nbytes: float) -> str:
 
 
 def _count(n: float) -> str:
-    # Thousands below a million: a tiny model's stages would all read "0.0M".
-    if n >= 1e9:
+    # Thousands below a million: a tiny model's stages would all read "0.0M". The unit is chosen on the
+    # value as shown: 999,999 reads "1.0M", not "1000.0K".
+    if round(n / 1e6, 1) >= 1000:
         return f"{n / 1e9:.2f}B"
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+    return f"{n / 1e6:.1f}M" if round(n / 1e3, 1) >= 1000 else f"{n / 1e3:.1f}K"
 
 
 def _table(rows: list[list[str]]) -> list[str]:
