@@ -111,7 +111,7 @@ def _scheduler_setter(scheduler: Any, saved: Any) -> Callable[[], None]:
 
         def put_whole() -> None:
             scheduler.load_state_dict(dict(entry))
-            for group, lr in zip(optimizer.param_groups if lrs else [], lrs or []):  # (new groups since DCP)
+            for group, lr in zip(optimizer.param_groups, lrs) if lrs else ():  # the groups DCP's load put there
                 group["lr"] = lr
 
         return put_whole

@@ -106,9 +106,8 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
         # cuDNN first (the fastest on Hopper at these shapes). For float64 (a reference model) the math
         # backend, the only one that takes it ("No available kernel" without it); a bf16 or float32 call
         # that none of the three takes still fails by name rather than run the slow math silently.
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        if q.dtype == torch.float64:
-            order = [SDPBackend.MATH]
+        fast = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        order = [SDPBackend.MATH] if q.dtype == torch.float64 else fast
         with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -160,7 +160,7 @@ def _working_state(state: torch.Tensor, acc: torch.dtype, inplace: bool) -> torc
     e.g. a float32 cache under a float64 model) a contiguous copy in the accumulation dtype."""
     if inplace and state.dtype == acc:
         return state
-    return state.to(acc).clone(memory_format=torch.contiguous_format)
+    return state.to(acc, memory_format=torch.contiguous_format, copy=True)  # one copy, whatever the dtype
 
 
 def _write_back(S: torch.Tensor, state: torch.Tensor, inplace: bool) -> torch.Tensor:
