@@ -165,6 +165,27 @@ def test_training_stopped_by_a_signal_exits_128_plus_n(monkeypatch, capsys, sign
     assert "resume with: hybridlm train --resume runs/x" in capsys.readouterr().err
 
 
+def test_training_stopped_by_sighup_of_a_closed_terminal_still_exits_129(monkeypatch):
+    """After SIGHUP from a closed terminal stderr fails with EIO: printing the stop message raised out of main
+    (exit 1, as if the run had failed) though the checkpoint was saved."""
+    import hybridlm.train.trainer as trainer
+    from hybridlm.train.signals import TrainingInterrupted
+
+    class GoneTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(1, "SIGHUP received: ...; resume with: hybridlm train --resume runs/x")
+
+    monkeypatch.setattr(trainer, "Trainer", stopped)
+    monkeypatch.setattr("sys.stderr", GoneTerminal())
+    assert main(["train"]) == 129
+
+
 def test_a_closed_pipe_ends_quietly():
     """`hybridlm pattern ... | head -1`: the reader leaves early; no error message, no traceback."""
     import os

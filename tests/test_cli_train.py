@@ -287,3 +287,13 @@ def test_resume_names_a_folder_that_is_missing_or_not_a_run(fake_trainer, tmp_pa
             " that `hybridlm train` wrote\n" if name != "empty" else "\n"
         )
     assert fake_trainer.made == []
+
+
+def test_an_empty_run_folder_name_is_refused(fake_trainer, tmp_path, capsys, monkeypatch):
+    """`--run-dir "$RUN"` with RUN unset trained in the current folder, spreading config.toml, checkpoints/ and
+    model/ there (train.run_dir = "" is refused for that reason)."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--run-dir", ""], ["--run-dir", " "], ["--resume", ""], ["--resume", "--run-dir", ""]):
+        assert main(["train", *argv]) == 2, argv
+        assert "an empty folder name" in capsys.readouterr().err
+    assert fake_trainer.made == []

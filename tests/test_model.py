@@ -704,3 +704,13 @@ def test_a_float64_model_builds_no_flex_block_mask(monkeypatch):
         asked.clear()
         HybridLM(tiny_config("M*-"), seed=0, dtype=dtype)(ids, doc_ids=docs)
         assert asked == [want]
+
+
+def test_hidden_states_of_another_shape_than_the_input_ids_are_refused_by_name():
+    """A pipeline stage after the first takes hidden states and the input ids (for the MTP depths and the
+    labels): ids of another (B, L) failed as a size mismatch inside torch.cat or the loss, naming neither."""
+    model = HybridLM(tiny_config("M*-/-"), seed=0)
+    ids = torch.randint(0, 97, (2, 5))
+    for hidden in (torch.randn(2, 4, 32), torch.randn(3, 5, 32)):
+        with pytest.raises(ValueError, match=r"hidden_states \(.*\) and input_ids \(2, 5\) must have the same"):
+            model(ids, hidden_states=hidden)

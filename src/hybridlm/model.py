@@ -590,6 +590,13 @@ class HybridLM(nn.Module):
         if input_ids is None and hidden_states is None:
             raise ValueError("forward needs input_ids (or hidden_states on a pipeline stage after the first)")
         rows = tuple((input_ids if input_ids is not None else hidden_states).shape[:2])
+        if input_ids is not None and hidden_states is not None and tuple(hidden_states.shape[:2]) != rows:
+            # The labels are checked against input_ids and the MTP depths read both: another shape
+            # failed as a size mismatch inside torch.cat or the loss, naming neither input.
+            raise ValueError(
+                f"hidden_states {tuple(hidden_states.shape)} and input_ids {tuple(input_ids.shape)} must have the "
+                "same (B, L)"
+            )
         _check_inputs(input_ids, labels, position_ids, rows, logits_to_keep, self.config.vocab_size)
         if position_ids is not None:
             position_ids = position_ids.expand(rows)

@@ -826,3 +826,14 @@ def test_the_dt_clamp_is_read_as_the_writing_transformers_applied_it(written, cl
     assert config_from_nemotron_h(hf).mamba_dt_clamp_min == clamp
     with pytest.raises(CheckpointError, match=r"time_step_limit must be \[lower, Infinity\] \(no upper dt limit\)"):
         config_from_nemotron_h(hf | {"transformers_version": "5.25.0", "time_step_limit": [0.0, 5.0]})
+
+
+def test_the_dt_clamp_is_read_from_the_legacy_name_mamba_dt_limit_as_transformers_reads_it():
+    """transformers (5.25) takes time_step_limit from ``mamba_dt_limit`` where a file has it; the import ignored
+    that name and computed without the clamp that transformers applies."""
+    from hybridlm.checkpoint.hf_nemotron import config_from_nemotron_h, nemotron_h_config
+
+    hf = nemotron_h_config(config("M-*-")) | {"transformers_version": "5.25.0", "time_step_limit": [0.0, float("inf")]}
+    hf["mamba_dt_limit"] = [3e-4, float("inf")]
+    assert NemotronHConfig(**hf).time_step_limit[0] == 3e-4  # the legacy name wins in transformers
+    assert config_from_nemotron_h(hf).mamba_dt_clamp_min == 3e-4

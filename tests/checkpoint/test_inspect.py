@@ -271,3 +271,24 @@ def test_a_header_shape_torch_cannot_hold_is_listed_in_a_file_and_refused_by_nam
     write(path / "model.safetensors", {"embeddings.weight": odd})
     with pytest.raises(CheckpointError, match=r"embeddings\.weight has shape \[0, 1099511627776, 1099511627776\]"):
         describe(path)
+
+
+@pytest.mark.parametrize("edit", ["unlisted", "other shard", "not in its shard"])
+def test_a_sharded_checkpoint_whose_index_load_refuses_is_refused(tmp_path, edit):
+    """inspect read every tensor of the shards, load only those the index lists, each from the shard it names: a
+    tensor left out of the index, or listed under another shard, passed inspect while load refused the checkpoint."""
+    path = hybridlm.save(tiny(), tmp_path / "ck", max_shard_size=20_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    weights = index["weight_map"]
+    name = next(k for k, f in weights.items() if list(weights.values()).count(f) > 1)  # its shard holds others too
+    if edit == "unlisted":
+        del weights[name]
+    elif edit == "other shard":
+        weights[name] = next(f for f in weights.values() if f != weights[name])
+    else:
+        weights["extra.weight"] = weights[name]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError):
+        hybridlm.load(path)
+    with pytest.raises(CheckpointError, match=rf"missing tensors \(1\): {re.escape(name)}|does not contain tensor"):
+        describe(path)

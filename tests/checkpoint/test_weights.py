@@ -279,6 +279,16 @@ def test_canonical_pattern_in_config_json_has_no_brackets_or_pipes(tmp_path):
     assert meta["canonical"] == LAYOUTS[2].replace("[", "").replace("]", "").replace("|", "")
 
 
+def test_a_config_json_without_the_model_config_says_so(tmp_path):
+    """A config.json whose "config" key is missing was refused as "invalid model config: 'config'" (a bare KeyError)."""
+    path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
+    meta = json.loads((path / "config.json").read_text())
+    del meta["config"]
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config\.json: invalid model config: config: expected a JSON object"):
+        hybridlm.load(path)
+
+
 def test_a_file_is_refused_as_a_checkpoint_by_saying_it_must_be_a_directory(tmp_path):
     """A safetensors file given where the checkpoint directory is expected is named as such, not "unreadable"."""
     path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")

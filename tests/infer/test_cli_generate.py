@@ -91,6 +91,22 @@ def test_options_are_checked_by_flag_before_anything_is_loaded_or_printed(checkp
     assert code == 2 and "a training run without an exported model yet" in err
 
 
+def test_greedy_with_a_sampling_temperature_is_refused_and_the_default_still_samples(checkpoint, capsys):
+    """--greedy --temperature 0.7 decoded greedily, the temperature silently ignored."""
+    path, _ = checkpoint
+    code, out, err = run(capsys, path, "--prompt", "x", "--greedy", "--temperature", 0.7)
+    assert (
+        code == 2
+        and out == ""
+        and err.strip() == ("error: --greedy and --temperature 0.7 contradict each other: leave one out")
+    )
+    args = ("--prompt", "ab", "--max-new-tokens", 12)
+    _, greedy, _ = run(capsys, path, *args, "--greedy")
+    assert run(capsys, path, *args, "--greedy", "--temperature", 0)[1] == greedy
+    assert run(capsys, path, *args, "--temperature", 0)[1] == greedy
+    assert run(capsys, path, *args)[1] == run(capsys, path, *args, "--temperature", 0.8)[1] != greedy
+
+
 def test_prompt_files_name_bad_bytes_and_read_standard_input(checkpoint, capsys, tmp_path, monkeypatch):
     import io
     import sys

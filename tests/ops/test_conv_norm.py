@@ -63,3 +63,29 @@ def test_rms_norms_of_float64_inputs_compute_in_float64():
     got = gated_rms_norm(x, z, w, group_size=4, eps=1e-5)
     assert got.dtype == torch.float64
     assert_rel_close(got, gated_rms_norm_reference(x, z, w, 4, 1e-5), 1e-14, "gated_rms_norm")
+
+
+def test_misshaped_conv_and_norm_inputs_are_refused_by_name_on_the_torch_path():
+    """The torch paths broadcast what the Triton kernels refuse: a (1, L) seq_idx applied row 0's documents to
+    every row, a (1,) bias or (1, K) weight served every channel, a (D,) gate or one-row delta every row, and a
+    group size that does not divide D failed inside a reshape; each is now refused by name on every path."""
+    x, w = torch.randn(2, 6, 3), torch.randn(3, 4)
+    for kwargs, says in (
+        (dict(seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1]])), r"seq_idx must be \(B, L\) = \(2, 6\)"),
+        (dict(bias=torch.randn(1)), r"bias must be \(3,\)"),
+        (dict(weight=torch.randn(1, 4)), "weight must be"),
+        (dict(x=x[0]), r"x must be \(B, L, C\)"),
+    ):
+        args = {"x": x, "weight": w, **kwargs}
+        with pytest.raises(ValueError, match=says):
+            causal_conv1d(**args)
+    y = torch.randn(2, 3, 8)
+    for z, weight, group, says in (
+        (torch.randn(8), torch.ones(8), 4, "gated_rms_norm"),
+        (y, torch.ones(1), 4, "gated_rms_norm"),
+        (y, torch.ones(8), 3, "D divisible by group_size"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            gated_rms_norm(y, z, weight, group, 1e-5)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        add_rms_norm(y, torch.randn(1, 3, 8), torch.ones(8), 1e-5)

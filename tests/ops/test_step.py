@@ -90,3 +90,50 @@ def test_conv_step_returns_the_dtype_of_x_and_refuses_a_state_of_another_length(
         assert out.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"conv_state has shape \(2, 2, 8\), expected \(2, 3, 8\)"):
         causal_conv1d_with_state(x, torch.zeros(2, 2, 8), w, b)
+
+
+def test_conv_step_refuses_taps_or_a_bias_of_another_width():
+    """The one-token step's dot product broadcast a (1, K) weight or a (1,) bias over every channel (the
+    whole-sequence conv refuses them): refused by name."""
+    x, state = torch.randn(2, 1, 8), torch.zeros(2, 3, 8)
+    with pytest.raises(ValueError, match="weight must be"):
+        causal_conv1d_with_state(x, state, torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
+        causal_conv1d_with_state(x, state, torch.randn(8, 4), torch.randn(1))
+
+
+def test_ssd_step_refuses_misshaped_inputs_by_name():
+    """The torch step broadcast a one-row B or an (h,) dt over every row of the batch (a silent wrong
+    step), and the Triton step reads every input by x's layout; each misfit is now refused by name."""
+    b, h, p, g, n = 2, 4, 3, 2, 5
+    x, dt, A = torch.randn(b, h, p), torch.rand(b, h), -torch.rand(h)
+    B, C, S = torch.randn(b, g, n), torch.randn(b, g, n), torch.zeros(b, h, p, n)
+    for kwargs, says in (
+        (dict(B=B[:1]), r"B has shape \(1, 2, 5\)"),
+        (dict(dt=dt[0]), r"dt has shape \(4,\), expected \(2, 4\)"),
+        (dict(B=torch.randn(b, 3, n), C=torch.randn(b, 3, n)), r"B has shape \(2, 3, 5\), expected \(2, g, n\)"),
+        (dict(state=S[:, :, :, :4]), r"state has shape \(2, 4, 3, 4\)"),
+        (dict(D=torch.ones(1)), r"D has shape \(1,\)"),
+    ):
+        args = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "state": S, **kwargs}
+        with pytest.raises(ValueError, match=says):
+            ssd_step(**args)
+
+
+def test_gated_delta_step_refuses_misshaped_inputs_by_name():
+    """The step's einsums and products broadcast a one-row q, an (h,) g or a (b, 1) beta over the batch or the
+    heads (a silent wrong step): refused by name."""
+    b, h, dk, dv = 2, 3, 4, 5
+    q, k, v = torch.randn(b, h, dk), torch.randn(b, h, dk), torch.randn(b, h, dv)
+    g, beta, S = -torch.rand(b, h), torch.rand(b, h), torch.zeros(b, h, dk, dv)
+    for kwargs, says in (
+        (dict(k=k[:1]), r"k has shape \(1, 3, 4\), expected \(2, 3, 4\)"),
+        (dict(v=v[:1]), r"v has shape \(1, 3, 5\), expected \(2, 3, 5\)"),
+        (dict(g=g[0]), r"g has shape \(3,\), expected \(2, 3\)"),
+        (dict(beta=beta[:, :1]), r"beta has shape \(2, 1\)"),
+        (dict(state=S[:1]), r"state has shape \(1, 3, 4, 5\)"),
+        (dict(q=q[0]), r"q must be \(b, h, dk\)"),
+    ):
+        args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "state": S, **kwargs}
+        with pytest.raises(ValueError, match=says):
+            gated_delta_step(**args)

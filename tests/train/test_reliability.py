@@ -1,6 +1,7 @@
 """Reliability of a training run: non-finite steps, signals, checkpoint order and fallback, resume
 checks, torn metrics lines. Tiny runs in one process (see tests/train/test_sigkill.py for kills)."""
 
+import errno
 import json
 import logging
 import os
@@ -166,6 +167,45 @@ def test_signal_between_steps_saves_the_current_step(tmp_path, reference, signum
     assert resumed.step == 3
     resumed.run_loop()
     assert_same_run(resumed, tmp_path, reference)
+
+
+class _GoneTerminal:
+    """Standard output on a terminal that went away: once ``gone``, every write fails with EIO (as Linux does
+    after the hangup that sent SIGHUP)."""
+
+    gone = False
+
+    def write(self, text):
+        if self.gone:
+            raise OSError(errno.EIO, "Input/output error")
+        return len(text)
+
+    def flush(self):
+        if self.gone:
+            raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_terminal_gone_with_its_sighup_still_saves_the_step(tmp_path, monkeypatch):
+    """Closing the terminal (or losing the ssh session) sends SIGHUP, then fails every write: the console row
+    of the step under way raised EIO out of the loop, so the run ended (exit 1) without the checkpoint."""
+    terminal = _GoneTerminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    step = t.train_step
+
+    def train_step():
+        out = step()
+        if t.step == 2:  # a console step (log_every = 2)
+            terminal.gone = True
+            os.kill(os.getpid(), signal.SIGHUP)
+        return out
+
+    t.train_step = train_step
+    with pytest.raises(TrainingInterrupted) as info:
+        t.run_loop()
+    assert info.value.exit_status == 128 + signal.SIGHUP
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert [r["step"] for r in read_history(tmp_path / "metrics.jsonl")][-1] == 2
 
 
 def test_only_the_first_process_says_how_to_resume(tmp_path, capsys, monkeypatch):

@@ -214,6 +214,21 @@ def test_edge_values_are_refused_with_the_field(overrides, field):
     assert info.value.field == field, str(info.value)
 
 
+@pytest.mark.parametrize("where", ["toml", "override"])
+def test_an_unknown_section_is_called_a_section(tmp_path, where):
+    """A misspelt table ([trian]) or --set trian.steps=3 said "trian: unknown field", though it names a section."""
+    with pytest.raises(ConfigError) as info:
+        if where == "toml":
+            (tmp_path / "run.toml").write_text("[trian]\nsteps = 3\n")
+            RunConfig.from_toml(tmp_path / "run.toml")
+        else:
+            RunConfig().with_overrides(["trian.steps=3"])
+    assert info.value.field == "trian"
+    assert str(info.value) == (
+        "trian: unknown section (did you mean 'train'?); the sections are model, data, optim, train, parallel"
+    )
+
+
 @pytest.mark.parametrize("item", [".=3", "train.=3", ".steps=3", " . =3"])
 def test_an_override_without_a_section_or_field_name_says_what_it_needs(item):
     """An override of ".=3" said ": unknown field", and one of "train.=3" "train.: unknown field (did you mean

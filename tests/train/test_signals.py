@@ -74,3 +74,23 @@ def test_signal_handlers_are_left_alone_off_the_main_thread():
     t.start()
     t.join()
     assert errors == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """Under nohup SIGHUP is ignored, so that the run outlives its terminal: the handlers replaced that, and the
+    hangup stopped the run (or abandoned its set-up)."""
+    import os
+    import signal
+
+    from hybridlm.train.signals import SetupSignals, StopSignals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signals.pending() is None
+        with SetupSignals():
+            os.kill(os.getpid(), signal.SIGHUP)  # would raise TrainingInterrupted
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

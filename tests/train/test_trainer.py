@@ -145,6 +145,17 @@ def test_a_run_leaves_its_outputs(tmp_path, monkeypatch):
         Trainer(tiny_run(), run_dir=run_dir, progress=False)
 
 
+def test_the_resume_command_quotes_a_folder_a_shell_would_split(tmp_path):
+    """The command a stopped run prints is pasted into a shell: "runs/my run" read as two arguments."""
+    import shlex
+
+    folder = tmp_path / "my run's"
+    trainer = Trainer(tiny_run(), run_dir=folder, progress=False)
+    assert shlex.split(trainer.resume_command()) == ["hybridlm", "train", "--resume", str(folder)]
+    trainer.world = 2
+    assert shlex.split(trainer.resume_command())[-1] == str(folder)
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(DataError, match="no checkpoint to resume from"):
         Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)
@@ -241,6 +252,21 @@ def test_a_refused_layout_never_reads_the_corpus(tmp_path, monkeypatch, sets, er
     monkeypatch.setattr(trainer_module, "load_corpus", reading)
     with pytest.raises(HybridLMError, match=error):
         Trainer(tiny_run("model.pattern=M-|M-", *sets), run_dir=tmp_path / "a", progress=False)
+
+
+def test_a_batch_too_large_to_gather_is_refused_by_name_before_the_corpus_is_read(tmp_path, monkeypatch):
+    """train.batch_size=10**23 passed every check: the run read the corpus, evaluated, then grew a list of row
+    indices until the kernel killed the process (all of a 23 GiB machine's memory)."""
+    from hybridlm.train import trainer as trainer_module
+
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the batch was checked")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", reading)
+    with pytest.raises(
+        ConfigError, match=r"train\.batch_size: 100,000,000,000,000,000,000,000 rows .* GiB per process"
+    ):
+        Trainer(tiny_run(f"train.batch_size={10**23}"), run_dir=tmp_path / "a", progress=False)
 
 
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_can_run(tmp_path):

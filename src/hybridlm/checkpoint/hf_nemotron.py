@@ -301,7 +301,7 @@ def _dt_clamp(hf: Mapping[str, Any], source: str | Path) -> Any:
     version = re.match(r"(\d+)\.(\d+)", str(hf.get("transformers_version", "")))
     if version and (5, 0) <= (int(version[1]), int(version[2])) < (5, 25):
         return _hf_value(hf, "time_step_min")
-    limit = hf.get("time_step_limit", [0.0, "inf"])
+    limit = hf.get("mamba_dt_limit", hf.get("time_step_limit", [0.0, "inf"]))  # legacy name first, as transformers
     try:
         lower, upper = (v.get("__float__") if isinstance(v, dict) else v for v in limit)
         if float(upper) != float("inf"):

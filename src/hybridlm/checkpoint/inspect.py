@@ -49,12 +49,13 @@ _DTYPES = {
 }
 
 
-def _tensor_summary(files: list[Path]) -> dict[str, Any]:
-    """Tensors, elements and dtypes from the headers; bytes as the files' data sections hold them (any dtype)."""
+def _tensor_summary(files: list[Path], listed: dict[str, str] | None) -> dict[str, Any]:
+    """Tensors, elements and dtypes from the headers (``listed``'s names, if given); bytes as the files hold them."""
     found, nbytes, shapes = [], 0, {}  # (elements, safetensors dtype code) of every tensor; name -> (shape, code)
     for file in files:
         with open_safetensors(file) as f:
-            for k, s in zip(f.keys(), map(f.get_slice, f.keys()), strict=True):
+            names = f.keys() if listed is None else [k for k, v in listed.items() if v == file.name]
+            for k, s in zip(names, map(f.get_slice, names), strict=True):
                 shapes[k] = tuple(s.get_shape()), s.get_dtype()
                 found.append((math.prod(shapes[k][0]), shapes[k][1]))
         with open(file, "rb") as raw:  # safe_open has checked the header: 8-byte length, then JSON
@@ -105,8 +106,10 @@ def describe(path: str | Path) -> dict[str, Any]:
             info.update(kind=f"Hugging Face {cfg['model_type']}", pattern=pattern, config=cfg)
         else:
             info.update(kind="directory with config.json", config=cfg)
+    listed = None  # name -> file of the tensors a load reads, where it reads by name
     if path.is_dir() and ((path / INDEX_NAME).exists() or (path / WEIGHTS_NAME).exists()):
-        files = [path / name for name in sorted(set(weight_files(path).values()))]  # checked as a load checks them
+        listed = weight_files(path)  # checked as a load checks them
+        files = [path / name for name in sorted(set(listed.values()))]
     else:
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     if not files:
@@ -120,7 +123,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a safetensors file (inspect reads .safetensors files and checkpoint folders)"
         )
-    summary = _tensor_summary(files)
+    summary = _tensor_summary(files, listed)
     shapes = summary.pop("shapes")
     # From the headers, as a load checks them: our names, shapes and dtypes; an import's dtypes (MTP layers aside, as
     # it drops them). Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).

@@ -129,7 +129,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def read_config(path: str | Path) -> ModelConfig:
     meta = read_metadata(path)
     try:
-        return ModelConfig.from_dict(meta["config"])
+        return ModelConfig.from_dict(meta.get("config"))  # a missing key reads as null, not as a bare KeyError
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"{Path(path) / CONFIG_NAME}: invalid model config: {e}") from None
 

@@ -232,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, HybridLMError) and isinstance(status, int):
             # train.signals.TrainingInterrupted: a checkpoint was saved; the message (rank 0's) says how to resume.
             if str(e):
-                print(str(e), file=sys.stderr)
+                with contextlib.suppress(OSError):  # a terminal gone with its SIGHUP: the status still says it
+                    print(str(e), file=sys.stderr)
             return status
         if args.debug:
             raise

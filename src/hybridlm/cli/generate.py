@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+#: ``--temperature`` without the flag (and without ``--greedy``): the CLI samples by default.
+DEFAULT_TEMPERATURE = 0.8
+
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text");
@@ -161,6 +164,9 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
     from ..train.config import MAX_THREADS
     from . import device_option
 
+    if args.greedy and args.temperature not in (None, 0):  # greedy decoding would ignore the temperature
+        raise UsageError(f"--greedy and --temperature {args.temperature} contradict each other: leave one out")
+    args.temperature = 0.0 if args.greedy else DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     last_start = (max(num_prompts, 1) - 1) // max(args.batch_size, 1) * max(args.batch_size, 1)
     for seed in (args.seed, None if args.seed is None else args.seed + last_start):  # every batch's seed
         try:  # the API's own rules, named by flag
@@ -187,7 +193,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
         (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
         (
-            not args.speculative or args.greedy or args.temperature == 0,
+            not args.speculative or args.temperature == 0,
             "--speculative mtp decodes greedily: add --greedy",
         ),
         (
@@ -269,7 +275,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 model,
                 ids,
                 max_new_tokens=args.max_new_tokens,
-                temperature=0.0 if args.greedy else args.temperature,
+                temperature=args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
                 eos_id=tokenizer.eos_id,
@@ -323,7 +329,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("--max-new-tokens", type=int, default=200, help="new tokens per prompt at most (default: 200)")
     ap.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8, sampling)"
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"sampling temperature; 0 = greedy (default: {DEFAULT_TEMPERATURE}, sampling)",
     )
     ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")

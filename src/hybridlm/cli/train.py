@@ -14,6 +14,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.rundir import CONFIG_FILE
     from ..train.trainer import Trainer
 
+    for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume)):
+        if isinstance(value, str) and not value.strip():  # an unset shell variable: "" is the current folder
+            raise UsageError(f"{flag}: an empty folder name (it would be the current folder); give the run's folder")
     run_dir = args.run_dir
     if args.resume is True:  # a bare --resume continues the run named by --run-dir
         if args.run_dir is None:

@@ -11,6 +11,25 @@ if triton_available():
     from .conv_triton import causal_conv1d_triton
 
 
+def check_conv_shapes(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None
+) -> None:
+    """Raise ValueError naming the argument whose shape does not fit ``x: (B, L, C)``: the shifted sums
+    of the torch path would broadcast a (1, K) weight, a (1,) bias or a (1, L) ``seq_idx`` over every
+    channel or row (the Triton kernels refuse or misread them), a silent wrong result on the CPU."""
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must be (B, L, C), got shape {tuple(x.shape)}")
+    C = x.shape[2]
+    if weight.dim() not in (2, 3) or weight.shape[0] != C or (weight.dim() == 3 and weight.shape[1] != 1):
+        raise ValueError(
+            f"causal_conv1d: weight must be ({C}, K) or ({C}, 1, K) for x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"causal_conv1d: bias must be ({C},) for x {tuple(x.shape)}, got {tuple(bias.shape)}")
+    if seq_idx is not None and tuple(seq_idx.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"causal_conv1d: seq_idx must be (B, L) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -41,6 +60,7 @@ def causal_conv1d(
     """
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: unknown activation {activation!r} (expected None or 'silu')")
+    check_conv_shapes(x, weight, bias, seq_idx)
     w = weight.reshape(weight.shape[0], -1)
     if choose("causal_conv1d", x, weight, bias, seq_idx) == "triton":
         return causal_conv1d_triton(x, w, bias, seq_idx, silu=activation == "silu")

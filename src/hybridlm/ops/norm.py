@@ -67,6 +67,12 @@ def add_rms_norm(
     Returns:
         ``(h, normed)``, each (..., D) in ``torch.promote_types(x.dtype, delta.dtype)``.
     """
+    if delta.shape != x.shape or weight.shape != x.shape[-1:]:
+        # As the kernel refuses them: the torch path would broadcast a delta of one row over every row.
+        raise ValueError(
+            f"add_rms_norm: x {tuple(x.shape)}, delta {tuple(delta.shape)}, weight {tuple(weight.shape)}: "
+            "need x and delta of one shape (..., D) and weight (D,)"
+        )
     if choose_eager("add_rms_norm", x, delta, weight) == "triton":
         return add_rms_norm_triton(x, delta, weight, eps)
     h = x + delta
@@ -89,6 +95,12 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     Returns:
         (..., D) in ``y``'s dtype.
     """
+    if z.shape != y.shape or weight.shape != y.shape[-1:] or group_size < 1 or y.shape[-1] % group_size:
+        # As the kernel refuses them: the torch path would broadcast a (D,) gate or a (1,) weight silently.
+        raise ValueError(
+            f"gated_rms_norm: y {tuple(y.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}, "
+            f"group_size {group_size}: need y and z of one shape (..., D), weight (D,), D divisible by group_size"
+        )
     if choose("gated_rms_norm", y, z, weight) == "triton":
         return gated_rms_norm_triton(y, z, weight, group_size, eps)
     dtype, acc = y.dtype, accumulation_dtype(y, z, weight)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .conv import causal_conv1d
+from .conv import causal_conv1d, check_conv_shapes
 from .dispatch import choose, triton_available
 from .precision import accumulation_dtype
 
@@ -44,8 +44,9 @@ def causal_conv1d_with_state(
     K1 = conv_state.shape[1]
     if activation not in (None, "silu"):
         raise ValueError(f"unknown activation {activation!r}")
+    check_conv_shapes(x, weight, bias, None)  # the one-token sum below would broadcast a (1, K) weight
     want = (x.shape[0], weight.shape[-1] - 1, x.shape[-1])
-    if x.dim() != 3 or tuple(conv_state.shape) != want:
+    if tuple(conv_state.shape) != want:
         # The Triton step reads and shifts K-1 rows whatever the state holds: a shorter state would
         # let it write past its end.
         raise ValueError(
@@ -81,6 +82,21 @@ def causal_conv1d_with_state(
     return out, new_state
 
 
+def check_ssd_step_shapes(x, dt, A, B, C, state, D=None) -> None:
+    """Raise ValueError naming the argument whose shape does not fit ``x: (b, h, p)``: the torch step would
+    broadcast a (1, g, n) B or an (h,) dt over the batch, and the Triton step reads them by x's layout."""
+    if x.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"ssd_step: x must be (b, h, p) and B (b, g, n), got {tuple(x.shape)} and {tuple(B.shape)}")
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    expected = {"dt": (dt, (b, h)), "A": (A, (h,)), "C": (C, (b, g, n)), "state": (state, (b, h, p, n)), "D": (D, (h,))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"ssd_step: {name} has shape {tuple(t.shape)}, expected {shape} for x {tuple(x.shape)}")
+    if B.shape[0] != b or g == 0 or h % g:
+        raise ValueError(f"ssd_step: B has shape {tuple(B.shape)}, expected ({b}, g, n) with g dividing {h} heads")
+
+
 def ssd_step(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -105,6 +121,7 @@ def ssd_step(
         ``(y, new_state)``: y (b, h, p) in the dtype of ``x``, new_state (b, h, p, n) float32, float64
         for float64 inputs (``state`` itself when ``inplace``).
     """
+    check_ssd_step_shapes(x, dt, A, B, C, state, D)
     if inplace and choose("ssd_step", x, dt, A, B, C, state, D) == "triton":
         return ssd_step_triton(x, dt, A, B, C, state, D), state
     h, g = x.shape[1], B.shape[1]
@@ -143,6 +160,19 @@ def gated_delta_step(
         ``(o, new_state)``: o (b, h, dv) in the dtype of ``v``, new_state float32, float64 for float64
         inputs (``state`` itself when ``inplace``).
     """
+    if q.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"gated_delta_step: q must be (b, h, dk) and v (b, h, dv), got {tuple(q.shape)} and {tuple(v.shape)}"
+        )
+    b, h, dk = q.shape
+    dv = v.shape[-1]
+    expected = {"k": (k, (b, h, dk)), "v": (v, (b, h, dv)), "g": (g, (b, h)), "beta": (beta, (b, h))}
+    expected["state"] = (state, (b, h, dk, dv))
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:  # the einsums and products below would broadcast a misfit silently
+            raise ValueError(
+                f"gated_delta_step: {name} has shape {tuple(t.shape)}, expected {shape} for q {tuple(q.shape)}"
+            )
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     acc = accumulation_dtype(q, k, v, g, beta, state)
     S = _working_state(state, acc, inplace)

@@ -152,7 +152,7 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         unknown = set(d) - set(SECTIONS)
         for key in unknown:
-            _unknown(key, list(SECTIONS))
+            _unknown(key, list(SECTIONS), "section")
         run = cls()
         if "model" in d:
             if not isinstance(d["model"], dict):
@@ -201,7 +201,7 @@ class RunConfig:
                 raise ConfigError(key, "an override names a section and a field, e.g. train.steps=100")
             section, name = parts
             if section not in d:
-                _unknown(section, list(d))
+                _unknown(section, list(d), "section")
             value = _parse_value(raw.strip(), f"{section}.{name}")
             # A text field keeps its text where TOML reads another type: run_dir=20240601, source=1.5.
             d[section][name] = raw.strip() if not isinstance(value, str) and _holds_text(section, name) else value
@@ -431,9 +431,10 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(name, f"must be positive, got {value}")
 
 
-def _unknown(key: str, known: list[str]) -> None:
+def _unknown(key: str, known: list[str], what: str = "field") -> None:
     hint = difflib.get_close_matches(key, known, n=1)
-    raise ConfigError(key, "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    listed = f"; the sections are {', '.join(known)}" if what == "section" else ""
+    raise ConfigError(key, f"unknown {what}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + listed)
 
 
 def override_key(item: str) -> str:

@@ -3,6 +3,7 @@ bar when attached to a terminal, and a loss-curve PNG at the end (when matplotli
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -43,7 +44,11 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # A resumed run records again the steps after its checkpoint that a killed run had logged:
+                # TensorBoard hides the earlier events from the first of them on (as metrics.jsonl's later
+                # rows count), where it showed both. A run from step 0 records step 0 again.
+                purge = start_step + 1 if start_step else 0
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
         show_bar = sys.stdout.isatty() if progress is None else progress
@@ -54,14 +59,23 @@ class Metrics:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
         self._t0 = time.time()
         self._start_step = start_step
+        self._console_gone = False
 
     def print(self, line: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self._console_gone:
             return
-        if self._bar is not None:
-            self._bar.write(line)
-        else:
-            print(line, flush=True)
+        try:
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
+        except OSError as e:
+            # A terminal that went away (a closed window, a dropped ssh session: SIGHUP, then EIO on every
+            # write) must not end the run before the signal's checkpoint: the row is in metrics.jsonl, and the
+            # console stays quiet from here (as tqdm's bar does).
+            if e.errno != errno.EIO:
+                raise
+            self._console_gone = True
 
     def record(self, step: int, values: dict[str, Any], console: bool) -> None:
         if not self.enabled:

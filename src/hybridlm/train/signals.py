@@ -35,14 +35,17 @@ class TrainingInterrupted(HybridLMError):
 class _Handlers:
     """While entered, ``self._handle`` is the handler of STOP_SIGNALS; the previous ones come back at exit.
 
-    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    A signal the process ignores stays ignored: SIGHUP under ``nohup`` (a run that is to outlive the
+    terminal), SIGINT in a shell script's background job. Handlers can only be installed from the main
+    thread; elsewhere this does nothing.
     """
 
     def __enter__(self):
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

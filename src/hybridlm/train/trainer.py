@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import resource
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,6 +255,7 @@ class Trainer:
                 )
         if self.local_batch % self.micro:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
+        self._check_batch_fits()
 
         # CUDA graphs (reduce-overhead) replay the blocks with static buffers: one process, one device.
         graphs_fit = self.world == 1 and self.device.type == "cuda"
@@ -399,6 +401,21 @@ class Trainer:
                 now,
             )
         self.sampler.resume_at(self.step, rows)
+
+    def _check_batch_fits(self) -> None:
+        """Refuse, naming ``train.batch_size``, a step whose rows alone outgrow this machine's memory: each
+        process gathers its rows of a step on the host at once (``PackedRows.rows``: six int64 arrays of
+        rows x (seq_len + 1)). Without this a batch of 10**23 rows grew a Python list of row indices until
+        the kernel killed the process, after the data was read and the first evaluation ran."""
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        need = 6 * 8 * self.local_batch * (self.run.data.seq_len + 1)
+        if need > have:
+            raise ConfigError(
+                "train.batch_size",
+                f"{self.run.train.batch_size:,} rows of data.seq_len {self.run.data.seq_len:,} tokens need "
+                f"{need / 2**30:,.1f} GiB per process to gather a step ({self.local_batch:,} rows of int64 token "
+                f"ids, labels and document ids), more than this machine's {have / 2**30:,.1f} GiB; make it smaller",
+            )
 
     def _check_model_fits(self) -> None:
         """Refuse, naming a field, a model whose training state alone outgrows this device (the allocator's
@@ -646,12 +663,14 @@ class Trainer:
         )
 
     def resume_command(self) -> str:
-        """The command that continues this run as it was launched (torchrun with the same processes)."""
+        """The command that continues this run as it was launched (torchrun with the same processes), to paste
+        into a shell: a folder with spaces or quotes in its name is quoted."""
+        folder = shlex.quote(str(self.run_dir))
         if self.world == 1:
-            return f"hybridlm train --resume {self.run_dir}"
+            return f"hybridlm train --resume {folder}"
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         nodes = f"--nnodes {self.world // local} " if self.world > local else ""
-        return f"torchrun {nodes}--nproc_per_node {local} -m hybridlm.cli train --resume {self.run_dir}"
+        return f"torchrun {nodes}--nproc_per_node {local} -m hybridlm.cli train --resume {folder}"
 
     def export(self, path: Path | None = None) -> Path:
         """Write the weights (canonical safetensors) and the tokenizer to ``<run_dir>/model``."""
