@@ -72,6 +72,17 @@ def test_float64_chunked_equals_recurrence():
     assert_rel_close(final, final_ref, 1e-12, "final state")
 
 
+def test_a_sequence_shorter_than_a_chunk_is_not_padded_to_one():
+    """A 5-token window under a chunk of 2**20 computed (Q x Q) decays of 2**40 entries (out of memory); a
+    verification window of 3 tokens under the default 64 multiplied 61 rows of zeros. Now one chunk of L."""
+    tensors = [t.double() for t in inputs(1, 5, 2, 4, 3, seed=5)]
+    seq_idx = docs(1, 5, seed=5)
+    o, final = gated_delta_rule_chunked_torch(*tensors, 2**20, seq_idx=seq_idx, return_final_state=True)
+    o_ref, final_ref = gated_delta_rule_reference(*tensors, seq_idx=seq_idx)
+    assert_rel_close(o, o_ref, 1e-12, "o")
+    assert_rel_close(final, final_ref, 1e-12, "final state")
+
+
 def test_l2_normalize_gives_unit_rows():
     """q and k are normalized to unit length (flash-linear-attention's l2norm): a mean in place of the sum
     made them sqrt(dk) times too long, and both references share this function, so only this test sees it."""

@@ -76,6 +76,20 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert t.optimizer.param_groups[0]["lr"] == t.run.optim.lr * lr_factor(3, t.run.train.steps, t.run.optim)
 
 
+def test_a_run_that_ends_inside_a_streak_of_skipped_steps_says_so(tmp_path, caplog, recwarn):
+    """Fewer skipped steps in a row than train.max_nonfinite_steps do not stop a run; one that ended inside the
+    streak printed "model saved" for the weights of its last finite step (here its initial ones) as if they
+    were trained. A skipped first step also drew torch's warning of a scheduler stepped before its optimizer."""
+    run = tiny_run("train.steps=3", "train.max_nonfinite_steps=4")
+    t = Trainer(run, run_dir=tmp_path, progress=False)
+    poison_grads_from(t, 1)
+    with caplog.at_level(logging.WARNING, logger="hybridlm"):
+        t.run_loop()
+    assert "the last 3 step(s) (to step 3) were not finite and were skipped" in caplog.text
+    assert "the exported model is that of step 0" in caplog.text
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
 def test_diverging_run_stops_nonzero_and_keeps_finite_checkpoints(tmp_path):
     run = tiny_run("train.steps=12", "train.checkpoint_every=2", "train.max_nonfinite_steps=3")
     t = Trainer(run, run_dir=tmp_path, progress=False)

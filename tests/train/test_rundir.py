@@ -35,6 +35,19 @@ def test_a_run_dir_asked_for_with_the_time_field_is_a_template(tmp_path, monkeyp
     assert not (tmp_path / "x" / "{time}").exists()
 
 
+def test_a_tilde_in_train_run_dir_is_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands a run file's ``run_dir = "~/runs/{time}"`` (or a quoted ``--run-dir '~/x'``): it made a
+    folder named ``~`` in the current one."""
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20261202-010203")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert (
+        rundir.claim(None, "~/runs/{time}", "toml", resume=False)[0] == tmp_path / "home" / "runs" / "20261202-010203"
+    )
+    assert rundir.claim("~/x", "runs/{time}", "toml", resume=False)[0] == tmp_path / "home" / "x"
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path):
     run = tiny_run("train.steps=2", "train.checkpoint_every=100")
     for name, make in (

@@ -156,6 +156,18 @@ def test_the_resume_command_quotes_a_folder_a_shell_would_split(tmp_path):
     assert shlex.split(trainer.resume_command())[-1] == str(folder)
 
 
+def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
+    """A resume of a run already at train.steps trained nothing and printed only "model saved", as if it had."""
+    run = tiny_run("train.steps=2", "train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop()
+    capsys.readouterr()
+    again = Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert again.run_loop()["step"] == 2
+    out = capsys.readouterr().out
+    assert "the run is complete at step 2 (train.steps = 2): nothing to train" in out
+    assert "--set train.steps=4" in out
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(DataError, match="no checkpoint to resume from"):
         Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)

@@ -71,6 +71,9 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
     Raises:
         DataError: the folder holds another run (or another file where the run writes its own).
     """
+    # A run file's "~/runs/{time}" (no shell expands it there) made a folder named "~" in the current one.
+    template = os.path.expanduser(template)
+    run_dir = None if run_dir is None else Path(run_dir).expanduser()
     if run_dir is not None and TIME_FIELD in str(run_dir) and not resume:  # a folder asked for as a template
         run_dir, template = None, str(run_dir)
     if run_dir is None and TIME_FIELD in template and not resume:

@@ -16,6 +16,7 @@ import os
 import resource
 import shlex
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -533,7 +534,11 @@ class Trainer:
             self.optimizer.step()  # its pre-step hook updates the expert biases
         else:
             self.expert_bias.reset()  # no step, no bias update: the skipped step's counts are dropped
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped first step moves the schedule on on purpose (above): torch's warning of a scheduler
+            # stepped before its optimizer would only say that again, as if it were a mistake.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
@@ -737,6 +742,11 @@ class Trainer:
         stop = min(until, t.steps) if until is not None else t.steps
         for line in self.describe():
             self.metrics.print(line)
+        if self.step and self.step >= t.steps:  # a resume of a finished run: say so, not just "model saved"
+            self.metrics.print(
+                f"the run is complete at step {self.step} (train.steps = {t.steps}): nothing to train, the model is "
+                f"exported again; to train on, raise it (--set train.steps={2 * t.steps})"
+            )
         start_time = time.time()
         try:
             with StopSignals() as signals:
@@ -811,6 +821,16 @@ class Trainer:
             "val_loss": last_val,
         }
         if self.step >= t.steps:
+            if self.guard.in_a_row and self.is_main:
+                # Fewer than train.max_nonfinite_steps in a row do not stop a run, but a run that ends inside
+                # the streak exports the weights of its last finite step (or its initial ones) as trained.
+                logger.warning(
+                    "the last %d step(s) (to step %d) were not finite and were skipped: the exported model is "
+                    "that of step %d; lower optim.lr or model.init_std, or set optim.grad_clip",
+                    self.guard.in_a_row,
+                    self.step,
+                    self.step - self.guard.in_a_row,
+                )
             summary["model"] = str(self.export())
             if self.is_main:
                 unit = loss_unit(self.run.data.tokenizer)
