@@ -96,6 +96,21 @@ def test_a_plot_under_a_file_says_the_file_is_no_folder(tmp_path, capsys):
     assert f"'{tmp_path / 'notes.txt'}' is a file, not a folder, to write it in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, says",
+    [(".png", "must end in .png or .svg, with a name before it"), ("p.jpg", "or .svg, not '.jpg'"), ("p", "or .svg\n")],
+)
+def test_a_plot_name_without_png_or_svg_says_what_it_has(tmp_path, capsys, name, says):
+    """'.png' alone (a hidden file's name, no extension) was told it ended in "nothing"."""
+    assert main(["pattern", "MMMM", "--plot", str(tmp_path / name)]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_one_stage_is_one_stage(capsys):
+    assert main(["plan", "M-M-", "--pp", "1"]) == 0
+    assert "= 1 stage, seq_len" in capsys.readouterr().out
+
+
 def test_a_run_file_sizes_the_head_by_its_tokenizer(tmp_path, capsys):
     """As the trainer does: a run without model.vocab_size takes its tokenizer's vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -349,6 +349,15 @@ def test_a_text_folder_may_hold_a_meta_json_of_its_own(tmp_path):
     assert load_corpus(str(tmp_path / "c"), ByteTokenizer()).num_docs == 1
 
 
+def test_a_jsonl_line_without_the_field_lists_the_fields_it_has(tmp_path):
+    """The message ended in the KeyError's own text, the field's name again: "...a 'body' field ('body')"."""
+    (tmp_path / "a.jsonl").write_text('{"text": "ok", "id": 1}\n')
+    with pytest.raises(
+        DataError, match=r"a\.jsonl:1: not a JSON object with a 'body' field \(its fields: 'text', 'id'\)"
+    ):
+        load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer(), jsonl_field="body")
+
+
 def test_a_jsonl_line_nested_too_deep_is_named(tmp_path):
     (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n' + "[" * 200_000 + "\n")
     with pytest.raises(DataError, match=r"deep\.jsonl:2: not a JSON object"):

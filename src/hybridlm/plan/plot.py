@@ -32,7 +32,9 @@ def check_plot_path(path: str | Path) -> Path:
     before a plan's work, which ``--measure`` makes minutes long)."""
     given, path = str(path), Path(path)
     if path.suffix.lower() not in FORMATS:
-        raise UsageError(f"--plot {given!r}: the file name must end in .png or .svg, not {path.suffix or 'nothing'!r}")
+        # ".png" alone is a hidden file's name with no extension (pathlib's reading, and the shell's)
+        why = f"not {path.suffix!r}" if path.suffix else "with a name before it" if path.name.startswith(".") else ""
+        raise UsageError(f"--plot {given!r}: the file name must end in .png or .svg" + (f", {why}" if why else ""))
     folder = path.parent
     if not folder.is_dir():
         what = "is a file, not a folder," if folder.exists() else "is no folder"

@@ -158,9 +158,19 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)[field]
-            except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:  # (nesting beyond json's)
-                raise DataError(f"{where}: not a JSON object with a {field!r} field ({e})") from None
+                record = json.loads(line)
+            except (ValueError, RecursionError) as e:  # (nesting beyond json's)
+                raise DataError(f"{where}: not a JSON object ({e})") from None
+            if not isinstance(record, dict) or field not in record:
+                names = [repr(k) for k in record][:8] if isinstance(record, dict) else []
+                more = ", ..." if isinstance(record, dict) and len(record) > 8 else ""
+                has = (
+                    f"a {type(record).__name__}"
+                    if not isinstance(record, dict)
+                    else "its fields: " + (", ".join(names) + more if names else "none")
+                )
+                raise DataError(f"{where}: not a JSON object with a {field!r} field ({has})")
+            text = record[field]
             if not isinstance(text, str):
                 raise DataError(f"{where}: field {field!r} is not a string")
             try:
