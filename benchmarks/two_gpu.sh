@@ -32,9 +32,9 @@ if [[ ${1:-} == --rehearse ]]; then
     one=(python3 -m hybridlm.cli)
 else
     unfused='M-M-M-M*-M-M-|M-M*-M-M-M-'   # bench-1.3b's pattern cut in the middle
-    fused='[M-][M-][M-][M-]*-[M-][M-]|[M-][M-]*-[M-][M-][M-]'
+    fused='[M-][M-][M-]M[*-][M-][M-]|[M-]M[*-][M-][M-][M-]'
     inter_unfused='M-M-M-|M*-M-M-|M-M*-M-|M-M-'
-    inter_fused='[M-][M-][M-]|[M-]*-[M-][M-]|[M-][M-]*-[M-]|[M-][M-]'
+    inter_fused='[M-][M-][M-]|M[*-][M-][M-]|[M-]M[*-][M-]|[M-][M-]'
     steps=50
     common=(--set model.preset=bench-1.3b --set data.seq_len=4096 --set train.steps=$steps --set train.batch_size=8
         --set train.compile=true --set train.log_every=5 --set train.eval_every=50 --set train.checkpoint_every=50)

@@ -1,4 +1,5 @@
-"""The statistics and profile arithmetic of benchmarks/train_step.py (pure functions; the GPU runs are not tested here)."""
+"""The statistics and profile arithmetic of benchmarks/train_step.py, and generate.py's CPU table (pure functions and
+printed arithmetic; the GPU runs are not tested here)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,42 @@ def test_warnings_by_site_counts_each_call_site(ts):
         warnings.simplefilter("always")
         warnings.warn("outside", stacklevel=1)
     assert len(after) == 1 and sum(sites.values()) == 4
+
+
+def test_generate_speed_up_column_divides_the_unrounded_totals(monkeypatch, capsys):
+    """benchmarks/generate.py's CPU table: each row's speed-up is the no-cache total over its own, as the
+    end-to-end line says; divided by the table's two-decimal "total s" instead, a short run printed the
+    no-cache row 1.1x faster than itself and the cache row 2.2x for 1.8x."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("generate_bench", _PATH.parent / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    stats = {"prefill_tokens": 8, "prefill_seconds": 0.01, "decode_tokens": 3, "decode_seconds": 0.01}
+    monkeypatch.setattr(gen, "ours", lambda model, prompt, new_tokens, **kw: ([1, 2, 3, 4], dict(stats)))
+    clock = iter([0.0, 0.0249, 1.0, 1.0449])  # totals 0.0249 s (cache) and 0.0449 s (no cache)
+    monkeypatch.setattr(gen, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(gen.torch, "set_num_threads", lambda n: None)
+    gen.cpu_bench(SimpleNamespace(threads=1, prompt_len=8, new_tokens=4))
+    table = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = {cells[1].strip(): cells[4:6] for cells in table}
+    assert [c.strip() for c in rows["cache"]] == ["0.02", "1.8x"]
+    assert [c.strip() for c in rows["no cache"]] == ["0.04", "1.0x"]
+
+
+def test_two_gpu_runs_train_one_model_in_every_layout():
+    """benchmarks/two_gpu.sh compares the losses of one model trained in several layouts: each pattern (fused or
+    not, cut by '|' into stages) must hold the same layers, on the GPU those of bench-1.3b. The GPU's fused patterns
+    wrote ``[M-][M-][M-][M-]*-`` for ``M-M-M-M*-``: two MLP layers more (1.319 B parameters for 1.252 B)."""
+    import re
+
+    from hybridlm import ModelConfig
+
+    script = (_PATH.parent / "two_gpu.sh").read_text()
+    found = re.findall(r"^\s*(unfused|fused|inter_unfused|inter_fused)='([^']*)'", script, re.M)
+    names = ["unfused", "fused", "inter_unfused", "inter_fused"]
+    assert [name for name, _ in found] == names * 2  # the rehearsal's, then the GPU's
+    rehearsal, gpu = dict(found[:4]), dict(found[4:])
+    for patterns, model in ((rehearsal, "M-M-*-M-M-M-"), (gpu, ModelConfig.preset("bench-1.3b").pattern)):
+        for name, pattern in patterns.items():
+            assert re.sub(r"[\[\]|]", "", pattern) == model, (name, pattern, model)

@@ -297,3 +297,37 @@ def test_an_empty_run_folder_name_is_refused(fake_trainer, tmp_path, capsys, mon
         assert main(["train", *argv]) == 2, argv
         assert "an empty folder name" in capsys.readouterr().err
     assert fake_trainer.made == []
+
+
+def test_a_tilde_in_the_run_folder_is_the_home_folder_for_a_resume_too(fake_trainer, tmp_path, capsys, monkeypatch):
+    """A run started with a quoted ``--run-dir '~/r'`` lives in the home folder (rundir.claim), but the same flag
+    with ``--resume`` said "no such folder", and against ``--resume ~/r`` expanded by the shell "different runs"."""
+    from pathlib import Path
+
+    from hybridlm.train.config import RunConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "r").mkdir(parents=True)
+    (tmp_path / "home" / "r" / "config.toml").write_text(RunConfig().to_toml())
+    for argv in (["--resume", "~/r"], ["--run-dir", "~/r", "--resume"], ["--run-dir", "~/r", "--resume", "home/r"]):
+        fake_trainer.made = []
+        assert main(["train", *argv]) == 0, capsys.readouterr().err
+        assert [Path(m["run_dir"]).resolve() for m in fake_trainer.made] == [(tmp_path / "home" / "r").resolve()], argv
+
+
+def test_a_finished_run_whose_terminal_went_away_exits_0(fake_trainer, monkeypatch):
+    """Training goes quiet once its terminal is gone (EIO on every write: a closed window, a job left running), but
+    the summary printed after the last step raised EIO out of main: exit 1 (or 2) for a run complete and saved."""
+    import errno
+
+    class GoneTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+
+    fake_trainer.summary = {"first_val_loss": 5.5, "val_loss": 1.25, "seconds": 9, "model": "runs/x/model"}
+    monkeypatch.setattr("sys.stdout", GoneTerminal())
+    assert main(["train"]) == 0

@@ -539,3 +539,16 @@ def test_a_training_split_shorter_than_a_row_says_the_split_took_it(tmp_path):
     run = tiny_run("train.device=cpu", f"data.source={corpus}", "data.val_fraction=0.25", f"data.seed={seed}")
     with pytest.raises(DataError, match=r"the training split \(6 tokens in 3 document\(s\)\).*lower data\.val_"):
         Trainer(run, run_dir=tmp_path / "run", progress=False)
+
+
+def test_a_warning_repeated_at_every_step_is_shown_once(tmp_path):
+    """Python shows a warning once per place (the "default" action) until the filters change: a change of them at
+    every step (to quiet torch's scheduler warning after a skipped first step) showed it at every step again."""
+    import warnings
+
+    t = Trainer(tiny_run("train.steps=4"), run_dir=tmp_path, progress=False)
+    t.model.register_forward_hook(lambda *_: warnings.warn("the same warning at every step", UserWarning, stacklevel=1))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        t.run_loop()
+    assert [str(w.message) for w in shown].count("the same warning at every step") == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -17,6 +19,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume)):
         if isinstance(value, str) and not value.strip():  # an unset shell variable: "" is the current folder
             raise UsageError(f"{flag}: an empty folder name (it would be the current folder); give the run's folder")
+    # The run's folder reads a leading ~ as the home folder (rundir.claim): the checks here too, or a run started
+    # with a quoted --run-dir '~/x' could not be resumed with the same flag ("no such folder").
+    if args.run_dir is not None:
+        args.run_dir = os.path.expanduser(args.run_dir)
+    if isinstance(args.resume, str):
+        args.resume = os.path.expanduser(args.resume)
     run_dir = args.run_dir
     if args.resume is True:  # a bare --resume continues the run named by --run-dir
         if args.run_dir is None:
@@ -43,15 +51,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
     summary = trainer.run_loop()
     if trainer.is_main:
+
+        def say(line: str) -> None:
+            # A terminal gone (EIO: a closed window, its SIGHUP during the last save) leaves the run complete and
+            # saved: its summary is lost, not the exit status (and the other ranks still meet at close() below).
+            try:
+                print(line)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+
         first, last = summary["first_val_loss"], summary["val_loss"]
         minutes, seconds = divmod(int(summary["seconds"]), 60)
         unit = loss_unit(run.data.tokenizer)
         if first is not None and last is not None:
-            print(f"validation loss {first:.4f} -> {last:.4f} {unit} (start -> end) in {minutes}m{seconds:02d}s")
+            say(f"validation loss {first:.4f} -> {last:.4f} {unit} (start -> end) in {minutes}m{seconds:02d}s")
         elif last is not None:
-            print(f"validation loss {last:.4f} {unit} after {minutes}m{seconds:02d}s")
+            say(f"validation loss {last:.4f} {unit} after {minutes}m{seconds:02d}s")
         if "model" in summary:
-            print(
+            say(
                 f"model saved to {summary['model']}"
                 + (f"; loss curve {summary['loss_curve']}" if summary.get("loss_curve") else "")
             )

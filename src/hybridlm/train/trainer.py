@@ -534,11 +534,14 @@ class Trainer:
             self.optimizer.step()  # its pre-step hook updates the expert biases
         else:
             self.expert_bias.reset()  # no step, no bias update: the skipped step's counts are dropped
-        with warnings.catch_warnings():
-            # A skipped first step moves the schedule on on purpose (above): torch's warning of a scheduler
-            # stepped before its optimizer would only say that again, as if it were a mistake.
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+        if finite:
             self.scheduler.step()
+        else:  # not at every step: a change of the filters makes Python show again each warning it showed once
+            with warnings.catch_warnings():
+                # A skipped first step moves the schedule on on purpose (above): torch's warning of a scheduler
+                # stepped before its optimizer would only say that again, as if it were a mistake.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
