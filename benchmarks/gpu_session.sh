@@ -45,7 +45,9 @@ run() {  # run NAME SECONDS TAIL_LINES COMMAND...   (CLOCKS=1: also log SM clock
             >"$OUT/$name.clocks.csv" 2>&1 &
         logger=$!
     fi
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    # SIGTERM first (a training run saves and stops), SIGKILL 20 s later: a test suite running a Trainer takes
+    # the SIGTERM as a run does and goes on to its next test, past any limit.
+    timeout -k 20 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     [[ -n $logger ]] && kill "$logger" 2>/dev/null
     echo "=== $name (rc $rc, $((SECONDS - t0)) s): $*"
