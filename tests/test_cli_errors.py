@@ -1,6 +1,7 @@
 """Every CLI error: one line, exit 2, no traceback (unless --debug); a full disk says so."""
 
 import errno
+import signal
 
 import pytest
 
@@ -184,6 +185,26 @@ def test_training_stopped_by_sighup_of_a_closed_terminal_still_exits_129(monkeyp
     monkeypatch.setattr(trainer, "Trainer", stopped)
     monkeypatch.setattr("sys.stderr", GoneTerminal())
     assert main(["train"]) == 129
+
+
+def test_another_command_stopped_by_sighup_of_a_closed_terminal_still_exits_129(monkeypatch):
+    """`prepare`, `convert` or `generate` stopped by the SIGHUP of a closed terminal: printing "interrupted by
+    SIGHUP" to the gone stderr raised EIO out of main, exit 1 instead of 129."""
+    import hybridlm.cli as cli
+
+    class GoneTerminal:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+
+    def hung_up(text, *args, **kwargs):
+        raise cli._Terminated(signal.SIGHUP)
+
+    monkeypatch.setattr("hybridlm.pattern.parse", hung_up)
+    monkeypatch.setattr("sys.stderr", GoneTerminal())
+    assert main(["pattern", "M-"]) == 128 + signal.SIGHUP
 
 
 def test_a_closed_pipe_ends_quietly():

@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _stop_signals_raise():
             return int(args.func(args) or 0)
     except _Terminated as e:
-        print(f"interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # SIGHUP of a terminal gone: stderr fails too, the status still says it
+            print(f"interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
