@@ -837,3 +837,5 @@ def test_the_dt_clamp_is_read_from_the_legacy_name_mamba_dt_limit_as_transformer
     hf["mamba_dt_limit"] = [3e-4, float("inf")]
     assert NemotronHConfig(**hf).time_step_limit[0] == 3e-4  # the legacy name wins in transformers
     assert config_from_nemotron_h(hf).mamba_dt_clamp_min == 3e-4
+    with pytest.raises(CheckpointError, match=r"mamba_dt_limit must be \[lower, Infinity\]"):  # the key it read
+        config_from_nemotron_h(hf | {"mamba_dt_limit": [0.0, 5.0]})

@@ -301,15 +301,14 @@ def _dt_clamp(hf: Mapping[str, Any], source: str | Path) -> Any:
     version = re.match(r"(\d+)\.(\d+)", str(hf.get("transformers_version", "")))
     if version and (5, 0) <= (int(version[1]), int(version[2])) < (5, 25):
         return _hf_value(hf, "time_step_min")
-    limit = hf.get("mamba_dt_limit", hf.get("time_step_limit", [0.0, "inf"]))  # legacy name first, as transformers
+    key = "mamba_dt_limit" if "mamba_dt_limit" in hf else "time_step_limit"  # the legacy name first, as transformers
+    limit = hf.get(key, [0.0, "inf"])
     try:
         lower, upper = (v.get("__float__") if isinstance(v, dict) else v for v in limit)
         if float(upper) != float("inf"):
             raise ValueError
     except (TypeError, ValueError, AttributeError):
-        raise CheckpointError(
-            f"{source}: time_step_limit must be [lower, Infinity] (no upper dt limit), got {limit}"
-        ) from None
+        raise CheckpointError(f"{source}: {key} must be [lower, Infinity] (no upper dt limit), got {limit}") from None
     return lower
 
 
