@@ -187,9 +187,10 @@ def test_training_stopped_by_sighup_of_a_closed_terminal_still_exits_129(monkeyp
     assert main(["train"]) == 129
 
 
-def test_another_command_stopped_by_sighup_of_a_closed_terminal_still_exits_129(monkeypatch):
-    """`prepare`, `convert` or `generate` stopped by the SIGHUP of a closed terminal: printing "interrupted by
-    SIGHUP" to the gone stderr raised EIO out of main, exit 1 instead of 129."""
+@pytest.mark.parametrize("interrupt, status", [("sighup", 128 + signal.SIGHUP), ("sigint", 130)])
+def test_another_command_stopped_by_sighup_of_a_closed_terminal_still_exits_129(monkeypatch, interrupt, status):
+    """`prepare`, `convert` or `generate` stopped by the SIGHUP of a closed terminal (or Ctrl-C with stderr gone):
+    printing "interrupted by SIGHUP" to the gone stderr raised EIO out of main, exit 1 instead of 129."""
     import hybridlm.cli as cli
 
     class GoneTerminal:
@@ -200,11 +201,11 @@ def test_another_command_stopped_by_sighup_of_a_closed_terminal_still_exits_129(
             raise OSError(errno.EIO, "Input/output error")
 
     def hung_up(text, *args, **kwargs):
-        raise cli._Terminated(signal.SIGHUP)
+        raise cli._Terminated(signal.SIGHUP) if interrupt == "sighup" else KeyboardInterrupt
 
     monkeypatch.setattr("hybridlm.pattern.parse", hung_up)
     monkeypatch.setattr("sys.stderr", GoneTerminal())
-    assert main(["pattern", "M-"]) == 128 + signal.SIGHUP
+    assert main(["pattern", "M-"]) == status
 
 
 def test_a_closed_pipe_ends_quietly():

@@ -358,6 +358,26 @@ def test_a_jsonl_line_without_the_field_lists_the_fields_it_has(tmp_path):
         load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer(), jsonl_field="body")
 
 
+@pytest.mark.parametrize(
+    "line, has",
+    [
+        ("[1, 2]", "an array"),
+        ('"text"', "a string"),
+        ("7", "a number"),
+        ("null", "null"),
+        ('{"' + "x" * 100_000 + '": 1}', "its fields: '" + "x" * 40 + "...'"),
+    ],
+)
+def test_a_jsonl_line_without_the_field_says_what_it_holds_in_json_terms_and_short(tmp_path, line, has):
+    """Python's type names ("a int", "a NoneType") told a JSON line's content, and a record keyed by its documents
+    repeated each key whole: a 100 kB key made a 100 kB message."""
+    (tmp_path / "a.jsonl").write_text(line + "\n")
+    with pytest.raises(DataError) as e:
+        load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer())
+    assert str(e.value).endswith(f"a.jsonl:1: not a JSON object with a 'text' field ({has})")
+    assert len(str(e.value)) < 200 + len(str(tmp_path))
+
+
 def test_a_jsonl_line_nested_too_deep_is_named(tmp_path):
     (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n' + "[" * 200_000 + "\n")
     with pytest.raises(DataError, match=r"deep\.jsonl:2: not a JSON object"):

@@ -45,6 +45,11 @@ def test_a_tilde_in_train_run_dir_is_the_home_folder(tmp_path, monkeypatch):
         rundir.claim(None, "~/runs/{time}", "toml", resume=False)[0] == tmp_path / "home" / "runs" / "20261202-010203"
     )
     assert rundir.claim("~/x", "runs/{time}", "toml", resume=False)[0] == tmp_path / "home" / "x"
+    # A user that does not exist: the name stays as given (pathlib raised RuntimeError, an "unexpected" error).
+    assert rundir.claim("~nobody-hybridlm/x", "runs/{time}", "toml", resume=False)[0].parts[:2] == (
+        "~nobody-hybridlm",
+        "x",
+    )
     assert not (tmp_path / "~").exists()
 
 

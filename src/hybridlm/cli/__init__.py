@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        with contextlib.suppress(OSError):  # (as above)
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`hybridlm pattern ... | head`): stop quietly, as other CLI tools do;

@@ -148,6 +148,15 @@ def decode_line(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
 
 
+def _holds(record: object) -> str:
+    """What a JSON Lines record holds, in JSON's words and short: a record keyed by its documents would
+    repeat them whole in the message."""
+    if not isinstance(record, dict):
+        return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
+    names = [repr(k if len(k) <= 40 else k[:40] + "...") for k in list(record)[:8]]
+    return "its fields: " + (", ".join(names) + (", ..." if len(record) > 8 else "") if names else "none")
+
+
 def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
     """The ``field`` strings of a JSON Lines file; errors name the file and line."""
     with open(file, "rb") as f:
@@ -162,14 +171,7 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             except (ValueError, RecursionError) as e:  # (nesting beyond json's)
                 raise DataError(f"{where}: not a JSON object ({e})") from None
             if not isinstance(record, dict) or field not in record:
-                names = [repr(k) for k in record][:8] if isinstance(record, dict) else []
-                more = ", ..." if isinstance(record, dict) and len(record) > 8 else ""
-                has = (
-                    f"a {type(record).__name__}"
-                    if not isinstance(record, dict)
-                    else "its fields: " + (", ".join(names) + more if names else "none")
-                )
-                raise DataError(f"{where}: not a JSON object with a {field!r} field ({has})")
+                raise DataError(f"{where}: not a JSON object with a {field!r} field ({_holds(record)})")
             text = record[field]
             if not isinstance(text, str):
                 raise DataError(f"{where}: field {field!r} is not a string")

@@ -73,7 +73,7 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
     """
     # A run file's "~/runs/{time}" (no shell expands it there) made a folder named "~" in the current one.
     template = os.path.expanduser(template)
-    run_dir = None if run_dir is None else Path(run_dir).expanduser()
+    run_dir = None if run_dir is None else Path(os.path.expanduser(run_dir))  # ("~nobody/x" stays as it is)
     if run_dir is not None and TIME_FIELD in str(run_dir) and not resume:  # a folder asked for as a template
         run_dir, template = None, str(run_dir)
     if run_dir is None and TIME_FIELD in template and not resume:
