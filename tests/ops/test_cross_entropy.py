@@ -196,3 +196,16 @@ def test_linear_cross_entropy_of_no_tokens_has_zero_gradients(monkeypatch):
     gh, gw = torch.autograd.grad(loss, (h, w))
     assert loss.item() == 0.0 and gh.shape == (0, 16)
     assert torch.equal(gw, torch.zeros_like(w))
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    """The backward scales the dh / dW the forward stored, so differentiating it again followed only the
+    incoming gradient (here 2 * loss) and dropped the loss's own Hessian: a silently wrong result. Now autograd
+    refuses it."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 9, (6,), generator=gen)
+    (dh,) = torch.autograd.grad(linear_cross_entropy(h, w, labels, chunk=4).square(), h, create_graph=True)
+    with pytest.raises(RuntimeError):  # (autograd finds no differentiable path back: once_differentiable)
+        torch.autograd.grad(dh.square().sum(), h)

@@ -17,6 +17,7 @@ reference (and the CPU path): it upcasts each chunk's logits to float32 and make
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dispatch import choose_eager, triton_available
 from .precision import accumulation_dtype, matmul_dtype
@@ -113,6 +114,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the backward only scales what the forward stored: a second derivative would be wrong
     def backward(ctx, grad_total):
         dh, dw = ctx.saved_tensors
         g = grad_total.to(dw.dtype)
