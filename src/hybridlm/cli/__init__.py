@@ -130,6 +130,17 @@ _PEER_GONE = (
 _NO_MEMORY = ("can't allocate memory", "out of memory")
 
 
+def say(line: str, file=None) -> None:
+    """Print ``line`` (to stdout, or ``file``). A terminal that went away (a closed window, a dropped ssh
+    session: SIGHUP, then EIO on every write) loses the line, not the command's exit status, which still
+    says what happened (129 with the signal's checkpoint saved, 0 for a finished run); other errors raise."""
+    try:
+        print(line, file=file)
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise
+
+
 def _error(e: BaseException) -> str:
     if isinstance(e, USER_ERRORS):
         return one_line(str(e))
@@ -217,12 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _stop_signals_raise():
             return int(args.func(args) or 0)
     except _Terminated as e:
-        with contextlib.suppress(OSError):  # SIGHUP of a terminal gone: stderr fails too, the status still says it
-            print(f"interrupted by {signal.Signals(e.signum).name}", file=sys.stderr)
+        say(f"interrupted by {signal.Signals(e.signum).name}", sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        with contextlib.suppress(OSError):  # (as above)
-            print("interrupted", file=sys.stderr)
+        say("interrupted", sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`hybridlm pattern ... | head`): stop quietly, as other CLI tools do;
@@ -234,8 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, HybridLMError) and isinstance(status, int):
             # train.signals.TrainingInterrupted: a checkpoint was saved; the message (rank 0's) says how to resume.
             if str(e):
-                with contextlib.suppress(OSError):  # a terminal gone with its SIGHUP: the status still says it
-                    print(str(e), file=sys.stderr)
+                say(str(e), sys.stderr)
             return status
         if args.debug:
             raise

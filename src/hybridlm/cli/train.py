@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 
 
@@ -15,6 +14,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.metrics import loss_unit
     from ..train.rundir import CONFIG_FILE
     from ..train.trainer import Trainer
+    from . import say
 
     for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume)):
         if isinstance(value, str) and not value.strip():  # an unset shell variable: "" is the current folder
@@ -50,17 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     named = any(override_key(item) == "data.source" for item in args.set or ())
     trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
     summary = trainer.run_loop()
-    if trainer.is_main:
-
-        def say(line: str) -> None:
-            # A terminal gone (EIO: a closed window, its SIGHUP during the last save) leaves the run complete and
-            # saved: its summary is lost, not the exit status (and the other ranks still meet at close() below).
-            try:
-                print(line)
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    raise
-
+    if trainer.is_main:  # (say: a terminal gone loses the summary, not the status; the ranks still meet at close())
         first, last = summary["first_val_loss"], summary["val_loss"]
         minutes, seconds = divmod(int(summary["seconds"]), 60)
         unit = loss_unit(run.data.tokenizer)

@@ -143,7 +143,7 @@ class Plan:
         """The plan as text: pattern, a table per stage and per rank, and the comparison."""
         c = self.costs
         lines = [
-            f"pipeline plan: pp {self.pp} x vpp {self.vpp} = {self.pp * self.vpp} stage{'s' if self.pp * self.vpp > 1 else ''}, seq_len {c.seq_len}, "
+            f"pipeline plan: pp {self.pp} x vpp {self.vpp} = {self.pp * self.vpp} stage{'s' * (self.pp * self.vpp != 1)}, seq_len {c.seq_len}, "
             f"micro-batch {c.micro_batch_size}, activation checkpointing {'on' if c.recompute else 'off'}",
             f"costs: {c.source}; ms = forward+backward of one micro-batch",
             "",

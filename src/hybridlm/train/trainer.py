@@ -170,6 +170,11 @@ def _data_position(saved: Any, checkpoint: Path) -> tuple[int, int] | None:
     return rows, seq_len
 
 
+def _host_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class Trainer:
     """Builds everything a run needs and runs it.
 
@@ -408,7 +413,7 @@ class Trainer:
         process gathers its rows of a step on the host at once (``PackedRows.rows``: six int64 arrays of
         rows x (seq_len + 1)). Without this a batch of 10**23 rows grew a Python list of row indices until
         the kernel killed the process, after the data was read and the first evaluation ran."""
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        have = _host_memory()
         need = 6 * 8 * self.local_batch * (self.run.data.seq_len + 1)
         if need > have:
             raise ConfigError(
@@ -425,7 +430,7 @@ class Trainer:
         if self.device.type == "cuda":
             have = torch.cuda.get_device_properties(self.device).total_memory
         else:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            have = _host_memory()
         need = 16 * self.num_params / self.world
         if need <= have:
             return
