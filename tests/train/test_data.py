@@ -863,3 +863,15 @@ def test_prepare_from_a_prepared_corpus_of_another_tokenizer_names_its_flags(tmp
     )
     err = capsys.readouterr().err
     assert "but --tokenizer has vocab 3 (eos 0)" in err and "data.tokenizer" not in err, err
+
+
+def test_a_run_files_source_and_tokenizer_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """A run file's string reaches no shell: "~/corpus" is the home folder's, as on a command line."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("tilde")
+    assert load_corpus("~/corpus", ByteTokenizer()).num_tokens == len("tilde") + 1
+    _word_level({"<|endoftext|>": 0, "a": 1}, tmp_path / "tokenizer.json")
+    assert build_tokenizer("~/tokenizer.json").vocab_size == 2
+    with pytest.raises(DataError, match="~nobody_here/x does not exist"):  # no such user: a name, as the shell keeps it
+        load_corpus("~nobody_here/x", ByteTokenizer())

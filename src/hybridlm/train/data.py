@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import shutil
 import uuid
 import zipfile
@@ -110,10 +111,16 @@ def _text_files(folder: Path) -> list[Path]:
     return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
 
 
+def source_path(source: str) -> Path:
+    """The path a ``data.source`` or ``data.tokenizer`` setting names, a leading ``~`` expanded: a run file's
+    string reaches no shell that would expand it (``~nobody/x``, no such user, stays as it is)."""
+    return Path(os.path.expanduser(source))
+
+
 def text_documents(source: str, jsonl_field: str = "text", key: str = "data.source") -> Iterator[str]:
     """Documents of a .txt file, a folder of .txt files, or a .jsonl file. A source that does not exist or holds
     no text is refused here, before any document is read (errors name it as ``key``)."""
-    path = Path(source)
+    path = source_path(source)
     if not path.exists():
         raise DataError(f"{key}: {source} does not exist")
     if not path.is_dir() and path.name in PREPARED_FILES and is_prepared(path.parent):  # its ids, read as text
@@ -231,7 +238,7 @@ def prepared_destination(out: str | Path, source: str) -> Path:
     from ..checkpoint.io import check_replaceable, destination, refuse_losing
     from .tokenizer import SPEC_NAME
 
-    out = destination(out, source if Path(source).exists() else None)
+    out = destination(out, source if source_path(source).exists() else None)
     check_replaceable(out, "format", PREPARED_FORMAT, "a prepared corpus", PREPARED_META)
     if out.is_dir():
         refuse_losing(out, {PREPARED_META, *PREPARED_FILES, SPEC_NAME, "tokenizer.json"})
@@ -322,7 +329,7 @@ def is_prepared(path: Path) -> bool:
 def check_outside_text_folder(folder: Path, source: str) -> None:
     """Refuse (DataError) a run folder ``folder`` inside ``source`` where that is a folder read for its .txt and JSON
     Lines files: the run's metrics.jsonl would be read as documents (a resume failed on its first line)."""
-    path = Path(source)
+    path = source_path(source)
     if source.startswith("builtin:") or not path.is_dir() or is_prepared(path):
         return
     if folder.resolve().is_relative_to(path.resolve()):
@@ -346,7 +353,7 @@ def load_corpus(
         raise DataError(f"{key}: empty; name a .txt or .jsonl file or folder, a prepared folder, or builtin:pydoc")
     if source.startswith("builtin:"):
         return tokenize_documents(builtin_documents(source.split(":", 1)[1], key), tokenizer, progress)
-    path = Path(source)
+    path = source_path(source)
     if is_prepared(path):
         stream, meta = read_prepared(path)
         if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import DataError
+from .data import source_path
 
 SPEC_NAME = "tokenizer.hybridlm.json"
 #: The byte tokenizer's end of document (id 256) in its Hugging Face files.
@@ -156,7 +157,7 @@ def build_tokenizer(
                 f"{eos_key}: the byte tokenizer's end of document is id 256; {eos_key} is for a tokenizer.json"
             )
         return ByteTokenizer()
-    path = Path(spec)
+    path = source_path(spec)
     if not spec or not path.exists():  # ("" is the current directory's path)
         raise DataError(f"{key}: {spec!r} is neither 'byte' nor an existing tokenizer.json")
     return HFTokenizer(path, eos_token or None, eos_key)
