@@ -311,3 +311,32 @@ def test_a_megatron_export_interrupted_between_its_renames_can_be_rerun(tmp_path
     assert not (tmp_path / "m.pt").exists()
     assert load_megatron(convert_to_megatron(ck, tmp_path / "m.pt")).keys()
     assert sorted(os.listdir(tmp_path)) == ["ck", "m.pt", "m.pt.hybridlm.json"]
+
+
+@pytest.mark.parametrize("kind", ["another kind of folder", "a checkpoint with a file of its user's"])
+def test_a_conversion_into_hybridlm_refuses_its_destination_before_reading_weights(tmp_path, model, monkeypatch, kind):
+    """The refusal came only after the source's weights were read and converted (minutes for a large model)."""
+    from hybridlm.checkpoint import hf_nemotron, megatron
+
+    ck = hybridlm.save(model, tmp_path / "ck")
+    hf, pt = convert_to_nemotron_h(ck, tmp_path / "hf"), convert_to_megatron(ck, tmp_path / "model.pt")
+    dst = tmp_path / "dst"
+    if kind == "another kind of folder":
+        dst.mkdir()
+        kept = dst / "data.txt"
+        message = "exists and is not a hybridlm checkpoint"
+    else:
+        kept = hybridlm.save(model, dst) / "notes.md"
+        message = "replacing it would delete notes.md"
+
+    kept.write_text("kept")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("weights read before the destination was checked")
+
+    monkeypatch.setattr(hf_nemotron, "import_nemotron_h", unread)
+    monkeypatch.setattr(megatron, "load_megatron", unread)
+    for convert in (lambda: convert_from_nemotron_h(hf, dst), lambda: convert_from_megatron(pt, dst, model.config)):
+        with pytest.raises(CheckpointError, match=message):
+            convert()
+    assert kept.read_text() == "kept"

@@ -28,7 +28,7 @@ from .io import (
     weight_files,
     write_directory,
 )
-from .weights import read_config, read_tensors, save_state_dict
+from .weights import check_destination, read_config, read_tensors, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ def convert_from_nemotron_h(
     content; the CLI adds our tokenizer spec naming :func:`hf_eos_token_id`), into hybridlm checkpoint ``dst``
     (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
     src = Path(src)
-    destination(dst, src)
-    config, tensors = import_nemotron_h(src)
     files = _aux_files(src) | dict(extra_files or {})
+    check_destination(dst, src, files)
+    config, tensors = import_nemotron_h(src)
     return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=files)

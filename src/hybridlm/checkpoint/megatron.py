@@ -28,9 +28,9 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, destination, full_cpu, load_safetensors, replace_file, resolved
+from .io import MAX_LISTED, check_fit, full_cpu, load_safetensors, replace_file, resolved
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
-from .weights import read_config, read_tensors, save_state_dict
+from .weights import check_destination, read_config, read_tensors, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
 def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
     (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
-    destination(dst, src)
+    check_destination(dst, src)
     state, sidecar = load_megatron(src), config_sidecar(src)
     if config is None and not sidecar.is_file():
         raise CheckpointError(

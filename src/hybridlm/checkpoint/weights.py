@@ -22,12 +22,15 @@ from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     check_fit,
     check_format,
+    check_replaceable,
+    destination,
     dominant_dtype,
     file_sha256,
     full_cpu,
     load_safetensors,
     meta_shapes,
     read_json,
+    refuse_losing_checkpoint,
     weight_files,
     write_directory,
 )
@@ -83,6 +86,14 @@ def save_state_dict(
     }
     kw = dict(max_shard_size=max_shard_size, extra_files=extra_files, checksums=CHECKSUMS_KEY)
     return write_directory(path, tensors, meta, "format", "a hybridlm checkpoint", **kw)
+
+
+def check_destination(path: str | Path, source: str | Path, extra_names: Iterable[str] = ()) -> None:
+    """Refuse (CheckpointError) a ``path`` that :func:`save_state_dict` would refuse (``source`` or a folder holding
+    it, another kind of folder, files the write would delete): a conversion calls it before reading any weights."""
+    real = destination(path, source)
+    check_replaceable(real, "format", FORMAT, "a hybridlm checkpoint")
+    refuse_losing_checkpoint(real, set(extra_names))
 
 
 def save(
