@@ -62,11 +62,13 @@ def test_two_processes_follow_one(tmp_path):
         "hybridlm.cli",
         "train",
         *RUN,
+        *("--set", "train.micro_batch_size=8"),  # more than each process's 4 rows: noted, not refused
         "--run-dir",
         str(tmp_path / "two"),
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, run_failure(r)
+    assert "train.micro_batch_size 8 is more than the 4 rows each of the 2 data-parallel processes" in r.stdout
     assert main(["train", *RUN, "--run-dir", str(tmp_path / "one")]) == 0
     two, one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
     assert two.keys() == one.keys() == set(range(1, 7))

@@ -727,7 +727,19 @@ class Trainer:
             + (" · compiled blocks" if t.compile else "")
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
-        ] + [f"note    {n}" for n in r.notes()]
+        ] + [f"note    {n}" for n in r.notes() + self._batch_notes()]
+
+    def _batch_notes(self) -> list[str]:
+        """What the run's processes change in a valid setting: a micro-batch larger than a process's rows
+        (a per-micro-batch mean, the MoE balancing loss's, then averages over fewer rows than set)."""
+        t = self.run.train
+        if t.micro_batch_size is None or t.micro_batch_size <= self.micro:
+            return []
+        return [
+            f"train.micro_batch_size {t.micro_batch_size} is more than the {self.local_batch} rows each of the "
+            f"{self.dp} data-parallel processes takes per step (train.batch_size {t.batch_size}): each forward takes "
+            f"{self.micro}"
+        ]
 
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
