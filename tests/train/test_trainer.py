@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,13 @@ def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(DataError, match="no checkpoint to resume from"):
         Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)
+    # A run stopped before its first checkpoint (out of memory at step 1): its config.toml is the way back.
+    Trainer(tiny_run(), run_dir=tmp_path / "stopped", progress=False)
+    again = f"start it anew with --config {tmp_path / 'stopped' / 'config.toml'} and another --run-dir"
+    with pytest.raises(DataError, match=re.escape(again)):
+        Trainer(tiny_run(), run_dir=tmp_path / "stopped", resume=True, progress=False)
+    with pytest.raises(DataError, match="or the config of a run stopped before its first checkpoint"):
+        Trainer(tiny_run("train.micro_batch_size=2"), run_dir=tmp_path / "stopped", progress=False)
 
 
 def test_resume_refuses_other_data_under_the_same_source(tmp_path, monkeypatch):

@@ -54,7 +54,10 @@ def _check_fresh(path: Path, toml: str) -> None:
         )
     config = path / CONFIG_FILE
     if config.is_file() and config.read_text(errors="replace") != toml:
-        raise DataError(f"{config} exists and is not this run's; refusing to overwrite it (choose another --run-dir)")
+        raise DataError(
+            f"{config} exists and is not this run's (a run file, or the config of a run stopped before its first "
+            "checkpoint); refusing to overwrite it: choose another --run-dir, or move the file out"
+        )
 
 
 def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) -> tuple[Path, list[Path]]:

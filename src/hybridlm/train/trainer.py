@@ -49,6 +49,7 @@ from .optim import ExpertBiasHook, build_optimizer, build_scheduler
 from .pipeline import PipelineRunner
 from .rundir import (
     CHECKPOINTS,
+    CONFIG_FILE,
     MODEL_DIR,
     claim,
     latest_checkpoint,
@@ -356,8 +357,11 @@ class Trainer:
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
+                again = self.run_dir / CONFIG_FILE
+                hint = f"; it stopped before its first: start it anew with --config {again} and another --run-dir"
                 raise DataError(
                     f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
+                    + (hint if again.is_file() else "")
                 )
 
             # The newest checkpoint that loads (a damaged one is skipped with a warning).
