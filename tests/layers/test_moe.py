@@ -135,3 +135,31 @@ def test_the_router_computes_in_float32_in_a_bf16_model_and_under_autocast():
         scores, _, _ = gate(x)
     want = (x.double() @ gate.weight.double().T).softmax(-1)
     torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half()])
+def test_an_expert_bias_cast_below_float32_is_refused_at_its_update(cast):
+    """``model.to(torch.bfloat16)`` made the expert bias bf16, where from |bias| 0.5 on a step of
+    ``optim.moe_expert_bias_rate`` (1e-3) rounded to nothing: balancing stopped without a word.
+    ``HybridLM.cast`` keeps it float32, and there it moves by the step."""
+    from hybridlm import HybridLM
+
+    config = ModelConfig.preset("tiny").replace(
+        pattern="E", moe_num_experts=4, moe_router_score="sigmoid", moe_router_expert_bias=True
+    )
+    for narrow in (True, False):
+        model = HybridLM(config, seed=0)
+        layer = model.blocks["0"].layers[0].mixer
+        layer.gate.e_score_correction_bias.fill_(0.6)
+        cast(model) if narrow else model.cast(torch.bfloat16)
+        layer.tokens_per_expert.copy_(torch.tensor([1, 2, 4, 5]))
+        if narrow:
+            with pytest.raises(TypeError, match=r"rounds a step of 0.001 away: cast the model with HybridLM.cast"):
+                layer.update_expert_bias(1e-3)
+            layer.update_expert_bias(0.0)  # zeroing the counts alone is fine
+            assert layer.tokens_per_expert.sum() == 0
+        else:
+            layer.update_expert_bias(1e-3)
+            want = torch.tensor([0.601, 0.601, 0.599, 0.599])
+            assert layer.gate.e_score_correction_bias.dtype == torch.float32
+            torch.testing.assert_close(layer.gate.e_score_correction_bias, want, rtol=0, atol=1e-7)

@@ -214,6 +214,11 @@ class MoE(nn.Module):
         if self.config.moe_router_expert_bias and self.tokens_per_expert.sum() > 0:
             load = self.tokens_per_expert.double()
             bias = self.gate.e_score_correction_bias
+            if rate and bias.dtype.itemsize < 4:  # bf16 rounds a step of 1e-3 away from |bias| 0.5 on: no balancing
+                raise TypeError(
+                    f"gate.e_score_correction_bias is {str(bias.dtype).removeprefix('torch.')}, which rounds a step "
+                    f"of {rate:g} away: cast the model with HybridLM.cast(dtype), which keeps it float32, not .to(dtype)"
+                )
             bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
         self.tokens_per_expert.zero_()
 
