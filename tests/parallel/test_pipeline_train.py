@@ -144,6 +144,21 @@ def test_pipeline_layouts_and_resume_follow_one_process(tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_virtual_stages_run_micro_batch_counts_that_are_no_multiple_of_pp(tmp_path):
+    """3 micro-batches over pp 2 with virtual stages: torch's interleaved 1F1B runs them as 1 round of 3,
+    looped BFS any count, but the run file asked for a multiple of pp."""
+    six = ["train.batch_size=6", "train.micro_batch_size=2", "parallel.pp=2", "parallel.microbatches=3"]
+    jobs = [
+        {"set": [*BASE, P4, *six, f"parallel.schedule={s}"], "run_dir": str(tmp_path / s)}
+        for s in ("interleaved-1f1b", "looped-bfs")
+    ]
+    torchrun(2, jobs, tmp_path)
+    ref = one_process(tmp_path / "ref", P4, "train.batch_size=6", "train.micro_batch_size=2")
+    for s in ("interleaved-1f1b", "looped-bfs"):
+        assert_same_run(tmp_path / s, ref)
+
+
+@pytest.mark.multiprocess
 def test_data_and_pipeline_parallel_follow_one_process(tmp_path):
     """dp=2 x pp=2 on 4 processes: FSDP2 shards each stage over its two data-parallel ranks."""
     sets = [*BASE, P2, "parallel.pp=2", "parallel.microbatches=2"]
@@ -260,7 +275,7 @@ def test_the_legacy_split_warns_once_per_rank_not_at_every_check(caplog):
         (["model.pattern=M-|M-|M-", "parallel.pp=2"], "parallel.pp"),  # 3 segments over 2 ranks
         (["model.pattern=M-M", "parallel.pp=2"], "parallel.pp"),  # legacy split: 3 blocks over 2 ranks
         (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.schedule=1f1b"], "parallel.schedule"),
-        (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.microbatches=3"], "parallel.microbatches"),
+        (["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.microbatches=5"], "parallel.microbatches"),
         (["model.pattern=M-||M-", "parallel.pp=3"], "model.pattern"),  # rank 1 would hold nothing to save
     ],
 )
@@ -343,7 +358,8 @@ def test_a_micro_batch_size_hint_names_only_a_count_the_schedule_runs():
     assert microbatches_for(run("gpipe"), 8, 8) == 1
     assert microbatches_for(run("gpipe"), 8, 3) is None  # 3 rows do not split 8
     looped = RunConfig().with_overrides([*BASE, "model.pattern=M|-|M|-", "parallel.pp=2"])
-    assert microbatches_for(looped, 6, 2) is None  # interleaved-1f1b needs a multiple of pp: 3 is not
+    assert microbatches_for(looped, 10, 2) is None  # interleaved-1f1b: 5 do not make 5 // pp = 2 equal rounds
+    assert microbatches_for(looped, 6, 2) == 3  # 1 round of 3 (torch runs them; a multiple of pp was asked for)
     assert microbatches_for(looped, 8, 2) == 4
 
 

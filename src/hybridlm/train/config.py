@@ -410,9 +410,17 @@ class RunConfig:
             raise ConfigError(
                 "parallel.microbatches", f"1f1b needs at least pp ({par.pp}) micro-batches, got {mb} (or use gpipe)"
             )
-        if schedule in MULTI_STAGE_SCHEDULES and mb % par.pp:
+
+        def rounds(n: int) -> int:  # torch's interleaved 1F1B: n micro-batches in n // pp rounds of equal size
+            return max(1, n // par.pp)
+
+        if schedule == "interleaved-1f1b" and mb % rounds(mb):
+            fits = (next(n for n in range(mb - 1, 0, -1) if n % rounds(n) == 0), mb - mb % par.pp + par.pp)
             raise ConfigError(
-                "parallel.microbatches", f"{schedule} needs a multiple of pp ({par.pp}) micro-batches, got {mb}"
+                "parallel.microbatches",
+                f"interleaved-1f1b runs micro-batches in rounds of equal size, {rounds(mb)} rounds for {mb} over "
+                f"pp={par.pp} (micro-batches // pp), which {mb} does not split; e.g. {fits[0]} or {fits[1]}, or "
+                "looped-bfs (any count)",
             )
 
     def resolved_schedule(self) -> str:
