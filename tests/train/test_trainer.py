@@ -219,6 +219,20 @@ def test_resume_refuses_a_corpus_edited_in_place_unless_named(tmp_path, monkeypa
     assert main(["train", "--resume", "run", "--set", "train.steps=6", "--set", "data.source=c.jsonl"]) == 0
 
 
+def test_a_resume_that_sets_another_jsonl_field_reads_it_as_named(tmp_path, monkeypatch, capsys):
+    """``--set data.jsonl_field=body`` at a resume names other data as on purpose as ``data.source`` does: it was
+    refused as a changed corpus, and the advice named data.source, which the user had not changed."""
+    from hybridlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    docs = ({"text": f"a line about {i} " * 9, "body": f"another body {i} " * 7} for i in range(30))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    Trainer(tiny_run("data.source=c.jsonl", "train.steps=2"), run_dir=tmp_path / "run", progress=False).run_loop()
+    capsys.readouterr()
+    assert main(["train", "--resume", "run", "--set", "train.steps=3", "--set", "data.jsonl_field=body"]) == 0
+    assert "body" in (tmp_path / "run" / "config.toml").read_text()
+
+
 def test_the_corpus_fingerprint_samples_a_large_corpus_and_ignores_the_array_type():
     from hybridlm.train.data import TokenStream
 

@@ -47,7 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = RunConfig.from_toml(args.config) if args.config else RunConfig()
     run = base.with_overrides(args.set) if args.set else base
-    named = any(override_key(item) == "data.source" for item in args.set or ())
+    named = any(override_key(item) in ("data.source", "data.jsonl_field") for item in args.set or ())  # what is read
     trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
     summary = trainer.run_loop()
     if trainer.is_main:  # (say: a terminal gone loses the summary, not the status; the ranks still meet at close())

@@ -194,7 +194,8 @@ class Trainer:
         progress: bool | None = None,
         data_named: bool = False,
     ):
-        """``data_named``: the resume's data was named on purpose (the CLI: ``--set data.source=...``), so a
+        """``data_named``: the resume's data was named on purpose (the CLI: ``--set data.source=...`` or
+        ``data.jsonl_field``), so a
         corpus other than the checkpoint's is meant, not refused (see :meth:`_check_same_data`)."""
         self.run = run
         self.data_named = data_named
