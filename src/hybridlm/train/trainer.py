@@ -195,8 +195,8 @@ class Trainer:
         data_named: bool = False,
     ):
         """``data_named``: the resume's data was named on purpose (the CLI: ``--set data.source=...`` or
-        ``data.jsonl_field``), so a
-        corpus other than the checkpoint's is meant, not refused (see :meth:`_check_same_data`)."""
+        ``data.jsonl_field``), so a corpus other than the checkpoint's is meant, not refused (see
+        :meth:`_check_same_data`)."""
         self.run = run
         self.data_named = data_named
         t = run.train
