@@ -423,3 +423,17 @@ def test_the_sparse_indexer_loss_is_noted_without_the_indexer_loss():
         "dsa_indexer_use_sparse_loss": "the indexer loss is not computed with dsa_indexer_loss_coeff = 0"
     }
     assert unused_fields(ModelConfig(**{**_READERS_BASE, "pattern": "D"}), ["dsa_indexer_use_sparse_loss"]) == {}
+
+
+@pytest.mark.parametrize("field", ["mamba_dt_clamp_min", "mamba_dt_init_floor", "gdn_dt_init_floor"])
+def test_a_dt_bound_beyond_float32_is_refused_and_the_largest_float32_runs(field):
+    """dt_bias and the step sizes are float32 tensors: a floor or clamp above float32's range was accepted, then
+    failed inside torch ("value cannot be converted to type float without overflow") when the model was built
+    (the init floor) or at its first forward (the clamp). Refused by name now; the largest float32 still runs."""
+    base = {"pattern": "MG", "vocab_size": 16, "hidden_size": 16, "mamba_head_dim": 8, "mamba_num_groups": 1}
+    base |= {"gdn_head_dim": 8, "mamba_state_dim": 4}
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(**{**base, field: 1e39})
+    assert info.value.field == field and "float32" in str(info.value)
+    model = HybridLM(ModelConfig(**{**base, field: torch.finfo(torch.float32).max}), seed=0)
+    assert model(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 16)

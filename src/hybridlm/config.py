@@ -29,6 +29,8 @@ SCHEMA_VERSION = 1
 MLP_ACTIVATIONS = ("relu2", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("none", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
+#: The largest finite float32 (torch.finfo(torch.float32).max; this module imports no torch).
+FLOAT32_MAX = 3.4028234663852886e38
 #: Field-name prefixes of the fields only one layer kind reads (see :data:`FIELD_READERS`).
 _PREFIX_READERS = (("mamba_", "M"), ("moe_", "E"), ("gdn_", "G"), ("dsa_", "D"))
 
@@ -347,14 +349,23 @@ def _positive(cfg: ModelConfig, *names: str) -> None:
             raise ConfigError(name, f"must be positive, got {value}")
 
 
+def _dt_bound(cfg: ModelConfig, name: str) -> None:
+    """A lower bound on dt (``*_dt_init_floor``, ``mamba_dt_clamp_min``): at least 0, and a float32 (dt_bias
+    and the step sizes are float32 tensors, which torch refuses to clamp at a bound they cannot hold)."""
+    value = getattr(cfg, name)
+    if value < 0:
+        raise ConfigError(name, f"must be >= 0, got {value}")
+    if value > FLOAT32_MAX:
+        raise ConfigError(name, f"must be at most {FLOAT32_MAX:.7g} (the largest float32), got {value}")
+
+
 def _dt_init_range(cfg: ModelConfig, prefix: str) -> None:
     """``{prefix}_dt_min``, ``{prefix}_dt_max``, ``{prefix}_dt_init_floor``: the dt range a mixer's init draws from."""
     lo, hi, floor = (f"{prefix}_dt_min", f"{prefix}_dt_max", f"{prefix}_dt_init_floor")
     _positive(cfg, lo, hi)
     if getattr(cfg, lo) > getattr(cfg, hi):
         raise ConfigError(lo, f"{getattr(cfg, lo)} is larger than {hi} ({getattr(cfg, hi)})")
-    if getattr(cfg, floor) < 0:
-        raise ConfigError(floor, f"must be >= 0, got {getattr(cfg, floor)}")
+    _dt_bound(cfg, floor)
 
 
 def _choice(cfg: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
@@ -422,8 +433,7 @@ def _validate(cfg: ModelConfig) -> None:
                 f"{cfg.mamba_num_groups} must divide the number of Mamba heads ({cfg.resolved_mamba_num_heads})",
             )
         _dt_init_range(cfg, "mamba")
-        if cfg.mamba_dt_clamp_min < 0:
-            raise ConfigError("mamba_dt_clamp_min", f"must be >= 0, got {cfg.mamba_dt_clamp_min}")
+        _dt_bound(cfg, "mamba_dt_clamp_min")
 
     if "E" in used:
         if cfg.moe_num_experts is None:

@@ -163,3 +163,24 @@ def test_an_expert_bias_cast_below_float32_is_refused_at_its_update(cast):
             want = torch.tensor([0.601, 0.601, 0.599, 0.599])
             assert layer.gate.e_score_correction_bias.dtype == torch.float32
             torch.testing.assert_close(layer.gate.e_score_correction_bias, want, rtol=0, atol=1e-7)
+
+
+def test_a_float64_moe_model_routes_in_float64_so_its_cached_decoding_is_its_full_forward():
+    """A float64 model is the reference for the caches: the router computed its logits in float32 there, so how
+    many tokens one call routed (a decode step against the whole sequence) changed the logits by ~4e-10, not
+    float64 rounding. Below float64 it stays float32 (test_the_router_computes_in_float32_in_a_bf16_model...)."""
+    from hybridlm import HybridLM
+    from hybridlm.infer.cache import InferenceCache
+    from tests.helpers import tiny_config
+
+    model = HybridLM(tiny_config("ME", moe_num_experts=3), seed=0, dtype=torch.float64).eval()
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = InferenceCache.for_model(model, 3, 12)
+        steps = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(12)], 1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-13)
+    gate = model.blocks["1"].layers[0].mixer.gate
+    assert gate.weight.dtype == torch.float32  # stored in float32, as cast keeps it; computed in float64
+    scores, weights, _ = gate(torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert scores.dtype == weights.dtype == torch.float64

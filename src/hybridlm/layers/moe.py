@@ -1,6 +1,6 @@
 """Mixture of experts: a top-k router and experts run as one batched computation over sorted tokens.
 
-Routing (computed in float32, as NemotronH does)::
+Routing (computed in float32, as NemotronH does; in float64 in a float64 model)::
 
     scores = softmax(x W^T) or sigmoid(x W^T)                      (T, E)
     choice = scores + expert_bias                                  (the bias only steers selection)
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.dispatch import kernels_mode, record
-from ..ops.precision import matmul_dtype
+from ..ops.precision import accumulation_dtype, matmul_dtype
 from .context import SequenceContext
 from .mlp import MLP, activate
 
@@ -35,16 +35,20 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.empty(c.moe_num_experts), persistent=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, H) -> (scores (T, E) float32, weights (T, k) float32, indices (T, k) int64)."""
+        """x: (T, H) -> (scores (T, E), weights (T, k), indices (T, k) int64); scores and weights float32
+        (float64 for float64 ``x``)."""
         c = self.config
         # Routing decides which experts run: keep it float32 even under autocast (which would
-        # otherwise run this linear in bf16 and flip near-tied top-k choices).
+        # otherwise run this linear in bf16 and flip near-tied top-k choices). A float64 model routes
+        # in float64 (accumulation_dtype's rule): float32 logits there made its outputs depend on how
+        # many tokens one call routes (cached decoding, batch size) at ~1e-9.
+        acc = accumulation_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.to(acc), self.weight.to(acc))
         scores = logits.softmax(dim=-1) if c.moe_router_score == "softmax" else logits.sigmoid()
         choice = scores.detach()
         if c.moe_router_expert_bias:
-            choice = choice + self.e_score_correction_bias.float()
+            choice = choice + self.e_score_correction_bias.to(acc)
         if c.moe_num_groups > 1:
             T, E, G = choice.shape[0], c.moe_num_experts, c.moe_num_groups
             per_group = choice.view(T, G, E // G)
