@@ -359,7 +359,7 @@ class Trainer:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
                 again = self.run_dir / CONFIG_FILE
-                hint = f"; it stopped before its first: start it anew with --config {again} and another --run-dir"
+                hint = f"; the run stopped before its first: start it anew with --config {again} and another --run-dir"
                 raise DataError(
                     f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
                     + (hint if again.is_file() else "")
