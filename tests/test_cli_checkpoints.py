@@ -76,3 +76,25 @@ def test_megatron_config_says_why_a_file_is_not_a_model_config(byte_model, tmp_p
         err = capsys.readouterr().err
         assert err.startswith(f"error: --config {tmp_path / name}: not a model config {reason}"), err
     assert not (tmp_path / "back").exists()
+
+
+def test_a_training_state_outside_a_run_names_no_run(byte_model, tmp_path, capsys, monkeypatch):
+    """A DCP state not in a run's checkpoints/ (copied out, or written by save_training_state) was called "a
+    training-state checkpoint of the run" two folders up, with "hybridlm train --resume" of that folder as advice."""
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    state = save_training_state(tmp_path / "saved" / "state", hybridlm.load(byte_model), step=0)
+    for argv in (
+        ["generate", str(state), "--prompt", "x"],
+        ["convert", str(state), str(tmp_path / "hf"), "--to", "nemotron-h"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{state} is a training-state checkpoint (DCP, not a model folder) outside a run's checkpoints/" in err
+        assert "of the run" not in err and f"--resume {tmp_path}" not in err, err
+    assert not (tmp_path / "hf").exists()
+    # Named from inside a run's checkpoints/, it is that run's (not the run of ".", the folder two names up).
+    save_training_state(tmp_path / "run" / "checkpoints" / "step-000001", hybridlm.load(byte_model), step=1)
+    monkeypatch.chdir(tmp_path / "run" / "checkpoints")
+    assert main(["generate", "step-000001", "--prompt", "x"]) == 2
+    assert f"a training-state checkpoint of the run {tmp_path / 'run'} (DCP" in capsys.readouterr().err

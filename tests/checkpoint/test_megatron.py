@@ -509,6 +509,9 @@ def test_bad_paths_are_refused(tmp_path, moe_state):
         save_megatron(moe_state, tmp_path / "model.bin")
     with pytest.raises(CheckpointError, match="no such file"):
         load_megatron(tmp_path / "absent.pt")
+    (tmp_path / "folder.pt").mkdir()  # there, but no file: not "no such file"
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'folder.pt'}: not a file")):
+        load_megatron(tmp_path / "folder.pt")
 
 
 def test_convert_from_megatron_needs_a_config(tmp_path, moe_state):

@@ -561,3 +561,13 @@ def test_streaming_never_prints_the_start_of_a_stop_string_ending_in_a_multibyte
         row.finish()
         want = text[: text.find(stop)]
         assert row.text == want and capsys.readouterr().out == "> " + want, stop
+
+
+def test_a_prompts_file_without_a_prompt_is_named(checkpoint, capsys, tmp_path):
+    """An empty (or blank) --prompts-file was answered "give a prompt: --prompt TEXT or --prompts-file FILE", as if
+    no file had been given."""
+    path, _ = checkpoint
+    for text in ("", "\n \n\r\n"):
+        (tmp_path / "prompts.txt").write_text(text)
+        code, out, err = run(capsys, path, "--prompts-file", tmp_path / "prompts.txt")
+        assert code == 2 and out == "" and f"error: --prompts-file {tmp_path / 'prompts.txt'}: no prompt in it" in err

@@ -89,6 +89,18 @@ def test_override_keys_may_have_spaces_and_unset_means_leave_out():
         RunConfig().with_overrides(["train.micro_batch_size=none"])
 
 
+def test_a_model_field_set_to_none_is_written_and_read_as_none(tmp_path):
+    """TOML has no null and q_lora_rank's default is 512: "none" asks for MLA's full-rank query, from --set or a
+    run file, and config.toml keeps it, so a resume builds the same model (it read 512 and refused the checkpoint)."""
+    run = RunConfig().with_overrides(["model.pattern=+-", "model.q_lora_rank=none"])
+    assert run.model_config().q_lora_rank is None
+    assert RunConfig().with_overrides(["model.num_query_groups=null"]).model_config().num_query_groups is None
+    built = RunConfig.from_dict({"model": {**DEFAULT_MODEL, "pattern": "+-", "q_lora_rank": None}})  # the Python API
+    for before in (run, built):
+        (tmp_path / "config.toml").write_text(before.to_toml())
+        assert RunConfig.from_toml(tmp_path / "config.toml").model_config() == before.model_config()
+
+
 def test_threads_beyond_the_cores_are_noted():
     import os
 

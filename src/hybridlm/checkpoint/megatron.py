@@ -282,8 +282,8 @@ def load_megatron(path: str | Path) -> dict[str, Tensor]:
     pickled objects) or ``.safetensors`` Megatron state dict onto the CPU."""
     path = Path(path)
     kind = _suffix(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():  # (a folder named model.pt exists: "no such file" sent the user looking for a typo)
+        raise CheckpointError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     if kind == ".safetensors":
         return load_safetensors(path)
     try:

@@ -68,7 +68,22 @@ def model_folder(path: str | Path, flag: str) -> Path:
         return path
     if (path / MODEL_DIR).is_dir():
         return path / MODEL_DIR  # a run directory: its exported model
-    run = path if (path / CHECKPOINTS).is_dir() else path.parent.parent if (path / METADATA_NAME).exists() else None
+    state = (path / METADATA_NAME).exists()
+    # A training state names its run only inside the run's checkpoints/: elsewhere (copied out, or written by
+    # save_training_state) the folder two levels up is no run, and "--resume" of it would be the wrong advice.
+    run = None
+    if (path / CHECKPOINTS).is_dir():
+        run = path
+    elif state and path.parent.name == CHECKPOINTS:
+        run = path.parent.parent
+    elif state and path.absolute().parent.name == CHECKPOINTS:  # "step-000100", named from inside checkpoints/
+        run = path.absolute().parent.parent
+    elif state:
+        raise UsageError(
+            f"{flag} {path} is a training-state checkpoint (DCP, not a model folder) outside a run's {CHECKPOINTS}/: "
+            "load it with hybridlm.checkpoint.training_state.load_training_state and write the model with "
+            "hybridlm.save, or resume the run it came from (hybridlm train --resume RUN exports RUN/model)"
+        )
     if run is not None:
         what = (
             "a training run without an exported model yet"

@@ -53,6 +53,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: bytes the locale could not decode, or JSON's \ud800 escapes
             raise UsageError(f"{where}: not UTF-8 text (a lone surrogate)") from None
+    if not prompts and args.prompts_file:  # (asked for a prompt, the user would look for a typo in the flag)
+        raise UsageError(f"--prompts-file {args.prompts_file}: no prompt in it (it is empty or holds blank lines only)")
     if not prompts:
         raise UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
     return [text for text, _ in prompts]

@@ -53,6 +53,15 @@ DEFAULT_MODEL: dict[str, Any] = {
     "mamba_chunk_size": 64,
 }
 
+#: A model field's ``None`` in a run file, which TOML cannot write: ``q_lora_rank = "none"`` is MLA's full-rank
+#: query (the default is 512, so leaving the field out cannot ask for it). config.toml writes ``None`` so too.
+NONE_WORD = "none"
+_NULLABLE_MODEL_FIELDS = frozenset(
+    name
+    for name, hint in get_type_hints(ModelConfig).items()
+    if {type(None), str} & set(get_args(hint)) == {type(None)}
+)
+
 
 @dataclass
 class DataConfig:
@@ -223,13 +232,19 @@ class RunConfig:
         tables = {
             section: {k: v for k, v in values.items() if v is not None} for section, values in self.to_dict().items()
         }
+        # A model field set to None stays None at a resume: left out, it would read as its default (q_lora_rank 512).
+        tables["model"] = {
+            k: NONE_WORD if v is None else v
+            for k, v in self.model.items()
+            if v is not None or k in _NULLABLE_MODEL_FIELDS
+        }
         return tomli_w.dumps(tables)
 
     # -- checking -----------------------------------------------------------------------------
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of this run (``vocab_size`` fills the field when the run leaves it out)."""
-        values = dict(self.model)
+        values = {k: None if k in _NULLABLE_MODEL_FIELDS and _is_none_word(v) else v for k, v in self.model.items()}
         preset = values.pop("preset", None)
         if preset is None:  # a preset's own vocabulary is kept (the trainer checks it is large enough)
             values.setdefault("vocab_size", vocab_size if vocab_size is not None else 257)
@@ -467,6 +482,11 @@ def _build(cls: type, values: dict[str, Any], section: str):
     for key, value in values.items():
         _check_type(f"{section}.{key}", hints[key], value)
     return cls(**values)
+
+
+def _is_none_word(value: Any) -> bool:
+    # ("null" too: a model field's type error says "expected int or null", in JSON's words)
+    return isinstance(value, str) and value.strip().lower() in (NONE_WORD, "null")
 
 
 def _check_type(name: str, hint: Any, value: Any) -> None:
