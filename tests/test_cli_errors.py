@@ -317,6 +317,8 @@ def test_messages_become_one_line_without_empty_pieces():
     from hybridlm.cli import _error, one_line
 
     assert one_line("first\n\n  \nsecond\n") == "first; second"
+    # A list's bullets: "cannot be exported as Hugging Face NemotronH: - position_embedding=..." read as a stray dash.
+    assert one_line("cannot be exported:\n  - one\n  - two") == "cannot be exported: one; two"
     unexpected = _error(TypeError("a\nb"))
     assert "\n" not in unexpected and unexpected.startswith("unexpected TypeError: a; b (this may be a bug")
     assert _error(MemoryError()).startswith("out of memory (MemoryError): ")

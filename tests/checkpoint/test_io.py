@@ -323,3 +323,13 @@ def test_replacing_a_checkpoint_keeps_safetensors_files_it_did_not_write(tmp_pat
     (path / "adapter.safetensors").unlink()
     hybridlm.save(HybridLM(tiny_config("M-")), path)  # its own shards are replaced by one file
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_fit_problems_lists_at_most_max_listed_mis_shaped_tensors():
+    """Missing and unexpected names stopped at MAX_LISTED; the shape mismatches (31 in a NemotronH import of
+    another width) were all listed, on one line once the CLI joins them."""
+    from hybridlm.checkpoint.io import MAX_LISTED, fit_problems
+
+    n = MAX_LISTED + 5
+    (line,) = fit_problems({f"t{i}": (1,) for i in range(n)}, {f"t{i}": (2,) for i in range(n)})
+    assert line.count("expected (2,)") == MAX_LISTED and line.endswith(f"... ({n} in all)")

@@ -413,7 +413,8 @@ def fit_problems(
         for k, s in expected.items()
         if k in shapes and tuple(shapes[k]) != tuple(s)
     ]
-    return problems + (["shape mismatches:\n    " + "\n    ".join(wrong)] if wrong else [])
+    more = [f"... ({len(wrong)} in all)"] if len(wrong) > MAX_LISTED else []
+    return problems + (["shape mismatches:\n    " + "\n    ".join(wrong[:MAX_LISTED] + more)] if wrong else [])
 
 
 def check_fit(

@@ -123,7 +123,8 @@ def device_option(flag: str, value: str):
 
 def one_line(message: str) -> str:
     """An error message on one line; a pattern quoted with a caret under it keeps its three lines."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    # (a list's "- " bullets read as stray dashes once the lines are joined)
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip()]
     if any(set(line) == {"^"} for line in lines):
         return message
     out = lines[0] if lines else ""
