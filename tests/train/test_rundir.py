@@ -362,3 +362,12 @@ def test_a_damaged_data_position_leaves_nothing_of_its_checkpoint_behind(tmp_pat
     file.write_text(json.dumps(json.loads(file.read_text()) | {"data_position": {"rows": -1, "seq_len": 64}}))
     resumed = Trainer(tiny_run("train.steps=4"), run_dir=tmp_path / "r", resume=True, progress=False)
     assert resumed.step == 0 and len(resumed.optimizer.state) == 0
+
+
+def test_a_run_folder_that_cannot_be_created_names_why_and_the_flag(tmp_path):
+    """A file where a parent folder must be came out as the system's "Not a directory (a.txt/sub)", naming
+    neither the setting nor the file in the way."""
+    (tmp_path / "a.txt").write_text("")
+    for run_dir in (tmp_path / "a.txt" / "sub", tmp_path / "a.txt" / "sub" / "{time}"):
+        with pytest.raises(DataError, match=r"cannot create the run folder: .*a\.txt is a file, not a folder; choose"):
+            rundir.claim(str(run_dir), "runs/{time}", "", resume=False)

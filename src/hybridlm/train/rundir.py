@@ -118,6 +118,10 @@ def _make_folders(path: Path) -> list[Path]:
             os.mkdir(folder)
         except FileExistsError:
             continue
+        except OSError as e:  # a file where a parent folder must be, a read-only or missing place: say which setting
+            file = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+            why = f"{file} is a file, not a folder" if file else f"{e.strerror} ({folder})"
+            raise DataError(f"{path}: cannot create the run folder: {why}; choose another --run-dir") from None
         made.insert(0, folder)
     return made
 
