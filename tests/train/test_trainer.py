@@ -574,3 +574,23 @@ def test_a_warning_repeated_at_every_step_is_shown_once(tmp_path):
         warnings.simplefilter("default")
         t.run_loop()
     assert [str(w.message) for w in shown].count("the same warning at every step") == 1
+
+
+def test_a_resume_that_ends_at_its_checkpoint_plots_no_rows_past_it(tmp_path, monkeypatch):
+    """A run killed after step 4 with its last checkpoint at 2, resumed with train.steps=2 (complete there):
+    its loss curve still drew the killed run's steps 3 and 4."""
+    import shutil
+
+    import hybridlm.train.trainer as trainer
+
+    run = tiny_run("train.steps=4", "train.checkpoint_every=2", "train.log_every=1")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop()
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "model")
+    plotted = []
+    monkeypatch.setattr(trainer, "plot_losses", lambda rows, *a: plotted.extend(rows))
+    again = Trainer(
+        tiny_run("train.steps=2", "train.checkpoint_every=2"), run_dir=tmp_path, resume=True, progress=False
+    )
+    assert again.run_loop()["step"] == 2
+    assert plotted and max(r["step"] for r in plotted) == 2

@@ -126,11 +126,14 @@ class Metrics:
             parts.append(f"eta {_fmt_time(self.eta(step))}")
         return " | ".join(parts)
 
-    def history_all(self) -> list[dict[str, Any]]:
-        """Every row of metrics.jsonl (earlier, resumed parts of the run included), last write per step kept."""
+    def history_all(self, until: int | None = None) -> list[dict[str, Any]]:
+        """Every row of metrics.jsonl (earlier, resumed parts of the run included), last write per step kept, up to
+        step ``until``: a killed run's rows past the checkpoint that a resume ended at (train.steps lowered) are
+        not this run's history."""
         rows: dict[tuple[int, bool], dict[str, Any]] = {}
         for row in read_history(self.run_dir / "metrics.jsonl"):
-            rows[(row["step"], "loss" in row)] = row
+            if until is None or row["step"] <= until:
+                rows[(row["step"], "loss" in row)] = row
         return sorted(rows.values(), key=lambda r: r["step"])
 
     def close(self) -> None:

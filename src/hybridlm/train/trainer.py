@@ -859,7 +859,7 @@ class Trainer:
             summary["model"] = str(self.export())
             if self.is_main:
                 unit = loss_unit(self.run.data.tokenizer)
-                png = plot_losses(self.metrics.history_all(), self.run_dir / "loss.png", unit)
+                png = plot_losses(self.metrics.history_all(self.step), self.run_dir / "loss.png", unit)
                 summary["loss_curve"] = str(png) if png else None
         self.metrics.close()
         return summary
