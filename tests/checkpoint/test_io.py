@@ -333,3 +333,15 @@ def test_fit_problems_lists_at_most_max_listed_mis_shaped_tensors():
     n = MAX_LISTED + 5
     (line,) = fit_problems({f"t{i}": (1,) for i in range(n)}, {f"t{i}": (2,) for i in range(n)})
     assert line.count("expected (2,)") == MAX_LISTED and line.endswith(f"... ({n} in all)")
+
+
+def test_replace_file_refuses_a_folder_in_a_files_place_before_writing(tmp_path):
+    """A folder where the Megatron export's sidecar goes failed at the rename, as "Is a directory" naming the
+    temporary file, after the weights were written."""
+    from hybridlm.checkpoint.io import replace_file
+
+    (tmp_path / "m.pt.hybridlm.json").mkdir()
+    calls = []
+    with pytest.raises(CheckpointError, match=r"m\.pt\.hybridlm\.json: a folder, where a file is written"):
+        replace_file(tmp_path / "m.pt", calls.append, (tmp_path / "m.pt.hybridlm.json", calls.append))
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt.hybridlm.json"]

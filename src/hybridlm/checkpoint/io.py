@@ -256,6 +256,8 @@ def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, C
     """``write(tmp)`` beside ``path`` (and each ``more`` file's), flush them to disk, then rename each over its
     path in order: never half-written, and a failed write leaves every file as it was. A path that is a
     symbolic link is written through it (the link stays), as :func:`destination` does for folders."""
+    if folder := next((f for f in (path, *(f for f, _ in more)) if resolved(f).is_dir()), None):
+        raise CheckpointError(f"{folder}: a folder, where a file is written; move it, or write elsewhere")
     tmps: dict[Path, Path] = {}
     try:
         for file, writer in ((path, write), *more):
