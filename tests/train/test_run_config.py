@@ -247,3 +247,17 @@ def test_an_override_without_a_section_or_field_name_says_what_it_needs(item):
     'train.seed'?)"."""
     with pytest.raises(ConfigError, match=r"an override names a section and a field, e\.g\. train\.steps=100"):
         RunConfig().with_overrides([item])
+
+
+def test_an_ac_policy_kind_that_starts_no_block_is_noted():
+    """``E=full`` over ``M-[*E]``: the fused block's policy is its attention's, so the entry changed nothing, silently."""
+    base = ["model.moe_num_experts=2", "train.activation_checkpointing=true"]
+    run = RunConfig().with_overrides(
+        [*base, "model.pattern=M-[*E]M-/[*-]", "train.ac_policy=E=full,M=selective,-=none"]
+    )
+    assert [n for n in run.notes() if "ac_policy" in n] == [
+        "train.ac_policy names 'E', which starts no block of the pattern: a block's policy is that of its first layer "
+        "(a fused block's, its sequence mixer's)"
+    ]
+    run = RunConfig().with_overrides([*base, "model.pattern=M-E[*-]", "train.ac_policy=E=full,*=selective"])
+    assert not [n for n in run.notes() if "ac_policy" in n]  # E and * (the fused block's attention) start blocks

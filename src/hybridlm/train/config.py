@@ -352,6 +352,16 @@ class RunConfig:
             )
         if t.ac_policy != TrainConfig.ac_policy and not t.activation_checkpointing:
             notes.append("train.ac_policy has no effect without train.activation_checkpointing = true")
+        elif t.activation_checkpointing and "=" in t.ac_policy:  # a kind no block starts with: its entry does nothing
+            from ..parallel.execution import parse_ac_policy
+
+            parsed = self.model_config().parsed
+            starts = {block[0] for block in (*parsed.blocks, *parsed.mtp_blocks)}
+            if unused := [k for k in parse_ac_policy(t.ac_policy, "full") if k not in starts]:
+                notes.append(
+                    f"train.ac_policy names {', '.join(map(repr, unused))}, which starts no block of the pattern: a "
+                    "block's policy is that of its first layer (a fused block's, its sequence mixer's)"
+                )
         if o.decay_fraction != OptimConfig.decay_fraction and o.schedule != "wsd":
             notes.append(f"optim.schedule = {o.schedule!r} does not use optim.decay_fraction (only 'wsd' does)")
         if o.min_lr_ratio != OptimConfig.min_lr_ratio and o.schedule == "constant":
