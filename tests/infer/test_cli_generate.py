@@ -571,3 +571,12 @@ def test_a_prompts_file_without_a_prompt_is_named(checkpoint, capsys, tmp_path):
         (tmp_path / "prompts.txt").write_text(text)
         code, out, err = run(capsys, path, "--prompts-file", tmp_path / "prompts.txt")
         assert code == 2 and out == "" and f"error: --prompts-file {tmp_path / 'prompts.txt'}: no prompt in it" in err
+
+
+def test_no_cache_samples_a_batch_as_the_cached_run_does(checkpoint, capsys):
+    """--no-cache is the reference loop: sampling (the default) a batch of prompts gives the cached run's texts."""
+    path, _ = checkpoint
+    args = (path, "--prompt", "ab", "--prompt", "longer prompt", "--batch-size", 2, "--max-new-tokens", 8)
+    _, cached, _ = run(capsys, *args)
+    _, reference, _ = run(capsys, *args, "--no-cache")
+    assert reference == cached and cached.startswith("ab")

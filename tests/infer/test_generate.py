@@ -319,3 +319,27 @@ def test_a_float64_models_greedy_pick_is_its_float64_argmax():
     for use_cache in (True, False):
         assert generate(model, prompt, 1, use_cache=use_cache) == [best]
     assert generate(model, prompt, 1, speculative="mtp") == [best]
+
+
+def test_the_uncached_reference_samples_a_batch_as_the_cached_loop_does():
+    """use_cache=False ran the rows one after the other, each drawing from the shared generator in turn: a sampled
+    batch got other tokens than the cached batch with the same seed. It steps the rows together now (each row's
+    own full forward), so the reference reproduces the cached samples, rows stopping at eos_id among them."""
+    model = HybridLM(tiny_config("M*-"), seed=0, dtype=torch.float64).eval()
+    prompts = [[5, 17, 3], [1, 2], [9]]
+    settings = dict(temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=3)
+    first = generate(model, prompts, 1, **settings)
+    calls, out = {}, {}
+    for use_cache in (True, False):
+        calls[use_cache] = []
+        out[use_cache] = generate(
+            model,
+            prompts,
+            8,
+            eos_id=first[1][0],  # row 1 stops at its first token
+            use_cache=use_cache,
+            callback=lambda r, t, c=calls[use_cache]: c.append((r, t)),
+            **settings,
+        )
+    assert out[False] == out[True] and out[True][1] == first[1] and len(out[True][0]) > 1
+    assert calls[False] == calls[True]  # in the same order too

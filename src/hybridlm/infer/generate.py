@@ -4,7 +4,8 @@
 ``prefill_chunk_size`` tokens) into an :class:`~hybridlm.infer.cache.InferenceCache`, then decodes
 one token per row per step. Prompts of different lengths are padded on the left; the cache marks
 the padding so it enters no state and no attention. ``use_cache=False`` is the exact, slow
-reference: every new token reruns the full forward over the whole sequence, one prompt at a time.
+reference: every new token reruns the full forward over the whole sequence of each prompt alone, the rows
+stepped together so that sampling draws what the cached batch draws.
 """
 
 from __future__ import annotations
@@ -265,10 +266,7 @@ def generate(
                     for i, row in enumerate(rows)
                 ]
             elif not use_cache:
-                out = [
-                    _generate_uncached(model, row, max_new_tokens, sampler, eos_id, _row_callback(callback, i), stats)
-                    for i, row in enumerate(rows)
-                ]
+                out = _generate_uncached(model, rows, max_new_tokens, sampler, eos_id, callback, stats)
             else:
                 out = _generate_cached(
                     model, rows, max_new_tokens, sampler, eos_id, prefill_chunk_size, callback, stats, cuda_graph
@@ -325,26 +323,38 @@ def _accept(out: list[int], token: int, row: int, eos_id, callback) -> bool:
     return stop or (eos_id is not None and token == eos_id)
 
 
-def _generate_uncached(model, row, max_new_tokens, sampler, eos_id, callback, stats) -> list[int]:
+def _generate_uncached(model, rows, max_new_tokens, sampler, eos_id, callback, stats) -> list[list[int]]:
+    """The reference: each row's logits from the full forward over that row alone (no padding, no cache), the
+    rows stepped together so that the sampler draws for the whole batch at each step, as the cached loop does
+    (sampled rows one after the other drew other numbers than the cached batch with the same seed)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([row], device=device)
+    vocab = model.config.vocab_size
+    seqs = [torch.tensor([row], device=device) for row in rows]
     sampler.seen = None
-    sampler.observe([row], model.config.vocab_size, device)
-    new: list[int] = []
+    sampler.observe(rows, vocab, device)
+    out: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    last: list[torch.Tensor | None] = [None] * len(rows)
     t0 = _sync(device)
     for step in range(max_new_tokens):
-        token = int(sampler(model(ids).logits[:, -1])[0])
-        sampler.observe(torch.tensor([token]), model.config.vocab_size, device)
+        for r, ids in enumerate(seqs):
+            if not done[r]:  # a finished row is sampled still (its token dropped), as in the cached batch
+                last[r] = model(ids).logits[:, -1]
+        tokens = sampler(torch.cat(last))
+        sampler.observe(tokens, vocab, device)
         if step == 0:
             t1 = _sync(device)
-            stats["prefill_tokens"] += len(row)
+            stats["prefill_tokens"] += sum(len(row) for row in rows)
             stats["prefill_seconds"] += t1 - t0
-        if _accept(new, token, 0, eos_id, callback) or step == max_new_tokens - 1:
+        for r, token in enumerate(tokens.tolist()):
+            if not done[r]:
+                done[r] = _accept(out[r], token, r, eos_id, callback)
+                seqs[r] = torch.cat([seqs[r], torch.tensor([[token]], device=device)], dim=1)
+        if all(done):
             break
-        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-    stats["decode_tokens"] += len(new) - 1
+    stats["decode_tokens"] += sum(len(new) - 1 for new in out)
     stats["decode_seconds"] += _sync(device) - t1
-    return new
+    return out
 
 
 def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
