@@ -465,6 +465,43 @@ def test_each_layer_kind_is_initialized_as_documented():
     assert a.max().item() > 8 and a.min().item() < 4
 
 
+def test_mla_and_swiglu_projections_are_initialized_as_documented():
+    """MLA's input projections (q_a, q_b, kv_a, kv_b) and a SwiGLU MLP's gate and up draw from init_std; the
+    output projections (MLA's o_proj, the MLP's down_proj) from std / sqrt(canonical layers); norms 1."""
+    std = 0.02
+    mla = {**MLA_TINY, "q_lora_rank": 64, "kv_lora_rank": 64, "qk_head_dim": 32, "v_head_dim": 32}
+    config = tiny_config("+-", hidden_size=128, ffn_hidden_size=256, mlp_activation="swiglu", init_std=std, **mla)
+    model = HybridLM(config, seed=0)
+    out_std = std / config.parsed.num_layers**0.5  # 2 canonical layers
+    attn, mlp = model.blocks["0"].layers[0].mixer, model.blocks["1"].layers[0].mixer
+    expected = {
+        "q_a_proj": (attn.q_a_proj.weight, std),
+        "q_b_proj": (attn.q_b_proj.weight, std),
+        "kv_a_proj_with_mqa": (attn.kv_a_proj_with_mqa.weight, std),
+        "kv_b_proj": (attn.kv_b_proj.weight, std),
+        "o_proj": (attn.o_proj.weight, out_std),
+        "gate_proj": (mlp.gate_proj.weight, std),
+        "up_proj": (mlp.up_proj.weight, std),
+        "down_proj": (mlp.down_proj.weight, out_std),
+    }
+    for what, (w, want) in expected.items():
+        assert w.numel() >= 4096, what
+        assert abs(w.float().std().item() / want - 1) < 0.1, f"{what}: std {w.std().item():.4g} != {want:.4g}"
+    for norm in (attn.q_a_layernorm, attn.kv_a_layernorm):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+
+
+def test_mamba_conv_weight_and_bias_are_uniform_on_both_sides_of_zero():
+    """Mamba2's conv weight and bias: nn.Conv1d's default U(-1/sqrt(K), 1/sqrt(K)), each reaching near both ends
+    (the GDN conv of the test above has no bias)."""
+    model = HybridLM(tiny_config("M", hidden_size=64), seed=0)
+    conv = model.blocks["0"].layers[0].mixer.conv1d
+    bound = 1 / conv.weight.shape[-1] ** 0.5
+    for what, t in (("weight", conv.weight), ("bias", conv.bias)):
+        assert t.numel() >= 64, what
+        assert -bound <= t.min().item() < -0.8 * bound and 0.8 * bound < t.max().item() <= bound, what
+
+
 def test_a_tied_bf16_model_returns_float32_logits():
     """Guards against the tied head (embedding weight) returning bf16 logits from a bf16 model."""
     model = HybridLM(tiny_config("M-/-", tie_embeddings=True), seed=0, dtype=torch.bfloat16)
@@ -714,3 +751,28 @@ def test_hidden_states_of_another_shape_than_the_input_ids_are_refused_by_name()
     for hidden in (torch.randn(2, 4, 32), torch.randn(3, 5, 32)):
         with pytest.raises(ValueError, match=r"hidden_states \(.*\) and input_ids \(2, 5\) must have the same"):
             model(ids, hidden_states=hidden)
+
+
+def test_combine_losses_weighs_each_head_by_its_share_and_the_aux_loss_by_the_main_heads():
+    """``lm * s0 + scale * mean_d(mtp_d * s_d) + aux * s0`` (without shares: ``lm + scale * mean + aux``). The
+    auxiliary loss under the main head's share is what keeps micro-batches of one step from each adding it whole
+    (the per-head test above has no MoE, so no auxiliary loss)."""
+    from hybridlm.model import combine_losses
+
+    lm, m1, m2, aux = (torch.tensor(v, dtype=torch.float64) for v in (2.0, 3.0, 5.0, 7.0))
+    shares = torch.tensor([0.25, 0.5, 0.125], dtype=torch.float64)
+    got = combine_losses(lm, [m1, m2], aux, 0.3, shares)
+    assert got.item() == pytest.approx(2.0 * 0.25 + 0.3 * (3.0 * 0.5 + 5.0 * 0.125) / 2 + 7.0 * 0.25, rel=1e-12)
+    assert combine_losses(lm, [m1, m2], aux, 0.3).item() == pytest.approx(2.0 + 0.3 * 4.0 + 7.0, rel=1e-12)
+    assert combine_losses(lm, [], aux, 0.3, shares[:1]).item() == pytest.approx((2.0 + 7.0) * 0.25, rel=1e-12)
+
+
+def test_segment_ids_number_each_rows_documents_from_0():
+    """cu_seqlens over the flattened rows: a boundary at a row start starts no second document there (each
+    row counts from 0, as doc_ids give)."""
+    from hybridlm.layers.context import segment_ids
+
+    cu = torch.tensor([0, 2, 4, 5, 8])  # the boundary at 4 is row 1's start
+    assert segment_ids(2, 4, torch.device("cpu"), cu_seqlens=cu).tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    docs = torch.tensor([[7, 7, 3, 9], [1, 2, 2, 2]])
+    assert segment_ids(2, 4, torch.device("cpu"), doc_ids=docs).tolist() == [[0, 0, 1, 2], [0, 1, 1, 1]]

@@ -839,3 +839,13 @@ def test_the_dt_clamp_is_read_from_the_legacy_name_mamba_dt_limit_as_transformer
     assert config_from_nemotron_h(hf).mamba_dt_clamp_min == 3e-4
     with pytest.raises(CheckpointError, match=r"mamba_dt_limit must be \[lower, Infinity\]"):  # the key it read
         config_from_nemotron_h(hf | {"mamba_dt_limit": [0.0, 5.0]})
+
+
+def test_a_null_num_key_value_heads_imports_as_one_kv_head_per_query_head():
+    """``num_key_value_heads: null`` means num_attention_heads (multi-head attention, not one shared KV head), as
+    NemotronHConfig's ``__post_init__`` sets it (transformers 5.25's typed fields refuse the null itself)."""
+    from hybridlm.checkpoint.hf_nemotron import config_from_nemotron_h, nemotron_h_config
+
+    hf = nemotron_h_config(config("M-*-")) | {"num_key_value_heads": None}
+    assert hf["num_attention_heads"] == 4
+    assert config_from_nemotron_h(hf).resolved_num_query_groups == 4

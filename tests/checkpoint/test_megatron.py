@@ -638,3 +638,36 @@ def test_a_tensor_without_dense_data_is_refused_by_name(moe_config, moe_state, o
         CheckpointError, match=re.escape(f"weights must be dense tensors with data, not: {name} ({shown})")
     ):
         from_megatron(moe_config, moe_state)
+
+
+def test_renamed_tensors_carry_the_values_of_their_own_names():
+    """Tensors that only change name hold the canonical tensor of that name. Mamba's dt_bias, A_log and D (and
+    GDN's dt_bias and A_log) share one shape, so a swap passed every shape check and the round trip."""
+    config = tiny_config("M*-G")
+    canonical = random_canonical(config)
+    state = to_megatron(config, canonical)
+    m, a, f, g = (
+        f"decoder.layers.{i}.{n}." for i, n in enumerate(("mixer", "self_attention", "mlp", "self_attention"))
+    )
+    pairs = {m + n: f"layers.0.mixer.{n}" for n in ("dt_bias", "A_log", "D", "in_proj.weight", "norm.weight")}
+    pairs |= {m + "out_proj.weight": "layers.0.mixer.out_proj.weight", m + "conv1d_bias": "layers.0.mixer.conv1d.bias"}
+    pairs |= {
+        m + "conv1d_weight": "layers.0.mixer.conv1d.weight",
+        m + "in_proj.layer_norm_weight": "layers.0.norm.weight",
+    }
+    pairs |= {
+        a + "linear_proj.weight": "layers.1.mixer.o_proj.weight",
+        a + "linear_qkv.layer_norm_weight": "layers.1.norm.weight",
+    }
+    pairs |= {
+        f + "linear_fc2.weight": "layers.2.mixer.down_proj.weight",
+        f + "linear_fc1.weight": "layers.2.mixer.up_proj.weight",
+    }
+    pairs |= {
+        f + "linear_fc1.layer_norm_weight": "layers.2.norm.weight",
+        g + "in_proj.layer_norm_weight": "layers.3.norm.weight",
+    }
+    pairs |= {g + n: f"layers.3.mixer.{n}" for n in ("dt_bias", "A_log", "conv1d.weight", "out_proj.weight")}
+    pairs |= {g + "out_norm.weight": "layers.3.mixer.norm.weight", "decoder.final_norm.weight": "norm_f.weight"}
+    for theirs, ours in pairs.items():
+        assert torch.equal(state[theirs].reshape(canonical[ours].shape), canonical[ours]), (theirs, ours)

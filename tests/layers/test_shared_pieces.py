@@ -66,3 +66,31 @@ def test_dt_fields_are_validated_by_name(changes, field):
 def test_dt_fields_of_an_unused_mixer_are_not_checked():
     ModelConfig(**{**BASE, "pattern": "M", "mamba_num_groups": 1, "gdn_dt_min": -1.0})
     ModelConfig(**{**BASE, "mamba_dt_min": -1.0})
+
+
+def _mamba_init(**fields) -> dict[str, torch.Tensor]:
+    from hybridlm.layers.mamba2 import Mamba2Mixer
+
+    cfg = ModelConfig(pattern="M", vocab_size=32, hidden_size=64, mamba_head_dim=4, mamba_num_groups=1, **fields)
+    layer = Mamba2Mixer(cfg)
+    layer.init_weights(torch.Generator().manual_seed(5), 0.02, 0.01)
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+def test_mamba2_init_reads_its_dt_fields_draws_a_in_1_to_16_and_sets_d_and_the_norm_to_1():
+    """Mamba2's dt from the mamba_dt_* fields (a one-point range gives softplus(dt_bias) that point; a range below
+    the floor, the floor; the default range spread over [dt_min, dt_max]), A = exp(A_log) ~ U(1, 16) per head,
+    D and the gated norm's weight 1."""
+    w = _mamba_init()
+    assert w["dt_bias"].numel() == 32  # 2 * 64 / 4 heads
+    dt = torch.nn.functional.softplus(w["dt_bias"].double())
+    assert dt.min().item() >= 0.001 * (1 - 1e-5) and dt.max().item() <= 0.1 * (1 + 1e-5)
+    assert dt.max().item() > 0.03 and dt.min().item() < 0.003  # log-uniform over two decades
+    a = w["A_log"].double().exp()
+    assert a.min().item() >= 1 - 1e-5 and a.max().item() <= 16 + 1e-4
+    assert a.max().item() > 12 and a.min().item() < 4
+    assert torch.equal(w["D"], torch.ones(32)) and torch.equal(w["norm.weight"], torch.ones(128))
+    fixed = _mamba_init(mamba_dt_min=0.05, mamba_dt_max=0.05)
+    torch.testing.assert_close(torch.nn.functional.softplus(fixed["dt_bias"]), torch.full((32,), 0.05))
+    floored = _mamba_init(mamba_dt_min=0.01, mamba_dt_max=0.02, mamba_dt_init_floor=0.03)
+    torch.testing.assert_close(torch.nn.functional.softplus(floored["dt_bias"]), torch.full((32,), 0.03))

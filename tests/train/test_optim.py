@@ -1,6 +1,7 @@
 """AdamW parameter groups and the learning-rate schedules."""
 
 import itertools
+import math
 
 import pytest
 
@@ -49,3 +50,16 @@ def test_every_one_dimensional_weight_is_left_undecayed():
     flat = {n for n, p in model.named_parameters() if p.dim() < 2}
     assert "norm_f.weight" in flat and any(n.endswith("norm.weight") and n != "norm_f.weight" for n in flat)
     assert flat <= kept, sorted(flat - kept)
+
+
+def test_wsd_decays_linearly_from_its_first_decay_step_to_the_floor_at_the_last():
+    """WSD over the last ``decay_fraction`` of the steps: step 80 of 100 (decay_fraction 0.2) is already below
+    optim.lr and step 99 is at the floor; cosine reaches its floor one step after the last."""
+    cfg = OptimConfig(schedule="wsd", warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    assert lr_factor(79, 100, cfg) == 1.0
+    for s in range(80, 100):
+        assert lr_factor(s, 100, cfg) == pytest.approx(1.0 - 0.9 * (s - 79) / 20, rel=1e-12), s
+    cfg = OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    for s in (10, 40, 99, 100):
+        want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))
+        assert lr_factor(s, 100, cfg) == pytest.approx(want, rel=1e-12), s

@@ -518,3 +518,20 @@ def test_a_streak_of_skipped_steps_goes_on_across_a_resume(tmp_path):
     assert "the last checkpoint before them is " + str(tmp_path / "checkpoints" / "step-000004") in str(info.value)
     rows = [r for r in read_history(tmp_path / "metrics.jsonl") if "nonfinite_skipped" in r]
     assert [(r["step"], r["nonfinite_skipped"]) for r in rows] == [(5, 1), (6, 2), (7, 3)]
+
+
+def test_a_skipped_step_drops_its_expert_routing_counts(tmp_path):
+    """The expert-bias counts of a non-finite step go with it: kept, the next step's bias update would count the
+    skipped step's tokens as well as its own."""
+    from hybridlm.layers import MoE
+
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    moes = [m for m in t.model.modules() if isinstance(m, MoE) and m.config.moe_router_expert_bias]
+    assert moes
+    t.train_step()
+    biases = [m.gate.e_score_correction_bias.clone() for m in moes]
+    poison_grads_from(t, 2)
+    assert t.train_step()["nonfinite_skipped"] == 1
+    for m, bias in zip(moes, biases):
+        assert m.tokens_per_expert.sum() == 0
+        assert torch.equal(m.gate.e_score_correction_bias, bias)

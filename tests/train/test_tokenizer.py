@@ -144,3 +144,14 @@ def test_an_empty_tokenizer_path_is_not_the_current_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=r"^--tokenizer: '' is neither 'byte' nor an existing tokenizer\.json$"):
         build_tokenizer("", key="--tokenizer")
+
+
+def test_byte_decode_keeps_every_byte_and_drops_only_the_end_of_document_token():
+    """Every id 0..255 is a byte (255, never valid UTF-8, decodes as U+FFFD as any stray byte does); 256, the
+    end of document, and ids outside the vocabulary are left out."""
+    tok = ByteTokenizer()
+    assert tok.decode([104, 255, 105, 256]) == "h\ufffdi"
+    assert tok.decode([300, -1, 104]) == "h"
+    assert tok.decode(list(range(256))) == bytes(range(256)).decode("utf-8", errors="replace")
+    text = "naïve 日本語 ✓"
+    assert tok.decode([*tok.encode(text), tok.eos_id]) == text

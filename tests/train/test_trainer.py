@@ -594,3 +594,36 @@ def test_a_resume_that_ends_at_its_checkpoint_plots_no_rows_past_it(tmp_path, mo
     )
     assert again.run_loop()["step"] == 2
     assert plotted and max(r["step"] for r in plotted) == 2
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.0])
+def test_grad_clip_bounds_the_gradient_the_optimizer_steps_with(tmp_path, clip):
+    """After one step AdamW's first moment is (1 - beta1) times the gradient it was given: its global norm is
+    optim.grad_clip where the gradient's (the reported grad_norm, taken before clipping) is larger, and the
+    gradient's own with optim.grad_clip = 0 (no clipping)."""
+    t = Trainer(tiny_run(f"optim.grad_clip={clip}"), run_dir=tmp_path, progress=False)
+    out = t.train_step()
+    assert out["grad_norm"] > 10 * 1e-3
+    moment = torch.sqrt(sum(s["exp_avg"].double().pow(2).sum() for s in t.optimizer.state.values()))
+    want = clip if clip else out["grad_norm"]
+    assert moment.item() / (1 - t.run.optim.beta1) == pytest.approx(want, rel=1e-3)
+
+
+def test_evaluation_is_the_mean_loss_over_every_labelled_validation_token(tmp_path):
+    """The validation loss weighs each part by its labelled tokens: the mean over all of them, as one forward
+    over every evaluated row gives (not a sum, nor a mean, of the parts' means: here the parts, one row each,
+    hold different numbers of labelled tokens)."""
+    from hybridlm.train.data import eval_rows
+
+    corpus = _uneven_corpus(tmp_path / "c.jsonl")
+    run = tiny_run("train.device=cpu", f"data.source={corpus}", "data.val_fraction=0.5", "train.micro_batch_size=1")
+    t = Trainer(run, run_dir=tmp_path / "run", progress=False)
+    rows = eval_rows(t.val_rows.num_rows, t.run.train.eval_batches * t.local_batch * t.dp)
+    batch = t.val_rows.rows(rows)
+    labelled = (batch["labels"] != -100).sum(dim=1).tolist()
+    assert len(labelled) > 1 and max(labelled) - min(labelled) >= 10, labelled
+    t.model.eval()
+    with torch.no_grad():
+        want = t.model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"]).lm_loss.item()
+    t.model.train()
+    assert t.evaluate() == pytest.approx(want, rel=1e-5)
