@@ -123,13 +123,13 @@ def test_prepare_names_its_own_argument_and_refuses_before_tokenizing(tmp_path, 
     for source, said in (
         (tmp_path / "missing.txt", f"error: source: {tmp_path / 'missing.txt'} does not exist"),
         ("builtin:wikipedia", "error: source: unknown built-in corpus 'builtin:wikipedia'"),
-        (tmp_path, f"error: source: no .txt or .jsonl files under {tmp_path}"),
+        (tmp_path, f"error: source: no .txt or .jsonl files under {tmp_path} (hidden ones are left out)"),
     ):
-        assert main(["prepare", str(source), str(tmp_path / "prep")]) == 2
+        assert main(["prepare", str(source), str(tmp_path / "prep"), "--progress"]) == 2  # a bar if it tokenized
         err = capsys.readouterr().err
         assert err.startswith(said) and "tokenizing" not in err and "data.source" not in err, err
     (tmp_path / "one.json").write_text('{"text": "a"}')
-    assert main(["prepare", str(tmp_path / "one.json"), str(tmp_path / "prep")]) == 2
+    assert main(["prepare", str(tmp_path / "one.json"), str(tmp_path / "prep"), "--progress"]) == 2
     err = capsys.readouterr().err
     assert "a .json file; training reads .txt" in err and "tokenizing" not in err, err
     (tmp_path / "empty.txt").write_text("")
@@ -331,3 +331,12 @@ def test_a_finished_run_whose_terminal_went_away_exits_0(fake_trainer, monkeypat
     fake_trainer.summary = {"first_val_loss": 5.5, "val_loss": 1.25, "seconds": 9, "model": "runs/x/model"}
     monkeypatch.setattr("sys.stdout", GoneTerminal())
     assert main(["train"]) == 0
+
+
+@pytest.mark.parametrize("flag, bar", [(None, False), ("--progress", True), ("--no-progress", False)])
+def test_prepare_shows_its_bar_on_a_terminal_or_when_asked(tmp_path, capsys, flag, bar):
+    """prepare always drew its bar, into log files too; train drew it only on a terminal. Both now take
+    --progress / --no-progress, and neither flag means: on a terminal only (captured stderr is none)."""
+    (tmp_path / "a.txt").write_text("some text")
+    assert main(["prepare", str(tmp_path / "a.txt"), str(tmp_path / "prep"), *([flag] if flag else [])]) == 0
+    assert ("tokenizing" in capsys.readouterr().err) == bar

@@ -80,3 +80,20 @@ def test_a_long_pattern_is_windowed_around_the_caret_and_not_padded_past_its_end
     text = "X" + "M" * 199  # error at the first: the first 80 characters
     _, shown, caret = _quoted_and_caret(text)
     assert shown == "X" + "M" * 79 + "..." and caret == 0
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("＊[M", "?[M"),  # a full-width look-alike of '*' takes two columns
+        ("M\u0301[M", "M?[M"),  # a combining accent takes none
+    ],
+)
+def test_characters_not_one_column_wide_show_as_question_marks_so_the_caret_lines_up(text, shown):
+    """The caret is placed by counting characters, so every character of the quoted pattern must take one column:
+    a wide or a combining character before the one at fault would put the caret under another character."""
+    with pytest.raises(PatternError) as info:
+        parse(text)
+    lines = str(info.value).splitlines()
+    assert lines[1] == f"  pattern: '{shown}'"
+    assert lines[2] == " " * len("  pattern: '" + shown.split("[")[0]) + "^"  # under the '['

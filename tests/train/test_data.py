@@ -875,3 +875,47 @@ def test_a_run_files_source_and_tokenizer_may_start_with_a_tilde(tmp_path, monke
     assert build_tokenizer("~/tokenizer.json").vocab_size == 2
     with pytest.raises(DataError, match="~nobody_here/x does not exist"):  # no such user: a name, as the shell keeps it
         load_corpus("~nobody_here/x", ByteTokenizer())
+
+
+def test_a_corpus_or_split_of_empty_documents_is_refused(tmp_path):
+    """Every label of such rows crosses into another document: a run trained on nothing, showing a loss of 0."""
+    tok = ByteTokenizer()
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n' * 40)
+    with pytest.raises(DataError, match=r"^the corpus holds only empty documents \(40\), no label to learn; add text$"):
+        PackedRows(load_corpus(str(tmp_path / "empty.jsonl"), tok), 8)
+    stream = tokenize_documents(["some text " * 20, *[""] * 20], tok)
+    with pytest.raises(DataError, match=r"the validation split holds only empty documents \(3\), no label to learn"):
+        PackedRows(stream.select(np.array([4, 7, 9])), 2, "the validation split")
+    assert PackedRows(stream.select(np.array([0, 7])), 2).num_rows > 0
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"version": 2}, "meta.json: version 2 is newer than this hybridlm reads (1)"),
+        ({"version": "1"}, "meta.json: version must be a positive integer, got '1'"),
+        ({"format": "hybridlm-checkpoint"}, "meta.json: format must be 'hybridlm-tokens', got 'hybridlm-checkpoint'"),
+    ],
+)
+def test_a_prepared_corpus_of_another_format_or_a_newer_version_is_refused(tmp_path, edit, message):
+    """Checkpoints refuse a newer format_version; a prepared corpus's meta.json was read as version 1, whatever it
+    said."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    assert (meta["format"], meta["version"]) == ("hybridlm-tokens", 1)
+    (tmp_path / "prep" / "meta.json").write_text(json.dumps(meta | edit))
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_a_text_folder_leaves_hidden_files_and_folders_out(tmp_path):
+    """Jupyter's .ipynb_checkpoints copies added documents twice; macOS's ._x.txt (binary) failed as not UTF-8."""
+    (tmp_path / "c" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "c" / "a.txt").write_text("top")
+    (tmp_path / "c" / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("top")
+    (tmp_path / "c" / "._a.txt").write_bytes(b"\x00\x05\x16\x07\xff")
+    assert list(text_documents(str(tmp_path / "c"))) == ["top"]
+    (tmp_path / ".hidden_parent" / "data").mkdir(parents=True)  # only names under the folder count
+    (tmp_path / ".hidden_parent" / "data" / "b.txt").write_text("kept")
+    assert list(text_documents(str(tmp_path / ".hidden_parent" / "data"))) == ["kept"]

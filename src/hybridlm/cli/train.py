@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -100,12 +101,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, or --config's run file, "
         "which then replaces it; plus --set)",
     )
+    _add_progress_flags(ap)
+    ap.set_defaults(func=_cmd_train)
+
+
+def _add_progress_flags(ap: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress; neither: a bar only on a terminal (not in a log file)."""
     bar = ap.add_mutually_exclusive_group()
     bar.add_argument(
         "--progress", dest="progress", action="store_true", default=None, help="always show a progress bar"
     )
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
-    ap.set_defaults(func=_cmd_train)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -115,7 +121,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
     prepared_destination(args.out, args.source)  # a destination it may not replace: refused before tokenizing
     flags = ("--tokenizer", "--eos-token")
-    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress=True, key="source", tokenizer_keys=flags)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress  # tqdm writes to stderr
+    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress, key="source", tokenizer_keys=flags)
     out = write_prepared(stream, args.out, tokenizer, args.source)
     tokens, docs = stream.num_tokens, stream.num_docs
     print(f"wrote {tokens:,} token{'s' * (tokens != 1)} of {docs:,} document{'s' * (docs != 1)} to {out}")
@@ -127,7 +134,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="tokenize text or JSONL into a token file for training",
         description="Tokenize a corpus once (a .txt file: one document; a .jsonl or .ndjson file: one document "
-        "per record; a folder of such files, searched recursively; or builtin:pydoc) into OUT/tokens.bin (numpy "
+        "per record; a folder of such files, searched recursively, hidden files and folders left out; or "
+        "builtin:pydoc) into OUT/tokens.bin (numpy "
         "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files. Train on it with --set "
         "data.source=OUT.",
     )
@@ -141,4 +149,5 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         metavar="TOKEN",
         help="the tokenizer.json's end-of-document token (default: auto, the first of the usual names it holds)",
     )
+    _add_progress_flags(ap)
     ap.set_defaults(func=_cmd_prepare)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from .._errors_base import HybridLMError
 
 
+def _one_column(c: str) -> bool:
+    # Control characters (tabs, newlines) shift or break the line; a combining mark takes no column
+    # and a wide character (a full-width look-alike such as '＊') two.
+    return c.isprintable() and not unicodedata.combining(c) and unicodedata.east_asian_width(c) not in ("W", "F")
+
+
 def _printable(text: str) -> str:
-    # Keep one display column per character so the caret lines up: control characters
-    # (tabs, newlines) would otherwise shift or break the line.
-    return "".join(c if c.isprintable() else "?" for c in text)
+    # Keep one display column per character so the caret lines up.
+    return "".join(c if _one_column(c) else "?" for c in text)
 
 
 _MAX_SHOWN = 80  #: characters of a long pattern quoted in an error message

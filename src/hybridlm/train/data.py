@@ -31,6 +31,7 @@ from ..errors import DataError
 
 PREPARED_META = "meta.json"
 PREPARED_FORMAT = "hybridlm-tokens"
+PREPARED_VERSION = 1  #: the newest meta.json "version" this hybridlm reads
 PREPARED_TOKENS = "tokens.bin"
 PREPARED_DOCS = "docs.npy"
 PREPARED_FILES = (PREPARED_TOKENS, PREPARED_DOCS)
@@ -106,8 +107,16 @@ JSON_LINES = (".jsonl", ".ndjson")
 
 
 def _text_files(folder: Path) -> list[Path]:
-    """The .txt files under ``folder``, then its JSON Lines files, each sorted; extensions in any case."""
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", *JSON_LINES))
+    """The .txt files under ``folder``, then its JSON Lines files, each sorted; extensions in any case. Hidden
+    files and folders are left out: editors' and tools' copies (``.ipynb_checkpoints/``, macOS's ``._x.txt``)
+    would add documents twice or fail to decode."""
+    found = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in (".txt", *JSON_LINES)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
 
 
@@ -127,7 +136,7 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
         raise DataError(f"{key}: {source} is a file of the prepared corpus {path.parent}; name the folder")
     files = _text_files(path) if path.is_dir() else [path]
     if not files:
-        raise DataError(f"{key}: no .txt or .jsonl files under {source}")
+        raise DataError(f"{key}: no .txt or .jsonl files under {source} (hidden ones are left out)")
     if path.suffix.lower() == ".json" and not path.is_dir():
         raise DataError(f"{path}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
     return _file_documents(files, jsonl_field)
@@ -255,7 +264,7 @@ def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> N
         written(out / name, (out / name).write_bytes, content if isinstance(content, bytes) else content.encode())
     meta = {
         "format": PREPARED_FORMAT,
-        "version": 1,
+        "version": PREPARED_VERSION,
         "dtype": str(stream.tokens.dtype),
         "num_tokens": stream.num_tokens,
         "num_docs": stream.num_docs,
@@ -273,6 +282,15 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         meta = json.loads((path / PREPARED_META).read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"{PREPARED_META} holds a {type(meta).__name__}, not an object")
+        if meta.get("format") != PREPARED_FORMAT:  # (every prepare wrote it, and its version)
+            raise ValueError(f"{PREPARED_META}: format must be {PREPARED_FORMAT!r}, got {meta.get('format')!r}")
+        version = meta.get("version")
+        if type(version) is not int or version < 1:
+            raise ValueError(f"{PREPARED_META}: version must be a positive integer, got {version!r}")
+        if version > PREPARED_VERSION:  # another layout: read as this one, its ids would be wrong
+            raise ValueError(
+                f"{PREPARED_META}: version {version} is newer than this hybridlm reads ({PREPARED_VERSION})"
+            )
         missing = [k for k in ("dtype", "num_tokens", "vocab_size", "eos_id") if k not in meta]
         if missing:
             raise ValueError(f"{PREPARED_META} has no {', '.join(missing)}")
@@ -395,6 +413,10 @@ class PackedRows:
         self.stream = stream
         self.seq_len = seq_len
         self.num_rows = (stream.num_tokens - 1) // seq_len
+        if stream.num_tokens == stream.num_docs:  # every label crosses into another document: a loss of 0 shown
+            raise DataError(
+                f"{what} holds only empty documents ({stream.num_docs:,}), no label to learn; add text{fix}"
+            )
         if self.num_rows < 1:
             raise DataError(
                 f"data.seq_len: {what} ({stream.num_tokens} tokens in {stream.num_docs} document(s)) is shorter "
