@@ -345,3 +345,25 @@ def test_replace_file_refuses_a_folder_in_a_files_place_before_writing(tmp_path)
     with pytest.raises(CheckpointError, match=r"m\.pt\.hybridlm\.json: a folder, where a file is written"):
         replace_file(tmp_path / "m.pt", calls.append, (tmp_path / "m.pt.hybridlm.json", calls.append))
     assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt.hybridlm.json"]
+
+
+def test_a_refused_flush_names_its_file(tmp_path, monkeypatch):
+    """os.fsync's error names no file: a checkpoint save whose flush before the rename failed (EIO, or ENOSPC on
+    some file systems) ended with only "error: Input/output error"."""
+    import errno
+
+    from hybridlm.checkpoint.io import commit_directory
+    from hybridlm.cli import _error
+
+    tmp = tmp_path / ".step-000002.tmp"
+    tmp.mkdir()
+    (tmp / "trainer_state.json").write_text("{}")
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError) as e:
+        commit_directory(tmp, tmp_path / "step-000002")
+    assert _error(e.value) == f"Input/output error ({tmp / 'trainer_state.json'})"
+    assert not (tmp_path / "step-000002").exists()

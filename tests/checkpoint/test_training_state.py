@@ -531,3 +531,31 @@ def test_an_optimizer_entry_of_no_known_shape_is_a_damaged_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"damaged optimizer entries in \.metadata: optim\.state\.nodots"):
         load_training_state(path, other, other_opt, other_sched)
     check()
+
+
+def test_a_folder_in_place_of_the_rng_file_is_named_as_one(tmp_path):
+    """A folder where rng.safetensors belongs was reported as "missing rng.safetensors" (the other files of a
+    training state say "not a regular file")."""
+    model = make("M-")[0]
+    path = save_training_state(tmp_path / "s", model, step=1)
+    (path / "rng.safetensors").unlink()
+    (path / "rng.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"s/rng\.safetensors: not a regular file"):
+        load_training_state(path, model)
+
+
+def test_ctrl_c_inside_the_load_is_no_damaged_file(tmp_path, monkeypatch):
+    """DCP wraps whatever stops its read, KeyboardInterrupt too: Ctrl-C during a load came back as "cannot load
+    training state (a damaged file?)", which a caller falling back to an older checkpoint took for one."""
+    from hybridlm.checkpoint.safe_dcp import SafeFileSystemReader
+
+    model, opt, _ = make("M-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, opt, step=1)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SafeFileSystemReader, "read_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_training_state(path, model, opt)

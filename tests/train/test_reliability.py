@@ -535,3 +535,67 @@ def test_a_skipped_step_drops_its_expert_routing_counts(tmp_path):
     for m, bias in zip(moes, biases):
         assert m.tokens_per_expert.sum() == 0
         assert torch.equal(m.gate.e_score_correction_bias, bias)
+
+
+@pytest.mark.parametrize("inside", ["dcp.load", "metadata"])
+def test_a_signal_while_a_resume_loads_stops_it_and_moves_nothing_aside(tmp_path, monkeypatch, inside):
+    """DCP's load (and the reader of its metadata) wrap whatever stops them: a SIGTERM or Ctrl-C while a resume
+    loaded the newest checkpoint made it a damaged one, so the resume went on from the one before and moved the
+    newest aside (the signal itself was lost)."""
+    from hybridlm.checkpoint import safe_dcp
+
+    run = tiny_run("train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop(until=4)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    target, name = (dcp, "load") if inside == "dcp.load" else (safe_dcp._MetadataUnpickler, "find_class")
+    real, calls = getattr(target, name), []
+
+    def signalled(*args, **kwargs):
+        if not calls:
+            calls.append(os.kill(os.getpid(), signal.SIGTERM))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, signalled)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM received while setting up"):
+        Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        ("data", OSError(errno.EIO, "Input/output error")),  # a network mount that dropped: read() names no file
+        ("data", MemoryError()),
+        ("metadata", PermissionError(errno.EACCES, "Permission denied")),
+        ("rng", PermissionError(errno.EACCES, "Permission denied")),  # safetensors said "No such file" for it
+    ],
+    ids=["eio-in-dcp", "memory-in-dcp", "eacces-metadata", "eacces-rng"],
+)
+def test_a_checkpoint_that_cannot_be_read_now_stops_the_resume_and_moves_nothing_aside(
+    tmp_path, monkeypatch, where, error
+):
+    """A refused read (permissions, a dropped network mount, memory) was taken for a damaged checkpoint: the resume
+    went on from the one before and moved the newest, intact, aside."""
+    from hybridlm.checkpoint import io as checkpoint_io
+    from hybridlm.checkpoint import safe_dcp
+
+    run = tiny_run("train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop(until=4)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def refuse(*args, **kwargs):
+        if where == "rng" and not str(args[0]).endswith("rng.safetensors"):
+            return open(*args, **kwargs)
+        if where in ("metadata", "rng"):  # open() names its file
+            raise PermissionError(error.errno, error.strerror, str(args[0]))
+        raise error
+
+    if where == "data":
+        monkeypatch.setattr(safe_dcp.SafeFileSystemReader, "read_data", refuse)
+    else:  # the module's open(): .metadata's read, or the one before safetensors opens a file
+        monkeypatch.setattr(safe_dcp if where == "metadata" else checkpoint_io, "open", refuse, raising=False)
+    with pytest.raises(type(error)) as info:
+        Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    if isinstance(error, OSError):
+        assert "step-000004" in str(info.value.filename), info.value.filename  # the CLI prints it beside the reason
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

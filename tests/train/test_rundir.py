@@ -374,3 +374,21 @@ def test_a_run_folder_that_cannot_be_created_names_why_and_the_flag(tmp_path):
     for run_dir in (tmp_path / "a.txt" / "sub", tmp_path / "a.txt" / "sub" / "{time}"):
         with pytest.raises(DataError, match=r"cannot create the run folder: .*a\.txt is a file, not a folder; choose"):
             rundir.claim(str(run_dir), "runs/{time}", "", resume=False)
+
+
+def test_a_checkpoint_that_is_no_folder_is_named_not_taken_for_a_run_stopped_before_its_first(tmp_path):
+    """A step-N that is a broken link (checkpoints on purged scratch space) or a file, or a checkpoints/ that is
+    one, was not listed, and the resume said "the run stopped before its first: start it anew"."""
+    import shutil
+
+    run = tiny_run("train.steps=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop()
+    checkpoints = tmp_path / "checkpoints"
+    shutil.rmtree(checkpoints / "step-000002")
+    (checkpoints / "step-000002").symlink_to(tmp_path / "purged" / "step-000002")
+    with pytest.raises(DataError, match=r"checkpoints\); step-000002 in it is not a folder \(a broken link\?\)$"):
+        Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    shutil.rmtree(checkpoints)
+    checkpoints.write_text("")
+    with pytest.raises(DataError, match=r"checkpoints\); it is not a folder \(a file, or a broken link\?\)$"):
+        Trainer(run, run_dir=tmp_path, resume=True, progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -33,9 +34,14 @@ MAX_LISTED = 20  #: names listed per kind of problem before "..."
 
 
 def fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk; a refusal (EIO, ENOSPC) names it (``os.fsync`` names no file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     finally:
         os.close(fd)
 
@@ -87,6 +93,23 @@ def remove_leftovers(folder: Path) -> list[str]:
     return names
 
 
+#: Read errors that come from outside the file (its permissions, a network mount that dropped, a process out of
+#: memory or descriptors), not from damage: a resume that took them for a damaged checkpoint fell back to an older
+#: one and moved this one aside. EIO is among them: on a network file system it is often transient.
+_NOT_DAMAGE = frozenset(
+    (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EMFILE)
+    + (errno.ENFILE,)
+)
+
+
+def unavailable(e: BaseException) -> bool:
+    """True for a failed read that says nothing about the file's content (an OSError of :data:`_NOT_DAMAGE`, memory
+    running out): raised as it is, never as a CheckpointError, which a resume takes for a damaged checkpoint."""
+    if isinstance(e, OSError):
+        return e.errno in _NOT_DAMAGE
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError))
+
+
 def regular(file: Path) -> Path:
     """``file``, unless it exists as something other than a regular file: a FIFO or a device would block the
     read, a folder fail obscurely (CheckpointError)."""
@@ -103,6 +126,8 @@ def read_json(file: Path, missing: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(missing) from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting deeper than json parses
+        if unavailable(e):
+            raise
         raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
@@ -343,11 +368,15 @@ def open_safetensors(file: Path) -> Iterator[Any]:
 
     regular(file)
     try:
+        with open(file, "rb"):  # safetensors calls every failure to open "No such file": the OS's reason first
+            pass
         with safe_open(file, framework="pt") as f:
             yield f
     except CheckpointError:
         raise
     except Exception as e:
+        if unavailable(e):
+            raise
         raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
 
 

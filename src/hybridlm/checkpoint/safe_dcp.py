@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ..errors import CheckpointError
-from .io import regular
+from .io import regular, unavailable
 
 METADATA_NAME = ".metadata"
 
@@ -57,6 +57,8 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a training-state directory (no DCP {METADATA_NAME})") from None
     except OSError as e:
+        if unavailable(e):
+            raise
         raise CheckpointError(f"{file}: unreadable ({e.strerror})") from None
     except Exception as e:  # any unpickling failure: damaged or crafted
         raise CheckpointError(f"{file}: refused ({type(e).__name__}: {e})") from None

@@ -36,6 +36,8 @@ from .io import (
     destination,
     load_safetensors,
     read_json,
+    regular,
+    unavailable,
     written,
 )
 from .safe_dcp import METADATA_NAME, SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
@@ -244,7 +246,7 @@ def _load_training_state(
     if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, model.config)):
         why = "the checkpoint holds another model (only brackets and '|' may differ)"
         raise CheckpointMismatchError(f"{path}: cannot load training state into this model: {why}: {'; '.join(diffs)}")
-    if restore_rng and not (path / RNG_STATE).is_file():
+    if restore_rng and not regular(path / RNG_STATE).is_file():  # (a folder in its place is named as one)
         raise CheckpointError(f"{path}: missing {RNG_STATE}")
     rng = load_safetensors(path / RNG_STATE) if restore_rng else {}
     # The rest of the JSON side is checked (RNG states on throwaway generators) here and applied once the tensors are
@@ -283,6 +285,11 @@ def _load_training_state(
     try:
         _dcp(dcp.load, wanted, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner())
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
+        failure = next(iter(e.failures.values()), (e,))[0] if isinstance(e, dcp.api.CheckpointException) else e
+        if not isinstance(failure, Exception) or unavailable(failure):  # Ctrl-C, a refused read: no damaged file
+            if isinstance(failure, OSError) and failure.filename is None:  # (a failed read() names no file)
+                failure.filename = str(path)
+            raise failure from None
         # DCP wraps each rank's traceback; its last line says what did not fit.
         reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
         # A damaged file or another model's tensors (the saved model config matched, so most likely the former).

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.io import written
+from ..checkpoint.io import replace_file, written
 
 logger = logging.getLogger("hybridlm.train")
 
@@ -84,10 +84,9 @@ class Metrics:
         self.history.append(row)
         line = json.dumps(row) + "\n"
         written(Path(self._jsonl.name), lambda: (self._jsonl.write(line), self._jsonl.flush()))  # a full disk named
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        if self._tb is not None:  # (its writer thread's failed write, a full disk, comes back here: named)
+            scalars = [(k, v) for k, v in values.items() if isinstance(v, (int, float))]
+            written(self.run_dir / "tensorboard", lambda: [self._tb.add_scalar(k, v, step) for k, v in scalars])
         if self._bar is not None and "loss" in values:
             self._bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
         if console:
@@ -142,7 +141,7 @@ class Metrics:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
-            self._tb.close()
+            written(self.run_dir / "tensorboard", self._tb.close)
 
 
 def repair_jsonl(path: Path) -> None:
@@ -217,6 +216,8 @@ def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/toke
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:  # whole or not at all, and a full disk named (PIL's write error names no file)
+        replace_file(out, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -81,19 +81,20 @@ class SetupSignals(_Handlers):
     """While entered (a run's set-up: its folder claimed, data read, model built), the first of STOP_SIGNALS
     raises :class:`TrainingInterrupted`, as SIGINT raises KeyboardInterrupt, so that the set-up's clean-up
     runs (SIGTERM's and SIGHUP's default action would kill the process and leave the folder marked in use).
-    Later signals, and any while :attr:`deferred` is set (during that clean-up), are ignored.
+    Later signals, and any while :attr:`deferred` is set (during that clean-up), are ignored. :attr:`raised` keeps
+    what was raised: code that turns whatever interrupts it into an error of its own (DCP's load) hides it.
     """
 
     def __init__(self) -> None:
         self.deferred = False
-        self._raised = False
+        self.raised: TrainingInterrupted | None = None
 
     def _handle(self, signum, frame) -> None:
-        if not (self._raised or self.deferred):
-            self._raised = True
-            raise TrainingInterrupted(
+        if self.raised is None and not self.deferred:
+            self.raised = TrainingInterrupted(
                 signum, f"{signal_name(signum)} received while setting up: training did not start"
             )
+            raise self.raised
 
 
 def signal_name(signum: int) -> str:

@@ -213,6 +213,7 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
         with SetupSignals() as signals:  # a signal now raises, so that the clean-up below runs
+            self._setup_signals = signals
             self.run_dir, created = self._claim_run_dir(run_dir, resume)
             try:
                 self._build(resume, progress)
@@ -358,19 +359,32 @@ class Trainer:
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
-                again = self.run_dir / CONFIG_FILE
-                hint = f"; the run stopped before its first: start it anew with --config {again} and another --run-dir"
-                raise DataError(
-                    f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / CHECKPOINTS})"
-                    + (hint if again.is_file() else "")
-                )
+                again, folder = self.run_dir / CONFIG_FILE, self.run_dir / CHECKPOINTS
+                hint = ""
+                if again.is_file():
+                    hint = f"; the run stopped before its first: start it anew with --config {again} and another "
+                    hint += "--run-dir"
+                # A checkpoint that is no folder (a file, a broken link) is not listed: say so, not "stopped before".
+                odd = sorted(p.name for p in folder.iterdir() if step_of(p) is not None) if folder.is_dir() else []
+                if odd:
+                    hint = f"; {', '.join(odd)} in it {'is' if len(odd) == 1 else 'are'} not a folder (a broken link?)"
+                elif os.path.lexists(folder) and not folder.is_dir():
+                    hint = "; it is not a folder (a file, or a broken link?)"
+                raise DataError(f"{self.run_dir}: no checkpoint to resume from (looked in {folder}){hint}")
 
             # The newest checkpoint that loads (a damaged one is skipped with a warning).
             def load(path: Path) -> dict[str, Any]:  # a damaged data position, too, skips to an older one
-                # Checked before the load: refused after it, the checkpoint's moments stayed in the optimizer
-                # where the older one the fallback loads holds none (saved before the first step).
-                _data_position(read_trainer_state(path).get("data_position"), path)
-                return load_training_state(path, self.model, self.optimizer, self.scheduler)
+                try:
+                    # Checked before the load: refused after it, the checkpoint's moments stayed in the optimizer
+                    # where the older one the fallback loads holds none (saved before the first step).
+                    _data_position(read_trainer_state(path).get("data_position"), path)
+                    return load_training_state(path, self.model, self.optimizer, self.scheduler)
+                except CheckpointError:
+                    # A signal inside the load came back as a damaged file (DCP and the readers wrap what stops
+                    # them): it stops the start, where the fallback went on and moved this checkpoint aside.
+                    if self._setup_signals.raised is not None:
+                        raise self._setup_signals.raised from None
+                    raise
 
             state, loaded = load_newest(list_checkpoints(self.run_dir / CHECKPOINTS), load)
             self.step = int(state["step"])
