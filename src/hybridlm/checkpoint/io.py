@@ -96,10 +96,10 @@ def remove_leftovers(folder: Path) -> list[str]:
 #: Read errors that come from outside the file (its permissions, a network mount that dropped, a process out of
 #: memory or descriptors), not from damage: a resume that took them for a damaged checkpoint fell back to an older
 #: one and moved this one aside. EIO is among them: on a network file system it is often transient.
-_NOT_DAMAGE = frozenset(
-    {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN}
-    | {errno.EMFILE, errno.ENFILE}
-)
+_NOT_DAMAGE = frozenset({
+    errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EMFILE,
+    errno.ENFILE,
+})  # fmt: skip
 
 
 def unavailable(e: BaseException) -> bool:
