@@ -83,14 +83,15 @@ _LEFTOVER = re.compile(r"\..+\.(?:(?:tmp|old|del)-[0-9a-f]{8}|tmp)")
 
 def remove_leftovers(folder: Path) -> list[str]:
     """Delete the leftovers of interrupted writes in ``folder`` (only while no write can be running there,
-    e.g. under a run's lock); returns their names."""
+    e.g. under a run's lock); returns the names of those it removed (one it could not stays, unnamed)."""
     names = sorted(p.name for p in folder.glob(".*") if _LEFTOVER.fullmatch(p.name)) if folder.is_dir() else []
     for name in names:
         if (folder / name).is_dir() and not (folder / name).is_symlink():  # (rmtree refuses a link, silently here)
             shutil.rmtree(folder / name, ignore_errors=True)
         else:
-            (folder / name).unlink(missing_ok=True)
-    return names
+            with contextlib.suppress(OSError):  # (a leftover it may not remove is only taking room)
+                (folder / name).unlink(missing_ok=True)
+    return [name for name in names if not os.path.lexists(folder / name)]
 
 
 #: Read errors that come from outside the file (its permissions, a network mount that dropped, a process out of
