@@ -359,3 +359,25 @@ def test_sigterm_during_a_write_removes_its_temporary_folder(tmp_path, signum, s
     assert proc.returncode == status, proc.stderr
     assert proc.stderr.endswith(f"interrupted by {'SIGTERM' if signum == 15 else 'SIGHUP'}\n"), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_training_stopped_with_its_pipe_reader_still_exits_143(monkeypatch):
+    """Ctrl-C or a SIGTERM to ``hybridlm train 2>&1 | tee log`` stops tee at once: printing the stop message to
+    the broken pipe raised BrokenPipeError out of main's handler (exit 1, as if the run had failed) though the
+    checkpoint was saved."""
+    import hybridlm.train.trainer as trainer
+    from hybridlm.train.signals import TrainingInterrupted
+
+    class GonePipe:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(signal.SIGTERM, "SIGTERM received: ...; resume with: hybridlm train --resume runs/x")
+
+    monkeypatch.setattr(trainer, "Trainer", stopped)
+    monkeypatch.setattr("sys.stderr", GonePipe())
+    assert main(["train"]) == 128 + signal.SIGTERM

@@ -437,3 +437,22 @@ def test_a_dt_bound_beyond_float32_is_refused_and_the_largest_float32_runs(field
     assert info.value.field == field and "float32" in str(info.value)
     model = HybridLM(ModelConfig(**{**base, field: torch.finfo(torch.float32).max}), seed=0)
     assert model(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 16)
+
+
+@pytest.mark.parametrize("prefix", ["mamba", "gdn"])
+def test_a_dt_range_beyond_float32_is_refused_and_its_ends_run(prefix):
+    """dt_bias is drawn in float32: a dt_max above float32's range was accepted and made dt_bias inf (a NaN
+    loss for Mamba2), a dt_min and floor that round to 0 made it -inf; the largest float32 as both ends made
+    it inf too. Refused by name now, and the ends of float32's range build finite models."""
+    base = {"pattern": "MG", "vocab_size": 16, "hidden_size": 16, "mamba_head_dim": 8, "mamba_num_groups": 1}
+    base |= {"gdn_head_dim": 8, "mamba_state_dim": 4}
+    lo, hi, floor = f"{prefix}_dt_min", f"{prefix}_dt_max", f"{prefix}_dt_init_floor"
+    for changes, field in (({hi: 1e39}, hi), ({lo: 1e-60, hi: 1e-50, floor: 1e-60}, lo)):
+        with pytest.raises(ConfigError) as info:
+            ModelConfig(**{**base, **changes})
+        assert info.value.field == field and "float32" in str(info.value)
+    big, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+    for changes in ({lo: big, hi: big}, {lo: tiny, hi: tiny, floor: 0.0}):
+        model = HybridLM(ModelConfig(**{**base, **changes}), seed=0)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert torch.isfinite(model(torch.zeros(1, 3, dtype=torch.long)).logits).all()

@@ -776,3 +776,24 @@ def test_segment_ids_number_each_rows_documents_from_0():
     assert segment_ids(2, 4, torch.device("cpu"), cu_seqlens=cu).tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
     docs = torch.tensor([[7, 7, 3, 9], [1, 2, 2, 2]])
     assert segment_ids(2, 4, torch.device("cpu"), doc_ids=docs).tolist() == [[0, 0, 1, 2], [0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("L", [2, 5, 8, 21])
+def test_gdn_flops_below_a_chunk_match_flop_counter(L):
+    """The chunked gated delta rule runs a sequence shorter than a chunk as one chunk of its own length, as the
+    SSD does; its count padded every sequence to a whole gdn_chunk_size (at L = 2 of 8: 6.8x the scan's work)."""
+    config = tiny_config("G-G", gdn_chunk_size=8, gdn_num_value_heads=4, gdn_value_head_dim=6)
+    model = HybridLM(config)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (2, L)))
+    assert_rel_close(
+        torch.tensor(float(counter.get_total_flops())), torch.tensor(float(model.flops_per_token(L) * 2 * L)), 1e-9, L
+    )
+
+
+def test_a_config_that_is_not_a_model_config_is_refused_by_name():
+    """A preset name or a config dict, as other libraries take them, failed with "AttributeError: 'str' object
+    has no attribute 'parsed'", naming neither the argument nor what it should be."""
+    for config in ("tiny", ModelConfig.preset("tiny").to_dict(), None):
+        with pytest.raises(ValueError, match="config must be a ModelConfig"):
+            HybridLM(config, device="meta")

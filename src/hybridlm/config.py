@@ -31,6 +31,8 @@ POSITION_EMBEDDINGS = ("none", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
 #: The largest finite float32 (torch.finfo(torch.float32).max; this module imports no torch).
 FLOAT32_MAX = 3.4028234663852886e38
+#: The smallest normal float32 (torch.finfo(torch.float32).tiny).
+FLOAT32_TINY = 1.1754943508222875e-38
 #: Field-name prefixes of the fields only one layer kind reads (see :data:`FIELD_READERS`).
 _PREFIX_READERS = (("mamba_", "M"), ("moe_", "E"), ("gdn_", "G"), ("dsa_", "D"))
 
@@ -366,6 +368,15 @@ def _dt_init_range(cfg: ModelConfig, prefix: str) -> None:
     if getattr(cfg, lo) > getattr(cfg, hi):
         raise ConfigError(lo, f"{getattr(cfg, lo)} is larger than {hi} ({getattr(cfg, hi)})")
     _dt_bound(cfg, floor)
+    # The draw is float32: a dt beyond its range made dt_bias inf (a NaN loss), one that rounds to 0 made it -inf.
+    if getattr(cfg, hi) > FLOAT32_MAX:
+        raise ConfigError(hi, f"must be at most {FLOAT32_MAX:.7g} (the largest float32), got {getattr(cfg, hi)}")
+    if max(getattr(cfg, lo), getattr(cfg, floor)) < FLOAT32_TINY:
+        raise ConfigError(
+            lo,
+            f"{getattr(cfg, lo)} and {floor} ({getattr(cfg, floor)}) are both below {FLOAT32_TINY:.7g} (the smallest "
+            "normal float32): an initial dt would round to 0 and its dt_bias to -inf",
+        )
 
 
 def _choice(cfg: ModelConfig, name: str, choices: tuple[str, ...]) -> None:

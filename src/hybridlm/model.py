@@ -373,6 +373,11 @@ class HybridLM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(config, ModelConfig):  # a preset name or a dict failed on a missing ``.parsed``
+            raise ValueError(
+                "config must be a ModelConfig (ModelConfig.preset(name), ModelConfig.from_dict(d)), "
+                f"got {type(config).__name__}"
+            )
         self.config = config
         p = config.parsed
         _seed(seed)  # refuse a seed that is not an integer before allocating

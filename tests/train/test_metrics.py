@@ -73,3 +73,75 @@ def test_a_tensorboard_write_that_does_not_fit_on_the_disk_is_named(tmp_path):
     with pytest.raises(OSError) as e:
         metrics.close()
     assert _error(e.value).startswith(f"no space left on device ({tmp_path / 'tensorboard'})")
+
+
+def test_non_finite_values_are_written_as_json_null(tmp_path):
+    """A skipped step's NaN gradient norm (or infinite loss) was written bare (``"grad_norm": NaN``): not JSON, so
+    JSON.parse and strict readers refused the row. Written as null, read back as such, and the curve still draws."""
+    import json
+    import math
+
+    from hybridlm.train.metrics import plot_losses, read_history
+
+    metrics = Metrics(tmp_path, 3, 0, progress=False)
+    metrics.record(1, {"loss": 5.0, "lm_loss": 5.0, "grad_norm": 1.0}, console=False)
+    metrics.record(
+        2, {"loss": math.inf, "lm_loss": math.nan, "grad_norm": math.nan, "nonfinite_skipped": 1}, console=False
+    )
+    metrics.record(3, {"loss": 4.0, "lm_loss": 4.0, "grad_norm": 2.0}, console=False)
+    metrics.close()
+
+    def strict(name):
+        raise ValueError(f"not JSON: {name}")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=strict) for line in lines]
+    assert {k: rows[1][k] for k in ("loss", "lm_loss", "grad_norm", "nonfinite_skipped")} == {
+        "loss": None,
+        "lm_loss": None,
+        "grad_norm": None,
+        "nonfinite_skipped": 1,
+    }
+    assert [r["loss"] for r in read_history(tmp_path / "metrics.jsonl")] == [5.0, None, 4.0]
+    pytest.importorskip("matplotlib")
+    assert plot_losses(metrics.history_all(), tmp_path / "loss.png") == tmp_path / "loss.png"
+
+
+def test_a_one_step_run_s_loss_curve_shows_its_point(tmp_path, monkeypatch):
+    """A run of one step drew its training loss as a line through a single point, which matplotlib does not draw:
+    loss.png held only the legend."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hybridlm.train.metrics import plot_losses
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [{"step": 1, "loss": 5.5, "lm_loss": 5.0}]
+    assert plot_losses(rows, tmp_path / "loss.png") == tmp_path / "loss.png"
+    lines = figures[0].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["train (main head)", "train, total (MTP, auxiliary)"]
+    close(figures[0])
+    assert all(line.get_marker() not in ("None", None, "") for line in lines)
+
+
+def test_a_progress_bar_whose_pipe_is_gone_goes_quietly(tmp_path, monkeypatch):
+    """The bar's stderr piped to a reader that is gone (``2>&1 | tee log``, tee stopped by the same Ctrl-C): the
+    bar's next update raised BrokenPipeError out of the training loop, before the signal's checkpoint."""
+    import contextlib
+    import os
+
+    read, write = os.pipe()
+    pipe = open(write, "w")  # noqa: SIM115 (closed below)
+    monkeypatch.setattr("sys.stderr", pipe)
+    metrics = Metrics(tmp_path, 10, 0, progress=True)
+    os.close(read)
+    time.sleep(0.15)  # past tqdm's minimum interval: the update draws
+    try:
+        metrics.advance()
+        metrics.record(1, {"loss": 1.0}, console=True)
+        metrics.close()
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            pipe.close()
+    assert [r["step"] for r in metrics.history_all()] == [1]

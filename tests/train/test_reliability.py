@@ -1,6 +1,7 @@
 """Reliability of a training run: non-finite steps, signals, checkpoint order and fallback, resume
 checks, torn metrics lines. Tiny runs in one process (see tests/train/test_sigkill.py for kills)."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -599,3 +600,45 @@ def test_a_checkpoint_that_cannot_be_read_now_stops_the_resume_and_moves_nothing
     if isinstance(error, OSError):
         assert "step-000004" in str(info.value.filename), info.value.filename  # the CLI prints it beside the reason
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_skipped_step_between_console_rows_is_said_on_the_console(tmp_path, capsys):
+    """A non-finite step that is not a logged one was skipped in silence: the next console row showed a finite
+    gradient norm, and only metrics.jsonl counted it."""
+    t = Trainer(tiny_run("train.steps=4", "train.log_every=2"), run_dir=tmp_path, progress=False)
+    p = next(t.model.parameters())
+    p.register_hook(lambda g: g * float("nan") if t.step + 1 == 3 else g)
+    t.run_loop()
+    out = capsys.readouterr().out
+    assert "step 3: the loss or gradient is not finite" in out
+    assert "the step is skipped (1 so far; the run stops after 10 in a row)" in out
+    assert "step 4: " not in out and "step 1: " not in out
+
+
+def test_a_pipe_reader_gone_with_the_signal_still_saves_the_step(tmp_path, monkeypatch):
+    """Ctrl-C (or a SIGTERM to the process group) on ``hybridlm train | tee log`` stops tee at once: the console
+    row of the step under way raised BrokenPipeError out of the loop, so the run ended (exit 141, nothing said)
+    without the checkpoint its signal promises, and the folder could not be resumed."""
+    read, write = os.pipe()
+    pipe = open(write, "w")  # noqa: SIM115 (closed below)
+    monkeypatch.setattr("sys.stdout", pipe)
+    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
+    step = t.train_step
+
+    def train_step():
+        out = step()
+        if t.step == 2:  # a console step (log_every = 2)
+            os.close(read)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    t.train_step = train_step
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            t.run_loop()
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
+    assert info.value.exit_status == 128 + signal.SIGTERM
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert [r["step"] for r in read_history(tmp_path / "metrics.jsonl")][-1] == 2

@@ -148,12 +148,13 @@ _NO_MEMORY = ("can't allocate memory", "out of memory")
 
 def say(line: str, file=None) -> None:
     """Print ``line`` (to stdout, or ``file``). A terminal that went away (a closed window, a dropped ssh
-    session: SIGHUP, then EIO on every write) loses the line, not the command's exit status, which still
-    says what happened (129 with the signal's checkpoint saved, 0 for a finished run); other errors raise."""
+    session: SIGHUP, then EIO on every write), or a pipe's reader (the `tee` of `hybridlm train 2>&1 | tee log`,
+    stopped by the same Ctrl-C: EPIPE), loses the line, not the command's exit status, which still says what
+    happened (129 with the signal's checkpoint saved, 0 for a finished run); other errors raise."""
     try:
         print(line, file=file)
     except OSError as e:
-        if e.errno != errno.EIO:
+        if e.errno not in (errno.EIO, errno.EPIPE):
             raise
 
 

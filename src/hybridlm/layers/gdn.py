@@ -154,12 +154,14 @@ class GatedDeltaNet(nn.Module):
         nk, nv, dk = c.resolved_gdn_num_heads, c.resolved_gdn_num_value_heads, c.gdn_head_dim
         dv = c.resolved_gdn_value_head_dim
         proj = 2 * c.hidden_size * (2 * nk * dk + 2 * nv * dv + 2 * nv) + 2 * nv * dv * c.hidden_size
-        Q = c.gdn_chunk_size
+        if seq_len == 0:  # no sequence: the projections alone
+            return proj
+        Q = min(c.gdn_chunk_size, seq_len)  # shorter than a chunk: one chunk of its length (ops/gated_delta.py)
         padded = math.ceil(seq_len / Q) * Q
         # Per padded position and value head: k·k and q·k within the chunk, the mix of corrected
         # values, and three reads/writes of the (dk x dv) state. Triangular solves are not counted.
         chunk = nv * (2 * Q * dk + 2 * Q * dk + 2 * Q * dv + 3 * 2 * dk * dv)
-        return proj + chunk * padded / seq_len if seq_len else proj  # seq_len 0: the projections alone
+        return proj + chunk * padded / seq_len
 
 
 def gdn_reference(layer: GatedDeltaNet, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

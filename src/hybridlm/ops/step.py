@@ -132,7 +132,8 @@ def ssd_step(
     S = _working_state(state, acc, inplace)
     S.mul_(torch.exp(dtf * A.to(acc))[..., None, None])
     S.addcmul_((dtf[..., None] * xf)[..., None], Bh[:, :, None, :])  # one fused pass, no outer-product temporary
-    y = torch.einsum("bhpn,bhn->bhp", S, Ch)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the einsum in bf16
+        y = torch.einsum("bhpn,bhn->bhp", S, Ch)
     if D is not None:
         y = y + D.to(acc)[:, None] * xf
     return y.to(x.dtype), _write_back(S, state, inplace)
@@ -178,10 +179,11 @@ def gated_delta_step(
     S = _working_state(state, acc, inplace)
     S.mul_(torch.exp(g.to(acc))[..., None, None])
     kf = k.to(acc)
-    read = torch.einsum("bhkv,bhk->bhv", S, kf)
-    delta = beta.to(acc)[..., None] * (v.to(acc) - read)
-    S.addcmul_(kf[..., None], delta[:, :, None, :])
-    o = torch.einsum("bhkv,bhk->bhv", S, q.to(acc) * scale)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the einsums (the state's read) in bf16
+        read = torch.einsum("bhkv,bhk->bhv", S, kf)
+        delta = beta.to(acc)[..., None] * (v.to(acc) - read)
+        S.addcmul_(kf[..., None], delta[:, :, None, :])
+        o = torch.einsum("bhkv,bhk->bhv", S, q.to(acc) * scale)
     return o.to(v.dtype), _write_back(S, state, inplace)
 
 

@@ -3,12 +3,14 @@ bar when attached to a terminal, and a loss-curve PNG at the end (when matplotli
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +66,37 @@ class Metrics:
     def print(self, line: str) -> None:
         if not self.enabled or self._console_gone:
             return
-        try:
+        with self._console():
             if self._bar is not None:
                 self._bar.write(line)
             else:
                 print(line, flush=True)
+
+    @contextlib.contextmanager
+    def _console(self) -> Iterator[None]:
+        """Around a write to the console (stdout, or the bar's stderr). A terminal that went away (a closed window,
+        a dropped ssh session: SIGHUP, then EIO on every write) must not end the run before the signal's
+        checkpoint: the row is in metrics.jsonl, and the console stays quiet from here (the bar goes). So for a
+        reader that went away (EPIPE: Ctrl-C or a SIGTERM to `hybridlm train | tee log` stops tee at once, and
+        the run ended without its checkpoint, exit 141)."""
+        try:
+            yield
         except OSError as e:
-            # A terminal that went away (a closed window, a dropped ssh session: SIGHUP, then EIO on every
-            # write) must not end the run before the signal's checkpoint: the row is in metrics.jsonl, and the
-            # console stays quiet from here (as tqdm's bar does).
-            if e.errno != errno.EIO:
+            if e.errno not in (errno.EIO, errno.EPIPE):
                 raise
-            self._console_gone = True
+            if self._bar is not None:
+                self._bar.disable = True  # its close (also when collected) would draw again
+            self._console_gone, self._bar = True, None
 
     def record(self, step: int, values: dict[str, Any], console: bool) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time() - self._t0, 3), **values}
         self.history.append(row)
-        line = json.dumps(row) + "\n"
+        # JSON has no NaN or Infinity (json.dumps wrote them bare, which JSON.parse and most readers refuse): a
+        # skipped step's non-finite loss or gradient norm is written as null, as JavaScript and orjson write it.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        line = json.dumps(finite, allow_nan=False) + "\n"
         written(Path(self._jsonl.name), lambda: (self._jsonl.write(line), self._jsonl.flush()))  # a full disk named
         if self._tb is not None:  # (its writer thread's failed write, a full disk, comes back here: named)
             scalars = [(k, v) for k, v in values.items() if isinstance(v, (int, float))]
@@ -94,7 +108,8 @@ class Metrics:
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
-            self._bar.update(n)
+            with self._console():
+                self._bar.update(n)
 
     def eta(self, step: int) -> float:
         done = step - self._start_step
@@ -137,7 +152,8 @@ class Metrics:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.close()
+            with self._console():
+                self._bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
@@ -205,10 +221,11 @@ def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/toke
     total = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    dot = {"marker": "o", "markersize": 3} if len(train) == 1 else {}  # a line through one point is not drawn
     if train:
-        ax.plot(*zip(*train), label="train (main head)", linewidth=1.2)
+        ax.plot(*zip(*train), label="train (main head)", linewidth=1.2, **dot)
     if total != train:
-        ax.plot(*zip(*total), "--", label="train, total (MTP, auxiliary)", linewidth=0.8, alpha=0.7)
+        ax.plot(*zip(*total), "--", label="train, total (MTP, auxiliary)", linewidth=0.8, alpha=0.7, **dot)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.2, markersize=3)
     ax.set_xlabel("step")

@@ -838,6 +838,12 @@ class Trainer:
                         if last_val is not None:
                             record["val_loss"] = last_val
                     self.metrics.record(self.step, record, console=console)
+                    if "nonfinite_skipped" in values:  # else silent on the console between two rows
+                        self.metrics.print(
+                            f"step {self.step}: the loss or gradient is not finite (loss {values['loss']:.4g}, gnorm "
+                            f"{values['grad_norm']:.4g}); the step is skipped ({values['nonfinite_skipped']} so far; "
+                            f"the run stops after {t.max_nonfinite_steps} in a row)"
+                        )
                     self.guard.record(self.step, "nonfinite_skipped" not in values, self._checkpoint_before)
                     self._checkpoint_due |= self.step % t.checkpoint_every == 0
                     # Inside a streak of skipped steps the weights may be what caused it (a finite step
