@@ -60,12 +60,16 @@ def capture(fn: Callable[[], object]) -> list[tuple[object, dict, dict]]:
         options = {k: v for k, v in kwargs.items() if k not in names}
         launches.append((self, values, options))
 
-    saved = JITFunction.run
-    JITFunction.run = record
+    from hybridlm.ops import dispatch
+
+    # The launches are recorded, not run: 'triton' on CPU tensors is what this script needs, which the
+    # dispatch refuses outside the interpreter (the first launch would fail).
+    saved, check = JITFunction.run, dispatch._check_interpreted
+    JITFunction.run, dispatch._check_interpreted = record, lambda what, where: None
     try:
         fn()
     finally:
-        JITFunction.run = saved
+        JITFunction.run, dispatch._check_interpreted = saved, check
     return launches
 
 

@@ -157,3 +157,21 @@ def test_steps_compute_in_float32_under_autocast():
         assert u.dtype == su.dtype == torch.float32
         torch.testing.assert_close(u, a, rtol=0, atol=0)
         torch.testing.assert_close(su, sa, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_a_one_token_conv_step_of_bf16_inputs_keeps_float32_weights(silu):
+    """The one-token step rounded float32 weights to bf16 and summed in bf16: 1.8x the output's own rounding off
+    the float64 result, where the multi-token conv (the prefill) and the Triton step compute in float32."""
+    g = torch.Generator().manual_seed(0)
+    B, K, C = 4, 4, 256
+    x = torch.randn(B, 1, C, generator=g).bfloat16()
+    state = torch.randn(B, K - 1, C, generator=g).bfloat16()
+    weight, bias = torch.randn(C, 1, K, generator=g), torch.randn(C, generator=g)
+    out, _ = causal_conv1d_with_state(x, state, weight, bias, "silu" if silu else None)
+    full = torch.cat([state, x], 1).double()
+    ref = (full * weight.double()[:, 0].T).sum(1, keepdim=True) + bias.double()
+    ref = F.silu(ref) if silu else ref
+    rounding = (ref.bfloat16().double() - ref).abs().max()  # the output's own rounding to bf16
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() <= rounding * 1.01

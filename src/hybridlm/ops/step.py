@@ -67,7 +67,9 @@ def causal_conv1d_with_state(
     if L == 1:
         # One dot product per channel: the step path skips the shifted-sum loop.
         w = weight.reshape(weight.shape[0], -1)
-        out = (full * w.T.to(full.dtype)).sum(dim=1, keepdim=True)
+        # In the promoted dtype (float32 for bf16 inputs and float32 weights), as the multi-token path and the
+        # Triton step compute: weights rounded to bf16 made a step differ from the prefill's conv.
+        out = (full * w.T).sum(dim=1, keepdim=True)
         if bias is not None:
             out = out + bias
         if activation == "silu":
