@@ -627,3 +627,17 @@ def test_evaluation_is_the_mean_loss_over_every_labelled_validation_token(tmp_pa
         want = t.model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"]).lm_loss.item()
     t.model.train()
     assert t.evaluate() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("platform, unit", [("linux", 1024), ("darwin", 1)])
+def test_peak_cpu_memory_reads_ru_maxrss_in_the_platform_s_unit(monkeypatch, platform, unit):
+    """ru_maxrss is KiB on Linux and bytes on macOS, where `mem` showed 1024x the process's peak."""
+    import resource
+    import types
+
+    from hybridlm.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3_000_000))
+    fake = types.SimpleNamespace(device=torch.device("cpu"))
+    assert Trainer._peak_memory_gb(fake) == pytest.approx(3_000_000 * unit / 1e9)

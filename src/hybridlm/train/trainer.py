@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import shlex
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -763,7 +764,8 @@ class Trainer:
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 1e9
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux; GB as on CUDA
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e9  # GB, as on CUDA
 
     def close(self, destroy: bool = True) -> None:
         """Leave torch.distributed after a finished run: wait for every rank, then (``destroy``)
