@@ -375,8 +375,8 @@ def test_a_leftover_that_cannot_be_removed_is_not_named_as_removed(tmp_path, mon
     from hybridlm.checkpoint import io
 
     (tmp_path / ".step-000002.tmp").mkdir()
-    (tmp_path / ".step-000003.old-0123abcd").mkdir()
+    (tmp_path / ".step-000003.del-0123abcd").mkdir()
     real = io.shutil.rmtree
     monkeypatch.setattr(io.shutil, "rmtree", lambda p, **kw: None if p.name == ".step-000002.tmp" else real(p, **kw))
-    assert io.remove_leftovers(tmp_path) == [".step-000003.old-0123abcd"]
+    assert io.remove_leftovers(tmp_path) == [".step-000003.del-0123abcd"]
     assert (tmp_path / ".step-000002.tmp").is_dir()

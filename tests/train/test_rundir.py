@@ -392,3 +392,22 @@ def test_a_checkpoint_that_is_no_folder_is_named_not_taken_for_a_run_stopped_bef
     checkpoints.write_text("")
     with pytest.raises(DataError, match=r"checkpoints\); it is not a folder \(a file, or a broken link\?\)$"):
         Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_a_checkpoint_left_between_two_renames_is_put_back_at_resume(tmp_path, caplog):
+    """Where the system cannot swap two folders in one step, replacing step-N renames it to .step-N.old-ID, then the
+    new one into place: a kill between the two left the checkpoint only under the hidden name, which the next
+    resume deleted as a leftover (with the new copy beside it), so the run went back to an older step."""
+    import logging
+    import shutil
+
+    run = tiny_run("train.steps=6", "train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop(until=4)
+    ckpts = tmp_path / "checkpoints"
+    os.replace(ckpts / "step-000004", ckpts / ".step-000004.old-0123abcd")
+    shutil.copytree(ckpts / ".step-000004.old-0123abcd", ckpts / ".step-000004.tmp")  # the new copy, not yet renamed
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint"):
+        t = Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert t.step == 4
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+    assert "put back step-000004" in caplog.text

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+
+logger = logging.getLogger("hybridlm.checkpoint")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -79,12 +82,23 @@ def remove_directory(path: Path) -> None:
 #: The hidden names of an unfinished write: ``.NAME.tmp-ID`` (being written), ``.NAME.old-ID`` / ``.NAME.del-ID``
 #: (being deleted) and ``.NAME.tmp`` (a training state, one name for every rank). A kill leaves them behind.
 _LEFTOVER = re.compile(r"\..+\.(?:(?:tmp|old|del)-[0-9a-f]{8}|tmp)")
+_OLD = re.compile(r"\.(.+)\.old-[0-9a-f]{8}")
 
 
 def remove_leftovers(folder: Path) -> list[str]:
     """Delete the leftovers of interrupted writes in ``folder`` (only while no write can be running there,
-    e.g. under a run's lock); returns the names of those it removed (one it could not stays, unnamed)."""
+    e.g. under a run's lock); returns the names of those it removed (one it could not stays, unnamed).
+
+    A ``.NAME.old-ID`` whose NAME is gone is put back first: a kill between :func:`commit_directory`'s two renames
+    (where the system cannot swap in one step) left the previous folder, whole, only there."""
     names = sorted(p.name for p in folder.glob(".*") if _LEFTOVER.fullmatch(p.name)) if folder.is_dir() else []
+    for name in names:
+        if (old := _OLD.fullmatch(name)) and not os.path.lexists(folder / old[1]):
+            os.replace(folder / name, folder / old[1])
+            logger.warning(
+                "%s: put back %s, which a write interrupted between two renames left as %s", folder, old[1], name
+            )
+    names = [name for name in names if os.path.lexists(folder / name)]
     for name in names:
         if (folder / name).is_dir() and not (folder / name).is_symlink():  # (rmtree refuses a link, silently here)
             shutil.rmtree(folder / name, ignore_errors=True)
