@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from hybridlm import HybridLM, save
 from hybridlm.cli import main
-from hybridlm.train.tokenizer import HF_EOS, SPEC_NAME, ByteTokenizer, exported_files, load_tokenizer
+from hybridlm.errors import DataError
+from hybridlm.train.tokenizer import HF_EOS, SPEC_NAME, ByteTokenizer, build_tokenizer, exported_files, load_tokenizer
 from tests.helpers import tiny_config
 
 TEXTS = ["", "a", "héllo wörld", " two  spaces\n\ttab\r\n", "\x00\x7f\x80 control", "日本語 🙂 emoji", "~!¡¬®ÿ"]
@@ -155,3 +156,17 @@ def test_byte_decode_keeps_every_byte_and_drops_only_the_end_of_document_token()
     assert tok.decode(list(range(256))) == bytes(range(256)).decode("utf-8", errors="replace")
     text = "naïve 日本語 ✓"
     assert tok.decode([*tok.encode(text), tok.eos_id]) == text
+
+
+def test_a_json_file_that_is_no_tokenizer_json_says_so(tmp_path):
+    """A tokenizer_config.json given as the tokenizer got only the tokenizers package's parse error ("expected ','
+    or '}' at line 1 column 19") for a file that is valid JSON."""
+    pytest.importorskip("tokenizers")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"model_max_length": 2048, "eos_token": "</s>"}))
+    with pytest.raises(DataError, match=r"not a tokenizers file \(no \"model\" in it\): pass the folder's tokenizer"):
+        build_tokenizer(str(config))
+    (tmp_path / "broken.json").write_text("{not json")  # not JSON at all: the parse error alone
+    with pytest.raises(DataError) as info:
+        build_tokenizer(str(tmp_path / "broken.json"))
+    assert "not a tokenizers file" not in str(info.value)

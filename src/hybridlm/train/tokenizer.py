@@ -95,7 +95,7 @@ class HFTokenizer:
         try:
             self._tok = _Tokenizer.from_file(str(self.path))
         except Exception as e:
-            raise DataError(f"{self.path}: cannot load tokenizer ({e})") from None
+            raise DataError(f"{self.path}: cannot load tokenizer ({e}){_not_a_tokenizer_json(self.path)}") from None
         # Every document whole and unpadded: a tokenizer.json saved with truncation or fixed-length padding
         # (common in exported ones) would cut documents short or put pad ids inside them.
         self._tok.no_truncation()
@@ -141,6 +141,18 @@ class HFTokenizer:
     def files(self) -> dict[str, str | bytes]:
         spec = {"type": "hf", "file": "tokenizer.json", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
         return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self.path.read_bytes()}
+
+
+def _not_a_tokenizer_json(path: Path) -> str:
+    """A hint where ``path`` is JSON but no tokenizers file (one without its "model": a tokenizer_config.json or a
+    config.json beside it), whose parse error alone ("expected ',' or '}'") reads as a damaged file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if isinstance(data, dict) and "model" in data:
+        return ""
+    return '; it is JSON but not a tokenizers file (no "model" in it): pass the folder\'s tokenizer.json'
 
 
 def build_tokenizer(
