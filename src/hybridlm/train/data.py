@@ -258,7 +258,9 @@ def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> N
     from ..checkpoint.io import written  # a refused write (disk full) names its file
 
     tokens = stream.tokens if stream.doc_offsets is None else stream.take(np.arange(stream.num_tokens))
-    written(out / PREPARED_TOKENS, tokens.astype(tokens.dtype.newbyteorder("<")).tofile, out / PREPARED_TOKENS)
+    written(
+        out / PREPARED_TOKENS, tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tofile, out / PREPARED_TOKENS
+    )
     written(out / PREPARED_DOCS, np.save, out / PREPARED_DOCS, stream.doc_starts)
     for name, content in tokenizer.files().items():
         written(out / name, (out / name).write_bytes, content if isinstance(content, bytes) else content.encode())
