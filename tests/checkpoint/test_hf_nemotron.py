@@ -849,3 +849,11 @@ def test_a_null_num_key_value_heads_imports_as_one_kv_head_per_query_head():
     hf = nemotron_h_config(config("M-*-")) | {"num_key_value_heads": None}
     assert hf["num_attention_heads"] == 4
     assert config_from_nemotron_h(hf).resolved_num_query_groups == 4
+
+
+def test_an_export_refusal_names_the_layers_of_each_kind_it_cannot_hold():
+    """It named the kind alone ("Gated DeltaNet ('G') layers"), leaving the user to count a long pattern."""
+    with pytest.raises(CheckpointError) as err:
+        check_exportable(config("M-G-M-G-D-/G-"))  # (the MTP depth is dropped: not listed)
+    assert "Gated DeltaNet ('G') layers (canonical layers 2, 6): NemotronH has no such mixer" in str(err.value)
+    assert "DeepSeek sparse attention ('D') layers (canonical layer 8):" in str(err.value)

@@ -18,6 +18,7 @@ from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename,
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
+    MAX_LISTED,
     check_replaceable,
     destination,
     dominant_dtype,
@@ -50,7 +51,7 @@ LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": 
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
 #: Why the other symbols of our pattern language have no NemotronH equivalent.
 _UNSUPPORTED_SYMBOLS = {
-    s: f"{name} ('{s}') layers: NemotronH has no such mixer"
+    s: f"{name} ('{s}') layers{{where}}: NemotronH has no such mixer"
     for s, name in (("G", "Gated DeltaNet"), ("D", "DeepSeek sparse attention"), ("+", "multi-latent attention"))
 }
 
@@ -125,10 +126,13 @@ def check_exportable(config: ModelConfig) -> None:
     """Raise :class:`CheckpointError` listing every reason why NemotronH cannot compute ``config``'s main stack
     (MTP depths are dropped on export; only options of the layer kinds it uses count)."""
     c, used = config, set(config.parsed.layers)
-    problems = [
-        _UNSUPPORTED_SYMBOLS.get(s, f"'{s}' layers: not a NemotronH layer kind")
-        for s in sorted(used - set(LAYER_TYPES))
-    ]
+    problems = []
+    for s in sorted(used - set(LAYER_TYPES)):
+        at = [str(i) for i, x in enumerate(c.parsed.layers) if x == s]
+        where = f" (canonical layer{'s' * (len(at) > 1)} {', '.join(at[:MAX_LISTED])}{' ...' * (len(at) > MAX_LISTED)})"
+        problems.append(
+            _UNSUPPORTED_SYMBOLS.get(s, f"'{s}' layers{{where}}: not a NemotronH layer kind").format(where=where)
+        )
     if "*" in used and c.position_embedding != "none":
         problems.append(
             f"position_embedding={c.position_embedding!r}: NemotronH attention has no position "
