@@ -580,3 +580,52 @@ def test_no_cache_samples_a_batch_as_the_cached_run_does(checkpoint, capsys):
     _, cached, _ = run(capsys, *args)
     _, reference, _ = run(capsys, *args, "--no-cache")
     assert reference == cached and cached.startswith("ab")
+
+
+def test_the_end_of_document_token_is_not_printed_where_the_tokenizer_does_not_mark_it_special(
+    checkpoint, capsys, monkeypatch, tmp_path
+):
+    """A tokenizer.json whose end-of-document token is an ordinary token: the text stops before it, as with bytes."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hybridlm.infer import generate as module
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+
+    def emitting(model, prompts, callback=None, eos_id=None, **kwargs):
+        for row in range(len(prompts)):
+            for token in (1, eos_id):
+                callback(row, token)
+        return [[1, eos_id] for _ in prompts]
+
+    monkeypatch.setattr(module, "generate", emitting)
+    for batch in ("1", "2"):
+        argv = ("--prompt", "a", "--prompt", "b", "--tokenizer", tmp_path / "tokenizer.json", "--batch-size", batch)
+        code, out, _ = run(capsys, checkpoint[0], *argv)
+        assert code == 0 and "</s>" not in out and out.split("\n\n")[:2] == ["a b", "b b"], out
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_named_before_anything_is_printed(checkpoint, capsys, tmp_path):
+    """The prompts are tokenized before the model loads: the error names the prompt, and no earlier text is printed."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}))  # no unknown token: "zz" cannot be encoded
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "prompts.txt").write_text("a b\na zz\n")
+    argv = ("--tokenizer", tmp_path / "tokenizer.json", "--max-new-tokens", 2, "--greedy")
+    code, out, err = run(capsys, checkpoint[0], "--prompt", "a", "--prompt", "zz", *argv)
+    assert code == 2 and out == "" and err.startswith("error: --prompt number 2: ") and "cannot tokenize" in err, err
+    code, out, err = run(capsys, checkpoint[0], "--prompts-file", tmp_path / "prompts.txt", *argv)
+    assert code == 2 and out == "" and err.startswith(f"error: {tmp_path / 'prompts.txt'}:2: "), err
+
+
+def test_an_empty_prompts_file_flag_is_refused_not_ignored(checkpoint, capsys):
+    """``--prompts-file ''`` (an unset shell variable) is refused by name, not read as no file at all."""
+    for argv in (("--prompts-file", ""), ("--prompt", "x", "--prompts-file", "")):
+        code, out, err = run(capsys, checkpoint[0], *argv, "--max-new-tokens", 2)
+        assert code == 2 and out == "" and err.startswith("error: --prompts-file: empty"), err

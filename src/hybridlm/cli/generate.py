@@ -10,9 +10,9 @@ import sys
 DEFAULT_TEMPERATURE = 0.8
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text");
-    a byte-order mark at the file's start is not text."""
+def _read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Prompts from --prompt (repeatable) and --prompts-file (one per line, or JSONL with "prompt"/"text"), each
+    with where it was given (``--prompt number 2``, ``file:line``); a byte-order mark at the file's start is not text."""
     import codecs
     import json
     from pathlib import Path
@@ -21,6 +21,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     from ..train.data import JSON_LINES, decode_line
 
     prompts = [(p, f"--prompt number {i}") for i, p in enumerate(args.prompt or [], start=1)]
+    if args.prompts_file == "":  # (an unset shell variable): not "no file", which would drop it silently
+        raise UsageError("--prompts-file: empty; name a file, or - for standard input")
     if args.prompts_file:
         path = Path(args.prompts_file)
         try:  # "-": standard input; also pipes and devices
@@ -57,7 +59,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--prompts-file {args.prompts_file}: no prompt in it (it is empty or holds blank lines only)")
     if not prompts:
         raise UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE")
-    return [text for text, _ in prompts]
+    return prompts
 
 
 class _Completion:
@@ -238,12 +240,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint.weights import load, read_config
-    from ..errors import UsageError
+    from ..errors import DataError, UsageError
     from ..infer.generate import generate
     from ..train.tokenizer import build_tokenizer, load_tokenizer
     from . import model_folder
 
-    prompts = _read_prompts(args)
+    given = _read_prompts(args)
+    prompts = [text for text, _ in given]
     stops = [_unescape(s) for s in args.stop or []]
     device = _check_generate_args(args, stops, len(prompts))
     path = model_folder(args.checkpoint, "checkpoint")
@@ -261,13 +264,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{source} has {tokenizer.vocab_size} token ids (end of text {tokenizer.eos_id}), more than the model's "
             f"vocabulary of {config.vocab_size}: the model was not trained with this tokenizer"
         )
+    encoded = []
+    for text, where in given:  # all of them before the model loads: a prompt it cannot tokenize, named
+        try:
+            encoded.append(tokenizer.encode(text))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load(path, device=device, verify=not args.no_verify)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        ids = [tokenizer.encode(p) for p in batch]
+        ids = encoded[start : start + args.batch_size]
         stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
         # A streamed prompt is printed with the first token: an error before it leaves stdout empty.
         rows = [_Completion(tokenizer, stops, stream, prompt, heading=text) for prompt, text in zip(ids, batch)]
@@ -286,7 +295,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 speculative=args.speculative,
                 draft_tokens=args.draft_tokens,
                 repetition_penalty=args.repetition_penalty,
-                callback=lambda row, token, rows=rows: rows[row].add(token),
+                # The end-of-document token ends the text and is none of it (a tokenizer.json need not mark it
+                # special, and then decoding printed its name, '<|endoftext|>', after the text).
+                callback=lambda row, token, rows=rows: token != tokenizer.eos_id and rows[row].add(token),
                 stats=stats,
                 cuda_graph=args.cuda_graph,
             )
