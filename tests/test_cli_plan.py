@@ -220,3 +220,16 @@ def test_a_pattern_the_model_cannot_hold_says_how_to_give_one(capsys):
     assert err.endswith("give a run file (--config RUN.toml) or a preset (--preset NAME) whose model sets it\n")
     assert main(["plan", "M-X", "--pp", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: pattern: In main pattern, 'X' is not a valid layer symbol")
+
+
+@pytest.mark.parametrize("pp, refused", [(2, False), (3, True)])
+def test_plan_says_when_the_run_s_batch_does_not_split_into_its_micro_batches(tmp_path, capsys, pp, refused):
+    """16 rows over pp 3's default 6 micro-batches were planned at 2 rows each without a word, for a layout the
+    trainer refuses."""
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\npreset = "tiny"\n[data]\nseq_len = 48\n[train]\nbatch_size = 16\n')
+    assert main(["plan", "--config", str(run), "--pp", str(pp), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["micro_batch_size"] == 16 // (2 * pp)  # stdout stays one JSON document
+    note = "note: the run's train.batch_size (16) does not split into 6 micro-batches (parallel.microbatches, 2 × pp"
+    assert (note in err) == refused, err

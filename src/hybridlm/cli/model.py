@@ -146,6 +146,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         measure=measure,
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
+    if run is not None and args.micro_batch_size is None and not run.train.micro_batch_size:
+        n, rows = run.parallel.microbatches or 2 * max(args.pp, 1), run.train.batch_size
+        if rows % n:  # planned anyway, at the rounded-down size: say that this run would not start so
+            default = "" if run.parallel.microbatches else ", 2 × pp by default"
+            print(
+                f"note: the run's train.batch_size ({rows}) does not split into {n} micro-batches "
+                f"(parallel.microbatches{default}): hybridlm train refuses it with one data-parallel group; the costs "
+                f"above are for micro-batches of {_plan_micro_batch(run, args.pp)} row(s)",
+                file=sys.stderr,
+            )
     if args.plot is not None:  # as pattern --plot says it; on stderr under --json, which keeps stdout one document
         print(f"wrote {plan.plot(args.plot)}", file=sys.stderr if args.json else sys.stdout)
     return 0
