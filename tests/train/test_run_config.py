@@ -261,3 +261,18 @@ def test_an_ac_policy_kind_that_starts_no_block_is_noted():
     ]
     run = RunConfig().with_overrides([*base, "model.pattern=M-E[*-]", "train.ac_policy=E=full,*=selective"])
     assert not [n for n in run.notes() if "ac_policy" in n]  # E and * (the fused block's attention) start blocks
+
+
+@pytest.mark.parametrize(
+    "key, says",
+    [("parallel.vpp", "virtual stages are the pattern's '|' segments"), ("parallel.dp", "number of processes")],
+)
+def test_settings_other_trainers_have_say_where_hybridlm_takes_them_from(tmp_path, key, says):
+    """`parallel.vpp` was answered "did you mean 'parallel.pp'?", which sets something else."""
+    with pytest.raises(ConfigError, match=f"^{key}: unknown field: .*{says}") as info:
+        RunConfig().with_overrides([f"{key}=2"])
+    assert "did you mean" not in str(info.value)
+    section, field = key.split(".")
+    (tmp_path / "run.toml").write_text(f"[{section}]\n{field} = 2\n")
+    with pytest.raises(ConfigError, match=f"^{key}: unknown field: .*{says}"):
+        RunConfig.from_toml(tmp_path / "run.toml")

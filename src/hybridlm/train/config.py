@@ -464,7 +464,17 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(name, f"must be positive, got {value}")
 
 
+#: Settings other trainers have that hybridlm takes from elsewhere (a close name would point the wrong way).
+_ELSEWHERE = {
+    "parallel.vpp": "virtual stages are the pattern's '|' segments beyond parallel.pp: cut it into pp x V "
+    "segments (hybridlm plan --pp N --vpp V places the cuts)",
+    "parallel.dp": "the data-parallel size is the number of processes over parallel.pp (torchrun --nproc_per_node)",
+}
+
+
 def _unknown(key: str, known: list[str], what: str = "field") -> None:
+    if key in _ELSEWHERE:
+        raise ConfigError(key, f"unknown {what}: {_ELSEWHERE[key]}")
     hint = difflib.get_close_matches(key, known, n=1)
     listed = f"; the sections are {', '.join(known)}" if what == "section" else ""
     raise ConfigError(key, f"unknown {what}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + listed)
