@@ -2,6 +2,7 @@
 every kill ends bitwise equal to an uninterrupted one."""
 
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,10 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, seed: int) -> None:
     newest, done = 0, 0
     while True:
         resume = ["--resume", str(run_dir)] if list_checkpoints(run_dir / "checkpoints") else []
+        if not resume and run_dir.exists():
+            # Killed before its first checkpoint (a slow machine's first step outlasts the wait): a run that can
+            # be neither resumed nor replaced, as its error says; the user removes it and starts again.
+            shutil.rmtree(run_dir)
         cmd = [sys.executable, "-m", "hybridlm.cli", "train", "--run-dir", str(run_dir), "--no-progress", *resume]
         cmd += [a for s in sets for a in ("--set", s)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
