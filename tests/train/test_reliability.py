@@ -642,3 +642,15 @@ def test_a_pipe_reader_gone_with_the_signal_still_saves_the_step(tmp_path, monke
     assert info.value.exit_status == 128 + signal.SIGTERM
     assert latest_checkpoint(tmp_path).name == "step-000002"
     assert [r["step"] for r in read_history(tmp_path / "metrics.jsonl")][-1] == 2
+
+
+def test_a_console_row_averages_the_finite_losses_since_the_last(tmp_path):
+    """A step skipped for a NaN loss made the next row's loss_avg NaN (and wrote NaN into the checkpoint's window)."""
+    t = Trainer(tiny_run("train.steps=4", "train.log_every=2"), run_dir=tmp_path, progress=False)
+    t.model.embeddings.register_forward_hook(
+        lambda module, args, out: out * float("nan") if module.training and t.step + 1 == 3 else out
+    )
+    t.run_loop()
+    rows = {r["step"]: r for r in read_history(tmp_path / "metrics.jsonl")}
+    assert rows[3]["loss"] is None and rows[3]["nonfinite_skipped"] == 1  # (NaN is written as null)
+    assert rows[4]["loss_avg"] == rows[4]["loss"] and rows[4]["lm_loss_avg"] == rows[4]["lm_loss"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 import shlex
@@ -821,14 +822,16 @@ class Trainer:
                     window["time"] += time.perf_counter() - t0  # training time only: evaluation is not counted
                     self.metrics.advance()
                     window["tokens"] += t.batch_size * self.run.data.seq_len
-                    window["losses"].append([values["loss"], values["lm_loss"]])
+                    # The row's mean is of the finite losses: a skipped step's NaN loss made it NaN.
+                    if math.isfinite(values["loss"]) and math.isfinite(values["lm_loss"]):
+                        window["losses"].append([values["loss"], values["lm_loss"]])
                     record = {**values}
                     evaluate = self.step % t.eval_every == 0 or self.step == t.steps
                     console = self.step % t.log_every == 0 or self.step == stop or evaluate
                     if console:
-                        losses = window["losses"]
-                        record["loss_avg"] = sum(x for x, _ in losses) / len(losses)
-                        record["lm_loss_avg"] = sum(x for _, x in losses) / len(losses)
+                        if losses := window["losses"]:  # (none where every step since the last row was skipped)
+                            record["loss_avg"] = sum(x for x, _ in losses) / len(losses)
+                            record["lm_loss_avg"] = sum(x for _, x in losses) / len(losses)
                         record["tokens_per_s"] = window["tokens"] / window["time"]
                         record["peak_mem_gb"] = self._peak_memory_gb()
                         if self.peak_flops:
