@@ -109,7 +109,11 @@ def _add_progress_flags(ap: argparse.ArgumentParser) -> None:
     """--progress / --no-progress; neither: a bar only on a terminal (not in a log file)."""
     bar = ap.add_mutually_exclusive_group()
     bar.add_argument(
-        "--progress", dest="progress", action="store_true", default=None, help="always show a progress bar"
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show a progress bar (default: only on a terminal)",
     )
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
 
