@@ -145,3 +145,23 @@ def test_a_progress_bar_whose_pipe_is_gone_goes_quietly(tmp_path, monkeypatch):
         with contextlib.suppress(BrokenPipeError):
             pipe.close()
     assert [r["step"] for r in metrics.history_all()] == [1]
+
+
+def test_a_run_without_the_logging_extra_says_so(tmp_path, monkeypatch, caplog):
+    """Without tensorboard and matplotlib (a base install) a run writes no tensorboard/ and no loss.png: it says so,
+    naming the extra, at a level that is seen (the CLI configures no logging: info lines were never shown)."""
+    import sys
+
+    from hybridlm.train.metrics import plot_losses
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # (None: importing it raises ImportError)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    caplog.set_level("WARNING")
+    metrics = Metrics(tmp_path, 1, 0, progress=False)
+    metrics.record(1, {"loss": 2.0}, console=False)
+    metrics.close()
+    assert plot_losses(metrics.history_all(), tmp_path / "loss.png") is None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("tensorboard is not installed") and "hybridlm[logging]" in m for m in said), said
+    assert any(m.startswith("matplotlib is not installed") and "hybridlm[logging]" in m for m in said), said
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "loss.png").exists()

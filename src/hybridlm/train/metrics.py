@@ -52,7 +52,10 @@ class Metrics:
                 purge = start_step + 1 if start_step else 0
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
-                logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+                # (a warning: the CLI configures no logging, and an info line would never be seen)
+                logger.warning(
+                    "tensorboard is not installed: metrics go to metrics.jsonl only (pip install 'hybridlm[logging]')"
+                )
         show_bar = sys.stdout.isatty() if progress is None else progress
         self._bar = None
         if enabled and show_bar:
@@ -213,7 +216,7 @@ def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/toke
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib is not installed: no loss-curve PNG (pip install 'hybridlm[logging]')")
+        logger.warning("matplotlib is not installed: no loss-curve PNG (pip install 'hybridlm[logging]')")
         return None
     # The validation loss is the main head's: the training curve beside it is too. The total (with
     # MTP depths and auxiliary losses), where it differs, is drawn apart.
