@@ -52,6 +52,7 @@ def test_the_sdist_holds_the_tests_and_the_files_they_read(tmp_path):
         missing = sorted(_source_files(folder) - held)
         assert not missing, f"{folder}: not in the sdist: {missing[:10]}"
     assert "src/hybridlm/py.typed" in held
+    assert "LICENSE" in held  # pyproject's Apache-2.0 asks for its text to travel with the code
     assert not [n for n in held if "__pycache__" in n or n.endswith(".pyc")]
 
 
