@@ -184,3 +184,23 @@ def test_a_float64_moe_model_routes_in_float64_so_its_cached_decoding_is_its_ful
     assert gate.weight.dtype == torch.float32  # stored in float32, as cast keeps it; computed in float64
     scores, weights, _ = gate(torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     assert scores.dtype == weights.dtype == torch.float64
+
+
+def test_a_float64_models_balancing_loss_is_its_formula_in_float64():
+    """The routed shares were float32 (``counts.float()``) in a float64 model, the reference for lower precisions:
+    its balancing loss was off its float64 formula by ~2e-8 relative, float32 rounding."""
+    config = ModelConfig.preset("tiny").replace(
+        moe_num_experts=6, moe_top_k=2, moe_router_score="sigmoid", moe_aux_loss_coeff=0.01
+    )
+    layer = MoE(config).double()
+    layer.init_weights(torch.Generator().manual_seed(0), 0.5, 0.5)
+    x = torch.randn(3, 7, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    aux_losses = []
+    layer(x, None, aux_losses)
+    (aux,) = aux_losses
+
+    s = (x.reshape(-1, config.hidden_size) @ layer.gate.weight.T).sigmoid()
+    share = torch.bincount(s.topk(2, dim=-1).indices.reshape(-1), minlength=6).double() / (21 * 2)
+    expected = 0.01 * 6 * (share * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
+    assert aux.dtype == torch.float64
+    torch.testing.assert_close(aux, expected, rtol=1e-13, atol=0)

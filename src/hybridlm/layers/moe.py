@@ -208,7 +208,7 @@ class MoE(nn.Module):
         if num_tokens == 0:  # an empty batch balances nothing: 0, not 0 / 0
             return scores.sum() * 0.0
         probs = scores if c.moe_router_score == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
-        fraction = counts.float() / (num_tokens * c.moe_top_k)
+        fraction = counts.to(probs.dtype) / (num_tokens * c.moe_top_k)  # float64 in a float64 model, not float32
         return c.moe_aux_loss_coeff * c.moe_num_experts * (fraction * probs.mean(dim=0)).sum()
 
     @torch.no_grad()
