@@ -456,3 +456,12 @@ def test_a_dt_range_beyond_float32_is_refused_and_its_ends_run(prefix):
         model = HybridLM(ModelConfig(**{**base, **changes}), seed=0)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert torch.isfinite(model(torch.zeros(1, 3, dtype=torch.long)).logits).all()
+
+
+def test_from_json_reads_bytes_as_json_text():
+    """Bytes (a file read in binary, an HTTP body) were taken for a path: "cannot read b'{...}'"."""
+    config = ModelConfig(pattern="M-", vocab_size=16, hidden_size=16, mamba_head_dim=8, mamba_num_groups=1)
+    assert ModelConfig.from_json(config.to_json().encode()) == config
+    assert ModelConfig.from_json(bytearray(config.to_json().encode())) == config
+    with pytest.raises(ConfigError, match=r"^config: not UTF-8 text \(invalid start byte at byte 0\)$"):
+        ModelConfig.from_json(b"\xff{}")

@@ -230,8 +230,14 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> ModelConfig:
-        """Read a config from a JSON string or a ``.json`` file path (a Path, or a string naming a file)."""
+    def from_json(cls, text_or_path: str | bytes | Path) -> ModelConfig:
+        """Read a config from a JSON string (or UTF-8 bytes) or a ``.json`` file path (a Path, or a string naming a
+        file)."""
+        if isinstance(text_or_path, (bytes, bytearray)):  # a file's or a response's content (str() made a path of it)
+            try:
+                text_or_path = bytes(text_or_path).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError("config", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
         text = str(text_or_path)
         json_like = text.lstrip().startswith(("{", "[")) or text.strip().isdigit()
         if isinstance(text_or_path, Path) or not json_like or _is_file(text):  # a file named "[v1].json" too
