@@ -49,11 +49,8 @@ EXPORTABLE_ACTIVATIONS = ("relu2", "gelu")
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 #: Hugging Face layer type (current and legacy names) -> pattern symbol.
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
-#: Why the other symbols of our pattern language have no NemotronH equivalent.
-_UNSUPPORTED_SYMBOLS = {
-    s: f"{name} ('{s}') layers{{where}}: NemotronH has no such mixer"
-    for s, name in (("G", "Gated DeltaNet"), ("D", "DeepSeek sparse attention"), ("+", "multi-latent attention"))
-}
+#: The mixers of our pattern language that NemotronH has no equivalent of.
+_UNSUPPORTED_MIXERS = {"G": "Gated DeltaNet", "D": "DeepSeek sparse attention", "+": "multi-latent attention"}
 
 #: Files other than the weights and config.json that travel with a conversion (tokenizer, generation).
 AUX_FILES = (
@@ -130,9 +127,10 @@ def check_exportable(config: ModelConfig) -> None:
     for s in sorted(used - set(LAYER_TYPES)):
         at = [str(i) for i, x in enumerate(c.parsed.layers) if x == s]
         where = f" (canonical layer{'s' * (len(at) > 1)} {', '.join(at[:MAX_LISTED])}{' ...' * (len(at) > MAX_LISTED)})"
-        problems.append(
-            _UNSUPPORTED_SYMBOLS.get(s, f"'{s}' layers{{where}}: not a NemotronH layer kind").format(where=where)
-        )
+        if s in _UNSUPPORTED_MIXERS:
+            problems.append(f"{_UNSUPPORTED_MIXERS[s]} ('{s}') layers{where}: NemotronH has no such mixer")
+        else:
+            problems.append(f"'{s}' layers{where}: not a NemotronH layer kind")
     if "*" in used and c.position_embedding != "none":
         problems.append(
             f"position_embedding={c.position_embedding!r}: NemotronH attention has no position "

@@ -117,8 +117,12 @@ def _plan_micro_batch(run, pp: int) -> int:
     ``train.micro_batch_size``, else its batch over ``parallel.microbatches`` (2 × pp by default); 1 without a run."""
     if run is None:
         return 1
-    microbatches = run.parallel.microbatches or 2 * max(pp, 1)
-    return run.train.micro_batch_size or max(1, run.train.batch_size // microbatches)
+    return run.train.micro_batch_size or max(1, run.train.batch_size // _plan_microbatches(run, pp))
+
+
+def _plan_microbatches(run, pp: int) -> int:
+    """The run's ``parallel.microbatches``, or 2 × ``pp`` (the trainer's default, at the plan's pp)."""
+    return run.parallel.microbatches or 2 * max(pp, 1)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -147,7 +151,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
     if run is not None and args.micro_batch_size is None and not run.train.micro_batch_size:
-        n, rows = run.parallel.microbatches or 2 * max(args.pp, 1), run.train.batch_size
+        n, rows = _plan_microbatches(run, args.pp), run.train.batch_size
         if rows % n:  # planned anyway, at the rounded-down size: say that this run would not start so
             default = "" if run.parallel.microbatches else ", 2 × pp by default"
             print(
