@@ -205,20 +205,26 @@ def test_a_terminal_gone_with_its_sighup_still_saves_the_step(tmp_path, monkeypa
     of the step under way raised EIO out of the loop, so the run ended (exit 1) without the checkpoint."""
     terminal = _GoneTerminal()
     monkeypatch.setattr("sys.stdout", terminal)
+    _console_gone_with_a_signal_at_step_two(tmp_path, lambda: setattr(terminal, "gone", True), signal.SIGHUP)
+
+
+def _console_gone_with_a_signal_at_step_two(tmp_path, console_goes, signum):
+    """Train the tiny run; at step 2 (a console step: log_every = 2) ``console_goes()``, then ``signum`` arrives. The
+    step's checkpoint and metrics row must be written, and the run stop with 128 + ``signum``."""
     t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
     step = t.train_step
 
     def train_step():
         out = step()
-        if t.step == 2:  # a console step (log_every = 2)
-            terminal.gone = True
-            os.kill(os.getpid(), signal.SIGHUP)
+        if t.step == 2:
+            console_goes()
+            os.kill(os.getpid(), signum)
         return out
 
     t.train_step = train_step
     with pytest.raises(TrainingInterrupted) as info:
         t.run_loop()
-    assert info.value.exit_status == 128 + signal.SIGHUP
+    assert info.value.exit_status == 128 + signum
     assert latest_checkpoint(tmp_path).name == "step-000002"
     assert [r["step"] for r in read_history(tmp_path / "metrics.jsonl")][-1] == 2
 
@@ -622,26 +628,11 @@ def test_a_pipe_reader_gone_with_the_signal_still_saves_the_step(tmp_path, monke
     read, write = os.pipe()
     pipe = open(write, "w")  # noqa: SIM115 (closed below)
     monkeypatch.setattr("sys.stdout", pipe)
-    t = Trainer(tiny_run(), run_dir=tmp_path, progress=False)
-    step = t.train_step
-
-    def train_step():
-        out = step()
-        if t.step == 2:  # a console step (log_every = 2)
-            os.close(read)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    t.train_step = train_step
     try:
-        with pytest.raises(TrainingInterrupted) as info:
-            t.run_loop()
+        _console_gone_with_a_signal_at_step_two(tmp_path, lambda: os.close(read), signal.SIGTERM)
     finally:
         with contextlib.suppress(OSError):
             pipe.close()
-    assert info.value.exit_status == 128 + signal.SIGTERM
-    assert latest_checkpoint(tmp_path).name == "step-000002"
-    assert [r["step"] for r in read_history(tmp_path / "metrics.jsonl")][-1] == 2
 
 
 def test_a_console_row_averages_the_finite_losses_since_the_last(tmp_path):
