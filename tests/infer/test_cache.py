@@ -1,16 +1,18 @@
 """Cached decoding against the no-cache forward, for every mixer kind, fused blocks and MTP patterns."""
 
+import copy
+
 import pytest
 import torch
 
-from hybridlm import HybridLM, generate
+from hybridlm import HybridLM, ModelConfig, generate
 from hybridlm.infer import speculative
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.infer.generate import left_pad, prefill
 from hybridlm.infer.speculative import _Depths
 from hybridlm.layers.cache import KVState
 from hybridlm.ops.dispatch import paths_used, reset_paths
-from tests.helpers import MLA_TINY, tiny_config
+from tests.helpers import MLA_TINY, rel_err, tiny_config
 
 PATTERNS = ["M", "G", "*", "-", "E", "MG*-E", "[M-]G[*E]", "[GE]M*/[*-]", "M[*-]/G/G"]
 PROMPTS = [[5, 17, 3, 9, 40, 2, 11], [1], list(range(3, 26))]
@@ -656,3 +658,75 @@ def test_speculative_batches_stop_at_eos_and_stream_each_row_as_plain_greedy_doe
             )
         assert out["mtp"] == out[None] and eos_id in (out[None][0][-1], out[None][1][-1])
         assert sorted(calls["mtp"]) == sorted(calls[None])
+
+
+#: A small model with every sequence mixer at realistic head sizes (64-channel heads, Mamba2 state 128,
+#: DSA selecting 512 keys of thousands): what the bf16 long-sequence check below runs.
+REALISTIC = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    num_attention_heads=8,
+    num_query_groups=2,
+    ffn_hidden_size=1024,
+    mamba_num_heads=16,
+    mamba_head_dim=64,
+    mamba_state_dim=128,
+    mamba_num_groups=2,
+    gdn_num_heads=4,
+    gdn_head_dim=64,
+    moe_num_experts=8,
+    moe_top_k=2,
+    moe_ffn_hidden_size=256,
+    q_lora_rank=192,
+    kv_lora_rank=128,
+    qk_head_dim=64,
+    qk_pos_emb_head_dim=32,
+    v_head_dim=64,
+    dsa_indexer_n_heads=4,
+    dsa_indexer_head_dim=64,
+    dsa_indexer_topk=512,
+    position_embedding="rope",
+)
+
+
+def bf16_decode_errors(pattern: str, device: str, length: int, steps: int) -> tuple[float, float]:
+    """A bf16 model (``cast``: A_log, D and the other sensitive parameters float32) prefills ``length - steps``
+    tokens into a cache and decodes ``steps`` one-token steps. Returns the relative errors of the decoded
+    logits and of the full bf16 forward's, both against the float64 forward of the same rounded weights."""
+    cfg = ModelConfig(pattern=pattern, **REALISTIC)
+    model = HybridLM(cfg, seed=3, device=device).cast(torch.bfloat16).eval()
+    reference = copy.deepcopy(model).to(torch.float64)  # the same bf16-rounded weights, exactly
+    ids = torch.randint(0, cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        want = reference(ids).logits[:, -steps:]
+        full = model(ids).logits[:, -steps:]
+        cache = InferenceCache.for_model(model, 2, length)
+        model(ids[:, : length - steps], cache=cache)
+        got = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(length - steps, length)], 1)
+    return rel_err(got, want), rel_err(full, want)
+
+
+#: Every mixer kind (attention and MLA / DSA do not share a model).
+BF16_PATTERNS = ["M-G-*-E-", "M-+-D-GE"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", BF16_PATTERNS)
+def test_bf16_cached_decoding_at_4096_tokens_is_as_close_to_float64_as_the_full_forward_on_gpu(pattern):
+    """Realistic sizes and length on the GPU kernels (the Triton scans for the prefill and the full forward,
+    the step kernels for the decode): a cached decode after a 4,088-token prefill is within 1.5x the full bf16
+    forward's error against float64 (both fed the same rounded weights), plus half a bf16 rounding of the logits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reset_paths()
+    err_decode, err_full = bf16_decode_errors(pattern, "cuda", 4096, 8)
+    print(f"{pattern} bf16 at 4096 tokens: decode {err_decode:.3g}, full forward {err_full:.3g} (relative to float64)")
+    assert paths_used().get("ssd_step") == "triton", paths_used()
+    assert err_decode <= 1.5 * err_full + 2e-3, (err_decode, err_full)
+
+
+@pytest.mark.parametrize("pattern", BF16_PATTERNS)
+def test_bf16_cached_decoding_is_as_close_to_float64_as_the_full_forward_on_cpu(pattern):
+    """The same check as the GPU one at a short length on CPU's torch paths (a smoke test of the check itself)."""
+    err_decode, err_full = bf16_decode_errors(pattern, "cpu", 48, 4)
+    assert err_decode <= 1.5 * err_full + 2e-3, (err_decode, err_full)
