@@ -543,6 +543,19 @@ def test_a_float64_model_decodes_exactly_as_its_full_forward():
         torch.testing.assert_close(torch.cat(got, 1), full.mtp_logits[0][:, :16], rtol=0, atol=1e-12)
 
 
+def test_an_mtp_depth_cache_is_asked_for_by_its_1_based_depth():
+    """Depth 0 (counted from 0) indexed ``model.mtp[-1]``: the last depth's cache, silently; one past the last was a
+    bare IndexError."""
+    model = model_for("M-/*-/*-")
+    cache = InferenceCache.for_mtp_depth(model, 1, 1, 8)
+    assert set(cache.states) == {model.mtp[0].blocks["0"].layers[0].mixer}
+    for bad in (0, 3, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"depth is 1-based, got .*; the model has depths 1\.\.2"):
+            InferenceCache.for_mtp_depth(model, bad, 1, 8)
+    with pytest.raises(ValueError, match="the model has no MTP depths"):
+        InferenceCache.for_mtp_depth(model_for("M-"), 1, 1, 8)
+
+
 @pytest.mark.parametrize(
     ("model_dtype", "cache_dtype"),
     [(torch.float64, torch.float32), (torch.float32, torch.float64)],

@@ -62,6 +62,11 @@ class InferenceCache:
     @classmethod
     def for_mtp_depth(cls, model: nn.Module, depth: int, batch: int, max_len: int) -> InferenceCache:
         """A cache for the blocks of MTP depth ``depth`` (1-based) of a ``HybridLM``."""
+        n = len(model.mtp)
+        # Checked here: depth 0 (counted from 0) indexed model.mtp[-1] and gave the last depth's cache silently.
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= n:
+            has = f"depths 1..{n}" if n else "no MTP depths (a pattern without '/')"
+            raise ValueError(f"for_mtp_depth: depth is 1-based, got {depth!r}; the model has {has}")
         return cls(_mixers(model.mtp[depth - 1].blocks), batch, max_len, *_where(model, None, None))
 
     def state(self, mixer: nn.Module):
