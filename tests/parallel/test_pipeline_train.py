@@ -73,7 +73,9 @@ def assert_same_run(run: Path, ref: Path, tol: float = 1e-5) -> None:
     a, b = metrics(run), metrics(ref)
     assert a.keys() == b.keys() == {1, 2, 3}
     for step in b:
-        for key in ("loss", "lm_loss", "grad_norm"):
+        depths = sorted(k for k in b[step] if k.startswith("mtp_loss_"))  # each MTP depth's, logged as one process does
+        assert depths == sorted(k for k in a[step] if k.startswith("mtp_loss_")), (run.name, step)
+        for key in ("loss", "lm_loss", "grad_norm", *depths):
             assert abs(a[step][key] - b[step][key]) <= tol * abs(b[step][key]), (run.name, step, key, a[step], b[step])
     wa, wb = read_tensors(run / "model"), read_tensors(ref / "model")
     assert wa.keys() == wb.keys()

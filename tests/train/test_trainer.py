@@ -443,7 +443,7 @@ def test_mtp_losses_do_not_depend_on_the_micro_batch_split(tmp_path, micro_batch
         share = counts[:, 2] / counts[:, 0]  # the last depth's labels per main-head label, row by row
         assert share.max() - share.min() > 0.3, counts
         (a, ga), (b, gb) = _step_gradients(whole), _step_gradients(split)
-        for key in ("loss", "lm_loss", "grad_norm"):
+        for key in ("loss", "lm_loss", "mtp_loss_1", "mtp_loss_2", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), (step, key)
         for name, g in ga.items():
             assert rel_err(gb[name], g) <= 1e-5, (step, name, rel_err(gb[name], g))
@@ -451,6 +451,24 @@ def test_mtp_losses_do_not_depend_on_the_micro_batch_split(tmp_path, micro_batch
     # (as in test_gradient_accumulation_matches_one_batch), hence the atol.
     for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_each_mtp_depth_s_loss_is_logged(tmp_path):
+    """metrics.jsonl holds mtp_loss_1 .. mtp_loss_D, the step's loss of each depth over its labels (as Megatron
+    logs "mtp_d loss"): only the total and the main head's were logged, so a depth that stopped learning hid."""
+    corpus = short_documents(tmp_path / "c.jsonl")
+    t = Trainer(
+        tiny_run(*MTP_RUN, f"data.source={corpus}", "train.micro_batch_size=1"), run_dir=tmp_path / "a", progress=False
+    )
+    batch = t.train_rows.rows(t.sampler.local_rows(0))
+    with torch.no_grad():
+        want = t.model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
+    t.run_loop()
+    row = next(json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x)
+    assert [row["mtp_loss_1"], row["mtp_loss_2"]] == pytest.approx([x.item() for x in want.mtp_losses], rel=1e-5)
+    assert row["loss"] == pytest.approx(row["lm_loss"] + (row["mtp_loss_1"] + row["mtp_loss_2"]) / 2, rel=1e-5)
+    plain = Trainer(tiny_run("train.device=cpu", "train.steps=1"), run_dir=tmp_path / "b", progress=False).train_step()
+    assert not any(k.startswith("mtp_loss") for k in plain)
 
 
 def test_an_mtp_depth_without_labels_in_the_step_adds_zero_not_nan(tmp_path):

@@ -128,8 +128,9 @@ class StageLM(HybridLM):
                 losses add up to the whole batch's and gradients are summed, not averaged.
 
         Returns:
-            (B, L, hidden) hidden states on a stage before the last; on the last, a pair of 0-d
-            tensors (weighted loss, weighted main-head loss, the latter without gradient).
+            (B, L, hidden) hidden states on a stage before the last; on the last, the weighted loss
+            (0-d) and the weighted loss of each head without gradient (1 + MTP depths,): the main
+            head's, then each depth's.
         """
         stage = self.pattern_stage
         shares = weight.sum(0)  # this micro-batch's share of each head's labels
@@ -149,7 +150,7 @@ class StageLM(HybridLM):
         if stage.is_last:
             scale = self.config.mtp_loss_scale
             loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, scale, shares)
-            return loss, out.lm_loss.detach() * shares[0]
+            return loss, torch.stack([out.lm_loss, *out.mtp_losses]).detach() * shares
         h = out.hidden_states.to(self.boundary_dtype)
         if out.aux_loss is not None:  # like the last stage's: under the main head's share
             aux = out.aux_loss * shares[0]

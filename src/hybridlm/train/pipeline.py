@@ -138,6 +138,7 @@ class PipelineRunner:
         hidden.requires_grad_(True)  # activations carry gradients both ways
         ids = torch.zeros(mb, seq_len, dtype=torch.long, device=device)
         loss = torch.zeros((), device=device)
+        heads = torch.zeros(1 + config.parsed.mtp_depths, device=device)  # each head's loss (_loss)
         self.pipeline_stages = [
             PipelineStage(
                 m,
@@ -145,14 +146,14 @@ class PipelineRunner:
                 n_stages,
                 device,
                 input_args=ids if m.pattern_stage.is_first else hidden,
-                output_args=(loss, loss) if m.pattern_stage.is_last else hidden,
+                output_args=(loss, heads) if m.pattern_stage.is_last else hidden,
                 group=pp_group,
             )
             for m in self.stages
         ]
         self.has_first = any(m.pattern_stage.is_first for m in self.stages)
         self.has_last = any(m.pattern_stage.is_last for m in self.stages)
-        self._lm: list[torch.Tensor] = []
+        self._heads: list[torch.Tensor] = []  # each micro-batch's weighted losses per head (_loss)
         self.schedule = make_schedule(schedule, self.pipeline_stages, microbatches, self._loss)
 
         # The first and the last stage both hold the embedding when the head is tied to it or MTP
@@ -168,15 +169,16 @@ class PipelineRunner:
                 self.duplicate = {id(self.model.embeddings.weight)}  # counted once, on the first stage
 
     def _loss(self, output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        loss, lm_loss = output
-        self._lm.append(lm_loss)
+        loss, heads = output
+        self._heads.append(heads)
         return loss
 
-    def _run(self, batch: dict[str, torch.Tensor], weight: torch.Tensor, train: bool) -> tuple[float, float]:
-        """Run the schedule on this rank's rows; returns this rank's (weighted loss, weighted main loss)."""
+    def _run(self, batch: dict[str, torch.Tensor], weight: torch.Tensor, train: bool) -> tuple[float, list[float]]:
+        """Run the schedule on this rank's rows; returns this rank's weighted loss and weighted loss of each
+        head (the main head, then each MTP depth; zeros on ranks without the last stage)."""
         ids, labels = batch["input_ids"], batch["labels"]
         kwargs = {"input_ids": ids, "labels": labels, "doc_ids": batch["doc_ids"], "weight": weight}
-        self._lm = []
+        self._heads = []
         for m in self.stages:
             m.aux_total = 0.0
         losses: list[torch.Tensor] = []
@@ -192,9 +194,10 @@ class PipelineRunner:
             )
         zero = torch.zeros((), device=self.device)
         total = sum((x.detach() for x in losses), zero) + sum((m.aux_total for m in self.stages), zero)
-        return float(total), float(sum(self._lm, zero))  # one device sync each, after the schedule
+        heads = sum(self._heads, weight.new_zeros(weight.shape[1:]))
+        return float(total), heads.tolist()  # one device sync each, after the schedule
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], weight: torch.Tensor) -> tuple[float, float]:
+    def forward_backward(self, batch: dict[str, torch.Tensor], weight: torch.Tensor) -> tuple[float, list[float]]:
         """Forward and backward over all micro-batches of one step; gradients end up reduced over dp
         (FSDP syncs only after the last micro-batch) and the tied embedding copies summed.
 
@@ -204,7 +207,8 @@ class PipelineRunner:
                 each depth, over all data-parallel ranks (the trainer's ``_label_counts`` over its totals).
 
         Returns:
-            This rank's part of the step's loss and main-head loss (sum over all ranks = the step's).
+            This rank's part of the step's loss and of each head's loss, the main head's first (sums over
+            all ranks = the step's).
         """
         out = self._run(batch, weight, train=True)
         if self.dp > 1:
@@ -221,10 +225,10 @@ class PipelineRunner:
         for m in self.stages:
             m.eval()
         weight = label_counts(batch["labels"], self.config.parsed.mtp_depths, batch["doc_ids"]).float()
-        _, lm = self._run(batch, weight, train=False)
+        _, heads = self._run(batch, weight, train=False)
         for m in self.stages:
             m.train()
-        return lm, float(weight[:, 0].sum()) if self.has_last else 0.0
+        return heads[0], float(weight[:, 0].sum()) if self.has_last else 0.0
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradient of the whole model (over stages and shards) to ``max_norm``, as

@@ -523,9 +523,9 @@ class Trainer:
         counts, totals = self._label_counts(batch)
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=self.device)
-        lm_total = torch.zeros((), device=self.device)
+        heads = torch.zeros(totals.shape, device=self.device)  # the main head's loss, then each MTP depth's
         if self.pipeline is not None:
-            total, lm_total = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, counts / totals))
+            total, heads = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, counts / totals))
         else:
             for start in range(0, self.local_batch, self.micro):
                 part = {k: v[start : start + self.micro] for k, v in batch.items()}
@@ -543,7 +543,7 @@ class Trainer:
                 loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, self.config.mtp_loss_scale, shares)
                 loss.backward()
                 total += loss.detach()
-                lm_total += out.lm_loss.detach() * shares[0]
+                heads += torch.stack([out.lm_loss, *out.mtp_losses]).detach() * shares
         clip = self.run.optim.grad_clip or float("inf")
         if self.pipeline is not None:
             grad_norm = self.pipeline.clip_grad_norm(clip)
@@ -553,7 +553,7 @@ class Trainer:
             grad_norm = clip_grad_norm(self.model.parameters(), clip, self.device, counted)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss, lm_loss = self._all_reduce([total.item(), lm_total.item()])
+        loss, lm_loss, *mtp = self._all_reduce([total.item(), *heads.tolist()])
         # A non-finite loss or gradient skips the update (see train/guard.py); the schedule moves on.
         finite = self.guard.finite(loss, float(grad_norm))
         if finite:
@@ -571,6 +571,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
+        out.update({f"mtp_loss_{d}": x for d, x in enumerate(mtp, 1)})  # Megatron's "mtp_d loss" per depth
         if not finite:
             out["nonfinite_skipped"] = self.guard.skipped + 1
         return out
