@@ -484,6 +484,45 @@ def test_rollback_keeps_a_whole_recorded_window():
     test_rollback_keeps_the_recorded_prefix_of_a_window(4, "cpu", 1e-5)
 
 
+def test_rollback_keeping_nothing_is_the_snapshot_and_keeping_more_than_ran_is_refused():
+    """keep=0 read the state after the window's *last* position (trail[-1]), so Mamba2 kept every rejected
+    token; a keep past the window advanced the offset over positions never written. Now: the snapshot, and
+    a ValueError that leaves the cache as it was."""
+    test_rollback_keeps_the_recorded_prefix_of_a_window(0, "cpu", 1e-5)
+    model = model_for("M*")
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = InferenceCache.for_model(model, 1, 12)
+    model(ids[:, :6], cache=cache)
+    snap = cache.snapshot()
+    cache.record_positions()
+    model(ids[:, 6:9], cache=cache)
+    for keep in (4, -1):
+        with pytest.raises(ValueError, match="rollback keeps 0 to 3 positions"):
+            cache.rollback(snap, keep)
+    assert cache.offset == 9 and cache.trail is not None
+    assert cache.rollback(snap, 3) and cache.offset == 9
+
+
+def test_rollback_refuses_a_trail_that_misses_positions_since_the_snapshot():
+    """Two forwards after record_positions, the first chunked (5 tokens: nothing recorded), the second stepped
+    (2 recorded): rollback read those 2 as the window's first positions and kept the state after position 6 as
+    the state after position 1. Now it refuses (False, the snapshot restored) and the caller re-runs."""
+    model = model_for("M*")
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(0))
+    cache, direct = InferenceCache.for_model(model, 1, 14), InferenceCache.for_model(model, 1, 14)
+    for c in (cache, direct):
+        model(ids[:, :6], cache=c)
+    snap = cache.snapshot()
+    cache.record_positions()
+    model(ids[:, 6:11], cache=cache)
+    model(ids[:, 11:13], cache=cache)
+    assert not cache.rollback(snap, 2) and cache.offset == 6
+    model(ids[:, 6:8], cache=cache)
+    model(ids[:, 6:8], cache=direct)
+    step = ids[:, 8:9]
+    torch.testing.assert_close(model(step, cache=cache).logits, model(step, cache=direct).logits, rtol=0, atol=1e-5)
+
+
 def test_rollback_of_a_window_that_was_not_recorded_restores_the_snapshot():
     """No record_positions before the window: rollback refuses (False) and leaves the snapshot for a re-run."""
     model = model_for("M[*-]M")

@@ -343,3 +343,15 @@ def test_the_uncached_reference_samples_a_batch_as_the_cached_loop_does():
         )
     assert out[False] == out[True] and out[True][1] == first[1] and len(out[True][0]) > 1
     assert calls[False] == calls[True]  # in the same order too
+
+
+def test_a_batch_array_of_no_rows_gives_no_outputs():
+    """A (0, L) tensor or array is an empty batch: its tolist() is [], which read as one empty prompt, so
+    generate returned one prompt's tokens (from the end-of-text id) instead of an empty list of outputs."""
+    import numpy as np
+
+    model = HybridLM(tiny_config("M*/-"), seed=0)
+    for batch in (torch.empty(0, 4, dtype=torch.long), np.zeros((0, 4), dtype=np.int64)):
+        for kw in ({}, {"use_cache": False}, {"speculative": "mtp"}):
+            assert generate(model, batch, 3, **kw) == []
+    assert generate(model, torch.tensor([[1, 2]]), 2) == [generate(model, [1, 2], 2)]  # a batch of one stays one

@@ -168,13 +168,22 @@ class InferenceCache:
 
         The KV of those positions is already in the buffers; each recurrent state is set to the
         one recorded after position ``keep - 1``. Returns False, with the cache restored to
-        ``snap`` only, when some mixer with recurrent state recorded nothing (the caller then
-        runs the ``keep`` positions again). Recording stops either way.
+        ``snap`` only, when some mixer with recurrent state did not record every position run since
+        ``snap`` (the caller then runs the ``keep`` positions again). Recording stops either way.
+        ``keep`` must lie between 0 and the positions run since ``snap``: ValueError otherwise, with
+        the cache as it was.
         """
+        ran = self.offset - snap[0]
+        if not 0 <= keep <= ran:
+            raise ValueError(f"rollback keeps 0 to {ran} positions (those run since the snapshot), got {keep}")
         trail, self.trail = self.trail, None
         recurrent = [m for m, s in snap[2].items() if s is not None]  # KV states snapshot as None
         self.restore(snap)
-        if trail is None or any(len(trail.get(m, ())) < keep for m in recurrent):
+        if keep == 0:  # the snapshot is the answer (trail[m][keep - 1] would be the window's last state)
+            return True
+        # Entry i is the state after position i only if every position since snap was recorded: a chunked
+        # forward records none, so a stepped window after it would be read as the window's start.
+        if trail is None or any(len(trail.get(m, ())) != ran for m in recurrent):
             return False
         for m in recurrent:
             self.states[m].restore(trail[m][keep - 1])

@@ -247,7 +247,7 @@ def generate(
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with on_device:
-            if max_new_tokens == 0:
+            if max_new_tokens == 0 or not rows:
                 out = [[] for _ in rows]
             elif speculative == "mtp":
                 from .speculative import mtp_generate
@@ -291,11 +291,13 @@ def _token(t) -> int:
 
 
 def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
+    # A (B, L) tensor or array is a batch even of no rows: its tolist() is [], which reads as one empty prompt.
+    batch_array = getattr(prompts, "ndim", None) == 2
     prompts = _plain(prompts)
     if not isinstance(prompts, Iterable):
         raise ValueError(f"prompts must be a list of token ids or a list of such lists, got {prompts!r}")
     prompts = [_plain(p) for p in prompts]
-    single = not prompts or not isinstance(prompts[0], (list, tuple))
+    single = not batch_array and (not prompts or not isinstance(prompts[0], (list, tuple)))
     for i, p in enumerate(prompts if not single else ()):
         if not isinstance(p, (list, tuple)):
             raise ValueError(f"prompt {i}: a batch is a list of token-id lists, got {p!r}")
