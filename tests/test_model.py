@@ -4,6 +4,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -211,6 +213,25 @@ def test_num_params_per_kind():
     tied = HybridLM(tiny_config("M-", tie_embeddings=True))
     assert float(tied.num_params()) == sum(p.numel() for p in tied.parameters())
     assert float(tied.num_params(exclude_embeddings=True)) == float(tied.num_params()) - 97 * 32
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["MG*", "MG+D"]))
+def test_num_params_per_kind_equals_the_parameters_of_its_layers(seed, sequence):
+    """Every layer kind (M, G, *, +, D, -, E with or without shared experts), MTP depths, tied or untied
+    embeddings: each part of num_params is the sum of numel of the parameters under that part's names."""
+    rng = random.Random(seed)
+    config = random_config(rng, random_pattern(rng, sequence=sequence))
+    model = HybridLM(config, device="meta")
+    want: dict[str, int] = {}
+    for name, t in model.named_parameters():  # (a tied weight is listed once, under the embedding)
+        parts = name.split(".")
+        kind = parts[0] if parts[0] != "lm_head" else "head"
+        if kind == "blocks":
+            kind = model.blocks[parts[1]].layers[int(parts[3])].symbol
+        want[kind] = want.get(kind, 0) + t.numel()
+    n = model.num_params()
+    assert n.by_kind == want and float(n) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize(

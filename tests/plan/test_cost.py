@@ -89,3 +89,27 @@ def test_last_stage_holds_the_head_and_mtp():
     assert last["params"] == inner["params"] + sum(m.params for m in extra) + costs.shared_embedding_params
     assert last["act_bytes"] == inner["act_bytes"] + sum(m.act_bytes for m in extra)
     assert last["act_bytes_ckpt"] == inner["act_bytes_ckpt"] + sum(m.ckpt_bytes for m in extra)
+
+
+@pytest.mark.parametrize("pattern", ["M-", "M-/[*-]/[*-]"])
+def test_the_head_keeps_what_the_chunked_loss_saves_not_the_logits(pattern):
+    """Guards against the head's (and each MTP depth's) activations counting (T, V) bf16 and fp32 logits
+    and log-probs (5V per token: 10 GiB at 8k tokens of a 131k vocabulary), which training's chunked
+    linear cross entropy never keeps: it saves dh (T, H) and an fp32 dW (V, H)."""
+    import torch
+
+    config = tiny_config(pattern, vocab_size=1000)
+    B, L = 2, 24
+    T, H, V = B * L, config.hidden_size, config.vocab_size  # 48, 32, 1000: no two products alike
+    # What training's head saves for its backward: no tensor of T x V elements.
+    model = HybridLM(config)
+    h = torch.randn(B, L, H, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        model.head_loss(model.norm_f(h), torch.randint(0, V, (B, L)))
+    assert T * H in saved and max(saved) == V * H < T * V
+    costs = estimate_costs(config, L, B)
+    kept = 2 * H * T * 2 + H * T * 2 + V * H * 4  # input and normed input, dh (bf16); dW (fp32)
+    assert costs.head.act_bytes == costs.head.ckpt_bytes == kept
+    for depth in costs.mtp:  # each depth runs the shared head through the same loss: less than bf16 logits beside it
+        assert depth.act_bytes - kept < T * V * 2

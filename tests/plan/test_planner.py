@@ -14,7 +14,7 @@ from hybridlm.model import HybridLM
 from hybridlm.pattern import parse
 from hybridlm.plan import estimate_costs, plan_pipeline
 from hybridlm.plan.balance import brute_force_cuts, segment_costs
-from hybridlm.plan.cost import stage_memory
+from hybridlm.plan.cost import recompute_bytes, stage_memory
 from hybridlm.plan.planner import _count, imbalance
 from tests.helpers import MLA_TINY, random_pattern, tiny_config
 
@@ -213,8 +213,10 @@ def test_rank_peak_memory_takes_the_mean_virtual_stage():
         assert m["state_bytes"] == a["state_bytes"] + b["state_bytes"]
         n = 2 * (2 - r - 1) + (2 - 1) * 2 + 1  # interleaved 1F1B: 5 on rank 0, 3 on rank 1
         assert math.isclose(m["peak_bytes"], m["state_bytes"] + n * (a["act_bytes"] + b["act_bytes"]) / 2)
-        ckpt = (a["act_bytes_ckpt"] + b["act_bytes_ckpt"]) / 2
-        assert math.isclose(m["peak_bytes_ckpt"], m["state_bytes"] + n * ckpt)
+        # Checkpointed: n micro-batches' inputs at the mean, one block recomputed (the rank's largest) once.
+        again = [recompute_bytes(plan.costs, s.start, s.stop) for s in (plan.stages[r], plan.stages[r + 2])]
+        ckpt = (a["act_bytes_ckpt"] - again[0] + b["act_bytes_ckpt"] - again[1]) / 2
+        assert math.isclose(m["peak_bytes_ckpt"], m["state_bytes"] + n * ckpt + max(again))
 
 
 def test_imbalance_is_the_slowest_stage_over_the_mean():
@@ -271,3 +273,77 @@ def test_the_params_column_tells_small_stages_apart():
 def test_a_count_just_below_a_unit_reads_in_that_unit(n, shown):
     """The unit was chosen on the exact count, then rounded: 999,999 parameters read "1000.0K"."""
     assert _count(n) == shown
+
+
+def test_a_checkpointed_rank_recomputes_one_block_at_a_time_not_one_per_micro_batch_in_flight():
+    """Guards against the checkpointed 1F1B peak counting the recomputed block's activations once per micro-batch
+    in flight (pp - rank of them): only the micro-batch in its backward recomputes (7 GiB too many on rank 0 of
+    nemotron-h-8b at pp 8, 8k tokens)."""
+    plan = plan_pipeline(tiny_config("M-M-[*-]G-M-E-"), 4, seq_len=32)
+    c = plan.costs
+    for r, m in enumerate(plan.rank_memory()):
+        blocks = c.blocks[plan.stages[r].start : plan.stages[r].stop]
+        inputs = sum(b.ckpt_bytes for b in blocks)  # kept by every micro-batch in flight
+        if r == 3:
+            inputs += c.head.ckpt_bytes
+        largest = max(b.act_bytes - b.ckpt_bytes for b in blocks)  # held by the one in its backward
+        assert math.isclose(m["peak_bytes_ckpt"], m["state_bytes"] + (4 - r) * inputs + largest, rel_tol=1e-12)
+
+
+def test_measured_head_runs_the_loss_training_runs(monkeypatch):
+    """Guards against --measure timing the head and the MTP depth through full (B, L, V) float32 logits and
+    cross entropy, where training runs the chunked head_loss (another kernel, another time, and memory that
+    at 8k tokens of a 131k vocabulary per micro-batch row can fail where training fits)."""
+    from hybridlm import model as model_module
+    from hybridlm.plan.measure import measure_times
+
+    calls, head_loss = [], model_module.HybridLM.head_loss
+
+    def spy(model, h, labels):
+        calls.append(tuple(h.shape))
+        return head_loss(model, h, labels)
+
+    monkeypatch.setattr(model_module.HybridLM, "head_loss", spy)
+    monkeypatch.setattr(model_module.HybridLM, "head", lambda *a: pytest.fail("full logits timed"))
+    measure_times(tiny_config("M-/[*-]"), 16, repeats=1)
+    assert len(calls) == 2 * 2  # head and MTP depth: a warm-up and one timed call each
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_stage_and_rank_parameters_are_those_of_the_built_stages(seed):
+    """Each planned stage's parameters, and each rank's state, are what the pipeline builds for that stage and
+    rank (MTP and a tied head keep the embedding on the last stage; one rank with both ends holds it once)."""
+    from hybridlm.parallel.pipeline import build_pipeline_model, build_stage
+    from tests.helpers import random_config
+
+    rng = random.Random(seed)
+    config = random_config(rng, random_pattern(rng, max_blocks=8, pipes=False, sequence=rng.choice(["MG*", "MG+D"])))
+    n = config.parsed.num_blocks
+    pp = rng.randint(1, min(n, 3))
+    vpp = rng.randint(1, n // pp)
+    plan = plan_pipeline(config, pp, vpp, seq_len=16)
+    planned = config.replace(pattern=str(plan.pattern))
+    for s in plan.stages:
+        stage = build_stage(planned, s.pp_rank, pp, s.vp_stage if pp * vpp > 1 else None, device="meta")
+        assert s.memory["params"] == sum(t.numel() for t in stage.parameters())
+    for r, m in enumerate(plan.rank_memory()):
+        rank, _ = build_pipeline_model(planned, r, pp)
+        assert m["state_bytes"] == 18 * sum(t.numel() for t in rank.parameters())
+
+
+def test_measured_blocks_see_document_ids_as_training_gives_them(monkeypatch):
+    """Guards against --measure timing every block without document ids, which training always passes: MLA
+    then took the plain causal kernel instead of its dense document mask, attention SDPA instead of FlexAttention
+    on CUDA, and the planner balanced times of kernels that training does not run."""
+    from hybridlm import model as model_module
+    from hybridlm.plan.measure import measure_times
+
+    seen, forward = [], model_module.Block.forward
+
+    def spy(block, x, ctx):
+        seen.append(ctx.seq_idx is not None and ctx.attention_mask() is not None)
+        return forward(block, x, ctx)
+
+    monkeypatch.setattr(model_module.Block, "forward", spy)
+    measure_times(tiny_config("M+-/[+-]", **MLA_TINY), 16, repeats=1)
+    assert seen and all(seen)

@@ -18,7 +18,7 @@ tokens (``T`` tokens):
   + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself).
   Activations are the tensors saved for the backward, in bf16 (fp32 where the model keeps fp32).
   Block-level activation checkpointing keeps only each block's input, plus one block's full
-  activations while it is recomputed.
+  activations while it is recomputed. The head keeps what the chunked loss saves (no logits).
 
 Parameters per block are counted exactly, on a model built on the meta device.
 """
@@ -299,10 +299,15 @@ def estimate_costs(
         ckpt_bytes=0.0,
     )
 
-    # Head: final norm, (H -> V) projection, logits cast to fp32 and cross entropy. Saved per token:
-    # the input and normed input (2H), bf16 logits (V), fp32 logits and fp32 log-probs (2 x 2V).
+    # Head: final norm, (H -> V) projection and cross entropy. Training runs them as the chunked linear
+    # cross entropy (ops.cross_entropy, return_logits=False): each chunk's logits pass through memory (the
+    # traffic counted: bf16 logits, fp32 logits and log-probs, 5V per token), but only the input and normed
+    # input (2H) and the gradients its forward already computed are kept for the backward: dh in bf16 (H per
+    # token) and an fp32 (V, H) dW, whatever the number of tokens.
     def head_cost(name: str, params: int) -> ItemCost:
-        return _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw)
+        item = _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw)
+        kept = 3 * H * T * BF16 + V * H * FP32
+        return replace(item, act_bytes=kept, ckpt_bytes=kept)
 
     head = head_cost("head", counts["head"])
     shared = emb_params if (c.tie_embeddings or p.mtp_depths) else 0
@@ -339,6 +344,13 @@ def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:
     )
 
 
+def recompute_bytes(costs: Costs, start: int, stop: int) -> float:
+    """Bytes a checkpointed stage holding blocks ``start:stop`` needs beyond the blocks' inputs while it
+    recomputes: one block at a time holds all of its activations again, its input (kept anyway) once.
+    Only the micro-batch in its backward recomputes, so a rank needs this once, not per micro-batch in flight."""
+    return max((b.act_bytes - b.ckpt_bytes for b in costs.blocks[start:stop]), default=0.0)
+
+
 def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: bool) -> dict[str, float]:
     """Memory of the stage holding blocks ``start:stop`` (per micro-batch for activations).
 
@@ -348,9 +360,7 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
     blocks = costs.blocks[start:stop]
     params = sum(b.params for b in blocks)
     act = sum(b.act_bytes for b in blocks)
-    # Checkpointed blocks keep their inputs; one block at a time holds all of its activations
-    # again while it is recomputed, its input (counted in both) once.
-    ckpt = sum(b.ckpt_bytes for b in blocks) + max((b.act_bytes - b.ckpt_bytes for b in blocks), default=0.0)
+    ckpt = sum(b.ckpt_bytes for b in blocks) + recompute_bytes(costs, start, stop)
     if is_first:
         params += costs.embedding.params
     if is_last:
@@ -377,4 +387,14 @@ def in_flight(pp_rank: int, pp_size: int, vpp: int) -> int:
     return 2 * (pp_size - pp_rank - 1) + (vpp - 1) * pp_size + 1
 
 
-__all__ = ["HARDWARE", "Costs", "Hardware", "ItemCost", "estimate_costs", "in_flight", "stage_memory", "with_times"]
+__all__ = [
+    "HARDWARE",
+    "Costs",
+    "Hardware",
+    "ItemCost",
+    "estimate_costs",
+    "in_flight",
+    "recompute_bytes",
+    "stage_memory",
+    "with_times",
+]

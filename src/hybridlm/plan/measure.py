@@ -2,7 +2,8 @@
 
 One small model holds one block of every distinct kind in the pattern (plus one MTP depth when
 the pattern has MTP), at the config's real sizes; each piece is timed alone on random input of
-``(micro_batch_size, seq_len, hidden)``. On CUDA the blocks run under bf16 autocast, as training does.
+``(micro_batch_size, seq_len, hidden)`` with document ids, as training gives them. On CUDA the blocks
+run under bf16 autocast, as training does.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def measure_times(
     """Median forward+backward seconds of each block kind, ``'embedding'``, ``'head'`` and ``'mtp'``.
 
     Keys are block strings as in :attr:`HybridPattern.blocks` (``'M'``, ``'*-'``); ``'mtp'`` is
-    one MTP depth including its head and loss; ``'head'`` is the final norm, head and loss.
+    one MTP depth including its head and loss; ``'head'`` is the final norm, head and loss, both as
+    training runs them (``head_loss``: the chunked linear cross entropy, never the whole (B, L, V) logits).
     """
-    from ..model import HybridLM, cross_entropy
+    from ..model import HybridLM
 
     dev = torch.device(device or default_device())
     p = config.parsed
@@ -67,7 +69,10 @@ def measure_times(
     gen = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (B, L), device=dev, generator=gen)
     x = torch.randn(B, L, H, device=dev, generator=gen)
-    ctx = model.make_context(B, L, dev)
+    # Training always passes its rows' document ids, which send attention through the document-masked path
+    # (FlexAttention's block mask on CUDA, a dense mask for MLA and DSA) and the scans through their per-document
+    # one: one document per row takes the same kernels.
+    ctx = model.make_context(B, L, dev, doc_ids=torch.zeros(B, L, dtype=torch.long, device=dev))
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def train_step(forward) -> float:
@@ -86,10 +91,10 @@ def measure_times(
         times[kind] = train_step(lambda block=block, inp=inp: block(inp, ctx)[0])  # (output, auxiliary losses)
     times["embedding"] = train_step(lambda: model.embeddings(ids))
     h = x.detach().requires_grad_(True)
-    times["head"] = train_step(lambda: cross_entropy(model.head(model.norm_f(h)), ids))
+    times["head"] = train_step(lambda: model.head_loss(model.norm_f(h), ids))
     if len(model.mtp):
         depth = model.mtp[0]
         times["mtp"] = train_step(
-            lambda: cross_entropy(model.head(depth(h, model.embeddings(torch.roll(ids, -1, 1)), ctx)[0]), ids)
+            lambda: model.head_loss(depth(h, model.embeddings(torch.roll(ids, -1, 1)), ctx)[0], ids)
         )
     return times

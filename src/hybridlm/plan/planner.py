@@ -19,7 +19,7 @@ from ..layers import mixer_class
 from ..pattern import HybridPattern, parse
 from ..pattern.symbols import FUSION_END, FUSION_START, MTP_SEPARATOR, PIPE
 from .balance import balanced_cuts, even_cuts, segment_costs
-from .cost import HARDWARE, Costs, estimate_costs, in_flight, stage_memory, with_times
+from .cost import HARDWARE, Costs, estimate_costs, in_flight, recompute_bytes, stage_memory, with_times
 
 GIB = 2**30
 
@@ -82,8 +82,13 @@ class Plan:
                 state -= self.costs.shared_embedding_params * self.costs.state_bytes_per_param
             n = in_flight(r, self.pp, self.vpp)
             act = sum(s.memory["act_bytes"] for s in mine) / len(mine)
-            ckpt = sum(s.memory["act_bytes_ckpt"] for s in mine) / len(mine)
-            out.append({"state_bytes": state, "peak_bytes": state + n * act, "peak_bytes_ckpt": state + n * ckpt})
+            # With checkpointing every micro-batch in flight keeps its stage's inputs (and head), but only the
+            # one in its backward recomputes a block: that block's activations count once, not n times.
+            again = [recompute_bytes(self.costs, s.start, s.stop) for s in mine]
+            ckpt = sum(s.memory["act_bytes_ckpt"] - a for s, a in zip(mine, again)) / len(mine)
+            out.append(
+                {"state_bytes": state, "peak_bytes": state + n * act, "peak_bytes_ckpt": state + n * ckpt + max(again)}
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
