@@ -270,6 +270,26 @@ FIELD_READERS: dict[str, str] = {
 }
 
 
+#: The fields only initialization or the training loss reads: trained weights compute the same function whatever
+#: they are, so a resumed run may change them (a smaller moe_aux_loss_coeff; the DSA indexer's sparse loss stage
+#: after its dense one). Any other field must be the checkpoint's.
+TRAINING_ONLY_FIELDS = frozenset(
+    (
+        "init_std",
+        "mtp_loss_scale",
+        "mamba_dt_min",
+        "mamba_dt_max",
+        "mamba_dt_init_floor",
+        "moe_aux_loss_coeff",
+        "gdn_dt_min",
+        "gdn_dt_max",
+        "gdn_dt_init_floor",
+        "dsa_indexer_loss_coeff",
+        "dsa_indexer_use_sparse_loss",
+    )
+)
+
+
 def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
     """Of the fields ``names`` (those a user set), the ones no layer of ``cfg`` reads, each with why.
 

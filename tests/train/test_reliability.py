@@ -404,6 +404,18 @@ def test_resume_refuses_another_architecture(saved_run, override, named):
         Trainer(run.with_overrides([override]), run_dir=path, resume=True, progress=False)
 
 
+def test_resume_refuses_another_architecture_before_reading_the_corpus(saved_run, monkeypatch):
+    """The load refused it, after the whole corpus was tokenized (minutes for a large one) and the model built."""
+    run, path = saved_run
+
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the checkpoint's model was compared")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", reading)
+    with pytest.raises(CheckpointMismatchError, match=r"step-000006: .*model\.hidden_size: checkpoint has 32, this"):
+        Trainer(run.with_overrides(["model.hidden_size=48"]), run_dir=path, resume=True, progress=False)
+
+
 def test_resume_accepts_other_brackets_and_applies_optimizer_overrides(saved_run):
     run, path = saved_run
     changed = run.with_overrides(["model.pattern=M-*-G[ME]", "optim.lr=0.001", "optim.weight_decay=0.5"])
@@ -414,6 +426,18 @@ def test_resume_accepts_other_brackets_and_applies_optimizer_overrides(saved_run
     assert t.optimizer.param_groups[0]["weight_decay"] == 0.5
     toml = (path / "config.toml").read_text()
     assert "lr = 0.001" in toml and "weight_decay = 0.5" in toml  # config.toml says what is in effect
+    t.run_loop()
+    assert t.step == 8
+
+
+def test_resume_accepts_other_initialization_and_loss_settings(saved_run):
+    """init_std and the dt ranges (read only at initialization) and a loss weight were refused as "another model",
+    though the checkpoint's weights compute the same function: lowering moe_aux_loss_coeff meant starting over."""
+    run, path = saved_run
+    sets = ["model.init_std=0.05", "model.mamba_dt_max=0.2", "model.gdn_dt_min=0.002", "model.moe_aux_loss_coeff=0.01"]
+    t = Trainer(run.with_overrides(sets), run_dir=path, resume=True, progress=False)
+    assert t.step == 6 and t.model.config.moe_aux_loss_coeff == 0.01
+    assert "moe_aux_loss_coeff = 0.01" in (path / "config.toml").read_text()
     t.run_loop()
     assert t.step == 8
 

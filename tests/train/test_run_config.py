@@ -1,5 +1,7 @@
 """RunConfig: TOML, --set overrides, field-named errors."""
 
+import re
+
 import pytest
 
 from hybridlm import ConfigError
@@ -224,6 +226,15 @@ def test_edge_values_are_refused_with_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
         RunConfig().with_overrides(overrides)
     assert info.value.field == field, str(info.value)
+
+
+@pytest.mark.parametrize("field", ["train.steps", "data.seq_len", "train.batch_size", "optim.warmup_steps"])
+def test_an_integer_beyond_64_bits_is_refused_by_name(field):
+    """train.steps=10**400 passed validation, then the run's notes overflowed a float (the WSD decay's start): an
+    "unexpected OverflowError" after config.toml was written; data.seq_len or train.batch_size so, the memory check."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: must be at most 2\*\*63 - 1, got 1{'0' * 400}$"):
+        RunConfig().with_overrides([f"{field}={10**400}"])
+    RunConfig().with_overrides([f"{field}={2**63 - 1}", "optim.schedule=wsd"]).notes()  # the largest: no overflow
 
 
 @pytest.mark.parametrize("where", ["toml", "override"])

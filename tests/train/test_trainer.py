@@ -288,6 +288,26 @@ def test_a_refused_layout_never_reads_the_corpus(tmp_path, monkeypatch, sets, er
         Trainer(tiny_run("model.pattern=M-|M-", *sets), run_dir=tmp_path / "a", progress=False)
 
 
+@pytest.mark.parametrize(
+    ("sets", "error"),
+    [
+        (["model.vocab_size=100"], r"^model\.vocab_size 100 is smaller than the tokenizer's 257"),
+        ([f"model.vocab_size={10**11}"], r"^model\.vocab_size: the model's .* parameters need .* GiB per process"),
+    ],
+)
+def test_a_model_refused_by_its_size_never_reads_the_corpus(tmp_path, monkeypatch, sets, error):
+    """A vocabulary smaller than the tokenizer's, or a model too large for the device, was refused only after the
+    whole corpus was tokenized (minutes for a large one), though only the tokenizer decides it."""
+    from hybridlm.train import trainer as trainer_module
+
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the model was checked")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", reading)
+    with pytest.raises(HybridLMError, match=error):
+        Trainer(tiny_run(*sets), run_dir=tmp_path / "a", progress=False)
+
+
 def test_a_batch_too_large_to_gather_is_refused_by_name_before_the_corpus_is_read(tmp_path, monkeypatch):
     """train.batch_size=10**23 passed every check: the run read the corpus, evaluated, then grew a list of row
     indices until the kernel killed the process (all of a 23 GiB machine's memory)."""
@@ -298,9 +318,9 @@ def test_a_batch_too_large_to_gather_is_refused_by_name_before_the_corpus_is_rea
 
     monkeypatch.setattr(trainer_module, "load_corpus", reading)
     with pytest.raises(
-        ConfigError, match=r"train\.batch_size: 100,000,000,000,000,000,000,000 rows .* GiB per process"
-    ):
-        Trainer(tiny_run(f"train.batch_size={10**23}"), run_dir=tmp_path / "a", progress=False)
+        ConfigError, match=r"train\.batch_size: 1,000,000,000,000,000,000 rows .* GiB per process"
+    ):  # (10**23 itself is now refused as more than 64 bits)
+        Trainer(tiny_run(f"train.batch_size={10**18}"), run_dir=tmp_path / "a", progress=False)
 
 
 def test_auto_compile_mode_records_cuda_graphs_only_where_they_can_run(tmp_path):
@@ -366,6 +386,7 @@ def test_train_device_gives_each_torchrun_process_its_gpu(monkeypatch):
     """'cuda' without an index takes the process's LOCAL_RANK (torch.cuda.set_device refused it: "Expected a
     torch.device with a specified index"); one GPU named for every process of a machine is refused."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda:3")
@@ -378,6 +399,25 @@ def test_train_device_gives_each_torchrun_process_its_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DataError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_train_device_names_a_gpu_this_machine_has(monkeypatch):
+    """cuda:3 on a machine of 2 GPUs, or a torchrun process whose LOCAL_RANK has no GPU (--nproc_per_node above the
+    GPUs), reached torch.cuda.set_device: "CUDA error: invalid device ordinal", reported as a possible bug."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"^train\.device: 'cuda:3': this machine has 2 CUDA device\(s\)$"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for spec in ("auto", "cuda"):
+        with pytest.raises(ConfigError, match=rf"^train\.device: '{spec}' gives each process .*nproc_per_node 2\)$"):
+            resolve_device(spec)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")
 
 
 def _uneven_corpus(path):

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from ..config import TRAINING_ONLY_FIELDS
 from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
@@ -130,13 +131,14 @@ def _scheduler_setter(scheduler: Any, saved: Any) -> Callable[[], None]:
 
 
 def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
-    """Where model config ``config`` differs from the saved config dict, beyond brackets and ``|``."""
+    """Where model config ``config`` differs from the saved config dict, beyond brackets, ``|`` and the fields
+    only initialization or the training loss reads (``TRAINING_ONLY_FIELDS``)."""
     mine = config.to_dict()
     try:
         diffs = parse(str(saved.get("pattern"))).differences(config.parsed)
     except PatternError:
         diffs = [f"pattern: checkpoint has an invalid pattern {saved.get('pattern')!r}"]
-    for key in sorted((set(saved) | set(mine)) - {"pattern", "schema_version"}):
+    for key in sorted((set(saved) | set(mine)) - {"pattern", "schema_version"} - TRAINING_ONLY_FIELDS):
         if saved.get(key) != mine.get(key):
             diffs.append(f"model.{key}: checkpoint has {saved.get(key)!r}, this run has {mine.get(key)!r}")
     return diffs
@@ -211,11 +213,20 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def check_same_model(path: str | Path, extra: dict[str, Any], config: Any) -> None:
+    """Refuse (:class:`CheckpointMismatchError`, the differences listed) to load the training state at ``path``,
+    whose trainer state is ``extra``, into a model of ``config`` (see :func:`config_differences`)."""
+    if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, config)):
+        why = "the checkpoint holds another model (only brackets, '|' and initialization or loss settings may differ)"
+        raise CheckpointMismatchError(f"{path}: cannot load training state into this model: {why}: {'; '.join(diffs)}")
+
+
 def load_training_state(
     path: str | Path, model: Module, optimizer: Optimizer | None = None, scheduler: Any = None, restore_rng: bool = True
 ) -> dict[str, Any]:
     """Load a state written by :func:`save_training_state` into ``model`` (and optimizer, scheduler), which may
-    differ from the saving one in brackets, pipeline split and world size only; returns the trainer state. The
+    differ from the saving one in brackets, pipeline split, world size and the model fields only initialization
+    or the training loss reads (``hybridlm.config.TRAINING_ONLY_FIELDS``); returns the trainer state. The
     optimizer keeps its own hyperparameters (lr, betas, ...) and takes the saved moments and step counts.
 
     Raises:
@@ -243,9 +254,7 @@ def _load_training_state(
     if not any(k.startswith("optim.") for k in entries):
         optimizer = None  # saved before the first step: the optimizer stays as it is, fresh
     extra = read_trainer_state(path)
-    if isinstance(saved := extra.get("model_config"), dict) and (diffs := config_differences(saved, model.config)):
-        why = "the checkpoint holds another model (only brackets and '|' may differ)"
-        raise CheckpointMismatchError(f"{path}: cannot load training state into this model: {why}: {'; '.join(diffs)}")
+    check_same_model(path, extra, model.config)
     if restore_rng and not regular(path / RNG_STATE).is_file():  # (a folder in its place is named as one)
         raise CheckpointError(f"{path}: missing {RNG_STATE}")
     rng = load_safetensors(path / RNG_STATE) if restore_rng else {}

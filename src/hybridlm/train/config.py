@@ -34,8 +34,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-#: Largest seeds (data order, initialization): numpy's generators take non-negative integers, torch's 64 bits.
-MAX_SEED = 2**63 - 1
+#: Largest integer setting (steps, rows, tokens, seeds): torch and numpy count in 64 bits, and numpy's generators
+#: take non-negative seeds.
+MAX_INT = 2**63 - 1
 #: Largest ``train.threads``: far above any CPU's cores; starting 100,000 threads crashed the process.
 MAX_THREADS = 4096
 
@@ -268,7 +269,7 @@ class RunConfig:
                 if isinstance(value, str) and not value.strip():
                     raise ConfigError(f"{section}.{f.name}", "must not be empty (leave it out for its default)")
         for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
-            if not 0 <= seed <= MAX_SEED:
+            if not 0 <= seed <= MAX_INT:
                 raise ConfigError(name, f"must be in [0, 2**63 - 1], got {seed}")
         _positive("data.seq_len", d.seq_len)
         if not 0.0 <= d.val_fraction < 1.0:
@@ -517,6 +518,11 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
         if t is bool and isinstance(value, bool):
             return
         if t is int and isinstance(value, int) and not isinstance(value, bool):
+            # A larger count passed every check, then overflowed a float in the schedule's note or the batch's
+            # memory check ("unexpected OverflowError", after the run folder was written). (Negative ones: refused
+            # by each field's own range.)
+            if value > MAX_INT:
+                raise ConfigError(name, f"must be at most 2**63 - 1, got {value}")
             return
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not is_finite(value):

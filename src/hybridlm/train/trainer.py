@@ -28,7 +28,12 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.io import full_cpu, refuse_losing_checkpoint, remove_directory
-from ..checkpoint.training_state import load_training_state, read_trainer_state, save_training_state
+from ..checkpoint.training_state import (
+    check_same_model,
+    load_training_state,
+    read_trainer_state,
+    save_training_state,
+)
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ..model import HybridLM, combine_losses, label_counts
@@ -113,21 +118,32 @@ def resolve_device(spec: str) -> torch.device:
     """The device of ``train.device`` (auto, cpu, cuda, cuda:N) for this process: under torchrun, "auto" and
     "cuda" take the GPU of the process's ``LOCAL_RANK``, and one GPU named for every process is refused."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun's; 0 in one process
+    asked = spec
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise DataError("train.device: 'cuda' was asked for but no CUDA device is available")
+        raise DataError(f"train.device: {asked!r} was asked for but no CUDA device is available")
+    count = torch.cuda.device_count()
     if device.index is None:  # (torch.cuda.set_device refuses an index-less device)
+        if local_rank >= count:  # (else torch.cuda.set_device's "invalid device ordinal", shown as a possible bug)
+            raise ConfigError(
+                "train.device",
+                f"{asked!r} gives each process the GPU of its LOCAL_RANK, but this machine has {count} CUDA "
+                f"device(s) for process {local_rank}: launch at most {count} processes per machine "
+                f"(torchrun --nproc_per_node {count})",
+            )
         return torch.device(f"cuda:{local_rank}")
     if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "train.device",
-            f"{spec!r} would put every process on this machine on one GPU; use 'cuda' or 'auto' "
+            f"{asked!r} would put every process on this machine on one GPU; use 'cuda' or 'auto' "
             "(each process takes the GPU of its LOCAL_RANK)",
         )
+    if device.index >= count:
+        raise ConfigError("train.device", f"{asked!r}: this machine has {count} CUDA device(s)")
     return device
 
 
@@ -284,6 +300,17 @@ class Trainer:
         # Data.
         check_outside_text_folder(self.run_dir, run.data.source)
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
+        # The model's checks need only the tokenizer: before the corpus, whose reading may take minutes.
+        self.config = run.model_config(self.tokenizer.vocab_size)
+        if self.config.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(
+                f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
+                f"(a preset's own size, or one set): --set model.vocab_size={self.tokenizer.vocab_size} or more"
+            )
+        self.num_params = int(HybridLM(self.config, device="meta").num_params())
+        self._check_model_fits()
+        if resume:
+            self._check_same_model()
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
         # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
         # (data.val_fraction and data.seed may change at a resume).
@@ -305,14 +332,6 @@ class Trainer:
         self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
 
         # Model.
-        self.config = run.model_config(self.tokenizer.vocab_size)
-        if self.config.vocab_size < self.tokenizer.vocab_size:
-            raise DataError(
-                f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
-                f"(a preset's own size, or one set): --set model.vocab_size={self.tokenizer.vocab_size} or more"
-            )
-        self.num_params = int(HybridLM(self.config, device="meta").num_params())
-        self._check_model_fits()
         self.pipeline = None
         if self.pp > 1:
             self.pipeline = PipelineRunner(
@@ -463,6 +482,19 @@ class Trainer:
             f"bytes each: float32 weights and gradients, AdamW's two moments), more than the "
             f"{have / 2**30:,.1f} GiB of this {self.device.type} device; make the model smaller",
         )
+
+    def _check_same_model(self) -> None:
+        """Refuse a resume of another model than its newest checkpoint's before the corpus is read (minutes for a
+        large one) and the model built; the load checks again. A trainer state that does not read is the load's
+        to judge (it falls back to an older checkpoint)."""
+        checkpoints = list_checkpoints(self.run_dir / CHECKPOINTS)
+        if not checkpoints:
+            return
+        try:
+            extra = read_trainer_state(checkpoints[-1])
+        except CheckpointError:
+            return
+        check_same_model(checkpoints[-1], extra, self.config)
 
     def _check_same_data(self, saved: Any) -> None:
         """Refuse a resume whose ``data.source``, the same setting, now reads other data than the checkpoint's run
