@@ -287,3 +287,21 @@ def test_settings_other_trainers_have_say_where_hybridlm_takes_them_from(tmp_pat
     (tmp_path / "run.toml").write_text(f"[{section}]\n{field} = 2\n")
     with pytest.raises(ConfigError, match=f"^{key}: unknown field: .*{says}"):
         RunConfig.from_toml(tmp_path / "run.toml")
+
+
+@pytest.mark.parametrize(
+    ("assignment", "hint"),
+    [
+        ("optim.lr=.001", "TOML reads a number written as 0.001"),
+        ("optim.lr=5.", "TOML reads a number written as 5.0"),
+        ("train.compile=True", "TOML writes it in lower case: true"),
+        ("train.steps=1.", "TOML reads an integer written as 1"),
+    ],
+)
+def test_a_value_toml_reads_as_a_string_says_how_toml_spells_it(assignment, hint):
+    """``--set optim.lr=.001`` and ``train.compile=True`` are not TOML values, so they arrived as strings and
+    the error said only "expected float, got '.001'"; it now says how to write them."""
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        RunConfig().with_overrides([assignment])
+    with pytest.raises(ConfigError, match=r"expected float, got 'abc'$"):  # no hint where none fits
+        RunConfig().with_overrides(["optim.lr=abc"])

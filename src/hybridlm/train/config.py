@@ -534,7 +534,26 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
     names = " or ".join(t.__name__ for t in allowed if t is not type(None))
     null = isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "")
     unset = " (TOML has no null: to get the default, leave the field out)" if null and type(None) in allowed else ""
-    raise ConfigError(name, f"expected {names}, got {value!r}{unset}")
+    raise ConfigError(name, f"expected {names}, got {value!r}{unset or _toml_spelling(value, allowed)}")
+
+
+def _toml_spelling(value: Any, allowed: tuple) -> str:
+    """How TOML spells a value meant as a bool or number but read as a string (``--set optim.lr=.001`` and
+    ``train.compile=True`` said only "expected float, got '.001'"), or ""."""
+    if not isinstance(value, str):
+        return ""
+    word = value.strip()
+    if bool in allowed and word.lower() in ("true", "false"):
+        return f" (TOML writes it in lower case: {word.lower()})"
+    try:
+        number = float(word)
+    except ValueError:
+        return ""
+    if int in allowed and number.is_integer() and abs(number) <= MAX_INT:
+        return f" (TOML reads an integer written as {int(number)})"
+    if float in allowed and is_finite(number):
+        return f" (TOML reads a number written as {number!r})"
+    return ""
 
 
 def _parse_value(raw: str, name: str) -> Any:
