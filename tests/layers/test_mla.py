@@ -258,3 +258,112 @@ def test_mla_fields_round_trip_through_json():
     assert ModelConfig.from_json(config.to_json()) == config
     # Fields of layer kinds the pattern does not use are not validated.
     tiny_config("M-", q_lora_rank=None, dsa_indexer_topk=0)
+
+
+# -- parity with Hugging Face DeepSeek-V3 (+) and DeepSeek-V3.2 (D) ---------------------------------------
+
+
+def hf_deepseek_attention(config: ModelConfig, layer: MLA):
+    """transformers' ``DeepseekV3Attention`` (for ``+``) or ``DeepseekV32Attention`` (for ``D``) holding the
+    float64 ``layer``'s weights, which carry Hugging Face's names, and a function of position_ids (B, L)
+    giving its (cos, sin).
+
+    Two pieces of it compute in float32 whatever the model's dtype, so a float64 comparison replaces them
+    with the same formulas in float64: the RMSNorms (``q_a_layernorm``, ``kv_a_layernorm``) and the RoPE
+    angles (the float64 frequencies are checked against its float32 ``inv_freq``). Attention runs through SDPA:
+    the eager path takes its softmax in float32.
+    """
+    sparse = isinstance(layer, DSA)
+    name = "deepseek_v32" if sparse else "deepseek_v3"
+    module = pytest.importorskip(f"transformers.models.{name}.modeling_{name}")
+    c = config
+    kwargs = dict(
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_attention_heads,
+        q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_head_dim,
+        qk_rope_head_dim=c.qk_pos_emb_head_dim,
+        v_head_dim=c.v_head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+    )
+    if sparse:
+        kwargs.update(
+            index_topk=c.dsa_indexer_topk, index_head_dim=c.dsa_indexer_head_dim, index_n_heads=c.dsa_indexer_n_heads
+        )
+        hcfg = module.DeepseekV32Config(**kwargs)
+    else:
+        hcfg = module.DeepseekV3Config(**kwargs, rope_interleave=True)  # DeepSeek's (and our) layout
+    hcfg._attn_implementation = "sdpa"
+    hf = (module.DeepseekV32Attention if sparse else module.DeepseekV3Attention)(hcfg, 0).double()
+    hf.load_state_dict(layer.state_dict(), strict=True)
+    for norm in (m for m in hf.modules() if type(m).__name__.endswith("RMSNorm")):
+        assert norm.variance_epsilon == c.norm_eps  # Hugging Face fixes the latent norms' eps at 1e-6: pass that
+
+        def rms(h, n=norm):
+            return n.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + n.variance_epsilon)
+
+        norm.forward = rms
+    dr = c.qk_pos_emb_head_dim
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    rotary = (module.DeepseekV32RotaryEmbedding if sparse else module.DeepseekV3RotaryEmbedding)(hcfg)
+    torch.testing.assert_close(inv_freq.float(), rotary.inv_freq)
+
+    def cos_sin(pos):  # Hugging Face's rotary forward, in float64
+        freqs = pos[..., None].double() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    return hf, cos_sin
+
+
+DEEPSEEK = {
+    "mla": (MLA, "+", MLA_TINY),
+    "mla-full-rank-q": (MLA, "+", {**MLA_TINY, "q_lora_rank": None}),
+    # Eight index heads: with three, ReLU often zeroes every head's score of a key, and such ties at 0
+    # are broken differently (see below).
+    "dsa": (DSA, "D", {**MLA_TINY, "dsa_indexer_n_heads": 8, "dsa_indexer_topk": 4}),
+    "dsa-dense": (DSA, "D", {**MLA_TINY, "dsa_indexer_n_heads": 8, "dsa_indexer_topk": 64}),
+}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("case", list(DEEPSEEK))
+def test_mla_and_dsa_match_hugging_face_deepseek(case, packed, monkeypatch):
+    """Our float64 layer against transformers' DeepSeek-V3 MLA / DeepSeek-V3.2 DSA holding the same weights:
+    projections, latent norms, interleaved RoPE on the decoupled channels, the 1/sqrt(dn + dr) softmax scale,
+    and for D the lightning indexer's scores (float32 in both: rotate-half RoPE, ReLU, head weights, scale),
+    its top-k and attention over the selected keys. Packed documents are given to Hugging Face as a
+    block-causal mask with positions restarting per document."""
+    cls, symbol, overrides = DEEPSEEK[case]
+    config = tiny_config(symbol, **{**overrides, "norm_eps": 1e-6, "rope_theta": 50.0})
+    layer = make(cls, config, seed=11).double()
+    hf, cos_sin = hf_deepseek_attention(config, layer)
+    b, L = 2, 13
+    seq_idx = docs(b, L, seed=12) if packed else None
+    ctx, pos = context(config, b, L, seq_idx, torch.float64)
+    allowed = causal_document_mask(L, seq_idx, b)
+    x = torch.randn(b, L, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        ours = layer(x, ctx)
+        theirs, _ = hf(x, cos_sin(pos), allowed.unsqueeze(1), position_ids=pos)
+        if cls is DSA:
+            c_q = layer.q_a_layernorm(layer.q_a_proj(x))
+            scores, selected = layer.select(x, c_q, pos, allowed)
+            # Its indexer returns the top-k indices only: catch the scores it ranks (-inf where not allowed).
+            ranked, real_topk = [], torch.Tensor.topk
+            monkeypatch.setattr(torch.Tensor, "topk", lambda t, *a, **k: ranked.append(t) or real_topk(t, *a, **k))
+            top = hf.indexer(x, c_q, cos_sin(pos), allowed, pos).long()
+            monkeypatch.undo()
+            assert_rel_close(scores.masked_fill(~allowed, 0.0), ranked[-1].masked_fill(~allowed, 0.0), 1e-6, "I(t, s)")
+            hf_selected = torch.zeros_like(allowed).scatter_(-1, top, True) & allowed
+            # Ties (ReLU zeros every head for a key: I = 0) are broken differently: Hugging Face's topk
+            # is not stable. None here between the k-th kept and the best left-out key of any query.
+            kept = scores.masked_fill(~selected, float("inf")).min(-1).values
+            left = scores.masked_fill(~allowed | selected, float("-inf")).max(-1).values
+            assert (kept > left).all()
+            assert torch.equal(selected, hf_selected)
+            if config.dsa_indexer_topk < L:
+                assert (allowed.sum(-1) > config.dsa_indexer_topk).any()  # some queries really choose
+    assert_rel_close(ours, theirs, 1e-12, case)

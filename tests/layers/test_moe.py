@@ -5,6 +5,8 @@ import torch
 
 from hybridlm import ModelConfig
 from hybridlm.layers.moe import MoE
+from tests.helpers import assert_rel_close
+from tests.layers.test_mixers import make
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
@@ -204,3 +206,76 @@ def test_a_float64_models_balancing_loss_is_its_formula_in_float64():
     expected = 0.01 * 6 * (share * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
     assert aux.dtype == torch.float64
     torch.testing.assert_close(aux, expected, rtol=1e-13, atol=0)
+
+
+#: name -> (DeepSeek version, experts, groups, topk_groups, top_k, moe_norm_topk_prob)
+DEEPSEEK = {
+    "v3-groups": (3, 8, 4, 2, 3, True),
+    "v3": (3, 8, 1, 1, 2, True),
+    "v3-unnormalized": (3, 8, 2, 1, 2, False),
+    "v3-16-experts": (3, 16, 4, 3, 5, True),
+    "v2-greedy": (2, 8, 1, 1, 3, False),  # DeepSeek-V2: softmax scores, no bias, no renormalization
+}
+
+
+@pytest.mark.parametrize("case", list(DEEPSEEK))
+def test_moe_matches_hugging_face_deepseek(case):
+    """Our float64 MoE against transformers' DeepseekV3MoE (DeepseekV2Moe) holding the same weights: sigmoid
+    (softmax) scores, the selection-only expert bias, group-limited top-k (a group scored by its two best
+    biased scores), the unbiased weights, optionally renormalized, times the routed scaling factor, SwiGLU
+    experts and a shared expert. Its router computes in float32 whatever the model's dtype: the same experts,
+    weights within float32 rounding. (DeepSeek-V2's group-limited routing scores a group by its best expert
+    alone, not ours: not compared.)"""
+    version, experts, groups, topk_groups, top_k, norm_topk_prob = DEEPSEEK[case]
+    name = f"deepseek_v{version}"
+    hf_moe = pytest.importorskip(f"transformers.models.{name}.modeling_{name}")
+    config = ModelConfig.preset("tiny").replace(
+        moe_num_experts=experts,
+        moe_top_k=top_k,
+        moe_num_groups=groups,
+        moe_topk_groups=topk_groups,
+        moe_norm_topk_prob=norm_topk_prob,
+        moe_router_score="sigmoid" if version == 3 else "softmax",
+        moe_router_expert_bias=version == 3,
+        moe_routed_scaling=2.5,
+        moe_ffn_hidden_size=6,
+        moe_shared_expert_ffn_hidden_size=12,
+        mlp_activation="swiglu",
+    )
+    layer = make(MoE, config, seed=experts + groups + topk_groups + top_k).double()
+    common = dict(
+        hidden_size=config.hidden_size,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        n_group=groups,
+        topk_group=topk_groups,
+        routed_scaling_factor=2.5,
+        moe_intermediate_size=6,
+        n_shared_experts=2,  # a shared expert of 2 * moe_intermediate_size
+        hidden_act="silu",
+    )
+    if version == 3:
+        hcfg = hf_moe.DeepseekV3Config(**common, norm_topk_prob=norm_topk_prob)
+    else:
+        hcfg = hf_moe.DeepseekV2Config(**common, topk_method="greedy")  # V2 never renormalizes
+    hcfg._experts_implementation = "eager"
+    hf = (hf_moe.DeepseekV3MoE if version == 3 else hf_moe.DeepseekV2Moe)(hcfg).double()
+    ours = layer.state_dict()
+    hf_state = {
+        "gate.weight": ours["gate.weight"],
+        "experts.gate_up_proj": torch.cat([layer.experts.gate_proj, layer.experts.up_proj], dim=1),
+        "experts.down_proj": ours["experts.down_proj"],
+        **{f"shared_experts.{n}": ours[f"shared_experts.{n}"] for n in hf.shared_experts.state_dict()},
+    }
+    if version == 3:
+        hf_state["gate.e_score_correction_bias"] = ours["gate.e_score_correction_bias"]
+    hf.load_state_dict(hf_state, strict=True)
+    x = torch.randn(3, 5, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(experts))
+    with torch.no_grad():
+        _, weights, idx = layer.gate(x.reshape(-1, config.hidden_size))
+        _, hf_weights, hf_idx = hf.gate(x)
+        # Hugging Face's top-k is unsorted: compare each token's (expert, weight) pairs in expert order.
+        order, hf_order = idx.argsort(-1), hf_idx.argsort(-1)
+        assert torch.equal(idx.gather(1, order), hf_idx.gather(1, hf_order))
+        assert_rel_close(weights.gather(1, order), hf_weights.gather(1, hf_order).double(), 1e-6, "weights")
+        assert_rel_close(layer(x), hf(x), 1e-6, "output")
