@@ -276,10 +276,16 @@ def test_an_ac_policy_kind_that_starts_no_block_is_noted():
 
 @pytest.mark.parametrize(
     "key, says",
-    [("parallel.vpp", "virtual stages are the pattern's '|' segments"), ("parallel.dp", "number of processes")],
+    [
+        ("parallel.vpp", "virtual stages are the pattern's '|' segments"),
+        ("parallel.dp", "number of processes"),
+        ("parallel.tp", "tensor parallelism is not offered"),
+        ("parallel.cp", "context parallelism is not offered"),
+        ("parallel.ep", "expert parallelism is not offered"),
+    ],
 )
 def test_settings_other_trainers_have_say_where_hybridlm_takes_them_from(tmp_path, key, says):
-    """`parallel.vpp` was answered "did you mean 'parallel.pp'?", which sets something else."""
+    """`parallel.vpp` (and `tp`, `cp`, `ep`) were answered "did you mean 'parallel.pp'?", which sets something else."""
     with pytest.raises(ConfigError, match=f"^{key}: unknown field: .*{says}") as info:
         RunConfig().with_overrides([f"{key}=2"])
     assert "did you mean" not in str(info.value)

@@ -699,3 +699,57 @@ def test_peak_cpu_memory_reads_ru_maxrss_in_the_platform_s_unit(monkeypatch, pla
     monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3_000_000))
     fake = types.SimpleNamespace(device=torch.device("cpu"))
     assert Trainer._peak_memory_gb(fake) == pytest.approx(3_000_000 * unit / 1e9)
+
+
+def test_cpu_processes_of_one_machine_are_checked_against_its_memory_together(monkeypatch):
+    """torchrun's CPU processes share the host's memory: each was checked alone against all of it, so two
+    processes needing 60 % each started and were killed by the kernel (torchrun: "Signal 9") instead of refused."""
+    from types import SimpleNamespace
+
+    from hybridlm.train import trainer as trainer_module
+
+    run = RunConfig()
+    stub = SimpleNamespace(
+        device=torch.device("cpu"), world=2, num_params=10**9, config=run.model_config(), run=run, local_batch=4
+    )
+    monkeypatch.setattr(trainer_module, "_host_memory", lambda: int(16e9 * 0.6))  # each process's half: 8 GB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process here (the others on other machines): it fits
+    Trainer._check_model_fits(stub)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"per process to train .*\(14\.9 GiB for the 2 processes on this machine\)"):
+        Trainer._check_model_fits(stub)
+    # The rows of a step are gathered on the host by every process (also on GPUs).
+    need = 6 * 8 * 4 * (run.data.seq_len + 1)
+    monkeypatch.setattr(trainer_module, "_host_memory", lambda: int(need * 1.5))
+    stub.device = torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: .* for the 2 processes on this machine"):
+        Trainer._check_batch_fits(stub)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    Trainer._check_batch_fits(stub)
+
+
+def test_a_huge_batch_with_pipeline_microbatches_that_do_not_split_it_is_refused_at_once(monkeypatch, tmp_path):
+    """The hint for parallel.microbatches tried every row count up to the batch: 2**62 rows (refused as too
+    large to gather only afterwards) or 2**40 (a host that holds them) spun for hours before any error."""
+    import signal
+
+    from hybridlm.train import trainer as trainer_module
+
+    def too_slow(signum, frame):
+        raise TimeoutError("the set-up did not refuse the batch within 10 s")
+
+    monkeypatch.setattr(trainer_module, "_dist", lambda device: (0, 2))  # rank 0 of 2: dp 1 x pp 2
+    monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", lambda box, src: None)
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        pipeline = ["model.pattern=M-|*-", "parallel.pp=2", "parallel.microbatches=3"]
+        with pytest.raises(ConfigError, match=r"^train\.batch_size: 4,611,686,018,427,387,904 rows"):
+            Trainer(tiny_run(*pipeline, f"train.batch_size={2**62}"), run_dir=tmp_path / "a", progress=False)
+        monkeypatch.setattr(trainer_module, "_host_memory", lambda: 2**80)
+        with pytest.raises(ConfigError, match=r"^parallel\.microbatches: 3 micro-batches do not split .* or 4 or 8 "):
+            Trainer(tiny_run(*pipeline, f"train.batch_size={2**40}"), run_dir=tmp_path / "b", progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing left behind

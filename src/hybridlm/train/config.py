@@ -470,6 +470,12 @@ _ELSEWHERE = {
     "parallel.vpp": "virtual stages are the pattern's '|' segments beyond parallel.pp: cut it into pp x V "
     "segments (hybridlm plan --pp N --vpp V places the cuts)",
     "parallel.dp": "the data-parallel size is the number of processes over parallel.pp (torchrun --nproc_per_node)",
+    # One letter from parallel.pp: "did you mean 'parallel.pp'?" pointed at pipeline ranks instead.
+    **{
+        f"parallel.{k}": f"{what} parallelism is not offered (data parallel with FSDP2 and pipeline stages, "
+        "parallel.pp, are)"
+        for k, what in (("tp", "tensor"), ("cp", "context"), ("ep", "expert"))
+    },
 }
 
 

@@ -179,6 +179,13 @@ def microbatches_for(run: RunConfig, local_batch: int, rows: int) -> int | None:
     return local_batch // rows
 
 
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n``, found up to its square root (a loop up to ``n`` itself ran for hours on a
+    batch of 2**40 rows)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
 def _data_position(saved: Any, checkpoint: Path) -> tuple[int, int] | None:
     """``(rows, seq_len)`` of a checkpoint's ``data_position`` (None: saved before positions were)."""
     if saved is None:
@@ -192,6 +199,15 @@ def _data_position(saved: Any, checkpoint: Path) -> tuple[int, int] | None:
 def _host_memory() -> int:
     """This machine's physical memory in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _on_this_host(need: int | float) -> tuple[float, str]:
+    """What ``need`` bytes per process come to on this machine, whose memory the processes torchrun
+    started here (``LOCAL_WORLD_SIZE``) share, and the words that say so (none in one process)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local == 1:
+        return need, ""
+    return need * local, f" ({need * local / 2**30:,.1f} GiB for the {local} processes on this machine)"
 
 
 class Trainer:
@@ -259,11 +275,12 @@ class Trainer:
         self.dp, self.dp_rank = self.world // self.pp, self.rank // self.pp
         check_batch_split(t.batch_size, self.dp)
         self.local_batch = t.batch_size // self.dp
+        self._check_batch_fits()  # first: the hints below look at the batch's divisors
         self.micro = min(t.micro_batch_size or self.local_batch, self.local_batch)
         if self.pp > 1:  # the pipeline splits each step into parallel.microbatches
             n_micro = run.parallel.resolved_microbatches()
             if self.local_batch % n_micro:
-                fits = [n for r in range(1, self.local_batch + 1) if (n := microbatches_for(run, self.local_batch, r))]
+                fits = [n for r in _divisors(self.local_batch) if (n := microbatches_for(run, self.local_batch, r))]
                 hint = f"--set parallel.microbatches={' or '.join(map(str, sorted(fits)))}, or " if fits else ""
                 raise ConfigError(
                     "parallel.microbatches",
@@ -282,7 +299,6 @@ class Trainer:
                 )
         if self.local_batch % self.micro:
             raise DataError(f"train.micro_batch_size {self.micro} must divide the per-process batch {self.local_batch}")
-        self._check_batch_fits()
 
         # CUDA graphs (reduce-overhead) replay the blocks with static buffers: one process, one device.
         graphs_fit = self.world == 1 and self.device.type == "cuda"
@@ -455,31 +471,36 @@ class Trainer:
         the kernel killed the process, after the data was read and the first evaluation ran."""
         have = _host_memory()
         need = 6 * 8 * self.local_batch * (self.run.data.seq_len + 1)
-        if need > have:
+        total, shared = _on_this_host(need)  # every process gathers its rows at once, on this host
+        if total > have:
             raise ConfigError(
                 "train.batch_size",
                 f"{self.run.train.batch_size:,} rows of data.seq_len {self.run.data.seq_len:,} tokens need "
                 f"{need / 2**30:,.1f} GiB per process to gather a step ({self.local_batch:,} rows of int64 token "
-                f"ids, labels and document ids), more than this machine's {have / 2**30:,.1f} GiB; make it smaller",
+                f"ids, labels and document ids){shared}, more than this machine's {have / 2**30:,.1f} GiB; make it "
+                "smaller",
             )
 
     def _check_model_fits(self) -> None:
         """Refuse, naming a field, a model whose training state alone outgrows this device (the allocator's
         own error came from deep inside torch, as "may be a bug"): 16 bytes a parameter (float32 weights and
-        gradients, AdamW's two moments), split over the processes (FSDP shards, stages)."""
+        gradients, AdamW's two moments), split over the processes (FSDP shards, stages); CPU processes of one
+        machine share its memory."""
+        need = 16 * self.num_params / self.world
+        total, shared = need, ""
         if self.device.type == "cuda":
             have = torch.cuda.get_device_properties(self.device).total_memory
-        else:
+        else:  # the CPU processes of this machine share its memory (each checked alone, together they ran out)
             have = _host_memory()
-        need = 16 * self.num_params / self.world
-        if need <= have:
+            total, shared = _on_this_host(need)
+        if total <= have:
             return
         c = self.config
         embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)
         raise ConfigError(
             "model.vocab_size" if embeddings > self.num_params / 2 else "model.hidden_size",
             f"the model's {self.num_params:,} parameters need {need / 2**30:,.1f} GiB per process to train (16 "
-            f"bytes each: float32 weights and gradients, AdamW's two moments), more than the "
+            f"bytes each: float32 weights and gradients, AdamW's two moments){shared}, more than the "
             f"{have / 2**30:,.1f} GiB of this {self.device.type} device; make the model smaller",
         )
 
