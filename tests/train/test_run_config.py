@@ -311,3 +311,14 @@ def test_a_value_toml_reads_as_a_string_says_how_toml_spells_it(assignment, hint
         RunConfig().with_overrides([assignment])
     with pytest.raises(ConfigError, match=r"expected float, got 'abc'$"):  # no hint where none fits
         RunConfig().with_overrides(["optim.lr=abc"])
+
+
+def test_more_pipeline_stages_than_blocks_are_refused_as_such():
+    """pp 2 over one block said "cannot split the 1 blocks ... evenly; cut the stages with '|'", which no '|'
+    can do; pp 2 over three blocks (M, -, M) still asks for a '|'."""
+    with pytest.raises(
+        ConfigError, match=r"^parallel\.pp: 2 pipeline stages need a block each; the pattern has 1 block$"
+    ):
+        RunConfig().with_overrides(["model.pattern=M", "parallel.pp=2"]).validate()
+    with pytest.raises(ConfigError, match=re.escape("cannot split the 3 blocks of a pattern without '|' evenly")):
+        RunConfig().with_overrides(["model.pattern=M-M", "parallel.pp=2"]).validate()

@@ -406,6 +406,9 @@ class RunConfig:
             return
         p = self.model_config().parsed
         n_seg = len(p.segments)
+        if p.num_blocks < par.pp:  # (no '|' could help: "cut the stages with '|'" said so below)
+            blocks = f"{p.num_blocks} block{'s' if p.num_blocks != 1 else ''}"
+            raise ConfigError("parallel.pp", f"{par.pp} pipeline stages need a block each; the pattern has {blocks}")
         if n_seg == 1:
             if p.num_blocks % par.pp:
                 raise ConfigError(
