@@ -349,7 +349,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability")
+    ap.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability (1 = all)"
+    )
     ap.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="divide logits of tokens already seen by this (1 = off)"
     )
@@ -358,7 +360,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         action="append",
         help=r"stop a text at this string (repeatable; not printed; \n, \t, \r and \\ are read as escapes)",
     )
-    ap.add_argument("--batch-size", type=int, default=1, help="prompts generated together (left-padded)")
+    ap.add_argument(
+        "--batch-size", type=int, default=1, help="prompts generated together (left-padded; default: 1, streamed)"
+    )
     ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
     ap.add_argument(
         "--speculative", choices=["mtp"], default=None, help="draft with the model's MTP depths (greedy only)"

@@ -145,8 +145,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")
     ap.add_argument("out", help="output folder")
-    ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
-    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records")
+    ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json (default: byte)")
+    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
     ap.add_argument(
         "--eos-token",
         default="auto",
