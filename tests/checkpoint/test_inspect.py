@@ -292,3 +292,21 @@ def test_a_sharded_checkpoint_whose_index_load_refuses_is_refused(tmp_path, edit
         hybridlm.load(path)
     with pytest.raises(CheckpointError, match=rf"missing tensors \(1\): {re.escape(name)}|does not contain tensor"):
         describe(path)
+
+
+def test_a_folder_of_training_states_or_of_something_else_says_what_inspect_reads(tmp_path):
+    """A run's checkpoints/ folder and a prepared token folder were 'no safetensors files found' and nothing more."""
+    import torch.distributed.checkpoint as dcp
+
+    for step in ("step-000001", "step-000002"):
+        dcp.save({"w": torch.zeros(2)}, checkpoint_id=str(tmp_path / "checkpoints" / step))
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"inspect one of them, such as {tmp_path}/checkpoints/step-000002")
+    ):
+        describe(tmp_path / "checkpoints")
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "meta.json").write_text("{}")
+    with pytest.raises(
+        CheckpointError, match=re.escape("no safetensors files found (inspect reads safetensors files, hybridlm")
+    ):
+        describe(tmp_path / "tokens")

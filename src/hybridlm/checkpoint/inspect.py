@@ -113,12 +113,14 @@ def describe(path: str | Path) -> dict[str, Any]:
     else:
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     if not files:
-        run = (
-            " (a training run: inspect its model/ or one of its checkpoints/)"
-            if (path / "checkpoints").is_dir()
-            else ""
-        )
-        raise CheckpointError(f"{path}: no safetensors files found{run}")
+        states = sorted(p.name for p in path.iterdir() if (p / METADATA_NAME).is_file()) if path.is_dir() else []
+        if (path / "checkpoints").is_dir():
+            what = "a training run: inspect its model/ or one of its checkpoints/"
+        elif states:  # a run's checkpoints/ folder
+            what = f"a folder of training states: inspect one of them, such as {path / states[-1]}"
+        else:  # (a prepared token folder, say)
+            what = "inspect reads safetensors files, hybridlm and Hugging Face checkpoint folders and training states"
+        raise CheckpointError(f"{path}: no safetensors files found ({what})")
     if path.is_file() and path.suffix != ".safetensors" and _head(path)[8:9] != b"{":  # a header opens with {
         raise CheckpointError(
             f"{path}: not a safetensors file (inspect reads .safetensors files and checkpoint folders)"
