@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import types
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,28 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     packages on it), and one thread per process unless ``extra`` says otherwise."""
     path = [str(ROOT / "src"), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
+class _Float64Torch(types.ModuleType):
+    """``torch`` as a transformers modeling module sees it, with ``float32`` (and ``float``) meaning float64."""
+
+    float32 = float = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def hf_in_float64(*modules: types.ModuleType):
+    """Run transformers ``modules`` in float64 throughout: their RMSNorms, softmaxes, RoPE angles and scans
+    upcast with ``torch.float32`` / ``.float()``, which would otherwise round a float64 comparison at 1e-7."""
+    old, old_float = [m.torch for m in modules], torch.Tensor.float
+    for m in modules:
+        m.torch = _Float64Torch("torch")
+    torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
+    try:
+        yield
+    finally:
+        for m, t in zip(modules, old):
+            m.torch = t
+        torch.Tensor.float = old_float

@@ -7,9 +7,6 @@ whatever the model's dtype; :func:`hf_in_float64` lifts that so the two agree to
 float64), where a layout slip (head grouping, norm order, scale, conv channels) would show at O(1).
 """
 
-import contextlib
-import types
-
 import pytest
 import torch
 
@@ -20,7 +17,7 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from hybridlm.infer.cache import InferenceCache  # noqa: E402
 from hybridlm.layers import GatedDeltaNet, SequenceContext  # noqa: E402
 from hybridlm.layers.context import segment_ids  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from tests.helpers import hf_in_float64, tiny_config  # noqa: E402
 from tests.layers.test_mixers import context, make  # noqa: E402
 
 TOL = 1e-10
@@ -32,27 +29,6 @@ VARIANTS = {
     "three-values-per-key": (1, 3, 8, 4, 2, 16),
     "conv3-chunk5": (2, 4, 6, 10, 3, 5),
 }
-
-
-class _Float64Torch(types.ModuleType):
-    """``torch`` as the Qwen3-Next module sees it, with ``float32`` meaning float64."""
-
-    float32 = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def hf_in_float64():
-    """Run transformers' Qwen3-Next fallbacks in float64: they upcast with ``torch.float32`` and ``.float()``."""
-    old_torch, old_float = mq.torch, torch.Tensor.float
-    mq.torch = _Float64Torch("torch")
-    torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
-    try:
-        yield
-    finally:
-        mq.torch, torch.Tensor.float = old_torch, old_float
 
 
 def pair(variant: str, seed: int = 3):
@@ -102,7 +78,7 @@ def test_full_sequence_matches_qwen3next(variant):
     x = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=gen)
     w = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=gen)
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with hf_in_float64():
+    with hf_in_float64(mq):
         expected = theirs(x_theirs)
     actual = ours(x_ours, context(cfg, 2, L, None)[0])
     assert max_err(actual, expected) < TOL, variant
@@ -123,7 +99,7 @@ def test_cached_decoding_matches_qwen3next_cache(variant):
     x = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     cache, hf_cache = InferenceCache([ours], 2, L, "cpu", torch.float64), DynamicCache(config=hcfg)
     actual, expected = [], []
-    with torch.no_grad(), hf_in_float64():
+    with torch.no_grad(), hf_in_float64(mq):
         for start, end in [(0, 1), (1, 11)] + [(t, t + 1) for t in range(11, L)]:
             ctx = SequenceContext(position_ids=cache.position_ids(end - start), cache=cache)
             actual.append(ours(x[:, start:end], ctx))
@@ -143,7 +119,7 @@ def test_packed_documents_match_qwen3next_documents_alone():
     cu = torch.tensor([0, 8, 9, 22, 25, 44])
     seq_idx = segment_ids(2, L, x.device, cu_seqlens=cu)
     flat = x.reshape(2 * L, -1)
-    with torch.no_grad(), hf_in_float64():
+    with torch.no_grad(), hf_in_float64(mq):
         packed = ours(x, context(cfg, 2, L, seq_idx)[0]).reshape(2 * L, -1)
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
             alone = theirs(flat[None, start:end])[0]
