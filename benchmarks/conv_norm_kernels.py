@@ -1,7 +1,7 @@
 """Causal conv, gated RMSNorm and add + RMSNorm: torch (eager, compiled) against the Triton kernels, bf16.
 
     python benchmarks/conv_norm_kernels.py            # timing table (bench-1.3b sizes)
-    python benchmarks/conv_norm_kernels.py --check    # bf16 error ratios against float64 references
+    python benchmarks/conv_norm_kernels.py --check    # bf16 error ratios against float64 references (exit 1 above 2)
     python benchmarks/conv_norm_kernels.py --tune     # the conv kernels' tiles and warps, Triton only
     python benchmarks/conv_norm_kernels.py --tune --profile   # the same, each setting's kernels by GPU time
 
@@ -14,6 +14,8 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
 import torch
 
@@ -105,6 +107,20 @@ def cases():
     yield "add_rms_norm fp32 x + bf16 delta", add, add_inputs(torch.float32), n * (4 + 2 + 8), n * (14 + 18)
 
 
+def backward_step(fn, inputs: list[torch.Tensor], douts: list[torch.Tensor]):
+    """One forward + backward of ``fn(*inputs)`` with output gradients ``douts``, the inputs' gradients
+    cleared first (as a training step's ``zero_grad`` does): the timing holds the op's backward, not an
+    accumulation of every call's gradients into ``.grad``."""
+
+    def step() -> None:
+        for t in inputs:
+            t.grad = None
+        o = fn(*inputs)
+        torch.autograd.backward(o if isinstance(o, tuple) else (o,), douts)
+
+    return step
+
+
 def time_op(name: str, fn, inputs: list, bytes_fwd: int, bytes_all: int, reps: int, compile_: bool) -> None:
     variants = [("torch eager", "torch", fn)]
     if compile_:
@@ -120,11 +136,7 @@ def time_op(name: str, fn, inputs: list, bytes_fwd: int, bytes_all: int, reps: i
                 with torch.no_grad():
                     f(*inputs)
 
-            def fwd_bwd(f=f, douts=douts):
-                o = f(*inputs)
-                torch.autograd.backward(o if isinstance(o, tuple) else (o,), douts)
-
-            t_fwd, t_all = bench(fwd, reps), bench(fwd_bwd, reps)
+            t_fwd, t_all = bench(fwd, reps), bench(backward_step(f, inputs, douts), reps)
         print(
             f"{name:34s} {label:15s} {t_fwd:8.3f} {bytes_fwd / t_fwd / 1e6:7.0f} "
             f"{t_all:11.3f} {bytes_all / t_all / 1e6:7.0f}"
@@ -181,9 +193,7 @@ def tune(reps: int, profile: bool = False) -> None:
                     with torch.no_grad():
                         fn(*inputs)
 
-                def fwd_bwd(fn=fn, inputs=inputs, douts=douts):
-                    torch.autograd.backward((fn(*inputs),), douts)
-
+                fwd_bwd = backward_step(fn, inputs, douts)
                 if profile:
                     per = kernel_times(fwd_bwd, calls=5)
                     ms = [sum(t for n, (t, _) in per.items() if n == k) for k in kernels.values()]
@@ -203,10 +213,41 @@ def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
     return ((a.double() - e).abs().max() / e.abs().max()).item()
 
 
-def check() -> None:
+BAR = 2.0  # the tests' bar (tests/ops/test_conv_norm_triton.py) on each error ratio
+
+
+def case_ratios(fn, ref, exact: list[torch.Tensor], labels: list[str]) -> list[tuple[str, float, float, float]]:
+    """(label, error, reference error, ratio) of each output and gradient of ``fn`` on the bf16-rounded
+    ``exact`` inputs: its error against ``ref`` in float64 on ``exact``, and the error of ``ref`` in
+    float64 fed the same rounded inputs (rounded to ``fn``'s dtype), on whatever device ``exact`` is."""
+    rounded = [t.bfloat16() for t in exact]
+    leaves = [t.clone().requires_grad_() for t in rounded]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    douts = [torch.randn_like(o) for o in outs]
+    got = list(outs) + list(torch.autograd.grad(outs, leaves, douts))
+    refs = []
+    for inputs in (exact, rounded):
+        ins = [t.double().requires_grad_() for t in inputs]
+        r = ref(*ins)
+        r = r if isinstance(r, tuple) else (r,)
+        refs.append(list(r) + list(torch.autograd.grad(r, ins, [d.double() for d in douts])))
+    rows = []
+    for label, a, e, rr in zip(labels, got, *refs):
+        err, base = rel_err(a, e), rel_err(rr.to(a.dtype), e)
+        rows.append((label, err, base, err / base if base > 0 else float("inf")))
+    return rows
+
+
+def passes(ratio: float) -> bool:
+    """Within :data:`BAR` and finite (a NaN error is a failure, not a pass)."""
+    return math.isfinite(ratio) and ratio <= BAR
+
+
+def check() -> bool:
     """Error of each output and gradient against float64 on the exact inputs, divided by the
     error of float64 fed the same bf16-rounded inputs (its result rounded to the kernel's dtype).
-    The tests (tests/ops/test_conv_norm_triton.py) require ratio <= 2."""
+    Prints PASS, or FAIL and returns False when a ratio exceeds :data:`BAR` (as the tests require)."""
     B, L, C = 2, 4096, 6144
     seq = documents(B, L)
     checks = [
@@ -234,25 +275,20 @@ def check() -> None:
     ]
     print(f"{'op':36s} {'tensor':8s} {'error':>9s} {'ref error':>9s} {'ratio':>6s}")
     reset_paths()
+    ok = True
     for name, fn, ref, exact, labels in checks:
-        exact = [t.cuda() for t in exact]
-        rounded = [t.bfloat16() for t in exact]
-        with use_kernels("triton"):
-            leaves = [t.clone().requires_grad_() for t in rounded]
-            out = fn(*leaves)
-        outs = out if isinstance(out, tuple) else (out,)
-        douts = [torch.randn_like(o) for o in outs]
-        got = list(outs) + list(torch.autograd.grad(outs, leaves, douts))
-        refs = []
-        for inputs in (exact, rounded):
-            ins = [t.double().requires_grad_() for t in inputs]
-            r = ref(*ins)
-            r = r if isinstance(r, tuple) else (r,)
-            refs.append(list(r) + list(torch.autograd.grad(r, ins, [d.double() for d in douts])))
-        for label, a, e, rr in zip(labels, got, *refs):
-            err, base = rel_err(a, e), rel_err(rr.to(a.dtype), e)
-            print(f"{name:36s} {label:8s} {err:9.2e} {base:9.2e} {err / base:6.2f}")
+
+        def triton(*inputs, fn=fn):  # the forward on the kernels (their backward follows it)
+            with use_kernels("triton"):
+                return fn(*inputs)
+
+        rows = case_ratios(triton, ref, [t.cuda() for t in exact], labels)
+        for label, err, base, ratio in rows:
+            ok &= passes(ratio)
+            print(f"{name:36s} {label:8s} {err:9.2e} {base:9.2e} {ratio:6.2f}{'' if passes(ratio) else '  FAIL'}")
     print(f"paths: {paths_used()}")
+    print("PASS" if ok else f"FAIL: some error exceeds {BAR:g}x the rounded reference's")
+    return ok
 
 
 def main() -> None:
@@ -268,7 +304,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.check:
-        check()
+        sys.exit(0 if check() else 1)
     elif args.tune:
         tune(args.reps, args.profile)
     else:

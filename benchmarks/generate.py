@@ -8,7 +8,7 @@
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
-both give the same tokens and prints the speed-up.
+both give the same tokens (exit status 1 when they differ) and prints the speed-up.
 
 ``--compare-hf``: ``bench-1.3b`` in bf16 (random weights), saved, exported with the
 ``hybridlm convert --to nemotron-h`` converter and loaded by transformers' ``NemotronHForCausalLM``
@@ -60,7 +60,8 @@ def rate(tokens: float, seconds: float) -> str:
 # -- CPU: cache vs no cache -------------------------------------------------------------------------
 
 
-def cpu_bench(args) -> None:
+def cpu_bench(args) -> bool:
+    """The CPU table; True when the cached and the no-cache loops gave the same tokens."""
     from hybridlm.train.config import DEFAULT_MODEL
 
     torch.set_num_threads(args.threads)
@@ -93,6 +94,7 @@ def cpu_bench(args) -> None:
     print(table(["mode", "prefill tok/s", "decode tok/s", "total s", "speed-up"], rows))
     same = results["cache"][0] == results["no cache"][0]
     print(f"\nsame tokens: {'yes' if same else 'NO'}; cached generation {speedup:.1f}x faster end to end")
+    return same
 
 
 # -- a decode step's cost against the buffer length -------------------------------------------------
@@ -358,7 +360,9 @@ def main(argv=None) -> int:
     args.prompt_len = args.prompt_len or (1024 if cpu else 512)
     args.new_tokens = args.new_tokens or (256 if cpu else 128)
     if cpu:
-        cpu_bench(args)
+        if not cpu_bench(args):
+            print("error: the cached and the no-cache generations differ", file=sys.stderr)
+            return 1
         if args.mtp_checkpoint:
             mtp_bench(args, torch.device("cpu"))
     else:

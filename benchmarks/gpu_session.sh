@@ -75,17 +75,18 @@ for stage in "$@"; do
         wait
         cat "$OUT"/cpu*.txt ;;
     kernels)
-        run kernels 200 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py; \
-            python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py; \
-            python3 benchmarks/gdn_kernel.py --check; python3 benchmarks/gdn_kernel.py" ;;
-    ssdk) run ssdk 240 40 bash -c "python3 benchmarks/ssd_kernel.py --check; python3 benchmarks/ssd_kernel.py" ;;
+        # A failed --check makes the stage's rc 1 (the timings still run): the chain's own status is its last command's.
+        run kernels 200 40 bash -c "rc=0; python3 benchmarks/ssd_kernel.py --check || rc=1; python3 benchmarks/ssd_kernel.py; \
+            python3 benchmarks/conv_norm_kernels.py --check || rc=1; python3 benchmarks/conv_norm_kernels.py; \
+            python3 benchmarks/gdn_kernel.py --check --no-bench || rc=1; python3 benchmarks/gdn_kernel.py; exit \$rc" ;;
+    ssdk) run ssdk 240 40 bash -c "rc=0; python3 benchmarks/ssd_kernel.py --check || rc=1; python3 benchmarks/ssd_kernel.py; exit \$rc" ;;
     ssdq) run ssdq 150 40 bash -c "for q in 128 256 128 256; do python3 benchmarks/ssd_kernel.py --paths triton --chunk \$q; done" ;;  # chunk sizes
     ssdsingle) run ssdsingle 200 60 bash -c "for k in FWD_STATE_SINGLE_PRODUCT DB_STATE_SINGLE_PRODUCT DBC_W_SINGLE_PRODUCT; do \
             echo \$k; python3 benchmarks/ssd_kernel.py --check --set \$k=1; done" ;;  # products only one output sees
     ssdsplit) run ssdsplit 120 24 python3 benchmarks/ssd_kernel.py --check --set DX_SINGLE_PRODUCT=0 ;;
     convtune) run convtune 150 20 python3 benchmarks/conv_norm_kernels.py --tune ;;
     convprof) run convprof 200 60 python3 benchmarks/conv_norm_kernels.py --tune --profile ;;
-    convk) run convk 120 30 bash -c "python3 benchmarks/conv_norm_kernels.py --check; python3 benchmarks/conv_norm_kernels.py" ;;
+    convk) run convk 120 30 bash -c "rc=0; python3 benchmarks/conv_norm_kernels.py --check || rc=1; python3 benchmarks/conv_norm_kernels.py; exit \$rc" ;;
     mixers)  # TRIES: kernel settings then timed against the defaults (as in mixtry)
         # shellcheck disable=SC2046  # one --try per setting
         run mixers 400 30 python3 benchmarks/mixers.py --rounds 8 --try-rounds "${TRY_ROUNDS:-4}" $(tries ${TRIES:-}) ;;

@@ -579,7 +579,7 @@ def main() -> None:
     expandable = {str(seg.get("is_expandable", "?")) for seg in torch.cuda.memory_snapshot()}
     print(
         f"{torch.cuda.get_device_name()} · torch {torch.__version__} · transformers {transformers.__version__} · "
-        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s measured (8192³, the trainer's MFU denominator) · peak {H200_PEAK / 1e12:.0f} (datasheet)"
+        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s measured (8192³; the trainer measures its MFU denominator so at 4096³) · peak {H200_PEAK / 1e12:.0f} (datasheet)"
         f" · PYTORCH_CUDA_ALLOC_CONF={alloc_conf} (segments expandable: {'/'.join(sorted(expandable))})"
     )
     print(

@@ -1,5 +1,6 @@
-"""The statistics and profile arithmetic of benchmarks/train_step.py, and generate.py's CPU table (pure functions and
-printed arithmetic; the GPU runs are not tested here)."""
+"""The statistics and profile arithmetic of benchmarks/train_step.py, generate.py's CPU table, the kernel scripts'
+--check verdicts and gpu_session.sh's stage status (pure functions, printed arithmetic and exit codes; the GPU runs
+are not tested here)."""
 
 from __future__ import annotations
 
@@ -120,3 +121,117 @@ def test_two_gpu_runs_train_one_model_in_every_layout():
     for patterns, model in ((rehearsal, "M-M-*-M-M-M-"), (gpu, ModelConfig.preset("bench-1.3b").pattern)):
         for name, pattern in patterns.items():
             assert re.sub(r"[\[\]|]", "", pattern) == model, (name, pattern, model)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", _PATH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_gpu(monkeypatch, module) -> None:
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+
+
+@pytest.mark.parametrize("bad", [2.5, float("nan")])
+def test_gdn_check_exits_1_over_the_bar(monkeypatch, capsys, bad):
+    """gdn_kernel.py --check printed the error ratios and exited 0 whatever they were: a kernel failing
+    issue 8's bar of 2 (or giving NaN gradients) passed a scripted session unnoticed."""
+    gdn = _load("gdn_kernel")
+    _fake_gpu(monkeypatch, gdn)
+    monkeypatch.setattr(sys, "argv", ["gdn_kernel.py", "--check", "--no-bench"])
+    monkeypatch.setattr(gdn, "error_ratios", lambda packed: {"o": 1.1, "k": bad if packed else 1.2})
+    with pytest.raises(SystemExit) as exit_:
+        gdn.main()
+    assert exit_.value.code == 1
+    assert "FAIL" in capsys.readouterr().out
+    monkeypatch.setattr(gdn, "error_ratios", lambda packed: {"o": 1.1, "k": 2.0})
+    gdn.main()  # within the bar: no exit
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
+
+
+def test_conv_norm_check_judges_the_ratios_and_exits_1(monkeypatch):
+    """conv_norm_kernels.py --check printed the ratios and never failed (docs/benchmarks.md reported
+    "(PASS)", which the script never printed): a wrong kernel's ratio is now judged against the bar of 2
+    and the script exits 1."""
+    from hybridlm.ops.conv import causal_conv1d_reference
+
+    cn = _load("conv_norm_kernels")
+    torch = cn.torch
+    torch.manual_seed(0)
+    exact = [torch.randn(1, 64, 8), torch.randn(8, 1, 4) / 2, torch.randn(8) / 4]
+
+    def ref(x, w, b):
+        return causal_conv1d_reference(x, w, b, None, "silu")
+
+    labels = ["out", "dx", "dw", "db"]
+    good = cn.case_ratios(ref, ref, exact, labels)  # the reference itself in bf16: about one rounding
+    assert [r[0] for r in good] == labels and all(cn.passes(r[3]) for r in good), good
+    wrong = cn.case_ratios(lambda x, w, b: ref(x, w, b) * 1.05, ref, exact, labels)
+    assert not cn.passes(wrong[0][3])
+    assert not cn.passes(float("nan"))
+    _fake_gpu(monkeypatch, cn)
+    monkeypatch.setattr(sys, "argv", ["conv_norm_kernels.py", "--check"])
+    monkeypatch.setattr(cn, "check", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        cn.main()
+    assert exit_.value.code == 1
+
+
+def test_conv_norm_timing_clears_gradients_between_calls():
+    """conv_norm_kernels.py timed forward + backward with every call's gradients added into the inputs'
+    ``.grad`` (a read and write of a gradient as large as the input, inside the timed time); ssd_kernel.py
+    and mixers.py clear them first, as a training step's zero_grad does."""
+    cn = _load("conv_norm_kernels")
+    torch = cn.torch
+    x = torch.ones(3, requires_grad=True)
+    step = cn.backward_step(lambda t: 2 * t, [x], [torch.ones(3)])
+    step()
+    step()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_generate_cpu_mode_exits_1_when_the_cache_changes_the_tokens(monkeypatch, capsys):
+    """generate.py's CPU mode checks the cached tokens against the no-cache loop's; it printed "NO" and
+    exited 0 when they differed."""
+    gen = _load("generate")
+    stats = {"prefill_tokens": 8, "prefill_seconds": 0.01, "decode_tokens": 3, "decode_seconds": 0.01}
+    monkeypatch.setattr(
+        gen, "ours", lambda model, prompt, n, use_cache=True, **kw: ([1, 2, 3] if use_cache else [1, 2, 4], dict(stats))
+    )
+    monkeypatch.setattr(gen.torch, "set_num_threads", lambda n: None)
+    assert gen.main(["--prompt-len", "8", "--new-tokens", "3"]) == 1
+    assert "same tokens: NO" in capsys.readouterr().out
+    monkeypatch.setattr(gen, "ours", lambda model, prompt, n, **kw: ([1, 2, 3], dict(stats)))
+    assert gen.main(["--prompt-len", "8", "--new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("stage", "failing"), [("kernels", "gdn_kernel.py"), ("ssdk", "ssd_kernel.py"), ("convk", "conv_norm")]
+)
+def test_gpu_session_stage_reports_a_failed_check(tmp_path, stage, failing):
+    """gpu_session.sh chained each ``--check`` and the timing with ``;``, so a stage's printed rc was its last
+    command's: a failed kernel check showed as ``rc 0``."""
+    import os
+    import subprocess
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    # python3: fails the one check asked to fail, succeeds otherwise; nvidia-smi: a no-op.
+    (stubs / "python3").write_text(f'#!/bin/sh\ncase "$*" in *{failing}*--check*) echo FAIL; exit 1;; esac\nexit 0\n')
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    script = _PATH.parent / "gpu_session.sh"
+    out = subprocess.run(
+        ["bash", str(script), "--no-install", stage], env=env, cwd=_PATH.parents[1], capture_output=True, text=True
+    ).stdout
+    assert f"=== {stage} (rc 1," in out, out
+    (stubs / "python3").write_text("#!/bin/sh\nexit 0\n")
+    out = subprocess.run(
+        ["bash", str(script), "--no-install", stage], env=env, cwd=_PATH.parents[1], capture_output=True, text=True
+    ).stdout
+    assert f"=== {stage} (rc 0," in out, out
