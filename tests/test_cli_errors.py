@@ -22,6 +22,15 @@ def files(tmp_path_factory):
     hybridlm.save(HybridLM(tiny_config("M-")), d / "model")
     (d / "garbage.json").write_text("{garbage")
     (d / "model/tokenizer.hybridlm.json").write_text("[1]")
+    deep = "[" * 100_000 + "]" * 100_000  # nesting past json's recursion limit: RecursionError, not ValueError
+    (d / "deep.jsonl").write_text(deep + "\n")
+    (d / "bigint.txt").write_text('{"prompt": ' + "1" * 5000 + "}\n")  # past int's 4,300 digits: ValueError
+    hybridlm.save(HybridLM(tiny_config("M-", vocab_size=257)), d / "deep-tokenizer")
+    (d / "deep-tokenizer/tokenizer.hybridlm.json").write_text(deep)
+    for name in ("deep-meta", "deep-config"):
+        (d / name).mkdir()
+    (d / "deep-meta/meta.json").write_text(deep)
+    (d / "deep-config/config.json").write_text(deep)
     return d
 
 
@@ -57,6 +66,12 @@ CASES = [
     ["convert", "{d}/model", "{d}/out", "--to", "megatron"],
     ["convert", "{d}/list", "{d}/out2", "--from", "nemotron-h"],
     ["prepare", "{d}/missing", "{d}/prepared"],
+    ["generate", "{d}/model", "--prompts-file", "{d}/deep.jsonl"],
+    ["generate", "{d}/model", "--prompts-file", "{d}/bigint.txt"],
+    ["generate", "{d}/deep-tokenizer", "--prompt", "a"],
+    ["prepare", "{d}/deep-meta", "{d}/prepared"],
+    ["prepare", "{d}/notes.safetensors", "{d}/deep-meta"],
+    ["convert", "{d}/model", "{d}/deep-config", "--to", "nemotron-h"],
 ]
 
 
@@ -67,6 +82,7 @@ def test_one_line_and_exit_2(files, argv, capsys):
     lines = [line for line in err if not line.startswith(("tokenizing", "\r"))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in lines[0]
+    assert "unexpected" not in lines[0], lines[0]  # an error the code did not foresee: a bug, whatever the line
 
 
 def test_a_model_too_large_to_train_names_a_field(capsys, tmp_path):

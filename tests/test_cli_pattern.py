@@ -178,3 +178,17 @@ def test_an_automatic_split_that_leaves_a_rank_empty_blames_the_stage_sizes_not_
     assert "ranks 1, 2 hold no layers" in out
     assert "between '|'s" not in out
     assert "--first-stage-layers / --last-stage-layers" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["M-", "--pp", "5", "--first-stage-layers", "2"],
+        ["", "--pp", "10" * 15],
+        ["M-", "--pp", "10" * 15, "--last-stage-layers", "2"],
+    ],
+)
+def test_a_pp_with_more_ranks_than_an_automatic_split_has_room_for_is_refused(capsys, argv):
+    """Past blocks + 2 ranks every further rank is empty: the table listed them one by one (--pp 10**30 never ended)."""
+    assert main(["pattern", *argv]) == 2
+    assert "has room for at most" in capsys.readouterr().err

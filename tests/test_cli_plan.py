@@ -233,3 +233,10 @@ def test_plan_says_when_the_run_s_batch_does_not_split_into_its_micro_batches(tm
     assert json.loads(out)["micro_batch_size"] == 16 // (2 * pp)  # stdout stays one JSON document
     note = "note: the run's train.batch_size (16) does not split into 6 micro-batches (parallel.microbatches, 2 × pp"
     assert (note in err) == refused, err
+
+
+def test_plan_measure_refuses_sizes_no_tensor_holds(capsys):
+    """--seq-len 10**30 is estimated, but measuring it raised "unexpected TypeError ... Overflow when unpacking"."""
+    assert main(["plan", "M-M-", "--pp", "2", "--measure", "cpu", "--seq-len", str(10**30)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --measure:") and "unexpected" not in err

@@ -857,3 +857,16 @@ def test_an_export_refusal_names_the_layers_of_each_kind_it_cannot_hold():
         check_exportable(config("M-G-M-G-D-/G-"))  # (the MTP depth is dropped: not listed)
     assert "Gated DeltaNet ('G') layers (canonical layers 2, 6): NemotronH has no such mixer" in str(err.value)
     assert "DeepSeek sparse attention ('D') layers (canonical layer 8):" in str(err.value)
+
+
+def test_hf_eos_token_id_passes_over_json_nested_past_the_parser(tmp_path):
+    """Nesting deeper than json parses raises RecursionError (no ValueError): passed over as other unreadable files,
+    not "unexpected RecursionError" from convert --from nemotron-h."""
+    from hybridlm.checkpoint.hf_nemotron import hf_eos_token_id
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    (tmp_path / "generation_config.json").write_text(deep)
+    assert hf_eos_token_id(tmp_path) is None
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    assert hf_eos_token_id(tmp_path) == 3

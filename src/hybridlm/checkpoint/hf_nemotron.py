@@ -466,12 +466,12 @@ def hf_eos_token_id(path: str | Path) -> int | None:
     converted folder's tokenizer fail."""
     try:
         vocab = json.loads((Path(path) / CONFIG_NAME).read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         vocab = None
     for name in (CONFIG_NAME, "generation_config.json"):
         try:
             eos = json.loads((Path(path) / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             continue
         eos = eos[0] if isinstance(eos, list) and eos else eos
         if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:

@@ -222,7 +222,7 @@ def check_replaceable(path: Path, key: str, value: Any, what: str, file: str = C
         return
     try:
         same = not any(path.iterdir()) or json.loads(regular(path / file).read_text()).get(key) == value
-    except (OSError, ValueError, AttributeError):  # a file, or no readable config.json object
+    except (OSError, ValueError, AttributeError, RecursionError):  # a file, or no readable config.json object
         same = False
     if not same:
         raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")

@@ -40,8 +40,9 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
             if jsonl or line.lstrip().startswith("{"):
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                except (ValueError, RecursionError) as e:  # also an integer of over 4,300 digits; nesting past json's
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e) or type(e).__name__
+                    raise UsageError(f"{path}:{n}: not a JSON object ({reason})") from None
                 field = next((k for k in ("prompt", "text") if k in record), None) if isinstance(record, dict) else None
                 text = record[field] if field else None
                 if not isinstance(text, str):  # "prompt" is read where both are given: its own value is named

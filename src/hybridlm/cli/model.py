@@ -32,6 +32,13 @@ def _cmd_pattern(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} sizes a stage of an automatic split: give --pp 2 or more")
     _check_plot(args.plot)
     p = parse(args.pattern)
+    if args.pp is not None and len(p.segments) == 1 and args.pp > p.num_blocks + 2:
+        # Every rank past these would be listed as empty, one line each: --pp 10**30 never finished.
+        raise UsageError(
+            f"--pp {args.pp}: an automatic split of {p.num_blocks} block(s) (no '|' in the pattern) has room for at "
+            f"most {p.num_blocks + 2} pipeline ranks (the first and last may hold only the embedding and the head; "
+            "every rank between them needs a block)"
+        )
     print(render(p, args.pp, args.first_stage_layers, args.last_stage_layers))
     if args.plot is not None:
         from ..plan.plot import plot_pattern_cli

@@ -271,6 +271,12 @@ def plan_pipeline(
     if measure is not None:
         from .measure import measure_times
 
+        if micro_batch_size * seq_len * config.hidden_size > 2**63 - 1:  # (torch: "Overflow when unpacking long long")
+            raise UsageError(
+                f"--measure: micro-batches of {micro_batch_size} x {seq_len} tokens of hidden size {config.hidden_size} "
+                "do not fit in a tensor; measure at a smaller --seq-len or --micro-batch-size (the estimate takes any)"
+            )
+
         times = measure_times(config, seq_len, micro_batch_size, measure, recompute)
         costs = with_times(costs, times, f"measured on {measure}")
     times = costs.block_times

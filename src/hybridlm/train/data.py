@@ -311,7 +311,7 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
             raise ValueError("empty") from None
         if not isinstance(starts, np.ndarray):  # a .npz archive under the name
             raise ValueError(f"holds a {type(starts).__name__}, not one array")
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:  # (a .npz archive cut short)
+    except (OSError, ValueError, TypeError, RecursionError, zipfile.BadZipFile) as e:  # (a .npz archive cut short)
         said = str(e) if str(e).startswith(reading) else f"{reading}: {e}"
         raise DataError(f"{path}: not a prepared corpus ({said})") from None
     ordered = starts.ndim == 1 and len(starts) >= 2 and np.issubdtype(starts.dtype, np.integer)

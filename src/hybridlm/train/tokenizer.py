@@ -180,7 +180,7 @@ def _saved_spec(directory: Path) -> dict:
     (loading the tokenizer says why)."""
     try:
         spec = json.loads((directory / SPEC_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (RecursionError: nesting deeper than json parses)
         return {}
     return spec if isinstance(spec, dict) else {}
 
@@ -219,7 +219,7 @@ def load_tokenizer(
     if spec_file.exists():
         try:
             spec = json.loads(spec_file.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise DataError(f"{spec_file}: unreadable ({e})") from None
         if not isinstance(spec, dict):
             raise DataError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
