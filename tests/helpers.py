@@ -69,6 +69,16 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def assert_same_gradients(
+    what: str, ours: torch.nn.Module, theirs: torch.nn.Module, x_ours, x_theirs, tol: float
+) -> None:
+    """The input's and every parameter's gradient (parameters paired by name) within ``tol`` (:func:`rel_err`)."""
+    assert rel_err(x_ours.grad, x_theirs.grad) < tol, f"{what}: input gradient"
+    their_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_err(p.grad, their_params[name].grad) < tol, f"{what}: gradient of {name}"
+
+
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"

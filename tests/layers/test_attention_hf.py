@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from hybridlm.infer.cache import InferenceCache  # noqa: E402
 from hybridlm.layers import Attention, SequenceContext  # noqa: E402
 from hybridlm.layers.rope import rope_cos_sin  # noqa: E402
-from tests.helpers import hf_in_float64, tiny_config  # noqa: E402
+from tests.helpers import assert_same_gradients, hf_in_float64, rel_err, tiny_config  # noqa: E402
 from tests.layers.test_mixers import context, make  # noqa: E402
 
 TOL = 1e-12
@@ -68,10 +68,6 @@ def theirs_forward(theirs, rotary, x, positions, start: int = 0, cache=None):
     return theirs(x, position_embeddings=rotary(x, positions), attention_mask=mask, cache=cache)[0]
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() / b.abs().max().item()
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_sequence_matches_transformers(variant):
     """Forward, and backward to the input and every parameter."""
@@ -84,13 +80,10 @@ def test_full_sequence_matches_transformers(variant):
         x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
         expected = theirs_forward(theirs, rotary, x_theirs, torch.arange(L).expand(2, L))
         actual = ours(x_ours, context(cfg, 2, L, None, torch.float64)[0])
-        assert max_err(actual, expected) < TOL, variant
+        assert rel_err(actual, expected) < TOL, variant
         (actual * w).sum().backward()
         (expected * w).sum().backward()
-    assert max_err(x_ours.grad, x_theirs.grad) < TOL, f"{variant}: input gradient"
-    their_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        assert max_err(p.grad, their_params[name].grad) < TOL, f"{variant}: gradient of {name}"
+    assert_same_gradients(variant, ours, theirs, x_ours, x_theirs, TOL)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -110,7 +103,7 @@ def test_packed_documents_match_each_document_alone_in_transformers(variant):
         start = 0
         for n in lengths:
             expected = theirs_forward(theirs, rotary, x[:, start : start + n], torch.arange(n)[None])
-            assert max_err(actual[:, start : start + n], expected) < TOL, f"{variant}: document at {start}"
+            assert rel_err(actual[:, start : start + n], expected) < TOL, f"{variant}: document at {start}"
             start += n
 
 
@@ -133,5 +126,5 @@ def test_cached_decoding_matches_transformers_dynamic_cache(variant, static):
             actual.append(ours(x[:, start:end], SequenceContext(position_ids=pos, rope=rope, cache=cache)))
             cache.advance(end - start)
             expected.append(theirs_forward(theirs, rotary, x[:, start:end], pos, start, hf_cache))
-    assert max_err(torch.cat(actual, 1), torch.cat(expected, 1)) < TOL, variant
-    assert max_err(cache.state(ours).k, hf_cache.layers[0].keys) < TOL, f"{variant}: cached (rotated) keys"
+    assert rel_err(torch.cat(actual, 1), torch.cat(expected, 1)) < TOL, variant
+    assert rel_err(cache.state(ours).k, hf_cache.layers[0].keys) < TOL, f"{variant}: cached (rotated) keys"

@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from hybridlm.infer.cache import InferenceCache  # noqa: E402
 from hybridlm.layers import GatedDeltaNet, SequenceContext  # noqa: E402
 from hybridlm.layers.context import segment_ids  # noqa: E402
-from tests.helpers import hf_in_float64, tiny_config  # noqa: E402
+from tests.helpers import assert_same_gradients, hf_in_float64, rel_err, tiny_config  # noqa: E402
 from tests.layers.test_mixers import context, make  # noqa: E402
 
 TOL = 1e-10
@@ -64,10 +64,6 @@ def pair(variant: str, seed: int = 3):
     return cfg, hcfg, ours, theirs
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item() / b.abs().max().item()
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_sequence_matches_qwen3next(variant):
     """70 positions: several of our chunks and two of theirs (64), neither length a multiple; forward, and
@@ -81,13 +77,10 @@ def test_full_sequence_matches_qwen3next(variant):
     with hf_in_float64(mq):
         expected = theirs(x_theirs)
     actual = ours(x_ours, context(cfg, 2, L, None)[0])
-    assert max_err(actual, expected) < TOL, variant
+    assert rel_err(actual, expected) < TOL, variant
     (actual * w).sum().backward()
     (expected * w).sum().backward()
-    assert max_err(x_ours.grad, x_theirs.grad) < TOL, f"{variant}: input gradient"
-    their_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        assert max_err(p.grad, their_params[name].grad) < TOL, f"{variant}: gradient of {name}"
+    assert_same_gradients(variant, ours, theirs, x_ours, x_theirs, TOL)
 
 
 @pytest.mark.parametrize("variant", ["qwen3next-like", "three-values-per-key"])
@@ -105,9 +98,9 @@ def test_cached_decoding_matches_qwen3next_cache(variant):
             actual.append(ours(x[:, start:end], ctx))
             cache.advance(end - start)
             expected.append(theirs(x[:, start:end], cache=hf_cache))
-    assert max_err(torch.cat(actual, 1), torch.cat(expected, 1)) < TOL
+    assert rel_err(torch.cat(actual, 1), torch.cat(expected, 1)) < TOL
     state, hf_state = cache.state(ours).recurrent, hf_cache.get_recurrent_state(0)
-    assert max_err(state, hf_state) < TOL
+    assert rel_err(state, hf_state) < TOL
 
 
 def test_packed_documents_match_qwen3next_documents_alone():
@@ -123,4 +116,4 @@ def test_packed_documents_match_qwen3next_documents_alone():
         packed = ours(x, context(cfg, 2, L, seq_idx)[0]).reshape(2 * L, -1)
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
             alone = theirs(flat[None, start:end])[0]
-            assert max_err(packed[start:end], alone) < TOL, f"document [{start}, {end})"
+            assert rel_err(packed[start:end], alone) < TOL, f"document [{start}, {end})"
