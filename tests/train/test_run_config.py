@@ -85,10 +85,40 @@ def test_errors_name_the_field(overrides, field):
     assert str(info.value).startswith(field)
 
 
-def test_override_keys_may_have_spaces_and_unset_means_leave_out():
+def test_override_keys_may_have_spaces_and_none_unsets_any_optional_field(tmp_path):
+    """TOML has no null: "none" (or "null") unsets a field that may be None in every section, as in [model]; it was
+    refused with "leave the field out", which a resume cannot do (its config.toml holds the value)."""
     assert RunConfig().with_overrides([" train . steps = 7"]).train.steps == 7
-    with pytest.raises(ConfigError, match="TOML has no null: to get the default, leave the field out"):
-        RunConfig().with_overrides(["train.micro_batch_size=none"])
+    sets = ["train.micro_batch_size=2", "train.threads=1", "parallel.schedule=gpipe", "parallel.microbatches=4"]
+    run = RunConfig().with_overrides(sets)
+    unset = run.with_overrides(["train.micro_batch_size=none", "train.threads=None", "parallel.schedule=none"])
+    unset = unset.with_overrides(["parallel.microbatches=null"])
+    assert unset == RunConfig()
+    (tmp_path / "run.toml").write_text('[train]\nthreads = "none"\n[parallel]\nschedule = "none"\n')
+    assert RunConfig.from_toml(tmp_path / "run.toml") == RunConfig()
+    (tmp_path / "config.toml").write_text(unset.to_toml())
+    assert RunConfig.from_toml(tmp_path / "config.toml") == unset
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int, got 'none'"):
+        RunConfig().with_overrides(["train.steps=none"])  # a field that cannot be None still refuses it
+    with pytest.raises(ConfigError, match="to unset the field, write 'none'"):
+        RunConfig().with_overrides(["train.threads=nil"])
+
+
+def test_a_resume_can_unset_the_micro_batch_size(tmp_path):
+    """--set train.micro_batch_size=none at a resume brings back the default (the whole batch per forward)."""
+    from hybridlm.cli import main
+    from hybridlm.train.trainer import Trainer
+    from tests.train.test_trainer import TINY_RUN
+
+    sets = [a for s in [*TINY_RUN, "train.steps=1", "train.micro_batch_size=2"] for a in ("--set", s)]
+    assert main(["train", "--run-dir", str(tmp_path), "--no-progress", *sets]) == 0
+    assert "micro_batch_size = 2" in (tmp_path / "config.toml").read_text()
+    resume = ["--set", "train.steps=2", "--set", "train.micro_batch_size=none"]
+    assert main(["train", "--resume", str(tmp_path), "--no-progress", *resume]) == 0
+    assert "micro_batch_size" not in (tmp_path / "config.toml").read_text()
+    run = RunConfig.from_toml(tmp_path / "config.toml")
+    assert run.train.micro_batch_size is None and run.train.steps == 2
+    assert Trainer(run, run_dir=tmp_path, resume=True, progress=False).micro == run.train.batch_size
 
 
 def test_a_model_field_set_to_none_is_written_and_read_as_none(tmp_path):

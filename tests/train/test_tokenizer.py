@@ -170,3 +170,41 @@ def test_a_json_file_that_is_no_tokenizer_json_says_so(tmp_path):
     with pytest.raises(DataError) as info:
         build_tokenizer(str(tmp_path / "broken.json"))
     assert "not a tokenizers file" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"type": "x"}, "unknown tokenizer type 'x' (known: byte, hf)"),
+        ({"type": None}, "unknown tokenizer type None"),
+        ({"type": "byte", "eos_id": 10**30}, f"eos_id of the byte tokenizer must be 256, got {10**30}"),
+        ({"type": "byte", "eos_id": "a"}, "eos_id of the byte tokenizer must be 256, got 'a'"),
+        ({"type": "byte", "eos_id": -1}, "eos_id of the byte tokenizer must be 256, got -1"),
+        ({"type": "byte", "eos_id": True}, "eos_id of the byte tokenizer must be 256, got True"),
+        ({"type": "byte", "eos_id": 256.0}, "eos_id of the byte tokenizer must be 256, got 256.0"),
+        ({"type": "byte", "vocab_size": 300}, "vocab_size of the byte tokenizer must be 257, got 300"),
+    ],
+)
+def test_a_spec_of_unknown_type_or_contradicting_the_byte_tokenizer_is_refused(tmp_path, spec, says):
+    """They loaded silently as the byte tokenizer, or ({"type": "x"}) as a Hugging Face spec missing tokenizer.json."""
+    (tmp_path / SPEC_NAME).write_text(json.dumps(spec))
+    with pytest.raises(DataError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / SPEC_NAME}: ") and says in str(e.value)
+
+
+def test_the_specs_hybridlm_writes_still_load(tmp_path):
+    """A byte spec as save writes it, or without its ids; a Hugging Face one as saved, converted or without a type."""
+    from hybridlm.train.tokenizer import HFTokenizer, converted_spec
+
+    for spec in (ByteTokenizer().files()[SPEC_NAME], json.dumps({"type": "byte"})):
+        (tmp_path / SPEC_NAME).write_text(spec)
+        assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    for name, content in ByteTokenizer().hf_files().items():
+        (hf_dir / name).write_text(content, encoding="utf-8")
+    hf = HFTokenizer(hf_dir / "tokenizer.json")
+    for spec in (hf.files()[SPEC_NAME], converted_spec(hf_dir, 256)[SPEC_NAME], json.dumps({"eos_id": 256})):
+        (hf_dir / SPEC_NAME).write_text(spec)
+        assert load_tokenizer(hf_dir).eos_id == 256

@@ -233,7 +233,8 @@ class RunConfig:
         tables = {
             section: {k: v for k, v in values.items() if v is not None} for section, values in self.to_dict().items()
         }
-        # A model field set to None stays None at a resume: left out, it would read as its default (q_lora_rank 512).
+        # Left out, the other sections' None fields read back as None (their default); a model field set to None
+        # must stay None at a resume: left out, it would read as its default (q_lora_rank 512).
         tables["model"] = {
             k: NONE_WORD if v is None else v
             for k, v in self.model.items()
@@ -509,6 +510,9 @@ def _build(cls: type, values: dict[str, Any], section: str):
     for key in values:
         if key not in names:
             _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
+    # TOML has no null: "none" unsets a field that may be None, as in the model section (a resume's
+    # config.toml holds the value, so leaving the field out cannot bring the default back).
+    values = {k: None if _is_none_word(v) and type(None) in get_args(hints[k]) else v for k, v in values.items()}
     for key, value in values.items():
         _check_type(f"{section}.{key}", hints[key], value)
     return cls(**values)
@@ -542,7 +546,7 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
             return
     names = " or ".join(t.__name__ for t in allowed if t is not type(None))
     null = isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "")
-    unset = " (TOML has no null: to get the default, leave the field out)" if null and type(None) in allowed else ""
+    unset = f" (TOML has no null: to unset the field, write {NONE_WORD!r})" if null and type(None) in allowed else ""
     raise ConfigError(name, f"expected {names}, got {value!r}{unset or _toml_spelling(value, allowed)}")
 
 

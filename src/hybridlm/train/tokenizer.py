@@ -207,6 +207,10 @@ def converted_spec(directory: str | Path, eos_id: int | None) -> dict[str, str]:
     return {SPEC_NAME: json.dumps({"type": "hf", "file": "tokenizer.json", "eos_id": eos_id}) + "\n"}
 
 
+#: The ``type`` values of a tokenizer spec (:meth:`ByteTokenizer.files`, :meth:`HFTokenizer.files`).
+SPEC_TYPES = ("byte", "hf")
+
+
 def load_tokenizer(
     directory: str | Path, option: str = "a tokenizer", eos_token: str = "auto", eos_key: str = "--eos-token"
 ) -> ByteTokenizer | HFTokenizer:
@@ -225,7 +229,14 @@ def load_tokenizer(
             raise DataError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
     elif not (directory / "tokenizer.json").exists():
         raise DataError(f"{directory}: no {SPEC_NAME} or tokenizer.json; pass {option} explicitly")
-    if spec.get("type") == "byte":
+    kind = spec.get("type", "hf")  # (a spec without a type, or no spec: the folder's tokenizer.json)
+    if kind not in SPEC_TYPES:  # {"type": "x"} was read as a Hugging Face spec: "no tokenizer.json"
+        raise DataError(f"{spec_file}: unknown tokenizer type {kind!r} (known: {', '.join(SPEC_TYPES)})")
+    if kind == "byte":
+        # The byte tokenizer's ids are fixed: a spec saying otherwise (eos_id 10**30, vocab_size 300) is damaged.
+        for key, value in (("vocab_size", ByteTokenizer.vocab_size), ("eos_id", ByteTokenizer.eos_id)):
+            if key in spec and (spec[key] != value or type(spec[key]) is not int):
+                raise DataError(f"{spec_file}: {key} of the byte tokenizer must be {value}, got {spec[key]!r}")
         return build_tokenizer("byte", option, eos_token, eos_key)
     name = spec.get("file", "tokenizer.json")
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
