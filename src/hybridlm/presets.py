@@ -11,7 +11,7 @@ from typing import Any
 #: Named configurations. Shapes of the published models follow their Hugging Face configs;
 #: attention uses no position embedding, as Hugging Face's NemotronH computes it.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Every layer kind that runs today, small enough for CPU tests.
+    # Every layer kind but '+' and 'D' (which cannot share a pattern with '*'), small enough for CPU tests.
     "tiny": dict(
         pattern="M-[*-]G-[ME]M*E/[*-]",
         vocab_size=256,
