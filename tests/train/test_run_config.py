@@ -104,6 +104,18 @@ def test_override_keys_may_have_spaces_and_none_unsets_any_optional_field(tmp_pa
         RunConfig().with_overrides(["train.threads=nil"])
 
 
+def test_an_empty_optional_text_field_says_to_write_none():
+    """--set parallel.schedule= (or "") said "leave it out for its default", which a resume cannot do: its
+    config.toml holds the value. A field that may be None says to write 'none'; one that may not, as before."""
+    run = RunConfig().with_overrides(["parallel.schedule=gpipe"])
+    for empty in ("parallel.schedule=", 'parallel.schedule=" "'):
+        with pytest.raises(ConfigError, match=r"^parallel\.schedule: must not be empty \(write 'none' to unset it\)$"):
+            run.with_overrides([empty]).validate()
+    assert run.with_overrides(["parallel.schedule=none"]).parallel.schedule is None
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: must not be empty \(leave it out for its default\)$"):
+        RunConfig().with_overrides(["data.tokenizer="]).validate()
+
+
 def test_a_resume_can_unset_the_micro_batch_size(tmp_path):
     """--set train.micro_batch_size=none at a resume brings back the default (the whole batch per forward)."""
     from hybridlm.cli import main
@@ -343,12 +355,38 @@ def test_a_value_toml_reads_as_a_string_says_how_toml_spells_it(assignment, hint
         RunConfig().with_overrides(["optim.lr=abc"])
 
 
+@pytest.mark.parametrize(
+    ("assignment", "hint"),
+    [
+        ("model.init_std=.02", "got '.02' (str) (TOML reads a number written as 0.02)"),
+        ("model.tie_embeddings=True", "(TOML writes it in lower case: true)"),
+        ("model.num_attention_heads=4.", "expected int or null, got '4.' (str) (TOML reads an integer written as 4)"),
+    ],
+)
+def test_a_model_value_toml_reads_as_a_string_says_how_toml_spells_it_too(assignment, hint):
+    """The hint reached the data, optim, train and parallel sections only: --set model.init_std=.02, the section
+    most --set lines change, said just "expected float, got '.02' (str)"."""
+    with pytest.raises(ConfigError, match=re.escape(hint) + "$"):
+        RunConfig().with_overrides([assignment]).validate()
+    with pytest.raises(ConfigError, match=r"^model\.init_std: expected float, got 'abc' \(str\)$"):  # none fits
+        RunConfig().with_overrides(["model.init_std=abc"]).validate()
+
+
 def test_more_pipeline_stages_than_blocks_are_refused_as_such():
-    """pp 2 over one block said "cannot split the 1 blocks ... evenly; cut the stages with '|'", which no '|'
+    """pp 4 over one block said "cannot split the 1 blocks ... evenly; cut the stages with '|'", which no '|'
     can do; pp 2 over three blocks (M, -, M) still asks for a '|'."""
     with pytest.raises(
-        ConfigError, match=r"^parallel\.pp: 2 pipeline stages need a block each; the pattern has 1 block$"
+        ConfigError, match=r"^parallel\.pp: 4 pipeline stages are more than the pattern's 1 block allow: .*at most 3 "
     ):
-        RunConfig().with_overrides(["model.pattern=M", "parallel.pp=2"]).validate()
+        RunConfig().with_overrides(["model.pattern=M", "parallel.pp=4"]).validate()
     with pytest.raises(ConfigError, match=re.escape("cannot split the 3 blocks of a pattern without '|' evenly")):
         RunConfig().with_overrides(["model.pattern=M-M", "parallel.pp=2"]).validate()
+
+
+@pytest.mark.parametrize(("pattern", "pp"), [("M|", 2), ("|M", 2), ("|M|", 3), ("|M|M|", 4), ("[M-]|/*-", 2)])
+def test_end_ranks_holding_only_the_embedding_or_head_may_outnumber_the_blocks(pattern, pp):
+    """The first and last ranks may hold only the embedding and the head (empty end segments train as one process
+    does: test_empty_end_segments_and_empty_virtual_stage_follow_one_process); "M|" over pp 2 was refused as
+    "2 pipeline stages need a block each; the pattern has 1 block", though the '|' it asked for made it work."""
+    sets = [f"model.pattern={pattern}", f"parallel.pp={pp}", "model.num_attention_heads=2", "model.hidden_size=32"]
+    RunConfig().with_overrides(sets).validate()

@@ -259,7 +259,11 @@ class RunConfig:
                     raise ConfigError(name, "required (or give a preset)")
             return ModelConfig(**values)
         except ConfigError as e:
-            raise ConfigError(f"model.{e.field}", str(e)[len(e.field) + 2 :]) from None
+            said = str(e)[len(e.field) + 2 :]
+            if isinstance(raw := values.get(e.field), str) and said.startswith("expected "):  # a type error
+                hint = get_type_hints(ModelConfig).get(e.field)
+                said += _toml_spelling(raw, get_args(hint) or (hint,))  # (the other sections' hint: _check_type)
+            raise ConfigError(f"model.{e.field}", said) from None
 
     def validate(self) -> None:
         self.model_config()
@@ -268,7 +272,10 @@ class RunConfig:
             for f in fields(getattr(self, section)):
                 value = getattr(getattr(self, section), f.name)
                 if isinstance(value, str) and not value.strip():
-                    raise ConfigError(f"{section}.{f.name}", "must not be empty (leave it out for its default)")
+                    # (A field that may be None is unset by the word: left out, a resume keeps config.toml's value.)
+                    nullable = type(None) in get_args(get_type_hints(type(getattr(self, section)))[f.name])
+                    unset = f"write {NONE_WORD!r} to unset it" if nullable else "leave it out for its default"
+                    raise ConfigError(f"{section}.{f.name}", f"must not be empty ({unset})")
         for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
             if not 0 <= seed <= MAX_INT:
                 raise ConfigError(name, f"must be in [0, 2**63 - 1], got {seed}")
@@ -407,9 +414,15 @@ class RunConfig:
             return
         p = self.model_config().parsed
         n_seg = len(p.segments)
-        if p.num_blocks < par.pp:  # (no '|' could help: "cut the stages with '|'" said so below)
+        # The first and last ranks may hold only the embedding and the head (an empty end segment, as in 'M|'):
+        # only the ranks between them need a block. Beyond that no '|' could help ("cut the stages with '|'").
+        if p.num_blocks + 2 < par.pp:
             blocks = f"{p.num_blocks} block{'s' if p.num_blocks != 1 else ''}"
-            raise ConfigError("parallel.pp", f"{par.pp} pipeline stages need a block each; the pattern has {blocks}")
+            raise ConfigError(
+                "parallel.pp",
+                f"{par.pp} pipeline stages are more than the pattern's {blocks} allow: every rank but the first and "
+                f"last needs a block (at most {p.num_blocks + 2} ranks, the ends holding only the embedding and head)",
+            )
         if n_seg == 1:
             if p.num_blocks % par.pp:
                 raise ConfigError(
