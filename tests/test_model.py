@@ -115,6 +115,49 @@ def test_packed_rows_equal_separate_documents(pattern):
         start += n
 
 
+@pytest.mark.parametrize("pattern", ["M*G-E/[*-]", "+[DE]/[D-]"])
+def test_packed_documents_get_the_logits_and_gradients_they_get_alone(pattern):
+    """Every mixer and an MTP depth, in float64, on documents of 1, 2, chunk - 1, chunk, chunk + 1 and 1
+    tokens (the chunk is 8: resets inside a chunk, on a chunk's first position and at the row's two ends).
+    The summed token losses of the packed row (labels ignored where the next token starts another document,
+    as training rows have them) give the logits and every gradient that the documents give alone."""
+    from hybridlm.model import head_labels
+
+    config = tiny_config(pattern, position_embedding="rope", **(MLA_TINY if "D" in pattern else {}))
+    model = HybridLM(config, seed=1).to(torch.float64)  # .to, not dtype=: the float32-kept tensors too
+    lengths = [1, 2, 7, 8, 9, 1]
+    ids = torch.randint(0, config.vocab_size, (1, sum(lengths)))
+    docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = -100
+
+    def summed_loss(out, labels, docs):
+        targets = head_labels(labels, len(out.mtp_logits), docs)
+        ce = torch.nn.functional.cross_entropy
+        return sum(
+            ce(lg[0], y[0], ignore_index=-100, reduction="sum") for lg, y in zip([out.logits, *out.mtp_logits], targets)
+        )
+
+    packed = model(ids, doc_ids=docs)
+    summed_loss(packed, labels, docs).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}  # (the DSA indexer's stay None: it has no loss here)
+    model.zero_grad(set_to_none=True)
+    start = 0
+    for n in lengths:
+        piece = slice(start, start + n)
+        alone = model(ids[:, piece])
+        summed_loss(alone, labels[:, piece], None).backward()
+        assert_rel_close(packed.logits[:, piece], alone.logits, 1e-12, f"logits of the document at {start}")
+        if n > 1:  # depth 1 at a document's last position reads the next document's first token (no target)
+            assert_rel_close(packed.mtp_logits[0][:, start : start + n - 1], alone.mtp_logits[0][:, : n - 1], 1e-12)
+        start += n
+    for name, p in model.named_parameters():
+        assert (grads[name] is None) == (p.grad is None), name
+        if p.grad is not None:
+            assert_rel_close(grads[name], p.grad, 1e-10, f"gradient of {name}")
+
+
 def test_mtp_depth_d_predicts_token_t_plus_1_plus_d():
     """Depth d's logits at t are scored against token t+1+d (labels shifted d further)."""
     config = tiny_config("M-*-/*-/*-", vocab_size=11)
@@ -359,6 +402,14 @@ def test_an_empty_batch_has_zero_auxiliary_losses(shape):
         ids = torch.zeros(shape, dtype=torch.long)
         out = HybridLM(config, seed=0)(ids, labels=ids)
         assert float(out.aux_loss) == 0.0 and float(out.loss) == 0.0, config.pattern
+
+
+def test_rows_of_no_positions_take_cu_seqlens_as_they_take_doc_ids():
+    """(2, 0) inputs with cu_seqlens [0, 0] raised an IndexError on the rows' first position; doc_ids ran."""
+    model = HybridLM(tiny_config("M*-/*-"), seed=0)
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    out = model(ids, labels=ids, cu_seqlens=torch.tensor([0, 0]))
+    assert out.logits.shape == (2, 0, 97) and out.loss.item() == 0.0
 
 
 def test_logits_to_keep_cuts_the_mtp_logits_too():

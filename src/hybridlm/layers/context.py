@@ -79,7 +79,7 @@ def segment_ids(
         starts = torch.zeros(total, dtype=torch.long, device=device)
         starts[cu[1:-1][cu[1:-1] < total]] = 1  # a boundary at the end (empty last documents) starts nothing
         starts = starts.view(batch, seqlen)
-        starts[:, 0] = 0
+        starts[:, :1] = 0  # a slice: rows of no positions (an empty batch) have no first position to index
         return starts.cumsum(dim=1)
     return None
 
