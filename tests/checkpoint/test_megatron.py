@@ -415,6 +415,17 @@ def test_all_problems_are_listed_together(moe_config, moe_state):
         assert name in str(e.value)
 
 
+def test_a_padded_vocabulary_is_named_with_a_hint(moe_config, moe_state):
+    """Megatron pads the vocabulary (a multiple of 128 by default): the refusal said only "has (128, 32), expected
+    (97, 32)", not why or what to give."""
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        moe_state[name] = torch.cat([moe_state[name], torch.zeros(128 - moe_config.vocab_size, moe_config.hidden_size)])
+    with pytest.raises(CheckpointError, match=r"hint: a vocabulary padded to 128 rows .*vocab_size=128, or drop the"):
+        from_megatron(moe_config, moe_state)
+    padded = from_megatron(moe_config.replace(vocab_size=128), moe_state)  # what the hint says works
+    assert torch.equal(padded["embeddings.weight"], moe_state["embedding.word_embeddings.weight"])
+
+
 def test_incomplete_canonical_state_is_refused(moe_config):
     canonical = random_canonical(moe_config)
     del canonical["layers.1.mixer.k_proj.weight"]
@@ -504,6 +515,25 @@ def test_pt_files_that_hold_no_state_dict_are_refused(tmp_path, obj, message):
         load_megatron(tmp_path / "x.pt")
 
 
+def test_virtual_pipeline_stages_are_named_without_the_other_entries(tmp_path, moe_state):
+    """Megatron's own entries beside model0, model1 (iteration, checkpoint_version) were listed as stages too."""
+    torch.save({"model0": moe_state, "model1": moe_state, "iteration": 7, "checkpoint_version": 3.0}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=re.escape("one model per virtual pipeline stage (model0, model1);")):
+        load_megatron(tmp_path / "x.pt")
+
+
+def test_from_megatron_refuses_entries_that_are_not_tensors_by_name(moe_config, moe_state, tmp_path):
+    """from_megatron(config, torch.load("model.pt")) on a file's {"model": state_dict} crashed with
+    "AttributeError: 'dict' object has no attribute 'shape'"; an _extra_state may still hold anything."""
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"not tensors: 'model' \(dict\) \(load_megatron reads"):
+        from_megatron(moe_config, torch.load(path, weights_only=True))
+    with pytest.raises(CheckpointError, match=r"not tensors: 0 \(Tensor\)"):
+        from_megatron(moe_config, {**moe_state, 0: torch.zeros(1)})
+    extra = {**moe_state, "decoder.layers.0.mixer.in_proj._extra_state": None}
+    assert_bitwise_equal(from_megatron(moe_config, extra), from_megatron(moe_config, moe_state))
+
+
 def test_bad_paths_are_refused(tmp_path, moe_state):
     with pytest.raises(CheckpointError, match=r"\.pt or \.safetensors"):
         save_megatron(moe_state, tmp_path / "model.bin")
@@ -574,6 +604,20 @@ def test_a_checkpoint_whose_config_and_weights_disagree_is_named(tmp_path):
         convert_to_megatron(ck, tmp_path / "m.pt")
 
 
+def test_convert_from_megatron_names_the_file_and_the_config_that_disagree(tmp_path, moe_config, moe_state):
+    """A file beside a stale sidecar (or read with the wrong --config) was refused as "Megatron state dict does not
+    fit the model", naming neither the file nor where its config came from."""
+    path = save_megatron(moe_state, tmp_path / "model.pt", tiny_config("M*-"))
+    with pytest.raises(CheckpointError) as err:
+        convert_from_megatron(path, tmp_path / "out")
+    assert str(err.value).startswith(
+        f"{path} (read with the model config of {config_sidecar(path)}): Megatron state dict does not fit the model"
+    )
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))} \(read with the model config given\): "):
+        convert_from_megatron(path, tmp_path / "out", tiny_config("M*-"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("pattern", ["M-*-", "*-/M-"])  # MTP depths are exported too: their Mamba layers count
 def test_export_warns_of_mamba_options_megatron_does_not_compute(tmp_path, caplog, pattern):
     """A dt clamp (every import of a Nemotron-H has one) or another gated-norm eps was exported without a word."""
@@ -588,6 +632,40 @@ def test_export_warns_of_mamba_options_megatron_does_not_compute(tmp_path, caplo
     assert caplog.text == ""
 
 
+@pytest.mark.parametrize(
+    ("pattern", "options", "warned"),
+    [
+        ("-E", dict(moe_router_score="sigmoid", moe_norm_topk_prob=False), "moe_norm_topk_prob=False with moe_top_k=2"),
+        ("*-/E", dict(moe_router_expert_bias=True), "moe_router_expert_bias with softmax scores"),  # MTP-only E
+        ("-E", dict(moe_top_k=1), "moe_norm_topk_prob=True with moe_top_k=1"),
+        (
+            "-E",
+            dict(moe_router_score="sigmoid", moe_num_groups=2, moe_topk_groups=2),
+            "moe_num_groups=2 (Megatron scores an expert group by its best top_k // topk_groups = 1 scores",
+        ),
+        ("-E", dict(moe_num_groups=2, moe_topk_groups=1), "top_k // topk_groups = 2 logits, hybridlm by its best 2"),
+        # What Megatron computes too: softmax (pre-softmax when unnormalized), DeepSeek-V3-style sigmoid routing.
+        ("-E", dict(moe_norm_topk_prob=False, moe_num_groups=2, moe_topk_groups=1), None),
+        (
+            "-E",
+            dict(moe_router_score="sigmoid", moe_router_expert_bias=True, moe_num_groups=2, moe_topk_groups=1),
+            None,
+        ),
+        ("-E", dict(moe_router_score="sigmoid", moe_norm_topk_prob=False, moe_top_k=1), None),
+    ],
+)
+def test_export_warns_of_moe_routing_megatron_does_not_compute(tmp_path, caplog, pattern, options, warned):
+    """An expert bias under softmax (which Megatron refuses), unnormalized sigmoid weights (which it always
+    normalizes) or another expert-group score (its best top_k // topk_groups) were exported without a word."""
+    ck = save(HybridLM(tiny_config(pattern, **options)), tmp_path / "ck")
+    with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    if warned is None:
+        assert caplog.text == ""
+    else:
+        assert "Megatron-core routes its MoE layers otherwise" in caplog.text and warned in caplog.text
+
+
 def test_convert_from_megatron_without_a_config_says_what_to_pass(tmp_path, moe_state):
     """No sidecar and no config: the refusal says that the architecture is missing, not that a config is invalid."""
     path = save_megatron(moe_state, tmp_path / "model.pt")
@@ -596,6 +674,23 @@ def test_convert_from_megatron_without_a_config_says_what_to_pass(tmp_path, moe_
     assert "does not describe its architecture; pass the model config" in str(err.value)
     assert "invalid model config" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_from_megatron_checks_its_config_before_reading_the_weights(tmp_path, moe_state, monkeypatch):
+    """A missing or invalid sidecar config was refused only after the whole weights file (often many GB) was read."""
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the weights were read before the config was checked")
+
+    monkeypatch.setattr(torch, "load", no_read)
+    with pytest.raises(CheckpointError, match="does not describe its architecture"):
+        convert_from_megatron(path, tmp_path / "out")
+    config_sidecar(path).write_text('{"pattern": "M-", "vocab_size": 0}')
+    with pytest.raises(CheckpointError, match="invalid model config"):
+        convert_from_megatron(path, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no such file"):  # a missing file is still named as such
+        convert_from_megatron(tmp_path / "absent.pt", tmp_path / "out")
 
 
 def test_hints_come_from_the_unexpected_names_only(moe_state, moe_config):

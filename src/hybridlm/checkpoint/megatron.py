@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -210,6 +211,15 @@ def _is_extra_state(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("_extra_state")
 
 
+def _not_tensors(state: Mapping[Any, Any]) -> list[str]:
+    """The entries of ``state`` that are not a tensor under a name (an ``_extra_state`` may hold anything)."""
+    return [
+        f"{k!r} ({type(v).__name__})"
+        for k, v in state.items()
+        if not (isinstance(k, str) and (isinstance(v, Tensor) or _is_extra_state(k)))
+    ]
+
+
 def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Our canonical state dict -> Megatron's plain one, same dtypes; CheckpointError listing what does not fit."""
     return to_foreign(_model_rules(config), canonical, canonical_shapes(config))
@@ -218,14 +228,50 @@ def to_megatron(config: ModelConfig, canonical: Mapping[str, Tensor]) -> dict[st
 def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of :func:`to_megatron`, ignoring ``_extra_state``, accepting :data:`_ALIASES`' older names, and
     listing missing, unexpected or mis-shaped tensors by the name given."""
+    if bad := _not_tensors(state):  # e.g. a file's {"model": state_dict} (a dict has no shape: an AttributeError)
+        raise CheckpointError(
+            "Megatron state dict: these entries are not tensors: " + ", ".join(bad[:MAX_LISTED]) + " "
+            "(load_megatron reads the state dict out of a torch.save file's {'model': state_dict})"
+        )
     weights = {k: t for k, t in state.items() if not _is_extra_state(k)}
     state, given = normalize(weights, _ALIASES, "Megatron state dict")
     rules = _model_rules(config)
     expected = foreign_shapes(rules, canonical_shapes(config))
     unexpected = [given[k] for k in state if k not in expected]
     hint = "".join(f"\n  hint: {why}" for end, why in _HINTS if any(re.search(end, k) for k in unexpected))
+    emb = state.get("embedding.word_embeddings.weight")
+    if emb is not None and emb.ndim == 2 and emb.shape[0] > config.vocab_size and emb.shape[1] == config.hidden_size:
+        hint += (  # Megatron's default pads to a multiple of 128 (times the tensor-parallel size)
+            f"\n  hint: a vocabulary padded to {emb.shape[0]} rows (Megatron's --make-vocab-size-divisible-by): "
+            f"give the config vocab_size={emb.shape[0]}, or drop the rows past {config.vocab_size} first"
+        )
     check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
     return apply(rules, state, export=False)
+
+
+def _routing_differences(c: ModelConfig) -> list[str]:
+    """Router options that no setting of megatron-core 0.19's TopKRouter computes (``moe_utils.
+    topk_routing_with_score_function``): it takes an expert bias with sigmoid scores only, normalizes the top-k
+    sigmoid weights exactly when top_k > 1 and top-1 softmax weights never, and scores an expert group by its best
+    top_k // topk_groups logits (softmax, normalized) or scores, where we take the best two scores."""
+    sigmoid, k, norm = c.moe_router_score == "sigmoid", c.moe_top_k, c.moe_norm_topk_prob
+    out = []
+    if c.moe_router_expert_bias and not sigmoid:
+        out.append("moe_router_expert_bias with softmax scores (Megatron takes an expert bias with sigmoid only)")
+    if norm != (k > 1) and (sigmoid or k == 1):
+        out.append(
+            f"moe_norm_topk_prob={norm} with moe_top_k={k} (Megatron normalizes the top-k weights of sigmoid "
+            "routing exactly when top_k > 1, and the weight of top-1 softmax routing never)"
+        )
+    if c.moe_num_groups > 1:
+        ours, theirs = min(2, c.moe_num_experts // c.moe_num_groups), k // c.moe_topk_groups
+        on_logits = not sigmoid and norm  # Megatron's softmax without --moe-router-pre-softmax picks on the logits
+        if on_logits or theirs != ours:
+            out.append(
+                f"moe_num_groups={c.moe_num_groups} (Megatron scores an expert group by its best "
+                f"top_k // topk_groups = {theirs} {'logits' if on_logits else 'scores'}, hybridlm by its best {ours} scores)"
+            )
+    return out
 
 
 def _suffix(path: Path) -> str:
@@ -257,19 +303,14 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     """The state dict inside what ``torch.load`` returned: ``{"model": sd}`` or a bare ``sd``."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
-    elif isinstance(obj, dict) and any(re.fullmatch(r"model\d+", str(k)) for k in obj):
+    elif isinstance(obj, dict) and (stages := [str(k) for k in obj if re.fullmatch(r"model\d+", str(k))]):
         raise CheckpointError(
-            f"{path}: holds one model per virtual pipeline stage ({', '.join(sorted(map(str, obj)))}); "
+            f"{path}: holds one model per virtual pipeline stage ({', '.join(stages)}); "
             "merge them into one unsplit state dict first"
         )
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(obj).__name__}")
-    bad = [
-        f"{k!r} ({type(v).__name__})"
-        for k, v in obj.items()
-        if not (isinstance(k, str) and (isinstance(v, Tensor) or _is_extra_state(k)))
-    ]
-    if bad:
+    if bad := _not_tensors(obj):
         raise CheckpointError(
             f"{path}: expected a state dict of tensors (or {{'model': state_dict}}); these entries are not tensors: "
             + ", ".join(bad[:MAX_LISTED])
@@ -277,14 +318,19 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
+def _source(path: Path) -> str:
+    """The suffix of Megatron state-dict file ``path``, after refusing a path that names no such file."""
+    kind = _suffix(path)
+    if not path.is_file():  # (a folder named model.pt exists: "no such file" sent the user looking for a typo)
+        raise CheckpointError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    return kind
+
+
 def load_megatron(path: str | Path) -> dict[str, Tensor]:
     """Read a ``.pt`` (``{"model": sd}`` or a bare ``sd``, with ``torch.load(weights_only=True)``: no arbitrary
     pickled objects) or ``.safetensors`` Megatron state dict onto the CPU."""
     path = Path(path)
-    kind = _suffix(path)
-    if not path.is_file():  # (a folder named model.pt exists: "no such file" sent the user looking for a typo)
-        raise CheckpointError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
-    if kind == ".safetensors":
+    if _source(path) == ".safetensors":
         return load_safetensors(path)
     try:
         # Transformer Engine stores a module's _extra_state (FP8 metadata, ignored here) as an io.BytesIO:
@@ -326,6 +372,8 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
         differ.append(f"norm_eps={config.norm_eps} (Megatron's Mamba gated norm uses 1e-5)")
     if differ:
         logger.warning("%s: Megatron-core computes its Mamba layers otherwise: %s", src, "; ".join(differ))
+    if "E" in config.parsed.layers + config.parsed.mtp_layers and (routing := _routing_differences(config)):
+        logger.warning("%s: Megatron-core routes its MoE layers otherwise: %s", src, "; ".join(routing))
     canonical = read_tensors(src, verify=verify)
     try:
         tensors = to_megatron(config, canonical)
@@ -339,14 +387,22 @@ def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig 
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
     (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
     check_destination(dst, src)
-    state, sidecar = load_megatron(src), config_sidecar(src)
+    _source(Path(src))
+    # The config before the weights: a missing or invalid one is refused without reading a file of many GB first.
+    sidecar = config_sidecar(src)
     if config is None and not sidecar.is_file():
         raise CheckpointError(
             f"{src}: a Megatron state dict does not describe its architecture; pass the model config "
             f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"
         )
+    given = "the model config given" if config is not None else f"the model config of {sidecar}"
     try:
         config = config if config is not None else ModelConfig.from_json(sidecar)
     except ConfigError as e:
         raise CheckpointError(f"{sidecar}: invalid model config: {e}") from None
-    return save_state_dict(from_megatron(config, state), config, dst)
+    state = load_megatron(src)
+    try:
+        canonical = from_megatron(config, state)
+    except CheckpointError as e:  # the file and the config disagree: say which file, and whose config
+        raise CheckpointError(f"{src} (read with {given}): {e}") from None
+    return save_state_dict(canonical, config, dst)
