@@ -182,6 +182,21 @@ def test_torchrun_fsdp_save_then_resume_in_one_process_with_other_brackets(tmp_p
         assert abs(a - b) <= 1e-5 * abs(b), (resumed, losses)
 
 
+@pytest.mark.multiprocess
+def test_a_checkpoint_one_rank_refuses_is_refused_by_every_rank(tmp_path):
+    """Step 2's RNG state of rank 1 is damaged: rank 1 fell back to step 1 while rank 0 loaded step 2, both within
+    one collective DCP load, and the ranks went on from different steps. Now every rank falls back, and rank 0
+    says which rank refused and why."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "tests/distributed/disagreeing_ranks.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, run_failure(r)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [rank["step"] for rank in resumed] == [1, 1], resumed
+    assert re.search(r"step-2: refused by rank 1 of 2: damaged RNG state", resumed[0]["refusals"][0])
+    assert "damaged RNG state" in resumed[1]["refusals"][0]
+
+
 def test_a_scheduler_other_than_lambda_lr_gets_its_whole_state_back(tmp_path):
     model, opt, _ = make("M-")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)

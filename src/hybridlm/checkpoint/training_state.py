@@ -246,9 +246,60 @@ def load_training_state(
         raise
 
 
+def _every_rank_accepts(path: Path, refusal: CheckpointError | None) -> None:
+    """Raise ``refusal`` on this rank and, under torch.distributed, a CheckpointError naming it on every other
+    rank. The checks before DCP's load read per-rank entries (each rank's RNG state): a rank that refused the
+    checkpoint alone fell back to an older one while the others loaded this one, within one collective DCP
+    load, and the ranks went on from different steps."""
+    said = [None] * dist.get_world_size() if _distributed() else []
+    if said:
+        dist.all_gather_object(said, None if refusal is None else str(refusal))
+    if refusal is not None:
+        raise refusal
+    if refused := [(r, why) for r, why in enumerate(said) if why is not None]:
+        rank, why = refused[0]
+        raise CheckpointError(f"{path}: refused by rank {rank} of {len(said)}: {why.removeprefix(f'{path}: ')}")
+
+
 def _load_training_state(
     path: Path, model: Module, optimizer: Optimizer | None, scheduler: Any, restore_rng: bool
 ) -> dict[str, Any]:
+    refusal = None
+    try:  # every rank checks before any rank's DCP load: all load this checkpoint, or none does
+        optimizer, extra, puts, states, wanted, stateless = _checked(path, model, optimizer, scheduler, restore_rng)
+    except CheckpointError as e:
+        refusal = e
+    _every_rank_accepts(path, refusal)
+    try:
+        _dcp(dcp.load, wanted, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner())
+    except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
+        failure = next(iter(e.failures.values()), (e,))[0] if isinstance(e, dcp.api.CheckpointException) else e
+        if not isinstance(failure, Exception) or unavailable(failure):  # Ctrl-C, a refused read: no damaged file
+            if isinstance(failure, OSError) and failure.filename is None:  # (a failed read() names no file)
+                failure.filename = str(path)
+            raise failure from None
+        # DCP wraps each rank's traceback; its last line says what did not fit.
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
+        # A damaged file or another model's tensors (the saved model config matched, so most likely the former).
+        raise CheckpointError(f"{path}: cannot load training state (a damaged file?): {reason[0]}") from None
+    sd = _renamed({part: {**states[part], **wanted[part]} for part in states}, model_name, model)
+    optims = [] if optimizer is None else optimizer
+    set_state_dict(model, optims, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}), options=_OPTIONS)
+    for name, param in model.named_parameters() if optimizer is not None else ():
+        if canonical_name(name, model.config.parsed) in stateless:
+            optimizer.state.pop(param, None)
+    for put in puts:
+        put()
+    return extra
+
+
+def _checked(
+    path: Path, model: Module, optimizer: Optimizer | None, scheduler: Any, restore_rng: bool
+) -> tuple[Optimizer | None, dict[str, Any], list[Callable[[], None]], dict[str, Any], dict[str, Any], set[str]]:
+    """Every file of the training state at ``path`` checked (CheckpointError), nothing loaded yet. Returns the
+    optimizer (None where the checkpoint holds no optimizer state), the trainer state, what puts the scheduler and
+    the RNG back, this model's canonical state dicts, those DCP is to fill, and the parameters saved without
+    optimizer state."""
     # First, before DCP writes into the live model: a crafted or damaged .metadata, a missing or truncated data file.
     entries = read_dcp_metadata(path).state_dict_metadata
     if not any(k.startswith("optim.") for k in entries):
@@ -291,24 +342,4 @@ def _load_training_state(
     stateless = {_OPTIM_KEY.fullmatch(k)[2] for k in wanted.get("optim", {})} - saved
     if "optim" in wanted:
         wanted["optim"] = {k: v for k, v in wanted["optim"].items() if _OPTIM_KEY.fullmatch(k)[2] not in stateless}
-    try:
-        _dcp(dcp.load, wanted, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner())
-    except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
-        failure = next(iter(e.failures.values()), (e,))[0] if isinstance(e, dcp.api.CheckpointException) else e
-        if not isinstance(failure, Exception) or unavailable(failure):  # Ctrl-C, a refused read: no damaged file
-            if isinstance(failure, OSError) and failure.filename is None:  # (a failed read() names no file)
-                failure.filename = str(path)
-            raise failure from None
-        # DCP wraps each rank's traceback; its last line says what did not fit.
-        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [repr(e)]
-        # A damaged file or another model's tensors (the saved model config matched, so most likely the former).
-        raise CheckpointError(f"{path}: cannot load training state (a damaged file?): {reason[0]}") from None
-    sd = _renamed({part: {**states[part], **wanted[part]} for part in states}, model_name, model)
-    optims = [] if optimizer is None else optimizer
-    set_state_dict(model, optims, model_state_dict=sd["model"], optim_state_dict=sd.get("optim", {}), options=_OPTIONS)
-    for name, param in model.named_parameters() if optimizer is not None else ():
-        if canonical_name(name, model.config.parsed) in stateless:
-            optimizer.state.pop(param, None)
-    for put in puts:
-        put()
-    return extra
+    return optimizer, extra, puts, states, wanted, stateless
