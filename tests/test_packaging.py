@@ -81,3 +81,26 @@ def test_each_package_of_an_optional_extra_is_imported_by_the_package(extra):
     for requirement in requirements:
         package = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("-", "_")
         assert package in imported, f"[project.optional-dependencies] {extra}: {requirement!r} is imported nowhere"
+
+
+def test_type_checkers_see_every_lazy_public_name_and_the_annotations_say_what_is_taken_and_returned():
+    """The package ships py.typed, but ``from hybridlm import HybridLM`` reached its names through ``__getattr__``
+    alone, so type checkers saw every one of them (HybridLM, ModelConfig, load, generate, ...) as Any; ``load``
+    was annotated to return a bare ``nn.Module`` (``load(...).config`` a type error); the annotations of
+    ``HybridLM(dtype=...)`` and ``cast`` left out the dtype names they take, and ``generate``'s the tensors of ids."""
+    import inspect
+
+    import hybridlm
+    from hybridlm.model import HybridLM
+
+    tree = ast.parse(Path(hybridlm.__file__).read_text())
+    typed: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for imp in (n for n in ast.walk(node) if isinstance(n, ast.ImportFrom)):
+                typed.update({a.asname or a.name: "hybridlm." + (imp.module or "") for a in imp.names})
+    assert typed == hybridlm._LAZY, "each lazy name imported under TYPE_CHECKING from its module"
+    assert inspect.signature(hybridlm.load).return_annotation == "HybridLM"
+    for function in (HybridLM.__init__, HybridLM.cast):
+        assert "str" in inspect.signature(function).parameters["dtype"].annotation
+    assert "torch.Tensor" in inspect.signature(hybridlm.generate).parameters["prompts"].annotation

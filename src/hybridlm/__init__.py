@@ -7,9 +7,19 @@ imported lazily on first use, so ``import hybridlm.pattern`` stays light.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .pattern import HybridPattern, PatternError, parse, pattern_from_ratios
+
+if TYPE_CHECKING:  # what type checkers see (py.typed is shipped): through __getattr__ alone every lazy name was Any
+    from .checkpoint.weights import load as load
+    from .checkpoint.weights import save as save
+    from .config import ModelConfig as ModelConfig
+    from .errors import CheckpointError as CheckpointError
+    from .errors import ConfigError as ConfigError
+    from .infer.generate import generate as generate
+    from .model import HybridLM as HybridLM
+    from .model import ModelOutput as ModelOutput
 
 __version__ = "0.1.0"
 

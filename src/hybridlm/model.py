@@ -370,7 +370,7 @@ class HybridLM(nn.Module):
         *,
         seed: int = 0,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):  # a preset name or a dict failed on a missing ``.parsed``
@@ -478,7 +478,7 @@ class HybridLM(nn.Module):
         return names
 
     @torch.no_grad()
-    def cast(self, dtype: torch.dtype) -> HybridLM:
+    def cast(self, dtype: torch.dtype | str) -> HybridLM:
         """Cast floating parameters and buffers to ``dtype``, keeping the numerically sensitive ones in float32."""
         dtype = float_dtype(dtype)
         keep = self.fp32_parameter_names()

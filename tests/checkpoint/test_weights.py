@@ -384,6 +384,16 @@ def test_only_a_hybridlm_can_be_saved(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_torch_compiled_model_saves_as_the_model_it_compiled(tmp_path, ids):
+    """``hybridlm.save(torch.compile(model))`` was refused ("expected a HybridLM, got OptimizedModule")
+    though the wrapper runs the model it holds: it saves that model's weights and config."""
+    model = HybridLM(tiny_config("M-[*-]/*-"), seed=1)
+    hybridlm.save(torch.compile(model), tmp_path / "ck")  # lazy: nothing is compiled
+    loaded = hybridlm.load(tmp_path / "ck")
+    assert loaded.config == model.config
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_load_as_float64_casts_all_but_the_float32_parameters(tmp_path, ids):
     """dtype=torch.float64 gives float64 weights (A_log stays float32), like dtype=torch.bfloat16 gives bfloat16."""
     model = HybridLM(tiny_config("M-[*E]"), seed=4)

@@ -595,6 +595,19 @@ def test_an_mtp_depth_cache_is_asked_for_by_its_1_based_depth():
         InferenceCache.for_mtp_depth(model_for("M-"), 1, 1, 8)
 
 
+def test_a_cache_takes_its_dtype_by_name_and_refuses_sizes_by_name():
+    """``dtype="bfloat16"`` (as ``HybridLM(dtype=...)`` takes it) failed inside ``torch.zeros`` ("argument 'dtype'
+    must be torch.dtype, not str"), and so did a negative or float ``max_len``, naming no argument."""
+    model = model_for("M*")
+    cache = InferenceCache.for_model(model, 2, 8, dtype="bfloat16")
+    assert cache.state(model.blocks["1"].layers[0].mixer).k.dtype == torch.bfloat16
+    for name, args in (("batch", (-1, 8)), ("max_len", (2, -1)), ("max_len", (2, 8.0)), ("batch", (True, 8))):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 0, got"):
+            InferenceCache.for_model(model, *args)
+    with pytest.raises(ValueError, match=r"dtype must be a floating torch\.dtype"):
+        InferenceCache.for_model(model, 2, 8, dtype="int64")
+
+
 @pytest.mark.parametrize(
     ("model_dtype", "cache_dtype"),
     [(torch.float64, torch.float32), (torch.float32, torch.float64)],

@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,11 +41,16 @@ CHECKSUMS_KEY = "sha256"  #: config.json key: safetensors file name -> SHA-256 h
 
 logger = logging.getLogger("hybridlm.checkpoint")
 
+if TYPE_CHECKING:
+    from ..model import HybridLM
+
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under canonical names (tied weights once, non-persistent buffers left out)."""
     from ..model import HybridLM
 
+    # torch.compile(model) returns a wrapper that runs the model it holds as ``_orig_mod``: save that one.
+    model = getattr(model, "_orig_mod", model)
     if not isinstance(model, HybridLM):
         raise TypeError(f"expected a HybridLM, got {type(model).__name__}")
     if not model.is_whole:
@@ -217,7 +222,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     verify: bool = True,
-) -> torch.nn.Module:
+) -> HybridLM:
     """Build a :class:`hybridlm.HybridLM` from checkpoint directory ``path``.
 
     Args:

@@ -9,6 +9,7 @@ decode step keeps static shapes (``static``).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -38,7 +39,18 @@ class InferenceCache:
 
     static: bool = False
 
-    def __init__(self, mixers: Iterable[nn.Module], batch: int, max_len: int, device, dtype: torch.dtype) -> None:
+    def __init__(self, mixers: Iterable[nn.Module], batch: int, max_len: int, device, dtype: torch.dtype | str) -> None:
+        from ..model import float_dtype
+
+        for name, value in (("batch", batch), ("max_len", max_len)):  # (failed inside torch.zeros, naming neither)
+            try:
+                ok = not isinstance(value, bool) and operator.index(value) >= 0
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"InferenceCache: {name} must be an integer >= 0, got {value!r}")
+        batch, max_len = operator.index(batch), operator.index(max_len)
+        dtype = float_dtype(dtype)  # a name too, as HybridLM(dtype=...) takes it
         self.batch, self.max_len = batch, max_len
         self.states: dict[nn.Module, object] = {}
         for m in mixers:

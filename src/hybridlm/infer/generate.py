@@ -164,7 +164,7 @@ class Sampler:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    prompts: Sequence[int] | Sequence[Sequence[int]],
+    prompts: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
     max_new_tokens: int = 200,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -184,7 +184,8 @@ def generate(
     """Continue one prompt or a batch of prompts.
 
     Args:
-        prompts: one list of token ids, or a list of such lists (any lengths).
+        prompts: one list of token ids, or a list of such lists (any lengths); a tensor or numpy array of ids
+            counts as those lists (a 2-D one is a batch).
         max_new_tokens: new tokens per prompt at most.
         temperature, top_k, top_p, repetition_penalty, seed: see :class:`Sampler`. Greedy at
             temperature 0.
