@@ -308,6 +308,21 @@ def test_cast_keeps_sensitive_parameters_fp32():
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("before", [torch.bfloat16, torch.float64])
+def test_cast_brings_sensitive_parameters_back_to_fp32_after_to(before):
+    """``cast`` after ``.to(bf16)`` (what the expert bias's TypeError says to use instead) or ``.double()``
+    puts A_log, the router and the expert bias in float32 again; leaving them alone kept them bf16 or float64,
+    and the expert bias then refused its update again."""
+    model = HybridLM(tiny_config("ME", moe_router_expert_bias=True), seed=0).to(before).cast(torch.bfloat16)
+    keep = model.fp32_parameter_names()
+    dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+    assert keep and {n for n, d in dtypes.items() if d == torch.float32} == keep
+    moe = model.blocks["1"].layers[0].mixer
+    moe.tokens_per_expert[0] += 1
+    moe.update_expert_bias(1e-3)  # no TypeError: the bias is float32 again
+    assert moe.gate.e_score_correction_bias[1:].eq(1e-3).all()
+
+
 @pytest.mark.parametrize("L", [5, 8, 16, 21])
 def test_mamba2_flops_below_a_chunk_match_flop_counter(L):
     """A sequence shorter than a chunk is one chunk of its own length, in the count as in the op.
@@ -382,6 +397,20 @@ def test_seed_is_an_integer_of_any_type_and_dtype_a_floating_one():
     for dtype in (torch.int8, "cuda"):
         with pytest.raises(ValueError, match=r"floating torch\.dtype"):
             HybridLM(config, dtype=dtype)
+
+
+def test_a_float8_dtype_is_refused_by_name_not_at_the_first_forward():
+    """float8 is floating but a storage format: the model was built in it, then its first forward failed inside
+    torch ("add_stub" not implemented for 'Float8_e4m3fn'); cast and load refused nothing either."""
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    for dtype in (torch.float8_e4m3fn, "float8_e5m2"):
+        with pytest.raises(ValueError, match=r"dtype must be a floating torch\.dtype the model computes in \("):
+            HybridLM(tiny_config("M*-"), dtype=dtype)
+        with pytest.raises(ValueError, match=r"dtype must be a floating torch\.dtype the model computes in \("):
+            model.cast(dtype)
+    assert model.embeddings.weight.dtype == torch.float32  # nothing was cast
+    for dtype in ("float16", "half", torch.float64):
+        assert HybridLM(tiny_config("M*-"), dtype=dtype).embeddings.weight.is_floating_point()
 
 
 def test_an_empty_sequence_runs_through_every_mixer():

@@ -183,7 +183,10 @@ class MTPDepth(nn.Module):
         self, h_prev: torch.Tensor, emb: torch.Tensor, ctx: SequenceContext
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """h_prev, emb (B, L, hidden) -> (the depth's normed output (B, L, hidden), its blocks' auxiliary losses)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        # The depth's residual stream in the embedding's dtype, as the main model's starts: under bf16 autocast
+        # eh_proj returns bf16, and every block of the depth then added its output in bf16 (its logits 1.3x
+        # further from float64 than the main head's, where the main stream stays float32).
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1)).to(emb.dtype)
         x, aux = run_blocks(self.blocks, x, ctx)
         return self.final_norm(x), aux
 
@@ -222,12 +225,18 @@ def _seed(seed: int, *key: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+#: The dtypes a model can compute in. The float8 types are floating too, but storage formats: torch has no
+#: add or matmul for them, and a model cast to one failed at its first forward ("add_stub" not implemented).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def float_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
-    """``dtype`` (a torch dtype or its name, ``"bfloat16"``), refused unless floating."""
+    """``dtype`` (a torch dtype or its name, ``"bfloat16"``), refused unless one of :data:`COMPUTE_DTYPES`."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"{what} must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype in COMPUTE_DTYPES):
+        names = ", ".join(str(d).removeprefix("torch.") for d in COMPUTE_DTYPES)
+        raise ValueError(f"{what} must be a floating torch.dtype the model computes in ({names}), got {dtype!r}")
     return dtype
 
 
@@ -479,12 +488,16 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def cast(self, dtype: torch.dtype | str) -> HybridLM:
-        """Cast floating parameters and buffers to ``dtype``, keeping the numerically sensitive ones in float32."""
+        """Cast floating parameters and buffers to ``dtype``, the numerically sensitive ones to float32.
+
+        Those go to float32 whatever they were, not only stay there: after ``model.to(torch.bfloat16)``
+        (or ``.double()``) a cast that left them alone kept them bf16 (or float64), which the expert bias's
+        ``TypeError`` tells the user to fix with this very call."""
         dtype = float_dtype(dtype)
         keep = self.fp32_parameter_names()
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if t.is_floating_point() and name not in keep:
-                t.data = t.data.to(dtype)
+            if t.is_floating_point():
+                t.data = t.data.to(torch.float32 if name in keep else dtype)
         return self
 
     def num_params(self, exclude_embeddings: bool = False):

@@ -229,8 +229,8 @@ def load(
         path: a directory written by :func:`save`.
         pattern: build with this pattern instead of the saved one; it may differ only in
             brackets and ``|`` (any fusion, any pipeline layout of the same model).
-        dtype: parameter dtype (a floating ``torch.dtype`` or its name); default: the dtype holding most
-            of the checkpoint's elements. Numerically sensitive parameters (``A_log``, ``D``, ``dt_bias``,
+        dtype: parameter dtype (float32, bfloat16, float16 or float64, or its name); default: the dtype
+            holding most of the checkpoint's elements (refused where that is float8: name one then). Numerically sensitive parameters (``A_log``, ``D``, ``dt_bias``,
             router weights, DSA's indexer scales) are float32 whatever the file holds: a model saved from
             ``.to(torch.bfloat16)`` comes back with those in float32, one from ``.double()`` rounds them.
         device: where to put the model (default CPU).
@@ -241,7 +241,7 @@ def load(
         CheckpointError: a missing or damaged file (checksum mismatch), a pattern that describes another model, or
             tensors that are missing, unexpected or mis-shaped (all listed by name).
     """
-    from ..model import HybridLM, float_dtype
+    from ..model import COMPUTE_DTYPES, HybridLM, float_dtype
 
     path = Path(path)
     if dtype is not None:
@@ -254,6 +254,12 @@ def load(
     check_fit(tensors, meta_shapes(config), str(path), wrong_shape="{name}: {source} has {got}, model has {want}")
     if dtype is None:
         dtype = dominant_dtype(tensors.values())
+        if dtype not in COMPUTE_DTYPES:  # float8: built in it, the model failed at its first forward, inside torch
+            names = ", ".join(str(d).removeprefix("torch.") for d in COMPUTE_DTYPES)
+            raise CheckpointError(
+                f"{path}: most weights are {str(dtype).removeprefix('torch.')}, a storage format the model cannot "
+                f"compute in; load them in one of {names}: hybridlm.load(path, dtype=torch.bfloat16)"
+            )
     model = HybridLM(config, device="meta")
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
     if dtype != torch.float32:
