@@ -898,3 +898,24 @@ def test_a_config_that_is_not_a_model_config_is_refused_by_name():
     for config in ("tiny", ModelConfig.preset("tiny").to_dict(), None):
         with pytest.raises(ValueError, match="config must be a ModelConfig"):
             HybridLM(config, device="meta")
+
+
+def test_building_and_loading_a_model_imports_neither_dynamo_nor_sympy(tmp_path):
+    """Building on meta ran two of torch's Python references: nn.Embedding's default normal_ (its first call
+    imports torch._dynamo) and to_empty's empty_like (it imports sympy), seconds at the start of every process
+    that builds or loads a model (`hybridlm generate`) for values that are never used."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hybridlm; "
+        f"config = hybridlm.ModelConfig.from_dict({tiny_config('M[*-]/[*-]', vocab_size=257).to_dict()!r}); "
+        f"hybridlm.save(hybridlm.HybridLM(config, seed=0), {str(tmp_path / 'ck')!r}); "
+        f"hybridlm.load({str(tmp_path / 'ck')!r}); "
+        "late = [m for m in ('torch._dynamo', 'sympy') if m in sys.modules]; "
+        "assert not late, late"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -360,6 +360,20 @@ def combine_losses(
     return loss if aux_loss is None else loss + aux_loss * shares[0]
 
 
+def allocate(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to_empty(device=device)`` for a module of plain tensors built on meta: the same shapes, strides
+    and dtypes, uninitialized. ``torch.empty_like`` of a meta tensor (what ``to_empty`` calls) runs torch's
+    Python reference, whose first call imports sympy: about a second at the start of every process that loads
+    a model (``hybridlm generate``, ``hybridlm.load``). A non-contiguous tensor keeps ``empty_like``."""
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():  # dense: empty_like would keep these strides too
+            return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+        return torch.empty_like(t, device=device)
+
+    return module._apply(empty)
+
+
 class HybridLM(nn.Module):
     """A hybrid language model laid out by ``config.pattern``.
 
@@ -398,7 +412,9 @@ class HybridLM(nn.Module):
         H, V = config.hidden_size, config.vocab_size
         # Build on meta (no memory, no default init), then allocate once and initialize once.
         with torch.device("meta"):
-            self.embeddings = nn.Embedding(V, H)
+            # A given weight skips nn.Embedding's default init: normal_ on a meta tensor runs torch's Python
+            # reference, whose first call imports torch._dynamo (seconds at start-up, for a value never used).
+            self.embeddings = nn.Embedding(V, H, _weight=torch.empty(V, H))
             self.blocks = _blocks(config, p.blocks, p.block_layer_offsets)
             self.norm_f = RMSNorm(H, config.norm_eps)
             self.lm_head = None if config.tie_embeddings else OutputHead(H, V, bias=False)
@@ -407,7 +423,7 @@ class HybridLM(nn.Module):
         # tied head, MTP depths), never embeds the input, which is the previous stage's hidden states.
         self.embeds_input = True
         if target.type != "meta":
-            self.to_empty(device=target)
+            allocate(self, target)
             self.init_weights(seed)
         if dtype is not None:
             self.cast(dtype)

@@ -629,3 +629,22 @@ def test_an_empty_prompts_file_flag_is_refused_not_ignored(checkpoint, capsys):
     for argv in (("--prompts-file", ""), ("--prompt", "x", "--prompts-file", "")):
         code, out, err = run(capsys, checkpoint[0], *argv, "--max-new-tokens", 2)
         assert code == 2 and out == "" and err.startswith("error: --prompts-file: empty"), err
+
+
+def test_a_model_or_run_folder_is_generated_from_without_the_training_state_reader(
+    checkpoint, capsys, tmp_path, monkeypatch
+):
+    """The DCP reader (hybridlm.checkpoint.safe_dcp) imports torch.distributed.checkpoint, a second or more at
+    the start of every `hybridlm generate`: a model folder, or a run's exported model/, never needs it."""
+    import shutil
+    import sys
+
+    path, model = checkpoint
+    run_dir = tmp_path / "run"
+    shutil.copytree(path, run_dir / "model")
+    tok = ByteTokenizer()
+    expected = tok.decode(generate(model, tok.encode("hi"), 5, eos_id=tok.eos_id))
+    monkeypatch.setitem(sys.modules, "hybridlm.checkpoint.safe_dcp", None)  # (None: importing it raises ImportError)
+    for folder in (path, run_dir):
+        code, out, err = run(capsys, folder, "--prompt", "hi", "--max-new-tokens", 5, "--greedy")
+        assert code == 0 and out == "hi" + expected + "\n", err

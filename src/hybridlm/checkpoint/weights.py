@@ -241,7 +241,7 @@ def load(
         CheckpointError: a missing or damaged file (checksum mismatch), a pattern that describes another model, or
             tensors that are missing, unexpected or mis-shaped (all listed by name).
     """
-    from ..model import COMPUTE_DTYPES, HybridLM, float_dtype
+    from ..model import COMPUTE_DTYPES, HybridLM, allocate, float_dtype
 
     path = Path(path)
     if dtype is not None:
@@ -261,7 +261,7 @@ def load(
                 f"compute in; load them in one of {names}: hybridlm.load(path, dtype=torch.bfloat16)"
             )
     model = HybridLM(config, device="meta")
-    model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
+    allocate(model, torch.device(device) if device is not None else torch.device("cpu"))
     if dtype != torch.float32:
         model.cast(dtype)
     load_canonical_into(model, tensors, source=str(path))

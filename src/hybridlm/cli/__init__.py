@@ -59,7 +59,6 @@ def _version() -> str:
 def model_folder(path: str | Path, flag: str) -> Path:
     """The hybridlm checkpoint that ``path`` (argument ``flag``) names: itself, or a run directory's exported
     ``model/``; UsageError for a run without one yet and for a training-state checkpoint, saying what to do."""
-    from ..checkpoint.safe_dcp import METADATA_NAME
     from ..errors import UsageError
     from ..train.rundir import CHECKPOINTS, MODEL_DIR
 
@@ -68,6 +67,9 @@ def model_folder(path: str | Path, flag: str) -> Path:
         return path
     if (path / MODEL_DIR).is_dir():
         return path / MODEL_DIR  # a run directory: its exported model
+    # Only here: safe_dcp imports torch.distributed.checkpoint (a second or more), which a model folder never needs.
+    from ..checkpoint.safe_dcp import METADATA_NAME
+
     state = (path / METADATA_NAME).exists()
     # A training state names its run only inside the run's checkpoints/: elsewhere (copied out, or written by
     # save_training_state) the folder two levels up is no run, and "--resume" of it would be the wrong advice.

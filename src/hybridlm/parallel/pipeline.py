@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import HybridLM, combine_losses
+from ..model import HybridLM, allocate, combine_losses
 from ..pattern import PatternStage
 from ..pattern.stage import select_stage
 
@@ -50,7 +50,7 @@ def build_stage(
     model = prune_to_stage(HybridLM(config, device="meta"), stage)
     target = torch.device(device) if device is not None else torch.empty(0).device
     if target.type != "meta":
-        model.to_empty(device=target)
+        allocate(model, target)
         model.init_weights(seed)
     return model
 
