@@ -1,10 +1,13 @@
 """Metric sinks: TensorBoard across a resume."""
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from hybridlm.train.metrics import Metrics
+from tests.helpers import subprocess_env
 
 
 def test_tensorboard_shows_the_resumed_run_s_steps_once(tmp_path):
@@ -111,17 +114,16 @@ def test_a_one_step_run_s_loss_curve_shows_its_point(tmp_path, monkeypatch):
     """A run of one step drew its training loss as a line through a single point, which matplotlib does not draw:
     loss.png held only the legend."""
     pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from hybridlm.train.metrics import plot_losses
 
-    figures, close = [], plt.close
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k)))
     rows = [{"step": 1, "loss": 5.5, "lm_loss": 5.0}]
     assert plot_losses(rows, tmp_path / "loss.png") == tmp_path / "loss.png"
     lines = figures[0].axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["train (main head)", "train, total (MTP, auxiliary)"]
-    close(figures[0])
     assert all(line.get_marker() not in ("None", None, "") for line in lines)
 
 
@@ -165,3 +167,19 @@ def test_a_run_without_the_logging_extra_says_so(tmp_path, monkeypatch, caplog):
     assert any(m.startswith("tensorboard is not installed") and "hybridlm[logging]" in m for m in said), said
     assert any(m.startswith("matplotlib is not installed") and "hybridlm[logging]" in m for m in said), said
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "loss.png").exists()
+
+
+def test_drawing_the_loss_curve_leaves_the_process_s_matplotlib_backend_alone(tmp_path):
+    """plot_losses called matplotlib.use("Agg"): a trainer run inside a notebook (or any program drawing its own
+    plots) had its backend switched under it, in a fresh interpreter where pyplot was not imported yet."""
+    pytest.importorskip("matplotlib")
+    code = (
+        "import matplotlib, sys; matplotlib.use('pdf')\n"
+        "from hybridlm.train.metrics import plot_losses\n"
+        f"assert plot_losses([{{'step': 1, 'loss': 2.0}}, {{'step': 2, 'loss': 1.0}}], {str(tmp_path / 'l.png')!r})\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["pdf", "False"]
+    assert (tmp_path / "l.png").read_bytes().startswith(b"\x89PNG")

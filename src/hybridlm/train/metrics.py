@@ -211,10 +211,9 @@ def loss_unit(tokenizer: str) -> str:
 def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/token") -> Path | None:
     """Training and validation loss against step, as a PNG. None when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own, not pyplot: matplotlib.use("Agg") switched the backend of the caller's whole process
+        # (a notebook running the trainer lost its inline plots), and pyplot keeps every figure until closed.
+        import matplotlib.figure
     except ImportError:
         logger.warning("matplotlib is not installed: no loss-curve PNG (pip install 'hybridlm[logging]')")
         return None
@@ -223,7 +222,8 @@ def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/toke
     train = [(r["step"], r.get("lm_loss", r["loss"])) for r in history if "loss" in r]
     total = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = matplotlib.figure.Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     dot = {"marker": "o", "markersize": 3} if len(train) == 1 else {}  # a line through one point is not drawn
     if train:
         ax.plot(*zip(*train), label="train (main head)", linewidth=1.2, **dot)
@@ -236,8 +236,6 @@ def plot_losses(history: list[dict[str, Any]], out: Path, unit: str = "nats/toke
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:  # whole or not at all, and a full disk named (PIL's write error names no file)
-        replace_file(out, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    # Whole or not at all, and a full disk named (PIL's write error names no file).
+    replace_file(out, lambda tmp: fig.savefig(tmp, format="png"))
     return out
