@@ -385,6 +385,43 @@ def test_the_config_schema_version_is_not_a_difference_but_an_option_is(tmp_path
         load_training_state(path, HybridLM(model.config, seed=1))
 
 
+#: ModelConfig fields that the first JSON trainer states (commits b5b63f2..c28d675, from before the MLA merge) lack.
+_FIELDS_ADDED_SINCE_THE_FIRST_JSON_STATE = (
+    *("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"),
+    *("dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk"),
+    *("dsa_indexer_loss_coeff", "dsa_indexer_use_sparse_loss", "gdn_dt_min", "gdn_dt_max", "gdn_dt_init_floor"),
+)
+
+
+def test_a_state_written_before_a_model_field_existed_resumes_and_compares_it_as_its_default(tmp_path):
+    """Such a state was refused as another model ("model.q_lora_rank: checkpoint has None, this run has 512"); a
+    field it lacks is its default, as ModelConfig.from_dict reads it, and a run that sets the field otherwise is
+    still refused."""
+    from hybridlm.errors import CheckpointMismatchError
+
+    model = make("M-")[0]
+    path = save_training_state(tmp_path / "s", model, step=1)
+    file = path / "trainer_state.json"
+    state = json.loads(file.read_text())
+    for name in _FIELDS_ADDED_SINCE_THE_FIRST_JSON_STATE:
+        del state["model_config"][name]
+    file.write_text(json.dumps(state))
+    assert load_training_state(path, HybridLM(model.config, seed=1))["step"] == 1
+    with pytest.raises(CheckpointMismatchError, match=r"model\.kv_lora_rank: checkpoint has 512, this run has 64"):
+        load_training_state(path, HybridLM(model.config.replace(kv_lora_rank=64), seed=1))
+
+
+def test_a_state_of_the_pickled_format_is_refused_naming_its_file_and_what_to_do(tmp_path):
+    """The first hybridlm versions wrote trainer_state.pt (a pickle) beside the DCP files; the refusal said only
+    "missing trainer_state.json (an incomplete save, ...)"."""
+    model = make("M-")[0]
+    path = save_training_state(tmp_path / "s", model, step=1)
+    (path / "trainer_state.json").unlink()
+    (path / "trainer_state.pt").write_bytes(b"never unpickled")
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt is a pickle .* with the hybridlm that wrote it"):
+        load_training_state(path, HybridLM(model.config, seed=1))
+
+
 def test_a_missing_rng_file_is_named_unless_the_rng_is_not_restored(tmp_path):
     model = make("M-")[0]
     path = save_training_state(tmp_path / "s", model, step=1)

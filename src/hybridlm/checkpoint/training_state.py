@@ -7,6 +7,7 @@ every rank calls the same functions. Files and rules: docs/checkpoints.md, "Trai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -45,6 +46,8 @@ from .safe_dcp import METADATA_NAME, SafeFileSystemReader, TensorOnlyLoadPlanner
 
 TRAINER_STATE = "trainer_state.json"
 RNG_STATE = "rng.safetensors"
+#: The trainer state of the first hybridlm versions: a pickle, never opened (unpickling can run code).
+PICKLED_TRAINER_STATE = "trainer_state.pt"
 STATE_FORMAT = "hybridlm-training-state"
 STATE_VERSION = 1
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -132,8 +135,12 @@ def _scheduler_setter(scheduler: Any, saved: Any) -> Callable[[], None]:
 
 def config_differences(saved: dict[str, Any], config: Any) -> list[str]:
     """Where model config ``config`` differs from the saved config dict, beyond brackets, ``|`` and the fields
-    only initialization or the training loss reads (``TRAINING_ONLY_FIELDS``)."""
+    only initialization or the training loss reads (``TRAINING_ONLY_FIELDS``). A field the saved dict lacks (written
+    by a hybridlm from before the field existed: the first JSON states have no MLA fields) reads as its default, as
+    ``ModelConfig.from_dict`` reads it, not as None ("model.q_lora_rank: checkpoint has None" refused them)."""
     mine = config.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **saved}
     try:
         diffs = parse(str(saved.get("pattern"))).differences(config.parsed)
     except PatternError:
@@ -206,6 +213,13 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The JSON trainer state of training-state folder ``path`` (step, scheduler, model config, ...)."""
     file = Path(path) / TRAINER_STATE
     missing = f"{path}: missing {TRAINER_STATE} (an incomplete save, or a folder written by an older hybridlm)"
+    if (Path(path) / PICKLED_TRAINER_STATE).exists():  # ("an incomplete save" alone sent users looking for damage)
+        missing = (
+            f"{path}: missing {TRAINER_STATE}: the folder was written by an older hybridlm, whose trainer state "
+            f"{PICKLED_TRAINER_STATE} is a pickle that this one never opens (unpickling can run code); continue the "
+            "run with the hybridlm that wrote it (its `hybridlm train --resume` with --set train.steps=STEP exports "
+            "the checkpoint's model/ at STEP, which this hybridlm loads)"
+        )
     state = read_json(file, missing)
     check_format(state, file, "hybridlm training state", STATE_FORMAT, STATE_VERSION)
     if "step" in state and not (type(state["step"]) is int and state["step"] >= 0):
