@@ -196,6 +196,17 @@ def test_shards_are_filled_exactly_to_the_limit_and_none_is_empty(tmp_path):
     assert index["metadata"]["total_size"] == 440
 
 
+@pytest.mark.parametrize("size", ["5GB", None, 0, -1, float("nan"), True])
+def test_a_shard_size_that_is_no_positive_number_of_bytes_is_refused_by_name(tmp_path, size):
+    """max_shard_size="5GB", as transformers' save_pretrained takes it, failed inside the sharding with "'>' not
+    supported between instances of 'int' and 'str'"; 0 or -1 wrote one tensor per file."""
+    with pytest.raises(CheckpointError, match=r"max_shard_size must be a positive number of bytes.*got "):
+        hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", max_shard_size=size)
+    assert not (tmp_path / "ck").exists()
+    hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck", max_shard_size=2e4)  # a float is a number of bytes
+    assert len(list((tmp_path / "ck").glob("model-*.safetensors"))) > 1
+
+
 def test_config_json_that_is_no_object_is_refused_by_name(tmp_path):
     path = hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "ck")
     (path / "config.json").write_text("[1, 2]")

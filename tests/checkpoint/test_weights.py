@@ -226,6 +226,22 @@ def test_dtypes(tmp_path, ids):
     assert as32.blocks["0"].layers[0].mixer.in_proj.weight.dtype == torch.float32
 
 
+def test_load_allocates_the_weights_once_in_their_dtype(tmp_path, monkeypatch):
+    """load allocated a bf16 checkpoint's model in float32, then cast it: twice the weights' size on the device while
+    it loaded (an 8B bf16 model: 32 GB on the GPU for 16 GB of weights). Now it casts on meta and allocates once."""
+    hybridlm.save(HybridLM(tiny_config("M-[*E]"), dtype=torch.bfloat16), tmp_path / "ck")
+    allocated, to_empty = [], HybridLM.to_empty
+
+    def spy(self, *args, **kwargs):
+        allocated.append(sum(t.nbytes for t in [*self.parameters(), *self.buffers()]))
+        return to_empty(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridLM, "to_empty", spy)
+    loaded = hybridlm.load(tmp_path / "ck")
+    assert loaded.embeddings.weight.dtype == torch.bfloat16
+    assert allocated == [sum(t.nbytes for t in [*loaded.parameters(), *loaded.buffers()])]
+
+
 def test_float8_weights_are_refused_by_name_and_load_in_a_dtype_named(tmp_path, ids):
     """A checkpoint saved from ``model.to(torch.float8_e4m3fn)`` built a float8 model whose first forward failed
     inside torch ("add_stub" not implemented; the CLI called it a bug in hybridlm); now the load names the file and

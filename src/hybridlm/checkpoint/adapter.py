@@ -92,14 +92,17 @@ def zeros(foreign: str, shape: tuple[int, ...], dtype: torch.dtype) -> Rule:
 def apply(rules: Iterable[Rule], tensors: Mapping[str, Tensor], export: bool) -> dict[str, Tensor]:
     """Run every rule in one direction (``export``: canonical -> foreign) over a complete, checked state dict.
 
-    A view in the result (a row block, one expert of a stack) is cloned: it would keep its whole
-    source alive (and safetensors refuses tensors that overlap in memory); clone is exact.
+    A view of part of a tensor (a row block, one expert of a stack) is cloned: it would keep its whole
+    source alive (and safetensors refuses tensors that overlap in memory); clone is exact. A view of
+    all of its memory is not: safetensors reads every tensor of a file as one, and cloning those
+    copied the whole checkpoint into RAM beside the file's memory map.
     """
     out: dict[str, Tensor] = {}
     for r in rules:
         src, dst, fn = (r.canonical, r.foreign, r.export) if export else (r.foreign, r.canonical, r.back)
         for name, t in zip(dst, fn([tensors[k] for k in src]), strict=True):
-            out[name] = t.clone() if t._base is not None else t
+            part = t._base is not None and t.untyped_storage().nbytes() > t.nbytes
+            out[name] = t.clone() if part else t
     return out
 
 

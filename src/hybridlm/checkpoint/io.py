@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import logging
+import numbers
 import os
 import re
 import shutil
@@ -263,6 +264,10 @@ def write_directory(
     rename it to ``path``. An existing ``path`` is replaced only if empty or its config.json has ``config``'s
     ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0:
+        # A "5GB" (as transformers' save_pretrained takes) failed inside the sharding: "'>' not supported between
+        # instances of 'int' and 'str'".
+        raise CheckpointError(f"max_shard_size must be a positive number of bytes, such as 5e9; got {max_shard_size!r}")
     path = destination(path)
     for name in extra_files or ():  # ours to write (weights, index, config.json), or outside the folder
         if Path(name).name != name or name in ("", ".", "..", CONFIG_NAME, INDEX_NAME) or name.endswith(".safetensors"):

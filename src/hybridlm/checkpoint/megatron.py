@@ -326,6 +326,14 @@ def _source(path: Path) -> str:
     return kind
 
 
+def _is_zip(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's zip format does, the one ``torch.load(mmap=True)`` can map: the
+    weights then stay in the page cache, which the system can drop, instead of a private copy in RAM (a file
+    of the legacy format, which mmap refuses, is read whole)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def load_megatron(path: str | Path) -> dict[str, Tensor]:
     """Read a ``.pt`` (``{"model": sd}`` or a bare ``sd``, with ``torch.load(weights_only=True)``: no arbitrary
     pickled objects) or ``.safetensors`` Megatron state dict onto the CPU."""
@@ -336,7 +344,7 @@ def load_megatron(path: str | Path) -> dict[str, Tensor]:
         # Transformer Engine stores a module's _extra_state (FP8 metadata, ignored here) as an io.BytesIO:
         # rebuilding one from its bytes runs no code, so the safe unpickler may make it.
         with torch.serialization.safe_globals([io.BytesIO, bytes]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot read as a torch.save file of tensors ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). "

@@ -261,9 +261,9 @@ def load(
                 f"compute in; load them in one of {names}: hybridlm.load(path, dtype=torch.bfloat16)"
             )
     model = HybridLM(config, device="meta")
+    if dtype != torch.float32:  # on meta, so that the weights are allocated once, in their dtype: allocated in
+        model.cast(dtype)  # float32 and then cast, a bf16 model took twice its size on the GPU while it loaded
     allocate(model, torch.device(device) if device is not None else torch.device("cpu"))
-    if dtype != torch.float32:
-        model.cast(dtype)
     load_canonical_into(model, tensors, source=str(path))
     if verify:  # last, so that a file that does not fit says how
         verify_checksums(path)
