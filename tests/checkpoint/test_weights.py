@@ -230,13 +230,15 @@ def test_load_allocates_the_weights_once_in_their_dtype(tmp_path, monkeypatch):
     """load allocated a bf16 checkpoint's model in float32, then cast it: twice the weights' size on the device while
     it loaded (an 8B bf16 model: 32 GB on the GPU for 16 GB of weights). Now it casts on meta and allocates once."""
     hybridlm.save(HybridLM(tiny_config("M-[*E]"), dtype=torch.bfloat16), tmp_path / "ck")
-    allocated, to_empty = [], HybridLM.to_empty
+    from hybridlm import model as model_module
 
-    def spy(self, *args, **kwargs):
-        allocated.append(sum(t.nbytes for t in [*self.parameters(), *self.buffers()]))
-        return to_empty(self, *args, **kwargs)
+    allocated, allocate = [], model_module.allocate
 
-    monkeypatch.setattr(HybridLM, "to_empty", spy)
+    def spy(module, *args, **kwargs):
+        allocated.append(sum(t.nbytes for t in [*module.parameters(), *module.buffers()]))
+        return allocate(module, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "allocate", spy)
     loaded = hybridlm.load(tmp_path / "ck")
     assert loaded.embeddings.weight.dtype == torch.bfloat16
     assert allocated == [sum(t.nbytes for t in [*loaded.parameters(), *loaded.buffers()])]
