@@ -192,3 +192,10 @@ def test_a_pp_with_more_ranks_than_an_automatic_split_has_room_for_is_refused(ca
     """Past blocks + 2 ranks every further rank is empty: the table listed them one by one (--pp 10**30 never ended)."""
     assert main(["pattern", *argv]) == 2
     assert "has room for at most" in capsys.readouterr().err
+
+
+def test_a_pp_that_does_not_divide_the_pattern_s_own_segments_is_refused_as_such(capsys):
+    """The "automatic split" limit is for a pattern without '|': one with '|' is refused for its segments."""
+    assert main(["pattern", "M-|M-", "--pp", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "segments (2)" in err and "divisible by" in err and "automatic split" not in err

@@ -919,3 +919,19 @@ def test_building_and_loading_a_model_imports_neither_dynamo_nor_sympy(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_dtype_name_may_carry_torch_s_prefix():
+    """str(torch.bfloat16) is "torch.bfloat16": that name is taken as well as "bfloat16", by the model and cast."""
+    model = HybridLM(tiny_config("M-"), dtype="torch.bfloat16")
+    assert model.embeddings.weight.dtype == torch.bfloat16
+    assert model.cast("torch.float64").embeddings.weight.dtype == torch.float64
+
+
+def test_cast_leaves_integer_buffers_integer():
+    """The MoE's tokens_per_expert counts stay int64: in bfloat16 a count past 256 would round (the expert-bias
+    update reads them)."""
+    model = HybridLM(tiny_config("-E", moe_router_expert_bias=True)).cast(torch.bfloat16)
+    counts = [t for name, t in model.named_buffers() if name.endswith("tokens_per_expert")]
+    assert counts and all(t.dtype == torch.int64 for t in counts)
+    assert model.embeddings.weight.dtype == torch.bfloat16

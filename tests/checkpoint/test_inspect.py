@@ -310,3 +310,10 @@ def test_a_folder_of_training_states_or_of_something_else_says_what_inspect_read
         CheckpointError, match=re.escape("no safetensors files found (inspect reads safetensors files, hybridlm")
     ):
         describe(tmp_path / "tokens")
+
+
+def test_a_folder_of_other_folders_is_not_called_a_folder_of_training_states(tmp_path):
+    """Only folders holding a DCP .metadata count as training states; others leave the generic answer."""
+    (tmp_path / "runs" / "notes").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=re.escape("no safetensors files found (inspect reads")):
+        describe(tmp_path / "runs")

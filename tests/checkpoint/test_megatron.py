@@ -801,3 +801,30 @@ def test_renamed_tensors_carry_the_values_of_their_own_names():
     pairs |= {g + "out_norm.weight": "layers.3.mixer.norm.weight", "decoder.final_norm.weight": "norm_f.weight"}
     for theirs, ours in pairs.items():
         assert torch.equal(state[theirs].reshape(canonical[ours].shape), canonical[ours]), (theirs, ours)
+
+
+def test_no_padded_vocabulary_hint_for_an_embedding_of_another_hidden_size(moe_config, moe_state):
+    """More rows and another width is another model, not a padded vocabulary: vocab_size=128 would not fit either."""
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        moe_state[name] = torch.zeros(128, 2 * moe_config.hidden_size)
+    with pytest.raises(CheckpointError, match=r"embedding\.word_embeddings\.weight") as info:
+        from_megatron(moe_config, moe_state)
+    assert "padded" not in str(info.value)
+
+
+def test_export_takes_groups_of_one_expert_as_megatron_scores_them(tmp_path, caplog):
+    """4 experts in 4 groups: hybridlm scores a group by its best min(2, 1) = 1 score, as Megatron's top_k //
+    topk_groups = 1 does: nothing to warn of."""
+    options = dict(moe_router_score="sigmoid", moe_num_experts=4, moe_num_groups=4, moe_topk_groups=2)
+    ck = save(HybridLM(tiny_config("-E", **options)), tmp_path / "ck")
+    with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    assert caplog.text == ""
+
+
+def test_an_embedding_of_one_dimension_is_refused_by_its_shape(moe_config, moe_state):
+    """The padded-vocabulary hint reads two dimensions: a 1-D embedding is named as mis-shaped, not an IndexError."""
+    moe_state["embedding.word_embeddings.weight"] = torch.zeros(128)
+    with pytest.raises(CheckpointError, match=r"embedding\.word_embeddings\.weight") as info:
+        from_megatron(moe_config, moe_state)
+    assert "padded" not in str(info.value)

@@ -795,3 +795,11 @@ def test_bf16_cached_decoding_is_as_close_to_float64_as_the_full_forward_on_cpu(
     """The same check as the GPU one at a short length on CPU's torch paths (a smoke test of the check itself)."""
     err_decode, err_full = bf16_decode_errors(pattern, "cpu", 48, 4)
     assert err_decode <= 1.5 * err_full + 2e-3, (err_decode, err_full)
+
+
+def test_a_cache_of_no_rows_or_no_positions_builds_as_the_bound_says():
+    """The size check reads ">= 0": zero rows (an empty batch) or zero positions is a cache, not an error."""
+    model = model_for("M*G")
+    for batch, max_len in ((0, 8), (2, 0), (0, 0)):
+        cache = InferenceCache.for_model(model, batch, max_len)
+        assert (cache.batch, cache.max_len) == (batch, max_len)

@@ -648,3 +648,15 @@ def test_a_model_or_run_folder_is_generated_from_without_the_training_state_read
     for folder in (path, run_dir):
         code, out, err = run(capsys, folder, "--prompt", "hi", "--max-new-tokens", 5, "--greedy")
         assert code == 0 and out == "hi" + expected + "\n", err
+
+
+@pytest.mark.parametrize(
+    "line", ['{"prompt": "ab", "n": ' + "1" * 5000 + "}", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"]
+)
+def test_a_jsonl_record_json_cannot_read_is_named_by_its_line(checkpoint, capsys, tmp_path, line):
+    """An integer of over 4,300 digits (a ValueError) or nesting past json's parser (a RecursionError) is no
+    JSONDecodeError: both are named by the line, not reported as an unexpected error."""
+    path, _ = checkpoint
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ab"}\n' + line + "\n")
+    code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.jsonl")
+    assert code == 2 and out == "" and "p.jsonl:2: not a JSON object (" in err and "unexpected" not in err, err

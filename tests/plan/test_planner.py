@@ -347,3 +347,17 @@ def test_measured_blocks_see_document_ids_as_training_gives_them(monkeypatch):
     monkeypatch.setattr(model_module.Block, "forward", spy)
     measure_times(tiny_config("M+-/[+-]", **MLA_TINY), 16, repeats=1)
     assert seen and all(seen)
+
+
+def test_measure_refuses_a_micro_batch_of_exactly_2_63_elements(monkeypatch):
+    """The largest tensor holds 2**63 - 1 elements: 1 x 2**58 tokens of hidden size 32 (2**63) is one too many."""
+    import hybridlm.plan.measure as measure
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured a micro-batch no tensor holds")
+
+    monkeypatch.setattr(measure, "measure_times", measured)
+    config = tiny_config("M-M-")
+    assert config.hidden_size == 32
+    with pytest.raises(UsageError, match=r"^--measure: micro-batches of 1 x 288230376151711744 tokens"):
+        plan_pipeline(config, 2, seq_len=2**58, measure="cpu")

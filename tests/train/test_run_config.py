@@ -390,3 +390,30 @@ def test_end_ranks_holding_only_the_embedding_or_head_may_outnumber_the_blocks(p
     "2 pipeline stages need a block each; the pattern has 1 block", though the '|' it asked for made it work."""
     sets = [f"model.pattern={pattern}", f"parallel.pp={pp}", "model.num_attention_heads=2", "model.hidden_size=32"]
     RunConfig().with_overrides(sets).validate()
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "train.steps=.5",  # not an integer: no "integer written as 0"
+        "train.steps=1.e30",  # an integer too large for the field: no hint to write one it refuses
+        "optim.lr=NaN",  # not finite: refused however written, so no "number written as nan"
+        "optim.lr=Infinity",
+    ],
+)
+def test_a_string_no_toml_value_of_the_field_fits_gets_no_spelling_hint(assignment):
+    """The spelling hint names only a value the field then accepts (a hint toward one it refuses misleads)."""
+    field, raw = assignment.split("=")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: expected (int|float), got {re.escape(repr(raw))}$"):
+        RunConfig().with_overrides([assignment])
+
+
+def test_integers_at_the_64_bit_edge():
+    """2**63 - 1 is the largest integer setting, seeds included; 2**63 is refused by name (the tests above take
+    only 10**400 and 2**64)."""
+    config = RunConfig().with_overrides([f"data.seed={2**63 - 1}", f"train.seed={2**63 - 1}"])
+    config.validate()
+    assert config.data.seed == config.train.seed == 2**63 - 1
+    for field in ("train.steps", "train.seed", "data.seed"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: must be .*, got {2**63}$"):
+            RunConfig().with_overrides([f"{field}={2**63}"]).validate()

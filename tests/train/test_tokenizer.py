@@ -208,3 +208,27 @@ def test_the_specs_hybridlm_writes_still_load(tmp_path):
     for spec in (hf.files()[SPEC_NAME], converted_spec(hf_dir, 256)[SPEC_NAME], json.dumps({"eos_id": 256})):
         (hf_dir / SPEC_NAME).write_text(spec)
         assert load_tokenizer(hf_dir).eos_id == 256
+
+
+def test_a_spec_without_a_type_or_no_spec_is_the_folder_s_tokenizer_json(tmp_path):
+    """No type, or no spec file, reads the folder's tokenizer.json: a Hugging Face tokenizer, not the byte one (whose
+    ids the byte-level tokenizer.json shares, so only the class tells them apart)."""
+    from hybridlm.train.tokenizer import HFTokenizer
+
+    for name, content in ByteTokenizer().hf_files().items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    assert isinstance(load_tokenizer(tmp_path), HFTokenizer)
+    (tmp_path / SPEC_NAME).write_text(json.dumps({"eos_id": 256}))
+    assert isinstance(load_tokenizer(tmp_path), HFTokenizer)
+
+
+def test_a_spec_nested_past_the_json_parser_adds_no_files_and_names_no_end_token(tmp_path):
+    """The JSON-only readers (export files, the saved end id) take a spec nested deeper than json parses as
+    unreadable, as they take any unreadable one, instead of raising RecursionError."""
+    from hybridlm.train.tokenizer import saved_eos_id
+
+    (tmp_path / SPEC_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    assert exported_files(tmp_path) == {}
+    assert saved_eos_id(tmp_path) is None
+    with pytest.raises(DataError, match="unreadable"):
+        load_tokenizer(tmp_path)

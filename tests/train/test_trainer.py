@@ -753,3 +753,24 @@ def test_a_huge_batch_with_pipeline_microbatches_that_do_not_split_it_is_refused
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing left behind
+
+
+def test_train_device_refuses_the_gpu_index_one_past_the_last(monkeypatch):
+    """GPUs count from 0: on a machine of 2, cuda:2 is the first index that does not exist."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"^train\.device: 'cuda:2': this machine has 2 CUDA device\(s\)$"):
+        resolve_device("cuda:2")
+
+
+def test_the_microbatches_hint_lists_the_square_root_of_a_square_batch(monkeypatch, tmp_path):
+    """The batch's divisors are found up to its square root: that root itself (4 of 16) is one of them."""
+    from hybridlm.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_dist", lambda device: (0, 2))  # rank 0 of 2: dp 1 x pp 2
+    monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", lambda box, src: None)
+    run = tiny_run("model.pattern=M-|*-", "parallel.pp=2", "parallel.microbatches=3", "train.batch_size=16")
+    with pytest.raises(ConfigError, match=r"--set parallel\.microbatches=2 or 4 or 8 or 16, or a train\.batch_size"):
+        Trainer(run, run_dir=tmp_path / "run", progress=False)
