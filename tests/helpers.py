@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import random
+import sys
 import types
 from pathlib import Path
 
@@ -249,14 +251,48 @@ class _Float64Torch(types.ModuleType):
 @contextlib.contextmanager
 def hf_in_float64(*modules: types.ModuleType):
     """Run transformers ``modules`` in float64 throughout: their RMSNorms, softmaxes, RoPE angles and scans
-    upcast with ``torch.float32`` / ``.float()``, which would otherwise round a float64 comparison at 1e-7."""
+    upcast with ``torch.float32`` / ``.float()``, which would otherwise round a float64 comparison at 1e-7.
+    Their kernel-backed functions run the torch code they wrap: where fla, mamba_ssm or causal_conv1d is
+    installed (a GPU machine), transformers puts that package's kernel in the torch function's place at import,
+    and a Triton kernel cannot read CPU tensors, nor compute in float64."""
     old, old_float = [m.torch for m in modules], torch.Tensor.float
+    kernels = [(m, name, f) for m in modules for name, f in vars(m).items() if _kernel_backed(f, m)]
     for m in modules:
         m.torch = _Float64Torch("torch")
+    for m, name, f in kernels:
+        setattr(m, name, f.__wrapped__)
     torch.Tensor.float = lambda self, *args, **kwargs: self.to(torch.float64)
     try:
         yield
     finally:
         for m, t in zip(modules, old):
             m.torch = t
+        for m, name, f in kernels:
+            setattr(m, name, f)
         torch.Tensor.float = old_float
+
+
+def with_imported_models(module: types.ModuleType) -> tuple[types.ModuleType, ...]:
+    """``module`` and the transformers model modules whose classes it imports (transformers 5.17's NemotronH takes its
+    gated norm from Zamba2's, which upcasts there): what :func:`hf_in_float64` must patch for ``module``."""
+    imported = {vars(module)["__name__"]}
+    imported |= {
+        v.__module__
+        for v in vars(module).values()
+        if isinstance(v, type) and v.__module__.startswith("transformers.models.") and ".modeling_" in v.__module__
+    }
+    return tuple(sys.modules[name] for name in sorted(imported))
+
+
+def _kernel_backed(f: object, module: types.ModuleType) -> bool:
+    """Whether ``f`` is one of ``module``'s torch functions that transformers' ``use_kernel_func_from_hub_with_fallback``
+    wraps (``functools.wraps``: ``__wrapped__`` is the torch code, defined in ``module`` itself)."""
+    wrapped = getattr(f, "__wrapped__", None)
+    return callable(f) and callable(wrapped) and getattr(wrapped, "__module__", None) == module.__name__
+
+
+def hf_cache_kwarg(module: torch.nn.Module, cache: object) -> dict[str, object]:
+    """``{name: cache}`` under the name ``module.forward`` takes its cache by: ``cache`` since transformers 5.25,
+    ``past_key_values`` (attention) or ``cache_params`` (Mamba2, Gated DeltaNet) before."""
+    names = inspect.signature(module.forward).parameters
+    return {next(n for n in ("cache", "past_key_values", "cache_params") if n in names): cache}

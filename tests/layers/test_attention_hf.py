@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from hybridlm.infer.cache import InferenceCache  # noqa: E402
 from hybridlm.layers import Attention, SequenceContext  # noqa: E402
 from hybridlm.layers.rope import rope_cos_sin  # noqa: E402
-from tests.helpers import assert_same_gradients, hf_in_float64, rel_err, tiny_config  # noqa: E402
+from tests.helpers import assert_same_gradients, hf_cache_kwarg, hf_in_float64, rel_err, tiny_config  # noqa: E402
 from tests.layers.test_mixers import context, make  # noqa: E402
 
 TOL = 1e-12
@@ -65,7 +65,7 @@ def theirs_forward(theirs, rotary, x, positions, start: int = 0, cache=None):
     n = x.shape[1]
     allowed = torch.ones(n, start + n, dtype=torch.bool).tril(start)
     mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, float("-inf"))[None, None]
-    return theirs(x, position_embeddings=rotary(x, positions), attention_mask=mask, cache=cache)[0]
+    return theirs(x, position_embeddings=rotary(x, positions), attention_mask=mask, **hf_cache_kwarg(theirs, cache))[0]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
