@@ -174,3 +174,43 @@ def test_packed_attention_uses_flex_and_matches_the_dense_mask():
     assert_rel_close(out.double(), ref, 2e-2, "flex output")
     for g, r, name in zip(grads, ref_grads, "qkv"):
         assert_rel_close(g.double(), r, 3e-2, f"flex d{name}")
+
+
+def test_an_mtp_depth_in_bf16_at_4096_is_as_close_to_float64_as_the_main_head():
+    """bf16 autocast on the Triton kernels at L = 4096: an MTP depth's logits are about as far from the float64
+    model's as the main head's (its residual stream kept in float32, as the main stream is). The same forward with
+    the depth's stream forced to bf16 (what the depth did before) is run beside it, to show the check can tell."""
+    from hybridlm.ops.dispatch import paths_used, reset_paths
+
+    config = tiny_config(
+        "M-*-G-/M-*-G-", vocab_size=1024, hidden_size=256, ffn_hidden_size=512, num_attention_heads=8,
+        num_query_groups=2, mamba_num_heads=8, mamba_head_dim=64, mamba_state_dim=64, mamba_num_groups=1,
+        mamba_chunk_size=128, gdn_num_heads=4, gdn_head_dim=64, gdn_chunk_size=64,
+    )
+    model = HybridLM(config, seed=3, device="cuda")
+    ids = torch.randint(0, 1024, (2, 4096), generator=torch.Generator().manual_seed(3)).cuda()
+    block = model.mtp[0].blocks["0"]
+
+    def forward(bf16_stream: bool):
+        hook = block.register_forward_pre_hook(lambda m, args: (args[0].bfloat16(), *args[1:])) if bf16_stream else None
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids)
+        if hook is not None:
+            hook.remove()
+        return out
+
+    reset_paths()
+    out, old = forward(False), forward(True)
+    assert {paths_used().get(op) for op in ("ssd", "gated_delta")} == {"triton"}, paths_used()
+    with torch.no_grad():
+        exact = model.double()(ids)
+
+    def err(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    main, mtp, mtp_bf16 = err(out.logits, exact.logits), err(out.mtp_logits[0], exact.mtp_logits[0]), err(
+        old.mtp_logits[0], exact.mtp_logits[0]
+    )
+    print(f"relative error vs float64: main {main:.3g}, mtp {mtp:.3g}, mtp with a bf16 stream {mtp_bf16:.3g}")
+    assert mtp < 1.2 * main
+    assert mtp_bf16 > 1.1 * mtp  # else the comparison could not tell the two streams apart at this length
