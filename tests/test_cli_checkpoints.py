@@ -98,3 +98,70 @@ def test_a_training_state_outside_a_run_names_no_run(byte_model, tmp_path, capsy
     monkeypatch.chdir(tmp_path / "run" / "checkpoints")
     assert main(["generate", "step-000001", "--prompt", "x"]) == 2
     assert f"a training-state checkpoint of the run {tmp_path / 'run'} (DCP" in capsys.readouterr().err
+
+
+def test_convert_writes_shards_of_the_size_given(byte_model, tmp_path, capsys):
+    """--max-shard-size (bytes or with a unit, as save_pretrained reads "5GB") splits every directory a conversion
+    writes; the weights read back the same. --to megatron writes one file and refuses it; a bad size is named."""
+    import safetensors.torch
+
+    def shards(folder):
+        return len(list(folder.glob("model-*.safetensors")))
+
+    sizes = dict(safetensors.torch.load_file(byte_model / "model.safetensors"))
+    total = sum(t.nbytes for t in sizes.values())
+    assert total > 40_000  # else one shard could hold everything
+    assert (
+        main(["convert", str(byte_model), str(tmp_path / "hf"), "--to", "nemotron-h", "--max-shard-size", "20KB"]) == 0
+    )
+    assert shards(tmp_path / "hf") > 1
+    argv = ["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--from", "nemotron-h"]
+    assert main([*argv, "--max-shard-size", "19.5KiB"]) == 0
+    assert shards(tmp_path / "back") > 1
+    assert main(["convert", str(byte_model), str(tmp_path / "m.pt"), "--to", "megatron"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "m.pt"),
+                str(tmp_path / "mback"),
+                "--from",
+                "megatron",
+                "--max-shard-size",
+                "2e4",
+            ]
+        )
+        == 0
+    )
+    assert shards(tmp_path / "mback") > 1
+    original = hybridlm.load(byte_model).state_dict()
+    for folder in ("back", "mback"):
+        assert all(hybridlm.load(tmp_path / folder).state_dict()[k].equal(v) for k, v in original.items())
+    capsys.readouterr()
+    assert (
+        main(["convert", str(byte_model), str(tmp_path / "m2.pt"), "--to", "megatron", "--max-shard-size", "5GB"]) == 2
+    )
+    assert "--max-shard-size is not used with --to megatron" in capsys.readouterr().err
+    assert not (tmp_path / "m2.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["convert", str(byte_model), str(tmp_path / "hf2"), "--to", "nemotron-h", "--max-shard-size", "5XB"])
+    assert "'5XB' is not a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, size", [("5GB", 5 * 10**9), ("5e9", 5 * 10**9), ("512MiB", 2**29), ("1.5 gb", 15 * 10**8), ("100", 100)]
+)
+def test_shard_sizes_are_read_as_save_pretrained_reads_them(text, size):
+    from hybridlm.cli.checkpoints import byte_size
+
+    assert byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "0.5", "5XB", "GB", "inf", "nan", "1e400", ""])
+def test_a_shard_size_that_is_not_one_is_named(text):
+    import argparse
+
+    from hybridlm.cli.checkpoints import byte_size
+
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{text!r} is not a size: give bytes"):
+        byte_size(text)

@@ -391,3 +391,23 @@ def test_a_leftover_that_cannot_be_removed_is_not_named_as_removed(tmp_path, mon
     monkeypatch.setattr(io.shutil, "rmtree", lambda p, **kw: None if p.name == ".step-000002.tmp" else real(p, **kw))
     assert io.remove_leftovers(tmp_path) == [".step-000003.del-0123abcd"]
     assert (tmp_path / ".step-000002.tmp").is_dir()
+
+
+def test_a_bad_shard_size_is_refused_before_any_weight_is_gathered_or_read(tmp_path, monkeypatch):
+    """save() gathered (a collective under FSDP) and copied every weight to the host, and the conversions read
+    every source file, before a bad max_shard_size was refused."""
+    from hybridlm.checkpoint import hf_nemotron, megatron, weights
+
+    path = hybridlm.save(HybridLM(tiny_config("M-*-", vocab_size=257)), tmp_path / "ck")
+    (path / "model.safetensors").write_bytes(b"damaged")  # read by any conversion that gets that far
+    monkeypatch.setattr(weights, "canonical_state_dict", lambda model: pytest.fail("gathered before the check"))
+    cases = [
+        lambda: hybridlm.save(HybridLM(tiny_config("M-")), tmp_path / "out", max_shard_size="5GB"),
+        lambda: hf_nemotron.convert_to_nemotron_h(path, tmp_path / "hf", max_shard_size=0),
+        lambda: hf_nemotron.convert_from_nemotron_h(path, tmp_path / "back", max_shard_size=-1),
+        lambda: megatron.convert_from_megatron(path / "model.safetensors", tmp_path / "m", max_shard_size=None),
+    ]
+    for case in cases:
+        with pytest.raises(CheckpointError, match="max_shard_size must be a positive number of bytes"):
+            case()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -20,6 +20,7 @@ from .io import (
     DEFAULT_MAX_SHARD_SIZE,
     MAX_LISTED,
     check_replaceable,
+    check_shard_size,
     destination,
     dominant_dtype,
     fit_problems,
@@ -253,6 +254,7 @@ def convert_to_nemotron_h(
     content; the CLI adds the byte tokenizer's Hugging Face files) are written too.
     """
     src, what = Path(src), "a Hugging Face NemotronH directory"
+    check_shard_size(max_shard_size)
     config = read_config(src)
     check_exportable(config)  # before reading any weights
     check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
@@ -499,6 +501,7 @@ def convert_from_nemotron_h(
     content; the CLI adds our tokenizer spec naming :func:`hf_eos_token_id`), into hybridlm checkpoint ``dst``
     (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
     src = Path(src)
+    check_shard_size(max_shard_size)
     files = _aux_files(src) | dict(extra_files or {})
     check_destination(dst, src, files)
     config, tensors = import_nemotron_h(src)

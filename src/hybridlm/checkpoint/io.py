@@ -248,6 +248,15 @@ def refuse_losing_checkpoint(path: Path, extra_names: set[str]) -> None:
     refuse_losing(path, replaced, "model-*-of-*.safetensors", "(or pass them as extra files)")
 
 
+def check_shard_size(max_shard_size: object) -> None:
+    """Refuse (CheckpointError) a ``max_shard_size`` that is not a positive number of bytes: the writers call it
+    before gathering or reading any weights."""
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0:
+        # A "5GB" (as transformers' save_pretrained takes) failed inside the sharding: "'>' not supported between
+        # instances of 'int' and 'str'".
+        raise CheckpointError(f"max_shard_size must be a positive number of bytes, such as 5e9; got {max_shard_size!r}")
+
+
 def write_directory(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -264,10 +273,7 @@ def write_directory(
     rename it to ``path``. An existing ``path`` is replaced only if empty or its config.json has ``config``'s
     ``key`` value (else CheckpointError: ``what`` names the kind it must be), checked before and after writing.
     """
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real) or not max_shard_size > 0:
-        # A "5GB" (as transformers' save_pretrained takes) failed inside the sharding: "'>' not supported between
-        # instances of 'int' and 'str'".
-        raise CheckpointError(f"max_shard_size must be a positive number of bytes, such as 5e9; got {max_shard_size!r}")
+    check_shard_size(max_shard_size)
     path = destination(path)
     for name in extra_files or ():  # ours to write (weights, index, config.json), or outside the folder
         if Path(name).name != name or name in ("", ".", "..", CONFIG_NAME, INDEX_NAME) or name.endswith(".safetensors"):

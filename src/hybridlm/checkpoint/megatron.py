@@ -29,7 +29,16 @@ from .adapter import (
     to_foreign,
     under,
 )
-from .io import MAX_LISTED, check_fit, full_cpu, load_safetensors, replace_file, resolved
+from .io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    MAX_LISTED,
+    check_fit,
+    check_shard_size,
+    full_cpu,
+    load_safetensors,
+    replace_file,
+    resolved,
+)
 from .io import meta_shapes as canonical_shapes  # re-exported: canonical name -> shape of a config
 from .weights import check_destination, read_config, read_tensors, save_state_dict
 
@@ -391,9 +400,13 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
     return save_megatron(tensors, dst, config)
 
 
-def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig | None = None) -> Path:
+def convert_from_megatron(
+    src: str | Path, dst: str | Path, config: ModelConfig | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+) -> Path:
     """Convert Megatron state-dict file ``src`` (see :func:`load_megatron`) to hybridlm checkpoint directory ``dst``
-    (replaced atomically if it is one), with ``config`` or else the one at ``<src>.hybridlm.json``. Returns ``dst``."""
+    (replaced atomically if it is one; weights sharded above ``max_shard_size`` bytes), with ``config`` or else
+    the one at ``<src>.hybridlm.json``. Returns ``dst``."""
+    check_shard_size(max_shard_size)
     check_destination(dst, src)
     _source(Path(src))
     # The config before the weights: a missing or invalid one is refused without reading a file of many GB first.
@@ -413,4 +426,4 @@ def convert_from_megatron(src: str | Path, dst: str | Path, config: ModelConfig 
         canonical = from_megatron(config, state)
     except CheckpointError as e:  # the file and the config disagree: say which file, and whose config
         raise CheckpointError(f"{src} (read with {given}): {e}") from None
-    return save_state_dict(canonical, config, dst)
+    return save_state_dict(canonical, config, dst, max_shard_size=max_shard_size)

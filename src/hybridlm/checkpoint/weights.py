@@ -23,6 +23,7 @@ from .io import (
     check_fit,
     check_format,
     check_replaceable,
+    check_shard_size,
     destination,
     dominant_dtype,
     file_sha256,
@@ -120,6 +121,7 @@ def save(
     Returns:
         The checkpoint directory.
     """
+    check_shard_size(max_shard_size)  # before the gather (collective under FSDP) and the copy to the host
     return save_state_dict(
         canonical_state_dict(model), model.config, path, max_shard_size=max_shard_size, extra_files=extra_files
     )

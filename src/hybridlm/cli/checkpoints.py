@@ -57,13 +57,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from ..checkpoint.megatron import convert_from_megatron
 
         config = _megatron_config(args.config) if args.config is not None else None
-        out = convert_from_megatron(args.src, args.dst, config)
+        out = convert_from_megatron(args.src, args.dst, config, **_shard_size(args))
         print(f"wrote {out}")
         return 0
     if args.config is not None:
         raise UsageError("--config is only used with --from megatron")
+    if args.max_shard_size is not None and args.to == "megatron":
+        raise UsageError("--max-shard-size is not used with --to megatron (it writes one state-dict file)")
     src = model_folder(args.src, "src") if args.to else args.src  # --to: a checkpoint, or a run's model/
-    kw = {"verify": False} if args.no_verify else {}
+    kw = ({"verify": False} if args.no_verify else {}) | _shard_size(args)
     if args.to == "nemotron-h":  # transformers' generation stops at it; a byte tokenizer as a tokenizer.json
         kw |= {"eos_token_id": saved_eos_id(Path(src)), "extra_files": exported_files(Path(src))}
     elif args.from_ == "nemotron-h":  # and ours: keep the id the Hugging Face config names
@@ -71,6 +73,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert(src, args.dst, **kw)
     print(f"wrote {out}")
     return 0
+
+
+def _shard_size(args: argparse.Namespace) -> dict[str, int]:
+    return {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
+
+
+#: Units of --max-shard-size, as transformers' save_pretrained reads "5GB" (decimal) and "5GiB" (binary).
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912, ``"5e9"`` -> 5_000_000_000 (argparse type)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    try:
+        size = float(match[1]) * _UNITS[match[2].lower()] if match else 0.0
+    except (ValueError, KeyError):
+        size = 0.0
+    if not 1 <= size < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes (5e9) or a number with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    return int(size)
 
 
 def _megatron_config(path: str):
@@ -119,6 +146,14 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="--from megatron: the model's config, a ModelConfig JSON or a hybridlm checkpoint (folder or its "
         "config.json); default: <SRC>.hybridlm.json",
+    )
+    ap.add_argument(
+        "--max-shard-size",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="split the weights written into safetensors files of at most SIZE (bytes, or with a unit: 5GB, "
+        "500MiB); not with --to megatron. Default: 5GB, as Hugging Face's save_pretrained",
     )
     ap.add_argument(
         "--no-verify",
