@@ -183,9 +183,20 @@ def test_an_mtp_depth_in_bf16_at_4096_is_as_close_to_float64_as_the_main_head():
     from hybridlm.ops.dispatch import paths_used, reset_paths
 
     config = tiny_config(
-        "M-*-G-/M-*-G-", vocab_size=1024, hidden_size=256, ffn_hidden_size=512, num_attention_heads=8,
-        num_query_groups=2, mamba_num_heads=8, mamba_head_dim=64, mamba_state_dim=64, mamba_num_groups=1,
-        mamba_chunk_size=128, gdn_num_heads=4, gdn_head_dim=64, gdn_chunk_size=64,
+        "M-*-G-/M-*-G-",
+        vocab_size=1024,
+        hidden_size=256,
+        ffn_hidden_size=512,
+        num_attention_heads=8,
+        num_query_groups=2,
+        mamba_num_heads=8,
+        mamba_head_dim=64,
+        mamba_state_dim=64,
+        mamba_num_groups=1,
+        mamba_chunk_size=128,
+        gdn_num_heads=4,
+        gdn_head_dim=64,
+        gdn_chunk_size=64,
     )
     model = HybridLM(config, seed=3, device="cuda")
     ids = torch.randint(0, 1024, (2, 4096), generator=torch.Generator().manual_seed(3)).cuda()
@@ -208,8 +219,10 @@ def test_an_mtp_depth_in_bf16_at_4096_is_as_close_to_float64_as_the_main_head():
     def err(a, b):
         return float((a.double() - b).norm() / b.norm())
 
-    main, mtp, mtp_bf16 = err(out.logits, exact.logits), err(out.mtp_logits[0], exact.mtp_logits[0]), err(
-        old.mtp_logits[0], exact.mtp_logits[0]
+    main, mtp, mtp_bf16 = (
+        err(out.logits, exact.logits),
+        err(out.mtp_logits[0], exact.mtp_logits[0]),
+        err(old.mtp_logits[0], exact.mtp_logits[0]),
     )
     print(f"relative error vs float64: main {main:.3g}, mtp {mtp:.3g}, mtp with a bf16 stream {mtp_bf16:.3g}")
     assert mtp < 1.2 * main

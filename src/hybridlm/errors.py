@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "HybridLMError",
+    "NonFiniteLogitsError",
     "PatternError",
     "UsageError",
 ]
@@ -39,6 +40,18 @@ class TrainingDivergedError(HybridLMError, RuntimeError):
     """Training stopped: the loss or gradient was not finite for too many steps in a row."""
 
 
+class NonFiniteLogitsError(HybridLMError, RuntimeError):
+    """Generation stopped: the model's logits for a token of prompt ``row`` (0-based) were NaN or inf (damaged
+    weights, or an overflow). The message starts with ``where`` (default ``prompt <row>``)."""
+
+    def __init__(self, row: int, message: str, where: str | None = None) -> None:
+        self.row, self.message, self.where = row, message, where
+        super().__init__(f"{where or f'prompt {row}'}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.row, self.message, self.where))
+
+
 class DataError(HybridLMError, ValueError):
     """Training or evaluation data is missing or malformed."""
 
@@ -48,4 +61,12 @@ class UsageError(HybridLMError, ValueError):
 
 
 #: Errors the CLI reports as ``error: ...`` (exit status 2) rather than as a traceback.
-USER_ERRORS = (PatternError, ConfigError, CheckpointError, DataError, UsageError, TrainingDivergedError)
+USER_ERRORS = (
+    PatternError,
+    ConfigError,
+    CheckpointError,
+    DataError,
+    UsageError,
+    TrainingDivergedError,
+    NonFiniteLogitsError,
+)

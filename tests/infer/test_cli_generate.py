@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from hybridlm import HybridLM, generate, save
 from hybridlm.cli import main
@@ -660,3 +661,22 @@ def test_a_jsonl_record_json_cannot_read_is_named_by_its_line(checkpoint, capsys
     (tmp_path / "p.jsonl").write_text('{"prompt": "ab"}\n' + line + "\n")
     code, out, err = run(capsys, path, "--prompts-file", tmp_path / "p.jsonl")
     assert code == 2 and out == "" and "p.jsonl:2: not a JSON object (" in err and "unexpected" not in err, err
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_nan_logits_exit_2_naming_the_prompt_by_its_flag_after_what_came_before(tmp_path, capsys, batch_size):
+    """A checkpoint with a NaN weight printed garbage (token 0 after token 0, greedily) with exit status 0; now what
+    was generated before the NaN is printed and the prompt whose logits it reached is named by its flag."""
+    path = tmp_path / "model"
+    model = HybridLM(tiny_config("M[*-]/[*-]", vocab_size=257), seed=0)
+    tok = ByteTokenizer()
+    clean = generate(model, tok.encode("x"), 4)
+    bad = next(c for c in "yzqw" if tok.encode(c)[-1] not in clean)
+    with torch.no_grad():
+        model.embeddings.weight[tok.encode(bad)[-1]] = float("nan")
+    save(model, path, extra_files=tok.files())
+    argv = [path, "--prompt", "x", "--prompt", bad, "--greedy", "--max-new-tokens", 4, "--batch-size", batch_size]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.startswith("error: --prompt number 2: the logits for new token 1 (position "), err
+    # One prompt at a time, the first has its text; in one batch, the first step already fails: the prompts alone.
+    assert out.startswith("x" + tok.decode(clean)) if batch_size == 1 else out == f"x\n{bad}\n", out

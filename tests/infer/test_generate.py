@@ -355,3 +355,77 @@ def test_a_batch_array_of_no_rows_gives_no_outputs():
         for kw in ({}, {"use_cache": False}, {"speculative": "mtp"}):
             assert generate(model, batch, 3, **kw) == []
     assert generate(model, torch.tensor([[1, 2]]), 2) == [generate(model, [1, 2], 2)]  # a batch of one stays one
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"use_cache": False}, {"temperature": 1.0, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.2}],
+    ids=["greedy", "uncached", "sampled"],
+)
+def test_nan_logits_stop_generation_naming_the_prompt_and_the_token(kwargs):
+    """A NaN in the weights gave garbage silently: greedy took the argmax of NaN logits (token 0, every step), and
+    sampling died in multinomial ("probability tensor contains either inf, nan") naming no step. Here the
+    embedding of the row's first new token is NaN, so the logits of its second one are: the error names both."""
+    from hybridlm.errors import NonFiniteLogitsError
+
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    prompts = [[4, 5], [1, 2, 3]]
+    first = generate(model, prompts, 1, **kwargs)
+    with torch.no_grad():
+        model.embeddings.weight[first[1][0]] = float("nan")
+    assert first[1][0] not in (4, 5) and generate(model, [4, 5], 1, **kwargs) == first[0]  # row 0 is fine at first
+    with pytest.raises(NonFiniteLogitsError, match=r"^prompt 1: the logits for new token 2 \(position 4 of the seq"):
+        generate(model, prompts, 5, **kwargs)
+
+
+def test_inf_logits_are_refused_from_the_first_token_and_a_finished_row_is_not_checked():
+    from hybridlm.errors import NonFiniteLogitsError
+
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("inf"))  # inf * h: inf and -inf, and NaN where they meet
+    for temperature in (0.0, 1.0):
+        with pytest.raises(NonFiniteLogitsError, match=r"^prompt 0: the logits for new token 1 \(position 3 "):
+            generate(model, [1, 2, 3], 4, temperature=temperature)
+    # A row that has ended at eos_id keeps decoding in the batch (its tokens dropped): its logits do not matter.
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    first = generate(model, [[4, 5], [1, 2, 3]], 1)
+    with torch.no_grad():
+        model.embeddings.weight[first[1][0]] = float("nan")
+    assert generate(model, [[4, 5], [1, 2, 3]], 3, eos_id=first[1][0])[1] == first[1]
+
+
+def test_the_sampler_flags_rows_without_a_pickable_token_and_still_samples_the_others():
+    """A NaN, a +inf or no finite logit flags a row (its token means nothing); -inf beside finite logits is a token
+    that cannot be picked, not an error. The flagged rows sample without multinomial failing on them."""
+    from hybridlm.infer.generate import Sampler
+
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[0.0, nan, 1.0], [0.0, inf, 1.0], [-inf, -inf, -inf], [-inf, 0.0, 2.0], [0.0, 5.0, 1.0]])
+    for temperature in (0.0, 1.0):
+        tokens, bad = Sampler(temperature=temperature, top_p=0.9, seed=0).pick(logits)
+        assert bad.tolist() == [True, True, True, False, False] and tokens[3:].tolist() == [2, 1]
+
+
+def test_nan_logits_in_the_speculative_verify_window_are_named_by_their_token():
+    """With drafts that are all right, the NaN logits sit inside a verify window (not at its first position): the
+    error names the token they were to pick, as plain greedy decoding does. (MLP blocks only: a NaN input reaches
+    the earlier positions of a window through attention and the chunked scans, as 0 * NaN.)"""
+    from hybridlm.errors import NonFiniteLogitsError
+    from hybridlm.infer.speculative import _Depths
+
+    model = HybridLM(tiny_config("-/-/-"), seed=0)
+    prompt = [1, 2, 3]
+    truth = prompt + generate(model, prompt, 8)
+    with torch.no_grad():
+        model.embeddings.weight[truth[5]] = float("nan")  # the logits of new token 4 (position 6)
+    assert truth[5] not in truth[:5]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Depths, "draft", lambda self, tokens, num: truth[len(tokens) : len(tokens) + num])
+        for kwargs in ({"speculative": "mtp"}, {}):
+            with pytest.raises(NonFiniteLogitsError, match=r"^prompt 0: the logits for new token 4 \(position 6 "):
+                generate(model, prompt, 8, **kwargs)
+    # In a batch, prompts run one at a time: the error names the prompt's index in the batch, not 0.
+    with pytest.raises(NonFiniteLogitsError, match=r"^prompt 1: the logits for new token 1 \(position 1 ") as info:
+        generate(model, [[1], [truth[5]]], 3, speculative="mtp")
+    assert info.value.row == 1

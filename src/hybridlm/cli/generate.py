@@ -241,7 +241,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint.weights import load, read_config
-    from ..errors import DataError, UsageError
+    from ..errors import DataError, NonFiniteLogitsError, UsageError
     from ..infer.generate import generate
     from ..train.tokenizer import build_tokenizer, load_tokenizer
     from . import model_folder
@@ -304,6 +304,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
+        except NonFiniteLogitsError as e:  # what came before the bad logits, then the prompt named as it was given
+            _print_rows(batch, rows, stream, separate=False)
+            raise NonFiniteLogitsError(start + e.row, e.message, where=given[start + e.row][1]) from None
         except KeyboardInterrupt:  # show what this batch has so far (held-back characters too), then stop
             _print_rows(batch, rows, stream, separate=False)
             raise

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
 
@@ -131,6 +132,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) -> (B,) int64 token ids."""
+        return self.pick(logits)[0]
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: (B, V) -> (B,) int64 token ids and the (B,) bool :func:`nonfinite` flags of the rows, both left on
+        the device: the caller reads them back together, so the check costs no synchronization of its own. A flagged
+        row's token means nothing."""
+        bad = nonfinite(logits)
+        return self._pick(logits, bad), bad
+
+    def _pick(self, logits: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         # float32 (bf16 logits), float64 in a float64 model: rounding its logits to float32 made near-tied
         # ones equal, and argmax then took the lower id where the full forward (and speculation) did not.
         logits = logits.to(accumulation_dtype(logits))
@@ -141,6 +152,9 @@ class Sampler:
             logits = torch.where(self.seen, penalized.nan_to_num(nan=0.0, neginf=float("-inf")), logits)
         if self.temperature == 0:
             return logits.argmax(dim=-1)
+        # A flagged row samples uniformly instead: multinomial on its NaN probabilities fails inside the kernel (on
+        # CUDA a device-side assert, which ends the process's use of the GPU), before the caller can name the row.
+        logits = logits.masked_fill(bad[:, None], 0.0)
         # The best logit becomes 0 first, so that a tiny temperature gives -inf, not inf - inf = NaN; one below
         # float32's smallest normal number (1e-300 is 0 in float32, and 0 / 0 is NaN) divides as that number.
         logits = (logits - logits.amax(-1, keepdim=True)) / max(self.temperature, torch.finfo(logits.dtype).tiny)
@@ -263,6 +277,7 @@ def generate(
                         _row_callback(callback, i),
                         stats,
                         draft_tokens=draft_tokens,
+                        row=i,
                     )
                     for i, row in enumerate(rows)
                 ]
@@ -275,6 +290,30 @@ def generate(
     finally:
         model.train(was_training)
     return out[0] if single else out
+
+
+def nonfinite(logits: torch.Tensor) -> torch.Tensor:
+    """logits: (B, V) -> (B,) bool, True where a row holds a NaN or +inf, or no finite value (all -inf): logits
+    no token can be picked from (argmax reads NaN as the largest value; sampling gets NaN probabilities). One
+    reduction: ``amax`` propagates NaN."""
+    return ~torch.isfinite(logits.amax(-1))
+
+
+def check_finite(
+    bad: Sequence[bool], done: Sequence[bool], prompt_lens: Sequence[int], made: Sequence[int], first: int = 0
+) -> None:
+    """Raise :class:`~hybridlm.errors.NonFiniteLogitsError` for the first row ``r`` still generating (not
+    ``done[r]``) whose logits were flagged (``bad[r]``, see :func:`nonfinite`): they were to pick its new token
+    ``made[r] + 1``, at position ``prompt_lens[r] + made[r]`` of its sequence. The error names prompt
+    ``first + r`` (``first``: the batch's index of row 0)."""
+    for r, flagged in enumerate(bad):
+        if flagged and not done[r]:
+            raise NonFiniteLogitsError(
+                first + r,
+                f"the logits for new token {made[r] + 1} (position {prompt_lens[r] + made[r]} of the sequence, "
+                "counted from 0 with the prompt) are not finite (NaN or inf): the model's weights or activations "
+                "hold NaN or inf (damaged weights, or an overflow in float16); no token can be picked from them",
+            )
 
 
 def _plain(x):
@@ -337,18 +376,20 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_id, callback, s
     sampler.observe(rows, vocab, device)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
+    lens = [len(row) for row in rows]
     last: list[torch.Tensor | None] = [None] * len(rows)
     t0 = _sync(device)
     for step in range(max_new_tokens):
         for r, ids in enumerate(seqs):
             if not done[r]:  # a finished row is sampled still (its token dropped), as in the cached batch
                 last[r] = model(ids).logits[:, -1]
-        tokens = sampler(torch.cat(last))
+        tokens, bad = sampler.pick(torch.cat(last))
         sampler.observe(tokens, vocab, device)
         if step == 0:
             t1 = _sync(device)
             stats["prefill_tokens"] += sum(len(row) for row in rows)
             stats["prefill_seconds"] += t1 - t0
+        check_finite(bad.tolist(), done, lens, [len(new) for new in out])
         for r, token in enumerate(tokens.tolist()):
             if not done[r]:
                 done[r] = _accept(out[r], token, r, eos_id, callback)
@@ -424,13 +465,14 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, c
 
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
+    lens = [len(row) for row in rows]
     steps = 0
     reader = _TokenReader(B, device)
     t1 = _sync(device)
-    tokens = sampler(logits)
+    tokens, bad = sampler.pick(logits)
     for i in range(max_new_tokens):
         sampler.observe(tokens, model.config.vocab_size, device)
-        reader.start(tokens)
+        reader.start(tokens, bad)
         more = i < max_new_tokens - 1
         if more:
             # The next step is queued before the host reads these tokens, so the device never
@@ -438,41 +480,47 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, c
             # wasted. Finished rows keep decoding; their tokens are dropped.
             logits = step(tokens[:, None])
             steps += 1
-        for r, token in enumerate(reader.finish()):
+        picked, flagged = reader.finish()
+        check_finite(flagged, done, lens, [len(new) for new in out])
+        for r, token in enumerate(picked):
             if not done[r]:
                 done[r] = _accept(out[r], token, r, eos_id, callback)
         if all(done) or not more:
             break
-        tokens = sampler(logits)
+        tokens, bad = sampler.pick(logits)
     stats["decode_tokens"] += steps * B
     stats["decode_seconds"] += _sync(device) - t1
     return out
 
 
 class _TokenReader:
-    """Copies a step's (B,) token ids to the host without waiting for work queued after them.
+    """Copies a step's (B,) token ids and (B,) :func:`nonfinite` flags to the host without waiting for work queued
+    after them.
 
-    On CUDA the copy goes to pinned memory and an event marks its end, so reading the ids waits
-    for the copy only, not for the next decode step queued behind it.
+    On CUDA the copies go to pinned memory and an event marks their end, so reading them waits
+    for the copies only, not for the next decode step queued behind them.
     """
 
     def __init__(self, batch: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.host = torch.empty(batch, dtype=torch.long, pin_memory=True)
+            self.host_bad = torch.empty(batch, dtype=torch.bool, pin_memory=True)
             self.event = torch.cuda.Event()
         self.tokens: torch.Tensor | None = None
+        self.bad: torch.Tensor | None = None
 
-    def start(self, tokens: torch.Tensor) -> None:
+    def start(self, tokens: torch.Tensor, bad: torch.Tensor) -> None:
         if self.cuda:
             self.host.copy_(tokens, non_blocking=True)
+            self.host_bad.copy_(bad, non_blocking=True)
             # On the tokens' device's stream (not the current device's): the model may live on cuda:1.
             self.event.record(torch.cuda.current_stream(tokens.device))
         else:
-            self.tokens = tokens
+            self.tokens, self.bad = tokens, bad
 
-    def finish(self) -> list[int]:
+    def finish(self) -> tuple[list[int], list[bool]]:
         if self.cuda:
             self.event.synchronize()
-            return self.host.tolist()
-        return self.tokens.tolist()
+            return self.host.tolist(), self.host_bad.tolist()
+        return self.tokens.tolist(), self.bad.tolist()

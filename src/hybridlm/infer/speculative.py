@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .cache import InferenceCache
-from .generate import _accept, _sync, cache_allocation
+from .generate import _accept, _sync, cache_allocation, check_finite, nonfinite
 
 
 class _Depths:
@@ -87,11 +87,20 @@ class _Depths:
 
 @torch.no_grad()
 def mtp_generate(
-    model, prompt: list[int], max_new_tokens: int, eos_id, chunk_size: int, callback, stats, draft_tokens=None
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos_id,
+    chunk_size: int,
+    callback,
+    stats,
+    draft_tokens=None,
+    row: int = 0,
 ) -> list[int]:
     """Greedy generation for one prompt, drafting with the MTP depths (see the module docstring);
     ``draft_tokens`` drafts per round from the first depths (default: every depth). :func:`generate` checks
-    the arguments (a model with MTP depths among them)."""
+    the arguments (a model with MTP depths among them). ``row``: the prompt's index in the batch, which a
+    :class:`~hybridlm.errors.NonFiniteLogitsError` names."""
     device = next(model.parameters()).device
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     max_len = len(prompt) + max_new_tokens + k + 1
@@ -112,6 +121,7 @@ def mtp_generate(
     stats["prefill_seconds"] += t1 - t0
     tokens = list(prompt)
     new: list[int] = []
+    check_finite(nonfinite(logits[:, -1]).tolist(), [False], [len(prompt)], [0], row)
     done = _accept(new, int(logits[0, -1].argmax()), 0, eos_id, callback)
     tokens.append(new[-1])
     while not done and len(new) < max_new_tokens:
@@ -120,7 +130,7 @@ def mtp_generate(
         snap = cache.snapshot()
         cache.record_positions()
         out = model(window, cache=cache)
-        picks = out.logits[0].argmax(-1).tolist()
+        picks, bad = torch.stack([out.logits[0].argmax(-1), nonfinite(out.logits[0]).long()]).tolist()  # one readback
         a = 0
         while a < len(drafts) and drafts[a] == picks[a]:
             a += 1
@@ -135,7 +145,8 @@ def mtp_generate(
         stats["drafted"] += len(drafts)
         stats["accepted"] += a
         stats["verify_steps"] += 1
-        for token in [*drafts[:a], picks[a]]:
+        for j, token in enumerate([*drafts[:a], picks[a]]):  # window position j's logits picked this token
+            check_finite(bad[j : j + 1], [False], [len(prompt)], [len(new)], row)
             tokens.append(token)
             done = _accept(new, token, 0, eos_id, callback) or len(new) >= max_new_tokens
             if done:
