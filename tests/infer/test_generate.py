@@ -429,3 +429,24 @@ def test_nan_logits_in_the_speculative_verify_window_are_named_by_their_token():
     with pytest.raises(NonFiniteLogitsError, match=r"^prompt 1: the logits for new token 1 \(position 1 ") as info:
         generate(model, [[1], [truth[5]]], 3, speculative="mtp")
     assert info.value.row == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_nan_logits_are_named_on_cuda_through_the_pinned_readback(cuda_graph):
+    """On CUDA the flags come back through the token reader's pinned copy, behind the same event as the tokens; a
+    sampled row with NaN logits must not reach multinomial (a device-side assert ends the process's use of the GPU),
+    so the GPU still works after the error."""
+    from hybridlm.errors import NonFiniteLogitsError
+
+    model = HybridLM(tiny_config("M*-"), seed=0, device="cuda").eval()
+    prompts = [[4, 5], [1, 2, 3]]
+    first = generate(model, prompts, 1, cuda_graph=cuda_graph)
+    with torch.no_grad():
+        model.embeddings.weight[first[1][0]] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(
+            NonFiniteLogitsError, match=r"^prompt 1: the logits for new token 2 \(position 4 of the seq"
+        ):
+            generate(model, prompts, 5, temperature=temperature, cuda_graph=cuda_graph)
+    assert torch.ones(2, device="cuda").sum().item() == 2
