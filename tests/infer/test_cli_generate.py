@@ -680,3 +680,70 @@ def test_nan_logits_exit_2_naming_the_prompt_by_its_flag_after_what_came_before(
     assert code == 2 and err.startswith("error: --prompt number 2: the logits for new token 1 (position "), err
     # One prompt at a time, the first has its text; in one batch, the first step already fails: the prompts alone.
     assert out.startswith("x" + tok.decode(clean)) if batch_size == 1 else out == f"x\n{bad}\n", out
+
+
+def _byte_fallback_tokenizer(tmp_path):
+    """A tokenizer.json decoded as Llama's and Mistral's are: "▁" for spaces, and characters outside the vocabulary
+    as byte tokens (<0xF0>) that the ByteFallback decoder reads a run at a time."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from hybridlm.train.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "</s>": 1} | {f"<0x{b:02X}>": 2 + b for b in range(256)}
+    vocab |= {w: len(vocab) + i for i, w in enumerate(["▁", "a", "b", "▁a"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = tokenizers.normalizers.Replace(" ", "▁")
+    d = tokenizers.decoders
+    tok.decoder = d.Sequence([d.Replace("▁", " "), d.ByteFallback(), d.Fuse(), d.Strip(" ", 1, 0)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("text", ["a 🙂👍🏽日本語 " * 4, "日本" * 9 + "b a🙂", "ab 👨\u200d👩\u200d👧 " * 3])
+def test_a_long_completion_of_byte_fallback_tokens_streams_and_reads_as_its_whole_decode(tmp_path, capsys, text):
+    """A ByteFallback decoder reads a run of byte tokens that ends inside a character as a replacement character per
+    byte: the settled text took those for output that is not UTF-8 (the completion ended in replacement characters
+    where the whole decode has the emoji), and a context cut inside a run made the next emoji's bytes replacement
+    characters too, while the streamed text repeated pieces ("日本日本")."""
+    from hybridlm.cli.generate import _Completion
+
+    tok = _byte_fallback_tokenizer(tmp_path)
+    prompt, ids = tok.encode("ab"), tok.encode(text)
+    assert len(ids) >= 2 * _Completion.WINDOW and tok.decode(prompt + ids) == "ab" + text
+    for stream in (False, True):
+        row = _Completion(tok, [], stream, prompt=prompt, heading="")
+        assert not any(row.add(t) for t in ids)
+        row.finish()
+        assert row.text == text and row.settled > 0
+        assert capsys.readouterr().out == (text if stream else "")
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_text_where_the_model_picks_it(
+    checkpoint, capsys, monkeypatch, tmp_path
+):
+    """Decoding leaves a tokenizer.json's special tokens out of the text, so `--stop '<|im_end|>'` never matched:
+    a chat model went on past the end of its turn to --max-new-tokens."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hybridlm.infer import generate as module
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_end|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    stopped = []
+
+    def emitting(model, prompts, callback=None, **kwargs):
+        for row in range(len(prompts)):  # (a row ends at the first True)
+            stopped.append(next((i for i, token in enumerate((1, 3, 0, 1)) if callback(row, token)), None))
+        return [[1, 3, 0, 1] for _ in prompts]
+
+    monkeypatch.setattr(module, "generate", emitting)
+    for batch in ("1", "2"):
+        stopped.clear()
+        argv = ("--prompt", "a", "--prompt", "b", "--tokenizer", tmp_path / "tokenizer.json", "--batch-size", batch)
+        code, out, _ = run(capsys, checkpoint[0], *argv, "--stop", "<|im_end|>")
+        assert code == 0 and out.split("\n\n")[:2] == ["a b", "b b"] and stopped == [1, 1], out
+        stopped.clear()
+        code, out, _ = run(capsys, checkpoint[0], *argv)  # without the stop: the text goes on, the token left out
+        assert code == 0 and out.split("\n\n")[:2] == ["a b a b", "b b a b"] and stopped == [None, None], out

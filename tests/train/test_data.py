@@ -1,6 +1,7 @@
 """Tokenizers, corpora, packing with document boundaries, the stateless sampler, prepared token files."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -919,3 +920,35 @@ def test_a_text_folder_leaves_hidden_files_and_folders_out(tmp_path):
     (tmp_path / ".hidden_parent" / "data").mkdir(parents=True)  # only names under the folder count
     (tmp_path / ".hidden_parent" / "data" / "b.txt").write_text("kept")
     assert list(text_documents(str(tmp_path / ".hidden_parent" / "data"))) == ["kept"]
+
+
+def test_a_text_folder_reads_linked_folders_once_and_names_a_dangling_link(tmp_path):
+    """rglob read linked files but silently left out linked folders (a corpus of linked shards lost them)."""
+    (tmp_path / "shards" / "sub").mkdir(parents=True)
+    (tmp_path / "shards" / "sub" / "a.txt").write_text("linked")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "b.txt").write_text("own")
+    (tmp_path / "c" / "shards").symlink_to(tmp_path / "shards")
+    (tmp_path / "c" / "again").symlink_to(tmp_path / "shards")  # the same real folder: read once
+    (tmp_path / "shards" / "loop").symlink_to(tmp_path / "c")  # a link back up: no endless walk
+    assert sorted(text_documents(str(tmp_path / "c"))) == ["linked", "own"]
+    (tmp_path / "c" / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match=r"gone\.txt: a link to .*missing\.txt, which does not exist"):
+        list(text_documents(str(tmp_path / "c")))
+
+
+def test_a_text_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """rglob skipped a subfolder it was not allowed to list, and its documents with it, without a word."""
+    (tmp_path / "c" / "locked").mkdir(parents=True)
+    (tmp_path / "c" / "a.txt").write_text("top")
+    (tmp_path / "c" / "locked" / "b.txt").write_text("hidden from the reader")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataError, match=r"locked: cannot read this folder of the corpus \(Permission denied\)"):
+        list(text_documents(str(tmp_path / "c")))

@@ -81,19 +81,37 @@ class _Completion:
     WINDOW = 16
 
     def __init__(
-        self, tokenizer, stops: list[str], stream: bool, prompt: list[int] | None = None, heading: str = ""
+        self,
+        tokenizer,
+        stops: list[str],
+        stream: bool,
+        prompt: list[int] | None = None,
+        heading: str = "",
+        stop_ids: frozenset[int] = frozenset(),
     ) -> None:
-        self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+        """``stop_ids``: the special tokens that stop strings name, which end the text where the model picks them
+        (decoding leaves them out of the text, where no stop string would find them)."""
+        self.tokenizer, self.stops, self.stream, self.stop_ids = tokenizer, stops, stream, stop_ids
         self.heading = heading  # streamed before the first text: the prompt, once generation has started
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.context = list(prompt or [])[-self.CONTEXT :]  # the ids before ids[settled:]
+        self.context = self._context(list(prompt or []))  # the ids before ids[settled:]
         self.ids: list[int] = []
         self.settled, self.settled_text = 0, ""  # ids[:settled] decode to settled_text, whatever follows
         self.text, self.shown, self.stopped = "", 0, False
 
+    def _context(self, before: list[int]) -> list[int]:
+        """The last ids of ``before`` (at most ``CONTEXT``) that decode to text not starting inside a character.
+        A cut through a character's bytes is not harmless: a ByteFallback decoder (Llama's, Mistral's) reads a
+        run of byte tokens whole, and one that is not UTF-8 becomes a replacement character per byte, so the new
+        ids of that run (a complete emoji) decoded as replacement characters too, and streamed text repeated."""
+        context = before[-self.CONTEXT :]
+        while context and self.tokenizer.decode(context).startswith("\ufffd"):
+            context = context[1:]
+        return context
+
     def _decode(self, ids: list[int], context: list[int] | None = None) -> str:
         """The text of ``ids``, which follow ``context`` (default ``self.context``)."""
-        context = self.context if context is None else context[-self.CONTEXT :]
+        context = self.context if context is None else self._context(context)
         if not context:
             return self.tokenizer.decode(ids)
         prefix, text = self.tokenizer.decode(context), self.tokenizer.decode(context + ids)
@@ -102,16 +120,25 @@ class _Completion:
     def _settles(self, end: int, head: str, tail: str) -> bool:
         """Whether ``ids[settled:end]`` (decoding to ``head``) can be settled: ``tail``, the text of all pending ids,
         starts with it, and where ``head`` ends in a replacement character (the cut may split a byte sequence),
-        the ids after ``end`` decode to the rest of ``tail`` (output that is not UTF-8 settles too)."""
+        the ids after ``end`` decode to the rest of ``tail`` (output that is not UTF-8 settles too) and the pending
+        ids less the last one, two or three decode to text starting with ``head`` as well: a ByteFallback decoder
+        (Llama's, Mistral's) reads a whole run of byte tokens as a replacement character per byte while the run ends
+        inside a character, and those characters, once settled, stayed when the newest character was completed."""
         if not tail.startswith(head):
             return False
-        return (
-            not head.endswith("\ufffd")
-            or self._decode(self.ids[end:], self.context + self.ids[self.settled : end]) == tail[len(head) :]
+        if not head.endswith("\ufffd"):
+            return True
+        pending = self.ids[self.settled :]
+        return self._decode(self.ids[end:], self.context + self.ids[self.settled : end]) == tail[len(head) :] and all(
+            self._decode(pending[:-j]).startswith(head) for j in (1, 2, 3)
         )
 
     def add(self, token: int) -> bool:
         if self.stopped:
+            return True
+        if token in self.stop_ids:  # the text so far is all of it, characters held back for the stops too
+            self.stopped = True
+            self.finish()
             return True
         self.ids.append(token)
         start = max(0, len(self.settled_text) - self.hold)  # before it, earlier tokens searched the same text
@@ -121,7 +148,7 @@ class _Completion:
             for end in range(len(self.ids) - self.WINDOW, len(self.ids) - self.WINDOW - 4, -1):  # (a character
                 head = self._decode(self.ids[self.settled : end])  # is up to 4 byte tokens: not cut in one)
                 if self._settles(end, head, tail):
-                    self.context = (self.context + self.ids[self.settled : end])[-self.CONTEXT :]
+                    self.context = self._context(self.context + self.ids[self.settled : end])
                     self.settled, self.settled_text, tail = end, self.settled_text + head, tail[len(head) :]
                     break
         text = self.settled_text + tail
@@ -265,6 +292,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{source} has {tokenizer.vocab_size} token ids (end of text {tokenizer.eos_id}), more than the model's "
             f"vocabulary of {config.vocab_size}: the model was not trained with this tokenizer"
         )
+    special = tokenizer.special_tokens()
+    stop_ids = frozenset(special[s] for s in stops if s in special)  # (--stop '<|im_end|>')
     encoded = []
     for text, where in given:  # all of them before the model loads: a prompt it cannot tokenize, named
         try:
@@ -280,7 +309,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = encoded[start : start + args.batch_size]
         stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
         # A streamed prompt is printed with the first token: an error before it leaves stdout empty.
-        rows = [_Completion(tokenizer, stops, stream, prompt, heading=text) for prompt, text in zip(ids, batch)]
+        rows = [_Completion(tokenizer, stops, stream, p, text, stop_ids) for p, text in zip(ids, batch)]
         stats: dict = {}
         try:
             generate(
@@ -362,7 +391,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--stop",
         action="append",
-        help=r"stop a text at this string (repeatable; not printed; \n, \t, \r and \\ are read as escapes)",
+        help=r"stop a text at this string, or at the special token it names (repeatable; not printed; \n, \t, "
+        r"\r and \\ are read as escapes)",
     )
     ap.add_argument(
         "--batch-size", type=int, default=1, help="prompts generated together (left-padded; default: 1, streamed)"

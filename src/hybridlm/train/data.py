@@ -109,14 +109,32 @@ JSON_LINES = (".jsonl", ".ndjson")
 def _text_files(folder: Path) -> list[Path]:
     """The .txt files under ``folder``, then its JSON Lines files, each sorted; extensions in any case. Hidden
     files and folders are left out: editors' and tools' copies (``.ipynb_checkpoints/``, macOS's ``._x.txt``)
-    would add documents twice or fail to decode."""
-    found = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in (".txt", *JSON_LINES)
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    would add documents twice or fail to decode.
+
+    Linked folders are read as linked files are (``rglob`` read the files and silently left out the folders: a
+    corpus of linked shards lost them), each real folder once (a link back up would loop); a folder that cannot
+    be listed, or a link to nothing, is refused by name (``rglob`` left them out silently too)."""
+
+    def refuse(e: OSError) -> None:
+        raise DataError(f"{e.filename}: cannot read this folder of the corpus ({e.strerror})")
+
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # (a second link to a folder already read, or a link to one of its parents)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (which link reads a folder: the same each time)
+        for name in files:
+            path = Path(root, name)
+            if name.startswith(".") or path.suffix.lower() not in (".txt", *JSON_LINES):
+                continue
+            if path.is_symlink() and not path.exists():
+                raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
+            if path.is_file():  # (not a pipe or socket of that name)
+                found.append(path)
+    found.sort()
     return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
 
 

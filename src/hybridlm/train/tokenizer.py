@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def files(self) -> dict[str, str | bytes]: ...
 
+    def special_tokens(self) -> dict[str, int]: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, and 256 as end of document."""
@@ -45,6 +47,10 @@ class ByteTokenizer:
     def files(self) -> dict[str, str | bytes]:
         """Files that describe this tokenizer (name -> content), to store beside a model."""
         return {SPEC_NAME: json.dumps({"type": "byte", "vocab_size": 257, "eos_id": 256}) + "\n"}
+
+    def special_tokens(self) -> dict[str, int]:
+        """Special tokens (text -> id): none with a text (the end of document, 256, has none)."""
+        return {}
 
     def hf_files(self) -> dict[str, str]:
         """The same tokenizer as Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``), for an
@@ -137,6 +143,10 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    def special_tokens(self) -> dict[str, int]:
+        """The tokens marked special (text -> id), which :meth:`decode` leaves out of the text."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def files(self) -> dict[str, str | bytes]:
         spec = {"type": "hf", "file": "tokenizer.json", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
