@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -263,6 +264,33 @@ def test_signal_during_the_first_evaluation_saves_step_zero(tmp_path, reference,
     assert resumed.step == 0
     resumed.run_loop()
     assert_same_run(resumed, tmp_path, reference)
+
+
+def test_a_resume_at_step_zero_logs_the_first_evaluation_once(tmp_path):
+    """A signal during the first evaluation saves step 0 after that evaluation's row is written: the resume
+    evaluated and logged step 0 again (two step-0 rows in metrics.jsonl, where only a kill leaves rows twice),
+    and TensorBoard must keep the first part's step 0 rather than hide it."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    pytest.importorskip("torch.utils.tensorboard")
+    t = Trainer(tiny_run("train.steps=2"), run_dir=tmp_path, progress=False)
+    evaluate = t.evaluate
+
+    def first_evaluation():
+        os.kill(os.getpid(), signal.SIGTERM)
+        t.evaluate = evaluate
+        return evaluate()
+
+    t.evaluate = first_evaluation
+    with pytest.raises(TrainingInterrupted):
+        t.run_loop()
+    second = int(time.time())
+    while int(time.time()) == second:  # event files are named by the second they start in, then read in order
+        time.sleep(0.05)
+    Trainer(tiny_run("train.steps=2"), run_dir=tmp_path, resume=True, progress=False).run_loop()
+    assert [r["step"] for r in read_history(tmp_path / "metrics.jsonl") if "val_loss" in r] == [0, 2]
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_loss")] == [0, 2]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -3,12 +3,14 @@ and refused resumes leave no trace; write errors inside a save reach the user as
 
 import errno
 import os
+import signal
 
 import pytest
 
 from hybridlm.cli import main
 from hybridlm.errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError
 from hybridlm.train import rundir
+from hybridlm.train.signals import TrainingInterrupted
 from hybridlm.train.trainer import Trainer
 from tests.train.test_trainer import TINY_RUN, tiny_run
 
@@ -243,6 +245,25 @@ def test_a_resume_removes_what_interrupted_writes_left(tmp_path, caplog):
     assert not any((tmp_path / name).exists() for name in left)
     assert all((tmp_path / name).read_text() == "mine" for name in kept)
     assert "removed what interrupted writes left" in caplog.text
+
+
+def test_a_resume_stopped_while_it_removes_leftovers_frees_the_folder(tmp_path, monkeypatch):
+    """Ctrl-C while a resume deletes what a killed save left (seconds for a large checkpoint on a network file
+    system) stopped the start but kept the folder locked by this process until it exited: in a notebook, every
+    later run in that folder was refused as "in use by another run"."""
+    run = tiny_run("train.steps=4", "train.checkpoint_every=2")
+    Trainer(run, run_dir=tmp_path, progress=False).run_loop(until=2)
+    (tmp_path / "checkpoints" / ".step-000004.tmp").mkdir()
+
+    def interrupted(folder):
+        os.kill(os.getpid(), signal.SIGINT)  # the set-up's handler raises here
+        return []
+
+    monkeypatch.setattr(rundir, "remove_leftovers", interrupted)
+    with pytest.raises(TrainingInterrupted, match="while setting up"):
+        Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
+    assert tmp_path.resolve() not in rundir._HELD  # its flock released too
 
 
 def _claim_refused(path):

@@ -34,7 +34,13 @@ class Metrics:
     """Where training metrics go. Only the process of rank 0 writes."""
 
     def __init__(
-        self, run_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True, progress: bool | None = None
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        progress: bool | None = None,
+        resumed: bool = False,
     ):
         self.run_dir, self.total, self.enabled = run_dir, total_steps, enabled
         self.history: list[dict[str, Any]] = []
@@ -48,8 +54,9 @@ class Metrics:
 
                 # A resumed run records again the steps after its checkpoint that a killed run had logged:
                 # TensorBoard hides the earlier events from the first of them on (as metrics.jsonl's later
-                # rows count), where it showed both. A run from step 0 records step 0 again.
-                purge = start_step + 1 if start_step else 0
+                # rows count), where it showed both. A new run records step 0 again; a resume, even at
+                # step 0, records none of its checkpoint's step.
+                purge = start_step + 1 if start_step or resumed else 0
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 # (a warning: the CLI configures no logging, and an info line would never be seen)

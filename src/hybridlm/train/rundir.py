@@ -97,8 +97,12 @@ def claim(run_dir: str | Path | None, template: str, toml: str, resume: bool) ->
         check_replaceable(path / MODEL_DIR, "format", "hybridlm", "a hybridlm checkpoint")
         if path.is_dir():
             lock(path)
-            # Under the lock no write runs: what a killed run was writing is only taking room.
-            left = [*remove_leftovers(path), *remove_leftovers(path / CHECKPOINTS)]
+            try:
+                # Under the lock no write runs: what a killed run was writing is only taking room.
+                left = [*remove_leftovers(path), *remove_leftovers(path / CHECKPOINTS)]
+            except BaseException:  # Ctrl-C in a long removal: the folder is free again (not held until exit)
+                unlock(path)
+                raise
             if left:
                 logger.warning("%s: removed what interrupted writes left: %s", path, ", ".join(left))
         return path, []

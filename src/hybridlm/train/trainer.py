@@ -442,7 +442,8 @@ class Trainer:
             if resume:
                 set_aside_newer(self.run_dir, loaded)
             write_config(self.run_dir, run.to_toml())
-        self.metrics = Metrics(self.run_dir, t.steps, self.step, enabled=self.is_main, progress=progress)
+        self.resumed = resume
+        self.metrics = Metrics(self.run_dir, t.steps, self.step, self.is_main, progress, resumed=resume)
 
     # -- set-up helpers -------------------------------------------------------------------------
 
@@ -864,7 +865,8 @@ class Trainer:
             try:
                 # Inside the signal handling: a signal during the first evaluation saves step 0, so the
                 # folder can be resumed (else it held a run that could be neither resumed nor replaced).
-                first_val = last_val = self.evaluate() if self.step == 0 else None
+                # A resume at step 0 comes after that evaluation, which metrics.jsonl holds: not again.
+                first_val = last_val = self.evaluate() if self.step == 0 and not self.resumed else None
                 if first_val is not None:
                     self.metrics.record(self.step, {"val_loss": first_val}, console=False)
                     self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
