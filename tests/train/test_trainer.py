@@ -765,3 +765,53 @@ def test_the_microbatches_hint_lists_the_square_root_of_a_square_batch(monkeypat
     run = tiny_run("model.pattern=M-|*-", "parallel.pp=2", "parallel.microbatches=3", "train.batch_size=16")
     with pytest.raises(ConfigError, match=r"--set parallel\.microbatches=2 or 4 or 8 or 16, or a train\.batch_size"):
         Trainer(run, run_dir=tmp_path / "run", progress=False)
+
+
+def test_a_run_that_fails_closes_its_metrics_file_writer_and_bar(tmp_path):
+    """An error inside the loop (out of memory, a full disk) closes metrics.jsonl, the TensorBoard writer
+    (its writer thread and unwritten points) and the progress bar: in a notebook each failed run left them
+    open, and the next run's bar was drawn under the dead one."""
+    t = Trainer(tiny_run("train.steps=4", "train.device=cpu"), run_dir=tmp_path / "run", progress=True)
+    step = t.train_step
+
+    def fails_at_step_2():
+        if t.step == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return step()
+
+    t.train_step = fails_at_step_2
+    with pytest.raises(RuntimeError, match="simulated"):
+        t.run_loop()
+    assert t.metrics._jsonl.closed
+    assert t.metrics._bar.disable  # tqdm's close
+    if t.metrics._tb is not None:
+        assert t.metrics._tb.all_writers is None  # SummaryWriter's close
+    assert not (tmp_path / "run" / ".hybridlm.pid").exists()
+
+
+def test_train_threads_hold_inside_the_run_only(tmp_path):
+    """``train.threads`` is the run's (its set-up and loop), not the process's: torch.set_num_threads is
+    process-wide, and a notebook that trained with threads = 1 went on with one thread for everything."""
+    before = torch.get_num_threads()
+    n = 1 if before > 1 else 2
+    t = Trainer(
+        tiny_run("train.steps=1", f"train.threads={n}", "train.device=cpu"), run_dir=tmp_path / "r", progress=False
+    )
+    assert torch.get_num_threads() == before
+    seen, step = [], t.train_step
+    t.train_step = lambda: (seen.append(torch.get_num_threads()), step())[1]
+    t.run_loop()
+    assert seen == [n] and torch.get_num_threads() == before
+
+
+def test_a_second_run_loop_is_refused_with_the_way_on(tmp_path):
+    """run_loop(until=N) ends the trainer's run (metrics closed, folder freed): a second run_loop wrote its first
+    row to the closed metrics.jsonl ("ValueError: I/O operation on closed file") after training a step unlocked."""
+    run = tiny_run("train.steps=4", "train.device=cpu", "train.eval_every=100")
+    t = Trainer(run, run_dir=tmp_path / "r", progress=False)
+    t.run_loop(until=2)
+    with pytest.raises(RuntimeError, match=r"run_loop already ended, at step 2; .*resume=True"):
+        t.run_loop()
+    assert t.step == 2  # nothing trained
+    again = Trainer(run, run_dir=tmp_path / "r", resume=True, progress=False)
+    assert again.run_loop()["step"] == 4

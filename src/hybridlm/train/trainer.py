@@ -98,6 +98,22 @@ def configure_cuda_allocator() -> str:
     return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Inside, torch uses ``n`` CPU threads (``train.threads``; None or 0 leaves torch's choice); at the exit the
+    process's setting comes back: ``torch.set_num_threads`` is process-wide, and a notebook that trained with
+    ``threads = 1`` went on with one thread for everything else."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -> float:
     """bf16 matmul FLOP/s of this GPU, measured now (the MFU denominator)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -213,6 +229,10 @@ def _on_this_host(need: int | float) -> tuple[float, str]:
 class Trainer:
     """Builds everything a run needs and runs it.
 
+    Process-wide state, as a notebook sees it: the set-up seeds torch's global RNG with ``train.seed`` (as
+    transformers' Trainer seeds with its ``seed``), and a resume sets the global torch, CUDA and Python ``random``
+    states to the checkpoint's; ``train.threads`` holds only inside the set-up and :meth:`run_loop`.
+
     Args:
         run: the run configuration.
         run_dir: where the run lives (default: ``run.train.run_dir`` with ``{time}`` filled in).
@@ -239,14 +259,12 @@ class Trainer:
         check_kernels_device(self.device)
         self.rank, self.world = _dist(self.device)
         self.is_main = self.rank == 0
-        if t.threads:
-            torch.set_num_threads(t.threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-        with SetupSignals() as signals:  # a signal now raises, so that the clean-up below runs
+        with cpu_threads(t.threads), SetupSignals() as signals:  # a signal now raises, so that the clean-up below runs
             self._setup_signals = signals
             self.run_dir, created = self._claim_run_dir(run_dir, resume)
             try:
@@ -443,6 +461,7 @@ class Trainer:
                 set_aside_newer(self.run_dir, loaded)
             write_config(self.run_dir, run.to_toml())
         self.resumed = resume
+        self._loop_ended = False
         self.metrics = Metrics(self.run_dir, t.steps, self.step, self.is_main, progress, resumed=resume)
 
     # -- set-up helpers -------------------------------------------------------------------------
@@ -742,7 +761,6 @@ class Trainer:
             return
         if getattr(self, "_saved_step", None) != self.step:
             self.save_checkpoint()
-        self.metrics.close()
         raise TrainingInterrupted(
             signum,
             f"{signal_name(signum)} received: stopped at step {self.step} with a checkpoint in "
@@ -834,28 +852,41 @@ class Trainer:
                 dist.destroy_process_group()
 
     def run_loop(self, until: int | None = None) -> dict[str, Any]:
-        """Train to ``train.steps`` (or stop after step ``until``, saving a checkpoint). Returns a summary."""
+        """Train to ``train.steps`` (or stop after step ``until``, saving a checkpoint). Returns a summary.
+
+        Once per trainer: its end (at ``until``, on a signal, or on an error) closes the metrics and frees the
+        folder; to train on, build ``Trainer(run, run_dir, resume=True)``, which continues from the checkpoint."""
         t = self.run.train
-        stop = min(until, t.steps) if until is not None else t.steps
-        for line in self.describe():
-            self.metrics.print(line)
-        if self.step and self.step >= t.steps:  # a resume of a finished run: say so, not just "model saved"
-            self.metrics.print(
-                f"the run is complete at step {self.step} (train.steps = {t.steps}): nothing to train, the model is "
-                f"exported again; to train on, raise it (--set train.steps={2 * t.steps})"
+        if self._loop_ended:  # a second call wrote to the closed metrics.jsonl ("I/O operation on closed file")
+            raise RuntimeError(
+                f"{self.run_dir}: this trainer's run_loop already ended, at step {self.step}; to train on, build a "
+                f"new one: Trainer(run, run_dir={str(self.run_dir)!r}, resume=True) continues from the newest "
+                "checkpoint"
             )
-        start_time = time.time()
+        self._loop_ended = True
+        stop = min(until, t.steps) if until is not None else t.steps
         try:
-            with StopSignals() as signals:
-                summary = self._loop(stop, start_time, signals)
+            with cpu_threads(t.threads), StopSignals() as signals:
+                for line in self.describe():  # (inside: it shows the run's threads)
+                    self.metrics.print(line)
+                if self.step and self.step >= t.steps:  # a resume of a finished run: say so, not just "model saved"
+                    self.metrics.print(
+                        f"the run is complete at step {self.step} (train.steps = {t.steps}): nothing to train, the "
+                        f"model is exported again; to train on, raise it (--set train.steps={2 * t.steps})"
+                    )
+                summary = self._loop(stop, time.time(), signals)
                 if "model" not in summary:  # stopped early (``until``): a signal since the last step, say so
                     self._stop_for_signal(signals)
                 elif (signum := signals.pending(self.device if self.world > 1 else None)) is not None:
                     # During the last save or the export: both finished, so the run is complete.
                     self.metrics.print(f"{signal_name(signum)} received after the last step: the run is complete")
         finally:
-            if self.is_main:  # the folder is free for the next run (or the resume)
-                unlock(self.run_dir)
+            try:  # however the run ends (an error too: out of memory, a full disk): in a long-lived process a left
+                # metrics.jsonl, TensorBoard writer thread (its last points unwritten) and bar piled up with each run
+                self.metrics.close()
+            finally:
+                if self.is_main:  # the folder is free for the next run (or the resume)
+                    unlock(self.run_dir)
         return summary
 
     def _loop(self, stop: int, start_time: float, signals: StopSignals) -> dict[str, Any]:
@@ -911,13 +942,9 @@ class Trainer:
                     # that made them blow up): the periodic save waits for a finite step.
                     if (self._checkpoint_due and not self.guard.in_a_row) or self.step == stop:
                         self.save_checkpoint()
-            except TrainingDivergedError:
-                self.metrics.close()
-                raise
             except KeyboardInterrupt:
                 self.metrics.print(f"interrupted at step {self.step}: saving a checkpoint to resume from")
                 self.save_checkpoint()
-                self.metrics.close()
                 raise
         summary: dict[str, Any] = {
             "step": self.step,
@@ -942,5 +969,4 @@ class Trainer:
                 unit = loss_unit(self.run.data.tokenizer)
                 png = plot_losses(self.metrics.history_all(self.step), self.run_dir / "loss.png", unit)
                 summary["loss_curve"] = str(png) if png else None
-        self.metrics.close()
         return summary
