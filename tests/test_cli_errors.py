@@ -239,7 +239,17 @@ def test_a_closed_pipe_ends_quietly():
     assert proc.wait(timeout=60) == 141 and err == "", err
 
 
-def test_a_torchrun_process_leaves_with_os_exit_after_flushing(monkeypatch, capsys):
+@pytest.fixture
+def handlers_kept():
+    """The stop signals' handlers of this process, put back after a test that runs ``entry`` (which leaves them
+    ignored: nothing follows it in a process of its own)."""
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in kept.items():
+        signal.signal(s, handler)
+
+
+def test_a_torchrun_process_leaves_with_os_exit_after_flushing(monkeypatch, capsys, handlers_kept):
     """`hybridlm.cli.entry` under torchrun (WORLD_SIZE > 1): main's status through os._exit, output flushed."""
     import logging
     import os
@@ -264,6 +274,29 @@ def test_a_torchrun_process_leaves_with_os_exit_after_flushing(monkeypatch, caps
     with pytest.raises(SystemExit):
         entry()
     assert exits == [0, 2]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_while_the_interpreter_shuts_down_keeps_the_status(tmp_path, signum):
+    """A command has ended (a training run complete and saved), then a signal arrives while Python shuts down
+    (a second or so with torch loaded): SIGTERM and SIGHUP killed the process (143, 129), Ctrl-C raised
+    KeyboardInterrupt into the shutdown (a traceback). The command's status stands, and nothing is printed. The
+    signal comes from an exit handler (atexit runs it last: it is registered first)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, os, sys\n"
+        f"atexit.register(os.kill, os.getpid(), {int(signum)})\n"
+        "sys.argv = ['hybridlm', 'pattern', 'M-']\n"
+        "from hybridlm.cli import entry\n"
+        "entry()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "Mamba2" in proc.stdout
 
 
 @pytest.mark.parametrize(

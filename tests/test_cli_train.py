@@ -1,5 +1,7 @@
 """The README's main command, shortened (the CI smoke test), and `hybridlm generate` / `prepare` on its output."""
 
+import os
+import signal
 import subprocess
 import sys
 from typing import ClassVar
@@ -331,6 +333,30 @@ def test_a_finished_run_whose_terminal_went_away_exits_0(fake_trainer, monkeypat
     fake_trainer.summary = {"first_val_loss": 5.5, "val_loss": 1.25, "seconds": 9, "model": "runs/x/model"}
     monkeypatch.setattr("sys.stdout", GoneTerminal())
     assert main(["train"]) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_once_the_run_is_complete_changes_nothing(fake_trainer, monkeypatch, capsys, signum):
+    """A signal while the summary of a complete, saved run printed said "interrupted by SIGTERM" and exited 143 (130
+    for Ctrl-C, with "interrupted"). Now the summary is printed whole, the status is 0, and the caller of main gets
+    its handlers back."""
+    import hybridlm.cli as cli
+
+    fake_trainer.summary = {"first_val_loss": 5.5, "val_loss": 1.25, "seconds": 9, "model": "runs/x/model"}
+    say, sent = cli.say, []
+
+    def signalled(line, *args):  # the signal arrives while the first line of the summary prints
+        if not sent:
+            sent.append(signum)  # (first: the old handlers raised inside os.kill)
+            os.kill(os.getpid(), signum)
+        say(line, *args)
+
+    monkeypatch.setattr(cli, "say", signalled)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    assert main(["train"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == "model saved to runs/x/model" and err == ""
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 @pytest.mark.parametrize("flag, bar", [(None, False), ("--progress", True), ("--no-progress", False)])

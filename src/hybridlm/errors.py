@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ._errors_base import HybridLMError
 from .pattern.errors import PatternError
 
@@ -10,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DiskFullError",
     "HybridLMError",
     "NonFiniteLogitsError",
     "PatternError",
@@ -52,6 +55,21 @@ class NonFiniteLogitsError(HybridLMError, RuntimeError):
         return (type(self), (self.row, self.message, self.where))
 
 
+class DiskFullError(HybridLMError, OSError):
+    """A write of a training run failed for want of space (``errno`` ENOSPC, or EDQUOT: a quota), ``filename``
+    the file. An OSError as the write's own was; the message says what the run kept and how to go on."""
+
+    def __init__(self, errno: int, filename: str | None, message: str) -> None:
+        super().__init__(message)
+        self.errno, self.filename, self.strerror = errno, filename, os.strerror(errno)
+
+    def __str__(self) -> str:  # the message (OSError's own would be "[Errno 28] ...: 'file'")
+        return str(self.args[0])
+
+    def __reduce__(self):
+        return (type(self), (self.errno, self.filename, str(self)))
+
+
 class DataError(HybridLMError, ValueError):
     """Training or evaluation data is missing or malformed."""
 
@@ -66,6 +84,7 @@ USER_ERRORS = (
     ConfigError,
     CheckpointError,
     DataError,
+    DiskFullError,
     UsageError,
     TrainingDivergedError,
     NonFiniteLogitsError,

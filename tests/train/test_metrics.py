@@ -149,6 +149,36 @@ def test_a_progress_bar_whose_pipe_is_gone_goes_quietly(tmp_path, monkeypatch):
     assert [r["step"] for r in metrics.history_all()] == [1]
 
 
+def test_a_notice_goes_to_fd_2_on_a_line_of_its_own_beside_the_progress_bar(tmp_path):
+    """A signal's notice is written with os.write to fd 2 (from the handler), where the progress bar is drawn
+    without a newline: on a terminal it replaces the bar's line (drawn again below), elsewhere it starts a new one;
+    without a bar it is the line alone; a process that does not log says nothing."""
+    import os
+
+    metrics, quiet = Metrics(tmp_path, 10, progress=False), Metrics(tmp_path, 10, enabled=False)
+    out = tmp_path / "err"
+    stderr = os.dup(2)
+    controller, terminal = os.openpty()
+    cases = [("file", False, b"stop\n"), ("file", True, b"\nstop\n"), ("tty", True, b"\r\x1b[Kstop\n")]
+    try:
+        for target, bar, expected in cases:
+            fd = terminal if target == "tty" else os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 2)
+            metrics._bar = object() if bar else None  # (whether a bar is shown is all that matters here)
+            metrics.notice("stop")
+            quiet.notice("not said")
+            got = os.read(controller, 100).replace(b"\r\n", b"\n") if target == "tty" else out.read_bytes()
+            assert got == expected, (target, bar, got)
+            if target == "file":
+                os.close(fd)
+    finally:
+        os.dup2(stderr, 2)
+        for fd in (stderr, controller, terminal):
+            os.close(fd)
+        metrics._bar = None
+        metrics.close()
+
+
 def test_a_run_without_the_logging_extra_says_so(tmp_path, monkeypatch, caplog):
     """Without tensorboard and matplotlib (a base install) a run writes no tensorboard/ and no loss.png: it says so,
     naming the extra, at a level that is seen (the CLI configures no logging: info lines were never shown)."""

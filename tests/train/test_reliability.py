@@ -371,6 +371,68 @@ def test_sigint_inside_a_save_finishes_it(tmp_path, reference, monkeypatch):
     assert_same_run(resumed, tmp_path, reference)
 
 
+def _signals_at(t, where, read, signals):
+    """Send ``signals`` to this process, one after the other, from inside ``where`` of trainer ``t``: "step" (step 3
+    under way), "save" (the periodic save of step 4) or "export" (after the last step). Returns what fd 2 held after
+    each signal (``read()``), read while the step, save or export was still under way."""
+    seen = []
+    name, at = {"step": ("train_step", 2), "save": ("save_checkpoint", 4), "export": ("export", 8)}[where]
+    real = getattr(t, name)
+
+    def inside(*args, **kwargs):
+        if t.step == at and not seen:
+            for s in signals:
+                os.kill(os.getpid(), s)
+                seen.append(read())
+        return real(*args, **kwargs)
+
+    setattr(t, name, inside)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "where, said, then",
+    [
+        ("step", "finishing step 3 and saving its checkpoint, then exiting", "ignored until step 3 is saved"),
+        ("save", "saving a checkpoint of step 4, then exiting", "ignored until step 4 is saved"),
+        (
+            "export",
+            "finishing the run (its last checkpoint, then the model's export), then exiting",
+            "ignored until the run is finished",
+        ),
+    ],
+    ids=["step", "save", "export"],
+)
+def test_a_stop_signal_is_answered_at_once_and_so_is_the_next(tmp_path, capfd, where, said, then):
+    """Ctrl-C printed nothing until the step and the save under way were done (minutes on a large model), and a
+    second Ctrl-C was ignored in silence: a user pressed again and again, then killed the run and lost the step.
+    The first signal is answered at once, the step or save still under way; a later one says it is ignored and
+    names the way out; the first one still decides. Only the first process speaks."""
+    t = Trainer(tiny_run(), run_dir=tmp_path / "run", progress=False)
+
+    def read():
+        return capfd.readouterr().err
+
+    seen = _signals_at(t, where, read, [signal.SIGINT, signal.SIGTERM])
+    if where == "export":
+        assert "model" in t.run_loop()
+    else:
+        with pytest.raises(TrainingInterrupted) as info:
+            t.run_loop()
+        assert info.value.exit_status == 130  # the first signal's
+        assert latest_checkpoint(tmp_path / "run").name == f"step-00000{3 if where == 'step' else 4}"
+    assert seen[0] == f"SIGINT received: {said} (further signals are ignored until then)\n"
+    assert seen[1] == (
+        f"SIGTERM received: {then} (kill -9 {os.getpid()} ends the process at once, losing what is not saved)\n"
+    )
+    other = Trainer(tiny_run(), run_dir=tmp_path / "other", progress=False)
+    other.is_main = False  # what a second process of a torchrun job has
+    seen = _signals_at(other, where, read, [signal.SIGINT])
+    with contextlib.suppress(TrainingInterrupted):
+        other.run_loop()
+    assert seen == [""]
+
+
 # -- checkpoints: order, fallback, resume checks ---------------------------------------------------
 
 
@@ -676,13 +738,18 @@ def test_a_skipped_step_between_console_rows_is_said_on_the_console(tmp_path, ca
 def test_a_pipe_reader_gone_with_the_signal_still_saves_the_step(tmp_path, monkeypatch):
     """Ctrl-C (or a SIGTERM to the process group) on ``hybridlm train | tee log`` stops tee at once: the console
     row of the step under way raised BrokenPipeError out of the loop, so the run ended (exit 141, nothing said)
-    without the checkpoint its signal promises, and the folder could not be resumed."""
+    without the checkpoint its signal promises, and the folder could not be resumed. With ``2>&1`` standard error
+    (fd 2, where the signal's notice is written from its handler) is the same broken pipe."""
     read, write = os.pipe()
     pipe = open(write, "w")  # noqa: SIM115 (closed below)
     monkeypatch.setattr("sys.stdout", pipe)
+    stderr = os.dup(2)
+    os.dup2(write, 2)
     try:
         _console_gone_with_a_signal_at_step_two(tmp_path, lambda: os.close(read), signal.SIGTERM)
     finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
         with contextlib.suppress(OSError):
             pipe.close()
 

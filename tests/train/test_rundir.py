@@ -107,6 +107,49 @@ def test_a_write_error_inside_a_save_is_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: no space left on device") and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "number, at, said", [(errno.ENOSPC, 8, "no space left on device"), (errno.EDQUOT, 4, "disk quota exceeded")]
+)
+def test_a_full_disk_at_a_save_names_the_checkpoint_kept_and_how_to_go_on(
+    tmp_path, monkeypatch, capsys, number, at, said
+):
+    """The save of step ``at`` finds the disk full (or the user's quota reached): the message said "free some space,
+    or write elsewhere, and retry", but a retry (the same command) is refused, the folder holding a run. It now names
+    the checkpoint the run kept and the resume command, or, with none kept, how to start again. Still an OSError
+    with its number and file, for a caller in Python."""
+    import torch.distributed.checkpoint as dcp
+
+    save = dcp.save
+
+    def full(*args, checkpoint_id, **kwargs):
+        if checkpoint_id.endswith(f".step-{at:06d}.tmp"):
+            raise OSError(number, os.strerror(number))  # (DCP's write names no file: the save names its folder)
+        return save(*args, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", full)
+    run = tmp_path / "run"
+    assert main(["train", *_args(), "--run-dir", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    if at == 8:
+        then = f"the last checkpoint is {run}/checkpoints/step-000004; free some space, then resume with: "
+        then += f"hybridlm train --resume {run}"
+    else:
+        then = f"no checkpoint was written; free some space, then start again with --config {run}/config.toml and "
+        then += "another --run-dir"
+    assert err == f"error: {said} ({run}/checkpoints/.step-{at:06d}.tmp) at step {at}: training stopped; {then}\n"
+    monkeypatch.undo()
+    if at == 8:  # the command it gives continues the run
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+        assert (run / "model" / "config.json").is_file()
+    from hybridlm.errors import DiskFullError
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(DiskFullError) as info:  # from Python: the OSError, with what the run kept
+        Trainer(tiny_run(), run_dir=tmp_path / "again", progress=False).run_loop()
+    assert isinstance(info.value, OSError) and info.value.errno == number
+    assert info.value.filename == str(tmp_path / "again" / "checkpoints" / f".step-{at:06d}.tmp")
+
+
 def test_cli_refuses_resume_and_run_dir_naming_two_runs(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")]) == 2
     assert "name different runs" in capsys.readouterr().err

@@ -94,3 +94,20 @@ def test_a_signal_the_process_ignores_stays_ignored():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_stop_signals_call_on_signal_for_each_signal_first_or_not():
+    """What the handler says at once (the trainer's notice) is told which signal came and whether it is the one
+    that counts; the record keeps the first."""
+    import os
+    import signal
+
+    from hybridlm.train.signals import StopSignals
+
+    heard = []
+    with StopSignals(on_signal=lambda signum, first: heard.append((signum, first))) as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert heard == [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGINT, False)]
+    assert signals.received == signal.SIGINT

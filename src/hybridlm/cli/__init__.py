@@ -6,7 +6,8 @@ Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkp
 disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
 stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint; 128 + N, with
 "interrupted", when another command stopped on one of them (a write in progress removed, ``generate``'s
-rows so far printed); 141, quietly, when the reader of standard output closed the pipe.
+rows so far printed); 141, quietly, when the reader of standard output closed the pipe. A signal once a
+command has done its work (a training run complete and saved) changes nothing: see :func:`ignore_stop_signals`.
 """
 
 from __future__ import annotations
@@ -222,20 +223,34 @@ def _terminate(signum, frame) -> None:
 @contextlib.contextmanager
 def _stop_signals_raise():
     """While entered (on the main thread), SIGTERM and SIGHUP raise :class:`_Terminated` where they have their
-    default action, which comes back at exit; a handler installed by others (or SIGHUP ignored under nohup) stays."""
+    default action; a handler installed by others (or SIGHUP ignored under nohup) stays. At exit SIGINT, SIGTERM and
+    SIGHUP get back the handlers they had, also where the command changed them (see :func:`ignore_stop_signals`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    for s, handler in previous.items():
-        if handler is signal.SIG_DFL:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if previous[s] is signal.SIG_DFL:
             signal.signal(s, _terminate)
     try:
         yield
     finally:
         for s, handler in previous.items():
-            if handler is signal.SIG_DFL:
+            if handler is not None:  # (None: a handler installed from C, which Python cannot put back)
                 signal.signal(s, handler)
+
+
+def ignore_stop_signals() -> None:
+    """From here on SIGINT, SIGTERM and SIGHUP are ignored: the command has done its work (a training run complete
+    and saved) and its status is decided. A signal while it printed its summary said "interrupted" (exit 143), and
+    one while the interpreter shut down (a second or so with torch loaded) killed the process (143) or raised
+    KeyboardInterrupt into the shutdown (a traceback). Ignored, not handled: Python stops running handlers early in
+    its shutdown, before the modules are torn down, and the default actions come back; an ignored signal stays
+    ignored. Ctrl-\\ (SIGQUIT) or kill -9 still end a shutdown that hangs. :func:`main` puts the handlers back for
+    its caller; :func:`entry` ignores them again until the process ends."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,6 +293,7 @@ def entry() -> None:
     skips gloo's (a finished run could otherwise end with SIGABRT on one rank, which torchrun
     reports as a failed job). Streams and logging are flushed first."""
     code = main()
+    ignore_stop_signals()  # (main put back the handlers, for a caller in Python; here nothing follows)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import logging
 

@@ -15,7 +15,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.metrics import loss_unit
     from ..train.rundir import CONFIG_FILE
     from ..train.trainer import Trainer
-    from . import say
+    from . import ignore_stop_signals, say
 
     for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume)):
         if isinstance(value, str) and not value.strip():  # an unset shell variable: "" is the current folder
@@ -51,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     named = any(override_key(item) in ("data.source", "data.jsonl_field") for item in args.set or ())  # what is read
     trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
     summary = trainer.run_loop()
+    ignore_stop_signals()  # the run is complete and saved: a signal from here on changes nothing
     if trainer.is_main:  # (say: a terminal gone loses the summary, not the status; the ranks still meet at close())
         first, last = summary["first_val_loss"], summary["val_loss"]
         minutes, seconds = divmod(int(summary["seconds"]), 60)

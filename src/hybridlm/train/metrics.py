@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -81,6 +82,17 @@ class Metrics:
                 self._bar.write(line)
             else:
                 print(line, flush=True)
+
+    def notice(self, line: str) -> None:
+        """Write ``line`` to standard error at once; safe in a signal handler (see
+        :class:`~hybridlm.train.signals.StopSignals`): ``os.write`` of the encoded line, not ``sys.stderr``, whose
+        buffer the interrupted code may be writing. Over the progress bar's line on a terminal, below it elsewhere
+        (the bar is drawn again below the line). A console that is gone (EIO, EPIPE) loses the line."""
+        if not self.enabled or self._console_gone:
+            return
+        clear = ("\r\x1b[K" if os.isatty(2) else "\n") if self._bar is not None else ""
+        with contextlib.suppress(OSError):
+            os.write(2, f"{clear}{line}\n".encode(errors="replace"))
 
     @contextlib.contextmanager
     def _console(self) -> Iterator[None]:

@@ -1,15 +1,18 @@
 """SIGINT, SIGTERM and SIGHUP during training: finish what is running, save, exit conventionally.
 
-The handler only records the signal; the training loop looks at the record between steps (and
-after a save), so a signal never lands inside a DCP write. The loop then writes a checkpoint of
-the current step and raises :class:`TrainingInterrupted`, which the CLI turns into exit status
-128 + signal number (130, 143, 129) with a line saying how to resume.
+The handler only records the signal (and says at once, on the first process, what happens next);
+the training loop looks at the record between steps (and after a save), so a signal never lands
+inside a DCP write. The loop then writes a checkpoint of the current step and raises
+:class:`TrainingInterrupted`, which the CLI turns into exit status 128 + signal number (130, 143,
+129) with a line saying how to resume. Later signals are ignored until then: a second Ctrl-C must
+not cost the checkpoint the first one asked for.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -58,14 +61,24 @@ class _Handlers:
 
 
 class StopSignals(_Handlers):
-    """While entered, STOP_SIGNALS set :attr:`received` (the first signal number) instead of acting."""
+    """While entered, STOP_SIGNALS set :attr:`received` (the first signal number) instead of acting.
 
-    def __init__(self) -> None:
+    ``on_signal(signum, first)``, where given, is called from the handler for every signal (``first``: the one
+    :attr:`received` keeps), to say at once what happens next: the step and the save it waits for may take
+    minutes. It runs in the main thread between two bytecodes of whatever was running, so it must not raise,
+    and writes with ``os.write`` (a write through ``sys.stderr`` could land inside one in progress: "reentrant
+    call")."""
+
+    def __init__(self, on_signal: Callable[[int, bool], None] | None = None) -> None:
         self.received: int | None = None
+        self.on_signal = on_signal
 
     def _handle(self, signum, frame) -> None:
-        if self.received is None:
+        first = self.received is None
+        if first:
             self.received = signum
+        if self.on_signal is not None:
+            self.on_signal(signum, first)
 
     def pending(self, device: torch.device | None = None) -> int | None:
         """The signal to stop for, agreed on by every process (a collective when distributed)."""

@@ -11,6 +11,7 @@ weights are exported as a hybridlm checkpoint in ``<run_dir>/model`` with the to
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from ..checkpoint.training_state import (
     save_training_state,
 )
 from ..checkpoint.weights import canonical_state_dict, save_state_dict
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
+from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, TrainingDivergedError
 from ..model import HybridLM, combine_losses, label_counts
 from ..ops.dispatch import check_device as check_kernels_device
 from ..parallel.execution import (
@@ -865,8 +866,10 @@ class Trainer:
             )
         self._loop_ended = True
         stop = min(until, t.steps) if until is not None else t.steps
-        try:
-            with cpu_threads(t.threads), StopSignals() as signals:
+        self._stepping = False  # (inside train_step: what a signal's notice says)
+        # The folder is unlocked under the signal handling too: a signal after the last step changes nothing.
+        with cpu_threads(t.threads), StopSignals(self._signal_notice) as signals:
+            try:
                 for line in self.describe():  # (inside: it shows the run's threads)
                     self.metrics.print(line)
                 if self.step and self.step >= t.steps:  # a resume of a finished run: say so, not just "model saved"
@@ -880,14 +883,59 @@ class Trainer:
                 elif (signum := signals.pending(self.device if self.world > 1 else None)) is not None:
                     # During the last save or the export: both finished, so the run is complete.
                     self.metrics.print(f"{signal_name(signum)} received after the last step: the run is complete")
-        finally:
-            try:  # however the run ends (an error too: out of memory, a full disk): in a long-lived process a left
-                # metrics.jsonl, TensorBoard writer thread (its last points unwritten) and bar piled up with each run
-                self.metrics.close()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise self._disk_full(e) from e
             finally:
-                if self.is_main:  # the folder is free for the next run (or the resume)
-                    unlock(self.run_dir)
+                try:  # however the run ends (an error too: out of memory, a full disk): in a long-lived process a
+                    # left metrics.jsonl, TensorBoard writer thread (its last points unwritten) and bar piled up
+                    self.metrics.close()
+                finally:
+                    if self.is_main:  # the folder is free for the next run (or the resume)
+                        unlock(self.run_dir)
         return summary
+
+    def _signal_notice(self, signum: int, first: bool) -> None:
+        """Say at once what a stop signal does (run from its handler: see :class:`StopSignals`); the first
+        process only. Nothing was said until the step and the save were done, minutes on a large model, so
+        users pressed Ctrl-C again, heard nothing again, and killed the run without its checkpoint."""
+        if not self.is_main:
+            return
+        step = self.step + 1 if self._stepping else self.step
+        if step >= self.run.train.steps:
+            doing, until = (
+                "finishing the run (its last checkpoint, then the model's export), then exiting",
+                "the run is finished",
+            )
+        elif self._stepping:
+            doing, until = f"finishing step {step} and saving its checkpoint, then exiting", f"step {step} is saved"
+        elif getattr(self, "_saved_step", None) == step:
+            doing, until = f"stopping at step {step}, whose checkpoint is saved", f"the run stops at step {step}"
+        else:
+            doing, until = f"saving a checkpoint of step {step}, then exiting", f"step {step} is saved"
+        if first:
+            line = f"{signal_name(signum)} received: {doing} (further signals are ignored until then)"
+        else:  # another Ctrl-C: still heard, and the way out named
+            line = (
+                f"{signal_name(signum)} received: ignored until {until} (kill -9 {os.getpid()} ends the process at "
+                "once, losing what is not saved)"
+            )
+        self.metrics.notice(line)
+
+    def _disk_full(self, e: OSError) -> DiskFullError:
+        """``e`` (no space left, or a quota reached) with what the run kept and how to go on: the checkpoints
+        written before it are whole (a failed save leaves none of its own), so the run resumes from the newest."""
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        where = f" ({e.filename})" if e.filename else ""
+        last = latest_checkpoint(self.run_dir)
+        if last is not None:
+            then = f"the last checkpoint is {last}; free some space, then resume with: {self.resume_command()}"
+        else:
+            config = shlex.quote(str(self.run_dir / CONFIG_FILE))
+            then = f"no checkpoint was written; free some space, then start again with --config {config} and "
+            then += "another --run-dir"
+        return DiskFullError(e.errno, e.filename, f"{what}{where} at step {self.step}: training stopped; {then}")
 
     def _loop(self, stop: int, start_time: float, signals: StopSignals) -> dict[str, Any]:
         t = self.run.train
@@ -904,7 +952,9 @@ class Trainer:
                 while self.step < stop:
                     self._stop_for_signal(signals)
                     t0 = time.perf_counter()
+                    self._stepping = True
                     values = self.train_step()
+                    self._stepping = False
                     collector.after_step(self.step)  # inside the timed window: its pause is training time
                     window["time"] += time.perf_counter() - t0  # training time only: evaluation is not counted
                     self.metrics.advance()
