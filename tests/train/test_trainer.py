@@ -348,6 +348,18 @@ def test_auto_compile_mode_on_one_gpu_is_cuda_graphs_with_the_same_losses(tmp_pa
         assert runs["auto"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.gpu
+def test_the_peak_memory_logged_is_the_runs_own(tmp_path):
+    """peak_mem_gb read torch's peak since the process started: a run after other work in the same process (a
+    notebook's second run) logged the largest peak of any of them."""
+    big = torch.empty(3 * 10**9, dtype=torch.uint8, device="cuda")
+    del big
+    t = Trainer(tiny_run("train.steps=2", "train.log_every=1"), run_dir=tmp_path / "a", progress=False)
+    t.run_loop()
+    peaks = [r["peak_mem_gb"] for r in t.metrics.history if "peak_mem_gb" in r]
+    assert peaks and 0 < max(peaks) < 1.5, peaks
+
+
 def test_evaluation_runs_without_autograd(tmp_path):
     """Validation forwards build no autograd graph (memory), and take the no-gradient kernels."""
     t = Trainer(tiny_run(), run_dir=tmp_path / "a", progress=False)

@@ -877,6 +877,8 @@ class Trainer:
                         f"the run is complete at step {self.step} (train.steps = {t.steps}): nothing to train, the "
                         f"model is exported again; to train on, raise it (--set train.steps={2 * t.steps})"
                     )
+                if self.device.type == "cuda":  # the run's own peak: not that of earlier work in this process
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 summary = self._loop(stop, time.time(), signals)
                 if "model" not in summary:  # stopped early (``until``): a signal since the last step, say so
                     self._stop_for_signal(signals)
