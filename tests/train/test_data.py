@@ -937,6 +937,16 @@ def test_a_text_folder_reads_linked_folders_once_and_names_a_dangling_link(tmp_p
         list(text_documents(str(tmp_path / "c")))
 
 
+def test_a_dangling_link_to_a_folder_of_the_corpus_is_named(tmp_path):
+    """A linked shard folder whose target is gone (a disk not mounted) is listed among the files, not the folders,
+    and was left out in silence because its name has no .txt or .jsonl extension: the corpus lost the shard."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("own")
+    (tmp_path / "c" / "shard2").symlink_to(tmp_path / "unmounted" / "shard2", target_is_directory=True)
+    with pytest.raises(DataError, match=r"shard2: a link to .*unmounted/shard2, which does not exist"):
+        list(text_documents(str(tmp_path / "c")))
+
+
 def test_a_text_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     """rglob skipped a subfolder it was not allowed to list, and its documents with it, without a word."""
     (tmp_path / "c" / "locked").mkdir(parents=True)

@@ -150,6 +150,25 @@ def test_a_full_disk_at_a_save_names_the_checkpoint_kept_and_how_to_go_on(
     assert info.value.filename == str(tmp_path / "again" / "checkpoints" / f".step-{at:06d}.tmp")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_at_a_metrics_write_stays_named_when_closing_the_metrics_fails_again(tmp_path):
+    """metrics.jsonl's write finds the disk full (/dev/full: every flush fails with ENOSPC). Closing the metrics at
+    the end of run_loop flushes the same row again, which fails again: that bare OSError ("[Errno 28] No space left
+    on device", no file) replaced the DiskFullError that names the step and how to go on, and the TensorBoard
+    writer after it was never closed (its thread left behind)."""
+    from hybridlm.errors import DiskFullError
+
+    t = Trainer(tiny_run(), run_dir=tmp_path / "run", progress=False)
+    t.metrics._jsonl.close()
+    t.metrics._jsonl = open("/dev/full", "a")  # noqa: SIM115 (closed by run_loop)
+    with pytest.raises(DiskFullError) as info:
+        t.run_loop()
+    assert str(info.value).startswith("no space left on device (/dev/full) at step 0: training stopped; no checkpoint")
+    assert t.metrics._jsonl.closed
+    if t.metrics._tb is not None:  # (tensorboard installed)
+        assert t.metrics._tb.all_writers is None  # closed
+
+
 def test_cli_refuses_resume_and_run_dir_naming_two_runs(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")]) == 2
     assert "name different runs" in capsys.readouterr().err

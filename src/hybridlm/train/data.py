@@ -128,11 +128,12 @@ def _text_files(folder: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (which link reads a folder: the same each time)
         for name in files:
             path = Path(root, name)
-            if name.startswith(".") or path.suffix.lower() not in (".txt", *JSON_LINES):
+            if name.startswith("."):
                 continue
+            # Whatever its name: a link to a folder of shards on a disk not mounted is listed here, among the files.
             if path.is_symlink() and not path.exists():
                 raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
-            if path.is_file():  # (not a pipe or socket of that name)
+            if path.suffix.lower() in (".txt", *JSON_LINES) and path.is_file():  # (not a pipe or socket of that name)
                 found.append(path)
     found.sort()
     return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]

@@ -173,13 +173,19 @@ class Metrics:
         return sorted(rows.values(), key=lambda r: r["step"])
 
     def close(self) -> None:
-        if self._bar is not None:
-            with self._console():
-                self._bar.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            written(self.run_dir / "tensorboard", self._tb.close)
+        """Close the bar, metrics.jsonl and the TensorBoard writer, each also where one before it fails (a full
+        disk fails the flushes of both files: the writer's thread stayed); a failure is raised after."""
+        with contextlib.ExitStack() as stack:  # (its callbacks run last first)
+            if self._tb is not None:
+                stack.callback(written, self.run_dir / "tensorboard", self._tb.close)
+            if self._jsonl is not None:
+                stack.callback(self._jsonl.close)
+            if self._bar is not None:
+                stack.callback(self._close_bar)
+
+    def _close_bar(self) -> None:
+        with self._console():
+            self._bar.close()
 
 
 def repair_jsonl(path: Path) -> None:

@@ -869,6 +869,7 @@ class Trainer:
         self._stepping = False  # (inside train_step: what a signal's notice says)
         # The folder is unlocked under the signal handling too: a signal after the last step changes nothing.
         with cpu_threads(t.threads), StopSignals(self._signal_notice) as signals:
+            failed = True  # (until the summary is made)
             try:
                 for line in self.describe():  # (inside: it shows the run's threads)
                     self.metrics.print(line)
@@ -885,6 +886,7 @@ class Trainer:
                 elif (signum := signals.pending(self.device if self.world > 1 else None)) is not None:
                     # During the last save or the export: both finished, so the run is complete.
                     self.metrics.print(f"{signal_name(signum)} received after the last step: the run is complete")
+                failed = False
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -893,6 +895,11 @@ class Trainer:
                 try:  # however the run ends (an error too: out of memory, a full disk): in a long-lived process a
                     # left metrics.jsonl, TensorBoard writer thread (its last points unwritten) and bar piled up
                     self.metrics.close()
+                except Exception:
+                    # The error that ended the run says what happened: a full disk fails the close's flush of the
+                    # same row again, whose bare OSError replaced the DiskFullError naming what the run kept.
+                    if not failed:
+                        raise
                 finally:
                     if self.is_main:  # the folder is free for the next run (or the resume)
                         unlock(self.run_dir)
