@@ -962,3 +962,23 @@ def test_a_text_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", refusing)
     with pytest.raises(DataError, match=r"locked: cannot read this folder of the corpus \(Permission denied\)"):
         list(text_documents(str(tmp_path / "c")))
+
+
+def test_the_lost_and_found_of_a_disk_root_is_left_out_not_refused(tmp_path, monkeypatch):
+    """A corpus at a disk's root holds the file system's lost+found, which only root may list: refusing folders
+    that cannot be listed refused the whole corpus. Elsewhere a folder of that name is the corpus's own."""
+    (tmp_path / "c" / "lost+found").mkdir(parents=True)
+    (tmp_path / "c" / "a.txt").write_text("top")
+    (tmp_path / "c" / "lost+found" / "b.txt").write_text("file system's")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.path.basename(os.fspath(path)) == "lost+found":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataError, match=r"lost\+found: cannot read this folder of the corpus"):
+        list(text_documents(str(tmp_path / "c")))  # not a disk's root: a folder of the corpus, refused
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(tmp_path / "c"))
+    assert list(text_documents(str(tmp_path / "c"))) == ["top"]

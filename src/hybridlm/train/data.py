@@ -125,7 +125,9 @@ def _text_files(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # (which link reads a folder: the same each time)
+        # Sorted: which link reads a folder is the same each time. The lost+found of a disk's root (the corpus's, or a
+        # linked shard's) is the file system's, which others may not list: never documents, and not refused.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (d == "lost+found" and os.path.ismount(root)))
         for name in files:
             path = Path(root, name)
             if name.startswith("."):
