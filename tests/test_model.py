@@ -879,6 +879,21 @@ def test_segment_ids_number_each_rows_documents_from_0():
     assert segment_ids(2, 4, torch.device("cpu"), doc_ids=docs).tolist() == [[0, 0, 1, 2], [0, 1, 1, 1]]
 
 
+def test_segment_ids_refuse_boundaries_that_do_not_fit_the_input():
+    """A (1, L) doc_ids for 2 rows would broadcast row 0's documents over both; cu_seqlens that do not rise from 0
+    to batch * seqlen would cut documents where none start; both given, one would be ignored."""
+    from hybridlm.layers.context import segment_ids
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"doc_ids has shape \(1, 4\), expected \(2, 4\)"):
+        segment_ids(2, 4, cpu, doc_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="pass doc_ids or cu_seqlens, not both"):
+        segment_ids(2, 4, cpu, doc_ids=torch.zeros(2, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 8]))
+    for cu in ([], [1, 4, 8], [0, 4, 6], [0, 5, 3, 8]):
+        with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to batch\*seqlen=8, got "):
+            segment_ids(2, 4, cpu, cu_seqlens=torch.tensor(cu, dtype=torch.long))
+
+
 @pytest.mark.parametrize("L", [2, 5, 8, 21])
 def test_gdn_flops_below_a_chunk_match_flop_counter(L):
     """The chunked gated delta rule runs a sequence shorter than a chunk as one chunk of its own length, as the

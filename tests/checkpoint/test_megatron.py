@@ -828,3 +828,53 @@ def test_an_embedding_of_one_dimension_is_refused_by_its_shape(moe_config, moe_s
     with pytest.raises(CheckpointError, match=r"embedding\.word_embeddings\.weight") as info:
         from_megatron(moe_config, moe_state)
     assert "padded" not in str(info.value)
+
+
+def test_a_safetensors_export_says_it_holds_pytorch_tensors_and_takes_any_strides(tmp_path):
+    """``{"format": "pt"}`` is the metadata Hugging Face's loaders look for; a transposed (non-contiguous)
+    tensor, which safetensors refuses, is written as its values."""
+    from safetensors import safe_open
+
+    w = torch.arange(6.0).view(2, 3)
+    path = save_megatron({"w": w.t()}, tmp_path / "m.safetensors")
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert torch.equal(load_megatron(path)["w"], w.t())
+
+
+def test_load_megatron_returns_tensors_only_and_reads_a_tensor_named_model_as_a_bare_entry(tmp_path, moe_state):
+    """Transformer Engine's ``_extra_state`` entries (a BytesIO each) are left out of what ``load_megatron`` returns;
+    a bare state dict whose entry "model" is a tensor is no ``{"model": state_dict}`` wrapper."""
+    import io
+
+    torch.save(
+        {"model": {**moe_state, "decoder.layers.0.mixer.in_proj._extra_state": io.BytesIO(b"fp8")}}, tmp_path / "te.pt"
+    )
+    assert set(load_megatron(tmp_path / "te.pt")) == set(moe_state)
+    torch.save({"model": torch.ones(2), "w": torch.zeros(3)}, tmp_path / "bare.pt")
+    assert sorted(load_megatron(tmp_path / "bare.pt")) == ["model", "w"]
+
+
+def test_export_of_a_model_without_mamba_layers_says_nothing_of_the_mamba_norm_eps(tmp_path, caplog):
+    """``norm_eps`` differs from Megatron's only in its Mamba gated norm: a model without one exports silently."""
+    ck = save(HybridLM(tiny_config("*-", norm_eps=1e-6, mamba_dt_clamp_min=0.001)), tmp_path / "ck")
+    with caplog.at_level("WARNING", logger="hybridlm.checkpoint.megatron"):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    assert caplog.text == ""
+
+
+def test_convert_to_megatron_reads_a_damaged_checkpoint_only_unverified(tmp_path):
+    ck = save(HybridLM(tiny_config("M*-"), seed=0), tmp_path / "ck")
+    data = bytearray((ck / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last weight: the file still parses
+    (ck / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        convert_to_megatron(ck, tmp_path / "m.pt")
+    assert convert_to_megatron(ck, tmp_path / "m.pt", verify=False).is_file()
+
+
+def test_a_config_given_to_convert_from_megatron_wins_over_the_sidecar(tmp_path, moe_config, moe_state):
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    config_sidecar(path).write_text('{"pattern": "M-", "vocab_size": 0}')  # invalid: it must not be read
+    out = convert_from_megatron(path, tmp_path / "out", moe_config)
+    assert_bitwise_equal(read_tensors(out), from_megatron(moe_config, moe_state))

@@ -268,7 +268,7 @@ def test_a_scheduler_entry_its_own_load_state_dict_refuses_is_a_damaged_checkpoi
     check()
 
 
-@pytest.mark.parametrize("damage", ["python", "python, no object", "torch"])
+@pytest.mark.parametrize("damage", ["python", "python, no object", "torch", "torch, truncated"])
 def test_a_damaged_rng_state_is_refused_by_name_before_anything_is_loaded(tmp_path, damage):
     """Refused before DCP fills the model and optimizer in place (and before Python's RNG was set, when torch's
     was the damaged one): model, optimizer, scheduler and RNG stay as they were."""
@@ -286,7 +286,9 @@ def test_a_damaged_rng_state_is_refused_by_name_before_anything_is_loaded(tmp_pa
         (path / TRAINER_STATE).write_text(json.dumps(state))
     else:
         rng = load_file(path / RNG_STATE)
-        save_file({k: v.float() for k, v in rng.items()}, path / RNG_STATE)  # not a byte tensor
+        # Not a byte tensor (a TypeError); eight bytes short (a RuntimeError from set_state).
+        spoil = (lambda v: v[:-8]) if damage == "torch, truncated" else (lambda v: v.float())
+        save_file({k: spoil(v).contiguous() for k, v in rng.items()}, path / RNG_STATE)
     random.random()  # Python's RNG moves on from the saved state
     other, other_opt, other_sched = stepped("M-", seed=5)
     check = untouched(other, other_opt, other_sched)
@@ -486,6 +488,11 @@ def test_a_damaged_scheduler_entry_is_refused_by_name_and_a_null_one_ignored(tmp
 
 _BESIDE_THE_TENSORS = {  # damage to trainer_state.json (as a dict) or the folder -> the error
     "step": (lambda path, state: state.update(step=-1), "step must be a non-negative integer"),
+    "step as a boolean": (lambda path, state: state.update(step=True), "step must be a non-negative integer, got True"),
+    "an invalid pattern": (
+        lambda path, state: state["model_config"].update(pattern="M?"),
+        r"model: .*pattern: checkpoint has an invalid pattern 'M\?'",
+    ),
     "format version": (lambda path, state: state.update(format_version=99), "newer than this hybridlm reads"),
     "another model": (lambda path, state: state["model_config"].update(norm_eps=0.5), r"model\.norm_eps"),
     "no RNG file": (lambda path, state: (path / "rng.safetensors").unlink(), r"missing rng\.safetensors"),
@@ -648,3 +655,75 @@ def test_a_model_config_that_is_no_object_is_not_compared(tmp_path, saved):
     state["model_config"] = saved
     file.write_text(json.dumps(state))
     assert load_training_state(path, HybridLM(model.config, seed=1))["step"] == 1
+
+
+@pytest.mark.parametrize("rates", [[0.1, 0.2], ["0.1"]], ids=["two rates for one group", "a string"])
+def test_a_scheduler_entry_whose_rates_do_not_fit_the_optimizer_is_a_damaged_checkpoint(tmp_path, rates):
+    """A non-LambdaLR scheduler's ``_last_lr`` becomes the optimizer's rates: one per group, each a number, or
+    the group left without a rate (zip) or with a string one fails only at the next ``optimizer.step``."""
+    model, opt, _ = make("M-")
+    step(model, opt, batches(1)[0])
+    path = save_training_state(tmp_path / "s", model, opt, torch.optim.lr_scheduler.StepLR(opt, 2), step=1)
+    state = json.loads((path / "trainer_state.json").read_text())
+    state["scheduler"]["_last_lr"] = rates
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    other, other_opt, _ = stepped("M-", seed=5)
+    other_sched = torch.optim.lr_scheduler.StepLR(other_opt, 2)
+    check = untouched(other, other_opt, other_sched)
+    with pytest.raises(
+        CheckpointError, match=r"damaged scheduler state .*_last_lr is not one rate per parameter group"
+    ):
+        load_training_state(path, other, other_opt, other_sched)
+    check()
+
+
+def test_a_refusal_after_the_scheduler_entry_was_tried_leaves_the_scheduler_as_it_was(tmp_path):
+    """A non-LambdaLR scheduler's entry is tried on the scheduler itself (its own load_state_dict checks it), then
+    put back: a damaged RNG state found after that must not leave the scheduler at the checkpoint's position."""
+    model, opt, _ = make("M-")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for ids in batches(3):
+        step(model, opt, ids)
+        sched.step()
+    path = save_training_state(tmp_path / "s", model, opt, sched, step=3)
+    state = json.loads((path / "trainer_state.json").read_text())
+    state["rng_python"] = {"0": [3, [1, 2, 3], None]}
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    other, other_opt, _ = stepped("M-", seed=5)
+    other_sched = torch.optim.lr_scheduler.StepLR(other_opt, step_size=2, gamma=0.5)
+    check = untouched(other, other_opt, other_sched)
+    with pytest.raises(CheckpointError, match="damaged RNG state"):
+        load_training_state(path, other, other_opt, other_sched)
+    check()
+    assert other_sched.last_epoch == 0
+
+
+def test_a_save_starts_from_an_empty_temporary_folder(tmp_path):
+    """What a killed save left in the hidden temporary folder is not committed with the next save."""
+    model = make("M-")[0]
+    (tmp_path / ".s.tmp").mkdir()
+    (tmp_path / ".s.tmp" / "__1_0.distcp").write_bytes(b"a killed two-rank save's")
+    path = save_training_state(tmp_path / "s", model, step=1)
+    assert "__1_0.distcp" not in os.listdir(path) and sorted(os.listdir(tmp_path)) == ["s"]
+
+
+def test_scheduler_values_json_cannot_hold_are_left_out_of_the_saved_state(tmp_path):
+    """LambdaLR saves the attributes of a callable-object lambda, and any scheduler saves its attributes: a tensor
+    among them failed the save in json.dumps. Left out, the position still resumes."""
+
+    class Halving:  # a lambda object with state, as LambdaLR's state_dict copies its __dict__
+        def __init__(self):
+            self.base = torch.tensor(0.5)
+
+        def __call__(self, s):
+            return float(self.base) ** s
+
+    model, opt, _ = make("M-")
+    step(model, opt, batches(1)[0])
+    plain = torch.optim.lr_scheduler.StepLR(opt, 2)
+    plain.note = torch.tensor(1.0)  # an attribute a subclass or user added
+    for sched in (torch.optim.lr_scheduler.LambdaLR(opt, Halving()), plain):
+        sched.step()
+        path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
+        saved = json.loads((path / "trainer_state.json").read_text())["scheduler"]
+        assert "lr_lambdas" not in saved and "note" not in saved and saved["last_epoch"] == 1

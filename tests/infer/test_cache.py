@@ -803,3 +803,35 @@ def test_a_cache_of_no_rows_or_no_positions_builds_as_the_bound_says():
     for batch, max_len in ((0, 8), (2, 0), (0, 0)):
         cache = InferenceCache.for_model(model, batch, max_len)
         assert (cache.batch, cache.max_len) == (batch, max_len)
+
+
+def test_set_padding_refuses_a_mask_of_fewer_rows_than_the_cache():
+    """A (1, L) mask on a 2-row cache would broadcast into both rows' ``valid`` and pad the row it never named."""
+    cache = InferenceCache.for_model(model_for("M*"), 2, 8)
+    with pytest.raises(ValueError, match=r"padding mask \(1, 3\) does not fit a cache of 2 x 8"):
+        cache.set_padding(torch.tensor([[False, True, True]]))
+    assert not cache.has_padding and bool(cache.valid.all())
+
+
+def test_padding_masks_end_where_the_padding_ends():
+    """No padding (an all-True mask), or every padded position already run: ``pad_mask`` is None and
+    ``has_padding`` False, so attention keeps its unmasked causal and decode-step paths."""
+    model = model_for("M*")
+    cache = InferenceCache.for_model(model, 2, 8)
+    cache.set_padding(torch.ones(2, 3, dtype=torch.bool))
+    assert not cache.has_padding and cache.pad_mask(3) is None
+    cache = InferenceCache.for_model(model, 2, 8)
+    cache.set_padding(torch.tensor([[False, True, True], [True, True, True]]))
+    assert cache.has_padding and cache.pad_mask(3).tolist() == [[False, True, True], [True, True, True]]
+    model(torch.ones(2, 3, dtype=torch.long), cache=cache)
+    assert cache.pad_mask(1) is None and cache.next_pos.tolist() == [2, 3]
+
+
+def test_for_model_builds_the_cache_on_the_device_asked_for():
+    """``device=`` (here ``meta``, the one other device a CPU has) places every state and the counters there."""
+    model = model_for("M*G")
+    cache = InferenceCache.for_model(model, 2, 8, device="meta")
+    tensors = [cache.offset_t, cache.valid, cache.next_pos]
+    for s in cache.states.values():
+        tensors += [t for t in vars(s).values() if isinstance(t, torch.Tensor)]
+    assert len(tensors) > 3 and {t.device.type for t in tensors} == {"meta"}

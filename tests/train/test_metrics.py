@@ -1,5 +1,6 @@
 """Metric sinks: TensorBoard across a resume."""
 
+import json
 import subprocess
 import sys
 import time
@@ -213,3 +214,102 @@ def test_drawing_the_loss_curve_leaves_the_process_s_matplotlib_backend_alone(tm
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["pdf", "False"]
     assert (tmp_path / "l.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_console_line_formats_each_value_as_documented(tmp_path, monkeypatch):
+    """Step padded to the total's width, the mean loss and main-head loss, validation, rate in thousands from 1,000
+    on, MFU as a percentage, and an ETA from the steps run since this process started (a resume's too)."""
+    m = Metrics(tmp_path, 100, 50, enabled=False, progress=False)
+    monkeypatch.setattr(time, "time", lambda: 1e9)  # (a stall of the machine between two lines changes no ETA)
+    m._t0 = time.time() - 100  # 100 s for the 10 steps since the resume at 50: 400 s for the 40 left
+    v = {"loss": 3.0, "loss_avg": 2.5, "lm_loss": 2.0, "lm_loss_avg": 1.5, "val_loss": 1.25}
+    line = m.line(60, {**v, "tokens_per_s": 1000.0, "mfu": 0.123})
+    assert line == "step  60/100 | loss 2.5000 | main 1.5000 | val 1.2500 | 1.0k tok/s | MFU 12.3% | eta 6m40s"
+    m._t0 = time.time() - 975  # 975 s for 10 steps: 3,900 s for the 40 left
+    assert m.line(60, {}).endswith("eta 1h05m")
+    assert m.line(100, {"loss": 1.0}) == "step 100/100 | loss 1.0000"  # the last step: nothing left to wait for
+    assert m.line(50, {"val_loss": 2.0}).endswith("eta 0m00s")  # no step run yet (the first evaluation): no rate
+    m.close()
+
+
+def test_only_console_rows_are_printed_and_int_values_reach_tensorboard(tmp_path, capsys):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    m = Metrics(tmp_path, 10, 0, progress=False)
+    m.record(1, {"loss": 2.0, "nonfinite_skipped": 3}, console=False)
+    assert capsys.readouterr().out == ""
+    m.record(2, {"loss": 1.0}, console=True)
+    assert capsys.readouterr().out.startswith("step  2/10 | loss 1.0000")
+    m.close()
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("nonfinite_skipped")] == [(1, 3.0)]
+
+
+def test_the_history_keeps_the_last_write_of_each_row_and_both_rows_of_a_step(tmp_path, caplog):
+    """A resume writes the steps after its checkpoint again (the later row counts); a step's training row and its
+    evaluation row are two rows."""
+    rows = [
+        {"step": 2, "loss": 9.0},
+        {"step": 2, "val_loss": 8.0},
+        {"step": 1, "loss": 5.0},  # (a resumed run's rows come after the killed run's)
+        {"step": 2, "loss": 4.0},
+    ]
+    other = ['{"note": "no step"}\n', '{"step": "3", "loss": 1.0}\n']  # objects of another tool: skipped
+    text = "".join(json.dumps(r) + "\n" for r in rows) + "\n"  # a blank line is no row, and no warning
+    (tmp_path / "metrics.jsonl").write_text(text + "".join(other))
+    m = Metrics(tmp_path, 10, 0, enabled=False, progress=False)
+    assert m.history_all() == [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "val_loss": 8.0}]
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "skipping a line that is not a metrics row"
+    ] * 2
+
+
+def test_the_progress_bar_follows_the_terminal_and_shows_the_loss(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    m = Metrics(tmp_path, 10, 0)  # progress=None: shown on a terminal
+    m.record(1, {"loss": 1.23456}, console=False)
+    assert m._bar is not None and m._bar.postfix == "loss=1.235"
+    m.close()
+    assert "step/s" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    m = Metrics(tmp_path, 10, 0)
+    assert m._bar is None
+    m.close()
+
+
+def test_a_progress_bar_whose_pipe_is_gone_says_nothing_when_collected(tmp_path, monkeypatch):
+    """The bar dropped after a broken pipe is disabled: collected, its close would draw again and print
+    "Exception ignored in ... BrokenPipeError" at the end of the run."""
+    import contextlib
+    import gc
+    import os
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    read, write = os.pipe()
+    pipe = open(write, "w")  # noqa: SIM115 (closed below)
+    monkeypatch.setattr("sys.stderr", pipe)
+    metrics = Metrics(tmp_path, 10, 0, progress=True)
+    os.close(read)
+    time.sleep(0.15)  # past tqdm's minimum interval: the update draws
+    try:
+        metrics.advance()
+        metrics.close()
+        del metrics
+        gc.collect()
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            pipe.close()
+    assert unraisable == []
+
+
+def test_an_empty_metrics_file_is_no_torn_line(tmp_path, caplog):
+    """A run killed before its first row leaves an empty metrics.jsonl: nothing to repair, nothing to say."""
+    from hybridlm.train.metrics import repair_jsonl
+
+    (tmp_path / "metrics.jsonl").write_bytes(b"")
+    repair_jsonl(tmp_path / "metrics.jsonl")
+    assert caplog.records == [] and (tmp_path / "metrics.jsonl").read_bytes() == b""

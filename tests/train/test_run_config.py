@@ -72,6 +72,11 @@ def test_preset_in_model_table(tmp_path):
         (["data.seed=-1"], "data.seed"),
         (["train.seed=18446744073709551616"], "train.seed"),
         (["train.threads=100000"], "train.threads"),
+        (["train.threads=4097"], "train.threads"),  # MAX_THREADS + 1
+        (["optim.decay_fraction=0"], "optim.decay_fraction"),  # a WSD decay of no steps
+        (["optim.moe_expert_bias_rate=-0.001"], "optim.moe_expert_bias_rate"),
+        (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps"),
+        (['train.device="cuda:\u0661"'], "train.device"),  # a digit to str.isdigit, not to torch
         # Numbers beyond a float, or beyond Python's 4,300-digit integer parsing.
         (["optim.lr=" + "9" * 400], "optim.lr"),
         (["optim.lr=" + "9" * 5000], "optim.lr"),
@@ -417,3 +422,63 @@ def test_integers_at_the_64_bit_edge():
     for field in ("train.steps", "train.seed", "data.seed"):
         with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: must be .*, got {2**63}$"):
             RunConfig().with_overrides([f"{field}={2**63}"]).validate()
+
+
+def test_the_closed_ends_of_ranges_are_accepted():
+    """min_lr_ratio 1 (no decay), decay_fraction 1 (a WSD decay over the whole run), MAX_THREADS threads."""
+    run = RunConfig().with_overrides(["optim.min_lr_ratio=1.0", "optim.decay_fraction=1.0", "train.threads=4096"])
+    assert (run.optim.min_lr_ratio, run.optim.decay_fraction, run.train.threads) == (1.0, 1.0, 4096)
+
+
+def test_a_run_config_built_in_python_is_range_checked_too():
+    """Seeds beyond 64 bits are refused by validate() itself, not only by the TOML / override type check."""
+    from hybridlm.train.config import DataConfig, TrainConfig
+
+    for run, field in (
+        (RunConfig(data=DataConfig(seed=2**64)), "data.seed"),
+        (RunConfig(train=TrainConfig(seed=2**63)), "train.seed"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: must be in \[0, 2\*\*63 - 1\]"):
+            run.validate()
+
+
+def test_a_run_without_a_vocabulary_has_the_byte_tokenizers():
+    """vocab_size left out and no tokenizer to ask: 257, the byte tokenizer's 256 bytes and its end-of-document."""
+    assert RunConfig().model_config().vocab_size == 257
+    assert RunConfig().model_config(vocab_size=1000).vocab_size == 1000
+
+
+def test_a_warmup_of_exactly_the_run_reaches_the_rate_at_its_last_step():
+    def notes(warmup):
+        return [n for n in RunConfig().with_overrides(["train.steps=50", f"optim.warmup_steps={warmup}"]).notes()]
+
+    assert notes(49) == []
+    assert notes(50) == [
+        "optim.warmup_steps (50) >= train.steps (50): the learning rate reaches optim.lr at the last step only and "
+        "never decays"
+    ]
+    assert "never reaches optim.lr" in notes(51)[0]
+
+
+def test_settings_that_are_used_or_at_their_default_are_not_noted():
+    import os
+
+    def notes(*sets):
+        return RunConfig().with_overrides(list(sets)).notes()
+
+    assert notes("optim.schedule=constant") == []  # min_lr_ratio left at its default
+    assert notes(f"train.threads={os.cpu_count() or 1}") == []  # as many threads as cores
+    # pipeline settings with pp > 1 are used
+    assert notes("model.pattern=M-|M-", "parallel.pp=2", "parallel.microbatches=4", "parallel.schedule=gpipe") == []
+    # an ac_policy kind that starts only an MTP depth's block starts a block
+    run = ["model.pattern=M-/*-", "train.activation_checkpointing=true", "train.ac_policy=*=selective"]
+    assert notes(*run) == []
+
+
+def test_an_interleaved_micro_batch_count_that_makes_unequal_rounds_names_counts_that_do_not():
+    """5 micro-batches over pp=2 are 2 rounds of unequal size: 4 and 6 make equal ones (7 would not)."""
+    sets = ["model.pattern=M-|M-|M-|M-", "parallel.pp=2", "parallel.microbatches=5"]
+    with pytest.raises(ConfigError, match=r"which 5 does not split; e\.g\. 4 or 6, or looped-bfs"):
+        RunConfig().with_overrides(sets)
+    for fits in (4, 6):
+        RunConfig().with_overrides([*sets[:2], f"parallel.microbatches={fits}"])
