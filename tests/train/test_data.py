@@ -947,19 +947,24 @@ def test_a_dangling_link_to_a_folder_of_the_corpus_is_named(tmp_path):
         list(text_documents(str(tmp_path / "c")))
 
 
+def refuse_to_list(monkeypatch, name: str) -> None:
+    """Folders called ``name`` cannot be listed (as without the permission: the tests run as root)."""
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
 def test_a_text_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     """rglob skipped a subfolder it was not allowed to list, and its documents with it, without a word."""
     (tmp_path / "c" / "locked").mkdir(parents=True)
     (tmp_path / "c" / "a.txt").write_text("top")
     (tmp_path / "c" / "locked" / "b.txt").write_text("hidden from the reader")
-    scandir = os.scandir
-
-    def refusing(path="."):
-        if os.path.basename(os.fspath(path)) == "locked":
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)
+    refuse_to_list(monkeypatch, "locked")
     with pytest.raises(DataError, match=r"locked: cannot read this folder of the corpus \(Permission denied\)"):
         list(text_documents(str(tmp_path / "c")))
 
@@ -970,14 +975,7 @@ def test_the_lost_and_found_of_a_disk_root_is_left_out_not_refused(tmp_path, mon
     (tmp_path / "c" / "lost+found").mkdir(parents=True)
     (tmp_path / "c" / "a.txt").write_text("top")
     (tmp_path / "c" / "lost+found" / "b.txt").write_text("file system's")
-    scandir = os.scandir
-
-    def refusing(path="."):
-        if os.path.basename(os.fspath(path)) == "lost+found":
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)
+    refuse_to_list(monkeypatch, "lost+found")
     with pytest.raises(DataError, match=r"lost\+found: cannot read this folder of the corpus"):
         list(text_documents(str(tmp_path / "c")))  # not a disk's root: a folder of the corpus, refused
     monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(tmp_path / "c"))

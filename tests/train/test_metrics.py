@@ -128,18 +128,25 @@ def test_a_one_step_run_s_loss_curve_shows_its_point(tmp_path, monkeypatch):
     assert all(line.get_marker() not in ("None", None, "") for line in lines)
 
 
-def test_a_progress_bar_whose_pipe_is_gone_goes_quietly(tmp_path, monkeypatch):
-    """The bar's stderr piped to a reader that is gone (``2>&1 | tee log``, tee stopped by the same Ctrl-C): the
-    bar's next update raised BrokenPipeError out of the training loop, before the signal's checkpoint."""
-    import contextlib
+def bar_on_a_closed_pipe(tmp_path, monkeypatch):
+    """(stderr: a pipe whose reader is gone, to be closed by the test; Metrics with a progress bar drawing to it)."""
     import os
 
     read, write = os.pipe()
-    pipe = open(write, "w")  # noqa: SIM115 (closed below)
+    pipe = open(write, "w")  # noqa: SIM115 (the caller closes it)
     monkeypatch.setattr("sys.stderr", pipe)
     metrics = Metrics(tmp_path, 10, 0, progress=True)
     os.close(read)
     time.sleep(0.15)  # past tqdm's minimum interval: the update draws
+    return pipe, metrics
+
+
+def test_a_progress_bar_whose_pipe_is_gone_goes_quietly(tmp_path, monkeypatch):
+    """The bar's stderr piped to a reader that is gone (``2>&1 | tee log``, tee stopped by the same Ctrl-C): the
+    bar's next update raised BrokenPipeError out of the training loop, before the signal's checkpoint."""
+    import contextlib
+
+    pipe, metrics = bar_on_a_closed_pipe(tmp_path, monkeypatch)
     try:
         metrics.advance()
         metrics.record(1, {"loss": 1.0}, console=True)
@@ -284,17 +291,11 @@ def test_a_progress_bar_whose_pipe_is_gone_says_nothing_when_collected(tmp_path,
     "Exception ignored in ... BrokenPipeError" at the end of the run."""
     import contextlib
     import gc
-    import os
     import sys
 
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    read, write = os.pipe()
-    pipe = open(write, "w")  # noqa: SIM115 (closed below)
-    monkeypatch.setattr("sys.stderr", pipe)
-    metrics = Metrics(tmp_path, 10, 0, progress=True)
-    os.close(read)
-    time.sleep(0.15)  # past tqdm's minimum interval: the update draws
+    pipe, metrics = bar_on_a_closed_pipe(tmp_path, monkeypatch)
     try:
         metrics.advance()
         metrics.close()
