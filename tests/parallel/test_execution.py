@@ -104,11 +104,11 @@ def test_selective_activation_checkpointing_is_exact_and_per_kind():
         for (name, p), q in zip(ref.named_parameters(), model.parameters()):
             assert torch.equal(p.grad, q.grad), (policy, name)
     with pytest.raises(ValueError, match="'Q' is not a layer symbol"):
-        parse_ac_policy("Q=full", "full")
+        parse_ac_policy("Q=full")
     with pytest.raises(ValueError, match="'some' is not one of"):
-        parse_ac_policy("M=some", "full")
+        parse_ac_policy("M=some")
     with pytest.raises(ValueError, match="'M' is named twice"):  # the last one won without a word
-        parse_ac_policy("M=full,*=none,M=none", "full")
+        parse_ac_policy("M=full,*=none,M=none")
 
 
 @runs_triton_kernels

@@ -106,7 +106,6 @@ def attention_reference(
     the reference): per-head loops over shared KV groups, masks built by hand."""
     c = layer.config
     b, seqlen, _ = x.shape
-    x = x
     d = layer.head_dim
     q = (x @ layer.q_proj.weight.T).view(b, seqlen, layer.nq, d)
     k = (x @ layer.k_proj.weight.T).view(b, seqlen, layer.nkv, d)

@@ -170,7 +170,6 @@ def gdn_reference(layer: GatedDeltaNet, x: torch.Tensor, seq_idx: torch.Tensor |
     from ..ops.gated_delta import gated_delta_rule_reference
 
     b, seqlen, _ = x.shape
-    x = x
     q, k, v, z, beta, a = layer._split(x @ layer.in_proj_qkvz.weight.T, x @ layer.in_proj_ba.weight.T)
     qkv = causal_conv1d_reference(torch.cat([q, k, v], -1), layer.conv1d.weight, None, seq_idx, "silu", x.dtype)
     q, k, v = torch.split(qkv, [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)

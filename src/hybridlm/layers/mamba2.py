@@ -174,7 +174,6 @@ def mamba2_reference(layer: Mamba2Mixer, x: torch.Tensor, seq_idx: torch.Tensor 
     from ..ops.ssd import ssd_reference
 
     b, seqlen, _ = x.shape
-    x = x
     zxbcdt = x @ layer.in_proj.weight.T
     z, xBC, dt = torch.split(zxbcdt, [layer.d_inner, layer.conv_dim, layer.nheads], dim=-1)
     xBC = causal_conv1d_reference(xBC, layer.conv1d.weight, layer.conv1d.bias, seq_idx, "silu", x.dtype)

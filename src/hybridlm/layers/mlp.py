@@ -54,7 +54,6 @@ class MLP(nn.Module):
 
 def mlp_reference(layer: MLP, x: torch.Tensor) -> torch.Tensor:
     """The MLP with the activation written out, in the dtype of ``x``."""
-    x = x
     up = x @ layer.up_proj.weight.T
     if layer.activation == "relu2":
         h = up.clamp(min=0) ** 2

@@ -25,11 +25,11 @@ def _all_blocks(model: nn.Module):
 AC_POLICIES = ("none", "full", "selective")
 
 
-def parse_ac_policy(spec: str, default: str) -> dict[str, str]:
+def parse_ac_policy(spec: str) -> dict[str, str]:
     """``"M=selective,*=full"`` -> {symbol: policy}; ``"selective"`` alone applies to every kind.
 
-    A block's kind is its first symbol (the sequence mixer of a fused group). Kinds not named get
-    ``default``. Raises ValueError naming the bad entry.
+    A block's kind is its first symbol (the sequence mixer of a fused group). Kinds not named are
+    left out (the caller picks their policy). Raises ValueError naming the bad entry.
     """
     from ..pattern.symbols import LAYER_SYMBOLS as ALL_SYMBOLS
 
@@ -92,7 +92,7 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "full") -> nn
             ``"M=selective,*=full,-=none"`` (kinds not named are recomputed whole). A fused
             block is one unit; its kind is its sequence mixer's symbol.
     """
-    per_kind = parse_ac_policy(policy, "full")
+    per_kind = parse_ac_policy(policy)
     for block in _all_blocks(model):
         chosen = per_kind.get(block.symbols[0], "full")
         block.activation_checkpointing = chosen != "none"

@@ -318,7 +318,7 @@ class RunConfig:
         try:
             from ..parallel.execution import parse_ac_policy
 
-            parse_ac_policy(t.ac_policy, "full")
+            parse_ac_policy(t.ac_policy)
         except ValueError as e:
             raise ConfigError("train.ac_policy", str(e)) from None
         if t.compile_mode not in COMPILE_MODES:
@@ -366,7 +366,7 @@ class RunConfig:
 
             parsed = self.model_config().parsed
             starts = {block[0] for block in (*parsed.blocks, *parsed.mtp_blocks)}
-            if unused := [k for k in parse_ac_policy(t.ac_policy, "full") if k not in starts]:
+            if unused := [k for k in parse_ac_policy(t.ac_policy) if k not in starts]:
                 notes.append(
                     f"train.ac_policy names {', '.join(map(repr, unused))}, which starts no block of the pattern: a "
                     "block's policy is that of its first layer (a fused block's, its sequence mixer's)"
