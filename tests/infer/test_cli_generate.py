@@ -747,3 +747,67 @@ def test_a_stop_string_that_is_a_special_token_ends_the_text_where_the_model_pic
         stopped.clear()
         code, out, _ = run(capsys, checkpoint[0], *argv)  # without the stop: the text goes on, the token left out
         assert code == 0 and out.split("\n\n")[:2] == ["a b a b", "b b a b"] and stopped == [None, None], out
+
+
+def _chat_tokenizer(tmp_path):
+    """A byte-level tokenizer.json (as Qwen's, GPT-2's) with ChatML's special tokens: ids 0..255 the bytes, 256
+    the end of document, 257 '<|im_end|>', 258 '<|im_start|>'."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from hybridlm.train.tokenizer import HFTokenizer
+
+    (tmp_path / "tokenizer.json").write_text(ByteTokenizer().hf_files()["tokenizer.json"])
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_end|>", "<|im_start|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_stop_string_holding_a_special_token_and_more_text_ends_the_text_there(tmp_path, capsys):
+    """Decoding leaves special tokens out of the text, so `--stop '<|im_end|>\\n'` (a special token followed by text)
+    never matched and a chat model went on past the end of its turn; now the stop is searched with the special
+    token's text put back where the model picked it, and the text ends there, streamed or not."""
+    from hybridlm.cli.generate import _Completion
+
+    tok = _chat_tokenizer(tmp_path)
+    special = tok.special_tokens()
+    end, start = special["<|im_end|>"], special["<|im_start|>"]
+    ids = [*tok.encode("Hi!"), end, *tok.encode("\n"), start, *tok.encode("user")]
+    assert tok.decode(ids) == "Hi!\nuser"
+    cases = (
+        (["<|im_end|>\n"], "Hi!", 4),  # stopped at the newline after the special token
+        (["!<|im_end|>"], "Hi", 3),  # text before the special token is cut too
+        (["<|im_end|>\n<|im_start|>", "zz"], "Hi!", 5),  # two special tokens
+        (["<|im_end|>x"], "Hi!\nuser", None),  # the special token, but other text after it
+        (["<|im_start|>\n"], "Hi!\nuser", None),
+        (["<|im_end|><|im_start|>"], "Hi!\nuser", None),  # another token between them
+    )
+    for stops, text, stopped_at in cases:
+        for stream in (False, True):
+            row = _Completion(tok, stops, stream, prompt=tok.encode("Q"), heading="> ", specials=special)
+            assert next((i for i, t in enumerate(ids) if row.add(t)), None) == stopped_at, stops
+            row.finish()
+            assert row.text == text and capsys.readouterr().out == ("> " + text if stream else ""), stops
+
+
+def test_the_cli_stops_at_a_special_token_followed_by_text_streamed_or_batched(tmp_path, capsys, monkeypatch):
+    """`--stop '<|im_end|>\\n'` through the command: the text ends before the special token, with one prompt at a
+    time (streamed) and in a batch alike; without the stop it runs on, the special tokens left out."""
+    from hybridlm.infer import generate as module
+
+    tok = _chat_tokenizer(tmp_path)
+    end, start = tok.special_tokens()["<|im_end|>"], tok.special_tokens()["<|im_start|>"]
+    reply = [*tok.encode("Hi!"), end, *tok.encode("\n"), start, *tok.encode("user")]
+    save(HybridLM(tiny_config("*-", vocab_size=tok.vocab_size), seed=0), tmp_path / "model")
+
+    def emitting(model, prompts, callback=None, **kwargs):
+        for row in range(len(prompts)):  # (a row ends at the first True)
+            next((t for t in reply if callback(row, t)), None)
+        return [reply for _ in prompts]
+
+    monkeypatch.setattr(module, "generate", emitting)
+    argv = (tmp_path / "model", "--prompt", "a", "--prompt", "b", "--tokenizer", tmp_path / "tokenizer.json")
+    for batch in ("1", "2"):
+        code, out, _ = run(capsys, *argv, "--batch-size", batch, "--stop", r"<|im_end|>\n")
+        assert code == 0 and out.split("\n\n")[:2] == ["aHi!", "bHi!"], out
+        code, out, _ = run(capsys, *argv, "--batch-size", batch)
+        assert code == 0 and out.split("\n\n")[:2] == ["aHi!\nuser", "bHi!\nuser"], out

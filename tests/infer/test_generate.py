@@ -453,3 +453,11 @@ def test_nan_logits_are_named_on_cuda_through_the_pinned_readback(cuda_graph):
         ):
             generate(model, prompts, 5, temperature=temperature, cuda_graph=cuda_graph)
     assert torch.ones(2, device="cuda").sum().item() == 2
+
+
+def test_an_eos_id_outside_the_vocabulary_is_named_not_the_empty_prompt_that_starts_from_it():
+    """An empty prompt starts from eos_id: one outside the vocabulary was reported as the prompt's own token."""
+    model = HybridLM(tiny_config("M-"), seed=0)
+    for prompts in ([], [[1], []]):
+        with pytest.raises(ValueError, match=r"^eos_id 500 is outside the vocabulary \[0, 97\)$"):
+            generate(model, prompts, 3, eos_id=500)

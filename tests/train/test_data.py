@@ -980,3 +980,27 @@ def test_the_lost_and_found_of_a_disk_root_is_left_out_not_refused(tmp_path, mon
         list(text_documents(str(tmp_path / "c")))  # not a disk's root: a folder of the corpus, refused
     monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(tmp_path / "c"))
     assert list(text_documents(str(tmp_path / "c"))) == ["top"]
+
+
+def test_the_lost_and_found_of_a_linked_disk_root_is_left_out_too(tmp_path, monkeypatch):
+    """os.path.ismount is False for a link (it looks at the link itself), so the lost+found of a disk reached
+    through one (a linked shard, or the corpus given as a link to the disk) was listed, and refused the corpus."""
+    import posixpath
+
+    disk = tmp_path / "disk"
+    (disk / "lost+found").mkdir(parents=True)
+    (disk / "a.txt").write_text("shard")
+    (disk / "lost+found" / "b.txt").write_text("file system's")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "own.txt").write_text("own")
+    (tmp_path / "c" / "shard").symlink_to(disk)
+    (tmp_path / "data").symlink_to(disk)
+    refuse_to_list(monkeypatch, "lost+found")
+    real_ismount = posixpath.ismount
+
+    def ismount(path):  # disk is a mount point; a link never is one, as for the real function
+        return not os.path.islink(path) and (os.path.realpath(path) == os.path.realpath(disk) or real_ismount(path))
+
+    monkeypatch.setattr(os.path, "ismount", ismount)
+    assert sorted(text_documents(str(tmp_path / "c"))) == ["own", "shard"]
+    assert list(text_documents(str(tmp_path / "data"))) == ["shard"]

@@ -87,11 +87,19 @@ class _Completion:
         stream: bool,
         prompt: list[int] | None = None,
         heading: str = "",
-        stop_ids: frozenset[int] = frozenset(),
+        specials: dict[str, int] | None = None,
     ) -> None:
-        """``stop_ids``: the special tokens that stop strings name, which end the text where the model picks them
-        (decoding leaves them out of the text, where no stop string would find them)."""
-        self.tokenizer, self.stops, self.stream, self.stop_ids = tokenizer, stops, stream, stop_ids
+        """``specials``: the tokenizer's special tokens (text -> id), which decoding leaves out of the text, where no
+        stop string would find them: a stop string that is one of them ends the text where the model picks it, and
+        one that holds one with more text (``'<|im_end|>\\n'``) is searched in the text with the special tokens'
+        texts put back where the model picked them."""
+        self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
+        specials = specials or {}
+        self.stop_ids = frozenset(specials[s] for s in stops if s in specials)
+        self.marked_stops = [stop for stop in stops if stop not in specials and any(s in stop for s in specials)]
+        # The special tokens whose texts those stops are searched with (all: as a decode that keeps them reads).
+        self.marked = {i: s for s, i in specials.items()} if self.marked_stops else {}
+        self.marks: list[tuple[int, str]] = []  # (offset in the text, special token's text) of each marked token picked
         self.heading = heading  # streamed before the first text: the prompt, once generation has started
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.context = self._context(list(prompt or []))  # the ids before ids[settled:]
@@ -140,6 +148,8 @@ class _Completion:
             self.stopped = True
             self.finish()
             return True
+        if token in self.marked:  # its text, left out of the text, stands here for the stop strings that hold it
+            self.marks.append((len(self.text), self.marked[token]))
         self.ids.append(token)
         start = max(0, len(self.settled_text) - self.hold)  # before it, earlier tokens searched the same text
         tail = self._decode(self.ids[self.settled :])
@@ -152,7 +162,8 @@ class _Completion:
                     self.settled, self.settled_text, tail = end, self.settled_text + head, tail[len(head) :]
                     break
         text = self.settled_text + tail
-        cuts = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        cuts = [i for i in (text.find(s, start) for s in self.stops if s not in self.marked_stops) if i >= 0]
+        cuts += self._marked_cuts(text, start)
         if cuts:
             text, self.stopped = text[: min(cuts)], True
         self.text = text
@@ -166,6 +177,22 @@ class _Completion:
                 safe -= self.hold
             self._show(safe)
         return self.stopped
+
+    def _marked_cuts(self, text: str, start: int) -> list[int]:
+        """Where in ``text`` the stop strings that hold a special token's text occur from ``start`` on, searched in
+        ``text[start:]`` with the texts of the special tokens the model picked put back where it picked them (a
+        match that begins at such a token cuts the text where it was picked)."""
+        if not self.marked_stops:
+            return []
+        kept, where, at = "", [], start  # where[k]: the offset in text of kept[k]
+        for offset, special in self.marks:
+            offset = min(offset, len(text))  # (the bytes of a character the token cut in two decode together)
+            if offset >= start:
+                kept += text[at:offset] + special
+                where += [*range(at, offset), *[offset] * len(special)]
+                at = offset
+        kept, where = kept + text[at:], [*where, *range(at, len(text))]
+        return [where[i] for i in (kept.find(s) for s in self.marked_stops) if i >= 0]
 
     def finish(self) -> None:
         if self.stream:
@@ -293,7 +320,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"vocabulary of {config.vocab_size}: the model was not trained with this tokenizer"
         )
     special = tokenizer.special_tokens()
-    stop_ids = frozenset(special[s] for s in stops if s in special)  # (--stop '<|im_end|>')
     encoded = []
     for text, where in given:  # all of them before the model loads: a prompt it cannot tokenize, named
         try:
@@ -309,7 +335,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = encoded[start : start + args.batch_size]
         stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
         # A streamed prompt is printed with the first token: an error before it leaves stdout empty.
-        rows = [_Completion(tokenizer, stops, stream, p, text, stop_ids) for p, text in zip(ids, batch)]
+        rows = [_Completion(tokenizer, stops, stream, p, text, special) for p, text in zip(ids, batch)]
         stats: dict = {}
         try:
             generate(
@@ -391,8 +417,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--stop",
         action="append",
-        help=r"stop a text at this string, or at the special token it names (repeatable; not printed; \n, \t, "
-        r"\r and \\ are read as escapes)",
+        help=r"stop a text at this string, in which a special token's text matches where the model picks that token "
+        r"(repeatable; not printed; \n, \t, \r and \\ are read as escapes)",
     )
     ap.add_argument(
         "--batch-size", type=int, default=1, help="prompts generated together (left-padded; default: 1, streamed)"

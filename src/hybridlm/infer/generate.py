@@ -241,12 +241,13 @@ def generate(
             raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    # eos_id first: an empty prompt starts from it, and was blamed for holding it ("prompt 0: token ids [500]").
+    if eos_id is not None and not 0 <= eos_id < vocab:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
     for i, row in enumerate(rows):
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    if eos_id is not None and not 0 <= eos_id < vocab:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device)
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)

@@ -126,8 +126,10 @@ def _text_files(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         # Sorted: which link reads a folder is the same each time. The lost+found of a disk's root (the corpus's, or a
-        # linked shard's) is the file system's, which others may not list: never documents, and not refused.
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (d == "lost+found" and os.path.ismount(root)))
+        # linked shard's) is the file system's, which others may not list: never documents, and not refused. The
+        # real path is asked: ismount() is False for a link, even one to a disk's root.
+        mount = os.path.ismount(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (d == "lost+found" and mount))
         for name in files:
             path = Path(root, name)
             if name.startswith("."):
