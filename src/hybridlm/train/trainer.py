@@ -853,7 +853,8 @@ class Trainer:
                 dist.destroy_process_group()
 
     def run_loop(self, until: int | None = None) -> dict[str, Any]:
-        """Train to ``train.steps`` (or stop after step ``until``, saving a checkpoint). Returns a summary.
+        """Train to ``train.steps`` (or stop after step ``until``, saving its checkpoint; an ``until`` at or
+        before the current step trains and saves nothing). Returns a summary.
 
         Once per trainer: its end (at ``until``, on a signal, or on an error) closes the metrics and frees the
         folder; to train on, build ``Trainer(run, run_dir, resume=True)``, which continues from the checkpoint."""
