@@ -158,6 +158,40 @@ def test_packed_documents_get_the_logits_and_gradients_they_get_alone(pattern):
             assert_rel_close(grads[name], p.grad, 1e-10, f"gradient of {name}")
 
 
+@pytest.mark.parametrize("pattern", ["MG*E-/[*E]/[*E]", "+DE/[D-]/[D-]"])
+def test_each_row_and_position_reads_only_its_own_row_and_earlier_tokens(pattern):
+    """Batch invariance and causality, in float64, for every mixer and two MTP depths (no other test covers
+    either at the model level: the packed tests keep one row, and documents alone would pass a mixer reading
+    ahead). A row in a batch gets what it gets alone; changing token j changes no main-head output before j,
+    and MTP depth d, which embeds token t + d at t, no output before j - d, while it changes the one at j - d.
+    19 tokens: not a multiple of the chunk (8); the changed positions sit on both sides of a chunk's start."""
+    config = tiny_config(pattern, position_embedding="rope", moe_router_score="sigmoid", **MLA_TINY)
+    model = HybridLM(config, seed=2, dtype=torch.float64)
+    ids = torch.randint(0, config.vocab_size, (3, 19), generator=torch.Generator().manual_seed(0))
+    packed = torch.tensor([[0] * 19, [0] * 6 + [1] * 13, [0] * 9 + [1] * 3 + [2] * 7])
+
+    def heads(ids, docs):
+        out = model(ids, doc_ids=docs)
+        return [out.logits, *out.mtp_logits]  # the main head, then each depth
+
+    with torch.no_grad():
+        for docs in (None, packed):  # plain causal rows, then packed rows (masked paths)
+            batch = heads(ids, docs)
+            assert len(batch) == 3
+            for i in range(3):
+                alone = heads(ids[i : i + 1], None if docs is None else docs[i : i + 1])
+                for d, (got, want) in enumerate(zip(batch, alone)):
+                    assert_rel_close(got[i : i + 1], want, 1e-12, f"row {i}, head {d}")
+            for j in (1, 8, 9, 18):
+                changed = ids.clone()
+                changed[:, j] = (changed[:, j] + 1) % config.vocab_size
+                for d, (before, after) in enumerate(zip(batch, heads(changed, docs))):
+                    if j - d > 0:
+                        assert_rel_close(after[:, : j - d], before[:, : j - d], 1e-12, f"head {d} before token {j}")
+                    if j - d >= 0:
+                        assert (after[:, j - d] - before[:, j - d]).abs().amax(-1).min() > 1e-6, f"head {d} at {j - d}"
+
+
 def test_mtp_depth_d_predicts_token_t_plus_1_plus_d():
     """Depth d's logits at t are scored against token t+1+d (labels shifted d further)."""
     config = tiny_config("M-*-/*-/*-", vocab_size=11)
@@ -208,6 +242,29 @@ def test_same_seed_same_canonical_weights_across_brackets_and_pipes():
         assert all(torch.equal(other[k], ref[k]) for k in ref), pattern
     different = canonical_state(HybridLM(base, seed=4))
     assert not torch.equal(different["layers.0.mixer.in_proj.weight"], ref["layers.0.mixer.in_proj.weight"])
+
+
+@pytest.mark.parametrize("pattern", ["M[G-]*E/[*-]", "+[DE]"])
+def test_a_float64_model_gets_its_seed_s_weights_however_it_is_built(pattern):
+    """``HybridLM(seed=s, dtype=torch.float64)`` draws in float32 and casts. Built on meta in float64 and then
+    initialized, or under ``torch.set_default_dtype(torch.float64)``, it drew float64 values, which torch draws
+    otherwise: every weight was another (0.1 apart), the float32-kept ``A_log`` and ``dt_bias`` too (the
+    generator's stream had moved). The number of threads changes nothing either."""
+    config = tiny_config(pattern, **MLA_TINY)
+    want = HybridLM(config, seed=5, dtype=torch.float64).state_dict()
+    on_meta = HybridLM(config, seed=0, device="meta", dtype=torch.float64)
+    on_meta.to_empty(device="cpu")
+    on_meta.init_weights(5)
+    threads, default = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        torch.set_num_threads(1)
+        torch.set_default_dtype(torch.float64)
+        by_default = HybridLM(config, seed=5)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(default)
+    for name, got in [*on_meta.state_dict().items(), *by_default.state_dict().items()]:
+        assert torch.equal(got.double(), want[name].double()), name
 
 
 def test_output_projection_scaled_by_canonical_layer_count():
@@ -275,6 +332,19 @@ def test_num_params_per_kind_equals_the_parameters_of_its_layers(seed, sequence)
         want[kind] = want.get(kind, 0) + t.numel()
     n = model.num_params()
     assert n.by_kind == want and float(n) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_model_built_on_meta_initializes_from_its_own_seed():
+    """``device="meta"``: call init_weights after to_empty, the docstring says; init_weights() drew from seed 0
+    whatever seed the model was built with, so a seed-5 model came out with seed 0's weights."""
+    config = tiny_config("M[*-]/[*E]")
+    want = HybridLM(config, seed=5).state_dict()
+    model = HybridLM(config, seed=5, device="meta").to_empty(device="cpu")
+    model.init_weights()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, want[name]), name
+    model.init_weights(0)  # an explicit seed still wins
+    assert torch.equal(model.state_dict()["embeddings.weight"], HybridLM(config, seed=0).embeddings.weight)
 
 
 @pytest.mark.parametrize(
@@ -718,6 +788,21 @@ def test_labels_with_logits_to_keep_are_refused_and_return_logits_false_returns_
             model(ids, ids, logits_to_keep=2, return_logits=return_logits)
     out = model(ids, ids, return_logits=False)
     assert out.logits is None and out.mtp_logits == [] and torch.isfinite(out.loss)
+
+
+def test_return_logits_false_without_labels_makes_no_logits():
+    """``return_logits=False`` leaves the logits None also without labels (the flag was ignored there: the whole
+    (B, L, V) logits of every head were computed for a caller after the hidden states alone), cached or not."""
+    from hybridlm.infer.cache import InferenceCache
+
+    model = HybridLM(tiny_config("M*-/-"), seed=0)
+    ids = torch.randint(0, 97, (2, 6))
+    out = model(ids, return_logits=False)
+    assert out.logits is None and out.mtp_logits == []
+    torch.testing.assert_close(out.hidden_states, model(ids).hidden_states, rtol=0, atol=0)
+    cache = InferenceCache.for_model(model, 2, 6)
+    out = model(ids, cache=cache, return_logits=False)
+    assert out.logits is None and cache.offset == 6
 
 
 def test_output_projections_scaled_by_the_main_stack_layer_count():

@@ -89,7 +89,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0  #: load-balancing loss weight
 
     # -- Gated DeltaNet (G) ------------------------------------------------------------------
-    gdn_num_heads: int | None = None  #: query/key heads; None = hidden_size / gdn_head_dim
+    gdn_num_heads: int | None = None  #: query/key heads; None = hidden_size // gdn_head_dim, at least 1
     gdn_num_value_heads: int | None = None  #: None = gdn_num_heads
     gdn_head_dim: int = 128
     gdn_value_head_dim: int | None = None  #: None = gdn_head_dim

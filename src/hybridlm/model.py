@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layers import RMSNorm, SequenceContext, build_mixer, mixer_class
 from .layers.context import positions_in_segment, segment_ids
+from .layers.init import normal_
 from .layers.rope import rope_cos_sin
 from .ops.attention import document_block_mask, use_flex
 from .ops.cross_entropy import linear_cross_entropy
@@ -196,7 +197,8 @@ class ModelOutput:
     """What :meth:`HybridLM.forward` returns.
 
     Attributes:
-        logits: (B, L, V) float32 next-token logits (float64 in a float64 model; None on a stage without the head).
+        logits: (B, L, V) float32 next-token logits (float64 in a float64 model; None on a stage without the head
+            and with ``return_logits=False``).
         loss: total loss when labels were given: ``lm_loss + mtp_loss_scale * mean(mtp_losses) + aux_loss``.
         lm_loss: cross entropy of the main head.
         mtp_losses: cross entropy of each MTP depth (depth d predicts the token d+1 places further).
@@ -382,9 +384,11 @@ class HybridLM(nn.Module):
         seed: initialization seed. Each canonical layer draws from its own generator keyed by
             (seed, canonical index), so the same seed gives the same weights whatever the
             brackets and whatever the pipeline split.
-        device: where to allocate; ``"meta"`` allocates nothing (call :meth:`init_weights`
-            after ``to_empty``). Default: the current default device.
-        dtype: parameter dtype (``A_log``, ``D``, ``dt_bias`` and router weights stay float32).
+        device: where to allocate; ``"meta"`` allocates nothing (call :meth:`init_weights`, which
+            uses ``seed``, after ``to_empty``). Default: the current default device.
+        dtype: parameter dtype; the mixers' ``keep_fp32`` tensors stay float32 (:meth:`fp32_parameter_names`:
+            ``A_log``, ``D``, ``dt_bias``, the MoE router's weight and expert bias, the DSA indexer's
+            ``weights_proj`` and ``k_norm``).
     """
 
     def __init__(
@@ -404,6 +408,8 @@ class HybridLM(nn.Module):
         self.config = config
         p = config.parsed
         _seed(seed)  # refuse a seed that is not an integer before allocating
+        # What init_weights() and init_parts() default to: a model built on meta is initialized later, from this seed.
+        self.seed = operator.index(seed)
         if dtype is not None:
             dtype = float_dtype(dtype)
         for s in config.symbols:
@@ -438,16 +444,20 @@ class HybridLM(nn.Module):
     # -- parameters --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """(Re)initialize every parameter from ``seed``, keyed by canonical layer index."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialize every parameter from ``seed`` (default: the seed the model was built with), keyed by
+        canonical layer index."""
         for _, init in self.init_parts(seed):
             init()
         self.reset_buffers()
 
-    def init_parts(self, seed: int = 0) -> list[tuple[nn.Module, Callable[[], None]]]:
+    def init_parts(self, seed: int | None = None) -> list[tuple[nn.Module, Callable[[], None]]]:
         """The initialization as independent parts: ``(module, init)`` pairs, ``init()`` filling the
         parameters of ``module`` only. Each part draws from its own keyed generator, so any subset,
-        in any order, gives the values the whole model gets (sharded initialization relies on it)."""
+        in any order, gives the values the whole model gets (sharded initialization relies on it).
+        ``seed``: default, the seed the model was built with."""
+        seed = self.seed if seed is None else seed
+        _seed(seed)  # an explicit one too: refused before any part runs
         c = self.config
         std = c.init_std
         # Output projections are scaled by the canonical layer count, not the block count, so
@@ -463,20 +473,20 @@ class HybridLM(nn.Module):
         parts: list[tuple[nn.Module, Callable[[], None]]] = []
         if self.embeddings is not None:
             emb = self.embeddings
-            parts.append((emb, lambda: emb.weight.normal_(0.0, std, generator=gen("embeddings"))))
+            parts.append((emb, lambda: normal_(emb.weight, std, gen("embeddings"))))
         for block in self.blocks.values():
             parts.append((block, lambda b=block: b.init_weights(lambda i: gen("layers", i), std, out_std)))
         if self.norm_f is not None:
             parts.append((self.norm_f, self.norm_f.init_weights))
         if self.lm_head is not None:
             head = self.lm_head
-            parts.append((head, lambda: head.weight.normal_(0.0, std, generator=gen("lm_head"))))
+            parts.append((head, lambda: normal_(head.weight, std, gen("lm_head"))))
         for d, depth in enumerate(self.mtp):
 
             def init_depth(d: int = d, depth: MTPDepth = depth) -> None:
                 for norm in (depth.enorm, depth.hnorm, depth.final_norm):
                     norm.init_weights()
-                depth.eh_proj.weight.normal_(0.0, std, generator=gen("mtp", d, "eh_proj"))
+                normal_(depth.eh_proj.weight, std, gen("mtp", d, "eh_proj"))
 
             parts.append((depth, init_depth))  # its blocks are parts of their own
             for block in depth.blocks.values():
@@ -598,9 +608,9 @@ class HybridLM(nn.Module):
             hidden_states: (B, L, hidden) input of a pipeline stage after the first (the previous stage's
                 output); given, it is the input, and ``input_ids`` only feed the MTP depths.
             document_ids, seq_idx: other names for ``doc_ids`` (give at most one of the three).
-            return_logits: materialize the float32 logits. With labels and ``False`` (what the
-                trainer passes), each head's loss is computed chunk by chunk
-                (:func:`hybridlm.ops.cross_entropy.linear_cross_entropy`) and the logits are None.
+            return_logits: materialize the float32 logits; ``False`` leaves ``logits`` None and ``mtp_logits``
+                empty (no (B, L, V) tensor is made). With labels and ``False`` (what the trainer passes), each
+                head's loss is computed chunk by chunk (:func:`hybridlm.ops.cross_entropy.linear_cross_entropy`).
             cache: decoding cache (``hybridlm.infer.cache.InferenceCache``): ``input_ids`` continue
                 the cached positions, every mixer reads and updates its state, positions come from
                 the cache, and the MTP depths are not run.
@@ -663,7 +673,8 @@ class HybridLM(nn.Module):
             return out
         h = self.norm_f(h)
         if cache is not None:
-            out.logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
+            if return_logits:
+                out.logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
             return out
         fused_loss = labels is not None and not return_logits
         hiddens = [h]  # the normed input of the head: main, then each MTP depth
@@ -674,7 +685,7 @@ class HybridLM(nn.Module):
             h, aux = depth(h, self.embeddings(shifted), ctx)
             aux_losses += aux
             hiddens.append(h)
-        if not fused_loss:
+        if return_logits:  # also without labels: a caller after the hidden states alone pays for no head
             out.logits = self.head(hiddens[0][:, -logits_to_keep:] if logits_to_keep else hiddens[0])
             out.mtp_logits = [self.head(x[:, -logits_to_keep:] if logits_to_keep else x) for x in hiddens[1:]]
         aux = _sum(aux_losses)

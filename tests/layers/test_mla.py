@@ -198,6 +198,30 @@ def test_dsa_packed_equals_separate_documents():
             start += n
 
 
+def test_a_float64_dsa_computes_its_index_scores_and_loss_in_float64():
+    """Cast as a float64 model casts it, the indexer computed in float32 whatever the model's dtype: its scores
+    and its loss (part of the model's loss) were 1e-7 off their float64 formulas, and its decoding keys float32."""
+    config = dsa_config()
+    layer = make(DSA, config, seed=3)
+    ref64 = copy.deepcopy(layer).double()
+    for name, p in layer.named_parameters():
+        if name not in DSA.keep_fp32:
+            p.data = p.data.double()
+    seq_idx = docs(2, SEQLEN, seed=5)
+    ctx, pos = context(config, 2, SEQLEN, seq_idx, torch.float64)
+    x = torch.randn(2, SEQLEN, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    aux_losses = []
+    layer(x, ctx, aux_losses)
+    (aux,) = aux_losses
+    assert aux.dtype == torch.float64
+    assert_rel_close(aux, kl_reference(ref64, x, pos, seq_idx, sparse=False), 1e-12, "indexer loss")
+    with torch.no_grad():
+        _, _, _, c_q = layer.qkv(x, pos)
+        scores, _ = layer.select(x, c_q, pos, causal_document_mask(SEQLEN, seq_idx, 2))
+        assert_rel_close(scores, indexer_scores_reference(ref64, x, c_q, pos), 1e-12, "index scores")
+    assert layer.init_cache(1, 4, "cpu", torch.float64).index_k.dtype == torch.float64
+
+
 CACHED = {
     "mla": (MLA, "+", MLA_TINY),
     "mla-full-rank-q": (MLA, "+", {**MLA_TINY, "q_lora_rank": None}),
@@ -333,7 +357,7 @@ DEEPSEEK = {
 def test_mla_and_dsa_match_hugging_face_deepseek(case, packed, monkeypatch):
     """Our float64 layer against transformers' DeepSeek-V3 MLA / DeepSeek-V3.2 DSA holding the same weights:
     projections, latent norms, interleaved RoPE on the decoupled channels, the 1/sqrt(dn + dr) softmax scale,
-    and for D the lightning indexer's scores (float32 in both: rotate-half RoPE, ReLU, head weights, scale),
+    and for D the lightning indexer's scores (float32 in theirs: rotate-half RoPE, ReLU, head weights, scale),
     its top-k and attention over the selected keys. Packed documents are given to Hugging Face as a
     block-causal mask with positions restarting per document."""
     cls, symbol, overrides = DEEPSEEK[case]

@@ -209,3 +209,14 @@ def test_a_second_derivative_is_refused_not_wrong():
     (dh,) = torch.autograd.grad(linear_cross_entropy(h, w, labels, chunk=4).square(), h, create_graph=True)
     with pytest.raises(RuntimeError):  # (autograd finds no differentiable path back: once_differentiable)
         torch.autograd.grad(dh.square().sum(), h)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True])
+def test_a_chunk_that_is_not_a_positive_integer_is_refused(chunk):
+    """A negative chunk ran no chunk: a loss of 0 and an uninitialized dW (1e33 here); 0 failed inside range()."""
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    labels = torch.randint(0, 11, (4,))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="chunk must be a positive integer"):
+            linear_cross_entropy(h, w, labels, chunk=chunk)

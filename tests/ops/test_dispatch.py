@@ -190,3 +190,15 @@ def test_a_malformed_setting_is_a_config_error_wherever_a_run_starts(argv, monke
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error: HYBRIDLM_KERNELS: 'foo' is not an op" in err and "unexpected" not in err
+
+
+def test_rms_norm_reports_the_reference_it_runs_for_training():
+    """The forward-only kernel is skipped when a gradient is wanted; that call recorded nothing, so paths_used()
+    kept whatever an earlier inference call had recorded (``triton`` under a forced setting)."""
+    from hybridlm.ops.norm import rms_norm
+
+    x, w = torch.randn(3, 8, requires_grad=True), torch.ones(8)
+    reset_paths()
+    with use_kernels("triton"):
+        rms_norm(x, w, 1e-5)
+    assert paths_used() == {"rms_norm": "torch"}

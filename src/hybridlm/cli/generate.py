@@ -412,7 +412,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability (1 = all)"
     )
     ap.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="divide logits of tokens already seen by this (1 = off)"
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already seen by this, multiply the negative ones (1 = off)",
     )
     ap.add_argument(
         "--stop",

@@ -16,8 +16,9 @@ from .cache import InferenceCache
 class GraphedDecodeStep:
     """``step(tokens (B, 1)) -> logits (B, V)``, replaying a captured ``model(tokens, cache=cache)``.
 
-    Capture runs the step (two warm-ups and the recording); the cache is restored afterwards, so
-    creating this object changes nothing. The graph is tied to ``cache``'s buffers: build a new
+    Capture runs the step (two warm-ups and the recording); the cache's states and positions are restored
+    afterwards, but its ``static`` stays set (every later decode step of it, replayed or eager, attends over
+    the whole buffer, masked: the same results). The graph is tied to ``cache``'s buffers: build a new
     one for a new cache.
     """
 

@@ -414,7 +414,8 @@ def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def prefill(model, ids: torch.Tensor, cache: InferenceCache, chunk_size: int) -> torch.Tensor:
-    """Run ``ids`` (B, P) into ``cache`` in chunks; returns the last position's logits (B, V) float32."""
+    """Run ``ids`` (B, P) into ``cache`` in chunks; returns the last position's logits (B, V) float32 (float64 in a
+    float64 model)."""
     logits = None
     for i in range(0, ids.shape[1], chunk_size):
         logits = model(ids[:, i : i + chunk_size], cache=cache, logits_to_keep=1).logits

@@ -13,6 +13,7 @@ from ..config import ModelConfig
 from ..ops.attention import attention_growing_keys, causal_attention
 from .cache import KVState, cached_keys_mask
 from .context import SequenceContext
+from .init import normal_
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -85,8 +86,8 @@ class Attention(nn.Module):
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
-            proj.weight.normal_(0.0, std, generator=gen)
-        self.o_proj.weight.normal_(0.0, out_std, generator=gen)
+            normal_(proj.weight, std, gen)
+        normal_(self.o_proj.weight, out_std, gen)
         if self.config.qk_norm:
             self.q_norm.init_weights()
             self.k_norm.init_weights()

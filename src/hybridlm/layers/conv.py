@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.conv import causal_conv1d
+from .init import uniform_
 
 
 class CausalConv1d(nn.Module):
@@ -26,6 +27,6 @@ class CausalConv1d(nn.Module):
     def init_weights(self, gen: torch.Generator | None) -> None:
         # nn.Conv1d's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(K), 1/sqrt(K)).
         bound = 1.0 / math.sqrt(self.weight.shape[-1])
-        self.weight.uniform_(-bound, bound, generator=gen)
+        uniform_(self.weight, -bound, bound, gen)
         if self.bias is not None:
-            self.bias.uniform_(-bound, bound, generator=gen)
+            uniform_(self.bias, -bound, bound, gen)

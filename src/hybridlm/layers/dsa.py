@@ -1,7 +1,7 @@
 """DeepSeek sparse attention (the ``D`` mixer, DeepSeek-V3.2): MLA whose queries attend only the top-k keys
 that a small "lightning indexer" picks.
 
-The indexer (float32 here), with ``n = dsa_indexer_n_heads``, ``d = dsa_indexer_head_dim``::
+The indexer (float32 here, float64 in a float64 model), with ``n = dsa_indexer_n_heads``, ``d = dsa_indexer_head_dim``::
 
     q_j  = c_q W_j^Q  (per index head j; c_q is MLA's normalized query latent)      (d)
     k    = LayerNorm(x W^K)   one key per token, shared by the index heads           (d)
@@ -39,8 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
+from .init import normal_
 from .mla import (
     MLA,
     LatentCache,
@@ -53,7 +55,8 @@ from .rope import apply_rope
 
 
 class Indexer(nn.Module):
-    """The lightning indexer: scores (B, T, S) of every query against every key, in float32."""
+    """The lightning indexer: scores (B, T, S) of every query against every key, in float32 (float64 in a
+    float64 model: a reference, whose selection and loss float32 rounding would cap at ~1e-7)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -67,26 +70,28 @@ class Indexer(nn.Module):
     def queries(
         self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, H), c_q (B, T, q_lora_rank) -> q (B, T, n, d) and head weights w (B, T, n), float32."""
+        """x (B, T, H), c_q (B, T, q_lora_rank) -> q (B, T, n, d) and head weights w (B, T, n), float32
+        (float64 for float64 ``x``)."""
         b, t, _ = x.shape
         q = self.wq_b(c_q)
+        acc = accumulation_dtype(x)
         with _float32(x):
-            q = apply_rope(q.float().view(b, t, self.n, self.d), cos, sin)
-            w = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n**-0.5 * self.d**-0.5)
+            q = apply_rope(q.to(acc).view(b, t, self.n, self.d), cos, sin)
+            w = F.linear(x.to(acc), self.weights_proj.weight.to(acc)) * (self.n**-0.5 * self.d**-0.5)
         return q, w
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, S, H) -> k (B, S, d) float32 (what a decoding cache keeps)."""
-        norm, k = self.k_norm, self.wk(x)
+        """x (B, S, H) -> k (B, S, d) float32, float64 for float64 ``x`` (what a decoding cache keeps)."""
+        norm, k, acc = self.k_norm, self.wk(x), accumulation_dtype(x)
         with _float32(x):
-            k = F.layer_norm(k.float(), (self.d,), norm.weight.float(), norm.bias.float(), norm.eps)
+            k = F.layer_norm(k.to(acc), (self.d,), norm.weight.to(acc), norm.bias.to(acc), norm.eps)
             return apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
 
     @staticmethod
     def scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``I(t, s) = sum_j w_j(t) ReLU(q_j(t) · k(s))``: q (B, T, n, d), w (B, T, n), k (B, S, d) -> (B, T, S)."""
-        with _float32(q):
-            return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k).relu(), w)
+        with _float32(q):  # (keys cached in another dtype than the model's are read in the queries')
+            return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)).relu(), w)
 
 
 def _float32(t: torch.Tensor) -> torch.autocast:
@@ -119,12 +124,13 @@ def indexer_kl(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid
         valid: (B|1, T, S) bool, keys the distributions range over (each query has at least one).
 
     Returns:
-        A scalar float32.
+        A scalar float32 (float64 for float64 inputs).
     """
+    acc = accumulation_dtype(attention_logits, index_scores)
     with torch.no_grad():
-        probs = attention_logits.float().masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
+        probs = attention_logits.to(acc).masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
         target = probs / probs.sum(dim=-1, keepdim=True)
-    log_pred = index_scores.float().masked_fill(~valid, float("-inf")).log_softmax(dim=-1).masked_fill(~valid, 0.0)
+    log_pred = index_scores.to(acc).masked_fill(~valid, float("-inf")).log_softmax(dim=-1).masked_fill(~valid, 0.0)
     kl = (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
     return kl.mean() if kl.numel() else kl.sum()  # no query at all: 0, not the mean of nothing
 
@@ -163,15 +169,17 @@ class DSA(MLA):
         scores, selected = self.select(x, c_q, ctx.position_ids, allowed)
         if c.dsa_indexer_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
             with _float32(x):
-                logits = torch.einsum("bthd,bshd->bhts", q.detach().float(), k.detach().float()) * self.softmax_scale
+                acc = accumulation_dtype(q)
+                logits = torch.einsum("bthd,bshd->bhts", q.detach().to(acc), k.detach().to(acc)) * self.softmax_scale
                 valid = selected if c.dsa_indexer_use_sparse_loss else allowed
                 aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
         return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
-        """MLA's latents plus the indexer's keys, index_k (B, max_len, dsa_indexer_head_dim) float32."""
+        """MLA's latents plus the indexer's keys, index_k (B, max_len, dsa_indexer_head_dim) float32 (float64 in
+        a float64 cache, as :meth:`Indexer.keys` computes them)."""
         cache = super().init_cache(batch, max_len, device, dtype)
-        cache.index_k = torch.zeros(batch, max_len, self.indexer.d, device=device, dtype=torch.float32)
+        cache.index_k = torch.zeros(batch, max_len, self.indexer.d, device=device, dtype=accumulation_dtype(dtype))
         return cache
 
     def _forward_cached(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
@@ -191,7 +199,7 @@ class DSA(MLA):
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
         super().init_weights(gen, std, out_std)
         for proj in (self.indexer.wq_b, self.indexer.wk, self.indexer.weights_proj):
-            proj.weight.normal_(0.0, std, generator=gen)
+            normal_(proj.weight, std, gen)
         nn.init.ones_(self.indexer.k_norm.weight)
         nn.init.zeros_(self.indexer.k_norm.bias)
 

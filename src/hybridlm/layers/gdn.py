@@ -21,7 +21,7 @@ from ..ops.step import causal_conv1d_with_state, gated_delta_step
 from .cache import RecurrentState
 from .context import SequenceContext
 from .conv import CausalConv1d
-from .init import dt_bias_init
+from .init import dt_bias_init, normal_
 
 
 class GatedRMSNormAfter(nn.Module):
@@ -136,8 +136,8 @@ class GatedDeltaNet(nn.Module):
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
         c = self.config
-        self.in_proj_qkvz.weight.normal_(0.0, std, generator=gen)
-        self.in_proj_ba.weight.normal_(0.0, std, generator=gen)
+        normal_(self.in_proj_qkvz.weight, std, gen)
+        normal_(self.in_proj_ba.weight, std, gen)
         self.conv1d.init_weights(gen)
         with torch.no_grad():
             self.dt_bias.copy_(
@@ -147,7 +147,7 @@ class GatedDeltaNet(nn.Module):
                 torch.log(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(1, 16, generator=gen))
             )
         nn.init.ones_(self.norm.weight)
-        self.out_proj.weight.normal_(0.0, out_std, generator=gen)
+        normal_(self.out_proj.weight, out_std, gen)
 
     @staticmethod
     def flops_per_token(c: ModelConfig, seq_len: int) -> float:

@@ -22,7 +22,7 @@ from ..ops.step import causal_conv1d_with_state, ssd_step
 from .cache import RecurrentState
 from .context import SequenceContext
 from .conv import CausalConv1d
-from .init import dt_bias_init
+from .init import dt_bias_init, normal_
 
 
 class GatedRMSNorm(nn.Module):
@@ -131,7 +131,7 @@ class Mamba2Mixer(nn.Module):
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
         c = self.config
-        self.in_proj.weight.normal_(0.0, std, generator=gen)
+        normal_(self.in_proj.weight, std, gen)
         self.conv1d.init_weights(gen)
         with torch.no_grad():
             self.dt_bias.copy_(
@@ -144,7 +144,7 @@ class Mamba2Mixer(nn.Module):
             )
         nn.init.ones_(self.D)
         nn.init.ones_(self.norm.weight)
-        self.out_proj.weight.normal_(0.0, out_std, generator=gen)
+        normal_(self.out_proj.weight, out_std, gen)
 
     @staticmethod
     def flops_per_token(c: ModelConfig, seq_len: int) -> float:

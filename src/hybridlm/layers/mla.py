@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
+from .init import normal_
 from .norm import RMSNorm
 from .rope import apply_rope_interleaved, rope_cos_sin
 
@@ -44,7 +45,8 @@ class LatentCache:
     Attributes:
         c_kv: (B, max_len, kv_lora_rank) the normalized key/value latent.
         k_pe: (B, max_len, qk_pos_emb_head_dim) the rotated RoPE key shared by all heads.
-        index_k: (B, max_len, dsa_indexer_head_dim) float32 lightning-indexer keys (DSA only, else None).
+        index_k: (B, max_len, dsa_indexer_head_dim) float32 (float64 in a float64 cache) lightning-indexer keys
+            (DSA only, else None).
 
     Zero-filled (masked positions must hold finite values: a zero weight times NaN is still NaN) and
     written in place. The buffers are append-only, so rolling back the cache's ``offset`` is all a
@@ -254,15 +256,15 @@ class MLA(nn.Module):
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
         if self.config.q_lora_rank is None:
-            self.q_proj.weight.normal_(0.0, std, generator=gen)
+            normal_(self.q_proj.weight, std, gen)
         else:
-            self.q_a_proj.weight.normal_(0.0, std, generator=gen)
-            self.q_b_proj.weight.normal_(0.0, std, generator=gen)
+            normal_(self.q_a_proj.weight, std, gen)
+            normal_(self.q_b_proj.weight, std, gen)
             self.q_a_layernorm.init_weights()
-        self.kv_a_proj_with_mqa.weight.normal_(0.0, std, generator=gen)
-        self.kv_b_proj.weight.normal_(0.0, std, generator=gen)
+        normal_(self.kv_a_proj_with_mqa.weight, std, gen)
+        normal_(self.kv_b_proj.weight, std, gen)
         self.kv_a_layernorm.init_weights()
-        self.o_proj.weight.normal_(0.0, out_std, generator=gen)
+        normal_(self.o_proj.weight, out_std, gen)
 
     @staticmethod
     def flops_per_token(c: ModelConfig, seq_len: int) -> float:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .context import SequenceContext
+from .init import normal_
 
 
 def activate(h: torch.Tensor, kind: str, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,10 +42,10 @@ class MLP(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
-        self.up_proj.weight.normal_(0.0, std, generator=gen)
+        normal_(self.up_proj.weight, std, gen)
         if self.activation == "swiglu":
-            self.gate_proj.weight.normal_(0.0, std, generator=gen)
-        self.down_proj.weight.normal_(0.0, out_std, generator=gen)
+            normal_(self.gate_proj.weight, std, gen)
+        normal_(self.down_proj.weight, out_std, gen)
 
     @staticmethod
     def flops_per_token(c: ModelConfig, seq_len: int, ffn_hidden_size: int | None = None) -> float:

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..ops.dispatch import kernels_mode, record
 from ..ops.precision import accumulation_dtype, matmul_dtype
 from .context import SequenceContext
+from .init import normal_
 from .mlp import MLP, activate
 
 
@@ -228,13 +229,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:
-        self.gate.weight.normal_(0.0, std, generator=gen)
+        normal_(self.gate.weight, std, gen)
         if self.config.moe_router_expert_bias:
             nn.init.zeros_(self.gate.e_score_correction_bias)
-        self.experts.up_proj.normal_(0.0, std, generator=gen)
+        normal_(self.experts.up_proj, std, gen)
         if self.config.mlp_activation == "swiglu":
-            self.experts.gate_proj.normal_(0.0, std, generator=gen)
-        self.experts.down_proj.normal_(0.0, out_std, generator=gen)
+            normal_(self.experts.gate_proj, std, gen)
+        normal_(self.experts.down_proj, out_std, gen)
         if self.config.moe_shared_expert_ffn_hidden_size:
             self.shared_experts.init_weights(gen, std, out_std)
         self.tokens_per_expert.zero_()

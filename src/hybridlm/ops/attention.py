@@ -92,7 +92,8 @@ def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
     """(B, 1, L, L) bool, True where query t may attend key s: s <= t in the same document.
 
     Args:
-        seq_idx: (B, L) document index per position.
+        seq_idx: (B, L) document index per position, non-decreasing along L (equal indices are one document:
+            a label that comes back later joins the earlier document).
     """
     L = seq_idx.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=seq_idx.device).tril()
@@ -146,7 +147,8 @@ def causal_attention(
 
     Args:
         q: (B, Hq, L, D); k, v: (B, Hkv, L, D) with Hq a multiple of Hkv.
-        seq_idx: (B, L) document index per position, or None for one document per row.
+        seq_idx: (B, L) document index per position, non-decreasing along L (as
+            :func:`hybridlm.layers.context.segment_ids` gives it), or None for one document per row.
         block_mask: a precomputed :func:`document_block_mask` (shared by all layers of a forward).
         dense_mask: returns the (B, 1, L, L) boolean mask of the reference path (called only when
             that path runs, so a caller can share one cached mask between layers).

@@ -133,8 +133,11 @@ def linear_cross_entropy(
         h: (..., H) normed hidden states.
         weight: (V, H) output head (the embedding when tied).
         labels: (...) target ids.
-        chunk: tokens per chunk.
+        chunk: tokens per chunk, a positive integer (ValueError otherwise).
     """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        # A negative chunk ran no chunk at all: a loss of 0 and, with gradients, an uninitialized dW.
+        raise ValueError(f"linear_cross_entropy: chunk must be a positive integer (tokens per chunk), got {chunk!r}")
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     dtype = matmul_dtype(h2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose, choose_eager, triton_available
+from .dispatch import choose, choose_eager, record, triton_available
 from .precision import accumulation_dtype
 
 if triton_available():
@@ -24,7 +24,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Triton kernel runs instead; training and compiled code keep this reference, which inductor
     fuses with its neighbours.
     """
-    if not _wants_grad(x, weight) and choose_eager("rms_norm", x, weight) == "triton":
+    if _wants_grad(x, weight):
+        # The kernel is forward-only: training runs the reference, and says so (paths_used), as every op does.
+        record("rms_norm", "torch")
+    elif choose_eager("rms_norm", x, weight) == "triton":
         return rms_norm_triton(x, weight, eps)
     return _rms_norm_torch(x, weight, eps)
 
