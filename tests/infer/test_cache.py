@@ -1,9 +1,12 @@
 """Cached decoding against the no-cache forward, for every mixer kind, fused blocks and MTP patterns."""
 
+import collections
 import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from hybridlm import HybridLM, ModelConfig, generate
 from hybridlm.infer import speculative
@@ -683,6 +686,35 @@ def test_speculative_prefill_runs_in_chunks_and_drafts_as_one_chunk_does(chunk, 
     assert (chunked["drafted"], chunked["accepted"]) == (one["drafted"], one["accepted"])
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_speculative_depths_take_the_prompt_in_prefill_chunks_too(chunk, monkeypatch):
+    """The MTP depths' first pass over the prompt (the first round's commit) ran it in one forward whatever
+    ``prefill_chunk_size``, the bound the main model's prefill keeps to: every depth forward now takes at most
+    ``chunk`` positions, and the output is still plain greedy's."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    widths, run = [], _Depths._run
+    monkeypatch.setattr(
+        _Depths, "_run", lambda self, d, h, tokens: widths.append(len(tokens)) or run(self, d, h, tokens)
+    )
+    want = generate(model, PROMPTS[2], 12)
+    assert generate(model, PROMPTS[2], 12, speculative="mtp", prefill_chunk_size=chunk) == want
+    assert widths and max(widths) <= chunk, widths
+
+
+def test_speculative_prefill_copies_the_prompts_hidden_states_a_number_of_times_linear_in_its_length():
+    """Counts, not timings. The main model's hidden states waiting for the depths were concatenated once per
+    prefill chunk, each time copying all those before: quadratic in the prompt. Over one draft round, the elements
+    every ``torch.cat`` touches now grow by the same amount from 64 to 128 tokens as twice from 32 to 64."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    cat = []
+    for n in (32, 64, 128):
+        touched = _ElementsTouched()
+        with touched:
+            generate(model, [7 * t % 97 for t in range(n)], 3, speculative="mtp", prefill_chunk_size=4)  # one round
+        cat.append(touched.elements["aten.cat"])
+    assert cat[2] - cat[1] == 2 * (cat[1] - cat[0]) > 0, cat
+
+
 def test_mtp_draft_logits_are_the_full_forward_mtp_logits(monkeypatch):
     """Each depth's cached run (committed positions, then the tentative ones over the drafts) sits at its true
     RoPE positions: the logits behind each draft are the full forward's MTP logits, not just their argmax."""
@@ -835,3 +867,82 @@ def test_for_model_builds_the_cache_on_the_device_asked_for():
     for s in cache.states.values():
         tensors += [t for t in vars(s).values() if isinstance(t, torch.Tensor)]
     assert len(tensors) > 3 and {t.device.type for t in tensors} == {"meta"}
+
+
+class _ElementsTouched(TorchDispatchMode):
+    """Per aten op: how many tensor elements its calls read and write (a view counts its own size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}, out))
+        self.elements[str(func.overloadpacket)] += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        return out
+
+
+def decode_step_cost(model: HybridLM, prefix: int) -> tuple[int, collections.Counter]:
+    """FLOPs and per-op elements of one eager decode step of 2 rows after a prefill of ``prefix`` tokens, in a
+    cache of ``2 * prefix`` positions (so that work over the whole buffer grows with the prefix too)."""
+    ids = torch.randint(0, 97, (2, prefix + 1), generator=torch.Generator().manual_seed(prefix))
+    cache = InferenceCache.for_model(model, 2, 2 * prefix)
+    with torch.no_grad():
+        model(ids[:, :prefix], cache=cache)
+        step = ids[:, prefix:].clone()  # (sliced outside the count)
+        flops, touched = FlopCounterMode(display=False), _ElementsTouched()
+        with flops, touched:
+            model(step, cache=cache, logits_to_keep=1)
+    return flops.get_total_flops(), touched.elements
+
+
+#: Ops that must not grow with the prefix in any decode step: projections, a conv, a rotary table, or a cache grown
+#: by concatenation or copied whole would show in one of them (attention's own products are bmm / SDPA).
+PREFIX_FREE_OPS = ("aten.mm", "aten.addmm", "aten.convolution", "aten.cos", "aten.sin", "aten.cat", "aten.stack",
+                   "aten.clone", "aten.copy_", "aten._to_copy", "aten.cumsum")  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern", ["MG-", "E", "*-", "+", "D"])
+def test_a_decode_step_costs_the_same_at_any_prefix_and_attention_grows_linearly_in_its_products(pattern):
+    """Counts, not timings. Mamba2, GDN and MLP steps do as many FLOPs and touch exactly as many elements after 8
+    tokens as after 128 (nothing re-runs the prefix, nothing scales with the buffer); MoE does as many FLOPs (which
+    expert loops run follows the routing, so its element count does not stay put). Attention, MLA and DSA steps grow
+    exactly linearly, op by op (from 32 to 128 tokens 4 times the growth from 8 to 32), and only in the attention
+    products: no projection, rotary table or copy of the cache grows (a KV cache grown by torch.cat each step
+    is quadratic over a generation)."""
+    model = model_for(pattern)
+    (f8, e8), (f32, e32), (f128, e128) = (decode_step_cost(model, n) for n in (8, 32, 128))
+    if pattern in ("MG-", "E"):
+        assert f8 == f32 == f128 > 0
+        assert pattern == "E" or e8 == e32 == e128, {op: e128[op] - e8[op] for op in e128 if e128[op] != e8[op]}
+        return
+    first = {op: e32[op] - e8[op] for op in e128}
+    grew = {op: e128[op] - e32[op] for op in e128 if e128[op] != e32[op] or first[op]}
+    assert f128 - f32 == 4 * (f32 - f8) and all(g == 4 * first[op] for op, g in grew.items()), (first, grew)
+    assert grew and not set(grew) & set(PREFIX_FREE_OPS), (sorted(set(grew) & set(PREFIX_FREE_OPS)), grew)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("pattern", ["[M-]G[*E]", "M+G-", "GD-M"])
+def test_a_left_padded_float64_batch_decodes_every_row_as_its_own_full_forward(pattern, static):
+    """Three prompts of different lengths, left-padded, prefilled in chunks of 5 (the padding spans chunks; MLA
+    and DSA after a prefill, not only step by step), then 5 tokens fed one step at a time: each row's logits at
+    every real position are the full forward's over that row's prompt and tokens alone, to float64 rounding. The
+    float64 tests above run unpadded rows only, and no other CPU test runs the static step (the CUDA graph's,
+    masked by ``cache.valid``) over a padded batch."""
+    model = model_for(pattern).cast(torch.float64)
+    gen = torch.Generator().manual_seed(6)
+    rows = [torch.randint(0, 97, (n + 5,), generator=gen).tolist() for n in (3, 12, 8)]
+    ids, valid = left_pad([r[:-5] for r in rows], "cpu")
+    P = ids.shape[1]
+    with torch.no_grad():
+        cache = InferenceCache.for_model(model, 3, P + 5)
+        cache.set_padding(valid)
+        cache.static = static
+        got = [model(ids[:, i : i + 5], cache=cache).logits for i in range(0, P, 5)]
+        got += [model(torch.tensor([[r[-5 + t]] for r in rows]), cache=cache).logits for t in range(5)]
+        got = torch.cat(got, 1)
+        for b, row in enumerate(rows):
+            full = model(torch.tensor([row])).logits[0]
+            torch.testing.assert_close(got[b, P + 5 - len(row) :], full, rtol=0, atol=1e-12)

@@ -5,7 +5,8 @@ Depth ``d`` at position ``t`` reads ``(h^{d-1}_t, embed(x_{t+d}))`` and predicts
 positions ``0..n-2`` and depth ``d``'s cache covers ``0..n-1-d``: the positions whose token
 ``x_{t+d}`` is known. One round:
 
-1. **Commit** each depth over its newly known positions (true tokens only), in depth order.
+1. **Commit** each depth over its newly known positions (true tokens only), in depth order (the first round's
+   commit, over the prompt, in windows of ``prefill_chunk_size`` as the main model's prefill).
 2. **Draft**: depth 1's last committed output predicts ``x_n``; depth ``d > 1`` runs tentatively
    over positions ``n-d..n-2`` whose tokens are the drafts so far (state snapshot, run, restore)
    and its last output predicts ``x_{n+d-1}``.
@@ -29,21 +30,48 @@ from .generate import _accept, _sync, cache_allocation, check_finite, nonfinite
 
 
 class _Depths:
-    """The MTP depths' caches and the hidden states each depth has yet to consume."""
+    """The MTP depths' caches and the hidden states each depth has yet to consume.
 
-    def __init__(self, model, max_len: int, depths: int | None = None) -> None:
+    ``chunk_size``: a depth runs at most this many positions per forward (the prompt's commit, the first
+    round, as the main model's prefill in ``prefill_chunk_size`` chunks); None: all of them at once.
+    """
+
+    def __init__(self, model, max_len: int, depths: int | None = None, chunk_size: int | None = None) -> None:
         self.model = model
         self.k = len(model.mtp) if depths is None else depths  # the first ``depths`` depths draft
+        self.chunk_size = chunk_size
         self.caches = [InferenceCache.for_mtp_depth(model, d, 1, max_len) for d in range(1, self.k + 1)]
         self.covered = [-1] * self.k  # last position committed by each depth
-        self.pending: list[torch.Tensor | None] = [None] * self.k  # inputs h^{d-1} of uncommitted positions
+        # Inputs h^{d-1} (1, L, H) of uncommitted positions, in pieces joined when read: concatenated per prefill
+        # chunk, the prompt's hidden states were copied once per chunk (quadratic in the chunks).
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(self.k)]
 
     def feed_main(self, h: torch.Tensor) -> None:
         """Append the main model's normed hidden states (1, L, H) of newly cached positions."""
         self._append(0, h)
 
     def _append(self, d: int, h: torch.Tensor) -> None:
-        self.pending[d] = h if self.pending[d] is None else torch.cat([self.pending[d], h], dim=1)
+        self.parts[d].append(h)
+
+    def pending(self, d: int) -> torch.Tensor | None:
+        """(1, L, H) inputs of depth ``d``'s uncommitted positions (None before any)."""
+        if len(self.parts[d]) > 1:
+            self.parts[d] = [torch.cat(self.parts[d], dim=1)]
+        return self.parts[d][0] if self.parts[d] else None
+
+    def _commit(self, d: int, start: int, last: int, tokens: list[int]) -> torch.Tensor:
+        """Run depth ``d`` over positions ``start..last`` (their tokens known), in windows of at most
+        ``chunk_size``; returns the last window's outputs and hands every output on to depth ``d + 1``."""
+        pending = self.pending(d)
+        width = self.chunk_size or last - start + 1
+        for a in range(start, last + 1, width):
+            b = min(a + width, last + 1)  # positions a..b-1, whose tokens x_{t+d+1} are tokens[a+d+1 : b+d+1]
+            committed = self._run(d, pending[:, a - start : b - start], tokens[a + d + 1 : b + d + 1])
+            if d + 1 < self.k:
+                self._append(d + 1, committed)
+        self.parts[d] = [pending[:, last - start + 1 :]]
+        self.covered[d] = last
+        return committed
 
     def _run(self, d: int, h_prev: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         model = self.model
@@ -66,17 +94,12 @@ class _Depths:
                 break
             last, start = n - 2 - d, self.covered[d] + 1  # last position whose token is known
             if last >= start:
-                count = last - start + 1
-                h_in, self.pending[d] = self.pending[d][:, :count], self.pending[d][:, count:]
-                committed = self._run(d, h_in, tokens[start + d + 1 : last + d + 2])
-                self.covered[d] = last
-                if d + 1 < self.k:
-                    self._append(d + 1, committed)
+                committed = self._commit(d, start, last, tokens)
             if d == 0:
                 out = committed[:, -1:]
             else:
                 # Positions n-1-d..n-2 read the drafts so far: run from a snapshot, then roll back.
-                h_in = self.pending[d] if prev is None else torch.cat([self.pending[d], prev], dim=1)
+                h_in = self.pending(d) if prev is None else torch.cat([self.pending(d), prev], dim=1)
                 snap = self.caches[d].snapshot()
                 prev = self._run(d, h_in, drafts)
                 self.caches[d].restore(snap)
@@ -106,7 +129,7 @@ def mtp_generate(
     max_len = len(prompt) + max_new_tokens + k + 1
     with cache_allocation(1, len(prompt), max_new_tokens):
         cache = InferenceCache.for_model(model, 1, max_len)
-        depths = _Depths(model, max_len, k)
+        depths = _Depths(model, max_len, k, chunk_size)
     for key in ("drafted", "accepted", "verify_steps"):
         stats.setdefault(key, 0)  # summed over the prompts of one generate call
     ids = torch.tensor([prompt], device=device)
