@@ -1,6 +1,7 @@
 """Every CLI error: one line, exit 2, no traceback (unless --debug); a full disk says so."""
 
 import errno
+import os
 import signal
 
 import pytest
@@ -237,6 +238,32 @@ def test_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # as `head -1` does
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc (Linux)")
+def test_a_closed_pipe_in_a_callers_process_leaves_no_descriptor_open(monkeypatch, tmp_path):
+    """main() in a caller's process (a harness) whose stdout's reader went away: the /dev/null opened to take
+    stdout's place was copied onto it and left open, one more descriptor at every such call."""
+
+    class GonePipe:  # a stdout whose reader left; its descriptor is a file of this test
+        def __init__(self, fd):
+            self.fd = fd
+
+        def fileno(self):
+            return self.fd
+
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    with open(tmp_path / "out", "w") as out:
+        monkeypatch.setattr("sys.stdout", GonePipe(out.fileno()))
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            assert main(["pattern", "M-"]) == 141
+        assert len(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.fixture

@@ -413,10 +413,10 @@ def test_boundary_values_of_the_options_are_accepted(checkpoint, capsys, monkeyp
     assert code == 0 and out == "hi\n" and "decode 0 tokens" in err, err
     code, out, err = run(capsys, path, "--prompt", "h", "--max-new-tokens", 2, "--greedy")  # one of each: singular
     assert code == 0 and len(out) == 4 and "prefill 1 token at" in err and "decode 1 token at" in err, (out, err)
-    threads = []
+    threads, before = [], torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     code, _, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 2, "--threads", 1)
-    assert code == 0 and threads == [1], err
+    assert code == 0 and threads == [1, before], err  # then the caller's setting back
     _, greedy, _ = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 6, "--greedy")
     code, out, err = run(
         capsys, path, "--prompt", "hi", "--max-new-tokens", 6, "--temperature", 0, "--speculative", "mtp"
@@ -811,3 +811,26 @@ def test_the_cli_stops_at_a_special_token_followed_by_text_streamed_or_batched(t
         assert code == 0 and out.split("\n\n")[:2] == ["aHi!", "bHi!"], out
         code, out, _ = run(capsys, *argv, "--batch-size", batch)
         assert code == 0 and out.split("\n\n")[:2] == ["aHi!\nuser", "bHi!\nuser"], out
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_threads_hold_for_the_command_only_when_main_runs_in_a_callers_process(checkpoint, capsys, monkeypatch, fails):
+    """--threads called torch.set_num_threads, process-wide, and left it: a notebook or harness calling main()
+    went on with the command's thread count for everything after, also after a command that failed."""
+    from hybridlm.infer import generate as module
+
+    path, _ = checkpoint
+    before = torch.get_num_threads()
+    n = 1 if before > 1 else 2
+    seen = []
+
+    def generate_(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if fails:
+            raise RuntimeError("out of memory (simulated)")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "generate", generate_)
+    code, _, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 2, "--threads", n)
+    assert code == (2 if fails else 0) and seen == [n], err
+    assert torch.get_num_threads() == before

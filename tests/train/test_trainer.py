@@ -827,3 +827,42 @@ def test_a_second_run_loop_is_refused_with_the_way_on(tmp_path):
     assert t.step == 2  # nothing trained
     again = Trainer(run, run_dir=tmp_path / "r", resume=True, progress=False)
     assert again.run_loop()["step"] == 4
+
+
+def test_close_frees_a_trainer_whose_loop_never_ran(tmp_path):
+    """Only run_loop's end closed the metrics and freed the folder: a trainer built and dropped (a notebook cell
+    run again, a harness reading describe()) kept its TensorBoard writer thread, metrics.jsonl and the folder's
+    lock (fd and file) for the life of the process. close() ends it as the loop's end would."""
+    import threading
+
+    from hybridlm.train import rundir
+
+    threads = threading.active_count()
+    corpus = short_documents(tmp_path / "c.jsonl")  # (a small corpus: the set-up is all this test runs)
+    t = Trainer(tiny_run("train.device=cpu", f"data.source={corpus}"), run_dir=tmp_path / "r", progress=False)
+    t.close()
+    assert t.metrics._jsonl.closed
+    if t.metrics._tb is not None:  # (tensorboard installed)
+        assert t.metrics._tb.all_writers is None
+    assert threading.active_count() == threads  # the writer's thread joined
+    assert (tmp_path / "r").resolve() not in rundir._HELD and not (tmp_path / "r" / rundir.LOCK_FILE).exists()
+    t.close()  # twice: nothing more to free
+    with pytest.raises(RuntimeError, match=r"closed before its run_loop ran; build a new one: Trainer\(run, run_dir="):
+        t.run_loop()
+    assert Trainer(t.run, run_dir=tmp_path / "r", progress=False).run_loop(until=1)["step"] == 1  # as it says
+
+
+def test_an_evaluation_that_raises_leaves_the_model_in_training_mode(tmp_path, monkeypatch):
+    """Ctrl-C during trainer.evaluate() (a notebook) left the model in eval mode, and a run_loop after it trained
+    in eval mode: the MoE routers count tokens for the expert biases in training mode only, so they never moved."""
+    corpus = short_documents(tmp_path / "c.jsonl")
+    t = Trainer(tiny_run("train.device=cpu", f"data.source={corpus}"), run_dir=tmp_path / "r", progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(t.model, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.evaluate()
+    assert all(m.training for m in t.model.modules())
+    t.close()

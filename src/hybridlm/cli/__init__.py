@@ -269,8 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader went away (`hybridlm pattern ... | head`): stop quietly, as other CLI tools do;
-        # stdout goes to /dev/null so that the interpreter's final flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # stdout goes to /dev/null so that the interpreter's final flush cannot fail again (the descriptor opened
+        # for it is closed once copied: main() may run many times in its caller's process).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
         return 141
     except Exception as e:
         status = getattr(e, "exit_status", None)

@@ -4,6 +4,7 @@ strings; every option checked by its flag before the model is loaded."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 #: ``--temperature`` without the flag (and without ``--greedy``): the CLI samples by default.
@@ -292,11 +293,17 @@ def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separat
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    # main() may run in its caller's process (a notebook, a test harness): what the command sets for its length
+    # (--threads: torch.set_num_threads is process-wide) comes back however it ends.
+    with contextlib.ExitStack() as scope:
+        return _generate(args, scope)
 
+
+def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..checkpoint.weights import load, read_config
     from ..errors import DataError, NonFiniteLogitsError, UsageError
     from ..infer.generate import generate
+    from ..train.threads import cpu_threads
     from ..train.tokenizer import build_tokenizer, load_tokenizer
     from . import model_folder
 
@@ -326,8 +333,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             encoded.append(tokenizer.encode(text))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, verify=not args.no_verify)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):

@@ -67,6 +67,7 @@ from .rundir import (
     write_config,
 )
 from .signals import SetupSignals, StopSignals, TrainingInterrupted, signal_name
+from .threads import cpu_threads
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger("hybridlm.train")
@@ -97,22 +98,6 @@ def configure_cuda_allocator() -> str:
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and torch.cuda.is_initialized():
         return "unset (CUDA was in use before the trainer started)"
     return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Inside, torch uses ``n`` CPU threads (``train.threads``; None or 0 leaves torch's choice); at the exit the
-    process's setting comes back: ``torch.set_num_threads`` is process-wide, and a notebook that trained with
-    ``threads = 1`` went on with one thread for everything else."""
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def measure_matmul_flops(device: torch.device, n: int = 4096, iters: int = 20) -> float:
@@ -462,7 +447,7 @@ class Trainer:
                 set_aside_newer(self.run_dir, loaded)
             write_config(self.run_dir, run.to_toml())
         self.resumed = resume
-        self._loop_ended = False
+        self._loop_ended = self._closed_unrun = False  # (see run_loop and close)
         self.metrics = Metrics(self.run_dir, t.steps, self.step, self.is_main, progress, resumed=resume)
 
     # -- set-up helpers -------------------------------------------------------------------------
@@ -687,18 +672,24 @@ class Trainer:
         rows = eval_rows(self.val_rows.num_rows, self.run.train.eval_batches * self.local_batch * self.dp)
         size = self.local_batch if self.pipeline is not None else self.micro
         loss_sum, count = 0.0, 0.0
-        for part in self._eval_parts(rows, size):
-            if self.pipeline is not None:
-                s, n = self.pipeline.evaluate(self._to_device(part))
-            else:
-                part = self._to_device(part)
-                self._mark_graph_step()
-                with self._autocast():
-                    out = self.model(part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False)
-                n = (part["labels"] != -100).sum().item()
-                s = out.lm_loss.item() * n if n else 0.0  # a part of padding only: its mean loss is 0 / 0
-            loss_sum, count = loss_sum + s, count + n
-        self.model.train()
+        try:
+            for part in self._eval_parts(rows, size):
+                if self.pipeline is not None:
+                    s, n = self.pipeline.evaluate(self._to_device(part))
+                else:
+                    part = self._to_device(part)
+                    self._mark_graph_step()
+                    with self._autocast():
+                        out = self.model(
+                            part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False
+                        )
+                    n = (part["labels"] != -100).sum().item()
+                    s = out.lm_loss.item() * n if n else 0.0  # a part of padding only: its mean loss is 0 / 0
+                loss_sum, count = loss_sum + s, count + n
+        finally:
+            # Also when it raises (Ctrl-C in a notebook): a model left in eval mode trained on in it, and the
+            # MoE routers' expert biases, counted in training mode only, never moved again.
+            self.model.train()
         loss_sum, count = self._all_reduce([loss_sum, count])
         return loss_sum / max(count, 1.0)
 
@@ -846,7 +837,19 @@ class Trainer:
         """Leave torch.distributed after a finished run: wait for every rank, then (``destroy``)
         destroy the process group. The CLI passes ``destroy=False`` and then leaves the process
         with ``os._exit`` (see ``hybridlm.cli.entry``): gloo's teardown at interpreter exit could
-        abort a rank after a successful run (SIGABRT, seen in CI with and without the destroy)."""
+        abort a rank after a successful run (SIGABRT, seen in CI with and without the destroy).
+
+        A trainer whose :meth:`run_loop` never ran is ended here as that loop's end would: only the loop
+        freed them, so a trainer built and dropped (a notebook cell run again, a harness looking at
+        ``describe()``) kept its TensorBoard writer thread, metrics.jsonl and its folder's lock for the
+        life of the process, and no other process could take the folder."""
+        if not self._loop_ended:
+            self._loop_ended = self._closed_unrun = True
+            try:
+                self.metrics.close()
+            finally:
+                if self.is_main:
+                    unlock(self.run_dir)
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
             if destroy:
@@ -859,6 +862,11 @@ class Trainer:
         Once per trainer: its end (at ``until``, on a signal, or on an error) closes the metrics and frees the
         folder; to train on, build ``Trainer(run, run_dir, resume=True)``, which continues from the checkpoint."""
         t = self.run.train
+        if self._closed_unrun:  # (nothing was trained: a resume would find no checkpoint)
+            raise RuntimeError(
+                f"{self.run_dir}: this trainer was closed before its run_loop ran; build a new one: "
+                f"Trainer(run, run_dir={str(self.run_dir)!r})"
+            )
         if self._loop_ended:  # a second call wrote to the closed metrics.jsonl ("I/O operation on closed file")
             raise RuntimeError(
                 f"{self.run_dir}: this trainer's run_loop already ended, at step {self.step}; to train on, build a "
