@@ -727,3 +727,16 @@ def test_scheduler_values_json_cannot_hold_are_left_out_of_the_saved_state(tmp_p
         path = save_training_state(tmp_path / "s", model, opt, sched, step=1)
         saved = json.loads((path / "trainer_state.json").read_text())["scheduler"]
         assert "lr_lambdas" not in saved and "note" not in saved and saved["last_epoch"] == 1
+
+
+def test_a_model_on_the_meta_device_is_refused_as_such(tmp_path):
+    """Saving a model built on meta failed inside DCP ("Cannot copy out of meta tensor"); loading into one was
+    refused as "a damaged file?" (DCP: "Default process group has not been initialized"), a good checkpoint
+    taken for a broken one."""
+    save_training_state(tmp_path / "s", HybridLM(tiny_config("M-*"), seed=1))
+    meta = HybridLM(tiny_config("M-*"), device="meta")
+    for call in (lambda: load_training_state(tmp_path / "s", meta), lambda: save_training_state(tmp_path / "t", meta)):
+        with pytest.raises(ValueError, match=r"meta device \(embeddings\.weight, \.\.\.\): allocate") as e:
+            call()
+        assert not isinstance(e.value, CheckpointError)  # a resume would take it for a damaged checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["s"]

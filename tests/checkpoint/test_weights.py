@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import hybridlm
 from hybridlm import CheckpointError, HybridLM
-from hybridlm.checkpoint import weights
+from hybridlm.checkpoint import to_canonical, weights
 from hybridlm.checkpoint.weights import load_canonical_into, read_tensors
 from hybridlm.parallel.pipeline import build_stage
 from tests.helpers import MLA_TINY, tiny_config
@@ -476,3 +476,63 @@ def test_a_tensor_that_is_not_floating_point_is_refused_by_name(tmp_path):
     _rewrite(tmp_path / "ck", lambda t: t.update({"layers.1.norm.weight": torch.ones(32, dtype=torch.int64)}))
     with pytest.raises(CheckpointError, match=r"not floating point: layers\.1\.norm\.weight \(torch\.int64\)"):
         hybridlm.load(tmp_path / "ck", verify=False)
+
+
+def test_tensors_on_the_meta_device_are_refused_by_name_before_anything_is_written(tmp_path):
+    """A model built on meta (or with a parameter left there) failed in the copy to the host with torch's
+    "Cannot copy out of meta tensor; no data!", naming no tensor."""
+    with pytest.raises(CheckpointError, match=r"meta device, without values: embeddings\.weight, layers\.0\."):
+        hybridlm.save(HybridLM(tiny_config("M-*"), device="meta"), tmp_path / "ck")
+    model = HybridLM(tiny_config("M-*"))
+    model.norm_f.weight = torch.nn.Parameter(torch.empty(32, device="meta"))
+    with pytest.raises(CheckpointError, match=r"meta device, without values: norm_f\.weight; allocate"):
+        hybridlm.save(model, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_weights_that_no_longer_fit_the_config_are_refused_at_save(tmp_path):
+    """A config replaced after the model was built, a resized embedding or a stage missing from gathered tensors
+    was saved without a word, as a checkpoint that load then refused: now save refuses, listing what differs."""
+    model = HybridLM(tiny_config("M-*"), seed=1)
+    model.embeddings = torch.nn.Embedding(120, 32)  # resized, config.vocab_size still 97
+    with pytest.raises(CheckpointError, match=r"embeddings\.weight: the state dict has \(120, 32\), expected \(97, 32"):
+        hybridlm.save(model, tmp_path / "ck")
+    model = HybridLM(tiny_config("M-*"), seed=1)
+    model.config = model.config.replace(tie_embeddings=True)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): lm_head\.weight\n.*replaced"):
+        hybridlm.save(model, tmp_path / "ck")
+    stage = build_stage(tiny_config("M-|*-"), 0, 2)  # the first stage's tensors alone
+    with pytest.raises(CheckpointError, match=r"missing tensors \(\d+\): layers\.2\.norm\.weight"):
+        weights.save_state_dict(to_canonical(stage.state_dict(), "M-|*-"), stage.config, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_load_canonical_into_refuses_a_meta_model_and_loads_a_compiled_one(tmp_path):
+    """Into a model on the meta device torch's copy did nothing (a warning), so a stage built on meta and loaded
+    before ``to_empty`` kept uninitialized memory; into ``torch.compile(model)``, or a model with a block replaced by
+    ``torch.compile(block)``, the strict load wanted names with "_orig_mod." and listed every tensor as missing."""
+    source = HybridLM(tiny_config("M-|*-"), seed=3)
+    hybridlm.save(source, tmp_path / "ck")
+    tensors = read_tensors(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"meta device \(layers\.2\.norm\.weight, \.\.\.\).*to_empty"):
+        load_canonical_into(build_stage(source.config, 1, 2, device="meta"), tensors)
+    target = HybridLM(source.config, seed=4)
+    target.blocks["2"] = torch.compile(target.blocks["2"])  # lazy: nothing is compiled
+    load_canonical_into(torch.compile(target), tensors)
+    loaded = weights.canonical_state_dict(target)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], t) for k, t in tensors.items())
+
+
+def test_a_stage_refuses_tensors_no_model_of_its_config_holds(tmp_path, ids):
+    """A stage skipped every tensor it did not hold: built from a tied config, the last stage skipped an untied
+    checkpoint's lm_head.weight and computed the logits with the embedding, silently (a whole model refused it);
+    only the other stages' tensors are skipped now."""
+    hybridlm.save(HybridLM(tiny_config("M-*-/*-"), seed=3), tmp_path / "ck")
+    tensors = read_tensors(tmp_path / "ck")
+    for config, unexpected in [
+        (tiny_config("M-|*-/*-", tie_embeddings=True), r"unexpected tensors \(1\): lm_head\.weight"),
+        (tiny_config("M-|*-"), r"unexpected tensors \(12\): mtp\.0\.eh_proj\.weight"),
+    ]:
+        with pytest.raises(CheckpointError, match=unexpected):
+            load_canonical_into(build_stage(config, 1, 2), tensors)
+    load_canonical_into(build_stage(tiny_config("M-|*-/*-"), 1, 2), tensors)  # stage 0's tensors skipped

@@ -81,6 +81,12 @@ def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[st
 
 def _canonical_states(model, optimizer) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(model, [] if optimizer is None else optimizer, options=_OPTIONS)
+    # A ValueError, not a damaged file: the save failed inside DCP ("Cannot copy out of meta tensor"), the load
+    # was called a damaged checkpoint ("Default process group has not been initialized").
+    if meta := [k for k, t in model_sd.items() if isinstance(t, torch.Tensor) and t.is_meta]:
+        raise ValueError(
+            f"the model is on the meta device ({meta[0]}{', ...' * (len(meta) > 1)}): allocate and initialize it first"
+        )
     return _renamed({"model": model_sd} | ({} if optimizer is None else {"optim": optim_sd}), canonical_name, model)
 
 

@@ -16,10 +16,11 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..pattern import PatternError, parse
-from .canonical import from_canonical, to_canonical
+from .canonical import canonical_name, to_canonical
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
+    MAX_LISTED,
     check_fit,
     check_format,
     check_replaceable,
@@ -70,9 +71,20 @@ def save_state_dict(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     extra_files: dict[str, str | bytes | Path] | None = None,
 ) -> Path:
-    """Write canonical ``tensors`` and ``config`` as a checkpoint directory at ``path`` (atomically)."""
+    """Write canonical ``tensors`` and ``config`` as a checkpoint directory at ``path`` (atomically); refused
+    (CheckpointError, listing them) unless they are exactly the tensors of a model built from ``config``, with values."""
     from .. import __version__
 
+    # Before the copy to the host, where a meta tensor failed naming none ("Cannot copy out of meta tensor").
+    if empty := [k for k, t in tensors.items() if t.is_meta]:
+        raise CheckpointError(
+            f"tensors on the meta device, without values: {', '.join(empty[:MAX_LISTED])}"
+            f"{' ...' if len(empty) > MAX_LISTED else ''}; allocate and initialize (or load) them before saving"
+        )
+    # Tensors that do not fit ``config`` (a config replaced after the model was built, a resized embedding, a stage
+    # left out of a gather) were written without a word, and the checkpoint refused at load, the model maybe gone.
+    hint = "\n(the config describes other tensors: was it replaced, or a weight resized, after the model was built?)"
+    check_fit(tensors, meta_shapes(config), "the state dict", hint)
     tensors, p = {k: full_cpu(v) for k, v in tensors.items()}, config.parsed
     dtypes: Counter[str] = Counter()
     for t in tensors.values():
@@ -206,15 +218,26 @@ def config_for_pattern(config: ModelConfig, pattern: str | None) -> ModelConfig:
 
 def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy canonical ``tensors`` into ``model`` (any fusion), refusing (listing names) missing or mis-shaped
-    tensors, and unexpected ones unless the model is a pipeline stage, which takes the tensors it holds."""
-    p = model.config.parsed
-    expected = to_canonical(model.state_dict(), p)
-    held = {k: t for k, t in tensors.items() if model.is_whole or k in expected}
+    tensors, and unexpected ones (a pipeline stage takes the tensors it holds of its whole model's). ``model`` may
+    be (or hold blocks) wrapped by ``torch.compile``; one on the meta device is refused."""
+    p, own = model.config.parsed, model.state_dict()
+    # Canonical name -> the model's own, wrappers kept: torch.compile's "_orig_mod." (of the model or of a block) was
+    # dropped by from_canonical, and the strict load listed every tensor as missing.
+    names = {canonical_name(k, p): k for k in own}
+    expected = {c: own[k] for c, k in names.items()}
+    if meta := [k for k, t in expected.items() if t.is_meta]:  # torch copies into a meta tensor as a no-op
+        raise CheckpointError(
+            f"the model is on the meta device ({meta[0]}{', ...' * (len(meta) > 1)}), where loading keeps no values; "
+            "allocate it first: model.to_empty(device=...)"
+        )
+    # A stage skips the tensors of the other stages, not those no model of its config has: an untied checkpoint's
+    # lm_head.weight was skipped by the last stage of a tied config, which then computed logits with the embedding.
+    known = expected if model.is_whole else meta_shapes(model.config)
+    held = {k: t for k, t in tensors.items() if k in expected or k not in known}
     want = {k: tuple(v.shape) for k, v in expected.items()}
     check_fit(held, want, source, wrong_shape="{name}: {source} has {got}, model has {want}")
-    state = from_canonical({k: tensors[k] for k in expected}, p)
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict({names[k]: tensors[k] for k in expected}, strict=True)
     model.reset_buffers()
 
 
