@@ -157,6 +157,33 @@ def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
         assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
 
 
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=runs_triton_kernels)])
+def test_full_resets_and_large_log_decays_inside_a_chunk(path, kernel_device):
+    """g = -inf (decay 0) and a large |g| inside a chunk, with write strengths 0 and 1: the Triton kernels
+    difference cumulative sums of g, where -inf - -inf was NaN and a g of -1e5 left the chunk's later decays
+    4e-3 off; the torch path sums decays without differencing (segsum)."""
+    b, seqlen, h, dk, dv = 2, 40, 2, 5, 6
+    q, k, v, g, beta = (t.to(kernel_device) for t in inputs(b, seqlen, h, dk, dv, seed=8))
+    g, beta = g.clone(), beta.clone()
+    g[0, 3] = float("-inf")  # inside the first chunk of 16
+    g[1, 20] = -1e5  # inside the second, followed by ordinary decays
+    g[0, 24:28] = 0.0  # no decay, full writes
+    beta[0, 24:28] = 1.0
+    beta[1, 30:34] = 0.0
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    with use_kernels(path):
+        o, final = gated_delta_rule_chunked(*leaves, 16, return_final_state=True)
+    ref = [t.double().clone().requires_grad_() for t in (q, k, v, g, beta)]
+    o_ref, final_ref = gated_delta_rule_reference(*ref)
+    assert_rel_close(o, o_ref, 1e-5, "o")
+    assert_rel_close(final, final_ref, 1e-5, "final state")
+    go = torch.randn_like(o)
+    o.backward(go)
+    o_ref.backward(go.double())
+    for name, t, r in zip(["q", "k", "v", "g", "beta"], leaves, ref):
+        assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
+
+
 @runs_triton_kernels
 def test_triton_takes_an_explicit_scale(kernel_device):
     tensors = [t.to(kernel_device) for t in inputs(1, 20, 2, 4, 4, seed=6)]

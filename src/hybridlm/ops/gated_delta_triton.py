@@ -40,6 +40,10 @@ from .grid import in_row_groups, rows_per_launch
 DOT_PRECISION = "tf32"
 
 
+#: Log-decays below minus this are clamped to it before the cumulative sum: exp(-128) underflows to 0 in float32
+#: (the smallest float32 is exp(-103.3)), so the decay across such a step is 0 either way.
+LOG_DECAY_FLOOR = 128.0
+
 #: Larger key/value heads would need tiles beyond the shared memory of one Hopper SM.
 MAX_HEAD_DIM = 128
 
@@ -545,7 +549,11 @@ def gated_delta_rule_triton(
         return in_row_groups(part, rows_per_launch(h), q, k, v, g, beta, seq_idx, initial_state)
     scale = dk**-0.5 if scale is None else scale
     pad = (-seqlen) % chunk
-    gf, bf = g.float(), beta.float()
+    # The kernels difference cumulative sums (exp(gc_t - gc_s)): a g of -inf (a full reset) made -inf - -inf = NaN,
+    # and one large |g| left every later gc of its chunk too large to difference finely (4e-3 off at g = -1e5).
+    # exp(-LOG_DECAY_FLOOR) is 0 in float32, so a step below the floor already zeroed every decay across it:
+    # clamping changes no result, forward or backward.
+    gf, bf = g.float().clamp(min=-LOG_DECAY_FLOOR), beta.float()
     doc = None
     if seq_idx is not None:
         from .ssd import reset_mask
