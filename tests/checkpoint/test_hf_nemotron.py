@@ -25,6 +25,7 @@ from hybridlm.checkpoint.hf_nemotron import (
     convert_from_nemotron_h,
     convert_to_nemotron_h,
     export_nemotron_h,
+    hf_eos_token_id,
     import_nemotron_h,
 )
 from hybridlm.checkpoint.weights import canonical_state_dict, read_tensors, save_state_dict
@@ -888,3 +889,30 @@ def test_hf_eos_token_id_passes_over_json_nested_past_the_parser(tmp_path):
     assert hf_eos_token_id(tmp_path) is None
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
     assert hf_eos_token_id(tmp_path) == 3
+
+
+def test_the_end_of_document_id_is_read_past_a_fifo_not_waited_on(exported, tmp_path):
+    """convert --from nemotron-h reads the id before the import: a FIFO named generation_config.json (a folder from
+    someone else) blocked it forever; one named config.json too, which the import then refuses by name."""
+    import os
+
+    hf = shutil.copytree(exported, tmp_path / "hf")
+    os.mkfifo(hf / "generation_config.json")
+    data = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(data | {"eos_token_id": 5}))
+    assert hf_eos_token_id(hf) == 5
+    (hf / "config.json").unlink()
+    os.mkfifo(hf / "config.json")
+    assert hf_eos_token_id(hf) is None
+    with pytest.raises(CheckpointError, match=r"config\.json: not a regular file"):
+        import_nemotron_h(hf)
+
+
+def test_import_splits_stacked_experts_only_into_config_jsons_experts(exported, tmp_path):
+    """A stacked tensor of 10**5 zero-size experts (a few bytes) was split into a view per expert: 10**8 of them took
+    minutes and many GB before the refusal, which then named views, not the tensor in the file."""
+    hf = shutil.copytree(exported, tmp_path / "hf")
+    _damage_tensors(hf, lambda t: t.update({"backbone.layers.3.mixer.experts.up_proj": torch.zeros(10**5, 0, 0)}))
+    with pytest.raises(CheckpointError) as err:
+        import_nemotron_h(hf)
+    assert re.search(r"unexpected tensors: \S+: backbone\.layers\.3\.mixer\.experts\.up_proj$", str(err.value), re.M)

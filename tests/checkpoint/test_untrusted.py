@@ -248,3 +248,47 @@ def test_only_torch_dtypes_are_taken_by_a_dtype_name(state, module, name):
     (state / ".metadata").write_bytes(b"ctorch\nfloat32\n.")
     with pytest.raises(CheckpointError, match="not DCP metadata"):  # read, then refused as no Metadata
         read_dcp_metadata(state)
+
+
+def test_a_config_describing_a_tensor_past_torchs_sizes_is_refused_naming_config_json(tmp_path, capsys):
+    """An edited hidden_size=10**12 makes q_proj 10**12 x 10**12, which torch refuses even on the meta device: load,
+    inspect and both conversions stopped in nn.Linear with "unexpected RuntimeError: Storage size calculation
+    overflowed", naming no file."""
+    from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h, import_nemotron_h
+
+    ck = hybridlm.save(HybridLM(tiny_config("M-*-"), seed=0), tmp_path / "ck")
+    hf = convert_to_nemotron_h(ck, tmp_path / "hf")
+    for path, edit in ((ck, lambda c: c["config"]), (hf, lambda c: c)):
+        meta = json.loads((path / "config.json").read_text())
+        edit(meta).update(hidden_size=10**12)  # (NemotronH's config.json gives head_dim: its MLP)
+        (path / "config.json").write_text(json.dumps(meta | ({"intermediate_size": 10**12} if path == hf else {})))
+    said = r"config\.json: describes a tensor larger than torch can hold \(Storage size calculation overflowed"
+    for load in (hybridlm.load, describe):
+        with pytest.raises(CheckpointError, match=said):
+            load(ck)
+    with pytest.raises(CheckpointError, match=said):
+        import_nemotron_h(hf)
+    assert main(["inspect", str(ck)]) == 2 and "unexpected" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda m, k: setattr(m.state_dict_metadata[k], "size", "abc"), f"entry {'model.embeddings.weight'!r}"),
+        (lambda m, k: m.state_dict_metadata.__setitem__(5, m.state_dict_metadata.pop(k)), "entry 5"),
+        (lambda m, k: setattr(m, "storage_data", [1]), "storage map"),
+    ],
+    ids=["size", "name", "storage"],
+)
+def test_allowed_classes_in_the_wrong_places_are_refused_as_no_dcp_metadata(state, capsys, damage, said):
+    """A crafted .metadata of allowed classes only, put where DCP puts others (a string for a tensor's size, an int
+    for a name, a list for the storage map), failed in inspect and a load's checks with AttributeError."""
+    meta = read_dcp_metadata(state)
+    damage(meta, "model.embeddings.weight")
+    (state / ".metadata").write_bytes(pickle.dumps(meta))
+    refused = rf"\.metadata: not DCP metadata \(malformed {re.escape(said)}\)"
+    model, opt = make(seed=1)
+    for load in (describe, lambda p: load_training_state(p, model, opt)):
+        with pytest.raises(CheckpointError, match=refused):
+            load(state)
+    assert main(["inspect", str(state)]) == 2 and "unexpected" not in capsys.readouterr().err

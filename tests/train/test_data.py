@@ -1004,3 +1004,27 @@ def test_the_lost_and_found_of_a_linked_disk_root_is_left_out_too(tmp_path, monk
     monkeypatch.setattr(os.path, "ismount", ismount)
     assert sorted(text_documents(str(tmp_path / "c"))) == ["own", "shard"]
     assert list(text_documents(str(tmp_path / "data"))) == ["shard"]
+
+
+@pytest.mark.parametrize("name", ["meta.json", "docs.npy", "tokens.bin"])
+def test_a_fifo_in_a_prepared_corpus_is_refused_not_waited_on(tmp_path, name):
+    """A FIFO under one of the names (a folder from someone else) blocked the read forever."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    (tmp_path / "prep" / name).unlink()
+    os.mkfifo(tmp_path / "prep" / name)
+    with pytest.raises(DataError, match=rf"prep: not a prepared corpus \({re.escape(name)}: not a regular file\)"):
+        load_corpus(str(tmp_path / "prep"), tok)
+
+
+def test_a_docs_npy_header_claiming_more_offsets_than_it_holds_allocates_nothing(tmp_path):
+    """np.load allocated the header's shape before reading: 10**15 offsets (a few bytes of header) were a
+    MemoryError blaming the model and batch sizes, not the file."""
+    tok = ByteTokenizer()
+    write_prepared(tokenize_documents(["one", "two"], tok), tmp_path / "prep", tok, "test")
+    file = tmp_path / "prep" / "docs.npy"
+    old, new = b"(3,), }", b"(1000000000000000,), }"  # the header's padding makes room: its length stays
+    file.write_bytes(file.read_bytes().replace(old + b" " * (len(new) - len(old)), new, 1))
+    assert new in file.read_bytes()
+    with pytest.raises(DataError, match=r"prep: not a prepared corpus \(docs\.npy: "):
+        load_corpus(str(tmp_path / "prep"), tok)

@@ -232,3 +232,24 @@ def test_a_spec_nested_past_the_json_parser_adds_no_files_and_names_no_end_token
     assert saved_eos_id(tmp_path) is None
     with pytest.raises(DataError, match="unreadable"):
         load_tokenizer(tmp_path)
+
+
+def test_a_fifo_tokenizer_file_in_a_model_folder_is_refused_not_waited_on(tmp_path):
+    """A FIFO named tokenizer.hybridlm.json or tokenizer.json (a folder from someone else) blocked generate and
+    convert --to nemotron-h forever, in the read of the spec or in the tokenizers package's."""
+    import os
+
+    from hybridlm.train.tokenizer import saved_eos_id
+
+    os.mkfifo(tmp_path / SPEC_NAME)
+    assert saved_eos_id(tmp_path) is None and exported_files(tmp_path) == {}  # convert --to reads these first
+    with pytest.raises(DataError, match=r"tokenizer\.hybridlm\.json: not a regular file"):
+        load_tokenizer(tmp_path)
+    (tmp_path / SPEC_NAME).unlink()
+    for spec in ({}, {SPEC_NAME: json.dumps({"type": "hf", "file": "tokenizer.json", "eos_id": 0})}):
+        for name, content in spec.items():
+            (tmp_path / name).write_text(content)
+        os.mkfifo(tmp_path / "tokenizer.json")
+        with pytest.raises(DataError, match=r"tokenizer\.json: not a regular file"):
+            load_tokenizer(tmp_path)
+        (tmp_path / "tokenizer.json").unlink()

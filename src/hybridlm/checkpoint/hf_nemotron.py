@@ -27,6 +27,7 @@ from .io import (
     full_cpu,
     meta_shapes,
     read_json,
+    regular,
     weight_files,
     write_directory,
 )
@@ -187,12 +188,14 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
     return hf | {"use_cache": "*" in used, "torch_dtype": torch_dtype}
 
 
-def _rules(c: ModelConfig, dtype: torch.dtype | None = None) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
+def _rules(
+    c: ModelConfig, dtype: torch.dtype | None = None, source: object = "the model config"
+) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
     """The rules and canonical shapes of ``c``'s main stack (MTP is not exported): ``backbone.`` + name, one
     tensor per expert, always a head. On export (``dtype`` given) a missing selection bias or shared expert,
     which NemotronH always has, is written as exact no-ops: a zero bias changes no routing decision, and a
     zero down projection adds ``down(act(up(x))) = 0``."""
-    shapes = meta_shapes(c.replace(pattern=c.parsed.layers))
+    shapes = meta_shapes(c.replace(pattern=c.parsed.layers), source)
     rules = []
     for name in shapes:
         stacked = _STACKED.match(name)
@@ -398,9 +401,10 @@ def _read_weights(path: Path, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Te
         logger.warning(
             "%s: dropping the MTP layers (%d tensors): Hugging Face NemotronH does not run them", path, len(mtp)
         )
-    state = {}
+    state, experts = {}, _hf_value(hf, "n_routed_experts")
     for key, t in read_tensors(path, [k for k in files if k not in mtp], verify=False).items():
-        stacked = t.dim() > 0 and re.search(r"\.experts\.(up|down)_proj$", key)
+        # Split only into config.json's experts: a (10**8, 0, 0) tensor, a few bytes, became 10**8 views (many GB).
+        stacked = t.dim() > 0 and len(t) == experts and re.search(r"\.experts\.(up|down)_proj$", key)
         state |= {f"{key}[{e}]": t[e] for e in range(len(t))} if stacked else {key: t}
     state, given = normalize(state, _ALIASES, str(path))
     return state, {k: f"{path / files[g.split('[')[0]]}: {g}" for k, g in given.items()}
@@ -441,7 +445,7 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
                 problems.append(f"{where[b]}: a conv bias, but {CONFIG_NAME} sets use_conv_bias false")
             elif w in state:
                 state[b] = torch.zeros(state[w].shape[0], dtype=state[w].dtype)
-    rules, shapes = _rules(config)
+    rules, shapes = _rules(config, source=path / CONFIG_NAME)
     expected = foreign_shapes(rules, shapes)
     missing: dict[str, list[int]] = {}  # "…experts.{e}.up_proj.weight" -> missing experts: one line, not E
     for m in (_EXPERT.match(k) for k in expected if k not in state):
@@ -466,13 +470,13 @@ def hf_eos_token_id(path: str | Path) -> int | None:
     generation_config.json's; the first of a list), or None: none, or unreadable (the import says why). An id at
     or past config.json's ``vocab_size`` is passed over with a warning: saved, it made every later load of the
     converted folder's tokenizer fail."""
-    try:
-        vocab = json.loads((Path(path) / CONFIG_NAME).read_text()).get("vocab_size")
+    try:  # (regular: a FIFO under the name would block the read; its CheckpointError is a ValueError)
+        vocab = json.loads(regular(Path(path) / CONFIG_NAME).read_text()).get("vocab_size")
     except (OSError, ValueError, AttributeError, RecursionError):
         vocab = None
     for name in (CONFIG_NAME, "generation_config.json"):
         try:
-            eos = json.loads((Path(path) / name).read_text()).get("eos_token_id")
+            eos = json.loads(regular(Path(path) / name).read_text()).get("eos_token_id")
         except (OSError, ValueError, AttributeError, RecursionError):
             continue
         eos = eos[0] if isinstance(eos, list) and eos else eos

@@ -130,7 +130,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     # From the headers, as a load checks them: our names, shapes and dtypes; an import's dtypes (MTP layers aside, as
     # it drops them). Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
     if info["kind"] == "hybridlm checkpoint":
-        check_fit(_stand_ins(shapes, path), meta_shapes(model), str(path))
+        check_fit(_stand_ins(shapes, path), meta_shapes(model, path / CONFIG_NAME), str(path))
     elif info["kind"] == f"Hugging Face {HF_MODEL_TYPE}" and (
         odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if not _MTP.match(k)}, path))
     ):

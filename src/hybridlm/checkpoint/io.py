@@ -500,10 +500,14 @@ def dominant_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def meta_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape of every tensor of a model with ``config`` (built on the meta device)."""
+def meta_shapes(config, source: object = "the model config") -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every tensor of a model with ``config`` (built on the meta device); a tensor past
+    torch's sizes (an edited hidden_size=10**12) is a CheckpointError naming ``source``, where the config was read."""
     from ..model import HybridLM
     from .canonical import to_canonical
 
-    state = HybridLM(config, device="meta").state_dict()
+    try:
+        state = HybridLM(config, device="meta").state_dict()
+    except RuntimeError as e:  # "Storage size calculation overflowed", from inside nn.Linear
+        raise CheckpointError(f"{source}: describes a tensor larger than torch can hold ({e})") from None
     return {k: tuple(v.shape) for k, v in to_canonical(state, config.parsed).items()}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from ..errors import CheckpointError
 from .io import regular, unavailable
@@ -64,6 +64,11 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
         raise CheckpointError(f"{file}: refused ({type(e).__name__}: {e})") from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise CheckpointError(f"{file}: not DCP metadata")
+    # Allowed classes in the wrong places (an int for a name, a string for a size, a list of storage entries) failed
+    # in inspect and a load's own checks with AttributeError: what is read before DCP's load must be as DCP writes it.
+    odd = [repr(k) for k, v in meta.state_dict_metadata.items() if not isinstance(k, str) or not _entry(v)]
+    if odd or not isinstance(meta.storage_data, (dict, type(None))):
+        raise CheckpointError(f"{file}: not DCP metadata (malformed {f'entry {odd[0]}' if odd else 'storage map'})")
     ends: dict[str, int] = {}  # each data file -> the end of its last entry
     for info in (meta.storage_data or {}).values():
         rel = getattr(info, "relative_path", None)
@@ -77,6 +82,11 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
         ends[rel] = max(ends.get(rel, 0), sum(span))
     _check_data_files(Path(path), ends)
     return meta
+
+
+def _entry(value: object) -> bool:
+    """Whether ``value`` is a state-dict entry as DCP writes one: bytes, or a tensor of a ``torch.Size``."""
+    return isinstance(value, BytesStorageMetadata) or isinstance(getattr(value, "size", None), torch.Size)
 
 
 def _check_data_files(path: Path, ends: dict[str, int]) -> None:

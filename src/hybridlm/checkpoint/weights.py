@@ -276,7 +276,8 @@ def load(
     config = config_for_pattern(read_config(path), pattern)
     tensors = read_tensors(path, verify=False)
     # Before allocating: an edited config.json (vocab_size=10**13) failed in the allocator, not here.
-    check_fit(tensors, meta_shapes(config), str(path), wrong_shape="{name}: {source} has {got}, model has {want}")
+    want = meta_shapes(config, path / CONFIG_NAME)
+    check_fit(tensors, want, str(path), wrong_shape="{name}: {source} has {got}, model has {want}")
     if dtype is None:
         dtype = dominant_dtype(tensors.values())
         if dtype not in COMPUTE_DTYPES:  # float8: built in it, the model failed at its first forward, inside torch

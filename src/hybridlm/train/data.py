@@ -304,6 +304,9 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     path = Path(path)
     reading = PREPARED_META  # the file being read, which an error names (the readers' own words do not)
     try:
+        for reading in (*PREPARED_FILES, PREPARED_META):  # a FIFO under a name would block its read forever
+            if (path / reading).exists() and not (path / reading).is_file():
+                raise ValueError("not a regular file")
         meta = json.loads((path / PREPARED_META).read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"{PREPARED_META} holds a {type(meta).__name__}, not an object")
@@ -329,7 +332,8 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         tokens = np.memmap(path / PREPARED_TOKENS, dtype=dtype.newbyteorder("<"), mode="r")
         reading = PREPARED_DOCS
         try:
-            starts = np.load(path / PREPARED_DOCS)
+            # Mapped, not read: a header claiming 10**12 offsets was allocated (7 TiB) before the file was found short.
+            starts = np.load(path / PREPARED_DOCS, mmap_mode="r")
         except EOFError:  # an empty file (a copy cut short)
             raise ValueError("empty") from None
         if not isinstance(starts, np.ndarray):  # a .npz archive under the name

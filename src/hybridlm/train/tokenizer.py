@@ -188,6 +188,8 @@ def build_tokenizer(
 def _saved_spec(directory: Path) -> dict:
     """A model folder's tokenizer spec as JSON alone (no tokenizer loaded); empty where it is missing or unreadable
     (loading the tokenizer says why)."""
+    if not (directory / SPEC_NAME).is_file():  # (a FIFO under the name would block the read)
+        return {}
     try:
         spec = json.loads((directory / SPEC_NAME).read_text())
     except (OSError, ValueError, RecursionError):  # (RecursionError: nesting deeper than json parses)
@@ -231,6 +233,8 @@ def load_tokenizer(
     spec_file = directory / SPEC_NAME
     spec = {}
     if spec_file.exists():
+        if not spec_file.is_file():  # a FIFO in a downloaded folder blocked the read forever
+            raise DataError(f"{spec_file}: not a regular file")
         try:
             spec = json.loads(spec_file.read_text())
         except (OSError, ValueError, RecursionError) as e:
@@ -251,8 +255,10 @@ def load_tokenizer(
     name = spec.get("file", "tokenizer.json")
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise DataError(f"{spec_file}: 'file' must name a file in {directory}, got {name!r}")
-    if spec_file.exists() and not (directory / name).is_file():  # the spec is what is wrong: name it
+    if spec_file.exists() and not (directory / name).exists():  # the spec is what is wrong: name it
         raise DataError(f"{spec_file}: its tokenizer file {name} is not in {directory}; pass {option} explicitly")
+    if not (directory / name).is_file():  # a folder, or a FIFO (whose read would block)
+        raise DataError(f"{directory / name}: not a regular file")
     if eos_token != "auto":
         return build_tokenizer(str(directory / name), option, eos_token, eos_key)
     eos = spec.get("eos_id")
