@@ -536,3 +536,28 @@ def test_a_stage_refuses_tensors_no_model_of_its_config_holds(tmp_path, ids):
         with pytest.raises(CheckpointError, match=unexpected):
             load_canonical_into(build_stage(config, 1, 2), tensors)
     load_canonical_into(build_stage(tiny_config("M-|*-/*-"), 1, 2), tensors)  # stage 0's tensors skipped
+
+
+def test_a_config_replaced_with_other_brackets_is_refused_saying_what_differs(tmp_path):
+    """A config whose pattern only fuses otherwise, put on a built model: save called the model "a pipeline stage"
+    (the block count differs) or failed with a bare KeyError from canonical_name (an MTP depth); loading into it
+    and saving its training state raised the KeyError. Now each names the model's blocks and the config's."""
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    for built, replaced, first in [
+        ("M-*-", "[M-]*-", r"blocks\.0: model 'M', config '\[M-\]'"),
+        ("[M-][*-]", "M-*-", r"blocks\.0: model '\[M-\]', config 'M'"),
+        ("M-*-/M-", "M-*-/[M-]", r"mtp\.0\.blocks\.0: model 'M', config '\[M-\]'"),
+    ]:
+        model = HybridLM(tiny_config(built))
+        model.config = tiny_config(replaced)
+        says = rf"model's blocks are '{re.escape(built)}', the config's pattern is '{re.escape(replaced)}'.*{first}"
+        with pytest.raises(CheckpointError, match=says):
+            hybridlm.save(model, tmp_path / "ck")
+        with pytest.raises(CheckpointError, match=says):
+            load_canonical_into(model, weights.canonical_state_dict(HybridLM(tiny_config(replaced))))
+        with pytest.raises(CheckpointError, match=says):
+            save_training_state(tmp_path / "state", model)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "state").exists()
+    for stage in (build_stage(tiny_config("M-|*-/M-"), 0, 2), build_stage(tiny_config("M-|*-/M-"), 1, 2)):
+        weights.check_built(stage)  # a pipeline stage holds some blocks of its config: no difference

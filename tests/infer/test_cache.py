@@ -701,6 +701,26 @@ def test_speculative_depths_take_the_prompt_in_prefill_chunks_too(chunk, monkeyp
     assert widths and max(widths) <= chunk, widths
 
 
+def test_the_depths_pass_over_the_prompt_is_timed_as_prefill(monkeypatch):
+    """The depths' first commit, over the whole prompt, ran in the first draft round and was counted in
+    decode_seconds, so speculative tokens/s fell with the prompt's length. A clock that only the depths' forwards
+    move (one tick per position) now puts exactly the prompt's positions of every depth in prefill_seconds."""
+    model = model_for("M[*-]/[*-]/[*-]")  # two depths
+    clock, run = [0.0], _Depths._run
+    monkeypatch.setattr(speculative, "_sync", lambda device: clock[0])
+    monkeypatch.setattr(
+        _Depths,
+        "_run",
+        lambda self, d, h, tokens: clock.__setitem__(0, clock[0] + len(tokens)) or run(self, d, h, tokens),
+    )
+    prompt, stats = PROMPTS[2], {}
+    want = generate(model, prompt, 12)
+    assert generate(model, prompt, 12, speculative="mtp", prefill_chunk_size=5, stats=stats) == want
+    # depth d (1-based) commits positions 0..len(prompt)-d: those whose tokens, the first new one included, are known
+    assert stats["prefill_seconds"] == sum(len(prompt) + 1 - d for d in (1, 2)), stats
+    assert stats["decode_seconds"] == clock[0] - stats["prefill_seconds"] > 0
+
+
 def test_speculative_prefill_copies_the_prompts_hidden_states_a_number_of_times_linear_in_its_length():
     """Counts, not timings. The main model's hidden states waiting for the depths were concatenated once per
     prefill chunk, each time copying all those before: quadratic in the prompt. Over one draft round, the elements

@@ -1,6 +1,7 @@
 """Each mixer against its float64 reference (reference ops, no chunking), forward and backward."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -235,3 +236,15 @@ def test_a_float64_mixer_equals_its_float64_reference(case):
     y = layer(x, ctx)
     assert y.dtype == torch.float64
     assert_rel_close(y, reference(ref64, x, pos, seq_idx), 1e-12, case)
+
+
+@pytest.mark.parametrize("symbol", ["X", "[", "M-", ""])
+def test_an_unknown_symbol_is_refused_naming_the_mixers_symbols(symbol):
+    """A direct caller of mixer_class / build_mixer got a bare KeyError (the model refuses such patterns earlier)."""
+    from hybridlm.layers import build_mixer, mixer_class
+
+    says = rf"no mixer for pattern symbol {re.escape(repr(symbol))}; the mixers' symbols are M G \* \+ D - E"
+    with pytest.raises(ValueError, match=says):
+        mixer_class(symbol)
+    with pytest.raises(ValueError, match=says):
+        build_mixer(symbol, tiny_config("M"))

@@ -275,7 +275,19 @@ def test_bad_shapes_and_chunk_size_are_refused_by_name():
     with pytest.raises(ValueError, match=r"initial_state has shape \(1, 2, 3, 4\)"):
         gated_delta_rule_chunked(q, k, v, g, beta, 4, initial_state=torch.zeros(1, 2, 3, 4))
     for chunk in (0, -4):
-        with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk}"):
+        with pytest.raises(
+            ValueError, match=rf"chunk_size must be a positive integer \(positions per chunk\), got {chunk}"
+        ):
+            gated_delta_rule_chunked(q, k, v, g, beta, chunk)
+
+
+def test_a_float_chunk_size_is_refused_by_name():
+    """64.0 passed the ``< 1`` check and failed inside the padding: "pad(): ... type must be tuple of ints"."""
+    q, k, v, g, beta = inputs(1, 8, 2, 4, 3, seed=0)
+    for chunk in (4.0, 2.5, True):
+        with pytest.raises(
+            ValueError, match=rf"gated delta rule: chunk_size must be a positive integer .*, got {chunk}$"
+        ):
             gated_delta_rule_chunked(q, k, v, g, beta, chunk)
 
 

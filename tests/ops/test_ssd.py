@@ -93,7 +93,17 @@ def test_bad_chunk_size_and_initial_state_are_refused_by_name():
     with pytest.raises(ValueError, match=r"initial_state has shape \(1, 4, 3, 2\), expected \(1, 4, 2, 3\)"):
         ssd_chunked(x, dt, A, B, C, 4, initial_state=torch.zeros(1, 4, 3, 2))
     for chunk in (0, -4):
-        with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk}"):
+        with pytest.raises(
+            ValueError, match=rf"chunk_size must be a positive integer \(positions per chunk\), got {chunk}"
+        ):
+            ssd_chunked(x, dt, A, B, C, chunk)
+
+
+def test_a_float_chunk_size_is_refused_by_name():
+    """64.0 passed the ``< 1`` check and failed inside the padding: "pad(): ... type must be tuple of ints"."""
+    x, dt, A, B, C, _ = inputs(1, 8, 4, 2, 2, 3, seed=0)
+    for chunk in (4.0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"ssd: chunk_size must be a positive integer .*, got {chunk}$"):
             ssd_chunked(x, dt, A, B, C, chunk)
 
 

@@ -488,3 +488,28 @@ def test_resume_pp2_then_dp2_pp2_interleaved_then_dp2(tmp_path):
     torchrun(4, [{"set": sets, "run_dir": run, "until": 2, "resume": True}], tmp_path)
     torchrun(2, [{"set": [*BASE, P2_ALIKE], "run_dir": run, "resume": True}], tmp_path)
     assert_same_run(tmp_path / "moved", one_process(tmp_path / "ref", P2_ALIKE))
+
+
+def test_a_pipeline_evaluation_that_raises_leaves_every_stage_module_in_training_mode():
+    """``PipelineRunner.evaluate`` put its stages back in training mode only when the schedule returned: one that
+    raised (Ctrl-C, a peer's failure) left them in eval mode, and a caller that went on trained in it. The Trainer
+    restores its rank model, which leaves out the stage modules' own roots; a direct caller restored nothing."""
+    import torch
+
+    from hybridlm import ModelConfig
+    from hybridlm.parallel.pipeline import build_pipeline_model
+    from hybridlm.train.pipeline import PipelineRunner
+
+    runner = object.__new__(PipelineRunner)  # evaluate's parts only: no process group
+    runner.config = ModelConfig.preset("tiny").replace(pattern="M-|E|*-|M-/*-", vocab_size=64)
+    runner.model, runner.stages = build_pipeline_model(runner.config, 1, 2)  # virtual stages 1 and 3 (the MTP depth)
+    assert len(runner.stages) == 2 and len(runner.stages[1].mtp) == 1
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    runner._run = interrupted
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate({"input_ids": ids, "labels": ids, "doc_ids": ids})
+    assert [n for m in runner.stages for n, x in m.named_modules() if not x.training] == []

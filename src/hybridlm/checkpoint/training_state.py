@@ -43,6 +43,7 @@ from .io import (
     written,
 )
 from .safe_dcp import METADATA_NAME, SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
+from .weights import check_built
 
 TRAINER_STATE = "trainer_state.json"
 RNG_STATE = "rng.safetensors"
@@ -80,6 +81,7 @@ def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[st
 
 
 def _canonical_states(model, optimizer) -> dict[str, Any]:
+    check_built(getattr(model, "_orig_mod", model))  # a replaced config: a bare KeyError from canonical_name
     model_sd, optim_sd = get_state_dict(model, [] if optimizer is None else optimizer, options=_OPTIONS)
     # A ValueError, not a damaged file: the save failed inside DCP ("Cannot copy out of meta tensor"), the load
     # was called a damaged checkpoint ("Default process group has not been initialized").

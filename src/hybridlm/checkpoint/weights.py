@@ -55,12 +55,50 @@ def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, HybridLM):
         raise TypeError(f"expected a HybridLM, got {type(model).__name__}")
+    # Before the stage check and the renaming: a config whose pattern fuses otherwise was called "a pipeline stage",
+    # or failed in canonical_name with a bare KeyError.
+    check_built(model)
     if not model.is_whole:
         raise CheckpointError(
             "save needs the whole model, but this one is a pipeline stage (some blocks, the embedding or the head "
             "are missing); gather the stages' canonical state dicts and save those with save_state_dict"
         )
     return to_canonical(model.state_dict(), model.config.parsed)
+
+
+def check_built(model: HybridLM) -> None:
+    """Refuse (CheckpointError, saying what differs) a ``model`` whose blocks are not those its ``config``'s pattern
+    describes: the config was replaced after construction. A pipeline stage built from it passes."""
+    p = model.config.parsed
+
+    def shown(symbols: str | None) -> str:
+        return "none" if symbols is None else f"[{symbols}]" if len(symbols) > 1 else symbols
+
+    def held(blocks: torch.nn.ModuleDict) -> dict[int, str | None]:
+        # torch.compile's and checkpoint_wrapper's wrappers pass ``symbols`` through
+        return {int(k): getattr(b, "symbols", None) for k, b in blocks.items()}
+
+    # A pipeline stage (or a pipeline rank's model) holds some of the blocks: only those are compared. Patterns that
+    # differ only in brackets differ in a block both hold. An MTP depth is never split.
+    stacks = [("blocks", held(model.blocks), p.blocks, False)]
+    stacks += [(f"mtp.{d}.blocks", held(depth.blocks), p.mtp_blocks, True) for d, depth in enumerate(model.mtp)]
+    diffs = []
+    for where, got, wanted, whole in stacks:
+        for k in sorted(set(got) | set(range(len(wanted)) if whole else set())):
+            want = wanted[k] if k < len(wanted) else None
+            # a module that is no Block (no ``symbols``) put in by hand is not judged here
+            if (k not in got or got[k] is not None) and got.get(k) != want:
+                diffs.append(f"{where}.{k}: model '{shown(got.get(k))}', config '{shown(want)}'")
+    if len(model.mtp) not in (0, p.mtp_depths):
+        diffs.insert(0, f"mtp: model {len(model.mtp)} depths, config {p.mtp_depths}")
+    if diffs:
+        built = "".join(shown(s) for s in stacks[0][1].values())
+        built += "".join("/" + "".join(shown(s) for s in stack[1].values()) for stack in stacks[1:])
+        raise CheckpointError(
+            f"model.config does not describe this model (was it replaced after construction?): the model's blocks "
+            f"are '{built}', the config's pattern is '{model.config.pattern}' (first difference: {diffs[0]}); "
+            "build a model from the new config and load these weights into it"
+        )
 
 
 def save_state_dict(
@@ -220,6 +258,7 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     """Copy canonical ``tensors`` into ``model`` (any fusion), refusing (listing names) missing or mis-shaped
     tensors, and unexpected ones (a pipeline stage takes the tensors it holds of its whole model's). ``model`` may
     be (or hold blocks) wrapped by ``torch.compile``; one on the meta device is refused."""
+    check_built(getattr(model, "_orig_mod", model))  # a replaced config: a bare KeyError from canonical_name
     p, own = model.config.parsed, model.state_dict()
     # Canonical name -> the model's own, wrappers kept: torch.compile's "_orig_mod." (of the model or of a block) was
     # dropped by from_canonical, and the strict load listed every tensor as missing.

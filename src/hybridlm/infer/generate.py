@@ -212,9 +212,10 @@ def generate(
         prefill_chunk_size: prompts are prefilled in chunks of this many tokens.
         callback: ``callback(row, token)`` for every new token as it is picked (streaming);
             returning True stops that row.
-        stats: if given, filled with ``prefill_tokens``, ``prefill_seconds``, ``decode_tokens``,
-            ``decode_seconds`` and, with ``speculative``, ``drafted``, ``accepted``,
-            ``acceptance_rate`` and ``verify_steps``.
+        stats: if given, filled with ``prefill_tokens``, ``prefill_seconds`` (the prompts' forwards; with
+            ``speculative``, the MTP depths' first pass over the prompt too), ``decode_tokens``,
+            ``decode_seconds`` (from then until the last token) and, with ``speculative``, ``drafted``,
+            ``accepted``, ``acceptance_rate`` and ``verify_steps``.
         cuda_graph: replay the decode step as a CUDA graph (CUDA only, cached, not speculative).
 
     Returns:

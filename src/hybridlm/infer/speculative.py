@@ -5,8 +5,8 @@ Depth ``d`` at position ``t`` reads ``(h^{d-1}_t, embed(x_{t+d}))`` and predicts
 positions ``0..n-2`` and depth ``d``'s cache covers ``0..n-1-d``: the positions whose token
 ``x_{t+d}`` is known. One round:
 
-1. **Commit** each depth over its newly known positions (true tokens only), in depth order (the first round's
-   commit, over the prompt, in windows of ``prefill_chunk_size`` as the main model's prefill).
+1. **Commit** each depth over its newly known positions (true tokens only), in depth order (the commit over
+   the prompt runs, and is timed, with the prefill, in windows of ``prefill_chunk_size`` as the main model's).
 2. **Draft**: depth 1's last committed output predicts ``x_n``; depth ``d > 1`` runs tentatively
    over positions ``n-d..n-2`` whose tokens are the drafts so far (state snapshot, run, restore)
    and its last output predicts ``x_{n+d-1}``.
@@ -42,6 +42,7 @@ class _Depths:
         self.chunk_size = chunk_size
         self.caches = [InferenceCache.for_mtp_depth(model, d, 1, max_len) for d in range(1, self.k + 1)]
         self.covered = [-1] * self.k  # last position committed by each depth
+        self.last: torch.Tensor | None = None  # (1, 1, H) depth 1's output at its last committed position
         # Inputs h^{d-1} (1, L, H) of uncommitted positions, in pieces joined when read: concatenated per prefill
         # chunk, the prompt's hidden states were copied once per chunk (quadratic in the chunks).
         self.parts: list[list[torch.Tensor]] = [[] for _ in range(self.k)]
@@ -84,19 +85,28 @@ class _Depths:
         cache.advance(len(tokens))
         return out
 
+    def commit(self, tokens: list[int], num: int) -> None:
+        """Run each of the first ``num`` depths over its positions whose tokens ``tokens`` now make known; depth 1's
+        last output, which drafts the next token, is kept."""
+        n = len(tokens)
+        for d in range(min(num, self.k)):  # in depth order: depth d's outputs are depth d+1's inputs
+            last, start = n - 2 - d, self.covered[d] + 1  # last position whose token is known
+            if last >= start:
+                committed = self._commit(d, start, last, tokens)
+                if d == 0:
+                    self.last = committed[:, -1:]
+
     def draft(self, tokens: list[int], num: int) -> list[int]:
         """Commit every depth over its known positions, then draft up to ``num`` tokens after ``tokens``."""
         n = len(tokens)
         drafts: list[int] = []
         prev = None  # depth d-1's tentative outputs, positions n-d..n-2 (none for depth 1)
+        self.commit(tokens, num)
         for d in range(min(num, self.k)):  # 0-based: depth d+1 reads x_{t+d+1}, predicts x_{t+d+2}
             if n - 1 - d < 0:  # prompt too short for this depth's first position
                 break
-            last, start = n - 2 - d, self.covered[d] + 1  # last position whose token is known
-            if last >= start:
-                committed = self._commit(d, start, last, tokens)
             if d == 0:
-                out = committed[:, -1:]
+                out = self.last
             else:
                 # Positions n-1-d..n-2 read the drafts so far: run from a snapshot, then roll back.
                 h_in = self.pending(d) if prev is None else torch.cat([self.pending(d), prev], dim=1)
@@ -147,6 +157,14 @@ def mtp_generate(
     check_finite(nonfinite(logits[:, -1]).tolist(), [False], [len(prompt)], [0], row)
     done = _accept(new, int(logits[0, -1].argmax()), 0, eos_id, callback)
     tokens.append(new[-1])
+    if not done and len(new) < max_new_tokens:
+        # The depths' pass over the prompt is prefill work: counted in decode_seconds, it made speculative decoding
+        # look slower the longer the prompt. The first round's draft then runs on what this left.
+        t = _sync(device)
+        depths.commit(tokens, min(k, max_new_tokens - len(new) - 1))
+        spent = _sync(device) - t
+        stats["prefill_seconds"] += spent
+        t1 += spent  # decode time starts after it
     while not done and len(new) < max_new_tokens:
         drafts = depths.draft(tokens, min(k, max_new_tokens - len(new) - 1))
         window = torch.tensor([[tokens[-1], *drafts]], device=device)

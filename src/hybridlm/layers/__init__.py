@@ -37,15 +37,21 @@ _NOT_YET: dict[str, str] = {}
 
 
 def mixer_class(symbol: str) -> type[nn.Module]:
+    """The mixer class of pattern symbol ``symbol`` (one character, e.g. ``"M"``); ValueError, listing the symbols
+    that have one, for any other; NotImplementedError for one the pattern language accepts but no mixer
+    implements yet."""
     if symbol in _NOT_YET:
         raise NotImplementedError(
             f"'{symbol}' ({_NOT_YET[symbol]}) layers are not implemented yet; the pattern language accepts them "
             "so that Megatron-LM patterns parse, but a model with them cannot be built"
         )
+    if symbol not in MIXERS:
+        raise ValueError(f"no mixer for pattern symbol {symbol!r}; the mixers' symbols are {' '.join(MIXERS)}")
     return MIXERS[symbol]
 
 
 def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
+    """A mixer of pattern symbol ``symbol`` for ``config`` (refused as :func:`mixer_class` refuses)."""
     return mixer_class(symbol)(config)
 
 

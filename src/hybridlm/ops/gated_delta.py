@@ -49,8 +49,11 @@ def check_gated_delta_shapes(q, k, v, g, beta, chunk_size, seq_idx=None, initial
             raise ValueError(
                 f"gated delta rule: {name} has shape {tuple(t.shape)}, expected {shape} for q {tuple(q.shape)}"
             )
-    if chunk_size < 1:
-        raise ValueError(f"gated delta rule: chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        # A float (64.0) passed a plain ``< 1`` and failed later, inside the padding ("type must be tuple of ints").
+        raise ValueError(
+            f"gated delta rule: chunk_size must be a positive integer (positions per chunk), got {chunk_size!r}"
+        )
 
 
 def gated_delta_rule_chunked(

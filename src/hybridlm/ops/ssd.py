@@ -68,8 +68,9 @@ def check_ssd_shapes(x, dt, A, B, C, chunk_size, D=None, seq_idx=None, initial_s
             raise ValueError(f"ssd: {name} has shape {tuple(t.shape)}, expected {shape} for x {tuple(x.shape)}")
     if g == 0 or h % g:
         raise ValueError(f"ssd: {h} heads are not a multiple of {g} groups (B, C: (b, l, g, n))")
-    if chunk_size < 1:
-        raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        # A float (64.0) passed a plain ``< 1`` and failed later, inside the padding ("type must be tuple of ints").
+        raise ValueError(f"ssd: chunk_size must be a positive integer (positions per chunk), got {chunk_size!r}")
 
 
 def ssd_chunked(

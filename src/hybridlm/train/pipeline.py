@@ -225,9 +225,11 @@ class PipelineRunner:
         for m in self.stages:
             m.eval()
         weight = label_counts(batch["labels"], self.config.parsed.mtp_depths, batch["doc_ids"]).float()
-        _, heads = self._run(batch, weight, train=False)
-        for m in self.stages:
-            m.train()
+        try:
+            _, heads = self._run(batch, weight, train=False)
+        finally:  # also when it raises: stages left in eval mode trained on in it (MoE expert biases frozen)
+            for m in self.stages:
+                m.train()
         return heads[0], float(weight[:, 0].sum()) if self.has_last else 0.0
 
     def clip_grad_norm(self, max_norm: float) -> float:

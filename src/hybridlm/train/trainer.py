@@ -217,7 +217,9 @@ class Trainer:
 
     Process-wide state, as a notebook sees it: the set-up seeds torch's global RNG with ``train.seed`` (as
     transformers' Trainer seeds with its ``seed``), and a resume sets the global torch, CUDA and Python ``random``
-    states to the checkpoint's; ``train.threads`` holds only inside the set-up and :meth:`run_loop`.
+    states to the checkpoint's; ``train.threads`` holds only inside the set-up and :meth:`run_loop`. Unless the
+    environment has one, ``PYTORCH_CUDA_ALLOC_CONF`` is set (:func:`configure_cuda_allocator`) for the rest of the
+    process, on any device (a CPU run too), so CUDA started later in the process gets expandable segments.
 
     Args:
         run: the run configuration.
