@@ -631,7 +631,7 @@ def test_convert_from_keeps_the_end_of_document_id_the_config_names(exported, tm
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(hf / "tokenizer.json"))
-    for eos, file in ((2, "config.json"), (3, "generation_config.json")):  # config.json's, else generation's
+    for eos, file in ((2, "config.json"), (3, "generation_config.json")):  # either alone
         data = json.loads((hf / "config.json").read_text())
         data.pop("eos_token_id", None)
         (hf / "config.json").write_text(json.dumps(data | ({"eos_token_id": eos} if file == "config.json" else {})))
@@ -709,11 +709,14 @@ def test_import_refuses_zero_router_groups_as_an_invalid_model(exported, tmp_pat
         ({"eos_token_id": True}, None, None),  # a JSON boolean is no token id
         ({"eos_token_id": -1}, {"eos_token_id": 5}, 5),  # no valid id in config.json: generation's
         ({}, {"eos_token_id": [4, 9]}, 4),
-        ({"eos_token_id": 6}, {"eos_token_id": 4}, 6),  # config.json's wins
+        ({"eos_token_id": 6}, {"eos_token_id": 4}, 4),  # generation_config.json's wins, as in transformers
+        ({"eos_token_id": 6}, {"do_sample": True}, 6),  # one without an id: config.json's
         ({}, None, None),
     ],
 )
-def test_hf_eos_token_id_reads_config_json_then_generation_config(tmp_path, config_json, generation_json, expected):
+def test_hf_eos_token_id_reads_generation_config_then_config_json(tmp_path, config_json, generation_json, expected):
+    """config.json's id won over generation_config.json's, where transformers' generate stops: a chat model whose
+    config.json names its end of text and generation_config.json its end of turn ran on past every turn."""
     from hybridlm.checkpoint.hf_nemotron import hf_eos_token_id
 
     (tmp_path / "config.json").write_text(json.dumps(config_json))
@@ -755,6 +758,24 @@ def test_convert_from_extra_files_win_over_the_sources_files(exported, tmp_path)
     dst = convert_from_nemotron_h(src, tmp_path / "ours", extra_files={"tokenizer_config.json": '{"from": "extra"}'})
     assert (dst / "tokenizer_config.json").read_text() == '{"from": "extra"}'
     assert (dst / "generation_config.json").read_text() == '{"eos_token_id": 1}'
+
+
+def test_import_of_a_hybridlm_checkpoint_says_to_convert_it_with_to(exported):
+    """`convert CKPT DST --from nemotron-h` on one of ours said only "model_type is None, not 'nemotron_h'"."""
+    with pytest.raises(
+        CheckpointError, match=r"model_type is None, .*this is a hybridlm checkpoint: .*--to nemotron-h"
+    ):
+        import_nemotron_h(exported.parent / "ours")
+
+
+def test_import_of_a_pickled_folder_says_to_save_it_as_safetensors(exported, tmp_path):
+    """An older folder with pytorch_model.bin said only "no model.safetensors and no model.safetensors.index.json"."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    shutil.copy(exported / "config.json", path)
+    (path / "pytorch_model.bin").write_bytes(b"")  # never opened
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin is a pickle, which is not read: .*save_pretrained"):
+        import_nemotron_h(path)
 
 
 def test_import_of_a_file_says_a_model_is_a_directory(exported):

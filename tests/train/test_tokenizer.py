@@ -172,6 +172,19 @@ def test_a_json_file_that_is_no_tokenizer_json_says_so(tmp_path):
     assert "not a tokenizers file" not in str(info.value)
 
 
+def test_a_model_folder_given_as_the_tokenizer_names_its_tokenizer_json(tmp_path):
+    """A Hugging Face model folder (as AutoTokenizer.from_pretrained takes one) got "cannot load tokenizer (Is a
+    directory (os error 21))", which does not say what to pass instead."""
+    pytest.importorskip("tokenizers")
+    with pytest.raises(DataError, match=r"it is a folder$"):
+        build_tokenizer(str(tmp_path))
+    for name, content in ByteTokenizer().hf_files().items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=r"it is a folder: pass its tokenizer.json, .*tokenizer.json$") as info:
+        build_tokenizer(str(tmp_path), key="--tokenizer")
+    assert str(tmp_path / "tokenizer.json") in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
@@ -253,3 +266,30 @@ def test_a_fifo_tokenizer_file_in_a_model_folder_is_refused_not_waited_on(tmp_pa
         with pytest.raises(DataError, match=r"tokenizer\.json: not a regular file"):
             load_tokenizer(tmp_path)
         (tmp_path / "tokenizer.json").unlink()
+
+
+def test_a_model_trained_with_a_tokenizer_json_exports_its_end_token_to_transformers_tokenizer(tmp_path):
+    """A model trained with a tokenizer.json (no tokenizer_config.json beside it) was exported with config.json's
+    eos_token_id but a tokenizer that knew no end token: AutoTokenizer's eos_token and eos_token_id were None."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from hybridlm.train.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<|im_end|>": 1, "</s>": 2} | {f"w{i}": i + 3 for i in range(61)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    trained = HFTokenizer(tmp_path / "tokenizer.json", "</s>")  # as data.eos_token names it
+    config = tiny_config("M-*-", vocab_size=64).replace(position_embedding="none")
+    save(HybridLM(config, seed=0), tmp_path / "ours", extra_files=trained.files())
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "nemotron-h"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 2
+    auto = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (auto.eos_token, auto.eos_token_id) == ("</s>", 2)
+    assert auto("w0 w1", add_special_tokens=False)["input_ids"] == trained.encode("w0 w1")
+    # Special tokens the folder names itself travel instead, as they are.
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "ours" / name).write_text(json.dumps({"eos_token": "<|im_end|>"}))
+        assert exported_files(tmp_path / "ours") == {}
+        (tmp_path / "ours" / name).unlink()

@@ -346,7 +346,9 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     """The :class:`ModelConfig` computing what NemotronH computes for config.json ``hf`` (read from ``source``,
     which errors name), with a shared expert and selection bias in every MoE layer, as NemotronH has."""
     if hf.get("model_type") != HF_MODEL_TYPE:
-        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
+        ours = " (this is a hybridlm checkpoint: `hybridlm convert SRC DST --to nemotron-h` writes one)"
+        hint = ours if hf.get("format") == "hybridlm" else ""
+        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}{hint}")
     layers = _hf_layers(hf, source)
     used = set(layers)
     problems = _hf_problems(hf, used)
@@ -466,15 +468,17 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
 
 
 def hf_eos_token_id(path: str | Path) -> int | None:
-    """The end-of-document id a Hugging Face folder names (config.json's ``eos_token_id``, else
-    generation_config.json's; the first of a list), or None: none, or unreadable (the import says why). An id at
-    or past config.json's ``vocab_size`` is passed over with a warning: saved, it made every later load of the
-    converted folder's tokenizer fail."""
+    """The end-of-document id a Hugging Face folder names (generation_config.json's ``eos_token_id``, which
+    transformers' ``generate`` stops at, else config.json's; the first of a list), or None: none, or unreadable (the
+    import says why). An id at or past config.json's ``vocab_size`` is passed over with a warning: saved, it made
+    every later load of the converted folder's tokenizer fail."""
     try:  # (regular: a FIFO under the name would block the read; its CheckpointError is a ValueError)
         vocab = json.loads(regular(Path(path) / CONFIG_NAME).read_text()).get("vocab_size")
     except (OSError, ValueError, AttributeError, RecursionError):
         vocab = None
-    for name in (CONFIG_NAME, "generation_config.json"):
+    # generation_config.json first: where both name one (a chat model's end of turn there, its end of text in
+    # config.json), transformers generates with the former.
+    for name in ("generation_config.json", CONFIG_NAME):
         try:
             eos = json.loads(regular(Path(path) / name).read_text()).get("eos_token_id")
         except (OSError, ValueError, AttributeError, RecursionError):

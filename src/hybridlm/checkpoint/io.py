@@ -437,7 +437,14 @@ def weight_files(path: str | Path) -> dict[str, str]:
                 raise CheckpointError(f"{path}: shard {name} listed in {INDEX_NAME} is missing")
         return dict(weight_map)
     if not (path / WEIGHTS_NAME).exists():
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
+        hint = ""
+        pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))  # an older Hugging Face folder's weights
+        if pickled:
+            hint = (
+                f" ({pickled[0]}{' ...' * (len(pickled) > 1)} is a pickle, which is not read: write the model with "
+                "safetensors first, transformers' `AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(NEW)`)"
+            )
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} and no {INDEX_NAME}{hint}")
     with open_safetensors(path / WEIGHTS_NAME) as f:
         return dict.fromkeys(f.keys(), WEIGHTS_NAME)
 

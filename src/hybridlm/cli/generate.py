@@ -461,7 +461,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         default="auto",
         metavar="TOKEN",
         help="the tokenizer's end-of-document token (default: auto, the id the checkpoint saved, else the first "
-        "of the usual names it holds; a folder converted from NemotronH saved its config's eos_token_id, if any)",
+        "of the usual names it holds; a folder converted from NemotronH saved the eos_token_id its "
+        "generation_config.json, else config.json, names)",
     )
     ap.add_argument(
         "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"

@@ -16,6 +16,8 @@ from .data import source_path
 SPEC_NAME = "tokenizer.hybridlm.json"
 #: The byte tokenizer's end of document (id 256) in its Hugging Face files.
 HF_EOS = "<|endoftext|>"
+#: Hugging Face's tokenizer settings file (its special tokens), beside tokenizer.json.
+HF_CONFIG_NAME = "tokenizer_config.json"
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]", "<|im_end|>")
 
 
@@ -79,7 +81,7 @@ class ByteTokenizer:
         }
         return {
             "tokenizer.json": json.dumps(tokenizer, ensure_ascii=False),
-            "tokenizer_config.json": json.dumps(config),
+            HF_CONFIG_NAME: json.dumps(config),
         }
 
 
@@ -155,7 +157,11 @@ class HFTokenizer:
 
 def _not_a_tokenizer_json(path: Path) -> str:
     """A hint where ``path`` is JSON but no tokenizers file (one without its "model": a tokenizer_config.json or a
-    config.json beside it), whose parse error alone ("expected ',' or '}'") reads as a damaged file."""
+    config.json beside it), whose parse error alone ("expected ',' or '}'") reads as a damaged file; or where
+    ``path`` is a folder (a Hugging Face model's, as ``AutoTokenizer.from_pretrained`` takes it): "Is a directory"."""
+    if path.is_dir():
+        inside = path / "tokenizer.json"
+        return f"; it is a folder: pass its tokenizer.json, {inside}" if inside.is_file() else "; it is a folder"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
@@ -199,8 +205,26 @@ def _saved_spec(directory: Path) -> dict:
 
 def exported_files(directory: Path) -> dict[str, str]:
     """Tokenizer files to add to a Hugging Face export of the model folder ``directory``: the byte tokenizer's
-    (:meth:`ByteTokenizer.hf_files`) where its spec names it; nothing otherwise (a tokenizer.json travels as it is)."""
-    return ByteTokenizer().hf_files() if _saved_spec(directory).get("type") == "byte" else {}
+    (:meth:`ByteTokenizer.hf_files`) where its spec names it; for a tokenizer.json (which travels as it is) without a
+    ``tokenizer_config.json`` or ``special_tokens_map.json`` beside it (a model hybridlm trained with it), one naming the spec's end-of-document
+    token, so that transformers' tokenizer knows it (``eos_token``) as config.json's ``eos_token_id`` does."""
+    spec = _saved_spec(directory)
+    if spec.get("type") == "byte":
+        return ByteTokenizer().hf_files()
+    eos, path = saved_eos_id(directory), directory / "tokenizer.json"
+    settings = any((directory / name).exists() for name in (HF_CONFIG_NAME, "special_tokens_map.json"))
+    if spec.get("type", "hf") != "hf" or eos is None or not path.is_file() or settings:
+        return {}
+    try:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        name = _Tokenizer.from_file(str(path)).id_to_token(eos)
+    except Exception:  # (no tokenizers package, or a file it cannot read: the tokenizer.json still travels)
+        return {}
+    if name is None:
+        return {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name, "clean_up_tokenization_spaces": False}
+    return {HF_CONFIG_NAME: json.dumps(config)}
 
 
 def saved_eos_id(directory: Path) -> int | None:
