@@ -465,3 +465,24 @@ def test_from_json_reads_bytes_as_json_text():
     assert ModelConfig.from_json(bytearray(config.to_json().encode())) == config
     with pytest.raises(ConfigError, match=r"^config: not UTF-8 text \(invalid start byte at byte 0\)$"):
         ModelConfig.from_json(b"\xff{}")
+
+
+@pytest.mark.parametrize(
+    "megatron, ours",
+    [
+        ("moe_router_topk", "moe_top_k"),  # was "did you mean 'moe_router_score'?"
+        ("moe_router_group_topk", "moe_topk_groups"),  # was 'moe_router_score' too
+        ("rotary_base", "rope_theta"),  # was 'rotary_percent'
+        ("mtp_num_layers", "'/'"),  # was 'moe_num_experts'
+        ("hybrid_override_pattern", "'pattern'"),  # was no hint at all
+        ("num_layers", "'pattern'"),
+    ],
+)
+def test_a_megatron_name_points_at_the_field_that_replaces_it(megatron, ours):
+    """A Megatron-LM user's names got the closest spelling as a hint, which for these pointed at another option."""
+    d = ModelConfig.preset("tiny").to_dict()
+    with pytest.raises(ConfigError, match="Megatron-LM name") as info:
+        ModelConfig.from_dict({**d, megatron: 2})
+    assert info.value.field == megatron and ours in str(info.value) and "did you mean" not in str(info.value)
+    with pytest.raises(ConfigError, match="Megatron-LM name"):
+        ModelConfig.preset("tiny").replace(**{megatron: 2})

@@ -333,12 +333,66 @@ def is_finite(value: int | float) -> bool:
         return False
 
 
+#: Megatron-LM's names (arguments and TransformerConfig fields) for what ModelConfig calls otherwise or takes
+#: from the pattern: the closest spelling points elsewhere (moe_router_topk -> moe_router_score, mtp_num_layers
+#: -> moe_num_experts, rotary_base -> rotary_percent) or nowhere (hybrid_override_pattern, num_layers).
+MEGATRON_NAMES = {
+    **dict.fromkeys(("hybrid_layer_pattern", "hybrid_override_pattern"), "the layer pattern is 'pattern'"),
+    "num_layers": "the number of layers follows from 'pattern' (one per symbol; a fused group holds two)",
+    **dict.fromkeys(
+        ("mtp_num_layers", "mtp_hybrid_override_pattern"),
+        "MTP depths are the pattern's '/' parts: 'pattern': 'M-M*-/*-/*-' has two depths of '*-'",
+    ),
+    **dict.fromkeys(
+        ("hybrid_attention_ratio", "hybrid_mlp_ratio"),
+        "give 'pattern', e.g. from hybridlm.pattern_from_ratios(num_layers, attention_ratio, mlp_ratio)",
+    ),
+    "mtp_loss_scaling_factor": "hybridlm's is 'mtp_loss_scale'",
+    "num_moe_experts": "hybridlm's is 'moe_num_experts'",
+    "moe_router_topk": "hybridlm's is 'moe_top_k'",
+    "moe_router_score_function": "hybridlm's is 'moe_router_score'",
+    "moe_router_enable_expert_bias": "hybridlm's is 'moe_router_expert_bias'",
+    "moe_router_topk_scaling_factor": "hybridlm's is 'moe_routed_scaling'",
+    "moe_router_num_groups": "hybridlm's is 'moe_num_groups'",
+    "moe_router_group_topk": "hybridlm's is 'moe_topk_groups'",
+    "moe_router_pre_softmax": "hybridlm's is 'moe_norm_topk_prob' = false (with 'moe_router_score' softmax)",
+    "moe_shared_expert_intermediate_size": "hybridlm's is 'moe_shared_expert_ffn_hidden_size'",
+    "moe_router_bias_update_rate": "a training setting in hybridlm: optim.moe_expert_bias_rate",
+    "kv_channels": "hybridlm's is 'head_dim'",
+    "rotary_base": "hybridlm's is 'rope_theta'",
+    "position_embedding_type": "hybridlm's is 'position_embedding' ('none' or 'rope')",
+    "layernorm_epsilon": "hybridlm's is 'norm_eps'",
+    "init_method_std": "hybridlm's is 'init_std'",
+    "qk_layernorm": "hybridlm's is 'qk_norm'",
+    **dict.fromkeys(
+        ("share_embeddings_and_output_weights", "untie_embeddings_and_output_weights"), "hybridlm's is 'tie_embeddings'"
+    ),
+    **dict.fromkeys(
+        ("squared_relu", "swiglu", "gated_linear_unit"), "hybridlm's is 'mlp_activation' ('relu2', 'swiglu' or 'gelu')"
+    ),
+    "padded_vocab_size": "hybridlm's is 'vocab_size'",
+    # Gated DeltaNet: Megatron's TransformerConfig takes Qwen3-Next's names.
+    "linear_num_key_heads": "hybridlm's is 'gdn_num_heads'",
+    "linear_num_value_heads": "hybridlm's is 'gdn_num_value_heads'",
+    "linear_key_head_dim": "hybridlm's is 'gdn_head_dim'",
+    "linear_value_head_dim": "hybridlm's is 'gdn_value_head_dim'",
+    "linear_conv_kernel_dim": "hybridlm's is 'gdn_conv_kernel'",
+    **dict.fromkeys(
+        ("seq_length", "max_position_embeddings"),
+        "the sequence length is not part of the model (hybridlm train: data.seq_len)",
+    ),
+}
+
+
 def check_field_names(values: dict[str, Any], what: str = "ModelConfig") -> None:
-    """Refuse keys of ``values`` that are not ModelConfig fields (suggesting the closest one)."""
+    """Refuse keys of ``values`` that are not ModelConfig fields (naming the field a Megatron-LM name stands
+    for, else suggesting the closest one)."""
     names = [f.name for f in fields(ModelConfig)]
     for key in values:
         if not isinstance(key, str):
             raise ConfigError(str(key), f"a {what} field name must be a string, got {key!r}")
+        if key in MEGATRON_NAMES:
+            raise ConfigError(key, f"unknown {what} field (a Megatron-LM name): {MEGATRON_NAMES[key]}")
         if key not in names:
             hint = difflib.get_close_matches(key, names, n=1)
             raise ConfigError(key, f"unknown {what} field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))

@@ -878,3 +878,33 @@ def test_a_config_given_to_convert_from_megatron_wins_over_the_sidecar(tmp_path,
     config_sidecar(path).write_text('{"pattern": "M-", "vocab_size": 0}')  # invalid: it must not be read
     out = convert_from_megatron(path, tmp_path / "out", moe_config)
     assert_bitwise_equal(read_tensors(out), from_megatron(moe_config, moe_state))
+
+
+def test_a_head_or_mtp_depths_the_config_lacks_say_which_setting_to_give():
+    """A Megatron model trained with its command line's default tied output layer (or another number of MTP
+    depths) was refused listing tensors, without saying that tie_embeddings or the pattern's '/' parts decide."""
+    untied = tiny_config("M*-/*-")
+    state = to_megatron(untied, random_canonical(untied))
+    tied_state = {k: v for k, v in state.items() if k != "output_layer.weight"}
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): output_layer\.weight(?s:.*)tie_embeddings=true"):
+        from_megatron(untied, tied_state)
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensors \(1\): output_layer\.weight(?s:.*)tie_embeddings=false"
+    ):
+        from_megatron(untied.replace(tie_embeddings=True), state)
+    for pattern, depths in (("M*-", 0), ("M*-/*-/*-", 2)):
+        with pytest.raises(CheckpointError, match=rf"holds 1 MTP depth\(s\) where the config's pattern has {depths}"):
+            from_megatron(untied.replace(pattern=pattern), state)
+    # A pipeline stage's file (no embedding) gets no such hint: its head and depths are on another stage.
+    stage = {k: v for k, v in tied_state.items() if not k.startswith(("embedding.", "mtp."))}
+    with pytest.raises(CheckpointError) as err:
+        from_megatron(untied, stage)
+    assert "hint" not in str(err.value)
+
+
+def test_a_wrapped_models_state_dict_is_named_as_such(moe_config, moe_state):
+    """`torch.save(model.state_dict())` of a DDP / Float16Module-wrapped Megatron model (names under 'module.')
+    was refused listing every tensor as missing and unexpected, with nothing to say why."""
+    wrapped = {f"module.module.{k}": v for k, v in moe_state.items()}
+    with pytest.raises(CheckpointError, match=r"hint: names under 'module\.': the state dict of a wrapped model"):
+        from_megatron(moe_config, wrapped)

@@ -361,3 +361,13 @@ def test_measure_refuses_a_micro_batch_of_exactly_2_63_elements(monkeypatch):
     assert config.hidden_size == 32
     with pytest.raises(UsageError, match=r"^--measure: micro-batches of 1 x 288230376151711744 tokens"):
         plan_pipeline(config, 2, seq_len=2**58, measure="cpu")
+
+
+def test_an_even_split_megatron_refuses_is_labelled_as_rounded():
+    """5 blocks over 2 stages: Megatron's split by block count refuses it, but the plan compared with an "even
+    split" without a word, as if Megatron could run it."""
+    rounded = plan_pipeline(tiny_config("M-|M-M"), 2, seq_len=16).render()  # its own '|' is compared too
+    assert "even split (rounded)" in rounded
+    assert "5 blocks do not divide into 2 stages, which Megatron's split by block count refuses" in rounded
+    even = plan_pipeline(tiny_config("M-M-"), 2, seq_len=16).render()
+    assert "rounded" not in even and "refuses" not in even

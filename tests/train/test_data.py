@@ -1028,3 +1028,13 @@ def test_a_docs_npy_header_claiming_more_offsets_than_it_holds_allocates_nothing
     assert new in file.read_bytes()
     with pytest.raises(DataError, match=r"prep: not a prepared corpus \(docs\.npy: "):
         load_corpus(str(tmp_path / "prep"), tok)
+
+
+@pytest.mark.parametrize("name", ["corpus_text_document", "corpus_text_document.bin", "corpus_text_document.idx"])
+def test_a_megatron_indexed_dataset_is_named_as_such(tmp_path, name):
+    """Megatron's --data-path prefix was refused as "does not exist", and its .bin of token ids was read as text
+    ("not UTF-8"), neither saying that the format is not read nor what to do."""
+    (tmp_path / "corpus_text_document.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "corpus_text_document.idx").write_bytes(b"MMIDIDX\x00\x00")
+    with pytest.raises(DataError, match=r"is a Megatron-LM indexed dataset .*hybridlm prepare"):
+        load_corpus(str(tmp_path / name), ByteTokenizer())

@@ -482,3 +482,36 @@ def test_an_interleaved_micro_batch_count_that_makes_unequal_rounds_names_counts
         RunConfig().with_overrides(sets)
     for fits in (4, 6):
         RunConfig().with_overrides([*sets[:2], f"parallel.microbatches={fits}"])
+
+
+@pytest.mark.parametrize(
+    "key, says",
+    [
+        ("train.train_iters", "train.steps"),  # was "did you mean 'train.run_dir'?"
+        ("train.save_interval", "train.checkpoint_every"),  # was 'train.seed'
+        ("train.bf16", 'train.precision = "bf16"'),  # was 'train.seed'
+        ("optim.clip_grad", "optim.grad_clip"),  # was 'optim.lr'
+        ("optim.lr_decay_style", "optim.schedule"),  # was 'optim.decay_fraction'
+        ("parallel.pipeline_model_parallel_size", "parallel.pp"),  # was no hint
+        ("train.seq_len", "data.seq_len"),  # a field of another section: was 'train.seed'
+        ("train.hidden_size", "model.hidden_size"),  # was 'train.batch_size'
+    ],
+)
+def test_megatron_arguments_and_fields_of_another_section_say_where_hybridlm_takes_them(tmp_path, key, says):
+    """A Megatron-LM user's argument names, or a field put in the wrong table, were answered with the closest
+    name of the section, which set something else."""
+    with pytest.raises(ConfigError, match=r"^" + re.escape(f"{key}: unknown field") + ".*" + re.escape(says)) as info:
+        RunConfig().with_overrides([f"{key}=2"])
+    assert "did you mean" not in str(info.value)
+    section, field = key.split(".")
+    (tmp_path / "run.toml").write_text(f"[{section}]\n{field} = 2\n")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        RunConfig.from_toml(tmp_path / "run.toml")
+
+
+def test_a_field_outside_its_table_names_the_table(tmp_path):
+    """A run file's ``steps = 3`` above its first table was refused as "unknown section; the sections are ...",
+    not saying that steps is a field of [train]."""
+    (tmp_path / "run.toml").write_text("steps = 3\n[train]\nbatch_size = 2\n")
+    with pytest.raises(ConfigError, match=r"^steps: unknown section: steps is train\.steps \(a field: put it in its"):
+        RunConfig.from_toml(tmp_path / "run.toml")

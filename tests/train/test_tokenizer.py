@@ -172,19 +172,6 @@ def test_a_json_file_that_is_no_tokenizer_json_says_so(tmp_path):
     assert "not a tokenizers file" not in str(info.value)
 
 
-def test_a_model_folder_given_as_the_tokenizer_names_its_tokenizer_json(tmp_path):
-    """A Hugging Face model folder (as AutoTokenizer.from_pretrained takes one) got "cannot load tokenizer (Is a
-    directory (os error 21))", which does not say what to pass instead."""
-    pytest.importorskip("tokenizers")
-    with pytest.raises(DataError, match=r"it is a folder$"):
-        build_tokenizer(str(tmp_path))
-    for name, content in ByteTokenizer().hf_files().items():
-        (tmp_path / name).write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match=r"it is a folder: pass its tokenizer.json, .*tokenizer.json$") as info:
-        build_tokenizer(str(tmp_path), key="--tokenizer")
-    assert str(tmp_path / "tokenizer.json") in str(info.value)
-
-
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
@@ -293,3 +280,13 @@ def test_a_model_trained_with_a_tokenizer_json_exports_its_end_token_to_transfor
         (tmp_path / "ours" / name).write_text(json.dumps({"eos_token": "<|im_end|>"}))
         assert exported_files(tmp_path / "ours") == {}
         (tmp_path / "ours" / name).unlink()
+
+
+def test_a_folder_is_refused_naming_its_tokenizer_json(tmp_path):
+    """A model folder (what Megatron's --tokenizer-model and Hugging Face take) failed with "cannot load tokenizer
+    (Is a directory (os error 21))", not saying to name the tokenizer.json inside."""
+    with pytest.raises(DataError, match=r"^data\.tokenizer: .* is a folder; give 'byte' or a tokenizer\.json file$"):
+        build_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(DataError, match=r"is a folder; name its tokenizer\.json: .*tokenizer\.json$"):
+        build_tokenizer(str(tmp_path))

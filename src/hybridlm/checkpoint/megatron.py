@@ -206,6 +206,11 @@ _HINTS = (
     (r"(layer_norm_bias|norm\.bias)$", "norm biases: the Megatron model used LayerNorm; hybridlm models use RMSNorm"),
     (r"(linear_\w+|_proj)\.bias\d*$", "linear biases: the Megatron model was trained without --disable-bias-linear"),
     (r"position_embeddings\.weight$", "learned absolute position embeddings: hybridlm supports 'none' or 'rope'"),
+    (
+        r"^module\.",
+        "names under 'module.': the state dict of a wrapped model (DistributedDataParallel, Float16Module); "
+        "save the unwrapped model's (Megatron's unwrap_model) or strip the prefix",
+    ),
 )
 
 #: Names that older or alternative Megatron builds use for a tensor, -> the 0.19 TE name.
@@ -254,8 +259,34 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
             f"\n  hint: a vocabulary padded to {emb.shape[0]} rows (Megatron's --make-vocab-size-divisible-by): "
             f"give the config vocab_size={emb.shape[0]}, or drop the rows past {config.vocab_size} first"
         )
+    hint += _layout_hints(config, state, expected)
     check_fit(state, expected, "Megatron state dict", hint, show=lambda k: given.get(k, k))
     return apply(rules, state, export=False)
+
+
+def _layout_hints(config: ModelConfig, state: Mapping[str, Tensor], expected: Mapping[str, Any]) -> str:
+    """What to set where the file's head or MTP depths are not the config's: Megatron's command line ties the
+    output layer unless told not to, and names the depths in flags (mtp_num_layers) where we read the pattern."""
+    hint = ""
+    head = "output_layer.weight"
+    # Only where the file holds the embedding and the final norm: a pipeline stage's file lacks the others.
+    whole = "embedding.word_embeddings.weight" in state and "decoder.final_norm.weight" in state
+    if whole and (head in state) != (head in expected):
+        hint += (
+            "\n  hint: the Megatron model ties its output layer to the embedding (Megatron's default, without "
+            "--untie-embeddings-and-output-weights): give the config tie_embeddings=true"
+            if head not in state
+            else "\n  hint: the Megatron model has an output layer of its own (--untie-embeddings-and-output-weights): "
+            "give the config tie_embeddings=false"
+        )
+    depths = {int(m[1]) for k in state if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+    ours = config.parsed.mtp_depths
+    if whole and len(depths) != ours:
+        hint += (
+            f"\n  hint: the file holds {len(depths)} MTP depth(s) where the config's pattern has {ours}: "
+            "the pattern takes one '/' part per depth (Megatron's mtp_num_layers), e.g. 'MAIN/*-/*-' for two"
+        )
+    return hint
 
 
 def _routing_differences(c: ModelConfig) -> list[str]:

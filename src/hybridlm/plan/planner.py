@@ -170,7 +170,10 @@ class Plan:
             rows.append([str(r), _ms(t), _gib(m['state_bytes']), _gib(m['peak_bytes']),
                          _gib(m['peak_bytes_ckpt'])])  # fmt: skip
         lines += _table(rows)
-        layouts = [("planned", self.cuts), ("even split", self.even_cuts)]
+        # Megatron's split by block count (no '|', one stage per rank) refuses blocks that do not divide evenly.
+        blocks, k = self.pattern.num_blocks, len(self.stages)
+        refused = self.vpp == 1 and blocks % k != 0
+        layouts = [("planned", self.cuts), ("even split" + (" (rounded)" if refused else ""), self.even_cuts)]
         if self.user_cuts is not None:
             n = len(self.user_cuts) + 1
             layouts.append(("your '|'" + ("" if n == len(self.stages) else f" ({n} stages)"), self.user_cuts))
@@ -179,6 +182,11 @@ class Plan:
             seg = self.stage_costs(cuts)
             rows.append([name, _ms(max(seg)), f"{imbalance(seg):.3f}", " ".join(_ms(t) for t in seg)])
         lines += ["", *_table(rows)]
+        if refused:
+            lines.append(
+                f"(even split rounded: {blocks} blocks do not divide into {k} stages, which Megatron's split by block "
+                "count refuses; the row cuts as evenly as the blocks allow)"
+            )
         speedup = max(self.stage_costs(self.even_cuts)) / max(self.stage_costs(self.cuts))
         # Rounded as printed: "1.000x faster" would claim a gain where the plan is the even split's equal.
         gain = f"{speedup:.3f}x faster" if round(speedup, 3) > 1 else "as fast (the even split is already balanced)"

@@ -496,9 +496,61 @@ _ELSEWHERE = {
 }
 
 
+_VIRTUAL = _ELSEWHERE["parallel.vpp"]
+#: Megatron-LM's training arguments (in any section) -> where hybridlm takes them: the closest spelling pointed
+#: elsewhere (train_iters -> train.run_dir, save_interval -> train.seed, lr_decay_style -> optim.decay_fraction).
+_MEGATRON = {
+    "train_iters": "hybridlm's is train.steps",
+    "global_batch_size": "hybridlm's is train.batch_size (sequences per optimizer step, over all processes)",
+    "clip_grad": "hybridlm's is optim.grad_clip",
+    "adam_beta1": "hybridlm's is optim.beta1",
+    "adam_beta2": "hybridlm's is optim.beta2",
+    "adam_eps": "hybridlm's is optim.eps",
+    "min_lr": "hybridlm's is optim.min_lr_ratio, a share of optim.lr (Megatron's min_lr is a rate)",
+    "lr_warmup_iters": "hybridlm's is optim.warmup_steps",
+    "lr_decay_style": "hybridlm's is optim.schedule (cosine, wsd or constant)",
+    "lr_decay_iters": "the decay ends at train.steps",
+    "save_interval": "hybridlm's is train.checkpoint_every",
+    "eval_interval": "hybridlm's is train.eval_every",
+    "log_interval": "hybridlm's is train.log_every",
+    "eval_iters": "hybridlm's is train.eval_batches",
+    "manual_gc_interval": "hybridlm's is train.gc_every",
+    "seq_length": "hybridlm's is data.seq_len",
+    "bf16": 'hybridlm\'s is train.precision = "bf16"',
+    "recompute_granularity": "hybridlm's are train.activation_checkpointing and train.ac_policy",
+    "save": "hybridlm's is train.run_dir",
+    "load": "resume a run with hybridlm train --resume RUN_DIR",
+    "pipeline_model_parallel_size": "hybridlm's is parallel.pp",
+    "virtual_pipeline_model_parallel_size": _VIRTUAL,
+    "num_layers_per_virtual_pipeline_stage": _VIRTUAL,
+    **dict.fromkeys(
+        ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"),
+        "the stages are cut at the pattern's '|' (hybridlm plan places them for balance)",
+    ),
+    "tensor_model_parallel_size": _ELSEWHERE["parallel.tp"],
+    "context_parallel_size": _ELSEWHERE["parallel.cp"],
+    "expert_model_parallel_size": _ELSEWHERE["parallel.ep"],
+}
+
+
+def _field_names(section: str) -> set[str]:
+    cls = ModelConfig if section == "model" else type(getattr(RunConfig(), section))
+    return {f.name for f in fields(cls)}
+
+
 def _unknown(key: str, known: list[str], what: str = "field") -> None:
     if key in _ELSEWHERE:
         raise ConfigError(key, f"unknown {what}: {_ELSEWHERE[key]}")
+    section, _, name = key.rpartition(".")
+    if what == "field" and (where := _MEGATRON.get(name)):
+        raise ConfigError(key, f"unknown {what} (a Megatron-LM argument): {where}")
+    # A field of another section (train.seq_len) got the closest name of this one as a hint (train.seed); one
+    # outside any table (a run file's "steps = 3" above [train]) was listed the sections.
+    if other := [s for s in SECTIONS if s != section and name in _field_names(s)]:
+        where = " and ".join(f"{s}.{name}" for s in other)
+        raise ConfigError(
+            key, f"unknown {what}: {name} is {where}" + (" (a field: put it in its table)" * (what == "section"))
+        )
     hint = difflib.get_close_matches(key, known, n=1)
     listed = f"; the sections are {', '.join(known)}" if what == "section" else ""
     raise ConfigError(key, f"unknown {what}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + listed)

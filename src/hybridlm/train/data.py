@@ -153,6 +153,7 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
     """Documents of a .txt file, a folder of .txt files, or a .jsonl file. A source that does not exist or holds
     no text is refused here, before any document is read (errors name it as ``key``)."""
     path = source_path(source)
+    _refuse_megatron_dataset(path, source, key)
     if not path.exists():
         raise DataError(f"{key}: {source} does not exist")
     if not path.is_dir() and path.name in PREPARED_FILES and is_prepared(path.parent):  # its ids, read as text
@@ -163,6 +164,21 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
     if path.suffix.lower() == ".json" and not path.is_dir():
         raise DataError(f"{path}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
     return _file_documents(files, jsonl_field)
+
+
+def _refuse_megatron_dataset(path: Path, source: str, key: str) -> None:
+    """Refuse Megatron-LM's indexed dataset: named by its prefix (as Megatron's --data-path does) it "does not
+    exist", and its ``.bin`` of token ids was read as text ("not UTF-8")."""
+    prefix = path.with_suffix("") if path.suffix.lower() in (".bin", ".idx") else path
+    if (
+        not path.is_dir()
+        and prefix.with_name(prefix.name + ".bin").is_file()
+        and prefix.with_name(prefix.name + ".idx").is_file()
+    ):
+        raise DataError(
+            f"{key}: {source} is a Megatron-LM indexed dataset ({prefix.name}.bin / .idx), which hybridlm does not "
+            "read: tokenize its text with hybridlm prepare SOURCE OUT (a .txt or .jsonl source) and train on OUT"
+        )
 
 
 def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str]:

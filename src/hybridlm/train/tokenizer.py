@@ -157,11 +157,7 @@ class HFTokenizer:
 
 def _not_a_tokenizer_json(path: Path) -> str:
     """A hint where ``path`` is JSON but no tokenizers file (one without its "model": a tokenizer_config.json or a
-    config.json beside it), whose parse error alone ("expected ',' or '}'") reads as a damaged file; or where
-    ``path`` is a folder (a Hugging Face model's, as ``AutoTokenizer.from_pretrained`` takes it): "Is a directory"."""
-    if path.is_dir():
-        inside = path / "tokenizer.json"
-        return f"; it is a folder: pass its tokenizer.json, {inside}" if inside.is_file() else "; it is a folder"
+    config.json beside it), whose parse error alone ("expected ',' or '}'") reads as a damaged file."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
@@ -188,6 +184,12 @@ def build_tokenizer(
     path = source_path(spec)
     if not spec or not path.exists():  # ("" is the current directory's path)
         raise DataError(f"{key}: {spec!r} is neither 'byte' nor an existing tokenizer.json")
+    if path.is_dir():  # a model folder, as Megatron's --tokenizer-model and Hugging Face take: "Is a directory"
+        inside = path / "tokenizer.json"
+        raise DataError(
+            f"{key}: {spec} is a folder; "
+            + (f"name its tokenizer.json: {inside}" if inside.is_file() else "give 'byte' or a tokenizer.json file")
+        )
     return HFTokenizer(path, eos_token or None, eos_key)
 
 
