@@ -120,6 +120,26 @@ def test_bare_resume_uses_run_dir(tmp_path, capsys):
     assert main(["train", "--resume"]) == 2
 
 
+def test_fine_tuning_from_a_run_s_model_then_resuming_after_the_folder_is_gone(tmp_path, capsys):
+    """train.init_from: a run starts from another run's exported weights and model (the embedded default's [model]
+    table does not override it), and its resume reads only its own checkpoint."""
+    from tests.helpers import short_documents
+
+    corpus = short_documents(tmp_path / "c.jsonl")
+    small = [f"data.source={corpus}", "data.seq_len=32", "train.batch_size=2", "train.steps=2", "--no-progress"]
+    model = ["model.pattern=M-*-", "model.hidden_size=32", "model.num_attention_heads=2", "model.mamba_head_dim=16"]
+    args = [x for s in small for x in (("--set", s) if "=" in s else (s,))]
+    assert main(["train", *args, *(x for s in model for x in ("--set", s)), "--run-dir", str(tmp_path / "a")]) == 0
+    init = tmp_path / "a" / "model"
+    assert main(["train", *args, "--set", f"train.init_from={init}", "--run-dir", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"init    weights from {init} (train.init_from)" in out and "model   M-*- ·" in out
+    init.rename(tmp_path / "moved")
+    assert main(["train", "--resume", str(tmp_path / "b"), "--set", "train.steps=3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3/3" in out and "init    " not in out
+
+
 def test_prepare_names_its_own_argument_and_refuses_before_tokenizing(tmp_path, capsys):
     """prepare's missing source was called data.source (the trainer's field), after an empty progress bar."""
     for source, said in (

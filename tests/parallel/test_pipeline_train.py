@@ -172,6 +172,21 @@ def test_data_and_pipeline_parallel_follow_one_process(tmp_path):
     assert all(h < w for h, w in zip(held, whole + whole))
 
 
+@pytest.mark.multiprocess
+def test_init_from_loads_into_pipeline_stages_and_fsdp_shards(tmp_path):
+    """train.init_from on 4 processes: dp=2 x pp=2 (each stage's FSDP shards) and dp=4 (FSDP over the whole model)
+    start from the folder's weights, and train as one process started from it does."""
+    init = f"train.init_from={one_process(tmp_path / 'src', P2) / 'model'}"  # trained weights: no initialization's
+    jobs = [
+        {"set": [*BASE, init, "parallel.pp=2", "parallel.microbatches=2"], "run_dir": str(tmp_path / "dp2pp2")},
+        {"set": [*BASE, init, "model.pattern=M[*E]M-[*-]/[*-]"], "run_dir": str(tmp_path / "dp4")},
+    ]
+    torchrun(4, jobs, tmp_path)
+    ref = one_process(tmp_path / "ref", init)
+    for name in ("dp2pp2", "dp4"):
+        assert_same_run(tmp_path / name, ref)
+
+
 # Two MTP depths weighing as much as the main head; no MoE, whose balancing loss is per micro-batch.
 MTP = ["model.pattern=M-*-|M-*-/*-/*-", "model.mtp_loss_scale=1"]
 

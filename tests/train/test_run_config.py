@@ -515,3 +515,53 @@ def test_a_field_outside_its_table_names_the_table(tmp_path):
     (tmp_path / "run.toml").write_text("steps = 3\n[train]\nbatch_size = 2\n")
     with pytest.raises(ConfigError, match=r"^steps: unknown section: steps is train\.steps \(a field: put it in its"):
         RunConfig.from_toml(tmp_path / "run.toml")
+
+
+def _init_folder(path):
+    import hybridlm
+    from hybridlm.model import HybridLM
+
+    sets = ["model.pattern=M-[*-]", "model.hidden_size=32", "model.num_attention_heads=2", "model.mamba_head_dim=16"]
+    config = RunConfig().with_overrides(sets).model_config(257)
+    return hybridlm.save(HybridLM(config, seed=0), path)
+
+
+def test_init_from_takes_the_folder_s_model_under_the_fields_the_run_sets(tmp_path):
+    folder = _init_folder(tmp_path / "init")
+    run = RunConfig().with_overrides([f"train.init_from={folder}"])  # the embedded default's table is no one's
+    assert run.model_config().hidden_size == 32 and run.model_config().pattern == "M-[*-]"
+    run = run.with_overrides(["model.pattern=M-*-", "model.init_std=0.01"])
+    assert (run.model_config().pattern, run.model_config().init_std, run.model_config().hidden_size) == (
+        "M-*-",
+        0.01,
+        32,
+    )
+    # The run file holds the whole model: a resume reads it, not the folder (which may be gone).
+    (tmp_path / "run.toml").write_text(run.to_toml())
+    want = run.model_config()
+    folder.rename(tmp_path / "gone")
+    again = RunConfig.from_toml(tmp_path / "run.toml")
+    assert again.model_config() == want and again.train.init_from == str(folder)
+    assert not [n for n in again.notes() if n.startswith("model.")]  # the folder's fields are not the user's
+    assert again.with_overrides(["model.pattern=M-|*-"]).model_config().pattern == "M-|*-"
+
+
+@pytest.mark.parametrize(
+    ("make", "sets", "error"),
+    [
+        (None, [], r"^train\.init_from: .*/init: no such checkpoint; train\.init_from takes a hybridlm model folder"),
+        ("empty", [], r"^train\.init_from: .*missing config\.json; not a hybridlm checkpoint"),
+        ("nemotron", [], r"^train\.init_from: .*use `hybridlm convert SRC DST --from nemotron-h`"),
+        ("model", ["model.preset=tiny"], r"^model\.preset: cannot be combined with train\.init_from"),
+    ],
+)
+def test_an_init_from_that_is_no_model_folder_is_refused_by_name(tmp_path, make, sets, error):
+    folder = tmp_path / "init"
+    if make == "model":
+        _init_folder(folder)
+    elif make is not None:
+        folder.mkdir()
+        if make == "nemotron":  # a Hugging Face folder, not converted
+            (folder / "config.json").write_text('{"model_type": "nemotron_h", "hidden_size": 32}')
+    with pytest.raises(ConfigError, match=error):
+        RunConfig().with_overrides([f"train.init_from={folder}", *sets])

@@ -866,3 +866,127 @@ def test_an_evaluation_that_raises_leaves_the_model_in_training_mode(tmp_path, m
         t.evaluate()
     assert all(m.training for m in t.model.modules())
     t.close()
+
+
+# -- fine-tuning: train.init_from ------------------------------------------------------------------
+
+
+def _saved_model(path, dtype=torch.bfloat16, seed=7, **fields):
+    """A hybridlm checkpoint of TINY_RUN's model (seeded otherwise than the trainer's own initialization), saved in
+    ``dtype``; returns its folder."""
+    from hybridlm.model import HybridLM
+
+    config = tiny_run().model_config(257)
+    model = HybridLM(config.replace(**fields) if fields else config, seed=seed).cast(dtype)
+    return hybridlm.save(model, path)
+
+
+def init_run(path, *extra):
+    """TINY_RUN's data and training with ``train.init_from=path`` and the embedded default [model] table, which
+    must not override the checkpoint's config."""
+    sets = [s for s in TINY_RUN if not s.startswith("model.")]
+    return RunConfig().with_overrides([*sets, "train.device=cpu", f"train.init_from={path}", *extra])
+
+
+def test_a_run_with_init_from_starts_from_exactly_the_saved_weights(tmp_path, capsys):
+    from hybridlm.checkpoint.weights import canonical_state_dict
+
+    folder = _saved_model(tmp_path / "init")
+    (folder / "tokenizer.json").write_text("{}")  # (as a converted folder holds: the run's byte tokenizer is noted)
+    corpus = short_documents(tmp_path / "c.jsonl")
+    t = Trainer(init_run(folder, f"data.source={corpus}"), run_dir=tmp_path / "r", progress=False)
+    want = canonical_state_dict(hybridlm.load(folder, dtype=torch.float32))
+    got = canonical_state_dict(t.model)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k  # bf16 values, float32 model
+    assert t.config == hybridlm.load(folder).config
+    t.run_loop(until=1)
+    out = capsys.readouterr().out
+    assert f"init    weights from {folder} (train.init_from)" in out
+    assert "holds a tokenizer.json, but data.tokenizer is 'byte'" in out and f"data.tokenizer={folder}/tok" in out
+
+
+def test_init_from_loads_into_another_fusion_of_the_same_layers(tmp_path):
+    from hybridlm.checkpoint.weights import canonical_state_dict
+
+    folder = _saved_model(tmp_path / "init")
+    corpus = short_documents(tmp_path / "c.jsonl")
+    run = init_run(folder, f"data.source={corpus}", "model.pattern=M-*-|GME")
+    t = Trainer(run, run_dir=tmp_path / "r", progress=False)
+    assert t.config.parsed.blocks == ("M", "-", "*", "-", "G", "M", "E")
+    want, got = canonical_state_dict(hybridlm.load(folder, dtype=torch.float32)), canonical_state_dict(t.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    t.close()
+
+
+def test_the_first_step_s_loss_is_the_saved_model_s_on_that_batch(tmp_path):
+    folder = _saved_model(tmp_path / "init", dtype=torch.float32)
+    corpus = short_documents(tmp_path / "c.jsonl")
+    t = Trainer(init_run(folder, f"data.source={corpus}"), run_dir=tmp_path / "r", progress=False)
+    batch = t.train_rows.rows(t.sampler.local_rows(0))
+    with torch.no_grad():
+        want = hybridlm.load(folder)(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"]).lm_loss
+    fresh = Trainer(tiny_run("train.device=cpu", f"data.source={corpus}"), run_dir=tmp_path / "f", progress=False)
+    first, random_first = t.train_step()["lm_loss"], fresh.train_step()["lm_loss"]
+    assert first == pytest.approx(float(want), rel=1e-6) and abs(random_first - first) > 1e-3
+    t.close()
+    fresh.close()
+
+
+def test_a_resume_does_not_read_init_from_again(tmp_path):
+    folder = _saved_model(tmp_path / "init")
+    corpus = short_documents(tmp_path / "c.jsonl")
+    first = Trainer(init_run(folder, f"data.source={corpus}", "model.init_std=0.01"), run_dir=tmp_path / "r")
+    first.run_loop(until=4)
+    folder.rename(tmp_path / "gone")  # the init folder may be gone at a resume: the run's checkpoint holds all
+    run = RunConfig.from_toml(tmp_path / "r" / "config.toml")
+    assert run.train.init_from == str(folder) and run.model_config() == first.config
+    second = Trainer(run, run_dir=tmp_path / "r", resume=True, progress=False)
+    assert second.step == 4 and second.config == first.config and second.config.init_std == 0.01
+    assert second.run_loop()["step"] == 8
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        (
+            "vocabulary",
+            r"^train\.init_from: .*/init: the checkpoint's vocabulary of 100 tokens is smaller than the "
+            r"257 of data\.tokenizer 'byte'",
+        ),
+        (
+            "shape",
+            r"^train\.init_from: .*/init does not fit the model:\n(.|\n)*embeddings\.weight: .* has \(257, 32\), model "
+            r"has \(257, 64\)(.|\n)*\(the model is .*/init's config\.json with the run's model\.hidden_size on top",
+        ),
+        ("checksum", r"^train\.init_from: .*checksum mismatch"),
+        ("nan", r"^train\.init_from: .*/init: not finite \(inf or nan\): embeddings\.weight$"),
+    ],
+)
+def test_an_init_folder_that_cannot_start_the_run_is_refused_before_the_corpus_is_read(
+    tmp_path, monkeypatch, case, error
+):
+    from hybridlm.train import trainer as trainer_module
+
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before the init folder was checked")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", reading)
+    if case == "nan":
+        from hybridlm.model import HybridLM
+
+        model = HybridLM(tiny_run().model_config(257))
+        model.embeddings.weight.data[3, 1] = float("nan")
+        folder = hybridlm.save(model, tmp_path / "init")
+    else:
+        folder = _saved_model(tmp_path / "init", **({"vocab_size": 100} if case == "vocabulary" else {}))
+    extra = ["model.hidden_size=64"] if case == "shape" else []
+    if case == "checksum":
+        file = next(folder.glob("*.safetensors"))
+        data = bytearray(file.read_bytes())
+        data[-1] ^= 1
+        file.write_bytes(bytes(data))
+    with pytest.raises(HybridLMError, match=error):
+        Trainer(init_run(folder, *extra), run_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()

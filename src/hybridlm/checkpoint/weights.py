@@ -40,6 +40,7 @@ from .io import (
 FORMAT = "hybridlm"
 FORMAT_VERSION = 1
 CHECKSUMS_KEY = "sha256"  #: config.json key: safetensors file name -> SHA-256 hex digest
+WRONG_SHAPE = "{name}: {source} has {got}, model has {want}"  #: check_fit's line for a tensor loaded into a model
 
 logger = logging.getLogger("hybridlm.checkpoint")
 
@@ -274,7 +275,7 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     known = expected if model.is_whole else meta_shapes(model.config)
     held = {k: t for k, t in tensors.items() if k in expected or k not in known}
     want = {k: tuple(v.shape) for k, v in expected.items()}
-    check_fit(held, want, source, wrong_shape="{name}: {source} has {got}, model has {want}")
+    check_fit(held, want, source, wrong_shape=WRONG_SHAPE)
     with torch.no_grad():
         model.load_state_dict({names[k]: tensors[k] for k in expected}, strict=True)
     model.reset_buffers()
@@ -316,7 +317,7 @@ def load(
     tensors = read_tensors(path, verify=False)
     # Before allocating: an edited config.json (vocab_size=10**13) failed in the allocator, not here.
     want = meta_shapes(config, path / CONFIG_NAME)
-    check_fit(tensors, want, str(path), wrong_shape="{name}: {source} has {got}, model has {want}")
+    check_fit(tensors, want, str(path), wrong_shape=WRONG_SHAPE)
     if dtype is None:
         dtype = dominant_dtype(tensors.values())
         if dtype not in COMPUTE_DTYPES:  # float8: built in it, the model failed at its first forward, inside torch

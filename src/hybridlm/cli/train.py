@@ -78,7 +78,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "bytes, with a held-out validation split; a few minutes on 2 CPU cores. A run file (TOML, tables "
         "[model] [data] [optim] [train] [parallel]) and --set overrides change anything; see docs/training.md. "
         "Under torchrun the same command trains data-parallel with FSDP2, and with --set parallel.pp=N "
-        "runs the pattern's '|' stages on N pipeline ranks.",
+        "runs the pattern's '|' stages on N pipeline ranks. --set train.init_from=DIR fine-tunes: it starts from "
+        "the weights and config of a hybridlm model folder (hybridlm.save, a run's model/, hybridlm convert --from).",
     )
     ap.add_argument("--config", default=None, metavar="RUN.toml", help="run file (default: the embedded default run)")
     ap.add_argument(

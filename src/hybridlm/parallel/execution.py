@@ -302,6 +302,20 @@ def replicated(p: torch.Tensor) -> bool:
     return not isinstance(p, DTensor)
 
 
+def shard_like(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (full values, the same on every rank) placed as the ``params`` of the same names are: an FSDP
+    shard (DTensor) takes this rank's part, in its dtype and on its device, with no collective; the rest are kept.
+    A sharded model loads the result with ``load_state_dict`` (FSDP's hooks re-register its shards)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = dict(tensors)
+    for k, t in tensors.items():
+        if isinstance(p := params.get(k), DTensor):
+            full = t.to(device=p.to_local().device, dtype=p.dtype)
+            out[k] = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return out
+
+
 def reduce_replicated_gradients(model: nn.Module, group=None) -> None:
     """Sum over ``group`` the gradients of the parameters an FSDP-sharded ``model`` holds whole on every
     rank (:func:`apply_fsdp` with a param_dtype; FSDP reduces only its shards'), as ``sum_gradients``

@@ -8,7 +8,7 @@ A run file has five tables::
     hidden_size = 128
     [data]    # corpus, tokenizer, sequence length, validation split
     [optim]   # AdamW, schedule, clipping
-    [train]   # steps, batch, devices, logging, checkpoints
+    [train]   # steps, batch, devices, logging, checkpoints, init_from (fine-tuning)
     [parallel]  # pipeline ranks, schedule, micro-batches (data parallel = world size / pp)
 
 Every error names the dotted field (``optim.lr: must be positive``).
@@ -27,7 +27,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import tomli_w
 
 from ..config import ModelConfig, check_field_names, is_finite, unused_fields
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,6 +62,7 @@ _NULLABLE_MODEL_FIELDS = frozenset(
     for name, hint in get_type_hints(ModelConfig).items()
     if {type(None), str} & set(get_args(hint)) == {type(None)}
 )
+_MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 
 
 @dataclass
@@ -130,6 +131,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 10  #: stop after this many skipped (inf/nan loss or gradient) steps in a row
     run_dir: str = "runs/{time}"  #: {time} becomes the start time
+    #: a hybridlm model folder (hybridlm.save, a run's model/, hybridlm convert --from) to start from: its
+    #: config.json is the model, under the [model] fields the run sets; its weights replace the initialization
+    init_from: str | None = None
 
 
 #: ``parallel.schedule`` names: torch.distributed.pipelining schedules that run stages cut by ``|``.
@@ -235,18 +239,48 @@ class RunConfig:
         }
         # Left out, the other sections' None fields read back as None (their default); a model field set to None
         # must stay None at a resume: left out, it would read as its default (q_lora_rank 512).
+        # With train.init_from, the whole model (the folder's config under the run's fields): a resume needs no folder.
         tables["model"] = {
             k: NONE_WORD if v is None else v
-            for k, v in self.model.items()
+            for k, v in self.model_table().items()
             if v is not None or k in _NULLABLE_MODEL_FIELDS
         }
         return tomli_w.dumps(tables)
 
     # -- checking -----------------------------------------------------------------------------
 
+    def set_model_fields(self) -> dict[str, Any]:
+        """The [model] fields the user set: not the embedded default's (nor a preset's name); none in a table naming
+        every field under ``train.init_from`` (the config.toml of a run that started from it: the folder's own)."""
+        if self.train.init_from is not None and set(self.model) >= _MODEL_FIELDS:
+            return {}
+        return {k: v for k, v in self.model.items() if k != "preset" and (k, v) not in DEFAULT_MODEL.items()}
+
+    def model_table(self) -> dict[str, Any]:
+        """The [model] table this run trains: with ``train.init_from``, the folder's config.json with the fields the
+        run sets on top (the embedded default's are not the user's: they do not override it). A table that names
+        every field (what :meth:`to_toml` writes for such a run) is the model itself: a resume does not read the
+        folder again, which may be gone."""
+        init = self.train.init_from
+        if init is None or not init.strip():  # (blank: refused by name in validate)
+            return dict(self.model)
+        if "preset" in self.model:
+            raise ConfigError(
+                "model.preset",
+                "cannot be combined with train.init_from: the model is the init folder's config.json (set "
+                "model fields over it, or leave train.init_from out to start a preset from scratch)",
+            )
+        if set(self.model) >= _MODEL_FIELDS:
+            return dict(self.model)
+        base = read_init_config(init).to_dict()
+        base.pop("schema_version")
+        return {**base, **self.set_model_fields()}
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of this run (``vocab_size`` fills the field when the run leaves it out)."""
-        values = {k: None if k in _NULLABLE_MODEL_FIELDS and _is_none_word(v) else v for k, v in self.model.items()}
+        values = {
+            k: None if k in _NULLABLE_MODEL_FIELDS and _is_none_word(v) else v for k, v in self.model_table().items()
+        }
         preset = values.pop("preset", None)
         if preset is None:  # a preset's own vocabulary is kept (the trainer checks it is large enough)
             values.setdefault("vocab_size", vocab_size if vocab_size is not None else 257)
@@ -381,7 +415,7 @@ class RunConfig:
         ):
             notes.append("optim.moe_expert_bias_rate has no effect without model.moe_router_expert_bias = true")
         # The fields a user set: a preset's own, and the embedded default's, are theirs to choose.
-        set_fields = [k for k, v in self.model.items() if k != "preset" and (k, v) not in DEFAULT_MODEL.items()]
+        set_fields = list(self.set_model_fields())
         by_reason: dict[str, list[str]] = {}
         for name, why in unused_fields(self.model_config(), set_fields).items():
             by_reason.setdefault(why, []).append(f"model.{name}")
@@ -475,6 +509,24 @@ class RunConfig:
 
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
+
+#: What ``train.init_from`` takes, said where a folder is refused.
+INIT_FROM_TAKES = (
+    "train.init_from takes a hybridlm model folder: one hybridlm.save or a run wrote (RUN/model), or a Hugging Face "
+    "NemotronH folder converted first with `hybridlm convert SRC DST --from nemotron-h`"
+)
+
+
+def read_init_config(path: str) -> ModelConfig:
+    """The model config of ``train.init_from`` folder ``path``; a ConfigError naming the field where it is none."""
+    from ..checkpoint.weights import read_config
+    from .data import source_path
+
+    try:
+        return read_config(source_path(path))
+    except CheckpointError as e:
+        said = str(e) if "hybridlm convert" in str(e) else f"{e}; {INIT_FROM_TAKES}"  # (a NemotronH folder: said)
+        raise ConfigError("train.init_from", said) from None
 
 
 def _positive(name: str, value: float) -> None:

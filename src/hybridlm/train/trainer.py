@@ -28,14 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.io import full_cpu, refuse_losing_checkpoint, remove_directory
+from ..checkpoint.canonical import to_canonical
+from ..checkpoint.io import MAX_LISTED, check_fit, full_cpu, meta_shapes, refuse_losing_checkpoint, remove_directory
 from ..checkpoint.training_state import (
     check_same_model,
     load_training_state,
     read_trainer_state,
     save_training_state,
 )
-from ..checkpoint.weights import canonical_state_dict, save_state_dict
+from ..checkpoint.weights import WRONG_SHAPE, canonical_state_dict, load_canonical_into, read_tensors, save_state_dict
 from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, TrainingDivergedError
 from ..model import HybridLM, combine_losses, label_counts
 from ..ops.dispatch import check_device as check_kernels_device
@@ -46,10 +47,20 @@ from ..parallel.execution import (
     compile_blocks,
     reduce_replicated_gradients,
     replicated,
+    shard_like,
 )
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig
-from .data import PackedRows, Sampler, check_batch_split, check_outside_text_folder, eval_rows, load_corpus, split
+from .data import (
+    PackedRows,
+    Sampler,
+    check_batch_split,
+    check_outside_text_folder,
+    eval_rows,
+    load_corpus,
+    source_path,
+    split,
+)
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
 from .metrics import Metrics, loss_unit, plot_losses
@@ -324,6 +335,18 @@ class Trainer:
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
         # The model's checks need only the tokenizer: before the corpus, whose reading may take minutes.
         self.config = run.model_config(self.tokenizer.vocab_size)
+        # A resume continues from the run's own checkpoint: the init folder is not read again (it may be gone).
+        self.init_from = source_path(t.init_from) if t.init_from is not None and not resume else None
+        init_vocab = self.init_from is not None and "vocab_size" not in run.set_model_fields()
+        if init_vocab and self.config.vocab_size < self.tokenizer.vocab_size:
+            inside = self.init_from / "tokenizer.json"
+            own = f" (data.tokenizer={inside}, the checkpoint's own)" if inside.is_file() else ""
+            raise ConfigError(
+                "train.init_from",
+                f"{self.init_from}: the checkpoint's vocabulary of {self.config.vocab_size} tokens is smaller than "
+                f"the {self.tokenizer.vocab_size} of data.tokenizer {run.data.tokenizer!r}; train with a tokenizer "
+                f"that fits it{own}",
+            )
         if self.config.vocab_size < self.tokenizer.vocab_size:
             raise DataError(
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
@@ -333,6 +356,7 @@ class Trainer:
         self._check_model_fits()
         if resume:
             self._check_same_model()
+        init_tensors = self._read_init() if self.init_from is not None else None
         stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
         # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
         # (data.val_fraction and data.seed may change at a resume).
@@ -374,7 +398,13 @@ class Trainer:
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
         else:
             self.model = HybridLM(self.config, seed=t.seed, device=self.device)
-        if not resume and not weights_finite(self.model, self.device):  # (a resume loads its weights instead)
+        if init_tensors is not None:  # before wrapping and sharding, the model's own dtypes kept (values are copied)
+            # Pipeline stages are sharded over the data-parallel ranks already: each rank loads its shards.
+            own = to_canonical(self.model.state_dict(), self.config.parsed)
+            load_canonical_into(self.model, shard_like(init_tensors, own), source=str(self.init_from))
+            del init_tensors
+        # (A resume loads its weights instead, and init_from's are checked as read.)
+        if not resume and self.init_from is None and not weights_finite(self.model, self.device):
             raise ConfigError(
                 "model.init_std",
                 f"{self.config.init_std} makes the initial weights overflow to inf: nothing could train (every "
@@ -453,6 +483,29 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, t.steps, self.step, self.is_main, progress, resumed=resume)
 
     # -- set-up helpers -------------------------------------------------------------------------
+
+    def _read_init(self) -> dict[str, torch.Tensor]:
+        """The canonical tensors of ``train.init_from``, checked against their SHA-256 and this run's model (before
+        the corpus is read: a folder that does not fit is refused at once, listing what differs)."""
+        path = self.init_from
+        own = self.run.set_model_fields()
+        hint = (
+            f"\n(the model is {path}'s config.json with the run's {', '.join(f'model.{k}' for k in own)} on top: "
+            "only fields that change no tensor shape, and the pattern's brackets and '|', may differ)"
+            if own
+            else ""
+        )
+        try:
+            tensors = read_tensors(path, verify=True)
+            check_fit(tensors, meta_shapes(self.config), str(path), hint, wrong_shape=WRONG_SHAPE)
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from: {e}") from None
+        if bad := [k for k, v in tensors.items() if not torch.isfinite(v).all()]:  # every step would be skipped
+            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            raise CheckpointError(
+                f"train.init_from: {path}: not finite (inf or nan): {', '.join(bad[:MAX_LISTED])}{more}"
+            )
+        return tensors
 
     def _continue_data(self, saved: Any, checkpoint: Path) -> None:
         """Continue the row stream where the checkpoint's run left it: at the rows it consumed, whatever the
@@ -815,7 +868,22 @@ class Trainer:
             + (" · compiled blocks" if t.compile else "")
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
+            *self._init_lines(),
         ] + [f"note    {n}" for n in r.notes() + self._batch_notes()]
+
+    def _init_lines(self) -> list[str]:
+        """Where a fine-tuning run's weights come from (``train.init_from``; a fresh run only), and a note where the
+        folder holds a tokenizer the run does not use: the byte tokenizer's ids mean other tokens to the model."""
+        if self.init_from is None:
+            return []
+        lines = [f"init    weights from {self.init_from} (train.init_from)"]
+        inside = self.init_from / "tokenizer.json"
+        if self.run.data.tokenizer == "byte" and inside.is_file():
+            lines.append(
+                f"note    {self.init_from} holds a tokenizer.json, but data.tokenizer is 'byte': the checkpoint "
+                f"learned its own tokens; train with them: --set data.tokenizer={inside}"
+            )
+        return lines
 
     def _batch_notes(self) -> list[str]:
         """What the run's processes change in a valid setting: a micro-batch larger than a process's rows
