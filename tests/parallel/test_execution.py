@@ -372,3 +372,29 @@ def test_clip_grad_norm_never_scales_a_small_gradient_up(monkeypatch):
     p.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped down to 1
     assert abs(execution.clip_grad_norm([p], 1.0, torch.device("cpu")) - 5.0) < 1e-5
     assert torch.allclose(p.grad, torch.tensor([0.6, 0.8]), atol=1e-5)
+
+
+def test_a_stage_built_on_meta_initializes_from_the_seed_it_was_built_with():
+    """build_stage(..., seed=5, device="meta") then to_empty and init_weights() gave the weights of seed 0 (the stage
+    was built without its seed), not those of HybridLM(config, seed=5) that the same call on a device gives."""
+    config = tiny_config("M-|[*-]G|E-")
+    stage = build_stage(config, 1, 3, seed=5, device="meta")
+    assert stage.seed == 5
+    stage.to_empty(device="cpu")
+    stage.init_weights()
+    want = build_stage(config, 1, 3, seed=5).state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in stage.state_dict().items())
+
+
+def test_a_pipeline_ranks_models_initialize_from_the_trainers_seed():
+    """build_pipeline_model built the rank's model and stages without the seed (PipelineRunner initialized them from
+    train.seed, but their ``seed`` said 0): ``init_weights()`` on them gave seed 0's weights."""
+    from hybridlm.parallel.pipeline import build_pipeline_model
+
+    config = tiny_config("M-*-|M-E-")
+    rank, stages = build_pipeline_model(config, 1, 2, seed=5)
+    assert rank.seed == 5 and all(s.seed == 5 for s in stages)
+    rank.to_empty(device="cpu")
+    rank.init_weights()
+    want = HybridLM(config, seed=5).state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in rank.state_dict().items())

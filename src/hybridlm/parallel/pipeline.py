@@ -47,7 +47,8 @@ def build_stage(
     model's for the same seed.
     """
     stage = config.parsed.stage(pp_rank, pp_size, vp_stage)
-    model = prune_to_stage(HybridLM(config, device="meta"), stage)
+    # Built with ``seed``: a stage asked for on meta is initialized later (to_empty, init_weights()) from it.
+    model = prune_to_stage(HybridLM(config, seed=seed, device="meta"), stage)
     target = torch.device(device) if device is not None else torch.empty(0).device
     if target.type != "meta":
         allocate(model, target)
@@ -171,8 +172,11 @@ def rank_stages(config: ModelConfig, pp_rank: int, pp_size: int, warn: bool = Fa
     return [select_stage(p, pp_rank, pp_size, vp, None, None, warn) for vp in range(n_seg // pp_size)]
 
 
-def build_pipeline_model(config: ModelConfig, pp_rank: int, pp_size: int) -> tuple[nn.Module, list[nn.Module]]:
-    """The stages of one pipeline rank, built on the meta device, and one HybridLM viewing them all.
+def build_pipeline_model(
+    config: ModelConfig, pp_rank: int, pp_size: int, seed: int = 0
+) -> tuple[nn.Module, list[nn.Module]]:
+    """The stages of one pipeline rank, built on the meta device, and one HybridLM viewing them all; ``seed``: what
+    their ``init_weights()`` (and :func:`hybridlm.parallel.execution.init_sharded`'s caller) initialize from.
 
     Returns:
         ``(rank_model, stage_models)``: each stage model is pruned to its stage; ``rank_model`` is a
@@ -182,12 +186,12 @@ def build_pipeline_model(config: ModelConfig, pp_rank: int, pp_size: int) -> tup
     stages = rank_stages(config, pp_rank, pp_size, warn=True)
     models = []
     for st in stages:
-        m = prune_to_stage(StageLM(config, device="meta"), st)
+        m = prune_to_stage(StageLM(config, seed=seed, device="meta"), st)
         m.pattern_stage = st
         m.boundary_dtype = torch.float32
         m.aux_total = 0.0
         models.append(m)
-    rank = HybridLM(config, device="meta")
+    rank = HybridLM(config, seed=seed, device="meta")
     rank.blocks = nn.ModuleDict(
         sorted(((k, b) for m in models for k, b in m.blocks.items()), key=lambda kb: int(kb[0]))
     )

@@ -113,7 +113,7 @@ class PipelineRunner:
         self.pp_rank, self.dp_rank = rank % pp, rank // pp
         self.dp_group, pp_group = self.mesh["dp"].get_group(), self.mesh["pp"].get_group()
 
-        self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp)
+        self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp, seed)
         if activation_checkpointing:  # a policy: "full", "selective" or per block kind
             apply_activation_checkpointing(self.model, activation_checkpointing)
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code
