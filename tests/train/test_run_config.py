@@ -546,6 +546,34 @@ def test_init_from_takes_the_folder_s_model_under_the_fields_the_run_sets(tmp_pa
     assert again.with_overrides(["model.pattern=M-|*-"]).model_config().pattern == "M-|*-"
 
 
+def test_a_run_file_s_own_model_field_at_the_embedded_default_s_value_applies_over_init_from(tmp_path):
+    """A run file's [model] table is the user's: its mamba_chunk_size = 64 (the embedded default's value) was
+    dropped as the default's, and the folder's 32 trained. Without a [model] table the default's are no one's."""
+    import hybridlm
+    from hybridlm.model import HybridLM
+
+    folder = _init_folder(tmp_path / "init")
+    hybridlm.save(HybridLM(hybridlm.load(folder).config.replace(mamba_chunk_size=32), seed=0), folder)
+    (tmp_path / "own.toml").write_text(f'[model]\nmamba_chunk_size = 64\n[train]\ninit_from = "{folder}"\n')
+    assert RunConfig.from_toml(tmp_path / "own.toml").model_config().mamba_chunk_size == 64
+    (tmp_path / "none.toml").write_text(f'[train]\ninit_from = "{folder}"\n')
+    assert RunConfig.from_toml(tmp_path / "none.toml").model_config().mamba_chunk_size == 32
+
+
+def test_a_run_folder_or_its_training_state_as_init_from_names_the_run_s_model_folder(tmp_path):
+    """A run's folder, or a step-N training state (DCP) in it, was refused as "missing config.json; not a hybridlm
+    checkpoint", naming neither what it is nor the model folder to give."""
+    run = tmp_path / "run"
+    _init_folder(run / "model")
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004" / ".metadata").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^train\.init_from: .*/run is a training run, not a model folder; give "):
+        RunConfig().with_overrides([f"train.init_from={run}"])
+    said = r"step-000004 is a training-state checkpoint \(DCP\) of the run .*/run, not a model folder; .*/run/model "
+    with pytest.raises(ConfigError, match=r"^train\.init_from: .*" + said):
+        RunConfig().with_overrides([f"train.init_from={run / 'checkpoints' / 'step-000004'}"])
+
+
 @pytest.mark.parametrize(
     ("make", "sets", "error"),
     [

@@ -947,6 +947,41 @@ def test_a_resume_does_not_read_init_from_again(tmp_path):
     assert second.run_loop()["step"] == 8
 
 
+def test_a_float8_init_folder_is_checked_and_loaded_into_the_float32_model(tmp_path):
+    """A float8 folder (an FP8 checkpoint converted) crashed the finiteness check with torch's NotImplementedError
+    ("isfinite" not implemented for 'Float8_e4m3fn'); its values start the float32 model, a nan in it is named."""
+    from hybridlm.checkpoint.weights import canonical_state_dict
+    from hybridlm.model import HybridLM
+
+    model = HybridLM(tiny_run().model_config(257), seed=7).to(torch.float8_e4m3fn)
+    folder = hybridlm.save(model, tmp_path / "init")
+    corpus = short_documents(tmp_path / "c.jsonl")
+    t = Trainer(init_run(folder, f"data.source={corpus}"), run_dir=tmp_path / "r", progress=False)
+    want, got = canonical_state_dict(model), canonical_state_dict(t.model)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].float()) for k in want)
+    t.close()
+    model.embeddings.weight.data[3, 1] = float("nan")
+    hybridlm.save(model, tmp_path / "nan")
+    with pytest.raises(
+        HybridLMError, match=r"^train\.init_from: .*/nan: not finite \(inf or nan\): embeddings\.weight$"
+    ):
+        Trainer(init_run(tmp_path / "nan", f"data.source={corpus}"), run_dir=tmp_path / "r2", progress=False)
+
+
+def test_init_from_is_refused_at_the_resume_of_a_run_that_did_not_start_from_it(tmp_path):
+    """Set at a resume of a run started without it, train.init_from loaded no weights and the folder's config (its
+    init_std and mtp_loss_scale here) silently replaced the run's own model fields."""
+    corpus = short_documents(tmp_path / "c.jsonl")
+    first = Trainer(tiny_run("train.device=cpu", f"data.source={corpus}"), run_dir=tmp_path / "r", progress=False)
+    first.run_loop(until=4)
+    folder = _saved_model(tmp_path / "init", dtype=torch.float32, init_std=0.01, mtp_loss_scale=0.5)
+    run = RunConfig.from_toml(tmp_path / "r" / "config.toml").with_overrides([f"train.init_from={folder}"])
+    before = (tmp_path / "r" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match=r"^train\.init_from: .*/init: .*/r did not start from an init folder"):
+        Trainer(run, run_dir=tmp_path / "r", resume=True, progress=False)
+    assert (tmp_path / "r" / "config.toml").read_text() == before
+
+
 @pytest.mark.parametrize(
     ("case", "error"),
     [

@@ -254,7 +254,10 @@ class RunConfig:
         every field under ``train.init_from`` (the config.toml of a run that started from it: the folder's own)."""
         if self.train.init_from is not None and set(self.model) >= _MODEL_FIELDS:
             return {}
-        return {k: v for k, v in self.model.items() if k != "preset" and (k, v) not in DEFAULT_MODEL.items()}
+        # Over a folder, the default's values are no one's only in a table built on it (a run file without [model]):
+        # a run file's own table set them (its mamba_chunk_size = 64 was dropped, the folder's 128 trained).
+        own = self.train.init_from is not None and not set(DEFAULT_MODEL) <= set(self.model)
+        return {k: v for k, v in self.model.items() if k != "preset" and (own or (k, v) not in DEFAULT_MODEL.items())}
 
     def model_table(self) -> dict[str, Any]:
         """The [model] table this run trains: with ``train.init_from``, the folder's config.json with the fields the
@@ -517,15 +520,40 @@ INIT_FROM_TAKES = (
 )
 
 
+def records_init_from(path: Path) -> bool:
+    """Whether run file ``path`` (a run's config.toml) records a ``train.init_from``; True where it does not read
+    (nothing is known to refuse by; a resume that uses the file says what is wrong with it where it reads it)."""
+    try:
+        train = tomllib.loads(path.read_text(encoding="utf-8-sig")).get("train", {})
+        return not isinstance(train, dict) or isinstance(train.get("init_from"), str)
+    except (OSError, ValueError, RecursionError):  # (TOMLDecodeError and UnicodeDecodeError are ValueErrors)
+        return True
+
+
 def read_init_config(path: str) -> ModelConfig:
     """The model config of ``train.init_from`` folder ``path``; a ConfigError naming the field where it is none."""
     from ..checkpoint.weights import read_config
     from .data import source_path
+    from .rundir import CHECKPOINTS, MODEL_DIR
 
+    folder = source_path(path)
     try:
-        return read_config(source_path(path))
+        return read_config(folder)
     except CheckpointError as e:
-        said = str(e) if "hybridlm convert" in str(e) else f"{e}; {INIT_FROM_TAKES}"  # (a NemotronH folder: said)
+        # A run's folder, or one of its training states (DCP): name the model folder the run writes.
+        run = folder if (folder / CHECKPOINTS).is_dir() else None
+        if folder.is_dir() and folder.absolute().parent.name == CHECKPOINTS:
+            run = folder.absolute().parent.parent
+        if "hybridlm convert" in str(e):  # (a NemotronH folder: said)
+            said = str(e)
+        elif run is not None:
+            what = "a training run" if run == folder else f"a training-state checkpoint (DCP) of the run {run}"
+            said = (
+                f"{folder} is {what}, not a model folder; give the model folder the run exports, {run / MODEL_DIR} "
+                "(written when it reaches train.steps)"
+            )
+        else:
+            said = f"{e}; {INIT_FROM_TAKES}"
         raise ConfigError("train.init_from", said) from None
 
 

@@ -50,7 +50,7 @@ from ..parallel.execution import (
     shard_like,
 )
 from .collector import ManualGC
-from .config import CUDA_GRAPH_MODES, RunConfig
+from .config import CUDA_GRAPH_MODES, RunConfig, records_init_from
 from .data import (
     PackedRows,
     Sampler,
@@ -333,6 +333,15 @@ class Trainer:
         # Data.
         check_outside_text_folder(self.run_dir, run.data.source)
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
+        if resume and t.init_from is not None and not records_init_from(self.run_dir / CONFIG_FILE):
+            # The folder's weights would not be loaded, and its config under the run's [model] fields replaced the
+            # run's own model (init_std, loss weights) without a word.
+            raise ConfigError(
+                "train.init_from",
+                f"{t.init_from}: {self.run_dir} did not start from an init folder, and a resume continues from the "
+                "run's own checkpoint (train.init_from starts a fresh run only): leave it out to resume, or fine-tune "
+                "in a new run (another --run-dir)",
+            )
         # The model's checks need only the tokenizer: before the corpus, whose reading may take minutes.
         self.config = run.model_config(self.tokenizer.vocab_size)
         # A resume continues from the run's own checkpoint: the init folder is not read again (it may be gone).
@@ -500,7 +509,9 @@ class Trainer:
             check_fit(tensors, meta_shapes(self.config), str(path), hint, wrong_shape=WRONG_SHAPE)
         except CheckpointError as e:
             raise CheckpointError(f"train.init_from: {e}") from None
-        if bad := [k for k, v in tensors.items() if not torch.isfinite(v).all()]:  # every step would be skipped
+        # As the float32 model will hold them (every step would be skipped): float8 has no isfinite, and a float64
+        # value past float32's range becomes inf in the copy.
+        if bad := [k for k, v in tensors.items() if not torch.isfinite(v.float()).all()]:
             more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
             raise CheckpointError(
                 f"train.init_from: {path}: not finite (inf or nan): {', '.join(bad[:MAX_LISTED])}{more}"
