@@ -7,8 +7,10 @@ import inspect
 import json
 import os
 import random
+import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -296,3 +298,41 @@ def hf_cache_kwarg(module: torch.nn.Module, cache: object) -> dict[str, object]:
     ``past_key_values`` (attention) or ``cache_params`` (Mamba2, Gated DeltaNet) before."""
     names = inspect.signature(module.forward).parameters
     return {next(n for n in ("cache", "past_key_values", "cache_params") if n in names): cache}
+
+
+#: The watchdog of :func:`fifos_never_read`, a process of its own: a reader blocked inside the tokenizers package
+#: holds the GIL, so a thread of the test's process would never run.
+_FIFO_WATCHDOG = """
+import os, stat, sys, time
+while True:  # until killed
+    for fifo in sys.argv[1:]:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+        except OSError:
+            continue
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            print(fifo, flush=True)
+        os.close(fd)  # the reader gets an empty file and goes on
+    time.sleep(0.02)
+"""
+
+
+@contextlib.contextmanager
+def fifos_never_read(*fifos: Path) -> Iterator[None]:
+    """Fails the test if code in the block opens one of ``fifos`` (named pipes) to read it.
+
+    A test that a FIFO is "refused, not waited on" otherwise hangs the whole suite when the refusal breaks (a
+    FIFO's open for reading waits for a writer), and an alarm cannot end a wait inside Rust (the tokenizers
+    package). A watchdog process opens each FIFO for writing, which succeeds only while a reader has it open, and
+    closes it at once: the reader gets an empty file and goes on, and the block's end names it. (Paths that are
+    not FIFOs, or not there, at a given moment are passed over.)
+    """
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _FIFO_WATCHDOG, *map(os.fspath, fifos)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        opened = sorted(set(watchdog.communicate()[0].splitlines()))
+    assert not opened, f"opened to be read (a blocked read, not a refusal): {opened}"

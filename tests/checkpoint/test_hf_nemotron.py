@@ -31,6 +31,7 @@ from hybridlm.checkpoint.hf_nemotron import (
 from hybridlm.checkpoint.weights import canonical_state_dict, read_tensors, save_state_dict
 from hybridlm.errors import CheckpointError
 from hybridlm.layers.mlp import activate
+from tests.helpers import fifos_never_read
 
 LOGGER = "hybridlm.checkpoint.hf_nemotron"
 SEQ_LEN = 29  # longer than the Mamba chunk (8) and not a multiple of it: the inter-chunk path runs
@@ -918,15 +919,16 @@ def test_the_end_of_document_id_is_read_past_a_fifo_not_waited_on(exported, tmp_
     import os
 
     hf = shutil.copytree(exported, tmp_path / "hf")
-    os.mkfifo(hf / "generation_config.json")
     data = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps(data | {"eos_token_id": 5}))
-    assert hf_eos_token_id(hf) == 5
-    (hf / "config.json").unlink()
-    os.mkfifo(hf / "config.json")
-    assert hf_eos_token_id(hf) is None
-    with pytest.raises(CheckpointError, match=r"config\.json: not a regular file"):
-        import_nemotron_h(hf)
+    with fifos_never_read(hf / "generation_config.json", hf / "config.json"):  # (a read would hang the suite)
+        os.mkfifo(hf / "generation_config.json")
+        assert hf_eos_token_id(hf) == 5
+        (hf / "config.json").unlink()
+        os.mkfifo(hf / "config.json")
+        assert hf_eos_token_id(hf) is None
+        with pytest.raises(CheckpointError, match=r"config\.json: not a regular file"):
+            import_nemotron_h(hf)
 
 
 def test_import_splits_stacked_experts_only_into_config_jsons_experts(exported, tmp_path):

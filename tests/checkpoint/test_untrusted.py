@@ -262,7 +262,7 @@ def test_a_config_describing_a_tensor_past_torchs_sizes_is_refused_naming_config
         meta = json.loads((path / "config.json").read_text())
         edit(meta).update(hidden_size=10**12)  # (NemotronH's config.json gives head_dim: its MLP)
         (path / "config.json").write_text(json.dumps(meta | ({"intermediate_size": 10**12} if path == hf else {})))
-    said = r"config\.json: describes a tensor larger than torch can hold \(Storage size calculation overflowed"
+    said = r"config\.json: describes a tensor larger than torch can hold \(."  # (then torch's words, which may change)
     for load in (hybridlm.load, describe):
         with pytest.raises(CheckpointError, match=said):
             load(ck)

@@ -11,7 +11,7 @@ from hybridlm import HybridLM, save
 from hybridlm.cli import main
 from hybridlm.errors import DataError
 from hybridlm.train.tokenizer import HF_EOS, SPEC_NAME, ByteTokenizer, build_tokenizer, exported_files, load_tokenizer
-from tests.helpers import tiny_config
+from tests.helpers import fifos_never_read, tiny_config
 
 TEXTS = ["", "a", "héllo wörld", " two  spaces\n\ttab\r\n", "\x00\x7f\x80 control", "日本語 🙂 emoji", "~!¡¬®ÿ"]
 
@@ -241,18 +241,19 @@ def test_a_fifo_tokenizer_file_in_a_model_folder_is_refused_not_waited_on(tmp_pa
 
     from hybridlm.train.tokenizer import saved_eos_id
 
-    os.mkfifo(tmp_path / SPEC_NAME)
-    assert saved_eos_id(tmp_path) is None and exported_files(tmp_path) == {}  # convert --to reads these first
-    with pytest.raises(DataError, match=r"tokenizer\.hybridlm\.json: not a regular file"):
-        load_tokenizer(tmp_path)
-    (tmp_path / SPEC_NAME).unlink()
-    for spec in ({}, {SPEC_NAME: json.dumps({"type": "hf", "file": "tokenizer.json", "eos_id": 0})}):
-        for name, content in spec.items():
-            (tmp_path / name).write_text(content)
-        os.mkfifo(tmp_path / "tokenizer.json")
-        with pytest.raises(DataError, match=r"tokenizer\.json: not a regular file"):
+    with fifos_never_read(tmp_path / SPEC_NAME, tmp_path / "tokenizer.json"):  # (a read would hang the suite)
+        os.mkfifo(tmp_path / SPEC_NAME)
+        assert saved_eos_id(tmp_path) is None and exported_files(tmp_path) == {}  # convert --to reads these first
+        with pytest.raises(DataError, match=r"tokenizer\.hybridlm\.json: not a regular file"):
             load_tokenizer(tmp_path)
-        (tmp_path / "tokenizer.json").unlink()
+        (tmp_path / SPEC_NAME).unlink()
+        for spec in ({}, {SPEC_NAME: json.dumps({"type": "hf", "file": "tokenizer.json", "eos_id": 0})}):
+            for name, content in spec.items():
+                (tmp_path / name).write_text(content)
+            os.mkfifo(tmp_path / "tokenizer.json")
+            with pytest.raises(DataError, match=r"tokenizer\.json: not a regular file"):
+                load_tokenizer(tmp_path)
+            (tmp_path / "tokenizer.json").unlink()
 
 
 def test_a_model_trained_with_a_tokenizer_json_exports_its_end_token_to_transformers_tokenizer(tmp_path):
