@@ -291,3 +291,14 @@ def test_a_folder_is_refused_naming_its_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(DataError, match=r"is a folder; name its tokenizer\.json: .*tokenizer\.json$"):
         build_tokenizer(str(tmp_path))
+
+
+def test_a_fifo_named_as_data_tokenizer_is_refused_not_waited_on(tmp_path):
+    """``--set data.tokenizer=FIFO`` (or ``prepare --tokenizer FIFO``) blocked in the tokenizers package's read
+    forever, and SIGTERM did not end it: the docs say a tokenizer file that is no regular file is refused."""
+    import os
+
+    with fifos_never_read(tmp_path / "tokenizer.json"):  # (a read would hang the suite)
+        os.mkfifo(tmp_path / "tokenizer.json")
+        with pytest.raises(DataError, match=r"data\.tokenizer: .*tokenizer\.json: not a regular file"):
+            build_tokenizer(str(tmp_path / "tokenizer.json"))

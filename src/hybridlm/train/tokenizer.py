@@ -190,6 +190,8 @@ def build_tokenizer(
             f"{key}: {spec} is a folder; "
             + (f"name its tokenizer.json: {inside}" if inside.is_file() else "give 'byte' or a tokenizer.json file")
         )
+    if not path.is_file():  # a FIFO or a device: reading it would block, or never end
+        raise DataError(f"{key}: {spec}: not a regular file")
     return HFTokenizer(path, eos_token or None, eos_key)
 
 
