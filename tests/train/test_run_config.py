@@ -560,6 +560,24 @@ def test_a_run_file_s_own_model_field_at_the_embedded_default_s_value_applies_ov
     assert RunConfig.from_toml(tmp_path / "none.toml").model_config().mamba_chunk_size == 32
 
 
+def test_a_set_at_the_embedded_default_s_value_applies_over_init_from(tmp_path):
+    """`--set model.mamba_chunk_size=64` (the embedded default's value) over a folder with 32 was dropped as the
+    default's, and the folder's 32 trained without a word; with or without a run file lacking a [model] table."""
+    import hybridlm
+    from hybridlm.model import HybridLM
+
+    folder = _init_folder(tmp_path / "init")
+    hybridlm.save(HybridLM(hybridlm.load(folder).config.replace(mamba_chunk_size=32), seed=0), folder)
+    (tmp_path / "none.toml").write_text(f'[train]\ninit_from = "{folder}"\n')
+    for base, init in ((RunConfig(), [f"train.init_from={folder}"]), (RunConfig.from_toml(tmp_path / "none.toml"), [])):
+        run = base.with_overrides([*init, "model.mamba_chunk_size=64"])
+        assert run.model_config().mamba_chunk_size == 64 and run.set_model_fields() == {"mamba_chunk_size": 64}
+        assert base.with_overrides(init).model_config().mamba_chunk_size == 32  # nothing set: the folder's
+        # Written and read back (the resume's config.toml): the same model, the folder not needed.
+        (tmp_path / "config.toml").write_text(run.to_toml())
+        assert RunConfig.from_toml(tmp_path / "config.toml").model_config() == run.model_config()
+
+
 def test_a_run_folder_or_its_training_state_as_init_from_names_the_run_s_model_folder(tmp_path):
     """A run's folder, or a step-N training state (DCP) in it, was refused as "missing config.json; not a hybridlm
     checkpoint", naming neither what it is nor the model folder to give."""
