@@ -506,6 +506,26 @@ def test_mtp_losses_do_not_depend_on_the_micro_batch_split(tmp_path, micro_batch
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_the_auxiliary_losses_are_logged(tmp_path):
+    """metrics.jsonl holds aux_loss, the weighted MoE balancing (and DSA indexer) losses of the step, as Megatron
+    logs its load-balancing loss: only the total was logged, where it hid among the heads' losses."""
+    corpus = short_documents(tmp_path / "c.jsonl")
+    extra = ("model.pattern=M-*E/*E", "model.moe_num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=32")
+    run = tiny_run(*MTP_RUN[1:], *extra, "model.moe_aux_loss_coeff=0.1", f"data.source={corpus}")
+    t = Trainer(run, run_dir=tmp_path / "a", progress=False)
+    batch = t.train_rows.rows(t.sampler.local_rows(0))
+    # With gradients on: the auxiliary losses are computed only where a backward may follow.
+    want = t.model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
+    t.run_loop()
+    row = next(json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x)
+    assert want.aux_loss.item() > 0.01 and row["aux_loss"] == pytest.approx(want.aux_loss.item(), rel=1e-4)
+    assert row["loss"] == pytest.approx(row["lm_loss"] + row["mtp_loss_1"] + row["aux_loss"], rel=1e-6)
+    plain = Trainer(
+        tiny_run(*MTP_RUN[1:], *extra, f"data.source={corpus}"), run_dir=tmp_path / "b", progress=False
+    ).train_step()
+    assert "aux_loss" not in plain  # no coefficient: no auxiliary loss
+
+
 def test_each_mtp_depth_s_loss_is_logged(tmp_path):
     """metrics.jsonl holds mtp_loss_1 .. mtp_loss_D, the step's loss of each depth over its labels (as Megatron
     logs "mtp_d loss"): only the total and the main head's were logged, so a depth that stopped learning hid."""

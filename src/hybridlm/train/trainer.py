@@ -344,6 +344,10 @@ class Trainer:
             )
         # The model's checks need only the tokenizer: before the corpus, whose reading may take minutes.
         self.config = run.model_config(self.tokenizer.vocab_size)
+        c = self.config
+        self._aux_losses = ("E" in c.symbols and c.moe_aux_loss_coeff > 0) or (
+            "D" in c.symbols and c.dsa_indexer_loss_coeff > 0
+        )
         # A resume continues from the run's own checkpoint: the init folder is not read again (it may be gone).
         self.init_from = source_path(t.init_from) if t.init_from is not None and not resume else None
         init_vocab = self.init_from is not None and "vocab_size" not in run.set_model_fields()
@@ -697,6 +701,8 @@ class Trainer:
         self.step += 1
         out = {"loss": loss, "lm_loss": lm_loss, "grad_norm": float(grad_norm), "lr": lr}
         out.update({f"mtp_loss_{d}": x for d, x in enumerate(mtp, 1)})  # Megatron's "mtp_d loss" per depth
+        if self._aux_losses:  # MoE balancing, DSA indexer: the total's part that is no head's (Megatron logs it)
+            out["aux_loss"] = loss - lm_loss - (self.config.mtp_loss_scale * sum(mtp) / len(mtp) if mtp else 0.0)
         if not finite:
             out["nonfinite_skipped"] = self.guard.skipped + 1
         return out
