@@ -20,6 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .dispatch import choose_eager, triton_available
+from .grid import check_positive_int
 from .precision import accumulation_dtype, matmul_dtype
 
 if triton_available():
@@ -135,9 +136,7 @@ def linear_cross_entropy(
         labels: (...) target ids.
         chunk: tokens per chunk, a positive integer (ValueError otherwise).
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        # A negative chunk ran no chunk at all: a loss of 0 and, with gradients, an uninitialized dW.
-        raise ValueError(f"linear_cross_entropy: chunk must be a positive integer (tokens per chunk), got {chunk!r}")
+    check_positive_int(chunk, "linear_cross_entropy: chunk", "tokens per chunk")  # (a negative one: an unset dW)
     h2 = h.reshape(-1, h.shape[-1])
     y = labels.reshape(-1)
     dtype = matmul_dtype(h2)

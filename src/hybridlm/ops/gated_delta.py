@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose
+from .grid import check_positive_int
 from .precision import accumulation_dtype
 from .ssd import reset_mask, segsum
 
@@ -49,11 +50,7 @@ def check_gated_delta_shapes(q, k, v, g, beta, chunk_size, seq_idx=None, initial
             raise ValueError(
                 f"gated delta rule: {name} has shape {tuple(t.shape)}, expected {shape} for q {tuple(q.shape)}"
             )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        # A float (64.0) passed a plain ``< 1`` and failed later, inside the padding ("type must be tuple of ints").
-        raise ValueError(
-            f"gated delta rule: chunk_size must be a positive integer (positions per chunk), got {chunk_size!r}"
-        )
+    check_positive_int(chunk_size, "gated delta rule: chunk_size", "positions per chunk")
 
 
 def gated_delta_rule_chunked(

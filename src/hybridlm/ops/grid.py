@@ -1,4 +1,4 @@
-"""CUDA's launch-grid limit, and running a batched op in row groups that fit it.
+"""CUDA's launch-grid limit, running a batched op in row groups that fit it, and the sizes ops cut work by.
 
 A grid's first dimension may hold 2^31 - 1 programs, its second and third only 65,535. The Triton
 wrappers put the batch (times heads or groups) on the second or third, so a large enough batch
@@ -11,6 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+
+def check_positive_int(value: object, name: str, unit: str) -> None:
+    """Refuse (ValueError naming ``name`` and its ``unit``) a size an op cuts its work by (a chunk) that is not a
+    positive ``int``: a float (64.0) passed a plain ``< 1`` and failed later inside the padding ("type must be tuple
+    of ints"), a negative chunk ran no chunk at all, and ``True`` read as 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer ({unit}), got {value!r}")
+
 
 #: Programs a launch grid may hold along its second and third dimensions.
 MAX_GRID_YZ = 65535

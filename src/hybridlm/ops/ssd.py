@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import choose
+from .grid import check_positive_int
 from .precision import accumulation_dtype
 
 
@@ -68,9 +69,7 @@ def check_ssd_shapes(x, dt, A, B, C, chunk_size, D=None, seq_idx=None, initial_s
             raise ValueError(f"ssd: {name} has shape {tuple(t.shape)}, expected {shape} for x {tuple(x.shape)}")
     if g == 0 or h % g:
         raise ValueError(f"ssd: {h} heads are not a multiple of {g} groups (B, C: (b, l, g, n))")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        # A float (64.0) passed a plain ``< 1`` and failed later, inside the padding ("type must be tuple of ints").
-        raise ValueError(f"ssd: chunk_size must be a positive integer (positions per chunk), got {chunk_size!r}")
+    check_positive_int(chunk_size, "ssd: chunk_size", "positions per chunk")
 
 
 def ssd_chunked(
