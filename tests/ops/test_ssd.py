@@ -118,18 +118,25 @@ def test_bf16_inputs_give_y_in_bf16_and_the_state_in_float32():
     assert_rel_close(final, final_ref, 1e-5, "final state")
 
 
-def test_extreme_step_sizes_keep_float32_accuracy_and_finite_gradients():
-    """What a trained model can reach: a dt·A of -1e4 inside a chunk (its decays underflow to 0, and a
-    scan that differenced cumulative sums would lose the chunk's later decays to cancellation), dt = 0
-    (no decay, no input), a head with A = 0, and documents of one position inside a chunk."""
-    b, seqlen, h, p, g, n = 1, 29, 3, 4, 1, 5
-    x, dt, A, B, C, D = inputs(b, seqlen, h, p, g, n, seed=9)
+def extreme_inputs():
+    """What a trained model can reach, for a chunk of 8: a dt·A of -1e4 inside a chunk (its decays underflow to 0,
+    and a scan that differenced cumulative sums would lose the chunk's later decays to cancellation), dt = 0 (no
+    decay, no input), a head with A = 0, and documents of one position inside a chunk.
+
+    Returns (x, dt, A, B, C, D) and seq_idx (1, 29)."""
+    x, dt, A, B, C, D = inputs(1, 29, 3, 4, 1, 5, seed=9)
     A = A.clone()
     A[2] = 0.0
     dt = dt.clone()
     dt[0, 3, :2] = 1e4 / A[:2].abs()  # dt·A = -1e4 at one step of the first chunk
     dt[0, 12:15] = 0.0
     seq_idx = torch.tensor([[0] * 9 + [1] + [2] * 6 + [3] + [4] * 12])  # length-1 documents at 9 and 16
+    return (x, dt, A, B, C, D), seq_idx
+
+
+def test_extreme_step_sizes_keep_float32_accuracy_and_finite_gradients():
+    """The plain-torch scan on :func:`extreme_inputs`: float32 accuracy, forward and every gradient."""
+    (x, dt, A, B, C, D), seq_idx = extreme_inputs()
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D)]
     y, final = ssd_chunked_torch(*leaves[:5], 8, D=leaves[5], seq_idx=seq_idx, return_final_state=True)
     ref = [t.double().clone().requires_grad_() for t in (x, dt, A, B, C, D)]

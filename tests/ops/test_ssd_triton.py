@@ -12,7 +12,7 @@ from hybridlm.ops import ssd_triton
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.ssd import ssd_chunked, ssd_reference
 from tests.helpers import assert_bf16_within, assert_rel_close, runs_triton_kernels
-from tests.ops.test_ssd import inputs
+from tests.ops.test_ssd import extreme_inputs, inputs
 
 pytestmark = runs_triton_kernels
 #: The CPU tests below run the kernels on CPU tensors, in Triton's interpreter (conftest.py).
@@ -78,6 +78,22 @@ def test_dx_tiles_of_its_own(monkeypatch, bwd, dx):
     seq_idx[0, 23:] += 1
     seq_idx[0, 40:] += 1
     check_against_reference(1, 95, 2, 16, 1, 40, 40, seq_idx, seed=3)
+
+
+def test_extreme_step_sizes_keep_float32_accuracy():
+    """A step's dt·A of -1e4 (:func:`extreme_inputs`): its log-decay is clamped at -128 before the chunk's cumulative
+    sums, whose differences are the decays. Unclamped, every later sum of the chunk sat near -1e4, where float32's
+    spacing is 1e-3, and y and every gradient were 1e-4 off. Now y and the state meet the plain-torch scan's bar (1e-5), the gradients
+    the bar of the other tests here (2e-5)."""
+    (x, dt, A, B, C, D), seq_idx = extreme_inputs()
+    tensors = [x, dt, A, B, C, D, torch.randn(1, 3, 4, 5)]
+    gy, gs = torch.randn(1, 29, 3, 4), torch.randn(1, 3, 4, 5)
+    y, final, grads = run(ssd_triton.ssd_chunked_triton, tensors, 8, seq_idx, gy, gs)
+    y_ref, final_ref, grads_ref = run(reference, [t.double() for t in tensors], 8, seq_idx, gy, gs)
+    assert_rel_close(y, y_ref, 1e-5, "y")
+    assert_rel_close(final, final_ref, 1e-5, "final state")
+    for name, gr, gr_ref in zip(NAMES, grads, grads_ref):
+        assert_rel_close(gr, gr_ref, 2e-5, f"grad {name}")
 
 
 def test_state_wider_than_one_block():

@@ -32,6 +32,7 @@ import triton.language as tl
 from . import grid as launch_grid
 from .dispatch import record
 from .grid import in_row_groups, rows_per_launch
+from .precision import LOG_DECAY_FLOOR
 
 #: ``tl.dot``'s input precision for float32 operands: "tf32" (tensor cores: operands rounded to a
 #: 10-bit mantissa, sums in float32), "tf32x3" (about float32 products, three tf32 products each)
@@ -39,10 +40,6 @@ from .grid import in_row_groups, rows_per_launch
 #: error ratios 1.0-1.3 (issue 8's bar: <= 2); "tf32x3" took 19 ms for ratios of 1.00.
 DOT_PRECISION = "tf32"
 
-
-#: Log-decays below minus this are clamped to it before the cumulative sum: exp(-128) underflows to 0 in float32
-#: (the smallest float32 is exp(-103.3)), so the decay across such a step is 0 either way.
-LOG_DECAY_FLOOR = 128.0
 
 #: Larger key/value heads would need tiles beyond the shared memory of one Hopper SM.
 MAX_HEAD_DIM = 128

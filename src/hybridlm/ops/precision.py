@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import torch
 
+#: Log-decays (a step's dt·A in the SSD, g in the gated delta rule) below minus this are clamped to it before the
+#: Triton kernels' cumulative sums. exp(-128) underflows to 0 in float32 (the smallest float32 is exp(-103.3)), so
+#: the decay across such a step is 0 either way; without the clamp, one step of -1e4 left every later cumulative
+#: sum of its chunk near -1e4, where float32's spacing (1e-3) makes their differences, the decays, 1e-4 off, and a
+#: step of -inf made -inf - -inf = NaN.
+LOG_DECAY_FLOOR = 128.0
+
 
 def accumulation_dtype(*inputs: torch.Tensor | torch.dtype | None) -> torch.dtype:
     """float64 where any of ``inputs`` (tensors or dtypes; None is skipped) is float64, else float32.

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from .dispatch import record
 from .grid import in_row_groups, rows_per_launch
+from .precision import LOG_DECAY_FLOOR
 
 #: Precision of float32 tensor-core products (float32 inputs, or fp16 inputs times a float32
 #: intermediate): ``tf32x3`` is close to float32 at a fraction of the cost of ``ieee``.
@@ -793,7 +794,7 @@ def _prep_kernel(
     SEQ_P,  # (b, Lp) int32 out (HAS_SEQ): the ids, the last one repeated over the padding
     DECAY,  # (b, h, nc) float32 out: exp(acum_last), or 0 where a document starts inside the chunk
     L, Lp, H, Q, NC,
-    HAS_SEQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_SEQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, FLOOR: tl.constexpr,
 ):  # fmt: skip
     c, bb, offs_h, mh, offs_q, mq = _chunk_of_heads(H, Q, BLOCK_T, BLOCK_H)
     t = c * Q + offs_q
@@ -803,7 +804,10 @@ def _prep_kernel(
         mask=(mq & (t < L))[:, None] & mh[None, :],
         other=0.0,
     ).to(tl.float32)
-    acum = tl.cumsum(dt * tl.load(A + offs_h, mask=mh, other=0.0)[None, :], axis=0)
+    # A step's log-decay clamped at -FLOOR (precision.LOG_DECAY_FLOOR): its decay is 0 either way, and the later
+    # cumulative sums of the chunk stay small enough to difference finely.
+    a = tl.load(A + offs_h, mask=mh, other=0.0)
+    acum = tl.cumsum(tl.maximum(dt * a[None, :], -FLOOR, propagate_nan=tl.PropagateNan.ALL), axis=0)
     rows = (bb * H + offs_h[None, :]) * Lp + c * Q + offs_q[:, None]
     tl.store(DT_P + rows, dt, mask=mq[:, None] & mh[None, :])
     tl.store(ACUM + rows, acum, mask=mq[:, None] & mh[None, :])
@@ -829,7 +833,7 @@ def _dacum_kernel(
     DDT, sdd_b, sdd_l, sdd_h,  # (b, l, h) out: dt's gradient
     DA_PART,  # (b, nc, h) float32 out: sum over the chunk of d a_t * dt_t (dA's partial sums)
     L, Lp, H, Q, NC, NNB, NQB, NBLK, BQ,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BLK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_BLK: tl.constexpr, FLOOR: tl.constexpr,
 ):  # fmt: skip
     c, bb, offs_h, mh, offs_q, mq = _chunk_of_heads(H, Q, BLOCK_T, BLOCK_H)
     m = mq[:, None] & mh[None, :]
@@ -849,6 +853,8 @@ def _dacum_kernel(
     d += tl.where((offs_q == Q - 1)[:, None], tl.sum(dlast, axis=0)[None, :], 0.0)
     da = tl.cumsum(d, axis=0, reverse=True)  # d a_t = sum over u >= t in the chunk of d acum_u
     a = tl.load(A + offs_h, mask=mh, other=0.0)
+    dt = tl.load(DT_P + head * Lp + pos, mask=m, other=0.0)
+    da = tl.where(dt * a[None, :] < -FLOOR, 0.0, da)  # the clamp of _prep_kernel passes no gradient
     ddt = tl.load(DDT_DIRECT + head * Lp + pos, mask=m, other=0.0) + da * a[None, :]
     t = c * Q + offs_q
     tl.store(
@@ -856,7 +862,6 @@ def _dacum_kernel(
         ddt.to(DDT.dtype.element_ty),
         mask=m & (t < L)[:, None],
     )
-    dt = tl.load(DT_P + head * Lp + pos, mask=m, other=0.0)
     tl.store(DA_PART + (bb * NC + c) * H + offs_h, tl.sum(da * dt, axis=0), mask=mh)
 
 
@@ -882,7 +887,7 @@ def _prepare(dt: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor | None, Q:
         dt, *dt.stride(), A.float().contiguous(), seq, seq.stride(0), seq.stride(1),
         dt_p, acum, seq_p if seq_p is not None else dt_p, decay,
         L, Lp, h, Q, nc,
-        HAS_SEQ=seq_idx is not None, BLOCK_T=_pow2(Q), BLOCK_H=bh, num_warps=4,
+        HAS_SEQ=seq_idx is not None, BLOCK_T=_pow2(Q), BLOCK_H=bh, FLOOR=LOG_DECAY_FLOOR, num_warps=4,
     )  # fmt: skip
     return dt_p, acum, seq_p, decay
 
@@ -1014,7 +1019,7 @@ def ssd_backward(dy, dfinal, S, x, dt, A, B, C, D, seq_idx, init, Q, out=None):
     _dacum_kernel[(nc, b, triton.cdiv(h, bh))](
         dacum_st, dacum_in, dacum_y, dlast, ddt_direct, dt_p, A.float().contiguous(), ddt, *ddt.stride(), da_part,
         L, Lp, h, Q, nc, nnb, nqb, nblk, bq,
-        BLOCK_T=_pow2(Q), BLOCK_H=bh, BLOCK_BLK=_pow2(nblk, 1), num_warps=4,
+        BLOCK_T=_pow2(Q), BLOCK_H=bh, BLOCK_BLK=_pow2(nblk, 1), FLOOR=LOG_DECAY_FLOOR, num_warps=4,
     )  # fmt: skip
     dA = da_part.sum((0, 1))
     dD = dD_part.sum((0, 1))
