@@ -27,6 +27,31 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert stopped == [a[0]]
 
 
+@pytest.mark.parametrize(
+    "path", [dict(), dict(use_cache=False), dict(speculative="mtp"), dict(temperature=1.0, top_k=5, seed=3)]
+)
+def test_a_list_of_eos_ids_stops_a_row_at_any_of_them(path):
+    """As a Hugging Face generation_config's ``eos_token_id`` list (end of turn, end of text): a row stops after the
+    first token it makes that is in the list, on every path; an empty prompt starts from the list's first id."""
+    model = HybridLM(tiny_config("M*-/-"), seed=0)
+
+    def upto(new, token):  # the tokens up to the first ``token``, inclusive
+        return new[: new.index(token) + 1]
+
+    for row in ([1, 2], [3]):
+        new = generate(model, row, 12, **path)
+        other = next(t for t in range(97) if t not in new)  # never made: must not change where the row stops
+        for k in (0, 3):
+            assert generate(model, row, 12, eos_id=[other, new[k]], **path) == upto(new, new[k])
+    starts = [generate(model, [p, [7]], 4, eos_id=[9, 5], **path) for p in ([], [9])]
+    assert starts[0] == starts[1]
+    if "speculative" not in path:  # a batch decodes together there: each row stops at its own first listed token
+        free = generate(model, [[1, 2], [3]], 12, **path)
+        ids = [free[0][2], free[1][1]]
+        expected = [min((upto(new, t) for t in ids if t in new), key=len) for new in free]
+        assert generate(model, [[1, 2], [3]], 12, eos_id=ids, **path) == expected
+
+
 def test_top_k_keeps_exactly_the_k_best_and_top_p_the_smallest_set():
     """Tests checked only that sampling is seeded: a top_k that kept k - 1 tokens passed (and top_k=1
     then raised "probability tensor contains inf")."""
@@ -79,7 +104,10 @@ def test_wrongly_typed_arguments_are_refused_by_name():
         (dict(temperature=None), "temperature must be >= 0 and finite, got None"),
         (dict(top_p="0.9"), "top_p must be in"),
         (dict(prefill_chunk_size=1.5), "prefill_chunk_size must be an integer"),
-        (dict(eos_id=[2, 3]), r"eos_id must be an integer, got \[2, 3\]"),
+        (dict(eos_id=2.0), r"eos_id must be a token id or a non-empty list of token ids, got 2.0"),
+        (dict(eos_id=[]), r"eos_id must be a token id or a non-empty list of token ids, got \[\]"),
+        (dict(eos_id=[2, 3.0]), r"eos_id must be a token id or a non-empty list of token ids, got \[2, 3.0\]"),
+        (dict(eos_id=[2, 500]), r"eos_id 500 is outside the vocabulary \[0, 97\)"),
         (dict(draft_tokens=1.0, speculative="mtp"), "draft_tokens must be an integer"),
     ):
         with pytest.raises(ValueError, match=says):

@@ -183,7 +183,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = 0,
     use_cache: bool = True,
     *,
@@ -203,7 +203,9 @@ def generate(
         max_new_tokens: new tokens per prompt at most.
         temperature, top_k, top_p, repetition_penalty, seed: see :class:`Sampler`. Greedy at
             temperature 0.
-        eos_id: a row stops after this token.
+        eos_id: a row stops after this token, or after any of these tokens (a list, as a Hugging Face
+            ``generation_config.json``'s ``eos_token_id`` may be: an instruct model's end-of-turn beside its
+            end-of-text). An empty prompt starts from the first.
         use_cache: False reruns the full forward for every token (the exact reference).
         speculative: ``"mtp"``: the model's MTP depths draft tokens that the main model verifies
             in one forward (greedy only; prompts run one at a time). Output equals plain greedy.
@@ -222,8 +224,8 @@ def generate(
         The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
         order for a batch.
     """
-    eos_id = None if eos_id is None else _integer("eos_id", eos_id)
-    single, rows = _normalize(prompts, eos_id)
+    eos_ids = _eos_ids(eos_id)
+    single, rows = _normalize(prompts, eos_ids[0] if eos_ids else None)
     check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
     max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
     prefill_chunk_size = _integer("prefill_chunk_size", prefill_chunk_size, 1)
@@ -243,8 +245,9 @@ def generate(
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     # eos_id first: an empty prompt starts from it, and was blamed for holding it ("prompt 0: token ids [500]").
-    if eos_id is not None and not 0 <= eos_id < vocab:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
+    for eos in eos_ids:
+        if not 0 <= eos < vocab:
+            raise ValueError(f"eos_id {eos} is outside the vocabulary [0, {vocab})")
     for i, row in enumerate(rows):
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
@@ -274,7 +277,7 @@ def generate(
                         model,
                         row,
                         max_new_tokens,
-                        eos_id,
+                        eos_ids,
                         prefill_chunk_size,
                         _row_callback(callback, i),
                         stats,
@@ -284,10 +287,10 @@ def generate(
                     for i, row in enumerate(rows)
                 ]
             elif not use_cache:
-                out = _generate_uncached(model, rows, max_new_tokens, sampler, eos_id, callback, stats)
+                out = _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, stats)
             else:
                 out = _generate_cached(
-                    model, rows, max_new_tokens, sampler, eos_id, prefill_chunk_size, callback, stats, cuda_graph
+                    model, rows, max_new_tokens, sampler, eos_ids, prefill_chunk_size, callback, stats, cuda_graph
                 )
     finally:
         model.train(was_training)
@@ -360,14 +363,26 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _accept(out: list[int], token: int, row: int, eos_id, callback) -> bool:
-    """Append ``token``; True when the row is finished."""
+def _eos_ids(eos_id) -> tuple[int, ...]:
+    """``generate``'s ``eos_id`` (None, an id, or a sequence of ids) as a tuple of ids, in the order given."""
+    if eos_id is None:
+        return ()
+    if _whole(eos_id):
+        return (operator.index(eos_id),)
+    eos_id = _plain(eos_id)
+    if not isinstance(eos_id, (list, tuple)) or not eos_id or not all(_whole(e) for e in eos_id):
+        raise ValueError(f"eos_id must be a token id or a non-empty list of token ids, got {eos_id!r}")
+    return tuple(operator.index(e) for e in eos_id)
+
+
+def _accept(out: list[int], token: int, row: int, eos_ids: tuple[int, ...], callback) -> bool:
+    """Append ``token``; True when the row is finished (``callback`` said so, or ``token`` is in ``eos_ids``)."""
     out.append(token)
     stop = bool(callback(row, token)) if callback is not None else False
-    return stop or (eos_id is not None and token == eos_id)
+    return stop or token in eos_ids
 
 
-def _generate_uncached(model, rows, max_new_tokens, sampler, eos_id, callback, stats) -> list[list[int]]:
+def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, stats) -> list[list[int]]:
     """The reference: each row's logits from the full forward over that row alone (no padding, no cache), the
     rows stepped together so that the sampler draws for the whole batch at each step, as the cached loop does
     (sampled rows one after the other drew other numbers than the cached batch with the same seed)."""
@@ -394,7 +409,7 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_id, callback, s
         check_finite(bad.tolist(), done, lens, [len(new) for new in out])
         for r, token in enumerate(tokens.tolist()):
             if not done[r]:
-                done[r] = _accept(out[r], token, r, eos_id, callback)
+                done[r] = _accept(out[r], token, r, eos_ids, callback)
                 seqs[r] = torch.cat([seqs[r], torch.tensor([[token]], device=device)], dim=1)
         if all(done):
             break
@@ -442,7 +457,7 @@ def cache_allocation(rows: int, prompt: int, max_new_tokens: int):
         ) from None
 
 
-def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, callback, stats, cuda_graph):
+def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph):
     device = next(model.parameters()).device
     ids, valid = left_pad(rows, device)
     B, P = ids.shape
@@ -487,7 +502,7 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_id, chunk_size, c
         check_finite(flagged, done, lens, [len(new) for new in out])
         for r, token in enumerate(picked):
             if not done[r]:
-                done[r] = _accept(out[r], token, r, eos_id, callback)
+                done[r] = _accept(out[r], token, r, eos_ids, callback)
         if all(done) or not more:
             break
         tokens, bad = sampler.pick(logits)

@@ -123,7 +123,7 @@ def mtp_generate(
     model,
     prompt: list[int],
     max_new_tokens: int,
-    eos_id,
+    eos_ids: tuple[int, ...],
     chunk_size: int,
     callback,
     stats,
@@ -155,7 +155,7 @@ def mtp_generate(
     tokens = list(prompt)
     new: list[int] = []
     check_finite(nonfinite(logits[:, -1]).tolist(), [False], [len(prompt)], [0], row)
-    done = _accept(new, int(logits[0, -1].argmax()), 0, eos_id, callback)
+    done = _accept(new, int(logits[0, -1].argmax()), 0, eos_ids, callback)
     tokens.append(new[-1])
     if not done and len(new) < max_new_tokens:
         # The depths' pass over the prompt is prefill work: counted in decode_seconds, it made speculative decoding
@@ -189,7 +189,7 @@ def mtp_generate(
         for j, token in enumerate([*drafts[:a], picks[a]]):  # window position j's logits picked this token
             check_finite(bad[j : j + 1], [False], [len(prompt)], [len(new)], row)
             tokens.append(token)
-            done = _accept(new, token, 0, eos_id, callback) or len(new) >= max_new_tokens
+            done = _accept(new, token, 0, eos_ids, callback) or len(new) >= max_new_tokens
             if done:
                 break
     stats["decode_tokens"] += len(new) - 1
