@@ -77,6 +77,13 @@ def assert_same_run(run: Path, ref: Path, tol: float = 1e-5) -> None:
         assert depths == sorted(k for k in a[step] if k.startswith("mtp_loss_")), (run.name, step)
         for key in ("loss", "lm_loss", "grad_norm", *depths):
             assert abs(a[step][key] - b[step][key]) <= tol * abs(b[step][key]), (run.name, step, key, a[step], b[step])
+        # Routed tokens counted on the stage that owns the layer, whichever rank writes the row.
+        assert ("moe_load_imbalance" in a[step]) == ("moe_load_imbalance" in b[step]), (run.name, step)
+        if "moe_load_imbalance" in b[step]:
+            assert a[step]["moe_load_imbalance"] == pytest.approx(b[step]["moe_load_imbalance"], rel=2e-2), (
+                run.name,
+                step,
+            )
     wa, wb = read_tensors(run / "model"), read_tensors(ref / "model")
     assert wa.keys() == wb.keys()
     for k in wb:

@@ -33,6 +33,22 @@ def test_tensorboard_shows_the_resumed_run_s_steps_once(tmp_path):
     assert got == [(1, 1.0), (2, 2.0), (3, 3.0), *((s, 10.0 + s) for s in range(4, 9))]
 
 
+def test_tensorboard_only_scalars_stay_out_of_metrics_jsonl(tmp_path):
+    """Each MoE layer's load imbalance goes to TensorBoard by its tag; metrics.jsonl keeps the one number."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    pytest.importorskip("torch.utils.tensorboard")
+    metrics = Metrics(tmp_path, 2, 0, progress=False)
+    layers = {"moe/load_imbalance/layer_1": 1.25, "moe/load_imbalance/mtp_0_layer_0": 1.5}
+    metrics.record(1, {"loss": 2.0, "moe_load_imbalance": 1.5}, console=False, tensorboard=layers)
+    metrics.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert {k for k in row if k not in ("step", "time")} == {"loss", "moe_load_imbalance"}
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag, value in {**layers, "moe_load_imbalance": 1.5}.items():
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(1, value)]
+
+
 def test_a_loss_curve_that_does_not_fit_on_the_disk_is_named_and_not_left_half_written(tmp_path, monkeypatch):
     """A full disk at the end of a run (after the export) said only "error: no space left on device" and left a
     truncated loss.png."""

@@ -43,9 +43,13 @@ RUN = [
 ]
 
 
-def step_losses(run_dir: Path) -> dict[int, float]:
+def step_values(run_dir: Path, key: str) -> dict[int, float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return step_values(run_dir, "loss")
 
 
 @pytest.mark.multiprocess
@@ -74,6 +78,11 @@ def test_two_processes_follow_one(tmp_path):
     assert two.keys() == one.keys() == set(range(1, 7))
     for step in one:
         assert abs(two[step] - one[step]) <= 2e-4 * one[step], (step, two[step], one[step])
+    # The routed tokens are counted over both processes' rows: the one-process step's load imbalance.
+    load_two, load_one = (step_values(tmp_path / d, "moe_load_imbalance") for d in ("two", "one"))
+    assert load_two.keys() == load_one.keys() == set(range(1, 7)) and load_two[1] == load_one[1] > 1.0
+    for step in load_one:  # later steps' weights differ at ~1e-6: a near-tied token may route otherwise
+        assert load_two[step] == pytest.approx(load_one[step], rel=2e-2), (step, load_two[step], load_one[step])
     # The two-process run's checkpoint resumes in one process.
     assert main(["train", "--resume", str(tmp_path / "two"), "--set", "train.steps=8", "--no-progress"]) == 0
     assert max(step_losses(tmp_path / "two")) == 8

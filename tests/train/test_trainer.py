@@ -1,5 +1,6 @@
 """The trainer: exact resume, gradient accumulation, activation checkpointing, outputs of a run."""
 
+import contextlib
 import json
 import logging
 import os
@@ -80,8 +81,10 @@ def test_gradient_accumulation_matches_one_batch(tmp_path):
     one = ("train.steps=2", "train.device=cpu")  # float32: bf16 autocast on a GPU rounds above these tolerances
     whole = Trainer(tiny_run(*one), run_dir=tmp_path / "a", progress=False)
     split = Trainer(tiny_run(*one, "train.micro_batch_size=1"), run_dir=tmp_path / "b", progress=False)
+    firsts = [t.train_step() for t in (whole, split)]
+    # The routing of the step's micro-batches adds up to the whole batch's (the weights are still the same).
+    assert firsts[0]["moe_load_imbalance"] == firsts[1]["moe_load_imbalance"] > 1.0
     for t in (whole, split):
-        t.train_step()
         t.train_step()
     # Adam divides by sqrt(v): where a gradient is ~0, float32 summation-order differences between
     # one batch and two micro-batches move a weight by ~1e-6 of an lr of 3e-3, so atol is 1e-5.
@@ -94,8 +97,9 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
     ac = Trainer(tiny_run("train.activation_checkpointing=true"), run_dir=tmp_path / "b", progress=False)
     assert all(b.activation_checkpointing for b in ac.model.blocks.values())
     for _ in range(2):
-        la, lb = plain.train_step()["loss"], ac.train_step()["loss"]
-        assert la == lb
+        a, b = plain.train_step(), ac.train_step()
+        assert a["loss"] == b["loss"]
+        assert a["moe_load_imbalance"] == b["moe_load_imbalance"]  # a recomputation's routing is not counted again
     for a, b in zip(plain.model.parameters(), ac.model.parameters()):
         assert torch.equal(a, b)
 
@@ -524,6 +528,40 @@ def test_the_auxiliary_losses_are_logged(tmp_path):
         tiny_run(*MTP_RUN[1:], *extra, f"data.source={corpus}"), run_dir=tmp_path / "b", progress=False
     ).train_step()
     assert "aux_loss" not in plain  # no coefficient: no auxiliary loss
+
+
+def test_the_moe_load_imbalance_is_logged_for_models_with_moe_layers(tmp_path):
+    """moe_load_imbalance: the step's largest ratio of one expert's routed tokens (top-k choices) to its layer's
+    mean, over every MoE layer; each layer's in TensorBoard. Counted here from the routers' own top-k output."""
+    extra = ("model.pattern=ME[*E]/E", "train.steps=2", "train.device=cpu", "data.val_fraction=0")
+    t = Trainer(tiny_run(*extra), run_dir=tmp_path / "a", progress=False)
+    chosen: dict[str, list[torch.Tensor]] = {}
+    for name, m in t.model.named_modules():
+        if name.endswith("mixer") and hasattr(m, "gate"):
+            m.gate.register_forward_hook(lambda r, a, out, name=name: chosen.setdefault(name, []).append(out[2]))
+    values = t.train_step()
+    want = {}
+    for name, tag in [
+        ("blocks.1.layers.0.mixer", "layer_1"),
+        ("blocks.2.layers.1.mixer", "layer_3"),
+        ("mtp.0.blocks.0.layers.0.mixer", "mtp_0_layer_0"),
+    ]:
+        counts = torch.bincount(torch.cat(chosen[name]).reshape(-1), minlength=4).double()
+        assert counts.sum() == 4 * 48 * 2  # every token of the step's rows, top_k = 2, counted once
+        want[f"moe/load_imbalance/{tag}"] = (counts.max() / counts.mean()).item()
+    assert t.moe_layer_load == want and values["moe_load_imbalance"] == max(want.values()) > 1.0
+    t.run_loop()
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "moe_load_imbalance" in r] == [2]  # (step 1 ran above, unlogged)
+    assert not any(k.startswith("moe/") for r in rows for k in r)  # each layer's in TensorBoard only
+    with contextlib.suppress(ImportError):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "a" / "tensorboard"))
+        events.Reload()
+        assert {tag for tag in events.Tags()["scalars"] if tag.startswith("moe/")} == set(want)
+    plain = Trainer(tiny_run("model.pattern=M-*", *extra[1:]), run_dir=tmp_path / "b", progress=False)
+    assert "moe_load_imbalance" not in plain.train_step() and plain.moe_layer_load == {}
 
 
 def test_each_mtp_depth_s_loss_is_logged(tmp_path):

@@ -159,8 +159,9 @@ class MoE(nn.Module):
         if config.moe_shared_expert_ffn_hidden_size:
             self.shared_experts = MLP(config, config.moe_shared_expert_ffn_hidden_size)
         # Tokens routed to each expert since the last expert-bias update (no gradient). The model never
-        # writes it: the training hook (``hybridlm.train.optim.ExpertBiasHook``) counts the router's
-        # choices once per real forward and applies the update before each optimizer step. Integers: exact
+        # writes it: the training hook (``hybridlm.train.expert_load.ExpertLoad``) counts the router's
+        # choices once per real forward; ``hybridlm.train.optim.ExpertBiasHook`` applies the update before
+        # each optimizer step, and the trainer's ``moe_load_imbalance`` metric reads them. Integers: exact
         # at any batch size (float32 stops counting at 2^24), and untouched by ``model.to(torch.bfloat16)``.
         self.register_buffer(
             "tokens_per_expert", torch.zeros(config.moe_num_experts, dtype=torch.int64), persistent=False

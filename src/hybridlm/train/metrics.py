@@ -110,7 +110,11 @@ class Metrics:
                 self._bar.disable = True  # its close (also when collected) would draw again
             self._console_gone, self._bar = True, None
 
-    def record(self, step: int, values: dict[str, Any], console: bool) -> None:
+    def record(
+        self, step: int, values: dict[str, Any], console: bool, tensorboard: dict[str, float] | None = None
+    ) -> None:
+        """Write one row of ``values`` to metrics.jsonl and TensorBoard (and the console line when ``console``);
+        ``tensorboard``: scalars for TensorBoard only, by tag (each MoE layer's load imbalance)."""
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time() - self._t0, 3), **values}
@@ -121,7 +125,7 @@ class Metrics:
         line = json.dumps(finite, allow_nan=False) + "\n"
         written(Path(self._jsonl.name), lambda: (self._jsonl.write(line), self._jsonl.flush()))  # a full disk named
         if self._tb is not None:  # (its writer thread's failed write, a full disk, comes back here: named)
-            scalars = [(k, v) for k, v in values.items() if isinstance(v, (int, float))]
+            scalars = [(k, v) for k, v in {**values, **(tensorboard or {})}.items() if isinstance(v, (int, float))]
             written(self.run_dir / "tensorboard", lambda: [self._tb.add_scalar(k, v, step) for k, v in scalars])
         if self._bar is not None and "loss" in values:
             self._bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..parallel.execution import replicated
 from .config import OptimConfig
+from .expert_load import ExpertLoad
 
 #: Parameters never decayed: scales and offsets whose size is not a capacity knob.
 NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "bias")
@@ -71,13 +72,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
 class ExpertBiasHook:
     """Aux-loss-free expert balancing (DeepSeek-V3) as one optimizer pre-step hook.
 
-    A forward hook on each MoE router adds the tokens it routes to each expert to the layer's
-    ``tokens_per_expert`` (training mode only), once per real forward: a recomputation under
-    activation checkpointing runs inside the backward pass and is not counted. Micro-batches of
-    one step therefore add up. Before each optimizer step the counts are summed over the
-    data-parallel ranks (when ``torch.distributed`` is initialized; over ``group`` if given), each
-    layer's bias moves by ``rate`` (``MoE.update_expert_bias``) and the counts restart from zero.
-    A step that is skipped (non-finite) never calls the hook: call :meth:`reset` then. A step with
+    The tokens routed to each expert are counted by :class:`~hybridlm.train.expert_load.ExpertLoad` (its
+    forward hooks, once per real forward: a recomputation under activation checkpointing is not counted;
+    micro-batches of one step add up), held as :attr:`load`. Before each optimizer step the counts are
+    summed over the data-parallel ranks (when ``torch.distributed`` is initialized; over ``group`` if given),
+    each layer with an expert bias moves it by ``rate`` (``MoE.update_expert_bias``) and every count restarts
+    from zero. A step that is skipped (non-finite) never calls the hook: call :meth:`reset` then. A step with
     no forward since the last one does nothing, no collective either: ``torch.distributed.checkpoint``
     steps the optimizer once with zero gradients to create its state when loading or saving.
 
@@ -86,52 +86,38 @@ class ExpertBiasHook:
         model: the model (or one pipeline rank's union of stages) holding the MoE layers.
         rate: bias step per optimizer step.
         group: data-parallel process group (default: the whole world).
+
+    Attributes:
+        load: the counts of every MoE layer (also those without a bias: the ``moe_load_imbalance`` metric's).
+        layers: the MoE layers with an expert bias.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, rate: float, group=None) -> None:
-        from ..layers.moe import MoE
+        self.load = ExpertLoad(model, group)
+        self.layers = [m for m in self.load.layers if m.config.moe_router_expert_bias]
+        self.rate = rate
+        self.handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.step())]
 
-        self.layers = [m for m in model.modules() if isinstance(m, MoE) and m.config.moe_router_expert_bias]
-        self.rate, self.group = rate, group
-        self.pending = False  # routed tokens were counted since the last update
-        self.handles = [m.gate.register_forward_hook(self._counter(m)) for m in self.layers]
-        self.handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.step()))
-
-    def _counter(self, layer: nn.Module):
-        @torch.compiler.disable  # bookkeeping, not part of a compiled block's graph
-        def count(router: nn.Module, args, output) -> None:
-            # Inside a backward pass a forward is a checkpoint recomputation: its routing was counted.
-            if not layer.training or torch._C._current_graph_task_id() != -1:
-                return
-            idx = output[2]  # (T, k) chosen experts
-            with torch.no_grad():
-                counts = torch.zeros_like(layer.tokens_per_expert).scatter_add_(
-                    0, idx.reshape(-1), torch.ones(idx.numel(), dtype=layer.tokens_per_expert.dtype, device=idx.device)
-                )
-                layer.tokens_per_expert += counts
-            self.pending = True
-
-        return count
+    @property
+    def pending(self) -> bool:
+        """Routed tokens were counted since the last update."""
+        return self.load.pending
 
     @torch.no_grad()
     def step(self) -> None:
         """Reduce the counts over data-parallel ranks, update every bias, zero the counts."""
-        if not self.pending:
+        if not self.load.pending:
             return
-        self.pending = False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for m in self.layers:
-                torch.distributed.all_reduce(m.tokens_per_expert, group=self.group)
+        self.load.reduce()  # (nothing where the trainer's metric reduced them this step already)
         for m in self.layers:
             m.update_expert_bias(self.rate)
+        self.load.reset()
 
-    @torch.no_grad()
     def reset(self) -> None:
         """Drop the counts of a step whose update was skipped."""
-        self.pending = False
-        for m in self.layers:
-            m.tokens_per_expert.zero_()
+        self.load.reset()
 
     def remove(self) -> None:
+        self.load.remove()
         for h in self.handles:
             h.remove()

@@ -61,6 +61,7 @@ from .data import (
     source_path,
     split,
 )
+from .expert_load import moe_layer_keys
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
 from .metrics import Metrics, loss_unit, plot_losses
@@ -439,6 +440,10 @@ class Trainer:
             run.optim.moe_expert_bias_rate,
             group=self.pipeline.dp_group if self.pipeline is not None else None,
         )
+        # Every MoE layer of the whole model (each pipeline rank lists all): the moe_load_imbalance metric's.
+        self._moe_keys = moe_layer_keys(self.config.parsed)
+        #: Each MoE layer's load imbalance in the last step, by TensorBoard tag (:meth:`_expert_load`).
+        self.moe_layer_load: dict[str, float] = {}
         self.scheduler = build_scheduler(self.optimizer, t.steps, run.optim)
         self.step, self._window = 0, _fresh_window()
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
@@ -683,6 +688,8 @@ class Trainer:
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss, lm_loss, *mtp = self._all_reduce([total.item(), *heads.tolist()])
+        # Before the optimizer step, whose expert-bias hook zeroes the counts (a skipped step's routing is logged too).
+        self.moe_layer_load = self._expert_load() if self._moe_keys else {}
         # A non-finite loss or gradient skips the update (see train/guard.py); the schedule moves on.
         finite = self.guard.finite(loss, float(grad_norm))
         if finite:
@@ -703,9 +710,31 @@ class Trainer:
         out.update({f"mtp_loss_{d}": x for d, x in enumerate(mtp, 1)})  # Megatron's "mtp_d loss" per depth
         if self._aux_losses:  # MoE balancing, DSA indexer: the total's part that is no head's (Megatron logs it)
             out["aux_loss"] = loss - lm_loss - (self.config.mtp_loss_scale * sum(mtp) / len(mtp) if mtp else 0.0)
+        if self.moe_layer_load:  # the worst layer's: one number to watch (TensorBoard has each layer's)
+            out["moe_load_imbalance"] = max(self.moe_layer_load.values())
         if not finite:
             out["nonfinite_skipped"] = self.guard.skipped + 1
         return out
+
+    def _expert_load(self) -> dict[str, float]:
+        """Each MoE layer's load imbalance in this step (the largest expert's routed tokens over the layer's mean,
+        over all micro-batches and data-parallel ranks), keyed by its TensorBoard tag
+        ``moe/load_imbalance/<layer key>`` (:func:`~hybridlm.train.expert_load.moe_layer_keys`), in canonical order.
+
+        The counts were summed on the device (:class:`~hybridlm.train.expert_load.ExpertLoad`): one read here per
+        step. A pipeline rank holds only its stages' layers: the others' are filled in by one all-reduce (MAX: the
+        ratios are positive and the data-parallel replicas of a stage agree), so every rank logs the whole model's.
+        """
+        load = self.expert_bias.load
+        own = load.imbalance()  # (own layers,) reduced over the data-parallel ranks
+        if self.pp > 1:
+            ratios = torch.zeros(len(self._moe_keys), dtype=torch.float64, device=self.device)
+            ratios[[self._moe_keys.index(k) for k in load.keys]] = own.to(self.device)
+            dist.all_reduce(ratios, op=dist.ReduceOp.MAX)
+            keys, own = self._moe_keys, ratios
+        else:
+            keys = load.keys
+        return {f"moe/load_imbalance/{k}": v for k, v in zip(keys, own.tolist())}
 
     def _label_counts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels per head (the main head, then each MTP depth): this rank's rows' (B, 1 + depths), and the
@@ -1084,7 +1113,7 @@ class Trainer:
                         last_val = self.evaluate()
                         if last_val is not None:
                             record["val_loss"] = last_val
-                    self.metrics.record(self.step, record, console=console)
+                    self.metrics.record(self.step, record, console=console, tensorboard=self.moe_layer_load)
                     if "nonfinite_skipped" in values:  # else silent on the console between two rows
                         self.metrics.print(
                             f"step {self.step}: the loss or gradient is not finite (loss {values['loss']:.4g}, gnorm "
