@@ -374,6 +374,16 @@ def test_two_operands_that_look_like_patterns_are_left_to_argparse(capsys):
     assert dash_pattern_operands(["pattern", "-M", "-M-"]) == ["pattern", "-M", "-M-"]
 
 
+def test_a_dash_led_pattern_of_any_layer_symbol_is_taken_for_the_pattern():
+    """The pattern characters come from the pattern language's symbols (a copy of them missed a new kind)."""
+    from hybridlm.cli import dash_pattern_operands
+    from hybridlm.pattern.symbols import LAYER_SYMBOLS
+
+    for s in LAYER_SYMBOLS:
+        operand = f"-{s}[{s}E]|{s}/{s}"
+        assert dash_pattern_operands(["plan", operand, "--pp", "2"]) == ["plan", "--pp", "2", "--", operand]
+
+
 def test_only_hybridlm_errors_choose_the_exit_status(monkeypatch, capsys):
     """An exit_status on a foreign exception (here 0) is no training interruption: the command fails with status 2."""
     import hybridlm.train.trainer as trainer

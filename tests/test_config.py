@@ -9,6 +9,7 @@ import torch
 
 from hybridlm import ConfigError, HybridLM, ModelConfig
 from hybridlm.config import FIELD_READERS, PRESETS, SCHEMA_VERSION, unused_fields
+from hybridlm.pattern.symbols import LAYER_SYMBOLS
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -347,7 +348,7 @@ _OTHER_VALUE = dict(
     dsa_indexer_use_sparse_loss=True,
 )  # fmt: skip
 #: One pattern per layer kind ("/": MTP depths, here of MLP layers).
-_KIND_PATTERNS = {"M": "M", "G": "G", "*": "*", "+": "+", "D": "D", "-": "-", "E": "E", "/": "-/-"}
+_KIND_PATTERNS = {**{s: s for s in LAYER_SYMBOLS}, "/": "-/-"}  # a new layer kind is checked too
 
 
 def _what_it_computes(**fields) -> tuple:

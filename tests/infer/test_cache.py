@@ -2,6 +2,7 @@
 
 import collections
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -966,3 +967,27 @@ def test_a_left_padded_float64_batch_decodes_every_row_as_its_own_full_forward(p
         for b, row in enumerate(rows):
             full = model(torch.tensor([row])).logits[0]
             torch.testing.assert_close(got[b, P + 5 - len(row) :], full, rtol=0, atol=1e-12)
+
+
+def test_a_sequence_mixer_without_init_cache_is_refused_before_it_decodes_wrong_tokens(monkeypatch):
+    """A sequence mixer that has no ``init_cache`` and ignores ``ctx.cache`` (a new mixer whose decode path was
+    forgotten) decoded every step from its own token alone: other tokens than the no-cache loop, and no error."""
+    from hybridlm.layers import GatedDeltaNet
+
+    model = model_for("G-")
+    monkeypatch.delattr(GatedDeltaNet, "init_cache")
+    forward = GatedDeltaNet.forward
+    monkeypatch.setattr(GatedDeltaNet, "forward", lambda self, x, ctx: forward(self, x, replace(ctx, cache=None)))
+    with pytest.raises(NotImplementedError, match=r"^'G' \(Gated DeltaNet\) layers cannot decode with a cache: "):
+        generate(model, [PROMPTS[0]], max_new_tokens=4)
+    with pytest.raises(NotImplementedError, match=r"^'G' \(Gated DeltaNet\) layers cannot decode with a cache: "):
+        InferenceCache.for_mtp_depth(HybridLM(tiny_config("-/G"), seed=0), 1, 1, 8)
+
+
+def test_a_mixer_without_init_cache_that_asks_for_its_state_is_told_why_it_has_none():
+    """The message was "the cache was built for other mixers", for a mixer no cache can hold a state for."""
+    from hybridlm.layers import MLP
+
+    cache = InferenceCache([], 1, 4, "cpu", torch.float32)
+    with pytest.raises(NotImplementedError, match=r"^MLP reads ctx\.cache but has no init_cache"):
+        cache.state(MLP(tiny_config("-")))

@@ -248,3 +248,17 @@ def test_an_unknown_symbol_is_refused_naming_the_mixers_symbols(symbol):
         mixer_class(symbol)
     with pytest.raises(ValueError, match=says):
         build_mixer(symbol, tiny_config("M"))
+
+
+def test_a_registered_mixer_without_the_interface_is_refused_when_a_model_is_built(monkeypatch):
+    """A mixer class registered without ``flops_per_token`` built and ran, and failed later as a bare
+    AttributeError (the trainer counts FLOPs after reading the corpus)."""
+    from hybridlm import HybridLM
+    from hybridlm.layers import MIXERS
+
+    class NoFlops(MLP):
+        flops_per_token = None
+
+    monkeypatch.setitem(MIXERS, "-", NoFlops)
+    with pytest.raises(TypeError, match=r"^mixer NoFlops \(pattern symbol '-'\) has no flops_per_token: every mixer"):
+        HybridLM(tiny_config("M-"), device="meta")

@@ -266,6 +266,16 @@ def test_layer_counts(text, counts):
     assert list(got) == ["*", "D", "G", "M", "+", "-", "E"]
 
 
+def test_every_layer_kind_has_a_name_and_a_count():
+    """Each kind is written once (``symbols._SEQUENCE_KINDS`` or ``_CHANNEL_KINDS``): one left out of ``KIND``
+    failed ``hybridlm pattern`` with a bare KeyError, one left out of ``COUNT_ORDER`` went uncounted."""
+    from hybridlm.pattern import symbols as S
+
+    assert list(S.KIND) == list(S.LAYER_SYMBOLS) == [*S.SEQUENCE_MIXERS, *S.CHANNEL_MIXERS]
+    assert sorted(S.COUNT_ORDER) == sorted(S.LAYER_SYMBOLS)
+    assert S.COUNT_ORDER[:7] == ("*", "D", "G", "M", "+", "-", "E")  # Megatron's, in its order
+
+
 @pytest.mark.parametrize(
     ("text", "layers", "blocks"),
     [

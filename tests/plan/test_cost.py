@@ -113,3 +113,13 @@ def test_the_head_keeps_what_the_chunked_loss_saves_not_the_logits(pattern):
     assert costs.head.act_bytes == costs.head.ckpt_bytes == kept
     for depth in costs.mtp:  # each depth runs the shared head through the same loss: less than bf16 logits beside it
         assert depth.act_bytes - kept < T * V * 2
+
+
+def test_a_mixer_the_cost_model_has_no_estimate_for_is_refused_naming_where_to_add_one(monkeypatch):
+    """A mixer registered without a case in the cost model failed with a bare ``AssertionError: R``."""
+    from hybridlm.layers import MIXERS, MLP
+    from hybridlm.plan import cost
+
+    monkeypatch.setitem(MIXERS, "R", MLP)  # a newly registered mixer (any class)
+    with pytest.raises(NotImplementedError, match=r"no activation-memory estimate for 'R' layers \(MLP\).*_saved"):
+        cost._saved_elements(tiny_config("M"), "R")

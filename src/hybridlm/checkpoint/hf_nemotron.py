@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..pattern.symbols import KIND
 from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, to_foreign, zeros
 from .io import (
     CONFIG_NAME,
@@ -51,8 +52,6 @@ EXPORTABLE_ACTIVATIONS = ("relu2", "gelu")
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 #: Hugging Face layer type (current and legacy names) -> pattern symbol.
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
-#: The mixers of our pattern language that NemotronH has no equivalent of.
-_UNSUPPORTED_MIXERS = {"G": "Gated DeltaNet", "D": "DeepSeek sparse attention", "+": "multi-latent attention"}
 
 #: Files other than the weights and config.json that travel with a conversion (tokenizer, generation).
 AUX_FILES = (
@@ -129,10 +128,7 @@ def check_exportable(config: ModelConfig) -> None:
     for s in sorted(used - set(LAYER_TYPES)):
         at = [str(i) for i, x in enumerate(c.parsed.layers) if x == s]
         where = f" (canonical layer{'s' * (len(at) > 1)} {', '.join(at[:MAX_LISTED])}{' ...' * (len(at) > MAX_LISTED)})"
-        if s in _UNSUPPORTED_MIXERS:
-            problems.append(f"{_UNSUPPORTED_MIXERS[s]} ('{s}') layers{where}: NemotronH has no such mixer")
-        else:
-            problems.append(f"'{s}' layers{where}: not a NemotronH layer kind")
+        problems.append(f"{KIND[s]} ('{s}') layers{where}: NemotronH has no such mixer")
     if "*" in used and c.position_embedding != "none":
         problems.append(
             f"position_embedding={c.position_embedding!r}: NemotronH attention has no position "

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import USER_ERRORS, HybridLMError
+from ..pattern import symbols
 
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -187,7 +188,9 @@ def _error(e: BaseException) -> str:
 
 #: The commands whose operand is a layer pattern, and the characters a pattern is written with.
 _PATTERN_COMMANDS = ("pattern", "plan")
-_PATTERN_CHARS = frozenset("MG*D+-E|/[]")
+_PATTERN_CHARS = frozenset(
+    (*symbols.LAYER_SYMBOLS, symbols.PIPE, symbols.MTP_SEPARATOR, symbols.FUSION_START, symbols.FUSION_END)
+)
 
 
 def dash_pattern_operands(argv: Sequence[str]) -> list[str]:

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..pattern.symbols import KIND, SEQUENCE_MIXERS
+
 
 class InferenceCache:
     """States of ``mixers`` for ``batch`` rows of up to ``max_len`` positions.
@@ -85,6 +87,11 @@ class InferenceCache:
         try:
             return self.states[mixer]
         except KeyError:
+            if not hasattr(mixer, "init_cache"):  # not "built for other mixers": this one has no state to keep
+                raise NotImplementedError(
+                    f"{type(mixer).__name__} reads ctx.cache but has no init_cache, so no cache holds a state for it "
+                    "(the protocol is in hybridlm/layers/cache.py)"
+                ) from None
             raise KeyError(
                 f"no cached state for this {type(mixer).__name__}: the cache was built for other mixers "
                 "(build it with InferenceCache.for_model / for_mtp_depth of the model that runs)"
@@ -204,7 +211,17 @@ class InferenceCache:
 
 
 def _mixers(blocks: nn.ModuleDict) -> list[nn.Module]:
-    return [layer.mixer for block in blocks.values() for layer in block.layers]
+    """The mixers of ``blocks``; NotImplementedError for a sequence mixer without ``init_cache``, which has
+    no state to decode from (ignoring the cache, each step would see its own token alone: wrong tokens, no error)."""
+    layers = [layer for block in blocks.values() for layer in block.layers]
+    for layer in layers:
+        if layer.symbol in SEQUENCE_MIXERS and not hasattr(layer.mixer, "init_cache"):
+            raise NotImplementedError(
+                f"'{layer.symbol}' ({KIND[layer.symbol]}) layers cannot decode with a cache: "
+                f"{type(layer.mixer).__name__} has no init_cache. A sequence mixer carries information across "
+                "positions, so it must keep a state to decode from (the protocol is in hybridlm/layers/cache.py)"
+            )
+    return [layer.mixer for layer in layers]
 
 
 def _where(model: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:

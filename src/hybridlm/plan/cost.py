@@ -170,8 +170,11 @@ def _saved_elements(c: ModelConfig, s: str) -> float:
                 c.dsa_indexer_n_heads * c.dsa_indexer_head_dim + c.dsa_indexer_head_dim + c.dsa_indexer_n_heads
             )
         return saved
-    mixer_class(s)  # fails early on a symbol that cannot be built
-    raise AssertionError(s)
+    mixer = mixer_class(s)  # a symbol no mixer implements is refused as the model refuses it
+    raise NotImplementedError(
+        f"the pipeline cost model has no activation-memory estimate for '{s}' layers ({mixer.__name__}): add the "
+        "elements per token its forward saves to hybridlm.plan.cost._saved_elements (docs/design.md, 'Adding a mixer')"
+    )
 
 
 def _active_params(c: ModelConfig, s: str, params: int, tokens: int) -> float:

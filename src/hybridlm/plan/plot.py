@@ -24,6 +24,20 @@ COLORS = {
     "-": "#2ca02c",
     "E": "#ff7f0e",
 }
+#: tab10's colours that no kind above has, for layer kinds added without a colour of their own.
+_SPARE_COLORS = ("#8c564b", "#7f7f7f", "#bcbd22")
+
+
+def color(symbol: str) -> str:
+    """The colour of layer kind ``symbol``: its :data:`COLORS` entry, else a spare one of its own (a kind added
+    without a colour still gets a picture, in a colour no other kind has while the spares last)."""
+    if symbol in COLORS:
+        return COLORS[symbol]
+    missing = [s for s in LAYER_SYMBOLS if s not in COLORS]
+    index = missing.index(symbol) if symbol in missing else len(missing)
+    return _SPARE_COLORS[index % len(_SPARE_COLORS)]
+
+
 FORMATS = (".png", ".svg")
 
 
@@ -107,7 +121,7 @@ def plot_pattern(
             bottom = 0.0
             for b in range(a, z):
                 ax_cost.bar(a, block_costs[b], bottom=bottom, width=z - a, align="edge",
-                            color=COLORS[p.blocks[b][0]], edgecolor="white", linewidth=0.4)  # fmt: skip
+                            color=color(p.blocks[b][0]), edgecolor="white", linewidth=0.4)  # fmt: skip
                 bottom += block_costs[b]
         if extra:
             ax_cost.bar(a, extra, bottom=cost - extra, width=z - a, align="edge", color="#d9dde5",
@@ -131,7 +145,7 @@ def plot_pattern(
         h = 1.0 / len(block)
         for j, s in enumerate(block):  # a fused group: sequence mixer on top, channel mixer below
             y = 1.0 - (j + 1) * h
-            ax_blk.add_patch(Rectangle((x0 + 0.04, y), 0.92, h, facecolor=COLORS[s], edgecolor="none",
+            ax_blk.add_patch(Rectangle((x0 + 0.04, y), 0.92, h, facecolor=color(s), edgecolor="none",
                                        alpha=0.6 if mtp else 1.0))  # fmt: skip
             ax_blk.text(x0 + 0.5, y + h / 2, s, ha="center", va="center", fontsize=7, color="white",
                         fontweight="bold")  # fmt: skip
@@ -159,7 +173,7 @@ def plot_pattern(
         ax_blk.spines[side].set_visible(False)
 
     used = [s for s in LAYER_SYMBOLS if s in p.layers or s in p.mtp_layers]
-    handles = [Patch(facecolor=COLORS[s], label=f"{s}  {KIND[s]}") for s in used]
+    handles = [Patch(facecolor=color(s), label=f"{s}  {KIND[s]}") for s in used]
     if p.num_fused or any(len(b) > 1 for b in p.mtp_blocks):
         handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.6, label="[..] fused group"))
     if p.mtp_depths:
