@@ -2,6 +2,7 @@
 model, and --config says why a file is not a model config."""
 
 import json
+import os
 
 import pytest
 
@@ -9,7 +10,7 @@ import hybridlm
 from hybridlm import HybridLM
 from hybridlm.cli import main
 from hybridlm.train.tokenizer import ByteTokenizer
-from tests.helpers import tiny_config
+from tests.helpers import fifos_never_read, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,12 @@ def test_a_shard_size_that_is_not_one_is_named(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match=f"{text!r} is not a size: give bytes"):
         byte_size(text)
+
+
+def test_convert_from_megatron_refuses_a_fifo_as_its_config(tmp_path, capsys):
+    """``convert --from megatron --config FIFO`` waited forever for a writer: refused now (status 2), by name."""
+    os.mkfifo(tmp_path / "config.json")
+    argv = ["convert", str(tmp_path / "m.pt"), str(tmp_path / "out"), "--from", "megatron"]
+    with fifos_never_read(tmp_path / "config.json"):  # (a read would hang the suite)
+        assert main([*argv, "--config", str(tmp_path / "config.json")]) == 2
+    assert "--config " in (err := capsys.readouterr().err) and "config.json: not a regular file" in err

@@ -9,6 +9,7 @@ from typing import ClassVar
 import pytest
 
 from hybridlm.cli import main
+from tests.helpers import fifos_never_read
 
 
 def test_default_run_shortened_learns(tmp_path, capsys):
@@ -64,6 +65,23 @@ def test_a_failed_start_removes_the_folders_it_created_and_only_those(tmp_path, 
         assert main(["train", "--set", missing, "--run-dir", str(tmp_path / run_dir), "--no-progress"]) == 2
         assert "missing.txt" in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
+def test_a_fifo_as_run_file_or_corpus_is_an_error_not_a_hang(tmp_path, capsys):
+    """``train --config FIFO``, ``train --set data.source=FIFO`` and ``prepare FIFO OUT`` waited forever for a
+    writer; each is now refused (status 2) naming the file."""
+    os.mkfifo(tmp_path / "run.toml")
+    os.mkfifo(tmp_path / "corpus.txt")
+    run = ["--run-dir", str(tmp_path / "r"), "--no-progress"]
+    missing = f"data.source={tmp_path / 'missing.txt'}"  # (a run file read as empty stops there, not after a run)
+    with fifos_never_read(tmp_path / "run.toml", tmp_path / "corpus.txt"):  # (a read would hang the suite)
+        assert main(["train", "--config", str(tmp_path / "run.toml"), "--set", missing, *run]) == 2
+        assert "run.toml: not a regular file" in capsys.readouterr().err
+        assert main(["train", "--set", f"data.source={tmp_path / 'corpus.txt'}", *run]) == 2
+        assert "data.source: " in (err := capsys.readouterr().err) and "corpus.txt: not a regular file" in err
+        assert main(["prepare", str(tmp_path / "corpus.txt"), str(tmp_path / "out")]) == 2
+        assert "source: " in (err := capsys.readouterr().err) and "corpus.txt: not a regular file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "run.toml"]
 
 
 def test_prepare_then_train_on_tokens(tmp_path, capsys):

@@ -1,8 +1,13 @@
 """ModelConfig: JSON round trip with a schema version, field-named validation errors, presets, which
 layers read which field."""
 
+import copy
 import dataclasses
+import inspect
 import json
+import os
+import pickle
+import re
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ import torch
 from hybridlm import ConfigError, HybridLM, ModelConfig
 from hybridlm.config import FIELD_READERS, PRESETS, SCHEMA_VERSION, unused_fields
 from hybridlm.pattern.symbols import LAYER_SYMBOLS
+from tests.helpers import fifos_never_read
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -487,3 +493,45 @@ def test_a_megatron_name_points_at_the_field_that_replaces_it(megatron, ours):
     assert info.value.field == megatron and ours in str(info.value) and "did you mean" not in str(info.value)
     with pytest.raises(ConfigError, match="Megatron-LM name"):
         ModelConfig.preset("tiny").replace(**{megatron: 2})
+
+
+@pytest.mark.parametrize(
+    "keyword, says",
+    [
+        ("moe_router_topk", r"\(a Megatron-LM name\): hybridlm's is 'moe_top_k'"),
+        ("hiden_size", r"did you mean 'hidden_size'"),
+        ("no_such_thing_at_all", r"unknown ModelConfig field$"),
+    ],
+)
+def test_constructing_with_an_unknown_keyword_names_the_field_to_use(keyword, says):
+    """``ModelConfig(moe_router_topk=2)`` raised Python's bare "unexpected keyword argument", without the hint
+    from_dict, replace and ``--set`` give; still a TypeError, as Python's was."""
+    d = ModelConfig.preset("tiny").to_dict()
+    del d["schema_version"]
+    with pytest.raises(ConfigError, match=rf"^{keyword}: .*{says}") as info:
+        ModelConfig(**d, **{keyword: 2})
+    assert isinstance(info.value, TypeError) and info.value.field == keyword
+    with pytest.raises(ConfigError, match=rf"^{keyword}: .*{says}"):
+        dataclasses.replace(ModelConfig.preset("tiny"), **{keyword: 2})
+
+
+def test_the_keyword_check_keeps_the_dataclass_behaviour():
+    config = ModelConfig.preset("tiny")
+    assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config) == copy.copy(config)
+    assert dataclasses.replace(config, hidden_size=96) == config.replace(hidden_size=96) != config
+    assert list(inspect.signature(ModelConfig).parameters) == [f.name for f in dataclasses.fields(ModelConfig)]
+    with pytest.raises(TypeError, match="multiple values for argument 'pattern'"):  # Python's own, as before
+        ModelConfig("M", 97, 32, pattern="M")
+    error = pickle.loads(pickle.dumps(ConfigError("x", "y")))
+    assert str(error) == "x: y"
+
+
+def test_a_config_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """``ModelConfig.from_json`` of a FIFO (``<(...)``, given as a path or a string) blocked forever in its read
+    (``convert --from megatron --config`` and a Megatron checkpoint's sidecar read it so)."""
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    with fifos_never_read(fifo):  # (a read would hang the suite, not fail the test)
+        for given in (fifo, str(fifo)):
+            with pytest.raises(ConfigError, match=rf"^config: {re.escape(str(fifo))}: not a regular file$"):
+                ModelConfig.from_json(given)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
-from collections.abc import Iterable
+import os
+import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownFieldError
 from .pattern import HybridPattern, PatternError, parse
 from .pattern.symbols import KIND
 from .presets import PRESETS  # re-exported: ``from hybridlm.config import PRESETS``
@@ -36,7 +39,33 @@ FLOAT32_TINY = 1.1754943508222875e-38
 #: Field-name prefixes of the fields only one layer kind reads (see :data:`FIELD_READERS`).
 _PREFIX_READERS = (("mamba_", "M"), ("moe_", "E"), ("gdn_", "G"), ("dsa_", "D"))
 
+_C = TypeVar("_C", bound=type)
 
+
+def refuse_unknown_keywords(refuse: Callable[[dict[str, Any]], None]) -> Callable[[_C], _C]:
+    """Class decorator, placed above ``@dataclass``: the generated ``__init__`` first hands the keywords that name
+    no field to ``refuse``, which raises in hybridlm's words (:class:`~hybridlm.errors.UnknownFieldError`, naming the
+    field a Megatron-LM name stands for, else the closest one). Python's own "unexpected keyword argument
+    'moe_router_topk'" said neither. Only the check is added: ``dataclasses.replace`` (which calls ``__init__``),
+    copy, pickle (which does not) and equality are the dataclass's own, and ``inspect.signature`` sees the fields."""
+
+    def decorate(cls: _C) -> _C:
+        init: Callable[..., None] = cls.__dict__["__init__"]  # the one @dataclass generated
+        names = frozenset(f.name for f in fields(cls))
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            if not names.issuperset(kwargs):
+                refuse({k: v for k, v in kwargs.items() if k not in names})
+            init(self, *args, **kwargs)  # (a refuse that returned: Python's TypeError, still a refusal)
+
+        setattr(cls, "__init__", __init__)  # noqa: B010 (mypy refuses assigning to a method)
+        return cls
+
+    return decorate
+
+
+@refuse_unknown_keywords(lambda unknown: check_field_names(unknown, "ModelConfig"))
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a :class:`hybridlm.HybridLM`. Field names are a stable contract."""
@@ -176,8 +205,7 @@ class ModelConfig:
     # -- construction helpers ------------------------------------------------------------------
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
-        check_field_names(changes, "ModelConfig")
+        """A copy with some fields changed (validated again; an unknown name is refused by ``__init__``)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -191,9 +219,7 @@ class ModelConfig:
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; known presets: {', '.join(PRESETS)}",
             )
-        values = {**PRESETS[name], **overrides}
-        check_field_names(values, "ModelConfig")
-        return cls(**values)
+        return cls(**{**PRESETS[name], **overrides})
 
     from_preset = preset  # the same, under the name other libraries use
 
@@ -241,6 +267,8 @@ class ModelConfig:
         text = str(text_or_path)
         json_like = text.lstrip().startswith(("{", "[")) or text.strip().isdigit()
         if isinstance(text_or_path, Path) or not json_like or _is_file(text):  # a file named "[v1].json" too
+            if is_special_file(text_or_path):
+                raise ConfigError("config", f"{text_or_path}: not a regular file")
             try:
                 text = Path(text_or_path).read_text(encoding="utf-8")
             except OSError as e:
@@ -392,10 +420,10 @@ def check_field_names(values: dict[str, Any], what: str = "ModelConfig") -> None
         if not isinstance(key, str):
             raise ConfigError(str(key), f"a {what} field name must be a string, got {key!r}")
         if key in MEGATRON_NAMES:
-            raise ConfigError(key, f"unknown {what} field (a Megatron-LM name): {MEGATRON_NAMES[key]}")
+            raise UnknownFieldError(key, f"unknown {what} field (a Megatron-LM name): {MEGATRON_NAMES[key]}")
         if key not in names:
             hint = difflib.get_close_matches(key, names, n=1)
-            raise ConfigError(key, f"unknown {what} field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            raise UnknownFieldError(key, f"unknown {what} field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
 def _check_types(cfg: ModelConfig) -> None:
@@ -611,6 +639,17 @@ def _validate_mla(cfg: ModelConfig, sparse: bool) -> None:
         )
     if cfg.dsa_indexer_loss_coeff < 0:
         raise ConfigError("dsa_indexer_loss_coeff", f"must be >= 0, got {cfg.dsa_indexer_loss_coeff}")
+
+
+def is_special_file(path: str | Path) -> bool:
+    """Whether ``path`` names something other than a regular file or a folder: a FIFO (``--config <(...)``), a
+    device or a socket, whose read blocks for a writer or never ends. False where nothing is there, or the system
+    refuses the name: the read that follows says why."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # (ValueError: a name holding NUL)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _is_file(name: str) -> bool:

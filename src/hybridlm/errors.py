@@ -16,6 +16,7 @@ __all__ = [
     "HybridLMError",
     "NonFiniteLogitsError",
     "PatternError",
+    "UnknownFieldError",
     "UsageError",
 ]
 
@@ -29,6 +30,11 @@ class ConfigError(HybridLMError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.field, str(self)[len(self.field) + 2 :]))
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A configuration names a field that does not exist (a misspelling, another framework's name). A TypeError
+    too, as Python's refusal of an unexpected keyword argument is: ``ModelConfig(moe_router_topk=2)`` raised that."""
 
 
 class CheckpointError(HybridLMError, ValueError):

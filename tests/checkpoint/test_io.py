@@ -11,7 +11,7 @@ import torch
 import hybridlm
 from hybridlm import CheckpointError, HybridLM
 from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h
-from hybridlm.checkpoint.io import INDEX_NAME, check_fit, dominant_dtype, write_safetensors
+from hybridlm.checkpoint.io import INDEX_NAME, MAX_LISTED, check_fit, dominant_dtype, refuse_meta, write_safetensors
 from hybridlm.checkpoint.megatron import convert_to_megatron
 from hybridlm.checkpoint.training_state import save_training_state
 from tests.helpers import tiny_config
@@ -58,6 +58,23 @@ def test_check_fit_lists_every_problem():
     assert "missing tensors (1): c" in text and "unexpected tensors (1): x" in text
     assert "b: test dict has (3, 1), expected (3, 2)" in text
     check_fit({"a": torch.zeros(2)}, {"a": (2,)}, "test dict")  # a fit passes
+
+
+def test_refuse_meta_names_the_tensors_and_says_how_to_give_them_values():
+    """The one refusal of tensors without values (saving weights or a training state, loading into a model), which
+    three call sites wrote three ways (one said nothing of init_weights, one nothing of to_empty)."""
+    real, meta = torch.zeros(2), torch.empty(2, device="meta")
+    refuse_meta({"a": real, "step": 3}, "cannot save")  # values everywhere (and a non-tensor entry): passes
+    with pytest.raises(CheckpointError, match=r"^cannot save: tensors on the meta device, without values \(b\); "):
+        refuse_meta({"a": real, "b": meta}, "cannot save")
+    many = {f"t{i}": meta for i in range(MAX_LISTED + 1)}
+    with pytest.raises(
+        ValueError, match=r"\(all \d+ of them: t0, \.\.\.\); allocate the model with model\.to_empty"
+    ) as e:
+        refuse_meta(many, "cannot load", ValueError)
+    assert type(e.value) is ValueError and "model.init_weights()" in str(e.value)
+    with pytest.raises(CheckpointError, match=rf"\(t0, .*, t{MAX_LISTED - 1} \.\.\.\);"):
+        refuse_meta({**many, "a": real}, "cannot save")
 
 
 def test_dominant_dtype_counts_elements():

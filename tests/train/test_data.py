@@ -1021,6 +1021,21 @@ def test_a_fifo_in_a_prepared_corpus_is_refused_not_waited_on(tmp_path, name):
         load_corpus(str(tmp_path / "prep"), tok)
 
 
+@pytest.mark.parametrize("name", ["corpus.txt", "corpus.jsonl", "corpus"])
+def test_a_fifo_as_the_source_is_refused_not_waited_on(tmp_path, name):
+    """``data.source`` naming a FIFO (``<(zcat corpus.txt.gz)``, a pipe left by a tool) blocked the run forever in
+    its read; a FIFO inside a folder of text is passed over (its name ends in .txt, but it is no file)."""
+    os.mkfifo(tmp_path / name)
+    with (
+        fifos_never_read(tmp_path / name),  # (a read would hang the suite, not fail the test)
+        pytest.raises(DataError, match=rf"^data\.source: {re.escape(str(tmp_path / name))}: not a regular file$"),
+    ):
+        load_corpus(str(tmp_path / name), ByteTokenizer())
+    (tmp_path / "kept.txt").write_text("kept")
+    with fifos_never_read(tmp_path / name):
+        assert list(text_documents(str(tmp_path))) == ["kept"]
+
+
 def test_a_docs_npy_header_claiming_more_offsets_than_it_holds_allocates_nothing(tmp_path):
     """np.load allocated the header's shape before reading: 10**15 offsets (a few bytes of header) were a
     MemoryError blaming the model and batch sizes, not the file."""

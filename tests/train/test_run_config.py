@@ -1,11 +1,13 @@
 """RunConfig: TOML, --set overrides, field-named errors."""
 
+import os
 import re
 
 import pytest
 
 from hybridlm import ConfigError
 from hybridlm.train.config import DEFAULT_MODEL, RunConfig
+from tests.helpers import fifos_never_read
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
@@ -611,3 +613,41 @@ def test_an_init_from_that_is_no_model_folder_is_refused_by_name(tmp_path, make,
             (folder / "config.json").write_text('{"model_type": "nemotron_h", "hidden_size": 32}')
     with pytest.raises(ConfigError, match=error):
         RunConfig().with_overrides([f"train.init_from={folder}", *sets])
+
+
+@pytest.mark.parametrize(
+    "section, keyword, says",
+    [
+        (
+            "train",
+            "train_iters",
+            r"train\.train_iters: unknown field \(a Megatron-LM argument\): hybridlm's is train\.steps",
+        ),
+        ("optim", "lrate", r"optim\.lrate: unknown field \(did you mean 'optim\.lr'\?\)"),
+        ("train", "seq_len", r"train\.seq_len: unknown field: seq_len is data\.seq_len"),
+        ("parallel", "tp", r"parallel\.tp: unknown field: tensor parallelism is not offered"),
+    ],
+)
+def test_a_run_dataclass_built_with_an_unknown_keyword_says_what_the_run_file_says(section, keyword, says):
+    """``TrainConfig(train_iters=3)`` raised Python's bare "unexpected keyword argument 'train_iters'"; a run
+    file or ``--set`` said where hybridlm takes it. Still a TypeError, as Python's was."""
+    cls = type(getattr(RunConfig(), section))
+    with pytest.raises(ConfigError, match="^" + says) as info:
+        cls(**{keyword: 3})
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(ConfigError, match="^" + says):
+        RunConfig().with_overrides([f"{section}.{keyword}=3"])
+    with pytest.raises(ConfigError, match=r"^modle: unknown section \(did you mean 'model'\?\)") as info:
+        RunConfig(modle={})
+    assert isinstance(info.value, TypeError)
+
+
+def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """``--config`` naming a FIFO (``--config <(sed ... base.toml)``) blocked ``hybridlm train`` and ``plan`` forever
+    in the read, as the tokenizer and checkpoint files named so were once."""
+    os.mkfifo(tmp_path / "run.toml")
+    with (
+        fifos_never_read(tmp_path / "run.toml"),  # (a read would hang the suite, not fail the test)
+        pytest.raises(ConfigError, match=rf"^config: {re.escape(str(tmp_path / 'run.toml'))}: not a regular file$"),
+    ):
+        RunConfig.from_toml(tmp_path / "run.toml")

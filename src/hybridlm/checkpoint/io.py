@@ -491,6 +491,24 @@ def check_fit(
         raise CheckpointError(f"{source} does not fit the model:\n  " + "\n  ".join(problems) + hint)
 
 
+def refuse_meta(tensors: Mapping[str, Any], doing: str, error: Callable[[str], Exception] = CheckpointError) -> None:
+    """Refuse (``error``) ``tensors`` (name -> tensor) of which some are on the meta device, naming them: they have
+    shapes and no values, and torch fails far from the cause (saving: "Cannot copy out of meta tensor", naming none)
+    or, copying into one, keeps nothing (loading: a no-op with a warning). ``doing`` says what could not be done, as
+    the caller puts it ("cannot save the weights")."""
+    meta = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
+    if not meta:
+        return
+    if len(meta) == len(tensors) > 1:  # a model built on meta: its first name says enough
+        listed = f"all {len(meta)} of them: {meta[0]}, ..."
+    else:
+        listed = ", ".join(meta[:MAX_LISTED]) + (" ..." if len(meta) > MAX_LISTED else "")
+    raise error(
+        f"{doing}: tensors on the meta device, without values ({listed}); allocate the model with "
+        "model.to_empty(device=...), then give it values with model.init_weights() or by loading weights into it"
+    )
+
+
 def not_floating(tensors: Mapping[str, Any]) -> list[str]:
     """The problem line naming the tensors of ``tensors`` that are not floating point, if any: weights are, and an
     integer one would be cast into the model without a word."""

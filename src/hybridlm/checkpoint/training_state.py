@@ -38,6 +38,7 @@ from .io import (
     destination,
     load_safetensors,
     read_json,
+    refuse_meta,
     regular,
     unavailable,
     written,
@@ -80,15 +81,13 @@ def _renamed(states: dict[str, Any], rename: Callable, model: Module) -> dict[st
     return {part: {key(part, k): v for k, v in sd.items()} for part, sd in states.items()}
 
 
-def _canonical_states(model, optimizer) -> dict[str, Any]:
+def _canonical_states(model, optimizer, doing: str) -> dict[str, Any]:
+    """The model's and optimizer's states under canonical names; ``doing`` (what they are for) names a refusal."""
     check_built(getattr(model, "_orig_mod", model))  # a replaced config: a bare KeyError from canonical_name
     model_sd, optim_sd = get_state_dict(model, [] if optimizer is None else optimizer, options=_OPTIONS)
-    # A ValueError, not a damaged file: the save failed inside DCP ("Cannot copy out of meta tensor"), the load
-    # was called a damaged checkpoint ("Default process group has not been initialized").
-    if meta := [k for k, t in model_sd.items() if isinstance(t, torch.Tensor) and t.is_meta]:
-        raise ValueError(
-            f"the model is on the meta device ({meta[0]}{', ...' * (len(meta) > 1)}): allocate and initialize it first"
-        )
+    # A ValueError, not a damaged file (CheckpointError): the save failed inside DCP ("Cannot copy out of meta
+    # tensor"), the load was called a damaged checkpoint ("Default process group has not been initialized").
+    refuse_meta(model_sd, doing, ValueError)
     return _renamed({"model": model_sd} | ({} if optimizer is None else {"optim": optim_sd}), canonical_name, model)
 
 
@@ -185,7 +184,8 @@ def save_training_state(
 
     def save_tensors() -> None:
         try:
-            _dcp(dcp.save, _tensors_only(_canonical_states(model, optimizer)), checkpoint_id=str(tmp))
+            states = _canonical_states(model, optimizer, "cannot save a training state")
+            _dcp(dcp.save, _tensors_only(states), checkpoint_id=str(tmp))
         except dcp.api.CheckpointException as e:  # a BaseException: raise what failed (e.g. OSError ENOSPC) instead
             raise next(iter(e.failures.values()), (e,))[0] from None
 
@@ -353,7 +353,8 @@ def _checked(
                 puts.append(functools.partial(put, state))
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: damaged RNG state ({e})") from None
-    states = _canonical_states(model, optimizer)  # the optimizer gets a state for every parameter here
+    # (The optimizer gets a state for every parameter here.)
+    states = _canonical_states(model, optimizer, f"cannot load the training state {path} into the model")
     wanted = _tensors_only(states)
     # A parameter with no saved state had none when saved (it never had a gradient, e.g. DSA's indexer
     # without its loss): it gets none back, so that its first gradient starts from step 0 as it would have.

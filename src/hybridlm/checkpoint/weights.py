@@ -20,7 +20,6 @@ from .canonical import canonical_name, to_canonical
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
-    MAX_LISTED,
     check_fit,
     check_format,
     check_replaceable,
@@ -33,6 +32,7 @@ from .io import (
     meta_shapes,
     read_json,
     refuse_losing_checkpoint,
+    refuse_meta,
     weight_files,
     write_directory,
 )
@@ -114,12 +114,7 @@ def save_state_dict(
     (CheckpointError, listing them) unless they are exactly the tensors of a model built from ``config``, with values."""
     from .. import __version__
 
-    # Before the copy to the host, where a meta tensor failed naming none ("Cannot copy out of meta tensor").
-    if empty := [k for k, t in tensors.items() if t.is_meta]:
-        raise CheckpointError(
-            f"tensors on the meta device, without values: {', '.join(empty[:MAX_LISTED])}"
-            f"{' ...' if len(empty) > MAX_LISTED else ''}; allocate and initialize (or load) them before saving"
-        )
+    refuse_meta(tensors, "cannot save the weights")  # (before the copy to the host, which names no tensor)
     # Tensors that do not fit ``config`` (a config replaced after the model was built, a resized embedding, a stage
     # left out of a gather) were written without a word, and the checkpoint refused at load, the model maybe gone.
     hint = "\n(the config describes other tensors: was it replaced, or a weight resized, after the model was built?)"
@@ -265,11 +260,7 @@ def load_canonical_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     # dropped by from_canonical, and the strict load listed every tensor as missing.
     names = {canonical_name(k, p): k for k in own}
     expected = {c: own[k] for c, k in names.items()}
-    if meta := [k for k, t in expected.items() if t.is_meta]:  # torch copies into a meta tensor as a no-op
-        raise CheckpointError(
-            f"the model is on the meta device ({meta[0]}{', ...' * (len(meta) > 1)}), where loading keeps no values; "
-            "allocate it first: model.to_empty(device=...)"
-        )
+    refuse_meta(expected, f"cannot load {source} into the model")  # (torch copies into a meta tensor as a no-op)
     # A stage skips the tensors of the other stages, not those no model of its config has: an untied checkpoint's
     # lm_head.weight was skipped by the last stage of a tied config, which then computed logits with the embedding.
     known = expected if model.is_whole else meta_shapes(model.config)

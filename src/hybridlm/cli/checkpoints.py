@@ -106,11 +106,13 @@ def _megatron_config(path: str):
     from pathlib import Path
 
     from ..checkpoint.weights import read_config
-    from ..config import ModelConfig
+    from ..config import ModelConfig, is_special_file
     from ..errors import ConfigError, UsageError
 
     if Path(path).is_dir():
         return read_config(path)
+    if is_special_file(path):  # a FIFO or a device: reading it would block, or never end
+        raise UsageError(f"--config {path}: not a regular file")
     try:
         data = json.loads(Path(path).read_text())
         if isinstance(data, dict) and data.get("format") == "hybridlm":  # a checkpoint's config.json

@@ -26,8 +26,15 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-from ..config import ModelConfig, check_field_names, is_finite, unused_fields
-from ..errors import CheckpointError, ConfigError
+from ..config import (
+    ModelConfig,
+    check_field_names,
+    is_finite,
+    is_special_file,
+    refuse_unknown_keywords,
+    unused_fields,
+)
+from ..errors import CheckpointError, ConfigError, UnknownFieldError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,6 +72,7 @@ _NULLABLE_MODEL_FIELDS = frozenset(
 _MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 
 
+@refuse_unknown_keywords(lambda unknown: _unknown_fields("data", unknown))
 @dataclass
 class DataConfig:
     source: str = "builtin:pydoc"  #: builtin:pydoc, a .txt/.jsonl file or folder, or a `hybridlm prepare` folder
@@ -76,6 +84,7 @@ class DataConfig:
     seed: int = 0  #: data order and validation split
 
 
+@refuse_unknown_keywords(lambda unknown: _unknown_fields("optim", unknown))
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
@@ -103,6 +112,7 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead")
 CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 
+@refuse_unknown_keywords(lambda unknown: _unknown_fields("train", unknown))
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -142,6 +152,7 @@ SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "looped-bfs")
 
 
+@refuse_unknown_keywords(lambda unknown: _unknown_fields("parallel", unknown))
 @dataclass
 class ParallelConfig:
     pp: int = 1  #: pipeline ranks; the data-parallel size is world size / pp
@@ -152,6 +163,7 @@ class ParallelConfig:
         return self.microbatches if self.microbatches is not None else 2 * self.pp
 
 
+@refuse_unknown_keywords(lambda unknown: _unknown(next(iter(unknown)), list(SECTIONS), "section"))
 @dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
@@ -182,6 +194,8 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
+        if is_special_file(path):
+            raise ConfigError("config", f"{path}: not a regular file")
         try:
             d = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is no TOML
         except OSError as e:
@@ -618,27 +632,40 @@ _MEGATRON = {
 }
 
 
+def _section_class(section: str) -> type:
+    """The dataclass of run-file table ``section``."""
+    return ModelConfig if section == "model" else type(getattr(RunConfig(), section))
+
+
 def _field_names(section: str) -> set[str]:
-    cls = ModelConfig if section == "model" else type(getattr(RunConfig(), section))
-    return {f.name for f in fields(cls)}
+    return {f.name for f in fields(_section_class(section))}
 
 
 def _unknown(key: str, known: list[str], what: str = "field") -> None:
     if key in _ELSEWHERE:
-        raise ConfigError(key, f"unknown {what}: {_ELSEWHERE[key]}")
+        raise UnknownFieldError(key, f"unknown {what}: {_ELSEWHERE[key]}")
     section, _, name = key.rpartition(".")
     if what == "field" and (where := _MEGATRON.get(name)):
-        raise ConfigError(key, f"unknown {what} (a Megatron-LM argument): {where}")
+        raise UnknownFieldError(key, f"unknown {what} (a Megatron-LM argument): {where}")
     # A field of another section (train.seq_len) got the closest name of this one as a hint (train.seed); one
     # outside any table (a run file's "steps = 3" above [train]) was listed the sections.
     if other := [s for s in SECTIONS if s != section and name in _field_names(s)]:
         where = " and ".join(f"{s}.{name}" for s in other)
-        raise ConfigError(
+        raise UnknownFieldError(
             key, f"unknown {what}: {name} is {where}" + (" (a field: put it in its table)" * (what == "section"))
         )
     hint = difflib.get_close_matches(key, known, n=1)
     listed = f"; the sections are {', '.join(known)}" if what == "section" else ""
-    raise ConfigError(key, f"unknown {what}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + listed)
+    raise UnknownFieldError(key, f"unknown {what}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + listed)
+
+
+def _unknown_fields(section: str, values: dict[str, Any]) -> None:
+    """Refuse the keys of ``values`` that are no field of ``section`` (a run file's table, ``--set``, or keywords
+    of its dataclass), each named ``section.key``."""
+    names = [f.name for f in fields(_section_class(section))]
+    for key in values:
+        if key not in names:
+            _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
 
 
 def override_key(item: str) -> str:
@@ -648,18 +675,14 @@ def override_key(item: str) -> str:
 
 def _holds_text(section: str, name: str) -> bool:
     """Whether field ``name`` of ``section`` takes text only (str, or str or None)."""
-    cls = ModelConfig if section == "model" else type(getattr(RunConfig(), section))
-    hint = get_type_hints(cls).get(name)
+    hint = get_type_hints(_section_class(section)).get(name)
     allowed = set(get_args(hint) if get_origin(hint) is not None else (hint,))
     return str in allowed and allowed <= {str, type(None)}
 
 
 def _build(cls: type, values: dict[str, Any], section: str):
     hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    for key in values:
-        if key not in names:
-            _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
+    _unknown_fields(section, values)  # (before the types: an unknown key has no hint)
     # TOML has no null: "none" unsets a field that may be None, as in the model section (a resume's
     # config.toml holds the value, so leaving the field out cannot bring the default back).
     values = {k: None if _is_none_word(v) and type(None) in get_args(hints[k]) else v for k, v in values.items()}

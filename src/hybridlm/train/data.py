@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import is_special_file
 from ..errors import DataError
 
 PREPARED_META = "meta.json"
@@ -156,6 +157,8 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
     _refuse_megatron_dataset(path, source, key)
     if not path.exists():
         raise DataError(f"{key}: {source} does not exist")
+    if is_special_file(path):
+        raise DataError(f"{key}: {source}: not a regular file")
     if not path.is_dir() and path.name in PREPARED_FILES and is_prepared(path.parent):  # its ids, read as text
         raise DataError(f"{key}: {source} is a file of the prepared corpus {path.parent}; name the folder")
     files = _text_files(path) if path.is_dir() else [path]
