@@ -535,3 +535,36 @@ def test_a_config_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
         for given in (fifo, str(fifo)):
             with pytest.raises(ConfigError, match=rf"^config: {re.escape(str(fifo))}: not a regular file$"):
                 ModelConfig.from_json(given)
+
+
+@pytest.mark.parametrize(
+    "hf, ours",
+    [
+        ("num_experts_per_tok", "'moe_top_k'"),  # was "did you mean 'moe_num_experts'?"
+        ("num_key_value_heads", "'num_query_groups'"),  # was 'gdn_num_value_heads'
+        ("mamba_expand", "'mamba_num_heads'"),  # was 'mamba_head_dim'
+        ("hidden_act", "'mlp_activation'"),  # was 'hidden_size'
+        ("full_attention_interval", "'pattern'"),  # was 'num_attention_heads'
+        ("num_hidden_layers", "'pattern'"),  # was 'ffn_hidden_size'
+        ("intermediate_size", "'ffn_hidden_size'"),  # was no hint at all
+        ("partial_rotary_factor", "'rotary_percent'"),
+        ("attn_layer_period", "'pattern'"),
+        ("num_nextn_predict_layers", "'/'"),
+    ],
+)
+def test_a_hugging_face_name_points_at_the_field_that_replaces_it(hf, ours):
+    """A Qwen3-Next or Jamba user's config.json names got the closest spelling as a hint, which for these pointed
+    at another option (or there was none)."""
+    d = ModelConfig.preset("tiny").to_dict()
+    with pytest.raises(ConfigError, match="Hugging Face name") as info:
+        ModelConfig.from_dict({**d, hf: 2})
+    assert info.value.field == hf and ours in str(info.value) and "did you mean" not in str(info.value)
+    with pytest.raises(ConfigError, match="Hugging Face name"):
+        ModelConfig.preset("tiny").replace(**{hf: 2})
+
+
+def test_the_hugging_face_names_are_no_field_of_ours():
+    from hybridlm.config import HF_NAMES, MEGATRON_NAMES
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not (set(HF_NAMES) & names) and not (set(HF_NAMES) & set(MEGATRON_NAMES))

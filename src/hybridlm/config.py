@@ -412,15 +412,67 @@ MEGATRON_NAMES = {
 }
 
 
+_PLACED_BY_PATTERN = (
+    "the pattern places every layer, one symbol each: 'pattern': 'GEGEGE*E' makes every fourth sequence mixer "
+    "attention, each followed by an MoE"
+)
+
+#: Hugging Face config.json names (Qwen3-Next, Jamba, NemotronH, Llama-style attention) for what ModelConfig calls
+#: otherwise or takes from the pattern, where the closest spelling pointed elsewhere (num_experts_per_tok ->
+#: moe_num_experts, num_key_value_heads -> gdn_num_value_heads, mamba_expand -> mamba_head_dim) or nowhere
+#: (intermediate_size, partial_rotary_factor, attn_layer_period). A name Megatron-LM shares is in MEGATRON_NAMES.
+HF_NAMES = {
+    "num_hidden_layers": MEGATRON_NAMES["num_layers"],
+    **dict.fromkeys(
+        (
+            "layer_types",
+            "full_attention_interval",
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "attn_layer_period",
+            "attn_layer_offset",
+            "expert_layer_period",
+            "expert_layer_offset",
+        ),
+        _PLACED_BY_PATTERN,
+    ),
+    "num_nextn_predict_layers": MEGATRON_NAMES["mtp_num_layers"],
+    "intermediate_size": "hybridlm's is 'ffn_hidden_size'",
+    "hidden_act": "hybridlm's is 'mlp_activation' ('relu2', 'swiglu' or 'gelu'; a gated 'silu' MLP is 'swiglu')",
+    "num_key_value_heads": "hybridlm's is 'num_query_groups' (attention's key/value heads)",
+    "partial_rotary_factor": "hybridlm's is 'rotary_percent' (with position_embedding = 'rope')",
+    "rms_norm_eps": "hybridlm's is 'norm_eps'",
+    "layer_norm_epsilon": "hybridlm's is 'norm_eps'",
+    "initializer_range": "hybridlm's is 'init_std'",
+    "tie_word_embeddings": "hybridlm's is 'tie_embeddings'",
+    **dict.fromkeys(("num_experts", "n_routed_experts"), "hybridlm's is 'moe_num_experts'"),
+    "num_experts_per_tok": "hybridlm's is 'moe_top_k'",
+    "moe_intermediate_size": "hybridlm's is 'moe_ffn_hidden_size'",
+    "shared_expert_intermediate_size": "hybridlm's is 'moe_shared_expert_ffn_hidden_size'",
+    "norm_topk_prob": "hybridlm's is 'moe_norm_topk_prob'",
+    "router_aux_loss_coef": "hybridlm's is 'moe_aux_loss_coeff'",
+    "routed_scaling_factor": "hybridlm's is 'moe_routed_scaling'",
+    "mamba_d_state": "hybridlm's is 'mamba_state_dim'",
+    "ssm_state_size": "hybridlm's is 'mamba_state_dim'",
+    "mamba_d_conv": "hybridlm's is 'mamba_conv_kernel'",
+    "conv_kernel": "hybridlm's is 'mamba_conv_kernel'",
+    "n_groups": "hybridlm's is 'mamba_num_groups'",
+    "mamba_expand": "Mamba2's width is 'mamba_num_heads' x 'mamba_head_dim' (default: 2 x hidden_size, expand 2)",
+    "mamba_dt_rank": "Mamba2 ('M') has one dt per head, no low-rank dt projection (Jamba's Mamba is Mamba1)",
+}
+
+
 def check_field_names(values: dict[str, Any], what: str = "ModelConfig") -> None:
-    """Refuse keys of ``values`` that are not ModelConfig fields (naming the field a Megatron-LM name stands
-    for, else suggesting the closest one)."""
+    """Refuse keys of ``values`` that are not ModelConfig fields (naming the field a Megatron-LM or Hugging Face
+    name stands for, else suggesting the closest one)."""
     names = [f.name for f in fields(ModelConfig)]
     for key in values:
         if not isinstance(key, str):
             raise ConfigError(str(key), f"a {what} field name must be a string, got {key!r}")
         if key in MEGATRON_NAMES:
             raise UnknownFieldError(key, f"unknown {what} field (a Megatron-LM name): {MEGATRON_NAMES[key]}")
+        if key in HF_NAMES:
+            raise UnknownFieldError(key, f"unknown {what} field (a Hugging Face name): {HF_NAMES[key]}")
         if key not in names:
             hint = difflib.get_close_matches(key, names, n=1)
             raise UnknownFieldError(key, f"unknown {what} field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))

@@ -207,19 +207,37 @@ def test_a_damaged_safetensors_file_is_called_unreadable(tmp_path):
         describe(tmp_path / "w.safetensors")
 
 
+def _config_line(text: str) -> dict[str, str]:
+    config_line = next(line for line in text.splitlines() if line.startswith("config "))
+    return dict(item.split("=", 1) for item in config_line.removeprefix("config").strip().split(", "))
+
+
 def test_render_shows_step_zero_and_only_the_options_that_are_set(tmp_path):
     """A state saved at step 0 shows "step 0"; the config line leaves out options that are off (False, 0,
-    None) and the schema version."""
+    None), those no layer of the pattern reads, and the schema version."""
     from hybridlm.checkpoint.training_state import save_training_state
+    from hybridlm.config import unused_fields
 
     model = tiny()
     text = render(describe(save_training_state(tmp_path / "state", model, step=0)))
     assert "\nstep         0\n" in text
-    config_line = next(line for line in text.splitlines() if line.startswith("config "))
-    shown = dict(item.split("=", 1) for item in config_line.removeprefix("config").strip().split(", "))
+    shown = _config_line(text)
     saved = model.config.to_dict()
-    assert "schema_version" in saved and "schema_version" not in shown
-    assert shown == {k: str(v) for k, v in saved.items() if k not in ("schema_version", "pattern") and v}
+    unread = unused_fields(model.config, saved)
+    assert "schema_version" in saved and "schema_version" not in shown and "moe_num_experts" in unread
+    assert shown == {
+        k: str(v) for k, v in saved.items() if k not in ("schema_version", "pattern") and v and k not in unread
+    }
+
+
+def test_the_config_line_leaves_out_the_options_of_kinds_the_pattern_lacks(tmp_path):
+    """A Qwen3-Next-like checkpoint (G, *, E, an MTP depth) listed Mamba2's state size, MLA's ranks and DSA's top-k
+    (their defaults, in every config.json) as if the model had those layers."""
+    config = ModelConfig.preset("tiny").replace(pattern="[GE][*E]/[*E]", position_embedding="rope")
+    shown = _config_line(render(describe(hybridlm.save(HybridLM(config, seed=0), tmp_path / "ckpt"))))
+    assert {"gdn_head_dim", "moe_num_experts", "num_attention_heads", "rope_theta", "mtp_loss_scale"} <= set(shown)
+    assert not [k for k in shown if k.startswith(("mamba_", "dsa_")) or k in ("q_lora_rank", "kv_lora_rank")]
+    assert "ffn_hidden_size" not in shown  # the experts are sized by moe_ffn_hidden_size, and there is no '-'
 
 
 def test_a_dcp_folder_counts_tensors_and_other_entries_apart(tmp_path):

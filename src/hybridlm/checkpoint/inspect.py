@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..config import ModelConfig, unused_fields
+from ..errors import CheckpointError, ConfigError
 from .hf_nemotron import _MTP, HF_MODEL_TYPE, _hf_layers
 from .io import (
     CONFIG_NAME,
@@ -156,6 +157,19 @@ def _human(n: float) -> str:
     return f"{n / 1000**unit:.1f}{' KMGTP'[unit]}" if unit else str(int(n))
 
 
+def _shown_fields(cfg: dict[str, Any]) -> list[str]:
+    """The options of a saved config worth a line: those not off (False, 0, None) that a layer of its pattern reads.
+
+    The options of a kind the pattern lacks keep their defaults in every config.json (``mamba_state_dim=128``,
+    ``q_lora_rank=512`` in a Qwen3-Next-like ``GEGEGE*E``), where they read as part of the model.
+    """
+    keys = [k for k in cfg if k not in ("schema_version", "pattern") and cfg[k] not in (None, 0, False)]
+    with contextlib.suppress(ConfigError):  # a training state's config that no longer reads is shown as saved
+        unread = unused_fields(ModelConfig.from_dict(cfg), keys)
+        keys = [k for k in keys if k not in unread]
+    return keys
+
+
 def render(info: dict[str, Any]) -> str:
     """The lines ``hybridlm inspect`` prints for a :func:`describe` summary."""
     rows = [(k, info[k]) for k in ("step", "pattern", "canonical", "tensors") if info.get(k) is not None]
@@ -168,6 +182,6 @@ def render(info: dict[str, Any]) -> str:
     if "elements" in info:
         rows.append(("elements", f"{info['elements']:,} in {info['entries']} entries"))
     if info["kind"] in ("hybridlm checkpoint", "DCP training state") and isinstance(cfg := info.get("config"), dict):
-        keys = [k for k in cfg if k not in ("schema_version", "pattern") and cfg[k] not in (None, 0, False)]
+        keys = _shown_fields(cfg)
         rows.append(("config", ", ".join(f"{k}={cfg[k]}" for k in keys)))
     return "\n".join([f"{info['kind']}: {info['path']}"] + [f"{k:<13}{v}" for k, v in rows])
