@@ -86,7 +86,7 @@ def test_object_planted_in_an_optimizer_entry(state, tmp_path):
     """DCP stores non-tensors with torch.save and loads them with weights_only=False: never asked for."""
     marker = tmp_path / "pwned"
     model, opt = make()
-    states = _canonical_states(model, opt)
+    states = _canonical_states(model, opt, "cannot save a training state")
     key = next(k for k in states["optim"] if k.endswith(".exp_avg"))
     states["optim"][key] = Payload(marker)
     states["optim"]["param_groups.extra.lr"] = Payload(marker)
