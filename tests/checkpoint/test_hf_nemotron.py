@@ -848,6 +848,18 @@ def test_an_end_of_text_id_outside_the_vocabulary_is_not_saved(tmp_path, caplog)
     assert hf_eos_token_id(tmp_path) == 256
 
 
+def test_an_end_of_turn_id_at_the_vocabulary_s_size_gives_way_to_config_json_s(tmp_path, caplog):
+    """generation_config.json's id, read first, is passed over at vocab_size already (ids are below it), and
+    config.json's own id is then the one kept: one file's bad id does not lose the other's good one."""
+    from hybridlm.checkpoint.hf_nemotron import hf_eos_token_id
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 257, "eos_token_id": 3}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 257}))
+    with caplog.at_level(logging.WARNING):
+        assert hf_eos_token_id(tmp_path) == 3
+    assert "eos_token_id 257 is outside the vocabulary of 257; not saved" in caplog.text
+
+
 @pytest.mark.parametrize(
     "written, clamp",
     [

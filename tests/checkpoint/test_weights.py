@@ -563,3 +563,26 @@ def test_a_config_replaced_with_other_brackets_is_refused_saying_what_differs(tm
     assert not (tmp_path / "ck").exists() and not (tmp_path / "state").exists()
     for stage in (build_stage(tiny_config("M-|*-/M-"), 0, 2), build_stage(tiny_config("M-|*-/M-"), 1, 2)):
         weights.check_built(stage)  # a pipeline stage holds some blocks of its config: no difference
+
+
+@pytest.mark.parametrize(
+    ("replaced", "first"),
+    [("M-*-/M-/M-", r"mtp: model 1 depths, config 2"), ("M-*-/M--", r"mtp\.0\.blocks\.2: model 'none', config '-'")],
+)
+def test_a_config_replaced_with_more_mtp_layers_is_refused_saying_what_differs(tmp_path, replaced, first):
+    """A config naming a depth, or a depth's block, more than the model holds: every block the model has matches,
+    so only what it lacks tells that the config is not the model's (save, load and the training state say so)."""
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    model = HybridLM(tiny_config("M-*-/M-"))
+    model.config = tiny_config(replaced)
+    says = (
+        rf"model's blocks are 'M-\*-/M-', the config's pattern is '{re.escape(replaced)}' \(first difference: {first}\)"
+    )
+    with pytest.raises(CheckpointError, match=says):
+        hybridlm.save(model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=says):
+        load_canonical_into(model, weights.canonical_state_dict(HybridLM(tiny_config(replaced))))
+    with pytest.raises(CheckpointError, match=says):
+        save_training_state(tmp_path / "state", model)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "state").exists()

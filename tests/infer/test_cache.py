@@ -654,6 +654,19 @@ def test_speculative_drafts_never_run_past_max_new_tokens(monkeypatch):
         assert stats["accepted"] == stats["drafted"] and stats["drafted"] + stats["verify_steps"] == n - 1, (n, stats)
 
 
+def test_the_depths_pass_over_the_prompt_runs_only_the_depths_that_will_draft(monkeypatch):
+    """Three new tokens leave one to draft (depth 1) after the prefill's pick and the round's own; two leave none:
+    the pass over the prompt runs only the depths that will draft, not every depth over the whole prompt for drafts
+    never asked for."""
+    model = model_for("M[*-]/[*-]/[*-]")
+    ran, run = [], _Depths._run
+    monkeypatch.setattr(_Depths, "_run", lambda self, d, h, tokens: ran.append(d) or run(self, d, h, tokens))
+    for n, depths in ((2, set()), (3, {0})):
+        ran.clear()
+        assert generate(model, PROMPTS[2], n, speculative="mtp") == generate(model, PROMPTS[2], n)
+        assert set(ran) == depths, (n, ran)
+
+
 def test_mtp_drafts_of_a_one_token_prompt_use_every_depth_that_can_see_it():
     """Two known tokens: depths 1 and 2 draft (depth 2 reads depth 1's draft); depth 3 has no position yet."""
     model = model_for("M*/[*-]M/[*-]M/[*-]M")

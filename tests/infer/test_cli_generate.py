@@ -789,6 +789,22 @@ def test_a_stop_string_holding_a_special_token_and_more_text_ends_the_text_there
             assert row.text == text and capsys.readouterr().out == ("> " + text if stream else ""), stops
 
 
+def test_a_stop_string_holding_a_special_token_matches_its_text_written_out_in_plain_tokens(tmp_path, capsys):
+    """A stop string holding a special token's text and more ('<|im_end|>\\n') is a string like any other: where the
+    model writes that text out in byte tokens, and picks no special token, it is found there, as '<|im_end|>' is."""
+    from hybridlm.cli.generate import _Completion
+
+    tok = _chat_tokenizer(tmp_path)
+    ids = list(b"Hi<|im_end|>\nuser")  # byte tokens only
+    assert tok.decode(ids) == "Hi<|im_end|>\nuser"
+    for stops, stopped_at in ((["<|im_end|>\n"], 12), (["<|im_end|>"], 11)):
+        for stream in (False, True):
+            row = _Completion(tok, stops, stream, prompt=tok.encode("Q"), specials=tok.special_tokens())
+            assert next((i for i, t in enumerate(ids) if row.add(t)), None) == stopped_at, stops
+            row.finish()
+            assert row.text == "Hi" and capsys.readouterr().out == ("Hi" if stream else ""), stops
+
+
 def test_the_cli_stops_at_a_special_token_followed_by_text_streamed_or_batched(tmp_path, capsys, monkeypatch):
     """`--stop '<|im_end|>\\n'` through the command: the text ends before the special token, with one prompt at a
     time (streamed) and in a batch alike; without the stop it runs on, the special tokens left out."""

@@ -5,7 +5,7 @@ import torch
 
 from hybridlm import HybridLM
 from hybridlm.layers.moe import Router
-from hybridlm.ops.precision import accumulation_dtype, matmul_dtype
+from hybridlm.ops.precision import LOG_DECAY_FLOOR, accumulation_dtype, matmul_dtype
 from tests.helpers import MLA_TINY, tiny_config
 
 
@@ -30,6 +30,13 @@ def test_matmul_dtype_follows_cpu_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert matmul_dtype(x) == torch.bfloat16
     assert matmul_dtype(x.to(torch.float64)) == torch.float64
+
+
+def test_the_log_decay_floor_clamps_only_decays_float32_already_makes_zero():
+    """The Triton scans clamp a step's log-decay at -LOG_DECAY_FLOOR, which changes no result only because the
+    decay across such a step is 0 in float32 either way: at a floor of 20 the clamp let 2e-9 of every earlier
+    position through a step that resets the state (g = -inf), and no kernel test can see that."""
+    assert torch.exp(torch.tensor(-LOG_DECAY_FLOOR, dtype=torch.float32)) == 0
 
 
 def test_accumulation_dtype_is_float64_only_for_float64():

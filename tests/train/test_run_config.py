@@ -594,6 +594,15 @@ def test_a_run_folder_or_its_training_state_as_init_from_names_the_run_s_model_f
         RunConfig().with_overrides([f"train.init_from={run / 'checkpoints' / 'step-000004'}"])
 
 
+def test_a_blank_init_from_set_on_the_command_line_is_refused_by_its_name():
+    """`--set train.init_from=` emptied the embedded default's [model] table as an init folder's, and the run was
+    refused as "model.pattern: required", naming neither the field nor its mistake."""
+    for value in ("", '"  "'):
+        for extra in ([], ["model.pattern=M-"]):
+            with pytest.raises(ConfigError, match=r"^train\.init_from: must not be empty \(write 'none' to unset it\)"):
+                RunConfig().with_overrides([f"train.init_from={value}", *extra])
+
+
 @pytest.mark.parametrize(
     ("make", "sets", "error"),
     [

@@ -564,6 +564,24 @@ def test_the_moe_load_imbalance_is_logged_for_models_with_moe_layers(tmp_path):
     assert "moe_load_imbalance" not in plain.train_step() and plain.moe_layer_load == {}
 
 
+def test_aux_loss_holds_the_dsa_indexer_loss_and_none_of_the_weighted_mtp_depths(tmp_path):
+    """aux_loss is the DSA indexer's weighted loss too (a coefficient set, no MoE layer; a large one: the indexer starts close to attention), and the MTP depths'
+    losses leave it as the total weighs them: mtp_loss_scale times their mean (here 0.5 over two depths)."""
+    from tests.helpers import MLA_TINY
+
+    corpus = short_documents(tmp_path / "c.jsonl")
+    mla = [f"model.{k}={v}" for k, v in MLA_TINY.items()]
+    sets = ("model.pattern=M-D-/-/-", "model.mtp_loss_scale=0.5", "model.dsa_indexer_loss_coeff=1000", *mla)
+    t = Trainer(tiny_run(*MTP_RUN[1:], *sets, f"data.source={corpus}"), run_dir=tmp_path / "a", progress=False)
+    batch = t.train_rows.rows(t.sampler.local_rows(0))
+    want = t.model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])  # (gradients on: aux computed)
+    row = t.train_step()
+    t.close()
+    assert want.aux_loss.item() > 1e-4 and row["aux_loss"] == pytest.approx(want.aux_loss.item(), rel=1e-4)
+    mtp = 0.5 * (row["mtp_loss_1"] + row["mtp_loss_2"]) / 2
+    assert row["loss"] == pytest.approx(row["lm_loss"] + mtp + row["aux_loss"], rel=1e-6)
+
+
 def test_each_mtp_depth_s_loss_is_logged(tmp_path):
     """metrics.jsonl holds mtp_loss_1 .. mtp_loss_D, the step's loss of each depth over its labels (as Megatron
     logs "mtp_d loss"): only the total and the main head's were logged, so a depth that stopped learning hid."""

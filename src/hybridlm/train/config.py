@@ -233,7 +233,9 @@ class RunConfig:
             value = _parse_value(raw.strip(), f"{section}.{name}")
             # A text field keeps its text where TOML reads another type: run_dir=20240601, source=1.5.
             d[section][name] = raw.strip() if not isinstance(value, str) and _holds_text(section, name) else value
-        if self.model == DEFAULT_MODEL and d["train"].get("init_from") is not None and not presets:
+        init = d["train"].get("init_from")
+        # (A blank init_from is refused by name in validate: emptied here, the table named model.pattern instead.)
+        if self.model == DEFAULT_MODEL and isinstance(init, str) and init.strip() and not presets:
             # Over an init folder the embedded default's table is no one's: only the model fields assigned here
             # are the user's (a --set at one of the default's values, mamba_chunk_size=64, was dropped unseen).
             assigned = {override_key(a).split(".", 1)[1] for a in assignments if override_key(a).startswith("model.")}
