@@ -165,6 +165,8 @@ def random_config(rng: random.Random, pattern: str) -> ModelConfig:
         tie_embeddings=rng.random() < 0.3,
         gdn_num_value_heads=rng.choice([2, 4]),
         **_random_mla(rng, pattern),
+        # drawn last, and only for attention: the other options' draws stay what they were
+        **({"attention_output_gate": rng.random() < 0.5} if "*" in pattern else {}),
     )
 
 

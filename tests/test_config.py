@@ -61,6 +61,7 @@ def test_contract_field_names():
         "rope_theta",
         "rotary_percent",
         "qk_norm",
+        "attention_output_gate",
         "ffn_hidden_size",
         "mlp_activation",
         "mamba_num_heads",
@@ -100,6 +101,7 @@ def test_contract_field_names():
         128,
     )
     assert (d.rotary_percent, d.qk_norm, d.position_embedding) == (1.0, False, "none")
+    assert d.attention_output_gate is False
     assert (d.moe_shared_expert_ffn_hidden_size, d.moe_routed_scaling, d.moe_num_groups, d.moe_topk_groups) == (
         0,
         1.0,
@@ -334,6 +336,7 @@ _READERS_BASE = dict(
     vocab_size=61, hidden_size=32, num_attention_heads=4, num_query_groups=2, position_embedding="rope",
     ffn_hidden_size=48, mamba_num_heads=4, mamba_head_dim=16, mamba_state_dim=8, mamba_num_groups=2,
     mamba_chunk_size=8, moe_num_experts=4, moe_num_groups=2, moe_topk_groups=1, moe_aux_loss_coeff=0.01,
+    moe_shared_expert_ffn_hidden_size=8,
     gdn_num_heads=2, gdn_head_dim=8, gdn_chunk_size=8, q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8,
     qk_pos_emb_head_dim=4, v_head_dim=8, dsa_indexer_n_heads=2, dsa_indexer_head_dim=8, dsa_indexer_topk=4,
     dsa_indexer_loss_coeff=0.1,
@@ -341,12 +344,12 @@ _READERS_BASE = dict(
 #: A valid other value of each field with readers.
 _OTHER_VALUE = dict(
     mtp_loss_scale=0.5, num_attention_heads=2, rope_theta=500.0, num_query_groups=4, head_dim=4,
-    position_embedding="none", rotary_percent=0.5, qk_norm=True, ffn_hidden_size=40, mlp_activation="swiglu",
+    position_embedding="none", rotary_percent=0.5, qk_norm=True, attention_output_gate=True, ffn_hidden_size=40, mlp_activation="swiglu",
     q_lora_rank=8, kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2, v_head_dim=4,
     mamba_num_heads=2, mamba_head_dim=8, mamba_state_dim=4, mamba_num_groups=1, mamba_conv_kernel=3,
     mamba_chunk_size=4, mamba_dt_min=0.01, mamba_dt_max=0.05, mamba_dt_init_floor=0.09, mamba_dt_clamp_min=0.05,
     moe_num_experts=8, moe_top_k=1, moe_ffn_hidden_size=24, moe_shared_expert_ffn_hidden_size=16,
-    moe_router_score="sigmoid", moe_router_expert_bias=True, moe_routed_scaling=2.0, moe_num_groups=1,
+    moe_shared_expert_gate=True, moe_router_score="sigmoid", moe_router_expert_bias=True, moe_routed_scaling=2.0, moe_num_groups=1,
     moe_topk_groups=2, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.1,
     gdn_num_heads=4, gdn_num_value_heads=4, gdn_head_dim=4, gdn_value_head_dim=4, gdn_conv_kernel=3,
     gdn_chunk_size=4, gdn_dt_min=0.01, gdn_dt_max=0.05, gdn_dt_init_floor=0.09,
@@ -568,3 +571,30 @@ def test_the_hugging_face_names_are_no_field_of_ours():
 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     assert not (set(HF_NAMES) & names) and not (set(HF_NAMES) & set(MEGATRON_NAMES))
+
+
+def test_attention_output_gate_is_a_bool_read_by_attention_only():
+    """Megatron's name (TransformerConfig.attention_output_gate), so no hint is needed for it; a non-bool is
+    refused by name, and a pattern without '*' notes it as unused."""
+    base = dict(vocab_size=16, hidden_size=16, num_attention_heads=2)
+    assert ModelConfig(pattern="*", attention_output_gate=True, **base).attention_output_gate is True
+    with pytest.raises(ConfigError, match=r"^attention_output_gate: expected bool, got 1"):
+        ModelConfig(pattern="*", attention_output_gate=1, **base)
+    assert unused_fields(ModelConfig(pattern="G-", **base), ["attention_output_gate"]) == {
+        "attention_output_gate": "the pattern has no attention ('*') layers"
+    }
+
+
+def test_a_shared_expert_gate_without_a_shared_expert_is_refused_where_the_pattern_has_moe():
+    """moe_shared_expert_gate scales the shared expert: with none (width 0) it would gate nothing."""
+    with pytest.raises(ConfigError, match=r"^moe_shared_expert_gate: .*moe_shared_expert_ffn_hidden_size"):
+        ModelConfig.preset("tiny").replace(moe_shared_expert_ffn_hidden_size=0, moe_shared_expert_gate=True)
+    with pytest.raises(ConfigError, match=r"^moe_shared_expert_gate: expected bool"):
+        ModelConfig.preset("tiny").replace(moe_shared_expert_gate=1)
+    config = ModelConfig.preset("tiny", pattern="*-", moe_shared_expert_ffn_hidden_size=0, moe_shared_expert_gate=True)
+    assert FIELD_READERS["moe_shared_expert_gate"] == "E" and "moe_shared_expert_gate" in unused_fields(
+        config, ["moe_shared_expert_gate"]
+    )
+    assert ModelConfig.from_dict(ModelConfig.preset("tiny").to_dict() | {"moe_shared_expert_gate": True}) == (
+        ModelConfig.preset("tiny", moe_shared_expert_gate=True)
+    )

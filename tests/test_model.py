@@ -1035,3 +1035,89 @@ def test_cast_leaves_integer_buffers_integer():
     counts = [t for name, t in model.named_buffers() if name.endswith("tokens_per_expert")]
     assert counts and all(t.dtype == torch.int64 for t in counts)
     assert model.embeddings.weight.dtype == torch.bfloat16
+
+
+def test_gated_attention_counts_its_gate_projection():
+    """One (heads * head_dim, hidden) gate_proj per attention layer, in num_params and flops_per_token, which
+    the flop counter confirms; fused and unfused gated models compute bitwise the same."""
+    config = tiny_config("M[*-]/[*-]", attention_output_gate=True, position_embedding="rope", head_dim=6)
+    plain = HybridLM(config.replace(attention_output_gate=False), device="meta")
+    model = HybridLM(config, seed=2)
+    gate = 4 * 6 * config.hidden_size
+    assert model.num_params().by_kind["*"] - plain.num_params().by_kind["*"] == gate
+    assert float(model.num_params()) - float(plain.num_params()) == 2 * gate  # the MTP depth's layer too
+    assert model.flops_per_token(13) - plain.flops_per_token(13) == 2 * 2 * gate
+    ids = torch.randint(0, config.vocab_size, (2, 13))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    assert counter.get_total_flops() == model.flops_per_token(13) * 2 * 13
+    twin = HybridLM(config.replace(pattern=unfused(config.pattern)), seed=2)
+    labels = torch.roll(ids, -1, 1)
+    out, out_twin = model(ids, labels), twin(ids, labels)
+    assert torch.equal(out.logits, out_twin.logits) and torch.equal(out.loss, out_twin.loss)
+    out.loss.backward()
+    out_twin.loss.backward()
+    ga, gb = canonical_grads(model), canonical_grads(twin)
+    assert "layers.1.mixer.gate_proj.weight" in ga
+    for k in ga:
+        assert torch.equal(ga[k], gb[k]), k
+
+
+# -- the shared expert's gate and active parameters -----------------------------------------------------
+
+#: Sizes small enough to count by hand: hidden 4, vocabulary 10, MLP 6, 4 experts of 3 (top-1), a shared expert of 2.
+_COUNTED = dict(
+    vocab_size=10, hidden_size=4, ffn_hidden_size=6, moe_num_experts=4, moe_top_k=1, moe_ffn_hidden_size=3,
+    moe_shared_expert_ffn_hidden_size=2,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_active_params_count_an_moe_layers_top_k_experts_by_hand(gate):
+    """ "30B-A3B": the parameters one token uses. By hand, relu² (up and down only), gate: a (1, 4) weight:
+    E = norm 4 + router 4·4 + experts 4 × (up 3·4 + down 4·3) + shared (2·4 + 4·2) + gate 4 = 136 (132 ungated),
+    of which a token uses one expert of the four: 136 - 3 × 24 = 64; '-' = 4 + 6·4 + 4·6 = 52; embedding and head
+    10·4 = 40 each, norm_f 4; an MTP depth = enorm 4 + hnorm 4 + eh_proj 4·8 + its E layer + final_norm 4."""
+    g = 4 if gate else 0
+    model = HybridLM(ModelConfig(pattern="E-/E", moe_shared_expert_gate=gate, **_COUNTED), device="meta")
+    total, active = model.num_params(), model.num_params(active=True)
+    assert total.by_kind == {"embeddings": 40, "E": 132 + g, "-": 52, "norm_f": 4, "head": 40, "mtp": 44 + 132 + g}
+    assert active.by_kind == {"embeddings": 40, "E": 60 + g, "-": 52, "norm_f": 4, "head": 40, "mtp": 44 + 60 + g}
+    assert float(total) == sum(p.numel() for p in model.parameters()) == 444 + 2 * g
+    assert float(active) == 300 + 2 * g
+    assert float(model.num_params(exclude_embeddings=True, active=True)) == 260 + 2 * g
+    assert model.num_params(active=False).by_kind == total.by_kind  # the default: everything, as before
+    dense = HybridLM(ModelConfig(pattern="-*", num_attention_heads=2, **_COUNTED), device="meta")
+    assert dense.num_params(active=True).by_kind == dense.num_params().by_kind  # no MoE: every parameter is active
+
+
+def test_a_model_with_a_shared_expert_gate_fused_equals_its_unfused_twin_bitwise():
+    """[ME] and ME hold the same canonical weights, gate included, and compute the same logits and gradients to the
+    bit (a fused block runs its two layers exactly as two blocks do)."""
+    config = tiny_config("[ME]E/[*E]", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True)
+    fused, twin = HybridLM(config, seed=3), HybridLM(config.replace(pattern="MEE/*E"), seed=3)
+    a, b = canonical_state(fused), canonical_state(twin)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(k.endswith("mixer.shared_expert_gate.weight") for k in a) == 3
+    ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    out_f, out_t = fused(ids, torch.roll(ids, -1, 1)), twin(ids, torch.roll(ids, -1, 1))
+    assert torch.equal(out_f.logits, out_t.logits) and torch.equal(out_f.loss, out_t.loss)
+    out_f.loss.backward(), out_t.loss.backward()
+    ga, gb = canonical_grads(fused), canonical_grads(twin)
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_a_shared_expert_gates_flops_match_the_flop_counter():
+    """The gate adds 2·hidden FLOPs per token and MoE layer (its (hidden -> 1) projection)."""
+    config = tiny_config("M[*E]E/E", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True)
+    model = HybridLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    expected = model.flops_per_token(9)
+    assert counter.get_total_flops() == float(expected) * 2 * 9
+    ungated = HybridLM(config.replace(moe_shared_expert_gate=False)).flops_per_token(9)
+    assert (
+        expected["E"] - ungated["E"] == 2 * 2 * config.hidden_size
+        and expected["mtp"] - ungated["mtp"] == 2 * config.hidden_size
+    )

@@ -87,6 +87,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rotary_percent: float = 1.0  #: fraction of head_dim that is rotated
     qk_norm: bool = False  #: RMSNorm on each query and key head
+    #: Qwen3-Next's gated attention (Megatron's attention_output_gate): a per-head, per-channel gate projected from
+    #: the layer input, the attention output times sigmoid(gate) before o_proj (a gate_proj beside q_proj)
+    attention_output_gate: bool = False
 
     # -- MLP (-) -----------------------------------------------------------------------------
     ffn_hidden_size: int | None = None  #: None = 4 * hidden_size
@@ -109,6 +112,7 @@ class ModelConfig:
     moe_top_k: int = 2
     moe_ffn_hidden_size: int | None = None  #: None = ffn_hidden_size
     moe_shared_expert_ffn_hidden_size: int = 0  #: 0 = no shared expert
+    moe_shared_expert_gate: bool = False  #: scale the shared expert per token by sigmoid(x W), W (1, hidden)
     moe_router_score: str = "softmax"  #: "softmax" or "sigmoid"
     moe_router_expert_bias: bool = False  #: a per-expert bias that affects selection only
     moe_routed_scaling: float = 1.0
@@ -291,7 +295,10 @@ class ModelConfig:
 FIELD_READERS: dict[str, str] = {
     "mtp_loss_scale": "/",
     **dict.fromkeys(("num_attention_heads", "rope_theta"), "*+D"),
-    **dict.fromkeys(("num_query_groups", "head_dim", "position_embedding", "rotary_percent", "qk_norm"), "*"),
+    **dict.fromkeys(
+        ("num_query_groups", "head_dim", "position_embedding", "rotary_percent", "qk_norm", "attention_output_gate"),
+        "*",
+    ),
     **dict.fromkeys(("ffn_hidden_size", "mlp_activation"), "-E"),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"), "+D"),
     **{f.name: s for f in fields(ModelConfig) for p, s in _PREFIX_READERS if f.name.startswith(p)},
@@ -637,6 +644,12 @@ def _validate(cfg: ModelConfig) -> None:
         for name in ("moe_shared_expert_ffn_hidden_size", "moe_aux_loss_coeff"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
+        if cfg.moe_shared_expert_gate and not cfg.moe_shared_expert_ffn_hidden_size:
+            raise ConfigError(
+                "moe_shared_expert_gate",
+                "gates the shared expert, and there is none (moe_shared_expert_ffn_hidden_size = 0): set "
+                "moe_shared_expert_ffn_hidden_size (Qwen3-Next's shared_expert_intermediate_size), or leave the gate off",
+            )
 
     if used & {"+", "D"}:
         _validate_mla(cfg, "D" in used)

@@ -5,12 +5,18 @@ output head, attention scores and weighted values over all keys (no causal halvi
 convention), and the batched products of the chunked Mamba2/GDN scans. Elementwise work,
 convolutions written as shifted adds and triangular solves are not counted. A training step costs
 about three times the forward.
+
+Active parameters (``num_params(model, active=True)``, the "A3B" of "30B-A3B") are those one token's
+forward uses: each MoE layer counts its router, its top-k routed experts out of all of them, its shared
+expert and gate, and its norm; every other part counts whole, the embedding included (as in the total,
+unless ``exclude_embeddings``), though a token reads one row of it.
 """
 
 from __future__ import annotations
 
 from .config import ModelConfig
 from .layers import mixer_class
+from .layers.moe import MoE
 
 
 class PerKind(float):
@@ -52,10 +58,19 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> PerKind:
     return PerKind(by_kind)
 
 
-def num_params(model, exclude_embeddings: bool = False) -> PerKind:
+def idle_expert_params(moe: MoE) -> int:
+    """Parameters of an MoE layer one token leaves unused: its routed experts but the top-k it is sent to."""
+    E, k = moe.config.moe_num_experts, moe.config.moe_top_k
+    stacked = sum(t.numel() for t in moe.experts.parameters())  # (E, ., .) each: a multiple of E
+    return stacked // E * (E - k)
+
+
+def num_params(model, exclude_embeddings: bool = False, active: bool = False) -> PerKind:
     """Parameters of ``model`` keyed by layer symbol plus ``embeddings``, ``head``, ``norm_f`` and ``mtp``.
 
-    Shared (tied) tensors count once. ``exclude_embeddings`` leaves out the input embedding.
+    Shared (tied) tensors count once. ``exclude_embeddings`` leaves out the input embedding. ``active``: only those
+    a token uses (each MoE layer's top-k routed experts instead of all; see the module's docstring): the same
+    parts, the ``E`` part and an ``mtp`` part with ``E`` layers smaller.
     """
     seen: set[int] = set()
 
@@ -65,6 +80,8 @@ def num_params(model, exclude_embeddings: bool = False) -> PerKind:
             if id(t) not in seen:
                 seen.add(id(t))
                 n += t.numel()
+        if active:
+            n -= sum(idle_expert_params(m) for m in module.modules() if isinstance(m, MoE))
         return n
 
     by_kind: dict[str, float] = {}

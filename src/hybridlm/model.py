@@ -526,11 +526,12 @@ class HybridLM(nn.Module):
                 t.data = t.data.to(torch.float32 if name in keep else dtype)
         return self
 
-    def num_params(self, exclude_embeddings: bool = False):
-        """Parameter count; a float-like total whose ``by_kind`` (or ``[kind]``) splits it per layer symbol."""
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False):
+        """Parameter count; a float-like total whose ``by_kind`` (or ``[kind]``) splits it per layer symbol.
+        ``active``: the parameters one token uses (an MoE layer's top-k routed experts, not all of them)."""
         from .counting import num_params
 
-        return num_params(self, exclude_embeddings)
+        return num_params(self, exclude_embeddings, active)
 
     def flops_per_token(self, seq_len: int):
         """Forward matmul FLOPs per token at ``seq_len``; ``.by_kind`` splits them per layer symbol."""

@@ -348,8 +348,10 @@ def test_round_trip(case, tmp_path):
         ("ME", {"moe_router_score": "softmax"}, "moe_router_score='softmax'"),
         ("M*", {"position_embedding": "rope"}, "no RoPE"),
         ("M*", {"qk_norm": True}, "qk_norm=True"),
+        ("M*", {"attention_output_gate": True}, "attention_output_gate=True: NemotronH attention has no output gate"),
         ("ME", {"moe_num_experts": 4, "moe_num_groups": 4, "moe_top_k": 1}, "at least 2 experts"),
         ("E", {"moe_num_experts": 1, "moe_top_k": 1}, "at least 2 experts"),
+        ("ME", {"moe_shared_expert_ffn_hidden_size": 16, "moe_shared_expert_gate": True}, "moe_shared_expert_gate"),
     ],
 )
 def test_export_refuses(pattern, overrides, reason):
@@ -373,6 +375,7 @@ def test_export_allows_what_it_can_express():
     check_exportable(config("M-*E/G-", mlp_activation="gelu"))  # MTP depths may hold anything: dropped
     check_exportable(config("M-E/D-"))
     check_exportable(config("M*", mlp_activation="swiglu", qk_norm=False))  # no MLP: activation unused
+    check_exportable(config("M-E/*-", attention_output_gate=True))  # gated attention in the dropped MTP depth only
 
 
 @pytest.fixture(scope="module")

@@ -335,3 +335,20 @@ def test_a_folder_of_other_folders_is_not_called_a_folder_of_training_states(tmp
     (tmp_path / "runs" / "notes").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=re.escape("no safetensors files found (inspect reads")):
         describe(tmp_path / "runs")
+
+
+def test_a_checkpoint_with_moe_layers_shows_its_active_parameters(tmp_path, capsys):
+    """ "30B-A3B": beside the total, what one token uses. By hand (hidden 4, vocabulary 10): embedding and head 40
+    each, norm_f 4, '-' 4 + 6·4 + 4·6 = 52, E = norm 4 + router 4·4 + 4 experts × 24 + shared 16 + gate 4 = 136 of
+    which a token uses 1 expert of 4 (3 × 24 = 72 idle): 272 in the file, 200 active. No MoE layer, no count."""
+    config = ModelConfig(
+        pattern="E-", vocab_size=10, hidden_size=4, ffn_hidden_size=6, moe_num_experts=4, moe_top_k=1,
+        moe_ffn_hidden_size=3, moe_shared_expert_ffn_hidden_size=2, moe_shared_expert_gate=True,
+    )  # fmt: skip
+    path = hybridlm.save(HybridLM(config, seed=0), tmp_path / "moe")
+    info = describe(path)
+    assert (info["parameters"], info["active_parameters"]) == (272, 200)
+    assert main(["inspect", str(path)]) == 0
+    assert "parameters   272 (272), active 200 (200)\n" in capsys.readouterr().out
+    dense = describe(hybridlm.save(tiny(), tmp_path / "dense"))
+    assert "active_parameters" not in dense and ", active" not in render(dense)

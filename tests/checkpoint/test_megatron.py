@@ -29,6 +29,7 @@ from hybridlm.checkpoint.megatron import (
 )
 from hybridlm.checkpoint.weights import canonical_state_dict, read_tensors
 from hybridlm.errors import CheckpointError
+from hybridlm.layers.attention import attention_reference
 from hybridlm.layers.gdn import gdn_reference
 from hybridlm.layers.mlp import mlp_reference
 from hybridlm.ops.conv import causal_conv1d_reference
@@ -79,6 +80,8 @@ ROUND_TRIP_CONFIGS = [
         tie_embeddings=True,
     ),
     tiny_config("E-/G", mlp_activation="gelu", moe_shared_expert_ffn_hidden_size=16, num_query_groups=4),
+    tiny_config("M[*-]/[*E]", attention_output_gate=True, qk_norm=True, position_embedding="rope"),
+    tiny_config("[*E]E/E", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True),
     *[random_config(random.Random(s), random_pattern(random.Random(100 + s))) for s in range(6)],
     tiny_config("[+-]M[DE]|+/[D-]", **MLA_TINY),
     tiny_config("D-G+", **MLA_TINY, dsa_indexer_use_sparse_loss=True, tie_embeddings=True),
@@ -205,6 +208,32 @@ def test_linear_qkv_rows_are_grouped_per_query_group():
     assert not torch.equal(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
 
 
+def test_gated_linear_qkv_puts_each_groups_gate_after_its_queries():
+    """megatron-core 0.19's ``get_query_key_value_tensors`` with ``attention_output_gate``: each query group's rows
+    are ``[its query heads | their gates | k | v]``; the gate, reshaped to (…, heads, d), multiplies the attention
+    output before ``linear_proj``. With 2 groups of 2 heads the order is checked head by head."""
+    config = tiny_config("*", num_attention_heads=4, num_query_groups=2, head_dim=8, attention_output_gate=True)
+    model = float64_model(config)
+    attn = model.blocks["0"].layers[0].mixer
+    state = to_megatron(config, canonical_state_dict(model))
+    qkv = state["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv.shape == ((2 * 4 + 2 * 2) * 8, config.hidden_size)
+    x = torch.randn(3, 5, config.hidden_size, dtype=torch.float64)
+    ng, per, d = 2, 2, 8
+    q, gate, k, v = (x @ qkv.T).view(3, 5, ng, (2 * per + 2) * d).split([per * d, per * d, d, d], dim=-1)
+    assert_rel_close(q.reshape(3, 5, -1), attn.q_proj(x), 1e-12, "q")
+    assert_rel_close(gate.reshape(3, 5, -1), attn.gate_proj(x), 1e-12, "gate")
+    assert_rel_close(k.reshape(3, 5, -1), attn.k_proj(x), 1e-12, "k")
+    assert_rel_close(v.reshape(3, 5, -1), attn.v_proj(x), 1e-12, "v")
+    # Megatron's attention with these tensors: causal GQA, then x * sigmoid(gate), then linear_proj.
+    qh, gh = q.reshape(3, 5, 4, d).transpose(1, 2), gate.reshape(3, 5, 4, d)
+    kh, vh = (t.reshape(3, 5, ng, d).transpose(1, 2).repeat_interleave(per, 1) for t in (k, v))
+    o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2)
+    theirs = (o * gh.sigmoid()).reshape(3, 5, -1) @ state["decoder.layers.0.self_attention.linear_proj.weight"].T
+    assert_rel_close(theirs, attention_reference(attn, x, torch.arange(5).expand(3, 5)), 1e-12, "output")
+    assert_bitwise_equal(from_megatron(config, state), canonical_state_dict(model))
+
+
 def megatron_glu_mlp(fc1: torch.Tensor, fc2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Megatron's gated MLP: ``chunk(fc1(x), 2)`` -> ``silu(first) * second`` -> fc2."""
     gate, up = (x @ fc1.T).chunk(2, dim=-1)
@@ -234,6 +263,22 @@ def test_swiglu_fc1_is_gate_then_up():
         state[m + "shared_experts.linear_fc1.weight"], state[m + "shared_experts.linear_fc2.weight"], x
     )
     assert_rel_close(theirs, ours, 1e-12, "shared expert")
+
+
+def test_the_shared_expert_gate_is_megatrons_gate_weight():
+    """megatron-core's SharedExpertMLP (moe_shared_expert_gate): output * sigmoid(linear(x, gate_weight)), with
+    gate_weight (1, hidden) beside the shared expert's linear_fc1 / linear_fc2; written out here from the exported
+    tensors alone, it is our layer's gated shared expert."""
+    config = tiny_config("E", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True)
+    model = float64_model(config)
+    state = to_megatron(config, canonical_state_dict(model))
+    m = "decoder.layers.0.mlp.shared_experts."
+    assert tuple(state[m + "gate_weight"].shape) == (1, config.hidden_size)
+    x = torch.randn(7, config.hidden_size, dtype=torch.float64)
+    up = x @ state[m + "linear_fc1.weight"].T
+    theirs = (F.relu(up) ** 2 @ state[m + "linear_fc2.weight"].T) * torch.sigmoid(F.linear(x, state[m + "gate_weight"]))
+    moe = model.blocks["0"].layers[0].mixer
+    assert_rel_close(moe.shared(x), theirs, 1e-12)
 
 
 def megatron_gdn(state: dict[str, torch.Tensor], prefix: str, c: ModelConfig, x: torch.Tensor) -> torch.Tensor:

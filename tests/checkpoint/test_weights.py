@@ -97,6 +97,26 @@ def test_mla_and_dsa_round_trip_through_layouts_and_stages(tmp_path, ids):
     assert torch.equal(out.logits, expected)
 
 
+def test_the_shared_expert_gate_is_saved_under_its_canonical_name_and_loads_into_any_layout(tmp_path, ids):
+    """moe_shared_expert_gate's weight is layers.{i}.mixer.shared_expert_gate.weight (1, hidden) (Qwen3-Next's
+    name; Megatron-LM's shared_experts.gate_weight); a load into another fusion gives the same logits, and a model
+    whose gate is left out, or whose config lost the field, is refused by name."""
+    config = tiny_config("M-[*-][GE]M-/[*E]", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True)
+    model = HybridLM(config, seed=5)
+    expected = model(ids).logits
+    hybridlm.save(model, tmp_path / "ck")
+    tensors = read_tensors(tmp_path / "ck")
+    assert tuple(tensors["layers.5.mixer.shared_expert_gate.weight"].shape) == (1, 32)
+    assert "mtp.0.layers.1.mixer.shared_expert_gate.weight" in tensors
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["config"]["moe_shared_expert_gate"] is True
+    loaded = hybridlm.load(tmp_path / "ck", pattern="M-*-GEM-/*E")
+    assert loaded.config.moe_shared_expert_gate and torch.equal(loaded(ids).logits, expected)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(2\): .*shared_expert_gate\.weight"):
+        load_canonical_into(HybridLM(config.replace(moe_shared_expert_gate=False)), tensors)
+    with pytest.raises(CheckpointError, match=r"missing tensors \(2\): .*shared_expert_gate\.weight"):
+        load_canonical_into(model, {k: v for k, v in tensors.items() if "shared_expert_gate" not in k})
+
+
 def test_sharded_save(tmp_path, ids):
     model = HybridLM(tiny_config("M-*-E"), seed=5)
     hybridlm.save(model, tmp_path / "ck", max_shard_size=20_000)
@@ -586,3 +606,19 @@ def test_a_config_replaced_with_more_mtp_layers_is_refused_saying_what_differs(t
     with pytest.raises(CheckpointError, match=says):
         save_training_state(tmp_path / "state", model)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "state").exists()
+
+
+def test_gated_attention_round_trips_under_its_canonical_name(tmp_path, ids):
+    """``attention_output_gate`` adds ``layers.{i}.mixer.gate_proj.weight`` (heads * head_dim, hidden) to each
+    attention layer, main stack and MTP alike; save and load (fused or not) give the same logits bitwise."""
+    model = HybridLM(tiny_config(LAYOUTS[0], position_embedding="rope", attention_output_gate=True), seed=3)
+    expected = model(ids).logits
+    hybridlm.save(model, tmp_path / "g")
+    shapes = {k: tuple(t.shape) for k, t in load_file(tmp_path / "g" / "model.safetensors").items()}
+    assert shapes["layers.2.mixer.gate_proj.weight"] == shapes["mtp.0.layers.0.mixer.gate_proj.weight"] == (32, 32)
+    assert sorted(k for k in shapes if "gate_proj" in k) == [
+        "layers.2.mixer.gate_proj.weight",
+        "mtp.0.layers.0.mixer.gate_proj.weight",
+    ]
+    for layout in (LAYOUTS[0], LAYOUTS[1]):
+        assert torch.equal(hybridlm.load(tmp_path / "g", pattern=layout)(ids).logits, expected), layout

@@ -1004,3 +1004,19 @@ def test_a_mixer_without_init_cache_that_asks_for_its_state_is_told_why_it_has_n
     cache = InferenceCache([], 1, 4, "cpu", torch.float32)
     with pytest.raises(NotImplementedError, match=r"^MLP reads ctx\.cache but has no init_cache"):
         cache.state(MLP(tiny_config("-")))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_gated_attention_decodes_as_the_full_forward(static):
+    """The output gate is projected from each position's own input: prefill, then steps (eager and static) give
+    the full forward's logits, and greedy decoding the no-cache loop's tokens."""
+    model = model_for("M[*-]/[*-]", attention_output_gate=True)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits
+    cache = InferenceCache.for_model(model, 2, 29)
+    cache.static = static
+    got = [model(ids[:, :13], cache=cache).logits]
+    for t in range(13, 21):
+        got.append(model(ids[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=1e-5)
+    assert generate(model, PROMPTS[0], max_new_tokens=8) == generate(model, PROMPTS[0], 8, use_cache=False)

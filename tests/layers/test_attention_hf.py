@@ -128,3 +128,61 @@ def test_cached_decoding_matches_transformers_dynamic_cache(variant, static):
             expected.append(theirs_forward(theirs, rotary, x[:, start:end], pos, start, hf_cache))
     assert rel_err(torch.cat(actual, 1), torch.cat(expected, 1)) < TOL, variant
     assert rel_err(cache.state(ours).k, hf_cache.layers[0].keys) < TOL, f"{variant}: cached (rotated) keys"
+
+
+def test_gated_attention_matches_qwen3_next():
+    """``attention_output_gate`` against transformers' ``Qwen3NextAttention``: its q_proj rows are ``[q_h | gate_h]``
+    per head h (our q_proj and gate_proj, interleaved head by head), its q/k norms scale by ``1 + w`` (our weight
+    minus 1), partial rotate-half RoPE: forward, backward and cached decoding agree in float64."""
+    mn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    from transformers import Qwen3NextConfig
+
+    from hybridlm.checkpoint.adapter import interleave
+
+    overrides = {"qk_norm": True, "num_query_groups": 2, "head_dim": 8, "rotary_percent": 0.5, "rope_theta": 500.0}
+    L = 11
+    gen = torch.Generator().manual_seed(0)
+    with hf_in_float64(mn):
+        cfg = tiny_config("*", position_embedding="rope", attention_output_gate=True, **overrides)
+        ours = make(Attention, cfg, seed=4).double()
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rotary_percent}
+        hcfg = Qwen3NextConfig(
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.resolved_num_query_groups,
+            head_dim=cfg.resolved_head_dim,
+            rms_norm_eps=cfg.norm_eps,
+            rope_parameters=rope,
+            num_hidden_layers=1,
+            layer_types=["full_attention"],
+            attn_implementation="eager",
+        )
+        theirs, rotary = mn.Qwen3NextAttention(hcfg, 0).double(), mn.Qwen3NextRotaryEmbedding(hcfg)
+        state = {k: v for k, v in ours.state_dict().items() if k != "gate_proj.weight"}
+        state["q_proj.weight"] = interleave([ours.q_proj.weight, ours.gate_proj.weight], cfg.num_attention_heads)
+        state |= {f"{n}_norm.weight": getattr(ours, f"{n}_norm").weight - 1 for n in "qk"}
+        theirs.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+        x = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=gen)
+        x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = theirs_forward(theirs, rotary, x_theirs, torch.arange(L).expand(2, L))
+        actual = ours(x_ours, context(cfg, 2, L, None, torch.float64)[0])
+        assert rel_err(actual, expected) < TOL
+        w = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=gen)
+        (actual * w).sum().backward()
+        (expected * w).sum().backward()
+        assert rel_err(x_ours.grad, x_theirs.grad) < TOL
+        their_q = theirs.q_proj.weight.grad.view(cfg.num_attention_heads, 2, 8, -1)
+        assert rel_err(ours.q_proj.weight.grad, their_q[:, 0].reshape(-1, cfg.hidden_size)) < TOL
+        assert rel_err(ours.gate_proj.weight.grad, their_q[:, 1].reshape(-1, cfg.hidden_size)) < TOL
+        with torch.no_grad():  # cached decoding: a prefill of 5, then single steps, each side with its own cache
+            cache, hf_cache = InferenceCache([ours], 2, L, "cpu", torch.float64), DynamicCache(config=hcfg)
+            steps = []
+            for start, end in [(0, 5)] + [(t, t + 1) for t in range(5, L)]:
+                pos = cache.position_ids(end - start)
+                ctx = SequenceContext(position_ids=pos, cache=cache)
+                ctx.rope = rope_cos_sin(pos, cfg.rotary_dim, cfg.rope_theta, torch.float64)
+                steps.append(
+                    (ours(x[:, start:end], ctx), theirs_forward(theirs, rotary, x[:, start:end], pos, start, hf_cache))
+                )
+                cache.advance(end - start)
+        assert rel_err(torch.cat([a for a, _ in steps], 1), torch.cat([b for _, b in steps], 1)) < TOL

@@ -63,6 +63,11 @@ CASES = {
     "attention": (Attention, "*", {}),
     "attention-rope-qknorm": (Attention, "*", {"position_embedding": "rope", "rotary_percent": 0.5, "qk_norm": True}),
     "attention-mha": (Attention, "*", {"num_query_groups": 4, "position_embedding": "rope"}),
+    "attention-gate": (
+        Attention,
+        "*",
+        {"attention_output_gate": True, "position_embedding": "rope", "rotary_percent": 0.5, "qk_norm": True},
+    ),
     "mlp-relu2": (MLP, "-", {}),
     "mlp-gelu": (MLP, "-", {"mlp_activation": "gelu"}),
     "mlp-swiglu": (MLP, "-", {"mlp_activation": "swiglu"}),
@@ -82,6 +87,11 @@ CASES = {
         MoE,
         "E",
         {"mlp_activation": "swiglu", "moe_norm_topk_prob": False, "moe_num_experts": 6, "moe_top_k": 3},
+    ),
+    "moe-shared-gate": (
+        MoE,
+        "E",
+        {"mlp_activation": "swiglu", "moe_shared_expert_ffn_hidden_size": 16, "moe_shared_expert_gate": True},
     ),
     "gdn": (GatedDeltaNet, "G", {}),
     "mla": (MLA, "+", MLA_TINY),
@@ -140,7 +150,9 @@ def test_mixer_matches_reference(case, packed):
         check(p.grad, p64[name].grad, p32[name].grad, f"grad {name}")
 
 
-@pytest.mark.parametrize("case", ["mamba2", "attention-rope-qknorm", "gdn", "moe-softmax", "mlp-relu2", "mla"])
+@pytest.mark.parametrize(
+    "case", ["mamba2", "attention-rope-qknorm", "attention-gate", "gdn", "moe-softmax", "mlp-relu2", "mla"]
+)
 def test_packed_equals_separate_documents(case):
     """A packed row gives each document exactly what it gets alone (positions restart too)."""
     cls, symbol, overrides = CASES[case]
@@ -161,10 +173,11 @@ def test_packed_equals_separate_documents(case):
         start += n
 
 
-@pytest.mark.parametrize("case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads"])
+@pytest.mark.parametrize("case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads", "attention-gate"])
 def test_cached_decoding_equals_full_forward(case):
     """Prefill 6 tokens (chunked scan), a window of 3 (Mamba2's stepped window), then single steps: the
-    full forward's outputs. With ``mamba_dt_clamp_min`` the cached path must clamp dt as training does."""
+    full forward's outputs. With ``mamba_dt_clamp_min`` the cached path must clamp dt as training does; with
+    ``attention_output_gate`` every window must gate its own positions."""
     from hybridlm.infer.cache import InferenceCache
 
     cls, symbol, overrides = CASES[case]
@@ -178,12 +191,14 @@ def test_cached_decoding_equals_full_forward(case):
         outs = []
         for start, end in [(0, 6), (6, 9)] + [(t, t + 1) for t in range(9, L)]:
             ctx = SequenceContext(position_ids=cache.position_ids(end - start), cache=cache)
+            if config.rotary_dim:
+                ctx.rope = rope_cos_sin(ctx.position_ids, config.rotary_dim, config.rope_theta)
             outs.append(layer(x[:, start:end], ctx))
             cache.advance(end - start)
     assert_rel_close(torch.cat(outs, dim=1), full, 1e-5, case)
 
 
-@pytest.mark.parametrize("case", ["attention-rope-qknorm", "mamba2", "gdn", "mla"])
+@pytest.mark.parametrize("case", ["attention-rope-qknorm", "attention-gate", "mamba2", "gdn", "mla"])
 def test_left_padded_prefill_in_one_window_equals_the_row_alone(case):
     """A prefill window that starts at offset 0 and holds padding and real tokens together: the padded
     row's real positions get what the row gets alone, and the padding reaches no state or output."""
@@ -216,7 +231,8 @@ def test_left_padded_prefill_in_one_window_equals_the_row_alone(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads", "attention-rope-qknorm", "mla"]
+    "case",
+    ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads", "attention-rope-qknorm", "attention-gate", "mla"],
 )
 def test_a_float64_mixer_equals_its_float64_reference(case):
     """Cast as a float64 model casts it (``keep_fp32`` parameters stay float32), a mixer computes in float64 end
@@ -262,3 +278,30 @@ def test_a_registered_mixer_without_the_interface_is_refused_when_a_model_is_bui
     monkeypatch.setitem(MIXERS, "-", NoFlops)
     with pytest.raises(TypeError, match=r"^mixer NoFlops \(pattern symbol '-'\) has no flops_per_token: every mixer"):
         HybridLM(tiny_config("M-"), device="meta")
+
+
+def test_the_output_gate_is_gate_proj_drawn_after_the_ungated_layers_weights():
+    """``attention_output_gate`` adds one (heads * head_dim, hidden) ``gate_proj`` and changes nothing else: q, k,
+    v and o draw what the ungated layer draws from the same generator, and the gate multiplies each output channel
+    by its own sigmoid (a gate of +40 everywhere, sigmoid 1 in float32, gives the ungated output bitwise)."""
+    config = tiny_config("*", position_embedding="rope", head_dim=6)
+    gated_config = config.replace(attention_output_gate=True)
+    plain, gated = Attention(config), Attention(gated_config)
+    plain.init_weights(torch.Generator().manual_seed(3), 0.02, 0.01)
+    gated.init_weights(torch.Generator().manual_seed(3), 0.02, 0.01)
+    shapes = {n: tuple(p.shape) for n, p in gated.named_parameters()}
+    assert shapes == {**{n: tuple(p.shape) for n, p in plain.named_parameters()}, "gate_proj.weight": (4 * 6, 32)}
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, gated.get_parameter(name)), name
+    assert gated.gate_proj.weight.std() > 0.01  # drawn, not left empty
+    x = torch.randn(2, 7, config.hidden_size)
+    ctx, _ = context(config, 2, 7, None)
+    with torch.no_grad():
+        assert not torch.allclose(gated(x, ctx), plain(x, ctx))
+        gated.gate_proj.weight.zero_()  # sigmoid(0): half of every channel
+        torch.testing.assert_close(gated(x, ctx), plain(x, ctx) / 2, rtol=1e-6, atol=0)
+        ones = torch.zeros(4 * 6, 32)
+        ones[:, 0] = 40.0
+        gated.gate_proj.weight.copy_(ones)
+        x[..., 0] = 1.0
+        assert torch.equal(gated(x, ctx), plain(x, ctx))

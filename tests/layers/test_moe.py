@@ -279,3 +279,39 @@ def test_moe_matches_hugging_face_deepseek(case):
         assert torch.equal(idx.gather(1, order), hf_idx.gather(1, hf_order))
         assert_rel_close(weights.gather(1, order), hf_weights.gather(1, hf_order).double(), 1e-6, "weights")
         assert_rel_close(layer(x), hf(x), 1e-6, "output")
+
+
+def test_the_shared_expert_gate_scales_the_shared_expert_per_token_by_a_sigmoid():
+    """moe_shared_expert_gate (Megatron-LM's field; Qwen3-Next's shared_expert_gate): the layer's output is the
+    ungated layer's routed part plus sigmoid(x w) times the shared expert, one scale per token, from a (1, H) weight.
+    Written out here in float64 from the same weights, for tokens whose gates span (0, 1)."""
+    config = ModelConfig.preset("tiny").replace(
+        pattern="E", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True
+    )
+    layer = make(MoE, config, seed=3).double()
+    ungated = MoE(config.replace(moe_shared_expert_gate=False)).double()
+    ungated.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "shared_expert_gate.weight"})
+    assert tuple(layer.shared_expert_gate.weight.shape) == (1, config.hidden_size)
+    x = torch.randn(2, 7, config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    flat = x.reshape(-1, config.hidden_size)
+    gate = 1 / (1 + torch.exp(-(flat @ layer.shared_expert_gate.weight[0])))  # (T,)
+    assert gate.min() < 0.3 and gate.max() > 0.7  # the gate decides, per token
+    shared = layer.shared_experts(flat)
+    expected = ungated(x).reshape(-1, config.hidden_size) - shared + gate[:, None] * shared
+    assert_rel_close(layer(x).reshape(-1, config.hidden_size), expected, 1e-12)
+
+
+def test_the_shared_expert_gate_is_drawn_last_and_leaves_every_other_weight_as_without_it():
+    """Turning the gate on adds one (1, H) weight, N(0, init_std) as Megatron initializes its gate_weight, drawn
+    after every other: the rest of the model is bitwise the model without the gate at the same seed."""
+    from hybridlm import HybridLM
+
+    config = ModelConfig.preset("tiny").replace(init_std=0.05)
+    gated = HybridLM(config.replace(moe_shared_expert_gate=True), seed=0)
+    plain = HybridLM(config, seed=0)
+    a, b = gated.state_dict(), plain.state_dict()
+    extra = sorted(set(a) - set(b))
+    assert extra and all(k.endswith("mixer.shared_expert_gate.weight") for k in extra) and set(b) <= set(a)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    w = torch.cat([a[k] for k in extra], dim=1)
+    assert abs(w.std().item() / 0.05 - 1) < 0.15

@@ -398,3 +398,19 @@ def test_a_pipeline_ranks_models_initialize_from_the_trainers_seed():
     rank.init_weights()
     want = HybridLM(config, seed=5).state_dict()
     assert all(torch.equal(t, want[k]) for k, t in rank.state_dict().items())
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_is_exact_with_gated_attention(policy):
+    """The gate's projection is a matmul (kept under "selective"), its sigmoid and product are recomputed:
+    the same loss and gradients bitwise."""
+    config = tiny_config("M[*-]/[*E]", attention_output_gate=True, position_embedding="rope")
+    ids = torch.randint(0, 97, (2, 21))
+    (la, ga), (lb, gb) = (
+        _loss_and_grads(HybridLM(config, seed=1), ids),
+        _loss_and_grads(apply_activation_checkpointing(HybridLM(config, seed=1), policy), ids),
+    )
+    assert torch.equal(la, lb)
+    assert any("gate_proj" in n for n in ga)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n

@@ -123,3 +123,46 @@ def test_a_mixer_the_cost_model_has_no_estimate_for_is_refused_naming_where_to_a
     monkeypatch.setitem(MIXERS, "R", MLP)  # a newly registered mixer (any class)
     with pytest.raises(NotImplementedError, match=r"no activation-memory estimate for 'R' layers \(MLP\).*_saved"):
         cost._saved_elements(tiny_config("M"), "R")
+
+
+def test_gated_attention_saves_its_gate_and_gated_output():
+    """The output gate's projection and the gated output (o_proj's input) are two more (heads * head_dim) tensors
+    per token; its FLOPs are one more projection."""
+    from hybridlm.layers import Attention
+    from hybridlm.plan import cost
+
+    plain = tiny_config("*", num_attention_heads=4, head_dim=6)
+    gated = plain.replace(attention_output_gate=True)
+    assert cost._saved_elements(gated, "*") - cost._saved_elements(plain, "*") == 2 * 4 * 6
+    extra = Attention.flops_per_token(gated, 16) - Attention.flops_per_token(plain, 16)
+    assert extra == 2 * plain.hidden_size * 4 * 6
+
+
+def test_the_shared_expert_gate_saves_the_shared_output_and_one_gate_per_token():
+    """The gated product's backward keeps the shared expert's output (H per token) and the sigmoid (1 per token):
+    measured as the new tensors an MoE layer saves (beyond the weight) when its gate is on."""
+    import torch
+
+    from hybridlm.layers.moe import MoE
+    from hybridlm.plan import cost
+
+    config = tiny_config("E", moe_shared_expert_ffn_hidden_size=16, moe_shared_expert_gate=True)
+    x = torch.randn(2, 5, config.hidden_size, requires_grad=True)
+
+    def saved_elements(c):
+        layer = MoE(c)
+        layer.init_weights(torch.Generator().manual_seed(0), 0.02, 0.01)
+        weights = {p.data_ptr() for p in layer.parameters()}
+        saved = {}  # storage -> elements: a tensor saved by two operations counts once
+
+        def pack(t):
+            saved[t.data_ptr()] = t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        return sum(n for ptr, n in saved.items() if ptr not in weights)
+
+    ungated = config.replace(moe_shared_expert_gate=False)
+    assert saved_elements(config) - saved_elements(ungated) == 10 * (config.hidden_size + 1)
+    assert cost._saved_elements(config, "E") - cost._saved_elements(ungated, "E") == config.hidden_size + 1

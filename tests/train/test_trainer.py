@@ -673,6 +673,22 @@ def test_the_header_counts_one_step_and_one_thread_in_the_singular(tmp_path, mon
     assert any(line.endswith(" · 2 steps") for line in lines) and any("(2 threads)" in line for line in lines)
 
 
+def test_the_header_shows_active_parameters_for_a_model_with_moe_layers(tmp_path):
+    """MoE models are known by total and active parameters ("30B-A3B"): the model line gives both, the active
+    count being what one token uses (hybridlm.counting); a model without MoE layers keeps its one count."""
+    trainer = Trainer(tiny_run("train.steps=1", "train.device=cpu"), run_dir=tmp_path / "a", progress=False)
+    model = hybridlm.HybridLM(trainer.config, device="meta")
+    total, active = float(model.num_params()) / 1e6, float(model.num_params(active=True)) / 1e6
+    assert active < total
+    (line,) = [line for line in trainer.describe() if line.startswith("model   ")]
+    assert f" · {total:.2f}M parameters ({active:.2f}M active) · hidden " in line, line
+    dense_run = tiny_run("train.steps=1", "train.device=cpu", "model.pattern=M-[*-]")
+    dense = Trainer(dense_run, run_dir=tmp_path / "b", progress=False)
+    (line,) = [line for line in dense.describe() if line.startswith("model   ")]
+    dense_total = float(hybridlm.HybridLM(dense.config, device="meta").num_params()) / 1e6
+    assert "active" not in line and f" · {dense_total:.2f}M parameters · hidden " in line, line
+
+
 def test_a_run_folder_inside_a_text_folder_source_is_refused(tmp_path):
     """The run's metrics.jsonl landed among the corpus's files: the first run trained, and its resume (or any run
     on that folder) failed with "run/metrics.jsonl:1: not a JSON object with a 'text' field"."""

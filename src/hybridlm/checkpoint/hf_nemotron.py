@@ -136,6 +136,8 @@ def check_exportable(config: ModelConfig) -> None:
         )
     if "*" in used and c.qk_norm:
         problems.append("qk_norm=True: NemotronH attention has no query/key RMSNorm")
+    if "*" in used and c.attention_output_gate:
+        problems.append("attention_output_gate=True: NemotronH attention has no output gate (gate_proj)")
     if used & {"-", "E"} and c.mlp_activation not in EXPORTABLE_ACTIVATIONS:
         problems.append(
             f"mlp_activation={c.mlp_activation!r}: NemotronH MLPs and experts are non-gated "
@@ -143,6 +145,11 @@ def check_exportable(config: ModelConfig) -> None:
         )
     if "E" in used and c.moe_router_score != "sigmoid":
         problems.append(f"moe_router_score={c.moe_router_score!r}: NemotronH routes with sigmoid scores")
+    if "E" in used and c.moe_shared_expert_gate:
+        problems.append(
+            "moe_shared_expert_gate=True: NemotronH adds its shared expert ungated (Qwen3-Next's "
+            "shared_expert_gate has no place in its MoE)"
+        )
     if "E" in used and c.moe_num_experts // c.moe_num_groups < 2:
         problems.append(
             f"{c.moe_num_experts} expert(s) in {c.moe_num_groups} router group(s) leaves "

@@ -132,11 +132,21 @@ def describe(path: str | Path) -> dict[str, Any]:
     # it drops them). Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
     if info["kind"] == "hybridlm checkpoint":
         check_fit(_stand_ins(shapes, path), meta_shapes(model, path / CONFIG_NAME), str(path))
+        if "E" in model.symbols:  # what one token uses: the file's tensors less each MoE layer's idle experts
+            summary["active_parameters"] = summary["parameters"] - _idle_params(model)
     elif info["kind"] == f"Hugging Face {HF_MODEL_TYPE}" and (
         odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if not _MTP.match(k)}, path))
     ):
         raise CheckpointError(f"{path}: {odd[0]}")
     return {**info, "files": [f.name for f in files], **summary}
+
+
+def _idle_params(config: ModelConfig) -> int:
+    """Parameters of a model of ``config`` that one token leaves unused (counted by :mod:`hybridlm.counting`)."""
+    from ..model import HybridLM
+
+    meta = HybridLM(config, device="meta")
+    return int(meta.num_params()) - int(meta.num_params(active=True))
 
 
 def _stand_ins(shapes: dict[str, tuple[tuple[int, ...], str]], path: Path) -> dict[str, torch.Tensor]:
@@ -157,6 +167,12 @@ def _human(n: float) -> str:
     return f"{n / 1000**unit:.1f}{' KMGTP'[unit]}" if unit else str(int(n))
 
 
+def _active(info: dict[str, Any]) -> str:
+    """``, active 1,234 (1.2K)`` where the summary counts active parameters (a checkpoint with MoE layers)."""
+    n = info.get("active_parameters")
+    return "" if n is None else f", active {n:,} ({_human(n)})"
+
+
 def _shown_fields(cfg: dict[str, Any]) -> list[str]:
     """The options of a saved config worth a line: those not off (False, 0, None) that a layer of its pattern reads.
 
@@ -175,7 +191,7 @@ def render(info: dict[str, Any]) -> str:
     rows = [(k, info[k]) for k in ("step", "pattern", "canonical", "tensors") if info.get(k) is not None]
     if "parameters" in info:
         rows += [
-            ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
+            ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})" + _active(info)),
             ("bytes", f"{info['bytes']:,} ({_human(info['bytes'])}B) in {len(info['files'])} file(s)"),
             ("dtypes", ", ".join(f"{k} {_human(v)}" for k, v in sorted(info["dtypes"].items()))),
         ]

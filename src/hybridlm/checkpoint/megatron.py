@@ -46,16 +46,22 @@ logger = logging.getLogger(__name__)
 
 
 def _qkv_rule(c: ModelConfig) -> Rule:
-    """q_proj (nq*d, H), k_proj / v_proj (ng*d, H) <-> linear_qkv ((nq + 2 ng) * d, H).
+    """q_proj (nq*d, H), k_proj / v_proj (ng*d, H) [, gate_proj (nq*d, H)] <-> linear_qkv ((nq + 2 ng) * d, H),
+    ((2 nq + 2 ng) * d, H) with the output gate.
 
     Megatron's ``SelfAttention.get_query_key_value_tensors`` views the fused output as
     ``(ng, (nq/ng + 2) * d)`` and splits each group into ``[nq/ng * d | d | d]``: the group's
     query heads, then its key head, then its value head. Query head ``h`` belongs to group
-    ``h // (nq/ng)``, which is also how our grouped-query attention pairs them.
+    ``h // (nq/ng)``, which is also how our grouped-query attention pairs them. With
+    ``attention_output_gate`` each group is ``[nq/ng * d | nq/ng * d | d | d]``: the group's query heads,
+    their gate heads (in the same head order), then its key and value heads (megatron-core 0.16 to 0.19's
+    ``attention.py``; the gate reshaped to (…, nq, d) multiplies the attention output head by head).
     """
     ng, d = c.resolved_num_query_groups, c.resolved_head_dim
-    sizes = [c.num_attention_heads // ng * d, d, d]
-    names = tuple(f"mixer.{n}_proj.weight" for n in "qkv")
+    per_group = c.num_attention_heads // ng * d
+    parts = ("q", "gate", "k", "v") if c.attention_output_gate else ("q", "k", "v")
+    sizes = [per_group if p in ("q", "gate") else d for p in parts]
+    names = tuple(f"mixer.{p}_proj.weight" for p in parts)
     fused = ("self_attention.linear_qkv.weight",)
     return Rule(names, fused, lambda ts: [interleave(ts, ng)], lambda ts: deinterleave(ts[0], ng, sizes))
 
@@ -126,6 +132,8 @@ def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
         rules += _mlp_rules(c, "mixer.experts.", "mlp.experts.", c.moe_num_experts)
         if c.moe_shared_expert_ffn_hidden_size:
             rules += _mlp_rules(c, "mixer.shared_experts.", "mlp.shared_experts.")
+        if c.moe_shared_expert_gate:  # (1, H) on both sides (megatron-core SharedExpertMLP.gate_weight)
+            rules.append(rename("mixer.shared_expert_gate.weight", "mlp.shared_experts.gate_weight"))
         return rules
     if symbol == "G":
         return [

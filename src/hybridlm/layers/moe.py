@@ -6,10 +6,12 @@ Routing (computed in float32, as NemotronH does; in float64 in a float64 model):
     choice = scores + expert_bias                                  (the bias only steers selection)
     group-limited: keep the topk_groups groups whose best two choice-scores sum highest
     idx    = top_k(choice);  w = scores[idx]  (/ sum, if moe_norm_topk_prob)  * moe_routed_scaling
-    y      = sum_k w_k expert_{idx_k}(x)  + shared_expert(x)
+    y      = sum_k w_k expert_{idx_k}(x)  + shared_expert(x)  (* sigmoid(x W_g^T), if moe_shared_expert_gate)
 
 Names follow Hugging Face NemotronH: ``gate.weight``, ``gate.e_score_correction_bias``,
-``experts.up_proj`` (E, F, H), ``experts.down_proj`` (E, H, F), ``shared_experts.*``.
+``experts.up_proj`` (E, F, H), ``experts.down_proj`` (E, H, F), ``shared_experts.*``; the shared expert's
+gate, which NemotronH lacks, is Qwen3-Next's ``shared_expert_gate.weight`` (1, H) (Megatron-LM:
+``shared_experts.gate_weight``, the same (1, H)).
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         if config.moe_shared_expert_ffn_hidden_size:
             self.shared_experts = MLP(config, config.moe_shared_expert_ffn_hidden_size)
+        if config.moe_shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         # Tokens routed to each expert since the last expert-bias update (no gradient). The model never
         # writes it: the training hook (``hybridlm.train.expert_load.ExpertLoad``) counts the router's
         # choices once per real forward; ``hybridlm.train.optim.ExpertBiasHook`` applies the update before
@@ -198,11 +202,18 @@ class MoE(nn.Module):
         out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(flat).index_add_(0, pair_token, out.to(flat.dtype))
         if c.moe_shared_expert_ffn_hidden_size:
-            y = y + self.shared_experts(flat)
+            y = y + self.shared(flat)
 
         if c.moe_aux_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
             aux_losses.append(self.aux_loss(scores, counts, T))
         return y.reshape(shape)
+
+    def shared(self, flat: torch.Tensor) -> torch.Tensor:
+        """The shared expert on every token, scaled by its per-token gate if there is one: (T, H) -> (T, H)."""
+        out = self.shared_experts(flat)
+        if self.config.moe_shared_expert_gate:
+            out = out * torch.sigmoid(self.shared_expert_gate(flat))  # (T, 1): one scale per token
+        return out
 
     def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Switch-style load balancing: coeff * E * sum_e (fraction of routed pairs to e) * (mean prob of e)."""
@@ -239,6 +250,8 @@ class MoE(nn.Module):
         normal_(self.experts.down_proj, out_std, gen)
         if self.config.moe_shared_expert_ffn_hidden_size:
             self.shared_experts.init_weights(gen, std, out_std)
+        if self.config.moe_shared_expert_gate:  # drawn last: a model without the gate draws as before
+            normal_(self.shared_expert_gate.weight, std, gen)
         self.tokens_per_expert.zero_()
 
     @staticmethod
@@ -247,6 +260,8 @@ class MoE(nn.Module):
         flops = 2 * c.hidden_size * c.moe_num_experts  # router
         flops += c.moe_top_k * 2 * c.hidden_size * c.resolved_moe_ffn_hidden_size * mult
         flops += 2 * c.hidden_size * c.moe_shared_expert_ffn_hidden_size * mult
+        if c.moe_shared_expert_gate:
+            flops += 2 * c.hidden_size  # the gate's (H -> 1) projection
         return flops
 
 
@@ -284,5 +299,8 @@ def moe_reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     if c.moe_shared_expert_ffn_hidden_size:
         s = layer.shared_experts
         gate = flat @ s.gate_proj.weight.T if c.mlp_activation == "swiglu" else None
-        y += activate(flat @ s.up_proj.weight.T, c.mlp_activation, gate) @ s.down_proj.weight.T
+        shared = activate(flat @ s.up_proj.weight.T, c.mlp_activation, gate) @ s.down_proj.weight.T
+        if c.moe_shared_expert_gate:
+            shared = shared / (1 + torch.exp(-(flat @ layer.shared_expert_gate.weight.T)))  # (T, 1)
+        y += shared
     return y.reshape(x.shape)

@@ -144,10 +144,13 @@ def _saved_elements(c: ModelConfig, s: str) -> float:
     if s == "E":
         k, E, Fm = c.moe_top_k, c.moe_num_experts, c.resolved_moe_ffn_hidden_size
         routed = 2 * E + k * (2 * H + Fm * _mult(c))  # fp32 router scores; dispatched in/out; expert hidden
-        return n + routed + c.moe_shared_expert_ffn_hidden_size * _mult(c)
+        gate = H + 1 if c.moe_shared_expert_gate else 0  # the shared expert's output and its sigmoid gate
+        return n + routed + c.moe_shared_expert_ffn_hidden_size * _mult(c) + gate
     if s == "*":
         hq, hkv, d = c.num_attention_heads, c.resolved_num_query_groups, c.resolved_head_dim
-        return n + (2 * hq + 2 * hkv) * d  # q, k, v, output
+        # q, k, v, output; with the output gate also the gate and the gated output (its sigmoid and product are
+        # elementwise: a compiled block, like Megatron's fused gate, recomputes them from those two)
+        return n + ((4 if c.attention_output_gate else 2) * hq + 2 * hkv) * d
     if s == "M":
         h, p, g, N = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
         di = h * p

@@ -366,7 +366,10 @@ class Trainer:
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} "
                 f"(a preset's own size, or one set): --set model.vocab_size={self.tokenizer.vocab_size} or more"
             )
-        self.num_params = int(HybridLM(self.config, device="meta").num_params())
+        meta = HybridLM(self.config, device="meta")
+        self.num_params = int(meta.num_params())
+        #: What one token uses (an MoE layer's top-k routed experts of all), for the header; None without MoE layers.
+        self.num_active_params = int(meta.num_params(active=True)) if "E" in self.config.symbols else None
         self._check_model_fits()
         if resume:
             self._check_same_model()
@@ -903,7 +906,9 @@ class Trainer:
         val = f"{self.val_rows.stream.num_tokens:,}" if self.val_rows is not None else "no"
         return [
             f"run     {self.run_dir}",
-            f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters · hidden {self.config.hidden_size} "
+            f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters"
+            + (f" ({self.num_active_params / 1e6:.2f}M active)" if self.num_active_params is not None else "")
+            + f" · hidden {self.config.hidden_size} "
             f"· vocab {self.config.vocab_size}",
             f"data    {r.data.source} · {r.data.tokenizer} tokenizer · {self.train_rows.stream.num_tokens:,} train / "
             f"{val} validation tokens · rows of {r.data.seq_len}",
