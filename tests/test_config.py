@@ -51,6 +51,7 @@ def test_contract_field_names():
         "vocab_size",
         "hidden_size",
         "norm_eps",
+        "norm_zero_centered",
         "tie_embeddings",
         "init_std",
         "mtp_loss_scale",
@@ -376,7 +377,7 @@ def _computes_the_same(a: tuple, b: tuple) -> bool:
 
 def test_every_field_is_read_by_every_model_or_listed_with_its_readers():
     """A new field must say which layers read it, or the trainer's "has no effect" notes miss it."""
-    general = {"pattern", "vocab_size", "hidden_size", "norm_eps", "tie_embeddings", "init_std"}
+    general = {"pattern", "vocab_size", "hidden_size", "norm_eps", "norm_zero_centered", "tie_embeddings", "init_std"}
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     assert names - general == set(FIELD_READERS) and set(_OTHER_VALUE) == set(FIELD_READERS)
 
@@ -486,6 +487,8 @@ def test_from_json_reads_bytes_as_json_text():
         ("mtp_num_layers", "'/'"),  # was 'moe_num_experts'
         ("hybrid_override_pattern", "'pattern'"),  # was no hint at all
         ("num_layers", "'pattern'"),
+        ("layernorm_zero_centered_gamma", "'norm_zero_centered'"),
+        ("apply_layernorm_1p", "'norm_zero_centered'"),  # its command-line name (--apply-layernorm-1p)
     ],
 )
 def test_a_megatron_name_points_at_the_field_that_replaces_it(megatron, ours):

@@ -1121,3 +1121,43 @@ def test_a_shared_expert_gates_flops_match_the_flop_counter():
         expected["E"] - ungated["E"] == 2 * 2 * config.hidden_size
         and expected["mtp"] - ungated["mtp"] == 2 * config.hidden_size
     )
+
+
+# -- zero-centred norm weights (norm_zero_centered) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern, overrides",
+    [("M[*-]GE/*-", {"qk_norm": True, "position_embedding": "rope"}), ("[+-]MD/+-", MLA_TINY)],
+    ids=["attention-qk-norm", "mla-dsa"],
+)
+def test_zero_centered_norms_compute_the_plain_model_whose_norm_weights_are_one_plus_w(pattern, overrides):
+    """Bitwise in float32: the zero-centred norm forms ``1 + w`` in float32 (rounded once) and multiplies as the
+    plain norm multiplies its float32 weight, here that same float32 number. Every pre-norm (the fused block's
+    seam too), the final norms, the MTP norms, attention's q/k and MLA's latent norms are zero-centred and start
+    at 0; the gated norms of Mamba2 and Gated DeltaNet stay plain and start at 1."""
+    from hybridlm.layers import RMSNorm
+
+    zc = HybridLM(tiny_config(pattern, norm_zero_centered=True, **overrides), seed=0).eval()
+    plain = HybridLM(tiny_config(pattern, **overrides), seed=0).eval()
+    norms = sorted(n for n, m in zc.named_modules() if isinstance(m, RMSNorm))
+    assert all(zc.get_submodule(n).zero_centered for n in norms)
+    kinds = {n.rsplit(".", 1)[-1] for n in norms}
+    assert {"norm", "norm_f", "enorm", "hnorm", "final_norm"} <= kinds
+    assert kinds & {"q_norm", "k_norm"} == {"q_norm", "k_norm"} or kinds >= {"q_a_layernorm", "kv_a_layernorm"}
+    state = zc.state_dict()
+    assert all((state[f"{n}.weight"] == 0).all() for n in norms)
+    gated = [k for k in state if k.endswith("mixer.norm.weight")]  # Mamba2's and GDN's gated norms
+    assert gated and all((state[k] == 1).all() for k in gated)
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n in norms:
+            state[f"{n}.weight"].normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+        plain.load_state_dict({k: v + 1 if k[: -len(".weight")] in norms else v for k, v in state.items()})
+        a, b = zc(ids, labels=ids), plain(ids, labels=ids)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    assert all(map(torch.equal, a.mtp_logits, b.mtp_logits))
+    # ... and not a model that ignores the option: the stored zero-centred weights as plain ones differ.
+    with torch.no_grad():
+        plain.load_state_dict(state)
+        assert not torch.equal(plain(ids).logits, a.logits)

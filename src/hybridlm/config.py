@@ -75,6 +75,10 @@ class ModelConfig:
     vocab_size: int
     hidden_size: int
     norm_eps: float = 1e-5  #: epsilon of every RMSNorm (block norms, final norm, gated norms)
+    #: zero-centred norm weights: the pre-norms, final norms, MTP norms, attention's q/k and MLA's latent norms
+    #: store w (initialized to 0) and scale by 1 + w (Megatron: layernorm_zero_centered_gamma; Qwen3-Next); the
+    #: gated norms of Mamba2 and Gated DeltaNet stay plain
+    norm_zero_centered: bool = False
     tie_embeddings: bool = False  #: share the input embedding with the output head
     init_std: float = 0.02  #: std of normal initializations; output projections get init_std/sqrt(layers)
     mtp_loss_scale: float = 0.1  #: weight of the mean MTP loss in the total loss
@@ -397,6 +401,7 @@ MEGATRON_NAMES = {
     "rotary_base": "hybridlm's is 'rope_theta'",
     "position_embedding_type": "hybridlm's is 'position_embedding' ('none' or 'rope')",
     "layernorm_epsilon": "hybridlm's is 'norm_eps'",
+    **dict.fromkeys(("layernorm_zero_centered_gamma", "apply_layernorm_1p"), "hybridlm's is 'norm_zero_centered'"),
     "init_method_std": "hybridlm's is 'init_std'",
     "qk_layernorm": "hybridlm's is 'qk_norm'",
     **dict.fromkeys(

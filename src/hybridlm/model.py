@@ -39,7 +39,7 @@ class Layer(nn.Module):
     def __init__(self, symbol: str, config: ModelConfig) -> None:
         super().__init__()
         self.symbol = symbol
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_zero_centered)
         self.mixer = build_mixer(symbol, config)
 
     def forward(
@@ -122,7 +122,9 @@ class Block(nn.Module):
             out = self.layers[0](x, ctx, aux_losses)
         else:
             seq, chan = self.layers
-            h, normed = add_rms_norm(x, seq.mix(seq.norm(x), ctx, aux_losses), chan.norm.weight, chan.norm.eps)
+            h, normed = add_rms_norm(
+                x, seq.mix(seq.norm(x), ctx, aux_losses), chan.norm.weight, chan.norm.eps, chan.norm.zero_centered
+            )
             out = h + chan.mix(normed, ctx, aux_losses)
         return out, aux_losses
 
@@ -174,11 +176,11 @@ class MTPDepth(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         H, p = config.hidden_size, config.parsed
-        self.enorm = RMSNorm(H, config.norm_eps)
-        self.hnorm = RMSNorm(H, config.norm_eps)
+        self.enorm = RMSNorm(H, config.norm_eps, config.norm_zero_centered)
+        self.hnorm = RMSNorm(H, config.norm_eps, config.norm_zero_centered)
         self.eh_proj = nn.Linear(2 * H, H, bias=False)
         self.blocks = _blocks(config, p.mtp_blocks, p.mtp_block_layer_offsets)
-        self.final_norm = RMSNorm(H, config.norm_eps)
+        self.final_norm = RMSNorm(H, config.norm_eps, config.norm_zero_centered)
 
     def forward(
         self, h_prev: torch.Tensor, emb: torch.Tensor, ctx: SequenceContext
@@ -422,7 +424,7 @@ class HybridLM(nn.Module):
             # reference, whose first call imports torch._dynamo (seconds at start-up, for a value never used).
             self.embeddings = nn.Embedding(V, H, _weight=torch.empty(V, H))
             self.blocks = _blocks(config, p.blocks, p.block_layer_offsets)
-            self.norm_f = RMSNorm(H, config.norm_eps)
+            self.norm_f = RMSNorm(H, config.norm_eps, config.norm_zero_centered)
             self.lm_head = None if config.tie_embeddings else OutputHead(H, V, bias=False)
             self.mtp = nn.ModuleList(MTPDepth(config) for _ in range(p.mtp_depths))
         # False on a pipeline stage after the first (prune_to_stage): its embedding, where it keeps one (a

@@ -138,6 +138,8 @@ PARITY = {
         moe_topk_groups=2,
         moe_shared_expert_ffn_hidden_size=16,
     ),
+    # Zero-centred norms (weights w, scale 1 + w), exported as NemotronH's plain scale.
+    "zero-centered-norms": config("M[*E]-M", norm_zero_centered=True, moe_router_expert_bias=True),
 }
 
 
@@ -172,6 +174,25 @@ def test_export_matches_transformers(case, tmp_path, caplog):
     diff = max_diff(ours, theirs)
     print(f"{case}: export max |Δlogit| = {diff:.3g}")
     assert diff <= TOL, f"{case}: max |Δlogit| {diff:.3g}"
+
+
+def test_zero_centered_norms_are_exported_as_their_scale_in_float32(tmp_path):
+    """NemotronH's norm is plain: a zero-centred weight w is written as the scale 1 + w the model applies, formed
+    in float32 as the model forms it, and kept float32 for a bf16 model, where 1 + w would round (its spacing
+    above 1 is 2^-7); the other tensors keep their dtype."""
+    cfg = config("M*-", norm_zero_centered=True)
+    model = random_model(cfg, seed=3).to(torch.bfloat16)
+    with torch.no_grad():
+        model.norm_f.weight.fill_(2.0**-10)
+    canonical = canonical_state_dict(model)
+    _, tensors = export_nemotron_h(cfg, canonical)
+    norms = [k for k in tensors if k.endswith("norm.weight") and "mixer" not in k] + ["backbone.norm_f.weight"]
+    assert len(norms) == 4
+    for k in norms:
+        ours = canonical[k.removeprefix("backbone.")]
+        assert tensors[k].dtype == torch.float32 and torch.equal(tensors[k], ours.float() + 1), k
+    assert (tensors["backbone.norm_f.weight"] == 1 + 2.0**-10).all()
+    assert tensors["backbone.layers.0.mixer.norm.weight"].dtype == torch.bfloat16  # the gated norm: plain, as it is
 
 
 def test_gelu_is_transformers_gelu():

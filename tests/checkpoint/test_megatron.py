@@ -293,7 +293,8 @@ def megatron_gdn(state: dict[str, torch.Tensor], prefix: str, c: ModelConfig, x:
     q, k = q.repeat_interleave(nv // nk, dim=2), k.repeat_interleave(nv // nk, dim=2)
     g = -state[prefix + "A_log"].exp() * F.softplus(alpha + state[prefix + "dt_bias"])
     o, _ = gated_delta_rule_reference(q, k, v.reshape(b, L, nv, dv), g, beta.sigmoid())
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + c.norm_eps) * state[prefix + "out_norm.weight"]
+    w = state[prefix + "out_norm.weight"]  # a TENorm: zero-centred under layernorm_zero_centered_gamma
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + c.norm_eps) * (1 + w if c.norm_zero_centered else w)
     o = o * F.silu(gate.reshape(b, L, nv, dv))
     return o.reshape(b, L, nv * dv) @ state[prefix + "out_proj.weight"].T
 
@@ -305,6 +306,40 @@ def test_gdn_in_proj_matches_megatron_forward():
     x = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
     ours = gdn_reference(model.blocks["0"].layers[0].mixer, x)
     assert_rel_close(megatron_gdn(state, "decoder.layers.0.self_attention.", config, x), ours, 1e-10, "GDN")
+
+
+def test_gdn_out_norm_is_zero_centred_in_megatron_under_the_option():
+    """Megatron builds GDN's out_norm as a TENorm, zero-centred under layernorm_zero_centered_gamma like every TE
+    norm, where ours stays Qwen3-Next's plain gated norm: its Megatron weight is our scale - 1."""
+    config = tiny_config("G", norm_zero_centered=True, gdn_num_heads=2, gdn_num_value_heads=4, gdn_value_head_dim=6)
+    model = float64_model(config)
+    state = to_megatron(config, canonical_state_dict(model))
+    ours = model.blocks["0"].layers[0].mixer
+    assert torch.equal(state["decoder.layers.0.self_attention.out_norm.weight"], ours.norm.weight - 1)
+    x = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
+    assert_rel_close(megatron_gdn(state, "decoder.layers.0.self_attention.", config, x), gdn_reference(ours, x), 1e-10)
+
+
+@pytest.mark.parametrize("config", [ROUND_TRIP_CONFIGS[1], ROUND_TRIP_CONFIGS[-1]], ids=lambda c: c.pattern)
+def test_zero_centred_norms_map_straight_and_the_plain_ones_shift_by_one(config):
+    """Our zero-centred norms store w as Megatron does (renames); GDN's gated norm and the DSA indexer's LayerNorm,
+    plain in ours and zero-centred in Megatron, are exported as scale - 1, exactly for a scale in [0.5, 2], so
+    export then import is bitwise the identity there."""
+    config = config.replace(norm_zero_centered=True)
+    canonical = random_canonical(config)
+    g = torch.Generator().manual_seed(7)
+    plain = [k for k in canonical if k.endswith(("mixer.norm.weight", "indexer.k_norm.weight"))]
+    assert plain
+    for k in plain:
+        canonical[k] = 0.5 + 1.5 * torch.rand(canonical[k].shape, generator=g)
+    state = to_megatron(config, canonical)
+    assert list(state) == megatron_keys(config)
+    assert_bitwise_equal(from_megatron(config, state), canonical)
+    plain_off = to_megatron(config.replace(norm_zero_centered=False), canonical)
+    shifted = {k for k in state if not torch.equal(state[k], plain_off[k])}
+    assert shifted == {k for k in state if k.endswith(("out_norm.weight", "indexer.k_norm.weight"))} != set()
+    for k in shifted:
+        assert torch.equal(state[k], plain_off[k] - 1), k
 
 
 def test_mla_and_dsa_names_and_shapes():

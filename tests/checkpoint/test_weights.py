@@ -57,6 +57,23 @@ def test_round_trip_into_every_layout(saved, tmp_path, ids):
         assert torch.equal(again(ids).logits, expected)
 
 
+def test_zero_centered_norms_round_trip_storing_w(tmp_path, ids):
+    """The stored norm weight is ``w`` (Megatron's and Qwen3-Next's layout), the scale ``1 + w`` being the config's
+    business: config.json carries norm_zero_centered, and the model loads back computing bitwise the same."""
+    model = HybridLM(tiny_config("M[*-]G/*-", qk_norm=True, norm_zero_centered=True), seed=3)
+    with torch.no_grad():
+        model.norm_f.weight.fill_(0.25)
+    expected = model(ids).logits
+    hybridlm.save(model, tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["config"]["norm_zero_centered"] is True
+    stored = load_file(tmp_path / "ck" / "model.safetensors")
+    assert (stored["norm_f.weight"] == 0.25).all() and (stored["layers.2.norm.weight"] == 0).all()
+    assert (stored["layers.1.mixer.q_norm.weight"] == 0).all() and (stored["mtp.0.enorm.weight"] == 0).all()
+    loaded = hybridlm.load(tmp_path / "ck")
+    assert loaded.config.norm_zero_centered and loaded.norm_f.zero_centered
+    assert torch.equal(loaded(ids).logits, expected)
+
+
 def test_load_into_pipeline_stages(tmp_path, ids):
     config = tiny_config("M-[*-]|GE|M-/[*-]")
     model = HybridLM(config, seed=4)

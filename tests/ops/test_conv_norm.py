@@ -65,6 +65,36 @@ def test_rms_norms_of_float64_inputs_compute_in_float64():
     assert_rel_close(got, gated_rms_norm_reference(x, z, w, 4, 1e-5), 1e-14, "gated_rms_norm")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_zero_centered_rms_norms_scale_by_one_plus_the_weight(dtype):
+    """Zero-centred (Megatron's layernorm_zero_centered_gamma): ``(1 + w) * x / rms(x)``, against float64, with
+    gradients; the plain and fused norms alike."""
+    x, d = (torch.randn(4, 7, 16, dtype=dtype) for _ in range(2))
+    w = (0.3 * torch.randn(16)).to(dtype).requires_grad_()
+    got = rms_norm(x, w, 1e-5, zero_centered=True)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-14}[dtype]
+    assert got.dtype == dtype
+    assert_rel_close(got, rms_norm_reference(x.double(), w.detach(), 1e-5, zero_centered=True), tol, "rms_norm")
+    h, n = add_rms_norm(x, d, w, 1e-5, zero_centered=True)
+    assert torch.equal(n, rms_norm(h, w, 1e-5, zero_centered=True))
+    wd = w.detach().double().requires_grad_()
+    (rms_norm(x, w, 1e-5, zero_centered=True).double() * x.double()).sum().backward()
+    (rms_norm_reference(x.double(), wd, 1e-5, zero_centered=True) * x.double()).sum().backward()
+    assert w.grad.dtype == dtype
+    assert_rel_close(w.grad, wd.grad, tol, "grad w")
+
+
+def test_zero_centered_scale_of_a_bf16_weight_is_added_in_float32():
+    """In bf16, 1 + 2^-10 rounds to 1 (its spacing above 1 is 2^-7): the scale is formed in float32, the dtype
+    the norm computes in, so a small trained w still counts (Transformer Engine adds in float32 too)."""
+    x = torch.randn(3, 8)
+    w = torch.full((8,), 2.0**-10, dtype=torch.bfloat16)
+    expected = rms_norm(x, torch.full((8,), 1 + 2.0**-10), 1e-5)  # the plain norm of that float32 scale
+    assert torch.equal(rms_norm(x, w, 1e-5, zero_centered=True), expected)
+    assert torch.equal(add_rms_norm(x, torch.zeros_like(x), w, 1e-5, zero_centered=True)[1], expected)
+    assert not torch.equal(expected, rms_norm(x, torch.ones(8), 1e-5))  # (the case shows a rounded 1 + w)
+
+
 def test_misshaped_conv_and_norm_inputs_are_refused_by_name_on_the_torch_path():
     """The torch paths broadcast what the Triton kernels refuse: a (1, L) seq_idx applied row 0's documents to
     every row, a (1,) bias or (1, K) weight served every channel, a (D,) gate or one-row delta every row, and a

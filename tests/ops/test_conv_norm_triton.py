@@ -204,6 +204,31 @@ def test_triton_rms_norm_forward_matches_float64(dtype):
     assert_rel_close(got, rms_norm_reference(x.double(), w, EPS), 1e-6, "rms_norm")
 
 
+def test_triton_norms_of_zero_centered_weights_take_one_plus_w_in_float32():
+    """Zero-centred (norm_zero_centered): the kernels are given the float32 scale 1 + w of a bf16 w (where a bf16
+    1 + w would round 2^-10 away); forward and the gradients, through the addition to w, against float64."""
+    x = torch.randn(3, 11, 40, device=DEV, requires_grad=True)
+    delta = torch.randn(3, 11, 40, device=DEV, requires_grad=True)
+    w = (2.0**-10 + 0.3 * torch.randn(40, device=DEV)).bfloat16().requires_grad_()
+    reset_paths()
+    with use_kernels("triton"):
+        h, n = add_rms_norm(x, delta, w, EPS, zero_centered=True)
+        with torch.no_grad():
+            plain = rms_norm(x.detach(), w.detach(), EPS, zero_centered=True)
+    assert paths_used() == {"add_rms_norm": "triton", "rms_norm": "triton"}
+    x64, d64, w64 = leaves64(x, delta, w)
+    n_ref = rms_norm_reference(x64 + d64, w64, EPS, zero_centered=True)
+    assert torch.equal(h, x + delta)  # the residual sum is the plain one
+    assert_rel_close(n, n_ref, 1e-6, "add_rms_norm normed")
+    assert_rel_close(plain, rms_norm_reference(x64, w64, EPS, zero_centered=True), 1e-6, "rms_norm")
+    dn = torch.randn_like(n)
+    got = grads(n, (x, delta, w), dn)
+    want = grads(n_ref, (x64, d64, w64), dn.double())
+    assert got[2].dtype == torch.bfloat16
+    for name, g, r, tol in zip(("x", "delta", "w"), got, want, (2e-6, 2e-6, 1e-2)):  # dw: rounded to bf16
+        assert_rel_close(g, r, tol, f"zero-centred add_rms_norm d{name}")
+
+
 def test_rms_norm_keeps_the_torch_path_when_a_gradient_is_wanted():
     """The Triton norm is forward-only: a call that needs a gradient runs the reference, and records that."""
     x = torch.randn(4, 16, device=DEV, requires_grad=True)

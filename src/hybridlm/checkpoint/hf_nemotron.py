@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..ops.norm import norm_scale
 from ..pattern.symbols import KIND
 from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, to_foreign, zeros
 from .io import (
@@ -115,6 +116,9 @@ _HF_DEFAULTS = {row[0]: row[3] for row in _KEYS}
 _HF_LEGACY_NAMES = {row[0]: row[4] for row in _KEYS if len(row) > 4}
 
 _STACKED = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
+#: The canonical names of the main stack's norms that ``norm_zero_centered`` makes zero-centred (the q/k norms
+#: are refused by check_exportable): NemotronH's RMSNorm is plain, so their scale 1 + w is what is exported.
+_ZERO_CENTERED = re.compile(r"^(layers\.\d+\.norm|norm_f)\.weight$")
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -204,6 +208,8 @@ def _rules(
         stacked = _STACKED.match(name)
         if stacked:
             rules.append(per_expert((name,), f"backbone.{stacked[1]}.{{e}}.{stacked[2]}.weight", c.moe_num_experts))
+        elif c.norm_zero_centered and _ZERO_CENTERED.match(name):
+            rules.append(_scale_rule(name))
         else:
             rules.append(rename(name, name if name == "lm_head.weight" else "backbone." + name))
     if c.tie_embeddings:  # a copy: safetensors refuses two names for one tensor
@@ -216,6 +222,17 @@ def _rules(
             rules.append(zeros(p + "shared_experts.up_proj.weight", (Fs, H), dtype))
             rules.append(zeros(p + "shared_experts.down_proj.weight", (H, Fs), dtype))
     return rules, shapes
+
+
+def _scale_rule(name: str) -> Rule:
+    """A zero-centred norm weight ``w`` -> NemotronH's plain weight, the scale ``1 + w`` our model applies.
+
+    Exported as :func:`~hybridlm.ops.norm.norm_scale` computes it: in float32, float64 for a float64 ``w``. So a
+    float32 or float64 export holds exactly the model's scale, and a bf16 or fp16 model's norm weights are
+    written as float32 (a few KB): ``1 + w`` rounded to bf16, whose spacing above 1 is 2^-7, would lose most of
+    a trained ``w``; transformers casts them to the dtype it loads the model in.
+    """
+    return Rule((name,), ("backbone." + name,), lambda ts: [norm_scale(ts[0], True)], lambda ts: [ts[0] - 1])
 
 
 def export_nemotron_h(

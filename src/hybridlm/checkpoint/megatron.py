@@ -102,6 +102,25 @@ def _gdn_rule(c: ModelConfig) -> Rule:
     return Rule(names, ("self_attention.in_proj.weight",), pack, unpack)
 
 
+def _plain_norm(c: ModelConfig, canonical: str, foreign: str) -> Rule:
+    """A norm weight that is the scale itself in our model (Gated DeltaNet's gated norm, the DSA indexer's
+    LayerNorm) <-> Megatron's, which under ``layernorm_zero_centered_gamma`` is zero-centred like every norm
+    Transformer Engine builds (``TENorm`` passes the option to each): it stores ``scale - 1``.
+
+    Computed in float64, then cast back to the tensor's dtype: export is exact for a scale in [0.5, 2] (their
+    difference from 1 is a float of the same format, Sterbenz), so export then import is the identity there;
+    import rounds ``1 + w`` once to the file's dtype (a bf16 file: 2^-8 relative), where Transformer Engine adds
+    in float32. The other norms are zero-centred in our model too (``norm_zero_centered``): plain renames.
+    """
+    if not c.norm_zero_centered:
+        return rename(canonical, foreign)
+
+    def shift(by: float):
+        return lambda ts: [(ts[0].double() + by).to(ts[0].dtype)]
+
+    return Rule((canonical,), (foreign,), shift(-1.0), shift(1.0))
+
+
 def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
     """The rules of one layer of kind ``symbol`` (names after ``layers.{i}.``); the pre-norm becomes the
     ``layer_norm_weight`` of the first linear Transformer Engine fuses it into."""
@@ -140,7 +159,7 @@ def _layer_rules(symbol: str, c: ModelConfig) -> list[Rule]:
             rename("norm.weight", f"{a}in_proj.layer_norm_weight"),
             _gdn_rule(c),
             *(rename(f"mixer.{n}", a + n) for n in ("conv1d.weight", "dt_bias", "A_log", "out_proj.weight")),
-            rename("mixer.norm.weight", f"{a}out_norm.weight"),
+            _plain_norm(c, "mixer.norm.weight", f"{a}out_norm.weight"),
         ]
     if symbol in ("+", "D"):
         return _mla_rules(c, sparse=symbol == "D")
@@ -179,7 +198,11 @@ def _mla_rules(c: ModelConfig, sparse: bool) -> list[Rule]:
             "indexer.k_norm.bias": ix + "k_norm.bias",
             "indexer.weights_proj.weight": ix + "linear_weights_proj.weight",
         }
-    return [rename("norm.weight", "input_layernorm.weight"), *(rename(f"mixer.{k}", a + v) for k, v in names.items())]
+    plain = ("indexer.k_norm.weight",)  # a LayerNorm of ours, zero-centred in Megatron under the option
+    rules = [
+        (_plain_norm(c, f"mixer.{k}", a + v) if k in plain else rename(f"mixer.{k}", a + v)) for k, v in names.items()
+    ]
+    return [rename("norm.weight", "input_layernorm.weight"), *rules]
 
 
 def _model_rules(c: ModelConfig) -> list[Rule]:

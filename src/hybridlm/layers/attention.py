@@ -41,8 +41,8 @@ class Attention(nn.Module):
         if c.attention_output_gate:
             self.gate_proj = nn.Linear(c.hidden_size, self.nq * self.head_dim, bias=False)
         if c.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, c.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, c.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, c.norm_eps, c.norm_zero_centered)
+            self.k_norm = RMSNorm(self.head_dim, c.norm_eps, c.norm_zero_centered)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """x: (B, L, hidden) -> (B, L, hidden)."""
@@ -142,8 +142,8 @@ def attention_reference(
     k = (x @ layer.k_proj.weight.T).view(b, seqlen, layer.nkv, d)
     v = (x @ layer.v_proj.weight.T).view(b, seqlen, layer.nkv, d)
     if c.qk_norm:
-        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.q_norm.weight
-        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.k_norm.weight
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.q_norm.scale()
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.k_norm.scale()
     R = c.rotary_dim
     if R:
         inv = 1.0 / c.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R)

@@ -107,10 +107,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(H, nh * (dn + dr), bias=False)
         else:
             self.q_a_proj = nn.Linear(H, c.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.norm_eps)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.norm_eps, c.norm_zero_centered)
             self.q_b_proj = nn.Linear(c.q_lora_rank, nh * (dn + dr), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(H, c.kv_lora_rank + dr, bias=False)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps, c.norm_zero_centered)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, nh * (dn + dv), bias=False)
         self.o_proj = nn.Linear(nh * dv, H, bias=False)
         self.softmax_scale = (dn + dr) ** -0.5
@@ -294,11 +294,11 @@ def mla_queries_keys_values_reference(
     if c.q_lora_rank is None:
         c_q, q = None, x @ layer.q_proj.weight.T
     else:
-        c_q = rms(x @ layer.q_a_proj.weight.T, layer.q_a_layernorm.weight)
+        c_q = rms(x @ layer.q_a_proj.weight.T, layer.q_a_layernorm.scale())
         q = c_q @ layer.q_b_proj.weight.T
     q = q.view(b, seqlen, nh, dn + dr)
     kv_a = x @ layer.kv_a_proj_with_mqa.weight.T
-    c_kv = rms(kv_a[..., : c.kv_lora_rank], layer.kv_a_layernorm.weight)
+    c_kv = rms(kv_a[..., : c.kv_lora_rank], layer.kv_a_layernorm.scale())
     kv = (c_kv @ layer.kv_b_proj.weight.T).view(b, seqlen, nh, dn + dv)
 
     inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)

@@ -1,4 +1,8 @@
-"""RMSNorm variants: plain, residual-add + norm (the fused-block seam), and Mamba's gated, grouped norm."""
+"""RMSNorm variants: plain, residual-add + norm (the fused-block seam), and Mamba's gated, grouped norm.
+
+The plain and fused norms take ``zero_centered``: the stored weight is then ``w`` and the scale applied
+``1 + w`` (Megatron-LM's ``layernorm_zero_centered_gamma``, Qwen3-Next's and Gemma's norms), see :func:`norm_scale`.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +16,39 @@ if triton_available():
     from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_scale(weight: torch.Tensor, zero_centered: bool) -> torch.Tensor:
+    """The factor an RMSNorm multiplies the normalized ``x`` by: ``weight`` itself, or ``1 + weight`` when
+    ``zero_centered``.
+
+    ``1 + weight`` is computed in float32 (float64 for a float64 weight), the dtype the norm computes in:
+    in bf16, whose spacing just above 1 is 2^-7, a trained ``w`` of 1e-3 would round away entirely. The
+    kernels are then simply given this float32 scale. (Transformer Engine's zero-centred norms add the 1 in
+    float32 too.) Autograd flows through the addition to ``weight``.
+
+    Args:
+        weight: (D,) the stored norm weight.
+
+    Returns:
+        (D,): ``weight`` unchanged, or ``1 + weight`` in ``accumulation_dtype(weight)``.
+    """
+    if not zero_centered:
+        return weight
+    return weight.to(accumulation_dtype(weight)) + 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
     """``weight * x / sqrt(mean(x**2) + eps)`` over the last dim, computed in float32 (float64 for
-    float64 inputs).
+    float64 inputs); with ``zero_centered``, ``(1 + weight) * ...`` (:func:`norm_scale`).
 
     Args:
         x: (..., D) activations of any float dtype; the result has the same dtype.
-        weight: (D,) scale.
+        weight: (D,) scale (zero-centred: scale - 1).
 
     On CUDA, when no gradient is wanted (inference) and outside ``torch.compile``, one forward-only
     Triton kernel runs instead; training and compiled code keep this reference, which inductor
     fuses with its neighbours.
     """
+    weight = norm_scale(weight, zero_centered)
     if _wants_grad(x, weight):
         # The kernel is forward-only: training runs the reference, and says so (paths_used), as every op does.
         record("rms_norm", "torch")
@@ -45,7 +70,7 @@ def _wants_grad(*tensors: torch.Tensor) -> bool:
 
 
 def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add followed by the next layer's RMSNorm: returns ``(x + delta, rms_norm(x + delta))``.
 
@@ -65,7 +90,8 @@ def add_rms_norm(
     a float32 normed output.
 
     Args:
-        x: (..., D) residual stream; delta: (..., D) the sequence mixer's output; weight: (D,).
+        x: (..., D) residual stream; delta: (..., D) the sequence mixer's output; weight: (D,) (with
+        ``zero_centered``, the scale is ``1 + weight``, as in :func:`rms_norm`).
 
     Returns:
         ``(h, normed)``, each (..., D) in ``torch.promote_types(x.dtype, delta.dtype)``.
@@ -76,6 +102,7 @@ def add_rms_norm(
             f"add_rms_norm: x {tuple(x.shape)}, delta {tuple(delta.shape)}, weight {tuple(weight.shape)}: "
             "need x and delta of one shape (..., D) and weight (D,)"
         )
+    weight = norm_scale(weight, zero_centered)
     if choose_eager("add_rms_norm", x, delta, weight) == "triton":
         return add_rms_norm_triton(x, delta, weight, eps)
     h = x + delta
@@ -125,7 +152,7 @@ def gated_rms_norm_reference(
     return weight.double() * g.reshape(shape)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Float64 reference of :func:`rms_norm`."""
-    xd = x.double()
-    return (weight.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
+    """Float64 reference of :func:`rms_norm` (the result in ``x``'s dtype)."""
+    xd, wd = x.double(), weight.double()
+    return ((wd + 1 if zero_centered else wd) * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
