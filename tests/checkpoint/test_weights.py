@@ -577,12 +577,23 @@ def test_a_stage_refuses_tensors_no_model_of_its_config_holds(tmp_path, ids):
     load_canonical_into(build_stage(tiny_config("M-|*-/*-"), 1, 2), tensors)  # stage 0's tensors skipped
 
 
+def assert_refused_everywhere(model, replaced: str, says: str, tmp_path) -> None:
+    """``model``, whose config was replaced by one of pattern ``replaced``: save, load and the training state
+    refuse it with ``says``."""
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    with pytest.raises(CheckpointError, match=says):
+        hybridlm.save(model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=says):
+        load_canonical_into(model, weights.canonical_state_dict(HybridLM(tiny_config(replaced))))
+    with pytest.raises(CheckpointError, match=says):
+        save_training_state(tmp_path / "state", model)
+
+
 def test_a_config_replaced_with_other_brackets_is_refused_saying_what_differs(tmp_path):
     """A config whose pattern only fuses otherwise, put on a built model: save called the model "a pipeline stage"
     (the block count differs) or failed with a bare KeyError from canonical_name (an MTP depth); loading into it
     and saving its training state raised the KeyError. Now each names the model's blocks and the config's."""
-    from hybridlm.checkpoint.training_state import save_training_state
-
     for built, replaced, first in [
         ("M-*-", "[M-]*-", r"blocks\.0: model 'M', config '\[M-\]'"),
         ("[M-][*-]", "M-*-", r"blocks\.0: model '\[M-\]', config 'M'"),
@@ -591,12 +602,7 @@ def test_a_config_replaced_with_other_brackets_is_refused_saying_what_differs(tm
         model = HybridLM(tiny_config(built))
         model.config = tiny_config(replaced)
         says = rf"model's blocks are '{re.escape(built)}', the config's pattern is '{re.escape(replaced)}'.*{first}"
-        with pytest.raises(CheckpointError, match=says):
-            hybridlm.save(model, tmp_path / "ck")
-        with pytest.raises(CheckpointError, match=says):
-            load_canonical_into(model, weights.canonical_state_dict(HybridLM(tiny_config(replaced))))
-        with pytest.raises(CheckpointError, match=says):
-            save_training_state(tmp_path / "state", model)
+        assert_refused_everywhere(model, replaced, says, tmp_path)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "state").exists()
     for stage in (build_stage(tiny_config("M-|*-/M-"), 0, 2), build_stage(tiny_config("M-|*-/M-"), 1, 2)):
         weights.check_built(stage)  # a pipeline stage holds some blocks of its config: no difference
@@ -609,19 +615,12 @@ def test_a_config_replaced_with_other_brackets_is_refused_saying_what_differs(tm
 def test_a_config_replaced_with_more_mtp_layers_is_refused_saying_what_differs(tmp_path, replaced, first):
     """A config naming a depth, or a depth's block, more than the model holds: every block the model has matches,
     so only what it lacks tells that the config is not the model's (save, load and the training state say so)."""
-    from hybridlm.checkpoint.training_state import save_training_state
-
     model = HybridLM(tiny_config("M-*-/M-"))
     model.config = tiny_config(replaced)
     says = (
         rf"model's blocks are 'M-\*-/M-', the config's pattern is '{re.escape(replaced)}' \(first difference: {first}\)"
     )
-    with pytest.raises(CheckpointError, match=says):
-        hybridlm.save(model, tmp_path / "ck")
-    with pytest.raises(CheckpointError, match=says):
-        load_canonical_into(model, weights.canonical_state_dict(HybridLM(tiny_config(replaced))))
-    with pytest.raises(CheckpointError, match=says):
-        save_training_state(tmp_path / "state", model)
+    assert_refused_everywhere(model, replaced, says, tmp_path)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "state").exists()
 
 

@@ -38,20 +38,19 @@ def test_cached_greedy_equals_the_no_cache_loop(pattern):
         assert generate(model, prompt, max_new_tokens=12) == generate(model, prompt, 12, use_cache=False)
 
 
+def assert_prefill_then_steps_match(model, static: bool) -> None:
+    """A prefill of 13 positions, then 8 one-token steps (eager or static), in a buffer of 29: the full forward's
+    logits to 1e-5."""
+    assert_prefill_then_steps_match(model, static)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_prefill_then_steps_gives_the_full_forward_logits(pattern, static):
     """Both decode steps: eager (attention over the positions written) and static (the whole buffer,
     masked: what a CUDA graph replays), in a buffer longer than the sequence."""
     model = model_for(pattern)
-    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
-    full = model(ids).logits
-    cache = InferenceCache.for_model(model, 2, 29)
-    cache.static = static
-    got = [model(ids[:, :13], cache=cache).logits]
-    for t in range(13, 21):
-        got.append(model(ids[:, t : t + 1], cache=cache).logits)
-    torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=1e-5)
+    assert_prefill_then_steps_match(model, static)
 
 
 @pytest.mark.parametrize("pattern", [*PATTERNS, "+D"])
@@ -1011,12 +1010,5 @@ def test_gated_attention_decodes_as_the_full_forward(static):
     """The output gate is projected from each position's own input: prefill, then steps (eager and static) give
     the full forward's logits, and greedy decoding the no-cache loop's tokens."""
     model = model_for("M[*-]/[*-]", attention_output_gate=True)
-    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(0))
-    full = model(ids).logits
-    cache = InferenceCache.for_model(model, 2, 29)
-    cache.static = static
-    got = [model(ids[:, :13], cache=cache).logits]
-    for t in range(13, 21):
-        got.append(model(ids[:, t : t + 1], cache=cache).logits)
-    torch.testing.assert_close(torch.cat(got, 1), full, rtol=0, atol=1e-5)
+    assert_prefill_then_steps_match(model, static)
     assert generate(model, PROMPTS[0], max_new_tokens=8) == generate(model, PROMPTS[0], 8, use_cache=False)
