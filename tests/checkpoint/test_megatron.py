@@ -7,6 +7,7 @@ on their own inverse.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 
@@ -670,6 +671,18 @@ def test_convert_from_megatron_refuses_an_invalid_sidecar_config_by_name(tmp_pat
     config_sidecar(path).write_text('{"pattern": "M-", "vocab_size": 0}')
     with pytest.raises(CheckpointError, match=re.escape(f"{config_sidecar(path)}: invalid model config")):
         convert_from_megatron(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_convert_from_megatron_refuses_a_sidecar_that_is_no_regular_file_as_such(tmp_path, moe_state):
+    """A FIFO (or a folder) at the sidecar's name was called absent: "place it at <that very name>"."""
+    path = save_megatron(moe_state, tmp_path / "model.pt")
+    os.mkfifo(config_sidecar(path))
+    with pytest.raises(CheckpointError) as err:
+        convert_from_megatron(path, tmp_path / "out")
+    assert f"{config_sidecar(path)}: invalid model config" in str(err.value)
+    assert "not a regular file" in str(err.value) and "place it at" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -660,3 +660,23 @@ def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
         pytest.raises(ConfigError, match=rf"^config: {re.escape(str(tmp_path / 'run.toml'))}: not a regular file$"),
     ):
         RunConfig.from_toml(tmp_path / "run.toml")
+
+
+def test_init_from_refuses_the_other_norm_convention_than_the_folder_s(tmp_path):
+    """`norm_zero_centered` changes no tensor shape, so a run that set the other value than the init folder's loaded
+    its norm weights and read each as another scale: a zero-centred folder's w (0 here) as the scale itself zeroed
+    every norm. Refused by name, before the corpus is read; the folder's own value, or none, is taken."""
+    import hybridlm
+    from hybridlm.model import HybridLM
+
+    plain = _init_folder(tmp_path / "plain")
+    centred = hybridlm.save(
+        HybridLM(hybridlm.load(plain).config.replace(norm_zero_centered=True), seed=0), tmp_path / "zc"
+    )
+    for folder, other in ((centred, "false"), (plain, "true")):
+        with pytest.raises(ConfigError, match=rf"^model\.norm_zero_centered: {other} over train\.init_from .*leave "):
+            RunConfig().with_overrides([f"train.init_from={folder}", f"model.norm_zero_centered={other}"])
+        same = "true" if other == "false" else "false"
+        for sets in ([f"model.norm_zero_centered={same}"], []):
+            run = RunConfig().with_overrides([f"train.init_from={folder}", *sets])
+            assert run.model_config().norm_zero_centered == (folder == centred)

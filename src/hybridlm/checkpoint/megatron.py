@@ -473,7 +473,8 @@ def convert_from_megatron(
     _source(Path(src))
     # The config before the weights: a missing or invalid one is refused without reading a file of many GB first.
     sidecar = config_sidecar(src)
-    if config is None and not sidecar.is_file():
+    # exists, not is_file: a FIFO or a folder there is refused by from_json as what it is, not called absent
+    if config is None and not sidecar.exists():
         raise CheckpointError(
             f"{src}: a Megatron state dict does not describe its architecture; pass the model config "
             f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"

@@ -25,7 +25,9 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="show a checkpoint's config, pattern, tensor count, bytes and dtypes",
         description="Summarize a hybridlm checkpoint directory (or a training run's exported model/), a Hugging "
-        "Face directory, a DCP training-state directory or a safetensors file. Reads file headers only.",
+        "Face directory, a DCP training-state directory or a safetensors file: its pattern, tensor and parameter "
+        "counts (a checkpoint with MoE layers also its active parameters, those one token uses), bytes, dtypes and "
+        "config. Reads file headers only.",
     )
     ap.add_argument("path", help="checkpoint or run directory, or .safetensors file")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")

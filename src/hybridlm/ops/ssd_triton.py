@@ -2,7 +2,7 @@
 
 Notation (per batch row ``b``, head ``h`` of group ``g``, chunk ``c`` of ``Q`` positions)::
 
-    a_t    = dt_t * A_h                      log-decay of step t (<= 0)
+    a_t    = max(dt_t * A_h, -FLOOR)         log-decay of step t (<= 0; FLOOR = precision.LOG_DECAY_FLOOR)
     acum_t = a_{cQ} + ... + a_t              cumulative log-decay inside the chunk
     L[t,s] = exp(acum_t - acum_s)            for s <= t in the same chunk *and* the same document
     st_c   = sum_s exp(acum_last - acum_s) dt_s x_s ⊗ B_s    (s in the chunk's last document)

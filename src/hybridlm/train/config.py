@@ -298,7 +298,9 @@ class RunConfig:
             return dict(self.model)
         base = read_init_config(init).to_dict()
         base.pop("schema_version")
-        return {**base, **self.set_model_fields()}
+        own = self.set_model_fields()
+        _check_norm_convention(base["norm_zero_centered"], own.get("norm_zero_centered"), init)
+        return {**base, **own}
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of this run (``vocab_size`` fills the field when the run leaves it out)."""
@@ -576,6 +578,23 @@ def read_init_config(path: str) -> ModelConfig:
         else:
             said = f"{e}; {INIT_FROM_TAKES}"
         raise ConfigError("train.init_from", said) from None
+
+
+def _check_norm_convention(saved: bool, wanted: Any, init: str) -> None:
+    """Refuse a ``model.norm_zero_centered`` other than the ``train.init_from`` folder's: it changes no tensor shape,
+    so the load would take the weights, but each norm weight then means another scale (``w`` of a zero-centred
+    model, about 0, read as the scale itself zeroes every norm; a plain model's scale, about 1, read as ``w`` doubles
+    it). ``wanted``: the run's value, None where it sets none; a non-bool is left to ModelConfig's type check."""
+    if not isinstance(wanted, bool) or wanted == saved:
+        return
+    stored = "w, the scale being 1 + w" if saved else "the scale itself"
+    read = "as the scale itself (about 0: every norm would zero its input)" if saved else "as w (a scale of about 2)"
+    raise ConfigError(
+        "model.norm_zero_centered",
+        f"{str(wanted).lower()} over train.init_from {init}, whose config.json has {str(saved).lower()}: its norm "
+        f"weights store {stored}, which this model would read {read}; leave model.norm_zero_centered out (the "
+        "folder's value)",
+    )
 
 
 def _positive(name: str, value: float) -> None:
