@@ -175,3 +175,22 @@ def test_convert_from_megatron_refuses_a_fifo_as_its_config(tmp_path, capsys):
     with fifos_never_read(tmp_path / "config.json"):  # (a read would hang the suite)
         assert main([*argv, "--config", str(tmp_path / "config.json")]) == 2
     assert "--config " in (err := capsys.readouterr().err) and "config.json: not a regular file" in err
+
+
+def test_convert_qwen3_next_keeps_the_tokenizer_and_its_end_of_text_id(tmp_path):
+    """`--from qwen3-next` writes the canonical model with the folder's tokenizer.json and a spec naming
+    generation_config.json's eos_token_id; `--to qwen3-next` writes that id back into config.json."""
+    pytest.importorskip("transformers.models.qwen3_next")
+    from hybridlm.train.tokenizer import SPEC_NAME
+    from tests.checkpoint.test_hf_qwen3_next import saved
+
+    _, hf = saved(tmp_path)
+    (hf / "tokenizer.json").write_text("{}")
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert main(["convert", str(hf), str(tmp_path / "ours"), "--from", "qwen3-next"]) == 0
+    assert json.loads((tmp_path / "ours" / SPEC_NAME).read_text())["eos_id"] == 7
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == "{}"
+    assert hybridlm.load(tmp_path / "ours").config.pattern == "GE*-GE*E"
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "qwen3-next"]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == 7
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == "{}"

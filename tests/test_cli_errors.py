@@ -67,6 +67,8 @@ CASES = [
     ["generate", "{d}/list", "--prompt", "a"],
     ["convert", "{d}/model", "{d}/out", "--to", "megatron"],
     ["convert", "{d}/list", "{d}/out2", "--from", "nemotron-h"],
+    ["convert", "{d}/list", "{d}/out3", "--from", "qwen3-next"],
+    ["convert", "{d}/model", "{d}/out4", "--to", "qwen3-next"],
     ["prepare", "{d}/missing", "{d}/prepared"],
     ["generate", "{d}/model", "--prompts-file", "{d}/deep.jsonl"],
     ["generate", "{d}/model", "--prompts-file", "{d}/bigint.txt"],

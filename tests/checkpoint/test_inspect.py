@@ -13,6 +13,7 @@ from hybridlm.checkpoint.hf_nemotron import convert_to_nemotron_h, import_nemotr
 from hybridlm.checkpoint.inspect import _human, describe, render
 from hybridlm.checkpoint.weights import canonical_state_dict
 from hybridlm.cli import main
+from tests.helpers import tiny_config
 
 PATTERN = "M-[*-]"
 
@@ -76,6 +77,25 @@ def test_a_hugging_face_directory_with_layer_type_names(tmp_path):
     cfg["layers_block_type"] = [names[s] for s in cfg.pop("hybrid_override_pattern")]
     (hf / "config.json").write_text(json.dumps(cfg))
     assert describe(hf)["pattern"] == PATTERN.replace("[", "").replace("]", "")
+
+
+def test_a_qwen3_next_directory_shows_the_pattern_its_import_writes(tmp_path):
+    """Qwen3-Next's config.json has layer types and dense-layer lists, not symbols: shown as our canonical pattern."""
+    pytest.importorskip("transformers.models.qwen3_next")
+    from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
+    from tests.checkpoint.test_hf_qwen3_next import saved
+
+    _, hf = saved(tmp_path)
+    assert describe(hf)["pattern"] == "GE*-GE*E"
+    tensors = load_file(hf / "model.safetensors")
+    save_file(tensors | {"model.norm.weight": tensors["model.norm.weight"].to(torch.int64)}, hf / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{hf}: not floating point: model.norm.weight")):
+        describe(hf)  # as the import refuses it
+    config = tiny_config("[GE][*-]", norm_zero_centered=True, position_embedding="rope", qk_norm=True)
+    config = config.replace(attention_output_gate=True, mlp_activation="swiglu", moe_router_score="softmax")
+    config = config.replace(moe_shared_expert_ffn_hidden_size=8, moe_shared_expert_gate=True)
+    info = describe(convert_to_qwen3_next(hybridlm.save(HybridLM(config), tmp_path / "ours"), tmp_path / "out"))
+    assert (info["kind"], info["pattern"]) == ("Hugging Face qwen3_next", "GE*-")
 
 
 def test_a_safetensors_file_of_mixed_dtypes(tmp_path):

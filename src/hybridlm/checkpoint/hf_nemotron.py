@@ -3,7 +3,6 @@ table on :mod:`hybridlm.checkpoint.adapter` (docs/checkpoints.md, "Hugging Face 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -17,6 +16,8 @@ from ..errors import CheckpointError, ConfigError
 from ..ops.norm import norm_scale
 from ..pattern.symbols import KIND
 from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, to_foreign, zeros
+from .hf_files import AUX_FILES, hf_config, hf_eos_token_id  # noqa: F401 (this module's names before hf_files)
+from .hf_files import aux_files as _aux_files
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
@@ -28,8 +29,6 @@ from .io import (
     fit_problems,
     full_cpu,
     meta_shapes,
-    read_json,
-    regular,
     weight_files,
     write_directory,
 )
@@ -53,20 +52,6 @@ EXPORTABLE_ACTIVATIONS = ("relu2", "gelu")
 LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 #: Hugging Face layer type (current and legacy names) -> pattern symbol.
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
-
-#: Files other than the weights and config.json that travel with a conversion (tokenizer, generation).
-AUX_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 #: Every config.json key we read or write: (key, our field, the layer kinds that use it ("": all), the default
 #: of transformers 5.24's NemotronHConfig[, an older name it still reads, which wins as in transformers]).
@@ -252,10 +237,6 @@ def export_nemotron_h(
     rules, shapes = _rules(config, dominant_dtype(canonical.values()))
     tensors = to_foreign(rules, canonical, shapes)
     return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
-
-
-def _aux_files(path: Path) -> dict[str, Path]:
-    return {name: path / name for name in AUX_FILES if (path / name).is_file()}
 
 
 def convert_to_nemotron_h(
@@ -454,9 +435,7 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     MTP tensors and all-zero selection biases and shared experts. CheckpointError names the file and each
     offending option or tensor."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (a Hugging Face model is a directory with {CONFIG_NAME})")
-    hf = read_json(path / CONFIG_NAME, f"{path}: missing {CONFIG_NAME}")
+    hf = hf_config(path)
     config = config_from_nemotron_h(hf, path / CONFIG_NAME)
     state, where = _read_weights(path, hf)
     problems = []
@@ -485,37 +464,6 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
         raise CheckpointError(f"{path}: cannot import this NemotronH model:\n  - " + "\n  - ".join(problems))
     tensors = apply(rules, state, export=False)
     return _drop_zero_moe_extras(config, tensors), tensors
-
-
-def hf_eos_token_id(path: str | Path) -> int | None:
-    """The end-of-document id a Hugging Face folder names (generation_config.json's ``eos_token_id``, which
-    transformers' ``generate`` stops at, else config.json's; the first of a list), or None: none, or unreadable (the
-    import says why). An id at or past config.json's ``vocab_size`` is passed over with a warning: saved, it made
-    every later load of the converted folder's tokenizer fail."""
-    try:  # (regular: a FIFO under the name would block the read; its CheckpointError is a ValueError)
-        vocab = json.loads(regular(Path(path) / CONFIG_NAME).read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        vocab = None
-    # generation_config.json first: where both name one (a chat model's end of turn there, its end of text in
-    # config.json), transformers generates with the former.
-    for name in ("generation_config.json", CONFIG_NAME):
-        try:
-            eos = json.loads(regular(Path(path) / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError, RecursionError):
-            continue
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-        if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:
-            if isinstance(vocab, int) and not isinstance(vocab, bool) and eos >= vocab:
-                logger.warning(
-                    "%s: eos_token_id %d is outside the vocabulary of %d; not saved (generate takes the tokenizer's "
-                    "usual end-of-text name, or --eos-token)",
-                    Path(path) / name,
-                    eos,
-                    vocab,
-                )
-                continue
-            return eos
-    return None
 
 
 def convert_from_nemotron_h(

@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig, unused_fields
 from ..errors import CheckpointError, ConfigError
+from . import hf_qwen3_next as qwen3_next
 from .hf_nemotron import _MTP, HF_MODEL_TYPE, _hf_layers
 from .io import (
     CONFIG_NAME,
@@ -104,6 +105,9 @@ def describe(path: str | Path) -> dict[str, Any]:
             if cfg["model_type"] == HF_MODEL_TYPE:  # as symbols, whichever key transformers wrote
                 with contextlib.suppress(CheckpointError):
                     pattern = _hf_layers(cfg, path)
+            elif cfg["model_type"] == qwen3_next.HF_MODEL_TYPE:  # the canonical pattern the import writes
+                with contextlib.suppress(CheckpointError):
+                    pattern = qwen3_next._layers(cfg, path)
             info.update(kind=f"Hugging Face {cfg['model_type']}", pattern=pattern, config=cfg)
         else:
             info.update(kind="directory with config.json", config=cfg)
@@ -134,7 +138,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         check_fit(_stand_ins(shapes, path), meta_shapes(model, path / CONFIG_NAME), str(path))
         if "E" in model.symbols:  # what one token uses: the file's tensors less each MoE layer's idle experts
             summary["active_parameters"] = summary["parameters"] - _idle_params(model)
-    elif info["kind"] == f"Hugging Face {HF_MODEL_TYPE}" and (
+    elif info["kind"] in (f"Hugging Face {HF_MODEL_TYPE}", f"Hugging Face {qwen3_next.HF_MODEL_TYPE}") and (
         odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if not _MTP.match(k)}, path))
     ):
         raise CheckpointError(f"{path}: {odd[0]}")

@@ -34,7 +34,9 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(func=_cmd_inspect)
 
 
-FORMATS = ("nemotron-h", "megatron")
+FORMATS = ("nemotron-h", "megatron", "qwen3-next")
+#: The Hugging Face formats: their folders carry a tokenizer and name its end-of-text id.
+HF_FORMATS = ("nemotron-h", "qwen3-next")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -52,9 +54,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from ..checkpoint.hf_nemotron import convert_to_nemotron_h as convert
     elif args.to == "megatron":
         from ..checkpoint.megatron import convert_to_megatron as convert
+    elif args.to == "qwen3-next":
+        from ..checkpoint.hf_qwen3_next import convert_to_qwen3_next as convert
     elif args.from_ == "nemotron-h":
         from ..checkpoint.hf_nemotron import convert_from_nemotron_h as convert
-        from ..checkpoint.hf_nemotron import hf_eos_token_id
+    elif args.from_ == "qwen3-next":
+        from ..checkpoint.hf_qwen3_next import convert_from_qwen3_next as convert
     else:
         from ..checkpoint.megatron import convert_from_megatron
 
@@ -68,9 +73,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--max-shard-size is not used with --to megatron (it writes one state-dict file)")
     src = model_folder(args.src, "src") if args.to else args.src  # --to: a checkpoint, or a run's model/
     kw = ({"verify": False} if args.no_verify else {}) | _shard_size(args)
-    if args.to == "nemotron-h":  # transformers' generation stops at it; a byte tokenizer as a tokenizer.json
+    if args.to in HF_FORMATS:  # transformers' generation stops at it; a byte tokenizer as a tokenizer.json
         kw |= {"eos_token_id": saved_eos_id(Path(src)), "extra_files": exported_files(Path(src))}
-    elif args.from_ == "nemotron-h":  # and ours: keep the id the Hugging Face config names
+    elif args.from_ in HF_FORMATS:  # and ours: keep the id the Hugging Face config names
+        from ..checkpoint.hf_files import hf_eos_token_id
+
         kw["extra_files"] = converted_spec(src, hf_eos_token_id(src))
     out = convert(src, args.dst, **kw)
     print(f"wrote {out}")
@@ -128,10 +135,13 @@ def _megatron_config(path: str):
 def add_convert(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser(
         "convert",
-        help="convert a checkpoint to or from Hugging Face NemotronH or Megatron-LM names",
+        help="convert a checkpoint to or from Hugging Face NemotronH or Qwen3-Next, or Megatron-LM names",
         description="Convert between a hybridlm checkpoint directory and another format. "
         "--to nemotron-h writes a directory transformers loads as NemotronHForCausalLM (M * - E patterns "
         "only; '|' and brackets are dropped, MTP weights stay behind). --from nemotron-h reads one. "
+        "--to qwen3-next writes one transformers loads as Qwen3NextForCausalLM (G or * then E or -, in pairs, with "
+        "its options; MTP weights stay behind); --from qwen3-next reads one (MTP weights stay behind; the "
+        "pattern written is unfused: hybridlm.load(DST, pattern=...) takes any brackets). "
         "--to megatron writes a Megatron-core HybridModel state dict (.pt or .safetensors) plus "
         "<DST>.hybridlm.json; --from megatron reads one (the model config comes from --config or that JSON file).",
     )

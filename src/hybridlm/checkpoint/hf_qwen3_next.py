@@ -1,0 +1,444 @@
+"""Hugging Face Qwen3-Next (``model_type: qwen3_next``, transformers' ``Qwen3NextForCausalLM``) import and export:
+a config.json key table and a rule table on :mod:`hybridlm.checkpoint.adapter` (docs/checkpoints.md, "Hugging Face
+Qwen3-Next").
+
+A Qwen3-Next decoder layer is two of our canonical layers: its sequence mixer (Gated DeltaNet ``G`` or gated
+attention ``*``) then its channel mixer (a routed MoE ``E``, or a dense SwiGLU MLP ``-``), each with its pre-norm::
+
+    model.layers.{i}.input_layernorm / linear_attn.* | self_attn.*    layers.{2i}.norm / layers.{2i}.mixer.*
+    model.layers.{i}.post_attention_layernorm / mlp.*                  layers.{2i+1}.norm / layers.{2i+1}.mixer.*
+
+Every norm but GDN's gated one stores a zero-centred ``w`` (scale ``1 + w``), as ours does with
+``norm_zero_centered``: they are taken as stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from .adapter import Rule, apply, deinterleave, foreign_shapes, interleave, normalize, per_expert, rename, to_foreign
+from .hf_files import aux_files, hf_config
+from .io import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    MAX_LISTED,
+    check_replaceable,
+    check_shard_size,
+    destination,
+    dominant_dtype,
+    fit_problems,
+    full_cpu,
+    meta_shapes,
+    weight_files,
+    write_directory,
+)
+from .weights import check_destination, read_config, read_tensors, save_state_dict
+
+logger = logging.getLogger(__name__)
+
+HF_MODEL_TYPE = "qwen3_next"
+HF_ARCHITECTURE = "Qwen3NextForCausalLM"
+#: Hugging Face layer type -> our sequence mixer's pattern symbol.
+SYMBOL_OF_LAYER_TYPE = {"linear_attention": "G", "full_attention": "*"}
+LAYER_TYPES = {s: t for t, s in SYMBOL_OF_LAYER_TYPE.items()}
+
+#: config.json key -> (our field, the layer kinds that use it ("": all), the default of transformers 5.25's
+#: Qwen3NextConfig, which a key left out takes).
+_KEYS: dict[str, tuple[str, str, Any]] = {
+    "vocab_size": ("vocab_size", "", 151936),
+    "hidden_size": ("hidden_size", "", 2048),
+    "rms_norm_eps": ("norm_eps", "", 1e-6),
+    "initializer_range": ("init_std", "", 0.02),
+    "tie_word_embeddings": ("tie_embeddings", "", False),
+    "num_attention_heads": ("num_attention_heads", "*", 16),
+    "num_key_value_heads": ("num_query_groups", "*", 2),
+    "head_dim": ("head_dim", "*", 256),
+    "intermediate_size": ("ffn_hidden_size", "-", 5632),
+    "linear_num_key_heads": ("gdn_num_heads", "G", 16),
+    "linear_num_value_heads": ("gdn_num_value_heads", "G", 32),
+    "linear_key_head_dim": ("gdn_head_dim", "G", 128),
+    "linear_value_head_dim": ("gdn_value_head_dim", "G", 128),
+    "linear_conv_kernel_dim": ("gdn_conv_kernel", "G", 4),
+    "num_experts": ("moe_num_experts", "E", 512),
+    "num_experts_per_tok": ("moe_top_k", "E", 10),
+    "moe_intermediate_size": ("moe_ffn_hidden_size", "E", 512),
+    "shared_expert_intermediate_size": ("moe_shared_expert_ffn_hidden_size", "E", 512),
+    "norm_topk_prob": ("moe_norm_topk_prob", "E", True),
+}
+#: Defaults of the keys read only to decide the layout or to refuse what we do not compute.
+_OTHER_DEFAULTS: dict[str, Any] = {
+    "num_hidden_layers": 48,
+    "full_attention_interval": 4,
+    "decoder_sparse_step": 1,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "partial_rotary_factor": 0.25,
+    "rope_theta": 10000.0,
+}
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(?:norm\.weight|mixer\.(.+))$")
+_TOP = {"embeddings.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+_MTP = re.compile(r"^(model\.)?mtp\.")
+#: transformers' in-memory expert stacks, (E, 2F, H) ``[gate; up]`` and (E, H, F), which a file may hold instead of
+#: the per-expert matrices its save_pretrained writes.
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _value(hf: Mapping[str, Any], key: str) -> Any:
+    return hf.get(key, _KEYS[key][2] if key in _KEYS else _OTHER_DEFAULTS[key])
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _layers(hf: Mapping[str, Any], source: str | Path) -> str:
+    """The canonical pattern of config.json ``hf``: per decoder layer its sequence mixer (``layer_types``, else every
+    ``full_attention_interval``-th layer attention, as transformers derives it), then ``E`` where transformers builds
+    a sparse MoE block (not in ``mlp_only_layers``, ``num_experts`` > 0, layer + 1 a multiple of
+    ``decoder_sparse_step``), else ``-``."""
+    n = _value(hf, "num_hidden_layers")
+    if not _is_int(n) or n < 1:
+        raise CheckpointError(f"{source}: num_hidden_layers must be a positive integer, got {n!r}")
+    types = hf.get("layer_types")
+    if types is None:
+        interval = _value(hf, "full_attention_interval")
+        if not _is_int(interval) or interval < 1:
+            raise CheckpointError(f"{source}: full_attention_interval must be a positive integer, got {interval!r}")
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise CheckpointError(f"{source}: layer_types must be a list of strings, got {types!r}")
+    unknown = sorted({t for t in types if t not in SYMBOL_OF_LAYER_TYPE})
+    if unknown:
+        raise CheckpointError(
+            f"{source}: layer_types has unknown layer types {unknown}; known: {', '.join(SYMBOL_OF_LAYER_TYPE)}"
+        )
+    if len(types) != n:
+        raise CheckpointError(f"{source}: layer_types lists {len(types)} layers, but num_hidden_layers is {n}")
+    dense, step, experts = hf.get("mlp_only_layers") or [], _value(hf, "decoder_sparse_step"), _value(hf, "num_experts")
+    if not isinstance(dense, list) or not all(_is_int(i) for i in dense):
+        raise CheckpointError(f"{source}: mlp_only_layers must be a list of layer indices, got {dense!r}")
+    if not _is_int(step) or step < 1:
+        raise CheckpointError(f"{source}: decoder_sparse_step must be a positive integer, got {step!r}")
+    if not _is_int(experts) or experts < 0:
+        raise CheckpointError(f"{source}: num_experts must be a non-negative integer, got {experts!r}")
+    sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+    return "".join(SYMBOL_OF_LAYER_TYPE[t] + ("E" if moe else "-") for t, moe in zip(types, sparse))
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[str | None, Any, Any]:
+    """(rope type, rope_theta, partial_rotary_factor) as transformers reads them: ``rope_parameters`` (5.x), else
+    the top-level keys and ``rope_scaling`` of older files."""
+    params = hf.get("rope_parameters")
+    if not isinstance(params, Mapping):
+        params = dict(hf.get("rope_scaling") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", _value(hf, "rope_theta"))
+    return kind, theta, params.get("partial_rotary_factor", _value(hf, "partial_rotary_factor"))
+
+
+def _problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
+    """Options of a Qwen3-Next config.json that our model does not compute (empty when all are fine)."""
+    problems = []
+    act = _value(hf, "hidden_act")
+    if act != "silu":
+        problems.append(
+            f"hidden_act={act!r}: Qwen3-Next applies it in its MLPs, experts and Gated DeltaNet conv; only 'silu' "
+            "(SwiGLU, the conv's SiLU) is supported"
+        )
+    if "*" in used and _value(hf, "attention_bias"):
+        problems.append("attention_bias=true: attention q/k/v/o biases are not supported")
+    kind, _, factor = _rope(hf)
+    if "*" in used and kind != "default":
+        problems.append(f"rope type {kind!r} (rope_parameters / rope_scaling): only the default RoPE is supported")
+    head_dim = _value(hf, "head_dim")
+    if "*" in used and isinstance(factor, (int, float)) and _is_int(head_dim) and int(head_dim * factor) % 2:
+        problems.append(
+            f"partial_rotary_factor={factor} of head_dim={head_dim} rotates an odd {int(head_dim * factor)} "
+            "channels, which RoPE cannot pair"
+        )
+    shared = _value(hf, "shared_expert_intermediate_size")
+    if "E" in used and shared == 0:
+        problems.append(
+            "shared_expert_intermediate_size=0: a zero-width shared expert with a shared_expert_gate is not "
+            "supported (our gate needs a shared expert)"
+        )
+    return problems
+
+
+def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME) -> ModelConfig:
+    """The :class:`ModelConfig` computing what Qwen3-Next computes for config.json ``hf`` (read from ``source``,
+    which errors name): the canonical (unfused) pattern, gated attention with partial RoPE and q/k norms,
+    zero-centred norms, SwiGLU MLPs and experts, softmax routing and a gated shared expert in every MoE layer."""
+    if hf.get("model_type") != HF_MODEL_TYPE:
+        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
+    pattern = _layers(hf, source)
+    used = set(pattern)
+    problems = _problems(hf, used)
+    if problems:
+        raise CheckpointError(f"{source}: this Qwen3-Next model cannot be imported:\n  - " + "\n  - ".join(problems))
+    fields: dict[str, Any] = {
+        field: _value(hf, key) for key, (field, kinds, _) in _KEYS.items() if not kinds or used & set(kinds)
+    }
+    fields |= {"pattern": pattern, "norm_zero_centered": True, "mlp_activation": "swiglu"}
+    if "*" in used:
+        _, theta, factor = _rope(hf)
+        fields |= {"position_embedding": "rope", "rope_theta": theta, "rotary_percent": factor}
+        fields |= {"qk_norm": True, "attention_output_gate": True}
+    if "E" in used:
+        fields |= {"moe_router_score": "softmax", "moe_shared_expert_gate": True}
+    try:
+        return ModelConfig(**fields)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{source}: does not describe a valid model: {e}") from None
+
+
+def _rules(c: ModelConfig, source: object = "the model config") -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
+    """The rules and canonical shapes of ``c``, an unfused pattern of (sequence mixer, channel mixer) pairs: q_proj
+    holds ``[q_h | gate_h]`` per head h (our q_proj and gate_proj), experts one matrix each."""
+    shapes = meta_shapes(c.replace(pattern=c.parsed.layers), source)
+    heads, d = c.num_attention_heads, c.resolved_head_dim
+    rules = []
+    for name in shapes:
+        m = _LAYER.match(name)
+        if m is None:
+            rules.append(rename(name, _TOP.get(name, name)))  # lm_head.weight keeps its name
+            continue
+        i, second = divmod(int(m[1]), 2)
+        p, rest, symbol = f"model.layers.{i}.", m[2], c.parsed.layers[int(m[1])]
+        if rest is None:
+            rules.append(rename(name, p + ("post_attention_layernorm" if second else "input_layernorm") + ".weight"))
+        elif symbol == "G":
+            rules.append(rename(name, p + "linear_attn." + rest))
+        elif symbol == "*" and rest == "q_proj.weight":
+            q = (name, name.replace("q_proj", "gate_proj"))
+            rules.append(
+                Rule(
+                    q,
+                    (p + "self_attn.q_proj.weight",),
+                    lambda ts: [interleave(ts, heads)],
+                    lambda ts: deinterleave(ts[0], heads, [d, d]),
+                )
+            )
+        elif symbol == "*" and rest != "gate_proj.weight":
+            rules.append(rename(name, p + "self_attn." + rest))
+        elif rest.startswith("experts."):
+            rules.append(per_expert((name,), f"{p}mlp.experts.{{e}}.{rest.split('.')[1]}.weight", c.moe_num_experts))
+        elif symbol in "E-":
+            rules.append(rename(name, p + "mlp." + rest.replace("shared_experts.", "shared_expert.")))
+    return rules, shapes
+
+
+def _read_weights(path: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of directory ``path`` that transformers loads, under the per-expert keys the rules read, and where
+    each was read ({key: "file: key"}). MTP tensors (which transformers skips) and, in a tied model, a stored
+    ``lm_head.weight`` (transformers ties it to the embedding) are left out, with a warning."""
+    files = weight_files(path)
+    mtp = sorted(k for k in files if _MTP.match(k))
+    if mtp:
+        logger.warning(
+            "%s: dropping the MTP layers (%d tensors, e.g. %s): transformers' Qwen3NextForCausalLM does not run them, "
+            "and their import is not written yet",
+            path,
+            len(mtp),
+            mtp[0],
+        )
+    skip = set(mtp) | ({"lm_head.weight"} & set(files) if config.tie_embeddings else set())
+    if config.tie_embeddings and "lm_head.weight" in files:
+        logger.warning("%s: tie_word_embeddings is true: lm_head.weight is not read (the head is the embedding)", path)
+    state: dict[str, torch.Tensor] = {}
+    given: dict[str, str] = {}
+    E, F = config.moe_num_experts, config.moe_ffn_hidden_size
+    for key, t in read_tensors(path, [k for k in files if k not in skip], verify=False).items():
+        stacked = _STACKED.match(key)
+        if stacked and t.dim() == 3 and len(t) == E:  # split only into config.json's experts
+            parts = ("gate_proj", "up_proj") if stacked[2] == "gate_up_proj" else ("down_proj",)
+            for e in range(E):
+                for n, part in zip(parts, t[e].split(F) if len(parts) > 1 else (t[e],)):
+                    state[f"{stacked[1]}.{e}.{n}.weight"] = part
+                    given[f"{stacked[1]}.{e}.{n}.weight"] = f"{path / files[key]}: {key}[{e}]"
+        else:
+            state[key], given[key] = t, f"{path / files[key]}: {key}"
+    state, _ = normalize(state, (), str(path))  # floating, dense tensors only
+    return state, given
+
+
+def import_qwen3_next(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our config and canonical tensors (in the file's dtypes) of a Qwen3-Next directory, as transformers reads it
+    (per-expert or stacked experts), without MTP tensors. CheckpointError names the file and each offending option
+    or tensor."""
+    path = Path(path)
+    config = config_from_qwen3_next(hf_config(path), path / CONFIG_NAME)
+    state, where = _read_weights(path, config)
+    rules, shapes = _rules(config, path / CONFIG_NAME)
+    problems = fit_problems(
+        {k: tuple(t.shape) for k, t in state.items()},
+        foreign_shapes(rules, shapes),
+        show=lambda k: where.get(k, k),
+        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
+    )
+    if problems:
+        raise CheckpointError(f"{path}: cannot import this Qwen3-Next model:\n  - " + "\n  - ".join(problems))
+    return config, apply(rules, state, export=False)
+
+
+def convert_from_qwen3_next(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Convert Qwen3-Next directory ``src``, with its tokenizer and generation files and ``extra_files`` (name ->
+    content; the CLI adds our tokenizer spec naming :func:`~hybridlm.checkpoint.hf_files.hf_eos_token_id`), into
+    hybridlm checkpoint ``dst`` (written atomically; replaces only an empty directory or a hybridlm checkpoint).
+    The pattern written is the canonical, unfused one; ``hybridlm.load(dst, pattern=...)`` takes any brackets."""
+    src = Path(src)
+    check_shard_size(max_shard_size)
+    files = aux_files(src) | dict(extra_files or {})
+    check_destination(dst, src, files)
+    config, tensors = import_qwen3_next(src)
+    return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=files)
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Raise :class:`CheckpointError` listing every reason why Qwen3-Next cannot compute ``config``'s main stack
+    (MTP depths are dropped on export; only options of the layer kinds it uses count)."""
+    c, layers = config, config.parsed.layers
+    used = set(layers)
+    problems = []
+    pairs = [layers[i : i + 2] for i in range(0, len(layers), 2)]
+    odd = [
+        f"{2 * k}-{2 * k + 1} '{p}'" for k, p in enumerate(pairs) if len(p) < 2 or p[0] not in "G*" or p[1] not in "E-"
+    ]
+    if odd:
+        more = " ..." if len(odd) > MAX_LISTED else ""
+        problems.append(
+            "a Qwen3-Next decoder layer is a sequence mixer (G or *) then a channel mixer (E or -); canonical layers "
+            + ", ".join(odd[:MAX_LISTED])
+            + more
+            + " are not such a pair"
+        )
+    if not c.norm_zero_centered:
+        problems.append("norm_zero_centered=False: Qwen3-Next's norms store w and scale by 1 + w")
+    if "*" in used:
+        if c.position_embedding != "rope":
+            problems.append(f"position_embedding={c.position_embedding!r}: Qwen3-Next attention always uses RoPE")
+        elif int(c.resolved_head_dim * c.rotary_percent) != c.rotary_dim:
+            problems.append(
+                f"rotary_percent={c.rotary_percent} of head_dim={c.resolved_head_dim}: transformers would rotate "
+                f"{int(c.resolved_head_dim * c.rotary_percent)} channels, an odd number (we rotate {c.rotary_dim})"
+            )
+        if not c.qk_norm:
+            problems.append("qk_norm=False: Qwen3-Next attention always has query/key RMSNorms")
+        if not c.attention_output_gate:
+            problems.append("attention_output_gate=False: Qwen3-Next attention always has the output gate")
+    if used & {"-", "E"} and c.mlp_activation != "swiglu":
+        problems.append(f"mlp_activation={c.mlp_activation!r}: Qwen3-Next MLPs and experts are SwiGLU")
+    if "E" in used:
+        if c.moe_router_score != "softmax":
+            problems.append(f"moe_router_score={c.moe_router_score!r}: Qwen3-Next routes with softmax scores")
+        if c.moe_router_expert_bias:
+            problems.append("moe_router_expert_bias=True: Qwen3-Next's router has no selection bias")
+        if c.moe_routed_scaling != 1.0:
+            problems.append(f"moe_routed_scaling={c.moe_routed_scaling}: Qwen3-Next does not scale routed outputs")
+        if c.moe_num_groups != 1:
+            problems.append(f"moe_num_groups={c.moe_num_groups}: Qwen3-Next has no group-limited routing")
+        if not (c.moe_shared_expert_ffn_hidden_size and c.moe_shared_expert_gate):
+            problems.append(
+                "Qwen3-Next's MoE always has a shared expert with a shared_expert_gate: set "
+                "moe_shared_expert_ffn_hidden_size > 0 and moe_shared_expert_gate=True"
+            )
+    if problems:
+        raise CheckpointError(
+            f"pattern '{config.pattern}' cannot be exported as Hugging Face Qwen3-Next:\n  - " + "\n  - ".join(problems)
+        )
+
+
+def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The Qwen3-Next ``config.json`` of ``config`` (weights in ``torch_dtype``); keys of layer kinds the pattern
+    does not use are Qwen3NextConfig's defaults (no layer reads them)."""
+    c = config
+    layers = c.parsed.layers
+    used = set(layers)
+    hf: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURE],
+        "model_type": HF_MODEL_TYPE,
+        "num_hidden_layers": len(layers) // 2,
+        "layer_types": [LAYER_TYPES[s] for s in layers[::2]],
+        "mlp_only_layers": [k for k, s in enumerate(layers[1::2]) if s == "-"] if "E" in used else [],
+        "decoder_sparse_step": 1,
+    }
+    hf |= {k: v for k, v in _OTHER_DEFAULTS.items() if k in ("hidden_act", "attention_bias")}
+    for key, (field, kinds, default) in _KEYS.items():
+        hf[key] = getattr(c, f"resolved_{field}", getattr(c, field)) if not kinds or used & set(kinds) else default
+    if "E" not in used:
+        hf["num_experts"] = 0  # every channel mixer is a dense MLP
+    if "*" in used:
+        hf["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": float(c.rope_theta),
+            "partial_rotary_factor": c.rotary_percent,
+        }
+    # transformers 5.25 cannot build a cache for a model without attention layers.
+    return hf | {"use_cache": "*" in used, "torch_dtype": torch_dtype}
+
+
+def export_qwen3_next(
+    config: ModelConfig, canonical: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, tensors under Qwen3-Next's keys) of a model's canonical tensors (``mtp.*`` dropped), as
+    contiguous CPU tensors in their dtypes; CheckpointError when :func:`check_exportable` refuses or they do not fit.
+    """
+    check_exportable(config)
+    canonical = {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}  # a DTensor is gathered
+    if config.parsed.mtp_depths:
+        logger.warning(
+            "dropping %d MTP depth(s) ('%s') on export: transformers' Qwen3NextForCausalLM does not run them",
+            config.parsed.mtp_depths,
+            config.parsed.mtp_layers,
+        )
+    rules, shapes = _rules(config)
+    tensors = to_foreign(rules, canonical, shapes)
+    return qwen3_next_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
+
+
+def convert_to_qwen3_next(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    verify: bool = True,
+    eos_token_id: int | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face Qwen3-Next directory ``dst``, which
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads, as
+    :func:`~hybridlm.checkpoint.hf_nemotron.convert_to_nemotron_h` does for NemotronH (the same arguments, the
+    same files; MTP depths are dropped)."""
+    src, what = Path(src), "a Hugging Face Qwen3-Next directory"
+    check_shard_size(max_shard_size)
+    config = read_config(src)
+    check_exportable(config)  # before reading any weights
+    check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
+    destination(dst, src)
+    canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
+    try:
+        hf, tensors = export_qwen3_next(config, canonical)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    if eos_token_id is not None:
+        hf["eos_token_id"] = eos_token_id
+    kw = dict(max_shard_size=max_shard_size, extra_files=aux_files(src) | dict(extra_files or {}))
+    return write_directory(dst, tensors, hf, "model_type", what, **kw)

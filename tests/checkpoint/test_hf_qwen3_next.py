@@ -1,0 +1,262 @@
+"""Hugging Face Qwen3-Next import and export: a tiny random ``Qwen3NextForCausalLM`` saved by transformers converts
+into a model whose float64 logits are transformers' to rounding, with any brackets, and back into the same file; a
+model of ours exports to transformers' logits; what either side cannot compute is refused by name.
+
+Every parameter is redrawn (norms included, which transformers starts at 0), so that a wrong key, a swapped half of
+q_proj or a norm read as ``w`` instead of ``1 + w`` changes the logits at O(1), far above the 1e-10 tolerance.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+
+mq = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+from transformers import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
+
+import hybridlm  # noqa: E402
+from hybridlm.checkpoint.hf_qwen3_next import convert_from_qwen3_next, import_qwen3_next  # noqa: E402
+from hybridlm.errors import CheckpointError  # noqa: E402
+from tests.helpers import hf_in_float64, rel_err  # noqa: E402
+
+TOL = 1e-10
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=6,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=12,
+    intermediate_size=24,
+    mlp_only_layers=[1],  # a dense MLP after the first attention layer
+    full_attention_interval=2,
+    norm_topk_prob=False,
+    rms_norm_eps=1e-6,
+    attn_implementation="eager",
+)
+
+
+def saved(tmp_path, **overrides):
+    """A tiny float64 Qwen3NextForCausalLM, every parameter redrawn, saved by save_pretrained; (model, folder)."""
+    torch.manual_seed(0)
+    hcfg = Qwen3NextConfig(**{**TINY, **overrides})
+    hcfg._experts_implementation = "eager"  # the per-expert loop: torch's grouped_mm has no float64
+    with hf_in_float64(mq):  # RoPE's inverse frequencies are computed at construction
+        theirs = Qwen3NextForCausalLM(hcfg).double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():  # float32 values: load keeps A_log, dt_bias and the router in float32
+            p.copy_(torch.randn(p.shape, dtype=torch.float32) * 0.3)
+    theirs.save_pretrained(tmp_path / "hf")
+    return theirs, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_import_matches_transformers_logits_fused_or_not(tmp_path, tie):
+    theirs, hf = saved(tmp_path, tie_word_embeddings=tie)
+    out = convert_from_qwen3_next(hf, tmp_path / "ours")
+    assert json.loads((out / "config.json").read_text())["config"]["pattern"] == "GE*-GE*E"
+    ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), hf_in_float64(mq):
+        expected = theirs(ids).logits
+    for pattern in (None, "[GE][*-][GE][*E]"):
+        ours = hybridlm.load(out, pattern=pattern, dtype=torch.float64).eval()
+        with torch.no_grad():
+            assert rel_err(ours(ids).logits, expected) < TOL, pattern
+
+
+def test_stacked_experts_and_mtp_tensors(tmp_path, caplog):
+    """A file holding transformers' in-memory expert stacks (gate_up_proj, down_proj) reads as the per-expert one,
+    and MTP tensors, which transformers skips, are dropped with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    _, hf = saved(tmp_path)
+    config, reference = import_qwen3_next(hf)
+    state = load_file(hf / "model.safetensors")
+    for i in (0, 2, 3):
+        p = f"model.layers.{i}.mlp.experts."
+        gate_up = [
+            torch.cat([state.pop(f"{p}{e}.gate_proj.weight"), state.pop(f"{p}{e}.up_proj.weight")]) for e in range(4)
+        ]
+        state[p + "gate_up_proj"] = torch.stack(gate_up)
+        state[p + "down_proj"] = torch.stack([state.pop(f"{p}{e}.down_proj.weight") for e in range(4)])
+    state["mtp.fc.weight"] = torch.zeros(32, 64, dtype=torch.float64)
+    save_file(state, hf / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
+        again, tensors = import_qwen3_next(hf)
+    assert "dropping the MTP layers (1 tensors, e.g. mtp.fc.weight)" in caplog.text
+    assert again == config and tensors.keys() == reference.keys()
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu': Qwen3-Next applies it"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.375}}, "odd 3"),
+        (
+            {"layer_types": ["linear_attention", "sliding_attention"] * 2},
+            r"unknown layer types \['sliding_attention'\]",
+        ),
+        ({"layer_types": ["linear_attention"]}, "lists 1 layers, but num_hidden_layers is 4"),
+        ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer, got 0"),
+        ({"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0: a zero-width shared expert"),
+        ({"model_type": "qwen3_moe"}, "model_type is 'qwen3_moe', not 'qwen3_next'"),
+    ],
+)
+def test_refuses_what_it_cannot_compute_by_key(tmp_path, edit, message):
+    _, hf = saved(tmp_path)
+    data = json.loads((hf / "config.json").read_text()) | edit
+    (hf / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=message) as e:
+        convert_from_qwen3_next(hf, tmp_path / "ours")
+    assert str(hf / "config.json") in str(e.value)
+    assert not (tmp_path / "ours").exists()
+
+
+def test_refuses_a_missing_or_misshaped_tensor_naming_its_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, hf = saved(tmp_path)
+    state = load_file(hf / "model.safetensors")
+    del state["model.layers.1.self_attn.k_norm.weight"]
+    state["model.layers.0.linear_attn.A_log"] = torch.zeros(3, dtype=torch.float64)
+    save_file(state, hf / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensors.*layers\.1\.self_attn\.k_norm\.weight") as e:
+        import_qwen3_next(hf)
+    assert "model.layers.0.linear_attn.A_log has shape (3,), but config.json implies (4,)" in str(e.value)
+
+
+def test_the_published_80b_config_json_translates():
+    """Qwen3-Next-80B-A3B's config.json (transformers 4.57's: no layer_types, top-level rope_theta and
+    partial_rotary_factor, rope_scaling null): attention every 4th layer, each followed by a MoE layer, 64 of 256
+    head channels rotated, and the model card's 80B parameters (MTP, which is dropped, aside)."""
+    from hybridlm import HybridLM
+    from hybridlm.checkpoint.hf_qwen3_next import config_from_qwen3_next
+    from hybridlm.counting import num_params
+
+    hf = {
+        "model_type": "qwen3_next", "hidden_act": "silu", "hidden_size": 2048, "vocab_size": 151936,
+        "num_hidden_layers": 48, "full_attention_interval": 4, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "partial_rotary_factor": 0.25,
+        "rope_theta": 10000000, "rope_scaling": None, "rms_norm_eps": 1e-06, "intermediate_size": 5120,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_value_head_dim": 128, "num_experts": 512, "num_experts_per_tok": 10,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+        "tie_word_embeddings": False, "attention_bias": False,
+    }  # fmt: skip
+    c = config_from_qwen3_next(hf)
+    assert c.pattern == "GEGEGE*E" * 12
+    assert (c.rotary_dim, c.rope_theta, c.moe_top_k, c.norm_eps) == (64, 10000000, 10, 1e-6)
+    assert c.norm_zero_centered and c.attention_output_gate and c.moe_shared_expert_gate and not c.tie_embeddings
+    assert 79e9 < num_params(HybridLM(c, device="meta")) < 80e9
+
+
+def test_the_defaults_of_left_out_keys_are_transformers():
+    """A key config.json leaves out is read as the installed transformers' Qwen3NextConfig() default, so a release
+    that changes one fails here (not in a model computing something else)."""
+    from hybridlm.checkpoint import hf_qwen3_next as q
+
+    hf = Qwen3NextConfig()
+    for key, (_, _, default) in q._KEYS.items():
+        assert getattr(hf, key) == default, key
+    plain = ("num_hidden_layers", "decoder_sparse_step", "hidden_act", "attention_bias")
+    assert {k: getattr(hf, k) for k in plain} == {k: q._OTHER_DEFAULTS[k] for k in plain}
+    rope = ("partial_rotary_factor", "rope_theta")
+    assert {k: hf.rope_parameters[k] for k in rope} == {k: q._OTHER_DEFAULTS[k] for k in rope}
+    n = q._OTHER_DEFAULTS["full_attention_interval"]
+    assert hf.layer_types[:n] == ["linear_attention"] * (n - 1) + ["full_attention"]
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def test_import_then_export_gives_back_transformers_file(tmp_path):
+    """Qwen3-Next -> hybridlm -> Qwen3-Next is bitwise the file save_pretrained wrote, and transformers loads it with
+    no missing or unexpected keys."""
+    from safetensors.torch import load_file
+
+    from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
+
+    _, hf = saved(tmp_path)
+    convert_from_qwen3_next(hf, tmp_path / "ours")
+    back = convert_to_qwen3_next(tmp_path / "ours", tmp_path / "back")
+    original, written = load_file(hf / "model.safetensors"), load_file(back / "model.safetensors")
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
+    _, info = Qwen3NextForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_a_fused_model_of_ours_exports_to_transformers_logits(tmp_path):
+    """A model built here (fused, no tied head, dense layers between MoE ones) exported: transformers' float64
+    logits are ours to rounding."""
+    from hybridlm import HybridLM, ModelConfig
+    from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
+
+    config = ModelConfig(
+        pattern="[G-][*E]G-/*E",  # the MTP depth stays behind
+        vocab_size=64,
+        hidden_size=32,
+        norm_zero_centered=True,
+        num_attention_heads=4,
+        num_query_groups=1,
+        head_dim=8,
+        position_embedding="rope",
+        rotary_percent=0.5,
+        rope_theta=300.0,
+        qk_norm=True,
+        attention_output_gate=True,
+        ffn_hidden_size=20,
+        mlp_activation="swiglu",
+        moe_num_experts=4,
+        moe_ffn_hidden_size=12,
+        moe_shared_expert_ffn_hidden_size=8,
+        moe_shared_expert_gate=True,
+        gdn_num_heads=2,
+        gdn_num_value_heads=4,
+        gdn_head_dim=8,
+        gdn_value_head_dim=4,
+    )
+    ours = HybridLM(config, seed=0, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # norms off their zero init; float32 values, as the A_log / router keep
+            p.copy_(torch.randn(p.shape, dtype=torch.float32) * 0.3)
+    out = convert_to_qwen3_next(hybridlm.save(ours, tmp_path / "ours"), tmp_path / "hf")
+    with hf_in_float64(mq):
+        theirs = Qwen3NextForCausalLM.from_pretrained(out, dtype=torch.float64, attn_implementation="eager").eval()
+    theirs.config._experts_implementation = "eager"
+    ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), hf_in_float64(mq):
+        expected = theirs(ids).logits
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, expected) < TOL
+
+
+def test_export_refuses_what_qwen3_next_cannot_compute_with_every_reason(tmp_path):
+    from hybridlm import ModelConfig
+    from hybridlm.checkpoint.hf_qwen3_next import check_exportable
+
+    config = ModelConfig(pattern="-G*E", vocab_size=64, hidden_size=32, num_attention_heads=4, moe_num_experts=4)
+    with pytest.raises(CheckpointError) as e:
+        check_exportable(config)
+    for reason in (
+        "canonical layers 0-1 '-G' are not such a pair",
+        "norm_zero_centered=False",
+        "position_embedding='none'",
+        "qk_norm=False",
+        "attention_output_gate=False",
+        "mlp_activation='relu2'",
+        "set moe_shared_expert_ffn_hidden_size > 0 and moe_shared_expert_gate=True",
+    ):
+        assert reason in str(e.value), reason
