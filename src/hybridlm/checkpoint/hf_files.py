@@ -6,11 +6,29 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..config import ModelConfig
 from ..errors import CheckpointError
-from .io import CONFIG_NAME, read_json, regular
+from .adapter import Rule, to_foreign
+from .io import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    check_replaceable,
+    check_shard_size,
+    destination,
+    dominant_dtype,
+    full_cpu,
+    read_json,
+    regular,
+    weight_files,
+    write_directory,
+)
+from .weights import check_destination, read_config, read_tensors, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +88,88 @@ def hf_eos_token_id(path: str | Path) -> int | None:
                 continue
             return eos
     return None
+
+
+def main_stack(config: ModelConfig, canonical: Mapping[str, torch.Tensor], model: str) -> dict[str, torch.Tensor]:
+    """The main stack's tensors of ``canonical``, as contiguous CPU tensors (a DTensor is gathered): the MTP depths
+    are dropped, with a warning naming ``model`` (the Hugging Face model class that does not run them)."""
+    if config.parsed.mtp_depths:
+        logger.warning(
+            "dropping %d MTP depth(s) ('%s') on export: %s does not run multi-token prediction",
+            config.parsed.mtp_depths,
+            config.parsed.mtp_layers,
+            model,
+        )
+    return {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}
+
+
+def export_hf(
+    config: ModelConfig,
+    canonical: Mapping[str, torch.Tensor],
+    check_exportable: Callable[[ModelConfig], None],
+    model: str,
+    rules: Callable[[dict[str, torch.Tensor]], tuple[list[Rule], dict[str, tuple[int, ...]]]],
+    hf_config: Callable[[str], dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, tensors under a Hugging Face format's keys) of a model's canonical tensors, as contiguous CPU
+    tensors in their dtypes; CheckpointError when ``check_exportable`` refuses or they do not fit.
+
+    The MTP depths are dropped (:func:`main_stack`, naming ``model``); ``rules(main_stack_tensors)`` gives the
+    format's rules and the shapes it expects, and ``hf_config(dtype)`` its config.json for the written tensors'
+    dominant dtype ("bfloat16")."""
+    check_exportable(config)
+    main = main_stack(config, canonical, model)
+    rule_list, shapes = rules(main)
+    tensors = to_foreign(rule_list, main, shapes)
+    return hf_config(str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
+
+
+def convert_to_hf(
+    src: Path,
+    dst: str | Path,
+    model_type: str,
+    check_exportable: Callable[[ModelConfig], None],
+    export: Callable[[ModelConfig, dict[str, torch.Tensor]], tuple[dict[str, Any], dict[str, torch.Tensor]]],
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    verify: bool = True,
+    eos_token_id: int | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """The export every Hugging Face format shares: ``src``'s config checked (``check_exportable``) and ``dst``
+    checked replaceable (a folder of ``model_type``) before any weight is read; the main stack's tensors (MTP depths
+    are dropped) turned into config.json and tensors by ``export``; ``eos_token_id`` into config.json; written
+    atomically with ``src``'s :data:`AUX_FILES` and ``extra_files``."""
+    what = f"a Hugging Face {model_type} directory"
+    check_shard_size(max_shard_size)
+    config = read_config(src)
+    check_exportable(config)  # before reading any weights
+    check_replaceable(Path(dst), "model_type", model_type, what)  # likewise (and again before the rename)
+    destination(dst, src)
+    canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
+    try:
+        hf, tensors = export(config, canonical)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    if eos_token_id is not None:
+        hf["eos_token_id"] = eos_token_id
+    kw = dict(max_shard_size=max_shard_size, extra_files=aux_files(src) | dict(extra_files or {}))
+    return write_directory(dst, tensors, hf, "model_type", what, **kw)
+
+
+def convert_from_hf(
+    src: Path,
+    dst: str | Path,
+    import_: Callable[[Path], tuple[ModelConfig, dict[str, torch.Tensor]]],
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """The import every Hugging Face format shares: ``dst`` checked before anything is read, ``import_(src)``'s
+    config and canonical tensors saved as a hybridlm checkpoint with ``src``'s :data:`AUX_FILES` and
+    ``extra_files``."""
+    check_shard_size(max_shard_size)
+    files = aux_files(src) | dict(extra_files or {})
+    check_destination(dst, src, files)
+    config, tensors = import_(src)
+    return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=files)

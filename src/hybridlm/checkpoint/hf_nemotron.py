@@ -15,24 +15,18 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..ops.norm import norm_scale
 from ..pattern.symbols import KIND
-from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, to_foreign, zeros
-from .hf_files import AUX_FILES, hf_config, hf_eos_token_id  # noqa: F401 (this module's names before hf_files)
-from .hf_files import aux_files as _aux_files
+from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, zeros
+from .hf_files import AUX_FILES, convert_from_hf, convert_to_hf, export_hf, hf_config, hf_eos_token_id  # noqa: F401 (AUX_FILES, hf_eos_token_id: this module's names before hf_files)
 from .io import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
     MAX_LISTED,
-    check_replaceable,
-    check_shard_size,
-    destination,
     dominant_dtype,
     fit_problems,
-    full_cpu,
     meta_shapes,
     weight_files,
-    write_directory,
 )
-from .weights import check_destination, read_config, read_tensors, save_state_dict
+from .weights import read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -226,17 +220,14 @@ def export_nemotron_h(
     """(config.json, tensors under NemotronH's keys) of a model's canonical tensors (``mtp.*`` dropped), as
     contiguous CPU tensors in their dtypes; CheckpointError when :func:`check_exportable` refuses or they do not fit.
     """
-    check_exportable(config)
-    canonical = {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}  # a DTensor is gathered
-    if config.parsed.mtp_depths:
-        logger.warning(
-            "dropping %d MTP depth(s) ('%s') on export: Hugging Face NemotronH does not run multi-token prediction",
-            config.parsed.mtp_depths,
-            config.parsed.mtp_layers,
-        )
-    rules, shapes = _rules(config, dominant_dtype(canonical.values()))
-    tensors = to_foreign(rules, canonical, shapes)
-    return nemotron_h_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
+    return export_hf(
+        config,
+        canonical,
+        check_exportable,
+        "Hugging Face NemotronH",
+        lambda main: _rules(config, dominant_dtype(main.values())),
+        lambda dtype: nemotron_h_config(config, dtype),
+    )
 
 
 def convert_to_nemotron_h(
@@ -257,21 +248,17 @@ def convert_to_nemotron_h(
     generation reads it (its default, 2, is some other token of most vocabularies). ``extra_files`` (name ->
     content; the CLI adds the byte tokenizer's Hugging Face files) are written too.
     """
-    src, what = Path(src), "a Hugging Face NemotronH directory"
-    check_shard_size(max_shard_size)
-    config = read_config(src)
-    check_exportable(config)  # before reading any weights
-    check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
-    destination(dst, src)
-    canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
-    try:
-        hf_config, tensors = export_nemotron_h(config, canonical)
-    except CheckpointError as e:
-        raise CheckpointError(f"{src}: {e}") from None
-    if eos_token_id is not None:
-        hf_config["eos_token_id"] = eos_token_id
-    kw = dict(max_shard_size=max_shard_size, extra_files=_aux_files(src) | dict(extra_files or {}))
-    return write_directory(dst, tensors, hf_config, "model_type", what, **kw)
+    return convert_to_hf(
+        Path(src),
+        dst,
+        HF_MODEL_TYPE,
+        check_exportable,
+        export_nemotron_h,
+        max_shard_size=max_shard_size,
+        verify=verify,
+        eos_token_id=eos_token_id,
+        extra_files=extra_files,
+    )
 
 
 # -- import ----------------------------------------------------------------------------------------
@@ -476,9 +463,4 @@ def convert_from_nemotron_h(
     """Convert NemotronH directory ``src``, with its tokenizer and generation files and ``extra_files`` (name ->
     content; the CLI adds our tokenizer spec naming :func:`hf_eos_token_id`), into hybridlm checkpoint ``dst``
     (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
-    src = Path(src)
-    check_shard_size(max_shard_size)
-    files = _aux_files(src) | dict(extra_files or {})
-    check_destination(dst, src, files)
-    config, tensors = import_nemotron_h(src)
-    return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=files)
+    return convert_from_hf(Path(src), dst, import_nemotron_h, max_shard_size=max_shard_size, extra_files=extra_files)

@@ -24,23 +24,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .adapter import Rule, apply, deinterleave, foreign_shapes, interleave, normalize, per_expert, rename, to_foreign
-from .hf_files import aux_files, hf_config
-from .io import (
-    CONFIG_NAME,
-    DEFAULT_MAX_SHARD_SIZE,
-    MAX_LISTED,
-    check_replaceable,
-    check_shard_size,
-    destination,
-    dominant_dtype,
-    fit_problems,
-    full_cpu,
-    meta_shapes,
-    weight_files,
-    write_directory,
-)
-from .weights import check_destination, read_config, read_tensors, save_state_dict
+from .adapter import Rule, apply, deinterleave, foreign_shapes, interleave, normalize, per_expert, rename
+from .hf_files import convert_from_hf, convert_to_hf, export_hf, hf_config
+from .io import CONFIG_NAME, MAX_LISTED, fit_problems, meta_shapes, weight_files
+from .weights import read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +37,39 @@ HF_ARCHITECTURE = "Qwen3NextForCausalLM"
 SYMBOL_OF_LAYER_TYPE = {"linear_attention": "G", "full_attention": "*"}
 LAYER_TYPES = {s: t for t, s in SYMBOL_OF_LAYER_TYPE.items()}
 
-#: config.json key -> (our field, the layer kinds that use it ("": all), the default of transformers 5.25's
-#: Qwen3NextConfig, which a key left out takes).
-_KEYS: dict[str, tuple[str, str, Any]] = {
-    "vocab_size": ("vocab_size", "", 151936),
-    "hidden_size": ("hidden_size", "", 2048),
-    "rms_norm_eps": ("norm_eps", "", 1e-6),
-    "initializer_range": ("init_std", "", 0.02),
-    "tie_word_embeddings": ("tie_embeddings", "", False),
-    "num_attention_heads": ("num_attention_heads", "*", 16),
-    "num_key_value_heads": ("num_query_groups", "*", 2),
-    "head_dim": ("head_dim", "*", 256),
-    "intermediate_size": ("ffn_hidden_size", "-", 5632),
-    "linear_num_key_heads": ("gdn_num_heads", "G", 16),
-    "linear_num_value_heads": ("gdn_num_value_heads", "G", 32),
-    "linear_key_head_dim": ("gdn_head_dim", "G", 128),
-    "linear_value_head_dim": ("gdn_value_head_dim", "G", 128),
-    "linear_conv_kernel_dim": ("gdn_conv_kernel", "G", 4),
-    "num_experts": ("moe_num_experts", "E", 512),
-    "num_experts_per_tok": ("moe_top_k", "E", 10),
-    "moe_intermediate_size": ("moe_ffn_hidden_size", "E", 512),
-    "shared_expert_intermediate_size": ("moe_shared_expert_ffn_hidden_size", "E", 512),
-    "norm_topk_prob": ("moe_norm_topk_prob", "E", True),
+#: By the layer kind that reads them ("": every model), config.json key -> (our field, the default of transformers
+#: 5.25's Qwen3NextConfig, which a key left out takes).
+_KEYS_OF_KIND: dict[str, dict[str, tuple[str, Any]]] = {
+    "": {
+        "vocab_size": ("vocab_size", 151936),
+        "hidden_size": ("hidden_size", 2048),
+        "rms_norm_eps": ("norm_eps", 1e-6),
+        "initializer_range": ("init_std", 0.02),
+        "tie_word_embeddings": ("tie_embeddings", False),
+    },
+    "*": {
+        "num_attention_heads": ("num_attention_heads", 16),
+        "num_key_value_heads": ("num_query_groups", 2),
+        "head_dim": ("head_dim", 256),
+    },
+    "-": {"intermediate_size": ("ffn_hidden_size", 5632)},
+    "G": {
+        "linear_num_key_heads": ("gdn_num_heads", 16),
+        "linear_num_value_heads": ("gdn_num_value_heads", 32),
+        "linear_key_head_dim": ("gdn_head_dim", 128),
+        "linear_value_head_dim": ("gdn_value_head_dim", 128),
+        "linear_conv_kernel_dim": ("gdn_conv_kernel", 4),
+    },
+    "E": {
+        "num_experts": ("moe_num_experts", 512),
+        "num_experts_per_tok": ("moe_top_k", 10),
+        "moe_intermediate_size": ("moe_ffn_hidden_size", 512),
+        "shared_expert_intermediate_size": ("moe_shared_expert_ffn_hidden_size", 512),
+        "norm_topk_prob": ("moe_norm_topk_prob", True),
+    },
 }
+#: config.json key -> (our field, the layer kind that reads it, the default).
+_KEYS = {key: (field, kind, default) for kind, keys in _KEYS_OF_KIND.items() for key, (field, default) in keys.items()}
 #: Defaults of the keys read only to decide the layout or to refuse what we do not compute.
 _OTHER_DEFAULTS: dict[str, Any] = {
     "num_hidden_layers": 48,
@@ -181,13 +178,9 @@ def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
     pattern = _layers(hf, source)
-    used = set(pattern)
-    problems = _problems(hf, used)
-    if problems:
+    if problems := _problems(hf, used := set(pattern)):
         raise CheckpointError(f"{source}: this Qwen3-Next model cannot be imported:\n  - " + "\n  - ".join(problems))
-    fields: dict[str, Any] = {
-        field: _value(hf, key) for key, (field, kinds, _) in _KEYS.items() if not kinds or used & set(kinds)
-    }
+    fields = {field: _value(hf, key) for key, (field, kind, _) in _KEYS.items() if not kind or kind in used}
     fields |= {"pattern": pattern, "norm_zero_centered": True, "mlp_activation": "swiglu"}
     if "*" in used:
         _, theta, factor = _rope(hf)
@@ -290,23 +283,12 @@ def import_qwen3_next(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     return config, apply(rules, state, export=False)
 
 
-def convert_from_qwen3_next(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    extra_files: Mapping[str, str | bytes] | None = None,
-) -> Path:
+def convert_from_qwen3_next(src: str | Path, dst: str | Path, **options: Any) -> Path:
     """Convert Qwen3-Next directory ``src``, with its tokenizer and generation files and ``extra_files`` (name ->
     content; the CLI adds our tokenizer spec naming :func:`~hybridlm.checkpoint.hf_files.hf_eos_token_id`), into
     hybridlm checkpoint ``dst`` (written atomically; replaces only an empty directory or a hybridlm checkpoint).
     The pattern written is the canonical, unfused one; ``hybridlm.load(dst, pattern=...)`` takes any brackets."""
-    src = Path(src)
-    check_shard_size(max_shard_size)
-    files = aux_files(src) | dict(extra_files or {})
-    check_destination(dst, src, files)
-    config, tensors = import_qwen3_next(src)
-    return save_state_dict(tensors, config, dst, max_shard_size=max_shard_size, extra_files=files)
+    return convert_from_hf(Path(src), dst, import_qwen3_next, **options)
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -369,8 +351,7 @@ def check_exportable(config: ModelConfig) -> None:
 def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """The Qwen3-Next ``config.json`` of ``config`` (weights in ``torch_dtype``); keys of layer kinds the pattern
     does not use are Qwen3NextConfig's defaults (no layer reads them)."""
-    c = config
-    layers = c.parsed.layers
+    c, layers = config, config.parsed.layers
     used = set(layers)
     hf: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE],
@@ -398,47 +379,22 @@ def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
 def export_qwen3_next(
     config: ModelConfig, canonical: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, tensors under Qwen3-Next's keys) of a model's canonical tensors (``mtp.*`` dropped), as
-    contiguous CPU tensors in their dtypes; CheckpointError when :func:`check_exportable` refuses or they do not fit.
-    """
-    check_exportable(config)
-    canonical = {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}  # a DTensor is gathered
-    if config.parsed.mtp_depths:
-        logger.warning(
-            "dropping %d MTP depth(s) ('%s') on export: transformers' Qwen3NextForCausalLM does not run them",
-            config.parsed.mtp_depths,
-            config.parsed.mtp_layers,
-        )
-    rules, shapes = _rules(config)
-    tensors = to_foreign(rules, canonical, shapes)
-    return qwen3_next_config(config, str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
+    """(config.json, tensors under Qwen3-Next's keys) of a model's canonical tensors: see
+    :func:`~hybridlm.checkpoint.hf_files.export_hf`."""
+    return export_hf(
+        config,
+        canonical,
+        check_exportable,
+        "transformers' Qwen3NextForCausalLM",
+        lambda main: _rules(config),
+        lambda dtype: qwen3_next_config(config, dtype),
+    )
 
 
-def convert_to_qwen3_next(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    verify: bool = True,
-    eos_token_id: int | None = None,
-    extra_files: Mapping[str, str | bytes] | None = None,
-) -> Path:
+def convert_to_qwen3_next(src: str | Path, dst: str | Path, **options: Any) -> Path:
     """Convert hybridlm checkpoint directory ``src`` into a Hugging Face Qwen3-Next directory ``dst``, which
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, as
-    :func:`~hybridlm.checkpoint.hf_nemotron.convert_to_nemotron_h` does for NemotronH (the same arguments, the
-    same files; MTP depths are dropped)."""
-    src, what = Path(src), "a Hugging Face Qwen3-Next directory"
-    check_shard_size(max_shard_size)
-    config = read_config(src)
-    check_exportable(config)  # before reading any weights
-    check_replaceable(Path(dst), "model_type", HF_MODEL_TYPE, what)  # likewise (and again before the rename)
-    destination(dst, src)
-    canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
-    try:
-        hf, tensors = export_qwen3_next(config, canonical)
-    except CheckpointError as e:
-        raise CheckpointError(f"{src}: {e}") from None
-    if eos_token_id is not None:
-        hf["eos_token_id"] = eos_token_id
-    kw = dict(max_shard_size=max_shard_size, extra_files=aux_files(src) | dict(extra_files or {}))
-    return write_directory(dst, tensors, hf, "model_type", what, **kw)
+    :func:`~hybridlm.checkpoint.hf_nemotron.convert_to_nemotron_h` does for NemotronH: the same keyword
+    ``options`` (``max_shard_size``, ``verify``, ``eos_token_id``, ``extra_files``), the same files; MTP depths are
+    dropped."""
+    return convert_to_hf(Path(src), dst, HF_MODEL_TYPE, check_exportable, export_qwen3_next, **options)
