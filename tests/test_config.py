@@ -228,7 +228,14 @@ def test_presets_live_in_their_own_module():
     import hybridlm.presets
 
     assert hybridlm.config.PRESETS is hybridlm.presets.PRESETS
-    assert list(PRESETS) == ["tiny", "nemotron-h-8b", "nemotron-3-nano-30b-a3b", "bench-1.3b", "bench-moe-1b"]
+    assert list(PRESETS) == [
+        "tiny",
+        "nemotron-h-8b",
+        "nemotron-3-nano-30b-a3b",
+        "qwen3-next-80b-a3b",
+        "bench-1.3b",
+        "bench-moe-1b",
+    ]
     assert ModelConfig.from_preset("bench-moe-1b", vocab_size=64) == ModelConfig(
         **{**PRESETS["bench-moe-1b"], "vocab_size": 64}
     )

@@ -69,6 +69,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_norm_topk_prob=True,
         moe_aux_loss_coeff=1e-4,
     ),
+    # Qwen/Qwen3-Next-80B-A3B's shapes (what `convert --from qwen3-next` makes of its config.json; its MTP layer is
+    # left out, as the import leaves it): Gated DeltaNet and gated attention, each followed by a MoE layer of 512
+    # experts (top-10, softmax) with a gated shared expert, zero-centred norms.
+    "qwen3-next-80b-a3b": dict(
+        pattern="GEGEGE*E" * 12,
+        vocab_size=151936,
+        hidden_size=2048,
+        norm_eps=1e-6,
+        norm_zero_centered=True,
+        num_attention_heads=16,
+        num_query_groups=2,
+        head_dim=256,
+        position_embedding="rope",
+        rope_theta=10_000_000,
+        rotary_percent=0.25,
+        qk_norm=True,
+        attention_output_gate=True,
+        mlp_activation="swiglu",
+        moe_num_experts=512,
+        moe_top_k=10,
+        moe_ffn_hidden_size=512,
+        moe_shared_expert_ffn_hidden_size=512,
+        moe_shared_expert_gate=True,
+        gdn_num_heads=16,
+        gdn_num_value_heads=32,
+        gdn_value_head_dim=128,
+    ),
     # The GPU benchmark's model: 1.25B parameters, NemotronH-like.
     "bench-1.3b": dict(
         pattern="M-M-M-M*-M-M-M-M*-M-M-M-",

@@ -142,7 +142,7 @@ def test_the_published_80b_config_json_translates():
     """Qwen3-Next-80B-A3B's config.json (transformers 4.57's: no layer_types, top-level rope_theta and
     partial_rotary_factor, rope_scaling null): attention every 4th layer, each followed by a MoE layer, 64 of 256
     head channels rotated, and the model card's 80B parameters (MTP, which is dropped, aside)."""
-    from hybridlm import HybridLM
+    from hybridlm import HybridLM, ModelConfig
     from hybridlm.checkpoint.hf_qwen3_next import config_from_qwen3_next
     from hybridlm.counting import num_params
 
@@ -161,6 +161,7 @@ def test_the_published_80b_config_json_translates():
     assert (c.rotary_dim, c.rope_theta, c.moe_top_k, c.norm_eps) == (64, 10000000, 10, 1e-6)
     assert c.norm_zero_centered and c.attention_output_gate and c.moe_shared_expert_gate and not c.tie_embeddings
     assert 79e9 < num_params(HybridLM(c, device="meta")) < 80e9
+    assert c == ModelConfig.preset("qwen3-next-80b-a3b")  # the preset is this model's shapes
 
 
 def test_the_defaults_of_left_out_keys_are_transformers():
