@@ -392,6 +392,16 @@ def test_export_lists_every_reason_and_writes_nothing(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_refuses_to_replace_another_folder_naming_the_format(tmp_path):
+    """The refusal names the format as people write it (NemotronH), not its model_type (nemotron_h)."""
+    src = hybridlm.save(HybridLM(config("M-*E")), tmp_path / "ours")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"hf exists and is not a Hugging Face NemotronH directory"):
+        convert_to_nemotron_h(src, tmp_path / "hf")
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+
+
 def test_export_allows_what_it_can_express():
     check_exportable(config("M-*E/G-", mlp_activation="gelu"))  # MTP depths may hold anything: dropped
     check_exportable(config("M-E/D-"))

@@ -128,6 +128,7 @@ def convert_to_hf(
     src: Path,
     dst: str | Path,
     model_type: str,
+    name: str,
     check_exportable: Callable[[ModelConfig], None],
     export: Callable[[ModelConfig, dict[str, torch.Tensor]], tuple[dict[str, Any], dict[str, torch.Tensor]]],
     *,
@@ -137,10 +138,10 @@ def convert_to_hf(
     extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """The export every Hugging Face format shares: ``src``'s config checked (``check_exportable``) and ``dst``
-    checked replaceable (a folder of ``model_type``) before any weight is read; the main stack's tensors (MTP depths
+    checked replaceable (a folder of ``model_type``, the format ``name`` says) before any weight is read; the main stack's tensors (MTP depths
     are dropped) turned into config.json and tensors by ``export``; ``eos_token_id`` into config.json; written
     atomically with ``src``'s :data:`AUX_FILES` and ``extra_files``."""
-    what = f"a Hugging Face {model_type} directory"
+    what = f"a Hugging Face {name} directory"
     check_shard_size(max_shard_size)
     config = read_config(src)
     check_exportable(config)  # before reading any weights

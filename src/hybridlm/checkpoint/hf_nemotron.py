@@ -252,6 +252,7 @@ def convert_to_nemotron_h(
         Path(src),
         dst,
         HF_MODEL_TYPE,
+        "NemotronH",
         check_exportable,
         export_nemotron_h,
         max_shard_size=max_shard_size,

@@ -397,4 +397,4 @@ def convert_to_qwen3_next(src: str | Path, dst: str | Path, **options: Any) -> P
     :func:`~hybridlm.checkpoint.hf_nemotron.convert_to_nemotron_h` does for NemotronH: the same keyword
     ``options`` (``max_shard_size``, ``verify``, ``eos_token_id``, ``extra_files``), the same files; MTP depths are
     dropped."""
-    return convert_to_hf(Path(src), dst, HF_MODEL_TYPE, check_exportable, export_qwen3_next, **options)
+    return convert_to_hf(Path(src), dst, HF_MODEL_TYPE, "Qwen3-Next", check_exportable, export_qwen3_next, **options)
