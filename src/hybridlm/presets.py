@@ -69,9 +69,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_norm_topk_prob=True,
         moe_aux_loss_coeff=1e-4,
     ),
-    # Qwen/Qwen3-Next-80B-A3B's shapes (what `convert --from qwen3-next` makes of its config.json; its MTP layer is
-    # left out, as the import leaves it): Gated DeltaNet and gated attention, each followed by a MoE layer of 512
-    # experts (top-10, softmax) with a gated shared expert, zero-centred norms.
+    # Qwen/Qwen3-Next-80B-A3B's shapes (what `convert --from qwen3-next` makes of its config.json; its MTP layer,
+    # which the import adds from the weights as '/*E', is left out): Gated DeltaNet and gated attention, each
+    # followed by a MoE layer of 512 experts (top-10, softmax) with a gated shared expert, zero-centred norms.
     "qwen3-next-80b-a3b": dict(
         pattern="GEGEGE*E" * 12,
         vocab_size=151936,

@@ -1,6 +1,7 @@
 """Hugging Face Qwen3-Next import and export: a tiny random ``Qwen3NextForCausalLM`` saved by transformers converts
-into a model whose float64 logits are transformers' to rounding, with any brackets, and back into the same file; a
-model of ours exports to transformers' logits; what either side cannot compute is refused by name.
+into a model whose float64 logits are transformers' to rounding, with any brackets, and back into the same file; its
+MTP head, which transformers skips, into an MTP depth whose logits are those of a float64 Qwen3-Next MTP written
+here; a model of ours exports to transformers' logits; what either side cannot compute is refused by name.
 
 Every parameter is redrawn (norms included, which transformers starts at 0), so that a wrong key, a swapped half of
 q_proj or a norm read as ``w`` instead of ``1 + w`` changes the logits at O(1), far above the 1e-10 tolerance.
@@ -74,9 +75,31 @@ def test_import_matches_transformers_logits_fused_or_not(tmp_path, tie):
             assert rel_err(ours(ids).logits, expected) < TOL, pattern
 
 
-def test_stacked_experts_and_mtp_tensors(tmp_path, caplog):
+def with_mtp(hf, layers=(0,)):
+    """Adds an MTP head to folder ``hf`` under Qwen3-Next's names, every tensor drawn: ``mtp.fc``, its three norms
+    and per index in ``layers`` a decoder layer shaped as layer 3 (full attention, then a MoE, as layer 0's
+    channel mixer is); returns every tensor of the file."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hf / "model.safetensors")
+    g = torch.Generator().manual_seed(2)
+
+    def draw(shape, dtype=torch.float64):
+        return (torch.randn(shape, generator=g, dtype=torch.float32) * 0.3).to(dtype)
+
+    mtp = {"mtp.fc.weight": draw((32, 64))}
+    mtp |= {f"mtp.{n}.weight": draw((32,)) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+    for i in layers:
+        p = "model.layers.3."
+        mtp |= {f"mtp.layers.{i}." + k[len(p) :]: draw(t.shape, t.dtype) for k, t in state.items() if k.startswith(p)}
+    save_file(state | mtp, hf / "model.safetensors")
+    return state | mtp
+
+
+def test_stacked_experts_and_mtp_tensors_it_cannot_map(tmp_path, caplog):
     """A file holding transformers' in-memory expert stacks (gate_up_proj, down_proj) reads as the per-expert one,
-    and MTP tensors, which transformers skips, are dropped with a warning."""
+    and MTP tensors that are not one MTP layer (a head without its layer, or two layers sharing one fc) are dropped
+    with a warning saying why."""
     from safetensors.torch import load_file, save_file
 
     _, hf = saved(tmp_path)
@@ -93,9 +116,84 @@ def test_stacked_experts_and_mtp_tensors(tmp_path, caplog):
     save_file(state, hf / "model.safetensors")
     with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
         again, tensors = import_qwen3_next(hf)
-    assert "dropping the MTP layers (1 tensors, e.g. mtp.fc.weight)" in caplog.text
+    assert "dropping the MTP tensors (1, e.g. mtp.fc.weight): they hold no MTP decoder layer" in caplog.text
     assert again == config and tensors.keys() == reference.keys()
     assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+    with_mtp(hf, layers=(0, 1))
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
+        assert import_qwen3_next(hf)[0] == config
+    assert "2 MTP layers share one mtp.fc and its norms" in caplog.text
+
+
+def rms(x, w, eps=1e-6):
+    """Qwen3-Next's RMSNorm, whose stored w is zero-centred: x / rms(x) · (1 + w)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)
+
+
+def mtp_reference(t, ids, h):
+    """Qwen3-Next's MTP logits (B, L-1, V) at positions 0..L-2, in float64, from the file's tensors ``t`` under their
+    Hugging Face names, as vLLM's and SGLang's Qwen3-Next MTP compute them for TINY: position i joins
+    ``pre_fc_norm_embedding`` of token i+1's embedding with ``pre_fc_norm_hidden`` of the main model's output h
+    (B, L, H) (after model.norm) at i, in that order, through ``fc``; one decoder layer (gated attention with q/k
+    norms and partial RoPE at position i, then a softmax top-2 MoE with a gated shared expert), ``mtp.norm``, and
+    the main model's lm_head. Every norm scales by 1 + w."""
+    F = torch.nn.functional
+    heads, groups, d, rot, theta, top_k = 4, 2, 8, 4, 500.0, 2
+    w = {k.removeprefix("mtp.layers.0."): v for k, v in t.items() if k.startswith("mtp.layers.0.")}
+    e = rms(t["model.embed_tokens.weight"][ids[:, 1:]], t["mtp.pre_fc_norm_embedding.weight"])
+    x = F.linear(torch.cat([e, rms(h[:, :-1], t["mtp.pre_fc_norm_hidden.weight"])], -1), t["mtp.fc.weight"])
+    B, L, _ = x.shape
+    a = rms(x, w["input_layernorm.weight"])
+    q_gate = F.linear(a, w["self_attn.q_proj.weight"]).view(B, L, heads, 2 * d)  # [q_h | gate_h] per head
+    q = rms(q_gate[..., :d], w["self_attn.q_norm.weight"]).transpose(1, 2)
+    k = rms(F.linear(a, w["self_attn.k_proj.weight"]).view(B, L, groups, d), w["self_attn.k_norm.weight"])
+    v = F.linear(a, w["self_attn.v_proj.weight"]).view(B, L, groups, d).transpose(1, 2)
+    angle = torch.arange(L, dtype=torch.float64)[:, None] / theta ** (
+        torch.arange(0, rot, 2, dtype=torch.float64) / rot
+    )
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+
+    def rope(z):  # NeoX halves of the first rot channels
+        z1, z2 = z[..., : rot // 2], z[..., rot // 2 : rot]
+        return torch.cat([z[..., :rot] * cos + torch.cat([-z2, z1], -1) * sin, z[..., rot:]], -1)
+
+    q, k = rope(q), rope(k.transpose(1, 2)).repeat_interleave(heads // groups, 1)
+    causal = torch.full((L, L), float("-inf"), dtype=torch.float64).triu(1)
+    p = ((q @ k.transpose(-1, -2)) / d**0.5 + causal).softmax(-1)
+    o = (p @ v.repeat_interleave(heads // groups, 1)).transpose(1, 2).reshape(B, L, heads * d)
+    x = x + F.linear(o * torch.sigmoid(q_gate[..., d:].reshape(B, L, heads * d)), w["self_attn.o_proj.weight"])
+    m = rms(x, w["post_attention_layernorm.weight"])
+
+    def swiglu(p):
+        return F.linear(
+            F.silu(F.linear(m, w[p + "gate_proj.weight"])) * F.linear(m, w[p + "up_proj.weight"]),
+            w[p + "down_proj.weight"],
+        )
+
+    top, chosen = F.linear(m, w["mlp.gate.weight"]).softmax(-1).topk(top_k)  # norm_topk_prob=False
+    y = sum((top * (chosen == e)).sum(-1, keepdim=True) * swiglu(f"mlp.experts.{e}.") for e in range(4))
+    y = y + torch.sigmoid(F.linear(m, w["mlp.shared_expert_gate.weight"])) * swiglu("mlp.shared_expert.")
+    return F.linear(rms(x + y, t["mtp.norm.weight"]), t["lm_head.weight"])
+
+
+def test_the_mtp_head_imports_as_one_depth_computing_qwen3_next_mtp(tmp_path):
+    """A file with Qwen3-Next's MTP head imports with one MTP depth ``/*E``, whose float64 logits are those of
+    Qwen3-Next's MTP (:func:`mtp_reference`, on transformers' main-model output) to rounding, fused or not; the
+    main logits stay transformers'."""
+    theirs, hf = saved(tmp_path)
+    tensors = with_mtp(hf)
+    out = convert_from_qwen3_next(hf, tmp_path / "ours")
+    assert json.loads((out / "config.json").read_text())["config"]["pattern"] == "GE*-GE*E/*E"
+    ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), hf_in_float64(mq):
+        main = theirs(ids).logits
+        expected = mtp_reference(tensors, ids, theirs.model(ids).last_hidden_state)
+    for pattern in (None, "[GE][*-][GE][*E]/[*E]"):
+        ours = hybridlm.load(out, pattern=pattern, dtype=torch.float64).eval()
+        with torch.no_grad():
+            got = ours(ids)
+        assert rel_err(got.logits, main) < TOL, pattern
+        assert rel_err(got.mtp_logits[0][:, :-1], expected) < TOL, pattern  # the last position reads no token
 
 
 @pytest.mark.parametrize(
@@ -141,7 +239,7 @@ def test_refuses_a_missing_or_misshaped_tensor_naming_its_file(tmp_path):
 def test_the_published_80b_config_json_translates():
     """Qwen3-Next-80B-A3B's config.json (transformers 4.57's: no layer_types, top-level rope_theta and
     partial_rotary_factor, rope_scaling null): attention every 4th layer, each followed by a MoE layer, 64 of 256
-    head channels rotated, and the model card's 80B parameters (MTP, which is dropped, aside)."""
+    head channels rotated, and the model card's 80B parameters (its MTP head, read from the weights, aside)."""
     from hybridlm import HybridLM, ModelConfig
     from hybridlm.checkpoint.hf_qwen3_next import config_from_qwen3_next
     from hybridlm.counting import num_params
@@ -183,20 +281,57 @@ def test_the_defaults_of_left_out_keys_are_transformers():
 # -- export ----------------------------------------------------------------------------------------
 
 
-def test_import_then_export_gives_back_transformers_file(tmp_path):
-    """Qwen3-Next -> hybridlm -> Qwen3-Next is bitwise the file save_pretrained wrote, and transformers loads it with
-    no missing or unexpected keys."""
+@pytest.mark.parametrize("mtp", [False, True])
+def test_import_then_export_gives_back_transformers_file(tmp_path, mtp):
+    """Qwen3-Next -> hybridlm -> Qwen3-Next is bitwise the file save_pretrained wrote (with an MTP head, which
+    config.json names for vLLM as num_nextn_predict_layers), and transformers loads it with no missing or unexpected
+    keys (it skips mtp.*)."""
     from safetensors.torch import load_file
 
     from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
 
     _, hf = saved(tmp_path)
+    if mtp:
+        with_mtp(hf)
     convert_from_qwen3_next(hf, tmp_path / "ours")
     back = convert_to_qwen3_next(tmp_path / "ours", tmp_path / "back")
     original, written = load_file(hf / "model.safetensors"), load_file(back / "model.safetensors")
     assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
+    assert json.loads((back / "config.json").read_text()).get("num_nextn_predict_layers") == (1 if mtp else None)
     _, info = Qwen3NextForCausalLM.from_pretrained(back, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+
+def test_export_writes_the_mtp_depth_qwen3_next_computes(tmp_path, caplog):
+    """Of two MTP depths '*E' after a MoE layer 0, the first is written (Qwen3-Next's MTP layers share one fc), as
+    it was; a depth whose layer is not attention then layer 0's channel mixer is dropped; each with a warning."""
+    from hybridlm import HybridLM, ModelConfig
+    from hybridlm.checkpoint.canonical import to_canonical
+    from hybridlm.checkpoint.hf_qwen3_next import export_qwen3_next
+
+    fields = dict(vocab_size=64, hidden_size=32, norm_zero_centered=True, num_attention_heads=4, head_dim=8)
+    fields |= dict(position_embedding="rope", qk_norm=True, attention_output_gate=True, mlp_activation="swiglu")
+    fields |= dict(moe_num_experts=4, moe_ffn_hidden_size=8, moe_shared_expert_ffn_hidden_size=8)
+    fields |= dict(moe_shared_expert_gate=True, ffn_hidden_size=8, gdn_num_heads=2, gdn_head_dim=8)
+    config = ModelConfig(pattern="GE*-/*E/*E", **fields)
+    canonical = to_canonical(HybridLM(config, seed=0).state_dict(), config.parsed)
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
+        hf, tensors = export_qwen3_next(config, canonical)
+    assert "dropping 1 MTP depth(s) ('*E') on export: Qwen3-Next's MTP layers share one mtp.fc" in caplog.text
+    assert hf["num_nextn_predict_layers"] == 1 and torch.equal(
+        tensors["mtp.fc.weight"], canonical["mtp.0.eh_proj.weight"]
+    )
+    assert torch.equal(tensors["mtp.layers.0.mlp.gate.weight"], canonical["mtp.0.layers.1.mixer.gate.weight"])
+    assert not any(k.startswith("mtp.layers.1.") for k in tensors)
+    dense = ModelConfig(pattern="G-*E/*E", **fields)
+    canonical = to_canonical(HybridLM(dense, seed=0).state_dict(), dense.parsed)
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
+        hf, tensors = export_qwen3_next(dense, canonical)
+    assert (
+        "dropping 1 MTP depth(s) ('*E') on export: Qwen3-Next's MTP layer is full attention then layer 0's"
+        in caplog.text
+    )
+    assert "num_nextn_predict_layers" not in hf and not any(k.startswith("mtp.") for k in tensors)
 
 
 def test_a_fused_model_of_ours_exports_to_transformers_logits(tmp_path):
@@ -206,7 +341,7 @@ def test_a_fused_model_of_ours_exports_to_transformers_logits(tmp_path):
     from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
 
     config = ModelConfig(
-        pattern="[G-][*E]G-/*E",  # the MTP depth stays behind
+        pattern="[G-][*E]G-/*E",  # the MTP depth stays behind: layer 0's channel mixer is a dense MLP
         vocab_size=64,
         hidden_size=32,
         norm_zero_centered=True,

@@ -83,13 +83,14 @@ def test_a_qwen3_next_directory_shows_the_pattern_its_import_writes(tmp_path):
     """Qwen3-Next's config.json has layer types and dense-layer lists, not symbols: shown as our canonical pattern."""
     pytest.importorskip("transformers.models.qwen3_next")
     from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
-    from tests.checkpoint.test_hf_qwen3_next import saved
+    from tests.checkpoint.test_hf_qwen3_next import saved, with_mtp
 
     _, hf = saved(tmp_path)
     assert describe(hf)["pattern"] == "GE*-GE*E"
-    tensors = load_file(hf / "model.safetensors")
-    save_file(tensors | {"model.norm.weight": tensors["model.norm.weight"].to(torch.int64)}, hf / "model.safetensors")
-    with pytest.raises(CheckpointError, match=re.escape(f"{hf}: not floating point: model.norm.weight")):
+    tensors = with_mtp(hf)  # an MTP head, which the import reads as one MTP depth
+    assert describe(hf)["pattern"] == "GE*-GE*E/*E"
+    save_file(tensors | {"mtp.norm.weight": tensors["mtp.norm.weight"].to(torch.int64)}, hf / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{hf}: not floating point: mtp.norm.weight")):
         describe(hf)  # as the import refuses it
     config = tiny_config("[GE][*-]", norm_zero_centered=True, position_embedding="rope", qk_norm=True)
     config = config.replace(attention_output_gate=True, mlp_activation="swiglu", moe_router_score="softmax")

@@ -90,17 +90,22 @@ def hf_eos_token_id(path: str | Path) -> int | None:
     return None
 
 
-def main_stack(config: ModelConfig, canonical: Mapping[str, torch.Tensor], model: str) -> dict[str, torch.Tensor]:
-    """The main stack's tensors of ``canonical``, as contiguous CPU tensors (a DTensor is gathered): the MTP depths
-    are dropped, with a warning naming ``model`` (the Hugging Face model class that does not run them)."""
-    if config.parsed.mtp_depths:
+def main_stack(
+    config: ModelConfig, canonical: Mapping[str, torch.Tensor], model: str, mtp: tuple[int, str] = (0, "")
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``canonical`` a Hugging Face format writes, as contiguous CPU tensors (a DTensor is gathered):
+    the main stack's and those of the first ``mtp[0]`` MTP depths; the other depths are dropped with a warning,
+    ``mtp[1]`` saying why (by default, that ``model``, the Hugging Face model class, does not run them)."""
+    keep, why = mtp
+    if config.parsed.mtp_depths > keep:
         logger.warning(
-            "dropping %d MTP depth(s) ('%s') on export: %s does not run multi-token prediction",
-            config.parsed.mtp_depths,
+            "dropping %d MTP depth(s) ('%s') on export: %s",
+            config.parsed.mtp_depths - keep,
             config.parsed.mtp_layers,
-            model,
+            why or f"{model} does not run multi-token prediction",
         )
-    return {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.")}
+    kept = tuple(f"mtp.{d}." for d in range(keep))
+    return {k: full_cpu(t) for k, t in canonical.items() if not k.startswith("mtp.") or k.startswith(kept)}
 
 
 def export_hf(
@@ -110,15 +115,16 @@ def export_hf(
     model: str,
     rules: Callable[[dict[str, torch.Tensor]], tuple[list[Rule], dict[str, tuple[int, ...]]]],
     hf_config: Callable[[str], dict[str, Any]],
+    mtp: tuple[int, str] = (0, ""),
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json, tensors under a Hugging Face format's keys) of a model's canonical tensors, as contiguous CPU
     tensors in their dtypes; CheckpointError when ``check_exportable`` refuses or they do not fit.
 
-    The MTP depths are dropped (:func:`main_stack`, naming ``model``); ``rules(main_stack_tensors)`` gives the
-    format's rules and the shapes it expects, and ``hf_config(dtype)`` its config.json for the written tensors'
-    dominant dtype ("bfloat16")."""
+    The MTP depths past the first ``mtp[0]`` are dropped (:func:`main_stack`, naming ``model`` or ``mtp[1]``);
+    ``rules(kept_tensors)`` gives the format's rules and the shapes it expects, and ``hf_config(dtype)`` its
+    config.json for the written tensors' dominant dtype ("bfloat16")."""
     check_exportable(config)
-    main = main_stack(config, canonical, model)
+    main = main_stack(config, canonical, model, mtp)
     rule_list, shapes = rules(main)
     tensors = to_foreign(rule_list, main, shapes)
     return hf_config(str(dominant_dtype(tensors.values())).removeprefix("torch.")), tensors
@@ -132,22 +138,26 @@ def convert_to_hf(
     check_exportable: Callable[[ModelConfig], None],
     export: Callable[[ModelConfig, dict[str, torch.Tensor]], tuple[dict[str, Any], dict[str, torch.Tensor]]],
     *,
+    mtp_depths: Callable[[ModelConfig], int] = lambda config: 0,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     verify: bool = True,
     eos_token_id: int | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """The export every Hugging Face format shares: ``src``'s config checked (``check_exportable``) and ``dst``
-    checked replaceable (a folder of ``model_type``, the format ``name`` says) before any weight is read; the main stack's tensors (MTP depths
-    are dropped) turned into config.json and tensors by ``export``; ``eos_token_id`` into config.json; written
-    atomically with ``src``'s :data:`AUX_FILES` and ``extra_files``."""
+    checked replaceable (a folder of ``model_type``, the format ``name`` says) before any weight is read; the main
+    stack's tensors and those of the first ``mtp_depths(config)`` MTP depths (the format's; the others are not read)
+    turned into config.json and tensors by ``export``; ``eos_token_id`` into config.json; written atomically with
+    ``src``'s :data:`AUX_FILES` and ``extra_files``."""
     what = f"a Hugging Face {name} directory"
     check_shard_size(max_shard_size)
     config = read_config(src)
     check_exportable(config)  # before reading any weights
     check_replaceable(Path(dst), "model_type", model_type, what)  # likewise (and again before the rename)
     destination(dst, src)
-    canonical = read_tensors(src, [n for n in weight_files(src) if not n.startswith("mtp.")], verify)
+    kept = tuple(f"mtp.{d}." for d in range(mtp_depths(config)))
+    names = [n for n in weight_files(src) if not n.startswith("mtp.") or n.startswith(kept)]
+    canonical = read_tensors(src, names, verify)
     try:
         hf, tensors = export(config, canonical)
     except CheckpointError as e:

@@ -10,6 +10,12 @@ attention ``*``) then its channel mixer (a routed MoE ``E``, or a dense SwiGLU M
 
 Every norm but GDN's gated one stores a zero-centred ``w`` (scale ``1 + w``), as ours does with
 ``norm_zero_centered``: they are taken as stored.
+
+The published checkpoints also hold a one-layer MTP head, ``mtp.*``, which transformers skips and vLLM / SGLang
+run for speculative decoding; it computes what our MTP depth computes (docs/checkpoints.md), one depth ``/*E``::
+
+    mtp.fc / pre_fc_norm_embedding / pre_fc_norm_hidden / norm            mtp.0.eh_proj / enorm / hnorm / final_norm
+    mtp.layers.0.*  (a full-attention decoder layer, as above)           mtp.0.layers.{0,1}.*
 """
 
 from __future__ import annotations
@@ -81,9 +87,19 @@ _OTHER_DEFAULTS: dict[str, Any] = {
     "rope_theta": 10000.0,
 }
 
-_LAYER = re.compile(r"^layers\.(\d+)\.(?:norm\.weight|mixer\.(.+))$")
-_TOP = {"embeddings.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+#: A canonical layer's tensor: (``mtp.0.`` in the first MTP depth, else None; its index; the mixer's tensor, None: the norm).
+_LAYER = re.compile(r"^(mtp\.0\.)?layers\.(\d+)\.(?:norm\.weight|mixer\.(.+))$")
+_TOP = {
+    "embeddings.weight": "model.embed_tokens.weight",
+    "norm_f.weight": "model.norm.weight",
+    # vLLM's Qwen3NextMultiTokenPredictor: fc(cat([pre_fc_norm_embedding(embed), pre_fc_norm_hidden(hidden)])).
+    "mtp.0.eh_proj.weight": "mtp.fc.weight",
+    "mtp.0.enorm.weight": "mtp.pre_fc_norm_embedding.weight",
+    "mtp.0.hnorm.weight": "mtp.pre_fc_norm_hidden.weight",
+    "mtp.0.final_norm.weight": "mtp.norm.weight",
+}
 _MTP = re.compile(r"^(model\.)?mtp\.")
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
 #: transformers' in-memory expert stacks, (E, 2F, H) ``[gate; up]`` and (E, H, F), which a file may hold instead of
 #: the per-expert matrices its save_pretrained writes.
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -97,11 +113,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _layers(hf: Mapping[str, Any], source: str | Path) -> str:
+def _layers(hf: Mapping[str, Any], source: str | Path, mtp: bool = False) -> str:
     """The canonical pattern of config.json ``hf``: per decoder layer its sequence mixer (``layer_types``, else every
     ``full_attention_interval``-th layer attention, as transformers derives it), then ``E`` where transformers builds
     a sparse MoE block (not in ``mlp_only_layers``, ``num_experts`` > 0, layer + 1 a multiple of
-    ``decoder_sparse_step``), else ``-``."""
+    ``decoder_sparse_step``), else ``-``. ``mtp``: then the one MTP depth vLLM builds, a full-attention decoder
+    layer whose channel mixer is layer 0's (vLLM reads the index 0 from its name, ``mtp.layers.0``)."""
     n = _value(hf, "num_hidden_layers")
     if not _is_int(n) or n < 1:
         raise CheckpointError(f"{source}: num_hidden_layers must be a positive integer, got {n!r}")
@@ -128,7 +145,8 @@ def _layers(hf: Mapping[str, Any], source: str | Path) -> str:
     if not _is_int(experts) or experts < 0:
         raise CheckpointError(f"{source}: num_experts must be a non-negative integer, got {experts!r}")
     sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)]
-    return "".join(SYMBOL_OF_LAYER_TYPE[t] + ("E" if moe else "-") for t, moe in zip(types, sparse))
+    pattern = "".join(SYMBOL_OF_LAYER_TYPE[t] + ("E" if moe else "-") for t, moe in zip(types, sparse))
+    return pattern + (f"/*{pattern[1]}" if mtp else "")
 
 
 def _rope(hf: Mapping[str, Any]) -> tuple[str | None, Any, Any]:
@@ -171,14 +189,15 @@ def _problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
     return problems
 
 
-def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME) -> ModelConfig:
+def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME, mtp: bool = False) -> ModelConfig:
     """The :class:`ModelConfig` computing what Qwen3-Next computes for config.json ``hf`` (read from ``source``,
     which errors name): the canonical (unfused) pattern, gated attention with partial RoPE and q/k norms,
-    zero-centred norms, SwiGLU MLPs and experts, softmax routing and a gated shared expert in every MoE layer."""
+    zero-centred norms, SwiGLU MLPs and experts, softmax routing and a gated shared expert in every MoE layer;
+    ``mtp``: with Qwen3-Next's MTP head as one MTP depth (:func:`_layers`), ``/*E`` where layer 0 is a MoE."""
     if hf.get("model_type") != HF_MODEL_TYPE:
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
-    pattern = _layers(hf, source)
-    if problems := _problems(hf, used := set(pattern)):
+    pattern = _layers(hf, source, mtp)
+    if problems := _problems(hf, used := set(pattern) - {"/"}):
         raise CheckpointError(f"{source}: this Qwen3-Next model cannot be imported:\n  - " + "\n  - ".join(problems))
     fields = {field: _value(hf, key) for key, (field, kind, _) in _KEYS.items() if not kind or kind in used}
     fields |= {"pattern": pattern, "norm_zero_centered": True, "mlp_activation": "swiglu"}
@@ -194,10 +213,15 @@ def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
         raise CheckpointError(f"{source}: does not describe a valid model: {e}") from None
 
 
-def _rules(c: ModelConfig, source: object = "the model config") -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
-    """The rules and canonical shapes of ``c``, an unfused pattern of (sequence mixer, channel mixer) pairs: q_proj
-    holds ``[q_h | gate_h]`` per head h (our q_proj and gate_proj), experts one matrix each."""
-    shapes = meta_shapes(c.replace(pattern=c.parsed.layers), source)
+def _rules(
+    c: ModelConfig, source: object = "the model config", mtp: int | None = None
+) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
+    """The rules and canonical shapes of ``c``'s main stack and its first ``mtp`` MTP depths (0 or 1; None: all of
+    them), each an unfused pattern of (sequence mixer, channel mixer) pairs: q_proj holds ``[q_h | gate_h]`` per head
+    h (our q_proj and gate_proj), experts one matrix each."""
+    layers, mtp_layers = c.parsed.layers, c.parsed.mtp_layers
+    depths = c.parsed.mtp_depths if mtp is None else mtp
+    shapes = meta_shapes(c.replace(pattern=layers + ("/" + mtp_layers) * depths), source)
     heads, d = c.num_attention_heads, c.resolved_head_dim
     rules = []
     for name in shapes:
@@ -205,8 +229,9 @@ def _rules(c: ModelConfig, source: object = "the model config") -> tuple[list[Ru
         if m is None:
             rules.append(rename(name, _TOP.get(name, name)))  # lm_head.weight keeps its name
             continue
-        i, second = divmod(int(m[1]), 2)
-        p, rest, symbol = f"model.layers.{i}.", m[2], c.parsed.layers[int(m[1])]
+        i, second = divmod(int(m[2]), 2)
+        p = f"{'mtp' if m[1] else 'model'}.layers.{i}."
+        rest, symbol = m[3], (mtp_layers if m[1] else layers)[int(m[2])]
         if rest is None:
             rules.append(rename(name, p + ("post_attention_layernorm" if second else "input_layernorm") + ".weight"))
         elif symbol == "G":
@@ -230,22 +255,31 @@ def _rules(c: ModelConfig, source: object = "the model config") -> tuple[list[Ru
     return rules, shapes
 
 
-def _read_weights(path: Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of directory ``path`` that transformers loads, under the per-expert keys the rules read, and where
-    each was read ({key: "file: key"}). MTP tensors (which transformers skips) and, in a tied model, a stored
-    ``lm_head.weight`` (transformers ties it to the embedding) are left out, with a warning."""
-    files = weight_files(path)
+def _has_mtp(path: Path, files: Mapping[str, str]) -> bool:
+    """Whether the tensors ``files`` names (of directory ``path``) hold the one-layer MTP head this module maps
+    (``mtp.layers.0.*``, the published checkpoints' head); other MTP tensors are left out, with a warning."""
     mtp = sorted(k for k in files if _MTP.match(k))
-    if mtp:
-        logger.warning(
-            "%s: dropping the MTP layers (%d tensors, e.g. %s): transformers' Qwen3NextForCausalLM does not run them, "
-            "and their import is not written yet",
-            path,
-            len(mtp),
-            mtp[0],
-        )
-    skip = set(mtp) | ({"lm_head.weight"} & set(files) if config.tie_embeddings else set())
+    layers = {int(m[1]) for k in mtp if (m := _MTP_LAYER.match(k))}
+    if not mtp or layers == {0}:
+        return bool(mtp)
+    why = (
+        f"{len(layers)} MTP layers share one mtp.fc and its norms, where each of our MTP depths has its own"
+        if len(layers) > 1
+        else "they hold no MTP decoder layer (mtp.layers.0.*)"
+    )
+    logger.warning("%s: dropping the MTP tensors (%d, e.g. %s): %s", path, len(mtp), mtp[0], why)
+    return False
+
+
+def _read_weights(
+    path: Path, files: Mapping[str, str], config: ModelConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors ``files`` names (of directory ``path``) that ``config`` reads, under the per-expert keys the rules
+    read, and where each was read ({key: "file: key"}). MTP tensors where ``config`` has no MTP depth and, in a
+    tied model, a stored ``lm_head.weight`` (transformers ties it to the embedding) are left out."""
+    skip = set() if config.parsed.mtp_depths else {k for k in files if _MTP.match(k)}
     if config.tie_embeddings and "lm_head.weight" in files:
+        skip.add("lm_head.weight")
         logger.warning("%s: tie_word_embeddings is true: lm_head.weight is not read (the head is the embedding)", path)
     state: dict[str, torch.Tensor] = {}
     given: dict[str, str] = {}
@@ -266,11 +300,12 @@ def _read_weights(path: Path, config: ModelConfig) -> tuple[dict[str, torch.Tens
 
 def import_qwen3_next(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Our config and canonical tensors (in the file's dtypes) of a Qwen3-Next directory, as transformers reads it
-    (per-expert or stacked experts), without MTP tensors. CheckpointError names the file and each offending option
-    or tensor."""
+    (per-expert or stacked experts), with its MTP head as one MTP depth where it holds one (``mtp.layers.0.*``).
+    CheckpointError names the file and each offending option or tensor."""
     path = Path(path)
-    config = config_from_qwen3_next(hf_config(path), path / CONFIG_NAME)
-    state, where = _read_weights(path, config)
+    files = weight_files(path)
+    config = config_from_qwen3_next(hf_config(path), path / CONFIG_NAME, mtp=_has_mtp(path, files))
+    state, where = _read_weights(path, files, config)
     rules, shapes = _rules(config, path / CONFIG_NAME)
     problems = fit_problems(
         {k: tuple(t.shape) for k, t in state.items()},
@@ -296,7 +331,7 @@ def convert_from_qwen3_next(src: str | Path, dst: str | Path, **options: Any) ->
 
 def check_exportable(config: ModelConfig) -> None:
     """Raise :class:`CheckpointError` listing every reason why Qwen3-Next cannot compute ``config``'s main stack
-    (MTP depths are dropped on export; only options of the layer kinds it uses count)."""
+    (only options of the layer kinds it uses count; MTP depths it cannot write are dropped: :func:`_mtp_kept`)."""
     c, layers = config, config.parsed.layers
     used = set(layers)
     problems = []
@@ -348,11 +383,31 @@ def check_exportable(config: ModelConfig) -> None:
         )
 
 
+def _mtp_kept(config: ModelConfig) -> tuple[int, str]:
+    """(MTP depths of exportable ``config`` written to Qwen3-Next, 0 or 1; why the others are dropped).
+
+    Qwen3-Next's MTP head (vLLM's Qwen3NextMultiTokenPredictor) is our first depth when its layers are a decoder
+    layer Qwen3-Next computes: full attention, then layer 0's channel mixer (vLLM reads the index 0 from the name
+    ``mtp.layers.0``). Its layers share one ``fc`` and its norms, so a second depth of ours has no place."""
+    p = config.parsed
+    if not p.mtp_depths:
+        return 0, ""
+    if p.mtp_layers != (want := "*" + p.layers[1:2]):
+        return 0, f"Qwen3-Next's MTP layer is full attention then layer 0's channel mixer, '{want}'"
+    try:
+        check_exportable(config.replace(pattern=p.layers + p.mtp_layers))  # the MTP layer as one more decoder layer
+    except CheckpointError as e:
+        return 0, "Qwen3-Next does not compute its layer: " + "; ".join(r.strip(" -") for r in str(e).splitlines()[1:])
+    return 1, "Qwen3-Next's MTP layers share one mtp.fc and its norms, so only the first depth is written"
+
+
 def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """The Qwen3-Next ``config.json`` of ``config`` (weights in ``torch_dtype``); keys of layer kinds the pattern
-    does not use are Qwen3NextConfig's defaults (no layer reads them)."""
+    does not use are Qwen3NextConfig's defaults (no layer reads them). With an MTP depth written
+    (:func:`_mtp_kept`), ``num_nextn_predict_layers`` is 1: vLLM's ``qwen3_next_mtp`` reads it."""
     c, layers = config, config.parsed.layers
-    used = set(layers)
+    mtp = _mtp_kept(config)[0]
+    used = set(layers) | set(config.parsed.mtp_layers if mtp else "")
     hf: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE],
         "model_type": HF_MODEL_TYPE,
@@ -372,8 +427,10 @@ def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
             "rope_theta": float(c.rope_theta),
             "partial_rotary_factor": c.rotary_percent,
         }
+    if mtp:
+        hf["num_nextn_predict_layers"] = mtp
     # transformers 5.25 cannot build a cache for a model without attention layers.
-    return hf | {"use_cache": "*" in used, "torch_dtype": torch_dtype}
+    return hf | {"use_cache": "*" in layers, "torch_dtype": torch_dtype}
 
 
 def export_qwen3_next(
@@ -381,13 +438,15 @@ def export_qwen3_next(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json, tensors under Qwen3-Next's keys) of a model's canonical tensors: see
     :func:`~hybridlm.checkpoint.hf_files.export_hf`."""
+    mtp = _mtp_kept(config)
     return export_hf(
         config,
         canonical,
         check_exportable,
         "transformers' Qwen3NextForCausalLM",
-        lambda main: _rules(config),
+        lambda kept: _rules(config, mtp=mtp[0]),
         lambda dtype: qwen3_next_config(config, dtype),
+        mtp,
     )
 
 
@@ -395,6 +454,7 @@ def convert_to_qwen3_next(src: str | Path, dst: str | Path, **options: Any) -> P
     """Convert hybridlm checkpoint directory ``src`` into a Hugging Face Qwen3-Next directory ``dst``, which
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, as
     :func:`~hybridlm.checkpoint.hf_nemotron.convert_to_nemotron_h` does for NemotronH: the same keyword
-    ``options`` (``max_shard_size``, ``verify``, ``eos_token_id``, ``extra_files``), the same files; MTP depths are
-    dropped."""
+    ``options`` (``max_shard_size``, ``verify``, ``eos_token_id``, ``extra_files``), the same files, and the MTP
+    head where :func:`_mtp_kept` writes one (the MTP depths it cannot write are dropped with a warning)."""
+    options["mtp_depths"] = lambda config: _mtp_kept(config)[0]  # the MTP depths it reads
     return convert_to_hf(Path(src), dst, HF_MODEL_TYPE, "Qwen3-Next", check_exportable, export_qwen3_next, **options)

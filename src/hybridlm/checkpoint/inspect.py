@@ -107,7 +107,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                     pattern = _hf_layers(cfg, path)
             elif cfg["model_type"] == qwen3_next.HF_MODEL_TYPE:  # the canonical pattern the import writes
                 with contextlib.suppress(CheckpointError):
-                    pattern = qwen3_next._layers(cfg, path)
+                    pattern = qwen3_next._layers(cfg, path, qwen3_next._has_mtp(path, weight_files(path)))
             info.update(kind=f"Hugging Face {cfg['model_type']}", pattern=pattern, config=cfg)
         else:
             info.update(kind="directory with config.json", config=cfg)
@@ -132,14 +132,15 @@ def describe(path: str | Path) -> dict[str, Any]:
         )
     summary = _tensor_summary(files, listed)
     shapes = summary.pop("shapes")
-    # From the headers, as a load checks them: our names, shapes and dtypes; an import's dtypes (MTP layers aside, as
+    # From the headers, as a load checks them: our names, shapes and dtypes; an import's dtypes (MTP layers aside where
     # it drops them). Every integer, bool and complex code is in _DTYPES; the others are floating (F8_E8M0, F4, ...).
+    mtp_read = "/" in str(info.get("pattern")) and info["kind"] == f"Hugging Face {qwen3_next.HF_MODEL_TYPE}"
     if info["kind"] == "hybridlm checkpoint":
         check_fit(_stand_ins(shapes, path), meta_shapes(model, path / CONFIG_NAME), str(path))
         if "E" in model.symbols:  # what one token uses: the file's tensors less each MoE layer's idle experts
             summary["active_parameters"] = summary["parameters"] - _idle_params(model)
     elif info["kind"] in (f"Hugging Face {HF_MODEL_TYPE}", f"Hugging Face {qwen3_next.HF_MODEL_TYPE}") and (
-        odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if not _MTP.match(k)}, path))
+        odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if mtp_read or not _MTP.match(k)}, path))
     ):
         raise CheckpointError(f"{path}: {odd[0]}")
     return {**info, "files": [f.name for f in files], **summary}

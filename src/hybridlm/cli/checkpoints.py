@@ -140,8 +140,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         "--to nemotron-h writes a directory transformers loads as NemotronHForCausalLM (M * - E patterns "
         "only; '|' and brackets are dropped, MTP weights stay behind). --from nemotron-h reads one. "
         "--to qwen3-next writes one transformers loads as Qwen3NextForCausalLM (G or * then E or -, in pairs, with "
-        "its options; MTP weights stay behind); --from qwen3-next reads one (MTP weights stay behind; the "
-        "pattern written is unfused: hybridlm.load(DST, pattern=...) takes any brackets). "
+        "its options, and the first MTP depth as its MTP head where Qwen3-Next computes it); --from qwen3-next reads "
+        "one (its MTP head as an MTP depth '/*E'; the pattern written is unfused: hybridlm.load(DST, pattern=...) takes any brackets). "
         "--to megatron writes a Megatron-core HybridModel state dict (.pt or .safetensors) plus "
         "<DST>.hybridlm.json; --from megatron reads one (the model config comes from --config or that JSON file).",
     )
