@@ -103,6 +103,7 @@ def test_wrongly_typed_arguments_are_refused_by_name():
         (dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
         (dict(temperature=None), "temperature must be >= 0 and finite, got None"),
         (dict(top_p="0.9"), "top_p must be in"),
+        (dict(temperature="0.5"), r"^temperature must be >= 0 and finite, got '0.5'$"),
         (dict(prefill_chunk_size=1.5), "prefill_chunk_size must be an integer"),
         (dict(eos_id=2.0), r"eos_id must be a token id or a non-empty list of token ids, got 2.0"),
         (dict(eos_id=[]), r"eos_id must be a token id or a non-empty list of token ids, got \[\]"),
@@ -489,3 +490,51 @@ def test_an_eos_id_outside_the_vocabulary_is_named_not_the_empty_prompt_that_sta
     for prompts in ([], [[1], []]):
         with pytest.raises(ValueError, match=r"^eos_id 500 is outside the vocabulary \[0, 97\)$"):
             generate(model, prompts, 3, eos_id=500)
+
+
+@pytest.mark.parametrize("meta", ["all", "one"])
+def test_a_model_without_values_on_the_meta_device_is_refused_naming_its_tensors(meta):
+    """A model built on meta (or one holding a meta tensor) failed inside torch, naming nothing: "META device type
+    not an accelerator" from the sampler's generator, or a matmul's shape error for one meta layer."""
+    config = tiny_config("M*-")
+    model = HybridLM(config, device="meta") if meta == "all" else HybridLM(config, seed=0)
+    if meta == "one":
+        model.norm_f.weight = torch.nn.Parameter(torch.empty(config.hidden_size, device="meta"))
+    says = r"\(all \d+ of them: embeddings.weight, \.\.\.\)" if meta == "all" else r"\(norm_f.weight\)"
+    with pytest.raises(
+        ValueError, match=rf"^cannot generate: tensors on the meta device, without values {says}.*to_empty"
+    ):
+        generate(model, [1, 2], 3)
+
+
+def test_the_uncached_reference_computes_the_last_positions_logits_only():
+    """The reference reruns the whole sequence per token; it computed the logits of every position as well, (1, L, V)
+    float32 per row and step, and as many per MTP depth, to read the last row: 2 GB a forward at a 4,096-token prompt
+    and a 131,072-token vocabulary."""
+    model = HybridLM(tiny_config("M*-/*-"), seed=0)
+    shapes = []
+    hook = model.register_forward_hook(
+        lambda m, args, out: shapes.append([tuple(x.shape) for x in (out.logits, *out.mtp_logits)])
+    )
+    new = generate(model, [[5, 17, 3], [1]], 4, use_cache=False)
+    hook.remove()
+    assert new == generate(model, [[5, 17, 3], [1]], 4) and len(shapes) == 8
+    assert all(s == [(1, 1, 97), (1, 1, 97)] for s in shapes), shapes
+
+
+def test_a_callback_that_is_not_callable_is_refused_before_the_prefill():
+    model = HybridLM(tiny_config("M-"), seed=0)
+    with pytest.raises(ValueError, match=r"^callback must be a function callback\(row, token\), got 3$"):
+        generate(model, [1, 2], 3, callback=3)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_pipeline_stage_is_refused_as_not_the_whole_model(rank):
+    """A stage failed inside the forward, naming nothing: "'NoneType' object is not subscriptable" (no final norm on
+    the first stage), "'NoneType' object has no attribute 'weight'" (no embedding on the last)."""
+    from hybridlm.parallel.pipeline import prune_to_stage
+
+    config = tiny_config("M*-|G-")
+    stage = prune_to_stage(HybridLM(config, seed=0), config.parsed.stage(rank, 2))
+    with pytest.raises(ValueError, match=r"^generate needs the whole model, but this one is a pipeline stage"):
+        generate(stage, [1, 2], 3)

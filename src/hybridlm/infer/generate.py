@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from ..checkpoint.io import refuse_meta
 from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
@@ -82,7 +83,8 @@ def check_sampling(
         (_seed_ok(seed), "seed", "None or an integer in [-2**63, 2**63 - 1]", seed),
     ):
         if not ok:
-            raise ValueError(f"{name(param)} must be {rule}, got {value}")
+            shown = repr(value) if isinstance(value, str) else value  # ("got 0.5" for the text '0.5' read as a number)
+            raise ValueError(f"{name(param)} must be {rule}, got {shown}")
 
 
 class Sampler:
@@ -242,6 +244,16 @@ def generate(
             raise ValueError("cuda_graph is not supported with speculative decoding")
         if not len(getattr(model, "mtp", ())):
             raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
+    if callback is not None and not callable(callback):  # (failed at the first token, after the prefill)
+        raise ValueError(f"callback must be a function callback(row, token), got {callback!r}")
+    # A model built on meta has shapes and no values: torch failed far from the cause, naming nothing ("META device
+    # type not an accelerator", from the sampler's generator; a partly meta model, inside a matmul).
+    refuse_meta({**dict(model.named_parameters()), **dict(model.named_buffers())}, "cannot generate", ValueError)
+    if not getattr(model, "is_whole", True):  # (failed inside the forward: "'NoneType' object is not subscriptable")
+        raise ValueError(
+            "generate needs the whole model, but this one is a pipeline stage (some blocks, the embedding or the final "
+            "norm are missing); load the saved weights whole (hybridlm.load) and generate with that model"
+        )
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     # eos_id first: an empty prompt starts from it, and was blamed for holding it ("prompt 0: token ids [500]").
@@ -399,7 +411,9 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, 
     for step in range(max_new_tokens):
         for r, ids in enumerate(seqs):
             if not done[r]:  # a finished row is sampled still (its token dropped), as in the cached batch
-                last[r] = model(ids).logits[:, -1]
+                # The last position's logits only: all of them were (1, L, V) float32 per row and step, and as
+                # many again per MTP depth (2 GB at a 4,096-token prompt and a 131,072-token vocabulary).
+                last[r] = model(ids, logits_to_keep=1).logits[:, -1]
         tokens, bad = sampler.pick(torch.cat(last))
         sampler.observe(tokens, vocab, device)
         if step == 0:
