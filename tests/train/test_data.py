@@ -65,6 +65,22 @@ def test_packed_rows_mask_labels_across_documents():
     assert last["labels"][0].tolist() == [int(flat[11]), -100, *flat[13:16].tolist()]
 
 
+def test_rows_and_tail_label_every_token_but_the_first_exactly_once():
+    """The tail is the tokens after the last whole row, one shorter row: with the rows, each stream position
+    after the first is a label once (ignored where it starts a document), as a whole-corpus evaluation needs."""
+    stream = _stream([5, 7, 6])  # 18 tokens: 3 rows of 5, a tail of 2
+    rows = PackedRows(stream, seq_len=5)
+    tail = rows.tail()
+    assert tail["input_ids"].shape == tail["labels"].shape == tail["doc_ids"].shape == (1, 2)
+    every = rows.rows(np.arange(rows.num_rows))
+    labels = torch.cat([every["labels"].flatten(), tail["labels"].flatten()])
+    flat = stream.tokens.astype(np.int64)
+    starts = set(stream.doc_starts[1:-1].tolist())  # positions whose token begins a document: no label
+    assert labels.tolist() == [-100 if p in starts else int(flat[p]) for p in range(1, 18)]
+    assert tail["doc_ids"].tolist() == [[2, 2]]
+    assert PackedRows(_stream([5, 6]), seq_len=5).tail() is None  # 11 tokens: 2 rows, nothing after them
+
+
 def test_split_holds_out_whole_documents():
     stream = _stream([3] * 40)
     train, val = split(stream, 0.1, seed=0)

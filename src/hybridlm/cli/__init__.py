@@ -1,6 +1,6 @@
 """The ``hybridlm`` command line: parse arguments, call the library, print results. One module per
-group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``checkpoints``:
-inspect, convert); this one builds the parser and turns errors into exit statuses.
+group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``evaluate``: eval;
+``checkpoints``: inspect, convert); this one builds the parser and turns errors into exit statuses.
 
 Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
 disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
@@ -29,11 +29,12 @@ from ..pattern import symbols
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .checkpoints import add_convert, add_inspect
+    from .evaluate import add_eval
     from .generate import add_generate
     from .model import add_pattern, add_plan
     from .train import add_prepare, add_train
 
-    return [add_train, add_generate, add_prepare, add_pattern, add_plan, add_inspect, add_convert]
+    return [add_train, add_generate, add_eval, add_prepare, add_pattern, add_plan, add_inspect, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,41 @@ def model_folder(path: str | Path, flag: str) -> Path:
             "checkpoint as it is)"
         )
     return path
+
+
+def model_tokenizer(path: Path, config, spec: str | None, eos_token: str):
+    """The tokenizer to read model folder ``path`` (its ``config``) with, and how errors name it: ``--tokenizer spec``
+    ('byte' or a tokenizer.json), or where ``spec`` is None the folder's own; ``--eos-token`` replaces the saved
+    end-of-document token. UsageError for a tokenizer with ids past the model's vocabulary: the model was not
+    trained with it."""
+    from ..errors import UsageError
+    from ..train.tokenizer import build_tokenizer, load_tokenizer
+
+    tokenizer = (
+        build_tokenizer(spec, key="--tokenizer", eos_token=eos_token, eos_key="--eos-token")
+        if spec is not None  # ("" is refused by name, not taken for "the checkpoint's")
+        else load_tokenizer(path, "--tokenizer", eos_token)
+    )
+    name = f"--tokenizer {spec}" if spec else f"the tokenizer in {path}"
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UsageError(
+            f"{name} has {tokenizer.vocab_size} token ids (end of text {tokenizer.eos_id}), more than the model's "
+            f"vocabulary of {config.vocab_size}: the model was not trained with this tokenizer"
+        )
+    return tokenizer, name
+
+
+def progress_flags(ap: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress; neither: a bar only on a terminal (not in a log file)."""
+    bar = ap.add_mutually_exclusive_group()
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show a progress bar (default: only on a terminal)",
+    )
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
 
 
 def device_option(flag: str, value: str):

@@ -304,8 +304,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..errors import DataError, NonFiniteLogitsError, UsageError
     from ..infer.generate import generate
     from ..train.threads import cpu_threads
-    from ..train.tokenizer import build_tokenizer, load_tokenizer
-    from . import model_folder
+    from . import model_folder, model_tokenizer
 
     given = _read_prompts(args)
     prompts = [text for text, _ in given]
@@ -315,17 +314,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     config = read_config(path)  # the checks below, before the weights are read
     if args.speculative and not config.parsed.mtp_depths:
         raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
-    tokenizer = (
-        build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
-        if args.tokenizer is not None  # ("" is refused by name, not taken for "the checkpoint's")
-        else load_tokenizer(path, "--tokenizer", args.eos_token)
-    )
-    if tokenizer.vocab_size > config.vocab_size:
-        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer in {path}"
-        raise UsageError(
-            f"{source} has {tokenizer.vocab_size} token ids (end of text {tokenizer.eos_id}), more than the model's "
-            f"vocabulary of {config.vocab_size}: the model was not trained with this tokenizer"
-        )
+    tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     special = tokenizer.special_tokens()
     encoded = []
     for text, where in given:  # all of them before the model loads: a prompt it cannot tokenize, named

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from . import progress_flags
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -103,21 +105,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from its latest checkpoint (its config.toml, or --config's run file, "
         "which then replaces it; plus --set)",
     )
-    _add_progress_flags(ap)
+    progress_flags(ap)
     ap.set_defaults(func=_cmd_train)
-
-
-def _add_progress_flags(ap: argparse.ArgumentParser) -> None:
-    """--progress / --no-progress; neither: a bar only on a terminal (not in a log file)."""
-    bar = ap.add_mutually_exclusive_group()
-    bar.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="always show a progress bar (default: only on a terminal)",
-    )
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -155,5 +144,5 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         metavar="TOKEN",
         help="the tokenizer.json's end-of-document token (default: auto, the first of the usual names it holds)",
     )
-    _add_progress_flags(ap)
+    progress_flags(ap)
     ap.set_defaults(func=_cmd_prepare)

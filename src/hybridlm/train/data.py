@@ -456,8 +456,11 @@ def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStr
 class PackedRows:
     """Fixed-length rows cut from a stream, with labels and document ids."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, what: str = "the corpus", fix: str = "") -> None:
-        """``what`` names the stream in errors (e.g. "the validation split"), ``fix`` says what else helps."""
+    def __init__(
+        self, stream: TokenStream, seq_len: int, what: str = "the corpus", fix: str = "", key: str = "data.seq_len"
+    ) -> None:
+        """``what`` names the stream in errors (e.g. "the validation split"), ``fix`` says what else helps, ``key``
+        names the row length's setting (``hybridlm eval``'s is ``--seq-len``)."""
         self.stream = stream
         self.seq_len = seq_len
         self.num_rows = (stream.num_tokens - 1) // seq_len
@@ -467,14 +470,25 @@ class PackedRows:
             )
         if self.num_rows < 1:
             raise DataError(
-                f"data.seq_len: {what} ({stream.num_tokens} tokens in {stream.num_docs} document(s)) is shorter "
-                f"than one row of {seq_len + 1} tokens; shorten data.seq_len{fix}"
+                f"{key}: {what} ({stream.num_tokens} tokens in {stream.num_docs} document(s)) is shorter "
+                f"than one row of {seq_len + 1} tokens; shorten {key}{fix}"
             )
 
     def rows(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows ``index`` as input_ids, labels and doc_ids, each (len(index), seq_len) int64."""
-        L = self.seq_len
-        pos = (np.asarray(index, dtype=np.int64)[:, None] * L) + np.arange(L + 1)[None, :]
+        return self._cut(np.asarray(index, dtype=np.int64) * self.seq_len, self.seq_len)
+
+    def tail(self) -> dict[str, torch.Tensor] | None:
+        """The tokens after the last whole row as one shorter row, (1, T) each with T = (num_tokens - 1) % seq_len,
+        so that the rows and the tail hold every token of the stream but the first exactly once as a label (-100
+        where it starts a document); None when T = 0. Training never reads it (its rows have one length); a
+        whole-corpus evaluation does."""
+        length = self.stream.num_tokens - 1 - self.num_rows * self.seq_len
+        return self._cut(np.array([self.num_rows * self.seq_len], dtype=np.int64), length) if length else None
+
+    def _cut(self, starts: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+        """Rows of ``length`` inputs from stream positions ``starts`` (R,): each reads ``length + 1`` tokens."""
+        pos = starts[:, None] + np.arange(length + 1)[None, :]
         docs = np.searchsorted(self.stream.doc_starts, pos, side="right") - 1
         tokens = np.asarray(self.stream.take(pos, docs), dtype=np.int64)
         labels = tokens[:, 1:].copy()

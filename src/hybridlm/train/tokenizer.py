@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
 
     def special_tokens(self) -> dict[str, int]: ...
 
+    def token_bytes(self) -> list[int] | None: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, and 256 as end of document."""
@@ -53,6 +55,10 @@ class ByteTokenizer:
     def special_tokens(self) -> dict[str, int]:
         """Special tokens (text -> id): none with a text (the end of document, 256, has none)."""
         return {}
+
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 bytes each id stands for: 1 for a byte, 0 for the end of document (bits per byte need them)."""
+        return [1] * 256 + [0]
 
     def hf_files(self) -> dict[str, str]:
         """The same tokenizer as Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``), for an
@@ -149,6 +155,11 @@ class HFTokenizer:
     def special_tokens(self) -> dict[str, int]:
         """The tokens marked special (text -> id), which :meth:`decode` leaves out of the text."""
         return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def token_bytes(self) -> None:
+        """None: a token's bytes are not fixed (a byte-fallback piece is part of a character, a leading space
+        may be dropped or added by the decoder), so no exact byte count comes from the ids alone."""
+        return None
 
     def files(self) -> dict[str, str | bytes]:
         spec = {"type": "hf", "file": "tokenizer.json", "vocab_size": self.vocab_size, "eos_id": self.eos_id}

@@ -61,6 +61,7 @@ from .data import (
     source_path,
     split,
 )
+from .evaluation import loss_sums
 from .expert_load import moe_layer_keys
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
@@ -784,11 +785,7 @@ class Trainer:
                     part = self._to_device(part)
                     self._mark_graph_step()
                     with self._autocast():
-                        out = self.model(
-                            part["input_ids"], part["labels"], doc_ids=part["doc_ids"], return_logits=False
-                        )
-                    n = (part["labels"] != -100).sum().item()
-                    s = out.lm_loss.item() * n if n else 0.0  # a part of padding only: its mean loss is 0 / 0
+                        s, n = loss_sums(self.model, part)[:, 0].tolist()  # the main head's
                 loss_sum, count = loss_sum + s, count + n
         finally:
             # Also when it raises (Ctrl-C in a notebook): a model left in eval mode trained on in it, and the

@@ -1,0 +1,196 @@
+"""``hybridlm eval``: a checkpoint's next-token loss and perplexity on a corpus, without training.
+
+The corpus is read and packed as training reads it (:func:`~hybridlm.train.data.load_corpus`,
+:class:`~hybridlm.train.data.PackedRows`), the checkpoint loaded and its tokenizer chosen as ``generate`` does, and
+the loss summed by :func:`~hybridlm.train.evaluation.evaluate_corpus`, which the trainer's validation shares."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..train.config import DataConfig
+
+#: ``--batch-size``'s default: rows per forward (evaluation keeps no activations for a backward).
+DEFAULT_BATCH_SIZE = 16
+
+
+def _batches(value: str) -> int | None:
+    """``--batches``: a positive count, or ``all`` (None)."""
+    from ..errors import UsageError
+
+    if value == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(f"--batches must be a positive count or 'all', got {value!r}")
+    return count
+
+
+def _check_args(args: argparse.Namespace):
+    """Refuse bad options by their flags before anything is read: (batches, device, dtype or None for the
+    checkpoint's own)."""
+    from ..errors import UsageError
+    from ..model import float_dtype
+    from ..ops.dispatch import check_device
+    from . import device_option
+
+    for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    batches = _batches(args.batches)
+    dtype = None
+    if args.dtype != "auto":
+        try:
+            dtype = float_dtype(args.dtype, "--dtype")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    device = device_option("--device", args.device)
+    check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
+    return batches, device, dtype
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..checkpoint.weights import load, read_config
+    from ..train.data import PackedRows, load_corpus
+    from ..train.evaluation import evaluate_corpus
+    from . import model_folder, model_tokenizer
+
+    batches, device, dtype = _check_args(args)
+    path = model_folder(args.checkpoint, "checkpoint")
+    config = read_config(path)  # the tokenizer's check, before the corpus and the weights are read
+    tokenizer, name = model_tokenizer(path, config, args.tokenizer, args.eos_token)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress  # (tqdm writes to stderr)
+    stream = load_corpus(
+        args.data, tokenizer, args.jsonl_field, progress, key="--data", tokenizer_keys=(name, "--eos-token")
+    )
+    rows = PackedRows(stream, args.seq_len, f"--data {args.data}", key="--seq-len")
+    model = load(path, dtype=dtype, device=device)
+    result = evaluate_corpus(model, rows, args.batch_size, batches, tokenizer.token_bytes(), progress)
+    report = _report(args, path, result, stream, model)
+    print(json.dumps(report, indent=2) if args.json else _table(report))
+    return 0
+
+
+def _report(args: argparse.Namespace, path, result, stream, model) -> dict:
+    """The ``--json`` object (what the table shows too); a non-finite number is null (JSON has none)."""
+    import math
+
+    from ..train.evaluation import perplexity
+
+    def number(x: float | None) -> float | None:
+        return x if x is not None and math.isfinite(x) else None
+
+    losses = result.losses()
+    return {
+        "checkpoint": str(path),  # the model folder read (a run's model/)
+        "data": args.data,
+        "corpus_tokens": stream.num_tokens,
+        "corpus_documents": stream.num_docs,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "rows": result.rows,
+        "whole_corpus": result.whole,
+        "tokens": result.tokens[0],
+        "loss": number(losses[0]),
+        "perplexity": number(perplexity(losses[0])),
+        "bytes": result.bytes,
+        "bits_per_byte": number(result.bits_per_byte),
+        "mtp": [
+            {"depth": d, "tokens": n, "loss": number(loss), "perplexity": number(perplexity(loss))}
+            for d, (n, loss) in enumerate(zip(result.tokens[1:], losses[1:]), start=1)
+        ],
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+    }
+
+
+def _table(r: dict) -> str:
+    """The report as aligned lines for a person."""
+
+    def shown(x: float | None, digits: int) -> str:
+        return "not finite" if x is None else f"{x:.{digits}f}"
+
+    scope = "every row and the tail" if r["whole_corpus"] else "rows spread evenly, --batches"
+    lines = [
+        ("checkpoint", r["checkpoint"]),
+        ("data", f"{r['data']} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
+        ("rows", f"{r['rows']:,} of {r['seq_len']} tokens, {r['batch_size']} per forward; {scope}"),
+        ("tokens", f"{r['tokens']:,}"),
+        ("loss", f"{shown(r['loss'], 4)} nats/token"),
+        ("perplexity", shown(r["perplexity"], 3)),
+    ]
+    if r["bits_per_byte"] is not None:
+        lines.append(("bits/byte", f"{shown(r['bits_per_byte'], 4)} ({r['bytes']:,} bytes)"))
+    for m in r["mtp"]:
+        lines.append(
+            (
+                f"MTP depth {m['depth']}",
+                f"loss {shown(m['loss'], 4)} nats/token, perplexity {shown(m['perplexity'], 3)} "
+                f"({m['tokens']:,} tokens)",
+            )
+        )
+    lines.append(("model", f"{r['dtype']} on {r['device']}"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    from . import progress_flags
+
+    ap = sub.add_parser(
+        "eval",
+        help="a checkpoint's loss and perplexity on a corpus (no training)",
+        description="Measure a checkpoint on held-out text: the mean next-token loss (nats/token) of its main head, "
+        "the perplexity, bits per byte where the tokenizer's ids are bytes, and each MTP depth's loss. The corpus "
+        "is read and packed as training reads it: documents end with the end-of-document token, rows of --seq-len "
+        "tokens, no label crosses a document. By default every row is evaluated and the tokens after the last "
+        "whole row as one shorter row, so every token but the first is scored exactly once (unless it starts a document); losses are summed "
+        "over tokens, so a short last batch counts as much per token as any. CHECKPOINT is a model directory "
+        "(hybridlm.save, hybridlm convert --from) or a training run directory (its model/).",
+    )
+    ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
+    ap.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="what data.source takes: a .txt/.jsonl/.ndjson file or a folder of them, a folder written by "
+        "hybridlm prepare, or builtin:pydoc",
+    )
+    ap.add_argument(
+        "--seq-len", type=int, default=DataConfig.seq_len, help=f"tokens per row (default: {DataConfig.seq_len})"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"rows per forward (default: {DEFAULT_BATCH_SIZE})"
+    )
+    ap.add_argument(
+        "--batches",
+        default="all",
+        metavar="K",
+        help="evaluate K batches of rows spread evenly over the corpus (as training's validation picks them), "
+        "or all: every row and the tail (default: all)",
+    )
+    ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    ap.add_argument(
+        "--eos-token",
+        default="auto",
+        metavar="TOKEN",
+        help="the tokenizer's end-of-document token (default: auto, the id the checkpoint saved, else the first "
+        "of the usual names it holds)",
+    )
+    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
+    ap.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N (default: auto)"
+    )
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="parameter dtype: float32, bfloat16, float16 or float64 (default: auto, the checkpoint's)",
+    )
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    progress_flags(ap)
+    ap.set_defaults(func=_cmd_eval)

@@ -1,0 +1,216 @@
+"""`hybridlm eval`: the loss it prints is the model's forward on the corpus's packed rows, every token once."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hybridlm
+from hybridlm import HybridLM
+from hybridlm.cli import main
+from hybridlm.train.data import eval_rows
+from hybridlm.train.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
+
+DOCS = ["The with statement.", "", "Assignment statements bind names to objects.", "x = 1\n", "A longer text " * 5]
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A float32 byte-tokenized model with one MTP depth."""
+    path = tmp_path_factory.mktemp("ck") / "model"
+    return hybridlm.save(
+        HybridLM(tiny_config("M[*-]/[*-]", vocab_size=257), seed=0), path, extra_files=ByteTokenizer().files()
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    return path
+
+
+def run(capsys, *argv):
+    bar = () if "--progress" in argv else ("--no-progress",)
+    code = main(["eval", *map(str, argv), "--device", "cpu", *bar])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def evaluated(capsys, *argv) -> dict:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def stream():
+    """The corpus's token ids and each one's document, built here from the documents themselves."""
+    tokens = [t for d in DOCS for t in [*d.encode(), ByteTokenizer.eos_id]]
+    docs = [i for i, d in enumerate(DOCS) for _ in range(len(d.encode()) + 1)]
+    return np.array(tokens), np.array(docs)
+
+
+@torch.no_grad()
+def direct(model, starts, length):
+    """Summed nats and labels of the main head and the MTP depth over rows starting at stream positions
+    ``starts``, each ``length`` inputs long (shorter where the stream ends), from the forward's logits."""
+    tokens, docs = stream()
+    sums, counts = [0.0, 0.0], [0, 0]
+    for s in starts:
+        end = min(s + length, len(tokens) - 1)
+        out = model(torch.from_numpy(tokens[s:end])[None], doc_ids=torch.from_numpy(docs[s:end])[None])
+        for head, logits in enumerate([out.logits, *out.mtp_logits]):
+            logp = F.log_softmax(logits[0].double(), dim=-1)
+            for t in range(end - s - head):  # depth d predicts the token d + 1 places on, inside the row
+                p = s + t
+                if docs[p + 1 + head] == docs[p]:  # no label crosses into another document
+                    sums[head] -= float(logp[t, tokens[p + 1 + head]])
+                    counts[head] += 1
+    return sums, counts
+
+
+def test_loss_is_the_forward_on_every_row_and_the_tail_each_token_once(checkpoint, corpus, capsys):
+    """Batches of 3 rows leave a short last batch, and the tail row is shorter than --seq-len: summed per token,
+    the loss is the float64 forward's on the same rows, and each token but the first is scored once (those that
+    start a document are no label)."""
+    r = evaluated(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN, "--batch-size", 3, "--dtype", "float64")
+    tokens, _ = stream()
+    n = len(tokens)
+    assert (n - 1) % SEQ_LEN and ((n - 1) // SEQ_LEN) % 3  # (the cases the test is about)
+    model = hybridlm.load(checkpoint, dtype=torch.float64)
+    sums, counts = direct(model, range(0, n - 1, SEQ_LEN), SEQ_LEN)
+    assert r["tokens"] == counts[0] == n - len(DOCS)
+    assert r["rows"] == -(-(n - 1) // SEQ_LEN) and r["whole_corpus"] is True
+    assert r["loss"] == pytest.approx(sums[0] / counts[0], rel=1e-12)
+    assert r["perplexity"] == pytest.approx(math.exp(sums[0] / counts[0]), rel=1e-12)
+    assert r["mtp"][0]["tokens"] == counts[1]
+    assert r["mtp"][0]["loss"] == pytest.approx(sums[1] / counts[1], rel=1e-12)
+    # A document's first byte is no label (nothing crosses a boundary), and its end is no byte.
+    labelled_bytes = sum(len(d.encode()) - 1 for d in DOCS if d)
+    assert r["bytes"] == labelled_bytes
+    assert r["bits_per_byte"] == pytest.approx(sums[0] / math.log(2) / labelled_bytes, rel=1e-12)
+    assert (r["dtype"], r["device"]) == ("float64", "cpu")
+
+
+def test_batches_take_evenly_spaced_rows_and_leave_the_tail(checkpoint, corpus, capsys):
+    r = evaluated(
+        capsys,
+        checkpoint,
+        "--data",
+        corpus,
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        2,
+        "--batches",
+        2,
+        "--dtype",
+        "float64",
+    )
+    tokens, _ = stream()
+    picked = eval_rows((len(tokens) - 1) // SEQ_LEN, 4) * SEQ_LEN  # the trainer's choice of validation rows
+    sums, counts = direct(hybridlm.load(checkpoint, dtype=torch.float64), picked, SEQ_LEN)
+    assert (r["rows"], r["whole_corpus"], r["tokens"]) == (4, False, counts[0])
+    assert r["loss"] == pytest.approx(sums[0] / counts[0], rel=1e-12)
+
+
+def test_json_keys_and_the_table(checkpoint, corpus, capsys):
+    r = evaluated(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN)
+    assert list(r) == [
+        "checkpoint",
+        "data",
+        "corpus_tokens",
+        "corpus_documents",
+        "seq_len",
+        "batch_size",
+        "rows",
+        "whole_corpus",
+        "tokens",
+        "loss",
+        "perplexity",
+        "bytes",
+        "bits_per_byte",
+        "mtp",
+        "dtype",
+        "device",
+    ]
+    assert list(r["mtp"][0]) == ["depth", "tokens", "loss", "perplexity"] and r["dtype"] == "float32"
+    code, out, err = run(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN)
+    assert code == 0 and err == ""  # no bar off a terminal
+    lines = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("MTP"))
+    assert lines["loss"] == f"{r['loss']:.4f} nats/token" and lines["perplexity"] == f"{r['perplexity']:.3f}"
+    assert lines["tokens"] == f"{r['tokens']:,}" and lines["bits/byte"].startswith(f"{r['bits_per_byte']:.4f}")
+    assert f"MTP depth 1  loss {r['mtp'][0]['loss']:.4f} nats/token" in out
+    code, again, err = run(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN, "--progress")
+    assert code == 0 and again == out and "evaluating: 100%|" in err and "2/2" in err  # 8 rows in one batch, the tail
+
+
+def test_a_prepared_corpus_evaluates_as_its_source(checkpoint, corpus, tmp_path, capsys):
+    assert main(["prepare", str(corpus), str(tmp_path / "tokens"), "--no-progress"]) == 0
+    capsys.readouterr()
+    want = evaluated(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN)
+    got = evaluated(capsys, checkpoint, "--data", tmp_path / "tokens", "--seq-len", SEQ_LEN)
+    assert {k: v for k, v in got.items() if k != "data"} == {k: v for k, v in want.items() if k != "data"}
+
+
+def test_a_run_directory_and_a_converted_hugging_face_folder_evaluate_alike(corpus, tmp_path, capsys):
+    """As generate reads them: a run's exported model/, and a folder converted from NemotronH."""
+    config = tiny_config("M-*-", vocab_size=257).replace(position_embedding="none")
+    model = hybridlm.save(HybridLM(config, seed=1), tmp_path / "model", extra_files=ByteTokenizer().files())
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(model, tmp_path / "run" / "model")
+    for argv in (["--to", "nemotron-h"], ["--from", "nemotron-h"]):
+        src, dst = (model, tmp_path / "hf") if argv[0] == "--to" else (tmp_path / "hf", tmp_path / "back")
+        assert main(["convert", str(src), str(dst), *argv]) == 0
+    capsys.readouterr()
+    want = evaluated(capsys, model, "--data", corpus, "--seq-len", SEQ_LEN)
+    for path, read in ((tmp_path / "run", tmp_path / "run" / "model"), (tmp_path / "back", tmp_path / "back")):
+        got = evaluated(capsys, path, "--data", corpus, "--seq-len", SEQ_LEN)
+        assert (got["checkpoint"], got["tokens"], got["loss"]) == (str(read), want["tokens"], want["loss"]), path
+
+
+def test_a_training_state_is_refused_as_generate_refuses_it(checkpoint, corpus, tmp_path, capsys):
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    state = save_training_state(tmp_path / "run" / "checkpoints" / "step-000001", hybridlm.load(checkpoint), step=1)
+    assert main(["generate", str(state), "--prompt", "x"]) == 2
+    refused = capsys.readouterr().err
+    code, _, err = run(capsys, state, "--data", corpus)
+    assert code == 2 and err == refused and "a training-state checkpoint of the run" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{d}/missing", "--data", "{corpus}"], "error: {d}/missing: "),
+        (["{ck}", "--data", "{corpus}", "--seq-len", "1000"], "error: --seq-len: --data {corpus} ("),
+        (
+            ["{d}/small", "--data", "{corpus}", "--tokenizer", "byte"],
+            "error: --tokenizer byte has 257 token ids (end of text 256), more than the model's vocabulary of 200: "
+            "the model was not trained with this tokenizer",
+        ),
+        (["{ck}", "--data", "{d}/nothing.txt"], "error: --data: {d}/nothing.txt does not exist"),
+        (
+            ["{ck}", "--data", "{corpus}", "--batches", "0"],
+            "error: --batches must be a positive count or 'all', got '0'",
+        ),
+        (
+            ["{ck}", "--data", "{corpus}", "--batches", "x"],
+            "error: --batches must be a positive count or 'all', got 'x'",
+        ),
+        (["{ck}", "--data", "{corpus}", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        (["{ck}", "--data", "{corpus}", "--seq-len", "0"], "error: --seq-len must be >= 1, got 0"),
+        (["{ck}", "--data", "{corpus}", "--dtype", "int8"], "error: --dtype must be a floating torch.dtype"),
+    ],
+)
+def test_errors_name_their_flag(checkpoint, corpus, tmp_path, capsys, argv, message):
+    hybridlm.save(HybridLM(tiny_config("M-", vocab_size=200), seed=0), tmp_path / "small")  # no tokenizer of its own
+    code, out, err = run(capsys, *(a.format(d=tmp_path, ck=checkpoint, corpus=corpus) for a in argv))
+    assert code == 2 and out == ""
+    assert err.startswith(message.format(d=tmp_path, corpus=corpus)), err

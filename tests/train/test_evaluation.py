@@ -1,0 +1,52 @@
+"""Loss sums over packed rows: any batch size, a short last batch and a shorter tail add up to one corpus loss."""
+
+import numpy as np
+import pytest
+import torch
+
+from hybridlm import HybridLM
+from hybridlm.train.data import PackedRows, TokenStream
+from hybridlm.train.evaluation import evaluate_corpus, loss_sums
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HybridLM(tiny_config("M[*-]/[*-]", vocab_size=64), seed=0, dtype=torch.float64)
+
+
+def _rows(seq_len: int) -> PackedRows:
+    rng = np.random.default_rng(0)
+    lengths = [9, 1, 23, 5, 14, 30]  # a document of its end token alone, too
+    tokens = np.concatenate([np.append(rng.integers(0, 63, n - 1), 63) for n in lengths])
+    return PackedRows(TokenStream(tokens, np.concatenate([[0], np.cumsum(lengths)])), seq_len)
+
+
+def test_loss_sums_are_the_models_means_times_their_labels(model):
+    batch = _rows(8).rows(np.arange(4))
+    out = model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"])
+    sums = loss_sums(model, batch)
+    assert sums.shape == (2, 2) and sums.dtype == torch.float64
+    assert sums[1, 0] == (batch["labels"] != -100).sum()
+    torch.testing.assert_close(sums[0] / sums[1], torch.stack([out.lm_loss, *out.mtp_losses]))
+
+
+def test_any_batch_size_gives_the_same_loss_and_counts(model):
+    """One row per forward, or 3 (a short last batch of 2), or all at once: sums per token, not means per batch,
+    so the loss does not depend on the split."""
+    rows = _rows(10)  # 82 tokens: 8 rows and a tail of 1
+    assert rows.num_rows == 8 and rows.tail()["labels"].shape == (1, 1)
+    results = [evaluate_corpus(model, rows, b) for b in (1, 3, 8)]
+    for r in results:
+        assert (r.rows, r.whole, r.tokens[0]) == (9, True, 82 - 6)
+        assert r.tokens == results[0].tokens
+        assert r.losses() == pytest.approx(results[0].losses(), rel=1e-12)
+    assert results[0].bytes is None and model.training  # its mode given back
+
+
+def test_batches_limit_the_rows_and_count_bytes_where_ids_are_bytes(model):
+    rows = _rows(10)
+    r = evaluate_corpus(model, rows, 2, batches=2, token_bytes=[1] * 63 + [0])
+    labels = rows.rows(np.array([0, 2, 5, 7]))["labels"]  # eval_rows(8, 4): evenly spaced, no tail
+    assert (r.rows, r.whole, r.tokens[0]) == (4, False, int((labels != -100).sum()))
+    assert r.bytes == int(((labels != -100) & (labels != 63)).sum())
