@@ -183,9 +183,10 @@ class _FakeTrainer:
     made: ClassVar[list] = []
     summary: ClassVar[dict] = {}
 
-    def __init__(self, run, run_dir=None, resume=False, progress=None, data_named=False):
+    def __init__(self, run, run_dir=None, resume=False, progress=None, data_named=False, tokenizer_named=False):
         self.is_main = True
-        _FakeTrainer.made.append(dict(run=run, run_dir=run_dir, resume=resume, data_named=data_named))
+        made = dict(run=run, run_dir=run_dir, resume=resume, data_named=data_named, tokenizer_named=tokenizer_named)
+        _FakeTrainer.made.append(made)
 
     def run_loop(self):
         return dict(_FakeTrainer.summary)
@@ -244,14 +245,17 @@ def test_train_names_the_model_and_its_loss_curve(fake_trainer, capsys, tmp_path
 
 
 def test_train_builds_the_run_from_config_and_set(fake_trainer, tmp_path):
-    """--set overrides the run file; only an override of data.source names the data (a resume may change it)."""
+    """--set overrides the run file; only an override of data.source names the data (a resume may change it), and
+    only one of data.tokenizer or data.eos_token its tokenizer."""
     (tmp_path / "run.toml").write_text("[train]\nsteps = 7\n")
     argv = ["train", "--config", str(tmp_path / "run.toml"), "--set", "train.batch_size=4", "--set", "data.seq_len=32"]
     assert main(argv) == 0
     assert main([*argv, "--set", " data . source =builtin:pydoc"]) == 0
-    first, second = fake_trainer.made
+    assert main([*argv, "--set", "data.eos_token=auto"]) == 0
+    first, second, third = fake_trainer.made
     assert (first["run"].train.steps, first["run"].train.batch_size, first["run"].data.seq_len) == (7, 4, 32)
-    assert (first["data_named"], second["data_named"]) == (False, True)
+    assert (first["data_named"], second["data_named"], third["data_named"]) == (False, True, False)
+    assert (first["tokenizer_named"], second["tokenizer_named"], third["tokenizer_named"]) == (False, False, True)
     assert (first["resume"], first["run_dir"]) == (False, None)
 
 
@@ -285,6 +289,21 @@ def test_prepare_reads_jsonl_text_fields_by_default(tmp_path, capsys):
     (tmp_path / "c.jsonl").write_text('{"text": "ab"}\n{"text": "c", "body": "zzzz"}\n')
     assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out == f"wrote 5 tokens of 2 documents to {tmp_path / 'out'}\n"
+
+
+def test_prepare_reads_a_tilde_in_its_output_folder_as_the_home_folder_as_in_its_source(tmp_path, capsys, monkeypatch):
+    """``prepare '~/c.jsonl' '~/tokens'`` (quoted, or from a script) read the home folder's corpus but wrote
+    ``./~/tokens``, which ``--set data.source='~/tokens'`` (a run file's path, read with ~ as home) did not find."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    (tmp_path / "home" / "c.jsonl").write_text('{"text": "ab"}\n')
+    assert main(["prepare", "~/c.jsonl", "~/tokens"]) == 0
+    assert capsys.readouterr().out == f"wrote 3 tokens of 1 document to {tmp_path / 'home' / 'tokens'}\n"
+    assert list((tmp_path / "work").iterdir()) == []
+    assert main(["prepare", "~/tokens", "~"]) == 2  # the source is inside OUT (its home, ~ read as such)
+    assert f"{tmp_path / 'home'}: is the source {tmp_path / 'home' / 'tokens'} or holds it" in capsys.readouterr().err
 
 
 def test_prepare_refuses_a_folder_it_may_not_replace_before_tokenizing(tmp_path, capsys):

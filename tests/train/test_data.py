@@ -1,8 +1,14 @@
 """Tokenizers, corpora, packing with document boundaries, the stateless sampler, prepared token files."""
 
+import bz2
+import gzip
+import io
 import json
+import lzma
 import os
 import re
+import socket
+import zipfile
 
 import numpy as np
 import pytest
@@ -394,6 +400,16 @@ def test_a_jsonl_line_without_the_field_says_what_it_holds_in_json_terms_and_sho
         load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer())
     assert str(e.value).endswith(f"a.jsonl:1: not a JSON object with a 'text' field ({has})")
     assert len(str(e.value)) < 200 + len(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "value, held", [("null", "null"), ("5", "a number"), ('["a", "b"]', "an array"), ('{"a": 1}', "an object")]
+)
+def test_a_jsonl_field_that_is_not_a_string_says_what_it_holds(tmp_path, value, held):
+    """A record whose text is null (a dump with missing texts) or an array of strings said only "is not a string"."""
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": ' + value + "}\n")
+    with pytest.raises(DataError, match=rf"a\.jsonl:2: field 'text' is not a string but {held}$"):
+        load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer())
 
 
 def test_a_jsonl_line_nested_too_deep_is_named(tmp_path):
@@ -815,6 +831,39 @@ def test_a_text_file_that_is_not_utf8_names_its_line_and_column(tmp_path):
         list(text_documents(str(tmp_path / "a.txt")))
 
 
+def _zipped(text: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("corpus.jsonl", text)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "pack", "what"),
+    [
+        ("corpus.jsonl.gz", gzip.compress, "gzip-compressed"),
+        ("corpus.txt.bz2", bz2.compress, "bzip2-compressed"),
+        ("corpus.jsonl.xz", lzma.compress, "xz-compressed"),
+        ("corpus.jsonl.zst", lambda text: b"(\xb5/\xfd\x04\x58" + text, "zstd-compressed"),  # (a frame's header)
+        ("corpus.zip", _zipped, "a zip archive"),
+        ("corpus.parquet", lambda text: b"PAR1\x15\x04\x15\x80" + text + b"\xff\x00PAR1", "a Parquet file"),
+        ("corpus.txt", lambda text: text.decode().encode("utf-16"), "UTF-16 text"),  # (Notepad's "Unicode")
+        ("corpus.jsonl", lambda text: text.decode().encode("utf-16"), "UTF-16 text"),  # (PowerShell 5's >)
+        ("corpus.jsonl", gzip.compress, "gzip-compressed"),
+    ],
+)
+def test_a_compressed_or_binary_source_is_named_as_such(tmp_path, name, pack, what):
+    """A ``corpus.jsonl.gz`` named as the source was read as text: "corpus.jsonl.gz:1: not UTF-8 (byte 0x8b at column
+    2)", as if the text held a bad byte, not saying that compressed files are not read or what to do; so were UTF-16
+    files (Windows writes them), and compressed files under a text file's name."""
+    (tmp_path / name).write_bytes(pack(b'{"text": "hello"}\n' * 50))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))}: {what}, not UTF-8 text; .* first"):
+        load_corpus(str(tmp_path / name), ByteTokenizer())
+    (tmp_path / "PAR1.txt").write_bytes(b"PAR1 is a name\n\xff")  # a text with a bad byte: named by line and column
+    with pytest.raises(DataError, match=r"PAR1\.txt:2: not UTF-8 \(byte 0xff at column 1\)"):
+        load_corpus(str(tmp_path / "PAR1.txt"), ByteTokenizer())
+
+
 def test_a_source_without_documents_is_named_by_its_path(tmp_path):
     """A JSON Lines file of blank lines alone was refused as "the corpus has no documents", naming no file."""
     (tmp_path / "blank.jsonl").write_text("\n  \n")
@@ -1040,16 +1089,46 @@ def test_a_fifo_in_a_prepared_corpus_is_refused_not_waited_on(tmp_path, name):
 @pytest.mark.parametrize("name", ["corpus.txt", "corpus.jsonl", "corpus"])
 def test_a_fifo_as_the_source_is_refused_not_waited_on(tmp_path, name):
     """``data.source`` naming a FIFO (``<(zcat corpus.txt.gz)``, a pipe left by a tool) blocked the run forever in
-    its read; a FIFO inside a folder of text is passed over (its name ends in .txt, but it is no file)."""
+    its read."""
     os.mkfifo(tmp_path / name)
     with (
         fifos_never_read(tmp_path / name),  # (a read would hang the suite, not fail the test)
         pytest.raises(DataError, match=rf"^data\.source: {re.escape(str(tmp_path / name))}: not a regular file$"),
     ):
         load_corpus(str(tmp_path / name), ByteTokenizer())
-    (tmp_path / "kept.txt").write_text("kept")
-    with fifos_never_read(tmp_path / name):
-        assert list(text_documents(str(tmp_path))) == ["kept"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "link to a fifo"])
+@pytest.mark.parametrize("name", ["shard.txt", "sub/shard.JSONL"])
+def test_a_pipe_or_socket_named_like_a_document_in_a_text_folder_is_refused_by_name(tmp_path, monkeypatch, name, kind):
+    """A FIFO or socket named ``*.txt`` / ``*.jsonl`` inside a folder of text was passed over without a word: a
+    document the user placed went missing (``data.source`` naming one itself is refused). Other names are not read,
+    and stay passed over."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "kept.txt").write_text("kept")
+    special = corpus / name
+    target = tmp_path / "pipe" if kind == "link to a fifo" else special
+    if kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        monkeypatch.chdir(special.parent)  # a socket's path is at most 107 bytes: bound by its name alone
+        sock.bind(special.name)
+    else:
+        os.mkfifo(target)
+        if target != special:
+            special.symlink_to(target)
+    try:
+        with (
+            fifos_never_read(target),  # (a read would hang the suite, not fail the test)
+            pytest.raises(DataError, match=rf"^{re.escape(str(special))}: named like a document .* not a regular file"),
+        ):
+            load_corpus(str(corpus), ByteTokenizer())
+        moved = special.rename(corpus / "sub" / "shard.fifo")  # not a document's name: not read, not refused
+        with fifos_never_read(moved if target == special else target):
+            assert list(text_documents(str(corpus))) == ["kept"]
+    finally:
+        if kind == "socket":
+            sock.close()
 
 
 def test_a_docs_npy_header_claiming_more_offsets_than_it_holds_allocates_nothing(tmp_path):

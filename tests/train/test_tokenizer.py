@@ -302,3 +302,41 @@ def test_a_fifo_named_as_data_tokenizer_is_refused_not_waited_on(tmp_path):
         os.mkfifo(tmp_path / "tokenizer.json")
         with pytest.raises(DataError, match=r"data\.tokenizer: .*tokenizer\.json: not a regular file"):
             build_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_the_fingerprint_tells_tokenizers_apart_but_not_their_files_spacing(tmp_path):
+    """What a checkpoint records of its tokenizer: the same vocabulary saved pretty or compact is one tokenizer; other
+    ids, another end of document, or the byte tokenizer, another."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from hybridlm.train.tokenizer import tokenizer_fingerprint
+
+    def save(vocab, name, pretty):
+        tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok.save(str(tmp_path / name), pretty=pretty)
+        return str(tmp_path / name)
+
+    vocab = {"<|endoftext|>": 0, "</s>": 1, "a": 2, "b": 3}
+    pretty, compact = save(vocab, "pretty.json", True), save(vocab, "compact.json", False)
+    swapped = save({**vocab, "a": 3, "b": 2}, "swapped.json", True)
+    assert (tmp_path / "pretty.json").read_bytes() != (tmp_path / "compact.json").read_bytes()
+    one = tokenizer_fingerprint(build_tokenizer(pretty))
+    assert tokenizer_fingerprint(build_tokenizer(compact)) == one
+    others = [build_tokenizer(swapped), build_tokenizer(pretty, eos_token="</s>"), ByteTokenizer()]
+    assert len({one, *map(tokenizer_fingerprint, others)}) == 4
+
+
+def test_a_tokenizer_describes_itself_by_the_file_it_loaded(tmp_path):
+    """files() read tokenizer.json again: one replaced during a run (retrained at its path for the next one) was
+    exported into the run's model/ beside weights that had never seen its ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path / "tokenizer.json"
+
+    def save(word):
+        tokenizers.Tokenizer(tokenizers.models.WordLevel({"<|endoftext|>": 0, word: 1}, unk_token=word)).save(str(path))
+        return path.read_bytes()
+
+    first = save("a")
+    loaded = build_tokenizer(str(path))
+    assert save("b") != first
+    assert loaded.files()["tokenizer.json"] == first and loaded.encode("a") == [1]

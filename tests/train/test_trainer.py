@@ -223,6 +223,35 @@ def test_resume_refuses_a_corpus_edited_in_place_unless_named(tmp_path, monkeypa
     assert main(["train", "--resume", "run", "--set", "train.steps=6", "--set", "data.source=c.jsonl"]) == 0
 
 
+def test_resume_refuses_a_tokenizer_replaced_at_its_path_unless_named(tmp_path, monkeypatch, capsys):
+    """A tokenizer.json replaced at its path (retrained at the same size: here the same words, other ids) was blamed on
+    the corpus ("data.source ... now holds other token ids"), and that error's advice, ``--set data.source=PATH``,
+    went on training the model on ids it had not learned. The same tokenizer saved with other spacing is the same."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from hybridlm.cli import main
+
+    def save(ids):
+        tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(ids, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok.save("tok.json", pretty=False)
+
+    monkeypatch.chdir(tmp_path)
+    words = [f"w{i}" for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": " ".join(words[i:] * 3)}) + "\n" for i in range(20)))
+    save({"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(words)}})
+    run = ("data.source=c.jsonl", "data.tokenizer=tok.json", "model.vocab_size=32")
+    Trainer(tiny_run(*run, "train.steps=2"), run_dir=tmp_path / "run", progress=False).run_loop()
+    (tmp_path / "tok.json").write_text(json.dumps(json.loads((tmp_path / "tok.json").read_text()), indent=4))
+    assert Trainer(tiny_run(*run, "train.steps=3"), run_dir=tmp_path / "run", resume=True, progress=False).step == 2
+    save({"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(reversed(words))}})  # as many tokens, other ids
+    for named in ([], ["--set", "data.source=c.jsonl"]):  # naming the corpus anew does not change what the model knows
+        assert main(["train", "--resume", "run", "--set", "train.steps=3", "--no-progress", *named]) == 2
+        err = capsys.readouterr().err
+        assert "data.tokenizer 'tok.json' (data.eos_token 'auto') is not the tokenizer this run was trained" in err
+        assert "--set data.tokenizer=PATH" in err
+    assert main(["train", "--resume", "run", "--set", "train.steps=3", "--set", "data.tokenizer=tok.json"]) == 0
+
+
 def test_a_resume_that_sets_another_jsonl_field_reads_it_as_named(tmp_path, monkeypatch, capsys):
     """``--set data.jsonl_field=body`` at a resume names other data as on purpose as ``data.source`` does: it was
     refused as a changed corpus, and the advice named data.source, which the user had not changed."""
@@ -730,6 +759,18 @@ def test_an_init_std_that_overflows_the_weights_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.init_std: 1e\+308 makes the initial weights overflow to inf"):
         Trainer(tiny_run("model.init_std=1e308"), run_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_validation_split_far_above_val_fraction_is_noted(tmp_path):
+    """The split holds out whole documents, at least one: data.val_fraction 0.05 of 3 documents held out a third of
+    the corpus, which only the header's token counts showed."""
+    for docs, noted in ((3, True), (60, False)):
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"{i} words " * 30}) + "\n" for i in range(docs)))
+        run = tiny_run(f"data.source={tmp_path / 'c.jsonl'}", "data.val_fraction=0.05", "train.steps=1")
+        lines = Trainer(run, run_dir=tmp_path / f"run{docs}", progress=False).describe()
+        note = "note    data.val_fraction 0.05 held out 1 of 3 documents, 33% of the tokens (the split takes whole"
+        assert any(line.startswith(note) for line in lines) == noted, lines
+        assert any("held out" in line for line in lines) == noted, lines
 
 
 def test_a_training_split_shorter_than_a_row_says_the_split_took_it(tmp_path):

@@ -50,8 +50,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         base = RunConfig.from_toml(args.config) if args.config else RunConfig()
     run = base.with_overrides(args.set) if args.set else base
-    named = any(override_key(item) in ("data.source", "data.jsonl_field") for item in args.set or ())  # what is read
-    trainer = Trainer(run, run_dir=run_dir, resume=args.resume is not None, progress=args.progress, data_named=named)
+    named = {override_key(item) for item in args.set or ()}
+    trainer = Trainer(
+        run,
+        run_dir=run_dir,
+        resume=args.resume is not None,
+        progress=args.progress,
+        data_named=bool(named & {"data.source", "data.jsonl_field"}),  # what is read
+        tokenizer_named=bool(named & {"data.tokenizer", "data.eos_token"}),  # and how
+    )
     summary = trainer.run_loop()
     ignore_stop_signals()  # the run is complete and saved: a signal from here on changes nothing
     if trainer.is_main:  # (say: a terminal gone loses the summary, not the status; the ranks still meet at close())
@@ -114,6 +121,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from ..train.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
+    # A leading ~ is the home folder, as in SOURCE (and in data.source, which then names OUT): a quoted '~/tokens'
+    # was written to a folder named ~ in the current one, where --set data.source='~/tokens' did not find it.
+    args.out = os.path.expanduser(args.out)
     prepared_destination(args.out, args.source)  # a destination it may not replace: refused before tokenizing
     flags = ("--tokenizer", "--eos-token")
     progress = sys.stderr.isatty() if args.progress is None else args.progress  # tqdm writes to stderr

@@ -17,6 +17,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 import zipfile
@@ -114,7 +115,8 @@ def _text_files(folder: Path) -> list[Path]:
 
     Linked folders are read as linked files are (``rglob`` read the files and silently left out the folders: a
     corpus of linked shards lost them), each real folder once (a link back up would loop); a folder that cannot
-    be listed, or a link to nothing, is refused by name (``rglob`` left them out silently too)."""
+    be listed, a link to nothing, or a pipe, socket or device named like a document is refused by name (``rglob``
+    left them out silently too)."""
 
     def refuse(e: OSError) -> None:
         raise DataError(f"{e.filename}: cannot read this folder of the corpus ({e.strerror})")
@@ -138,8 +140,14 @@ def _text_files(folder: Path) -> list[Path]:
             # Whatever its name: a link to a folder of shards on a disk not mounted is listed here, among the files.
             if path.is_symlink() and not path.exists():
                 raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
-            if path.suffix.lower() in (".txt", *JSON_LINES) and path.is_file():  # (not a pipe or socket of that name)
-                found.append(path)
+            if path.suffix.lower() not in (".txt", *JSON_LINES) or path.is_dir():  # (a folder named x.txt is walked)
+                continue
+            if is_special_file(path):  # refused as data.source itself is: passed over, a document went missing unsaid
+                raise DataError(
+                    f"{path}: named like a document of the corpus, but not a regular file (a pipe, socket or device, "
+                    "whose read would wait or never end); move it out of the folder or rename it"
+                )
+            found.append(path)
     found.sort()
     return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
 
@@ -184,6 +192,32 @@ def _refuse_megatron_dataset(path: Path, source: str, key: str) -> None:
         )
 
 
+#: How files that are no UTF-8 text begin (and, for Parquet, end), what each is and what to do instead. Named as the
+#: source (``corpus.jsonl.gz``; PowerShell 5's ``>`` writes UTF-16), one was refused as "not UTF-8 (byte 0x8b at
+#: column 2)", as if its text held one bad byte.
+_NOT_TEXT = (
+    (rb"\x1f\x8b", b"", "gzip-compressed", "decompress it first (gunzip -k)"),
+    (rb"\(\xb5/\xfd", b"", "zstd-compressed", "decompress it first (zstd -d)"),
+    (rb"\xfd7zXZ\x00", b"", "xz-compressed", "decompress it first (xz -dk)"),
+    (rb"BZh[1-9]1AY&SY", b"", "bzip2-compressed", "decompress it first (bunzip2 -k)"),
+    (rb"PK\x03\x04", b"", "a zip archive", "extract it first (unzip)"),
+    (rb"PAR1", b"PAR1", "a Parquet file", 'write its text as JSON Lines first (one {"text": ...} object a line)'),
+    (rb"\xff\xfe|\xfe\xff", b"", "UTF-16 text", "convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)"),
+)
+
+
+def _refuse_not_text(file: Path) -> None:
+    """Refuse (DataError) ``file``, which does not decode as UTF-8, where it is no UTF-8 text at all (a compressed
+    file, an archive, UTF-16), saying what to do instead; text with a bad byte is for its line and column to name."""
+    with open(file, "rb") as f:
+        head = f.read(16)
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4))
+        tail = f.read()
+    for start, end, what, fix in _NOT_TEXT:
+        if re.match(start, head) and tail.endswith(end):
+            raise DataError(f"{file}: {what}, not UTF-8 text; {fix}, then name the .txt or .jsonl files")
+
+
 def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str]:
     for file in files:
         if file.suffix.lower() in JSON_LINES:
@@ -192,6 +226,7 @@ def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str]:
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not text
                 yield file.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as e:  # name the line: one line at a time finds it
+                _refuse_not_text(file)
                 raw = file.read_bytes().removeprefix(codecs.BOM_UTF8)
                 for line_no, line in enumerate(raw.splitlines(), start=1):  # as the JSON Lines reader counts
                     decode_line(line, f"{file}:{line_no}")
@@ -221,7 +256,11 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
         lines = (piece for chunk in f for piece in chunk.splitlines())  # \n, \r\n and \r end a line
         for line_no, raw in enumerate(lines, start=1):
             where = f"{file}:{line_no}"
-            line = decode_line(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where)
+            try:
+                line = decode_line(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where)
+            except DataError:
+                _refuse_not_text(file)  # (a compressed file named .jsonl, or UTF-16)
+                raise
             if not line.strip():
                 continue
             try:
@@ -231,8 +270,9 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{where}: not a JSON object with a {field!r} field ({_holds(record)})")
             text = record[field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field {field!r} is not a string")
+            if not isinstance(text, str):  # said what it holds: a null (a record without text) asks another fix
+                held = "an object" if isinstance(text, dict) else _holds(text)
+                raise DataError(f"{where}: field {field!r} is not a string but {held}")
             try:
                 text.encode("utf-8")  # JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer takes
             except UnicodeEncodeError as e:
@@ -289,7 +329,7 @@ def prepared_destination(out: str | Path, source: str) -> Path:
     from ..checkpoint.io import check_replaceable, destination, refuse_losing
     from .tokenizer import SPEC_NAME
 
-    out = destination(out, source if source_path(source).exists() else None)
+    out = destination(out, source_path(source) if source_path(source).exists() else None)
     check_replaceable(out, "format", PREPARED_FORMAT, "a prepared corpus", PREPARED_META)
     if out.is_dir():
         refuse_losing(out, {PREPARED_META, *PREPARED_FILES, SPEC_NAME, "tokenizer.json"})

@@ -6,6 +6,8 @@ id) plus, for Hugging Face tokenizers, the ``tokenizer.json`` itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +36,18 @@ class Tokenizer(Protocol):
     def special_tokens(self) -> dict[str, int]: ...
 
     def token_bytes(self) -> list[int] | None: ...
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A hash of what ``tokenizer`` is: its files (kind, end-of-document id, a tokenizer.json's vocabulary and rules),
+    each JSON file read and written back with sorted keys, so that the same tokenizer saved with other spacing or
+    key order hashes alike. A checkpoint records it, to tell at a resume a tokenizer.json replaced at its path."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, content in sorted(tokenizer.files().items()):
+        with contextlib.suppress(ValueError, RecursionError):  # (not JSON: hashed as it is)
+            content = json.dumps(json.loads(content), sort_keys=True, separators=(",", ":"))
+        h.update(name.encode() + b"\0" + (content.encode() if isinstance(content, str) else content) + b"\0")
+    return h.hexdigest()
 
 
 class ByteTokenizer:
@@ -107,9 +121,13 @@ class HFTokenizer:
             ) from None
         self.path = Path(path)
         try:
-            self._tok = _Tokenizer.from_file(str(self.path))
+            # Read once, and kept: files() gives what was loaded. Read again there, a tokenizer.json replaced during a
+            # run (retrained for the next one) was exported beside a model that had never seen it.
+            self._json = self.path.read_bytes()
+            self._tok = _Tokenizer.from_str(self._json.decode("utf-8"))
         except Exception as e:
-            raise DataError(f"{self.path}: cannot load tokenizer ({e}){_not_a_tokenizer_json(self.path)}") from None
+            said = e.strerror if isinstance(e, OSError) else e  # ("Is a directory", as the tokenizers package said)
+            raise DataError(f"{self.path}: cannot load tokenizer ({said}){_not_a_tokenizer_json(self.path)}") from None
         # Every document whole and unpadded: a tokenizer.json saved with truncation or fixed-length padding
         # (common in exported ones) would cut documents short or put pad ids inside them.
         self._tok.no_truncation()
@@ -163,7 +181,7 @@ class HFTokenizer:
 
     def files(self) -> dict[str, str | bytes]:
         spec = {"type": "hf", "file": "tokenizer.json", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
-        return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self.path.read_bytes()}
+        return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self._json}
 
 
 def _not_a_tokenizer_json(path: Path) -> str:

@@ -81,7 +81,7 @@ from .rundir import (
 )
 from .signals import SetupSignals, StopSignals, TrainingInterrupted, signal_name
 from .threads import cpu_threads
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger("hybridlm.train")
 
@@ -248,12 +248,14 @@ class Trainer:
         resume: bool = False,
         progress: bool | None = None,
         data_named: bool = False,
+        tokenizer_named: bool = False,
     ):
         """``data_named``: the resume's data was named on purpose (the CLI: ``--set data.source=...`` or
-        ``data.jsonl_field``), so a corpus other than the checkpoint's is meant, not refused (see
+        ``data.jsonl_field``), so a corpus other than the checkpoint's is meant, not refused; ``tokenizer_named``: so
+        was its tokenizer (``data.tokenizer``, ``data.eos_token``), and with it the corpus's ids (see
         :meth:`_check_same_data`)."""
         self.run = run
-        self.data_named = data_named
+        self.data_named, self.tokenizer_named = data_named, tokenizer_named
         t = run.train
         self.cuda_alloc_conf = configure_cuda_allocator()
         self.device = resolve_device(t.device)
@@ -383,6 +385,7 @@ class Trainer:
             "tokens": stream.num_tokens,
             "docs": stream.num_docs,
             "fingerprint": stream.fingerprint(),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
         what, fix = "the corpus", ""
@@ -603,12 +606,24 @@ class Trainer:
         check_same_model(checkpoints[-1], extra, self.config)
 
     def _check_same_data(self, saved: Any) -> None:
-        """Refuse a resume whose ``data.source``, the same setting, now reads other data than the checkpoint's run
-        trained on (a relative path read from another directory, or files changed since); data named on purpose
-        (``self.data_named``: ``--set data.source=...``, or another source) is the user's call. What older
-        checkpoints did not record is not compared."""
+        """Refuse a resume whose ``data.tokenizer`` now reads another tokenizer than the checkpoint's run trained with
+        (a tokenizer.json replaced at its path: naming the corpus anew did not make the model know its ids), or whose
+        ``data.source``, the same setting, now reads other data (a relative path read from another directory, or
+        files changed since); a tokenizer or data named on purpose (``self.tokenizer_named``, ``self.data_named``:
+        ``--set data.source=...``, or another source) is the user's call. What older checkpoints did not record is
+        not compared."""
         now = self.data_identity
-        if self.data_named or not isinstance(saved, dict) or saved.get("source") != now["source"]:
+        if self.tokenizer_named or not isinstance(saved, dict):  # (another tokenizer: other ids, whatever the corpus)
+            return
+        if saved.get("tokenizer", now["tokenizer"]) != now["tokenizer"]:  # before the corpus: its ids differ with it
+            tok = self.run.data
+            raise DataError(
+                f"{self.run_dir}: data.tokenizer {tok.tokenizer!r} (data.eos_token {tok.eos_token!r}) is not the "
+                "tokenizer this run was trained with (its files differ from those the checkpoint recorded: replaced "
+                "since?), and the model learned that one's token ids; resume with that tokenizer, or, to go on with "
+                "this one, name it: --set data.tokenizer=PATH"
+            )
+        if self.data_named or saved.get("source") != now["source"]:
             return
         if all(saved[k] == v for k, v in now.items() if k in saved):
             return
@@ -917,7 +932,7 @@ class Trainer:
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
             *self._init_lines(),
-        ] + [f"note    {n}" for n in r.notes() + self._batch_notes()]
+        ] + [f"note    {n}" for n in r.notes() + self._batch_notes() + self._split_notes()]
 
     def _init_lines(self) -> list[str]:
         """Where a fine-tuning run's weights come from (``train.init_from``; a fresh run only), and a note where the
@@ -943,6 +958,22 @@ class Trainer:
             f"train.micro_batch_size {t.micro_batch_size} is more than the {self.local_batch} rows each of the "
             f"{self.dp} data-parallel processes takes per step (train.batch_size {t.batch_size}): each forward takes "
             f"{self.micro}"
+        ]
+
+    def _split_notes(self) -> list[str]:
+        """A validation split far larger than ``data.val_fraction`` asked: it holds out whole documents, at least one,
+        so a corpus of a few documents (or one long one drawn) lost far more of its tokens to it than asked (a third, of
+        3 documents at 0.05), which only the header's token counts showed."""
+        if self.val_rows is None:
+            return []
+        asked, val, train = self.run.data.val_fraction, self.val_rows.stream, self.train_rows.stream
+        share = val.num_tokens / (val.num_tokens + train.num_tokens)
+        if share < max(2 * asked, asked + 0.1):
+            return []
+        return [
+            f"data.val_fraction {asked:g} held out {val.num_docs:,} of {val.num_docs + train.num_docs:,} documents, "
+            f"{share:.0%} of the tokens (the split takes whole documents, at least one): more, shorter documents "
+            "split closer to it; another data.seed draws others"
         ]
 
     def _peak_memory_gb(self) -> float:
