@@ -496,6 +496,7 @@ def test_from_json_reads_bytes_as_json_text():
         ("num_layers", "'pattern'"),
         ("layernorm_zero_centered_gamma", "'norm_zero_centered'"),
         ("apply_layernorm_1p", "'norm_zero_centered'"),  # its command-line name (--apply-layernorm-1p)
+        ("apply_wd_to_qk_layernorm", "optim.apply_wd_to_qk_layernorm"),  # an optimizer setting: was no hint
     ],
 )
 def test_a_megatron_name_points_at_the_field_that_replaces_it(megatron, ours):

@@ -7,7 +7,7 @@ import pytest
 
 from hybridlm import ConfigError
 from hybridlm.train.config import DEFAULT_MODEL, RunConfig
-from tests.helpers import fifos_never_read
+from tests.helpers import MLA_TINY, fifos_never_read
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
@@ -187,6 +187,22 @@ def test_settings_the_schedule_or_model_does_not_use_are_noted():
     assert expert in notes("optim.moe_expert_bias_rate=0.01")
     assert expert not in notes("optim.moe_expert_bias_rate=0.01", "model.moe_router_expert_bias=true")
     assert notes("optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.min_lr_ratio=0.5") == []
+
+
+def test_apply_wd_to_qk_layernorm_on_a_model_without_qk_norms_or_without_weight_decay_is_noted():
+    """Megatron-LM accepts it silently where nothing matches its q_layernorm / k_layernorm names."""
+
+    def notes(*sets):
+        return RunConfig().with_overrides(["optim.apply_wd_to_qk_layernorm=true", *sets]).notes()
+
+    nothing = "optim.apply_wd_to_qk_layernorm has no effect: the model has no q/k norm Megatron-LM decays under it"
+    mla = [f"model.{k}={v}" for k, v in MLA_TINY.items()]
+    for sets in (["model.pattern=M-[*-]"], ["model.pattern=M-+-/+-", *mla]):
+        assert any(n.startswith(nothing) for n in notes(*sets)), sets
+    for sets in (["model.pattern=M-[*-]", "model.qk_norm=true"], ["model.pattern=M-/D-", *mla]):  # an MTP depth's
+        assert notes(*sets) == [], sets
+    zero = "optim.apply_wd_to_qk_layernorm has no effect with optim.weight_decay = 0"
+    assert notes("model.pattern=M-[*-]", "model.qk_norm=true", "optim.weight_decay=0") == [zero]
 
 
 def test_model_fields_the_pattern_does_not_read_are_noted_but_not_a_presets_or_the_defaults_own():
@@ -494,6 +510,8 @@ def test_an_interleaved_micro_batch_count_that_makes_unequal_rounds_names_counts
         ("train.bf16", 'train.precision = "bf16"'),  # was 'train.seed'
         ("optim.clip_grad", "optim.grad_clip"),  # was 'optim.lr'
         ("optim.lr_decay_style", "optim.schedule"),  # was 'optim.decay_fraction'
+        ("optim.no_weight_decay_cond_type", "optim.apply_wd_to_qk_layernorm"),  # was 'optim.weight_decay'
+        ("train.apply_wd_to_qk_layernorm", "optim.apply_wd_to_qk_layernorm"),  # was no hint
         ("parallel.pipeline_model_parallel_size", "parallel.pp"),  # was no hint
         ("train.seq_len", "data.seq_len"),  # a field of another section: was 'train.seed'
         ("train.hidden_size", "model.hidden_size"),  # was 'train.batch_size'

@@ -173,6 +173,37 @@ def test_resuming_a_finished_run_says_it_is_complete(tmp_path, capsys):
     assert "--set train.steps=4" in out
 
 
+def test_apply_wd_to_qk_layernorm_is_written_to_config_toml_and_resumes_from_it(tmp_path):
+    """A resume from the run file a run wrote (as ``hybridlm train --resume`` reads it) decays the q/k norms again;
+    one that turns the option off regroups them and keeps every parameter's moments."""
+    from hybridlm.train.optim import qk_norm_names
+
+    sets = ["model.pattern=*-", "model.qk_norm=true", "optim.apply_wd_to_qk_layernorm=true", "train.eval_every=100"]
+    sets += ["train.steps=3", "train.checkpoint_every=2"]
+    Trainer(tiny_run(*sets), run_dir=tmp_path, progress=False).run_loop(until=2)
+    assert "apply_wd_to_qk_layernorm = true" in (tmp_path / "config.toml").read_text()
+    run = RunConfig.from_toml(tmp_path / "config.toml")
+    assert run.optim.apply_wd_to_qk_layernorm is True
+    t = Trainer(run, run_dir=tmp_path, resume=True, progress=False)
+    assert t.step == 2
+    decayed = {id(p) for g in t.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    qk = qk_norm_names(t.model)
+    assert len(qk) == 2 and all(id(p) in decayed for n, p in t.model.named_parameters() if n in qk)
+    t.run_loop()
+    assert t.step == 3
+    off = Trainer(
+        run.with_overrides(["optim.apply_wd_to_qk_layernorm=false", "train.steps=4"]),
+        run_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
+    assert off.step == 3
+    kept = {id(p) for g in off.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(id(p) in kept for n, p in off.model.named_parameters() if n in qk)
+    assert all("exp_avg" in off.optimizer.state[p] for p in off.model.parameters())
+    assert "apply_wd_to_qk_layernorm = false" in (tmp_path / "config.toml").read_text()
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(DataError, match="no checkpoint to resume from"):
         Trainer(tiny_run(), run_dir=tmp_path / "empty", resume=True, progress=False)

@@ -92,7 +92,10 @@ class OptimConfig:
     schedule: str = "cosine"  #: "cosine", "wsd" (warmup-stable-decay) or "constant" (after warmup)
     warmup_steps: int = 30
     decay_fraction: float = 0.2  #: WSD: share of the steps spent decaying
-    weight_decay: float = 0.1  #: not applied to norms, biases, A_log, D and dt_bias
+    weight_decay: float = 0.1  #: not applied to norms, biases, A_log, D and dt_bias (but see the next field)
+    #: decay the q/k norm weights too, as Megatron-LM's apply_wd_to_qk_layernorm (Qwen3-Next's recipe, with
+    #: model.norm_zero_centered): attention's q_norm / k_norm and DSA's q_a_layernorm (train.optim.QK_NORMS)
+    apply_wd_to_qk_layernorm: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -440,6 +443,17 @@ class RunConfig:
             and not self.model_config().moe_router_expert_bias
         ):
             notes.append("optim.moe_expert_bias_rate has no effect without model.moe_router_expert_bias = true")
+        if o.apply_wd_to_qk_layernorm:
+            from .optim import qk_norm_symbols
+
+            if not qk_norm_symbols(self.model_config()):
+                notes.append(
+                    "optim.apply_wd_to_qk_layernorm has no effect: the model has no q/k norm Megatron-LM decays "
+                    "under it (attention's q_norm / k_norm with model.qk_norm = true, DSA's q_a_layernorm; MLA's "
+                    "latent norms are not among them)"
+                )
+            elif o.weight_decay == 0:
+                notes.append("optim.apply_wd_to_qk_layernorm has no effect with optim.weight_decay = 0")
         # The fields a user set: a preset's own, and the embedded default's, are theirs to choose.
         set_fields = list(self.set_model_fields())
         by_reason: dict[str, list[str]] = {}
@@ -630,6 +644,8 @@ _MEGATRON = {
     "lr_warmup_iters": "hybridlm's is optim.warmup_steps",
     "lr_decay_style": "hybridlm's is optim.schedule (cosine, wsd or constant)",
     "lr_decay_iters": "the decay ends at train.steps",
+    # Megatron's deprecated spelling of --apply-wd-to-qk-layernorm (its one value, "apply_wd_to_qk_layernorm").
+    "no_weight_decay_cond_type": "hybridlm's is optim.apply_wd_to_qk_layernorm = true",
     "save_interval": "hybridlm's is train.checkpoint_every",
     "eval_interval": "hybridlm's is train.eval_every",
     "log_interval": "hybridlm's is train.log_every",

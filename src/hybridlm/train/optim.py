@@ -7,12 +7,26 @@ import math
 import torch
 from torch import nn
 
+from ..config import ModelConfig
+from ..layers import MIXERS
 from ..parallel.execution import replicated
 from .config import OptimConfig
 from .expert_load import ExpertLoad
 
 #: Parameters never decayed: scales and offsets whose size is not a capacity knob.
 NO_DECAY_NAMES = ("A_log", "D", "dt_bias", "bias")
+
+#: The norm weights ``optim.apply_wd_to_qk_layernorm`` decays, per pattern symbol (names inside that mixer): those
+#: Megatron-LM's ``apply_wd_to_qk_layernorm`` decays, whose rule is a name match (``"q_layernorm." in name or
+#: "k_layernorm." in name``), in the names its hybrid stack gives them (``checkpoint/megatron.py`` maps ours to
+#: theirs). Attention's are ``self_attention.q_layernorm`` / ``k_layernorm`` (with ``model.qk_norm``); DSA's query
+#: latent norm stands alone as ``q_layernorm``, while its key/value latent norm, ``kv_layernorm``, and the indexer's
+#: ``k_norm`` do not match. MLA (``+``) has none: Megatron fuses both latent norms into the up projections
+#: (``linear_q_up_proj.layer_norm_weight``, ``linear_kv_up_proj.layer_norm_weight``).
+QK_NORMS: dict[str, tuple[str, ...]] = {
+    "*": ("q_norm.weight", "k_norm.weight"),
+    "D": ("q_a_layernorm.weight",),
+}
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -21,14 +35,36 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return leaf in NO_DECAY_NAMES or param.dim() < 2
 
 
+def qk_norm_symbols(config: ModelConfig) -> list[str]:
+    """The pattern symbols of ``config`` (main stack and MTP depths) whose layers hold a norm of :data:`QK_NORMS`:
+    attention's only with ``qk_norm``. Empty: ``optim.apply_wd_to_qk_layernorm`` decays nothing."""
+    return [s for s in QK_NORMS if s in config.symbols and (s != "*" or config.qk_norm)]
+
+
+def qk_norm_names(model: nn.Module) -> set[str]:
+    """Full names (``model.named_parameters()``'s) of the norm weights of :data:`QK_NORMS` in ``model`` (a model,
+    a pipeline rank's stages, any module holding mixers): each mixer's by its exact class, so DSA's (a subclass
+    of MLA) are found and MLA's are not."""
+    kinds = {MIXERS[s]: names for s, names in QK_NORMS.items()}
+    found = set()
+    for prefix, m in model.named_modules():
+        if names := kinds.get(type(m)):
+            own = dict(m.named_parameters())  # (attention without qk_norm has none of its names)
+            found |= {f"{prefix}.{n}" if prefix else n for n in names if n in own}
+    return found
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters: decayed, and not (:func:`no_weight_decay`). Under FSDP
-    the parameters it leaves whole (``parallel.execution.apply_fsdp``) get groups of their own: foreach
-    and fused kernels refuse to mix shards (DTensors) with plain tensors."""
+    """AdamW over ``model``'s trainable parameters: decayed, and not (:func:`no_weight_decay`); with
+    ``cfg.apply_wd_to_qk_layernorm`` the q/k norm weights (:func:`qk_norm_names`) are decayed too, in the first
+    group. Under FSDP the parameters it leaves whole (``parallel.execution.apply_fsdp``) get groups of their own:
+    foreach and fused kernels refuse to mix shards (DTensors) with plain tensors."""
+    decayed_norms = qk_norm_names(model) if cfg.apply_wd_to_qk_layernorm else set()
     split: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            split.setdefault((no_weight_decay(name, p), replicated(p)), []).append(p)
+            kept = no_weight_decay(name, p) and name not in decayed_norms
+            split.setdefault((kept, replicated(p)), []).append(p)
     groups = [
         {"params": split[kind], "weight_decay": 0.0 if kind[0] else cfg.weight_decay}
         for kind in sorted(split, key=lambda kind: (kind[0], not kind[1]))  # decayed first, as before
