@@ -830,6 +830,19 @@ def test_import_warns_of_mtp_layers_the_config_announces_without_tensors(exporte
     assert "dropping the MTP layers (0 tensors)" in caplog.text
 
 
+def test_import_warning_of_mtp_tensors_names_one(exported, tmp_path, caplog):
+    """The one MTP warning of hf_files, as the Qwen3-Next import gives it: how many tensors are dropped, one of them,
+    and that nothing runs them."""
+    path = shutil.copytree(exported, tmp_path / "hf")
+    state = load_file(path / "model.safetensors")
+    save_file(state | {"mtp.layers.0.eh_proj.weight": torch.zeros(2, 2)}, path / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        import_nemotron_h(path)
+    assert (
+        "dropping the MTP layers (1 tensors, e.g. mtp.layers.0.eh_proj.weight): Hugging Face NemotronH" in caplog.text
+    )
+
+
 def test_exported_experts_are_copies_not_views_of_the_stack():
     """Each exported expert matrix owns its memory: writing to it leaves the model's stacked experts alone,
     and it does not keep the whole (E, F, H) stack alive."""

@@ -114,13 +114,13 @@ def test_stacked_experts_and_mtp_tensors_it_cannot_map(tmp_path, caplog):
         state[p + "down_proj"] = torch.stack([state.pop(f"{p}{e}.down_proj.weight") for e in range(4)])
     state["mtp.fc.weight"] = torch.zeros(32, 64, dtype=torch.float64)
     save_file(state, hf / "model.safetensors")
-    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):  # its one MTP warning
         again, tensors = import_qwen3_next(hf)
-    assert "dropping the MTP tensors (1, e.g. mtp.fc.weight): they hold no MTP decoder layer" in caplog.text
+    assert "dropping the MTP layers (1 tensors, e.g. mtp.fc.weight): they hold no MTP decoder layer" in caplog.text
     assert again == config and tensors.keys() == reference.keys()
     assert all(torch.equal(tensors[k], reference[k]) for k in reference)
     with_mtp(hf, layers=(0, 1))
-    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
         assert import_qwen3_next(hf)[0] == config
     assert "2 MTP layers share one mtp.fc and its norms" in caplog.text
 
@@ -278,6 +278,29 @@ def test_the_defaults_of_left_out_keys_are_transformers():
     assert hf.layer_types[:n] == ["linear_attention"] * (n - 1) + ["full_attention"]
 
 
+def test_an_experts_missing_matrix_is_one_line_naming_the_experts(tmp_path):
+    """As for NemotronH (the one import check of hf_files): a matrix missing from some experts is one line naming
+    them, not a line per expert's tensor."""
+    from safetensors.torch import load_file, save_file
+
+    _, hf = saved(tmp_path)
+    state = load_file(hf / "model.safetensors")
+    for e in (1, 3):
+        del state[f"model.layers.2.mlp.experts.{e}.up_proj.weight"]
+    save_file(state, hf / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"cannot import this Qwen3-Next model") as e:
+        import_qwen3_next(hf)
+    assert r"model.layers.2.mlp.experts.{e}.up_proj.weight: no tensor for expert(s) [1, 3]" in str(e.value)
+    assert "missing tensors" not in str(e.value)
+
+
+def test_a_hybridlm_checkpoint_is_told_how_to_become_a_qwen3_next_one(tmp_path):
+    from hybridlm.checkpoint.hf_qwen3_next import config_from_qwen3_next
+
+    with pytest.raises(CheckpointError, match=r"`hybridlm convert SRC DST --to qwen3-next` writes one"):
+        config_from_qwen3_next({"format": "hybridlm", "format_version": 1}, tmp_path / "config.json")
+
+
 # -- export ----------------------------------------------------------------------------------------
 
 
@@ -396,3 +419,15 @@ def test_export_refuses_what_qwen3_next_cannot_compute_with_every_reason(tmp_pat
         "set moe_shared_expert_ffn_hidden_size > 0 and moe_shared_expert_gate=True",
     ):
         assert reason in str(e.value), reason
+
+
+def test_float_options_are_written_as_floats_like_transformers_defaults():
+    """As for NemotronH (one key-table writer, hf_files.hf_keys): a float option our config holds as a whole number
+    (norm_eps=1) is written as Qwen3NextConfig() holds it (1.0)."""
+    from hybridlm import ModelConfig
+    from hybridlm.checkpoint.hf_qwen3_next import qwen3_next_config
+
+    config = ModelConfig(pattern="G-", vocab_size=64, hidden_size=32, norm_zero_centered=True, norm_eps=1, init_std=1)
+    hf = qwen3_next_config(config)
+    assert (hf["rms_norm_eps"], hf["initializer_range"]) == (1.0, 1.0)
+    assert type(hf["rms_norm_eps"]) is type(hf["initializer_range"]) is type(Qwen3NextConfig().rms_norm_eps) is float

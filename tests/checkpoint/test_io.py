@@ -60,6 +60,31 @@ def test_check_fit_lists_every_problem():
     check_fit({"a": torch.zeros(2)}, {"a": (2,)}, "test dict")  # a fit passes
 
 
+def test_every_list_of_names_says_when_it_is_cut_short():
+    """One way to list names (io.listed): the first MAX_LISTED, then " ..." where there are more; the refusal of
+    integer weights listed 20 of 25 as if they were all."""
+    from hybridlm.checkpoint.io import not_floating
+
+    ints = {f"t{i:02d}": torch.zeros(1, dtype=torch.int32) for i in range(MAX_LISTED + 5)}
+    (line,) = not_floating(ints)
+    assert line.endswith(f"t{MAX_LISTED - 1} (torch.int32) ...") and f"t{MAX_LISTED} " not in line
+    (line,) = not_floating(dict(list(ints.items())[:MAX_LISTED]))
+    assert line.endswith(f"t{MAX_LISTED - 1} (torch.int32)")
+
+
+def test_an_index_without_a_weight_map_is_named(tmp_path):
+    """The index is read as every JSON file of a checkpoint is (io.read_json): one without a weight_map is refused
+    by name, not as "unreadable index ('weight_map')"."""
+    from hybridlm.checkpoint.io import weight_files
+
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: weight_map is not a JSON object"):
+        weight_files(tmp_path)
+    (tmp_path / INDEX_NAME).write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"index\.json: expected a JSON object, got list"):
+        weight_files(tmp_path)
+
+
 def test_refuse_meta_names_the_tensors_and_says_how_to_give_them_values():
     """The one refusal of tensors without values (saving weights or a training state, loading into a model), which
     three call sites wrote three ways (one said nothing of init_weights, one nothing of to_empty)."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from .io import MAX_LISTED, check_fit, not_floating
+from .io import check_fit, listed, not_floating
 
 Pack = Callable[[list[Tensor]], list[Tensor]]
 #: (pattern, replacement) pairs that rewrite a foreign name given in an older or alternative spelling.
@@ -84,6 +84,14 @@ def deinterleave(t: Tensor, groups: int, sizes: list[int]) -> list[Tensor]:
     return [part.reshape(-1, t.shape[-1]) for part in t.reshape(groups, sum(sizes), -1).split(sizes, dim=1)]
 
 
+def interleaved(canonical: tuple[str, ...], foreign: str, groups: int, sizes: list[int]) -> Rule:
+    """k canonical (groups * sizes[i], C) <-> one foreign (groups * sum(sizes), C), group by group (:func:`interleave`):
+    e.g. Megatron's linear_qkv, ``[q heads | k | v]`` per query group."""
+    return Rule(
+        canonical, (foreign,), lambda ts: [interleave(ts, groups)], lambda ts: deinterleave(ts[0], groups, sizes)
+    )
+
+
 def zeros(foreign: str, shape: tuple[int, ...], dtype: torch.dtype) -> Rule:
     """A foreign tensor we have no counterpart for, exported as exact zeros (the caller says why that is a no-op)."""
     return Rule((), (foreign,), lambda ts: [torch.zeros(shape, dtype=dtype)], lambda ts: [])
@@ -138,7 +146,7 @@ def normalize(state: Mapping[str, Tensor], aliases: Aliases, source: str) -> tup
         if isinstance(t, Tensor) and (t.is_meta or t.layout != torch.strided)
     ]
     if odd:
-        raise CheckpointError(f"{source}: weights must be dense tensors with data, not: " + ", ".join(odd[:MAX_LISTED]))
+        raise CheckpointError(f"{source}: weights must be dense tensors with data, not: " + listed(odd))
     out: dict[str, Tensor] = {}
     given: dict[str, str] = {}
     for name, t in state.items():

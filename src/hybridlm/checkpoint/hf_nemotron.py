@@ -15,17 +15,10 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..ops.norm import norm_scale
 from ..pattern.symbols import KIND
-from .adapter import Rule, apply, foreign_shapes, normalize, per_expert, rename, zeros
-from .hf_files import AUX_FILES, convert_from_hf, convert_to_hf, export_hf, hf_config, hf_eos_token_id  # noqa: F401 (AUX_FILES, hf_eos_token_id: this module's names before hf_files)
-from .io import (
-    CONFIG_NAME,
-    DEFAULT_MAX_SHARD_SIZE,
-    MAX_LISTED,
-    dominant_dtype,
-    fit_problems,
-    meta_shapes,
-    weight_files,
-)
+from . import hf_files
+from .adapter import Rule, apply, foreign_shapes, per_expert, rename, zeros
+from .hf_files import AUX_FILES, hf_eos_token_id  # noqa: F401 (this module's names before hf_files)
+from .io import CONFIG_NAME, errors_at, listed, meta_shapes, refuse_problems, weight_files
 from .weights import read_tensors
 
 logger = logging.getLogger(__name__)
@@ -47,52 +40,73 @@ LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": 
 #: Hugging Face layer type (current and legacy names) -> pattern symbol.
 SYMBOL_OF_LAYER_TYPE = {t: s for s, t in LAYER_TYPES.items()} | {"mamba": "M", "attention": "*"}
 
-#: Every config.json key we read or write: (key, our field, the layer kinds that use it ("": all), the default
-#: of transformers 5.24's NemotronHConfig[, an older name it still reads, which wins as in transformers]).
-#: Field "": our model has no option for it; written as that default (pinned by test_hf_defaults), and read
-#: where another value would change the outputs (:func:`_hf_problems`). Field None: only read. Export writes
-#: ``resolved_<field>`` where there is one.
-_KEYS: tuple[tuple[Any, ...], ...] = (
-    ("vocab_size", "vocab_size", "", 131072),
-    ("hidden_size", "hidden_size", "", 4096),
-    ("layer_norm_epsilon", "norm_eps", "", 1e-5),
-    ("initializer_range", "init_std", "", 0.02),
-    ("num_attention_heads", "num_attention_heads", "*", 32),
-    ("num_key_value_heads", "num_query_groups", "*", 8),
-    ("head_dim", "head_dim", "*", 128),
-    ("intermediate_size", "ffn_hidden_size", "-", 21504),
-    ("mlp_hidden_act", "mlp_activation", "-E", "relu2"),
-    ("mamba_num_heads", "mamba_num_heads", "M", 128),
-    ("mamba_head_dim", "mamba_head_dim", "M", 64),
-    ("ssm_state_size", "mamba_state_dim", "M", 128),
-    ("n_groups", "mamba_num_groups", "M", 8, "mamba_n_groups"),
-    ("conv_kernel", "mamba_conv_kernel", "M", 4, "mamba_d_conv"),
-    ("chunk_size", "mamba_chunk_size", "M", 128, "mamba_chunk_size"),
-    ("time_step_min", "mamba_dt_clamp_min", "M", HF_DEFAULT_TIME_STEP_MIN, "mamba_dt_min"),
-    ("time_step_max", "mamba_dt_max", "M", 0.1, "mamba_dt_max"),
-    ("time_step_floor", "mamba_dt_init_floor", "M", 1e-4, "mamba_dt_init_floor"),
-    ("n_routed_experts", "moe_num_experts", "E", 8, "num_local_experts"),
-    ("num_experts_per_tok", "moe_top_k", "E", 2),
-    ("moe_intermediate_size", "moe_ffn_hidden_size", "E", 7688),
-    ("moe_shared_expert_intermediate_size", "moe_shared_expert_ffn_hidden_size", "E", 7688),
-    ("routed_scaling_factor", "moe_routed_scaling", "E", 1.0),
-    ("n_group", "moe_num_groups", "E", 1),
-    ("topk_group", "moe_topk_groups", "E", 1),
-    ("norm_topk_prob", "moe_norm_topk_prob", "E", True),
-    ("attention_bias", "", "*", False),
-    ("mlp_bias", "", "", False),
-    ("residual_in_fp32", "", "", False),
-    ("rescale_prenorm_residual", "", "", True),
-    ("tie_word_embeddings", "", "", False),  # NemotronH never ties its head: a tied model gets a copy
-    ("num_nextn_predict_layers", "", "", 0),
-    ("use_conv_bias", "", "M", True, "mamba_conv_bias"),
-    ("use_bias", "", "M", False),
-    ("mamba_hidden_act", "", "M", "silu"),
-    ("n_shared_experts", "", "E", 1),
-    ("moe_latent_size", None, "E", None),
-)
-_HF_DEFAULTS = {row[0]: row[3] for row in _KEYS}
-_HF_LEGACY_NAMES = {row[0]: row[4] for row in _KEYS if len(row) > 4}
+#: Every config.json key we read or write (:data:`~hybridlm.checkpoint.hf_files.Keys`, with transformers 5.24's
+#: NemotronHConfig defaults[, then an older name it still reads, which wins as in transformers]). A key without a field
+#: is written as its default (pinned by test_hf_defaults) and read where another value would change the outputs
+#: (:func:`_hf_problems`).
+_KEYS: dict[str, tuple[Any, ...]] = {
+    "vocab_size": ("vocab_size", "", 131072),
+    "hidden_size": ("hidden_size", "", 4096),
+    "layer_norm_epsilon": ("norm_eps", "", 1e-5),
+    "initializer_range": ("init_std", "", 0.02),
+    "num_attention_heads": ("num_attention_heads", "*", 32),
+    "num_key_value_heads": ("num_query_groups", "*", 8),
+    "head_dim": ("head_dim", "*", 128),
+    "intermediate_size": ("ffn_hidden_size", "-", 21504),
+    "mlp_hidden_act": ("mlp_activation", "-E", "relu2"),
+    "mamba_num_heads": ("mamba_num_heads", "M", 128),
+    "mamba_head_dim": ("mamba_head_dim", "M", 64),
+    "ssm_state_size": ("mamba_state_dim", "M", 128),
+    "n_groups": ("mamba_num_groups", "M", 8, "mamba_n_groups"),
+    "conv_kernel": ("mamba_conv_kernel", "M", 4, "mamba_d_conv"),
+    "chunk_size": ("mamba_chunk_size", "M", 128, "mamba_chunk_size"),
+    "time_step_min": ("mamba_dt_clamp_min", "M", HF_DEFAULT_TIME_STEP_MIN, "mamba_dt_min"),
+    "time_step_max": ("mamba_dt_max", "M", 0.1, "mamba_dt_max"),
+    "time_step_floor": ("mamba_dt_init_floor", "M", 1e-4, "mamba_dt_init_floor"),
+    "n_routed_experts": ("moe_num_experts", "E", 8, "num_local_experts"),
+    "num_experts_per_tok": ("moe_top_k", "E", 2),
+    "moe_intermediate_size": ("moe_ffn_hidden_size", "E", 7688),
+    "moe_shared_expert_intermediate_size": ("moe_shared_expert_ffn_hidden_size", "E", 7688),
+    "routed_scaling_factor": ("moe_routed_scaling", "E", 1.0),
+    "n_group": ("moe_num_groups", "E", 1),
+    "topk_group": ("moe_topk_groups", "E", 1),
+    "norm_topk_prob": ("moe_norm_topk_prob", "E", True),
+    "attention_bias": ("", "*", False),
+    "mlp_bias": ("", "", False),
+    "residual_in_fp32": ("", "", False),
+    "rescale_prenorm_residual": ("", "", True),
+    "tie_word_embeddings": ("", "", False),  # NemotronH never ties its head: a tied model gets a copy
+    "num_nextn_predict_layers": ("", "", 0),
+    "use_conv_bias": ("", "M", True, "mamba_conv_bias"),
+    "use_bias": ("", "M", False),
+    "mamba_hidden_act": ("", "M", "silu"),
+    "n_shared_experts": ("", "E", 1),
+    "moe_latent_size": (None, "E", None),
+}
+_HF_DEFAULTS = {key: row[2] for key, row in _KEYS.items()}
+_HF_LEGACY_NAMES = {key: row[3] for key, row in _KEYS.items() if len(row) > 3}
+
+#: The options NemotronH computes one way only (:data:`~hybridlm.checkpoint.hf_files.Options`).
+_EXPORTABLE = {
+    "position_embedding": (
+        "*",
+        ("none",),
+        "NemotronH attention has no position embedding (no RoPE); only 'none' can be exported",
+    ),
+    "qk_norm": ("*", (False,), "NemotronH attention has no query/key RMSNorm"),
+    "attention_output_gate": ("*", (False,), "NemotronH attention has no output gate (gate_proj)"),
+    "mlp_activation": (
+        "-E",
+        EXPORTABLE_ACTIVATIONS,
+        f"NemotronH MLPs and experts are non-gated down(act(up(x))) with act in {', '.join(EXPORTABLE_ACTIVATIONS)}",
+    ),
+    "moe_router_score": ("E", ("sigmoid",), "NemotronH routes with sigmoid scores"),
+    "moe_shared_expert_gate": (
+        "E",
+        (False,),
+        "NemotronH adds its shared expert ungated (Qwen3-Next's shared_expert_gate has no place in its MoE)",
+    ),
+}
 
 _STACKED = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
 #: The canonical names of the main stack's norms that ``norm_zero_centered`` makes zero-centred (the q/k norms
@@ -110,28 +124,8 @@ def check_exportable(config: ModelConfig) -> None:
     problems = []
     for s in sorted(used - set(LAYER_TYPES)):
         at = [str(i) for i, x in enumerate(c.parsed.layers) if x == s]
-        where = f" (canonical layer{'s' * (len(at) > 1)} {', '.join(at[:MAX_LISTED])}{' ...' * (len(at) > MAX_LISTED)})"
-        problems.append(f"{KIND[s]} ('{s}') layers{where}: NemotronH has no such mixer")
-    if "*" in used and c.position_embedding != "none":
         problems.append(
-            f"position_embedding={c.position_embedding!r}: NemotronH attention has no position "
-            "embedding (no RoPE); only 'none' can be exported"
-        )
-    if "*" in used and c.qk_norm:
-        problems.append("qk_norm=True: NemotronH attention has no query/key RMSNorm")
-    if "*" in used and c.attention_output_gate:
-        problems.append("attention_output_gate=True: NemotronH attention has no output gate (gate_proj)")
-    if used & {"-", "E"} and c.mlp_activation not in EXPORTABLE_ACTIVATIONS:
-        problems.append(
-            f"mlp_activation={c.mlp_activation!r}: NemotronH MLPs and experts are non-gated "
-            f"down(act(up(x))) with act in {', '.join(EXPORTABLE_ACTIVATIONS)}"
-        )
-    if "E" in used and c.moe_router_score != "sigmoid":
-        problems.append(f"moe_router_score={c.moe_router_score!r}: NemotronH routes with sigmoid scores")
-    if "E" in used and c.moe_shared_expert_gate:
-        problems.append(
-            "moe_shared_expert_gate=True: NemotronH adds its shared expert ungated (Qwen3-Next's "
-            "shared_expert_gate has no place in its MoE)"
+            f"{KIND[s]} ('{s}') layers (canonical layer{'s' * (len(at) > 1)} {listed(at)}): NemotronH has no such mixer"
         )
     if "E" in used and c.moe_num_experts // c.moe_num_groups < 2:
         problems.append(
@@ -139,10 +133,7 @@ def check_exportable(config: ModelConfig) -> None:
             f"{c.moe_num_experts // c.moe_num_groups} per group: NemotronH scores each group by the sum of its "
             "top-2 experts, so every group needs at least 2 experts"
         )
-    if problems:
-        raise CheckpointError(
-            f"pattern '{config.pattern}' cannot be exported as Hugging Face NemotronH:\n  - " + "\n  - ".join(problems)
-        )
+    hf_files.refuse_export(config, "NemotronH", _EXPORTABLE, problems)
 
 
 def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -156,11 +147,7 @@ def nemotron_h_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
         "model_type": HF_MODEL_TYPE,
         "num_hidden_layers": len(layers),
         "hybrid_override_pattern": layers,
-    }
-    for key, field, kinds, default, *_ in _KEYS:
-        if field is not None and (not kinds or used & set(kinds)):
-            value = getattr(c, f"resolved_{field}", getattr(c, field)) if field else default  # e.g. head_dim None
-            hf[key] = float(value) if isinstance(getattr(ModelConfig, field, None), float) else value
+    } | hf_files.hf_keys(c, _KEYS, used)
     if "M" in used:
         # Unused by the modeling code (the inner width is heads * head_dim); informative only.
         hf["expand"] = c.mamba_d_inner // c.hidden_size if c.mamba_d_inner % c.hidden_size == 0 else 2
@@ -220,45 +207,17 @@ def export_nemotron_h(
     """(config.json, tensors under NemotronH's keys) of a model's canonical tensors (``mtp.*`` dropped), as
     contiguous CPU tensors in their dtypes; CheckpointError when :func:`check_exportable` refuses or they do not fit.
     """
-    return export_hf(
-        config,
-        canonical,
-        check_exportable,
-        "Hugging Face NemotronH",
-        lambda main: _rules(config, dominant_dtype(main.values())),
-        lambda dtype: nemotron_h_config(config, dtype),
-    )
+    return hf_files.export_hf(config, canonical, check_exportable, "Hugging Face NemotronH", _rules, nemotron_h_config)
 
 
-def convert_to_nemotron_h(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    verify: bool = True,
-    eos_token_id: int | None = None,
-    extra_files: Mapping[str, str | bytes] | None = None,
-) -> Path:
-    """Convert hybridlm checkpoint directory ``src`` (its files checked against their SHA-256 unless not
-    ``verify``) into a Hugging Face NemotronH directory ``dst``, which
-    ``transformers.AutoModelForCausalLM.from_pretrained`` loads: config.json, model.safetensors (sharded above
-    ``max_shard_size`` bytes) and the tokenizer and generation files of ``src``; MTP depths are dropped.
-    Written atomically; an existing ``dst`` is replaced only if empty or a NemotronH directory. ``eos_token_id``
-    (the tokenizer's end of document; the CLI reads it from ``src``) goes into config.json, where transformers'
-    generation reads it (its default, 2, is some other token of most vocabularies). ``extra_files`` (name ->
-    content; the CLI adds the byte tokenizer's Hugging Face files) are written too.
-    """
-    return convert_to_hf(
-        Path(src),
-        dst,
-        HF_MODEL_TYPE,
-        "NemotronH",
-        check_exportable,
-        export_nemotron_h,
-        max_shard_size=max_shard_size,
-        verify=verify,
-        eos_token_id=eos_token_id,
-        extra_files=extra_files,
+def convert_to_nemotron_h(src: str | Path, dst: str | Path, **options: Any) -> Path:
+    """Convert hybridlm checkpoint directory ``src`` into a Hugging Face NemotronH directory ``dst``, which
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads: config.json, model.safetensors and the tokenizer
+    and generation files of ``src``; MTP depths are dropped. Written atomically; an existing ``dst`` is replaced
+    only if empty or a NemotronH directory. The keyword ``options`` (``max_shard_size``, ``verify``,
+    ``eos_token_id``, ``extra_files``) are :func:`~hybridlm.checkpoint.hf_files.convert_to_hf`'s."""
+    return hf_files.convert_to_hf(
+        Path(src), dst, HF_MODEL_TYPE, "NemotronH", check_exportable, export_nemotron_h, **options
     )
 
 
@@ -277,17 +236,10 @@ def _hf_layers(hf: Mapping[str, Any], source: str | Path) -> str:
     ``hybrid_override_pattern``, as in transformers."""
     types = hf.get("layers_block_type", hf.get("layer_types"))
     if types is not None:  # a list of layer types (current or legacy names)
-        key, kind, what, known = "layers_block_type", "list of strings", "layer types", SYMBOL_OF_LAYER_TYPE
-    elif (types := hf.get("hybrid_override_pattern")) is not None:  # a string of pattern symbols
-        key, kind, what, known = "hybrid_override_pattern", "string", "symbols", {s: s for s in LAYER_TYPES}
-    else:
-        raise CheckpointError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
-    if not isinstance(types, str if kind == "string" else list) or not all(isinstance(t, str) for t in types):
-        raise CheckpointError(f"{source}: {key} must be a {kind}, got {types!r}")
-    unknown = sorted({t for t in types if t not in known})
-    if unknown:
-        raise CheckpointError(f"{source}: {key} has unknown {what} {unknown}; known: {', '.join(known)}")
-    return "".join(known[t] for t in types)
+        return hf_files.layer_symbols(types, "layers_block_type", SYMBOL_OF_LAYER_TYPE, source)
+    if (types := hf.get("hybrid_override_pattern")) is not None:  # a string of pattern symbols
+        return hf_files.layer_symbols(types, "hybrid_override_pattern", {s: s for s in LAYER_TYPES}, source, "symbols")
+    raise CheckpointError(f"{source}: neither hybrid_override_pattern nor layers_block_type is set")
 
 
 def _dt_clamp(hf: Mapping[str, Any], source: str | Path) -> Any:
@@ -334,19 +286,11 @@ def _hf_problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
 def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NAME) -> ModelConfig:
     """The :class:`ModelConfig` computing what NemotronH computes for config.json ``hf`` (read from ``source``,
     which errors name), with a shared expert and selection bias in every MoE layer, as NemotronH has."""
-    if hf.get("model_type") != HF_MODEL_TYPE:
-        ours = " (this is a hybridlm checkpoint: `hybridlm convert SRC DST --to nemotron-h` writes one)"
-        hint = ours if hf.get("format") == "hybridlm" else ""
-        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}{hint}")
+    hf_files.check_model_type(hf, HF_MODEL_TYPE, source, "nemotron-h")
     layers = _hf_layers(hf, source)
     used = set(layers)
-    problems = _hf_problems(hf, used)
-    if problems:
-        raise CheckpointError(f"{source}: this NemotronH model cannot be imported:\n  - " + "\n  - ".join(problems))
-
-    fields: dict[str, Any] = {
-        field: _hf_value(hf, key) for key, field, kinds, *_ in _KEYS if field and (not kinds or used & set(kinds))
-    }
+    refuse_problems(f"{source}: this NemotronH model cannot be imported", _hf_problems(hf, used))
+    fields = hf_files.fields_from_hf(_KEYS, lambda key: _hf_value(hf, key), used)
     fields |= {"pattern": layers, "tie_embeddings": False}  # Hugging Face never ties NemotronH's head
     if "*" in used:
         kv = fields["num_query_groups"]  # null means one KV head per query head
@@ -364,10 +308,8 @@ def config_from_nemotron_h(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
         # transformers builds a shared expert of width 0 (or null) as one of intermediate_size, as it computes.
         shared = fields["moe_shared_expert_ffn_hidden_size"] or _hf_value(hf, "intermediate_size")
         fields["moe_shared_expert_ffn_hidden_size"] = shared
-    try:
+    with errors_at(f"{source}: does not describe a valid model", ConfigError, TypeError):
         return ModelConfig(**fields)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: does not describe a valid model: {e}") from None
 
 
 #: Other spellings of the file keys transformers reads, -> the keys we write.
@@ -377,7 +319,6 @@ _ALIASES = (
     (re.compile(r"\.experts\.(up_proj|down_proj)\[(\d+)\]$"), r".experts.\2.\1.weight"),  # see _read_weights
 )
 _MTP = re.compile(r"^(backbone\.|model\.)?mtp\.")
-_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)(\..*)$")
 
 
 def _read_weights(path: Path, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -386,19 +327,19 @@ def _read_weights(path: Path, hf: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     Stacked experts (E, out, in) (transformers' in-memory layout) are read as ``…experts.up_proj[e]``,
     which the aliases rename to the per-expert key, so the per-expert rules read both layouts.
     """
-    files = weight_files(path)
-    mtp = {k for k in files if _MTP.match(k)}
-    if mtp or (isinstance(hf.get("num_nextn_predict_layers"), int) and hf["num_nextn_predict_layers"] > 0):
-        logger.warning(
-            "%s: dropping the MTP layers (%d tensors): Hugging Face NemotronH does not run them", path, len(mtp)
-        )
-    state, experts = {}, _hf_value(hf, "n_routed_experts")
-    for key, t in read_tensors(path, [k for k in files if k not in mtp], verify=False).items():
+    files, experts = weight_files(path), _hf_value(hf, "n_routed_experts")
+    declared = isinstance(hf.get("num_nextn_predict_layers"), int) and hf["num_nextn_predict_layers"] > 0
+    why = "Hugging Face NemotronH does not run them, and their import is not written yet"
+    mtp = hf_files.mtp_names(path, files, _MTP, why, declared)
+
+    def unstack(key: str, t: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
         # Split only into config.json's experts: a (10**8, 0, 0) tensor, a few bytes, became 10**8 views (many GB).
         stacked = t.dim() > 0 and len(t) == experts and re.search(r"\.experts\.(up|down)_proj$", key)
-        state |= {f"{key}[{e}]": t[e] for e in range(len(t))} if stacked else {key: t}
-    state, given = normalize(state, _ALIASES, str(path))
-    return state, {k: f"{path / files[g.split('[')[0]]}: {g}" for k, g in given.items()}
+        return [(f"{key}[{e}]", e, t[e]) for e in range(len(t))] if stacked else []
+
+    return hf_files.as_read(
+        path, files, read_tensors(path, [k for k in files if k not in mtp], verify=False), unstack, _ALIASES
+    )
 
 
 def _drop_zero_moe_extras(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
@@ -423,7 +364,7 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     MTP tensors and all-zero selection biases and shared experts. CheckpointError names the file and each
     offending option or tensor."""
     path = Path(path)
-    hf = hf_config(path)
+    hf = hf_files.hf_config(path)
     config = config_from_nemotron_h(hf, path / CONFIG_NAME)
     state, where = _read_weights(path, hf)
     problems = []
@@ -435,33 +376,13 @@ def import_nemotron_h(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
             elif w in state:
                 state[b] = torch.zeros(state[w].shape[0], dtype=state[w].dtype)
     rules, shapes = _rules(config, source=path / CONFIG_NAME)
-    expected = foreign_shapes(rules, shapes)
-    missing: dict[str, list[int]] = {}  # "…experts.{e}.up_proj.weight" -> missing experts: one line, not E
-    for m in (_EXPERT.match(k) for k in expected if k not in state):
-        if m:
-            missing.setdefault(f"{m[1]}{{e}}{m[3]}", []).append(int(m[2]))
-    problems += [f"{name}: no tensor for expert(s) {experts}" for name, experts in missing.items()]
-    problems += fit_problems(
-        {k: tuple(t.shape) for k, t in state.items()},
-        {k: s for k, s in expected.items() if k in state or not _EXPERT.match(k)},
-        show=lambda k: where.get(k, k),
-        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
-        counted=False,
-    )
-    if problems:
-        raise CheckpointError(f"{path}: cannot import this NemotronH model:\n  - " + "\n  - ".join(problems))
+    hf_files.check_import(path, "NemotronH", state, where, foreign_shapes(rules, shapes), problems)
     tensors = apply(rules, state, export=False)
     return _drop_zero_moe_extras(config, tensors), tensors
 
 
-def convert_from_nemotron_h(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    extra_files: Mapping[str, str | bytes] | None = None,
-) -> Path:
-    """Convert NemotronH directory ``src``, with its tokenizer and generation files and ``extra_files`` (name ->
-    content; the CLI adds our tokenizer spec naming :func:`hf_eos_token_id`), into hybridlm checkpoint ``dst``
-    (written atomically; replaces only an empty directory or a hybridlm checkpoint)."""
-    return convert_from_hf(Path(src), dst, import_nemotron_h, max_shard_size=max_shard_size, extra_files=extra_files)
+def convert_from_nemotron_h(src: str | Path, dst: str | Path, **options: Any) -> Path:
+    """Convert NemotronH directory ``src``, with its tokenizer and generation files, into hybridlm checkpoint ``dst``
+    (written atomically; replaces only an empty directory or a hybridlm checkpoint); the keyword ``options``
+    (``max_shard_size``, ``extra_files``) are :func:`~hybridlm.checkpoint.hf_files.convert_from_hf`'s."""
+    return hf_files.convert_from_hf(Path(src), dst, import_nemotron_h, **options)

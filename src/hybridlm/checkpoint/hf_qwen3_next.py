@@ -30,9 +30,9 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .adapter import Rule, apply, deinterleave, foreign_shapes, interleave, normalize, per_expert, rename
-from .hf_files import convert_from_hf, convert_to_hf, export_hf, hf_config
-from .io import CONFIG_NAME, MAX_LISTED, fit_problems, meta_shapes, weight_files
+from . import hf_files
+from .adapter import Rule, apply, foreign_shapes, interleaved, per_expert, rename
+from .io import CONFIG_NAME, errors_at, listed, meta_shapes, refuse_problems, weight_files
 from .weights import read_tensors
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ _KEYS_OF_KIND: dict[str, dict[str, tuple[str, Any]]] = {
         "norm_topk_prob": ("moe_norm_topk_prob", True),
     },
 }
-#: config.json key -> (our field, the layer kind that reads it, the default).
+#: The same, flat (:data:`~hybridlm.checkpoint.hf_files.Keys`): config.json key -> (our field, the layer kind that
+#: reads it, the default).
 _KEYS = {key: (field, kind, default) for kind, keys in _KEYS_OF_KIND.items() for key, (field, default) in keys.items()}
 #: Defaults of the keys read only to decide the layout or to refuse what we do not compute.
 _OTHER_DEFAULTS: dict[str, Any] = {
@@ -85,6 +86,19 @@ _OTHER_DEFAULTS: dict[str, Any] = {
     "attention_bias": False,
     "partial_rotary_factor": 0.25,
     "rope_theta": 10000.0,
+}
+
+#: The options Qwen3-Next computes one way only (:data:`~hybridlm.checkpoint.hf_files.Options`).
+_EXPORTABLE = {
+    "norm_zero_centered": ("", (True,), "Qwen3-Next's norms store w and scale by 1 + w"),
+    "position_embedding": ("*", ("rope",), "Qwen3-Next attention always uses RoPE"),
+    "qk_norm": ("*", (True,), "Qwen3-Next attention always has query/key RMSNorms"),
+    "attention_output_gate": ("*", (True,), "Qwen3-Next attention always has the output gate"),
+    "mlp_activation": ("-E", ("swiglu",), "Qwen3-Next MLPs and experts are SwiGLU"),
+    "moe_router_score": ("E", ("softmax",), "Qwen3-Next routes with softmax scores"),
+    "moe_router_expert_bias": ("E", (False,), "Qwen3-Next's router has no selection bias"),
+    "moe_routed_scaling": ("E", (1.0,), "Qwen3-Next does not scale routed outputs"),
+    "moe_num_groups": ("E", (1,), "Qwen3-Next has no group-limited routing"),
 }
 
 #: A canonical layer's tensor: (``mtp.0.`` in the first MTP depth, else None; its index; the mixer's tensor, None: the norm).
@@ -113,39 +127,35 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _count(hf: Mapping[str, Any], key: str, source: str | Path, least: int = 1) -> int:
+    """config.json ``hf``'s ``key`` (or its default); CheckpointError naming ``source`` unless an integer of at least
+    ``least`` (1 or 0)."""
+    n = _value(hf, key)
+    if not _is_int(n) or n < least:
+        raise CheckpointError(f"{source}: {key} must be a {'positive' if least else 'non-negative'} integer, got {n!r}")
+    return n
+
+
 def _layers(hf: Mapping[str, Any], source: str | Path, mtp: bool = False) -> str:
     """The canonical pattern of config.json ``hf``: per decoder layer its sequence mixer (``layer_types``, else every
     ``full_attention_interval``-th layer attention, as transformers derives it), then ``E`` where transformers builds
     a sparse MoE block (not in ``mlp_only_layers``, ``num_experts`` > 0, layer + 1 a multiple of
     ``decoder_sparse_step``), else ``-``. ``mtp``: then the one MTP depth vLLM builds, a full-attention decoder
     layer whose channel mixer is layer 0's (vLLM reads the index 0 from its name, ``mtp.layers.0``)."""
-    n = _value(hf, "num_hidden_layers")
-    if not _is_int(n) or n < 1:
-        raise CheckpointError(f"{source}: num_hidden_layers must be a positive integer, got {n!r}")
+    n = _count(hf, "num_hidden_layers", source)
     types = hf.get("layer_types")
     if types is None:
-        interval = _value(hf, "full_attention_interval")
-        if not _is_int(interval) or interval < 1:
-            raise CheckpointError(f"{source}: full_attention_interval must be a positive integer, got {interval!r}")
+        interval = _count(hf, "full_attention_interval", source)
         types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n)]
-    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-        raise CheckpointError(f"{source}: layer_types must be a list of strings, got {types!r}")
-    unknown = sorted({t for t in types if t not in SYMBOL_OF_LAYER_TYPE})
-    if unknown:
-        raise CheckpointError(
-            f"{source}: layer_types has unknown layer types {unknown}; known: {', '.join(SYMBOL_OF_LAYER_TYPE)}"
-        )
+    mixers = hf_files.layer_symbols(types, "layer_types", SYMBOL_OF_LAYER_TYPE, source)
     if len(types) != n:
         raise CheckpointError(f"{source}: layer_types lists {len(types)} layers, but num_hidden_layers is {n}")
-    dense, step, experts = hf.get("mlp_only_layers") or [], _value(hf, "decoder_sparse_step"), _value(hf, "num_experts")
+    dense = hf.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(_is_int(i) for i in dense):
         raise CheckpointError(f"{source}: mlp_only_layers must be a list of layer indices, got {dense!r}")
-    if not _is_int(step) or step < 1:
-        raise CheckpointError(f"{source}: decoder_sparse_step must be a positive integer, got {step!r}")
-    if not _is_int(experts) or experts < 0:
-        raise CheckpointError(f"{source}: num_experts must be a non-negative integer, got {experts!r}")
+    step, experts = _count(hf, "decoder_sparse_step", source), _count(hf, "num_experts", source, least=0)
     sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)]
-    pattern = "".join(SYMBOL_OF_LAYER_TYPE[t] + ("E" if moe else "-") for t, moe in zip(types, sparse))
+    pattern = "".join(s + ("E" if moe else "-") for s, moe in zip(mixers, sparse))
     return pattern + (f"/*{pattern[1]}" if mtp else "")
 
 
@@ -194,12 +204,10 @@ def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     which errors name): the canonical (unfused) pattern, gated attention with partial RoPE and q/k norms,
     zero-centred norms, SwiGLU MLPs and experts, softmax routing and a gated shared expert in every MoE layer;
     ``mtp``: with Qwen3-Next's MTP head as one MTP depth (:func:`_layers`), ``/*E`` where layer 0 is a MoE."""
-    if hf.get("model_type") != HF_MODEL_TYPE:
-        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not {HF_MODEL_TYPE!r}")
+    hf_files.check_model_type(hf, HF_MODEL_TYPE, source, "qwen3-next")
     pattern = _layers(hf, source, mtp)
-    if problems := _problems(hf, used := set(pattern) - {"/"}):
-        raise CheckpointError(f"{source}: this Qwen3-Next model cannot be imported:\n  - " + "\n  - ".join(problems))
-    fields = {field: _value(hf, key) for key, (field, kind, _) in _KEYS.items() if not kind or kind in used}
+    refuse_problems(f"{source}: this Qwen3-Next model cannot be imported", _problems(hf, used := set(pattern) - {"/"}))
+    fields = hf_files.fields_from_hf(_KEYS, lambda key: _value(hf, key), used)
     fields |= {"pattern": pattern, "norm_zero_centered": True, "mlp_activation": "swiglu"}
     if "*" in used:
         _, theta, factor = _rope(hf)
@@ -207,18 +215,17 @@ def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
         fields |= {"qk_norm": True, "attention_output_gate": True}
     if "E" in used:
         fields |= {"moe_router_score": "softmax", "moe_shared_expert_gate": True}
-    try:
+    with errors_at(f"{source}: does not describe a valid model", ConfigError, TypeError):
         return ModelConfig(**fields)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{source}: does not describe a valid model: {e}") from None
 
 
 def _rules(
-    c: ModelConfig, source: object = "the model config", mtp: int | None = None
+    c: ModelConfig, dtype: torch.dtype | None = None, source: object = "the model config", mtp: int | None = None
 ) -> tuple[list[Rule], dict[str, tuple[int, ...]]]:
     """The rules and canonical shapes of ``c``'s main stack and its first ``mtp`` MTP depths (0 or 1; None: all of
     them), each an unfused pattern of (sequence mixer, channel mixer) pairs: q_proj holds ``[q_h | gate_h]`` per head
-    h (our q_proj and gate_proj), experts one matrix each."""
+    h (our q_proj and gate_proj), experts one matrix each (the same in every ``dtype``: Qwen3-Next has no tensor for
+    us to fill)."""
     layers, mtp_layers = c.parsed.layers, c.parsed.mtp_layers
     depths = c.parsed.mtp_depths if mtp is None else mtp
     shapes = meta_shapes(c.replace(pattern=layers + ("/" + mtp_layers) * depths), source)
@@ -236,16 +243,9 @@ def _rules(
             rules.append(rename(name, p + ("post_attention_layernorm" if second else "input_layernorm") + ".weight"))
         elif symbol == "G":
             rules.append(rename(name, p + "linear_attn." + rest))
-        elif symbol == "*" and rest == "q_proj.weight":
+        elif symbol == "*" and rest == "q_proj.weight":  # with gate_proj: [q_h | gate_h] per head h
             q = (name, name.replace("q_proj", "gate_proj"))
-            rules.append(
-                Rule(
-                    q,
-                    (p + "self_attn.q_proj.weight",),
-                    lambda ts: [interleave(ts, heads)],
-                    lambda ts: deinterleave(ts[0], heads, [d, d]),
-                )
-            )
+            rules.append(interleaved(q, p + "self_attn.q_proj.weight", heads, [d, d]))
         elif symbol == "*" and rest != "gate_proj.weight":
             rules.append(rename(name, p + "self_attn." + rest))
         elif rest.startswith("experts."):
@@ -258,16 +258,15 @@ def _rules(
 def _has_mtp(path: Path, files: Mapping[str, str]) -> bool:
     """Whether the tensors ``files`` names (of directory ``path``) hold the one-layer MTP head this module maps
     (``mtp.layers.0.*``, the published checkpoints' head); other MTP tensors are left out, with a warning."""
-    mtp = sorted(k for k in files if _MTP.match(k))
-    layers = {int(m[1]) for k in mtp if (m := _MTP_LAYER.match(k))}
-    if not mtp or layers == {0}:
-        return bool(mtp)
+    layers = {int(m[1]) for k in files if (m := _MTP_LAYER.match(k))}
+    if layers == {0}:
+        return True
     why = (
         f"{len(layers)} MTP layers share one mtp.fc and its norms, where each of our MTP depths has its own"
         if len(layers) > 1
         else "they hold no MTP decoder layer (mtp.layers.0.*)"
     )
-    logger.warning("%s: dropping the MTP tensors (%d, e.g. %s): %s", path, len(mtp), mtp[0], why)
+    hf_files.mtp_names(path, files, _MTP, why)  # a warning where there are any
     return False
 
 
@@ -281,21 +280,20 @@ def _read_weights(
     if config.tie_embeddings and "lm_head.weight" in files:
         skip.add("lm_head.weight")
         logger.warning("%s: tie_word_embeddings is true: lm_head.weight is not read (the head is the embedding)", path)
-    state: dict[str, torch.Tensor] = {}
-    given: dict[str, str] = {}
     E, F = config.moe_num_experts, config.moe_ffn_hidden_size
-    for key, t in read_tensors(path, [k for k in files if k not in skip], verify=False).items():
+
+    def unstack(key: str, t: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
         stacked = _STACKED.match(key)
-        if stacked and t.dim() == 3 and len(t) == E:  # split only into config.json's experts
-            parts = ("gate_proj", "up_proj") if stacked[2] == "gate_up_proj" else ("down_proj",)
-            for e in range(E):
-                for n, part in zip(parts, t[e].split(F) if len(parts) > 1 else (t[e],)):
-                    state[f"{stacked[1]}.{e}.{n}.weight"] = part
-                    given[f"{stacked[1]}.{e}.{n}.weight"] = f"{path / files[key]}: {key}[{e}]"
-        else:
-            state[key], given[key] = t, f"{path / files[key]}: {key}"
-    state, _ = normalize(state, (), str(path))  # floating, dense tensors only
-    return state, given
+        if not (stacked and t.dim() == 3 and len(t) == E):  # split only into config.json's experts
+            return []
+        parts = ("gate_proj", "up_proj") if stacked[2] == "gate_up_proj" else ("down_proj",)
+        return [
+            (f"{stacked[1]}.{e}.{n}.weight", e, part)
+            for e in range(E)
+            for n, part in zip(parts, t[e].split(F) if len(parts) > 1 else (t[e],))
+        ]
+
+    return hf_files.as_read(path, files, read_tensors(path, [k for k in files if k not in skip], verify=False), unstack)
 
 
 def import_qwen3_next(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -304,26 +302,19 @@ def import_qwen3_next(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     CheckpointError names the file and each offending option or tensor."""
     path = Path(path)
     files = weight_files(path)
-    config = config_from_qwen3_next(hf_config(path), path / CONFIG_NAME, mtp=_has_mtp(path, files))
+    config = config_from_qwen3_next(hf_files.hf_config(path), path / CONFIG_NAME, mtp=_has_mtp(path, files))
     state, where = _read_weights(path, files, config)
-    rules, shapes = _rules(config, path / CONFIG_NAME)
-    problems = fit_problems(
-        {k: tuple(t.shape) for k, t in state.items()},
-        foreign_shapes(rules, shapes),
-        show=lambda k: where.get(k, k),
-        wrong_shape="{name} has shape {got}, but " + CONFIG_NAME + " implies {want}",
-    )
-    if problems:
-        raise CheckpointError(f"{path}: cannot import this Qwen3-Next model:\n  - " + "\n  - ".join(problems))
+    rules, shapes = _rules(config, source=path / CONFIG_NAME)
+    hf_files.check_import(path, "Qwen3-Next", state, where, foreign_shapes(rules, shapes))
     return config, apply(rules, state, export=False)
 
 
 def convert_from_qwen3_next(src: str | Path, dst: str | Path, **options: Any) -> Path:
-    """Convert Qwen3-Next directory ``src``, with its tokenizer and generation files and ``extra_files`` (name ->
-    content; the CLI adds our tokenizer spec naming :func:`~hybridlm.checkpoint.hf_files.hf_eos_token_id`), into
-    hybridlm checkpoint ``dst`` (written atomically; replaces only an empty directory or a hybridlm checkpoint).
-    The pattern written is the canonical, unfused one; ``hybridlm.load(dst, pattern=...)`` takes any brackets."""
-    return convert_from_hf(Path(src), dst, import_qwen3_next, **options)
+    """Convert Qwen3-Next directory ``src`` into hybridlm checkpoint ``dst``, as
+    :func:`~hybridlm.checkpoint.hf_nemotron.convert_from_nemotron_h` does for NemotronH: the same keyword
+    ``options``, the same files. The pattern written is the canonical, unfused one; ``hybridlm.load(dst,
+    pattern=...)`` takes any brackets."""
+    return hf_files.convert_from_hf(Path(src), dst, import_qwen3_next, **options)
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -340,47 +331,22 @@ def check_exportable(config: ModelConfig) -> None:
         f"{2 * k}-{2 * k + 1} '{p}'" for k, p in enumerate(pairs) if len(p) < 2 or p[0] not in "G*" or p[1] not in "E-"
     ]
     if odd:
-        more = " ..." if len(odd) > MAX_LISTED else ""
         problems.append(
             "a Qwen3-Next decoder layer is a sequence mixer (G or *) then a channel mixer (E or -); canonical layers "
-            + ", ".join(odd[:MAX_LISTED])
-            + more
-            + " are not such a pair"
+            f"{listed(odd)} are not such a pair"
         )
-    if not c.norm_zero_centered:
-        problems.append("norm_zero_centered=False: Qwen3-Next's norms store w and scale by 1 + w")
-    if "*" in used:
-        if c.position_embedding != "rope":
-            problems.append(f"position_embedding={c.position_embedding!r}: Qwen3-Next attention always uses RoPE")
-        elif int(c.resolved_head_dim * c.rotary_percent) != c.rotary_dim:
-            problems.append(
-                f"rotary_percent={c.rotary_percent} of head_dim={c.resolved_head_dim}: transformers would rotate "
-                f"{int(c.resolved_head_dim * c.rotary_percent)} channels, an odd number (we rotate {c.rotary_dim})"
-            )
-        if not c.qk_norm:
-            problems.append("qk_norm=False: Qwen3-Next attention always has query/key RMSNorms")
-        if not c.attention_output_gate:
-            problems.append("attention_output_gate=False: Qwen3-Next attention always has the output gate")
-    if used & {"-", "E"} and c.mlp_activation != "swiglu":
-        problems.append(f"mlp_activation={c.mlp_activation!r}: Qwen3-Next MLPs and experts are SwiGLU")
-    if "E" in used:
-        if c.moe_router_score != "softmax":
-            problems.append(f"moe_router_score={c.moe_router_score!r}: Qwen3-Next routes with softmax scores")
-        if c.moe_router_expert_bias:
-            problems.append("moe_router_expert_bias=True: Qwen3-Next's router has no selection bias")
-        if c.moe_routed_scaling != 1.0:
-            problems.append(f"moe_routed_scaling={c.moe_routed_scaling}: Qwen3-Next does not scale routed outputs")
-        if c.moe_num_groups != 1:
-            problems.append(f"moe_num_groups={c.moe_num_groups}: Qwen3-Next has no group-limited routing")
-        if not (c.moe_shared_expert_ffn_hidden_size and c.moe_shared_expert_gate):
-            problems.append(
-                "Qwen3-Next's MoE always has a shared expert with a shared_expert_gate: set "
-                "moe_shared_expert_ffn_hidden_size > 0 and moe_shared_expert_gate=True"
-            )
-    if problems:
-        raise CheckpointError(
-            f"pattern '{config.pattern}' cannot be exported as Hugging Face Qwen3-Next:\n  - " + "\n  - ".join(problems)
+    rotated = int(c.resolved_head_dim * c.rotary_percent)
+    if "*" in used and c.position_embedding == "rope" and rotated != c.rotary_dim:
+        problems.append(
+            f"rotary_percent={c.rotary_percent} of head_dim={c.resolved_head_dim}: transformers would rotate "
+            f"{rotated} channels, an odd number (we rotate {c.rotary_dim})"
         )
+    if "E" in used and not (c.moe_shared_expert_ffn_hidden_size and c.moe_shared_expert_gate):
+        problems.append(
+            "Qwen3-Next's MoE always has a shared expert with a shared_expert_gate: set "
+            "moe_shared_expert_ffn_hidden_size > 0 and moe_shared_expert_gate=True"
+        )
+    hf_files.refuse_export(config, "Qwen3-Next", _EXPORTABLE, problems)
 
 
 def _mtp_kept(config: ModelConfig) -> tuple[int, str]:
@@ -417,8 +383,7 @@ def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
         "decoder_sparse_step": 1,
     }
     hf |= {k: v for k, v in _OTHER_DEFAULTS.items() if k in ("hidden_act", "attention_bias")}
-    for key, (field, kinds, default) in _KEYS.items():
-        hf[key] = getattr(c, f"resolved_{field}", getattr(c, field)) if not kinds or used & set(kinds) else default
+    hf |= hf_files.hf_keys(c, _KEYS, used, every=True)
     if "E" not in used:
         hf["num_experts"] = 0  # every channel mixer is a dense MLP
     if "*" in used:
@@ -439,13 +404,13 @@ def export_qwen3_next(
     """(config.json, tensors under Qwen3-Next's keys) of a model's canonical tensors: see
     :func:`~hybridlm.checkpoint.hf_files.export_hf`."""
     mtp = _mtp_kept(config)
-    return export_hf(
+    return hf_files.export_hf(
         config,
         canonical,
         check_exportable,
         "transformers' Qwen3NextForCausalLM",
-        lambda kept: _rules(config, mtp=mtp[0]),
-        lambda dtype: qwen3_next_config(config, dtype),
+        lambda c, dtype: _rules(c, dtype, mtp=mtp[0]),
+        qwen3_next_config,
         mtp,
     )
 
@@ -457,4 +422,6 @@ def convert_to_qwen3_next(src: str | Path, dst: str | Path, **options: Any) -> P
     ``options`` (``max_shard_size``, ``verify``, ``eos_token_id``, ``extra_files``), the same files, and the MTP
     head where :func:`_mtp_kept` writes one (the MTP depths it cannot write are dropped with a warning)."""
     options["mtp_depths"] = lambda config: _mtp_kept(config)[0]  # the MTP depths it reads
-    return convert_to_hf(Path(src), dst, HF_MODEL_TYPE, "Qwen3-Next", check_exportable, export_qwen3_next, **options)
+    return hf_files.convert_to_hf(
+        Path(src), dst, HF_MODEL_TYPE, "Qwen3-Next", check_exportable, export_qwen3_next, **options
+    )

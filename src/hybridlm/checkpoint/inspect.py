@@ -50,6 +50,16 @@ _DTYPES = {
     "C64": torch.complex64,
 }
 
+#: model_type -> the pattern of the Hugging Face formats we import, read from config.json as the import reads it (as
+#: symbols, whichever key transformers wrote; the canonical, unfused pattern).
+_HF_PATTERNS = {
+    HF_MODEL_TYPE: _hf_layers,
+    # with the MTP depth the import reads where the folder holds Qwen3-Next's MTP head
+    qwen3_next.HF_MODEL_TYPE: lambda cfg, path: qwen3_next._layers(
+        cfg, path, qwen3_next._has_mtp(path, weight_files(path))
+    ),
+}
+
 
 def _tensor_summary(files: list[Path], listed: dict[str, str] | None) -> dict[str, Any]:
     """Tensors, elements and dtypes from the headers (``listed``'s names, if given); bytes as the files hold them."""
@@ -102,12 +112,9 @@ def describe(path: str | Path) -> dict[str, Any]:
             info.update(pattern=model.pattern, canonical=model.parsed.canonical)
         elif cfg.get("model_type"):
             pattern = cfg.get("hybrid_override_pattern") or cfg.get("layers_block_type")
-            if cfg["model_type"] == HF_MODEL_TYPE:  # as symbols, whichever key transformers wrote
+            if (layers := _HF_PATTERNS.get(cfg["model_type"])) is not None:
                 with contextlib.suppress(CheckpointError):
-                    pattern = _hf_layers(cfg, path)
-            elif cfg["model_type"] == qwen3_next.HF_MODEL_TYPE:  # the canonical pattern the import writes
-                with contextlib.suppress(CheckpointError):
-                    pattern = qwen3_next._layers(cfg, path, qwen3_next._has_mtp(path, weight_files(path)))
+                    pattern = layers(cfg, path)
             info.update(kind=f"Hugging Face {cfg['model_type']}", pattern=pattern, config=cfg)
         else:
             info.update(kind="directory with config.json", config=cfg)
@@ -139,7 +146,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         check_fit(_stand_ins(shapes, path), meta_shapes(model, path / CONFIG_NAME), str(path))
         if "E" in model.symbols:  # what one token uses: the file's tensors less each MoE layer's idle experts
             summary["active_parameters"] = summary["parameters"] - _idle_params(model)
-    elif info["kind"] in (f"Hugging Face {HF_MODEL_TYPE}", f"Hugging Face {qwen3_next.HF_MODEL_TYPE}") and (
+    elif info["kind"] in {f"Hugging Face {t}" for t in _HF_PATTERNS} and (
         odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if mtp_read or not _MTP.match(k)}, path))
     ):
         raise CheckpointError(f"{path}: {odd[0]}")

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +68,22 @@ def publish(file: Path) -> None:
     fsync(file)
 
 
+def hidden(path: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``path`` for it while it is being written (``kind`` "tmp") or deleted ("old",
+    "del"): ``.NAME.KIND-ID``, which :func:`remove_leftovers` knows."""
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
 def remove_directory(path: Path) -> None:
     """Delete ``path`` so that it vanishes at once: renamed to a hidden ``.name.del-<id>`` first (one
     atomic step), then removed. A crash mid-way leaves only the hidden folder, never a visible half
     (a listing would otherwise show a checkpoint that no longer loads)."""
-    hidden = path.parent / f".{path.name}.del-{uuid.uuid4().hex[:8]}"
+    gone = hidden(path, "del")
     try:
-        os.replace(path, hidden)
+        os.replace(path, gone)
     except FileNotFoundError:
         return
-    shutil.rmtree(hidden, ignore_errors=True)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 #: The hidden names of an unfinished write: ``.NAME.tmp-ID`` (being written), ``.NAME.old-ID`` / ``.NAME.del-ID``
@@ -150,6 +156,16 @@ def read_json(file: Path, missing: str) -> dict[str, Any]:
     return data
 
 
+def peek_json(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``, or {} where there is none to read (absent, a FIFO or a folder, not JSON, not an
+    object): for a look that decides nothing alone (what to name, whether a folder may be replaced)."""
+    try:  # (regular's CheckpointError is a ValueError)
+        data = json.loads(regular(file).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def check_format(data: Mapping[str, Any], file: Path, kind: str, format: str, version: int) -> None:
     """Refuse JSON ``data`` from ``file`` unless it is a ``kind`` (key ``format``) of at most ``version``."""
     if data.get("format") != format:
@@ -175,10 +191,8 @@ def destination(path: str | Path, source: str | Path | None = None) -> Path:
 
 def resolved(path: str | Path) -> Path:
     """``path`` with its links resolved; CheckpointError for a link loop, or a file where a folder must be."""
-    try:
+    with errors_at(f"{path}: cannot resolve it", RuntimeError, OSError):  # a link loop: RuntimeError before 3.13
         real = Path(path).resolve()
-    except (RuntimeError, OSError) as e:  # a link loop: RuntimeError before Python 3.13, OSError since
-        raise CheckpointError(f"{path}: cannot resolve it ({e})") from None
     if file := next((p for p in real.parents if p.exists() and not p.is_dir()), None):
         raise CheckpointError(f"{path}: {file} is a file, not a folder")
     return real
@@ -207,7 +221,7 @@ def commit_directory(tmp: Path, path: Path, check: Callable[[], None] = lambda: 
     if path.is_dir() and _exchange(tmp, path):
         shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
     else:
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        old = hidden(path, "old")
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, old)
         os.replace(tmp, path)
@@ -221,9 +235,9 @@ def check_replaceable(path: Path, key: str, value: Any, what: str, file: str = C
     has ``key: value`` (``what`` names the kind of directory it must be)."""
     if not path.exists():
         return
-    try:
-        same = not any(path.iterdir()) or json.loads(regular(path / file).read_text()).get(key) == value
-    except (OSError, ValueError, AttributeError, RecursionError):  # a file, or no readable config.json object
+    try:  # (``value`` is never None: a file without ``key`` is another kind)
+        same = not any(path.iterdir()) or peek_json(path / file).get(key) == value
+    except OSError:  # a file
         same = False
     if not same:
         raise CheckpointError(f"{path} exists and is not {what}; refusing to replace it")
@@ -278,7 +292,7 @@ def write_directory(
     for name in extra_files or ():  # ours to write (weights, index, config.json), or outside the folder
         if Path(name).name != name or name in ("", ".", "..", CONFIG_NAME, INDEX_NAME) or name.endswith(".safetensors"):
             raise CheckpointError(f"extra file {name!r}: must be a file name other than the weights' and {CONFIG_NAME}")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = hidden(path, "tmp")
 
     def check() -> None:
         check_replaceable(path, key, config[key], what)
@@ -314,7 +328,7 @@ def replace_file(path: Path, write: Callable[[Path], None], *more: tuple[Path, C
         for file, writer in ((path, write), *more):
             file = resolved(file)
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = tmps[file] = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp = tmps[file] = hidden(file, "tmp")
             written(file, writer, tmp)
             publish(tmp)
         for file, tmp in tmps.items():
@@ -420,11 +434,7 @@ def weight_files(path: str | Path) -> dict[str, str]:
     path = Path(path)
     index = path / INDEX_NAME
     if index.exists():
-        regular(index)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        weight_map = read_json(index, f"{index}: missing").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not a JSON object")
         for name in set(weight_map.values()):  # a bare *.safetensors name: a file inside the checkpoint folder
@@ -450,6 +460,29 @@ def weight_files(path: str | Path) -> dict[str, str]:
 
 
 # -- checking --------------------------------------------------------------------------------------
+
+
+def listed(names: Sequence[str]) -> str:
+    """``names`` joined by commas, the first :data:`MAX_LISTED` of them, then " ..." where there are more."""
+    return ", ".join(names[:MAX_LISTED]) + (" ..." if len(names) > MAX_LISTED else "")
+
+
+def refuse_problems(what: str, problems: Sequence[str]) -> None:
+    """Raise CheckpointError ``what`` (where, and what was refused) with each of ``problems`` on a line of its own,
+    if there are any: a refusal lists every reason at once, not the first."""
+    if problems:
+        raise CheckpointError(f"{what}:\n  - " + "\n  - ".join(problems))
+
+
+@contextlib.contextmanager
+def errors_at(where: object, *kinds: type[Exception]) -> Iterator[None]:
+    """Re-raise an error of ``kinds`` (default: CheckpointError) from inside as a CheckpointError that starts with
+    ``where``: the caller knows which file or folder was read, the code it calls does not."""
+    kinds = kinds or (CheckpointError,)
+    try:
+        yield
+    except kinds as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def fit_problems(
@@ -499,12 +532,10 @@ def refuse_meta(tensors: Mapping[str, Any], doing: str, error: Callable[[str], E
     meta = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
     if not meta:
         return
-    if len(meta) == len(tensors) > 1:  # a model built on meta: its first name says enough
-        listed = f"all {len(meta)} of them: {meta[0]}, ..."
-    else:
-        listed = ", ".join(meta[:MAX_LISTED]) + (" ..." if len(meta) > MAX_LISTED else "")
+    # A model built on meta: its first name says enough.
+    names = f"all {len(meta)} of them: {meta[0]}, ..." if len(meta) == len(tensors) > 1 else listed(meta)
     raise error(
-        f"{doing}: tensors on the meta device, without values ({listed}); allocate the model with "
+        f"{doing}: tensors on the meta device, without values ({names}); allocate the model with "
         "model.to_empty(device=...), then give it values with model.init_weights() or by loading weights into it"
     )
 
@@ -513,7 +544,7 @@ def not_floating(tensors: Mapping[str, Any]) -> list[str]:
     """The problem line naming the tensors of ``tensors`` that are not floating point, if any: weights are, and an
     integer one would be cast into the model without a word."""
     odd = [f"{k} ({t.dtype})" for k, t in tensors.items() if isinstance(t, torch.Tensor) and not t.is_floating_point()]
-    return ["not floating point: " + ", ".join(odd[:MAX_LISTED])] if odd else []
+    return ["not floating point: " + listed(odd)] if odd else []
 
 
 def dominant_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:

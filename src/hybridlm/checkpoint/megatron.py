@@ -23,6 +23,7 @@ from .adapter import (
     deinterleave,
     foreign_shapes,
     interleave,
+    interleaved,
     normalize,
     per_expert,
     rename,
@@ -31,10 +32,11 @@ from .adapter import (
 )
 from .io import (
     DEFAULT_MAX_SHARD_SIZE,
-    MAX_LISTED,
     check_fit,
     check_shard_size,
+    errors_at,
     full_cpu,
+    listed,
     load_safetensors,
     replace_file,
     resolved,
@@ -61,9 +63,7 @@ def _qkv_rule(c: ModelConfig) -> Rule:
     per_group = c.num_attention_heads // ng * d
     parts = ("q", "gate", "k", "v") if c.attention_output_gate else ("q", "k", "v")
     sizes = [per_group if p in ("q", "gate") else d for p in parts]
-    names = tuple(f"mixer.{p}_proj.weight" for p in parts)
-    fused = ("self_attention.linear_qkv.weight",)
-    return Rule(names, fused, lambda ts: [interleave(ts, ng)], lambda ts: deinterleave(ts[0], ng, sizes))
+    return interleaved(tuple(f"mixer.{p}_proj.weight" for p in parts), "self_attention.linear_qkv.weight", ng, sizes)
 
 
 def _mlp_rules(c: ModelConfig, canonical: str, megatron: str, experts: int = 0) -> list[Rule]:
@@ -275,7 +275,7 @@ def from_megatron(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str,
     listing missing, unexpected or mis-shaped tensors by the name given."""
     if bad := _not_tensors(state):  # e.g. a file's {"model": state_dict} (a dict has no shape: an AttributeError)
         raise CheckpointError(
-            "Megatron state dict: these entries are not tensors: " + ", ".join(bad[:MAX_LISTED]) + " "
+            "Megatron state dict: these entries are not tensors: " + listed(bad) + " "
             "(load_megatron reads the state dict out of a torch.save file's {'model': state_dict})"
         )
     weights = {k: t for k, t in state.items() if not _is_extra_state(k)}
@@ -384,7 +384,7 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     if bad := _not_tensors(obj):
         raise CheckpointError(
             f"{path}: expected a state dict of tensors (or {{'model': state_dict}}); these entries are not tensors: "
-            + ", ".join(bad[:MAX_LISTED])
+            + listed(bad)
         )
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
@@ -454,10 +454,8 @@ def convert_to_megatron(src: str | Path, dst: str | Path, verify: bool = True) -
     if "E" in config.parsed.layers + config.parsed.mtp_layers and (routing := _routing_differences(config)):
         logger.warning("%s: Megatron-core routes its MoE layers otherwise: %s", src, "; ".join(routing))
     canonical = read_tensors(src, verify=verify)
-    try:
+    with errors_at(src):  # its config.json and weights disagree: say which folder
         tensors = to_megatron(config, canonical)
-    except CheckpointError as e:  # its config.json and weights disagree: say which folder
-        raise CheckpointError(f"{src}: {e}") from None
     # The sidecar is renamed first: an interrupted export leaves a file this command may replace when rerun.
     return save_megatron(tensors, dst, config)
 
@@ -480,13 +478,9 @@ def convert_from_megatron(
             f"(a hybridlm ModelConfig JSON) or place it at {sidecar}"
         )
     given = "the model config given" if config is not None else f"the model config of {sidecar}"
-    try:
+    with errors_at(f"{sidecar}: invalid model config", ConfigError):
         config = config if config is not None else ModelConfig.from_json(sidecar)
-    except ConfigError as e:
-        raise CheckpointError(f"{sidecar}: invalid model config: {e}") from None
     state = load_megatron(src)
-    try:
+    with errors_at(f"{src} (read with {given})"):  # the file and the config disagree: say which file, and whose config
         canonical = from_megatron(config, state)
-    except CheckpointError as e:  # the file and the config disagree: say which file, and whose config
-        raise CheckpointError(f"{src} (read with {given}): {e}") from None
     return save_state_dict(canonical, config, dst, max_shard_size=max_shard_size)

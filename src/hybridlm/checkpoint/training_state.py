@@ -31,11 +31,12 @@ from ..errors import CheckpointError, CheckpointMismatchError
 from ..pattern import PatternError, parse
 from .canonical import canonical_name, model_name
 from .io import (
-    MAX_LISTED,
     check_format,
     check_replaceable,
     commit_directory,
     destination,
+    errors_at,
+    listed,
     load_safetensors,
     read_json,
     refuse_meta,
@@ -340,7 +341,7 @@ def _checked(
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # (int(Infinity))
             raise CheckpointError(f"{path}: damaged scheduler state in {TRAINER_STATE} ({e!r})") from None
     py, rank = extra.get("rng_python", {}), str(dist.get_rank() if _distributed() else 0)
-    try:
+    with errors_at(f"{path}: damaged RNG state", TypeError, ValueError, RuntimeError):
         key = rank if restore_rng and rank in py else "0"  # a rank the saving run did not have: rank 0's
         if restore_rng and key in py and f"rank{key}.torch" in rng:
             version, internal, gauss = py[key]
@@ -351,8 +352,6 @@ def _checked(
             for put, check, state in sets:
                 check(state)
                 puts.append(functools.partial(put, state))
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: damaged RNG state ({e})") from None
     # (The optimizer gets a state for every parameter here.)
     states = _canonical_states(model, optimizer, f"cannot load the training state {path} into the model")
     wanted = _tensors_only(states)
@@ -360,7 +359,7 @@ def _checked(
     # without its loss): it gets none back, so that its first gradient starts from step 0 as it would have.
     state_keys = [k[len("optim.") :] for k in entries if k.startswith("optim.state.")]
     if odd := [f"optim.{k}" for k in state_keys if not _OPTIM_KEY.fullmatch(k)]:  # not state.<param>.<stat>
-        raise CheckpointError(f"{path}: damaged optimizer entries in {METADATA_NAME}: {', '.join(odd[:MAX_LISTED])}")
+        raise CheckpointError(f"{path}: damaged optimizer entries in {METADATA_NAME}: {listed(odd)}")
     saved = {_OPTIM_KEY.fullmatch(k)[2] for k in state_keys}
     stateless = {_OPTIM_KEY.fullmatch(k)[2] for k in wanted.get("optim", {})} - saved
     if "optim" in wanted:

@@ -26,6 +26,7 @@ from .io import (
     check_shard_size,
     destination,
     dominant_dtype,
+    errors_at,
     file_sha256,
     full_cpu,
     load_safetensors,
@@ -192,10 +193,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def read_config(path: str | Path) -> ModelConfig:
     meta = read_metadata(path)
-    try:
+    with errors_at(f"{Path(path) / CONFIG_NAME}: invalid model config", KeyError, ConfigError):
         return ModelConfig.from_dict(meta.get("config"))  # a missing key reads as null, not as a bare KeyError
-    except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{Path(path) / CONFIG_NAME}: invalid model config: {e}") from None
 
 
 def read_tensors(path: str | Path, names: Iterable[str] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -237,10 +236,8 @@ def config_for_pattern(config: ModelConfig, pattern: str | None) -> ModelConfig:
     """``config`` with its pattern replaced by ``pattern``, refused unless only brackets and ``|`` differ."""
     if pattern is None or pattern == config.pattern:
         return config
-    try:
+    with errors_at("pattern", PatternError):
         wanted = parse(pattern)
-    except PatternError as e:
-        raise CheckpointError(f"pattern: {e}") from None
     diffs = config.parsed.differences(wanted)
     if diffs:
         raise CheckpointError(

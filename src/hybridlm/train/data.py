@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -309,11 +308,11 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
     files into a fresh folder that then takes ``out``'s place in one step (as a checkpoint is written): an existing
     ``out`` is replaced only if empty or a prepared corpus whose files are all this kind's (a run reading the old
     one keeps its open files; a tokenizer of an earlier prepare does not stay behind)."""
-    from ..checkpoint.io import commit_directory
+    from ..checkpoint.io import commit_directory, hidden
 
     out = prepared_destination(out, source)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = hidden(out, "tmp")
     tmp.mkdir()
     try:
         _write_prepared(stream, tmp, tokenizer, source)
