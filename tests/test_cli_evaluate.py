@@ -120,6 +120,17 @@ def test_batches_take_evenly_spaced_rows_and_leave_the_tail(checkpoint, corpus, 
     assert r["loss"] == pytest.approx(sums[0] / counts[0], rel=1e-12)
 
 
+def test_batches_that_take_every_row_still_leave_the_tail_as_the_trainer_does(checkpoint, corpus, capsys):
+    """--batches K of more rows than the corpus has took every row and the tail, where the trainer's validation at
+    train.eval_batches = K (all rows of a small validation split) reads whole rows only: the two losses differed."""
+    tokens, _ = stream()
+    n_rows = (len(tokens) - 1) // SEQ_LEN
+    r = evaluated(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN, "--batch-size", 2, "--batches", n_rows)
+    sums, counts = direct(hybridlm.load(checkpoint), eval_rows(n_rows, 2 * n_rows) * SEQ_LEN, SEQ_LEN)
+    assert (r["rows"], r["whole_corpus"], r["tokens"]) == (n_rows, False, counts[0])
+    assert r["loss"] == pytest.approx(sums[0] / counts[0], rel=1e-6)
+
+
 def test_json_keys_and_the_table(checkpoint, corpus, capsys):
     r = evaluated(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN)
     assert list(r) == [
@@ -214,3 +225,48 @@ def test_errors_name_their_flag(checkpoint, corpus, tmp_path, capsys, argv, mess
     code, out, err = run(capsys, *(a.format(d=tmp_path, ck=checkpoint, corpus=corpus) for a in argv))
     assert code == 2 and out == ""
     assert err.startswith(message.format(d=tmp_path, corpus=corpus)), err
+
+
+def test_an_mtp_depth_without_labels_has_no_loss_rather_than_zero(checkpoint, corpus, capsys):
+    """At --seq-len 1 no MTP label fits in a row: its loss was reported as 0.0 and its perplexity as 1.0, a
+    perfect score, where there is none to report."""
+    r = evaluated(capsys, checkpoint, "--data", corpus, "--seq-len", 1, "--batches", 2)
+    assert r["tokens"] > 0 and r["loss"] is not None
+    assert r["mtp"] == [{"depth": 1, "tokens": 0, "loss": None, "perplexity": None}]
+    code, out, _ = run(capsys, checkpoint, "--data", corpus, "--seq-len", 1, "--batches", 2)
+    assert code == 0 and "MTP depth 1  no labels in these rows (depth 1 needs --seq-len above 1)" in out
+
+
+def test_the_runs_validation_rows_give_its_logged_val_loss(tmp_path, capsys):
+    """What docs/training.md promises: eval of a run's model on its validation documents, in their order, at the
+    run's seq_len, batch_size and eval_batches, is the val_loss the trainer logged for the same weights."""
+    from hybridlm.train.data import TokenStream, split
+    from tests.helpers import short_documents
+
+    corpus = short_documents(tmp_path / "c.jsonl")
+    sets = [
+        f"data.source={corpus}",
+        "data.seq_len=24",
+        "data.val_fraction=0.3",
+        "train.batch_size=2",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=3",
+        "model.pattern=M-*-",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.mamba_head_dim=16",
+    ]
+    argv = ["train", *(x for s in sets for x in ("--set", s)), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_loss = [m["val_loss"] for m in logged if m.get("step") == 2 and "val_loss" in m]
+    # The held-out documents: split's choice, read off a stream whose document i is the single token i.
+    docs = corpus.read_text().splitlines()
+    _, held = split(TokenStream(np.arange(len(docs)), np.arange(len(docs) + 1)), 0.3, 0)
+    (tmp_path / "val.jsonl").write_text("".join(docs[i] + "\n" for i in held.doc_offsets))
+    r = evaluated(
+        capsys, tmp_path / "run", "--data", tmp_path / "val.jsonl", "--seq-len", 24, "--batch-size", 2, "--batches", 3
+    )
+    assert r["rows"] == 6 and r["loss"] == pytest.approx(val_loss[0], rel=1e-6)

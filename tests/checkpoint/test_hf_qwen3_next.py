@@ -125,6 +125,21 @@ def test_stacked_experts_and_mtp_tensors_it_cannot_map(tmp_path, caplog):
     assert "2 MTP layers share one mtp.fc and its norms" in caplog.text
 
 
+def test_an_mtp_head_config_json_names_but_no_file_holds_is_warned_of(tmp_path, caplog):
+    """A folder transformers loaded and saved again (ours exported, say) keeps num_nextn_predict_layers = 1 but
+    loses the mtp.* tensors (its model has no MTP head): it imported without an MTP depth and without a word, and
+    --speculative mtp then said only that the model has no MTP depths."""
+    _, hf = saved(tmp_path, num_nextn_predict_layers=1)
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
+        config, _ = import_qwen3_next(hf)
+    assert "/" not in config.pattern
+    assert "config.json names num_nextn_predict_layers=1, but no weight file holds an mtp.* tensor" in caplog.text
+    caplog.clear()
+    with_mtp(hf)  # the head present: read, and nothing to warn of
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_qwen3_next"):
+        assert import_qwen3_next(hf)[0].pattern.endswith("/*E") and caplog.text == ""
+
+
 def rms(x, w, eps=1e-6):
     """Qwen3-Next's RMSNorm, whose stored w is zero-centred: x / rms(x) · (1 + w)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)

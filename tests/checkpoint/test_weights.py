@@ -365,17 +365,24 @@ def test_a_file_is_refused_as_a_checkpoint_by_saying_it_must_be_a_directory(tmp_
         hybridlm.load(path / "model.safetensors")
 
 
-def test_a_nemotron_h_directory_is_refused_with_the_convert_command(tmp_path):
-    """Loading a Hugging Face NemotronH folder says how to convert it; another foreign folder gets no such hint."""
+@pytest.mark.parametrize(
+    ("model_type", "name", "flag"),
+    [("nemotron_h", "NemotronH", "nemotron-h"), ("qwen3_next", "Qwen3-Next", "qwen3-next")],
+)
+def test_a_hugging_face_directory_is_refused_with_the_convert_command(tmp_path, model_type, name, flag):
+    """Loading a Hugging Face folder of a format convert reads says how to convert it (a Qwen3-Next folder was
+    only "not a hybridlm checkpoint"); another foreign folder, or a model_type of no string, gets no such hint."""
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "nemotron_h"}))
-    with pytest.raises(CheckpointError, match=r"not a hybridlm checkpoint \(this is a Hugging Face NemotronH"):
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    said = rf"not a hybridlm checkpoint \(this is a Hugging Face {name} directory: use `hybridlm convert SRC DST --from {flag}`\)"
+    with pytest.raises(CheckpointError, match=said):
         hybridlm.load(tmp_path / "hf")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError) as info:
-        hybridlm.load(tmp_path / "other")
-    assert str(info.value).endswith("not a hybridlm checkpoint") and "hybridlm convert" not in str(info.value)
+    for other, model_type in (("other", "llama"), ("odd", ["qwen3_next"])):
+        (tmp_path / other).mkdir()
+        (tmp_path / other / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(CheckpointError) as info:
+            hybridlm.load(tmp_path / other)
+        assert str(info.value).endswith("not a hybridlm checkpoint") and "hybridlm convert" not in str(info.value)
 
 
 def _flip_last_byte(file):

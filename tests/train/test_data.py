@@ -197,7 +197,7 @@ def test_a_prepared_corpus_refuses_another_tokenizer_of_the_same_size(tmp_path):
     assert first.vocab_size == second.vocab_size and first.eos_id == second.eos_id
     write_prepared(tokenize_documents(["a b c", "c b a"], first), tmp_path / "prep", first, "test")
     assert load_corpus(str(tmp_path / "prep"), first).num_docs == 2
-    with pytest.raises(DataError, match=r"prepared with another tokenizer \(tokenizer\.json differs"):
+    with pytest.raises(DataError, match=r"prepared with another tokenizer \(tokenizer\.json differs.*; prepare its"):
         load_corpus(str(tmp_path / "prep"), second)
 
 
@@ -688,7 +688,8 @@ def test_a_prepared_id_equal_to_the_vocabulary_size_or_negative_is_refused(tmp_p
 
 
 def test_a_prepared_corpus_with_another_end_of_document_id_names_the_setting(tmp_path):
-    """Same vocabulary size, another end-of-document id: the difference is data.eos_token's."""
+    """Same vocabulary size, another end-of-document id: the difference is data.eos_token's, and the way out is to
+    prepare the text again (the message said what differs, not what to do)."""
     prep, tok = _prepared(tmp_path)
     meta = json.loads((prep / "meta.json").read_text())
     (prep / "meta.json").write_text(json.dumps(meta | {"eos_id": 10}))
@@ -698,6 +699,9 @@ def test_a_prepared_corpus_with_another_end_of_document_id_names_the_setting(tmp
         info.value
     )
     assert "data.eos_token" in str(info.value)
+    assert str(info.value).endswith(
+        "; prepare its text again with that tokenizer (hybridlm prepare SOURCE OUT --tokenizer ..., --eos-token)"
+    )
 
 
 def test_split_keeps_a_document_on_each_side():

@@ -627,6 +627,7 @@ def test_a_blank_init_from_set_on_the_command_line_is_refused_by_its_name():
         (None, [], r"^train\.init_from: .*/init: no such checkpoint; train\.init_from takes a hybridlm model folder"),
         ("empty", [], r"^train\.init_from: .*missing config\.json; not a hybridlm checkpoint"),
         ("nemotron", [], r"^train\.init_from: .*use `hybridlm convert SRC DST --from nemotron-h`"),
+        ("qwen3_next", [], r"^train\.init_from: .*use `hybridlm convert SRC DST --from qwen3-next`"),
         ("model", ["model.preset=tiny"], r"^model\.preset: cannot be combined with train\.init_from"),
     ],
 )
@@ -636,8 +637,9 @@ def test_an_init_from_that_is_no_model_folder_is_refused_by_name(tmp_path, make,
         _init_folder(folder)
     elif make is not None:
         folder.mkdir()
-        if make == "nemotron":  # a Hugging Face folder, not converted
-            (folder / "config.json").write_text('{"model_type": "nemotron_h", "hidden_size": 32}')
+        if make in ("nemotron", "qwen3_next"):  # a Hugging Face folder, not converted
+            model_type = "nemotron_h" if make == "nemotron" else make
+            (folder / "config.json").write_text(f'{{"model_type": "{model_type}", "hidden_size": 32}}')
     with pytest.raises(ConfigError, match=error):
         RunConfig().with_overrides([f"train.init_from={folder}", *sets])
 

@@ -255,12 +255,23 @@ def _rules(
     return rules, shapes
 
 
-def _has_mtp(path: Path, files: Mapping[str, str]) -> bool:
+def _has_mtp(path: Path, files: Mapping[str, str], named: object = None) -> bool:
     """Whether the tensors ``files`` names (of directory ``path``) hold the one-layer MTP head this module maps
-    (``mtp.layers.0.*``, the published checkpoints' head); other MTP tensors are left out, with a warning."""
+    (``mtp.layers.0.*``, the published checkpoints' head); other MTP tensors are left out, with a warning, as is a
+    head config.json names (``named``: its ``num_nextn_predict_layers``) that no file holds."""
     layers = {int(m[1]) for k in files if (m := _MTP_LAYER.match(k))}
     if layers == {0}:
         return True
+    if _is_int(named) and named > 0 and not any(_MTP.match(k) for k in files):
+        # (a folder transformers saved again: its model has no MTP head)
+        logger.warning(
+            "%s: %s names num_nextn_predict_layers=%d, but no weight file holds an mtp.* tensor (transformers' "
+            "save_pretrained leaves the MTP head out): read without an MTP depth",
+            path,
+            CONFIG_NAME,
+            named,
+        )
+        return False
     why = (
         f"{len(layers)} MTP layers share one mtp.fc and its norms, where each of our MTP depths has its own"
         if len(layers) > 1
@@ -302,7 +313,10 @@ def import_qwen3_next(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     CheckpointError names the file and each offending option or tensor."""
     path = Path(path)
     files = weight_files(path)
-    config = config_from_qwen3_next(hf_files.hf_config(path), path / CONFIG_NAME, mtp=_has_mtp(path, files))
+    hf = hf_files.hf_config(path)
+    config = config_from_qwen3_next(
+        hf, path / CONFIG_NAME, mtp=_has_mtp(path, files, hf.get("num_nextn_predict_layers"))
+    )
     state, where = _read_weights(path, files, config)
     rules, shapes = _rules(config, source=path / CONFIG_NAME)
     hf_files.check_import(path, "Qwen3-Next", state, where, foreign_shapes(rules, shapes))

@@ -176,6 +176,10 @@ def save(
 
 # -- reading ---------------------------------------------------------------------------------------
 
+#: Hugging Face ``model_type`` -> (the format's name, ``hybridlm convert --from``'s value): a folder of one of these
+#: given where a hybridlm checkpoint is read is refused with the command that converts it.
+HF_CONVERTS = {"nemotron_h": ("NemotronH", "nemotron-h"), "qwen3_next": ("Qwen3-Next", "qwen3-next")}
+
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of checkpoint directory ``path`` (checked for format and version)."""
@@ -185,8 +189,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint is a directory (with {CONFIG_NAME} and safetensors files)")
     meta = read_json(path / CONFIG_NAME, f"{path}: missing {CONFIG_NAME}; not a hybridlm checkpoint")
-    hint = " (this is a Hugging Face NemotronH directory: use `hybridlm convert SRC DST --from nemotron-h`)"
-    kind = "hybridlm checkpoint" + (hint if meta.get("model_type") == "nemotron_h" else "")
+    kind = "hybridlm checkpoint"
+    model_type = meta.get("model_type")
+    if isinstance(model_type, str) and (foreign := HF_CONVERTS.get(model_type)):
+        name, flag = foreign
+        kind += f" (this is a Hugging Face {name} directory: use `hybridlm convert SRC DST --from {flag}`)"
     check_format(meta, path / CONFIG_NAME, kind, FORMAT, FORMAT_VERSION)
     return meta
 

@@ -77,13 +77,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace, path, result, stream, model) -> dict:
-    """The ``--json`` object (what the table shows too); a non-finite number is null (JSON has none)."""
+    """The ``--json`` object (what the table shows too); a non-finite number is null (JSON has none), as is the
+    loss and perplexity of a head without labels."""
     import math
 
-    from ..train.evaluation import perplexity
+    from ..train.evaluation import perplexity as exp
 
     def number(x: float | None) -> float | None:
         return x if x is not None and math.isfinite(x) else None
+
+    def perplexity(loss: float | None) -> float | None:
+        return None if loss is None else exp(loss)
 
     losses = result.losses()
     return {
@@ -115,25 +119,25 @@ def _table(r: dict) -> str:
     def shown(x: float | None, digits: int) -> str:
         return "not finite" if x is None else f"{x:.{digits}f}"
 
-    scope = "every row and the tail" if r["whole_corpus"] else "rows spread evenly, --batches"
+    # A head without labels (null in the JSON, as a loss that is not finite is): MTP depth d scores the token d + 1
+    # places on, in the same row and document, so rows of d tokens or fewer hold none.
+    none = "no labels in these rows"
+    scope = "every row and the tail" if r["whole_corpus"] else "the rows --batches picks, as training's validation"
     lines = [
         ("checkpoint", r["checkpoint"]),
         ("data", f"{r['data']} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
         ("rows", f"{r['rows']:,} of {r['seq_len']} tokens, {r['batch_size']} per forward; {scope}"),
         ("tokens", f"{r['tokens']:,}"),
-        ("loss", f"{shown(r['loss'], 4)} nats/token"),
-        ("perplexity", shown(r["perplexity"], 3)),
+        ("loss", f"{shown(r['loss'], 4)} nats/token" if r["tokens"] else none),
+        ("perplexity", shown(r["perplexity"], 3) if r["tokens"] else none),
     ]
     if r["bits_per_byte"] is not None:
         lines.append(("bits/byte", f"{shown(r['bits_per_byte'], 4)} ({r['bytes']:,} bytes)"))
     for m in r["mtp"]:
-        lines.append(
-            (
-                f"MTP depth {m['depth']}",
-                f"loss {shown(m['loss'], 4)} nats/token, perplexity {shown(m['perplexity'], 3)} "
-                f"({m['tokens']:,} tokens)",
-            )
-        )
+        d = m["depth"]
+        said = f"loss {shown(m['loss'], 4)} nats/token, perplexity {shown(m['perplexity'], 3)} ({m['tokens']:,} tokens)"
+        why = f" (depth {d} needs --seq-len above {d})" if r["seq_len"] <= d else ""
+        lines.append((f"MTP depth {d}", said if m["tokens"] else none + why))
     lines.append(("model", f"{r['dtype']} on {r['device']}"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
@@ -171,8 +175,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "--batches",
         default="all",
         metavar="K",
-        help="evaluate K batches of rows spread evenly over the corpus (as training's validation picks them), "
-        "or all: every row and the tail (default: all)",
+        help="evaluate K batches of rows spread evenly over the corpus, whole rows only (as training's validation "
+        "picks them, with train.eval_batches and train.batch_size), or all: every row and the tail (default: all)",
     )
     ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
     ap.add_argument(

@@ -553,7 +553,8 @@ SECTIONS = ("model", "data", "optim", "train", "parallel")
 #: What ``train.init_from`` takes, said where a folder is refused.
 INIT_FROM_TAKES = (
     "train.init_from takes a hybridlm model folder: one hybridlm.save or a run wrote (RUN/model), or a Hugging Face "
-    "NemotronH folder converted first with `hybridlm convert SRC DST --from nemotron-h`"
+    "NemotronH or Qwen3-Next folder converted first with `hybridlm convert SRC DST --from nemotron-h` (or "
+    "`--from qwen3-next`)"
 )
 
 

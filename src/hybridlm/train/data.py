@@ -461,17 +461,20 @@ def load_corpus(
     path = source_path(source)
     if is_prepared(path):
         stream, meta = read_prepared(path)
+        again = "prepare its text again with that tokenizer (hybridlm prepare SOURCE OUT --tokenizer ..., --eos-token)"
         if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
             hint = f", set by {tokenizer_keys[1]}" if meta["vocab_size"] == tokenizer.vocab_size else ""
             raise DataError(
                 f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
-                f"{tokenizer_keys[0]} has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint})"
+                f"{tokenizer_keys[0]} has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint}); {again}"
             )
         # The folder keeps the tokenizer's files: another one of the same size would map ids to other text.
         for name, content in tokenizer.files().items():
             kept = path / name
             if kept.is_file() and kept.read_bytes() != (content.encode() if isinstance(content, str) else content):
-                raise DataError(f"{path}: prepared with another tokenizer ({name} differs from {tokenizer_keys[0]}'s)")
+                raise DataError(
+                    f"{path}: prepared with another tokenizer ({name} differs from {tokenizer_keys[0]}'s); {again}"
+                )
         return stream
     docs = text_documents(source, jsonl_field, key)
     return tokenize_documents(docs, tokenizer, progress, f"{key}: {source}: the corpus")

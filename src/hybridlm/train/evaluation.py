@@ -42,7 +42,7 @@ class Evaluation:
 
     Attributes:
         rows: forwards' rows, the shorter tail row counted as one.
-        whole: every row and the tail were evaluated: each label of the corpus exactly once.
+        whole: every label of the corpus was evaluated, exactly once (every row, and the tail where there is one).
         loss_sums: summed loss in nats, of the main head, then of each MTP depth.
         tokens: labels of the main head, then of each MTP depth (a depth has fewer: it stops d tokens before
             each document's end and each row's).
@@ -56,12 +56,13 @@ class Evaluation:
     tokens: list[int]
     bytes: int | None = None
 
-    def losses(self) -> list[float]:
-        """Mean nats per label: the main head's, then each MTP depth's (0 for a head without labels)."""
-        return [s / max(n, 1) for s, n in zip(self.loss_sums, self.tokens)]
+    def losses(self) -> list[float | None]:
+        """Mean nats per label: the main head's, then each MTP depth's; None for a head without labels (an MTP
+        depth d at rows of d tokens or fewer), whose 0 over 0 would read as a perfect score."""
+        return [s / n if n else None for s, n in zip(self.loss_sums, self.tokens)]
 
     @property
-    def loss(self) -> float:
+    def loss(self) -> float | None:
         return self.losses()[0]
 
     @property
@@ -91,15 +92,18 @@ def evaluate_corpus(
         rows: the corpus's packed rows.
         batch_size: rows per forward; the last batch holds the rest, and its labels count as many as any.
         batches: at most this many batches, of rows spread evenly over the corpus (:func:`eval_rows`, the
-            trainer's choice: the same rows each time); None: every row, then the tokens after the last whole
-            row as one shorter row (:meth:`PackedRows.tail`), so that every label counts exactly once.
+            trainer's choice: the same rows each time), whole rows only as the trainer reads them, also where
+            they are every row; None: every row, then the tokens after the last whole row as one shorter row
+            (:meth:`PackedRows.tail`), so that every label counts exactly once.
         token_bytes: (vocab,) the UTF-8 bytes each id stands for, where that is fixed (the byte tokenizer's
             :meth:`~hybridlm.train.tokenizer.ByteTokenizer.token_bytes`); None: bytes not counted.
         progress: a progress bar on stderr, one step per forward.
     """
     index = eval_rows(rows.num_rows, rows.num_rows if batches is None else batches * batch_size)
-    whole = len(index) == rows.num_rows
-    tail = rows.tail() if whole else None
+    # Not the tail with ``batches``, even where they take every row: the trainer's validation, whose val_loss the
+    # same rows must give, never reads it (with a small validation split, train.eval_batches often takes all rows).
+    tail = rows.tail() if batches is None else None
+    whole = len(index) == rows.num_rows and (batches is None or rows.tail() is None)
     parts = itertools.chain(
         (rows.rows(index[i : i + batch_size]) for i in range(0, len(index), batch_size)), [tail] if tail else []
     )
