@@ -235,3 +235,19 @@ def test_gpu_session_stage_reports_a_failed_check(tmp_path, stage, failing):
         ["bash", str(script), "--no-install", stage], env=env, cwd=_PATH.parents[1], capture_output=True, text=True
     ).stdout
     assert f"=== {stage} (rc 0," in out, out
+
+
+def test_prepare_throughput_compares_the_one_at_a_time_path_with_the_same_files(tmp_path):
+    """prepare_throughput.py's "one at a time" variant is the path before batching: it must write the very files
+    `prepare_corpus` writes, or its row compares against something else."""
+    from hybridlm.train.data import prepare_corpus
+    from hybridlm.train.tokenizer import ByteTokenizer
+
+    bench = _load("prepare_throughput")
+    bench.corpus(tmp_path / "c.jsonl", 0.05)
+    assert (tmp_path / "c.jsonl").stat().st_size > 50_000
+    source, tok = str(tmp_path / "c.jsonl"), ByteTokenizer()
+    meta = bench.one_at_a_time(source, tmp_path / "old", tok)
+    assert prepare_corpus(source, tmp_path / "new", tok)[1] == meta
+    for f in (tmp_path / "old").iterdir():
+        assert (tmp_path / "new" / f.name).read_bytes() == f.read_bytes(), f.name

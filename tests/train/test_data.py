@@ -153,6 +153,9 @@ def test_prepare_refuses_its_destination_before_tokenizing(tmp_path, monkeypatch
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("x")
     monkeypatch.setattr("hybridlm.train.data.load_corpus", lambda *a, **k: pytest.fail("tokenized first"))
+    monkeypatch.setattr(
+        "hybridlm.train.data.token_batches", lambda *a, **k: pytest.fail("tokenized first"), raising=False
+    )
     assert main(["prepare", "builtin:pydoc", str(tmp_path / "notes")]) == 2
     assert "exists and is not a prepared corpus" in capsys.readouterr().err
 
@@ -1156,3 +1159,141 @@ def test_a_megatron_indexed_dataset_is_named_as_such(tmp_path, name):
     (tmp_path / "corpus_text_document.idx").write_bytes(b"MMIDIDX\x00\x00")
     with pytest.raises(DataError, match=r"is a Megatron-LM indexed dataset .*hybridlm prepare"):
         load_corpus(str(tmp_path / name), ByteTokenizer())
+
+
+# -- batched tokenization, streamed prepare ---------------------------------------------------------------------
+
+
+def _awkward_corpus(folder):
+    """A folder of the inputs whose bytes are easy to get wrong: byte-order marks, CRLF and CR line ends, empty
+    documents (an empty file, a BOM alone, an empty record), multi-byte UTF-8 and JSON escapes of it, a blank line."""
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(
+        b"\xef\xbb\xbfline one\r\nline two \xe2\x9c\x93\r\n\xe4\xb8\xad\xe6\x96\x87 caf\xc3\xa9\r"
+    )
+    (folder / "b.txt").write_bytes(b"")
+    (folder / "c.txt").write_bytes(b"\xef\xbb\xbf")
+    records = [
+        json.dumps({"text": "h\u00e9llo \u2713 \U0001f600 " * (i % 4) + str(i)}, ensure_ascii=i % 2 == 0)
+        for i in range(12)
+    ]
+    records[3:3] = [json.dumps({"text": ""}), "", json.dumps({"text": "a\r\nb\rc"})]
+    (folder / "d.jsonl").write_bytes(("\r\n".join(records[:7]) + "\n" + "\n".join(records[7:])).encode())
+    (folder / "e.ndjson").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first \u00fc"}).encode() + b"\n")
+    return folder
+
+
+def _byte_level_bpe(path):
+    """A small byte-level BPE tokenizer.json (every byte has a token, as in GPT-2's), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], initial_alphabet=alphabet)
+    hf.train_from_iterator(["hello world caf\u00e9 \u2713 line one two"] * 20, trainer)
+    hf.save(str(path))
+    return build_tokenizer(str(path))
+
+
+def _one_document_at_a_time(docs, tok):
+    """The stream as prepare built it before batches: ``encode`` per document, all of them kept, then joined."""
+    ids = [np.asarray([*tok.encode(text), tok.eos_id], dtype=np.uint16) for text in docs]
+    return TokenStream(np.concatenate(ids), np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64))
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_prepare_in_batches_writes_the_files_of_one_document_at_a_time(tmp_path, monkeypatch, kind):
+    """Batches cut by count and by characters, streamed to disk, give the same bytes in every file as the
+    document-at-a-time path (checked once against the previous release's `prepare` as well)."""
+    from hybridlm.train import data
+
+    corpus = _awkward_corpus(tmp_path / "corpus")
+    tok = ByteTokenizer() if kind == "byte" else _byte_level_bpe(tmp_path / "tok.json")
+    monkeypatch.setattr(data, "BATCH_DOCS", 3)
+    monkeypatch.setattr(data, "BATCH_CHARS", 40)
+    docs = list(text_documents(str(corpus)))
+    assert len(docs) == 18 and "" in docs and "a\r\nb\rc" in docs
+    out, meta = data.prepare_corpus(str(corpus), tmp_path / "new", tok)
+    old = _one_document_at_a_time(docs, tok)
+    ref = write_prepared(old, tmp_path / "ref", tok, str(corpus))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for file in ref.iterdir():
+        assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+    assert (out / "tokens.bin").read_bytes() == old.tokens.astype("<u2").tobytes()
+    assert np.load(out / "docs.npy").tolist() == old.doc_starts.tolist()
+    assert meta == json.loads((out / "meta.json").read_text())
+    assert (meta["num_docs"], meta["num_tokens"]) == (18, old.num_tokens)
+
+
+def test_prepare_appends_each_batch_to_its_token_file_while_it_reads(tmp_path, monkeypatch):
+    """prepare kept every document's ids in memory and wrote them after the last document was read (its peak
+    memory about twice the token array); now each batch is on disk, in the hidden folder, before the next is read."""
+    from hybridlm.cli import main
+    from hybridlm.train import data
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(6)))
+    monkeypatch.setattr(data, "BATCH_DOCS", 2, raising=False)
+    on_disk, decode = [], data.decode_line
+
+    def reading(raw, where):  # (called for each line as it is read)
+        on_disk.append(sum(f.stat().st_size for f in tmp_path.glob(".out.tmp-*/tokens.bin")))
+        return decode(raw, where)
+
+    monkeypatch.setattr(data, "decode_line", reading)
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert on_disk == [0, 0, 44, 44, 88, 88]  # two documents of 10 bytes and an end token, 2 bytes an id
+
+
+def test_documents_are_tokenized_a_batch_at_a_time(monkeypatch):
+    """One encode_batch call per batch (a tokenizer.json's threads share it), cut at BATCH_DOCS documents or at
+    BATCH_CHARS characters; the ids are those of one document at a time."""
+    from hybridlm.train import data
+
+    calls = []
+
+    class Counting(ByteTokenizer):
+        def encode(self, text):
+            calls.append("encode")
+            return super().encode(text)
+
+        def encode_batch(self, texts):
+            calls.append(len(texts))
+            return super().encode_batch(texts)
+
+    docs = [f"doc {i}" for i in range(10)]  # 5 characters each
+    monkeypatch.setattr(data, "BATCH_DOCS", 4, raising=False)
+    stream = tokenize_documents(docs, Counting())
+    assert calls == [4, 4, 2]
+    old = _one_document_at_a_time(docs, ByteTokenizer())
+    assert stream.tokens.tolist() == old.tokens.tolist() and stream.doc_starts.tolist() == old.doc_starts.tolist()
+    calls.clear()
+    monkeypatch.setattr(data, "BATCH_CHARS", 12, raising=False)  # the third document reaches 15 characters
+    tokenize_documents(docs, Counting())
+    assert calls == [3, 3, 3, 1]
+
+
+def test_a_bad_line_inside_a_batch_is_named_and_nothing_is_left(tmp_path, capsys):
+    """A record the reader refuses in the middle of a batch is named by its own line; the hidden folder goes."""
+    from hybridlm.cli import main
+
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(9)]
+    lines[4] = '{"text": 5}'
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'c.jsonl'}:5: field 'text' is not a string but a number\n"
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(line.encode() for line in lines[:4]) + b'\n{"text": "\xff"}\n')
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'c.jsonl'}:5: not UTF-8 (byte 0xff at column 11)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_the_tokenizing_bar_counts_documents(tmp_path, monkeypatch, capsys):
+    from hybridlm.cli import main
+    from hybridlm.train import data
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(7)))
+    monkeypatch.setattr(data, "BATCH_DOCS", 3, raising=False)
+    assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--progress"]) == 0
+    assert re.search(r"tokenizing: 7doc \[", capsys.readouterr().err)

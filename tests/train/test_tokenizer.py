@@ -340,3 +340,46 @@ def test_a_tokenizer_describes_itself_by_the_file_it_loaded(tmp_path):
     loaded = build_tokenizer(str(path))
     assert save("b") != first
     assert loaded.files()["tokenizer.json"] == first and loaded.encode("a") == [1]
+
+
+def test_encode_batch_gives_each_text_the_ids_of_encode(tmp_path):
+    """prepare tokenizes a batch at a time: the byte tokenizer's bytes viewed as an array, a tokenizer.json through
+    its Rust encode_batch (threads); each text's ids must be those encode gives it (the previous release's path)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from hybridlm.train.tokenizer import HFTokenizer
+
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    hf.train_from_iterator(TEXTS * 5, trainer)
+    hf.save(str(tmp_path / "bpe.json"))
+    texts = [*TEXTS, "</s> inside"]
+    assert [ids.tolist() for ids in ByteTokenizer().encode_batch(texts)] == [list(t.encode()) for t in texts]
+    tok, called = HFTokenizer(tmp_path / "bpe.json"), []
+
+    class Spy:  # which of the package's methods ran: the fast one where it has it
+        def __getattr__(self, name, inner=tok._tok):
+            method = getattr(inner, name)  # (AttributeError where the package lacks it, as without the spy)
+
+            def run(*args, **kwargs):
+                called.append(name)
+                return method(*args, **kwargs)
+
+            return run
+
+    tok._tok = Spy()
+    batch = tok.encode_batch(texts)
+    assert [ids.tolist() for ids in batch] == [hf.encode(text, add_special_tokens=False).ids for text in texts]
+    fast = hasattr(tokenizers.Tokenizer, "encode_batch_fast")
+    assert called == ["encode_batch_fast" if fast else "encode_batch"]
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 3}  # id 3 is past the 3 tokens
+    word = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    word.save(str(tmp_path / "gap.json"))
+    with pytest.raises(DataError, match=r"token 'b' has id 3, past the vocabulary's 3 tokens"):
+        HFTokenizer(tmp_path / "gap.json").encode_batch(["a", "", "a b"])

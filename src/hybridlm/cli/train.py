@@ -117,7 +117,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ..train.data import load_corpus, prepared_destination, write_prepared
+    from ..train.data import prepare_corpus, prepared_destination
     from ..train.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
@@ -127,9 +127,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     prepared_destination(args.out, args.source)  # a destination it may not replace: refused before tokenizing
     flags = ("--tokenizer", "--eos-token")
     progress = sys.stderr.isatty() if args.progress is None else args.progress  # tqdm writes to stderr
-    stream = load_corpus(args.source, tokenizer, args.jsonl_field, progress, key="source", tokenizer_keys=flags)
-    out = write_prepared(stream, args.out, tokenizer, args.source)
-    tokens, docs = stream.num_tokens, stream.num_docs
+    out, meta = prepare_corpus(
+        args.source, args.out, tokenizer, args.jsonl_field, progress, key="source", tokenizer_keys=flags
+    )
+    tokens, docs = meta["num_tokens"], meta["num_docs"]
     print(f"wrote {tokens:,} token{'s' * (tokens != 1)} of {docs:,} document{'s' * (docs != 1)} to {out}")
     return 0
 
@@ -141,7 +142,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         description="Tokenize a corpus once (a .txt file: one document; a .jsonl or .ndjson file: one document "
         "per record; a folder of such files, searched recursively, hidden files and folders left out; or "
         "builtin:pydoc) into OUT/tokens.bin (numpy "
-        "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files. Train on it with --set "
+        "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files, a batch of documents "
+        "at a time (its ids appended to the token file as it is done: memory stays bounded). Train on it with --set "
         "data.source=OUT.",
     )
     ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")

@@ -279,24 +279,84 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             yield text
 
 
-def tokenize_documents(
+#: A batch of documents is tokenized in one call when it reaches this many documents or characters, whichever comes
+#: first: enough for a tokenizer.json's threads to share, small enough to hold (a tokenizer.json's encodings of a
+#: batch of 2^20 characters, each token's id, string and masks, peaked ~50 MiB above the byte tokenizer's batch).
+BATCH_DOCS = 4096
+BATCH_CHARS = 1 << 20
+
+
+def token_dtype(tokenizer) -> np.dtype:
+    """The smallest unsigned type holding ``tokenizer``'s ids: uint16 up to 65,536 tokens, else uint32."""
+    return np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
+
+
+def token_batches(
     docs: Iterable[str], tokenizer, progress: bool = False, where: str = "the corpus"
-) -> TokenStream:
-    """Tokenize ``docs``, appending the end-of-document token to each; ``where`` names them in errors."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    chunks, lengths = [], []
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize ``docs`` a batch at a time (:data:`BATCH_DOCS` documents or :data:`BATCH_CHARS` characters), each
+    document followed by the end-of-document token; ``where`` names them in errors. A document that cannot be read
+    is named by ``docs`` when it is reached (a bad JSON Lines record by its line), whichever batch it falls in. The
+    bar (``progress``) counts the documents tokenized, a batch at a time.
+
+    Yields:
+        tokens: (N,) the batch's ids (:func:`token_dtype`), documents in order.
+        lengths: (D,) int64, each document's token count, its end-of-document token included.
+    """
+    dtype, bar, tokenized = token_dtype(tokenizer), None, False
     if progress:
         from tqdm import tqdm
 
-        docs = tqdm(docs, desc="tokenizing", unit="doc")
+        bar = tqdm(desc="tokenizing", unit="doc")
+    try:
+        for batch in _batched(docs):
+            yield _encode(batch, tokenizer, dtype)
+            tokenized = True
+            if bar is not None:
+                bar.update(len(batch))
+        if not tokenized:
+            raise DataError(f"{where} has no documents")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _batched(docs: Iterable[str]) -> Iterator[list[str]]:
+    """``docs`` in lists of :data:`BATCH_DOCS` documents, or fewer reaching :data:`BATCH_CHARS` characters."""
+    batch, chars = [], 0
     for text in docs:
-        ids = tokenizer.encode(text)
-        ids.append(tokenizer.eos_id)
-        chunks.append(np.asarray(ids, dtype=dtype))
-        lengths.append(len(ids))
-    if not chunks:
-        raise DataError(f"{where} has no documents")
-    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode(texts: list[str], tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``texts`` tokenized as one batch: (tokens (N,), lengths (D,)), as :func:`token_batches` yields them."""
+    if hasattr(tokenizer, "encode_batch"):
+        ids = tokenizer.encode_batch(texts)
+    else:  # (a tokenizer object of one's own that has only encode)
+        ids = [np.asarray(tokenizer.encode(text), dtype=np.int64) for text in texts]
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    lengths = np.fromiter((len(a) + 1 for a in ids), dtype=np.int64, count=len(ids))
+    # Cast per piece: ids were checked below the vocabulary, so each fits dtype (numpy refuses int64 -> uint16
+    # as a "same kind" cast).
+    tokens = np.concatenate([piece for a in ids for piece in (a.astype(dtype, copy=False), eos)])
+    return tokens, lengths
+
+
+def tokenize_documents(
+    docs: Iterable[str], tokenizer, progress: bool = False, where: str = "the corpus"
+) -> TokenStream:
+    """Tokenize ``docs`` (see :func:`token_batches`) into one stream held in memory."""
+    chunks, lengths = [], []
+    for tokens, sizes in token_batches(docs, tokenizer, progress, where):
+        chunks.append(tokens)
+        lengths.append(sizes)
+    starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
     return TokenStream(np.concatenate(chunks), starts)
 
 
@@ -308,6 +368,41 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
     files into a fresh folder that then takes ``out``'s place in one step (as a checkpoint is written): an existing
     ``out`` is replaced only if empty or a prepared corpus whose files are all this kind's (a run reading the old
     one keeps its open files; a tokenizer of an earlier prepare does not stay behind)."""
+    return _commit_prepared(_one_batch(stream), out, tokenizer, source)[0]
+
+
+def _one_batch(stream: TokenStream) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``stream`` as one batch of :func:`token_batches`' form: its tokens in order (a selection's gathered), and
+    its documents' lengths."""
+    tokens = stream.tokens if stream.doc_offsets is None else stream.take(np.arange(stream.num_tokens))
+    return [(tokens, np.diff(stream.doc_starts))]
+
+
+def prepare_corpus(
+    source: str,
+    out: str | Path,
+    tokenizer,
+    jsonl_field: str = "text",
+    progress: bool = False,
+    key: str = "data.source",
+    tokenizer_keys: tuple[str, str] = ("data.tokenizer", "data.eos_token"),
+) -> tuple[Path, dict]:
+    """``hybridlm prepare``: tokenize ``source`` (as :func:`load_corpus` reads it) into the prepared corpus ``out``
+    (as :func:`write_prepared` writes it) in bounded memory: each batch of documents (:func:`token_batches`) is
+    appended to ``tokens.bin`` as it is tokenized, and only the documents' offsets are kept until the end. Returns
+    the folder and its meta.json (its ``num_tokens`` and ``num_docs``)."""
+    docs = corpus_documents(source, jsonl_field, key)
+    if docs is None:  # a prepared corpus, written again (with its tokenizer checked): its memmap is read in one pass
+        stream = load_corpus(source, tokenizer, jsonl_field, progress, key, tokenizer_keys)
+        return _commit_prepared(_one_batch(stream), out, tokenizer, source)
+    return _commit_prepared(token_batches(docs, tokenizer, progress, _corpus_name(source, key)), out, tokenizer, source)
+
+
+def _commit_prepared(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], out: str | Path, tokenizer, source: str
+) -> tuple[Path, dict]:
+    """Write ``batches`` (as :func:`token_batches` yields them) into a fresh hidden folder beside ``out``, then put
+    it in ``out``'s place; removed instead on any error or interruption, so nothing half-written is left."""
     from ..checkpoint.io import commit_directory, hidden
 
     out = prepared_destination(out, source)
@@ -315,8 +410,8 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
     tmp = hidden(out, "tmp")
     tmp.mkdir()
     try:
-        _write_prepared(stream, tmp, tokenizer, source)
-        return commit_directory(tmp, out, lambda: prepared_destination(out, source))
+        meta = _write_prepared(batches, tmp, tokenizer, source)
+        return commit_directory(tmp, out, lambda: prepared_destination(out, source)), meta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -335,27 +430,35 @@ def prepared_destination(out: str | Path, source: str) -> Path:
     return out
 
 
-def _write_prepared(stream: TokenStream, out: Path, tokenizer, source: str) -> None:
+def _write_prepared(batches: Iterable[tuple[np.ndarray, np.ndarray]], out: Path, tokenizer, source: str) -> dict:
+    """Write the prepared corpus's files into folder ``out``: each batch's tokens appended to ``tokens.bin`` as it
+    comes, then the offsets, the tokenizer's files and ``meta.json`` (returned)."""
     from ..checkpoint.io import written  # a refused write (disk full) names its file
 
-    tokens = stream.tokens if stream.doc_offsets is None else stream.take(np.arange(stream.num_tokens))
-    written(
-        out / PREPARED_TOKENS, tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tofile, out / PREPARED_TOKENS
-    )
-    written(out / PREPARED_DOCS, np.save, out / PREPARED_DOCS, stream.doc_starts)
+    dtype, lengths = token_dtype(tokenizer), []
+    # Unbuffered: numpy's tofile writes each batch through the file's descriptor, and closing has nothing to flush
+    # (a full disk is named by the batch's write, not lost at close).
+    with open(out / PREPARED_TOKENS, "wb", buffering=0) as f:
+        for tokens, sizes in batches:
+            dtype = tokens.dtype
+            written(out / PREPARED_TOKENS, tokens.astype(dtype.newbyteorder("<"), copy=False).tofile, f)
+            lengths.append(sizes)
+    starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    written(out / PREPARED_DOCS, np.save, out / PREPARED_DOCS, starts)
     for name, content in tokenizer.files().items():
         written(out / name, (out / name).write_bytes, content if isinstance(content, bytes) else content.encode())
     meta = {
         "format": PREPARED_FORMAT,
         "version": PREPARED_VERSION,
-        "dtype": str(stream.tokens.dtype),
-        "num_tokens": stream.num_tokens,
-        "num_docs": stream.num_docs,
+        "dtype": str(dtype),
+        "num_tokens": int(starts[-1]),
+        "num_docs": len(starts) - 1,
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "source": source,
     }
     (out / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
@@ -444,6 +547,23 @@ def check_outside_text_folder(folder: Path, source: str) -> None:
         )
 
 
+def corpus_documents(source: str, jsonl_field: str = "text", key: str = "data.source") -> Iterable[str] | None:
+    """The documents of ``source`` (named ``key`` in errors): a built-in corpus or text files; None for a prepared
+    folder, whose tokens :func:`load_corpus` reads as they are. A source that cannot be read is refused here."""
+    if not source.strip():  # Path("") is the current directory: every .txt under it would be read
+        raise DataError(f"{key}: empty; name a .txt or .jsonl file or folder, a prepared folder, or builtin:pydoc")
+    if source.startswith("builtin:"):
+        return builtin_documents(source.split(":", 1)[1], key)
+    if is_prepared(source_path(source)):
+        return None
+    return text_documents(source, jsonl_field, key)
+
+
+def _corpus_name(source: str, key: str) -> str:
+    """How errors about the documents of ``source`` name it (as "... has no documents")."""
+    return f"{key}: {source}: the corpus"
+
+
 def load_corpus(
     source: str,
     tokenizer,
@@ -454,30 +574,26 @@ def load_corpus(
 ) -> TokenStream:
     """The tokens of ``source`` (named ``key`` in errors): a built-in corpus, a prepared folder, or text files.
     ``tokenizer_keys``: the settings of the tokenizer and its end-of-document token, as errors name them."""
-    if not source.strip():  # Path("") is the current directory: every .txt under it would be read
-        raise DataError(f"{key}: empty; name a .txt or .jsonl file or folder, a prepared folder, or builtin:pydoc")
-    if source.startswith("builtin:"):
-        return tokenize_documents(builtin_documents(source.split(":", 1)[1], key), tokenizer, progress)
+    docs = corpus_documents(source, jsonl_field, key)
+    if docs is not None:
+        return tokenize_documents(docs, tokenizer, progress, _corpus_name(source, key))
     path = source_path(source)
-    if is_prepared(path):
-        stream, meta = read_prepared(path)
-        again = "prepare its text again with that tokenizer (hybridlm prepare SOURCE OUT --tokenizer ..., --eos-token)"
-        if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
-            hint = f", set by {tokenizer_keys[1]}" if meta["vocab_size"] == tokenizer.vocab_size else ""
+    stream, meta = read_prepared(path)
+    again = "prepare its text again with that tokenizer (hybridlm prepare SOURCE OUT --tokenizer ..., --eos-token)"
+    if meta["vocab_size"] != tokenizer.vocab_size or meta["eos_id"] != tokenizer.eos_id:
+        hint = f", set by {tokenizer_keys[1]}" if meta["vocab_size"] == tokenizer.vocab_size else ""
+        raise DataError(
+            f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
+            f"{tokenizer_keys[0]} has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint}); {again}"
+        )
+    # The folder keeps the tokenizer's files: another one of the same size would map ids to other text.
+    for name, content in tokenizer.files().items():
+        kept = path / name
+        if kept.is_file() and kept.read_bytes() != (content.encode() if isinstance(content, str) else content):
             raise DataError(
-                f"{path}: prepared with a tokenizer of vocab {meta['vocab_size']} (eos {meta['eos_id']}), but "
-                f"{tokenizer_keys[0]} has vocab {tokenizer.vocab_size} (eos {tokenizer.eos_id}{hint}); {again}"
+                f"{path}: prepared with another tokenizer ({name} differs from {tokenizer_keys[0]}'s); {again}"
             )
-        # The folder keeps the tokenizer's files: another one of the same size would map ids to other text.
-        for name, content in tokenizer.files().items():
-            kept = path / name
-            if kept.is_file() and kept.read_bytes() != (content.encode() if isinstance(content, str) else content):
-                raise DataError(
-                    f"{path}: prepared with another tokenizer ({name} differs from {tokenizer_keys[0]}'s); {again}"
-                )
-        return stream
-    docs = text_documents(source, jsonl_field, key)
-    return tokenize_documents(docs, tokenizer, progress, f"{key}: {source}: the corpus")
+    return stream
 
 
 def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStream, TokenStream | None]:

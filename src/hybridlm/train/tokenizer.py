@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from ..errors import DataError
 from .data import source_path
 
@@ -28,6 +30,8 @@ class Tokenizer(Protocol):
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -58,6 +62,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids, (n_i,) uint8: its UTF-8 bytes, viewed without a Python int per byte."""
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -156,13 +164,23 @@ class HFTokenizer:
             )
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids, (n_i,) int64, the texts tokenized in parallel (the package's Rust threads; its
+        ``TOKENIZERS_PARALLELISM`` applies): the same ids as :meth:`encode` gives each text."""
+        # encode_batch_fast (newer tokenizers releases) skips the characters' offsets, of no use for ids: 10-20 % faster
+        # on one core here, with less memory per batch.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         try:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
+            encodings = encode(texts, add_special_tokens=False)
         except Exception as e:  # e.g. a word-level vocabulary without its unknown token
             raise DataError(f"{self.path}: cannot tokenize the text ({e})") from None
-        if ids and max(ids) >= self.vocab_size:  # a vocabulary with gaps in its ids
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        high = max((int(a.max()) for a in ids if len(a)), default=-1)
+        if high >= self.vocab_size:  # a vocabulary with gaps in its ids
             raise DataError(
-                f"{self.path}: token {self._tok.id_to_token(max(ids))!r} has id {max(ids)}, past the vocabulary's "
+                f"{self.path}: token {self._tok.id_to_token(high)!r} has id {high}, past the vocabulary's "
                 f"{self.vocab_size} tokens (its ids have gaps); hybridlm needs ids below the number of tokens"
             )
         return ids
