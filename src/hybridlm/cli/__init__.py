@@ -126,6 +126,24 @@ def model_tokenizer(path: Path, config, spec: str | None, eos_token: str):
     return tokenizer, name
 
 
+def model_options(ap: argparse.ArgumentParser) -> None:
+    """CHECKPOINT, --device, --tokenizer and --eos-token: how ``generate`` and ``eval`` read a model folder
+    (:func:`model_folder`, :func:`device_option`, :func:`model_tokenizer`)."""
+    ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
+    ap.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N (default: auto)"
+    )
+    ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    ap.add_argument(
+        "--eos-token",
+        default="auto",
+        metavar="TOKEN",
+        help="the tokenizer's end-of-document token (default: auto, the id the checkpoint saved, else the first "
+        "of the usual names it holds; a folder converted from Hugging Face saved the eos_token_id its "
+        "generation_config.json, else config.json, names)",
+    )
+
+
 def progress_flags(ap: argparse.ArgumentParser) -> None:
     """--progress / --no-progress; neither: a bar only on a terminal (not in a log file)."""
     bar = ap.add_mutually_exclusive_group()

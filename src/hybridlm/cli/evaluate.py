@@ -144,7 +144,7 @@ def _table(r: dict) -> str:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    from . import progress_flags
+    from . import model_options, progress_flags
 
     ap = sub.add_parser(
         "eval",
@@ -157,7 +157,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "over tokens, so a short last batch counts as much per token as any. CHECKPOINT is a model directory "
         "(hybridlm.save, hybridlm convert --from) or a training run directory (its model/).",
     )
-    ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
+    model_options(ap)
     ap.add_argument(
         "--data",
         required=True,
@@ -178,18 +178,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         help="evaluate K batches of rows spread evenly over the corpus, whole rows only (as training's validation "
         "picks them, with train.eval_batches and train.batch_size), or all: every row and the tail (default: all)",
     )
-    ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
-    ap.add_argument(
-        "--eos-token",
-        default="auto",
-        metavar="TOKEN",
-        help="the tokenizer's end-of-document token (default: auto, the id the checkpoint saved, else the first "
-        "of the usual names it holds)",
-    )
     ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
-    ap.add_argument(
-        "--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N (default: auto)"
-    )
     ap.add_argument(
         "--dtype",
         default="auto",

@@ -377,6 +377,8 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
+    from . import model_options
+
     ap = sub.add_parser(
         "generate",
         help="generate text from a trained checkpoint (streamed, cached, batched)",
@@ -386,7 +388,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "tokens/s go to stderr. CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a "
         "training run directory.",
     )
-    ap.add_argument("checkpoint", help="model directory, or a run directory (its model/ is used)")
+    model_options(ap)
     ap.add_argument("--prompt", action="append", help="text to continue (repeat for several prompts)")
     ap.add_argument(
         "--prompts-file",
@@ -439,20 +441,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help="sampling seed (default 0, so a command repeats its samples: pass another to vary them; each batch "
         "of --batch-size prompts draws from seed + its first index)",
     )
-    ap.add_argument(
-        "--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda or cuda:N (default: auto)"
-    )
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads")
-    ap.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
-    ap.add_argument(
-        "--eos-token",
-        default="auto",
-        metavar="TOKEN",
-        help="the tokenizer's end-of-document token (default: auto, the id the checkpoint saved, else the first "
-        "of the usual names it holds; a folder converted from NemotronH saved the eos_token_id its "
-        "generation_config.json, else config.json, names)",
-    )
     ap.add_argument(
         "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"
     )
