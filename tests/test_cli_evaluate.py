@@ -237,6 +237,21 @@ def test_an_mtp_depth_without_labels_has_no_loss_rather_than_zero(checkpoint, co
     assert code == 0 and "MTP depth 1  no labels in these rows (depth 1 needs --seq-len above 1)" in out
 
 
+def test_a_loss_that_is_not_finite_keeps_its_bits_per_byte_line(corpus, tmp_path, capsys):
+    """Damaged weights (a NaN final norm) under the byte tokenizer: the bits/byte line was left out, as for a
+    tokenizer.json, whose pieces have no fixed bytes, and the losses read "not finite nats/token"."""
+    model = HybridLM(tiny_config("M[*-]/[*-]", vocab_size=257), seed=0)
+    with torch.no_grad():
+        model.norm_f.weight.fill_(math.nan)
+    path = hybridlm.save(model, tmp_path / "nan", extra_files=ByteTokenizer().files())
+    r = evaluated(capsys, path, "--data", corpus, "--seq-len", SEQ_LEN)
+    assert r["loss"] is None and r["bits_per_byte"] is None and r["bytes"] > 0
+    code, out, _ = run(capsys, path, "--data", corpus, "--seq-len", SEQ_LEN)
+    lines = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("MTP"))
+    assert code == 0 and lines["loss"] == "not finite" and lines["bits/byte"] == f"not finite ({r['bytes']:,} bytes)"
+    assert "MTP depth 1  loss not finite, perplexity not finite" in out
+
+
 def test_the_runs_validation_rows_give_its_logged_val_loss(tmp_path, capsys):
     """What docs/training.md promises: eval of a run's model on its validation documents, in their order, at the
     run's seq_len, batch_size and eval_batches, is the val_loss the trainer logged for the same weights."""

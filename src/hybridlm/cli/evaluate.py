@@ -116,8 +116,8 @@ def _report(args: argparse.Namespace, path, result, stream, model) -> dict:
 def _table(r: dict) -> str:
     """The report as aligned lines for a person."""
 
-    def shown(x: float | None, digits: int) -> str:
-        return "not finite" if x is None else f"{x:.{digits}f}"
+    def shown(x: float | None, digits: int, unit: str = "") -> str:
+        return "not finite" if x is None else f"{x:.{digits}f}{unit}"
 
     # A head without labels (null in the JSON, as a loss that is not finite is): MTP depth d scores the token d + 1
     # places on, in the same row and document, so rows of d tokens or fewer hold none.
@@ -128,14 +128,17 @@ def _table(r: dict) -> str:
         ("data", f"{r['data']} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
         ("rows", f"{r['rows']:,} of {r['seq_len']} tokens, {r['batch_size']} per forward; {scope}"),
         ("tokens", f"{r['tokens']:,}"),
-        ("loss", f"{shown(r['loss'], 4)} nats/token" if r["tokens"] else none),
+        ("loss", shown(r["loss"], 4, " nats/token") if r["tokens"] else none),
         ("perplexity", shown(r["perplexity"], 3) if r["tokens"] else none),
     ]
-    if r["bits_per_byte"] is not None:
+    # Where bytes are counted (the byte tokenizer), also when the loss is not finite: left out, the line read as a
+    # tokenizer.json's, whose pieces have no fixed bytes.
+    if r["bytes"] is not None:
         lines.append(("bits/byte", f"{shown(r['bits_per_byte'], 4)} ({r['bytes']:,} bytes)"))
     for m in r["mtp"]:
         d = m["depth"]
-        said = f"loss {shown(m['loss'], 4)} nats/token, perplexity {shown(m['perplexity'], 3)} ({m['tokens']:,} tokens)"
+        loss = shown(m["loss"], 4, " nats/token")
+        said = f"loss {loss}, perplexity {shown(m['perplexity'], 3)} ({m['tokens']:,} tokens)"
         why = f" (depth {d} needs --seq-len above {d})" if r["seq_len"] <= d else ""
         lines.append((f"MTP depth {d}", said if m["tokens"] else none + why))
     lines.append(("model", f"{r['dtype']} on {r['device']}"))
