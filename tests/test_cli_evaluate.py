@@ -14,7 +14,7 @@ from hybridlm import HybridLM
 from hybridlm.cli import main
 from hybridlm.train.data import eval_rows
 from hybridlm.train.tokenizer import ByteTokenizer
-from tests.helpers import tiny_config
+from tests.helpers import short_documents, tiny_config
 
 DOCS = ["The with statement.", "", "Assignment statements bind names to objects.", "x = 1\n", "A longer text " * 5]
 SEQ_LEN = 16
@@ -136,6 +136,7 @@ def test_json_keys_and_the_table(checkpoint, corpus, capsys):
     assert list(r) == [
         "checkpoint",
         "data",
+        "split",
         "corpus_tokens",
         "corpus_documents",
         "seq_len",
@@ -152,6 +153,7 @@ def test_json_keys_and_the_table(checkpoint, corpus, capsys):
         "device",
     ]
     assert list(r["mtp"][0]) == ["depth", "tokens", "loss", "perplexity"] and r["dtype"] == "float32"
+    assert r["split"] is None
     code, out, err = run(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN)
     assert code == 0 and err == ""  # no bar off a terminal
     lines = dict(line.split(None, 1) for line in out.splitlines() if not line.startswith("MTP"))
@@ -252,15 +254,14 @@ def test_a_loss_that_is_not_finite_keeps_its_bits_per_byte_line(corpus, tmp_path
     assert "MTP depth 1  loss not finite, perplexity not finite" in out
 
 
-def test_the_runs_validation_rows_give_its_logged_val_loss(tmp_path, capsys):
-    """What docs/training.md promises: eval of a run's model on its validation documents, in their order, at the
-    run's seq_len, batch_size and eval_batches, is the val_loss the trainer logged for the same weights."""
-    from hybridlm.train.data import TokenStream, split
-    from tests.helpers import short_documents
-
-    corpus = short_documents(tmp_path / "c.jsonl")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished run (its folder, and the folder it was started from) whose config.toml names its corpus by a
+    relative path, with its val_loss at the last step: 30% of the documents held out, rows of 24 tokens."""
+    base = tmp_path_factory.mktemp("trained")
+    short_documents(base / "c.jsonl")
     sets = [
-        f"data.source={corpus}",
+        "data.source=c.jsonl",
         "data.seq_len=24",
         "data.val_fraction=0.3",
         "train.batch_size=2",
@@ -272,16 +273,78 @@ def test_the_runs_validation_rows_give_its_logged_val_loss(tmp_path, capsys):
         "model.num_attention_heads=2",
         "model.mamba_head_dim=16",
     ]
-    argv = ["train", *(x for s in sets for x in ("--set", s)), "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    assert main(argv) == 0
-    capsys.readouterr()
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    argv = ["train", *(x for s in sets for x in ("--set", s)), "--run-dir", "run", "--no-progress"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        assert main(argv) == 0
+    logged = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
     val_loss = [m["val_loss"] for m in logged if m.get("step") == 2 and "val_loss" in m]
-    # The held-out documents: split's choice, read off a stream whose document i is the single token i.
-    docs = corpus.read_text().splitlines()
-    _, held = split(TokenStream(np.arange(len(docs)), np.arange(len(docs) + 1)), 0.3, 0)
-    (tmp_path / "val.jsonl").write_text("".join(docs[i] + "\n" for i in held.doc_offsets))
-    r = evaluated(
-        capsys, tmp_path / "run", "--data", tmp_path / "val.jsonl", "--seq-len", 24, "--batch-size", 2, "--batches", 3
-    )
-    assert r["rows"] == 6 and r["loss"] == pytest.approx(val_loss[0], rel=1e-6)
+    return base / "run", base, val_loss[0]
+
+
+def test_the_runs_validation_rows_give_its_logged_val_loss(trained, capsys, monkeypatch):
+    """What docs/training.md promises: eval of a run's model on its validation split at the run's seq_len (the
+    default for a run), batch_size and eval_batches is the val_loss the trainer logged for the same weights. The
+    relative data.source is read from the current directory, as a resume reads it; --data naming it gives the same."""
+    run_dir, base, val_loss = trained
+    monkeypatch.chdir(base)
+    capsys.readouterr()
+    r = evaluated(capsys, run_dir, "--split", "val", "--batch-size", 2, "--batches", 3)
+    assert (r["data"], r["split"], r["seq_len"], r["rows"]) == ("c.jsonl", "val", 24, 6)
+    assert r["loss"] == pytest.approx(val_loss, rel=1e-6)
+    again = evaluated(capsys, run_dir, "--split", "val", "--data", base / "c.jsonl", "--batch-size", 2, "--batches", 3)
+    assert {**again, "data": "c.jsonl"} == r
+    code, out, _ = run(capsys, run_dir, "--split", "val", "--batch-size", 2, "--batches", 3)
+    assert code == 0 and f"c.jsonl, the run's validation split ({r['corpus_tokens']:,} tokens" in out, out
+
+
+def test_split_train_reads_the_documents_the_run_trained_on(trained, capsys, monkeypatch):
+    """Every token of the documents split kept for training, each counted once as a label but a document's first."""
+    from hybridlm.train.data import TokenStream, split
+
+    run_dir, base, _ = trained
+    monkeypatch.chdir(base)
+    docs = [json.loads(line)["text"] for line in (base / "c.jsonl").read_text().splitlines()]
+    # split's choice, read off a stream whose document i is the single token i
+    kept, _ = split(TokenStream(np.arange(len(docs)), np.arange(len(docs) + 1)), 0.3, 0)
+    tokens = sum(len(docs[i].encode()) + 1 for i in kept.doc_offsets)
+    r = evaluated(capsys, run_dir, "--split", "train")
+    assert (r["split"], r["corpus_documents"], r["corpus_tokens"]) == ("train", kept.num_docs, tokens)
+    assert r["whole_corpus"] is True and r["tokens"] == tokens - kept.num_docs
+
+
+def test_split_is_refused_where_there_is_none(trained, checkpoint, tmp_path, capsys, monkeypatch):
+    """A model folder that is no run (a run's model/ among them), a run without a validation split, and the run
+    named from another directory, where its relative data.source names nothing."""
+    from hybridlm.train.config import RunConfig
+
+    run_dir, base, _ = trained
+    shutil.copytree(run_dir / "model", tmp_path / "whole" / "model")
+    whole = RunConfig.from_toml(run_dir / "config.toml").with_overrides(["data.val_fraction=0"])
+    (tmp_path / "whole" / "config.toml").write_text(whole.to_toml())
+    monkeypatch.chdir(base)
+    cases = [
+        ([run_dir], "error: eval needs --data SOURCE (the corpus to evaluate), or --split val|train"),
+        ([checkpoint, "--split", "val"], f"error: --split val: {checkpoint} is not a training run directory ("),
+        (
+            [run_dir / "model", "--split", "train"],
+            f"give its run directory {run_dir}, or evaluate a corpus with --data SOURCE",
+        ),
+        (
+            [tmp_path / "whole", "--split", "val"],
+            f"error: --split val: the run {tmp_path / 'whole'} held out no validation split (data.val_fraction = 0",
+        ),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == "" and message in err, (argv, err)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, run_dir, "--split", "val")
+    assert code == 2 and err == f"error: data.source of {run_dir / 'config.toml'}: c.jsonl does not exist\n"
+
+
+def test_a_run_directory_is_read_at_its_seq_len(trained, capsys):
+    """--seq-len's default for a run directory is the run's data.seq_len (24), not 256, also with --data."""
+    run_dir, base, _ = trained
+    r = evaluated(capsys, run_dir, "--data", base / "c.jsonl", "--batches", 1, "--batch-size", 1)
+    assert r["seq_len"] == 24 and r["rows"] == 1 and 0 < r["tokens"] <= 24

@@ -2,18 +2,22 @@
 
 The corpus is read and packed as training reads it (:func:`~hybridlm.train.data.load_corpus`,
 :class:`~hybridlm.train.data.PackedRows`), the checkpoint loaded and its tokenizer chosen as ``generate`` does, and
-the loss summed by :func:`~hybridlm.train.evaluation.evaluate_corpus`, which the trainer's validation shares."""
+the loss summed by :func:`~hybridlm.train.evaluation.evaluate_corpus`, which the trainer's validation shares. With
+``--split`` the corpus is a run's own split (:func:`~hybridlm.train.data.split`, as its trainer held it out)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..train.config import DataConfig
 
 #: ``--batch-size``'s default: rows per forward (evaluation keeps no activations for a backward).
 DEFAULT_BATCH_SIZE = 16
+#: ``--split``'s choices: the split's name in the table.
+SPLITS = {"val": "validation", "train": "training"}
 
 
 def _batches(value: str) -> int | None:
@@ -39,8 +43,12 @@ def _check_args(args: argparse.Namespace):
     from ..ops.dispatch import check_device
     from . import device_option
 
+    if args.data is None and args.split is None:
+        raise UsageError(
+            "eval needs --data SOURCE (the corpus to evaluate), or --split val|train for a run directory's own split"
+        )
     for flag, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     batches = _batches(args.batches)
     dtype = None
@@ -54,31 +62,83 @@ def _check_args(args: argparse.Namespace):
     return batches, device, dtype
 
 
+def _run_file(args: argparse.Namespace, path: Path):
+    """The :class:`~hybridlm.train.config.RunConfig` of CHECKPOINT where it is a run directory (``path``, the
+    folder read, is its ``model/`` and it holds the ``config.toml`` its trainer wrote), read only where ``--split``
+    or the default ``--seq-len`` needs it; else None. ``--split`` on another folder, and ``--split val`` on a run
+    without a validation split, are refused by name."""
+    from ..errors import UsageError
+    from ..train.config import RunConfig
+    from ..train.rundir import CONFIG_FILE, MODEL_DIR
+
+    folder = Path(args.checkpoint)
+    file = folder / CONFIG_FILE
+    if path != folder / MODEL_DIR or not file.is_file():
+        if args.split is None:
+            return None
+        up = folder.absolute().parent  # a run's model/ named: its run is the folder above
+        run = f"its run directory {up}" if path == folder and (up / CONFIG_FILE).is_file() else "a run directory"
+        raise UsageError(
+            f"--split {args.split}: {folder} is not a training run directory (the folder `hybridlm train` wrote, "
+            f"with its {CONFIG_FILE} and {MODEL_DIR}/): give {run}, or evaluate a corpus with --data SOURCE"
+        )
+    if args.split is None and args.seq_len is not None:
+        return None
+    run = RunConfig.from_toml(file)
+    if args.split == "val" and run.data.val_fraction <= 0:
+        raise UsageError(
+            f"--split val: the run {folder} held out no validation split (data.val_fraction = 0 in {file}); "
+            "evaluate its whole corpus with --split train, or held-out text with --data SOURCE"
+        )
+    return run
+
+
+def _corpus(args: argparse.Namespace, run, tokenizer, tokenizer_keys: tuple[str, str], progress: bool):
+    """The tokens ``eval`` reads, the source they come from, and how errors name them: ``--data``, else the run's
+    ``data.source`` (and ``data.jsonl_field``), a relative path read from the current directory as a resume reads
+    it; with ``--split``, its part the trainer held out for validation or trained on (the run's data.val_fraction
+    and data.seed)."""
+    from ..train.data import load_corpus, split
+    from ..train.rundir import CONFIG_FILE
+
+    if args.data is not None:
+        source, key, field = args.data, "--data", args.jsonl_field or "text"
+    else:
+        source, key = run.data.source, f"data.source of {Path(args.checkpoint) / CONFIG_FILE}"
+        field = args.jsonl_field or run.data.jsonl_field
+    stream = load_corpus(source, tokenizer, field, progress, key=key, tokenizer_keys=tokenizer_keys)
+    if args.split is None:
+        return stream, source, f"{key} {source}"
+    train, val = split(stream, run.data.val_fraction, run.data.seed)
+    return (val if args.split == "val" else train), source, f"the {SPLITS[args.split]} split of {key} {source}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..checkpoint.weights import load, read_config
-    from ..train.data import PackedRows, load_corpus
+    from ..train.data import PackedRows
     from ..train.evaluation import evaluate_corpus
     from . import model_folder, model_tokenizer
 
     batches, device, dtype = _check_args(args)
     path = model_folder(args.checkpoint, "checkpoint")
+    run = _run_file(args, path)
     config = read_config(path)  # the tokenizer's check, before the corpus and the weights are read
     tokenizer, name = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     progress = sys.stderr.isatty() if args.progress is None else args.progress  # (tqdm writes to stderr)
-    stream = load_corpus(
-        args.data, tokenizer, args.jsonl_field, progress, key="--data", tokenizer_keys=(name, "--eos-token")
-    )
-    rows = PackedRows(stream, args.seq_len, f"--data {args.data}", key="--seq-len")
+    stream, source, what = _corpus(args, run, tokenizer, (name, "--eos-token"), progress)
+    seq_len = args.seq_len if args.seq_len is not None else run.data.seq_len if run is not None else DataConfig.seq_len
+    rows = PackedRows(stream, seq_len, what, key="--seq-len")
     model = load(path, dtype=dtype, device=device)
     result = evaluate_corpus(model, rows, args.batch_size, batches, tokenizer.token_bytes(), progress)
-    report = _report(args, path, result, stream, model)
+    report = _report(args, path, source, seq_len, result, stream, model)
     print(json.dumps(report, indent=2) if args.json else _table(report))
     return 0
 
 
-def _report(args: argparse.Namespace, path, result, stream, model) -> dict:
+def _report(args: argparse.Namespace, path, source: str, seq_len: int, result, stream, model) -> dict:
     """The ``--json`` object (what the table shows too); a non-finite number is null (JSON has none), as is the
-    loss and perplexity of a head without labels."""
+    loss and perplexity of a head without labels. ``corpus_tokens`` and ``corpus_documents`` are those of the
+    split with ``--split``."""
     import math
 
     from ..train.evaluation import perplexity as exp
@@ -92,10 +152,11 @@ def _report(args: argparse.Namespace, path, result, stream, model) -> dict:
     losses = result.losses()
     return {
         "checkpoint": str(path),  # the model folder read (a run's model/)
-        "data": args.data,
+        "data": source,  # --data, or the run's data.source
+        "split": args.split,
         "corpus_tokens": stream.num_tokens,
         "corpus_documents": stream.num_docs,
-        "seq_len": args.seq_len,
+        "seq_len": seq_len,
         "batch_size": args.batch_size,
         "rows": result.rows,
         "whole_corpus": result.whole,
@@ -122,10 +183,11 @@ def _table(r: dict) -> str:
     # A head without labels (null in the JSON, as a loss that is not finite is): MTP depth d scores the token d + 1
     # places on, in the same row and document, so rows of d tokens or fewer hold none.
     none = "no labels in these rows"
+    part = f", the run's {SPLITS[r['split']]} split" if r["split"] else ""
     scope = "every row and the tail" if r["whole_corpus"] else "the rows --batches picks, as training's validation"
     lines = [
         ("checkpoint", r["checkpoint"]),
-        ("data", f"{r['data']} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
+        ("data", f"{r['data']}{part} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
         ("rows", f"{r['rows']:,} of {r['seq_len']} tokens, {r['batch_size']} per forward; {scope}"),
         ("tokens", f"{r['tokens']:,}"),
         ("loss", shown(r["loss"], 4, " nats/token") if r["tokens"] else none),
@@ -158,18 +220,27 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "tokens, no label crosses a document. By default every row is evaluated and the tokens after the last "
         "whole row as one shorter row, so every token but the first is scored exactly once (unless it starts a document); losses are summed "
         "over tokens, so a short last batch counts as much per token as any. CHECKPOINT is a model directory "
-        "(hybridlm.save, hybridlm convert --from) or a training run directory (its model/).",
+        "(hybridlm.save, hybridlm convert --from) or a training run directory (its model/); --split val|train "
+        "evaluates a run directory on its own validation or training split, as its trainer split the corpus.",
     )
     model_options(ap)
     ap.add_argument(
         "--data",
-        required=True,
         metavar="SOURCE",
         help="what data.source takes: a .txt/.jsonl/.ndjson file or a folder of them, a folder written by "
-        "hybridlm prepare, or builtin:pydoc",
+        "hybridlm prepare, or builtin:pydoc (required without --split, where the default is the run's data.source)",
     )
     ap.add_argument(
-        "--seq-len", type=int, default=DataConfig.seq_len, help=f"tokens per row (default: {DataConfig.seq_len})"
+        "--split",
+        choices=list(SPLITS),
+        help="CHECKPOINT is a run directory: evaluate the documents its trainer held out for validation (val) or "
+        "trained on (train), split by the run's data.val_fraction and data.seed, of the run's data.source (a "
+        "relative path read from the current directory, as a resume reads it) or of --data",
+    )
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        help=f"tokens per row (default: the run's data.seq_len for a run directory, else {DataConfig.seq_len})",
     )
     ap.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"rows per forward (default: {DEFAULT_BATCH_SIZE})"
@@ -181,7 +252,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         help="evaluate K batches of rows spread evenly over the corpus, whole rows only (as training's validation "
         "picks them, with train.eval_batches and train.batch_size), or all: every row and the tail (default: all)",
     )
-    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
+    ap.add_argument(
+        "--jsonl-field",
+        help="text field of JSONL records (default: text; the run's data.jsonl_field when --split reads its source)",
+    )
     ap.add_argument(
         "--dtype",
         default="auto",
