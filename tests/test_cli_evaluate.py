@@ -348,3 +348,22 @@ def test_a_run_directory_is_read_at_its_seq_len(trained, capsys):
     run_dir, base, _ = trained
     r = evaluated(capsys, run_dir, "--data", base / "c.jsonl", "--batches", 1, "--batch-size", 1)
     assert r["seq_len"] == 24 and r["rows"] == 1 and 0 < r["tokens"] <= 24
+
+
+def test_a_loss_that_is_not_finite_is_null_in_the_json(checkpoint, corpus, capsys, monkeypatch):
+    """JSON has no Infinity or NaN (json.dumps writes them, strict readers refuse the object): null instead."""
+    from hybridlm.train import evaluation
+
+    def diverged(*args, **kwargs):
+        return evaluation.Evaluation(rows=1, whole=True, loss_sums=[math.inf, math.nan], tokens=[5, 3], bytes=10)
+
+    monkeypatch.setattr(evaluation, "evaluate_corpus", diverged)
+    code, out, err = run(capsys, checkpoint, "--data", corpus, "--seq-len", SEQ_LEN, "--json")
+    assert code == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the JSON")
+
+    r = json.loads(out, parse_constant=refuse)
+    assert (r["loss"], r["perplexity"], r["bits_per_byte"]) == (None, None, None)
+    assert (r["mtp"][0]["loss"], r["mtp"][0]["perplexity"]) == (None, None)

@@ -998,3 +998,27 @@ def test_import_splits_stacked_experts_only_into_config_jsons_experts(exported, 
     with pytest.raises(CheckpointError) as err:
         import_nemotron_h(hf)
     assert re.search(r"unexpected tensors: \S+: backbone\.layers\.3\.mixer\.experts\.up_proj$", str(err.value), re.M)
+
+
+#: The older config.json names transformers' NemotronHConfig still reads (and prefers), with a value other than
+#: its default for each.
+OLDER_NAMES = {
+    "n_groups": ("mamba_n_groups", 2),
+    "conv_kernel": ("mamba_d_conv", 3),
+    "chunk_size": ("mamba_chunk_size", 64),
+    "time_step_min": ("mamba_dt_min", 0.002),
+    "time_step_max": ("mamba_dt_max", 0.2),
+    "time_step_floor": ("mamba_dt_init_floor", 2e-4),
+    "n_routed_experts": ("num_local_experts", 16),
+    "use_conv_bias": ("mamba_conv_bias", False),
+}
+
+
+@pytest.mark.parametrize("key", sorted(OLDER_NAMES))
+def test_an_older_key_name_is_read_as_transformers_reads_it(key):
+    """A config.json written under an older name (``mamba_n_groups``) read as the default: another model."""
+    from hybridlm.checkpoint.hf_nemotron import _hf_value
+
+    older, value = OLDER_NAMES[key]
+    assert getattr(NemotronHConfig(**{older: value}), key) == value  # (transformers reads it so)
+    assert _hf_value({older: value}, key) == value

@@ -114,6 +114,9 @@ def test_stacked_experts_and_mtp_tensors_it_cannot_map(tmp_path, caplog):
         state[p + "down_proj"] = torch.stack([state.pop(f"{p}{e}.down_proj.weight") for e in range(4)])
     state["mtp.fc.weight"] = torch.zeros(32, 64, dtype=torch.float64)
     save_file(state, hf / "model.safetensors")
+    # config.json names the head, as the published ones do: the tensors found are said to be dropped, and why.
+    hf_config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**hf_config, "num_nextn_predict_layers": 1}))
     with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):  # its one MTP warning
         again, tensors = import_qwen3_next(hf)
     assert "dropping the MTP layers (1 tensors, e.g. mtp.fc.weight): they hold no MTP decoder layer" in caplog.text
@@ -369,6 +372,13 @@ def test_export_writes_the_mtp_depth_qwen3_next_computes(tmp_path, caplog):
         "dropping 1 MTP depth(s) ('*E') on export: Qwen3-Next's MTP layer is full attention then layer 0's"
         in caplog.text
     )
+    assert "num_nextn_predict_layers" not in hf and not any(k.startswith("mtp.") for k in tensors)
+    # A main stack without attention reads no attention option: the MTP layer's attention is checked on its own.
+    ungated = ModelConfig(pattern="GEGE/*E", **{**fields, "attention_output_gate": False})
+    canonical = to_canonical(HybridLM(ungated, seed=0).state_dict(), ungated.parsed)
+    with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
+        hf, tensors = export_qwen3_next(ungated, canonical)
+    assert "('*E') on export: Qwen3-Next does not compute its layer: attention_output_gate=False" in caplog.text
     assert "num_nextn_predict_layers" not in hf and not any(k.startswith("mtp.") for k in tensors)
 
 

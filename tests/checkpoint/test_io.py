@@ -221,6 +221,17 @@ def test_remove_leftovers_deletes_exactly_the_names_of_interrupted_writes(tmp_pa
     assert remove_leftovers(tmp_path / "nowhere") == []
 
 
+def test_every_hidden_name_is_one_remove_leftovers_knows(tmp_path):
+    """hidden() names what a kill leaves behind; a name remove_leftovers does not know would stay for ever."""
+    from hybridlm.checkpoint.io import hidden, remove_leftovers
+
+    names = sorted(hidden(tmp_path / "ck", kind).name for kind in ("tmp", "old", "del"))
+    for name in [*names, "ck"]:  # (ck there: its .old copy is removed, not put back)
+        (tmp_path / name).mkdir()
+    assert remove_leftovers(tmp_path) == names and os.listdir(tmp_path) == ["ck"]
+    assert hidden(tmp_path / "ck", "tmp") != hidden(tmp_path / "ck", "tmp")  # (two writers at once: two names)
+
+
 def test_shards_are_filled_exactly_to_the_limit_and_none_is_empty(tmp_path):
     """A shard may reach max_shard_size exactly; a tensor larger than the limit gets a shard of its own (no
     empty shard before it); the index states the total size."""

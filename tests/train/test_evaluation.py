@@ -1,12 +1,14 @@
 """Loss sums over packed rows: any batch size, a short last batch and a shorter tail add up to one corpus loss."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from hybridlm import HybridLM
 from hybridlm.train.data import PackedRows, TokenStream
-from hybridlm.train.evaluation import evaluate_corpus, loss_sums
+from hybridlm.train.evaluation import evaluate_corpus, loss_sums, perplexity
 from tests.helpers import tiny_config
 
 
@@ -50,3 +52,26 @@ def test_batches_limit_the_rows_and_count_bytes_where_ids_are_bytes(model):
     labels = rows.rows(np.array([0, 2, 5, 7]))["labels"]  # eval_rows(8, 4): evenly spaced, no tail
     assert (r.rows, r.whole, r.tokens[0]) == (4, False, int((labels != -100).sum()))
     assert r.bytes == int(((labels != -100) & (labels != 63)).sum())
+
+
+def test_batches_that_take_every_row_of_a_corpus_without_a_tail_are_whole(model):
+    """82 tokens in rows of 9: 9 rows and no tail, so 3 batches of 3 evaluate every label, as all rows do."""
+    rows = _rows(9)
+    assert rows.num_rows == 9 and rows.tail() is None
+    r = evaluate_corpus(model, rows, 3, batches=3)
+    assert (r.rows, r.whole, r.tokens) == (9, True, evaluate_corpus(model, rows, 9).tokens)
+
+
+def test_the_forwards_run_in_eval_mode():
+    """MoE routers count expert load in training mode only: an evaluation of a training model must not add to it."""
+    model = HybridLM(tiny_config("M*-", vocab_size=64), seed=0, dtype=torch.float64)
+    modes = []
+    hook = model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    evaluate_corpus(model, _rows(10), 4)
+    hook.remove()
+    assert modes == [False] * 3 and model.training  # 2 batches of 4 rows, then the tail
+
+
+def test_perplexity_past_float64s_range_is_inf_not_an_overflow_error():
+    assert perplexity(0.0) == 1.0 and perplexity(709.0) == pytest.approx(math.exp(709.0))
+    assert perplexity(710.0) == math.inf and perplexity(1e6) == math.inf

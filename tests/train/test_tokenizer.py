@@ -322,6 +322,9 @@ def test_the_fingerprint_tells_tokenizers_apart_but_not_their_files_spacing(tmp_
     assert (tmp_path / "pretty.json").read_bytes() != (tmp_path / "compact.json").read_bytes()
     one = tokenizer_fingerprint(build_tokenizer(pretty))
     assert tokenizer_fingerprint(build_tokenizer(compact)) == one
+    reordered = tmp_path / "reordered.json"  # the same tokenizer, its keys written in another order
+    reordered.write_text(json.dumps(dict(reversed(json.loads((tmp_path / "pretty.json").read_text()).items()))))
+    assert tokenizer_fingerprint(build_tokenizer(str(reordered))) == one
     others = [build_tokenizer(swapped), build_tokenizer(pretty, eos_token="</s>"), ByteTokenizer()]
     assert len({one, *map(tokenizer_fingerprint, others)}) == 4
 

@@ -722,6 +722,12 @@ def test_validation_loss_is_the_main_heads_without_mtp(tmp_path):
     for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
         assert torch.equal(a, b)
     assert scaled.evaluate() == pytest.approx(plain.evaluate(), rel=1e-6)
+    # The main head's, not the MTP depth's (which the comparison above cannot tell apart: both trainers have one).
+    from hybridlm.train.evaluation import evaluate_corpus
+
+    main = evaluate_corpus(plain.model, plain.val_rows, plain.local_batch, plain.run.train.eval_batches)
+    assert abs(main.loss - main.losses()[1]) > 1e-3 * main.loss  # (the two heads' losses differ)
+    assert plain.evaluate() == pytest.approx(main.loss, rel=1e-6)
 
 
 def test_mfu_counts_forward_and_backward_per_device(tmp_path):
