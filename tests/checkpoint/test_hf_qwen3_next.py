@@ -22,6 +22,11 @@ from hybridlm.errors import CheckpointError  # noqa: E402
 from tests.helpers import hf_in_float64, rel_err  # noqa: E402
 
 TOL = 1e-10
+#: A small model of ours that Qwen3-Next computes (with a pattern of (G | *, E | -) pairs): its options.
+OURS = dict(vocab_size=64, hidden_size=32, norm_zero_centered=True, num_attention_heads=4, head_dim=8)
+OURS |= dict(position_embedding="rope", qk_norm=True, attention_output_gate=True, mlp_activation="swiglu")
+OURS |= dict(moe_num_experts=4, moe_ffn_hidden_size=8, moe_shared_expert_ffn_hidden_size=8)
+OURS |= dict(moe_shared_expert_gate=True, ffn_hidden_size=8, gdn_num_heads=2, gdn_head_dim=8)
 TINY = dict(
     vocab_size=64,
     hidden_size=32,
@@ -350,11 +355,7 @@ def test_export_writes_the_mtp_depth_qwen3_next_computes(tmp_path, caplog):
     from hybridlm.checkpoint.canonical import to_canonical
     from hybridlm.checkpoint.hf_qwen3_next import export_qwen3_next
 
-    fields = dict(vocab_size=64, hidden_size=32, norm_zero_centered=True, num_attention_heads=4, head_dim=8)
-    fields |= dict(position_embedding="rope", qk_norm=True, attention_output_gate=True, mlp_activation="swiglu")
-    fields |= dict(moe_num_experts=4, moe_ffn_hidden_size=8, moe_shared_expert_ffn_hidden_size=8)
-    fields |= dict(moe_shared_expert_gate=True, ffn_hidden_size=8, gdn_num_heads=2, gdn_head_dim=8)
-    config = ModelConfig(pattern="GE*-/*E/*E", **fields)
+    config = ModelConfig(pattern="GE*-/*E/*E", **OURS)
     canonical = to_canonical(HybridLM(config, seed=0).state_dict(), config.parsed)
     with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
         hf, tensors = export_qwen3_next(config, canonical)
@@ -364,7 +365,7 @@ def test_export_writes_the_mtp_depth_qwen3_next_computes(tmp_path, caplog):
     )
     assert torch.equal(tensors["mtp.layers.0.mlp.gate.weight"], canonical["mtp.0.layers.1.mixer.gate.weight"])
     assert not any(k.startswith("mtp.layers.1.") for k in tensors)
-    dense = ModelConfig(pattern="G-*E/*E", **fields)
+    dense = ModelConfig(pattern="G-*E/*E", **OURS)
     canonical = to_canonical(HybridLM(dense, seed=0).state_dict(), dense.parsed)
     with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
         hf, tensors = export_qwen3_next(dense, canonical)
@@ -374,7 +375,7 @@ def test_export_writes_the_mtp_depth_qwen3_next_computes(tmp_path, caplog):
     )
     assert "num_nextn_predict_layers" not in hf and not any(k.startswith("mtp.") for k in tensors)
     # A main stack without attention reads no attention option: the MTP layer's attention is checked on its own.
-    ungated = ModelConfig(pattern="GEGE/*E", **{**fields, "attention_output_gate": False})
+    ungated = ModelConfig(pattern="GEGE/*E", **OURS | {"attention_output_gate": False})
     canonical = to_canonical(HybridLM(ungated, seed=0).state_dict(), ungated.parsed)
     with caplog.at_level(logging.WARNING, logger="hybridlm.checkpoint.hf_files"):
         hf, tensors = export_qwen3_next(ungated, canonical)
@@ -390,27 +391,9 @@ def test_a_fused_model_of_ours_exports_to_transformers_logits(tmp_path):
 
     config = ModelConfig(
         pattern="[G-][*E]G-/*E",  # the MTP depth stays behind: layer 0's channel mixer is a dense MLP
-        vocab_size=64,
-        hidden_size=32,
-        norm_zero_centered=True,
-        num_attention_heads=4,
-        num_query_groups=1,
-        head_dim=8,
-        position_embedding="rope",
-        rotary_percent=0.5,
-        rope_theta=300.0,
-        qk_norm=True,
-        attention_output_gate=True,
-        ffn_hidden_size=20,
-        mlp_activation="swiglu",
-        moe_num_experts=4,
-        moe_ffn_hidden_size=12,
-        moe_shared_expert_ffn_hidden_size=8,
-        moe_shared_expert_gate=True,
-        gdn_num_heads=2,
-        gdn_num_value_heads=4,
-        gdn_head_dim=8,
-        gdn_value_head_dim=4,
+        **OURS
+        | dict(num_query_groups=1, rotary_percent=0.5, rope_theta=300.0, ffn_hidden_size=20)
+        | dict(moe_ffn_hidden_size=12, gdn_num_value_heads=4, gdn_value_head_dim=4),
     )
     ours = HybridLM(config, seed=0, dtype=torch.float64).eval()
     with torch.no_grad():

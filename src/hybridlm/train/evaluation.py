@@ -102,8 +102,9 @@ def evaluate_corpus(
     index = eval_rows(rows.num_rows, rows.num_rows if batches is None else batches * batch_size)
     # Not the tail with ``batches``, even where they take every row: the trainer's validation, whose val_loss the
     # same rows must give, never reads it (with a small validation split, train.eval_batches often takes all rows).
-    tail = rows.tail() if batches is None else None
-    whole = len(index) == rows.num_rows and (batches is None or rows.tail() is None)
+    rest = rows.tail()
+    whole = len(index) == rows.num_rows and (batches is None or rest is None)
+    tail = rest if batches is None else None
     parts = itertools.chain(
         (rows.rows(index[i : i + batch_size]) for i in range(0, len(index), batch_size)), [tail] if tail else []
     )
