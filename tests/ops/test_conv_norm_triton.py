@@ -360,16 +360,22 @@ def test_gpu_gated_norm_bf16_within_twice_the_rounded_reference():
     assert paths_used()["gated_rms_norm"] == "triton"
 
 
+def norm_weight(D: int, zero_centered: bool) -> torch.Tensor:
+    """(D,) a trained-looking norm weight: scales near 1, or, zero-centred, the ``w`` of the scale ``1 + w``."""
+    return (0.0 if zero_centered else 1.0) + 0.2 * torch.randn(D, device="cuda")
+
+
 @pytest.mark.gpu
-def test_gpu_add_rms_norm_bf16_within_twice_the_rounded_reference():
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_gpu_add_rms_norm_bf16_within_twice_the_rounded_reference(zero_centered):
     M, D = 16384, 2048
     x, delta = torch.randn(M, D, device="cuda"), torch.randn(M, D, device="cuda")
-    w = 1 + 0.2 * torch.randn(D, device="cuda")
+    w = norm_weight(D, zero_centered)
     douts = [torch.randn(M, D, device="cuda").bfloat16() for _ in range(2)]
     reset_paths()
     bf16_check(
-        lambda x, d, w: add_rms_norm(x, d, w, EPS),
-        lambda x, d, w: (x + d, rms_norm_reference(x + d, w, EPS)),
+        lambda x, d, w: add_rms_norm(x, d, w, EPS, zero_centered),
+        lambda x, d, w: (x + d, rms_norm_reference(x + d, w, EPS, zero_centered)),
         [x, delta, w],
         douts,
         "add_rms_norm",
@@ -378,16 +384,21 @@ def test_gpu_add_rms_norm_bf16_within_twice_the_rounded_reference():
 
 
 @pytest.mark.gpu
-def test_gpu_rms_norm_bf16_within_twice_the_rounded_reference():
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_gpu_rms_norm_bf16_within_twice_the_rounded_reference(zero_centered):
     M, D = 16384, 2048
-    x, w = torch.randn(M, D, device="cuda"), 1 + 0.2 * torch.randn(D, device="cuda")
+    x, w = torch.randn(M, D, device="cuda"), norm_weight(D, zero_centered)
     xb, wb = x.bfloat16(), w.bfloat16()
     reset_paths()
     with torch.no_grad():
-        got = rms_norm(xb, wb, EPS)
+        got = rms_norm(xb, wb, EPS, zero_centered)
     assert paths_used()["rms_norm"] == "triton" and got.dtype == torch.bfloat16
     assert_bf16_within(
-        got, rms_norm_reference(x.double(), w, EPS), rms_norm_reference(xb.double(), wb, EPS), 2.0, "rms_norm"
+        got,
+        rms_norm_reference(x.double(), w, EPS, zero_centered),
+        rms_norm_reference(xb.double(), wb, EPS, zero_centered),
+        2.0,
+        "rms_norm",
     )
 
 
