@@ -1,13 +1,14 @@
 """The ``hybridlm`` command line: parse arguments, call the library, print results. One module per
-group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``evaluate``: eval;
-``checkpoints``: inspect, convert); this one builds the parser and turns errors into exit statuses.
+group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``serve``; ``evaluate``:
+eval; ``checkpoints``: inspect, convert); this one builds the parser and turns errors into exit statuses.
 
 Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
 disk, ...), with a one-line message and no traceback unless ``--debug``; 128 + N when training
 stopped on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP) after saving a checkpoint; 128 + N, with
 "interrupted", when another command stopped on one of them (a write in progress removed, ``generate``'s
-rows so far printed); 141, quietly, when the reader of standard output closed the pipe. A signal once a
-command has done its work (a training run complete and saved) changes nothing: see :func:`ignore_stop_signals`.
+rows so far printed, ``serve``'s open requests answered 503: a server's usual end); 141, quietly, when the
+reader of standard output closed the pipe. A signal once a command has done its work (a training run
+complete and saved) changes nothing: see :func:`ignore_stop_signals`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .evaluate import add_eval
     from .generate import add_generate
     from .model import add_pattern, add_plan
+    from .serve import add_serve
     from .train import add_prepare, add_train
 
-    return [add_train, add_generate, add_eval, add_prepare, add_pattern, add_plan, add_inspect, add_convert]
+    return [add_train, add_generate, add_serve, add_eval, add_prepare, add_pattern, add_plan, add_inspect, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

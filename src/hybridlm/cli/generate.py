@@ -7,6 +7,9 @@ import argparse
 import contextlib
 import sys
 
+# (its name here before ``hybridlm serve`` shared it)
+from ..infer.completion import Completion as _Completion
+
 #: ``--temperature`` without the flag (and without ``--greedy``): the CLI samples by default.
 DEFAULT_TEMPERATURE = 0.8
 
@@ -64,151 +67,6 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
     return prompts
 
 
-class _Completion:
-    """One row's text as tokens arrive: cut at the first stop string, optionally streamed to stdout.
-
-    While streaming, a trailing replacement character (an incomplete UTF-8 sequence) is held back, and
-    the ``len(longest stop) - 1`` characters before it (with the character it becomes, they may make a
-    stop string).
-
-    Each token decodes only the ids after a settled point (at most ``2 * WINDOW``), not the whole
-    completion, which made a long completion quadratic (8,000 tokens: 0.55 ms a token).
-    """
-
-    #: Tokens decoded before the ids in question and cut off again: decoders that drop a leading
-    #: space (sentencepiece's Metaspace, Strip) would otherwise glue the first word to what precedes it.
-    CONTEXT = 8
-    #: The settled point moves in steps of this many tokens, trailing the newest by at least as many.
-    WINDOW = 16
-
-    def __init__(
-        self,
-        tokenizer,
-        stops: list[str],
-        stream: bool,
-        prompt: list[int] | None = None,
-        heading: str = "",
-        specials: dict[str, int] | None = None,
-    ) -> None:
-        """``specials``: the tokenizer's special tokens (text -> id), which decoding leaves out of the text, where no
-        stop string would find them: a stop string that is one of them ends the text where the model picks it, and
-        one that holds one with more text (``'<|im_end|>\\n'``) is searched in the text with the special tokens'
-        texts put back where the model picked them."""
-        self.tokenizer, self.stops, self.stream = tokenizer, stops, stream
-        specials = specials or {}
-        self.stop_ids = frozenset(specials[s] for s in stops if s in specials)
-        self.marked_stops = [stop for stop in stops if stop not in specials and any(s in stop for s in specials)]
-        # The special tokens whose texts those stops are searched with (all: as a decode that keeps them reads).
-        self.marked = {i: s for s, i in specials.items()} if self.marked_stops else {}
-        self.marks: list[tuple[int, str]] = []  # (offset in the text, special token's text) of each marked token picked
-        self.heading = heading  # streamed before the first text: the prompt, once generation has started
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.context = self._context(list(prompt or []))  # the ids before ids[settled:]
-        self.ids: list[int] = []
-        self.settled, self.settled_text = 0, ""  # ids[:settled] decode to settled_text, whatever follows
-        self.text, self.shown, self.stopped = "", 0, False
-
-    def _context(self, before: list[int]) -> list[int]:
-        """The last ids of ``before`` (at most ``CONTEXT``) that decode to text not starting inside a character.
-        A cut through a character's bytes is not harmless: a ByteFallback decoder (Llama's, Mistral's) reads a
-        run of byte tokens whole, and one that is not UTF-8 becomes a replacement character per byte, so the new
-        ids of that run (a complete emoji) decoded as replacement characters too, and streamed text repeated."""
-        context = before[-self.CONTEXT :]
-        while context and self.tokenizer.decode(context).startswith("\ufffd"):
-            context = context[1:]
-        return context
-
-    def _decode(self, ids: list[int], context: list[int] | None = None) -> str:
-        """The text of ``ids``, which follow ``context`` (default ``self.context``)."""
-        context = self.context if context is None else self._context(context)
-        if not context:
-            return self.tokenizer.decode(ids)
-        prefix, text = self.tokenizer.decode(context), self.tokenizer.decode(context + ids)
-        return text[len(prefix) :] if text.startswith(prefix) else self.tokenizer.decode(ids)
-
-    def _settles(self, end: int, head: str, tail: str) -> bool:
-        """Whether ``ids[settled:end]`` (decoding to ``head``) can be settled: ``tail``, the text of all pending ids,
-        starts with it, and where ``head`` ends in a replacement character (the cut may split a byte sequence),
-        the ids after ``end`` decode to the rest of ``tail`` (output that is not UTF-8 settles too) and the pending
-        ids less the last one, two or three decode to text starting with ``head`` as well: a ByteFallback decoder
-        (Llama's, Mistral's) reads a whole run of byte tokens as a replacement character per byte while the run ends
-        inside a character, and those characters, once settled, stayed when the newest character was completed."""
-        if not tail.startswith(head):
-            return False
-        if not head.endswith("\ufffd"):
-            return True
-        pending = self.ids[self.settled :]
-        return self._decode(self.ids[end:], self.context + self.ids[self.settled : end]) == tail[len(head) :] and all(
-            self._decode(pending[:-j]).startswith(head) for j in (1, 2, 3)
-        )
-
-    def add(self, token: int) -> bool:
-        if self.stopped:
-            return True
-        if token in self.stop_ids:  # the text so far is all of it, characters held back for the stops too
-            self.stopped = True
-            self.finish()
-            return True
-        if token in self.marked:  # its text, left out of the text, stands here for the stop strings that hold it
-            self.marks.append((len(self.text), self.marked[token]))
-        self.ids.append(token)
-        start = max(0, len(self.settled_text) - self.hold)  # before it, earlier tokens searched the same text
-        tail = self._decode(self.ids[self.settled :])
-        pending = len(self.ids) - self.settled
-        if pending >= 2 * self.WINDOW and pending % self.WINDOW == 0:  # settle the older ids, if they decode alike
-            for end in range(len(self.ids) - self.WINDOW, len(self.ids) - self.WINDOW - 4, -1):  # (a character
-                head = self._decode(self.ids[self.settled : end])  # is up to 4 byte tokens: not cut in one)
-                if self._settles(end, head, tail):
-                    self.context = self._context(self.context + self.ids[self.settled : end])
-                    self.settled, self.settled_text, tail = end, self.settled_text + head, tail[len(head) :]
-                    break
-        text = self.settled_text + tail
-        cuts = [i for i in (text.find(s, start) for s in self.stops if s not in self.marked_stops) if i >= 0]
-        cuts += self._marked_cuts(text, start)
-        if cuts:
-            text, self.stopped = text[: min(cuts)], True
-        self.text = text
-        if self.stream:
-            safe = len(text)
-            if not self.stopped:
-                # A trailing replacement character may be an incomplete character, which may end a stop
-                # string: it waits, and the characters held back for the stops are counted before it.
-                while safe > self.shown and text[safe - 1] == "\ufffd":
-                    safe -= 1
-                safe -= self.hold
-            self._show(safe)
-        return self.stopped
-
-    def _marked_cuts(self, text: str, start: int) -> list[int]:
-        """Where in ``text`` the stop strings that hold a special token's text occur from ``start`` on, searched in
-        ``text[start:]`` with the texts of the special tokens the model picked put back where it picked them (a
-        match that begins at such a token cuts the text where it was picked)."""
-        if not self.marked_stops:
-            return []
-        kept, where, at = "", [], start  # where[k]: the offset in text of kept[k]
-        for offset, special in self.marks:
-            offset = min(offset, len(text))  # (the bytes of a character the token cut in two decode together)
-            if offset >= start:
-                kept += text[at:offset] + special
-                where += [*range(at, offset), *[offset] * len(special)]
-                at = offset
-        kept, where = kept + text[at:], [*where, *range(at, len(text))]
-        return [where[i] for i in (kept.find(s) for s in self.marked_stops) if i >= 0]
-
-    def finish(self) -> None:
-        if self.stream:
-            self._show(len(self.text))
-
-    def _show(self, upto: int) -> None:
-        if self.heading:
-            sys.stdout.write(self.heading)
-            self.heading = ""
-        if upto > self.shown:
-            sys.stdout.write(self.text[self.shown : upto])
-            self.shown = upto
-        sys.stdout.flush()
-
-
 def _unescape(stop: str) -> str:
     r"""``--stop`` with the escapes \n, \t, \r and \\ read as the characters they name (a shell passes them as typed)."""
     import re
@@ -216,12 +74,32 @@ def _unescape(stop: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], stop)
 
 
+def thread_checks(threads: int | None) -> tuple[tuple[bool, str], ...]:
+    """``--threads``'s rules, as (holds, message) pairs: ``generate`` and ``serve`` check them with their others."""
+    from ..train.config import MAX_THREADS
+
+    return (
+        (threads is None or threads >= 1, f"--threads must be >= 1, got {threads}"),
+        (  # torch starting 100,000 threads crashed the process (a segmentation fault, no message)
+            threads is None or threads <= MAX_THREADS,
+            f"--threads must be at most {MAX_THREADS}, got {threads}",
+        ),
+    )
+
+
+def run_options(ap: argparse.ArgumentParser) -> None:
+    """--threads and --no-verify: how ``generate`` and ``serve`` load and run a model."""
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
+    ap.add_argument(
+        "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"
+    )
+
+
 def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts: int):
     """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded; the ``torch.device``
     to run on (``--device auto`` resolved)."""
     from ..errors import UsageError
     from ..infer.generate import check_sampling
-    from ..train.config import MAX_THREADS
     from . import device_option
 
     if args.greedy and args.temperature not in (None, 0):  # greedy decoding would ignore the temperature
@@ -244,11 +122,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
     checks = (
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
-        (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
-        (  # torch starting 100,000 threads crashed the process (a segmentation fault, no message)
-            args.threads is None or args.threads <= MAX_THREADS,
-            f"--threads must be at most {MAX_THREADS}, got {args.threads}",
-        ),
+        *thread_checks(args.threads),
         (all(stops), "--stop: an empty string would end every text at once"),
         (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
         (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
@@ -442,8 +316,5 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "of --batch-size prompts draws from seed + its first index)",
     )
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
-    ap.add_argument(
-        "--no-verify", action="store_true", help="skip the SHA-256 check of the weight files (a damaged file loads)"
-    )
+    run_options(ap)
     ap.set_defaults(func=_cmd_generate)

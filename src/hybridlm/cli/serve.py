@@ -1,0 +1,128 @@
+"""``hybridlm serve``: a trained model behind an OpenAI-compatible completions endpoint (``POST /v1/completions``,
+``GET /v1/models``, ``GET /health``). The requests are checked by :mod:`hybridlm.infer.api`, batched by
+:mod:`hybridlm.infer.batching` and answered by :mod:`hybridlm.infer.server`; this module reads the flags, loads the
+model and runs the server until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+#: ``--max-new-tokens-limit``'s default: the largest ``max_tokens`` a request may ask for (attention's cache holds
+#: prompt + max_tokens positions per row from the start, so this bounds what one request can make the server hold).
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 2048
+DEFAULT_PORT = 8000
+
+
+def _check_args(args: argparse.Namespace):
+    """Refuse bad options by their flags before the model is loaded; the ``torch.device`` to run on."""
+    from ..errors import UsageError
+    from ..ops.dispatch import check_device
+    from . import device_option
+    from .generate import thread_checks
+
+    checks = (
+        (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
+        (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
+        (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
+        (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
+        *thread_checks(args.threads),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    device = device_option("--device", args.device)
+    check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
+    return device
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # (--threads is process-wide: it comes back however the command ends, for a caller that runs main() in-process)
+    with contextlib.ExitStack() as scope:
+        return _serve(args, scope)
+
+
+def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
+    from ..checkpoint.weights import load, read_config
+    from ..errors import UsageError
+    from ..infer.batching import BatchWorker
+    from ..infer.server import CompletionServer
+    from ..train.threads import cpu_threads
+    from . import model_folder, model_tokenizer, say
+
+    device = _check_args(args)
+    path = model_folder(args.checkpoint, "checkpoint")
+    config = read_config(path)
+    tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
+    name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
+    scope.enter_context(cpu_threads(args.threads))
+    model = load(path, device=device, verify=not args.no_verify)
+    worker = BatchWorker(model, tokenizer, args.max_batch_size)
+    try:
+        server = CompletionServer(
+            (args.host, args.port),
+            worker,
+            name,
+            encode=tokenizer.encode,
+            vocab_size=config.vocab_size,
+            max_tokens_limit=args.max_new_tokens_limit,
+            log=lambda line: say(line, sys.stderr),
+        )
+    except OSError as e:  # in use, not an address of this machine, a port below 1024 without the right
+        reason = e.strerror or str(e)
+        raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({reason})") from None
+    worker.start()
+    try:
+        say(f"serving {name} at {server.url} (POST /v1/completions, GET /v1/models, GET /health; Ctrl-C stops)")
+        with contextlib.suppress(OSError):  # (a supervisor reading a pipe waits for this line)
+            sys.stdout.flush()
+        server.serve_forever()
+    finally:  # Ctrl-C, SIGTERM: the open requests get 503, then the socket closes
+        server.stop()
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    from . import model_options
+    from .generate import run_options
+
+    ap = sub.add_parser(
+        "serve",
+        help="serve a trained checkpoint over HTTP (OpenAI-compatible /v1/completions)",
+        description="Answer OpenAI-style completion requests (POST /v1/completions; GET /v1/models, GET /health) "
+        "with a trained model. One thread runs the model: requests queued together with equal sampling settings "
+        "run as one batch (static batching; docs/inference.md). No authentication: anyone who can reach the port "
+        "can use the model. CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
+        "run directory. Ctrl-C or SIGTERM stops it; requests still open get 503.",
+    )
+    model_options(ap)
+    ap.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only: the server checks no credentials; "
+        "0.0.0.0 listens on every interface, for anyone who can reach it)",
+    )
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: any free one)")
+    ap.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="the model's name in /v1/models and the one a request's 'model' may give (default: CHECKPOINT as given)",
+    )
+    ap.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="rows (prompts) run together at most; more wait for the next batch (default: 8)",
+    )
+    ap.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS_LIMIT,
+        metavar="N",
+        help=f"the largest max_tokens a request may ask for; the cache holds prompt + max_tokens positions per row "
+        f"(default: {DEFAULT_MAX_NEW_TOKENS_LIMIT})",
+    )
+    run_options(ap)
+    ap.set_defaults(func=_cmd_serve)

@@ -1,0 +1,270 @@
+"""The OpenAI completions API as ``hybridlm serve`` answers it: a request body checked field by field into a
+:class:`CompletionRequest`, and the bodies of responses, stream chunks and errors.
+
+No sockets and no model here: the HTTP layer (:mod:`hybridlm.infer.server`) reads the bytes, the batching worker
+(:mod:`hybridlm.infer.batching`) runs the rows. A field the server cannot honour is refused by name rather than
+ignored: a client that asked for ``n=2`` or ``logprobs`` and got one plain text back would score or sample from
+results it did not ask for, with nothing to tell it so.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .generate import SEED_RANGE, check_sampling
+
+#: OpenAI's defaults for the completions endpoint (not the CLI's: ``hybridlm generate`` samples at 0.8).
+DEFAULT_MAX_TOKENS = 16
+DEFAULT_TEMPERATURE = 1.0
+#: Stop strings per request at most, as OpenAI allows.
+MAX_STOPS = 4
+#: OpenAI fields taken only at the value that leaves the result unchanged (null is always taken).
+NEUTRAL = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "logprobs": None,
+    "suffix": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+}
+#: Fields read, besides :data:`NEUTRAL`'s; ``user`` (an end-user id for OpenAI's abuse monitoring) changes nothing.
+FIELDS = (
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "user",
+)
+
+
+class RequestError(Exception):
+    """A request the server answers with an error: HTTP ``status``, and the OpenAI error object's fields."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return error_body(self.message, self.param, self.code, self.kind)
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None, kind="invalid_request_error") -> dict:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _invalid(param: str, message: str) -> RequestError:
+    return RequestError(400, f"{param}: {message}", param)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What one ``generate`` call decodes with: rows whose settings are equal can run as one batch. Greedy
+    (temperature 0) reads none of top_k, top_p and seed, so they are left at their neutral values there."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+
+    @property
+    def seeded(self) -> bool:
+        """Sampled from a stream the client seeded: rows from other requests would draw from it too (one
+        generator per batch) and change its samples, so such a request runs in batches of its own."""
+        return self.temperature > 0 and self.seed is not None
+
+
+@dataclass
+class CompletionRequest:
+    """A checked ``POST /v1/completions``: one prompt (token ids) per choice, in order."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    sampling: Sampling
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json(body: bytes) -> dict:
+    """The request body as a JSON object; RequestError 400 for anything else (NaN and Infinity are not JSON)."""
+    try:
+        value = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e) or type(e).__name__
+        raise RequestError(400, f"the body is not valid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _prompts(value, encode: Callable[[str], list[int]], vocab_size: int) -> list[list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of token-id lists; the ids of each."""
+    shapes = "a string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _invalid("prompt", f"must be {shapes}, got {json.dumps(value)[:60]}")
+    if all(_is_int(t) for t in value):
+        value = [value]
+    rows = []
+    for i, item in enumerate(value):
+        where = "prompt" if len(value) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's lone surrogate escapes (\ud800)
+                raise _invalid("prompt", f"{where} is not UTF-8 text (a lone surrogate)") from None
+            try:
+                rows.append(list(encode(item)))
+            except ValueError as e:  # (the tokenizer's DataError)
+                raise _invalid("prompt", f"{where}: {e}") from None
+        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise _invalid("prompt", f"{where}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+            rows.append(list(item))
+        else:
+            raise _invalid("prompt", f"must be {shapes}; {where} is {json.dumps(item)[:60]}")
+    return rows
+
+
+def _stops(value) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _invalid("stop", f"must be a string or a list of strings, got {json.dumps(value)[:60]}")
+    if len(stops) > MAX_STOPS:
+        raise _invalid("stop", f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+    if not all(stops):
+        raise _invalid("stop", "an empty string would end every text at once")
+    return stops
+
+
+def parse_request(
+    body: dict,
+    *,
+    model_name: str,
+    encode: Callable[[str], list[int]],
+    vocab_size: int,
+    max_tokens_limit: int,
+    max_batch_size: int,
+) -> CompletionRequest:
+    """Check a ``POST /v1/completions`` body (a JSON object) field by field; RequestError naming the field.
+
+    ``model`` is optional; given, it must be ``model_name`` (404 ``model_not_found`` otherwise, as OpenAI answers):
+    a client that names another model would get this one's text. A null field takes its default."""
+    unknown = [k for k in body if k not in FIELDS and k not in NEUTRAL]
+    if unknown:
+        raise RequestError(
+            400, f"{unknown[0]}: unknown field (this server reads {', '.join(FIELDS + tuple(NEUTRAL))})", unknown[0]
+        )
+    for name, neutral in NEUTRAL.items():
+        value = body.get(name)
+        # (0.0 == 0 and 1.0 == 1, but True == 1 too: a bool is not a count or a penalty)
+        if value is not None and (value != neutral or isinstance(value, bool) != isinstance(neutral, bool)):
+            raise _invalid(name, f"only {json.dumps(neutral)} is supported, got {json.dumps(value)[:60]}")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        if not isinstance(model, str):
+            raise _invalid("model", f"must be a string, got {json.dumps(model)[:60]}")
+        raise RequestError(404, f"model: this server serves {model_name!r}, not {model!r}", "model", "model_not_found")
+    if not isinstance(body.get("user", ""), (str, type(None))):
+        raise _invalid("user", "must be a string")
+    if "prompt" not in body or body["prompt"] is None:
+        raise RequestError(400, "prompt: missing (the text, or texts, to continue)", "prompt")
+    prompts = _prompts(body["prompt"], encode, vocab_size)
+
+    def get(name, default):
+        value = body.get(name)
+        return default if value is None else value
+
+    max_tokens = get("max_tokens", DEFAULT_MAX_TOKENS)
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_limit:
+        raise _invalid("max_tokens", f"must be an integer in [1, {max_tokens_limit}], got {json.dumps(max_tokens)}")
+    temperature, top_p = get("temperature", DEFAULT_TEMPERATURE), get("top_p", 1.0)
+    top_k, penalty, seed = get("top_k", 0), get("repetition_penalty", 1.0), body.get("seed")
+    for name, value, ok in (
+        ("temperature", temperature, _is_number),
+        ("top_p", top_p, _is_number),
+        ("repetition_penalty", penalty, _is_number),
+        ("top_k", top_k, _is_int),
+        ("seed", seed, lambda v: v is None or _is_int(v)),
+    ):
+        if not ok(value):
+            kind = "a number" if ok is _is_number else "an integer"
+            raise _invalid(name, f"must be {kind}, got {json.dumps(value)[:60]}")
+    try:
+        check_sampling(temperature, top_k, top_p, penalty, seed)
+    except ValueError as e:  # "top_p must be in (0, 1], got 2": named by the field already
+        raise RequestError(400, str(e), str(e).split()[0]) from None
+    last = (len(prompts) - 1) // max_batch_size * max_batch_size
+    if seed is not None and temperature > 0 and seed + last > SEED_RANGE[1]:  # (each batch draws from seed + start)
+        raise _invalid("seed", f"must be at most {SEED_RANGE[1] - last} for {len(prompts)} prompts, got {seed}")
+    stream = get("stream", False)
+    if not isinstance(stream, bool):
+        raise _invalid("stream", f"must be true or false, got {json.dumps(stream)[:60]}")
+    options = get("stream_options", {})
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise _invalid("stream_options", f'must be {{"include_usage": BOOL}}, got {json.dumps(options)[:60]}')
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise _invalid("stream_options", f"include_usage must be true or false, got {json.dumps(include_usage)}")
+    if options and not stream:
+        raise _invalid("stream_options", "is only read with stream: true")
+    temperature = float(temperature)
+    sampling = (
+        Sampling(0.0, 0, 1.0, float(penalty), None)
+        if temperature == 0
+        else Sampling(temperature, operator.index(top_k), float(top_p), float(penalty), seed)
+    )
+    return CompletionRequest(prompts, max_tokens, sampling, _stops(body.get("stop")), stream, include_usage)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion(request_id: str, created: int, model: str, choices: list[dict], counts: dict | None) -> dict:
+    """A completion object (``object: "text_completion"``); a stream chunk is one too, with a choice's new text."""
+    body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if counts is not None:
+        body["usage"] = counts
+    return body

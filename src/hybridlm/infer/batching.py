@@ -1,0 +1,229 @@
+"""The batching worker of ``hybridlm serve``: one thread owns the model, HTTP handler threads hand it requests.
+
+Generation is not thread-safe (a model runs one cache at a time), so a single thread runs every ``generate`` call.
+Each round it takes what is queued, picks the rows whose sampling settings equal those of the oldest waiting row
+(one ``generate`` call has one temperature, top_k, top_p, seed and penalty), at most ``max_batch_size`` of them, and
+runs them as one left-padded batch; ``max_new_tokens`` is the batch's largest ``max_tokens`` and each row stops at
+its own through the token callback. This is static batching: a request that arrives while a batch runs waits for
+the next one (continuous batching would add rows to a running batch, which the cache's fixed batch does not allow).
+
+A request whose client seeded its sampling runs in batches of its own: one batch draws from one generator, so
+another request's rows would change its samples. As in ``hybridlm generate``, its rows past ``max_batch_size``
+draw from ``seed`` plus the index of their batch's first row.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from ..errors import NonFiniteLogitsError
+from .api import CompletionRequest, RequestError, usage
+from .completion import Completion
+from .generate import generate
+
+_log = logging.getLogger(__name__)
+
+#: What the requests still unanswered get when the server stops.
+STOPPING = RequestError(503, "the server is stopping; send the request again once it is back")
+
+
+class Row:
+    """One choice of a request: its prompt's ids, its text as it comes, its token count and how it ended."""
+
+    def __init__(self, job: Job, index: int, ids: list[int], completion: Completion) -> None:
+        self.job, self.index, self.ids, self.completion = job, index, ids, completion
+        self.tokens = 0  # tokens picked for it, the one that ended it included (an end of text, a stop's last)
+        self.finish: str | None = None  # "stop" or "length" once it has ended
+
+
+class Job:
+    """A request in the worker's hands, and the events its HTTP handler reads from ``events``, in order:
+
+    * ``("text", index, piece)``: new text of choice ``index`` (streamed requests only);
+    * ``("finish", index, reason)``: choice ``index`` ended, ``"stop"`` or ``"length"``;
+    * ``("done", None, None)``: every choice ended (their texts are in ``rows``), or
+      ``("error", None, RequestError)``: the request failed. Nothing follows either.
+    """
+
+    def __init__(self, request: CompletionRequest, tokenizer, specials: dict[str, int]) -> None:
+        self.request = request
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = False  # the client went away: its rows stop at their next token
+        self.closed = False  # done or failed: nothing more is sent
+        self.rows = [
+            Row(self, i, ids, Completion(tokenizer, request.stops, request.stream, ids, "", specials, self._writer(i)))
+            for i, ids in enumerate(request.prompts)
+        ]
+        # Rows of equal settings batch together; a seeded sampled request only with itself (see the module).
+        self.key = (request.sampling, self if request.sampling.seeded else None)
+
+    def _writer(self, index: int):
+        return functools.partial(self.emit, "text", index)
+
+    def emit(self, kind: str, index: int | None = None, value=None) -> None:
+        self.events.put((kind, index, value))
+
+    def cancel(self) -> None:
+        """The client is gone (called from its handler's thread): its rows stop at their next token."""
+        self.cancelled = True
+
+    def fail(self, error: RequestError) -> None:
+        if not self.closed:
+            self.closed = True
+            self.emit("error", None, error)
+
+    def usage(self) -> dict:
+        """``usage``: the prompts' tokens as given (an empty prompt counts none) and the tokens picked."""
+        return usage(sum(len(r.ids) for r in self.rows), sum(r.tokens for r in self.rows))
+
+
+class BatchWorker:
+    """Runs queued requests on ``model`` in batches (see the module). ``submit`` from any thread; ``start`` runs
+    the loop on a thread of its own, ``step`` one round on the caller's (tests)."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int, generate=generate) -> None:
+        self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
+        self.specials = tokenizer.special_tokens()
+        self.queue: queue.Queue = queue.Queue()  # Jobs; None only wakes the loop
+        self.pending: list[Row] = []  # rows taken from the queue, not run yet, oldest first
+        self.open: set[Job] = set()  # submitted and not answered yet
+        self.lock = threading.Lock()  # (no job is queued once the stop has failed the open ones)
+        self.stopping = threading.Event()
+        self.batches = 0  # generate calls run (two requests in one batch count once)
+        self.thread: threading.Thread | None = None
+
+    def submit(self, request: CompletionRequest) -> Job:
+        job = Job(request, self.tokenizer, self.specials)
+        with self.lock:
+            if self.stopping.is_set():
+                job.fail(STOPPING)
+            else:
+                self.open.add(job)
+                self.queue.put(job)
+        return job
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="hybridlm-serve-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the running batch at its next token and answer every open request with 503 :data:`STOPPING`."""
+        with self.lock:
+            self.stopping.set()
+            self.queue.put(None)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+        if self.thread is None or not self.thread.is_alive():
+            self._fail_open()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.step(block=True)
+            except Exception as e:  # (a bug outside generate): no handler may wait for ever on its request
+                _log.error("the batching worker failed: %s: %s", type(e).__name__, e, exc_info=e)
+                self.pending = []
+                self._fail_open(RequestError(500, f"the server failed: {type(e).__name__}: {e}"))
+        self._fail_open()
+
+    def _fail_open(self, error: RequestError = STOPPING) -> None:
+        with self.lock:
+            jobs, self.open = self.open, set()
+        for job in jobs:
+            job.fail(error)
+
+    def step(self, block: bool = False) -> bool:
+        """Take what is queued (waiting for a request where ``block`` and none is pending) and run one batch;
+        False when there was none to run."""
+        try:
+            wait = block and not self.pending
+            while True:
+                job = self.queue.get(block=wait)
+                wait = False
+                if job is not None:
+                    self.pending.extend(job.rows)
+        except queue.Empty:
+            pass
+        for row in self.pending:
+            if row.job.cancelled:
+                row.job.closed = True  # (nobody reads its events)
+        self.pending = [row for row in self.pending if not row.job.closed]
+        if self.stopping.is_set() or not self.pending:
+            return False
+        key = self.pending[0].job.key
+        batch = [row for row in self.pending if row.job.key == key][: self.max_batch_size]
+        taken = {id(row) for row in batch}
+        self.pending = [row for row in self.pending if id(row) not in taken]
+        self._run(batch)
+        with self.lock:
+            self.open = {job for job in self.open if not job.closed}
+        return True
+
+    def _run(self, batch: list[Row]) -> None:
+        sampling = batch[0].job.request.sampling
+        seed = sampling.seed + batch[0].index if sampling.seeded else sampling.seed
+        try:
+            self.generate(
+                self.model,
+                [row.ids for row in batch],
+                max_new_tokens=max(row.job.request.max_tokens for row in batch),
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                eos_id=self.tokenizer.eos_id,
+                seed=seed,
+                repetition_penalty=sampling.repetition_penalty,
+                callback=lambda r, token: self._on_token(batch[r], token),
+            )
+        except Exception as e:  # answered, and the server goes on with the next batch
+            self._failed(batch, e)
+            return
+        finally:
+            self.batches += 1
+        for row in batch:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
+            if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
+                self._end(row, "length")
+
+    def _on_token(self, row: Row, token: int) -> bool:
+        """``generate``'s callback: True ends the row (its end, its own max_tokens, a gone client, a stop)."""
+        job = row.job
+        if job.closed or job.cancelled or self.stopping.is_set():
+            return True
+        row.tokens += 1
+        # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``.
+        if token == self.tokenizer.eos_id or row.completion.add(token):
+            self._end(row, "stop")
+            return True
+        if row.tokens >= job.request.max_tokens:
+            self._end(row, "length")
+            return True
+        return False
+
+    def _end(self, row: Row, reason: str) -> None:
+        row.finish = reason
+        row.completion.finish()  # a streamed row's held-back characters
+        job = row.job
+        job.emit("finish", row.index, reason)
+        if all(r.finish for r in job.rows):
+            job.closed = True
+            job.emit("done")
+
+    def _failed(self, batch: list[Row], error: Exception) -> None:
+        """Answer every request of a failed batch with 500; the one whose logits were not finite is named by its
+        choice, the others are told they can be sent again."""
+        _log.error("generation failed: %s: %s", type(error).__name__, error, exc_info=error)
+        owner = batch[error.row] if isinstance(error, NonFiniteLogitsError) and error.row < len(batch) else None
+        for job in dict.fromkeys(row.job for row in batch):
+            if owner is None:
+                message = f"generation failed: {type(error).__name__}: {error}"
+            elif job is owner.job:
+                message = f"choice {owner.index}: {error.message}"
+            else:
+                message = f"generation failed for another request in the same batch ({error.message}); send it again"
+            job.fail(RequestError(500, message))

@@ -1,0 +1,256 @@
+"""The HTTP side of ``hybridlm serve``: an OpenAI-compatible completions endpoint on the standard library's
+``ThreadingHTTPServer``.
+
+Routes: ``POST /v1/completions`` (checked by :func:`~hybridlm.infer.api.parse_request`, run by the
+:class:`~hybridlm.infer.batching.BatchWorker`), ``GET /v1/models`` and ``/v1/models/NAME`` (the one served model),
+``GET /health``. Every error body is OpenAI's ``{"error": {...}}``. Each connection has a handler thread, which
+waits on its request's events; a streamed request is sent as server-sent events (``data: {...}``, then
+``data: [DONE]``), and a client that goes away mid-stream stops its rows (its handler's write fails). There is no
+authentication: bind to localhost (the default) or put a proxy that checks clients in front.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .api import RequestError, choice, completion, parse_request, read_json
+from .batching import BatchWorker, Job
+
+#: A request body larger than this is refused (413) before it is read: prompts of a few megabytes fill a batch.
+MAX_BODY_BYTES = 16 * 2**20
+#: Routes and the methods each takes (another method: 405; another path: 404).
+ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
+MODEL_PREFIX = "/v1/models/"
+
+
+class CompletionServer(ThreadingHTTPServer):
+    """Serves ``worker``'s model as ``model_name``; ``encode`` and ``vocab_size`` check prompts before they queue.
+
+    ``serve_forever`` answers requests; :meth:`stop` answers the open ones (503) and closes the socket.
+    """
+
+    daemon_threads = True  # (an idle keep-alive connection's thread must not hold the process at exit)
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        worker: BatchWorker,
+        model_name: str,
+        *,
+        encode,
+        vocab_size: int,
+        max_tokens_limit: int,
+        log=None,
+        timeout: float = 60.0,
+    ) -> None:
+        """``log``: a function taking each access line (None: quiet). ``timeout``: seconds a connection may take
+        to send its request, and a client to take a streamed chunk."""
+        self.worker, self.model_name = worker, model_name
+        self.encode, self.vocab_size, self.max_tokens_limit = encode, vocab_size, max_tokens_limit
+        self.log, self.timeout, self.created = log, timeout, int(time.time())
+        self.answering: set[Job] = set()  # jobs whose handlers have not written their last byte yet
+        self.answered = threading.Condition()
+        if ":" in address[0]:  # an IPv6 address (::1, ::)
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+    def model_object(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "hybridlm"}
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the worker (the running batch at its next token; every open request gets 503), let the handlers
+        write those answers (at most ``grace`` seconds), then close the listening socket. Call it once
+        ``serve_forever`` has returned (or from another thread after :meth:`shutdown`)."""
+        self.worker.stop(timeout=grace)
+        deadline = time.monotonic() + grace
+        with self.answered:
+            while self.answering and time.monotonic() < deadline:
+                self.answered.wait(deadline - time.monotonic())
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; a streamed response closes its connection at its end
+    server: CompletionServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.timeout  # (read by StreamRequestHandler.setup)
+        super().setup()
+
+    def log_message(self, format: str, *args) -> None:
+        if self.server.log is not None:
+            self.server.log(f"{self.address_string()} - {format % args}")
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._route("PATCH")
+
+    def _route(self, method: str) -> None:
+        try:
+            self._answer(method)
+        except OSError:  # the client went away before its answer was written whole (a reset, a broken pipe)
+            self.close_connection = True
+
+    def _answer(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            allowed = ROUTES.get(path, ("GET",) if path.startswith(MODEL_PREFIX) else None)
+            if allowed is None:
+                self.close_connection = True  # (a body it may have sent is not read)
+                raise RequestError(404, f"no route {path} (this server has {', '.join(ROUTES)})", code="not_found")
+            if method not in allowed:
+                self.close_connection = True  # (a body it may have sent is not read)
+                raise RequestError(405, f"{path} takes {' or '.join(allowed)}, not {method}", code="method_not_allowed")
+            if path == "/v1/completions":
+                self._complete()
+            elif path == "/v1/models":
+                self._json(200, {"object": "list", "data": [self.server.model_object()]})
+            elif path == "/health":
+                alive = self.server.worker.thread is not None and self.server.worker.thread.is_alive()
+                self._json(200 if alive else 503, {"status": "ok" if alive else "stopped"})
+            elif urllib.parse.unquote(path[len(MODEL_PREFIX) :]) == self.server.model_name:
+                self._json(200, self.server.model_object())
+            else:
+                name = urllib.parse.unquote(path[len(MODEL_PREFIX) :])
+                raise RequestError(
+                    404, f"this server serves {self.server.model_name!r}, not {name!r}", code="model_not_found"
+                )
+        except RequestError as e:
+            self._json(e.status, e.body(), allow=(", ".join(allowed) if e.status == 405 else None))
+
+    def _body(self) -> bytes:
+        """The request body, by its Content-Length (chunked transfer encoding is not read)."""
+        keep = self.close_connection  # (as the request line and headers asked: HTTP/1.0, "Connection: close")
+        self.close_connection = True  # until the body is read whole: the next request would start inside it
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(411, "a request body needs a Content-Length header", code="length_required")
+        if not re.fullmatch(r"[0-9]+", length):  # (not str.isdigit: "²" is a digit to it, and no int)
+            raise RequestError(400, f"Content-Length {length!r} is not a byte count")
+        if int(length) > MAX_BODY_BYTES:
+            raise RequestError(413, f"the body of {int(length):,} bytes is over the limit of {MAX_BODY_BYTES:,}")
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            body = b""
+        if len(body) < int(length):
+            raise RequestError(400, f"the body ended after {len(body)} of its Content-Length {length} bytes")
+        self.close_connection = keep
+        return body
+
+    def _complete(self) -> None:
+        server = self.server
+        if server.worker.stopping.is_set():
+            self.close_connection = True  # (its body is not read)
+            raise RequestError(503, "the server is stopping")
+        request = parse_request(
+            read_json(self._body()),
+            model_name=server.model_name,
+            encode=server.encode,
+            vocab_size=server.vocab_size,
+            max_tokens_limit=server.max_tokens_limit,
+            max_batch_size=server.worker.max_batch_size,
+        )
+        job = server.worker.submit(request)
+        with server.answered:
+            server.answering.add(job)
+        try:
+            (self._stream if request.stream else self._wait)(job)
+        finally:
+            with server.answered:
+                server.answering.discard(job)
+                server.answered.notify_all()
+
+    def _wait(self, job: Job) -> None:
+        while True:
+            kind, _, value = job.events.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                break
+        choices = [choice(row.index, row.completion.text, row.finish) for row in job.rows]
+        self._json(200, completion(job.id, job.created, self.server.model_name, choices, job.usage()))
+
+    def _stream(self, job: Job) -> None:
+        """Server-sent events: a chunk per piece of text, one per finished choice (its finish_reason), the usage
+        where asked, then ``[DONE]``; an error after the headers is sent as an ``{"error": ...}`` event."""
+        kind, index, value = job.events.get()  # the first event decides: an error before any text is a status
+        if kind == "error":
+            raise value
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        name, include = self.server.model_name, job.request.include_usage
+        try:
+            while True:
+                if kind == "error":
+                    self._event(value.body())
+                    break
+                if kind == "done":
+                    if include:
+                        self._event(completion(job.id, job.created, name, [], job.usage()))
+                    break
+                text, reason = (value, None) if kind == "text" else ("", value)
+                chunk = completion(job.id, job.created, name, [choice(index, text, reason)], None)
+                if include:
+                    chunk["usage"] = None  # (as OpenAI's chunks carry it, null until the last)
+                self._event(chunk)
+                kind, index, value = job.events.get()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except OSError:  # the client went away (a reset, a broken pipe, a timeout): its rows stop
+            job.cancel()
+
+    def _event(self, body: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, headers too long, a method it has no ``do_`` for:
+        501) in OpenAI's shape too."""
+        self.close_connection = True
+        self._json(
+            code,
+            RequestError(code, message or HTTPStatus(code).phrase).body(),
+            body_too=getattr(self, "command", None) != "HEAD",
+        )
+
+    def _json(self, status: int, body: dict, allow: str | None = None, *, body_too: bool = True) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if allow:
+            self.send_header("Allow", allow)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if body_too:
+            self.wfile.write(data)
+        self.wfile.flush()

@@ -1,0 +1,153 @@
+"""The completions request of `hybridlm serve`: every field checked by name, OpenAI's defaults, refusals."""
+
+import json
+
+import pytest
+
+from hybridlm.infer.api import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    RequestError,
+    Sampling,
+    parse_request,
+    read_json,
+)
+from hybridlm.train.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+
+
+def parse(body: dict, limit: int = 64, batch: int = 8):
+    return parse_request(
+        body, model_name="tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=limit, max_batch_size=batch
+    )
+
+
+def refused(body: dict, status: int = 400) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        parse(body)
+    assert e.value.status == status
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+    return e.value
+
+
+def test_defaults_are_openais_and_greedy_settings_batch_whatever_else_is_given():
+    request = parse({"prompt": "hi", "model": "tiny"})
+    assert request.prompts == [[104, 105]] and request.max_tokens == DEFAULT_MAX_TOKENS == 16
+    assert request.sampling == Sampling(DEFAULT_TEMPERATURE, 0, 1.0, 1.0, None) and DEFAULT_TEMPERATURE == 1.0
+    assert request.stops == [] and not request.stream and not request.include_usage
+    # Greedy reads neither top_k, top_p nor the seed: two greedy requests differing there run together.
+    a = parse({"prompt": "a", "temperature": 0, "top_k": 5, "top_p": 0.5, "seed": 3}).sampling
+    assert a == parse({"prompt": "b", "temperature": 0.0}).sampling == Sampling(0.0, 0, 1.0, 1.0, None)
+    assert not a.seeded and parse({"prompt": "a", "seed": 3}).sampling.seeded
+    nulls = parse({"prompt": "hi", "max_tokens": None, "temperature": None, "stop": None, "n": None, "echo": None})
+    assert nulls.max_tokens == 16 and nulls.sampling.temperature == 1.0
+
+
+def test_prompts_are_text_texts_token_ids_or_lists_of_them():
+    assert parse({"prompt": ["ab", ""]}).prompts == [[97, 98], []]
+    assert parse({"prompt": [5, 6]}).prompts == [[5, 6]]
+    assert parse({"prompt": [[5], [6, 7]]}).prompts == [[5], [6, 7]]
+    assert parse({"prompt": "€"}).prompts == [list("€".encode())]
+    for bad in ([], [[]], ["a", 5], [True], {"text": "a"}, 5, [1.5]):
+        assert refused({"prompt": bad}).param == "prompt", bad
+    assert "outside the vocabulary [0, 257)" in refused({"prompt": [[1], [257]]}).message
+    assert "prompt[1]" in refused({"prompt": [[1], [257]]}).message
+    assert "lone surrogate" in refused({"prompt": "\ud800"}).message
+    assert refused({"max_tokens": 3}).message.startswith("prompt: missing")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n", 2),
+        ("best_of", 3),
+        ("logprobs", 1),
+        ("logprobs", 0),
+        ("echo", True),
+        ("suffix", "x"),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("logit_bias", {"5": 10}),
+        ("n", True),
+    ],
+)
+def test_fields_that_would_change_the_result_are_refused_by_name(field, value):
+    error = refused({"prompt": "hi", field: value})
+    assert error.param == field and error.message.startswith(f"{field}: only ")
+
+
+def test_fields_at_their_neutral_values_and_the_user_are_taken():
+    neutral = dict(n=1, best_of=1, logprobs=None, echo=False, suffix=None, presence_penalty=0.0, frequency_penalty=0)
+    assert parse({"prompt": "hi", "logit_bias": {}, "user": "someone", **neutral}).prompts == [[104, 105]]
+
+
+def test_an_unknown_field_is_refused_not_ignored():
+    error = refused({"prompt": "hi", "max_new_tokens": 5})
+    assert error.param == "max_new_tokens" and "unknown field" in error.message and "max_tokens" in error.message
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("max_tokens", -1, "integer in [1, 64]"),
+        ("max_tokens", 0, "integer in [1, 64]"),
+        ("max_tokens", 65, "integer in [1, 64]"),
+        ("max_tokens", 1.5, "integer"),
+        ("max_tokens", True, "integer"),
+        ("max_tokens", "5", "integer"),
+        ("temperature", -0.5, ">= 0"),
+        ("temperature", "0.5", "a number"),
+        ("top_p", 0, "in (0, 1]"),
+        ("top_p", 1.5, "in (0, 1]"),
+        ("top_k", -1, "an integer >= 0"),
+        ("top_k", 2.5, "an integer"),
+        ("repetition_penalty", 0, "> 0"),
+        ("seed", 2**63, "integer in"),
+        ("seed", 1.0, "an integer"),
+        ("stream", "yes", "true or false"),
+        ("stream", 1, "true or false"),
+        ("stop", 5, "a string or a list"),
+        ("stop", ["a", "b", "c", "d", "e"], "at most 4"),
+        ("stop", [""], "empty string"),
+        ("stream_options", {"include_usage": True}, "only read with stream"),
+        ("stream_options", {"other": True}, "include_usage"),
+        ("user", 5, "a string"),
+        ("model", 5, "a string"),
+    ],
+)
+def test_wrong_types_and_values_are_refused_naming_the_field(field, value, words):
+    error = refused({"prompt": "hi", field: value})
+    assert error.param == field and words in error.message, error.message
+
+
+def test_another_models_name_is_not_found_and_the_stream_options_go_with_a_stream():
+    error = refused({"prompt": "hi", "model": "gpt-4"}, status=404)
+    assert error.code == "model_not_found" and "'tiny'" in error.message and error.param == "model"
+    request = parse({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}, "stop": "\n"})
+    assert request.stream and request.include_usage and request.stops == ["\n"]
+
+
+def test_a_seed_whose_later_batches_would_overflow_is_refused():
+    """Rows past max_batch_size draw from seed + their batch's first index, as hybridlm generate's batches do."""
+    top = 2**63 - 1
+    assert parse({"prompt": ["a"] * 8, "seed": top}, batch=8).sampling.seed == top
+    assert "at most" in refused({"prompt": ["a"] * 9, "seed": top}).message
+    assert parse({"prompt": ["a"] * 9, "seed": top, "temperature": 0}).sampling.seed is None  # (greedy: unread)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"{", "not valid JSON"),
+        (b'{"prompt": NaN}', "NaN is not JSON"),
+        (b"\xff", "not valid JSON"),
+        (b"[1]", "a JSON object, got list"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_a_body_that_is_no_json_object_is_a_400(body, words):
+    with pytest.raises(RequestError) as e:
+        read_json(body)
+    assert e.value.status == 400 and words in e.value.message
+    assert json.loads(json.dumps(e.value.body()))["error"]["param"] is None

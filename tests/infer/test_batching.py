@@ -1,0 +1,185 @@
+"""The batching worker of `hybridlm serve`, run a round at a time on the test's thread (no sockets)."""
+
+import pytest
+
+from hybridlm import HybridLM, generate
+from hybridlm.errors import NonFiniteLogitsError
+from hybridlm.infer.api import parse_request
+from hybridlm.infer.batching import BatchWorker
+from hybridlm.train.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
+
+TOKENIZER = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0).eval()
+
+
+def request(body: dict, batch: int = 8):
+    return parse_request(
+        {"temperature": 0, **body},
+        model_name="tiny",
+        encode=TOKENIZER.encode,
+        vocab_size=257,
+        max_tokens_limit=100,
+        max_batch_size=batch,
+    )
+
+
+def events(job) -> list[tuple]:
+    out = []
+    while not job.events.empty():
+        out.append(job.events.get())
+    return out
+
+
+def solo(model, prompt: str, n: int, tokenizer=TOKENIZER) -> list[int]:
+    return generate(model, tokenizer.encode(prompt), n, eos_id=tokenizer.eos_id)
+
+
+def test_requests_of_equal_settings_run_as_one_batch_each_to_its_own_length(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    a = worker.submit(request({"prompt": "hello", "max_tokens": 7}))
+    b = worker.submit(request({"prompt": ["a", "longer prompt"], "max_tokens": 3}))
+    assert worker.step() and not worker.step()
+    assert worker.batches == 1
+    for job, prompts, n in ((a, ["hello"], 7), (b, ["a", "longer prompt"], 3)):
+        assert [kind for kind, *_ in events(job)][-1] == "done"
+        for row, prompt in zip(job.rows, prompts):
+            # Left-padded in a batch, a row's logits differ from its own by float rounding only (1e-7 here).
+            assert row.completion.text == TOKENIZER.decode(solo(model, prompt, n))
+            assert row.finish == "length" and row.tokens == n
+    assert b.usage() == {"prompt_tokens": 14, "completion_tokens": 6, "total_tokens": 20}
+
+
+def test_other_settings_and_rows_past_the_batch_size_wait_for_the_next_batch(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=2)
+    a = worker.submit(request({"prompt": ["a", "b", "c"], "max_tokens": 2}))
+    b = worker.submit(request({"prompt": "d", "max_tokens": 2, "repetition_penalty": 1.5}))
+    c = worker.submit(request({"prompt": "e", "max_tokens": 2}))
+    ran = []
+    worker.generate = lambda model, rows, **kw: ran.append(len(rows)) or generate(model, rows, **kw)
+    while worker.step():
+        pass
+    assert ran == [2, 2, 1]  # a's first two; a's third with c (equal settings); b alone
+    assert all(events(job)[-1][0] == "done" for job in (a, b, c))
+    assert [row.completion.text for row in a.rows] == [TOKENIZER.decode(solo(model, p, 2)) for p in "abc"]
+
+
+def test_a_stop_string_and_the_end_of_text_end_a_row_with_stop(model):
+    text = TOKENIZER.decode(solo(model, "hi", 12))
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    stop = text[5:7]
+    job = worker.submit(request({"prompt": "hi", "max_tokens": 12, "stop": [stop]}))
+    worker.step()
+    row = job.rows[0]
+    assert row.finish == "stop" and row.completion.text == text[: text.index(stop)] and row.tokens < 12
+    # A tokenizer whose end of text is the model's first pick: the row ends there, without its text.
+    first = solo(model, "hi", 1)[0]
+    ending = ByteTokenizer()
+    ending.eos_id = first
+    worker = BatchWorker(model, ending, max_batch_size=8)
+    job = worker.submit(request({"prompt": "hi", "max_tokens": 5}))
+    worker.step()
+    assert events(job) == [("finish", 0, "stop"), ("done", None, None)]
+    assert job.rows[0].completion.text == "" and job.usage()["completion_tokens"] == 1
+
+
+def test_a_streamed_row_sends_its_text_in_pieces_before_its_finish(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    job = worker.submit(request({"prompt": ["hi", "yo"], "max_tokens": 6, "stream": True}))
+    worker.step()
+    got = events(job)
+    for index, prompt in enumerate(["hi", "yo"]):
+        pieces = [value for kind, i, value in got if kind == "text" and i == index]
+        assert "".join(pieces) == TOKENIZER.decode(solo(model, prompt, 6)) and all(pieces)
+        finish = got.index(("finish", index, "length"))
+        assert all(i != index for kind, i, _ in got[finish + 1 :])
+    assert got[-1] == ("done", None, None)
+
+
+def test_a_client_gone_stops_its_rows_and_no_other(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    gone = worker.submit(request({"prompt": "hi", "max_tokens": 40, "stream": True}))
+    other = worker.submit(request({"prompt": "yo", "max_tokens": 40, "stream": True}))
+    completion = gone.rows[0].completion
+    write = completion.write
+    completion.write = lambda piece: (write(piece), gone.cancel())  # it leaves after its first piece of text
+    worker.step()
+    assert worker.batches == 1 and gone.rows[0].tokens < 5 and gone.rows[0].finish is None
+    assert other.rows[0].tokens == 40 and other.rows[0].completion.text == TOKENIZER.decode(solo(model, "yo", 40))
+    # Its rows not run yet are dropped, unrun.
+    waiting = worker.submit(request({"prompt": "hi", "max_tokens": 3}))
+    waiting.cancel()
+    assert not worker.step() and worker.batches == 1
+
+
+def test_a_failed_batch_answers_its_requests_with_500_and_the_next_batch_runs(model):
+    calls = []
+
+    def failing(model, rows, **kw):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise NonFiniteLogitsError(1, "the logits for new token 1 are not finite")
+        return generate(model, rows, **kw)
+
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=failing)
+    a = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+    b = worker.submit(request({"prompt": ["b", "c"], "max_tokens": 2}))
+    worker.step()
+    (kind, _, error_a), (_, _, error_b) = events(a)[-1], events(b)[-1]
+    assert kind == "error" and error_a.status == error_b.status == 500
+    assert error_b.message == "choice 0: the logits for new token 1 are not finite"  # batch row 1 is b's first
+    assert "another request in the same batch" in error_a.message and "send it again" in error_a.message
+    assert error_a.body()["error"]["type"] == "server_error"
+    c = worker.submit(request({"prompt": "c", "max_tokens": 2}))
+    worker.step()
+    assert events(c)[-1][0] == "done" and calls == [3, 1]
+
+
+def test_a_seeded_sample_runs_alone_and_repeats(model):
+    """One batch draws from one generator: the same seeded request from two clients, queued together, would draw
+    other samples than alone if their rows shared a batch."""
+    body = {"prompt": ["x", "y", "z"], "max_tokens": 8, "temperature": 1.0, "seed": 7}
+    texts = []
+    for before in ([], [body], [{**body, "seed": None}]):
+        worker = BatchWorker(model, TOKENIZER, max_batch_size=2)
+        for other in before:  # queued first
+            worker.submit(request(other, batch=2))
+        job = worker.submit(request(body, batch=2))
+        while worker.step():
+            pass
+        texts.append([row.completion.text for row in job.rows])
+    assert texts[0] == texts[1] == texts[2]
+    # Its rows past the batch size draw from seed + their batch's first index, as hybridlm generate's do.
+    ids = [TOKENIZER.encode(p) for p in "xyz"]
+    expected = generate(model, ids[:2], 8, 1.0, eos_id=256, seed=7) + generate(
+        model, ids[2:], 8, 1.0, eos_id=256, seed=9
+    )
+    assert texts[0] == [TOKENIZER.decode(e[: len(e) - (e[-1] == 256)]) for e in expected]
+
+
+def test_stopping_answers_every_open_request_with_503(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    job = worker.submit(request({"prompt": "a"}))
+    worker.stop()
+    assert events(job)[-1][2].status == 503
+    late = worker.submit(request({"prompt": "a"}))
+    assert events(late)[-1][2].status == 503 and not worker.step()
+
+
+def test_a_failure_outside_generation_answers_500_and_the_worker_goes_on(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    run = worker._run
+    worker._run = lambda batch: (setattr(worker, "_run", run), 1 / 0)  # fails once, as a bug would
+    worker.start()
+    try:
+        first = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+        kind, _, error = first.events.get(timeout=10)
+        assert kind == "error" and error.status == 500 and "ZeroDivisionError" in error.message
+        second = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+        assert [second.events.get(timeout=10)[0] for _ in range(2)] == ["finish", "done"]
+    finally:
+        worker.stop(timeout=10)

@@ -1,0 +1,117 @@
+"""`hybridlm serve`: flags checked before the model loads, the URL printed, Ctrl-C and SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+
+from hybridlm import HybridLM, generate, save
+from hybridlm.checkpoint import weights
+from hybridlm.cli import main
+from hybridlm.infer.server import CompletionServer
+from hybridlm.train.tokenizer import ByteTokenizer
+from tests.helpers import ROOT, tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    model = HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0)
+    save(model, path, extra_files=ByteTokenizer().files())
+    return path, model
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url + "/completions", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_help_names_the_flags_and_why_it_listens_on_localhost(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for flag in ("--host", "--port", "--max-batch-size", "--max-new-tokens-limit", "--threads", "--tokenizer"):
+        assert flag in out
+    assert "127.0.0.1, this machine only" in " ".join(out.split()) and "No authentication" in out
+
+
+def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
+    checkpoint, capsys, tmp_path, monkeypatch
+):
+    path, _ = checkpoint
+    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
+    assert main(["serve", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    for flags, words in (
+        (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
+        (["--max-new-tokens-limit", "0"], "--max-new-tokens-limit must be >= 1"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--model-name", ""], "--model-name: empty"),
+        (["--tokenizer", ""], "--tokenizer"),
+    ):
+        assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_a_port_in_use_is_named_by_its_flags(checkpoint, capsys):
+    path, _ = checkpoint
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", str(path), "--device", "cpu", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there" in err
+
+
+def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint, capsys, monkeypatch):
+    path, model = checkpoint
+    answers = []
+    serve_forever = CompletionServer.serve_forever
+
+    def serve_then_ctrl_c(server):
+        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
+        thread.start()
+        try:
+            answers.append(post(server.url, {"prompt": "hi", "max_tokens": 5, "temperature": 0}))
+        finally:
+            server.shutdown()
+            thread.join()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
+    code = main(["serve", str(path), "--device", "cpu", "--port", "0", "--model-name", "tiny"])
+    out, err = capsys.readouterr()
+    assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
+    assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
+    tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
+    assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
+
+
+def test_sigterm_stops_the_process_with_143(checkpoint):
+    """The real signal in a process of its own (2 s here: a second interpreter imports torch)."""
+    path, _ = checkpoint
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "hybridlm.cli", "serve", str(path), "--device", "cpu", "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"serving {path} at http://127.0.0.1:"), line + process.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        assert post(url, {"prompt": "hi", "max_tokens": 2})["usage"]["completion_tokens"] == 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 143
+        assert "interrupted by SIGTERM" in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,316 @@
+"""`hybridlm serve`'s HTTP side: a tiny byte-level model served on port 0 in a thread of the test."""
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from hybridlm import HybridLM, generate
+from hybridlm.errors import NonFiniteLogitsError
+from hybridlm.infer.batching import BatchWorker
+from hybridlm.infer.server import CompletionServer
+from hybridlm.train.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
+
+TOKENIZER = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0).eval()
+
+
+@contextlib.contextmanager
+def serving(model, start: bool = True, **kw):
+    worker = BatchWorker(model, TOKENIZER, kw.pop("max_batch_size", 8), **kw)
+    server = CompletionServer(
+        ("127.0.0.1", 0), worker, "tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=64, timeout=2
+    )
+    if start:
+        worker.start()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.stop()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with serving(model) as server:
+        yield server
+
+
+def call(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
+    """(status, headers, body bytes) of one request on a new connection."""
+    host, port = server.server_address
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers=headers or {})
+    response = connection.getresponse()
+    out = response.status, dict(response.getheaders()), response.read()
+    connection.close()
+    return out
+
+
+def complete(server, body: dict):
+    status, headers, data = call(server, "POST", "/v1/completions", body)
+    return status, json.loads(data) if headers.get("Content-Type") == "application/json" else data
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (a failure, not a hang, if it never does)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+def solo(model, prompt: str, n: int) -> str:
+    return TOKENIZER.decode(generate(model, TOKENIZER.encode(prompt), n, eos_id=TOKENIZER.eos_id))
+
+
+def test_a_greedy_completion_is_generates_text_in_openais_shape(server, model):
+    status, body = complete(server, {"model": "tiny", "prompt": "hi", "max_tokens": 12, "temperature": 0})
+    assert status == 200
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == "tiny"
+    assert isinstance(body["created"], int)
+    assert body["choices"] == [{"text": solo(model, "hi", 12), "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+
+
+def test_several_prompts_are_several_choices_in_order(server, model):
+    prompts = ["a", "a much longer prompt", "yo"]
+    status, body = complete(server, {"prompt": prompts, "max_tokens": 5, "temperature": 0})
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [solo(model, p, 5) for p in prompts]
+    assert body["usage"] == {"prompt_tokens": 23, "completion_tokens": 15, "total_tokens": 38}
+
+
+def test_a_stream_concatenates_to_the_text_and_ends_with_done(server):
+    request = {"prompt": ["hi", "yo"], "max_tokens": 10, "temperature": 0}
+    _, whole = complete(server, request)
+    status, headers, data = call(
+        server, "POST", "/v1/completions", {**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    events = data.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and {c["object"] for c in chunks} == {"text_completion"}
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == whole["choices"][index]["text"]
+        assert [c["finish_reason"] for c in mine][-1] == "length" and mine[-1]["text"] == ""
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_the_end_of_text_is_a_stop_and_a_stop_string_cuts_the_text(server, model):
+    text = solo(model, "hi", 20)
+    stop = text[6:8]
+    status, body = complete(server, {"prompt": "hi", "max_tokens": 20, "temperature": 0, "stop": stop})
+    assert status == 200
+    assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["text"] == text[: text.index(stop)]
+    assert body["usage"]["completion_tokens"] < 20
+
+
+def test_requests_queued_together_run_as_one_batch(model):
+    with serving(model, start=False) as server:
+        answers = {}
+
+        def ask(prompt):
+            answers[prompt] = complete(server, {"prompt": prompt, "max_tokens": 6, "temperature": 0})
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in ("one", "two")]
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.worker.queue.qsize() == 2)  # both handlers have queued their requests
+        server.worker.start()
+        for t in threads:
+            t.join()
+        assert server.worker.batches == 1
+        for prompt in ("one", "two"):
+            assert answers[prompt][1]["choices"][0]["text"] == solo(model, prompt, 6)
+
+
+@pytest.mark.parametrize(
+    "raw, status, param, words",
+    [
+        (b'{"prompt": "hi",', 400, None, "not valid JSON"),
+        (b'{"prompt": "hi", "best": 1}', 400, "best", "unknown field"),
+        (b'{"prompt": "hi", "n": 2}', 400, "n", "only 1"),
+        (b'{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens", "[1, 64]"),
+        (b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature", "a number"),
+        (b'{"prompt": "hi", "model": "other"}', 404, "model", "serves 'tiny'"),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies_naming_the_field(server, raw, status, param, words):
+    got, headers, data = call(server, "POST", "/v1/completions", raw=raw)
+    error = json.loads(data)["error"]
+    assert got == status and error["param"] == param and words in error["message"]
+    assert error["type"] == "invalid_request_error" and headers["Content-Type"] == "application/json"
+
+
+def test_unknown_paths_are_404_and_wrong_methods_405(server):
+    status, _, data = call(server, "GET", "/v1/chat/completions")
+    assert status == 404 and "no route /v1/chat/completions" in json.loads(data)["error"]["message"]
+    status, headers, data = call(server, "GET", "/v1/completions")
+    assert (
+        status == 405 and headers["Allow"] == "POST" and "takes POST, not GET" in json.loads(data)["error"]["message"]
+    )
+    status, headers, _ = call(server, "DELETE", "/v1/models")
+    assert status == 405 and headers["Allow"] == "GET"
+
+
+def test_the_model_list_names_the_one_model_and_health_says_ok(server):
+    status, _, data = call(server, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(data)["data"]] == ["tiny"]
+    status, _, data = call(server, "GET", "/v1/models/tiny")
+    assert status == 200 and json.loads(data)["object"] == "model"
+    assert call(server, "GET", "/v1/models/other")[0] == 404
+    status, _, data = call(server, "GET", "/health?verbose=1")
+    assert status == 200 and json.loads(data) == {"status": "ok"}
+
+
+def raw_request(server, data: bytes) -> bytes:
+    with socket.create_connection(server.server_address, timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: s.recv(65536), b""))
+
+
+def test_a_body_shorter_or_longer_than_its_length_or_without_one_is_refused(server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+    short = raw_request(server, head + b"Content-Length: 40\r\n\r\n" + b'{"prompt": "hi"}')
+    assert short.startswith(b"HTTP/1.1 400") and b"ended after 16 of its Content-Length 40 bytes" in short
+    assert raw_request(server, head + b"\r\n").startswith(b"HTTP/1.1 411")
+    assert raw_request(server, head + b"Content-Length: -1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw_request(server, head + b"Content-Length: 99999999999\r\n\r\n").startswith(b"HTTP/1.1 413")
+
+
+def test_a_generation_error_answers_500_and_the_next_request_is_served(model):
+    calls = []
+
+    def failing_once(model, rows, **kw):
+        calls.append(rows)
+        if len(calls) == 1:
+            raise NonFiniteLogitsError(0, "the logits for new token 1 are not finite")
+        return generate(model, rows, **kw)
+
+    with serving(model, generate=failing_once) as server:
+        status, body = complete(server, {"prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert status == 500 and body["error"]["message"] == "choice 0: the logits for new token 1 are not finite"
+        status, body = complete(server, {"prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == solo(model, "hi", 3)
+
+
+def test_a_client_that_leaves_a_stream_stops_its_row(model):
+    with serving(model, max_batch_size=8) as server:
+        before = threading.Event()
+
+        def gate(model, rows, **kw):  # the stream's first chunk is read, and the client gone, before token 2
+            callback = kw.pop("callback")
+
+            def wait_then(row, token):
+                stop = callback(row, token)
+                before.wait(5)
+                return stop
+
+            return generate(model, rows, callback=wait_then, **kw)
+
+        server.worker.generate = gate
+        jobs, submit = [], server.worker.submit
+        server.worker.submit = lambda request: jobs.append(submit(request)) or jobs[-1]
+        body = json.dumps({"prompt": "hi", "max_tokens": 64, "temperature": 0, "stream": True}).encode()
+        with socket.create_connection(server.server_address, timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert s.recv(15) == b"HTTP/1.1 200 OK"
+        before.set()
+        wait_until(lambda: not server.answering)  # the handler wrote into the closed connection and gave up
+        assert complete(server, {"prompt": "yo", "max_tokens": 2, "temperature": 0})[0] == 200
+        assert jobs[0].cancelled and jobs[0].rows[0].tokens < 64 and jobs[0].rows[0].finish is None
+
+
+def slow(started: threading.Event):
+    """A generate that says it has started and takes 10 ms a token."""
+
+    def run(model, rows, **kw):
+        started.set()
+        callback = kw.pop("callback")
+        return generate(model, rows, callback=lambda r, t: callback(r, t) or time.sleep(0.01), **kw)
+
+    return run
+
+
+def test_stopping_the_server_answers_an_open_request_with_503(model):
+    started = threading.Event()
+    with serving(model, generate=slow(started)) as server:
+        answer = {}
+        thread = threading.Thread(
+            target=lambda: answer.update(r=complete(server, {"prompt": "hi", "max_tokens": 64, "temperature": 0}))
+        )
+        thread.start()
+        assert started.wait(5)
+    thread.join()
+    status, body = answer["r"]
+    assert status == 503 and "stopping" in body["error"]["message"]
+
+
+def test_stopping_mid_stream_sends_an_error_event_then_done(model):
+    body = json.dumps({"prompt": "hi", "max_tokens": 64, "temperature": 0, "stream": True}).encode()
+    with serving(model, generate=slow(threading.Event())) as server:
+        s = socket.create_connection(server.server_address, timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"data: " not in got:  # the stream is under way
+            piece = s.recv(65536)
+            assert piece, got
+            got += piece
+    with s:
+        got += b"".join(iter(lambda: s.recv(65536), b""))
+    events = got.split(b"\r\n\r\n", 1)[1].decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert error["message"].startswith("the server is stopping") and error["type"] == "server_error"
+    assert all(json.loads(e.removeprefix("data: "))["choices"] for e in events[:-3])
+
+
+def test_a_connection_is_kept_alive_across_requests_and_errors_unless_http_1_0(server):
+    host, port = server.server_address
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    for body, status in (
+        ({"prompt": "a", "max_tokens": 1}, 200),
+        ({"prompt": "a", "n": 3}, 400),
+        ({"prompt": "b"}, 200),
+    ):
+        connection.request("POST", "/v1/completions", body=json.dumps(body))
+        response = connection.getresponse()
+        assert response.status == status and json.loads(response.read())
+    connection.close()
+    body = b'{"prompt": "a", "max_tokens": 1}'
+    with socket.create_connection(server.server_address, timeout=1) as s:  # HTTP/1.0 closes after its answer
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 200") and b'"finish_reason": "length"' in answer
+
+
+def test_http_servers_own_refusals_are_openai_shaped_too(server):
+    status, headers, data = call(server, "OPTIONS", "/v1/completions")
+    assert status == 501 and headers["Content-Type"] == "application/json"
+    assert json.loads(data)["error"]["type"] == "server_error"
+    answer = raw_request(server, b"NONSENSE\r\n\r\n")  # (read as HTTP/0.9: the body alone)
+    assert json.loads(answer)["error"]["message"] == "Bad request syntax ('NONSENSE')"
+
+
+def test_a_content_length_of_other_digits_is_a_400_not_a_crash(server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n"
+    answer = raw_request(server, head)
+    assert answer.startswith(b"HTTP/1.1 400") and b"is not a byte count" in answer
