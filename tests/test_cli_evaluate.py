@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -367,3 +368,73 @@ def test_a_loss_that_is_not_finite_is_null_in_the_json(checkpoint, corpus, capsy
     r = json.loads(out, parse_constant=refuse)
     assert (r["loss"], r["perplexity"], r["bits_per_byte"]) == (None, None, None)
     assert (r["mtp"][0]["loss"], r["mtp"][0]["perplexity"]) == (None, None)
+
+
+@pytest.fixture(scope="module")
+def blended(tmp_path_factory):
+    """A finished run on a blend of two corpora weighted by their training rows (no data.weights), as ``trained``
+    is otherwise, with its metrics at the last step."""
+    base = tmp_path_factory.mktemp("blended")
+    short_documents(base / "c.jsonl")
+    (base / "d.jsonl").write_text("".join(json.dumps({"text": f"line {i} of d " * 6}) + "\n" for i in range(30)))
+    sets = [
+        'data.source=["c.jsonl", "d.jsonl"]',
+        "data.seq_len=24",
+        "data.val_fraction=0.3",
+        "train.batch_size=2",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=3",
+        "model.pattern=M-*-",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.mamba_head_dim=16",
+    ]
+    argv = ["train", *(x for s in sets for x in ("--set", s)), "--run-dir", "run", "--no-progress"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        assert main(argv) == 0
+    logged = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
+    return base / "run", base, next(m for m in logged if m.get("step") == 2 and "val_loss" in m)
+
+
+def test_a_blended_run_s_split_is_each_source_s_and_their_weighted_mean(blended, capsys, monkeypatch):
+    """The run's validation rows give its logged val_loss (the mean weighted by the training mix) and each source's
+    val_loss/<name>; every other key is the blend's (counts summed); the table lists the sources."""
+    run_dir, base, logged = blended
+    monkeypatch.chdir(base)
+    capsys.readouterr()
+    r = evaluated(capsys, run_dir, "--split", "val", "--batch-size", 2, "--batches", 3)
+    assert r["data"] == ["c.jsonl", "d.jsonl"] and [s["name"] for s in r["sources"]] == ["c", "d"]
+    assert r["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    for s in r["sources"]:
+        assert s["loss"] == pytest.approx(logged[f"val_loss/{s['name']}"], rel=1e-6)
+        assert list(s)[:3] == ["name", "data", "weight"]
+    assert sum(s["weight"] for s in r["sources"]) == pytest.approx(1.0)
+    assert r["loss"] == pytest.approx(sum(s["weight"] * s["loss"] for s in r["sources"]), rel=1e-12)
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
+    for key in ("corpus_tokens", "corpus_documents", "rows", "tokens", "bytes"):
+        assert r[key] == sum(s[key] for s in r["sources"]), key
+    one = evaluated(capsys, run_dir, "--split", "val", "--data", base / "d.jsonl", "--batch-size", 2, "--batches", 3)
+    assert "sources" not in one and one["loss"] == pytest.approx(logged["val_loss/d"], rel=1e-6)
+    code, out, _ = run(capsys, run_dir, "--split", "val", "--batch-size", 2, "--batches", 3)
+    assert code == 0 and "a blend of 2 sources, the run's validation split" in out
+    assert re.search(r"^source d +weight [\d.]+: loss \d+\.\d{4} nats/token, .* · d\.jsonl$", out, re.M), out
+
+
+def test_split_refuses_data_that_is_not_the_run_s_corpus(trained, corpus, capsys, monkeypatch):
+    """The run's split of another corpus means nothing: --data with --split was read, split and evaluated. The
+    run's own corpus named from elsewhere (an absolute path) is the same corpus (test above)."""
+    run_dir, base, _ = trained
+    monkeypatch.chdir(base)
+    code, out, err = run(capsys, run_dir, "--split", "val", "--data", corpus)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: --split val: --data {corpus} is not a corpus the run split (its data.source is ")
+    assert "c.jsonl): the run's validation split of another corpus means nothing" in err
+
+
+def test_split_refuses_data_that_is_none_of_a_blend_s_sources(blended, corpus, capsys, monkeypatch):
+    run_dir, base, _ = blended
+    monkeypatch.chdir(base)
+    code, out, err = run(capsys, run_dir, "--split", "train", "--data", corpus)
+    assert code == 2 and out == "" and "is not a corpus the run split (its sources: c.jsonl, d.jsonl)" in err

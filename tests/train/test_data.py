@@ -1297,3 +1297,101 @@ def test_the_tokenizing_bar_counts_documents(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "BATCH_DOCS", 3, raising=False)
     assert main(["prepare", str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--progress"]) == 0
     assert re.search(r"tokenizing: 7doc \[", capsys.readouterr().err)
+
+
+# -- blends ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "weights", [[0.7, 0.3], [1, 2, 3], [5, 1, 1, 1, 1, 0.01], [1] * 7, [1e-6, 1], [3, 1, 4, 1, 5, 9, 2, 6, 5]]
+)
+def test_a_blend_holds_its_weights_within_depth_rows_at_every_prefix(weights):
+    """The documented precision: among the first n positions a source holds within ceil(log2 D) / 2 rows of w_d * n
+    (each level of the tree rounds once), at every n; counts() says how many without walking them, and the
+    positions of a source number its own stream 0, 1, 2, ... in order."""
+    from hybridlm.train.data import Blend
+
+    blend, n = Blend(weights), 60_000
+    source, k = blend.locate(np.arange(n))
+    held = np.zeros((n + 1, len(weights)), dtype=np.int64)
+    held[1:][np.arange(n), source] = 1
+    held = held.cumsum(0)
+    error = np.abs(held - np.arange(n + 1)[:, None] * blend.weights[None, :])
+    assert error.max() <= blend.depth / 2 + 1e-4, error.max()  # (+ the weights' 30-bit rounding, n * 2**-31)
+    assert np.allclose(blend.weights.sum(), 1) and blend.depth == int(np.ceil(np.log2(len(weights))))
+    for m in (0, 1, 977, n):
+        assert blend.counts(m).tolist() == held[m].tolist()
+    for d in range(len(weights)):
+        assert k[source == d].tolist() == list(range(held[-1, d]))
+    far = 10**15 + np.arange(1000)  # exact integer arithmetic far along the stream: still within the bound
+    assert np.abs(blend.counts(10**15 + 1000) - blend.counts(10**15) - 1000 * blend.weights).max() < 2 * blend.depth
+    assert blend.locate(far)[0].tolist() == [int(np.argmax(blend.counts(i + 1) - blend.counts(i))) for i in far]
+
+
+def test_a_blend_refuses_weights_that_are_no_mix():
+    from hybridlm.train.data import Blend
+
+    for bad in ([], [1, 0], [1, -1], [1, float("nan")], [1, float("inf")]):
+        with pytest.raises(ValueError, match="positive finite"):
+            Blend(bad)
+
+
+def test_one_source_of_a_blend_is_the_single_corpus_s_order():
+    """data.source = ["x"] trains on the rows of data.source = "x", in the same order: the same permutations."""
+    plain = Sampler(10, 4, seed=3)
+    for listed in (Sampler([10], 4, seed=3), Sampler([10], 4, seed=3, weights=[2.5])):
+        assert all(listed.global_rows(s).tolist() == plain.global_rows(s).tolist() for s in range(8))
+
+
+def test_a_blend_s_rows_are_a_pure_function_of_the_position():
+    """Rows numbered source after source (source 1's row r is 7 + r); each source's rows run through epochs of its
+    own permutation (the small one repeats sooner); a resume, also at another batch size, continues the stream."""
+    whole = Sampler([7, 3], 4, seed=1, weights=[0.6, 0.4])
+    stream_of_rows = [r for step in range(15) for r in whole.global_rows(step).tolist()]
+    big, small = [r for r in stream_of_rows if r < 7], [r - 7 for r in stream_of_rows if r >= 7]
+    assert (len(big), len(small)) == tuple(whole.blend.counts(60)) == (36, 24)
+    for rows, n in ((big, 7), (small, 3)):  # whole epochs, each a permutation of its own
+        epochs = [sorted(rows[i : i + n]) for i in range(0, len(rows) - n + 1, n)]
+        assert all(e == list(range(n)) for e in epochs)
+    assert whole.epochs(60).tolist() == [36 / 7, 24 / 3]
+    again = Sampler([7, 3], 4, seed=1, weights=[0.6, 0.4])
+    assert [again.global_rows(s).tolist() for s in (9, 2)] == [stream_of_rows[36:40], stream_of_rows[8:12]]
+    resumed = Sampler([7, 3], 8, seed=1, weights=[0.6, 0.4])
+    resumed.resume_at(step=5, rows=20)
+    assert resumed.global_rows(5).tolist() == stream_of_rows[20:28]
+    assert resumed.global_rows(6).tolist() == stream_of_rows[28:36]
+    ranks = [Sampler([7, 3], 4, 1, rank=r, world_size=2, weights=[0.6, 0.4]).local_rows(3) for r in range(2)]
+    assert [*ranks[0], *ranks[1]] == stream_of_rows[12:16]
+    assert Sampler([7, 3], 4, seed=2, weights=[0.6, 0.4]).global_rows(0).tolist() != stream_of_rows[:4]
+
+
+def test_blended_rows_cut_each_row_from_its_source_in_the_order_asked():
+    from hybridlm.train.data import BlendedRows
+
+    a, b = PackedRows(_stream([30, 20]), 8), PackedRows(_stream([9, 40]), 8)
+    rows = BlendedRows([a, b])
+    assert (rows.num_rows, rows.offsets.tolist()) == (a.num_rows + b.num_rows, [0, a.num_rows, rows.num_rows])
+    index = np.array([a.num_rows + 2, 0, a.num_rows, 5, 1])
+    got = rows.rows(index)
+    for i, r in enumerate(index.tolist()):
+        want = a.rows(np.array([r])) if r < a.num_rows else b.rows(np.array([r - a.num_rows]))
+        for key in ("input_ids", "labels", "doc_ids"):
+            assert torch.equal(got[key][i], want[key][0]), (i, key)
+    assert rows.rows(np.array([], dtype=np.int64))["input_ids"].shape == (0, 8)
+
+
+def test_a_blend_s_sources_are_labelled_short_and_unique():
+    from hybridlm.train.data import source_labels
+
+    assert source_labels(["builtin:pydoc", "data/web.jsonl", "code/", "~/m a+th.txt"]) == [
+        "pydoc",
+        "web",
+        "code",
+        "m_a_th",
+    ]
+    assert source_labels(["a/data.jsonl", "b/data.jsonl", "c.txt"]) == ["data-1", "data-2", "c"]
+
+
+def test_the_split_of_a_single_document_names_the_source():
+    with pytest.raises(DataError, match=r"data\.val_fraction: data\.source x\.txt has a single document"):
+        split(_stream([50]), 0.1, 0, "data.source x.txt")

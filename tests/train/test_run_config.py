@@ -700,3 +700,49 @@ def test_init_from_refuses_the_other_norm_convention_than_the_folder_s(tmp_path)
         for sets in ([f"model.norm_zero_centered={same}"], []):
             run = RunConfig().with_overrides([f"train.init_from={folder}", *sets])
             assert run.model_config().norm_zero_centered == (folder == centred)
+
+
+def test_a_blend_s_sources_and_weights_are_set_by_override_and_round_trip(tmp_path):
+    """data.source as a TOML array is a blend, data.weights its mix: both from --set (the shell's quotes taken off),
+    both written to config.toml and read back; a one-source list stays a list; weights may be unset by 'none'."""
+    run = RunConfig().with_overrides(['data.source=["web.jsonl", "builtin:pydoc"]', "data.weights=[7, 3]"])
+    assert (run.data.source, run.data.weights) == (["web.jsonl", "builtin:pydoc"], [7, 3])
+    assert run.data.sources() == ["web.jsonl", "builtin:pydoc"] and RunConfig().data.sources() == ["builtin:pydoc"]
+    (tmp_path / "config.toml").write_text(run.to_toml())
+    assert RunConfig.from_toml(tmp_path / "config.toml") == run
+    (tmp_path / "run.toml").write_text('[data]\nsource = ["a.txt", "b/"]\nweights = [0.7, 0.3]\n')
+    assert RunConfig.from_toml(tmp_path / "run.toml").data.weights == [0.7, 0.3]
+    one = RunConfig().with_overrides(['data.source=["a.txt"]'])
+    assert one.data.source == ["a.txt"] and RunConfig.from_dict(one.to_dict()) == one
+    back = run.with_overrides(["data.source=builtin:pydoc", "data.weights=none"])
+    assert (back.data.source, back.data.weights) == ("builtin:pydoc", None)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.weights=[1]"], "data.weights: weighs the sources of a blend, but data.source names one"),
+        (["data.source=[]"], "data.source: an empty list"),
+        (["data.source=[a.jsonl,b]"], "data.source: '[a.jsonl,b]' is no TOML array (its strings need quotes)"),
+        (['data.source=["a.txt", " "]'], "data.source: source 2 of the list is empty"),
+        (['data.source=["a.txt", 3]'], "data.source: item 2 of the list: expected str, got 3"),
+        (['data.source=["a.txt", "./a.txt"]'], "data.source: './a.txt' (source 2) is source 1 again"),
+        (['data.source=["a", "b"]', "data.weights=[1]"], "data.weights: 1 weight(s) for the 2 sources"),
+        (
+            ['data.source=["a", "b"]', "data.weights=[1, 0]"],
+            "data.weights: weight 2 ('b') must be a positive finite number, got 0",
+        ),
+        (
+            ['data.source=["a", "b"]', "data.weights=[-1, 1]"],
+            "data.weights: weight 1 ('a') must be a positive finite number",
+        ),
+        (['data.source=["a", "b"]', "data.weights=[1, nan]"], "data.weights: item 2 of the list: must be a finite"),
+        (['data.source=["a", "b"]', "data.weights=[inf, 1]"], "data.weights: item 1 of the list: must be a finite"),
+        (['data.source=["a", "b"]', "data.weights=[1, true]"], "data.weights: item 2 of the list: expected float"),
+        (['data.source=["a", "b"]', "data.weights=0.5"], "data.weights: expected a list of float, got 0.5"),
+    ],
+)
+def test_a_blend_s_errors_name_its_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig().with_overrides(overrides)
+    assert str(info.value).startswith(message), str(info.value)

@@ -142,3 +142,31 @@ def test_bf16_data_parallel_keeps_the_float32_parameters(tmp_path):
     resume = ["--set", "train.steps=6", "--set", "train.device=cpu", "--no-progress"]
     assert main(["train", "--resume", str(run_dir), *resume]) == 0
     assert max(step_losses(run_dir)) == 6
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_a_blend_as_one(tmp_path):
+    """Each data-parallel rank takes its slice of the blend's rows (as of a single corpus), and each source's
+    validation loss is summed over both ranks: the one-process run's losses, val_loss/<name> included."""
+    (tmp_path / "code.jsonl").write_text(
+        "".join(json.dumps({"text": f"def f{i}(x): return x + {i}\n" * 6}) + "\n" for i in range(40))
+    )
+    blend = [
+        *("--set", f'data.source=["builtin:pydoc", "{tmp_path / "code.jsonl"}"]', "--set", "data.weights=[0.4, 0.6]"),
+        *("--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=2"),
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
+    r = subprocess.run(
+        [*cmd, "train", *RUN, *blend, "--run-dir", str(tmp_path / "two")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, run_failure(r)
+    assert main(["train", *RUN, *blend, "--run-dir", str(tmp_path / "one")]) == 0
+    for key in ("loss", "val_loss", "val_loss/pydoc", "val_loss/code"):
+        two, one = step_values(tmp_path / "two", key), step_values(tmp_path / "one", key)
+        assert two.keys() == one.keys() and len(one) >= 1, key
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=2e-4), (key, step)

@@ -1216,3 +1216,109 @@ def test_an_init_folder_that_cannot_start_the_run_is_refused_before_the_corpus_i
     with pytest.raises(HybridLMError, match=error):
         Trainer(init_run(folder, *extra), run_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+# -- blends of sources ---------------------------------------------------------------------------
+
+
+def _code_corpus(path, letter="x"):
+    """A small JSONL corpus unlike pydoc's English (40 documents), ``letter`` in every one (to edit in place)."""
+    path.write_text(
+        "".join(json.dumps({"text": f"def f{i}({letter}): return {letter} + {i}\n" * 3}) + "\n" for i in range(40))
+    )
+    return path
+
+
+def _metrics(run_dir):
+    """metrics.jsonl's rows without what depends on the clock or the machine."""
+    clock = {"time", "tokens_per_s", "peak_mem_gb", "mfu"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in clock} for r in rows]
+
+
+def test_a_one_source_list_trains_as_the_plain_source_bitwise(tmp_path):
+    """data.source = ["builtin:pydoc"] is data.source = "builtin:pydoc": the same rows, losses, validation (no
+    per-source keys) and checkpoint record of the data, so either resumes the other."""
+    plain = Trainer(tiny_run("train.steps=4"), run_dir=tmp_path / "a", progress=False)
+    listed = Trainer(tiny_run('data.source=["builtin:pydoc"]', "train.steps=4"), run_dir=tmp_path / "b", progress=False)
+    assert listed.data_identity == plain.data_identity and listed.describe()[2] == plain.describe()[2]
+    for t in (plain, listed):
+        t.run_loop()
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert not any(k.startswith("val_loss/") for r in _metrics(tmp_path / "b") for k in r)
+
+
+def test_a_blend_trains_on_its_sources_and_logs_each_one_s_validation_loss(tmp_path):
+    """Each step's rows come from the sources as the blend places them; val_loss is the mean of the sources' own
+    validation losses weighted by the mix, each logged as val_loss/<name>; the header lists the sources."""
+    from hybridlm.train.evaluation import evaluate_corpus
+
+    code = _code_corpus(tmp_path / "code.jsonl")
+    run = tiny_run(f'data.source=["builtin:pydoc", "{code}"]', "data.weights=[0.25, 0.75]", "train.steps=4")
+    t = Trainer(run, run_dir=tmp_path / "r", progress=False)
+    header = "\n".join(t.describe())
+    assert "data    a blend of 2 sources" in header
+    assert f"source  pydoc · weight 0.25 · {t.train_sets[0].num_rows:,} train rows" in header
+    assert f"source  code · weight 0.75 · {t.train_sets[1].num_rows:,} train rows" in header
+    assert re.search(r"code · .* · (\d[\d.e-]*) epochs in the run · " + re.escape(str(code)), header)
+    rows = np.concatenate([t.sampler.global_rows(s) for s in range(4)])
+    assert (rows >= t.train_sets[0].num_rows).sum() == 12  # 3/4 of 16 rows from code.jsonl
+    batch = t.train_rows.rows(t.sampler.local_rows(0))
+    first = t.sampler.global_rows(0)
+    for i, r in enumerate(first.tolist()):
+        d = int(r >= t.train_sets[0].num_rows)
+        own = t.train_sets[d].rows(np.array([r - d * t.train_sets[0].num_rows]))
+        assert torch.equal(batch["input_ids"][i], own["input_ids"][0])
+    t.run_loop()
+    logged = [r for r in _metrics(tmp_path / "r") if "val_loss" in r]
+    assert [r["step"] for r in logged] == [0, 4]
+    for r in logged:
+        assert r["val_loss"] == pytest.approx(0.25 * r["val_loss/pydoc"] + 0.75 * r["val_loss/code"], rel=1e-12)
+        assert r["val_loss/pydoc"] != r["val_loss/code"]
+    for name, val in zip(t.source_names, t.val_sets):
+        own = evaluate_corpus(t.model, val, t.local_batch, t.run.train.eval_batches)
+        assert logged[-1][f"val_loss/{name}"] == pytest.approx(own.loss, rel=1e-6)
+
+
+def test_a_blend_resumes_exactly_and_refuses_a_source_edited_in_place(tmp_path, monkeypatch, caplog):
+    """A resume replays the uninterrupted run's rows; a source whose data changed under its name is refused, named
+    (unless named on purpose); other weights are taken, with a warning."""
+    monkeypatch.chdir(tmp_path)
+    code = _code_corpus(tmp_path / "code.jsonl")
+    blend = ['data.source=["builtin:pydoc", "code.jsonl"]', "data.weights=[0.5, 0.5]", "train.steps=4"]
+    Trainer(tiny_run(*blend), run_dir=tmp_path / "a", progress=False).run_loop()
+    Trainer(tiny_run(*blend), run_dir=tmp_path / "b", progress=False).run_loop(until=2)
+    Trainer(tiny_run(*blend), run_dir=tmp_path / "b", resume=True, progress=False).run_loop()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert [r for r in _metrics(tmp_path / "a") if "val_loss" in r] == [
+        r for r in _metrics(tmp_path / "b") if "val_loss" in r
+    ]
+    longer = [*blend, "train.steps=6"]
+    Trainer(tiny_run(*longer), run_dir=tmp_path / "b", progress=False, resume=True).close()
+    _code_corpus(code, letter="y")  # as many tokens and documents, other ids
+    with pytest.raises(DataError, match=r"data\.source 'code\.jsonl' now holds other token ids .*--set data\.source="):
+        Trainer(tiny_run(*longer), run_dir=tmp_path / "b", resume=True, progress=False)
+    named = Trainer(tiny_run(*longer), run_dir=tmp_path / "b", resume=True, progress=False, data_named=True)
+    assert named.step == 4
+    named.close()
+    _code_corpus(code)
+    with caplog.at_level(logging.WARNING, logger="hybridlm.train"):
+        Trainer(
+            tiny_run(*longer, "data.weights=[0.2, 0.8]"), run_dir=tmp_path / "b", resume=True, progress=False
+        ).close()
+    assert "the blend changed at the resume" in caplog.text
+
+
+def test_a_single_source_checkpoint_resumes_as_a_list_and_is_compared_in_a_blend(tmp_path, monkeypatch):
+    """A checkpoint of one source (the record every run wrote before blends) resumes with the source as a list of
+    one, and a blend that adds a source compares the recorded one by its name."""
+    monkeypatch.chdir(tmp_path)
+    code = _code_corpus(tmp_path / "code.jsonl")
+    Trainer(tiny_run("data.source=code.jsonl", "train.steps=2"), run_dir=tmp_path / "r", progress=False).run_loop()
+    listed = tiny_run('data.source=["code.jsonl"]', "train.steps=3")
+    Trainer(listed, run_dir=tmp_path / "r", resume=True, progress=False).close()
+    blend = tiny_run('data.source=["code.jsonl", "builtin:pydoc"]', "train.steps=3")
+    Trainer(blend, run_dir=tmp_path / "r", resume=True, progress=False).close()
+    _code_corpus(code, letter="y")
+    with pytest.raises(DataError, match=r"data\.source 'code\.jsonl' now holds other token ids"):
+        Trainer(blend, run_dir=tmp_path / "r", resume=True, progress=False)

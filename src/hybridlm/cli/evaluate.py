@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..train.config import DataConfig
+
+if TYPE_CHECKING:
+    from ..train.data import TokenStream
 
 #: ``--batch-size``'s default: rows per forward (evaluation keeps no activations for a backward).
 DEFAULT_BATCH_SIZE = 16
@@ -93,24 +99,66 @@ def _run_file(args: argparse.Namespace, path: Path):
     return run
 
 
-def _corpus(args: argparse.Namespace, run, tokenizer, tokenizer_keys: tuple[str, str], progress: bool):
-    """The tokens ``eval`` reads, the source they come from, and how errors name them: ``--data``, else the run's
-    ``data.source`` (and ``data.jsonl_field``), a relative path read from the current directory as a resume reads
-    it; with ``--split``, its part the trainer held out for validation or trained on (the run's data.val_fraction
-    and data.seed)."""
-    from ..train.data import load_corpus, split
+@dataclass
+class Corpus:
+    """One corpus ``eval`` reads: a source's tokens (or its split), where they come from and how errors name them;
+    for a source of a blended run, its name and its weight in the run's training mix."""
+
+    stream: TokenStream
+    source: str
+    what: str
+    name: str | None = None
+    weight: float | None = None
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether sources ``a`` and ``b`` are one: the same built-in corpus, or paths to the same file or folder (a
+    relative one read from the current directory)."""
+    from ..train.data import source_path
+
+    if a.startswith("builtin:") or b.startswith("builtin:"):
+        return a == b
+    return os.path.realpath(source_path(a)) == os.path.realpath(source_path(b))
+
+
+def _corpora(args: argparse.Namespace, run, tokenizer, tokenizer_keys: tuple[str, str], progress: bool) -> list[Corpus]:
+    """What ``eval`` reads: ``--data``, else the run's ``data.source`` (and ``data.jsonl_field``), a relative path
+    read from the current directory as a resume reads it; with ``--split``, its part the trainer held out for
+    validation or trained on (the run's data.val_fraction and data.seed). A blended run's split is each source's
+    (``--data``: the one it names), weighted as the run's training mix (:class:`~hybridlm.train.data.Blend`)."""
+    from ..errors import UsageError
+    from ..train.data import Blend, load_corpus, source_labels, split
     from ..train.rundir import CONFIG_FILE
 
-    if args.data is not None:
-        source, key, field = args.data, "--data", args.jsonl_field or "text"
-    else:
-        source, key = run.data.source, f"data.source of {Path(args.checkpoint) / CONFIG_FILE}"
-        field = args.jsonl_field or run.data.jsonl_field
-    stream = load_corpus(source, tokenizer, field, progress, key=key, tokenizer_keys=tokenizer_keys)
     if args.split is None:
-        return stream, source, f"{key} {source}"
-    train, val = split(stream, run.data.val_fraction, run.data.seed)
-    return (val if args.split == "val" else train), source, f"the {SPLITS[args.split]} split of {key} {source}"
+        stream = load_corpus(args.data, tokenizer, args.jsonl_field or "text", progress, "--data", tokenizer_keys)
+        return [Corpus(stream, args.data, f"--data {args.data}")]
+    sources, part = run.data.sources(), SPLITS[args.split]
+    field = args.jsonl_field or run.data.jsonl_field
+    key = f"data.source of {Path(args.checkpoint) / CONFIG_FILE}"
+    if args.data is not None:  # one of the run's sources, named anew (a path from elsewhere)
+        if not any(_same_source(args.data, s) for s in sources):
+            listed = f"its data.source is {sources[0]}" if len(sources) == 1 else f"its sources: {', '.join(sources)}"
+            raise UsageError(
+                f"--split {args.split}: --data {args.data} is not a corpus the run split ({listed}): "
+                f"the run's {part} split of another corpus means nothing; leave --data out for the "
+                "run's own, or evaluate that corpus whole without --split"
+            )
+        stream = load_corpus(args.data, tokenizer, field, progress, "--data", tokenizer_keys)
+        train, val = split(stream, run.data.val_fraction, run.data.seed, f"--data {args.data}")
+        return [Corpus(val if args.split == "val" else train, args.data, f"the {part} split of --data {args.data}")]
+    corpora, train_rows = [], []
+    for i, source in enumerate(sources):
+        named = key if len(sources) == 1 else f"{key} (source {i + 1})"
+        stream = load_corpus(source, tokenizer, field, progress, named, tokenizer_keys)
+        train, val = split(stream, run.data.val_fraction, run.data.seed, f"{named} {source}")
+        corpora.append(Corpus(val if args.split == "val" else train, source, f"the {part} split of {named} {source}"))
+        train_rows.append(max(1, (train.num_tokens - 1) // run.data.seq_len))  # the trainer's rows, as it weighs them
+    if len(corpora) > 1:
+        weights = Blend(run.data.weights or train_rows).weights
+        for corpus, name, w in zip(corpora, source_labels(sources), weights):
+            corpus.name, corpus.weight = name, float(w)
+    return corpora
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -125,53 +173,110 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = read_config(path)  # the tokenizer's check, before the corpus and the weights are read
     tokenizer, name = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     progress = sys.stderr.isatty() if args.progress is None else args.progress  # (tqdm writes to stderr)
-    stream, source, what = _corpus(args, run, tokenizer, (name, "--eos-token"), progress)
+    corpora = _corpora(args, run, tokenizer, (name, "--eos-token"), progress)
     seq_len = args.seq_len if args.seq_len is not None else run.data.seq_len if run is not None else DataConfig.seq_len
-    rows = PackedRows(stream, seq_len, what, key="--seq-len")
+    rows = [PackedRows(c.stream, seq_len, c.what, key="--seq-len") for c in corpora]  # (all, before the weights)
     model = load(path, dtype=dtype, device=device)
-    result = evaluate_corpus(model, rows, args.batch_size, batches, tokenizer.token_bytes(), progress)
-    report = _report(args, path, source, seq_len, result, stream, model)
+    results = [evaluate_corpus(model, r, args.batch_size, batches, tokenizer.token_bytes(), progress) for r in rows]
+    report = _report(args, path, corpora, seq_len, results, model, run)
     print(json.dumps(report, indent=2) if args.json else _table(report))
     return 0
 
 
-def _report(args: argparse.Namespace, path, source: str, seq_len: int, result, stream, model) -> dict:
-    """The ``--json`` object (what the table shows too); a non-finite number is null (JSON has none), as is the
-    loss and perplexity of a head without labels. ``corpus_tokens`` and ``corpus_documents`` are those of the
-    split with ``--split``."""
-    import math
-
-    from ..train.evaluation import perplexity as exp
-
-    def number(x: float | None) -> float | None:
-        return x if x is not None and math.isfinite(x) else None
-
-    def perplexity(loss: float | None) -> float | None:
-        return None if loss is None else exp(loss)
+def _measures(result, stream) -> dict:
+    """A corpus's own part of the report (a blend's source, or the one corpus): counts, losses, bytes."""
+    from ..train.evaluation import perplexity
 
     losses = result.losses()
     return {
-        "checkpoint": str(path),  # the model folder read (a run's model/)
-        "data": source,  # --data, or the run's data.source
-        "split": args.split,
         "corpus_tokens": stream.num_tokens,
         "corpus_documents": stream.num_docs,
-        "seq_len": seq_len,
-        "batch_size": args.batch_size,
         "rows": result.rows,
         "whole_corpus": result.whole,
         "tokens": result.tokens[0],
-        "loss": number(losses[0]),
-        "perplexity": number(perplexity(losses[0])),
+        "loss": _number(losses[0]),
+        "perplexity": _number(None if losses[0] is None else perplexity(losses[0])),
         "bytes": result.bytes,
-        "bits_per_byte": number(result.bits_per_byte),
+        "bits_per_byte": _number(result.bits_per_byte),
         "mtp": [
-            {"depth": d, "tokens": n, "loss": number(loss), "perplexity": number(perplexity(loss))}
+            {
+                "depth": d,
+                "tokens": n,
+                "loss": _number(loss),
+                "perplexity": _number(None if loss is None else perplexity(loss)),
+            }
             for d, (n, loss) in enumerate(zip(result.tokens[1:], losses[1:]), start=1)
         ],
+    }
+
+
+def _number(x: float | None) -> float | None:
+    """A finite number, else None (JSON has no inf or nan)."""
+    import math
+
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _blended(parts: list[dict], weights: list[float]) -> dict:
+    """A blend's measures from its sources': counts summed, losses and bits per byte the means weighted by the
+    run's training mix (as its logged val_loss), the perplexity that of the weighted loss."""
+    from ..train.evaluation import perplexity, weighted_mean
+
+    def total(key: str) -> int | None:
+        values = [p[key] for p in parts]
+        return None if None in values else sum(values)
+
+    def mean(values: list[float | None]) -> float | None:
+        return _number(weighted_mean(values, weights))
+
+    loss = mean([p["loss"] for p in parts])
+    depths = zip(*(p["mtp"] for p in parts))
+    return {
+        **{k: total(k) for k in ("corpus_tokens", "corpus_documents", "rows")},
+        "whole_corpus": all(p["whole_corpus"] for p in parts),
+        "tokens": total("tokens"),
+        "loss": loss,
+        "perplexity": None if loss is None else _number(perplexity(loss)),
+        "bytes": total("bytes"),
+        "bits_per_byte": mean([p["bits_per_byte"] for p in parts]),
+        "mtp": [
+            {
+                "depth": ms[0]["depth"],
+                "tokens": sum(m["tokens"] for m in ms),
+                "loss": (d_loss := mean([m["loss"] for m in ms])),
+                "perplexity": None if d_loss is None else _number(perplexity(d_loss)),
+            }
+            for ms in depths
+        ],
+    }
+
+
+def _report(args: argparse.Namespace, path, corpora: list[Corpus], seq_len: int, results, model, run) -> dict:
+    """The ``--json`` object (what the table shows too); a non-finite number is null (JSON has none), as is the
+    loss and perplexity of a head without labels. ``corpus_tokens`` and ``corpus_documents`` are those of the
+    split with ``--split``. A blended run's split (``--split`` without ``--data``): each key is the blend's (counts
+    summed, losses weighted by the training mix, as the run's logged val_loss), and ``sources`` lists each source's
+    own (with its ``name`` in the run's metrics and its ``weight``), a key only a blend's report has."""
+    parts = [_measures(r, c.stream) for r, c in zip(results, corpora)]
+    blend = len(corpora) > 1
+    measures = _blended(parts, [c.weight for c in corpora]) if blend else parts[0]
+    report = {
+        "checkpoint": str(path),  # the model folder read (a run's model/)
+        "data": run.data.source if blend else corpora[0].source,  # --data, or the run's data.source
+        "split": args.split,
+        "corpus_tokens": measures["corpus_tokens"],
+        "corpus_documents": measures["corpus_documents"],
+        "seq_len": seq_len,
+        "batch_size": args.batch_size,
+        **{k: v for k, v in measures.items() if k not in ("corpus_tokens", "corpus_documents")},
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device),
     }
+    if blend:
+        report["sources"] = [
+            {"name": c.name, "data": c.source, "weight": c.weight, **p} for c, p in zip(corpora, parts)
+        ]
+    return report
 
 
 def _table(r: dict) -> str:
@@ -185,9 +290,10 @@ def _table(r: dict) -> str:
     none = "no labels in these rows"
     part = f", the run's {SPLITS[r['split']]} split" if r["split"] else ""
     scope = "every row and the tail" if r["whole_corpus"] else "the rows --batches picks, as training's validation"
+    data = r["data"] if "sources" not in r else f"a blend of {len(r['sources'])} sources"
     lines = [
         ("checkpoint", r["checkpoint"]),
-        ("data", f"{r['data']}{part} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
+        ("data", f"{data}{part} ({r['corpus_tokens']:,} tokens in {r['corpus_documents']:,} documents)"),
         ("rows", f"{r['rows']:,} of {r['seq_len']} tokens, {r['batch_size']} per forward; {scope}"),
         ("tokens", f"{r['tokens']:,}"),
         ("loss", shown(r["loss"], 4, " nats/token") if r["tokens"] else none),
@@ -203,6 +309,15 @@ def _table(r: dict) -> str:
         said = f"loss {loss}, perplexity {shown(m['perplexity'], 3)} ({m['tokens']:,} tokens)"
         why = f" (depth {d} needs --seq-len above {d})" if r["seq_len"] <= d else ""
         lines.append((f"MTP depth {d}", said if m["tokens"] else none + why))
+    for s in r.get("sources", ()):  # a blend's loss above is their mean, weighted as the run's training mix
+        loss = (
+            f"loss {shown(s['loss'], 4, ' nats/token')}, perplexity {shown(s['perplexity'], 3)}"
+            if s["tokens"]
+            else none
+        )
+        lines.append(
+            (f"source {s['name']}", f"weight {s['weight']:.3g}: {loss} ({s['tokens']:,} tokens) · {s['data']}")
+        )
     lines.append(("model", f"{r['dtype']} on {r['device']}"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
@@ -227,15 +342,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--data",
         metavar="SOURCE",
-        help="what data.source takes: a .txt/.jsonl/.ndjson file or a folder of them, a folder written by "
-        "hybridlm prepare, or builtin:pydoc (required without --split, where the default is the run's data.source)",
+        help="one source of what data.source takes: a .txt/.jsonl/.ndjson file or a folder of them, a folder written "
+        "by hybridlm prepare, or builtin:pydoc (required without --split, where the default is the run's data.source, "
+        "every source of a blend)",
     )
     ap.add_argument(
         "--split",
         choices=list(SPLITS),
         help="CHECKPOINT is a run directory: evaluate the documents its trainer held out for validation (val) or "
         "trained on (train), split by the run's data.val_fraction and data.seed, of the run's data.source (a "
-        "relative path read from the current directory, as a resume reads it) or of --data",
+        "relative path read from the current directory, as a resume reads it) or of --data, which must name it "
+        "(or one source of a blend); a blended run's split is each source's, reported alone and as their mean "
+        "weighted by the run's training mix (as its val_loss)",
     )
     ap.add_argument(
         "--seq-len",
@@ -254,7 +372,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument(
         "--jsonl-field",
-        help="text field of JSONL records (default: text; the run's data.jsonl_field when --split reads its source)",
+        help="text field of JSONL records (default: text; the run's data.jsonl_field with --split)",
     )
     ap.add_argument(
         "--dtype",

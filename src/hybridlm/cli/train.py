@@ -88,7 +88,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "[model] [data] [optim] [train] [parallel]) and --set overrides change anything; see docs/training.md. "
         "Under torchrun the same command trains data-parallel with FSDP2, and with --set parallel.pp=N "
         "runs the pattern's '|' stages on N pipeline ranks. --set train.init_from=DIR fine-tunes: it starts from "
-        "the weights and config of a hybridlm model folder (hybridlm.save, a run's model/, hybridlm convert --from).",
+        "the weights and config of a hybridlm model folder (hybridlm.save, a run's model/, hybridlm convert --from). "
+        "--set data.source='[\"web/\", \"code.jsonl\"]' --set data.weights='[0.7, 0.3]' mixes corpora by weight.",
     )
     ap.add_argument("--config", default=None, metavar="RUN.toml", help="run file (default: the embedded default run)")
     ap.add_argument(

@@ -75,13 +75,20 @@ _MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 @refuse_unknown_keywords(lambda unknown: _unknown_fields("data", unknown))
 @dataclass
 class DataConfig:
-    source: str = "builtin:pydoc"  #: builtin:pydoc, a .txt/.jsonl file or folder, or a `hybridlm prepare` folder
+    #: builtin:pydoc, a .txt/.jsonl file or folder, or a `hybridlm prepare` folder; or a list of them, a blend
+    source: str | list[str] = "builtin:pydoc"
+    #: a blend's share of each source (positive, normalised to sum 1; None: each source's training rows)
+    weights: list[float] | None = None
     tokenizer: str = "byte"  #: "byte" or a Hugging Face tokenizer.json
     seq_len: int = 256  #: tokens per packed row
     val_fraction: float = 0.05  #: share of documents held out for validation
     jsonl_field: str = "text"  #: the text field of .jsonl records
     eos_token: str = "auto"  #: a tokenizer.json's end-of-document token ("auto": the first usual name it holds)
     seed: int = 0  #: data order and validation split
+
+    def sources(self) -> list[str]:
+        """``source`` as a list: one source, or a blend's."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
 @refuse_unknown_keywords(lambda unknown: _unknown_fields("optim", unknown))
@@ -235,7 +242,9 @@ class RunConfig:
                 _unknown(section, list(d), "section")
             value = _parse_value(raw.strip(), f"{section}.{name}")
             # A text field keeps its text where TOML reads another type: run_dir=20240601, source=1.5.
-            d[section][name] = raw.strip() if not isinstance(value, str) and _holds_text(section, name) else value
+            d[section][name] = (
+                raw.strip() if not isinstance(value, (str, list)) and _holds_text(section, name) else value
+            )
         init = d["train"].get("init_from")
         # (A blank init_from is refused by name in validate: emptied here, the table named model.pattern instead.)
         if self.model == DEFAULT_MODEL and isinstance(init, str) and init.strip() and not presets:
@@ -339,6 +348,7 @@ class RunConfig:
                     nullable = type(None) in get_args(get_type_hints(type(getattr(self, section)))[f.name])
                     unset = f"write {NONE_WORD!r} to unset it" if nullable else "leave it out for its default"
                     raise ConfigError(f"{section}.{f.name}", f"must not be empty ({unset})")
+        _validate_blend(d)
         for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
             if not 0 <= seed <= MAX_INT:
                 raise ConfigError(name, f"must be in [0, 2**63 - 1], got {seed}")
@@ -612,6 +622,51 @@ def _check_norm_convention(saved: bool, wanted: Any, init: str) -> None:
     )
 
 
+def _validate_blend(d: DataConfig) -> None:
+    """``data.source`` as a list (a blend) and ``data.weights``: one source a name, no repeats, a positive finite
+    weight per source. (A plain string's emptiness is refused with every other text field.)"""
+    if isinstance(d.source, str) and d.source.strip().startswith("[") and d.source.strip().endswith("]"):
+        # --set data.source=[a,b]: the shell took the quotes, TOML could not read it, and it was kept as a path.
+        raise ConfigError(
+            "data.source",
+            f"{d.source!r} is no TOML array (its strings need quotes), so it reads as one path; write "
+            '--set data.source=\'["a.jsonl", "b/"]\' (the single quotes keep the double ones from the shell)',
+        )
+    if isinstance(d.source, list):
+        if not d.source:
+            raise ConfigError("data.source", "an empty list; name a source, or a list of sources to blend")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(d.source):
+            if not source.strip():
+                raise ConfigError("data.source", f"source {i + 1} of the list is empty; name a source there")
+            # The same file named twice (./a.jsonl and a.jsonl) is one source, whose weight is the sum.
+            same = source if source.startswith("builtin:") else os.path.normpath(os.path.expanduser(source))
+            if same in seen:
+                raise ConfigError(
+                    "data.source",
+                    f"{source!r} (source {i + 1}) is source {seen[same] + 1} again: name each source once and give "
+                    "it the sum of the weights (data.weights)",
+                )
+            seen[same] = i
+    if d.weights is None:
+        return
+    if isinstance(d.source, str):
+        raise ConfigError(
+            "data.weights",
+            f"weighs the sources of a blend, but data.source names one ({d.source!r}); leave it out (or unset it: "
+            f"{NONE_WORD!r}), or list the sources: data.source = ['A', 'B'], data.weights = [0.7, 0.3]",
+        )
+    if len(d.weights) != len(d.source):
+        raise ConfigError(
+            "data.weights", f"{len(d.weights)} weight(s) for the {len(d.source)} sources of data.source; give one each"
+        )
+    for i, w in enumerate(d.weights):
+        if not (is_finite(w) and w > 0):  # (a run file's nan and inf: refused by _check_type already, by its item)
+            raise ConfigError(
+                "data.weights", f"weight {i + 1} ({d.source[i]!r}) must be a positive finite number, got {w}"
+            )
+
+
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(name, f"must be positive, got {value}")
@@ -712,10 +767,10 @@ def override_key(item: str) -> str:
 
 
 def _holds_text(section: str, name: str) -> bool:
-    """Whether field ``name`` of ``section`` takes text only (str, or str or None)."""
+    """Whether field ``name`` of ``section`` takes text only (str, or str or None, or str or a list of str)."""
     hint = get_type_hints(_section_class(section)).get(name)
     allowed = set(get_args(hint) if get_origin(hint) is not None else (hint,))
-    return str in allowed and allowed <= {str, type(None)}
+    return str in allowed and allowed <= {str, type(None), list[str]}
 
 
 def _build(cls: type, values: dict[str, Any], section: str):
@@ -735,10 +790,19 @@ def _is_none_word(value: Any) -> bool:
 
 
 def _check_type(name: str, hint: Any, value: Any) -> None:
-    allowed = get_args(hint) if get_origin(hint) is not None else (hint,)
+    allowed = get_args(hint) if get_origin(hint) is not None and get_origin(hint) is not list else (hint,)
     if value is None and type(None) in allowed:
         return
     for t in allowed:
+        if get_origin(t) is list and isinstance(value, list):  # (data.source's blend, data.weights)
+            (item,) = get_args(t)
+            for i, v in enumerate(value):
+                try:
+                    _check_type(name, item, v)
+                except ConfigError as e:  # the element named: "expected float, got 'a'" said not where
+                    said = str(e)[len(e.field) + 2 :]
+                    raise ConfigError(name, f"item {i + 1} of the list: {said}") from None
+            return
         if t is bool and isinstance(value, bool):
             return
         if t is int and isinstance(value, int) and not isinstance(value, bool):
@@ -755,7 +819,11 @@ def _check_type(name: str, hint: Any, value: Any) -> None:
             return
         if t is str and isinstance(value, str):
             return
-    names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    names = " or ".join(
+        f"a list of {get_args(t)[0].__name__}" if get_origin(t) is list else t.__name__
+        for t in allowed
+        if t is not type(None)
+    )
     null = isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "")
     unset = f" (TOML has no null: to unset the field, write {NONE_WORD!r})" if null and type(None) in allowed else ""
     raise ConfigError(name, f"expected {names}, got {value!r}{unset or _toml_spelling(value, allowed)}")

@@ -8,7 +8,8 @@ mixer carries information across a boundary.
 
 Sources: ``builtin:pydoc`` (the English text of Python's own help topics, in every CPython, no
 download), a ``.txt`` file or folder of them (one document per file), a ``.jsonl`` file (one per
-record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap).
+record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap). A blend of several sources is
+sampled by :class:`Blend` (where each position of the row stream comes from) and read by :class:`BlendedRows`.
 """
 
 from __future__ import annotations
@@ -559,6 +560,18 @@ def corpus_documents(source: str, jsonl_field: str = "text", key: str = "data.so
     return text_documents(source, jsonl_field, key)
 
 
+def source_labels(sources: list[str]) -> list[str]:
+    """Short unique names of a blend's sources, for its metrics (``val_loss/<name>``) and header: a path's file or
+    folder name without its extension, a built-in corpus's name; where two would be alike, each of them gets its
+    place in the list after it (``data-1``, ``data-2``). Only letters, digits, ``.``, ``_`` and ``-`` are kept (a
+    ``/`` would nest TensorBoard's tags)."""
+    stems = []
+    for i, source in enumerate(sources):
+        name = source.split(":", 1)[1] if source.startswith("builtin:") else source_path(source).stem
+        stems.append(re.sub(r"[^A-Za-z0-9._-]", "_", name) or f"source{i + 1}")
+    return [f"{s}-{i + 1}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
+
+
 def _corpus_name(source: str, key: str) -> str:
     """How errors about the documents of ``source`` name it (as "... has no documents")."""
     return f"{key}: {source}: the corpus"
@@ -596,13 +609,16 @@ def load_corpus(
     return stream
 
 
-def split(stream: TokenStream, val_fraction: float, seed: int) -> tuple[TokenStream, TokenStream | None]:
-    """Hold out whole documents (a seeded choice) for validation."""
+def split(
+    stream: TokenStream, val_fraction: float, seed: int, what: str = "the corpus"
+) -> tuple[TokenStream, TokenStream | None]:
+    """Hold out whole documents (a seeded choice) for validation; ``what`` names the stream in errors. Each source
+    of a blend is split alone, with the same seed: ``split(load_corpus(source), ...)`` is that source's split."""
     if val_fraction <= 0:
         return stream, None
     n = stream.num_docs
     if n < 2:
-        raise DataError("data.val_fraction: the corpus has a single document; nothing to hold out (set it to 0)")
+        raise DataError(f"data.val_fraction: {what} has a single document; nothing to hold out (set it to 0)")
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     order = np.random.default_rng(seed).permutation(n)
     return stream.select(np.sort(order[n_val:])), stream.select(np.sort(order[:n_val]))
@@ -667,6 +683,87 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
         )
 
 
+class Blend:
+    """Where each position of a blend's row stream comes from: position ``i`` (0-based, over all steps) is the
+    ``k``-th row of source ``d``'s own stream, a pure function of ``i`` and the weights.
+
+    The sources are the leaves of a balanced binary tree (in their order: the first half left). At a node whose
+    left side weighs ``p`` of the two, the left side's count of the first ``n`` positions reaching it is
+    ``round(n p)`` (Bresenham's line: ``floor(n p + 1/2)``), so the ``i``-th position goes left when
+    ``round((i + 1) p)`` passes ``round(i p)``, and goes on as that side's ``round(i p)``-th, or the right side's
+    ``i - round(i p)``-th. Each level is off by at most half a row, scaled by the shares below it: the first ``n``
+    positions hold within ``depth / 2`` rows of ``w_d n`` of each source, ``depth`` = ceil(log2 D) (two sources:
+    the nearest whole number), at every ``n``. So every batch is the mix itself, not a draw from it. A node's
+    ``p`` is held as an integer fraction of 2**30 (exact integer arithmetic, the same on every machine), which
+    moves a share by at most ``depth`` * 2**-31: a row in ~2 * 10**9 / depth.
+
+    Args:
+        weights: (D,) positive finite numbers, normalised here to sum to 1.
+    """
+
+    SCALE = 1 << 30  #: a node's left share is an integer over this
+
+    def __init__(self, weights) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or len(w) == 0 or not (np.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"blend weights must be positive finite numbers, got {list(weights)!r}")
+        self.weights = w / w.sum()
+        self.depth = int(np.ceil(np.log2(len(w)))) if len(w) > 1 else 0
+        # (lo, hi) -> (mid, share): the node over sources [lo, hi), its left side [lo, mid) of share / SCALE.
+        self._nodes: dict[tuple[int, int], tuple[int, int]] = {}
+        self._build(0, len(w))
+
+    def _build(self, lo: int, hi: int) -> None:
+        if hi - lo < 2:
+            return
+        mid = (lo + hi + 1) // 2  # the left half takes the odd source out: [0, 1] | [2] for three
+        left, total = self.weights[lo:mid].sum(), self.weights[lo:hi].sum()
+        # Clamped into (0, SCALE): each side keeps a share (a weight of 1e-12 still gets its rows, rarely).
+        share = min(max(round(left / total * self.SCALE), 1), self.SCALE - 1)
+        self._nodes[(lo, hi)] = (mid, share)
+        self._build(lo, mid)
+        self._build(mid, hi)
+
+    @classmethod
+    def _rounded_share(cls, n: np.ndarray, share: int) -> np.ndarray:
+        """``floor(n * share / SCALE + 1/2)`` exactly, in int64 for any ``n`` < 2**63 (no product past 2**60)."""
+        high, low = np.divmod(n, cls.SCALE)
+        return high * share + (low * share + cls.SCALE // 2) // cls.SCALE
+
+    def locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sources and their own stream positions of blend positions ``pos`` (R,) int64: ((R,), (R,)) int64."""
+        pos = np.asarray(pos, dtype=np.int64)
+        source, k = np.zeros(len(pos), dtype=np.int64), pos.copy()
+        todo = [(0, len(self.weights), np.arange(len(pos)))]
+        while todo:
+            lo, hi, at = todo.pop()
+            if hi - lo < 2:
+                source[at] = lo
+                continue
+            mid, share = self._nodes[(lo, hi)]
+            before = self._rounded_share(k[at], share)  # left positions among the first k[at] reaching this node
+            left = self._rounded_share(k[at] + 1, share) > before
+            k[at] = np.where(left, before, k[at] - before)
+            todo += [(lo, mid, at[left]), (mid, hi, at[~left])]
+        return source, k
+
+    def counts(self, n: int) -> np.ndarray:
+        """(D,) int64: how many of the first ``n`` positions each source holds (summing to ``n``)."""
+        out = np.zeros(len(self.weights), dtype=np.int64)
+
+        def walk(lo: int, hi: int, m: int) -> None:
+            if hi - lo < 2:
+                out[lo] = m
+                return
+            mid, share = self._nodes[(lo, hi)]
+            left = int(self._rounded_share(np.array([m], dtype=np.int64), share)[0])
+            walk(lo, mid, left)
+            walk(mid, hi, m - left)
+
+        walk(0, len(self.weights), n)
+        return out
+
+
 class Sampler:
     """Which rows each step uses: epochs of seeded permutations, sliced per step, process and micro-batch.
 
@@ -674,13 +771,33 @@ class Sampler:
     :meth:`position`, a pure function of ``s``, the seed and where a resume placed the stream
     (:meth:`resume_at`), so resuming replays exactly the data order of an uninterrupted run, and a
     batch size changed at a resume continues from the rows consumed.
+
+    A blend (``num_rows`` a list, one count per source) places its stream's positions by :class:`Blend` and gives
+    each source its own stream of epochs (a small source repeats sooner): a source ``d``'s rows are numbered after
+    those of the sources before it (row ``r`` of ``d`` is ``sum(num_rows[:d]) + r``, as :class:`BlendedRows` reads
+    them). One source is the single corpus: the same rows as an int ``num_rows``.
+
+    Args:
+        num_rows: the rows of the corpus, or (D,) of each source of a blend.
+        weights: (D,) the blend's weights (normalised; None: each source's rows, the mix of the concatenation).
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        num_rows: int | list[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: list[float] | None = None,
+    ) -> None:
         check_batch_split(batch_size, world_size)
-        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.sizes = [num_rows] if isinstance(num_rows, (int, np.integer)) else [int(n) for n in num_rows]
+        self.num_rows, self.batch_size, self.seed = sum(self.sizes), batch_size, seed
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.blend = Blend(self.sizes if weights is None else weights)
         self.rank, self.world_size = rank, world_size
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
         self._start_step, self._start_row = 0, 0
 
     def resume_at(self, step: int, rows: int) -> None:
@@ -691,24 +808,66 @@ class Sampler:
         """The rows of the stream consumed before step ``step``."""
         return self._start_row + (step - self._start_step) * self.batch_size
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-            self._perm_epoch = epoch
-        return self._perm
+    def _permutation(self, epoch: int, source: int = 0) -> np.ndarray:
+        """Source ``source``'s row order in its epoch ``epoch``. A lone source's seed is the single corpus's."""
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            key = [self.seed, epoch] if len(self.sizes) == 1 else [self.seed, epoch, source]
+            cached = self._perms[source] = (epoch, np.random.default_rng(key).permutation(self.sizes[source]))
+        return cached[1]
+
+    def epochs(self, rows: int) -> np.ndarray:
+        """(D,) float: how many epochs of each source the first ``rows`` rows of the stream hold."""
+        return self.blend.counts(rows) / np.asarray(self.sizes, dtype=np.float64)
 
     def global_rows(self, step: int) -> np.ndarray:
-        """The ``batch_size`` rows of optimizer step ``step`` (0-based), over all processes."""
+        """The ``batch_size`` rows of optimizer step ``step`` (0-based), over all processes: (batch_size,) int64."""
         start = self.position(step)
-        out = []
-        for i in range(start, start + self.batch_size):
-            epoch, j = divmod(i, self.num_rows)
-            out.append(self._permutation(epoch)[j])
-        return np.asarray(out, dtype=np.int64)
+        source, k = self.blend.locate(np.arange(start, start + self.batch_size, dtype=np.int64))
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for d in np.unique(source):
+            at = np.flatnonzero(source == d)
+            epoch, j = np.divmod(k[at], self.sizes[d])
+            for e in np.unique(epoch):  # (a step spans two epochs of a source at most, unless it is tiny)
+                here = epoch == e
+                out[at[here]] = self.offsets[d] + self._permutation(int(e), int(d))[j[here]]
+        return out
 
     def local_rows(self, step: int) -> np.ndarray:
         per = self.batch_size // self.world_size
         return self.global_rows(step)[self.rank * per : (self.rank + 1) * per]
+
+
+class BlendedRows:
+    """The packed rows of several sources as one numbering: source ``d``'s row ``r`` is row
+    ``sum(num_rows of the sources before d) + r`` (what :class:`Sampler` hands out for a blend).
+
+    Args:
+        parts: each source's :class:`PackedRows`, of one ``seq_len``.
+    """
+
+    def __init__(self, parts: list[PackedRows]) -> None:
+        self.parts = parts
+        self.seq_len = parts[0].seq_len
+        self.offsets = np.cumsum([0] + [p.num_rows for p in parts]).astype(np.int64)
+        self.num_rows = int(self.offsets[-1])
+
+    def rows(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``index`` in their order, each cut from its source: input_ids, labels and doc_ids, each
+        (len(index), seq_len) int64 (a document id is its source's: ids only tell a row's documents apart).
+        Each source's rows are cut at once and written to their places: one copy more than a single corpus's."""
+        index = np.asarray(index, dtype=np.int64)
+        source = np.searchsorted(self.offsets, index, side="right") - 1
+        out = {
+            k: torch.empty((len(index), self.seq_len), dtype=torch.int64) for k in ("input_ids", "labels", "doc_ids")
+        }
+        for d, part in enumerate(self.parts):
+            at = np.flatnonzero(source == d)
+            if len(at):
+                piece, places = part.rows(index[at] - self.offsets[d]), torch.from_numpy(at)
+                for k, v in out.items():
+                    v[places] = piece[k]
+        return out
 
 
 def eval_rows(num_rows: int, count: int) -> np.ndarray:

@@ -71,6 +71,14 @@ class Evaluation:
         return self.loss_sums[0] / math.log(2) / self.bytes if self.bytes else None
 
 
+def weighted_mean(values: list[float | None], weights) -> float | None:
+    """``sum(w * v)`` of a blend's per-source ``values`` (losses, bits per byte) under its normalised ``weights``
+    (D,): the value expected of a row drawn as training draws them. None where a source has none (no labels)."""
+    if any(v is None for v in values):
+        return None
+    return float(sum(w * v for w, v in zip(weights, values)))
+
+
 def perplexity(loss: float) -> float:
     """``exp(loss)``; inf past float64's range (a loss above 709.78) rather than an OverflowError."""
     return math.exp(loss) if loss < 709.78 else math.inf

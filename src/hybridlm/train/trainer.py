@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -52,16 +53,18 @@ from ..parallel.execution import (
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig, records_init_from
 from .data import (
+    BlendedRows,
     PackedRows,
     Sampler,
     check_batch_split,
     check_outside_text_folder,
     eval_rows,
     load_corpus,
+    source_labels,
     source_path,
     split,
 )
-from .evaluation import loss_sums
+from .evaluation import loss_sums, weighted_mean
 from .expert_load import moe_layer_keys
 from .guard import NonFiniteGuard, weights_finite
 from .listing import checkpoint_dir_name, list_checkpoints, load_newest, step_of
@@ -211,6 +214,14 @@ def _data_position(saved: Any, checkpoint: Path) -> tuple[int, int] | None:
     return rows, seq_len
 
 
+def _identity_sources(identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sources a checkpoint's ``data`` record names, each ``{"source", "tokens", "docs", "fingerprint"}`` as far
+    as recorded: a blend's list, or the single corpus's record itself (a plain source, and every checkpoint from
+    before blends)."""
+    sources = identity.get("sources")
+    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else [identity]
+
+
 def _host_memory() -> int:
     """This machine's physical memory in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -335,7 +346,9 @@ class Trainer:
             )
 
         # Data.
-        check_outside_text_folder(self.run_dir, run.data.source)
+        self.sources = run.data.sources()  # one corpus, or a blend's
+        for source in self.sources:
+            check_outside_text_folder(self.run_dir, source)
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
         if resume and t.init_from is not None and not records_init_from(self.run_dir / CONFIG_FILE):
             # The folder's weights would not be loaded, and its config under the run's [model] fields replaced the
@@ -377,26 +390,7 @@ class Trainer:
         if resume:
             self._check_same_model()
         init_tensors = self._read_init() if self.init_from is not None else None
-        stream = load_corpus(run.data.source, self.tokenizer, run.data.jsonl_field, progress=False)
-        # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
-        # (data.val_fraction and data.seed may change at a resume).
-        self.data_identity = {
-            "source": run.data.source,
-            "tokens": stream.num_tokens,
-            "docs": stream.num_docs,
-            "fingerprint": stream.fingerprint(),
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-        }
-        train_stream, val_stream = split(stream, run.data.val_fraction, run.data.seed)
-        what, fix = "the corpus", ""
-        if val_stream is not None:  # the split may have held out the long documents: say so
-            what, fix = "the training split", ", lower data.val_fraction, or choose another data.seed"
-        self.train_rows = PackedRows(train_stream, run.data.seq_len, what, fix)
-        self.val_rows = None
-        if val_stream is not None:  # documents held out by data.val_fraction, chosen by data.seed
-            fix = ", raise data.val_fraction, or choose another data.seed"
-            self.val_rows = PackedRows(val_stream, run.data.seq_len, "the validation split", fix)
-        self.sampler = Sampler(self.train_rows.num_rows, t.batch_size, run.data.seed, self.dp_rank, self.dp)
+        self._read_data()
 
         # Model.
         self.pipeline = None
@@ -487,6 +481,7 @@ class Trainer:
             state, loaded = load_newest(list_checkpoints(self.run_dir / CHECKPOINTS), load)
             self.step = int(state["step"])
             self._check_same_data(state.get("data"))
+            self._note_changed_blend(state.get("data"))
             self._continue_data(state.get("data_position"), loaded)
             self._window = _saved_window(state.get("window"))
             self.guard.restore(state.get("guard"))  # a streak of skipped steps goes on across a resume
@@ -508,6 +503,56 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, t.steps, self.step, self.is_main, progress, resumed=resume)
 
     # -- set-up helpers -------------------------------------------------------------------------
+
+    def _read_data(self) -> None:
+        """Each source's tokens, its split (data.val_fraction and data.seed, the same for every source) and packed
+        rows; the sampler over them; what a checkpoint records of the data (``data_identity``).
+
+        One source: ``train_rows`` and ``val_rows`` are its :class:`PackedRows` (None: no validation split). A
+        blend: ``train_sets`` and ``val_sets`` hold each source's, ``train_rows`` and ``val_rows`` number them as
+        one (:class:`BlendedRows`, which the sampler's rows index), ``source_names`` label them in the metrics."""
+        d, t = self.run.data, self.run.train
+        blend = len(self.sources) > 1
+        self.source_names = source_labels(self.sources)
+        identities, self.train_sets, val_sets = [], [], []
+        for i, source in enumerate(self.sources):
+            key = f"data.source (source {i + 1})" if blend else "data.source"
+            stream = load_corpus(source, self.tokenizer, d.jsonl_field, progress=False, key=key)
+            # What a checkpoint records of the data, to recognise it at a resume: the whole corpus, before the split
+            # (data.val_fraction and data.seed may change at a resume).
+            identities.append(
+                {
+                    "source": source,
+                    "tokens": stream.num_tokens,
+                    "docs": stream.num_docs,
+                    "fingerprint": stream.fingerprint(),
+                }
+            )
+            named = f"data.source {source}" if blend else "the corpus"
+            train_stream, val_stream = split(stream, d.val_fraction, d.seed, named)
+            what, fix = named, ""
+            if val_stream is not None:  # the split may have held out the long documents: say so
+                what = f"the training split of {named}" if blend else "the training split"
+                fix = ", lower data.val_fraction, or choose another data.seed"
+            self.train_sets.append(PackedRows(train_stream, d.seq_len, what, fix))
+            if val_stream is not None:  # documents held out by data.val_fraction, chosen by data.seed
+                fix = ", raise data.val_fraction, or choose another data.seed"
+                what = f"the validation split of {named}" if blend else "the validation split"
+                val_sets.append(PackedRows(val_stream, d.seq_len, what, fix))
+        tokenizer = tokenizer_fingerprint(self.tokenizer)
+        self.val_sets = val_sets or None
+        if not blend:  # the single corpus's record, as before blends: its checkpoints resume either way
+            self.data_identity = {**identities[0], "tokenizer": tokenizer}
+            self.train_rows, self.val_rows = self.train_sets[0], val_sets[0] if val_sets else None
+        else:
+            self.data_identity = {"sources": identities, "weights": d.weights, "tokenizer": tokenizer}
+            self.train_rows = BlendedRows(self.train_sets)
+            self.val_rows = BlendedRows(val_sets) if val_sets else None
+        sizes = [p.num_rows for p in self.train_sets]
+        self.sampler = Sampler(sizes[0] if not blend else sizes, t.batch_size, d.seed, self.dp_rank, self.dp, d.weights)
+        #: (D,) each source's share of the training rows, and of the logged val_loss (the weighted mean)
+        self.weights = self.sampler.blend.weights
+        self.source_val_losses: dict[str, float] = {}  # (see evaluate)
 
     def _read_init(self) -> dict[str, torch.Tensor]:
         """The canonical tensors of ``train.init_from``, checked against their SHA-256 and this run's model (before
@@ -605,6 +650,28 @@ class Trainer:
             return
         check_same_model(checkpoints[-1], extra, self.config)
 
+    def _note_changed_blend(self, saved: Any) -> None:
+        """Warn where a resume blends other sources or weights than the checkpoint's run (a setting changed on
+        purpose, as another corpus is): the stream goes on from the rows consumed, but each source's position in
+        it is where the new blend places it, not where the run left that source."""
+        if not isinstance(saved, dict):
+            return
+        now = self.data_identity
+        was_sources = [s.get("source") for s in _identity_sources(saved)]
+        now_sources = [s["source"] for s in _identity_sources(now)]
+        if max(len(was_sources), len(now_sources)) == 1:  # one corpus, another one: said nowhere before blends
+            return
+        if was_sources == now_sources and saved.get("weights") == now.get("weights"):
+            return
+        logger.warning(
+            "the blend changed at the resume (sources %s, weights %s; the checkpoint's run had %s, weights %s): "
+            "each source's rows go on from where the new blend places them, not where the run left them",
+            now_sources,
+            now.get("weights"),
+            was_sources,
+            saved.get("weights"),
+        )
+
     def _check_same_data(self, saved: Any) -> None:
         """Refuse a resume whose ``data.tokenizer`` now reads another tokenizer than the checkpoint's run trained with
         (a tokenizer.json replaced at its path: naming the corpus anew did not make the model know its ids), or whose
@@ -623,10 +690,19 @@ class Trainer:
                 "since?), and the model learned that one's token ids; resume with that tokenizer, or, to go on with "
                 "this one, name it: --set data.tokenizer=PATH"
             )
-        if self.data_named or saved.get("source") != now["source"]:
+        if self.data_named:
             return
-        if all(saved[k] == v for k, v in now.items() if k in saved):
-            return
+        # Each source compared with the one of its name the checkpoint recorded (a blend's, or the single corpus's:
+        # a run that grew into a blend keeps its corpus); a source it did not record is another corpus, on purpose.
+        recorded = {s.get("source"): s for s in _identity_sources(saved)}
+        for source in _identity_sources(now):
+            was = recorded.get(source["source"])
+            if was is None or all(was[k] == v for k, v in source.items() if k in was):
+                continue
+            self._refuse_changed_source(source, was)
+
+    def _refuse_changed_source(self, now: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Refuse a resume whose source ``now["source"]`` holds other data than the checkpoint recorded (``saved``)."""
         was = [f"{v:,}" if isinstance(v, int) else repr(v) for v in (saved.get("tokens"), saved.get("docs"))]
         counts = (
             f"{now['tokens']:,} token{'s' * (now['tokens'] != 1)} in {now['docs']:,} document{'s' * (now['docs'] != 1)}"
@@ -635,10 +711,11 @@ class Trainer:
             what = f"other token ids than the run was trained on (as many: {counts})"
         else:
             what = f"{counts}, but the run was trained on {was[0]} in {was[1]}"
+        name = "PATH" if len(self.sources) == 1 else "'" + json.dumps(self.sources) + "'"
         raise DataError(
             f"{self.run_dir}: data.source {now['source']!r} now holds {what}: not the corpus this run started with "
             f"(edited since? a relative path is read from the current directory, {Path.cwd()}); resume from where "
-            "the run started, or, to go on with this data, name it: --set data.source=PATH"
+            f"the run started, or, to go on with this data, name it: --set data.source={name}"
         )
 
     def _claim_run_dir(self, run_dir: str | Path | None, resume: bool) -> tuple[Path, list[Path]]:
@@ -785,42 +862,54 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean next-token loss (nats per token) over a fixed set of validation rows."""
-        if self.val_rows is None:
+        """Mean next-token loss (nats per token) over a fixed set of validation rows; None without a validation
+        split. A blend's is the mean of its sources' weighted by the training mix (``self.weights``), the loss
+        expected of a training row; each source's, over a fixed set of its own validation rows, is kept in
+        ``self.source_val_losses`` by its metrics key ``val_loss/<name>`` (``self.source_names``; empty for one
+        source)."""
+        self.source_val_losses = {}
+        if self.val_sets is None:
             return None
         self.model.eval()
-        rows = eval_rows(self.val_rows.num_rows, self.run.train.eval_batches * self.local_batch * self.dp)
         size = self.local_batch if self.pipeline is not None else self.micro
-        loss_sum, count = 0.0, 0.0
+        sums: list[float] = []  # (loss sum, labels) of each source
         try:
-            for part in self._eval_parts(rows, size):
-                if self.pipeline is not None:
-                    s, n = self.pipeline.evaluate(self._to_device(part))
-                else:
-                    part = self._to_device(part)
-                    self._mark_graph_step()
-                    with self._autocast():
-                        s, n = loss_sums(self.model, part)[:, 0].tolist()  # the main head's
-                loss_sum, count = loss_sum + s, count + n
+            for val in self.val_sets:
+                rows = eval_rows(val.num_rows, self.run.train.eval_batches * self.local_batch * self.dp)
+                loss_sum, count = 0.0, 0.0
+                for part in self._eval_parts(val, rows, size):
+                    if self.pipeline is not None:
+                        s, n = self.pipeline.evaluate(self._to_device(part))
+                    else:
+                        part = self._to_device(part)
+                        self._mark_graph_step()
+                        with self._autocast():
+                            s, n = loss_sums(self.model, part)[:, 0].tolist()  # the main head's
+                    loss_sum, count = loss_sum + s, count + n
+                sums += [loss_sum, count]
         finally:
             # Also when it raises (Ctrl-C in a notebook): a model left in eval mode trained on in it, and the
             # MoE routers' expert biases, counted in training mode only, never moved again.
             self.model.train()
-        loss_sum, count = self._all_reduce([loss_sum, count])
-        return loss_sum / max(count, 1.0)
+        sums = self._all_reduce(sums)
+        losses = [s / max(n, 1.0) for s, n in zip(sums[::2], sums[1::2])]
+        if len(losses) == 1:
+            return losses[0]
+        self.source_val_losses = {f"val_loss/{name}": loss for name, loss in zip(self.source_names, losses)}
+        return weighted_mean(losses, self.weights)
 
-    def _eval_parts(self, rows: np.ndarray, size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's share of the validation ``rows`` (every ``dp``-th), ``size`` rows at a time, as many parts
-        as the rank with the most rows has: every forward is collective under FSDP and the pipeline, so ranks
-        that ran different numbers hung. A pipeline's parts have ``size`` rows (stages have fixed shapes): a
+    def _eval_parts(self, val: PackedRows, rows: np.ndarray, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of the validation ``rows`` of ``val`` (every ``dp``-th), ``size`` rows at a time, as
+        many parts as the rank with the most rows has: every forward is collective under FSDP and the pipeline, so
+        ranks that ran different numbers hung. A pipeline's parts have ``size`` rows (stages have fixed shapes): a
         short or missing part is filled with unlabelled copies of a row, which add nothing to the loss."""
         mine = rows[self.dp_rank :: self.dp]
         most = -(-len(rows) // self.dp)
         for start in range(0, most, size):
-            part = self.val_rows.rows(mine[start : start + size] if start < len(mine) else rows[:0])
+            part = val.rows(mine[start : start + size] if start < len(mine) else rows[:0])
             fill = (size if self.pipeline is not None else 1) - len(part["labels"])
             if fill > 0:
-                filler = self.val_rows.rows(rows[:1])
+                filler = val.rows(rows[:1])
                 part = {k: torch.cat([v, filler[k].expand(fill, -1)]) for k, v in part.items()}
                 part["labels"][-fill:] = -100
             yield part
@@ -915,15 +1004,18 @@ class Trainer:
         if self.device.type == "cpu":
             threads = torch.get_num_threads()
             dev += f" ({threads} thread{'s' * (threads != 1)})"
-        val = f"{self.val_rows.stream.num_tokens:,}" if self.val_rows is not None else "no"
+        train_tokens = sum(p.stream.num_tokens for p in self.train_sets)
+        val = f"{sum(p.stream.num_tokens for p in self.val_sets):,}" if self.val_sets is not None else "no"
+        what = self.sources[0] if len(self.sources) == 1 else f"a blend of {len(self.sources)} sources"
         return [
             f"run     {self.run_dir}",
             f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters"
             + (f" ({self.num_active_params / 1e6:.2f}M active)" if self.num_active_params is not None else "")
             + f" · hidden {self.config.hidden_size} "
             f"· vocab {self.config.vocab_size}",
-            f"data    {r.data.source} · {r.data.tokenizer} tokenizer · {self.train_rows.stream.num_tokens:,} train / "
+            f"data    {what} · {r.data.tokenizer} tokenizer · {train_tokens:,} train / "
             f"{val} validation tokens · rows of {r.data.seq_len}",
+            *self._source_lines(),
             f"optim   AdamW lr {r.optim.lr:g} ({r.optim.schedule}, warmup {r.optim.warmup_steps}) · batch {t.batch_size} "
             f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} step{'s' * (t.steps != 1)}",
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
@@ -933,6 +1025,17 @@ class Trainer:
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
             *self._init_lines(),
         ] + [f"note    {n}" for n in r.notes() + self._batch_notes() + self._split_notes()]
+
+    def _source_lines(self) -> list[str]:
+        """A blend's sources, one line each: its name in the metrics, weight, training rows, and how many epochs of
+        it the run's steps use (a small source repeats sooner: each has its own epochs)."""
+        if len(self.sources) == 1:
+            return []
+        epochs = self.sampler.epochs(self.sampler.position(self.run.train.steps))
+        return [
+            f"source  {name} · weight {w:.3g} · {rows.num_rows:,} train rows · {e:.3g} epochs in the run · {source}"
+            for name, w, rows, e, source in zip(self.source_names, self.weights, self.train_sets, epochs, self.sources)
+        ]
 
     def _init_lines(self) -> list[str]:
         """Where a fine-tuning run's weights come from (``train.init_from``; a fresh run only), and a note where the
@@ -964,17 +1067,21 @@ class Trainer:
         """A validation split far larger than ``data.val_fraction`` asked: it holds out whole documents, at least one,
         so a corpus of a few documents (or one long one drawn) lost far more of its tokens to it than asked (a third, of
         3 documents at 0.05), which only the header's token counts showed."""
-        if self.val_rows is None:
+        if self.val_sets is None:
             return []
-        asked, val, train = self.run.data.val_fraction, self.val_rows.stream, self.train_rows.stream
-        share = val.num_tokens / (val.num_tokens + train.num_tokens)
-        if share < max(2 * asked, asked + 0.1):
-            return []
-        return [
-            f"data.val_fraction {asked:g} held out {val.num_docs:,} of {val.num_docs + train.num_docs:,} documents, "
-            f"{share:.0%} of the tokens (the split takes whole documents, at least one): more, shorter documents "
-            "split closer to it; another data.seed draws others"
-        ]
+        notes, asked = [], self.run.data.val_fraction
+        for source, train_rows, val_rows in zip(self.sources, self.train_sets, self.val_sets):
+            val, train = val_rows.stream, train_rows.stream
+            share = val.num_tokens / (val.num_tokens + train.num_tokens)
+            if share < max(2 * asked, asked + 0.1):
+                continue
+            of = f" of data.source {source}" if len(self.sources) > 1 else ""
+            notes.append(
+                f"data.val_fraction {asked:g} held out {val.num_docs:,} of {val.num_docs + train.num_docs:,} "
+                f"documents{of}, {share:.0%} of the tokens (the split takes whole documents, at least one): more, "
+                "shorter documents split closer to it; another data.seed draws others"
+            )
+        return notes
 
     def _peak_memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -1113,8 +1220,8 @@ class Trainer:
                 # folder can be resumed (else it held a run that could be neither resumed nor replaced).
                 # A resume at step 0 comes after that evaluation, which metrics.jsonl holds: not again.
                 first_val = last_val = self.evaluate() if self.step == 0 and not self.resumed else None
-                if first_val is not None:
-                    self.metrics.record(self.step, {"val_loss": first_val}, console=False)
+                if first_val is not None:  # (and a blend's sources')
+                    self.metrics.record(self.step, {"val_loss": first_val, **self.source_val_losses}, console=False)
                     self.metrics.print(f"validation loss at step 0: {first_val:.4f}")
                 while self.step < stop:
                     self._stop_for_signal(signals)
@@ -1144,8 +1251,8 @@ class Trainer:
                         window.update(_fresh_window())
                     if evaluate:
                         last_val = self.evaluate()
-                        if last_val is not None:
-                            record["val_loss"] = last_val
+                        if last_val is not None:  # (and a blend's sources')
+                            record.update({"val_loss": last_val, **self.source_val_losses})
                     self.metrics.record(self.step, record, console=console, tensorboard=self.moe_layer_load)
                     if "nonfinite_skipped" in values:  # else silent on the console between two rows
                         self.metrics.print(
