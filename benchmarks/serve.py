@@ -1,0 +1,132 @@
+"""``hybridlm serve``'s static batching: how many tokens per second K concurrent clients get, batched or not.
+
+    python benchmarks/serve.py                       # CPU, embedded default model, 8 clients
+    python benchmarks/serve.py --clients 16 --max-tokens 64 --device cuda
+
+The embedded default model of ``hybridlm train`` (random weights, byte tokenizer) is served in this process on a
+free localhost port, as ``hybridlm serve`` serves it (the same ``BatchWorker`` and ``CompletionServer``). K client
+threads each send one greedy request at once (different prompts of ``--prompt-len`` bytes, ``--max-tokens`` new
+tokens at most each), first with ``--max-batch-size 1``
+(one request after another: what a server without batching does), then with ``--max-batch-size K``. The table
+gives the wall time from the first request sent to the last answer read, the completion tokens per second over
+all clients, the mean latency of one request and the number of ``generate`` calls the worker ran; it checks that
+both settings answered the same texts (exit status 1 if not: greedy decoding of a row alone and in a left-padded
+batch agrees up to near-ties). Results belong in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import threading
+import time
+
+import torch
+
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.infer.batching import BatchWorker
+from hybridlm.infer.server import CompletionServer
+from hybridlm.train.config import DEFAULT_MODEL
+from hybridlm.train.data import builtin_documents
+from hybridlm.train.tokenizer import ByteTokenizer
+
+
+def prompts(count: int, length: int) -> list[str]:
+    """``count`` different prompts of ``length`` characters, cut from the built-in corpus (ASCII text)."""
+    text = " ".join(builtin_documents("pydoc"))
+    text = text.encode("ascii", "ignore").decode()
+    return [text[i * length : (i + 1) * length] for i in range(count)]
+
+
+def ask(port: int, prompt: str, max_tokens: int) -> tuple[str, float, int]:
+    """One greedy completion: (its text, seconds from sending to the answer read, its completion tokens)."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    if "error" in answer:
+        raise RuntimeError(answer["error"]["message"])
+    return answer["choices"][0]["text"], time.perf_counter() - start, answer["usage"]["completion_tokens"]
+
+
+def serve_round(model, texts: list[str], max_tokens: int, max_batch: int) -> dict:
+    """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` at once from its own thread."""
+    tokenizer = ByteTokenizer()
+    worker = BatchWorker(model, tokenizer, max_batch)
+    server = CompletionServer(
+        ("127.0.0.1", 0),
+        worker,
+        "bench",
+        encode=tokenizer.encode,
+        vocab_size=model.config.vocab_size,
+        max_tokens_limit=max_tokens,
+    )
+    worker.start()
+    serving = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    serving.start()
+    port = server.server_address[1]
+    results: list = [None] * len(texts)
+
+    def client(i: int) -> None:
+        results[i] = ask(port, texts[i], max_tokens)
+
+    try:
+        ask(port, texts[0][:8], 2)  # a warm-up request: first-call costs out of the timing
+        worker.batches = 0
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    finally:
+        server.shutdown()
+        server.stop()
+        serving.join()
+    return {
+        "texts": [r[0] for r in results],
+        "wall": wall,
+        "latency": sum(r[1] for r in results) / len(results),
+        "batches": worker.batches,
+        "tokens": sum(r[2] for r in results),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=8, help="concurrent requests (default: 8)")
+    ap.add_argument("--prompt-len", type=int, default=256, help="prompt characters = tokens (default: 256)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = HybridLM(ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257}), seed=0, device=device).to(dtype).eval()
+    texts = prompts(args.clients, args.prompt_len)
+    rounds = {b: serve_round(model, texts, args.max_tokens, b) for b in (1, args.clients)}
+    print(
+        f"hybridlm serve, embedded default model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, "
+        f"{str(dtype).removeprefix('torch.')}, {device}, {torch.get_num_threads()} threads): {args.clients} "
+        f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each\n"
+    )
+    print("| --max-batch-size | generate calls | wall s | completion tokens/s | mean latency s |")
+    print("|---:|---:|---:|---:|---:|")
+    for b, r in rounds.items():
+        print(f"| {b} | {r['batches']} | {r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} |")
+    one, many = rounds[1], rounds[args.clients]
+    print(f"\nbatched / one at a time: {one['wall'] / many['wall']:.2f}x the throughput")
+    same = one["texts"] == many["texts"]
+    print(f"same texts batched and one at a time: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
