@@ -7,6 +7,7 @@ import pytest
 from hybridlm.infer.api import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
+    MAX_STOPS,
     RequestError,
     Sampling,
     parse_request,
@@ -42,6 +43,9 @@ def test_defaults_are_openais_and_greedy_settings_batch_whatever_else_is_given()
     assert not a.seeded and parse({"prompt": "a", "seed": 3}).sampling.seeded
     nulls = parse({"prompt": "hi", "max_tokens": None, "temperature": None, "stop": None, "n": None, "echo": None})
     assert nulls.max_tokens == 16 and nulls.sampling.temperature == 1.0
+    # A server whose --max-new-tokens-limit is below the default takes a request without max_tokens, at the limit.
+    assert parse({"prompt": "hi"}, limit=8).max_tokens == 8
+    assert parse({"prompt": "hi", "max_tokens": None}, limit=8).max_tokens == 8
 
 
 def test_prompts_are_text_texts_token_ids_or_lists_of_them():
@@ -52,6 +56,8 @@ def test_prompts_are_text_texts_token_ids_or_lists_of_them():
     for bad in ([], [[]], ["a", 5], [True], {"text": "a"}, 5, [1.5]):
         assert refused({"prompt": bad}).param == "prompt", bad
     assert "outside the vocabulary [0, 257)" in refused({"prompt": [[1], [257]]}).message
+    # (a negative id taken here failed in generate, and with it every other request of its batch)
+    assert "token ids [-1] are outside" in refused({"prompt": [[1], [-1]]}).message
     assert "prompt[1]" in refused({"prompt": [[1], [257]]}).message
     assert "lone surrogate" in refused({"prompt": "\ud800"}).message
     assert refused({"max_tokens": 3}).message.startswith("prompt: missing")
@@ -82,6 +88,16 @@ def test_fields_at_their_neutral_values_and_the_user_are_taken():
     assert parse({"prompt": "hi", "logit_bias": {}, "user": "someone", **neutral}).prompts == [[104, 105]]
 
 
+def test_what_lm_evaluation_harness_sends_is_taken():
+    """Its local-completions payload for generation, with HumanEval's five stop strings (the Codex paper's) and the
+    end of text it adds to a task's: six, over OpenAI's four."""
+    stops = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "<|endoftext|>"]
+    body = {"prompt": ["def f():", "x = "], "model": "tiny", "max_tokens": 64, "temperature": 0, "stop": stops}
+    request = parse({**body, "seed": 1234})
+    assert request.stops == stops and request.prompts[1] == [120, 32, 61, 32] and request.max_tokens == 64
+    assert parse({"prompt": "a", "stop": ["s"] * MAX_STOPS}).stops == ["s"] * MAX_STOPS
+
+
 def test_an_unknown_field_is_refused_not_ignored():
     error = refused({"prompt": "hi", "max_new_tokens": 5})
     assert error.param == "max_new_tokens" and "unknown field" in error.message and "max_tokens" in error.message
@@ -108,10 +124,12 @@ def test_an_unknown_field_is_refused_not_ignored():
         ("stream", "yes", "true or false"),
         ("stream", 1, "true or false"),
         ("stop", 5, "a string or a list"),
-        ("stop", ["a", "b", "c", "d", "e"], "at most 4"),
+        ("stop", ["s"] * (MAX_STOPS + 1), f"at most {MAX_STOPS}"),
+        ("stop", ["a", 1], "a string or a list of strings"),
         ("stop", [""], "empty string"),
         ("stream_options", {"include_usage": True}, "only read with stream"),
         ("stream_options", {"other": True}, "include_usage"),
+        ("stream_options", {"include_usage": "yes"}, "include_usage must be true or false"),
         ("user", 5, "a string"),
         ("model", 5, "a string"),
     ],

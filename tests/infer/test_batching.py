@@ -100,6 +100,26 @@ def test_a_streamed_row_sends_its_text_in_pieces_before_its_finish(model):
     assert got[-1] == ("done", None, None)
 
 
+def test_a_streamed_character_of_several_byte_tokens_is_sent_whole(model):
+    """A byte-level model picks "€" as three tokens: no piece of the stream is a part of it (a replacement character
+    sent would stay in the client's text), with stop strings to watch for or without."""
+    text = "a€😀é"
+
+    def scripted(model, rows, max_new_tokens, callback, **kw):  # picks text's bytes, one a token
+        for token in text.encode()[:max_new_tokens]:
+            if callback(0, token):
+                break
+
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=scripted)
+    for stop in (None, ["xyz"]):
+        job = worker.submit(request({"prompt": "p", "max_tokens": len(text.encode()), "stream": True, "stop": stop}))
+        worker.step()
+        got = events(job)
+        pieces = [value for kind, _, value in got if kind == "text"]
+        assert "".join(pieces) == text, pieces
+        assert got[-2:] == [("finish", 0, "length"), ("done", None, None)]
+
+
 def test_a_client_gone_stops_its_rows_and_no_other(model):
     worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
     gone = worker.submit(request({"prompt": "hi", "max_tokens": 40, "stream": True}))
@@ -110,6 +130,7 @@ def test_a_client_gone_stops_its_rows_and_no_other(model):
     worker.step()
     assert worker.batches == 1 and gone.rows[0].tokens < 5 and gone.rows[0].finish is None
     assert other.rows[0].tokens == 40 and other.rows[0].completion.text == TOKENIZER.decode(solo(model, "yo", 40))
+    assert not worker.open  # (the gone one was kept there, for ever: a server leaked each client that left)
     # Its rows not run yet are dropped, unrun.
     waiting = worker.submit(request({"prompt": "hi", "max_tokens": 3}))
     waiting.cancel()

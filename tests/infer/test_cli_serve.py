@@ -76,10 +76,11 @@ def test_a_port_in_use_is_named_by_its_flags(checkpoint, capsys):
 
 def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint, capsys, monkeypatch):
     path, model = checkpoint
-    answers = []
+    answers, servers = [], []
     serve_forever = CompletionServer.serve_forever
 
     def serve_then_ctrl_c(server):
+        servers.append(server)
         thread = threading.Thread(target=serve_forever, args=(server, 0.05))
         thread.start()
         try:
@@ -90,8 +91,13 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
-    code = main(["serve", str(path), "--device", "cpu", "--port", "0", "--model-name", "tiny"])
+    limits = ["--max-batch-size", "3", "--max-new-tokens-limit", "9"]
+    code = main(["serve", str(path), "--device", "cpu", "--port", "0", "--model-name", "tiny", *limits])
     out, err = capsys.readouterr()
+    (server,) = servers
+    assert server.worker.max_batch_size == 3 and server.max_tokens_limit == 9
+    # Stopped on the way out: the worker (open requests got 503) and the listening socket.
+    assert server.worker.stopping.is_set() and not server.worker.thread.is_alive() and server.socket.fileno() == -1
     assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
     assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)

@@ -12,7 +12,7 @@ import pytest
 from hybridlm import HybridLM, generate
 from hybridlm.errors import NonFiniteLogitsError
 from hybridlm.infer.batching import BatchWorker
-from hybridlm.infer.server import CompletionServer
+from hybridlm.infer.server import CompletionServer, _Handler
 from hybridlm.train.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
 
@@ -25,10 +25,10 @@ def model():
 
 
 @contextlib.contextmanager
-def serving(model, start: bool = True, **kw):
+def serving(model, start: bool = True, host: str = "127.0.0.1", **kw):
     worker = BatchWorker(model, TOKENIZER, kw.pop("max_batch_size", 8), **kw)
     server = CompletionServer(
-        ("127.0.0.1", 0), worker, "tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=64, timeout=2
+        (host, 0), worker, "tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=64, timeout=2
     )
     if start:
         worker.start()
@@ -167,7 +167,45 @@ def test_unknown_paths_are_404_and_wrong_methods_405(server):
         status == 405 and headers["Allow"] == "POST" and "takes POST, not GET" in json.loads(data)["error"]["message"]
     )
     status, headers, _ = call(server, "DELETE", "/v1/models")
-    assert status == 405 and headers["Allow"] == "GET"
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+
+
+def test_head_answers_gets_status_and_headers_without_the_body(server):
+    """HTTP asks HEAD of every server, and a ``curl -I`` health check sends it (it was a 501)."""
+    for path in ("/health", "/v1/models", "/v1/models/tiny", "/v1/models/other", "/nowhere"):
+        get, _, data = call(server, "GET", path)
+        status, headers, body = call(server, "HEAD", path)
+        assert (status, body) == (get, b"") and headers["Content-Length"] == str(len(data)), path
+    status, headers, body = call(server, "HEAD", "/v1/completions")
+    assert (status, headers["Allow"], body) == (405, "POST", b"")
+    # (http.client reads no body after HEAD: one sent would be read as the start of the next answer)
+    assert raw_request(server, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n").endswith(b"\r\n\r\n")
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_address_is_served_and_bracketed_in_its_url(model):
+    with serving(model, start=False, host="::1") as server:
+        port = server.server_address[1]
+        assert server.url == f"http://[::1]:{port}/v1"
+        connection = http.client.HTTPConnection("::1", port, timeout=10)
+        connection.request("GET", "/v1/models")
+        assert connection.getresponse().status == 200
+        connection.close()
+
+
+def test_health_is_503_while_the_models_thread_is_not_running(model):
+    with serving(model, start=False) as server:
+        status, _, data = call(server, "GET", "/health")
+    assert status == 503 and json.loads(data) == {"status": "stopped"}
 
 
 def test_the_model_list_names_the_one_model_and_health_says_ok(server):
@@ -201,15 +239,64 @@ def test_a_generation_error_answers_500_and_the_next_request_is_served(model):
 
     def failing_once(model, rows, **kw):
         calls.append(rows)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             raise NonFiniteLogitsError(0, "the logits for new token 1 are not finite")
         return generate(model, rows, **kw)
 
     with serving(model, generate=failing_once) as server:
         status, body = complete(server, {"prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert status == 500 and body["error"]["message"] == "choice 0: the logits for new token 1 are not finite"
+        # A stream that fails before its first text is answered with the status too, not a 200 and an error event.
+        status, body = complete(server, {"prompt": "hi", "max_tokens": 3, "temperature": 0, "stream": True})
+        assert status == 500 and body["error"]["message"] == "choice 0: the logits for new token 1 are not finite"
         status, body = complete(server, {"prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"] == solo(model, "hi", 3)
+
+
+def test_a_request_of_more_prompts_than_a_batch_is_answered_whole(model):
+    prompts = ["a", "bb", "ccc"]
+    with serving(model, max_batch_size=2) as server:
+        status, body = complete(server, {"prompt": prompts, "max_tokens": 3, "temperature": 0})
+        wait_until(lambda: server.worker.batches == 2)  # (its last row ran with no other request to wake the worker)
+    assert status == 200 and [c["text"] for c in body["choices"]] == [solo(model, p, 3) for p in prompts]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length"] * 3
+
+
+def gated(release: threading.Event):
+    """A generate that waits at each token until ``release`` is set."""
+
+    def run(model, rows, **kw):
+        callback = kw.pop("callback")
+
+        def wait_then(row, token):
+            stop = callback(row, token)
+            release.wait(10)
+            return stop
+
+        return generate(model, rows, callback=wait_then, **kw)
+
+    return run
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_while_it_waits_stops_its_row(model, stream):
+    """Gone while no event comes (a whole answer, or a stream's next chunk): its handler finds the connection
+    closed, not only a failed write, which never came for a whole answer until its last token."""
+    release = threading.Event()
+    with serving(model, generate=gated(release)) as server:
+        try:
+            jobs, submit = [], server.worker.submit
+            server.worker.submit = lambda request: jobs.append(submit(request)) or jobs[-1]
+            body = json.dumps({"prompt": "hi", "max_tokens": 64, "temperature": 0, "stream": stream}).encode()
+            with socket.create_connection(server.server_address, timeout=10) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                wait_until(lambda: jobs and jobs[0].rows[0].tokens == 1)  # its first token, then the gate
+            wait_until(lambda: jobs[0].cancelled)
+        finally:
+            release.set()
+        wait_until(lambda: not server.answering)
+        assert complete(server, {"prompt": "yo", "max_tokens": 2, "temperature": 0})[0] == 200
+        assert jobs[0].rows[0].tokens < 64 and jobs[0].rows[0].finish is None and jobs[0] not in server.worker.open
 
 
 def test_a_client_that_leaves_a_stream_stops_its_row(model):
@@ -264,6 +351,27 @@ def test_stopping_the_server_answers_an_open_request_with_503(model):
     assert status == 503 and "stopping" in body["error"]["message"]
 
 
+def test_stop_returns_once_the_open_requests_answers_are_written(model, monkeypatch):
+    """``hybridlm serve`` ends its process when stop returns: an answer not written by then is never sent."""
+    written, write = [], _Handler._json
+
+    def slow_write(handler, status, body, allow=None):
+        time.sleep(0.2)  # (a handler slower than the worker's stop)
+        write(handler, status, body, allow)
+        written.append(status)
+
+    started = threading.Event()
+    with serving(model, generate=slow(started)) as server:
+        monkeypatch.setattr(_Handler, "_json", slow_write)
+        thread = threading.Thread(target=complete, args=(server, {"prompt": "hi", "max_tokens": 64, "temperature": 0}))
+        thread.start()
+        assert started.wait(5)
+        server.shutdown()
+        server.stop()
+        assert written == [503]
+    thread.join()
+
+
 def test_stopping_mid_stream_sends_an_error_event_then_done(model):
     body = json.dumps({"prompt": "hi", "max_tokens": 64, "temperature": 0, "stream": True}).encode()
     with serving(model, generate=slow(threading.Event())) as server:
@@ -286,15 +394,19 @@ def test_stopping_mid_stream_sends_an_error_event_then_done(model):
 def test_a_connection_is_kept_alive_across_requests_and_errors_unless_http_1_0(server):
     host, port = server.server_address
     connection = http.client.HTTPConnection(host, port, timeout=10)
+    sockets = set()
     for body, status in (
         ({"prompt": "a", "max_tokens": 1}, 200),
         ({"prompt": "a", "n": 3}, 400),
         ({"prompt": "b"}, 200),
     ):
         connection.request("POST", "/v1/completions", body=json.dumps(body))
+        sockets.add(connection.sock)  # (http.client opens another connection where the server closed the last)
         response = connection.getresponse()
         assert response.status == status and json.loads(response.read())
+        assert response.getheader("Connection") is None
     connection.close()
+    assert len(sockets) == 1
     body = b'{"prompt": "a", "max_tokens": 1}'
     with socket.create_connection(server.server_address, timeout=1) as s:  # HTTP/1.0 closes after its answer
         s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))

@@ -19,8 +19,10 @@ from .generate import SEED_RANGE, check_sampling
 #: OpenAI's defaults for the completions endpoint (not the CLI's: ``hybridlm generate`` samples at 0.8).
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
-#: Stop strings per request at most, as OpenAI allows.
-MAX_STOPS = 4
+#: Stop strings per request at most. Not OpenAI's 4: HumanEval's (the Codex paper's) are five, lm-evaluation-harness
+#: adds the end-of-text string to a task's, and vLLM takes any number. Each is searched in the text's tail once per
+#: token; the bound only keeps that work small.
+MAX_STOPS = 16
 #: OpenAI fields taken only at the value that leaves the result unchanged (null is always taken).
 NEUTRAL = {
     "n": 1,
@@ -208,7 +210,9 @@ def parse_request(
         value = body.get(name)
         return default if value is None else value
 
-    max_tokens = get("max_tokens", DEFAULT_MAX_TOKENS)
+    # (with a limit below OpenAI's default, a request that gives none runs at the limit: it was refused, "got 16",
+    # a number the client never sent)
+    max_tokens = get("max_tokens", min(DEFAULT_MAX_TOKENS, max_tokens_limit))
     if not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_limit:
         raise _invalid("max_tokens", f"must be an integer in [1, {max_tokens_limit}], got {json.dumps(max_tokens)}")
     temperature, top_p = get("temperature", DEFAULT_TEMPERATURE), get("top_p", 1.0)

@@ -161,8 +161,8 @@ class BatchWorker:
         taken = {id(row) for row in batch}
         self.pending = [row for row in self.pending if id(row) not in taken]
         self._run(batch)
-        with self.lock:
-            self.open = {job for job in self.open if not job.closed}
+        with self.lock:  # (a job whose client went away is never closed: nobody reads it, it must not stay here)
+            self.open = {job for job in self.open if not (job.closed or job.cancelled)}
         return True
 
     def _run(self, batch: list[Row]) -> None:

@@ -3,15 +3,17 @@
 
 Routes: ``POST /v1/completions`` (checked by :func:`~hybridlm.infer.api.parse_request`, run by the
 :class:`~hybridlm.infer.batching.BatchWorker`), ``GET /v1/models`` and ``/v1/models/NAME`` (the one served model),
-``GET /health``. Every error body is OpenAI's ``{"error": {...}}``. Each connection has a handler thread, which
-waits on its request's events; a streamed request is sent as server-sent events (``data: {...}``, then
-``data: [DONE]``), and a client that goes away mid-stream stops its rows (its handler's write fails). There is no
-authentication: bind to localhost (the default) or put a proxy that checks clients in front.
+``GET /health`` (and HEAD where GET is taken). Every error body is OpenAI's ``{"error": {...}}``. Each connection
+has a handler thread, which waits on its request's events; a streamed request is sent as server-sent events
+(``data: {...}``, then ``data: [DONE]``), and a client that goes away stops its rows (its handler's write fails, or
+while it waits it finds the connection closed). There is no authentication: bind to localhost (the default) or put
+a proxy that checks clients in front.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import re
 import socket
 import threading
@@ -25,9 +27,12 @@ from .batching import BatchWorker, Job
 
 #: A request body larger than this is refused (413) before it is read: prompts of a few megabytes fill a batch.
 MAX_BODY_BYTES = 16 * 2**20
-#: Routes and the methods each takes (another method: 405; another path: 404).
-ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET",), "/health": ("GET",)}
+#: Routes and the methods each takes (another method: 405; another path: 404). HEAD is GET's answer without its
+#: body (HTTP asks it of every server, and ``curl -I`` health checks send it).
+ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET", "HEAD"), "/health": ("GET", "HEAD")}
 MODEL_PREFIX = "/v1/models/"
+#: Seconds between looks, while a request waits for its next event, at whether its client has gone away.
+POLL_SECONDS = 0.5
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -55,7 +60,9 @@ class CompletionServer(ThreadingHTTPServer):
         self.worker, self.model_name = worker, model_name
         self.encode, self.vocab_size, self.max_tokens_limit = encode, vocab_size, max_tokens_limit
         self.log, self.timeout, self.created = log, timeout, int(time.time())
-        self.answering: set[Job] = set()  # jobs whose handlers have not written their last byte yet
+        # Handlers answering a request, until its last byte is written (an error's too: a request the stop fails is
+        # answered after its job has ended).
+        self.answering: set[_Handler] = set()
         self.answered = threading.Condition()
         if ":" in address[0]:  # an IPv6 address (::1, ::)
             self.address_family = socket.AF_INET6
@@ -96,6 +103,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route("GET")
 
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
     def do_POST(self) -> None:
         self._route("POST")
 
@@ -109,15 +119,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("PATCH")
 
     def _route(self, method: str) -> None:
+        with self.server.answered:
+            self.server.answering.add(self)
         try:
             self._answer(method)
         except OSError:  # the client went away before its answer was written whole (a reset, a broken pipe)
             self.close_connection = True
+        finally:
+            with self.server.answered:
+                self.server.answering.discard(self)
+                self.server.answered.notify_all()
 
     def _answer(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
-            allowed = ROUTES.get(path, ("GET",) if path.startswith(MODEL_PREFIX) else None)
+            allowed = ROUTES.get(path, ROUTES["/v1/models"] if path.startswith(MODEL_PREFIX) else None)
             if allowed is None:
                 self.close_connection = True  # (a body it may have sent is not read)
                 raise RequestError(404, f"no route {path} (this server has {', '.join(ROUTES)})", code="not_found")
@@ -175,18 +191,38 @@ class _Handler(BaseHTTPRequestHandler):
             max_batch_size=server.worker.max_batch_size,
         )
         job = server.worker.submit(request)
-        with server.answered:
-            server.answering.add(job)
+        (self._stream if request.stream else self._wait)(job)
+
+    def _next(self, job: Job) -> tuple:
+        """``job``'s next event. While none comes, a look every :data:`POLL_SECONDS` at whether the client has
+        gone: then the job is cancelled (its rows stop at their next token, or never run) and ConnectionAbortedError
+        raised, rather than a batch row spent on an answer nobody reads (a harness that timed out and sent again)."""
+        while True:
+            try:
+                return job.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if self._client_gone():
+                    job.cancel()
+                    raise ConnectionAbortedError("the client closed its connection before its answer") from None
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed (or reset) its connection. It sends nothing while it waits for its answer,
+        so its socket at end of stream means it is gone (one that shuts down its sending side and waits reads as
+        gone too); bytes there are its next request, sent early, and are left to be read."""
+        timeout = self.connection.gettimeout()
+        self.connection.settimeout(0)  # (a look, not a wait; select() is limited to descriptors below 1024)
         try:
-            (self._stream if request.stream else self._wait)(job)
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:  # nothing to read: still there
+            return False
+        except OSError:  # a reset
+            return True
         finally:
-            with server.answered:
-                server.answering.discard(job)
-                server.answered.notify_all()
+            self.connection.settimeout(timeout)
 
     def _wait(self, job: Job) -> None:
         while True:
-            kind, _, value = job.events.get()
+            kind, _, value = self._next(job)
             if kind == "error":
                 raise value
             if kind == "done":
@@ -197,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, job: Job) -> None:
         """Server-sent events: a chunk per piece of text, one per finished choice (its finish_reason), the usage
         where asked, then ``[DONE]``; an error after the headers is sent as an ``{"error": ...}`` event."""
-        kind, index, value = job.events.get()  # the first event decides: an error before any text is a status
+        kind, index, value = self._next(job)  # the first event decides: an error before any text is a status
         if kind == "error":
             raise value
         self.close_connection = True
@@ -221,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if include:
                     chunk["usage"] = None  # (as OpenAI's chunks carry it, null until the last)
                 self._event(chunk)
-                kind, index, value = job.events.get()
+                kind, index, value = self._next(job)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError:  # the client went away (a reset, a broken pipe, a timeout): its rows stop
@@ -235,13 +271,10 @@ class _Handler(BaseHTTPRequestHandler):
         """http.server's own refusals (a malformed request line, headers too long, a method it has no ``do_`` for:
         501) in OpenAI's shape too."""
         self.close_connection = True
-        self._json(
-            code,
-            RequestError(code, message or HTTPStatus(code).phrase).body(),
-            body_too=getattr(self, "command", None) != "HEAD",
-        )
+        self._json(code, RequestError(code, message or HTTPStatus(code).phrase).body())
 
-    def _json(self, status: int, body: dict, allow: str | None = None, *, body_too: bool = True) -> None:
+    def _json(self, status: int, body: dict, allow: str | None = None) -> None:
+        """Answer ``body`` as JSON (its headers alone to a HEAD request)."""
         data = json.dumps(body).encode()
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", "application/json")
@@ -251,6 +284,6 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if body_too:
+        if getattr(self, "command", None) != "HEAD":  # (None: the request line was not read)
             self.wfile.write(data)
         self.wfile.flush()
