@@ -38,7 +38,15 @@ def test_help_names_the_flags_and_why_it_listens_on_localhost(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for flag in ("--host", "--port", "--max-batch-size", "--max-new-tokens-limit", "--threads", "--tokenizer"):
+    for flag in (
+        "--host",
+        "--port",
+        "--max-batch-size",
+        "--max-new-tokens-limit",
+        "--threads",
+        "--tokenizer",
+        "--chat-template",
+    ):
         assert flag in out
     assert "127.0.0.1, this machine only" in " ".join(out.split()) and "No authentication" in out
 
@@ -121,3 +129,46 @@ def test_sigterm_stops_the_process_with_143(checkpoint):
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_chat_template_file_that_is_missing_or_broken_is_refused_before_the_model_loads(
+    checkpoint, capsys, tmp_path, monkeypatch
+):
+    path, _ = checkpoint
+    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    for flags, words in (
+        (["--chat-template", str(tmp_path / "nowhere.jinja")], "nowhere.jinja: no such file"),
+        (["--chat-template", str(tmp_path)], "no such file"),
+        (["--chat-template", str(broken)], f"--chat-template: {broken}: not a valid Jinja template"),
+    ):
+        assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+
+
+def test_chat_is_served_with_the_template_given_and_says_which(checkpoint, capsys, monkeypatch, tmp_path):
+    path, model = checkpoint
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}:")
+    answers = []
+    serve_forever = CompletionServer.serve_forever
+
+    def serve_then_ctrl_c(server):
+        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
+        thread.start()
+        try:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+            answers.append(post(server.url + "/chat", body))
+        finally:
+            server.shutdown()
+            thread.join()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
+    assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--chat-template", str(template)]) == 130
+    err = capsys.readouterr().err
+    assert f"chat template: {template}" in err and '"POST /v1/chat/completions HTTP/1.1" 200' in err
+    tokens = generate(model, ByteTokenizer().encode("hi:"), 5, eos_id=256)
+    assert answers[0]["choices"][0]["message"]["content"] == ByteTokenizer().decode(tokens)

@@ -160,8 +160,8 @@ def test_bad_requests_get_openai_error_bodies_naming_the_field(server, raw, stat
 
 
 def test_unknown_paths_are_404_and_wrong_methods_405(server):
-    status, _, data = call(server, "GET", "/v1/chat/completions")
-    assert status == 404 and "no route /v1/chat/completions" in json.loads(data)["error"]["message"]
+    status, _, data = call(server, "GET", "/v1/embeddings")
+    assert status == 404 and "no route /v1/embeddings" in json.loads(data)["error"]["message"]
     status, headers, data = call(server, "GET", "/v1/completions")
     assert (
         status == 405 and headers["Allow"] == "POST" and "takes POST, not GET" in json.loads(data)["error"]["message"]

@@ -1,5 +1,6 @@
 """``hybridlm serve``: a trained model behind an OpenAI-compatible completions endpoint (``POST /v1/completions``,
-``GET /v1/models``, ``GET /health``). The requests are checked by :mod:`hybridlm.infer.api`, batched by
+``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``). The requests are checked by
+:mod:`hybridlm.infer.api` (chat: :mod:`hybridlm.infer.chat`, with the model's chat template), batched by
 :mod:`hybridlm.infer.batching` and answered by :mod:`hybridlm.infer.server`; this module reads the flags, loads the
 model and runs the server until Ctrl-C or SIGTERM."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 #: ``--max-new-tokens-limit``'s default: the largest ``max_tokens`` a request may ask for (attention's cache holds
 #: prompt + max_tokens positions per row from the start, so this bounds what one request can make the server hold).
@@ -27,6 +29,10 @@ def _check_args(args: argparse.Namespace):
         (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
         (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
         (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
+        (
+            args.chat_template is None or Path(args.chat_template).is_file(),
+            f"--chat-template {args.chat_template}: no such file (a Jinja chat template)",
+        ),
         *thread_checks(args.threads),
     )
     for ok, message in checks:
@@ -47,6 +53,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..checkpoint.weights import load, read_config
     from ..errors import UsageError
     from ..infer.batching import BatchWorker
+    from ..infer.chat import load_chat
+    from ..infer.chat_template import ChatTemplateError
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
@@ -56,6 +64,11 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     config = read_config(path)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
+    try:  # (a template that does not compile is refused before the model loads, as a bad flag is)
+        chat = load_chat(path, tokenizer, None if args.chat_template is None else Path(args.chat_template))
+    except ChatTemplateError as e:
+        why = f"--chat-template: {e}" if args.chat_template else f"{e} (--chat-template FILE replaces it)"
+        raise UsageError(why) from None
     scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, verify=not args.no_verify)
     worker = BatchWorker(model, tokenizer, args.max_batch_size)
@@ -68,13 +81,22 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             vocab_size=config.vocab_size,
             max_tokens_limit=args.max_new_tokens_limit,
             log=lambda line: say(line, sys.stderr),
+            chat=chat,
         )
     except OSError as e:  # in use, not an address of this machine, a port below 1024 without the right
         reason = e.strerror or str(e)
         raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({reason})") from None
     worker.start()
     try:
-        say(f"serving {name} at {server.url} (POST /v1/completions, GET /v1/models, GET /health; Ctrl-C stops)")
+        routes = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+        say(f"serving {name} at {server.url} ({routes}; Ctrl-C stops)")
+        template = chat.template
+        say(
+            f"chat template: {template.where}"
+            if template is not None
+            else "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)",
+            sys.stderr,
+        )
         with contextlib.suppress(OSError):  # (a supervisor reading a pipe waits for this line)
             sys.stdout.flush()
         server.serve_forever()
@@ -89,11 +111,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
     ap = sub.add_parser(
         "serve",
-        help="serve a trained checkpoint over HTTP (OpenAI-compatible /v1/completions)",
-        description="Answer OpenAI-style completion requests (POST /v1/completions; GET /v1/models, GET /health) "
-        "with a trained model. One thread runs the model: requests queued together with equal sampling settings "
-        "run as one batch (static batching; docs/inference.md). No authentication: anyone who can reach the port "
-        "can use the model. CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
+        help="serve a trained checkpoint over HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions)",
+        description="Answer OpenAI-style completion requests (POST /v1/completions, POST /v1/chat/completions; "
+        "GET /v1/models, GET /health) with a trained model. Chat requests are rendered by the model folder's chat "
+        "template (chat_template.jinja, chat_template.json or tokenizer_config.json, as a model converted from "
+        "Hugging Face keeps them), or --chat-template's, and end at the end-of-turn ids generation_config.json "
+        "names. One thread runs the model: requests queued together with equal sampling settings run as one batch "
+        "(static batching; docs/inference.md). No authentication: anyone who can reach the port can use the model. "
+        "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
         "run directory. Ctrl-C or SIGTERM stops it; requests still open get 503.",
     )
     model_options(ap)
@@ -121,8 +146,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_MAX_NEW_TOKENS_LIMIT,
         metavar="N",
-        help=f"the largest max_tokens a request may ask for; the cache holds prompt + max_tokens positions per row "
-        f"(default: {DEFAULT_MAX_NEW_TOKENS_LIMIT})",
+        help=f"the largest max_tokens a request may ask for, and a chat request's default; the cache holds prompt + "
+        f"max_tokens positions per row (default: {DEFAULT_MAX_NEW_TOKENS_LIMIT})",
+    )
+    ap.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template for POST /v1/chat/completions, in place of the model folder's (a model hybridlm "
+        "trained has none; the folder's special tokens are still given to it)",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

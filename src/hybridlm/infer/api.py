@@ -102,6 +102,9 @@ class CompletionRequest:
     stops: list[str]
     stream: bool
     include_usage: bool
+    #: Token ids that end a choice besides the tokenizer's end of document (a chat model's end of turn); none of
+    #: the text, as that one is not.
+    stop_ids: frozenset[int] = frozenset()
 
 
 def _is_int(x) -> bool:
@@ -172,6 +175,30 @@ def _stops(value) -> list[str]:
     return stops
 
 
+def check_fields(body: dict, fields: tuple[str, ...], neutral: dict) -> None:
+    """RequestError 400 naming the first field of ``body`` that is neither in ``fields`` nor in ``neutral``, or
+    the first of ``neutral`` (name -> the value that changes nothing) given another value than its own or null."""
+    unknown = [k for k in body if k not in fields and k not in neutral]
+    if unknown:
+        raise RequestError(
+            400, f"{unknown[0]}: unknown field (this server reads {', '.join(fields + tuple(neutral))})", unknown[0]
+        )
+    for name, taken in neutral.items():
+        value = body.get(name)
+        # (0.0 == 0 and 1.0 == 1, but True == 1 too: a bool is not a count or a penalty)
+        if value is not None and (value != taken or isinstance(value, bool) != isinstance(taken, bool)):
+            raise _invalid(name, f"only {json.dumps(taken)} is supported, got {json.dumps(value)[:60]}")
+
+
+def check_model(body: dict, model_name: str) -> None:
+    """``model`` is optional; given, it must be ``model_name`` (RequestError 404 ``model_not_found`` otherwise)."""
+    model = body.get("model")
+    if model is not None and model != model_name:
+        if not isinstance(model, str):
+            raise _invalid("model", f"must be a string, got {json.dumps(model)[:60]}")
+        raise RequestError(404, f"model: this server serves {model_name!r}, not {model!r}", "model", "model_not_found")
+
+
 def parse_request(
     body: dict,
     *,
@@ -185,21 +212,8 @@ def parse_request(
 
     ``model`` is optional; given, it must be ``model_name`` (404 ``model_not_found`` otherwise, as OpenAI answers):
     a client that names another model would get this one's text. A null field takes its default."""
-    unknown = [k for k in body if k not in FIELDS and k not in NEUTRAL]
-    if unknown:
-        raise RequestError(
-            400, f"{unknown[0]}: unknown field (this server reads {', '.join(FIELDS + tuple(NEUTRAL))})", unknown[0]
-        )
-    for name, neutral in NEUTRAL.items():
-        value = body.get(name)
-        # (0.0 == 0 and 1.0 == 1, but True == 1 too: a bool is not a count or a penalty)
-        if value is not None and (value != neutral or isinstance(value, bool) != isinstance(neutral, bool)):
-            raise _invalid(name, f"only {json.dumps(neutral)} is supported, got {json.dumps(value)[:60]}")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        if not isinstance(model, str):
-            raise _invalid("model", f"must be a string, got {json.dumps(model)[:60]}")
-        raise RequestError(404, f"model: this server serves {model_name!r}, not {model!r}", "model", "model_not_found")
+    check_fields(body, FIELDS, NEUTRAL)
+    check_model(body, model_name)
     if not isinstance(body.get("user", ""), (str, type(None))):
         raise _invalid("user", "must be a string")
     if "prompt" not in body or body["prompt"] is None:

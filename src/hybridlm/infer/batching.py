@@ -196,8 +196,9 @@ class BatchWorker:
         if job.closed or job.cancelled or self.stopping.is_set():
             return True
         row.tokens += 1
-        # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``.
-        if token == self.tokenizer.eos_id or row.completion.add(token):
+        # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``; so does a chat
+        # model's end of turn (the request's stop_ids).
+        if token == self.tokenizer.eos_id or token in job.request.stop_ids or row.completion.add(token):
             self._end(row, "stop")
             return True
         if row.tokens >= job.request.max_tokens:

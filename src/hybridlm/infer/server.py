@@ -2,7 +2,8 @@
 ``ThreadingHTTPServer``.
 
 Routes: ``POST /v1/completions`` (checked by :func:`~hybridlm.infer.api.parse_request`, run by the
-:class:`~hybridlm.infer.batching.BatchWorker`), ``GET /v1/models`` and ``/v1/models/NAME`` (the one served model),
+:class:`~hybridlm.infer.batching.BatchWorker`), ``POST /v1/chat/completions`` (the same, the prompt rendered by the
+model's chat template: :mod:`hybridlm.infer.chat`), ``GET /v1/models`` and ``/v1/models/NAME`` (the one served model),
 ``GET /health`` (and HEAD where GET is taken). Every error body is OpenAI's ``{"error": {...}}``. Each connection
 has a handler thread, which waits on its request's events; a streamed request is sent as server-sent events
 (``data: {...}``, then ``data: [DONE]``), and a client that goes away stops its rows (its handler's write fails, or
@@ -12,6 +13,7 @@ a proxy that checks clients in front.
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import re
@@ -22,6 +24,7 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from . import chat as chat_api
 from .api import RequestError, choice, completion, parse_request, read_json
 from .batching import BatchWorker, Job
 
@@ -29,7 +32,12 @@ from .batching import BatchWorker, Job
 MAX_BODY_BYTES = 16 * 2**20
 #: Routes and the methods each takes (another method: 405; another path: 404). HEAD is GET's answer without its
 #: body (HTTP asks it of every server, and ``curl -I`` health checks send it).
-ROUTES = {"/v1/completions": ("POST",), "/v1/models": ("GET", "HEAD"), "/health": ("GET", "HEAD")}
+ROUTES = {
+    "/v1/completions": ("POST",),
+    "/v1/chat/completions": ("POST",),
+    "/v1/models": ("GET", "HEAD"),
+    "/health": ("GET", "HEAD"),
+}
 MODEL_PREFIX = "/v1/models/"
 #: Seconds between looks, while a request waits for its next event, at whether its client has gone away.
 POLL_SECONDS = 0.5
@@ -54,10 +62,12 @@ class CompletionServer(ThreadingHTTPServer):
         max_tokens_limit: int,
         log=None,
         timeout: float = 60.0,
+        chat: chat_api.Chat | None = None,
     ) -> None:
         """``log``: a function taking each access line (None: quiet). ``timeout``: seconds a connection may take
-        to send its request, and a client to take a streamed chunk."""
-        self.worker, self.model_name = worker, model_name
+        to send its request, and a client to take a streamed chunk. ``chat``: the model's chat template and end of
+        turn ids (None: ``/v1/chat/completions`` answers that the model has no template)."""
+        self.worker, self.model_name, self.chat = worker, model_name, chat
         self.encode, self.vocab_size, self.max_tokens_limit = encode, vocab_size, max_tokens_limit
         self.log, self.timeout, self.created = log, timeout, int(time.time())
         # Handlers answering a request, until its last byte is written (an error's too: a request the stop fails is
@@ -86,6 +96,14 @@ class CompletionServer(ThreadingHTTPServer):
             while self.answering and time.monotonic() < deadline:
                 self.answered.wait(deadline - time.monotonic())
         self.server_close()
+
+
+def _shapes(job: Job, stream: bool = False):
+    """(the answer object's builder, a choice's builder) of ``job``'s API: completions, or chat (its chunk and
+    delta where ``stream``)."""
+    if isinstance(job.request, chat_api.ChatRequest):
+        return (chat_api.chunk, chat_api.delta) if stream else (chat_api.completion, chat_api.choice)
+    return completion, choice
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -142,6 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(405, f"{path} takes {' or '.join(allowed)}, not {method}", code="method_not_allowed")
             if path == "/v1/completions":
                 self._complete()
+            elif path == "/v1/chat/completions":
+                self._complete(chat=True)
             elif path == "/v1/models":
                 self._json(200, {"object": "list", "data": [self.server.model_object()]})
             elif path == "/health":
@@ -177,12 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = keep
         return body
 
-    def _complete(self) -> None:
+    def _complete(self, chat: bool = False) -> None:
         server = self.server
         if server.worker.stopping.is_set():
             self.close_connection = True  # (its body is not read)
             raise RequestError(503, "the server is stopping")
-        request = parse_request(
+        parse = functools.partial(chat_api.parse_chat_request, chat=server.chat) if chat else parse_request
+        request = parse(
             read_json(self._body()),
             model_name=server.model_name,
             encode=server.encode,
@@ -227,8 +248,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise value
             if kind == "done":
                 break
-        choices = [choice(row.index, row.completion.text, row.finish) for row in job.rows]
-        self._json(200, completion(job.id, job.created, self.server.model_name, choices, job.usage()))
+        whole, part = _shapes(job)
+        choices = [part(row.index, row.completion.text, row.finish) for row in job.rows]
+        self._json(200, whole(job.id, job.created, self.server.model_name, choices, job.usage()))
 
     def _stream(self, job: Job) -> None:
         """Server-sent events: a chunk per piece of text, one per finished choice (its finish_reason), the usage
@@ -243,20 +265,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         name, include = self.server.model_name, job.request.include_usage
+        shape, part = _shapes(job, stream=True)
+        usage_null = {"usage": None} if include else {}  # (as OpenAI's chunks carry it, null until the last)
         try:
+            if isinstance(job.request, chat_api.ChatRequest):  # each choice opens with its role, as OpenAI's do
+                for row in job.rows:
+                    self._event(shape(job.id, job.created, name, [chat_api.opening(row.index)], None) | usage_null)
             while True:
                 if kind == "error":
                     self._event(value.body())
                     break
                 if kind == "done":
                     if include:
-                        self._event(completion(job.id, job.created, name, [], job.usage()))
+                        self._event(shape(job.id, job.created, name, [], job.usage()))
                     break
                 text, reason = (value, None) if kind == "text" else ("", value)
-                chunk = completion(job.id, job.created, name, [choice(index, text, reason)], None)
-                if include:
-                    chunk["usage"] = None  # (as OpenAI's chunks carry it, null until the last)
-                self._event(chunk)
+                self._event(shape(job.id, job.created, name, [part(index, text, reason)], None) | usage_null)
                 kind, index, value = self._next(job)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()

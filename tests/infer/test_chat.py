@@ -1,0 +1,271 @@
+"""`hybridlm serve`'s chat completions: the request checked by name, the conversation rendered by the model's
+template, the answer and stream in OpenAI's chat shapes, the end of turn, on a tiny byte-level model."""
+
+import contextlib
+import json
+import threading
+
+import pytest
+
+from hybridlm import HybridLM, generate
+from hybridlm.infer.api import Sampling
+from hybridlm.infer.batching import BatchWorker
+from hybridlm.infer.chat import (
+    NEUTRAL,
+    Chat,
+    ChatRequest,
+    end_of_turn_ids,
+    load_chat,
+    parse_chat_request,
+)
+from hybridlm.infer.chat_template import ChatTemplate, ChatTemplateError
+from hybridlm.infer.server import CompletionServer
+from hybridlm.train.tokenizer import ByteTokenizer
+from tests.helpers import tiny_config
+from tests.infer.test_server import call
+
+TOKENIZER = ByteTokenizer()
+#: A plain-text ChatML: the byte tokenizer has no special tokens.
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CHAT = Chat(ChatTemplate(TEMPLATE, "test"), frozenset({TOKENIZER.eos_id}))
+HI = [{"role": "user", "content": "hi"}]
+PROMPT = "<user>hi</user>\n<assistant>"
+
+
+def parse(body: dict, chat: Chat | None = CHAT, limit: int = 64):
+    return parse_chat_request(
+        body, chat, model_name="tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=limit, max_batch_size=8
+    )
+
+
+def refused(body: dict, chat: Chat | None = CHAT, status: int = 400):
+    with pytest.raises(Exception) as e:
+        parse(body, chat)
+    assert e.value.status == status, e.value
+    return e.value
+
+
+def test_a_conversation_is_its_rendered_prompt_with_the_shared_fields_read_as_completions_reads_them():
+    request = parse({"messages": HI, "temperature": 0.5, "top_k": 3, "seed": 7, "stop": "x", "user": "u"})
+    assert isinstance(request, ChatRequest) and request.prompts == [TOKENIZER.encode(PROMPT)]
+    assert request.sampling == Sampling(0.5, 3, 1.0, 1.0, 7) and request.stops == ["x"]
+    assert request.max_tokens == 64  # a chat answer runs to its end of turn, not to 16 tokens
+    assert request.stop_ids == CHAT.stop_ids and not request.stream
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    assert parse({"messages": [{"role": "user", "content": parts}]}).prompts == [
+        TOKENIZER.encode(PROMPT[:7] + "\n" + PROMPT[7:])
+    ]
+    # A null key is dropped (a client sends back an answer's message, with tool_calls: null), a name kept.
+    again = [*HI, {"role": "assistant", "content": "yo", "tool_calls": None, "name": "bot"}, *HI]
+    assert parse({"messages": again}).prompts[0] == TOKENIZER.encode(
+        f"<user>hi</user>\n<assistant>yo</assistant>\n{PROMPT}"
+    )
+
+
+def test_max_completion_tokens_or_its_older_name_and_errors_name_the_one_given():
+    assert parse({"messages": HI, "max_completion_tokens": 5}).max_tokens == 5
+    assert parse({"messages": HI, "max_tokens": 6}).max_tokens == 6
+    assert parse({"messages": HI, "max_tokens": 6, "max_completion_tokens": 6}).max_tokens == 6
+    assert refused({"messages": HI, "max_completion_tokens": 0}).param == "max_completion_tokens"
+    assert "[1, 64], got 0" in refused({"messages": HI, "max_completion_tokens": 0}).message
+    assert refused({"messages": HI, "max_tokens": 65}).param == "max_tokens"
+    assert "disagree" in refused({"messages": HI, "max_tokens": 5, "max_completion_tokens": 6}).message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", 2),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("presence_penalty", 0.5),
+        ("logit_bias", {"1": 2}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("response_format", {"type": "json_object"}),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_by_name(field, value):
+    error = refused({"messages": HI, field: value})
+    assert error.param == field and "only" in error.message
+
+
+def test_neutral_values_are_taken_and_unknown_fields_refused():
+    parse({"messages": HI, **NEUTRAL})
+    parse({"messages": HI, **dict.fromkeys(NEUTRAL)})
+    for field in ("prompt", "echo", "functions", "max_new_tokens"):
+        error = refused({"messages": HI, field: 1})
+        assert error.param == field and "unknown field" in error.message
+    assert refused({"messages": HI, "model": "other"}, status=404).code == "model_not_found"
+    assert refused({"messages": HI, "user": 3}).param == "user"  # (read by the completions route's checks)
+
+
+@pytest.mark.parametrize(
+    ("messages", "words"),
+    [
+        (None, "non-empty list"),
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        (["hi"], "messages[0] must be a {role, content} object"),
+        ([{"content": "hi"}], "messages[0].role must be one of system, user, assistant, got null"),
+        ([{"role": "developer", "content": "x"}], "send it as system"),
+        ([{"role": "tool", "content": "x"}], 'got "tool"'),
+        ([{"role": "user"}], "messages[0].content: missing"),
+        ([{"role": "user", "content": 3}], "messages[0].content must be a string or a list of text parts"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "part 'image_url' is not supported"),
+        ([{"role": "user", "content": [{"type": "text"}]}], '{"type": "text", "text": STRING}'),
+        ([{"role": "user", "content": "x", "tool_call_id": "1"}], "messages[0].tool_call_id is not supported"),
+        ([{"role": "user", "content": "\ud800"}], "lone surrogate"),
+    ],
+)
+def test_bad_messages_are_refused_naming_the_message_and_key(messages, words):
+    error = refused({"messages": messages})
+    assert error.param == "messages" and words in error.message, error.message
+
+
+def test_without_a_template_the_route_says_so_and_the_templates_refusal_is_a_400():
+    for chat in (None, Chat(None)):
+        error = refused({"messages": HI}, chat)
+        assert error.code == "chat_template_missing" and "--chat-template FILE" in error.message
+    strict = Chat(ChatTemplate("{{ raise_exception('only one message') if messages | length > 1 }}x", "strict"))
+    error = refused({"messages": HI * 2}, strict)
+    assert error.message == "messages: the chat template (strict) refused them: only one message"
+    assert "rendered them as no text" in refused({"messages": HI}, Chat(ChatTemplate("", "empty"))).message
+
+
+def test_the_end_of_turn_ids_are_generation_configs_the_tokenizers_and_its_eos_token(tmp_path):
+    assert end_of_turn_ids(tmp_path, TOKENIZER) == {256}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert end_of_turn_ids(tmp_path, TOKENIZER) == {7, 9, 256}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert end_of_turn_ids(tmp_path, TOKENIZER) == {5, 256}
+
+    class Specials(ByteTokenizer):
+        def special_tokens(self):
+            return {"<|im_end|>": 3}
+
+    assert end_of_turn_ids(tmp_path, Specials(), "<|im_end|>") == {3, 5, 256}
+    assert end_of_turn_ids(tmp_path, Specials(), "not special") == {5, 256}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(ChatTemplateError, match="eos_token_id must be a token id or a list of them"):
+        end_of_turn_ids(tmp_path, TOKENIZER)
+
+
+def test_load_chat_takes_the_given_file_over_the_folders_and_its_special_tokens(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "folder", "bos_token": "<s>"}))
+    assert load_chat(tmp_path, TOKENIZER).template.render(HI) == "folder"
+    (tmp_path / "mine.jinja").write_text("{{ bos_token }}mine")
+    chat = load_chat(tmp_path, TOKENIZER, tmp_path / "mine.jinja")
+    assert chat.template.render(HI) == "<s>mine" and chat.template.where == str(tmp_path / "mine.jinja")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert load_chat(tmp_path, TOKENIZER).template is None
+
+
+# -- over HTTP -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0).eval()
+
+
+@contextlib.contextmanager
+def serving(model, chat: Chat | None = CHAT):
+    worker = BatchWorker(model, TOKENIZER, 8)
+    server = CompletionServer(
+        ("127.0.0.1", 0),
+        worker,
+        "tiny",
+        encode=TOKENIZER.encode,
+        vocab_size=257,
+        max_tokens_limit=64,
+        timeout=2,
+        chat=chat,
+    )
+    worker.start()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.stop()
+        thread.join()
+
+
+def chat(server, body: dict):
+    status, headers, data = call(server, "POST", "/v1/chat/completions", body)
+    return status, json.loads(data) if headers.get("Content-Type") == "application/json" else data
+
+
+def greedy(model, n: int) -> list[int]:
+    return generate(model, TOKENIZER.encode(PROMPT), n, eos_id=TOKENIZER.eos_id)
+
+
+def test_a_chat_answer_is_the_rendered_prompts_completion_in_openais_shape(model):
+    with serving(model) as server:
+        status, body = chat(server, {"model": "tiny", "messages": HI, "max_tokens": 12, "temperature": 0})
+    assert status == 200, body
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion" and body["model"] == "tiny"
+    text = TOKENIZER.decode(greedy(model, 12))
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "length"}
+    ]
+    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 12, "total_tokens": len(PROMPT) + 12}
+
+
+def test_a_chat_stream_opens_with_the_role_and_its_deltas_join_to_the_answer(model):
+    request = {"messages": HI, "max_completion_tokens": 10, "temperature": 0}
+    with serving(model) as server:
+        _, whole = chat(server, request)
+        status, headers, data = call(
+            server,
+            "POST",
+            "/v1/chat/completions",
+            {**request, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    events = data.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    choices = [c["choices"][0] for c in chunks[:-1]]
+    assert choices[0]["delta"] == {"role": "assistant", "content": ""} and choices[0]["finish_reason"] is None
+    assert "".join(c["delta"].get("content", "") for c in choices) == whole["choices"][0]["message"]["content"]
+    assert choices[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_the_end_of_turn_id_ends_the_answer_and_is_none_of_its_text(model):
+    tokens = greedy(model, 12)
+    k = next(i for i in range(3, 12) if tokens[i] not in tokens[:i])  # the first time the model picks it
+    end_of_turn = Chat(CHAT.template, frozenset({TOKENIZER.eos_id, tokens[k]}))
+    with serving(model, end_of_turn) as server:
+        _, body = chat(server, {"messages": HI, "max_tokens": 12, "temperature": 0})
+        _, plain = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})[::2]
+    assert body["choices"][0]["message"]["content"] == TOKENIZER.decode(tokens[:k])
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == k + 1
+    assert json.loads(plain)["choices"][0]["text"] == TOKENIZER.decode(tokens)  # the completions route: not a chat
+
+
+def test_chat_errors_over_http_are_openai_error_bodies(model):
+    with serving(model, chat=None) as server:
+        status, body = chat(server, {"messages": HI})
+        assert status == 400 and body["error"]["code"] == "chat_template_missing"
+    with serving(model) as server:
+        for request, param in (
+            ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages"),
+            ({"messages": HI, "prompt": "hi"}, "prompt"),
+            ({"messages": HI, "n": 3}, "n"),
+        ):
+            status, body = chat(server, request)
+            assert (
+                status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+            )
+        status, _, _ = call(server, "GET", "/v1/chat/completions")
+        assert status == 405

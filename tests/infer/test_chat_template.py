@@ -1,0 +1,176 @@
+"""Chat templates: found in a model folder where transformers finds them, rendered and tokenized as its
+``apply_chat_template(add_generation_prompt=True)`` renders and tokenizes them (a tokenizer built here, no download)."""
+
+import json
+
+import pytest
+
+from hybridlm.infer.chat_template import ChatTemplate, ChatTemplateError, find_chat_template, special_token_texts
+from hybridlm.train.tokenizer import ByteTokenizer, HFTokenizer
+
+#: Added special tokens of the test tokenizer, ids 257 on (bytes are 0-255, <|endoftext|> 256).
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<s>", "</s>"]
+
+#: Qwen-like ChatML: a system message first or a default one, namespace, tojson (HTML characters kept), tools.
+CHATML = """{%- if tools %}
+{{- '<|im_start|>system\\n# Tools\\n' }}{{- tools | tojson }}{{- '<|im_end|>\\n' }}
+{%- elif messages[0]['role'] != 'system' %}
+{{- '<|im_start|>system\\nYou are a helpful assistant. ' + {"when": "<now> & é"} | tojson + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(users=0) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}{% set ns.users = ns.users + 1 %}{% endif %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+#: Llama-2/Mistral-like: the BOS token written by the template, turns that must alternate, eos_token after answers.
+INST = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+#: Loop controls, and block tags on lines of their own, indented: trim_blocks and lstrip_blocks decide the spacing.
+LOOPS = """{% for message in messages %}
+    {% if message.role == 'system' %}
+        {% continue %}
+    {% endif %}
+    {% if loop.index > 4 %}
+        {% break %}
+    {% endif %}
+<{{ message.role }}>
+{{ message.content }}
+{% endfor %}
+{% if add_generation_prompt %}
+<assistant>
+{% endif %}"""
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "déjà vu? <b>"},
+    ],
+    [{"role": "user", "content": str(i)} if i % 2 == 0 else {"role": "assistant", "content": "ok"} for i in range(7)],
+]
+
+
+def tokenizer_json() -> str:
+    """Byte-level BPE (bytes 0-255, <|endoftext|> 256) with :data:`SPECIALS` added, and a post-processor that puts
+    <s> before every text it encodes with special tokens: a chat prompt must not get a second one."""
+    tok = json.loads(ByteTokenizer().hf_files()["tokenizer.json"])
+    for i, text in enumerate(SPECIALS, 257):
+        token = {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False}
+        tok["added_tokens"].append(token | {"normalized": False, "special": True})
+        tok["model"]["vocab"][text] = i
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    tok["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [259], "tokens": ["<s>"]}},
+    }
+    return json.dumps(tok)
+
+
+def model_folder(path, template: str, where: str = "tokenizer_config.json"):
+    """A folder as ``convert --from`` leaves the tokenizer files: tokenizer.json, tokenizer_config.json (special
+    tokens as a string and as an AddedToken object) and the template in the file ``where`` names."""
+    path.mkdir(exist_ok=True)
+    (path / "tokenizer.json").write_text(tokenizer_json())
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True},
+    }
+    if where == "tokenizer_config.json":
+        config["chat_template"] = template
+    elif where == "chat_template.json":
+        (path / where).write_text(json.dumps({"chat_template": template}))
+    else:
+        (path / where).write_text(template)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def ours(path) -> ChatTemplate:
+    found = find_chat_template(path)
+    assert found is not None
+    return ChatTemplate(*found, special_token_texts(path))
+
+
+@pytest.mark.parametrize(
+    ("template", "where"),
+    [(CHATML, "tokenizer_config.json"), (INST, "chat_template.jinja"), (LOOPS, "tokenizer_config.json")],
+    ids=["chatml", "inst", "loops"],
+)
+def test_rendered_text_and_ids_are_transformers_apply_chat_template(tmp_path, template, where):
+    transformers = pytest.importorskip("transformers")
+    path = model_folder(tmp_path / "model", template, where)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path))
+    template_, tokenizer = ours(path), HFTokenizer(path / "tokenizer.json", "</s>")
+    for messages in CONVERSATIONS[:2] if template is INST else CONVERSATIONS:
+        if template is INST and messages[0]["role"] == "system":
+            messages = messages[1:]
+        text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert template_.render(messages) == text
+        ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert tokenizer.encode(text) == ids
+    if template is INST:  # one <s>, the template's: the tokenizer's own would double it
+        assert ids[0] == 259 and ids.count(259) == 1 and ids.count(260) == 1  # (and </s> after the answer)
+
+
+def test_the_templates_own_refusal_is_its_message(tmp_path):
+    template = ours(model_folder(tmp_path / "model", INST))
+    with pytest.raises(ChatTemplateError, match=r"^Conversation roles must alternate user/assistant"):
+        template.render([{"role": "assistant", "content": "first"}])
+
+
+def test_the_folder_files_are_searched_in_transformers_order(tmp_path):
+    path = model_folder(tmp_path / "model", "config's")
+    assert find_chat_template(path) == ("config's", f"{path / 'tokenizer_config.json'}'s chat_template")
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": "json's"}))
+    assert find_chat_template(path)[0] == "json's"
+    (path / "chat_template.jinja").write_text("jinja's")
+    assert find_chat_template(path) == ("jinja's", str(path / "chat_template.jinja"))
+
+
+def test_named_templates_take_the_default_and_a_folder_without_one_has_none(tmp_path):
+    path = tmp_path / "model"
+    path.mkdir()
+    assert find_chat_template(path) is None  # a model hybridlm trained
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert find_chat_template(path) is None
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert find_chat_template(path)[0] == "plain"
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named[:1]}))
+    with pytest.raises(ChatTemplateError, match=r"lists \['tool_use'\] but no 'default'"):
+        find_chat_template(path)
+
+
+def test_special_tokens_come_from_tokenizer_config_then_special_tokens_map(tmp_path):
+    path = model_folder(tmp_path / "model", "")
+    (path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<x>", "pad_token": {"content": "<p>"}}))
+    assert special_token_texts(path) == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<p>"}
+
+
+def test_a_template_that_does_not_compile_is_named_with_its_line():
+    with pytest.raises(ChatTemplateError, match=r"^here: not a valid Jinja template \(line 2: "):
+        ChatTemplate("ok\n{% for %}", "here")
+
+
+def test_generation_blocks_render_their_body_and_the_sandbox_holds():
+    template = ChatTemplate("{% generation %}{{ messages[0].content }}{% endgeneration %}", "t")
+    assert template.render([{"role": "user", "content": "x"}]) == "x"
+    for escape in ("{{ messages.__class__.__mro__ }}", "{% set ns = namespace(__x=1) %}", "{{ messages.append(1) }}"):
+        with pytest.raises(ChatTemplateError):
+            ChatTemplate(escape, "t").render([])
