@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import hybridlm
 from hybridlm import HybridLM
 from hybridlm.cli import main
+from hybridlm.train.config import RunConfig
 from hybridlm.train.data import eval_rows
 from hybridlm.train.tokenizer import ByteTokenizer
 from tests.helpers import short_documents, tiny_config
@@ -370,22 +371,24 @@ def test_a_loss_that_is_not_finite_is_null_in_the_json(checkpoint, corpus, capsy
     assert (r["mtp"][0]["loss"], r["mtp"][0]["perplexity"]) == (None, None)
 
 
-@pytest.fixture(scope="module")
-def blended(tmp_path_factory):
-    """A finished run on a blend of two corpora weighted by their training rows (no data.weights), as ``trained``
-    is otherwise, with its metrics at the last step."""
+@pytest.fixture(scope="module", params=[None, "[0.2, 0.8]"], ids=["by-rows", "weighted"])
+def blended(tmp_path_factory, request):
+    """A finished run on a blend of two corpora weighted by their training rows (no data.weights) or by
+    data.weights, of a model with one MTP depth, as ``trained`` is otherwise, with its metrics at the last step."""
     base = tmp_path_factory.mktemp("blended")
+    weights = [] if request.param is None else [f"data.weights={request.param}"]
     short_documents(base / "c.jsonl")
     (base / "d.jsonl").write_text("".join(json.dumps({"text": f"line {i} of d " * 6}) + "\n" for i in range(30)))
     sets = [
         'data.source=["c.jsonl", "d.jsonl"]',
+        *weights,
         "data.seq_len=24",
         "data.val_fraction=0.3",
         "train.batch_size=2",
         "train.steps=2",
         "train.eval_every=2",
         "train.eval_batches=3",
-        "model.pattern=M-*-",
+        "model.pattern=M-*-/*-",
         "model.hidden_size=32",
         "model.num_attention_heads=2",
         "model.mamba_head_dim=16",
@@ -415,6 +418,13 @@ def test_a_blended_run_s_split_is_each_source_s_and_their_weighted_mean(blended,
     assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
     for key in ("corpus_tokens", "corpus_documents", "rows", "tokens", "bytes"):
         assert r[key] == sum(s[key] for s in r["sources"]), key
+    # The MTP depth's loss and the bits per byte are weighted as the main loss is (the run's own weights, if any).
+    mtp = sum(s["weight"] * s["mtp"][0]["loss"] for s in r["sources"])
+    assert r["mtp"][0]["loss"] == pytest.approx(mtp, rel=1e-12) and r["mtp"][0]["tokens"] > 0
+    bpb = sum(s["weight"] * s["bits_per_byte"] for s in r["sources"])
+    assert r["bits_per_byte"] == pytest.approx(bpb, rel=1e-12)
+    if RunConfig.from_toml(run_dir / "config.toml").data.weights is not None:
+        assert [s["weight"] for s in r["sources"]] == pytest.approx([0.2, 0.8], rel=1e-12)
     one = evaluated(capsys, run_dir, "--split", "val", "--data", base / "d.jsonl", "--batch-size", 2, "--batches", 3)
     assert "sources" not in one and one["loss"] == pytest.approx(logged["val_loss/d"], rel=1e-6)
     code, out, _ = run(capsys, run_dir, "--split", "val", "--batch-size", 2, "--batches", 3)

@@ -1343,6 +1343,35 @@ def test_one_source_of_a_blend_is_the_single_corpus_s_order():
         assert all(listed.global_rows(s).tolist() == plain.global_rows(s).tolist() for s in range(8))
 
 
+def test_the_data_order_is_pinned_as_checkpoints_recorded_it():
+    """A checkpoint records how many rows were consumed, not which: a resume, also by a newer hybridlm, replays the
+    run only while the order is this one. A single corpus's epoch e (a list of one included) is
+    default_rng([seed, e]).permutation(rows), as before blends; a blend's source d's is default_rng([seed, e, d]),
+    at the positions Blend gives it (the left half of the tree takes the odd source out: [0, 1] | [2])."""
+    from hybridlm.train.data import Blend
+
+    want = np.concatenate([np.random.default_rng([3, e]).permutation(10) for e in (0, 1)])
+    for rows in (10, [10]):
+        sampler = Sampler(rows, 4, seed=3)
+        assert np.concatenate([sampler.global_rows(s) for s in range(5)]).tolist() == want.tolist()
+    assert Blend([1, 1, 1]).locate(np.arange(6))[0].tolist() == [0, 2, 1, 0, 2, 1]
+    source, k = Blend([0.6, 0.4]).locate(np.arange(10))
+    assert source.tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 1, 0]
+    perms = {(e, d): np.random.default_rng([0, e, d]).permutation(n) for e in (0, 1, 2) for d, n in enumerate((3, 2))}
+    want = [3 * d + perms[(kk // (3, 2)[d], d)][kk % (3, 2)[d]] for d, kk in zip(source.tolist(), k.tolist())]
+    sampler = Sampler([3, 2], 5, seed=0, weights=[0.6, 0.4])
+    assert [*sampler.global_rows(0), *sampler.global_rows(1)] == want
+
+
+def test_a_tiny_weight_still_gets_its_rows():
+    """A node's share is clamped into (0, 2**30): a weight of 1e-12 beside 1 gets one row in 2**30, on either side
+    of the tree, rather than none (its validation loss was logged for a source never trained on)."""
+    from hybridlm.train.data import Blend
+
+    assert Blend([1e-12, 1]).counts(1 << 30).tolist() == [1, (1 << 30) - 1]
+    assert Blend([1, 1e-12]).counts(1 << 30).tolist() == [(1 << 30) - 1, 1]
+
+
 def test_a_blend_s_rows_are_a_pure_function_of_the_position():
     """Rows numbered source after source (source 1's row r is 7 + r); each source's rows run through epochs of its
     own permutation (the small one repeats sooner); a resume, also at another batch size, continues the stream."""
@@ -1390,6 +1419,31 @@ def test_a_blend_s_sources_are_labelled_short_and_unique():
         "m_a_th",
     ]
     assert source_labels(["a/data.jsonl", "b/data.jsonl", "c.txt"]) == ["data-1", "data-2", "c"]
+    # A numbered label that is another source's own name: numbered again, so no two sources share a metrics key.
+    labels = source_labels(["a/data.jsonl", "b/data.jsonl", "data-1.txt"])
+    assert labels == ["data-1-1", "data-2", "data-1-3"]
+
+
+def test_a_blend_refuses_one_file_named_twice_through_other_spellings(tmp_path, monkeypatch):
+    """An absolute path and a relative one, or a symbolic link, name the same corpus: refused by name, as
+    data.source's validation refuses the same text twice (it trained that corpus at the sum of the weights, under
+    two metrics names)."""
+    from hybridlm.train.data import check_distinct_sources, same_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    (tmp_path / "link.jsonl").symlink_to("a.jsonl")
+    check_distinct_sources(["a.jsonl", "builtin:pydoc", "sub/../b.jsonl"])
+    for other in (str(tmp_path / "a.jsonl"), "link.jsonl", "sub/../a.jsonl"):
+        assert same_source(other, "a.jsonl") and not same_source(other, "b.jsonl")
+        with pytest.raises(DataError) as info:
+            check_distinct_sources(["a.jsonl", "builtin:pydoc", other])
+        assert str(info.value).startswith(f"data.source: {other!r} (source 3) is 'a.jsonl' (source 1) again")
+    with pytest.raises(DataError, match=r"'builtin:pydoc' \(source 2\) is 'builtin:pydoc' \(source 1\) again"):
+        check_distinct_sources(["builtin:pydoc", "builtin:pydoc"])
+    assert not same_source("builtin:pydoc", "pydoc")
 
 
 def test_the_split_of_a_single_document_names_the_source():

@@ -8,7 +8,7 @@ import torch
 
 from hybridlm import HybridLM
 from hybridlm.train.data import PackedRows, TokenStream
-from hybridlm.train.evaluation import evaluate_corpus, loss_sums, perplexity
+from hybridlm.train.evaluation import evaluate_corpus, loss_sums, perplexity, weighted_mean
 from tests.helpers import tiny_config
 
 
@@ -75,3 +75,10 @@ def test_the_forwards_run_in_eval_mode():
 def test_perplexity_past_float64s_range_is_inf_not_an_overflow_error():
     assert perplexity(0.0) == 1.0 and perplexity(709.0) == pytest.approx(math.exp(709.0))
     assert perplexity(710.0) == math.inf and perplexity(1e6) == math.inf
+
+
+def test_a_blend_s_weighted_mean_is_none_where_a_source_has_none():
+    """A source without labels (its loss None) or without counted bytes (bits per byte None) leaves the blend's
+    value unknown: None, not a TypeError, nor a mean of the others."""
+    assert weighted_mean([1.0, 3.0], np.array([0.25, 0.75])) == 2.5
+    assert weighted_mean([1.0, None], [0.5, 0.5]) is None and weighted_mean([None, 2.0], [0.5, 0.5]) is None

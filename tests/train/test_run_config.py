@@ -728,6 +728,7 @@ def test_a_blend_s_sources_and_weights_are_set_by_override_and_round_trip(tmp_pa
         (['data.source=["a.txt", 3]'], "data.source: item 2 of the list: expected str, got 3"),
         (['data.source=["a.txt", "./a.txt"]'], "data.source: './a.txt' (source 2) is source 1 again"),
         (['data.source=["a", "b"]', "data.weights=[1]"], "data.weights: 1 weight(s) for the 2 sources"),
+        (['data.source=["a", "b"]', "data.weights=[1, 2, 3]"], "data.weights: 3 weight(s) for the 2 sources"),
         (
             ['data.source=["a", "b"]', "data.weights=[1, 0]"],
             "data.weights: weight 2 ('b') must be a positive finite number, got 0",

@@ -1242,6 +1242,9 @@ def test_a_one_source_list_trains_as_the_plain_source_bitwise(tmp_path):
     plain = Trainer(tiny_run("train.steps=4"), run_dir=tmp_path / "a", progress=False)
     listed = Trainer(tiny_run('data.source=["builtin:pydoc"]', "train.steps=4"), run_dir=tmp_path / "b", progress=False)
     assert listed.data_identity == plain.data_identity and listed.describe()[2] == plain.describe()[2]
+    # The record of every checkpoint before blends, which a hybridlm of then reads at a resume.
+    assert sorted(plain.data_identity) == ["docs", "fingerprint", "source", "tokenizer", "tokens"]
+    assert plain.data_identity["source"] == "builtin:pydoc"
     for t in (plain, listed):
         t.run_loop()
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
@@ -1296,12 +1299,16 @@ def test_a_blend_resumes_exactly_and_refuses_a_source_edited_in_place(tmp_path, 
     longer = [*blend, "train.steps=6"]
     Trainer(tiny_run(*longer), run_dir=tmp_path / "b", progress=False, resume=True).close()
     _code_corpus(code, letter="y")  # as many tokens and documents, other ids
-    with pytest.raises(DataError, match=r"data\.source 'code\.jsonl' now holds other token ids .*--set data\.source="):
+    name = re.escape("""--set data.source='["builtin:pydoc", "code.jsonl"]'""")  # the whole list, to paste
+    with pytest.raises(DataError, match=r"data\.source 'code\.jsonl' now holds other token ids .*" + name):
         Trainer(tiny_run(*longer), run_dir=tmp_path / "b", resume=True, progress=False)
     named = Trainer(tiny_run(*longer), run_dir=tmp_path / "b", resume=True, progress=False, data_named=True)
     assert named.step == 4
     named.close()
     _code_corpus(code)
+    with caplog.at_level(logging.WARNING, logger="hybridlm.train"):  # the same mix, written otherwise: no warning
+        Trainer(tiny_run(*longer, "data.weights=[3, 3]"), run_dir=tmp_path / "b", resume=True, progress=False).close()
+    assert "the blend changed at the resume" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="hybridlm.train"):
         Trainer(
             tiny_run(*longer, "data.weights=[0.2, 0.8]"), run_dir=tmp_path / "b", resume=True, progress=False
@@ -1309,16 +1316,35 @@ def test_a_blend_resumes_exactly_and_refuses_a_source_edited_in_place(tmp_path, 
     assert "the blend changed at the resume" in caplog.text
 
 
-def test_a_single_source_checkpoint_resumes_as_a_list_and_is_compared_in_a_blend(tmp_path, monkeypatch):
+def test_a_single_source_checkpoint_resumes_as_a_list_and_is_compared_in_a_blend(tmp_path, monkeypatch, caplog):
     """A checkpoint of one source (the record every run wrote before blends) resumes with the source as a list of
-    one, and a blend that adds a source compares the recorded one by its name."""
+    one, and a blend that adds a source compares the recorded one by its name and warns that the blend changed
+    (one corpus for another, or the same one listed, is no blend changing: no warning)."""
     monkeypatch.chdir(tmp_path)
     code = _code_corpus(tmp_path / "code.jsonl")
     Trainer(tiny_run("data.source=code.jsonl", "train.steps=2"), run_dir=tmp_path / "r", progress=False).run_loop()
-    listed = tiny_run('data.source=["code.jsonl"]', "train.steps=3")
-    Trainer(listed, run_dir=tmp_path / "r", resume=True, progress=False).close()
-    blend = tiny_run('data.source=["code.jsonl", "builtin:pydoc"]', "train.steps=3")
-    Trainer(blend, run_dir=tmp_path / "r", resume=True, progress=False).close()
+    changed = "the blend changed at the resume"
+    with caplog.at_level(logging.WARNING, logger="hybridlm.train"):
+        listed = tiny_run('data.source=["code.jsonl"]', "train.steps=3")
+        Trainer(listed, run_dir=tmp_path / "r", resume=True, progress=False).close()
+        other = tiny_run("data.source=builtin:pydoc", "train.steps=3")
+        Trainer(other, run_dir=tmp_path / "r", resume=True, progress=False, data_named=True).close()
+        assert changed not in caplog.text
+        blend = tiny_run('data.source=["code.jsonl", "builtin:pydoc"]', "train.steps=3")
+        Trainer(blend, run_dir=tmp_path / "r", resume=True, progress=False).close()
+    assert changed in caplog.text
     _code_corpus(code, letter="y")
     with pytest.raises(DataError, match=r"data\.source 'code\.jsonl' now holds other token ids"):
         Trainer(blend, run_dir=tmp_path / "r", resume=True, progress=False)
+
+
+def test_a_blend_naming_one_file_twice_through_a_link_is_refused(tmp_path, monkeypatch):
+    """data.source's validation sees text only: the trainer refuses the same file reached through another path (a
+    symbolic link, an absolute path), naming both, before the corpus is read."""
+    monkeypatch.chdir(tmp_path)
+    _code_corpus(tmp_path / "code.jsonl")
+    (tmp_path / "link.jsonl").symlink_to("code.jsonl")
+    for other in ("link.jsonl", str(tmp_path / "code.jsonl")):
+        run = tiny_run(f'data.source=["code.jsonl", "builtin:pydoc", "{other}"]')
+        with pytest.raises(DataError, match=rf"data\.source: '{re.escape(other)}' \(source 3\) is 'code\.jsonl'"):
+            Trainer(run, run_dir=tmp_path / "r", progress=False)

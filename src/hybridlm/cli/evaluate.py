@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,23 +110,13 @@ class Corpus:
     weight: float | None = None
 
 
-def _same_source(a: str, b: str) -> bool:
-    """Whether sources ``a`` and ``b`` are one: the same built-in corpus, or paths to the same file or folder (a
-    relative one read from the current directory)."""
-    from ..train.data import source_path
-
-    if a.startswith("builtin:") or b.startswith("builtin:"):
-        return a == b
-    return os.path.realpath(source_path(a)) == os.path.realpath(source_path(b))
-
-
 def _corpora(args: argparse.Namespace, run, tokenizer, tokenizer_keys: tuple[str, str], progress: bool) -> list[Corpus]:
     """What ``eval`` reads: ``--data``, else the run's ``data.source`` (and ``data.jsonl_field``), a relative path
     read from the current directory as a resume reads it; with ``--split``, its part the trainer held out for
     validation or trained on (the run's data.val_fraction and data.seed). A blended run's split is each source's
     (``--data``: the one it names), weighted as the run's training mix (:class:`~hybridlm.train.data.Blend`)."""
     from ..errors import UsageError
-    from ..train.data import Blend, load_corpus, source_labels, split
+    from ..train.data import Blend, load_corpus, row_count, same_source, source_labels, split
     from ..train.rundir import CONFIG_FILE
 
     if args.split is None:
@@ -137,7 +126,7 @@ def _corpora(args: argparse.Namespace, run, tokenizer, tokenizer_keys: tuple[str
     field = args.jsonl_field or run.data.jsonl_field
     key = f"data.source of {Path(args.checkpoint) / CONFIG_FILE}"
     if args.data is not None:  # one of the run's sources, named anew (a path from elsewhere)
-        if not any(_same_source(args.data, s) for s in sources):
+        if not any(same_source(args.data, s) for s in sources):
             listed = f"its data.source is {sources[0]}" if len(sources) == 1 else f"its sources: {', '.join(sources)}"
             raise UsageError(
                 f"--split {args.split}: --data {args.data} is not a corpus the run split ({listed}): "
@@ -153,7 +142,7 @@ def _corpora(args: argparse.Namespace, run, tokenizer, tokenizer_keys: tuple[str
         stream = load_corpus(source, tokenizer, field, progress, named, tokenizer_keys)
         train, val = split(stream, run.data.val_fraction, run.data.seed, f"{named} {source}")
         corpora.append(Corpus(val if args.split == "val" else train, source, f"the {part} split of {named} {source}"))
-        train_rows.append(max(1, (train.num_tokens - 1) // run.data.seq_len))  # the trainer's rows, as it weighs them
+        train_rows.append(max(1, row_count(train.num_tokens, run.data.seq_len)))  # as the trainer weighs them
     if len(corpora) > 1:
         weights = Blend(run.data.weights or train_rows).weights
         for corpus, name, w in zip(corpora, source_labels(sources), weights):

@@ -57,6 +57,7 @@ from .data import (
     PackedRows,
     Sampler,
     check_batch_split,
+    check_distinct_sources,
     check_outside_text_folder,
     eval_rows,
     load_corpus,
@@ -222,6 +223,18 @@ def _identity_sources(identity: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else [identity]
 
 
+def _same_shares(a: Any, b: Any) -> bool:
+    """Whether two recorded ``data.weights`` give the same mix: equal once normalised (``[7, 3]`` is ``[0.7, 0.3]``),
+    or both None (each source weighed by its rows). A damaged record gives no mix, so it differs."""
+    if a is None or b is None:
+        return a is b
+    try:
+        wa, wb = (np.asarray(w, dtype=np.float64) for w in (a, b))
+        return wa.shape == wb.shape and bool(np.allclose(wa / wa.sum(), wb / wb.sum(), rtol=1e-12, atol=0))
+    except (TypeError, ValueError):
+        return False
+
+
 def _host_memory() -> int:
     """This machine's physical memory in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -347,6 +360,7 @@ class Trainer:
 
         # Data.
         self.sources = run.data.sources()  # one corpus, or a blend's
+        check_distinct_sources(self.sources)
         for source in self.sources:
             check_outside_text_folder(self.run_dir, source)
         self.tokenizer = build_tokenizer(run.data.tokenizer, eos_token=run.data.eos_token)
@@ -661,7 +675,7 @@ class Trainer:
         now_sources = [s["source"] for s in _identity_sources(now)]
         if max(len(was_sources), len(now_sources)) == 1:  # one corpus, another one: said nowhere before blends
             return
-        if was_sources == now_sources and saved.get("weights") == now.get("weights"):
+        if was_sources == now_sources and _same_shares(saved.get("weights"), now.get("weights")):
             return
         logger.warning(
             "the blend changed at the resume (sources %s, weights %s; the checkpoint's run had %s, weights %s): "
