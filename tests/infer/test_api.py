@@ -37,6 +37,7 @@ def test_defaults_are_openais_and_greedy_settings_batch_whatever_else_is_given()
     assert request.prompts == [[104, 105]] and request.max_tokens == DEFAULT_MAX_TOKENS == 16
     assert request.sampling == Sampling(DEFAULT_TEMPERATURE, 0, 1.0, 1.0, None) and DEFAULT_TEMPERATURE == 1.0
     assert request.stops == [] and not request.stream and not request.include_usage
+    assert request.stop_ids == frozenset()  # a prompt is no conversation: the end of document alone ends it
     # Greedy reads neither top_k, top_p nor the seed: two greedy requests differing there run together.
     a = parse({"prompt": "a", "temperature": 0, "top_k": 5, "top_p": 0.5, "seed": 3}).sampling
     assert a == parse({"prompt": "b", "temperature": 0.0}).sampling == Sampling(0.0, 0, 1.0, 1.0, None)

@@ -49,9 +49,10 @@ def refused(body: dict, chat: Chat | None = CHAT, status: int = 400):
 
 
 def test_a_conversation_is_its_rendered_prompt_with_the_shared_fields_read_as_completions_reads_them():
-    request = parse({"messages": HI, "temperature": 0.5, "top_k": 3, "seed": 7, "stop": "x", "user": "u"})
+    body = {"messages": HI, "temperature": 0.5, "top_k": 3, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 7}
+    request = parse({**body, "stop": "x", "user": "u"})
     assert isinstance(request, ChatRequest) and request.prompts == [TOKENIZER.encode(PROMPT)]
-    assert request.sampling == Sampling(0.5, 3, 1.0, 1.0, 7) and request.stops == ["x"]
+    assert request.sampling == Sampling(0.5, 3, 0.9, 1.1, 7) and request.stops == ["x"]
     assert request.max_tokens == 64  # a chat answer runs to its end of turn, not to 16 tokens
     assert request.stop_ids == CHAT.stop_ids and not request.stream
     parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
@@ -86,11 +87,20 @@ def test_max_completion_tokens_or_its_older_name_and_errors_name_the_one_given()
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "auto"),
         ("response_format", {"type": "json_object"}),
+        ("store", True),
+        ("modalities", ["text", "audio"]),
     ],
 )
 def test_fields_that_would_change_the_answer_are_refused_by_name(field, value):
     error = refused({"messages": HI, field: value})
     assert error.param == field and "only" in error.message
+
+
+def test_openais_defaults_written_out_are_taken():
+    # What a client may send without being asked to: each of OpenAI's defaults, spelled out.
+    defaults = {"n": 1, "logprobs": False, "top_logprobs": 0, "store": False, "modalities": ["text"], "stream": False}
+    defaults |= {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "tool_choice": "none"}
+    assert parse({"messages": HI, **defaults}).sampling == Sampling(1.0, 0, 1.0, 1.0, None)
 
 
 def test_neutral_values_are_taken_and_unknown_fields_refused():
@@ -119,6 +129,9 @@ def test_neutral_values_are_taken_and_unknown_fields_refused():
         ([{"role": "user", "content": [{"type": "text"}]}], '{"type": "text", "text": STRING}'),
         ([{"role": "user", "content": "x", "tool_call_id": "1"}], "messages[0].tool_call_id is not supported"),
         ([{"role": "user", "content": "\ud800"}], "lone surrogate"),
+        ([{"role": "user", "content": "x", "name": "\ud800"}], "messages[0].name is not UTF-8 text"),
+        ([{"role": "user", "content": "x", "name": 3}], "messages[0].name must be a string"),
+        ([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]}], "[0] must be {"),
     ],
 )
 def test_bad_messages_are_refused_naming_the_message_and_key(messages, words):
@@ -149,8 +162,14 @@ def test_the_end_of_turn_ids_are_generation_configs_the_tokenizers_and_its_eos_t
 
     assert end_of_turn_ids(tmp_path, Specials(), "<|im_end|>") == {3, 5, 256}
     assert end_of_turn_ids(tmp_path, Specials(), "not special") == {5, 256}
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
-    with pytest.raises(ChatTemplateError, match="eos_token_id must be a token id or a list of them"):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert end_of_turn_ids(tmp_path, TOKENIZER) == {256}
+    for bad in ("x", -1, True, [5, False], [[5]]):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ChatTemplateError, match="eos_token_id must be a token id or a list of them"):
+            end_of_turn_ids(tmp_path, TOKENIZER)
+    (tmp_path / "generation_config.json").write_text("{")  # a ChatTemplateError, which the CLI reports as a usage error
+    with pytest.raises(ChatTemplateError, match=r"generation_config\.json"):
         end_of_turn_ids(tmp_path, TOKENIZER)
 
 
@@ -239,17 +258,31 @@ def test_a_chat_stream_opens_with_the_role_and_its_deltas_join_to_the_answer(mod
     assert choices[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
     assert all(c["usage"] is None for c in chunks[:-1])
+    # Without include_usage, no chunk has a usage key.
+    with serving(model) as server:
+        data = call(server, "POST", "/v1/chat/completions", {**request, "stream": True})[2]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n")[:-2]]
+    assert len(chunks) > 2 and not any("usage" in c for c in chunks)
 
 
-def test_the_end_of_turn_id_ends_the_answer_and_is_none_of_its_text(model):
+def test_the_end_of_turn_id_ends_the_answer_and_is_none_of_its_text(model, tmp_path):
     tokens = greedy(model, 12)
     k = next(i for i in range(3, 12) if tokens[i] not in tokens[:i])  # the first time the model picks it
-    end_of_turn = Chat(CHAT.template, frozenset({TOKENIZER.eos_id, tokens[k]}))
+    # generation_config.json's list, as an instruct model's folder has it (beside it, an id the model does not pick)
+    unpicked = next(i for i in range(256) if i not in tokens)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [unpicked, tokens[k]]}))
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    end_of_turn = load_chat(tmp_path, TOKENIZER, tmp_path / "chat.jinja")
+    request = {"messages": HI, "max_tokens": 12, "temperature": 0}
     with serving(model, end_of_turn) as server:
-        _, body = chat(server, {"messages": HI, "max_tokens": 12, "temperature": 0})
+        _, body = chat(server, request)
         _, plain = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})[::2]
+        streamed = call(server, "POST", "/v1/chat/completions", {**request, "stream": True})[2]
     assert body["choices"][0]["message"]["content"] == TOKENIZER.decode(tokens[:k])
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == k + 1
+    choices = [json.loads(e.removeprefix("data: "))["choices"][0] for e in streamed.decode().split("\n\n")[:-2]]
+    assert "".join(c["delta"].get("content", "") for c in choices) == TOKENIZER.decode(tokens[:k])
+    assert choices[-1]["finish_reason"] == "stop"
     assert json.loads(plain)["choices"][0]["text"] == TOKENIZER.decode(tokens)  # the completions route: not a chat
 
 

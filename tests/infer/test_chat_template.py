@@ -51,11 +51,41 @@ LOOPS = """{% for message in messages %}
 <assistant>
 {% endif %}"""
 
+#: Llama-3-like: bos_token, strftime_now's date, the system message taken out of the list and trimmed, `tools` and
+#: `documents` tested against none (null as transformers passes them, not undefined), a namespace counter, loop.last,
+#: a name, a generation block with a set inside, dict() through tojson, eos_token on the path not taken.
+LLAMA3 = """{{- bos_token }}
+{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|im_start|>system\\n" }}
+{%- if tools is not none %}{{- "Tools: " + tools | tojson }}{%- endif %}
+{%- if documents is not none %}{{- "Documents: " + documents | tojson }}{%- endif %}
+{{- "Today Date: " + date_string + "\\n\\n" + system_message + "<|im_end|>" }}
+{%- set ns = namespace(users=0, last_user=-1) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}{%- set ns.users = ns.users + 1 %}{%- set ns.last_user = loop.index0 %}{%- endif %}
+    {{- '<|im_start|>' + message['role'] + ('(' + message.name + ')' if message.name is defined else '') + '\\n' }}
+    {%- if message.role == 'assistant' %}
+        {%- generation %}{% set text = message['content'] | trim %}{{ text }}{% endgeneration %}
+    {%- else %}
+        {{- message['content'] | trim }}
+    {%- endif %}
+    {{- '<|im_end|>' if not loop.last else '<|im_end|>\\n' }}
+{%- endfor %}
+{{- dict(users=ns.users) | tojson }}{{ ns.last_user }}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n\\n' }}{%- else %}{{- eos_token }}{%- endif %}
+"""
+
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
     [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "hi"},
+        {"role": "system", "content": " Be brief. "},
+        {"role": "user", "content": "hi", "name": "ann"},
         {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "déjà vu? <b>"},
     ],
@@ -109,8 +139,13 @@ def ours(path) -> ChatTemplate:
 
 @pytest.mark.parametrize(
     ("template", "where"),
-    [(CHATML, "tokenizer_config.json"), (INST, "chat_template.jinja"), (LOOPS, "tokenizer_config.json")],
-    ids=["chatml", "inst", "loops"],
+    [
+        (CHATML, "tokenizer_config.json"),
+        (INST, "chat_template.jinja"),
+        (LOOPS, "tokenizer_config.json"),
+        (LLAMA3, "chat_template.jinja"),
+    ],
+    ids=["chatml", "inst", "loops", "llama3"],
 )
 def test_rendered_text_and_ids_are_transformers_apply_chat_template(tmp_path, template, where):
     transformers = pytest.importorskip("transformers")
@@ -137,6 +172,8 @@ def test_the_templates_own_refusal_is_its_message(tmp_path):
 def test_the_folder_files_are_searched_in_transformers_order(tmp_path):
     path = model_folder(tmp_path / "model", "config's")
     assert find_chat_template(path) == ("config's", f"{path / 'tokenizer_config.json'}'s chat_template")
+    (path / "chat_template.json").write_text(json.dumps({"other": 1}))  # no template there: the next file's
+    assert find_chat_template(path)[0] == "config's"
     (path / "chat_template.json").write_text(json.dumps({"chat_template": "json's"}))
     assert find_chat_template(path)[0] == "json's"
     (path / "chat_template.jinja").write_text("jinja's")
@@ -157,10 +194,38 @@ def test_named_templates_take_the_default_and_a_folder_without_one_has_none(tmp_
         find_chat_template(path)
 
 
-def test_special_tokens_come_from_tokenizer_config_then_special_tokens_map(tmp_path):
-    path = model_folder(tmp_path / "model", "")
-    (path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<x>", "pad_token": {"content": "<p>"}}))
-    assert special_token_texts(path) == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<p>"}
+def test_a_file_that_holds_no_readable_template_is_named(tmp_path):
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(ChatTemplateError, match=r"tokenizer_config.json: chat_template must be a string or a list"):
+        find_chat_template(path)
+    (path / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")  # not UTF-8
+    with pytest.raises(ChatTemplateError, match=r"chat_template.jinja: cannot read the chat template"):
+        find_chat_template(path)
+
+
+@pytest.mark.parametrize("saved_by_transformers_4_34_on", [False, True], ids=["older", "newer"])
+def test_special_tokens_are_the_ones_transformers_reads(tmp_path, saved_by_transformers_4_34_on):
+    # A newer tokenizer_config.json (with added_tokens_decoder) is read alone; with an older one,
+    # special_tokens_map.json takes over the tokens it names.
+    path = model_folder(tmp_path / "model", "[{{ bos_token }}|{{ eos_token }}|{{ pad_token }}]")
+    if saved_by_transformers_4_34_on:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"] = {"259": {"content": "<s>", "special": True}}
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    legacy = {"bos_token": "<|im_start|>", "pad_token": {"content": "<|im_end|>"}}
+    (path / "special_tokens_map.json").write_text(json.dumps(legacy))
+    expected = (
+        {"bos_token": "<s>", "eos_token": "</s>"}
+        if saved_by_transformers_4_34_on
+        else {"bos_token": "<|im_start|>", "eos_token": "</s>", "pad_token": "<|im_end|>"}
+    )
+    assert special_token_texts(path) == expected
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path))
+    messages = [{"role": "user", "content": "x"}]
+    assert ours(path).render(messages) == theirs.apply_chat_template(messages, tokenize=False)
 
 
 def test_a_template_that_does_not_compile_is_named_with_its_line():
@@ -171,6 +236,17 @@ def test_a_template_that_does_not_compile_is_named_with_its_line():
 def test_generation_blocks_render_their_body_and_the_sandbox_holds():
     template = ChatTemplate("{% generation %}{{ messages[0].content }}{% endgeneration %}", "t")
     assert template.render([{"role": "user", "content": "x"}]) == "x"
-    for escape in ("{{ messages.__class__.__mro__ }}", "{% set ns = namespace(__x=1) %}", "{{ messages.append(1) }}"):
+    for escape in (
+        "{{ messages.__class__.__mro__ }}",
+        "{% set ns = namespace(__x=1) %}",
+        "{% set ns = namespace() %}{% set ns.__x = 1 %}",
+        "{{ messages.append(1) }}",
+    ):
         with pytest.raises(ChatTemplateError):
             ChatTemplate(escape, "t").render([])
+
+
+def test_a_template_that_fails_on_the_messages_is_a_chat_template_error():
+    # A template's own bug (adding a number to a string) is the request's 400, not the server's 500.
+    with pytest.raises(ChatTemplateError, match=r"^TypeError: can only concatenate str"):
+        ChatTemplate("{{ messages[0].content + 1 }}", "t").render([{"role": "user", "content": "x"}])

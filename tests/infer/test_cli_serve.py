@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +109,7 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert server.worker.stopping.is_set() and not server.worker.thread.is_alive() and server.socket.fileno() == -1
     assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
     assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
+    assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
 
@@ -136,16 +138,35 @@ def test_a_chat_template_file_that_is_missing_or_broken_is_refused_before_the_mo
 ):
     path, _ = checkpoint
     monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
-    broken = tmp_path / "broken.jinja"
+    broken, latin1 = tmp_path / "broken.jinja", tmp_path / "latin1.jinja"
     broken.write_text("{% for m in messages %}")
+    latin1.write_bytes("{{ 'déjà' }}".encode("latin-1"))
     for flags, words in (
         (["--chat-template", str(tmp_path / "nowhere.jinja")], "nowhere.jinja: no such file"),
         (["--chat-template", str(tmp_path)], "no such file"),
         (["--chat-template", str(broken)], f"--chat-template: {broken}: not a valid Jinja template"),
+        (["--chat-template", str(latin1)], f"--chat-template: {latin1}: cannot read the chat template (not UTF-8"),
     ):
         assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+    # The folder's own template, broken: named, with the flag that replaces it.
+    folder = tmp_path / "model"
+    shutil.copytree(path, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if %}"}))
+    assert main(["serve", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer_config.json's chat_template: not a valid Jinja template" in err, err
+    assert err.rstrip().endswith("(--chat-template FILE replaces it)") and len(err.splitlines()) == 1, err
+    # A file beside the template that cannot be read is named alone: another template would not mend it.
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    (tmp_path / "good.jinja").write_text("{{ messages }}")
+    for flags in ([], ["--chat-template", str(tmp_path / "good.jinja")]):
+        assert main(["serve", str(folder), "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        why = "eos_token_id must be a token id or a list of them, got '</s>'"
+        assert err == f"error: {folder / 'generation_config.json'}: {why}\n", err
 
 
 def test_chat_is_served_with_the_template_given_and_says_which(checkpoint, capsys, monkeypatch, tmp_path):

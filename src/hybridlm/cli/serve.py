@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..errors import UsageError
     from ..infer.batching import BatchWorker
     from ..infer.chat import load_chat
-    from ..infer.chat_template import ChatTemplateError
+    from ..infer.chat_template import ChatFileError, ChatTemplateError
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
@@ -66,6 +66,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
     try:  # (a template that does not compile is refused before the model loads, as a bad flag is)
         chat = load_chat(path, tokenizer, None if args.chat_template is None else Path(args.chat_template))
+    except ChatFileError as e:  # (not the template's: another one would not help)
+        raise UsageError(str(e)) from None
     except ChatTemplateError as e:
         why = f"--chat-template: {e}" if args.chat_template else f"{e} (--chat-template FILE replaces it)"
         raise UsageError(why) from None

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from ..checkpoint.io import read_json
 from .api import CompletionRequest, RequestError, check_fields, check_model, parse_request
-from .chat_template import ChatTemplate, ChatTemplateError, find_chat_template, read_template_file, special_token_texts
+from .chat_template import (
+    ChatFileError,
+    ChatTemplate,
+    ChatTemplateError,
+    find_chat_template,
+    read_template_file,
+    special_token_texts,
+)
 
 #: Fields read besides :data:`NEUTRAL`'s (``max_tokens`` is ``max_completion_tokens``'s older name).
 FIELDS = (
@@ -38,17 +45,20 @@ FIELDS = (
 #: Fields that :func:`~hybridlm.infer.api.parse_request` reads as they are, for the completions route too.
 SHARED = tuple(f for f in FIELDS if f not in ("messages", "max_completion_tokens", "max_tokens"))
 #: OpenAI's chat fields taken only at the value that leaves the result unchanged (null is always taken): no tools
-#: are given to the template, no log-probabilities computed, no JSON mode.
+#: are given to the template, no log-probabilities computed (``top_logprobs`` 0 with them), no JSON mode, nothing
+#: stored for OpenAI's evals (``store``), text out (``modalities``): each at OpenAI's default, which a client may write.
 NEUTRAL = {
     "n": 1,
     "logprobs": False,
-    "top_logprobs": None,
+    "top_logprobs": 0,
     "presence_penalty": 0,
     "frequency_penalty": 0,
     "logit_bias": {},
     "tools": [],
     "tool_choice": "none",
     "response_format": {"type": "text"},
+    "store": False,
+    "modalities": ["text"],
 }
 #: The roles a message may have. Others are refused, not passed on: a template that does not know "developer" or
 #: "tool" drops such a message without a word (Qwen's does), and tool results need tools, which are not served.
@@ -76,7 +86,8 @@ class Chat:
 def load_chat(folder: Path, tokenizer, template_file: Path | None = None) -> Chat:
     """The :class:`Chat` of model folder ``folder`` read with ``tokenizer``: ``template_file``'s template where one
     is given, else the folder's own (:func:`~hybridlm.infer.chat_template.find_chat_template`), given the folder's
-    special tokens. ChatTemplateError naming the file for a template that cannot be read or compiled."""
+    special tokens. ChatTemplateError naming the file for a template that cannot be read or compiled; ChatFileError
+    (one) for the folder's other files (:func:`end_of_turn_ids`, the special tokens)."""
     variables = special_token_texts(folder)
     if template_file is not None:
         found: tuple[str, str] | None = (read_template_file(template_file), str(template_file))
@@ -90,18 +101,18 @@ def end_of_turn_ids(folder: Path, tokenizer, eos_token: str | None = None) -> fr
     """The ids a chat turn ends at: ``generation_config.json``'s ``eos_token_id`` (an id or a list, where
     transformers' ``generate`` stops: an instruct model's end of turn beside its end of text), the tokenizer's end
     of document, and ``eos_token`` (tokenizer_config.json's, which templates such as Mistral's write after each
-    answer) where it is one of the tokenizer's special tokens. ChatTemplateError for an ``eos_token_id`` of
-    another shape."""
+    answer) where it is one of the tokenizer's special tokens. ChatFileError (a ChatTemplateError) for a file that is
+    not JSON, or an ``eos_token_id`` of another shape."""
     ids = {tokenizer.eos_id}
     file = folder / GENERATION_CONFIG_NAME
     if file.is_file():
         try:
             value = read_json(file, f"{file}: missing").get("eos_token_id")
         except ValueError as e:  # (CheckpointError: not JSON, not an object)
-            raise ChatTemplateError(str(e)) from None
+            raise ChatFileError(str(e)) from None
         values = value if isinstance(value, list) else [] if value is None else [value]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            raise ChatTemplateError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
+            raise ChatFileError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
         ids.update(values)
     if eos_token is not None and eos_token in tokenizer.special_tokens():
         ids.add(tokenizer.special_tokens()[eos_token])

@@ -39,6 +39,12 @@ class ChatTemplateError(ValueError):
     """A template that cannot be read or compiled (at start-up), or that refuses a conversation (per request)."""
 
 
+class ChatFileError(ChatTemplateError):
+    """A file of the model folder read beside the template (the special tokens' tokenizer_config.json and
+    special_tokens_map.json, generation_config.json's end of turn) that cannot be read: another template
+    (``--chat-template``) does not replace it."""
+
+
 def find_chat_template(folder: Path) -> tuple[str, str] | None:
     """(template text, where it was read) of model folder ``folder``, or None where it has none (see the module).
     ChatTemplateError for a file that is there but holds no readable template: serving without it would answer
@@ -68,32 +74,38 @@ def read_template_file(file: Path) -> str:
     """The Jinja text of ``file``; ChatTemplateError naming it where it cannot be read."""
     try:
         return file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ChatTemplateError(f"{file}: cannot read the chat template ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:  # (which has no strerror)
+        raise ChatTemplateError(
+            f"{file}: cannot read the chat template (not UTF-8: {e.reason} at byte {e.start})"
+        ) from None
 
 
 def special_token_texts(folder: Path) -> dict[str, str]:
-    """The named special tokens (:data:`NAMED_TOKENS` -> text) a template of ``folder`` reads: tokenizer_config.json's,
-    and special_tokens_map.json's for those it lacks. A token is a string or an ``AddedToken`` object (its
-    ``"content"``)."""
+    """The named special tokens (:data:`NAMED_TOKENS` -> text) a template of ``folder`` reads, where transformers'
+    tokenizer reads them: tokenizer_config.json's where it lists ``added_tokens_decoder`` (as transformers saves it
+    since 4.34; special_tokens_map.json is not read then), else special_tokens_map.json's over tokenizer_config.json's
+    (an older folder, which transformers still loads so). A token is a string or an ``AddedToken`` object (its
+    ``"content"``). ChatFileError for a file that is not a JSON object."""
+    config, legacy = folder / TOKENIZER_CONFIG_NAME, folder / SPECIAL_TOKENS_MAP_NAME
+    settings = _read_json(config, ChatFileError) if config.is_file() else {}
+    if "added_tokens_decoder" not in settings and legacy.is_file():
+        settings = {**settings, **_read_json(legacy, ChatFileError)}
     found: dict[str, str] = {}
-    for name in (TOKENIZER_CONFIG_NAME, SPECIAL_TOKENS_MAP_NAME):
-        if not (folder / name).is_file():
-            continue
-        settings = _read_json(folder / name)
-        for key in NAMED_TOKENS:
-            value = settings.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str) and key not in found:
-                found[key] = value
+    for key in NAMED_TOKENS:
+        value = settings.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            found[key] = value
     return found
 
 
-def _read_json(file: Path) -> dict:
+def _read_json(file: Path, error: type[ChatTemplateError] = ChatTemplateError) -> dict:
     try:
         return read_json(file, f"{file}: missing")
     except ValueError as e:  # (CheckpointError: not JSON, not an object)
-        raise ChatTemplateError(str(e)) from None
+        raise error(str(e)) from None
 
 
 class ChatTemplate:
