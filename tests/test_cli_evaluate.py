@@ -262,26 +262,31 @@ def trained(tmp_path_factory):
     relative path, with its val_loss at the last step: 30% of the documents held out, rows of 24 tokens."""
     base = tmp_path_factory.mktemp("trained")
     short_documents(base / "c.jsonl")
-    sets = [
-        "data.source=c.jsonl",
+    logged = train_small(base, "data.source=c.jsonl", "model.pattern=M-*-")
+    val_loss = [m["val_loss"] for m in logged if m.get("step") == 2 and "val_loss" in m]
+    return base / "run", base, val_loss[0]
+
+
+def train_small(base, *sets: str) -> list[dict]:
+    """Train a small model from folder ``base`` into ``base/run`` (2 steps, rows of 24 tokens, 30% of the documents
+    held out, evaluated at the last step) with ``sets`` (the corpus, the pattern) on top; its metrics.jsonl records."""
+    sets = (
+        *sets,
         "data.seq_len=24",
         "data.val_fraction=0.3",
         "train.batch_size=2",
         "train.steps=2",
         "train.eval_every=2",
         "train.eval_batches=3",
-        "model.pattern=M-*-",
         "model.hidden_size=32",
         "model.num_attention_heads=2",
         "model.mamba_head_dim=16",
-    ]
+    )
     argv = ["train", *(x for s in sets for x in ("--set", s)), "--run-dir", "run", "--no-progress"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
         assert main(argv) == 0
-    logged = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
-    val_loss = [m["val_loss"] for m in logged if m.get("step") == 2 and "val_loss" in m]
-    return base / "run", base, val_loss[0]
+    return [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_runs_validation_rows_give_its_logged_val_loss(trained, capsys, monkeypatch):
@@ -379,25 +384,7 @@ def blended(tmp_path_factory, request):
     weights = [] if request.param is None else [f"data.weights={request.param}"]
     short_documents(base / "c.jsonl")
     (base / "d.jsonl").write_text("".join(json.dumps({"text": f"line {i} of d " * 6}) + "\n" for i in range(30)))
-    sets = [
-        'data.source=["c.jsonl", "d.jsonl"]',
-        *weights,
-        "data.seq_len=24",
-        "data.val_fraction=0.3",
-        "train.batch_size=2",
-        "train.steps=2",
-        "train.eval_every=2",
-        "train.eval_batches=3",
-        "model.pattern=M-*-/*-",
-        "model.hidden_size=32",
-        "model.num_attention_heads=2",
-        "model.mamba_head_dim=16",
-    ]
-    argv = ["train", *(x for s in sets for x in ("--set", s)), "--run-dir", "run", "--no-progress"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        assert main(argv) == 0
-    logged = [json.loads(line) for line in (base / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = train_small(base, 'data.source=["c.jsonl", "d.jsonl"]', *weights, "model.pattern=M-*-/*-")
     return base / "run", base, next(m for m in logged if m.get("step") == 2 and "val_loss" in m)
 
 

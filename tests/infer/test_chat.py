@@ -1,15 +1,12 @@
 """`hybridlm serve`'s chat completions: the request checked by name, the conversation rendered by the model's
 template, the answer and stream in OpenAI's chat shapes, the end of turn, on a tiny byte-level model."""
 
-import contextlib
 import json
-import threading
 
 import pytest
 
 from hybridlm import HybridLM, generate
 from hybridlm.infer.api import Sampling
-from hybridlm.infer.batching import BatchWorker
 from hybridlm.infer.chat import (
     NEUTRAL,
     Chat,
@@ -19,9 +16,9 @@ from hybridlm.infer.chat import (
     parse_chat_request,
 )
 from hybridlm.infer.chat_template import ChatTemplate, ChatTemplateError
-from hybridlm.infer.server import CompletionServer
 from hybridlm.train.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
+from tests.infer import test_server
 from tests.infer.test_server import call
 
 TOKENIZER = ByteTokenizer()
@@ -191,28 +188,8 @@ def model():
     return HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0).eval()
 
 
-@contextlib.contextmanager
 def serving(model, chat: Chat | None = CHAT):
-    worker = BatchWorker(model, TOKENIZER, 8)
-    server = CompletionServer(
-        ("127.0.0.1", 0),
-        worker,
-        "tiny",
-        encode=TOKENIZER.encode,
-        vocab_size=257,
-        max_tokens_limit=64,
-        timeout=2,
-        chat=chat,
-    )
-    worker.start()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.stop()
-        thread.join()
+    return test_server.serving(model, chat=chat)
 
 
 def chat(server, body: dict):

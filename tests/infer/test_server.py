@@ -25,10 +25,11 @@ def model():
 
 
 @contextlib.contextmanager
-def serving(model, start: bool = True, host: str = "127.0.0.1", **kw):
+def serving(model, start: bool = True, host: str = "127.0.0.1", chat=None, **kw):
+    """``model`` served as "tiny" on a free port of ``host`` (``chat``: its chat template); ``kw`` go to the worker."""
     worker = BatchWorker(model, TOKENIZER, kw.pop("max_batch_size", 8), **kw)
     server = CompletionServer(
-        (host, 0), worker, "tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=64, timeout=2
+        (host, 0), worker, "tiny", encode=TOKENIZER.encode, vocab_size=257, max_tokens_limit=64, timeout=2, chat=chat
     )
     if start:
         worker.start()

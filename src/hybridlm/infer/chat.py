@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint.io import read_json
+from . import api
 from .api import CompletionRequest, RequestError, check_fields, check_model, parse_request
 from .chat_template import (
     ChatFileError,
@@ -26,24 +27,11 @@ from .chat_template import (
     special_token_texts,
 )
 
-#: Fields read besides :data:`NEUTRAL`'s (``max_tokens`` is ``max_completion_tokens``'s older name).
-FIELDS = (
-    "model",
-    "messages",
-    "max_completion_tokens",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "stop",
-    "seed",
-    "stream",
-    "stream_options",
-    "user",
-)
 #: Fields that :func:`~hybridlm.infer.api.parse_request` reads as they are, for the completions route too.
-SHARED = tuple(f for f in FIELDS if f not in ("messages", "max_completion_tokens", "max_tokens"))
+SHARED = tuple(f for f in api.FIELDS if f not in ("prompt", "max_tokens"))
+#: Fields read besides :data:`NEUTRAL`'s: the completions route's, ``messages`` for its ``prompt``, and
+#: ``max_completion_tokens`` beside ``max_tokens`` (its older name).
+FIELDS = ("messages", "max_completion_tokens", "max_tokens", *SHARED)
 #: OpenAI's chat fields taken only at the value that leaves the result unchanged (null is always taken): no tools
 #: are given to the template, no log-probabilities computed (``top_logprobs`` 0 with them), no JSON mode, nothing
 #: stored for OpenAI's evals (``store``), text out (``modalities``): each at OpenAI's default, which a client may write.
