@@ -332,7 +332,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "--data",
         metavar="SOURCE",
         help="one source of what data.source takes: a .txt/.jsonl/.ndjson file or a folder of them, a folder written "
-        "by hybridlm prepare, or builtin:pydoc (required without --split, where the default is the run's data.source, "
+        "by hybridlm prepare, or builtin:pydoc (required without --split; with it the default is the run's data.source, "
         "every source of a blend)",
     )
     ap.add_argument(
