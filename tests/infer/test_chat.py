@@ -129,6 +129,11 @@ def test_neutral_values_are_taken_and_unknown_fields_refused():
         ([{"role": "user", "content": "x", "name": "\ud800"}], "messages[0].name is not UTF-8 text"),
         ([{"role": "user", "content": "x", "name": 3}], "messages[0].name must be a string"),
         ([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]}], "[0] must be {"),
+        ([{"role": "user", "content": "x", "reasoning_content": "r"}], "reasoning_content: only an assistant"),
+        ([{"role": "assistant", "content": "x", "reasoning_content": 3}], "reasoning_content must be a string"),
+        ([{"role": "assistant", "content": "x", "reasoning": "r"}], "messages[0].reasoning is not supported"),
+        ([{"role": "assistant", "content": "x", "thinking": "r"}], "messages[0].thinking is not supported"),
+        ([{"role": "assistant", "content": "x", "reasoning_content": "\ud800"}], "reasoning_content is not UTF-8"),
     ],
 )
 def test_bad_messages_are_refused_naming_the_message_and_key(messages, words):
@@ -144,6 +149,61 @@ def test_without_a_template_the_route_says_so_and_the_templates_refusal_is_a_400
     error = refused({"messages": HI * 2}, strict)
     assert error.message == "messages: the chat template (strict) refused them: only one message"
     assert "rendered them as no text" in refused({"messages": HI}, Chat(ChatTemplate("", "empty"))).message
+
+
+#: Branches on a switch of its own and writes an assistant's reasoning, as Qwen3's template does.
+SWITCHED = Chat(
+    ChatTemplate(
+        "{% for m in messages %}{{ m.content }}{{ '(' + m.reasoning_content + ')' if m.reasoning_content is defined }}"
+        "{% endfor %}{{ 'think:' if enable_thinking | default(true) else 'answer:' }}{{ style | default('') }}",
+        "switched",
+    ),
+    template_kwargs={"enable_thinking": False, "style": "plain"},
+)
+
+
+def test_chat_template_kwargs_override_the_servers_defaults_key_by_key():
+    def prompt(**fields) -> str:
+        return TOKENIZER.decode(parse({"messages": HI, **fields}, SWITCHED).prompts[0])
+
+    assert prompt() == prompt(chat_template_kwargs=None) == prompt(chat_template_kwargs={}) == "hianswer:plain"
+    assert prompt(chat_template_kwargs={"enable_thinking": True}) == "hithink:plain"
+    assert prompt(chat_template_kwargs={"style": "!", "unused": [1, {"a": None}]}) == "hianswer:!"
+    assert TOKENIZER.decode(parse({"messages": HI, "chat_template_kwargs": {"enable_thinking": False}}).prompts[0]) == (
+        PROMPT  # (a template that reads no switch renders as without them)
+    )
+    again = [*HI, {"role": "assistant", "content": "yo", "reasoning_content": "so"}, *HI]
+    assert TOKENIZER.decode(parse({"messages": again}, SWITCHED).prompts[0]) == "hiyo(so)hianswer:plain"
+    with pytest.raises(ValueError, match="'messages' is not a template variable"):
+        Chat(CHAT.template, template_kwargs={"messages": []})
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ([], "must be a JSON object of template variables, got []"),
+        ("enable_thinking=false", "must be a JSON object"),
+        (True, "must be a JSON object"),
+        ({"messages": []}, "'messages' is not a template variable one may set"),
+        ({"add_generation_prompt": False}, "'add_generation_prompt' is not a template variable"),
+        ({"enable_thinking": True, "tools": []}, "'tools' is not a template variable"),
+        ({"tokenize": True}, "'tokenize' is not a template variable"),
+    ],
+)
+def test_bad_chat_template_kwargs_are_refused_by_name(value, words):
+    error = refused({"messages": HI, "chat_template_kwargs": value})
+    assert error.param == "chat_template_kwargs" and error.message.startswith("chat_template_kwargs: "), error
+    assert words in error.message, error.message
+
+
+def test_a_template_refusal_names_the_kwargs_it_was_given():
+    strict = Chat(ChatTemplate("{{ raise_exception('no thinking here') if enable_thinking }}x", "strict"))
+    error = refused({"messages": HI, "chat_template_kwargs": {"enable_thinking": True}}, strict)
+    assert error.param == "messages"
+    assert error.message == (
+        'messages: the chat template (strict) refused them with chat_template_kwargs {"enable_thinking": true}: '
+        "no thinking here"
+    )
 
 
 def test_the_end_of_turn_ids_are_generation_configs_the_tokenizers_and_its_eos_token(tmp_path):
@@ -178,6 +238,7 @@ def test_load_chat_takes_the_given_file_over_the_folders_and_its_special_tokens(
     assert chat.template.render(HI) == "<s>mine" and chat.template.where == str(tmp_path / "mine.jinja")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     assert load_chat(tmp_path, TOKENIZER).template is None
+    assert load_chat(tmp_path, TOKENIZER, template_kwargs={"a": 1}).template_kwargs == {"a": 1}
 
 
 # -- over HTTP -------------------------------------------------------------------------------------
@@ -279,3 +340,16 @@ def test_chat_errors_over_http_are_openai_error_bodies(model):
             )
         status, _, _ = call(server, "GET", "/v1/chat/completions")
         assert status == 405
+
+
+def test_chat_template_kwargs_over_http_render_the_prompt_the_switch_asks_for(model):
+    request = {"messages": HI, "max_tokens": 4, "temperature": 0}
+    with serving(model, SWITCHED) as server:
+        _, default = chat(server, request)
+        _, switched = chat(server, {**request, "chat_template_kwargs": {"enable_thinking": True}})
+        status, refusal = chat(server, {**request, "chat_template_kwargs": ["enable_thinking"]})
+    for body, prompt in ((default, "hianswer:plain"), (switched, "hithink:plain")):
+        tokens = generate(model, TOKENIZER.encode(prompt), 4, eos_id=TOKENIZER.eos_id)
+        assert body["choices"][0]["message"]["content"] == TOKENIZER.decode(tokens)
+        assert body["usage"]["prompt_tokens"] == len(prompt)
+    assert status == 400 and refusal["error"]["param"] == "chat_template_kwargs", refusal

@@ -5,7 +5,14 @@ import json
 
 import pytest
 
-from hybridlm.infer.chat_template import ChatTemplate, ChatTemplateError, find_chat_template, special_token_texts
+from hybridlm.infer.chat_template import (
+    RESERVED_VARIABLES,
+    ChatTemplate,
+    ChatTemplateError,
+    check_variables,
+    find_chat_template,
+    special_token_texts,
+)
 from hybridlm.train.tokenizer import ByteTokenizer, HFTokenizer
 
 #: Added special tokens of the test tokenizer, ids 257 on (bytes are 0-255, <|endoftext|> 256).
@@ -250,3 +257,52 @@ def test_a_template_that_fails_on_the_messages_is_a_chat_template_error():
     # A template's own bug (adding a number to a string) is the request's 400, not the server's 500.
     with pytest.raises(ChatTemplateError, match=r"^TypeError: can only concatenate str"):
         ChatTemplate("{{ messages[0].content + 1 }}", "t").render([{"role": "user", "content": "x"}])
+
+
+#: Qwen3-like: an assistant's reasoning_content written back only after the last user turn, an empty think block
+#: opened when enable_thinking is false, and gpt-oss's name for the reasoning (``thinking``) read too.
+QWEN3 = """{%- set ns = namespace(last_user=0) %}
+{%- for message in messages %}{% if message.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' and loop.index0 > ns.last_user and message.reasoning_content is defined %}
+        {{- '<|im_start|>assistant\\n<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' + message.content }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content }}
+    {%- endif %}
+    {{- ('[' + message.thinking + ']' if message.thinking is defined else '') + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{% endif %}
+{%- endif %}
+{{- eos_token + (style | tojson if style is defined else '') }}"""
+
+
+def test_extra_variables_and_reasoning_content_render_as_transformers_keywords(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = model_folder(tmp_path / "model", QWEN3)
+    theirs, template = transformers.AutoTokenizer.from_pretrained(str(path)), ours(path)
+    answered = {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+    for messages in ([{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "2+2?"}, answered]):
+        for extra in ({}, {"enable_thinking": False}, {"enable_thinking": True}, {"eos_token": "<E>", "style": [1]}):
+            text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+            # (the route gives the reasoning under transformers' two names, as check_messages does)
+            given = [m | {"thinking": m["reasoning_content"]} if "reasoning_content" in m else m for m in messages]
+            assert template.render(given, extra) == text, extra
+    assert "<think>\n2+2\n</think>\n\n4[2+2]" in text and text.endswith("<E>[1]")
+    assert template.render(messages, {"enable_thinking": False}).endswith("<think>\n\n</think>\n\n</s>")
+
+
+def test_extra_variables_are_a_json_object_without_the_routes_own_names():
+    assert check_variables({"enable_thinking": False, "bos_token": "x"}) == {"enable_thinking": False, "bos_token": "x"}
+    for bad in ([], "x", None, 1):
+        with pytest.raises(ValueError, match="must be a JSON object of template variables"):
+            check_variables(bad)
+    for name in RESERVED_VARIABLES:
+        with pytest.raises(ValueError, match=f"^'{name}' is not a template variable one may set"):
+            check_variables({"enable_thinking": True, name: 1})
+    # Given anyway, the route's own values win: the served prompt never changes by them.
+    template = ChatTemplate("{{ add_generation_prompt }}{{ messages | length }}{{ tools }}", "t")
+    assert (
+        template.render([{"role": "user", "content": "x"}], {"add_generation_prompt": False, "tools": 1}) == "True1None"
+    )

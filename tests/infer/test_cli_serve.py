@@ -47,6 +47,7 @@ def test_help_names_the_flags_and_why_it_listens_on_localhost(capsys):
         "--threads",
         "--tokenizer",
         "--chat-template",
+        "--chat-template-kwargs",
     ):
         assert flag in out
     assert "127.0.0.1, this machine only" in " ".join(out.split()) and "No authentication" in out
@@ -66,6 +67,12 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
         (["--threads", "0"], "--threads must be >= 1"),
         (["--model-name", ""], "--model-name: empty"),
         (["--tokenizer", ""], "--tokenizer"),
+        (
+            ["--chat-template-kwargs", "{enable_thinking: false}"],
+            "--chat-template-kwargs {enable_thinking: false}: not JSON",
+        ),
+        (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs [1]: must be a JSON object of template variables"),
+        (["--chat-template-kwargs", '{"messages": []}'], "'messages' is not a template variable one may set"),
     ):
         assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
         err = capsys.readouterr().err
@@ -193,3 +200,32 @@ def test_chat_is_served_with_the_template_given_and_says_which(checkpoint, capsy
     assert f"chat template: {template}" in err and '"POST /v1/chat/completions HTTP/1.1" 200' in err
     tokens = generate(model, ByteTokenizer().encode("hi:"), 5, eos_id=256)
     assert answers[0]["choices"][0]["message"]["content"] == ByteTokenizer().decode(tokens)
+
+
+def test_chat_template_kwargs_are_the_defaults_a_request_overrides(checkpoint, capsys, monkeypatch, tmp_path):
+    path, model = checkpoint
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}{{ 'T' if enable_thinking }}{{ mark }}:")
+    answers = []
+    serve_forever = CompletionServer.serve_forever
+
+    def serve_then_ctrl_c(server):
+        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
+        thread.start()
+        try:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+            answers.append(post(server.url + "/chat", body))
+            answers.append(post(server.url + "/chat", {**body, "chat_template_kwargs": {"enable_thinking": True}}))
+        finally:
+            server.shutdown()
+            thread.join()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
+    flags = ["--chat-template", str(template), "--chat-template-kwargs", '{"enable_thinking": false, "mark": "m"}']
+    assert main(["serve", str(path), "--device", "cpu", "--port", "0", *flags]) == 130
+    capsys.readouterr()
+    for answer, prompt in zip(answers, ("him:", "hiTm:"), strict=True):
+        tokens = generate(model, ByteTokenizer().encode(prompt), 5, eos_id=256)
+        assert answer["choices"][0]["message"]["content"] == ByteTokenizer().decode(tokens)
+        assert answer["usage"]["prompt_tokens"] == len(prompt)

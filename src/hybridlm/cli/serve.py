@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,24 @@ from pathlib import Path
 #: prompt + max_tokens positions per row from the start, so this bounds what one request can make the server hold).
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 2048
 DEFAULT_PORT = 8000
+
+
+def _template_kwargs(text: str | None) -> dict:
+    """``--chat-template-kwargs``'s JSON object (none: {}); UsageError naming the flag otherwise."""
+    from ..errors import UsageError
+    from ..infer.chat_template import check_variables
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        why = f"not JSON ({e.msg} at character {e.pos}); give an object, such as '{{\"enable_thinking\": false}}'"
+        raise UsageError(f"--chat-template-kwargs {text[:60]}: {why}") from None
+    try:
+        return check_variables(value)
+    except ValueError as e:
+        raise UsageError(f"--chat-template-kwargs {text[:60]}: {e}") from None
 
 
 def _check_args(args: argparse.Namespace):
@@ -38,6 +57,7 @@ def _check_args(args: argparse.Namespace):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    _template_kwargs(args.chat_template_kwargs)
     device = device_option("--device", args.device)
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
     return device
@@ -65,7 +85,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
     try:  # (a template that does not compile is refused before the model loads, as a bad flag is)
-        chat = load_chat(path, tokenizer, None if args.chat_template is None else Path(args.chat_template))
+        template_file = None if args.chat_template is None else Path(args.chat_template)
+        chat = load_chat(path, tokenizer, template_file, _template_kwargs(args.chat_template_kwargs))
     except ChatFileError as e:  # (not the template's: another one would not help)
         raise UsageError(str(e)) from None
     except ChatTemplateError as e:
@@ -157,6 +178,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a Jinja chat template for POST /v1/chat/completions, in place of the model folder's (a model hybridlm "
         "trained has none; the folder's special tokens are still given to it)",
+    )
+    ap.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="a JSON object of the chat template's own switches, the defaults of a request's chat_template_kwargs, "
+        """which overrides them key by key (e.g. '{"enable_thinking": false}' for Qwen3's template)""",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

@@ -6,7 +6,9 @@ A chat request is a completion request whose prompt is the conversation rendered
 (:mod:`hybridlm.infer.chat_template`) and tokenized as transformers tokenizes a chat prompt (no special tokens
 added: the template writes them). The fields both APIs share are checked by :func:`~hybridlm.infer.api.parse_request`
 itself, so the two routes take and refuse them alike; a chat model ends its turn with a token of its own
-(``<|im_end|>``), which ends the choice and is none of its text, as the end of document is.
+(``<|im_end|>``), which ends the choice and is none of its text, as the end of document is. A template's own switches
+(Qwen3's ``enable_thinking``) come as ``chat_template_kwargs``, vLLM's field: extra template variables, over the
+server's defaults (``hybridlm serve --chat-template-kwargs``) key by key.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .chat_template import (
     ChatFileError,
     ChatTemplate,
     ChatTemplateError,
+    check_variables,
     find_chat_template,
     read_template_file,
     special_token_texts,
@@ -30,8 +33,8 @@ from .chat_template import (
 #: Fields that :func:`~hybridlm.infer.api.parse_request` reads as they are, for the completions route too.
 SHARED = tuple(f for f in api.FIELDS if f not in ("prompt", "max_tokens"))
 #: Fields read besides :data:`NEUTRAL`'s: the completions route's, ``messages`` for its ``prompt``, and
-#: ``max_completion_tokens`` beside ``max_tokens`` (its older name).
-FIELDS = ("messages", "max_completion_tokens", "max_tokens", *SHARED)
+#: ``max_completion_tokens`` beside ``max_tokens`` (its older name), and ``chat_template_kwargs`` (vLLM's and SGLang's).
+FIELDS = ("messages", "max_completion_tokens", "max_tokens", "chat_template_kwargs", *SHARED)
 #: OpenAI's chat fields taken only at the value that leaves the result unchanged (null is always taken): no tools
 #: are given to the template, no log-probabilities computed (``top_logprobs`` 0 with them), no JSON mode, nothing
 #: stored for OpenAI's evals (``store``), text out (``modalities``): each at OpenAI's default, which a client may write.
@@ -52,8 +55,10 @@ NEUTRAL = {
 #: "tool" drops such a message without a word (Qwen's does), and tool results need tools, which are not served.
 ROLES = ("system", "user", "assistant")
 #: The keys a message may have (a null one is dropped first, as transformers drops it: a client that sends back an
-#: answer's message sends ``tool_calls: null`` and ``refusal: null``).
-MESSAGE_KEYS = ("role", "content", "name")
+#: answer's message sends ``tool_calls: null`` and ``refusal: null``). ``reasoning_content`` (an assistant's only: the
+#: thinking a reasoning template such as Qwen3's writes back or drops) is also given as ``thinking``, as transformers
+#: gives it (gpt-oss templates read that name).
+MESSAGE_KEYS = ("role", "content", "name", "reasoning_content")
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 
@@ -64,25 +69,33 @@ class ChatRequest(CompletionRequest):
 
 
 class Chat:
-    """What the chat route needs of the served model: its ``template`` (None: it has none, and the route says so)
-    and ``stop_ids``, the ids that end a turn (:func:`end_of_turn_ids`)."""
+    """What the chat route needs of the served model: its ``template`` (None: it has none, and the route says so),
+    ``stop_ids``, the ids that end a turn (:func:`end_of_turn_ids`), and ``template_kwargs``, the template variables
+    a request's ``chat_template_kwargs`` overrides key by key (``--chat-template-kwargs``; checked: ValueError)."""
 
-    def __init__(self, template: ChatTemplate | None, stop_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        template: ChatTemplate | None,
+        stop_ids: frozenset[int] = frozenset(),
+        template_kwargs: dict | None = None,
+    ) -> None:
         self.template, self.stop_ids = template, frozenset(stop_ids)
+        self.template_kwargs = check_variables(template_kwargs or {})
 
 
-def load_chat(folder: Path, tokenizer, template_file: Path | None = None) -> Chat:
+def load_chat(folder: Path, tokenizer, template_file: Path | None = None, template_kwargs: dict | None = None) -> Chat:
     """The :class:`Chat` of model folder ``folder`` read with ``tokenizer``: ``template_file``'s template where one
     is given, else the folder's own (:func:`~hybridlm.infer.chat_template.find_chat_template`), given the folder's
-    special tokens. ChatTemplateError naming the file for a template that cannot be read or compiled; ChatFileError
-    (one) for the folder's other files (:func:`end_of_turn_ids`, the special tokens)."""
+    special tokens and the default ``template_kwargs``. ChatTemplateError naming the file for a template that cannot
+    be read or compiled; ChatFileError (one) for the folder's other files (:func:`end_of_turn_ids`, the special
+    tokens); ValueError for ``template_kwargs`` that :func:`~hybridlm.infer.chat_template.check_variables` refuses."""
     variables = special_token_texts(folder)
     if template_file is not None:
         found: tuple[str, str] | None = (read_template_file(template_file), str(template_file))
     else:
         found = find_chat_template(folder)
     template = None if found is None else ChatTemplate(*found, variables)
-    return Chat(template, end_of_turn_ids(folder, tokenizer, variables.get("eos_token")))
+    return Chat(template, end_of_turn_ids(folder, tokenizer, variables.get("eos_token")), template_kwargs)
 
 
 def end_of_turn_ids(folder: Path, tokenizer, eos_token: str | None = None) -> frozenset[int]:
@@ -131,8 +144,9 @@ def _content(value, where: str) -> str:
 
 
 def check_messages(value) -> list[dict]:
-    """``messages`` as the template reads them: a non-empty list of ``{role, content[, name]}`` with text content
-    (parts joined, null keys dropped); RequestError 400 naming the message and key otherwise."""
+    """``messages`` as the template reads them: a non-empty list of ``{role, content[, name]}`` (an assistant's with
+    ``reasoning_content``, also given as ``thinking``) with text content (parts joined, null keys dropped);
+    RequestError 400 naming the message and key otherwise."""
     if not isinstance(value, list) or not value:
         raise _invalid(
             "messages", f"must be a non-empty list of {{role, content}} objects, got {json.dumps(value)[:60]}"
@@ -153,13 +167,18 @@ def check_messages(value) -> list[dict]:
         if "content" not in message:
             raise _invalid("messages", f"{where}.content: missing")
         message["content"] = _content(message["content"], f"{where}.content")
-        if not isinstance(message.get("name", ""), str):
-            raise _invalid("messages", f"{where}.name must be a string")
+        for key in ("name", "reasoning_content"):
+            if not isinstance(message.get(key, ""), str):
+                raise _invalid("messages", f"{where}.{key} must be a string")
+        if "reasoning_content" in message and role != "assistant":
+            raise _invalid("messages", f"{where}.reasoning_content: only an assistant message has one")
         for key, text in message.items():
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # JSON's lone surrogate escapes (\ud800)
                 raise _invalid("messages", f"{where}.{key} is not UTF-8 text (a lone surrogate)") from None
+        if "reasoning_content" in message:  # transformers' alias, first as it puts it
+            message = {"thinking": message["reasoning_content"], **message}
         messages.append(message)
     return messages
 
@@ -191,10 +210,16 @@ def parse_chat_request(
             "chat_template_missing",
         )
     messages = check_messages(body.get("messages"))
+    extra = body.get("chat_template_kwargs")
     try:
-        prompt = chat.template.render(messages)
+        extra = {**chat.template_kwargs, **check_variables({} if extra is None else extra)}
+    except ValueError as e:
+        raise _invalid("chat_template_kwargs", str(e)) from None
+    try:
+        prompt = chat.template.render(messages, extra)
     except ChatTemplateError as e:
-        raise _invalid("messages", f"the chat template ({chat.template.where}) refused them: {e}") from None
+        given = f" with chat_template_kwargs {json.dumps(extra)[:80]}" if extra else ""
+        raise _invalid("messages", f"the chat template ({chat.template.where}) refused them{given}: {e}") from None
     try:
         ids = list(encode(prompt))
     except ValueError as e:  # (the tokenizer's DataError)

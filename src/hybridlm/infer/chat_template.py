@@ -9,7 +9,8 @@ Rendering is transformers' ``apply_chat_template(messages, add_generation_prompt
 served model sees the prompts it was fine-tuned on: the same Jinja environment (sandboxed and immutable, blocks
 trimmed, ``loopcontrols``, ``raise_exception``, ``strftime_now``, a ``tojson`` that leaves HTML characters alone,
 ``{% generation %}`` blocks accepted), and the same variables (``messages``, ``tools`` and ``documents`` null,
-``add_generation_prompt``, the named special tokens of ``tokenizer_config.json``). Templates are code from the
+``add_generation_prompt``, the named special tokens of ``tokenizer_config.json``, and the extra variables a caller
+passes, as ``apply_chat_template(..., **kwargs)`` passes them: ``enable_thinking``). Templates are code from the
 Hub: the sandbox keeps them from Python's internals, as transformers' does.
 """
 
@@ -33,6 +34,20 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
 #: The special tokens transformers gives a template by name (its ``special_tokens_map``), as in tokenizer_config.json.
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+#: Names an extra template variable may not take: the variables the route sets itself (``messages``, and ``tools``,
+#: ``documents`` and ``add_generation_prompt`` at their served values), and apply_chat_template's arguments that are no
+#: template variables (``continue_final_message``, ``chat_template``, ``tokenize``). transformers binds such a keyword
+#: to its own argument (``messages`` is a TypeError there), so passing it to the template would render what
+#: transformers never renders. A special token's name is allowed: transformers lets a keyword replace it.
+RESERVED_VARIABLES = (
+    "messages",
+    "add_generation_prompt",
+    "tools",
+    "documents",
+    "continue_final_message",
+    "chat_template",
+    "tokenize",
+)
 
 
 class ChatTemplateError(ValueError):
@@ -101,6 +116,20 @@ def special_token_texts(folder: Path) -> dict[str, str]:
     return found
 
 
+def check_variables(value) -> dict:
+    """``value`` as extra template variables: a JSON object (name -> JSON value) with no name of
+    :data:`RESERVED_VARIABLES`; ValueError saying which, for the caller to name its field or flag."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object of template variables, got {json.dumps(value)[:60]}")
+    reserved = [k for k in value if k in RESERVED_VARIABLES]
+    if reserved:
+        raise ValueError(
+            f"{reserved[0]!r} is not a template variable one may set (the route sets messages, tools, documents and "
+            "add_generation_prompt itself; continue_final_message, chat_template and tokenize are not served)"
+        )
+    return dict(value)
+
+
 def _read_json(file: Path, error: type[ChatTemplateError] = ChatTemplateError) -> dict:
     try:
         return read_json(file, f"{file}: missing")
@@ -120,14 +149,16 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"{where}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], extra: dict | None = None) -> str:
         """The prompt text of ``messages`` (plain JSON: role, content, ...) with the assistant's turn opened
         (``add_generation_prompt``); ChatTemplateError with the template's own message where it refuses them
-        (``raise_exception``), or fails on them."""
+        (``raise_exception``), or fails on them.
+
+        ``extra``: more variables (checked by :func:`check_variables`), over the special tokens as transformers
+        puts its keywords over them (``{**special_tokens_map, **kwargs}``)."""
+        served = {"messages": messages, "tools": None, "documents": None, "add_generation_prompt": True}
         try:
-            return self.compiled.render(
-                **self.variables, messages=messages, tools=None, documents=None, add_generation_prompt=True
-            )
+            return self.compiled.render({**self.variables, **(extra or {}), **served})
         except jinja2.TemplateError as e:  # raise_exception's, an undefined value used, a sandbox refusal
             raise ChatTemplateError(e.message or type(e).__name__) from None
         except Exception as e:  # a template's own bug on these messages (a TypeError adding a list to a string)
