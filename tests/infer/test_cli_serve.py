@@ -34,6 +34,27 @@ def post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def serve_then_ctrl_c(monkeypatch, route: str, *bodies: dict) -> tuple[list[dict], list]:
+    """Make ``serve_forever`` answer ``bodies`` posted to ``route`` (``""`` or ``"/chat"``), then stop as Ctrl-C
+    stops it: (the answers, the servers), filled once the command has run."""
+    answers, servers = [], []
+    serve_forever = CompletionServer.serve_forever
+
+    def serve(server):
+        servers.append(server)
+        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
+        thread.start()
+        try:
+            answers.extend(post(server.url + route, body) for body in bodies)
+        finally:
+            server.shutdown()
+            thread.join()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompletionServer, "serve_forever", serve)
+    return answers, servers
+
+
 def test_help_names_the_flags_and_why_it_listens_on_localhost(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
@@ -92,21 +113,7 @@ def test_a_port_in_use_is_named_by_its_flags(checkpoint, capsys):
 
 def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint, capsys, monkeypatch):
     path, model = checkpoint
-    answers, servers = [], []
-    serve_forever = CompletionServer.serve_forever
-
-    def serve_then_ctrl_c(server):
-        servers.append(server)
-        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
-        thread.start()
-        try:
-            answers.append(post(server.url, {"prompt": "hi", "max_tokens": 5, "temperature": 0}))
-        finally:
-            server.shutdown()
-            thread.join()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
+    answers, servers = serve_then_ctrl_c(monkeypatch, "", {"prompt": "hi", "max_tokens": 5, "temperature": 0})
     limits = ["--max-batch-size", "3", "--max-new-tokens-limit", "9"]
     code = main(["serve", str(path), "--device", "cpu", "--port", "0", "--model-name", "tiny", *limits])
     out, err = capsys.readouterr()
@@ -180,21 +187,8 @@ def test_chat_is_served_with_the_template_given_and_says_which(checkpoint, capsy
     path, model = checkpoint
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}:")
-    answers = []
-    serve_forever = CompletionServer.serve_forever
-
-    def serve_then_ctrl_c(server):
-        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
-        thread.start()
-        try:
-            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
-            answers.append(post(server.url + "/chat", body))
-        finally:
-            server.shutdown()
-            thread.join()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    answers, _ = serve_then_ctrl_c(monkeypatch, "/chat", body)
     assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--chat-template", str(template)]) == 130
     err = capsys.readouterr().err
     assert f"chat template: {template}" in err and '"POST /v1/chat/completions HTTP/1.1" 200' in err
@@ -206,22 +200,9 @@ def test_chat_template_kwargs_are_the_defaults_a_request_overrides(checkpoint, c
     path, model = checkpoint
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}{{ 'T' if enable_thinking }}{{ mark }}:")
-    answers = []
-    serve_forever = CompletionServer.serve_forever
-
-    def serve_then_ctrl_c(server):
-        thread = threading.Thread(target=serve_forever, args=(server, 0.05))
-        thread.start()
-        try:
-            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
-            answers.append(post(server.url + "/chat", body))
-            answers.append(post(server.url + "/chat", {**body, "chat_template_kwargs": {"enable_thinking": True}}))
-        finally:
-            server.shutdown()
-            thread.join()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CompletionServer, "serve_forever", serve_then_ctrl_c)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    thinking = {**body, "chat_template_kwargs": {"enable_thinking": True}}
+    answers, _ = serve_then_ctrl_c(monkeypatch, "/chat", body, thinking)
     flags = ["--chat-template", str(template), "--chat-template-kwargs", '{"enable_thinking": false, "mark": "m"}']
     assert main(["serve", str(path), "--device", "cpu", "--port", "0", *flags]) == 130
     capsys.readouterr()
