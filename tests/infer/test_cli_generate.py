@@ -137,45 +137,6 @@ def test_stop_escapes_and_a_random_stream_per_batch(checkpoint, capsys):
     assert len(samples) == 3 and len(set(samples)) == 3, samples
 
 
-def test_the_completion_keeps_the_space_a_decoder_strips_at_the_start():
-    from hybridlm.cli.generate import _Completion
-
-    class Metaspace:  # decodes like sentencepiece: "▁" becomes a space, and a leading space is dropped
-        def decode(self, ids):
-            return "".join(("▁Hello", "▁world")[i] for i in ids).replace("▁", " ").removeprefix(" ")
-
-    row = _Completion(Metaspace(), [], stream=False, prompt=[0])
-    row.add(1)
-    assert row.text == " world"
-
-
-def test_a_long_completion_decodes_a_bounded_window_per_token_and_the_same_text(capsys):
-    """Each token decoded the whole completion again: quadratic (8,000 tokens: 0.55 ms a token)."""
-    from hybridlm.cli.generate import _Completion
-    from hybridlm.train.tokenizer import ByteTokenizer
-
-    class Counting(ByteTokenizer):
-        longest = 0
-
-        def decode(self, ids):
-            Counting.longest = max(Counting.longest, len(ids))
-            return super().decode(ids)
-
-    text = "héllo wörld ✓ 日本語 " * 60 + "STOP here"
-    ids = list(text.encode())
-    for stream in (False, True):
-        row = _Completion(Counting(), ["STOP", "語 h"], stream, prompt=[65, 66], heading="")
-        stopped_at = next(i for i, t in enumerate(ids) if row.add(t))
-        row.finish()
-        assert row.text == "héllo wörld ✓ 日本" and stopped_at == len("héllo wörld ✓ 日本語 h".encode()) - 1
-        row = _Completion(Counting(), ["STOP"], stream, prompt=[65, 66], heading="")
-        assert not any(row.add(t) for t in ids[: -len("STOP here")])
-        row.finish()
-        assert row.text == text[: -len("STOP here")] and row.settled > len(ids) - 3 * _Completion.WINDOW
-        assert capsys.readouterr().out == (2 * "" if not stream else "héllo wörld ✓ 日本" + row.text)
-    assert Counting.longest <= 2 * _Completion.WINDOW + _Completion.CONTEXT
-
-
 def test_ctrl_c_prints_what_was_generated_so_far(checkpoint, capsys, monkeypatch):
     from hybridlm.infer import generate as module
 
@@ -304,10 +265,10 @@ def test_stop_escapes_name_newline_tab_return_and_backslash():
 
 def test_streaming_holds_back_only_what_may_begin_a_stop_string(capsys):
     """While streaming, len(longest stop) - 1 characters wait (they may begin a stop); without stops none do."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     for stops, want in (([], ["a", "b", "z", "c"]), (["zz", "q"], ["", "a", "b", "z"])):
-        row = _Completion(ByteTokenizer(), stops, stream=True)
+        row = Completion(ByteTokenizer(), stops, stream=True)
         shown = []
         for ch in "abzc":
             row.add(ord(ch))
@@ -317,11 +278,11 @@ def test_streaming_holds_back_only_what_may_begin_a_stop_string(capsys):
 
 def test_a_long_stop_string_across_the_settled_text_still_stops():
     """A stop string longer than the settling window: its start lies in text settled before its end arrives."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     stop = "0123456789abcdefghijklmnop"  # 26 characters, more than WINDOW tokens
     text = "x" * 40 + stop + "tail"
-    row = _Completion(ByteTokenizer(), [stop], stream=False)
+    row = Completion(ByteTokenizer(), [stop], stream=False)
     stopped_at = next((i for i, t in enumerate(text.encode()) if row.add(t)), None)
     assert stopped_at == len("x" * 40 + stop) - 1 and row.text == "x" * 40
 
@@ -337,9 +298,9 @@ def test_prompt_files_end_lines_at_crlf_and_stats_sum_over_batches(checkpoint, c
 
 
 def test_the_first_stop_string_in_the_text_cuts_it():
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
-    row = _Completion(ByteTokenizer(), ["b", "xb"], stream=False)  # both end with the same token
+    row = Completion(ByteTokenizer(), ["b", "xb"], stream=False)  # both end with the same token
     assert [row.add(t) for t in b"axb"] == [False, False, True] and row.text == "a"
 
 
@@ -347,7 +308,7 @@ def test_output_that_is_not_utf8_settles_too_and_reads_as_the_whole_decode():
     """Bytes that are not UTF-8 never settled (each cut ended in a replacement character), so every token decoded
     the whole completion again. Settled or not, the text is at every token what the whole completion decodes to
     (truncated sequences before ASCII, lone continuation bytes, 0xFF)."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
     from hybridlm.train.tokenizer import ByteTokenizer
 
     class Counting(ByteTokenizer):
@@ -358,14 +319,14 @@ def test_output_that_is_not_utf8_settles_too_and_reads_as_the_whole_decode():
             return super().decode(ids)
 
     for ids in ([0xFF] * 400, [0xE2, 0x82, 0x41, 0x80, 0xF0, 0x9F] * 70, list("€ä日".encode()[1:]) * 60):
-        row = _Completion(Counting(), ["\n"], stream=False, prompt=[65])
+        row = Completion(Counting(), ["\n"], stream=False, prompt=[65])
         for i, t in enumerate(ids):
             assert not row.add(t)
             assert row.text == ByteTokenizer().decode(ids[: i + 1]), (
                 i
             )  # what the whole completion decodes to, at every token
-        assert row.settled > len(ids) - 3 * _Completion.WINDOW
-    assert Counting.longest <= 2 * _Completion.WINDOW + _Completion.CONTEXT
+        assert row.settled > len(ids) - 3 * Completion.WINDOW
+    assert Counting.longest <= 2 * Completion.WINDOW + Completion.CONTEXT
 
 
 def test_the_default_device_is_the_gpu_where_there_is_one(checkpoint, capsys, monkeypatch):
@@ -478,10 +439,10 @@ def test_a_completion_after_a_prompt_cut_inside_a_character_keeps_its_own_text()
     """Where the prompt's last ids and the new ones decode together to other text than the prompt's (here the
     prompt ends inside a UTF-8 character that the new byte completes), the new ids are decoded alone: their byte
     is no character by itself, and nothing of it is dropped."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     euro = list("€".encode())
-    row = _Completion(ByteTokenizer(), [], stream=False, prompt=euro[:2])
+    row = Completion(ByteTokenizer(), [], stream=False, prompt=euro[:2])
     row.add(euro[2])
     assert row.text == "\ufffd"
     row.add(ord("a"))
@@ -552,10 +513,10 @@ def test_streaming_never_prints_the_start_of_a_stop_string_ending_in_a_multibyte
     """A stop string whose last character spans several tokens: while that character was incomplete, its
     replacement character took the held-back place, and the stop's first characters were printed ("b" of
     "bß", the space of " 😀"). What streams is exactly the text, cut before the stop."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     for stop, text in (("bß", "abßc"), (" 😀", "x 😀y"), ("\n€", "q\n\n€")):
-        row = _Completion(ByteTokenizer(), [stop], stream=True, heading="> ")
+        row = Completion(ByteTokenizer(), [stop], stream=True, heading="> ")
         for t in text.encode():
             if row.add(t):
                 break
@@ -704,13 +665,13 @@ def test_a_long_completion_of_byte_fallback_tokens_streams_and_reads_as_its_whol
     byte: the settled text took those for output that is not UTF-8 (the completion ended in replacement characters
     where the whole decode has the emoji), and a context cut inside a run made the next emoji's bytes replacement
     characters too, while the streamed text repeated pieces ("日本日本")."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     tok = _byte_fallback_tokenizer(tmp_path)
     prompt, ids = tok.encode("ab"), tok.encode(text)
-    assert len(ids) >= 2 * _Completion.WINDOW and tok.decode(prompt + ids) == "ab" + text
+    assert len(ids) >= 2 * Completion.WINDOW and tok.decode(prompt + ids) == "ab" + text
     for stream in (False, True):
-        row = _Completion(tok, [], stream, prompt=prompt, heading="")
+        row = Completion(tok, [], stream, prompt=prompt, heading="")
         assert not any(row.add(t) for t in ids)
         row.finish()
         assert row.text == text and row.settled > 0
@@ -766,7 +727,7 @@ def test_a_stop_string_holding_a_special_token_and_more_text_ends_the_text_there
     """Decoding leaves special tokens out of the text, so `--stop '<|im_end|>\\n'` (a special token followed by text)
     never matched and a chat model went on past the end of its turn; now the stop is searched with the special
     token's text put back where the model picked it, and the text ends there, streamed or not."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     tok = _chat_tokenizer(tmp_path)
     special = tok.special_tokens()
@@ -783,7 +744,7 @@ def test_a_stop_string_holding_a_special_token_and_more_text_ends_the_text_there
     )
     for stops, text, stopped_at in cases:
         for stream in (False, True):
-            row = _Completion(tok, stops, stream, prompt=tok.encode("Q"), heading="> ", specials=special)
+            row = Completion(tok, stops, stream, prompt=tok.encode("Q"), heading="> ", specials=special)
             assert next((i for i, t in enumerate(ids) if row.add(t)), None) == stopped_at, stops
             row.finish()
             assert row.text == text and capsys.readouterr().out == ("> " + text if stream else ""), stops
@@ -792,14 +753,14 @@ def test_a_stop_string_holding_a_special_token_and_more_text_ends_the_text_there
 def test_a_stop_string_holding_a_special_token_matches_its_text_written_out_in_plain_tokens(tmp_path, capsys):
     """A stop string holding a special token's text and more ('<|im_end|>\\n') is a string like any other: where the
     model writes that text out in byte tokens, and picks no special token, it is found there, as '<|im_end|>' is."""
-    from hybridlm.cli.generate import _Completion
+    from hybridlm.infer.completion import Completion
 
     tok = _chat_tokenizer(tmp_path)
     ids = list(b"Hi<|im_end|>\nuser")  # byte tokens only
     assert tok.decode(ids) == "Hi<|im_end|>\nuser"
     for stops, stopped_at in ((["<|im_end|>\n"], 12), (["<|im_end|>"], 11)):
         for stream in (False, True):
-            row = _Completion(tok, stops, stream, prompt=tok.encode("Q"), specials=tok.special_tokens())
+            row = Completion(tok, stops, stream, prompt=tok.encode("Q"), specials=tok.special_tokens())
             assert next((i for i, t in enumerate(ids) if row.add(t)), None) == stopped_at, stops
             row.finish()
             assert row.text == "Hi" and capsys.readouterr().out == ("Hi" if stream else ""), stops

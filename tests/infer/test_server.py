@@ -301,20 +301,8 @@ def test_a_client_that_leaves_while_it_waits_stops_its_row(model, stream):
 
 
 def test_a_client_that_leaves_a_stream_stops_its_row(model):
-    with serving(model, max_batch_size=8) as server:
-        before = threading.Event()
-
-        def gate(model, rows, **kw):  # the stream's first chunk is read, and the client gone, before token 2
-            callback = kw.pop("callback")
-
-            def wait_then(row, token):
-                stop = callback(row, token)
-                before.wait(5)
-                return stop
-
-            return generate(model, rows, callback=wait_then, **kw)
-
-        server.worker.generate = gate
+    before = threading.Event()  # the stream's first chunk is read, and the client gone, before token 2
+    with serving(model, max_batch_size=8, generate=gated(before)) as server:
         jobs, submit = [], server.worker.submit
         server.worker.submit = lambda request: jobs.append(submit(request)) or jobs[-1]
         body = json.dumps({"prompt": "hi", "max_tokens": 64, "temperature": 0, "stream": True}).encode()

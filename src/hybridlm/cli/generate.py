@@ -7,8 +7,7 @@ import argparse
 import contextlib
 import sys
 
-# (its name here before ``hybridlm serve`` shared it)
-from ..infer.completion import Completion as _Completion
+from ..infer.completion import Completion
 
 #: ``--temperature`` without the flag (and without ``--greedy``): the CLI samples by default.
 DEFAULT_TEMPERATURE = 0.8
@@ -153,7 +152,7 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
     return device
 
 
-def _print_rows(batch: list[str], rows: list[_Completion], stream: bool, separate: bool) -> None:
+def _print_rows(batch: list[str], rows: list[Completion], stream: bool, separate: bool) -> None:
     """The texts of a batch: a streamed row's rest, or each prompt with its text; a blank line after each
     when several prompts are printed."""
     for prompt, row in zip(batch, rows):
@@ -204,7 +203,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         ids = encoded[start : start + args.batch_size]
         stream = len(batch) == 1  # one row at a time streams; a batch prints each text when done
         # A streamed prompt is printed with the first token: an error before it leaves stdout empty.
-        rows = [_Completion(tokenizer, stops, stream, p, text, special) for p, text in zip(ids, batch)]
+        rows = [Completion(tokenizer, stops, stream, p, text, special) for p, text in zip(ids, batch)]
         stats: dict = {}
         try:
             generate(
