@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py                       # CPU, embedded default model, 8 clients
     python benchmarks/serve.py --clients 16 --max-tokens 64 --device cuda
+    python benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --clients 16 --max-tokens 64
 
 The embedded default model of ``hybridlm train`` (random weights, byte tokenizer) is served in this process on a
 free localhost port, as ``hybridlm serve`` serves it (the same ``BatchWorker`` and ``CompletionServer``). K client
@@ -11,7 +12,11 @@ does) and with ``--max-batch-size K``, the two taking turns ``--repeat`` times (
 each is shown: the host may be shared). The table gives the wall time from the first request sent to the last
 answer read, the completion tokens per second over all clients, the mean latency of one request and the number
 of ``generate`` calls the worker ran; it checks that every round of both settings answered the same texts (exit
-status 1 if not: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties). Results belong in docs/benchmarks.md.
+status 1 if not, in float32: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties; in
+bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset (random weights, bf16 on CUDA; the
+byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
+each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``). Results belong in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -53,10 +58,10 @@ def ask(port: int, prompt: str, max_tokens: int) -> tuple[str, float, int]:
     return answer["choices"][0]["text"], time.perf_counter() - start, answer["usage"]["completion_tokens"]
 
 
-def serve_round(model, texts: list[str], max_tokens: int, max_batch: int) -> dict:
+def serve_round(model, texts: list[str], max_tokens: int, max_batch: int, cuda_graph: bool = False) -> dict:
     """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` at once from its own thread."""
     tokenizer = ByteTokenizer()
-    worker = BatchWorker(model, tokenizer, max_batch)
+    worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph)
     server = CompletionServer(
         ("127.0.0.1", 0),
         worker,
@@ -104,34 +109,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of each setting, taking turns; the median is shown")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=None, help="serve this model preset (random weights) in place of the default")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time both settings with CUDA-graphed decoding")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = HybridLM(ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257}), seed=0, device=device).to(dtype).eval()
+    config = ModelConfig.preset(args.preset) if args.preset else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
+    model = HybridLM(config, seed=0, device=device).to(dtype).eval()
     texts = prompts(args.clients, args.prompt_len)
-    runs: dict[int, list[dict]] = {1: [], args.clients: []}
-    for _ in range(args.repeat):  # the two settings take turns, so a busy moment of the host hits both alike
-        for b, done in runs.items():
-            done.append(serve_round(model, texts, args.max_tokens, b))
-    rounds = {b: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for b, done in runs.items()}  # the median
+    settings = [(b, g) for g in ([False, True] if args.cuda_graph else [False]) for b in (1, args.clients)]
+    runs: dict[tuple[int, bool], list[dict]] = {s: [] for s in settings}
+    for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
+        for (b, g), done in runs.items():
+            done.append(serve_round(model, texts, args.max_tokens, b, g))
+    rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
+    name = args.preset or "embedded default model"
     print(
-        f"hybridlm serve, embedded default model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, "
+        f"hybridlm serve, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, "
         f"{str(dtype).removeprefix('torch.')}, {device}, {torch.get_num_threads()} threads): {args.clients} "
         f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
-    print("| --max-batch-size | generate calls | wall s | completion tokens/s | mean latency s |")
-    print("|---:|---:|---:|---:|---:|")
-    for b, r in rounds.items():
-        print(f"| {b} | {r['batches']} | {r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} |")
-    one, many = rounds[1], rounds[args.clients]
-    print(f"\nbatched / one at a time: {one['wall'] / many['wall']:.2f}x the throughput")
-    same = all(r["texts"] == one["texts"] for done in runs.values() for r in done)
-    print(f"same texts batched and one at a time: {'yes' if same else 'NO'}")
-    return 0 if same else 1
+    reference = rounds[(1, False)]
+    print(
+        "| --max-batch-size | CUDA graph | generate calls | wall s | completion tokens/s | mean latency s | same texts |"
+    )
+    print("|---:|:---:|---:|---:|---:|---:|---:|")
+    for (b, g), r in rounds.items():
+        same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
+        print(
+            f"| {b} | {'yes' if g else 'no'} | {r['batches']} | {r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | "
+            f"{r['latency']:.2f} | {same} of {len(texts)} |"
+        )
+    for (b, g), r in rounds.items():
+        if (b, g) != (1, False):
+            label = f"--max-batch-size {b}" + (" --cuda-graph" if g else "")
+            print(f"{label} / one at a time: {reference['wall'] / r['wall']:.2f}x the throughput")
+    same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done)
+    print(f"same texts in every round of every setting: {'yes' if same else 'no'}")
+    return 0 if same or dtype != torch.float32 else 1
 
 
 if __name__ == "__main__":

@@ -204,3 +204,18 @@ def test_a_failure_outside_generation_answers_500_and_the_worker_goes_on(model):
         assert [second.events.get(timeout=10)[0] for _ in range(2)] == ["finish", "done"]
     finally:
         worker.stop(timeout=10)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_worker_asks_generate_for_the_cuda_graph_it_was_given(model, cuda_graph):
+    """``hybridlm serve --cuda-graph`` reaches every batch's ``generate`` call (the capture itself: the GPU tests)."""
+    seen = []
+
+    def recording(model, rows, max_new_tokens, callback, **kw):
+        seen.append(kw["cuda_graph"])
+        callback(0, 65)
+
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=recording, cuda_graph=cuda_graph)
+    worker.submit(request({"prompt": "p", "max_tokens": 1}))
+    worker.step()
+    assert seen == [cuda_graph]

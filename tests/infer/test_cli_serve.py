@@ -69,6 +69,7 @@ def test_help_names_the_flags_and_why_it_listens_on_localhost(capsys):
         "--tokenizer",
         "--chat-template",
         "--chat-template-kwargs",
+        "--cuda-graph",
     ):
         assert flag in out
     assert "127.0.0.1, this machine only" in " ".join(out.split()) and "No authentication" in out
@@ -94,6 +95,7 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
         ),
         (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs [1]: must be a JSON object of template variables"),
         (["--chat-template-kwargs", '{"messages": []}'], "'messages' is not a template variable one may set"),
+        (["--cuda-graph"], "--cuda-graph needs a CUDA device (--device cuda), not cpu"),
     ):
         assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
         err = capsys.readouterr().err
@@ -210,3 +212,46 @@ def test_chat_template_kwargs_are_the_defaults_a_request_overrides(checkpoint, c
         tokens = generate(model, ByteTokenizer().encode(prompt), 5, eos_id=256)
         assert answer["choices"][0]["message"]["content"] == ByteTokenizer().decode(tokens)
         assert answer["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_a_decode_step_that_cannot_be_captured_is_refused_before_the_server_listens(checkpoint, capsys, monkeypatch):
+    """--cuda-graph captures one short generation first: its failure is the command's error (exit 2), named by the
+    flag, and no server is made (on a CPU machine the capture is stood in for; the GPU test below runs it)."""
+    from hybridlm.cli import serve as cli_serve
+    from hybridlm.infer import generate as generating
+
+    path, _ = checkpoint
+    calls = []
+
+    def failing(model, prompts, max_new_tokens, **kw):
+        calls.append(kw)
+        raise RuntimeError("capturing the decode step as a CUDA graph failed; run without cuda_graph (boom)")
+
+    monkeypatch.setattr(generating, "generate", failing)
+    monkeypatch.setattr(cli_serve, "_check_args", lambda args: __import__("torch").device("cpu"))
+    monkeypatch.setattr(CompletionServer, "__init__", lambda *a, **k: pytest.fail("a server was made"))
+    assert main(["serve", str(path), "--cuda-graph", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cuda-graph: capturing the decode step as a CUDA graph failed") and "boom" in err
+    assert calls == [{"cuda_graph": True}]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_serving_answers_what_generate_gives_on_gpu(checkpoint, capsys, monkeypatch):
+    """On a GPU, --cuda-graph captures at the start and each batch replays its graph: greedy answers (float32, two
+    rows batched and one alone) equal ``generate`` with and without the graph on the same device."""
+    path, model = checkpoint
+    bodies = [{"prompt": p, "max_tokens": 6, "temperature": 0} for p in (["hi", "a longer prompt"], "yo")]
+    answers, servers = serve_then_ctrl_c(monkeypatch, "", *bodies)
+    assert main(["serve", str(path), "--device", "cuda", "--cuda-graph", "--port", "0"]) == 130
+    capsys.readouterr()
+    assert servers[0].worker.cuda_graph
+    gpu = HybridLM(model.config, seed=0, device="cuda")
+    gpu.load_state_dict(model.state_dict())
+    gpu.eval()
+    texts = [c["text"] for a in answers for c in a["choices"]]
+    tok = ByteTokenizer()
+    for graph in (True, False):
+        prompts = ("hi", "a longer prompt", "yo")
+        want = [tok.decode(generate(gpu, tok.encode(p), 6, eos_id=256, cuda_graph=graph)) for p in prompts]
+        assert texts == want, (graph, texts, want)

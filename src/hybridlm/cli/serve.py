@@ -60,7 +60,22 @@ def _check_args(args: argparse.Namespace):
     _template_kwargs(args.chat_template_kwargs)
     device = device_option("--device", args.device)
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), not {device}")
     return device
+
+
+def _check_capture(model) -> None:
+    """``--cuda-graph``: one short greedy generation with the graph captured, before the server listens; a model
+    whose decode step cannot be captured is refused here, not in every batch's answer (it also pays the first
+    capture's lazy initialisation and autotuning before the first request)."""
+    from ..errors import UsageError
+    from ..infer.generate import generate
+
+    try:
+        generate(model, [[0]], max_new_tokens=2, cuda_graph=True)
+    except RuntimeError as e:
+        raise UsageError(f"--cuda-graph: {e}") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -94,7 +109,9 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         raise UsageError(why) from None
     scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, verify=not args.no_verify)
-    worker = BatchWorker(model, tokenizer, args.max_batch_size)
+    if args.cuda_graph:
+        _check_capture(model)
+    worker = BatchWorker(model, tokenizer, args.max_batch_size, cuda_graph=args.cuda_graph)
     try:
         server = CompletionServer(
             (args.host, args.port),
@@ -185,6 +202,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="a JSON object of the chat template's own switches, the defaults of a request's chat_template_kwargs, "
         """which overrides them key by key (e.g. '{"enable_thinking": false}' for Qwen3's template)""",
+    )
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each batch's decode step as a CUDA graph, captured once per batch (CUDA only; docs/inference.md)",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

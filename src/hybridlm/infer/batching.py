@@ -87,8 +87,9 @@ class BatchWorker:
     """Runs queued requests on ``model`` in batches (see the module). ``submit`` from any thread; ``start`` runs
     the loop on a thread of its own, ``step`` one round on the caller's (tests)."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, generate=generate) -> None:
+    def __init__(self, model, tokenizer, max_batch_size: int, generate=generate, cuda_graph: bool = False) -> None:
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
+        self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph (captured per batch)
         self.specials = tokenizer.special_tokens()
         self.queue: queue.Queue = queue.Queue()  # Jobs; None only wakes the loop
         self.pending: list[Row] = []  # rows taken from the queue, not run yet, oldest first
@@ -180,6 +181,7 @@ class BatchWorker:
                 seed=seed,
                 repetition_penalty=sampling.repetition_penalty,
                 callback=lambda r, token: self._on_token(batch[r], token),
+                cuda_graph=self.cuda_graph,
             )
         except Exception as e:  # answered, and the server goes on with the next batch
             self._failed(batch, e)
