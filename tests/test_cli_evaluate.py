@@ -278,6 +278,7 @@ def train_small(base, *sets: str) -> list[dict]:
         "train.steps=2",
         "train.eval_every=2",
         "train.eval_batches=3",
+        "train.device=cpu",  # (eval runs on the CPU too: on a CUDA machine, bf16 autocast would differ from it)
         "model.hidden_size=32",
         "model.num_attention_heads=2",
         "model.mamba_head_dim=16",

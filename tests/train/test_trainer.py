@@ -1257,7 +1257,9 @@ def test_a_blend_trains_on_its_sources_and_logs_each_one_s_validation_loss(tmp_p
     from hybridlm.train.evaluation import evaluate_corpus
 
     code = _code_corpus(tmp_path / "code.jsonl")
-    run = tiny_run(f'data.source=["builtin:pydoc", "{code}"]', "data.weights=[0.25, 0.75]", "train.steps=4")
+    run = tiny_run(
+        f'data.source=["builtin:pydoc", "{code}"]', "data.weights=[0.25, 0.75]", "train.steps=4", "train.device=cpu"
+    )
     t = Trainer(run, run_dir=tmp_path / "r", progress=False)
     header = "\n".join(t.describe())
     assert "data    a blend of 2 sources" in header
