@@ -285,9 +285,10 @@ def test_extra_variables_and_reasoning_content_render_as_transformers_keywords(t
     answered = {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
     for messages in ([{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "2+2?"}, answered]):
         for extra in ({}, {"enable_thinking": False}, {"enable_thinking": True}, {"eos_token": "<E>", "style": [1]}):
-            text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
-            # (the route gives the reasoning under transformers' two names, as check_messages does)
+            # The route gives the reasoning under transformers' two names, as check_messages does (transformers 5.25
+            # aliases reasoning_content as thinking itself; 5.17, the GPU image's, does not: both get both names).
             given = [m | {"thinking": m["reasoning_content"]} if "reasoning_content" in m else m for m in messages]
+            text = theirs.apply_chat_template(given, tokenize=False, add_generation_prompt=True, **extra)
             assert template.render(given, extra) == text, extra
     assert "<think>\n2+2\n</think>\n\n4[2+2]" in text and text.endswith("<E>[1]")
     assert template.render(messages, {"enable_thinking": False}).endswith("<think>\n\n</think>\n\n</s>")
