@@ -230,6 +230,8 @@ def test_more_options_are_refused_by_flag_before_the_model_is_loaded(checkpoint,
         (["--greedy", "--speculative", "mtp", "--no-cache"], "--speculative needs the cache: leave out --no-cache"),
         (["--cuda-graph", "--no-cache"], "--cuda-graph needs the cache: leave out --no-cache"),
         (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+        (["--dtype", "int8"], "--dtype must be a floating torch.dtype the model computes in"),
+        (["--dtype", "half-ish"], "--dtype"),
         (["--seed", 2**63 - 2, *("--prompt", "y") * 2, "--batch-size", 2], "the last batch draws from --seed + 2"),
     ):
         code, out, err = run(capsys, path, "--prompt", "x", *argv)
@@ -811,3 +813,26 @@ def test_threads_hold_for_the_command_only_when_main_runs_in_a_callers_process(c
     code, _, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 2, "--threads", n)
     assert code == (2 if fails else 0) and seen == [n], err
     assert torch.get_num_threads() == before
+
+
+def test_dtype_loads_the_checkpoint_in_that_dtype(checkpoint, capsys, monkeypatch):
+    """A training run saves float32; --dtype bfloat16 serves it in bf16 (the text of the model cast to bf16), and
+    auto keeps the checkpoint's own."""
+    from hybridlm.infer import generate as generating
+
+    path, model = checkpoint
+    seen = []
+    real = generating.generate
+
+    def spying(m, *a, **k):
+        seen.append(next(m.parameters()).dtype)
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(generating, "generate", spying)
+    tok = ByteTokenizer()
+    half = HybridLM(model.config, seed=0, dtype=torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    for flags, dtype, reference in (([], torch.float32, model), (["--dtype", "bfloat16"], torch.bfloat16, half)):
+        code, out, _ = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 8, "--greedy", *flags)
+        assert code == 0 and seen.pop() == dtype
+        assert out == "hi" + tok.decode(generate(reference.eval(), tok.encode("hi"), 8, eos_id=tok.eos_id)) + "\n"

@@ -70,6 +70,7 @@ def test_help_names_the_flags_and_why_it_listens_on_localhost(capsys):
         "--chat-template",
         "--chat-template-kwargs",
         "--cuda-graph",
+        "--dtype",
     ):
         assert flag in out
     assert "127.0.0.1, this machine only" in " ".join(out.split()) and "No authentication" in out
@@ -96,6 +97,7 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
         (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs [1]: must be a JSON object of template variables"),
         (["--chat-template-kwargs", '{"messages": []}'], "'messages' is not a template variable one may set"),
         (["--cuda-graph"], "--cuda-graph needs a CUDA device (--device cuda), not cpu"),
+        (["--dtype", "int8"], "--dtype must be a floating torch.dtype the model computes in"),
     ):
         assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
         err = capsys.readouterr().err
@@ -128,6 +130,21 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
+
+
+def test_dtype_serves_the_checkpoint_in_that_dtype(checkpoint, capsys, monkeypatch):
+    """A training run saves float32; --dtype bfloat16 serves it in bf16: the answer is the bf16 model's text."""
+    import torch
+
+    path, model = checkpoint
+    answers, servers = serve_then_ctrl_c(monkeypatch, "", {"prompt": "hi", "max_tokens": 6, "temperature": 0})
+    assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--dtype", "bfloat16"]) == 130
+    capsys.readouterr()
+    assert next(servers[0].worker.model.parameters()).dtype == torch.bfloat16
+    half = HybridLM(model.config, seed=0, dtype=torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    tokens = generate(half.eval(), ByteTokenizer().encode("hi"), 6, eos_id=256)
+    assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens)
 
 
 def test_sigterm_stops_the_process_with_143(checkpoint):
@@ -228,7 +245,7 @@ def test_a_decode_step_that_cannot_be_captured_is_refused_before_the_server_list
         raise RuntimeError("capturing the decode step as a CUDA graph failed; run without cuda_graph (boom)")
 
     monkeypatch.setattr(generating, "generate", failing)
-    monkeypatch.setattr(cli_serve, "_check_args", lambda args: __import__("torch").device("cpu"))
+    monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None))
     monkeypatch.setattr(CompletionServer, "__init__", lambda *a, **k: pytest.fail("a server was made"))
     assert main(["serve", str(path), "--cuda-graph", "--port", "0"]) == 2
     err = capsys.readouterr().err

@@ -44,9 +44,8 @@ def _check_args(args: argparse.Namespace):
     """Refuse bad options by their flags before anything is read: (batches, device, dtype or None for the
     checkpoint's own)."""
     from ..errors import UsageError
-    from ..model import float_dtype
     from ..ops.dispatch import check_device
-    from . import device_option
+    from . import device_option, dtype_option
 
     if args.data is None and args.split is None:
         raise UsageError(
@@ -56,12 +55,7 @@ def _check_args(args: argparse.Namespace):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     batches = _batches(args.batches)
-    dtype = None
-    if args.dtype != "auto":
-        try:
-            dtype = float_dtype(args.dtype, "--dtype")
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    dtype = dtype_option("--dtype", args.dtype)
     device = device_option("--device", args.device)
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
     return batches, device, dtype
@@ -362,11 +356,6 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--jsonl-field",
         help="text field of JSONL records (default: text; the run's data.jsonl_field with --split)",
-    )
-    ap.add_argument(
-        "--dtype",
-        default="auto",
-        help="parameter dtype: float32, bfloat16, float16 or float64 (default: auto, the checkpoint's)",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     progress_flags(ap)

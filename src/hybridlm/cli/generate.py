@@ -96,10 +96,10 @@ def run_options(ap: argparse.ArgumentParser) -> None:
 
 def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts: int):
     """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded; the ``torch.device``
-    to run on (``--device auto`` resolved)."""
+    to run on (``--device auto`` resolved) and the parameter dtype (None: the checkpoint's)."""
     from ..errors import UsageError
     from ..infer.generate import check_sampling
-    from . import device_option
+    from . import device_option, dtype_option
 
     if args.greedy and args.temperature not in (None, 0):  # greedy decoding would ignore the temperature
         raise UsageError(f"--greedy and --temperature {args.temperature} contradict each other: leave one out")
@@ -144,12 +144,13 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
         if not ok:
             raise UsageError(message)
     device = device_option("--device", args.device)
+    dtype = dtype_option("--dtype", args.dtype)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda-graph needs --device cuda")
     from ..ops.dispatch import check_device
 
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
-    return device
+    return device, dtype
 
 
 def _print_rows(batch: list[str], rows: list[Completion], stream: bool, separate: bool) -> None:
@@ -182,7 +183,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     given = _read_prompts(args)
     prompts = [text for text, _ in given]
     stops = [_unescape(s) for s in args.stop or []]
-    device = _check_generate_args(args, stops, len(prompts))
+    device, dtype = _check_generate_args(args, stops, len(prompts))
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)  # the checks below, before the weights are read
     if args.speculative and not config.parsed.mtp_depths:
@@ -196,7 +197,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
     scope.enter_context(cpu_threads(args.threads))
-    model = load(path, device=device, verify=not args.no_verify)
+    model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]

@@ -37,10 +37,11 @@ def _template_kwargs(text: str | None) -> dict:
 
 
 def _check_args(args: argparse.Namespace):
-    """Refuse bad options by their flags before the model is loaded; the ``torch.device`` to run on."""
+    """Refuse bad options by their flags before the model is loaded; the ``torch.device`` to run on and the
+    parameter dtype (None: the checkpoint's)."""
     from ..errors import UsageError
     from ..ops.dispatch import check_device
-    from . import device_option
+    from . import device_option, dtype_option
     from .generate import thread_checks
 
     checks = (
@@ -59,10 +60,11 @@ def _check_args(args: argparse.Namespace):
             raise UsageError(message)
     _template_kwargs(args.chat_template_kwargs)
     device = device_option("--device", args.device)
+    dtype = dtype_option("--dtype", args.dtype)
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
     if args.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), not {device}")
-    return device
+    return device, dtype
 
 
 def _check_capture(model) -> None:
@@ -94,7 +96,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
 
-    device = _check_args(args)
+    device, dtype = _check_args(args)
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
@@ -108,7 +110,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         why = f"--chat-template: {e}" if args.chat_template else f"{e} (--chat-template FILE replaces it)"
         raise UsageError(why) from None
     scope.enter_context(cpu_threads(args.threads))
-    model = load(path, device=device, verify=not args.no_verify)
+    model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     if args.cuda_graph:
         _check_capture(model)
     worker = BatchWorker(model, tokenizer, args.max_batch_size, cuda_graph=args.cuda_graph)
