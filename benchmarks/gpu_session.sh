@@ -160,6 +160,7 @@ for stage in "$@"; do
             --set train.steps=1000 --set train.log_every=250 --set train.eval_every=1000 \
             && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256 $MTP_ARGS" ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
+    serve) run serve 200 20 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --clients 16 --max-tokens 64 ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;
     esac
