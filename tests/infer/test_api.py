@@ -7,12 +7,15 @@ import pytest
 from hybridlm.infer.api import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
+    MAX_LOGPROBS,
     MAX_STOPS,
     RequestError,
     Sampling,
+    logprobs_body,
     parse_request,
     read_json,
 )
+from hybridlm.infer.logprobs import TokenLogprob
 from hybridlm.train.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -69,9 +72,6 @@ def test_prompts_are_text_texts_token_ids_or_lists_of_them():
     [
         ("n", 2),
         ("best_of", 3),
-        ("logprobs", 1),
-        ("logprobs", 0),
-        ("echo", True),
         ("suffix", "x"),
         ("presence_penalty", 0.5),
         ("frequency_penalty", -1),
@@ -108,7 +108,14 @@ def test_an_unknown_field_is_refused_not_ignored():
     "field, value, words",
     [
         ("max_tokens", -1, "integer in [1, 64]"),
-        ("max_tokens", 0, "integer in [1, 64]"),
+        ("max_tokens", 0, "integer in [1, 64], got 0"),
+        ("logprobs", MAX_LOGPROBS + 1, "null or an integer in [0, 20]"),
+        ("logprobs", -1, "null or an integer in [0, 20]"),
+        ("logprobs", 1.5, "null or an integer in [0, 20]"),
+        ("logprobs", True, "null or an integer in [0, 20], got true"),
+        ("logprobs", "1", "null or an integer in [0, 20]"),
+        ("echo", "yes", "true or false"),
+        ("echo", 1, "true or false"),
         ("max_tokens", 65, "integer in [1, 64]"),
         ("max_tokens", 1.5, "integer"),
         ("max_tokens", True, "integer"),
@@ -138,6 +145,34 @@ def test_an_unknown_field_is_refused_not_ignored():
 def test_wrong_types_and_values_are_refused_naming_the_field(field, value, words):
     error = refused({"prompt": "hi", field: value})
     assert error.param == field and words in error.message, error.message
+
+
+def test_what_lm_evaluation_harness_sends_to_score_is_taken():
+    """Its local-completions payload for loglikelihood (multiple choice): token ids, echo, logprobs 1, one token; and
+    echo with no new token (the prompt scored alone), which without echo is refused."""
+    body = {"model": "tiny", "prompt": [[104, 105], [1]], "temperature": 0, "max_tokens": 1, "logprobs": 1}
+    request = parse({**body, "seed": 1234, "echo": True})
+    assert (request.echo, request.logprobs, request.max_tokens, request.prompts) == (True, 1, 1, [[104, 105], [1]])
+    assert parse({"prompt": "hi", "echo": True, "max_tokens": 0}).max_tokens == 0
+    assert refused({"prompt": "hi", "echo": True, "max_tokens": -1}).message.endswith("integer in [0, 64], got -1")
+    assert parse({"prompt": "hi", "logprobs": 0, "stream": True}).logprobs == 0
+
+
+def test_the_logprobs_object_is_openais_with_the_picked_token_in_its_top_dict():
+    """The first echoed token has no logprob; a top dict holds the k most likely and the picked token where it is not
+    among them; two ids of one text (here 2 and 3 read as "?") keep the higher logprob; offsets count texts."""
+    pieces = {1: "a", 2: "?", 3: "?", 4: "bc", 5: "d"}
+    scored = [
+        (1, None),
+        (4, TokenLogprob(-2.0, ((3, -1.5), (2, -1.0)))),  # (not most likely first: the dict keeps -1.0 for "?")
+        (5, TokenLogprob(-0.5, ((5, -0.5),))),
+    ]
+    assert logprobs_body(scored, pieces.__getitem__, offset=3) == {
+        "tokens": ["a", "bc", "d"],
+        "token_logprobs": [None, -2.0, -0.5],
+        "top_logprobs": [None, {"?": -1.0, "bc": -2.0}, {"d": -0.5}],
+        "text_offset": [3, 4, 6],
+    }
 
 
 def test_another_models_name_is_not_found_and_the_stream_options_go_with_a_stream():

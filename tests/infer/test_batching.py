@@ -219,3 +219,30 @@ def test_the_worker_asks_generate_for_the_cuda_graph_it_was_given(model, cuda_gr
     worker.submit(request({"prompt": "p", "max_tokens": 1}))
     worker.step()
     assert seen == [cuda_graph]
+
+
+def test_a_batch_asks_for_its_largest_logprobs_and_leaves_out_rows_of_no_new_tokens(model):
+    """Requests of equal settings share a batch whatever their logprobs: generate is asked for the largest k (a row
+    that asked for none gets none); an echoed prompt with max_tokens 0 is scored and ended without a row in it."""
+    seen = []
+
+    def recording(model, rows, max_new_tokens, callback, **kw):
+        seen.append((rows, kw.get("logprobs")))
+        scores = generate(model, rows, 1, logprobs=kw["logprobs"], callback=lambda r, t, lp: got.append((r, t, lp)))
+        for r, token in enumerate(scores):
+            callback(r, token[0], got[r][2])
+
+    got = []
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=recording)
+    plain = worker.submit(request({"prompt": "a", "max_tokens": 1}))
+    two = worker.submit(request({"prompt": "bc", "max_tokens": 1, "logprobs": 2}))
+    prompt_only = worker.submit(request({"prompt": "de", "max_tokens": 0, "echo": True, "logprobs": 5}))
+    assert worker.step() and not worker.step() and worker.batches == 1
+    assert seen == [([[97], [98, 99]], 2)]
+    assert plain.rows[0].logprobs() is None and plain.rows[0].finish == "length"
+    ((token, scores),) = two.rows[0].scored
+    assert token == got[1][1] and scores == got[1][2] and len(scores.top) == 2
+    row = prompt_only.rows[0]
+    assert row.finish == "length" and row.tokens == 0 and row.text == "de"
+    assert [t for t, _ in row.scored] == [100, 101] and row.scored[0][1] is None and len(row.scored[1][1].top) == 5
+    assert [kind for kind, *_ in events(prompt_only)] == ["finish", "done"]

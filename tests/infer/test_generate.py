@@ -484,6 +484,24 @@ def test_nan_logits_are_named_on_cuda_through_the_pinned_readback(cuda_graph):
     assert torch.ones(2, device="cuda").sum().item() == 2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_logprobs_come_back_through_the_pinned_readback_on_cuda(cuda_graph):
+    """On CUDA the logprobs are copied with the tokens behind one event (eager, or replayed as a CUDA graph): the
+    same as the CPU's, which equal the full forward's (test_logprobs_are_the_raw_log_softmax_of_the_full_forward)."""
+    model = HybridLM(tiny_config("M*-"), seed=0).eval()
+    prompts = [[4, 5], [1, 2, 3]]
+    on_cpu, on_gpu = [], []
+    generate(model, prompts, 5, logprobs=4, callback=lambda r, t, lp: on_cpu.append((r, t, lp)))
+    generate(
+        model.cuda(), prompts, 5, logprobs=4, cuda_graph=cuda_graph, callback=lambda r, t, lp: on_gpu.append((r, t, lp))
+    )
+    assert [(r, t) for r, t, _ in on_gpu] == [(r, t) for r, t, _ in on_cpu]
+    for (_, _, gpu), (_, _, cpu) in zip(on_gpu, on_cpu):
+        torch.testing.assert_close(gpu.logprob, cpu.logprob, rtol=0, atol=1e-4)
+        torch.testing.assert_close([v for _, v in gpu.top], [v for _, v in cpu.top], rtol=0, atol=1e-4)
+
+
 def test_an_eos_id_outside_the_vocabulary_is_named_not_the_empty_prompt_that_starts_from_it():
     """An empty prompt starts from eos_id: one outside the vocabulary was reported as the prompt's own token."""
     model = HybridLM(tiny_config("M-"), seed=0)
@@ -538,3 +556,44 @@ def test_a_pipeline_stage_is_refused_as_not_the_whole_model(rank):
     stage = prune_to_stage(HybridLM(config, seed=0), config.parsed.stage(rank, 2))
     with pytest.raises(ValueError, match=r"^generate needs the whole model, but this one is a pipeline stage"):
         generate(stage, [1, 2], 3)
+
+
+@torch.no_grad()
+def reference_logprobs(model, seq: list[int]) -> torch.Tensor:
+    """(L, V) float64 log_softmax of the full forward over ``seq`` alone: row i scores token i + 1."""
+    return torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+
+
+@pytest.mark.parametrize("path", [dict(), dict(use_cache=False), dict(temperature=1.5, top_k=3, seed=1)])
+@pytest.mark.parametrize("rows", [[[5, 6, 7, 8, 9], [3, 4]], [[3, 4]]])
+def test_logprobs_are_the_raw_log_softmax_of_the_full_forward(path, rows):
+    """Each picked token's logprob and the k most likely at its position, in a batch of rows of other lengths (left
+    padded) and a row alone, cached or not: those of a float64 full forward over the row alone, whatever the
+    sampler did to the logits (a temperature of 1.5 and top_k 3 change nothing here)."""
+    model = HybridLM(tiny_config("M[*-]"), seed=0, dtype=torch.float64).eval()
+    got: dict[int, list] = {}
+    new = generate(model, rows, 4, **path, logprobs=3, callback=lambda r, t, lp: got.setdefault(r, []).append((t, lp)))
+    assert new == generate(model, rows, 4, **path)  # (asking for them changes no token)
+    for r, row in enumerate(rows):
+        assert [t for t, _ in got[r]] == new[r]
+        reference = reference_logprobs(model, row + new[r])
+        for j, (token, scores) in enumerate(got[r]):
+            expected = reference[len(row) - 1 + j]
+            torch.testing.assert_close(scores.logprob, float(expected[token]), rtol=0, atol=1e-10)
+            top = expected.topk(3)
+            assert [i for i, _ in scores.top] == top.indices.tolist()
+            torch.testing.assert_close([v for _, v in scores.top], top.values.tolist(), rtol=0, atol=1e-10)
+
+
+def test_logprobs_zero_gives_the_picked_tokens_alone_and_needs_a_callback_and_no_speculation():
+    model = HybridLM(tiny_config("M*-/-"), seed=0)
+    got = []
+    generate(model, [1, 2], 2, logprobs=0, callback=lambda r, t, lp: got.append(lp))
+    assert len(got) == 2 and all(lp.top == () and lp.logprob < 0 for lp in got)
+    for kwargs, words in (
+        (dict(callback=lambda r, t, lp: None, speculative="mtp"), "logprobs is not supported with speculative"),
+        (dict(), "logprobs are given to the callback"),
+        (dict(callback=lambda r, t, lp: None, logprobs=-1), "logprobs must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            generate(model, [1, 2], 2, **{"logprobs": 1, **kwargs})

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from hybridlm import HybridLM, generate
 from hybridlm.errors import NonFiniteLogitsError
@@ -112,6 +113,74 @@ def test_a_stream_concatenates_to_the_text_and_ends_with_done(server):
         assert [c["finish_reason"] for c in mine][-1] == "length" and mine[-1]["text"] == ""
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
     assert all(c["usage"] is None for c in chunks[:-1])
+
+
+@pytest.fixture(scope="module")
+def server64():
+    """A float64 model served: its logprobs are compared with a float64 full forward's."""
+    model = HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0, dtype=torch.float64).eval()
+    with serving(model) as server:
+        yield server
+
+
+def test_lm_evaluation_harness_scores_a_continuation_by_echo_and_logprobs(server64):
+    """Its local-completions loglikelihood request, exactly: the prompt is context + continuation as token ids (one,
+    then a batch of two); it reads token_logprobs[ctxlen:-1] (the continuation's: the new token is last) and calls the
+    continuation greedy where each of its tokens is the most likely of its top dict."""
+    model = server64.worker.model
+    context, continuations = TOKENIZER.encode("The cat"), [TOKENIZER.encode(" sat"), TOKENIZER.encode(" zq")]
+    body = {"model": "tiny", "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    for prompts in ([context + continuations[0]], [context + c for c in continuations]):
+        status, answer = complete(server64, {**body, "prompt": prompts if len(prompts) > 1 else prompts[0]})
+        assert status == 200 and len(answer["choices"]) == len(prompts)
+        for prompt, choice in zip(prompts, answer["choices"]):
+            scores = choice["logprobs"]
+            assert len(scores["token_logprobs"]) == len(prompt) + 1 and scores["token_logprobs"][0] is None
+            assert scores["top_logprobs"][0] is None and choice["text"].startswith(TOKENIZER.decode(prompt))
+            with torch.no_grad():
+                reference = torch.log_softmax(model(torch.tensor([prompt])).logits[0], -1)
+            ctxlen = len(context)
+            expected = sum(float(reference[i - 1, prompt[i]]) for i in range(ctxlen, len(prompt)))
+            assert sum(scores["token_logprobs"][ctxlen:-1]) == pytest.approx(expected, rel=0, abs=1e-9)
+            greedy = all(int(reference[i - 1].argmax()) == prompt[i] for i in range(ctxlen, len(prompt)))
+            is_greedy = all(
+                max(top.values()) == value
+                for value, top in zip(scores["token_logprobs"][ctxlen:-1], scores["top_logprobs"][ctxlen:-1])
+            )
+            assert is_greedy == greedy
+            assert all(len(top) in (1, 2) for top in scores["top_logprobs"][1:])
+        assert answer["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+        assert answer["usage"]["completion_tokens"] == len(prompts)
+
+
+def test_echo_starts_the_text_with_the_prompt_and_max_tokens_0_scores_the_prompt_alone(server, model):
+    status, body = complete(server, {"prompt": ["hi", "yo"], "max_tokens": 5, "temperature": 0, "echo": True})
+    assert status == 200 and [c["text"] for c in body["choices"]] == [p + solo(model, p, 5) for p in ("hi", "yo")]
+    assert body["choices"][0]["logprobs"] is None
+    status, body = complete(server, {"prompt": "hi there", "max_tokens": 0, "echo": True, "logprobs": 3})
+    assert status == 200 and body["usage"] == {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8}
+    (choice,) = body["choices"]
+    assert choice["text"] == "hi there" and choice["finish_reason"] == "length"
+    scores = choice["logprobs"]
+    assert scores["tokens"] == list("hi there") and scores["text_offset"] == list(range(8))
+    assert len(scores["token_logprobs"]) == 8 and all(3 <= len(top) <= 4 for top in scores["top_logprobs"][1:])
+    status, body = complete(server, {"prompt": "hi", "max_tokens": 0})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+
+
+def test_a_stream_with_logprobs_carries_each_chunks_tokens(server):
+    """Each chunk the logprobs of the tokens picked since the last one's (the held-back text's too); together, the
+    answer's whole logprobs, the echoed prompt's first."""
+    request = {"prompt": ["hi", "yo"], "max_tokens": 10, "temperature": 0, "logprobs": 2, "echo": True}
+    _, whole = complete(server, request)
+    status, _, data = call(server, "POST", "/v1/completions", {**request, "stream": True})
+    assert status == 200
+    chunks = [json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n")[:-2]]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == whole["choices"][index]["text"]
+        joined = {key: [x for c in mine for x in c["logprobs"][key]] for key in whole["choices"][index]["logprobs"]}
+        assert joined == whole["choices"][index]["logprobs"] and len(joined["tokens"]) == 12
 
 
 def test_the_end_of_text_is_a_stop_and_a_stop_string_cuts_the_text(server, model):

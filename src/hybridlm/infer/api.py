@@ -3,8 +3,11 @@
 
 No sockets and no model here: the HTTP layer (:mod:`hybridlm.infer.server`) reads the bytes, the batching worker
 (:mod:`hybridlm.infer.batching`) runs the rows. A field the server cannot honour is refused by name rather than
-ignored: a client that asked for ``n=2`` or ``logprobs`` and got one plain text back would score or sample from
+ignored: a client that asked for ``n=2`` and got one plain text back would score or sample from
 results it did not ask for, with nothing to tell it so.
+
+``logprobs`` and ``echo`` are served (lm-evaluation-harness scores multiple-choice tasks with them): the values are
+computed by :mod:`hybridlm.infer.logprobs`, and :func:`logprobs_body` writes them in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .generate import SEED_RANGE, check_sampling
+from .logprobs import TokenLogprob
 
 #: OpenAI's defaults for the completions endpoint (not the CLI's: ``hybridlm generate`` samples at 0.8).
 DEFAULT_MAX_TOKENS = 16
@@ -23,12 +27,13 @@ DEFAULT_TEMPERATURE = 1.0
 #: adds the end-of-text string to a task's, and vLLM takes any number. Each is searched in the text's tail once per
 #: token; the bound only keeps that work small.
 MAX_STOPS = 16
+#: ``logprobs`` at most: OpenAI's cap is 5, vLLM's 20 (its default ``max_logprobs``); each is a decoded token in the
+#: answer, per position.
+MAX_LOGPROBS = 20
 #: OpenAI fields taken only at the value that leaves the result unchanged (null is always taken).
 NEUTRAL = {
     "n": 1,
     "best_of": 1,
-    "echo": False,
-    "logprobs": None,
     "suffix": None,
     "presence_penalty": 0,
     "frequency_penalty": 0,
@@ -49,6 +54,8 @@ FIELDS = (
     "stream_options",
     "user",
 )
+#: Fields of the completions route alone (the chat route's ``logprobs`` is another field, refused there).
+SCORING = ("echo", "logprobs")
 
 
 class RequestError(Exception):
@@ -105,6 +112,10 @@ class CompletionRequest:
     #: Token ids that end a choice besides the tokenizer's end of document (a chat model's end of turn); none of
     #: the text, as that one is not.
     stop_ids: frozenset[int] = frozenset()
+    #: The prompt's text starts each choice's (and with ``logprobs``, its tokens start the lists).
+    echo: bool = False
+    #: None: no log-probabilities; k: each token's, and the k most likely tokens' at its position.
+    logprobs: int | None = None
 
 
 def _is_int(x) -> bool:
@@ -212,7 +223,7 @@ def parse_request(
 
     ``model`` is optional; given, it must be ``model_name`` (404 ``model_not_found`` otherwise, as OpenAI answers):
     a client that names another model would get this one's text. A null field takes its default."""
-    check_fields(body, FIELDS, NEUTRAL)
+    check_fields(body, FIELDS + SCORING, NEUTRAL)
     check_model(body, model_name)
     if not isinstance(body.get("user", ""), (str, type(None))):
         raise _invalid("user", "must be a string")
@@ -226,9 +237,20 @@ def parse_request(
 
     # (with a limit below OpenAI's default, a request that gives none runs at the limit: it was refused, "got 16",
     # a number the client never sent)
+    echo, logprobs = get("echo", False), body.get("logprobs")
+    if not isinstance(echo, bool):
+        raise _invalid("echo", f"must be true or false, got {json.dumps(echo)[:60]}")
+    if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+        raise _invalid(
+            "logprobs", f"must be null or an integer in [0, {MAX_LOGPROBS}], got {json.dumps(logprobs)[:60]}"
+        )
     max_tokens = get("max_tokens", min(DEFAULT_MAX_TOKENS, max_tokens_limit))
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_limit:
-        raise _invalid("max_tokens", f"must be an integer in [1, {max_tokens_limit}], got {json.dumps(max_tokens)}")
+    least = 0 if echo else 1  # (max_tokens 0 with echo: the prompt alone, scored)
+    if not _is_int(max_tokens) or not least <= max_tokens <= max_tokens_limit:
+        # (no "0 with echo" hint: the chat route, which has no echo, words its max_tokens errors with this)
+        raise _invalid(
+            "max_tokens", f"must be an integer in [{least}, {max_tokens_limit}], got {json.dumps(max_tokens)}"
+        )
     temperature, top_p = get("temperature", DEFAULT_TEMPERATURE), get("top_p", 1.0)
     top_k, penalty, seed = get("top_k", 0), get("repetition_penalty", 1.0), body.get("seed")
     for name, value, ok in (
@@ -265,7 +287,8 @@ def parse_request(
         if temperature == 0
         else Sampling(temperature, operator.index(top_k), float(top_p), float(penalty), seed)
     )
-    return CompletionRequest(prompts, max_tokens, sampling, _stops(body.get("stop")), stream, include_usage)
+    stops = _stops(body.get("stop"))
+    return CompletionRequest(prompts, max_tokens, sampling, stops, stream, include_usage, echo=echo, logprobs=logprobs)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -276,8 +299,39 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def logprobs_body(scored: list[tuple[int, TokenLogprob | None]], piece: Callable[[int], str], offset: int = 0) -> dict:
+    """A choice's ``logprobs`` object, OpenAI's: ``tokens`` (each token's text), ``token_logprobs``, ``top_logprobs``
+    (per token, {text: logprob} of the most likely tokens, the token itself added where it is not among them) and
+    ``text_offset`` (where each token starts, counted as the lengths of the tokens' texts before it, as vLLM counts).
+
+    Args:
+        scored: (token id, its :class:`TokenLogprob`) per token of the choice, in order; None where nothing
+            precedes the token (an echoed prompt's first), which gives a null logprob and top dict.
+        piece: a token id's text (the tokenizer's decode of that id alone).
+        offset: the first token's ``text_offset`` (a stream chunk's: the length of the texts of the tokens before).
+    """
+    tokens, values, tops, offsets, at = [], [], [], [], offset
+    for token, scores in scored:
+        text = piece(token)
+        tokens.append(text)
+        offsets.append(at)
+        at += len(text)
+        if scores is None:
+            values.append(None)
+            tops.append(None)
+            continue
+        values.append(scores.logprob)
+        top: dict[str, float] = {}
+        others = scores.top if any(i == token for i, _ in scores.top) else (*scores.top, (token, scores.logprob))
+        for i, value in others:  # two ids of one text (partial UTF-8 characters are all U+FFFD): the higher kept
+            key = piece(i)
+            top[key] = max(value, top.get(key, value))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def completion(request_id: str, created: int, model: str, choices: list[dict], counts: dict | None) -> dict:

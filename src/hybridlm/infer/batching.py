@@ -10,10 +10,15 @@ the next one (continuous batching would add rows to a running batch, which the c
 A request whose client seeded its sampling runs in batches of its own: one batch draws from one generator, so
 another request's rows would change its samples. As in ``hybridlm generate``, its rows past ``max_batch_size``
 draw from ``seed`` plus the index of their batch's first row.
+
+A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; the rows that
+did not ask drop theirs); with ``echo`` too, its prompt is scored first, a row at a time
+(:func:`~hybridlm.infer.logprobs.prompt_logprobs`). A row with ``max_tokens`` 0 (echo only) ends there, unbatched.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import queue
@@ -22,9 +27,10 @@ import time
 import uuid
 
 from ..errors import NonFiniteLogitsError
-from .api import CompletionRequest, RequestError, usage
+from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
 from .generate import generate
+from .logprobs import TokenLogprob, prompt_logprobs
 
 _log = logging.getLogger(__name__)
 
@@ -35,36 +41,73 @@ STOPPING = RequestError(503, "the server is stopping; send the request again onc
 class Row:
     """One choice of a request: its prompt's ids, its text as it comes, its token count and how it ended."""
 
-    def __init__(self, job: Job, index: int, ids: list[int], completion: Completion) -> None:
-        self.job, self.index, self.ids, self.completion = job, index, ids, completion
+    def __init__(self, job: Job, index: int, ids: list[int], completion: Completion, echo: str = "") -> None:
+        """``echo``: the text the choice's starts with (the prompt's, with ``echo: true``)."""
+        self.job, self.index, self.ids, self.completion, self.echo = job, index, ids, completion, echo
         self.tokens = 0  # tokens picked for it, the one that ended it included (an end of text, a stop's last)
         self.finish: str | None = None  # "stop" or "length" once it has ended
+        #: (token id, its scores) of each scored token (the echoed prompt's, then each picked one), with logprobs.
+        self.scored: list[tuple[int, TokenLogprob | None]] = []
+        #: len(scored) at each streamed piece of text, in order: the tokens its chunk carries the logprobs of.
+        self.marks: collections.deque[int] = collections.deque()
+        self.sent, self.offset = 0, 0  # scored tokens given so far (a stream's), and the length of their texts
+
+    @property
+    def text(self) -> str:
+        """The choice's text: the echoed prompt's, then the completion's."""
+        return self.echo + self.completion.text
+
+    def logprobs(self, upto: int | None = None) -> dict | None:
+        """The ``logprobs`` object (None unless the request asked for them) of the scored tokens not given yet, up to
+        ``scored[upto]`` (default: all): the whole choice's, or a stream chunk's, its tokens since the last chunk's
+        (their ``text_offset`` counted from the choice's start)."""
+        if self.job.request.logprobs is None:
+            return None
+        upto = len(self.scored) if upto is None else upto
+        body = logprobs_body(self.scored[self.sent : upto], self.job.piece, self.offset)
+        self.sent, self.offset = upto, self.offset + sum(len(t) for t in body["tokens"])
+        return body
 
 
 class Job:
     """A request in the worker's hands, and the events its HTTP handler reads from ``events``, in order:
 
-    * ``("text", index, piece)``: new text of choice ``index`` (streamed requests only);
+    * ``("text", index, piece)``: new text of choice ``index`` (streamed requests only; with logprobs, its row's
+      ``marks`` has len(scored) at that piece);
     * ``("finish", index, reason)``: choice ``index`` ended, ``"stop"`` or ``"length"``;
     * ``("done", None, None)``: every choice ended (their texts are in ``rows``), or
       ``("error", None, RequestError)``: the request failed. Nothing follows either.
     """
 
-    def __init__(self, request: CompletionRequest, tokenizer, specials: dict[str, int]) -> None:
-        self.request = request
+    def __init__(self, request: CompletionRequest, tokenizer, specials: dict[str, int], piece) -> None:
+        """``piece(token)``: a token id's text (the logprobs' token texts: the worker's :attr:`BatchWorker.piece`)."""
+        self.request, self.piece = request, piece
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.events: queue.Queue = queue.Queue()
         self.cancelled = False  # the client went away: its rows stop at their next token
         self.closed = False  # done or failed: nothing more is sent
-        self.rows = [
-            Row(self, i, ids, Completion(tokenizer, request.stops, request.stream, ids, "", specials, self._writer(i)))
-            for i, ids in enumerate(request.prompts)
+        echoes = [tokenizer.decode(ids) if request.echo else "" for ids in request.prompts]
+        self.rows = [  # (a streamed echo is the completion's heading: sent before its first text, or at its end)
+            Row(
+                self,
+                i,
+                ids,
+                Completion(tokenizer, request.stops, request.stream, ids, echo, specials, self._writer(i)),
+                echo,
+            )
+            for i, (ids, echo) in enumerate(zip(request.prompts, echoes))
         ]
         # Rows of equal settings batch together; a seeded sampled request only with itself (see the module).
         self.key = (request.sampling, self if request.sampling.seeded else None)
 
     def _writer(self, index: int):
-        return functools.partial(self.emit, "text", index)
+        return functools.partial(self._text, index)
+
+    def _text(self, index: int, piece: str) -> None:
+        if self.request.logprobs is not None:
+            row = self.rows[index]
+            row.marks.append(len(row.scored))
+        self.emit("text", index, piece)
 
     def emit(self, kind: str, index: int | None = None, value=None) -> None:
         self.events.put((kind, index, value))
@@ -91,16 +134,18 @@ class BatchWorker:
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph (captured per batch)
         self.specials = tokenizer.special_tokens()
+        # A token's text, for logprobs' dicts: each id decoded once (at most the vocabulary; read by handler threads)
+        self.piece = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
         self.queue: queue.Queue = queue.Queue()  # Jobs; None only wakes the loop
         self.pending: list[Row] = []  # rows taken from the queue, not run yet, oldest first
         self.open: set[Job] = set()  # submitted and not answered yet
         self.lock = threading.Lock()  # (no job is queued once the stop has failed the open ones)
         self.stopping = threading.Event()
-        self.batches = 0  # generate calls run (two requests in one batch count once)
+        self.batches = 0  # batches run (two requests in one batch count once)
         self.thread: threading.Thread | None = None
 
     def submit(self, request: CompletionRequest) -> Job:
-        job = Job(request, self.tokenizer, self.specials)
+        job = Job(request, self.tokenizer, self.specials, self.piece)
         with self.lock:
             if self.stopping.is_set():
                 job.fail(STOPPING)
@@ -169,35 +214,51 @@ class BatchWorker:
     def _run(self, batch: list[Row]) -> None:
         sampling = batch[0].job.request.sampling
         seed = sampling.seed + batch[0].index if sampling.seeded else sampling.seed
+        live = batch  # the rows generate runs, whose indices a NonFiniteLogitsError names
         try:
-            self.generate(
-                self.model,
-                [row.ids for row in batch],
-                max_new_tokens=max(row.job.request.max_tokens for row in batch),
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                eos_id=self.tokenizer.eos_id,
-                seed=seed,
-                repetition_penalty=sampling.repetition_penalty,
-                callback=lambda r, token: self._on_token(batch[r], token),
-                cuda_graph=self.cuda_graph,
-            )
+            for row in batch:
+                request = row.job.request
+                if request.echo and request.logprobs is not None:
+                    row.scored = list(zip(row.ids, prompt_logprobs(self.model, row.ids, request.logprobs)))
+                if request.max_tokens == 0:  # the prompt alone
+                    self._end(row, "length")
+            live = [row for row in batch if row.finish is None]
+            ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
+            # (passed only where asked: a generate given in place of the library's need not know the option)
+            scoring = {"logprobs": max(ks)} if ks else {}
+            if live:
+                self.generate(
+                    self.model,
+                    [row.ids for row in live],
+                    max_new_tokens=max(row.job.request.max_tokens for row in live),
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
+                    eos_id=self.tokenizer.eos_id,
+                    seed=seed,
+                    repetition_penalty=sampling.repetition_penalty,
+                    callback=lambda r, token, scores=None: self._on_token(live[r], token, scores),
+                    cuda_graph=self.cuda_graph,
+                    **scoring,
+                )
         except Exception as e:  # answered, and the server goes on with the next batch
-            self._failed(batch, e)
+            self._failed(live, e)
             return
         finally:
             self.batches += 1
-        for row in batch:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
+        for row in live:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
             if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
                 self._end(row, "length")
 
-    def _on_token(self, row: Row, token: int) -> bool:
-        """``generate``'s callback: True ends the row (its end, its own max_tokens, a gone client, a stop)."""
+    def _on_token(self, row: Row, token: int, scores: TokenLogprob | None = None) -> bool:
+        """``generate``'s callback: True ends the row (its end, its own max_tokens, a gone client, a stop).
+        ``scores``: the token's, where the batch asked for logprobs."""
         job = row.job
         if job.closed or job.cancelled or self.stopping.is_set():
             return True
         row.tokens += 1
+        if job.request.logprobs is not None:  # (every token picked: the end of text and a stop's last too)
+            row.scored.append((token, scores))
         # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``; so does a chat
         # model's end of turn (the request's stop_ids).
         if token == self.tokenizer.eos_id or token in job.request.stop_ids or row.completion.add(token):

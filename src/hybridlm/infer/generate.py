@@ -22,8 +22,10 @@ from ..checkpoint.io import refuse_meta
 from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
+from .logprobs import TokenLogprob, pick_logprobs, to_host
 
-#: ``callback(row, token)`` is called for every new token; returning True stops that row.
+#: ``callback(row, token)`` is called for every new token; returning True stops that row. With ``generate``'s
+#: ``logprobs``, ``callback(row, token, logprob)`` (a :class:`~hybridlm.infer.logprobs.TokenLogprob`).
 TokenCallback = Callable[[int, int], "bool | None"]
 
 
@@ -196,6 +198,7 @@ def generate(
     callback: TokenCallback | None = None,
     stats: dict | None = None,
     cuda_graph: bool = False,
+    logprobs: int | None = None,
 ) -> list[int] | list[list[int]]:
     """Continue one prompt or a batch of prompts.
 
@@ -221,6 +224,10 @@ def generate(
             ``decode_seconds`` (from then until the last token) and, with ``speculative``, ``drafted``,
             ``accepted``, ``acceptance_rate`` and ``verify_steps``.
         cuda_graph: replay the decode step as a CUDA graph (CUDA only, cached, not speculative).
+        logprobs: an integer k >= 0: ``callback`` is called as ``callback(row, token, logprob)`` instead, ``logprob``
+            a :class:`~hybridlm.infer.logprobs.TokenLogprob`: the token's log_softmax of the raw logits it was picked
+            from (before temperature, top-k/top-p and the penalty) and the k most likely (id, logprob). Needs a
+            callback; not with ``speculative``. None (default): nothing is computed.
 
     Returns:
         The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
@@ -242,10 +249,16 @@ def generate(
             raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
         if cuda_graph:
             raise ValueError("cuda_graph is not supported with speculative decoding")
+        if logprobs is not None:
+            raise ValueError("logprobs is not supported with speculative decoding")
         if not len(getattr(model, "mtp", ())):
             raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
     if callback is not None and not callable(callback):  # (failed at the first token, after the prefill)
         raise ValueError(f"callback must be a function callback(row, token), got {callback!r}")
+    if logprobs is not None:
+        logprobs = _integer("logprobs", logprobs, 0)
+        if callback is None:  # (where else would they go)
+            raise ValueError("logprobs are given to the callback: pass callback(row, token, logprob)")
     # A model built on meta has shapes and no values: torch failed far from the cause, naming nothing ("META device
     # type not an accelerator", from the sampler's generator; a partly meta model, inside a matmul).
     refuse_meta({**dict(model.named_parameters()), **dict(model.named_buffers())}, "cannot generate", ValueError)
@@ -299,10 +312,19 @@ def generate(
                     for i, row in enumerate(rows)
                 ]
             elif not use_cache:
-                out = _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, stats)
+                out = _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, stats, logprobs)
             else:
                 out = _generate_cached(
-                    model, rows, max_new_tokens, sampler, eos_ids, prefill_chunk_size, callback, stats, cuda_graph
+                    model,
+                    rows,
+                    max_new_tokens,
+                    sampler,
+                    eos_ids,
+                    prefill_chunk_size,
+                    callback,
+                    stats,
+                    cuda_graph,
+                    logprobs,
                 )
     finally:
         model.train(was_training)
@@ -387,14 +409,27 @@ def _eos_ids(eos_id) -> tuple[int, ...]:
     return tuple(operator.index(e) for e in eos_id)
 
 
-def _accept(out: list[int], token: int, row: int, eos_ids: tuple[int, ...], callback) -> bool:
-    """Append ``token``; True when the row is finished (``callback`` said so, or ``token`` is in ``eos_ids``)."""
+def _accept(
+    out: list[int], token: int, row: int, eos_ids: tuple[int, ...], callback, logprob: TokenLogprob | None = None
+) -> bool:
+    """Append ``token``; True when the row is finished (``callback`` said so, or ``token`` is in ``eos_ids``).
+    ``logprob`` (given where ``generate`` was asked for them) goes to the callback as its third argument."""
     out.append(token)
-    stop = bool(callback(row, token)) if callback is not None else False
+    if callback is None:
+        stop = False
+    else:
+        stop = bool(callback(row, token) if logprob is None else callback(row, token, logprob))
     return stop or token in eos_ids
 
 
-def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, stats) -> list[list[int]]:
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int | None) -> list[TokenLogprob | None]:
+    """Each row's :class:`TokenLogprob` for ``tokens`` picked from ``logits`` (B, V); Nones where ``k`` is None."""
+    if k is None:
+        return [None] * len(tokens)
+    return to_host(*(t.tolist() for t in pick_logprobs(logits, tokens, k)))
+
+
+def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, stats, logprobs) -> list[list[int]]:
     """The reference: each row's logits from the full forward over that row alone (no padding, no cache), the
     rows stepped together so that the sampler draws for the whole batch at each step, as the cached loop does
     (sampled rows one after the other drew other numbers than the cached batch with the same seed)."""
@@ -414,16 +449,18 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, 
                 # The last position's logits only: all of them were (1, L, V) float32 per row and step, and as
                 # many again per MTP depth (2 GB at a 4,096-token prompt and a 131,072-token vocabulary).
                 last[r] = model(ids, logits_to_keep=1).logits[:, -1]
-        tokens, bad = sampler.pick(torch.cat(last))
+        logits = torch.cat(last)
+        tokens, bad = sampler.pick(logits)
         sampler.observe(tokens, vocab, device)
         if step == 0:
             t1 = _sync(device)
             stats["prefill_tokens"] += sum(len(row) for row in rows)
             stats["prefill_seconds"] += t1 - t0
         check_finite(bad.tolist(), done, lens, [len(new) for new in out])
+        infos = _logprobs(logits, tokens, logprobs)
         for r, token in enumerate(tokens.tolist()):
             if not done[r]:
-                done[r] = _accept(out[r], token, r, eos_ids, callback)
+                done[r] = _accept(out[r], token, r, eos_ids, callback, infos[r])
                 seqs[r] = torch.cat([seqs[r], torch.tensor([[token]], device=device)], dim=1)
         if all(done):
             break
@@ -472,7 +509,9 @@ def cache_allocation(rows: int, prompt: int, max_new_tokens: int):
         ) from None
 
 
-def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph):
+def _generate_cached(
+    model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph, logprobs=None
+):
     device = next(model.parameters()).device
     ids, valid = left_pad(rows, device)
     B, P = ids.shape
@@ -505,7 +544,8 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, 
     tokens, bad = sampler.pick(logits)
     for i in range(max_new_tokens):
         sampler.observe(tokens, model.config.vocab_size, device)
-        reader.start(tokens, bad)
+        # (computed before the next step is queued, and copied with the tokens: no synchronization of their own)
+        reader.start(tokens, bad, *(pick_logprobs(logits, tokens, logprobs) if logprobs is not None else ()))
         more = i < max_new_tokens - 1
         if more:
             # The next step is queued before the host reads these tokens, so the device never
@@ -513,11 +553,12 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, 
             # wasted. Finished rows keep decoding; their tokens are dropped.
             logits = step(tokens[:, None])
             steps += 1
-        picked, flagged = reader.finish()
+        picked, flagged, *scored = reader.finish()
         check_finite(flagged, done, lens, [len(new) for new in out])
+        infos = to_host(*scored) if scored else [None] * B
         for r, token in enumerate(picked):
             if not done[r]:
-                done[r] = _accept(out[r], token, r, eos_ids, callback)
+                done[r] = _accept(out[r], token, r, eos_ids, callback, infos[r])
         if all(done) or not more:
             break
         tokens, bad = sampler.pick(logits)
@@ -527,8 +568,8 @@ def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, 
 
 
 class _TokenReader:
-    """Copies a step's (B,) token ids and (B,) :func:`nonfinite` flags to the host without waiting for work queued
-    after them.
+    """Copies a step's (B,) token ids and (B,) :func:`nonfinite` flags (and, where asked, the tensors of
+    :func:`~hybridlm.infer.logprobs.pick_logprobs`) to the host without waiting for work queued after them.
 
     On CUDA the copies go to pinned memory and an event marks their end, so reading them waits
     for the copies only, not for the next decode step queued behind them.
@@ -537,23 +578,24 @@ class _TokenReader:
     def __init__(self, batch: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.host = torch.empty(batch, dtype=torch.long, pin_memory=True)
-            self.host_bad = torch.empty(batch, dtype=torch.bool, pin_memory=True)
             self.event = torch.cuda.Event()
-        self.tokens: torch.Tensor | None = None
-        self.bad: torch.Tensor | None = None
+        self.host: list[torch.Tensor] = []  # pinned buffers, made at the first step (the shapes are then known)
+        self.tensors: tuple[torch.Tensor, ...] = ()
 
-    def start(self, tokens: torch.Tensor, bad: torch.Tensor) -> None:
+    def start(self, *tensors: torch.Tensor) -> None:
         if self.cuda:
-            self.host.copy_(tokens, non_blocking=True)
-            self.host_bad.copy_(bad, non_blocking=True)
+            if not self.host:
+                self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self.host, tensors):
+                host.copy_(t, non_blocking=True)
             # On the tokens' device's stream (not the current device's): the model may live on cuda:1.
-            self.event.record(torch.cuda.current_stream(tokens.device))
+            self.event.record(torch.cuda.current_stream(tensors[0].device))
         else:
-            self.tokens, self.bad = tokens, bad
+            self.tensors = tensors
 
-    def finish(self) -> tuple[list[int], list[bool]]:
+    def finish(self) -> list[list]:
+        """The tensors given to :meth:`start`, as lists, in order."""
         if self.cuda:
             self.event.synchronize()
-            return self.host.tolist(), self.host_bad.tolist()
-        return self.tokens.tolist(), self.bad.tolist()
+            return [host.tolist() for host in self.host]
+        return [t.tolist() for t in self.tensors]

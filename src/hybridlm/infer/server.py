@@ -249,7 +249,10 @@ class _Handler(BaseHTTPRequestHandler):
             if kind == "done":
                 break
         whole, part = _shapes(job)
-        choices = [part(row.index, row.completion.text, row.finish) for row in job.rows]
+        choices = [part(row.index, row.text, row.finish) for row in job.rows]
+        if job.request.logprobs is not None:  # (completions only: the chat route refuses them)
+            for body, row in zip(choices, job.rows):
+                body["logprobs"] = row.logprobs()
         self._json(200, whole(job.id, job.created, self.server.model_name, choices, job.usage()))
 
     def _stream(self, job: Job) -> None:
@@ -280,7 +283,11 @@ class _Handler(BaseHTTPRequestHandler):
                         self._event(shape(job.id, job.created, name, [], job.usage()))
                     break
                 text, reason = (value, None) if kind == "text" else ("", value)
-                self._event(shape(job.id, job.created, name, [part(index, text, reason)], None) | usage_null)
+                body = part(index, text, reason)
+                if job.request.logprobs is not None:  # this piece's tokens (all that are left, at its end)
+                    row = job.rows[index]
+                    body["logprobs"] = row.logprobs(row.marks.popleft() if kind == "text" else None)
+                self._event(shape(job.id, job.created, name, [body], None) | usage_null)
                 kind, index, value = self._next(job)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
