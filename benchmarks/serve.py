@@ -15,8 +15,9 @@ of ``generate`` calls the worker ran; it checks that every round of both setting
 status 1 if not, in float32: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties; in
 bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset (random weights, bf16 on CUDA; the
 byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
-each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``). Results belong in
-docs/benchmarks.md.
+each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``); ``--score`` sends
+lm-evaluation-harness's loglikelihood request in place of a completion (``echo``, ``logprobs: 1``, one new token:
+the prompt's tokens scored). Results belong in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def prompts(count: int, length: int) -> list[str]:
     return [text[i * length : (i + 1) * length] for i in range(count)]
 
 
-def ask(port: int, prompt: str, max_tokens: int) -> tuple[str, float, int]:
-    """One greedy completion: (its text, seconds from sending to the answer read, its completion tokens)."""
+#: ``--score``'s fields: lm-evaluation-harness's loglikelihood request (the prompt's tokens scored, one new token).
+SCORE = {"echo": True, "logprobs": 1, "seed": 1234}
+
+
+def ask(port: int, prompt: str, max_tokens: int, extra: dict | None = None) -> tuple[str, float, int]:
+    """One greedy completion (``extra``: more fields): (its text, seconds from sending to the answer read, its
+    completion tokens)."""
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     answer = json.loads(conn.getresponse().read())
     conn.close()
@@ -58,7 +64,9 @@ def ask(port: int, prompt: str, max_tokens: int) -> tuple[str, float, int]:
     return answer["choices"][0]["text"], time.perf_counter() - start, answer["usage"]["completion_tokens"]
 
 
-def serve_round(model, texts: list[str], max_tokens: int, max_batch: int, cuda_graph: bool = False) -> dict:
+def serve_round(
+    model, texts: list[str], max_tokens: int, max_batch: int, cuda_graph: bool = False, extra: dict | None = None
+) -> dict:
     """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` at once from its own thread."""
     tokenizer = ByteTokenizer()
     worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph)
@@ -77,10 +85,10 @@ def serve_round(model, texts: list[str], max_tokens: int, max_batch: int, cuda_g
     results: list = [None] * len(texts)
 
     def client(i: int) -> None:
-        results[i] = ask(port, texts[i], max_tokens)
+        results[i] = ask(port, texts[i], max_tokens, extra)
 
     try:
-        ask(port, texts[0][:8], 2)  # a warm-up request: first-call costs out of the timing
+        ask(port, texts[0][:8], max_tokens, extra)  # a warm-up request: first-call costs out of the timing
         worker.batches = 0
         start = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
@@ -112,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="serve this model preset (random weights) in place of the default")
     ap.add_argument("--cuda-graph", action="store_true", help="also time both settings with CUDA-graphed decoding")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    ap.add_argument(
+        "--score",
+        action="store_true",
+        help="send lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1) instead",
+    )
     args = ap.parse_args(argv)
+    if args.score:
+        args.max_tokens = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -124,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[int, bool], list[dict]] = {s: [] for s in settings}
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
         for (b, g), done in runs.items():
-            done.append(serve_round(model, texts, args.max_tokens, b, g))
+            done.append(serve_round(model, texts, args.max_tokens, b, g, SCORE if args.score else None))
     rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
     name = args.preset or "embedded default model"
     print(
         f"hybridlm serve, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, "
         f"{str(dtype).removeprefix('torch.')}, {device}, {torch.get_num_threads()} threads): {args.clients} "
-        f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each\n"
+        f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each"
+        f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
     reference = rounds[(1, False)]

@@ -236,13 +236,41 @@ def test_a_batch_asks_for_its_largest_logprobs_and_leaves_out_rows_of_no_new_tok
     worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=recording)
     plain = worker.submit(request({"prompt": "a", "max_tokens": 1}))
     two = worker.submit(request({"prompt": "bc", "max_tokens": 1, "logprobs": 2}))
+    one = worker.submit(request({"prompt": "f", "max_tokens": 1, "logprobs": 1}))  # its own k, not the batch's
     prompt_only = worker.submit(request({"prompt": "de", "max_tokens": 0, "echo": True, "logprobs": 5}))
     assert worker.step() and not worker.step() and worker.batches == 1
-    assert seen == [([[97], [98, 99]], 2)]
+    assert seen == [([[97], [98, 99], [102]], 2)]
     assert plain.rows[0].logprobs() is None and plain.rows[0].finish == "length"
     ((token, scores),) = two.rows[0].scored
     assert token == got[1][1] and scores == got[1][2] and len(scores.top) == 2
+    ((token, scores),) = one.rows[0].scored
+    assert token == got[2][1] and scores.logprob == got[2][2].logprob and scores.top == got[2][2].top[:1]
     row = prompt_only.rows[0]
     assert row.finish == "length" and row.tokens == 0 and row.text == "de"
     assert [t for t, _ in row.scored] == [100, 101] and row.scored[0][1] is None and len(row.scored[1][1].top) == 5
     assert [kind for kind, *_ in events(prompt_only)] == ["finish", "done"]
+
+
+def test_echoed_prompts_are_scored_together_each_at_its_own_k(model, monkeypatch):
+    """The batch's echoed prompts run as one padded forward at their largest k; each request keeps its own k most
+    likely, and its scores are the prompt's alone (up to the padding's float rounding)."""
+    from hybridlm.infer import batching, logprobs
+
+    calls = []
+    monkeypatch.setattr(
+        batching, "score_prompts", lambda m, p, k: calls.append((p, k)) or logprobs.score_prompts(m, p, k)
+    )
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    jobs = [
+        worker.submit(request({"prompt": text, "max_tokens": 0, "echo": True, "logprobs": k}))
+        for text, k in (("hello there", 1), ("yo", 4))
+    ]
+    worker.submit(request({"prompt": "no scores", "max_tokens": 0, "echo": True}))
+    assert worker.step() and calls == [([TOKENIZER.encode("hello there"), TOKENIZER.encode("yo")], 4)]
+    for job, k in zip(jobs, (1, 4)):
+        row = job.rows[0]
+        alone = logprobs.prompt_logprobs(model, row.ids, k)
+        assert [t for t, _ in row.scored] == row.ids and row.scored[0][1] is None
+        for (_, got), want in zip(row.scored[1:], alone[1:]):
+            assert len(got.top) == k and [t for t, _ in got.top] == [t for t, _ in want.top]
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-5)

@@ -12,8 +12,8 @@ another request's rows would change its samples. As in ``hybridlm generate``, it
 draw from ``seed`` plus the index of their batch's first row.
 
 A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; the rows that
-did not ask drop theirs); with ``echo`` too, its prompt is scored first, a row at a time
-(:func:`~hybridlm.infer.logprobs.prompt_logprobs`). A row with ``max_tokens`` 0 (echo only) ends there, unbatched.
+did not ask drop theirs); with ``echo`` too, its prompt is scored first, the batch's echoed prompts in one padded
+forward (:func:`~hybridlm.infer.logprobs.score_prompts`). A row with ``max_tokens`` 0 (echo only) ends there, unbatched.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
 from .generate import generate
-from .logprobs import TokenLogprob, prompt_logprobs
+from .logprobs import TokenLogprob, score_prompts
 
 _log = logging.getLogger(__name__)
 
@@ -216,11 +216,14 @@ class BatchWorker:
         seed = sampling.seed + batch[0].index if sampling.seeded else sampling.seed
         live = batch  # the rows generate runs, whose indices a NonFiniteLogitsError names
         try:
+            echoed = [row for row in batch if row.job.request.echo and row.job.request.logprobs is not None]
+            if echoed:  # one forward for the batch's prompts, at their largest k; each keeps its own k
+                k = max(row.job.request.logprobs for row in echoed)
+                for row, scores in zip(echoed, score_prompts(self.model, [row.ids for row in echoed], k)):
+                    own = row.job.request.logprobs
+                    row.scored = [(t, s if s is None else s.most_likely(own)) for t, s in zip(row.ids, scores)]
             for row in batch:
-                request = row.job.request
-                if request.echo and request.logprobs is not None:
-                    row.scored = list(zip(row.ids, prompt_logprobs(self.model, row.ids, request.logprobs)))
-                if request.max_tokens == 0:  # the prompt alone
+                if row.job.request.max_tokens == 0:  # the prompt alone
                     self._end(row, "length")
             live = [row for row in batch if row.finish is None]
             ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
@@ -257,8 +260,9 @@ class BatchWorker:
         if job.closed or job.cancelled or self.stopping.is_set():
             return True
         row.tokens += 1
-        if job.request.logprobs is not None:  # (every token picked: the end of text and a stop's last too)
-            row.scored.append((token, scores))
+        k = job.request.logprobs
+        if k is not None:  # (every token picked: the end of text and a stop's last too)
+            row.scored.append((token, None if scores is None else scores.most_likely(k)))
         # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``; so does a chat
         # model's end of turn (the request's stop_ids).
         if token == self.tokenizer.eos_id or token in job.request.stop_ids or row.completion.add(token):

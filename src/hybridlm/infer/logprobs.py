@@ -28,6 +28,10 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...]
 
+    def most_likely(self, k: int) -> TokenLogprob:
+        """The same token's, with only the ``k`` most likely tokens (a batch computes its rows' largest k)."""
+        return TokenLogprob(self.logprob, self.top[:k])
+
 
 def pick_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """logits: (B, V) raw, tokens: (B,) the ids picked -> (their (B,) logprobs, the (B, k) top logprobs, the (B, k)
@@ -43,32 +47,61 @@ def to_host(chosen: list[float], values: list[list[float]], ids: list[list[int]]
     return [TokenLogprob(c, tuple(zip(i, v))) for c, v, i in zip(chosen, values, ids)]
 
 
-@torch.no_grad()
 def prompt_logprobs(model: torch.nn.Module, ids: list[int], k: int) -> list[TokenLogprob | None]:
-    """Each token of ``ids`` (one prompt) scored by the model from the tokens before it: a list as long as ``ids``,
-    its first None (nothing precedes it). One cached forward over ``ids[:-1]`` (the last token's logits predict
-    nothing in the prompt), in chunks of at most ``LOGITS_BUDGET // vocab_size`` positions, each chunk's logits
-    scored and dropped before the next."""
-    if len(ids) < 2:
-        return [None] * len(ids)
+    """Each token of ``ids`` (one prompt) scored by the model from the tokens before it: :func:`score_prompts` of
+    the one prompt."""
+    return score_prompts(model, [ids], k)[0]
+
+
+@torch.no_grad()
+def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> list[list[TokenLogprob | None]]:
+    """Each token of each prompt scored by the model from the tokens before it: per prompt a list as long as it,
+    its first None (nothing precedes it).
+
+    The prompts run as one left-padded batch (a cached forward over each prompt but its last token, whose logits
+    predict nothing in it), in chunks of at most ``LOGITS_BUDGET // (batch * vocab_size)`` positions, each chunk's
+    logits scored and dropped before the next: one forward for a batch of short prompts, where one forward per
+    prompt left a GPU waiting on the host. A padded row's values differ from its own forward's by float rounding
+    only, as a padded batch's generation does. ValueError naming the prompt and position where logits are not
+    finite."""
+    from .generate import left_pad  # (generate imports this module)
+
+    out: list[list[TokenLogprob | None]] = [[None] * min(len(p), 1) for p in prompts]
+    rows = [i for i, p in enumerate(prompts) if len(p) >= 2]
+    if not rows:
+        return out
     device = next(model.parameters()).device
-    chunk = max(1, LOGITS_BUDGET // model.config.vocab_size)
-    x = torch.tensor([ids], device=device)
-    cache = InferenceCache.for_model(model, 1, len(ids) - 1)
-    out: list[TokenLogprob | None] = [None]
+    ids, valid = left_pad([prompts[i][:-1] for i in rows], device)  # (B, P): the inputs
+    targets, _ = left_pad([prompts[i][1:] for i in rows], device)  # (B, P): the token each position predicts
+    B, P = ids.shape
+    cache = InferenceCache.for_model(model, B, P)
+    if not bool(valid.all()):
+        cache.set_padding(valid)
+    chunk = max(1, LOGITS_BUDGET // (B * model.config.vocab_size))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(ids) - 1, chunk):
-            end = min(start + chunk, len(ids) - 1)
-            logits = model(x[:, start:end], cache=cache).logits[0]  # (n, V), position i predicts token i + 1
-            bad = (~torch.isfinite(logits.amax(-1))).nonzero()
+        for start in range(0, P, chunk):
+            end = min(start + chunk, P)
+            logits = model(ids[:, start:end], cache=cache).logits  # (B, n, V)
+            real = valid[:, start:end]
+            bad = (~torch.isfinite(logits.amax(-1)) & real).nonzero()
             if len(bad):  # (NaN logprobs are no JSON, and would score nothing)
+                r, j = (int(x) for x in bad[0])
+                position = start + j - (P - (len(prompts[rows[r]]) - 1))  # counted in the prompt itself
                 raise ValueError(
-                    f"the logits at prompt position {start + int(bad[0])} are not finite (NaN or inf): the model's "
-                    "weights or activations hold NaN or inf; no token can be scored from them"
+                    f"the logits at prompt position {position}{f' of prompt {rows[r]}' if len(prompts) > 1 else ''} "
+                    "are not finite (NaN or inf): the model's weights or activations hold NaN or inf; no token can "
+                    "be scored from them"
                 )
-            out += to_host(*(t.tolist() for t in pick_logprobs(logits, x[0, start + 1 : end + 1], k)))
+            n = end - start
+            scores = to_host(
+                *(t.tolist() for t in pick_logprobs(logits.reshape(B * n, -1), targets[:, start:end].reshape(-1), k))
+            )
+            keep = real.reshape(-1).tolist()
+            for flat, (score, real_position) in enumerate(zip(scores, keep)):
+                if real_position:
+                    out[rows[flat // n]].append(score)
     finally:
         model.train(was_training)
     return out
