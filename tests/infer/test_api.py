@@ -156,6 +156,7 @@ def test_what_lm_evaluation_harness_sends_to_score_is_taken():
     assert parse({"prompt": "hi", "echo": True, "max_tokens": 0}).max_tokens == 0
     assert refused({"prompt": "hi", "echo": True, "max_tokens": -1}).message.endswith("integer in [0, 64], got -1")
     assert parse({"prompt": "hi", "logprobs": 0, "stream": True}).logprobs == 0
+    assert parse({"prompt": "hi", "logprobs": MAX_LOGPROBS}).logprobs == MAX_LOGPROBS  # (vLLM's limit: taken)
 
 
 def test_the_logprobs_object_is_openais_with_the_picked_token_in_its_top_dict():
@@ -173,6 +174,9 @@ def test_the_logprobs_object_is_openais_with_the_picked_token_in_its_top_dict():
         "top_logprobs": [None, {"?": -1.0, "bc": -2.0}, {"d": -0.5}],
         "text_offset": [3, 4, 6],
     }
+    # As topk gives them, most likely first: the later, lower one of a shared text does not replace the higher.
+    sorted_top = [(5, TokenLogprob(-0.5, ((2, -0.2), (3, -0.4), (5, -0.5))))]
+    assert logprobs_body(sorted_top, pieces.__getitem__)["top_logprobs"] == [{"?": -0.2, "d": -0.5}]
 
 
 def test_another_models_name_is_not_found_and_the_stream_options_go_with_a_stream():

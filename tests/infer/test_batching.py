@@ -1,5 +1,7 @@
 """The batching worker of `hybridlm serve`, run a round at a time on the test's thread (no sockets)."""
 
+import logging
+
 import pytest
 
 from hybridlm import HybridLM, generate
@@ -274,3 +276,43 @@ def test_echoed_prompts_are_scored_together_each_at_its_own_k(model, monkeypatch
         for (_, got), want in zip(row.scored[1:], alone[1:]):
             assert len(got.top) == k and [t for t, _ in got.top] == [t for t, _ in want.top]
             assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+
+
+def test_each_row_keeps_its_own_k_and_rows_of_no_new_tokens_first_leave_the_others_their_tokens(model):
+    """A batch's generate is asked for the largest k, but a row that asked for 1 gets 1 (not another request's 3); an
+    echoed prompt of max_tokens 0 queued first is out of generate's rows, so row 0's tokens go to the next one."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    prompt_only = worker.submit(request({"prompt": "de", "max_tokens": 0, "echo": True, "logprobs": 2}))
+    one = worker.submit(request({"prompt": "a", "max_tokens": 3, "logprobs": 1}))
+    three = worker.submit(request({"prompt": "bc", "max_tokens": 3, "logprobs": 3}))
+    assert worker.step() and not worker.step() and worker.batches == 1
+    assert prompt_only.rows[0].finish == "length" and prompt_only.rows[0].tokens == 0
+    for job, prompt, k in ((one, "a", 1), (three, "bc", 3)):
+        (row,) = job.rows
+        assert row.completion.text == TOKENIZER.decode(solo(model, prompt, 3)) and row.tokens == 3
+        assert [len(scores.top) for _, scores in row.scored] == [k] * 3
+
+
+def test_a_batch_that_fails_after_a_row_of_no_new_tokens_names_the_row_generate_ran(model):
+    """generate's row 0 is the first row it ran, not the echoed prompt of max_tokens 0 before it in the batch."""
+
+    def failing(model, rows, **kw):
+        raise NonFiniteLogitsError(0, "the logits for new token 1 are not finite")
+
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=failing)
+    prompt_only = worker.submit(request({"prompt": "de", "max_tokens": 0, "echo": True}))
+    running = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+    worker.step()
+    assert [kind for kind, *_ in events(prompt_only)] == ["finish", "done"]
+    kind, _, error = events(running)[-1]
+    assert kind == "error" and error.message == "choice 0: the logits for new token 1 are not finite"
+
+
+def test_a_batch_of_prompts_alone_runs_no_generation_and_logs_no_failure(model, caplog):
+    """Echoed prompts of max_tokens 0 only: scored and answered, with no generate call (an empty batch's would fail,
+    and log "generation failed" for a request answered well)."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, generate=lambda *a, **k: pytest.fail("generate ran"))
+    job = worker.submit(request({"prompt": "de", "max_tokens": 0, "echo": True, "logprobs": 1}))
+    with caplog.at_level(logging.ERROR):
+        assert worker.step()
+    assert [kind for kind, *_ in events(job)] == ["finish", "done"] and not caplog.records

@@ -836,3 +836,19 @@ def test_dtype_loads_the_checkpoint_in_that_dtype(checkpoint, capsys, monkeypatc
         code, out, _ = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 8, "--greedy", *flags)
         assert code == 0 and seen.pop() == dtype
         assert out == "hi" + tok.decode(generate(reference.eval(), tok.encode("hi"), 8, eos_id=tok.eos_id)) + "\n"
+
+
+def test_dtype_auto_keeps_a_bfloat16_checkpoints_dtype(checkpoint, tmp_path, capsys, monkeypatch):
+    """The default (auto) is the checkpoint's own dtype: a bf16 checkpoint is not cast to float32."""
+    from hybridlm.infer import generate as generating
+
+    _, model = checkpoint
+    half = HybridLM(model.config, seed=0, dtype=torch.bfloat16)
+    save(half, tmp_path / "half", extra_files=ByteTokenizer().files())
+    seen = []
+    real = generating.generate
+    monkeypatch.setattr(
+        generating, "generate", lambda m, *a, **k: seen.append(next(m.parameters()).dtype) or real(m, *a, **k)
+    )
+    code, _, err = run(capsys, tmp_path / "half", "--prompt", "hi", "--max-new-tokens", 2, "--greedy")
+    assert code == 0 and seen == [torch.bfloat16], err

@@ -253,6 +253,22 @@ def test_a_decode_step_that_cannot_be_captured_is_refused_before_the_server_list
     assert calls == [{"cuda_graph": True}]
 
 
+def test_a_captured_decode_step_makes_the_worker_replay_graphs(checkpoint, capsys, monkeypatch):
+    """Once the capture check passes, --cuda-graph reaches the worker that runs the batches (stood in for on a CPU
+    machine, as above; the GPU test below answers requests with it)."""
+    from hybridlm.cli import serve as cli_serve
+    from hybridlm.infer import generate as generating
+
+    path, _ = checkpoint
+    calls = []
+    monkeypatch.setattr(generating, "generate", lambda model, prompts, max_new_tokens, **kw: calls.append(kw))
+    monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None))
+    _, servers = serve_then_ctrl_c(monkeypatch, "")
+    assert main(["serve", str(path), "--cuda-graph", "--port", "0"]) == 130
+    capsys.readouterr()
+    assert calls == [{"cuda_graph": True}] and servers[0].worker.cuda_graph is True
+
+
 @pytest.mark.gpu
 def test_cuda_graph_serving_answers_what_generate_gives_on_gpu(checkpoint, capsys, monkeypatch):
     """On a GPU, --cuda-graph captures at the start and each batch replays its graph: greedy answers (float32, two

@@ -587,9 +587,10 @@ def test_logprobs_are_the_raw_log_softmax_of_the_full_forward(path, rows):
 
 def test_logprobs_zero_gives_the_picked_tokens_alone_and_needs_a_callback_and_no_speculation():
     model = HybridLM(tiny_config("M*-/-"), seed=0)
-    got = []
-    generate(model, [1, 2], 2, logprobs=0, callback=lambda r, t, lp: got.append(lp))
-    assert len(got) == 2 and all(lp.top == () and lp.logprob < 0 for lp in got)
+    for use_cache in (True, False):
+        got = []
+        generate(model, [1, 2], 2, logprobs=0, use_cache=use_cache, callback=lambda r, t, lp, got=got: got.append(lp))
+        assert len(got) == 2 and all(lp.top == () and lp.logprob < 0 for lp in got), use_cache
     for kwargs, words in (
         (dict(callback=lambda r, t, lp: None, speculative="mtp"), "logprobs is not supported with speculative"),
         (dict(), "logprobs are given to the callback"),

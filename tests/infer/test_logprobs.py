@@ -65,3 +65,37 @@ def test_a_batched_prompt_whose_logits_are_not_finite_is_named_by_prompt_and_pos
     monkeypatch.setattr(type(model), "forward", poisoned)
     with pytest.raises(ValueError, match="prompt position 1 of prompt 2 are not finite"):
         score_prompts(model, [[1, 2, 3, 4, 5, 6], [9], [1, 2, 3]], 1)
+
+
+def test_a_non_finite_position_in_a_later_chunk_is_named_from_the_prompts_start(monkeypatch):
+    """Chunks of 2 positions; token 9's embedding NaN makes position 4 (where it is) and those after it NaN: position 4
+    is named, not 0 (its place in its chunk)."""
+    model = HybridLM(tiny_config("M-"), seed=0).eval()
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 2 * model.config.vocab_size)
+    with torch.no_grad():
+        model.embeddings.weight[9] = float("nan")
+    with pytest.raises(ValueError, match="prompt position 4 are not finite"):
+        prompt_logprobs(model, [1, 2, 3, 4, 9, 5, 6], 1)
+
+
+def test_a_training_model_scores_in_eval_mode_and_is_left_training():
+    """In eval mode: a trainer's expert-load counters (which count training forwards only) count none of it."""
+    from hybridlm.train.expert_load import ExpertLoad
+
+    model = HybridLM(tiny_config("ME"), seed=0).train()
+    ExpertLoad(model)
+    assert len(prompt_logprobs(model, [1, 2, 3], 1)) == 3 and model.training
+    assert all(int(m.tokens_per_expert.sum()) == 0 for m in model.modules() if hasattr(m, "tokens_per_expert"))
+
+
+def test_bfloat16_logits_are_scored_in_float32():
+    """A bf16 model's logits: log_softmax in float32 (as generate's sampler computes), not in bf16, whose 8 bits of
+    mantissa round a logprob of -3.01 to -3.0."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    tokens = torch.tensor([4, 0, 49])
+    chosen, values, ids = logprobs.pick_logprobs(logits, tokens, 2)
+    expected = torch.log_softmax(logits.float(), -1)
+    assert chosen.dtype == values.dtype == torch.float32
+    torch.testing.assert_close(chosen, expected[torch.arange(3), tokens], rtol=0, atol=0)
+    torch.testing.assert_close(values, expected.topk(2).values, rtol=0, atol=0)
+    assert torch.equal(ids, expected.topk(2).indices)

@@ -12,7 +12,8 @@ import torch
 
 from hybridlm import HybridLM, generate
 from hybridlm.errors import NonFiniteLogitsError
-from hybridlm.infer.batching import BatchWorker
+from hybridlm.infer.batching import BatchWorker, Job
+from hybridlm.infer.logprobs import TokenLogprob
 from hybridlm.infer.server import CompletionServer, _Handler
 from hybridlm.train.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
@@ -181,6 +182,34 @@ def test_a_stream_with_logprobs_carries_each_chunks_tokens(server):
         assert "".join(c["text"] for c in mine) == whole["choices"][index]["text"]
         joined = {key: [x for c in mine for x in c["logprobs"][key]] for key in whole["choices"][index]["logprobs"]}
         assert joined == whole["choices"][index]["logprobs"] and len(joined["tokens"]) == 12
+
+
+def test_a_streamed_chunks_logprobs_are_its_own_tokens_however_late_the_handler_reads(model, monkeypatch):
+    """Each chunk carries the tokens its text came from, not all those picked by the time the handler reads it: here
+    every event is queued at the batch's end (a handler far behind), and ASCII tokens make each chunk's text the join
+    of its tokens' texts (the first chunk's with the echoed prompt's)."""
+    held = []
+
+    def emit(job, kind, index=None, value=None):
+        held.append((job, (kind, index, value)))
+        if kind in ("done", "error"):
+            for j, event in held:
+                j.events.put(event)
+
+    def picking(model, rows, max_new_tokens, callback, **kw):  # "abcd", each token 'the most likely'
+        for token in b"abcd"[:max_new_tokens]:
+            if callback(0, token, TokenLogprob(-0.5, ((token, -0.5),))):
+                break
+
+    monkeypatch.setattr(Job, "emit", emit)
+    request = {"prompt": "hi", "max_tokens": 4, "logprobs": 1, "echo": True, "stream": True}
+    with serving(model, generate=picking) as server:
+        status, _, data = call(server, "POST", "/v1/completions", request)
+    assert status == 200
+    chunks = [json.loads(e.removeprefix("data: "))["choices"][0] for e in data.decode().split("\n\n")[:-2]]
+    assert [c["text"] for c in chunks] == ["hia", "b", "c", "d", ""]
+    assert [c["logprobs"]["tokens"] for c in chunks] == [["h", "i", "a"], ["b"], ["c"], ["d"], []]
+    assert [c["logprobs"]["text_offset"] for c in chunks] == [[0, 1, 2], [3], [4], [5], []]
 
 
 def test_the_end_of_text_is_a_stop_and_a_stop_string_cuts_the_text(server, model):

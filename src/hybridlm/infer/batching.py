@@ -11,9 +11,10 @@ A request whose client seeded its sampling runs in batches of its own: one batch
 another request's rows would change its samples. As in ``hybridlm generate``, its rows past ``max_batch_size``
 draw from ``seed`` plus the index of their batch's first row.
 
-A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; the rows that
-did not ask drop theirs); with ``echo`` too, its prompt is scored first, the batch's echoed prompts in one padded
-forward (:func:`~hybridlm.infer.logprobs.score_prompts`). A row with ``max_tokens`` 0 (echo only) ends there, unbatched.
+A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; each row keeps
+its own k most likely, and the rows that did not ask drop theirs); with ``echo`` too, its prompt is scored first, the
+batch's echoed prompts in one padded forward (:func:`~hybridlm.infer.logprobs.score_prompts`). A row with
+``max_tokens`` 0 (echo only) ends there, unbatched.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ class BatchWorker:
         row.tokens += 1
         k = job.request.logprobs
         if k is not None:  # (every token picked: the end of text and a stop's last too)
+            # Its own k most likely, not the batch's largest k (which another request in the batch set).
             row.scored.append((token, None if scores is None else scores.most_likely(k)))
         # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``; so does a chat
         # model's end of turn (the request's stop_ids).
