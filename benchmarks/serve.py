@@ -17,7 +17,8 @@ bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset
 byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
 each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``); ``--score`` sends
 lm-evaluation-harness's loglikelihood request in place of a completion (``echo``, ``logprobs: 1``, one new token:
-the prompt's tokens scored). Results belong in docs/benchmarks.md.
+the prompt's tokens scored), and adds the batched setting with the batch's echoed prompts scored one forward each
+(as first written) beside one forward for them all. Results belong in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import time
 import torch
 
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.infer import batching
 from hybridlm.infer.batching import BatchWorker
+from hybridlm.infer.logprobs import score_prompts
 from hybridlm.infer.server import CompletionServer
 from hybridlm.train.config import DEFAULT_MODEL
 from hybridlm.train.data import builtin_documents
@@ -64,10 +67,23 @@ def ask(port: int, prompt: str, max_tokens: int, extra: dict | None = None) -> t
     return answer["choices"][0]["text"], time.perf_counter() - start, answer["usage"]["completion_tokens"]
 
 
+def one_by_one(model, prompts: list[list[int]], k: int) -> list:
+    """``score_prompts`` as it was first written: one forward per echoed prompt (``--score``'s comparison)."""
+    return [score_prompts(model, [p], k)[0] for p in prompts]
+
+
 def serve_round(
-    model, texts: list[str], max_tokens: int, max_batch: int, cuda_graph: bool = False, extra: dict | None = None
+    model,
+    texts: list[str],
+    max_tokens: int,
+    max_batch: int,
+    cuda_graph: bool = False,
+    extra: dict | None = None,
+    alone: bool = False,
 ) -> dict:
-    """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` at once from its own thread."""
+    """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` at once from its own thread
+    (``alone``: echoed prompts scored one forward each)."""
+    batching.score_prompts = one_by_one if alone else score_prompts
     tokenizer = ByteTokenizer()
     worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph)
     server = CompletionServer(
@@ -135,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.preset(args.preset) if args.preset else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
     model = HybridLM(config, seed=0, device=device).to(dtype).eval()
     texts = prompts(args.clients, args.prompt_len)
-    settings = [(b, g) for g in ([False, True] if args.cuda_graph else [False]) for b in (1, args.clients)]
-    runs: dict[tuple[int, bool], list[dict]] = {s: [] for s in settings}
+    # (max batch size, CUDA graph, echoed prompts scored one forward each)
+    settings = [(b, g, False) for g in ([False, True] if args.cuda_graph else [False]) for b in (1, args.clients)]
+    if args.score:
+        settings.append((args.clients, False, True))
+    runs: dict[tuple[int, bool, bool], list[dict]] = {s: [] for s in settings}
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
-        for (b, g), done in runs.items():
-            done.append(serve_round(model, texts, args.max_tokens, b, g, SCORE if args.score else None))
+        for (b, g, alone), done in runs.items():
+            done.append(serve_round(model, texts, args.max_tokens, b, g, SCORE if args.score else None, alone))
     rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
     name = args.preset or "embedded default model"
     print(
@@ -149,20 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
-    reference = rounds[(1, False)]
+    reference = rounds[(1, False, False)]
+    scored = " echoed prompts scored |" if args.score else ""
     print(
-        "| --max-batch-size | CUDA graph | generate calls | wall s | completion tokens/s | mean latency s | same texts |"
+        f"| --max-batch-size | CUDA graph |{scored} generate calls | wall s | completion tokens/s | mean latency s | "
+        "same texts |"
     )
-    print("|---:|:---:|---:|---:|---:|---:|---:|")
-    for (b, g), r in rounds.items():
+    print("|---:|:---:|" + ":---:|" * bool(args.score) + "---:|---:|---:|---:|---:|")
+    for (b, g, alone), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
+        how = f" {'one by one' if alone else 'together'} |" if args.score else ""
         print(
-            f"| {b} | {'yes' if g else 'no'} | {r['batches']} | {r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | "
-            f"{r['latency']:.2f} | {same} of {len(texts)} |"
+            f"| {b} | {'yes' if g else 'no'} |{how} {r['batches']} | {r['wall']:.2f} | "
+            f"{r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {same} of {len(texts)} |"
         )
-    for (b, g), r in rounds.items():
-        if (b, g) != (1, False):
-            label = f"--max-batch-size {b}" + (" --cuda-graph" if g else "")
+    for (b, g, alone), r in rounds.items():
+        if (b, g, alone) != (1, False, False):
+            label = f"--max-batch-size {b}" + (" --cuda-graph" if g else "") + (", scored one by one" if alone else "")
             print(f"{label} / one at a time: {reference['wall'] / r['wall']:.2f}x the throughput")
     same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done)
     print(f"same texts in every round of every setting: {'yes' if same else 'no'}")
