@@ -4,6 +4,7 @@ template, the answer and stream in OpenAI's chat shapes, the end of turn, on a t
 import json
 
 import pytest
+import torch
 
 from hybridlm import HybridLM, generate
 from hybridlm.infer.api import Sampling
@@ -77,8 +78,6 @@ def test_max_completion_tokens_or_its_older_name_and_errors_name_the_one_given()
     ("field", "value"),
     [
         ("n", 2),
-        ("logprobs", True),
-        ("top_logprobs", 2),
         ("presence_penalty", 0.5),
         ("logit_bias", {"1": 2}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
@@ -98,6 +97,23 @@ def test_openais_defaults_written_out_are_taken():
     defaults = {"n": 1, "logprobs": False, "top_logprobs": 0, "store": False, "modalities": ["text"], "stream": False}
     defaults |= {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "tool_choice": "none"}
     assert parse({"messages": HI, **defaults}).sampling == Sampling(1.0, 0, 1.0, 1.0, None)
+
+
+def test_logprobs_and_top_logprobs_ask_for_the_chosen_and_the_k_most_likely_and_are_checked_by_name():
+    assert parse({"messages": HI}).logprobs is None and parse({"messages": HI, "logprobs": False}).logprobs is None
+    assert parse({"messages": HI, "logprobs": True}).logprobs == 0
+    assert parse({"messages": HI, "logprobs": True, "top_logprobs": 20}).logprobs == 20
+    assert parse({"messages": HI, "logprobs": None, "top_logprobs": 0}).logprobs is None  # OpenAI's defaults
+    for body, param, words in (
+        ({"logprobs": "yes"}, "logprobs", 'must be true or false, got "yes"'),
+        ({"logprobs": 1}, "logprobs", "must be true or false, got 1"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "must be null or an integer in [0, 20], got 21"),
+        ({"logprobs": True, "top_logprobs": True}, "top_logprobs", "got true"),
+        ({"top_logprobs": 2}, "top_logprobs", "2 needs logprobs: true"),
+        ({"logprobs": False, "top_logprobs": 2}, "top_logprobs", "2 needs logprobs: true"),
+    ):
+        error = refused({"messages": HI, **body})
+        assert error.param == param and words in error.message, (body, error.message)
 
 
 def test_neutral_values_are_taken_and_unknown_fields_refused():
@@ -353,3 +369,34 @@ def test_chat_template_kwargs_over_http_render_the_prompt_the_switch_asks_for(mo
         assert body["choices"][0]["message"]["content"] == TOKENIZER.decode(tokens)
         assert body["usage"]["prompt_tokens"] == len(prompt)
     assert status == 400 and refusal["error"]["param"] == "chat_template_kwargs", refusal
+
+
+def test_chat_logprobs_are_each_answer_tokens_in_openais_chat_shape_streamed_or_whole():
+    """``logprobs: true, top_logprobs: k``: per token of the answer its text, logprob, UTF-8 bytes and the k most
+    likely, the values of generate's logprobs on the rendered prompt (a float64 model); a stream's chunks carry their
+    own tokens' entries, which join to the whole answer's."""
+    model = HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0, dtype=torch.float64).eval()
+    want = []
+    tokens = generate(
+        model, TOKENIZER.encode(PROMPT), 6, eos_id=TOKENIZER.eos_id, logprobs=3, callback=lambda r, t, s: want.append(s)
+    )
+    request = {"messages": HI, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    with serving(model) as server:
+        status, whole = chat(server, request)
+        data = call(server, "POST", "/v1/chat/completions", {**request, "stream": True})[2]
+    assert status == 200, whole
+    (answer,) = whole["choices"]
+    content = answer["logprobs"]["content"]
+    assert answer["logprobs"]["refusal"] is None and len(content) == len(tokens) == len(want)
+    for entry, token, scores in zip(content, tokens, want):
+        text = TOKENIZER.decode([token])
+        assert entry["token"] == text and entry["logprob"] == scores.logprob
+        # (a byte alone of a longer character decodes to U+FFFD: its bytes are not the text's, so none)
+        assert entry["bytes"] == (None if 128 <= token < 256 else list(text.encode()))
+        assert [e["token"] for e in entry["top_logprobs"]] == [TOKENIZER.decode([i]) for i, _ in scores.top]
+        assert [e["logprob"] for e in entry["top_logprobs"]] == [v for _, v in scores.top]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n")[:-2]]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks]
+    assert streamed[0] is None  # the opening chunk (the role)
+    assert [e for s in streamed[1:] for e in s["content"]] == content
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer["message"]["content"]

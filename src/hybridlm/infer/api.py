@@ -54,7 +54,7 @@ FIELDS = (
     "stream_options",
     "user",
 )
-#: Fields of the completions route alone (the chat route's ``logprobs`` is another field, refused there).
+#: Fields of the completions route alone (the chat route reads its own ``logprobs``, a bool, with ``top_logprobs``).
 SCORING = ("echo", "logprobs")
 
 
@@ -210,6 +210,13 @@ def check_model(body: dict, model_name: str) -> None:
         raise RequestError(404, f"model: this server serves {model_name!r}, not {model!r}", "model", "model_not_found")
 
 
+def check_logprobs_count(name: str, value) -> None:
+    """How many most likely tokens a request asks for at each position (completions' ``logprobs``, chat's
+    ``top_logprobs``): null or an integer in [0, :data:`MAX_LOGPROBS`]; RequestError naming ``name`` otherwise."""
+    if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+        raise _invalid(name, f"must be null or an integer in [0, {MAX_LOGPROBS}], got {json.dumps(value)[:60]}")
+
+
 def parse_request(
     body: dict,
     *,
@@ -240,10 +247,7 @@ def parse_request(
     echo, logprobs = get("echo", False), body.get("logprobs")
     if not isinstance(echo, bool):
         raise _invalid("echo", f"must be true or false, got {json.dumps(echo)[:60]}")
-    if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
-        raise _invalid(
-            "logprobs", f"must be null or an integer in [0, {MAX_LOGPROBS}], got {json.dumps(logprobs)[:60]}"
-        )
+    check_logprobs_count("logprobs", logprobs)
     max_tokens = get("max_tokens", min(DEFAULT_MAX_TOKENS, max_tokens_limit))
     least = 0 if echo else 1  # (max_tokens 0 with echo: the prompt alone, scored)
     if not _is_int(max_tokens) or not least <= max_tokens <= max_tokens_limit:

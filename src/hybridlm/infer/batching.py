@@ -58,15 +58,17 @@ class Row:
         """The choice's text: the echoed prompt's, then the completion's."""
         return self.echo + self.completion.text
 
-    def logprobs(self, upto: int | None = None) -> dict | None:
+    def logprobs(self, upto: int | None = None, shape=logprobs_body) -> dict | None:
         """The ``logprobs`` object (None unless the request asked for them) of the scored tokens not given yet, up to
         ``scored[upto]`` (default: all): the whole choice's, or a stream chunk's, its tokens since the last chunk's
-        (their ``text_offset`` counted from the choice's start)."""
+        (their ``text_offset`` counted from the choice's start). ``shape(scored, piece, offset)`` writes it in its
+        API's shape: the completions route's (:func:`~hybridlm.infer.api.logprobs_body`) or the chat route's."""
         if self.job.request.logprobs is None:
             return None
         upto = len(self.scored) if upto is None else upto
-        body = logprobs_body(self.scored[self.sent : upto], self.job.piece, self.offset)
-        self.sent, self.offset = upto, self.offset + sum(len(t) for t in body["tokens"])
+        scored, piece = self.scored[self.sent : upto], self.job.piece
+        body = shape(scored, piece, self.offset)
+        self.sent, self.offset = upto, self.offset + sum(len(piece(token)) for token, _ in scored)
         return body
 
 

@@ -29,19 +29,26 @@ from .chat_template import (
     read_template_file,
     special_token_texts,
 )
+from .logprobs import TokenLogprob
 
 #: Fields that :func:`~hybridlm.infer.api.parse_request` reads as they are, for the completions route too.
 SHARED = tuple(f for f in api.FIELDS if f not in ("prompt", "max_tokens"))
 #: Fields read besides :data:`NEUTRAL`'s: the completions route's, ``messages`` for its ``prompt``, and
 #: ``max_completion_tokens`` beside ``max_tokens`` (its older name), and ``chat_template_kwargs`` (vLLM's and SGLang's).
-FIELDS = ("messages", "max_completion_tokens", "max_tokens", "chat_template_kwargs", *SHARED)
+FIELDS = (
+    "messages",
+    "max_completion_tokens",
+    "max_tokens",
+    "chat_template_kwargs",
+    "logprobs",
+    "top_logprobs",
+    *SHARED,
+)
 #: OpenAI's chat fields taken only at the value that leaves the result unchanged (null is always taken): no tools
-#: are given to the template, no log-probabilities computed (``top_logprobs`` 0 with them), no JSON mode, nothing
-#: stored for OpenAI's evals (``store``), text out (``modalities``): each at OpenAI's default, which a client may write.
+#: are given to the template, no JSON mode, nothing stored for OpenAI's evals (``store``), text out
+#: (``modalities``): each at OpenAI's default, which a client may write.
 NEUTRAL = {
     "n": 1,
-    "logprobs": False,
-    "top_logprobs": 0,
     "presence_penalty": 0,
     "frequency_penalty": 0,
     "logit_bias": {},
@@ -226,6 +233,7 @@ def parse_chat_request(
         raise _invalid("messages", f"their prompt cannot be tokenized: {e}") from None
     if not ids:
         raise _invalid("messages", "the chat template rendered them as no text")
+    scoring = _logprobs(body)
     name, limit = _max_tokens(body, max_tokens_limit)
     shared = {k: body[k] for k in SHARED if k in body}
     try:
@@ -241,7 +249,18 @@ def parse_chat_request(
         if e.param != "max_tokens" or name == "max_tokens":
             raise
         raise _invalid(name, e.message.removeprefix("max_tokens: ")) from None
-    return ChatRequest(**{**vars(request), "stop_ids": chat.stop_ids})
+    return ChatRequest(**{**vars(request), "stop_ids": chat.stop_ids, "logprobs": scoring})
+
+
+def _logprobs(body: dict) -> int | None:
+    """The k of ``logprobs: true`` with ``top_logprobs: k`` (0 without it), None without ``logprobs``."""
+    asked, k = body.get("logprobs"), body.get("top_logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise _invalid("logprobs", f"must be true or false, got {json.dumps(asked)[:60]}")
+    api.check_logprobs_count("top_logprobs", k)
+    if k and not asked:  # (OpenAI's rule: 0 alone is its default, taken)
+        raise _invalid("top_logprobs", f"{k} needs logprobs: true")
+    return (k or 0) if asked else None
 
 
 def _max_tokens(body: dict, default: int) -> tuple[str, object]:
@@ -254,6 +273,25 @@ def _max_tokens(body: dict, default: int) -> tuple[str, object]:
     if new is not None:
         return "max_completion_tokens", new
     return "max_tokens", default if old is None else old
+
+
+def logprobs_body(scored: list[tuple[int, TokenLogprob | None]], piece, offset: int = 0) -> dict:
+    """A chat choice's ``logprobs`` object, OpenAI's: ``{"content": [...], "refusal": null}``, per token its
+    ``token`` (text), ``logprob``, ``bytes`` and ``top_logprobs`` (a list of the k most likely, each with its
+    ``token``, ``logprob`` and ``bytes``). ``bytes`` are the text's UTF-8 bytes, null where the token is only part of
+    a character (its decode alone gives U+FFFD, not its bytes). ``scored`` and ``piece`` as
+    :func:`hybridlm.infer.api.logprobs_body`'s; ``offset`` is not part of this shape."""
+
+    def entry(token: int, logprob: float) -> dict:
+        text = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": None if "\ufffd" in text else list(text.encode())}
+
+    content = [
+        {**entry(token, s.logprob), "top_logprobs": [entry(i, v) for i, v in s.top]}
+        for token, s in scored
+        if s is not None
+    ]
+    return {"content": content, "refusal": None}
 
 
 def chat_id(request_id: str) -> str:

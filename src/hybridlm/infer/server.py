@@ -25,7 +25,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import chat as chat_api
-from .api import RequestError, choice, completion, parse_request, read_json
+from .api import RequestError, choice, completion, logprobs_body, parse_request, read_json
 from .batching import BatchWorker, Job
 
 #: A request body larger than this is refused (413) before it is read: prompts of a few megabytes fill a batch.
@@ -99,11 +99,12 @@ class CompletionServer(ThreadingHTTPServer):
 
 
 def _shapes(job: Job, stream: bool = False):
-    """(the answer object's builder, a choice's builder) of ``job``'s API: completions, or chat (its chunk and
-    delta where ``stream``)."""
+    """(the answer object's builder, a choice's builder, its logprobs object's builder) of ``job``'s API:
+    completions, or chat (its chunk and delta where ``stream``)."""
     if isinstance(job.request, chat_api.ChatRequest):
-        return (chat_api.chunk, chat_api.delta) if stream else (chat_api.completion, chat_api.choice)
-    return completion, choice
+        shapes = (chat_api.chunk, chat_api.delta) if stream else (chat_api.completion, chat_api.choice)
+        return (*shapes, chat_api.logprobs_body)
+    return completion, choice, logprobs_body
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -248,11 +249,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise value
             if kind == "done":
                 break
-        whole, part = _shapes(job)
+        whole, part, scores = _shapes(job)
         choices = [part(row.index, row.text, row.finish) for row in job.rows]
-        if job.request.logprobs is not None:  # (completions only: the chat route refuses them)
+        if job.request.logprobs is not None:
             for body, row in zip(choices, job.rows):
-                body["logprobs"] = row.logprobs()
+                body["logprobs"] = row.logprobs(shape=scores)
         self._json(200, whole(job.id, job.created, self.server.model_name, choices, job.usage()))
 
     def _stream(self, job: Job) -> None:
@@ -268,7 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         name, include = self.server.model_name, job.request.include_usage
-        shape, part = _shapes(job, stream=True)
+        shape, part, scores = _shapes(job, stream=True)
         usage_null = {"usage": None} if include else {}  # (as OpenAI's chunks carry it, null until the last)
         try:
             if isinstance(job.request, chat_api.ChatRequest):  # each choice opens with its role, as OpenAI's do
@@ -286,7 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = part(index, text, reason)
                 if job.request.logprobs is not None:  # this piece's tokens (all that are left, at its end)
                     row = job.rows[index]
-                    body["logprobs"] = row.logprobs(row.marks.popleft() if kind == "text" else None)
+                    body["logprobs"] = row.logprobs(row.marks.popleft() if kind == "text" else None, scores)
                 self._event(shape(job.id, job.created, name, [body], None) | usage_null)
                 kind, index, value = self._next(job)
             self.wfile.write(b"data: [DONE]\n\n")
