@@ -60,10 +60,9 @@ def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> l
 
     The prompts run as one left-padded batch (a cached forward over each prompt but its last token, whose logits
     predict nothing in it), in chunks of at most ``LOGITS_BUDGET // (batch * vocab_size)`` positions, each chunk's
-    logits scored and dropped before the next: one forward for a batch of short prompts, where one forward per
-    prompt left a GPU waiting on the host. A padded row's values differ from its own forward's by float rounding
-    only, as a padded batch's generation does. ValueError naming the prompt and position where logits are not
-    finite."""
+    logits scored and dropped before the next. A padded row's values differ from its own forward's by float
+    rounding only, as a padded batch's generation does. ValueError naming the prompt and position where logits are
+    not finite."""
     from .generate import left_pad  # (generate imports this module)
 
     out: list[list[TokenLogprob | None]] = [[None] * min(len(p), 1) for p in prompts]
