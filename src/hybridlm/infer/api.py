@@ -303,8 +303,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: str | None) -> dict:
+    """A completion's choice; its ``logprobs`` null until the server sets them (a request that asked for them)."""
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
 
 
 def logprobs_body(scored: list[tuple[int, TokenLogprob | None]], piece: Callable[[int], str], offset: int = 0) -> dict:
