@@ -316,3 +316,22 @@ def test_a_batch_of_prompts_alone_runs_no_generation_and_logs_no_failure(model, 
     with caplog.at_level(logging.ERROR):
         assert worker.step()
     assert [kind for kind, *_ in events(job)] == ["finish", "done"] and not caplog.records
+
+
+def test_a_prompt_that_cannot_be_scored_is_named_by_its_choice_and_the_others_may_be_sent_again(model, monkeypatch):
+    """Non-finite logits while scoring the batch's echoed prompts: that request's answer names its choice, as a
+    generation's does; the other requests of the batch (scored or not) are told to send again, and none is left
+    unanswered."""
+    from hybridlm.infer import batching
+
+    def failing(model, prompts, k):  # the second echoed prompt (the second choice of "two")
+        raise NonFiniteLogitsError(1, "the logits at prompt position 2 are not finite")
+
+    monkeypatch.setattr(batching, "score_prompts", failing)
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
+    plain = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+    two = worker.submit(request({"prompt": ["bc", "defg"], "max_tokens": 1, "echo": True, "logprobs": 1}))
+    assert worker.step()
+    for job, words in ((two, "choice 1: the logits at prompt position 2 are not finite"), (plain, "send it again")):
+        ((kind, _, error),) = events(job)
+        assert kind == "error" and error.status == 500 and words in error.message, error.message

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hybridlm import HybridLM
+from hybridlm.errors import NonFiniteLogitsError
 from hybridlm.infer import logprobs
 from hybridlm.infer.logprobs import prompt_logprobs, score_prompts
 from tests.helpers import tiny_config
@@ -28,8 +29,9 @@ def test_a_prompt_whose_logits_are_not_finite_is_refused_naming_the_position():
     model = HybridLM(tiny_config("M-"), seed=0).eval()
     with torch.no_grad():
         model.norm_f.weight.fill_(float("nan"))
-    with pytest.raises(ValueError, match="prompt position 0 are not finite"):
+    with pytest.raises(NonFiniteLogitsError, match=r"^prompt 0: the logits at prompt position 0 are not finite") as e:
         prompt_logprobs(model, [1, 2, 3], 1)
+    assert e.value.row == 0
 
 
 @pytest.mark.parametrize("budget", [logprobs.LOGITS_BUDGET, 4 * 97 * 2])  # one chunk; chunks of 2 positions
@@ -63,7 +65,7 @@ def test_a_batched_prompt_whose_logits_are_not_finite_is_named_by_prompt_and_pos
         return out
 
     monkeypatch.setattr(type(model), "forward", poisoned)
-    with pytest.raises(ValueError, match="prompt position 1 of prompt 2 are not finite"):
+    with pytest.raises(NonFiniteLogitsError, match=r"^prompt 2: the logits at prompt position 1 are not finite"):
         score_prompts(model, [[1, 2, 3, 4, 5, 6], [9], [1, 2, 3]], 1)
 
 
@@ -74,7 +76,7 @@ def test_a_non_finite_position_in_a_later_chunk_is_named_from_the_prompts_start(
     monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 2 * model.config.vocab_size)
     with torch.no_grad():
         model.embeddings.weight[9] = float("nan")
-    with pytest.raises(ValueError, match="prompt position 4 are not finite"):
+    with pytest.raises(NonFiniteLogitsError, match="prompt position 4 are not finite"):
         prompt_logprobs(model, [1, 2, 3, 4, 9, 5, 6], 1)
 
 

@@ -222,7 +222,12 @@ class BatchWorker:
             echoed = [row for row in batch if row.job.request.echo and row.job.request.logprobs is not None]
             if echoed:  # one forward for the batch's prompts, at their largest k; each keeps its own k
                 k = max(row.job.request.logprobs for row in echoed)
-                for row, scores in zip(echoed, score_prompts(self.model, [row.ids for row in echoed], k)):
+                try:
+                    scored = score_prompts(self.model, [row.ids for row in echoed], k)
+                except NonFiniteLogitsError as e:  # its row counts in echoed: that choice is named, the others resent
+                    self._failed(echoed + [row for row in batch if row not in echoed], e)
+                    return
+                for row, scores in zip(echoed, scored):
                     own = row.job.request.logprobs
                     row.scored = [(t, s if s is None else s.most_likely(own)) for t, s in zip(row.ids, scores)]
             for row in batch:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
 
@@ -61,8 +62,8 @@ def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> l
     The prompts run as one left-padded batch (a cached forward over each prompt but its last token, whose logits
     predict nothing in it), in chunks of at most ``LOGITS_BUDGET // (batch * vocab_size)`` positions, each chunk's
     logits scored and dropped before the next. A padded row's values differ from its own forward's by float
-    rounding only, as a padded batch's generation does. ValueError naming the prompt and position where logits are
-    not finite."""
+    rounding only, as a padded batch's generation does. :class:`~hybridlm.errors.NonFiniteLogitsError` naming the
+    prompt (its ``row``) and the position where logits are not finite."""
     from .generate import left_pad  # (generate imports this module)
 
     out: list[list[TokenLogprob | None]] = [[None] * min(len(p), 1) for p in prompts]
@@ -88,10 +89,10 @@ def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> l
             if len(bad):  # (NaN logprobs are no JSON, and would score nothing)
                 r, j = (int(x) for x in bad[0])
                 position = start + j - (P - (len(prompts[rows[r]]) - 1))  # counted in the prompt itself
-                raise ValueError(
-                    f"the logits at prompt position {position}{f' of prompt {rows[r]}' if len(prompts) > 1 else ''} "
-                    "are not finite (NaN or inf): the model's weights or activations hold NaN or inf; no token can "
-                    "be scored from them"
+                raise NonFiniteLogitsError(
+                    rows[r],
+                    f"the logits at prompt position {position} are not finite (NaN or inf): the model's weights or "
+                    "activations hold NaN or inf; no token can be scored from them",
                 )
             n = end - start
             scores = to_host(
