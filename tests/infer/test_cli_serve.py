@@ -245,7 +245,7 @@ def test_a_decode_step_that_cannot_be_captured_is_refused_before_the_server_list
         raise RuntimeError("capturing the decode step as a CUDA graph failed; run without cuda_graph (boom)")
 
     monkeypatch.setattr(generating, "generate", failing)
-    monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None))
+    monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None, {}))
     monkeypatch.setattr(CompletionServer, "__init__", lambda *a, **k: pytest.fail("a server was made"))
     assert main(["serve", str(path), "--cuda-graph", "--port", "0"]) == 2
     err = capsys.readouterr().err
@@ -262,7 +262,7 @@ def test_a_captured_decode_step_makes_the_worker_replay_graphs(checkpoint, capsy
     path, _ = checkpoint
     calls = []
     monkeypatch.setattr(generating, "generate", lambda model, prompts, max_new_tokens, **kw: calls.append(kw))
-    monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None))
+    monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None, {}))
     _, servers = serve_then_ctrl_c(monkeypatch, "")
     assert main(["serve", str(path), "--cuda-graph", "--port", "0"]) == 130
     capsys.readouterr()

@@ -37,8 +37,8 @@ def _template_kwargs(text: str | None) -> dict:
 
 
 def _check_args(args: argparse.Namespace):
-    """Refuse bad options by their flags before the model is loaded; the ``torch.device`` to run on and the
-    parameter dtype (None: the checkpoint's)."""
+    """Refuse bad options by their flags before the model is loaded: (the ``torch.device`` to run on, the parameter
+    dtype (None: the checkpoint's), ``--chat-template-kwargs``'s object)."""
     from ..errors import UsageError
     from ..ops.dispatch import check_device
     from . import device_option, dtype_option
@@ -58,13 +58,13 @@ def _check_args(args: argparse.Namespace):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    _template_kwargs(args.chat_template_kwargs)
+    template_kwargs = _template_kwargs(args.chat_template_kwargs)
     device = device_option("--device", args.device)
     dtype = dtype_option("--dtype", args.dtype)
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
     if args.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), not {device}")
-    return device, dtype
+    return device, dtype, template_kwargs
 
 
 def _check_capture(model) -> None:
@@ -96,14 +96,14 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
 
-    device, dtype = _check_args(args)
+    device, dtype, template_kwargs = _check_args(args)
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
     try:  # (a template that does not compile is refused before the model loads, as a bad flag is)
         template_file = None if args.chat_template is None else Path(args.chat_template)
-        chat = load_chat(path, tokenizer, template_file, _template_kwargs(args.chat_template_kwargs))
+        chat = load_chat(path, tokenizer, template_file, template_kwargs)
     except ChatFileError as e:  # (not the template's: another one would not help)
         raise UsageError(str(e)) from None
     except ChatTemplateError as e:
