@@ -130,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=8, help="concurrent requests (default: 8)")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt characters = tokens (default: 256)")
-    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32)")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds of each setting, taking turns; the median is shown")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32; 1 with --score)")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="rounds of each setting, taking turns; the median is shown (default: 3)"
+    )
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu; bf16 on CUDA)")
     ap.add_argument("--preset", default=None, help="serve this model preset (random weights) in place of the default")
     ap.add_argument("--cuda-graph", action="store_true", help="also time both settings with CUDA-graphed decoding")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

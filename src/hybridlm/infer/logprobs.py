@@ -15,9 +15,9 @@ from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
 
-#: Logits (positions x vocabulary) computed at once while scoring a prompt: its forward runs in chunks of
-#: ``LOGITS_BUDGET // vocab_size`` positions, so that (L, V) float32 logits (2 GB at 4,096 positions and a
-#: 131,072-token vocabulary, as much again for their log_softmax) are never made whole.
+#: Logits (rows x positions x vocabulary) computed at once while scoring prompts: their batch's forward runs in
+#: chunks of ``LOGITS_BUDGET // (rows * vocab_size)`` positions, so that (B, L, V) float32 logits (2 GB for one row
+#: of 4,096 positions and a 131,072-token vocabulary, as much again for their log_softmax) are never made whole.
 LOGITS_BUDGET = 2**25
 
 
