@@ -1,8 +1,10 @@
-"""``hybridlm serve``'s static batching: how many tokens per second K concurrent clients get, batched or not.
+"""``hybridlm serve``'s batching: how many tokens per second K concurrent clients get, batched (statically or
+continuously) or not.
 
     python benchmarks/serve.py                       # CPU, embedded default model, 8 clients
     python benchmarks/serve.py --clients 16 --max-tokens 64 --device cuda
     python benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --clients 16 --max-tokens 64
+    python benchmarks/serve.py --continuous --stagger 0.05 --spread      # requests arriving apart, of mixed lengths
 
 The embedded default model of ``hybridlm train`` (random weights, byte tokenizer) is served in this process on a
 free localhost port, as ``hybridlm serve`` serves it (the same ``BatchWorker`` and ``CompletionServer``). K client
@@ -11,14 +13,19 @@ tokens at most each), with ``--max-batch-size 1`` (one request after another: wh
 does) and with ``--max-batch-size K``, the two taking turns ``--repeat`` times (default 3; the median round of
 each is shown: the host may be shared). The table gives the wall time from the first request sent to the last
 answer read, the completion tokens per second over all clients, the mean latency of one request and the number
-of ``generate`` calls the worker ran; it checks that every round of both settings answered the same texts (exit
+of batches the worker ran (``generate`` calls; continuous: batches started); it checks that every round of both settings answered the same texts (exit
 status 1 if not, in float32: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties; in
 bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset (random weights, bf16 on CUDA; the
 byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
 each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``); ``--score`` sends
 lm-evaluation-harness's loglikelihood request in place of a completion (``echo``, ``logprobs: 1``, one new token:
 the prompt's tokens scored), and adds the batched setting with the batch's echoed prompts scored one forward each
-(as first written) beside one forward for them all. Results belong in docs/benchmarks.md.
+(as first written) beside one forward for them all. ``--continuous`` adds the batched settings with continuous
+batching (``hybridlm serve --continuous-batching``: a request joins the running batch at its next step);
+``--stagger S`` sends client i's request i * S seconds after the first (not all at once), and ``--spread`` asks
+client i for ``max_tokens * (i % 4 + 1) / 4`` new tokens (short requests beside long ones: a static batch holds
+the short ones' slots until its longest row ends). The table also gives the 90th percentile of the latency.
+Results belong in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -53,9 +60,12 @@ def prompts(count: int, length: int) -> list[str]:
 SCORE = {"echo": True, "logprobs": 1, "seed": 1234}
 
 
-def ask(port: int, prompt: str, max_tokens: int, extra: dict | None = None) -> tuple[str, float, int]:
-    """One greedy completion (``extra``: more fields): (its text, seconds from sending to the answer read, its
-    completion tokens)."""
+def ask(
+    port: int, prompt: str, max_tokens: int, extra: dict | None = None, delay: float = 0.0
+) -> tuple[str, float, int]:
+    """One greedy completion (``extra``: more fields), sent after ``delay`` seconds: (its text, seconds from sending
+    to the answer read, its completion tokens)."""
+    time.sleep(delay)
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
@@ -80,12 +90,15 @@ def serve_round(
     cuda_graph: bool = False,
     extra: dict | None = None,
     alone: bool = False,
+    continuous: bool = False,
+    stagger: float = 0.0,
+    spread: bool = False,
 ) -> dict:
-    """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` at once from its own thread
-    (``alone``: echoed prompts scored one forward each)."""
+    """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` from its own thread, at once
+    or ``stagger`` seconds apart (``alone``: echoed prompts scored one forward each; ``spread``: mixed lengths)."""
     batching.score_prompts = one_by_one if alone else score_prompts
     tokenizer = ByteTokenizer()
-    worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph)
+    worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph, continuous=continuous)
     server = CompletionServer(
         ("127.0.0.1", 0),
         worker,
@@ -94,6 +107,7 @@ def serve_round(
         vocab_size=model.config.vocab_size,
         max_tokens_limit=max_tokens,
     )
+    lengths = [lengths_for(max_tokens, i, spread) for i in range(len(texts))]
     worker.start()
     serving = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     serving.start()
@@ -101,7 +115,7 @@ def serve_round(
     results: list = [None] * len(texts)
 
     def client(i: int) -> None:
-        results[i] = ask(port, texts[i], max_tokens, extra)
+        results[i] = ask(port, texts[i], lengths[i], extra, i * stagger)
 
     try:
         ask(port, texts[0][:8], max_tokens, extra)  # a warm-up request: first-call costs out of the timing
@@ -121,9 +135,15 @@ def serve_round(
         "texts": [r[0] for r in results],
         "wall": wall,
         "latency": sum(r[1] for r in results) / len(results),
+        "p90": sorted(r[1] for r in results)[min(len(results) - 1, (9 * len(results)) // 10)],
         "batches": worker.batches,
         "tokens": sum(r[2] for r in results),
     }
+
+
+def lengths_for(max_tokens: int, i: int, spread: bool) -> int:
+    """Client ``i``'s max_tokens: ``max_tokens``, or with ``spread`` a quarter, a half, three quarters or all of it."""
+    return max(1, max_tokens * (i % 4 + 1) // 4) if spread else max_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="send lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1) instead",
     )
+    ap.add_argument("--continuous", action="store_true", help="also time the batched settings with continuous batching")
+    ap.add_argument("--stagger", type=float, default=0.0, help="seconds between the clients' requests (default: 0)")
+    ap.add_argument("--spread", action="store_true", help="client i asks for max_tokens * (i %% 4 + 1) / 4 tokens")
     args = ap.parse_args(argv)
     if args.score:
         args.max_tokens = 1
@@ -153,40 +176,48 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.preset(args.preset) if args.preset else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
     model = HybridLM(config, seed=0, device=device).to(dtype).eval()
     texts = prompts(args.clients, args.prompt_len)
-    # (max batch size, CUDA graph, echoed prompts scored one forward each)
-    settings = [(b, g, False) for g in ([False, True] if args.cuda_graph else [False]) for b in (1, args.clients)]
+    # (max batch size, CUDA graph, echoed prompts scored one forward each, continuous batching)
+    graphs = [False, True] if args.cuda_graph else [False]
+    settings = [(b, g, False, False) for g in graphs for b in (1, args.clients)]
+    if args.continuous:
+        settings += [(args.clients, g, False, True) for g in graphs]
     if args.score:
-        settings.append((args.clients, False, True))
-    runs: dict[tuple[int, bool, bool], list[dict]] = {s: [] for s in settings}
+        settings.append((args.clients, False, True, False))
+    runs: dict[tuple[int, bool, bool, bool], list[dict]] = {s: [] for s in settings}
+    extra = SCORE if args.score else None
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
-        for (b, g, alone), done in runs.items():
-            done.append(serve_round(model, texts, args.max_tokens, b, g, SCORE if args.score else None, alone))
+        for (b, g, alone, cont), done in runs.items():
+            done.append(serve_round(model, texts, args.max_tokens, b, g, extra, alone, cont, args.stagger, args.spread))
     rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
     name = args.preset or "embedded default model"
     print(
         f"hybridlm serve, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, "
         f"{str(dtype).removeprefix('torch.')}, {device}, {torch.get_num_threads()} threads): {args.clients} "
         f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each"
+        f"{' (client i: max_tokens * (i % 4 + 1) / 4)' if args.spread else ''}"
+        f"{f', sent {args.stagger} s apart' if args.stagger else ''}"
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
-    reference = rounds[(1, False, False)]
+    reference = rounds[(1, False, False, False)]
     scored = " echoed prompts scored |" if args.score else ""
     print(
-        f"| --max-batch-size | CUDA graph |{scored} generate calls | wall s | completion tokens/s | mean latency s | "
-        "same texts |"
+        f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "
+        "mean latency s | p90 latency s | same texts |"
     )
-    print("|---:|:---:|" + ":---:|" * bool(args.score) + "---:|---:|---:|---:|---:|")
-    for (b, g, alone), r in rounds.items():
+    print("|---:|:---:|:---:|" + ":---:|" * bool(args.score) + "---:|---:|---:|---:|---:|---:|")
+    for (b, g, alone, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
         how = f" {'one by one' if alone else 'together'} |" if args.score else ""
         print(
-            f"| {b} | {'yes' if g else 'no'} |{how} {r['batches']} | {r['wall']:.2f} | "
-            f"{r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {same} of {len(texts)} |"
+            f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
+            f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
+            f"{same} of {len(texts)} |"
         )
-    for (b, g, alone), r in rounds.items():
-        if (b, g, alone) != (1, False, False):
-            label = f"--max-batch-size {b}" + (" --cuda-graph" if g else "") + (", scored one by one" if alone else "")
+    for (b, g, alone, cont), r in rounds.items():
+        if (b, g, alone, cont) != (1, False, False, False):
+            label = f"--max-batch-size {b}" + (" --continuous-batching" if cont else "")
+            label += (" --cuda-graph" if g else "") + (", scored one by one" if alone else "")
             print(f"{label} / one at a time: {reference['wall'] / r['wall']:.2f}x the throughput")
     same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done)
     print(f"same texts in every round of every setting: {'yes' if same else 'no'}")

@@ -251,3 +251,15 @@ def test_prepare_throughput_compares_the_one_at_a_time_path_with_the_same_files(
     assert prepare_corpus(source, tmp_path / "new", tok)[1] == meta
     for f in (tmp_path / "old").iterdir():
         assert (tmp_path / "new" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_serve_times_continuous_batching_beside_static_and_checks_the_texts(capsys):
+    """serve.py's continuous setting runs (staggered requests of mixed lengths) and answers the same texts as one
+    request at a time; its table has a row per setting and the p90 latency."""
+    serve = _load("serve")
+    args = ["--clients", "3", "--max-tokens", "4", "--prompt-len", "8", "--repeat", "1", "--continuous"]
+    assert serve.main([*args, "--stagger", "0.01", "--spread"]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | continuous | no | " in out and "| 3 | static | no | " in out and "p90 latency s" in out
+    assert "same texts in every round of every setting: yes" in out
+    assert [serve.lengths_for(8, i, True) for i in range(5)] == [2, 4, 6, 8, 2]

@@ -335,3 +335,152 @@ def test_a_prompt_that_cannot_be_scored_is_named_by_its_choice_and_the_others_ma
     for job, words in ((two, "choice 1: the logits at prompt position 2 are not finite"), (plain, "send it again")):
         ((kind, _, error),) = events(job)
         assert kind == "error" and error.status == 500 and words in error.message, error.message
+
+
+# -- continuous batching ---------------------------------------------------------------------------------------
+
+
+def drain(worker) -> int:
+    steps = 0
+    while worker.step():
+        steps += 1
+    return steps
+
+
+def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
+    """A request sent while a batch decodes joins it at the next step (no wait for the batch's end); one of other
+    settings waits until the running batch has no row left. Each row's text is its own alone."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    a = worker.submit(request({"prompt": "hello", "max_tokens": 20}))
+    for _ in range(3):
+        assert worker.step()
+    assert a.rows[0].tokens == 3
+    b = worker.submit(request({"prompt": ["a", "longer prompt"], "max_tokens": 5}))
+    c = worker.submit(request({"prompt": "hi", "max_tokens": 4, "repetition_penalty": 1.5}))
+    assert worker.step()
+    assert [row.tokens for row in b.rows] == [1, 1] and a.rows[0].tokens == 4 and c.rows[0].tokens == 0
+    assert worker.joined == 2 and worker.batches == 1
+    drain(worker)
+    assert worker.batches == 2 and worker.running is None and not worker.open
+    for job, prompts, n in ((a, ["hello"], 20), (b, ["a", "longer prompt"], 5)):
+        assert [kind for kind, *_ in events(job)][-1] == "done"
+        for row, prompt in zip(job.rows, prompts):
+            assert row.completion.text == TOKENIZER.decode(solo(model, prompt, n))
+            assert row.finish == "length" and row.tokens == n
+    penalized = generate(model, TOKENIZER.encode("hi"), 4, eos_id=256, repetition_penalty=1.5)
+    assert c.rows[0].completion.text == TOKENIZER.decode(penalized)
+    assert b.usage() == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24}
+
+
+def test_continuous_rows_past_the_batch_size_take_the_slots_rows_leave(model):
+    """Three rows for two slots: the third starts when the first one ends, before the second has."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=2, continuous=True)
+    short = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+    long = worker.submit(request({"prompt": "b", "max_tokens": 9}))
+    late = worker.submit(request({"prompt": "c", "max_tokens": 3}))
+    worker.step()
+    worker.step()  # short ends
+    assert short.rows[0].finish == "length" and late.rows[0].tokens == 0
+    worker.step()
+    assert late.rows[0].tokens == 1 and long.rows[0].finish is None
+    drain(worker)
+    assert worker.batches == 1 and worker.joined == 1
+    for job, prompt, n in ((short, "a", 2), (long, "b", 9), (late, "c", 3)):
+        assert job.rows[0].completion.text == TOKENIZER.decode(solo(model, prompt, n))
+
+
+def test_continuous_stops_ends_and_client_departures_free_their_slots(model):
+    """The end of text and a stop string end a row with "stop"; a client that goes away ends its row at its next
+    token; the others run on to their own lengths."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    text = TOKENIZER.decode(solo(model, "yo", 12))
+    stop = worker.submit(request({"prompt": "yo", "max_tokens": 12, "stop": [text[4:6]]}))
+    gone = worker.submit(request({"prompt": "hi", "max_tokens": 40, "stream": True}))
+    other = worker.submit(request({"prompt": "ok", "max_tokens": 30}))
+    worker.step()
+    gone.cancel()
+    drain(worker)
+    assert stop.rows[0].finish == "stop" and stop.rows[0].completion.text == text[:4]
+    assert gone.rows[0].tokens <= 2 and gone.rows[0].finish is None
+    assert other.rows[0].tokens == 30 and other.rows[0].completion.text == TOKENIZER.decode(solo(model, "ok", 30))
+    assert not worker.open and worker.running is None
+
+
+def test_continuous_a_seeded_sample_runs_in_a_static_batch_as_generate_samples_it(model):
+    body = {"prompt": ["x", "y"], "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=2, continuous=True)
+    job = worker.submit(request(body, batch=2))
+    assert worker.step() and worker.running is None  # one generate call
+    expected = generate(model, [TOKENIZER.encode(p) for p in "xy"], 6, 1.0, eos_id=256, seed=7)
+    assert [row.completion.text for row in job.rows] == [
+        TOKENIZER.decode(e[: len(e) - (e[-1] == 256)]) for e in expected
+    ]
+
+
+def test_continuous_logprobs_and_echo_as_the_static_batch_gives_them(model):
+    """Echoed prompts are scored when they join, a row of max_tokens 0 ends there, each row keeps its own k."""
+    answers = {}
+    for continuous in (False, True):
+        worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
+        jobs = [
+            worker.submit(request({"prompt": "de", "max_tokens": 0, "echo": True, "logprobs": 2})),
+            worker.submit(request({"prompt": "a", "max_tokens": 3, "logprobs": 1})),
+            worker.submit(request({"prompt": "bc", "max_tokens": 2, "logprobs": 3, "echo": True})),
+        ]
+        drain(worker)
+        answers[continuous] = [
+            [(t, None if s is None else (s.top, round(s.logprob, 5))) for t, s in job.rows[0].scored] for job in jobs
+        ]
+    assert answers[True] == answers[False]
+    assert [len(a) for a in answers[True]] == [2, 3, 4]
+
+
+def test_continuous_a_failed_step_answers_every_row_of_the_batch_and_the_next_batch_runs(model, monkeypatch):
+    from hybridlm.infer.decode import DecodeBatch
+
+    step = DecodeBatch.step
+    fails = [True]
+
+    def failing(self):
+        if fails.pop() if fails else False:
+            raise NonFiniteLogitsError(1, "the logits for new token 1 are not finite")
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", failing)
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    a = worker.submit(request({"prompt": "a", "max_tokens": 2}))
+    b = worker.submit(request({"prompt": ["b", "c"], "max_tokens": 2}))
+    worker.step()
+    (kind, _, error_a), (_, _, error_b) = events(a)[-1], events(b)[-1]
+    assert kind == "error" and error_b.message == "choice 0: the logits for new token 1 are not finite"
+    assert "send it again" in error_a.message and worker.running is None
+    c = worker.submit(request({"prompt": "c", "max_tokens": 2}))
+    drain(worker)
+    assert events(c)[-1][0] == "done" and worker.batches == 2
+
+
+def test_continuous_a_row_that_cannot_join_is_answered_and_the_running_rows_go_on(model, monkeypatch):
+    from hybridlm.infer.decode import DecodeBatch
+
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    running = worker.submit(request({"prompt": "a", "max_tokens": 5}))
+    worker.step()
+    admit = DecodeBatch.admit
+    monkeypatch.setattr(DecodeBatch, "admit", lambda *a, **k: 1 / 0)
+    joining = worker.submit(request({"prompt": "b", "max_tokens": 5}))
+    worker.step()
+    monkeypatch.setattr(DecodeBatch, "admit", admit)
+    drain(worker)
+    kind, _, error = events(joining)[-1]
+    assert kind == "error" and error.status == 500 and "ZeroDivisionError" in error.message
+    assert running.rows[0].completion.text == TOKENIZER.decode(solo(model, "a", 5))
+
+
+def test_continuous_stopping_answers_the_running_and_waiting_rows_with_503(model):
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=1, continuous=True)
+    running = worker.submit(request({"prompt": "a", "max_tokens": 50}))
+    waiting = worker.submit(request({"prompt": "b", "max_tokens": 5}))
+    worker.step()
+    worker.stop()
+    assert not worker.step()
+    assert events(running)[-1][2].status == 503 and events(waiting)[-1][2].status == 503

@@ -132,6 +132,19 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
 
 
+def test_continuous_batching_serves_what_generate_gives(checkpoint, capsys, monkeypatch):
+    """--continuous-batching reaches the worker, which answers a batched request with each prompt's own text."""
+    path, model = checkpoint
+    body = {"prompt": ["hi", "a longer prompt"], "max_tokens": 5, "temperature": 0}
+    answers, servers = serve_then_ctrl_c(monkeypatch, "", body)
+    assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--continuous-batching"]) == 130
+    capsys.readouterr()
+    assert servers[0].worker.continuous and servers[0].worker.batches == 1
+    tok = ByteTokenizer()
+    want = [tok.decode(generate(model, tok.encode(p), 5, eos_id=256)) for p in body["prompt"]]
+    assert [c["text"] for c in answers[0]["choices"]] == want
+
+
 def test_dtype_serves_the_checkpoint_in_that_dtype(checkpoint, capsys, monkeypatch):
     """A training run saves float32; --dtype bfloat16 serves it in bf16: the answer is the bf16 model's text."""
     import torch
@@ -270,13 +283,16 @@ def test_a_captured_decode_step_makes_the_worker_replay_graphs(checkpoint, capsy
 
 
 @pytest.mark.gpu
-def test_cuda_graph_serving_answers_what_generate_gives_on_gpu(checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
+def test_cuda_graph_serving_answers_what_generate_gives_on_gpu(checkpoint, capsys, monkeypatch, continuous):
     """On a GPU, --cuda-graph captures at the start and each batch replays its graph: greedy answers (float32, two
-    rows batched and one alone) equal ``generate`` with and without the graph on the same device."""
+    rows batched and one alone) equal ``generate`` with and without the graph on the same device, with static or
+    continuous batching."""
     path, model = checkpoint
     bodies = [{"prompt": p, "max_tokens": 6, "temperature": 0} for p in (["hi", "a longer prompt"], "yo")]
     answers, servers = serve_then_ctrl_c(monkeypatch, "", *bodies)
-    assert main(["serve", str(path), "--device", "cuda", "--cuda-graph", "--port", "0"]) == 130
+    flags = ["--continuous-batching"] if continuous else []
+    assert main(["serve", str(path), "--device", "cuda", "--cuda-graph", "--port", "0", *flags]) == 130
     capsys.readouterr()
     assert servers[0].worker.cuda_graph
     gpu = HybridLM(model.config, seed=0, device="cuda")

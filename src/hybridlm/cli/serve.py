@@ -113,7 +113,9 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     if args.cuda_graph:
         _check_capture(model)
-    worker = BatchWorker(model, tokenizer, args.max_batch_size, cuda_graph=args.cuda_graph)
+    worker = BatchWorker(
+        model, tokenizer, args.max_batch_size, cuda_graph=args.cuda_graph, continuous=args.continuous_batching
+    )
     try:
         server = CompletionServer(
             (args.host, args.port),
@@ -159,7 +161,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "template (chat_template.jinja, chat_template.json or tokenizer_config.json, as a model converted from "
         "Hugging Face keeps them), or --chat-template's, and end at the end-of-turn ids generation_config.json "
         "names. One thread runs the model: requests queued together with equal sampling settings run as one batch "
-        "(static batching; docs/inference.md). No authentication: anyone who can reach the port can use the model. "
+        "(static batching, or with --continuous-batching joining the running batch; docs/inference.md). No authentication: anyone who can reach the port can use the model. "
         "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
         "run directory. Ctrl-C or SIGTERM stops it; requests still open get 503.",
     )
@@ -208,7 +210,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="replay each batch's decode step as a CUDA graph, captured once per batch (CUDA only; docs/inference.md)",
+        help="replay each batch's decode step as a CUDA graph, captured once per batch (with --continuous-batching, "
+        "again when its slots or cache change size; CUDA only; docs/inference.md)",
+    )
+    ap.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="a request joins the running batch at its next decode step, and a row that ends frees its slot at once, "
+        "instead of waiting for the whole batch to end (requests of other sampling settings, and seeded samples, "
+        "still wait; docs/inference.md)",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

@@ -4,12 +4,20 @@ Generation is not thread-safe (a model runs one cache at a time), so a single th
 Each round it takes what is queued, picks the rows whose sampling settings equal those of the oldest waiting row
 (one ``generate`` call has one temperature, top_k, top_p, seed and penalty), at most ``max_batch_size`` of them, and
 runs them as one left-padded batch; ``max_new_tokens`` is the batch's largest ``max_tokens`` and each row stops at
-its own through the token callback. This is static batching: a request that arrives while a batch runs waits for
-the next one (continuous batching would add rows to a running batch, which the cache's fixed batch does not allow).
+its own through the token callback. This is static batching (the default): a request that arrives while a batch
+runs waits for the whole batch to end.
+
+With ``continuous`` (``hybridlm serve --continuous-batching``) the worker keeps one
+:class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows of
+its settings that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own and
+its state copied into a free slot, a row that ends frees its slot at once, and the batch's slots follow its rows'
+count (a power of two). Rows of other settings wait until the running batch has no row left. Each row's tokens
+are those it takes alone, up to float rounding (batch sizes change the kernels' sums).
 
 A request whose client seeded its sampling runs in batches of its own: one batch draws from one generator, so
 another request's rows would change its samples. As in ``hybridlm generate``, its rows past ``max_batch_size``
-draw from ``seed`` plus the index of their batch's first row.
+draw from ``seed`` plus the index of their batch's first row; it runs in a static batch in either mode (its samples
+are then ``hybridlm generate``'s with that seed).
 
 A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; each row keeps
 its own k most likely, and the rows that did not ask drop theirs); with ``echo`` too, its prompt is scored first, the
@@ -30,7 +38,8 @@ import uuid
 from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
-from .generate import generate
+from .decode import DecodeBatch
+from .generate import Sampler, generate
 from .logprobs import TokenLogprob, score_prompts
 
 _log = logging.getLogger(__name__)
@@ -133,9 +142,21 @@ class BatchWorker:
     """Runs queued requests on ``model`` in batches (see the module). ``submit`` from any thread; ``start`` runs
     the loop on a thread of its own, ``step`` one round on the caller's (tests)."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, generate=generate, cuda_graph: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int,
+        generate=generate,
+        cuda_graph: bool = False,
+        continuous: bool = False,
+    ) -> None:
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph (captured per batch)
+        self.continuous = continuous  # rows join a running batch between its steps (see the module)
+        self.running: DecodeBatch | None = None  # continuous batching: the batch decoding now
+        self.running_key = None  # its rows' Job.key
+        self.joined = 0  # rows that joined a batch already decoding
         self.specials = tokenizer.special_tokens()
         # A token's text, for logprobs' dicts: each id decoded once (at most the vocabulary; read by handler threads)
         self.piece = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
@@ -188,10 +209,11 @@ class BatchWorker:
             job.fail(error)
 
     def step(self, block: bool = False) -> bool:
-        """Take what is queued (waiting for a request where ``block`` and none is pending) and run one batch;
-        False when there was none to run."""
+        """Take what is queued (waiting for a request where ``block`` and none is pending or decoding) and run one
+        batch, or with continuous batching one step of the running batch (its waiting rows admitted first); False
+        when there was nothing to run."""
         try:
-            wait = block and not self.pending
+            wait = block and not self.pending and self.running is None
             while True:
                 job = self.queue.get(block=wait)
                 wait = False
@@ -203,37 +225,30 @@ class BatchWorker:
             if row.job.cancelled:
                 row.job.closed = True  # (nobody reads its events)
         self.pending = [row for row in self.pending if not row.job.closed]
-        if self.stopping.is_set() or not self.pending:
+        if self.stopping.is_set() or not (self.pending or self.running):
             return False
-        key = self.pending[0].job.key
-        batch = [row for row in self.pending if row.job.key == key][: self.max_batch_size]
-        taken = {id(row) for row in batch}
-        self.pending = [row for row in self.pending if id(row) not in taken]
-        self._run(batch)
+        # (a seeded request runs in a static batch, its samples those of ``hybridlm generate`` with its seed)
+        if self.continuous and (self.running or not self.pending[0].job.request.sampling.seeded):
+            self._decode()
+        else:
+            key = self.pending[0].job.key
+            batch = [row for row in self.pending if row.job.key == key][: self.max_batch_size]
+            taken = {id(row) for row in batch}
+            self.pending = [row for row in self.pending if id(row) not in taken]
+            self._run(batch)
         with self.lock:  # (a job whose client went away is never closed: nobody reads it, it must not stay here)
             self.open = {job for job in self.open if not (job.closed or job.cancelled)}
         return True
 
     def _run(self, batch: list[Row]) -> None:
+        """Static batching: the rows of ``batch`` in one ``generate`` call."""
         sampling = batch[0].job.request.sampling
         seed = sampling.seed + batch[0].index if sampling.seeded else sampling.seed
         live = batch  # the rows generate runs, whose indices a NonFiniteLogitsError names
         try:
-            echoed = [row for row in batch if row.job.request.echo and row.job.request.logprobs is not None]
-            if echoed:  # one forward for the batch's prompts, at their largest k; each keeps its own k
-                k = max(row.job.request.logprobs for row in echoed)
-                try:
-                    scored = score_prompts(self.model, [row.ids for row in echoed], k)
-                except NonFiniteLogitsError as e:  # its row counts in echoed: that choice is named, the others resent
-                    self._failed(echoed + [row for row in batch if row not in echoed], e)
-                    return
-                for row, scores in zip(echoed, scored):
-                    own = row.job.request.logprobs
-                    row.scored = [(t, s if s is None else s.most_likely(own)) for t, s in zip(row.ids, scores)]
-            for row in batch:
-                if row.job.request.max_tokens == 0:  # the prompt alone
-                    self._end(row, "length")
-            live = [row for row in batch if row.finish is None]
+            live = self._prepare(batch)
+            if live is None:
+                return
             ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
             # (passed only where asked: a generate given in place of the library's need not know the option)
             scoring = {"logprobs": max(ks)} if ks else {}
@@ -260,6 +275,79 @@ class BatchWorker:
         for row in live:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
             if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
                 self._end(row, "length")
+
+    def _prepare(self, rows: list[Row]) -> list[Row] | None:
+        """Score the echoed prompts of ``rows`` that ask for logprobs (one forward for them all, at their largest
+        k; each keeps its own k) and end the rows of no new tokens; the rows left to generate, or None where the
+        scoring failed (every row answered)."""
+        echoed = [row for row in rows if row.job.request.echo and row.job.request.logprobs is not None]
+        if echoed:
+            k = max(row.job.request.logprobs for row in echoed)
+            try:
+                scored = score_prompts(self.model, [row.ids for row in echoed], k)
+            except NonFiniteLogitsError as e:  # its row counts in echoed: that choice is named, the others resent
+                self._failed(echoed + [row for row in rows if row not in echoed], e)
+                return None
+            for row, scores in zip(echoed, scored):
+                own = row.job.request.logprobs
+                row.scored = [(t, s if s is None else s.most_likely(own)) for t, s in zip(row.ids, scores)]
+        for row in rows:
+            if row.job.request.max_tokens == 0:  # the prompt alone
+                self._end(row, "length")
+        return [row for row in rows if row.finish is None]
+
+    # -- continuous batching -----------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        """Continuous batching: admit the waiting rows that fit into the running batch (starting one for the oldest
+        waiting row's settings where none runs), then run one decode step."""
+        batch = self.running
+        if batch is None:
+            sampling = self.pending[0].job.request.sampling
+            sampler = Sampler(
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                sampling.repetition_penalty,
+                sampling.seed,
+                next(self.model.parameters()).device,
+            )
+            batch = DecodeBatch(self.model, 1, 0, sampler, cuda_graph=self.cuda_graph, max_slots=self.max_batch_size)
+            self.running, self.running_key = batch, self.pending[0].job.key
+            self.batches += 1
+        join = [row for row in self.pending if row.job.key == self.running_key][: batch.room]
+        if join:
+            taken = {id(row) for row in join}
+            self.pending = [row for row in self.pending if id(row) not in taken]
+            self._admit(batch, join)
+        try:
+            if batch.live:
+                batch.step()
+        except Exception as e:  # every request of the batch answered; the next one starts afresh
+            self._failed([None if row is None else row.tag for row in batch.rows], e)
+            self.running = None
+            return
+        if not batch.live:
+            self.running = None
+
+    def _admit(self, batch: DecodeBatch, rows: list[Row]) -> None:
+        """Prefill ``rows`` into ``batch``; a failure (out of memory) answers them, the batch's own rows go on."""
+        try:
+            live = self._prepare(rows)
+            if live:
+                joining = batch.live
+                # An empty prompt starts from the end-of-text token, as generate starts it.
+                start = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
+                batch.admit(
+                    [row.ids or start for row in live],
+                    [row.job.request.max_tokens for row in live],
+                    [functools.partial(self._on_token, row) for row in live],
+                    [row.job.request.logprobs for row in live],
+                    tags=live,
+                )
+                self.joined += len(live) if joining else 0
+        except Exception as e:
+            self._failed(rows, e)
 
     def _on_token(self, row: Row, token: int, scores: TokenLogprob | None = None) -> bool:
         """``generate``'s callback: True ends the row (its end, its own max_tokens, a gone client, a stop).
@@ -291,12 +379,12 @@ class BatchWorker:
             job.closed = True
             job.emit("done")
 
-    def _failed(self, batch: list[Row], error: Exception) -> None:
-        """Answer every request of a failed batch with 500; the one whose logits were not finite is named by its
-        choice, the others are told they can be sent again."""
+    def _failed(self, batch: list[Row | None], error: Exception) -> None:
+        """Answer every request of a failed batch (None: an empty slot) with 500; the one whose logits were not
+        finite is named by its choice, the others are told they can be sent again."""
         _log.error("generation failed: %s: %s", type(error).__name__, error, exc_info=error)
         owner = batch[error.row] if isinstance(error, NonFiniteLogitsError) and error.row < len(batch) else None
-        for job in dict.fromkeys(row.job for row in batch):
+        for job in dict.fromkeys(row.job for row in batch if row is not None):
             if owner is None:
                 message = f"generation failed: {type(error).__name__}: {error}"
             elif job is owner.job:

@@ -9,6 +9,7 @@ decode step keeps static shapes (``static``).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterable
 
@@ -124,6 +125,7 @@ class InferenceCache:
         if not bool(valid[:, -1].all()):
             raise ValueError("every row needs at least one real token")
         self.valid[:, :L] = valid
+        self.valid[:, L:] = True  # (what comes after the prompt is real: rows released before may hold False)
         self._pad_end = L if not bool(valid.all()) else 0
 
     def pad_mask(self, L: int) -> torch.Tensor | None:
@@ -154,6 +156,71 @@ class InferenceCache:
             raise ValueError(
                 f"the cache holds {self.max_len} positions; {self.offset} are used and {L} more were given"
             )
+
+    # -- rows joining, positions dropped (continuous batching) -----------------------------------
+
+    def place(self, src: InferenceCache, src_row: int, row: int, length: int) -> None:
+        """Make row ``row`` hold what row ``src_row`` of ``src`` holds: its last ``length`` cached positions (a
+        row's real tokens: the positions before ``src.offset``) copied to the ``length`` positions before this
+        cache's ``offset``, every fixed-size state (Mamba2's, Gated DeltaNet's) copied whole, its RoPE position
+        taken over. The row's earlier positions become padding. ``src`` is a cache of the same model (another
+        batch: a prompt prefilled alone, then joining this running batch); the copy is exact."""
+        if not 0 < length <= min(self.offset, src.offset):
+            raise ValueError(
+                f"place: {length} position(s) do not fit: the source holds {src.offset}, this cache {self.offset}"
+            )
+        if src.states.keys() != self.states.keys():
+            raise ValueError("place: the two caches were built for different mixers (another model)")
+        start = self.offset - length
+        for mixer, state in self.states.items():
+            for name, dst, new in _tensors(state, src.states[mixer]):
+                dim = state.POSITION_DIM.get(name)
+                if dim is None:
+                    dst[row].copy_(new[src_row])
+                else:  # (dim counted with the batch's; row-indexed, it is one less)
+                    dst[row].narrow(dim - 1, start, length).copy_(
+                        new[src_row].narrow(dim - 1, src.offset - length, length)
+                    )
+        self.valid[row, :start] = False
+        self.valid[row, start:] = True
+        self.next_pos[row] = src.next_pos[src_row].to(self.next_pos.device)
+        self._refresh_padding()
+
+    def shift(self, delta: int) -> None:
+        """Move every cached position by ``delta``: a negative one drops the first ``-delta`` positions (which no
+        row may still need: every row's must be padding), a positive one puts ``delta`` positions of padding in
+        front (room for a longer prompt to join on the right). ``offset`` moves with them; RoPE positions, which
+        count each row's own tokens, do not."""
+        if not -self.offset <= delta <= self.max_len - self.offset:
+            raise ValueError(f"shift: {delta} moves the cached positions [0, {self.offset}) out of [0, {self.max_len})")
+        if delta < 0 and bool(self.valid[:, :-delta].any()):
+            raise ValueError(f"shift: the first {-delta} position(s) hold real tokens of some row")
+        if delta == 0:
+            return
+        for state in self.states.values():
+            for name, dst, _ in _tensors(state, state):
+                dim = state.POSITION_DIM.get(name)
+                if dim is not None:
+                    dst.copy_(dst.roll(delta, dim))
+        self.valid.copy_(self.valid.roll(delta, 1))
+        if delta > 0:
+            self.valid[:, :delta] = False
+        else:  # (the rolled-in positions are past the offset: not written yet)
+            self.valid[:, delta:] = True
+        self.offset += delta
+        self.offset_t += delta
+        self._refresh_padding()
+
+    def release(self, row: int) -> None:
+        """Row ``row`` is no longer read (its sequence has ended): all its positions become padding, so that
+        :meth:`shift` may drop them. It keeps decoding with the others (a batch has fixed rows), attending to
+        each new position of its own only."""
+        self.valid[row] = False
+        # (not _refresh_padding: no host synchronization here, a row can end while the next step is queued)
+        self._pad_end = max(self._pad_end, self.offset)
+
+    def _refresh_padding(self) -> None:
+        self._pad_end = self.offset if not bool(self.valid[:, : self.offset].all()) else 0
 
     # -- rollback ------------------------------------------------------------------------------
 
@@ -222,6 +289,16 @@ def _mixers(blocks: nn.ModuleDict) -> list[nn.Module]:
                 "positions, so it must keep a state to decode from (the protocol is in hybridlm/layers/cache.py)"
             )
     return [layer.mixer for layer in layers]
+
+
+def _tensors(state, other) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(field name, tensor of ``state``, the same field's tensor of ``other``) for each tensor field of a mixer's state
+    (a dataclass, see ``hybridlm.layers.cache``); fields left None (MLA's ``index_k``) are skipped."""
+    return [
+        (f.name, getattr(state, f.name), getattr(other, f.name))
+        for f in dataclasses.fields(state)
+        if getattr(state, f.name) is not None
+    ]
 
 
 def _where(model: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:

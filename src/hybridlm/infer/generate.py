@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import numbers
 import operator
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from ..checkpoint.io import refuse_meta
-from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
-from .cache import InferenceCache
+from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, prefill
+from .decode import sync as _sync
 from .logprobs import TokenLogprob, pick_logprobs, to_host
+
+# (left_pad, prefill and check_finite are read from here by speculative decoding, prompt scoring and the tests)
+__all__ = ["Sampler", "TokenCallback", "check_finite", "check_sampling", "generate", "left_pad", "nonfinite", "prefill"]
 
 #: ``callback(row, token)`` is called for every new token; returning True stops that row. With ``generate``'s
 #: ``logprobs``, ``callback(row, token, logprob)`` (a :class:`~hybridlm.infer.logprobs.TokenLogprob`).
@@ -121,8 +123,11 @@ class Sampler:
             self.generator.manual_seed(operator.index(seed))
         self.seen: torch.Tensor | None = None  # (B, V) bool, for the repetition penalty
 
-    def observe(self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device) -> None:
-        """Record tokens already present in each row (the prompts, then every picked token)."""
+    def observe(
+        self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device, at: Sequence[int] | None = None
+    ) -> None:
+        """Record tokens already present in each row (the prompts, then every picked token). ``at``: the batch rows
+        the lists belong to (new sequences there: what those rows saw before is forgotten); default, rows 0, 1, ..."""
         if self.repetition_penalty == 1.0:
             return
         if self.seen is None:
@@ -131,8 +136,11 @@ class Sampler:
             self.seen.scatter_(1, rows.view(-1, 1).to(device), True)
         else:
             for i, row in enumerate(rows):
+                r = i if at is None else at[i]
+                if at is not None:
+                    self.seen[r] = False
                 if len(row):
-                    self.seen[i, torch.tensor(list(row), device=device)] = True
+                    self.seen[r, torch.tensor(list(row), device=device)] = True
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) -> (B,) int64 token ids."""
@@ -338,23 +346,6 @@ def nonfinite(logits: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(logits.amax(-1))
 
 
-def check_finite(
-    bad: Sequence[bool], done: Sequence[bool], prompt_lens: Sequence[int], made: Sequence[int], first: int = 0
-) -> None:
-    """Raise :class:`~hybridlm.errors.NonFiniteLogitsError` for the first row ``r`` still generating (not
-    ``done[r]``) whose logits were flagged (``bad[r]``, see :func:`nonfinite`): they were to pick its new token
-    ``made[r] + 1``, at position ``prompt_lens[r] + made[r]`` of its sequence. The error names prompt
-    ``first + r`` (``first``: the batch's index of row 0)."""
-    for r, flagged in enumerate(bad):
-        if flagged and not done[r]:
-            raise NonFiniteLogitsError(
-                first + r,
-                f"the logits for new token {made[r] + 1} (position {prompt_lens[r] + made[r]} of the sequence, "
-                "counted from 0 with the prompt) are not finite (NaN or inf): the model's weights or activations "
-                "hold NaN or inf (damaged weights, or an overflow in float16); no token can be picked from them",
-            )
-
-
 def _plain(x):
     """A tensor or numpy array (of any rank) as Python lists and ints; anything else unchanged."""
     return x.tolist() if isinstance(x, torch.Tensor) or type(x).__module__ == "numpy" else x
@@ -391,12 +382,6 @@ def _row_callback(callback: TokenCallback | None, row: int) -> TokenCallback | N
     return None if callback is None else (lambda _, token: callback(row, token))
 
 
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _eos_ids(eos_id) -> tuple[int, ...]:
     """``generate``'s ``eos_id`` (None, an id, or a sequence of ids) as a tuple of ids, in the order given."""
     if eos_id is None:
@@ -407,6 +392,12 @@ def _eos_ids(eos_id) -> tuple[int, ...]:
     if not isinstance(eos_id, (list, tuple)) or not eos_id or not all(_whole(e) for e in eos_id):
         raise ValueError(f"eos_id must be a token id or a non-empty list of token ids, got {eos_id!r}")
     return tuple(operator.index(e) for e in eos_id)
+
+
+def _per_row(callback: TokenCallback, row: int):
+    """``generate``'s ``callback(row, token[, logprob])`` as row ``row``'s ``on_token(token, logprob)`` of a
+    :class:`DecodeBatch` (the logprob passed only where asked for)."""
+    return lambda token, logprob: callback(row, token) if logprob is None else callback(row, token, logprob)
 
 
 def _accept(
@@ -469,133 +460,18 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, 
     return out
 
 
-def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) ids padded on the left with 0 and the (B, P) bool mask of real tokens."""
-    P = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), P, dtype=torch.long)
-    valid = torch.zeros(len(rows), P, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r) :] = torch.tensor(r)
-        valid[i, P - len(r) :] = True
-    return ids.to(device), valid.to(device)
-
-
-def prefill(model, ids: torch.Tensor, cache: InferenceCache, chunk_size: int) -> torch.Tensor:
-    """Run ``ids`` (B, P) into ``cache`` in chunks; returns the last position's logits (B, V) float32 (float64 in a
-    float64 model)."""
-    logits = None
-    for i in range(0, ids.shape[1], chunk_size):
-        logits = model(ids[:, i : i + chunk_size], cache=cache, logits_to_keep=1).logits
-    return logits[:, -1]
-
-
-@contextlib.contextmanager
-def cache_allocation(rows: int, prompt: int, max_new_tokens: int):
-    """Turn a failure to allocate the decoding buffers into a ValueError naming ``max_new_tokens``.
-
-    Attention keys and values are allocated for every position up front, so a large ``max_new_tokens``
-    fails here: out of memory (RuntimeError, MemoryError) or, past int64, torch's overflow TypeError.
-    """
-    try:
-        yield
-    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:
-        # A mixer with no decode path (NotImplementedError, a RuntimeError) is no allocation failure.
-        if isinstance(e, NotImplementedError) or (isinstance(e, TypeError) and "overflow" not in str(e).lower()):
-            raise
-        reason = (str(e).splitlines() or [""])[0][:160]
-        raise ValueError(
-            f"cannot allocate the cache for {rows} row(s) of {prompt} prompt + {max_new_tokens} new tokens "
-            f"(max_new_tokens): {reason}"
-        ) from None
-
-
-def _generate_cached(
-    model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph, logprobs=None
-):
+def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph, logprobs):
+    """The prompts prefilled together, left-padded, then decoded one token per row per step (a finished row
+    decodes on, its tokens dropped, until every row has finished): one admission of a :class:`DecodeBatch`."""
     device = next(model.parameters()).device
-    ids, valid = left_pad(rows, device)
-    B, P = ids.shape
+    B, P = len(rows), max(len(row) for row in rows)
     with cache_allocation(B, P, max_new_tokens):
-        cache = InferenceCache.for_model(model, B, P + max_new_tokens)
-    if not bool(valid.all()):
-        cache.set_padding(valid)
-    sampler.seen = None
-    sampler.observe(rows, model.config.vocab_size, device)
-    t0 = _sync(device)
-    logits = prefill(model, ids, cache, chunk_size)
+        batch = DecodeBatch(model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats)
+    callbacks = [None if callback is None else _per_row(callback, r) for r in range(B)]
+    admitted = batch.admit(rows, [max_new_tokens] * B, callbacks, [logprobs] * B)
     t1 = _sync(device)
-    stats["prefill_tokens"] += int(valid.sum())
-    stats["prefill_seconds"] += t1 - t0
-    if cuda_graph:
-        from .cuda_graph import GraphedDecodeStep
-
-        step = GraphedDecodeStep(model, cache)
-    else:
-
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            return model(tokens, cache=cache, logits_to_keep=1).logits[:, -1]
-
-    out: list[list[int]] = [[] for _ in rows]
-    done = [False] * B
-    lens = [len(row) for row in rows]
-    steps = 0
-    reader = _TokenReader(B, device)
-    t1 = _sync(device)
-    tokens, bad = sampler.pick(logits)
-    for i in range(max_new_tokens):
-        sampler.observe(tokens, model.config.vocab_size, device)
-        # (computed before the next step is queued, and copied with the tokens: no synchronization of their own)
-        reader.start(tokens, bad, *(pick_logprobs(logits, tokens, logprobs) if logprobs is not None else ()))
-        more = i < max_new_tokens - 1
-        if more:
-            # The next step is queued before the host reads these tokens, so the device never
-            # waits for the host's bookkeeping; when every row has finished, that one step is
-            # wasted. Finished rows keep decoding; their tokens are dropped.
-            logits = step(tokens[:, None])
-            steps += 1
-        picked, flagged, *scored = reader.finish()
-        check_finite(flagged, done, lens, [len(new) for new in out])
-        infos = to_host(*scored) if scored else [None] * B
-        for r, token in enumerate(picked):
-            if not done[r]:
-                done[r] = _accept(out[r], token, r, eos_ids, callback, infos[r])
-        if all(done) or not more:
-            break
-        tokens, bad = sampler.pick(logits)
-    stats["decode_tokens"] += steps * B
+    while batch.live:
+        batch.step()
+    stats["decode_tokens"] += batch.steps * B
     stats["decode_seconds"] += _sync(device) - t1
-    return out
-
-
-class _TokenReader:
-    """Copies a step's (B,) token ids and (B,) :func:`nonfinite` flags (and, where asked, the tensors of
-    :func:`~hybridlm.infer.logprobs.pick_logprobs`) to the host without waiting for work queued after them.
-
-    On CUDA the copies go to pinned memory and an event marks their end, so reading them waits
-    for the copies only, not for the next decode step queued behind them.
-    """
-
-    def __init__(self, batch: int, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.event = torch.cuda.Event()
-        self.host: list[torch.Tensor] = []  # pinned buffers, made at the first step (the shapes are then known)
-        self.tensors: tuple[torch.Tensor, ...] = ()
-
-    def start(self, *tensors: torch.Tensor) -> None:
-        if self.cuda:
-            if not self.host:
-                self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for host, t in zip(self.host, tensors):
-                host.copy_(t, non_blocking=True)
-            # On the tokens' device's stream (not the current device's): the model may live on cuda:1.
-            self.event.record(torch.cuda.current_stream(tensors[0].device))
-        else:
-            self.tensors = tensors
-
-    def finish(self) -> list[list]:
-        """The tensors given to :meth:`start`, as lists, in order."""
-        if self.cuda:
-            self.event.synchronize()
-            return [host.tolist() for host in self.host]
-        return [t.tolist() for t in self.tensors]
+    return [row.out for row in admitted]

@@ -21,6 +21,9 @@ keep a ``LatentCache``, defined in ``layers/mla.py``):
   chunk, speculative verification) goes through the chunked kernels, continuing from the current
   state (Mamba2 steps through windows of at most ``STEPPED_WINDOW`` tokens position by position
   instead).
+* A state's ``POSITION_DIM`` names its fields that hold one entry per cached position and their position
+  dimension (the others are fixed-size, one per row); ``InferenceCache.place`` and ``shift`` move rows and
+  positions by it (continuous batching: a row joins a running batch, the batch drops positions no row reads).
 * While ``ctx.cache.trail`` is a dict (``InferenceCache.record_positions``), a recurrent mixer that
   can appends, per position of the window, what its ``restore`` takes to be at that position;
   ``InferenceCache.rollback`` uses it to keep a prefix of a speculative window without a re-run.
@@ -30,6 +33,7 @@ keep a ``LatentCache``, defined in ``layers/mla.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -66,6 +70,8 @@ class RecurrentState:
 
     conv: torch.Tensor
     recurrent: torch.Tensor
+    #: The fields that hold one entry per cached position, and their position dimension: none (a fixed-size state).
+    POSITION_DIM: ClassVar[dict[str, int]] = {}
 
     @classmethod
     def zeros(
@@ -95,6 +101,7 @@ class KVState:
 
     k: torch.Tensor
     v: torch.Tensor
+    POSITION_DIM: ClassVar[dict[str, int]] = {"k": 2, "v": 2}  # (see RecurrentState)
 
     @classmethod
     def zeros(cls, batch: int, heads: int, max_len: int, head_dim: int, device, dtype) -> KVState:

@@ -24,6 +24,7 @@ adapter maps them to ``linear_q_down_proj`` etc.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,8 @@ class LatentCache:
     c_kv: torch.Tensor
     k_pe: torch.Tensor
     index_k: torch.Tensor | None = None
+    #: Fields with one entry per cached position, and their position dimension (see ``layers/cache.py``).
+    POSITION_DIM: ClassVar[dict[str, int]] = {"c_kv": 1, "k_pe": 1, "index_k": 1}
 
     def snapshot(self) -> None:
         return None

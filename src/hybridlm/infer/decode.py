@@ -1,0 +1,375 @@
+"""The decode loop: a batch of rows that take one token per step, rows joining and leaving between steps.
+
+:class:`DecodeBatch` holds ``slots`` rows in one :class:`~hybridlm.infer.cache.InferenceCache`. ``admit`` prefills
+new prompts and puts them in free slots: a fresh batch given a prompt per slot prefills them straight into its
+cache, left-padded (what ``generate`` runs); a prompt joining a running batch is prefilled in a cache of its own and
+its positions copied in, right-aligned with the batch's (:meth:`InferenceCache.place`; exact, so a row decodes as
+it would alone). ``step`` picks one token per row from the last logits, queues the next decode step before the host
+reads them (the device never waits for the host's bookkeeping) and hands each row's token to its callback; a row
+ends at an end-of-text id, at its token limit or when its callback says so, and its slot is free for the next
+prompt. Positions that no row reads any more are dropped when rows join (:meth:`InferenceCache.shift`, so eager
+attention never reads more than the longest row), and the cache grows, copied into a larger one, when a joining row
+needs more room than is left. ``generate`` runs one admission and steps to the end; ``hybridlm serve
+--continuous-batching`` admits waiting requests between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import NonFiniteLogitsError
+from .cache import InferenceCache
+from .logprobs import TokenLogprob, pick_logprobs, to_host
+
+#: A row's callback: ``on_token(token, logprob)`` for each token picked (``logprob`` a
+#: :class:`~hybridlm.infer.logprobs.TokenLogprob` where the row asked for logprobs, else None); True ends the row.
+RowCallback = Callable[[int, "TokenLogprob | None"], "bool | None"]
+
+
+def left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids padded on the left with 0 and the (B, P) bool mask of real tokens."""
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), P, dtype=torch.long)
+    valid = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :] = torch.tensor(r)
+        valid[i, P - len(r) :] = True
+    return ids.to(device), valid.to(device)
+
+
+def prefill(model, ids: torch.Tensor, cache: InferenceCache, chunk_size: int) -> torch.Tensor:
+    """Run ``ids`` (B, P) into ``cache`` in chunks; returns the last position's logits (B, V) float32 (float64 in a
+    float64 model)."""
+    logits = None
+    for i in range(0, ids.shape[1], chunk_size):
+        logits = model(ids[:, i : i + chunk_size], cache=cache, logits_to_keep=1).logits
+    return logits[:, -1]
+
+
+@contextlib.contextmanager
+def cache_allocation(rows: int, prompt: int, max_new_tokens: int):
+    """Turn a failure to allocate the decoding buffers into a ValueError naming ``max_new_tokens``.
+
+    Attention keys and values are allocated for every position up front, so a large ``max_new_tokens``
+    fails here: out of memory (RuntimeError, MemoryError) or, past int64, torch's overflow TypeError.
+    """
+    try:
+        yield
+    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:
+        # A mixer with no decode path (NotImplementedError, a RuntimeError) is no allocation failure.
+        if isinstance(e, NotImplementedError) or (isinstance(e, TypeError) and "overflow" not in str(e).lower()):
+            raise
+        reason = (str(e).splitlines() or [""])[0][:160]
+        raise ValueError(
+            f"cannot allocate the cache for {rows} row(s) of {prompt} prompt + {max_new_tokens} new tokens "
+            f"(max_new_tokens): {reason}"
+        ) from None
+
+
+def check_finite(
+    bad: Sequence[bool], done: Sequence[bool], prompt_lens: Sequence[int], made: Sequence[int], first: int = 0
+) -> None:
+    """Raise :class:`~hybridlm.errors.NonFiniteLogitsError` for the first row ``r`` still generating (not
+    ``done[r]``) whose logits were flagged (``bad[r]``, see :func:`~hybridlm.infer.generate.nonfinite`): they were
+    to pick its new token ``made[r] + 1``, at position ``prompt_lens[r] + made[r]`` of its sequence. The error names
+    prompt ``first + r`` (``first``: the batch's index of row 0)."""
+    for r, flagged in enumerate(bad):
+        if flagged and not done[r]:
+            raise NonFiniteLogitsError(
+                first + r,
+                f"the logits for new token {made[r] + 1} (position {prompt_lens[r] + made[r]} of the sequence, "
+                "counted from 0 with the prompt) are not finite (NaN or inf): the model's weights or activations "
+                "hold NaN or inf (damaged weights, or an overflow in float16); no token can be picked from them",
+            )
+
+
+def sync(device: torch.device) -> float:
+    """The time once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
+class Row:
+    """A sequence in a :class:`DecodeBatch` slot."""
+
+    slot: int
+    prompt: list[int]
+    limit: int  # tokens it may take
+    callback: RowCallback | None
+    logprobs: int | None  # k, where it asked for logprobs
+    tag: object = None  # the caller's (the serving worker's request row)
+    out: list[int] = field(default_factory=list)  # its tokens so far
+
+    @property
+    def length(self) -> int:
+        """Its positions in the cache: its prompt and every token picked but the one at the batch's next step."""
+        return len(self.prompt) + len(self.out)
+
+
+class DecodeBatch:
+    """Rows decoded together, one token per step, in ``slots`` slots (see the module).
+
+    Args:
+        model: a whole ``HybridLM``, in eval mode.
+        slots: rows decoded at once (free slots decode too, their tokens dropped: a batch's shapes are fixed).
+        max_len: positions the cache holds at first (it grows when a joining row needs more).
+        sampler: a :class:`~hybridlm.infer.generate.Sampler`, the batch's (its ``pick`` draws for every slot).
+        eos_ids: ids that end a row (it keeps the id as its last token).
+        chunk_size: prompts are prefilled in chunks of this many tokens.
+        cuda_graph: replay the decode step as a CUDA graph (captured at the first step, again after the cache grew).
+        stats: if given, admissions add ``prefill_tokens`` and ``prefill_seconds`` (synchronizing the device).
+        max_slots: None: ``slots`` is fixed. A number: the batch takes up to that many rows, its slots a power of two
+            (at most ``max_slots``) as many as its rows need, fewer once half of them are free (a free
+            slot costs a row's compute at every step; the rows are then moved, exactly, into a smaller cache).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        slots: int,
+        max_len: int,
+        sampler,
+        eos_ids: Sequence[int] = (),
+        chunk_size: int = 2048,
+        cuda_graph: bool = False,
+        stats: dict | None = None,
+        max_slots: int | None = None,
+    ) -> None:
+        self.model, self.sampler, self.eos_ids, self.chunk_size = model, sampler, tuple(eos_ids), chunk_size
+        self.cuda_graph, self.stats, self.max_slots = cuda_graph, stats, max_slots
+        self.device = next(model.parameters()).device
+        self.vocab = model.config.vocab_size
+        self.rows: list[Row | None] = [None] * slots
+        self.cache = InferenceCache.for_model(model, slots, max_len)
+        self.logits: torch.Tensor | None = None  # (slots, V): each live row's next token is picked from its row
+        self.graph = None  # the captured decode step, where cuda_graph
+        self.reader = _TokenReader(self.device)
+        self.steps = 0  # decode steps run
+        self.grown = 0  # times the cache was copied into another (more positions, more or fewer slots)
+        sampler.seen = None
+        if sampler.repetition_penalty != 1.0:
+            sampler.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+
+    @property
+    def free(self) -> list[int]:
+        """The slots no row holds."""
+        return [i for i, row in enumerate(self.rows) if row is None]
+
+    @property
+    def live(self) -> bool:
+        """Whether some row is still decoding."""
+        return any(row is not None for row in self.rows)
+
+    @property
+    def room(self) -> int:
+        """How many more rows :meth:`admit` takes now."""
+        return (self.max_slots or len(self.rows)) - sum(row is not None for row in self.rows)
+
+    # -- joining ---------------------------------------------------------------------------------
+
+    def fits(self, prompts: Sequence[Sequence[int]], limits: Sequence[int]) -> int:
+        """The positions the cache needs to take ``prompts`` (each to make up to its limit of tokens) beside the
+        rows it holds: (the longest row after they join) + (the most tokens any row may still add)."""
+        rows = [r for r in self.rows if r is not None]
+        longest = max([r.length for r in rows] + [len(p) for p in prompts])
+        return longest + max([r.limit - len(r.out) for r in rows] + list(limits))
+
+    def admit(
+        self,
+        prompts: Sequence[Sequence[int]],
+        limits: Sequence[int],
+        callbacks: Sequence[RowCallback | None],
+        logprobs: Sequence[int | None] | None = None,
+        tags: Sequence | None = None,
+    ) -> list[Row]:
+        """Prefill ``prompts`` (non-empty token-id lists, at most as many as there are free slots) and put them in
+        free slots, each to take at most ``limits[i]`` >= 1 tokens, ``callbacks[i]`` given each (and, where
+        ``logprobs[i]`` is an integer k, its :class:`TokenLogprob` with at least the k most likely; ``tags[i]`` kept as
+        the row's ``tag``). Returns their
+        their :class:`Row` objects (each keeps its tokens in ``out``). Their first tokens are picked at the next :meth:`step`, with the other rows'."""
+        n = len(prompts)
+        if not 0 < n <= self.room:
+            raise ValueError(f"admit: {n} prompt(s) for room for {self.room} more row(s)")
+        logprobs = [None] * n if logprobs is None else list(logprobs)
+        tags = [None] * n if tags is None else list(tags)
+        need, slots = self.fits(prompts, limits), len(self.rows)
+        if n > len(self.free):
+            slots = min(self.max_slots, _power_of_two(slots - len(self.free) + n))
+        if need > self.cache.max_len or slots != len(self.rows):
+            self._resize(
+                slots,
+                max(need, self.cache.max_len + self.cache.max_len // 2)
+                if need > self.cache.max_len
+                else self.cache.max_len,
+            )
+        free = self.free
+        t0 = sync(self.device) if self.stats is not None else 0.0
+        ids, valid = left_pad([list(p) for p in prompts], self.device)
+        if n == len(self.rows) and self.cache.offset == 0:  # a fresh batch, a prompt per slot: in place
+            slots = free
+            self.cache.set_padding(valid)
+            self.logits = prefill(self.model, ids, self.cache, self.chunk_size)
+        else:
+            slots = free[:n]
+            with cache_allocation(n, ids.shape[1], 0):
+                own = InferenceCache.for_model(self.model, n, ids.shape[1])
+            if not bool(valid.all()):
+                own.set_padding(valid)
+            logits = prefill(self.model, ids, own, self.chunk_size)
+            self._make_room(max(len(p) for p in prompts))
+            for i, slot in enumerate(slots):
+                self.cache.place(own, i, slot, len(prompts[i]))
+            if self.logits is None:
+                self.logits = logits.new_zeros(len(self.rows), logits.shape[-1])
+            self.logits[slots] = logits
+            for slot in self.free[n:]:  # (a fresh batch's slots left free: nothing they decode is read)
+                self.cache.release(slot)
+        new = [Row(*args) for args in zip(slots, map(list, prompts), limits, callbacks, logprobs, tags)]
+        for row in new:
+            self.rows[row.slot] = row
+        if self.sampler.seen is not None:
+            self.sampler.observe(prompts, self.vocab, self.device, at=slots)
+        if self.stats is not None:
+            self.stats["prefill_tokens"] += int(valid.sum())
+            self.stats["prefill_seconds"] += sync(self.device) - t0
+        return new
+
+    def _make_room(self, longest_prompt: int) -> None:
+        """Drop the positions before every live row's first, then put padding in front until the offset reaches
+        ``longest_prompt`` (a joining prompt's positions end at the offset)."""
+        lengths = [r.length for r in self.rows if r is not None]
+        self.cache.shift(max(lengths, default=0) - self.cache.offset)
+        if longest_prompt > self.cache.offset:
+            self.cache.shift(longest_prompt - self.cache.offset)
+
+    def _resize(self, slots: int, max_len: int) -> None:
+        """Move the live rows, exactly, into a new cache of ``slots`` rows and ``max_len`` positions: the first
+        slots, in order, their positions ending at its offset (the decode graph is captured again)."""
+        old, live = self.cache, [row for row in self.rows if row is not None]
+        longest = max((row.length for row in live), default=0)
+        with cache_allocation(slots, longest, max_len - longest):
+            self.cache = InferenceCache.for_model(self.model, slots, max_len)
+        self.cache.shift(longest)
+        keep = [row.slot for row in live]
+        for slot, row in enumerate(live):
+            self.cache.place(old, row.slot, slot, row.length)
+            row.slot = slot
+        for slot in range(len(live), slots):
+            self.cache.release(slot)
+        if self.logits is not None:
+            logits = self.logits.new_zeros(slots, self.logits.shape[-1])
+            logits[: len(live)] = self.logits[keep]
+            self.logits = logits
+        if self.sampler.seen is not None:
+            seen = self.sampler.seen.new_zeros(slots, self.vocab)
+            seen[: len(live)] = self.sampler.seen[keep]
+            self.sampler.seen = seen
+        self.rows = live + [None] * (slots - len(live))
+        self.graph = None
+        self.grown += 1
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graph:
+            if self.graph is None:
+                from .cuda_graph import GraphedDecodeStep
+
+                self.graph = GraphedDecodeStep(self.model, self.cache)
+            return self.graph(tokens)
+        return self.model(tokens, cache=self.cache, logits_to_keep=1).logits[:, -1]
+
+    def step(self) -> None:
+        """Pick each live row's next token, give it to the row's callback, and end the rows that are done (their
+        slots free). The next decode step is queued first where some row may take another token.
+        :class:`~hybridlm.errors.NonFiniteLogitsError` (its ``row`` the slot) where a live row's logits are not
+        finite; the batch is unusable then."""
+        if self.logits is None or not self.live:
+            raise ValueError("step: no row to decode (admit prompts first)")
+        rows = self.rows
+        ks = [r.logprobs for r in rows if r is not None and r.logprobs is not None]
+        tokens, bad = self.sampler.pick(self.logits)
+        self.sampler.observe(tokens, self.vocab, self.device)
+        # (computed before the next step is queued, and copied with the tokens: no synchronization of their own)
+        self.reader.start(tokens, bad, *(pick_logprobs(self.logits, tokens, max(ks)) if ks else ()))
+        if any(r is not None and len(r.out) + 1 < r.limit for r in rows):
+            # Queued before the host reads these tokens; when every row ends here, this one step is wasted.
+            self.logits = self._forward(tokens[:, None])
+            self.steps += 1
+        picked, flagged, *scored = self.reader.finish()
+        done = [r is None for r in rows]
+        lens = [0 if r is None else len(r.prompt) for r in rows]
+        check_finite(flagged, done, lens, [0 if r is None else len(r.out) for r in rows])
+        infos = to_host(*scored) if scored else [None] * len(rows)
+        for slot, row in enumerate(rows):
+            if row is None:
+                continue
+            token = picked[slot]
+            row.out.append(token)
+            stop = (
+                False
+                if row.callback is None
+                else bool(row.callback(token, infos[slot] if row.logprobs is not None else None))
+            )
+            if stop or token in self.eos_ids or len(row.out) >= row.limit:
+                self.rows[slot] = None
+                self.cache.release(slot)
+        self._shrink()
+
+    def _shrink(self) -> None:
+        live = len(self.rows) - len(self.free)
+        if self.max_slots is not None and 0 < live <= len(self.rows) // 2:
+            self._resize(_power_of_two(live), self.cache.max_len)
+
+    def end(self, slot: int) -> None:
+        """End the row in ``slot`` now (its client went away)."""
+        if self.rows[slot] is not None:
+            self.rows[slot] = None
+            self.cache.release(slot)
+            self._shrink()
+
+
+def _power_of_two(n: int) -> int:
+    """The least power of two >= n (>= 1)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _TokenReader:
+    """Copies a step's (B,) token ids and (B,) non-finite flags (and, where asked, the tensors of
+    :func:`~hybridlm.infer.logprobs.pick_logprobs`) to the host without waiting for work queued after them.
+
+    On CUDA the copies go to pinned memory and an event marks their end, so reading them waits
+    for the copies only, not for the next decode step queued behind them.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.event = torch.cuda.Event()
+        self.host: list[torch.Tensor] = []  # pinned buffers, made again when the shapes change (logprobs' k)
+        self.tensors: tuple[torch.Tensor, ...] = ()
+
+    def start(self, *tensors: torch.Tensor) -> None:
+        if self.cuda:
+            if [h.shape for h in self.host] != [t.shape for t in tensors]:
+                self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self.host, tensors):
+                host.copy_(t, non_blocking=True)
+            # On the tokens' device's stream (not the current device's): the model may live on cuda:1.
+            self.event.record(torch.cuda.current_stream(tensors[0].device))
+        else:
+            self.tensors = tensors
+
+    def finish(self) -> list[list]:
+        """The tensors given to :meth:`start`, as lists, in order."""
+        if self.cuda:
+            self.event.synchronize()
+            return [host.tolist() for host in self.host]
+        return [t.tolist() for t in self.tensors]

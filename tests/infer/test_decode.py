@@ -1,0 +1,274 @@
+"""A decode batch whose rows come and go (continuous batching) against each row decoded alone."""
+
+import copy
+
+import pytest
+import torch
+
+from hybridlm import HybridLM, ModelConfig, generate
+from hybridlm.infer.cache import InferenceCache
+from hybridlm.infer.cuda_graph import GraphedDecodeStep
+from hybridlm.infer.decode import DecodeBatch
+from hybridlm.infer.generate import Sampler
+from tests.helpers import MLA_TINY, rel_err, tiny_config
+from tests.infer.test_cache import BF16_PATTERNS, REALISTIC
+
+#: Every kind of cached state: Mamba2's and GDN's fixed-size ones, attention's KV, MLA's latents, DSA's indexer keys.
+PATTERNS = ["[M-]G[*E]", "M+G-", "GD-M"]
+
+
+def model64(pattern: str) -> HybridLM:
+    mla = MLA_TINY if "+" in pattern or "D" in pattern else {}
+    return HybridLM(tiny_config(pattern, position_embedding="rope", **mla), seed=1).eval().cast(torch.float64)
+
+
+def prompts(*lengths: int, seed: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 97, (n,), generator=gen).tolist() for n in lengths]
+
+
+def check_logits(model, batch: DecodeBatch) -> None:
+    """Each live row's next-token logits are the full forward's over its prompt and tokens alone."""
+    with torch.no_grad():
+        for row in batch.rows:
+            if row is not None:
+                full = model(torch.tensor([row.prompt + row.out])).logits[0, -1]
+                torch.testing.assert_close(batch.logits[row.slot], full, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_rows_joining_a_running_batch_decode_as_each_row_alone(pattern, static, monkeypatch):
+    """A float64 model, three slots, a cache of 8 positions at first. A is admitted alone (its slot's neighbours
+    free); after 3 steps B, longer than every position cached (padding put in front), and C join; A ends at its
+    limit and D takes its slot (the positions before B's dropped); the cache grows at each admission. At every step
+    each live row's logits are its full forward's, and each row's tokens are those generate gives it alone.
+    ``static``: the masked whole-buffer decode step a CUDA graph replays."""
+    monkeypatch.setattr(InferenceCache, "static", static)
+    model = model64(pattern)
+    a, b, c, d = prompts(4, 11, 2, 6)
+    with torch.no_grad():
+        batch = DecodeBatch(model, 3, 8, Sampler())
+        (ra,) = batch.admit([a], [6], [None])
+        assert ra.slot == 0 and batch.grown == 1  # 4 + 6 > 8
+        for _ in range(3):
+            check_logits(model, batch)
+            batch.step()
+        assert batch.cache.offset == 4 + 3
+        rb, rc = batch.admit([b, c], [5, 9], [None, None])
+        assert (rb.slot, rc.slot) == (1, 2) and batch.cache.offset == 11  # B's 11 positions end at the offset
+        assert batch.grown == 2  # 11 positions, then C's 9 tokens: 20 > 12
+        while batch.rows[0] is not None:
+            check_logits(model, batch)
+            batch.step()
+        assert len(ra.out) == 6 and batch.free == [0]
+        (rd,) = batch.admit([d], [7], [None])
+        assert (rb.slot, rc.slot, rd.slot) == (0, 1, 2)  # the cache grew: the live rows moved to the first slots
+        # Every position before B's first was dropped: B (11 + its tokens so far) is the longest row.
+        assert batch.cache.offset == len(b) + len(rb.out)
+        while batch.live:
+            check_logits(model, batch)
+            batch.step()
+    assert batch.grown == 3  # D's 7 tokens after B's 14 positions: 21 > 20
+    for row, prompt, limit in ((ra, a, 6), (rb, b, 5), (rc, c, 9), (rd, d, 7)):
+        assert row.out == generate(model, prompt, limit)
+
+
+def test_a_joining_row_gets_its_own_repetition_penalty_and_logprobs():
+    """The penalty of a row that joins counts its own prompt and tokens only (not its slot's last row's), and its
+    logprobs are those it has alone."""
+    model = model64("M*G")
+    a, b, c = prompts(9, 3, 5, seed=4)
+    alone = {}
+    for name, prompt in (("b", b), ("c", c)):
+        got = []
+        out = generate(
+            model, prompt, 6, repetition_penalty=1.5, logprobs=2, callback=lambda r, t, lp, got=got: got.append(lp)
+        )
+        alone[name] = (out, got)
+    seen = {"b": [], "c": []}
+    with torch.no_grad():
+        batch = DecodeBatch(model, 2, 32, Sampler(repetition_penalty=1.5))
+        batch.admit([a], [2], [None])
+        batch.step()
+        batch.step()  # a ends: both slots are free, slot 0 last held a
+        callbacks = [lambda t, lp: seen["b"].append(lp), lambda t, lp: seen["c"].append(lp)]
+        rb, rc = batch.admit([b, c], [6, 6], callbacks, [None, 2])
+        assert rb.slot == 0
+        while batch.live:
+            batch.step()
+    assert rb.out == alone["b"][0] and rc.out == alone["c"][0]
+    assert seen["b"] == [None] * 6  # it did not ask
+    for got, want in zip(seen["c"], alone["c"][1]):
+        assert [i for i, _ in got.top] == [i for i, _ in want.top]
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-12)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_batch_of_max_slots_takes_as_many_slots_as_its_rows_need(static, monkeypatch):
+    """With ``max_slots``, the slots are a power of two as many as the rows (1, then 4 for 3 rows, then 8), and
+    fewer once half are free (down to 2 when two rows are left, 1 when one is); the rows move slots
+    exactly: logits and tokens as each row's alone."""
+    monkeypatch.setattr(InferenceCache, "static", static)
+    model = model64("M*G-")
+    ps = prompts(5, 3, 8, 2, 4, 6, 7, seed=5)
+    limits = [3, 4, 12, 2, 3, 9, 2]
+    rows, slots = [], []
+    with torch.no_grad():
+        batch = DecodeBatch(model, 1, 0, Sampler(repetition_penalty=1.3), max_slots=8)
+        rows += batch.admit(ps[:1], limits[:1], [None])
+        slots.append(len(batch.rows))
+        batch.step()
+        rows += batch.admit(ps[1:3], limits[1:3], [None] * 2)
+        slots.append(len(batch.rows))
+        batch.step()
+        assert batch.room == 5
+        rows += batch.admit(ps[3:], limits[3:], [None] * 4)
+        slots.append(len(batch.rows))
+        while batch.live:
+            check_logits(model, batch)
+            batch.step()
+            slots.append(len(batch.rows))
+    assert slots[:3] == [1, 4, 8] and 2 in slots and slots[-1] == 1
+    for row, prompt, limit in zip(rows, ps, limits):  # (each row's penalty moved with it)
+        assert row.out == generate(model, prompt, limit, repetition_penalty=1.3)
+
+
+def test_positions_no_row_reads_are_dropped_when_a_row_joins():
+    """A long row ends; a short one joins: the cache keeps only the longest live row's positions, so eager attention
+    reads no more than that (the cache does not grow: no copy into another one did it)."""
+    model = model64("M*")
+    a, b, c = prompts(10, 2, 3, seed=6)
+    with torch.no_grad():
+        batch = DecodeBatch(model, 2, 64, Sampler())
+        ra, rb = batch.admit([a, b], [3, 20], [None, None])
+        while batch.rows[ra.slot] is not None:
+            batch.step()
+        assert batch.cache.offset == 10 + 3
+        (rc,) = batch.admit([c], [2], [None])
+        assert batch.grown == 0 and batch.cache.offset == rb.length == 2 + 3
+        while batch.live:
+            check_logits(model, batch)
+            batch.step()
+    assert [rb.out, rc.out] == [generate(model, b, 20), generate(model, c, 2)]
+
+
+def test_admit_refuses_more_rows_than_it_has_room_for_and_a_step_needs_a_row():
+    model = model64("M*")
+    batch = DecodeBatch(model, 2, 16, Sampler())
+    with pytest.raises(ValueError, match="no row to decode"):
+        batch.step()
+    with pytest.raises(ValueError, match=r"3 prompt\(s\) for room for 2 more row\(s\)"):
+        batch.admit(prompts(2, 2, 2), [1] * 3, [None] * 3)
+
+
+def test_place_and_shift_refuse_what_does_not_fit():
+    model = model64("M*")
+    with torch.no_grad():
+        cache = InferenceCache.for_model(model, 2, 8)
+        other = InferenceCache.for_model(model, 1, 8)
+        model(torch.tensor([[3, 4, 5]]), cache=other)
+        with pytest.raises(ValueError, match=r"place: 3 position\(s\) do not fit: the source holds 3, this cache 0"):
+            cache.place(other, 0, 1, 3)
+        with pytest.raises(ValueError, match="different mixers"):
+            elsewhere = InferenceCache.for_model(model64("G*"), 2, 8)
+            elsewhere.shift(3)
+            elsewhere.place(other, 0, 0, 3)
+        cache.shift(3)
+        cache.place(other, 0, 1, 3)
+        assert cache.valid[:, :3].tolist() == [[False] * 3, [True] * 3]
+        cache.place(other, 0, 1, 2)  # the row's earlier positions become padding
+        assert cache.valid[:, :3].tolist() == [[False] * 3, [False, True, True]]
+        cache.place(other, 0, 1, 3)
+        with pytest.raises(ValueError, match=r"the first 1 position\(s\) hold real tokens"):
+            cache.shift(-1)
+        with pytest.raises(ValueError, match=r"shift: 6 moves the cached positions \[0, 3\) out of \[0, 8\)"):
+            cache.shift(6)
+        cache.release(1)
+        cache.shift(-3)
+        assert cache.offset == 0 and int(cache.offset_t) == 0
+
+
+def joined_errors(pattern: str, device: str, length: int, steps: int, graph: bool) -> tuple[float, float]:
+    """A bf16 model decodes one sequence in row 0 of a two-row cache (100 tokens, at most half of ``length``,
+    prefilled alone and placed, then 5 steps); a second one of ``length - steps`` tokens, prefilled alone, joins in row 1 (padding put in front of
+    the running row, so that its positions end at the offset), and both decode ``steps`` steps, eager or
+    replayed from a CUDA graph. Returns the relative errors against the float64 forward of the same rounded
+    weights of the joined row's decoded logits and of the full bf16 forward's."""
+    cfg = ModelConfig(pattern=pattern, **REALISTIC)
+    model = HybridLM(cfg, seed=3, device=device).cast(torch.bfloat16).eval()
+    reference = copy.deepcopy(model).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, length), generator=gen).to(device)
+    first = min(100, length // 2)  # the running row's prompt
+    other = torch.randint(0, cfg.vocab_size, (1, first + 5 + steps), generator=gen).to(device)
+    with torch.no_grad():
+        want = reference(ids).logits[0, -steps:]
+        full = model(ids).logits[0, -steps:]
+        batch = InferenceCache.for_model(model, 2, length + 8)
+        alone = InferenceCache.for_model(model, 1, first)
+        model(other[:, :first], cache=alone)
+        batch.shift(first)
+        batch.place(alone, 0, 0, first)
+        batch.release(1)
+        for t in range(first, first + 5):
+            model(torch.stack([other[:, t], other[:, t]]), cache=batch)  # (row 1 decodes what it is given, unread)
+        alone = InferenceCache.for_model(model, 1, length - steps)
+        model(ids[:, : length - steps], cache=alone)
+        batch.shift(length - steps - batch.offset)
+        batch.place(alone, 0, 1, length - steps)
+        step = GraphedDecodeStep(model, batch) if graph else (lambda x: model(x, cache=batch).logits[:, -1])
+        got = [step(torch.stack([other[:, first + 5 + t], ids[:, length - steps + t]]))[1] for t in range(steps)]
+    return rel_err(torch.stack(got), want), rel_err(full, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("pattern", BF16_PATTERNS)
+def test_a_bf16_row_joining_at_4096_tokens_is_as_close_to_float64_as_the_full_forward_on_gpu(pattern, graph):
+    """A 4,088-token prompt prefilled alone and joined to a running batch (the GPU kernels, realistic head sizes)
+    decodes within 1.5x the full bf16 forward's error against float64, plus half a bf16 rounding of the logits,
+    eager or replayed from a CUDA graph (the static step's mask over the joined row's padding)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    err_joined, err_full = joined_errors(pattern, "cuda", 4096, 8, graph)
+    print(f"{pattern} bf16, joined at 4096 tokens: {err_joined:.3g}, full forward {err_full:.3g} (relative to float64)")
+    assert err_joined <= 1.5 * err_full + 2e-3, (err_joined, err_full)
+
+
+@pytest.mark.parametrize("pattern", BF16_PATTERNS)
+def test_a_bf16_row_joining_is_as_close_to_float64_as_the_full_forward_on_cpu(pattern):
+    """The same check as the GPU one at a short length on the CPU's torch paths."""
+    err_joined, err_full = joined_errors(pattern, "cpu", 48, 4, False)
+    assert err_joined <= 1.5 * err_full + 2e-3, (err_joined, err_full)
+
+
+@pytest.mark.gpu
+def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eager_step_on_gpu(monkeypatch):
+    """The same joins and departures with the decode step replayed from CUDA graphs (captured again as the slots
+    change) and run eagerly with the static step's shapes: the same tokens; in float32 those of each row alone."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = HybridLM(tiny_config("M[*-]G-", position_embedding="rope"), seed=1, device="cuda").eval()
+    ps = prompts(5, 30, 8, 2, 17, 6, 7, seed=5)
+    limits = [3, 4, 12, 2, 3, 9, 2]
+    outs = {}
+    for graph in (True, False):
+        monkeypatch.setattr(InferenceCache, "static", not graph)
+        with torch.no_grad():
+            batch = DecodeBatch(model, 1, 0, Sampler(), cuda_graph=graph, max_slots=4)
+            rows = batch.admit(ps[:1], limits[:1], [None])
+            batch.step()
+            rows += batch.admit(ps[1:3], limits[1:3], [None] * 2)
+            batch.step()
+            waiting = list(range(3, len(ps)))
+            while batch.live or waiting:
+                take = waiting[: batch.room]
+                if take:
+                    rows += batch.admit([ps[i] for i in take], [limits[i] for i in take], [None] * len(take))
+                    waiting = waiting[len(take) :]
+                batch.step()
+        outs[graph] = [row.out for row in rows]
+        assert batch.grown >= 3
+    assert outs[True] == outs[False]
+    assert outs[True] == [generate(model, p, n) for p, n in zip(ps, limits)]
