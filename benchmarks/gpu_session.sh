@@ -161,6 +161,9 @@ for stage in "$@"; do
             && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256 $MTP_ARGS" ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
     serve) run serve 200 20 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --clients 16 --max-tokens 64 ;;
+    contserve)  # continuous against static batching: 16 clients STAGGER s apart, mixed lengths (up to 128 tokens)
+        run contserve 400 24 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --continuous \
+            --clients 16 --max-tokens 128 --spread --stagger "${STAGGER:-0.05}" --repeat "${REPEAT:-2}" ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;
     esac
