@@ -484,3 +484,20 @@ def test_continuous_stopping_answers_the_running_and_waiting_rows_with_503(model
     worker.stop()
     assert not worker.step()
     assert events(running)[-1][2].status == 503 and events(waiting)[-1][2].status == 503
+
+
+def test_continuous_a_row_of_other_settings_is_not_held_back_by_later_rows_of_the_running_ones(model):
+    """Once a request of other settings waits, requests queued after it no longer join the running batch: it
+    drains, the waiting one runs next, then theirs (a steady stream of joiners would hold it back for ever)."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    first = worker.submit(request({"prompt": "a", "max_tokens": 6}))
+    worker.step()
+    other = worker.submit(request({"prompt": "b", "max_tokens": 3, "repetition_penalty": 1.5}))
+    later = worker.submit(request({"prompt": "c", "max_tokens": 3}))
+    while first.rows[0].finish is None:
+        worker.step()
+        assert later.rows[0].tokens == 0 and other.rows[0].tokens == 0
+    worker.step()
+    assert other.rows[0].tokens == 1 and later.rows[0].tokens == 0
+    drain(worker)
+    assert worker.batches == 3 and worker.joined == 0 and later.rows[0].finish == "length"

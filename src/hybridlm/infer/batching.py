@@ -11,7 +11,9 @@ With ``continuous`` (``hybridlm serve --continuous-batching``) the worker keeps 
 :class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows of
 its settings that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own and
 its state copied into a free slot, a row that ends frees its slot at once, and the batch's slots follow its rows'
-count (a power of two). Rows of other settings wait until the running batch has no row left. Each row's tokens
+count (a power of two). Rows of other settings wait until the running batch has no row left, and once one waits,
+rows queued after it do not join (else a steady stream of the batch's settings would hold it back for ever). Each
+row's tokens
 are those it takes alone, up to float rounding (batch sizes change the kernels' sums).
 
 A request whose client seeded its sampling runs in batches of its own: one batch draws from one generator, so
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -315,7 +318,8 @@ class BatchWorker:
             batch = DecodeBatch(self.model, 1, 0, sampler, cuda_graph=self.cuda_graph, max_slots=self.max_batch_size)
             self.running, self.running_key = batch, self.pending[0].job.key
             self.batches += 1
-        join = [row for row in self.pending if row.job.key == self.running_key][: batch.room]
+        # Only rows queued before any row of other settings: that one would wait for ever under a steady stream.
+        join = list(itertools.takewhile(lambda row: row.job.key == self.running_key, self.pending))[: batch.room]
         if join:
             taken = {id(row) for row in join}
             self.pending = [row for row in self.pending if id(row) not in taken]
