@@ -348,27 +348,27 @@ def drain(worker) -> int:
 
 
 def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
-    """A request sent while a batch decodes joins it at the next step (no wait for the batch's end); one of other
-    settings waits until the running batch has no row left. Each row's text is its own alone."""
+    """Requests sent while a batch decodes join it at the next step (no wait for the batch's end), whatever their
+    sampling settings: each settings' rows are picked by a sampler of their own. Each row's text is its own alone
+    (a sample of top_k 1 is the greedy one; a penalty counts the row's own tokens only)."""
     worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
     a = worker.submit(request({"prompt": "hello", "max_tokens": 20}))
     for _ in range(3):
         assert worker.step()
     assert a.rows[0].tokens == 3
-    b = worker.submit(request({"prompt": ["a", "longer prompt"], "max_tokens": 5}))
-    c = worker.submit(request({"prompt": "hi", "max_tokens": 4, "repetition_penalty": 1.5}))
+    b = worker.submit(request({"prompt": ["a", "longer prompt"], "max_tokens": 5, "repetition_penalty": 1.5}))
+    c = worker.submit(request({"prompt": "hi", "max_tokens": 4, "temperature": 1.0, "top_k": 1}))
     assert worker.step()
-    assert [row.tokens for row in b.rows] == [1, 1] and a.rows[0].tokens == 4 and c.rows[0].tokens == 0
-    assert worker.joined == 2 and worker.batches == 1
+    assert [row.tokens for row in b.rows + c.rows] == [1, 1, 1] and a.rows[0].tokens == 4
+    assert worker.joined == 3 and worker.batches == 1 and len(worker.samplers) == 3
     drain(worker)
-    assert worker.batches == 2 and worker.running is None and not worker.open
-    for job, prompts, n in ((a, ["hello"], 20), (b, ["a", "longer prompt"], 5)):
+    assert worker.batches == 1 and worker.running is None and not worker.open
+    for job, prompts, n, penalty in ((a, ["hello"], 20, 1.0), (b, ["a", "longer prompt"], 5, 1.5), (c, ["hi"], 4, 1.0)):
         assert [kind for kind, *_ in events(job)][-1] == "done"
         for row, prompt in zip(job.rows, prompts):
-            assert row.completion.text == TOKENIZER.decode(solo(model, prompt, n))
+            alone = generate(model, TOKENIZER.encode(prompt), n, eos_id=256, repetition_penalty=penalty)
+            assert row.completion.text == TOKENIZER.decode(alone)
             assert row.finish == "length" and row.tokens == n
-    penalized = generate(model, TOKENIZER.encode("hi"), 4, eos_id=256, repetition_penalty=1.5)
-    assert c.rows[0].completion.text == TOKENIZER.decode(penalized)
     assert b.usage() == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24}
 
 
@@ -486,18 +486,18 @@ def test_continuous_stopping_answers_the_running_and_waiting_rows_with_503(model
     assert events(running)[-1][2].status == 503 and events(waiting)[-1][2].status == 503
 
 
-def test_continuous_a_row_of_other_settings_is_not_held_back_by_later_rows_of_the_running_ones(model):
-    """Once a request of other settings waits, requests queued after it no longer join the running batch: it
-    drains, the waiting one runs next, then theirs (a steady stream of joiners would hold it back for ever)."""
+def test_continuous_a_seeded_request_is_not_held_back_by_rows_queued_after_it(model):
+    """A seeded sample waits for the running batch to drain (it runs in a static batch of its own); requests queued
+    after it do not join meanwhile (a steady stream of them would hold it back for ever), and run after it."""
     worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
     first = worker.submit(request({"prompt": "a", "max_tokens": 6}))
     worker.step()
-    other = worker.submit(request({"prompt": "b", "max_tokens": 3, "repetition_penalty": 1.5}))
+    seeded = worker.submit(request({"prompt": "b", "max_tokens": 3, "temperature": 1.0, "seed": 3}))
     later = worker.submit(request({"prompt": "c", "max_tokens": 3}))
     while first.rows[0].finish is None:
         worker.step()
-        assert later.rows[0].tokens == 0 and other.rows[0].tokens == 0
+        assert later.rows[0].tokens == 0 and seeded.rows[0].tokens == 0
     worker.step()
-    assert other.rows[0].tokens == 1 and later.rows[0].tokens == 0
+    assert seeded.rows[0].finish is not None and later.rows[0].tokens == 0
     drain(worker)
     assert worker.batches == 3 and worker.joined == 0 and later.rows[0].finish == "length"

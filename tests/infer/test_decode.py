@@ -272,3 +272,22 @@ def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eag
         assert batch.grown >= 3
     assert outs[True] == outs[False]
     assert outs[True] == [generate(model, p, n) for p, n in zip(ps, limits)]
+
+
+def test_rows_of_other_samplers_share_a_batch_each_picked_by_its_own():
+    """Greedy rows, rows sampled at top_k 1 (greedy again, through the sampling path) and penalized rows in one
+    batch, joined at different steps: each row's tokens are those generate gives it alone with its settings."""
+    model = model64("M*G")
+    ps = prompts(4, 7, 3, 5, seed=8)
+    settings = [{}, {"temperature": 1.0, "top_k": 1}, {"repetition_penalty": 1.4}, {"repetition_penalty": 1.4}]
+    samplers = [Sampler(**s) for s in settings[:3]]
+    with torch.no_grad():
+        batch = DecodeBatch(model, 4, 0, Sampler(), max_slots=4)
+        rows = batch.admit(ps[:2], [9, 9], [None, None], samplers=samplers[:2])
+        batch.step()
+        rows += batch.admit(ps[2:], [6, 8], [None, None], samplers=[samplers[2], samplers[2]])
+        while batch.live:
+            batch.step()
+    for row, prompt, kw in zip(rows, ps, settings):
+        assert row.out == generate(model, prompt, len(row.out), **kw)
+    assert [len(row.out) for row in rows] == [9, 9, 6, 8]

@@ -217,8 +217,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--continuous-batching",
         action="store_true",
         help="a request joins the running batch at its next decode step, and a row that ends frees its slot at once, "
-        "instead of waiting for the whole batch to end (requests of other sampling settings, and seeded samples, "
-        "still wait; docs/inference.md)",
+        "instead of waiting for the whole batch to end; requests of any sampling settings share it (seeded samples "
+        "still run in static batches of their own; docs/inference.md)",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

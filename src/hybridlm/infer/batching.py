@@ -11,15 +11,15 @@ With ``continuous`` (``hybridlm serve --continuous-batching``) the worker keeps 
 :class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows of
 its settings that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own and
 its state copied into a free slot, a row that ends frees its slot at once, and the batch's slots follow its rows'
-count (a power of two). Rows of other settings wait until the running batch has no row left, and once one waits,
-rows queued after it do not join (else a steady stream of the batch's settings would hold it back for ever). Each
-row's tokens
+count (a power of two). Rows of any sampling settings share the batch, each settings' rows picked by a sampler of
+their own. Each row's tokens
 are those it takes alone, up to float rounding (batch sizes change the kernels' sums).
 
 A request whose client seeded its sampling runs in batches of its own: one batch draws from one generator, so
 another request's rows would change its samples. As in ``hybridlm generate``, its rows past ``max_batch_size``
 draw from ``seed`` plus the index of their batch's first row; it runs in a static batch in either mode (its samples
-are then ``hybridlm generate``'s with that seed).
+are then ``hybridlm generate``'s with that seed): with continuous batching, once the running batch has drained, and
+rows queued after it do not join that batch meanwhile (a steady stream would hold it back for ever).
 
 A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; each row keeps
 its own k most likely, and the rows that did not ask drop theirs); with ``echo`` too, its prompt is scored first, the
@@ -158,7 +158,7 @@ class BatchWorker:
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph (captured per batch)
         self.continuous = continuous  # rows join a running batch between its steps (see the module)
         self.running: DecodeBatch | None = None  # continuous batching: the batch decoding now
-        self.running_key = None  # its rows' Job.key
+        self.samplers: dict = {}  # its samplers, by the settings (Sampling) of their rows
         self.joined = 0  # rows that joined a batch already decoding
         self.specials = tokenizer.special_tokens()
         # A token's text, for logprobs' dicts: each id decoded once (at most the vocabulary; read by handler threads)
@@ -302,24 +302,18 @@ class BatchWorker:
     # -- continuous batching -----------------------------------------------------------------------
 
     def _decode(self) -> None:
-        """Continuous batching: admit the waiting rows that fit into the running batch (starting one for the oldest
-        waiting row's settings where none runs), then run one decode step."""
+        """Continuous batching: admit the waiting rows that fit into the running batch (starting one where none
+        runs), then run one decode step."""
         batch = self.running
         if batch is None:
-            sampling = self.pending[0].job.request.sampling
-            sampler = Sampler(
-                sampling.temperature,
-                sampling.top_k,
-                sampling.top_p,
-                sampling.repetition_penalty,
-                sampling.seed,
-                next(self.model.parameters()).device,
-            )
-            batch = DecodeBatch(self.model, 1, 0, sampler, cuda_graph=self.cuda_graph, max_slots=self.max_batch_size)
-            self.running, self.running_key = batch, self.pending[0].job.key
+            greedy = Sampler(device=next(self.model.parameters()).device)  # (every row brings its own)
+            batch = DecodeBatch(self.model, 1, 0, greedy, cuda_graph=self.cuda_graph, max_slots=self.max_batch_size)
+            self.running, self.samplers = batch, {}
             self.batches += 1
-        # Only rows queued before any row of other settings: that one would wait for ever under a steady stream.
-        join = list(itertools.takewhile(lambda row: row.job.key == self.running_key, self.pending))[: batch.room]
+        # Only rows queued before a seeded one, which runs in a static batch of its own once this one has drained:
+        # joining rows would hold it back for ever under a steady stream.
+        unseeded = itertools.takewhile(lambda row: not row.job.request.sampling.seeded, self.pending)
+        join = list(unseeded)[: batch.room]
         if join:
             taken = {id(row) for row in join}
             self.pending = [row for row in self.pending if id(row) not in taken]
@@ -333,6 +327,16 @@ class BatchWorker:
             return
         if not batch.live:
             self.running = None
+
+    def _sampler(self, sampling) -> Sampler:
+        """The running batch's sampler for ``sampling``'s settings (its rows picked together; unseeded, so the
+        generator's seed is the process's)."""
+        if sampling not in self.samplers:
+            device = next(self.model.parameters()).device
+            self.samplers[sampling] = Sampler(
+                sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, None, device
+            )
+        return self.samplers[sampling]
 
     def _admit(self, batch: DecodeBatch, rows: list[Row]) -> None:
         """Prefill ``rows`` into ``batch``; a failure (out of memory) answers them, the batch's own rows go on."""
@@ -348,6 +352,7 @@ class BatchWorker:
                     [functools.partial(self._on_token, row) for row in live],
                     [row.job.request.logprobs for row in live],
                     tags=live,
+                    samplers=[self._sampler(row.job.request.sampling) for row in live],
                 )
                 self.joined += len(live) if joining else 0
         except Exception as e:

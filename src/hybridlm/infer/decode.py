@@ -105,6 +105,7 @@ class Row:
     callback: RowCallback | None
     logprobs: int | None  # k, where it asked for logprobs
     tag: object = None  # the caller's (the serving worker's request row)
+    sampler: object = None  # its Sampler (rows of equal settings share one)
     out: list[int] = field(default_factory=list)  # its tokens so far
 
     @property
@@ -120,7 +121,9 @@ class DecodeBatch:
         model: a whole ``HybridLM``, in eval mode.
         slots: rows decoded at once (free slots decode too, their tokens dropped: a batch's shapes are fixed).
         max_len: positions the cache holds at first (it grows when a joining row needs more).
-        sampler: a :class:`~hybridlm.infer.generate.Sampler`, the batch's (its ``pick`` draws for every slot).
+        sampler: a :class:`~hybridlm.infer.generate.Sampler`: the rows' that :meth:`admit` gives none of their own.
+            Rows of one sampler are picked together (one draw of its generator for them all), each sampler's rows
+            apart.
         eos_ids: ids that end a row (it keeps the id as its last token).
         chunk_size: prompts are prefilled in chunks of this many tokens.
         cuda_graph: replay the decode step as a CUDA graph (captured at the first step, again after the cache grew).
@@ -153,9 +156,7 @@ class DecodeBatch:
         self.reader = _TokenReader(self.device)
         self.steps = 0  # decode steps run
         self.grown = 0  # times the cache was copied into another (more positions, more or fewer slots)
-        sampler.seen = None
-        if sampler.repetition_penalty != 1.0:
-            sampler.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        self.seen: torch.Tensor | None = None  # (slots, V) bool: the tokens each row holds, once a row has a penalty
 
     @property
     def free(self) -> list[int]:
@@ -188,17 +189,19 @@ class DecodeBatch:
         callbacks: Sequence[RowCallback | None],
         logprobs: Sequence[int | None] | None = None,
         tags: Sequence | None = None,
+        samplers: Sequence | None = None,
     ) -> list[Row]:
         """Prefill ``prompts`` (non-empty token-id lists, at most as many as there are free slots) and put them in
         free slots, each to take at most ``limits[i]`` >= 1 tokens, ``callbacks[i]`` given each (and, where
         ``logprobs[i]`` is an integer k, its :class:`TokenLogprob` with at least the k most likely; ``tags[i]`` kept as
-        the row's ``tag``). Returns their
+        the row's ``tag``; ``samplers[i]``, its :class:`~hybridlm.infer.generate.Sampler`, default the batch's). Returns their
         their :class:`Row` objects (each keeps its tokens in ``out``). Their first tokens are picked at the next :meth:`step`, with the other rows'."""
         n = len(prompts)
         if not 0 < n <= self.room:
             raise ValueError(f"admit: {n} prompt(s) for room for {self.room} more row(s)")
         logprobs = [None] * n if logprobs is None else list(logprobs)
         tags = [None] * n if tags is None else list(tags)
+        samplers = [self.sampler] * n if samplers is None else list(samplers)
         need, slots = self.fits(prompts, limits), len(self.rows)
         if n > len(self.free):
             slots = min(self.max_slots, _power_of_two(slots - len(self.free) + n))
@@ -231,11 +234,15 @@ class DecodeBatch:
             self.logits[slots] = logits
             for slot in self.free[n:]:  # (a fresh batch's slots left free: nothing they decode is read)
                 self.cache.release(slot)
-        new = [Row(*args) for args in zip(slots, map(list, prompts), limits, callbacks, logprobs, tags)]
+        new = [Row(*args) for args in zip(slots, map(list, prompts), limits, callbacks, logprobs, tags, samplers)]
         for row in new:
             self.rows[row.slot] = row
-        if self.sampler.seen is not None:
-            self.sampler.observe(prompts, self.vocab, self.device, at=slots)
+        if self.seen is None and any(row.sampler.repetition_penalty != 1.0 for row in new):
+            self.seen = torch.zeros(len(self.rows), self.vocab, dtype=torch.bool, device=self.device)
+        if self.seen is not None:  # (a slot's last row's tokens forgotten)
+            self.seen[slots] = False
+            for row in new:
+                self.seen[row.slot, torch.tensor(row.prompt, device=self.device)] = True
         if self.stats is not None:
             self.stats["prefill_tokens"] += int(valid.sum())
             self.stats["prefill_seconds"] += sync(self.device) - t0
@@ -267,10 +274,10 @@ class DecodeBatch:
             logits = self.logits.new_zeros(slots, self.logits.shape[-1])
             logits[: len(live)] = self.logits[keep]
             self.logits = logits
-        if self.sampler.seen is not None:
-            seen = self.sampler.seen.new_zeros(slots, self.vocab)
-            seen[: len(live)] = self.sampler.seen[keep]
-            self.sampler.seen = seen
+        if self.seen is not None:
+            seen = self.seen.new_zeros(slots, self.vocab)
+            seen[: len(live)] = self.seen[keep]
+            self.seen = seen
         self.rows = live + [None] * (slots - len(live))
         self.graph = None
         self.grown += 1
@@ -295,8 +302,9 @@ class DecodeBatch:
             raise ValueError("step: no row to decode (admit prompts first)")
         rows = self.rows
         ks = [r.logprobs for r in rows if r is not None and r.logprobs is not None]
-        tokens, bad = self.sampler.pick(self.logits)
-        self.sampler.observe(tokens, self.vocab, self.device)
+        tokens, bad = self._pick()
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.view(-1, 1), True)
         # (computed before the next step is queued, and copied with the tokens: no synchronization of their own)
         self.reader.start(tokens, bad, *(pick_logprobs(self.logits, tokens, max(ks)) if ks else ()))
         if any(r is not None and len(r.out) + 1 < r.limit for r in rows):
@@ -327,6 +335,25 @@ class DecodeBatch:
         live = len(self.rows) - len(self.free)
         if self.max_slots is not None and 0 < live <= len(self.rows) // 2:
             self._resize(_power_of_two(live), self.cache.max_len)
+
+    def _pick(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots,) token ids and :func:`~hybridlm.infer.generate.nonfinite` flags, each sampler's rows picked together
+        (one sampler: every slot at once, free ones too, as ``generate`` always picked)."""
+        from .generate import nonfinite
+
+        groups: dict[object, list[int]] = {}
+        for row in self.rows:
+            if row is not None:
+                groups.setdefault(row.sampler, []).append(row.slot)
+        bad = nonfinite(self.logits)
+        if len(groups) == 1:
+            (sampler,) = groups
+            return sampler.pick_rows(self.logits, bad, self.seen), bad
+        tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.logits.device)
+        for sampler, slots in groups.items():
+            at = torch.tensor(slots, device=self.logits.device)
+            tokens[at] = sampler.pick_rows(self.logits[at], bad[at], None if self.seen is None else self.seen[at])
+        return tokens, bad
 
     def end(self, slot: int) -> None:
         """End the row in ``slot`` now (its client went away)."""

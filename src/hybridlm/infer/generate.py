@@ -123,11 +123,8 @@ class Sampler:
             self.generator.manual_seed(operator.index(seed))
         self.seen: torch.Tensor | None = None  # (B, V) bool, for the repetition penalty
 
-    def observe(
-        self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device, at: Sequence[int] | None = None
-    ) -> None:
-        """Record tokens already present in each row (the prompts, then every picked token). ``at``: the batch rows
-        the lists belong to (new sequences there: what those rows saw before is forgotten); default, rows 0, 1, ..."""
+    def observe(self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device) -> None:
+        """Record tokens already present in each row (the prompts, then every picked token)."""
         if self.repetition_penalty == 1.0:
             return
         if self.seen is None:
@@ -136,11 +133,8 @@ class Sampler:
             self.seen.scatter_(1, rows.view(-1, 1).to(device), True)
         else:
             for i, row in enumerate(rows):
-                r = i if at is None else at[i]
-                if at is not None:
-                    self.seen[r] = False
                 if len(row):
-                    self.seen[r, torch.tensor(list(row), device=device)] = True
+                    self.seen[i, torch.tensor(list(row), device=device)] = True
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (B, V) -> (B,) int64 token ids."""
@@ -151,17 +145,19 @@ class Sampler:
         the device: the caller reads them back together, so the check costs no synchronization of its own. A flagged
         row's token means nothing."""
         bad = nonfinite(logits)
-        return self._pick(logits, bad), bad
+        return self.pick_rows(logits, bad, self.seen), bad
 
-    def _pick(self, logits: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    def pick_rows(self, logits: torch.Tensor, bad: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """logits: (B, V), bad: their (B,) :func:`nonfinite` flags, seen: (B, V) bool, the tokens each row holds
+        (None: no penalty) -> (B,) int64 token ids (a decode batch picks each group of rows with its own sampler)."""
         # float32 (bf16 logits), float64 in a float64 model: rounding its logits to float32 made near-tied
         # ones equal, and argmax then took the lower id where the full forward (and speculation) did not.
         logits = logits.to(accumulation_dtype(logits))
-        if self.seen is not None:
+        if seen is not None and self.repetition_penalty != 1.0:
             penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
             # A penalty beyond float32's range (1e-300, 1e300) divides by 0 or multiplies by inf: the logits become
             # inf (then inf - inf = NaN below), or NaN (0 * inf); the largest finite ones instead, and 0 stays 0.
-            logits = torch.where(self.seen, penalized.nan_to_num(nan=0.0, neginf=float("-inf")), logits)
+            logits = torch.where(seen, penalized.nan_to_num(nan=0.0, neginf=float("-inf")), logits)
         if self.temperature == 0:
             return logits.argmax(dim=-1)
         # A flagged row samples uniformly instead: multinomial on its NaN probabilities fails inside the kernel (on
