@@ -104,18 +104,19 @@ def test_a_joining_row_gets_its_own_repetition_penalty_and_logprobs():
         assert got.logprob == pytest.approx(want.logprob, abs=1e-12)
 
 
+@pytest.mark.parametrize("power_of_two", [True, False], ids=["power-of-two", "exact"])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_a_batch_of_max_slots_takes_as_many_slots_as_its_rows_need(static, monkeypatch):
-    """With ``max_slots``, the slots are a power of two as many as the rows (1, then 4 for 3 rows, then 8), and
-    fewer once half are free (down to 2 when two rows are left, 1 when one is); the rows move slots
-    exactly: logits and tokens as each row's alone."""
+def test_a_batch_of_max_slots_takes_as_many_slots_as_its_rows_need(static, power_of_two, monkeypatch):
+    """With ``max_slots``, the slots are as many as the rows: a power of two (1, then 4 for 3 rows, then 8), fewer
+    once half are free (down to 2 when two rows are left, 1 when one is), or exactly as many (1, 3, 7, one fewer
+    at each row's end); the rows move slots exactly: logits and tokens as each row's alone."""
     monkeypatch.setattr(InferenceCache, "static", static)
     model = model64("M*G-")
     ps = prompts(5, 3, 8, 2, 4, 6, 7, seed=5)
     limits = [3, 4, 12, 2, 3, 9, 2]
     rows, slots = [], []
     with torch.no_grad():
-        batch = DecodeBatch(model, 1, 0, Sampler(repetition_penalty=1.3), max_slots=8)
+        batch = DecodeBatch(model, 1, 0, Sampler(repetition_penalty=1.3), max_slots=8, power_of_two=power_of_two)
         rows += batch.admit(ps[:1], limits[:1], [None])
         slots.append(len(batch.rows))
         batch.step()
@@ -129,7 +130,11 @@ def test_a_batch_of_max_slots_takes_as_many_slots_as_its_rows_need(static, monke
             check_logits(model, batch)
             batch.step()
             slots.append(len(batch.rows))
-    assert slots[:3] == [1, 4, 8] and 2 in slots and slots[-1] == 1
+    if power_of_two:
+        assert slots[:3] == [1, 4, 8] and 2 in slots and slots[-1] == 1
+    else:
+        assert slots[:3] == [1, 3, 7] and slots[3:] == sorted(slots[3:], reverse=True) and slots[-1] == 1
+        assert len(set(slots)) >= 5
     for row, prompt, limit in zip(rows, ps, limits):  # (each row's penalty moved with it)
         assert row.out == generate(model, prompt, limit, repetition_penalty=1.3)
 

@@ -11,7 +11,7 @@ With ``continuous`` (``hybridlm serve --continuous-batching``) the worker keeps 
 :class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows of
 its settings that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own and
 its state copied into a free slot, a row that ends frees its slot at once, and the batch's slots follow its rows'
-count (a power of two). Rows of any sampling settings share the batch, each settings' rows picked by a sampler of
+count (exactly on the CPU, as a power of two on a GPU). Rows of any sampling settings share the batch, each settings' rows picked by a sampler of
 their own. Each row's tokens
 are those it takes alone, up to float rounding (batch sizes change the kernels' sums).
 

@@ -128,9 +128,13 @@ class DecodeBatch:
         chunk_size: prompts are prefilled in chunks of this many tokens.
         cuda_graph: replay the decode step as a CUDA graph (captured at the first step, again after the cache grew).
         stats: if given, admissions add ``prefill_tokens`` and ``prefill_seconds`` (synchronizing the device).
-        max_slots: None: ``slots`` is fixed. A number: the batch takes up to that many rows, its slots a power of two
-            (at most ``max_slots``) as many as its rows need, fewer once half of them are free (a free
-            slot costs a row's compute at every step; the rows are then moved, exactly, into a smaller cache).
+        max_slots: None: ``slots`` is fixed. A number: the batch takes up to that many rows, in as many slots as its
+            rows need (rounded as ``power_of_two`` says, at most ``max_slots``), fewer when rows end (a free slot
+            costs a row's compute at every step): the rows are then moved, exactly, into a cache of fewer slots.
+        power_of_two: round the slots up to a power of two, and shrink only once half of them are free (default:
+            on a GPU, where a decode step costs about the same for 1 or 16 rows, since it reads the weights, and each
+            change of size costs a copy of the cache and a capture of the graph; on the CPU, where a slot costs its
+            row's compute, the slots are the rows).
     """
 
     def __init__(
@@ -144,10 +148,12 @@ class DecodeBatch:
         cuda_graph: bool = False,
         stats: dict | None = None,
         max_slots: int | None = None,
+        power_of_two: bool | None = None,
     ) -> None:
         self.model, self.sampler, self.eos_ids, self.chunk_size = model, sampler, tuple(eos_ids), chunk_size
         self.cuda_graph, self.stats, self.max_slots = cuda_graph, stats, max_slots
         self.device = next(model.parameters()).device
+        self.power_of_two = self.device.type != "cpu" if power_of_two is None else power_of_two
         self.vocab = model.config.vocab_size
         self.rows: list[Row | None] = [None] * slots
         self.cache = InferenceCache.for_model(model, slots, max_len)
@@ -204,7 +210,7 @@ class DecodeBatch:
         samplers = [self.sampler] * n if samplers is None else list(samplers)
         need, slots = self.fits(prompts, limits), len(self.rows)
         if n > len(self.free):
-            slots = min(self.max_slots, _power_of_two(slots - len(self.free) + n))
+            slots = min(self.max_slots, self._round(slots - len(self.free) + n))
         if need > self.cache.max_len or slots != len(self.rows):
             self._resize(
                 slots,
@@ -333,8 +339,13 @@ class DecodeBatch:
 
     def _shrink(self) -> None:
         live = len(self.rows) - len(self.free)
-        if self.max_slots is not None and 0 < live <= len(self.rows) // 2:
-            self._resize(_power_of_two(live), self.cache.max_len)
+        fewer = live <= len(self.rows) // 2 if self.power_of_two else live < len(self.rows)
+        if self.max_slots is not None and live > 0 and fewer:
+            self._resize(self._round(live), self.cache.max_len)
+
+    def _round(self, rows: int) -> int:
+        """The slots for ``rows`` rows (see ``power_of_two``)."""
+        return _power_of_two(rows) if self.power_of_two else rows
 
     def _pick(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots,) token ids and :func:`~hybridlm.infer.generate.nonfinite` flags, each sampler's rows picked together
