@@ -197,11 +197,12 @@ class DecodeBatch:
         tags: Sequence | None = None,
         samplers: Sequence | None = None,
     ) -> list[Row]:
-        """Prefill ``prompts`` (non-empty token-id lists, at most as many as there are free slots) and put them in
-        free slots, each to take at most ``limits[i]`` >= 1 tokens, ``callbacks[i]`` given each (and, where
-        ``logprobs[i]`` is an integer k, its :class:`TokenLogprob` with at least the k most likely; ``tags[i]`` kept as
-        the row's ``tag``; ``samplers[i]``, its :class:`~hybridlm.infer.generate.Sampler`, default the batch's). Returns their
-        their :class:`Row` objects (each keeps its tokens in ``out``). Their first tokens are picked at the next :meth:`step`, with the other rows'."""
+        """Prefill ``prompts`` (non-empty token-id lists, at most :attr:`room` of them) and put them in free slots,
+        each to take at most ``limits[i]`` >= 1 tokens, ``callbacks[i]`` given each (and, where ``logprobs[i]`` is an
+        integer k, its :class:`TokenLogprob` with at least the k most likely; ``tags[i]`` kept as the row's ``tag``;
+        ``samplers[i]``: its :class:`~hybridlm.infer.generate.Sampler`, default the batch's). Returns their
+        :class:`Row` objects (each keeps its tokens in ``out``); their first tokens are picked at the next
+        :meth:`step`, with the other rows'."""
         n = len(prompts)
         if not 0 < n <= self.room:
             raise ValueError(f"admit: {n} prompt(s) for room for {self.room} more row(s)")
