@@ -160,6 +160,7 @@ for stage in "$@"; do
             --set train.steps=1000 --set train.log_every=250 --set train.eval_every=1000 \
             && python3 benchmarks/generate.py --device cuda --mtp-checkpoint /tmp/mtp/model --new-tokens 256 $MTP_ARGS" ;;
     generate) run generate 300 20 python3 benchmarks/generate.py --device cuda --compare-hf ;;
+    gen) run gen 200 16 python3 benchmarks/generate.py --device cuda --batches 1 64 --prefill-len 0 ;;  # ours only
     serve) run serve 200 20 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --clients 16 --max-tokens 64 ;;
     contserve)  # continuous against static batching: 16 clients STAGGER s apart, mixed lengths (up to 128 tokens)
         run contserve 400 24 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --continuous \
