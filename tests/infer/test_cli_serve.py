@@ -128,6 +128,7 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
     assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
     assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
+    assert "batching: static, at most 3 rows at once\n" in err
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
 
@@ -138,8 +139,8 @@ def test_continuous_batching_serves_what_generate_gives(checkpoint, capsys, monk
     body = {"prompt": ["hi", "a longer prompt"], "max_tokens": 5, "temperature": 0}
     answers, servers = serve_then_ctrl_c(monkeypatch, "", body)
     assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--continuous-batching"]) == 130
-    capsys.readouterr()
     assert servers[0].worker.continuous and servers[0].worker.batches == 1
+    assert "batching: continuous (requests join the running batch), at most 8 rows at once" in capsys.readouterr().err
     tok = ByteTokenizer()
     want = [tok.decode(generate(model, tok.encode(p), 5, eos_id=256)) for p in body["prompt"]]
     assert [c["text"] for c in answers[0]["choices"]] == want

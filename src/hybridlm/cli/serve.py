@@ -141,6 +141,9 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             else "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)",
             sys.stderr,
         )
+        how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
+        graphs = ", decode steps replayed as CUDA graphs" if args.cuda_graph else ""
+        say(f"batching: {how}, at most {args.max_batch_size} rows at once{graphs}", sys.stderr)
         with contextlib.suppress(OSError):  # (a supervisor reading a pipe waits for this line)
             sys.stdout.flush()
         server.serve_forever()
