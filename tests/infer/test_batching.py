@@ -501,3 +501,29 @@ def test_continuous_a_seeded_request_is_not_held_back_by_rows_queued_after_it(mo
     assert seeded.rows[0].finish is not None and later.rows[0].tokens == 0
     drain(worker)
     assert worker.batches == 3 and worker.joined == 0 and later.rows[0].finish == "length"
+
+
+def test_continuous_a_long_prompt_joins_in_chunks_and_one_that_fails_to_is_answered_alone(model, monkeypatch):
+    """A prompt joining a decoding batch is prefilled JOIN_CHUNK tokens per step (the running row takes a token at
+    each); one whose prefill fails is answered with 500, and the running row goes on to its own text."""
+    from hybridlm.infer import batching, decode
+
+    monkeypatch.setattr(batching, "JOIN_CHUNK", 4)
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    running = worker.submit(request({"prompt": "a", "max_tokens": 12}))
+    worker.step()
+    joining = worker.submit(request({"prompt": "a prompt of 20 bytes", "max_tokens": 3}))
+    for made in (2, 3, 4, 5, 6):  # 20 bytes: 5 chunks of 4, the last one's step picks its first token
+        worker.step()
+        assert running.rows[0].tokens == made
+    assert joining.rows[0].tokens == 1
+    prefill = decode._Joining.prefill
+    monkeypatch.setattr(decode._Joining, "prefill", lambda self, model, size: 1 / 0)
+    failing = worker.submit(request({"prompt": "bbbbbbbbbb", "max_tokens": 3}))
+    worker.step()
+    monkeypatch.setattr(decode._Joining, "prefill", prefill)
+    drain(worker)
+    kind, _, error = events(failing)[-1]
+    assert kind == "error" and error.status == 500 and "ZeroDivisionError" in error.message
+    assert running.rows[0].completion.text == TOKENIZER.decode(solo(model, "a", 12))
+    assert joining.rows[0].completion.text == TOKENIZER.decode(solo(model, "a prompt of 20 bytes", 3))

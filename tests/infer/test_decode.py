@@ -296,3 +296,67 @@ def test_rows_of_other_samplers_share_a_batch_each_picked_by_its_own():
     for row, prompt, kw in zip(rows, ps, settings):
         assert row.out == generate(model, prompt, len(row.out), **kw)
     assert [len(row.out) for row in rows] == [9, 9, 6, 8]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_prompt_joins_in_chunks_while_the_others_decode(static, monkeypatch):
+    """With ``join_chunk`` 3, an 11-token prompt admitted while A decodes is prefilled 3 tokens per step: A takes a
+    token at each of those steps, and the prompt joins (its slot given) at the step that prefills its last chunk,
+    taking its first token there. Both decode as they would alone."""
+    monkeypatch.setattr(InferenceCache, "static", static)
+    model = model64("M+G-")
+    a, b = prompts(5, 11, seed=9)
+    with torch.no_grad():
+        batch = DecodeBatch(model, 2, 0, Sampler(), max_slots=2, join_chunk=3)
+        (ra,) = batch.admit([a], [12], [None])
+        batch.step()
+        (rb,) = batch.admit([b], [6], [None])
+        assert rb.slot is None and batch.room == 0
+        for made in (2, 3, 4):  # B's chunks [0, 3), [3, 6), [6, 9)
+            batch.step()
+            assert len(ra.out) == made and rb.slot is None and not rb.out
+        batch.step()  # [9, 11): B joins and takes its first token with A's fifth
+        assert len(ra.out) == 5 and rb.slot is not None and len(rb.out) == 1
+        while batch.live:
+            check_logits(model, batch)
+            batch.step()
+    assert ra.out == generate(model, a, 12) and rb.out == generate(model, b, 6)
+
+
+def test_a_joining_prompt_left_alone_is_prefilled_whole_at_the_next_step():
+    """When every decoding row has ended, a prompt still joining in chunks is prefilled to its end at once (there is
+    nobody to interleave with) and decodes from that step."""
+    model = model64("M*")
+    a, b = prompts(3, 20, seed=10)
+    with torch.no_grad():
+        batch = DecodeBatch(model, 2, 0, Sampler(), max_slots=2, join_chunk=4)
+        (ra,) = batch.admit([a], [2], [None])
+        batch.step()
+        (rb,) = batch.admit([b], [3], [None])
+        batch.step()  # A's last token, B's first chunk
+        assert len(ra.out) == 2 and rb.slot is None
+        batch.step()  # B's 16 other tokens at once, and its first token
+        assert rb.slot is not None and len(rb.out) == 1
+        while batch.live:
+            batch.step()
+    assert rb.out == generate(model, b, 3)
+
+
+def test_a_prompt_that_cannot_join_is_dropped_with_a_join_error_and_the_batch_goes_on(monkeypatch):
+    from hybridlm.infer import decode
+
+    model = model64("M*")
+    a, b = prompts(3, 9, seed=11)
+    with torch.no_grad():
+        batch = DecodeBatch(model, 2, 0, Sampler(), max_slots=2, join_chunk=4)
+        (ra,) = batch.admit([a], [6], [None])
+        (rb,) = batch.admit([b], [3], [None])
+        prefill = decode._Joining.prefill
+        monkeypatch.setattr(decode._Joining, "prefill", lambda self, model, size: 1 / 0)
+        with pytest.raises(decode.JoinError, match="ZeroDivisionError") as caught:
+            batch.step()
+        assert caught.value.rows == [rb] and not batch.joining and batch.room == 1
+        monkeypatch.setattr(decode._Joining, "prefill", prefill)
+        while batch.live:
+            batch.step()
+    assert ra.out == generate(model, a, 6) and not rb.out

@@ -8,11 +8,11 @@ its own through the token callback. This is static batching (the default): a req
 runs waits for the whole batch to end.
 
 With ``continuous`` (``hybridlm serve --continuous-batching``) the worker keeps one
-:class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows of
-its settings that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own and
-its state copied into a free slot, a row that ends frees its slot at once, and the batch's slots follow its rows'
-count (exactly on the CPU, as a power of two on a GPU). Rows of any sampling settings share the batch, each settings' rows picked by a sampler of
-their own. Each row's tokens
+:class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows
+that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own,
+:data:`JOIN_CHUNK` tokens per step of the batch, and its state copied into a free slot; a row that ends frees its
+slot at once, and the batch's slots follow its rows' count (exactly on the CPU, as a power of two on a GPU). Rows
+of any sampling settings share the batch, each settings' rows picked by a sampler of their own. Each row's tokens
 are those it takes alone, up to float rounding (batch sizes change the kernels' sums).
 
 A request whose client seeded its sampling runs in batches of its own: one batch draws from one generator, so
@@ -41,11 +41,15 @@ import uuid
 from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
-from .decode import DecodeBatch
+from .decode import DecodeBatch, JoinError
 from .generate import Sampler, generate
 from .logprobs import TokenLogprob, score_prompts
 
 _log = logging.getLogger(__name__)
+
+#: Continuous batching: a prompt that joins a decoding batch is prefilled this many tokens per step of the batch
+#: (each step of the others then waits for one chunk, not for a long prompt's whole prefill).
+JOIN_CHUNK = 512
 
 #: What the requests still unanswered get when the server stops.
 STOPPING = RequestError(503, "the server is stopping; send the request again once it is back")
@@ -307,7 +311,15 @@ class BatchWorker:
         batch = self.running
         if batch is None:
             greedy = Sampler(device=next(self.model.parameters()).device)  # (every row brings its own)
-            batch = DecodeBatch(self.model, 1, 0, greedy, cuda_graph=self.cuda_graph, max_slots=self.max_batch_size)
+            batch = DecodeBatch(
+                self.model,
+                1,
+                0,
+                greedy,
+                cuda_graph=self.cuda_graph,
+                max_slots=self.max_batch_size,
+                join_chunk=JOIN_CHUNK,
+            )
             self.running, self.samplers = batch, {}
             self.batches += 1
         # Only rows queued before a seeded one, which runs in a static batch of its own once this one has drained:
@@ -321,6 +333,8 @@ class BatchWorker:
         try:
             if batch.live:
                 batch.step()
+        except JoinError as e:  # its prompts could not join: their requests answered, the batch goes on
+            self._failed([row.tag for row in e.rows], e.__cause__)
         except Exception as e:  # every request of the batch answered; the next one starts afresh
             self._failed([None if row is None else row.tag for row in batch.rows], e)
             self.running = None

@@ -2,9 +2,9 @@
 
 :class:`DecodeBatch` holds ``slots`` rows in one :class:`~hybridlm.infer.cache.InferenceCache`. ``admit`` prefills
 new prompts and puts them in free slots: a fresh batch given a prompt per slot prefills them straight into its
-cache, left-padded (what ``generate`` runs); a prompt joining a running batch is prefilled in a cache of its own and
-its positions copied in, right-aligned with the batch's (:meth:`InferenceCache.place`; exact, so a row decodes as
-it would alone). ``step`` picks one token per row from the last logits, queues the next decode step before the host
+cache, left-padded (what ``generate`` runs); a prompt joining a running batch is prefilled in a cache of its own
+(with ``join_chunk``, a chunk per step, between the others' decode steps) and its positions copied in, right-aligned
+with the batch's (:meth:`InferenceCache.place`; exact, so a row decodes as it would alone). ``step`` picks one token per row from the last logits, queues the next decode step before the host
 reads them (the device never waits for the host's bookkeeping) and hands each row's token to its callback; a row
 ends at an end-of-text id, at its token limit or when its callback says so, and its slot is free for the next
 prompt. Positions that no row reads any more are dropped when rows join (:meth:`InferenceCache.shift`, so eager
@@ -99,7 +99,7 @@ def sync(device: torch.device) -> float:
 class Row:
     """A sequence in a :class:`DecodeBatch` slot."""
 
-    slot: int
+    slot: int | None  # None while its prompt is prefilled in chunks, before it joins
     prompt: list[int]
     limit: int  # tokens it may take
     callback: RowCallback | None
@@ -112,6 +112,31 @@ class Row:
     def length(self) -> int:
         """Its positions in the cache: its prompt and every token picked but the one at the batch's next step."""
         return len(self.prompt) + len(self.out)
+
+
+class JoinError(RuntimeError):
+    """Prompts joining a running batch could not be prefilled or placed (``rows``: theirs; ``__cause__``: why);
+    they were dropped, the batch's own rows go on."""
+
+    def __init__(self, rows: list[Row], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.rows = rows
+
+
+@dataclass
+class _Joining:
+    """Prompts admitted together, prefilled in a cache of their own until they are placed in the batch."""
+
+    rows: list[Row]
+    ids: torch.Tensor  # (n, P) left-padded
+    cache: InferenceCache
+    done: int = 0  # positions prefilled
+    logits: torch.Tensor | None = None  # (n, V) the last prefilled position's
+
+    def prefill(self, model: torch.nn.Module, size: int) -> None:
+        chunk = self.ids[:, self.done : self.done + size]
+        self.logits = model(chunk, cache=self.cache, logits_to_keep=1).logits[:, -1]
+        self.done += chunk.shape[1]
 
 
 class DecodeBatch:
@@ -135,6 +160,9 @@ class DecodeBatch:
             on a GPU, where a decode step costs about the same for 1 or 16 rows, since it reads the weights, and each
             change of size costs a copy of the cache and a capture of the graph; on the CPU, where a slot costs its
             row's compute, the slots are the rows).
+        join_chunk: prompts admitted while rows decode are prefilled this many tokens per :meth:`step`, between the
+            others' decode steps (a long prompt then delays their tokens by a chunk's time at each step, not by its
+            whole prefill at once); None: whole, at admission.
     """
 
     def __init__(
@@ -149,6 +177,7 @@ class DecodeBatch:
         stats: dict | None = None,
         max_slots: int | None = None,
         power_of_two: bool | None = None,
+        join_chunk: int | None = None,
     ) -> None:
         self.model, self.sampler, self.eos_ids, self.chunk_size = model, sampler, tuple(eos_ids), chunk_size
         self.cuda_graph, self.stats, self.max_slots = cuda_graph, stats, max_slots
@@ -163,6 +192,8 @@ class DecodeBatch:
         self.steps = 0  # decode steps run
         self.grown = 0  # times the cache was copied into another (more positions, more or fewer slots)
         self.seen: torch.Tensor | None = None  # (slots, V) bool: the tokens each row holds, once a row has a penalty
+        self.join_chunk = join_chunk
+        self.joining: list[_Joining] = []  # admitted prompts still prefilled, oldest first
 
     @property
     def free(self) -> list[int]:
@@ -171,22 +202,22 @@ class DecodeBatch:
 
     @property
     def live(self) -> bool:
-        """Whether some row is still decoding."""
-        return any(row is not None for row in self.rows)
+        """Whether some row is still decoding or waiting to join."""
+        return bool(self.joining) or any(row is not None for row in self.rows)
 
     @property
     def room(self) -> int:
         """How many more rows :meth:`admit` takes now."""
-        return (self.max_slots or len(self.rows)) - sum(row is not None for row in self.rows)
+        waiting = sum(len(joining.rows) for joining in self.joining)
+        return (self.max_slots or len(self.rows)) - sum(row is not None for row in self.rows) - waiting
 
     # -- joining ---------------------------------------------------------------------------------
 
-    def fits(self, prompts: Sequence[Sequence[int]], limits: Sequence[int]) -> int:
-        """The positions the cache needs to take ``prompts`` (each to make up to its limit of tokens) beside the
-        rows it holds: (the longest row after they join) + (the most tokens any row may still add)."""
-        rows = [r for r in self.rows if r is not None]
-        longest = max([r.length for r in rows] + [len(p) for p in prompts])
-        return longest + max([r.limit - len(r.out) for r in rows] + list(limits))
+    def fits(self, new: Sequence[Row]) -> int:
+        """The positions the cache needs to take the rows ``new`` beside the rows it holds: (the longest row after
+        they join) + (the most tokens any row may still add)."""
+        rows = [r for r in self.rows if r is not None] + list(new)
+        return max(r.length for r in rows) + max(r.limit - len(r.out) for r in rows)
 
     def admit(
         self,
@@ -202,58 +233,91 @@ class DecodeBatch:
         integer k, its :class:`TokenLogprob` with at least the k most likely; ``tags[i]`` kept as the row's ``tag``;
         ``samplers[i]``: its :class:`~hybridlm.infer.generate.Sampler`, default the batch's). Returns their
         :class:`Row` objects (each keeps its tokens in ``out``); their first tokens are picked at the next
-        :meth:`step`, with the other rows'."""
+        :meth:`step` that finds them prefilled, with the other rows'. With ``join_chunk`` and rows decoding, the
+        prompts are prefilled ``join_chunk`` tokens per :meth:`step` (their ``slot`` None until they are placed)."""
         n = len(prompts)
         if not 0 < n <= self.room:
             raise ValueError(f"admit: {n} prompt(s) for room for {self.room} more row(s)")
         logprobs = [None] * n if logprobs is None else list(logprobs)
         tags = [None] * n if tags is None else list(tags)
         samplers = [self.sampler] * n if samplers is None else list(samplers)
-        need, slots = self.fits(prompts, limits), len(self.rows)
-        if n > len(self.free):
-            slots = min(self.max_slots, self._round(slots - len(self.free) + n))
-        if need > self.cache.max_len or slots != len(self.rows):
-            self._resize(
-                slots,
-                max(need, self.cache.max_len + self.cache.max_len // 2)
-                if need > self.cache.max_len
-                else self.cache.max_len,
-            )
-        free = self.free
+        new = [Row(None, *args) for args in zip(map(list, prompts), limits, callbacks, logprobs, tags, samplers)]
         t0 = sync(self.device) if self.stats is not None else 0.0
-        ids, valid = left_pad([list(p) for p in prompts], self.device)
-        if n == len(self.rows) and self.cache.offset == 0:  # a fresh batch, a prompt per slot: in place
-            slots = free
+        ids, valid = left_pad([row.prompt for row in new], self.device)
+        fresh = self.cache.offset == 0 and not self.live
+        if fresh:  # (sized for these prompts first: as many slots as they need, and their positions)
+            slots = self._round(n) if self.max_slots is not None else len(self.rows)
+            if slots != len(self.rows) or self.fits(new) > self.cache.max_len:
+                self._resize(slots, max(self.fits(new), self.cache.max_len))
+        if fresh and n == len(self.rows):  # a prompt per slot: prefilled in place, left-padded (generate's batch)
             self.cache.set_padding(valid)
             self.logits = prefill(self.model, ids, self.cache, self.chunk_size)
+            for slot, row in enumerate(new):
+                row.slot = slot
+            self._seat(new)
         else:
-            slots = free[:n]
             with cache_allocation(n, ids.shape[1], 0):
                 own = InferenceCache.for_model(self.model, n, ids.shape[1])
             if not bool(valid.all()):
                 own.set_padding(valid)
-            logits = prefill(self.model, ids, own, self.chunk_size)
-            self._make_room(max(len(p) for p in prompts))
-            for i, slot in enumerate(slots):
-                self.cache.place(own, i, slot, len(prompts[i]))
-            if self.logits is None:
-                self.logits = logits.new_zeros(len(self.rows), logits.shape[-1])
-            self.logits[slots] = logits
-            for slot in self.free[n:]:  # (a fresh batch's slots left free: nothing they decode is read)
-                self.cache.release(slot)
-        new = [Row(*args) for args in zip(slots, map(list, prompts), limits, callbacks, logprobs, tags, samplers)]
+            self.joining.append(_Joining(new, ids, own))
+            if self.join_chunk is None or not any(row is not None for row in self.rows):
+                self._join(whole=True)  # (nobody's decoding to interleave with)
+        if self.stats is not None:
+            self.stats["prefill_tokens"] += int(valid.sum())
+            self.stats["prefill_seconds"] += sync(self.device) - t0
+        return new
+
+    def _join(self, whole: bool = False) -> None:
+        """Prefill the oldest joining prompts by ``join_chunk`` tokens (``whole``: to their end), and place them
+        once prefilled. :class:`JoinError` naming them (they are dropped) where that fails."""
+        joining = self.joining[0]
+        try:
+            while joining.done < joining.ids.shape[1]:
+                size = self.chunk_size if whole or self.join_chunk is None else self.join_chunk
+                joining.prefill(self.model, size)
+                if not whole:
+                    break
+            if joining.done == joining.ids.shape[1]:
+                self._place(joining)
+        except Exception as e:
+            if joining in self.joining:
+                self.joining.remove(joining)
+            raise JoinError(joining.rows, e) from e
+
+    def _place(self, joining: _Joining) -> None:
+        """Put prefilled prompts in free slots (more slots or positions first where needed), their positions ending
+        at the batch's offset."""
+        new, n = joining.rows, len(joining.rows)
+        need, slots = self.fits(new), len(self.rows)
+        if n > len(self.free):
+            slots = min(self.max_slots or slots, self._round(slots - len(self.free) + n))
+        if need > self.cache.max_len or slots != len(self.rows):
+            grown = max(need, self.cache.max_len + self.cache.max_len // 2)
+            self._resize(slots, grown if need > self.cache.max_len else self.cache.max_len)
+        free = self.free[:n]
+        self._make_room(max(len(row.prompt) for row in new))
+        for i, (slot, row) in enumerate(zip(free, new)):
+            self.cache.place(joining.cache, i, slot, len(row.prompt))
+            row.slot = slot
+        if self.logits is None:
+            self.logits = joining.logits.new_zeros(len(self.rows), joining.logits.shape[-1])
+        self.logits[free] = joining.logits
+        for slot in self.free[n:]:  # (slots left free: nothing they decode is read)
+            self.cache.release(slot)
+        self.joining.remove(joining)
+        self._seat(new)
+
+    def _seat(self, new: list[Row]) -> None:
+        """Put placed rows in :attr:`rows`, with the tokens of their prompts seen (a penalty's)."""
         for row in new:
             self.rows[row.slot] = row
         if self.seen is None and any(row.sampler.repetition_penalty != 1.0 for row in new):
             self.seen = torch.zeros(len(self.rows), self.vocab, dtype=torch.bool, device=self.device)
         if self.seen is not None:  # (a slot's last row's tokens forgotten)
-            self.seen[slots] = False
             for row in new:
+                self.seen[row.slot] = False
                 self.seen[row.slot, torch.tensor(row.prompt, device=self.device)] = True
-        if self.stats is not None:
-            self.stats["prefill_tokens"] += int(valid.sum())
-            self.stats["prefill_seconds"] += sync(self.device) - t0
-        return new
 
     def _make_room(self, longest_prompt: int) -> None:
         """Drop the positions before every live row's first, then put padding in front until the offset reaches
@@ -304,9 +368,15 @@ class DecodeBatch:
         """Pick each live row's next token, give it to the row's callback, and end the rows that are done (their
         slots free). The next decode step is queued first where some row may take another token.
         :class:`~hybridlm.errors.NonFiniteLogitsError` (its ``row`` the slot) where a live row's logits are not
-        finite; the batch is unusable then."""
-        if self.logits is None or not self.live:
+        finite; the batch is unusable then. Prompts still joining are prefilled by a chunk first (whole where no row
+        decodes), and placed once prefilled: :class:`JoinError` where that fails (they are dropped; the batch goes
+        on)."""
+        if not self.live:
             raise ValueError("step: no row to decode (admit prompts first)")
+        if self.joining:
+            self._join(whole=not any(row is not None for row in self.rows))
+            if not any(row is not None for row in self.rows):
+                return
         rows = self.rows
         ks = [r.logprobs for r in rows if r is not None and r.logprobs is not None]
         tokens, bad = self._pick()
