@@ -250,8 +250,9 @@ def test_a_bf16_row_joining_is_as_close_to_float64_as_the_full_forward_on_cpu(pa
 
 @pytest.mark.gpu
 def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eager_step_on_gpu(monkeypatch):
-    """The same joins and departures with the decode step replayed from CUDA graphs (captured again as the slots
-    change) and run eagerly with the static step's shapes: the same tokens; in float32 those of each row alone."""
+    """The same joins (prompts of up to 30 tokens prefilled 8 per step) and departures with the decode step replayed
+    from CUDA graphs (captured again as the slots change) and run eagerly with the static step's shapes: the same
+    tokens; in float32 those of each row alone."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model = HybridLM(tiny_config("M[*-]G-", position_embedding="rope"), seed=1, device="cuda").eval()
@@ -261,7 +262,7 @@ def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eag
     for graph in (True, False):
         monkeypatch.setattr(InferenceCache, "static", not graph)
         with torch.no_grad():
-            batch = DecodeBatch(model, 1, 0, Sampler(), cuda_graph=graph, max_slots=4)
+            batch = DecodeBatch(model, 1, 0, Sampler(), cuda_graph=graph, max_slots=4, join_chunk=8)
             rows = batch.admit(ps[:1], limits[:1], [None])
             batch.step()
             rows += batch.admit(ps[1:3], limits[1:3], [None] * 2)
