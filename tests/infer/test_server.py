@@ -513,3 +513,48 @@ def test_a_content_length_of_other_digits_is_a_400_not_a_crash(server):
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n"
     answer = raw_request(server, head)
     assert answer.startswith(b"HTTP/1.1 400") and b"is not a byte count" in answer
+
+
+def test_continuous_batching_answers_concurrent_requests_as_the_static_server_does(model):
+    """Requests of mixed kinds sent 10 ms apart from their own threads (plain, several prompts, a stream with
+    logprobs, lm-evaluation-harness's echoed loglikelihood request, a penalized one, a sample of top_k 1) get the
+    same texts and logprobs (to float rounding) from a server with continuous batching as from the static one."""
+    bodies = [
+        {"prompt": "hi", "max_tokens": 12},
+        {"prompt": ["a", "a much longer prompt"], "max_tokens": 5},
+        {"prompt": "yo", "max_tokens": 9, "logprobs": 2, "stream": True},
+        {"prompt": "The cat sat", "max_tokens": 1, "logprobs": 1, "echo": True},
+        {"prompt": "ok", "max_tokens": 7, "repetition_penalty": 1.3},
+        {"prompt": "so", "max_tokens": 6, "temperature": 1.0, "top_k": 1},
+    ]
+    answers = {}
+    for continuous in (False, True):
+        with serving(model, continuous=continuous) as server:
+            got = [None] * len(bodies)
+
+            def send(i: int, server=server, got=got) -> None:
+                time.sleep(0.01 * i)
+                status, _, data = call(server, "POST", "/v1/completions", {"temperature": 0, **bodies[i]})
+                assert status == 200
+                if bodies[i].get("stream"):
+                    chunks = [json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n")[:-2]]
+                    choices = [c["choices"][0] for c in chunks]
+                    tokens = [lp for c in choices if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]]
+                    got[i] = ["".join(c["text"] for c in choices)], tokens
+                else:
+                    body = json.loads(data)
+                    scores = [lp for c in body["choices"] if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]]
+                    got[i] = [c["text"] for c in body["choices"]], scores
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            answers[continuous] = got
+            if continuous:
+                assert server.worker.batches >= 1 and server.worker.running is None
+    for (texts, scores), (want_texts, want_scores) in zip(answers[True], answers[False], strict=True):
+        assert texts == want_texts
+        assert scores == pytest.approx(want_scores, abs=1e-5)
+    assert answers[True][0][0] == [solo(model, "hi", 12)] and len(answers[True][2][1]) == 9
