@@ -361,3 +361,56 @@ def test_a_prompt_that_cannot_join_is_dropped_with_a_join_error_and_the_batch_go
         while batch.live:
             batch.step()
     assert ra.out == generate(model, a, 6) and not rb.out
+
+
+def test_a_released_row_stays_padding_through_shifts_and_later_steps():
+    """A row that ended keeps decoding with the others (on a GPU its slot stays until the batch shrinks): after
+    positions are dropped, the positions rolled in past the offset are padding for it, real for a live row. They
+    were made real for every row, and a later drop over them was refused as dropping real tokens."""
+    model = model64("M*")
+    with torch.no_grad():
+        cache = InferenceCache.for_model(model, 2, 16)
+        model(torch.tensor(prompts(6, 6, seed=12)), cache=cache)
+        cache.release(1)
+        alone = InferenceCache.for_model(model, 1, 4)
+        model(torch.tensor([[1, 2]]), cache=alone)
+        cache.place(alone, 0, 0, 2)
+        cache.shift(-4)
+        for _ in range(3):
+            model(torch.tensor([[5], [5]]), cache=cache)
+        assert cache.offset == 5 and not cache.valid[1].any() and cache.valid[0, :5].all()
+        cache.release(0)
+        cache.shift(-5)  # every row ended: all positions dropped
+        assert cache.offset == 0
+
+
+@pytest.mark.parametrize("power_of_two", [True, False], ids=["power-of-two", "exact"])
+def test_a_long_stream_of_rows_joining_and_leaving_decodes_each_as_alone(power_of_two):
+    """24 rows of random prompt lengths and limits arrive a few at a time (some in chunks) into four slots, end at
+    their limits or at an end-of-text id, and leave their slots to later ones: positions are dropped, slots freed
+    and taken again, the cache grows and shrinks. At every step each live row's logits are its full forward's, and
+    each row's tokens are those it takes alone."""
+    model = model64("M+G-")
+    rng = torch.Generator().manual_seed(13)
+    lengths = torch.randint(1, 14, (24,), generator=rng).tolist()
+    limits = torch.randint(1, 12, (24,), generator=rng).tolist()
+    arrivals = torch.randint(0, 3, (24,), generator=rng).tolist()  # steps before each next row is sent
+    ps = [torch.randint(0, 97, (n,), generator=rng).tolist() for n in lengths]
+    eos = 7
+    rows, waiting, clock = [], list(range(24)), 0
+    with torch.no_grad():
+        batch = DecodeBatch(model, 1, 0, Sampler(), (eos,), max_slots=4, power_of_two=power_of_two, join_chunk=5)
+        due = 0
+        while waiting or batch.live:
+            ready = [i for i in waiting[: batch.room] if clock >= due]
+            if ready:
+                rows += batch.admit([ps[i] for i in ready], [limits[i] for i in ready], [None] * len(ready))
+                waiting = waiting[len(ready) :]
+                due = clock + arrivals[ready[-1]]
+            if batch.live:
+                check_logits(model, batch)
+                batch.step()
+            clock += 1
+    assert len(rows) == 24 and batch.grown >= 3
+    for row, i in zip(rows, range(24)):
+        assert row.out == generate(model, ps[i], limits[i], eos_id=eos), i

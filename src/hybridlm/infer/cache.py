@@ -205,8 +205,11 @@ class InferenceCache:
         self.valid.copy_(self.valid.roll(delta, 1))
         if delta > 0:
             self.valid[:, :delta] = False
-        else:  # (the rolled-in positions are past the offset: not written yet)
-            self.valid[:, delta:] = True
+        else:  # the rolled-in positions are past the offset, not written yet: real for a live row, padding for a
+            # released one (read at its last position), which would otherwise hold "real" positions a later shift
+            # refused to drop
+            end = self.offset + delta
+            self.valid[:, delta:] = self.valid[:, end - 1 : end] if end > 0 else True
         self.offset += delta
         self.offset_t += delta
         self._refresh_padding()
