@@ -527,3 +527,25 @@ def test_continuous_a_long_prompt_joins_in_chunks_and_one_that_fails_to_is_answe
     assert kind == "error" and error.status == 500 and "ZeroDivisionError" in error.message
     assert running.rows[0].completion.text == TOKENIZER.decode(solo(model, "a", 12))
     assert joining.rows[0].completion.text == TOKENIZER.decode(solo(model, "a prompt of 20 bytes", 3))
+
+
+def test_continuous_an_echoed_prompt_is_scored_by_its_prefill_one_forward_for_lm_evals_request(model, monkeypatch):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1): with continuous batching its
+    prompts run through the model once (scored as they are prefilled), where the static batch runs them twice (to
+    score them, then to prefill them); the answers are the same."""
+    counted = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: counted.append(1) or forward(self, *a, **k))
+    body = {"prompt": ["The cat sat", "on the mat"], "max_tokens": 1, "echo": True, "logprobs": 1, "seed": 1234}
+    answers, forwards = {}, {}
+    for continuous in (False, True):
+        worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
+        job = worker.submit(request(body))
+        counted.clear()
+        drain(worker)
+        forwards[continuous] = len(counted)
+        answers[continuous] = [
+            [(t, None if s is None else (s.top, round(s.logprob, 5))) for t, s in row.scored] for row in job.rows
+        ]
+    assert forwards == {False: 2, True: 1}
+    assert answers[True] == answers[False] and [len(a) for a in answers[True]] == [12, 11]

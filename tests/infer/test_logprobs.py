@@ -101,3 +101,31 @@ def test_bfloat16_logits_are_scored_in_float32():
     torch.testing.assert_close(chosen, expected[torch.arange(3), tokens], rtol=0, atol=0)
     torch.testing.assert_close(values, expected.topk(2).values, rtol=0, atol=0)
     assert torch.equal(ids, expected.topk(2).indices)
+
+
+@pytest.mark.parametrize("budget", [logprobs.LOGITS_BUDGET, 4 * 97 * 2])  # one chunk; chunks of 2 positions
+def test_prefill_scored_scores_as_score_prompts_and_leaves_the_prompts_prefilled(monkeypatch, budget):
+    """One forward over the whole prompts gives score_prompts' scores, the last positions' logits (the full
+    forward's), and a cache that a decode batch takes them from: they decode as generate decodes them alone."""
+    from hybridlm import generate
+    from hybridlm.infer.decode import DecodeBatch
+    from hybridlm.infer.generate import Sampler
+
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET", budget)
+    model = HybridLM(tiny_config("M[*-]G", position_embedding="rope"), seed=0, dtype=torch.float64).eval()
+    prompts = [[5, 17, 3, 9, 9, 40, 2, 81], [7], [60, 1, 2]]
+    scored, cache, last = logprobs.prefill_scored(model, prompts, 3)
+    want = score_prompts(model, prompts, 3)
+    for got_row, want_row in zip(scored, want, strict=True):
+        assert len(got_row) == len(want_row) and got_row[0] is None
+        for g, w in zip(got_row[1:], want_row[1:]):
+            assert [t for t, _ in g.top] == [t for t, _ in w.top]
+            torch.testing.assert_close(g.logprob, w.logprob, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        for r, prompt in enumerate(prompts):
+            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-11)
+        batch = DecodeBatch(model, 3, 0, Sampler())
+        rows = batch.admit(prompts, [5] * 3, [None] * 3, prefilled=(cache, last))
+        while batch.live:
+            batch.step()
+    assert [row.out for row in rows] == [generate(model, p, 5) for p in prompts]

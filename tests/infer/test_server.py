@@ -558,3 +558,19 @@ def test_continuous_batching_answers_concurrent_requests_as_the_static_server_do
         assert texts == want_texts
         assert scores == pytest.approx(want_scores, abs=1e-5)
     assert answers[True][0][0] == [solo(model, "hi", 12)] and len(answers[True][2][1]) == 9
+
+
+def test_many_clients_connecting_at_once_are_held_until_accepted(model):
+    """32 connections made while the server accepts none (its thread busy, as the model's thread keeps it): the
+    kernel holds them all. socketserver's backlog of 5 held 6, and the others' connects timed out (clients saw
+    resets and second-long stalls under 16 concurrent requests)."""
+    with serving(model, start=False) as server:
+        server.shutdown()  # (the accepting loop stopped: nothing takes the connections)
+        sockets = []
+        try:
+            for _ in range(32):
+                sockets.append(socket.create_connection(server.server_address[:2], timeout=0.5))
+        finally:
+            for s in sockets:
+                s.close()
+    assert len(sockets) == 32

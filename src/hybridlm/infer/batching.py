@@ -43,7 +43,7 @@ from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
 from .decode import DecodeBatch, JoinError
 from .generate import Sampler, generate
-from .logprobs import TokenLogprob, score_prompts
+from .logprobs import TokenLogprob, prefill_scored, score_prompts
 
 _log = logging.getLogger(__name__)
 
@@ -253,9 +253,10 @@ class BatchWorker:
         seed = sampling.seed + batch[0].index if sampling.seeded else sampling.seed
         live = batch  # the rows generate runs, whose indices a NonFiniteLogitsError names
         try:
-            live = self._prepare(batch)
-            if live is None:
+            prepared = self._prepare(batch)
+            if prepared is None:
                 return
+            live = prepared[0]
             ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
             # (passed only where asked: a generate given in place of the library's need not know the option)
             scoring = {"logprobs": max(ks)} if ks else {}
@@ -283,15 +284,24 @@ class BatchWorker:
             if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
                 self._end(row, "length")
 
-    def _prepare(self, rows: list[Row]) -> list[Row] | None:
+    def _prepare(self, rows: list[Row], keep: bool = False) -> tuple[list[Row], tuple | None] | None:
         """Score the echoed prompts of ``rows`` that ask for logprobs (one forward for them all, at their largest
-        k; each keeps its own k) and end the rows of no new tokens; the rows left to generate, or None where the
-        scoring failed (every row answered)."""
+        k; each keeps its own k) and end the rows of no new tokens. Returns (the rows left to generate, None), or
+        None where the scoring failed (every row answered). ``keep``, where every echoed prompt goes on to new
+        tokens: the scoring forward runs over the whole prompts and is their prefill too (lm-evaluation-harness's
+        loglikelihood request then runs through the model once), the second item then (those rows, the cache that
+        holds them, their last logits)."""
         echoed = [row for row in rows if row.job.request.echo and row.job.request.logprobs is not None]
+        prefilled = None
         if echoed:
             k = max(row.job.request.logprobs for row in echoed)
+            keep = keep and all(row.ids and row.job.request.max_tokens > 0 for row in echoed)
             try:
-                scored = score_prompts(self.model, [row.ids for row in echoed], k)
+                if keep:
+                    scored, cache, last = prefill_scored(self.model, [row.ids for row in echoed], k)
+                    prefilled = (echoed, cache, last)
+                else:
+                    scored = score_prompts(self.model, [row.ids for row in echoed], k)
             except NonFiniteLogitsError as e:  # its row counts in echoed: that choice is named, the others resent
                 self._failed(echoed + [row for row in rows if row not in echoed], e)
                 return None
@@ -301,7 +311,7 @@ class BatchWorker:
         for row in rows:
             if row.job.request.max_tokens == 0:  # the prompt alone
                 self._end(row, "length")
-        return [row for row in rows if row.finish is None]
+        return [row for row in rows if row.finish is None], prefilled
 
     # -- continuous batching -----------------------------------------------------------------------
 
@@ -353,22 +363,32 @@ class BatchWorker:
         return self.samplers[sampling]
 
     def _admit(self, batch: DecodeBatch, rows: list[Row]) -> None:
-        """Prefill ``rows`` into ``batch``; a failure (out of memory) answers them, the batch's own rows go on."""
+        """Prefill ``rows`` into ``batch`` (echoed prompts scored by the same forward); a failure (out of memory)
+        answers them, the batch's own rows go on."""
         try:
-            live = self._prepare(rows)
-            if live:
-                joining = batch.live
-                # An empty prompt starts from the end-of-text token, as generate starts it.
-                start = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
-                batch.admit(
-                    [row.ids or start for row in live],
-                    [row.job.request.max_tokens for row in live],
-                    [functools.partial(self._on_token, row) for row in live],
-                    [row.job.request.logprobs for row in live],
-                    tags=live,
-                    samplers=[self._sampler(row.job.request.sampling) for row in live],
-                )
-                self.joined += len(live) if joining else 0
+            prepared = self._prepare(rows, keep=True)
+            if prepared is None:
+                return
+            live, prefilled = prepared
+            joining = batch.live
+            groups = [(live, None)]
+            if prefilled is not None:
+                scored, cache, last = prefilled
+                groups = [(scored, (cache, last)), ([row for row in live if row not in scored], None)]
+            for group, done in groups:
+                if group:
+                    # An empty prompt starts from the end-of-text token, as generate starts it.
+                    start = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
+                    batch.admit(
+                        [row.ids or start for row in group],
+                        [row.job.request.max_tokens for row in group],
+                        [functools.partial(self._on_token, row) for row in group],
+                        [row.job.request.logprobs for row in group],
+                        tags=group,
+                        samplers=[self._sampler(row.job.request.sampling) for row in group],
+                        prefilled=done,
+                    )
+            self.joined += len(live) if joining else 0
         except Exception as e:
             self._failed(rows, e)
 

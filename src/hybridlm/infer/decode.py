@@ -227,6 +227,7 @@ class DecodeBatch:
         logprobs: Sequence[int | None] | None = None,
         tags: Sequence | None = None,
         samplers: Sequence | None = None,
+        prefilled: tuple[InferenceCache, torch.Tensor] | None = None,
     ) -> list[Row]:
         """Prefill ``prompts`` (non-empty token-id lists, at most :attr:`room` of them) and put them in free slots,
         each to take at most ``limits[i]`` >= 1 tokens, ``callbacks[i]`` given each (and, where ``logprobs[i]`` is an
@@ -234,7 +235,10 @@ class DecodeBatch:
         ``samplers[i]``: its :class:`~hybridlm.infer.generate.Sampler`, default the batch's). Returns their
         :class:`Row` objects (each keeps its tokens in ``out``); their first tokens are picked at the next
         :meth:`step` that finds them prefilled, with the other rows'. With ``join_chunk`` and rows decoding, the
-        prompts are prefilled ``join_chunk`` tokens per :meth:`step` (their ``slot`` None until they are placed)."""
+        prompts are prefilled ``join_chunk`` tokens per :meth:`step` (their ``slot`` None until they are placed).
+        ``prefilled``: (a cache that holds the prompts, left-padded as :func:`left_pad` pads them, and the (n, V)
+        logits of their last positions), from a forward the caller ran (prompts scored as they were prefilled:
+        :func:`~hybridlm.infer.logprobs.prefill_scored`); they are placed at once."""
         n = len(prompts)
         if not 0 < n <= self.room:
             raise ValueError(f"admit: {n} prompt(s) for room for {self.room} more row(s)")
@@ -249,7 +253,11 @@ class DecodeBatch:
             slots = self._round(n) if self.max_slots is not None else len(self.rows)
             if slots != len(self.rows) or self.fits(new) > self.cache.max_len:
                 self._resize(slots, max(self.fits(new), self.cache.max_len))
-        if fresh and n == len(self.rows):  # a prompt per slot: prefilled in place, left-padded (generate's batch)
+        if prefilled is not None:
+            joining = _Joining(new, ids, prefilled[0], ids.shape[1], prefilled[1])
+            self.joining.append(joining)
+            self._join(joining)
+        elif fresh and n == len(self.rows):  # a prompt per slot: prefilled in place, left-padded (generate's batch)
             self.cache.set_padding(valid)
             self.logits = prefill(self.model, ids, self.cache, self.chunk_size)
             for slot, row in enumerate(new):
@@ -260,18 +268,18 @@ class DecodeBatch:
                 own = InferenceCache.for_model(self.model, n, ids.shape[1])
             if not bool(valid.all()):
                 own.set_padding(valid)
-            self.joining.append(_Joining(new, ids, own))
+            joining = _Joining(new, ids, own)
+            self.joining.append(joining)
             if self.join_chunk is None or not any(row is not None for row in self.rows):
-                self._join(whole=True)  # (nobody's decoding to interleave with)
+                self._join(joining, whole=True)  # (nobody's decoding to interleave with)
         if self.stats is not None:
             self.stats["prefill_tokens"] += int(valid.sum())
             self.stats["prefill_seconds"] += sync(self.device) - t0
         return new
 
-    def _join(self, whole: bool = False) -> None:
-        """Prefill the oldest joining prompts by ``join_chunk`` tokens (``whole``: to their end), and place them
-        once prefilled. :class:`JoinError` naming them (they are dropped) where that fails."""
-        joining = self.joining[0]
+    def _join(self, joining: _Joining, whole: bool = False) -> None:
+        """Prefill ``joining`` by ``join_chunk`` tokens (``whole``: to their end), and place them once prefilled.
+        :class:`JoinError` naming them (they are dropped) where that fails."""
         try:
             while joining.done < joining.ids.shape[1]:
                 size = self.chunk_size if whole or self.join_chunk is None else self.join_chunk
@@ -374,7 +382,7 @@ class DecodeBatch:
         if not self.live:
             raise ValueError("step: no row to decode (admit prompts first)")
         if self.joining:
-            self._join(whole=not any(row is not None for row in self.rows))
+            self._join(self.joining[0], whole=not any(row is not None for row in self.rows))
             if not any(row is not None for row in self.rows):
                 return
         rows = self.rows

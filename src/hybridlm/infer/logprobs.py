@@ -64,20 +64,52 @@ def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> l
     logits scored and dropped before the next. A padded row's values differ from its own forward's by float
     rounding only, as a padded batch's generation does. :class:`~hybridlm.errors.NonFiniteLogitsError` naming the
     prompt (its ``row``) and the position where logits are not finite."""
-    from .generate import left_pad  # (generate imports this module)
-
     out: list[list[TokenLogprob | None]] = [[None] * min(len(p), 1) for p in prompts]
     rows = [i for i, p in enumerate(prompts) if len(p) >= 2]
-    if not rows:
-        return out
+    if rows:
+        scored, _, _ = _scored_forward(model, [prompts[i][:-1] for i in rows], [prompts[i][1:] for i in rows], k, rows)
+        for i, scores in zip(rows, scored):
+            out[i] += scores
+    return out
+
+
+@torch.no_grad()
+def prefill_scored(
+    model: torch.nn.Module, prompts: list[list[int]], k: int
+) -> tuple[list[list[TokenLogprob | None]], InferenceCache, torch.Tensor]:
+    """:func:`score_prompts`' scores of ``prompts`` (non-empty), from one forward over the whole prompts that also
+    prefills them: (the scores, the cache that holds the prompts, left-padded, and the (B, V) logits of their last
+    positions, which pick each one's first new token). A prompt scored then continued runs through the model once,
+    not once to be scored and again to be prefilled."""
+    rows = list(range(len(prompts)))
+    scored, cache, last = _scored_forward(model, prompts, [p[1:] for p in prompts], k, rows)
+    return [[None, *scores] for scores in scored], cache, last
+
+
+def _scored_forward(
+    model: torch.nn.Module, inputs: list[list[int]], targets: list[list[int]], k: int, names: list[int]
+) -> tuple[list[list[TokenLogprob]], InferenceCache, torch.Tensor]:
+    """``inputs`` (non-empty) run as one left-padded batch through a cache, in chunks of at most ``LOGITS_BUDGET //
+    (batch * vocab_size)`` positions; input position j of a row is scored against ``targets[row][j]`` where it has
+    one (``targets[row]`` is as long as its input, or one shorter: the last position then only predicts). Returns
+    each row's scores, the cache and the (B, V) logits of the last position. Non-finite logits at a position: a
+    :class:`~hybridlm.errors.NonFiniteLogitsError` naming prompt ``names[row]`` and the position."""
+    from .decode import left_pad  # (decode imports this module)
+
     device = next(model.parameters()).device
-    ids, valid = left_pad([prompts[i][:-1] for i in rows], device)  # (B, P): the inputs
-    targets, _ = left_pad([prompts[i][1:] for i in rows], device)  # (B, P): the token each position predicts
+    ids, valid = left_pad(inputs, device)  # (B, P)
     B, P = ids.shape
+    goal = torch.zeros(B, P, dtype=torch.long)  # the token each position is scored against,
+    scoring = torch.zeros(B, P, dtype=torch.bool)  # where it has one
+    for r, (row, want) in enumerate(zip(inputs, targets)):
+        goal[r, P - len(row) : P - len(row) + len(want)] = torch.tensor(want, dtype=torch.long)
+        scoring[r, P - len(row) : P - len(row) + len(want)] = True
+    goal, scoring = goal.to(device), scoring.to(device)
     cache = InferenceCache.for_model(model, B, P)
     if not bool(valid.all()):
         cache.set_padding(valid)
     chunk = max(1, LOGITS_BUDGET // (B * model.config.vocab_size))
+    out: list[list[TokenLogprob]] = [[] for _ in inputs]
     was_training = model.training
     model.eval()
     try:
@@ -88,20 +120,20 @@ def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> l
             bad = (~torch.isfinite(logits.amax(-1)) & real).nonzero()
             if len(bad):  # (NaN logprobs are no JSON, and would score nothing)
                 r, j = (int(x) for x in bad[0])
-                position = start + j - (P - (len(prompts[rows[r]]) - 1))  # counted in the prompt itself
+                position = start + j - (P - len(inputs[r]))  # counted in the prompt itself
                 raise NonFiniteLogitsError(
-                    rows[r],
+                    names[r],
                     f"the logits at prompt position {position} are not finite (NaN or inf): the model's weights or "
                     "activations hold NaN or inf; no token can be scored from them",
                 )
             n = end - start
             scores = to_host(
-                *(t.tolist() for t in pick_logprobs(logits.reshape(B * n, -1), targets[:, start:end].reshape(-1), k))
+                *(t.tolist() for t in pick_logprobs(logits.reshape(B * n, -1), goal[:, start:end].reshape(-1), k))
             )
-            keep = real.reshape(-1).tolist()
-            for flat, (score, real_position) in enumerate(zip(scores, keep)):
-                if real_position:
-                    out[rows[flat // n]].append(score)
+            keep = scoring[:, start:end].reshape(-1).tolist()
+            for flat, (score, scored) in enumerate(zip(scores, keep)):
+                if scored:
+                    out[flat // n].append(score)
     finally:
         model.train(was_training)
-    return out
+    return out, cache, logits[:, -1].clone()  # (not a view that keeps the chunk's logits)

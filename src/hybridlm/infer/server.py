@@ -50,6 +50,9 @@ class CompletionServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True  # (an idle keep-alive connection's thread must not hold the process at exit)
+    #: Connections the kernel holds before they are accepted: socketserver's 5 reset clients that connected at once
+    #: (16 concurrent requests, as lm-evaluation-harness's num_concurrent sends them, met "connection reset by peer").
+    request_queue_size = 128
 
     def __init__(
         self,
