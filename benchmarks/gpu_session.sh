@@ -164,7 +164,7 @@ for stage in "$@"; do
     serve) run serve 200 20 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --clients 16 --max-tokens 64 ;;
     contserve)  # continuous against static batching: 16 clients STAGGER s apart, mixed lengths (up to 128 tokens)
         run contserve 400 24 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --continuous \
-            --clients 16 --max-tokens 128 --spread --stagger "${STAGGER:-0.05}" --repeat "${REPEAT:-2}" ;;
+            --clients 16 --max-tokens 128 --spread --stream --stagger "${STAGGER:-0.05}" --repeat "${REPEAT:-2}" ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;
     esac

@@ -24,7 +24,8 @@ the prompt's tokens scored), and adds the batched setting with the batch's echoe
 batching (``hybridlm serve --continuous-batching``: a request joins the running batch at its next step);
 ``--stagger S`` sends client i's request i * S seconds after the first (not all at once), and ``--spread`` asks
 client i for ``max_tokens * (i % 4 + 1) / 4`` new tokens (short requests beside long ones: a static batch holds
-the short ones' slots until its longest row ends). The table also gives the 90th percentile of the latency.
+the short ones' slots until its longest row ends). The table also gives the 90th percentile of the latency, and with
+``--stream`` (the answers streamed) the mean time from sending a request to its first text.
 Results belong in docs/benchmarks.md.
 """
 
@@ -62,19 +63,40 @@ SCORE = {"echo": True, "logprobs": 1, "seed": 1234}
 
 def ask(
     port: int, prompt: str, max_tokens: int, extra: dict | None = None, delay: float = 0.0
-) -> tuple[str, float, int]:
-    """One greedy completion (``extra``: more fields), sent after ``delay`` seconds: (its text, seconds from sending
-    to the answer read, its completion tokens)."""
+) -> tuple[str, float, int, float]:
+    """One greedy completion (``extra``: more fields; ``"stream": True`` reads it as server-sent events), sent after
+    ``delay`` seconds: (its text, seconds from sending to the answer read, its completion tokens, seconds to its
+    first text: the whole answer's unstreamed)."""
     time.sleep(delay)
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    answer = json.loads(conn.getresponse().read())
+    response = conn.getresponse()
+    if not body.get("stream") or response.status != 200:
+        answer = json.loads(response.read())
+        conn.close()
+        if "error" in answer:
+            raise RuntimeError(answer["error"]["message"])
+        latency = time.perf_counter() - start
+        return answer["choices"][0]["text"], latency, answer["usage"]["completion_tokens"], latency
+    text, first, tokens = "", None, 0
+    for line in response:  # "data: {chunk}" lines, then "data: [DONE]"
+        line = line.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix("data: "))
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"]["message"])
+        for choice in chunk["choices"]:
+            if choice["text"] and first is None:
+                first = time.perf_counter() - start
+            text += choice["text"]
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
     conn.close()
-    if "error" in answer:
-        raise RuntimeError(answer["error"]["message"])
-    return answer["choices"][0]["text"], time.perf_counter() - start, answer["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return text, latency, tokens, latency if first is None else first
 
 
 def one_by_one(model, prompts: list[list[int]], k: int) -> list:
@@ -136,6 +158,7 @@ def serve_round(
         "wall": wall,
         "latency": sum(r[1] for r in results) / len(results),
         "p90": sorted(r[1] for r in results)[min(len(results) - 1, (9 * len(results)) // 10)],
+        "ttft": sum(r[3] for r in results) / len(results),
         "batches": worker.batches,
         "tokens": sum(r[2] for r in results),
     }
@@ -166,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--continuous", action="store_true", help="also time the batched settings with continuous batching")
     ap.add_argument("--stagger", type=float, default=0.0, help="seconds between the clients' requests (default: 0)")
     ap.add_argument("--spread", action="store_true", help="client i asks for max_tokens * (i %% 4 + 1) / 4 tokens")
+    ap.add_argument("--stream", action="store_true", help="stream the answers; the table adds the time to first text")
     args = ap.parse_args(argv)
     if args.score:
         args.max_tokens = 1
@@ -185,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.append((args.clients, False, True, False))
     runs: dict[tuple[int, bool, bool, bool], list[dict]] = {s: [] for s in settings}
     extra = SCORE if args.score else None
+    if args.stream:
+        extra = {**(extra or {}), "stream": True, "stream_options": {"include_usage": True}}
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
         for (b, g, alone, cont), done in runs.items():
             done.append(serve_round(model, texts, args.max_tokens, b, g, extra, alone, cont, args.stagger, args.spread))
@@ -201,18 +227,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {args.repeat} rounds each, taking turns\n")
     reference = rounds[(1, False, False, False)]
     scored = " echoed prompts scored |" if args.score else ""
+    ttft = " mean time to first text s |" if args.stream else ""
     print(
         f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "
-        "mean latency s | p90 latency s | same texts |"
+        f"mean latency s | p90 latency s |{ttft} same texts |"
     )
-    print("|---:|:---:|:---:|" + ":---:|" * bool(args.score) + "---:|---:|---:|---:|---:|---:|")
+    print(
+        "|---:|:---:|:---:|"
+        + ":---:|" * bool(args.score)
+        + "---:|---:|---:|---:|---:|"
+        + "---:|" * bool(ttft)
+        + "---:|"
+    )
     for (b, g, alone, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
         how = f" {'one by one' if alone else 'together'} |" if args.score else ""
+        first = f"{r['ttft']:.2f} | " if args.stream else ""
         print(
             f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
             f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
-            f"{same} of {len(texts)} |"
+            f"{first}{same} of {len(texts)} |"
         )
     for (b, g, alone, cont), r in rounds.items():
         if (b, g, alone, cont) != (1, False, False, False):

@@ -254,12 +254,13 @@ def test_prepare_throughput_compares_the_one_at_a_time_path_with_the_same_files(
 
 
 def test_serve_times_continuous_batching_beside_static_and_checks_the_texts(capsys):
-    """serve.py's continuous setting runs (staggered requests of mixed lengths) and answers the same texts as one
-    request at a time; its table has a row per setting and the p90 latency."""
+    """serve.py's continuous setting runs (staggered, streamed requests of mixed lengths) and answers the same texts
+    as one request at a time; its table has a row per setting, the p90 latency and the time to first text."""
     serve = _load("serve")
     args = ["--clients", "3", "--max-tokens", "4", "--prompt-len", "8", "--repeat", "1", "--continuous"]
-    assert serve.main([*args, "--stagger", "0.01", "--spread"]) == 0
+    assert serve.main([*args, "--stagger", "0.01", "--spread", "--stream"]) == 0
     out = capsys.readouterr().out
     assert "| 3 | continuous | no | " in out and "| 3 | static | no | " in out and "p90 latency s" in out
+    assert "mean time to first text s" in out
     assert "same texts in every round of every setting: yes" in out
     assert [serve.lengths_for(8, i, True) for i in range(5)] == [2, 4, 6, 8, 2]
