@@ -361,6 +361,7 @@ def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
     assert worker.step()
     assert [row.tokens for row in b.rows + c.rows] == [1, 1, 1] and a.rows[0].tokens == 4
     assert worker.joined == 3 and worker.batches == 1 and len(worker.samplers) == 3
+    assert len({id(row.sampler) for row in worker.running.held}) == 3  # b's two rows share one
     drain(worker)
     assert worker.batches == 1 and worker.running is None and not worker.open
     for job, prompts, n, penalty in ((a, ["hello"], 20, 1.0), (b, ["a", "longer prompt"], 5, 1.5), (c, ["hi"], 4, 1.0)):
@@ -549,3 +550,16 @@ def test_continuous_an_echoed_prompt_is_scored_by_its_prefill_one_forward_for_lm
         ]
     assert forwards == {False: 2, True: 1}
     assert answers[True] == answers[False] and [len(a) for a in answers[True]] == [12, 11]
+
+
+def test_continuous_samplers_of_settings_no_row_uses_are_dropped(model):
+    """A batch that never drains keeps samplers only for the settings of its rows (one per settings, not one per
+    request seen)."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    worker.submit(request({"prompt": "a", "max_tokens": 30}))
+    worker.step()
+    for penalty in (1.1, 1.2, 1.3, 1.4):
+        worker.submit(request({"prompt": "b", "max_tokens": 1, "repetition_penalty": penalty}))
+        worker.step()
+        worker.step()
+    assert worker.running is not None and len(worker.samplers) <= 2

@@ -371,6 +371,10 @@ class BatchWorker:
                 return
             live, prefilled = prepared
             joining = batch.live
+            # Samplers no row of the batch uses any more are dropped: a batch that never drains would otherwise keep
+            # one for every settings it ever saw.
+            used = {id(row.sampler) for row in batch.held}
+            self.samplers = {key: s for key, s in self.samplers.items() if id(s) in used}
             groups = [(live, None)]
             if prefilled is not None:
                 scored, cache, last = prefilled

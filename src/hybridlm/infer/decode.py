@@ -206,10 +206,14 @@ class DecodeBatch:
         return bool(self.joining) or any(row is not None for row in self.rows)
 
     @property
+    def held(self) -> list[Row]:
+        """Its rows: those decoding, then those still joining."""
+        return [row for row in self.rows if row is not None] + [row for j in self.joining for row in j.rows]
+
+    @property
     def room(self) -> int:
         """How many more rows :meth:`admit` takes now."""
-        waiting = sum(len(joining.rows) for joining in self.joining)
-        return (self.max_slots or len(self.rows)) - sum(row is not None for row in self.rows) - waiting
+        return (self.max_slots or len(self.rows)) - len(self.held)
 
     # -- joining ---------------------------------------------------------------------------------
 
