@@ -265,8 +265,8 @@ def model():
     return HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0).eval()
 
 
-def serving(model, chat: Chat | None = CHAT):
-    return test_server.serving(model, chat=chat)
+def serving(model, chat: Chat | None = CHAT, **kw):
+    return test_server.serving(model, chat=chat, **kw)
 
 
 def chat(server, body: dict):
@@ -319,7 +319,8 @@ def test_a_chat_stream_opens_with_the_role_and_its_deltas_join_to_the_answer(mod
     assert len(chunks) > 2 and not any("usage" in c for c in chunks)
 
 
-def test_the_end_of_turn_id_ends_the_answer_and_is_none_of_its_text(model, tmp_path):
+@pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
+def test_the_end_of_turn_id_ends_the_answer_and_is_none_of_its_text(model, tmp_path, continuous):
     tokens = greedy(model, 12)
     k = next(i for i in range(3, 12) if tokens[i] not in tokens[:i])  # the first time the model picks it
     # generation_config.json's list, as an instruct model's folder has it (beside it, an id the model does not pick)
@@ -328,7 +329,7 @@ def test_the_end_of_turn_id_ends_the_answer_and_is_none_of_its_text(model, tmp_p
     (tmp_path / "chat.jinja").write_text(TEMPLATE)
     end_of_turn = load_chat(tmp_path, TOKENIZER, tmp_path / "chat.jinja")
     request = {"messages": HI, "max_tokens": 12, "temperature": 0}
-    with serving(model, end_of_turn) as server:
+    with serving(model, end_of_turn, continuous=continuous) as server:
         _, body = chat(server, request)
         _, plain = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})[::2]
         streamed = call(server, "POST", "/v1/chat/completions", {**request, "stream": True})[2]
