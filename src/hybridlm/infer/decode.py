@@ -1,16 +1,21 @@
 """The decode loop: a batch of rows that take one token per step, rows joining and leaving between steps.
 
-:class:`DecodeBatch` holds ``slots`` rows in one :class:`~hybridlm.infer.cache.InferenceCache`. ``admit`` prefills
-new prompts and puts them in free slots: a fresh batch given a prompt per slot prefills them straight into its
-cache, left-padded (what ``generate`` runs); a prompt joining a running batch is prefilled in a cache of its own
-(with ``join_chunk``, a chunk per step, between the others' decode steps) and its positions copied in, right-aligned
-with the batch's (:meth:`InferenceCache.place`; exact, so a row decodes as it would alone). ``step`` picks one token per row from the last logits, queues the next decode step before the host
-reads them (the device never waits for the host's bookkeeping) and hands each row's token to its callback; a row
-ends at an end-of-text id, at its token limit or when its callback says so, and its slot is free for the next
-prompt. Positions that no row reads any more are dropped when rows join (:meth:`InferenceCache.shift`, so eager
-attention never reads more than the longest row), and the cache grows, copied into a larger one, when a joining row
-needs more room than is left. ``generate`` runs one admission and steps to the end; ``hybridlm serve
---continuous-batching`` admits waiting requests between steps.
+:class:`DecodeBatch` holds its rows in the slots of one :class:`~hybridlm.infer.cache.InferenceCache`.
+
+* ``admit`` prefills new prompts and puts them in free slots. A fresh batch given a prompt per slot prefills them
+  straight into its cache, left-padded (what ``generate`` runs). A prompt joining a running batch is prefilled in a
+  cache of its own (with ``join_chunk``, a chunk per step, between the others' decode steps) and its positions are
+  copied in, right-aligned with the batch's (:meth:`InferenceCache.place`; exact, so a row decodes as it would
+  alone).
+* ``step`` picks one token per row from the last logits, queues the next decode step before the host reads them
+  (the device never waits for the host's bookkeeping) and hands each row's token to its callback. A row ends at an
+  end-of-text id, at its token limit or when its callback says so, and its slot is free for the next prompt.
+* Positions that no row reads any more are dropped when rows join (:meth:`InferenceCache.shift`, so eager attention
+  never reads more than the longest row), and the cache grows, copied into a larger one, when a joining row needs
+  more room than is left.
+
+``generate`` runs one admission and steps to the end; ``hybridlm serve --continuous-batching`` admits waiting
+requests between steps.
 """
 
 from __future__ import annotations
@@ -151,7 +156,8 @@ class DecodeBatch:
             apart.
         eos_ids: ids that end a row (it keeps the id as its last token).
         chunk_size: prompts are prefilled in chunks of this many tokens.
-        cuda_graph: replay the decode step as a CUDA graph (captured at the first step, again after the cache grew).
+        cuda_graph: replay the decode step as a CUDA graph (captured at the first step, again whenever the cache is
+            copied into another: more positions, more or fewer slots).
         stats: if given, admissions add ``prefill_tokens`` and ``prefill_seconds`` (synchronizing the device).
         max_slots: None: ``slots`` is fixed. A number: the batch takes up to that many rows, in as many slots as its
             rows need (rounded as ``power_of_two`` says, at most ``max_slots``), fewer when rows end (a free slot
