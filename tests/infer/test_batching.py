@@ -526,6 +526,7 @@ def test_continuous_a_long_prompt_joins_in_chunks_and_one_that_fails_to_is_answe
     drain(worker)
     kind, _, error = events(failing)[-1]
     assert kind == "error" and error.status == 500 and "ZeroDivisionError" in error.message
+    assert "JoinError" not in error.message
     assert running.rows[0].completion.text == TOKENIZER.decode(solo(model, "a", 12))
     assert joining.rows[0].completion.text == TOKENIZER.decode(solo(model, "a prompt of 20 bytes", 3))
 
@@ -563,3 +564,17 @@ def test_continuous_samplers_of_settings_no_row_uses_are_dropped(model):
         worker.step()
         worker.step()
     assert worker.running is not None and len(worker.samplers) <= 2
+
+
+def test_continuous_a_prompt_that_cannot_be_prefilled_when_it_joins_is_named_by_its_cause(model, monkeypatch):
+    """A prompt prefilled whole at admission (no row decoding; in a cache of its own, its slots rounded up as on a
+    GPU) whose prefill fails: 500 with the failure's own message, not the wrapper's."""
+    from hybridlm.infer import decode
+
+    monkeypatch.setattr(decode._Joining, "prefill", lambda self, model, size: 1 / 0)
+    monkeypatch.setattr(decode.DecodeBatch, "_round", lambda self, rows: rows + 1)
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    first = worker.submit(request({"prompt": "a", "max_tokens": 3}))
+    drain(worker)
+    kind, _, error = events(first)[-1]
+    assert kind == "error" and error.message == "generation failed: ZeroDivisionError: division by zero"

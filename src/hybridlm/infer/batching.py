@@ -393,8 +393,8 @@ class BatchWorker:
                         prefilled=done,
                     )
             self.joined += len(live) if joining else 0
-        except Exception as e:
-            self._failed(rows, e)
+        except Exception as e:  # (a JoinError's message is its cause's)
+            self._failed(rows, e.__cause__ if isinstance(e, JoinError) else e)
 
     def _on_token(self, row: Row, token: int, scores: TokenLogprob | None = None) -> bool:
         """``generate``'s callback: True ends the row (its end, its own max_tokens, a gone client, a stop).
