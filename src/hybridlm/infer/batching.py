@@ -379,10 +379,10 @@ class BatchWorker:
             if prefilled is not None:
                 scored, cache, last = prefilled
                 groups = [(scored, (cache, last)), ([row for row in live if row not in scored], None)]
+            # An empty prompt starts from the end-of-text token, as generate starts it.
+            start = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
             for group, done in groups:
                 if group:
-                    # An empty prompt starts from the end-of-text token, as generate starts it.
-                    start = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
                     batch.admit(
                         [row.ids or start for row in group],
                         [row.job.request.max_tokens for row in group],

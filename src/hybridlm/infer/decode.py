@@ -76,11 +76,18 @@ def cache_allocation(rows: int, prompt: int, max_new_tokens: int):
         ) from None
 
 
+def nonfinite(logits: torch.Tensor) -> torch.Tensor:
+    """logits: (B, V) -> (B,) bool, True where a row holds a NaN or +inf, or no finite value (all -inf): logits
+    no token can be picked from (argmax reads NaN as the largest value; sampling gets NaN probabilities). One
+    reduction: ``amax`` propagates NaN."""
+    return ~torch.isfinite(logits.amax(-1))
+
+
 def check_finite(
     bad: Sequence[bool], done: Sequence[bool], prompt_lens: Sequence[int], made: Sequence[int], first: int = 0
 ) -> None:
     """Raise :class:`~hybridlm.errors.NonFiniteLogitsError` for the first row ``r`` still generating (not
-    ``done[r]``) whose logits were flagged (``bad[r]``, see :func:`~hybridlm.infer.generate.nonfinite`): they were
+    ``done[r]``) whose logits were flagged (``bad[r]``, see :func:`nonfinite`): they were
     to pick its new token ``made[r] + 1``, at position ``prompt_lens[r] + made[r]`` of its sequence. The error names
     prompt ``first + r`` (``first``: the batch's index of row 0)."""
     for r, flagged in enumerate(bad):
@@ -261,8 +268,9 @@ class DecodeBatch:
         fresh = self.cache.offset == 0 and not self.live
         if fresh:  # (sized for these prompts first: as many slots as they need, and their positions)
             slots = self._round(n) if self.max_slots is not None else len(self.rows)
-            if slots != len(self.rows) or self.fits(new) > self.cache.max_len:
-                self._resize(slots, max(self.fits(new), self.cache.max_len))
+            need = self.fits(new)
+            if slots != len(self.rows) or need > self.cache.max_len:
+                self._resize(slots, max(need, self.cache.max_len))
         if prefilled is not None:
             joining = _Joining(new, ids, prefilled[0], ids.shape[1], prefilled[1])
             self.joining.append(joining)
@@ -437,10 +445,8 @@ class DecodeBatch:
         return _power_of_two(rows) if self.power_of_two else rows
 
     def _pick(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots,) token ids and :func:`~hybridlm.infer.generate.nonfinite` flags, each sampler's rows picked together
+        """(slots,) token ids and :func:`nonfinite` flags, each sampler's rows picked together
         (one sampler: every slot at once, free ones too, as ``generate`` always picked)."""
-        from .generate import nonfinite
-
         groups: dict[object, list[int]] = {}
         for row in self.rows:
             if row is not None:

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint.io import refuse_meta
 from ..ops.precision import accumulation_dtype
-from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, prefill
+from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
 from .decode import sync as _sync
 from .logprobs import TokenLogprob, pick_logprobs, to_host
 
@@ -333,13 +333,6 @@ def generate(
     finally:
         model.train(was_training)
     return out[0] if single else out
-
-
-def nonfinite(logits: torch.Tensor) -> torch.Tensor:
-    """logits: (B, V) -> (B,) bool, True where a row holds a NaN or +inf, or no finite value (all -inf): logits
-    no token can be picked from (argmax reads NaN as the largest value; sampling gets NaN probabilities). One
-    reduction: ``amax`` propagates NaN."""
-    return ~torch.isfinite(logits.amax(-1))
 
 
 def _plain(x):
