@@ -598,3 +598,49 @@ def test_logprobs_zero_gives_the_picked_tokens_alone_and_needs_a_callback_and_no
     ):
         with pytest.raises(ValueError, match=words):
             generate(model, [1, 2], 2, **{"logprobs": 1, **kwargs})
+
+
+def test_prompts_prefilled_by_their_scoring_forward_decode_as_generate_prefills_them():
+    """generate(prefilled=...) starts from prefill_scored's cache and last logits: greedy and seeded sampled tokens,
+    and each token's logprobs, are those of generate's own prefill (float64: equal up to rounding far below any
+    gap between candidates)."""
+    from hybridlm.infer.logprobs import prefill_scored
+
+    model = HybridLM(tiny_config("M[*-]G", position_embedding="rope"), seed=0, dtype=torch.float64).eval()
+    prompts = [[5, 17, 3, 9, 9, 40, 2, 81], [7], [60, 1, 2]]
+    for settings in ({}, {"temperature": 0.9, "top_k": 20, "seed": 3, "repetition_penalty": 1.3}):
+        got, want = [], []
+        for out, prefilled in ((got, prefill_scored(model, prompts, 2)[1:]), (want, None)):
+            tokens = generate(
+                model,
+                prompts,
+                6,
+                callback=lambda r, t, s, out=out: out.append((r, t, s.top, round(s.logprob, 9))),
+                logprobs=2,
+                prefilled=prefilled,
+                **settings,
+            )
+            out.append(tokens)
+        assert got[-1] == want[-1] and all(len(row) == 6 for row in got[-1])
+        assert [(r, t, [i for i, _ in top], lp) for r, t, top, lp in got[:-1]] == [
+            (r, t, [i for i, _ in top], lp) for r, t, top, lp in want[:-1]
+        ]
+
+
+def test_a_prefilled_that_does_not_hold_the_prompts_is_refused_saying_what_differs():
+    from hybridlm.infer.logprobs import prefill_scored
+
+    model = HybridLM(tiny_config("M*"), seed=0).eval()
+    prompts = [[5, 17, 3], [7, 8]]
+    cache, last = prefill_scored(model, prompts, 1)[1:]
+    with pytest.raises(ValueError, match=r"holds 2 row\(s\) of 3 position\(s\), but the prompts are 1 of at most 3"):
+        generate(model, [prompts[0]], 2, prefilled=(cache, last))
+    with pytest.raises(ValueError, match=r"holds 2 row\(s\) of 3 position\(s\), but the prompts are 2 of at most 4"):
+        generate(model, [[5, 17, 3, 4], [7]], 2, prefilled=(cache, last))
+    with pytest.raises(ValueError, match=r"logits must be a \(2, \d+\) tensor, got \(1, \d+\)"):
+        generate(model, prompts, 2, prefilled=(cache, last[:1]))
+    with pytest.raises(ValueError, match=r"prefilled must be \(cache, logits\)"):
+        generate(model, prompts, 2, prefilled=[cache, last])
+    for kwargs in ({"use_cache": False}, {"speculative": "mtp"}):
+        with pytest.raises(ValueError, match="leave use_cache=True and speculative=None"):
+            generate(HybridLM(tiny_config("M*/*"), seed=0).eval(), prompts, 2, prefilled=(cache, last), **kwargs)

@@ -23,8 +23,10 @@ rows queued after it do not join that batch meanwhile (a steady stream would hol
 
 A request with ``logprobs`` has its batch's ``generate`` report them (the largest k of the batch's rows; each row keeps
 its own k most likely, and the rows that did not ask drop theirs); with ``echo`` too, its prompt is scored first, the
-batch's echoed prompts in one padded forward (:func:`~hybridlm.infer.logprobs.score_prompts`). A row with
-``max_tokens`` 0 (echo only) ends there, unbatched.
+batch's echoed prompts in one padded forward (:func:`~hybridlm.infer.logprobs.score_prompts`); where they are all
+the batch's prompts that go on (lm-evaluation-harness's loglikelihood requests), that forward is their prefill too
+(:func:`~hybridlm.infer.logprobs.prefill_scored`), so they run through the model once. A row with ``max_tokens`` 0
+(echo only) ends there, unbatched.
 """
 
 from __future__ import annotations
@@ -252,14 +254,22 @@ class BatchWorker:
         sampling = batch[0].job.request.sampling
         seed = sampling.seed + batch[0].index if sampling.seeded else sampling.seed
         live = batch  # the rows generate runs, whose indices a NonFiniteLogitsError names
+        # Where every row that goes on is an echoed, scored prompt (lm-evaluation-harness's loglikelihood requests),
+        # the scoring forward is their prefill too and generate starts from its cache: they run through the model
+        # once. (A batch that also holds other prompts scores and prefills apart: one left-padded prefill for all.)
+        keep = all(
+            (r.job.request.echo and r.job.request.logprobs is not None) or not r.job.request.max_tokens for r in batch
+        )
         try:
-            prepared = self._prepare(batch)
+            prepared = self._prepare(batch, keep)
             if prepared is None:
                 return
-            live = prepared[0]
+            live, prefilled = prepared
             ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
-            # (passed only where asked: a generate given in place of the library's need not know the option)
+            # (passed only where asked: a generate given in place of the library's need not know the options)
             scoring = {"logprobs": max(ks)} if ks else {}
+            if prefilled is not None and prefilled[0] == live:
+                scoring["prefilled"] = prefilled[1:]
             if live:
                 self.generate(
                     self.model,

@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint.io import refuse_meta
 from ..ops.precision import accumulation_dtype
+from .cache import InferenceCache
 from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
 from .decode import sync as _sync
 from .logprobs import TokenLogprob, pick_logprobs, to_host
@@ -203,6 +204,7 @@ def generate(
     stats: dict | None = None,
     cuda_graph: bool = False,
     logprobs: int | None = None,
+    prefilled: tuple[InferenceCache, torch.Tensor] | None = None,
 ) -> list[int] | list[list[int]]:
     """Continue one prompt or a batch of prompts.
 
@@ -232,6 +234,10 @@ def generate(
             a :class:`~hybridlm.infer.logprobs.TokenLogprob`: the token's log_softmax of the raw logits it was picked
             from (before temperature, top-k/top-p and the penalty) and the k most likely (id, logprob). Needs a
             callback; not with ``speculative``. None (default): nothing is computed.
+        prefilled: (cache, logits): the prompts already run through the model, from
+            :func:`~hybridlm.infer.logprobs.prefill_scored` over these same prompts (a cache that holds them
+            left-padded, and the (B, V) logits of their last positions). Decoding starts from them, so a prompt
+            scored and then continued runs through the model once. Cached decoding only, not ``speculative``.
 
     Returns:
         The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
@@ -290,6 +296,8 @@ def generate(
         raise ValueError("speculative decoding and cuda_graph decode with the cache: leave use_cache=True")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs the model on a CUDA device, not {device}")
+    if prefilled is not None:
+        _check_prefilled(prefilled, rows, vocab, speculative, use_cache)
     was_training = model.training
     model.eval()
     # Kernels (Triton's especially) launch on the current CUDA device: make it the model's (cuda:1 too).
@@ -329,6 +337,7 @@ def generate(
                     stats,
                     cuda_graph,
                     logprobs,
+                    prefilled,
                 )
     finally:
         model.train(was_training)
@@ -449,15 +458,37 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, 
     return out
 
 
-def _generate_cached(model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph, logprobs):
+def _check_prefilled(prefilled, rows: list[list[int]], vocab: int, speculative, use_cache: bool) -> None:
+    """Refuse a ``prefilled`` that cannot hold ``rows``: its cache must have a row per prompt and the longest
+    prompt's positions, its logits (rows, vocab)."""
+    if speculative or not use_cache:
+        raise ValueError("prefilled prompts are decoded with the cache: leave use_cache=True and speculative=None")
+    if not (isinstance(prefilled, tuple) and len(prefilled) == 2 and isinstance(prefilled[0], InferenceCache)):
+        raise ValueError("prefilled must be (cache, logits), as prefill_scored returns them (after its scores)")
+    cache, logits = prefilled
+    longest = max((len(row) for row in rows), default=0)
+    if cache.batch != len(rows) or cache.offset != longest:
+        raise ValueError(
+            f"prefilled holds {cache.batch} row(s) of {cache.offset} position(s), but the prompts are "
+            f"{len(rows)} of at most {longest} tokens: prefill these same prompts"
+        )
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(rows), vocab):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"prefilled logits must be a ({len(rows)}, {vocab}) tensor, got {got}")
+
+
+def _generate_cached(
+    model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph, logprobs, prefilled=None
+):
     """The prompts prefilled together, left-padded, then decoded one token per row per step (a finished row
-    decodes on, its tokens dropped, until every row has finished): one admission of a :class:`DecodeBatch`."""
+    decodes on, its tokens dropped, until every row has finished): one admission of a :class:`DecodeBatch`
+    (``prefilled``: the prompts' cache and last logits, from a forward already run)."""
     device = next(model.parameters()).device
     B, P = len(rows), max(len(row) for row in rows)
     with cache_allocation(B, P, max_new_tokens):
         batch = DecodeBatch(model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats)
     callbacks = [None if callback is None else _per_row(callback, r) for r in range(B)]
-    admitted = batch.admit(rows, [max_new_tokens] * B, callbacks, [logprobs] * B)
+    admitted = batch.admit(rows, [max_new_tokens] * B, callbacks, [logprobs] * B, prefilled=prefilled)
     t1 = _sync(device)
     while batch.live:
         batch.step()
