@@ -19,13 +19,16 @@ bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset
 byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
 each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``); ``--score`` sends
 lm-evaluation-harness's loglikelihood request in place of a completion (``echo``, ``logprobs: 1``, one new token:
-the prompt's tokens scored), and adds the batched setting with the batch's echoed prompts scored one forward each
-(as first written) beside one forward for them all. ``--continuous`` adds the batched settings with continuous
+the prompt's tokens scored). ``--continuous`` adds the batched settings with continuous
 batching (``hybridlm serve --continuous-batching``: a request joins the running batch at its next step);
 ``--stagger S`` sends client i's request i * S seconds after the first (not all at once), and ``--spread`` asks
 client i for ``max_tokens * (i % 4 + 1) / 4`` new tokens (short requests beside long ones: a static batch holds
 the short ones' slots until its longest row ends). The table also gives the 90th percentile of the latency, and with
-``--stream`` (the answers streamed) the mean time from sending a request to its first text.
+``--stream`` (the answers streamed) the mean time from sending a request to its first text. ``--choices N`` makes the
+prompts multiple-choice questions as lm-evaluation-harness sends them: each question's text followed by N different
+8-character endings, one request per choice (``--clients`` / N questions); with ``--score`` it adds the batched
+setting with the shared prefixes run once per choice (``logprobs.SHARED_PREFIX`` out of reach) beside once per
+group of prompts that share them.
 Results belong in docs/benchmarks.md.
 """
 
@@ -41,20 +44,31 @@ import time
 import torch
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.infer import batching
+from hybridlm.infer import logprobs
 from hybridlm.infer.batching import BatchWorker
-from hybridlm.infer.logprobs import score_prompts
+from hybridlm.infer.logprobs import SHARED_PREFIX
 from hybridlm.infer.server import CompletionServer
 from hybridlm.train.config import DEFAULT_MODEL
 from hybridlm.train.data import builtin_documents
 from hybridlm.train.tokenizer import ByteTokenizer
 
+#: ``--choices``: characters that tell a question's choices apart (each prompt's last ones).
+ENDING = 8
 
-def prompts(count: int, length: int) -> list[str]:
-    """``count`` different prompts of ``length`` characters, cut from the built-in corpus (ASCII text)."""
+
+def prompts(count: int, length: int, choices: int = 1) -> list[str]:
+    """``count`` different prompts of ``length`` characters, cut from the built-in corpus (ASCII text); with
+    ``choices`` > 1, questions of that many prompts each, which share all but their last :data:`ENDING` characters."""
     text = " ".join(builtin_documents("pydoc"))
     text = text.encode("ascii", "ignore").decode()
-    return [text[i * length : (i + 1) * length] for i in range(count)]
+    if choices == 1:
+        return [text[i * length : (i + 1) * length] for i in range(count)]
+    stem = length - ENDING
+    endings = text[count * length :]
+    return [
+        text[(i // choices) * stem : (i // choices + 1) * stem] + endings[i * ENDING : (i + 1) * ENDING]
+        for i in range(count)
+    ]
 
 
 #: ``--score``'s fields: lm-evaluation-harness's loglikelihood request (the prompt's tokens scored, one new token).
@@ -99,11 +113,6 @@ def ask(
     return text, latency, tokens, latency if first is None else first
 
 
-def one_by_one(model, prompts: list[list[int]], k: int) -> list:
-    """``score_prompts`` as it was first written: one forward per echoed prompt (``--score``'s comparison)."""
-    return [score_prompts(model, [p], k)[0] for p in prompts]
-
-
 def serve_round(
     model,
     texts: list[str],
@@ -111,14 +120,15 @@ def serve_round(
     max_batch: int,
     cuda_graph: bool = False,
     extra: dict | None = None,
-    alone: bool = False,
+    unshared: bool = False,
     continuous: bool = False,
     stagger: float = 0.0,
     spread: bool = False,
 ) -> dict:
     """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` from its own thread, at once
-    or ``stagger`` seconds apart (``alone``: echoed prompts scored one forward each; ``spread``: mixed lengths)."""
-    batching.score_prompts = one_by_one if alone else score_prompts
+    or ``stagger`` seconds apart (``unshared``: prompts' shared prefixes run once per prompt; ``spread``: mixed
+    lengths)."""
+    logprobs.SHARED_PREFIX = 10**9 if unshared else SHARED_PREFIX
     tokenizer = ByteTokenizer()
     worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph, continuous=continuous)
     server = CompletionServer(
@@ -153,6 +163,7 @@ def serve_round(
         server.shutdown()
         server.stop()
         serving.join()
+        logprobs.SHARED_PREFIX = SHARED_PREFIX
     return {
         "texts": [r[0] for r in results],
         "wall": wall,
@@ -190,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stagger", type=float, default=0.0, help="seconds between the clients' requests (default: 0)")
     ap.add_argument("--spread", action="store_true", help="client i asks for max_tokens * (i %% 4 + 1) / 4 tokens")
     ap.add_argument("--stream", action="store_true", help="stream the answers; the table adds the time to first text")
+    ap.add_argument(
+        "--choices",
+        type=int,
+        default=1,
+        help="questions of N choices: prompts that share all but their last 8 characters (default: 1)",
+    )
     args = ap.parse_args(argv)
     if args.score:
         args.max_tokens = 1
@@ -199,21 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = ModelConfig.preset(args.preset) if args.preset else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
     model = HybridLM(config, seed=0, device=device).to(dtype).eval()
-    texts = prompts(args.clients, args.prompt_len)
-    # (max batch size, CUDA graph, echoed prompts scored one forward each, continuous batching)
+    if args.choices < 1 or args.clients % args.choices or (args.choices > 1 and args.prompt_len <= ENDING):
+        ap.error(f"--choices must divide --clients, and with several choices --prompt-len exceed {ENDING} characters")
+    texts = prompts(args.clients, args.prompt_len, args.choices)
+    # (max batch size, CUDA graph, shared prefixes run once per prompt, continuous batching)
     graphs = [False, True] if args.cuda_graph else [False]
     settings = [(b, g, False, False) for g in graphs for b in (1, args.clients)]
     if args.continuous:
         settings += [(args.clients, g, False, True) for g in graphs]
-    if args.score:
+    if args.score and args.choices > 1:
         settings.append((args.clients, False, True, False))
     runs: dict[tuple[int, bool, bool, bool], list[dict]] = {s: [] for s in settings}
     extra = SCORE if args.score else None
     if args.stream:
         extra = {**(extra or {}), "stream": True, "stream_options": {"include_usage": True}}
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
-        for (b, g, alone, cont), done in runs.items():
-            done.append(serve_round(model, texts, args.max_tokens, b, g, extra, alone, cont, args.stagger, args.spread))
+        for (b, g, unshared, cont), done in runs.items():
+            done.append(
+                serve_round(model, texts, args.max_tokens, b, g, extra, unshared, cont, args.stagger, args.spread)
+            )
     rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
     name = args.preset or "embedded default model"
     print(
@@ -222,36 +243,31 @@ def main(argv: list[str] | None = None) -> int:
         f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each"
         f"{' (client i: max_tokens * (i % 4 + 1) / 4)' if args.spread else ''}"
         f"{f', sent {args.stagger} s apart' if args.stagger else ''}"
+        f"{f', questions of {args.choices} choices (their last {ENDING} characters differ)' if args.choices > 1 else ''}"
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
     reference = rounds[(1, False, False, False)]
-    scored = " echoed prompts scored |" if args.score else ""
+    scored = " shared prefixes |" if args.choices > 1 else ""
     ttft = " mean time to first text s |" if args.stream else ""
     print(
         f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "
         f"mean latency s | p90 latency s |{ttft} same texts |"
     )
-    print(
-        "|---:|:---:|:---:|"
-        + ":---:|" * bool(args.score)
-        + "---:|---:|---:|---:|---:|"
-        + "---:|" * bool(ttft)
-        + "---:|"
-    )
-    for (b, g, alone, cont), r in rounds.items():
+    print("|---:|:---:|:---:|" + ":---:|" * bool(scored) + "---:|---:|---:|---:|---:|" + "---:|" * bool(ttft) + "---:|")
+    for (b, g, unshared, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
-        how = f" {'one by one' if alone else 'together'} |" if args.score else ""
+        how = f" {'run per prompt' if unshared else 'run once'} |" if scored else ""
         first = f"{r['ttft']:.2f} | " if args.stream else ""
         print(
             f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
             f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
             f"{first}{same} of {len(texts)} |"
         )
-    for (b, g, alone, cont), r in rounds.items():
-        if (b, g, alone, cont) != (1, False, False, False):
+    for (b, g, unshared, cont), r in rounds.items():
+        if (b, g, unshared, cont) != (1, False, False, False):
             label = f"--max-batch-size {b}" + (" --continuous-batching" if cont else "")
-            label += (" --cuda-graph" if g else "") + (", scored one by one" if alone else "")
+            label += (" --cuda-graph" if g else "") + (", shared prefixes run per prompt" if unshared else "")
             print(f"{label} / one at a time: {reference['wall'] / r['wall']:.2f}x the throughput")
     same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done)
     print(f"same texts in every round of every setting: {'yes' if same else 'no'}")

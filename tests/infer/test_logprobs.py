@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridlm import HybridLM
 from hybridlm.errors import NonFiniteLogitsError
 from hybridlm.infer import logprobs
 from hybridlm.infer.logprobs import prompt_logprobs, score_prompts
 from tests.helpers import tiny_config
+from tests.infer.test_decode import PATTERNS, model64
 from tests.infer.test_generate import reference_logprobs
 
 
@@ -129,3 +132,99 @@ def test_prefill_scored_scores_as_score_prompts_and_leaves_the_prompts_prefilled
         while batch.live:
             batch.step()
     assert [row.out for row in rows] == [generate(model, p, 5) for p in prompts]
+
+
+def _brute_force_groups(prompts, minimum):
+    """Which prompts share at least ``minimum`` tokens and have one more: the pairs, by brute force."""
+    pairs = set()
+    for a in range(len(prompts)):
+        for b in range(a + 1, len(prompts)):
+            x, y = prompts[a], prompts[b]
+            common = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            if common >= minimum and min(len(x), len(y)) > minimum:
+                pairs.add((a, b))
+    return pairs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), max_size=7), max_size=9), st.integers(1, 3))
+def test_shared_prefixes_group_exactly_the_prompts_that_share_one(prompts, minimum):
+    """Each group's members begin with its p >= minimum tokens and hold one more; two prompts are in one group
+    exactly when they share at least minimum tokens and each has more."""
+    groups = logprobs.shared_prefixes(prompts, minimum)
+    grouped = set()
+    for p, members in groups:
+        assert p >= minimum and len(members) >= 2 and members == sorted(members)
+        assert all(prompts[r][:p] == prompts[members[0]][:p] and len(prompts[r]) > p for r in members)
+        grouped |= {(a, b) for a in members for b in members if a < b}
+    assert sum(len(m) for _, m in groups) == len({r for _, m in groups for r in m})  # in one group at most
+    assert grouped == _brute_force_groups(prompts, minimum)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_alone(monkeypatch, pattern):
+    """A shared prefix runs once (the prefixes as one batch, then each rest from a copy of its prefix's states):
+    each prompt's scores are still its float64 full forward's, and prefill_scored's cache decodes each prompt as
+    generate decodes it alone, for every cached state kind (Mamba2, GDN, attention KV, MLA, DSA): two groups of
+    rests of several lengths (one prompt a prefix of another, two equal), and prompts that share nothing."""
+    from hybridlm import generate
+    from hybridlm.infer.decode import DecodeBatch
+    from hybridlm.infer.generate import Sampler
+
+    monkeypatch.setattr(logprobs, "SHARED_PREFIX", 5)
+    model = model64(pattern)
+    head, other = [5, 17, 3, 9, 9, 40, 2], [60, 1, 2, 3, 4]
+    prompts = [
+        [*head, 81, 7],
+        [11, 12],
+        [*head, 81, 7, 30, 31],
+        [*other, 9],
+        [*head, 8],
+        [*other, 9],
+        head,
+        [5, 17, 3, 9, 9, 40, 2, 81, 7, 30],
+    ]
+    assert logprobs.shared_prefixes(prompts, 5) == [(6, [0, 2, 4, 6, 7]), (5, [3, 5])]  # (6: prompt 6 needs a rest)
+    forwards = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, ids, *a, **k: forwards.append(ids.shape) or forward(self, ids, *a, **k)
+    )
+    scored, cache, last = logprobs.prefill_scored(model, prompts, 3)
+    # the prompt alone, the two prefixes (one batch), then the rests by length (5, 3, 2, 1: both groups', 4)
+    assert sorted(forwards) == sorted([(1, 2), (2, 6), (1, 5), (1, 3), (1, 2), (3, 1), (1, 4)]), forwards
+    assert cache.offset == 11 and tuple(last.shape) == (8, model.config.vocab_size)
+    with torch.no_grad():
+        for r, prompt in enumerate(prompts):
+            reference = reference_logprobs(model, prompt)
+            assert len(scored[r]) == len(prompt) and scored[r][0] is None
+            for i, s in enumerate(scored[r][1:]):
+                torch.testing.assert_close(s.logprob, float(reference[i, prompt[i + 1]]), rtol=0, atol=1e-10)
+                assert [t for t, _ in s.top] == reference[i].topk(3).indices.tolist()
+            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-10)
+        batch = DecodeBatch(model, 8, 0, Sampler())
+        rows = batch.admit(prompts, [4] * 8, [None] * 8, prefilled=(cache, last))
+        while batch.live:
+            batch.step()
+    assert [row.out for row in rows] == [generate(model, p, 4) for p in prompts]
+    # score_prompts shares them too (its inputs are the prompts but their last tokens): the same scores
+    for got, want in zip(score_prompts(model, prompts, 3), scored, strict=True):
+        assert got[0] is None and [s.top[0][0] for s in got[1:]] == [s.top[0][0] for s in want[1:]]
+        torch.testing.assert_close([s.logprob for s in got[1:]], [s.logprob for s in want[1:]], rtol=0, atol=1e-10)
+
+
+def test_non_finite_logits_in_the_rest_after_a_shared_prefix_are_named_by_prompt_and_its_own_position(monkeypatch):
+    """A position in a member's rest (run after the shared prefix) is named counted from its prompt's start."""
+    monkeypatch.setattr(logprobs, "SHARED_PREFIX", 3)
+    model = HybridLM(tiny_config("M-"), seed=0).eval()
+    forward = type(model).forward
+
+    def poisoned(self, ids, *a, **k):  # the rests of length 3 (prompt 2's): their second position
+        out = forward(self, ids, *a, **k)
+        if ids.shape == (1, 3):
+            out.logits[0, 1] = float("nan")
+        return out
+
+    monkeypatch.setattr(type(model), "forward", poisoned)
+    with pytest.raises(NonFiniteLogitsError, match=r"^prompt 2: the logits at prompt position 5 are not finite"):
+        logprobs.prefill_scored(model, [[1, 2, 3, 4, 5], [9, 9], [1, 2, 3, 4, 7, 8, 6]], 1)
