@@ -26,9 +26,9 @@ client i for ``max_tokens * (i % 4 + 1) / 4`` new tokens (short requests beside 
 the short ones' slots until its longest row ends). The table also gives the 90th percentile of the latency, and with
 ``--stream`` (the answers streamed) the mean time from sending a request to its first text. ``--choices N`` makes the
 prompts multiple-choice questions as lm-evaluation-harness sends them: each question's text followed by N different
-8-character endings, one request per choice (``--clients`` / N questions); with ``--score`` it adds the batched
-setting with the shared prefixes run once per choice (``logprobs.SHARED_PREFIX`` out of reach) beside once per
-group of prompts that share them.
+8-character endings, one request per choice (``--clients`` / N questions; with N = ``--clients``, a few-shot
+task's prompts: one long shared prefix), and adds the batched setting with the shared prefixes run once per prompt
+(``logprobs.SHARED_PREFIX`` out of reach) beside once per group of prompts that share them.
 Results belong in docs/benchmarks.md.
 """
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [(b, g, False, False) for g in graphs for b in (1, args.clients)]
     if args.continuous:
         settings += [(args.clients, g, False, True) for g in graphs]
-    if args.score and args.choices > 1:
+    if args.choices > 1:
         settings.append((args.clients, False, True, False))
     runs: dict[tuple[int, bool, bool, bool], list[dict]] = {s: [] for s in settings}
     extra = SCORE if args.score else None
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|:---:|:---:|" + ":---:|" * bool(scored) + "---:|---:|---:|---:|---:|" + "---:|" * bool(ttft) + "---:|")
     for (b, g, unshared, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
-        how = f" {'run per prompt' if unshared else 'run once'} |" if scored else ""
+        how = f" {'—' if b == 1 else 'run per prompt' if unshared else 'run once'} |" if scored else ""
         first = f"{r['ttft']:.2f} | " if args.stream else ""
         print(
             f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "

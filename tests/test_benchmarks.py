@@ -280,5 +280,6 @@ def test_serve_scores_questions_of_several_choices_with_their_shared_prefixes_ru
     assert serve.main(args) == 0
     out = capsys.readouterr().out
     assert "| 6 | static | no | run once | " in out and "| 6 | static | no | run per prompt | " in out
+    assert "| 1 | static | no | — | " in out
     assert "same texts in every round of every setting: yes" in out
     assert logprobs.SHARED_PREFIX == 64

@@ -578,3 +578,28 @@ def test_continuous_a_prompt_that_cannot_be_prefilled_when_it_joins_is_named_by_
     drain(worker)
     kind, _, error = events(first)[-1]
     assert kind == "error" and error.message == "generation failed: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_prompts_that_share_a_prefix_run_it_once_and_answer_as_each_alone(model, monkeypatch, continuous):
+    """A few-shot task's requests (one long shared prefix, then each its own question), queued together: the prefix
+    runs once for the batch (its forwards take the prefix once, then the rests), and each answer is its prompt's
+    alone; a request with nothing shared in the same batch too."""
+    from hybridlm.infer import logprobs
+
+    monkeypatch.setattr(logprobs, "SHARED_PREFIX", 16)
+    shots = "Q: 1+1? A: 2. Q: 2+2? A: 4. "  # 28 bytes
+    texts = [shots + "Q: 3+3? A:", shots + "Q: 10+1? A:", "unrelated", shots + "Q: 3+3? A:"]
+    lengths = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, ids, *a, **k: lengths.append(ids.shape[1]) or forward(self, ids, *a, **k)
+    )
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
+    jobs = [worker.submit(request({"prompt": text, "max_tokens": 5})) for text in texts]
+    drain(worker)
+    prefill = [n for n in lengths if n > 1]
+    # alone: "unrelated"; the prefix (the shots and "Q: "), then the rests of lengths 7 and 8
+    assert sorted(prefill) == [7, 8, 9, 31], lengths
+    for job, text in zip(jobs, texts):
+        assert job.rows[0].completion.text == TOKENIZER.decode(solo(model, text, 5))

@@ -10,6 +10,7 @@ from hybridlm.errors import NonFiniteLogitsError
 from hybridlm.infer import logprobs
 from hybridlm.infer.logprobs import prompt_logprobs, score_prompts
 from tests.helpers import tiny_config
+from tests.infer.test_cache import BF16_PATTERNS
 from tests.infer.test_decode import PATTERNS, model64
 from tests.infer.test_generate import reference_logprobs
 
@@ -207,6 +208,19 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
         while batch.live:
             batch.step()
     assert [row.out for row in rows] == [generate(model, p, 4) for p in prompts]
+    # prefill_shared: the same without scoring (the head on each forward's last position only)
+    forwards.clear()
+    cache, last = logprobs.prefill_shared(model, prompts)
+    assert sorted(forwards) == sorted([(1, 2), (2, 6), (1, 5), (1, 3), (1, 2), (3, 1), (1, 4)]), forwards
+    with torch.no_grad():
+        for r, prompt in enumerate(prompts):
+            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-10)
+        batch = DecodeBatch(model, 8, 0, Sampler())
+        rows = batch.admit(prompts, [4] * 8, [None] * 8, prefilled=(cache, last))
+        while batch.live:
+            batch.step()
+    assert [row.out for row in rows] == [generate(model, p, 4) for p in prompts]
+    assert logprobs.prefill_shared(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8], [9]]) is None  # 4 shared: < 5
     # score_prompts shares them too (its inputs are the prompts but their last tokens): the same scores
     for got, want in zip(score_prompts(model, prompts, 3), scored, strict=True):
         assert got[0] is None and [s.top[0][0] for s in got[1:]] == [s.top[0][0] for s in want[1:]]
@@ -228,3 +242,54 @@ def test_non_finite_logits_in_the_rest_after_a_shared_prefix_are_named_by_prompt
     monkeypatch.setattr(type(model), "forward", poisoned)
     with pytest.raises(NonFiniteLogitsError, match=r"^prompt 2: the logits at prompt position 5 are not finite"):
         logprobs.prefill_scored(model, [[1, 2, 3, 4, 5], [9, 9], [1, 2, 3, 4, 7, 8, 6]], 1)
+
+
+def shared_errors(pattern: str, device: str, length: int, rest: int) -> tuple[float, float, float]:
+    """A bf16 model (realistic head sizes) scores and prefills 3 prompts of ``length`` tokens that share all but
+    their last ``rest`` with their prefix run once. Returns the relative errors against the float64 forward of the
+    same rounded weights: of the shared path's scored log-probabilities (every position of every prompt), of its
+    prefill's last logits, and of the full bf16 forward's log-probabilities."""
+    import copy
+
+    from hybridlm import ModelConfig
+    from tests.helpers import rel_err
+    from tests.infer.test_cache import REALISTIC
+
+    cfg = ModelConfig(pattern=pattern, **REALISTIC)
+    model = HybridLM(cfg, seed=3, device=device).cast(torch.bfloat16).eval()
+    reference = copy.deepcopy(model).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    head = torch.randint(0, cfg.vocab_size, (length - rest,), generator=gen).tolist()
+    prompts = [head + torch.randint(0, cfg.vocab_size, (rest,), generator=gen).tolist() for _ in range(3)]
+    assert logprobs.shared_prefixes(prompts, logprobs.SHARED_PREFIX) == [(length - rest, [0, 1, 2])]
+    ids = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        want = torch.log_softmax(reference(ids).logits.double(), -1)  # (3, L, V)
+        full = torch.log_softmax(model(ids).logits.double(), -1)
+    targets = ids[:, 1:, None]
+    want_picked, full_picked = want[:, :-1].gather(-1, targets)[..., 0], full[:, :-1].gather(-1, targets)[..., 0]
+    scored, _, _ = logprobs.prefill_scored(model, prompts, 1)
+    got = torch.tensor([[s.logprob for s in row[1:]] for row in scored], dtype=torch.float64, device=device)
+    _, last = logprobs.prefill_shared(model, prompts)
+    err_last = rel_err(torch.log_softmax(last.double(), -1), want[:, -1])
+    return rel_err(got, want_picked), err_last, rel_err(full_picked, want_picked)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", BF16_PATTERNS)
+def test_bf16_prompts_sharing_a_4096_token_prefix_are_as_close_to_float64_as_the_full_forward_on_gpu(pattern):
+    """Three 4,096-token prompts that share 4,000 tokens (the prefix once, the rests from its copied states; the GPU
+    kernels): their scores and last logits within 1.5x the full bf16 forward's error against float64, plus half a
+    bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    err_scored, err_last, err_full = shared_errors(pattern, "cuda", 4096, 96)
+    print(f"{pattern} bf16, shared 4000 of 4096: scored {err_scored:.3g}, last {err_last:.3g}, full {err_full:.3g}")
+    assert err_scored <= 1.5 * err_full + 2e-3 and err_last <= 1.5 * err_full + 2e-3, (err_scored, err_last, err_full)
+
+
+@pytest.mark.parametrize("pattern", BF16_PATTERNS)
+def test_bf16_prompts_sharing_a_prefix_are_as_close_to_float64_as_the_full_forward_on_cpu(pattern):
+    """The same check as the GPU one at a short length on the CPU's torch paths."""
+    err_scored, err_last, err_full = shared_errors(pattern, "cpu", 80, 8)
+    assert err_scored <= 1.5 * err_full + 2e-3 and err_last <= 1.5 * err_full + 2e-3, (err_scored, err_last, err_full)

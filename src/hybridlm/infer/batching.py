@@ -26,7 +26,10 @@ its own k most likely, and the rows that did not ask drop theirs); with ``echo``
 batch's echoed prompts in one padded forward (:func:`~hybridlm.infer.logprobs.score_prompts`); where they are all
 the batch's prompts that go on (lm-evaluation-harness's loglikelihood requests), that forward is their prefill too
 (:func:`~hybridlm.infer.logprobs.prefill_scored`), so they run through the model once. A row with ``max_tokens`` 0
-(echo only) ends there, unbatched.
+(echo only) ends there, unbatched. Prompts run together that begin with the same
+:data:`~hybridlm.infer.logprobs.SHARED_PREFIX` tokens or more (a few-shot task's, a question's choices) run those
+once (:func:`~hybridlm.infer.logprobs.prefill_shared`; with continuous batching such joiners are prefilled whole at
+admission, not chunk by chunk).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
 from .decode import DecodeBatch, JoinError
 from .generate import Sampler, generate
-from .logprobs import TokenLogprob, prefill_scored, score_prompts
+from .logprobs import TokenLogprob, prefill_scored, prefill_shared, score_prompts
 
 _log = logging.getLogger(__name__)
 
@@ -167,6 +170,8 @@ class BatchWorker:
         self.samplers: dict = {}  # its samplers, by the settings (Sampling) of their rows
         self.joined = 0  # rows that joined a batch already decoding
         self.specials = tokenizer.special_tokens()
+        # An empty prompt starts from the end-of-text token, as generate starts it.
+        self._start = [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
         # A token's text, for logprobs' dicts: each id decoded once (at most the vocabulary; read by handler threads)
         self.piece = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
         self.queue: queue.Queue = queue.Queue()  # Jobs; None only wakes the loop
@@ -270,6 +275,10 @@ class BatchWorker:
             scoring = {"logprobs": max(ks)} if ks else {}
             if prefilled is not None and prefilled[0] == live:
                 scoring["prefilled"] = prefilled[1:]
+            elif len(live) > 1:  # prompts that share a prefix (a few-shot task's) run it once
+                shared = prefill_shared(self.model, [row.ids or self._start for row in live])
+                if shared is not None:
+                    scoring["prefilled"] = shared
             if live:
                 self.generate(
                     self.model,
@@ -385,16 +394,17 @@ class BatchWorker:
             # one for every settings it ever saw.
             used = {id(row.sampler) for row in batch.held}
             self.samplers = {key: s for key, s in self.samplers.items() if id(s) in used}
-            groups = [(live, None)]
+            scored, others = [], live
             if prefilled is not None:
                 scored, cache, last = prefilled
-                groups = [(scored, (cache, last)), ([row for row in live if row not in scored], None)]
-            # An empty prompt starts from the end-of-text token, as generate starts it.
-            start = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
+                others = [row for row in live if row not in scored]
+            groups = [(scored, None if prefilled is None else (cache, last)), (others, None)]
+            if len(others) > 1:  # prompts that share a prefix run it once (prefilled whole, not chunk by chunk)
+                groups[1] = (others, prefill_shared(self.model, [row.ids or self._start for row in others]))
             for group, done in groups:
                 if group:
                     batch.admit(
-                        [row.ids or start for row in group],
+                        [row.ids or self._start for row in group],
                         [row.job.request.max_tokens for row in group],
                         [functools.partial(self._on_token, row) for row in group],
                         [row.job.request.logprobs for row in group],

@@ -21,11 +21,13 @@ from .cache import InferenceCache
 #: chunks of ``LOGITS_BUDGET // (rows * vocab_size)`` positions, so that (B, L, V) float32 logits (2 GB for one row
 #: of 4,096 positions and a 131,072-token vocabulary, as much again for their log_softmax) are never made whole.
 LOGITS_BUDGET = 2**25
-#: Prompts scored together that begin with the same tokens, at least this many, run those tokens once
+#: Prompts scored or prefilled together that begin with the same tokens, at least this many, run those tokens once
 #: (:func:`shared_prefixes`): lm-evaluation-harness sends a multiple-choice question's choices as prompts that share
-#: the question (and its few-shot examples), then differ in their last tokens. Below it, the forwards the split adds
-#: cost more than the tokens it saves.
+#: the question (and its few-shot examples), then differ in their last tokens, and a few-shot task's prompts share
+#: the examples. Below it, the forwards the split adds cost more than the tokens it saves.
 SHARED_PREFIX = 64
+#: Positions per forward of :func:`prefill_shared` (generate's default ``prefill_chunk_size``).
+PREFILL_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,19 @@ def prefill_scored(
     return [[None, *scores] for scores in scored], cache, last
 
 
+@torch.no_grad()
+def prefill_shared(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[InferenceCache, torch.Tensor] | None:
+    """Prefill ``prompts`` (non-empty) with the prefixes they share run once (:data:`SHARED_PREFIX` tokens or more:
+    a few-shot task's prompts, a request's choices): (a cache that holds them left-padded, as one forward over them
+    all would, and the (B, V) logits of their last positions), which ``generate(prefilled=...)`` and
+    :meth:`~hybridlm.infer.decode.DecodeBatch.admit` decode from; None where no two share that many (a plain
+    prefill then costs the same)."""
+    if not shared_prefixes(prompts, SHARED_PREFIX):
+        return None
+    _, cache, last = _scored(model, prompts, [p[1:] for p in prompts], None, list(range(len(prompts))), keep=True)
+    return cache, last
+
+
 def shared_prefixes(prompts: list[list[int]], minimum: int) -> list[tuple[int, list[int]]]:
     """The prompts that begin with the same ``p`` >= ``minimum`` tokens, as (p, their indices in order), each
     prompt with at least one token after its group's p (the groups' last prefix positions predict a token of each
@@ -121,14 +136,15 @@ def _scored(
     model: torch.nn.Module,
     inputs: list[list[int]],
     targets: list[list[int]],
-    k: int,
+    k: int | None,
     names: list[int],
     keep: bool,
 ) -> tuple[list[list[TokenLogprob]], InferenceCache | None, torch.Tensor]:
     """:func:`_scored_forward`'s results for ``inputs`` (each scored against the next input tokens: ``targets[row][j]
     == inputs[row][j + 1]`` where both exist), their shared prefixes run once (:data:`SHARED_PREFIX`): the prefixes
     as one batch, then each member's rest from a copy of its prefix's states, the rests of one length as one batch.
-    The cache (``keep``; else None) holds every row left-padded, as one forward over them all would."""
+    The cache (``keep``; else None) holds every row left-padded, as one forward over them all would. ``k`` None:
+    nothing scored (empty lists; a prefill)."""
     groups = shared_prefixes(inputs, SHARED_PREFIX)
     if not groups:
         return _scored_forward(model, inputs, targets, k, names)
@@ -177,6 +193,8 @@ def _scored(
         [names[r] for r in heads],
     )
     for g, (p, members) in enumerate(groups):
+        if k is None:
+            continue
         goal = torch.tensor([targets[r][p - 1] for r in members], device=device)
         own = to_host(*(t.tolist() for t in pick_logprobs(end[g].expand(len(members), -1), goal, k)))
         for r, mine in zip(members, own):
@@ -202,7 +220,7 @@ def _scored_forward(
     model: torch.nn.Module,
     inputs: list[list[int]],
     targets: list[list[int]],
-    k: int,
+    k: int | None,
     names: list[int],
     cache: InferenceCache | None = None,
     at: list[int] | None = None,
@@ -213,7 +231,7 @@ def _scored_forward(
     each row's scores, the cache and the (B, V) logits of the last position. Non-finite logits at a position: a
     :class:`~hybridlm.errors.NonFiniteLogitsError` naming prompt ``names[row]`` and the position. ``cache``: one
     that holds what comes before the inputs (then all of one length), ``at[row]`` their first position in their
-    prompts (default 0: a new cache)."""
+    prompts (default 0: a new cache). ``k`` None: nothing scored (empty lists, no check: a prefill)."""
     from .decode import left_pad  # (decode imports this module)
 
     device = next(model.parameters()).device
@@ -230,14 +248,17 @@ def _scored_forward(
         cache = InferenceCache.for_model(model, B, P)
         if not bool(valid.all()):
             cache.set_padding(valid)
-    chunk = max(1, LOGITS_BUDGET // (B * model.config.vocab_size))
+    # (unscored: a prefill, the head on each chunk's last position only, whose logits the decode step checks)
+    chunk = PREFILL_CHUNK if k is None else max(1, LOGITS_BUDGET // (B * model.config.vocab_size))
     out: list[list[TokenLogprob]] = [[] for _ in inputs]
     was_training = model.training
     model.eval()
     try:
         for start in range(0, P, chunk):
             end = min(start + chunk, P)
-            logits = model(ids[:, start:end], cache=cache).logits  # (B, n, V)
+            logits = model(ids[:, start:end], cache=cache, logits_to_keep=1 if k is None else 0).logits  # (B, n, V)
+            if k is None:
+                continue
             real = valid[:, start:end]
             bad = (~torch.isfinite(logits.amax(-1)) & real).nonzero()
             if len(bad):  # (NaN logprobs are no JSON, and would score nothing)
