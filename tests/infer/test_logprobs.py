@@ -107,13 +107,28 @@ def test_bfloat16_logits_are_scored_in_float32():
     assert torch.equal(ids, expected.topk(2).indices)
 
 
+def decodes_as_alone(model, prompts, cache, last, new_tokens: int) -> None:
+    """``cache`` and ``last`` hold ``prompts`` prefilled (float64): the last logits are each prompt's full forward's,
+    and a decode batch that takes them decodes each prompt as generate decodes it alone."""
+    from hybridlm import generate
+    from hybridlm.infer.decode import DecodeBatch
+    from hybridlm.infer.generate import Sampler
+
+    n = len(prompts)
+    with torch.no_grad():
+        for r, prompt in enumerate(prompts):
+            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-10)
+        batch = DecodeBatch(model, n, 0, Sampler())
+        rows = batch.admit(prompts, [new_tokens] * n, [None] * n, prefilled=(cache, last))
+        while batch.live:
+            batch.step()
+    assert [row.out for row in rows] == [generate(model, p, new_tokens) for p in prompts]
+
+
 @pytest.mark.parametrize("budget", [logprobs.LOGITS_BUDGET, 4 * 97 * 2])  # one chunk; chunks of 2 positions
 def test_prefill_scored_scores_as_score_prompts_and_leaves_the_prompts_prefilled(monkeypatch, budget):
     """One forward over the whole prompts gives score_prompts' scores, the last positions' logits (the full
     forward's), and a cache that a decode batch takes them from: they decode as generate decodes them alone."""
-    from hybridlm import generate
-    from hybridlm.infer.decode import DecodeBatch
-    from hybridlm.infer.generate import Sampler
 
     monkeypatch.setattr(logprobs, "LOGITS_BUDGET", budget)
     model = HybridLM(tiny_config("M[*-]G", position_embedding="rope"), seed=0, dtype=torch.float64).eval()
@@ -125,14 +140,7 @@ def test_prefill_scored_scores_as_score_prompts_and_leaves_the_prompts_prefilled
         for g, w in zip(got_row[1:], want_row[1:]):
             assert [t for t, _ in g.top] == [t for t, _ in w.top]
             torch.testing.assert_close(g.logprob, w.logprob, rtol=0, atol=1e-12)
-    with torch.no_grad():
-        for r, prompt in enumerate(prompts):
-            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-11)
-        batch = DecodeBatch(model, 3, 0, Sampler())
-        rows = batch.admit(prompts, [5] * 3, [None] * 3, prefilled=(cache, last))
-        while batch.live:
-            batch.step()
-    assert [row.out for row in rows] == [generate(model, p, 5) for p in prompts]
+    decodes_as_alone(model, prompts, cache, last, 5)
 
 
 def _brute_force_groups(prompts, minimum):
@@ -168,9 +176,6 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
     each prompt's scores are still its float64 full forward's, and prefill_scored's cache decodes each prompt as
     generate decodes it alone, for every cached state kind (Mamba2, GDN, attention KV, MLA, DSA): two groups of
     rests of several lengths (one prompt a prefix of another, two equal), and prompts that share nothing."""
-    from hybridlm import generate
-    from hybridlm.infer.decode import DecodeBatch
-    from hybridlm.infer.generate import Sampler
 
     monkeypatch.setattr(logprobs, "SHARED_PREFIX", 5)
     model = model64(pattern)
@@ -202,24 +207,12 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
             for i, s in enumerate(scored[r][1:]):
                 torch.testing.assert_close(s.logprob, float(reference[i, prompt[i + 1]]), rtol=0, atol=1e-10)
                 assert [t for t, _ in s.top] == reference[i].topk(3).indices.tolist()
-            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-10)
-        batch = DecodeBatch(model, 8, 0, Sampler())
-        rows = batch.admit(prompts, [4] * 8, [None] * 8, prefilled=(cache, last))
-        while batch.live:
-            batch.step()
-    assert [row.out for row in rows] == [generate(model, p, 4) for p in prompts]
+    decodes_as_alone(model, prompts, cache, last, 4)
     # prefill_shared: the same without scoring (the head on each forward's last position only)
     forwards.clear()
     cache, last = logprobs.prefill_shared(model, prompts)
     assert sorted(forwards) == sorted([(1, 2), (2, 6), (1, 5), (1, 3), (1, 2), (3, 1), (1, 4)]), forwards
-    with torch.no_grad():
-        for r, prompt in enumerate(prompts):
-            torch.testing.assert_close(last[r], model(torch.tensor([prompt])).logits[0, -1], rtol=0, atol=1e-10)
-        batch = DecodeBatch(model, 8, 0, Sampler())
-        rows = batch.admit(prompts, [4] * 8, [None] * 8, prefilled=(cache, last))
-        while batch.live:
-            batch.step()
-    assert [row.out for row in rows] == [generate(model, p, 4) for p in prompts]
+    decodes_as_alone(model, prompts, cache, last, 4)
     assert logprobs.prefill_shared(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8], [9]]) is None  # 4 shared: < 5
     # score_prompts shares them too (its inputs are the prompts but their last tokens): the same scores
     for got, want in zip(score_prompts(model, prompts, 3), scored, strict=True):
