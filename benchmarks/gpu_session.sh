@@ -165,6 +165,9 @@ for stage in "$@"; do
     contserve)  # continuous against static batching: 16 clients STAGGER s apart, mixed lengths (up to 128 tokens)
         run contserve 400 24 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --continuous \
             --clients 16 --max-tokens 128 --spread --stream --stagger "${STAGGER:-0.05}" --repeat "${REPEAT:-2}" ;;
+    shareserve)  # lm-eval's multiple-choice requests on bench-1.3b: shared prefixes run once against per prompt
+        run shareserve 300 16 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --score --continuous \
+            --choices 4 --clients 16 --prompt-len 1024 --repeat "${REPEAT:-2}" ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;
     *) echo "unknown stage $stage" ;;
     esac
