@@ -70,13 +70,11 @@ def test_prompts_are_text_texts_token_ids_or_lists_of_them():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("n", 2),
         ("best_of", 3),
         ("suffix", "x"),
         ("presence_penalty", 0.5),
         ("frequency_penalty", -1),
         ("logit_bias", {"5": 10}),
-        ("n", True),
     ],
 )
 def test_fields_that_would_change_the_result_are_refused_by_name(field, value):
@@ -209,3 +207,20 @@ def test_a_body_that_is_no_json_object_is_a_400(body, words):
         read_json(body)
     assert e.value.status == 400 and words in e.value.message
     assert json.loads(json.dumps(e.value.body()))["error"]["param"] is None
+
+
+def test_n_choices_per_prompt_are_rows_in_order_and_bad_counts_are_refused_by_name():
+    """n: each prompt n times in a row (choice i * n + j is prompt i's j-th), as OpenAI and vLLM number them; an
+    integer in [1, 128], a bool or a float refused naming n; the seed's range counts every choice."""
+    request = parse({"prompt": ["ab", "c"], "n": 3, "temperature": 0.7})
+    assert request.n == 3 and request.prompts == [[97, 98]] * 3 + [[99]] * 3
+    assert parse({"prompt": "ab"}).n == 1
+    for bad in (0, 129, True, 2.0, "2", -1):
+        error = refused({"prompt": "hi", "n": bad})
+        assert error.param == "n" and "must be an integer in [1, 128]" in error.message, bad
+    assert parse({"prompt": "hi", "n": 128}).prompts == [[104, 105]] * 128
+    from hybridlm.infer.generate import SEED_RANGE
+
+    # with 8 rows per batch, 9 choices start a second batch at seed + 8
+    assert refused({"prompt": "hi", "n": 9, "temperature": 1, "seed": SEED_RANGE[1] - 7}).param == "seed"
+    assert parse({"prompt": "hi", "n": 8, "temperature": 1, "seed": SEED_RANGE[1]}).n == 8

@@ -603,3 +603,25 @@ def test_prompts_that_share_a_prefix_run_it_once_and_answer_as_each_alone(model,
     assert sorted(prefill) == [7, 8, 9, 31], lengths
     for job, text in zip(jobs, texts):
         assert job.rows[0].completion.text == TOKENIZER.decode(solo(model, text, 5))
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_n_samples_of_a_long_prompt_prefill_it_once(model, monkeypatch, continuous):
+    """A request for n choices of one 70-token prompt (pass@k's samples): the prompt runs once, its last token once
+    per choice (the only forward of more than one position: the prompt but its last token, alone); greedy, every
+    choice is the prompt's own continuation, and the usage counts the prompt once."""
+    text = "def add(a, b):\n    '''Return the sum of a and b integers.'''\n    retur"  # 70 bytes
+    assert len(TOKENIZER.encode(text)) == 70
+    shapes = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model),
+        "forward",
+        lambda self, ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **k),
+    )
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=8, continuous=continuous)
+    job = worker.submit(request({"prompt": text, "n": 4, "max_tokens": 5}))
+    drain(worker)
+    assert [s for s in shapes if s[1] > 1] == [(1, 69)], shapes
+    assert [row.completion.text for row in job.rows] == [TOKENIZER.decode(solo(model, text, 5))] * 4
+    assert job.usage()["prompt_tokens"] == 70

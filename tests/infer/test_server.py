@@ -245,7 +245,7 @@ def test_requests_queued_together_run_as_one_batch(model):
     [
         (b'{"prompt": "hi",', 400, None, "not valid JSON"),
         (b'{"prompt": "hi", "best": 1}', 400, "best", "unknown field"),
-        (b'{"prompt": "hi", "n": 2}', 400, "n", "only 1"),
+        (b'{"prompt": "hi", "n": 200}', 400, "n", "[1, 128]"),
         (b'{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens", "[1, 64]"),
         (b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature", "a number"),
         (b'{"prompt": "hi", "model": "other"}', 404, "model", "serves 'tiny'"),
@@ -484,7 +484,7 @@ def test_a_connection_is_kept_alive_across_requests_and_errors_unless_http_1_0(s
     sockets = set()
     for body, status in (
         ({"prompt": "a", "max_tokens": 1}, 200),
-        ({"prompt": "a", "n": 3}, 400),
+        ({"prompt": "a", "n": 0}, 400),
         ({"prompt": "b"}, 200),
     ):
         connection.request("POST", "/v1/completions", body=json.dumps(body))
@@ -574,3 +574,24 @@ def test_many_clients_connecting_at_once_are_held_until_accepted(model):
             for s in sockets:
                 s.close()
     assert len(sockets) == 32
+
+
+def test_n_samples_per_prompt_are_choices_numbered_prompt_by_prompt_as_generates_seeded_batch(server, model):
+    """n: 2 prompts x 3 samples are 6 choices, prompt 0's first (index i * n + j); seeded, they are the samples of
+    generate's batch of those 6 rows with that seed; the usage counts each prompt's tokens once; streamed, the
+    same texts by index; on the chat route, n choices of one conversation."""
+    body = {"prompt": ["ab", "cde"], "n": 3, "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    status, answer = complete(server, body)
+    assert status == 200 and [c["index"] for c in answer["choices"]] == list(range(6))
+    rows = [TOKENIZER.encode(p) for p in ("ab", "ab", "ab", "cde", "cde", "cde")]
+    want = generate(model, rows, 6, temperature=1.0, seed=7, eos_id=TOKENIZER.eos_id)
+    assert [c["text"] for c in answer["choices"]] == [
+        TOKENIZER.decode([t for t in w if t != TOKENIZER.eos_id]) for w in want
+    ]
+    assert len({c["text"] for c in answer["choices"][:3]}) > 1  # samples, not one text thrice
+    assert answer["usage"]["prompt_tokens"] == 5
+    status, _, data = call(server, "POST", "/v1/completions", {**body, "stream": True})
+    chunks = [json.loads(e.removeprefix("data: ")) for e in data.decode().split("\n\n")[:-2]]
+    for index in range(6):
+        texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(texts) == answer["choices"][index]["text"]

@@ -30,9 +30,11 @@ MAX_STOPS = 16
 #: ``logprobs`` at most: OpenAI's cap is 5, vLLM's 20 (its default ``max_logprobs``); each is a decoded token in the
 #: answer, per position.
 MAX_LOGPROBS = 20
+#: ``n`` (choices per prompt) at most: OpenAI's cap. Pass@k evaluations ask for many samples of one prompt; its
+#: prefill runs once for them all where it is long enough to share (:data:`~hybridlm.infer.logprobs.SHARED_PREFIX`).
+MAX_N = 128
 #: OpenAI fields taken only at the value that leaves the result unchanged (null is always taken).
 NEUTRAL = {
-    "n": 1,
     "best_of": 1,
     "suffix": None,
     "presence_penalty": 0,
@@ -43,6 +45,7 @@ NEUTRAL = {
 FIELDS = (
     "model",
     "prompt",
+    "n",
     "max_tokens",
     "temperature",
     "top_p",
@@ -101,7 +104,8 @@ class Sampling:
 
 @dataclass
 class CompletionRequest:
-    """A checked ``POST /v1/completions``: one prompt (token ids) per choice, in order."""
+    """A checked ``POST /v1/completions``: one prompt (token ids) per choice, in order (with ``n`` > 1, each prompt
+    ``n`` times in a row: choice ``i * n + j`` is prompt i's j-th)."""
 
     prompts: list[list[int]]
     max_tokens: int
@@ -116,6 +120,8 @@ class CompletionRequest:
     echo: bool = False
     #: None: no log-probabilities; k: each token's, and the k most likely tokens' at its position.
     logprobs: int | None = None
+    #: Choices per prompt (their prompt tokens count once in the usage).
+    n: int = 1
 
 
 def _is_int(x) -> bool:
@@ -242,6 +248,11 @@ def parse_request(
         value = body.get(name)
         return default if value is None else value
 
+    n = get("n", 1)
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise _invalid("n", f"must be an integer in [1, {MAX_N}] (choices per prompt), got {json.dumps(n)[:60]}")
+    prompts = [ids for ids in prompts for _ in range(n)]  # (each choice a row of its own; greedy ones are equal)
+
     # (with a limit below OpenAI's default, a request that gives none runs at the limit: it was refused, "got 16",
     # a number the client never sent)
     echo, logprobs = get("echo", False), body.get("logprobs")
@@ -292,7 +303,9 @@ def parse_request(
         else Sampling(temperature, operator.index(top_k), float(top_p), float(penalty), seed)
     )
     stops = _stops(body.get("stop"))
-    return CompletionRequest(prompts, max_tokens, sampling, stops, stream, include_usage, echo=echo, logprobs=logprobs)
+    return CompletionRequest(
+        prompts, max_tokens, sampling, stops, stream, include_usage, echo=echo, logprobs=logprobs, n=n
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -146,8 +146,10 @@ class Job:
             self.emit("error", None, error)
 
     def usage(self) -> dict:
-        """``usage``: the prompts' tokens as given (an empty prompt counts none) and the tokens picked."""
-        return usage(sum(len(r.ids) for r in self.rows), sum(r.tokens for r in self.rows))
+        """``usage``: the prompts' tokens as given (an empty prompt counts none; each prompt once, whatever its ``n``
+        choices, as OpenAI and vLLM count them) and the tokens picked."""
+        prompts = self.rows[:: self.request.n]
+        return usage(sum(len(r.ids) for r in prompts), sum(r.tokens for r in self.rows))
 
 
 class BatchWorker:
