@@ -10,11 +10,11 @@ The embedded default model of ``hybridlm train`` (random weights, byte tokenizer
 free localhost port, as ``hybridlm serve`` serves it (the same ``BatchWorker`` and ``CompletionServer``). K client
 threads each send one greedy request at once (different prompts of ``--prompt-len`` bytes, ``--max-tokens`` new
 tokens at most each), with ``--max-batch-size 1`` (one request after another: what a server without batching
-does) and with ``--max-batch-size K``, the two taking turns ``--repeat`` times (default 3; the median round of
-each is shown: the host may be shared). The table gives the wall time from the first request sent to the last
-answer read, the completion tokens per second over all clients, the mean latency of one request and the number
-of batches the worker ran (``generate`` calls; continuous: batches started); it checks that every round of both settings answered the same texts (exit
-status 1 if not, in float32: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties; in
+does) and with ``--max-batch-size K`` (K times ``--n``), the two taking turns ``--repeat`` times (default 3; the
+median round of each is shown: the host may be shared). The table gives the wall time from the first request sent
+to the last answer read, the completion tokens per second over all clients, the mean latency of one request and the
+number of batches the worker ran (``generate`` calls; continuous: batches started); it checks that every round of
+both settings answered the same texts (exit status 1 if not, in float32: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties; in
 bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset (random weights, bf16 on CUDA; the
 byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
 each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``); ``--score`` sends
@@ -28,7 +28,8 @@ the short ones' slots until its longest row ends). The table also gives the 90th
 prompts multiple-choice questions as lm-evaluation-harness sends them: each question's text followed by N different
 8-character endings, one request per choice (``--clients`` / N questions; with N = ``--clients``, a few-shot
 task's prompts: one long shared prefix), and adds the batched setting with the shared prefixes run once per prompt
-(``logprobs.SHARED_PREFIX`` out of reach) beside once per group of prompts that share them.
+(``logprobs.SHARED_PREFIX`` out of reach) beside once per group of prompts that share them; ``--n N`` asks for N
+choices per request (the API's ``n``: pass@k's samples; greedy here, so N equal texts), the same two settings.
 Results belong in docs/benchmarks.md.
 """
 
@@ -93,7 +94,8 @@ def ask(
         if "error" in answer:
             raise RuntimeError(answer["error"]["message"])
         latency = time.perf_counter() - start
-        return answer["choices"][0]["text"], latency, answer["usage"]["completion_tokens"], latency
+        text = "\n---\n".join(c["text"] for c in answer["choices"])  # (n > 1: every choice, in order)
+        return text, latency, answer["usage"]["completion_tokens"], latency
     text, first, tokens = "", None, 0
     for line in response:  # "data: {chunk}" lines, then "data: [DONE]"
         line = line.decode().strip()
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="questions of N choices: prompts that share all but their last 8 characters (default: 1)",
     )
+    ap.add_argument("--n", type=int, default=1, help="choices per request (the API's n; default: 1)")
     args = ap.parse_args(argv)
     if args.score:
         args.max_tokens = 1
@@ -221,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     texts = prompts(args.clients, args.prompt_len, args.choices)
     # (max batch size, CUDA graph, shared prefixes run once per prompt, continuous batching)
     graphs = [False, True] if args.cuda_graph else [False]
-    settings = [(b, g, False, False) for g in graphs for b in (1, args.clients)]
+    rows = args.clients * args.n  # (the batched settings take every choice of every request at once)
+    settings = [(b, g, False, False) for g in graphs for b in (1, rows)]
     if args.continuous:
-        settings += [(args.clients, g, False, True) for g in graphs]
-    if args.choices > 1:
-        settings.append((args.clients, False, True, False))
+        settings += [(rows, g, False, True) for g in graphs]
+    if args.choices > 1 or args.n > 1:
+        settings.append((rows, False, True, False))
     runs: dict[tuple[int, bool, bool, bool], list[dict]] = {s: [] for s in settings}
     extra = SCORE if args.score else None
+    if args.n > 1:
+        extra = {**(extra or {}), "n": args.n}
     if args.stream:
         extra = {**(extra or {}), "stream": True, "stream_options": {"include_usage": True}}
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
@@ -244,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (client i: max_tokens * (i % 4 + 1) / 4)' if args.spread else ''}"
         f"{f', sent {args.stagger} s apart' if args.stagger else ''}"
         f"{f', questions of {args.choices} choices (their last {ENDING} characters differ)' if args.choices > 1 else ''}"
+        f"{f', {args.n} choices per request (n)' if args.n > 1 else ''}"
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
     reference = rounds[(1, False, False, False)]
-    scored = " shared prefixes |" if args.choices > 1 else ""
+    scored = " shared prefixes |" if args.choices > 1 or args.n > 1 else ""
     ttft = " mean time to first text s |" if args.stream else ""
     print(
         f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "

@@ -283,3 +283,7 @@ def test_serve_scores_questions_of_several_choices_with_their_shared_prefixes_ru
     assert "| 1 | static | no | — | " in out
     assert "same texts in every round of every setting: yes" in out
     assert logprobs.SHARED_PREFIX == 64
+    assert serve.main(["--clients", "2", "--n", "3", "--prompt-len", "70", "--max-tokens", "2", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 6 | static | no | run once | " in out and "| 6 | static | no | run per prompt | " in out
+    assert "3 choices per request (n)" in out and "same texts in every round of every setting: yes" in out
