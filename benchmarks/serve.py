@@ -28,7 +28,7 @@ the short ones' slots until its longest row ends). The table also gives the 90th
 prompts multiple-choice questions as lm-evaluation-harness sends them: each question's text followed by N different
 8-character endings, one request per choice (``--clients`` / N questions; with N = ``--clients``, a few-shot
 task's prompts: one long shared prefix), and adds the batched setting with the shared prefixes run once per prompt
-(``logprobs.SHARED_PREFIX`` out of reach) beside once per group of prompts that share them; ``--n N`` asks for N
+(``prefixes.SHARED_PREFIX`` out of reach) beside once per group of prompts that share them; ``--n N`` asks for N
 choices per request (the API's ``n``: pass@k's samples; greedy here, so N equal texts), the same two settings.
 Results belong in docs/benchmarks.md.
 """
@@ -45,9 +45,9 @@ import time
 import torch
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.infer import logprobs
+from hybridlm.infer import prefixes
 from hybridlm.infer.batching import BatchWorker
-from hybridlm.infer.logprobs import SHARED_PREFIX
+from hybridlm.infer.prefixes import SHARED_PREFIX
 from hybridlm.infer.server import CompletionServer
 from hybridlm.train.config import DEFAULT_MODEL
 from hybridlm.train.data import builtin_documents
@@ -130,7 +130,7 @@ def serve_round(
     """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` from its own thread, at once
     or ``stagger`` seconds apart (``unshared``: prompts' shared prefixes run once per prompt; ``spread``: mixed
     lengths)."""
-    logprobs.SHARED_PREFIX = 10**9 if unshared else SHARED_PREFIX
+    prefixes.SHARED_PREFIX = 10**9 if unshared else SHARED_PREFIX
     tokenizer = ByteTokenizer()
     worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph, continuous=continuous)
     server = CompletionServer(
@@ -165,7 +165,7 @@ def serve_round(
         server.shutdown()
         server.stop()
         serving.join()
-        logprobs.SHARED_PREFIX = SHARED_PREFIX
+        prefixes.SHARED_PREFIX = SHARED_PREFIX
     return {
         "texts": [r[0] for r in results],
         "wall": wall,

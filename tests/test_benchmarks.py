@@ -269,20 +269,20 @@ def test_serve_times_continuous_batching_beside_static_and_checks_the_texts(caps
 def test_serve_scores_questions_of_several_choices_with_their_shared_prefixes_run_once_and_per_prompt(capsys):
     """serve.py --score --choices: prompts in questions that share all but their last characters; the table times the
     shared prefixes run once and run per prompt, with the same texts, and leaves the library's threshold as it was."""
-    from hybridlm.infer import logprobs
+    from hybridlm.infer import prefixes
 
     serve = _load("serve")
     texts = serve.prompts(6, 80, 3)
     assert [len(t) for t in texts] == [80] * 6 and len(set(texts)) == 6
     assert texts[0][:72] == texts[2][:72] != texts[3][:72] == texts[5][:72]
-    assert logprobs.shared_prefixes([list(t.encode()) for t in texts], 64) == [(72, [0, 1, 2]), (72, [3, 4, 5])]
+    assert prefixes.shared_prefixes([list(t.encode()) for t in texts], 64) == [(72, [0, 1, 2]), (72, [3, 4, 5])]
     args = ["--clients", "6", "--prompt-len", "80", "--repeat", "1", "--score", "--choices", "3"]
     assert serve.main(args) == 0
     out = capsys.readouterr().out
     assert "| 6 | static | no | run once | " in out and "| 6 | static | no | run per prompt | " in out
     assert "| 1 | static | no | — | " in out
     assert "same texts in every round of every setting: yes" in out
-    assert logprobs.SHARED_PREFIX == 64
+    assert prefixes.SHARED_PREFIX == 64
     assert serve.main(["--clients", "2", "--n", "3", "--prompt-len", "70", "--max-tokens", "2", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 6 | static | no | run once | " in out and "| 6 | static | no | run per prompt | " in out

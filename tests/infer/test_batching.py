@@ -260,7 +260,7 @@ def test_echoed_prompts_are_scored_together_each_at_its_own_k(model, monkeypatch
 
     calls = []
     monkeypatch.setattr(
-        batching, "score_prompts", lambda m, p, k: calls.append((p, k)) or logprobs.score_prompts(m, p, k)
+        batching, "score_prompts", lambda m, p, k, store: calls.append((p, k)) or logprobs.score_prompts(m, p, k, store)
     )
     worker = BatchWorker(model, TOKENIZER, max_batch_size=8)
     jobs = [
@@ -324,7 +324,7 @@ def test_a_prompt_that_cannot_be_scored_is_named_by_its_choice_and_the_others_ma
     unanswered."""
     from hybridlm.infer import batching
 
-    def failing(model, prompts, k):  # the second echoed prompt (the second choice of "two")
+    def failing(model, prompts, k, store):  # the second echoed prompt (the second choice of "two")
         raise NonFiniteLogitsError(1, "the logits at prompt position 2 are not finite")
 
     monkeypatch.setattr(batching, "score_prompts", failing)
@@ -585,9 +585,9 @@ def test_prompts_that_share_a_prefix_run_it_once_and_answer_as_each_alone(model,
     """A few-shot task's requests (one long shared prefix, then each its own question), queued together: the prefix
     runs once for the batch (its forwards take the prefix once, then the rests), and each answer is its prompt's
     alone; a request with nothing shared in the same batch too."""
-    from hybridlm.infer import logprobs
+    from hybridlm.infer import prefixes
 
-    monkeypatch.setattr(logprobs, "SHARED_PREFIX", 16)
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 16)
     shots = "Q: 1+1? A: 2. Q: 2+2? A: 4. "  # 28 bytes
     texts = [shots + "Q: 3+3? A:", shots + "Q: 10+1? A:", "unrelated", shots + "Q: 3+3? A:"]
     lengths = []
@@ -625,3 +625,34 @@ def test_n_samples_of_a_long_prompt_prefill_it_once(model, monkeypatch, continuo
     assert [s for s in shapes if s[1] > 1] == [(1, 69)], shapes
     assert [row.completion.text for row in job.rows] == [TOKENIZER.decode(solo(model, text, 5))] * 4
     assert job.usage()["prompt_tokens"] == 70
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_the_prefix_cache_keeps_a_shared_prefix_for_later_requests(model, monkeypatch, continuous):
+    """A conversation's turns, one request at a time: the second shares the first's prompt, which then runs apart
+    and is kept; the third runs only its rest. Every answer is its prompt's alone. Without the cache (0) the third
+    runs whole."""
+    from hybridlm.infer import prefixes
+
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 16)
+    first = "System: be brief. User: name a colour. Assistant:"  # 49 bytes
+    texts = [first, first + " red. User: another? Assistant:", first + " blue. User: why? Assistant:"]
+    lengths = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model), "forward", lambda self, ids, *a, **k: lengths.append(ids.shape[1]) or forward(self, ids, *a, **k)
+    )
+    for cache in (8, 0):
+        worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous, prefix_cache=cache)
+        runs = []
+        for text in texts:
+            lengths.clear()
+            job = worker.submit(request({"prompt": text, "max_tokens": 4}))
+            drain(worker)
+            runs.append([n for n in lengths if n > 1])
+            assert job.rows[0].completion.text == TOKENIZER.decode(solo(model, text, 4))
+        if cache:
+            # the first whole; the second's shared part (the first prompt) apart, then its rest; the third's rest
+            assert runs == [[49], [49, 31], [28]] and worker.prefixes.hits == 1, runs
+        else:
+            assert runs == [[49], [80], [77]], runs

@@ -85,6 +85,7 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
     assert "nowhere" in capsys.readouterr().err
     for flags, words in (
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
+        (["--prefix-cache", "-1"], "--prefix-cache must be >= 0 (0: none kept), got -1"),
         (["--max-new-tokens-limit", "0"], "--max-new-tokens-limit must be >= 1"),
         (["--port", "70000"], "--port must be in [0, 65535]"),
         (["--threads", "0"], "--threads must be >= 1"),
@@ -128,7 +129,8 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
     assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
     assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
-    assert "batching: static, at most 3 rows at once\n" in err
+    assert "batching: static, at most 3 rows at once, prefix cache of 8 prefixes\n" in err
+    assert server.worker.prefixes.capacity == 8
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
 
@@ -138,9 +140,11 @@ def test_continuous_batching_serves_what_generate_gives(checkpoint, capsys, monk
     path, model = checkpoint
     body = {"prompt": ["hi", "a longer prompt"], "max_tokens": 5, "temperature": 0}
     answers, servers = serve_then_ctrl_c(monkeypatch, "", body)
-    assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--continuous-batching"]) == 130
-    assert servers[0].worker.continuous and servers[0].worker.batches == 1
-    assert "batching: continuous (requests join the running batch), at most 8 rows at once" in capsys.readouterr().err
+    args = ["serve", str(path), "--device", "cpu", "--port", "0", "--continuous-batching", "--prefix-cache", "0"]
+    assert main(args) == 130
+    assert servers[0].worker.continuous and servers[0].worker.batches == 1 and servers[0].worker.prefixes is None
+    err = capsys.readouterr().err
+    assert "batching: continuous (requests join the running batch), at most 8 rows at once, no prefix cache\n" in err
     tok = ByteTokenizer()
     want = [tok.decode(generate(model, tok.encode(p), 5, eos_id=256)) for p in body["prompt"]]
     assert [c["text"] for c in answers[0]["choices"]] == want

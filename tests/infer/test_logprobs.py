@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from hybridlm import HybridLM
 from hybridlm.errors import NonFiniteLogitsError
-from hybridlm.infer import logprobs
+from hybridlm.infer import logprobs, prefixes
 from hybridlm.infer.logprobs import prompt_logprobs, score_prompts
 from tests.helpers import tiny_config
 from tests.infer.test_cache import BF16_PATTERNS
@@ -160,7 +160,7 @@ def _brute_force_groups(prompts, minimum):
 def test_shared_prefixes_group_exactly_the_prompts_that_share_one(prompts, minimum):
     """Each group's members begin with its p >= minimum tokens and hold one more; two prompts are in one group
     exactly when they share at least minimum tokens and each has more."""
-    groups = logprobs.shared_prefixes(prompts, minimum)
+    groups = prefixes.shared_prefixes(prompts, minimum)
     grouped = set()
     for p, members in groups:
         assert p >= minimum and len(members) >= 2 and members == sorted(members)
@@ -177,7 +177,7 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
     generate decodes it alone, for every cached state kind (Mamba2, GDN, attention KV, MLA, DSA): two groups of
     rests of several lengths (one prompt a prefix of another, two equal), and prompts that share nothing."""
 
-    monkeypatch.setattr(logprobs, "SHARED_PREFIX", 5)
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 5)
     model = model64(pattern)
     head, other = [5, 17, 3, 9, 9, 40, 2], [60, 1, 2, 3, 4]
     prompts = [
@@ -190,7 +190,7 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
         head,
         [5, 17, 3, 9, 9, 40, 2, 81, 7, 30],
     ]
-    assert logprobs.shared_prefixes(prompts, 5) == [(6, [0, 2, 4, 6, 7]), (5, [3, 5])]  # (6: prompt 6 needs a rest)
+    assert prefixes.shared_prefixes(prompts, 5) == [(6, [0, 2, 4, 6, 7]), (5, [3, 5])]  # (6: prompt 6 needs a rest)
     forwards = []
     forward = type(model).forward
     monkeypatch.setattr(
@@ -210,10 +210,10 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
     decodes_as_alone(model, prompts, cache, last, 4)
     # prefill_shared: the same without scoring (the head on each forward's last position only)
     forwards.clear()
-    cache, last = logprobs.prefill_shared(model, prompts)
+    cache, last = prefixes.prefill_shared(model, prompts)
     assert sorted(forwards) == sorted([(1, 2), (2, 6), (1, 5), (1, 3), (1, 2), (3, 1), (1, 4)]), forwards
     decodes_as_alone(model, prompts, cache, last, 4)
-    assert logprobs.prefill_shared(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8], [9]]) is None  # 4 shared: < 5
+    assert prefixes.prefill_shared(model, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8], [9]]) is None  # 4 shared: < 5
     # score_prompts shares them too (its inputs are the prompts but their last tokens): the same scores
     for got, want in zip(score_prompts(model, prompts, 3), scored, strict=True):
         assert got[0] is None and [s.top[0][0] for s in got[1:]] == [s.top[0][0] for s in want[1:]]
@@ -222,7 +222,7 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
 
 def test_non_finite_logits_in_the_rest_after_a_shared_prefix_are_named_by_prompt_and_its_own_position(monkeypatch):
     """A position in a member's rest (run after the shared prefix) is named counted from its prompt's start."""
-    monkeypatch.setattr(logprobs, "SHARED_PREFIX", 3)
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 3)
     model = HybridLM(tiny_config("M-"), seed=0).eval()
     forward = type(model).forward
 
@@ -254,7 +254,7 @@ def shared_errors(pattern: str, device: str, length: int, rest: int) -> tuple[fl
     gen = torch.Generator().manual_seed(0)
     head = torch.randint(0, cfg.vocab_size, (length - rest,), generator=gen).tolist()
     prompts = [head + torch.randint(0, cfg.vocab_size, (rest,), generator=gen).tolist() for _ in range(3)]
-    assert logprobs.shared_prefixes(prompts, logprobs.SHARED_PREFIX) == [(length - rest, [0, 1, 2])]
+    assert prefixes.shared_prefixes(prompts, prefixes.SHARED_PREFIX) == [(length - rest, [0, 1, 2])]
     ids = torch.tensor(prompts, device=device)
     with torch.no_grad():
         want = torch.log_softmax(reference(ids).logits.double(), -1)  # (3, L, V)
@@ -263,7 +263,7 @@ def shared_errors(pattern: str, device: str, length: int, rest: int) -> tuple[fl
     want_picked, full_picked = want[:, :-1].gather(-1, targets)[..., 0], full[:, :-1].gather(-1, targets)[..., 0]
     scored, _, _ = logprobs.prefill_scored(model, prompts, 1)
     got = torch.tensor([[s.logprob for s in row[1:]] for row in scored], dtype=torch.float64, device=device)
-    _, last = logprobs.prefill_shared(model, prompts)
+    _, last = prefixes.prefill_shared(model, prompts)
     err_last = rel_err(torch.log_softmax(last.double(), -1), want[:, -1])
     return rel_err(got, want_picked), err_last, rel_err(full_picked, want_picked)
 

@@ -46,6 +46,7 @@ def _check_args(args: argparse.Namespace):
 
     checks = (
         (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
+        (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
         (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
         (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
         (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
@@ -114,7 +115,12 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     if args.cuda_graph:
         _check_capture(model)
     worker = BatchWorker(
-        model, tokenizer, args.max_batch_size, cuda_graph=args.cuda_graph, continuous=args.continuous_batching
+        model,
+        tokenizer,
+        args.max_batch_size,
+        cuda_graph=args.cuda_graph,
+        continuous=args.continuous_batching,
+        prefix_cache=args.prefix_cache,
     )
     try:
         server = CompletionServer(
@@ -143,7 +149,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
         graphs = ", decode steps replayed as CUDA graphs" if args.cuda_graph else ""
-        say(f"batching: {how}, at most {args.max_batch_size} rows at once{graphs}", sys.stderr)
+        kept = f", prefix cache of {args.prefix_cache} prefixes" if args.prefix_cache else ", no prefix cache"
+        say(f"batching: {how}, at most {args.max_batch_size} rows at once{graphs}{kept}", sys.stderr)
         with contextlib.suppress(OSError):  # (a supervisor reading a pipe waits for this line)
             sys.stdout.flush()
         server.serve_forever()
@@ -223,6 +230,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="a request joins the running batch at its next decode step, and a row that ends frees its slot at once, "
         "instead of waiting for the whole batch to end; requests of any sampling settings share it (seeded samples "
         "still run in static batches of their own; docs/inference.md)",
+    )
+    ap.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=8,
+        metavar="N",
+        help="keep the states after up to N prompt prefixes that requests were seen to share (64 tokens or more: a "
+        "few-shot task's examples, a system prompt, a chat so far), so that a later prompt that begins with one runs "
+        "only its rest (default: 8; 0: none kept, prefixes shared within a batch still run once; docs/inference.md)",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

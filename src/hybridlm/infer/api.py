@@ -31,7 +31,7 @@ MAX_STOPS = 16
 #: answer, per position.
 MAX_LOGPROBS = 20
 #: ``n`` (choices per prompt) at most: OpenAI's cap. Pass@k evaluations ask for many samples of one prompt; its
-#: prefill runs once for them all where it is long enough to share (:data:`~hybridlm.infer.logprobs.SHARED_PREFIX`).
+#: prefill runs once for them all where it is long enough to share (:data:`~hybridlm.infer.prefixes.SHARED_PREFIX`).
 MAX_N = 128
 #: OpenAI fields taken only at the value that leaves the result unchanged (null is always taken).
 NEUTRAL = {

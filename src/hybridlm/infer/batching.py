@@ -27,9 +27,11 @@ batch's echoed prompts in one padded forward (:func:`~hybridlm.infer.logprobs.sc
 the batch's prompts that go on (lm-evaluation-harness's loglikelihood requests), that forward is their prefill too
 (:func:`~hybridlm.infer.logprobs.prefill_scored`), so they run through the model once. A row with ``max_tokens`` 0
 (echo only) ends there, unbatched. Prompts run together that begin with the same
-:data:`~hybridlm.infer.logprobs.SHARED_PREFIX` tokens or more (a few-shot task's, a question's choices) run those
-once (:func:`~hybridlm.infer.logprobs.prefill_shared`; with continuous batching such joiners are prefilled whole at
-admission, not chunk by chunk).
+:data:`~hybridlm.infer.prefixes.SHARED_PREFIX` tokens or more (a few-shot task's, a question's choices) run those
+once (:func:`~hybridlm.infer.prefixes.prefill_shared`; with continuous batching such joiners are prefilled whole at
+admission, not chunk by chunk), and the worker's :class:`~hybridlm.infer.prefix_store.PrefixStore` (``prefix_cache``)
+keeps such prefixes' states for later batches: a prompt that begins with a kept prefix runs only its rest, and a
+prompt that shares a prefix with a recent one has that prefix run apart and kept.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
 from .decode import DecodeBatch, JoinError
 from .generate import Sampler, generate
-from .logprobs import TokenLogprob, prefill_scored, prefill_shared, score_prompts
+from .logprobs import TokenLogprob, prefill_scored, score_prompts
+from .prefix_store import PrefixStore
+from .prefixes import prefill_shared
 
 _log = logging.getLogger(__name__)
 
@@ -164,8 +168,12 @@ class BatchWorker:
         generate=generate,
         cuda_graph: bool = False,
         continuous: bool = False,
+        prefix_cache: int = 8,
     ) -> None:
+        """``prefix_cache``: the prompt prefixes whose states are kept across batches, at most (0: none; see the
+        module)."""
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
+        self.prefixes = PrefixStore(prefix_cache) if prefix_cache else None
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph (captured per batch)
         self.continuous = continuous  # rows join a running batch between its steps (see the module)
         self.running: DecodeBatch | None = None  # continuous batching: the batch decoding now
@@ -277,8 +285,8 @@ class BatchWorker:
             scoring = {"logprobs": max(ks)} if ks else {}
             if prefilled is not None and prefilled[0] == live:
                 scoring["prefilled"] = prefilled[1:]
-            elif len(live) > 1:  # prompts that share a prefix (a few-shot task's) run it once
-                shared = prefill_shared(self.model, [row.ids or self._start for row in live])
+            elif live:  # prompts that share a prefix (a few-shot task's), or begin with a kept one, run it once
+                shared = prefill_shared(self.model, [row.ids or self._start for row in live], self.prefixes)
                 if shared is not None:
                     scoring["prefilled"] = shared
             if live:
@@ -319,10 +327,10 @@ class BatchWorker:
             keep = keep and all(row.ids and row.job.request.max_tokens > 0 for row in echoed)
             try:
                 if keep:
-                    scored, cache, last = prefill_scored(self.model, [row.ids for row in echoed], k)
+                    scored, cache, last = prefill_scored(self.model, [row.ids for row in echoed], k, self.prefixes)
                     prefilled = (echoed, cache, last)
                 else:
-                    scored = score_prompts(self.model, [row.ids for row in echoed], k)
+                    scored = score_prompts(self.model, [row.ids for row in echoed], k, self.prefixes)
             except NonFiniteLogitsError as e:  # its row counts in echoed: that choice is named, the others resent
                 self._failed(echoed + [row for row in rows if row not in echoed], e)
                 return None
@@ -401,8 +409,11 @@ class BatchWorker:
                 scored, cache, last = prefilled
                 others = [row for row in live if row not in scored]
             groups = [(scored, None if prefilled is None else (cache, last)), (others, None)]
-            if len(others) > 1:  # prompts that share a prefix run it once (prefilled whole, not chunk by chunk)
-                groups[1] = (others, prefill_shared(self.model, [row.ids or self._start for row in others]))
+            if others:  # prompts that share a prefix run it once (prefilled whole, not chunk by chunk)
+                groups[1] = (
+                    others,
+                    prefill_shared(self.model, [row.ids or self._start for row in others], self.prefixes),
+                )
             for group, done in groups:
                 if group:
                     batch.admit(

@@ -7,8 +7,6 @@ Values are ``log_softmax`` of the model's raw logits, before temperature, top-k 
 
 from __future__ import annotations
 
-import collections
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -16,17 +14,14 @@ import torch
 from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
+from .prefix_store import PrefixStore
 
 #: Logits (rows x positions x vocabulary) computed at once while scoring prompts: their batch's forward runs in
 #: chunks of ``LOGITS_BUDGET // (rows * vocab_size)`` positions, so that (B, L, V) float32 logits (2 GB for one row
 #: of 4,096 positions and a 131,072-token vocabulary, as much again for their log_softmax) are never made whole.
 LOGITS_BUDGET = 2**25
-#: Prompts scored or prefilled together that begin with the same tokens, at least this many, run those tokens once
-#: (:func:`shared_prefixes`): lm-evaluation-harness sends a multiple-choice question's choices as prompts that share
-#: the question (and its few-shot examples), then differ in their last tokens, and a few-shot task's prompts share
-#: the examples. Below it, the forwards the split adds cost more than the tokens it saves.
-SHARED_PREFIX = 64
-#: Positions per forward of :func:`prefill_shared` (generate's default ``prefill_chunk_size``).
+#: Positions per forward of an unscored run (:func:`~hybridlm.infer.prefixes.prefill_shared`'s; generate's default
+#: ``prefill_chunk_size``).
 PREFILL_CHUNK = 2048
 
 
@@ -64,22 +59,28 @@ def prompt_logprobs(model: torch.nn.Module, ids: list[int], k: int) -> list[Toke
 
 
 @torch.no_grad()
-def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> list[list[TokenLogprob | None]]:
+def score_prompts(
+    model: torch.nn.Module, prompts: list[list[int]], k: int, store: PrefixStore | None = None
+) -> list[list[TokenLogprob | None]]:
     """Each token of each prompt scored by the model from the tokens before it: per prompt a list as long as it,
     its first None (nothing precedes it).
 
     The prompts run as one left-padded batch (a cached forward over each prompt but its last token, whose logits
     predict nothing in it), in chunks of at most ``LOGITS_BUDGET // (batch * vocab_size)`` positions, each chunk's
-    logits scored and dropped before the next. Prompts that begin with the same :data:`SHARED_PREFIX` tokens or more
-    run them once (:func:`shared_prefixes`: a multiple-choice question's choices), their rests from a copy of the
-    prefix's states. A row's values differ from its own forward's by float rounding only, as a padded batch's
+    logits scored and dropped before the next. Prompts that begin alike run their shared prefixes once
+    (:mod:`~hybridlm.infer.prefixes`: a multiple-choice question's choices), their rests from copies of the
+    prefixes' states. A row's values differ from its own forward's by float rounding only, as a padded batch's
     generation does. :class:`~hybridlm.errors.NonFiniteLogitsError` naming the prompt (its ``row``) and the position
-    where logits are not finite."""
+    where logits are not finite. ``store`` (a :class:`~hybridlm.infer.prefix_store.PrefixStore`): prefixes kept from
+    earlier calls stand for their tokens' forward, prefixes shared with the prompts it saw recently are found too,
+    and the prefixes run are kept."""
+    from .prefixes import run_prompts  # (it imports this module)
+
     out: list[list[TokenLogprob | None]] = [[None] * min(len(p), 1) for p in prompts]
     rows = [i for i, p in enumerate(prompts) if len(p) >= 2]
     if rows:
         inputs, targets = [prompts[i][:-1] for i in rows], [prompts[i][1:] for i in rows]
-        scored, _, _ = _scored(model, inputs, targets, k, rows, keep=False)
+        scored, _, _ = run_prompts(model, inputs, targets, k, rows, False, store)
         for i, scores in zip(rows, scored):
             out[i] += scores
     return out
@@ -87,133 +88,18 @@ def score_prompts(model: torch.nn.Module, prompts: list[list[int]], k: int) -> l
 
 @torch.no_grad()
 def prefill_scored(
-    model: torch.nn.Module, prompts: list[list[int]], k: int
+    model: torch.nn.Module, prompts: list[list[int]], k: int, store: PrefixStore | None = None
 ) -> tuple[list[list[TokenLogprob | None]], InferenceCache, torch.Tensor]:
     """:func:`score_prompts`' scores of ``prompts`` (non-empty), from one forward over the whole prompts that also
     prefills them: (the scores, the cache that holds the prompts, left-padded, and the (B, V) logits of their last
     positions, which pick each one's first new token). A prompt scored then continued runs through the model once,
-    not once to be scored and again to be prefilled; shared prefixes run once, as :func:`score_prompts` runs them."""
+    not once to be scored and again to be prefilled; shared prefixes run once, and ``store`` is read and kept, as
+    :func:`score_prompts` does."""
+    from .prefixes import run_prompts  # (it imports this module)
+
     rows = list(range(len(prompts)))
-    scored, cache, last = _scored(model, prompts, [p[1:] for p in prompts], k, rows, keep=True)
+    scored, cache, last = run_prompts(model, prompts, [p[1:] for p in prompts], k, rows, True, store)
     return [[None, *scores] for scores in scored], cache, last
-
-
-@torch.no_grad()
-def prefill_shared(model: torch.nn.Module, prompts: list[list[int]]) -> tuple[InferenceCache, torch.Tensor] | None:
-    """Prefill ``prompts`` (non-empty) with the prefixes they share run once (:data:`SHARED_PREFIX` tokens or more:
-    a few-shot task's prompts, a request's choices): (a cache that holds them left-padded, as one forward over them
-    all would, and the (B, V) logits of their last positions), which ``generate(prefilled=...)`` and
-    :meth:`~hybridlm.infer.decode.DecodeBatch.admit` decode from; None where no two share that many (a plain
-    prefill then costs the same)."""
-    if not shared_prefixes(prompts, SHARED_PREFIX):
-        return None
-    _, cache, last = _scored(model, prompts, [p[1:] for p in prompts], None, list(range(len(prompts))), keep=True)
-    return cache, last
-
-
-def shared_prefixes(prompts: list[list[int]], minimum: int) -> list[tuple[int, list[int]]]:
-    """The prompts that begin with the same ``p`` >= ``minimum`` tokens, as (p, their indices in order), each
-    prompt with at least one token after its group's p (the groups' last prefix positions predict a token of each
-    member's own); a prompt that shares fewer with every other is in none. Prompts sorted as sequences put those
-    sharing a prefix next to each other, and a run's common prefix is the least one of its neighbours': one level
-    (a group whose members share more among some of them runs that more once per member)."""
-    # (a prompt of at most ``minimum`` tokens has no such prefix and a token after it: it would only shorten a group)
-    order = sorted((i for i in range(len(prompts)) if len(prompts[i]) > minimum), key=lambda i: prompts[i])
-    runs: list[tuple[int, list[int]]] = []  # (common prefix, indices) of neighbours sharing at least minimum
-    for a, b in itertools.pairwise(order):
-        x, y = prompts[a], prompts[b]
-        common = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
-        if common < minimum:
-            continue
-        if runs and runs[-1][1][-1] == a:
-            runs[-1] = (min(runs[-1][0], common), runs[-1][1] + [b])
-        else:
-            runs.append((common, [a, b]))
-    return [(min(common, *(len(prompts[i]) - 1 for i in members)), sorted(members)) for common, members in runs]
-
-
-def _scored(
-    model: torch.nn.Module,
-    inputs: list[list[int]],
-    targets: list[list[int]],
-    k: int | None,
-    names: list[int],
-    keep: bool,
-) -> tuple[list[list[TokenLogprob]], InferenceCache | None, torch.Tensor]:
-    """:func:`_scored_forward`'s results for ``inputs`` (each scored against the next input tokens: ``targets[row][j]
-    == inputs[row][j + 1]`` where both exist), their shared prefixes run once (:data:`SHARED_PREFIX`): the prefixes
-    as one batch, then each member's rest from a copy of its prefix's states, the rests of one length as one batch.
-    The cache (``keep``; else None) holds every row left-padded, as one forward over them all would. ``k`` None:
-    nothing scored (empty lists; a prefill)."""
-    groups = shared_prefixes(inputs, SHARED_PREFIX)
-    if not groups:
-        return _scored_forward(model, inputs, targets, k, names)
-    device = next(model.parameters()).device
-    n = len(inputs)
-    scores: list[list[TokenLogprob]] = [[] for _ in inputs]
-    held: list[tuple[InferenceCache, int]] = [None] * n  # type: ignore[list-item]  # the cache and row holding each
-    last: list[torch.Tensor] = [None] * n  # type: ignore[list-item]  # the (V,) logits of its last position
-
-    def run(rows: list[int], cut: list[int], prefix: tuple | None = None) -> None:
-        """Score ``inputs[r][cut[i]:]`` for the rows (equal lengths where ``prefix`` = (its cache, each row's)), and
-        record where they are held."""
-        cache = None
-        if prefix is not None:
-            pcache, of = prefix
-            front = max(cut)  # (shorter prefixes left-padded to the longest)
-            cache = InferenceCache.for_model(model, len(rows), front + len(inputs[rows[0]]) - cut[0])
-            cache.shift(front)
-            for i, (source, p) in enumerate(zip(of, cut)):
-                cache.place(pcache, source, i, p)
-        got, cache, end = _scored_forward(
-            model,
-            [inputs[r][p:] for r, p in zip(rows, cut)],
-            [targets[r][p:] for r, p in zip(rows, cut)],
-            k,
-            [names[r] for r in rows],
-            cache,
-            cut,
-        )
-        for i, r in enumerate(rows):
-            scores[r] += got[i]
-            held[r], last[r] = (cache, i), end[i]
-
-    shared = {r for _, members in groups for r in members}
-    alone = [r for r in range(n) if r not in shared]
-    if alone:
-        run(alone, [0] * len(alone))
-    # The prefixes once each, scored up to their last position, whose logits predict each member's own next token.
-    cut = [p for p, _ in groups]
-    heads = [members[0] for _, members in groups]
-    got, pcache, end = _scored_forward(
-        model,
-        [inputs[r][:p] for r, p in zip(heads, cut)],
-        [targets[r][: p - 1] for r, p in zip(heads, cut)],
-        k,
-        [names[r] for r in heads],
-    )
-    for g, (p, members) in enumerate(groups):
-        if k is None:
-            continue
-        goal = torch.tensor([targets[r][p - 1] for r in members], device=device)
-        own = to_host(*(t.tolist() for t in pick_logprobs(end[g].expand(len(members), -1), goal, k)))
-        for r, mine in zip(members, own):
-            scores[r] = got[g] + [mine]
-    rests = collections.defaultdict(list)  # the members by the length of their rest: (row, its group)
-    for g, (p, members) in enumerate(groups):
-        for r in members:
-            rests[len(inputs[r]) - p].append((r, g))
-    for members in rests.values():
-        rows, of = [r for r, _ in members], [g for _, g in members]
-        run(rows, [cut[g] for g in of], (pcache, of))
-    if not keep:
-        return scores, None, torch.stack(last)
-    P = max(len(row) for row in inputs)
-    cache = InferenceCache.for_model(model, n, P)
-    cache.shift(P)
-    for r, (source, i) in enumerate(held):
-        cache.place(source, i, r, len(inputs[r]))
-    return scores, cache, torch.stack(last)
 
 
 def _scored_forward(

@@ -1,0 +1,77 @@
+"""Prompt prefixes kept across batches: the model's state after a prefix that several prompts began with, so that a
+later prompt that begins with it too runs only the rest (``hybridlm serve``'s prefix cache).
+
+A recurrent layer's state (Mamba2's, Gated DeltaNet's) cannot be cut back to an earlier position, so a state is kept
+only at a position chosen in advance: the end of a prefix that prompts were seen to share (two prompts of one batch,
+or a prompt and one of the :attr:`PrefixStore.recent` prompts before it), where
+:mod:`~hybridlm.infer.prefixes` splits them anyway. Each entry holds a one-row
+:class:`~hybridlm.infer.cache.InferenceCache` of exactly the prefix's positions, the logits of its last position
+(they predict each later prompt's own next token) and, where it was scored, its tokens' scores
+(:mod:`~hybridlm.infer.prefixes` makes and reads them).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from .cache import InferenceCache
+
+
+@dataclass(eq=False)
+class Entry:
+    """A kept prefix: its ``tokens``, a one-row ``cache`` holding them (offset = their count), the (V,) ``logits`` of
+    its last position, and ``scores`` (the :class:`~hybridlm.infer.logprobs.TokenLogprob` of each token after the
+    first, at most ``k`` most likely each), None where it was prefilled unscored."""
+
+    tokens: tuple[int, ...]
+    cache: InferenceCache
+    logits: torch.Tensor
+    scores: list | None = None
+    k: int | None = None
+
+    def serves(self, k: int | None) -> bool:
+        """Whether it can stand for its tokens' forward in a call that scores at ``k`` (None: scores nothing)."""
+        return k is None or (self.scores is not None and self.k is not None and self.k >= k)
+
+
+class PrefixStore:
+    """At most ``capacity`` prefixes (the least recently used dropped first), and the last ``remember`` prompts seen,
+    in which prefixes that later prompts share are found. Used by one thread (the model's)."""
+
+    def __init__(self, capacity: int = 8, remember: int = 64) -> None:
+        if capacity < 1 or remember < 0:
+            raise ValueError(f"PrefixStore: capacity must be >= 1 and remember >= 0, got {capacity} and {remember}")
+        self.capacity = capacity
+        self.entries: collections.OrderedDict[tuple[int, ...], Entry] = collections.OrderedDict()
+        self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=remember)
+        self.hits = 0  # prompts that began with a kept prefix
+        self.hit_tokens = 0  # their positions that the kept prefixes stood for (not run)
+
+    def lookup(self, prompt, k: int | None, proper: bool = True) -> Entry | None:
+        """The longest kept prefix that ``prompt`` (token ids) begins with and that can serve a call scoring at ``k``
+        (``proper``: shorter than the prompt, so that its rest has a token), now the most recently used; None if
+        none."""
+        best = None
+        for tokens, entry in self.entries.items():
+            n = len(tokens)
+            fits = n < len(prompt) or (n == len(prompt) and not proper)
+            longer = best is None or n > len(best.tokens)
+            if fits and longer and entry.serves(k) and tuple(prompt[:n]) == tokens:
+                best = entry
+        if best is not None:
+            self.entries.move_to_end(best.tokens)
+        return best
+
+    def put(self, entry: Entry) -> None:
+        """Keep ``entry`` (replacing one of the same tokens), dropping the least recently used past ``capacity``."""
+        self.entries[entry.tokens] = entry
+        self.entries.move_to_end(entry.tokens)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def seen(self, prompts) -> None:
+        """Remember ``prompts`` (token-id lists) for finding the prefixes later prompts share with them."""
+        self.recent.extend(tuple(p) for p in prompts)

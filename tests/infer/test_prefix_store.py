@@ -1,0 +1,194 @@
+"""Prefixes kept across calls (`hybridlm serve`'s prefix cache): a later prompt that begins with a kept prefix runs
+only its rest, and still scores and decodes as it does alone (float64 full forwards, every cached state kind)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridlm.infer import logprobs, prefixes
+from hybridlm.infer.prefix_store import PrefixStore
+from tests.infer.test_decode import PATTERNS, model64
+from tests.infer.test_generate import reference_logprobs
+from tests.infer.test_logprobs import decodes_as_alone
+
+HEAD = [5, 17, 3, 9, 9, 40, 2, 81, 7, 30, 31, 4]  # 12 tokens: a shared prefix at the test's threshold of 5
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The (rows, positions) of each forward the model runs."""
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 5)
+    shapes = []
+    from hybridlm import HybridLM
+
+    forward = HybridLM.forward
+    monkeypatch.setattr(
+        HybridLM, "forward", lambda self, ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **k)
+    )
+    return shapes
+
+
+def check_scores(model, prompts, scored, k: int = 2) -> None:
+    """Each prompt's scores are its float64 full forward's: every token's logprob and top k."""
+    for prompt, row in zip(prompts, scored, strict=True):
+        reference = reference_logprobs(model, prompt)
+        assert len(row) == len(prompt) and row[0] is None
+        for i, s in enumerate(row[1:]):
+            torch.testing.assert_close(s.logprob, float(reference[i, prompt[i + 1]]), rtol=0, atol=1e-10)
+            assert [t for t, _ in s.top] == reference[i].topk(k).indices.tolist() and len(s.top) == k
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_prompt_that_begins_with_a_kept_prefix_runs_only_its_rest(pattern, counted):
+    """Two prompts of one call share HEAD: it runs once and is kept. Later prompts that begin with it run only their
+    rests (scored, and unscored), yet score and decode as alone; one that shares more with a recent prompt than the
+    kept prefix runs the difference from the kept state and keeps the longer prefix too."""
+    model = model64(pattern)
+    store = PrefixStore(capacity=4)
+    first = [[*HEAD, 50, 51], [*HEAD, 60]]
+    scored, cache, last = logprobs.prefill_scored(model, first, 2, store)
+    check_scores(model, first, scored)
+    decodes_as_alone(model, first, cache, last, 3)
+    assert list(store.entries) == [tuple(HEAD)] and store.hits == 0
+    counted.clear()
+    later = [[*HEAD, 70, 71, 72, 73, 74, 75], [1, 2, 3], [*HEAD, 8]]
+    scored, cache, last = logprobs.prefill_scored(model, later, 2, store)
+    # the prompt that shares nothing, then the two rests (lengths 6 and 1) from the kept state: HEAD runs no more
+    assert sorted(counted) == [(1, 1), (1, 3), (1, 6)], counted
+    assert store.hits == 2 and store.hit_tokens == 2 * len(HEAD)
+    check_scores(model, later, scored)
+    decodes_as_alone(model, later, cache, last, 3)
+    # unscored (a prefill for generation): the kept, scored prefix serves it too
+    counted.clear()
+    cache, last = prefixes.prefill_shared(model, [[*HEAD, 90, 91]], store)
+    assert [s for s in counted if s[1] > 1] == [(1, 2)], counted
+    decodes_as_alone(model, [[*HEAD, 90, 91]], cache, last, 3)
+    # HEAD + [70, ..., 75] is shared with a recent prompt: those 6 tokens run from HEAD's state and are kept, then
+    # the rest; a prompt that shares fewer than 5 more with a recent one (HEAD + [70, 71]) runs from HEAD
+    counted.clear()
+    deeper = [*HEAD, 70, 71, 72, 73, 74, 75, 5, 6]
+    scored, cache, last = logprobs.prefill_scored(model, [deeper], 2, store)
+    assert tuple(deeper[:18]) in store.entries and counted == [(1, 6), (1, 2)], counted
+    check_scores(model, [deeper], scored)
+    decodes_as_alone(model, [deeper], cache, last, 3)
+    counted.clear()
+    deeper = [*HEAD, 70, 71, 9, 9]
+    scored, cache, last = logprobs.prefill_scored(model, [deeper], 2, store)
+    assert counted == [(1, 4)], counted
+    check_scores(model, [deeper], scored)
+    decodes_as_alone(model, [deeper], cache, last, 3)
+
+
+def test_prefixes_shared_with_recent_prompts_are_found_and_kept(counted):
+    """A prompt alone shares nothing in its call; the next one, alone too, shares a prefix with it: that prefix runs
+    apart and is kept, and the third prompt runs only its rest. score_prompts reads and keeps them too."""
+    model = model64("M+G-")
+    store = PrefixStore()
+    a, b, c = [*HEAD, 1, 2], [*HEAD, 3], [*HEAD, 4, 5, 6]
+    assert prefixes.prefill_shared(model, [a], store) is None and store.recent[-1] == tuple(a)
+    counted.clear()
+    cache, last = prefixes.prefill_shared(model, [b], store)
+    assert sorted(counted) == [(1, 1), (1, 12)] and list(store.entries) == [tuple(HEAD)], counted
+    decodes_as_alone(model, [b], cache, last, 3)
+    counted.clear()
+    scored = logprobs.score_prompts(model, [c, a], 3, store)
+    # scored calls need the prefix's scores: the kept entry was prefilled unscored, so HEAD runs again (and is kept
+    # with its scores), once for both prompts, then their rests (score_prompts runs each prompt but its last token)
+    assert sorted(counted) == [(1, 1), (1, 2), (1, 12)] and store.entries[tuple(HEAD)].k == 3, counted
+    check_scores(model, [c, a], scored, 3)
+    counted.clear()
+    scored = logprobs.score_prompts(model, [c], 2, store)  # k 2 <= the kept 3: served
+    assert counted == [(1, 2)] and store.hits >= 1, counted
+    check_scores(model, [c], scored, 2)
+    counted.clear()
+    logprobs.score_prompts(model, [c], 4, store)  # k 4 > 3: the kept scores cannot serve it, HEAD runs
+    assert sum(n for _, n in counted) == len(c) - 1, counted
+
+
+def test_the_store_keeps_the_most_recently_used_and_finds_the_longest_prefix():
+    from hybridlm.infer.prefix_store import Entry
+
+    store = PrefixStore(capacity=2)
+    entry = lambda tokens, k=None: Entry(tuple(tokens), None, torch.zeros(1), [] if k is not None else None, k)  # noqa: E731
+    store.put(entry([1, 2]))
+    store.put(entry([1, 2, 3, 4], k=2))
+    assert store.lookup([1, 2, 3, 4, 5], None).tokens == (1, 2, 3, 4)  # the longest
+    assert store.lookup([1, 2, 3, 4], None).tokens == (1, 2)  # proper: a token must be left
+    assert store.lookup([1, 2, 3, 4], None, proper=False).tokens == (1, 2, 3, 4)
+    assert store.lookup([1, 2, 3, 4, 5], 3) is None  # neither serves k 3: (1, 2) is unscored, the other scored at 2
+    assert store.lookup([1, 2, 3, 4, 5], 2).tokens == (1, 2, 3, 4)  # scored at 2: serves k <= 2
+    assert store.lookup([9, 1, 2], None) is None
+    store.lookup([1, 2, 7], None)  # (1, 2) used last: (1, 2, 3, 4) goes first
+    store.put(entry([5, 6]))
+    assert list(store.entries) == [(1, 2), (5, 6)]
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        PrefixStore(capacity=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 2), max_size=9), max_size=8),
+    st.lists(st.lists(st.integers(0, 2), max_size=9), max_size=4),
+    st.integers(1, 3),
+)
+def test_the_plan_runs_each_prompt_from_a_prefix_it_shares_and_spaces_its_states_apart(prompts, others, minimum):
+    """prefix_plan: each grouped prompt begins with its group's prefix (of at least minimum tokens, and has a token
+    past it); every prompt that shares minimum tokens with another prompt or earlier one, and has more, is grouped;
+    the states computed are the groups' prefixes and prefixes of them, shortest first, each at least minimum tokens
+    past any other it begins with."""
+    groups, nodes = prefixes.prefix_plan(prompts, minimum, others)
+    grouped = [r for members in groups.values() for r in members]
+    assert len(grouped) == len(set(grouped))
+    for key, members in groups.items():
+        assert len(key) >= minimum and key in nodes
+        assert all(tuple(prompts[r][: len(key)]) == key and len(prompts[r]) > len(key) for r in members)
+    seqs = prompts + others
+    for i, p in enumerate(prompts):
+        shares = any(
+            j != i and len(p) > minimum and len(q) >= minimum and p[:minimum] == q[:minimum] for j, q in enumerate(seqs)
+        )
+        assert (i in grouped) == shares, (i, groups)
+    assert [len(n) for n in nodes] == sorted(len(n) for n in nodes)
+    assert all(any(key[: len(n)] == n for key in groups) for n in nodes)
+    for a in nodes:
+        for b in nodes:
+            if len(a) < len(b) and b[: len(a)] == a:
+                assert len(b) - len(a) >= minimum, (a, b)
+
+
+def test_random_calls_sharing_stems_score_and_decode_as_each_prompt_alone(monkeypatch):
+    """Calls of random prompts built from a few stems and branches (so prefixes nest and repeat across calls), scored
+    and unscored, through one small store per seed: every prompt's scores and decoding are its float64 forward's
+    alone; kept prefixes served some of them."""
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 4)
+    model = model64("M+G-")
+    hits = 0
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+
+        def tokens(n, gen=gen):
+            return torch.randint(0, 97, (n,), generator=gen).tolist()
+
+        def pick(n, gen=gen):
+            return int(torch.randint(0, n, (1,), generator=gen))
+
+        stems = [tokens(6) for _ in range(2)]
+        branches = [[*stems[i % 2], *tokens(5)] for i in range(4)]
+        store = PrefixStore(capacity=3, remember=6)
+        for call in range(6):
+            batch = []
+            for _ in range(1 + pick(4)):
+                base = [stems, branches, [[]]][pick(3)]
+                batch.append([*base[pick(len(base))], *tokens(1 + pick(5))])
+            if call % 2:
+                cache, last = (
+                    prefixes.prefill_shared(model, batch, store) or logprobs.prefill_scored(model, batch, 2)[1:]
+                )
+            else:
+                scored, cache, last = logprobs.prefill_scored(model, batch, 2, store)
+                check_scores(model, batch, scored)
+            decodes_as_alone(model, batch, cache, last, 2)
+        assert len(store.entries) <= 3
+        hits += store.hits
+    assert hits > 0
