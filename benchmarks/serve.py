@@ -27,9 +27,10 @@ the short ones' slots until its longest row ends). The table also gives the 90th
 ``--stream`` (the answers streamed) the mean time from sending a request to its first text. ``--choices N`` makes the
 prompts multiple-choice questions as lm-evaluation-harness sends them: each question's text followed by N different
 8-character endings, one request per choice (``--clients`` / N questions; with N = ``--clients``, a few-shot
-task's prompts: one long shared prefix), and adds the batched setting with the shared prefixes run once per prompt
-(``prefixes.SHARED_PREFIX`` out of reach) beside once per group of prompts that share them; ``--n N`` asks for N
-choices per request (the API's ``n``: pass@k's samples; greedy here, so N equal texts), the same two settings.
+task's prompts: one long shared prefix), and adds the batched settings with the shared prefixes run once per batch
+(``hybridlm serve --prefix-cache 0``: no states kept for later batches) and once per prompt
+(``prefixes.SHARED_PREFIX`` out of reach) beside the default (run once, kept); ``--n N`` asks for N choices per
+request (the API's ``n``: pass@k's samples; greedy here, so N equal texts), with the same settings added.
 Results belong in docs/benchmarks.md.
 """
 
@@ -53,6 +54,9 @@ from hybridlm.train.config import DEFAULT_MODEL
 from hybridlm.train.data import builtin_documents
 from hybridlm.train.tokenizer import ByteTokenizer
 
+#: How the settings run prompts' shared prefixes: ``hybridlm serve``'s default (once, their states kept for later
+#: batches: ``--prefix-cache 8``), once per batch (``--prefix-cache 0``), or once per prompt (as before either).
+SHARING = {"kept": "run once, kept", "batch": "run once per batch", "none": "run per prompt"}
 #: ``--choices``: characters that tell a question's choices apart (each prompt's last ones).
 ENDING = 8
 
@@ -122,17 +126,17 @@ def serve_round(
     max_batch: int,
     cuda_graph: bool = False,
     extra: dict | None = None,
-    unshared: bool = False,
+    sharing: str = "kept",
     continuous: bool = False,
     stagger: float = 0.0,
     spread: bool = False,
 ) -> dict:
     """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` from its own thread, at once
-    or ``stagger`` seconds apart (``unshared``: prompts' shared prefixes run once per prompt; ``spread``: mixed
-    lengths)."""
-    prefixes.SHARED_PREFIX = 10**9 if unshared else SHARED_PREFIX
+    or ``stagger`` seconds apart (``sharing``: :data:`SHARING`'s keys; ``spread``: mixed lengths)."""
+    prefixes.SHARED_PREFIX = 10**9 if sharing == "none" else SHARED_PREFIX
     tokenizer = ByteTokenizer()
-    worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph, continuous=continuous)
+    kept = 8 if sharing == "kept" else 0
+    worker = BatchWorker(model, tokenizer, max_batch, cuda_graph=cuda_graph, continuous=continuous, prefix_cache=kept)
     server = CompletionServer(
         ("127.0.0.1", 0),
         worker,
@@ -222,24 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.choices < 1 or args.clients % args.choices or (args.choices > 1 and args.prompt_len <= ENDING):
         ap.error(f"--choices must divide --clients, and with several choices --prompt-len exceed {ENDING} characters")
     texts = prompts(args.clients, args.prompt_len, args.choices)
-    # (max batch size, CUDA graph, shared prefixes run once per prompt, continuous batching)
+    # (max batch size, CUDA graph, sharing of prompt prefixes, continuous batching)
     graphs = [False, True] if args.cuda_graph else [False]
     rows = args.clients * args.n  # (the batched settings take every choice of every request at once)
-    settings = [(b, g, False, False) for g in graphs for b in (1, rows)]
+    settings = [(b, g, "kept", False) for g in graphs for b in (1, rows)]
     if args.continuous:
-        settings += [(rows, g, False, True) for g in graphs]
+        settings += [(rows, g, "kept", True) for g in graphs]
     if args.choices > 1 or args.n > 1:
-        settings.append((rows, False, True, False))
-    runs: dict[tuple[int, bool, bool, bool], list[dict]] = {s: [] for s in settings}
+        settings += [(rows, False, "batch", cont) for cont in (False, True)[: 1 + args.continuous]]
+        settings.append((rows, False, "none", False))
+    runs: dict[tuple[int, bool, str, bool], list[dict]] = {s: [] for s in settings}
     extra = SCORE if args.score else None
     if args.n > 1:
         extra = {**(extra or {}), "n": args.n}
     if args.stream:
         extra = {**(extra or {}), "stream": True, "stream_options": {"include_usage": True}}
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
-        for (b, g, unshared, cont), done in runs.items():
+        for (b, g, sharing, cont), done in runs.items():
             done.append(
-                serve_round(model, texts, args.max_tokens, b, g, extra, unshared, cont, args.stagger, args.spread)
+                serve_round(model, texts, args.max_tokens, b, g, extra, sharing, cont, args.stagger, args.spread)
             )
     rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
     name = args.preset or "embedded default model"
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
-    reference = rounds[(1, False, False, False)]
+    reference = rounds[(1, False, "kept", False)]
     scored = " shared prefixes |" if args.choices > 1 or args.n > 1 else ""
     ttft = " mean time to first text s |" if args.stream else ""
     print(
@@ -262,19 +267,21 @@ def main(argv: list[str] | None = None) -> int:
         f"mean latency s | p90 latency s |{ttft} same texts |"
     )
     print("|---:|:---:|:---:|" + ":---:|" * bool(scored) + "---:|---:|---:|---:|---:|" + "---:|" * bool(ttft) + "---:|")
-    for (b, g, unshared, cont), r in rounds.items():
+    for (b, g, sharing, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
-        how = f" {'—' if b == 1 else 'run per prompt' if unshared else 'run once'} |" if scored else ""
+        how = f" {SHARING[sharing]} |" if scored else ""
         first = f"{r['ttft']:.2f} | " if args.stream else ""
         print(
             f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
             f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
             f"{first}{same} of {len(texts)} |"
         )
-    for (b, g, unshared, cont), r in rounds.items():
-        if (b, g, unshared, cont) != (1, False, False, False):
+    for (b, g, sharing, cont), r in rounds.items():
+        if (b, g, sharing, cont) != (1, False, "kept", False):
             label = f"--max-batch-size {b}" + (" --continuous-batching" if cont else "")
-            label += (" --cuda-graph" if g else "") + (", shared prefixes run per prompt" if unshared else "")
+            label += (" --cuda-graph" if g else "") + (
+                "" if sharing == "kept" else f", shared prefixes {SHARING[sharing]}"
+            )
             print(f"{label} / one at a time: {reference['wall'] / r['wall']:.2f}x the throughput")
     same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done)
     print(f"same texts in every round of every setting: {'yes' if same else 'no'}")

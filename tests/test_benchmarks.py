@@ -279,11 +279,11 @@ def test_serve_scores_questions_of_several_choices_with_their_shared_prefixes_ru
     args = ["--clients", "6", "--prompt-len", "80", "--repeat", "1", "--score", "--choices", "3"]
     assert serve.main(args) == 0
     out = capsys.readouterr().out
-    assert "| 6 | static | no | run once | " in out and "| 6 | static | no | run per prompt | " in out
-    assert "| 1 | static | no | — | " in out
+    assert "| 6 | static | no | run once, kept | " in out and "| 6 | static | no | run per prompt | " in out
+    assert "| 6 | static | no | run once per batch | " in out and "| 1 | static | no | run once, kept | " in out
     assert "same texts in every round of every setting: yes" in out
     assert prefixes.SHARED_PREFIX == 64
     assert serve.main(["--clients", "2", "--n", "3", "--prompt-len", "70", "--max-tokens", "2", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| 6 | static | no | run once | " in out and "| 6 | static | no | run per prompt | " in out
+    assert "| 6 | static | no | run once, kept | " in out and "| 6 | static | no | run per prompt | " in out
     assert "3 choices per request (n)" in out and "same texts in every round of every setting: yes" in out
