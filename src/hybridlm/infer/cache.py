@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -186,6 +186,34 @@ class InferenceCache:
         self.next_pos[row] = src.next_pos[src_row].to(self.next_pos.device)
         self._refresh_padding()
 
+    def take(self, src: InferenceCache, src_rows: Sequence[int], length: int) -> None:
+        """Make rows ``0 .. len(src_rows) - 1`` hold what rows ``src_rows`` of ``src`` hold, as :meth:`place` does
+        each, the last ``length`` positions of all of them in one copy per tensor (a row shorter than ``length`` brings
+        the padding before it, marked so): moving a batch's rows into a cache of another size."""
+        if not 0 < length <= min(self.offset, src.offset) or len(src_rows) > self.batch:
+            raise ValueError(
+                f"take: {len(src_rows)} row(s) of {length} position(s) do not fit: the source holds {src.offset}, "
+                f"this cache {self.batch} row(s) and {self.offset} position(s)"
+            )
+        if src.states.keys() != self.states.keys():
+            raise ValueError("take: the two caches were built for different mixers (another model)")
+        n, start = len(src_rows), self.offset - length
+        index = torch.tensor(list(src_rows), device=self.valid.device)
+        for mixer, state in self.states.items():
+            for name, dst, new in _tensors(state, src.states[mixer]):
+                dim = state.POSITION_DIM.get(name)
+                window = new if dim is None else new.narrow(dim, src.offset - length, length)  # (only those copied)
+                picked = window.index_select(0, index.to(new.device))
+                if dim is None:
+                    dst[:n].copy_(picked)
+                else:
+                    dst[:n].narrow(dim, start, length).copy_(picked)
+        self.valid[:n, :start] = False
+        self.valid[:n, start : self.offset] = src.valid.index_select(0, index)[:, src.offset - length : src.offset]
+        self.valid[:n, self.offset :] = True
+        self.next_pos[:n] = src.next_pos.index_select(0, index.to(src.next_pos.device)).to(self.next_pos.device)
+        self._refresh_padding()
+
     def shift(self, delta: int) -> None:
         """Move every cached position by ``delta``: a negative one drops the first ``-delta`` positions (which no
         row may still need: every row's must be padding), a positive one puts ``delta`` positions of padding in
@@ -197,11 +225,13 @@ class InferenceCache:
             raise ValueError(f"shift: the first {-delta} position(s) hold real tokens of some row")
         if delta == 0:
             return
+        used = self.offset if delta > 0 else self.offset + delta  # the positions that move (none in an empty cache)
         for state in self.states.values():
             for name, dst, _ in _tensors(state, state):
                 dim = state.POSITION_DIM.get(name)
-                if dim is not None:
-                    dst.copy_(dst.roll(delta, dim))
+                if dim is not None and used:  # (only those: the buffer past the offset holds nothing read yet)
+                    moved = dst.narrow(dim, max(-delta, 0), used).clone()  # (the two ranges overlap)
+                    dst.narrow(dim, max(delta, 0), used).copy_(moved)
         self.valid.copy_(self.valid.roll(delta, 1))
         if delta > 0:
             self.valid[:, :delta] = False

@@ -362,8 +362,9 @@ class DecodeBatch:
             self.cache = InferenceCache.for_model(self.model, slots, max_len)
         self.cache.shift(longest)
         keep = [row.slot for row in live]
+        if live:  # (one copy per tensor for all rows)
+            self.cache.take(old, keep, longest)
         for slot, row in enumerate(live):
-            self.cache.place(old, row.slot, slot, row.length)
             row.slot = slot
         for slot in range(len(live), slots):
             self.cache.release(slot)
