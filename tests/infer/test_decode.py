@@ -1,6 +1,7 @@
 """A decode batch whose rows come and go (continuous batching) against each row decoded alone."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from hybridlm import HybridLM, ModelConfig, generate
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.infer.cuda_graph import GraphedDecodeStep
-from hybridlm.infer.decode import DecodeBatch
+from hybridlm.infer.decode import DecodeBatch, left_pad
 from hybridlm.infer.generate import Sampler
 from tests.helpers import MLA_TINY, rel_err, tiny_config
 from tests.infer.test_cache import BF16_PATTERNS, REALISTIC
@@ -192,6 +193,43 @@ def test_place_and_shift_refuse_what_does_not_fit():
         cache.release(1)
         cache.shift(-3)
         assert cache.offset == 0 and int(cache.offset_t) == 0
+
+
+def test_take_moves_rows_as_placing_each_does_and_refuses_what_does_not_fit():
+    """take: rows of another cache, each with the padding before it, land as place puts them one by one (every
+    state tensor equal, the padding and RoPE positions too); too many rows or positions are refused."""
+    model = model64("M+G-")
+    with torch.no_grad():
+        source = InferenceCache.for_model(model, 3, 10)
+        ids, valid = left_pad(prompts(4, 7, 2), "cpu")
+        source.set_padding(valid)
+        model(ids, cache=source)
+        lengths = [4, 7, 2]
+        placed, taken = (InferenceCache.for_model(model, 2, 12) for _ in range(2))
+        for cache in (placed, taken):
+            cache.shift(7)
+        for row, src in enumerate([2, 1]):
+            placed.place(source, src, row, lengths[src])
+        taken.take(source, [2, 1], 7)
+        for mixer, state in placed.states.items():
+            for f in dataclasses.fields(state):
+                a, b = getattr(state, f.name), getattr(taken.states[mixer], f.name)
+                if a is None:
+                    continue
+                dim = state.POSITION_DIM.get(f.name)
+                if dim is None:
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+                    continue
+                # the real positions (row 0's last 2, row 1's 7): the padding before them differs (placed leaves
+                # zeros, taken brings the source's, both masked)
+                for row, start in ((0, 5), (1, 0)):
+                    got, want = b[row].narrow(dim - 1, start, 7 - start), a[row].narrow(dim - 1, start, 7 - start)
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert torch.equal(placed.valid, taken.valid) and torch.equal(placed.next_pos, taken.next_pos)
+        with pytest.raises(ValueError, match=r"take: 3 row\(s\) of 7 position\(s\) do not fit"):
+            taken.take(source, [0, 1, 2], 7)
+        with pytest.raises(ValueError, match=r"take: 1 row\(s\) of 11 position\(s\) do not fit"):
+            taken.take(source, [0], 11)
 
 
 def joined_errors(pattern: str, device: str, length: int, steps: int, graph: bool) -> tuple[float, float]:
