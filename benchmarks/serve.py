@@ -14,13 +14,13 @@ does) and with ``--max-batch-size K`` (K times ``--n``), the two taking turns ``
 median round of each is shown: the host may be shared). The table gives the wall time from the first request sent
 to the last answer read, the completion tokens per second over all clients, the mean latency of one request and the
 number of batches the worker ran (``generate`` calls; continuous: batches started); it checks that every round of
-both settings answered the same texts (exit status 1 if not, in float32: greedy decoding of a row alone and in a left-padded batch agrees up to near-ties; in
-bf16 the count of equal texts is shown). ``--preset NAME`` serves a model preset (random weights, bf16 on CUDA; the
-byte tokenizer's ids are its first 257) in place of the embedded default; ``--cuda-graph`` adds both settings with
-each batch's decode step replayed as a CUDA graph (``hybridlm serve --cuda-graph``); ``--score`` sends
-lm-evaluation-harness's loglikelihood request in place of a completion (``echo``, ``logprobs: 1``, one new token:
-the prompt's tokens scored). ``--continuous`` adds the batched settings with continuous
-batching (``hybridlm serve --continuous-batching``: a request joins the running batch at its next step);
+both settings answered the same texts (exit status 1 if not, in float32: greedy decoding of a row alone and in a
+left-padded batch agrees up to near-ties; in bf16 the count of equal texts is shown). ``--preset NAME`` serves a
+model preset (random weights, bf16 on CUDA; the byte tokenizer's ids are its first 257) in place of the embedded
+default; ``--cuda-graph`` adds both settings with each batch's decode step replayed as a CUDA graph (``hybridlm
+serve --cuda-graph``); ``--score`` sends lm-evaluation-harness's loglikelihood request in place of a completion
+(``echo``, ``logprobs: 1``, one new token: the prompt's tokens scored). ``--continuous`` adds the batched settings
+with continuous batching (``hybridlm serve --continuous-batching``: a request joins the running batch at its next step);
 ``--stagger S`` sends client i's request i * S seconds after the first (not all at once), and ``--spread`` asks
 client i for ``max_tokens * (i % 4 + 1) / 4`` new tokens (short requests beside long ones: a static batch holds
 the short ones' slots until its longest row ends). The table also gives the 90th percentile of the latency, and with
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         f"concurrent greedy requests, {args.prompt_len}-token prompts, at most {args.max_tokens} new tokens each"
         f"{' (client i: max_tokens * (i % 4 + 1) / 4)' if args.spread else ''}"
         f"{f', sent {args.stagger} s apart' if args.stagger else ''}"
-        f"{f', questions of {args.choices} choices (their last {ENDING} characters differ)' if args.choices > 1 else ''}"
+        f"{f', questions of {args.choices} choices (the last {ENDING} characters differ)' if args.choices > 1 else ''}"
         f"{f', {args.n} choices per request (n)' if args.n > 1 else ''}"
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )

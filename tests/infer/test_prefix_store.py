@@ -110,7 +110,10 @@ def test_the_store_keeps_the_most_recently_used_and_finds_the_longest_prefix():
     from hybridlm.infer.prefix_store import Entry
 
     store = PrefixStore(capacity=2)
-    entry = lambda tokens, k=None: Entry(tuple(tokens), None, torch.zeros(1), [] if k is not None else None, k)  # noqa: E731
+
+    def entry(tokens, k=None):
+        return Entry(tuple(tokens), None, torch.zeros(1), [] if k is not None else None, k)
+
     store.put(entry([1, 2]))
     store.put(entry([1, 2, 3, 4], k=2))
     assert store.lookup([1, 2, 3, 4, 5], None).tokens == (1, 2, 3, 4)  # the longest

@@ -78,7 +78,7 @@ def prefix_plan(
     for node in sorted(nodes, key=len):
         base = max((b for b in kept if node[: len(b)] == b), key=len, default=None)
         if base is not None and len(node) - len(base) < minimum:
-            merged[node] = merged.get(base, base)
+            merged[node] = base
         else:
             kept.append(node)
     groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
@@ -194,9 +194,9 @@ def run_prompts(
 
 def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, store: PrefixStore | None, hits: dict):
     """The state after each prefix of ``nodes`` (shortest first), as :class:`~hybridlm.infer.prefix_store.Entry`
-    objects (kept in ``store``), and the ids of those the store held already (``hits``' too). Each runs from the longest state it
-    begins with, kept or computed here (in waves), else from nothing; a wave's prefixes run as one batch per length
-    of what they add (those from nothing as one left-padded batch)."""
+    objects (kept in ``store``), and the ids of those the store held already (``hits``' too). Each runs from the
+    longest state it begins with, kept or computed here (in waves), else from nothing; a wave's prefixes run as one
+    batch per length of what they add (those from nothing as one left-padded batch)."""
     ready: dict[tuple[int, ...], Entry] = {}
     for node in nodes:
         entry = None if store is None else store.lookup(node, k, proper=False)
