@@ -125,8 +125,15 @@ def test_the_store_keeps_the_most_recently_used_and_finds_the_longest_prefix():
     store.lookup([1, 2, 7], None)  # (1, 2) used last: (1, 2, 3, 4) goes first
     store.put(entry([5, 6]))
     assert list(store.entries) == [(1, 2), (5, 6)]
-    with pytest.raises(ValueError, match="capacity must be >= 1"):
+    with pytest.raises(ValueError, match="capacity and positions must be >= 1"):
         PrefixStore(capacity=0)
+    # positions: the kept prefixes' total; the least recently used go first, and one longer than all is not kept
+    store = PrefixStore(capacity=8, positions=6)
+    for tokens in ([1, 2], [3, 4, 5], [6, 7]):
+        store.put(entry(tokens))
+    assert list(store.entries) == [(3, 4, 5), (6, 7)]
+    store.put(entry(range(7)))
+    assert list(store.entries) == [(3, 4, 5), (6, 7)]
 
 
 @settings(max_examples=300, deadline=None)

@@ -37,14 +37,24 @@ class Entry:
         return k is None or (self.scores is not None and self.k is not None and self.k >= k)
 
 
-class PrefixStore:
-    """At most ``capacity`` prefixes (the least recently used dropped first), and the last ``remember`` prompts seen,
-    in which prefixes that later prompts share are found. Used by one thread (the model's)."""
+#: Positions the kept prefixes hold together at most, by default: their caches are the model's, on its device
+#: (attention's keys and values for every position, besides the fixed-size recurrent states), so a count alone would
+#: let a few long prompts hold gigabytes.
+POSITIONS = 2**16
 
-    def __init__(self, capacity: int = 8, remember: int = 64) -> None:
-        if capacity < 1 or remember < 0:
-            raise ValueError(f"PrefixStore: capacity must be >= 1 and remember >= 0, got {capacity} and {remember}")
-        self.capacity = capacity
+
+class PrefixStore:
+    """At most ``capacity`` prefixes of ``positions`` positions in all (the least recently used dropped first), and the
+    last ``remember`` prompts seen, in which prefixes that later prompts share are found. Used by one thread (the
+    model's)."""
+
+    def __init__(self, capacity: int = 8, remember: int = 64, positions: int = POSITIONS) -> None:
+        if capacity < 1 or remember < 0 or positions < 1:
+            raise ValueError(
+                f"PrefixStore: capacity and positions must be >= 1 and remember >= 0, got {capacity}, {positions} and "
+                f"{remember}"
+            )
+        self.capacity, self.positions = capacity, positions
         self.entries: collections.OrderedDict[tuple[int, ...], Entry] = collections.OrderedDict()
         self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=remember)
         self.hits = 0  # prompts that began with a kept prefix
@@ -66,10 +76,13 @@ class PrefixStore:
         return best
 
     def put(self, entry: Entry) -> None:
-        """Keep ``entry`` (replacing one of the same tokens), dropping the least recently used past ``capacity``."""
+        """Keep ``entry`` (replacing one of the same tokens), dropping the least recently used past ``capacity`` or
+        ``positions`` (an entry longer than ``positions`` alone is not kept)."""
+        if len(entry.tokens) > self.positions:
+            return
         self.entries[entry.tokens] = entry
         self.entries.move_to_end(entry.tokens)
-        while len(self.entries) > self.capacity:
+        while len(self.entries) > self.capacity or sum(len(t) for t in self.entries) > self.positions:
             self.entries.popitem(last=False)
 
     def seen(self, prompts) -> None:
