@@ -202,3 +202,21 @@ def test_random_calls_sharing_stems_score_and_decode_as_each_prompt_alone(monkey
         assert len(store.entries) <= 3
         hits += store.hits
     assert hits > 0
+
+
+def test_off_the_cpu_a_plan_of_many_small_forwards_is_not_taken():
+    """Each forward costs FORWARD_POSITIONS at least off the CPU: prompts sharing a prefix whose rests have 8
+    different lengths (8 forwards) run whole instead, where they share on the CPU (a forward costs its positions);
+    8 samples of a long prompt (one rest forward) share off the CPU too, 8 samples of a short one do not; with a
+    store, the prefix's state is not counted (it serves later calls too)."""
+    head = list(range(100))
+    distinct = [[*head, *range(200, 201 + i)] for i in range(8)]  # rests of 1..8 tokens
+    assert prefixes._plan(distinct, None, None, 0)[0]
+    assert prefixes._plan(distinct, None, None, 512) == ({}, {}, [])
+    short, long = [[*head, 7]] * 8, [[*head * 10, 7]] * 8
+    # 8 x 101 positions whole (808) against the 100-token prefix and 8 rests of one token (512 + 512 at least)
+    assert prefixes._cost(short, *prefixes._plan(short, None, None, 0), 512) == 1024
+    assert prefixes._cost(short, {}, {}, [], 512) == 808 and not prefixes._plan(short, None, None, 512)[0]
+    assert prefixes._plan(long, None, None, 512)[0]  # 8,008 whole against 1,000 + 512
+    plan = prefixes._plan(short, None, None, 0)
+    assert prefixes._cost(short, *plan, 512, kept=True) == 512  # (the prefix kept: only the rests count)

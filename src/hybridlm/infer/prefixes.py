@@ -29,6 +29,12 @@ from .prefix_store import Entry, PrefixStore
 #: a few-shot task's prompts share the examples, a chat's turns share the conversation so far. Below it, the forwards
 #: the split adds cost more than the tokens it saves.
 SHARED_PREFIX = 64
+#: A forward's cost in positions at least, off the CPU: launching a forward's kernels costs about as much as running
+#: this many positions (an estimate for a 1.3B model on one H100: about 5 ms of launches against about 150k positions
+#: per second; not measured yet). Splitting prompts into a shared prefix and rests of several lengths means more
+#: forwards, so a plan that would cost more than one forward over the whole prompts is not taken. On the CPU a
+#: forward costs its positions.
+FORWARD_POSITIONS = 512
 
 
 def _common(x, y) -> int:
@@ -96,7 +102,7 @@ def prefill_shared(
     is shared (a plain prefill costs the same). ``store``: its kept prefixes stand for their forward, its recent
     prompts are shared with, and the prefixes run are kept (the prompts are remembered even where None is
     returned)."""
-    plan = _plan(prompts, None, store)
+    plan = _plan(prompts, None, store, _overhead(model))
     if not any(plan):
         return None
     with torch.no_grad():
@@ -105,9 +111,13 @@ def prefill_shared(
     return cache, last
 
 
-def _plan(inputs: list[list[int]], k: int | None, store: PrefixStore | None) -> tuple[dict, dict, list]:
+def _plan(
+    inputs: list[list[int]], k: int | None, store: PrefixStore | None, overhead: int = 0
+) -> tuple[dict, dict, list]:
     """:func:`prefix_plan` of ``inputs`` beside the store's recent prompts, and the inputs in no group that begin
-    with a kept prefix (index -> its :class:`~hybridlm.infer.prefix_store.Entry`); the store then remembers them."""
+    with a kept prefix (index -> its :class:`~hybridlm.infer.prefix_store.Entry`); nothing shared where that costs
+    more than one forward over them all, each forward counted as ``overhead`` positions at least
+    (:func:`_cost`). The store then remembers the inputs."""
     recent = [list(p) for p in store.recent] if store is not None else []
     groups, nodes = prefix_plan(inputs, SHARED_PREFIX, recent)
     hits = {}
@@ -122,7 +132,34 @@ def _plan(inputs: list[list[int]], k: int | None, store: PrefixStore | None) -> 
             hits[r] = entry
     if store is not None:
         store.seen(inputs)
+    if (groups or hits) and _cost(inputs, groups, hits, nodes, overhead, store is not None) >= _cost(
+        inputs, {}, {}, [], overhead
+    ):
+        return {}, {}, []
     return groups, hits, nodes
+
+
+def _cost(inputs, groups: dict, hits: dict, nodes: list, overhead: int, kept: bool = False) -> int:
+    """The positions a plan runs, each forward counted as ``overhead`` at least: the prompts run whole (one
+    left-padded batch), the prefixes' states (not counted where ``kept``: kept, they serve later calls too), and the
+    rests (a batch per length)."""
+
+    def forward(rows: int, positions: int) -> int:
+        return max(rows * positions, overhead) if rows else 0
+
+    start = {r: len(key) for key, members in groups.items() for r in members}
+    start.update({r: len(entry.tokens) for r, entry in hits.items()})
+    alone = [len(x) for r, x in enumerate(inputs) if r not in start]
+    cost = forward(len(alone), max(alone, default=0))
+    if not kept:
+        fresh = [n for n in nodes if not any(len(b) < len(n) and n[: len(b)] == b for b in nodes)]
+        cost += forward(len(fresh), max(map(len, fresh), default=0))
+        added = collections.Counter(
+            len(n) - max(len(b) for b in nodes if len(b) < len(n) and n[: len(b)] == b) for n in nodes if n not in fresh
+        )
+        cost += sum(forward(rows, length) for length, rows in added.items())
+    rests = collections.Counter(len(inputs[r]) - p for r, p in start.items())
+    return cost + sum(forward(rows, length) for length, rows in rests.items())
 
 
 def run_prompts(
@@ -139,7 +176,7 @@ def run_prompts(
     inputs[row][j + 1]`` where both exist; ``k`` None: nothing scored, a prefill) with their shared prefixes run once
     (see the module). The cache (``keep``; else None) holds every row left-padded, as one forward over them all
     would. ``store``: as :func:`prefill_shared`'s. ``plan``: :func:`_plan`'s for these inputs, where made already."""
-    groups, hits, nodes = _plan(inputs, k, store) if plan is None else plan
+    groups, hits, nodes = _plan(inputs, k, store, _overhead(model)) if plan is None else plan
     if not groups and not hits:
         return _scored_forward(model, inputs, targets, k, names)
     n = len(inputs)
@@ -190,6 +227,11 @@ def run_prompts(
     for r, (source, i) in enumerate(held):
         cache.place(source, i, r, len(inputs[r]))
     return scores, cache, torch.stack(last)
+
+
+def _overhead(model: torch.nn.Module) -> int:
+    """:data:`FORWARD_POSITIONS` off the CPU, 0 on it (read when a call plans, so a test can set it)."""
+    return 0 if next(model.parameters()).device.type == "cpu" else FORWARD_POSITIONS
 
 
 def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, store: PrefixStore | None, hits: dict):
