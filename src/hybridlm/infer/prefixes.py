@@ -25,9 +25,10 @@ from .logprobs import TokenLogprob, _scored_forward, pick_logprobs, to_host
 from .prefix_store import Entry, PrefixStore
 
 #: Prompts run together that begin with the same tokens, at least this many, run those tokens once: lm-evaluation-
-#: harness sends a multiple-choice question's choices as prompts that share the question (and its few-shot examples),
-#: a few-shot task's prompts share the examples, a chat's turns share the conversation so far. Below it, the forwards
-#: the split adds cost more than the tokens it saves.
+#: harness sends a multiple-choice question's choices as prompts that share the question (and its few-shot examples;
+#: sorted by length, then by tokens, so choices of equal length come together), a few-shot task's prompts share the
+#: examples, a chat's turns share the conversation so far. Below it, the forwards the split adds cost more than the
+#: tokens it saves.
 SHARED_PREFIX = 64
 #: A forward's cost in positions at least, off the CPU: launching a forward's kernels costs about as much as running
 #: this many positions (an estimate for a 1.3B model on one H100: about 5 ms of launches against about 150k positions
