@@ -644,3 +644,30 @@ def test_a_prefilled_that_does_not_hold_the_prompts_is_refused_saying_what_diffe
     for kwargs in ({"use_cache": False}, {"speculative": "mtp"}):
         with pytest.raises(ValueError, match="leave use_cache=True and speculative=None"):
             generate(HybridLM(tiny_config("M*/*"), seed=0).eval(), prompts, 2, prefilled=(cache, last), **kwargs)
+
+
+def test_a_batch_of_prompts_that_begin_alike_runs_what_they_share_once_and_each_decodes_as_alone(monkeypatch):
+    """generate's batch of prompts sharing 10 tokens (SHARED_PREFIX 5 here): the shared tokens run once, the rests
+    after them; each row's greedy tokens are those it takes alone (float64), the stats count every
+    prompt token, and prefill_chunk_size still bounds each forward."""
+    from hybridlm.infer import prefixes
+
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 5)
+    model = HybridLM(tiny_config("M[*-]G", position_embedding="rope"), seed=0, dtype=torch.float64).eval()
+    head = [5, 17, 3, 9, 9, 40, 2, 81, 7, 30]
+    prompts = [[*head, 1, 2], [*head, 3], [4, 4]]
+    shapes = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model),
+        "forward",
+        lambda self, ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **k),
+    )
+    stats = {}
+    got = generate(model, prompts, 4, stats=stats)
+    assert sorted(s for s in shapes if s[1] > 1) == [(1, 2), (1, 2), (1, 10)], shapes  # [4, 4] alone; head; [1, 2]
+    assert stats["prefill_tokens"] == 12 + 11 + 2
+    shapes.clear()
+    assert generate(model, prompts, 4, prefill_chunk_size=4) == got
+    assert max(s[1] for s in shapes) == 4
+    assert got == [generate(model, p, 4) for p in prompts]

@@ -23,6 +23,7 @@ from .cache import InferenceCache
 from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
 from .decode import sync as _sync
 from .logprobs import TokenLogprob, pick_logprobs, to_host
+from .prefixes import prefill_shared
 
 # (left_pad, prefill and check_finite are read from here by speculative decoding, prompt scoring and the tests)
 __all__ = ["Sampler", "TokenCallback", "check_finite", "check_sampling", "generate", "left_pad", "nonfinite", "prefill"]
@@ -222,7 +223,9 @@ def generate(
             in one forward (greedy only; prompts run one at a time). Output equals plain greedy.
         draft_tokens: with ``speculative``, tokens drafted per round, from the first depths (default, and
             at most: one per MTP depth). Deeper drafts are accepted less often; fewer can be faster.
-        prefill_chunk_size: prompts are prefilled in chunks of this many tokens.
+        prefill_chunk_size: prompts are prefilled in chunks of this many tokens. Prompts of a batch that begin alike
+            (64 tokens or more: a few-shot batch, samples of one prompt) run what they share once
+            (:mod:`~hybridlm.infer.prefixes`), each row's tokens still those it takes alone.
         callback: ``callback(row, token)`` for every new token as it is picked (streaming);
             returning True stops that row.
         stats: if given, filled with ``prefill_tokens``, ``prefill_seconds`` (the prompts' forwards; with
@@ -482,9 +485,14 @@ def _generate_cached(
 ):
     """The prompts prefilled together, left-padded, then decoded one token per row per step (a finished row
     decodes on, its tokens dropped, until every row has finished): one admission of a :class:`DecodeBatch`
-    (``prefilled``: the prompts' cache and last logits, from a forward already run)."""
+    (``prefilled``: the prompts' cache and last logits, from a forward already run; else prompts that begin alike
+    run what they share once, :func:`~hybridlm.infer.prefixes.prefill_shared`)."""
     device = next(model.parameters()).device
     B, P = len(rows), max(len(row) for row in rows)
+    if prefilled is None and B > 1:  # prompts that begin alike (a few-shot batch, samples of one prompt) share it
+        t0 = _sync(device)
+        prefilled = prefill_shared(model, rows, chunk_size=chunk_size)
+        stats["prefill_seconds"] += _sync(device) - t0
     with cache_allocation(B, P, max_new_tokens):
         batch = DecodeBatch(model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats)
     callbacks = [None if callback is None else _per_row(callback, r) for r in range(B)]

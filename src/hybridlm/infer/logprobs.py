@@ -110,6 +110,7 @@ def _scored_forward(
     names: list[int],
     cache: InferenceCache | None = None,
     at: list[int] | None = None,
+    chunk_size: int = PREFILL_CHUNK,
 ) -> tuple[list[list[TokenLogprob]], InferenceCache, torch.Tensor]:
     """``inputs`` (non-empty) run as one left-padded batch through a cache, in chunks of at most ``LOGITS_BUDGET //
     (batch * vocab_size)`` positions; input position j of a row is scored against ``targets[row][j]`` where it has
@@ -117,7 +118,8 @@ def _scored_forward(
     each row's scores, the cache and the (B, V) logits of the last position. Non-finite logits at a position: a
     :class:`~hybridlm.errors.NonFiniteLogitsError` naming prompt ``names[row]`` and the position. ``cache``: one
     that holds what comes before the inputs (then all of one length), ``at[row]`` their first position in their
-    prompts (default 0: a new cache). ``k`` None: nothing scored (empty lists, no check: a prefill)."""
+    prompts (default 0: a new cache). ``k`` None: nothing scored (empty lists, no check: a prefill, ``chunk_size``
+    positions per forward at most)."""
     from .decode import left_pad  # (decode imports this module)
 
     device = next(model.parameters()).device
@@ -135,7 +137,7 @@ def _scored_forward(
         if not bool(valid.all()):
             cache.set_padding(valid)
     # (unscored: a prefill, the head on each chunk's last position only, whose logits the decode step checks)
-    chunk = PREFILL_CHUNK if k is None else max(1, LOGITS_BUDGET // (B * model.config.vocab_size))
+    chunk = chunk_size if k is None else max(1, LOGITS_BUDGET // (B * model.config.vocab_size))
     out: list[list[TokenLogprob]] = [[] for _ in inputs]
     was_training = model.training
     model.eval()

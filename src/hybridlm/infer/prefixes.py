@@ -16,12 +16,13 @@ more than those tokens run once per prompt.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 
 import torch
 
 from .cache import InferenceCache
-from .logprobs import TokenLogprob, _scored_forward, pick_logprobs, to_host
+from .logprobs import PREFILL_CHUNK, TokenLogprob, _scored_forward, pick_logprobs, to_host
 from .prefix_store import Entry, PrefixStore
 
 #: Prompts run together that begin with the same tokens, at least this many, run those tokens once: lm-evaluation-
@@ -95,20 +96,25 @@ def prefix_plan(
 
 
 def prefill_shared(
-    model: torch.nn.Module, prompts: list[list[int]], store: PrefixStore | None = None
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    store: PrefixStore | None = None,
+    chunk_size: int = PREFILL_CHUNK,
 ) -> tuple[InferenceCache, torch.Tensor] | None:
     """Prefill ``prompts`` (non-empty) with the prefixes they share run once (see the module): (a cache that holds
     them left-padded, as one forward over them all would, and the (B, V) logits of their last positions), which
     ``generate(prefilled=...)`` and :meth:`~hybridlm.infer.decode.DecodeBatch.admit` decode from; None where nothing
     is shared (a plain prefill costs the same). ``store``: its kept prefixes stand for their forward, its recent
     prompts are shared with, and the prefixes run are kept (the prompts are remembered even where None is
-    returned)."""
+    returned). ``chunk_size``: positions per forward at most."""
     plan = _plan(prompts, None, store, _overhead(model))
     if not any(plan):
         return None
     with torch.no_grad():
         rows = list(range(len(prompts)))
-        _, cache, last = run_prompts(model, prompts, [p[1:] for p in prompts], None, rows, True, store, plan)
+        _, cache, last = run_prompts(
+            model, prompts, [p[1:] for p in prompts], None, rows, True, store, plan, chunk_size
+        )
     return cache, last
 
 
@@ -172,14 +178,16 @@ def run_prompts(
     keep: bool,
     store: PrefixStore | None = None,
     plan: tuple | None = None,
+    chunk_size: int = PREFILL_CHUNK,
 ) -> tuple[list[list[TokenLogprob]], InferenceCache | None, torch.Tensor]:
     """``_scored_forward``'s results for ``inputs`` (each scored against the next input tokens: ``targets[row][j] ==
     inputs[row][j + 1]`` where both exist; ``k`` None: nothing scored, a prefill) with their shared prefixes run once
     (see the module). The cache (``keep``; else None) holds every row left-padded, as one forward over them all
-    would. ``store``: as :func:`prefill_shared`'s. ``plan``: :func:`_plan`'s for these inputs, where made already."""
+    would. ``store``: as :func:`prefill_shared`'s. ``plan``: :func:`_plan`'s for these inputs, where made already.
+    ``chunk_size``: positions per forward at most, unscored."""
     groups, hits, nodes = _plan(inputs, k, store, _overhead(model)) if plan is None else plan
     if not groups and not hits:
-        return _scored_forward(model, inputs, targets, k, names)
+        return _scored_forward(model, inputs, targets, k, names, chunk_size=chunk_size)
     n = len(inputs)
     scores: list[list[TokenLogprob]] = [[] for _ in inputs]
     held: list[tuple[InferenceCache, int]] = [None] * n  # type: ignore[list-item]  # the cache and row holding each
@@ -188,7 +196,8 @@ def run_prompts(
     first = {
         node: min((names[m[0]] for key, m in groups.items() if key[: len(node)] == node), default=0) for node in nodes
     }
-    states, kept_before = _states(model, nodes, first, k, store, hits)
+    run = functools.partial(_run, chunk_size=chunk_size)
+    states, kept_before = _states(model, nodes, first, k, store, hits, run)
     placed = [(r, states[key]) for key, members in groups.items() for r in members] + list(hits.items())
     if store is not None:
         used = [entry for _, entry in placed if id(entry) in kept_before]
@@ -196,7 +205,7 @@ def run_prompts(
         store.hit_tokens += sum(len(entry.tokens) for entry in used)
     alone = [r for r in range(n) if r not in dict(placed)]
     if alone:
-        got, cache, end = _run(
+        got, cache, end = run(
             model, [names[r] for r in alone], [inputs[r] for r in alone], [targets[r] for r in alone], k
         )
         for i, r in enumerate(alone):
@@ -209,7 +218,7 @@ def run_prompts(
         by_length[len(inputs[r]) - len(entry.tokens)].append((r, entry))
     for group in by_length.values():
         rows = [r for r, _ in group]
-        got, cache, end = _run(
+        got, cache, end = run(
             model,
             [names[r] for r in rows],
             [inputs[r] for r in rows],
@@ -235,11 +244,11 @@ def _overhead(model: torch.nn.Module) -> int:
     return 0 if next(model.parameters()).device.type == "cpu" else FORWARD_POSITIONS
 
 
-def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, store: PrefixStore | None, hits: dict):
+def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, store: PrefixStore | None, hits, run):
     """The state after each prefix of ``nodes`` (shortest first), as :class:`~hybridlm.infer.prefix_store.Entry`
     objects (kept in ``store``), and the ids of those the store held already (``hits``' too). Each runs from the
     longest state it begins with, kept or computed here (in waves), else from nothing; a wave's prefixes run as one
-    batch per length of what they add (those from nothing as one left-padded batch)."""
+    batch per length of what they add (those from nothing as one left-padded batch), by ``run`` (:func:`_run`)."""
     ready: dict[tuple[int, ...], Entry] = {}
     for node in nodes:
         entry = None if store is None else store.lookup(node, k, proper=False)
@@ -261,7 +270,7 @@ def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, sto
         for added, members in wave.items():
             bases = None if added == 0 else [base for _, base in members]
             seqs = [list(node) for node, _ in members]
-            got, cache, end = _run(
+            got, cache, end = run(
                 model, [first.get(node, 0) for node, _ in members], seqs, [s[1:] for s in seqs], k, bases
             )
             for i, (node, base) in enumerate(members):
@@ -273,11 +282,11 @@ def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, sto
     return ready, kept_before
 
 
-def _run(model, names, seqs, goals, k, bases: list[Entry] | None = None):
+def _run(model, names, seqs, goals, k, bases: list[Entry] | None = None, chunk_size: int = PREFILL_CHUNK):
     """``_scored_forward`` of ``seqs[i]`` past ``bases[i]``'s tokens (which it begins with; then all of one length
     past them), from a copy of their states, scored against ``goals[i]`` from there; ``bases`` None: whole."""
     if bases is None:
-        return _scored_forward(model, seqs, goals, k, names)
+        return _scored_forward(model, seqs, goals, k, names, chunk_size=chunk_size)
     cut = [len(base.tokens) for base in bases]
     front = max(cut)  # (shorter prefixes left-padded to the longest)
     cache = InferenceCache.for_model(model, len(seqs), front + len(seqs[0]) - cut[0])
@@ -285,7 +294,7 @@ def _run(model, names, seqs, goals, k, bases: list[Entry] | None = None):
     for i, (base, p) in enumerate(zip(bases, cut)):
         cache.place(base.cache, 0, i, p)
     rests, ends = [s[p:] for s, p in zip(seqs, cut)], [t[p:] for t, p in zip(goals, cut)]
-    return _scored_forward(model, rests, ends, k, names, cache, cut)
+    return _scored_forward(model, rests, ends, k, names, cache, cut, chunk_size)
 
 
 def _keep(model, tokens, cache: InferenceCache, row: int, logits, scores, k) -> Entry:
