@@ -207,7 +207,7 @@ def test_take_moves_rows_as_placing_each_does_and_refuses_what_does_not_fit():
         lengths = [4, 7, 2]
         placed, taken = (InferenceCache.for_model(model, 2, 12) for _ in range(2))
         for cache in (placed, taken):
-            cache.shift(7)
+            cache.shift(9)  # (two positions of padding before the longest row)
         for row, src in enumerate([2, 1]):
             placed.place(source, src, row, lengths[src])
         taken.take(source, [2, 1], 7)
@@ -220,16 +220,16 @@ def test_take_moves_rows_as_placing_each_does_and_refuses_what_does_not_fit():
                 if dim is None:
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
                     continue
-                # the real positions (row 0's last 2, row 1's 7): the padding before them differs (placed leaves
-                # zeros, taken brings the source's, both masked)
-                for row, start in ((0, 5), (1, 0)):
-                    got, want = b[row].narrow(dim - 1, start, 7 - start), a[row].narrow(dim - 1, start, 7 - start)
+                # the real positions (row 0's last 2, row 1's 7, ending at 9): the padding before them differs
+                # (placed leaves zeros, taken brings the source's, both masked)
+                for row, start in ((0, 7), (1, 2)):
+                    got, want = b[row].narrow(dim - 1, start, 9 - start), a[row].narrow(dim - 1, start, 9 - start)
                     torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert torch.equal(placed.valid, taken.valid) and torch.equal(placed.next_pos, taken.next_pos)
         with pytest.raises(ValueError, match=r"take: 3 row\(s\) of 7 position\(s\) do not fit"):
             taken.take(source, [0, 1, 2], 7)
-        with pytest.raises(ValueError, match=r"take: 1 row\(s\) of 11 position\(s\) do not fit"):
-            taken.take(source, [0], 11)
+        with pytest.raises(ValueError, match=r"take: 1 row\(s\) of 10 position\(s\) do not fit"):
+            taken.take(source, [0], 10)
 
 
 def joined_errors(pattern: str, device: str, length: int, steps: int, graph: bool) -> tuple[float, float]:
