@@ -287,3 +287,13 @@ def test_serve_scores_questions_of_several_choices_with_their_shared_prefixes_ru
     out = capsys.readouterr().out
     assert "| 6 | static | no | run once, kept | " in out and "| 6 | static | no | run per prompt | " in out
     assert "3 choices per request (n)" in out and "same texts in every round of every setting: yes" in out
+
+
+def test_prefill_cost_fits_a_forwards_fixed_cost_and_its_rate():
+    """prefill_cost.py's fit recovers a known line (2 ms per forward + 10,000 positions per second), and the script
+    prints its table and the fit for tiny shapes."""
+    bench = _load("prefill_cost")
+    shapes = [(1, 1), (1, 100), (4, 100), (8, 400)]
+    fixed, rate = bench.fit(shapes, [0.002 + r * p / 10_000 for r, p in shapes])
+    assert abs(fixed - 0.002) < 1e-9 and abs(rate - 10_000) < 1e-3
+    assert bench.main(["--rows", "1", "2", "--positions", "1", "4", "--repeat", "1"]) == 0
