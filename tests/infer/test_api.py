@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hybridlm.infer.api import (
     DEFAULT_MAX_TOKENS,
@@ -224,3 +226,54 @@ def test_n_choices_per_prompt_are_rows_in_order_and_bad_counts_are_refused_by_na
     # with 8 rows per batch, 9 choices start a second batch at seed + 8
     assert refused({"prompt": "hi", "n": 9, "temperature": 1, "seed": SEED_RANGE[1] - 7}).param == "seed"
     assert parse({"prompt": "hi", "n": 8, "temperature": 1, "seed": SEED_RANGE[1]}).n == 8
+
+
+# -- any body: a request or a 4xx naming a field, never another exception ---------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+_FIELD_VALUES = {
+    "prompt": st.one_of(st.text(max_size=12), st.lists(st.integers(-3, 300), max_size=5), _JSON),
+    "n": st.one_of(st.integers(1, 4), st.integers(-2, 200), _JSON),
+    "max_tokens": st.one_of(st.integers(0, 64), st.integers(-2, 100), _JSON),
+    "temperature": st.one_of(st.floats(0, 2), st.floats(-1, 3, allow_nan=False), _JSON),
+    "top_p": st.one_of(st.floats(0.01, 1), st.floats(-1, 2, allow_nan=False), _JSON),
+    "top_k": st.one_of(st.integers(0, 257), st.integers(-2, 300), _JSON),
+    "repetition_penalty": st.one_of(st.floats(0.5, 2), st.floats(-2, 3, allow_nan=False), _JSON),
+    "seed": st.one_of(st.integers(0, 2**31), st.integers(-(2**65), 2**65), _JSON),
+    "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(max_size=3), max_size=18), _JSON),
+    "stream": st.one_of(st.booleans(), _JSON),
+    "stream_options": st.one_of(st.just({"include_usage": True}), _JSON),
+    "echo": st.one_of(st.booleans(), _JSON),
+    "logprobs": st.one_of(st.integers(0, 5), st.integers(-2, 25), _JSON),
+    "model": st.one_of(st.just("tiny"), _JSON),
+    "best_of": _JSON,
+    "user": _JSON,
+}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.fixed_dictionaries(
+        {"prompt": st.one_of(st.text(min_size=1, max_size=12), _FIELD_VALUES["prompt"])},
+        optional={k: v for k, v in _FIELD_VALUES.items() if k != "prompt"},
+    ),
+    st.one_of(st.just({}), st.dictionaries(st.text(max_size=5), _JSON, max_size=2)),
+)
+def test_any_body_is_a_request_or_a_client_error_naming_its_field(fields, extra):
+    """Whatever a client sends (the known fields with any JSON value, unknown fields beside them), parse_request
+    returns a request or raises a 4xx RequestError whose param, where it names one, is a field of the body; no other
+    exception escapes (it would answer 500)."""
+    body = {**extra, **fields}
+    try:
+        request = parse(body)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and e.message
+        assert e.param is None or e.param in body or e.param == "prompt", (e.param, body)
+        json.dumps(e.body())
+    else:
+        assert request.prompts and all(isinstance(t, int) for p in request.prompts for t in p)
+        assert len(request.prompts) % request.n == 0 and (0 if request.echo else 1) <= request.max_tokens <= 64

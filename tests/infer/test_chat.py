@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hybridlm import HybridLM, generate
-from hybridlm.infer.api import Sampling
+from hybridlm.infer.api import RequestError, Sampling
 from hybridlm.infer.chat import (
     NEUTRAL,
     Chat,
@@ -20,6 +22,7 @@ from hybridlm.infer.chat_template import ChatTemplate, ChatTemplateError
 from hybridlm.train.tokenizer import ByteTokenizer
 from tests.helpers import tiny_config
 from tests.infer import test_server
+from tests.infer.test_api import _JSON
 from tests.infer.test_server import call
 
 TOKENIZER = ByteTokenizer()
@@ -405,3 +408,53 @@ def test_chat_logprobs_are_each_answer_tokens_in_openais_chat_shape_streamed_or_
     assert streamed[0] is None  # the opening chunk (the role)
     assert [e for s in streamed[1:] for e in s["content"]] == content
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer["message"]["content"]
+
+
+_MESSAGE = st.one_of(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer"]), "content": _JSON},
+        optional={"name": _JSON, "reasoning_content": _JSON, "tool_calls": st.none(), "x": _JSON},
+    ),
+    _JSON,
+)
+
+
+_VALID_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(min_size=1, max_size=6)}
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.fixed_dictionaries(
+        {
+            "messages": st.one_of(
+                st.lists(_VALID_MESSAGE, min_size=1, max_size=3), st.lists(_MESSAGE, max_size=4), _JSON
+            )
+        },
+        optional={
+            "n": st.one_of(st.integers(1, 4), st.integers(-1, 200), _JSON),
+            "max_tokens": st.one_of(st.integers(1, 64), st.integers(-1, 80), _JSON),
+            "max_completion_tokens": st.one_of(st.integers(1, 64), st.integers(-1, 80), _JSON),
+            "logprobs": st.one_of(st.booleans(), _JSON),
+            "top_logprobs": st.one_of(st.integers(0, 5), st.integers(-1, 25), _JSON),
+            "chat_template_kwargs": _JSON,
+            "temperature": _JSON,
+            "stop": _JSON,
+            "tools": _JSON,
+            "response_format": _JSON,
+        },
+    ),
+    st.one_of(st.just({}), st.dictionaries(st.text(max_size=5), _JSON, max_size=2)),
+)
+def test_any_chat_body_is_a_request_or_a_client_error_naming_its_field(fields, extra):
+    """Whatever a client sends to the chat route, it is a request or a 4xx RequestError naming a field of the body
+    (or none); no other exception escapes (it would answer 500)."""
+    body = {**extra, **fields}
+    try:
+        request = parse(body)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and e.message
+        assert e.param is None or e.param in body or e.param in ("messages", "max_tokens"), (e.param, body)
+    else:
+        assert len(request.prompts) == request.n and request.prompts[0]
