@@ -3,6 +3,7 @@
 import contextlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -595,3 +596,52 @@ def test_n_samples_per_prompt_are_choices_numbered_prompt_by_prompt_as_generates
     for index in range(6):
         texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == index]
         assert "".join(texts) == answer["choices"][index]["text"]
+
+
+def _metrics(server) -> dict[str, float]:
+    """GET /metrics as {name: value}, each sample checked against Prometheus' text format on the way."""
+    status, headers, data = call(server, "GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    values, described = {}, set()
+    for line in data.decode().splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            described.add(line.split()[2])
+            continue
+        match = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)\{model_name="tiny"\} (-?[0-9.e+]+)', line)
+        assert match, line
+        assert match[1] in described  # (its HELP and TYPE come first)
+        values[match[1]] = float(match[2])
+    return values
+
+
+def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(model, monkeypatch):
+    """GET /metrics: requests, choices, prompt and generated tokens as the answers' usage counts them, batches,
+    and the prefix cache's hits once a prompt begins with a kept prefix; HEAD gives its headers alone."""
+    from hybridlm.infer import prefixes
+
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 8)
+    with serving(model) as server:
+        assert _metrics(server)["hybridlm_requests_total"] == 0
+        answers = []
+        shared = "a system prompt of some length: "
+        for body in (
+            {"prompt": ["hi", "yo"], "max_tokens": 3, "temperature": 0, "n": 2},
+            {"prompt": shared + "one", "max_tokens": 2, "temperature": 0},
+            {"prompt": shared + "two", "max_tokens": 2, "temperature": 0},
+            {"prompt": shared + "three", "max_tokens": 2, "temperature": 0},
+        ):
+            status, answer = complete(server, body)
+            assert status == 200
+            answers.append(answer)
+        got = _metrics(server)
+        assert got["hybridlm_requests_total"] == 4 and got["hybridlm_choices_total"] == 4 + 1 + 1 + 1
+        assert got["hybridlm_prompt_tokens_total"] == sum(a["usage"]["prompt_tokens"] for a in answers)
+        assert got["hybridlm_generation_tokens_total"] == sum(a["usage"]["completion_tokens"] for a in answers)
+        assert got["hybridlm_batches_total"] == 4 and got["hybridlm_rows_running"] == 0
+        # the second request's prompt ran whole; the third shared its first 32 bytes with it (run apart, kept); the
+        # fourth began with them
+        assert got["hybridlm_prefix_cache_hits_total"] == 1 and got["hybridlm_prefix_cache_hit_tokens_total"] == 32
+        assert got["hybridlm_prefix_cache_entries"] == 1 and got["hybridlm_prefix_cache_positions"] == 32
+        assert got["hybridlm_requests_failed_total"] == 0
+        status, headers, data = call(server, "HEAD", "/metrics")
+        assert status == 200 and data == b"" and int(headers["Content-Length"]) > 0

@@ -1,5 +1,5 @@
 """``hybridlm serve``: a trained model behind an OpenAI-compatible completions endpoint (``POST /v1/completions``,
-``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``). The requests are checked by
+``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``). The requests are checked by
 :mod:`hybridlm.infer.api` (chat: :mod:`hybridlm.infer.chat`, with the model's chat template), batched by
 :mod:`hybridlm.infer.batching` and answered by :mod:`hybridlm.infer.server`; this module reads the flags, loads the
 model and runs the server until Ctrl-C or SIGTERM."""
@@ -138,7 +138,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({reason})") from None
     worker.start()
     try:
-        routes = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+        routes = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
         say(f"serving {name} at {server.url} ({routes}; Ctrl-C stops)")
         template = chat.template
         say(
@@ -167,9 +167,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a trained checkpoint over HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions)",
         description="Answer OpenAI-style completion requests (POST /v1/completions, POST /v1/chat/completions; "
-        "GET /v1/models, GET /health) with a trained model. Chat requests are rendered by the model folder's chat "
-        "template (chat_template.jinja, chat_template.json or tokenizer_config.json, as a model converted from "
-        "Hugging Face keeps them), or --chat-template's, and end at the end-of-turn ids generation_config.json "
+        "GET /v1/models, GET /health, GET /metrics) with a trained model. Chat requests are rendered by the model "
+        "folder's chat template (chat_template.jinja, chat_template.json or tokenizer_config.json, as a model "
+        "converted from Hugging Face keeps them), or --chat-template's, and end at the end-of-turn ids generation_config.json "
         "names. One thread runs the model: requests queued together with equal sampling settings run as one batch "
         "(static batching, or with --continuous-batching joining the running batch; docs/inference.md). Prompts "
         "that begin alike run what they share once, and --prefix-cache keeps shared prefixes for later requests. "

@@ -190,6 +190,9 @@ class BatchWorker:
         self.lock = threading.Lock()  # (no job is queued once the stop has failed the open ones)
         self.stopping = threading.Event()
         self.batches = 0  # batches run (two requests in one batch count once)
+        # What GET /metrics reports (read by handler threads: each an int the worker's thread alone writes)
+        self.counts: collections.Counter = collections.Counter()
+        self.running_rows = 0  # rows of the batch decoding now
         self.thread: threading.Thread | None = None
 
     def submit(self, request: CompletionRequest) -> Job:
@@ -200,7 +203,43 @@ class BatchWorker:
             else:
                 self.open.add(job)
                 self.queue.put(job)
+                self.counts.update(requests=1, choices=len(job.rows), prompt_tokens=job.usage()["prompt_tokens"])
         return job
+
+    def metrics(self) -> list[tuple[str, str, str, float]]:
+        """What ``GET /metrics`` serves: (name, Prometheus type, help, value) of each counter and gauge."""
+        store = self.prefixes
+        running = self.running_rows if self.running is None else len(self.running.held)
+        return [
+            ("requests_total", "counter", "Requests taken (completions and chat).", self.counts["requests"]),
+            ("choices_total", "counter", "Choices taken (prompts times n).", self.counts["choices"]),
+            ("requests_failed_total", "counter", "Requests answered with 500.", self.counts["failed"]),
+            ("prompt_tokens_total", "counter", "Prompt tokens of the requests taken.", self.counts["prompt_tokens"]),
+            ("generation_tokens_total", "counter", "Tokens picked.", self.counts["generation_tokens"]),
+            ("batches_total", "counter", "Batches run (continuous batching: batches started).", self.batches),
+            ("rows_joined_total", "counter", "Rows that joined a batch already decoding.", self.joined),
+            ("rows_waiting", "gauge", "Rows taken from the queue and not run yet.", len(self.pending)),
+            ("rows_running", "gauge", "Rows of the batch running now.", running),
+            (
+                "prefix_cache_hits_total",
+                "counter",
+                "Prompts that began with a kept prefix.",
+                store.hits if store else 0,
+            ),
+            (
+                "prefix_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens that kept prefixes stood for.",
+                store.hit_tokens if store else 0,
+            ),
+            ("prefix_cache_entries", "gauge", "Prefixes kept.", len(store.entries) if store else 0),
+            (
+                "prefix_cache_positions",
+                "gauge",
+                "Positions the kept prefixes hold.",
+                sum(len(t) for t in store.entries) if store else 0,
+            ),
+        ]
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="hybridlm-serve-worker", daemon=True)
@@ -289,6 +328,7 @@ class BatchWorker:
                 shared = prefill_shared(self.model, [row.ids or self._start for row in live], self.prefixes)
                 if shared is not None:
                     scoring["prefilled"] = shared
+            self.running_rows = len(live)
             if live:
                 self.generate(
                     self.model,
@@ -309,6 +349,7 @@ class BatchWorker:
             return
         finally:
             self.batches += 1
+            self.running_rows = 0
         for row in live:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
             if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
                 self._end(row, "length")
@@ -436,6 +477,7 @@ class BatchWorker:
         if job.closed or job.cancelled or self.stopping.is_set():
             return True
         row.tokens += 1
+        self.counts["generation_tokens"] += 1
         k = job.request.logprobs
         if k is not None:  # (every token picked: the end of text and a stop's last too)
             # Its own k most likely, not the batch's largest k (which another request in the batch set).
@@ -465,6 +507,7 @@ class BatchWorker:
         _log.error("generation failed: %s: %s", type(error).__name__, error, exc_info=error)
         owner = batch[error.row] if isinstance(error, NonFiniteLogitsError) and error.row < len(batch) else None
         for job in dict.fromkeys(row.job for row in batch if row is not None):
+            self.counts["failed"] += not job.closed
             if owner is None:
                 message = f"generation failed: {type(error).__name__}: {error}"
             elif job is owner.job:

@@ -33,9 +33,9 @@ from .prefix_store import Entry, PrefixStore
 SHARED_PREFIX = 64
 #: A forward's cost in positions at least, off the CPU: launching a forward's kernels costs about as much as running
 #: this many positions (an estimate for a 1.3B model on one H100: about 5 ms of launches against about 150k positions
-#: per second; not measured yet: ``benchmarks/prefill_cost.py`` measures it). Splitting prompts into a shared prefix and rests of several lengths means more
-#: forwards, so a plan that would cost more than one forward over the whole prompts is not taken. On the CPU a
-#: forward costs its positions.
+#: per second; not measured yet: ``benchmarks/prefill_cost.py`` measures it). Splitting prompts into a shared prefix
+#: and rests of several lengths means more forwards, so a plan that would cost more than one forward over the whole
+#: prompts is not taken. On the CPU a forward costs its positions.
 FORWARD_POSITIONS = 512
 
 

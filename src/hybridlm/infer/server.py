@@ -4,11 +4,11 @@
 Routes: ``POST /v1/completions`` (checked by :func:`~hybridlm.infer.api.parse_request`, run by the
 :class:`~hybridlm.infer.batching.BatchWorker`), ``POST /v1/chat/completions`` (the same, the prompt rendered by the
 model's chat template: :mod:`hybridlm.infer.chat`), ``GET /v1/models`` and ``/v1/models/NAME`` (the one served model),
-``GET /health`` (and HEAD where GET is taken). Every error body is OpenAI's ``{"error": {...}}``. Each connection
-has a handler thread, which waits on its request's events; a streamed request is sent as server-sent events
-(``data: {...}``, then ``data: [DONE]``), and a client that goes away stops its rows (its handler's write fails, or
-while it waits it finds the connection closed). There is no authentication: bind to localhost (the default) or put
-a proxy that checks clients in front.
+``GET /health``, ``GET /metrics`` (Prometheus' text format: :func:`prometheus`), and HEAD where GET is taken. Every
+error body is OpenAI's ``{"error": {...}}``. Each connection has a handler thread, which waits on its request's
+events; a streamed request is sent as server-sent events (``data: {...}``, then ``data: [DONE]``), and a client
+that goes away stops its rows (its handler's write fails, or while it waits it finds the connection closed). There
+is no authentication: bind to localhost (the default) or put a proxy that checks clients in front.
 """
 
 from __future__ import annotations
@@ -37,10 +37,23 @@ ROUTES = {
     "/v1/chat/completions": ("POST",),
     "/v1/models": ("GET", "HEAD"),
     "/health": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
 }
 MODEL_PREFIX = "/v1/models/"
 #: Seconds between looks, while a request waits for its next event, at whether its client has gone away.
 POLL_SECONDS = 0.5
+
+
+def prometheus(metrics: list[tuple[str, str, str, float]], model_name: str) -> str:
+    """``metrics`` ((name, type, help, value), as :meth:`BatchWorker.metrics` gives them) in Prometheus' text
+    exposition format, each name prefixed ``hybridlm_`` and labelled with the served model's name (as vLLM labels
+    its own)."""
+    label = model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    lines = []
+    for name, kind, text, value in metrics:
+        lines += [f"# HELP hybridlm_{name} {text}", f"# TYPE hybridlm_{name} {kind}"]
+        lines.append(f'hybridlm_{name}{{model_name="{label}"}} {value}')
+    return "\n".join(lines) + "\n"
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -171,6 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/health":
                 alive = self.server.worker.thread is not None and self.server.worker.thread.is_alive()
                 self._json(200 if alive else 503, {"status": "ok" if alive else "stopped"})
+            elif path == "/metrics":
+                self._text(prometheus(self.server.worker.metrics(), self.server.model_name))
             elif urllib.parse.unquote(path[len(MODEL_PREFIX) :]) == self.server.model_name:
                 self._json(200, self.server.model_object())
             else:
@@ -310,9 +325,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, body: dict, allow: str | None = None) -> None:
         """Answer ``body`` as JSON (its headers alone to a HEAD request)."""
-        data = json.dumps(body).encode()
+        self._send(status, json.dumps(body).encode(), "application/json", allow)
+
+    def _text(self, text: str) -> None:
+        """Answer 200 with Prometheus' text format (its headers alone to a HEAD request)."""
+        self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _send(self, status: int, data: bytes, kind: str, allow: str | None = None) -> None:
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         if allow:
             self.send_header("Allow", allow)
