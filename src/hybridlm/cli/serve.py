@@ -171,8 +171,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "folder's chat template (chat_template.jinja, chat_template.json or tokenizer_config.json, as a model "
         "converted from Hugging Face keeps them), or --chat-template's, and end at the end-of-turn ids "
         "generation_config.json names. One thread runs the model: requests queued together with equal sampling "
-        "settings run as one batch (static batching, or with --continuous-batching joining the running batch; docs/inference.md). Prompts "
-        "that begin alike run what they share once, and --prefix-cache keeps shared prefixes for later requests. "
+        "settings run as one batch (static batching, or with --continuous-batching joining the running batch; "
+        "docs/inference.md). Prompts that begin alike run what they share once, and --prefix-cache keeps shared "
+        "prefixes for later requests. "
         "No authentication: anyone who can reach the port can use the model. "
         "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
         "run directory. Ctrl-C or SIGTERM stops it; requests still open get 503.",
