@@ -208,8 +208,10 @@ class BatchWorker:
 
     def metrics(self) -> list[tuple[str, str, str, float]]:
         """What ``GET /metrics`` serves: (name, Prometheus type, help, value) of each counter and gauge."""
-        store = self.prefixes
-        running = self.running_rows if self.running is None else len(self.running.held)
+        # (read from a handler's thread while the worker's changes them: each read once, whole, by one C call)
+        store, batch = self.prefixes, self.running
+        running = self.running_rows if batch is None else len(batch.held)
+        kept = list(store.entries) if store else []
         return [
             ("requests_total", "counter", "Requests taken (completions and chat).", self.counts["requests"]),
             ("choices_total", "counter", "Choices taken (prompts times n).", self.counts["choices"]),
@@ -232,13 +234,8 @@ class BatchWorker:
                 "Prompt tokens that kept prefixes stood for.",
                 store.hit_tokens if store else 0,
             ),
-            ("prefix_cache_entries", "gauge", "Prefixes kept.", len(store.entries) if store else 0),
-            (
-                "prefix_cache_positions",
-                "gauge",
-                "Positions the kept prefixes hold.",
-                sum(len(t) for t in store.entries) if store else 0,
-            ),
+            ("prefix_cache_entries", "gauge", "Prefixes kept.", len(kept)),
+            ("prefix_cache_positions", "gauge", "Positions the kept prefixes hold.", sum(map(len, kept))),
         ]
 
     def start(self) -> None:
