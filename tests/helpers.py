@@ -123,6 +123,20 @@ MLA_TINY = dict(
 )
 
 
+def record_forwards(monkeypatch, model) -> list[tuple[int, int]]:
+    """From now on, the (rows, positions) of every forward of ``model``'s class, in order (its ``forward`` wrapped
+    through ``monkeypatch``, undone after the test)."""
+    shapes: list[tuple[int, int]] = []
+    forward = type(model).forward
+
+    def recorded(self, ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recorded)
+    return shapes
+
+
 def tiny_config(pattern: str, **overrides) -> ModelConfig:
     return ModelConfig(pattern=pattern, **{**TINY, **overrides})
 

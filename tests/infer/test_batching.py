@@ -9,7 +9,7 @@ from hybridlm.errors import NonFiniteLogitsError
 from hybridlm.infer.api import parse_request
 from hybridlm.infer.batching import BatchWorker
 from hybridlm.train.tokenizer import ByteTokenizer
-from tests.helpers import tiny_config
+from tests.helpers import record_forwards, tiny_config
 
 TOKENIZER = ByteTokenizer()
 
@@ -590,17 +590,13 @@ def test_prompts_that_share_a_prefix_run_it_once_and_answer_as_each_alone(model,
     monkeypatch.setattr(prefixes, "SHARED_PREFIX", 16)
     shots = "Q: 1+1? A: 2. Q: 2+2? A: 4. "  # 28 bytes
     texts = [shots + "Q: 3+3? A:", shots + "Q: 10+1? A:", "unrelated", shots + "Q: 3+3? A:"]
-    lengths = []
-    forward = type(model).forward
-    monkeypatch.setattr(
-        type(model), "forward", lambda self, ids, *a, **k: lengths.append(ids.shape[1]) or forward(self, ids, *a, **k)
-    )
+    shapes = record_forwards(monkeypatch, model)
     worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
     jobs = [worker.submit(request({"prompt": text, "max_tokens": 5})) for text in texts]
     drain(worker)
-    prefill = [n for n in lengths if n > 1]
+    prefill = [n for _, n in shapes if n > 1]
     # alone: "unrelated"; the prefix (the shots and "Q: "), then the rests of lengths 7 and 8
-    assert sorted(prefill) == [7, 8, 9, 31], lengths
+    assert sorted(prefill) == [7, 8, 9, 31], shapes
     for job, text in zip(jobs, texts):
         assert job.rows[0].completion.text == TOKENIZER.decode(solo(model, text, 5))
 
@@ -612,13 +608,7 @@ def test_n_samples_of_a_long_prompt_prefill_it_once(model, monkeypatch, continuo
     choice is the prompt's own continuation, and the usage counts the prompt once."""
     text = "def add(a, b):\n    '''Return the sum of a and b integers.'''\n    retur"  # 70 bytes
     assert len(TOKENIZER.encode(text)) == 70
-    shapes = []
-    forward = type(model).forward
-    monkeypatch.setattr(
-        type(model),
-        "forward",
-        lambda self, ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **k),
-    )
+    shapes = record_forwards(monkeypatch, model)
     worker = BatchWorker(model, TOKENIZER, max_batch_size=8, continuous=continuous)
     job = worker.submit(request({"prompt": text, "n": 4, "max_tokens": 5}))
     drain(worker)
@@ -637,19 +627,15 @@ def test_the_prefix_cache_keeps_a_shared_prefix_for_later_requests(model, monkey
     monkeypatch.setattr(prefixes, "SHARED_PREFIX", 16)
     first = "System: be brief. User: name a colour. Assistant:"  # 49 bytes
     texts = [first, first + " red. User: another? Assistant:", first + " blue. User: why? Assistant:"]
-    lengths = []
-    forward = type(model).forward
-    monkeypatch.setattr(
-        type(model), "forward", lambda self, ids, *a, **k: lengths.append(ids.shape[1]) or forward(self, ids, *a, **k)
-    )
+    shapes = record_forwards(monkeypatch, model)
     for cache in (8, 0):
         worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous, prefix_cache=cache)
         runs = []
         for text in texts:
-            lengths.clear()
+            shapes.clear()
             job = worker.submit(request({"prompt": text, "max_tokens": 4}))
             drain(worker)
-            runs.append([n for n in lengths if n > 1])
+            runs.append([n for _, n in shapes if n > 1])
             assert job.rows[0].completion.text == TOKENIZER.decode(solo(model, text, 4))
         if cache:
             # the first whole; the second's shared part (the first prompt) apart, then its rest; the third's rest

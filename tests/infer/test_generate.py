@@ -5,7 +5,7 @@ import torch
 
 from hybridlm import HybridLM
 from hybridlm.infer.generate import generate
-from tests.helpers import tiny_config
+from tests.helpers import record_forwards, tiny_config
 
 
 def test_greedy_is_the_argmax_of_the_full_forward():
@@ -656,13 +656,7 @@ def test_a_batch_of_prompts_that_begin_alike_runs_what_they_share_once_and_each_
     model = HybridLM(tiny_config("M[*-]G", position_embedding="rope"), seed=0, dtype=torch.float64).eval()
     head = [5, 17, 3, 9, 9, 40, 2, 81, 7, 30]
     prompts = [[*head, 1, 2], [*head, 3], [4, 4]]
-    shapes = []
-    forward = type(model).forward
-    monkeypatch.setattr(
-        type(model),
-        "forward",
-        lambda self, ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **k),
-    )
+    shapes = record_forwards(monkeypatch, model)
     stats = {}
     got = generate(model, prompts, 4, stats=stats)
     assert sorted(s for s in shapes if s[1] > 1) == [(1, 2), (1, 2), (1, 10)], shapes  # [4, 4] alone; head; [1, 2]

@@ -9,7 +9,7 @@ from hybridlm import HybridLM
 from hybridlm.errors import NonFiniteLogitsError
 from hybridlm.infer import logprobs, prefixes
 from hybridlm.infer.logprobs import prompt_logprobs, score_prompts
-from tests.helpers import tiny_config
+from tests.helpers import record_forwards, tiny_config
 from tests.infer.test_cache import BF16_PATTERNS
 from tests.infer.test_decode import PATTERNS, model64
 from tests.infer.test_generate import reference_logprobs
@@ -191,11 +191,7 @@ def test_prompts_that_share_a_prefix_run_it_once_and_score_and_decode_as_each_al
         [5, 17, 3, 9, 9, 40, 2, 81, 7, 30],
     ]
     assert prefixes.shared_prefixes(prompts, 5) == [(6, [0, 2, 4, 6, 7]), (5, [3, 5])]  # (6: prompt 6 needs a rest)
-    forwards = []
-    forward = type(model).forward
-    monkeypatch.setattr(
-        type(model), "forward", lambda self, ids, *a, **k: forwards.append(ids.shape) or forward(self, ids, *a, **k)
-    )
+    forwards = record_forwards(monkeypatch, model)
     scored, cache, last = logprobs.prefill_scored(model, prompts, 3)
     # the prompt alone, the two prefixes (one batch), then the rests by length (5, 3, 2, 1: both groups', 4)
     assert sorted(forwards) == sorted([(1, 2), (2, 6), (1, 5), (1, 3), (1, 2), (3, 1), (1, 4)]), forwards

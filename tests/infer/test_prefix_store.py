@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hybridlm.infer import logprobs, prefixes
 from hybridlm.infer.prefix_store import PrefixStore
+from tests.helpers import record_forwards
 from tests.infer.test_decode import PATTERNS, model64
 from tests.infer.test_generate import reference_logprobs
 from tests.infer.test_logprobs import decodes_as_alone
@@ -19,14 +20,7 @@ HEAD = [5, 17, 3, 9, 9, 40, 2, 81, 7, 30, 31, 4]  # 12 tokens: a shared prefix a
 def counted(monkeypatch):
     """The (rows, positions) of each forward the model runs."""
     monkeypatch.setattr(prefixes, "SHARED_PREFIX", 5)
-    shapes = []
-    from hybridlm import HybridLM
-
-    forward = HybridLM.forward
-    monkeypatch.setattr(
-        HybridLM, "forward", lambda self, ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **k)
-    )
-    return shapes
+    return record_forwards(monkeypatch, model64("M-"))  # (every HybridLM's: the class's forward is wrapped)
 
 
 def check_scores(model, prompts, scored, k: int = 2) -> None:
