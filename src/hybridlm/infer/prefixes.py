@@ -69,7 +69,8 @@ def prefix_plan(
     """Which prefixes of ``prompts`` run once (see the module): (prefix -> the indices of the prompts that run their
     rests from it, the prefixes whose states are computed, shortest first: those and the prefixes they share).
     ``others``: earlier prompts, shared with but not run."""
-    seqs = [list(p) for p in prompts] + [list(p) for p in others]
+    # (tuples: the store's recent prompts are tuples already, and tuple() of one is that one, not a copy)
+    seqs = [tuple(p) for p in prompts] + [tuple(p) for p in others]
     order = sorted((i for i in range(len(seqs)) if len(seqs[i]) >= minimum), key=lambda i: seqs[i])
     near = [_common(seqs[a], seqs[b]) for a, b in itertools.pairwise(order)]
     deepest = {}  # prompt -> its longest prefix shared with another sequence (and a token after it)
@@ -80,7 +81,7 @@ def prefix_plan(
                 deepest[i] = tuple(seqs[i][:d])
     keys = sorted(set(deepest.values()), key=len)
     # (the prefixes the keys share: a whole key may be one, its own state then the others' start)
-    nodes = set(keys) | {keys[m[0]][:c] for c, m in shared_prefixes([list(x) for x in keys], minimum, rest=0)}
+    nodes = set(keys) | {keys[m[0]][:c] for c, m in shared_prefixes(keys, minimum, rest=0)}
     kept: list[tuple[int, ...]] = []  # shortest first; a node within ``minimum`` of one it begins with joins it
     merged = {}
     for node in sorted(nodes, key=len):
@@ -125,7 +126,7 @@ def _plan(
     with a kept prefix (index -> its :class:`~hybridlm.infer.prefix_store.Entry`); nothing shared where that costs
     more than one forward over them all, each forward counted as ``overhead`` positions at least
     (:func:`_cost`). The store then remembers the inputs."""
-    recent = [list(p) for p in store.recent] if store is not None else []
+    recent = list(store.recent) if store is not None else []
     groups, nodes = prefix_plan(inputs, SHARED_PREFIX, recent)
     hits = {}
     for key in list(groups):  # (a prefix less than SHARED_PREFIX past a kept one is that one, as in prefix_plan)
