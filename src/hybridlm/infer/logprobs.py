@@ -128,10 +128,11 @@ def _scored_forward(
     at = [0] * B if at is None else at
     goal = torch.zeros(B, P, dtype=torch.long)  # the token each position is scored against,
     scoring = torch.zeros(B, P, dtype=torch.bool)  # where it has one
-    for r, (row, want) in enumerate(zip(inputs, targets)):
+    for r, (row, want) in enumerate(zip(inputs, targets) if k is not None else ()):  # (a prefill scores nothing)
         goal[r, P - len(row) : P - len(row) + len(want)] = torch.tensor(want, dtype=torch.long)
         scoring[r, P - len(row) : P - len(row) + len(want)] = True
-    goal, scoring = goal.to(device), scoring.to(device)
+    if k is not None:
+        goal, scoring = goal.to(device), scoring.to(device)
     if cache is None:
         cache = InferenceCache.for_model(model, B, P)
         if not bool(valid.all()):
