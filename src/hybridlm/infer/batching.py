@@ -321,7 +321,9 @@ class BatchWorker:
             scoring = {"logprobs": max(ks)} if ks else {}
             if prefilled is not None and prefilled[0] == live:
                 scoring["prefilled"] = prefilled[1:]
-            elif live:  # prompts that share a prefix (a few-shot task's), or begin with a kept one, run it once
+            # Prompts that begin with a kept prefix, or share one with recent prompts, run it once; without the
+            # prefix cache, generate shares the batch's own prefixes itself.
+            elif live and self.prefixes is not None:
                 shared = prefill_shared(self.model, [row.ids or self._start for row in live], self.prefixes)
                 if shared is not None:
                     scoring["prefilled"] = shared
