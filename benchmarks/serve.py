@@ -31,6 +31,11 @@ task's prompts: one long shared prefix), and adds the batched settings with the 
 (``hybridlm serve --prefix-cache 0``: no states kept for later batches) and once per prompt
 (``prefixes.SHARED_PREFIX`` out of reach) beside the default (run once, kept); ``--n N`` asks for N choices per
 request (the API's ``n``: pass@k's samples; greedy here, so N equal texts), with the same settings added.
+``--turns T`` makes each client hold a conversation of T turns, one request after another: each turn's prompt is
+the last turn's prompt, its answer and a new :data:`MESSAGE`-character message, sent as token ids (the answers a
+greedy ``generate`` of each prompt alone gives, computed before the timing: a random model's bytes are no text to
+send back), with the same settings added; the table then counts the prompts that began with a kept state (a kept
+answer: the turn runs only what it adds).
 Results belong in docs/benchmarks.md.
 """
 
@@ -45,7 +50,7 @@ import time
 
 import torch
 
-from hybridlm import HybridLM, ModelConfig
+from hybridlm import HybridLM, ModelConfig, generate
 from hybridlm.infer import prefixes
 from hybridlm.infer.batching import BatchWorker
 from hybridlm.infer.prefixes import SHARED_PREFIX
@@ -59,6 +64,8 @@ from hybridlm.train.tokenizer import ByteTokenizer
 SHARING = {"kept": "run once, kept", "batch": "run once per batch", "none": "run per prompt"}
 #: ``--choices``: characters that tell a question's choices apart (each prompt's last ones).
 ENDING = 8
+#: ``--turns``: characters of each later turn's new message.
+MESSAGE = 64
 
 
 def prompts(count: int, length: int, choices: int = 1) -> list[str]:
@@ -76,12 +83,30 @@ def prompts(count: int, length: int, choices: int = 1) -> list[str]:
     ]
 
 
+def conversations(model, tokenizer, texts: list[str], turns: int, max_tokens: int) -> list[list[list[int]]]:
+    """Each client's ``turns`` prompts (token ids): the first its text, each later one the last prompt, the tokens a
+    greedy ``generate`` of it alone takes (the end of text included, as a chat's end of turn is) and a new
+    :data:`MESSAGE`-character message cut from the built-in corpus."""
+    corpus = " ".join(builtin_documents("pydoc")).encode("ascii", "ignore").decode()[::-1]  # (not the first texts)
+    out = []
+    for i, text in enumerate(texts):
+        ids, convo = tokenizer.encode(text), []
+        for t in range(turns):
+            convo.append(ids)
+            if t + 1 < turns:
+                answer = generate(model, ids, max_tokens, eos_id=tokenizer.eos_id)
+                message = corpus[(i * turns + t) * MESSAGE : (i * turns + t + 1) * MESSAGE]
+                ids = ids + answer + tokenizer.encode(message)
+        out.append(convo)
+    return out
+
+
 #: ``--score``'s fields: lm-evaluation-harness's loglikelihood request (the prompt's tokens scored, one new token).
 SCORE = {"echo": True, "logprobs": 1, "seed": 1234}
 
 
 def ask(
-    port: int, prompt: str, max_tokens: int, extra: dict | None = None, delay: float = 0.0
+    port: int, prompt: str | list[int], max_tokens: int, extra: dict | None = None, delay: float = 0.0
 ) -> tuple[str, float, int, float]:
     """One greedy completion (``extra``: more fields; ``"stream": True`` reads it as server-sent events), sent after
     ``delay`` seconds: (its text, seconds from sending to the answer read, its completion tokens, seconds to its
@@ -132,7 +157,9 @@ def serve_round(
     spread: bool = False,
 ) -> dict:
     """Serve ``model`` with ``max_batch`` rows per batch; send every prompt of ``texts`` from its own thread, at once
-    or ``stagger`` seconds apart (``sharing``: :data:`SHARING`'s keys; ``spread``: mixed lengths)."""
+    or ``stagger`` seconds apart (``sharing``: :data:`SHARING`'s keys; ``spread``: mixed lengths). A prompt that is a
+    list of turns (token-id lists) is a conversation: its turns are sent one after another, each once the last is
+    answered."""
     prefixes.SHARED_PREFIX = 10**9 if sharing == "none" else SHARED_PREFIX
     tokenizer = ByteTokenizer()
     kept = 8 if sharing == "kept" else 0
@@ -153,11 +180,15 @@ def serve_round(
     results: list = [None] * len(texts)
 
     def client(i: int) -> None:
-        results[i] = ask(port, texts[i], lengths[i], extra, i * stagger)
+        if isinstance(texts[i], str):
+            results[i] = [ask(port, texts[i], lengths[i], extra, i * stagger)]
+        else:
+            results[i] = [ask(port, turn, lengths[i], extra, i * stagger * (t == 0)) for t, turn in enumerate(texts[i])]
 
     try:
-        ask(port, texts[0][:8], max_tokens, extra)  # a warm-up request: first-call costs out of the timing
+        ask(port, "a warm-up", max_tokens, extra)  # a warm-up request: first-call costs out of the timing
         worker.batches = 0
+        hits = worker.prefixes.hits if worker.prefixes else 0
         start = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
         for t in threads:
@@ -170,14 +201,16 @@ def serve_round(
         server.stop()
         serving.join()
         prefixes.SHARED_PREFIX = SHARED_PREFIX
+    answers = [r for turns in results for r in turns]
     return {
-        "texts": [r[0] for r in results],
+        "texts": [r[0] for r in answers],
         "wall": wall,
-        "latency": sum(r[1] for r in results) / len(results),
-        "p90": sorted(r[1] for r in results)[min(len(results) - 1, (9 * len(results)) // 10)],
-        "ttft": sum(r[3] for r in results) / len(results),
+        "latency": sum(r[1] for r in answers) / len(answers),
+        "p90": sorted(r[1] for r in answers)[min(len(answers) - 1, (9 * len(answers)) // 10)],
+        "ttft": sum(r[3] for r in answers) / len(answers),
         "batches": worker.batches,
-        "tokens": sum(r[2] for r in results),
+        "tokens": sum(r[2] for r in answers),
+        "hits": (worker.prefixes.hits if worker.prefixes else 0) - hits,
     }
 
 
@@ -214,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         help="questions of N choices: prompts that share all but their last 8 characters (default: 1)",
     )
     ap.add_argument("--n", type=int, default=1, help="choices per request (the API's n; default: 1)")
+    ap.add_argument(
+        "--turns", type=int, default=1, help="a conversation of T turns per client, one after another (default: 1)"
+    )
     args = ap.parse_args(argv)
     if args.score:
         args.max_tokens = 1
@@ -225,14 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     model = HybridLM(config, seed=0, device=device).to(dtype).eval()
     if args.choices < 1 or args.clients % args.choices or (args.choices > 1 and args.prompt_len <= ENDING):
         ap.error(f"--choices must divide --clients, and with several choices --prompt-len exceed {ENDING} characters")
+    if args.turns < 1 or (args.turns > 1 and (args.score or args.choices > 1 or args.n > 1 or args.spread)):
+        ap.error("--turns must be >= 1, and more than 1 only without --score, --choices, --n and --spread")
     texts = prompts(args.clients, args.prompt_len, args.choices)
+    if args.turns > 1:
+        texts = conversations(model, ByteTokenizer(), texts, args.turns, args.max_tokens)
     # (max batch size, CUDA graph, sharing of prompt prefixes, continuous batching)
     graphs = [False, True] if args.cuda_graph else [False]
     rows = args.clients * args.n  # (the batched settings take every choice of every request at once)
     settings = [(b, g, "kept", False) for g in graphs for b in (1, rows)]
     if args.continuous:
         settings += [(rows, g, "kept", True) for g in graphs]
-    if args.choices > 1 or args.n > 1:
+    shares = args.choices > 1 or args.n > 1 or args.turns > 1
+    if shares:
         settings += [(rows, False, "batch", cont) for cont in (False, True)[: 1 + args.continuous]]
         settings.append((rows, False, "none", False))
     runs: dict[tuple[int, bool, str, bool], list[dict]] = {s: [] for s in settings}
@@ -256,25 +297,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{f', sent {args.stagger} s apart' if args.stagger else ''}"
         f"{f', questions of {args.choices} choices (the last {ENDING} characters differ)' if args.choices > 1 else ''}"
         f"{f', {args.n} choices per request (n)' if args.n > 1 else ''}"
+        f"{f', conversations of {args.turns} turns ({MESSAGE}-token messages after the first)' if args.turns > 1 else ''}"
         f"{' (lm-evaluation-harness loglikelihood requests: echo, logprobs 1)' if args.score else ''}\n"
     )
     print(f"median of {args.repeat} rounds each, taking turns\n")
     reference = rounds[(1, False, "kept", False)]
-    scored = " shared prefixes |" if args.choices > 1 or args.n > 1 else ""
+    scored = " shared prefixes | prompts from kept states |" if shares else ""
     ttft = " mean time to first text s |" if args.stream else ""
     print(
         f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "
         f"mean latency s | p90 latency s |{ttft} same texts |"
     )
-    print("|---:|:---:|:---:|" + ":---:|" * bool(scored) + "---:|---:|---:|---:|---:|" + "---:|" * bool(ttft) + "---:|")
+    print(
+        "|---:|:---:|:---:|"
+        + ":---:|---:|" * bool(scored)
+        + "---:|---:|---:|---:|---:|"
+        + "---:|" * bool(ttft)
+        + "---:|"
+    )
     for (b, g, sharing, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
-        how = f" {SHARING[sharing]} |" if scored else ""
+        how = f" {SHARING[sharing]} | {r['hits']} |" if scored else ""
         first = f"{r['ttft']:.2f} | " if args.stream else ""
         print(
             f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
             f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
-            f"{first}{same} of {len(texts)} |"
+            f"{first}{same} of {len(r['texts'])} |"
         )
     for (b, g, sharing, cont), r in rounds.items():
         if (b, g, sharing, cont) != (1, False, "kept", False):

@@ -618,6 +618,36 @@ def test_n_samples_of_a_long_prompt_prefill_it_once(model, monkeypatch, continuo
 
 
 @pytest.mark.parametrize("continuous", [False, True])
+def test_a_conversations_next_turn_runs_only_what_it_adds_to_the_last_answer(model, monkeypatch, continuous):
+    """A chat's next turn begins with the last turn's prompt and answer: the answer's state was kept when its row
+    ended, so the turn runs its own tokens alone (those after the kept state), and its answer is its prompt's alone.
+    Token-id prompts, as a client that tokenizes sends them; without the cache (0) the turn runs whole."""
+    from hybridlm.infer import prefixes
+
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 16)
+    first = TOKENIZER.encode("System: be brief. User: name a colour. Assistant:")  # 49 bytes
+    answer = generate(model, first, 4, eos_id=TOKENIZER.eos_id)
+    turn = first + answer + TOKENIZER.encode(" User: why? Assistant:")
+    shapes = record_forwards(monkeypatch, model)
+    for cache in (8, 0):
+        worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous, prefix_cache=cache)
+        runs = []
+        for prompt in (first, turn):
+            shapes.clear()
+            job = worker.submit(request({"prompt": prompt, "max_tokens": 4}))
+            drain(worker)
+            runs.append([n for _, n in shapes if n > 1])
+            assert job.rows[0].tokens == 4
+            expected = generate(model, prompt, 4, eos_id=TOKENIZER.eos_id)
+            assert job.rows[0].completion.text == TOKENIZER.decode(expected)
+        if cache:
+            # the answer's state holds the prompt and its first three tokens (the fourth ended the batch unrun)
+            assert runs == [[49], [len(turn) - 52]] and worker.prefixes.hits == 1, runs
+        else:
+            assert runs == [[49], [len(turn)]], runs
+
+
+@pytest.mark.parametrize("continuous", [False, True])
 def test_the_prefix_cache_keeps_a_shared_prefix_for_later_requests(model, monkeypatch, continuous):
     """A conversation's turns, one request at a time: the second shares the first's prompt, which then runs apart
     and is kept; the third runs only its rest. Every answer is its prompt's alone. Without the cache (0) the third

@@ -130,6 +130,87 @@ def test_the_store_keeps_the_most_recently_used_and_finds_the_longest_prefix():
     assert list(store.entries) == [(3, 4, 5), (6, 7)]
 
 
+def test_answers_are_dropped_before_shared_prefixes():
+    """A batch's answers push out other answers, not the prefixes shared by prompts (an evaluation's few-shot prefix,
+    which every batch begins with); an answer is not kept where only prefixes could make room for it."""
+    from hybridlm.infer.prefix_store import Entry
+
+    def entry(tokens, answer=False):
+        return Entry(tuple(tokens), None, torch.zeros(1), answer=answer)
+
+    store = PrefixStore(capacity=3)
+    store.put(entry([1, 2]))
+    for t in range(4):  # answers, each keeping its prompt [1, 2] and its tokens
+        store.put(entry([1, 2, 10 + t, 20], answer=True))
+    assert list(store.entries) == [(1, 2), (1, 2, 12, 20), (1, 2, 13, 20)]
+    assert store.lookup([1, 2, 12, 20, 5], None).tokens == (1, 2, 12, 20)  # used: the other answer goes first
+    store.put(entry([3, 4]))
+    assert list(store.entries) == [(1, 2), (1, 2, 12, 20), (3, 4)]
+    store.put(entry([5, 6]))
+    store.put(entry([7, 8], answer=True))
+    assert list(store.entries) == [(1, 2), (3, 4), (5, 6)]
+    # a conversation's next answer replaces the one it begins with (not a prefix, nor another conversation's)
+    store = PrefixStore(capacity=3)
+    store.put(entry([1, 2]))
+    store.put(entry([1, 2, 3], answer=True))
+    store.put(entry([1, 9], answer=True))
+    store.put(entry([1, 2, 3, 4, 5], answer=True))
+    assert list(store.entries) == [(1, 2), (1, 9), (1, 2, 3, 4, 5)]
+    # an answer of a kept prefix's tokens leaves the prefix (and its scores) in place
+    scored = Entry((5, 6), None, torch.zeros(1), [], 3)
+    store.put(scored)
+    store.put(entry([5, 6], answer=True))
+    assert store.entries[(5, 6)] is scored and list(store.entries)[-1] == (5, 6)
+    # positions too: the answer goes before the least recently used prefix
+    store = PrefixStore(capacity=8, positions=7)
+    store.put(entry([1, 2]))
+    store.put(entry([1, 2, 3], answer=True))
+    store.put(entry([4, 5, 6]))
+    assert list(store.entries) == [(1, 2), (4, 5, 6)]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_conversations_next_turn_runs_from_its_kept_answer(pattern, counted):
+    """A decode batch given ``keep_answers`` keeps each row's state at its end: the prompt and every token it took
+    where a next step ran for the rows still decoding, all but the last where none did. A next turn that begins with
+    a prompt and its answer runs only what it adds (not the prefix it shares with the recent prompts), and scores
+    and decodes as alone (float64, every cached state kind)."""
+    from hybridlm.infer.decode import DecodeBatch
+    from hybridlm.infer.generate import Sampler
+
+    model = model64(pattern)
+    store = PrefixStore()
+    first = [[*HEAD, 50], [*HEAD, 60, 61]]
+    with torch.no_grad():
+        batch = DecodeBatch(model, 2, 0, Sampler(), on_end=prefixes.keep_answers(model, store))
+        rows = batch.admit(first, [2, 5], [None, None])
+        while batch.live:
+            batch.step()
+    # the first row ended while the second went on (its last token ran); the second ended the batch
+    ends = [(*first[0], *rows[0].out), (*first[1], *rows[1].out[:-1])]
+    assert [e for e in store.entries] == ends and all(e.answer for e in store.entries.values())
+    turns = [[*ends[0], 7, 8], [*ends[1], 9]]
+    counted.clear()
+    cache, last = prefixes.prefill_shared(model, turns, store)
+    assert sorted(counted) == [(1, 1), (1, 2)] and store.hits == 2, counted
+    decodes_as_alone(model, turns, cache, last, 3)
+    counted.clear()
+    scored = logprobs.score_prompts(model, turns, 2, store)  # (answers keep no scores: a scored call runs them)
+    check_scores(model, turns, scored)
+    # generate keeps its rows' answers in the store it is given, and reads it
+    from hybridlm import generate
+
+    store = PrefixStore()
+    out = generate(model, first[1], 4, prefix_store=store)
+    assert list(store.entries) == [(*first[1], *out[:-1])]
+    turn = [*first[1], *out, 3, 3]
+    counted.clear()
+    assert generate(model, turn, 3, prefix_store=store) == generate(model, turn, 3)
+    assert counted[0] == (1, 3), counted  # the answer's last token and the turn's own two
+    with pytest.raises(ValueError, match="prefix_store keeps and reads the cache's states"):
+        generate(model, turn, 3, prefix_store=store, use_cache=False)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.lists(st.integers(0, 2), max_size=9), max_size=8),

@@ -633,15 +633,26 @@ def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(m
             status, answer = complete(server, body)
             assert status == 200
             answers.append(answer)
+        # (a request is answered at its last token, before its batch has ended: the worker's last copies and counts)
         got = _metrics(server)
+        for _ in range(100):
+            if got["hybridlm_rows_running"] == 0:
+                break
+            time.sleep(0.05)
+            got = _metrics(server)
         assert got["hybridlm_requests_total"] == 4 and got["hybridlm_choices_total"] == 4 + 1 + 1 + 1
         assert got["hybridlm_prompt_tokens_total"] == sum(a["usage"]["prompt_tokens"] for a in answers)
         assert got["hybridlm_generation_tokens_total"] == sum(a["usage"]["completion_tokens"] for a in answers)
         assert got["hybridlm_batches_total"] == 4 and got["hybridlm_rows_running"] == 0
         # the second request's prompt ran whole; the third shared its first 32 bytes with it (run apart, kept); the
-        # fourth began with them
+        # fourth began with them. Each of the three answers is kept too: its prompt and its first token (the second,
+        # its last, never ran: each ends at its limit)
         assert got["hybridlm_prefix_cache_hits_total"] == 1 and got["hybridlm_prefix_cache_hit_tokens_total"] == 32
-        assert got["hybridlm_prefix_cache_entries"] == 1 and got["hybridlm_prefix_cache_positions"] == 32
+        assert [a["choices"][0]["finish_reason"] for a in answers[1:]] == ["length"] * 3
+        kept = [a["usage"]["prompt_tokens"] + 1 for a in answers[1:]]
+        assert got["hybridlm_prefix_cache_entries"] == 1 + 3 and got["hybridlm_prefix_cache_positions"] == 32 + sum(
+            kept
+        )
         assert got["hybridlm_requests_failed_total"] == 0
         status, headers, data = call(server, "HEAD", "/metrics")
         assert status == 200 and data == b"" and int(headers["Content-Length"]) > 0

@@ -173,7 +173,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "generation_config.json names. One thread runs the model: requests queued together with equal sampling "
         "settings run as one batch (static batching, or with --continuous-batching joining the running batch; "
         "docs/inference.md). Prompts that begin alike run what they share once, and --prefix-cache keeps shared "
-        "prefixes for later requests. "
+        "prefixes and answers for later requests (a chat's next turn runs only what it adds). "
         "No authentication: anyone who can reach the port can use the model. "
         "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
         "run directory. Ctrl-C or SIGTERM stops it; requests still open get 503.",
@@ -239,7 +239,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=8,
         metavar="N",
         help="keep the states after up to N prompt prefixes that requests were seen to share (64 tokens or more: a "
-        "few-shot task's examples, a system prompt, a chat so far), so that a later prompt that begins with one runs "
+        "few-shot task's examples, a system prompt, a chat so far) and after answers (a prompt and the tokens it "
+        "took: a chat's next turn begins with them; dropped first), so that a later prompt that begins with one runs "
         "only its rest (default: 8; 0: none kept, prefixes shared within a batch still run once; docs/inference.md)",
     )
     run_options(ap)

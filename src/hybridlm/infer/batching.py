@@ -52,7 +52,7 @@ from .decode import DecodeBatch, JoinError
 from .generate import Sampler, generate
 from .logprobs import TokenLogprob, prefill_scored, score_prompts
 from .prefix_store import PrefixStore
-from .prefixes import prefill_shared
+from .prefixes import keep_answers, prefill_shared
 
 _log = logging.getLogger(__name__)
 
@@ -311,6 +311,7 @@ class BatchWorker:
         keep = all(
             (r.job.request.echo and r.job.request.logprobs is not None) or not r.job.request.max_tokens for r in batch
         )
+        self.batches += 1
         try:
             prepared = self._prepare(batch, keep)
             if prepared is None:
@@ -318,15 +319,14 @@ class BatchWorker:
             live, prefilled = prepared
             ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
             # (passed only where asked: a generate given in place of the library's need not know the options)
-            scoring = {"logprobs": max(ks)} if ks else {}
+            options = {"logprobs": max(ks)} if ks else {}
             if prefilled is not None and prefilled[0] == live:
-                scoring["prefilled"] = prefilled[1:]
-            # Prompts that begin with a kept prefix, or share one with recent prompts, run it once; without the
-            # prefix cache, generate shares the batch's own prefixes itself.
-            elif live and self.prefixes is not None:
-                shared = prefill_shared(self.model, [row.ids or self._start for row in live], self.prefixes)
-                if shared is not None:
-                    scoring["prefilled"] = shared
+                options["prefilled"] = prefilled[1:]
+            # Prompts that begin with a kept state, or share a prefix with recent prompts, run it once, and each
+            # row's state at its end is kept (a chat's next turn begins with it); without the prefix cache, generate
+            # shares the batch's own prefixes itself.
+            if self.prefixes is not None:
+                options["prefix_store"] = self.prefixes
             self.running_rows = len(live)
             if live:
                 self.generate(
@@ -341,13 +341,12 @@ class BatchWorker:
                     repetition_penalty=sampling.repetition_penalty,
                     callback=lambda r, token, scores=None: self._on_token(live[r], token, scores),
                     cuda_graph=self.cuda_graph,
-                    **scoring,
+                    **options,
                 )
         except Exception as e:  # answered, and the server goes on with the next batch
             self._failed(live, e)
             return
         finally:
-            self.batches += 1
             self.running_rows = 0
         for row in live:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
             if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
@@ -398,6 +397,7 @@ class BatchWorker:
                 cuda_graph=self.cuda_graph,
                 max_slots=self.max_batch_size,
                 join_chunk=JOIN_CHUNK,
+                on_end=None if self.prefixes is None else keep_answers(self.model, self.prefixes),
             )
             self.running, self.samplers = batch, {}
             self.batches += 1

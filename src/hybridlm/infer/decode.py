@@ -176,6 +176,11 @@ class DecodeBatch:
         join_chunk: prompts admitted while rows decode are prefilled this many tokens per :meth:`step`, between the
             others' decode steps (a long prompt then delays their tokens by a chunk's time at each step, not by its
             whole prefill at once); None: whole, at admission.
+        on_end: if given, ``on_end(tokens, cache, slot, logits)`` for each row that ends in a :meth:`step` (its end
+            of text, its limit, its callback's stop), before its slot is freed: ``tokens`` its prompt and the tokens
+            whose positions ``cache`` holds in row ``slot`` (every token it took, or all but the last where no next
+            step was run), ``logits`` the (V,) logits of the last of them (a prefix cache keeps the state: a chat's
+            next turn begins with these tokens).
     """
 
     def __init__(
@@ -191,7 +196,9 @@ class DecodeBatch:
         max_slots: int | None = None,
         power_of_two: bool | None = None,
         join_chunk: int | None = None,
+        on_end: Callable[[list[int], InferenceCache, int, torch.Tensor], None] | None = None,
     ) -> None:
+        self.on_end = on_end
         self.model, self.sampler, self.eos_ids, self.chunk_size = model, sampler, tuple(eos_ids), chunk_size
         self.cuda_graph, self.stats, self.max_slots = cuda_graph, stats, max_slots
         self.device = next(model.parameters()).device
@@ -411,7 +418,8 @@ class DecodeBatch:
             self.seen.scatter_(1, tokens.view(-1, 1), True)
         # (computed before the next step is queued, and copied with the tokens: no synchronization of their own)
         self.reader.start(tokens, bad, *(pick_logprobs(self.logits, tokens, max(ks)) if ks else ()))
-        if any(r is not None and len(r.out) + 1 < r.limit for r in rows):
+        queued = any(r is not None and len(r.out) + 1 < r.limit for r in rows)
+        if queued:
             # Queued before the host reads these tokens; when every row ends here, this one step is wasted.
             self.logits = self._forward(tokens[:, None])
             self.steps += 1
@@ -431,6 +439,8 @@ class DecodeBatch:
                 else bool(row.callback(token, infos[slot] if row.logprobs is not None else None))
             )
             if stop or token in self.eos_ids or len(row.out) >= row.limit:
+                if self.on_end is not None:  # (the step queued above holds the last token too)
+                    self.on_end(row.prompt + (row.out if queued else row.out[:-1]), self.cache, slot, self.logits[slot])
                 self.rows[slot] = None
                 self.cache.release(slot)
         self._shrink()

@@ -23,7 +23,8 @@ from .cache import InferenceCache
 from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
 from .decode import sync as _sync
 from .logprobs import TokenLogprob, pick_logprobs, to_host
-from .prefixes import prefill_shared
+from .prefix_store import PrefixStore
+from .prefixes import keep_answers, prefill_shared
 
 # (left_pad, prefill and check_finite are read from here by speculative decoding, prompt scoring and the tests)
 __all__ = ["Sampler", "TokenCallback", "check_finite", "check_sampling", "generate", "left_pad", "nonfinite", "prefill"]
@@ -206,6 +207,7 @@ def generate(
     cuda_graph: bool = False,
     logprobs: int | None = None,
     prefilled: tuple[InferenceCache, torch.Tensor] | None = None,
+    prefix_store: PrefixStore | None = None,
 ) -> list[int] | list[list[int]]:
     """Continue one prompt or a batch of prompts.
 
@@ -241,6 +243,10 @@ def generate(
             :func:`~hybridlm.infer.logprobs.prefill_scored` over these same prompts (a cache that holds them
             left-padded, and the (B, V) logits of their last positions). Decoding starts from them, so a prompt
             scored and then continued runs through the model once. Cached decoding only, not ``speculative``.
+        prefix_store: a :class:`~hybridlm.infer.prefix_store.PrefixStore` (``hybridlm serve``'s prefix cache): a
+            prompt that begins with one of its kept states runs only the rest, the prefixes the prompts share with
+            its recent prompts are kept in it, and so is each row's state at its end (its prompt and tokens: a
+            chat's next turn begins with them). Cached decoding only, not ``speculative``.
 
     Returns:
         The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
@@ -301,6 +307,8 @@ def generate(
         raise ValueError(f"cuda_graph needs the model on a CUDA device, not {device}")
     if prefilled is not None:
         _check_prefilled(prefilled, rows, vocab, speculative, use_cache)
+    if prefix_store is not None and (speculative or not use_cache):
+        raise ValueError("prefix_store keeps and reads the cache's states: leave use_cache=True and speculative=None")
     was_training = model.training
     model.eval()
     # Kernels (Triton's especially) launch on the current CUDA device: make it the model's (cuda:1 too).
@@ -341,6 +349,7 @@ def generate(
                     cuda_graph,
                     logprobs,
                     prefilled,
+                    prefix_store,
                 )
     finally:
         model.train(was_training)
@@ -481,20 +490,35 @@ def _check_prefilled(prefilled, rows: list[list[int]], vocab: int, speculative, 
 
 
 def _generate_cached(
-    model, rows, max_new_tokens, sampler, eos_ids, chunk_size, callback, stats, cuda_graph, logprobs, prefilled=None
+    model,
+    rows,
+    max_new_tokens,
+    sampler,
+    eos_ids,
+    chunk_size,
+    callback,
+    stats,
+    cuda_graph,
+    logprobs,
+    prefilled=None,
+    store=None,
 ):
     """The prompts prefilled together, left-padded, then decoded one token per row per step (a finished row
     decodes on, its tokens dropped, until every row has finished): one admission of a :class:`DecodeBatch`
-    (``prefilled``: the prompts' cache and last logits, from a forward already run; else prompts that begin alike
-    run what they share once, :func:`~hybridlm.infer.prefixes.prefill_shared`)."""
+    (``prefilled``: the prompts' cache and last logits, from a forward already run; else prompts that begin alike,
+    or begin with a state ``store`` keeps, run what they share once, :func:`~hybridlm.infer.prefixes.prefill_shared`;
+    ``store`` keeps each row's state at its end too)."""
     device = next(model.parameters()).device
     B, P = len(rows), max(len(row) for row in rows)
-    if prefilled is None and B > 1:  # prompts that begin alike (a few-shot batch, samples of one prompt) share it
+    if prefilled is None and (B > 1 or store is not None):  # (a few-shot batch, samples of one prompt, a chat)
         t0 = _sync(device)
-        prefilled = prefill_shared(model, rows, chunk_size=chunk_size)
+        prefilled = prefill_shared(model, rows, store, chunk_size=chunk_size)
         stats["prefill_seconds"] += _sync(device) - t0
+    on_end = None if store is None else keep_answers(model, store)
     with cache_allocation(B, P, max_new_tokens):
-        batch = DecodeBatch(model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats)
+        batch = DecodeBatch(
+            model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats, on_end=on_end
+        )
     callbacks = [None if callback is None else _per_row(callback, r) for r in range(B)]
     admitted = batch.admit(rows, [max_new_tokens] * B, callbacks, [logprobs] * B, prefilled=prefilled)
     t1 = _sync(device)

@@ -4,7 +4,10 @@ later prompt that begins with it too runs only the rest (``hybridlm serve``'s pr
 A recurrent layer's state (Mamba2's, Gated DeltaNet's) cannot be cut back to an earlier position, so a state is kept
 only at a position chosen in advance: the end of a prefix that prompts were seen to share (two prompts of one batch,
 or a prompt and one of the :attr:`PrefixStore.recent` prompts before it), where
-:mod:`~hybridlm.infer.prefixes` splits them anyway. Each entry holds a one-row
+:mod:`~hybridlm.infer.prefixes` splits them anyway, or the end of an answer: a row's prompt and the tokens it took,
+which the next turn of a chat (or a client continuing the text) begins with. Answers are dropped before shared
+prefixes: a batch's answers would otherwise push out the few-shot prefix every batch of an evaluation begins with.
+Each entry holds a one-row
 :class:`~hybridlm.infer.cache.InferenceCache` of exactly the prefix's positions, the logits of its last position
 (they predict each later prompt's own next token) and, where it was scored, its tokens' scores
 (:mod:`~hybridlm.infer.prefixes` makes and reads them).
@@ -24,17 +27,31 @@ from .cache import InferenceCache
 class Entry:
     """A kept prefix: its ``tokens``, a one-row ``cache`` holding them (offset = their count), the (V,) ``logits`` of
     its last position, and ``scores`` (the :class:`~hybridlm.infer.logprobs.TokenLogprob` of each token after the
-    first, at most ``k`` most likely each), None where it was prefilled unscored."""
+    first, at most ``k`` most likely each), None where it was prefilled unscored. ``answer``: the state at the end
+    of a row's decoding (its prompt and tokens), dropped before shared prefixes."""
 
     tokens: tuple[int, ...]
     cache: InferenceCache
     logits: torch.Tensor
     scores: list | None = None
     k: int | None = None
+    answer: bool = False
 
     def serves(self, k: int | None) -> bool:
         """Whether it can stand for its tokens' forward in a call that scores at ``k`` (None: scores nothing)."""
         return k is None or (self.scores is not None and self.k is not None and self.k >= k)
+
+    @classmethod
+    def of_row(
+        cls, model, tokens, cache: InferenceCache, row: int, logits, scores=None, k=None, answer: bool = False
+    ) -> Entry:
+        """Row ``row`` of ``cache`` (whose positions end with ``tokens``) copied into a one-row cache of its own,
+        with the (V,) ``logits`` of its last position (copied) and its tokens' ``scores`` (at ``k``; None
+        unscored)."""
+        own = InferenceCache.for_model(model, 1, len(tokens))
+        own.shift(len(tokens))
+        own.place(cache, row, 0, len(tokens))
+        return cls(tuple(tokens), own, logits.clone(), None if k is None else list(scores), k, answer)
 
 
 #: Positions the kept prefixes hold together at most, by default: their caches are the model's, on its device
@@ -76,14 +93,25 @@ class PrefixStore:
         return best
 
     def put(self, entry: Entry) -> None:
-        """Keep ``entry`` (replacing one of the same tokens), dropping the least recently used past ``capacity`` or
-        ``positions`` (an entry longer than ``positions`` alone is not kept)."""
+        """Keep ``entry`` (replacing one of the same tokens), dropping entries past ``capacity`` or ``positions``:
+        the least recently used answer first, then the least recently used prefix (an entry longer than
+        ``positions`` alone is not kept; an answer, also none where only prefixes would make room for it, nor in
+        place of a prefix of the same tokens, which is used instead). An answer replaces the answers it begins with:
+        a conversation's earlier turns, which its next turn would not begin with alone."""
         if len(entry.tokens) > self.positions:
             return
-        self.entries[entry.tokens] = entry
+        held = self.entries.get(entry.tokens)
+        if not (entry.answer and held is not None and not held.answer):  # (a prefix may hold scores an answer lacks)
+            self.entries[entry.tokens] = entry
+        if entry.answer:  # (a conversation's earlier answers, which its later turns no longer begin with alone)
+            n = len(entry.tokens)
+            for tokens in [t for t, kept in self.entries.items() if kept.answer and len(t) < n]:
+                if entry.tokens[: len(tokens)] == tokens:
+                    del self.entries[tokens]
         self.entries.move_to_end(entry.tokens)
         while len(self.entries) > self.capacity or sum(len(t) for t in self.entries) > self.positions:
-            self.entries.popitem(last=False)
+            answers = [tokens for tokens, kept in self.entries.items() if kept.answer]
+            del self.entries[answers[0] if answers else next(iter(self.entries))]
 
     def seen(self, prompts) -> None:
         """Remember ``prompts`` (token-id lists) for finding the prefixes later prompts share with them."""

@@ -133,6 +133,12 @@ def _plan(
         entry = None if store is None else store.lookup(key, k, proper=False)
         if entry is not None and len(key) - len(entry.tokens) < SHARED_PREFIX:
             hits.update(dict.fromkeys(groups.pop(key), entry))
+    for key in list(groups):  # (a kept prefix at least as long, a chat's last answer, stands for the shared one)
+        longer = {r: store.lookup(inputs[r], k) for r in groups[key]} if store is not None else {}
+        hits.update({r: e for r, e in longer.items() if e is not None and len(e.tokens) >= len(key)})
+        groups[key] = [r for r in groups[key] if r not in hits]
+        if not groups[key]:
+            del groups[key]
     nodes = [node for node in nodes if any(key[: len(node)] == node for key in groups)]
     for r in range(len(inputs)):
         entry = None if r in hits or store is None else store.lookup(inputs[r], k)
@@ -240,6 +246,18 @@ def run_prompts(
     return scores, cache, torch.stack(last)
 
 
+def keep_answers(model: torch.nn.Module, store: PrefixStore):
+    """A :class:`~hybridlm.infer.decode.DecodeBatch`'s ``on_end`` that keeps each ended row's state in ``store`` as an
+    answer (:class:`~hybridlm.infer.prefix_store.Entry` ``answer``): its prompt and the tokens the cache holds, at least
+    :data:`SHARED_PREFIX` of them, so that a chat's next turn, which begins with them, runs only what it adds."""
+
+    def on_end(tokens: list[int], cache: InferenceCache, slot: int, logits: torch.Tensor) -> None:
+        if SHARED_PREFIX <= len(tokens) <= store.positions:  # (one longer than all the store holds is not copied)
+            store.put(Entry.of_row(model, tokens, cache, slot, logits, answer=True))
+
+    return on_end
+
+
 def _overhead(model: torch.nn.Module) -> int:
     """:data:`FORWARD_POSITIONS` off the CPU, 0 on it (read when a call plans, so a test can set it)."""
     return 0 if next(model.parameters()).device.type == "cpu" else FORWARD_POSITIONS
@@ -276,7 +294,7 @@ def _states(model, nodes: list[tuple[int, ...]], first: dict, k: int | None, sto
             )
             for i, (node, base) in enumerate(members):
                 before = [] if base is None else _scores_of(base, k, node[len(base.tokens)])
-                ready[node] = _keep(model, node, cache, i, end[i], before + got[i], k)
+                ready[node] = Entry.of_row(model, node, cache, i, end[i], before + got[i], k)
                 if store is not None:
                     store.put(ready[node])
         todo = [node for node in todo if node not in ready]
@@ -296,15 +314,6 @@ def _run(model, names, seqs, goals, k, bases: list[Entry] | None = None, chunk_s
         cache.place(base.cache, 0, i, p)
     rests, ends = [s[p:] for s, p in zip(seqs, cut)], [t[p:] for t, p in zip(goals, cut)]
     return _scored_forward(model, rests, ends, k, names, cache, cut, chunk_size)
-
-
-def _keep(model, tokens, cache: InferenceCache, row: int, logits, scores, k) -> Entry:
-    """A prefix's :class:`~hybridlm.infer.prefix_store.Entry`: row ``row`` of ``cache`` (which ends with it) copied
-    into a one-row cache of its own, its last logits and its tokens' scores (at ``k``; None unscored)."""
-    own = InferenceCache.for_model(model, 1, len(tokens))
-    own.shift(len(tokens))
-    own.place(cache, row, 0, len(tokens))
-    return Entry(tuple(tokens), own, logits.clone(), None if k is None else list(scores), k)
 
 
 def _scores_of(entry: Entry, k: int | None, following: int) -> list[TokenLogprob]:
