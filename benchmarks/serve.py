@@ -179,16 +179,25 @@ def serve_round(
     port = server.server_address[1]
     results: list = [None] * len(texts)
 
+    failures: list[str] = []
+
     def client(i: int) -> None:
-        if isinstance(texts[i], str):
-            results[i] = [ask(port, texts[i], lengths[i], extra, i * stagger)]
-        else:
-            results[i] = [ask(port, turn, lengths[i], extra, i * stagger * (t == 0)) for t, turn in enumerate(texts[i])]
+        try:
+            if isinstance(texts[i], str):
+                results[i] = [ask(port, texts[i], lengths[i], extra, i * stagger)]
+            else:
+                turns = enumerate(texts[i])
+                results[i] = [ask(port, turn, lengths[i], extra, i * stagger * (t == 0)) for t, turn in turns]
+        except Exception as e:  # (the round is reported as failed, the other settings still run)
+            failures.append(f"client {i}: {e}")
 
     try:
         ask(port, "a warm-up", max_tokens, extra)  # a warm-up request: first-call costs out of the timing
         worker.batches = 0
         hits = worker.prefixes.hits if worker.prefixes else 0
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
         for t in threads:
@@ -201,8 +210,11 @@ def serve_round(
         server.stop()
         serving.join()
         prefixes.SHARED_PREFIX = SHARED_PREFIX
+    if failures:
+        raise RuntimeError(f"{len(failures)} client(s) failed, the first: {failures[0]}")
     answers = [r for turns in results for r in turns]
     return {
+        "peak": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "texts": [r[0] for r in answers],
         "wall": wall,
         "latency": sum(r[1] for r in answers) / len(answers),
@@ -282,12 +294,21 @@ def main(argv: list[str] | None = None) -> int:
         extra = {**(extra or {}), "n": args.n}
     if args.stream:
         extra = {**(extra or {}), "stream": True, "stream_options": {"include_usage": True}}
+    failed: dict[tuple[int, bool, str, bool], str] = {}  # a setting whose round failed runs no more rounds
     for _ in range(args.repeat):  # the settings take turns, so a busy moment of the host hits all alike
         for (b, g, sharing, cont), done in runs.items():
-            done.append(
-                serve_round(model, texts, args.max_tokens, b, g, extra, sharing, cont, args.stagger, args.spread)
-            )
-    rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items()}  # the median
+            if (b, g, sharing, cont) in failed:
+                continue
+            try:
+                done.append(
+                    serve_round(model, texts, args.max_tokens, b, g, extra, sharing, cont, args.stagger, args.spread)
+                )
+            except RuntimeError as e:
+                failed[(b, g, sharing, cont)] = str(e)
+                print(f"failed: --max-batch-size {b}, {'continuous' if cont else 'static'}, graph {g}, {sharing}: {e}")
+    if (1, False, "kept", False) in failed:
+        return 1
+    rounds = {s: sorted(done, key=lambda r: r["wall"])[len(done) // 2] for s, done in runs.items() if s not in failed}
     name = args.preset or "embedded default model"
     print(
         f"hybridlm serve, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, "
@@ -304,21 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     reference = rounds[(1, False, "kept", False)]
     scored = " shared prefixes | prompts from kept states |" if shares else ""
     ttft = " mean time to first text s |" if args.stream else ""
+    peak = " peak GiB |" if device.type == "cuda" else ""  # (the model's weights included)
     print(
         f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "
-        f"mean latency s | p90 latency s |{ttft} same texts |"
+        f"mean latency s | p90 latency s |{ttft}{peak} same texts |"
     )
     print(
         "|---:|:---:|:---:|"
         + ":---:|---:|" * bool(scored)
         + "---:|---:|---:|---:|---:|"
-        + "---:|" * bool(ttft)
+        + "---:|" * (bool(ttft) + bool(peak))
         + "---:|"
     )
     for (b, g, sharing, cont), r in rounds.items():
         same = sum(x == y for x, y in zip(r["texts"], reference["texts"], strict=True))
         how = f" {SHARING[sharing]} | {r['hits']} |" if scored else ""
         first = f"{r['ttft']:.2f} | " if args.stream else ""
+        first += f"{r['peak']:.1f} | " if peak else ""
         print(
             f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
             f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
@@ -331,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 "" if sharing == "kept" else f", shared prefixes {SHARING[sharing]}"
             )
             print(f"{label} / one at a time: {reference['wall'] / r['wall']:.2f}x the throughput")
-    same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done)
+    same = all(r["texts"] == reference["texts"] for done in runs.values() for r in done) and not failed
     print(f"same texts in every round of every setting: {'yes' if same else 'no'}")
     return 0 if same or dtype != torch.float32 else 1
 

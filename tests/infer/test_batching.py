@@ -1,8 +1,10 @@
 """The batching worker of `hybridlm serve`, run a round at a time on the test's thread (no sockets)."""
 
 import logging
+import threading
 
 import pytest
+import torch
 
 from hybridlm import HybridLM, generate
 from hybridlm.errors import NonFiniteLogitsError
@@ -615,6 +617,29 @@ def test_n_samples_of_a_long_prompt_prefill_it_once(model, monkeypatch, continuo
     assert [s for s in shapes if s[1] > 1] == [(1, 69)], shapes
     assert [row.completion.text for row in job.rows] == [TOKENIZER.decode(solo(model, text, 5))] * 4
     assert job.usage()["prompt_tokens"] == 70
+
+
+def test_the_worker_runs_the_model_without_autograd_on_its_own_thread(model, monkeypatch):
+    """The worker's thread has grad mode on, as every new thread has: its steps turn it off, so a continuous batch's
+    logits and the answers the prefix cache keeps hold no graph (each step's activations were kept alive)."""
+    from hybridlm.infer import prefixes
+
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 4)
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=True)
+    worker.submit(request({"prompt": "a prompt of some length", "max_tokens": 3}))
+    seen = []
+
+    def run():
+        assert torch.is_grad_enabled()
+        worker.step()
+        seen.append(worker.running.logits.requires_grad)
+        drain(worker)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    kept = list(worker.prefixes.entries.values())
+    assert seen == [False] and kept and not any(entry.logits.requires_grad for entry in kept)
 
 
 @pytest.mark.parametrize("continuous", [False, True])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybridlm import HybridLM, ModelConfig, generate
-from hybridlm.infer.cache import InferenceCache
+from hybridlm.infer.cache import InferenceCache, _tensors
 from hybridlm.infer.cuda_graph import GraphedDecodeStep
 from hybridlm.infer.decode import DecodeBatch, left_pad
 from hybridlm.infer.generate import Sampler
@@ -316,6 +316,26 @@ def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eag
         assert batch.grown >= 3
     assert outs[True] == outs[False]
     assert outs[True] == [generate(model, p, n) for p, n in zip(ps, limits)]
+
+
+def test_a_batch_run_with_grad_mode_on_builds_no_graph():
+    """A serving worker's thread has grad mode on (it is per thread): a batch admitted and stepped there, of a model
+    whose weights require grad, holds no autograd graph in its logits or cache (which kept every step's activations
+    alive for as long as the batch ran, until the GPU ran out of memory), nor in the states its on_end is given."""
+    model = HybridLM(tiny_config("M[*-]G", position_embedding="rope"), seed=0).eval()
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    ended = []
+    batch = DecodeBatch(
+        model, 2, 0, Sampler(), max_slots=2, join_chunk=2, on_end=lambda t, cache, slot, logits: ended.append(logits)
+    )
+    batch.admit([[5, 6, 7]], [3], [None])
+    batch.step()
+    batch.admit([[1, 2, 3, 4, 5]], [4], [None])  # (joins in chunks, between steps)
+    while batch.live:
+        batch.step()
+        states = [t for state in batch.cache.states.values() for _, t, _ in _tensors(state, state)]
+        assert len(states) >= 5 and not batch.logits.requires_grad and not any(t.requires_grad for t in states)
+    assert len(ended) == 2 and not any(t.requires_grad for t in ended)
 
 
 def test_rows_of_other_samplers_share_a_batch_each_picked_by_its_own():

@@ -243,6 +243,9 @@ class DecodeBatch:
         rows = [r for r in self.rows if r is not None] + list(new)
         return max(r.length for r in rows) + max(r.limit - len(r.out) for r in rows)
 
+    # (no autograd: the batch's cache would otherwise hold every step's graph for as long as the batch runs, which a
+    # serving worker's thread, where grad mode is on by default, let grow until the GPU ran out of memory)
+    @torch.no_grad()
     def admit(
         self,
         prompts: Sequence[Sequence[int]],
@@ -398,6 +401,7 @@ class DecodeBatch:
             return self.graph(tokens)
         return self.model(tokens, cache=self.cache, logits_to_keep=1).logits[:, -1]
 
+    @torch.no_grad()
     def step(self) -> None:
         """Pick each live row's next token, give it to the row's callback, and end the rows that are done (their
         slots free). The next decode step is queued first where some row may take another token.

@@ -32,11 +32,11 @@ from .prefix_store import Entry, PrefixStore
 #: tokens it saves.
 SHARED_PREFIX = 64
 #: A forward's cost in positions at least, off the CPU: launching a forward's kernels costs about as much as running
-#: this many positions (an estimate for a 1.3B model on one H100: about 5 ms of launches against about 150k positions
-#: per second; not measured yet: ``benchmarks/prefill_cost.py`` measures it). Splitting prompts into a shared prefix
-#: and rests of several lengths means more forwards, so a plan that would cost more than one forward over the whole
-#: prompts is not taken. On the CPU a forward costs its positions.
-FORWARD_POSITIONS = 512
+#: this many positions (measured for bench-1.3b on one H100 by ``benchmarks/prefill_cost.py``: 12.4 ms per forward
+#: plus 333k positions per second, a forward of 1 to 4,096 positions of one row took 15 to 18 ms; docs/benchmarks.md).
+#: Splitting prompts into a shared prefix and rests of several lengths means more forwards, so a plan that would cost
+#: more than one forward over the whole prompts is not taken. On the CPU a forward costs its positions.
+FORWARD_POSITIONS = 4096
 
 
 def _common(x, y) -> int:
