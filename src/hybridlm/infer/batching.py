@@ -45,12 +45,11 @@ import threading
 import time
 import uuid
 
-import torch
-
 from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
 from .decode import DecodeBatch, JoinError
+from .device import inferring
 from .generate import Sampler, generate
 from .logprobs import TokenLogprob, prefill_scored, score_prompts
 from .prefix_store import PrefixStore
@@ -270,7 +269,7 @@ class BatchWorker:
         for job in jobs:
             job.fail(error)
 
-    @torch.no_grad()  # (grad mode is per thread, and on in a new one: the worker's thread must turn it off itself)
+    @inferring  # (grad mode and the current CUDA device are per thread: the worker's thread sets them itself)
     def step(self, block: bool = False) -> bool:
         """Take what is queued (waiting for a request where ``block`` and none is pending or decoding) and run one
         batch, or with continuous batching one step of the running batch (its waiting rows admitted first); False

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import NonFiniteLogitsError
 from .cache import InferenceCache
+from .device import inferring
 from .logprobs import TokenLogprob, pick_logprobs, to_host
 
 #: A row's callback: ``on_token(token, logprob)`` for each token picked (``logprob`` a
@@ -243,9 +244,7 @@ class DecodeBatch:
         rows = [r for r in self.rows if r is not None] + list(new)
         return max(r.length for r in rows) + max(r.limit - len(r.out) for r in rows)
 
-    # (no autograd: the batch's cache would otherwise hold every step's graph for as long as the batch runs, which a
-    # serving worker's thread, where grad mode is on by default, let grow until the GPU ran out of memory)
-    @torch.no_grad()
+    @inferring  # (a serving worker's thread has grad mode on, and cuda:0 current)
     def admit(
         self,
         prompts: Sequence[Sequence[int]],
@@ -401,7 +400,7 @@ class DecodeBatch:
             return self.graph(tokens)
         return self.model(tokens, cache=self.cache, logits_to_keep=1).logits[:, -1]
 
-    @torch.no_grad()
+    @inferring
     def step(self) -> None:
         """Pick each live row's next token, give it to the row's callback, and end the rows that are done (their
         slots free). The next decode step is queued first where some row may take another token.

@@ -10,7 +10,6 @@ stepped together so that sampling draws what the cached batch draws.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
 from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
 from .decode import sync as _sync
+from .device import inference
 from .logprobs import TokenLogprob, pick_logprobs, to_host
 from .prefix_store import PrefixStore
 from .prefixes import keep_answers, prefill_shared
@@ -186,7 +186,6 @@ class Sampler:
         )
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
@@ -311,10 +310,8 @@ def generate(
         raise ValueError("prefix_store keeps and reads the cache's states: leave use_cache=True and speculative=None")
     was_training = model.training
     model.eval()
-    # Kernels (Triton's especially) launch on the current CUDA device: make it the model's (cuda:1 too).
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with on_device:
+        with inference(model):
             if max_new_tokens == 0 or not rows:
                 out = [[] for _ in rows]
             elif speculative == "mtp":

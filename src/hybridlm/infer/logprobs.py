@@ -14,6 +14,7 @@ import torch
 from ..errors import NonFiniteLogitsError
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
+from .device import inferring
 from .prefix_store import PrefixStore
 
 #: Logits (rows x positions x vocabulary) computed at once while scoring prompts: their batch's forward runs in
@@ -58,7 +59,7 @@ def prompt_logprobs(model: torch.nn.Module, ids: list[int], k: int) -> list[Toke
     return score_prompts(model, [ids], k)[0]
 
 
-@torch.no_grad()
+@inferring
 def score_prompts(
     model: torch.nn.Module, prompts: list[list[int]], k: int, store: PrefixStore | None = None
 ) -> list[list[TokenLogprob | None]]:
@@ -86,7 +87,7 @@ def score_prompts(
     return out
 
 
-@torch.no_grad()
+@inferring
 def prefill_scored(
     model: torch.nn.Module, prompts: list[list[int]], k: int, store: PrefixStore | None = None
 ) -> tuple[list[list[TokenLogprob | None]], InferenceCache, torch.Tensor]:

@@ -22,6 +22,7 @@ import itertools
 import torch
 
 from .cache import InferenceCache
+from .device import inference
 from .logprobs import PREFILL_CHUNK, TokenLogprob, _scored_forward, pick_logprobs, to_host
 from .prefix_store import Entry, PrefixStore
 
@@ -111,7 +112,7 @@ def prefill_shared(
     plan = _plan(prompts, None, store, _overhead(model))
     if not any(plan):
         return None
-    with torch.no_grad():
+    with inference(model):
         rows = list(range(len(prompts)))
         _, cache, last = run_prompts(
             model, prompts, [p[1:] for p in prompts], None, rows, True, store, plan, chunk_size
