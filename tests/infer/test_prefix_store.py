@@ -169,6 +169,40 @@ def test_answers_are_dropped_before_shared_prefixes():
     assert list(store.entries) == [(1, 2), (4, 5, 6)]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=6), st.booleans(), st.booleans()), max_size=30),
+    st.integers(1, 4),
+    st.integers(1, 12),
+)
+def test_random_puts_and_lookups_keep_the_stores_rules(ops, capacity, positions):
+    """Any sequence of puts (prefixes and answers) and lookups: the bounds hold; a put entry is kept unless it is
+    longer than the positions, or an answer that only a prefix's eviction would make room for; a prefix is evicted
+    only where no answer is left; no answer is kept beside a longer answer that begins with it; a lookup gives the
+    longest kept entry that the prompt properly begins with."""
+    from hybridlm.infer.prefix_store import Entry
+
+    store = PrefixStore(capacity=capacity, positions=positions)
+    for tokens, answer, look in ops:
+        tokens = tuple(tokens)
+        if look:
+            fits = [t for t in store.entries if len(t) < len(tokens) and tokens[: len(t)] == t]
+            got = store.lookup(tokens, None)
+            assert (got is None) == (not fits) and (got is None or len(got.tokens) == max(map(len, fits)))
+            continue
+        before = dict(store.entries)
+        store.put(Entry(tokens, None, torch.zeros(1), answer=answer))
+        kept = store.entries
+        assert len(kept) <= capacity and sum(map(len, kept)) <= positions
+        dropped = [t for t in before if t not in kept]
+        if any(not before[t].answer for t in dropped):  # a prefix went: no answer is left, and the new one is kept
+            assert not any(e.answer for e in kept.values()) and tokens in kept
+        if tokens not in kept:
+            assert len(tokens) > positions or answer
+        answers = [t for t, e in kept.items() if e.answer]
+        assert not any(a != b and b[: len(a)] == a for a in answers for b in answers)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_a_conversations_next_turn_runs_from_its_kept_answer(pattern, counted):
     """A decode batch given ``keep_answers`` keeps each row's state at its end: the prompt and every token it took

@@ -149,7 +149,11 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
         graphs = ", decode steps replayed as CUDA graphs" if args.cuda_graph else ""
-        kept = f", prefix cache of {args.prefix_cache} prefixes" if args.prefix_cache else ", no prefix cache"
+        kept = (
+            f", prefix cache of {args.prefix_cache} states (shared prefixes, answers)"
+            if args.prefix_cache
+            else ", no prefix cache"
+        )
         say(f"batching: {how}, at most {args.max_batch_size} rows at once{graphs}{kept}", sys.stderr)
         with contextlib.suppress(OSError):  # (a supervisor reading a pipe waits for this line)
             sys.stdout.flush()
