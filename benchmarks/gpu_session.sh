@@ -168,6 +168,9 @@ for stage in "$@"; do
     shareserve)  # lm-eval's multiple-choice requests on bench-1.3b: shared prefixes run once against per prompt
         run shareserve 300 16 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --score --continuous \
             --choices 4 --clients 16 --prompt-len 1024 --repeat "${REPEAT:-2}" ;;
+    turnserve)  # 8 conversations of 4 turns: each turn from its kept answer (prefix cache) against none
+        run turnserve 300 18 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --continuous \
+            --clients 8 --turns 4 --prompt-len 1024 --max-tokens 32 --repeat "${REPEAT:-2}" --stream ;;
     prefillcost)  # a forward's fixed cost in positions (prefixes.FORWARD_POSITIONS, an estimate until measured)
         run prefillcost 200 20 python3 benchmarks/prefill_cost.py --device cuda --preset bench-1.3b \
             --positions 1 8 64 256 1024 4096 ;;
