@@ -134,17 +134,14 @@ def _plan(
         entry = None if store is None else store.lookup(key, k, proper=False)
         if entry is not None and len(key) - len(entry.tokens) < SHARED_PREFIX:
             hits.update(dict.fromkeys(groups.pop(key), entry))
-    for key in list(groups):  # (a kept prefix at least as long, a chat's last answer, stands for the shared one)
-        longer = {r: store.lookup(inputs[r], k) for r in groups[key]} if store is not None else {}
-        hits.update({r: e for r, e in longer.items() if e is not None and len(e.tokens) >= len(key)})
-        groups[key] = [r for r in groups[key] if r not in hits]
-        if not groups[key]:
-            del groups[key]
-    nodes = [node for node in nodes if any(key[: len(node)] == node for key in groups)]
+    # A prompt's own kept state (a chat's last answer) stands for its group's prefix where it is at least as long.
+    group_of = {r: key for key, members in groups.items() for r in members}
     for r in range(len(inputs)):
         entry = None if r in hits or store is None else store.lookup(inputs[r], k)
-        if entry is not None and not any(r in members for members in groups.values()):
+        if entry is not None and (r not in group_of or len(entry.tokens) >= len(group_of[r])):
             hits[r] = entry
+    groups = {key: kept for key, members in groups.items() if (kept := [r for r in members if r not in hits])}
+    nodes = [node for node in nodes if any(key[: len(node)] == node for key in groups)]
     if store is not None:
         store.seen(inputs)
     if (groups or hits) and _cost(inputs, groups, hits, nodes, overhead, store is not None) >= _cost(
