@@ -1,5 +1,5 @@
 """The ``hybridlm`` command line: parse arguments, call the library, print results. One module per
-group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``serve``; ``evaluate``:
+group of commands (``model``: pattern, plan; ``train``: train, prepare; ``generate``; ``chat``; ``serve``; ``evaluate``:
 eval; ``checkpoints``: inspect, convert); this one builds the parser and turns errors into exit statuses.
 
 Exit status: 0 on success; 2 on any error (a bad pattern, config value or checkpoint, a full
@@ -29,6 +29,7 @@ from ..pattern import symbols
 
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from .chat import add_chat
     from .checkpoints import add_convert, add_inspect
     from .evaluate import add_eval
     from .generate import add_generate
@@ -36,7 +37,18 @@ def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .serve import add_serve
     from .train import add_prepare, add_train
 
-    return [add_train, add_generate, add_serve, add_eval, add_prepare, add_pattern, add_plan, add_inspect, add_convert]
+    return [
+        add_train,
+        add_generate,
+        add_chat,
+        add_serve,
+        add_eval,
+        add_prepare,
+        add_pattern,
+        add_plan,
+        add_inspect,
+        add_convert,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

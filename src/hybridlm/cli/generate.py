@@ -66,8 +66,30 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
     return prompts
 
 
+def stop_option(ap: argparse.ArgumentParser, what: str, more: str = "") -> None:
+    """--stop (repeatable): strings that end ``what`` (``more``: said after the flag's rules), read by
+    :func:`stop_strings`."""
+    ap.add_argument(
+        "--stop",
+        action="append",
+        help=rf"stop {what} at this string, in which a special token's text matches where the model picks that token "
+        rf"(repeatable; not printed; \n, \t, \r and \\ are read as escapes){more}",
+    )
+
+
+def stop_strings(args: argparse.Namespace) -> list[str]:
+    r"""``--stop``'s strings with the escapes \n, \t, \r and \\ read as the characters they name (a shell passes
+    them as typed); UsageError for an empty one."""
+    from ..errors import UsageError
+
+    stops = [_unescape(s) for s in args.stop or []]
+    if not all(stops):
+        raise UsageError("--stop: an empty string would end every text at once")
+    return stops
+
+
 def _unescape(stop: str) -> str:
-    r"""``--stop`` with the escapes \n, \t, \r and \\ read as the characters they name (a shell passes them as typed)."""
+    r"""``--stop`` with the escapes \n, \t, \r and \\ read as the characters they name."""
     import re
 
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], stop)
@@ -94,18 +116,17 @@ def run_options(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts: int):
-    """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded; the ``torch.device``
-    to run on (``--device auto`` resolved) and the parameter dtype (None: the checkpoint's)."""
+def sampling_settings(args: argparse.Namespace, seeds: dict[str, int]) -> None:
+    """Check the flags of :func:`sampling_options` by the API's own rules, named by flag (UsageError), and set
+    ``args.temperature`` (0 with ``--greedy``, :data:`DEFAULT_TEMPERATURE` where neither is given). ``seeds``: each
+    seed the command draws from, by what an error about it adds (the first seed's: "")."""
     from ..errors import UsageError
     from ..infer.generate import check_sampling
-    from . import device_option, dtype_option
 
     if args.greedy and args.temperature not in (None, 0):  # greedy decoding would ignore the temperature
         raise UsageError(f"--greedy and --temperature {args.temperature} contradict each other: leave one out")
     args.temperature = 0.0 if args.greedy else DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
-    last_start = (max(num_prompts, 1) - 1) // max(args.batch_size, 1) * max(args.batch_size, 1)
-    for seed in (args.seed, None if args.seed is None else args.seed + last_start):  # every batch's seed
+    for more, seed in seeds.items():
         try:  # the API's own rules, named by flag
             check_sampling(
                 args.temperature,
@@ -116,13 +137,51 @@ def _check_generate_args(args: argparse.Namespace, stops: list[str], num_prompts
                 name=lambda p: "--" + p.replace("_", "-"),
             )
         except ValueError as e:
-            more = f" (the last batch draws from --seed + {last_start})" if seed != args.seed else ""
             raise UsageError(f"{e}{more}") from None
+
+
+def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
+    """--temperature, --greedy, --top-k, --top-p, --repetition-penalty and --seed (``seed_help``: which draws it
+    seeds): how ``generate`` and ``chat`` sample, checked by :func:`sampling_settings`."""
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"sampling temperature; 0 = greedy (default: {DEFAULT_TEMPERATURE}, sampling)",
+    )
+    ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability (1 = all)"
+    )
+    ap.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already seen by this, multiply the negative ones (1 = off)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=f"sampling seed (default 0, so a command repeats its samples: pass another to vary them; {seed_help})",
+    )
+
+
+def _check_generate_args(args: argparse.Namespace, num_prompts: int):
+    """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded; the ``torch.device``
+    to run on (``--device auto`` resolved) and the parameter dtype (None: the checkpoint's)."""
+    from ..errors import UsageError
+    from . import device_option, dtype_option
+
+    last_start = (max(num_prompts, 1) - 1) // max(args.batch_size, 1) * max(args.batch_size, 1)
+    sampling_settings(
+        args, {"": args.seed, f" (the last batch draws from --seed + {last_start})": args.seed + last_start}
+    )
     checks = (
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
         *thread_checks(args.threads),
-        (all(stops), "--stop: an empty string would end every text at once"),
         (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
         (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
         (
@@ -182,8 +241,8 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
 
     given = _read_prompts(args)
     prompts = [text for text, _ in given]
-    stops = [_unescape(s) for s in args.stop or []]
-    device, dtype = _check_generate_args(args, stops, len(prompts))
+    stops = stop_strings(args)
+    device, dtype = _check_generate_args(args, len(prompts))
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)  # the checks below, before the weights are read
     if args.speculative and not config.parsed.mtp_depths:
@@ -271,29 +330,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "- reads standard input",
     )
     ap.add_argument("--max-new-tokens", type=int, default=200, help="new tokens per prompt at most (default: 200)")
-    ap.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help=f"sampling temperature; 0 = greedy (default: {DEFAULT_TEMPERATURE}, sampling)",
-    )
-    ap.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
-    ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    ap.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability (1 = all)"
-    )
-    ap.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="divide the logits of tokens already seen by this, multiply the negative ones (1 = off)",
-    )
-    ap.add_argument(
-        "--stop",
-        action="append",
-        help=r"stop a text at this string, in which a special token's text matches where the model picks that token "
-        r"(repeatable; not printed; \n, \t, \r and \\ are read as escapes)",
-    )
+    sampling_options(ap, "each batch of --batch-size prompts draws from seed + its first index")
+    stop_option(ap, "a text")
     ap.add_argument(
         "--batch-size", type=int, default=1, help="prompts generated together (left-padded; default: 1, streamed)"
     )
@@ -307,13 +345,6 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="with --speculative: drafts per round (default, and at most: one per MTP depth)",
-    )
-    ap.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="sampling seed (default 0, so a command repeats its samples: pass another to vary them; each batch "
-        "of --batch-size prompts draws from seed + its first index)",
     )
     ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
     run_options(ap)

@@ -18,7 +18,7 @@ DEFAULT_MAX_NEW_TOKENS_LIMIT = 2048
 DEFAULT_PORT = 8000
 
 
-def _template_kwargs(text: str | None) -> dict:
+def template_kwargs_option(text: str | None) -> dict:
     """``--chat-template-kwargs``'s JSON object (none: {}); UsageError naming the flag otherwise."""
     from ..errors import UsageError
     from ..infer.chat_template import check_variables
@@ -36,6 +36,50 @@ def _template_kwargs(text: str | None) -> dict:
         raise UsageError(f"--chat-template-kwargs {text[:60]}: {e}") from None
 
 
+def chat_template_options(ap: argparse.ArgumentParser, use: str, kwargs_use: str) -> None:
+    """--chat-template and --chat-template-kwargs: the template ``serve`` and ``chat`` render a conversation with
+    (``use``: what it is for) and its own switches (``kwargs_use``: how they are used)."""
+    ap.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help=f"a Jinja chat template for {use}, in place of the model folder's (a model hybridlm trained has none; "
+        "the folder's special tokens are still given to it)",
+    )
+    ap.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help=f"a JSON object of the chat template's own switches, {kwargs_use} "
+        """(e.g. '{"enable_thinking": false}' for Qwen3's template)""",
+    )
+
+
+def chat_template_check(args: argparse.Namespace) -> tuple[bool, str]:
+    """--chat-template's rule, as a (holds, message) pair: a file."""
+    return (
+        args.chat_template is None or Path(args.chat_template).is_file(),
+        f"--chat-template {args.chat_template}: no such file (a Jinja chat template)",
+    )
+
+
+def chat_option(args: argparse.Namespace, path: Path, tokenizer, template_kwargs: dict):
+    """The :class:`~hybridlm.infer.chat.Chat` of model folder ``path`` with ``--chat-template`` (None: the folder's
+    own template, if any) and ``template_kwargs`` (``--chat-template-kwargs``); UsageError naming what is wrong."""
+    from ..errors import UsageError
+    from ..infer.chat import load_chat
+    from ..infer.chat_template import ChatFileError, ChatTemplateError
+
+    try:
+        template_file = None if args.chat_template is None else Path(args.chat_template)
+        return load_chat(path, tokenizer, template_file, template_kwargs)
+    except ChatFileError as e:  # (not the template's: another one would not help)
+        raise UsageError(str(e)) from None
+    except ChatTemplateError as e:
+        why = f"--chat-template: {e}" if args.chat_template else f"{e} (--chat-template FILE replaces it)"
+        raise UsageError(why) from None
+
+
 def _check_args(args: argparse.Namespace):
     """Refuse bad options by their flags before the model is loaded: (the ``torch.device`` to run on, the parameter
     dtype (None: the checkpoint's), ``--chat-template-kwargs``'s object)."""
@@ -50,16 +94,13 @@ def _check_args(args: argparse.Namespace):
         (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
         (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
         (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
-        (
-            args.chat_template is None or Path(args.chat_template).is_file(),
-            f"--chat-template {args.chat_template}: no such file (a Jinja chat template)",
-        ),
+        chat_template_check(args),
         *thread_checks(args.threads),
     )
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    template_kwargs = _template_kwargs(args.chat_template_kwargs)
+    template_kwargs = template_kwargs_option(args.chat_template_kwargs)
     device = device_option("--device", args.device)
     dtype = dtype_option("--dtype", args.dtype)
     check_device(device)  # kernels forced to Triton on the CPU: refused before the model loads
@@ -91,8 +132,6 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..checkpoint.weights import load, read_config
     from ..errors import UsageError
     from ..infer.batching import BatchWorker
-    from ..infer.chat import load_chat
-    from ..infer.chat_template import ChatFileError, ChatTemplateError
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
@@ -102,14 +141,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     config = read_config(path)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
-    try:  # (a template that does not compile is refused before the model loads, as a bad flag is)
-        template_file = None if args.chat_template is None else Path(args.chat_template)
-        chat = load_chat(path, tokenizer, template_file, template_kwargs)
-    except ChatFileError as e:  # (not the template's: another one would not help)
-        raise UsageError(str(e)) from None
-    except ChatTemplateError as e:
-        why = f"--chat-template: {e}" if args.chat_template else f"{e} (--chat-template FILE replaces it)"
-        raise UsageError(why) from None
+    chat = chat_option(args, path, tokenizer, template_kwargs)  # (before the model loads, as a bad flag is)
     scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     if args.cuda_graph:
@@ -210,19 +242,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help=f"the largest max_tokens a request may ask for, and a chat request's default; the cache holds prompt + "
         f"max_tokens positions per row (default: {DEFAULT_MAX_NEW_TOKENS_LIMIT})",
     )
-    ap.add_argument(
-        "--chat-template",
-        default=None,
-        metavar="FILE",
-        help="a Jinja chat template for POST /v1/chat/completions, in place of the model folder's (a model hybridlm "
-        "trained has none; the folder's special tokens are still given to it)",
-    )
-    ap.add_argument(
-        "--chat-template-kwargs",
-        default=None,
-        metavar="JSON",
-        help="a JSON object of the chat template's own switches, the defaults of a request's chat_template_kwargs, "
-        """which overrides them key by key (e.g. '{"enable_thinking": false}' for Qwen3's template)""",
+    chat_template_options(
+        ap,
+        "POST /v1/chat/completions",
+        "the defaults of a request's chat_template_kwargs, which overrides them key by key",
     )
     ap.add_argument(
         "--cuda-graph",

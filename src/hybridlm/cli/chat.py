@@ -1,0 +1,231 @@
+"""``hybridlm chat``: a conversation with a model in the terminal, or over standard input (a message a line), each
+answer streamed as it comes and each turn running only what it adds (:mod:`hybridlm.infer.conversation`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+#: Lines that are commands, not messages (``//`` sends a message that begins with ``/``).
+COMMANDS = {
+    "/help": "these lines",
+    "/reset [TEXT]": "start a new conversation (with TEXT as its system message; without: --system's)",
+    "/exit": "leave (also /quit, Ctrl-D)",
+}
+#: The prompts of a terminal: a message's first line, and each line after one that ends with a backslash.
+PROMPT, MORE = ">>> ", "... "
+
+
+def _check_args(args: argparse.Namespace):
+    """Refuse bad options by their flags before the model is loaded: (the ``torch.device``, the parameter dtype or
+    None, ``--chat-template-kwargs``'s object)."""
+    from ..errors import UsageError
+    from ..ops.dispatch import check_device
+    from . import device_option, dtype_option
+    from .generate import sampling_settings, thread_checks
+    from .serve import chat_template_check, template_kwargs_option
+
+    sampling_settings(args, {"": args.seed})
+    checks = (
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
+        chat_template_check(args),
+        *thread_checks(args.threads),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    template_kwargs = template_kwargs_option(args.chat_template_kwargs)
+    device = device_option("--device", args.device)
+    dtype = dtype_option("--dtype", args.dtype)
+    check_device(device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), not {device}")
+    return device, dtype, template_kwargs
+
+
+def _check_template(chat, path, system: str | None) -> None:
+    """Refuse a model without a chat template, and a template that refuses a conversation as this one begins (a
+    system message that some templates do not take), before the model loads."""
+    from ..errors import UsageError
+    from ..infer.chat_template import ChatTemplateError
+
+    if chat.template is None:
+        raise UsageError(
+            f"{path} has no chat template (no chat_template.jinja, chat_template.json or tokenizer_config.json "
+            "chat_template; a model hybridlm trained has none): give one with --chat-template FILE, or continue "
+            "plain text with hybridlm generate"
+        )
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": "Hello."}
+    ]
+    try:
+        chat.template.render(messages, chat.template_kwargs)
+    except ChatTemplateError as e:
+        given = " with a system message (--system)" if system is not None else ""
+        raise UsageError(f"the chat template ({chat.template.where}) refuses a conversation{given}: {e}") from None
+
+
+def _lines(interactive: bool):
+    """The messages and commands typed: a line each, a line ending with a backslash continued on the next (the
+    backslash dropped, a newline kept). Ctrl-C on a terminal drops the line being typed; end of input ends it."""
+    while True:
+        parts, prompt = [], PROMPT
+        try:
+            while True:
+                line = input(prompt if interactive else "")
+                if not line.endswith("\\"):
+                    parts.append(line)
+                    break
+                parts.append(line[:-1])
+                prompt = MORE
+        except EOFError:
+            if interactive:  # (the shell's prompt on a line of its own)
+                print(file=sys.stderr)
+            if parts:  # (a last line ended with a backslash)
+                yield "\n".join(parts)
+            return
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print(file=sys.stderr)
+            print("(Ctrl-D or /exit leaves)", file=sys.stderr)
+            continue
+        yield "\n".join(parts)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    # (--threads is process-wide: it comes back however the command ends, for a caller that runs main() in-process)
+    with contextlib.ExitStack() as scope:
+        return _chat(args, scope)
+
+
+def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
+    from ..checkpoint.weights import load, read_config
+    from ..errors import DataError, UsageError
+    from ..infer.chat_template import ChatTemplateError
+    from ..infer.completion import write_stdout
+    from ..infer.conversation import Conversation
+    from ..train.threads import cpu_threads
+    from . import model_folder, model_tokenizer, say
+    from .generate import stop_strings
+    from .serve import chat_option
+
+    device, dtype, template_kwargs = _check_args(args)
+    stops = stop_strings(args)
+    path = model_folder(args.checkpoint, "checkpoint")
+    config = read_config(path)
+    tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
+    chat = chat_option(args, path, tokenizer, template_kwargs)
+    _check_template(chat, path, args.system)
+    scope.enter_context(cpu_threads(args.threads))
+    model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
+    conversation = Conversation(
+        model,
+        tokenizer,
+        chat,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        stops=stops,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        cuda_graph=args.cuda_graph,
+        kept_states=args.prefix_cache,
+    )
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # (line editing and history for input(), where Python has it)
+            import readline  # noqa: F401
+        say(f"chatting with {path} on {device} (template: {chat.template.where}); /help lists the commands", sys.stderr)
+    for line in _lines(interactive):
+        command, _, rest = line.strip().partition(" ")
+        if not line.strip():
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/help":
+            for name, what in COMMANDS.items():
+                say(f"  {name:<14} {what}", sys.stderr)
+            say("  //TEXT         send a message that begins with '/'", sys.stderr)
+            say("  a line ending with \\ goes on on the next line", sys.stderr)
+            continue
+        if command == "/reset":
+            system = rest.strip() or args.system
+            try:
+                _check_template(chat, path, system)
+            except UsageError as e:  # (the conversation goes on as it was)
+                say(f"{e}; the conversation goes on", sys.stderr)
+                continue
+            conversation.reset(system)
+            say("(a new conversation)", sys.stderr)
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            say(
+                f"unknown command {command} (/help lists them; //TEXT sends a message that begins with '/')", sys.stderr
+            )
+            continue
+        text = line[1:] if line.startswith("//") else line
+        try:
+            turn = conversation.reply(text, write=write_stdout)
+        except ChatTemplateError as e:
+            say(
+                f"the chat template ({chat.template.where}) refuses the conversation with it ({e}); it was not sent",
+                sys.stderr,
+            )
+            continue
+        except DataError as e:
+            say(f"this message cannot be tokenized ({e}); it was not sent", sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print()
+            if not interactive:
+                raise
+            say("(answer stopped; it stays in the conversation as shown)", sys.stderr)
+            continue
+        print()
+        cut = f"; cut at --max-new-tokens {args.max_new_tokens}" if turn.finish == "length" else ""
+        say(
+            f"[prompt {turn.prompt_tokens:,} tokens, {turn.run_tokens:,} run ({turn.kept_tokens:,} from a kept state); "
+            f"answer {len(turn.tokens):,} tokens; {turn.seconds:.2f} s{cut}]",
+            sys.stderr,
+        )
+    return 0
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    from . import model_options
+    from .generate import run_options, sampling_options, stop_option
+    from .serve import chat_template_options
+
+    ap = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (its chat template; each turn runs only what it adds)",
+        description="Hold a conversation with a model: each message (a line of standard input; a line ending with "
+        "a backslash goes on on the next) is added to the conversation, which the model folder's chat template "
+        "(or --chat-template's) renders, and the answer is streamed until the model ends its turn. The state after "
+        "each answer is kept, so a turn runs only the end of the last answer's turn and the new message "
+        "(docs/inference.md). /help lists the commands (/reset, /exit). Ctrl-C stops an answer; Ctrl-D leaves. "
+        "Each turn's prompt, positions run and answer length go to stderr. CHECKPOINT is a model directory "
+        "(hybridlm checkpoint with its tokenizer) or a training run directory.",
+    )
+    model_options(ap)
+    ap.add_argument("--system", default=None, metavar="TEXT", help="a system message that begins the conversation")
+    chat_template_options(ap, "the conversation", "which the template reads beside the messages")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="an answer's tokens at most (default: 1024)")
+    stop_option(ap, "an answer", "; e.g. '<|im_end|>' where the tokenizer has no token for the template's end of turn")
+    sampling_options(ap, "turn N, from 0, draws from seed + N")
+    ap.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=4,  # (Conversation's KEPT_STATES: not imported here, where the parser is built without torch)
+        metavar="N",
+        help="states kept across turns (the last answer's, the prefixes turns share; default: 4; 0: none, every turn "
+        "runs the whole conversation)",
+    )
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
+    run_options(ap)
+    ap.set_defaults(func=_cmd_chat)
