@@ -77,18 +77,22 @@ def test_stop_strings_end_answers(folder, monkeypatch, capsys):
     assert code == 0 and out == free[: free.index(free[4:6])] + "\n" and "cut at" not in err
 
 
-def test_commands_continued_lines_and_a_message_that_begins_with_a_slash(folder, monkeypatch, capsys):
+def test_commands_continued_lines_blocks_and_a_message_that_begins_with_a_slash(folder, monkeypatch, capsys):
     path, template, model = folder
-    stdin = "/help\n/nope\nfirst line\\\nsecond line\n/reset Be kind.\n//etc is a folder\n/exit\nnever sent\n"
+    stdin = (
+        "/help\n/nope\nfirst line\\\nsecond line\n/reset Be kind.\n//etc is a folder\n"
+        '"""\npasted /line\n\nand more\n"""\n"""one"""\n"""left open\\\n/exit\n'
+    )
     code, out, err = chat(
         monkeypatch, capsys, stdin, str(path), "--chat-template", str(template), "--greedy", "--max-new-tokens", "6"
     )
     assert code == 0 and "/reset [TEXT]" in err and "unknown command /nope" in err and "(a new conversation)" in err
     reference = Conversation(model, TOKENIZER, Chat(TEMPLATE, frozenset({TOKENIZER.eos_id})), max_new_tokens=6)
-    first = reference.reply("first line\nsecond line").text
+    answers = [reference.reply("first line\nsecond line").text]
     reference.reset("Be kind.")
-    second = reference.reply("/etc is a folder").text
-    assert out == f"{first}\n{second}\n" and err.count("[prompt") == 2
+    for text in ("/etc is a folder", "pasted /line\n\nand more", "one", "left open\\\n/exit"):  # (the end: sent)
+        answers.append(reference.reply(text).text)
+    assert out == "".join(a + "\n" for a in answers) and err.count("[prompt") == 5
 
 
 @pytest.mark.parametrize(

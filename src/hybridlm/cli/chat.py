@@ -15,6 +15,8 @@ COMMANDS = {
 }
 #: The prompts of a terminal: a message's first line, and each line after one that ends with a backslash.
 PROMPT, MORE = ">>> ", "... "
+#: What opens and closes a message of several lines (pasted text), as in Ollama's terminal chat.
+QUOTES = '"""'
 
 
 def _check_args(args: argparse.Namespace):
@@ -68,22 +70,38 @@ def _check_template(chat, path, system: str | None) -> None:
 
 
 def _lines(interactive: bool):
-    """The messages and commands typed: a line each, a line ending with a backslash continued on the next (the
-    backslash dropped, a newline kept). Ctrl-C on a terminal drops the line being typed; end of input ends it."""
+    """The messages and commands typed: a line each; a line ending with a backslash goes on on the next (the
+    backslash dropped, a newline kept), and a line that begins with :data:`QUOTES` opens a block that a line ending
+    with them closes (pasted text: the quotes dropped). Ctrl-C on a terminal drops what is being typed; the end of
+    the input ends them (an open block or continued line sent as it is)."""
     while True:
-        parts, prompt = [], PROMPT
+        parts, prompt, block = [], PROMPT, False
         try:
             while True:
                 line = input(prompt if interactive else "")
-                if not line.endswith("\\"):
+                prompt = MORE
+                if not parts and not block and line.startswith(QUOTES):
+                    block, line = True, line[len(QUOTES) :]
+                    if line.endswith(QUOTES):  # ("""one line""")
+                        parts.append(line[: -len(QUOTES)])
+                        break
+                    if line:  # (a line of its own opens it: not a first empty line)
+                        parts.append(line)
+                elif block:
+                    if line.endswith(QUOTES):
+                        if line[: -len(QUOTES)]:  # (as a line of its own closes it)
+                            parts.append(line[: -len(QUOTES)])
+                        break
+                    parts.append(line)
+                elif line.endswith("\\"):
+                    parts.append(line[:-1])
+                else:
                     parts.append(line)
                     break
-                parts.append(line[:-1])
-                prompt = MORE
         except EOFError:
             if interactive:  # (the shell's prompt on a line of its own)
                 print(file=sys.stderr)
-            if parts:  # (a last line ended with a backslash)
+            if parts:  # (a last line ended with a backslash, or a block was left open)
                 yield "\n".join(parts)
             return
         except KeyboardInterrupt:
@@ -151,7 +169,10 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             for name, what in COMMANDS.items():
                 say(f"  {name:<14} {what}", sys.stderr)
             say("  //TEXT         send a message that begins with '/'", sys.stderr)
-            say("  a line ending with \\ goes on on the next line", sys.stderr)
+            say(
+                f"  a line ending with \\ goes on on the next line; {QUOTES} opens and closes lines pasted as one message",
+                sys.stderr,
+            )
             continue
         if command == "/reset":
             system = rest.strip() or args.system
@@ -205,7 +226,8 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a model in the terminal (its chat template; each turn runs only what it adds)",
         description="Hold a conversation with a model: each message (a line of standard input; a line ending with "
-        "a backslash goes on on the next) is added to the conversation, which the model folder's chat template "
+        'a backslash goes on on the next; lines between two """ are one) is added to the conversation, which the '
+        "model folder's chat template "
         "(or --chat-template's) renders, and the answer is streamed until the model ends its turn. The state after "
         "each answer is kept, so a turn runs only the end of the last answer's turn and the new message "
         "(docs/inference.md). /help lists the commands (/reset, /exit). Ctrl-C stops an answer; Ctrl-D leaves. "
