@@ -3,6 +3,7 @@ running only what it adds, the commands, and the refusals made before the model 
 
 import contextlib
 import io
+import json
 import os
 import pty
 import select
@@ -182,3 +183,43 @@ def test_ctrl_c_with_messages_piped_in_stops_the_command(folder, monkeypatch, ca
     monkeypatch.setattr(Conversation, "reply", interrupted)
     code, out, err = chat(monkeypatch, capsys, "hi\nnever\n", str(path), "--chat-template", str(template))
     assert code == 130 and out == "so far\n" and "interrupted" in err
+
+
+def test_save_writes_a_chat_completions_body_that_messages_goes_on_with(folder, monkeypatch, capsys, tmp_path):
+    path, template, model = folder
+    flags = (str(path), "--chat-template", str(template), "--greedy", "--max-new-tokens", "8")
+    saved = tmp_path / "conversation.json"
+    code, out, err = chat(monkeypatch, capsys, f"{MESSAGES[0]}\n/save {saved}\n/save\n", *flags, "--system", "Hi.")
+    body = json.loads(saved.read_text())
+    assert code == 0 and f"(3 messages written to {saved})" in err and "/save FILE (/help" in err
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant"]
+    assert body["messages"][2]["content"] == out[:-1]
+    # A conversation whose last message is the user's: answered first, then the piped messages.
+    body["messages"].append({"role": "user", "content": MESSAGES[1]})
+    saved.write_text(json.dumps(body))
+    code, out, err = chat(monkeypatch, capsys, f"{MESSAGES[2]}\n", *flags, "--messages", str(saved))
+    reference = Conversation(model, TOKENIZER, Chat(TEMPLATE, frozenset({TOKENIZER.eos_id})), max_new_tokens=8)
+    reference.messages = body["messages"][:3]
+    answers = [reference.reply(MESSAGES[1]).text, reference.reply(MESSAGES[2]).text]
+    assert code == 0 and out == f"{answers[0]}\n{answers[1]}\n" and f"(3 messages from {saved})" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "not JSON"),
+        ('[{"role": "tool", "content": "x"}]', "messages[0].role must be one of system, user, assistant"),
+        ("[]", "must be a non-empty list"),
+    ],
+)
+def test_a_bad_messages_file_is_refused_before_the_model_loads(folder, monkeypatch, capsys, tmp_path, content, message):
+    path, template, _ = folder
+    file = tmp_path / "m.json"
+    if content is not None:
+        file.write_text(content)
+    monkeypatch.setattr("hybridlm.checkpoint.weights.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = chat(monkeypatch, capsys, "", str(path), "--chat-template", str(template), "--messages", str(file))
+    assert code == 2 and f"--messages {file}: " in err and message in err, err
+    code, _, err = chat(monkeypatch, capsys, "", str(path), "--messages", str(file), "--system", "x")
+    assert code == 2 and "--system and --messages" in err

@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "/help": "these lines",
     "/reset [TEXT]": "start a new conversation (with TEXT as its system message; without: --system's)",
+    "/save FILE": "write the conversation as JSON (a chat completions body; --messages reads it back)",
     "/exit": "leave (also /quit, Ctrl-D)",
 }
 #: The prompts of a terminal: a message's first line, and each line after one that ends with a backslash.
@@ -33,6 +34,10 @@ def _check_args(args: argparse.Namespace):
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
         chat_template_check(args),
+        (
+            args.system is None or args.messages is None,
+            "--system and --messages: give the system message in the conversation's file",
+        ),
         *thread_checks(args.threads),
     )
     for ok, message in checks:
@@ -47,9 +52,9 @@ def _check_args(args: argparse.Namespace):
     return device, dtype, template_kwargs
 
 
-def _check_template(chat, path, system: str | None) -> None:
+def _check_template(chat, path, system: str | None, messages: list[dict] | None = None) -> None:
     """Refuse a model without a chat template, and a template that refuses a conversation as this one begins (a
-    system message that some templates do not take), before the model loads."""
+    system message that some templates do not take, or ``messages``, ``--messages``'s), before the model loads."""
     from ..errors import UsageError
     from ..infer.chat_template import ChatTemplateError
 
@@ -59,14 +64,56 @@ def _check_template(chat, path, system: str | None) -> None:
             "chat_template; a model hybridlm trained has none): give one with --chat-template FILE, or continue "
             "plain text with hybridlm generate"
         )
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": "Hello."}
-    ]
+    first = messages if messages else [{"role": "system", "content": system}] if system is not None else []
+    if not first or first[-1]["role"] != "user":
+        first = [*first, {"role": "user", "content": "Hello."}]
     try:
-        chat.template.render(messages, chat.template_kwargs)
+        chat.template.render(first, chat.template_kwargs)
     except ChatTemplateError as e:
         given = " with a system message (--system)" if system is not None else ""
+        given = " as --messages begins it" if messages else given
         raise UsageError(f"the chat template ({chat.template.where}) refuses a conversation{given}: {e}") from None
+
+
+def _read_messages(file: str) -> list[dict]:
+    """``--messages``: a conversation to go on with, a JSON list of ``{role, content}`` messages or an object with
+    one as ``messages`` (a chat completions body, as ``/save`` writes it), checked as the chat route checks them;
+    UsageError naming the file and the message otherwise."""
+    import json
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..infer.api import RequestError
+    from ..infer.chat import check_messages
+
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise UsageError(f"--messages {file}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"--messages {file}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # (not UTF-8, not JSON)
+        raise UsageError(f"--messages {file}: not JSON ({e})") from None
+    if isinstance(value, dict) and "messages" in value:
+        value = value["messages"]
+    try:
+        return check_messages(value)
+    except RequestError as e:
+        raise UsageError(f"--messages {file}: {e.message}") from None
+
+
+def _save(messages: list[dict], file: str) -> None:
+    """``/save FILE``: the conversation as a chat completions body ``{"messages": [...]}``, written whole or not at
+    all (an existing file replaced only by the finished one)."""
+    import json
+    from pathlib import Path
+
+    from ..checkpoint.io import replace_file
+
+    # (the template's alias of reasoning_content, "thinking", is the route's to add again, not a key it takes)
+    plain = [{k: v for k, v in m.items() if k != "thinking" or "reasoning_content" not in m} for m in messages]
+    text = json.dumps({"messages": plain}, indent=2, ensure_ascii=False) + "\n"
+    replace_file(Path(file), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _lines(interactive: bool):
@@ -121,9 +168,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..checkpoint.weights import load, read_config
-    from ..errors import DataError, UsageError
-    from ..infer.chat_template import ChatTemplateError
-    from ..infer.completion import write_stdout
+    from ..errors import UsageError
     from ..infer.conversation import Conversation
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
@@ -132,11 +177,12 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
 
     device, dtype, template_kwargs = _check_args(args)
     stops = stop_strings(args)
+    history = None if args.messages is None else _read_messages(args.messages)
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     chat = chat_option(args, path, tokenizer, template_kwargs)
-    _check_template(chat, path, args.system)
+    _check_template(chat, path, args.system, history)
     scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     conversation = Conversation(
@@ -159,6 +205,12 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         with contextlib.suppress(ImportError):  # (line editing and history for input(), where Python has it)
             import readline  # noqa: F401
         say(f"chatting with {path} on {device} (template: {chat.template.where}); /help lists the commands", sys.stderr)
+    if history is not None:  # (a last message of the user's is answered first)
+        asked = history.pop()["content"] if history[-1]["role"] == "user" else None
+        conversation.messages = history
+        say(f"({len(history)} messages from {args.messages})", sys.stderr)
+        if asked is not None:
+            _answer(conversation, asked, interactive, args.max_new_tokens)
     for line in _lines(interactive):
         command, _, rest = line.strip().partition(" ")
         if not line.strip():
@@ -173,8 +225,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 f"  a line ending with \\ goes on on the next line; {QUOTES} opens and closes lines pasted as one message",
                 sys.stderr,
             )
-            continue
-        if command == "/reset":
+        elif command == "/reset":
             system = rest.strip() or args.system
             try:
                 _check_template(chat, path, system)
@@ -183,38 +234,47 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 continue
             conversation.reset(system)
             say("(a new conversation)", sys.stderr)
-            continue
-        if line.startswith("/") and not line.startswith("//"):
-            say(
-                f"unknown command {command} (/help lists them; //TEXT sends a message that begins with '/')", sys.stderr
-            )
-            continue
-        text = line[1:] if line.startswith("//") else line
-        try:
-            turn = conversation.reply(text, write=write_stdout)
-        except ChatTemplateError as e:
-            say(
-                f"the chat template ({chat.template.where}) refuses the conversation with it ({e}); it was not sent",
-                sys.stderr,
-            )
-            continue
-        except DataError as e:
-            say(f"this message cannot be tokenized ({e}); it was not sent", sys.stderr)
-            continue
-        except KeyboardInterrupt:
-            print()
-            if not interactive:
-                raise
-            say("(answer stopped; it stays in the conversation as shown)", sys.stderr)
-            continue
-        print()
-        cut = f"; cut at --max-new-tokens {args.max_new_tokens}" if turn.finish == "length" else ""
-        say(
-            f"[prompt {turn.prompt_tokens:,} tokens, {turn.run_tokens:,} run ({turn.kept_tokens:,} from a kept state); "
-            f"answer {len(turn.tokens):,} tokens; {turn.seconds:.2f} s{cut}]",
-            sys.stderr,
-        )
+        elif command == "/save" and rest.strip():
+            _save(conversation.messages, rest.strip())
+            say(f"({len(conversation.messages)} messages written to {rest.strip()})", sys.stderr)
+        elif line.startswith("/") and not line.startswith("//"):
+            usage = "/save FILE" if command == "/save" else f"unknown command {command}"
+            say(f"{usage} (/help lists them; //TEXT sends a message that begins with '/')", sys.stderr)
+        else:
+            _answer(conversation, line[1:] if line.startswith("//") else line, interactive, args.max_new_tokens)
     return 0
+
+
+def _answer(conversation, text: str, interactive: bool, max_new_tokens: int) -> None:
+    """Answer ``text`` on standard output, streamed, then say on stderr what ran; a message the template refuses or
+    the tokenizer cannot read is said and not sent. Ctrl-C stops the answer (on a terminal; else the command)."""
+    from ..errors import DataError
+    from ..infer.chat_template import ChatTemplateError
+    from ..infer.completion import write_stdout
+    from . import say
+
+    try:
+        turn = conversation.reply(text, write=write_stdout)
+    except ChatTemplateError as e:
+        where = conversation.chat.template.where
+        say(f"the chat template ({where}) refuses the conversation with it ({e}); it was not sent", sys.stderr)
+        return
+    except DataError as e:
+        say(f"this message cannot be tokenized ({e}); it was not sent", sys.stderr)
+        return
+    except KeyboardInterrupt:
+        print()
+        if not interactive:
+            raise
+        say("(answer stopped; it stays in the conversation as shown)", sys.stderr)
+        return
+    print()
+    cut = f"; cut at --max-new-tokens {max_new_tokens}" if turn.finish == "length" else ""
+    say(
+        f"[prompt {turn.prompt_tokens:,} tokens, {turn.run_tokens:,} run ({turn.kept_tokens:,} from a kept state); "
+        f"answer {len(turn.tokens):,} tokens; {turn.seconds:.2f} s{cut}]",
+        sys.stderr,
+    )
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
@@ -236,6 +296,13 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     )
     model_options(ap)
     ap.add_argument("--system", default=None, metavar="TEXT", help="a system message that begins the conversation")
+    ap.add_argument(
+        "--messages",
+        default=None,
+        metavar="FILE",
+        help="go on with this conversation: a JSON list of {role, content} messages, or a chat completions body "
+        "holding one (as /save writes it); a last message of the user's is answered first",
+    )
     chat_template_options(ap, "the conversation", "which the template reads beside the messages")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="an answer's tokens at most (default: 1024)")
     stop_option(ap, "an answer", "; e.g. '<|im_end|>' where the tokenizer has no token for the template's end of turn")
