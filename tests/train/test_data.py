@@ -405,13 +405,19 @@ def test_a_jsonl_line_without_the_field_says_what_it_holds_in_json_terms_and_sho
     assert len(str(e.value)) < 200 + len(str(tmp_path))
 
 
-@pytest.mark.parametrize(
-    "value, held", [("null", "null"), ("5", "a number"), ('["a", "b"]', "an array"), ('{"a": 1}', "an object")]
-)
+@pytest.mark.parametrize("value, held", [("null", "null"), ("5", "a number"), ('{"a": 1}', "an object")])
 def test_a_jsonl_field_that_is_not_a_string_says_what_it_holds(tmp_path, value, held):
-    """A record whose text is null (a dump with missing texts) or an array of strings said only "is not a string"."""
+    """A record whose text is null (a dump with missing texts) said only "is not a string"."""
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": ' + value + "}\n")
     with pytest.raises(DataError, match=rf"a\.jsonl:2: field 'text' is not a string but {held}$"):
+        load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer())
+
+
+def test_a_jsonl_field_that_holds_a_list_is_a_conversation_that_training_reads_once_prepared(tmp_path):
+    """A list (of messages, or of strings) is a conversation: read as one only by ``hybridlm prepare``, with a chat
+    template (tests/train/test_chats.py)."""
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": ["a", "b"]}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: a conversation .* hybridlm prepare"):
         load_corpus(str(tmp_path / "a.jsonl"), ByteTokenizer())
 
 
@@ -966,7 +972,7 @@ def test_a_corpus_or_split_of_empty_documents_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"version": 2}, "meta.json: version 2 is newer than this hybridlm reads (1)"),
+        ({"version": 3}, "meta.json: version 3 is newer than this hybridlm reads (2)"),
         ({"version": "1"}, "meta.json: version must be a positive integer, got '1'"),
         ({"format": "hybridlm-checkpoint"}, "meta.json: format must be 'hybridlm-tokens', got 'hybridlm-checkpoint'"),
     ],

@@ -99,7 +99,7 @@ def _read_messages(file: str) -> list[dict]:
     try:
         return check_messages(value)
     except RequestError as e:
-        raise UsageError(f"--messages {file}: {e.message}") from None
+        raise UsageError(f"--messages {file}: {e.message.removeprefix(f'{e.param}: ')}") from None
 
 
 def _save(messages: list[dict], file: str) -> None:

@@ -117,11 +117,64 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     ap.set_defaults(func=_cmd_train)
 
 
+def _chat_format(args: argparse.Namespace):
+    """How ``prepare`` writes out conversations: ``--chat-template``'s template, else the one beside the
+    tokenizer.json (as a model folder converted from Hugging Face keeps it), given that folder's special tokens; with
+    neither, a conversation is refused, saying so. UsageError for a template that cannot be read or compiled."""
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..infer.chat_template import (
+        ChatTemplate,
+        ChatTemplateError,
+        find_chat_template,
+        read_template_file,
+        special_token_texts,
+    )
+
+    folder = None if args.tokenizer == "byte" else Path(args.tokenizer).expanduser().parent
+    try:
+        variables = {} if folder is None else special_token_texts(folder)
+        if args.chat_template is not None:
+            found = (read_template_file(Path(args.chat_template)), args.chat_template)
+        else:
+            found = None if folder is None else find_chat_template(folder)
+        template = None if found is None else ChatTemplate(*found, variables)
+    except ChatTemplateError as e:
+        raise UsageError(f"--chat-template: {e}" if args.chat_template else str(e)) from None
+    beside = f" and none is beside {args.tokenizer}" if folder is not None else ""
+    return chat_format(template, f"a conversation needs a chat template: give one with --chat-template FILE{beside}")
+
+
+def chat_format(template, missing: str):
+    """A :class:`~hybridlm.train.chats.ChatFormat` of ``template`` (a
+    :class:`~hybridlm.infer.chat_template.ChatTemplate`; None: every conversation refused with the message
+    ``missing``) and the chat route's message rules (:func:`~hybridlm.infer.chat.check_messages`)."""
+    from ..errors import DataError
+    from ..infer.api import RequestError
+    from ..infer.chat import check_messages
+    from ..train.chats import ChatFormat
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        if template is None:
+            raise DataError(missing)
+        return template.render(messages, None, add_generation_prompt)
+
+    def check(value: object) -> list[dict]:
+        try:
+            return check_messages(value)
+        except RequestError as e:  # (the route's error, an HTTP answer: here a record's)
+            raise ValueError(e.message.removeprefix(f"{e.param}: ")) from None
+
+    return ChatFormat(render, check)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from ..train.data import prepare_corpus, prepared_destination
     from ..train.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args.tokenizer, key="--tokenizer", eos_token=args.eos_token, eos_key="--eos-token")
+    chats = _chat_format(args)
     # A leading ~ is the home folder, as in SOURCE (and in data.source, which then names OUT): a quoted '~/tokens'
     # was written to a folder named ~ in the current one, where --set data.source='~/tokens' did not find it.
     args.out = os.path.expanduser(args.out)
@@ -129,10 +182,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     flags = ("--tokenizer", "--eos-token")
     progress = sys.stderr.isatty() if args.progress is None else args.progress  # tqdm writes to stderr
     out, meta = prepare_corpus(
-        args.source, args.out, tokenizer, args.jsonl_field, progress, key="source", tokenizer_keys=flags
+        args.source, args.out, tokenizer, args.jsonl_field, progress, key="source", tokenizer_keys=flags, chats=chats
     )
     tokens, docs = meta["num_tokens"], meta["num_docs"]
-    print(f"wrote {tokens:,} token{'s' * (tokens != 1)} of {docs:,} document{'s' * (docs != 1)} to {out}")
+    learned = (
+        f" ({meta['learned_tokens']:,} of them learned: the assistant's turns)" if "learned_tokens" in meta else ""
+    )
+    print(f"wrote {tokens:,} token{'s' * (tokens != 1)}{learned} of {docs:,} document{'s' * (docs != 1)} to {out}")
     return 0
 
 
@@ -144,13 +200,28 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "per record; a folder of such files, searched recursively, hidden files and folders left out; or "
         "builtin:pydoc) into OUT/tokens.bin (numpy "
         "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files, a batch of documents "
-        "at a time (its ids appended to the token file as it is done: memory stays bounded). Train on it with --set "
+        "at a time (its ids appended to the token file as it is done: memory stays bounded). Conversations (JSONL "
+        "records whose --jsonl-field holds a list of messages) are written out by a chat template, and OUT/mask.bin "
+        "marks the assistant's turns as the only tokens learned (supervised fine-tuning). Train on it with --set "
         "data.source=OUT.",
     )
     ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json (default: byte)")
-    ap.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
+    ap.add_argument(
+        "--jsonl-field",
+        default="text",
+        help="field of JSONL records: a text, or a conversation (a list of {role, content} messages, as in "
+        "'messages' of a chat completions body: written out by the chat template, only the assistant's turns "
+        "learned) (default: text)",
+    )
+    ap.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template that writes out the conversations (default: the one beside the tokenizer.json, "
+        "chat_template.jinja or tokenizer_config.json's, as a model folder converted from Hugging Face keeps it)",
+    )
     ap.add_argument(
         "--eos-token",
         default="auto",

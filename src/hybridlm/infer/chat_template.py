@@ -149,14 +149,19 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"{where}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
 
-    def render(self, messages: list[dict], extra: dict | None = None) -> str:
+    def render(self, messages: list[dict], extra: dict | None = None, add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` (plain JSON: role, content, ...) with the assistant's turn opened
-        (``add_generation_prompt``); ChatTemplateError with the template's own message where it refuses them
-        (``raise_exception``), or fails on them.
+        (``add_generation_prompt``; False: the conversation as it stands, as training reads it); ChatTemplateError
+        with the template's own message where it refuses them (``raise_exception``), or fails on them.
 
         ``extra``: more variables (checked by :func:`check_variables`), over the special tokens as transformers
         puts its keywords over them (``{**special_tokens_map, **kwargs}``)."""
-        served = {"messages": messages, "tools": None, "documents": None, "add_generation_prompt": True}
+        served = {
+            "messages": messages,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+        }
         try:
             return self.compiled.render({**self.variables, **(extra or {}), **served})
         except jinja2.TemplateError as e:  # raise_exception's, an undefined value used, a sandbox refusal

@@ -10,6 +10,9 @@ Sources: ``builtin:pydoc`` (the English text of Python's own help topics, in eve
 download), a ``.txt`` file or folder of them (one document per file), a ``.jsonl`` file (one per
 record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap). A blend of several sources is
 sampled by :class:`Blend` (where each position of the row stream comes from) and read by :class:`BlendedRows`.
+
+A prepared corpus of conversations (JSON Lines records holding a list of messages, :mod:`~hybridlm.train.chats`) also
+holds a mask of the tokens to learn, the assistant's turns: the label of every other token is ignored too.
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ import torch
 
 from ..config import is_special_file
 from ..errors import DataError
+from .chats import ChatDocument, ChatFormat, chat_pieces
 
 PREPARED_META = "meta.json"
 PREPARED_FORMAT = "hybridlm-tokens"
-PREPARED_VERSION = 1  #: the newest meta.json "version" this hybridlm reads
+#: The newest meta.json "version" this hybridlm reads: 2 where the corpus has a mask of the tokens to learn (so that
+#: an older hybridlm refuses it rather than learn every token), else 1.
+PREPARED_VERSION = 2
 PREPARED_TOKENS = "tokens.bin"
 PREPARED_DOCS = "docs.npy"
+PREPARED_MASK = "mask.bin"  #: uint8 per token: 1 where it is learned as a label (version 2, "loss_mask")
 PREPARED_FILES = (PREPARED_TOKENS, PREPARED_DOCS)
 
 
@@ -49,11 +56,14 @@ class TokenStream:
         doc_offsets: (D,) where each document starts in ``tokens``, for a selection of another stream's
             documents (:meth:`select`) that shares its token array (a memmap stays one); None: the stream is
             ``tokens`` itself.
+        mask: (N,) beside ``tokens``: nonzero where a token is learned as a label (a conversation's assistant
+            turns); None: every token is.
     """
 
     tokens: np.ndarray
     doc_starts: np.ndarray
     doc_offsets: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
     @property
     def num_docs(self) -> int:
@@ -73,24 +83,29 @@ class TokenStream:
         size = n if n <= block * blocks else block
         h = hashlib.blake2b(digest_size=16)
         for s in starts:  # as int64: the same ids hash alike whatever array type holds them
-            run = self.tokens[s : s + size] if self.doc_offsets is None else self.take(np.arange(s, s + size))
-            h.update(np.asarray(run, dtype=np.int64).tobytes())
+            pos = np.arange(s, s + size)
+            h.update(np.asarray(self.take(pos), dtype=np.int64).tobytes())
+            if self.mask is not None:  # (a stream without one hashes as it always did)
+                h.update(np.asarray(self.take(pos, values=self.mask), dtype=np.uint8).tobytes())
         return h.hexdigest()
 
-    def take(self, pos: np.ndarray, doc: np.ndarray | None = None) -> np.ndarray:
-        """The token ids at stream positions ``pos`` (any shape); ``doc``: the document of each, where known."""
+    def take(self, pos: np.ndarray, doc: np.ndarray | None = None, values: np.ndarray | None = None) -> np.ndarray:
+        """The token ids at stream positions ``pos`` (any shape); ``doc``: the document of each, where known.
+        ``values``: an array beside ``tokens`` (the ``mask``) read at those positions instead."""
+        values = self.tokens if values is None else values
         if self.doc_offsets is None:
-            return self.tokens[pos]
+            return values[pos]
         if doc is None:
             doc = np.searchsorted(self.doc_starts, pos, side="right") - 1
-        return self.tokens[self.doc_offsets[doc] + (pos - self.doc_starts[doc])]
+        return values[self.doc_offsets[doc] + (pos - self.doc_starts[doc])]
 
     def select(self, docs: np.ndarray) -> TokenStream:
         """A stream of the given documents, in the given order, over the same token array (nothing copied)."""
         docs = np.asarray(docs, dtype=np.int64)
         offsets = self.doc_starts[:-1] if self.doc_offsets is None else self.doc_offsets
         lengths = np.diff(self.doc_starts)[docs]
-        return TokenStream(self.tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), offsets[docs])
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return TokenStream(self.tokens, starts, offsets[docs], self.mask)
 
 
 # -- reading documents ---------------------------------------------------------------------------
@@ -250,8 +265,9 @@ def _holds(record: object) -> str:
     return "its fields: " + (", ".join(names) + (", ..." if len(record) > 8 else "") if names else "none")
 
 
-def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
-    """The ``field`` strings of a JSON Lines file; errors name the file and line."""
+def _jsonl_documents(file: Path, field: str) -> Iterator[str | ChatDocument]:
+    """The ``field`` strings of a JSON Lines file, or conversations where the field holds a list (of messages);
+    errors name the file and line."""
     with open(file, "rb") as f:
         lines = (piece for chunk in f for piece in chunk.splitlines())  # \n, \r\n and \r end a line
         for line_no, raw in enumerate(lines, start=1):
@@ -268,8 +284,13 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
             except (ValueError, RecursionError) as e:  # (nesting beyond json's)
                 raise DataError(f"{where}: not a JSON object ({e})") from None
             if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{where}: not a JSON object with a {field!r} field ({_holds(record)})")
+                chat = isinstance(record, dict) and isinstance(record.get("messages"), list)
+                hint = "; a conversation: --jsonl-field messages (data.jsonl_field)" if chat else ""
+                raise DataError(f"{where}: not a JSON object with a {field!r} field ({_holds(record)}){hint}")
             text = record[field]
+            if isinstance(text, list):  # (checked when it is written out, by the chat format's rules)
+                yield ChatDocument(text, where)
+                continue
             if not isinstance(text, str):  # said what it holds: a null (a record without text) asks another fix
                 held = "an object" if isinstance(text, dict) else _holds(text)
                 raise DataError(f"{where}: field {field!r} is not a string but {held}")
@@ -293,16 +314,23 @@ def token_dtype(tokenizer) -> np.dtype:
 
 
 def token_batches(
-    docs: Iterable[str], tokenizer, progress: bool = False, where: str = "the corpus"
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    docs: Iterable[str | ChatDocument],
+    tokenizer,
+    progress: bool = False,
+    where: str = "the corpus",
+    chats: ChatFormat | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Tokenize ``docs`` a batch at a time (:data:`BATCH_DOCS` documents or :data:`BATCH_CHARS` characters), each
     document followed by the end-of-document token; ``where`` names them in errors. A document that cannot be read
     is named by ``docs`` when it is reached (a bad JSON Lines record by its line), whichever batch it falls in. The
-    bar (``progress``) counts the documents tokenized, a batch at a time.
+    bar (``progress``) counts the documents tokenized, a batch at a time. ``chats``: how conversations are written
+    out (:mod:`~hybridlm.train.chats`; None: a conversation is refused, as training reads text only once prepared).
 
     Yields:
         tokens: (N,) the batch's ids (:func:`token_dtype`), documents in order.
         lengths: (D,) int64, each document's token count, its end-of-document token included.
+        mask: (N,) uint8, 1 where a token is learned (a text's every token; a conversation's assistant turns); None
+            where ``chats`` is None.
     """
     dtype, bar, tokenized = token_dtype(tokenizer), None, False
     if progress:
@@ -311,7 +339,7 @@ def token_batches(
         bar = tqdm(desc="tokenizing", unit="doc")
     try:
         for batch in _batched(docs):
-            yield _encode(batch, tokenizer, dtype)
+            yield _encode(batch, tokenizer, dtype, chats)
             tokenized = True
             if bar is not None:
                 bar.update(len(batch))
@@ -322,12 +350,13 @@ def token_batches(
             bar.close()
 
 
-def _batched(docs: Iterable[str]) -> Iterator[list[str]]:
-    """``docs`` in lists of :data:`BATCH_DOCS` documents, or fewer reaching :data:`BATCH_CHARS` characters."""
+def _batched(docs: Iterable[str | ChatDocument]) -> Iterator[list[str | ChatDocument]]:
+    """``docs`` in lists of :data:`BATCH_DOCS` documents, or fewer reaching :data:`BATCH_CHARS` characters (a
+    conversation counted as one character a message)."""
     batch, chars = [], 0
-    for text in docs:
-        batch.append(text)
-        chars += len(text)
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc) if isinstance(doc, str) else len(doc.messages) if isinstance(doc.messages, list) else 1
         if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -335,30 +364,66 @@ def _batched(docs: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encode(texts: list[str], tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``texts`` tokenized as one batch: (tokens (N,), lengths (D,)), as :func:`token_batches` yields them."""
+def _pieces(doc: str | ChatDocument, chats: ChatFormat | None) -> list[tuple[str, bool]]:
+    """A document as pieces of text, each learned or not: a text is one learned piece."""
+    if isinstance(doc, str):
+        return [(doc, True)]
+    if chats is None:
+        raise DataError(
+            f"{doc.where}: a conversation (a list of messages), which training reads once hybridlm prepare has written "
+            "it out with a chat template and marked the assistant's turns as the tokens to learn: hybridlm prepare "
+            "SOURCE OUT --jsonl-field FIELD --tokenizer TOKENIZER, then train on OUT"
+        )
+    return chat_pieces(doc, chats)
+
+
+def _encode(
+    docs: list[str | ChatDocument], tokenizer, dtype: np.dtype, chats: ChatFormat | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``docs`` tokenized as one batch, each piece alone: (tokens (N,), lengths (D,), mask (N,) or None), as
+    :func:`token_batches` yields them. A conversation's end-of-document token is not learned (its turn ended)."""
+    pieces = [_pieces(doc, chats) for doc in docs]
+    texts = [text for doc in pieces for text, _ in doc]
     if hasattr(tokenizer, "encode_batch"):
         ids = tokenizer.encode_batch(texts)
     else:  # (a tokenizer object of one's own that has only encode)
         ids = [np.asarray(tokenizer.encode(text), dtype=np.int64) for text in texts]
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    lengths = np.fromiter((len(a) + 1 for a in ids), dtype=np.int64, count=len(ids))
-    # Cast per piece: ids were checked below the vocabulary, so each fits dtype (numpy refuses int64 -> uint16
-    # as a "same kind" cast).
-    tokens = np.concatenate([piece for a in ids for piece in (a.astype(dtype, copy=False), eos)])
-    return tokens, lengths
+    parts, learned, lengths, k = [], [], [], 0
+    for doc, doc_pieces in zip(docs, pieces):
+        n = 1
+        for _, learn in doc_pieces:
+            # Cast per piece: ids were checked below the vocabulary, so each fits dtype (numpy refuses int64 -> uint16
+            # as a "same kind" cast).
+            parts.append(ids[k].astype(dtype, copy=False))
+            if chats is not None:
+                learned.append(np.full(len(ids[k]), learn, dtype=np.uint8))
+            n, k = n + len(ids[k]), k + 1
+        parts.append(eos)
+        if chats is not None:
+            learned.append(np.array([isinstance(doc, str)], dtype=np.uint8))
+        lengths.append(n)
+    mask = np.concatenate(learned) if chats is not None else None
+    return np.concatenate(parts), np.array(lengths, dtype=np.int64), mask
 
 
 def tokenize_documents(
-    docs: Iterable[str], tokenizer, progress: bool = False, where: str = "the corpus"
+    docs: Iterable[str | ChatDocument],
+    tokenizer,
+    progress: bool = False,
+    where: str = "the corpus",
+    chats: ChatFormat | None = None,
 ) -> TokenStream:
-    """Tokenize ``docs`` (see :func:`token_batches`) into one stream held in memory."""
-    chunks, lengths = [], []
-    for tokens, sizes in token_batches(docs, tokenizer, progress, where):
+    """Tokenize ``docs`` (see :func:`token_batches`) into one stream held in memory (with a mask where ``chats`` is
+    given and some token is not learned)."""
+    chunks, lengths, masks = [], [], []
+    for tokens, sizes, mask in token_batches(docs, tokenizer, progress, where, chats):
         chunks.append(tokens)
         lengths.append(sizes)
+        masks.append(mask)
     starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
-    return TokenStream(np.concatenate(chunks), starts)
+    mask = None if chats is None else np.concatenate(masks)
+    return TokenStream(np.concatenate(chunks), starts, mask=None if mask is None or mask.all() else mask)
 
 
 # -- prepared corpora (hybridlm prepare) ------------------------------------------------------------
@@ -372,11 +437,13 @@ def write_prepared(stream: TokenStream, out: str | Path, tokenizer, source: str)
     return _commit_prepared(_one_batch(stream), out, tokenizer, source)[0]
 
 
-def _one_batch(stream: TokenStream) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``stream`` as one batch of :func:`token_batches`' form: its tokens in order (a selection's gathered), and
-    its documents' lengths."""
-    tokens = stream.tokens if stream.doc_offsets is None else stream.take(np.arange(stream.num_tokens))
-    return [(tokens, np.diff(stream.doc_starts))]
+def _one_batch(stream: TokenStream) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """``stream`` as one batch of :func:`token_batches`' form: its tokens in order (a selection's gathered), its
+    documents' lengths, and its mask (None: none)."""
+    pos = np.arange(stream.num_tokens)
+    tokens = stream.tokens if stream.doc_offsets is None else stream.take(pos)
+    mask = None if stream.mask is None else stream.take(pos, values=stream.mask)
+    return [(tokens, np.diff(stream.doc_starts), mask)]
 
 
 def prepare_corpus(
@@ -387,20 +454,23 @@ def prepare_corpus(
     progress: bool = False,
     key: str = "data.source",
     tokenizer_keys: tuple[str, str] = ("data.tokenizer", "data.eos_token"),
+    chats: ChatFormat | None = None,
 ) -> tuple[Path, dict]:
     """``hybridlm prepare``: tokenize ``source`` (as :func:`load_corpus` reads it) into the prepared corpus ``out``
     (as :func:`write_prepared` writes it) in bounded memory: each batch of documents (:func:`token_batches`) is
     appended to ``tokens.bin`` as it is tokenized, and only the documents' offsets are kept until the end. Returns
-    the folder and its meta.json (its ``num_tokens`` and ``num_docs``)."""
+    the folder and its meta.json (its ``num_tokens`` and ``num_docs``, and ``learned_tokens`` where not every token
+    is learned). ``chats``: how its conversations are written out (None: a conversation is refused)."""
     docs = corpus_documents(source, jsonl_field, key)
     if docs is None:  # a prepared corpus, written again (with its tokenizer checked): its memmap is read in one pass
         stream = load_corpus(source, tokenizer, jsonl_field, progress, key, tokenizer_keys)
         return _commit_prepared(_one_batch(stream), out, tokenizer, source)
-    return _commit_prepared(token_batches(docs, tokenizer, progress, _corpus_name(source, key)), out, tokenizer, source)
+    batches = token_batches(docs, tokenizer, progress, _corpus_name(source, key), chats)
+    return _commit_prepared(batches, out, tokenizer, source)
 
 
 def _commit_prepared(
-    batches: Iterable[tuple[np.ndarray, np.ndarray]], out: str | Path, tokenizer, source: str
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], out: str | Path, tokenizer, source: str
 ) -> tuple[Path, dict]:
     """Write ``batches`` (as :func:`token_batches` yields them) into a fresh hidden folder beside ``out``, then put
     it in ``out``'s place; removed instead on any error or interruption, so nothing half-written is left."""
@@ -427,36 +497,46 @@ def prepared_destination(out: str | Path, source: str) -> Path:
     out = destination(out, source_path(source) if source_path(source).exists() else None)
     check_replaceable(out, "format", PREPARED_FORMAT, "a prepared corpus", PREPARED_META)
     if out.is_dir():
-        refuse_losing(out, {PREPARED_META, *PREPARED_FILES, SPEC_NAME, "tokenizer.json"})
+        refuse_losing(out, {PREPARED_META, *PREPARED_FILES, PREPARED_MASK, SPEC_NAME, "tokenizer.json"})
     return out
 
 
-def _write_prepared(batches: Iterable[tuple[np.ndarray, np.ndarray]], out: Path, tokenizer, source: str) -> dict:
+def _write_prepared(
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], out: Path, tokenizer, source: str
+) -> dict:
     """Write the prepared corpus's files into folder ``out``: each batch's tokens appended to ``tokens.bin`` as it
-    comes, then the offsets, the tokenizer's files and ``meta.json`` (returned)."""
+    comes (and its mask to ``mask.bin``), then the offsets, the tokenizer's files and ``meta.json`` (returned). A
+    mask that learns every token is not kept: the corpus is then one of version 1, which any hybridlm reads."""
     from ..checkpoint.io import written  # a refused write (disk full) names its file
 
-    dtype, lengths = token_dtype(tokenizer), []
+    dtype, lengths, learned = token_dtype(tokenizer), [], None
     # Unbuffered: numpy's tofile writes each batch through the file's descriptor, and closing has nothing to flush
     # (a full disk is named by the batch's write, not lost at close).
-    with open(out / PREPARED_TOKENS, "wb", buffering=0) as f:
-        for tokens, sizes in batches:
+    with open(out / PREPARED_TOKENS, "wb", buffering=0) as f, open(out / PREPARED_MASK, "wb", buffering=0) as m:
+        for tokens, sizes, mask in batches:
             dtype = tokens.dtype
             written(out / PREPARED_TOKENS, tokens.astype(dtype.newbyteorder("<"), copy=False).tofile, f)
+            if mask is not None:
+                written(out / PREPARED_MASK, np.asarray(mask, dtype=np.uint8).tofile, m)
+                learned = (learned or 0) + int(np.count_nonzero(mask))
             lengths.append(sizes)
     starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    if learned is None or learned == starts[-1]:
+        (out / PREPARED_MASK).unlink()
+        learned = None
     written(out / PREPARED_DOCS, np.save, out / PREPARED_DOCS, starts)
     for name, content in tokenizer.files().items():
         written(out / name, (out / name).write_bytes, content if isinstance(content, bytes) else content.encode())
     meta = {
         "format": PREPARED_FORMAT,
-        "version": PREPARED_VERSION,
+        "version": 1 if learned is None else 2,
         "dtype": str(dtype),
         "num_tokens": int(starts[-1]),
         "num_docs": len(starts) - 1,
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "source": source,
+        **({} if learned is None else {"loss_mask": True, "learned_tokens": learned}),
     }
     (out / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -466,7 +546,7 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
     path = Path(path)
     reading = PREPARED_META  # the file being read, which an error names (the readers' own words do not)
     try:
-        for reading in (*PREPARED_FILES, PREPARED_META):  # a FIFO under a name would block its read forever
+        for reading in (*PREPARED_FILES, PREPARED_MASK, PREPARED_META):  # a FIFO's read would block forever
             if (path / reading).exists() and not (path / reading).is_file():
                 raise ValueError("not a regular file")
         meta = json.loads((path / PREPARED_META).read_text())
@@ -500,6 +580,13 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
             raise ValueError("empty") from None
         if not isinstance(starts, np.ndarray):  # a .npz archive under the name
             raise ValueError(f"holds a {type(starts).__name__}, not one array")
+        mask = None
+        if meta.get("loss_mask") is not None:
+            reading = PREPARED_META
+            if meta["loss_mask"] is not True or version < 2:
+                raise ValueError(f"{PREPARED_META}: loss_mask must be true, in a version 2, got {meta['loss_mask']!r}")
+            reading = PREPARED_MASK
+            mask = np.memmap(path / PREPARED_MASK, dtype=np.uint8, mode="r")
     except (OSError, ValueError, TypeError, RecursionError, zipfile.BadZipFile) as e:  # (a .npz archive cut short)
         said = str(e) if str(e).startswith(reading) else f"{reading}: {e}"
         raise DataError(f"{path}: not a prepared corpus ({said})") from None
@@ -513,6 +600,8 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
         if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count != len(tokens):
             shown = count.item() if isinstance(count, np.generic) else count  # 7, not np.int64(7)
             raise DataError(f"{path}: {PREPARED_TOKENS} holds {len(tokens)} tokens, {what} says {shown!r}")
+    if mask is not None and len(mask) != len(tokens):
+        raise DataError(f"{path}: {PREPARED_MASK} holds {len(mask)} entries for {len(tokens)} tokens")
     # One pass over the ids (memory-bound): an id past the vocabulary would stop training at the first batch
     # holding it, or pass unseen where no batch does.
     low = int(tokens.min()) if len(tokens) and tokens.dtype.kind == "i" else 0
@@ -522,7 +611,7 @@ def read_prepared(path: str | Path) -> tuple[TokenStream, dict]:
             f"{path}: {PREPARED_TOKENS} holds ids from {low} to {high}, outside the vocabulary of "
             f"{meta['vocab_size']} that {PREPARED_META} records"
         )
-    return TokenStream(tokens, starts.astype(np.int64)), meta  # (uint64 + int64 positions would be float64)
+    return TokenStream(tokens, starts.astype(np.int64), mask=mask), meta  # (uint64 + int64 would be float64)
 
 
 def is_prepared(path: Path) -> bool:
@@ -682,6 +771,11 @@ class PackedRows:
             raise DataError(
                 f"{what} holds only empty documents ({stream.num_docs:,}), no label to learn; add text{fix}"
             )
+        if stream.mask is not None and not _learns(stream):
+            raise DataError(
+                f"{what} learns no token: its {stream.num_docs:,} conversation(s) hold no assistant answer (only the "
+                f"assistant's turns are learned); add answers{fix}"
+            )
         if self.num_rows < 1:
             raise DataError(
                 f"{key}: {what} ({stream.num_tokens} tokens in {stream.num_docs} document(s)) is shorter "
@@ -707,11 +801,25 @@ class PackedRows:
         tokens = np.asarray(self.stream.take(pos, docs), dtype=np.int64)
         labels = tokens[:, 1:].copy()
         labels[docs[:, 1:] != docs[:, :-1]] = -100  # the next token starts another document
+        if self.stream.mask is not None:  # (a conversation's: only the assistant's turns are learned)
+            labels[self.stream.take(pos[:, 1:], docs[:, 1:], self.stream.mask) == 0] = -100
         return {
             "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
             "labels": torch.from_numpy(labels),
             "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
         }
+
+
+def _learns(stream: TokenStream) -> bool:
+    """Whether some label of ``stream`` (a token after the first of its document) is learned by its mask."""
+    for start in range(0, stream.num_tokens, 1 << 22):  # (in pieces: positions as int64 are 8 bytes a token)
+        pos = np.arange(start, min(start + (1 << 22), stream.num_tokens))
+        learned = stream.take(pos, values=stream.mask) != 0
+        firsts = stream.doc_starts[(stream.doc_starts >= pos[0]) & (stream.doc_starts <= pos[-1])]
+        learned[firsts - start] = False  # (a document's first token is no label: the one before is another's)
+        if learned.any():
+            return True
+    return False
 
 
 def check_batch_split(batch_size: int, world_size: int) -> None:

@@ -1028,7 +1028,8 @@ class Trainer:
             + f" · hidden {self.config.hidden_size} "
             f"· vocab {self.config.vocab_size}",
             f"data    {what} · {r.data.tokenizer} tokenizer · {train_tokens:,} train / "
-            f"{val} validation tokens · rows of {r.data.seq_len}",
+            f"{val} validation tokens · rows of {r.data.seq_len}"
+            + (" · assistant turns learned only" if any(p.stream.mask is not None for p in self.train_sets) else ""),
             *self._source_lines(),
             f"optim   AdamW lr {r.optim.lr:g} ({r.optim.schedule}, warmup {r.optim.warmup_steps}) · batch {t.batch_size} "
             f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} step{'s' * (t.steps != 1)}",
