@@ -225,3 +225,20 @@ def test_prepare_writes_conversations_with_the_template_beside_the_tokenizer_or_
         capsys.readouterr().err
     )
     assert not (tmp_path / "out3").exists()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.booleans(),
+    st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), min_size=1, max_size=4),
+    st.booleans(),
+)
+def test_any_conversation_joins_back_and_learns_exactly_its_answers_and_their_ends(system, turns, asked):
+    messages = [{"role": "system", "content": "sys"}] if system else []
+    for question, answer in turns:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if asked:  # (a last question without its answer: context)
+        messages.append({"role": "user", "content": "and?"})
+    pieces = chat_pieces(ChatDocument(messages, "x"), plain_chats())
+    assert "".join(text for text, _ in pieces) == ChatTemplate(PLAIN, "t").render(messages, None, False)
+    assert [text for text, learned in pieces if learned] == [f"{a}<|im_end|>\n" for _, a in turns]
