@@ -242,3 +242,31 @@ def test_any_conversation_joins_back_and_learns_exactly_its_answers_and_their_en
     pieces = chat_pieces(ChatDocument(messages, "x"), plain_chats())
     assert "".join(text for text, _ in pieces) == ChatTemplate(PLAIN, "t").render(messages, None, False)
     assert [text for text, learned in pieces if learned] == [f"{a}<|im_end|>\n" for _, a in turns]
+
+
+def test_a_model_fine_tuned_on_prepared_conversations_keeps_the_chat_files_and_chats_as_it_learned(tmp_path):
+    """prepare -> train -> the run's model folder holds the template and special tokens beside the tokenizer.json it
+    was trained with, so that ``chat`` and ``serve`` write conversations as they were written for training."""
+    from hybridlm.infer.chat import load_chat
+    from tests.train.test_trainer import TINY_RUN
+
+    folder = model_folder(tmp_path / "tok", CHATML, "chat_template.jinja")
+    source = write_chats(tmp_path / "c.jsonl", [{"messages": CONVERSATION}] * 40)
+    tokenizer = str(folder / "tokenizer.json")
+    prepare = ["prepare", str(source), str(tmp_path / "chats"), "--jsonl-field", "messages", "--tokenizer", tokenizer]
+    assert main([*prepare, "--no-progress"]) == 0
+    sets = [*TINY_RUN, "model.vocab_size=261", "train.steps=2", f"data.tokenizer={tokenizer}"]
+    sets.append(f"data.source={tmp_path / 'chats'}")
+    assert (
+        main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", *[a for s in sets for a in ("--set", s)]])
+        == 0
+    )
+    model = tmp_path / "run" / "model"
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        assert (model / name).read_bytes() == (folder / name).read_bytes()
+    tok = load_tokenizer(model, "--tokenizer", "auto")
+    chat = load_chat(model, tok)
+    assert chat.template is not None and chat.template.where.endswith("chat_template.jinja")
+    # The prompt chat renders for a conversation's next answer is the context piece training read before it.
+    pieces = chat_pieces(ChatDocument(CONVERSATION[:3], "x"), chat_format(chat.template, "none"))
+    assert chat.template.render(CONVERSATION[:2], chat.template_kwargs) == pieces[0][0] and pieces[1][1]

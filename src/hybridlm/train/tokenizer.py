@@ -37,6 +37,8 @@ class Tokenizer(Protocol):
 
     def files(self) -> dict[str, str | bytes]: ...
 
+    def beside(self) -> dict[str, bytes]: ...
+
     def special_tokens(self) -> dict[str, int]: ...
 
     def token_bytes(self) -> list[int] | None: ...
@@ -73,6 +75,10 @@ class ByteTokenizer:
     def files(self) -> dict[str, str | bytes]:
         """Files that describe this tokenizer (name -> content), to store beside a model."""
         return {SPEC_NAME: json.dumps({"type": "byte", "vocab_size": 257, "eos_id": 256}) + "\n"}
+
+    def beside(self) -> dict[str, bytes]:
+        """None: the byte tokenizer has no folder (see :meth:`HFTokenizer.beside`)."""
+        return {}
 
     def special_tokens(self) -> dict[str, int]:
         """Special tokens (text -> id): none with a text (the end of document, 256, has none)."""
@@ -133,6 +139,7 @@ class HFTokenizer:
             # run (retrained for the next one) was exported beside a model that had never seen it.
             self._json = self.path.read_bytes()
             self._tok = _Tokenizer.from_str(self._json.decode("utf-8"))
+            self._beside = _files_beside(self.path)
         except Exception as e:
             said = e.strerror if isinstance(e, OSError) else e  # ("Is a directory", as the tokenizers package said)
             raise DataError(f"{self.path}: cannot load tokenizer ({said}){_not_a_tokenizer_json(self.path)}") from None
@@ -200,6 +207,27 @@ class HFTokenizer:
     def files(self) -> dict[str, str | bytes]:
         spec = {"type": "hf", "file": "tokenizer.json", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
         return {SPEC_NAME: json.dumps(spec) + "\n", "tokenizer.json": self._json}
+
+    def beside(self) -> dict[str, bytes]:
+        """The files that travel with a model folder's tokenizer.json (its tokenizer_config.json and special tokens,
+        its chat template, generation_config.json's end-of-turn ids: ``convert``'s list) found beside it when it was
+        loaded: a model trained with it keeps them, so that ``chat`` and ``serve`` write a conversation as it was
+        written for training (``prepare``'s conversations) and end a turn where it ends. Not part of :meth:`files`
+        (the tokenizer's identity, which a resume checks)."""
+        return dict(self._beside)
+
+
+def _files_beside(path: Path) -> dict[str, bytes]:
+    """:meth:`HFTokenizer.beside`'s files of the tokenizer.json at ``path``, read now (those that are regular files)."""
+    from ..checkpoint.hf_files import AUX_FILES
+
+    found = {}
+    for name in AUX_FILES:
+        file = path.with_name(name)
+        if name != path.name and name != "tokenizer.json" and file.is_file():
+            with contextlib.suppress(OSError):  # (one that cannot be read stays behind: the tokenizer still loads)
+                found[name] = file.read_bytes()
+    return found
 
 
 def _not_a_tokenizer_json(path: Path) -> str:

@@ -500,7 +500,7 @@ class Trainer:
             self._window = _saved_window(state.get("window"))
             self.guard.restore(state.get("guard"))  # a streak of skipped steps goes on across a resume
             if (self.run_dir / MODEL_DIR).is_dir():  # the export at the end replaces model/: refuse now, not then
-                refuse_losing_checkpoint(self.run_dir / MODEL_DIR, set(self.tokenizer.files()))
+                refuse_losing_checkpoint(self.run_dir / MODEL_DIR, {*self.tokenizer.files(), *self.tokenizer.beside()})
             if self.step > t.steps:
                 raise DataError(
                     f"{self.run_dir}: the checkpoint is at step {self.step}, beyond train.steps = {t.steps}; "
@@ -991,7 +991,8 @@ class Trainer:
         return f"torchrun {nodes}--nproc_per_node {local} -m hybridlm.cli train --resume {folder}"
 
     def export(self, path: Path | None = None) -> Path:
-        """Write the weights (canonical safetensors) and the tokenizer to ``<run_dir>/model``."""
+        """Write the weights (canonical safetensors) and the tokenizer (with the files beside its tokenizer.json: its
+        chat template, its special tokens) to ``<run_dir>/model``."""
         path = path or self.run_dir / MODEL_DIR
         if self.pipeline is not None:
             tensors = self.pipeline.gather_canonical()  # on rank 0, one stage at a time
@@ -1002,7 +1003,10 @@ class Trainer:
                 if self.is_main:
                     tensors[k] = full
         if self.is_main:
-            save_state_dict(tensors, self.config, path, extra_files=self.tokenizer.files())
+            # (the tokenizer's own files over those beside it: its spec is the model's)
+            save_state_dict(
+                tensors, self.config, path, extra_files={**self.tokenizer.beside(), **self.tokenizer.files()}
+            )
         if self.world > 1:
             dist.barrier()
         return path
