@@ -61,7 +61,7 @@ def _check_template(chat, path, system: str | None, messages: list[dict] | None 
     if chat.template is None:
         raise UsageError(
             f"{path} has no chat template (no chat_template.jinja, chat_template.json or tokenizer_config.json "
-            "chat_template; a model hybridlm trained has none): give one with --chat-template FILE, or continue "
+            "chat_template; a model hybridlm trained with the byte tokenizer has none): give one with --chat-template FILE, or continue "
             "plain text with hybridlm generate"
         )
     first = messages if messages else [{"role": "system", "content": system}] if system is not None else []

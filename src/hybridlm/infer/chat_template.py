@@ -3,7 +3,8 @@
 A folder converted from Hugging Face keeps its tokenizer files (``checkpoint/hf_files.py``'s ``AUX_FILES``), and its
 chat template is in one of them, looked up in transformers' order: ``chat_template.jinja``, else
 ``chat_template.json``'s ``"chat_template"``, else ``tokenizer_config.json``'s ``"chat_template"`` (a string, or a
-list of ``{"name", "template"}`` whose ``"default"`` is taken). A model hybridlm trained has none.
+list of ``{"name", "template"}`` whose ``"default"`` is taken). A model hybridlm trained with the byte tokenizer has
+none (one trained with a tokenizer.json keeps the files beside it, its template among them).
 
 Rendering is transformers' ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``, so a
 served model sees the prompts it was fine-tuned on: the same Jinja environment (sandboxed and immutable, blocks
