@@ -244,7 +244,7 @@ def test_any_conversation_joins_back_and_learns_exactly_its_answers_and_their_en
     assert [text for text, learned in pieces if learned] == [f"{a}<|im_end|>\n" for _, a in turns]
 
 
-def test_a_model_fine_tuned_on_prepared_conversations_keeps_the_chat_files_and_chats_as_it_learned(tmp_path):
+def test_a_model_fine_tuned_on_prepared_conversations_keeps_the_chat_files_and_chats_as_it_learned(tmp_path, capsys):
     """prepare -> train -> the run's model folder holds the template and special tokens beside the tokenizer.json it
     was trained with, so that ``chat`` and ``serve`` write conversations as they were written for training."""
     from hybridlm.infer.chat import load_chat
@@ -261,6 +261,7 @@ def test_a_model_fine_tuned_on_prepared_conversations_keeps_the_chat_files_and_c
         main(["train", "--run-dir", str(tmp_path / "run"), "--no-progress", *[a for s in sets for a in ("--set", s)]])
         == 0
     )
+    assert "rows of 48 · assistant turns learned only" in capsys.readouterr().out
     model = tmp_path / "run" / "model"
     for name in ("chat_template.jinja", "tokenizer_config.json"):
         assert (model / name).read_bytes() == (folder / name).read_bytes()
