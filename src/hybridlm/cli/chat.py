@@ -21,35 +21,23 @@ QUOTES = '"""'
 
 
 def _check_args(args: argparse.Namespace):
-    """Refuse bad options by their flags before the model is loaded: (the ``torch.device``, the parameter dtype or
-    None, ``--chat-template-kwargs``'s object)."""
-    from ..errors import UsageError
-    from ..ops.dispatch import check_device
-    from . import device_option, dtype_option
-    from .generate import sampling_settings, thread_checks
-    from .serve import chat_template_check, template_kwargs_option
+    """``chat``'s options checked (the sampling flags as ``generate`` checks them, the rest as ``serve`` does:
+    :func:`~hybridlm.cli.serve.check_model_args`)."""
+    from .generate import sampling_settings
+    from .serve import check_model_args
 
     sampling_settings(args, {"": args.seed})
-    checks = (
-        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
-        chat_template_check(args),
+    return check_model_args(
+        args,
         (
-            args.system is None or args.messages is None,
-            "--system and --messages: give the system message in the conversation's file",
+            (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+            (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
+            (
+                args.system is None or args.messages is None,
+                "--system and --messages: give the system message in the conversation's file",
+            ),
         ),
-        *thread_checks(args.threads),
     )
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    template_kwargs = template_kwargs_option(args.chat_template_kwargs)
-    device = device_option("--device", args.device)
-    dtype = dtype_option("--dtype", args.dtype)
-    check_device(device)
-    if args.cuda_graph and device.type != "cuda":
-        raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), not {device}")
-    return device, dtype, template_kwargs
 
 
 def _check_template(chat, path, system: str | None, messages: list[dict] | None = None) -> None:

@@ -80,24 +80,17 @@ def chat_option(args: argparse.Namespace, path: Path, tokenizer, template_kwargs
         raise UsageError(why) from None
 
 
-def _check_args(args: argparse.Namespace):
-    """Refuse bad options by their flags before the model is loaded: (the ``torch.device`` to run on, the parameter
-    dtype (None: the checkpoint's), ``--chat-template-kwargs``'s object)."""
+def check_model_args(args: argparse.Namespace, checks) -> tuple:
+    """Refuse bad options by their flags before the model is loaded: ``checks`` (the command's own (holds, message)
+    pairs), then --chat-template, --threads, --chat-template-kwargs, --device, --dtype and --cuda-graph, as ``serve``
+    and ``chat`` take them: (the ``torch.device`` to run on, the parameter dtype (None: the checkpoint's),
+    ``--chat-template-kwargs``'s object)."""
     from ..errors import UsageError
     from ..ops.dispatch import check_device
     from . import device_option, dtype_option
     from .generate import thread_checks
 
-    checks = (
-        (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
-        (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
-        (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
-        (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
-        (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
-        chat_template_check(args),
-        *thread_checks(args.threads),
-    )
-    for ok, message in checks:
+    for ok, message in (*checks, chat_template_check(args), *thread_checks(args.threads)):
         if not ok:
             raise UsageError(message)
     template_kwargs = template_kwargs_option(args.chat_template_kwargs)
@@ -107,6 +100,20 @@ def _check_args(args: argparse.Namespace):
     if args.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), not {device}")
     return device, dtype, template_kwargs
+
+
+def _check_args(args: argparse.Namespace):
+    """``serve``'s options checked (:func:`check_model_args`)."""
+    return check_model_args(
+        args,
+        (
+            (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
+            (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
+            (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
+            (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
+            (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
+        ),
+    )
 
 
 def _check_capture(model) -> None:
