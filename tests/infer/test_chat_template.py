@@ -166,6 +166,9 @@ def test_rendered_text_and_ids_are_transformers_apply_chat_template(tmp_path, te
         assert template_.render(messages) == text
         ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
         assert tokenizer.encode(text) == ids
+        # As training writes a conversation out (hybridlm prepare): no generation prompt.
+        whole = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        assert template_.render(messages, add_generation_prompt=False) == whole
     if template is INST:  # one <s>, the template's: the tokenizer's own would double it
         assert ids[0] == 259 and ids.count(259) == 1 and ids.count(260) == 1  # (and </s> after the answer)
 

@@ -210,8 +210,8 @@ def parse_chat_request(
         raise RequestError(
             400,
             "this model has no chat template (its folder has no chat_template.jinja, chat_template.json or "
-            "tokenizer_config.json chat_template; a model hybridlm trained with the byte tokenizer has none): start the server with "
-            "--chat-template FILE, or send the prompt as text to /v1/completions",
+            "tokenizer_config.json chat_template; a model hybridlm trained with the byte tokenizer has none): start "
+            "the server with --chat-template FILE, or send the prompt as text to /v1/completions",
             "messages",
             "chat_template_missing",
         )
