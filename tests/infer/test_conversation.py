@@ -116,6 +116,21 @@ def test_ctrl_c_keeps_the_answer_so_far_as_shown_and_is_raised(model):
     assert chat.reply(MESSAGES[1]).tokens  # (and the conversation goes on from it)
 
 
+def test_an_error_while_answering_leaves_the_conversation_as_it_was(model, monkeypatch):
+    chat = Conversation(model, TOKENIZER, CHAT, max_new_tokens=8)
+    chat.reply(MESSAGES[0])
+    before = [dict(m) for m in chat.messages]
+
+    def failing(*args, callback, **kwargs):
+        callback(0, 65)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("hybridlm.infer.conversation.generate", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        chat.reply(MESSAGES[1])
+    assert chat.messages == before and chat.turns == 1
+
+
 def test_sampled_turn_n_draws_from_seed_plus_n(model):
     chat = Conversation(model, TOKENIZER, CHAT, max_new_tokens=8, temperature=1.0, seed=5)
     for n, text in enumerate(MESSAGES[:2]):

@@ -31,8 +31,8 @@ KEPT_STATES = 4
 @dataclass
 class Turn:
     """One answer: its ``text`` (the end-of-turn token or stop string none of it), the ``tokens`` the model took (those
-    included where it ended there), ``finish`` ("stop": its end of turn; "length": ``max_new_tokens`` reached;
-    "interrupted": Ctrl-C), ``prompt_tokens`` (the rendered conversation's ids), ``kept_tokens`` (of them, the
+    included where it ended there), ``finish`` ("stop": its end of turn or a stop string; "length":
+    ``max_new_tokens`` reached), ``prompt_tokens`` (the rendered conversation's ids), ``kept_tokens`` (of them, the
     positions a kept state stood for, not run) and ``seconds`` (the prompt's and the answer's)."""
 
     text: str
@@ -131,7 +131,6 @@ class Conversation:
             return token not in stop_ids and completion.add(token)  # (the end of turn is none of the text)
 
         t0 = time.perf_counter()
-        finish = "interrupted"
         try:
             generate(
                 self.model,
@@ -144,13 +143,19 @@ class Conversation:
                 prefix_store=self.store,
                 **self.sampling,
             )
-            finish = "stop" if completion.stopped or (tokens and tokens[-1] in stop_ids) else "length"
-        finally:  # (also on Ctrl-C: the answer so far, as shown, is the conversation's)
-            completion.finish()
-            self.messages += [_user(text), {"role": "assistant", "content": completion.text}]
-            self.turns += 1
+        except KeyboardInterrupt:  # (the answer so far, as shown, is the conversation's; after an error, nothing is)
+            self._answered(text, completion)
+            raise
+        self._answered(text, completion)
+        finish = "stop" if completion.stopped or (tokens and tokens[-1] in stop_ids) else "length"
         kept = (self.store.hit_tokens if self.store is not None else 0) - kept_before
         return Turn(completion.text, tokens, finish, len(ids), kept, time.perf_counter() - t0)
+
+    def _answered(self, text: str, completion: Completion) -> None:
+        """The user's ``text`` and the answer ``completion`` holds (what it still held back shown) added."""
+        completion.finish()
+        self.messages += [_user(text), {"role": "assistant", "content": completion.text}]
+        self.turns += 1
 
 
 def _user(text: str) -> dict:
