@@ -14,7 +14,7 @@ COMMANDS = {
     "/save FILE": "write the conversation as JSON (a chat completions body; --messages reads it back)",
     "/exit": "leave (also /quit, Ctrl-D)",
 }
-#: The prompts of a terminal: a message's first line, and each line after one that ends with a backslash.
+#: The prompts of a terminal: a message's first line, and each line that goes on with it.
 PROMPT, MORE = ">>> ", "... "
 #: What opens and closes a message of several lines (pasted text), as in Ollama's terminal chat.
 QUOTES = '"""'
@@ -49,8 +49,8 @@ def _check_template(chat, path, system: str | None, messages: list[dict] | None 
     if chat.template is None:
         raise UsageError(
             f"{path} has no chat template (no chat_template.jinja, chat_template.json or tokenizer_config.json "
-            "chat_template; a model hybridlm trained with the byte tokenizer has none): give one with --chat-template FILE, or continue "
-            "plain text with hybridlm generate"
+            "chat_template; a model hybridlm trained with the byte tokenizer has none): give one with --chat-template "
+            "FILE, or continue plain text with hybridlm generate"
         )
     first = messages if messages else [{"role": "system", "content": system}] if system is not None else []
     if not first or first[-1]["role"] != "user":
@@ -210,7 +210,8 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 say(f"  {name:<14} {what}", sys.stderr)
             say("  //TEXT         send a message that begins with '/'", sys.stderr)
             say(
-                f"  a line ending with \\ goes on on the next line; {QUOTES} opens and closes lines pasted as one message",
+                f"  a line ending with \\ goes on on the next line; {QUOTES} opens and closes lines pasted as one "
+                "message",
                 sys.stderr,
             )
         elif command == "/reset":

@@ -43,8 +43,8 @@ def chat_template_options(ap: argparse.ArgumentParser, use: str, kwargs_use: str
         "--chat-template",
         default=None,
         metavar="FILE",
-        help=f"a Jinja chat template for {use}, in place of the model folder's (a model hybridlm trained with the byte tokenizer has none; "
-        "the folder's special tokens are still given to it)",
+        help=f"a Jinja chat template for {use}, in place of the model folder's (a model hybridlm trained with the "
+        "byte tokenizer has none; the folder's special tokens are still given to it)",
     )
     ap.add_argument(
         "--chat-template-kwargs",
