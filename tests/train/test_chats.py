@@ -26,7 +26,7 @@ from hybridlm.train.data import (
 )
 from hybridlm.train.tokenizer import ByteTokenizer, load_tokenizer
 from tests.helpers import tiny_config
-from tests.infer.test_chat_template import CHATML, model_folder
+from tests.infer.test_chat_template import CHATML, model_folder, ours
 
 TOKENIZER = ByteTokenizer()
 #: ChatML in plain text: the byte tokenizer reads its markup byte by byte.
@@ -98,7 +98,7 @@ def test_prepare_keeps_the_mask_and_the_rows_learn_exactly_the_answers(tmp_path)
     out, meta = prepare_corpus(str(source), tmp_path / "out", TOKENIZER, "messages", chats=plain_chats())
     stream, read = read_prepared(out)
     assert meta == read and meta["version"] == 2 and meta["loss_mask"] is True
-    # The mask, piece by piece: each piece tokenized alone, the end of document not learned.
+    # The mask, byte by byte (the byte tokenizer's tokens): each answer's, not the end of document.
     expected_tokens, expected_mask = [], []
     for record in [*records[:2], {"messages": [{"role": "user", "content": "hi"}]}]:
         for text, learned in chat_pieces(ChatDocument(record["messages"], "x"), plain_chats()):
@@ -201,6 +201,9 @@ def test_prepare_writes_conversations_with_the_template_beside_the_tokenizer_or_
     mask, ids = np.asarray(stream.mask), np.asarray(stream.tokens)
     answer = [[*tok.encode(text), end, *tok.encode("\n")] for text in ("4.", "6.", "4.")]
     assert ids[mask == 1].tolist() == [t for a in answer for t in a]
+    # Each conversation's ids are those of its text tokenized whole, as generation tokenizes its prompt.
+    rendered = ours(folder).render(CONVERSATION, add_generation_prompt=False)
+    assert ids[: len(tok.encode(rendered)) + 1].tolist() == [*tok.encode(rendered), tok.eos_id]
     # --chat-template replaces the folder's; without either, a conversation is refused by its line.
     (tmp_path / "plain.jinja").write_text(PLAIN)
     assert (

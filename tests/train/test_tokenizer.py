@@ -386,3 +386,19 @@ def test_encode_batch_gives_each_text_the_ids_of_encode(tmp_path):
     word.save(str(tmp_path / "gap.json"))
     with pytest.raises(DataError, match=r"token 'b' has id 3, past the vocabulary's 3 tokens"):
         HFTokenizer(tmp_path / "gap.json").encode_batch(["a", "", "a b"])
+
+
+def test_encode_offsets_give_each_token_the_character_it_starts_at(tmp_path):
+    """Conversations are tokenized whole and a token learned by the character it starts at (train/chats.py)."""
+    from hybridlm.train.tokenizer import HFTokenizer
+    from tests.infer.test_chat_template import tokenizer_json
+
+    ids, starts = ByteTokenizer().encode_offsets(["aé€<x"])[0]
+    assert ids.tolist() == list("aé€<x".encode()) and starts.tolist() == [0, 1, 1, 2, 2, 2, 3, 4]
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json())
+    hf = HFTokenizer(tmp_path / "tokenizer.json", "</s>")
+    text = "hé<|im_end|>\nyo"
+    (ids, starts), plain = hf.encode_offsets([text])[0], hf.encode_batch([text])[0]
+    assert ids.tolist() == plain.tolist() and len(starts) == len(ids)
+    end = ids.tolist().index(hf.special_tokens()["<|im_end|>"])
+    assert starts[end] == text.index("<|im_end|>") and starts[-1] == text.index("yo") + 1

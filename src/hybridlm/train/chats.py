@@ -5,8 +5,8 @@ A JSON Lines record whose field holds a list of ``{role, content}`` messages (th
 :class:`ChatDocument`. :func:`chat_pieces` writes it as the template writes it for training (no generation prompt
 after it) and cuts the text into pieces: each assistant turn, from where the template's generation prompt ends to
 where the template ends that turn (its end-of-turn text included: the model learns to stop), is learned; the rest
-(system and user turns, the template's markup) is context. Each piece is tokenized alone, as generation reads them:
-the prompt is tokenized up to its generation prompt and the answer is the ids the model takes after it.
+(system and user turns, the template's markup) is context. The conversation is then tokenized whole, as its prompt is
+at generation (:mod:`hybridlm.train.data`), and a token is learned where its first character is in an answer.
 
 The template comes from the caller (:class:`ChatFormat`): it and the message rules are the serving side's
 (:mod:`hybridlm.infer.chat_template`, :func:`hybridlm.infer.chat.check_messages`), which this level does not import.

@@ -364,10 +364,9 @@ def _batched(docs: Iterable[str | ChatDocument]) -> Iterator[list[str | ChatDocu
         yield batch
 
 
-def _pieces(doc: str | ChatDocument, chats: ChatFormat | None) -> list[tuple[str, bool]]:
-    """A document as pieces of text, each learned or not: a text is one learned piece."""
-    if isinstance(doc, str):
-        return [(doc, True)]
+def _chat_pieces(doc: ChatDocument, chats: ChatFormat | None) -> list[tuple[str, bool]]:
+    """:func:`~hybridlm.train.chats.chat_pieces` of ``doc``; DataError where ``chats`` is None (training reads text:
+    a conversation is read once prepared)."""
     if chats is None:
         raise DataError(
             f"{doc.where}: a conversation (a list of messages), which training reads once hybridlm prepare has written "
@@ -380,31 +379,44 @@ def _pieces(doc: str | ChatDocument, chats: ChatFormat | None) -> list[tuple[str
 def _encode(
     docs: list[str | ChatDocument], tokenizer, dtype: np.dtype, chats: ChatFormat | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``docs`` tokenized as one batch, each piece alone: (tokens (N,), lengths (D,), mask (N,) or None), as
-    :func:`token_batches` yields them. A conversation's end-of-document token is not learned (its turn ended)."""
-    pieces = [_pieces(doc, chats) for doc in docs]
-    texts = [text for doc in pieces for text, _ in doc]
+    """``docs`` tokenized as one batch: (tokens (N,), lengths (D,), mask (N,) or None), as :func:`token_batches`
+    yields them. A conversation is tokenized whole, as its prompt is at generation, and a token is learned where it
+    starts inside an answer (its character offset); its end-of-document token is not (its turn ended)."""
+    texts, spans = [], {}
+    for i, doc in enumerate(docs):
+        if isinstance(doc, str):
+            texts.append(doc)
+            continue
+        pieces, at, spans[i] = _chat_pieces(doc, chats), 0, []
+        for text, learned in pieces:
+            if learned:
+                spans[i].append((at, at + len(text)))
+            at += len(text)
+        texts.append("".join(text for text, _ in pieces))
+    plain = [t for i, t in enumerate(texts) if i not in spans]
     if hasattr(tokenizer, "encode_batch"):
-        ids = tokenizer.encode_batch(texts)
+        plain_ids = iter(tokenizer.encode_batch(plain))
     else:  # (a tokenizer object of one's own that has only encode)
-        ids = [np.asarray(tokenizer.encode(text), dtype=np.int64) for text in texts]
+        plain_ids = iter([np.asarray(tokenizer.encode(text), dtype=np.int64) for text in plain])
+    chat_ids = iter(tokenizer.encode_offsets([texts[i] for i in spans]) if spans else [])
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    parts, learned, lengths, k = [], [], [], 0
-    for doc, doc_pieces in zip(docs, pieces):
-        n = 1
-        for _, learn in doc_pieces:
-            # Cast per piece: ids were checked below the vocabulary, so each fits dtype (numpy refuses int64 -> uint16
-            # as a "same kind" cast).
-            parts.append(ids[k].astype(dtype, copy=False))
-            if chats is not None:
-                learned.append(np.full(len(ids[k]), learn, dtype=np.uint8))
-            n, k = n + len(ids[k]), k + 1
-        parts.append(eos)
-        if chats is not None:
-            learned.append(np.array([isinstance(doc, str)], dtype=np.uint8))
-        lengths.append(n)
-    mask = np.concatenate(learned) if chats is not None else None
-    return np.concatenate(parts), np.array(lengths, dtype=np.int64), mask
+    parts, learned, lengths = [], [], []
+    for i in range(len(docs)):
+        if i in spans:
+            ids, starts = next(chat_ids)
+            mask = np.zeros(len(ids) + 1, dtype=np.uint8)  # (the end of document: 0)
+            for lo, hi in spans[i]:
+                mask[:-1][(starts >= lo) & (starts < hi)] = 1
+        else:
+            ids = next(plain_ids)
+            mask = np.ones(len(ids) + 1, dtype=np.uint8) if chats is not None else None  # (a text: learned whole)
+        # Cast per document: ids were checked below the vocabulary, so each fits dtype (numpy refuses int64 -> uint16
+        # as a "same kind" cast).
+        parts += [ids.astype(dtype, copy=False), eos]
+        learned.append(mask)
+        lengths.append(len(ids) + 1)
+    tokens = np.concatenate(parts)
+    return tokens, np.array(lengths, dtype=np.int64), np.concatenate(learned) if chats is not None else None
 
 
 def tokenize_documents(

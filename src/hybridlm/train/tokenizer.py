@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
 
+    def encode_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def files(self) -> dict[str, str | bytes]: ...
@@ -68,6 +70,14 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Each text's ids, (n_i,) uint8: its UTF-8 bytes, viewed without a Python int per byte."""
         return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
+
+    def encode_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's ids (as :meth:`encode_batch`) and, (n_i,) int64, the index of the character each byte is of."""
+        out = []
+        for text, ids in zip(texts, self.encode_batch(texts)):
+            sizes = np.fromiter((len(c.encode("utf-8")) for c in text), dtype=np.int64, count=len(text))
+            out.append((ids, np.repeat(np.arange(len(text), dtype=np.int64), sizes)))
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -178,11 +188,23 @@ class HFTokenizer:
         ``TOKENIZERS_PARALLELISM`` applies): the same ids as :meth:`encode` gives each text."""
         # encode_batch_fast (newer tokenizers releases) skips the characters' offsets, of no use for ids: 10-20 % faster
         # on one core here, with less memory per batch.
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return self._ids(self._encodings(texts, getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)))
+
+    def encode_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's ids (as :meth:`encode_batch`) and, (n_i,) int64, the index of the character each token starts
+        at (the package's offsets)."""
+        encodings = self._encodings(texts, self._tok.encode_batch)
+        starts = [np.fromiter((start for start, _ in e.offsets), dtype=np.int64, count=len(e.ids)) for e in encodings]
+        return list(zip(self._ids(encodings), starts))
+
+    def _encodings(self, texts: list[str], encode) -> list:
         try:
-            encodings = encode(texts, add_special_tokens=False)
+            return encode(texts, add_special_tokens=False)
         except Exception as e:  # e.g. a word-level vocabulary without its unknown token
             raise DataError(f"{self.path}: cannot tokenize the text ({e})") from None
+
+    def _ids(self, encodings: list) -> list[np.ndarray]:
+        """The ids of ``encodings``, (n_i,) int64; DataError for an id past the vocabulary's size."""
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         high = max((int(a.max()) for a in ids if len(a)), default=-1)
         if high >= self.vocab_size:  # a vocabulary with gaps in its ids
