@@ -116,6 +116,14 @@ def test_prepare_keeps_the_mask_and_the_rows_learn_exactly_the_answers(tmp_path)
     assert (labels[learned].numpy() == tokens[learned]).all() and (labels[~learned] == IGNORE_INDEX).all()
 
 
+def test_a_prepared_corpus_of_conversations_prepared_again_keeps_its_mask(tmp_path):
+    source = write_chats(tmp_path / "c.jsonl", [{"messages": CONVERSATION}, {"messages": "plain text, learned"}])
+    first, meta = prepare_corpus(str(source), tmp_path / "one", TOKENIZER, "messages", chats=plain_chats())
+    again, meta_again = prepare_corpus(str(first), tmp_path / "two", TOKENIZER)
+    assert (again / PREPARED_MASK).read_bytes() == (first / PREPARED_MASK).read_bytes()
+    assert {k: v for k, v in meta_again.items() if k != "source"} == {k: v for k, v in meta.items() if k != "source"}
+
+
 def test_text_documents_learn_every_token_and_a_corpus_of_text_keeps_no_mask(tmp_path):
     source = write_chats(tmp_path / "t.jsonl", [{"text": "some text"}, {"text": "more"}])
     out, meta = prepare_corpus(str(source), tmp_path / "out", TOKENIZER, "text", chats=plain_chats())
