@@ -129,7 +129,9 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
     assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
     assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
-    assert "batching: static, at most 3 rows at once, prefix cache of 8 states (shared prefixes, answers)\n" in err
+    most = server.worker.prefixes.most_bytes(model) / 2**30
+    kept = f"prefix cache of 8 states (shared prefixes, answers; at most {most:,.2f} GiB for this model)"
+    assert f"batching: static, at most 3 rows at once, {kept}\n" in err
     assert server.worker.prefixes.capacity == 8
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"

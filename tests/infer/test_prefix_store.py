@@ -329,3 +329,22 @@ def test_off_the_cpu_a_plan_of_many_small_forwards_is_not_taken():
     assert prefixes._plan(long, None, None, 512)[0]  # 8,008 whole against 1,000 + 512
     plan = prefixes._plan(short, None, None, 0)
     assert prefixes._cost(short, *plan, 512, kept=True) == 512  # (the prefix kept: only the rests count)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_an_entry_costs_its_fixed_states_and_its_positions_and_the_store_says_its_most(pattern):
+    """``serve`` says at start-up the most memory its prefix cache can hold: fixed states (Mamba2's, GDN's) per entry,
+    attention's keys and values per position; a kept entry holds exactly that."""
+    from hybridlm.infer.cache import InferenceCache
+    from hybridlm.infer.prefix_store import Entry, entry_bytes
+
+    model = model64(pattern)
+    fixed, per_position = entry_bytes(model)
+    for n in (1, 7, 64):
+        assert InferenceCache.for_model(model, 1, n).nbytes == fixed + n * per_position
+    cache = InferenceCache.for_model(model, 2, 20)
+    cache.shift(12)  # (as if 12 positions had run)
+    entry = Entry.of_row(model, list(range(12)), cache, 1, torch.zeros(97, dtype=torch.float64))
+    assert entry.cache.nbytes == fixed + 12 * per_position
+    assert PrefixStore(3, positions=100).most_bytes(model) == 3 * fixed + 100 * per_position
+    assert (per_position > 0) == any(s in pattern for s in "*+D") and (fixed > 100) == any(s in pattern for s in "MG")

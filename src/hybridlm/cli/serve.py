@@ -188,9 +188,11 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
         graphs = ", decode steps replayed as CUDA graphs" if args.cuda_graph else ""
+        store = worker.prefixes
         kept = (
-            f", prefix cache of {args.prefix_cache} states (shared prefixes, answers)"
-            if args.prefix_cache
+            f", prefix cache of {args.prefix_cache} states (shared prefixes, answers; at most "
+            f"{store.most_bytes(model) / 2**30:,.2f} GiB for this model)"
+            if store is not None
             else ", no prefix cache"
         )
         say(f"batching: {how}, at most {args.max_batch_size} rows at once{graphs}{kept}", sys.stderr)

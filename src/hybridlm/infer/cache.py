@@ -84,6 +84,12 @@ class InferenceCache:
             raise ValueError(f"for_mtp_depth: depth is 1-based, got {depth!r}; the model has {has}")
         return cls(_mixers(model.mtp[depth - 1].blocks), batch, max_len, *_where(model, None, None))
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes its tensors hold: every mixer's state, the padding mask and the positions."""
+        states = sum(t.nbytes for state in self.states.values() for _, t, _ in _tensors(state, state))
+        return states + self.offset_t.nbytes + self.valid.nbytes + self.next_pos.nbytes
+
     def state(self, mixer: nn.Module):
         try:
             return self.states[mixer]

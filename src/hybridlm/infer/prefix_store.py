@@ -60,6 +60,14 @@ class Entry:
 POSITIONS = 2**16
 
 
+def entry_bytes(model) -> tuple[int, int]:
+    """What a kept state of ``model`` costs: (the bytes every entry holds whatever its length: the recurrent states,
+    the bytes each of its positions adds: attention's keys and values), measured on one-row caches of 1 and 2
+    positions."""
+    one, two = InferenceCache.for_model(model, 1, 1).nbytes, InferenceCache.for_model(model, 1, 2).nbytes
+    return one - (two - one), two - one
+
+
 class PrefixStore:
     """At most ``capacity`` prefixes of ``positions`` positions in all (the least recently used dropped first), and the
     last ``remember`` prompts seen, in which prefixes that later prompts share are found. Used by one thread (the
@@ -76,6 +84,12 @@ class PrefixStore:
         self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=remember)
         self.hits = 0  # prompts that began with a kept prefix
         self.hit_tokens = 0  # their positions that the kept prefixes stood for (not run)
+
+    def most_bytes(self, model) -> int:
+        """The most memory its entries can hold for ``model`` (on its device): ``capacity`` entries' fixed states and
+        ``positions`` positions (:func:`entry_bytes`)."""
+        fixed, per_position = entry_bytes(model)
+        return self.capacity * fixed + self.positions * per_position
 
     def lookup(self, prompt, k: int | None, proper: bool = True) -> Entry | None:
         """The longest kept prefix that ``prompt`` (token ids) begins with and that can serve a call scoring at ``k``
