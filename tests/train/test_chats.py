@@ -282,3 +282,13 @@ def test_a_model_fine_tuned_on_prepared_conversations_keeps_the_chat_files_and_c
     # The prompt chat renders for a conversation's next answer is the context piece training read before it.
     pieces = chat_pieces(ChatDocument(CONVERSATION[:3], "x"), chat_format(chat.template, "none"))
     assert chat.template.render(CONVERSATION[:2], chat.template_kwargs) == pieces[0][0] and pieces[1][1]
+
+
+def test_the_mask_is_part_of_a_corpus_s_fingerprint_and_a_selection_hashes_its_own_order():
+    """A resume refuses a corpus edited in place: a conversation corpus whose mask changed is another corpus."""
+    stream = tokenize_documents([ChatDocument(CONVERSATION, "x"), "text"], TOKENIZER, chats=plain_chats())
+    unmasked = tokenize_documents([ChatDocument(CONVERSATION, "x"), "text"], TOKENIZER, chats=plain_chats())
+    unmasked.mask = None
+    assert stream.fingerprint() != unmasked.fingerprint()
+    assert stream.select(np.array([0, 1])).fingerprint() == stream.fingerprint()
+    assert stream.select(np.array([1, 0])).fingerprint() != stream.fingerprint()

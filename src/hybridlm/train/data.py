@@ -82,11 +82,17 @@ class TokenStream:
         starts = [0] if n <= block * blocks else np.linspace(0, n - block, blocks).astype(np.int64)
         size = n if n <= block * blocks else block
         h = hashlib.blake2b(digest_size=16)
-        for s in starts:  # as int64: the same ids hash alike whatever array type holds them
-            pos = np.arange(s, s + size)
-            h.update(np.asarray(self.take(pos), dtype=np.int64).tobytes())
-            if self.mask is not None:  # (a stream without one hashes as it always did)
-                h.update(np.asarray(self.take(pos, values=self.mask), dtype=np.uint8).tobytes())
+        # The ids as int64 (the same ids hash alike whatever array type holds them), then the mask where there is one
+        # (a stream without one hashes as it always did).
+        arrays = [(self.tokens, np.int64)] + ([(self.mask, np.uint8)] if self.mask is not None else [])
+        for s in starts:
+            for values, dtype in arrays:
+                run = (
+                    values[s : s + size]
+                    if self.doc_offsets is None
+                    else self.take(np.arange(s, s + size), values=values)
+                )
+                h.update(np.asarray(run, dtype=dtype).tobytes())
         return h.hexdigest()
 
     def take(self, pos: np.ndarray, doc: np.ndarray | None = None, values: np.ndarray | None = None) -> np.ndarray:
