@@ -13,7 +13,8 @@ tokens at most each), with ``--max-batch-size 1`` (one request after another: wh
 does) and with ``--max-batch-size K`` (K times ``--n``), the two taking turns ``--repeat`` times (default 3; the
 median round of each is shown: the host may be shared). The table gives the wall time from the first request sent
 to the last answer read, the completion tokens per second over all clients, the mean latency of one request and the
-number of batches the worker ran (``generate`` calls; continuous: batches started); it checks that every round of
+number of batches the worker ran (``generate`` calls; continuous: batches started) and, with ``--cuda-graph``, the
+decode graphs it captured (the warm-up request's kept out: a shape captured once is replayed); it checks that every round of
 both settings answered the same texts (exit status 1 if not, in float32: greedy decoding of a row alone and in a
 left-padded batch agrees up to near-ties; in bf16 the count of equal texts is shown). ``--preset NAME`` serves a
 model preset (random weights, bf16 on CUDA; the byte tokenizer's ids are its first 257) in place of the embedded
@@ -195,6 +196,7 @@ def serve_round(
         ask(port, "a warm-up", max_tokens, extra)  # a warm-up request: first-call costs out of the timing
         worker.batches = 0
         hits = worker.prefixes.hits if worker.prefixes else 0
+        captures = worker.graphs.captures if worker.graphs else 0
         device = next(model.parameters()).device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -223,6 +225,7 @@ def serve_round(
         "batches": worker.batches,
         "tokens": sum(r[2] for r in answers),
         "hits": (worker.prefixes.hits if worker.prefixes else 0) - hits,
+        "captures": (worker.graphs.captures if worker.graphs else 0) - captures,
     }
 
 
@@ -326,14 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     scored = " shared prefixes | prompts from kept states |" if shares else ""
     ttft = " mean time to first text s |" if args.stream else ""
     peak = " peak GiB |" if device.type == "cuda" else ""  # (the model's weights included)
+    captured = " graphs captured |" if args.cuda_graph else ""
     print(
-        f"| --max-batch-size | batching | CUDA graph |{scored} batches | wall s | completion tokens/s | "
+        f"| --max-batch-size | batching | CUDA graph |{scored} batches |{captured} wall s | completion tokens/s | "
         f"mean latency s | p90 latency s |{ttft}{peak} same texts |"
     )
     print(
         "|---:|:---:|:---:|"
         + ":---:|---:|" * bool(scored)
-        + "---:|---:|---:|---:|---:|"
+        + "---:|" * (1 + bool(captured))
+        + "---:|---:|---:|---:|"
         + "---:|" * (bool(ttft) + bool(peak))
         + "---:|"
     )
@@ -342,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         how = f" {SHARING[sharing]} | {r['hits']} |" if scored else ""
         first = f"{r['ttft']:.2f} | " if args.stream else ""
         first += f"{r['peak']:.1f} | " if peak else ""
+        graphs = f" {r['captures']} |" if captured else ""
         print(
-            f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} | "
+            f"| {b} | {'continuous' if cont else 'static'} | {'yes' if g else 'no'} |{how} {r['batches']} |{graphs} "
             f"{r['wall']:.2f} | {r['tokens'] / r['wall']:,.1f} | {r['latency']:.2f} | {r['p90']:.2f} | "
             f"{first}{same} of {len(r['texts'])} |"
         )

@@ -289,8 +289,9 @@ def test_a_bf16_row_joining_is_as_close_to_float64_as_the_full_forward_on_cpu(pa
 @pytest.mark.gpu
 def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eager_step_on_gpu(monkeypatch):
     """The same joins (prompts of up to 30 tokens prefilled 8 per step) and departures with the decode step replayed
-    from CUDA graphs (captured again as the slots change) and run eagerly with the static step's shapes: the same
-    tokens; in float32 those of each row alone."""
+    from a CUDA graph (one capture: the graphed batch keeps its 4 slots and its 64 positions) and run eagerly with the
+    static step's shapes (the cache copied into another as the slots change): the same tokens; in float32 those of
+    each row alone."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model = HybridLM(tiny_config("M[*-]G-", position_embedding="rope"), seed=1, device="cuda").eval()
@@ -313,7 +314,7 @@ def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eag
                     waiting = waiting[len(take) :]
                 batch.step()
         outs[graph] = [row.out for row in rows]
-        assert batch.grown >= 3
+        assert (batch.graphs.captures == 1 and batch.grown == 0) if graph else batch.grown >= 3
     assert outs[True] == outs[False]
     assert outs[True] == [generate(model, p, n) for p, n in zip(ps, limits)]
 

@@ -48,6 +48,7 @@ import uuid
 from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
+from .cuda_graph import DecodeGraphs
 from .decode import DecodeBatch, JoinError
 from .device import inferring
 from .generate import Sampler, generate
@@ -175,7 +176,9 @@ class BatchWorker:
         module)."""
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
         self.prefixes = PrefixStore(prefix_cache) if prefix_cache else None
-        self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph (captured per batch)
+        self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph
+        # (its caches and graphs kept when a batch ends: each shape captured once, not once per batch)
+        self.graphs = DecodeGraphs(model) if cuda_graph else None
         self.continuous = continuous  # rows join a running batch between its steps (see the module)
         self.running: DecodeBatch | None = None  # continuous batching: the batch decoding now
         self.samplers: dict = {}  # its samplers, by the settings (Sampling) of their rows
@@ -210,7 +213,7 @@ class BatchWorker:
     def metrics(self) -> list[tuple[str, str, str, float]]:
         """What ``GET /metrics`` serves: (name, Prometheus type, help, value) of each counter and gauge."""
         # (read from a handler's thread while the worker's changes them: each read once, whole, by one C call)
-        store, batch = self.prefixes, self.running
+        store, batch, graphs = self.prefixes, self.running, self.graphs
         running = self.running_rows if batch is None else len(batch.held)
         kept = list(store.entries) if store else []
         return [
@@ -237,6 +240,18 @@ class BatchWorker:
             ),
             ("prefix_cache_entries", "gauge", "Prefixes kept.", len(kept)),
             ("prefix_cache_positions", "gauge", "Positions the kept prefixes hold.", sum(map(len, kept))),
+            (
+                "decode_graph_captures_total",
+                "counter",
+                "Decode steps captured as CUDA graphs (--cuda-graph; a batch of a kept shape replays one).",
+                graphs.captures if graphs else 0,
+            ),
+            (
+                "decode_graphs_kept",
+                "gauge",
+                "Decode caches of ended batches kept with their CUDA graphs.",
+                graphs.entries if graphs else 0,
+            ),
         ]
 
     def start(self) -> None:
@@ -329,6 +344,8 @@ class BatchWorker:
             # shares the batch's own prefixes itself.
             if self.prefixes is not None:
                 options["prefix_store"] = self.prefixes
+            if self.graphs is not None:
+                options["graphs"] = self.graphs
             self.running_rows = len(live)
             if live:
                 self.generate(
@@ -400,6 +417,7 @@ class BatchWorker:
                 max_slots=self.max_batch_size,
                 join_chunk=JOIN_CHUNK,
                 on_end=None if self.prefixes is None else keep_answers(self.model, self.prefixes),
+                graphs=self.graphs,
             )
             self.running, self.samplers = batch, {}
             self.batches += 1
@@ -421,6 +439,7 @@ class BatchWorker:
             self.running = None
             return
         if not batch.live:
+            batch.close()
             self.running = None
 
     def _sampler(self, sampling) -> Sampler:

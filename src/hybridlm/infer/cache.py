@@ -258,6 +258,19 @@ class InferenceCache:
         # (not _refresh_padding: no host synchronization here, a row can end while the next step is queued)
         self._pad_end = max(self._pad_end, self.offset)
 
+    def clear(self) -> None:
+        """Empty the cache in place, as a new one of its shape is: every state zeroed, no position cached, no padding.
+        Its tensors stay the same objects (a CUDA graph captured over them replays on the emptied cache)."""
+        for state in self.states.values():
+            for _, t, _ in _tensors(state, state):
+                t.zero_()
+        self.offset = 0
+        self.offset_t.zero_()
+        self.valid.fill_(True)
+        self.next_pos.zero_()
+        self._pad_end = 0
+        self.trail = None
+
     def _refresh_padding(self) -> None:
         self._pad_end = self.offset if not bool(self.valid[:, : self.offset].all()) else 0
 

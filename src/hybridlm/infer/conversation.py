@@ -21,6 +21,7 @@ import torch
 
 from .chat import Chat
 from .completion import Completion, write_stdout
+from .cuda_graph import DecodeGraphs
 from .generate import check_sampling, generate
 from .prefix_store import PrefixStore
 
@@ -90,6 +91,8 @@ class Conversation:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         self.seed = seed
         self.store = PrefixStore(kept_states) if kept_states else None
+        # (the decode cache and its graph kept between turns: a turn of a shape seen before captures nothing)
+        self.graphs = DecodeGraphs(model, keep=2) if cuda_graph else None
         self.messages: list[dict] = []
         self.turns = 0
         self.reset(system)
@@ -141,6 +144,7 @@ class Conversation:
                 callback=take,
                 cuda_graph=self.cuda_graph,
                 prefix_store=self.store,
+                graphs=self.graphs,
                 **self.sampling,
             )
         except KeyboardInterrupt:  # (the answer so far, as shown, is the conversation's; after an error, nothing is)

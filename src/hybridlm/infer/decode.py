@@ -29,8 +29,12 @@ import torch
 
 from ..errors import NonFiniteLogitsError
 from .cache import InferenceCache
+from .cuda_graph import DecodeGraphs, GraphedDecodeStep
 from .device import inferring
 from .logprobs import TokenLogprob, pick_logprobs, to_host
+
+#: The fewest positions of a cache whose decode step is replayed as a CUDA graph (see ``DecodeBatch._positions``).
+GRAPH_POSITIONS = 64
 
 #: A row's callback: ``on_token(token, logprob)`` for each token picked (``logprob`` a
 #: :class:`~hybridlm.infer.logprobs.TokenLogprob` where the row asked for logprobs, else None); True ends the row.
@@ -165,7 +169,10 @@ class DecodeBatch:
         eos_ids: ids that end a row (it keeps the id as its last token).
         chunk_size: prompts are prefilled in chunks of this many tokens.
         cuda_graph: replay the decode step as a CUDA graph (captured at the first step, again whenever the cache is
-            copied into another: more positions, more or fewer slots).
+            copied into another: more positions, more slots). The batch's shapes are then rounded up so that few
+            occur: its slots to ``max_slots`` (to a power of two without it), never fewer while rows decode (a
+            replayed step costs about the same for 1 row as for 16, where each change costs a copy and a capture),
+            and its positions to a power of two.
         stats: if given, admissions add ``prefill_tokens`` and ``prefill_seconds`` (synchronizing the device).
         max_slots: None: ``slots`` is fixed. A number: the batch takes up to that many rows, in as many slots as its
             rows need (rounded as ``power_of_two`` says, at most ``max_slots``), fewer when rows end (a free slot
@@ -182,6 +189,9 @@ class DecodeBatch:
             whose positions ``cache`` holds in row ``slot`` (every token it took, or all but the last where no next
             step was run), ``logits`` the (V,) logits of the last of them (a prefix cache keeps the state: a chat's
             next turn begins with these tokens).
+        graphs: with ``cuda_graph``, the :class:`~hybridlm.infer.cuda_graph.DecodeGraphs` the batch takes its caches
+            from and gives them back to (with their graphs) when it resizes and at :meth:`close`: a cache of a
+            shape kept there is replayed without a capture. None: the batch's own, keeping nothing.
     """
 
     def __init__(
@@ -198,6 +208,7 @@ class DecodeBatch:
         power_of_two: bool | None = None,
         join_chunk: int | None = None,
         on_end: Callable[[list[int], InferenceCache, int, torch.Tensor], None] | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.on_end = on_end
         self.model, self.sampler, self.eos_ids, self.chunk_size = model, sampler, tuple(eos_ids), chunk_size
@@ -205,10 +216,14 @@ class DecodeBatch:
         self.device = next(model.parameters()).device
         self.power_of_two = self.device.type != "cpu" if power_of_two is None else power_of_two
         self.vocab = model.config.vocab_size
+        self.graphs = None
+        self.graph: GraphedDecodeStep | None = None  # the captured decode step, where cuda_graph
+        if cuda_graph:
+            self.graphs = DecodeGraphs(model, keep=0) if graphs is None else graphs
+            slots, max_len = self._round(slots), self._positions(max_len)
         self.rows: list[Row | None] = [None] * slots
-        self.cache = InferenceCache.for_model(model, slots, max_len)
+        self.cache = self._new_cache(slots, max_len)
         self.logits: torch.Tensor | None = None  # (slots, V): each live row's next token is picked from its row
-        self.graph = None  # the captured decode step, where cuda_graph
         self.reader = _TokenReader(self.device)
         self.steps = 0  # decode steps run
         self.grown = 0  # times the cache was copied into another (more positions, more or fewer slots)
@@ -279,7 +294,7 @@ class DecodeBatch:
             slots = self._round(n) if self.max_slots is not None else len(self.rows)
             need = self.fits(new)
             if slots != len(self.rows) or need > self.cache.max_len:
-                self._resize(slots, max(need, self.cache.max_len))
+                self._resize(slots, max(self._positions(need), self.cache.max_len))
         if prefilled is not None:
             joining = _Joining(new, ids, prefilled[0], ids.shape[1], prefilled[1])
             self.joining.append(joining)
@@ -328,7 +343,7 @@ class DecodeBatch:
         if n > len(self.free):
             slots = min(self.max_slots or slots, self._round(slots - len(self.free) + n))
         if need > self.cache.max_len or slots != len(self.rows):
-            grown = max(need, self.cache.max_len + self.cache.max_len // 2)
+            grown = self._positions(max(need, self.cache.max_len + self.cache.max_len // 2))
             self._resize(slots, grown if need > self.cache.max_len else self.cache.max_len)
         free = self.free[:n]
         self._make_room(max(len(row.prompt) for row in new))
@@ -365,10 +380,10 @@ class DecodeBatch:
     def _resize(self, slots: int, max_len: int) -> None:
         """Move the live rows, exactly, into a new cache of ``slots`` rows and ``max_len`` positions: the first
         slots, in order, their positions ending at its offset (the decode graph is captured again)."""
-        old, live = self.cache, [row for row in self.rows if row is not None]
+        old, old_graph, live = self.cache, self.graph, [row for row in self.rows if row is not None]
         longest = max((row.length for row in live), default=0)
         with cache_allocation(slots, longest, max_len - longest):
-            self.cache = InferenceCache.for_model(self.model, slots, max_len)
+            self.cache = self._new_cache(slots, max_len)
         self.cache.shift(longest)
         keep = [row.slot for row in live]
         if live:  # (one copy per tensor for all rows)
@@ -386,17 +401,33 @@ class DecodeBatch:
             seen[: len(live)] = self.seen[keep]
             self.seen = seen
         self.rows = live + [None] * (slots - len(live))
-        self.graph = None
+        if self.graphs is not None:  # (after the copy: nothing reads the old cache any more)
+            self.graphs.give_back(old, old_graph)
         self.grown += 1
+
+    def _new_cache(self, slots: int, max_len: int) -> InferenceCache:
+        """An empty cache of ``slots`` x ``max_len`` (with ``cuda_graph``, from :attr:`graphs`, its graph in
+        :attr:`graph` where one was captured)."""
+        if self.graphs is None:
+            return InferenceCache.for_model(self.model, slots, max_len)
+        cache, self.graph = self.graphs.take(slots, max_len)
+        return cache
+
+    def close(self) -> None:
+        """The batch has ended: with ``cuda_graph``, its cache and graph go back to :attr:`graphs` for a later batch
+        of its shape. ValueError while it holds rows; the batch is not used after."""
+        if self.live:
+            raise ValueError("close: the batch still holds rows (step it to its end, or end them)")
+        if self.graphs is not None and self.cache is not None:
+            self.graphs.give_back(self.cache, self.graph)
+        self.cache = self.graph = None
 
     # -- decoding --------------------------------------------------------------------------------
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cuda_graph:
             if self.graph is None:
-                from .cuda_graph import GraphedDecodeStep
-
-                self.graph = GraphedDecodeStep(self.model, self.cache)
+                self.graph = self.graphs.capture(self.cache)
             return self.graph(tokens)
         return self.model(tokens, cache=self.cache, logits_to_keep=1).logits[:, -1]
 
@@ -451,12 +482,19 @@ class DecodeBatch:
     def _shrink(self) -> None:
         live = len(self.rows) - len(self.free)
         fewer = live <= len(self.rows) // 2 if self.power_of_two else live < len(self.rows)
-        if self.max_slots is not None and live > 0 and fewer:
+        if self.max_slots is not None and live > 0 and fewer and self._round(live) != len(self.rows):
             self._resize(self._round(live), self.cache.max_len)
 
     def _round(self, rows: int) -> int:
-        """The slots for ``rows`` rows (see ``power_of_two``)."""
+        """The slots for ``rows`` rows (see ``power_of_two``; with ``cuda_graph``, ``max_slots`` where given)."""
+        if self.cuda_graph:
+            return self.max_slots or _power_of_two(rows)
         return _power_of_two(rows) if self.power_of_two else rows
+
+    def _positions(self, need: int) -> int:
+        """The positions of a cache that must hold ``need``: with ``cuda_graph``, a power of two (at least
+        :data:`GRAPH_POSITIONS`), so that a later batch or growth meets a shape already captured."""
+        return max(GRAPH_POSITIONS, _power_of_two(need)) if self.cuda_graph else need
 
     def _pick(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots,) token ids and :func:`nonfinite` flags, each sampler's rows picked together

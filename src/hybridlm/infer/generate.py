@@ -19,6 +19,7 @@ import torch
 from ..checkpoint.io import refuse_meta
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
+from .cuda_graph import DecodeGraphs
 from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
 from .decode import sync as _sync
 from .device import inference
@@ -207,6 +208,7 @@ def generate(
     logprobs: int | None = None,
     prefilled: tuple[InferenceCache, torch.Tensor] | None = None,
     prefix_store: PrefixStore | None = None,
+    graphs: DecodeGraphs | None = None,
 ) -> list[int] | list[list[int]]:
     """Continue one prompt or a batch of prompts.
 
@@ -233,7 +235,8 @@ def generate(
             ``speculative``, the MTP depths' first pass over the prompt too), ``decode_tokens``,
             ``decode_seconds`` (from then until the last token) and, with ``speculative``, ``drafted``,
             ``accepted``, ``acceptance_rate`` and ``verify_steps``.
-        cuda_graph: replay the decode step as a CUDA graph (CUDA only, cached, not speculative).
+        cuda_graph: replay the decode step as a CUDA graph (CUDA only, cached, not speculative). The batch's rows and
+            positions are rounded up to powers of two (free rows decode too, their tokens dropped).
         logprobs: an integer k >= 0: ``callback`` is called as ``callback(row, token, logprob)`` instead, ``logprob``
             a :class:`~hybridlm.infer.logprobs.TokenLogprob`: the token's log_softmax of the raw logits it was picked
             from (before temperature, top-k/top-p and the penalty) and the k most likely (id, logprob). Needs a
@@ -246,6 +249,9 @@ def generate(
             prompt that begins with one of its kept states runs only the rest, the prefixes the prompts share with
             its recent prompts are kept in it, and so is each row's state at its end (its prompt and tokens: a
             chat's next turn begins with them). Cached decoding only, not ``speculative``.
+        graphs: with ``cuda_graph``, a :class:`~hybridlm.infer.cuda_graph.DecodeGraphs` of this model: the decode
+            cache and its graph are taken from it where it keeps one of the batch's shape (no capture), and given back
+            to it at the end for a later call (a server's batches, a chat's turns). None: captured for this call.
 
     Returns:
         The new tokens (without the prompt): a list for one prompt, a list of lists in prompt
@@ -304,6 +310,9 @@ def generate(
         raise ValueError("speculative decoding and cuda_graph decode with the cache: leave use_cache=True")
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs the model on a CUDA device, not {device}")
+    if graphs is not None and (not cuda_graph or graphs.model is not model):
+        why = "needs cuda_graph=True" if not cuda_graph else "were made for another model"
+        raise ValueError(f"graphs (decode caches kept with their CUDA graphs) {why}")
     if prefilled is not None:
         _check_prefilled(prefilled, rows, vocab, speculative, use_cache)
     if prefix_store is not None and (speculative or not use_cache):
@@ -347,6 +356,7 @@ def generate(
                     logprobs,
                     prefilled,
                     prefix_store,
+                    graphs,
                 )
     finally:
         model.train(was_training)
@@ -499,6 +509,7 @@ def _generate_cached(
     logprobs,
     prefilled=None,
     store=None,
+    graphs=None,
 ):
     """The prompts prefilled together, left-padded, then decoded one token per row per step (a finished row
     decodes on, its tokens dropped, until every row has finished): one admission of a :class:`DecodeBatch`
@@ -514,13 +525,14 @@ def _generate_cached(
     on_end = None if store is None else keep_answers(model, store)
     with cache_allocation(B, P, max_new_tokens):
         batch = DecodeBatch(
-            model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats, on_end=on_end
+            model, B, P + max_new_tokens, sampler, eos_ids, chunk_size, cuda_graph, stats, on_end=on_end, graphs=graphs
         )
     callbacks = [None if callback is None else _per_row(callback, r) for r in range(B)]
     admitted = batch.admit(rows, [max_new_tokens] * B, callbacks, [logprobs] * B, prefilled=prefilled)
     t1 = _sync(device)
     while batch.live:
         batch.step()
+    batch.close()
     stats["decode_tokens"] += batch.steps * B
     stats["decode_seconds"] += _sync(device) - t1
     return [row.out for row in admitted]
