@@ -5,6 +5,7 @@
     python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
     python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
     python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
+    python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
@@ -18,6 +19,12 @@ both (ours with the decode step replayed as a CUDA graph), and our prefill token
 ``--buffers N ...``: one decode step of the embedded default model (4 rows, 16-token prompts) in caches
 of N positions each, eager (attention over the positions written) and static (over the whole
 buffer, masked: what a CUDA graph replays), best of 3 rounds of 32 steps taking turns.
+
+``--kept-graphs K`` (CUDA): K calls of ``generate(cuda_graph=True)`` on ``--preset`` in bf16 (``--batches``' first
+size of rows, ``--prompt-len`` random tokens, ``--new-tokens`` each; what a server's batches or a chat's turns run),
+each capturing its own graph, and K given one ``DecodeGraphs`` (the first captures, the others replay it), the two
+kinds of call taking turns: the median ms of a call of each, the difference the cost of a capture, and whether the
+tokens agree.
 Results belong in docs/benchmarks.md.
 """
 
@@ -328,6 +335,39 @@ def mtp_bench(args, device) -> None:
     )
 
 
+def kept_graphs(args, device) -> None:
+    from hybridlm.infer.cuda_graph import DecodeGraphs
+
+    model = HybridLM(ModelConfig.preset(args.preset), seed=0, device=device).cast(torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, model.config.vocab_size, (args.batches[0], args.prompt_len), generator=gen).tolist()
+    graphs = DecodeGraphs(model)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    outs: dict[bool, list] = {False: [], True: []}
+    generate(model, rows, args.new_tokens, cuda_graph=True)  # (lazy initialisation and autotuning out of the timing)
+    for _ in range(args.kept_graphs):
+        for kept in (False, True):
+            t0 = sync(device)
+            outs[kept].append(generate(model, rows, args.new_tokens, cuda_graph=True, graphs=graphs if kept else None))
+            times[kept].append(sync(device) - t0)
+    each = {kept: sorted(t)[len(t) // 2] * 1e3 for kept, t in times.items()}
+    print(
+        f"{args.preset} bf16, {args.batches[0]} row(s) x {args.prompt_len} prompt tokens, {args.new_tokens} new tokens, "
+        f"{args.kept_graphs} calls of each kind taking turns\n"
+    )
+    print(
+        table(
+            ["call", "graphs captured", "median ms a call"],
+            [
+                ["captures its own graph", args.kept_graphs, f"{each[False]:.1f}"],
+                ["DecodeGraphs: kept graph replayed", graphs.captures, f"{each[True]:.1f}"],
+            ],
+        )
+    )
+    same = outs[False] == outs[True]
+    print(f"\na capture costs {each[False] - each[True]:.1f} ms a call; the same tokens: {'yes' if same else 'no'}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -346,6 +386,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--buffers", type=int, nargs="+", default=None, help="time a decode step in caches of these lengths, then exit"
+    )
+    ap.add_argument(
+        "--kept-graphs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="CUDA: K graphed calls capturing each against K replaying a kept graph, then exit",
     )
     args = ap.parse_args(argv)
     if args.buffers:
@@ -369,7 +416,9 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device", file=sys.stderr)
             return 2
-        if args.profile:
+        if args.kept_graphs:
+            kept_graphs(args, torch.device(args.device))
+        elif args.profile:
             profile_decode(args, torch.device(args.device))
         elif args.mtp_checkpoint and not args.compare_hf:
             mtp_bench(args, torch.device(args.device))

@@ -171,6 +171,9 @@ for stage in "$@"; do
     turnserve)  # 8 conversations of 4 turns: each turn from its kept answer (prefix cache) against none
         run turnserve 300 18 python3 benchmarks/serve.py --preset bench-1.3b --device cuda --cuda-graph --continuous \
             --clients 8 --turns 4 --prompt-len 1024 --max-tokens 32 --repeat "${REPEAT:-2}" --stream ;;
+    keptgraphs)  # graphed generate calls: each capturing its own graph against replaying a kept one (DecodeGraphs)
+        run keptgraphs 200 12 python3 benchmarks/generate.py --device cuda --preset bench-1.3b --kept-graphs 8 \
+            --batches 1 --prompt-len 256 --new-tokens 32 ;;
     prefillcost)  # a forward's fixed cost in positions (prefixes.FORWARD_POSITIONS, an estimate until measured)
         run prefillcost 200 20 python3 benchmarks/prefill_cost.py --device cuda --preset bench-1.3b \
             --positions 1 8 64 256 1024 4096 ;;
