@@ -304,6 +304,10 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
         help="states kept across turns (the last answer's, the prefixes turns share; default: 4; 0: none, every turn "
         "runs the whole conversation)",
     )
-    ap.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph (CUDA only)")
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay the decode step as a CUDA graph, kept between turns (CUDA only)",
+    )
     run_options(ap)
     ap.set_defaults(func=_cmd_chat)

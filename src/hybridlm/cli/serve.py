@@ -187,7 +187,12 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             sys.stderr,
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
-        graphs = ", decode steps replayed as CUDA graphs" if args.cuda_graph else ""
+        graphs = (
+            f", decode steps replayed as CUDA graphs (each shape captured once, the {worker.graphs.keep} most recent "
+            "kept)"
+            if args.cuda_graph
+            else ""
+        )
         store = worker.prefixes
         kept = (
             f", prefix cache of {args.prefix_cache} states (shared prefixes, answers; at most "
@@ -259,8 +264,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="replay each batch's decode step as a CUDA graph, captured once per batch (with --continuous-batching, "
-        "again when its slots or cache change size; CUDA only; docs/inference.md)",
+        help="replay each batch's decode step as a CUDA graph; the caches of ended batches are kept with their graphs, "
+        "so that each shape (rows and positions, rounded up to powers of two) is captured once (CUDA only; "
+        "docs/inference.md)",
     )
     ap.add_argument(
         "--continuous-batching",
