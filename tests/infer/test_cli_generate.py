@@ -852,3 +852,25 @@ def test_dtype_auto_keeps_a_bfloat16_checkpoints_dtype(checkpoint, tmp_path, cap
     )
     code, _, err = run(capsys, tmp_path / "half", "--prompt", "hi", "--max-new-tokens", 2, "--greedy")
     assert code == 0 and seen == [torch.bfloat16], err
+
+
+@pytest.mark.gpu
+def test_cuda_graph_batches_of_one_shape_replay_one_graph_and_print_the_eager_text_on_gpu(
+    checkpoint, capsys, tmp_path, monkeypatch
+):
+    """``--cuda-graph`` over a prompts file in batches of 2: the two batches of 2 rows share a shape (2 rows, 64
+    positions) and capture one graph, the last row its own; the texts are those of eager decoding (float32)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from hybridlm.infer.cuda_graph import DecodeGraphs
+
+    captured = []
+    real = DecodeGraphs.capture
+    monkeypatch.setattr(DecodeGraphs, "capture", lambda self, cache: captured.append(cache.batch) or real(self, cache))
+    path, _ = checkpoint
+    (tmp_path / "p.txt").write_text("ab\nlonger prompt\ncd\nefg\nlast\n")
+    args = (path, "--prompts-file", tmp_path / "p.txt", "--batch-size", 2, "--max-new-tokens", 8, "--greedy")
+    _, eager, _ = run(capsys, *args, "--device", "cuda")
+    assert captured == []
+    code, graphed, _ = run(capsys, *args, "--device", "cuda", "--cuda-graph")
+    assert code == 0 and graphed == eager and captured == [2, 1]

@@ -235,6 +235,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..checkpoint.weights import load, read_config
     from ..errors import DataError, NonFiniteLogitsError, UsageError
+    from ..infer.cuda_graph import DecodeGraphs
     from ..infer.generate import generate
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer
@@ -258,6 +259,8 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
+    # (the batches' decode caches kept with their graphs: a batch of a shape seen before captures nothing)
+    graphs = DecodeGraphs(model, keep=2) if args.cuda_graph else None
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         ids = encoded[start : start + args.batch_size]
@@ -284,6 +287,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 callback=lambda row, token, rows=rows: token != tokenizer.eos_id and rows[row].add(token),
                 stats=stats,
                 cuda_graph=args.cuda_graph,
+                graphs=graphs,
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
