@@ -250,10 +250,13 @@ def test_generate_replays_kept_graphs_with_the_tokens_of_eager_decoding_on_gpu()
     for _ in range(2):
         batch = DecodeBatch(model, 1, 0, Sampler(), cuda_graph=True, graphs=continuous, max_slots=4, join_chunk=8)
         rows = batch.admit(ps[:2], limits[:2], [None] * 2)
-        batch.step()
-        rows += batch.admit(ps[2:], limits[2:], [None] * 3)  # (4 slots: the fifth waits for room)
-        while batch.live:
+        waiting = list(range(2, len(ps)))
+        while batch.live or waiting:
             batch.step()
+            take = waiting[: batch.room]  # (4 slots: the fifth waits for room)
+            if take:
+                rows += batch.admit([ps[i] for i in take], [limits[i] for i in take], [None] * len(take))
+                waiting = waiting[len(take) :]
         batch.close()
         assert [row.out for row in rows] == [generate(model, p, n) for p, n in zip(ps, limits)]
     assert continuous.captures == 1 and continuous.reused >= 1
