@@ -151,6 +151,34 @@ def test_kept_caches_are_dropped_when_a_new_one_does_not_fit(eager_capture, monk
         graphs.take(4, 64)
 
 
+def test_kept_caches_are_dropped_when_a_capture_runs_out_of_memory(eager_capture, monkeypatch):
+    """A capture that runs out of memory (the graph's own pool of activations) drops the kept caches and captures
+    again; any other capture failure, or one with nothing kept to drop, is raised."""
+    model = model64("M*")
+    graphs = DecodeGraphs(model)
+    decode(model, graphs, [[1]], [2])
+    failures = []
+
+    def failing(model, cache):
+        if failures:
+            cause = failures.pop()
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({cause})") from cause
+        return EagerStep(model, cache)
+
+    monkeypatch.setattr(cuda_graph, "GraphedDecodeStep", failing)
+    failures.append(torch.OutOfMemoryError("out of memory"))
+    cache, _ = graphs.take(2, 64)
+    assert graphs.entries == 1 and isinstance(graphs.capture(cache), EagerStep) and graphs.entries == 0
+    failures.append(torch.OutOfMemoryError("out of memory"))
+    with pytest.raises(RuntimeError, match="capturing the decode step"):  # (nothing kept to drop)
+        DecodeGraphs(model).capture(cache)
+    decode(model, graphs, [[1]], [2])
+    failures.append(ValueError("not capturable"))
+    with pytest.raises(RuntimeError, match="capturing the decode step"):
+        graphs.capture(cache)
+    assert graphs.entries == 1
+
+
 def test_a_graphed_continuous_batch_keeps_its_slots_and_captures_once_per_shape(eager_capture):
     """Continuous batching with CUDA graphs: rows join and leave a batch of ``max_slots`` slots that never shrinks,
     its positions a power of two, so that the seven rows below capture one graph (eagerly, the batch grows and

@@ -125,8 +125,15 @@ class DecodeGraphs:
             return InferenceCache.for_model(self.model, rows, positions), None
 
     def capture(self, cache: InferenceCache) -> GraphedDecodeStep:
-        """Capture ``cache``'s decode step (see :class:`GraphedDecodeStep`)."""
-        step = GraphedDecodeStep(self.model, cache)
+        """Capture ``cache``'s decode step (see :class:`GraphedDecodeStep`); where that runs out of memory, the kept
+        caches are dropped and it is tried once more."""
+        try:
+            step = GraphedDecodeStep(self.model, cache)
+        except RuntimeError as e:
+            if not (self.kept and isinstance(e.__cause__ or e, torch.OutOfMemoryError)):
+                raise
+            self.clear()
+            step = GraphedDecodeStep(self.model, cache)
         self.captures += 1
         return step
 
