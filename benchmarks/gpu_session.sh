@@ -62,6 +62,9 @@ tries() {  # tries SETTING...: a --try option of benchmarks/mixers.py for each
 for stage in "$@"; do
     case $stage in
     tests) run tests 360 12 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ;;
+    # The GPU suite in two halves, for a cold machine (it compiles the Triton kernels first; 360 s did not finish):
+    gputests1) run gputests1 540 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops ;;
+    gputests2) run gputests2 540 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore tests/ops ;;
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once
         n=${SHARDS:-4}
