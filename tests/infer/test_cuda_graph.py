@@ -288,3 +288,25 @@ def test_generate_replays_kept_graphs_with_the_tokens_of_eager_decoding_on_gpu()
         batch.close()
         assert [row.out for row in rows] == [generate(model, p, n) for p, n in zip(ps, limits)]
     assert continuous.captures == 1 and continuous.reused >= 1
+
+
+def test_a_batch_that_runs_out_of_memory_drops_the_kept_caches_for_the_next(eager_capture):
+    """A batch that fails for want of memory (here the static batch's generate; or an error raised from one) is
+    answered with 500, and the caches the worker kept are dropped, so that the next batch has their memory; another
+    failure keeps them."""
+    model = HybridLM(tiny_config("M[*-]", vocab_size=257), seed=0).eval()
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, cuda_graph=True)
+    joined = RuntimeError("prefill failed")
+    joined.__cause__ = torch.OutOfMemoryError("out of memory")
+    for error, kept in ((RuntimeError("boom"), 1), (torch.OutOfMemoryError("out of memory"), 0), (joined, 0)):
+        if worker.graphs.entries == 0:
+            decode(model, worker.graphs, [[1]], [2])
+
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        worker.generate = failing
+        job = worker.submit(request({"prompt": "hi", "max_tokens": 3}, batch=4))
+        while worker.step():
+            pass
+        assert events(job)[-1][0] == "error" and worker.graphs.entries == kept

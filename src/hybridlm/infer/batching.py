@@ -45,6 +45,8 @@ import threading
 import time
 import uuid
 
+import torch
+
 from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
@@ -525,6 +527,8 @@ class BatchWorker:
         """Answer every request of a failed batch (None: an empty slot) with 500; the one whose logits were not
         finite is named by its choice, the others are told they can be sent again."""
         _log.error("generation failed: %s: %s", type(error).__name__, error, exc_info=error)
+        if self.graphs is not None and _out_of_memory(error):  # (the next batch gets the memory kept caches held)
+            self.graphs.clear()
         owner = batch[error.row] if isinstance(error, NonFiniteLogitsError) and error.row < len(batch) else None
         for job in dict.fromkeys(row.job for row in batch if row is not None):
             self.counts["failed"] += not job.closed
@@ -535,3 +539,12 @@ class BatchWorker:
             else:
                 message = f"generation failed for another request in the same batch ({error.message}); send it again"
             job.fail(RequestError(500, message))
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, is the device running out of memory."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        error = error.__cause__
+    return False
