@@ -16,7 +16,7 @@ from hybridlm.infer.decode import DecodeBatch
 from hybridlm.infer.generate import Sampler
 from tests.helpers import tiny_config
 from tests.infer.test_batching import TOKENIZER, events, request, solo
-from tests.infer.test_decode import PATTERNS, model64, prompts
+from tests.infer.test_decode import PATTERNS, join_as_room_frees, model64, prompts
 
 
 class EagerStep:
@@ -206,15 +206,12 @@ def test_a_graphed_continuous_batch_keeps_its_slots_and_captures_once_per_shape(
             sizes = {len(batch.rows)}
             batch.step()
             rows += batch.admit(ps[1:3], limits[1:3], [None] * 2)
-            waiting = list(range(3, len(ps)))
-            while batch.live or waiting:
-                take = waiting[: batch.room]
-                if take:
-                    rows += batch.admit([ps[i] for i in take], [limits[i] for i in take], [None] * len(take))
-                    waiting = waiting[len(take) :]
-                batch.step()
+
+            def seen() -> None:
                 sizes.add(len(batch.rows))
                 assert not graph or batch.cache.max_len == 64
+
+            rows += join_as_room_frees(batch, ps, limits, list(range(3, len(ps))), seen)
         batch.close()
         return [row.out for row in rows], batch, sizes
 
@@ -278,13 +275,8 @@ def test_generate_replays_kept_graphs_with_the_tokens_of_eager_decoding_on_gpu()
     for _ in range(2):
         batch = DecodeBatch(model, 1, 0, Sampler(), cuda_graph=True, graphs=continuous, max_slots=4, join_chunk=8)
         rows = batch.admit(ps[:2], limits[:2], [None] * 2)
-        waiting = list(range(2, len(ps)))
-        while batch.live or waiting:
-            batch.step()
-            take = waiting[: batch.room]  # (4 slots: the fifth waits for room)
-            if take:
-                rows += batch.admit([ps[i] for i in take], [limits[i] for i in take], [None] * len(take))
-                waiting = waiting[len(take) :]
+        with torch.no_grad():  # (4 slots: the fifth waits for room)
+            rows += join_as_room_frees(batch, ps, limits, [2, 3, 4])
         batch.close()
         assert [row.out for row in rows] == [generate(model, p, n) for p, n in zip(ps, limits)]
     assert continuous.captures == 1 and continuous.reused >= 1

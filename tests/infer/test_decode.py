@@ -28,6 +28,21 @@ def prompts(*lengths: int, seed: int = 3) -> list[list[int]]:
     return [torch.randint(1, 97, (n,), generator=gen).tolist() for n in lengths]
 
 
+def join_as_room_frees(batch: DecodeBatch, ps, limits, waiting: list[int], on_step=None) -> list:
+    """Admit the prompts ``ps[i]`` for ``i`` in ``waiting`` (to take ``limits[i]`` tokens) as the batch has room,
+    stepping it (then calling ``on_step()``) until every row has ended; returns their rows, in admission order."""
+    rows = []
+    while batch.live or waiting:
+        take = waiting[: batch.room]
+        if take:
+            rows += batch.admit([ps[i] for i in take], [limits[i] for i in take], [None] * len(take))
+            waiting = waiting[len(take) :]
+        batch.step()
+        if on_step is not None:
+            on_step()
+    return rows
+
+
 def check_logits(model, batch: DecodeBatch) -> None:
     """Each live row's next-token logits are the full forward's over its prompt and tokens alone."""
     with torch.no_grad():
@@ -306,13 +321,7 @@ def test_continuous_batching_with_cuda_graphs_takes_the_tokens_of_the_static_eag
             batch.step()
             rows += batch.admit(ps[1:3], limits[1:3], [None] * 2)
             batch.step()
-            waiting = list(range(3, len(ps)))
-            while batch.live or waiting:
-                take = waiting[: batch.room]
-                if take:
-                    rows += batch.admit([ps[i] for i in take], [limits[i] for i in take], [None] * len(take))
-                    waiting = waiting[len(take) :]
-                batch.step()
+            rows += join_as_room_frees(batch, ps, limits, list(range(3, len(ps))))
         outs[graph] = [row.out for row in rows]
         assert (batch.graphs.captures == 1 and batch.grown == 0) if graph else batch.grown >= 3
     assert outs[True] == outs[False]
