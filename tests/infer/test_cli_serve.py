@@ -15,6 +15,7 @@ import pytest
 from hybridlm import HybridLM, generate, save
 from hybridlm.checkpoint import weights
 from hybridlm.cli import main
+from hybridlm.infer.prefix_store import entry_bytes
 from hybridlm.infer.server import CompletionServer
 from hybridlm.train.tokenizer import ByteTokenizer
 from tests.helpers import ROOT, tiny_config
@@ -286,8 +287,13 @@ def test_a_captured_decode_step_makes_the_worker_replay_graphs(checkpoint, capsy
     monkeypatch.setattr(cli_serve, "_check_args", lambda args: (__import__("torch").device("cpu"), None, {}))
     _, servers = serve_then_ctrl_c(monkeypatch, "")
     assert main(["serve", str(path), "--cuda-graph", "--port", "0"]) == 130
-    capsys.readouterr()
+    err = capsys.readouterr().err
     assert calls == [{"cuda_graph": True}] and servers[0].worker.cuda_graph is True
+    row, position = entry_bytes(servers[0].worker.model)
+    assert (
+        "decode steps replayed as CUDA graphs (each shape captured once; the caches of the 4 most recent shapes kept, "
+        f"{row / 2**20:,.1f} MiB a row + {position / 2**10:,.1f} KiB a row's position each)"
+    ) in err
 
 
 @pytest.mark.gpu

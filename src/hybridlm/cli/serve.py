@@ -139,6 +139,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..checkpoint.weights import load, read_config
     from ..errors import UsageError
     from ..infer.batching import BatchWorker
+    from ..infer.prefix_store import entry_bytes
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
@@ -187,12 +188,14 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             sys.stderr,
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
-        graphs = (
-            f", decode steps replayed as CUDA graphs (each shape captured once, the {worker.graphs.keep} most recent "
-            "kept)"
-            if args.cuda_graph
-            else ""
-        )
+        graphs = ""
+        if args.cuda_graph:  # (what a kept cache holds: every row's recurrent states, and each position's keys/values)
+            row, position = entry_bytes(model)
+            graphs = (
+                f", decode steps replayed as CUDA graphs (each shape captured once; the caches of the "
+                f"{worker.graphs.keep} most recent shapes kept, {row / 2**20:,.1f} MiB a row + {position / 2**10:,.1f} "
+                "KiB a row's position each)"
+            )
         store = worker.prefixes
         kept = (
             f", prefix cache of {args.prefix_cache} states (shared prefixes, answers; at most "
