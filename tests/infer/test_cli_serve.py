@@ -15,6 +15,7 @@ import pytest
 from hybridlm import HybridLM, generate, save
 from hybridlm.checkpoint import weights
 from hybridlm.cli import main
+from hybridlm.infer.cuda_graph import KEPT_GRAPHS
 from hybridlm.infer.prefix_store import entry_bytes
 from hybridlm.infer.server import CompletionServer
 from hybridlm.train.tokenizer import ByteTokenizer
@@ -87,6 +88,8 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
     for flags, words in (
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
         (["--prefix-cache", "-1"], "--prefix-cache must be >= 0 (0: none kept), got -1"),
+        (["--kept-graphs", "-1"], "--kept-graphs must be >= 0 (0: none kept), got -1"),
+        (["--kept-graphs", "2"], "--kept-graphs keeps decode caches with their CUDA graphs: it needs --cuda-graph"),
         (["--max-new-tokens-limit", "0"], "--max-new-tokens-limit must be >= 1"),
         (["--port", "70000"], "--port must be in [0, 65535]"),
         (["--threads", "0"], "--threads must be >= 1"),
@@ -294,6 +297,14 @@ def test_a_captured_decode_step_makes_the_worker_replay_graphs(checkpoint, capsy
         "decode steps replayed as CUDA graphs (each shape captured once; the caches of the 4 most recent shapes kept, "
         f"{row / 2**20:,.1f} MiB a row + {position / 2**10:,.1f} KiB a row's position each)"
     ) in err
+    for keep, said in ((2, "the caches of the 2 most recent shapes kept"), (0, "captured for each batch")):
+        assert main(["serve", str(path), "--cuda-graph", "--kept-graphs", str(keep), "--port", "0"]) == 130
+        assert said in capsys.readouterr().err and servers[-1].worker.graphs.keep == keep
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert f"(default: {KEPT_GRAPHS}; 0: none, every batch captures its own)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 @pytest.mark.gpu

@@ -109,6 +109,14 @@ def _check_args(args: argparse.Namespace):
         (
             (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
             (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
+            (
+                args.kept_graphs is None or args.kept_graphs >= 0,
+                f"--kept-graphs must be >= 0 (0: none kept), got {args.kept_graphs}",
+            ),
+            (
+                args.kept_graphs is None or args.cuda_graph,
+                "--kept-graphs keeps decode caches with their CUDA graphs: it needs --cuda-graph",
+            ),
             (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
             (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
             (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
@@ -161,6 +169,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         cuda_graph=args.cuda_graph,
         continuous=args.continuous_batching,
         prefix_cache=args.prefix_cache,
+        **({} if args.kept_graphs is None else {"kept_graphs": args.kept_graphs}),
     )
     try:
         server = CompletionServer(
@@ -195,6 +204,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 f", decode steps replayed as CUDA graphs (each shape captured once; the caches of the "
                 f"{worker.graphs.keep} most recent shapes kept, {row / 2**20:,.1f} MiB a row + {position / 2**10:,.1f} "
                 "KiB a row's position each)"
+                if worker.graphs.keep
+                else ", decode steps replayed as CUDA graphs (captured for each batch: --kept-graphs 0)"
             )
         store = worker.prefixes
         kept = (
@@ -270,6 +281,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="replay each batch's decode step as a CUDA graph; the caches of ended batches are kept with their graphs, "
         "so that each shape (rows and positions, rounded up to powers of two) is captured once (CUDA only; "
         "docs/inference.md)",
+    )
+    ap.add_argument(
+        "--kept-graphs",
+        type=int,
+        default=None,
+        metavar="N",
+        # (the default is infer.cuda_graph.KEPT_GRAPHS, written out: building the parser imports no torch)
+        help="with --cuda-graph: the decode caches of ended batches kept with their graphs, the least recently used "
+        "dropped first (default: 4; 0: none, every batch captures its own); a kept cache holds its memory (the start "
+        "line says how much)",
     )
     ap.add_argument(
         "--continuous-batching",

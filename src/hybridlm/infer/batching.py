@@ -50,7 +50,7 @@ import torch
 from ..errors import NonFiniteLogitsError
 from .api import CompletionRequest, RequestError, logprobs_body, usage
 from .completion import Completion
-from .cuda_graph import DecodeGraphs
+from .cuda_graph import KEPT_GRAPHS, DecodeGraphs
 from .decode import DecodeBatch, JoinError
 from .device import inferring
 from .generate import Sampler, generate
@@ -173,14 +173,16 @@ class BatchWorker:
         cuda_graph: bool = False,
         continuous: bool = False,
         prefix_cache: int = 8,
+        kept_graphs: int = KEPT_GRAPHS,
     ) -> None:
         """``prefix_cache``: the prompt prefixes whose states are kept across batches, at most (0: none; see the
-        module)."""
+        module). ``kept_graphs``: with ``cuda_graph``, the decode caches of ended batches kept with their graphs
+        (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`)."""
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
         self.prefixes = PrefixStore(prefix_cache) if prefix_cache else None
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph
         # (its caches and graphs kept when a batch ends: each shape captured once, not once per batch)
-        self.graphs = DecodeGraphs(model) if cuda_graph else None
+        self.graphs = DecodeGraphs(model, kept_graphs) if cuda_graph else None
         self.continuous = continuous  # rows join a running batch between its steps (see the module)
         self.running: DecodeBatch | None = None  # continuous batching: the batch decoding now
         self.samplers: dict = {}  # its samplers, by the settings (Sampling) of their rows
