@@ -614,6 +614,27 @@ def _metrics(server) -> dict[str, float]:
     return values
 
 
+def test_metrics_sum_each_request_s_latency_and_time_to_first_token(model):
+    """GET /metrics: the requests finished, and the seconds from taking each to its first token and to its end,
+    summed (Prometheus counters, as a rate of sums over a rate of counts gives the mean); a request of no new tokens
+    finishes without a first token."""
+    with serving(model) as server:
+        before = _metrics(server)
+        assert before["hybridlm_request_seconds_total"] == 0 and before["hybridlm_first_tokens_total"] == 0
+        t0 = time.perf_counter()
+        for body in (
+            {"prompt": ["hi", "yo"], "max_tokens": 4, "temperature": 0},
+            {"prompt": "a prompt", "max_tokens": 6, "temperature": 0},
+            {"prompt": "scored", "max_tokens": 0, "echo": True, "logprobs": 1},
+        ):
+            assert complete(server, body)[0] == 200
+        wall = time.perf_counter() - t0
+        got = _metrics(server)
+    assert got["hybridlm_requests_finished_total"] == 3 and got["hybridlm_first_tokens_total"] == 2
+    first, whole = got["hybridlm_first_token_seconds_total"], got["hybridlm_request_seconds_total"]
+    assert 0 < first < whole <= wall
+
+
 def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(model, monkeypatch):
     """GET /metrics: requests, choices, prompt and generated tokens as the answers' usage counts them, batches,
     and the prefix cache's hits once a prompt begins with a kept prefix; HEAD gives its headers alone."""

@@ -115,6 +115,8 @@ class Job:
         """``piece(token)``: a token id's text (the logprobs' token texts: the worker's :attr:`BatchWorker.piece`)."""
         self.request, self.piece = request, piece
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.taken = time.perf_counter()  # (when the worker took it: its latency's and first token's start)
+        self.first_token: float | None = None  # when its first token was picked
         self.events: queue.Queue = queue.Queue()
         self.cancelled = False  # the client went away: its rows stop at their next token
         self.closed = False  # done or failed: nothing more is sent
@@ -224,6 +226,22 @@ class BatchWorker:
             ("requests_total", "counter", "Requests taken (completions and chat).", self.counts["requests"]),
             ("choices_total", "counter", "Choices taken (prompts times n).", self.counts["choices"]),
             ("requests_failed_total", "counter", "Requests answered with 500.", self.counts["failed"]),
+            ("requests_finished_total", "counter", "Requests answered whole.", self.counts["finished"]),
+            (
+                "request_seconds_total",
+                "counter",
+                "Seconds from taking a request to its end, summed over the requests finished (over "
+                "requests_finished_total: the mean latency).",
+                self.counts["request_seconds"],
+            ),
+            ("first_tokens_total", "counter", "Requests whose first token was picked.", self.counts["first_tokens"]),
+            (
+                "first_token_seconds_total",
+                "counter",
+                "Seconds from taking a request to its first token, summed (over first_tokens_total: the mean time to "
+                "first token).",
+                self.counts["first_token_seconds"],
+            ),
             ("prompt_tokens_total", "counter", "Prompt tokens of the requests taken.", self.counts["prompt_tokens"]),
             ("generation_tokens_total", "counter", "Tokens picked.", self.counts["generation_tokens"]),
             ("batches_total", "counter", "Batches run (continuous batching: batches started).", self.batches),
@@ -502,6 +520,10 @@ class BatchWorker:
             return True
         row.tokens += 1
         self.counts["generation_tokens"] += 1
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+            self.counts["first_tokens"] += 1
+            self.counts["first_token_seconds"] += job.first_token - job.taken
         k = job.request.logprobs
         if k is not None:  # (every token picked: the end of text and a stop's last too)
             # Its own k most likely, not the batch's largest k (which another request in the batch set).
@@ -523,6 +545,8 @@ class BatchWorker:
         job.emit("finish", row.index, reason)
         if all(r.finish for r in job.rows):
             job.closed = True
+            self.counts["finished"] += 1
+            self.counts["request_seconds"] += time.perf_counter() - job.taken
             job.emit("done")
 
     def _failed(self, batch: list[Row | None], error: Exception) -> None:
