@@ -198,15 +198,15 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
         graphs = ""
-        if args.cuda_graph:  # (what a kept cache holds: every row's recurrent states, and each position's keys/values)
+        if args.cuda_graph and worker.graphs.keep:  # (a kept cache: every row's recurrent states, each position's KV)
             row, position = entry_bytes(model)
             graphs = (
                 f", decode steps replayed as CUDA graphs (each shape captured once; the caches of the "
                 f"{worker.graphs.keep} most recent shapes kept, {row / 2**20:,.1f} MiB a row + {position / 2**10:,.1f} "
                 "KiB a row's position each)"
-                if worker.graphs.keep
-                else ", decode steps replayed as CUDA graphs (captured for each batch: --kept-graphs 0)"
             )
+        elif args.cuda_graph:
+            graphs = ", decode steps replayed as CUDA graphs (captured for each batch: --kept-graphs 0)"
         store = worker.prefixes
         kept = (
             f", prefix cache of {args.prefix_cache} states (shared prefixes, answers; at most "
