@@ -289,6 +289,17 @@ def test_serve_scores_questions_of_several_choices_with_their_shared_prefixes_ru
     assert "3 choices per request (n)" in out and "same texts in every round of every setting: yes" in out
 
 
+def test_cli_generate_times_the_command_with_its_defaults_and_without_graphs(capsys):
+    """cli_generate.py runs ``hybridlm generate`` as a process per setting and prints a row for each, with the decode
+    rate the command printed and whether its text equals the default's (on the CPU both settings run eagerly)."""
+    bench = _load("cli_generate")
+    args = ["--device", "cpu", "--preset", "tiny", "--dtype", "float32", "--rounds", "1", "--new-tokens", "3"]
+    assert bench.main([*args, "--batch", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 prompt |")]
+    assert [row.split(" | ")[1] for row in rows] == ["default", "--no-cuda-graph"]
+    assert all(row.endswith("| yes |") and float(row.split(" | ")[3].replace(",", "")) > 0 for row in rows), rows
+
+
 def test_prefill_cost_fits_a_forwards_fixed_cost_and_its_rate():
     """prefill_cost.py's fit recovers a known line (2 ms per forward + 10,000 positions per second), and the script
     prints its table and the fit for tiny shapes."""

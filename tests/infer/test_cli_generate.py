@@ -859,7 +859,9 @@ def test_cuda_graph_batches_of_one_shape_replay_one_graph_and_print_the_eager_te
     checkpoint, capsys, tmp_path, monkeypatch
 ):
     """``--cuda-graph`` over a prompts file in batches of 2: the two batches of 2 rows share a shape (2 rows, 64
-    positions) and capture one graph, the last row its own; the texts are those of eager decoding (float32)."""
+    positions) and capture one graph, the last row its own; the texts are those of eager decoding (float32,
+    ``--no-cuda-graph``). Left out on a CUDA device, graphs are on: the same captures, after the first short one that
+    checks the step can be captured."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from hybridlm.infer.cuda_graph import DecodeGraphs
@@ -870,7 +872,41 @@ def test_cuda_graph_batches_of_one_shape_replay_one_graph_and_print_the_eager_te
     path, _ = checkpoint
     (tmp_path / "p.txt").write_text("ab\nlonger prompt\ncd\nefg\nlast\n")
     args = (path, "--prompts-file", tmp_path / "p.txt", "--batch-size", 2, "--max-new-tokens", 8, "--greedy")
-    _, eager, _ = run(capsys, *args, "--device", "cuda")
-    assert captured == []
-    code, graphed, _ = run(capsys, *args, "--device", "cuda", "--cuda-graph")
+    _, eager, err = run(capsys, *args, "--device", "cuda", "--no-cuda-graph")
+    assert captured == [] and "CUDA graphs" not in err
+    code, graphed, err = run(capsys, *args, "--device", "cuda", "--cuda-graph")
     assert code == 0 and graphed == eager and captured == [2, 1]
+    assert "decode steps replayed as CUDA graphs (2 captured)" in err
+    captured.clear()
+    code, default, err = run(capsys, *args, "--device", "cuda")
+    assert code == 0 and default == eager and captured == [1, 2, 1] and "decoding eagerly" not in err
+    assert "decode steps replayed as CUDA graphs (2 captured)" in err
+
+
+def test_cuda_graphs_are_on_by_default_only_where_the_model_runs_on_cuda_and_can_capture(monkeypatch, capsys):
+    """``cuda_graph_on``: --cuda-graph / --no-cuda-graph as given; left out, on for a model on CUDA once a short
+    capture passed, off (with the reason on stderr) where it fails, and off without a capture on the CPU or where
+    another flag rules graphs out (--no-cache, --speculative). The capture is stood in for here (the GPU test above
+    runs it)."""
+    from types import SimpleNamespace
+
+    from hybridlm.cli import generate as cli_generate
+
+    tried = []
+    reason = [None]
+    monkeypatch.setattr(cli_generate, "capture_fails", lambda model: tried.append(model) or reason[0])
+
+    def model_on(kind):
+        weight = SimpleNamespace(device=torch.device(kind))
+        return SimpleNamespace(parameters=lambda: iter([weight]))
+
+    cuda, cpu = model_on("cuda"), model_on("cpu")
+    assert cli_generate.cuda_graph_on(cpu, True) is True and cli_generate.cuda_graph_on(cuda, False) is False
+    assert tried == []  # (given: the command checks it, the device and its other flags itself)
+    assert cli_generate.cuda_graph_on(cpu, None) is False and tried == []
+    assert cli_generate.cuda_graph_on(cuda, None, False, True) is False and tried == []
+    assert cli_generate.cuda_graph_on(cuda, None, False, False) is True and tried == [cuda]
+    assert capsys.readouterr().err == ""
+    reason[0] = "capturing the decode step as a CUDA graph failed; run without cuda_graph (boom)"
+    assert cli_generate.cuda_graph_on(cuda, None) is False
+    assert capsys.readouterr().err == f"decoding eagerly (no CUDA graphs): {reason[0]}\n"

@@ -90,6 +90,11 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
         (["--prefix-cache", "-1"], "--prefix-cache must be >= 0 (0: none kept), got -1"),
         (["--kept-graphs", "-1"], "--kept-graphs must be >= 0 (0: none kept), got -1"),
         (["--kept-graphs", "2"], "--kept-graphs keeps decode caches with their CUDA graphs: it needs --cuda-graph"),
+        (["--kept-graphs", "2"], "(the default on a CUDA device), not --device cpu"),
+        (
+            ["--no-cuda-graph", "--kept-graphs", "2"],
+            "it needs --cuda-graph (the default on a CUDA device), not --no-cuda-graph",
+        ),
         (["--max-new-tokens-limit", "0"], "--max-new-tokens-limit must be >= 1"),
         (["--port", "70000"], "--port must be in [0, 65535]"),
         (["--threads", "0"], "--threads must be >= 1"),
@@ -135,22 +140,28 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
     most = server.worker.prefixes.most_bytes(model) / 2**30
     kept = f"prefix cache of 8 states (shared prefixes, answers; at most {most:,.2f} GiB for this model)"
-    assert f"batching: static, at most 3 rows at once, {kept}\n" in err
+    assert f"batching: continuous (requests join the running batch), at most 3 rows at once, {kept}\n" in err
+    assert server.worker.continuous and server.worker.cuda_graph is False  # (the defaults: graphs only on CUDA)
     assert server.worker.prefixes.capacity == 8
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
 
 
-def test_continuous_batching_serves_what_generate_gives(checkpoint, capsys, monkeypatch):
-    """--continuous-batching reaches the worker, which answers a batched request with each prompt's own text."""
+@pytest.mark.parametrize("flag", ["--continuous-batching", "--no-continuous-batching"])
+def test_either_batching_serves_what_generate_gives(checkpoint, capsys, monkeypatch, flag):
+    """--continuous-batching (the default) or --no-continuous-batching (static batching) reaches the worker, which
+    answers a batched request with each prompt's own text."""
     path, model = checkpoint
     body = {"prompt": ["hi", "a longer prompt"], "max_tokens": 5, "temperature": 0}
     answers, servers = serve_then_ctrl_c(monkeypatch, "", body)
-    args = ["serve", str(path), "--device", "cpu", "--port", "0", "--continuous-batching", "--prefix-cache", "0"]
+    args = ["serve", str(path), "--device", "cpu", "--port", "0", flag, "--prefix-cache", "0"]
     assert main(args) == 130
-    assert servers[0].worker.continuous and servers[0].worker.batches == 1 and servers[0].worker.prefixes is None
+    continuous = flag == "--continuous-batching"
+    worker = servers[0].worker
+    assert worker.continuous is continuous and worker.batches == 1 and worker.prefixes is None
     err = capsys.readouterr().err
-    assert "batching: continuous (requests join the running batch), at most 8 rows at once, no prefix cache\n" in err
+    how = "continuous (requests join the running batch)" if continuous else "static"
+    assert f"batching: {how}, at most 8 rows at once, no prefix cache\n" in err
     tok = ByteTokenizer()
     want = [tok.decode(generate(model, tok.encode(p), 5, eos_id=256)) for p in body["prompt"]]
     assert [c["text"] for c in answers[0]["choices"]] == want
@@ -308,18 +319,23 @@ def test_a_captured_decode_step_makes_the_worker_replay_graphs(checkpoint, capsy
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
-def test_cuda_graph_serving_answers_what_generate_gives_on_gpu(checkpoint, capsys, monkeypatch, continuous):
-    """On a GPU, --cuda-graph captures at the start and each batch replays its graph: greedy answers (float32, two
-    rows batched and one alone) equal ``generate`` with and without the graph on the same device, with static or
-    continuous batching."""
+@pytest.mark.parametrize(
+    "flags",
+    [["--cuda-graph", "--no-continuous-batching"], ["--cuda-graph", "--continuous-batching"], []],
+    ids=["static", "continuous", "default"],
+)
+def test_cuda_graph_serving_answers_what_generate_gives_on_gpu(checkpoint, capsys, monkeypatch, flags):
+    """On a GPU, CUDA graphs (given, or by default) capture at the start and each batch replays its graph: greedy
+    answers (float32, two rows batched and one alone) equal ``generate`` with and without the graph on the same
+    device, with static or continuous batching (the default)."""
     path, model = checkpoint
     bodies = [{"prompt": p, "max_tokens": 6, "temperature": 0} for p in (["hi", "a longer prompt"], "yo")]
     answers, servers = serve_then_ctrl_c(monkeypatch, "", *bodies)
-    flags = ["--continuous-batching"] if continuous else []
-    assert main(["serve", str(path), "--device", "cuda", "--cuda-graph", "--port", "0", *flags]) == 130
-    capsys.readouterr()
-    assert servers[0].worker.cuda_graph
+    assert main(["serve", str(path), "--device", "cuda", "--port", "0", *flags]) == 130
+    err = capsys.readouterr().err
+    worker = servers[0].worker
+    assert worker.cuda_graph and worker.graphs.captures >= 1 and "decode steps replayed as CUDA graphs" in err
+    assert worker.continuous is ("--no-continuous-batching" not in flags)
     gpu = HybridLM(model.config, seed=0, device="cuda")
     gpu.load_state_dict(model.state_dict())
     gpu.eval()

@@ -160,7 +160,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..infer.conversation import Conversation
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
-    from .generate import stop_strings
+    from .generate import cuda_graph_on, stop_strings
     from .serve import chat_option
 
     device, dtype, template_kwargs = _check_args(args)
@@ -185,7 +185,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        cuda_graph=args.cuda_graph,
+        cuda_graph=cuda_graph_on(model, args.cuda_graph),
         kept_states=args.prefix_cache,
     )
     interactive = sys.stdin.isatty()
@@ -268,7 +268,7 @@ def _answer(conversation, text: str, interactive: bool, max_new_tokens: int) -> 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     from . import model_options
-    from .generate import run_options, sampling_options, stop_option
+    from .generate import cuda_graph_option, run_options, sampling_options, stop_option
     from .serve import chat_template_options
 
     ap = sub.add_parser(
@@ -304,10 +304,6 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
         help="states kept across turns (the last answer's, the prefixes turns share; default: 4; 0: none, every turn "
         "runs the whole conversation)",
     )
-    ap.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="replay the decode step as a CUDA graph, kept between turns (CUDA only)",
-    )
+    cuda_graph_option(ap, "replay the decode step as a CUDA graph, kept between turns")
     run_options(ap)
     ap.set_defaults(func=_cmd_chat)

@@ -104,7 +104,9 @@ def check_model_args(args: argparse.Namespace, checks) -> tuple:
 
 def _check_args(args: argparse.Namespace):
     """``serve``'s options checked (:func:`check_model_args`)."""
-    return check_model_args(
+    from ..errors import UsageError
+
+    device, dtype, template_kwargs = check_model_args(
         args,
         (
             (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
@@ -113,28 +115,18 @@ def _check_args(args: argparse.Namespace):
                 args.kept_graphs is None or args.kept_graphs >= 0,
                 f"--kept-graphs must be >= 0 (0: none kept), got {args.kept_graphs}",
             ),
-            (
-                args.kept_graphs is None or args.cuda_graph,
-                "--kept-graphs keeps decode caches with their CUDA graphs: it needs --cuda-graph",
-            ),
             (args.max_new_tokens_limit >= 1, f"--max-new-tokens-limit must be >= 1, got {args.max_new_tokens_limit}"),
             (0 <= args.port <= 65535, f"--port must be in [0, 65535] (0: any free port), got {args.port}"),
             (args.model_name != "", "--model-name: empty; leave it out to serve the model as CHECKPOINT"),
         ),
     )
-
-
-def _check_capture(model) -> None:
-    """``--cuda-graph``: one short greedy generation with the graph captured, before the server listens; a model
-    whose decode step cannot be captured is refused here, not in every batch's answer (it also pays the first
-    capture's lazy initialisation and autotuning before the first request)."""
-    from ..errors import UsageError
-    from ..infer.generate import generate
-
-    try:
-        generate(model, [[0]], max_new_tokens=2, cuda_graph=True)
-    except RuntimeError as e:
-        raise UsageError(f"--cuda-graph: {e}") from None
+    if args.kept_graphs is not None and (args.cuda_graph is False or device.type != "cuda"):
+        why = "--no-cuda-graph" if args.cuda_graph is False else f"--device {device}"
+        raise UsageError(
+            f"--kept-graphs keeps decode caches with their CUDA graphs: it needs --cuda-graph (the default on a CUDA "
+            f"device), not {why}"
+        )
+    return device, dtype, template_kwargs
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -151,6 +143,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
+    from .generate import capture_fails, cuda_graph_on
 
     device, dtype, template_kwargs = _check_args(args)
     path = model_folder(args.checkpoint, "checkpoint")
@@ -160,13 +153,16 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     chat = chat_option(args, path, tokenizer, template_kwargs)  # (before the model loads, as a bad flag is)
     scope.enter_context(cpu_threads(args.threads))
     model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
-    if args.cuda_graph:
-        _check_capture(model)
+    # (given, a decode step that cannot be captured is refused before the server listens, not in every answer)
+    why = capture_fails(model) if args.cuda_graph else None
+    if why is not None:
+        raise UsageError(f"--cuda-graph: {why}")
+    graphed = cuda_graph_on(model, args.cuda_graph)
     worker = BatchWorker(
         model,
         tokenizer,
         args.max_batch_size,
-        cuda_graph=args.cuda_graph,
+        cuda_graph=graphed,
         continuous=args.continuous_batching,
         prefix_cache=args.prefix_cache,
         **({} if args.kept_graphs is None else {"kept_graphs": args.kept_graphs}),
@@ -198,14 +194,14 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         )
         how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
         graphs = ""
-        if args.cuda_graph and worker.graphs.keep:  # (a kept cache: every row's recurrent states, each position's KV)
+        if graphed and worker.graphs.keep:  # (a kept cache: every row's recurrent states, each position's KV)
             row, position = entry_bytes(model)
             graphs = (
                 f", decode steps replayed as CUDA graphs (each shape captured once; the caches of the "
                 f"{worker.graphs.keep} most recent shapes kept, {row / 2**20:,.1f} MiB a row + {position / 2**10:,.1f} "
                 "KiB a row's position each)"
             )
-        elif args.cuda_graph:
+        elif graphed:
             graphs = ", decode steps replayed as CUDA graphs (captured for each batch: --kept-graphs 0)"
         store = worker.prefixes
         kept = (
@@ -225,7 +221,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     from . import model_options
-    from .generate import run_options
+    from .generate import cuda_graph_option, run_options
 
     ap = sub.add_parser(
         "serve",
@@ -234,9 +230,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "GET /v1/models, GET /health, GET /metrics) with a trained model. Chat requests are rendered by the model "
         "folder's chat template (chat_template.jinja, chat_template.json or tokenizer_config.json, as a model "
         "converted from Hugging Face keeps them), or --chat-template's, and end at the end-of-turn ids "
-        "generation_config.json names. One thread runs the model: requests queued together with equal sampling "
-        "settings run as one batch (static batching, or with --continuous-batching joining the running batch; "
-        "docs/inference.md). Prompts that begin alike run what they share once, and --prefix-cache keeps shared "
+        "generation_config.json names. One thread runs the model: a request joins the running batch at its next "
+        "decode step (continuous batching; --no-continuous-batching: requests queued together with equal sampling "
+        "settings run as one batch to its end; docs/inference.md), and on CUDA each step replays a CUDA graph. Prompts that begin alike run what they share once, and --prefix-cache keeps shared "
         "prefixes and answers for later requests (a chat's next turn runs only what it adds). "
         "No authentication: anyone who can reach the port can use the model. "
         "CHECKPOINT is a model directory (hybridlm checkpoint with its tokenizer) or a training "
@@ -275,12 +271,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "POST /v1/chat/completions",
         "the defaults of a request's chat_template_kwargs, which overrides them key by key",
     )
-    ap.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="replay each batch's decode step as a CUDA graph; the caches of ended batches are kept with their graphs, "
-        "so that each shape (rows and positions, rounded up to powers of two) is captured once (CUDA only; "
-        "docs/inference.md)",
+    cuda_graph_option(
+        ap,
+        "replay each batch's decode step as a CUDA graph; the caches of ended batches are kept with their graphs, so "
+        "that each shape (rows and positions, rounded up to powers of two) is captured once (docs/inference.md)",
     )
     ap.add_argument(
         "--kept-graphs",
@@ -288,17 +282,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         # (the default is infer.cuda_graph.KEPT_GRAPHS, written out: building the parser imports no torch)
-        help="with --cuda-graph: the decode caches of ended batches kept with their graphs, the least recently used "
+        help="with CUDA graphs: the decode caches of ended batches kept with their graphs, the least recently used "
         "dropped first (default: 4; 0: none, every batch captures its own); a kept cache holds its memory (the start "
         "line says how much)",
     )
     ap.add_argument(
         "--continuous-batching",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="a request joins the running batch at its next decode step, and a row that ends frees its slot at once, "
         "instead of waiting for the whole batch to end; requests of any sampling settings share it (seeded samples "
-        "still run in static batches of their own); faster than static batching in every setting measured, with "
-        "--cuda-graph too (docs/benchmarks.md, docs/inference.md)",
+        "still run in static batches of their own). The default: faster than static batching in every setting "
+        "measured, with CUDA graphs too (docs/benchmarks.md). --no-continuous-batching: static batching, a batch of "
+        "the queued requests of equal settings runs to its end before the next starts",
     )
     ap.add_argument(
         "--prefix-cache",

@@ -4,10 +4,10 @@ Generation is not thread-safe (a model runs one cache at a time), so a single th
 Each round it takes what is queued, picks the rows whose sampling settings equal those of the oldest waiting row
 (one ``generate`` call has one temperature, top_k, top_p, seed and penalty), at most ``max_batch_size`` of them, and
 runs them as one left-padded batch; ``max_new_tokens`` is the batch's largest ``max_tokens`` and each row stops at
-its own through the token callback. This is static batching (the default): a request that arrives while a batch
-runs waits for the whole batch to end.
+its own through the token callback. This is static batching (this class's default; ``hybridlm serve
+--no-continuous-batching``): a request that arrives while a batch runs waits for the whole batch to end.
 
-With ``continuous`` (``hybridlm serve --continuous-batching``) the worker keeps one
+With ``continuous`` (``hybridlm serve``'s default) the worker keeps one
 :class:`~hybridlm.infer.decode.DecodeBatch` running and, before each of its decode steps, admits the waiting rows
 that fit (at most ``max_batch_size`` rows decode at once): a joining prompt is prefilled on its own,
 :data:`JOIN_CHUNK` tokens per step of the batch, and its state copied into a free slot; a row that ends frees its
@@ -265,7 +265,7 @@ class BatchWorker:
             (
                 "decode_graph_captures_total",
                 "counter",
-                "Decode steps captured as CUDA graphs (--cuda-graph; a batch of a kept shape replays one).",
+                "Decode steps captured as CUDA graphs (on CUDA; a batch of a kept shape replays one).",
                 graphs.captures if graphs else 0,
             ),
             (

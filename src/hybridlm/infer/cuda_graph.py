@@ -8,7 +8,7 @@ device tensors (``offset_t``, ``next_pos``), so the whole step can be recorded o
 A capture costs a few eager steps (two warm-ups and the recording), tens of milliseconds for a 1B model. A graph is
 tied to its cache's buffers, so :class:`DecodeGraphs` keeps the caches of ended batches, emptied, with their graphs:
 a later batch of the same shape (rows, positions) replays the graph already captured instead of capturing its own.
-``hybridlm serve --cuda-graph`` keeps one for the server's life, so that each shape is captured once, not once per
+``hybridlm serve`` (on CUDA) keeps one for the server's life, so that each shape is captured once, not once per
 batch; its batches round their shapes up (rows and positions to powers of two) so that few shapes occur.
 """
 

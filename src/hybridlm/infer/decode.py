@@ -14,7 +14,7 @@
   never reads more than the longest row), and the cache grows, copied into a larger one, when a joining row needs
   more room than is left.
 
-``generate`` runs one admission and steps to the end; ``hybridlm serve --continuous-batching`` admits waiting
+``generate`` runs one admission and steps to the end; ``hybridlm serve`` (continuous batching) admits waiting
 requests between steps.
 """
 
