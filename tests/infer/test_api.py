@@ -74,14 +74,27 @@ def test_prompts_are_text_texts_token_ids_or_lists_of_them():
     [
         ("best_of", 3),
         ("suffix", "x"),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1),
         ("logit_bias", {"5": 10}),
     ],
 )
 def test_fields_that_would_change_the_result_are_refused_by_name(field, value):
     error = refused({"prompt": "hi", field: value})
     assert error.param == field and error.message.startswith(f"{field}: only ")
+
+
+def test_frequency_and_presence_penalties_are_taken_in_openais_range_and_part_batches():
+    """OpenAI's two penalties are served (greedy rows too), checked by name in [-2, 2]; rows of other penalties do
+    not batch together, and a request without them passes none on."""
+    sampling = parse({"prompt": "hi", "temperature": 0, "frequency_penalty": 0.5, "presence_penalty": -1}).sampling
+    assert sampling == Sampling(0.0, 0, 1.0, 1.0, None, frequency_penalty=0.5, presence_penalty=-1.0)
+    assert sampling.penalties() == {"frequency_penalty": 0.5, "presence_penalty": -1.0}
+    assert sampling != parse({"prompt": "hi", "temperature": 0}).sampling
+    assert parse({"prompt": "hi", "frequency_penalty": 0, "presence_penalty": None}).sampling.penalties() == {}
+    assert parse({"prompt": "hi", "presence_penalty": 2}).sampling.penalties() == {"presence_penalty": 2.0}
+    for field in ("frequency_penalty", "presence_penalty"):
+        for value, says in ((2.5, "must be in [-2.0, 2.0], got 2.5"), (-3, "got -3"), ("1", "must be a number")):
+            error = refused({"prompt": "hi", field: value})
+            assert error.param == field and says in error.message, error.message
 
 
 def test_fields_at_their_neutral_values_and_the_user_are_taken():

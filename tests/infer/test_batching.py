@@ -375,6 +375,23 @@ def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
     assert b.usage() == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24}
 
 
+@pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
+def test_frequency_and_presence_penalties_reach_the_rows_that_asked(model, continuous):
+    """A request's frequency and presence penalties are its rows' alone: in either batching mode each text is what
+    ``generate`` gives its prompt with those penalties, and a request without them, queued beside, is unchanged."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
+    penalties = {"frequency_penalty": -1.5, "presence_penalty": -0.5}  # (repeats favoured: the counts show at once)
+    a = worker.submit(request({"prompt": ["a", "longer prompt"], "max_tokens": 8, **penalties}))
+    b = worker.submit(request({"prompt": "hi", "max_tokens": 8}))
+    drain(worker)
+    for job, settings in ((a, penalties), (b, {})):
+        assert [kind for kind, *_ in events(job)][-1] == "done"
+        for row in job.rows:
+            alone = generate(model, row.ids, 8, eos_id=256, **settings)
+            assert row.completion.text == TOKENIZER.decode(alone)
+    assert a.rows[0].completion.text != TOKENIZER.decode(generate(model, a.rows[0].ids, 8, eos_id=256))
+
+
 def test_continuous_rows_past_the_batch_size_take_the_slots_rows_leave(model):
     """Three rows for two slots: the third starts when the first one ends, before the second has."""
     worker = BatchWorker(model, TOKENIZER, max_batch_size=2, continuous=True)

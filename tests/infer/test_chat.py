@@ -80,7 +80,6 @@ def test_max_completion_tokens_or_its_older_name_and_errors_name_the_one_given()
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("presence_penalty", 0.5),
         ("logit_bias", {"1": 2}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "auto"),

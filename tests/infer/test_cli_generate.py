@@ -180,6 +180,8 @@ def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoi
     monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
     for argv, says in (
         ([path, "--greedy", "--speculative", "mtp", "--repetition-penalty", 1.2], "leave out --repetition-penalty"),
+        ([path, "--greedy", "--speculative", "mtp", "--presence-penalty", 0.5], "--presence-penalty"),
+        ([path, "--frequency-penalty", 2.5], "--frequency-penalty must be in [-2.0, 2.0], got 2.5"),
         ([no_mtp, "--greedy", "--speculative", "mtp"], "has no MTP depths"),
         ([path, "--tokenizer", tmp_path / "none.json"], "--tokenizer: "),
         ([small], "no tokenizer.hybridlm.json or tokenizer.json; pass --tokenizer explicitly"),
@@ -910,3 +912,25 @@ def test_cuda_graphs_are_on_by_default_only_where_the_model_runs_on_cuda_and_can
     reason[0] = "capturing the decode step as a CUDA graph failed; run without cuda_graph (boom)"
     assert cli_generate.cuda_graph_on(cuda, None) is False
     assert capsys.readouterr().err == f"decoding eagerly (no CUDA graphs): {reason[0]}\n"
+
+
+def test_frequency_and_presence_penalties_reach_generation(checkpoint, capsys):
+    """--frequency-penalty and --presence-penalty: the text is what ``generate`` gives with those penalties."""
+    path, model = checkpoint
+    tok = ByteTokenizer()
+    want = tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256, frequency_penalty=-2.0, presence_penalty=-1.0))
+    assert want != tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256))
+    code, out, _ = run(
+        capsys,
+        path,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        12,
+        "--greedy",
+        "--frequency-penalty",
+        -2,
+        "--presence-penalty",
+        -1,
+    )
+    assert code == 0 and out == "hi" + want + "\n"

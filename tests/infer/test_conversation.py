@@ -140,6 +140,22 @@ def test_sampled_turn_n_draws_from_seed_plus_n(model):
         )
 
 
+def test_a_turn_takes_the_frequency_and_presence_penalties(model):
+    """Each answer counts its own tokens for OpenAI's penalties (not the conversation's earlier answers): the
+    tokens of ``generate`` over the rendered conversation with those penalties."""
+    penalties = dict(frequency_penalty=1.2, presence_penalty=0.6)
+    chat = Conversation(model, TOKENIZER, CHAT, max_new_tokens=16, **penalties)
+    changed = False
+    for text in MESSAGES[:2]:
+        ids = rendered([*chat.messages, {"role": "user", "content": text}])
+        want = generate(model, ids, max_new_tokens=16, eos_id=TOKENIZER.eos_id, **penalties)
+        changed |= want != generate(model, ids, max_new_tokens=16, eos_id=TOKENIZER.eos_id)
+        assert chat.reply(text).tokens == want
+    assert changed
+    with pytest.raises(ValueError, match="presence_penalty must be in"):
+        Conversation(model, TOKENIZER, CHAT, presence_penalty=3)
+
+
 def test_reset_starts_over_as_a_new_conversation(model):
     chat = Conversation(model, TOKENIZER, CHAT, system="Be brief.", max_new_tokens=16)
     first = [chat.reply(text).tokens for text in MESSAGES[:2]]

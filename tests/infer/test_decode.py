@@ -120,6 +120,34 @@ def test_a_joining_row_gets_its_own_repetition_penalty_and_logprobs():
         assert got.logprob == pytest.approx(want.logprob, abs=1e-12)
 
 
+def test_rows_that_join_and_move_keep_their_own_output_counts():
+    """Frequency and presence penalties count each row's own output: a row that joins the slot another row held
+    starts from no counts, rows of another sampler (no penalty) share the batch, and the counts move with their rows
+    when the batch's slots shrink; every row takes the tokens it takes alone (float64)."""
+    model = model64("M*G")
+    ps = prompts(9, 3, 5, 7, 4, seed=6)
+    limits = [3, 12, 10, 11, 5]
+    penalized = Sampler(frequency_penalty=-1.5, presence_penalty=-0.5)  # (repeats favoured: counts show at once)
+    samplers = [penalized, penalized, Sampler(), penalized, penalized]
+    with torch.no_grad():
+        batch = DecodeBatch(model, 1, 0, penalized, max_slots=4, power_of_two=True)
+        rows = batch.admit(ps[:4], limits[:4], [None] * 4, samplers=samplers[:4])
+        while len(rows[0].out) < limits[0]:
+            batch.step()
+        freed, grown = rows[0].slot, batch.grown
+        rows += batch.admit(ps[4:], limits[4:], [None], samplers=samplers[4:])
+        batch.step()  # (placed: the slot the first row held, the batch neither grown nor shrunk)
+        assert rows[4].slot == freed and batch.grown == grown and len(batch.rows) == 4
+        while batch.live:
+            batch.step()
+    assert batch.counts is not None and batch.grown > grown  # (the rows moved as the slots shrank)
+    for row, prompt, limit, sampler in zip(rows, ps, limits, samplers):
+        settings = dict(frequency_penalty=sampler.frequency_penalty, presence_penalty=sampler.presence_penalty)
+        assert row.out == generate(model, prompt, limit, **settings)
+    for i in (1, 3, 4):  # (the penalty changed what they picked)
+        assert rows[i].out != generate(model, ps[i], limits[i]), i
+
+
 @pytest.mark.parametrize("power_of_two", [True, False], ids=["power-of-two", "exact"])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_a_batch_of_max_slots_takes_as_many_slots_as_its_rows_need(static, power_of_two, monkeypatch):

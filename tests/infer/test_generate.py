@@ -127,6 +127,8 @@ def test_speculative_settings_are_refused_even_for_no_new_tokens():
         (plain, {}, "needs a model with MTP depths"),
         (with_mtp, dict(temperature=1.0), "greedy only"),
         (with_mtp, dict(repetition_penalty=1.5), "greedy only"),
+        (with_mtp, dict(frequency_penalty=0.5), "greedy only"),
+        (with_mtp, dict(presence_penalty=-0.5), "greedy only"),
     ):
         for n in (0, 1):
             with pytest.raises(ValueError, match=says):
@@ -176,6 +178,10 @@ def test_out_of_range_settings_are_refused_and_the_edges_accepted():
         (dict(temperature=True), "temperature must be >= 0 and finite"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be > 0 and finite"),
+        (dict(frequency_penalty=2.01), r"frequency_penalty must be in \[-2.0, 2.0\], got 2.01"),
+        (dict(presence_penalty=-2.5), r"presence_penalty must be in \[-2.0, 2.0\], got -2.5"),
+        (dict(presence_penalty=float("nan")), r"presence_penalty must be in \[-2.0, 2.0\], got nan"),
+        (dict(frequency_penalty=True), r"frequency_penalty must be in \[-2.0, 2.0\], got True"),
         (dict(max_new_tokens=True), "max_new_tokens must be an integer, got True"),
         (dict(top_k=True), "top_k must be an integer >= 0"),
         (dict(speculative="MTP"), "speculative must be None or 'mtp'"),
@@ -219,6 +225,55 @@ def test_repetition_penalty_covers_generated_tokens_as_a_step_by_step_reference_
     sampler.observe([[0], [0]], 3, "cpu")
     logits = torch.tensor([[2.0, 1.0, -5.0], [-1.0, -2.0, -5.0]])  # token 0 seen in both rows, the best
     assert sampler(logits).tolist() == [1, 1]  # 2 / 3 < 1, and -1 * 3 < -2
+
+
+@pytest.mark.parametrize(("frequency", "presence"), [(1.5, 0.0), (0.0, 2.0), (0.7, -0.4), (-2.0, 0.0)])
+def test_frequency_and_presence_penalties_follow_openais_formula_as_a_step_by_step_reference_does(frequency, presence):
+    """OpenAI's penalties: each token's logit loses ``frequency`` times its count in the output so far, and ``presence``
+    once if the output holds it (the prompt's tokens are not counted). A float64 reference loop over the full forward
+    applies the formula; greedy ``generate``, cached and uncached, picks its tokens, on one prompt and in a batch of two
+    (each row counting its own output)."""
+    model = HybridLM(tiny_config("M*-"), seed=0).eval().cast(torch.float64)
+    batch = [[5, 17, 3, 5], [9, 2]]
+
+    def reference(prompt: list[int], n: int) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            logits = model(torch.tensor([prompt + out])).logits[0, -1]
+            counts = torch.zeros_like(logits)
+            for token in out:
+                counts[token] += 1
+            out.append(int((logits - frequency * counts - presence * (counts > 0).double()).argmax()))
+        return out
+
+    want = [reference(prompt, 12) for prompt in batch]
+    assert want[0] != generate(model, batch[0], 12)  # (the penalties change what greedy picks here)
+    settings = dict(frequency_penalty=frequency, presence_penalty=presence)
+    for use_cache in (True, False):
+        assert generate(model, batch[0], 12, use_cache=use_cache, **settings) == want[0]
+        assert generate(model, batch, 12, use_cache=use_cache, **settings) == want
+    # Sampled, the cached batch draws what the uncached reference draws with the same seed.
+    sampled = dict(temperature=1.0, top_k=20, seed=5, **settings)
+    assert generate(model, batch, 10, **sampled) == generate(model, batch, 10, use_cache=False, **sampled)
+
+
+def test_the_output_counts_leave_the_prompt_out_and_count_each_picked_token():
+    """``Sampler.observe``: a prompt (lists) is seen by the repetition penalty only; picked tokens (a tensor) are
+    counted. A token the prompt holds is not penalized by the presence penalty; one picked twice loses twice the
+    frequency penalty."""
+    from hybridlm.infer.generate import Sampler
+
+    sampler = Sampler(temperature=0, frequency_penalty=1.0, presence_penalty=0.5)
+    sampler.observe([[0, 1]], 4, "cpu")
+    assert sampler.counts is None and sampler.seen is None
+    logits = torch.tensor([[3.0, 2.9, 2.5, 0.0]])
+    assert sampler(logits).tolist() == [0]  # the prompt's 0 and 1 are not penalized
+    for _ in range(2):
+        sampler.observe(torch.tensor([0]), 4, "cpu")
+    assert sampler.counts.tolist() == [[2, 0, 0, 0]]
+    assert sampler(logits).tolist() == [1]  # 3 - 2 * 1 - 0.5 = 0.5 < 2.9
+    sampler.observe(torch.tensor([1]), 4, "cpu")
+    assert sampler(logits).tolist() == [2]  # 2.9 - 1.5 = 1.4 < 2.5
 
 
 def test_a_top_k_past_the_vocabulary_keeps_every_token():
@@ -500,6 +555,21 @@ def test_logprobs_come_back_through_the_pinned_readback_on_cuda(cuda_graph):
     for (_, _, gpu), (_, _, cpu) in zip(on_gpu, on_cpu):
         torch.testing.assert_close(gpu.logprob, cpu.logprob, rtol=0, atol=1e-4)
         torch.testing.assert_close([v for _, v in gpu.top], [v for _, v in cpu.top], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_frequency_and_presence_penalties_count_on_cuda_as_on_the_cpu(cuda_graph):
+    """The output counts live on the device (a scatter-add per step, beside the decode step or its replayed graph):
+    greedy tokens with the penalties are the CPU's (float32; the CPU's equal the float64 reference loop,
+    test_frequency_and_presence_penalties_follow_openais_formula_as_a_step_by_step_reference_does)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = HybridLM(tiny_config("M*-"), seed=0).eval()
+    prompts, settings = [[4, 5, 4], [1, 2, 3]], dict(frequency_penalty=-1.5, presence_penalty=0.5)
+    on_cpu = generate(model, prompts, 12, **settings)
+    assert on_cpu != generate(model, prompts, 12)
+    assert generate(model.cuda(), prompts, 12, cuda_graph=cuda_graph, **settings) == on_cpu
 
 
 def test_an_eos_id_outside_the_vocabulary_is_named_not_the_empty_prompt_that_starts_from_it():

@@ -184,6 +184,8 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
         seed=args.seed,
         cuda_graph=cuda_graph_on(model, args.cuda_graph),
         kept_states=args.prefix_cache,

@@ -178,13 +178,15 @@ def sampling_settings(args: argparse.Namespace, seeds: dict[str, int]) -> None:
                 args.repetition_penalty,
                 seed,
                 name=lambda p: "--" + p.replace("_", "-"),
+                frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty,
             )
         except ValueError as e:
             raise UsageError(f"{e}{more}") from None
 
 
 def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
-    """--temperature, --greedy, --top-k, --top-p, --repetition-penalty and --seed (``seed_help``: which draws it
+    """--temperature, --greedy, --top-k, --top-p, the three penalties and --seed (``seed_help``: which draws it
     seeds): how ``generate`` and ``chat`` sample, checked by :func:`sampling_settings`."""
     ap.add_argument(
         "--temperature",
@@ -202,6 +204,21 @@ def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
         type=float,
         default=1.0,
         help="divide the logits of tokens already seen by this, multiply the negative ones (1 = off)",
+    )
+    ap.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="subtract this times each token's count in the text generated so far from its logit (OpenAI's; in [-2, "
+        "2], 0 = off)",
+    )
+    ap.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="subtract this from the logit of each token the generated text holds (OpenAI's; in [-2, 2], 0 = off)",
     )
     ap.add_argument(
         "--seed",
@@ -232,8 +249,9 @@ def _check_generate_args(args: argparse.Namespace, num_prompts: int):
             "--speculative mtp decodes greedily: add --greedy",
         ),
         (
-            not args.speculative or args.repetition_penalty == 1,
-            "--speculative mtp decodes greedily: leave out --repetition-penalty",
+            not args.speculative
+            or (args.repetition_penalty == 1 and args.frequency_penalty == 0 and args.presence_penalty == 0),
+            "--speculative mtp decodes greedily: leave out --repetition-penalty, --frequency-penalty and --presence-penalty",
         ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
@@ -326,6 +344,8 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 speculative=args.speculative,
                 draft_tokens=args.draft_tokens,
                 repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty,
                 # The end-of-document token ends the text and is none of it (a tokenizer.json need not mark it
                 # special, and then decoding printed its name, '<|endoftext|>', after the text).
                 callback=lambda row, token, rows=rows: token != tokenizer.eos_id and rows[row].add(token),

@@ -37,8 +37,6 @@ MAX_N = 128
 NEUTRAL = {
     "best_of": 1,
     "suffix": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
     "logit_bias": {},
 }
 #: Fields read, besides :data:`NEUTRAL`'s; ``user`` (an end-user id for OpenAI's abuse monitoring) changes nothing.
@@ -51,6 +49,8 @@ FIELDS = (
     "top_p",
     "top_k",
     "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
     "stop",
     "seed",
     "stream",
@@ -87,13 +87,22 @@ def _invalid(param: str, message: str) -> RequestError:
 @dataclass(frozen=True)
 class Sampling:
     """What one ``generate`` call decodes with: rows whose settings are equal can run as one batch. Greedy
-    (temperature 0) reads none of top_k, top_p and seed, so they are left at their neutral values there."""
+    (temperature 0) reads none of top_k, top_p and seed, so they are left at their neutral values there; the
+    penalties apply to greedy rows too."""
 
     temperature: float
     top_k: int
     top_p: float
     repetition_penalty: float
     seed: int | None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def penalties(self) -> dict[str, float]:
+        """The frequency and presence penalties that are not 0, as ``generate``'s and ``Sampler``'s keyword
+        arguments (none where neither is set: a ``generate`` given in place of the library's need not take them)."""
+        given = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
+        return {name: value for name, value in given.items() if value != 0.0}
 
     @property
     def seeded(self) -> bool:
@@ -268,10 +277,13 @@ def parse_request(
         )
     temperature, top_p = get("temperature", DEFAULT_TEMPERATURE), get("top_p", 1.0)
     top_k, penalty, seed = get("top_k", 0), get("repetition_penalty", 1.0), body.get("seed")
+    frequency, presence = get("frequency_penalty", 0.0), get("presence_penalty", 0.0)
     for name, value, ok in (
         ("temperature", temperature, _is_number),
         ("top_p", top_p, _is_number),
         ("repetition_penalty", penalty, _is_number),
+        ("frequency_penalty", frequency, _is_number),
+        ("presence_penalty", presence, _is_number),
         ("top_k", top_k, _is_int),
         ("seed", seed, lambda v: v is None or _is_int(v)),
     ):
@@ -279,7 +291,7 @@ def parse_request(
             kind = "a number" if ok is _is_number else "an integer"
             raise _invalid(name, f"must be {kind}, got {json.dumps(value)[:60]}")
     try:
-        check_sampling(temperature, top_k, top_p, penalty, seed)
+        check_sampling(temperature, top_k, top_p, penalty, seed, frequency_penalty=frequency, presence_penalty=presence)
     except ValueError as e:  # "top_p must be in (0, 1], got 2": named by the field already
         raise RequestError(400, str(e), str(e).split()[0]) from None
     last = (len(prompts) - 1) // max_batch_size * max_batch_size
@@ -297,10 +309,11 @@ def parse_request(
     if options and not stream:
         raise _invalid("stream_options", "is only read with stream: true")
     temperature = float(temperature)
+    penalties = {"frequency_penalty": float(frequency), "presence_penalty": float(presence)}
     sampling = (
-        Sampling(0.0, 0, 1.0, float(penalty), None)
+        Sampling(0.0, 0, 1.0, float(penalty), None, **penalties)
         if temperature == 0
-        else Sampling(temperature, operator.index(top_k), float(top_p), float(penalty), seed)
+        else Sampling(temperature, operator.index(top_k), float(top_p), float(penalty), seed, **penalties)
     )
     stops = _stops(body.get("stop"))
     return CompletionRequest(

@@ -48,8 +48,6 @@ FIELDS = (
 #: are given to the template, no JSON mode, nothing stored for OpenAI's evals (``store``), text out
 #: (``modalities``): each at OpenAI's default, which a client may write.
 NEUTRAL = {
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
     "logit_bias": {},
     "tools": [],
     "tool_choice": "none",

@@ -228,6 +228,8 @@ class DecodeBatch:
         self.steps = 0  # decode steps run
         self.grown = 0  # times the cache was copied into another (more positions, more or fewer slots)
         self.seen: torch.Tensor | None = None  # (slots, V) bool: the tokens each row holds, once a row has a penalty
+        # (slots, V) int32: each row's output tokens counted, once a row has a frequency or presence penalty
+        self.counts: torch.Tensor | None = None
         self.join_chunk = join_chunk
         self.joining: list[_Joining] = []  # admitted prompts still prefilled, oldest first
 
@@ -359,7 +361,8 @@ class DecodeBatch:
         self._seat(new)
 
     def _seat(self, new: list[Row]) -> None:
-        """Put placed rows in :attr:`rows`, with the tokens of their prompts seen (a penalty's)."""
+        """Put placed rows in :attr:`rows`, with the tokens of their prompts seen (a penalty's) and no output
+        counted yet."""
         for row in new:
             self.rows[row.slot] = row
         if self.seen is None and any(row.sampler.repetition_penalty != 1.0 for row in new):
@@ -368,6 +371,10 @@ class DecodeBatch:
             for row in new:
                 self.seen[row.slot] = False
                 self.seen[row.slot, torch.tensor(row.prompt, device=self.device)] = True
+        if self.counts is None and any(row.sampler.counting for row in new):
+            self.counts = torch.zeros(len(self.rows), self.vocab, dtype=torch.int32, device=self.device)
+        if self.counts is not None:
+            self.counts[[row.slot for row in new]] = 0
 
     def _make_room(self, longest_prompt: int) -> None:
         """Drop the positions before every live row's first, then put padding in front until the offset reaches
@@ -400,6 +407,10 @@ class DecodeBatch:
             seen = self.seen.new_zeros(slots, self.vocab)
             seen[: len(live)] = self.seen[keep]
             self.seen = seen
+        if self.counts is not None:
+            counts = self.counts.new_zeros(slots, self.vocab)
+            counts[: len(live)] = self.counts[keep]
+            self.counts = counts
         self.rows = live + [None] * (slots - len(live))
         if self.graphs is not None:  # (after the copy: nothing reads the old cache any more)
             self.graphs.give_back(old, old_graph)
@@ -450,6 +461,8 @@ class DecodeBatch:
         tokens, bad = self._pick()
         if self.seen is not None:
             self.seen.scatter_(1, tokens.view(-1, 1), True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens.view(-1, 1), self.counts.new_ones(len(tokens), 1))
         # (computed before the next step is queued, and copied with the tokens: no synchronization of their own)
         self.reader.start(tokens, bad, *(pick_logprobs(self.logits, tokens, max(ks)) if ks else ()))
         queued = any(r is not None and len(r.out) + 1 < r.limit for r in rows)
@@ -506,11 +519,12 @@ class DecodeBatch:
         bad = nonfinite(self.logits)
         if len(groups) == 1:
             (sampler,) = groups
-            return sampler.pick_rows(self.logits, bad, self.seen), bad
+            return sampler.pick_rows(self.logits, bad, self.seen, self.counts), bad
         tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.logits.device)
         for sampler, slots in groups.items():
             at = torch.tensor(slots, device=self.logits.device)
-            tokens[at] = sampler.pick_rows(self.logits[at], bad[at], None if self.seen is None else self.seen[at])
+            seen, counts = (None if held is None else held[at] for held in (self.seen, self.counts))
+            tokens[at] = sampler.pick_rows(self.logits[at], bad[at], seen, counts)
         return tokens, bad
 
     def end(self, slot: int) -> None:

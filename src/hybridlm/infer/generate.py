@@ -38,6 +38,8 @@ TokenCallback = Callable[[int, int], "bool | None"]
 #: Seeds accepted: 64-bit signed integers (torch takes them all, a negative one as its two's complement;
 #: its CPU generator, a Mersenne twister, reads only the low 32 bits, so seeds 2**32 apart sample alike there).
 SEED_RANGE = (-(2**63), 2**63 - 1)
+#: ``frequency_penalty`` and ``presence_penalty`` lie in [-PENALTY_LIMIT, PENALTY_LIMIT]: OpenAI's range (vLLM's too).
+PENALTY_LIMIT = 2.0
 
 
 def _whole(x) -> bool:
@@ -75,6 +77,8 @@ def check_sampling(
     repetition_penalty: float,
     seed: int | None = None,
     name: Callable[[str], str] = str,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> None:
     """Refuse sampling settings :class:`Sampler` cannot use (NaN included): ValueError naming the
     setting as ``name(parameter)`` (the CLI passes its flags)."""
@@ -89,6 +93,15 @@ def check_sampling(
             repetition_penalty,
         ),
         (_seed_ok(seed), "seed", "None or an integer in [-2**63, 2**63 - 1]", seed),
+        *(
+            (
+                _real(value) and -PENALTY_LIMIT <= value <= PENALTY_LIMIT,
+                param,
+                f"in [-{PENALTY_LIMIT}, {PENALTY_LIMIT}]",
+                value,
+            )
+            for param, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty))
+        ),
     ):
         if not ok:
             shown = repr(value) if isinstance(value, str) else value  # ("got 0.5" for the text '0.5' read as a number)
@@ -96,7 +109,7 @@ def check_sampling(
 
 
 class Sampler:
-    """Picks the next token of each row from its logits: repetition penalty, then greedy or sampling.
+    """Picks the next token of each row from its logits: the penalties, then greedy or sampling.
 
     Args:
         temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
@@ -106,6 +119,10 @@ class Sampler:
         repetition_penalty: CTRL-style: logits of tokens already in the row (prompt or output)
             are divided by it when positive, multiplied when negative (1 = off).
         seed: seed of the sampling generator (None = nondeterministic).
+        frequency_penalty, presence_penalty: OpenAI's, after the repetition penalty: a token's logit loses
+            ``frequency_penalty`` times the number of times the row's output holds it, and ``presence_penalty`` once
+            if it holds it at all (the output only, not the prompt, as OpenAI and vLLM count; each in [-2, 2], 0 =
+            off; negative values favour repeating).
     """
 
     def __init__(
@@ -116,19 +133,42 @@ class Sampler:
         repetition_penalty: float = 1.0,
         seed: int | None = 0,
         device: torch.device | str = "cpu",
+        *,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> None:
-        check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        check_sampling(
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )
         self.temperature, self.top_k, self.top_p = float(temperature), operator.index(top_k), float(top_p)
         self.repetition_penalty = float(repetition_penalty)
+        self.frequency_penalty, self.presence_penalty = float(frequency_penalty), float(presence_penalty)
         self.generator = torch.Generator(device=device)
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(operator.index(seed))
         self.seen: torch.Tensor | None = None  # (B, V) bool, for the repetition penalty
+        self.counts: torch.Tensor | None = None  # (B, V) int32: each output token's count, for the other two
+
+    @property
+    def counting(self) -> bool:
+        """Whether a frequency or presence penalty reads each row's output counts."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def observe(self, rows: Sequence[Sequence[int]] | torch.Tensor, vocab: int, device) -> None:
-        """Record tokens already present in each row (the prompts, then every picked token)."""
+        """Record tokens already present in each row (the prompts, then every picked token: a (B,) tensor, which
+        the output counts take too)."""
+        if self.counting and isinstance(rows, torch.Tensor):
+            if self.counts is None:
+                self.counts = torch.zeros(len(rows), vocab, dtype=torch.int32, device=device)
+            self.counts.scatter_add_(1, rows.view(-1, 1).to(device), self.counts.new_ones(len(rows), 1))
         if self.repetition_penalty == 1.0:
             return
         if self.seen is None:
@@ -149,11 +189,14 @@ class Sampler:
         the device: the caller reads them back together, so the check costs no synchronization of its own. A flagged
         row's token means nothing."""
         bad = nonfinite(logits)
-        return self.pick_rows(logits, bad, self.seen), bad
+        return self.pick_rows(logits, bad, self.seen, self.counts), bad
 
-    def pick_rows(self, logits: torch.Tensor, bad: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    def pick_rows(
+        self, logits: torch.Tensor, bad: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """logits: (B, V), bad: their (B,) :func:`nonfinite` flags, seen: (B, V) bool, the tokens each row holds
-        (None: no penalty) -> (B,) int64 token ids (a decode batch picks each group of rows with its own sampler)."""
+        (None: no repetition penalty), counts: (B, V) integers, each token's count in the row's output (None: none
+        yet) -> (B,) int64 token ids (a decode batch picks each group of rows with its own sampler)."""
         # float32 (bf16 logits), float64 in a float64 model: rounding its logits to float32 made near-tied
         # ones equal, and argmax then took the lower id where the full forward (and speculation) did not.
         logits = logits.to(accumulation_dtype(logits))
@@ -162,6 +205,9 @@ class Sampler:
             # A penalty beyond float32's range (1e-300, 1e300) divides by 0 or multiplies by inf: the logits become
             # inf (then inf - inf = NaN below), or NaN (0 * inf); the largest finite ones instead, and 0 stays 0.
             logits = torch.where(seen, penalized.nan_to_num(nan=0.0, neginf=float("-inf")), logits)
+        if counts is not None and self.counting:  # (OpenAI's formula; counts are exact in the logits' float)
+            counts = counts.to(logits.dtype)
+            logits = logits - self.frequency_penalty * counts - self.presence_penalty * (counts > 0).to(logits.dtype)
         if self.temperature == 0:
             return logits.argmax(dim=-1)
         # A flagged row samples uniformly instead: multinomial on its NaN probabilities fails inside the kernel (on
@@ -201,6 +247,8 @@ def generate(
     speculative: str | None = None,
     draft_tokens: int | None = None,
     repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
     prefill_chunk_size: int = 2048,
     callback: TokenCallback | None = None,
     stats: dict | None = None,
@@ -216,8 +264,8 @@ def generate(
         prompts: one list of token ids, or a list of such lists (any lengths); a tensor or numpy array of ids
             counts as those lists (a 2-D one is a batch).
         max_new_tokens: new tokens per prompt at most.
-        temperature, top_k, top_p, repetition_penalty, seed: see :class:`Sampler`. Greedy at
-            temperature 0.
+        temperature, top_k, top_p, repetition_penalty, seed, frequency_penalty, presence_penalty: see
+            :class:`Sampler`. Greedy at temperature 0 (the penalties apply there too).
         eos_id: a row stops after this token, or after any of these tokens (a list, as a Hugging Face
             ``generation_config.json``'s ``eos_token_id`` may be: an instruct model's end-of-turn beside its
             end-of-text). An empty prompt starts from the first.
@@ -259,7 +307,8 @@ def generate(
     """
     eos_ids = _eos_ids(eos_id)
     single, rows = _normalize(prompts, eos_ids[0] if eos_ids else None)
-    check_sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    penalties = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **penalties)
     max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
     prefill_chunk_size = _integer("prefill_chunk_size", prefill_chunk_size, 1)
     if speculative not in (None, "mtp"):
@@ -269,8 +318,11 @@ def generate(
         if not speculative:
             raise ValueError(f"draft_tokens ({draft_tokens}) needs speculative='mtp'")
     if speculative:  # refused whatever max_new_tokens is
-        if temperature != 0 or repetition_penalty != 1.0:
-            raise ValueError("speculative='mtp' is greedy only: use temperature=0 and repetition_penalty=1")
+        if temperature != 0 or repetition_penalty != 1.0 or frequency_penalty != 0 or presence_penalty != 0:
+            raise ValueError(
+                "speculative='mtp' is greedy only: use temperature=0, repetition_penalty=1 and no frequency or "
+                "presence penalty"
+            )
         if cuda_graph:
             raise ValueError("cuda_graph is not supported with speculative decoding")
         if logprobs is not None:
@@ -301,7 +353,7 @@ def generate(
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device)
+    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device, **penalties)
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)
     if speculative:
@@ -444,7 +496,7 @@ def _generate_uncached(model, rows, max_new_tokens, sampler, eos_ids, callback, 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     seqs = [torch.tensor([row], device=device) for row in rows]
-    sampler.seen = None
+    sampler.seen = sampler.counts = None
     sampler.observe(rows, vocab, device)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
