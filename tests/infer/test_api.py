@@ -87,14 +87,27 @@ def test_frequency_and_presence_penalties_are_taken_in_openais_range_and_part_ba
     not batch together, and a request without them passes none on."""
     sampling = parse({"prompt": "hi", "temperature": 0, "frequency_penalty": 0.5, "presence_penalty": -1}).sampling
     assert sampling == Sampling(0.0, 0, 1.0, 1.0, None, frequency_penalty=0.5, presence_penalty=-1.0)
-    assert sampling.penalties() == {"frequency_penalty": 0.5, "presence_penalty": -1.0}
+    assert sampling.options() == {"frequency_penalty": 0.5, "presence_penalty": -1.0}
     assert sampling != parse({"prompt": "hi", "temperature": 0}).sampling
-    assert parse({"prompt": "hi", "frequency_penalty": 0, "presence_penalty": None}).sampling.penalties() == {}
-    assert parse({"prompt": "hi", "presence_penalty": 2}).sampling.penalties() == {"presence_penalty": 2.0}
+    assert parse({"prompt": "hi", "frequency_penalty": 0, "presence_penalty": None}).sampling.options() == {}
+    assert parse({"prompt": "hi", "presence_penalty": 2}).sampling.options() == {"presence_penalty": 2.0}
     for field in ("frequency_penalty", "presence_penalty"):
         for value, says in ((2.5, "must be in [-2.0, 2.0], got 2.5"), (-3, "got -3"), ("1", "must be a number")):
             error = refused({"prompt": "hi", field: value})
             assert error.param == field and says in error.message, error.message
+
+
+def test_min_p_is_taken_for_sampled_rows_and_checked_by_name():
+    """min_p (an extension, as vLLM's): sampled rows keep it, greedy ones drop it (argmax reads none of the filters),
+    and a value outside [0, 1] is refused by name."""
+    assert parse({"prompt": "hi", "min_p": 0.1}).sampling.options() == {"min_p": 0.1}
+    assert (
+        parse({"prompt": "hi", "min_p": 0.1, "temperature": 0}).sampling
+        == parse({"prompt": "a", "temperature": 0}).sampling
+    )
+    for value, says in ((1.5, "min_p must be in [0, 1], got 1.5"), ("x", "min_p: must be a number")):
+        error = refused({"prompt": "hi", "min_p": value})
+        assert error.param == "min_p" and says in error.message, error.message
 
 
 def test_fields_at_their_neutral_values_and_the_user_are_taken():

@@ -376,15 +376,18 @@ def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
-def test_frequency_and_presence_penalties_reach_the_rows_that_asked(model, continuous):
-    """A request's frequency and presence penalties are its rows' alone: in either batching mode each text is what
-    ``generate`` gives its prompt with those penalties, and a request without them, queued beside, is unchanged."""
+def test_frequency_and_presence_penalties_and_min_p_reach_the_rows_that_asked(model, continuous):
+    """A request's frequency and presence penalties (and min_p) are its rows' alone: in either batching mode each
+    text is what ``generate`` gives its prompt with those settings, and a request without them, queued beside, is
+    unchanged."""
     worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
     penalties = {"frequency_penalty": -1.5, "presence_penalty": -0.5}  # (repeats favoured: the counts show at once)
     a = worker.submit(request({"prompt": ["a", "longer prompt"], "max_tokens": 8, **penalties}))
     b = worker.submit(request({"prompt": "hi", "max_tokens": 8}))
+    sampled = {"temperature": 1.5, "seed": 3, "min_p": 0.9}  # (seeded: a static batch of its own in either mode)
+    c = worker.submit(request({"prompt": "yo", "max_tokens": 8, **sampled}))
     drain(worker)
-    for job, settings in ((a, penalties), (b, {})):
+    for job, settings in ((a, penalties), (b, {}), (c, sampled)):
         assert [kind for kind, *_ in events(job)][-1] == "done"
         for row in job.rows:
             alone = generate(model, row.ids, 8, eos_id=256, **settings)

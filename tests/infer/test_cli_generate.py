@@ -182,6 +182,7 @@ def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoi
         ([path, "--greedy", "--speculative", "mtp", "--repetition-penalty", 1.2], "leave out --repetition-penalty"),
         ([path, "--greedy", "--speculative", "mtp", "--presence-penalty", 0.5], "--presence-penalty"),
         ([path, "--frequency-penalty", 2.5], "--frequency-penalty must be in [-2.0, 2.0], got 2.5"),
+        ([path, "--min-p", 2], "--min-p must be in [0, 1], got 2.0"),
         ([no_mtp, "--greedy", "--speculative", "mtp"], "has no MTP depths"),
         ([path, "--tokenizer", tmp_path / "none.json"], "--tokenizer: "),
         ([small], "no tokenizer.hybridlm.json or tokenizer.json; pass --tokenizer explicitly"),
@@ -914,8 +915,8 @@ def test_cuda_graphs_are_on_by_default_only_where_the_model_runs_on_cuda_and_can
     assert capsys.readouterr().err == f"decoding eagerly (no CUDA graphs): {reason[0]}\n"
 
 
-def test_frequency_and_presence_penalties_reach_generation(checkpoint, capsys):
-    """--frequency-penalty and --presence-penalty: the text is what ``generate`` gives with those penalties."""
+def test_frequency_and_presence_penalties_and_min_p_reach_generation(checkpoint, capsys):
+    """--frequency-penalty, --presence-penalty and --min-p: the text is what ``generate`` gives with them."""
     path, model = checkpoint
     tok = ByteTokenizer()
     want = tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256, frequency_penalty=-2.0, presence_penalty=-1.0))
@@ -933,4 +934,10 @@ def test_frequency_and_presence_penalties_reach_generation(checkpoint, capsys):
         "--presence-penalty",
         -1,
     )
+    assert code == 0 and out == "hi" + want + "\n"
+    sampled = dict(temperature=1.5, seed=2, min_p=0.9)
+    want = tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256, **sampled))
+    assert want != tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256, temperature=1.5, seed=2))
+    flags = ("--temperature", 1.5, "--seed", 2, "--min-p", 0.9)
+    code, out, _ = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 12, *flags)
     assert code == 0 and out == "hi" + want + "\n"

@@ -179,6 +179,8 @@ def test_out_of_range_settings_are_refused_and_the_edges_accepted():
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be > 0 and finite"),
         (dict(frequency_penalty=2.01), r"frequency_penalty must be in \[-2.0, 2.0\], got 2.01"),
+        (dict(min_p=1.5), r"min_p must be in \[0, 1\], got 1.5"),
+        (dict(min_p=-0.1), r"min_p must be in \[0, 1\], got -0.1"),
         (dict(presence_penalty=-2.5), r"presence_penalty must be in \[-2.0, 2.0\], got -2.5"),
         (dict(presence_penalty=float("nan")), r"presence_penalty must be in \[-2.0, 2.0\], got nan"),
         (dict(frequency_penalty=True), r"frequency_penalty must be in \[-2.0, 2.0\], got True"),
@@ -274,6 +276,24 @@ def test_the_output_counts_leave_the_prompt_out_and_count_each_picked_token():
     assert sampler(logits).tolist() == [1]  # 3 - 2 * 1 - 0.5 = 0.5 < 2.9
     sampler.observe(torch.tensor([1]), 4, "cpu")
     assert sampler(logits).tolist() == [2]  # 2.9 - 1.5 = 1.4 < 2.5
+
+
+def test_min_p_keeps_the_tokens_at_least_that_fraction_as_likely_as_the_best():
+    """min_p: tokens of probability at least ``min_p`` times the most likely one's are kept (equal kept, as in
+    transformers and vLLM), the rest never drawn; whatever the temperature's scale of the logits (it is read after
+    the temperature, as theirs is); the cached batch draws what the uncached reference does with the same seed."""
+    from hybridlm.infer.generate import Sampler
+
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]], dtype=torch.float64).log().expand(4000, 5)
+    for min_p, kept in ((0.0, {0, 1, 2, 3, 4}), (0.125, {0, 1, 2, 3, 4}), (0.25, {0, 1, 2}), (0.5, {0, 1}), (1.0, {0})):
+        assert set(Sampler(temperature=1.0, min_p=min_p, seed=0)(logits).tolist()) == kept, min_p
+    hot = Sampler(temperature=2.0, min_p=0.5, seed=0)(logits)  # (at T = 2 token 2 is half as likely as the best)
+    assert set(hot.tolist()) == {0, 1, 2}
+    model = HybridLM(tiny_config("M*-"), seed=0)
+    batch, settings = [[1, 2], [3, 4, 5]], dict(temperature=1.5, seed=4, min_p=0.8)
+    drawn = generate(model, batch, 10, **settings)
+    assert drawn == generate(model, batch, 10, use_cache=False, **settings)
+    assert drawn != generate(model, batch, 10, temperature=1.5, seed=4)
 
 
 def test_a_top_k_past_the_vocabulary_keeps_every_token():

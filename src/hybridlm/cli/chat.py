@@ -186,6 +186,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
+        min_p=args.min_p,
         seed=args.seed,
         cuda_graph=cuda_graph_on(model, args.cuda_graph),
         kept_states=args.prefix_cache,

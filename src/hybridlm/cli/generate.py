@@ -180,13 +180,14 @@ def sampling_settings(args: argparse.Namespace, seeds: dict[str, int]) -> None:
                 name=lambda p: "--" + p.replace("_", "-"),
                 frequency_penalty=args.frequency_penalty,
                 presence_penalty=args.presence_penalty,
+                min_p=args.min_p,
             )
         except ValueError as e:
             raise UsageError(f"{e}{more}") from None
 
 
 def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
-    """--temperature, --greedy, --top-k, --top-p, the three penalties and --seed (``seed_help``: which draws it
+    """--temperature, --greedy, --top-k, --top-p, --min-p, the three penalties and --seed (``seed_help``: which draws it
     seeds): how ``generate`` and ``chat`` sample, checked by :func:`sampling_settings`."""
     ap.add_argument(
         "--temperature",
@@ -198,6 +199,13 @@ def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching this probability (1 = all)"
+    )
+    ap.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="sample among the tokens at least P times as likely as the most likely one (0 = all)",
     )
     ap.add_argument(
         "--repetition-penalty",
@@ -346,6 +354,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 repetition_penalty=args.repetition_penalty,
                 frequency_penalty=args.frequency_penalty,
                 presence_penalty=args.presence_penalty,
+                min_p=args.min_p,
                 # The end-of-document token ends the text and is none of it (a tokenizer.json need not mark it
                 # special, and then decoding printed its name, '<|endoftext|>', after the text).
                 callback=lambda row, token, rows=rows: token != tokenizer.eos_id and rows[row].add(token),

@@ -48,6 +48,7 @@ FIELDS = (
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
     "repetition_penalty",
     "frequency_penalty",
     "presence_penalty",
@@ -87,7 +88,7 @@ def _invalid(param: str, message: str) -> RequestError:
 @dataclass(frozen=True)
 class Sampling:
     """What one ``generate`` call decodes with: rows whose settings are equal can run as one batch. Greedy
-    (temperature 0) reads none of top_k, top_p and seed, so they are left at their neutral values there; the
+    (temperature 0) reads none of top_k, top_p, min_p and seed, so they are left at their neutral values there; the
     penalties apply to greedy rows too."""
 
     temperature: float
@@ -97,11 +98,17 @@ class Sampling:
     seed: int | None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    min_p: float = 0.0
 
-    def penalties(self) -> dict[str, float]:
-        """The frequency and presence penalties that are not 0, as ``generate``'s and ``Sampler``'s keyword
-        arguments (none where neither is set: a ``generate`` given in place of the library's need not take them)."""
-        given = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
+    def options(self) -> dict[str, float]:
+        """The settings beyond the first five that are not 0 (the penalties, ``min_p``), as ``generate``'s and
+        ``Sampler``'s keyword arguments (none where none is set: a ``generate`` given in place of the library's need
+        not take them)."""
+        given = {
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "min_p": self.min_p,
+        }
         return {name: value for name, value in given.items() if value != 0.0}
 
     @property
@@ -277,10 +284,11 @@ def parse_request(
         )
     temperature, top_p = get("temperature", DEFAULT_TEMPERATURE), get("top_p", 1.0)
     top_k, penalty, seed = get("top_k", 0), get("repetition_penalty", 1.0), body.get("seed")
-    frequency, presence = get("frequency_penalty", 0.0), get("presence_penalty", 0.0)
+    frequency, presence, min_p = get("frequency_penalty", 0.0), get("presence_penalty", 0.0), get("min_p", 0.0)
     for name, value, ok in (
         ("temperature", temperature, _is_number),
         ("top_p", top_p, _is_number),
+        ("min_p", min_p, _is_number),
         ("repetition_penalty", penalty, _is_number),
         ("frequency_penalty", frequency, _is_number),
         ("presence_penalty", presence, _is_number),
@@ -291,7 +299,16 @@ def parse_request(
             kind = "a number" if ok is _is_number else "an integer"
             raise _invalid(name, f"must be {kind}, got {json.dumps(value)[:60]}")
     try:
-        check_sampling(temperature, top_k, top_p, penalty, seed, frequency_penalty=frequency, presence_penalty=presence)
+        check_sampling(
+            temperature,
+            top_k,
+            top_p,
+            penalty,
+            seed,
+            frequency_penalty=frequency,
+            presence_penalty=presence,
+            min_p=min_p,
+        )
     except ValueError as e:  # "top_p must be in (0, 1], got 2": named by the field already
         raise RequestError(400, str(e), str(e).split()[0]) from None
     last = (len(prompts) - 1) // max_batch_size * max_batch_size
@@ -313,7 +330,9 @@ def parse_request(
     sampling = (
         Sampling(0.0, 0, 1.0, float(penalty), None, **penalties)
         if temperature == 0
-        else Sampling(temperature, operator.index(top_k), float(top_p), float(penalty), seed, **penalties)
+        else Sampling(
+            temperature, operator.index(top_k), float(top_p), float(penalty), seed, **penalties, min_p=float(min_p)
+        )
     )
     stops = _stops(body.get("stop"))
     return CompletionRequest(

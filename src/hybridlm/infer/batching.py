@@ -359,7 +359,7 @@ class BatchWorker:
             ks = [row.job.request.logprobs for row in live if row.job.request.logprobs is not None]
             # (passed only where asked: a generate given in place of the library's need not know the options)
             options = {"logprobs": max(ks)} if ks else {}
-            options.update(sampling.penalties())
+            options.update(sampling.options())
             if prefilled is not None and prefilled[0] == live:
                 options["prefilled"] = prefilled[1:]
             # Prompts that begin with a kept state, or share a prefix with recent prompts, run it once, and each
@@ -477,7 +477,7 @@ class BatchWorker:
                 sampling.repetition_penalty,
                 None,
                 device,
-                **sampling.penalties(),
+                **sampling.options(),
             )
         return self.samplers[sampling]
 

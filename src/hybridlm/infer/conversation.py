@@ -76,14 +76,15 @@ class Conversation:
         repetition_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        min_p: float = 0.0,
         seed: int = 0,
         cuda_graph: bool = False,
         kept_states: int = KEPT_STATES,
     ) -> None:
         if chat.template is None:
             raise ValueError("this model has no chat template: give one (load_chat's template_file)")
-        penalties = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-        check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **penalties)
+        extras = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, min_p=min_p)
+        check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **extras)
         if max_new_tokens < 1 or kept_states < 0:
             raise ValueError(f"max_new_tokens must be >= 1 and kept_states >= 0, got {max_new_tokens}, {kept_states}")
         self.stops = list(stops or [])
@@ -92,7 +93,7 @@ class Conversation:
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
         self.max_new_tokens, self.cuda_graph = max_new_tokens, cuda_graph
         self.sampling = dict(
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, **penalties
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, **extras
         )
         self.seed = seed
         self.store = PrefixStore(kept_states) if kept_states else None

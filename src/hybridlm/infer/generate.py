@@ -10,6 +10,7 @@ stepped together so that sampling draws what the cached batch draws.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -79,6 +80,7 @@ def check_sampling(
     name: Callable[[str], str] = str,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    min_p: float = 0.0,
 ) -> None:
     """Refuse sampling settings :class:`Sampler` cannot use (NaN included): ValueError naming the
     setting as ``name(parameter)`` (the CLI passes its flags)."""
@@ -86,6 +88,7 @@ def check_sampling(
         (_real(temperature) and 0 <= temperature < float("inf"), "temperature", ">= 0 and finite", temperature),
         (_whole(top_k) and top_k >= 0, "top_k", "an integer >= 0", top_k),
         (_real(top_p) and 0 < top_p <= 1, "top_p", "in (0, 1]", top_p),
+        (_real(min_p) and 0 <= min_p <= 1, "min_p", "in [0, 1]", min_p),
         (
             _real(repetition_penalty) and 0 < repetition_penalty < float("inf"),
             "repetition_penalty",
@@ -116,6 +119,8 @@ class Sampler:
         top_k: sample among the k most likely tokens (0 = all; tokens tied with the k-th are kept, as in
             transformers).
         top_p: sample from the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
+        min_p: sample among the tokens at least ``min_p`` times as likely as the most likely one (0 = all; vLLM's
+            and transformers' ``min_p``; keyword-only, as are the two below).
         repetition_penalty: CTRL-style: logits of tokens already in the row (prompt or output)
             are divided by it when positive, multiplied when negative (1 = off).
         seed: seed of the sampling generator (None = nondeterministic).
@@ -134,6 +139,7 @@ class Sampler:
         seed: int | None = 0,
         device: torch.device | str = "cpu",
         *,
+        min_p: float = 0.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
     ) -> None:
@@ -145,8 +151,10 @@ class Sampler:
             seed,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
+            min_p=min_p,
         )
         self.temperature, self.top_k, self.top_p = float(temperature), operator.index(top_k), float(top_p)
+        self.min_p = float(min_p)
         self.repetition_penalty = float(repetition_penalty)
         self.frequency_penalty, self.presence_penalty = float(frequency_penalty), float(presence_penalty)
         self.generator = torch.Generator(device=device)
@@ -219,6 +227,8 @@ class Sampler:
         if self.top_k > 0:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.min_p > 0.0:  # (p < min_p * p_max, as logits after the shift above: logit < log(min_p))
+            logits = logits.masked_fill(logits < math.log(self.min_p), float("-inf"))
         if self.top_p < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(-1)
@@ -249,6 +259,7 @@ def generate(
     repetition_penalty: float = 1.0,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    min_p: float = 0.0,
     prefill_chunk_size: int = 2048,
     callback: TokenCallback | None = None,
     stats: dict | None = None,
@@ -264,7 +275,7 @@ def generate(
         prompts: one list of token ids, or a list of such lists (any lengths); a tensor or numpy array of ids
             counts as those lists (a 2-D one is a batch).
         max_new_tokens: new tokens per prompt at most.
-        temperature, top_k, top_p, repetition_penalty, seed, frequency_penalty, presence_penalty: see
+        temperature, top_k, top_p, min_p, repetition_penalty, seed, frequency_penalty, presence_penalty: see
             :class:`Sampler`. Greedy at temperature 0 (the penalties apply there too).
         eos_id: a row stops after this token, or after any of these tokens (a list, as a Hugging Face
             ``generation_config.json``'s ``eos_token_id`` may be: an instruct model's end-of-turn beside its
@@ -307,8 +318,8 @@ def generate(
     """
     eos_ids = _eos_ids(eos_id)
     single, rows = _normalize(prompts, eos_ids[0] if eos_ids else None)
-    penalties = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-    check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **penalties)
+    extras = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, min_p=min_p)
+    check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **extras)
     max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
     prefill_chunk_size = _integer("prefill_chunk_size", prefill_chunk_size, 1)
     if speculative not in (None, "mtp"):
@@ -353,7 +364,7 @@ def generate(
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device, **penalties)
+    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed, device, **extras)
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)
     if speculative:
