@@ -74,7 +74,6 @@ def test_prompts_are_text_texts_token_ids_or_lists_of_them():
     [
         ("best_of", 3),
         ("suffix", "x"),
-        ("logit_bias", {"5": 10}),
     ],
 )
 def test_fields_that_would_change_the_result_are_refused_by_name(field, value):
@@ -108,6 +107,28 @@ def test_min_p_is_taken_for_sampled_rows_and_checked_by_name():
     for value, says in ((1.5, "min_p must be in [0, 1], got 1.5"), ("x", "min_p: must be a number")):
         error = refused({"prompt": "hi", "min_p": value})
         assert error.param == "min_p" and says in error.message, error.message
+
+
+def test_logit_bias_maps_token_ids_to_biases_in_openais_range():
+    """logit_bias: a JSON object of token ids (strings, as JSON keys are) to numbers in [-100, 100], at most 300 of
+    them; equal biases batch together (a hashable tuple in id order), and each bad entry is refused by name."""
+    sampling = parse({"prompt": "hi", "temperature": 0, "logit_bias": {"50": -100, "7": 2.5}}).sampling
+    assert sampling.logit_bias == ((7, 2.5), (50, -100.0)) and sampling.options() == {
+        "logit_bias": {7: 2.5, 50: -100.0}
+    }
+    assert sampling == parse({"prompt": "x", "temperature": 0, "logit_bias": {"7": 2.5, "50": -100.0}}).sampling
+    assert parse({"prompt": "hi", "logit_bias": {}}).sampling.options() == {}
+    for value, says in (
+        ([1, 2], "must be an object of token ids to biases"),
+        ({"257": 1}, '"257" is not a token id (an integer in [0, 257))'),
+        ({"-1": 1}, '"-1" is not a token id'),
+        ({"x": 1}, '"x" is not a token id'),
+        ({"5": 101}, "the bias of token 5 must be a number in [-100, 100], got 101"),
+        ({"5": "1"}, "the bias of token 5 must be a number"),
+        ({str(i): 1 for i in range(301)}, "at most 300 tokens, got 301"),
+    ):
+        error = refused({"prompt": "hi", "logit_bias": value})
+        assert error.param == "logit_bias" and says in error.message, error.message
 
 
 def test_fields_at_their_neutral_values_and_the_user_are_taken():

@@ -376,8 +376,8 @@ def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
-def test_frequency_and_presence_penalties_and_min_p_reach_the_rows_that_asked(model, continuous):
-    """A request's frequency and presence penalties (and min_p) are its rows' alone: in either batching mode each
+def test_frequency_and_presence_penalties_min_p_and_logit_bias_reach_the_rows_that_asked(model, continuous):
+    """A request's frequency and presence penalties (min_p, logit_bias) are its rows' alone: in either batching mode each
     text is what ``generate`` gives its prompt with those settings, and a request without them, queued beside, is
     unchanged."""
     worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
@@ -386,13 +386,17 @@ def test_frequency_and_presence_penalties_and_min_p_reach_the_rows_that_asked(mo
     b = worker.submit(request({"prompt": "hi", "max_tokens": 8}))
     sampled = {"temperature": 1.5, "seed": 3, "min_p": 0.9}  # (seeded: a static batch of its own in either mode)
     c = worker.submit(request({"prompt": "yo", "max_tokens": 8, **sampled}))
+    first = generate(model, TOKENIZER.encode("hey"), 1)[0]
+    d = worker.submit(request({"prompt": "hey", "max_tokens": 8, "logit_bias": {str(first): -100, "33": 5}}))
     drain(worker)
-    for job, settings in ((a, penalties), (b, {}), (c, sampled)):
+    biased = {"logit_bias": {first: -100, 33: 5}}
+    for job, settings in ((a, penalties), (b, {}), (c, sampled), (d, biased)):
         assert [kind for kind, *_ in events(job)][-1] == "done"
         for row in job.rows:
             alone = generate(model, row.ids, 8, eos_id=256, **settings)
             assert row.completion.text == TOKENIZER.decode(alone)
     assert a.rows[0].completion.text != TOKENIZER.decode(generate(model, a.rows[0].ids, 8, eos_id=256))
+    assert first not in TOKENIZER.encode(d.rows[0].completion.text)[:1]
 
 
 def test_continuous_rows_past_the_batch_size_take_the_slots_rows_leave(model):

@@ -80,7 +80,6 @@ def test_max_completion_tokens_or_its_older_name_and_errors_name_the_one_given()
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("logit_bias", {"1": 2}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "auto"),
         ("response_format", {"type": "json_object"}),
@@ -91,6 +90,18 @@ def test_max_completion_tokens_or_its_older_name_and_errors_name_the_one_given()
 def test_fields_that_would_change_the_answer_are_refused_by_name(field, value):
     error = refused({"messages": HI, field: value})
     assert error.param == field and "only" in error.message
+
+
+def test_the_sampling_extensions_are_read_as_the_completions_route_reads_them():
+    body = {"messages": HI, "logit_bias": {"1": 2}, "frequency_penalty": 0.5, "presence_penalty": -1, "min_p": 0.1}
+    sampling = parse(body).sampling
+    assert sampling.options() == {
+        "frequency_penalty": 0.5,
+        "presence_penalty": -1.0,
+        "min_p": 0.1,
+        "logit_bias": {1: 2.0},
+    }
+    assert refused({"messages": HI, "presence_penalty": 3}).param == "presence_penalty"
 
 
 def test_openais_defaults_written_out_are_taken():

@@ -129,6 +129,7 @@ def test_speculative_settings_are_refused_even_for_no_new_tokens():
         (with_mtp, dict(repetition_penalty=1.5), "greedy only"),
         (with_mtp, dict(frequency_penalty=0.5), "greedy only"),
         (with_mtp, dict(presence_penalty=-0.5), "greedy only"),
+        (with_mtp, dict(logit_bias={1: 5.0}), "greedy only"),
     ):
         for n in (0, 1):
             with pytest.raises(ValueError, match=says):
@@ -276,6 +277,42 @@ def test_the_output_counts_leave_the_prompt_out_and_count_each_picked_token():
     assert sampler(logits).tolist() == [1]  # 3 - 2 * 1 - 0.5 = 0.5 < 2.9
     sampler.observe(torch.tensor([1]), 4, "cpu")
     assert sampler(logits).tolist() == [2]  # 2.9 - 1.5 = 1.4 < 2.5
+
+
+def test_logit_bias_is_added_to_the_logits_before_the_pick_and_not_to_the_logprobs():
+    """OpenAI's logit_bias: a float64 reference loop adds each bias to the full forward's logits and takes the
+    argmax; greedy ``generate`` (cached, uncached, a batch) picks its tokens: -100 bans the token greedy took first,
+    +100 forces another. The logprobs stay the model's own (the bias is no part of them, as OpenAI reports them)."""
+    model = HybridLM(tiny_config("M*-"), seed=0).eval().cast(torch.float64)
+    batch = [[5, 17, 3], [9, 2]]
+    plain = generate(model, batch, 8)
+    bias = {plain[0][0]: -100.0, 7: 3.5}
+
+    def reference(prompt: list[int]) -> list[int]:
+        out: list[int] = []
+        for _ in range(8):
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].clone()
+            for token, b in bias.items():
+                logits[token] += b
+            out.append(int(logits.argmax()))
+        return out
+
+    want = [reference(prompt) for prompt in batch]
+    assert plain[0][0] not in want[0] and want != plain
+    for use_cache in (True, False):
+        assert generate(model, batch, 8, use_cache=use_cache, logit_bias=bias) == want
+    got = []
+    forced = generate(model, batch[0], 4, logit_bias={11: 100}, logprobs=0, callback=lambda r, t, lp: got.append(lp))
+    assert forced == [11] * 4
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([batch[0]])).logits[0, -1], -1)
+    assert got[0].logprob == pytest.approx(float(full[11]), abs=1e-12) and got[0].logprob < -1
+    for bad, says in (
+        ({97: 1.0}, r"logit_bias: 97 is not a token id \(an integer in \[0, 97\)\)"),
+        ({1: float("inf")}, "finite"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            generate(model, batch, 2, logit_bias=bad)
 
 
 def test_min_p_keeps_the_tokens_at_least_that_fraction_as_likely_as_the_best():

@@ -37,8 +37,10 @@ MAX_N = 128
 NEUTRAL = {
     "best_of": 1,
     "suffix": None,
-    "logit_bias": {},
 }
+#: ``logit_bias``: at most this many tokens (OpenAI's limit), each biased by a number in [-LOGIT_BIAS, LOGIT_BIAS].
+MAX_LOGIT_BIAS_TOKENS = 300
+LOGIT_BIAS = 100
 #: Fields read, besides :data:`NEUTRAL`'s; ``user`` (an end-user id for OpenAI's abuse monitoring) changes nothing.
 FIELDS = (
     "model",
@@ -52,6 +54,7 @@ FIELDS = (
     "repetition_penalty",
     "frequency_penalty",
     "presence_penalty",
+    "logit_bias",
     "stop",
     "seed",
     "stream",
@@ -99,17 +102,22 @@ class Sampling:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     min_p: float = 0.0
+    #: (token id, bias) pairs in id order: hashable, so that rows of equal biases batch together
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
-    def options(self) -> dict[str, float]:
-        """The settings beyond the first five that are not 0 (the penalties, ``min_p``), as ``generate``'s and
-        ``Sampler``'s keyword arguments (none where none is set: a ``generate`` given in place of the library's need
-        not take them)."""
+    def options(self) -> dict:
+        """The settings beyond the first five that are set (the penalties, ``min_p``, ``logit_bias``), as
+        ``generate``'s and ``Sampler``'s keyword arguments (none where none is set: a ``generate`` given in place of
+        the library's need not take them)."""
         given = {
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
             "min_p": self.min_p,
         }
-        return {name: value for name, value in given.items() if value != 0.0}
+        options: dict = {name: value for name, value in given.items() if value != 0.0}
+        if self.logit_bias:
+            options["logit_bias"] = dict(self.logit_bias)
+        return options
 
     @property
     def seeded(self) -> bool:
@@ -193,6 +201,27 @@ def _prompts(value, encode: Callable[[str], list[int]], vocab_size: int) -> list
         else:
             raise _invalid("prompt", f"must be {shapes}; {where} is {json.dumps(item)[:60]}")
     return rows
+
+
+def _logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: a JSON object of token ids (as strings, as JSON writes keys) to numbers in
+    [-:data:`LOGIT_BIAS`, :data:`LOGIT_BIAS`], at most :data:`MAX_LOGIT_BIAS_TOKENS` of them; null or {}: none."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _invalid("logit_bias", f"must be an object of token ids to biases, got {json.dumps(value)[:60]}")
+    if len(value) > MAX_LOGIT_BIAS_TOKENS:
+        raise _invalid("logit_bias", f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(value)}")
+    pairs = []
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+        if token is None or token >= vocab_size:
+            raise _invalid("logit_bias", f"{json.dumps(key)[:40]} is not a token id (an integer in [0, {vocab_size}))")
+        if not _is_number(bias) or not -LOGIT_BIAS <= bias <= LOGIT_BIAS:
+            why = f"must be a number in [-{LOGIT_BIAS}, {LOGIT_BIAS}], got {json.dumps(bias)[:40]}"
+            raise _invalid("logit_bias", f"the bias of token {token} {why}")
+        pairs.append((token, float(bias)))
+    return tuple(sorted(pairs))
 
 
 def _stops(value) -> list[str]:
@@ -326,7 +355,11 @@ def parse_request(
     if options and not stream:
         raise _invalid("stream_options", "is only read with stream: true")
     temperature = float(temperature)
-    penalties = {"frequency_penalty": float(frequency), "presence_penalty": float(presence)}
+    penalties = {
+        "frequency_penalty": float(frequency),
+        "presence_penalty": float(presence),
+        "logit_bias": _logit_bias(body.get("logit_bias"), vocab_size),
+    }
     sampling = (
         Sampling(0.0, 0, 1.0, float(penalty), None, **penalties)
         if temperature == 0

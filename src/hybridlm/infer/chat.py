@@ -48,7 +48,6 @@ FIELDS = (
 #: are given to the template, no JSON mode, nothing stored for OpenAI's evals (``store``), text out
 #: (``modalities``): each at OpenAI's default, which a client may write.
 NEUTRAL = {
-    "logit_bias": {},
     "tools": [],
     "tool_choice": "none",
     "response_format": {"type": "text"},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -111,6 +111,24 @@ def check_sampling(
             raise ValueError(f"{name(param)} must be {rule}, got {shown}")
 
 
+def check_logit_bias(logit_bias: Mapping[int, float] | None, vocab: int | None = None) -> dict[int, float]:
+    """``logit_bias`` as a {token id: bias} dict of ints and floats (None: {}); ValueError naming the entry that is
+    not a token id (an integer >= 0, below ``vocab`` where given) with a finite bias."""
+    if logit_bias is None:
+        return {}
+    if not isinstance(logit_bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {logit_bias!r}"[:200])
+    checked = {}
+    for token, bias in logit_bias.items():
+        if not _whole(token) or token < 0 or (vocab is not None and token >= vocab):
+            where = f"[0, {vocab})" if vocab is not None else ">= 0"
+            raise ValueError(f"logit_bias: {token!r} is not a token id (an integer in {where})")
+        if not (_real(bias) and math.isfinite(bias)):
+            raise ValueError(f"logit_bias: the bias of token {token} must be a finite number, got {bias!r}")
+        checked[operator.index(token)] = float(bias)
+    return checked
+
+
 class Sampler:
     """Picks the next token of each row from its logits: the penalties, then greedy or sampling.
 
@@ -120,7 +138,9 @@ class Sampler:
             transformers).
         top_p: sample from the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
         min_p: sample among the tokens at least ``min_p`` times as likely as the most likely one (0 = all; vLLM's
-            and transformers' ``min_p``; keyword-only, as are the two below).
+            and transformers' ``min_p``; keyword-only, as are the three below).
+        logit_bias: {token id: bias} added to the model's logits before anything else (OpenAI's ``logit_bias``:
+            -100 bans a token, 100 all but forces it; greedy rows too). None or {}: none.
         repetition_penalty: CTRL-style: logits of tokens already in the row (prompt or output)
             are divided by it when positive, multiplied when negative (1 = off).
         seed: seed of the sampling generator (None = nondeterministic).
@@ -142,6 +162,7 @@ class Sampler:
         min_p: float = 0.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> None:
         check_sampling(
             temperature,
@@ -155,6 +176,8 @@ class Sampler:
         )
         self.temperature, self.top_k, self.top_p = float(temperature), operator.index(top_k), float(top_p)
         self.min_p = float(min_p)
+        self.logit_bias = check_logit_bias(logit_bias)
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, biases) on the logits' device
         self.repetition_penalty = float(repetition_penalty)
         self.frequency_penalty, self.presence_penalty = float(frequency_penalty), float(presence_penalty)
         self.generator = torch.Generator(device=device)
@@ -208,6 +231,15 @@ class Sampler:
         # float32 (bf16 logits), float64 in a float64 model: rounding its logits to float32 made near-tied
         # ones equal, and argmax then took the lower id where the full forward (and speculation) did not.
         logits = logits.to(accumulation_dtype(logits))
+        if self.logit_bias:  # (out of place: the caller's logits are read again for the logprobs)
+            if self._bias is None or self._bias[1].device != logits.device or self._bias[1].dtype != logits.dtype:
+                ids, biases = zip(*self.logit_bias.items())
+                self._bias = (
+                    torch.tensor(ids, device=logits.device),
+                    torch.tensor(biases, device=logits.device, dtype=logits.dtype),
+                )
+            ids, biases = self._bias
+            logits = logits.index_add(1, ids, biases.expand(len(logits), -1))
         if seen is not None and self.repetition_penalty != 1.0:
             penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
             # A penalty beyond float32's range (1e-300, 1e300) divides by 0 or multiplies by inf: the logits become
@@ -260,6 +292,7 @@ def generate(
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
     min_p: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
     prefill_chunk_size: int = 2048,
     callback: TokenCallback | None = None,
     stats: dict | None = None,
@@ -275,8 +308,9 @@ def generate(
         prompts: one list of token ids, or a list of such lists (any lengths); a tensor or numpy array of ids
             counts as those lists (a 2-D one is a batch).
         max_new_tokens: new tokens per prompt at most.
-        temperature, top_k, top_p, min_p, repetition_penalty, seed, frequency_penalty, presence_penalty: see
-            :class:`Sampler`. Greedy at temperature 0 (the penalties apply there too).
+        temperature, top_k, top_p, min_p, repetition_penalty, seed, frequency_penalty, presence_penalty,
+        logit_bias: see :class:`Sampler`. Greedy at temperature 0 (the logit bias and the penalties apply there
+            too).
         eos_id: a row stops after this token, or after any of these tokens (a list, as a Hugging Face
             ``generation_config.json``'s ``eos_token_id`` may be: an instruct model's end-of-turn beside its
             end-of-text). An empty prompt starts from the first.
@@ -320,6 +354,7 @@ def generate(
     single, rows = _normalize(prompts, eos_ids[0] if eos_ids else None)
     extras = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, min_p=min_p)
     check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **extras)
+    check_logit_bias(logit_bias)  # (its ids against the vocabulary below, once the model is known)
     max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
     prefill_chunk_size = _integer("prefill_chunk_size", prefill_chunk_size, 1)
     if speculative not in (None, "mtp"):
@@ -329,10 +364,16 @@ def generate(
         if not speculative:
             raise ValueError(f"draft_tokens ({draft_tokens}) needs speculative='mtp'")
     if speculative:  # refused whatever max_new_tokens is
-        if temperature != 0 or repetition_penalty != 1.0 or frequency_penalty != 0 or presence_penalty != 0:
+        if (
+            temperature != 0
+            or repetition_penalty != 1.0
+            or frequency_penalty != 0
+            or presence_penalty != 0
+            or logit_bias
+        ):
             raise ValueError(
                 "speculative='mtp' is greedy only: use temperature=0, repetition_penalty=1 and no frequency or "
-                "presence penalty"
+                "presence penalty or logit_bias"
             )
         if cuda_graph:
             raise ValueError("cuda_graph is not supported with speculative decoding")
@@ -360,6 +401,7 @@ def generate(
     for eos in eos_ids:
         if not 0 <= eos < vocab:
             raise ValueError(f"eos_id {eos} is outside the vocabulary [0, {vocab})")
+    extras["logit_bias"] = check_logit_bias(logit_bias, vocab)
     for i, row in enumerate(rows):
         bad = [t for t in row if not 0 <= t < vocab]
         if bad:
