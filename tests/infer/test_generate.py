@@ -617,13 +617,14 @@ def test_logprobs_come_back_through_the_pinned_readback_on_cuda(cuda_graph):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_frequency_and_presence_penalties_count_on_cuda_as_on_the_cpu(cuda_graph):
-    """The output counts live on the device (a scatter-add per step, beside the decode step or its replayed graph):
-    greedy tokens with the penalties are the CPU's (float32; the CPU's equal the float64 reference loop,
+    """The output counts live on the device (a scatter-add per step, beside the decode step or its replayed graph),
+    and so does the logit bias: greedy tokens with them are the CPU's (float32; the CPU's equal the float64 reference loop,
     test_frequency_and_presence_penalties_follow_openais_formula_as_a_step_by_step_reference_does)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model = HybridLM(tiny_config("M*-"), seed=0).eval()
     prompts, settings = [[4, 5, 4], [1, 2, 3]], dict(frequency_penalty=-1.5, presence_penalty=0.5)
+    settings["logit_bias"] = {generate(model, prompts[0], 1)[0]: -100.0, 7: 2.0}  # (the bias on the device too)
     on_cpu = generate(model, prompts, 12, **settings)
     assert on_cpu != generate(model, prompts, 12)
     assert generate(model.cuda(), prompts, 12, cuda_graph=cuda_graph, **settings) == on_cpu
