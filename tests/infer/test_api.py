@@ -290,6 +290,12 @@ _FIELD_VALUES = {
     "top_p": st.one_of(st.floats(0.01, 1), st.floats(-1, 2, allow_nan=False), _JSON),
     "top_k": st.one_of(st.integers(0, 257), st.integers(-2, 300), _JSON),
     "repetition_penalty": st.one_of(st.floats(0.5, 2), st.floats(-2, 3, allow_nan=False), _JSON),
+    "frequency_penalty": st.one_of(st.floats(-2, 2), st.floats(-3, 3, allow_nan=False), _JSON),
+    "presence_penalty": st.one_of(st.floats(-2, 2), st.integers(-3, 3), _JSON),
+    "min_p": st.one_of(st.floats(0, 1), st.floats(-1, 2, allow_nan=False), _JSON),
+    "logit_bias": st.one_of(
+        st.dictionaries(st.integers(-2, 300).map(str), st.floats(-120, 120, allow_nan=False), max_size=3), _JSON
+    ),
     "seed": st.one_of(st.integers(0, 2**31), st.integers(-(2**65), 2**65), _JSON),
     "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(max_size=3), max_size=18), _JSON),
     "stream": st.one_of(st.booleans(), _JSON),
