@@ -355,16 +355,17 @@ def parse_request(
     if options and not stream:
         raise _invalid("stream_options", "is only read with stream: true")
     temperature = float(temperature)
-    penalties = {
+    # (the penalties and the bias apply to greedy rows too; min_p, as top_k and top_p, to sampled ones only)
+    extras = {
         "frequency_penalty": float(frequency),
         "presence_penalty": float(presence),
         "logit_bias": _logit_bias(body.get("logit_bias"), vocab_size),
     }
     sampling = (
-        Sampling(0.0, 0, 1.0, float(penalty), None, **penalties)
+        Sampling(0.0, 0, 1.0, float(penalty), None, **extras)
         if temperature == 0
         else Sampling(
-            temperature, operator.index(top_k), float(top_p), float(penalty), seed, **penalties, min_p=float(min_p)
+            temperature, operator.index(top_k), float(top_p), float(penalty), seed, **extras, min_p=float(min_p)
         )
     )
     stops = _stops(body.get("stop"))
