@@ -3,8 +3,8 @@
 Generation is not thread-safe (a model runs one cache at a time), so a single thread runs every ``generate`` call.
 Each round it takes what is queued, picks the rows whose sampling settings equal those of the oldest waiting row
 (one ``generate`` call has one set: temperature, top_k, top_p, min_p, seed, the penalties, the logit bias), at most
-``max_batch_size`` of them, and runs them as one left-padded batch; ``max_new_tokens`` is the batch's largest ``max_tokens`` and each row stops at
-its own through the token callback. This is static batching (this class's default; ``hybridlm serve
+``max_batch_size`` of them, and runs them as one left-padded batch; ``max_new_tokens`` is the batch's largest
+``max_tokens`` and each row stops at its own through the token callback. This is static batching (this class's default; ``hybridlm serve
 --no-continuous-batching``): a request that arrives while a batch runs waits for the whole batch to end.
 
 With ``continuous`` (``hybridlm serve``'s default) the worker keeps one
