@@ -131,6 +131,22 @@ def test_logit_bias_maps_token_ids_to_biases_in_openais_range():
         assert error.param == "logit_bias" and says in error.message, error.message
 
 
+def test_stop_token_ids_and_ignore_eos_are_vllms_extensions_checked_by_name():
+    request = parse({"prompt": "hi", "stop_token_ids": [5, 9, 5], "ignore_eos": True})
+    assert request.stop_ids == frozenset({5, 9}) and request.ignore_eos
+    plain = parse({"prompt": "hi", "stop_token_ids": None, "ignore_eos": None})
+    assert plain.stop_ids == frozenset() and not plain.ignore_eos
+    for field, value, says in (
+        ("stop_token_ids", 5, "must be a list of at most 256 token ids, got 5"),
+        ("stop_token_ids", [1, 257], "257 is not a token id (an integer in [0, 257))"),
+        ("stop_token_ids", [True], "true is not a token id"),
+        ("stop_token_ids", list(range(257)), "at most 256"),
+        ("ignore_eos", 1, "must be true or false, got 1"),
+    ):
+        error = refused({"prompt": "hi", field: value})
+        assert error.param == field and says in error.message, error.message
+
+
 def test_fields_at_their_neutral_values_and_the_user_are_taken():
     neutral = dict(n=1, best_of=1, logprobs=None, echo=False, suffix=None, presence_penalty=0.0, frequency_penalty=0)
     assert parse({"prompt": "hi", "logit_bias": {}, "user": "someone", **neutral}).prompts == [[104, 105]]
@@ -302,6 +318,8 @@ _FIELD_VALUES = {
     "stream_options": st.one_of(st.just({"include_usage": True}), _JSON),
     "echo": st.one_of(st.booleans(), _JSON),
     "logprobs": st.one_of(st.integers(0, 5), st.integers(-2, 25), _JSON),
+    "stop_token_ids": st.one_of(st.lists(st.integers(-2, 300), max_size=3), _JSON),
+    "ignore_eos": st.one_of(st.booleans(), _JSON),
     "model": st.one_of(st.just("tiny"), _JSON),
     "best_of": _JSON,
     "user": _JSON,

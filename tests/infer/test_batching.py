@@ -399,6 +399,25 @@ def test_frequency_and_presence_penalties_min_p_and_logit_bias_reach_the_rows_th
     assert first not in TOKENIZER.encode(d.rows[0].completion.text)[:1]
 
 
+@pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])
+def test_ignore_eos_runs_to_max_tokens_and_stop_token_ids_end_a_choice(model, continuous):
+    """vLLM's extensions: with ``ignore_eos`` the end of text (forced here by a logit bias) ends nothing, and the
+    choice takes all its ``max_tokens`` (none of them text); without it the same request ends at the first token.
+    ``stop_token_ids`` end a choice where the model picks one, none of the text, as the end of text does."""
+    worker = BatchWorker(model, TOKENIZER, max_batch_size=4, continuous=continuous)
+    forced = {"prompt": "hi", "max_tokens": 6, "logit_bias": {"256": 100}}
+    ignoring = worker.submit(request({**forced, "ignore_eos": True}))
+    ending = worker.submit(request(forced))
+    greedy = generate(model, TOKENIZER.encode("hey"), 8, eos_id=256)
+    stopped = worker.submit(request({"prompt": "hey", "max_tokens": 8, "stop_token_ids": [greedy[3]]}))
+    drain(worker)
+    assert (ignoring.rows[0].tokens, ignoring.rows[0].finish, ignoring.rows[0].completion.text) == (6, "length", "")
+    assert (ending.rows[0].tokens, ending.rows[0].finish) == (1, "stop")
+    row = stopped.rows[0]
+    upto = greedy[: greedy.index(greedy[3])]
+    assert row.finish == "stop" and row.tokens == len(upto) + 1 and row.completion.text == TOKENIZER.decode(upto)
+
+
 def test_continuous_rows_past_the_batch_size_take_the_slots_rows_leave(model):
     """Three rows for two slots: the third starts when the first one ends, before the second has."""
     worker = BatchWorker(model, TOKENIZER, max_batch_size=2, continuous=True)

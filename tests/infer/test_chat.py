@@ -104,6 +104,12 @@ def test_the_sampling_extensions_are_read_as_the_completions_route_reads_them():
     assert refused({"messages": HI, "presence_penalty": 3}).param == "presence_penalty"
 
 
+def test_a_requests_stop_token_ids_end_a_turn_beside_the_models_end_of_turn_ids():
+    request = parse({"messages": HI, "stop_token_ids": [7]})
+    assert 7 in request.stop_ids and request.stop_ids > frozenset({7})  # (the chat's own too)
+    assert parse({"messages": HI}).stop_ids == request.stop_ids - {7}
+
+
 def test_openais_defaults_written_out_are_taken():
     # What a client may send without being asked to: each of OpenAI's defaults, spelled out.
     defaults = {"n": 1, "logprobs": False, "top_logprobs": 0, "store": False, "modalities": ["text"], "stream": False}

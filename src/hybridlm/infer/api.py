@@ -38,6 +38,8 @@ NEUTRAL = {
     "best_of": 1,
     "suffix": None,
 }
+#: ``stop_token_ids`` (vLLM's extension): at most this many ids.
+MAX_STOP_TOKEN_IDS = 256
 #: ``logit_bias``: at most this many tokens (OpenAI's limit), each biased by a number in [-LOGIT_BIAS, LOGIT_BIAS].
 MAX_LOGIT_BIAS_TOKENS = 300
 LOGIT_BIAS = 100
@@ -56,6 +58,8 @@ FIELDS = (
     "presence_penalty",
     "logit_bias",
     "stop",
+    "stop_token_ids",
+    "ignore_eos",
     "seed",
     "stream",
     "stream_options",
@@ -146,6 +150,8 @@ class CompletionRequest:
     logprobs: int | None = None
     #: Choices per prompt (their prompt tokens count once in the usage).
     n: int = 1
+    #: The end of document does not end a choice (vLLM's ``ignore_eos``: a benchmark's answers of a fixed length).
+    ignore_eos: bool = False
 
 
 def _is_int(x) -> bool:
@@ -222,6 +228,22 @@ def _logit_bias(value, vocab_size: int) -> tuple[tuple[int, float], ...]:
             raise _invalid("logit_bias", f"the bias of token {token} {why}")
         pairs.append((token, float(bias)))
     return tuple(sorted(pairs))
+
+
+def _stop_token_ids(value, vocab_size: int) -> frozenset[int]:
+    """``stop_token_ids`` (vLLM's extension): null or a list of token ids that end a choice, none of its text."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or len(value) > MAX_STOP_TOKEN_IDS:
+        raise _invalid(
+            "stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids, got {json.dumps(value)[:60]}"
+        )
+    for token in value:
+        if not _is_int(token) or not 0 <= token < vocab_size:
+            raise _invalid(
+                "stop_token_ids", f"{json.dumps(token)[:40]} is not a token id (an integer in [0, {vocab_size}))"
+            )
+    return frozenset(value)
 
 
 def _stops(value) -> list[str]:
@@ -369,8 +391,22 @@ def parse_request(
         )
     )
     stops = _stops(body.get("stop"))
+    ignore_eos = get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _invalid("ignore_eos", f"must be true or false, got {json.dumps(ignore_eos)[:60]}")
+    stop_ids = _stop_token_ids(body.get("stop_token_ids"), vocab_size)
     return CompletionRequest(
-        prompts, max_tokens, sampling, stops, stream, include_usage, echo=echo, logprobs=logprobs, n=n
+        prompts,
+        max_tokens,
+        sampling,
+        stops,
+        stream,
+        include_usage,
+        stop_ids=stop_ids,
+        echo=echo,
+        logprobs=logprobs,
+        n=n,
+        ignore_eos=ignore_eos,
     )
 
 

@@ -131,8 +131,9 @@ class Job:
             )
             for i, (ids, echo) in enumerate(zip(request.prompts, echoes))
         ]
-        # Rows of equal settings batch together; a seeded sampled request only with itself (see the module).
-        self.key = (request.sampling, self if request.sampling.seeded else None)
+        # Rows of equal settings batch together (a static batch has one end of text: ignore_eos or not); a seeded
+        # sampled request only with itself (see the module).
+        self.key = (request.sampling, request.ignore_eos, self if request.sampling.seeded else None)
 
     def _writer(self, index: int):
         return functools.partial(self._text, index)
@@ -373,12 +374,12 @@ class BatchWorker:
             if live:
                 self.generate(
                     self.model,
-                    [row.ids for row in live],
+                    [row.ids or self._start for row in live],
                     max_new_tokens=max(row.job.request.max_tokens for row in live),
                     temperature=sampling.temperature,
                     top_k=sampling.top_k,
                     top_p=sampling.top_p,
-                    eos_id=self.tokenizer.eos_id,
+                    eos_id=None if batch[0].job.request.ignore_eos else self.tokenizer.eos_id,
                     seed=seed,
                     repetition_penalty=sampling.repetition_penalty,
                     callback=lambda r, token, scores=None: self._on_token(live[r], token, scores),
@@ -535,9 +536,10 @@ class BatchWorker:
         if k is not None:  # (every token picked: the end of text and a stop's last too)
             # Its own k most likely, not the batch's largest k (which another request in the batch set).
             row.scored.append((token, None if scores is None else scores.most_likely(k)))
-        # The end-of-document token ends the text and is none of it, as in ``hybridlm generate``; so does a chat
-        # model's end of turn (the request's stop_ids).
-        if token == self.tokenizer.eos_id or token in job.request.stop_ids or row.completion.add(token):
+        # The end-of-document token ends the text and is none of it, as in ``hybridlm generate`` (unless the request
+        # ignores it); so do a chat model's end of turn and the request's stop_token_ids (its stop_ids).
+        eos = token == self.tokenizer.eos_id and not job.request.ignore_eos
+        if eos or token in job.request.stop_ids or row.completion.add(token):
             self._end(row, "stop")
             return True
         if row.tokens >= job.request.max_tokens:

@@ -245,7 +245,7 @@ def parse_chat_request(
         if e.param != "max_tokens" or name == "max_tokens":
             raise
         raise _invalid(name, e.message.removeprefix("max_tokens: ")) from None
-    return ChatRequest(**{**vars(request), "stop_ids": chat.stop_ids, "logprobs": scoring})
+    return ChatRequest(**{**vars(request), "stop_ids": chat.stop_ids | request.stop_ids, "logprobs": scoring})
 
 
 def _logprobs(body: dict) -> int | None:
