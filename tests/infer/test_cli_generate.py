@@ -183,6 +183,12 @@ def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoi
         ([path, "--greedy", "--speculative", "mtp", "--presence-penalty", 0.5], "--presence-penalty"),
         ([path, "--frequency-penalty", 2.5], "--frequency-penalty must be in [-2.0, 2.0], got 2.5"),
         ([path, "--min-p", 2], "--min-p must be in [0, 1], got 2.0"),
+        ([path, "--logit-bias", "{5: 1}"], "--logit-bias {5: 1}: not JSON"),
+        ([path, "--logit-bias", "[5]"], "--logit-bias [5]: give a JSON object of token ids to biases"),
+        ([path, "--logit-bias", '{"257": 1}'], "--logit-bias: 257 is not a token id (an integer in [0, 257))"),
+        ([path, "--logit-bias", '{"-1": 1}'], "--logit-bias: -1 is not a token id"),
+        ([path, "--logit-bias", '{"5": "x"}'], "--logit-bias: the bias of token 5 must be a finite number"),
+        ([path, "--greedy", "--speculative", "mtp", "--logit-bias", '{"5": 1}'], "and --logit-bias"),
         ([no_mtp, "--greedy", "--speculative", "mtp"], "has no MTP depths"),
         ([path, "--tokenizer", tmp_path / "none.json"], "--tokenizer: "),
         ([small], "no tokenizer.hybridlm.json or tokenizer.json; pass --tokenizer explicitly"),
@@ -915,8 +921,9 @@ def test_cuda_graphs_are_on_by_default_only_where_the_model_runs_on_cuda_and_can
     assert capsys.readouterr().err == f"decoding eagerly (no CUDA graphs): {reason[0]}\n"
 
 
-def test_frequency_and_presence_penalties_and_min_p_reach_generation(checkpoint, capsys):
-    """--frequency-penalty, --presence-penalty and --min-p: the text is what ``generate`` gives with them."""
+def test_the_penalties_min_p_and_the_logit_bias_reach_generation(checkpoint, capsys):
+    """--frequency-penalty, --presence-penalty, --min-p and --logit-bias: the text is what ``generate`` gives with
+    them."""
     path, model = checkpoint
     tok = ByteTokenizer()
     want = tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256, frequency_penalty=-2.0, presence_penalty=-1.0))
@@ -941,3 +948,9 @@ def test_frequency_and_presence_penalties_and_min_p_reach_generation(checkpoint,
     flags = ("--temperature", 1.5, "--seed", 2, "--min-p", 0.9)
     code, out, _ = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 12, *flags)
     assert code == 0 and out == "hi" + want + "\n"
+    first = generate(model, tok.encode("hi"), 1, eos_id=256)[0]
+    want = tok.decode(generate(model, tok.encode("hi"), 12, eos_id=256, logit_bias={first: -100.0}))
+    code, out, _ = run(
+        capsys, path, "--prompt", "hi", "--max-new-tokens", 12, "--greedy", "--logit-bias", f'{{"{first}": -100}}'
+    )
+    assert code == 0 and out == "hi" + want + "\n" and first not in tok.encode(out[2:])[:1]

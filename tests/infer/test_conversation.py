@@ -154,6 +154,13 @@ def test_a_turn_takes_the_frequency_and_presence_penalties(model):
     assert changed
     with pytest.raises(ValueError, match="presence_penalty must be in"):
         Conversation(model, TOKENIZER, CHAT, presence_penalty=3)
+    with pytest.raises(ValueError, match=r"logit_bias: 257 is not a token id \(an integer in \[0, 257\)\)"):
+        Conversation(model, TOKENIZER, CHAT, logit_bias={257: 1.0})
+    ids = rendered([{"role": "user", "content": MESSAGES[0]}])
+    first = generate(model, ids, max_new_tokens=1, eos_id=TOKENIZER.eos_id)[0]
+    banned = Conversation(model, TOKENIZER, CHAT, max_new_tokens=8, logit_bias={first: -100.0}).reply(MESSAGES[0])
+    assert banned.tokens == generate(model, ids, max_new_tokens=8, eos_id=TOKENIZER.eos_id, logit_bias={first: -100.0})
+    assert banned.tokens[0] != first
 
 
 def test_reset_starts_over_as_a_new_conversation(model):

@@ -160,7 +160,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..infer.conversation import Conversation
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
-    from .generate import cuda_graph_on, stop_strings
+    from .generate import cuda_graph_on, logit_bias_option, stop_strings
     from .serve import chat_option
 
     device, dtype, template_kwargs = _check_args(args)
@@ -168,6 +168,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     history = None if args.messages is None else _read_messages(args.messages)
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)
+    args.logit_bias = logit_bias_option(args.logit_bias, config.vocab_size)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     chat = chat_option(args, path, tokenizer, template_kwargs)
     _check_template(chat, path, args.system, history)
@@ -187,6 +188,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
         min_p=args.min_p,
+        logit_bias=args.logit_bias,
         seed=args.seed,
         cuda_graph=cuda_graph_on(model, args.cuda_graph),
         kept_states=args.prefix_cache,

@@ -184,6 +184,33 @@ def sampling_settings(args: argparse.Namespace, seeds: dict[str, int]) -> None:
             )
         except ValueError as e:
             raise UsageError(f"{e}{more}") from None
+    args.logit_bias = logit_bias_option(args.logit_bias)
+
+
+def logit_bias_option(text: str | None, vocab: int | None = None) -> dict[int, float]:
+    """``--logit-bias``'s JSON object of token ids to biases as {id: bias} (none: {}), checked against ``vocab``
+    where given; UsageError naming the flag otherwise."""
+    import json
+
+    from ..errors import UsageError
+    from ..infer.generate import check_logit_bias
+
+    if text is None or isinstance(text, dict):  # (a dict: read already, checked now against the vocabulary)
+        value = text or {}
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"--logit-bias {text[:60]}: not JSON ({e.msg}); give an object, such as '{{\"50256\": -100}}'"
+            ) from None
+        if not isinstance(value, dict):
+            raise UsageError(f"--logit-bias {text[:60]}: give a JSON object of token ids to biases") from None
+    try:
+        ids = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in value.items()}
+        return check_logit_bias(ids, vocab)
+    except ValueError as e:
+        raise UsageError(f"--{e}".replace("--logit_bias", "--logit-bias", 1)) from None
 
 
 def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
@@ -229,6 +256,12 @@ def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
         help="subtract this from the logit of each token the generated text holds (OpenAI's; in [-2, 2], 0 = off)",
     )
     ap.add_argument(
+        "--logit-bias",
+        default=None,
+        metavar="JSON",
+        help="a JSON object of token ids to biases added to their logits (OpenAI's logit_bias), e.g. '{\"50256\": -100}' bans a token",
+    )
+    ap.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -258,8 +291,14 @@ def _check_generate_args(args: argparse.Namespace, num_prompts: int):
         ),
         (
             not args.speculative
-            or (args.repetition_penalty == 1 and args.frequency_penalty == 0 and args.presence_penalty == 0),
-            "--speculative mtp decodes greedily: leave out --repetition-penalty, --frequency-penalty and --presence-penalty",
+            or (
+                args.repetition_penalty == 1
+                and args.frequency_penalty == 0
+                and args.presence_penalty == 0
+                and not args.logit_bias
+            ),
+            "--speculative mtp decodes greedily: leave out --repetition-penalty, --frequency-penalty, --presence-penalty "
+            "and --logit-bias",
         ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
@@ -315,6 +354,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     device, dtype = _check_generate_args(args, len(prompts))
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)  # the checks below, before the weights are read
+    args.logit_bias = logit_bias_option(args.logit_bias, config.vocab_size)
     if args.speculative and not config.parsed.mtp_depths:
         raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
@@ -355,6 +395,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
                 frequency_penalty=args.frequency_penalty,
                 presence_penalty=args.presence_penalty,
                 min_p=args.min_p,
+                logit_bias=args.logit_bias,
                 # The end-of-document token ends the text and is none of it (a tokenizer.json need not mark it
                 # special, and then decoding printed its name, '<|endoftext|>', after the text).
                 callback=lambda row, token, rows=rows: token != tokenizer.eos_id and rows[row].add(token),

@@ -22,7 +22,7 @@ import torch
 from .chat import Chat
 from .completion import Completion, write_stdout
 from .cuda_graph import DecodeGraphs
-from .generate import check_sampling, generate
+from .generate import check_logit_bias, check_sampling, generate
 from .prefix_store import PrefixStore
 
 #: States a conversation keeps by default: its last answer, the prefixes its turns were seen to share, one to spare.
@@ -77,6 +77,7 @@ class Conversation:
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
         min_p: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
         seed: int = 0,
         cuda_graph: bool = False,
         kept_states: int = KEPT_STATES,
@@ -85,6 +86,7 @@ class Conversation:
             raise ValueError("this model has no chat template: give one (load_chat's template_file)")
         extras = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, min_p=min_p)
         check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **extras)
+        extras["logit_bias"] = check_logit_bias(logit_bias, model.config.vocab_size)
         if max_new_tokens < 1 or kept_states < 0:
             raise ValueError(f"max_new_tokens must be >= 1 and kept_states >= 0, got {max_new_tokens}, {kept_states}")
         self.stops = list(stops or [])
