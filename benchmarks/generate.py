@@ -6,6 +6,7 @@
     python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
     python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
     python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
+    python benchmarks/generate.py --device cuda --sampling-cost 8 --batches 64   # what each sampling setting adds
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
@@ -25,6 +26,10 @@ size of rows, ``--prompt-len`` random tokens, ``--new-tokens`` each; what a serv
 each capturing its own graph, and K given one ``DecodeGraphs`` (the first captures, the others replay it), the two
 kinds of call taking turns: the median ms of a call of each, the difference the cost of a capture, and whether the
 tokens agree.
+``--sampling-cost K``: K calls per sampling setting (greedy; the frequency and presence penalties; a logit bias;
+top-p sampling, without and with min_p), the settings taking turns (graphed on CUDA, over one ``DecodeGraphs``):
+the median ms of a call and its ratio to greedy's, what the settings' per-step work on the (rows, vocabulary) logits
+costs.
 Results belong in docs/benchmarks.md.
 """
 
@@ -368,6 +373,53 @@ def kept_graphs(args, device) -> None:
     print(f"\na capture costs {each[False] - each[True]:.1f} ms a call; the same tokens: {'yes' if same else 'no'}")
 
 
+#: ``--sampling-cost``'s settings: (name, generate's keyword arguments), the first the plain greedy decode.
+SAMPLING_SETTINGS = (
+    ("greedy", {}),
+    ("greedy + frequency and presence penalties", {"frequency_penalty": 0.5, "presence_penalty": 0.5}),
+    ("greedy + logit_bias (8 tokens)", {"logit_bias": {t: -100.0 for t in range(1, 9)}}),
+    ("sampled (T 1, top-p 0.9)", {"temperature": 1.0, "top_p": 0.9}),
+    ("sampled (T 1, top-p 0.9) + min_p 0.05", {"temperature": 1.0, "top_p": 0.9, "min_p": 0.05}),
+)
+
+
+def sampling_cost(args, device) -> None:
+    """What each sampling setting adds to a decode: ``args.sampling_cost`` graphed (on CUDA) calls of ``generate``
+    per setting, the settings taking turns, over ``--preset``'s model (bf16 on CUDA; the embedded default in
+    float32 on the CPU), one :class:`DecodeGraphs` for all (no capture timed): median ms a call and a token."""
+    from hybridlm.infer.cuda_graph import DecodeGraphs
+    from hybridlm.train.config import DEFAULT_MODEL
+
+    graphed = device.type == "cuda"
+    config = ModelConfig.preset(args.preset) if graphed else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
+    model = HybridLM(config, seed=0, device=device)
+    model = (model.cast(torch.bfloat16) if graphed else model).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, model.config.vocab_size, (args.batches[0], args.prompt_len), generator=gen).tolist()
+    options = {"cuda_graph": True, "graphs": DecodeGraphs(model)} if graphed else {}
+    times: dict[str, list[float]] = {name: [] for name, _ in SAMPLING_SETTINGS}
+    for _, kw in SAMPLING_SETTINGS:  # (lazy initialisation, the capture, autotuning: out of the timing)
+        generate(model, rows, args.new_tokens, eos_id=None, seed=0, **options, **kw)
+    for _ in range(args.sampling_cost):
+        for name, kw in SAMPLING_SETTINGS:
+            t0 = sync(device)
+            generate(model, rows, args.new_tokens, eos_id=None, seed=0, **options, **kw)
+            times[name].append(sync(device) - t0)
+    each = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+    base = each[SAMPLING_SETTINGS[0][0]]
+    where = f"{args.preset} bf16, decode steps as CUDA graphs" if graphed else "the embedded default model, float32"
+    print(
+        f"{where}, {args.batches[0]} row(s) x {args.prompt_len} prompt tokens, {args.new_tokens} new tokens, "
+        f"{args.sampling_cost} calls of each setting taking turns\n"
+    )
+    print(
+        table(
+            ["setting", "median ms a call", "ms a new token", "against greedy"],
+            [[name, f"{ms:.1f}", f"{ms / args.new_tokens:.3f}", f"{ms / base:.3f}x"] for name, ms in each.items()],
+        )
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -394,7 +446,22 @@ def main(argv=None) -> int:
         metavar="K",
         help="CUDA: K graphed calls capturing each against K replaying a kept graph, then exit",
     )
+    ap.add_argument(
+        "--sampling-cost",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K decode calls per sampling setting (penalties, logit_bias, top-p, min_p) against greedy, then exit",
+    )
     args = ap.parse_args(argv)
+    if args.sampling_cost:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device", file=sys.stderr)
+            return 2
+        args.prompt_len, args.new_tokens = args.prompt_len or 256, args.new_tokens or 64
+        sampling_cost(args, device)
+        return 0
     if args.buffers:
         if min(args.buffers) <= 16:
             ap.error("--buffers: each length must exceed the 16-token prompts")

@@ -300,6 +300,17 @@ def test_cli_generate_times_the_command_with_its_defaults_and_without_graphs(cap
     assert all(row.endswith("| yes |") and float(row.split(" | ")[3].replace(",", "")) > 0 for row in rows), rows
 
 
+def test_generate_times_each_sampling_setting_against_greedy(capsys):
+    """generate.py --sampling-cost: a row per sampling setting (the penalties, a logit bias, top-p, min_p), greedy's
+    ratio 1."""
+    bench = _load("generate")
+    assert bench.main(["--sampling-cost", "1", "--batches", "2", "--prompt-len", "8", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _ in bench.SAMPLING_SETTINGS]
+    assert rows[0].endswith("| 1.000x |")
+
+
 def test_prefill_cost_fits_a_forwards_fixed_cost_and_its_rate():
     """prefill_cost.py's fit recovers a known line (2 ms per forward + 10,000 positions per second), and the script
     prints its table and the fit for tiny shapes."""
