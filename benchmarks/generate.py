@@ -27,7 +27,8 @@ each capturing its own graph, and K given one ``DecodeGraphs`` (the first captur
 kinds of call taking turns: the median ms of a call of each, the difference the cost of a capture, and whether the
 tokens agree.
 ``--sampling-cost K``: K calls per sampling setting (greedy; the frequency and presence penalties; a logit bias;
-top-p sampling, without and with min_p), the settings taking turns (graphed on CUDA, over one ``DecodeGraphs``):
+top-p sampling, by the kernel and by sorting (``HYBRIDLM_KERNELS=auto,top_p=torch``), with min_p; sampling without
+top-p), the settings taking turns (graphed on CUDA, over one ``DecodeGraphs``):
 the median ms of a call and its ratio to greedy's, what the settings' per-step work on the (rows, vocabulary) logits
 costs.
 Results belong in docs/benchmarks.md.
@@ -36,6 +37,7 @@ Results belong in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 
 from hybridlm import HybridLM, ModelConfig, generate
+from hybridlm.ops.dispatch import use_kernels
 
 
 def sync(device: torch.device) -> float:
@@ -373,13 +376,16 @@ def kept_graphs(args, device) -> None:
     print(f"\na capture costs {each[False] - each[True]:.1f} ms a call; the same tokens: {'yes' if same else 'no'}")
 
 
-#: ``--sampling-cost``'s settings: (name, generate's keyword arguments), the first the plain greedy decode.
+#: ``--sampling-cost``'s settings: (name, generate's keyword arguments, the kernel setting: None for the default),
+#: the first the plain greedy decode.
 SAMPLING_SETTINGS = (
-    ("greedy", {}),
-    ("greedy + frequency and presence penalties", {"frequency_penalty": 0.5, "presence_penalty": 0.5}),
-    ("greedy + logit_bias (8 tokens)", {"logit_bias": {t: -100.0 for t in range(1, 9)}}),
-    ("sampled (T 1, top-p 0.9)", {"temperature": 1.0, "top_p": 0.9}),
-    ("sampled (T 1, top-p 0.9) + min_p 0.05", {"temperature": 1.0, "top_p": 0.9, "min_p": 0.05}),
+    ("greedy", {}, None),
+    ("greedy + frequency and presence penalties", {"frequency_penalty": 0.5, "presence_penalty": 0.5}, None),
+    ("greedy + logit_bias (8 tokens)", {"logit_bias": {t: -100.0 for t in range(1, 9)}}, None),
+    ("sampled (T 1, top-p 0.9)", {"temperature": 1.0, "top_p": 0.9}, None),
+    ("sampled (T 1, top-p 0.9), top-p by sorting", {"temperature": 1.0, "top_p": 0.9}, "auto,top_p=torch"),
+    ("sampled (T 1, top-p 0.9) + min_p 0.05", {"temperature": 1.0, "top_p": 0.9, "min_p": 0.05}, None),
+    ("sampled (T 1), no top-p", {"temperature": 1.0}, None),
 )
 
 
@@ -397,14 +403,17 @@ def sampling_cost(args, device) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, model.config.vocab_size, (args.batches[0], args.prompt_len), generator=gen).tolist()
     options = {"cuda_graph": True, "graphs": DecodeGraphs(model)} if graphed else {}
-    times: dict[str, list[float]] = {name: [] for name, _ in SAMPLING_SETTINGS}
-    for _, kw in SAMPLING_SETTINGS:  # (lazy initialisation, the capture, autotuning: out of the timing)
-        generate(model, rows, args.new_tokens, eos_id=None, seed=0, **options, **kw)
+    times: dict[str, list[float]] = {name: [] for name, _, _ in SAMPLING_SETTINGS}
+    outputs: dict[str, list] = {}
+    for name, kw, kernels in SAMPLING_SETTINGS:  # (lazy initialisation, the capture, compiling: out of the timing)
+        with use_kernels(kernels) if kernels else contextlib.nullcontext():
+            outputs[name] = generate(model, rows, args.new_tokens, eos_id=None, seed=0, **options, **kw)
     for _ in range(args.sampling_cost):
-        for name, kw in SAMPLING_SETTINGS:
-            t0 = sync(device)
-            generate(model, rows, args.new_tokens, eos_id=None, seed=0, **options, **kw)
-            times[name].append(sync(device) - t0)
+        for name, kw, kernels in SAMPLING_SETTINGS:
+            with use_kernels(kernels) if kernels else contextlib.nullcontext():
+                t0 = sync(device)
+                generate(model, rows, args.new_tokens, eos_id=None, seed=0, **options, **kw)
+                times[name].append(sync(device) - t0)
     each = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
     base = each[SAMPLING_SETTINGS[0][0]]
     where = f"{args.preset} bf16, decode steps as CUDA graphs" if graphed else "the embedded default model, float32"
@@ -418,6 +427,8 @@ def sampling_cost(args, device) -> None:
             [[name, f"{ms:.1f}", f"{ms / args.new_tokens:.3f}", f"{ms / base:.3f}x"] for name, ms in each.items()],
         )
     )
+    agree = outputs[SAMPLING_SETTINGS[3][0]] == outputs[SAMPLING_SETTINGS[4][0]]  # (top-p: the kernel, sorting)
+    print(f"\ntop-p without sorting against sorting: the same tokens: {'yes' if agree else 'no'}")
 
 
 def main(argv=None) -> int:

@@ -181,7 +181,12 @@ for stage in "$@"; do
         run prefillcost 200 20 python3 benchmarks/prefill_cost.py --device cuda --preset bench-1.3b \
             --positions 1 8 64 256 1024 4096 ;;
     samplingcost)  # what each sampling setting adds to a graphed decode of bench-1.3b, 64 rows
-        run samplingcost 200 12 python3 benchmarks/generate.py --device cuda --sampling-cost 8 --batches 64 ;;
+        run samplingcost 240 16 python3 benchmarks/generate.py --device cuda --sampling-cost 8 --batches 64 ;;
+    samplingone)  # the same for one row (a chat's decode)
+        run samplingone 200 16 python3 benchmarks/generate.py --device cuda --sampling-cost 8 --batches 1 ;;
+    topp)  # top-p alone: the Triton kernel against sorting, 1 / 8 / 64 rows of a 131k vocabulary, and its GPU test
+        run topp 120 12 python3 benchmarks/top_p.py
+        run topptest 200 12 python3 -m pytest -q -s -m gpu tests/ops/test_top_p.py -k "gpu or kernel" ;;
     clidefaults)  # hybridlm generate as a process: its defaults (CUDA graphs on CUDA) against --no-cuda-graph
         run clidefaults 400 16 python3 benchmarks/cli_generate.py --device cuda --preset bench-1.3b --rounds "${ROUNDS:-1}" ;;
     pipeline) run pipeline 300 12 python3 benchmarks/pipeline_overhead.py --preset bench-1.3b --batch 8 --micro 4 --seq 4096 ;;

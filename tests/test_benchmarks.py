@@ -301,14 +301,15 @@ def test_cli_generate_times_the_command_with_its_defaults_and_without_graphs(cap
 
 
 def test_generate_times_each_sampling_setting_against_greedy(capsys):
-    """generate.py --sampling-cost: a row per sampling setting (the penalties, a logit bias, top-p, min_p), greedy's
-    ratio 1."""
+    """generate.py --sampling-cost: a row per sampling setting (the penalties, a logit bias, top-p by the kernel's
+    dispatch and by sorting, min_p), greedy's ratio 1, and whether the two top-p paths sampled the same tokens."""
     bench = _load("generate")
     assert bench.main(["--sampling-cost", "1", "--batches", "2", "--prompt-len", "8", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
-    assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _ in bench.SAMPLING_SETTINGS]
+    assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _, _ in bench.SAMPLING_SETTINGS]
     assert rows[0].endswith("| 1.000x |")
+    assert "top-p without sorting against sorting: the same tokens: yes" in out
 
 
 def test_prefill_cost_fits_a_forwards_fixed_cost_and_its_rate():

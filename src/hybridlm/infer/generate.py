@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint.io import refuse_meta
 from ..ops.precision import accumulation_dtype
+from ..ops.top_p import top_p_filter
 from .cache import InferenceCache
 from .cuda_graph import DecodeGraphs
 from .decode import DecodeBatch, cache_allocation, check_finite, left_pad, nonfinite, prefill
@@ -136,7 +137,8 @@ class Sampler:
         temperature: 0 = greedy (argmax); otherwise logits are divided by it before sampling.
         top_k: sample among the k most likely tokens (0 = all; tokens tied with the k-th are kept, as in
             transformers).
-        top_p: sample from the smallest set of tokens whose probability reaches ``top_p`` (1 = all).
+        top_p: sample from the smallest set of tokens whose probability reaches ``top_p`` (1 = all; among tied
+            tokens the lower id first: :func:`~hybridlm.ops.top_p.top_p_filter`).
         min_p: sample among the tokens at least ``min_p`` times as likely as the most likely one (0 = all; vLLM's
             and transformers' ``min_p``; keyword-only, as are the three below).
         logit_bias: {token id: bias} added to the model's logits before anything else (OpenAI's ``logit_bias``:
@@ -262,13 +264,7 @@ class Sampler:
         if self.min_p > 0.0:  # (p < min_p * p_max, as logits after the shift above: logit < log(min_p))
             logits = logits.masked_fill(logits < math.log(self.min_p), float("-inf"))
         if self.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # Drop a token when the tokens before it already reach top_p (the first is always kept).
-            drop_sorted = probs.cumsum(-1) - probs >= self.top_p
-            drop_sorted[:, 0] = False  # (a top_p of 1e-300 is 0 in float32, which the first token's 0 reaches)
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
+            logits = top_p_filter(logits, self.top_p)
         probs = logits.softmax(-1)
         return (
             torch.multinomial(probs.to(self.generator.device), 1, generator=self.generator).view(-1).to(logits.device)

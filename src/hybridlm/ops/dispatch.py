@@ -47,6 +47,7 @@ OPS = (
     "attention",
     "moe_experts",
     "cross_entropy",
+    "top_p",
 )
 
 _mode: str | None = None  # set by set_kernels(); None = read the environment

@@ -1,0 +1,96 @@
+"""Top-p filtering alone: the Triton kernel against the sorting reference, on one GPU.
+
+    python benchmarks/top_p.py                       # rows 1, 8, 64 of a 131,072 vocabulary
+    python benchmarks/top_p.py --rows 1 64 256 --vocab 152064 --reps 200
+
+For each row count: float32 logits rounded from bf16 (half the rows peaked, half flat), shifted as the sampler
+shifts them; the two paths (``hybridlm.ops.top_p``) taking turns, each timed eagerly (a call's wall time, host
+launches included: how ``generate`` samples, outside its decode graph) and replayed in a CUDA graph (the device's
+time alone), medians over ``--reps`` calls; and whether the two kept the same tokens. Results belong in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from hybridlm.ops.top_p import top_p_filter_reference
+from hybridlm.ops.top_p_triton import top_p_filter_triton
+
+PATHS = {"sorting (reference)": top_p_filter_reference, "kernel": top_p_filter_triton}
+
+
+def logits(rows: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    base = torch.randn(rows, vocab, device="cuda", generator=g)
+    x = torch.where(torch.arange(rows, device="cuda")[:, None] % 2 == 0, base * 4, base * 0.5).bfloat16().float()
+    return x - x.amax(-1, keepdim=True)
+
+
+def eager_ms(fn, x: torch.Tensor, top_p: float) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(x, top_p)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def graph_ms(fn, x: torch.Tensor, top_p: float, reps: int) -> float:
+    """Median device ms of one call replayed from a CUDA graph that holds ``reps`` calls."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(x, top_p)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--vocab", type=int, default=131072)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--reps", type=int, default=100)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: needs a CUDA device", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, vocabulary {args.vocab}, top_p {args.top_p}\n")
+    print("| rows | path | eager ms a call | graphed ms a call | against sorting (graphed) | same tokens kept |")
+    print("|---:|---|---:|---:|---:|:---:|")
+    for rows in args.rows:
+        x = logits(rows, args.vocab)
+        kept = {name: fn(x, args.top_p).isfinite() for name, fn in PATHS.items()}  # (compiles the kernels)
+        eager: dict[str, list[float]] = {name: [] for name in PATHS}
+        for _ in range(args.reps):
+            for name, fn in PATHS.items():
+                eager[name].append(eager_ms(fn, x, args.top_p))
+        graphed = {name: graph_ms(fn, x, args.top_p, args.reps) for name, fn in PATHS.items()}
+        same = (
+            "yes"
+            if torch.equal(*kept.values())
+            else f"no ({int((kept['kernel'] != kept['sorting (reference)']).sum())})"
+        )
+        for name in PATHS:
+            ratio = graphed["sorting (reference)"] / graphed[name]
+            print(
+                f"| {rows} | {name} | {statistics.median(eager[name]):.3f} | {graphed[name]:.3f} | {ratio:.2f}x | "
+                f"{same} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
