@@ -122,6 +122,22 @@ def test_kernel_on_dropped_tokens_strided_rows_and_bf16():
         assert top_p_filter(x[:0], 0.5).shape == (0, 500)
 
 
+def test_the_passes_narrow_the_keys_to_one():
+    """WAYS cuts a pass part the keys left in WAYS + 1 pieces: from the keys between -inf's and +inf's, SWEEPS passes
+    leave one, and the pass before the last at most WAYS + 1, so the last pass's cuts hold every key left."""
+    pytest.importorskip("triton")
+    from hybridlm.ops import top_p_triton as k
+
+    width = k.KEY_HI - k.KEY_LO
+    widths = []
+    for _ in range(k.SWEEPS):
+        width = -(-width // (k.WAYS + 1))
+        widths.append(width)
+    assert widths[-1] == 1 and widths[-2] <= k.WAYS + 1
+    bits = torch.tensor([float("-inf"), float("inf")]).view(torch.int32).tolist()
+    assert [(bits[0] ^ 0x7FFFFFFF) - 1, bits[1] + 1] == [k.KEY_LO, k.KEY_HI]  # (a negative float's lower bits flipped)
+
+
 def test_dispatch_runs_the_reference_off_cuda_and_for_float64():
     x = torch.randn(2, 50)
     reset_paths()
@@ -181,3 +197,28 @@ def test_gpu_kernel_at_a_real_vocabulary_in_a_cuda_graph(b):
     static.copy_(x.flip(0))
     graph.replay()
     assert torch.equal(replayed, top_p_filter(x.flip(0), top_p))
+
+
+@pytest.mark.gpu
+def test_gpu_eager_calls_of_a_few_rows_replay_a_graph_of_the_launches():
+    """An eager call of up to GRAPHED_LOGITS logits replays a graph kept for its shape: the launches' output, for
+    another top_p and other logits too, and a returned tensor the next call does not write over."""
+    from hybridlm.ops import top_p_triton as k
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 50000, device="cuda", generator=g) * 3
+    k._graphs.clear()
+    first = k.top_p_filter_triton(x, 0.9)
+    assert list(k._graphs) == [(x.shape, x.dtype, x.device)]
+    direct = torch.empty_like(x)
+    k._launch(x, torch.full((), 0.9, device="cuda"), direct)
+    assert torch.equal(first, direct)
+    kept = first.clone()
+    y = x.flip(0).contiguous()
+    second = k.top_p_filter_triton(y, 0.5)
+    k._launch(y, torch.full((), 0.5, device="cuda"), direct)
+    assert torch.equal(second, direct) and len(k._graphs) == 1
+    assert torch.equal(first, kept)  # (not written over by the next call)
+    for rows in range(1, k.KEPT_GRAPHS + 2):
+        k.top_p_filter_triton(x[:1].expand(rows, -1), 0.9)
+    assert len(k._graphs) == k.KEPT_GRAPHS

@@ -2,23 +2,24 @@
 
 Let ``e_v = exp(l_v - max l)`` and ``Z = sum e_v``. In the order of decreasing logits (lower id first among equal
 ones) the reference keeps a token while the mass before it is below ``top_p``. So every kept logit is at least some
-boundary logit ``b``, the tokens above ``b`` hold less than ``top_p · Z``, and of the tokens equal to ``b`` the first
-``ceil((top_p · Z - mass above b) / e_b)`` by id are kept (at least one, at most all). The kernels find ``b``:
+boundary logit ``b``, the tokens above ``b`` hold less than ``T = top_p · Z``, and of the tokens equal to ``b`` the
+first ``ceil((T - mass above b) / e_b)`` by id are kept (at least one, at most all). The kernels find ``b`` by its
+bits: a float32's bits, read as an int32 with the lower 31 bits flipped for negative numbers, order as the floats
+do, so ``b``'s key is the least key whose mass above is below ``T``. It lies in an integer interval (lo, hi] with
+``mass(key > lo) >= T > mass(key > hi)``, first the keys between -inf's and +inf's.
 
-1. ``_stats``: per segment of a row, its max and its sum of ``exp(l - max)`` (the row's max and Z follow).
-2. ``_sweep``, ``SWEEPS`` times: ``b`` is searched by its bits. A float32's bits, read as an int32 with the
-   lower 31 bits flipped for negative numbers, order as the floats do, so ``b``'s key lies in an integer interval
-   [lo, hi] with ``mass(key > lo) >= top_p · Z > mass(key > hi)``. Each pass sums, per segment, the mass above
-   ``WAYS`` cuts spread over the interval, and the next pass (its every program, the same way) keeps the piece
-   between the last cut that still reaches ``top_p · Z`` and the first that does not: 16 ways, 8 passes cover the
-   2^32 keys. The search ends on a key that some token holds.
-3. ``_ties``: per segment, the mass above ``b`` and the number of tokens equal to it.
-4. ``_write``: the kept logits, the others -inf; the tokens equal to ``b`` counted by id across segments.
+``_sweep``, ``SWEEPS`` launches: each program sums, over its segment of a row, the mass above ``WAYS`` cuts that
+part the interval into ``WAYS + 1`` pieces; the next launch's programs (every one alike, from the same sums in the
+same order) keep the piece between the last cut whose mass above reaches ``T`` and the first that does not. The
+first launch also finds each segment's max and sum (its masses relative to that max, rescaled by the next); the last
+also counts the tokens equal to each of its cuts, which by then are every key of the interval. ``_write`` narrows
+once more to ``b``'s key, and writes the kept logits and -inf for the others, numbering the tokens equal to ``b``
+across the segments before its own.
 
 Each row is cut into segments so that a batch of one row still spreads over the GPU; every launch has one program
-per (row, segment), and what a pass needs from the other segments it reads from the previous launch's buffers.
-About 11 launches of small passes over the logits in L2, against a sort of them (docs/benchmarks.md). The
-float32 sums differ from the reference's cumulative sum in their order only.
+per (row, segment). 9 launches of passes over the logits (in L2 at a decode's sizes), no host synchronization, so
+the op can be captured in a CUDA graph. The float32 sums differ from the reference's cumulative sum in their order
+only.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ import triton.language as tl
 
 from .dispatch import record
 
-#: Candidate cuts per pass, and passes: ``WAYS ** SWEEPS`` covers the 2^32 int32 keys.
+#: Cuts per pass (the interval in WAYS + 1 pieces), and passes: from the 4,278,190,083 keys between -inf's and
+#: +inf's, 17 pieces a pass leave 11 after 7 passes and 1 after the 8th (tests/ops/test_top_p.py checks it).
 WAYS = 16
 SWEEPS = 8
-#: Logits per step of a program's loop (a (BLOCK, WAYS) comparison tile), and warps per program.
+#: The interval the search starts from: one below -inf's key, one above +inf's (no token holds a key outside).
+KEY_LO, KEY_HI = -2139095042, 2139095041
+#: Logits per step of a program's loop (a (BLOCK, WAYS) tile of sums kept in registers), and warps per program.
 BLOCK = 256
 NUM_WARPS = 4
 #: A row is cut into at most this many segments, each a whole number of blocks.
@@ -44,138 +48,129 @@ MAX_SEGMENTS = 64
 
 @triton.jit
 def _key(x):
-    """float32 -> int32 in the same order (-0.0 as +0.0, -inf lowest)."""
+    """float32 -> int32 in the same order (-0.0 as +0.0)."""
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _row_target(max_ptr, sum_ptr, row, S, top_p, SP: tl.constexpr):
-    """The row's max logit and ``top_p · Z`` (Z: the sum of ``exp(l - max)``), from the segments' statistics."""
+def _row_target(stat_ptr, row, S, top_p_ptr, SP: tl.constexpr):
+    """The row's max logit and ``T = top_p · Z``, from its segments' (max, sum of exp(l - that max))."""
+    top_p = tl.load(top_p_ptr)
     s = tl.arange(0, SP)
-    m = tl.load(max_ptr + row * S + s, mask=s < S, other=float("-inf"))
-    z = tl.load(sum_ptr + row * S + s, mask=s < S, other=0.0)
+    m = tl.load(stat_ptr + (row * S + s) * 2, mask=s < S, other=float("-inf"))
+    z = tl.load(stat_ptr + (row * S + s) * 2 + 1, mask=s < S, other=0.0)
     top = tl.max(m, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # (a row of -inf: nothing to keep, and no NaN)
     total = tl.sum(z * tl.exp(m - top), 0)
-    return top, tl.maximum(top_p * total, 1.1754943508222875e-38)
+    return top, tl.maximum(top_p * total, 1.1754943508222875e-38)  # (above 0 where top_p rounds to 0)
 
 
 @triton.jit
 def _cuts(lo, hi, WAYS: tl.constexpr):
-    """(WAYS,) int64 cuts over [lo, hi]: lo first, then every ceil((hi - lo) / WAYS), none past hi."""
+    """(WAYS,) int64 cuts parting (lo, hi] into WAYS + 1 pieces of ceil((hi - lo) / (WAYS + 1)), none past hi."""
     j = tl.arange(0, WAYS).to(tl.int64)
-    step = (hi - lo + WAYS - 1) // WAYS
-    return tl.minimum(lo + j * step, hi)
+    step = (hi - lo + WAYS) // (WAYS + 1)
+    return tl.minimum(lo + (j + 1) * step, hi)
 
 
 @triton.jit
-def _narrow(bounds_ptr, mass_ptr, row, S, target, WAYS: tl.constexpr, SP: tl.constexpr):
-    """The previous pass's interval [lo, hi] narrowed by the masses its programs summed above its cuts."""
-    lo = tl.load(bounds_ptr + row * 2)
-    hi = tl.load(bounds_ptr + row * 2 + 1)
+def _segment_masses(mass_ptr, stat_ptr, row, S, top, LOCAL: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr):
+    """(SP, WAYS): each segment's mass above each cut of a pass, relative to the row's max (LOCAL: the first pass's,
+    relative to the segment's own max)."""
     j = tl.arange(0, WAYS)
     s = tl.arange(0, SP)
     part = tl.load(mass_ptr + (row * S + s[:, None]) * WAYS + j[None, :], mask=s[:, None] < S, other=0.0)
-    above = tl.sum(part, 0)  # (the segments in one order in every program: one result)
-    cuts = _cuts(lo, hi, WAYS)
-    reach = (above >= target) | (j == 0)  # (mass above lo reaches the target by construction)
-    return tl.max(tl.where(reach, cuts, lo), 0), tl.min(tl.where(reach, hi, cuts), 0)
+    if LOCAL:
+        m = tl.load(stat_ptr + (row * S + s) * 2, mask=s < S, other=float("-inf"))
+        part = part * tl.exp(m - top)[:, None]
+    return part
 
 
 @triton.jit
-def _stats_kernel(x_ptr, stride_x, V, SEG, max_ptr, sum_ptr, S, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    seg = tl.program_id(1)
-    base = x_ptr + row.to(tl.int64) * stride_x
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = tl.maximum(m, tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
-    top = tl.max(m, 0)
-    shift = tl.where(top == float("-inf"), 0.0, top)  # (a segment of -inf sums 0, not exp(-inf + inf) = NaN)
-    z = tl.zeros([BLOCK], tl.float32)
-    for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        z += tl.exp(tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) - shift)
-    tl.store(max_ptr + row * S + seg, top)
-    tl.store(sum_ptr + row * S + seg, tl.sum(z, 0))
+def _narrow(bounds_ptr, part, row, target, WAYS: tl.constexpr):
+    """A pass's cuts and the interval they narrow (lo, hi] to, from its segments' masses ``part`` (SP, WAYS)."""
+    lo = tl.load(bounds_ptr + row * 2)
+    hi = tl.load(bounds_ptr + row * 2 + 1)
+    cuts = _cuts(lo, hi, WAYS)
+    reach = tl.sum(part, 0) >= target  # (the segments in one order in every program: one result)
+    return cuts, tl.max(tl.where(reach, cuts, lo), 0), tl.min(tl.where(reach, hi, cuts), 0)
 
 
 @triton.jit
 def _sweep_kernel(
-    x_ptr, stride_x, V, SEG, max_ptr, sum_ptr, S, top_p,
-    prev_bounds_ptr, prev_mass_ptr, bounds_ptr, mass_ptr,
-    FIRST: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr,
+    x_ptr, stride_x, V, SEG, S, top_p_ptr, stat_ptr,
+    prev_bounds_ptr, prev_mass_ptr, bounds_ptr, mass_ptr, count_ptr,
+    FIRST: tl.constexpr, SECOND: tl.constexpr, LAST: tl.constexpr,
+    BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    top, target = _row_target(max_ptr, sum_ptr, row, S, top_p, SP)
-    if FIRST:
-        lo = tl.full([], -2147483648, tl.int64)  # int32's lowest key: a NaN's, which no token holds
-        hi = tl.full([], 2147483647, tl.int64)  # int32's highest: a NaN's too, so nothing lies above it
-    else:
-        lo, hi = _narrow(prev_bounds_ptr, prev_mass_ptr, row, S, target, WAYS, SP)
-    cuts = _cuts(lo, hi, WAYS).to(tl.int32)
-    acc = tl.zeros([WAYS], tl.float32)
     base = x_ptr + row.to(tl.int64) * stride_x
+    if FIRST:
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = tl.maximum(m, tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
+        seg_max = tl.max(m, 0)
+        shift = tl.where(seg_max == float("-inf"), 0.0, seg_max)  # (a segment of -inf sums 0, not NaN)
+        lo = tl.full([], KEY_LO, tl.int64)
+        hi = tl.full([], KEY_HI, tl.int64)
+    else:
+        shift, target = _row_target(stat_ptr, row, S, top_p_ptr, SP)
+        part = _segment_masses(prev_mass_ptr, stat_ptr, row, S, shift, SECOND, WAYS, SP)
+        _, lo, hi = _narrow(prev_bounds_ptr, part, row, target, WAYS)
+    cuts = _cuts(lo, hi, WAYS).to(tl.int32)
+    acc = tl.zeros([BLOCK, WAYS], tl.float32)
+    z = tl.zeros([BLOCK], tl.float32)
+    ties = tl.zeros([BLOCK, WAYS], tl.int32)
     for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x - top)
-        acc += tl.sum(tl.where(_key(x)[:, None] > cuts[None, :], e[:, None], 0.0), 0)
-    tl.store(mass_ptr + (row * S + seg) * WAYS + tl.arange(0, WAYS), acc)
+        e = tl.exp(x - shift)
+        k = _key(x)[:, None]
+        acc += tl.where(k > cuts[None, :], e[:, None], 0.0)
+        if FIRST:
+            z += e
+        if LAST:
+            ties += ((k == cuts[None, :]) & (offs < V)[:, None]).to(tl.int32)
+    at = (row * S + seg) * WAYS + tl.arange(0, WAYS)
+    tl.store(mass_ptr + at, tl.sum(acc, 0))
+    if FIRST:
+        tl.store(stat_ptr + (row * S + seg) * 2, seg_max)
+        tl.store(stat_ptr + (row * S + seg) * 2 + 1, tl.sum(z, 0))
+    if LAST:
+        tl.store(count_ptr + at, tl.sum(ties, 0))
     if seg == 0:
         tl.store(bounds_ptr + row * 2, lo)
         tl.store(bounds_ptr + row * 2 + 1, hi)
 
 
 @triton.jit
-def _ties_kernel(
-    x_ptr, stride_x, V, SEG, max_ptr, sum_ptr, S, top_p,
-    prev_bounds_ptr, prev_mass_ptr, kstar_ptr, tie_mass_ptr, tie_count_ptr,
+def _write_kernel(
+    x_ptr, stride_x, out_ptr, stride_out, V, SEG, S, top_p_ptr, stat_ptr, bounds_ptr, mass_ptr, count_ptr,
     BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    top, target = _row_target(max_ptr, sum_ptr, row, S, top_p, SP)
-    _, hi = _narrow(prev_bounds_ptr, prev_mass_ptr, row, S, target, WAYS, SP)
-    kstar = hi.to(tl.int32)  # (the interval is one step wide now: hi is the boundary's key)
-    above = tl.zeros([], tl.float32)
-    count = tl.zeros([], tl.int32)
-    base = x_ptr + row.to(tl.int64) * stride_x
-    for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        k = _key(x)
-        above += tl.sum(tl.where(k > kstar, tl.exp(x - top), 0.0), 0)
-        count += tl.sum(((k == kstar) & (offs < V)).to(tl.int32), 0)
-    tl.store(tie_mass_ptr + row * S + seg, above)
-    tl.store(tie_count_ptr + row * S + seg, count)
-    if seg == 0:
-        tl.store(kstar_ptr + row, kstar)
-
-
-@triton.jit
-def _write_kernel(
-    x_ptr, stride_x, out_ptr, stride_out, V, SEG, max_ptr, sum_ptr, S, top_p,
-    kstar_ptr, tie_mass_ptr, tie_count_ptr,
-    BLOCK: tl.constexpr, SP: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)
-    seg = tl.program_id(1)
-    top, target = _row_target(max_ptr, sum_ptr, row, S, top_p, SP)
-    kstar = tl.load(kstar_ptr + row)
+    top, target = _row_target(stat_ptr, row, S, top_p_ptr, SP)
+    part = _segment_masses(mass_ptr, stat_ptr, row, S, top, False, WAYS, SP)
+    cuts, _, kstar = _narrow(bounds_ptr, part, row, target, WAYS)  # (the last pass's cuts hold every key left)
+    j = tl.arange(0, WAYS)
+    col = j[None, :] == tl.min(tl.where(cuts == kstar, j, WAYS), 0)  # the boundary's cut
+    above = tl.sum(tl.sum(tl.where(col, part, 0.0), 1), 0)
     s = tl.arange(0, SP)
-    above = tl.sum(tl.load(tie_mass_ptr + row * S + s, mask=s < S, other=0.0), 0)
-    counts = tl.load(tie_count_ptr + row * S + s, mask=s < S, other=0)
-    ties = tl.sum(counts, 0)
-    seen = tl.sum(tl.where(s < seg, counts, 0), 0)  # tied tokens in the segments before this one
+    tied = tl.load(count_ptr + (row * S + s[:, None]) * WAYS + j[None, :], mask=s[:, None] < S, other=0)
+    tied = tl.sum(tl.where(col, tied, 0), 1)  # (SP,) tokens equal to the boundary, per segment
+    seen = tl.sum(tl.where(s < seg, tied, 0), 0)  # in the segments before this one
+    kstar = kstar.to(tl.int32)
     b = (kstar ^ ((kstar >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the boundary logit
-    # Tied token j (0, 1, ... by id) is kept while above + j · e_b < target; an e_b of 0 keeps them all.
-    keep_ties = tl.ceil((target - above) / tl.exp(b - top))
-    keep_ties = tl.maximum(tl.minimum(keep_ties, ties.to(tl.float32)), 1.0).to(tl.int32)
+    # Tied token i (0, 1, ... by id) is kept while above + i · e_b < T; an e_b of 0 keeps them all.
+    e_b = tl.exp(b - top)
+    all_tied = tl.sum(tied, 0).to(tl.float32)
+    keep_ties = tl.where(e_b > 0, tl.ceil((target - above) / tl.where(e_b > 0, e_b, 1.0)), all_tied)
+    keep_ties = tl.maximum(tl.minimum(keep_ties, all_tied), 1.0).to(tl.int32)
     base = x_ptr + row.to(tl.int64) * stride_x
     obase = out_ptr + row.to(tl.int64) * stride_out
     for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
@@ -208,38 +203,80 @@ def _segments(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
 
 def top_p_filter_triton(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """logits (B, V) float32 / bf16 / fp16 -> (B, V) in their dtype, the dropped tokens -inf (see
-    :func:`hybridlm.ops.top_p.top_p_filter`). No host synchronization: it can be captured in a CUDA graph."""
-    B, V = logits.shape
+    :func:`hybridlm.ops.top_p.top_p_filter`). No host synchronization, so a caller's CUDA graph can capture it; an
+    eager call on CUDA of at most ``GRAPHED_LOGITS`` logits replays its launches from a graph of its own."""
     record("top_p", "triton")
-    out = torch.empty((B, V), dtype=logits.dtype, device=logits.device)
+    if logits.is_cuda and 0 < logits.numel() <= GRAPHED_LOGITS and not torch.cuda.is_current_stream_capturing():
+        return _replay(logits, top_p)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch(logits, torch.full((), top_p, dtype=torch.float32, device=logits.device), out)
+    return out
+
+
+def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> None:
+    """The launches: ``out`` (B, V), contiguous, gets ``logits`` (B, V) filtered at ``top_p`` (a float32 scalar on
+    their device)."""
+    B, V = logits.shape
     if B == 0 or V == 0:
-        return out
+        return
     x = logits if logits.stride(1) == 1 else logits.contiguous()
     S, SEG = _segments(B, V, x.device)
     SP = triton.next_power_of_2(S)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    maxs, sums = torch.empty(B, S, **f32), torch.empty(B, S, **f32)
+    stat = torch.empty(B, S, 2, dtype=torch.float32, device=x.device)  # each segment's (max, sum of exp)
     bounds = torch.empty(2, B, 2, dtype=torch.int64, device=x.device)  # two buffers: a pass reads one, writes one
-    mass = torch.empty(2, B, S, WAYS, **f32)
-    kstar = torch.empty(B, dtype=torch.int32, device=x.device)
-    tie_mass, tie_count = torch.empty(B, S, **f32), torch.empty(B, S, dtype=torch.int32, device=x.device)
+    mass = torch.empty(2, B, S, WAYS, dtype=torch.float32, device=x.device)
+    count = torch.empty(B, S, WAYS, dtype=torch.int32, device=x.device)
     grid = (B, S)
-    head = (x, x.stride(0), V, SEG)
+    consts = dict(BLOCK=BLOCK, WAYS=WAYS, SP=SP, num_warps=NUM_WARPS)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _stats_kernel[grid](*head, maxs, sums, S, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        row_stats = (*head, maxs, sums, S, top_p)
         for i in range(SWEEPS):
             _sweep_kernel[grid](
-                *row_stats, bounds[(i - 1) % 2], mass[(i - 1) % 2], bounds[i % 2], mass[i % 2],
-                FIRST=i == 0, BLOCK=BLOCK, WAYS=WAYS, SP=SP, num_warps=NUM_WARPS,
+                x, x.stride(0), V, SEG, S, top_p, stat, bounds[(i - 1) % 2], mass[(i - 1) % 2], bounds[i % 2],
+                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == SWEEPS - 1, **consts,
             )  # fmt: skip
         last = (SWEEPS - 1) % 2
-        _ties_kernel[grid](
-            *row_stats, bounds[last], mass[last], kstar, tie_mass, tie_count,
-            BLOCK=BLOCK, WAYS=WAYS, SP=SP, num_warps=NUM_WARPS,
-        )  # fmt: skip
         _write_kernel[grid](
-            x, x.stride(0), out, out.stride(0), V, SEG, maxs, sums, S, top_p, kstar, tie_mass, tie_count,
-            BLOCK=BLOCK, SP=SP, num_warps=NUM_WARPS,
-        )  # fmt: skip
-    return out
+            x, x.stride(0), out, out.stride(0), V, SEG, S, top_p, stat, bounds[last], mass[last], count, **consts
+        )
+
+
+#: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay the 9 launches from a CUDA
+#: graph kept per (shape, dtype, device): a decode step of a few rows is bound by the host, where the launches cost
+#: about 0.05 ms each (docs/benchmarks.md) and a replay one. The graphs' buffers (two of the logits' size each) are
+#: kept for the ``KEPT_GRAPHS`` latest shapes.
+GRAPHED_LOGITS = 1 << 20
+KEPT_GRAPHS = 4
+
+
+class _Graphed:
+    """The launches for one shape, captured over buffers of its own."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.x = torch.zeros(shape, dtype=dtype, device=device)
+        self.top_p = torch.ones((), dtype=torch.float32, device=device)
+        self.out = torch.empty_like(self.x)
+        _launch(self.x, self.top_p, self.out)  # (compiled outside the capture)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            _launch(self.x, self.top_p, self.out)
+
+    def __call__(self, logits: torch.Tensor, top_p: float) -> torch.Tensor:
+        self.x.copy_(logits)
+        self.top_p.fill_(top_p)
+        self.graph.replay()
+        return self.out.clone()  # (the next call writes over the buffer)
+
+
+_graphs: dict[tuple, _Graphed] = {}
+
+
+def _replay(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    key = (logits.shape, logits.dtype, logits.device)
+    graphed = _graphs.pop(key, None)
+    if graphed is None:
+        with torch.cuda.device(logits.device):
+            graphed = _Graphed(*key)
+    _graphs[key] = graphed  # (the latest last)
+    while len(_graphs) > KEPT_GRAPHS:
+        del _graphs[next(iter(_graphs))]
+    return graphed(logits, top_p)
