@@ -2,6 +2,7 @@
 
     python benchmarks/top_p.py                       # rows 1, 8, 64 of a 131,072 vocabulary
     python benchmarks/top_p.py --rows 1 64 256 --vocab 152064 --reps 200
+    python benchmarks/top_p.py --tune                # the kernel's block, warps and programs per SM
 
 For each row count: float32 logits rounded from bf16 (half the rows peaked, half flat), shifted as the sampler
 shifts them; the two paths (``hybridlm.ops.top_p``) taking turns, each timed eagerly (a call's wall time, host
@@ -68,16 +69,40 @@ def graph_ms(fn, x: torch.Tensor, top_p: float, reps: int) -> float:
     return statistics.median(times)
 
 
+def tune(rows_list: list[int], vocab: int, top_p: float, reps: int) -> None:
+    """The kernel's graphed ms for each (BLOCK, NUM_WARPS, PROGRAMS_PER_SM) of a small grid, every row count."""
+    from hybridlm.ops import top_p_triton as k
+
+    inputs = {rows: logits(rows, vocab) for rows in rows_list}
+    print("| BLOCK | warps | programs per SM | " + " | ".join(f"{r} rows ms" for r in rows_list) + " |")
+    print("|---:|---:|---:|" + "---:|" * len(rows_list))
+    kept = (k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM)
+    for block in (128, 256, 512):
+        for warps in (4, 8):
+            for per_sm in (2, 4, 8, 16):
+                k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM = block, warps, per_sm
+                ms = []
+                for x in inputs.values():
+                    launched(x, top_p)  # (compiles)
+                    ms.append(graph_ms(launched, x, top_p, reps))
+                print(f"| {block} | {warps} | {per_sm} | " + " | ".join(f"{t:.3f}" for t in ms) + " |")
+    k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM = kept
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--vocab", type=int, default=131072)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--tune", action="store_true", help="time the kernel's BLOCK, warps and programs per SM instead")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
+    if args.tune:
+        tune(args.rows, args.vocab, args.top_p, 20)
+        return 0
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, vocabulary {args.vocab}, top_p {args.top_p}\n")
     print(
         "| rows | path | eager ms a call | against sorting | graphed ms a call | against sorting | same tokens kept |"

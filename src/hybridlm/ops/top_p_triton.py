@@ -102,7 +102,7 @@ def _narrow(bounds_ptr, part, row, target, WAYS: tl.constexpr):
 def _sweep_kernel(
     x_ptr, stride_x, V, SEG, S, top_p_ptr, stat_ptr,
     prev_bounds_ptr, prev_mass_ptr, bounds_ptr, mass_ptr, count_ptr,
-    FIRST: tl.constexpr, SECOND: tl.constexpr, LAST: tl.constexpr,
+    FIRST: tl.constexpr, SECOND: tl.constexpr, LAST: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
     BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
@@ -115,8 +115,8 @@ def _sweep_kernel(
             m = tl.maximum(m, tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
         seg_max = tl.max(m, 0)
         shift = tl.where(seg_max == float("-inf"), 0.0, seg_max)  # (a segment of -inf sums 0, not NaN)
-        lo = tl.full([], KEY_LO, tl.int64)
-        hi = tl.full([], KEY_HI, tl.int64)
+        lo = tl.full([], LO, tl.int64)
+        hi = tl.full([], HI, tl.int64)
     else:
         shift, target = _row_target(stat_ptr, row, S, top_p_ptr, SP)
         part = _segment_masses(prev_mass_ptr, stat_ptr, row, S, shift, SECOND, WAYS, SP)
@@ -185,12 +185,19 @@ def _write_kernel(
         seen += tl.sum(tie.to(tl.int32), 0)
 
 
+#: Programs a launch aims at per SM (a row's segments fill the device however few the rows).
+PROGRAMS_PER_SM = 2
+
+
 @functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs_wanted(device: torch.device) -> int:
-    """Programs that fill the device about twice (CUDA); a few under Triton's interpreter on the CPU."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    """``PROGRAMS_PER_SM`` per SM on CUDA; 4 under Triton's interpreter on the CPU (a row of a few blocks in several
+    segments, as the tests want)."""
+    return PROGRAMS_PER_SM * _sm_count(device) if device.type == "cuda" else 4
 
 
 def _segments(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
@@ -232,7 +239,7 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
         for i in range(SWEEPS):
             _sweep_kernel[grid](
                 x, x.stride(0), V, SEG, S, top_p, stat, bounds[(i - 1) % 2], mass[(i - 1) % 2], bounds[i % 2],
-                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == SWEEPS - 1, **consts,
+                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == SWEEPS - 1, LO=KEY_LO, HI=KEY_HI, **consts,
             )  # fmt: skip
         last = (SWEEPS - 1) % 2
         _write_kernel[grid](
