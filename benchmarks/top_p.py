@@ -70,23 +70,28 @@ def graph_ms(fn, x: torch.Tensor, top_p: float, reps: int) -> float:
 
 
 def tune(rows_list: list[int], vocab: int, top_p: float, reps: int) -> None:
-    """The kernel's graphed ms for each (BLOCK, NUM_WARPS, PROGRAMS_PER_SM) of a small grid, every row count."""
+    """The kernel's graphed ms for each (REDUCE, BLOCK, NUM_WARPS, PROGRAMS_PER_SM) of a small grid, every row
+    count."""
     from hybridlm.ops import top_p_triton as k
 
     inputs = {rows: logits(rows, vocab) for rows in rows_list}
-    print("| BLOCK | warps | programs per SM | " + " | ".join(f"{r} rows ms" for r in rows_list) + " |")
-    print("|---:|---:|---:|" + "---:|" * len(rows_list))
-    kept = (k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM)
-    for block in (128, 256, 512):
-        for warps in (4, 8):
-            for per_sm in (2, 4, 8, 16):
-                k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM = block, warps, per_sm
-                ms = []
-                for x in inputs.values():
-                    launched(x, top_p)  # (compiles)
-                    ms.append(graph_ms(launched, x, top_p, reps))
-                print(f"| {block} | {warps} | {per_sm} | " + " | ".join(f"{t:.3f}" for t in ms) + " |")
-    k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM = kept
+    print("| REDUCE | BLOCK | warps | programs per SM | " + " | ".join(f"{r} rows ms" for r in rows_list) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(rows_list))
+    kept = (k.REDUCE, k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM)
+    grid = [(False, b, w) for b in (128, 256, 512) for w in (4, 8)] + [
+        (True, b, w) for b in (512, 1024, 2048) for w in (4, 8)
+    ]
+    for reduce, block, warps in grid:
+        for per_sm in (2, 4, 8):
+            k.REDUCE, k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM = reduce, block, warps, per_sm
+            ms = []
+            for x in inputs.values():
+                launched(x, top_p)  # (compiles)
+                ms.append(graph_ms(launched, x, top_p, reps))
+            print(
+                f"| {reduce} | {block} | {warps} | {per_sm} | " + " | ".join(f"{t:.3f}" for t in ms) + " |", flush=True
+            )
+    k.REDUCE, k.BLOCK, k.NUM_WARPS, k.PROGRAMS_PER_SM = kept
 
 
 def main(argv=None) -> int:

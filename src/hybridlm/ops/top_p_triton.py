@@ -42,6 +42,8 @@ KEY_LO, KEY_HI = -2139095042, 2139095041
 #: Logits per step of a program's loop (a (BLOCK, WAYS) tile of sums kept in registers), and warps per program.
 BLOCK = 256
 NUM_WARPS = 4
+#: Whether a pass reduces its sums above the cuts at every step of BLOCK logits (else once, at the end).
+REDUCE = False
 #: A row is cut into at most this many segments, each a whole number of blocks.
 MAX_SEGMENTS = 64
 
@@ -103,7 +105,7 @@ def _sweep_kernel(
     x_ptr, stride_x, V, SEG, S, top_p_ptr, stat_ptr,
     prev_bounds_ptr, prev_mass_ptr, bounds_ptr, mass_ptr, count_ptr,
     FIRST: tl.constexpr, SECOND: tl.constexpr, LAST: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-    BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr,
+    BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr, REDUCE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     seg = tl.program_id(1)
@@ -122,26 +124,34 @@ def _sweep_kernel(
         part = _segment_masses(prev_mass_ptr, stat_ptr, row, S, shift, SECOND, WAYS, SP)
         _, lo, hi = _narrow(prev_bounds_ptr, part, row, target, WAYS)
     cuts = _cuts(lo, hi, WAYS).to(tl.int32)
-    acc = tl.zeros([BLOCK, WAYS], tl.float32)
+    # The sums above the cuts: a (BLOCK, WAYS) tile kept in registers and reduced once, or (REDUCE) reduced to
+    # (WAYS,) at every step, which leaves registers for a longer BLOCK (more loads in flight).
+    if REDUCE:
+        acc = tl.zeros([WAYS], tl.float32)
+        ties = tl.zeros([WAYS], tl.int32)
+    else:
+        acc = tl.zeros([BLOCK, WAYS], tl.float32)
+        ties = tl.zeros([BLOCK, WAYS], tl.int32)
     z = tl.zeros([BLOCK], tl.float32)
-    ties = tl.zeros([BLOCK, WAYS], tl.int32)
     for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         e = tl.exp(x - shift)
         k = _key(x)[:, None]
-        acc += tl.where(k > cuts[None, :], e[:, None], 0.0)
+        above = tl.where(k > cuts[None, :], e[:, None], 0.0)
+        acc += tl.sum(above, 0) if REDUCE else above
         if FIRST:
             z += e
         if LAST:
-            ties += ((k == cuts[None, :]) & (offs < V)[:, None]).to(tl.int32)
+            equal = ((k == cuts[None, :]) & (offs < V)[:, None]).to(tl.int32)
+            ties += tl.sum(equal, 0) if REDUCE else equal
     at = (row * S + seg) * WAYS + tl.arange(0, WAYS)
-    tl.store(mass_ptr + at, tl.sum(acc, 0))
+    tl.store(mass_ptr + at, acc if REDUCE else tl.sum(acc, 0))
     if FIRST:
         tl.store(stat_ptr + (row * S + seg) * 2, seg_max)
         tl.store(stat_ptr + (row * S + seg) * 2 + 1, tl.sum(z, 0))
     if LAST:
-        tl.store(count_ptr + at, tl.sum(ties, 0))
+        tl.store(count_ptr + at, ties if REDUCE else tl.sum(ties, 0))
     if seg == 0:
         tl.store(bounds_ptr + row * 2, lo)
         tl.store(bounds_ptr + row * 2 + 1, hi)
@@ -239,7 +249,7 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
         for i in range(SWEEPS):
             _sweep_kernel[grid](
                 x, x.stride(0), V, SEG, S, top_p, stat, bounds[(i - 1) % 2], mass[(i - 1) % 2], bounds[i % 2],
-                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == SWEEPS - 1, LO=KEY_LO, HI=KEY_HI, **consts,
+                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == SWEEPS - 1, LO=KEY_LO, HI=KEY_HI, REDUCE=REDUCE, **consts,
             )  # fmt: skip
         last = (SWEEPS - 1) % 2
         _write_kernel[grid](
