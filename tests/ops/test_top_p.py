@@ -61,12 +61,22 @@ def test_reference_keeps_the_defined_set(scale):
         assert torch.equal(kept, kept_by_definition(x, top_p, 1e-9)), (scale, top_p)
 
 
+@pytest.fixture(params=["few rows", "many rows"])
+def ways(request, monkeypatch):
+    """The kernel's cuts a pass: as for a few rows (16), or as for many (4) at these small sizes."""
+    if request.param == "many rows":
+        from hybridlm.ops import top_p_triton
+
+        monkeypatch.setattr(top_p_triton, "MANY_LOGITS", 0)
+    return request.param
+
+
 @runs_triton_kernels
 @pytest.mark.parametrize(
     "b,v,scale",
-    [(1, 1, 1.0), (3, 7, 1.0), (5, 300, 0.05), (2, 700, 2.0), (1, 2048 + 37, 1.0)],  # the last: four segments
+    [(1, 1, 1.0), (3, 7, 1.0), (5, 300, 0.05), (2, 700, 2.0), (1, 4096 + 37, 1.0)],  # the last: several segments
 )
-def test_kernel_keeps_the_references_set(b, v, scale):
+def test_kernel_keeps_the_references_set(b, v, scale, ways):
     x = rows(b, v, scale, seed=v)
     for wanted in (1e-30, 0.3, 0.9, 0.999):
         tiny = wanted < 1e-3  # (only the first token is kept: the mass before it, 0, is below top_p)
@@ -82,7 +92,7 @@ def test_kernel_keeps_the_references_set(b, v, scale):
 
 
 @runs_triton_kernels
-def test_kernel_splits_a_tied_boundary_by_id_across_segments():
+def test_kernel_splits_a_tied_boundary_by_id_across_segments(ways):
     """Seven tokens tie at the boundary, spread over the row's four segments: top_p falls after two and a half of
     them, so the three with the lowest ids are kept, wherever they lie."""
     v = 2048
@@ -101,7 +111,7 @@ def test_kernel_splits_a_tied_boundary_by_id_across_segments():
 
 
 @runs_triton_kernels
-def test_kernel_on_dropped_tokens_strided_rows_and_bf16():
+def test_kernel_on_dropped_tokens_strided_rows_and_bf16(ways):
     """Rows with -inf (top-k's or min-p's dropped tokens), one with a single finite token and one of -inf only, read
     through a row stride wider than the vocabulary, in bf16 (returned in bf16)."""
     wide = rows(4, 600, 2.0, seed=7, dtype=torch.bfloat16)
@@ -123,17 +133,17 @@ def test_kernel_on_dropped_tokens_strided_rows_and_bf16():
 
 
 def test_the_passes_narrow_the_keys_to_one():
-    """WAYS cuts a pass part the keys left in WAYS + 1 pieces: from the keys between -inf's and +inf's, SWEEPS passes
-    leave one, and the pass before the last at most WAYS + 1, so the last pass's cuts hold every key left."""
+    """WAYS cuts a pass part the keys left in WAYS + 1 pieces: from the keys between -inf's and +inf's, passes(WAYS)
+    passes leave one, and the pass before the last at most WAYS + 1, so the last pass's cuts hold every key left."""
     pytest.importorskip("triton")
     from hybridlm.ops import top_p_triton as k
 
-    width = k.KEY_HI - k.KEY_LO
-    widths = []
-    for _ in range(k.SWEEPS):
-        width = -(-width // (k.WAYS + 1))
-        widths.append(width)
-    assert widths[-1] == 1 and widths[-2] <= k.WAYS + 1
+    for ways, n in ((k.WAYS_FEW_ROWS, 8), (k.WAYS_MANY_ROWS, 14)):
+        width, widths = k.KEY_HI - k.KEY_LO, []
+        for _ in range(k.passes(ways)):
+            width = -(-width // (ways + 1))
+            widths.append(width)
+        assert len(widths) == n and widths[-1] == 1 and widths[-2] <= ways + 1
     bits = torch.tensor([float("-inf"), float("inf")]).view(torch.int32).tolist()
     assert [(bits[0] ^ 0x7FFFFFFF) - 1, bits[1] + 1] == [k.KEY_LO, k.KEY_HI]  # (a negative float's lower bits flipped)
 

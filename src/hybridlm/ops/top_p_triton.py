@@ -8,7 +8,7 @@ bits: a float32's bits, read as an int32 with the lower 31 bits flipped for nega
 do, so ``b``'s key is the least key whose mass above is below ``T``. It lies in an integer interval (lo, hi] with
 ``mass(key > lo) >= T > mass(key > hi)``, first the keys between -inf's and +inf's.
 
-``_sweep``, ``SWEEPS`` launches: each program sums, over its segment of a row, the mass above ``WAYS`` cuts that
+``_sweep``, :func:`passes` launches: each program sums, over its segment of a row, the mass above ``WAYS`` cuts that
 part the interval into ``WAYS + 1`` pieces; the next launch's programs (every one alike, from the same sums in the
 same order) keep the piece between the last cut whose mass above reaches ``T`` and the first that does not. The
 first launch also finds each segment's max and sum (its masses relative to that max, rescaled by the next); the last
@@ -17,8 +17,8 @@ once more to ``b``'s key, and writes the kept logits and -inf for the others, nu
 across the segments before its own.
 
 Each row is cut into segments so that a batch of one row still spreads over the GPU; every launch has one program
-per (row, segment). 9 launches of passes over the logits (in L2 at a decode's sizes), no host synchronization, so
-the op can be captured in a CUDA graph. The float32 sums differ from the reference's cumulative sum in their order
+per (row, segment). 9 launches of passes over the logits for a few rows (16 cuts a pass), 15 for many (4 cuts), no
+host synchronization, so the op can be captured in a CUDA graph. The float32 sums differ from the reference's cumulative sum in their order
 only.
 """
 
@@ -33,17 +33,16 @@ import triton.language as tl
 
 from .dispatch import record
 
-#: Cuts per pass (the interval in WAYS + 1 pieces), and passes: from the 4,278,190,083 keys between -inf's and
-#: +inf's, 17 pieces a pass leave 11 after 7 passes and 1 after the 8th (tests/ops/test_top_p.py checks it).
-WAYS = 16
-SWEEPS = 8
+#: Cuts per pass (the interval in WAYS + 1 pieces): many for a few rows, whose passes cost their launch (8 passes of
+#: 16 cuts), fewer for many rows, whose passes cost their comparisons (14 passes of 4 cuts, 56 comparisons a logit
+#: against 128), from ``MANY_LOGITS`` logits on (docs/benchmarks.md).
+WAYS_FEW_ROWS, WAYS_MANY_ROWS = 16, 4
+MANY_LOGITS = 1 << 21
 #: The interval the search starts from: one below -inf's key, one above +inf's (no token holds a key outside).
 KEY_LO, KEY_HI = -2139095042, 2139095041
-#: Logits per step of a program's loop (a (BLOCK, WAYS) tile of sums kept in registers), and warps per program.
-BLOCK = 256
-NUM_WARPS = 4
-#: Whether a pass reduces its sums above the cuts at every step of BLOCK logits (else once, at the end).
-REDUCE = False
+#: Sums a program keeps in registers, a (BLOCK, WAYS) tile (BLOCK = TILE / WAYS logits a step), and its warps.
+TILE = 8192
+NUM_WARPS = 8
 #: A row is cut into at most this many segments, each a whole number of blocks.
 MAX_SEGMENTS = 64
 
@@ -105,7 +104,7 @@ def _sweep_kernel(
     x_ptr, stride_x, V, SEG, S, top_p_ptr, stat_ptr,
     prev_bounds_ptr, prev_mass_ptr, bounds_ptr, mass_ptr, count_ptr,
     FIRST: tl.constexpr, SECOND: tl.constexpr, LAST: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-    BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr, REDUCE: tl.constexpr,
+    BLOCK: tl.constexpr, WAYS: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     seg = tl.program_id(1)
@@ -124,34 +123,26 @@ def _sweep_kernel(
         part = _segment_masses(prev_mass_ptr, stat_ptr, row, S, shift, SECOND, WAYS, SP)
         _, lo, hi = _narrow(prev_bounds_ptr, part, row, target, WAYS)
     cuts = _cuts(lo, hi, WAYS).to(tl.int32)
-    # The sums above the cuts: a (BLOCK, WAYS) tile kept in registers and reduced once, or (REDUCE) reduced to
-    # (WAYS,) at every step, which leaves registers for a longer BLOCK (more loads in flight).
-    if REDUCE:
-        acc = tl.zeros([WAYS], tl.float32)
-        ties = tl.zeros([WAYS], tl.int32)
-    else:
-        acc = tl.zeros([BLOCK, WAYS], tl.float32)
-        ties = tl.zeros([BLOCK, WAYS], tl.int32)
+    acc = tl.zeros([BLOCK, WAYS], tl.float32)  # (reduced once at the end: a reduction a step cost more)
     z = tl.zeros([BLOCK], tl.float32)
+    ties = tl.zeros([BLOCK, WAYS], tl.int32)
     for start in range(seg * SEG, seg * SEG + SEG, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         e = tl.exp(x - shift)
         k = _key(x)[:, None]
-        above = tl.where(k > cuts[None, :], e[:, None], 0.0)
-        acc += tl.sum(above, 0) if REDUCE else above
+        acc += tl.where(k > cuts[None, :], e[:, None], 0.0)
         if FIRST:
             z += e
         if LAST:
-            equal = ((k == cuts[None, :]) & (offs < V)[:, None]).to(tl.int32)
-            ties += tl.sum(equal, 0) if REDUCE else equal
+            ties += ((k == cuts[None, :]) & (offs < V)[:, None]).to(tl.int32)
     at = (row * S + seg) * WAYS + tl.arange(0, WAYS)
-    tl.store(mass_ptr + at, acc if REDUCE else tl.sum(acc, 0))
+    tl.store(mass_ptr + at, tl.sum(acc, 0))
     if FIRST:
         tl.store(stat_ptr + (row * S + seg) * 2, seg_max)
         tl.store(stat_ptr + (row * S + seg) * 2 + 1, tl.sum(z, 0))
     if LAST:
-        tl.store(count_ptr + at, ties if REDUCE else tl.sum(ties, 0))
+        tl.store(count_ptr + at, tl.sum(ties, 0))
     if seg == 0:
         tl.store(bounds_ptr + row * 2, lo)
         tl.store(bounds_ptr + row * 2 + 1, hi)
@@ -196,7 +187,7 @@ def _write_kernel(
 
 
 #: Programs a launch aims at per SM (a row's segments fill the device however few the rows).
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 8
 
 
 @functools.cache
@@ -210,12 +201,24 @@ def _programs_wanted(device: torch.device) -> int:
     return PROGRAMS_PER_SM * _sm_count(device) if device.type == "cuda" else 4
 
 
-def _segments(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+def _segments(rows: int, vocab: int, block: int, device: torch.device) -> tuple[int, int]:
     """(segments per row, logits per segment): enough programs for the device, each a whole number of blocks."""
-    blocks = triton.cdiv(vocab, BLOCK)
+    blocks = triton.cdiv(vocab, block)
     segments = max(1, min(blocks, MAX_SEGMENTS, triton.cdiv(_programs_wanted(device), rows)))
-    seg = triton.cdiv(blocks, segments) * BLOCK
+    seg = triton.cdiv(blocks, segments) * block
     return triton.cdiv(vocab, seg), seg
+
+
+def _ways(rows: int, vocab: int) -> int:
+    return WAYS_MANY_ROWS if rows * vocab >= MANY_LOGITS else WAYS_FEW_ROWS
+
+
+def passes(ways: int) -> int:
+    """Passes of ``ways`` cuts that narrow the keys from (KEY_LO, KEY_HI] to one."""
+    width, n = KEY_HI - KEY_LO, 0
+    while width > 1:
+        width, n = -(-width // (ways + 1)), n + 1
+    return n
 
 
 def top_p_filter_triton(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -237,29 +240,32 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
     if B == 0 or V == 0:
         return
     x = logits if logits.stride(1) == 1 else logits.contiguous()
-    S, SEG = _segments(B, V, x.device)
+    ways = _ways(B, V)
+    block = TILE // ways
+    S, SEG = _segments(B, V, block, x.device)
     SP = triton.next_power_of_2(S)
     stat = torch.empty(B, S, 2, dtype=torch.float32, device=x.device)  # each segment's (max, sum of exp)
     bounds = torch.empty(2, B, 2, dtype=torch.int64, device=x.device)  # two buffers: a pass reads one, writes one
-    mass = torch.empty(2, B, S, WAYS, dtype=torch.float32, device=x.device)
-    count = torch.empty(B, S, WAYS, dtype=torch.int32, device=x.device)
+    mass = torch.empty(2, B, S, ways, dtype=torch.float32, device=x.device)
+    count = torch.empty(B, S, ways, dtype=torch.int32, device=x.device)
     grid = (B, S)
-    consts = dict(BLOCK=BLOCK, WAYS=WAYS, SP=SP, num_warps=NUM_WARPS)
+    consts = dict(BLOCK=block, WAYS=ways, SP=SP, num_warps=NUM_WARPS)
+    n = passes(ways)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        for i in range(SWEEPS):
+        for i in range(n):
             _sweep_kernel[grid](
                 x, x.stride(0), V, SEG, S, top_p, stat, bounds[(i - 1) % 2], mass[(i - 1) % 2], bounds[i % 2],
-                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == SWEEPS - 1, LO=KEY_LO, HI=KEY_HI, REDUCE=REDUCE, **consts,
+                mass[i % 2], count, FIRST=i == 0, SECOND=i == 1, LAST=i == n - 1, LO=KEY_LO, HI=KEY_HI, **consts,
             )  # fmt: skip
-        last = (SWEEPS - 1) % 2
+        last = (n - 1) % 2
         _write_kernel[grid](
             x, x.stride(0), out, out.stride(0), V, SEG, S, top_p, stat, bounds[last], mass[last], count, **consts
         )
 
 
-#: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay the 9 launches from a CUDA
-#: graph kept per (shape, dtype, device): a decode step of a few rows is bound by the host, where the launches cost
-#: about 0.05 ms each (docs/benchmarks.md) and a replay one. The graphs' buffers (two of the logits' size each) are
+#: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay their 9 launches from a
+#: CUDA graph kept per (shape, dtype, device): a decode step of a few rows is bound by the host, where the launches
+#: took 0.33 ms against 0.09 for a replay with its copies (one row on an H200, docs/benchmarks.md). The graphs' buffers (two of the logits' size each) are
 #: kept for the ``KEPT_GRAPHS`` latest shapes.
 GRAPHED_LOGITS = 1 << 20
 KEPT_GRAPHS = 4
