@@ -2,7 +2,7 @@
 
     python benchmarks/top_p.py                       # rows 1, 8, 64 of a 131,072 vocabulary
     python benchmarks/top_p.py --rows 1 64 256 --vocab 152064 --reps 200
-    python benchmarks/top_p.py --tune                # the kernel's cuts a pass, tile and programs per SM
+    python benchmarks/top_p.py --tune                # the kernel's cuts a pass, logits a step, programs per SM
 
 For each row count: float32 logits rounded from bf16 (half the rows peaked, half flat), shifted as the sampler
 shifts them; the two paths (``hybridlm.ops.top_p``) taking turns, each timed eagerly (a call's wall time, host
@@ -70,23 +70,25 @@ def graph_ms(fn, x: torch.Tensor, top_p: float, reps: int) -> float:
 
 
 def tune(rows_list: list[int], vocab: int, top_p: float, reps: int) -> None:
-    """The kernel's graphed ms for each (cuts a pass, TILE, PROGRAMS_PER_SM) of a small grid, every row count."""
+    """The kernel's graphed ms for each (cuts a pass, logits a step, PROGRAMS_PER_SM) of a small grid, every row
+    count."""
     from hybridlm.ops import top_p_triton as k
 
     inputs = {rows: logits(rows, vocab) for rows in rows_list}
-    print("| cuts a pass | TILE | programs per SM | " + " | ".join(f"{r} rows ms" for r in rows_list) + " |")
+    print("| cuts a pass | logits a step | programs per SM | " + " | ".join(f"{r} rows ms" for r in rows_list) + " |")
     print("|---:|---:|---:|" + "---:|" * len(rows_list))
-    kept = (k._ways, k.TILE, k.PROGRAMS_PER_SM)
+    kept = (k._ways, k.PROGRAMS_PER_SM)
     for ways in (4, 8, 16):
         for tile in (4096, 8192):
             for per_sm in (2, 8):
-                k._ways, k.TILE, k.PROGRAMS_PER_SM = (lambda rows, v, w=ways: w), tile, per_sm
+                k._ways, k.PROGRAMS_PER_SM = (lambda rows, v, w=ways, b=tile // ways: (w, b)), per_sm
                 ms = []
                 for x in inputs.values():
                     launched(x, top_p)  # (compiles)
                     ms.append(graph_ms(launched, x, top_p, reps))
-                print(f"| {ways} | {tile} | {per_sm} | " + " | ".join(f"{t:.3f}" for t in ms) + " |", flush=True)
-    k._ways, k.TILE, k.PROGRAMS_PER_SM = kept
+                row = f"| {ways} | {tile // ways} | {per_sm} | " + " | ".join(f"{t:.3f}" for t in ms) + " |"
+                print(row, flush=True)
+    k._ways, k.PROGRAMS_PER_SM = kept
 
 
 def main(argv=None) -> int:
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument(
-        "--tune", action="store_true", help="time the kernel's cuts a pass, tile and programs per SM instead"
+        "--tune", action="store_true", help="time the kernel's cuts a pass, logits a step and programs per SM instead"
     )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -17,8 +17,8 @@ once more to ``b``'s key, and writes the kept logits and -inf for the others, nu
 across the segments before its own.
 
 Each row is cut into segments so that a batch of one row still spreads over the GPU; every launch has one program
-per (row, segment). 9 launches of passes over the logits for a few rows (16 cuts a pass), 15 for many (4 cuts), no
-host synchronization, so the op can be captured in a CUDA graph. The float32 sums differ from the reference's cumulative sum in their order
+per (row, segment). 9 launches of passes over the logits for up to 7 rows of a 131k vocabulary (16 cuts a pass), 15
+for more (4 cuts), no host synchronization, so the op can be captured in a CUDA graph. The float32 sums differ from the reference's cumulative sum in their order
 only.
 """
 
@@ -33,15 +33,17 @@ import triton.language as tl
 
 from .dispatch import record
 
-#: Cuts per pass (the interval in WAYS + 1 pieces): many for a few rows, whose passes cost their launch (8 passes of
-#: 16 cuts), fewer for many rows, whose passes cost their comparisons (14 passes of 4 cuts, 56 comparisons a logit
-#: against 128), from ``MANY_LOGITS`` logits on (docs/benchmarks.md).
+#: Cuts per pass (the interval in WAYS + 1 pieces): many for a row or a few, whose passes cost their launch (8 passes
+#: of 16 cuts), fewer from ``MANY_LOGITS`` logits on (8 rows of a 131k vocabulary), whose passes cost their
+#: comparisons (14 passes of 4 cuts, 56 comparisons a logit against 128). Measured on an H100 with the blocks below
+#: (``benchmarks/top_p.py --tune``, docs/benchmarks.md).
 WAYS_FEW_ROWS, WAYS_MANY_ROWS = 16, 4
-MANY_LOGITS = 1 << 21
+MANY_LOGITS = 1 << 20
 #: The interval the search starts from: one below -inf's key, one above +inf's (no token holds a key outside).
 KEY_LO, KEY_HI = -2139095042, 2139095041
-#: Sums a program keeps in registers, a (BLOCK, WAYS) tile (BLOCK = TILE / WAYS logits a step), and its warps.
-TILE = 8192
+#: Logits a step of a program's loop, for 16 and for 4 cuts (a (BLOCK, WAYS) tile of sums kept in registers:
+#: 8,192 and 4,096), and warps per program.
+BLOCK_FEW_ROWS, BLOCK_MANY_ROWS = 512, 1024
 NUM_WARPS = 8
 #: A row is cut into at most this many segments, each a whole number of blocks.
 MAX_SEGMENTS = 64
@@ -209,8 +211,9 @@ def _segments(rows: int, vocab: int, block: int, device: torch.device) -> tuple[
     return triton.cdiv(vocab, seg), seg
 
 
-def _ways(rows: int, vocab: int) -> int:
-    return WAYS_MANY_ROWS if rows * vocab >= MANY_LOGITS else WAYS_FEW_ROWS
+def _ways(rows: int, vocab: int) -> tuple[int, int]:
+    """(cuts a pass, logits a step) for ``rows`` rows of ``vocab`` logits."""
+    return (WAYS_MANY_ROWS, BLOCK_MANY_ROWS) if rows * vocab >= MANY_LOGITS else (WAYS_FEW_ROWS, BLOCK_FEW_ROWS)
 
 
 def passes(ways: int) -> int:
@@ -240,8 +243,7 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
     if B == 0 or V == 0:
         return
     x = logits if logits.stride(1) == 1 else logits.contiguous()
-    ways = _ways(B, V)
-    block = TILE // ways
+    ways, block = _ways(B, V)
     S, SEG = _segments(B, V, block, x.device)
     SP = triton.next_power_of_2(S)
     stat = torch.empty(B, S, 2, dtype=torch.float32, device=x.device)  # each segment's (max, sum of exp)
