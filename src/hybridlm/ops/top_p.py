@@ -5,11 +5,12 @@ decreasing logits, a token is kept while the tokens before it hold less than ``t
 always). Among equal logits the lower id comes first, so the kept set is one set, the same on every device: bf16
 logits tie often (8 bits of mantissa), and a sort that is not stable keeps whichever of the tied tokens it met first.
 
-The reference sorts each row (a stable sort), which on a GPU is the expensive part of a sampled decode step: about
-1.5 ms of a 5.3 ms step at 64 rows of a 131k vocabulary on an H100 (docs/benchmarks.md). The Triton kernel
-(:mod:`hybridlm.ops.top_p_triton`) finds the same set without sorting: it searches for the boundary logit by its
-bits, summing the mass above a few candidate boundaries per pass over the row, then keeps the boundary's tied tokens
-by id. The two differ only where the mass before a token is within float32 rounding of ``top_p``.
+The reference sorts each row (a stable sort), which on a GPU is the expensive part of a sampled decode step: 1.17 ms
+of device time at 64 rows of a 131k vocabulary on an H100, against a 3.7 ms greedy step of bench-1.3b
+(docs/benchmarks.md). The Triton kernel (:mod:`hybridlm.ops.top_p_triton`) finds the same set without sorting: it
+searches for the boundary logit by its bits, summing the mass above a few candidate boundaries per pass over the row,
+then keeps the boundary's tied tokens by id. The two differ only where the mass before a token is within float32
+rounding of ``top_p``.
 """
 
 from __future__ import annotations

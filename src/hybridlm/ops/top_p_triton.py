@@ -265,7 +265,7 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
         )
 
 
-#: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay their 9 launches from a
+#: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay their launches from a
 #: CUDA graph kept per (shape, dtype, device): a decode step of a few rows is bound by the host, where the launches
 #: took 0.33 ms against 0.09 for a replay with its copies (one row on an H200, docs/benchmarks.md). The graphs' buffers (two of the logits' size each) are
 #: kept for the ``KEPT_GRAPHS`` latest shapes.
