@@ -27,7 +27,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """logits: (B, V) -> (B, V), the same dtype: the logits of the tokens top-p drops replaced by -inf.
 
     ``top_p`` is a float in (0, 1]; the logits may hold -inf (tokens already dropped), not NaN nor +inf. The Triton
-    kernel runs on CUDA (``top_p`` in ``HYBRIDLM_KERNELS``), the reference elsewhere and for float64 logits."""
+    kernel runs on CUDA (the op ``top_p`` of :mod:`~hybridlm.ops.dispatch`), the reference elsewhere and for float64
+    logits."""
     if logits.dim() != 2:
         raise ValueError(f"top_p_filter: logits must be (batch, vocab), got shape {tuple(logits.shape)}")
     if choose("top_p", logits) == "triton":
