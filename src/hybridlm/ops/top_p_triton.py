@@ -18,8 +18,8 @@ across the segments before its own.
 
 Each row is cut into segments so that a batch of one row still spreads over the GPU; every launch has one program
 per (row, segment). 9 launches of passes over the logits for up to 7 rows of a 131k vocabulary (16 cuts a pass), 15
-for more (4 cuts), no host synchronization, so the op can be captured in a CUDA graph. The float32 sums differ from the reference's cumulative sum in their order
-only.
+for more (4 cuts), no host synchronization, so the op can be captured in a CUDA graph. The float32 sums differ from
+the reference's cumulative sum in their order only.
 """
 
 from __future__ import annotations
@@ -267,8 +267,8 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
 
 #: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay their launches from a
 #: CUDA graph kept per (shape, dtype, device): a decode step of a few rows is bound by the host, where the launches
-#: took 0.33 ms against 0.09 for a replay with its copies (one row on an H200, docs/benchmarks.md). The graphs' buffers (two of the logits' size each) are
-#: kept for the ``KEPT_GRAPHS`` latest shapes.
+#: took 0.32 ms a call against 0.07 for a replay with its copies (one row on an H100, docs/benchmarks.md). The
+#: graphs' buffers (two of the logits' size each) are kept for the ``KEPT_GRAPHS`` latest shapes.
 GRAPHED_LOGITS = 1 << 20
 KEPT_GRAPHS = 4
 
