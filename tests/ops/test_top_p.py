@@ -211,12 +211,13 @@ def test_gpu_kernel_at_a_real_vocabulary_in_a_cuda_graph(b):
 
 @pytest.mark.gpu
 def test_gpu_eager_calls_of_a_few_rows_replay_a_graph_of_the_launches():
-    """An eager call of up to GRAPHED_LOGITS logits replays a graph kept for its shape: the launches' output, for
-    another top_p and other logits too, and a returned tensor the next call does not write over."""
+    """An eager call of up to GRAPHED_LOGITS logits replays a graph kept for its shape, its rows rounded up to a power
+    of two: the launches' output, for another top_p, other logits and fewer rows too, and a returned tensor the next
+    call does not write over."""
     from hybridlm.ops import top_p_triton as k
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(3, 50000, device="cuda", generator=g) * 3
+    x = torch.randn(4, 50000, device="cuda", generator=g) * 3
     k._graphs.clear()
     first = k.top_p_filter_triton(x, 0.9)
     assert list(k._graphs) == [(x.shape, x.dtype, x.device)]
@@ -229,6 +230,8 @@ def test_gpu_eager_calls_of_a_few_rows_replay_a_graph_of_the_launches():
     k._launch(y, torch.full((), 0.5, device="cuda"), direct)
     assert torch.equal(second, direct) and len(k._graphs) == 1
     assert torch.equal(first, kept)  # (not written over by the next call)
+    third = k.top_p_filter_triton(x[1:], 0.9)  # (three rows: the four-row graph)
+    assert torch.equal(third, kept[1:]) and len(k._graphs) == 1
     for rows in range(1, k.KEPT_GRAPHS + 2):
         k.top_p_filter_triton(x[:1].expand(rows, -1), 0.9)
     assert len(k._graphs) == k.KEPT_GRAPHS

@@ -229,7 +229,9 @@ def top_p_filter_triton(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     :func:`hybridlm.ops.top_p.top_p_filter`). No host synchronization, so a caller's CUDA graph can capture it; an
     eager call on CUDA of at most ``GRAPHED_LOGITS`` logits replays its launches from a graph of its own."""
     record("top_p", "triton")
-    if logits.is_cuda and 0 < logits.numel() <= GRAPHED_LOGITS and not torch.cuda.is_current_stream_capturing():
+    rows, vocab = logits.shape
+    graphed = rows > 0 and 0 < triton.next_power_of_2(rows) * vocab <= GRAPHED_LOGITS
+    if logits.is_cuda and graphed and not torch.cuda.is_current_stream_capturing():
         return _replay(logits, top_p)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch(logits, torch.full((), top_p, dtype=torch.float32, device=logits.device), out)
@@ -267,8 +269,10 @@ def _launch(logits: torch.Tensor, top_p: torch.Tensor, out: torch.Tensor) -> Non
 
 #: Eager calls on CUDA with at most this many logits (8 rows of a 131k vocabulary) replay their launches from a
 #: CUDA graph kept per (shape, dtype, device): a decode step of a few rows is bound by the host, where the launches
-#: took 0.32 ms a call against 0.07 for a replay with its copies (one row on an H100, docs/benchmarks.md). The
-#: graphs' buffers (two of the logits' size each) are kept for the ``KEPT_GRAPHS`` latest shapes.
+#: took 0.32 ms a call against 0.07 for a replay with its copies (one row on an H100, docs/benchmarks.md). A graph's
+#: rows are the call's rounded up to a power of two (the rows beyond them are computed and dropped), so that a
+#: continuous batch's groups of changing sizes meet a few shapes and do not capture again and again; the graphs'
+#: buffers (two of that size each) are kept for the ``KEPT_GRAPHS`` latest shapes.
 GRAPHED_LOGITS = 1 << 20
 KEPT_GRAPHS = 4
 
@@ -286,17 +290,18 @@ class _Graphed:
             _launch(self.x, self.top_p, self.out)
 
     def __call__(self, logits: torch.Tensor, top_p: float) -> torch.Tensor:
-        self.x.copy_(logits)
+        """logits (B, V), B at most the graph's rows -> (B, V); the buffer's other rows hold an earlier call's."""
+        self.x[: len(logits)].copy_(logits)
         self.top_p.fill_(top_p)
         self.graph.replay()
-        return self.out.clone()  # (the next call writes over the buffer)
+        return self.out[: len(logits)].clone()  # (the next call writes over the buffer)
 
 
 _graphs: dict[tuple, _Graphed] = {}
 
 
 def _replay(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    key = (logits.shape, logits.dtype, logits.device)
+    key = (torch.Size([triton.next_power_of_2(len(logits)), logits.shape[1]]), logits.dtype, logits.device)
     graphed = _graphs.pop(key, None)
     if graphed is None:
         with torch.cuda.device(logits.device):
