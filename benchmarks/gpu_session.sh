@@ -187,7 +187,7 @@ for stage in "$@"; do
     topp)  # top-p alone: the Triton kernel against sorting, 1 / 8 / 64 rows of a 131k vocabulary, and its GPU test
         run topp 120 12 python3 benchmarks/top_p.py
         run topptest 200 12 python3 -m pytest -q -s -m gpu tests/ops/test_top_p.py -k "gpu or kernel" ;;
-    topptune)  # the top-p kernel's cuts a pass, tile and programs per SM
+    topptune)  # the top-p kernel's cuts a pass, logits a step and programs per SM
         run topptune 300 30 python3 benchmarks/top_p.py --tune ;;
     clidefaults)  # hybridlm generate as a process: its defaults (CUDA graphs on CUDA) against --no-cuda-graph
         run clidefaults 400 16 python3 benchmarks/cli_generate.py --device cuda --preset bench-1.3b --rounds "${ROUNDS:-1}" ;;
