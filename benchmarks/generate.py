@@ -7,6 +7,7 @@
     python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
     python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
     python benchmarks/generate.py --device cuda --sampling-cost 8 --batches 64   # what each sampling setting adds
+    python benchmarks/generate.py --device cuda --against auto,mamba2_step=torch  # decode under two kernel settings
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
@@ -31,6 +32,10 @@ top-p sampling, by the kernel and by sorting (``HYBRIDLM_KERNELS=auto,top_p=torc
 top-p), the settings taking turns (graphed on CUDA, over one ``DecodeGraphs``):
 the median ms of a call and its ratio to greedy's, what the settings' per-step work on the (rows, vocabulary) logits
 costs.
+``--against SETTING``: greedy decoding of ``--preset`` (bf16, decode steps as CUDA graphs; the embedded default in
+float32, eagerly, on the CPU) under the default kernels and under ``SETTING`` (a ``HYBRIDLM_KERNELS`` value that rules
+one kernel out), ``--rounds`` calls of each taking turns per ``--batches`` size, each setting with its own kept graph
+(no capture timed): the median ms a decode step, their ratio, and whether the tokens agree.
 Results belong in docs/benchmarks.md.
 """
 
@@ -47,6 +52,7 @@ from pathlib import Path
 import torch
 
 from hybridlm import HybridLM, ModelConfig, generate
+from hybridlm.infer.cuda_graph import DecodeGraphs
 from hybridlm.ops.dispatch import use_kernels
 
 
@@ -203,8 +209,12 @@ def gpu_bench(args) -> None:
         prompts = ids.tolist()
         mode = "cuda graph"
         try:
-            ours(model, prompts, 4, cuda_graph=True)  # warm-up and capture check
-            out, st = ours(model, prompts, args.new_tokens, cuda_graph=True)
+            # The warm-up captures the graph (its positions rounded up to a power of two as the timed call's are)
+            # and keeps it: the timed decode replays it, as a server's or a chat's later batches do.
+            graphs = DecodeGraphs(model)
+            ours(model, prompts, 4, cuda_graph=True, graphs=graphs)
+            out, st = ours(model, prompts, args.new_tokens, cuda_graph=True, graphs=graphs)
+            mode += "" if graphs.reused else " (captured in the timed call)"
         except Exception:
             traceback.print_exc()
             mode = "eager (graph failed)"
@@ -272,30 +282,54 @@ def _profile_batch(model, batch: int, prompt_len: int, device) -> None:
     from hybridlm.infer.generate import prefill
 
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    # Room for every step below (each advances the cache; restoring it between steps would add its copies to the
+    # profile): 27 eager steps, then as many replays from the same start.
     cache = InferenceCache.for_model(model, batch, prompt_len + 64)
     prefill(model, ids, cache, prompt_len)
     tokens = ids[:, -1:]
     snap = cache.snapshot()
 
     def eager():
-        cache.restore(snap)
         return model(tokens, cache=cache, logits_to_keep=1).logits
 
-    top_kernels(eager, f"batch {batch}: eager decode step", rows=15, calls=5)
-    cache.restore(snap)
-    graphed = GraphedDecodeStep(model, cache)
-
-    def replay():
-        cache.restore(snap)
-        return graphed(tokens)
-
-    top_kernels(replay, f"batch {batch}: decode step as a CUDA graph", rows=15, calls=5)
-    for name, fn in (("eager", eager), ("graph", replay)):
+    def timed(name, fn):
         fn()
         t0 = sync(device)
         for _ in range(20):
             fn()
-        print(f"batch {batch}, {name}: {(sync(device) - t0) / 20 * 1e3:.3f} ms per step (wall, with a cache restore)")
+        print(f"batch {batch}, {name}: {(sync(device) - t0) / 20 * 1e3:.3f} ms per step (wall)")
+
+    top_kernels(eager, f"batch {batch}: eager decode step", rows=40, calls=5)
+    timed("eager", eager)
+    host_profile(eager, f"batch {batch}: eager decode step")
+    cache.restore(snap)
+    graphed = GraphedDecodeStep(model, cache)
+    top_kernels(lambda: graphed(tokens), f"batch {batch}: decode step as a CUDA graph", rows=40, calls=5)
+    timed("graph", lambda: graphed(tokens))
+
+
+def host_profile(fn, label: str, calls: int = 5, rows: int = 25) -> None:
+    """Where the host's time goes in ``calls`` calls of ``fn``: torch's ops and CUDA runtime calls by their own CPU
+    time (a synchronization shows as a long ``cudaStreamSynchronize`` or ``cudaMemcpyAsync``), then the Python
+    functions by their own time."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    print(f"\n{label}: host ops over {calls} calls")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    print(f"{label}: Python functions over {calls} calls")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(rows)
 
 
 def text_prompt(checkpoint: str, length: int) -> list[int] | None:
@@ -431,6 +465,43 @@ def sampling_cost(args, device) -> None:
     print(f"\ntop-p without sorting against sorting: the same tokens: {'yes' if agree else 'no'}")
 
 
+def kernels_against(args, device) -> None:
+    """The ``--against`` table (see the module's docstring)."""
+    from hybridlm.infer.cuda_graph import DecodeGraphs
+    from hybridlm.train.config import DEFAULT_MODEL
+
+    graphed = device.type == "cuda"
+    config = ModelConfig.preset(args.preset) if graphed else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
+    model = HybridLM(config, seed=0, device=device)
+    model = (model.cast(torch.bfloat16) if graphed else model).eval()
+    settings = ("auto", args.against)
+    print(
+        f"{args.preset + ' bf16, decode steps as CUDA graphs' if graphed else 'the embedded default model, float32'}, "
+        f"{args.prompt_len} prompt tokens, {args.new_tokens} new greedy tokens, {args.rounds} calls of each setting "
+        "taking turns, medians\n"
+    )
+    rows = []
+    for batch in args.batches:
+        gen = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+        options = {name: {"cuda_graph": True, "graphs": DecodeGraphs(model)} if graphed else {} for name in settings}
+        steps: dict[str, list[float]] = {name: [] for name in settings}
+        outs = {}
+        for r in range(args.rounds + 1):  # (round 0: lazy initialisation, the captures, compiling; not timed)
+            for name in settings:
+                with use_kernels(name):
+                    outs[name], st = ours(model, prompts, args.new_tokens, **options[name])
+                if r:
+                    steps[name].append(st["decode_seconds"] / (st["decode_tokens"] / batch) * 1e3)
+        ms = {name: sorted(t)[len(t) // 2] for name, t in steps.items()}
+        same = outs[settings[0]] == outs[settings[1]]
+        rows.append([batch, f"{ms['auto']:.3f}", f"{ms[args.against]:.3f}", f"{ms[args.against] / ms['auto']:.3f}x"])
+        a, b = outs[settings[0]][0], outs[settings[1]][0]
+        rows[-1].append("yes" if same else f"no (row 0: the first {agreement(a, b)} of {len(a)})")
+        print(f"  batch {batch}: {ms['auto']:.3f} against {ms[args.against]:.3f} ms a step", flush=True)
+    print(table(["batch", "auto: ms a step", f"{args.against}: ms a step", "auto faster by", "same tokens"], rows))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -464,7 +535,28 @@ def main(argv=None) -> int:
         metavar="K",
         help="K decode calls per sampling setting (penalties, logit_bias, top-p, min_p) against greedy, then exit",
     )
+    ap.add_argument(
+        "--against",
+        default=None,
+        metavar="SETTING",
+        help="greedy decoding under the default kernels and under this HYBRIDLM_KERNELS setting, taking turns, then exit",
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="with --against: timed calls of each setting")
     args = ap.parse_args(argv)
+    if args.against:
+        from hybridlm.ops.dispatch import parse_setting
+
+        try:
+            parse_setting(args.against, "--against")
+        except ValueError as e:
+            ap.error(str(e))
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device", file=sys.stderr)
+            return 2
+        args.prompt_len, args.new_tokens = args.prompt_len or 512, args.new_tokens or 128
+        kernels_against(args, device)
+        return 0
     if args.sampling_cost:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():

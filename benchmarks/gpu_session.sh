@@ -156,7 +156,11 @@ for stage in "$@"; do
             --set train.compile=true --set train.compile_mode=\$m --set train.steps=40 --set train.log_every=10 ${GT_SET:-} \
             --set train.eval_every=20 --set train.micro_batch_size=8 2>&1 | grep -E 'device|step +(10|20|30|40)|val|tok/s|rror' | tail -12; done" ;;
     curves) run curves 400 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x4096 --variants unfused --steps 1 --warmup 1 --curves 200 ;;
-    genprof) run genprof 200 80 python3 benchmarks/generate.py --device cuda --profile ;;
+    genprof) run genprof 240 80 python3 benchmarks/generate.py --device cuda --profile ;;
+    against)  # greedy decoding under the default kernels and under AGAINST (one kernel ruled out), taking turns
+        run against 300 16 python3 benchmarks/generate.py --device cuda --against "${AGAINST:-auto,mamba2_step=torch}" \
+            --batches 1 8 64 --rounds "${ROUNDS:-5}" ;;
+    stepgpu) run stepgpu 200 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_step_triton.py tests/infer/test_cache.py ;;
     decodebuf) run decodebuf 200 12 python3 benchmarks/generate.py --device cuda --buffers 1024 8192 65536 ;;  # eager vs static step
     infergpu) run infergpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/infer ;;
     mtp) run mtp 300 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \

@@ -1,4 +1,4 @@
-"""Triton decode-step kernels (SSD state update, conv carry-over) against float64 recurrences.
+"""Triton decode-step kernels (SSD state update, from raw dt too; conv carry-over) against float64 recurrences.
 
 On CPU they run in Triton's interpreter (float32 inputs); on a GPU compiled, and the ``gpu`` test
 checks bf16 inputs at the decode shapes of ``bench-1.3b``.
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hybridlm.ops.conv import causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.ssd import ssd_reference
-from hybridlm.ops.step import causal_conv1d_with_state, ssd_step
+from hybridlm.ops.step import causal_conv1d_with_state, mamba2_step, ssd_step
 from tests.helpers import assert_rel_close, rel_err, runs_triton_kernels
 
 pytestmark = runs_triton_kernels
@@ -51,6 +51,84 @@ def test_triton_ssd_steps_equal_the_float64_recurrence(with_d, shape):
     assert paths_used()["ssd_step"] == "triton"
     assert_rel_close(torch.stack(ys, 1), ref, 1e-5, "y")
     assert_rel_close(state, ref_state, 1e-5, "state")
+
+
+def raw_dt_inputs(b, L, h, seed=0):
+    """Raw dt (b, L, h) whose ``dt + dt_bias`` covers softplus's every branch: far below 0 (where log(1 + t) alone
+    would round to 0), near 0, near torch's threshold 20 on both sides, and above it; dt_bias, A_log (h,)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.tensor([-40.0, -17.0, -3.0, -0.2, 0.0, 0.7, 4.0, 19.99, 20.0, 20.01, 27.0])
+    raw = u[torch.randint(0, len(u), (b, L, h), generator=g)] + torch.randn(b, L, h, generator=g) * 0.01
+    dt_bias = torch.randn(h, generator=g) * 0.1
+    A_log = torch.randn(h, generator=g).clamp(-3, 1.5)
+    return (raw - dt_bias).to(DEV), dt_bias.to(DEV), A_log.to(DEV)
+
+
+@pytest.mark.parametrize("clamp", [0.0, 0.05])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 2, 5), (1, 2, 70, 1, 16)])
+def test_triton_mamba2_steps_from_raw_dt_equal_the_float64_recurrence(shape, clamp):
+    """``mamba2_step``'s kernel computes dt = softplus(dt + dt_bias) (clamped) and A = -exp(A_log) itself: its steps
+    equal the float64 recurrence of the dt and A that torch computes in float64."""
+    b, h, p, G, n = shape
+    L = 6
+    x, _, _, B, C, D, init = ssd_inputs(b, L, h, p, G, n)
+    raw, dt_bias, A_log = raw_dt_inputs(b, L, h)
+    softplus = F.softplus(raw.double() + dt_bias.double())
+    assert (softplus < 1e-8).any() and (softplus > 20).any() and (softplus < 20).any()  # every branch
+    dt64 = softplus.clamp(min=clamp)
+    ref, ref_state = ssd_reference(
+        x.double(), dt64, -torch.exp(A_log.double()), B.double(), C.double(), D=D.double(), initial_state=init.double()
+    )
+    state, ys = init.clone(), []
+    reset_paths()
+    with use_kernels("triton"):
+        for t in range(L):
+            ys.append(mamba2_step(x[:, t], raw[:, t], dt_bias, A_log, B[:, t], C[:, t], state, D, clamp))
+    assert paths_used() == {"mamba2_step": "triton"}  # one kernel, not the torch dt and ssd_step
+    assert_rel_close(torch.stack(ys, 1), ref, 1e-5, "y")
+    assert_rel_close(state, ref_state, 1e-5, "state")
+
+
+@pytest.mark.parametrize("u", [-40.0, -17.0, -12.0])
+def test_triton_mamba2_step_keeps_the_tiny_steps_of_a_very_negative_dt(u):
+    """From a zero state without D, y is proportional to dt: where dt + dt_bias is far below 0, softplus is about
+    exp(dt + dt_bias), below float32's 2^-24 in 1 + t, and y must still carry it (a plain log(1 + t) gives 0)."""
+    x, _, _, B, C, _, init = ssd_inputs(2, 1, 3, 2, 1, 4)
+    _, dt_bias, A_log = raw_dt_inputs(2, 1, 3)
+    raw = torch.full((2, 3), u, device=DEV) - dt_bias
+    dt64 = F.softplus(raw.double() + dt_bias.double())
+    ref, _ = ssd_reference(
+        x.double(), dt64[:, None], -torch.exp(A_log.double()), B.double(), C.double(), D=None,
+        initial_state=torch.zeros_like(init).double(),
+    )  # fmt: skip
+    with use_kernels("triton"):
+        y = mamba2_step(x[:, 0], raw, dt_bias, A_log, B[:, 0], C[:, 0], torch.zeros_like(init))
+    assert_rel_close(y, ref[:, 0], 1e-5, "y")
+
+
+def test_triton_mamba2_step_keeps_a_nan_dt_as_torch_does():
+    """A NaN in the raw dt (a damaged row) stays NaN in that row's state and output, as the torch ops keep it (the
+    kernel's comparisons rather than min/max, which may drop it); the other rows are untouched by it."""
+    x, _, _, B, C, D, init = ssd_inputs(2, 1, 3, 2, 1, 4)
+    raw, dt_bias, A_log = raw_dt_inputs(2, 1, 3)
+    raw[0, 0, 1] = float("nan")
+    outs = {}
+    for mode in ("triton", "torch"):
+        state = init.clone()
+        with use_kernels(mode):
+            y = mamba2_step(x[:, 0], raw[:, 0], dt_bias, A_log, B[:, 0], C[:, 0], state, D, 0.01)
+        outs[mode] = (y, state)
+    for got, want in zip(outs["triton"], outs["torch"]):
+        assert torch.equal(got.isnan(), want.isnan()) and got[0, 1].isnan().all() and not got[1].isnan().any()
+
+
+def test_mamba2_step_refuses_a_misshaped_dt_bias_or_A_log():
+    x, _, _, B, C, D, init = ssd_inputs(2, 1, 3, 2, 1, 4)
+    raw, dt_bias, A_log = raw_dt_inputs(2, 1, 3)
+    for bad in ({"dt_bias": dt_bias[:2]}, {"A_log": A_log[None]}):
+        args = {"dt_bias": dt_bias, "A_log": A_log, **bad}
+        with pytest.raises(ValueError, match=f"mamba2_step: {next(iter(bad))} has shape"):
+            mamba2_step(x[:, 0], raw[:, 0], args["dt_bias"], args["A_log"], B[:, 0], C[:, 0], init, D)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -96,4 +174,33 @@ def test_bf16_decode_steps_at_bench_shapes_on_gpu():
                 ys.append(ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D=D, inplace=True)[0])
         outs[mode] = torch.stack(ys, 1)
     err_triton, err_torch = rel_err(outs["triton"], ref), rel_err(outs["torch"], ref)
+    assert err_triton <= 1.5 * err_torch + 1e-3, (err_triton, err_torch)
+
+
+@pytest.mark.gpu
+def test_bf16_mamba2_steps_from_raw_dt_at_bench_shapes_on_gpu():
+    """The raw-dt kernel at ``bench-1.3b``'s decode shapes (batch 64, bf16 x, B, C and raw dt, as the in-projection
+    gives them): its error against float64 is at most the torch route's (torch dt and A, then the step) on the same
+    rounded inputs, times 1.5, plus a hair for the final bf16 rounding of y."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    b, h, p, G, n = 64, 64, 64, 8, 128
+    x, _, _, B, C, D, init = ssd_inputs(b, 4, h, p, G, n, dtype=torch.bfloat16)
+    raw, dt_bias, A_log = raw_dt_inputs(b, 4, h)
+    raw = raw.to(torch.bfloat16)
+    dt64 = F.softplus(raw.double() + dt_bias.double())
+    ref, _ = ssd_reference(
+        x.double(), dt64, -torch.exp(A_log.double()), B.double(), C.double(), D=D.double(), initial_state=init.double()
+    )
+    outs = {}
+    for mode in ("triton", "torch"):
+        state, ys = init.clone(), []
+        reset_paths()
+        with use_kernels(mode):
+            for t in range(4):
+                ys.append(mamba2_step(x[:, t], raw[:, t], dt_bias, A_log, B[:, t], C[:, t], state, D))
+        assert paths_used()["mamba2_step"] == mode
+        outs[mode] = torch.stack(ys, 1)
+    err_triton, err_torch = rel_err(outs["triton"], ref), rel_err(outs["torch"], ref)
+    print(f"raw-dt step at bench shapes: kernel {err_triton:.3g}, torch {err_torch:.3g} (relative to float64)")
     assert err_triton <= 1.5 * err_torch + 1e-3, (err_triton, err_torch)

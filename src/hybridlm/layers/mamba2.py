@@ -18,7 +18,7 @@ from ..ops.mamba2_core import Mamba2Dims, Mamba2Weights, mamba2_core, mamba2_dt
 from ..ops.norm import gated_rms_norm
 from ..ops.precision import accumulation_dtype
 from ..ops.ssd import ssd_chunked
-from ..ops.step import causal_conv1d_with_state, ssd_step
+from ..ops.step import causal_conv1d_with_state, mamba2_step, ssd_step
 from .cache import RecurrentState
 from .context import SequenceContext
 from .conv import CausalConv1d
@@ -92,19 +92,22 @@ class Mamba2Mixer(nn.Module):
             history = torch.cat([state.conv, xBC], dim=1)
         xBC, _ = causal_conv1d_with_state(xBC, state.conv, self.conv1d.weight, self.conv1d.bias, "silu", inplace=True)
         xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        dt = mamba2_dt(dt, self.dt_bias, self.config.mamba_dt_clamp_min)
-        if keep is not None:  # dt = 0: no decay and no input, so padding leaves the SSM state as it is
-            dt = dt * keep.unsqueeze(-1)
-        A = -torch.exp(self.A_log.to(accumulation_dtype(xs, self.A_log)))  # as ops.mamba2_core computes it
         xs = xs.reshape(b, seqlen, self.nheads, self.headdim)
         B = B.reshape(b, seqlen, self.ngroups, self.d_state)
         C = C.reshape(b, seqlen, self.ngroups, self.d_state)
         if seqlen == 1 or (seqlen <= STEPPED_WINDOW and keep is None):
             # One token, or a short window (a speculative verify, an MTP depth's commit): the exact
             # recurrence position by position, fewer ops than a chunked scan over a tiny chunk.
+            if keep is not None:  # a padded token (one token only): dt = 0 there
+                dt, A = self._dt_and_A(dt, keep)
             ys = []
             for i in range(seqlen):
-                ys.append(ssd_step(xs[:, i], dt[:, i], A, B[:, i], C[:, i], state.recurrent, D=self.D, inplace=True)[0])
+                x_i, B_i, C_i, S = xs[:, i], B[:, i], C[:, i], state.recurrent
+                if keep is None:  # the raw dt: its softplus and A = -exp(A_log) inside the step (one kernel on CUDA)
+                    c = self.config.mamba_dt_clamp_min
+                    ys.append(mamba2_step(x_i, dt[:, i], self.dt_bias, self.A_log, B_i, C_i, S, self.D, c))
+                else:
+                    ys.append(ssd_step(x_i, dt[:, i], A, B_i, C_i, S, D=self.D, inplace=True)[0])
                 if history is not None:  # the state after position i, for InferenceCache.rollback
                     K1 = state.conv.shape[1]
                     cache.trail.setdefault(self, []).append((history[:, i + 1 : i + 1 + K1], state.recurrent.clone()))
@@ -113,6 +116,7 @@ class Mamba2Mixer(nn.Module):
             else:  # no new token at all gives an empty window, as every other mixer does
                 y = torch.stack(ys, dim=1) if ys else xs.new_zeros(xs.shape)
         else:  # prefill, a longer prefill chunk, or padding: the chunked scan over the whole window
+            dt, A = self._dt_and_A(dt, keep)
             y, ssm = ssd_chunked(
                 xs,
                 dt,
@@ -127,6 +131,13 @@ class Mamba2Mixer(nn.Module):
             state.recurrent.copy_(ssm)
         y = self.norm(y.reshape(b, seqlen, self.d_inner), z)
         return self.out_proj(y)
+
+    def _dt_and_A(self, dt: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw dt (B, L, H) -> (dt (B, L, H) after softplus, A (H,)) as ops.mamba2_core computes them; dt = 0 where
+        ``keep`` (B, L) marks padding: no decay and no input, so padding leaves the SSM state as it is."""
+        A = -torch.exp(self.A_log.to(accumulation_dtype(dt, self.A_log)))
+        dt = mamba2_dt(dt, self.dt_bias, self.config.mamba_dt_clamp_min)
+        return (dt, A) if keep is None else (dt * keep.unsqueeze(-1), A)
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:

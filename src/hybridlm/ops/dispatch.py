@@ -44,6 +44,7 @@ OPS = (
     "gated_delta",
     "conv_step",
     "ssd_step",
+    "mamba2_step",
     "attention",
     "moe_experts",
     "cross_entropy",

@@ -5,8 +5,8 @@ Each continues from a state instead of from zeros. The chunked ops (``ssd_chunke
 prefill chunks use them; these functions cover the conv carry-over and the one-token recurrences.
 
 On CUDA the one-token conv and SSD steps run Triton kernels (:mod:`hybridlm.ops.step_triton`,
-chosen by :func:`hybridlm.ops.dispatch.choose` as ``conv_step`` / ``ssd_step``); the torch code
-here is the reference and the CPU path.
+chosen by :func:`hybridlm.ops.dispatch.choose` as ``conv_step`` / ``ssd_step`` / ``mamba2_step``); the torch
+code here is the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from .conv import causal_conv1d, check_conv_shapes
 from .dispatch import choose, triton_available
+from .mamba2_core import mamba2_dt
 from .precision import accumulation_dtype
 
 if triton_available():
@@ -139,6 +140,43 @@ def ssd_step(
     if D is not None:
         y = y + D.to(acc)[:, None] * xf
     return y.to(x.dtype), _write_back(S, state, inplace)
+
+
+def mamba2_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_clamp_min: float = 0.0,
+) -> torch.Tensor:
+    """One token of the Mamba2 core's recurrence from the in-projection's raw ``dt``: :func:`ssd_step` (in place) of
+    ``dt = softplus(dt + dt_bias)``, clamped from below at ``dt_clamp_min`` when it is > 0, and ``A = -exp(A_log)``,
+    as :func:`~hybridlm.ops.mamba2_core.mamba2_dt` and the core compute them.
+
+    On CUDA one kernel does it all (``mamba2_step`` in :mod:`~hybridlm.ops.dispatch`): dt's and A's elementwise ops
+    were five launches of their own per layer, a fifth of a one-row decode step's launches in ``bench-1.3b``.
+
+    Args:
+        x: (b, h, p); dt: (b, h) raw; dt_bias, A_log: (h,); B, C: (b, g, n); state: (b, h, p, n), updated in place;
+            D: (h,) or None.
+
+    Returns:
+        y: (b, h, p) in the dtype of ``x``.
+    """
+    for name, t in (("dt_bias", dt_bias), ("A_log", A_log)):
+        if t.shape != x.shape[1:2]:
+            raise ValueError(
+                f"mamba2_step: {name} has shape {tuple(t.shape)}, expected ({x.shape[1]},) for x {tuple(x.shape)}"
+            )
+    if choose("mamba2_step", x, dt, dt_bias, A_log, B, C, state, D) == "triton":
+        check_ssd_step_shapes(x, dt, A_log, B, C, state, D)
+        return ssd_step_triton(x, dt, A_log, B, C, state, D, dt_bias=dt_bias, dt_clamp_min=dt_clamp_min)
+    A = -torch.exp(A_log.to(accumulation_dtype(x, A_log)))  # as ops.mamba2_core computes it
+    return ssd_step(x, mamba2_dt(dt, dt_bias, dt_clamp_min), A, B, C, state, D=D, inplace=True)[0]
 
 
 def gated_delta_step(

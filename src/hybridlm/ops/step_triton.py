@@ -42,11 +42,17 @@ def _ssd_step_kernel(
     sc_b,
     sc_g,
     sc_n,
+    bias_ptr,
+    clamp_min,
     HAS_D: tl.constexpr,
+    RAW_DT: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One (row, head, block of head channels): S = exp(dt A) S + dt x ⊗ B; y = S · C (+ D x)."""
+    """One (row, head, block of head channels): S = exp(dt A) S + dt x ⊗ B; y = S · C (+ D x).
+
+    With RAW_DT, ``dt_ptr`` holds the in-projection's raw dt and ``a_ptr`` A_log: dt = softplus(dt + bias),
+    clamped from below at ``clamp_min``, and A = -exp(A_log), here instead of in five launches of their own."""
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
@@ -56,7 +62,19 @@ def _ssd_step_kernel(
     p_ok = p < P
     n_ok = n < N
     dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h).to(tl.float32)
-    decay = tl.exp(dt * tl.load(a_ptr + h).to(tl.float32))
+    a = tl.load(a_ptr + h).to(tl.float32)
+    if RAW_DT:
+        u = dt + tl.load(bias_ptr + h).to(tl.float32)
+        # softplus as torch computes it (u above 20 stays u), log1p(t) by Kahan's trick: log(1 + t) rounds
+        # 1 + t, which loses t's low bits (all of them below 2^-24), and the factor t / ((1 + t) - 1) restores them.
+        # (Comparisons, not tl.minimum / tl.maximum, which may drop a NaN that torch's ops keep.)
+        t = tl.exp(tl.where(u > 20.0, 20.0, u))
+        w = 1.0 + t
+        d = w - 1.0  # 0 where t < 2^-24: log1p(t) is t there
+        dt = tl.where(u > 20.0, u, tl.where(d == 0.0, t, tl.log(w) * (t / tl.where(d == 0.0, 1.0, d))))
+        dt = tl.where(dt < clamp_min, clamp_min, dt)
+        a = -tl.exp(a)
+    decay = tl.exp(dt * a)
     x = tl.load(x_ptr + b * sx_b + h * sx_h + p * sx_p, mask=p_ok, other=0.0).to(tl.float32)
     bv = tl.load(b_ptr + b * sb_b + g * sb_g + n * sb_n, mask=n_ok, other=0.0).to(tl.float32)
     cv = tl.load(c_ptr + b * sc_b + g * sc_g + n * sc_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -80,13 +98,18 @@ def ssd_step_triton(
     C: torch.Tensor,
     state: torch.Tensor,
     D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_clamp_min: float = 0.0,
 ) -> torch.Tensor:
-    """The Triton path of :func:`hybridlm.ops.step.ssd_step` with ``inplace=True``.
+    """The Triton path of :func:`hybridlm.ops.step.ssd_step` with ``inplace=True`` and, given ``dt_bias``, of
+    :func:`hybridlm.ops.step.mamba2_step`.
 
     Args:
-        x: (b, h, p); dt: (b, h) (after softplus); A: (h,); B, C: (b, g, n); D: (h,) or None; any
-            strides (A and D are small: made contiguous).
+        x: (b, h, p); dt: (b, h) (after softplus; with ``dt_bias``, raw); A: (h,) (with ``dt_bias``, A_log);
+            B, C: (b, g, n); D: (h,) or None; any strides (A and D are small: made contiguous).
         state: (b, h, p, n) contiguous float32, updated in place.
+        dt_bias: (h,) or None: dt is the in-projection's raw one and A is A_log; the kernel computes
+            ``softplus(dt + dt_bias)`` (clamped from below at ``dt_clamp_min``) and ``-exp(A_log)``.
 
     Returns:
         y: (b, h, p) contiguous, dtype of ``x``.
@@ -100,6 +123,7 @@ def ssd_step_triton(
         )
     y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
     A, D = A.contiguous(), None if D is None else D.contiguous()  # (h,) read as ptr + head
+    bias = A if dt_bias is None else dt_bias.contiguous()
     block_p = min(triton.next_power_of_2(p), 64)
     grid = (b * h, triton.cdiv(p, block_p))
     _ssd_step_kernel[grid](
@@ -119,7 +143,10 @@ def ssd_step_triton(
         *dt.stride(),
         *B.stride(),
         *C.stride(),
+        bias,
+        float(dt_clamp_min),
         HAS_D=D is not None,
+        RAW_DT=dt_bias is not None,
         BLOCK_P=block_p,
         BLOCK_N=triton.next_power_of_2(n),
         num_warps=4,
