@@ -8,6 +8,7 @@
     python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
     python benchmarks/generate.py --device cuda --sampling-cost 8 --batches 64   # what each sampling setting adds
     python benchmarks/generate.py --device cuda --against auto,mamba2_step=torch  # decode under two kernel settings
+    python benchmarks/generate.py --device cuda --against auto,gdn_step=torch --pattern "G-G-G-G*-G-G-G-G*-G-G-G-"
 
 CPU (default): the embedded default model of ``hybridlm train`` (random weights), a 1,024-token
 prompt and 256 new greedy tokens, with the cache and with the no-cache reference loop; checks that
@@ -35,7 +36,8 @@ costs.
 ``--against SETTING``: greedy decoding of ``--preset`` (bf16, decode steps as CUDA graphs; the embedded default in
 float32, eagerly, on the CPU) under the default kernels and under ``SETTING`` (a ``HYBRIDLM_KERNELS`` value that rules
 one kernel out), ``--rounds`` calls of each taking turns per ``--batches`` size, each setting with its own kept graph
-(no capture timed): the median ms a decode step, their ratio, and whether the tokens agree.
+(no capture timed): the median ms a decode step, their ratio, and whether the tokens agree. ``--pattern`` replaces the
+preset's layers (e.g. Gated DeltaNet for Mamba2).
 Results belong in docs/benchmarks.md.
 """
 
@@ -471,12 +473,17 @@ def kernels_against(args, device) -> None:
     from hybridlm.train.config import DEFAULT_MODEL
 
     graphed = device.type == "cuda"
-    config = ModelConfig.preset(args.preset) if graphed else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
+    pattern = {"pattern": args.pattern} if args.pattern else {}
+    if graphed:
+        config, name = ModelConfig.preset(args.preset, **pattern), f"{args.preset} bf16, decode steps as CUDA graphs"
+    else:
+        config, name = ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257, **pattern}), "the embedded default, float32"
     model = HybridLM(config, seed=0, device=device)
     model = (model.cast(torch.bfloat16) if graphed else model).eval()
     settings = ("auto", args.against)
+    print(f"{config.pattern} ({model.num_params() / 1e9:.2f}B parameters)")
     print(
-        f"{args.preset + ' bf16, decode steps as CUDA graphs' if graphed else 'the embedded default model, float32'}, "
+        f"{name}, "
         f"{args.prompt_len} prompt tokens, {args.new_tokens} new greedy tokens, {args.rounds} calls of each setting "
         "taking turns, medians\n"
     )
@@ -542,6 +549,7 @@ def main(argv=None) -> int:
         help="greedy decoding under the default kernels and under this HYBRIDLM_KERNELS setting, taking turns, then exit",
     )
     ap.add_argument("--rounds", type=int, default=5, help="with --against: timed calls of each setting")
+    ap.add_argument("--pattern", default=None, help="with --against: the model's pattern in place of the preset's")
     args = ap.parse_args(argv)
     if args.against:
         from hybridlm.ops.dispatch import parse_setting

@@ -160,6 +160,9 @@ for stage in "$@"; do
     against)  # greedy decoding under the default kernels and under AGAINST (one kernel ruled out), taking turns
         run against 300 16 python3 benchmarks/generate.py --device cuda --against "${AGAINST:-auto,mamba2_step=torch}" \
             --batches 1 8 64 --rounds "${ROUNDS:-5}" ;;
+    againstgdn)  # the same for Gated DeltaNet: bench-1.3b's sizes with G layers in place of M
+        run againstgdn 300 16 python3 benchmarks/generate.py --device cuda --against "${AGAINST:-auto,gdn_step=torch}" \
+            --pattern "G-G-G-G*-G-G-G-G*-G-G-G-" --batches 1 8 64 --rounds "${ROUNDS:-5}" ;;
     stepgpu) run stepgpu 200 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_step_triton.py tests/infer/test_cache.py ;;
     decodebuf) run decodebuf 200 12 python3 benchmarks/generate.py --device cuda --buffers 1024 8192 65536 ;;  # eager vs static step
     infergpu) run infergpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/infer ;;

@@ -1,4 +1,5 @@
-"""Triton decode-step kernels (SSD state update, from raw dt too; conv carry-over) against float64 recurrences.
+"""Triton decode-step kernels (SSD state update, from raw dt too; Gated DeltaNet's step; conv carry-over) against
+float64 recurrences.
 
 On CPU they run in Triton's interpreter (float32 inputs); on a GPU compiled, and the ``gpu`` test
 checks bf16 inputs at the decode shapes of ``bench-1.3b``.
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from hybridlm.ops.conv import causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.ssd import ssd_reference
-from hybridlm.ops.step import causal_conv1d_with_state, mamba2_step, ssd_step
+from hybridlm.ops.step import causal_conv1d_with_state, gdn_step, mamba2_step, ssd_step
 from tests.helpers import assert_rel_close, rel_err, runs_triton_kernels
 
 pytestmark = runs_triton_kernels
@@ -131,6 +132,57 @@ def test_mamba2_step_refuses_a_misshaped_dt_bias_or_A_log():
             mamba2_step(x[:, 0], raw[:, 0], args["dt_bias"], args["A_log"], B[:, 0], C[:, 0], init, D)
 
 
+def gdn_inputs(B, L, Hk, Hv, dk, dv, dtype=torch.float32, seed=0):
+    """Gated DeltaNet's step inputs over L tokens: raw q, k (B, L, Hk, dk) as strided slices of one conv output, v
+    (B, L, Hv, dv), raw gates a, b (B, L, Hv) whose a + dt_bias covers softplus's branches (as in raw_dt_inputs),
+    A_log, dt_bias (Hv,) and a state (B, Hv, dk, dv)."""
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.randn(B, L, 2 * Hk * dk + Hv * dv, generator=g)
+    q, k, v = torch.split(conv, [Hk * dk, Hk * dk, Hv * dv], dim=-1)
+    a, dt_bias, A_log = raw_dt_inputs(B, L, Hv, seed)
+    b = torch.randn(B, L, Hv, generator=g) * 3
+    state = torch.randn(B, Hv, dk, dv, generator=g) * 0.1
+    raw = [t.to(DEV, dtype) for t in (q.view(B, L, Hk, dk), k.view(B, L, Hk, dk), v.view(B, L, Hv, dv), a, b.to(DEV))]
+    return (*raw, A_log, dt_bias, state.to(DEV))
+
+
+def gdn_steps(q, k, v, a, b, A_log, dt_bias, state, mode: str) -> torch.Tensor:
+    """Every token of the inputs through ``gdn_step`` under kernels ``mode``: o (B, L, Hv, dv); ``state`` updated."""
+    reset_paths()
+    with use_kernels(mode):
+        o = torch.stack(
+            [gdn_step(*(t[:, i] for t in (q, k, v, a, b)), A_log, dt_bias, state) for i in range(q.shape[1])], 1
+        )
+    assert paths_used() == {"gdn_step": mode}  # one op: with Triton one kernel, not the torch gates and step
+    return o
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 16, 40), (1, 3, 3, 20, 8)])  # dv 40: two blocks, one partial; dk 20
+def test_triton_gdn_steps_equal_the_float64_steps(shape):
+    """The kernel's steps (l2 norms, gates, the delta rule, one key head serving Hv / Hk value heads) equal the float64
+    torch steps, outputs and state."""
+    Hk, Hv, dk, dv = shape[1:]
+    inputs = gdn_inputs(shape[0], 5, Hk, Hv, dk, dv)
+    state64 = inputs[-1].double()
+    ref = gdn_steps(*(t.double() for t in inputs[:-1]), state64, "torch")
+    state = inputs[-1].clone()
+    got = gdn_steps(*inputs[:-1], state, "triton")
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert_rel_close(got, ref, 1e-5, "o")
+    assert_rel_close(state, state64, 1e-5, "state")
+
+
+def test_gdn_step_refuses_misshaped_inputs_by_name():
+    *tokens, A_log, dt_bias, state = gdn_inputs(2, 1, 2, 4, 8, 8)
+    q, k, v, a, b = (t[:, 0] for t in tokens)
+    for name, bad in (("a", a[:, :3]), ("dt_bias", dt_bias[:3]), ("state", state[:1])):
+        args = {**dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state), name: bad}
+        with pytest.raises(ValueError, match=f"gdn_step: {name} has shape"):
+            gdn_step(**args)
+    with pytest.raises(ValueError, match="not a multiple of 3 key heads"):
+        gdn_step(q[:, :1].expand(2, 3, 8), k[:, :1].expand(2, 3, 8), v, a, b, A_log, dt_bias, state)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("kernel", [2, 4])
@@ -203,4 +255,20 @@ def test_bf16_mamba2_steps_from_raw_dt_at_bench_shapes_on_gpu():
         outs[mode] = torch.stack(ys, 1)
     err_triton, err_torch = rel_err(outs["triton"], ref), rel_err(outs["torch"], ref)
     print(f"raw-dt step at bench shapes: kernel {err_triton:.3g}, torch {err_torch:.3g} (relative to float64)")
+    assert err_triton <= 1.5 * err_torch + 1e-3, (err_triton, err_torch)
+
+
+@pytest.mark.gpu
+def test_bf16_gdn_steps_at_qwen3_next_shapes_on_gpu():
+    """Qwen3-Next's decode shapes (batch 64, 16 key heads serving 32 value heads, dk = dv = 128), bf16 conv outputs
+    and gates: the kernel's error against float64 is at most the torch steps' error on the same rounded inputs, times
+    1.5, plus a hair for the final bf16 rounding of o."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    inputs = gdn_inputs(64, 4, 16, 32, 128, 128, dtype=torch.bfloat16)
+    state64 = inputs[-1].double()
+    ref = gdn_steps(*(t.double() for t in inputs[:-1]), state64, "torch")
+    outs = {mode: gdn_steps(*inputs[:-1], inputs[-1].clone(), mode) for mode in ("triton", "torch")}
+    err_triton, err_torch = rel_err(outs["triton"], ref), rel_err(outs["torch"], ref)
+    print(f"gdn step at Qwen3-Next shapes: kernel {err_triton:.3g}, torch {err_torch:.3g} (relative to float64)")
     assert err_triton <= 1.5 * err_torch + 1e-3, (err_triton, err_torch)

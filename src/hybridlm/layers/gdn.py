@@ -17,7 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..ops.gated_delta import gated_delta_rule_chunked, l2_normalize
 from ..ops.precision import accumulation_dtype
-from ..ops.step import causal_conv1d_with_state, gated_delta_step
+from ..ops.step import causal_conv1d_with_state, gated_delta_step, gdn_step
 from .cache import RecurrentState
 from .context import SequenceContext
 from .conv import CausalConv1d
@@ -102,7 +102,20 @@ class GatedDeltaNet(nn.Module):
                 qkv = qkv * keep.unsqueeze(-1).to(qkv.dtype)
             qkv, _ = causal_conv1d_with_state(qkv, state.conv, self.conv1d.weight, None, "silu", inplace=True)
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        acc = accumulation_dtype(qkv)  # float32 for bf16 / fp32 activations; a float64 model stays float64
+        if cache is not None and seqlen == 1 and keep is None:  # a decode step: the raw q, k and gates go in
+            q, k, v = q.view(b, self.nk, self.dk), k.view(b, self.nk, self.dk), v.view(b, self.nv, self.dv)
+            o = gdn_step(q, k, v, a[:, 0], beta[:, 0], self.A_log, self.dt_bias, state.recurrent).unsqueeze(1)
+        else:
+            o = self._delta_rule(q, k, v, a, beta, keep, ctx)
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(b, seqlen, self.value_dim))
+
+    def _delta_rule(self, q, k, v, a, beta, keep, ctx: SequenceContext) -> torch.Tensor:
+        """The conv's q, k (B, L, key_dim), v (B, L, value_dim) and the raw gates a, beta (B, L, Hv) -> o (B, L, Hv,
+        dv): the chunked rule (continuing the cache's state, where there is one), or one step at a padded position
+        (``keep`` (B, L), False at padding: g = beta = 0 there, so padding neither decays nor writes the state)."""
+        b, seqlen = q.shape[:2]
+        acc = accumulation_dtype(q, k, v)  # float32 for bf16 / fp32 activations; a float64 model stays float64
         q = l2_normalize(q.reshape(b, seqlen, self.nk, self.dk).to(acc))
         k = l2_normalize(k.reshape(b, seqlen, self.nk, self.dk).to(acc))
         if self.nv != self.nk:
@@ -111,27 +124,20 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(b, seqlen, self.nv, self.dv)
         g = -torch.exp(self.A_log.to(acc)) * F.softplus(a.to(acc) + self.dt_bias.to(acc))
         beta = beta.to(acc).sigmoid()
-        if keep is not None:  # g = 0, beta = 0: padding neither decays nor writes the state
+        if keep is not None:
             g, beta = g * keep.unsqueeze(-1), beta * keep.unsqueeze(-1)
-        if cache is None:
-            o = gated_delta_rule_chunked(q, k, v, g, beta, self.config.gdn_chunk_size, seq_idx=ctx.seq_idx)
-        elif seqlen == 1:
+        if ctx.cache is None:
+            return gated_delta_rule_chunked(q, k, v, g, beta, self.config.gdn_chunk_size, seq_idx=ctx.seq_idx)
+        state = ctx.cache.state(self)
+        if seqlen == 1:  # (a padded position: a one-token forward inside a prompt's padding)
             o, _ = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, inplace=True)
-            o = o.unsqueeze(1)
-        else:  # prefill, a prefill chunk or a verification window: the chunked form, never the step
-            o, S = gated_delta_rule_chunked(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                self.config.gdn_chunk_size,
-                initial_state=state.recurrent,
-                return_final_state=True,
-            )
-            state.recurrent.copy_(S)
-        o = self.norm(o, z)
-        return self.out_proj(o.reshape(b, seqlen, self.value_dim))
+            return o.unsqueeze(1)
+        # prefill, a prefill chunk or a verification window: the chunked form, never the step
+        o, S = gated_delta_rule_chunked(
+            q, k, v, g, beta, self.config.gdn_chunk_size, initial_state=state.recurrent, return_final_state=True
+        )
+        state.recurrent.copy_(S)
+        return o
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator | None, std: float, out_std: float) -> None:

@@ -45,6 +45,7 @@ OPS = (
     "conv_step",
     "ssd_step",
     "mamba2_step",
+    "gdn_step",
     "attention",
     "moe_experts",
     "cross_entropy",

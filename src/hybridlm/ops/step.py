@@ -5,21 +5,23 @@ Each continues from a state instead of from zeros. The chunked ops (``ssd_chunke
 prefill chunks use them; these functions cover the conv carry-over and the one-token recurrences.
 
 On CUDA the one-token conv and SSD steps run Triton kernels (:mod:`hybridlm.ops.step_triton`,
-chosen by :func:`hybridlm.ops.dispatch.choose` as ``conv_step`` / ``ssd_step`` / ``mamba2_step``); the torch
-code here is the reference and the CPU path.
+chosen by :func:`hybridlm.ops.dispatch.choose` as ``conv_step`` / ``ssd_step`` / ``mamba2_step`` / ``gdn_step``);
+the torch code here is the reference and the CPU path.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .conv import causal_conv1d, check_conv_shapes
 from .dispatch import choose, triton_available
+from .gated_delta import l2_normalize
 from .mamba2_core import mamba2_dt
 from .precision import accumulation_dtype
 
 if triton_available():
-    from .step_triton import conv_step_triton, ssd_step_triton
+    from .step_triton import conv_step_triton, gdn_step_triton, ssd_step_triton
 
 
 def causal_conv1d_with_state(
@@ -225,6 +227,55 @@ def gated_delta_step(
         S.addcmul_(kf[..., None], delta[:, :, None, :])
         o = torch.einsum("bhkv,bhk->bhv", S, q.to(acc) * scale)
     return o.to(v.dtype), _write_back(S, state, inplace)
+
+
+def gdn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One token of Gated DeltaNet from its conv outputs and raw gates, as the mixer computes it: q and k
+    l2-normalized (:func:`~hybridlm.ops.gated_delta.l2_normalize`), each key head serving ``Hv / Hk`` value heads,
+    ``g = -exp(A_log) * softplus(a + dt_bias)``, ``beta = sigmoid(b)``, then :func:`gated_delta_step` in place.
+
+    On CUDA one kernel does it all (``gdn_step`` in :mod:`~hybridlm.ops.dispatch`), reading and writing the state
+    once; the torch code here, the reference, launches about 30 kernels and passes over the state about five times.
+
+    Args:
+        q, k: (B, Hk, dk); v: (B, Hv, dv); a, b: (B, Hv); A_log, dt_bias: (Hv,); state: (B, Hv, dk, dv), updated in
+            place; scale: of the read-out, default dk ** -0.5.
+
+    Returns:
+        o: (B, Hv, dv) in the dtype of ``v``.
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"gdn_step: q and k must be (B, Hk, dk) and v (B, Hv, dv), got {tuple(q.shape)}, {tuple(k.shape)} and "
+            f"{tuple(v.shape)}"
+        )
+    (B, Hk, dk), (Hv, dv) = q.shape, v.shape[1:]
+    expected = {"a": (a, (B, Hv)), "b": (b, (B, Hv)), "A_log": (A_log, (Hv,)), "dt_bias": (dt_bias, (Hv,))}
+    expected["state"] = (state, (B, Hv, dk, dv))
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"gdn_step: {name} has shape {tuple(t.shape)}, expected {shape} for q {tuple(q.shape)}")
+    if Hv % Hk:
+        raise ValueError(f"gdn_step: {Hv} value heads are not a multiple of {Hk} key heads")
+    scale = dk**-0.5 if scale is None else scale
+    if choose("gdn_step", q, k, v, a, b, A_log, dt_bias, state) == "triton":
+        return gdn_step_triton(q, k, v, a, b, A_log, dt_bias, state, scale)
+    acc = accumulation_dtype(q, k, v)
+    q, k = l2_normalize(q.to(acc)), l2_normalize(k.to(acc))
+    if Hv != Hk:
+        q, k = q.repeat_interleave(Hv // Hk, dim=1), k.repeat_interleave(Hv // Hk, dim=1)
+    g = -torch.exp(A_log.to(acc)) * F.softplus(a.to(acc) + dt_bias.to(acc))
+    return gated_delta_step(q, k, v, g, b.to(acc).sigmoid(), state, scale, inplace=True)[0]
 
 
 def _working_state(state: torch.Tensor, acc: torch.dtype, inplace: bool) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Triton kernels for the one-token decode step: the SSD state update and the conv carry-over.
+"""Triton kernels for the one-token decode step: the SSD and gated delta rule state updates, the conv carry-over.
 
 :mod:`hybridlm.ops.step` dispatches here on CUDA; its torch code is the reference. A decode step
 moves little data per kernel, so what matters is the number of launches and, at large batch, the
@@ -15,6 +15,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _softplus(u):
+    """torch's softplus (beta 1, threshold 20: u above 20 stays u) in float32, log1p(t) by Kahan's trick: log(1 + t)
+    rounds 1 + t, which loses t's low bits (all of them below 2^-24), and the factor t / ((1 + t) - 1) restores them
+    (Triton's interpreter has no libdevice.log1p). Comparisons, not tl.minimum, which may drop a NaN torch keeps."""
+    t = tl.exp(tl.where(u > 20.0, 20.0, u))
+    w = 1.0 + t
+    d = w - 1.0  # 0 where t < 2^-24: log1p(t) is t there
+    return tl.where(u > 20.0, u, tl.where(d == 0.0, t, tl.log(w) * (t / tl.where(d == 0.0, 1.0, d))))
 
 
 @triton.jit
@@ -64,15 +75,8 @@ def _ssd_step_kernel(
     dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h).to(tl.float32)
     a = tl.load(a_ptr + h).to(tl.float32)
     if RAW_DT:
-        u = dt + tl.load(bias_ptr + h).to(tl.float32)
-        # softplus as torch computes it (u above 20 stays u), log1p(t) by Kahan's trick: log(1 + t) rounds
-        # 1 + t, which loses t's low bits (all of them below 2^-24), and the factor t / ((1 + t) - 1) restores them.
-        # (Comparisons, not tl.minimum / tl.maximum, which may drop a NaN that torch's ops keep.)
-        t = tl.exp(tl.where(u > 20.0, 20.0, u))
-        w = 1.0 + t
-        d = w - 1.0  # 0 where t < 2^-24: log1p(t) is t there
-        dt = tl.where(u > 20.0, u, tl.where(d == 0.0, t, tl.log(w) * (t / tl.where(d == 0.0, 1.0, d))))
-        dt = tl.where(dt < clamp_min, clamp_min, dt)
+        dt = _softplus(dt + tl.load(bias_ptr + h).to(tl.float32))
+        dt = tl.where(dt < clamp_min, clamp_min, dt)  # (a comparison keeps a NaN, as torch's clamp does)
         a = -tl.exp(a)
     decay = tl.exp(dt * a)
     x = tl.load(x_ptr + b * sx_b + h * sx_h + p * sx_p, mask=p_ok, other=0.0).to(tl.float32)
@@ -227,3 +231,99 @@ def conv_step_triton(
         num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _gdn_step_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    b_ptr,
+    alog_ptr,
+    bias_ptr,
+    s_ptr,
+    o_ptr,
+    H,
+    heads_per_key,
+    DK,
+    DV,
+    sq_b,
+    sq_h,
+    sk_b,
+    sk_h,
+    sv_b,
+    sv_h,
+    sa_b,
+    sb_b,
+    scale,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One (row, value head, block of value channels): q, k l2-normalized, g = -exp(A_log) softplus(a + dt_bias),
+    beta = sigmoid(b); S = exp(g) S; S += k ⊗ beta (v - Sᵀk); o = Sᵀ q · scale. The state is read and written once."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // heads_per_key
+    kk = tl.arange(0, BLOCK_K)
+    vv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_ok = kk < DK
+    v_ok = vv < DV
+    q = tl.load(q_ptr + b * sq_b + hk * sq_h + kk, mask=k_ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + b * sk_b + hk * sk_h + kk, mask=k_ok, other=0.0).to(tl.float32)
+    q = q * (1.0 / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6))  # ops.gated_delta.l2_normalize's eps
+    k = k * (1.0 / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6))
+    u = tl.load(a_ptr + b * sa_b + h).to(tl.float32) + tl.load(bias_ptr + h).to(tl.float32)
+    g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * _softplus(u)
+    beta = tl.sigmoid(tl.load(b_ptr + b * sb_b + h).to(tl.float32))
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + vv, mask=v_ok, other=0.0).to(tl.float32)
+    s_off = (pid_bh.to(tl.int64) * DK + kk)[:, None] * DV + vv[None, :]
+    mask = k_ok[:, None] & v_ok[None, :]
+    S = tl.load(s_ptr + s_off, mask=mask, other=0.0) * tl.exp(g)
+    delta = beta * (v - tl.sum(S * k[:, None], axis=0))
+    S += k[:, None] * delta[None, :]
+    tl.store(s_ptr + s_off, S, mask=mask)
+    o = tl.sum(S * (q * scale)[:, None], axis=0)
+    tl.store(o_ptr + pid_bh.to(tl.int64) * DV + vv, o.to(o_ptr.dtype.element_ty), mask=v_ok)
+
+
+def gdn_step_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The Triton path of :func:`hybridlm.ops.step.gdn_step`: one kernel, the state updated in place.
+
+    Args:
+        q, k: (B, Hk, dk) raw (before the l2 norm), last dim contiguous; v: (B, Hv, dv), last dim contiguous;
+            a, b: (B, Hv) raw gates, last dim contiguous; A_log, dt_bias: (Hv,); state: (B, Hv, dk, dv) contiguous
+            float32; Hv a multiple of Hk (value head h reads key head h // (Hv / Hk)).
+
+    Returns:
+        o: (B, Hv, dv) contiguous, dtype of ``v``.
+    """
+    Bsz, Hk, dk = q.shape
+    Hv, dv = v.shape[1], v.shape[2]
+    if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != (Bsz, Hv, dk, dv):
+        raise ValueError(
+            f"gdn_step: the state is updated in place, so it must be a contiguous float32 {(Bsz, Hv, dk, dv)}; got "
+            f"{'a contiguous' if state.is_contiguous() else 'a non-contiguous'} {state.dtype} {tuple(state.shape)}"
+        )
+    q, k, v, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, a, b))
+    o = torch.empty(Bsz, Hv, dv, dtype=v.dtype, device=v.device)
+    block_v = min(triton.next_power_of_2(dv), 32)
+    _gdn_step_kernel[(Bsz * Hv, triton.cdiv(dv, block_v))](
+        q, k, v, a, b, A_log.contiguous(), dt_bias.contiguous(), state, o,
+        Hv, Hv // Hk, dk, dv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), b.stride(0),
+        float(scale),
+        BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=block_v, num_warps=4,
+    )  # fmt: skip
+    return o
