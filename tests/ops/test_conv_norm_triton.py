@@ -9,7 +9,15 @@ import torch
 
 from hybridlm.ops.conv import causal_conv1d, causal_conv1d_reference
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
-from hybridlm.ops.norm import add_rms_norm, gated_rms_norm, gated_rms_norm_reference, rms_norm, rms_norm_reference
+from hybridlm.ops.norm import (
+    add_rms_norm,
+    gated_rms_norm,
+    gated_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    rms_norm_then_gate,
+    rms_norm_then_gate_reference,
+)
 from tests.helpers import assert_bf16_within, assert_rel_close, runs_triton_kernels
 
 pytestmark = runs_triton_kernels
@@ -202,6 +210,40 @@ def test_triton_rms_norm_forward_matches_float64(dtype):
     assert paths_used() == {"rms_norm": "triton"}
     assert got.dtype == dtype and got.shape == x.shape
     assert_rel_close(got, rms_norm_reference(x.double(), w, EPS), 1e-6, "rms_norm")
+
+
+# (float16, not bf16, on the CPU: Triton's interpreter truncates float32 to bf16 where the GPU rounds to nearest.)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16 if DEV == "cuda" else torch.float16])
+def test_triton_rms_norm_then_gate_forward_matches_float64(dtype):
+    """Gated DeltaNet's output norm (RMSNorm, scale, then silu(z)): strided rows of a width that is not a power of two;
+    float32 within float32's rounding of float64, 16-bit within twice the error of float64 fed the same rounded
+    inputs (the kernel rounds where torch's 16-bit ops do: the normalized rows, the 16-bit scale's product)."""
+    wide = torch.randn(3, 7, 3 * 40, device=DEV)
+    x, z, w = wide[..., 40:80], torch.randn(3, 7, 40, device=DEV) * 2, 1 + 0.3 * torch.randn(40, device=DEV)
+    xr, zr, wr = x.to(dtype), z.to(dtype), w.to(dtype)
+    reset_paths()
+    with torch.no_grad(), use_kernels("triton"):
+        got = rms_norm_then_gate(xr, zr, wr, EPS)
+    assert paths_used() == {"rms_norm_then_gate": "triton"}
+    assert got.dtype == dtype and got.shape == x.shape
+    exact = rms_norm_then_gate_reference(x, z, w, EPS)
+    if dtype == torch.float32:
+        assert_rel_close(got, exact, 1e-6, "rms_norm_then_gate")
+    else:
+        assert_bf16_within(got, exact, rms_norm_then_gate_reference(xr, zr, wr, EPS), 2.0, "rms_norm_then_gate")
+        with use_kernels("torch"):  # and torch's ops' own result, element by element, nearly everywhere
+            want = rms_norm_then_gate(xr, zr, wr, EPS)
+        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+        # (The kernel rounds where torch's 16-bit ops do; without either rounding a quarter of the values differ.)
+        assert (got == want).float().mean() >= 0.9, (got == want).float().mean()
+
+
+def test_rms_norm_then_gate_keeps_the_torch_path_when_a_gradient_is_wanted():
+    x, z = torch.randn(4, 16, device=DEV, requires_grad=True), torch.randn(4, 16, device=DEV)
+    reset_paths()
+    with use_kernels("triton"):
+        rms_norm_then_gate(x, z, torch.ones(16, device=DEV), EPS).sum().backward()
+    assert paths_used() == {"rms_norm_then_gate": "torch"} and x.grad is not None
 
 
 def test_triton_norms_of_zero_centered_weights_take_one_plus_w_in_float32():
@@ -400,6 +442,19 @@ def test_gpu_rms_norm_bf16_within_twice_the_rounded_reference(zero_centered):
         2.0,
         "rms_norm",
     )
+
+
+@pytest.mark.gpu
+def test_gpu_rms_norm_then_gate_bf16_within_twice_the_rounded_reference():
+    """Qwen3-Next's decode shape: 64 rows x 32 value heads of 128."""
+    x, z, w = torch.randn(64, 32, 128, device="cuda"), torch.randn(64, 32, 128, device="cuda"), norm_weight(128, False)
+    xb, zb, wb = x.bfloat16(), z.bfloat16(), w.bfloat16()
+    reset_paths()
+    with torch.no_grad():
+        got = rms_norm_then_gate(xb, zb, wb, EPS)
+    assert paths_used()["rms_norm_then_gate"] == "triton" and got.dtype == torch.bfloat16
+    exact = rms_norm_then_gate_reference(x, z, w, EPS)
+    assert_bf16_within(got, exact, rms_norm_then_gate_reference(xb, zb, wb, EPS), 2.0, "rms_norm_then_gate")
 
 
 def test_model_with_triton_kernels_matches_torch_path(monkeypatch):

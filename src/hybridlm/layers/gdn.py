@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.gated_delta import gated_delta_rule_chunked, l2_normalize
+from ..ops.norm import rms_norm_then_gate
 from ..ops.precision import accumulation_dtype
 from ..ops.step import causal_conv1d_with_state, gated_delta_step, gdn_step
 from .cache import RecurrentState
@@ -34,10 +35,7 @@ class GatedRMSNormAfter(nn.Module):
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, z: (..., head_dim) -> same shape, dtype of ``o``; normalized in float32 (float64 for float64 ``o``)."""
-        dtype, acc = o.dtype, accumulation_dtype(o, z)
-        of = o.to(acc)
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * of.to(dtype) * F.silu(z.to(acc))).to(dtype)
+        return rms_norm_then_gate(o, z, self.weight, self.eps)
 
 
 class GatedDeltaNet(nn.Module):

@@ -41,6 +41,7 @@ OPS = (
     "mamba2_core",
     "add_rms_norm",
     "rms_norm",
+    "rms_norm_then_gate",
     "gated_delta",
     "conv_step",
     "ssd_step",

@@ -13,7 +13,7 @@ from .dispatch import choose, choose_eager, record, triton_available
 from .precision import accumulation_dtype
 
 if triton_available():
-    from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_triton
+    from .norm_triton import add_rms_norm_triton, gated_rms_norm_triton, rms_norm_then_gate_triton, rms_norm_triton
 
 
 def norm_scale(weight: torch.Tensor, zero_centered: bool) -> torch.Tensor:
@@ -141,6 +141,35 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     return (weight.to(acc) * g.reshape(shape)).to(dtype)
 
 
+def rms_norm_then_gate(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3-Next's (and fla's ``norm_before_gate``) output norm: RMSNorm over the last dim, scale, then ``* silu(z)``,
+    with Hugging Face's roundings: normalized in float32 (float64 for float64 ``x``), rounded to x's dtype before the
+    scale, the gate in float32, the result in x's dtype.
+
+    On CUDA, when no gradient is wanted (decoding, evaluation) and outside ``torch.compile``, one forward-only Triton
+    kernel runs (op ``rms_norm_then_gate``); training keeps this reference, which inductor fuses.
+
+    Args:
+        x: (..., D) one head's output per row; z: (..., D) its gate; weight: (D,).
+
+    Returns:
+        (..., D) in x's dtype.
+    """
+    if z.shape != x.shape or weight.shape != x.shape[-1:]:
+        raise ValueError(
+            f"rms_norm_then_gate: x {tuple(x.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}: need x and z "
+            "of one shape (..., D) and weight (D,)"
+        )
+    if _wants_grad(x, z, weight):
+        record("rms_norm_then_gate", "torch")
+    elif choose_eager("rms_norm_then_gate", x, z, weight) == "triton":
+        return rms_norm_then_gate_triton(x, z, weight, eps)
+    dtype, acc = x.dtype, accumulation_dtype(x, z)
+    xf = x.to(acc)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(dtype) * F.silu(z.to(acc))).to(dtype)
+
+
 def gated_rms_norm_reference(
     y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
 ) -> torch.Tensor:
@@ -150,6 +179,12 @@ def gated_rms_norm_reference(
     g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
     g = g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + eps)
     return weight.double() * g.reshape(shape)
+
+
+def rms_norm_then_gate_reference(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64 reference of :func:`rms_norm_then_gate` (the result stays float64)."""
+    xd = x.double()
+    return weight.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * F.silu(z.double())
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:

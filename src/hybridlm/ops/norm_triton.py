@@ -461,3 +461,67 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
             HAS_DELTA=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     return out.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- RMSNorm, then the gate
+
+
+@triton.jit
+def _norm_gate_fwd_kernel(
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    D,
+    sx,
+    sz,
+    eps,
+    ROUND_PRODUCT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Rows of x normalized in float32, rounded to x's dtype, scaled by w (the product rounded to x's dtype too where
+    ROUND_PRODUCT: torch's product of two bf16 tensors), times silu(z) in float32, stored in x's dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * sx + cols[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    n = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+    t = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :] * n
+    if ROUND_PRODUCT:
+        t = t.to(x.dtype).to(tl.float32)
+    z = tl.load(z_ptr + r64 * sz + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r64 * D + cols[None, :], (t * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_then_gate_triton(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Forward-only Triton path of :func:`hybridlm.ops.norm.rms_norm_then_gate`, for inference: one launch in place of
+    the reference's ten (casts, the norm's four, the scale, silu, the product, the cast back).
+
+    Args:
+        x: (..., D); z: (..., D) the gate; weight: (D,) in x's dtype or float32.
+
+    Returns:
+        (..., D) in x's dtype.
+    """
+    D = x.shape[-1]
+    if z.shape != x.shape or weight.shape != (D,):
+        raise ValueError(
+            f"rms_norm_then_gate: x {tuple(x.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}: need x and z "
+            "of one shape (..., D) and weight (D,)"
+        )
+    rows, gates = _rows(x.reshape(-1, D)), _rows(z.reshape(-1, D))
+    M = rows.shape[0]
+    out = torch.empty(M, D, dtype=x.dtype, device=x.device)
+    if M:
+        block_m, block_n, warps = _tile(D)
+        _norm_gate_fwd_kernel[(triton.cdiv(M, block_m),)](
+            rows, gates, weight.contiguous(), out, M, D, rows.stride(0), gates.stride(0), eps,
+            ROUND_PRODUCT=torch.promote_types(weight.dtype, x.dtype) == x.dtype and x.dtype != torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
+    return out.view(x.shape)
