@@ -37,7 +37,7 @@ costs.
 float32, eagerly, on the CPU) under the default kernels and under ``SETTING`` (a ``HYBRIDLM_KERNELS`` value that rules
 one kernel out), ``--rounds`` calls of each taking turns per ``--batches`` size, each setting with its own kept graph
 (no capture timed): the median ms a decode step, their ratio, and whether the tokens agree. ``--pattern`` replaces the
-preset's layers (e.g. Gated DeltaNet for Mamba2).
+preset's layers (e.g. Gated DeltaNet for Mamba2), here and for ``--profile``.
 Results belong in docs/benchmarks.md.
 """
 
@@ -268,8 +268,9 @@ def gpu_bench(args) -> None:
 
 def profile_decode(args, device) -> None:
     """Kernels of one decode step after a ``--prompt-len`` prefill: eager, and replayed as a CUDA graph."""
-    config = ModelConfig.preset(args.preset)
+    config = ModelConfig.preset(args.preset, **({"pattern": args.pattern} if args.pattern else {}))
     model = HybridLM(config, seed=0, device=device, dtype=torch.bfloat16).eval()
+    print(f"{args.preset}: {config.pattern}, {model.num_params() / 1e9:.2f}B parameters, bf16")
     for batch in args.batches:
         with torch.no_grad():
             _profile_batch(model, batch, args.prompt_len, device)
@@ -549,7 +550,9 @@ def main(argv=None) -> int:
         help="greedy decoding under the default kernels and under this HYBRIDLM_KERNELS setting, taking turns, then exit",
     )
     ap.add_argument("--rounds", type=int, default=5, help="with --against: timed calls of each setting")
-    ap.add_argument("--pattern", default=None, help="with --against: the model's pattern in place of the preset's")
+    ap.add_argument(
+        "--pattern", default=None, help="with --against or --profile: the model's pattern in place of the preset's"
+    )
     args = ap.parse_args(argv)
     if args.against:
         from hybridlm.ops.dispatch import parse_setting

@@ -163,7 +163,11 @@ for stage in "$@"; do
     againstgdn)  # the same for Gated DeltaNet: bench-1.3b's sizes with G layers in place of M
         run againstgdn 300 16 python3 benchmarks/generate.py --device cuda --against "${AGAINST:-auto,gdn_step=torch}" \
             --pattern "G-G-G-G*-G-G-G-G*-G-G-G-" --batches 1 8 64 --rounds "${ROUNDS:-5}" ;;
-    stepgpu) run stepgpu 200 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_step_triton.py tests/infer/test_cache.py ;;
+    againstmoe)  # the same for MoE routing: bench-moe-1b against the torch routing
+        run againstmoe 300 16 python3 benchmarks/generate.py --device cuda --preset bench-moe-1b \
+            --against "${AGAINST:-auto,moe_route=torch}" --batches 1 8 64 --rounds "${ROUNDS:-5}" ;;
+    stepgpu) run stepgpu 200 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_step_triton.py tests/infer/test_cache.py \
+            tests/ops/test_routing.py tests/ops/test_conv_norm_triton.py ;;
     decodebuf) run decodebuf 200 12 python3 benchmarks/generate.py --device cuda --buffers 1024 8192 65536 ;;  # eager vs static step
     infergpu) run infergpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/infer ;;
     mtp) run mtp 300 8 bash -c "python3 -m hybridlm.cli train --run-dir /tmp/mtp --set 'model.pattern=M-[*-]M-M-[*-]/*-/*-' \

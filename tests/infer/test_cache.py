@@ -861,7 +861,7 @@ def test_bf16_cached_decoding_at_4096_tokens_is_as_close_to_float64_as_the_full_
     print(f"{pattern} bf16 at 4096 tokens: decode {err_decode:.3g}, full forward {err_full:.3g} (relative to float64)")
     used = paths_used()
     assert used.get("mamba2_step") == "triton" and used.get("gdn_step", "triton") == "triton", used
-    assert ("G" in pattern) == ("gdn_step" in used), used
+    assert ("G" in pattern) == ("gdn_step" in used) and used.get("moe_route") == "triton", used
     assert err_decode <= 1.5 * err_full + 2e-3, (err_decode, err_full)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..ops.dispatch import kernels_mode, record
 from ..ops.precision import accumulation_dtype, matmul_dtype
+from ..ops.routing import route
 from .context import SequenceContext
 from .init import normal_
 from .mlp import MLP, activate
@@ -48,22 +49,11 @@ class Router(nn.Module):
         acc = accumulation_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.to(acc), self.weight.to(acc))
-        scores = logits.softmax(dim=-1) if c.moe_router_score == "softmax" else logits.sigmoid()
-        choice = scores.detach()
-        if c.moe_router_expert_bias:
-            choice = choice + self.e_score_correction_bias.to(acc)
-        if c.moe_num_groups > 1:
-            T, E, G = choice.shape[0], c.moe_num_experts, c.moe_num_groups
-            per_group = choice.view(T, G, E // G)
-            group_score = per_group.topk(min(2, E // G), dim=-1).values.sum(dim=-1)  # (T, G)
-            keep = torch.zeros_like(group_score, dtype=torch.bool)
-            keep.scatter_(1, group_score.topk(c.moe_topk_groups, dim=-1).indices, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
-        idx = choice.topk(c.moe_top_k, dim=-1).indices
-        weights = scores.gather(1, idx)
-        if c.moe_norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return scores, weights * c.moe_routed_scaling, idx
+        bias = self.e_score_correction_bias.to(acc) if c.moe_router_expert_bias else None
+        return route(
+            logits, c.moe_top_k, c.moe_router_score, bias, c.moe_num_groups, c.moe_topk_groups, c.moe_norm_topk_prob,
+            c.moe_routed_scaling,
+        )  # fmt: skip
 
 
 class Experts(nn.Module):

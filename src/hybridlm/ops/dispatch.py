@@ -49,6 +49,7 @@ OPS = (
     "gdn_step",
     "attention",
     "moe_experts",
+    "moe_route",
     "cross_entropy",
     "top_p",
 )
