@@ -561,20 +561,17 @@ def main(argv=None) -> int:
             parse_setting(args.against, "--against")
         except ValueError as e:
             ap.error(str(e))
+    if args.against or args.sampling_cost:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device", file=sys.stderr)
             return 2
-        args.prompt_len, args.new_tokens = args.prompt_len or 512, args.new_tokens or 128
-        kernels_against(args, device)
-        return 0
-    if args.sampling_cost:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device", file=sys.stderr)
-            return 2
-        args.prompt_len, args.new_tokens = args.prompt_len or 256, args.new_tokens or 64
-        sampling_cost(args, device)
+        if args.against:
+            args.prompt_len, args.new_tokens = args.prompt_len or 512, args.new_tokens or 128
+            kernels_against(args, device)
+        else:
+            args.prompt_len, args.new_tokens = args.prompt_len or 256, args.new_tokens or 64
+            sampling_cost(args, device)
         return 0
     if args.buffers:
         if min(args.buffers) <= 16:

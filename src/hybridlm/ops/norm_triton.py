@@ -500,7 +500,7 @@ def _norm_gate_fwd_kernel(
 
 def rms_norm_then_gate_triton(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Forward-only Triton path of :func:`hybridlm.ops.norm.rms_norm_then_gate`, for inference: one launch in place of
-    the reference's ten (casts, the norm's four, the scale, silu, the product, the cast back).
+    the reference's ops (casts, the norm's four, the scale, silu, the product, the cast back: about ten).
 
     Args:
         x: (..., D); z: (..., D) the gate; weight: (D,) in x's dtype or float32.

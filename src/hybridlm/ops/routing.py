@@ -3,7 +3,7 @@
 ``route`` is the reference (the MoE layer's routing, group-limited selection included). On CUDA, when no gradient is
 wanted (decoding, evaluation) and outside ``torch.compile``, one Triton kernel (:mod:`hybridlm.ops.routing_triton`,
 op ``moe_route``) does a token's score function, bias, top-k, gather, normalization and scaling, where the torch ops
-launch about ten kernels per MoE layer (three of them ``topk``'s sort). Training keeps the reference: the weights'
+launch nine kernels per MoE layer (three of them ``topk``'s sort). Training keeps the reference: the weights'
 gradient flows through ``scores``.
 """
 

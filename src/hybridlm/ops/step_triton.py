@@ -94,6 +94,15 @@ def _ssd_step_kernel(
     tl.store(y_ptr + pid_bh.to(tl.int64) * P + p, y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
 
+def _check_state(op: str, state: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a state the kernel cannot update in place: it reads and writes a contiguous float32 ``shape``."""
+    if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != shape:
+        raise ValueError(
+            f"{op}: the state is updated in place, so it must be a contiguous float32 {shape}; got "
+            f"{'a contiguous' if state.is_contiguous() else 'a non-contiguous'} {state.dtype} {tuple(state.shape)}"
+        )
+
+
 def ssd_step_triton(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -120,11 +129,7 @@ def ssd_step_triton(
     """
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != (b, h, p, n):
-        raise ValueError(
-            f"ssd_step: the state is updated in place, so it must be a contiguous float32 {(b, h, p, n)}; got "
-            f"{'a contiguous' if state.is_contiguous() else 'a non-contiguous'} {state.dtype} {tuple(state.shape)}"
-        )
+    _check_state("ssd_step", state, (b, h, p, n))
     y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
     A, D = A.contiguous(), None if D is None else D.contiguous()  # (h,) read as ptr + head
     bias = A if dt_bias is None else dt_bias.contiguous()
@@ -311,11 +316,7 @@ def gdn_step_triton(
     """
     Bsz, Hk, dk = q.shape
     Hv, dv = v.shape[1], v.shape[2]
-    if state.dtype != torch.float32 or not state.is_contiguous() or tuple(state.shape) != (Bsz, Hv, dk, dv):
-        raise ValueError(
-            f"gdn_step: the state is updated in place, so it must be a contiguous float32 {(Bsz, Hv, dk, dv)}; got "
-            f"{'a contiguous' if state.is_contiguous() else 'a non-contiguous'} {state.dtype} {tuple(state.shape)}"
-        )
+    _check_state("gdn_step", state, (Bsz, Hv, dk, dv))
     q, k, v, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, a, b))
     o = torch.empty(Bsz, Hv, dv, dtype=v.dtype, device=v.device)
     block_v = min(triton.next_power_of_2(dv), 32)
