@@ -286,7 +286,7 @@ def _profile_batch(model, batch: int, prompt_len: int, device) -> None:
 
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
     # Room for every step below (each advances the cache; restoring it between steps would add its copies to the
-    # profile): 27 eager steps, then as many replays from the same start.
+    # profile): 38 eager steps, then 27 replays from the same start.
     cache = InferenceCache.for_model(model, batch, prompt_len + 64)
     prefill(model, ids, cache, prompt_len)
     tokens = ids[:, -1:]
