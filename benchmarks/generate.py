@@ -37,7 +37,7 @@ costs.
 float32, eagerly, on the CPU) under the default kernels and under ``SETTING`` (a ``HYBRIDLM_KERNELS`` value that rules
 one kernel out), ``--rounds`` calls of each taking turns per ``--batches`` size, each setting with its own kept graph
 (no capture timed): the median ms a decode step, their ratio, and whether the tokens agree. ``--pattern`` replaces the
-preset's layers (e.g. Gated DeltaNet for Mamba2), here and for ``--profile``.
+preset's layers (e.g. Gated DeltaNet for Mamba2), here and for ``--sampling-cost`` and ``--profile``.
 Results belong in docs/benchmarks.md.
 """
 
@@ -381,8 +381,6 @@ def mtp_bench(args, device) -> None:
 
 
 def kept_graphs(args, device) -> None:
-    from hybridlm.infer.cuda_graph import DecodeGraphs
-
     model = HybridLM(ModelConfig.preset(args.preset), seed=0, device=device).cast(torch.bfloat16).eval()
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, model.config.vocab_size, (args.batches[0], args.prompt_len), generator=gen).tolist()
@@ -426,17 +424,26 @@ SAMPLING_SETTINGS = (
 )
 
 
+def decode_model(args, device) -> tuple[HybridLM, bool, str]:
+    """The model the decoding tables time: ``--preset`` in bf16 with its decode steps graphed on CUDA, the embedded
+    default in float32 on the CPU, ``--pattern``'s layers where given: (model, graphed, a line saying which)."""
+    from hybridlm.train.config import DEFAULT_MODEL
+
+    graphed = device.type == "cuda"
+    pattern = {"pattern": args.pattern} if args.pattern else {}
+    if graphed:
+        config = ModelConfig.preset(args.preset, **pattern)
+        model = HybridLM(config, seed=0, device=device).cast(torch.bfloat16)
+        return model.eval(), True, f"{args.preset} bf16, decode steps as CUDA graphs"
+    model = HybridLM(ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257, **pattern}), seed=0, device=device)
+    return model.eval(), False, "the embedded default model, float32"
+
+
 def sampling_cost(args, device) -> None:
     """What each sampling setting adds to a decode: ``args.sampling_cost`` graphed (on CUDA) calls of ``generate``
     per setting, the settings taking turns, over ``--preset``'s model (bf16 on CUDA; the embedded default in
     float32 on the CPU), one :class:`DecodeGraphs` for all (no capture timed): median ms a call and a token."""
-    from hybridlm.infer.cuda_graph import DecodeGraphs
-    from hybridlm.train.config import DEFAULT_MODEL
-
-    graphed = device.type == "cuda"
-    config = ModelConfig.preset(args.preset) if graphed else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
-    model = HybridLM(config, seed=0, device=device)
-    model = (model.cast(torch.bfloat16) if graphed else model).eval()
+    model, graphed, where = decode_model(args, device)
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(0, model.config.vocab_size, (args.batches[0], args.prompt_len), generator=gen).tolist()
     options = {"cuda_graph": True, "graphs": DecodeGraphs(model)} if graphed else {}
@@ -453,7 +460,6 @@ def sampling_cost(args, device) -> None:
                 times[name].append(sync(device) - t0)
     each = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
     base = each[SAMPLING_SETTINGS[0][0]]
-    where = f"{args.preset} bf16, decode steps as CUDA graphs" if graphed else "the embedded default model, float32"
     print(
         f"{where}, {args.batches[0]} row(s) x {args.prompt_len} prompt tokens, {args.new_tokens} new tokens, "
         f"{args.sampling_cost} calls of each setting taking turns\n"
@@ -470,21 +476,12 @@ def sampling_cost(args, device) -> None:
 
 def kernels_against(args, device) -> None:
     """The ``--against`` table (see the module's docstring)."""
-    from hybridlm.infer.cuda_graph import DecodeGraphs
-    from hybridlm.train.config import DEFAULT_MODEL
-
-    graphed = device.type == "cuda"
-    pattern = {"pattern": args.pattern} if args.pattern else {}
-    if graphed:
-        config, name = ModelConfig.preset(args.preset, **pattern), f"{args.preset} bf16, decode steps as CUDA graphs"
-    else:
-        config, name = ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257, **pattern}), "the embedded default, float32"
-    model = HybridLM(config, seed=0, device=device)
-    model = (model.cast(torch.bfloat16) if graphed else model).eval()
+    model, graphed, where = decode_model(args, device)
+    config = model.config
     settings = ("auto", args.against)
     print(f"{config.pattern} ({model.num_params() / 1e9:.2f}B parameters)")
     print(
-        f"{name}, "
+        f"{where}, "
         f"{args.prompt_len} prompt tokens, {args.new_tokens} new greedy tokens, {args.rounds} calls of each setting "
         "taking turns, medians\n"
     )
@@ -551,7 +548,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--rounds", type=int, default=5, help="with --against: timed calls of each setting")
     ap.add_argument(
-        "--pattern", default=None, help="with --against or --profile: the model's pattern in place of the preset's"
+        "--pattern",
+        default=None,
+        help="with --against, --sampling-cost or --profile: the model's pattern in place of the preset's",
     )
     args = ap.parse_args(argv)
     if args.against:
