@@ -315,3 +315,29 @@ def test_the_shared_expert_gate_is_drawn_last_and_leaves_every_other_weight_as_w
     assert all(torch.equal(a[k], b[k]) for k in b)
     w = torch.cat([a[k] for k in extra], dim=1)
     assert abs(w.std().item() / 0.05 - 1) < 0.15
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_moe_layers_training_step_is_bitwise_repeatable_on_the_gpu(compiled):
+    """bench-moe-1b's MoE layer (64 experts, top 6) on 2 x 4096 tokens under bf16 autocast, forward and backward
+    twice: the same bits. Scattering the expert outputs back with ``index_add_`` (and autograd's scatter for the
+    token gather) added each token's six parts with atomics, in an order that changed from run to run."""
+    config = ModelConfig.preset("bench-moe-1b")
+    torch.manual_seed(0)
+    layer = make(MoE, config).cuda()
+    x = torch.randn(2, 4096, config.hidden_size, device="cuda")
+    fn = torch.compile(layer) if compiled else layer
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(xg)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
+        return [y.detach(), xg.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+
+    first, second = step(), step()
+    assert len(first) == len(second) > 3
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
