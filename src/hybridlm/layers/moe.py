@@ -189,6 +189,8 @@ class MoE(nn.Module):
         counts = torch.zeros(c.moe_num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, pair_expert, torch.ones_like(pair_expert)
         )
+        # Rows go to the experts and come back by gathers, each token's parts summed in choice order in float32:
+        # the same bits on every run (index_add_'s atomic adds on CUDA summed them in any order).
         out = self.experts(permute_tokens(flat, order, inverse, k, matmul_dtype(flat)), counts)
         y = unpermute_tokens(out, weights, order, inverse, flat.dtype)
         if c.moe_shared_expert_ffn_hidden_size:
