@@ -12,9 +12,9 @@ and autograd's backward of the gather), with atomic adds on CUDA, where torch li
 nondeterministic ops: a token's ``k`` contributions then sum in whatever order the atomics land, and the same step
 can give other bits from run to run (a resume, a recomputation under activation checkpointing, an A/B
 comparison). Here each token's sum runs over its own ``k`` rows in the order ``j`` = 0..k-1, on every device and
-at every batch size, and the backward of each is a gather too (the other's), so nothing is written with atomics. ``unpermute_tokens`` saves ``rows`` for the weights' gradient, as the former
-product did; ``permute_tokens`` saves only ``inverse``. Sums and products run in float32 (float64 for a float64
-model) whatever the rows' dtype.
+at every batch size, and the backward of each is a gather too (the other's), so nothing is written with atomics.
+``unpermute_tokens`` saves ``rows`` for the weights' gradient, as the former product did; ``permute_tokens`` saves
+only ``inverse``. Sums and products run in float32 (float64 for a float64 model) whatever the rows' dtype.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class _Permute(torch.autograd.Function):
         k = ctx.top_k
         acc = accumulation_dtype(grad, ctx.x_dtype)
         # Token t's k pair gradients sit at inverse[t*k : t*k + k] of the grouped rows.
-        grad_x = grad[inverse].view(-1, k, grad.shape[-1]).sum(1, dtype=acc)
+        grad_x = grad[inverse].view(inverse.numel() // k, k, grad.shape[-1]).sum(1, dtype=acc)
         return grad_x.to(ctx.x_dtype), None, None, None, None
 
 
