@@ -1,4 +1,4 @@
-"""One MoE layer, forward + backward: the token permutation written as gathers against the former scatters.
+"""One MoE layer, forward + backward: the token permutation in pair order against the former atomic scatter-adds.
 
     python benchmarks/moe_layer.py --preset bench-moe-1b --tokens 16384 4096
 
@@ -6,9 +6,9 @@ The layer of ``--preset`` (float32 parameters, bf16 autocast, float32 input rows
 stream), forward and ``backward(dy)`` with every gradient cleared first, eager and compiled, median of
 triton's ``do_bench``, the two routes taking turns ``--rounds`` times:
 
-- ``gathers``: the layer as it is (``hybridlm.ops.permute``: gathers both ways, each token's parts summed in
-  choice order in float32);
-- ``scatter``: the former route, patched in here: ``x[order // k]`` (autograd's backward a scatter-add), the
+- ``ordered``: the layer as it is (``hybridlm.ops.permute``: rows put back in pair order, each written once, and
+  each token's parts summed in choice order in float32);
+- ``index_add``: the former route, patched in here: ``x[order // k]`` (autograd's backward a scatter-add), the
   expert outputs times their weights in bf16, ``index_add_`` into the tokens.
 
 Each row also says whether two calls gave the same bits (output and every gradient) and the peak memory of a
@@ -29,11 +29,11 @@ from hybridlm import ModelConfig
 from hybridlm.layers.moe import MoE
 
 
-def scatter_permute(x, order, inverse, k, dtype):
+def index_add_permute(x, order, k, dtype):
     return x[order // k].to(dtype)
 
 
-def scatter_unpermute(out, weights, order, inverse, dtype):
+def index_add_unpermute(out, weights, order, dtype):
     k = weights.shape[1]
     out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     return torch.zeros(weights.shape[0], out.shape[1], dtype=dtype, device=out.device).index_add_(
@@ -43,10 +43,10 @@ def scatter_unpermute(out, weights, order, inverse, dtype):
 
 @contextlib.contextmanager
 def route(name: str) -> Iterator[None]:
-    """Run the layer with the named route (``gathers``: as it is; ``scatter``: the former one)."""
+    """Run the layer with the named route (``ordered``: as it is; ``index_add``: the former one)."""
     saved = moe_module.permute_tokens, moe_module.unpermute_tokens
-    if name == "scatter":
-        moe_module.permute_tokens, moe_module.unpermute_tokens = scatter_permute, scatter_unpermute
+    if name == "index_add":
+        moe_module.permute_tokens, moe_module.unpermute_tokens = index_add_permute, index_add_unpermute
     try:
         yield
     finally:
@@ -86,7 +86,7 @@ def main() -> None:
                 y.backward(dy.unsqueeze(0))
                 return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
 
-            times: dict[str, list[float]] = {"gathers": [], "scatter": []}
+            times: dict[str, list[float]] = {"ordered": [], "index_add": []}
             same, peak = {}, {}
             for name in times:
                 with route(name):
@@ -102,8 +102,8 @@ def main() -> None:
                         times[name].append(do_bench(step, warmup=10, rep=60, return_mode="median"))
             for name, ms in times.items():
                 print(f"| {T} | {name} | {mode} | {statistics.median(ms):.2f} | {same[name]} | {peak[name]:.2f} |")
-            ratio = statistics.median(s / g for s, g in zip(times["scatter"], times["gathers"]))
-            print(f"| {T} | scatter / gathers | {mode} | {ratio:.3f} | | |", flush=True)
+            ratio = statistics.median(a / o for a, o in zip(times["index_add"], times["ordered"]))
+            print(f"| {T} | index_add / ordered | {mode} | {ratio:.3f} | | |", flush=True)
             if args.profile and mode == "compiled":
                 from torch.profiler import ProfilerActivity, profile
 

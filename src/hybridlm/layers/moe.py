@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.dispatch import kernels_mode, record
-from ..ops.permute import inverse_permutation, permute_tokens, unpermute_tokens
+from ..ops.permute import permute_tokens, unpermute_tokens
 from ..ops.precision import accumulation_dtype, matmul_dtype
 from ..ops.routing import route
 from .context import SequenceContext
@@ -184,15 +184,15 @@ class MoE(nn.Module):
         # Sort the T*k (token, expert) pairs by expert so each expert's rows are contiguous.
         pair_expert = idx.reshape(-1)
         order = torch.argsort(pair_expert, stable=True)
-        inverse = inverse_permutation(order)
         # scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA).
         counts = torch.zeros(c.moe_num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, pair_expert, torch.ones_like(pair_expert)
         )
-        # Rows go to the experts and come back by gathers, each token's parts summed in choice order in float32:
-        # the same bits on every run (index_add_'s atomic adds on CUDA summed them in any order).
-        out = self.experts(permute_tokens(flat, order, inverse, k, matmul_dtype(flat)), counts)
-        y = unpermute_tokens(out, weights, order, inverse, flat.dtype)
+        # Rows go to the experts by a gather and come back in pair order (each written once), each token's parts
+        # summed in choice order in float32: the same bits on every run (index_add_'s atomic adds on CUDA summed
+        # them in any order).
+        out = self.experts(permute_tokens(flat, order, k, matmul_dtype(flat)), counts)
+        y = unpermute_tokens(out, weights, order, flat.dtype)
         if c.moe_shared_expert_ffn_hidden_size:
             y = y + self.shared(flat)
 
