@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dispatch import choose_eager, triton_available
+from .dispatch import choose_eager, triton_available, wants_grad
 from .grid import check_positive_int
 from .precision import accumulation_dtype, matmul_dtype
 
@@ -142,7 +142,7 @@ def linear_cross_entropy(
     dtype = matmul_dtype(h2)
     count = (y != IGNORE_INDEX).sum().clamp(min=1)
     with torch.autocast(h.device.type, enabled=False):
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if wants_grad(h, weight):
             total = _LinearCrossEntropy.apply(h2, weight, y, chunk, dtype)
         else:
             w = weight.to(dtype)

@@ -194,6 +194,12 @@ def choose_eager(op: str, *tensors: torch.Tensor | None) -> str:
     return "torch" if torch.compiler.is_compiling() else choose(op, *tensors)
 
 
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` (None entries are skipped): grad mode on and one of them
+    requiring a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def record(op: str, path: str) -> None:
     """Record (and log once) that ``op`` ran ``path``: for fast paths that are not Triton kernels (e.g. ``grouped_mm``)."""
     _record(op, path)

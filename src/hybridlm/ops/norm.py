@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose, choose_eager, record, triton_available
+from .dispatch import choose, choose_eager, record, triton_available, wants_grad
 from .precision import accumulation_dtype
 
 if triton_available():
@@ -49,7 +49,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     fuses with its neighbours.
     """
     weight = norm_scale(weight, zero_centered)
-    if _wants_grad(x, weight):
+    if wants_grad(x, weight):
         # The kernel is forward-only: training runs the reference, and says so (paths_used), as every op does.
         record("rms_norm", "torch")
     elif choose_eager("rms_norm", x, weight) == "triton":
@@ -63,10 +63,6 @@ def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     acc = accumulation_dtype(x, weight)
     out = F.rms_norm(x.to(acc), (x.shape[-1],), weight.to(acc), eps)
     return out.to(x.dtype)
-
-
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def add_rms_norm(
@@ -160,7 +156,7 @@ def rms_norm_then_gate(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, e
             f"rms_norm_then_gate: x {tuple(x.shape)}, z {tuple(z.shape)}, weight {tuple(weight.shape)}: need x and z "
             "of one shape (..., D) and weight (D,)"
         )
-    if _wants_grad(x, z, weight):
+    if wants_grad(x, z, weight):
         record("rms_norm_then_gate", "torch")
     elif choose_eager("rms_norm_then_gate", x, z, weight) == "triton":
         return rms_norm_then_gate_triton(x, z, weight, eps)

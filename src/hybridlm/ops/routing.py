@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import choose_eager, record, triton_available
+from .dispatch import choose_eager, record, triton_available, wants_grad
 
 if triton_available():
     from .routing_triton import route_triton
@@ -50,7 +50,7 @@ def route(
             f"1 <= top_k <= E and a bias of ({E},)"
         )
     if num_groups == 1:
-        if torch.is_grad_enabled() and logits.requires_grad:
+        if wants_grad(logits):
             record("moe_route", "torch")
         elif choose_eager("moe_route", logits, bias) == "triton":
             return route_triton(logits, top_k, score == "softmax", bias, norm_topk_prob, scaling)
