@@ -322,7 +322,8 @@ def test_the_shared_expert_gate_is_drawn_last_and_leaves_every_other_weight_as_w
 def test_a_moe_layers_training_step_is_bitwise_repeatable_on_the_gpu(compiled):
     """bench-moe-1b's MoE layer (64 experts, top 6) on 2 x 4096 tokens under bf16 autocast, forward and backward
     twice: the same bits. Scattering the expert outputs back with ``index_add_`` (and autograd's scatter for the
-    token gather) added each token's six parts with atomics, in an order that changed from run to run."""
+    token gather) added each token's six parts with atomics, in whatever order they landed (torch lists
+    ``index_add_`` on CUDA among its nondeterministic ops)."""
     config = ModelConfig.preset("bench-moe-1b")
     torch.manual_seed(0)
     layer = make(MoE, config).cuda()
