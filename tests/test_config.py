@@ -289,6 +289,8 @@ def test_boundary_values_that_are_valid_are_accepted():
             "moe_shared_expert_ffn_hidden_size",
         ),
         ({"pattern": "E", "moe_num_experts": 4, "moe_aux_loss_coeff": -0.01}, "moe_aux_loss_coeff"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_z_loss_coeff": -0.01}, "moe_z_loss_coeff"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_aux_loss_type": "global_aux_loss"}, "moe_aux_loss_type"),
         ({"pattern": "*", "num_attention_heads": 4, "rope_theta": 0.0}, "rope_theta"),
         ({"pattern": "+", "num_attention_heads": 4, "qk_pos_emb_head_dim": 5}, "qk_pos_emb_head_dim"),
         ({"pattern": "D", "num_attention_heads": 4, "q_lora_rank": None}, "q_lora_rank"),
@@ -358,7 +360,8 @@ _OTHER_VALUE = dict(
     mamba_chunk_size=4, mamba_dt_min=0.01, mamba_dt_max=0.05, mamba_dt_init_floor=0.09, mamba_dt_clamp_min=0.05,
     moe_num_experts=8, moe_top_k=1, moe_ffn_hidden_size=24, moe_shared_expert_ffn_hidden_size=16,
     moe_shared_expert_gate=True, moe_router_score="sigmoid", moe_router_expert_bias=True, moe_routed_scaling=2.0, moe_num_groups=1,
-    moe_topk_groups=2, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.1,
+    moe_topk_groups=2, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.1, moe_aux_loss_type="seq_aux_loss",
+    moe_z_loss_coeff=0.1,
     gdn_num_heads=4, gdn_num_value_heads=4, gdn_head_dim=4, gdn_value_head_dim=4, gdn_conv_kernel=3,
     gdn_chunk_size=4, gdn_dt_min=0.01, gdn_dt_max=0.05, gdn_dt_init_floor=0.09,
     dsa_indexer_n_heads=4, dsa_indexer_head_dim=4, dsa_indexer_topk=2, dsa_indexer_loss_coeff=0.5,
@@ -369,13 +372,14 @@ _KIND_PATTERNS = {**{s: s for s in LAYER_SYMBOLS}, "/": "-/-"}  # a new layer ki
 
 
 def _what_it_computes(**fields) -> tuple:
-    """Parameter names, shapes and values at seed 0; the logits (MTP depths' too) and the training-mode loss on
-    fixed tokens."""
+    """Parameter names, shapes and values at seed 0; the logits (MTP depths' too), the training-mode loss and its
+    auxiliary part on fixed tokens (at initialization the router losses' types differ in it alone: by 1e-9 of 4)."""
     model = HybridLM(ModelConfig(**{**_READERS_BASE, **fields}), seed=0)
     tokens = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
     out = model(tokens, tokens, return_logits=True)
     state = model.state_dict()
-    return sorted((k, tuple(v.shape)) for k, v in state.items()), state, out.logits, out.loss, *out.mtp_logits
+    aux = torch.zeros(()) if out.aux_loss is None else out.aux_loss
+    return sorted((k, tuple(v.shape)) for k, v in state.items()), state, out.logits, out.loss, aux, *out.mtp_logits
 
 
 def _computes_the_same(a: tuple, b: tuple) -> bool:
@@ -443,6 +447,17 @@ def test_the_sparse_indexer_loss_is_noted_without_the_indexer_loss():
     assert unused_fields(ModelConfig(**{**_READERS_BASE, "pattern": "D"}), ["dsa_indexer_use_sparse_loss"]) == {}
 
 
+def test_the_balancing_loss_type_is_noted_without_the_balancing_loss():
+    """moe_aux_loss_type picks how the balancing loss averages, and the loss is not computed with
+    moe_aux_loss_coeff = 0: a run setting only the type trains as without it, and is told so."""
+    off = dict(pattern="E", moe_aux_loss_coeff=0.0)
+    assert _computes_the_same(_what_it_computes(**off), _what_it_computes(**off, moe_aux_loss_type="seq_aux_loss"))
+    assert unused_fields(ModelConfig(**{**_READERS_BASE, **off}), ["moe_aux_loss_type"]) == {
+        "moe_aux_loss_type": "the balancing loss is not computed with moe_aux_loss_coeff = 0"
+    }
+    assert unused_fields(ModelConfig(**{**_READERS_BASE, "pattern": "E"}), ["moe_aux_loss_type"]) == {}
+
+
 @pytest.mark.parametrize("field", ["mamba_dt_clamp_min", "mamba_dt_init_floor", "gdn_dt_init_floor"])
 def test_a_dt_bound_beyond_float32_is_refused_and_the_largest_float32_runs(field):
     """dt_bias and the step sizes are float32 tensors: a floor or clamp above float32's range was accepted, then
@@ -497,6 +512,7 @@ def test_from_json_reads_bytes_as_json_text():
         ("layernorm_zero_centered_gamma", "'norm_zero_centered'"),
         ("apply_layernorm_1p", "'norm_zero_centered'"),  # its command-line name (--apply-layernorm-1p)
         ("apply_wd_to_qk_layernorm", "optim.apply_wd_to_qk_layernorm"),  # an optimizer setting: was no hint
+        ("moe_router_load_balancing_type", "'moe_aux_loss_type'"),  # was 'moe_router_score'
     ],
 )
 def test_a_megatron_name_points_at_the_field_that_replaces_it(megatron, ours):

@@ -32,6 +32,8 @@ SCHEMA_VERSION = 1
 MLP_ACTIVATIONS = ("relu2", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("none", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
+#: ``moe_aux_loss_type``: Megatron-LM's ``moe_router_load_balancing_type`` values that hybridlm computes.
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss")
 #: The largest finite float32 (torch.finfo(torch.float32).max; this module imports no torch).
 FLOAT32_MAX = 3.4028234663852886e38
 #: The smallest normal float32 (torch.finfo(torch.float32).tiny).
@@ -124,6 +126,8 @@ class ModelConfig:
     moe_topk_groups: int = 1  #: groups a token may route to
     moe_norm_topk_prob: bool = True  #: renormalize the top-k weights to sum to 1
     moe_aux_loss_coeff: float = 0.0  #: load-balancing loss weight
+    moe_aux_loss_type: str = "aux_loss"  #: balance over the micro-batch ("aux_loss") or per sequence ("seq_aux_loss")
+    moe_z_loss_coeff: float = 0.0  #: router z-loss weight (ST-MoE: mean logsumexp(router logits)^2)
 
     # -- Gated DeltaNet (G) ------------------------------------------------------------------
     gdn_num_heads: int | None = None  #: query/key heads; None = hidden_size // gdn_head_dim, at least 1
@@ -320,6 +324,8 @@ TRAINING_ONLY_FIELDS = frozenset(
         "mamba_dt_max",
         "mamba_dt_init_floor",
         "moe_aux_loss_coeff",
+        "moe_aux_loss_type",
+        "moe_z_loss_coeff",
         "gdn_dt_min",
         "gdn_dt_max",
         "gdn_dt_init_floor",
@@ -335,8 +341,9 @@ def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
     Some fields are read only under another field's value: attention ('*') rotates with
     ``rope_theta`` and ``rotary_percent`` only when ``position_embedding = "rope"``, the MoE
     experts size themselves by ``ffn_hidden_size`` only while ``moe_ffn_hidden_size`` is unset,
-    and DSA reads ``dsa_indexer_use_sparse_loss`` only for its indexer loss
-    (``dsa_indexer_loss_coeff > 0``).
+    DSA reads ``dsa_indexer_use_sparse_loss`` only for its indexer loss
+    (``dsa_indexer_loss_coeff > 0``), and MoE ``moe_aux_loss_type`` only for its balancing loss
+    (``moe_aux_loss_coeff > 0``).
     """
     used = cfg.symbols | ({"/"} if cfg.parsed.mtp_depths else set())
     out = {}
@@ -358,6 +365,8 @@ def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
             out[name] = "the MoE experts are sized by moe_ffn_hidden_size"
         elif name == "dsa_indexer_use_sparse_loss" and cfg.dsa_indexer_loss_coeff == 0:
             out[name] = "the indexer loss is not computed with dsa_indexer_loss_coeff = 0"
+        elif name == "moe_aux_loss_type" and cfg.moe_aux_loss_coeff == 0:
+            out[name] = "the balancing loss is not computed with moe_aux_loss_coeff = 0"
     return out
 
 
@@ -397,6 +406,7 @@ MEGATRON_NAMES = {
     "moe_router_pre_softmax": "hybridlm's is 'moe_norm_topk_prob' = false (with 'moe_router_score' softmax)",
     "moe_shared_expert_intermediate_size": "hybridlm's is 'moe_shared_expert_ffn_hidden_size'",
     "moe_router_bias_update_rate": "a training setting in hybridlm: optim.moe_expert_bias_rate",
+    "moe_router_load_balancing_type": "hybridlm's is 'moe_aux_loss_type' ('aux_loss' or 'seq_aux_loss')",
     "apply_wd_to_qk_layernorm": "a training setting in hybridlm: optim.apply_wd_to_qk_layernorm",
     "kv_channels": "hybridlm's is 'head_dim'",
     "rotary_base": "hybridlm's is 'rope_theta'",
@@ -632,6 +642,12 @@ def _validate(cfg: ModelConfig) -> None:
             "moe_routed_scaling",
         )
         _choice(cfg, "moe_router_score", ROUTER_SCORES)
+        if cfg.moe_aux_loss_type not in AUX_LOSS_TYPES:
+            raise ConfigError(
+                "moe_aux_loss_type",
+                f"must be one of {', '.join(map(repr, AUX_LOSS_TYPES))}, got {cfg.moe_aux_loss_type!r} (no balancing "
+                "loss: moe_aux_loss_coeff = 0; Megatron-LM's 'global_aux_loss' and 'sinkhorn' are not built)",
+            )
         if cfg.moe_top_k > cfg.moe_num_experts:
             raise ConfigError("moe_top_k", f"{cfg.moe_top_k} exceeds moe_num_experts ({cfg.moe_num_experts})")
         if cfg.moe_num_experts % cfg.moe_num_groups:
@@ -647,7 +663,7 @@ def _validate(cfg: ModelConfig) -> None:
                 f"{cfg.moe_top_k} exceeds the {reachable} experts in the moe_topk_groups={cfg.moe_topk_groups} "
                 "groups a token may use",
             )
-        for name in ("moe_shared_expert_ffn_hidden_size", "moe_aux_loss_coeff"):
+        for name in ("moe_shared_expert_ffn_hidden_size", "moe_aux_loss_coeff", "moe_z_loss_coeff"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
         if cfg.moe_shared_expert_gate and not cfg.moe_shared_expert_ffn_hidden_size:

@@ -68,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_routed_scaling=2.5,
         moe_norm_topk_prob=True,
         moe_aux_loss_coeff=1e-4,
+        moe_aux_loss_type="seq_aux_loss",  # Megatron's Nemotron-3 Nano recipe balances each sequence
     ),
     # Qwen/Qwen3-Next-80B-A3B's shapes (what `convert --from qwen3-next` makes of its config.json; its MTP layer,
     # which the import adds from the weights as '/*E', is left out): Gated DeltaNet and gated attention, each

@@ -36,6 +36,78 @@ def test_aux_loss_is_the_switch_formula(score):
     torch.testing.assert_close(aux.double(), expected, rtol=1e-6, atol=0)
 
 
+def _random_layer(seed: int, **fields) -> MoE:
+    config = ModelConfig.preset("tiny").replace(moe_num_experts=6, moe_top_k=2, moe_router_expert_bias=False, **fields)
+    layer = MoE(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return layer
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_the_per_sequence_balancing_loss_is_the_switch_formula_within_each_sequence(score):
+    """moe_aux_loss_type = "seq_aux_loss" (DeepSeek-V3's sequence-wise loss, Megatron's seq_aux_loss): the switch
+    formula with f_e and P_e taken within each sequence, averaged over the sequences, written out here one
+    sequence at a time in float64. It is not the batch's loss on the same tokens (a type ignored fails), and is
+    the batch's for one sequence."""
+    layer = _random_layer(1, moe_router_score=score, moe_aux_loss_coeff=0.01, moe_aux_loss_type="seq_aux_loss")
+    x = torch.randn(3, 7, layer.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    aux_losses = []
+    layer(x, None, aux_losses)
+    (aux,) = aux_losses
+
+    expected = []
+    for b in range(3):
+        logits = x[b].double() @ layer.gate.weight.double().T  # (7, 6)
+        probs = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+        chosen = probs.topk(2, dim=-1).indices
+        probs = probs / probs.sum(-1, keepdim=True)
+        share = torch.bincount(chosen.reshape(-1), minlength=6).double() / (7 * 2)
+        expected.append(0.01 * 6 * (share * probs.mean(0)).sum())
+    expected = torch.stack(expected).mean()
+    torch.testing.assert_close(aux.double(), expected, rtol=1e-6, atol=0)
+
+    batch = layer.config.replace(moe_aux_loss_type="aux_loss")
+    batch_losses, one_seq, one_batch = [], [], []
+    layer.config = layer.gate.config = batch
+    layer(x, None, batch_losses)
+    assert abs(batch_losses[0].item() - aux.item()) > 1e-4 * aux.item()
+    layer(x[:1], None, one_batch)
+    layer.config = layer.gate.config = batch.replace(moe_aux_loss_type="seq_aux_loss")
+    layer(x[:1], None, one_seq)
+    assert torch.equal(one_seq[0], one_batch[0])
+
+
+def test_the_router_z_loss_is_st_moes_formula_and_trains_the_router_alone():
+    """moe_z_loss_coeff: coeff * mean over tokens of logsumexp(router logits)^2 (ST-MoE, Megatron-LM's z-loss),
+    against float64; its gradient reaches the router's weight (as the formula's does) and no expert. Recorded
+    after the balancing loss, each its own entry."""
+    layer = _random_layer(3, moe_z_loss_coeff=0.002, moe_aux_loss_coeff=0.01)
+    x = torch.randn(2, 9, layer.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    aux_losses = []
+    layer(x, None, aux_losses)
+    balancing, z = aux_losses
+    w = layer.gate.weight.detach().double().requires_grad_()
+    expected = 0.002 * torch.logsumexp(x.reshape(-1, x.shape[-1]).double() @ w.T, dim=-1).square().mean()
+    torch.testing.assert_close(z.double(), expected, rtol=1e-6, atol=0)
+    assert balancing.item() > 0 and z.item() != balancing.item()
+
+    z.backward()
+    expected.backward()
+    assert_rel_close(layer.gate.weight.grad.double(), w.grad, 1e-6, "the router weight's gradient")
+    assert all(p.grad is None for p in layer.experts.parameters())
+
+
+def test_no_router_loss_for_no_tokens():
+    """An empty batch records zeros, not 0 / 0 (NaN)."""
+    layer = _random_layer(5, moe_z_loss_coeff=0.002, moe_aux_loss_coeff=0.01, moe_aux_loss_type="seq_aux_loss")
+    aux_losses = []
+    layer(torch.zeros(2, 0, layer.config.hidden_size), None, aux_losses)
+    assert [float(a) for a in aux_losses] == [0.0, 0.0]
+
+
 def test_moe_weights_are_initialized_as_megatron_does():
     """Router and expert input projections N(0, init_std), expert output projections N(0, init_std / sqrt(layers))
     (Megatron's output_layer_init_method), the selection bias zero. Only the dense layers' scales were checked."""
@@ -69,7 +141,7 @@ def test_moe_weights_are_initialized_as_megatron_does():
 
 def test_no_balancing_loss_without_gradients():
     """The balancing loss is a training term: recorded only with gradients on (an evaluation's loss is the
-    cross entropy alone, as documented in MoE.forward)."""
+    cross entropy alone, as documented in MoE.forward). The z-loss likewise."""
     config = ModelConfig.preset("tiny").replace(moe_aux_loss_coeff=0.01)
     layer = MoE(config)
     layer.init_weights(torch.Generator().manual_seed(0), 0.02, 0.01)
@@ -80,6 +152,13 @@ def test_no_balancing_loss_without_gradients():
     assert aux_losses == []
     layer(x, None, aux_losses)
     assert len(aux_losses) == 1
+    layer.config = layer.gate.config = config.replace(moe_z_loss_coeff=0.001)
+    aux_losses = []
+    with torch.no_grad():
+        layer(x, None, aux_losses)
+    assert aux_losses == []
+    layer(x, None, aux_losses)
+    assert len(aux_losses) == 2
 
 
 @pytest.mark.parametrize(("groups", "topk_groups", "top_k"), [(4, 2, 3), (4, 3, 4), (2, 2, 3)])

@@ -22,8 +22,16 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_activation_checkpointing_is_exact():
-    config = tiny_config("M-[*E]G-/[*-]", moe_aux_loss_coeff=0.01)
+@pytest.mark.parametrize(
+    "router_losses",
+    [
+        dict(moe_aux_loss_coeff=0.01),
+        # the per-sequence balancing loss and the z-loss, each counted once too
+        dict(moe_aux_loss_coeff=0.01, moe_aux_loss_type="seq_aux_loss", moe_z_loss_coeff=0.001),
+    ],
+)
+def test_activation_checkpointing_is_exact(router_losses):
+    config = tiny_config("M-[*E]G-/[*-]", **router_losses)
     ids = torch.randint(0, 97, (2, 21))
     plain = HybridLM(config, seed=1)
     ac = apply_activation_checkpointing(HybridLM(config, seed=1))

@@ -609,6 +609,12 @@ def test_the_auxiliary_losses_are_logged(tmp_path):
         tiny_run(*MTP_RUN[1:], *extra, f"data.source={corpus}"), run_dir=tmp_path / "b", progress=False
     ).train_step()
     assert "aux_loss" not in plain  # no coefficient: no auxiliary loss
+    z_only = Trainer(
+        tiny_run(*MTP_RUN[1:], *extra, "model.moe_z_loss_coeff=0.1", f"data.source={corpus}"),
+        run_dir=tmp_path / "c",
+        progress=False,
+    ).train_step()
+    assert z_only["aux_loss"] > 0  # the router z-loss alone is an auxiliary loss too
 
 
 def test_the_moe_load_imbalance_is_logged_for_models_with_moe_layers(tmp_path):

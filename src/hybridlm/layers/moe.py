@@ -8,6 +8,11 @@ Routing (computed in float32, as NemotronH does; in float64 in a float64 model):
     idx    = top_k(choice);  w = scores[idx]  (/ sum, if moe_norm_topk_prob)  * moe_routed_scaling
     y      = sum_k w_k expert_{idx_k}(x)  + shared_expert(x)  (* sigmoid(x W_g^T), if moe_shared_expert_gate)
 
+Training adds the router's losses (Megatron-LM's, recorded in the caller's ``aux_losses``; :func:`balancing_loss`,
+:func:`z_loss`): load balancing over the micro-batch's tokens (``moe_aux_loss_type`` "aux_loss") or per sequence
+("seq_aux_loss", DeepSeek-V3's), weighted by ``moe_aux_loss_coeff``, and ST-MoE's router z-loss, weighted by
+``moe_z_loss_coeff``.
+
 Names follow Hugging Face NemotronH: ``gate.weight``, ``gate.e_score_correction_bias``,
 ``experts.up_proj`` (E, F, H), ``experts.down_proj`` (E, H, F), ``shared_experts.*``; the shared expert's
 gate, which NemotronH lacks, is Qwen3-Next's ``shared_expert_gate.weight`` (1, H) (Megatron-LM:
@@ -39,9 +44,19 @@ class Router(nn.Module):
         if c.moe_router_expert_bias:
             self.register_buffer("e_score_correction_bias", torch.empty(c.moe_num_experts), persistent=True)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, aux_losses: list[torch.Tensor] | None = None, sequences: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, H) -> (scores (T, E), weights (T, k), indices (T, k) int64); scores and weights float32
-        (float64 for float64 ``x``)."""
+        (float64 for float64 ``x``).
+
+        Args:
+            aux_losses: where the router's training losses (0-d each) are recorded, with gradients on: the balancing
+                loss where ``moe_aux_loss_coeff > 0``, the z-loss where ``moe_z_loss_coeff > 0``. A per-call list
+                (the block's), so a recomputation under activation checkpointing records into its own.
+            sequences: the sequences ``x``'s tokens are, in order, each ``T / sequences`` long (the per-sequence
+                balancing loss's).
+        """
         c = self.config
         # Routing decides which experts run: keep it float32 even under autocast (which would
         # otherwise run this linear in bf16 and flip near-tied top-k choices). A float64 model routes
@@ -51,10 +66,55 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.to(acc), self.weight.to(acc))
         bias = self.e_score_correction_bias.to(acc) if c.moe_router_expert_bias else None
-        return route(
+        scores, weights, idx = route(
             logits, c.moe_top_k, c.moe_router_score, bias, c.moe_num_groups, c.moe_topk_groups, c.moe_norm_topk_prob,
             c.moe_routed_scaling,
         )  # fmt: skip
+        if aux_losses is not None and torch.is_grad_enabled():
+            if c.moe_aux_loss_coeff > 0:
+                per_sequence = c.moe_aux_loss_type == "seq_aux_loss"
+                normed = scores if c.moe_router_score == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+                aux_losses.append(c.moe_aux_loss_coeff * balancing_loss(normed, idx, sequences if per_sequence else 1))
+            if c.moe_z_loss_coeff > 0:
+                aux_losses.append(c.moe_z_loss_coeff * z_loss(logits))
+        return scores, weights, idx
+
+
+def balancing_loss(probs: torch.Tensor, idx: torch.Tensor, sequences: int = 1) -> torch.Tensor:
+    """Switch-style load balancing, unweighted: ``E * sum_e f_e * P_e`` with ``f_e`` the share of the routed (token,
+    expert) pairs that go to expert ``e`` and ``P_e`` the mean of ``e``'s probability over the tokens, taken within
+    each of ``sequences`` equal runs of tokens and averaged over them (1: the whole batch, Megatron's "aux_loss";
+    the batch's rows: DeepSeek-V3's sequence-wise loss, Megatron's "seq_aux_loss").
+
+    Args:
+        probs: (T, E) routing probabilities (each row sums to 1; sigmoid scores normalized first), T a multiple of
+            ``sequences``.
+        idx: (T, k) chosen experts.
+
+    Returns:
+        A 0-d tensor in ``probs``' dtype; 0 for no tokens.
+    """
+    T, E = probs.shape
+    if T == 0:  # an empty batch balances nothing: 0, not 0 / 0
+        return probs.sum() * 0.0
+    k = idx.shape[1]
+    # Counts per run by scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA).
+    pairs = idx.reshape(sequences, -1)
+    counts = torch.zeros(sequences, E, dtype=torch.long, device=probs.device).scatter_add_(
+        1, pairs, torch.ones_like(pairs)
+    )
+    per_run = T // sequences
+    share = counts.to(probs.dtype) / (per_run * k)  # (S, E): exact counts, then float64 in a float64 model
+    mean_prob = probs.reshape(sequences, per_run, E).mean(dim=1)  # (S, E)
+    return E * (share * mean_prob).sum(dim=-1).mean()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss, unweighted: the mean over tokens of ``logsumexp_e(logits)^2``, which keeps the router's
+    logits small (Megatron-LM's ``moe_z_loss_coeff``). logits: (T, E) -> 0-d; 0 for no tokens."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).square().mean()
 
 
 class Experts(nn.Module):
@@ -171,15 +231,13 @@ class MoE(nn.Module):
         """x: (B, L, H) -> (B, L, H).
 
         Args:
-            aux_losses: where the load-balancing loss (0-d) is recorded when ``moe_aux_loss_coeff > 0``
-                and gradients are on; a per-call list (the block's), so a recomputation under
-                activation checkpointing records into its own list, never a second term.
+            aux_losses: where the router's training losses are recorded (:meth:`Router.forward`).
         """
         c = self.config
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        T, k = flat.shape[0], c.moe_top_k
-        scores, weights, idx = self.gate(flat)
+        k = c.moe_top_k
+        _, weights, idx = self.gate(flat, aux_losses, sequences=shape[0] if x.dim() == 3 else 1)  # (B, L, H): B
 
         # Sort the T*k (token, expert) pairs by expert so each expert's rows are contiguous.
         pair_expert = idx.reshape(-1)
@@ -195,9 +253,6 @@ class MoE(nn.Module):
         y = unpermute_tokens(out, weights, order, flat.dtype)
         if c.moe_shared_expert_ffn_hidden_size:
             y = y + self.shared(flat)
-
-        if c.moe_aux_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
-            aux_losses.append(self.aux_loss(scores, counts, T))
         return y.reshape(shape)
 
     def shared(self, flat: torch.Tensor) -> torch.Tensor:
@@ -206,15 +261,6 @@ class MoE(nn.Module):
         if self.config.moe_shared_expert_gate:
             out = out * torch.sigmoid(self.shared_expert_gate(flat))  # (T, 1): one scale per token
         return out
-
-    def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Switch-style load balancing: coeff * E * sum_e (fraction of routed pairs to e) * (mean prob of e)."""
-        c = self.config
-        if num_tokens == 0:  # an empty batch balances nothing: 0, not 0 / 0
-            return scores.sum() * 0.0
-        probs = scores if c.moe_router_score == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
-        fraction = counts.to(probs.dtype) / (num_tokens * c.moe_top_k)  # float64 in a float64 model, not float32
-        return c.moe_aux_loss_coeff * c.moe_num_experts * (fraction * probs.mean(dim=0)).sum()
 
     @torch.no_grad()
     def update_expert_bias(self, rate: float) -> None:

@@ -376,7 +376,7 @@ class Trainer:
         # The model's checks need only the tokenizer: before the corpus, whose reading may take minutes.
         self.config = run.model_config(self.tokenizer.vocab_size)
         c = self.config
-        self._aux_losses = ("E" in c.symbols and c.moe_aux_loss_coeff > 0) or (
+        self._aux_losses = ("E" in c.symbols and (c.moe_aux_loss_coeff > 0 or c.moe_z_loss_coeff > 0)) or (
             "D" in c.symbols and c.dsa_indexer_loss_coeff > 0
         )
         # A resume continues from the run's own checkpoint: the init folder is not read again (it may be gone).
