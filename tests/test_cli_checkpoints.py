@@ -153,7 +153,7 @@ def test_convert_writes_shards_of_the_size_given(byte_model, tmp_path, capsys):
     "text, size", [("5GB", 5 * 10**9), ("5e9", 5 * 10**9), ("512MiB", 2**29), ("1.5 gb", 15 * 10**8), ("100", 100)]
 )
 def test_shard_sizes_are_read_as_save_pretrained_reads_them(text, size):
-    from hybridlm.cli.checkpoints import byte_size
+    from hybridlm.cli import byte_size
 
     assert byte_size(text) == size
 
@@ -162,7 +162,7 @@ def test_shard_sizes_are_read_as_save_pretrained_reads_them(text, size):
 def test_a_shard_size_that_is_not_one_is_named(text):
     import argparse
 
-    from hybridlm.cli.checkpoints import byte_size
+    from hybridlm.cli import byte_size
 
     with pytest.raises(argparse.ArgumentTypeError, match=f"{text!r} is not a size: give bytes"):
         byte_size(text)

@@ -88,6 +88,7 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
     for flags, words in (
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
         (["--prefix-cache", "-1"], "--prefix-cache must be >= 0 (0: none kept), got -1"),
+        (["--prefix-cache", "0", "--prefix-cache-memory", "1GiB"], "--prefix-cache 0 keeps none: leave one out"),
         (["--kept-graphs", "-1"], "--kept-graphs must be >= 0 (0: none kept), got -1"),
         (["--kept-graphs", "2"], "--kept-graphs keeps decode caches with their CUDA graphs: it needs --cuda-graph"),
         (["--kept-graphs", "2"], "(the default on a CUDA device), not --device cpu"),
@@ -145,6 +146,21 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert server.worker.prefixes.capacity == 8
     tokens = generate(model, ByteTokenizer().encode("hi"), 5, eos_id=256)
     assert answers[0]["choices"][0]["text"] == ByteTokenizer().decode(tokens) and answers[0]["model"] == "tiny"
+
+
+def test_prefix_cache_memory_bounds_the_prefix_cache_and_the_start_up_line_says_so(checkpoint, capsys, monkeypatch):
+    """--prefix-cache-memory SIZE reaches the store as its byte bound, and the most the start-up line says is that
+    bound where it is less than what the entries and positions allow; a size that is none is refused by argparse."""
+    path, model = checkpoint
+    _, servers = serve_then_ctrl_c(monkeypatch, "", {"prompt": "hi", "max_tokens": 1, "temperature": 0})
+    assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--prefix-cache-memory", "1.5MiB"]) == 130
+    err = capsys.readouterr().err
+    store = servers[0].worker.prefixes
+    assert store.max_bytes == 1.5 * 2**20 and store.most_bytes(model) == store.max_bytes
+    assert f"at most {1.5 / 1024:,.2f} GiB for this model, by --prefix-cache-memory)" in err
+    with pytest.raises(SystemExit):
+        main(["serve", str(path), "--device", "cpu", "--prefix-cache-memory", "lots"])
+    assert "'lots' is not a size" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--continuous-batching", "--no-continuous-batching"])

@@ -119,7 +119,7 @@ def test_the_store_keeps_the_most_recently_used_and_finds_the_longest_prefix():
     store.lookup([1, 2, 7], None)  # (1, 2) used last: (1, 2, 3, 4) goes first
     store.put(entry([5, 6]))
     assert list(store.entries) == [(1, 2), (5, 6)]
-    with pytest.raises(ValueError, match="capacity and positions must be >= 1"):
+    with pytest.raises(ValueError, match="capacity, positions and max_bytes must be >= 1"):
         PrefixStore(capacity=0)
     # positions: the kept prefixes' total; the least recently used go first, and one longer than all is not kept
     store = PrefixStore(capacity=8, positions=6)
@@ -128,6 +128,19 @@ def test_the_store_keeps_the_most_recently_used_and_finds_the_longest_prefix():
     assert list(store.entries) == [(3, 4, 5), (6, 7)]
     store.put(entry(range(7)))
     assert list(store.entries) == [(3, 4, 5), (6, 7)]
+    # max_bytes: the kept entries' bytes (their caches' and logits'), the least recently used going first, and one
+    # larger than all not kept
+    store = PrefixStore(capacity=8, max_bytes=40)
+    for tokens, size in (([1], 4), ([2], 3), ([3], 2)):
+        store.put(Entry((tokens[0],), None, torch.zeros(size)))  # 16, 12 and 8 bytes
+    assert list(store.entries) == [(1,), (2,), (3,)] and store.nbytes == 36
+    store.lookup([1, 5], None)  # (1,) used last: (2,) goes first
+    store.put(Entry((4,), None, torch.zeros(2)))
+    assert list(store.entries) == [(3,), (1,), (4,)] and store.nbytes == 32
+    store.put(Entry((5,), None, torch.zeros(11)))
+    assert list(store.entries) == [(3,), (1,), (4,)]
+    with pytest.raises(ValueError, match="max_bytes must be >= 1"):
+        PrefixStore(max_bytes=0)
 
 
 def test_answers_are_dropped_before_shared_prefixes():
@@ -174,15 +187,17 @@ def test_answers_are_dropped_before_shared_prefixes():
     st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=6), st.booleans(), st.booleans()), max_size=30),
     st.integers(1, 4),
     st.integers(1, 12),
+    st.one_of(st.none(), st.integers(4, 80)),
 )
-def test_random_puts_and_lookups_keep_the_stores_rules(ops, capacity, positions):
-    """Any sequence of puts (prefixes and answers) and lookups: the bounds hold; a put entry is kept unless it is
-    longer than the positions, or an answer that only a prefix's eviction would make room for; a prefix is evicted
-    only where no answer is left; an answer put (not longer than the positions) leaves no kept answer that it begins
-    with; a lookup gives the longest kept entry that the prompt properly begins with."""
+def test_random_puts_and_lookups_keep_the_stores_rules(ops, capacity, positions, max_bytes):
+    """Any sequence of puts (prefixes and answers, of sizes in bytes that do not follow their lengths) and lookups:
+    the bounds hold; a put entry is kept unless it is longer than the positions or larger than the bytes, or an
+    answer that only a prefix's eviction would make room for; a prefix is evicted only where no answer is left; an
+    answer put (that fits the bounds alone) leaves no kept answer that it begins with; a lookup gives the longest
+    kept entry that the prompt properly begins with."""
     from hybridlm.infer.prefix_store import Entry
 
-    store = PrefixStore(capacity=capacity, positions=positions)
+    store = PrefixStore(capacity=capacity, positions=positions, max_bytes=max_bytes)
     for tokens, answer, look in ops:
         tokens = tuple(tokens)
         if look:
@@ -191,15 +206,19 @@ def test_random_puts_and_lookups_keep_the_stores_rules(ops, capacity, positions)
             assert (got is None) == (not fits) and (got is None or len(got.tokens) == max(map(len, fits)))
             continue
         before = dict(store.entries)
-        store.put(Entry(tokens, None, torch.zeros(1), answer=answer))
+        entry = Entry(tokens, None, torch.zeros(1 + 5 * sum(tokens) % 17), answer=answer)  # 4 to 68 bytes
+        fits = len(tokens) <= positions and (max_bytes is None or entry.nbytes <= max_bytes)
+        store.put(entry)
         kept = store.entries
         assert len(kept) <= capacity and sum(map(len, kept)) <= positions
+        assert store.nbytes == sum(e.logits.nbytes for e in kept.values())
+        assert max_bytes is None or store.nbytes <= max_bytes
         dropped = [t for t in before if t not in kept]
         if any(not before[t].answer for t in dropped):  # a prefix went: no answer is left, and the new one is kept
             assert not any(e.answer for e in kept.values()) and tokens in kept
         if tokens not in kept:
-            assert len(tokens) > positions or answer
-        if answer and len(tokens) <= positions:  # (a put answer replaces the answers it begins with)
+            assert not fits or answer
+        if answer and fits:  # (a put answer replaces the answers it begins with)
             assert not any(e.answer and t != tokens and tokens[: len(t)] == t for t, e in kept.items())
 
 
@@ -347,4 +366,6 @@ def test_an_entry_costs_its_fixed_states_and_its_positions_and_the_store_says_it
     entry = Entry.of_row(model, list(range(12)), cache, 1, torch.zeros(97, dtype=torch.float64))
     assert entry.cache.nbytes == fixed + 12 * per_position
     assert PrefixStore(3, positions=100).most_bytes(model) == 3 * fixed + 100 * per_position
+    assert entry.nbytes == entry.cache.nbytes + 97 * 8  # (its float64 logits)
+    assert PrefixStore(3, positions=100, max_bytes=fixed + 1).most_bytes(model) == fixed + 1
     assert (per_position > 0) == any(s in pattern for s in "*+D") and (fixed > 100) == any(s in pattern for s in "MG")

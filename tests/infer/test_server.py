@@ -674,6 +674,8 @@ def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(m
         assert got["hybridlm_prefix_cache_entries"] == 1 + 3 and got["hybridlm_prefix_cache_positions"] == 32 + sum(
             kept
         )
+        store = server.worker.prefixes
+        assert got["hybridlm_prefix_cache_bytes"] == store.nbytes == sum(e.nbytes for e in store.entries.values()) > 0
         assert got["hybridlm_requests_failed_total"] == 0
         status, headers, data = call(server, "HEAD", "/metrics")
         assert status == 200 and data == b"" and int(headers["Content-Length"]) > 0

@@ -88,27 +88,6 @@ def _shard_size(args: argparse.Namespace) -> dict[str, int]:
     return {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
 
 
-#: Units of --max-shard-size, as transformers' save_pretrained reads "5GB" (decimal) and "5GiB" (binary).
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def byte_size(text: str) -> int:
-    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912, ``"5e9"`` -> 5_000_000_000 (argparse type)."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    try:
-        size = float(match[1]) * _UNITS[match[2].lower()] if match else 0.0
-    except (ValueError, KeyError):
-        size = 0.0
-    if not 1 <= size < float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: give bytes (5e9) or a number with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-        )
-    return int(size)
-
-
 def _megatron_config(path: str):
     """``convert --from megatron --config``: a ModelConfig JSON, or a hybridlm checkpoint's config.json or folder."""
     import json
@@ -133,6 +112,8 @@ def _megatron_config(path: str):
 
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
+    from . import byte_size
+
     ap = sub.add_parser(
         "convert",
         help="convert a checkpoint to or from Hugging Face NemotronH or Qwen3-Next, or Megatron-LM names",

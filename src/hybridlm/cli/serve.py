@@ -112,6 +112,10 @@ def _check_args(args: argparse.Namespace):
             (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
             (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
             (
+                args.prefix_cache_memory is None or args.prefix_cache > 0,
+                "--prefix-cache-memory bounds the prefix cache, and --prefix-cache 0 keeps none: leave one out",
+            ),
+            (
                 args.kept_graphs is None or args.kept_graphs >= 0,
                 f"--kept-graphs must be >= 0 (0: none kept), got {args.kept_graphs}",
             ),
@@ -165,6 +169,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         cuda_graph=graphed,
         continuous=args.continuous_batching,
         prefix_cache=args.prefix_cache,
+        prefix_cache_bytes=args.prefix_cache_memory,
         **({} if args.kept_graphs is None else {"kept_graphs": args.kept_graphs}),
     )
     try:
@@ -206,7 +211,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         store = worker.prefixes
         kept = (
             f", prefix cache of {args.prefix_cache} states (shared prefixes, answers; at most "
-            f"{store.most_bytes(model) / 2**30:,.2f} GiB for this model)"
+            f"{store.most_bytes(model) / 2**30:,.2f} GiB for this model"
+            f"{'' if args.prefix_cache_memory is None else ', by --prefix-cache-memory'})"
             if store is not None
             else ", no prefix cache"
         )
@@ -220,7 +226,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from . import model_options
+    from . import byte_size, model_options
     from .generate import cuda_graph_option, run_options
 
     ap = sub.add_parser(
@@ -305,6 +311,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "few-shot task's examples, a system prompt, a chat so far) and after answers (a prompt and the tokens it "
         "took: a chat's next turn begins with them; dropped first), so that a later prompt that begins with one runs "
         "only its rest (default: 8; 0: none kept, prefixes shared within a batch still run once; docs/inference.md)",
+    )
+    ap.add_argument(
+        "--prefix-cache-memory",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="the memory the prefix cache's states may hold together on the model's device, at most (bytes, or with "
+        "a unit: 2GiB, 500MB; the least recently used go first, answers before shared prefixes; default: bounded by "
+        "--prefix-cache and 65,536 positions only, whose most the start-up line says)",
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

@@ -177,12 +177,14 @@ class BatchWorker:
         continuous: bool = False,
         prefix_cache: int = 8,
         kept_graphs: int = KEPT_GRAPHS,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         """``prefix_cache``: the prompt prefixes whose states are kept across batches, at most (0: none; see the
-        module). ``kept_graphs``: with ``cuda_graph``, the decode caches of ended batches kept with their graphs
+        module); ``prefix_cache_bytes``: the memory they may hold together, at most (None: bounded by their count
+        and positions only; :class:`~hybridlm.infer.prefix_store.PrefixStore`). ``kept_graphs``: with ``cuda_graph``, the decode caches of ended batches kept with their graphs
         (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`)."""
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
-        self.prefixes = PrefixStore(prefix_cache) if prefix_cache else None
+        self.prefixes = PrefixStore(prefix_cache, max_bytes=prefix_cache_bytes) if prefix_cache else None
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph
         # (its caches and graphs kept when a batch ends: each shape captured once, not once per batch)
         self.graphs = DecodeGraphs(model, kept_graphs) if cuda_graph else None
@@ -222,7 +224,7 @@ class BatchWorker:
         # (read from a handler's thread while the worker's changes them: each read once, whole, by one C call)
         store, batch, graphs = self.prefixes, self.running, self.graphs
         running = self.running_rows if batch is None else len(batch.held)
-        kept = list(store.entries) if store else []
+        kept = list(store.entries.items()) if store else []
         return [
             ("requests_total", "counter", "Requests taken (completions and chat).", self.counts["requests"]),
             ("choices_total", "counter", "Choices taken (prompts times n).", self.counts["choices"]),
@@ -262,7 +264,8 @@ class BatchWorker:
                 store.hit_tokens if store else 0,
             ),
             ("prefix_cache_entries", "gauge", "Prefixes kept.", len(kept)),
-            ("prefix_cache_positions", "gauge", "Positions the kept prefixes hold.", sum(map(len, kept))),
+            ("prefix_cache_positions", "gauge", "Positions the kept prefixes hold.", sum(len(t) for t, _ in kept)),
+            ("prefix_cache_bytes", "gauge", "Memory the kept prefixes hold, in bytes.", sum(e.nbytes for _, e in kept)),
             (
                 "decode_graph_captures_total",
                 "counter",

@@ -37,6 +37,11 @@ class Entry:
     k: int | None = None
     answer: bool = False
 
+    @property
+    def nbytes(self) -> int:
+        """The memory it holds on the model's device: its cache's tensors and its logits."""
+        return (0 if self.cache is None else self.cache.nbytes) + self.logits.nbytes
+
     def serves(self, k: int | None) -> bool:
         """Whether it can stand for its tokens' forward in a call that scores at ``k`` (None: scores nothing)."""
         return k is None or (self.scores is not None and self.k is not None and self.k >= k)
@@ -69,17 +74,19 @@ def entry_bytes(model) -> tuple[int, int]:
 
 
 class PrefixStore:
-    """At most ``capacity`` prefixes of ``positions`` positions in all (the least recently used dropped first), and the
-    last ``remember`` prompts seen, in which prefixes that later prompts share are found. Used by one thread (the
-    model's)."""
+    """At most ``capacity`` prefixes of ``positions`` positions in all and, where ``max_bytes`` is given, of at most
+    that many bytes in all (:attr:`Entry.nbytes`; the least recently used dropped first), and the last ``remember``
+    prompts seen, in which prefixes that later prompts share are found. Used by one thread (the model's)."""
 
-    def __init__(self, capacity: int = 8, remember: int = 64, positions: int = POSITIONS) -> None:
-        if capacity < 1 or remember < 0 or positions < 1:
+    def __init__(
+        self, capacity: int = 8, remember: int = 64, positions: int = POSITIONS, max_bytes: int | None = None
+    ) -> None:
+        if capacity < 1 or remember < 0 or positions < 1 or (max_bytes is not None and max_bytes < 1):
             raise ValueError(
-                f"PrefixStore: capacity and positions must be >= 1 and remember >= 0, got {capacity}, {positions} and "
-                f"{remember}"
+                f"PrefixStore: capacity, positions and max_bytes must be >= 1 and remember >= 0, got {capacity}, "
+                f"{positions}, {max_bytes} and {remember}"
             )
-        self.capacity, self.positions = capacity, positions
+        self.capacity, self.positions, self.max_bytes = capacity, positions, max_bytes
         self.entries: collections.OrderedDict[tuple[int, ...], Entry] = collections.OrderedDict()
         self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=remember)
         self.hits = 0  # prompts that began with a kept prefix
@@ -87,9 +94,21 @@ class PrefixStore:
 
     def most_bytes(self, model) -> int:
         """The most memory its entries can hold for ``model`` (on its device): ``capacity`` entries' fixed states and
-        ``positions`` positions (:func:`entry_bytes`)."""
+        ``positions`` positions (:func:`entry_bytes`), or ``max_bytes`` where that is less."""
         fixed, per_position = entry_bytes(model)
-        return self.capacity * fixed + self.positions * per_position
+        most = self.capacity * fixed + self.positions * per_position
+        return most if self.max_bytes is None else min(most, self.max_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its entries hold now."""
+        return sum(entry.nbytes for entry in self.entries.values())
+
+    def _over(self) -> bool:
+        """Whether the entries exceed a bound."""
+        if len(self.entries) > self.capacity or sum(len(t) for t in self.entries) > self.positions:
+            return True
+        return self.max_bytes is not None and self.nbytes > self.max_bytes
 
     def lookup(self, prompt, k: int | None, proper: bool = True) -> Entry | None:
         """The longest kept prefix that ``prompt`` (token ids) begins with and that can serve a call scoring at ``k``
@@ -107,12 +126,13 @@ class PrefixStore:
         return best
 
     def put(self, entry: Entry) -> None:
-        """Keep ``entry`` (replacing one of the same tokens), dropping entries past ``capacity`` or ``positions``:
-        the least recently used answer first, then the least recently used prefix (an entry longer than
-        ``positions`` alone is not kept; an answer, also none where only prefixes would make room for it, nor in
-        place of a prefix of the same tokens, which is used instead). An answer replaces the answers it begins with:
-        a conversation's earlier turns, which its next turn would not begin with alone."""
-        if len(entry.tokens) > self.positions:
+        """Keep ``entry`` (replacing one of the same tokens), dropping entries past ``capacity``, ``positions`` or
+        ``max_bytes``: the least recently used answer first, then the least recently used prefix (an entry longer
+        than ``positions`` or larger than ``max_bytes`` alone is not kept; an answer, also none where only prefixes
+        would make room for it, nor in place of a prefix of the same tokens, which is used instead). An answer
+        replaces the answers it begins with: a conversation's earlier turns, which its next turn would not begin
+        with alone."""
+        if len(entry.tokens) > self.positions or (self.max_bytes is not None and entry.nbytes > self.max_bytes):
             return
         held = self.entries.get(entry.tokens)
         if not (entry.answer and held is not None and not held.answer):  # (a prefix may hold scores an answer lacks)
@@ -123,7 +143,7 @@ class PrefixStore:
                 if entry.tokens[: len(tokens)] == tokens:
                     del self.entries[tokens]
         self.entries.move_to_end(entry.tokens)
-        while len(self.entries) > self.capacity or sum(len(t) for t in self.entries) > self.positions:
+        while self._over():
             answers = [tokens for tokens, kept in self.entries.items() if kept.answer]
             del self.entries[answers[0] if answers else next(iter(self.entries))]
 
