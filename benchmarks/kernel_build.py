@@ -209,19 +209,52 @@ def setup_mamba2_core(dtype: torch.dtype, L: int = 512, one_op: bool = True) -> 
 
 
 def setup_step(dtype: torch.dtype) -> Callable[[], None]:
-    from hybridlm.ops.step_triton import conv_step_triton, ssd_step_triton
+    """The decode steps at 8 rows: Mamba2's SSD step (dt after softplus, and raw as ``mamba2_step`` gives it), its
+    conv step, Gated DeltaNet's step and its output norm (``rms_norm_then_gate``) at bench-1.3b's widths."""
+    from hybridlm.ops.norm_triton import rms_norm_then_gate_triton
+    from hybridlm.ops.step_triton import conv_step_triton, gdn_step_triton, ssd_step_triton
 
     b, h, p, g, n = 8, 64, 64, 8, 128
     ssd = (torch.randn(b, h, p).to(dtype), torch.rand(b, h), -torch.rand(h), torch.randn(b, g, n).to(dtype))
     ssd += (torch.randn(b, g, n).to(dtype), torch.zeros(b, h, p, n), torch.rand(h))
     conv = (torch.randn(b, 1, 6144).to(dtype), torch.zeros(b, 3, 6144), torch.randn(6144, 4), None, True)
+    hg, d = 16, 128  # Gated DeltaNet: 2048 / 128 heads of 128
+    q, k, v = (torch.randn(b, hg, d).to(dtype) for _ in range(3))
+    gdn = (q, k, v, torch.randn(b, hg).to(dtype), torch.randn(b, hg).to(dtype), torch.rand(hg), torch.rand(hg))
+    gdn += (torch.zeros(b, hg, d, d), d**-0.5)
+    gate = (torch.randn(b, 1, hg, d).to(dtype), torch.randn(b, 1, hg, d).to(dtype), torch.ones(d), 1e-6)
 
     def run() -> None:
         with torch.no_grad():
             ssd_step_triton(*ssd)
+            ssd_step_triton(*ssd, dt_bias=torch.rand(h), dt_clamp_min=0.001)
             conv_step_triton(*conv)
+            gdn_step_triton(*gdn)
+            rms_norm_then_gate_triton(*gate)
 
     return run
+
+
+def setup_route(dtype: torch.dtype) -> Callable[[], None]:
+    """A MoE layer's routing for inference (float32 logits whatever ``dtype``): bench-moe-1b's (64 experts, top 6,
+    sigmoid, expert bias, scaled) and a softmax router of 512 experts, top 10 (Qwen3-Next's)."""
+    from hybridlm.ops.routing_triton import route_triton
+
+    small, large = torch.randn(64, 64), torch.randn(64, 512)
+
+    def run() -> None:
+        route_triton(small, 6, False, torch.randn(64), True, 2.5)
+        route_triton(large, 10, True, None, True, 1.0)
+
+    return run
+
+
+def setup_top_p(dtype: torch.dtype) -> Callable[[], None]:
+    """Top-p filtering of 8 rows of a 131,072-token vocabulary (a sampled decode step's)."""
+    from hybridlm.ops.top_p_triton import top_p_filter_triton
+
+    logits = torch.randn(8, 131072).to(dtype)
+    return lambda: top_p_filter_triton(logits, 0.9)
 
 
 def setup_cross_entropy(dtype: torch.dtype) -> Callable[[], None]:
@@ -243,6 +276,8 @@ OPS = {
     "norm": setup_norm,
     "gated_delta": setup_gated_delta,
     "step": setup_step,
+    "route": setup_route,
+    "top_p": setup_top_p,
     "cross_entropy": setup_cross_entropy,
     "mamba2_core": setup_mamba2_core,
     "mamba2_composed": lambda dtype: setup_mamba2_core(dtype, one_op=False),

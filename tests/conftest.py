@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +15,23 @@ if not torch.cuda.is_available():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back():
+    """A test leaves the stop signals' handlers as it found them: one left SIGINT ignored in the pytest process,
+    and every child a later test started inherited it (a terminal's Ctrl-C then did nothing)."""
+    before = [signal.getsignal(s) for s in _STOP_SIGNALS]
+    yield
+    after = [signal.getsignal(s) for s in _STOP_SIGNALS]
+    changed = [f"{s.name}: {b!r} -> {a!r}" for s, b, a in zip(_STOP_SIGNALS, before, after, strict=True) if a != b]
+    for s, handler in zip(_STOP_SIGNALS, before, strict=True):
+        if handler is not None:
+            signal.signal(s, handler)
+    assert not changed, f"the test left signal handlers changed: {'; '.join(changed)}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,14 +4,16 @@ The interpreter, which runs the CPU tests, never compiles a kernel, so one the c
 would first fail on the GPU machine. ``benchmarks/kernel_build.py`` runs each op's real launchers
 (bf16 and float32 inputs, forward and backward) with the launches captured and compiles each for
 sm_90; this test checks it succeeds and that no kernel of the package is left out.
+
+Part of the default run (about a minute on two cores with an empty Triton cache): marked slow, it was deselected
+while five kernels of three sessions went unbuilt here (the decode steps' ``_gdn_step_kernel`` and
+``_norm_gate_fwd_kernel``, the router's ``_route_kernel``, top-p's ``_sweep_kernel`` and ``_write_kernel``).
 """
 
 import os
 import re
 import subprocess
 import sys
-
-import pytest
 
 from tests.helpers import ROOT, requires_triton
 
@@ -24,7 +26,6 @@ def triton_kernels() -> set[str]:
 
 
 @requires_triton
-@pytest.mark.slow
 def test_every_kernel_builds_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
