@@ -173,6 +173,8 @@ for stage in "$@"; do
     againstmoe)  # the same for MoE routing: bench-moe-1b against the torch routing
         run againstmoe 300 16 python3 benchmarks/generate.py --device cuda --preset bench-moe-1b \
             --against "${AGAINST:-auto,moe_route=torch}" --batches 1 8 64 --rounds "${ROUNDS:-5}" ;;
+    steptune)  # the SSD decode step's tiles (head channels per program x warps) at 1 / 8 / 64 rows
+        run steptune 200 30 python3 benchmarks/step_kernel.py --rounds "${ROUNDS:-5}" ;;
     stepgpu) run stepgpu 200 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_step_triton.py tests/infer/test_cache.py \
             tests/ops/test_routing.py tests/ops/test_conv_norm_triton.py ;;
     decodebuf) run decodebuf 200 12 python3 benchmarks/generate.py --device cuda --buffers 1024 8192 65536 ;;  # eager vs static step

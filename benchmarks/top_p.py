@@ -52,12 +52,12 @@ def eager_ms(fn, x: torch.Tensor, top_p: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def graph_ms(fn, x: torch.Tensor, top_p: float, reps: int) -> float:
-    """Median device ms of one call replayed from a CUDA graph that holds ``reps`` calls."""
+def graph_ms(call, reps: int) -> float:
+    """Median device ms of one ``call()`` replayed from a CUDA graph that holds ``reps`` calls (5 replays)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(reps):
-            fn(x, top_p)
+            call()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(5):
@@ -85,7 +85,7 @@ def tune(rows_list: list[int], vocab: int, top_p: float, reps: int) -> None:
                 ms = []
                 for x in inputs.values():
                     launched(x, top_p)  # (compiles)
-                    ms.append(graph_ms(launched, x, top_p, reps))
+                    ms.append(graph_ms(lambda x=x: launched(x, top_p), reps))
                 row = f"| {ways} | {tile // ways} | {per_sm} | " + " | ".join(f"{t:.3f}" for t in ms) + " |"
                 print(row, flush=True)
     k._ways, k.PROGRAMS_PER_SM = kept
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         for _ in range(args.reps):
             for name, fn in PATHS.items():
                 eager[name].append(eager_ms(fn, x, args.top_p))
-        graphed = {name: graph_ms(fn, x, args.top_p, args.reps) for name, fn in PATHS.items()}
+        graphed = {name: graph_ms(lambda fn=fn, x=x: fn(x, args.top_p), args.reps) for name, fn in PATHS.items()}
         differ = int((kept["kernel"] != kept["sorting (reference)"]).sum())
         same = "yes" if differ == 0 and torch.equal(kept["kernel"], kept["kernel, no graph"]) else f"no ({differ})"
         base = "sorting (reference)"

@@ -320,3 +320,28 @@ def test_prefill_cost_fits_a_forwards_fixed_cost_and_its_rate():
     fixed, rate = bench.fit(shapes, [0.002 + r * p / 10_000 for r, p in shapes])
     assert abs(fixed - 0.002) < 1e-9 and abs(rate - 10_000) < 1e-3
     assert bench.main(["--rows", "1", "2", "--positions", "1", "4", "--repeat", "1"]) == 0
+
+
+def test_step_kernel_times_each_tile_setting_and_checks_it_computes_what_the_first_does(monkeypatch, capsys):
+    """benchmarks/step_kernel.py, with the kernel in the interpreter on CPU tensors and each timed graph replaced by
+    one call: a row per setting, the first the baseline, each one's y and state compared with the first's, and the
+    kernel's own setting put back. A setting that computed something else would print **no**."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))  # (it imports top_p's timing)
+    spec = importlib.util.spec_from_file_location("step_kernel_bench", _PATH.parent / "step_kernel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from hybridlm.ops import step_triton
+
+    make = bench.inputs
+    monkeypatch.setattr(bench, "inputs", lambda rows: make(rows, "cpu"))
+    monkeypatch.setattr(bench, "graph_ms", lambda call, reps: (call(), 0.002)[1])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "cpu")
+    monkeypatch.setattr(sys, "argv", ["step_kernel.py", "--settings", "64x4", "16x8", "--rows", "1", "--rounds", "1"])
+    bench.main()
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 ")]
+    assert [[c.strip() for c in row] for row in table] == [
+        ["1", "64 x 4", "64", "2.00", f"{2 * 64 * 64 * 128 * 4 / 2.0 / 1e3:,.0f}", "1.000×", "yes"],
+        ["1", "16 x 8", "256", "2.00", f"{2 * 64 * 64 * 128 * 4 / 2.0 / 1e3:,.0f}", "1.000×", "yes"],
+    ]
+    assert (step_triton.SSD_STEP_BLOCK_P, step_triton.SSD_STEP_WARPS) == (64, 4)

@@ -54,6 +54,18 @@ def test_triton_ssd_steps_equal_the_float64_recurrence(with_d, shape):
     assert_rel_close(state, ref_state, 1e-5, "state")
 
 
+@pytest.mark.parametrize(("block_p", "warps"), [(16, 4), (32, 8)])
+def test_triton_ssd_steps_at_other_tile_settings_equal_the_float64_recurrence(monkeypatch, block_p, warps):
+    """The settings ``benchmarks/step_kernel.py`` times against the default (SSD_STEP_BLOCK_P, SSD_STEP_WARPS) compute
+    the same steps: 70 head channels in tiles of 16 or 32 (the last one partial), from raw dt too."""
+    from hybridlm.ops import step_triton
+
+    monkeypatch.setattr(step_triton, "SSD_STEP_BLOCK_P", block_p)
+    monkeypatch.setattr(step_triton, "SSD_STEP_WARPS", warps)
+    test_triton_ssd_steps_equal_the_float64_recurrence(True, (1, 2, 70, 1, 16))
+    test_triton_mamba2_steps_from_raw_dt_equal_the_float64_recurrence((1, 2, 70, 1, 16), 0.05)
+
+
 def raw_dt_inputs(b, L, h, seed=0):
     """Raw dt (b, L, h) whose ``dt + dt_bias`` covers softplus's every branch: far below 0 (where log(1 + t) alone
     would round to 0), near 0, near torch's threshold 20 on both sides, and above it; dt_bias, A_log (h,)."""

@@ -16,6 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+#: The SSD step's head channels per program and its warps, read at every launch (``benchmarks/step_kernel.py`` times
+#: other values against them). At 64 and 4 the sm_90 build uses 255 registers and spills 40 bytes a thread, and one
+#: row of bench-1.3b (64 heads of 64 channels) launches 64 programs, fewer than an H100 has SMs; 64 and 8 warps spill
+#: nothing, 32 or 16 launch two or four times the programs (benchmarks/kernel_build.py, not timed on a GPU yet).
+SSD_STEP_BLOCK_P = 64
+SSD_STEP_WARPS = 4
+
 
 @triton.jit
 def _softplus(u):
@@ -133,7 +140,7 @@ def ssd_step_triton(
     y = torch.empty(b, h, p, dtype=x.dtype, device=x.device)
     A, D = A.contiguous(), None if D is None else D.contiguous()  # (h,) read as ptr + head
     bias = A if dt_bias is None else dt_bias.contiguous()
-    block_p = min(triton.next_power_of_2(p), 64)
+    block_p = min(triton.next_power_of_2(p), SSD_STEP_BLOCK_P)
     grid = (b * h, triton.cdiv(p, block_p))
     _ssd_step_kernel[grid](
         x,
@@ -158,7 +165,7 @@ def ssd_step_triton(
         RAW_DT=dt_bias is not None,
         BLOCK_P=block_p,
         BLOCK_N=triton.next_power_of_2(n),
-        num_warps=4,
+        num_warps=SSD_STEP_WARPS,
     )
     return y
 
