@@ -194,3 +194,14 @@ def test_convert_qwen3_next_keeps_the_tokenizer_and_its_end_of_text_id(tmp_path)
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "qwen3-next"]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == 7
     assert (tmp_path / "back" / "tokenizer.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "nbytes, text",
+    [(0, "0 bytes"), (1023, "1,023 bytes"), (1536, "1.50 KiB"), (3 * 2**20, "3.00 MiB"), (1.9e9, "1.77 GiB")],
+)
+def test_binary_size_names_the_largest_unit_that_keeps_a_number_of_at_least_one(nbytes, text):
+    """serve's start-up line: a tiny model's prefix cache of a few MiB read "0.00 GiB"."""
+    from hybridlm.cli import binary_size
+
+    assert binary_size(nbytes) == text

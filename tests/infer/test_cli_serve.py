@@ -14,7 +14,7 @@ import pytest
 
 from hybridlm import HybridLM, generate, save
 from hybridlm.checkpoint import weights
-from hybridlm.cli import main
+from hybridlm.cli import binary_size, main
 from hybridlm.infer.cuda_graph import KEPT_GRAPHS
 from hybridlm.infer.prefix_store import entry_bytes
 from hybridlm.infer.server import CompletionServer
@@ -139,8 +139,9 @@ def test_it_prints_its_url_serves_and_ctrl_c_stops_it_as_interrupted(checkpoint,
     assert code == 130 and out.startswith("serving tiny at http://127.0.0.1:") and "interrupted" in err
     assert '"POST /v1/completions HTTP/1.1" 200' in err  # the access log
     assert "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)" in err
-    most = server.worker.prefixes.most_bytes(model) / 2**30
-    kept = f"prefix cache of 8 states (shared prefixes, answers; at most {most:,.2f} GiB for this model)"
+    most = binary_size(server.worker.prefixes.most_bytes(model))
+    assert most.endswith(" MiB")  # (a tiny model's)
+    kept = f"prefix cache of 8 states (shared prefixes, answers; at most {most} for this model)"
     assert f"batching: continuous (requests join the running batch), at most 3 rows at once, {kept}\n" in err
     assert server.worker.continuous and server.worker.cuda_graph is False  # (the defaults: graphs only on CUDA)
     assert server.worker.prefixes.capacity == 8
@@ -157,7 +158,7 @@ def test_prefix_cache_memory_bounds_the_prefix_cache_and_the_start_up_line_says_
     err = capsys.readouterr().err
     store = servers[0].worker.prefixes
     assert store.max_bytes == 1.5 * 2**20 and store.most_bytes(model) == store.max_bytes
-    assert f"at most {1.5 / 1024:,.2f} GiB for this model, by --prefix-cache-memory)" in err
+    assert "at most 1.50 MiB for this model, by --prefix-cache-memory)" in err
     with pytest.raises(SystemExit):
         main(["serve", str(path), "--device", "cpu", "--prefix-cache-memory", "lots"])
     assert "'lots' is not a size" in capsys.readouterr().err

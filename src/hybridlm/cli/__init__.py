@@ -235,6 +235,15 @@ def byte_size(text: str) -> int:
     return int(size)
 
 
+def binary_size(nbytes: float) -> str:
+    """``3 * 2**20`` -> ``"3.00 MiB"``, ``1.9e9`` -> ``"1.77 GiB"``: the largest binary unit that keeps the number at
+    least 1 (bytes below a KiB)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:,.2f} {unit}"
+    return f"{nbytes:,.0f} bytes"
+
+
 def one_line(message: str) -> str:
     """An error message on one line; a pattern quoted with a caret under it keeps its three lines."""
     # (a list's "- " bullets read as stray dashes once the lines are joined)

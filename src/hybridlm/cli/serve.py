@@ -146,7 +146,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..infer.prefix_store import entry_bytes
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
-    from . import model_folder, model_tokenizer, say
+    from . import binary_size, model_folder, model_tokenizer, say
     from .generate import capture_fails, cuda_graph_on
 
     device, dtype, template_kwargs = _check_args(args)
@@ -211,7 +211,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         store = worker.prefixes
         kept = (
             f", prefix cache of {args.prefix_cache} states (shared prefixes, answers; at most "
-            f"{store.most_bytes(model) / 2**30:,.2f} GiB for this model"
+            f"{binary_size(store.most_bytes(model))} for this model"
             f"{'' if args.prefix_cache_memory is None else ', by --prefix-cache-memory'})"
             if store is not None
             else ", no prefix cache"
