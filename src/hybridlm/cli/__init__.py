@@ -35,7 +35,7 @@ def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .generate import add_generate
     from .model import add_pattern, add_plan
     from .serve import add_serve
-    from .train import add_prepare, add_train
+    from .train import add_prepare, add_tokenizer, add_train
 
     return [
         add_train,
@@ -44,6 +44,7 @@ def _subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
         add_serve,
         add_eval,
         add_prepare,
+        add_tokenizer,
         add_pattern,
         add_plan,
         add_inspect,

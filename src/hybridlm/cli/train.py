@@ -1,4 +1,5 @@
-"""``hybridlm train`` and ``hybridlm prepare``: a training run (or its resume), and a pre-tokenized corpus."""
+"""``hybridlm train``, ``hybridlm prepare`` and ``hybridlm tokenizer``: a training run (or its resume), a
+pre-tokenized corpus, and a tokenizer learned from a corpus."""
 
 from __future__ import annotations
 
@@ -230,3 +231,71 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     progress_flags(ap)
     ap.set_defaults(func=_cmd_prepare)
+
+
+#: Documents whose bytes per token ``hybridlm tokenizer`` reports (the first ones of the corpus).
+SAMPLE_DOCUMENTS = 1000
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    import itertools
+    import json
+    from pathlib import Path
+
+    from ..checkpoint.io import replace_file
+    from ..errors import UsageError
+    from ..train.bpe import document_texts, train_bpe
+    from ..train.data import corpus_documents, source_path
+    from ..train.tokenizer import HF_EOS, HFTokenizer
+
+    out = source_path(args.out)
+    if out.exists() or out.is_symlink():  # (a tokenizer.json models and prepared corpora were made with)
+        raise UsageError(f"{args.out}: exists; remove it or name another file (a tokenizer is never replaced)")
+
+    def documents():
+        docs = corpus_documents(args.source, args.jsonl_field, key="source")
+        if docs is None:
+            raise UsageError(f"{args.source}: a prepared folder holds token ids; learn the tokenizer from its text")
+        return docs
+
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    text = train_bpe(documents(), args.vocab_size, args.min_frequency, progress)
+    replace_file(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    tokenizer = HFTokenizer(out, HF_EOS, "--eos-token")
+    merges = len(json.loads(text)["model"]["merges"])
+    sample = list(itertools.islice(document_texts(documents()), SAMPLE_DOCUMENTS))
+    tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
+    ratio = f"{sum(len(t.encode('utf-8')) for t in sample) / tokens:.2f} bytes a token" if tokens else "no tokens"
+    print(
+        f"wrote {Path(args.out)}: {tokenizer.vocab_size:,} tokens (256 bytes, {HF_EOS} = {tokenizer.eos_id}, "
+        f"{merges:,} merges); {ratio} on the corpus's first {len(sample):,} texts"
+    )
+    return 0
+
+
+def add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser(
+        "tokenizer",
+        help="learn a byte-level BPE tokenizer.json from a corpus (for --tokenizer and data.tokenizer)",
+        description="Learn a byte-level BPE tokenizer from a corpus with the tokenizers package (GPT-2's scheme: "
+        "every text encodes and decodes back to itself, in any language) and write it as OUT, a tokenizer.json with "
+        "<|endoftext|> (id 0) as its end-of-document token. Use it with hybridlm prepare --tokenizer OUT or "
+        "--set data.tokenizer=OUT. The corpus is read as prepare and train read one (a .txt file, a .jsonl or "
+        ".ndjson file, a folder of them, or builtin:pydoc); a conversation's messages are learned from as texts.",
+    )
+    ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")
+    ap.add_argument("out", help="the tokenizer.json to write (not replaced if it exists)")
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=32768,
+        metavar="N",
+        help="tokens in all, at most: the 256 bytes, the end-of-document token and the merges (default: 32768; "
+        "fewer where the corpus has fewer pairs seen --min-frequency times)",
+    )
+    ap.add_argument(
+        "--min-frequency", type=int, default=2, metavar="N", help="how often a pair must occur to merge (default: 2)"
+    )
+    ap.add_argument("--jsonl-field", default="text", help="field of JSONL records (default: text)")
+    progress_flags(ap)
+    ap.set_defaults(func=_cmd_tokenizer)
