@@ -290,7 +290,7 @@ def test_boundary_values_that_are_valid_are_accepted():
         ),
         ({"pattern": "E", "moe_num_experts": 4, "moe_aux_loss_coeff": -0.01}, "moe_aux_loss_coeff"),
         ({"pattern": "E", "moe_num_experts": 4, "moe_z_loss_coeff": -0.01}, "moe_z_loss_coeff"),
-        ({"pattern": "E", "moe_num_experts": 4, "moe_aux_loss_type": "global_aux_loss"}, "moe_aux_loss_type"),
+        ({"pattern": "E", "moe_num_experts": 4, "moe_aux_loss_type": "sinkhorn"}, "moe_aux_loss_type"),
         ({"pattern": "*", "num_attention_heads": 4, "rope_theta": 0.0}, "rope_theta"),
         ({"pattern": "+", "num_attention_heads": 4, "qk_pos_emb_head_dim": 5}, "qk_pos_emb_head_dim"),
         ({"pattern": "D", "num_attention_heads": 4, "q_lora_rank": None}, "q_lora_rank"),

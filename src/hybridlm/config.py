@@ -33,7 +33,7 @@ MLP_ACTIVATIONS = ("relu2", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("none", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
 #: ``moe_aux_loss_type``: Megatron-LM's ``moe_router_load_balancing_type`` values that hybridlm computes.
-AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss")
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 #: The largest finite float32 (torch.finfo(torch.float32).max; this module imports no torch).
 FLOAT32_MAX = 3.4028234663852886e38
 #: The smallest normal float32 (torch.finfo(torch.float32).tiny).
@@ -126,7 +126,9 @@ class ModelConfig:
     moe_topk_groups: int = 1  #: groups a token may route to
     moe_norm_topk_prob: bool = True  #: renormalize the top-k weights to sum to 1
     moe_aux_loss_coeff: float = 0.0  #: load-balancing loss weight
-    moe_aux_loss_type: str = "aux_loss"  #: balance over the micro-batch ("aux_loss") or per sequence ("seq_aux_loss")
+    #: balance over the micro-batch ("aux_loss"), per sequence ("seq_aux_loss") or with every data-parallel rank's
+    #: routed-token shares ("global_aux_loss")
+    moe_aux_loss_type: str = "aux_loss"
     moe_z_loss_coeff: float = 0.0  #: router z-loss weight (ST-MoE: mean logsumexp(router logits)^2)
 
     # -- Gated DeltaNet (G) ------------------------------------------------------------------
@@ -646,7 +648,7 @@ def _validate(cfg: ModelConfig) -> None:
             raise ConfigError(
                 "moe_aux_loss_type",
                 f"must be one of {', '.join(map(repr, AUX_LOSS_TYPES))}, got {cfg.moe_aux_loss_type!r} (no balancing "
-                "loss: moe_aux_loss_coeff = 0; Megatron-LM's 'global_aux_loss' and 'sinkhorn' are not built)",
+                "loss: moe_aux_loss_coeff = 0; Megatron-LM's 'sinkhorn' is not built)",
             )
         if cfg.moe_top_k > cfg.moe_num_experts:
             raise ConfigError("moe_top_k", f"{cfg.moe_top_k} exceeds moe_num_experts ({cfg.moe_num_experts})")

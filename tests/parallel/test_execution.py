@@ -367,6 +367,31 @@ def test_fsdp_keeps_every_blocks_auxiliary_loss(tmp_path, pattern):
     assert got["plain"] > 0 and abs(got["sharded"] - got["plain"]) <= 1e-6 * got["plain"], got
 
 
+@pytest.mark.multiprocess
+def test_the_global_balancing_loss_of_two_ranks_is_the_whole_batchs(tmp_path):
+    """moe_aux_loss_type = "global_aux_loss" with the routed-token counts summed over two ranks
+    (share_expert_counts): the ranks' losses average to the one-process loss of both ranks' rows, their weighted
+    router gradients sum to its gradient, eagerly and recomputed under activation checkpointing; the plain loss
+    of each rank's own rows averages to something else (so a reducer that did nothing would fail)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import run_failure
+
+    script = Path(__file__).resolve().parents[2] / "tests/distributed/global_aux_loss.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    r = subprocess.run([*cmd, str(tmp_path / "out.json")], env=subprocess_env(), capture_output=True, text=True,
+                       timeout=180)  # fmt: skip
+    assert r.returncode == 0, run_failure(r)
+    got = json.loads((tmp_path / "out.json").read_text())
+    whole = got["whole"]
+    assert abs(got["local_mean"] - whole) > 1e-3 * whole, got
+    for how in ("eager", "checkpointed"):
+        assert abs(got[how]["aux_mean"] - whole) <= 1e-6 * whole and got[how]["grad_err"] <= 1e-5, (how, got)
+
+
 def test_clip_grad_norm_never_scales_a_small_gradient_up(monkeypatch):
     """The clip factor is clamped at 1: a gradient whose norm is below max_norm was scaled up to it."""
     from hybridlm.parallel import execution

@@ -9,9 +9,10 @@ Routing (computed in float32, as NemotronH does; in float64 in a float64 model):
     y      = sum_k w_k expert_{idx_k}(x)  + shared_expert(x)  (* sigmoid(x W_g^T), if moe_shared_expert_gate)
 
 Training adds the router's losses (Megatron-LM's, recorded in the caller's ``aux_losses``; :func:`balancing_loss`,
-:func:`z_loss`): load balancing over the micro-batch's tokens (``moe_aux_loss_type`` "aux_loss") or per sequence
-("seq_aux_loss", DeepSeek-V3's), weighted by ``moe_aux_loss_coeff``, and ST-MoE's router z-loss, weighted by
-``moe_z_loss_coeff``.
+:func:`z_loss`): load balancing over the micro-batch's tokens (``moe_aux_loss_type`` "aux_loss"), per sequence
+("seq_aux_loss", DeepSeek-V3's) or with the routed-token shares of the micro-batch on every data-parallel rank
+("global_aux_loss", Qwen's global-batch balancing; :attr:`Router.count_reducer`), weighted by
+``moe_aux_loss_coeff``, and ST-MoE's router z-loss, weighted by ``moe_z_loss_coeff``.
 
 Names follow Hugging Face NemotronH: ``gate.weight``, ``gate.e_score_correction_bias``,
 ``experts.up_proj`` (E, F, H), ``experts.down_proj`` (E, H, F), ``shared_experts.*``; the shared expert's
@@ -20,6 +21,8 @@ gate, which NemotronH lacks, is Qwen3-Next's ``shared_expert_gate.weight`` (1, H
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,11 @@ from .mlp import MLP, activate
 
 
 class Router(nn.Module):
+    #: ``"global_aux_loss"``'s sum of routed-token counts over the data-parallel ranks: (S, E) int64 -> (S, E),
+    #: given by the parallel code that knows the ranks (``parallel.execution.share_expert_counts``); None, one
+    #: process: the micro-batch's own counts, as "aux_loss".
+    count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config
@@ -72,15 +80,22 @@ class Router(nn.Module):
         )  # fmt: skip
         if aux_losses is not None and torch.is_grad_enabled():
             if c.moe_aux_loss_coeff > 0:
-                per_sequence = c.moe_aux_loss_type == "seq_aux_loss"
+                kind = c.moe_aux_loss_type
                 normed = scores if c.moe_router_score == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
-                aux_losses.append(c.moe_aux_loss_coeff * balancing_loss(normed, idx, sequences if per_sequence else 1))
+                reduce = self.count_reducer if kind == "global_aux_loss" else None
+                loss = balancing_loss(normed, idx, sequences if kind == "seq_aux_loss" else 1, reduce)
+                aux_losses.append(c.moe_aux_loss_coeff * loss)
             if c.moe_z_loss_coeff > 0:
                 aux_losses.append(c.moe_z_loss_coeff * z_loss(logits))
         return scores, weights, idx
 
 
-def balancing_loss(probs: torch.Tensor, idx: torch.Tensor, sequences: int = 1) -> torch.Tensor:
+def balancing_loss(
+    probs: torch.Tensor,
+    idx: torch.Tensor,
+    sequences: int = 1,
+    reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Switch-style load balancing, unweighted: ``E * sum_e f_e * P_e`` with ``f_e`` the share of the routed (token,
     expert) pairs that go to expert ``e`` and ``P_e`` the mean of ``e``'s probability over the tokens, taken within
     each of ``sequences`` equal runs of tokens and averaged over them (1: the whole batch, Megatron's "aux_loss";
@@ -90,22 +105,26 @@ def balancing_loss(probs: torch.Tensor, idx: torch.Tensor, sequences: int = 1) -
         probs: (T, E) routing probabilities (each row sums to 1; sigmoid scores normalized first), T a multiple of
             ``sequences``.
         idx: (T, k) chosen experts.
+        reduce_counts: the (S, E) routed-pair counts summed with other processes' (Megatron's "global_aux_loss":
+            ``f_e`` the share over every data-parallel rank's tokens, ``P_e`` this rank's own). Called whatever
+            ``T``, so that every rank joins the collective.
 
     Returns:
         A 0-d tensor in ``probs``' dtype; 0 for no tokens.
     """
     T, E = probs.shape
-    if T == 0:  # an empty batch balances nothing: 0, not 0 / 0
-        return probs.sum() * 0.0
-    k = idx.shape[1]
     # Counts per run by scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA).
     pairs = idx.reshape(sequences, -1)
     counts = torch.zeros(sequences, E, dtype=torch.long, device=probs.device).scatter_add_(
         1, pairs, torch.ones_like(pairs)
     )
-    per_run = T // sequences
-    share = counts.to(probs.dtype) / (per_run * k)  # (S, E): exact counts, then float64 in a float64 model
-    mean_prob = probs.reshape(sequences, per_run, E).mean(dim=1)  # (S, E)
+    if reduce_counts is not None:
+        counts = reduce_counts(counts)
+    if T == 0:  # an empty batch balances nothing: 0, not 0 / 0
+        return probs.sum() * 0.0
+    # (S, E): each run's pairs (T k / S here, all ranks' with reduce_counts), then float64 in a float64 model
+    share = counts.to(probs.dtype) / counts.sum(dim=-1, keepdim=True).to(probs.dtype)
+    mean_prob = probs.reshape(sequences, T // sequences, E).mean(dim=1)  # (S, E)
     return E * (share * mean_prob).sum(dim=-1).mean()
 
 

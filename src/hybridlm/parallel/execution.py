@@ -316,6 +316,27 @@ def shard_like(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
     return out
 
 
+def share_expert_counts(model: nn.Module, group=None) -> None:
+    """Give every MoE router of ``model`` the sum over the data-parallel ``group`` (default: every process) of its
+    routed-token counts, which ``moe_aux_loss_type = "global_aux_loss"`` balances with (``Router.count_reducer``).
+
+    A functional all-reduce: torch.compile traces it into a compiled block, and a block recomputed under activation
+    checkpointing calls it again on every rank alike. Every rank must run the same MoE layers on each micro-batch,
+    as data-parallel ranks do."""
+    from torch.distributed import _functional_collectives as funcol
+
+    from ..layers.moe import Router
+
+    group = group if group is not None else dist.group.WORLD
+
+    def reduce(counts: torch.Tensor) -> torch.Tensor:
+        return funcol.all_reduce(counts, "sum", group)
+
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.count_reducer = reduce
+
+
 def reduce_replicated_gradients(model: nn.Module, group=None) -> None:
     """Sum over ``group`` the gradients of the parameters an FSDP-sharded ``model`` holds whole on every
     rank (:func:`apply_fsdp` with a param_dtype; FSDP reduces only its shards'), as ``sum_gradients``

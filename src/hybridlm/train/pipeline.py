@@ -34,6 +34,7 @@ from ..parallel.execution import (
     init_sharded,
     reduce_replicated_gradients,
     replicated,
+    share_expert_counts,
 )
 from ..parallel.pipeline import build_pipeline_model, make_schedule, rank_stages
 
@@ -114,6 +115,8 @@ class PipelineRunner:
         self.dp_group, pp_group = self.mesh["dp"].get_group(), self.mesh["pp"].get_group()
 
         self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp, seed)
+        if self.dp > 1:  # ("global_aux_loss" balances with the counts of this stage's data-parallel ranks)
+            share_expert_counts(self.model, self.dp_group)
         if activation_checkpointing:  # a policy: "full", "selective" or per block kind
             apply_activation_checkpointing(self.model, activation_checkpointing)
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code

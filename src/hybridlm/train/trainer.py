@@ -49,6 +49,7 @@ from ..parallel.execution import (
     reduce_replicated_gradients,
     replicated,
     shard_like,
+    share_expert_counts,
 )
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig, records_init_from
@@ -440,6 +441,8 @@ class Trainer:
                 "step would be skipped, and the end refused as diverged); use a smaller one (default 0.02)",
             )
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
+        if self.world > 1 and self.pipeline is None:  # ("global_aux_loss" balances with every rank's counts)
+            share_expert_counts(self.model)
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
