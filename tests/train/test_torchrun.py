@@ -170,3 +170,19 @@ def test_two_processes_train_a_blend_as_one(tmp_path):
         assert two.keys() == one.keys() and len(one) >= 1, key
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=2e-4), (key, step)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_balance_experts_over_both_ranks_with_the_global_loss(tmp_path):
+    """moe_aux_loss_type = "global_aux_loss" under torchrun: the trainer gives the routers the sum of both ranks'
+    routed-token counts, so two processes of 4 rows log the balancing loss of one process's 8 rows to 1e-6 (the
+    local "aux_loss" of 4 rows each differs by 2e-4 here: the reducer's absence would fail this)."""
+    run = [*RUN, "--set", "model.moe_aux_loss_coeff=0.1", "--set", "model.init_std=0.3", "--set", "train.steps=1"]
+    run += ["--set", "train.eval_every=1", "--set", "model.moe_aux_loss_type=global_aux_loss"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
+    r = subprocess.run([*cmd, "train", *run, "--run-dir", str(tmp_path / "two")], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert r.returncode == 0, run_failure(r)
+    assert main(["train", *run, "--run-dir", str(tmp_path / "one")]) == 0
+    (two,), (one,) = (step_values(tmp_path / d, "aux_loss").values() for d in ("two", "one"))
+    assert one > 0.1 and abs(two - one) <= 1e-6 * one, (two, one)
