@@ -65,13 +65,29 @@ def test_conversations_are_learned_from_their_messages_texts():
 @pytest.mark.parametrize(
     ("kwargs", "says"),
     [
-        (dict(vocab_size=256), "--vocab-size must be an integer >= 257 (the 256 bytes and <|endoftext|>), got 256"),
+        (dict(vocab_size=256), "--vocab-size must be an integer >= 257 (the 256 bytes and 1 special token), got 256"),
         (dict(vocab_size=1000, min_frequency=0), "--min-frequency must be an integer >= 1, got 0"),
     ],
 )
 def test_a_vocabulary_without_room_or_a_zero_frequency_is_refused(kwargs, says):
     with pytest.raises(DataError, match=r"^" + says.replace("|", r"\|").replace("(", r"\(").replace(")", r"\)")):
         train_bpe(DOCS[:2], **kwargs)
+
+
+def test_more_special_tokens_follow_the_end_token_and_stay_whole(tmp_path):
+    """--special-token: a chat template's markers get ids 1, 2, ... and encode as one token each wherever they stand
+    (not split by the merges), and decoding leaves them out, as it leaves out the end of document."""
+    path = tmp_path / "tok.json"
+    path.write_text(train_bpe(DOCS[:30], 700, special_tokens=["<|im_start|>", "<|im_end|>"]))
+    tok = HFTokenizer(path)
+    assert tok.special_tokens() == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2} and tok.eos_id == 0
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>\n")
+    assert ids[0] == 1 and 2 in ids and tok.decode(ids) == "user\nhi\n"
+    with pytest.raises(DataError, match=r"--vocab-size must be an integer >= 259 \(the 256 bytes and 3 special"):
+        train_bpe(DOCS[:2], 258, special_tokens=["a", "b"])
+    for bad in (["<|endoftext|>"], ["x", "x"], [" "]):
+        with pytest.raises(DataError, match="--special-token: each must be a distinct, non-blank text"):
+            train_bpe(DOCS[:2], 300, special_tokens=bad)
 
 
 def test_a_corpus_without_text_is_refused():

@@ -259,16 +259,17 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
         return docs
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    text = train_bpe(documents(), args.vocab_size, args.min_frequency, progress)
+    text = train_bpe(documents(), args.vocab_size, args.min_frequency, progress, args.special_token)
     replace_file(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     tokenizer = HFTokenizer(out, HF_EOS, "--eos-token")
     merges = len(json.loads(text)["model"]["merges"])
     sample = list(itertools.islice(document_texts(documents()), SAMPLE_DOCUMENTS))
     tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
     ratio = f"{sum(len(t.encode('utf-8')) for t in sample) / tokens:.2f} bytes a token" if tokens else "no tokens"
+    specials = ", ".join(f"{t} = {i}" for t, i in sorted(tokenizer.special_tokens().items(), key=lambda ti: ti[1]))
     print(
-        f"wrote {Path(args.out)}: {tokenizer.vocab_size:,} tokens (256 bytes, {HF_EOS} = {tokenizer.eos_id}, "
-        f"{merges:,} merges); {ratio} on the corpus's first {len(sample):,} texts"
+        f"wrote {Path(args.out)}: {tokenizer.vocab_size:,} tokens (256 bytes, {specials}, {merges:,} merges); "
+        f"{ratio} on the corpus's first {len(sample):,} texts"
     )
     return 0
 
@@ -297,5 +298,14 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
         "--min-frequency", type=int, default=2, metavar="N", help="how often a pair must occur to merge (default: 2)"
     )
     ap.add_argument("--jsonl-field", default="text", help="field of JSONL records (default: text)")
+    ap.add_argument(
+        "--special-token",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="one more special token (repeatable), ids 1, 2, ... after <|endoftext|>: a chat template's markers, "
+        "such as <|im_start|> and <|im_end|>, each then one token, matched whole in a text and left out of a "
+        "decoded one",
+    )
     progress_flags(ap)
     ap.set_defaults(func=_cmd_tokenizer)

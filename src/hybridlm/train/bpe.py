@@ -11,7 +11,7 @@ package load as they load any other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from ..errors import DataError
 from .chats import ChatDocument
@@ -38,20 +38,34 @@ def document_texts(documents: Iterable[str | ChatDocument]) -> Iterator[str]:
 
 
 def train_bpe(
-    documents: Iterable[str | ChatDocument], vocab_size: int, min_frequency: int = 2, progress: bool = False
+    documents: Iterable[str | ChatDocument],
+    vocab_size: int,
+    min_frequency: int = 2,
+    progress: bool = False,
+    special_tokens: Sequence[str] = (),
 ) -> str:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens at most, learned on ``documents``, as tokenizer.json text.
 
     Args:
         documents: texts, or conversations (:func:`document_texts`), read once.
-        vocab_size: tokens in all: the 256 bytes, ``<|endoftext|>`` and ``vocab_size - 257`` merges at most (fewer
+        vocab_size: tokens in all: the 256 bytes, ``<|endoftext|>``, the ``special_tokens`` and the merges (fewer
             where the corpus has fewer pairs seen ``min_frequency`` times).
         min_frequency: how often a pair must occur to be merged.
         progress: the tokenizers package's progress bars, on standard error.
+        special_tokens: more special tokens, ids 1, 2, ... after ``<|endoftext|>``: a chat template's markers
+            (``<|im_start|>``, ``<|im_end|>``), each then one token, matched whole in a text and left out of a decoded
+            one.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+    specials = [HF_EOS, *special_tokens]
+    if not all(isinstance(t, str) and t.strip() for t in specials) or len(set(specials)) < len(specials):
         raise DataError(
-            f"--vocab-size must be an integer >= {MIN_VOCAB} (the 256 bytes and {HF_EOS}), got {vocab_size!r}"
+            f"--special-token: each must be a distinct, non-blank text other than {HF_EOS}, got {list(special_tokens)}"
+        )
+    least = MIN_VOCAB + len(special_tokens)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < least:
+        raise DataError(
+            f"--vocab-size must be an integer >= {least} (the 256 bytes and {len(specials)} special "
+            f"token{'s' * (len(specials) > 1)}), got {vocab_size!r}"
         )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
         raise DataError(f"--min-frequency must be an integer >= 1, got {min_frequency!r}")
@@ -68,7 +82,7 @@ def train_bpe(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[HF_EOS],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen in the corpus or not
         show_progress=progress,
     )
