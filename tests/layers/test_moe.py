@@ -5,7 +5,7 @@ import torch
 
 from hybridlm import ModelConfig
 from hybridlm.layers.moe import MoE
-from tests.helpers import assert_rel_close
+from tests.helpers import assert_rel_close, rel_err
 from tests.layers.test_mixers import make
 
 
@@ -392,27 +392,27 @@ def test_the_shared_expert_gate_is_drawn_last_and_leaves_every_other_weight_as_w
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_moe_layers_training_step_is_bitwise_repeatable_on_the_gpu(compiled):
-    """bench-moe-1b's MoE layer (64 experts, top 6) on 2 x 4096 tokens under bf16 autocast, forward and backward
-    twice: the same bits. Scattering the expert outputs back with ``index_add_`` (and autograd's scatter for the
-    token gather) added each token's six parts with atomics, in whatever order they landed (torch lists
-    ``index_add_`` on CUDA among its nondeterministic ops)."""
+def test_a_compiled_moe_layers_training_step_is_the_eager_one_on_the_gpu():
+    """bench-moe-1b's MoE layer (64 experts, top 6, grouped_mm) on 2 x 4096 tokens under bf16 autocast, forward and
+    backward compiled and eager: the same output and gradients up to bf16's rounding. A route that wrote the expert
+    outputs back in pair order through autograd Functions ran eagerly and made grouped_mm's backward fail compiled
+    (a device-side assert: a group's rows not 16-byte aligned), which no CPU test could see."""
     config = ModelConfig.preset("bench-moe-1b")
     torch.manual_seed(0)
     layer = make(MoE, config).cuda()
     x = torch.randn(2, 4096, config.hidden_size, device="cuda")
-    fn = torch.compile(layer) if compiled else layer
 
-    def step():
+    def step(fn):
         layer.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = fn(xg)
         (y.float() * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
-        return [y.detach(), xg.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+        torch.cuda.synchronize()
+        return [y.detach().float(), xg.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
 
-    first, second = step(), step()
-    assert len(first) == len(second) > 3
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    eager, compiled = step(layer), step(torch.compile(layer))
+    assert len(eager) == len(compiled) > 3
+    errors = [rel_err(a, b) for a, b in zip(compiled, eager, strict=True)]
+    print("compiled against eager, relative errors (output, input grad, parameter grads):", errors)
+    assert max(errors) <= 5e-2, errors
