@@ -408,7 +408,7 @@ MEGATRON_NAMES = {
     "moe_router_pre_softmax": "hybridlm's is 'moe_norm_topk_prob' = false (with 'moe_router_score' softmax)",
     "moe_shared_expert_intermediate_size": "hybridlm's is 'moe_shared_expert_ffn_hidden_size'",
     "moe_router_bias_update_rate": "a training setting in hybridlm: optim.moe_expert_bias_rate",
-    "moe_router_load_balancing_type": "hybridlm's is 'moe_aux_loss_type' ('aux_loss' or 'seq_aux_loss')",
+    "moe_router_load_balancing_type": "hybridlm's is 'moe_aux_loss_type' ('aux_loss', 'seq_aux_loss' or 'global_aux_loss')",
     "apply_wd_to_qk_layernorm": "a training setting in hybridlm: optim.apply_wd_to_qk_layernorm",
     "kv_channels": "hybridlm's is 'head_dim'",
     "rotary_base": "hybridlm's is 'rope_theta'",

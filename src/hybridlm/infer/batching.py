@@ -181,8 +181,8 @@ class BatchWorker:
     ) -> None:
         """``prefix_cache``: the prompt prefixes whose states are kept across batches, at most (0: none; see the
         module); ``prefix_cache_bytes``: the memory they may hold together, at most (None: bounded by their count
-        and positions only; :class:`~hybridlm.infer.prefix_store.PrefixStore`). ``kept_graphs``: with ``cuda_graph``, the decode caches of ended batches kept with their graphs
-        (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`)."""
+        and positions only; :class:`~hybridlm.infer.prefix_store.PrefixStore`). ``kept_graphs``: with ``cuda_graph``,
+        the decode caches of ended batches kept with their graphs (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`)."""
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
         self.prefixes = PrefixStore(prefix_cache, max_bytes=prefix_cache_bytes) if prefix_cache else None
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph
