@@ -137,6 +137,24 @@ def record_forwards(monkeypatch, model) -> list[tuple[int, int]]:
     return shapes
 
 
+def hf_rope_parameters(cfg: ModelConfig, **extra) -> dict:
+    """transformers' ``rope_parameters`` for ``cfg``'s rotary frequencies (plain, or YaRN's from the ``yarn_*`` fields;
+    attention_factor left for transformers to compute), with ``extra`` keys."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **extra}
+    if cfg.rope_type == "yarn":
+        rope |= {
+            "rope_type": "yarn",
+            "factor": cfg.yarn_rotary_scaling_factor,
+            "original_max_position_embeddings": cfg.yarn_original_max_position_embeddings,
+            "beta_fast": cfg.yarn_beta_fast,
+            "beta_slow": cfg.yarn_beta_slow,
+            "mscale": cfg.yarn_mscale,
+            "mscale_all_dim": cfg.yarn_mscale_all_dim,
+            "truncate": cfg.yarn_correction_range_round_to_int,
+        }
+    return rope
+
+
 def tiny_config(pattern: str, **overrides) -> ModelConfig:
     return ModelConfig(pattern=pattern, **{**TINY, **overrides})
 
@@ -181,6 +199,20 @@ def random_config(rng: random.Random, pattern: str) -> ModelConfig:
         **_random_mla(rng, pattern),
         # drawn last, and only for attention: the other options' draws stay what they were
         **({"attention_output_gate": rng.random() < 0.5} if "*" in pattern else {}),
+        **(_random_yarn(rng) if set(pattern) & set("*+D") else {}),
+    )
+
+
+def _random_yarn(rng: random.Random) -> dict:
+    """YaRN's frequencies for a third of the patterns that rotate (drawn after every other option)."""
+    if rng.random() >= 1 / 3:
+        return {}
+    return dict(
+        rope_type="yarn",
+        yarn_rotary_scaling_factor=rng.choice([2.0, 8.0]),
+        yarn_original_max_position_embeddings=rng.choice([8, 64]),
+        yarn_mscale_all_dim=rng.choice([0.0, 0.707]),
+        yarn_correction_range_round_to_int=rng.random() < 0.5,
     )
 
 

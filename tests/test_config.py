@@ -153,6 +153,19 @@ def test_contract_field_names():
         ({"pattern": "*", "num_attention_heads": 4, "rotary_percent": 1.5}, "rotary_percent"),
         # an E-only pattern whose experts fall back to ffn_hidden_size checks it
         ({"pattern": "E", "moe_num_experts": 4, "ffn_hidden_size": 0}, "ffn_hidden_size"),
+        # the rotary frequencies, of attention with RoPE and of MLA
+        ({"pattern": "*", "num_attention_heads": 4, "position_embedding": "rope", "rope_type": "ntk"}, "rope_type"),
+        ({"pattern": "+", "num_attention_heads": 4, "rope_type": "YaRN"}, "rope_type"),
+        (
+            {"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "yarn_rotary_scaling_factor": 0.5},
+            "yarn_rotary_scaling_factor",
+        ),
+        (
+            {"pattern": "D", "num_attention_heads": 4, "rope_type": "yarn", "yarn_original_max_position_embeddings": 0},
+            "yarn_original_max_position_embeddings",
+        ),
+        ({"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "yarn_beta_slow": 0.0}, "yarn_beta_slow"),
+        ({"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "yarn_mscale": -0.1}, "yarn_mscale"),
     ],
 )
 def test_errors_name_the_field(changes, field):
@@ -349,7 +362,8 @@ _READERS_BASE = dict(
     moe_shared_expert_ffn_hidden_size=8,
     gdn_num_heads=2, gdn_head_dim=8, gdn_chunk_size=8, q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8,
     qk_pos_emb_head_dim=4, v_head_dim=8, dsa_indexer_n_heads=2, dsa_indexer_head_dim=8, dsa_indexer_topk=4,
-    dsa_indexer_loss_coeff=0.1,
+    dsa_indexer_loss_coeff=0.1, rope_type="yarn", yarn_rotary_scaling_factor=4.0,
+    yarn_original_max_position_embeddings=20000, yarn_beta_slow=0.25,  # each yarn_* value below moves a frequency
 )  # fmt: skip
 #: A valid other value of each field with readers.
 _OTHER_VALUE = dict(
@@ -365,7 +379,9 @@ _OTHER_VALUE = dict(
     gdn_num_heads=4, gdn_num_value_heads=4, gdn_head_dim=4, gdn_value_head_dim=4, gdn_conv_kernel=3,
     gdn_chunk_size=4, gdn_dt_min=0.01, gdn_dt_max=0.05, gdn_dt_init_floor=0.09,
     dsa_indexer_n_heads=4, dsa_indexer_head_dim=4, dsa_indexer_topk=2, dsa_indexer_loss_coeff=0.5,
-    dsa_indexer_use_sparse_loss=True,
+    dsa_indexer_use_sparse_loss=True, rope_type="rope", yarn_rotary_scaling_factor=2.0,
+    yarn_original_max_position_embeddings=100000, yarn_beta_fast=8.0, yarn_beta_slow=0.5, yarn_mscale=2.0,
+    yarn_mscale_all_dim=0.5, yarn_correction_range_round_to_int=False,
 )  # fmt: skip
 #: One pattern per layer kind ("/": MTP depths, here of MLP layers).
 _KIND_PATTERNS = {**{s: s for s in LAYER_SYMBOLS}, "/": "-/-"}  # a new layer kind is checked too
@@ -407,7 +423,8 @@ def test_a_field_changes_nothing_without_its_readers_and_something_with_them(nam
 
 
 def test_fields_read_only_under_another_fields_value():
-    """Attention rotates by rope_theta and rotary_percent only with RoPE; the experts read
+    """Attention rotates by rope_theta, rotary_percent, rope_type and YaRN's settings only with RoPE, by YaRN's only
+    with rope_type = "yarn"; the experts read
     ffn_hidden_size only while moe_ffn_hidden_size is unset."""
     no_rope = dict(pattern="*-", position_embedding="none")
     for name in ("rope_theta", "rotary_percent"):
@@ -416,6 +433,20 @@ def test_fields_read_only_under_another_fields_value():
         )
         why = unused_fields(ModelConfig(**{**_READERS_BASE, **no_rope}), [name])[name]
         assert why == "attention ('*') rotates nothing with position_embedding = 'none'"
+    yarn = [n for n in _OTHER_VALUE if n.startswith("yarn_")]
+    for name in ["rope_type", *yarn]:
+        assert _computes_the_same(
+            _what_it_computes(**no_rope), _what_it_computes(**no_rope, **{name: _OTHER_VALUE[name]})
+        )
+        why = unused_fields(ModelConfig(**{**_READERS_BASE, **no_rope}), [name])[name]
+        assert why == "attention ('*') rotates nothing with position_embedding = 'none'"
+    for pattern in ("*-", "+D"):  # every kind that rotates, with the plain frequencies
+        plain = dict(pattern=pattern, rope_type="rope")
+        for name in yarn:
+            other = {name: _OTHER_VALUE[name]}
+            assert _computes_the_same(_what_it_computes(**plain), _what_it_computes(**plain, **other))
+            why = unused_fields(ModelConfig(**{**_READERS_BASE, **plain}), [name])[name]
+            assert why == "the rotary frequencies are YaRN's only with rope_type = 'yarn'"
     sized = dict(pattern="E", moe_ffn_hidden_size=24)
     assert _computes_the_same(_what_it_computes(**sized), _what_it_computes(**sized, ffn_hidden_size=40))
     assert unused_fields(ModelConfig(**{**_READERS_BASE, **sized}), ["ffn_hidden_size"]) == {
@@ -513,6 +544,9 @@ def test_from_json_reads_bytes_as_json_text():
         ("apply_layernorm_1p", "'norm_zero_centered'"),  # its command-line name (--apply-layernorm-1p)
         ("apply_wd_to_qk_layernorm", "optim.apply_wd_to_qk_layernorm"),  # an optimizer setting: was no hint
         ("moe_router_load_balancing_type", "'moe_aux_loss_type'"),  # was 'moe_router_score'
+        ("rotary_scaling_factor", "'yarn_rotary_scaling_factor'"),  # MLA's YaRN factor
+        ("beta_fast", "'yarn_beta_fast'"),
+        ("mscale_all_dim", "'yarn_mscale_all_dim'"),
     ],
 )
 def test_a_megatron_name_points_at_the_field_that_replaces_it(megatron, ours):

@@ -31,6 +31,8 @@ SCHEMA_VERSION = 1
 
 MLP_ACTIVATIONS = ("relu2", "swiglu", "gelu")
 POSITION_EMBEDDINGS = ("none", "rope")
+#: ``rope_type``: the rotary frequencies, as Megatron-LM's MLA ``rope_type`` names them.
+ROPE_TYPES = ("rope", "yarn")
 ROUTER_SCORES = ("softmax", "sigmoid")
 #: ``moe_aux_loss_type``: Megatron-LM's ``moe_router_load_balancing_type`` values that hybridlm computes.
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
@@ -39,7 +41,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 #: The smallest normal float32 (torch.finfo(torch.float32).tiny).
 FLOAT32_TINY = 1.1754943508222875e-38
 #: Field-name prefixes of the fields only one layer kind reads (see :data:`FIELD_READERS`).
-_PREFIX_READERS = (("mamba_", "M"), ("moe_", "E"), ("gdn_", "G"), ("dsa_", "D"))
+_PREFIX_READERS = (("mamba_", "M"), ("moe_", "E"), ("gdn_", "G"), ("dsa_", "D"), ("yarn_", "*+D"))
 
 _C = TypeVar("_C", bound=type)
 
@@ -92,6 +94,24 @@ class ModelConfig:
     position_embedding: str = "none"  #: "none" (NemotronH) or "rope"
     rope_theta: float = 10000.0
     rotary_percent: float = 1.0  #: fraction of head_dim that is rotated
+    #: the rotary frequencies of every layer that rotates ('*' with position_embedding = "rope", '+', 'D'): "rope",
+    #: or "yarn" (YaRN context extension by the yarn_* fields; Megatron: position_embedding_type / MLA rope_type
+    #: "yarn"; Hugging Face: rope_parameters' rope_type "yarn")
+    rope_type: str = "rope"
+    #: YaRN's extension factor s: the slow frequencies are divided by it (HF: factor; Megatron MLA:
+    #: rotary_scaling_factor)
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096  #: the context length trained before the extension
+    #: frequencies that turn more than yarn_beta_fast times over that length are kept, those turning fewer than
+    #: yarn_beta_slow times are divided by s, a linear ramp between
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    #: cos and sin are scaled by m(s, yarn_mscale) / m(s, yarn_mscale_all_dim), m(s, a) = 0.1 a ln(s) + 1 (1 for
+    #: s <= 1); 1.0 and 0.0: the YaRN paper's 0.1 ln(s) + 1
+    yarn_mscale: float = 1.0
+    #: also MLA's softmax scale ('+', 'D') is multiplied by m(s, yarn_mscale_all_dim)^2 (DeepSeek-V3)
+    yarn_mscale_all_dim: float = 0.0
+    yarn_correction_range_round_to_int: bool = True  #: the ramp's ends rounded out to whole channels (HF: truncate)
     qk_norm: bool = False  #: RMSNorm on each query and key head
     #: Qwen3-Next's gated attention (Megatron's attention_output_gate): a per-head, per-channel gate projected from
     #: the layer input, the attention output times sigmoid(gate) before o_proj (a gate_proj beside q_proj)
@@ -143,8 +163,8 @@ class ModelConfig:
     gdn_dt_init_floor: float = 1e-4  #: lower clamp of that initial dt
 
     # -- multi-latent attention (+) and DeepSeek sparse attention (D) -------------------------
-    # Megatron's MLATransformerConfig / TransformerConfig names. Both use num_attention_heads and
-    # rope_theta (Megatron: rotary_base) for their decoupled RoPE; YaRN is not supported.
+    # Megatron's MLATransformerConfig / TransformerConfig names. Both use num_attention_heads,
+    # rope_theta (Megatron: rotary_base), rope_type and the yarn_* fields for their decoupled RoPE.
     q_lora_rank: int | None = 512  #: rank of the compressed query; None = a full-rank q projection
     kv_lora_rank: int = 512  #: rank of the compressed key/value latent (what the decoding cache keeps)
     qk_head_dim: int = 128  #: per-head query/key channels without RoPE (DeepSeek: qk_nope_head_dim)
@@ -304,7 +324,7 @@ class ModelConfig:
 #: so that the trainer can say so. ``tests/test_config.py`` checks every entry against the models.
 FIELD_READERS: dict[str, str] = {
     "mtp_loss_scale": "/",
-    **dict.fromkeys(("num_attention_heads", "rope_theta"), "*+D"),
+    **dict.fromkeys(("num_attention_heads", "rope_theta", "rope_type"), "*+D"),
     **dict.fromkeys(
         ("num_query_groups", "head_dim", "position_embedding", "rotary_percent", "qk_norm", "attention_output_gate"),
         "*",
@@ -341,7 +361,8 @@ def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
     """Of the fields ``names`` (those a user set), the ones no layer of ``cfg`` reads, each with why.
 
     Some fields are read only under another field's value: attention ('*') rotates with
-    ``rope_theta`` and ``rotary_percent`` only when ``position_embedding = "rope"``, the MoE
+    ``rope_theta``, ``rotary_percent``, ``rope_type`` and the ``yarn_*`` fields only when
+    ``position_embedding = "rope"``, the ``yarn_*`` fields are read only with ``rope_type = "yarn"``, the MoE
     experts size themselves by ``ffn_hidden_size`` only while ``moe_ffn_hidden_size`` is unset,
     DSA reads ``dsa_indexer_use_sparse_loss`` only for its indexer loss
     (``dsa_indexer_loss_coeff > 0``), and MoE ``moe_aux_loss_type`` only for its balancing loss
@@ -358,11 +379,13 @@ def unused_fields(cfg: ModelConfig, names: Iterable[str]) -> dict[str, str]:
             kinds = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else "".join(kinds)
             out[name] = f"the pattern has no {kinds} layers" if kinds else "the pattern has no MTP depths"
         elif (
-            name in ("rope_theta", "rotary_percent")
+            (name in ("rope_theta", "rotary_percent", "rope_type") or name.startswith("yarn_"))
             and cfg.position_embedding != "rope"
             and used & set(readers) == {"*"}
         ):
             out[name] = "attention ('*') rotates nothing with position_embedding = 'none'"
+        elif name.startswith("yarn_") and cfg.rope_type != "yarn":
+            out[name] = "the rotary frequencies are YaRN's only with rope_type = 'yarn'"
         elif name == "ffn_hidden_size" and cfg.moe_ffn_hidden_size is not None and "-" not in used:
             out[name] = "the MoE experts are sized by moe_ffn_hidden_size"
         elif name == "dsa_indexer_use_sparse_loss" and cfg.dsa_indexer_loss_coeff == 0:
@@ -412,7 +435,12 @@ MEGATRON_NAMES = {
     "apply_wd_to_qk_layernorm": "a training setting in hybridlm: optim.apply_wd_to_qk_layernorm",
     "kv_channels": "hybridlm's is 'head_dim'",
     "rotary_base": "hybridlm's is 'rope_theta'",
-    "position_embedding_type": "hybridlm's is 'position_embedding' ('none' or 'rope')",
+    "position_embedding_type": "hybridlm's is 'position_embedding' ('none' or 'rope'); YaRN is 'rope_type' = 'yarn'",
+    "rotary_scaling_factor": "hybridlm's is 'yarn_rotary_scaling_factor' (with 'rope_type' = 'yarn')",
+    **{
+        name: f"hybridlm's is 'yarn_{name}' (with 'rope_type' = 'yarn')"
+        for name in ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    },
     "layernorm_epsilon": "hybridlm's is 'norm_eps'",
     **dict.fromkeys(("layernorm_zero_centered_gamma", "apply_layernorm_1p"), "hybridlm's is 'norm_zero_centered'"),
     "init_method_std": "hybridlm's is 'init_std'",
@@ -466,6 +494,11 @@ HF_NAMES = {
     "hidden_act": "hybridlm's is 'mlp_activation' ('relu2', 'swiglu' or 'gelu'; a gated 'silu' MLP is 'swiglu')",
     "num_key_value_heads": "hybridlm's is 'num_query_groups' (attention's key/value heads)",
     "partial_rotary_factor": "hybridlm's is 'rotary_percent' (with position_embedding = 'rope')",
+    **dict.fromkeys(
+        ("rope_scaling", "rope_parameters"),
+        "hybridlm's are 'rope_theta', 'rotary_percent', 'rope_type' ('rope' or 'yarn') and the 'yarn_*' fields "
+        "(factor: 'yarn_rotary_scaling_factor', truncate: 'yarn_correction_range_round_to_int')",
+    ),
     "rms_norm_eps": "hybridlm's is 'norm_eps'",
     "layer_norm_epsilon": "hybridlm's is 'norm_eps'",
     "initializer_range": "hybridlm's is 'init_std'",
@@ -675,6 +708,8 @@ def _validate(cfg: ModelConfig) -> None:
                 "moe_shared_expert_ffn_hidden_size (Qwen3-Next's shared_expert_intermediate_size), or leave the gate off",
             )
 
+    if used & {"+", "D"} or ("*" in used and cfg.position_embedding == "rope"):
+        _validate_rope_type(cfg)
     if used & {"+", "D"}:
         _validate_mla(cfg, "D" in used)
 
@@ -695,6 +730,22 @@ def _validate(cfg: ModelConfig) -> None:
                 f"{cfg.resolved_gdn_num_value_heads} must be a multiple of gdn_num_heads "
                 f"({cfg.resolved_gdn_num_heads})",
             )
+
+
+def _validate_rope_type(cfg: ModelConfig) -> None:
+    """``rope_type`` and, for YaRN, the ``yarn_*`` fields (a model with a layer that rotates)."""
+    _choice(cfg, "rope_type", ROPE_TYPES)
+    if cfg.rope_type != "yarn":
+        return
+    if cfg.yarn_rotary_scaling_factor < 1:
+        raise ConfigError(
+            "yarn_rotary_scaling_factor",
+            f"must be >= 1 (YaRN extends the context by this factor), got {cfg.yarn_rotary_scaling_factor}",
+        )
+    _positive(cfg, "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow")
+    for name in ("yarn_mscale", "yarn_mscale_all_dim"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
 
 
 def _validate_mla(cfg: ModelConfig, sparse: bool) -> None:

@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .layers import RMSNorm, SequenceContext, build_mixer, mixer_class
 from .layers.context import positions_in_segment, segment_ids
 from .layers.init import normal_
-from .layers.rope import rope_cos_sin
+from .layers.rope import Yarn, rope_cos_sin
 from .ops.attention import document_block_mask, use_flex
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.norm import add_rms_norm
@@ -566,7 +566,8 @@ class HybridLM(nn.Module):
             ctx.block_mask = document_block_mask(seq_idx)  # once per forward, outside compiled blocks
         if self.config.rotary_dim and "*" in self.config.symbols:
             # float32 angles (as Hugging Face's), float64 in a float64 model.
-            ctx.rope = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, dtype)
+            c = self.config
+            ctx.rope = rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, dtype, Yarn.of(c))
         return ctx
 
     def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

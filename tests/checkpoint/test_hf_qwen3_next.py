@@ -14,7 +14,7 @@ import pytest
 import torch
 
 mq = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
-from transformers import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
+from transformers import Qwen3NextConfig, Qwen3NextForCausalLM, modeling_rope_utils  # noqa: E402
 
 import hybridlm  # noqa: E402
 from hybridlm.checkpoint.hf_qwen3_next import convert_from_qwen3_next, import_qwen3_next  # noqa: E402
@@ -52,12 +52,17 @@ TINY = dict(
 )
 
 
+#: Qwen3-Next's long-context setting (its model card's YaRN keys) at this size: a ramp partly kept, partly divided.
+YARN_KEYS = {"rope_type": "yarn", "rope_theta": 50.0, "partial_rotary_factor": 1.0, "factor": 4.0}
+YARN_KEYS |= {"original_max_position_embeddings": 64, "beta_fast": 8.0}
+
+
 def saved(tmp_path, **overrides):
     """A tiny float64 Qwen3NextForCausalLM, every parameter redrawn, saved by save_pretrained; (model, folder)."""
     torch.manual_seed(0)
     hcfg = Qwen3NextConfig(**{**TINY, **overrides})
     hcfg._experts_implementation = "eager"  # the per-expert loop: torch's grouped_mm has no float64
-    with hf_in_float64(mq):  # RoPE's inverse frequencies are computed at construction
+    with hf_in_float64(mq, modeling_rope_utils):  # RoPE's inverse frequencies are computed at construction
         theirs = Qwen3NextForCausalLM(hcfg).double().eval()
     with torch.no_grad():
         for p in theirs.parameters():  # float32 values: load keeps A_log, dt_bias and the router in float32
@@ -72,12 +77,67 @@ def test_import_matches_transformers_logits_fused_or_not(tmp_path, tie):
     out = convert_from_qwen3_next(hf, tmp_path / "ours")
     assert json.loads((out / "config.json").read_text())["config"]["pattern"] == "GE*-GE*E"
     ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), hf_in_float64(mq):
+    with torch.no_grad(), hf_in_float64(mq, modeling_rope_utils):
         expected = theirs(ids).logits
     for pattern in (None, "[GE][*-][GE][*E]"):
         ours = hybridlm.load(out, pattern=pattern, dtype=torch.float64).eval()
         with torch.no_grad():
             assert rel_err(ours(ids).logits, expected) < TOL, pattern
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        YARN_KEYS,
+        YARN_KEYS | {"mscale": 0.8, "mscale_all_dim": 0.6, "truncate": False, "beta_slow": 0.5},  # cos/sin rescaled
+    ],
+)
+def test_yarn_imports_to_transformers_logits_and_exports_back(tmp_path, rope):
+    """A Qwen3-Next with YaRN (transformers computes its frequencies and cos/sin factor): our model of its file gives
+    its logits at positions past the original context, and exports a config.json transformers reads as the same
+    rope (its attention_factor written out) with the same logits."""
+    from hybridlm.checkpoint.hf_qwen3_next import convert_to_qwen3_next
+
+    theirs, hf = saved(tmp_path, rope_parameters=dict(rope))
+    out = convert_from_qwen3_next(hf, tmp_path / "ours")
+    config = hybridlm.load(out).config
+    assert (config.rope_type, config.yarn_rotary_scaling_factor) == ("yarn", 4.0)
+    ids = torch.randint(0, 64, (1, 80), generator=torch.Generator().manual_seed(1))  # 80 > 64, the original length
+    with torch.no_grad(), hf_in_float64(mq, modeling_rope_utils):
+        expected = theirs(ids).logits
+    ours = hybridlm.load(out, dtype=torch.float64).eval()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, expected) < TOL
+    back = convert_to_qwen3_next(out, tmp_path / "back")
+    with hf_in_float64(mq, modeling_rope_utils):
+        again = Qwen3NextForCausalLM.from_pretrained(back, dtype=torch.float64, attn_implementation="eager").eval()
+        again.config._experts_implementation = "eager"
+        with torch.no_grad():
+            assert rel_err(again(ids).logits, expected) < TOL
+    written = json.loads((back / "config.json").read_text())["rope_parameters"]
+    assert written["rope_type"] == "yarn" and written["attention_factor"] == again.model.rotary_emb.attention_scaling
+    assert convert_from_qwen3_next(back, tmp_path / "again") and hybridlm.load(tmp_path / "again").config == config
+
+
+def test_yarn_keys_read_as_transformers_reads_them():
+    """rope_scaling (older files) as rope_parameters; a factor left out is max_position_embeddings over
+    original_max_position_embeddings (transformers' _compute_yarn_parameters); mscale counts only beside
+    mscale_all_dim, and beta_fast / beta_slow given as 0 or null are 32 / 1."""
+    from hybridlm.checkpoint.hf_qwen3_next import config_from_qwen3_next
+
+    base = json.loads(Qwen3NextConfig(**{k: v for k, v in TINY.items() if k != "attn_implementation"}).to_json_string())
+    del base["rope_parameters"]
+    rope = {
+        "rope_type": "yarn",
+        "original_max_position_embeddings": 64,
+        "mscale": 0.5,
+        "beta_fast": 0,
+        "beta_slow": None,
+    }
+    c = config_from_qwen3_next(base | {"rope_scaling": rope, "max_position_embeddings": 256, "rope_theta": 50.0})
+    assert (c.rope_type, c.yarn_rotary_scaling_factor, c.yarn_original_max_position_embeddings) == ("yarn", 4.0, 64)
+    assert (c.yarn_mscale, c.yarn_mscale_all_dim, c.yarn_beta_fast, c.yarn_beta_slow) == (1.0, 0.0, 32.0, 1.0)
+    assert c.rope_theta == 50.0
 
 
 def with_mtp(hf, layers=(0,)):
@@ -208,7 +268,7 @@ def test_the_mtp_head_imports_as_one_depth_computing_qwen3_next_mtp(tmp_path):
     out = convert_from_qwen3_next(hf, tmp_path / "ours")
     assert json.loads((out / "config.json").read_text())["config"]["pattern"] == "GE*-GE*E/*E"
     ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), hf_in_float64(mq):
+    with torch.no_grad(), hf_in_float64(mq, modeling_rope_utils):
         main = theirs(ids).logits
         expected = mtp_reference(tensors, ids, theirs.model(ids).last_hidden_state)
     for pattern in (None, "[GE][*-][GE][*E]/[*E]"):
@@ -224,7 +284,11 @@ def test_the_mtp_head_imports_as_one_depth_computing_qwen3_next_mtp(tmp_path):
     [
         ({"hidden_act": "gelu"}, "hidden_act='gelu': Qwen3-Next applies it"),
         ({"attention_bias": True}, "attention_bias=true"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope type 'longrope'"),
+        (
+            {"rope_parameters": YARN_KEYS | {"attention_factor": 1.5}},
+            r"attention_factor=1.5 is not m\(factor, mscale\) / m\(factor, mscale_all_dim\)",
+        ),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.375}}, "odd 3"),
         (
             {"layer_types": ["linear_attention", "sliding_attention"] * 2},
@@ -293,7 +357,7 @@ def test_the_defaults_of_left_out_keys_are_transformers():
     hf = Qwen3NextConfig()
     for key, (_, _, default) in q._KEYS.items():
         assert getattr(hf, key) == default, key
-    plain = ("num_hidden_layers", "decoder_sparse_step", "hidden_act", "attention_bias")
+    plain = ("num_hidden_layers", "decoder_sparse_step", "hidden_act", "attention_bias", "max_position_embeddings")
     assert {k: getattr(hf, k) for k in plain} == {k: q._OTHER_DEFAULTS[k] for k in plain}
     rope = ("partial_rotary_factor", "rope_theta")
     assert {k: hf.rope_parameters[k] for k in rope} == {k: q._OTHER_DEFAULTS[k] for k in rope}
@@ -400,11 +464,11 @@ def test_a_fused_model_of_ours_exports_to_transformers_logits(tmp_path):
         for p in ours.parameters():  # norms off their zero init; float32 values, as the A_log / router keep
             p.copy_(torch.randn(p.shape, dtype=torch.float32) * 0.3)
     out = convert_to_qwen3_next(hybridlm.save(ours, tmp_path / "ours"), tmp_path / "hf")
-    with hf_in_float64(mq):
+    with hf_in_float64(mq, modeling_rope_utils):
         theirs = Qwen3NextForCausalLM.from_pretrained(out, dtype=torch.float64, attn_implementation="eager").eval()
     theirs.config._experts_implementation = "eager"
     ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), hf_in_float64(mq):
+    with torch.no_grad(), hf_in_float64(mq, modeling_rope_utils):
         expected = theirs(ids).logits
     with torch.no_grad():
         assert rel_err(ours(ids).logits, expected) < TOL

@@ -5,7 +5,8 @@ tests/checkpoint/test_hf_nemotron.py covers attention without position embedding
 our weights under the same names: Qwen3Attention (per-head RMSNorm on queries and keys, full rotate-half
 RoPE, head_dim independent of hidden/heads) and StableLmAttention (``partial_rotary_factor``: the
 first ``int(head_dim * factor)`` channels of each head rotate, rotate-half within them, frequencies
-over the rotated width; docs/model.md's ``rotary_percent``). Both sides run in float64
+over the rotated width; docs/model.md's ``rotary_percent``), each also with YaRN's frequencies (rope_type "yarn",
+which transformers' modeling_rope_utils computes, cos/sin factor included). Both sides run in float64
 (:func:`hf_in_float64`), so they agree to rounding where a convention slip (interleaved pairs, which
 channels rotate, the frequency base, norm before or after RoPE, the KV-group order) shows at O(1).
 """
@@ -15,14 +16,25 @@ import torch
 
 mq = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
 ms = pytest.importorskip("transformers.models.stablelm.modeling_stablelm")
-from transformers import Qwen3Config, StableLmConfig  # noqa: E402
+from transformers import Qwen3Config, StableLmConfig, modeling_rope_utils  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
 from hybridlm.infer.cache import InferenceCache  # noqa: E402
 from hybridlm.layers import Attention, SequenceContext  # noqa: E402
-from hybridlm.layers.rope import rope_cos_sin  # noqa: E402
-from tests.helpers import assert_same_gradients, hf_cache_kwarg, hf_in_float64, rel_err, tiny_config  # noqa: E402
-from tests.layers.test_mixers import context, make  # noqa: E402
+from hybridlm.layers.rope import Yarn, rope_cos_sin  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_same_gradients,
+    hf_cache_kwarg,
+    hf_in_float64,
+    hf_rope_parameters,
+    rel_err,
+    tiny_config,
+)
+from tests.layers.test_mixers import (  # noqa: E402
+    YARN,
+    context,
+    make,
+)
 
 TOL = 1e-12
 # our overrides of tiny_config("*") (hidden 32, 4 heads), and which transformers module computes them.
@@ -31,6 +43,14 @@ VARIANTS = {
     "qwen3-one-kv-head": ("qwen3", {"qk_norm": True, "num_query_groups": 1, "head_dim": 6, "rope_theta": 500.0}),
     "stablelm-three-quarters": ("stablelm", {"num_query_groups": 2, "rotary_percent": 0.75}),  # 6 of 8 rotate
     "stablelm-quarter-mha": ("stablelm", {"num_query_groups": 4, "rotary_percent": 0.25, "rope_theta": 1000.0}),
+    # YaRN (transformers' rope_utils computes the frequencies and the cos/sin factor): a ramp across the channels
+    "qwen3-yarn": ("qwen3", {"qk_norm": True, "num_query_groups": 2, "head_dim": 12, "rope_theta": 50.0, **YARN}),
+    "stablelm-yarn-partial-unrounded": (
+        "stablelm",
+        {"num_query_groups": 2, "rotary_percent": 0.5, "rope_theta": 500.0, **YARN}
+        | {"yarn_rotary_scaling_factor": 8.0, "yarn_original_max_position_embeddings": 320, "yarn_beta_slow": 0.5}
+        | {"yarn_mscale": 0.8, "yarn_mscale_all_dim": 0.6, "yarn_correction_range_round_to_int": False},
+    ),
 }
 
 
@@ -49,11 +69,11 @@ def pair(variant: str, seed: int = 1):
         attn_implementation="eager",  # their softmax, not SDPA's: an oracle independent of ours
     )
     if kind == "qwen3":
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        rope = hf_rope_parameters(cfg)
         hcfg = Qwen3Config(head_dim=cfg.resolved_head_dim, rms_norm_eps=cfg.norm_eps, rope_parameters=rope, **common)
         theirs, rotary = mq.Qwen3Attention(hcfg, 0), mq.Qwen3RotaryEmbedding(hcfg)
     else:
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rotary_percent}
+        rope = hf_rope_parameters(cfg, partial_rotary_factor=cfg.rotary_percent)
         hcfg = StableLmConfig(rope_parameters=rope, **common)
         theirs, rotary = ms.StableLmAttention(hcfg, 0), ms.StableLmRotaryEmbedding(hcfg)
     theirs.double().load_state_dict(ours.state_dict(), strict=True)  # same names, same shapes
@@ -73,7 +93,7 @@ def test_full_sequence_matches_transformers(variant):
     """Forward, and backward to the input and every parameter."""
     L = 13
     gen = torch.Generator().manual_seed(0)
-    with hf_in_float64(mq, ms):
+    with hf_in_float64(mq, ms, modeling_rope_utils):
         cfg, _, ours, theirs, rotary = pair(variant)
         x = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=gen)
         w = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=gen)
@@ -92,7 +112,7 @@ def test_packed_documents_match_each_document_alone_in_transformers(variant):
     so positions counted on across the row would pass that too: they are checked to restart at 0."""
     lengths = [4, 1, 8]
     seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
-    with torch.no_grad(), hf_in_float64(mq, ms):
+    with torch.no_grad(), hf_in_float64(mq, ms, modeling_rope_utils):
         cfg, _, ours, theirs, rotary = pair(variant, seed=2)
         x = torch.randn(
             1, sum(lengths), cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
@@ -114,7 +134,7 @@ def test_cached_decoding_matches_transformers_dynamic_cache(variant, static):
     side with its own cache (ours preallocated, theirs a DynamicCache): the same outputs and cached keys.
     ``static``: our steps attend over the whole buffer, masked by the device-side offset (CUDA graphs)."""
     L = 11
-    with torch.no_grad(), hf_in_float64(mq, ms):
+    with torch.no_grad(), hf_in_float64(mq, ms, modeling_rope_utils):
         cfg, hcfg, ours, theirs, rotary = pair(variant, seed=3)
         x = torch.randn(2, L, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         cache, hf_cache = InferenceCache([ours], 2, L, "cpu", torch.float64), DynamicCache(config=hcfg)
@@ -122,7 +142,7 @@ def test_cached_decoding_matches_transformers_dynamic_cache(variant, static):
         actual, expected = [], []
         for start, end in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, L)]:
             pos = cache.position_ids(end - start)
-            rope = rope_cos_sin(pos, cfg.rotary_dim, cfg.rope_theta, torch.float64)
+            rope = rope_cos_sin(pos, cfg.rotary_dim, cfg.rope_theta, torch.float64, Yarn.of(cfg))
             actual.append(ours(x[:, start:end], SequenceContext(position_ids=pos, rope=rope, cache=cache)))
             cache.advance(end - start)
             expected.append(theirs_forward(theirs, rotary, x[:, start:end], pos, start, hf_cache))

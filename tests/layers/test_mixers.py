@@ -14,7 +14,7 @@ from hybridlm.layers.mamba2 import mamba2_reference
 from hybridlm.layers.mla import mla_reference
 from hybridlm.layers.mlp import mlp_reference
 from hybridlm.layers.moe import moe_reference
-from hybridlm.layers.rope import rope_cos_sin
+from hybridlm.layers.rope import Yarn, rope_cos_sin
 from tests.helpers import MLA_TINY, assert_rel_close, rel_err, tiny_config
 from tests.ops.test_ssd import docs
 
@@ -53,9 +53,14 @@ def context(config, b, seqlen, seq_idx, dtype=torch.float32):
     pos = positions_in_segment(seq_idx) if seq_idx is not None else torch.arange(seqlen).expand(b, seqlen)
     ctx = SequenceContext(position_ids=pos, seq_idx=seq_idx)
     if config.rotary_dim:
-        ctx.rope = rope_cos_sin(pos, config.rotary_dim, config.rope_theta, dtype)
+        ctx.rope = rope_cos_sin(pos, config.rotary_dim, config.rope_theta, dtype, Yarn.of(config))
     return ctx, pos
 
+
+#: YaRN settings whose ramp is neither all kept nor all divided at these sizes (test_rope.py prints it).
+YARN = dict(
+    rope_type="yarn", yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=64, yarn_beta_fast=8.0
+)
 
 CASES = {
     "mamba2": (Mamba2Mixer, "M", {}),
@@ -96,6 +101,9 @@ CASES = {
     "gdn": (GatedDeltaNet, "G", {}),
     "mla": (MLA, "+", MLA_TINY),
     "mla-full-rank-q": (MLA, "+", {**MLA_TINY, "q_lora_rank": None, "rope_theta": 500.0}),
+    # YaRN: a ramp over the channels (kept, blended, divided by the factor), cos/sin and MLA's softmax rescaled
+    "attention-yarn": (Attention, "*", {"position_embedding": "rope", "rope_theta": 50.0, **YARN}),
+    "mla-yarn": (MLA, "+", {**MLA_TINY, "rope_theta": 50.0, **YARN, "yarn_mscale": 0.8, "yarn_mscale_all_dim": 0.6}),
     "gdn-more-value-heads": (GatedDeltaNet, "G", {"gdn_num_value_heads": 4, "gdn_value_head_dim": 6}),
 }
 
@@ -173,7 +181,9 @@ def test_packed_equals_separate_documents(case):
         start += n
 
 
-@pytest.mark.parametrize("case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads", "attention-gate"])
+@pytest.mark.parametrize(
+    "case", ["mamba2", "mamba2-dt-clamp", "gdn", "gdn-more-value-heads", "attention-gate", "attention-yarn", "mla-yarn"]
+)
 def test_cached_decoding_equals_full_forward(case):
     """Prefill 6 tokens (chunked scan), a window of 3 (Mamba2's stepped window), then single steps: the
     full forward's outputs. With ``mamba_dt_clamp_min`` the cached path must clamp dt as training does; with
@@ -192,7 +202,7 @@ def test_cached_decoding_equals_full_forward(case):
         for start, end in [(0, 6), (6, 9)] + [(t, t + 1) for t in range(9, L)]:
             ctx = SequenceContext(position_ids=cache.position_ids(end - start), cache=cache)
             if config.rotary_dim:
-                ctx.rope = rope_cos_sin(ctx.position_ids, config.rotary_dim, config.rope_theta)
+                ctx.rope = rope_cos_sin(ctx.position_ids, config.rotary_dim, config.rope_theta, yarn=Yarn.of(config))
             outs.append(layer(x[:, start:end], ctx))
             cache.advance(end - start)
     assert_rel_close(torch.cat(outs, dim=1), full, 1e-5, case)
@@ -216,7 +226,7 @@ def test_left_padded_prefill_in_one_window_equals_the_row_alone(case):
         pos = cache.position_ids(x.shape[1])
         ctx = SequenceContext(position_ids=pos, cache=cache)
         if config.rotary_dim:
-            ctx.rope = rope_cos_sin(pos, config.rotary_dim, config.rope_theta)
+            ctx.rope = rope_cos_sin(pos, config.rotary_dim, config.rope_theta, yarn=Yarn.of(config))
         out = layer(x, ctx)
         cache.advance(x.shape[1])
         return out

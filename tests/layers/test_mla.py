@@ -17,8 +17,9 @@ from hybridlm.layers import DSA, MLA
 from hybridlm.layers.context import SequenceContext
 from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
 from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference
-from tests.helpers import MLA_TINY, assert_rel_close, rel_err, tiny_config
-from tests.layers.test_mixers import SEQLEN, context, make
+from hybridlm.layers.rope import Yarn, rope_frequencies
+from tests.helpers import MLA_TINY, assert_rel_close, hf_rope_parameters, rel_err, tiny_config
+from tests.layers.test_mixers import SEQLEN, YARN, context, make
 from tests.ops.test_ssd import docs
 
 
@@ -310,7 +311,7 @@ def hf_deepseek_attention(config: ModelConfig, layer: MLA):
         qk_nope_head_dim=c.qk_head_dim,
         qk_rope_head_dim=c.qk_pos_emb_head_dim,
         v_head_dim=c.v_head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_parameters=hf_rope_parameters(c),
     )
     if sparse:
         kwargs.update(
@@ -330,14 +331,15 @@ def hf_deepseek_attention(config: ModelConfig, layer: MLA):
 
         norm.forward = rms
     dr = c.qk_pos_emb_head_dim
-    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    # YaRN's too (transformers computes them in float32, and its cos/sin factor in Python floats)
+    inv_freq, _ = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64)
     rotary = (module.DeepseekV32RotaryEmbedding if sparse else module.DeepseekV3RotaryEmbedding)(hcfg)
     torch.testing.assert_close(inv_freq.float(), rotary.inv_freq)
 
     def cos_sin(pos):  # Hugging Face's rotary forward, in float64
         freqs = pos[..., None].double() * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
 
     return hf, cos_sin
 
@@ -349,6 +351,15 @@ DEEPSEEK = {
     # are broken differently (see below).
     "dsa": (DSA, "D", {**MLA_TINY, "dsa_indexer_n_heads": 8, "dsa_indexer_topk": 4}),
     "dsa-dense": (DSA, "D", {**MLA_TINY, "dsa_indexer_n_heads": 8, "dsa_indexer_topk": 64}),
+    # DeepSeek-V3's YaRN (mscale = mscale_all_dim: cos/sin as they are, the softmax scale times m(s, 0.707)^2)
+    "mla-yarn-deepseek": (MLA, "+", {**MLA_TINY, **YARN, "yarn_mscale": 0.707, "yarn_mscale_all_dim": 0.707}),
+    # ... and with cos/sin rescaled too
+    "dsa-yarn": (
+        DSA,
+        "D",
+        {**MLA_TINY, "dsa_indexer_n_heads": 8, "dsa_indexer_topk": 4, **YARN, "yarn_mscale": 1.0}
+        | {"yarn_mscale_all_dim": 0.5},
+    ),
 }
 
 

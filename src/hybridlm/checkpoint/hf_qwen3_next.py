@@ -30,6 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..layers.rope import Yarn, yarn_mscale
 from . import hf_files
 from .adapter import Rule, apply, foreign_shapes, interleaved, per_expert, rename
 from .io import CONFIG_NAME, errors_at, listed, meta_shapes, refuse_problems, weight_files
@@ -86,6 +87,7 @@ _OTHER_DEFAULTS: dict[str, Any] = {
     "attention_bias": False,
     "partial_rotary_factor": 0.25,
     "rope_theta": 10000.0,
+    "max_position_embeddings": 32768,
 }
 
 #: The options Qwen3-Next computes one way only (:data:`~hybridlm.checkpoint.hf_files.Options`).
@@ -159,15 +161,50 @@ def _layers(hf: Mapping[str, Any], source: str | Path, mtp: bool = False) -> str
     return pattern + (f"/*{pattern[1]}" if mtp else "")
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[str | None, Any, Any]:
-    """(rope type, rope_theta, partial_rotary_factor) as transformers reads them: ``rope_parameters`` (5.x), else
-    the top-level keys and ``rope_scaling`` of older files."""
+def _rope(hf: Mapping[str, Any]) -> tuple[str | None, Any, Any, Mapping[str, Any]]:
+    """(rope type, rope_theta, partial_rotary_factor, all the parameters) as transformers reads them:
+    ``rope_parameters`` (5.x), else the top-level keys and ``rope_scaling`` of older files."""
     params = hf.get("rope_parameters")
     if not isinstance(params, Mapping):
         params = dict(hf.get("rope_scaling") or {})
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", _value(hf, "rope_theta"))
-    return kind, theta, params.get("partial_rotary_factor", _value(hf, "partial_rotary_factor"))
+    return kind, theta, params.get("partial_rotary_factor", _value(hf, "partial_rotary_factor")), params
+
+
+def _yarn_fields(hf: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(our ``yarn_*`` fields, problems) of YaRN ``params`` as transformers computes them (``_compute_yarn_parameters``):
+    ``factor`` None is max_position_embeddings / original_max_position_embeddings; mscale and mscale_all_dim count
+    only both set, else the cos/sin factor is ``0.1 ln(factor) + 1``; an explicit ``attention_factor`` is taken where
+    some reading of them gives it exactly."""
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    if original is None:
+        original = _value(hf, "max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None and isinstance(original, (int, float)) and original:
+        factor = _value(hf, "max_position_embeddings") / original
+    fields = {
+        "rope_type": "yarn",
+        "yarn_rotary_scaling_factor": factor,
+        "yarn_original_max_position_embeddings": original,
+        "yarn_beta_fast": params.get("beta_fast") or 32.0,
+        "yarn_beta_slow": params.get("beta_slow") or 1.0,
+        "yarn_correction_range_round_to_int": params.get("truncate", True),
+    }
+    mscale, all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    readings = [(mscale, all_dim) if mscale and all_dim else (1.0, 0.0), (mscale, all_dim)]
+    wanted = params.get("attention_factor")
+    for m, d in readings if wanted is not None else readings[:1]:
+        if not all(isinstance(v, (int, float)) for v in (m, d, factor)):
+            continue
+        if wanted is None or yarn_mscale(factor, m) / yarn_mscale(factor, d) == wanted:
+            return fields | {"yarn_mscale": m, "yarn_mscale_all_dim": d}, []
+    if wanted is None:  # not numbers: ModelConfig says which
+        return fields | {"yarn_mscale": mscale, "yarn_mscale_all_dim": all_dim}, []
+    return fields, [
+        f"rope_parameters' attention_factor={wanted!r} is not m(factor, mscale) / m(factor, mscale_all_dim), "
+        "the YaRN cos/sin factor that hybridlm computes"
+    ]
 
 
 def _problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
@@ -181,9 +218,13 @@ def _problems(hf: Mapping[str, Any], used: set[str]) -> list[str]:
         )
     if "*" in used and _value(hf, "attention_bias"):
         problems.append("attention_bias=true: attention q/k/v/o biases are not supported")
-    kind, _, factor = _rope(hf)
-    if "*" in used and kind != "default":
-        problems.append(f"rope type {kind!r} (rope_parameters / rope_scaling): only the default RoPE is supported")
+    kind, _, factor, params = _rope(hf)
+    if "*" in used and kind not in ("default", "yarn"):
+        problems.append(
+            f"rope type {kind!r} (rope_parameters / rope_scaling): only the default RoPE and 'yarn' are supported"
+        )
+    if "*" in used and kind == "yarn":
+        problems += _yarn_fields(hf, params)[1]
     head_dim = _value(hf, "head_dim")
     if "*" in used and isinstance(factor, (int, float)) and _is_int(head_dim) and int(head_dim * factor) % 2:
         problems.append(
@@ -210,8 +251,10 @@ def config_from_qwen3_next(hf: Mapping[str, Any], source: str | Path = CONFIG_NA
     fields = hf_files.fields_from_hf(_KEYS, lambda key: _value(hf, key), used)
     fields |= {"pattern": pattern, "norm_zero_centered": True, "mlp_activation": "swiglu"}
     if "*" in used:
-        _, theta, factor = _rope(hf)
+        kind, theta, factor, params = _rope(hf)
         fields |= {"position_embedding": "rope", "rope_theta": theta, "rotary_percent": factor}
+        if kind == "yarn":
+            fields |= _yarn_fields(hf, params)[0]
         fields |= {"qk_norm": True, "attention_output_gate": True}
     if "E" in used:
         fields |= {"moe_router_score": "softmax", "moe_shared_expert_gate": True}
@@ -406,6 +449,20 @@ def qwen3_next_config(config: ModelConfig, torch_dtype: str = "float32") -> dict
             "rope_theta": float(c.rope_theta),
             "partial_rotary_factor": c.rotary_percent,
         }
+        if (yarn := Yarn.of(c)) is not None:
+            # attention_factor written out: transformers reads mscale and mscale_all_dim only when both are set.
+            hf["rope_parameters"] |= {
+                "rope_type": "yarn",
+                "factor": float(yarn.factor),  # floats, as transformers holds them (a run file's 4 is an int)
+                "original_max_position_embeddings": yarn.original_max_position_embeddings,
+                "beta_fast": float(yarn.beta_fast),
+                "beta_slow": float(yarn.beta_slow),
+                "mscale": float(yarn.mscale),
+                "mscale_all_dim": float(yarn.mscale_all_dim),
+                "attention_factor": yarn.amplitude(),
+                "truncate": yarn.round_to_int,
+            }
+            hf["max_position_embeddings"] = round(yarn.factor * yarn.original_max_position_embeddings)
     if mtp:
         hf["num_nextn_predict_layers"] = mtp
     # transformers 5.25 cannot build a cache for a model without attention layers.

@@ -19,7 +19,7 @@ from .cache import KVState, cached_keys_mask
 from .context import SequenceContext
 from .init import normal_
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import Yarn, apply_rope, rope_frequencies
 
 
 class Attention(nn.Module):
@@ -146,10 +146,9 @@ def attention_reference(
         k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + c.norm_eps) * layer.k_norm.scale()
     R = c.rotary_dim
     if R:
-        inv = 1.0 / c.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R)
-        inv = inv.to(x.dtype)
-        ang = position_ids.to(x.dtype)[..., None] * inv  # (b, L, R/2)
-        cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]
+        inv, amp = rope_frequencies(R, c.rope_theta, Yarn.of(c), torch.float64)
+        ang = position_ids.to(x.dtype)[..., None] * inv.to(x.dtype)  # (b, L, R/2)
+        cos, sin = amp * ang.cos()[:, :, None], amp * ang.sin()[:, :, None]
 
         def rot(t):
             a, bb, rest = t[..., : R // 2], t[..., R // 2 : R], t[..., R:]

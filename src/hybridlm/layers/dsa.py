@@ -51,7 +51,7 @@ from .mla import (
     causal_document_mask,
     mla_queries_keys_values_reference,
 )
-from .rope import apply_rope
+from .rope import Yarn, apply_rope, rope_frequencies
 
 
 class Indexer(nn.Module):
@@ -241,9 +241,9 @@ def indexer_scores_reference(
     ix, c = layer.indexer, layer.config
     b, seqlen, _ = x.shape
     dr = c.qk_pos_emb_head_dim
-    inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    inv, amp = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64)
     ang = position_ids.to(torch.float64)[..., None] * inv
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)  # (B, L, dr/2)
+    cos, sin = (amp * ang.cos()).to(x.dtype), (amp * ang.sin()).to(x.dtype)  # (B, L, dr/2)
 
     def rot_half(t):  # (B, L, d): channels (i, i + dr/2) turned by angle i, the rest untouched
         a, bb, rest = t[..., : dr // 2], t[..., dr // 2 : dr], t[..., dr:]

@@ -36,7 +36,7 @@ from .cache import cached_keys_mask
 from .context import SequenceContext
 from .init import normal_
 from .norm import RMSNorm
-from .rope import apply_rope_interleaved, rope_cos_sin
+from .rope import Yarn, apply_rope_interleaved, rope_cos_sin, rope_frequencies, softmax_factor
 
 
 @dataclass
@@ -116,13 +116,15 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.norm_eps, c.norm_zero_centered)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, nh * (dn + dv), bias=False)
         self.o_proj = nn.Linear(nh * dv, H, bias=False)
-        self.softmax_scale = (dn + dr) ** -0.5
+        # YaRN (DeepSeek-V3) also sharpens the softmax by m(s, mscale_all_dim)^2.
+        self.softmax_scale = (dn + dr) ** -0.5 * softmax_factor(c)
 
     # -- the pieces, shared by training and decoding ----------------------------------------------
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, L, qk_pos_emb_head_dim) for ``position_ids`` (B, L): float32, float64 in a float64 model."""
-        return rope_cos_sin(position_ids, self.dr, self.config.rope_theta, accumulation_dtype(self.o_proj.weight))
+        c = self.config
+        return rope_cos_sin(position_ids, self.dr, c.rope_theta, accumulation_dtype(self.o_proj.weight), Yarn.of(c))
 
     def project_query(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -304,9 +306,9 @@ def mla_queries_keys_values_reference(
     c_kv = rms(kv_a[..., : c.kv_lora_rank], layer.kv_a_layernorm.scale())
     kv = (c_kv @ layer.kv_b_proj.weight.T).view(b, seqlen, nh, dn + dv)
 
-    inv = 1.0 / c.rope_theta ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    inv, amp = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64)
     ang = position_ids.to(torch.float64)[..., None] * inv  # (B, L, dr/2)
-    cos, sin = ang.cos().to(x.dtype)[:, :, None], ang.sin().to(x.dtype)[:, :, None]
+    cos, sin = (amp * ang.cos()).to(x.dtype)[:, :, None], (amp * ang.sin()).to(x.dtype)[:, :, None]
 
     def rot_pairs(t):  # (B, L, h, dr): pair i = channels (2i, 2i+1) turned by angle i
         even, odd = t[..., 0::2], t[..., 1::2]
@@ -326,6 +328,7 @@ def attention_over(
     out = torch.empty(b, seqlen, layer.nh, layer.dv, dtype=q.dtype)
     for h in range(layer.nh):
         scores = torch.einsum("bld,bsd->bls", q[:, :, h], k[:, :, h]) / (layer.dn + layer.dr) ** 0.5
+        scores = scores * softmax_factor(layer.config)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[:, :, h] = torch.einsum("bls,bsd->bld", scores.softmax(-1), v[:, :, h])
     return out.reshape(b, seqlen, -1) @ layer.o_proj.weight.T
