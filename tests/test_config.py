@@ -166,6 +166,8 @@ def test_contract_field_names():
         ),
         ({"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "yarn_beta_slow": 0.0}, "yarn_beta_slow"),
         ({"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "yarn_mscale": -0.1}, "yarn_mscale"),
+        ({"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "yarn_beta_fast": 0.5}, "yarn_beta_fast"),
+        ({"pattern": "+", "num_attention_heads": 4, "rope_type": "yarn", "rope_theta": 1.0}, "rope_theta"),
     ],
 )
 def test_errors_name_the_field(changes, field):

@@ -743,6 +743,16 @@ def _validate_rope_type(cfg: ModelConfig) -> None:
             f"must be >= 1 (YaRN extends the context by this factor), got {cfg.yarn_rotary_scaling_factor}",
         )
     _positive(cfg, "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow")
+    if cfg.yarn_beta_fast < cfg.yarn_beta_slow:  # (transformers warns; its ramp would run backwards)
+        raise ConfigError(
+            "yarn_beta_fast",
+            f"{cfg.yarn_beta_fast} is below yarn_beta_slow ({cfg.yarn_beta_slow}): the frequencies turning more than "
+            "yarn_beta_fast times are kept, those turning fewer than yarn_beta_slow times are divided",
+        )
+    if cfg.rope_theta <= 1:
+        raise ConfigError(
+            "rope_theta", f"must be above 1 with YaRN (its ramp divides by log(rope_theta)), got {cfg.rope_theta}"
+        )
     for name in ("yarn_mscale", "yarn_mscale_all_dim"):
         if getattr(cfg, name) < 0:
             raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
