@@ -115,6 +115,7 @@ for stage in "$@"; do
     repeat)  # a training step twice from the same weights: the same bits? which gradients differ, by layer kind
         run repeat 400 40 python3 benchmarks/repeatability.py --preset bench-moe-1b --pattern "${PATTERN:-M-*-G-E-[*E]M-}" \
             --batch 2 --seq 4096 ;;
+    planvs) run planvs 300 24 python3 benchmarks/plan_vs_measure.py --preset "${PRESET:-nemotron-h-8b}" --pp 4 ;;
     moegpu) run moegpu 200 8 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/layers/test_moe.py ;;
     profile) run profile 300 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     prof32k) run prof32k 300 210 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --steps 2 --warmup 2 \

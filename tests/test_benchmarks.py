@@ -345,3 +345,18 @@ def test_step_kernel_times_each_tile_setting_and_checks_it_computes_what_the_fir
         ["1", "16 x 8", "256", "2.00", f"{2 * 64 * 64 * 128 * 4 / 2.0 / 1e3:,.0f}", "1.000×", "yes"],
     ]
     assert (step_triton.SSD_STEP_BLOCK_P, step_triton.SSD_STEP_WARPS) == (64, 4)
+
+
+def test_plan_vs_measure_costs_every_layout_with_the_measured_times(capsys):
+    """benchmarks/plan_vs_measure.py on the CPU: every block kind's two times, and the three layouts judged by the
+    measured times, the measured plan being the best of them (ratio 1.000) and no layout beating it."""
+    spec = importlib.util.spec_from_file_location("plan_vs_measure", _PATH.parent / "plan_vs_measure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--preset", "tiny", "--pp", "2", "--seq-len", "32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    kinds = ["M", "-", "*-", "G", "ME", "*", "E", "embedding", "head", "mtp depth"]
+    assert all(any(line.split()[: len(k.split())] == k.split() for line in out.splitlines()) for k in kinds), out
+    layouts = [line for line in out.splitlines() if line.startswith(("planned from", "even split"))]
+    assert len(layouts) == 3 and layouts[1].endswith("1.000"), out
+    assert all(float(line.split()[-1]) >= 1.0 for line in layouts), out
