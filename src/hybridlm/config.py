@@ -146,8 +146,8 @@ class ModelConfig:
     moe_topk_groups: int = 1  #: groups a token may route to
     moe_norm_topk_prob: bool = True  #: renormalize the top-k weights to sum to 1
     moe_aux_loss_coeff: float = 0.0  #: load-balancing loss weight
-    #: balance over the micro-batch ("aux_loss"), per sequence ("seq_aux_loss") or with every data-parallel rank's
-    #: routed-token shares ("global_aux_loss")
+    #: balance over the micro-batch ("aux_loss"), per sequence ("seq_aux_loss") or with the routed-token shares of
+    #: every data-parallel rank's micro-batches of the step so far ("global_aux_loss", as Megatron-LM counts them)
     moe_aux_loss_type: str = "aux_loss"
     moe_z_loss_coeff: float = 0.0  #: router z-loss weight (ST-MoE: mean logsumexp(router logits)^2)
 

@@ -45,7 +45,7 @@ def main(out: str) -> None:
     result["local_mean"] = mean.item()
     for name, wrap in (("eager", lambda m: m), ("checkpointed", apply_activation_checkpointing)):
         model = wrap(HybridLM(config, seed=0))
-        share_expert_counts(model)
+        share_expert_counts(model, dist.group.WORLD)
         aux, grads = aux_and_router_grads(model, rows[rank], 1.0 / world)
         aux_mean = torch.tensor(aux / world)
         dist.all_reduce(aux_mean)

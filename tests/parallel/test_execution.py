@@ -392,6 +392,88 @@ def test_the_global_balancing_loss_of_two_ranks_is_the_whole_batchs(tmp_path):
         assert abs(got[how]["aux_mean"] - whole) <= 1e-6 * whole and got[how]["grad_err"] <= 1e-5, (how, got)
 
 
+def _micro_batches(config, wrap, compile_backend=None, steps=1):
+    """Two micro-batches a step through a model with StepCounts routers (``wrap``: checkpointing or not; then
+    compiled with ``compile_backend``): each micro-batch's aux loss, the accumulated router gradients, the counts."""
+    from hybridlm.parallel.execution import share_expert_counts
+
+    model = wrap(HybridLM(config, seed=0))
+    if compile_backend is not None:
+        compile_blocks(model, backend=compile_backend)
+    counts = share_expert_counts(model)
+    gen = torch.Generator().manual_seed(1)
+    aux = []
+    for _ in range(steps):
+        for c in counts:
+            c.reset()
+        for _ in range(2):
+            ids = torch.randint(0, config.vocab_size, (2, 24), generator=gen)
+            out = model(ids, torch.roll(ids, -1, 1))
+            out.aux_loss.backward()
+            aux.append(out.aux_loss.detach())
+    grads = [m.gate.weight.grad.clone() for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    return aux, grads, counts
+
+
+def test_global_balancing_counts_the_steps_micro_batches_so_far():
+    """moe_aux_loss_type = "global_aux_loss" with share_expert_counts (one process): micro-batch m balances with the
+    routed-pair counts of micro-batches 1..m (Megatron's running count over its ga_steps), and a step starts from
+    nothing: a router's second call is the balancing loss with the first call's counts added, written out here."""
+    from hybridlm.layers.moe import Router, balancing_loss
+    from hybridlm.parallel.execution import StepCounts
+
+    config = tiny_config("E", moe_aux_loss_coeff=1.0, moe_aux_loss_type="global_aux_loss", moe_num_experts=4)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    xs = torch.randn(2, 12, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    router.count_reducer = StepCounts()
+    losses = []
+    for x in xs:
+        aux: list[torch.Tensor] = []
+        scores, _, idx = router(x, aux)
+        losses.append((aux[0], scores, idx))
+    (first, s1, i1), (second, s2, i2) = losses
+    counts1 = torch.zeros(1, 4, dtype=torch.long).scatter_add_(1, i1.reshape(1, -1), torch.ones_like(i1.reshape(1, -1)))
+    assert torch.equal(first, balancing_loss(s1, i1))  # the first micro-batch: its own counts
+    assert torch.equal(second, balancing_loss(s2, i2, reduce_counts=lambda c: c + counts1))
+    assert second != balancing_loss(s2, i2)  # (which the running count changes here)
+    router.count_reducer.reset()
+    aux = []
+    router(xs[1], aux)
+    assert torch.equal(aux[0], balancing_loss(s2, i2))  # a new step counts from nothing
+
+
+@pytest.mark.parametrize("compile_backend", [None, "eager"])
+def test_a_recomputed_router_balances_with_the_counts_its_forward_used(compile_backend):
+    """Under activation checkpointing a router routes again in the backward: it gets the counts its forward used
+    (not counted twice), so two micro-batches of two steps give the eager run's aux losses and router gradients,
+    also with the blocks compiled (torch.compile leaves the running count out of its graphs)."""
+    config = tiny_config("M-E[*E]", moe_aux_loss_coeff=0.01, moe_aux_loss_type="global_aux_loss", init_std=0.5)
+    aux, grads, counts = _micro_batches(config, lambda m: m, steps=2)
+    assert all(len(c.used) == 2 for c in counts)  # nothing recomputed: each forward's counts left until the reset
+    ckpt_aux, ckpt_grads, ckpt_counts = _micro_batches(config, apply_activation_checkpointing, compile_backend, 2)
+    assert all(len(c.used) == 0 for c in ckpt_counts)  # each recomputation took its forward's counts
+    for a, b in zip(ckpt_aux, aux):
+        assert_rel_close(a, b, 1e-6, "aux loss")
+    for a, b in zip(ckpt_grads, grads):
+        assert_rel_close(a, b, 1e-6, "router gradient")
+    plain = config.replace(moe_aux_loss_type="aux_loss")
+    assert not torch.allclose(_micro_batches(plain, lambda m: m)[0][1], aux[1])  # the second micro-batch's differs
+
+
+def test_a_reset_between_a_forward_and_its_recomputation_is_refused():
+    from hybridlm.parallel.execution import share_expert_counts
+
+    config = tiny_config("E", moe_aux_loss_coeff=0.01, moe_aux_loss_type="global_aux_loss")
+    model = apply_activation_checkpointing(HybridLM(config, seed=0))
+    counts = share_expert_counts(model)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    out = model(ids, torch.roll(ids, -1, 1))
+    counts[0].reset()
+    with pytest.raises(RuntimeError, match="found no forward's counts to use again"):
+        out.loss.backward()
+
+
 def test_clip_grad_norm_never_scales_a_small_gradient_up(monkeypatch):
     """The clip factor is clamped at 1: a gradient whose norm is below max_norm was scaled up to it."""
     from hybridlm.parallel import execution

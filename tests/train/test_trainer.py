@@ -617,6 +617,21 @@ def test_the_auxiliary_losses_are_logged(tmp_path):
     assert z_only["aux_loss"] > 0  # the router z-loss alone is an auxiliary loss too
 
 
+def test_the_global_balancing_counts_each_steps_micro_batches_from_nothing(tmp_path):
+    """moe_aux_loss_type = "global_aux_loss" in one process with two micro-batches a step: the trainer gives the routers
+    running counts (parallel.execution.StepCounts) and starts them afresh at every step, so after any step each
+    router holds exactly that step's routed pairs (rows x positions x top_k), and two forwards' counts."""
+    run = tiny_run(
+        "model.moe_aux_loss_coeff=0.1", "model.moe_aux_loss_type=global_aux_loss", "train.micro_batch_size=2"
+    )
+    t = Trainer(run, run_dir=tmp_path / "a", progress=False)
+    assert len(t.step_counts) == 1  # the one MoE layer's router
+    for _ in range(2):
+        assert t.train_step()["aux_loss"] > 0
+        (routed,) = t.step_counts
+        assert len(routed.used) == 2 and routed.total.sum().item() == 4 * 48 * t.config.moe_top_k
+
+
 def test_the_moe_load_imbalance_is_logged_for_models_with_moe_layers(tmp_path):
     """moe_load_imbalance: the step's largest ratio of one expert's routed tokens (top-k choices) to its layer's
     mean, over every MoE layer; each layer's in TensorBoard. Counted here from the routers' own top-k output."""

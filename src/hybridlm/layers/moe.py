@@ -10,9 +10,9 @@ Routing (computed in float32, as NemotronH does; in float64 in a float64 model):
 
 Training adds the router's losses (Megatron-LM's, recorded in the caller's ``aux_losses``; :func:`balancing_loss`,
 :func:`z_loss`): load balancing over the micro-batch's tokens (``moe_aux_loss_type`` "aux_loss"), per sequence
-("seq_aux_loss", DeepSeek-V3's) or with the routed-token shares of the micro-batch on every data-parallel rank
-("global_aux_loss", Qwen's global-batch balancing; :attr:`Router.count_reducer`), weighted by
-``moe_aux_loss_coeff``, and ST-MoE's router z-loss, weighted by ``moe_z_loss_coeff``.
+("seq_aux_loss", DeepSeek-V3's) or with the routed-token shares of every data-parallel rank's micro-batches of the
+step so far ("global_aux_loss", Qwen's global-batch balancing as Megatron-LM counts it; :attr:`Router.count_reducer`),
+weighted by ``moe_aux_loss_coeff``, and ST-MoE's router z-loss, weighted by ``moe_z_loss_coeff``.
 
 Names follow Hugging Face NemotronH: ``gate.weight``, ``gate.e_score_correction_bias``,
 ``experts.up_proj`` (E, F, H), ``experts.down_proj`` (E, H, F), ``shared_experts.*``; the shared expert's
@@ -38,9 +38,9 @@ from .mlp import MLP, activate
 
 
 class Router(nn.Module):
-    #: ``"global_aux_loss"``'s sum of routed-token counts over the data-parallel ranks: (S, E) int64 -> (S, E),
-    #: given by the parallel code that knows the ranks (``parallel.execution.share_expert_counts``); None, one
-    #: process: the micro-batch's own counts, as "aux_loss".
+    #: ``"global_aux_loss"``'s routed-pair counts: (S, E) int64 of this micro-batch -> (S, E) of every data-parallel
+    #: rank's micro-batches of the step so far (Megatron's), given by the training code that knows the ranks and the
+    #: steps (``parallel.execution.share_expert_counts``); None (the model alone): the micro-batch's own counts.
     count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, config: ModelConfig) -> None:
@@ -104,9 +104,9 @@ def balancing_loss(
         probs: (T, E) routing probabilities (each row sums to 1; sigmoid scores normalized first), T a multiple of
             ``sequences``.
         idx: (T, k) chosen experts.
-        reduce_counts: the (S, E) routed-pair counts summed with other processes' (Megatron's "global_aux_loss":
-            ``f_e`` the share over every data-parallel rank's tokens, ``P_e`` this rank's own). Called whatever
-            ``T``, so that every rank joins the collective.
+        reduce_counts: the (S, E) routed-pair counts with more counted in (Megatron's "global_aux_loss": other
+            processes' and the step's earlier micro-batches': ``f_e`` the share over all of those tokens, ``P_e``
+            this micro-batch's own). Called whatever ``T``, so that every rank joins its collective.
 
     Returns:
         A 0-d tensor in ``probs``' dtype; 0 for no tokens.

@@ -6,6 +6,7 @@ and sharded as one FSDP group. Order (as torchtitan): checkpointing, then compil
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -316,25 +317,63 @@ def shard_like(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
     return out
 
 
-def share_expert_counts(model: nn.Module, group=None) -> None:
-    """Give every MoE router of ``model`` the sum over the data-parallel ``group`` (default: every process) of its
-    routed-token counts, which ``moe_aux_loss_type = "global_aux_loss"`` balances with (``Router.count_reducer``).
+class StepCounts:
+    """A MoE router's ``count_reducer`` for ``moe_aux_loss_type = "global_aux_loss"``, as Megatron-LM counts: the routed
+    (token, expert) pairs of every data-parallel rank (summed over ``group``; None: this process's alone), added up
+    over the micro-batches of the optimizer step so far (Megatron's ``global_tokens_per_expert`` over its
+    ``ga_steps``), so that micro-batch m balances with the counts of micro-batches 1..m. :meth:`reset` starts a step.
 
-    A functional all-reduce: torch.compile traces it into a compiled block, and a block recomputed under activation
-    checkpointing calls it again on every rank alike. Every rank must run the same MoE layers on each micro-batch,
-    as data-parallel ranks do."""
-    from torch.distributed import _functional_collectives as funcol
+    A block recomputed under activation checkpointing routes again inside the backward: that call gets back the
+    counts its forward used (the forwards' counts are queued, and backwards run in the forwards' order: one
+    micro-batch after another, and every pipeline schedule offered), without counting twice or all-reducing again.
 
+    Kept out of torch.compile (``torch.compiler.disable``): the running sum lives between micro-batches, where a
+    compiled graph's outputs may be overwritten (CUDA graphs), and a recomputation must be told from a forward.
+    """
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.total: torch.Tensor | None = None  # (S, E) int64: this step's counts so far
+        self.used: collections.deque[torch.Tensor] = collections.deque()  # each forward's, for its recomputation
+
+    @torch.compiler.disable
+    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts: (S, E) int64, this micro-batch's -> (S, E), the step's so far over every rank."""
+        if torch._C._current_graph_task_id() != -1:  # a forward inside a backward: a recomputation
+            if not self.used:
+                raise RuntimeError(
+                    "a router recomputed under activation checkpointing found no forward's counts to use again: "
+                    "StepCounts.reset() ran between a micro-batch's forward and its backward"
+                )
+            return self.used.popleft()
+        if self.group is not None:
+            counts = counts.clone()
+            dist.all_reduce(counts, group=self.group)
+        self.total = counts if self.total is None else self.total + counts
+        self.used.append(self.total)
+        return self.total
+
+    def reset(self) -> None:
+        """Start the next optimizer step: no counts yet."""
+        self.total = None
+        self.used.clear()
+
+
+def share_expert_counts(model: nn.Module, group=None) -> list[StepCounts]:
+    """Give every MoE router of ``model`` a :class:`StepCounts` over the data-parallel ``group`` (None: this process
+    alone, its micro-batches still added up), which ``moe_aux_loss_type = "global_aux_loss"`` balances with
+    (``Router.count_reducer``); returns them, for the caller to :meth:`~StepCounts.reset` before each optimizer step.
+
+    Every rank of ``group`` must run the same MoE layers on each micro-batch, as data-parallel ranks do: each forward
+    all-reduces."""
     from ..layers.moe import Router
 
-    group = group if group is not None else dist.group.WORLD
-
-    def reduce(counts: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(counts, "sum", group)
-
+    installed = []
     for m in model.modules():
         if isinstance(m, Router):
-            m.count_reducer = reduce
+            m.count_reducer = StepCounts(group)
+            installed.append(m.count_reducer)
+    return installed
 
 
 def reduce_replicated_gradients(model: nn.Module, group=None) -> None:

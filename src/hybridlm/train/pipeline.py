@@ -115,8 +115,8 @@ class PipelineRunner:
         self.dp_group, pp_group = self.mesh["dp"].get_group(), self.mesh["pp"].get_group()
 
         self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp, seed)
-        if self.dp > 1:  # ("global_aux_loss" balances with the counts of this stage's data-parallel ranks)
-            share_expert_counts(self.model, self.dp_group)
+        # "global_aux_loss" balances with the counts of this stage's data-parallel ranks, over a step's micro-batches.
+        self.step_counts = share_expert_counts(self.model, self.dp_group if self.dp > 1 else None)
         if activation_checkpointing:  # a policy: "full", "selective" or per block kind
             apply_activation_checkpointing(self.model, activation_checkpointing)
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code
@@ -184,6 +184,8 @@ class PipelineRunner:
         self._heads = []
         for m in self.stages:
             m.aux_total = 0.0
+        for routed in self.step_counts:  # a step's micro-batches count from nothing (an evaluation's too)
+            routed.reset()
         losses: list[torch.Tensor] = []
         args = (ids,) if self.has_first else ()
         run = self.schedule.step if train else self.schedule.eval

@@ -441,8 +441,12 @@ class Trainer:
                 "step would be skipped, and the end refused as diverged); use a smaller one (default 0.02)",
             )
         self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
-        if self.world > 1 and self.pipeline is None:  # ("global_aux_loss" balances with every rank's counts)
-            share_expert_counts(self.model)
+        # "global_aux_loss" balances with the counts of every rank's micro-batches of the step so far.
+        self.step_counts = (
+            []
+            if self.pipeline is not None
+            else share_expert_counts(self.model, dist.group.WORLD if self.world > 1 else None)
+        )
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
@@ -774,6 +778,8 @@ class Trainer:
         if self.pipeline is not None:
             total, heads = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, counts / totals))
         else:
+            for routed in self.step_counts:  # a step's micro-batches count from nothing
+                routed.reset()
             for start in range(0, self.local_batch, self.micro):
                 part = {k: v[start : start + self.micro] for k, v in batch.items()}
                 if self.world > 1:  # reduce gradients once, after the last micro-batch
