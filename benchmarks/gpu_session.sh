@@ -116,7 +116,8 @@ for stage in "$@"; do
         run repeat 400 40 python3 benchmarks/repeatability.py --preset bench-moe-1b --pattern "${PATTERN:-M-*-G-E-[*E]M-}" \
             --batch 2 --seq 4096 ;;
     planvs) run planvs 300 24 python3 benchmarks/plan_vs_measure.py --preset "${PRESET:-nemotron-h-8b}" --pp 4 ;;
-    moegpu) run moegpu 200 8 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/layers/test_moe.py ;;
+    moegpu) run moegpu 300 8 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/layers/test_moe.py \
+            tests/train/test_trainer.py::test_global_balancing_over_micro_batches_trains_the_same_under_cuda_graphs_and_checkpointing ;;
     profile) run profile 300 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
     prof32k) run prof32k 300 210 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --steps 2 --warmup 2 \
             --variants "${VARIANTS:-fused,unfused}" --profile ;;  # profiled in this order
