@@ -46,6 +46,8 @@ BASE = [
 ]
 P2 = "model.pattern=M[*E]|M-[*-]/[*-]"  # two stages
 P4 = "model.pattern=M-|[*E]|M-|[*-]/[*-]"  # four: two virtual stages on each of two ranks
+#: Megatron's global balancing, strong enough to show: micro-batch m balances with micro-batches 1..m's counts.
+GLOBAL = ("model.moe_aux_loss_type=global_aux_loss", "model.moe_aux_loss_coeff=0.5")
 
 
 def torchrun(nproc: int, jobs: list[dict], tmp: Path) -> None:
@@ -127,12 +129,16 @@ def test_pipeline_layouts_and_resume_follow_one_process(tmp_path):
         {"set": [*BASE, P2, par, "parallel.schedule=1f1b"], "run_dir": str(tmp_path / "1f1b")},
         {"set": [*BASE, P4, par, "parallel.schedule=interleaved-1f1b"], "run_dir": str(tmp_path / "interleaved")},
         {"set": [*BASE, P2, par], "run_dir": str(tmp_path / "moved"), "until": 1},
+        # the step's running expert counts (global_aux_loss), each recomputation taking its forward's under 1f1b
+        {"set": [*BASE, P2, par, *GLOBAL, "train.activation_checkpointing=true"], "run_dir": str(tmp_path / "global")},
     ]
     torchrun(2, jobs, tmp_path)
     ref2, ref4 = one_process(tmp_path / "ref2", P2), one_process(tmp_path / "ref4", P4)
     for name in ("gpipe", "1f1b"):
         assert_same_run(tmp_path / name, ref2)
     assert_same_run(tmp_path / "interleaved", ref4)
+    assert_same_run(tmp_path / "global", one_process(tmp_path / "ref-global", P2, *GLOBAL))
+    assert abs(metrics(tmp_path / "global")[1]["loss"] - metrics(ref2)[1]["loss"]) > 1e-6  # the running count matters
 
     # Each rank holds only its stages' parameters.
     for name, pattern in (("1f1b", P2), ("interleaved", P4)):
