@@ -55,7 +55,12 @@ def test_requests_of_equal_settings_run_as_one_batch_each_to_its_own_length(mode
             # Left-padded in a batch, a row's logits differ from its own by float rounding only (1e-7 here).
             assert row.completion.text == TOKENIZER.decode(solo(model, prompt, n))
             assert row.finish == "length" and row.tokens == n
-    assert b.usage() == {"prompt_tokens": 14, "completion_tokens": 6, "total_tokens": 20}
+    assert b.usage() == {
+        "prompt_tokens": 14,
+        "completion_tokens": 6,
+        "total_tokens": 20,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_other_settings_and_rows_past_the_batch_size_wait_for_the_next_batch(model):
@@ -372,7 +377,12 @@ def test_continuous_rows_join_a_running_batch_and_each_gets_its_own_text(model):
             alone = generate(model, TOKENIZER.encode(prompt), n, eos_id=256, repetition_penalty=penalty)
             assert row.completion.text == TOKENIZER.decode(alone)
             assert row.finish == "length" and row.tokens == n
-    assert b.usage() == {"prompt_tokens": 14, "completion_tokens": 10, "total_tokens": 24}
+    assert b.usage() == {
+        "prompt_tokens": 14,
+        "completion_tokens": 10,
+        "total_tokens": 24,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["static", "continuous"])

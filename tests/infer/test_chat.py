@@ -305,12 +305,22 @@ def test_a_chat_answer_is_the_rendered_prompts_completion_in_openais_shape(model
     assert body["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "length"}
     ]
-    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 12, "total_tokens": len(PROMPT) + 12}
+    assert body["usage"] == {
+        "prompt_tokens": len(PROMPT),
+        "completion_tokens": 12,
+        "total_tokens": len(PROMPT) + 12,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     with serving(model) as server:  # n: as many choices of the one conversation (greedy: equal ones)
         status, body = chat(server, {"messages": HI, "max_tokens": 12, "temperature": 0, "n": 2})
     assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
     assert [c["message"]["content"] for c in body["choices"]] == [text, text]
-    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 24, "total_tokens": len(PROMPT) + 24}
+    assert body["usage"] == {
+        "prompt_tokens": len(PROMPT),
+        "completion_tokens": 24,
+        "total_tokens": len(PROMPT) + 24,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_a_chat_stream_opens_with_the_role_and_its_deltas_join_to_the_answer(model):

@@ -87,7 +87,12 @@ def test_a_greedy_completion_is_generates_text_in_openais_shape(server, model):
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == "tiny"
     assert isinstance(body["created"], int)
     assert body["choices"] == [{"text": solo(model, "hi", 12), "index": 0, "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 12,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_several_prompts_are_several_choices_in_order(server, model):
@@ -95,7 +100,12 @@ def test_several_prompts_are_several_choices_in_order(server, model):
     status, body = complete(server, {"prompt": prompts, "max_tokens": 5, "temperature": 0})
     assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert [c["text"] for c in body["choices"]] == [solo(model, p, 5) for p in prompts]
-    assert body["usage"] == {"prompt_tokens": 23, "completion_tokens": 15, "total_tokens": 38}
+    assert body["usage"] == {
+        "prompt_tokens": 23,
+        "completion_tokens": 15,
+        "total_tokens": 38,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_a_stream_concatenates_to_the_text_and_ends_with_done(server):
@@ -160,7 +170,12 @@ def test_echo_starts_the_text_with_the_prompt_and_max_tokens_0_scores_the_prompt
     assert status == 200 and [c["text"] for c in body["choices"]] == [p + solo(model, p, 5) for p in ("hi", "yo")]
     assert body["choices"][0]["logprobs"] is None
     status, body = complete(server, {"prompt": "hi there", "max_tokens": 0, "echo": True, "logprobs": 3})
-    assert status == 200 and body["usage"] == {"prompt_tokens": 8, "completion_tokens": 0, "total_tokens": 8}
+    assert status == 200 and body["usage"] == {
+        "prompt_tokens": 8,
+        "completion_tokens": 0,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     (choice,) = body["choices"]
     assert choice["text"] == "hi there" and choice["finish_reason"] == "length"
     scores = choice["logprobs"]
@@ -614,6 +629,25 @@ def _metrics(server) -> dict[str, float]:
     return values
 
 
+@pytest.mark.parametrize("max_tokens", [0, 2])
+def test_scored_prompts_report_the_tokens_a_kept_scored_prefix_stood_for(model, monkeypatch, max_tokens):
+    """Echoed prompts scored with logprobs (lm-evaluation-harness's requests) reuse a prefix kept from earlier scored
+    prompts, and their usage says how many tokens it stood for; with new tokens too (the scoring forward is then
+    their prefill)."""
+    from hybridlm.infer import prefixes
+
+    monkeypatch.setattr(prefixes, "SHARED_PREFIX", 8)
+    shared = "a system prompt of some length: "
+    with serving(model) as server:
+        cached = []
+        for end in ("one", "two", "three"):
+            body = {"prompt": shared + end, "max_tokens": max_tokens, "echo": True, "logprobs": 1, "temperature": 0}
+            status, answer = complete(server, body)
+            assert status == 200
+            cached.append(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 0, 32]
+
+
 def test_metrics_sum_each_request_s_latency_and_time_to_first_token(model):
     """GET /metrics: the requests finished, and the seconds from taking each to its first token and to its end,
     summed (Prometheus counters, as a rate of sums over a rate of counts gives the mean); a request of no new tokens
@@ -635,13 +669,15 @@ def test_metrics_sum_each_request_s_latency_and_time_to_first_token(model):
     assert 0 < first < whole <= wall
 
 
-def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(model, monkeypatch):
+@pytest.mark.parametrize("continuous", [False, True])
+def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(model, monkeypatch, continuous):
     """GET /metrics: requests, choices, prompt and generated tokens as the answers' usage counts them, batches,
-    and the prefix cache's hits once a prompt begins with a kept prefix; HEAD gives its headers alone."""
+    and the prefix cache's hits once a prompt begins with a kept prefix, which that answer's usage reports as
+    cached_tokens (OpenAI's prompt_tokens_details), static or continuous batching; HEAD gives its headers alone."""
     from hybridlm.infer import prefixes
 
     monkeypatch.setattr(prefixes, "SHARED_PREFIX", 8)
-    with serving(model) as server:
+    with serving(model, continuous=continuous) as server:
         assert _metrics(server)["hybridlm_requests_total"] == 0
         answers = []
         shared = "a system prompt of some length: "
@@ -669,6 +705,7 @@ def test_metrics_count_requests_tokens_and_the_prefix_cache_in_prometheus_text(m
         # fourth began with them. Each of the three answers is kept too: its prompt and its first token (the second,
         # its last, never ran: each ends at its limit)
         assert got["hybridlm_prefix_cache_hits_total"] == 1 and got["hybridlm_prefix_cache_hit_tokens_total"] == 32
+        assert [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers] == [0, 0, 0, 32]
         assert [a["choices"][0]["finish_reason"] for a in answers[1:]] == ["length"] * 3
         kept = [a["usage"]["prompt_tokens"] + 1 for a in answers[1:]]
         assert got["hybridlm_prefix_cache_entries"] == 1 + 3 and got["hybridlm_prefix_cache_positions"] == 32 + sum(

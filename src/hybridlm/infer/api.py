@@ -410,11 +410,14 @@ def parse_request(
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's ``usage`` object; ``cached_tokens``: of the prompt tokens, those a state kept from an earlier request
+    stood for (the prefix cache), under ``prompt_tokens_details`` as OpenAI's prompt caching reports them."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

@@ -75,6 +75,7 @@ class Row:
         """``echo``: the text the choice's starts with (the prompt's, with ``echo: true``)."""
         self.job, self.index, self.ids, self.completion, self.echo = job, index, ids, completion, echo
         self.tokens = 0  # tokens picked for it, the one that ended it included (an end of text, a stop's last)
+        self.cached = 0  # of its prompt's tokens, those a state the prefix cache kept before stood for
         self.finish: str | None = None  # "stop" or "length" once it has ended
         #: (token id, its scores) of each scored token (the echoed prompt's, then each picked one), with logprobs.
         self.scored: list[tuple[int, TokenLogprob | None]] = []
@@ -158,9 +159,10 @@ class Job:
 
     def usage(self) -> dict:
         """``usage``: the prompts' tokens as given (an empty prompt counts none; each prompt once, whatever its ``n``
-        choices, as OpenAI and vLLM count them) and the tokens picked."""
+        choices, as OpenAI and vLLM count them), of them those the prefix cache's kept states stood for, and the
+        tokens picked."""
         prompts = self.rows[:: self.request.n]
-        return usage(sum(len(r.ids) for r in prompts), sum(r.tokens for r in self.rows))
+        return usage(sum(len(r.ids) for r in prompts), sum(r.tokens for r in self.rows), sum(r.cached for r in prompts))
 
 
 class BatchWorker:
@@ -374,6 +376,13 @@ class BatchWorker:
             if self.graphs is not None:
                 options["graphs"] = self.graphs
             self.running_rows = len(live)
+
+            def on_token(r: int, token: int, scores=None) -> bool:
+                row = live[r]
+                if row.tokens == 0:  # the prompts are prefilled by now: what the prefix cache stood for, per prompt
+                    row.cached = self._kept(r, row.cached)
+                return self._on_token(row, token, scores)
+
             if live:
                 self.generate(
                     self.model,
@@ -385,7 +394,7 @@ class BatchWorker:
                     eos_id=None if batch[0].job.request.ignore_eos else self.tokenizer.eos_id,
                     seed=seed,
                     repetition_penalty=sampling.repetition_penalty,
-                    callback=lambda r, token, scores=None: self._on_token(live[r], token, scores),
+                    callback=on_token,
                     cuda_graph=self.cuda_graph,
                     **options,
                 )
@@ -419,7 +428,8 @@ class BatchWorker:
             except NonFiniteLogitsError as e:  # its row counts in echoed: that choice is named, the others resent
                 self._failed(echoed + [row for row in rows if row not in echoed], e)
                 return None
-            for row, scores in zip(echoed, scored):
+            for i, (row, scores) in enumerate(zip(echoed, scored)):
+                row.cached = self._kept(i)
                 own = row.job.request.logprobs
                 row.scored = [(t, s if s is None else s.most_likely(own)) for t, s in zip(row.ids, scores)]
         for row in rows:
@@ -508,6 +518,8 @@ class BatchWorker:
                     others,
                     prefill_shared(self.model, [row.ids or self._start for row in others], self.prefixes),
                 )
+                for i, row in enumerate(others):
+                    row.cached = self._kept(i)
             for group, done in groups:
                 if group:
                     batch.admit(
@@ -522,6 +534,12 @@ class BatchWorker:
             self.joined += len(live) if joining else 0
         except Exception as e:  # (a JoinError's message is its cause's)
             self._failed(rows, e.__cause__ if isinstance(e, JoinError) else e)
+
+    def _kept(self, index: int, default: int = 0) -> int:
+        """Of prompt ``index`` of the prefill just run, the positions a state the prefix cache held before stood for
+        (:attr:`~hybridlm.infer.prefix_store.PrefixStore.last_kept`); ``default`` without a prefix cache."""
+        kept = self.prefixes.last_kept if self.prefixes is not None else []
+        return kept[index] if index < len(kept) else default
 
     def _on_token(self, row: Row, token: int, scores: TokenLogprob | None = None) -> bool:
         """``generate``'s callback: True ends the row (its end, its own max_tokens, a gone client, a stop).

@@ -91,6 +91,9 @@ class PrefixStore:
         self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=remember)
         self.hits = 0  # prompts that began with a kept prefix
         self.hit_tokens = 0  # their positions that the kept prefixes stood for (not run)
+        #: Per prompt of the last call planned against the store (in its order), the leading positions a state kept
+        #: before that call stood for (0: none): what ``usage.prompt_tokens_details.cached_tokens`` reports.
+        self.last_kept: list[int] = []
 
     def most_bytes(self, model) -> int:
         """The most memory its entries can hold for ``model`` (on its device): ``capacity`` entries' fixed states and

@@ -130,8 +130,9 @@ def _plan(
     recent = list(store.recent) if store is not None else []
     groups, nodes = prefix_plan(inputs, SHARED_PREFIX, recent)
     hits = {}
+    held = {}  # each group's longest kept prefix: its state's computation starts there (_states)
     for key in list(groups):  # (a prefix less than SHARED_PREFIX past a kept one is that one, as in prefix_plan)
-        entry = None if store is None else store.lookup(key, k, proper=False)
+        entry = held[key] = None if store is None else store.lookup(key, k, proper=False)
         if entry is not None and len(key) - len(entry.tokens) < SHARED_PREFIX:
             hits.update(dict.fromkeys(groups.pop(key), entry))
     # A prompt's own kept state (a chat's last answer) stands for its group's prefix where it is at least as long.
@@ -147,7 +148,12 @@ def _plan(
     if (groups or hits) and _cost(inputs, groups, hits, nodes, overhead, store is not None) >= _cost(
         inputs, {}, {}, [], overhead
     ):
-        return {}, {}, []
+        groups, hits, nodes = {}, {}, []
+    if store is not None:
+        reused = dict.fromkeys(range(len(inputs)), 0)
+        reused.update((r, len(held[key].tokens)) for key, rs in groups.items() if held[key] is not None for r in rs)
+        reused.update((r, len(entry.tokens)) for r, entry in hits.items())
+        store.last_kept = list(reused.values())
     return groups, hits, nodes
 
 
