@@ -460,7 +460,8 @@ MEGATRON_NAMES = {
     "linear_conv_kernel_dim": "hybridlm's is 'gdn_conv_kernel'",
     **dict.fromkeys(
         ("seq_length", "max_position_embeddings"),
-        "the sequence length is not part of the model (hybridlm train: data.seq_len)",
+        "the sequence length is not part of the model (hybridlm train: data.seq_len; YaRN's pretrained length is "
+        "'yarn_original_max_position_embeddings')",
     ),
 }
 
