@@ -436,24 +436,34 @@ def test_auto_compile_mode_on_one_gpu_is_cuda_graphs_with_the_same_losses(tmp_pa
 @pytest.mark.gpu
 def test_global_balancing_over_micro_batches_trains_the_same_under_cuda_graphs_and_checkpointing(tmp_path):
     """moe_aux_loss_type = "global_aux_loss" with two micro-batches a step: the running count (kept out of the compiled
-    graphs) gives the same losses with the blocks replayed as CUDA graphs, with them recomputed under checkpointing
-    too, as with plain compiled blocks."""
+    graphs) trains the same eagerly, with plainly compiled blocks, replayed as CUDA graphs, and graphed with the blocks
+    recomputed under checkpointing, to 1e-4: compiled and eager kernels round otherwise (on an H100 these runs
+    differed by up to 5e-5, and with "aux_loss" by up to 3e-5). A recomputation that
+    counted its micro-batch again would shift the second micro-batch's balancing; the CPU tests check it exactly."""
     runs = {}
     common = ("model.moe_aux_loss_coeff=0.1", "model.moe_aux_loss_type=global_aux_loss", "train.micro_batch_size=2")
     for name, extra in (
-        ("default", ("train.compile_mode=default",)),
-        ("graphs", ("train.compile_mode=auto",)),
-        ("graphs-checkpointed", ("train.compile_mode=auto", "train.activation_checkpointing=true")),
+        ("eager", ("train.compile=false",)),
+        ("compiled", ("train.compile=true", "train.compile_mode=default")),
+        ("graphs", ("train.compile=true", "train.compile_mode=auto")),
+        (
+            "graphs-checkpointed",
+            ("train.compile=true", "train.compile_mode=auto", "train.activation_checkpointing=true"),
+        ),
     ):
-        t = Trainer(tiny_run("train.compile=true", *common, *extra), run_dir=tmp_path / name, progress=False)
-        assert t.cuda_graphs == (name != "default")
+        t = Trainer(tiny_run(*common, *extra), run_dir=tmp_path / name, progress=False)
+        assert t.cuda_graphs == name.startswith("graphs")
         t.run_loop()
         runs[name] = losses(tmp_path / name)
         assert all(r["aux_loss"] > 0 for r in t.metrics.history if "loss" in r)
-    for name in ("graphs", "graphs-checkpointed"):
-        assert runs[name].keys() == runs["default"].keys()
-        for step, loss in runs["default"].items():
-            assert runs[name][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (name, step)
+    for name, base, tol in (
+        ("graphs-checkpointed", "graphs", 1e-4),
+        ("graphs", "eager", 1e-4),
+        ("compiled", "eager", 1e-4),
+    ):
+        assert runs[name].keys() == runs[base].keys()
+        for step, loss in runs[base].items():
+            assert runs[name][step] == pytest.approx(loss, rel=tol), (name, base, step)
 
 
 @pytest.mark.gpu
