@@ -9,7 +9,8 @@
 # writes $OUT/<stage>.clocks.csv: the GPU's SM clock, power and temperature every 200 ms of the stage.
 #
 # Wheels (.whl/, carried, never committed): mamba-ssm and causal-conv1d built Python-only, fla-core
-# (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1).
+# (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1), and tomli_w (`pip download tomli_w --no-deps
+# -d .whl`: the image lacks it, and the trainer imports it, so its tests need it).
 set -u
 if [[ ${1:-} != --no-install ]] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
