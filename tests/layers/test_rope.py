@@ -70,7 +70,7 @@ def test_yarn_frequencies_and_cos_sin_factor_are_transformers_bits(setting):
 
 def test_cos_and_sin_carry_the_factor_and_a_plain_rope_is_unchanged():
     pos = torch.arange(11).expand(2, 11)
-    yarn = Yarn(4.0, 64)
+    yarn = Yarn(4.0, 64, 32.0, 1.0, 1.0, 0.0, True)  # the fields' defaults (cos and sin times 0.1 ln(4) + 1)
     cos, sin = rope_cos_sin(pos, 8, 500.0, yarn=yarn)
     inv, amplitude = rope_frequencies(8, 500.0, yarn)
     angles = torch.cat([pos[..., None] * inv] * 2, dim=-1)

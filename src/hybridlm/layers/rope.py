@@ -22,15 +22,15 @@ from ..ops.precision import accumulation_dtype
 
 @dataclasses.dataclass(frozen=True)
 class Yarn:
-    """YaRN's settings (the ``yarn_*`` fields of :class:`~hybridlm.config.ModelConfig`)."""
+    """YaRN's settings (the ``yarn_*`` fields of :class:`~hybridlm.config.ModelConfig`, which hold their defaults)."""
 
     factor: float
     original_max_position_embeddings: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
-    round_to_int: bool = True
+    beta_fast: float
+    beta_slow: float
+    mscale: float
+    mscale_all_dim: float
+    round_to_int: bool
 
     @classmethod
     def of(cls, config: ModelConfig) -> Yarn | None:
