@@ -827,11 +827,11 @@ REALISTIC = dict(
 )
 
 
-def bf16_decode_errors(pattern: str, device: str, length: int, steps: int) -> tuple[float, float]:
+def bf16_decode_errors(pattern: str, device: str, length: int, steps: int, **overrides) -> tuple[float, float]:
     """A bf16 model (``cast``: A_log, D and the other sensitive parameters float32) prefills ``length - steps``
     tokens into a cache and decodes ``steps`` one-token steps. Returns the relative errors of the decoded
     logits and of the full bf16 forward's, both against the float64 forward of the same rounded weights."""
-    cfg = ModelConfig(pattern=pattern, **REALISTIC)
+    cfg = ModelConfig(pattern=pattern, **{**REALISTIC, **overrides})
     model = HybridLM(cfg, seed=3, device=device).cast(torch.bfloat16).eval()
     reference = copy.deepcopy(model).to(torch.float64)  # the same bf16-rounded weights, exactly
     ids = torch.randint(0, cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(0)).to(device)
@@ -846,29 +846,36 @@ def bf16_decode_errors(pattern: str, device: str, length: int, steps: int) -> tu
 
 #: Every mixer kind (attention and MLA / DSA do not share a model).
 BF16_PATTERNS = ["M-G-*-E-", "M-+-D-GE"]
+#: YaRN extending a 1,024-token context by 4: positions past it, the softmax rescaled in MLA / DSA.
+YARN = dict(rope_type="yarn", yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=1024)
+YARN |= dict(yarn_mscale=0.707, yarn_mscale_all_dim=0.707)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rope", [{}, YARN], ids=["rope", "yarn"])
 @pytest.mark.parametrize("pattern", BF16_PATTERNS)
-def test_bf16_cached_decoding_at_4096_tokens_is_as_close_to_float64_as_the_full_forward_on_gpu(pattern):
+def test_bf16_cached_decoding_at_4096_tokens_is_as_close_to_float64_as_the_full_forward_on_gpu(pattern, rope):
     """Realistic sizes and length on the GPU kernels (the Triton scans for the prefill and the full forward,
     the step kernels for the decode): a cached decode after a 4,088-token prefill is within 1.5x the full bf16
     forward's error against float64 (both fed the same rounded weights), plus half a bf16 rounding of the logits."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     reset_paths()
-    err_decode, err_full = bf16_decode_errors(pattern, "cuda", 4096, 8)
-    print(f"{pattern} bf16 at 4096 tokens: decode {err_decode:.3g}, full forward {err_full:.3g} (relative to float64)")
+    err_decode, err_full = bf16_decode_errors(pattern, "cuda", 4096, 8, **rope)
+    print(
+        f"{pattern} {rope.get('rope_type', 'rope')} bf16 at 4096 tokens: decode {err_decode:.3g}, full forward {err_full:.3g} (relative to float64)"
+    )
     used = paths_used()
     assert used.get("mamba2_step") == "triton" and used.get("gdn_step", "triton") == "triton", used
     assert ("G" in pattern) == ("gdn_step" in used) and used.get("moe_route") == "triton", used
     assert err_decode <= 1.5 * err_full + 2e-3, (err_decode, err_full)
 
 
+@pytest.mark.parametrize("rope", [{}, YARN], ids=["rope", "yarn"])
 @pytest.mark.parametrize("pattern", BF16_PATTERNS)
-def test_bf16_cached_decoding_is_as_close_to_float64_as_the_full_forward_on_cpu(pattern):
+def test_bf16_cached_decoding_is_as_close_to_float64_as_the_full_forward_on_cpu(pattern, rope):
     """The same check as the GPU one at a short length on CPU's torch paths (a smoke test of the check itself)."""
-    err_decode, err_full = bf16_decode_errors(pattern, "cpu", 48, 4)
+    err_decode, err_full = bf16_decode_errors(pattern, "cpu", 48, 4, **rope)
     assert err_decode <= 1.5 * err_full + 2e-3, (err_decode, err_full)
 
 
