@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.parallel.execution import FLOAT8_RECIPES
 from hybridlm.train.collector import ManualGC
 from hybridlm.train.trainer import configure_cuda_allocator, measure_matmul_flops
 
@@ -90,15 +91,21 @@ SAVE_SEAMS = True  # --no-save-seams: compiled fused blocks recompute their seam
 GC_EVERY = 0  # --gc-every: as train.gc_every (0: Python's automatic garbage collection)
 
 
-def build_ours(config: ModelConfig, compile_: bool, ac: str | None) -> torch.nn.Module:
-    from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
+def build_ours(config: ModelConfig, compile_: bool, ac: str | None, float8: str = "none") -> torch.nn.Module:
+    from hybridlm.parallel.execution import apply_activation_checkpointing, apply_float8, compile_blocks
 
     model = HybridLM(config, seed=0, device="cuda")
+    apply_float8(model, float8)  # as the trainer: before checkpointing and compile
     if ac:
         apply_activation_checkpointing(model, ac)
     if compile_:
         compile_blocks(model, save_seams=SAVE_SEAMS, **({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
     return model
+
+
+def float8_of(variant: str, recipe: str) -> str:
+    """The ``train.float8`` recipe a variant runs with: ``recipe`` for the ``-float8`` ones."""
+    return recipe if variant.endswith("-float8") else "none"
 
 
 def ours_step(model, batch) -> torch.Tensor:
@@ -506,7 +513,14 @@ def main() -> None:
     ap.add_argument("--compare-hf", action="store_true", help="also run Hugging Face NemotronHForCausalLM")
     ap.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
     ap.add_argument("--ac", default=None, help="activation checkpointing policy (train.ac_policy), e.g. selective")
-    ap.add_argument("--variants", default="unfused,fused", help="which of ours to run")
+    ap.add_argument(
+        "--variants",
+        default="unfused,fused",
+        help="which of ours to run: unfused, fused, and either with -float8 (float8 linear layers, --float8's recipe)",
+    )
+    ap.add_argument(
+        "--float8", default="tensorwise", choices=FLOAT8_RECIPES[1:], help="the -float8 variants' train.float8 recipe"
+    )
     ap.add_argument(
         "--save-seams",
         action=argparse.BooleanOptionalAction,
@@ -594,6 +608,7 @@ def main() -> None:
         print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")
 
     variants = {"unfused": base.pattern, "fused": fuse_all(base.pattern)}
+    variants |= {f"{name}-float8": pattern for name, pattern in variants.items()}  # train.float8 = --float8
     rows = []
     for shape in args.shapes.split(","):
         B, L = (int(x) for x in shape.lower().split("x"))
@@ -606,7 +621,10 @@ def main() -> None:
         if args.interleave:  # ours in one process, steps taking turns; Hugging Face (if asked) after them
             torch._dynamo.reset()
             configs = {name: base.replace(pattern=variants[name]) for name in args.variants.split(",")}
-            builds = {name: lambda cfg=cfg: build_ours(cfg, compile_, args.ac) for name, cfg in configs.items()}
+            builds = {
+                name: lambda cfg=cfg, name=name: build_ours(cfg, compile_, args.ac, float8_of(name, args.float8))
+                for name, cfg in configs.items()
+            }
             for name, r in measure_interleaved(builds, ours_step, batches, args.steps, args.warmup).items():
                 runs[f"hybridlm {name}"] = [r]
                 tps = B * L / (r["step_ms"] / 1e3)
@@ -622,8 +640,8 @@ def main() -> None:
                 if kind == "ours":
                     cfg = base.replace(pattern=variants[name])
 
-                    def build(cfg=cfg):
-                        return build_ours(cfg, compile_, args.ac)
+                    def build(cfg=cfg, name=name):
+                        return build_ours(cfg, compile_, args.ac, float8_of(name, args.float8))
 
                     r = measure(build, ours_step, batches, args.steps, args.warmup)
                     label = f"hybridlm {name}"
@@ -691,6 +709,13 @@ def main() -> None:
                     f"mean {mean:.4f} ({mlo:.4f}-{mhi:.4f}), "
                     f"quartiles {q[0]:.3f}-{q[2]:.3f}, fused ahead in {sum(r > 1 for r in ratios)} of {len(ratios)}"
                 )
+        for name in ("unfused", "fused"):  # float8 against the same variant in the model's precision
+            hi, f8 = d.get(f"hybridlm {name}"), d.get(f"hybridlm {name}-float8")
+            if hi and f8:
+                parts.append(f"{name}-float8/{name} {f8 / hi:.3f}")
+                sh, s8 = pair_ms[shape].get(f"hybridlm {name}"), pair_ms[shape].get(f"hybridlm {name}-float8")
+                if sh and s8 and len(sh) > 1:
+                    parts.append(f"(step pairs: median {statistics.median(a / b for a, b in zip(sh, s8)):.3f})")
         if hf and u:
             parts.append(f"unfused/HF {u / hf:.3f}")
         if hf and f:

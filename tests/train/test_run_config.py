@@ -59,6 +59,8 @@ def test_preset_in_model_table(tmp_path):
         (["train.precision=fp8"], "train.precision"),
         (["train.compile_mode=fast"], "train.compile_mode"),
         (["train.compile_mode=max-autotune"], "train.compile_mode"),
+        (["train.float8=fp8"], "train.float8"),
+        (["train.float8=true"], "train.float8"),
         (["train.gc_every=-1"], "train.gc_every"),
         (["model.hidden_size=0"], "model.hidden_size"),
         (["model.pattern=M*X"], "model.pattern"),
@@ -187,6 +189,9 @@ def test_settings_the_schedule_or_model_does_not_use_are_noted():
     assert expert in notes("optim.moe_expert_bias_rate=0.01")
     assert expert not in notes("optim.moe_expert_bias_rate=0.01", "model.moe_router_expert_bias=true")
     assert notes("optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.min_lr_ratio=0.5") == []
+    uncompiled = "train.float8 without train.compile = true: each float8 matmul's scaling and casts run as separate"
+    assert any(n.startswith(uncompiled) for n in notes("train.float8=tensorwise"))
+    assert notes("train.float8=rowwise", "train.compile=true") == []
 
 
 def test_apply_wd_to_qk_layernorm_on_a_model_without_qk_norms_or_without_weight_decay_is_noted():

@@ -395,6 +395,87 @@ def test_auto_compile_mode_records_cuda_graphs_only_where_they_can_run(tmp_path)
     assert "compiled blocks" in t.describe()[-1] and "reduce-overhead" not in t.describe()[-1]
 
 
+def test_float8_training_on_the_cpu_stays_close_and_saves_the_plain_layout(tmp_path):
+    """train.float8: the blocks' linear layers in float8 (emulated on the CPU), said in the header; the losses stay
+    near the float32 run's, and the saved model is the plain model's names and shapes (it loads without torchao)."""
+    pytest.importorskip("torchao")
+    plain = Trainer(tiny_run("train.device=cpu"), run_dir=tmp_path / "plain", progress=False)
+    plain.run_loop()
+    t = Trainer(tiny_run("train.device=cpu", "train.float8=tensorwise"), run_dir=tmp_path / "f8", progress=False)
+    device_line = next(line for line in t.describe() if line.startswith("device"))
+    assert f"float8 matmuls (tensorwise, {t.float8_layers} linear layers) (emulated on the CPU: slow)" in device_line
+    assert t.float8_layers > 0 and "float8" not in next(ln for ln in plain.describe() if ln.startswith("device"))
+    assert sum(type(m).__name__ == "Float8Linear" for m in t.model.modules()) == t.float8_layers
+    t.run_loop()
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "f8")
+    assert a.keys() == b.keys()
+    for step, loss in a.items():
+        assert b[step] == pytest.approx(loss, rel=2e-2), step
+        assert b[step] != loss  # the float8 matmuls did run
+    saved = hybridlm.load(tmp_path / "f8" / "model")
+    assert {k: v.shape for k, v in saved.state_dict().items()} == {
+        k: v.shape for k, v in plain.model.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("sets", "error"),
+    [
+        ([], r"train\.float8: float8 training needs torchao .*pip install torchao"),
+        (
+            ["model.pattern=M-", "model.hidden_size=24", "model.mamba_num_groups=1"],
+            r"train\.float8: no linear layer in the blocks has both",
+        ),
+    ],
+)
+def test_float8_that_cannot_run_is_refused_before_the_corpus_is_read(tmp_path, monkeypatch, sets, error):
+    import sys
+
+    from hybridlm.train import trainer as trainer_module
+
+    def reading(*args, **kwargs):
+        raise AssertionError("the corpus was read before train.float8 was checked")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", reading)
+    if not sets:
+        monkeypatch.setitem(sys.modules, "torchao", None)
+        monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    else:
+        pytest.importorskip("torchao")
+    with pytest.raises(ConfigError, match=error):
+        Trainer(tiny_run("train.float8=tensorwise", *sets), run_dir=tmp_path / "a", progress=False)
+
+
+@pytest.mark.gpu
+def test_float8_on_the_gpu_trains_close_to_bf16_and_the_same_under_cuda_graphs(tmp_path):
+    """On a GPU with float8 tensor cores: tensorwise and rowwise float8 stay near the bf16 run's losses, and
+    CUDA graphs (compile mode "auto" in one process) replay the float8 steps to plain compiled blocks' losses."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs float8 tensor cores with row-wise scales (compute capability 9.0+)")
+    pytest.importorskip("torchao")
+    runs = {}
+    for recipe, mode in (("none", "auto"), ("tensorwise", "auto"), ("tensorwise", "default"), ("rowwise", "auto")):
+        t = Trainer(
+            tiny_run("train.compile=true", f"train.compile_mode={mode}", f"train.float8={recipe}", "train.steps=16"),
+            run_dir=tmp_path / f"{recipe}-{mode}",
+            progress=False,
+        )
+        assert t.cuda_graphs == (mode == "auto") and (t.float8_layers > 0) == (recipe != "none")
+        t.run_loop()
+        runs[recipe, mode] = losses(tmp_path / f"{recipe}-{mode}")
+    bf16 = runs["none", "auto"]
+    for step, loss in runs["tensorwise", "default"].items():
+        assert runs["tensorwise", "auto"][step] == pytest.approx(loss, rel=1e-4), step
+    for recipe in ("tensorwise", "rowwise"):
+        got = runs[recipe, "auto"]
+        print(recipe, {s: f"{got[s]:.4f}/{bf16[s]:.4f}" for s in bf16})
+        assert got.keys() == bf16.keys()
+        assert all(got[s] == pytest.approx(bf16[s], rel=3e-2) for s in bf16), recipe
+        assert any(got[s] != bf16[s] for s in bf16)
+
+
 #: Qwen3-Next's parts over the tiny run: Gated DeltaNet and gated attention fused with MoE layers whose shared
 #: expert is gated, zero-centred norms, an MTP depth, no expert bias (the expert-load counting alone).
 QWEN3_NEXT_LIKE = (

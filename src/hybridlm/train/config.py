@@ -140,6 +140,10 @@ class TrainConfig:
     #: (one CUDA process, so no pipeline stages), which pays where the host cannot keep the GPU
     #: busy; "auto": "reduce-overhead" where it can run, else "default"
     compile_mode: str = "auto"
+    #: "none", or float8 matmuls in the blocks' linear layers with torchao (needs torchao and, to be
+    #: fast, a GPU with float8 tensor cores, compute capability 8.9+): "tensorwise" (one scale per
+    #: tensor; the fast one) or "rowwise" (one per row). MoE experts, embedding and head stay as they are.
+    float8: str = "none"
     threads: int | None = None  #: CPU threads for torch (None = torch's default)
     #: 0: Python's automatic garbage collection; N > 0: automatic collection off and a full
     #: collection after every N-th step, so its pauses land at known steps (Megatron's --manual-gc)
@@ -388,12 +392,14 @@ class RunConfig:
                 raise ConfigError(
                     "train.micro_batch_size", f"{t.micro_batch_size} must divide train.batch_size ({t.batch_size})"
                 )
-        try:
-            from ..parallel.execution import parse_ac_policy
+        from ..parallel.execution import FLOAT8_RECIPES, parse_ac_policy
 
+        try:
             parse_ac_policy(t.ac_policy)
         except ValueError as e:
             raise ConfigError("train.ac_policy", str(e)) from None
+        if t.float8 not in FLOAT8_RECIPES:
+            raise ConfigError("train.float8", f"must be one of {', '.join(FLOAT8_RECIPES)}, got {t.float8!r}")
         if t.compile_mode not in COMPILE_MODES:
             raise ConfigError(
                 "train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}"
@@ -479,6 +485,11 @@ class RunConfig:
             notes.append(f"train.threads ({t.threads}) is more than this machine's {cores} CPU cores: they compete")
         if t.compile_mode != TrainConfig.compile_mode and not t.compile:
             notes.append("train.compile_mode has no effect without train.compile = true")
+        if t.float8 != "none" and not t.compile:  # torchao's casts are separate kernels uncompiled
+            notes.append(
+                "train.float8 without train.compile = true: each float8 matmul's scaling and casts run as separate "
+                "kernels, which compile fuses (torchao's advice)"
+            )
         unused = [f"parallel.{k}" for k in ("schedule", "microbatches") if getattr(par, k) is not None]
         if par.pp == 1 and unused:
             verb = "has" if len(unused) == 1 else "have"

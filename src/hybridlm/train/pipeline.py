@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..model import label_counts
 from ..parallel.execution import (
     apply_activation_checkpointing,
+    apply_float8,
     apply_fsdp,
     clip_grad_norm,
     compile_blocks,
@@ -93,6 +94,7 @@ class PipelineRunner:
         activation_checkpointing: str | None = None,
         compile: bool = False,
         compile_mode: str = "default",
+        float8: str = "none",
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -117,6 +119,7 @@ class PipelineRunner:
         self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp, seed)
         # "global_aux_loss" balances with the counts of this stage's data-parallel ranks, over a step's micro-batches.
         self.step_counts = share_expert_counts(self.model, self.dp_group if self.dp > 1 else None)
+        apply_float8(self.model, float8)  # before checkpointing and compile wrap the layers
         if activation_checkpointing:  # a policy: "full", "selective" or per block kind
             apply_activation_checkpointing(self.model, activation_checkpointing)
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code

@@ -43,13 +43,16 @@ from ..model import HybridLM, combine_losses, label_counts
 from ..ops.dispatch import check_device as check_kernels_device
 from ..parallel.execution import (
     apply_activation_checkpointing,
+    apply_float8,
     apply_fsdp,
     clip_grad_norm,
     compile_blocks,
+    float8_linears,
     reduce_replicated_gradients,
     replicated,
     shard_like,
     share_expert_counts,
+    torchao_float8,
 )
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig, records_init_from
@@ -402,6 +405,8 @@ class Trainer:
         #: What one token uses (an MoE layer's top-k routed experts of all), for the header; None without MoE layers.
         self.num_active_params = int(meta.num_params(active=True)) if "E" in self.config.symbols else None
         self._check_model_fits()
+        #: The linear layers ``train.float8`` runs in float8 (all ranks' stages together; 0 without it).
+        self.float8_layers = self._check_float8(meta)
         if resume:
             self._check_same_model()
         init_tensors = self._read_init() if self.init_from is not None else None
@@ -423,6 +428,7 @@ class Trainer:
                 activation_checkpointing=t.ac_policy if t.activation_checkpointing else None,
                 compile=t.compile,
                 compile_mode=self.compile_mode,
+                float8=t.float8,
                 autocast=self._autocast,
             )
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
@@ -447,6 +453,8 @@ class Trainer:
             if self.pipeline is not None
             else share_expert_counts(self.model, dist.group.WORLD if self.world > 1 else None)
         )
+        if self.pipeline is None:  # before checkpointing and compile wrap the layers
+            apply_float8(self.model, t.float8)
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
@@ -634,6 +642,31 @@ class Trainer:
                 f"ids, labels and document ids){shared}, more than this machine's {have / 2**30:,.1f} GiB; make it "
                 "smaller",
             )
+
+    def _check_float8(self, meta: HybridLM) -> int:
+        """``train.float8``'s needs, checked before a model is built: a device with float8 matmuls, torchao, and
+        linear layers it can take (``meta``: the whole model on the meta device). Returns how many it converts."""
+        recipe = self.run.train.float8
+        if recipe == "none":
+            return 0
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise ConfigError(
+                "train.float8",
+                f"float8 matmuls need a GPU of compute capability 8.9 or later (Ada, Hopper, Blackwell); "
+                f"{torch.cuda.get_device_name(self.device)} is {major}.{minor}: set it to 'none'",
+            )
+        try:
+            torchao_float8()  # its absence said now, not after the data and the model
+        except ImportError as e:
+            raise ConfigError("train.float8", str(e)) from None
+        if not (n := len(float8_linears(meta))):
+            raise ConfigError(
+                "train.float8",
+                "no linear layer in the blocks has both dimensions a multiple of 16, which float8 matmuls need "
+                f"(model.hidden_size {self.config.hidden_size})",
+            )
+        return n
 
     def _check_model_fits(self) -> None:
         """Refuse, naming a field, a model whose training state alone outgrows this device (the allocator's
@@ -1048,6 +1081,8 @@ class Trainer:
             f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} step{'s' * (t.steps != 1)}",
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
+            + (f" · float8 matmuls ({t.float8}, {self.float8_layers} linear layers)" if self.float8_layers else "")
+            + (" (emulated on the CPU: slow)" if self.float8_layers and self.device.type == "cpu" else "")
             + (" · compiled blocks" if t.compile else "")
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
