@@ -1082,7 +1082,11 @@ class Trainer:
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
             + (f" · float8 matmuls ({t.float8}, {self.float8_layers} linear layers)" if self.float8_layers else "")
-            + (" (emulated on the CPU: slow)" if self.float8_layers and self.device.type == "cpu" else "")
+            + (
+                " (emulated on the CPU: far slower, for tests)"
+                if self.float8_layers and self.device.type == "cpu"
+                else ""
+            )
             + (" · compiled blocks" if t.compile else "")
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
