@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.parallel.execution import FLOAT8_RECIPES
+from hybridlm.ops.float8 import FLOAT8_RECIPES
 from hybridlm.train.collector import ManualGC
 from hybridlm.train.trainer import configure_cuda_allocator, measure_matmul_flops
 
@@ -92,7 +92,8 @@ GC_EVERY = 0  # --gc-every: as train.gc_every (0: Python's automatic garbage col
 
 
 def build_ours(config: ModelConfig, compile_: bool, ac: str | None, float8: str = "none") -> torch.nn.Module:
-    from hybridlm.parallel.execution import apply_activation_checkpointing, apply_float8, compile_blocks
+    from hybridlm.ops.float8 import apply_float8
+    from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 
     model = HybridLM(config, seed=0, device="cuda")
     apply_float8(model, float8)  # as the trainer: before checkpointing and compile

@@ -58,6 +58,7 @@ def test_plot(tmp_path, capsys, suffix):
     [
         (["plan", "M-M", "--preset", "tiny", "--pp", "4"], "cannot place 4 pipeline stages"),
         (["plan", "--preset", "tiny", "--pp", "2", "--hardware", "tpu"], "--hardware 'tpu'"),
+        (["plan", "--preset", "tiny", "--pp", "2", "--float8", "fp8"], "--float8 'fp8' is not one of none, tensorwise"),
         (["plan", "--preset", "tiny", "--pp", "2", "--plot", "x.pdf"], "must end in .png or .svg"),
         (["plan", "M-[*M]", "--preset", "tiny", "--pp", "1"], "a fused group must be"),
         (["plan", "--preset", "nope", "--pp", "2"], "unknown preset"),
@@ -134,6 +135,16 @@ def test_a_run_file_sizes_the_head_by_its_tokenizer(tmp_path, capsys):
         for f in ("tok.toml", "explicit.toml", "byte.toml")
     ]
     assert plans[0] == plans[1] != plans[2]
+
+
+def test_a_run_files_float8_is_planned_unless_the_flag_says_otherwise(tmp_path, capsys):
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\npreset = "bench-1.3b"\n[data]\nseq_len = 4096\n[train]\nfloat8 = "tensorwise"\n')
+    f8 = _json(capsys, ["plan", "--config", str(run), "--pp", "2", "--json"])
+    plain = _json(capsys, ["plan", "--config", str(run), "--pp", "2", "--float8", "none", "--json"])
+    assert f8["float8"] == "tensorwise" and plain["float8"] == "none"
+    assert sum(f8["block_costs"]) < sum(plain["block_costs"])
+    assert f8["last_stage_extra_cost"] == plain["last_stage_extra_cost"]  # the head stays in bf16
 
 
 def test_measure(capsys):

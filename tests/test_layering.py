@@ -55,7 +55,7 @@ LEVEL = {
 #: Units that import only the standard library (no torch): importing them stays instant.
 PURE = {"base", "pattern", "config"}
 #: Optional kernel packages: only ops/ may import them (ops/dispatch.py chooses the path).
-KERNEL_PACKAGES = {"triton", "mamba_ssm", "fla", "causal_conv1d", "flash_attn", "grouped_gemm", "flashinfer"}
+KERNEL_PACKAGES = {"triton", "mamba_ssm", "fla", "causal_conv1d", "flash_attn", "grouped_gemm", "flashinfer", "torchao"}
 
 
 def _module_name(path: Path) -> str:

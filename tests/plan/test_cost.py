@@ -166,3 +166,43 @@ def test_the_shared_expert_gate_saves_the_shared_output_and_one_gate_per_token()
     ungated = config.replace(moe_shared_expert_gate=False)
     assert saved_elements(config) - saved_elements(ungated) == 10 * (config.hidden_size + 1)
     assert cost._saved_elements(config, "E") - cost._saved_elements(ungated, "E") == config.hidden_size + 1
+
+
+def test_float8_runs_the_converted_layers_matmuls_at_the_float8_peak():
+    """With train.float8 the FLOPs of the layers ops.float8 converts go at the float8 peak (twice bf16's on an H100),
+    everything else as before: an MLP block's compute halves, Mamba2's scan and the head do not move."""
+    from hybridlm.ops.float8 import float8_linears
+    from hybridlm.plan.cost import HARDWARE, _param_counts
+
+    config = tiny_config("M-*-", hidden_size=4096, ffn_hidden_size=16384, mamba_head_dim=64)
+    bf16 = estimate_costs(config, 4096, 4)
+    f8 = estimate_costs(config, 4096, 4, float8="tensorwise")
+    assert f8.float8 == "tensorwise" and bf16.float8 == "none"
+    hw = HARDWARE["h100"]
+    assert hw.float8_flops_per_s == 2 * hw.flops_per_s + 1e12  # the data sheet's 1,979 against 989 TFLOP/s
+    # The counted weights are those of the converted layers, layer by layer.
+    model = HybridLM(config, device="meta")
+    converted = float8_linears(model)
+    counts = _param_counts(config)
+    for i, block in enumerate(counts["float8"]):
+        for j, n in enumerate(block):
+            want = [model.get_submodule(k).weight.numel() for k in converted if k.startswith(f"blocks.{i}.layers.{j}.")]
+            assert n == sum(want) > 0, (i, j)
+    mlp_bf16, mlp_f8 = bf16.blocks[1], f8.blocks[1]
+    assert mlp_bf16.flops == mlp_f8.flops and mlp_bf16.bytes == mlp_f8.bytes  # the same work, faster
+    # Compute-bound at this size, in bf16 and in float8: all of an MLP's FLOPs are its three linear layers'.
+    assert mlp_bf16.time_s == pytest.approx(mlp_bf16.flops / hw.flops_per_s)
+    assert mlp_f8.time_s == pytest.approx(mlp_bf16.flops / hw.float8_flops_per_s)
+    assert f8.head == bf16.head and f8.embedding == bf16.embedding
+    # bench-1.3b's Mamba2 layer: its projections convert, its scan (the rest of flops_per_token) stays in bf16.
+    from hybridlm import ModelConfig
+
+    bench = ModelConfig.preset("bench-1.3b")
+    assert bench.parsed.blocks[0] == "M"
+    mamba = [estimate_costs(bench, 4096, 4, float8=f).blocks[0].time_s for f in ("none", "tensorwise")]
+    assert 0.55 < mamba[1] / mamba[0] < 0.95
+
+
+def test_float8_needs_hardware_with_a_float8_peak():
+    with pytest.raises(ValueError, match=r"the A100 SXM 80GB has no float8 matmuls"):
+        estimate_costs(tiny_config("-"), 16, hardware="a100", float8="tensorwise")

@@ -371,3 +371,64 @@ def test_an_even_split_megatron_refuses_is_labelled_as_rounded():
     assert "5 blocks do not divide into 2 stages, which Megatron's split by block count refuses" in rounded
     even = plan_pipeline(tiny_config("M-M-"), 2, seq_len=16).render()
     assert "rounded" not in even and "refuses" not in even
+
+
+def test_float8_moves_the_cut_toward_the_head_which_stays_in_bf16():
+    """bench-1.3b on two ranks: float8 speeds the blocks' linear layers, not the head (output projection and loss),
+    so the last stage, which holds the head, takes fewer blocks than without."""
+    config = ModelConfig.preset("bench-1.3b")
+    plain = plan_pipeline(config, 2, seq_len=4096, micro_batch_size=4)
+    f8 = plan_pipeline(config, 2, seq_len=4096, micro_batch_size=4, float8="tensorwise")
+    assert f8.to_json()["float8"] == "tensorwise" and plain.to_json()["float8"] == "none"
+    assert f8.cuts[0] > plain.cuts[0]
+    assert max(f8.stage_costs(f8.cuts)) < max(plain.stage_costs(plain.cuts))
+    assert "float8 tensorwise" in f8.render().splitlines()[0] and "float8" not in plain.render().splitlines()[0]
+
+
+def test_float8_measured_times_come_from_torchaos_layers(monkeypatch):
+    pytest.importorskip("torchao")
+    from hybridlm.plan import measure
+
+    swapped, real = [], measure.apply_float8
+
+    def recording(model, recipe):
+        swapped.append((recipe, real(model, recipe)))
+        return swapped[-1][1]
+
+    monkeypatch.setattr(measure, "apply_float8", recording)
+    config = tiny_config("M-[*-]M-[*-]")
+    plan = plan_pipeline(config, 2, seq_len=16, measure="cpu", float8="rowwise")
+    assert plan.costs.source == "measured on cpu" and plan.costs.float8 == "rowwise"
+    assert all(t > 0 for t in plan.costs.block_times)
+    ((recipe, names),) = swapped
+    assert recipe == "rowwise" and any(".mixer.q_proj" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(float8="fp8"), "--float8 'fp8' is not one of none, tensorwise, rowwise"),
+        (
+            dict(float8="tensorwise", hardware="a100"),
+            "the A100 SXM 80GB has no float8 matmuls; estimate for h100 or h200",
+        ),
+    ],
+)
+def test_float8_plans_that_cannot_be_made_are_refused(kwargs, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        plan_pipeline(tiny_config("M-*-"), 2, seq_len=16, **kwargs)
+
+
+def test_float8_with_no_linear_layer_to_convert_is_refused_as_training_refuses_it():
+    config = tiny_config("M-", hidden_size=24, mamba_num_groups=1)
+    with pytest.raises(UsageError, match="no linear layer in the blocks has both dimensions multiples of 16"):
+        plan_pipeline(config, 1, seq_len=16, float8="tensorwise")
+
+
+def test_float8_measurement_without_torchao_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(UsageError, match=r"--float8 tensorwise: float8 training needs torchao .*pip install torchao"):
+        plan_pipeline(tiny_config("M-*-"), 2, seq_len=16, measure="cpu", float8="tensorwise")

@@ -449,6 +449,45 @@ def test_float8_that_cannot_run_is_refused_before_the_corpus_is_read(tmp_path, m
         Trainer(tiny_run("train.float8=tensorwise", *sets), run_dir=tmp_path / "a", progress=False)
 
 
+def test_a_float8_run_resumes_exactly_and_a_resume_may_turn_float8_off(tmp_path):
+    """torchao's dynamic scales keep no history, so a float8 run stopped and resumed is the uninterrupted run bit
+    for bit; the parameters are the same tensors with or without float8, so a resume may change train.float8."""
+    pytest.importorskip("torchao")
+    run = tiny_run("train.device=cpu", "train.float8=tensorwise", "train.steps=4", "train.checkpoint_every=2")
+    straight = Trainer(run, run_dir=tmp_path / "a", progress=False)
+    straight.run_loop()
+    Trainer(run, run_dir=tmp_path / "b", progress=False).run_loop(until=2)
+    second = Trainer(run, run_dir=tmp_path / "b", resume=True, progress=False)
+    second.run_loop()
+    a, b = weights(straight.model), weights(second.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    off = Trainer(tiny_run("train.device=cpu", "train.steps=6"), run_dir=tmp_path / "b", resume=True, progress=False)
+    assert off.step == 4 and off.float8_layers == 0
+    off.run_loop()
+    assert sorted(losses(tmp_path / "b")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_float8_on_a_gpu_without_float8_tensor_cores_is_refused_with_its_name(monkeypatch):
+    """A GPU older than compute capability 8.9 (an A100 is 8.0) has no float8 matmuls: the check names the card and
+    its capability instead of letting torchao fail in the first step. The CUDA queries are stubbed, so it runs on
+    the CPU."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    run = tiny_run("train.float8=rowwise")
+    stub = SimpleNamespace(run=run, device=torch.device("cuda", 0))
+    meta = hybridlm.HybridLM(run.model_config(257), device="meta")
+    with pytest.raises(ConfigError, match=r"train\.float8: .*8\.9 or later.*A100-SXM4-80GB is 8\.0: set it to 'none'"):
+        Trainer._check_float8(stub, meta)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    pytest.importorskip("torchao")
+    from hybridlm.ops.float8 import float8_linears
+
+    assert Trainer._check_float8(stub, meta) == len(float8_linears(meta)) > 0
+
+
 @pytest.mark.gpu
 def test_float8_on_the_gpu_trains_close_to_bf16_and_the_same_under_cuda_graphs(tmp_path):
     """On a GPU with float8 tensor cores: tensorwise and rowwise float8 stay near the bf16 run's losses, and

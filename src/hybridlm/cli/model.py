@@ -155,6 +155,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         recompute=args.recompute or bool(run and run.train.activation_checkpointing),
         hardware=args.hardware,
         measure=measure,
+        float8=args.float8 if args.float8 is not None else (run.train.float8 if run else "none"),
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
     if run is not None and args.micro_batch_size is None and not run.train.micro_batch_size:
@@ -207,6 +208,13 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("--recompute", action="store_true", help="block-level activation checkpointing")
     ap.add_argument("--hardware", default="h100", help="roofline of the estimate: h100 (default), h200 or a100")
+    ap.add_argument(
+        "--float8",
+        default=None,
+        metavar="RECIPE",
+        help="train.float8's recipe, none, tensorwise or rowwise: the blocks' linear layers at the float8 peak "
+        "(estimate) or as torchao's float8 layers (--measure); default: the run file's train.float8, else none",
+    )
     ap.add_argument(
         "--measure",
         nargs="?",

@@ -1,16 +1,14 @@
-"""How blocks execute: float8 linear layers, activation checkpointing, torch.compile and FSDP2
-sharding, applied per block.
+"""How blocks execute: activation checkpointing, torch.compile and FSDP2 sharding, applied per block.
 
 A fused ``[XY]`` block is one unit for each of them: recomputed as a whole, compiled as one graph
-and sharded as one FSDP group. Order (as torchtitan): float8, then checkpointing, then compile,
-then FSDP.
+and sharded as one FSDP group. Order (as torchtitan): float8 linear layers (``ops.float8``), then
+checkpointing, then compile, then FSDP.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import re
 
 import torch
 import torch.distributed as dist
@@ -102,86 +100,6 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "full") -> nn
         block.activation_checkpointing = chosen != "none"
         block.checkpoint_context_fn = selective_context if chosen == "selective" else None
     return model
-
-
-#: ``train.float8`` values: "none", or a torchao float8 training recipe for the blocks' linear layers.
-#: "tensorwise": one scale per tensor (the fastest); "rowwise": one per row of each operand (closer
-#: to bf16, slower casts).
-FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    """Only errors from logger ``name`` while inside."""
-    import logging
-
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def float8_linears(model: nn.Module) -> list[str]:
-    """Names (in ``model``) of the blocks' ``nn.Linear`` layers that float8 training can take.
-
-    Left in the model's precision: layers with a dimension that is not a multiple of 16 (float8
-    matmuls, ``torch._scaled_mm``, need it; e.g. the shared-expert gate's single output), DeepSeek
-    sparse attention's indexer (its scores are kept in float32, as DeepSeek's own), and everything
-    outside the blocks: embedding, output head, MTP projections. MoE experts (grouped GEMMs on plain
-    parameters) and the router (a parameter) are not ``nn.Linear`` and stay as they are.
-    """
-    in_blocks = re.compile(r"^(mtp\.\d+\.)?blocks\.")
-    return [
-        name
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear  # not a subclass: the output head is one, and already-converted layers
-        and in_blocks.match(name)
-        and ".indexer." not in name
-        and m.in_features % 16 == 0
-        and m.out_features % 16 == 0
-    ]
-
-
-def apply_float8(model: nn.Module, recipe: str) -> list[str]:
-    """Swap the blocks' linear layers (:func:`float8_linears`) for torchao's ``Float8Linear``.
-
-    Their matmuls then run in float8 (e4m3 inputs and weights, e5m2 output gradients, scaled per
-    ``recipe``: see :data:`FLOAT8_RECIPES`), as Megatron-LM trains Nemotron-H with Transformer
-    Engine. Parameters and their names do not change (the weights stay in the model's dtype and are
-    cast at each matmul), so checkpoints, optimizer state and FSDP are as without. Call before
-    activation checkpointing, compile and FSDP (torchtitan's order). Returns the converted names.
-
-    Raises ImportError (with how to install it) where torchao is missing.
-    """
-    if recipe not in FLOAT8_RECIPES:
-        raise ValueError(f"{recipe!r} is not one of {', '.join(FLOAT8_RECIPES)}")
-    if recipe == "none":
-        return []
-    float8 = torchao_float8()
-    chosen = set(float8_linears(model))
-    float8.convert_to_float8_training(
-        model,
-        config=float8.Float8LinearConfig.from_recipe_name(recipe),
-        module_filter_fn=lambda module, name: name in chosen,
-    )
-    return sorted(chosen)
-
-
-def torchao_float8():
-    """``torchao.float8``; ImportError, saying how to install it, where torchao is missing."""
-    try:
-        # torchao's import logs a warning for each of its compiled extensions that does not match the
-        # installed torch or device; float8 training uses none of them.
-        with _quiet_logger("torchao"):
-            import torchao.float8
-    except ImportError as e:
-        raise ImportError(
-            f"float8 training needs torchao ({e}): pip install torchao, or hybridlm's extra: pip install 'hybridlm[float8]'"
-        ) from e
-    return torchao.float8
 
 
 def _seam_policy(hidden_size: int):

@@ -12,7 +12,9 @@ tokens (``T`` tokens):
   once. Only the experts that receive tokens (at most ``T * top_k``) are read.
 * **Time** is a roofline per layer: ``max(FLOPs / peak FLOP/s, bytes / bandwidth)`` summed over
   the layers of a block and over forward and backward. It is a lower bound on a real GPU; the
-  planner only uses its ratios, and ``--measure`` replaces it by measured times.
+  planner only uses its ratios, and ``--measure`` replaces it by measured times. With float8
+  (``train.float8``) the FLOPs of the linear layers it converts (``ops.float8.float8_linears``) run
+  at the float8 peak, the rest at the bf16 one; bytes and memory are counted as without.
 * **Memory**: weights, gradients and optimizer state take :attr:`Hardware.state_bytes_per_param`
   bytes per parameter (Megatron's mixed precision: bf16 weight 2, fp32 gradient 4, fp32 master
   + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself).
@@ -30,6 +32,7 @@ from dataclasses import dataclass, replace
 from ..config import ModelConfig
 from ..layers import mixer_class
 from ..model import HybridLM
+from ..ops.float8 import float8_linears
 
 BF16 = 2  # bytes per activation / weight element
 FP32 = 4
@@ -44,18 +47,20 @@ class Hardware:
         flops_per_s: dense bf16 matmul peak.
         bytes_per_s: main-memory bandwidth.
         state_bytes_per_param: weight + gradient + optimizer bytes per parameter.
+        float8_flops_per_s: dense float8 matmul peak; None where there are no float8 tensor cores.
     """
 
     name: str
     flops_per_s: float
     bytes_per_s: float
     state_bytes_per_param: float = BF16 + FP32 + 3 * FP32
+    float8_flops_per_s: float | None = None
 
 
-#: Dense bf16 peak and HBM bandwidth from the vendors' data sheets (SXM parts).
+#: Dense bf16 (and float8) peak and HBM bandwidth from the vendors' data sheets (SXM parts).
 HARDWARE = {
-    "h100": Hardware("H100 SXM", 989e12, 3.35e12),
-    "h200": Hardware("H200 SXM", 989e12, 4.8e12),
+    "h100": Hardware("H100 SXM", 989e12, 3.35e12, float8_flops_per_s=1979e12),
+    "h200": Hardware("H200 SXM", 989e12, 4.8e12, float8_flops_per_s=1979e12),
     "a100": Hardware("A100 SXM 80GB", 312e12, 2.04e12),
 }
 
@@ -97,6 +102,7 @@ class Costs:
         shared_embedding_params: embedding parameters the last stage also holds (tied head or
             MTP depths need the embedding there; see ``parallel.pipeline.prune_to_stage``).
         source: ``'estimate (H100 SXM roofline)'`` or ``'measured on cuda'``.
+        float8: the ``train.float8`` recipe the costs are for (``'none'``: the model's precision).
     """
 
     blocks: tuple[ItemCost, ...]
@@ -109,6 +115,7 @@ class Costs:
     recompute: bool
     source: str
     state_bytes_per_param: float
+    float8: str = "none"
 
     @property
     def block_times(self) -> list[float]:
@@ -190,8 +197,10 @@ def _active_params(c: ModelConfig, s: str, params: int, tokens: int) -> float:
     return params - idle
 
 
-def _roofline(flops: float, nbytes: float, hw: Hardware) -> float:
-    return max(flops / hw.flops_per_s, nbytes / hw.bytes_per_s)
+def _roofline(flops: float, nbytes: float, hw: Hardware, f8_flops: float = 0.0) -> float:
+    """Seconds of ``flops`` (``f8_flops`` of them in float8) moving ``nbytes``: the slower of compute and memory."""
+    compute = (flops - f8_flops) / hw.flops_per_s + (f8_flops / hw.float8_flops_per_s if f8_flops else 0.0)
+    return max(compute, nbytes / hw.bytes_per_s)
 
 
 def _train_cost(
@@ -203,13 +212,17 @@ def _train_cost(
     tokens: int,
     recompute: bool,
     hw: Hardware,
+    fwd_f8_flops: float = 0.0,
 ) -> ItemCost:
-    """Forward+backward cost of one unit from its forward FLOPs and saved elements per token."""
+    """Forward+backward cost of one unit from its forward FLOPs (``fwd_f8_flops`` of them in float8 linear
+    layers, whose two backward matmuls are float8 too) and saved elements per token."""
     fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
     bwd_flops = 2 * fwd_flops
     bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + 2 * read_params * BF16 + 2 * read_params * FP32
     passes = 2 if recompute else 1
-    time = passes * _roofline(fwd_flops, fwd_bytes, hw) + _roofline(bwd_flops, bwd_bytes, hw)
+    time = passes * _roofline(fwd_flops, fwd_bytes, hw, fwd_f8_flops) + _roofline(
+        bwd_flops, bwd_bytes, hw, 2 * fwd_f8_flops
+    )
     return ItemCost(
         name=name,
         time_s=time,
@@ -238,20 +251,35 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 
 def _param_counts(config: ModelConfig) -> dict[str, object]:
     """Parameters per canonical layer of every main and MTP block, of one MTP depth's own parts
-    (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build."""
+    (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build; and per
+    layer the weights of the linear layers float8 training converts (``float8``, ``float8_mtp``)."""
     model = HybridLM(config, device="meta")
+    converted = set(float8_linears(model))
 
     def count(module) -> int:
         return sum(t.numel() for t in module.parameters())
 
-    blocks = [[count(layer) for layer in block.layers] for block in model.blocks.values()]
-    mtp_blocks, mtp_extra = [], 0
+    def count_float8(prefix: str, layer) -> int:
+        return sum(m.weight.numel() for name, m in layer.named_modules(prefix=prefix) if name in converted)
+
+    def per_layer(blocks, prefix: str) -> tuple[list[list[int]], list[list[int]]]:
+        items = list(blocks.items())
+        params = [[count(layer) for layer in block.layers] for _, block in items]
+        f8 = [
+            [count_float8(f"{prefix}{i}.layers.{j}", layer) for j, layer in enumerate(block.layers)]
+            for i, block in items
+        ]
+        return params, f8
+
+    blocks, f8 = per_layer(model.blocks, "blocks.")
+    mtp_blocks, mtp_f8, mtp_extra = [], [], 0
     if len(model.mtp):
         depth = model.mtp[0]
-        mtp_blocks = [[count(layer) for layer in block.layers] for block in depth.blocks.values()]
+        mtp_blocks, mtp_f8 = per_layer(depth.blocks, "mtp.0.blocks.")
         mtp_extra = count(depth) - sum(map(sum, mtp_blocks))
     head = count(model.norm_f) + (count(model.lm_head) if model.lm_head is not None else 0)
-    return {"blocks": blocks, "mtp_blocks": mtp_blocks, "mtp_extra": mtp_extra, "head": head}
+    return {"blocks": blocks, "float8": f8, "mtp_blocks": mtp_blocks, "float8_mtp": mtp_f8, "mtp_extra": mtp_extra,
+            "head": head}  # fmt: skip
 
 
 def estimate_costs(
@@ -260,6 +288,7 @@ def estimate_costs(
     micro_batch_size: int = 1,
     recompute: bool = False,
     hardware: Hardware | str = "h100",
+    float8: str = "none",
 ) -> Costs:
     """Estimated costs of every block, the embedding, the head and the MTP depths.
 
@@ -269,15 +298,23 @@ def estimate_costs(
         micro_batch_size: sequences per micro-batch.
         recompute: block-level activation checkpointing (one more forward per block).
         hardware: a :class:`Hardware` or a key of :data:`HARDWARE`.
+        float8: ``train.float8``'s recipe: other than ``"none"``, the converted linear layers' matmuls
+            run at ``hardware``'s float8 peak (both recipes alike: the roofline has no cast cost).
+
+    Raises:
+        ValueError: ``float8`` on hardware without a float8 peak.
     """
     hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+    if float8 != "none" and hw.float8_flops_per_s is None:
+        raise ValueError(f"the {hw.name} has no float8 matmuls (train.float8 = {float8!r})")
     c, p = config, config.parsed
     H, V = c.hidden_size, c.vocab_size
     T = seq_len * micro_batch_size
     counts = _param_counts(config)
 
-    def layer(s: str, params: int) -> ItemCost:
+    def layer(s: str, params: int, f8_weights: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
+        f8_flops = 2 * f8_weights * T if float8 != "none" else 0.0  # one multiply-add per weight and token
         if s == "*":
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
             # skips the masked half, and time is what the planner balances. The part that grows
@@ -286,12 +323,12 @@ def estimate_costs(
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
         return _train_cost(s, flops, _saved_elements(c, s), params, _active_params(c, s, params, T), T,
-                           recompute, hw)  # fmt: skip
+                           recompute, hw, min(f8_flops, flops))  # fmt: skip
 
-    def block(sym: str, params: list[int]) -> ItemCost:
-        return _sum(sym, [layer(s, n) for s, n in zip(sym, params)], H * T * BF16)
+    def block(sym: str, params: list[int], f8: list[int]) -> ItemCost:
+        return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * BF16)
 
-    blocks = tuple(block(sym, n) for sym, n in zip(p.blocks, counts["blocks"]))
+    blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
 
     # Embedding: a gather forward; the backward scatters into a dense fp32 (V, H) gradient.
     emb_params = V * H
@@ -321,14 +358,14 @@ def estimate_costs(
     for d in range(1, p.mtp_depths + 1):
         # enorm/hnorm, concat, eh_proj (2H -> H), the depth's blocks, final norm; then the shared head.
         proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, counts["mtp_extra"], 2 * H * H, T, False, hw)
-        inner = [block(sym, n) for sym, n in zip(p.mtp_blocks, counts["mtp_blocks"])]
+        inner = [block(*item) for item in zip(p.mtp_blocks, counts["mtp_blocks"], counts["float8_mtp"])]
         depth_head = head_cost("head", 0)
         ckpt = proj.ckpt_bytes + sum(b.ckpt_bytes for b in inner) + depth_head.ckpt_bytes
         mtp.append(_sum(f"mtp {d}", [proj, *inner, depth_head], ckpt))
 
     source = f"estimate ({hw.name} roofline)"
     return Costs(blocks, embedding, head, tuple(mtp), shared, seq_len, micro_batch_size, recompute, source,
-                 hw.state_bytes_per_param)  # fmt: skip
+                 hw.state_bytes_per_param, float8)  # fmt: skip
 
 
 def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:

@@ -3,7 +3,8 @@
 One small model holds one block of every distinct kind in the pattern (plus one MTP depth when
 the pattern has MTP), at the config's real sizes; each piece is timed alone on random input of
 ``(micro_batch_size, seq_len, hidden)`` with document ids, as training gives them. On CUDA the blocks
-run under bf16 autocast, as training does.
+run under bf16 autocast, as training does; with ``float8`` their linear layers are swapped as training
+swaps them (``ops.float8.apply_float8``), uncompiled.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import torch
 
 from ..config import ModelConfig
+from ..ops.float8 import apply_float8
 from ..pattern.symbols import MTP_SEPARATOR
 from .planner import block_text
 
@@ -46,12 +48,14 @@ def measure_times(
     device: str | None = None,
     recompute: bool = False,
     repeats: int = 3,
+    float8: str = "none",
 ) -> dict[str, float]:
     """Median forward+backward seconds of each block kind, ``'embedding'``, ``'head'`` and ``'mtp'``.
 
     Keys are block strings as in :attr:`HybridPattern.blocks` (``'M'``, ``'*-'``); ``'mtp'`` is
     one MTP depth including its head and loss; ``'head'`` is the final norm, head and loss, both as
     training runs them (``head_loss``: the chunked linear cross entropy, never the whole (B, L, V) logits).
+    ``float8``: a ``train.float8`` recipe for the blocks' linear layers (ImportError without torchao).
     """
     from ..model import HybridLM
 
@@ -63,6 +67,7 @@ def measure_times(
         text += MTP_SEPARATOR + p.mtp
     small = config.replace(pattern=text)
     model = HybridLM(small, device=dev)
+    apply_float8(model, float8)
     for block in (*model.blocks.values(), *(b for depth in model.mtp for b in depth.blocks.values())):
         block.activation_checkpointing = recompute  # the MTP depths' too, as training recomputes them
     B, L, H = micro_batch_size, seq_len, config.hidden_size

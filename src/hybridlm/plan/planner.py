@@ -9,13 +9,15 @@ pipeline (and bounds each rank's total by ``vpp`` times its cost). docs/pipeline
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
 from ..errors import UsageError
 from ..layers import mixer_class
+from ..model import HybridLM
+from ..ops.float8 import FLOAT8_RECIPES, float8_linears
 from ..pattern import HybridPattern, parse
 from ..pattern.symbols import FUSION_END, FUSION_START, MTP_SEPARATOR, PIPE
 from .balance import balanced_cuts, even_cuts, segment_costs
@@ -101,6 +103,7 @@ class Plan:
             "seq_len": self.costs.seq_len,
             "micro_batch_size": self.costs.micro_batch_size,
             "recompute": self.costs.recompute,
+            "float8": self.costs.float8,
             "unit": "ms (forward+backward of one micro-batch)",
             "source": self.costs.source,
             "block_costs": [t * ms for t in self.costs.block_times],
@@ -149,7 +152,8 @@ class Plan:
         c = self.costs
         lines = [
             f"pipeline plan: pp {self.pp} x vpp {self.vpp} = {self.pp * self.vpp} stage{'s' * (self.pp * self.vpp != 1)}, seq_len {c.seq_len}, "
-            f"micro-batch {c.micro_batch_size}, activation checkpointing {'on' if c.recompute else 'off'}",
+            f"micro-batch {c.micro_batch_size}, activation checkpointing {'on' if c.recompute else 'off'}"
+            + (f", float8 {c.float8}" if c.float8 != "none" else ""),
             f"costs: {c.source}; ms = forward+backward of one micro-batch",
             "",
             f"pattern  {self.pattern}",
@@ -247,6 +251,7 @@ def plan_pipeline(
     recompute: bool = False,
     hardware: str = "h100",
     measure: str | None = None,
+    float8: str = "none",
 ) -> Plan:
     """Balance ``config.pattern`` over ``pp`` ranks with ``vpp`` virtual stages each.
 
@@ -257,12 +262,21 @@ def plan_pipeline(
         recompute: block-level activation checkpointing.
         hardware: roofline of the estimate (a key of ``hybridlm.plan.cost.HARDWARE``).
         measure: a device (``'cuda'``, ``'cpu'``) to time each block kind on instead of estimating.
+        float8: a ``train.float8`` recipe: the blocks' convertible linear layers (``ops.float8``) estimated
+            at the float8 peak, or measured as torchao's float8 layers.
     """
     for name, value in (("pp", pp), ("vpp", vpp), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if hardware not in HARDWARE:
         raise UsageError(f"--hardware {hardware!r} is not known; choose one of {', '.join(HARDWARE)}")
+    if float8 not in FLOAT8_RECIPES:
+        raise UsageError(f"--float8 {float8!r} is not one of {', '.join(FLOAT8_RECIPES)}")
+    if float8 != "none" and measure is None and HARDWARE[hardware].float8_flops_per_s is None:
+        raise UsageError(
+            f"--float8 {float8}: the {HARDWARE[hardware].name} has no float8 matmuls; estimate for "
+            f"{' or '.join(k for k, hw in HARDWARE.items() if hw.float8_flops_per_s)} or set --float8 none"
+        )
     for symbol in sorted(config.symbols):
         try:
             mixer_class(symbol)
@@ -275,7 +289,12 @@ def plan_pipeline(
             f"cannot place {k} pipeline stages (pp {pp} x vpp {vpp}) on {p.num_blocks} blocks: every stage needs a "
             "block (a fused group is one block)"
         )
-    costs = estimate_costs(config, seq_len, micro_batch_size, recompute, hardware)
+    if float8 != "none" and not float8_linears(HybridLM(config, device="meta")):
+        raise UsageError(
+            f"--float8 {float8}: no linear layer in the blocks has both dimensions multiples of 16, so float8 "
+            "training would convert none (and hybridlm train refuses it)"
+        )
+    costs = estimate_costs(config, seq_len, micro_batch_size, recompute, hardware, "none" if measure else float8)
     if measure is not None:
         from .measure import measure_times
 
@@ -285,8 +304,11 @@ def plan_pipeline(
                 "do not fit in a tensor; measure at a smaller --seq-len or --micro-batch-size (the estimate takes any)"
             )
 
-        times = measure_times(config, seq_len, micro_batch_size, measure, recompute)
-        costs = with_times(costs, times, f"measured on {measure}")
+        try:
+            times = measure_times(config, seq_len, micro_batch_size, measure, recompute, float8=float8)
+        except ImportError as e:  # torchao missing: how to install it
+            raise UsageError(f"--float8 {float8}: {e}") from None
+        costs = replace(with_times(costs, times, f"measured on {measure}"), float8=float8)
     times = costs.block_times
     cuts = balanced_cuts(times, k, costs.first_extra_s, costs.last_extra_s)
     user = None

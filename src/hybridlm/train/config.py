@@ -392,7 +392,8 @@ class RunConfig:
                 raise ConfigError(
                     "train.micro_batch_size", f"{t.micro_batch_size} must divide train.batch_size ({t.batch_size})"
                 )
-        from ..parallel.execution import FLOAT8_RECIPES, parse_ac_policy
+        from ..ops.float8 import FLOAT8_RECIPES
+        from ..parallel.execution import parse_ac_policy
 
         try:
             parse_ac_policy(t.ac_policy)

@@ -26,9 +26,9 @@ from ..checkpoint.io import full_cpu
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import label_counts
+from ..ops.float8 import apply_float8
 from ..parallel.execution import (
     apply_activation_checkpointing,
-    apply_float8,
     apply_fsdp,
     clip_grad_norm,
     compile_blocks,

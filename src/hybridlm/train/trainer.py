@@ -41,18 +41,16 @@ from ..checkpoint.weights import WRONG_SHAPE, canonical_state_dict, load_canonic
 from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, TrainingDivergedError
 from ..model import HybridLM, combine_losses, label_counts
 from ..ops.dispatch import check_device as check_kernels_device
+from ..ops.float8 import apply_float8, float8_linears, torchao_float8
 from ..parallel.execution import (
     apply_activation_checkpointing,
-    apply_float8,
     apply_fsdp,
     clip_grad_norm,
     compile_blocks,
-    float8_linears,
     reduce_replicated_gradients,
     replicated,
     shard_like,
     share_expert_counts,
-    torchao_float8,
 )
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig, records_init_from

@@ -1,0 +1,92 @@
+"""Float8 linear layers for training (``train.float8``): which of the model's layers take them, and the swap.
+
+torchao's ``Float8Linear`` runs a layer's three matmuls (forward, input gradient, weight gradient)
+in float8 with dynamic scales: inputs and weights cast to e4m3, output gradients to e5m2, each
+scaled onto the format's range per tensor ("tensorwise") or per row ("rowwise"). torchao is an
+optional kernel package, so only this module imports it; everything else calls the functions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+from torch import nn
+
+#: ``train.float8`` values: "none", or a torchao float8 training recipe for the blocks' linear layers.
+#: "tensorwise": one scale per tensor (the fastest); "rowwise": one per row of each operand (closer
+#: to bf16, slower casts).
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only errors from logger ``name`` while inside."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def float8_linears(model: nn.Module) -> list[str]:
+    """Names (in ``model``) of the blocks' ``nn.Linear`` layers that float8 training can take.
+
+    Left in the model's precision: layers with a dimension that is not a multiple of 16 (float8
+    matmuls, ``torch._scaled_mm``, need it; e.g. the shared-expert gate's single output), DeepSeek
+    sparse attention's indexer (its scores are kept in float32, as DeepSeek's own), and everything
+    outside the blocks: embedding, output head, MTP projections. MoE experts (grouped GEMMs on plain
+    parameters) and the router (a parameter) are not ``nn.Linear`` and stay as they are.
+    """
+    in_blocks = re.compile(r"^(mtp\.\d+\.)?blocks\.")
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear  # not a subclass: the output head is one, and already-converted layers
+        and in_blocks.match(name)
+        and ".indexer." not in name
+        and m.in_features % 16 == 0
+        and m.out_features % 16 == 0
+    ]
+
+
+def apply_float8(model: nn.Module, recipe: str) -> list[str]:
+    """Swap the blocks' linear layers (:func:`float8_linears`) for torchao's ``Float8Linear``.
+
+    Their matmuls then run in float8 (e4m3 inputs and weights, e5m2 output gradients, scaled per
+    ``recipe``: see :data:`FLOAT8_RECIPES`), as Megatron-LM trains Nemotron-H with Transformer
+    Engine. Parameters and their names do not change (the weights stay in the model's dtype and are
+    cast at each matmul), so checkpoints, optimizer state and FSDP are as without. Call before
+    activation checkpointing, compile and FSDP (torchtitan's order). Returns the converted names.
+
+    Raises ImportError (with how to install it) where torchao is missing.
+    """
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"{recipe!r} is not one of {', '.join(FLOAT8_RECIPES)}")
+    if recipe == "none":
+        return []
+    float8 = torchao_float8()
+    chosen = set(float8_linears(model))
+    float8.convert_to_float8_training(
+        model,
+        config=float8.Float8LinearConfig.from_recipe_name(recipe),
+        module_filter_fn=lambda module, name: name in chosen,
+    )
+    return sorted(chosen)
+
+
+def torchao_float8():
+    """``torchao.float8``; ImportError, saying how to install it, where torchao is missing."""
+    try:
+        # torchao's import logs a warning for each of its compiled extensions that does not match the
+        # installed torch or device; float8 training uses none of them.
+        with _quiet_logger("torchao"):
+            import torchao.float8
+    except ImportError as e:
+        raise ImportError(
+            f"float8 training needs torchao ({e}): pip install torchao, or hybridlm's extra: pip install 'hybridlm[float8]'"
+        ) from e
+    return torchao.float8
