@@ -135,3 +135,21 @@ def test_float8_refuses_an_unknown_recipe_and_says_how_to_get_torchao(monkeypatc
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(ImportError, match=r"float8 training needs torchao .*pip install torchao"):
         apply_float8(model, "tensorwise")
+
+
+def test_getting_torchao_prints_none_of_its_import_warnings():
+    """torch 2.13 logs a deprecation warning for each Enum torchao registers as a pytree constant, and torchao one
+    for each compiled extension that does not match torch: noise in a training run's output, none of it the user's.
+    In a fresh process, where the import really runs."""
+    pytest.importorskip("torchao")
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+
+    code = "from hybridlm.ops.float8 import torchao_float8; torchao_float8(); print('ok')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+    assert done.stderr == ""

@@ -468,6 +468,22 @@ def test_a_float8_run_resumes_exactly_and_a_resume_may_turn_float8_off(tmp_path)
     assert sorted(losses(tmp_path / "b")) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
+def test_compiled_float8_blocks_train_as_the_eager_ones_on_the_cpu(tmp_path):
+    """train.compile with train.float8: the compiled blocks fuse torchao's scaling and casts, and may keep float8
+    copies of the layers' inputs for the backward; the losses stay those of the eager float8 run (to float32
+    rounding: 5e-5 measured over 4 steps). Slow: compiling on the CPU takes about 100 s on 2 cores."""
+    pytest.importorskip("torchao")
+    runs = {}
+    for compiled in ("false", "true"):
+        sets = ("train.device=cpu", "train.float8=tensorwise", f"train.compile={compiled}", "train.steps=4")
+        Trainer(tiny_run(*sets), run_dir=tmp_path / compiled, progress=False).run_loop()
+        runs[compiled] = losses(tmp_path / compiled)
+    assert runs["true"].keys() == runs["false"].keys() == {1, 2, 3, 4}
+    for step, loss in runs["false"].items():
+        assert runs["true"][step] == pytest.approx(loss, rel=2e-4), step
+
+
 def test_float8_on_a_gpu_without_float8_tensor_cores_is_refused_with_its_name(monkeypatch):
     """A GPU older than compute capability 8.9 (an A100 is 8.0) has no float8 matmuls: the check names the card and
     its capability instead of letting torchao fail in the first step. The CUDA queries are stubbed, so it runs on

@@ -21,15 +21,17 @@ FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 
 
 @contextlib.contextmanager
-def _quiet_logger(name: str):
-    """Only errors from logger ``name`` while inside."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet_loggers(*names: str):
+    """Only errors from the loggers ``names`` while inside."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def float8_linears(model: nn.Module) -> list[str]:
@@ -82,8 +84,9 @@ def torchao_float8():
     """``torchao.float8``; ImportError, saying how to install it, where torchao is missing."""
     try:
         # torchao's import logs a warning for each of its compiled extensions that does not match the
-        # installed torch or device; float8 training uses none of them.
-        with _quiet_logger("torchao"):
+        # installed torch or device (float8 training uses none of them), and torch 2.13's pytree one for
+        # each Enum torchao registers as a constant (deprecated there, harmless): neither is the user's.
+        with _quiet_loggers("torchao", "torch.utils._pytree"):
             import torchao.float8
     except ImportError as e:
         raise ImportError(
