@@ -163,6 +163,39 @@ def test_selective_checkpointing_keeps_the_attention_output():
     assert forwards and all(v == 1 for v in forwards.values()), forwards
 
 
+def test_selective_checkpointing_keeps_float8_matmuls_and_is_exact():
+    """Under "selective" a float8 linear layer's forward matmul is saved like a bf16 one, not run again in the
+    backward: checkpointing's dispatch mode sees it as ``mm`` on torchao's float8 tensors (the ``_scaled_mm`` below
+    runs inside torchao's subclass), which the policy's ``mm`` entry keeps. Three float8 matmuls per layer and step
+    (forward, input and weight gradients), and the loss and gradients of the float8 model without checkpointing,
+    bit for bit."""
+    pytest.importorskip("torchao")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hybridlm.ops.float8 import apply_float8
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            float8 = any(type(a).__name__ == "Float8TrainingTensor" for a in args)
+            self.calls += func.overloadpacket.__name__ == "mm" and float8
+            return func(*args, **(kwargs or {}))
+
+    config = tiny_config("*-M-")
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = HybridLM(config, seed=1)
+    layers = len(apply_float8(plain, "tensorwise"))
+    loss, grads = _loss_and_grads(plain, ids)
+    model = HybridLM(config, seed=1)
+    apply_float8(model, "tensorwise")
+    apply_activation_checkpointing(model, "selective")
+    with Count() as count:
+        got, got_grads = _loss_and_grads(model, ids)
+    assert layers > 0 and count.calls == 3 * layers
+    assert torch.equal(got, loss) and all(torch.equal(got_grads[n], g) for n, g in grads.items())
+
+
 def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
     """Many block kinds, each traced for training and evaluation and at a second batch shape, stay
     compiled: dynamo's per-code-object cap (8 graphs by default) would otherwise send the later
