@@ -153,3 +153,23 @@ def test_getting_torchao_prints_none_of_its_import_warnings():
     )
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
     assert done.stderr == ""
+
+
+def test_a_torchao_without_the_float8_recipes_is_refused_with_the_version_to_install(monkeypatch):
+    """An old torchao imports, but its float8 API lacked the recipes by name: an ImportError naming the version, which
+    the trainer turns into its train.float8 error, instead of an AttributeError in the middle of building."""
+    import sys
+    import types
+
+    from hybridlm.ops.float8 import torchao_float8
+
+    old = types.ModuleType("torchao")
+    old.__version__ = "0.5.0"
+    old.float8 = types.ModuleType("torchao.float8")
+    old.float8.Float8LinearConfig = type("Float8LinearConfig", (), {})
+    monkeypatch.setitem(sys.modules, "torchao", old)
+    monkeypatch.setitem(sys.modules, "torchao.float8", old.float8)
+    with pytest.raises(
+        ImportError, match=r"torchao 0\.5\.0 has no float8 training recipes .*pip install 'torchao>=0\.18'"
+    ):
+        torchao_float8()

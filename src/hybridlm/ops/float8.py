@@ -92,4 +92,12 @@ def torchao_float8():
         raise ImportError(
             f"float8 training needs torchao ({e}): pip install torchao, or hybridlm's extra: pip install 'hybridlm[float8]'"
         ) from e
+    # An old torchao imports but lacks the recipes by name (its float8 API moved between releases): say so here,
+    # not as an AttributeError from inside the trainer.
+    if not hasattr(getattr(torchao.float8, "Float8LinearConfig", None), "from_recipe_name"):
+        version = getattr(torchao, "__version__", "of unknown version")
+        raise ImportError(
+            f"torchao {version} has no float8 training recipes (Float8LinearConfig.from_recipe_name): "
+            "pip install 'torchao>=0.18', or hybridlm's extra: pip install 'hybridlm[float8]'"
+        )
     return torchao.float8
