@@ -9,8 +9,9 @@
 # writes $OUT/<stage>.clocks.csv: the GPU's SM clock, power and temperature every 200 ms of the stage.
 #
 # Wheels (.whl/, carried, never committed): mamba-ssm and causal-conv1d built Python-only, fla-core
-# (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1), and tomli_w (`pip download tomli_w --no-deps
-# -d .whl`: the image lacks it, and the trainer imports it, so its tests need it).
+# (see benchmarks/hf_anchor.py and ../shared/reference/gpu_stack.md §1), tomli_w (`pip download tomli_w --no-deps
+# -d .whl`: the image lacks it, and the trainer imports it, so its tests need it) and, for train.float8, torchao
+# (`pip download torchao==0.18.0 --no-deps -d .whl`).
 set -u
 if [[ ${1:-} != --no-install ]] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -117,6 +118,14 @@ for stage in "$@"; do
         run repeat 400 40 python3 benchmarks/repeatability.py --preset bench-moe-1b --pattern "${PATTERN:-M-*-G-E-[*E]M-}" \
             --batch 2 --seq 4096 ;;
     planvs) run planvs 300 24 python3 benchmarks/plan_vs_measure.py --preset "${PRESET:-nemotron-h-8b}" --pp 4 ;;
+    float8)  # train.float8: its GPU tests, then bench-1.3b's step in float8 against bf16, fused and unfused, taking turns,
+        # then bench-moe-1b's (RECIPE: --float8's recipe, default tensorwise). Needs torchao's wheel in .whl/
+        # (`pip download torchao==0.18.0 --no-deps -d .whl`).
+        run float8gpu 200 12 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/train/test_trainer.py tests/ops/test_float8.py -k float8 -rA
+        run float8step 330 14 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --interleave --steps 8 --warmup 3 \
+            --variants unfused,fused,unfused-float8,fused-float8 --float8 "${RECIPE:-tensorwise}"
+        run float8moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 2x4096 --interleave --steps 6 --warmup 3 \
+            --variants unfused,unfused-float8 --float8 "${RECIPE:-tensorwise}" ;;
     moegpu) run moegpu 300 8 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/layers/test_moe.py \
             tests/train/test_trainer.py::test_global_balancing_over_micro_batches_trains_the_same_under_cuda_graphs_and_checkpointing ;;
     profile) run profile 300 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
