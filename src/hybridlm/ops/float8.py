@@ -55,6 +55,17 @@ def float8_linears(model: nn.Module) -> list[str]:
     ]
 
 
+def require_float8_linears(model: nn.Module) -> list[str]:
+    """:func:`float8_linears` of ``model`` (a :class:`~hybridlm.model.HybridLM`); ValueError, naming the hidden size,
+    where there is none: float8 training would change nothing, so training and the planner refuse it alike."""
+    if not (names := float8_linears(model)):
+        raise ValueError(
+            "no linear layer in the blocks has both dimensions multiples of 16, which float8 matmuls need "
+            f"(model.hidden_size {model.config.hidden_size})"
+        )
+    return names
+
+
 def apply_float8(model: nn.Module, recipe: str) -> list[str]:
     """Swap the blocks' linear layers (:func:`float8_linears`) for torchao's ``Float8Linear``.
 

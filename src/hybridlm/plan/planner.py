@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import UsageError
 from ..layers import mixer_class
 from ..model import HybridLM
-from ..ops.float8 import FLOAT8_RECIPES, float8_linears
+from ..ops.float8 import FLOAT8_RECIPES, require_float8_linears
 from ..pattern import HybridPattern, parse
 from ..pattern.symbols import FUSION_END, FUSION_START, MTP_SEPARATOR, PIPE
 from .balance import balanced_cuts, even_cuts, segment_costs
@@ -289,11 +289,11 @@ def plan_pipeline(
             f"cannot place {k} pipeline stages (pp {pp} x vpp {vpp}) on {p.num_blocks} blocks: every stage needs a "
             "block (a fused group is one block)"
         )
-    if float8 != "none" and not float8_linears(HybridLM(config, device="meta")):
-        raise UsageError(
-            f"--float8 {float8}: no linear layer in the blocks has both dimensions multiples of 16, so float8 "
-            "training would convert none (and hybridlm train refuses it)"
-        )
+    if float8 != "none":
+        try:
+            require_float8_linears(HybridLM(config, device="meta"))
+        except ValueError as e:
+            raise UsageError(f"--float8 {float8}: {e}") from None
     costs = estimate_costs(config, seq_len, micro_batch_size, recompute, hardware, "none" if measure else float8)
     if measure is not None:
         from .measure import measure_times

@@ -41,7 +41,7 @@ from ..checkpoint.weights import WRONG_SHAPE, canonical_state_dict, load_canonic
 from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, TrainingDivergedError
 from ..model import HybridLM, combine_losses, label_counts
 from ..ops.dispatch import check_device as check_kernels_device
-from ..ops.float8 import apply_float8, float8_linears, torchao_float8
+from ..ops.float8 import apply_float8, require_float8_linears, torchao_float8
 from ..parallel.execution import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -658,13 +658,10 @@ class Trainer:
             torchao_float8()  # its absence said now, not after the data and the model
         except ImportError as e:
             raise ConfigError("train.float8", str(e)) from None
-        if not (n := len(float8_linears(meta))):
-            raise ConfigError(
-                "train.float8",
-                "no linear layer in the blocks has both dimensions a multiple of 16, which float8 matmuls need "
-                f"(model.hidden_size {self.config.hidden_size})",
-            )
-        return n
+        try:
+            return len(require_float8_linears(meta))
+        except ValueError as e:
+            raise ConfigError("train.float8", str(e)) from None
 
     def _check_model_fits(self) -> None:
         """Refuse, naming a field, a model whose training state alone outgrows this device (the allocator's
@@ -1079,10 +1076,10 @@ class Trainer:
             f"× {r.data.seq_len} = {tokens_per_step:,} tokens/step · {t.steps} step{'s' * (t.steps != 1)}",
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
-            + (f" · float8 matmuls ({t.float8}, {self.float8_layers} linear layers)" if self.float8_layers else "")
             + (
-                " (emulated on the CPU: far slower, for tests)"
-                if self.float8_layers and self.device.type == "cpu"
+                f" · float8 matmuls ({t.float8}, {self.float8_layers} linear layers)"
+                + (" (emulated on the CPU: far slower, for tests)" if self.device.type == "cpu" else "")
+                if self.float8_layers
                 else ""
             )
             + (" · compiled blocks" if t.compile else "")
