@@ -217,6 +217,28 @@ def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
     torch._dynamo.reset()
 
 
+def test_models_compiled_one_after_another_stay_compiled():
+    """The graphs of models compiled earlier in the process count against dynamo's cap on
+    ``Block.forward``: a later model's blocks must still fit (on an H100, a float8 run compiled after
+    two others ran blocks eagerly, and its losses left the compiled run's)."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=1):
+        # The same kinds traced again for another backend (as another compile mode or float8's layers would be).
+        for backend in ("eager", "aot_eager"):
+            model = HybridLM(tiny_config("-*E[*-]"), seed=0)
+            compile_blocks(model, backend=backend)
+            for batch in (2, 3):
+                ids = torch.randint(0, 97, (batch, 9))
+                model.train()
+                model(ids, torch.roll(ids, -1, 1)).loss.backward()
+                model.eval()
+                with torch.no_grad():
+                    model(ids)
+    torch._dynamo.reset()
+
+
 def _graph_breaks(model: HybridLM, ids: torch.Tensor, kernels: str) -> dict[str, list[str]]:
     """Each block kind's graph breaks, as dynamo traces the block on the inputs the model gives it."""
     from hybridlm.ops.dispatch import use_kernels

@@ -204,7 +204,7 @@ def compile_blocks(model: nn.Module, save_seams: bool = True, **compile_kwargs) 
     if save_seams:
         _save_seams(model)
     blocks = list(_all_blocks(model))
-    _raise_recompile_limit(len({b.symbols for b in blocks}))
+    _raise_recompile_limit(blocks)
     for block in blocks:
         block.compile(**compile_kwargs)
     return model
@@ -215,17 +215,29 @@ def compile_blocks(model: nn.Module, save_seams: bool = True, **compile_kwargs) 
 _GRAPHS_PER_KIND = 4
 
 
-def _raise_recompile_limit(kinds: int) -> None:
-    """Let dynamo keep a graph per block kind and mode.
+def _raise_recompile_limit(blocks: list[nn.Module]) -> None:
+    """Let dynamo keep a graph per block kind and mode, beside the graphs it already holds.
 
     Every block runs the same ``Block.forward`` code, and dynamo caps the graphs it keeps for one
     code object (8 by default): a pattern with several block kinds (``M``, ``*``, ``-``, ``[M-]``,
     …), each traced for training and evaluation and again for a new batch shape, passes that cap,
-    and dynamo then runs the remaining blocks *eagerly* with a warning.
+    and dynamo then runs the remaining blocks *eagerly* with a warning. The graphs of models
+    compiled earlier in the process (a benchmark's variants, a sweep, a test module) count
+    against the same cap, so the limit is raised above them too: on an H100, a float8 run
+    compiled after two others ran some blocks eagerly and its losses left the compiled run's.
     """
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _GRAPHS_PER_KIND * kinds)
+    if not blocks:
+        return
+    try:  # a private helper (torch >= 2.2); without it the count starts from this model's own graphs
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        held = len(_debug_get_cache_entry_list(type(blocks[0]).forward))
+    except (ImportError, TypeError):
+        held = 0
+    kinds = len({b.symbols for b in blocks})
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, held + _GRAPHS_PER_KIND * kinds)
 
 
 def apply_fsdp(
