@@ -127,6 +127,14 @@ for stage in "$@"; do
             run "float8-$v" 200 6 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --interleave --steps 8 \
                 --warmup 3 --variants "$v,$v-float8" --float8 "${RECIPE:-tensorwise}"
         done ;;
+    float8filter)  # train.float8_auto_filter: bench-1.3b's float8 step with every layer against the large ones only, per
+        # recipe (a pair at a time, as in float8), then bench-moe-1b's filtered tensorwise step against bf16
+        for recipe in rowwise tensorwise; do
+            run "float8filter-$recipe" 200 6 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --interleave \
+                --steps 8 --warmup 3 --variants unfused-float8,unfused-float8-filtered --float8 "$recipe"
+        done
+        run float8filter-moe 250 6 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 1x4096 --steps 6 --warmup 3 \
+            --variants unfused,unfused-float8-filtered --float8 tensorwise ;;
     float8moe)  # bench-moe-1b (3.9B parameters: one model with AdamW at a time on an H100) with and without float8
         run float8moe 400 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes "${SHAPES:-1x4096}" --steps 6 --warmup 3 \
             --variants unfused,unfused-float8 --float8 "${RECIPE:-tensorwise}" ;;

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -91,12 +92,14 @@ SAVE_SEAMS = True  # --no-save-seams: compiled fused blocks recompute their seam
 GC_EVERY = 0  # --gc-every: as train.gc_every (0: Python's automatic garbage collection)
 
 
-def build_ours(config: ModelConfig, compile_: bool, ac: str | None, float8: str = "none") -> torch.nn.Module:
+def build_ours(
+    config: ModelConfig, compile_: bool, ac: str | None, float8: tuple[str, bool] = ("none", False)
+) -> torch.nn.Module:
     from hybridlm.ops.float8 import apply_float8
     from hybridlm.parallel.execution import apply_activation_checkpointing, compile_blocks
 
     model = HybridLM(config, seed=0, device="cuda")
-    apply_float8(model, float8)  # as the trainer: before checkpointing and compile
+    apply_float8(model, *float8)  # as the trainer: before checkpointing and compile
     if ac:
         apply_activation_checkpointing(model, ac)
     if compile_:
@@ -104,9 +107,12 @@ def build_ours(config: ModelConfig, compile_: bool, ac: str | None, float8: str 
     return model
 
 
-def float8_of(variant: str, recipe: str) -> str:
-    """The ``train.float8`` recipe a variant runs with: ``recipe`` for the ``-float8`` ones."""
-    return recipe if variant.endswith("-float8") else "none"
+def float8_of(variant: str, recipe: str) -> tuple[str, bool]:
+    """(``train.float8``, ``train.float8_auto_filter``) of a variant: ``recipe`` for the ``-float8`` ones, and
+    the small layers left out for the ``-float8-filtered`` ones."""
+    if variant.endswith("-float8-filtered"):
+        return recipe, True
+    return (recipe if variant.endswith("-float8") else "none"), False
 
 
 def ours_step(model, batch) -> torch.Tensor:
@@ -517,7 +523,8 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="unfused,fused",
-        help="which of ours to run: unfused, fused, and either with -float8 (float8 linear layers, --float8's recipe)",
+        help="which of ours to run: unfused, fused, and either with -float8 (float8 linear layers, --float8's recipe) "
+        "or -float8-filtered (the same without the layers too small to gain: train.float8_auto_filter)",
     )
     ap.add_argument(
         "--float8", default="tensorwise", choices=FLOAT8_RECIPES[1:], help="the -float8 variants' train.float8 recipe"
@@ -609,7 +616,8 @@ def main() -> None:
         print(f"Hugging Face: bf16 parameters, unpacked rows; {hf_path}")
 
     variants = {"unfused": base.pattern, "fused": fuse_all(base.pattern)}
-    variants |= {f"{name}-float8": pattern for name, pattern in variants.items()}  # train.float8 = --float8
+    for name, pattern in list(variants.items()):  # train.float8 = --float8 (and train.float8_auto_filter)
+        variants |= {f"{name}-float8": pattern, f"{name}-float8-filtered": pattern}
     rows = []
     for shape in args.shapes.split(","):
         B, L = (int(x) for x in shape.lower().split("x"))
@@ -729,11 +737,14 @@ def main() -> None:
                     f"mean {mean:.4f} ({mlo:.4f}-{mhi:.4f}), "
                     f"quartiles {q[0]:.3f}-{q[2]:.3f}, fused ahead in {sum(r > 1 for r in ratios)} of {len(ratios)}"
                 )
-        for name in ("unfused", "fused"):  # float8 against the same variant in the model's precision
-            hi, f8 = d.get(f"hybridlm {name}"), d.get(f"hybridlm {name}-float8")
+        # float8 against the same variant in the model's precision, and the filtered float8 against every layer's
+        for name, (base_kind, kind) in itertools.product(
+            ("unfused", "fused"), (("", "-float8"), ("", "-float8-filtered"), ("-float8", "-float8-filtered"))
+        ):
+            hi, f8 = d.get(f"hybridlm {name}{base_kind}"), d.get(f"hybridlm {name}{kind}")
             if hi and f8:
-                parts.append(f"{name}-float8/{name} {f8 / hi:.3f}")
-                sh, s8 = pair_ms[shape].get(f"hybridlm {name}"), pair_ms[shape].get(f"hybridlm {name}-float8")
+                parts.append(f"{name}{kind}/{name}{base_kind} {f8 / hi:.3f}")
+                sh, s8 = pair_ms[shape].get(f"hybridlm {name}{base_kind}"), pair_ms[shape].get(f"hybridlm {name}{kind}")
                 if sh and s8 and len(sh) > 1:
                     parts.append(f"(step pairs: median {statistics.median(a / b for a, b in zip(sh, s8)):.3f})")
         if hf and u:

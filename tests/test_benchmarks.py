@@ -31,6 +31,12 @@ def test_median_interval_ranks(ts):
     assert ts.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few values: the whole range
 
 
+def test_each_variant_runs_its_float8_setting(ts):
+    assert ts.float8_of("unfused", "rowwise") == ("none", False)
+    assert ts.float8_of("fused-float8", "rowwise") == ("rowwise", False)
+    assert ts.float8_of("unfused-float8-filtered", "tensorwise") == ("tensorwise", True)
+
+
 def test_intervals_cover_the_true_centre(ts):
     rng = random.Random(0)
     trials, n = 2000, 24

@@ -147,6 +147,17 @@ def test_a_run_files_float8_is_planned_unless_the_flag_says_otherwise(tmp_path, 
     assert f8["last_stage_extra_cost"] == plain["last_stage_extra_cost"]  # the head stays in bf16
 
 
+def test_a_run_files_float8_auto_filter_is_planned_unless_the_flag_says_otherwise(tmp_path, capsys):
+    run = tmp_path / "run.toml"
+    run.write_text(
+        '[model]\npreset = "bench-1.3b"\n[data]\nseq_len = 4096\n[train]\nfloat8 = "rowwise"\nfloat8_auto_filter = true\n'
+    )
+    some = _json(capsys, ["plan", "--config", str(run), "--pp", "2", "--json"])
+    every = _json(capsys, ["plan", "--config", str(run), "--pp", "2", "--no-float8-auto-filter", "--json"])
+    assert some["float8_auto_filter"] is True and every["float8_auto_filter"] is False
+    assert sum(every["block_costs"]) < sum(some["block_costs"])  # fewer layers at the float8 peak
+
+
 def test_measure(capsys):
     argv = ["plan", "M-[*-]M", "--preset", "tiny", "--pp", "2", "--seq-len", "16", "--measure", "cpu", "--json"]
     out = _json(capsys, argv)

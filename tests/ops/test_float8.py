@@ -55,6 +55,50 @@ def test_float8_takes_the_blocks_linear_layers_with_dimensions_in_sixteens():
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_the_auto_filter_leaves_out_what_torchaos_h100_thresholds_do():
+    """``slower_in_float8`` states torchao's thresholds (``_auto_filter_for_recipe``, torchtitan's auto_filter_small_kn)
+    without importing torchao (the planner runs without it): pinned to the installed torchao's, over a grid of shapes
+    about every threshold, so a torchao release that moves one is caught."""
+    pytest.importorskip("torchao")
+    from torch import nn
+
+    from hybridlm.ops.float8 import slower_in_float8, torchao_float8
+
+    auto = getattr(torchao_float8(), "_auto_filter_for_recipe", None)
+    if auto is None:
+        pytest.skip("this torchao has no _auto_filter_for_recipe")
+    sizes = (512, 1024, 1040, 2048, 2064, 4096, 4112, 8192)
+    for recipe in ("tensorwise", "rowwise"):
+        theirs = auto(recipe, filter_fqns=[])
+        for n in sizes:
+            for k in sizes:
+                layer = nn.Linear(k, n, bias=False, device="meta")
+                assert slower_in_float8(recipe, n, k) == (not theirs(layer, "x")), (recipe, n, k)
+
+
+def test_the_auto_filter_takes_only_bench_13bs_large_layers():
+    """On bench-1.3b (hidden 2,048): tensorwise leaves out only the (512, 2,048) key and value projections; rowwise
+    keeps only Mamba2's in_proj and the MLP's up_proj (the two with more than 4,096 outputs); a tiny model keeps
+    nothing."""
+    from hybridlm import ModelConfig
+    from hybridlm.ops.float8 import float8_linears, require_float8_linears
+
+    def kinds(names):
+        return {name.rsplit(".", 1)[1] for name in names}
+
+    model = HybridLM(ModelConfig.preset("bench-1.3b"), device="meta")
+    every = float8_linears(model)
+    for recipe, kept in (("tensorwise", {"in_proj", "out_proj", "q_proj", "o_proj", "up_proj", "down_proj"}),
+                         ("rowwise", {"in_proj", "up_proj"})):  # fmt: skip
+        taken = float8_linears(model, recipe, auto_filter=True)
+        assert set(taken) < set(every) and kinds(taken) == kept, recipe
+        assert kinds(set(every) - set(taken)) == kinds(every) - kept, recipe
+    tiny = HybridLM(tiny_config("M-*-"), device="meta")
+    assert float8_linears(tiny) and not float8_linears(tiny, "tensorwise", auto_filter=True)
+    with pytest.raises(ValueError, match=r"too small to gain from tensorwise float8 .*float8_auto_filter off"):
+        require_float8_linears(tiny, "tensorwise", auto_filter=True)
+
+
 def test_float8_leaves_dsa_indexer_in_its_precision():
     pytest.importorskip("torchao")
     from hybridlm.ops.float8 import apply_float8

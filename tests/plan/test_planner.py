@@ -391,8 +391,8 @@ def test_float8_measured_times_come_from_torchaos_layers(monkeypatch):
 
     swapped, real = [], measure.apply_float8
 
-    def recording(model, recipe):
-        swapped.append((recipe, real(model, recipe)))
+    def recording(model, recipe, auto_filter=False):
+        swapped.append((recipe, real(model, recipe, auto_filter)))
         return swapped[-1][1]
 
     monkeypatch.setattr(measure, "apply_float8", recording)
@@ -402,6 +402,35 @@ def test_float8_measured_times_come_from_torchaos_layers(monkeypatch):
     assert all(t > 0 for t in plan.costs.block_times)
     ((recipe, names),) = swapped
     assert recipe == "rowwise" and any(".mixer.q_proj" in n for n in names)
+
+
+def test_float8_auto_filter_keeps_the_small_layers_at_the_bf16_peak():
+    """train.float8_auto_filter: rowwise leaves bench-1.3b's out-projections, MLP down-projections and QKV in bf16,
+    so its blocks' estimate falls between bf16's and every layer's in float8; said in the JSON and the header."""
+    config = ModelConfig.preset("bench-1.3b")
+    runs = {
+        name: plan_pipeline(config, 2, seq_len=4096, micro_batch_size=4, **kwargs)
+        for name, kwargs in (
+            ("bf16", {}),
+            ("all", dict(float8="rowwise")),
+            ("filtered", dict(float8="rowwise", float8_auto_filter=True)),
+        )
+    }
+    total = {name: sum(p.costs.block_times) for name, p in runs.items()}
+    assert total["all"] < total["filtered"] < total["bf16"]
+    assert (
+        runs["filtered"].to_json()["float8_auto_filter"] is True
+        and runs["all"].to_json()["float8_auto_filter"] is False
+    )
+    assert "float8 rowwise (small layers left out)" in runs["filtered"].render().splitlines()[0]
+    # Without float8 the filter means nothing, and is not reported.
+    plain = plan_pipeline(config, 2, seq_len=4096, micro_batch_size=4, float8_auto_filter=True)
+    assert plain.to_json()["float8_auto_filter"] is False and plain.costs.block_times == runs["bf16"].costs.block_times
+
+
+def test_float8_auto_filter_refuses_a_model_whose_layers_are_all_too_small():
+    with pytest.raises(UsageError, match=r"--float8 tensorwise: every linear layer in the blocks is too small .*"):
+        plan_pipeline(tiny_config("M-*-"), 2, seq_len=16, float8="tensorwise", float8_auto_filter=True)
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,7 @@ def test_settings_the_schedule_or_model_does_not_use_are_noted():
     uncompiled = "train.float8 without train.compile = true: each float8 matmul's scaling and casts run as separate"
     assert any(n.startswith(uncompiled) for n in notes("train.float8=tensorwise"))
     assert notes("train.float8=rowwise", "train.compile=true") == []
+    assert notes("train.float8_auto_filter=true") == ["train.float8_auto_filter has no effect without train.float8"]
 
 
 def test_apply_wd_to_qk_layernorm_on_a_model_without_qk_norms_or_without_weight_decay_is_noted():

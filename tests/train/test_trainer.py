@@ -421,6 +421,23 @@ def test_float8_training_on_the_cpu_stays_close_and_saves_the_plain_layout(tmp_p
     }
 
 
+def test_float8_auto_filter_converts_only_the_layers_large_enough_to_gain(tmp_path):
+    """train.float8_auto_filter: with an MLP of 1,040 channels, tensorwise takes each up_proj (1,040 outputs) and leaves
+    the rest (torchao's thresholds: ops.float8.slower_in_float8); the header says so."""
+    pytest.importorskip("torchao")
+    from hybridlm.ops.float8 import float8_linears
+
+    sets = ("train.device=cpu", "train.float8=tensorwise", "model.ffn_hidden_size=1040")
+    every = Trainer(tiny_run(*sets), run_dir=tmp_path / "all", progress=False)
+    t = Trainer(tiny_run(*sets, "train.float8_auto_filter=true"), run_dir=tmp_path / "some", progress=False)
+    taken = [name for name, m in t.model.named_modules() if type(m).__name__ == "Float8Linear"]
+    assert taken == float8_linears(hybridlm.HybridLM(t.config, device="meta"), "tensorwise", auto_filter=True)
+    assert taken and all(name.endswith(".up_proj") for name in taken)
+    assert t.float8_layers == len(taken) < every.float8_layers
+    device_line = next(line for line in t.describe() if line.startswith("device"))
+    assert f"float8 matmuls (tensorwise, {len(taken)} linear layers, small ones left out)" in device_line
+
+
 @pytest.mark.parametrize(
     ("sets", "error"),
     [
@@ -429,6 +446,7 @@ def test_float8_training_on_the_cpu_stays_close_and_saves_the_plain_layout(tmp_p
             ["model.pattern=M-", "model.hidden_size=24", "model.mamba_num_groups=1"],
             r"train\.float8: no linear layer in the blocks has both",
         ),
+        (["train.float8_auto_filter=true"], r"train\.float8: every linear layer in the blocks is too small to gain"),
     ],
 )
 def test_float8_that_cannot_run_is_refused_before_the_corpus_is_read(tmp_path, monkeypatch, sets, error):
@@ -440,7 +458,7 @@ def test_float8_that_cannot_run_is_refused_before_the_corpus_is_read(tmp_path, m
         raise AssertionError("the corpus was read before train.float8 was checked")
 
     monkeypatch.setattr(trainer_module, "load_corpus", reading)
-    if not sets:
+    if not sets:  # torchao missing
         monkeypatch.setitem(sys.modules, "torchao", None)
         monkeypatch.setitem(sys.modules, "torchao.float8", None)
     else:

@@ -156,6 +156,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         measure=measure,
         float8=args.float8 if args.float8 is not None else (run.train.float8 if run else "none"),
+        float8_auto_filter=args.float8_auto_filter
+        if args.float8_auto_filter is not None
+        else bool(run and run.train.float8_auto_filter),
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
     if run is not None and args.micro_batch_size is None and not run.train.micro_batch_size:
@@ -214,6 +217,13 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         metavar="RECIPE",
         help="train.float8's recipe, none, tensorwise or rowwise: the blocks' linear layers at the float8 peak "
         "(estimate) or as torchao's float8 layers (--measure); default: the run file's train.float8, else none",
+    )
+    ap.add_argument(
+        "--float8-auto-filter",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --float8: leave in bf16 the linear layers too small to gain from float8 (train.float8_auto_filter; "
+        "torchao's H100 thresholds); default: the run file's setting, else off",
     )
     ap.add_argument(
         "--measure",

@@ -34,14 +34,25 @@ def _quiet_loggers(*names: str):
             logger.setLevel(level)
 
 
-def float8_linears(model: nn.Module) -> list[str]:
-    """Names (in ``model``) of the blocks' ``nn.Linear`` layers that float8 training can take.
+def slower_in_float8(recipe: str, out_features: int, in_features: int) -> bool:
+    """Whether a (``out_features`` N, ``in_features`` K) linear layer is too small to gain from ``recipe``'s float8
+    matmuls: the thresholds of torchao's H100 tables (its README's tensorwise and rowwise performance sections, and
+    ``_auto_filter_for_recipe``, which torchtitan's ``auto_filter_small_kn`` uses), where the casts and scaling cost
+    more than the float8 matmuls save. Heuristics from one GPU: measure your own model."""
+    if recipe == "tensorwise":
+        return in_features <= 4096 and out_features <= 1024
+    return out_features <= 2048 or in_features <= 1024 or (out_features <= 4096 and in_features <= 2048)
+
+
+def float8_linears(model: nn.Module, recipe: str = "tensorwise", auto_filter: bool = False) -> list[str]:
+    """Names (in ``model``) of the blocks' ``nn.Linear`` layers that float8 training takes.
 
     Left in the model's precision: layers with a dimension that is not a multiple of 16 (float8
     matmuls, ``torch._scaled_mm``, need it; e.g. the shared-expert gate's single output), DeepSeek
     sparse attention's indexer (its scores are kept in float32, as DeepSeek's own), and everything
     outside the blocks: embedding, output head, MTP projections. MoE experts (grouped GEMMs on plain
-    parameters) and the router (a parameter) are not ``nn.Linear`` and stay as they are.
+    parameters) and the router (a parameter) are not ``nn.Linear`` and stay as they are. With
+    ``auto_filter`` (``train.float8_auto_filter``), also the layers :func:`slower_in_float8` under ``recipe``.
     """
     in_blocks = re.compile(r"^(mtp\.\d+\.)?blocks\.")
     return [
@@ -52,22 +63,29 @@ def float8_linears(model: nn.Module) -> list[str]:
         and ".indexer." not in name
         and m.in_features % 16 == 0
         and m.out_features % 16 == 0
+        and not (auto_filter and slower_in_float8(recipe, m.out_features, m.in_features))
     ]
 
 
-def require_float8_linears(model: nn.Module) -> list[str]:
+def require_float8_linears(model: nn.Module, recipe: str = "tensorwise", auto_filter: bool = False) -> list[str]:
     """:func:`float8_linears` of ``model`` (a :class:`~hybridlm.model.HybridLM`); ValueError, naming the hidden size,
     where there is none: float8 training would change nothing, so training and the planner refuse it alike."""
-    if not (names := float8_linears(model)):
+    if names := float8_linears(model, recipe, auto_filter):
+        return names
+    if auto_filter and float8_linears(model, recipe):
         raise ValueError(
-            "no linear layer in the blocks has both dimensions multiples of 16, which float8 matmuls need "
-            f"(model.hidden_size {model.config.hidden_size})"
+            f"every linear layer in the blocks is too small to gain from {recipe} float8 matmuls (torchao's H100 "
+            f"thresholds; model.hidden_size {model.config.hidden_size}): turn train.float8_auto_filter off to "
+            "convert them anyway, or leave float8 off"
         )
-    return names
+    raise ValueError(
+        "no linear layer in the blocks has both dimensions multiples of 16, which float8 matmuls need "
+        f"(model.hidden_size {model.config.hidden_size})"
+    )
 
 
-def apply_float8(model: nn.Module, recipe: str) -> list[str]:
-    """Swap the blocks' linear layers (:func:`float8_linears`) for torchao's ``Float8Linear``.
+def apply_float8(model: nn.Module, recipe: str, auto_filter: bool = False) -> list[str]:
+    """Swap the blocks' linear layers (:func:`float8_linears`, ``auto_filter`` as there) for torchao's ``Float8Linear``.
 
     Their matmuls then run in float8 (e4m3 inputs and weights, e5m2 output gradients, scaled per
     ``recipe``: see :data:`FLOAT8_RECIPES`), as Megatron-LM trains Nemotron-H with Transformer
@@ -82,7 +100,7 @@ def apply_float8(model: nn.Module, recipe: str) -> list[str]:
     if recipe == "none":
         return []
     float8 = torchao_float8()
-    chosen = set(float8_linears(model))
+    chosen = set(float8_linears(model, recipe, auto_filter))
     float8.convert_to_float8_training(
         model,
         config=float8.Float8LinearConfig.from_recipe_name(recipe),

@@ -103,6 +103,7 @@ class Costs:
             MTP depths need the embedding there; see ``parallel.pipeline.prune_to_stage``).
         source: ``'estimate (H100 SXM roofline)'`` or ``'measured on cuda'``.
         float8: the ``train.float8`` recipe the costs are for (``'none'``: the model's precision).
+        float8_auto_filter: ``train.float8_auto_filter``: layers too small to gain left out of float8.
     """
 
     blocks: tuple[ItemCost, ...]
@@ -116,6 +117,7 @@ class Costs:
     source: str
     state_bytes_per_param: float
     float8: str = "none"
+    float8_auto_filter: bool = False
 
     @property
     def block_times(self) -> list[float]:
@@ -249,12 +251,13 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 # -- the model --------------------------------------------------------------------------------------
 
 
-def _param_counts(config: ModelConfig) -> dict[str, object]:
+def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: bool = False) -> dict[str, object]:
     """Parameters per canonical layer of every main and MTP block, of one MTP depth's own parts
     (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build; and per
-    layer the weights of the linear layers float8 training converts (``float8``, ``float8_mtp``)."""
+    layer the weights of the linear layers float8 training converts (``float8``, ``float8_mtp``; ``recipe`` and
+    ``auto_filter`` as :func:`~hybridlm.ops.float8.float8_linears` takes them)."""
     model = HybridLM(config, device="meta")
-    converted = set(float8_linears(model))
+    converted = set(float8_linears(model, recipe, auto_filter))
 
     def count(module) -> int:
         return sum(t.numel() for t in module.parameters())
@@ -289,6 +292,7 @@ def estimate_costs(
     recompute: bool = False,
     hardware: Hardware | str = "h100",
     float8: str = "none",
+    float8_auto_filter: bool = False,
 ) -> Costs:
     """Estimated costs of every block, the embedding, the head and the MTP depths.
 
@@ -300,6 +304,8 @@ def estimate_costs(
         hardware: a :class:`Hardware` or a key of :data:`HARDWARE`.
         float8: ``train.float8``'s recipe: other than ``"none"``, the converted linear layers' matmuls
             run at ``hardware``'s float8 peak (both recipes alike: the roofline has no cast cost).
+        float8_auto_filter: ``train.float8_auto_filter``: the layers too small to gain from ``float8`` stay
+            at the bf16 peak (``ops.float8.slower_in_float8``).
 
     Raises:
         ValueError: ``float8`` on hardware without a float8 peak.
@@ -310,7 +316,7 @@ def estimate_costs(
     c, p = config, config.parsed
     H, V = c.hidden_size, c.vocab_size
     T = seq_len * micro_batch_size
-    counts = _param_counts(config)
+    counts = _param_counts(config, float8, float8_auto_filter) if float8 != "none" else _param_counts(config)
 
     def layer(s: str, params: int, f8_weights: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
@@ -365,7 +371,7 @@ def estimate_costs(
 
     source = f"estimate ({hw.name} roofline)"
     return Costs(blocks, embedding, head, tuple(mtp), shared, seq_len, micro_batch_size, recompute, source,
-                 hw.state_bytes_per_param, float8)  # fmt: skip
+                 hw.state_bytes_per_param, float8, float8_auto_filter and float8 != "none")  # fmt: skip
 
 
 def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:

@@ -49,13 +49,15 @@ def measure_times(
     recompute: bool = False,
     repeats: int = 3,
     float8: str = "none",
+    float8_auto_filter: bool = False,
 ) -> dict[str, float]:
     """Median forward+backward seconds of each block kind, ``'embedding'``, ``'head'`` and ``'mtp'``.
 
     Keys are block strings as in :attr:`HybridPattern.blocks` (``'M'``, ``'*-'``); ``'mtp'`` is
     one MTP depth including its head and loss; ``'head'`` is the final norm, head and loss, both as
     training runs them (``head_loss``: the chunked linear cross entropy, never the whole (B, L, V) logits).
-    ``float8``: a ``train.float8`` recipe for the blocks' linear layers (ImportError without torchao).
+    ``float8``: a ``train.float8`` recipe for the blocks' linear layers (ImportError without torchao), those too
+    small to gain left out with ``float8_auto_filter`` (``train.float8_auto_filter``).
     """
     from ..model import HybridLM
 
@@ -67,7 +69,7 @@ def measure_times(
         text += MTP_SEPARATOR + p.mtp
     small = config.replace(pattern=text)
     model = HybridLM(small, device=dev)
-    apply_float8(model, float8)
+    apply_float8(model, float8, float8_auto_filter)
     for block in (*model.blocks.values(), *(b for depth in model.mtp for b in depth.blocks.values())):
         block.activation_checkpointing = recompute  # the MTP depths' too, as training recomputes them
     B, L, H = micro_batch_size, seq_len, config.hidden_size

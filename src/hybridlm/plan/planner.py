@@ -104,6 +104,7 @@ class Plan:
             "micro_batch_size": self.costs.micro_batch_size,
             "recompute": self.costs.recompute,
             "float8": self.costs.float8,
+            "float8_auto_filter": self.costs.float8_auto_filter,
             "unit": "ms (forward+backward of one micro-batch)",
             "source": self.costs.source,
             "block_costs": [t * ms for t in self.costs.block_times],
@@ -153,7 +154,8 @@ class Plan:
         lines = [
             f"pipeline plan: pp {self.pp} x vpp {self.vpp} = {self.pp * self.vpp} stage{'s' * (self.pp * self.vpp != 1)}, seq_len {c.seq_len}, "
             f"micro-batch {c.micro_batch_size}, activation checkpointing {'on' if c.recompute else 'off'}"
-            + (f", float8 {c.float8}" if c.float8 != "none" else ""),
+            + (f", float8 {c.float8}" if c.float8 != "none" else "")
+            + (" (small layers left out)" if c.float8_auto_filter else ""),
             f"costs: {c.source}; ms = forward+backward of one micro-batch",
             "",
             f"pattern  {self.pattern}",
@@ -252,6 +254,7 @@ def plan_pipeline(
     hardware: str = "h100",
     measure: str | None = None,
     float8: str = "none",
+    float8_auto_filter: bool = False,
 ) -> Plan:
     """Balance ``config.pattern`` over ``pp`` ranks with ``vpp`` virtual stages each.
 
@@ -264,6 +267,7 @@ def plan_pipeline(
         measure: a device (``'cuda'``, ``'cpu'``) to time each block kind on instead of estimating.
         float8: a ``train.float8`` recipe: the blocks' convertible linear layers (``ops.float8``) estimated
             at the float8 peak, or measured as torchao's float8 layers.
+        float8_auto_filter: with ``float8``, the layers too small to gain stay in bf16 (``train.float8_auto_filter``).
     """
     for name, value in (("pp", pp), ("vpp", vpp), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -291,10 +295,11 @@ def plan_pipeline(
         )
     if float8 != "none":
         try:
-            require_float8_linears(HybridLM(config, device="meta"))
+            require_float8_linears(HybridLM(config, device="meta"), float8, float8_auto_filter)
         except ValueError as e:
             raise UsageError(f"--float8 {float8}: {e}") from None
-    costs = estimate_costs(config, seq_len, micro_batch_size, recompute, hardware, "none" if measure else float8)
+    f8 = "none" if measure else float8
+    costs = estimate_costs(config, seq_len, micro_batch_size, recompute, hardware, f8, float8_auto_filter)
     if measure is not None:
         from .measure import measure_times
 
@@ -305,10 +310,22 @@ def plan_pipeline(
             )
 
         try:
-            times = measure_times(config, seq_len, micro_batch_size, measure, recompute, float8=float8)
+            times = measure_times(
+                config,
+                seq_len,
+                micro_batch_size,
+                measure,
+                recompute,
+                float8=float8,
+                float8_auto_filter=float8_auto_filter,
+            )
         except ImportError as e:  # torchao missing: how to install it
             raise UsageError(f"--float8 {float8}: {e}") from None
-        costs = replace(with_times(costs, times, f"measured on {measure}"), float8=float8)
+        costs = replace(
+            with_times(costs, times, f"measured on {measure}"),
+            float8=float8,
+            float8_auto_filter=float8_auto_filter and float8 != "none",
+        )
     times = costs.block_times
     cuts = balanced_cuts(times, k, costs.first_extra_s, costs.last_extra_s)
     user = None

@@ -144,6 +144,9 @@ class TrainConfig:
     #: fast, a GPU with float8 tensor cores, compute capability 8.9+): "tensorwise" (one scale per
     #: tensor; the fast one) or "rowwise" (one per row). MoE experts, embedding and head stay as they are.
     float8: str = "none"
+    #: with float8: leave in the run's precision the linear layers too small to gain from the recipe's float8
+    #: matmuls (torchao's H100 thresholds, as torchtitan's auto_filter_small_kn)
+    float8_auto_filter: bool = False
     threads: int | None = None  #: CPU threads for torch (None = torch's default)
     #: 0: Python's automatic garbage collection; N > 0: automatic collection off and a full
     #: collection after every N-th step, so its pauses land at known steps (Megatron's --manual-gc)
@@ -486,6 +489,8 @@ class RunConfig:
             notes.append(f"train.threads ({t.threads}) is more than this machine's {cores} CPU cores: they compete")
         if t.compile_mode != TrainConfig.compile_mode and not t.compile:
             notes.append("train.compile_mode has no effect without train.compile = true")
+        if t.float8_auto_filter and t.float8 == "none":
+            notes.append("train.float8_auto_filter has no effect without train.float8")
         if t.float8 != "none" and not t.compile:  # torchao's casts are separate kernels uncompiled
             notes.append(
                 "train.float8 without train.compile = true: each float8 matmul's scaling and casts run as separate "

@@ -71,6 +71,8 @@ class PipelineRunner:
             dtype when dp > 1, and the dtype of activations sent between stages.
         activation_checkpointing: a recomputation policy (``train.ac_policy``), or None.
         compile, compile_mode: ``torch.compile`` each block, in this mode (``train.compile_mode``).
+        float8, float8_auto_filter: the blocks' linear layers in float8 (``train.float8``,
+            ``train.float8_auto_filter``; ``ops.float8.apply_float8``).
         autocast: a context manager factory for the forward passes.
 
     Attributes:
@@ -95,6 +97,7 @@ class PipelineRunner:
         compile: bool = False,
         compile_mode: str = "default",
         float8: str = "none",
+        float8_auto_filter: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -119,7 +122,7 @@ class PipelineRunner:
         self.model, self.stages = build_pipeline_model(config, self.pp_rank, pp, seed)
         # "global_aux_loss" balances with the counts of this stage's data-parallel ranks, over a step's micro-batches.
         self.step_counts = share_expert_counts(self.model, self.dp_group if self.dp > 1 else None)
-        apply_float8(self.model, float8)  # before checkpointing and compile wrap the layers
+        apply_float8(self.model, float8, float8_auto_filter)  # before checkpointing and compile wrap the layers
         if activation_checkpointing:  # a policy: "full", "selective" or per block kind
             apply_activation_checkpointing(self.model, activation_checkpointing)
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code

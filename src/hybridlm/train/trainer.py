@@ -427,6 +427,7 @@ class Trainer:
                 compile=t.compile,
                 compile_mode=self.compile_mode,
                 float8=t.float8,
+                float8_auto_filter=t.float8_auto_filter,
                 autocast=self._autocast,
             )
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
@@ -452,7 +453,7 @@ class Trainer:
             else share_expert_counts(self.model, dist.group.WORLD if self.world > 1 else None)
         )
         if self.pipeline is None:  # before checkpointing and compile wrap the layers
-            apply_float8(self.model, t.float8)
+            apply_float8(self.model, t.float8, t.float8_auto_filter)
         if t.activation_checkpointing and self.pipeline is None:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
@@ -659,7 +660,7 @@ class Trainer:
         except ImportError as e:
             raise ConfigError("train.float8", str(e)) from None
         try:
-            return len(require_float8_linears(meta))
+            return len(require_float8_linears(meta, recipe, self.run.train.float8_auto_filter))
         except ValueError as e:
             raise ConfigError("train.float8", str(e)) from None
 
@@ -1077,7 +1078,9 @@ class Trainer:
             f"device  {dev} · {'bf16 autocast' if self.autocast_dtype else 'fp32'}"
             + (f" · activation checkpointing ({t.ac_policy})" if t.activation_checkpointing else "")
             + (
-                f" · float8 matmuls ({t.float8}, {self.float8_layers} linear layers)"
+                f" · float8 matmuls ({t.float8}, {self.float8_layers} linear layers"
+                + (", small ones left out" if t.float8_auto_filter else "")
+                + ")"
                 + (" (emulated on the CPU: far slower, for tests)" if self.device.type == "cpu" else "")
                 if self.float8_layers
                 else ""
