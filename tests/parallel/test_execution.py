@@ -196,6 +196,17 @@ def test_selective_checkpointing_keeps_float8_matmuls_and_is_exact():
     assert torch.equal(got, loss) and all(torch.equal(got_grads[n], g) for n, g in grads.items())
 
 
+def _train_and_evaluate_at_two_shapes(model: HybridLM) -> None:
+    """A training step and an evaluation forward at batch 2, then 3: every graph a block kind may need."""
+    for batch in (2, 3):
+        ids = torch.randint(0, 97, (batch, 9))
+        model.train()
+        model(ids, torch.roll(ids, -1, 1)).loss.backward()
+        model.eval()
+        with torch.no_grad():
+            model(ids)
+
+
 def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
     """Many block kinds, each traced for training and evaluation and at a second batch shape, stay
     compiled: dynamo's per-code-object cap (8 graphs by default) would otherwise send the later
@@ -207,13 +218,7 @@ def test_compiled_blocks_keep_a_graph_per_kind_mode_and_shape():
     model = HybridLM(config, seed=0)
     with dynamo_config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
         compile_blocks(model, backend="eager")  # tracing only (fast); raises the limit for 5 kinds
-        for batch in (2, 3):
-            ids = torch.randint(0, 97, (batch, 9))
-            model.train()
-            model(ids, torch.roll(ids, -1, 1)).loss.backward()
-            model.eval()
-            with torch.no_grad():
-                model(ids)
+        _train_and_evaluate_at_two_shapes(model)
     torch._dynamo.reset()
 
 
@@ -229,13 +234,7 @@ def test_models_compiled_one_after_another_stay_compiled():
         for backend in ("eager", "aot_eager"):
             model = HybridLM(tiny_config("-*E[*-]"), seed=0)
             compile_blocks(model, backend=backend)
-            for batch in (2, 3):
-                ids = torch.randint(0, 97, (batch, 9))
-                model.train()
-                model(ids, torch.roll(ids, -1, 1)).loss.backward()
-                model.eval()
-                with torch.no_grad():
-                    model(ids)
+            _train_and_evaluate_at_two_shapes(model)
     torch._dynamo.reset()
 
 
