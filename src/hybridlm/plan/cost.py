@@ -316,7 +316,7 @@ def estimate_costs(
     c, p = config, config.parsed
     H, V = c.hidden_size, c.vocab_size
     T = seq_len * micro_batch_size
-    counts = _param_counts(config, float8, float8_auto_filter) if float8 != "none" else _param_counts(config)
+    counts = _param_counts(config, float8, float8_auto_filter and float8 != "none")
 
     def layer(s: str, params: int, f8_weights: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
