@@ -261,6 +261,7 @@ def test_the_config_line_leaves_out_the_options_of_kinds_the_pattern_lacks(tmp_p
     assert "ffn_hidden_size" not in shown  # the experts are sized by moe_ffn_hidden_size, and there is no '-'
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as meant
 def test_a_dcp_folder_counts_tensors_and_other_entries_apart(tmp_path):
     """entries counts every entry of .metadata, tensors only the tensors (a pickled value is an entry)."""
     import torch.distributed.checkpoint as dcp
@@ -333,6 +334,7 @@ def test_a_sharded_checkpoint_whose_index_load_refuses_is_refused(tmp_path, edit
         describe(path)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as meant
 def test_a_folder_of_training_states_or_of_something_else_says_what_inspect_reads(tmp_path):
     """A run's checkpoints/ folder and a prepared token folder were 'no safetensors files found' and nothing more."""
     import torch.distributed.checkpoint as dcp
