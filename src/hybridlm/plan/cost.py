@@ -316,7 +316,8 @@ def estimate_costs(
     c, p = config, config.parsed
     H, V = c.hidden_size, c.vocab_size
     T = seq_len * micro_batch_size
-    counts = _param_counts(config, float8, float8_auto_filter and float8 != "none")
+    float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
+    counts = _param_counts(config, float8, float8_auto_filter)
 
     def layer(s: str, params: int, f8_weights: int) -> ItemCost:
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
@@ -371,7 +372,7 @@ def estimate_costs(
 
     source = f"estimate ({hw.name} roofline)"
     return Costs(blocks, embedding, head, tuple(mtp), shared, seq_len, micro_batch_size, recompute, source,
-                 hw.state_bytes_per_param, float8, float8_auto_filter and float8 != "none")  # fmt: skip
+                 hw.state_bytes_per_param, float8, float8_auto_filter)  # fmt: skip
 
 
 def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:

@@ -293,6 +293,7 @@ def plan_pipeline(
             f"cannot place {k} pipeline stages (pp {pp} x vpp {vpp}) on {p.num_blocks} blocks: every stage needs a "
             "block (a fused group is one block)"
         )
+    float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
     if float8 != "none":
         try:
             require_float8_linears(HybridLM(config, device="meta"), float8, float8_auto_filter)
@@ -322,9 +323,7 @@ def plan_pipeline(
         except ImportError as e:  # torchao missing: how to install it
             raise UsageError(f"--float8 {float8}: {e}") from None
         costs = replace(
-            with_times(costs, times, f"measured on {measure}"),
-            float8=float8,
-            float8_auto_filter=float8_auto_filter and float8 != "none",
+            with_times(costs, times, f"measured on {measure}"), float8=float8, float8_auto_filter=float8_auto_filter
         )
     times = costs.block_times
     cuts = balanced_cuts(times, k, costs.first_extra_s, costs.last_extra_s)
