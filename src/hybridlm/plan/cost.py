@@ -14,13 +14,17 @@ tokens (``T`` tokens):
   the layers of a block and over forward and backward. It is a lower bound on a real GPU; the
   planner only uses its ratios, and ``--measure`` replaces it by measured times. With float8
   (``train.float8``) the FLOPs of the linear layers it converts (``ops.float8.float8_linears``) run
-  at the float8 peak, the rest at the bf16 one; bytes and memory are counted as without.
+  at the float8 peak, the rest at the bf16 one (no cost for the casts).
 * **Memory**: weights, gradients and optimizer state take :attr:`Hardware.state_bytes_per_param`
   bytes per parameter (Megatron's mixed precision: bf16 weight 2, fp32 gradient 4, fp32 master
   + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself).
   Activations are the tensors saved for the backward, in bf16 (fp32 where the model keeps fp32).
   Block-level activation checkpointing keeps only each block's input, plus one block's full
   activations while it is recomputed. The head keeps what the chunked loss saves (no logits).
+  With float8, what a compiled block saves for its converted layers (:func:`_float8_unsaved`): a layer's
+  input made by a norm or an activation from a tensor saved anyway is recomputed in the backward, a
+  gated norm's output is kept as its one-byte float8 cast, and a converted weight has no bf16 copy (its
+  fp32 master is cast to float8 at each matmul): 16 bytes of state, not 18.
 
 Parameters per block are counted exactly, on a model built on the meta device.
 """
@@ -79,6 +83,7 @@ class ItemCost:
         ckpt_bytes: bytes saved with block-level checkpointing: a block keeps its input only; the
             head keeps everything; an MTP depth keeps its projection's and head's tensors and
             its blocks' inputs.
+        float8_params: weights of the float8 linear layers among ``params``: no bf16 copy of them is kept.
     """
 
     name: str
@@ -88,6 +93,7 @@ class ItemCost:
     params: int
     act_bytes: float
     ckpt_bytes: float
+    float8_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,49 @@ def _saved_elements(c: ModelConfig, s: str) -> float:
     )
 
 
+def _float8_unsaved(c: ModelConfig, s: str, converted: frozenset[str]) -> float:
+    """Elements per token of :func:`_saved_elements` a compiled ``s`` layer does not save in bf16 when the
+    linear layers named in ``converted`` (relative to its mixer: ``'in_proj'``, ``'shared_experts.down_proj'``)
+    are float8.
+
+    A float8 layer's backward needs its input cast to float8, not the bf16 input itself, and inductor's
+    partitioner recomputes such an input where the block made it by a norm or an activation from a tensor it
+    saves anyway (the normed input from the layer's input; the activation from the up projection's output):
+    so the normed input goes where every layer reading it is float8, and the activation where the down
+    projection is. A gated norm's output (Mamba2, Gated DeltaNet) comes out of a kernel the partitioner cannot
+    run again: it keeps the float8 cast instead, one byte a value. MoE's router and DSA's indexer read the
+    normed input in the model's precision, which keeps it. Found on the CPU for the MLP (what a compiled
+    block saves, ``tests/plan/test_cost.py``) and matched to bench-1.3b's peak memory on an H100
+    (docs/benchmarks.md, fifty-third session).
+    """
+    if not converted:
+        return 0.0
+
+    def all_float8(*names: str | None) -> bool:
+        return all(n in converted for n in names if n)
+
+    H, swiglu = c.hidden_size, c.mlp_activation == "swiglu"
+    if s == "-":
+        normed = all_float8("up_proj", "gate_proj" if swiglu else None)
+        return normed * H + all_float8("down_proj") * c.resolved_ffn_hidden_size
+    if s == "E":
+        return all_float8("shared_experts.down_proj") * c.moe_shared_expert_ffn_hidden_size
+    if s == "*":
+        normed = all_float8("q_proj", "k_proj", "v_proj", "gate_proj" if c.attention_output_gate else None)
+        return normed * H
+    if s == "M":
+        return all_float8("in_proj") * H + all_float8("out_proj") * c.resolved_mamba_num_heads * c.mamba_head_dim / 2
+    if s == "G":
+        value_dim = c.resolved_gdn_num_value_heads * c.resolved_gdn_value_head_dim
+        return all_float8("in_proj_qkvz", "in_proj_ba") * H + all_float8("out_proj") * value_dim / 2
+    if s in "+D":
+        q = "q_a_proj" if c.q_lora_rank else "q_proj"
+        mla = s == "+"  # DSA's indexer reads the normed input and the normed compressed q
+        normed_q = c.q_lora_rank if mla and c.q_lora_rank and all_float8("q_b_proj") else 0
+        return (mla and all_float8(q, "kv_a_proj_with_mqa")) * H + normed_q + all_float8("kv_b_proj") * c.kv_lora_rank
+    return 0.0
+
+
 def _active_params(c: ModelConfig, s: str, params: int, tokens: int) -> float:
     """Parameters whose weights a micro-batch of ``tokens`` tokens reads."""
     if s != "E":
@@ -215,9 +264,10 @@ def _train_cost(
     recompute: bool,
     hw: Hardware,
     fwd_f8_flops: float = 0.0,
+    float8_params: int = 0,
 ) -> ItemCost:
     """Forward+backward cost of one unit from its forward FLOPs (``fwd_f8_flops`` of them in float8 linear
-    layers, whose two backward matmuls are float8 too) and saved elements per token."""
+    layers of ``float8_params`` weights, whose two backward matmuls are float8 too) and saved elements per token."""
     fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
     bwd_flops = 2 * fwd_flops
     bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + 2 * read_params * BF16 + 2 * read_params * FP32
@@ -233,6 +283,7 @@ def _train_cost(
         params=params,
         act_bytes=act_elems * tokens * BF16,
         ckpt_bytes=act_elems * tokens * BF16,
+        float8_params=float8_params,
     )
 
 
@@ -245,6 +296,7 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
         params=sum(p.params for p in parts),
         act_bytes=sum(p.act_bytes for p in parts),
         ckpt_bytes=ckpt_bytes,
+        float8_params=sum(p.float8_params for p in parts),
     )
 
 
@@ -254,16 +306,17 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: bool = False) -> dict[str, object]:
     """Parameters per canonical layer of every main and MTP block, of one MTP depth's own parts
     (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build; and per
-    layer the weights of the linear layers float8 training converts (``float8``, ``float8_mtp``; ``recipe`` and
-    ``auto_filter`` as :func:`~hybridlm.ops.float8.float8_linears` takes them)."""
+    layer the linear layers float8 training converts (``float8``, ``float8_mtp``: their weights and their names
+    relative to the mixer; ``recipe`` and ``auto_filter`` as :func:`~hybridlm.ops.float8.float8_linears` takes them)."""
     model = HybridLM(config, device="meta")
     converted = set(float8_linears(model, recipe, auto_filter))
 
     def count(module) -> int:
         return sum(t.numel() for t in module.parameters())
 
-    def count_float8(prefix: str, layer) -> int:
-        return sum(m.weight.numel() for name, m in layer.named_modules(prefix=prefix) if name in converted)
+    def count_float8(prefix: str, layer) -> tuple[int, frozenset[str]]:
+        mine = {name: m for name, m in layer.named_modules(prefix=prefix) if name in converted}
+        return sum(m.weight.numel() for m in mine.values()), frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine)
 
     def per_layer(blocks, prefix: str) -> tuple[list[list[int]], list[list[int]]]:
         items = list(blocks.items())
@@ -319,9 +372,10 @@ def estimate_costs(
     float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
     counts = _param_counts(config, float8, float8_auto_filter)
 
-    def layer(s: str, params: int, f8_weights: int) -> ItemCost:
+    def layer(s: str, params: int, f8: tuple[int, frozenset[str]]) -> ItemCost:
+        f8_weights, f8_names = f8 if float8 != "none" else (0, frozenset())
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
-        f8_flops = 2 * f8_weights * T if float8 != "none" else 0.0  # one multiply-add per weight and token
+        f8_flops = 2 * f8_weights * T  # one multiply-add per weight and token
         if s == "*":
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
             # skips the masked half, and time is what the planner balances. The part that grows
@@ -329,10 +383,11 @@ def estimate_costs(
             # with a dense (document, or top-k) mask, which skips nothing: they pay for every key.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
-        return _train_cost(s, flops, _saved_elements(c, s), params, _active_params(c, s, params, T), T,
-                           recompute, hw, min(f8_flops, flops))  # fmt: skip
+        saved = _saved_elements(c, s) - _float8_unsaved(c, s, f8_names)
+        return _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
+                           min(f8_flops, flops), f8_weights)  # fmt: skip
 
-    def block(sym: str, params: list[int], f8: list[int]) -> ItemCost:
+    def block(sym: str, params: list[int], f8: list[tuple[int, frozenset[str]]]) -> ItemCost:
         return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * BF16)
 
     blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
@@ -418,9 +473,11 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
         params += sum(m.params for m in extra) + (0 if is_first else costs.shared_embedding_params)
         act += sum(m.act_bytes for m in extra)
         ckpt += sum(m.ckpt_bytes for m in extra)
+    # A float8 layer's weight has no bf16 copy: its fp32 master is cast to float8 at each matmul.
+    float8_params = sum(b.float8_params for b in blocks) + (sum(m.float8_params for m in costs.mtp) if is_last else 0)
     return {
         "params": params,
-        "state_bytes": params * costs.state_bytes_per_param,
+        "state_bytes": params * costs.state_bytes_per_param - float8_params * BF16,
         "act_bytes": act,
         "act_bytes_ckpt": ckpt,
     }
