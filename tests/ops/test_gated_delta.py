@@ -157,6 +157,9 @@ def test_triton_matches_recurrence(seqlen, packed, initial, kernel_device):
         assert_rel_close(t.grad, r.grad, 1e-5, f"grad {name}")
 
 
+# Triton's CPU interpreter computes exp(g_i - g_j) on the whole chunk, the masked-out upper triangle too, where
+# large decays overflow to inf before tl.where drops them (a GPU does the same without a word).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=runs_triton_kernels)])
 def test_full_resets_and_large_log_decays_inside_a_chunk(path, kernel_device):
     """g = -inf (decay 0) and a large |g| inside a chunk, with write strengths 0 and 1: the Triton kernels

@@ -315,6 +315,9 @@ def _gdn_view(ls, h, dk, dv):
     )
 
 
+# Triton's CPU interpreter computes exp(g_i - g_j) on the whole chunk, the masked-out upper triangle too, where
+# large decays overflow to inf before tl.where drops them (a GPU does the same without a word).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize(
     ("case", "kw"),
     [
