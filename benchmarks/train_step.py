@@ -13,7 +13,8 @@ trainer runs it: float32 master weights, bf16 autocast, compiled blocks, packed 
 document ids, the chunked head + loss. Hugging Face runs as its users run it fast: bf16 parameters,
 mamba_ssm's Triton kernels when importable (the table says which path it took), unpacked rows (its
 fused Mamba path takes no document ids). Prints tokens/s, MFU against the H200's 989 TFLOP/s dense
-bf16 peak and against a bf16 matmul rate measured in this run, peak memory and the first step's time
+bf16 peak and against a bf16 matmul rate measured in this run, peak memory beside ``hybridlm plan``'s
+(``planned GiB``: the planner's memory model judged on every run) and the first step's time
 (compilation included). ``--profile`` adds where one step's GPU time goes, by kernel kind, and
 where the GPU waits in it (its idle gaps, by the host op running during each);
 ``--curves N`` trains unfused and fused N steps on text and compares their losses. ``--rounds N``
@@ -113,6 +114,20 @@ def float8_of(variant: str, recipe: str) -> tuple[str, bool]:
     if variant.endswith("-float8-filtered"):
         return recipe, True
     return (recipe if variant.endswith("-float8") else "none"), False
+
+
+def planned_gib(config: ModelConfig, batch: int, seq: int, ac: str | None, float8: tuple[str, bool]) -> float | None:
+    """``hybridlm plan``'s peak memory (GiB) of this variant's step on one GPU, to set beside the measured
+    one: what the planner's memory model is judged by. None under an activation checkpointing policy other than
+    ``full`` (the planner models block-level checkpointing only)."""
+    from hybridlm.plan import plan_pipeline
+
+    if ac not in (None, "none", "full"):
+        return None
+    recompute = ac == "full"
+    plan = plan_pipeline(config, 1, seq_len=seq, micro_batch_size=batch, recompute=recompute, float8=float8[0],
+                         float8_auto_filter=float8[1])  # fmt: skip
+    return plan.rank_memory()[0]["peak_bytes_ckpt" if recompute else "peak_bytes"] / 2**30
 
 
 def ours_step(model, batch) -> torch.Tensor:
@@ -696,16 +711,25 @@ def main() -> None:
                 print(f"  {shape} {label}: out of memory", flush=True)
         rows += [(shape, label, merge_rounds(results), flops_per_step) for label, results in runs.items()]
 
+    def planned(shape: str, label: str) -> str:  # `hybridlm plan`'s peak for our variants
+        if not label.startswith("hybridlm "):
+            return ""
+        name = label.removeprefix("hybridlm ")
+        B, L = (int(x) for x in shape.split("x"))
+        gib = planned_gib(base.replace(pattern=variants[name]), B, L, args.ac, float8_of(name, args.float8))
+        return "" if gib is None else f"{gib:.1f}"
+
     print(
-        "\n| B×L | variant | step ms | tokens/s | model TFLOP/s | MFU (989) | MFU (measured) | peak GiB | first step s |"
+        "\n| B×L | variant | step ms | tokens/s | model TFLOP/s | MFU (989) | MFU (measured) | peak GiB | planned GiB "
+        "| first step s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by_shape: dict[str, dict[str, float]] = {}
     round_ms: dict[str, dict[str, list[float]]] = {}
     pair_ms: dict[str, dict[str, list[float]]] = {}  # --interleave: each timed step
     for shape, label, r, flops in rows:
         if r is None:
-            print(f"| {shape} | {label} | out of memory | | | | | | |")
+            print(f"| {shape} | {label} | out of memory | | | | | | {planned(shape, label)} | |")
             continue
         B, L = (int(x) for x in shape.split("x"))
         tps = B * L / (r["step_ms"] / 1e3)
@@ -715,7 +739,7 @@ def main() -> None:
         tf = flops / (r["step_ms"] / 1e3)
         print(
             f"| {shape} | {label} | {r['step_ms']:.1f} | {tps:,.0f} | {tf / 1e12:.0f} | {100 * tf / H200_PEAK:.1f} % | "
-            f"{100 * tf / rate:.1f} % | {r['peak_gib']:.1f} | {r['first_step_s']:.1f} |"
+            f"{100 * tf / rate:.1f} % | {r['peak_gib']:.1f} | {planned(shape, label)} | {r['first_step_s']:.1f} |"
         )
     print()
     for shape, d in by_shape.items():
