@@ -14,7 +14,8 @@ tokens (``T`` tokens):
   the layers of a block and over forward and backward. It is a lower bound on a real GPU; the
   planner only uses its ratios, and ``--measure`` replaces it by measured times. With float8
   (``train.float8``) the FLOPs of the linear layers it converts (``ops.float8.float8_linears``) run
-  at the float8 peak, the rest at the bf16 one (no cost for the casts).
+  at the float8 peak, the rest at the bf16 one, and the casts to float8 add their own memory-bound
+  kernels (:data:`CAST_BF16`, :data:`CAST_MASTER`).
 * **Memory**: weights, gradients and optimizer state take :attr:`Hardware.state_bytes_per_param`
   bytes per parameter (Megatron's mixed precision: bf16 weight 2, fp32 gradient 4, fp32 master
   + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself).
@@ -40,6 +41,14 @@ from ..ops.float8 import float8_linears
 
 BF16 = 2  # bytes per activation / weight element
 FP32 = 4
+
+#: Bytes per value a float8 linear layer's casts move, in kernels of their own between the matmuls: the operand
+#: is read once for its scale (amax) and once to be cast, and its one-byte cast written. A bf16 input or output
+#: gradient: 2 + 2 + 1; the fp32 master weight: 4 + 4 + 1, and the transposed copy the input's gradient needs.
+#: The forward casts input and weight, the backward the output gradient and the input again, in the layout the
+#: weight's gradient needs. Both recipes alike (rowwise finds a scale per row instead of one per tensor).
+CAST_BF16 = BF16 + BF16 + 1
+CAST_MASTER = FP32 + FP32 + 1 + 1
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,23 @@ def _active_params(c: ModelConfig, s: str, params: int, tokens: int) -> float:
     return params - idle
 
 
+@dataclass(frozen=True)
+class Float8Layers:
+    """A layer's linear layers float8 training converts: their ``weights``, the sum of their ``inputs`` (in
+    features) and ``outputs`` (out features) per token, and their ``names`` relative to the mixer."""
+
+    weights: int = 0
+    inputs: int = 0
+    outputs: int = 0
+    names: frozenset[str] = frozenset()
+
+    def cast_bytes(self, tokens: int) -> tuple[float, float]:
+        """(forward, backward) bytes the casts move for ``tokens`` tokens (:data:`CAST_BF16`, :data:`CAST_MASTER`)."""
+        fwd = CAST_BF16 * self.inputs * tokens + CAST_MASTER * self.weights
+        bwd = CAST_BF16 * (self.inputs + self.outputs) * tokens
+        return fwd, bwd
+
+
 def _roofline(flops: float, nbytes: float, hw: Hardware, f8_flops: float = 0.0) -> float:
     """Seconds of ``flops`` (``f8_flops`` of them in float8) moving ``nbytes``: the slower of compute and memory."""
     compute = (flops - f8_flops) / hw.flops_per_s + (f8_flops / hw.float8_flops_per_s if f8_flops else 0.0)
@@ -264,26 +290,30 @@ def _train_cost(
     recompute: bool,
     hw: Hardware,
     fwd_f8_flops: float = 0.0,
-    float8_params: int = 0,
+    float8: Float8Layers = Float8Layers(),
 ) -> ItemCost:
-    """Forward+backward cost of one unit from its forward FLOPs (``fwd_f8_flops`` of them in float8 linear
-    layers of ``float8_params`` weights, whose two backward matmuls are float8 too) and saved elements per token."""
+    """Forward+backward cost of one unit from its forward FLOPs (``fwd_f8_flops`` of them in the ``float8`` linear
+    layers, whose two backward matmuls are float8 too, their casts kernels of their own) and saved elements per
+    token."""
     fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
     bwd_flops = 2 * fwd_flops
     bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + 2 * read_params * BF16 + 2 * read_params * FP32
     passes = 2 if recompute else 1
-    time = passes * _roofline(fwd_flops, fwd_bytes, hw, fwd_f8_flops) + _roofline(
-        bwd_flops, bwd_bytes, hw, 2 * fwd_f8_flops
+    fwd_cast, bwd_cast = float8.cast_bytes(tokens)
+    time = (
+        passes * (_roofline(fwd_flops, fwd_bytes, hw, fwd_f8_flops) + fwd_cast / hw.bytes_per_s)
+        + _roofline(bwd_flops, bwd_bytes, hw, 2 * fwd_f8_flops)
+        + bwd_cast / hw.bytes_per_s
     )
     return ItemCost(
         name=name,
         time_s=time,
         flops=passes * fwd_flops + bwd_flops,
-        bytes=passes * fwd_bytes + bwd_bytes,
+        bytes=passes * (fwd_bytes + fwd_cast) + bwd_bytes + bwd_cast,
         params=params,
         act_bytes=act_elems * tokens * BF16,
         ckpt_bytes=act_elems * tokens * BF16,
-        float8_params=float8_params,
+        float8_params=float8.weights,
     )
 
 
@@ -314,9 +344,14 @@ def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: 
     def count(module) -> int:
         return sum(t.numel() for t in module.parameters())
 
-    def count_float8(prefix: str, layer) -> tuple[int, frozenset[str]]:
+    def count_float8(prefix: str, layer) -> Float8Layers:
         mine = {name: m for name, m in layer.named_modules(prefix=prefix) if name in converted}
-        return sum(m.weight.numel() for m in mine.values()), frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine)
+        return Float8Layers(
+            weights=sum(m.weight.numel() for m in mine.values()),
+            inputs=sum(m.in_features for m in mine.values()),
+            outputs=sum(m.out_features for m in mine.values()),
+            names=frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine),
+        )
 
     def per_layer(blocks, prefix: str) -> tuple[list[list[int]], list[list[int]]]:
         items = list(blocks.items())
@@ -356,7 +391,8 @@ def estimate_costs(
         recompute: block-level activation checkpointing (one more forward per block).
         hardware: a :class:`Hardware` or a key of :data:`HARDWARE`.
         float8: ``train.float8``'s recipe: other than ``"none"``, the converted linear layers' matmuls
-            run at ``hardware``'s float8 peak (both recipes alike: the roofline has no cast cost).
+            run at ``hardware``'s float8 peak and their casts move :data:`CAST_BF16` and :data:`CAST_MASTER` bytes a value
+            (both recipes alike).
         float8_auto_filter: ``train.float8_auto_filter``: the layers too small to gain from ``float8`` stay
             at the bf16 peak (``ops.float8.slower_in_float8``).
 
@@ -372,10 +408,10 @@ def estimate_costs(
     float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
     counts = _param_counts(config, float8, float8_auto_filter)
 
-    def layer(s: str, params: int, f8: tuple[int, frozenset[str]]) -> ItemCost:
-        f8_weights, f8_names = f8 if float8 != "none" else (0, frozenset())
+    def layer(s: str, params: int, f8: Float8Layers) -> ItemCost:
+        f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
-        f8_flops = 2 * f8_weights * T  # one multiply-add per weight and token
+        f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
         if s == "*":
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
             # skips the masked half, and time is what the planner balances. The part that grows
@@ -383,11 +419,11 @@ def estimate_costs(
             # with a dense (document, or top-k) mask, which skips nothing: they pay for every key.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
-        saved = _saved_elements(c, s) - _float8_unsaved(c, s, f8_names)
+        saved = _saved_elements(c, s) - _float8_unsaved(c, s, f8.names)
         return _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
-                           min(f8_flops, flops), f8_weights)  # fmt: skip
+                           min(f8_flops, flops), f8)  # fmt: skip
 
-    def block(sym: str, params: list[int], f8: list[tuple[int, frozenset[str]]]) -> ItemCost:
+    def block(sym: str, params: list[int], f8: list[Float8Layers]) -> ItemCost:
         return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * BF16)
 
     blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
