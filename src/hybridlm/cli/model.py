@@ -215,8 +215,9 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         "--float8",
         default=None,
         metavar="RECIPE",
-        help="train.float8's recipe, none, tensorwise or rowwise: the blocks' linear layers at the float8 peak "
-        "(estimate) or as torchao's float8 layers (--measure); default: the run file's train.float8, else none",
+        help="train.float8's recipe, none, tensorwise or rowwise: the blocks' linear layers at the float8 peak, "
+        "their casts and what compiled blocks save with them (estimate) or as torchao's float8 layers (--measure); "
+        "default: the run file's train.float8, else none",
     )
     ap.add_argument(
         "--float8-auto-filter",
