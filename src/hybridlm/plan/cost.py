@@ -353,7 +353,7 @@ def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: 
             names=frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine),
         )
 
-    def per_layer(blocks, prefix: str) -> tuple[list[list[int]], list[list[int]]]:
+    def per_layer(blocks, prefix: str) -> tuple[list[list[int]], list[list[Float8Layers]]]:
         items = list(blocks.items())
         params = [[count(layer) for layer in block.layers] for _, block in items]
         f8 = [
@@ -391,8 +391,8 @@ def estimate_costs(
         recompute: block-level activation checkpointing (one more forward per block).
         hardware: a :class:`Hardware` or a key of :data:`HARDWARE`.
         float8: ``train.float8``'s recipe: other than ``"none"``, the converted linear layers' matmuls
-            run at ``hardware``'s float8 peak and their casts move :data:`CAST_BF16` and :data:`CAST_MASTER` bytes a value
-            (both recipes alike).
+            run at ``hardware``'s float8 peak, their casts move :data:`CAST_BF16` and :data:`CAST_MASTER`
+            bytes a value (both recipes alike), and compiled blocks save less (:func:`_float8_unsaved`).
         float8_auto_filter: ``train.float8_auto_filter``: the layers too small to gain from ``float8`` stay
             at the bf16 peak (``ops.float8.slower_in_float8``).
 
