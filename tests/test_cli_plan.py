@@ -164,6 +164,16 @@ def test_measure(capsys):
     assert out["source"] == "measured on cpu" and out["block_costs"][0] == out["block_costs"][3] > 0
 
 
+def test_measuring_float8_on_the_cpu_says_the_times_are_emulated(capsys):
+    pytest.importorskip("torchao")
+    argv = ["plan", "-*-", "--preset", "tiny", "--pp", "2", "--seq-len", "16", "--float8", "tensorwise"]
+    assert main([*argv, "--measure", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["source"] == "measured on cpu"
+    assert "note: --measure cpu with float8 (tensorwise): the CPU emulates float8 matmuls" in captured.err
+    assert main([*argv, "--json"]) == 0 and "emulates" not in capsys.readouterr().err  # the estimate: no note
+
+
 def _plan(capsys, argv):
     assert main(["plan", *argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -144,6 +144,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         check_device(measure)
     _check_plot(args.plot)
     config, run = _resolve_model(args.pattern, args.preset, args.config)
+    float8 = args.float8 if args.float8 is not None else (run.train.float8 if run else "none")
+    if measure is not None and measure.startswith("cpu") and float8 != "none":  # said before the timing, which is slow
+        print(
+            f"note: --measure {measure} with float8 ({float8}): the CPU emulates float8 matmuls, far slower than a "
+            "GPU's float8 tensor cores, so these times say nothing of float8's speed; plan without --measure, or "
+            "measure on a GPU of compute capability 8.9 or later",
+            file=sys.stderr,
+        )
     plan = plan_pipeline(
         config,
         args.pp,
@@ -155,7 +163,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         recompute=args.recompute or bool(run and run.train.activation_checkpointing),
         hardware=args.hardware,
         measure=measure,
-        float8=args.float8 if args.float8 is not None else (run.train.float8 if run else "none"),
+        float8=float8,
         float8_auto_filter=args.float8_auto_filter
         if args.float8_auto_filter is not None
         else bool(run and run.train.float8_auto_filter),
