@@ -72,7 +72,7 @@ def _imported_top_names() -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("extra", ["gpu", "tokenizers", "logging", "float8"], ids=lambda e: f"{e}-extra")
+@pytest.mark.parametrize("extra", ["gpu", "tokenizers", "logging", "float8", "data"], ids=lambda e: f"{e}-extra")
 def test_each_package_of_an_optional_extra_is_imported_by_the_package(extra):
     """An extra installs what the code it guards imports, and nothing more: the gpu extra named einops, which no
     module imports."""

@@ -325,7 +325,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     ap.add_argument(
         "--data",
         metavar="SOURCE",
-        help="one source of what data.source takes: a .txt/.jsonl/.ndjson file or a folder of them, a folder written "
+        help="one source of what data.source takes: a .txt/.jsonl/.ndjson/.parquet file (compressed too) or a folder "
+        "of them, a folder written "
         "by hybridlm prepare, or builtin:pydoc (required without --split; with it the default is the run's data.source, "
         "every source of a blend)",
     )

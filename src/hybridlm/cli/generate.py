@@ -21,7 +21,8 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..train.data import JSON_LINES, decode_line
+    from ..train.data import decode_line
+    from ..train.formats import JSON_LINES
 
     prompts = [(p, f"--prompt number {i}") for i, p in enumerate(args.prompt or [], start=1)]
     if args.prompts_file == "":  # (an unset shell variable): not "no file", which would drop it silently

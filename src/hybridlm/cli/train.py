@@ -198,15 +198,19 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="tokenize text or JSONL into a token file for training",
         description="Tokenize a corpus once (a .txt file: one document; a .jsonl or .ndjson file: one document "
-        "per record; a folder of such files, searched recursively, hidden files and folders left out; or "
-        "builtin:pydoc) into OUT/tokens.bin (numpy "
+        "per record; a .parquet file: one per row of its --jsonl-field column (pyarrow); .txt and JSON Lines also "
+        "compressed, read through a last .gz, .bz2, .xz or .zst (zstandard); a folder of such files, searched "
+        "recursively, hidden files and folders left out; or builtin:pydoc) into OUT/tokens.bin (numpy "
         "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files, a batch of documents "
         "at a time (its ids appended to the token file as it is done: memory stays bounded). Conversations (JSONL "
         "records whose --jsonl-field holds a list of messages) are written out by a chat template, and OUT/mask.bin "
         "marks the assistant's turns as the only tokens learned (supervised fine-tuning). Train on it with --set "
         "data.source=OUT.",
     )
-    ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")
+    ap.add_argument(
+        "source",
+        help=".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst), a folder of them, or builtin:pydoc",
+    )
     ap.add_argument("out", help="output folder")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json (default: byte)")
     ap.add_argument(
@@ -281,10 +285,14 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
         description="Learn a byte-level BPE tokenizer from a corpus with the tokenizers package (GPT-2's scheme: "
         "every text encodes and decodes back to itself, in any language) and write it as OUT, a tokenizer.json with "
         "<|endoftext|> (id 0) as its end-of-document token. Use it with hybridlm prepare --tokenizer OUT or "
-        "--set data.tokenizer=OUT. The corpus is read as prepare and train read one (a .txt file, a .jsonl or "
-        ".ndjson file, a folder of them, or builtin:pydoc); a conversation's messages are learned from as texts.",
+        "--set data.tokenizer=OUT. The corpus is read as prepare and train read one (a .txt, .jsonl, .ndjson or "
+        ".parquet file, compressed too, a folder of them, or builtin:pydoc); a conversation's messages are learned "
+        "from as texts.",
     )
-    ap.add_argument("source", help=".txt/.jsonl/.ndjson file, a folder of them, or builtin:pydoc")
+    ap.add_argument(
+        "source",
+        help=".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst), a folder of them, or builtin:pydoc",
+    )
     ap.add_argument("out", help="the tokenizer.json to write (not replaced if it exists)")
     ap.add_argument(
         "--vocab-size",

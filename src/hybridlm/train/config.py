@@ -75,7 +75,8 @@ _MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 @refuse_unknown_keywords(lambda unknown: _unknown_fields("data", unknown))
 @dataclass
 class DataConfig:
-    #: builtin:pydoc, a .txt/.jsonl file or folder, or a `hybridlm prepare` folder; or a list of them, a blend
+    #: builtin:pydoc, a .txt/.jsonl/.parquet file (.jsonl.gz, .zst, ... too) or folder, or a `hybridlm prepare`
+    #: folder; or a list of them, a blend
     source: str | list[str] = "builtin:pydoc"
     #: a blend's share of each source (positive, normalised to sum 1; None: each source's training rows)
     weights: list[float] | None = None

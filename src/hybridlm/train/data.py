@@ -7,8 +7,9 @@ document than its input is ignored (-100), and the model is given the document i
 mixer carries information across a boundary.
 
 Sources: ``builtin:pydoc`` (the English text of Python's own help topics, in every CPython, no
-download), a ``.txt`` file or folder of them (one document per file), a ``.jsonl`` file (one per
-record), or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap). A blend of several sources is
+download), a ``.txt`` file (one document), a ``.jsonl`` file (one per record), a ``.parquet`` file (one per row),
+the first two also compressed (``.jsonl.gz``, ``.zst``, ...: :mod:`~hybridlm.train.formats`), a folder of such
+files, or a folder written by ``hybridlm prepare`` (tokens in a numpy memmap). A blend of several sources is
 sampled by :class:`Blend` (where each position of the row stream comes from) and read by :class:`BlendedRows`.
 
 A prepared corpus of conversations (JSON Lines records holding a list of messages, :mod:`~hybridlm.train.chats`) also
@@ -34,6 +35,7 @@ import torch
 from ..config import is_special_file
 from ..errors import DataError
 from .chats import ChatDocument, ChatFormat, chat_pieces
+from .formats import FileKind, file_kind, opened, parquet_values
 
 PREPARED_META = "meta.json"
 PREPARED_FORMAT = "hybridlm-tokens"
@@ -125,12 +127,9 @@ def builtin_documents(name: str, key: str = "data.source") -> list[str]:
     raise DataError(f"{key}: unknown built-in corpus 'builtin:{name}' (known: builtin:pydoc)")
 
 
-#: Extensions of JSON Lines files (a JSON object per line; NDJSON is the same format).
-JSON_LINES = (".jsonl", ".ndjson")
-
-
 def _text_files(folder: Path) -> list[Path]:
-    """The .txt files under ``folder``, then its JSON Lines files, each sorted; extensions in any case. Hidden
+    """The text files under ``folder`` (``.txt``, compressed too), then its record files (JSON Lines, compressed too,
+    and Parquet), each sorted; extensions in any case (:func:`~hybridlm.train.formats.file_kind`). Hidden
     files and folders are left out: editors' and tools' copies (``.ipynb_checkpoints/``, macOS's ``._x.txt``)
     would add documents twice or fail to decode.
 
@@ -161,7 +160,7 @@ def _text_files(folder: Path) -> list[Path]:
             # Whatever its name: a link to a folder of shards on a disk not mounted is listed here, among the files.
             if path.is_symlink() and not path.exists():
                 raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
-            if path.suffix.lower() not in (".txt", *JSON_LINES) or path.is_dir():  # (a folder named x.txt is walked)
+            if file_kind(path) is None or path.is_dir():  # (a folder named x.txt is walked)
                 continue
             if is_special_file(path):  # refused as data.source itself is: passed over, a document went missing unsaid
                 raise DataError(
@@ -170,7 +169,8 @@ def _text_files(folder: Path) -> list[Path]:
                 )
             found.append(path)
     found.sort()
-    return [p for p in found if p.suffix.lower() == ".txt"] + [p for p in found if p.suffix.lower() in JSON_LINES]
+    text = [p for p in found if file_kind(p).kind == "text"]
+    return text + [p for p in found if file_kind(p).kind != "text"]
 
 
 def source_path(source: str) -> Path:
@@ -180,8 +180,9 @@ def source_path(source: str) -> Path:
 
 
 def text_documents(source: str, jsonl_field: str = "text", key: str = "data.source") -> Iterator[str]:
-    """Documents of a .txt file, a folder of .txt files, or a .jsonl file. A source that does not exist or holds
-    no text is refused here, before any document is read (errors name it as ``key``)."""
+    """Documents of a .txt, .jsonl or .parquet file (the first two also compressed: ``formats.file_kind``), or a
+    folder of them. A source that does not exist or holds no text is refused here, before any document is read
+    (errors name it as ``key``)."""
     path = source_path(source)
     _refuse_megatron_dataset(path, source, key)
     if not path.exists():
@@ -193,8 +194,12 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
     files = _text_files(path) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{key}: no .txt or .jsonl files under {source} (hidden ones are left out)")
-    if path.suffix.lower() == ".json" and not path.is_dir():
-        raise DataError(f"{path}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line)")
+    json_named = path.suffix.lower() == ".json" or (file_kind(path) is None and path.name.lower().count(".json."))
+    if json_named and not path.is_dir():  # (Dolma names its JSON Lines shards .json.gz)
+        raise DataError(
+            f"{path}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line): if it holds "
+            "one object a line, name it .jsonl (.jsonl.gz when compressed)"
+        )
     return _file_documents(files, jsonl_field)
 
 
@@ -216,41 +221,55 @@ def _refuse_megatron_dataset(path: Path, source: str, key: str) -> None:
 #: How files that are no UTF-8 text begin (and, for Parquet, end), what each is and what to do instead. Named as the
 #: source (``corpus.jsonl.gz``; PowerShell 5's ``>`` writes UTF-16), one was refused as "not UTF-8 (byte 0x8b at
 #: column 2)", as if its text held one bad byte.
+_COMPRESSED = (  # how each compressed format begins, its extension here and its tool
+    (rb"\x1f\x8b", "gzip", ".gz", "gunzip -k"),
+    (rb"\(\xb5/\xfd", "zstd", ".zst", "zstd -d"),
+    (rb"\xfd7zXZ\x00", "xz", ".xz", "xz -dk"),
+    (rb"BZh[1-9]1AY&SY", "bzip2", ".bz2", "bunzip2 -k"),
+)
 _NOT_TEXT = (
-    (rb"\x1f\x8b", b"", "gzip-compressed", "decompress it first (gunzip -k)"),
-    (rb"\(\xb5/\xfd", b"", "zstd-compressed", "decompress it first (zstd -d)"),
-    (rb"\xfd7zXZ\x00", b"", "xz-compressed", "decompress it first (xz -dk)"),
-    (rb"BZh[1-9]1AY&SY", b"", "bzip2-compressed", "decompress it first (bunzip2 -k)"),
+    *(
+        (head, b"", f"{name}-compressed", f"name it with a last {ext} to read it so, or decompress it first ({tool})")
+        for head, name, ext, tool in _COMPRESSED
+    ),
     (rb"PK\x03\x04", b"", "a zip archive", "extract it first (unzip)"),
-    (rb"PAR1", b"PAR1", "a Parquet file", 'write its text as JSON Lines first (one {"text": ...} object a line)'),
+    (rb"PAR1", b"PAR1", "a Parquet file", "name it .parquet to read it so, or write its text as JSON Lines first"),
     (rb"\xff\xfe|\xfe\xff", b"", "UTF-16 text", "convert it to UTF-8 first (iconv -f UTF-16 -t UTF-8)"),
 )
 
 
 def _refuse_not_text(file: Path) -> None:
     """Refuse (DataError) ``file``, which does not decode as UTF-8, where it is no UTF-8 text at all (a compressed
-    file, an archive, UTF-16), saying what to do instead; text with a bad byte is for its line and column to name."""
-    with open(file, "rb") as f:
-        head = f.read(16)
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 4))
-        tail = f.read()
+    file, an archive, UTF-16), saying what to do instead; text with a bad byte is for its line and column to name.
+    (Of a compressed file, what decompression gave: a .gz of a zip is a zip.)"""
+    codec = (file_kind(file) or FileKind("text")).codec
+    with opened(file, codec) as f:
+        head, tail = f.read(16), b""
+        if not codec:  # (seeking to a compressed file's end would decompress it whole)
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4))
+            tail = f.read()
     for start, end, what, fix in _NOT_TEXT:
         if re.match(start, head) and tail.endswith(end):
             raise DataError(f"{file}: {what}, not UTF-8 text; {fix}, then name the .txt or .jsonl files")
 
 
-def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str]:
+def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str | ChatDocument]:
     for file in files:
-        if file.suffix.lower() in JSON_LINES:
-            yield from _jsonl_documents(file, jsonl_field)
+        kind = file_kind(file) or FileKind("text")  # a source file of another name: its text
+        if kind.kind == "lines":
+            yield from _jsonl_documents(file, jsonl_field, kind.codec)
+        elif kind.kind == "parquet":
+            for row, value in parquet_values(file, jsonl_field):
+                yield _record_document(value, jsonl_field, f"{file}: row {row}")
         else:
+            with opened(file, kind.codec) as f:
+                raw = f.read()
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not text
-                yield file.read_text(encoding="utf-8-sig")
+                yield raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:  # name the line: one line at a time finds it
                 _refuse_not_text(file)
-                raw = file.read_bytes().removeprefix(codecs.BOM_UTF8)
-                for line_no, line in enumerate(raw.splitlines(), start=1):  # as the JSON Lines reader counts
-                    decode_line(line, f"{file}:{line_no}")
+                for line_no, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+                    decode_line(line, f"{file}:{line_no}")  # (as the JSON Lines reader counts)
                 raise DataError(f"{file}: not UTF-8 text ({e})") from None
 
 
@@ -271,10 +290,10 @@ def _holds(record: object) -> str:
     return "its fields: " + (", ".join(names) + (", ..." if len(record) > 8 else "") if names else "none")
 
 
-def _jsonl_documents(file: Path, field: str) -> Iterator[str | ChatDocument]:
-    """The ``field`` strings of a JSON Lines file, or conversations where the field holds a list (of messages);
-    errors name the file and line."""
-    with open(file, "rb") as f:
+def _jsonl_documents(file: Path, field: str, codec: str | None = None) -> Iterator[str | ChatDocument]:
+    """The ``field`` strings of a JSON Lines file (decompressed through ``codec``), or conversations where the field
+    holds a list (of messages); errors name the file and line."""
+    with opened(file, codec) as f:
         lines = (piece for chunk in f for piece in chunk.splitlines())  # \n, \r\n and \r end a line
         for line_no, raw in enumerate(lines, start=1):
             where = f"{file}:{line_no}"
@@ -293,18 +312,22 @@ def _jsonl_documents(file: Path, field: str) -> Iterator[str | ChatDocument]:
                 chat = isinstance(record, dict) and isinstance(record.get("messages"), list)
                 hint = "; a conversation: --jsonl-field messages (data.jsonl_field)" if chat else ""
                 raise DataError(f"{where}: not a JSON object with a {field!r} field ({_holds(record)}){hint}")
-            text = record[field]
-            if isinstance(text, list):  # (checked when it is written out, by the chat format's rules)
-                yield ChatDocument(text, where)
-                continue
-            if not isinstance(text, str):  # said what it holds: a null (a record without text) asks another fix
-                held = "an object" if isinstance(text, dict) else _holds(text)
-                raise DataError(f"{where}: field {field!r} is not a string but {held}")
-            try:
-                text.encode("utf-8")  # JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer takes
-            except UnicodeEncodeError as e:
-                raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape ({e.reason})") from None
-            yield text
+            yield _record_document(record[field], field, where)
+
+
+def _record_document(text: object, field: str, where: str) -> str | ChatDocument:
+    """A record's ``field`` (a JSON Lines record's, a Parquet row's column) as a document: a string, or a
+    conversation where it is a list (of messages); DataError at ``where`` for anything else."""
+    if isinstance(text, list):  # (checked when it is written out, by the chat format's rules)
+        return ChatDocument(text, where)
+    if not isinstance(text, str):  # said what it holds: a null (a record without text) asks another fix
+        held = "an object" if isinstance(text, dict) else _holds(text)
+        raise DataError(f"{where}: field {field!r} is not a string but {held}")
+    try:
+        text.encode("utf-8")  # JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape ({e.reason})") from None
+    return text
 
 
 #: A batch of documents is tokenized in one call when it reaches this many documents or characters, whichever comes
