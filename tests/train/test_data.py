@@ -1426,6 +1426,12 @@ def test_a_blend_s_sources_are_labelled_short_and_unique():
         "m_a_th",
     ]
     assert source_labels(["a/data.jsonl", "b/data.jsonl", "c.txt"]) == ["data-1", "data-2", "c"]
+    assert source_labels(["web.jsonl.zst", "code.txt.gz", "fw-000.parquet", "v1.2.jsonl"]) == [
+        "web",
+        "code",
+        "fw-000",
+        "v1.2",
+    ]
     # A numbered label that is another source's own name: numbered again, so no two sources share a metrics key.
     labels = source_labels(["a/data.jsonl", "b/data.jsonl", "data-1.txt"])
     assert labels == ["data-1-1", "data-2", "data-1-3"]

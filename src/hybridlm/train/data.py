@@ -722,14 +722,20 @@ def check_distinct_sources(sources: list[str]) -> None:
 
 def source_labels(sources: list[str]) -> list[str]:
     """Short unique names of a blend's sources, for its metrics (``val_loss/<name>``) and header: a path's file or
-    folder name without its extension, a built-in corpus's name; where two would be alike, each of them gets its
-    place in the list after it (``data-1``, ``data-2``), again until none are alike (``data-1.txt`` beside two
+    folder name without its extension (a compressed file's two), a built-in corpus's name; where two would be
+    alike, each of them gets its place in the list after it (``data-1``, ``data-2``), again until none are alike
+    (``data-1.txt`` beside two
     ``data.jsonl``: ``data-1-1``, ``data-2``, ``data-1-3``; two alike labels were one metrics key, and one source's
     loss overwrote the other's). Only letters, digits, ``.``, ``_`` and ``-`` are kept (a ``/`` would nest
     TensorBoard's tags)."""
     labels = []
     for i, source in enumerate(sources):
-        name = source.split(":", 1)[1] if source.startswith("builtin:") else source_path(source).stem
+        if source.startswith("builtin:"):
+            name = source.split(":", 1)[1]
+        else:
+            path = source_path(source)
+            kind = file_kind(path)
+            name = Path(path.stem).stem if kind and kind.codec else path.stem  # web.jsonl.zst: web, as web.jsonl
         labels.append(re.sub(r"[^A-Za-z0-9._-]", "_", name) or f"source{i + 1}")
     while len(set(labels)) < len(labels):  # (each round lengthens only alike labels, by their distinct places)
         labels = [f"{s}-{i + 1}" if labels.count(s) > 1 else s for i, s in enumerate(labels)]
