@@ -139,6 +139,11 @@ for stage in "$@"; do
     float8filtermoe)
         run float8filter-moe 250 6 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 1x4096 --steps 6 --warmup 3 \
             --variants unfused,unfused-float8-filtered --float8 tensorwise ;;
+    savedbytes)  # what each block kind keeps for its backward, compiled on the GPU, beside hybridlm plan's count
+        for f8 in none tensorwise; do
+            run "savedbytes-$f8" 240 12 python3 benchmarks/saved_bytes.py --preset "${PRESET:-bench-1.3b}" \
+                --shape "${SHAPES:-4x4096}" --float8 "$f8"
+        done ;;
     float8moe)  # bench-moe-1b (3.9B parameters: one model with AdamW at a time on an H100) with and without float8
         run float8moe 400 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes "${SHAPES:-1x4096}" --steps 6 --warmup 3 \
             --variants unfused,unfused-float8 --float8 "${RECIPE:-tensorwise}" ;;

@@ -382,3 +382,17 @@ def test_plan_vs_measure_costs_every_layout_with_the_measured_times(capsys):
     layouts = [line for line in out.splitlines() if line.startswith(("planned from", "even split"))]
     assert len(layouts) == 3 and layouts[1].endswith("1.000"), out
     assert all(float(line.split()[-1]) >= 1.0 for line in layouts), out
+
+
+def test_saved_bytes_measures_each_block_kind_beside_the_plans_count():
+    """benchmarks/saved_bytes.py's rows: one per distinct block kind, in pattern order, both sides positive (eager
+    blocks here; the comparison with compiled ones is tests/plan/test_cost.py's)."""
+    spec = importlib.util.spec_from_file_location("saved_bytes_bench", _PATH.parent / "saved_bytes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from tests.helpers import tiny_config
+
+    config = tiny_config("M-M*-[*-]", vocab_size=64)
+    rows = module.rows(config, 1, 16, "cpu", compiled=False, float8="none", auto_filter=False)
+    assert [kind for kind, _, _ in rows] == ["M", "-", "*", "*-"]
+    assert all(got > 0 and want > 0 for _, got, want in rows)

@@ -236,42 +236,29 @@ def test_what_compiled_float8_blocks_no_longer_save_is_what_the_plan_counts():
     from hybridlm.ops.float8 import apply_float8
     from hybridlm.parallel.execution import compile_blocks
     from hybridlm.plan.cost import BF16
+    from hybridlm.plan.measure import saved_bytes
 
     config = tiny_config("-*MG", hidden_size=64, ffn_hidden_size=256, mamba_num_heads=8, mamba_head_dim=16,
                          gdn_head_dim=32, vocab_size=128)  # fmt: skip
     B, L = 2, 64
     ids = torch.randint(0, 128, (B, L), generator=torch.Generator().manual_seed(0))
 
-    def saved_bytes(recipe: str) -> list[int]:
+    def saved(recipe: str) -> list[int]:
         torch._dynamo.reset()
         model = HybridLM(config, seed=0)
         if recipe != "none":
             apply_float8(model, recipe)
-        compile_blocks(model)
-        params = {p.data_ptr() for p in model.parameters()}
-        saved, running = [{} for _ in model.blocks], [None]  # per block: storage -> bytes
-        for i, block in enumerate(model.blocks.values()):
-            block.register_forward_pre_hook(lambda m, a, i=i: running.__setitem__(0, i))
-            block.register_forward_hook(lambda m, a, o: running.__setitem__(0, None))
-
-        def pack(t):
-            if running[0] is not None and t.data_ptr() not in params:
-                saved[running[0]][t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=ids, return_logits=False).loss.backward()
-        return [sum(s.values()) for s in saved]
+        return saved_bytes(compile_blocks(model), ids)
 
     T = B * L
     c = config  # the gated norm outputs' widths: half of it in elements, at two bytes each
     gated_half = {"M": c.resolved_mamba_num_heads * c.mamba_head_dim,
                   "G": c.resolved_gdn_num_value_heads * c.resolved_gdn_value_head_dim}  # fmt: skip
-    bf16, bf16_saved = estimate_costs(config, L, B), saved_bytes("none")
+    bf16, bf16_saved = estimate_costs(config, L, B), saved("none")
     for recipe in ("tensorwise", "rowwise"):
         f8 = estimate_costs(config, L, B, float8=recipe)
         planned = [a.act_bytes - b.act_bytes + BF16 * b.float8_params for a, b in zip(bf16.blocks, f8.blocks)]
-        measured = [a - b for a, b in zip(bf16_saved, saved_bytes(recipe))]
+        measured = [a - b for a, b in zip(bf16_saved, saved(recipe))]
         for block, got, want in zip(config.parsed.blocks, measured, planned):
             scales = 4 * 4 * 4  # float32 scales: at most four per float8 layer here
             want += gated_half.get(block, 0) * T

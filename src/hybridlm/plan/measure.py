@@ -1,4 +1,5 @@
-"""Measure forward+backward time of each block kind on a device (``hybridlm plan --measure``).
+"""Measure forward+backward time of each block kind on a device (``hybridlm plan --measure``), and what each block
+keeps for its backward (:func:`saved_bytes`, which the cost model's memory is judged by).
 
 One small model holds one block of every distinct kind in the pattern (plus one MTP depth when
 the pattern has MTP), at the config's real sizes; each piece is timed alone on random input of
@@ -105,3 +106,35 @@ def measure_times(
             lambda: model.head_loss(depth(h, model.embeddings(torch.roll(ids, -1, 1)), ctx)[0], ids)
         )
     return times
+
+
+def saved_bytes(model, ids: torch.Tensor) -> list[int]:
+    """Bytes each main block of ``model`` (a :class:`~hybridlm.model.HybridLM`) keeps for its backward in one training
+    step on ``ids`` (B, L), under bf16 autocast as training runs (compile the blocks first to see what compiled
+    training keeps): the distinct tensors packed while the block runs (``torch.autograd.graph.saved_tensors_hooks``),
+    its parameters left out (they stay anyway; a bf16 copy autocast makes of one counts). Runs the forward and
+    backward; what :func:`hybridlm.plan.cost.estimate_costs` counts as a block's ``act_bytes`` (and its weights'
+    bf16 copies) is judged by it (``tests/plan/test_cost.py``, ``benchmarks/saved_bytes.py``)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved: list[dict[int, int]] = [{} for _ in model.blocks]  # per block: storage -> bytes (a tensor saved twice once)
+    running: list[int | None] = [None]
+    hooks = []
+    for i, block in enumerate(model.blocks.values()):
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: running.__setitem__(0, i)))
+        hooks.append(block.register_forward_hook(lambda m, a, o: running.__setitem__(0, None)))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if running[0] is not None and t.data_ptr() not in params:
+            saved[running[0]][t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    try:
+        with (
+            torch.autocast(ids.device.type, torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            model(ids, labels=ids, return_logits=False).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sum(s.values()) for s in saved]

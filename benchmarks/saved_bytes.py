@@ -1,0 +1,78 @@
+"""What each block kind keeps for its backward, measured in compiled blocks, beside what `hybridlm plan` counts.
+
+    python benchmarks/saved_bytes.py --preset bench-1.3b --shape 4x4096                       # on a GPU
+    python benchmarks/saved_bytes.py --preset bench-1.3b --shape 4x4096 --float8 tensorwise
+    python benchmarks/saved_bytes.py --preset tiny --shape 2x64 --device cpu
+
+One model of one block of each distinct kind of the preset's pattern, at its real sizes, compiled as training compiles
+it (``--no-compile``: eager), its linear layers float8 with ``--float8`` (``--float8-auto-filter`` as
+``train.float8_auto_filter``); one training step under bf16 autocast, each block's saved tensors measured by
+``hybridlm.plan.measure.saved_bytes``. Prints per block kind the measured MiB, the plan's (its ``act_bytes`` plus the
+bf16 copies autocast makes of the weights the block does not run in float8) and their ratio: where the planner's
+memory model (``plan.cost._saved_elements``, ``_float8_unsaved``) is off, by kind. On the GPU the kernels are the
+Triton ones training runs; on the CPU the plain-torch references, which keep more.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hybridlm import ModelConfig
+from hybridlm.model import HybridLM
+from hybridlm.ops.float8 import apply_float8
+from hybridlm.parallel.execution import compile_blocks
+from hybridlm.plan.cost import BF16, estimate_costs
+from hybridlm.plan.measure import saved_bytes
+from hybridlm.plan.planner import block_text
+
+MIB = 2**20
+
+
+def rows(config: ModelConfig, batch: int, seq: int, device: str, compiled: bool, float8: str, auto_filter: bool):
+    """(block kind, measured bytes, planned bytes) of each distinct block kind of ``config``."""
+    kinds = list(dict.fromkeys(config.parsed.blocks))
+    small = config.replace(pattern="".join(block_text(b) for b in kinds))
+    model = HybridLM(small, seed=0, device=device)
+    apply_float8(model, float8, auto_filter)
+    if compiled:
+        compile_blocks(model)
+    ids = torch.randint(
+        0, small.vocab_size, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0)
+    )
+    measured = saved_bytes(model, ids)
+    planned = estimate_costs(small, seq, batch, float8=float8, float8_auto_filter=auto_filter).blocks
+    return [
+        (kind, got, p.act_bytes + BF16 * (p.params - p.float8_params))  # the bf16 weight copies autocast keeps
+        for kind, got, p in zip(kinds, measured, planned)
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench-1.3b")
+    ap.add_argument("--shape", default="4x4096", help="BxL of the step")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", action="store_true", help="eager blocks (training compiles them)")
+    ap.add_argument("--float8", default="none", help="train.float8's recipe: none, tensorwise or rowwise")
+    ap.add_argument("--float8-auto-filter", action="store_true", help="train.float8_auto_filter")
+    args = ap.parse_args()
+    B, L = (int(x) for x in args.shape.lower().split("x"))
+    config = ModelConfig.preset(args.preset)
+    compiled = not args.no_compile
+    print(
+        f"{args.preset} {B}x{L} on {args.device}, {'compiled' if compiled else 'eager'} blocks, bf16 autocast"
+        + (
+            f", float8 {args.float8}" + (" (small layers left out)" if args.float8_auto_filter else "")
+            if args.float8 != "none"
+            else ""
+        )
+    )
+    print("\n| block | measured MiB | planned MiB | planned / measured |\n|---|---:|---:|---:|")
+    for kind, got, want in rows(config, B, L, args.device, compiled, args.float8, args.float8_auto_filter):
+        print(f"| {kind} | {got / MIB:,.1f} | {want / MIB:,.1f} | {want / got:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
