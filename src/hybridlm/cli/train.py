@@ -193,6 +193,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What prepare and tokenizer read (train/formats.py).
+_CORPUS_HELP = (
+    ".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst), a folder of them, or builtin:pydoc"
+)
+
+
 def add_prepare(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser(
         "prepare",
@@ -207,10 +213,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         "marks the assistant's turns as the only tokens learned (supervised fine-tuning). Train on it with --set "
         "data.source=OUT.",
     )
-    ap.add_argument(
-        "source",
-        help=".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst), a folder of them, or builtin:pydoc",
-    )
+    ap.add_argument("source", help=_CORPUS_HELP)
     ap.add_argument("out", help="output folder")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json (default: byte)")
     ap.add_argument(
@@ -289,10 +292,7 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
         ".parquet file, compressed too, a folder of them, or builtin:pydoc); a conversation's messages are learned "
         "from as texts.",
     )
-    ap.add_argument(
-        "source",
-        help=".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst), a folder of them, or builtin:pydoc",
-    )
+    ap.add_argument("source", help=_CORPUS_HELP)
     ap.add_argument("out", help="the tokenizer.json to write (not replaced if it exists)")
     ap.add_argument(
         "--vocab-size",
