@@ -146,3 +146,11 @@ def test_a_json_named_source_is_refused_with_the_name_that_reads_it(tmp_path):
     (tmp_path / "shard.json.gz").write_bytes(gzip.compress(LINES))
     with pytest.raises(DataError, match=r"shard\.json\.gz: a \.json file; .* name it \.jsonl \(\.jsonl\.gz when"):
         list(text_documents(str(tmp_path / "shard.json.gz")))
+
+
+@pytest.mark.parametrize(("name", "pack"), [("c.txt", lambda b: b), ("c.txt.gz", gzip.compress)])
+def test_a_text_files_line_ends_read_as_pythons_text_files_read_them(tmp_path, name, pack):
+    """\\r\\n and \\r are \\n, a byte-order mark is no text, compressed or not (reading the bytes to decompress them
+    had kept \\r\\n)."""
+    (tmp_path / name).write_bytes(pack(b"\xef\xbb\xbfa\r\nb\rc\n"))
+    assert list(text_documents(str(tmp_path / name))) == ["a\nb\nc\n"]

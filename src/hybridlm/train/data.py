@@ -265,12 +265,13 @@ def _file_documents(files: list[Path], jsonl_field: str) -> Iterator[str | ChatD
             with opened(file, kind.codec) as f:
                 raw = f.read()
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not text
-                yield raw.decode("utf-8-sig")
+                text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:  # name the line: one line at a time finds it
                 _refuse_not_text(file)
                 for line_no, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
                     decode_line(line, f"{file}:{line_no}")  # (as the JSON Lines reader counts)
                 raise DataError(f"{file}: not UTF-8 text ({e})") from None
+            yield text.replace("\r\n", "\n").replace("\r", "\n")  # line ends as Python's text files read them
 
 
 def decode_line(raw: bytes, where: str) -> str:
