@@ -44,7 +44,8 @@ def _parquet(path: Path, columns: dict) -> None:
         ("train-00000-of-00099.parquet", FileKind("parquet")),
         ("a.parquet.gz", None),  # Parquet compresses inside the file
         ("a.gz", None),
-        ("a.json.gz", None),
+        ("c4-train.00000-of-01024.json.gz", FileKind("lines", "gzip")),  # C4's, Dolma's: JSON Lines
+        ("a.json", None),
         ("a.csv", None),
     ],
 )
@@ -141,11 +142,17 @@ def test_a_missing_package_is_named_with_what_to_install(tmp_path, monkeypatch):
         list(text_documents(str(tmp_path / "c.parquet")))
 
 
-def test_a_json_named_source_is_refused_with_the_name_that_reads_it(tmp_path):
-    """Dolma names its JSON Lines shards .json.gz: refused as .json files are, saying to name them .jsonl.gz."""
+def test_a_compressed_json_file_is_json_lines_as_c4_and_dolma_ship_them(tmp_path):
+    """C4's, Dolma's and RedPajama's shards are .json.gz files of one JSON object a line: read so. One JSON document
+    compressed is named with what was expected; a plain .json stays refused (one document, as a config)."""
     (tmp_path / "shard.json.gz").write_bytes(gzip.compress(LINES))
-    with pytest.raises(DataError, match=r"shard\.json\.gz: a \.json file; .* name it \.jsonl \(\.jsonl\.gz when"):
-        list(text_documents(str(tmp_path / "shard.json.gz")))
+    assert list(text_documents(str(tmp_path / "shard.json.gz"))) == DOCS
+    (tmp_path / "one.json.gz").write_bytes(gzip.compress(json.dumps({"docs": DOCS}, indent=1).encode()))
+    with pytest.raises(DataError, match=r"one\.json\.gz:1: not a JSON object .*read as JSON Lines \(one object a line"):
+        list(text_documents(str(tmp_path / "one.json.gz")))
+    (tmp_path / "plain.json").write_bytes(LINES)
+    with pytest.raises(DataError, match=r"plain\.json: a \.json file; .* name it \.jsonl"):
+        list(text_documents(str(tmp_path / "plain.json")))
 
 
 @pytest.mark.parametrize(("name", "pack"), [("c.txt", lambda b: b), ("c.txt.gz", gzip.compress)])

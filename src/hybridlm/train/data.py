@@ -194,11 +194,10 @@ def text_documents(source: str, jsonl_field: str = "text", key: str = "data.sour
     files = _text_files(path) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{key}: no .txt or .jsonl files under {source} (hidden ones are left out)")
-    json_named = path.suffix.lower() == ".json" or (file_kind(path) is None and path.name.lower().count(".json."))
-    if json_named and not path.is_dir():  # (Dolma names its JSON Lines shards .json.gz)
+    if path.suffix.lower() == ".json" and not path.is_dir():
         raise DataError(
             f"{path}: a .json file; training reads .txt (text) or .jsonl (a JSON object per line): if it holds "
-            "one object a line, name it .jsonl (.jsonl.gz when compressed)"
+            "one object a line, name it .jsonl"
         )
     return _file_documents(files, jsonl_field)
 
@@ -308,12 +307,21 @@ def _jsonl_documents(file: Path, field: str, codec: str | None = None) -> Iterat
             try:
                 record = json.loads(line)
             except (ValueError, RecursionError) as e:  # (nesting beyond json's)
-                raise DataError(f"{where}: not a JSON object ({e})") from None
+                raise DataError(f"{where}: not a JSON object ({e}){_json_lines_hint(file)}") from None
             if not isinstance(record, dict) or field not in record:
                 chat = isinstance(record, dict) and isinstance(record.get("messages"), list)
                 hint = "; a conversation: --jsonl-field messages (data.jsonl_field)" if chat else ""
+                hint = hint or _json_lines_hint(file)
                 raise DataError(f"{where}: not a JSON object with a {field!r} field ({_holds(record)}){hint}")
             yield _record_document(record[field], field, where)
+
+
+def _json_lines_hint(file: Path) -> str:
+    """What to say of a compressed ``.json`` whose line is no record: it is read as JSON Lines, by convention."""
+    kind = file_kind(file)
+    if kind and kind.codec and Path(file.stem).suffix.lower() == ".json":
+        return "; a compressed .json is read as JSON Lines (one object a line, as C4's and Dolma's shards), not one document"
+    return ""
 
 
 def _record_document(text: object, field: str, where: str) -> str | ChatDocument:

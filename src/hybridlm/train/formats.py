@@ -3,7 +3,9 @@
 A file's name says what it holds (:func:`file_kind`): ``.txt`` one document, ``.jsonl`` / ``.ndjson`` one document
 per line (a JSON object), ``.parquet`` one per row (a column of strings, or of lists of messages), and a last
 ``.gz``, ``.bz2``, ``.xz`` or ``.zst`` after ``.txt`` or ``.jsonl`` the compression it is read through
-(``corpus.jsonl.zst``, as DCLM ships its shards; FineWeb ships Parquet). Decompression streams: a file is never
+(``corpus.jsonl.zst``, as DCLM ships its shards; FineWeb ships Parquet). A compressed ``.json`` is JSON Lines too:
+C4's, Dolma's and RedPajama's shards are ``.json.gz`` files of one object a line (a plain ``.json`` is refused: one
+JSON document, as a config is, is what that name usually holds). Decompression streams: a file is never
 held whole decompressed (a ``.txt`` is one document, held anyway).
 
 gzip, bzip2 and xz are Python's own; zstd is Python 3.14's ``compression.zstd`` or the ``zstandard`` package, and
@@ -54,7 +56,7 @@ def file_kind(path: Path) -> FileKind | None:
     inner = Path(path.stem).suffix.lower() if codec else suffix
     if inner == ".txt":
         return FileKind("text", codec)
-    if inner in JSON_LINES:
+    if inner in JSON_LINES or (inner == ".json" and codec):
         return FileKind("lines", codec)
     if inner == ".parquet" and not codec:  # (Parquet compresses inside the file)
         return FileKind("parquet")
