@@ -195,7 +195,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 #: What prepare and tokenizer read (train/formats.py).
 _CORPUS_HELP = (
-    ".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst), a folder of them, or builtin:pydoc"
+    ".txt/.jsonl/.ndjson/.parquet file (the first three also .gz/.bz2/.xz/.zst; a .json.gz is JSON Lines), a folder of "
+    "them, or builtin:pydoc"
 )
 
 
@@ -205,7 +206,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
         help="tokenize text or JSONL into a token file for training",
         description="Tokenize a corpus once (a .txt file: one document; a .jsonl or .ndjson file: one document "
         "per record; a .parquet file: one per row of its --jsonl-field column (pyarrow); .txt and JSON Lines also "
-        "compressed, read through a last .gz, .bz2, .xz or .zst (zstandard); a folder of such files, searched "
+        "compressed, read through a last .gz, .bz2, .xz or .zst (zstandard), and a compressed .json as JSON Lines; a "
+        "folder of such files, searched "
         "recursively, hidden files and folders left out; or builtin:pydoc) into OUT/tokens.bin (numpy "
         "memmap), OUT/docs.npy (document offsets), OUT/meta.json and the tokenizer's files, a batch of documents "
         "at a time (its ids appended to the token file as it is done: memory stays bounded). Conversations (JSONL "
