@@ -228,7 +228,12 @@ _COMPRESSED = (  # how each compressed format begins, its extension here and its
 )
 _NOT_TEXT = (
     *(
-        (head, b"", f"{name}-compressed", f"name it with a last {ext} to read it so, or decompress it first ({tool})")
+        (
+            head,
+            b"",
+            f"{name}-compressed",
+            f"name it .txt{ext} or .jsonl{ext} (what it holds, then {ext}) to read it so, or decompress it first ({tool})",
+        )
         for head, name, ext, tool in _COMPRESSED
     ),
     (rb"PK\x03\x04", b"", "a zip archive", "extract it first (unzip)"),
