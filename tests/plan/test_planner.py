@@ -402,6 +402,11 @@ def test_float8_measured_times_come_from_torchaos_layers(monkeypatch):
     assert all(t > 0 for t in plan.costs.block_times)
     ((recipe, names),) = swapped
     assert recipe == "rowwise" and any(".mixer.q_proj" in n for n in names)
+    # Measured times, estimated memory: float8's (what compiled float8 blocks keep), whatever --hardware's roofline.
+    estimated = plan_pipeline(config, 2, seq_len=16, float8="rowwise")
+    for hardware in ("h100", "a100"):
+        measured = plan_pipeline(config, 2, seq_len=16, measure="cpu", float8="rowwise", hardware=hardware)
+        assert measured.rank_memory() == estimated.rank_memory() != plan_pipeline(config, 2, seq_len=16).rank_memory()
 
 
 def test_float8_auto_filter_keeps_the_small_layers_at_the_bf16_peak():
