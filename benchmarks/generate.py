@@ -3,6 +3,7 @@
     python benchmarks/generate.py                                   # CPU, embedded default model
     python benchmarks/generate.py --device cuda --compare-hf        # H200: bench-1.3b vs transformers
     python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
+    python benchmarks/generate.py --mtp-checkpoint DIR --mtp-temperatures 0 0.7 1 --rounds 3  # sampled speculation
     python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
     python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
     python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
@@ -363,6 +364,8 @@ def mtp_bench(args, device) -> None:
     ids = text_prompt(args.mtp_checkpoint, args.prompt_len)
     if ids is None:
         ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
+    if args.mtp_temperatures:  # sampled: seeded calls of each kind taking turns, a row per temperature
+        return mtp_sampled(args, model, ids)
     _, plain = ours(model, ids, args.new_tokens)
     out_plain, plain = ours(model, ids, args.new_tokens)
     out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp", draft_tokens=args.draft_tokens)
@@ -378,6 +381,32 @@ def mtp_bench(args, device) -> None:
         f"\nMTP speculation ({model.config.parsed.mtp_depths} depths, {args.draft_tokens or 'all'} drafted): plain {a:,.1f} tok/s, speculative {b:,.1f} "
         f"tok/s ({b / a:.2f}x), acceptance {spec['acceptance_rate']:.1%}, same tokens: {out_plain == out_spec}"
     )
+
+
+def mtp_sampled(args, model, ids: list[int]) -> None:
+    """Speculative sampling against plain sampling at each of ``--mtp-temperatures`` (top-p ``--top-p``): ``--rounds``
+    seeded calls of each kind taking turns, decode tokens/s summed over them, and the acceptance rate."""
+    rows = []
+    ours(model, ids, 8)  # (first-call costs out of the timing)
+    for t in args.mtp_temperatures:
+        settings = dict(temperature=t, top_p=args.top_p) if t > 0 else {}
+        made = {False: [0, 0.0], True: [0, 0.0]}
+        drafted = accepted = 0
+        for seed in range(args.rounds):
+            for spec in (False, True):
+                kw = dict(speculative="mtp", draft_tokens=args.draft_tokens) if spec else {}
+                _, st = ours(model, ids, args.new_tokens, seed=seed, **settings, **kw)
+                made[spec][0] += st["decode_tokens"]
+                made[spec][1] += st["decode_seconds"]
+                drafted, accepted = drafted + st.get("drafted", 0), accepted + st.get("accepted", 0)
+        a, b = (made[k][0] / made[k][1] for k in (False, True))
+        rows.append([f"{t:g}", f"{a:,.1f}", f"{b:,.1f}", f"{b / a:.2f}x", f"{accepted / max(drafted, 1):.1%}"])
+    print(
+        f"\nMTP speculation ({model.config.parsed.mtp_depths} depths, {args.draft_tokens or 'all'} drafted), top-p "
+        f"{args.top_p} when sampling, {args.rounds} seeded calls of each kind taking turns, {len(ids)}-token prompt, "
+        f"{args.new_tokens} new tokens\n"
+    )
+    print(table(["temperature", "plain tok/s", "speculative tok/s", "ratio", "acceptance"], rows))
 
 
 def kept_graphs(args, device) -> None:
@@ -520,6 +549,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--mtp-profile", action="store_true", help="with --mtp-checkpoint: profile a speculative run")
     ap.add_argument("--draft-tokens", type=int, default=None, help="with --mtp-checkpoint: drafts per round")
+    ap.add_argument(
+        "--mtp-temperatures",
+        type=float,
+        nargs="+",
+        default=None,
+        help="with --mtp-checkpoint: speculative against plain sampling at these temperatures (0: greedy)",
+    )
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --mtp-temperatures: top-p when sampling")
     ap.add_argument(
         "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
     )

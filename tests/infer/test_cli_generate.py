@@ -35,6 +35,12 @@ def test_one_prompt_streams_the_greedy_text_and_reports_speed(checkpoint, capsys
     assert "prefill 2 tokens" in err and "decode 11 tokens" in err and "tok/s" in err
     code, out2, err = run(capsys, path, "--prompt", "hi", "--max-new-tokens", 12, "--greedy", "--speculative", "mtp")
     assert out2 == out and "MTP acceptance" in err
+    # Sampled speculation: seeded, and with a one-token top-p the greedy text; the penalties and bias are taken.
+    sampled = ("--prompt", "hi", "--max-new-tokens", 12, "--speculative", "mtp", "--temperature", 0.9, "--seed", 4)
+    code, out3, err = run(capsys, path, *sampled, "--repetition-penalty", 1.3, "--logit-bias", '{"5": 1}')
+    assert code == 0 and "MTP acceptance" in err
+    assert run(capsys, path, *sampled, "--repetition-penalty", 1.3, "--logit-bias", '{"5": 1}')[1] == out3
+    assert run(capsys, path, *sampled, "--top-p", 1e-6)[1] == out
 
 
 def test_prompts_file_lines_and_jsonl_batched_match_one_at_a_time(checkpoint, capsys, tmp_path):
@@ -64,7 +70,6 @@ def test_bad_input_exits_2_with_one_line(checkpoint, capsys, tmp_path):
         [path, "--prompts-file", tmp_path / "missing.txt"],
         [path, "--prompts-file", tmp_path / "bad.jsonl"],
         [path, "--prompt", "a", "--top-p", "0"],
-        [path, "--prompt", "a", "--speculative", "mtp", "--temperature", "1"],
     ):
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
@@ -80,7 +85,6 @@ def test_options_are_checked_by_flag_before_anything_is_loaded_or_printed(checkp
         (["--threads", -1], "--threads must be >= 1"),
         (["--stop", ""], "--stop: an empty string"),
         (["--draft-tokens", 2], "--draft-tokens needs --speculative mtp"),
-        (["--speculative", "mtp"], "add --greedy"),
         (["--seed", 2**64], "--seed must be None or an integer in [-2**63, 2**63 - 1]"),
         (["--seed", 2**63 - 1, "--prompt", "y"], "the last batch draws from --seed + 1"),
         (["--eos-token", "</s>"], "--eos-token: the byte tokenizer's end of document is id 256"),
@@ -179,8 +183,6 @@ def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoi
     save(HybridLM(tiny_config("M*-", vocab_size=256), seed=0), small)
     monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("the weights were read"))
     for argv, says in (
-        ([path, "--greedy", "--speculative", "mtp", "--repetition-penalty", 1.2], "leave out --repetition-penalty"),
-        ([path, "--greedy", "--speculative", "mtp", "--presence-penalty", 0.5], "--presence-penalty"),
         ([path, "--frequency-penalty", 2.5], "--frequency-penalty must be in [-2.0, 2.0], got 2.5"),
         ([path, "--min-p", 2], "--min-p must be in [0, 1], got 2.0"),
         ([path, "--logit-bias", "{5: 1}"], "--logit-bias {5: 1}: not JSON"),
@@ -188,7 +190,6 @@ def test_model_dependent_options_are_refused_before_anything_is_printed(checkpoi
         ([path, "--logit-bias", '{"257": 1}'], "--logit-bias: 257 is not a token id (an integer in [0, 257))"),
         ([path, "--logit-bias", '{"-1": 1}'], "--logit-bias: -1 is not a token id"),
         ([path, "--logit-bias", '{"5": "x"}'], "--logit-bias: the bias of token 5 must be a finite number"),
-        ([path, "--greedy", "--speculative", "mtp", "--logit-bias", '{"5": 1}'], "and --logit-bias"),
         ([no_mtp, "--greedy", "--speculative", "mtp"], "has no MTP depths"),
         ([path, "--tokenizer", tmp_path / "none.json"], "--tokenizer: "),
         ([small], "no tokenizer.hybridlm.json or tokenizer.json; pass --tokenizer explicitly"),

@@ -286,21 +286,6 @@ def _check_generate_args(args: argparse.Namespace, num_prompts: int):
         *thread_checks(args.threads),
         (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
         (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
-        (
-            not args.speculative or args.temperature == 0,
-            "--speculative mtp decodes greedily: add --greedy",
-        ),
-        (
-            not args.speculative
-            or (
-                args.repetition_penalty == 1
-                and args.frequency_penalty == 0
-                and args.presence_penalty == 0
-                and not args.logit_bias
-            ),
-            "--speculative mtp decodes greedily: leave out --repetition-penalty, --frequency-penalty, --presence-penalty "
-            "and --logit-bias",
-        ),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
         (  # generate() refuses the pair whatever the device: here before the device is asked for
@@ -458,7 +443,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
     ap.add_argument(
-        "--speculative", choices=["mtp"], default=None, help="draft with the model's MTP depths (greedy only)"
+        "--speculative",
+        choices=["mtp"],
+        default=None,
+        help="draft with the model's MTP depths, verify in one forward (greedy: plain greedy's tokens; sampling: its "
+        "distribution)",
     )
     ap.add_argument(
         "--draft-tokens",

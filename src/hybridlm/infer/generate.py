@@ -230,6 +230,17 @@ class Sampler:
         """logits: (B, V), bad: their (B,) :func:`nonfinite` flags, seen: (B, V) bool, the tokens each row holds
         (None: no repetition penalty), counts: (B, V) integers, each token's count in the row's output (None: none
         yet) -> (B,) int64 token ids (a decode batch picks each group of rows with its own sampler)."""
+        logits = self.adjusted(logits, seen, counts)
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        return self.draw(self.probabilities(logits, bad))
+
+    def adjusted(
+        self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """logits: (B, V) -> the (B, V) logits a token is picked from (the argmax, or :meth:`probabilities`' input):
+        in float32 (float64 in a float64 model), with the logit bias and the penalties (``seen``, ``counts``: as
+        :meth:`pick_rows` takes them)."""
         # float32 (bf16 logits), float64 in a float64 model: rounding its logits to float32 made near-tied
         # ones equal, and argmax then took the lower id where the full forward (and speculation) did not.
         logits = logits.to(accumulation_dtype(logits))
@@ -250,8 +261,11 @@ class Sampler:
         if counts is not None and self.counting:  # (OpenAI's formula; counts are exact in the logits' float)
             counts = counts.to(logits.dtype)
             logits = logits - self.frequency_penalty * counts - self.presence_penalty * (counts > 0).to(logits.dtype)
-        if self.temperature == 0:
-            return logits.argmax(dim=-1)
+        return logits
+
+    def probabilities(self, logits: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """:meth:`adjusted` logits (B, V) and their (B,) :func:`nonfinite` flags -> the (B, V) probabilities a token is
+        sampled from (temperature > 0): after the temperature, top-k, min-p and top-p."""
         # A flagged row samples uniformly instead: multinomial on its NaN probabilities fails inside the kernel (on
         # CUDA a device-side assert, which ends the process's use of the GPU), before the caller can name the row.
         logits = logits.masked_fill(bad[:, None], 0.0)
@@ -265,10 +279,12 @@ class Sampler:
             logits = logits.masked_fill(logits < math.log(self.min_p), float("-inf"))
         if self.top_p < 1.0:
             logits = top_p_filter(logits, self.top_p)
-        probs = logits.softmax(-1)
-        return (
-            torch.multinomial(probs.to(self.generator.device), 1, generator=self.generator).view(-1).to(logits.device)
-        )
+        return logits.softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B, V) probabilities -> (B,) int64 token ids drawn from them with this sampler's generator, on ``probs``'
+        device."""
+        return torch.multinomial(probs.to(self.generator.device), 1, generator=self.generator).view(-1).to(probs.device)
 
 
 def generate(
@@ -312,7 +328,9 @@ def generate(
             end-of-text). An empty prompt starts from the first.
         use_cache: False reruns the full forward for every token (the exact reference).
         speculative: ``"mtp"``: the model's MTP depths draft tokens that the main model verifies
-            in one forward (greedy only; prompts run one at a time). Output equals plain greedy.
+            in one forward (prompts run one at a time). Greedy output equals plain greedy; sampled output (any
+            temperature, top-k/top-p/min-p, penalties, logit bias) has plain sampling's distribution (speculative
+            sampling), not its tokens for a seed.
         draft_tokens: with ``speculative``, tokens drafted per round, from the first depths (default, and
             at most: one per MTP depth). Deeper drafts are accepted less often; fewer can be faster.
         prefill_chunk_size: prompts are prefilled in chunks of this many tokens. Prompts of a batch that begin alike
@@ -360,17 +378,6 @@ def generate(
         if not speculative:
             raise ValueError(f"draft_tokens ({draft_tokens}) needs speculative='mtp'")
     if speculative:  # refused whatever max_new_tokens is
-        if (
-            temperature != 0
-            or repetition_penalty != 1.0
-            or frequency_penalty != 0
-            or presence_penalty != 0
-            or logit_bias
-        ):
-            raise ValueError(
-                "speculative='mtp' is greedy only: use temperature=0, repetition_penalty=1 and no frequency or "
-                "presence penalty or logit_bias"
-            )
         if cuda_graph:
             raise ValueError("cuda_graph is not supported with speculative decoding")
         if logprobs is not None:
@@ -438,6 +445,7 @@ def generate(
                         stats,
                         draft_tokens=draft_tokens,
                         row=i,
+                        sampler=sampler,
                     )
                     for i, row in enumerate(rows)
                 ]

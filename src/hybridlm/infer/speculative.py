@@ -1,4 +1,4 @@
-"""Self-speculative greedy decoding with the model's MTP depths.
+"""Self-speculative decoding with the model's MTP depths: greedy, or sampled with the main model's distribution.
 
 Depth ``d`` at position ``t`` reads ``(h^{d-1}_t, embed(x_{t+d}))`` and predicts ``x_{t+d+1}``
 (``h^0`` is the main model's normed hidden state). With ``n`` tokens known, the main cache covers
@@ -11,22 +11,25 @@ positions ``0..n-2`` and depth ``d``'s cache covers ``0..n-1-d``: the positions 
    over positions ``n-d..n-2`` whose tokens are the drafts so far (state snapshot, run, restore)
    and its last output predicts ``x_{n+d-1}``.
 3. **Verify**: the main model runs ``[x_{n-1}, draft_1..draft_k]`` in one forward from a snapshot;
-   drafts are accepted while they equal the main model's argmax, then one more token (the main
-   model's own pick after the last accepted draft) is free. On a rejection the main cache rolls
-   back to the accepted prefix (``InferenceCache.rollback``: the states recorded after each
+   :class:`_Picks` keeps drafts while the main model agrees (greedy: while they equal its argmax), then
+   one more token is free (the main model's own pick after the last kept draft). On a rejection the main
+   cache rolls back to the accepted prefix (``InferenceCache.rollback``: the states recorded after each
    position of the window), or, where a mixer recorded none, is restored and the accepted prefix
    re-run; either way its recurrent states never saw a rejected token.
 
 Greedy output equals plain greedy decoding (up to floating-point ties: a long verify window runs
-the chunked kernels instead of the step).
+the chunked kernels instead of the step). Sampled output has the distribution of plain sampling (speculative
+sampling: Leviathan et al. 2023, Chen et al. 2023), not its tokens: the draws differ.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from .cache import InferenceCache
-from .generate import _accept, _sync, cache_allocation, check_finite, nonfinite
+from .generate import Sampler, _accept, _sync, cache_allocation, check_finite, nonfinite
 
 
 class _Depths:
@@ -34,10 +37,19 @@ class _Depths:
 
     ``chunk_size``: a depth runs at most this many positions per forward (the prompt's commit, the first
     round, as the main model's prefill in ``prefill_chunk_size`` chunks); None: all of them at once.
+    ``pick``: logits (1, V) -> the draft token (default: the argmax; :meth:`_Picks.draft`).
     """
 
-    def __init__(self, model, max_len: int, depths: int | None = None, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        max_len: int,
+        depths: int | None = None,
+        chunk_size: int | None = None,
+        pick: Callable[[torch.Tensor], int] | None = None,
+    ) -> None:
         self.model = model
+        self.pick = pick or (lambda logits: int(logits.argmax(-1)))
         self.k = len(model.mtp) if depths is None else depths  # the first ``depths`` depths draft
         self.chunk_size = chunk_size
         self.caches = [InferenceCache.for_mtp_depth(model, d, 1, max_len) for d in range(1, self.k + 1)]
@@ -114,8 +126,102 @@ class _Depths:
                 prev = self._run(d, h_in, drafts)
                 self.caches[d].restore(snap)
                 out = prev[:, -1:]
-            drafts.append(int(self.model.head(out[:, -1]).argmax(-1)))
+            drafts.append(self.pick(self.model.head(out[:, -1])))
         return drafts
+
+
+class _Picks:
+    """How one prompt's tokens are picked under speculation, with ``generate``'s :class:`~.generate.Sampler`.
+
+    Greedy (temperature 0): drafts and the main model's picks are argmaxes, and a draft is kept while it equals
+    the main model's pick. Sampled (temperature > 0), speculative sampling: draft ``x`` is drawn from the depth's
+    distribution ``q``, kept with probability ``min(1, p(x) / q(x))`` (``p``: the main model's at that position),
+    and the first one refused is replaced by a draw from ``max(p - q, 0)``, normalized; after the last kept draft
+    one more token comes from ``p``. Each token then has the distribution plain sampling gives it. Both ``p`` and
+    ``q`` are the sampler's (temperature, top-k, min-p, top-p, logit bias, penalties): the penalties read the
+    row's tokens, and a window position's the drafts before it too.
+    """
+
+    def __init__(self, sampler: Sampler, prompt: Sequence[int], vocab: int, device: torch.device) -> None:
+        self.sampler = sampler
+        self.greedy = sampler.temperature == 0
+        self.seen: torch.Tensor | None = None  # (1, V) bool: the prompt's and output's tokens (repetition penalty)
+        if sampler.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+        # (1, V) int32: each token's count in the output (frequency and presence penalties)
+        self.counts = torch.zeros(1, vocab, dtype=torch.int32, device=device) if sampler.counting else None
+        self.drafts: list[int] = []  # this round's drafts so far
+        self.q: list[torch.Tensor] = []  # their (1, V) distributions (sampled)
+
+    def _history(self, drafts: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The penalties' ``seen`` and ``counts`` (len(drafts) + 1, V) at window positions 0..len(drafts): the
+        row's tokens, then those and ``drafts[:j]`` at position j."""
+        rows = len(drafts) + 1
+        seen = None if self.seen is None else self.seen.expand(rows, -1).clone()
+        counts = None if self.counts is None else self.counts.expand(rows, -1).clone()
+        for j, token in enumerate(drafts):
+            if seen is not None:
+                seen[j + 1 :, token] = True
+            if counts is not None:
+                counts[j + 1 :, token] += 1
+        return seen, counts
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Add the row's new ``tokens`` to what the penalties read, and start a new round of drafts."""
+        for token in tokens:
+            if self.seen is not None:
+                self.seen[0, token] = True
+            if self.counts is not None:
+                self.counts[0, token] += 1
+        self.drafts, self.q = [], []
+
+    def first(self, logits: torch.Tensor) -> int:
+        """The token after the prompt, from the main model's last logits (1, V) (checked finite by the caller)."""
+        seen, counts = self._history(())
+        return int(self.sampler.pick_rows(logits, nonfinite(logits), seen, counts))
+
+    def draft(self, logits: torch.Tensor) -> int:
+        """The next draft, from an MTP depth's logits (1, V)."""
+        seen, counts = self._history(self.drafts)
+        logits = self.sampler.adjusted(
+            logits, seen if seen is None else seen[-1:], counts if counts is None else counts[-1:]
+        )
+        if self.greedy:
+            token = int(logits.argmax(-1))
+        else:
+            self.q.append(self.sampler.probabilities(logits, nonfinite(logits)))
+            token = int(self.sampler.draw(self.q[-1]))
+        self.drafts.append(token)
+        return token
+
+    def verify(self, logits: torch.Tensor, drafts: Sequence[int]) -> tuple[int, int, list[int]]:
+        """The main model's logits (k + 1, V) over ``[x_{n-1}, *drafts]`` -> the number of drafts kept, the token
+        after them, and each window position's :func:`nonfinite` flag (read back together: one synchronization)."""
+        k = len(drafts)
+        bad = nonfinite(logits)
+        logits = self.sampler.adjusted(logits, *self._history(drafts))
+        if self.greedy:
+            picks, flags = torch.stack([logits.argmax(-1), bad.long()]).tolist()
+            kept = 0
+            while kept < k and drafts[kept] == picks[kept]:
+                kept += 1
+            return kept, picks[kept], flags
+        if len(self.q) != k:  # (drafts that did not come from draft(): a test's oracle)
+            raise RuntimeError(f"{k} drafts to verify, but {len(self.q)} were drawn by speculative sampling")
+        p = self.sampler.probabilities(logits, bad)
+        q = torch.cat(self.q) if k else p[:0]
+        x = torch.tensor(list(drafts), dtype=torch.long, device=p.device)[:, None]
+        generator = self.sampler.generator
+        u = torch.rand(k, generator=generator, device=generator.device).to(p.device)
+        keep = u * q.gather(1, x)[:, 0] < p[:k].gather(1, x)[:, 0]  # u < p(x) / q(x), q(x) > 0 as x was drawn
+        # Where a draft is refused, p(x) < q(x) so max(p - q, 0) has mass; rounding may still leave none: then p.
+        residual = torch.cat([(p[:k] - q).clamp_min(0), p[k:]])
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+        picks = self.sampler.draw(residual)  # one for every position: which is used is known only once read back
+        read = torch.cat([keep.long(), picks, bad.long()]).tolist()
+        kept = next((j for j in range(k) if not read[j]), k)
+        return kept, read[k + kept], read[2 * k + 1 :]
 
 
 @torch.no_grad()
@@ -129,17 +235,19 @@ def mtp_generate(
     stats,
     draft_tokens=None,
     row: int = 0,
+    sampler: Sampler | None = None,
 ) -> list[int]:
-    """Greedy generation for one prompt, drafting with the MTP depths (see the module docstring);
-    ``draft_tokens`` drafts per round from the first depths (default: every depth). :func:`generate` checks
-    the arguments (a model with MTP depths among them). ``row``: the prompt's index in the batch, which a
-    :class:`~hybridlm.errors.NonFiniteLogitsError` names."""
+    """Generation for one prompt, drafting with the MTP depths (see the module docstring), picking with ``sampler``
+    (default: greedy); ``draft_tokens`` drafts per round from the first depths (default: every depth).
+    :func:`generate` checks the arguments (a model with MTP depths among them). ``row``: the prompt's index in the
+    batch, which a :class:`~hybridlm.errors.NonFiniteLogitsError` names."""
     device = next(model.parameters()).device
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     max_len = len(prompt) + max_new_tokens + k + 1
+    picks = _Picks(sampler or Sampler(device=device), prompt, model.config.vocab_size, device)
     with cache_allocation(1, len(prompt), max_new_tokens):
         cache = InferenceCache.for_model(model, 1, max_len)
-        depths = _Depths(model, max_len, k, chunk_size)
+        depths = _Depths(model, max_len, k, chunk_size, picks.draft)
     for key in ("drafted", "accepted", "verify_steps"):
         stats.setdefault(key, 0)  # summed over the prompts of one generate call
     ids = torch.tensor([prompt], device=device)
@@ -155,8 +263,9 @@ def mtp_generate(
     tokens = list(prompt)
     new: list[int] = []
     check_finite(nonfinite(logits[:, -1]).tolist(), [False], [len(prompt)], [0], row)
-    done = _accept(new, int(logits[0, -1].argmax()), 0, eos_ids, callback)
+    done = _accept(new, picks.first(logits[:, -1]), 0, eos_ids, callback)
     tokens.append(new[-1])
+    picks.accept(new)
     if not done and len(new) < max_new_tokens:
         # The depths' pass over the prompt is prefill work: counted in decode_seconds, it made speculative decoding
         # look slower the longer the prompt. The first round's draft then runs on what this left.
@@ -171,10 +280,7 @@ def mtp_generate(
         snap = cache.snapshot()
         cache.record_positions()
         out = model(window, cache=cache)
-        picks, bad = torch.stack([out.logits[0].argmax(-1), nonfinite(out.logits[0]).long()]).tolist()  # one readback
-        a = 0
-        while a < len(drafts) and drafts[a] == picks[a]:
-            a += 1
+        a, pick, bad = picks.verify(out.logits[0], drafts)  # a drafts kept, then ``pick``
         hidden = out.hidden_states
         if a == len(drafts):
             cache.trail = None  # every draft taken: the window stands as it ran
@@ -186,12 +292,14 @@ def mtp_generate(
         stats["drafted"] += len(drafts)
         stats["accepted"] += a
         stats["verify_steps"] += 1
-        for j, token in enumerate([*drafts[:a], picks[a]]):  # window position j's logits picked this token
+        taken = len(new)
+        for j, token in enumerate([*drafts[:a], pick]):  # window position j's logits picked this token
             check_finite(bad[j : j + 1], [False], [len(prompt)], [len(new)], row)
             tokens.append(token)
             done = _accept(new, token, 0, eos_ids, callback) or len(new) >= max_new_tokens
             if done:
                 break
+        picks.accept(new[taken:])
     stats["decode_tokens"] += len(new) - 1
     stats["decode_seconds"] += _sync(device) - t1
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
