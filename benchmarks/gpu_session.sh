@@ -71,6 +71,9 @@ for stage in "$@"; do
     # balancing test (four trainers, three of them compiled)
     gputests3) run gputests3 540 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train -k "not global_balancing" ;;
     gputests4) run gputests4 540 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train -k global_balancing ;;
+    speculative) run speculative 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/infer/test_speculative.py \
+            tests/infer/test_cache.py -k "speculative" ;;  # sampled and greedy MTP speculation on CUDA
+    plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once
         n=${SHARDS:-4}
@@ -114,6 +117,9 @@ for stage in "$@"; do
     tune) run tune 200 16 python3 benchmarks/ssd_kernel.py --tune ;;
     step) run step 560 24 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096,1x4096 --compare-hf ;;
     step4k) run step4k 330 12 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --variants unfused --compare-hf ;;
+    step4kours) run step4kours 330 14 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 \
+            --variants "${VARIANTS:-fused,unfused}" ;;  # ours only: no Hugging Face wheels needed
+    cegpu) run cegpu 200 6 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_cross_entropy.py ;;
     step32k) run step32k 300 10 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 1x32768 --compare-hf ;;
     moe) run moe 300 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes "${SHAPES:-4x4096,1x4096}" ;;
     moeprof) run moeprof 300 120 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes "${SHAPES:-2x4096}" --steps 2 --warmup 2 \
@@ -139,6 +145,8 @@ for stage in "$@"; do
     float8filtermoe)
         run float8filter-moe 250 6 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes 1x4096 --steps 6 --warmup 3 \
             --variants unfused,unfused-float8-filtered --float8 tensorwise ;;
+    memphases) run memphases 400 40 python3 benchmarks/train_step.py --preset "${PRESET:-bench-1.3b}" --shapes "${SHAPES:-4x4096}" \
+            --warmup 2 --variants "${VARIANTS:-unfused,unfused-float8}" --memory-phases ;;  # where a step's memory goes
     savedbytes)  # what each block kind keeps for its backward, compiled on the GPU, beside hybridlm plan's count
         for f8 in none tensorwise; do
             run "savedbytes-$f8" 240 12 python3 benchmarks/saved_bytes.py --preset "${PRESET:-bench-1.3b}" \

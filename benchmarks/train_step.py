@@ -118,8 +118,9 @@ def float8_of(variant: str, recipe: str) -> tuple[str, bool]:
 
 def planned_gib(config: ModelConfig, batch: int, seq: int, ac: str | None, float8: tuple[str, bool]) -> float | None:
     """``hybridlm plan``'s peak memory (GiB) of this variant's step on one GPU, to set beside the measured
-    one: what the planner's memory model is judged by. None under an activation checkpointing policy other than
-    ``full`` (the planner models block-level checkpointing only)."""
+    one: what the planner's memory model is judged by. A step here is one micro-batch whose gradients were set to
+    None, so none exist at the peak. None under an activation checkpointing policy other than ``full`` (the planner
+    models block-level checkpointing only)."""
     from hybridlm.plan import plan_pipeline
 
     if ac not in (None, "none", "full"):
@@ -127,7 +128,50 @@ def planned_gib(config: ModelConfig, batch: int, seq: int, ac: str | None, float
     recompute = ac == "full"
     plan = plan_pipeline(config, 1, seq_len=seq, micro_batch_size=batch, recompute=recompute, float8=float8[0],
                          float8_auto_filter=float8[1])  # fmt: skip
-    return plan.rank_memory()[0]["peak_bytes_ckpt" if recompute else "peak_bytes"] / 2**30
+    return plan.rank_memory(grads_at_peak=False)[0]["peak_bytes_ckpt" if recompute else "peak_bytes"] / 2**30
+
+
+def memory_phases(config: ModelConfig, build, batch, warmup: int, float8: tuple[str, bool]) -> list[list[str]]:
+    """Where one step's memory goes, measured beside the plan's pieces (GiB): after ``warmup`` steps, what is
+    allocated at rest (weights and AdamW state; no gradients), what the forward leaves for the backward, the most
+    the forward held beyond that for a moment (the plan: the loss's logits chunk), and the step's two peaks."""
+    from hybridlm.plan import plan_pipeline
+    from hybridlm.plan.cost import BF16, FP32
+
+    gib = 2**30
+    model = build()
+    opt = adamw(model)
+    for _ in range(warmup):
+        optimizer_step(model, opt, ours_step, batch)
+    torch.cuda.synchronize()
+    rest = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(batch["input_ids"], batch["labels"], doc_ids=batch["doc_ids"], return_logits=False)
+    torch.cuda.synchronize()
+    kept, forward_peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.loss.backward()
+    torch.cuda.synchronize()
+    backward_peak = torch.cuda.max_memory_allocated()
+    del out, model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    B, L = batch["input_ids"].shape
+    plan = plan_pipeline(config, 1, seq_len=L, micro_batch_size=B, float8=float8[0], float8_auto_filter=float8[1])
+    stage = plan.stages[0].memory
+    copies = (stage["params"] * plan.costs.state_bytes_per_param - stage["state_bytes"]) / BF16  # float8 weights
+    at_rest = stage["params"] * (plan.costs.state_bytes_per_param - BF16 - FP32)  # fp32 weights and AdamW's two
+    saved = stage["act_bytes"] + BF16 * (stage["params"] - copies)  # and the bf16 weight copies autocast keeps
+    peak = plan.rank_memory(grads_at_peak=False)[0]["peak_bytes"]
+    return [
+        ["at rest (weights, AdamW state)", f"{rest / gib:.2f}", f"{at_rest / gib:.2f}"],
+        ["kept by the forward for the backward", f"{(kept - rest) / gib:.2f}", f"{saved / gib:.2f}"],
+        ["held a moment in the forward, beyond that", f"{(forward_peak - kept) / gib:.2f}",
+         f"{stage['work_bytes'] / gib:.2f}"],
+        ["peak of the forward", f"{forward_peak / gib:.2f}", f"{peak / gib:.2f}"],
+        ["peak of the backward", f"{backward_peak / gib:.2f}", ""],
+    ]  # fmt: skip
 
 
 def ours_step(model, batch) -> torch.Tensor:
@@ -576,6 +620,12 @@ def main() -> None:
         "and Hugging Face with --compare-hf)",
     )
     ap.add_argument("--curves", type=int, default=0, metavar="N", help="compare N-step loss curves, fused/unfused")
+    ap.add_argument(
+        "--memory-phases",
+        action="store_true",
+        help="instead of timing: where one step's memory goes (at rest, kept by the forward, its moment's extra, "
+        "the peaks) beside hybridlm plan's pieces, per variant and shape",
+    )
     args = ap.parse_args()
     if args.interleave and args.rounds > 1:
         ap.error("--interleave times every pair of steps on its own: use --steps for more pairs, not --rounds")
@@ -633,6 +683,19 @@ def main() -> None:
     variants = {"unfused": base.pattern, "fused": fuse_all(base.pattern)}
     for name, pattern in list(variants.items()):  # train.float8 = --float8 (and train.float8_auto_filter)
         variants |= {f"{name}-float8": pattern, f"{name}-float8-filtered": pattern}
+    if args.memory_phases:
+        for shape in args.shapes.split(","):
+            B, L = (int(x) for x in shape.lower().split("x"))
+            batch = packed_batches(1, B, L, base.vocab_size)[0]
+            for name in args.variants.split(","):
+                torch._dynamo.reset()
+                cfg, f8 = base.replace(pattern=variants[name]), float8_of(name, args.float8)
+                rows = memory_phases(cfg, lambda c=cfg, f=f8: build_ours(c, compile_, None, f), batch, args.warmup, f8)
+                print(f"\n{shape} hybridlm {name}: GiB, measured (torch.cuda.memory_allocated) and planned\n")
+                print("| | measured | planned |\n|---|---:|---:|")
+                for row in rows:
+                    print("| " + " | ".join(row) + " |")
+        return
     rows = []
     for shape in args.shapes.split(","):
         B, L = (int(x) for x in shape.lower().split("x"))

@@ -120,7 +120,7 @@ def test_checkpointing_keeps_less():
     costs = estimate_costs(ModelConfig.preset("nemotron-h-8b"), 4096)
     m = stage_memory(costs, 0, 10, True, False)
     assert m["act_bytes_ckpt"] < m["act_bytes"]
-    assert m["state_bytes"] == m["params"] * 18
+    assert m["state_bytes"] == m["params"] * 18 - 2 * costs.embedding.params  # (the embedding: no bf16 copy)
 
 
 def test_presets_beat_the_even_split():
@@ -212,11 +212,29 @@ def test_rank_peak_memory_takes_the_mean_virtual_stage():
         a, b = plan.stages[r].memory, plan.stages[r + 2].memory
         assert m["state_bytes"] == a["state_bytes"] + b["state_bytes"]
         n = 2 * (2 - r - 1) + (2 - 1) * 2 + 1  # interleaved 1F1B: 5 on rank 0, 3 on rank 1
-        assert math.isclose(m["peak_bytes"], m["state_bytes"] + n * (a["act_bytes"] + b["act_bytes"]) / 2)
-        # Checkpointed: n micro-batches' inputs at the mean, one block recomputed (the rank's largest) once.
+        work = b["work_bytes"]  # the loss's logits chunk: the last stage's, on rank 1
+        assert (work > 0) == (r == 1) and work == plan.costs.work_bytes * (r == 1)
+        assert math.isclose(m["peak_bytes"], m["state_bytes"] + n * (a["act_bytes"] + b["act_bytes"]) / 2 + work)
+        # Checkpointed: n micro-batches' inputs at the mean, one block recomputed (the rank's largest) once, or the
+        # logits chunk, whichever is larger (one is live in a backward, the other in a forward).
         again = [recompute_bytes(plan.costs, s.start, s.stop) for s in (plan.stages[r], plan.stages[r + 2])]
         ckpt = (a["act_bytes_ckpt"] - again[0] + b["act_bytes_ckpt"] - again[1]) / 2
-        assert math.isclose(m["peak_bytes_ckpt"], m["state_bytes"] + n * ckpt + max(again))
+        assert math.isclose(m["peak_bytes_ckpt"], m["state_bytes"] + n * ckpt + max(*again, work))
+
+
+def test_a_step_of_one_micro_batch_has_no_gradients_at_its_peak():
+    """Gradients set to None before a step of one micro-batch are made as the backward frees activations: its
+    peak (the end of the forward) lacks the fp32 gradients, 4 bytes a parameter (the state stays the same); the
+    loss's logits chunk (4,096 tokens of bf16 logits at most) and its bf16 weight and input are the last stage's."""
+    config = tiny_config("M-[*-]G-/*-", vocab_size=1000)
+    plan = plan_pipeline(config, 1, seq_len=4096, micro_batch_size=2)
+    H = config.hidden_size
+    assert plan.costs.work_bytes == (4096 * 1000 + 1000 * H + 2 * 4096 * H) * 2  # logits chunk, weight, input
+    params = float(HybridLM(config, device="meta").num_params())
+    held, one = plan.rank_memory()[0], plan.rank_memory(grads_at_peak=False)[0]
+    assert held["state_bytes"] == one["state_bytes"]
+    for key in ("peak_bytes", "peak_bytes_ckpt"):
+        assert math.isclose(held[key] - one[key], 4 * params)
 
 
 def test_imbalance_is_the_slowest_stage_over_the_mean():
@@ -251,7 +269,8 @@ def test_one_rank_holding_the_first_and_last_segment_holds_the_embedding_once(pa
     plan = plan_pipeline(config, 1, 2, seq_len=16)
     total = float(HybridLM(config, device="meta").num_params())
     assert plan.costs.shared_embedding_params > 0
-    assert plan.rank_memory()[0]["state_bytes"] == total * plan.costs.state_bytes_per_param
+    uncopied = plan.costs.embedding.params + plan.costs.head.params  # no bf16 copy kept: 16 bytes, not 18
+    assert plan.rank_memory()[0]["state_bytes"] == total * plan.costs.state_bytes_per_param - 2 * uncopied
 
 
 def test_the_params_column_tells_small_stages_apart():
@@ -326,9 +345,13 @@ def test_stage_and_rank_parameters_are_those_of_the_built_stages(seed):
     for s in plan.stages:
         stage = build_stage(planned, s.pp_rank, pp, s.vp_stage if pp * vpp > 1 else None, device="meta")
         assert s.memory["params"] == sum(t.numel() for t in stage.parameters())
+    uncopied = ("embeddings.weight", "norm_f.weight", "lm_head.weight")  # no bf16 copy kept: 16 bytes, not 18
     for r, m in enumerate(plan.rank_memory()):
         rank, _ = build_pipeline_model(planned, r, pp)
-        assert m["state_bytes"] == 18 * sum(t.numel() for t in rank.parameters())
+        params = dict(rank.named_parameters())
+        assert m["state_bytes"] == 18 * sum(t.numel() for t in params.values()) - 2 * sum(
+            params[k].numel() for k in uncopied if k in params
+        )
 
 
 def test_measured_blocks_see_document_ids_as_training_gives_them(monkeypatch):

@@ -109,6 +109,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss
             torch.mm(grad, w, out=dh[s : s + chunk])
             _accumulate_product(dw, grad.T, x, first=s == 0)
+            # Freed before the next chunk's logits are made, not when they replace it: two chunks at once were
+            # 1 GiB more at bench-1.3b's peak (4,096 × 131,072 bf16 logits each; docs/benchmarks.md).
+            del grad
         ctx.save_for_backward(dh, dw)
         ctx.h_dtype = h.dtype
         ctx.w_dtype = weight.dtype

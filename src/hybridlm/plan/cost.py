@@ -18,10 +18,12 @@ tokens (``T`` tokens):
   kernels (:data:`CAST_BF16`, :data:`CAST_MASTER`).
 * **Memory**: weights, gradients and optimizer state take :attr:`Hardware.state_bytes_per_param`
   bytes per parameter (Megatron's mixed precision: bf16 weight 2, fp32 gradient 4, fp32 master
-  + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself).
-  Activations are the tensors saved for the backward, in bf16 (fp32 where the model keeps fp32).
-  Block-level activation checkpointing keeps only each block's input, plus one block's full
-  activations while it is recomputed. The head keeps what the chunked loss saves (no logits).
+  + two AdamW moments 12), unsharded (divide by tensor/expert/data parallel sharding yourself); the
+  embedding and the head keep no bf16 copy (16). Activations are the tensors saved for the backward,
+  in bf16 (fp32 where the model keeps fp32). Block-level activation checkpointing keeps only each
+  block's input, plus one block's full activations while it is recomputed. The head keeps what the
+  chunked loss saves (no logits); while it runs, one chunk of bf16 logits and the bf16 copies of its
+  weight and input are live on top (``Costs.work_bytes``, the last stage's).
   With float8, what a compiled block saves for its converted layers (:func:`_float8_unsaved`): a layer's
   input made by a norm or an activation from a tensor saved anyway is recomputed in the backward, a
   gated norm's output is kept as its one-byte float8 cast, and a converted weight has no bf16 copy (its
@@ -37,6 +39,7 @@ from dataclasses import dataclass, replace
 from ..config import ModelConfig
 from ..layers import mixer_class
 from ..model import HybridLM
+from ..ops.cross_entropy import DEFAULT_CHUNK
 from ..ops.float8 import float8_linears
 
 BF16 = 2  # bytes per activation / weight element
@@ -119,6 +122,9 @@ class Costs:
         source: ``'estimate (H100 SXM roofline)'`` or ``'measured on cuda'``.
         float8: the ``train.float8`` recipe the costs are for (``'none'``: the model's precision).
         float8_auto_filter: ``train.float8_auto_filter``: layers too small to gain left out of float8.
+        work_bytes: memory the last stage needs for a moment beyond what it keeps, at the end of the forward:
+            the chunked loss's logits of one chunk (``ops.cross_entropy.DEFAULT_CHUNK`` tokens, bf16), and the bf16
+            copies of the head's weight and input it reads them from (the loss keeps neither for the backward).
     """
 
     blocks: tuple[ItemCost, ...]
@@ -133,6 +139,7 @@ class Costs:
     state_bytes_per_param: float
     float8: str = "none"
     float8_auto_filter: bool = False
+    work_bytes: float = 0.0
 
     @property
     def block_times(self) -> list[float]:
@@ -159,34 +166,42 @@ def _mult(c: ModelConfig) -> int:
 def _saved_elements(c: ModelConfig, s: str) -> float:
     """Elements per token a layer saves for its backward (bf16-equivalent; fp32 counts twice).
 
-    Includes the layer input and its normed copy; the rest follows the mixers' forward.
+    Includes the layer input (the fp32 residual stream of bf16 autocast training), its normed copy and the
+    norm's fp32 reciprocal RMS; the rest follows the mixers' forward (the Triton kernels' saved tensors on the
+    GPU). Matched per block kind to what compiled bench-1.3b and bench-moe-1b blocks keep on an H100
+    (``plan.measure.saved_bytes``, ``benchmarks/saved_bytes.py``; docs/benchmarks.md, fifty-fourth session): the
+    MLP, attention and MoE to the MiB, Mamba2 within 1 %.
     """
     H = c.hidden_size
-    n = 2 * H  # input of the norm, normed input of the mixer
+    n = 2 * H + H + 2  # fp32 input of the norm, normed input of the mixer, the norm's fp32 rstd
     if s == "-":
         return n + c.resolved_ffn_hidden_size * _mult(c)  # up (and gate), activation
     if s == "E":
         k, E, Fm = c.moe_top_k, c.moe_num_experts, c.resolved_moe_ffn_hidden_size
-        routed = 2 * E + k * (2 * H + Fm * _mult(c))  # fp32 router scores; dispatched in/out; expert hidden
+        # The router's fp32 input (it reads the normed input in fp32), logits and scores; the top-k's int64 ids and
+        # fp32 weights; per routed copy the dispatched input and output and the expert's hidden
+        routed = 2 * H + 4 * E + 6 * k + k * (2 * H + Fm * _mult(c))
         gate = H + 1 if c.moe_shared_expert_gate else 0  # the shared expert's output and its sigmoid gate
         return n + routed + c.moe_shared_expert_ffn_hidden_size * _mult(c) + gate
     if s == "*":
         hq, hkv, d = c.num_attention_heads, c.resolved_num_query_groups, c.resolved_head_dim
         # q, k, v, output; with the output gate also the gate and the gated output (its sigmoid and product are
-        # elementwise: a compiled block, like Megatron's fused gate, recomputes them from those two)
-        return n + ((4 if c.attention_output_gate else 2) * hq + 2 * hkv) * d
+        # elementwise: a compiled block, like Megatron's fused gate, recomputes them from those two); the flash
+        # kernel's fp32 log-sum-exp per head
+        return n + ((4 if c.attention_output_gate else 2) * hq + 2 * hkv) * d + 2 * hq
     if s == "M":
         h, p, g, N = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
         di = h * p
         states = 2 * h * p * N / c.mamba_chunk_size  # fp32 chunk states
-        # in_proj output (z, xBC, dt), conv output, dt, scan output, gated-norm output
-        return n + (2 * di + 2 * g * N + h) + (di + 2 * g * N) + h + 2 * di + states
+        # in_proj output (z, xBC, dt), conv output, dt (fp32), scan output, gated-norm output and its fp32 rstd
+        return n + (2 * di + 2 * g * N + h) + (di + 2 * g * N) + 2 * h + 2 * di + states + 2 * g
     if s == "G":
         nk, nv, dk = c.resolved_gdn_num_heads, c.resolved_gdn_num_value_heads, c.gdn_head_dim
         dv = c.resolved_gdn_value_head_dim
         states = 2 * nv * dk * dv / c.gdn_chunk_size
-        # in projections (q k v z, b a), conv output, delta-rule output, gated-norm output
-        return n + (2 * nk * dk + 2 * nv * dv + 2 * nv) + (2 * nk * dk + nv * dv) + 2 * nv * dv + states
+        # in projections (q k v z, b a), conv output, delta-rule output, gated-norm output and its fp32 rstd (a
+        # value per head)
+        return n + (2 * nk * dk + 2 * nv * dv + 2 * nv) + (2 * nk * dk + nv * dv) + 2 * nv * dv + states + 2 * nv
     if s in "+D":
         h, dqk, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
         rq = c.q_lora_rank or 0
@@ -424,7 +439,7 @@ def estimate_costs(
                            min(f8_flops, flops), f8)  # fmt: skip
 
     def block(sym: str, params: list[int], f8: list[Float8Layers]) -> ItemCost:
-        return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * BF16)
+        return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * FP32)  # its fp32 input
 
     blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
 
@@ -462,8 +477,10 @@ def estimate_costs(
         mtp.append(_sum(f"mtp {d}", [proj, *inner, depth_head], ckpt))
 
     source = f"estimate ({hw.name} roofline)"
+    # One chunk of the loss's logits, the head weight's and input's bf16 copies (the depths' heads run after it).
+    work = (min(T, DEFAULT_CHUNK) * V + V * H + T * H) * BF16
     return Costs(blocks, embedding, head, tuple(mtp), shared, seq_len, micro_batch_size, recompute, source,
-                 hw.state_bytes_per_param, float8, float8_auto_filter)  # fmt: skip
+                 hw.state_bytes_per_param, float8, float8_auto_filter, work)  # fmt: skip
 
 
 def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:
@@ -496,7 +513,8 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
     """Memory of the stage holding blocks ``start:stop`` (per micro-batch for activations).
 
     Returns ``params``, ``state_bytes`` (weights + gradients + optimizer), ``act_bytes`` (no
-    checkpointing) and ``act_bytes_ckpt`` (block-level checkpointing).
+    checkpointing), ``act_bytes_ckpt`` (block-level checkpointing) and ``work_bytes`` (live for a moment once
+    per micro-batch: :attr:`Costs.work_bytes` on the last stage).
     """
     blocks = costs.blocks[start:stop]
     params = sum(b.params for b in blocks)
@@ -509,13 +527,19 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
         params += sum(m.params for m in extra) + (0 if is_first else costs.shared_embedding_params)
         act += sum(m.act_bytes for m in extra)
         ckpt += sum(m.ckpt_bytes for m in extra)
-    # A float8 layer's weight has no bf16 copy: its fp32 master is cast to float8 at each matmul.
-    float8_params = sum(b.float8_params for b in blocks) + (sum(m.float8_params for m in costs.mtp) if is_last else 0)
+    # No bf16 copy is kept of a float8 layer's weight (its fp32 master is cast to float8 at each matmul), of the
+    # embedding (a gather of the fp32 table), or of the head's weight (the chunked loss casts it for its forward
+    # only: Costs.work_bytes); the last stage's copy of a shared embedding is the head's or a gather's.
+    uncopied = sum(b.float8_params for b in blocks) + (sum(m.float8_params for m in costs.mtp) if is_last else 0)
+    uncopied += (costs.embedding.params if is_first else 0) + (
+        costs.head.params + (0 if is_first else costs.shared_embedding_params) if is_last else 0
+    )
     return {
         "params": params,
-        "state_bytes": params * costs.state_bytes_per_param - float8_params * BF16,
+        "state_bytes": params * costs.state_bytes_per_param - uncopied * BF16,
         "act_bytes": act,
         "act_bytes_ckpt": ckpt,
+        "work_bytes": costs.work_bytes if is_last else 0.0,
     }
 
 

@@ -21,7 +21,7 @@ from ..ops.float8 import FLOAT8_RECIPES, require_float8_linears
 from ..pattern import HybridPattern, parse
 from ..pattern.symbols import FUSION_END, FUSION_START, MTP_SEPARATOR, PIPE
 from .balance import balanced_cuts, even_cuts, segment_costs
-from .cost import HARDWARE, Costs, estimate_costs, in_flight, recompute_bytes, stage_memory, with_times
+from .cost import BF16, FP32, HARDWARE, Costs, estimate_costs, in_flight, recompute_bytes, stage_memory, with_times
 
 GIB = 2**30
 
@@ -71,17 +71,29 @@ class Plan:
         seg = self.stage_costs(cuts)
         return [sum(seg[v * self.pp + r] for v in range(self.vpp)) for r in range(self.pp)]
 
-    def rank_memory(self) -> list[dict[str, float]]:
-        """Per rank: state bytes and peak bytes under 1F1B, without and with checkpointing."""
+    def rank_memory(self, grads_at_peak: bool = True) -> list[dict[str, float]]:
+        """Per rank: state bytes and peak bytes under 1F1B, without and with checkpointing.
+
+        ``grads_at_peak``: the gradients exist at the peak, as they do once a rank has run the backward of a
+        step's first micro-batch (its later ones accumulate into them). False for a step of one micro-batch
+        whose gradients were set to None: they are made in the backward as the activations are freed, so the
+        peak, at the end of the forward, holds none (fp32, 4 bytes a parameter, fewer)."""
         out = []
         for r in range(self.pp):
             mine = [s for s in self.stages if s.pp_rank == r]
             state = sum(s.memory["state_bytes"] for s in mine)
+            params = sum(s.memory["params"] for s in mine)
             indices = {s.index for s in mine}
             if len(mine) > 1 and {0, len(self.stages) - 1} <= indices:
                 # One rank (pp 1) holds the first and the last segment: the embedding the last stage
-                # shares (tied head, MTP) is the one the first stage holds, counted there already.
-                state -= self.costs.shared_embedding_params * self.costs.state_bytes_per_param
+                # shares (tied head, MTP) is the one the first stage holds, counted there already (without a
+                # bf16 copy, as stage_memory counts it).
+                state -= self.costs.shared_embedding_params * (self.costs.state_bytes_per_param - BF16)
+                params -= self.costs.shared_embedding_params
+            held = state - (0 if grads_at_peak else params * FP32)
+            # The loss's logits chunk (the last stage's) is live at the end of a forward, a block's recomputation
+            # in a backward: never both at once.
+            work = max(s.memory["work_bytes"] for s in mine)
             n = in_flight(r, self.pp, self.vpp)
             act = sum(s.memory["act_bytes"] for s in mine) / len(mine)
             # With checkpointing every micro-batch in flight keeps its stage's inputs (and head), but only the
@@ -89,7 +101,11 @@ class Plan:
             again = [recompute_bytes(self.costs, s.start, s.stop) for s in mine]
             ckpt = sum(s.memory["act_bytes_ckpt"] - a for s, a in zip(mine, again)) / len(mine)
             out.append(
-                {"state_bytes": state, "peak_bytes": state + n * act, "peak_bytes_ckpt": state + n * ckpt + max(again)}
+                {
+                    "state_bytes": state,
+                    "peak_bytes": held + n * act + work,
+                    "peak_bytes_ckpt": held + n * ckpt + max(*again, work),
+                }
             )
         return out
 
@@ -170,7 +186,10 @@ class Plan:
                  _gib(m['act_bytes']), _gib(m['act_bytes_ckpt'])]
             )  # fmt: skip
         lines += _table(rows)
-        lines += ["", "per rank (peak memory under 1F1B: state + in-flight micro-batches' activations)"]
+        lines += [
+            "",
+            "per rank (peak memory under 1F1B: state + in-flight micro-batches' activations + the loss's logits chunk)",
+        ]
         rows = [["rank", "ms", "state GiB", "peak GiB", "peak GiB (AC)"]]
         for r, (t, m) in enumerate(zip(self.rank_costs(self.cuts), self.rank_memory())):
             rows.append([str(r), _ms(t), _gib(m['state_bytes']), _gib(m['peak_bytes']),
