@@ -153,8 +153,9 @@ for stage in "$@"; do
                 --shape "${SHAPES:-4x4096}" --float8 "$f8"
         done ;;
     float8moe)  # bench-moe-1b (3.9B parameters: one model with AdamW at a time on an H100) with and without float8
-        run float8moe 400 12 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes "${SHAPES:-1x4096}" --steps 6 --warmup 3 \
-            --variants unfused,unfused-float8 --float8 "${RECIPE:-tensorwise}" ;;
+        # ROUNDS=N: N builds of each, the order alternating (A B, B A, ...), medians over them
+        run float8moe "${LIMIT:-400}" 16 python3 benchmarks/train_step.py --preset bench-moe-1b --shapes "${SHAPES:-1x4096}" \
+            --steps 6 --warmup 3 --variants unfused,unfused-float8 --float8 "${RECIPE:-tensorwise}" --rounds "${ROUNDS:-1}" ;;
     moegpu) run moegpu 300 8 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/layers/test_moe.py \
             tests/train/test_trainer.py::test_global_balancing_over_micro_batches_trains_the_same_under_cuda_graphs_and_checkpointing ;;
     profile) run profile 300 80 python3 benchmarks/train_step.py --preset bench-1.3b --shapes 4x4096 --steps 2 --warmup 2 --variants unfused --profile ;;
