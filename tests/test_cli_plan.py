@@ -272,3 +272,32 @@ def test_plan_measure_refuses_sizes_no_tensor_holds(capsys):
     assert main(["plan", "M-M-", "--pp", "2", "--measure", "cpu", "--seq-len", str(10**30)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --measure:") and "unexpected" not in err
+
+
+@pytest.mark.parametrize(
+    "train, args, micro, grads",
+    [
+        ("batch_size = 16\n", [], 16, False),  # pp 1 runs no pipeline: the whole batch, one micro-batch a step
+        ("batch_size = 16\nmicro_batch_size = 8\n", [], 8, True),  # two accumulated: gradients from the first on
+        ("batch_size = 16\n", ["--micro-batch-size", "4"], 4, True),
+        ("batch_size = 16\n", ["--micro-batch-size", "16"], 16, False),
+    ],
+)
+def test_plan_at_pp_1_sizes_the_step_as_the_trainer_runs_it(tmp_path, capsys, train, args, micro, grads):
+    """At --pp 1 a run's step was planned as 2 micro-batches of half its batch (parallel.microbatches' pipeline
+    default, which a run without a pipeline ignores), its peak with every gradient; a step of one micro-batch has
+    none at its peak (they are set to None before it)."""
+    run = tmp_path / "run.toml"
+    run.write_text(f'[model]\npreset = "tiny"\n[data]\nseq_len = 48\n[train]\n{train}')
+    assert main(["plan", "--config", str(run), "--pp", "1", "--json", *args]) == 0
+    out, err = capsys.readouterr()
+    got = json.loads(out)
+    assert (got["micro_batch_size"], got["grads_at_peak"]) == (micro, grads) and err == ""
+    assert main(["plan", "--config", str(run), "--pp", "1", *args]) == 0
+    assert ("one micro-batch a step: no gradients at the peak" in capsys.readouterr().out) == (not grads)
+
+
+def test_plan_of_a_preset_counts_the_gradients_at_the_peak(capsys):
+    """Without a run file the number of micro-batches a step is unknown: the peak keeps the gradients (the larger)."""
+    assert main(["plan", "--preset", "tiny", "--pp", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["grads_at_peak"] is True

@@ -121,9 +121,12 @@ def _resolve_model(pattern: str | None, preset: str | None, run_file: str | None
 
 def _plan_micro_batch(run, pp: int) -> int:
     """The rows per micro-batch a run would give each pipeline stage with one data-parallel group: its
-    ``train.micro_batch_size``, else its batch over ``parallel.microbatches`` (2 × pp by default); 1 without a run."""
+    ``train.micro_batch_size``, else its batch over ``parallel.microbatches`` (2 × pp by default), or at pp 1, which
+    runs no pipeline, its whole batch (as the trainer does); 1 without a run."""
     if run is None:
         return 1
+    if pp == 1:
+        return run.train.micro_batch_size or run.train.batch_size
     return run.train.micro_batch_size or max(1, run.train.batch_size // _plan_microbatches(run, pp))
 
 
@@ -152,14 +155,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             "measure on a GPU of compute capability 8.9 or later",
             file=sys.stderr,
         )
+    micro = args.micro_batch_size if args.micro_batch_size is not None else _plan_micro_batch(run, args.pp)
     plan = plan_pipeline(
         config,
         args.pp,
         args.vpp,
         seq_len=args.seq_len if args.seq_len is not None else (run.data.seq_len if run else 4096),
-        micro_batch_size=args.micro_batch_size
-        if args.micro_batch_size is not None
-        else _plan_micro_batch(run, args.pp),
+        micro_batch_size=micro,
         recompute=args.recompute or bool(run and run.train.activation_checkpointing),
         hardware=args.hardware,
         measure=measure,
@@ -167,9 +169,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         float8_auto_filter=args.float8_auto_filter
         if args.float8_auto_filter is not None
         else bool(run and run.train.float8_auto_filter),
+        # A run's step at pp 1 is one micro-batch unless its batch is split for accumulation: then the gradients,
+        # set to None before each step, do not exist yet at its peak. A pipeline rank accumulates over several.
+        grads_at_peak=not (args.pp == 1 and run is not None and micro >= run.train.batch_size),
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
-    if run is not None and args.micro_batch_size is None and not run.train.micro_batch_size:
+    if run is not None and args.pp > 1 and args.micro_batch_size is None and not run.train.micro_batch_size:
         n, rows = _plan_microbatches(run, args.pp), run.train.batch_size
         if rows % n:  # planned anyway, at the rounded-down size: say that this run would not start so
             default = "" if run.parallel.microbatches else ", 2 × pp by default"
@@ -215,7 +220,8 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="B",
         help="sequences per micro-batch (default: the run file's train.micro_batch_size, else its batch_size / "
-        "parallel.microbatches (2 × pp unless set); 1 with --preset)",
+        "parallel.microbatches (2 × pp unless set), at --pp 1 its batch_size; 1 with --preset); with a run file at "
+        "--pp 1, a micro-batch of the whole batch is a step of one micro-batch, whose peak holds no gradients",
     )
     ap.add_argument("--recompute", action="store_true", help="block-level activation checkpointing")
     ap.add_argument("--hardware", default="h100", help="roofline of the estimate: h100 (default), h200 or a100")

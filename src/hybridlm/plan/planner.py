@@ -50,6 +50,7 @@ class Plan:
         costs: the per-item costs the plan balanced.
         cuts, even_cuts, user_cuts: first block of every segment after the first, for the plan,
             Megatron's even split by block count, and the input pattern's own ``|`` (or None).
+        grads_at_peak: :meth:`rank_memory`'s default: False where each rank runs one micro-batch a step.
     """
 
     pattern: HybridPattern
@@ -60,6 +61,7 @@ class Plan:
     even_cuts: tuple[int, ...]
     user_cuts: tuple[int, ...] | None
     stages: list[StageInfo] = field(default_factory=list)
+    grads_at_peak: bool = True
 
     def stage_costs(self, cuts: tuple[int, ...]) -> list[float]:
         """Seconds per segment (stage order) for ``cuts``."""
@@ -71,13 +73,14 @@ class Plan:
         seg = self.stage_costs(cuts)
         return [sum(seg[v * self.pp + r] for v in range(self.vpp)) for r in range(self.pp)]
 
-    def rank_memory(self, grads_at_peak: bool = True) -> list[dict[str, float]]:
+    def rank_memory(self, grads_at_peak: bool | None = None) -> list[dict[str, float]]:
         """Per rank: state bytes and peak bytes under 1F1B, without and with checkpointing.
 
-        ``grads_at_peak``: the gradients exist at the peak, as they do once a rank has run the backward of a
-        step's first micro-batch (its later ones accumulate into them). False for a step of one micro-batch
-        whose gradients were set to None: they are made in the backward as the activations are freed, so the
-        peak, at the end of the forward, holds none (fp32, 4 bytes a parameter, fewer)."""
+        ``grads_at_peak`` (default: the plan's): the gradients exist at the peak, as they do once a rank has run
+        the backward of a step's first micro-batch (its later ones accumulate into them). False for a step of one
+        micro-batch whose gradients were set to None: they are made in the backward as the activations are freed,
+        so the peak, at the end of the forward, holds none (fp32, 4 bytes a parameter, fewer)."""
+        grads_at_peak = self.grads_at_peak if grads_at_peak is None else grads_at_peak
         out = []
         for r in range(self.pp):
             mine = [s for s in self.stages if s.pp_rank == r]
@@ -119,6 +122,7 @@ class Plan:
             "seq_len": self.costs.seq_len,
             "micro_batch_size": self.costs.micro_batch_size,
             "recompute": self.costs.recompute,
+            "grads_at_peak": self.grads_at_peak,
             "float8": self.costs.float8,
             "float8_auto_filter": self.costs.float8_auto_filter,
             "unit": "ms (forward+backward of one micro-batch)",
@@ -186,10 +190,10 @@ class Plan:
                  _gib(m['act_bytes']), _gib(m['act_bytes_ckpt'])]
             )  # fmt: skip
         lines += _table(rows)
-        lines += [
-            "",
-            "per rank (peak memory under 1F1B: state + in-flight micro-batches' activations + the loss's logits chunk)",
-        ]
+        peak = "state + in-flight micro-batches' activations + the loss's logits chunk"
+        if not self.grads_at_peak:
+            peak += "; one micro-batch a step: no gradients at the peak"
+        lines += ["", f"per rank (peak memory under 1F1B: {peak})"]
         rows = [["rank", "ms", "state GiB", "peak GiB", "peak GiB (AC)"]]
         for r, (t, m) in enumerate(zip(self.rank_costs(self.cuts), self.rank_memory())):
             rows.append([str(r), _ms(t), _gib(m['state_bytes']), _gib(m['peak_bytes']),
@@ -274,6 +278,7 @@ def plan_pipeline(
     measure: str | None = None,
     float8: str = "none",
     float8_auto_filter: bool = False,
+    grads_at_peak: bool = True,
 ) -> Plan:
     """Balance ``config.pattern`` over ``pp`` ranks with ``vpp`` virtual stages each.
 
@@ -287,6 +292,8 @@ def plan_pipeline(
         float8: a ``train.float8`` recipe: the blocks' convertible linear layers (``ops.float8``) estimated
             at the float8 peak, or measured as torchao's float8 layers.
         float8_auto_filter: with ``float8``, the layers too small to gain stay in bf16 (``train.float8_auto_filter``).
+        grads_at_peak: whether the ranks' peaks hold the gradients (:meth:`Plan.rank_memory`): False where each
+            rank runs one micro-batch a step.
     """
     for name, value in (("pp", pp), ("vpp", vpp), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -349,7 +356,7 @@ def plan_pipeline(
     user = None
     if len(p.segments) > 1:
         user = tuple(sum(len(s) for s in p.segments[:i]) for i in range(1, len(p.segments)))
-    plan = Plan(with_cuts(p, cuts), pp, vpp, costs, cuts, even_cuts(p.num_blocks, k), user)
+    plan = Plan(with_cuts(p, cuts), pp, vpp, costs, cuts, even_cuts(p.num_blocks, k), user, grads_at_peak=grads_at_peak)
     bounds = [0, *cuts, p.num_blocks]
     seg = plan.stage_costs(cuts)
     for i in range(k):
