@@ -108,6 +108,9 @@ def test_commands_continued_lines_blocks_and_a_message_that_begins_with_a_slash(
         (("--greedy", "--temperature", "0.5"), "contradict"),
         (("--top-p", "0"), "--top-p"),
         (("--stop", ""), "--stop: an empty string"),
+        (("--draft-tokens", "1"), "--draft-tokens needs --speculative mtp"),
+        (("--speculative", "mtp", "--cuda-graph"), "--cuda-graph does not work with --speculative mtp"),
+        (("--speculative", "mtp"), "has no MTP depths"),
     ],
 )
 def test_bad_flags_and_a_model_without_a_template_are_refused_before_the_model_loads(
@@ -246,3 +249,18 @@ def test_a_bad_messages_file_is_refused_before_the_model_loads(folder, monkeypat
     assert code == 2 and f"--messages {file}: " in err and message in err, err
     code, _, err = chat(monkeypatch, capsys, "", str(path), "--messages", str(file), "--system", "x")
     assert code == 2 and "--system and --messages" in err
+
+
+def test_speculative_turns_are_the_conversations_and_say_their_acceptance(monkeypatch, capsys, tmp_path):
+    """--speculative mtp answers as the library's speculative conversation (greedy: a plain conversation's tokens)
+    and each turn's line says how many drafts the depths made and kept."""
+    model = ascii_model("M[*-]G-/[*-]", dtype=torch.float32)
+    save(model, tmp_path / "model", extra_files=TOKENIZER.files())
+    (tmp_path / "chat.jinja").write_text(TEMPLATE.text)
+    stdin = "".join(f"{m}\n" for m in MESSAGES[:2])
+    flags = ("--chat-template", str(tmp_path / "chat.jinja"), "--greedy", "--max-new-tokens", "16")
+    code, out, err = chat(monkeypatch, capsys, stdin, str(tmp_path / "model"), *flags, "--speculative", "mtp")
+    reference = Conversation(model, TOKENIZER, Chat(TEMPLATE, frozenset({TOKENIZER.eos_id})), max_new_tokens=16)
+    assert code == 0 and out == "".join(reference.reply(m).text + "\n" for m in MESSAGES[:2])
+    stats = [line for line in err.splitlines() if line.startswith("[prompt")]
+    assert len(stats) == 2 and all("(0 from a kept state)" in line and "MTP acceptance" in line for line in stats)

@@ -180,3 +180,29 @@ def test_a_chat_without_a_template_and_bad_settings_are_refused(model):
         Conversation(model, TOKENIZER, CHAT, max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         Conversation(model, TOKENIZER, CHAT, top_p=0)
+
+
+def test_speculative_turns_answer_as_plain_turns_with_the_depths_drafting():
+    """With the MTP depths drafting, each greedy turn gives the tokens of a plain turn (every turn runs whole: the
+    depths' states are not kept), and says how many drafts it took; sampled turns repeat for a seed."""
+    mtp = ascii_model("M[*-]G-/[*-]/[*-]")
+    spec = Conversation(mtp, TOKENIZER, CHAT, system="Be brief.", max_new_tokens=24, speculative="mtp")
+    plain = Conversation(mtp, TOKENIZER, CHAT, system="Be brief.", max_new_tokens=24, kept_states=0)
+    for text in MESSAGES:
+        turn, expected = spec.reply(text), plain.reply(text)
+        assert (turn.tokens, turn.text, turn.kept_tokens) == (expected.tokens, expected.text, 0)
+        assert turn.drafted > 0 and 0 <= turn.accepted <= turn.drafted and expected.drafted == 0
+    sampled = [
+        Conversation(
+            mtp, TOKENIZER, CHAT, max_new_tokens=16, temperature=0.9, seed=3, speculative="mtp", draft_tokens=1
+        )
+        for _ in range(2)
+    ]
+    assert sampled[0].reply(MESSAGES[0]).tokens == sampled[1].reply(MESSAGES[0]).tokens
+
+
+def test_speculation_needs_mtp_depths_and_no_cuda_graph(model):
+    with pytest.raises(ValueError, match="MTP depths"):
+        Conversation(model, TOKENIZER, CHAT, speculative="mtp")
+    with pytest.raises(ValueError, match="no cuda_graph"):
+        Conversation(ascii_model("M/-"), TOKENIZER, CHAT, speculative="mtp", cuda_graph=True)

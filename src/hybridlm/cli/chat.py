@@ -23,13 +23,14 @@ QUOTES = '"""'
 def _check_args(args: argparse.Namespace):
     """``chat``'s options checked (the sampling flags as ``generate`` checks them, the rest as ``serve`` does:
     :func:`~hybridlm.cli.serve.check_model_args`)."""
-    from .generate import sampling_settings
+    from .generate import sampling_settings, speculative_checks
     from .serve import check_model_args
 
     sampling_settings(args, {"": args.seed})
     return check_model_args(
         args,
         (
+            *speculative_checks(args),
             (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
             (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
             (
@@ -160,7 +161,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..infer.conversation import Conversation
     from ..train.threads import cpu_threads
     from . import model_folder, model_tokenizer, say
-    from .generate import cuda_graph_on, logit_bias_option, stop_strings
+    from .generate import check_mtp_depths, cuda_graph_on, logit_bias_option, stop_strings
     from .serve import chat_option
 
     device, dtype, template_kwargs = _check_args(args)
@@ -168,6 +169,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     history = None if args.messages is None else _read_messages(args.messages)
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)
+    check_mtp_depths(args, path, config)
     args.logit_bias = logit_bias_option(args.logit_bias, config.vocab_size)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     chat = chat_option(args, path, tokenizer, template_kwargs)
@@ -190,8 +192,10 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         min_p=args.min_p,
         logit_bias=args.logit_bias,
         seed=args.seed,
-        cuda_graph=cuda_graph_on(model, args.cuda_graph),
+        cuda_graph=cuda_graph_on(model, args.cuda_graph, bool(args.speculative)),
         kept_states=args.prefix_cache,
+        speculative=args.speculative,
+        draft_tokens=args.draft_tokens,
     )
     interactive = sys.stdin.isatty()
     if interactive:
@@ -264,16 +268,17 @@ def _answer(conversation, text: str, interactive: bool, max_new_tokens: int) -> 
         return
     print()
     cut = f"; cut at --max-new-tokens {max_new_tokens}" if turn.finish == "length" else ""
+    mtp = f"; MTP acceptance {turn.accepted / turn.drafted:.1%} of {turn.drafted} drafts" if turn.drafted else ""
     say(
         f"[prompt {turn.prompt_tokens:,} tokens, {turn.run_tokens:,} run ({turn.kept_tokens:,} from a kept state); "
-        f"answer {len(turn.tokens):,} tokens; {turn.seconds:.2f} s{cut}]",
+        f"answer {len(turn.tokens):,} tokens{mtp}; {turn.seconds:.2f} s{cut}]",
         sys.stderr,
     )
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     from . import model_options
-    from .generate import cuda_graph_option, run_options, sampling_options, stop_option
+    from .generate import cuda_graph_option, run_options, sampling_options, speculative_options, stop_option
     from .serve import chat_template_options
 
     ap = sub.add_parser(
@@ -307,8 +312,9 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
         default=4,  # (Conversation's KEPT_STATES: not imported here, where the parser is built without torch)
         metavar="N",
         help="states kept across turns (the last answer's, the prefixes turns share; default: 4; 0: none, every turn "
-        "runs the whole conversation)",
+        "runs the whole conversation; none with --speculative)",
     )
+    speculative_options(ap)
     cuda_graph_option(ap, "replay the decode step as a CUDA graph, kept between turns")
     run_options(ap)
     ap.set_defaults(func=_cmd_chat)

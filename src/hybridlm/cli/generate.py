@@ -270,6 +270,44 @@ def sampling_options(ap: argparse.ArgumentParser, seed_help: str) -> None:
     )
 
 
+def speculative_options(ap: argparse.ArgumentParser) -> None:
+    """--speculative and --draft-tokens, as ``generate`` and ``chat`` take them."""
+    ap.add_argument(
+        "--speculative",
+        choices=["mtp"],
+        default=None,
+        help="draft with the model's MTP depths, verify in one forward (greedy: plain greedy's tokens; sampling: its "
+        "distribution)",
+    )
+    ap.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --speculative: drafts per round (default, and at most: one per MTP depth)",
+    )
+
+
+def speculative_checks(args: argparse.Namespace) -> tuple[tuple[bool, str], ...]:
+    """The (holds, message) checks of :func:`speculative_options`' flags that need no model."""
+    return (
+        (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
+        (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
+        (  # generate() refuses the pair whatever the device: here before the device is asked for
+            not (args.speculative and args.cuda_graph),
+            "--cuda-graph does not work with --speculative mtp: leave one out",
+        ),
+    )
+
+
+def check_mtp_depths(args: argparse.Namespace, path, config) -> None:
+    """Refuse --speculative for a model (``config``, read from ``path``) without MTP depths, before its weights load."""
+    from ..errors import UsageError
+
+    if args.speculative and not config.parsed.mtp_depths:
+        raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
+
+
 def _check_generate_args(args: argparse.Namespace, num_prompts: int):
     """Refuse bad ``hybridlm generate`` options by their flags, before the model is loaded; the ``torch.device``
     to run on (``--device auto`` resolved) and the parameter dtype (None: the checkpoint's)."""
@@ -284,14 +322,9 @@ def _check_generate_args(args: argparse.Namespace, num_prompts: int):
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
         *thread_checks(args.threads),
-        (args.draft_tokens is None or args.speculative, "--draft-tokens needs --speculative mtp"),
-        (args.draft_tokens is None or args.draft_tokens >= 1, f"--draft-tokens must be >= 1, got {args.draft_tokens}"),
+        *speculative_checks(args),
         (not (args.speculative and args.no_cache), "--speculative needs the cache: leave out --no-cache"),
         (not (args.cuda_graph and args.no_cache), "--cuda-graph needs the cache: leave out --no-cache"),
-        (  # generate() refuses the pair whatever the device: here before the device is asked for
-            not (args.speculative and args.cuda_graph),
-            "--cuda-graph does not work with --speculative mtp: leave one out",
-        ),
     )
     for ok, message in checks:
         if not ok:
@@ -341,8 +374,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)  # the checks below, before the weights are read
     args.logit_bias = logit_bias_option(args.logit_bias, config.vocab_size)
-    if args.speculative and not config.parsed.mtp_depths:
-        raise UsageError(f"--speculative mtp: {path} has no MTP depths (its pattern '{config.pattern}' has no '/')")
+    check_mtp_depths(args, path, config)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     special = tokenizer.special_tokens()
     encoded = []
@@ -442,20 +474,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=1, help="prompts generated together (left-padded; default: 1, streamed)"
     )
     ap.add_argument("--no-cache", action="store_true", help="rerun the full forward per token (slow reference)")
-    ap.add_argument(
-        "--speculative",
-        choices=["mtp"],
-        default=None,
-        help="draft with the model's MTP depths, verify in one forward (greedy: plain greedy's tokens; sampling: its "
-        "distribution)",
-    )
-    ap.add_argument(
-        "--draft-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --speculative: drafts per round (default, and at most: one per MTP depth)",
-    )
+    speculative_options(ap)
     cuda_graph_option(ap, "replay the decode step as a CUDA graph, a batch of a shape seen before replaying its graph")
     run_options(ap)
     ap.set_defaults(func=_cmd_generate)

@@ -42,6 +42,8 @@ class Turn:
     prompt_tokens: int
     kept_tokens: int
     seconds: float
+    drafted: int = 0  #: with speculation: tokens the MTP depths drafted, and of them those kept
+    accepted: int = 0
 
     @property
     def run_tokens(self) -> int:
@@ -58,8 +60,10 @@ class Conversation:
     no token for: ``<|im_end|>`` read by a byte tokenizer).
     Sampling as :func:`~hybridlm.infer.generate.generate` samples (greedy at ``temperature`` 0); turn ``n`` (from 0)
     draws from ``seed + n``, so that a session repeats but its turns differ. ``kept_states``: states kept across
-    turns (0: none, every turn runs the whole conversation: the reference). ValueError for a ``chat`` without a
-    template and for bad sampling settings."""
+    turns (0: none, every turn runs the whole conversation: the reference). ``speculative="mtp"`` (``draft_tokens``
+    a round) drafts with the model's MTP depths as :func:`~hybridlm.infer.generate.generate` does; a turn then runs
+    the whole conversation, since the depths' states are not kept. ValueError for a ``chat`` without a template, bad
+    sampling settings, and speculation with a model without MTP depths or with ``cuda_graph``."""
 
     def __init__(
         self,
@@ -81,9 +85,18 @@ class Conversation:
         seed: int = 0,
         cuda_graph: bool = False,
         kept_states: int = KEPT_STATES,
+        speculative: str | None = None,
+        draft_tokens: int | None = None,
     ) -> None:
         if chat.template is None:
             raise ValueError("this model has no chat template: give one (load_chat's template_file)")
+        if speculative is not None and (
+            speculative != "mtp" or not len(getattr(model, "mtp", ())) or cuda_graph or draft_tokens == 0
+        ):
+            raise ValueError(
+                f"speculative={speculative!r} needs 'mtp', a model with MTP depths (a pattern with '/'), no cuda_graph "
+                f"and draft_tokens >= 1 (got {draft_tokens})"
+            )
         extras = dict(frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, min_p=min_p)
         check_sampling(temperature, top_k, top_p, repetition_penalty, seed, **extras)
         extras["logit_bias"] = check_logit_bias(logit_bias, model.config.vocab_size)
@@ -98,7 +111,9 @@ class Conversation:
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, **extras
         )
         self.seed = seed
-        self.store = PrefixStore(kept_states) if kept_states else None
+        self.speculative = dict(speculative=speculative, draft_tokens=draft_tokens) if speculative else {}
+        # (speculation keeps no state across turns: the MTP depths' caches would have to be kept beside it)
+        self.store = PrefixStore(kept_states) if kept_states and not speculative else None
         # (the decode cache and its graph kept between turns: a turn of a shape seen before captures nothing)
         self.graphs = DecodeGraphs(model, keep=2) if cuda_graph else None
         self.messages: list[dict] = []
@@ -142,6 +157,7 @@ class Conversation:
             return token not in stop_ids and completion.add(token)  # (the end of turn is none of the text)
 
         t0 = time.perf_counter()
+        stats: dict = {}
         try:
             generate(
                 self.model,
@@ -153,6 +169,8 @@ class Conversation:
                 cuda_graph=self.cuda_graph,
                 prefix_store=self.store,
                 graphs=self.graphs,
+                stats=stats,
+                **self.speculative,
                 **self.sampling,
             )
         except KeyboardInterrupt:  # (the answer so far, as shown, is the conversation's; after an error, nothing is)
@@ -161,7 +179,10 @@ class Conversation:
         self._answered(text, completion)
         finish = "stop" if completion.stopped or (tokens and tokens[-1] in stop_ids) else "length"
         kept = (self.store.hit_tokens if self.store is not None else 0) - kept_before
-        return Turn(completion.text, tokens, finish, len(ids), kept, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return Turn(
+            completion.text, tokens, finish, len(ids), kept, seconds, stats.get("drafted", 0), stats.get("accepted", 0)
+        )
 
     def _answered(self, text: str, completion: Completion) -> None:
         """The user's ``text`` and the answer ``completion`` holds (what it still held back shown) added."""
