@@ -4,6 +4,7 @@
     python benchmarks/generate.py --device cuda --compare-hf        # H200: bench-1.3b vs transformers
     python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
     python benchmarks/generate.py --mtp-checkpoint DIR --mtp-temperatures 0 0.7 1 --rounds 3  # sampled speculation
+    python benchmarks/generate.py --mtp-checkpoint DIR --mtp-chat-turns 6 --new-tokens 128   # speculative chat turns
     python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
     python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
     python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
@@ -366,6 +367,8 @@ def mtp_bench(args, device) -> None:
         ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     if args.mtp_temperatures:  # sampled: seeded calls of each kind taking turns, a row per temperature
         return mtp_sampled(args, model, ids)
+    if args.mtp_chat_turns:
+        return mtp_chat(args, model, args.mtp_checkpoint)
     _, plain = ours(model, ids, args.new_tokens)
     out_plain, plain = ours(model, ids, args.new_tokens)
     out_spec, spec = ours(model, ids, args.new_tokens, speculative="mtp", draft_tokens=args.draft_tokens)
@@ -407,6 +410,48 @@ def mtp_sampled(args, model, ids: list[int]) -> None:
         f"{args.new_tokens} new tokens\n"
     )
     print(table(["temperature", "plain tok/s", "speculative tok/s", "ratio", "acceptance"], rows))
+
+
+def mtp_chat(args, model, checkpoint: str) -> None:
+    """``--mtp-chat-turns N``: a conversation of N turns (greedy, ``--new-tokens`` an answer, a ChatML-like template,
+    messages cut from the built-in corpus), held three ways side by side: plain with its kept states, speculative
+    with its kept session, speculative running every turn whole. Per turn: the positions run and the seconds."""
+    from hybridlm.infer.chat import Chat
+    from hybridlm.infer.chat_template import ChatTemplate
+    from hybridlm.infer.conversation import Conversation
+    from hybridlm.train.data import builtin_documents
+    from hybridlm.train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    template = ChatTemplate(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        "benchmark",
+    )
+    chat = Chat(template, frozenset({tokenizer.eos_id}))
+    docs = builtin_documents("pydoc")
+    messages = [docs[i][:300] for i in range(args.mtp_chat_turns)]
+    kinds = {
+        "plain, kept states": dict(),
+        "speculative, kept session": dict(speculative="mtp", draft_tokens=args.draft_tokens),
+        "speculative, every turn whole": dict(speculative="mtp", draft_tokens=args.draft_tokens, kept_states=0),
+    }
+    talks = {
+        name: Conversation(model, tokenizer, chat, max_new_tokens=args.new_tokens, **kw) for name, kw in kinds.items()
+    }
+    rows, answers = [], {name: [] for name in kinds}
+    for turn, text in enumerate(messages):
+        cells = [str(turn)]
+        for name, talk in talks.items():  # (the three take turns: a drift of the machine moves them alike)
+            t = talk.reply(text)
+            answers[name].append(t.tokens)
+            cells += [f"{t.prompt_tokens:,} / {t.run_tokens:,}", f"{t.seconds:.2f}"]
+        rows.append(cells)
+    header = ["turn"] + [h for name in kinds for h in (f"{name}: prompt / run", "s")]
+    print(f"\nchat of {len(messages)} turns, greedy, {args.new_tokens} new tokens an answer\n")
+    print(table(header, rows))
+    same = all(a == answers["plain, kept states"] for a in answers.values())
+    print(f"\nthe same answers every way: {'yes' if same else 'no'}")
 
 
 def kept_graphs(args, device) -> None:
@@ -557,6 +602,13 @@ def main(argv=None) -> int:
         help="with --mtp-checkpoint: speculative against plain sampling at these temperatures (0: greedy)",
     )
     ap.add_argument("--top-p", type=float, default=1.0, help="with --mtp-temperatures: top-p when sampling")
+    ap.add_argument(
+        "--mtp-chat-turns",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --mtp-checkpoint: a chat of N turns, plain, speculative from its kept session, speculative whole",
+    )
     ap.add_argument(
         "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
     )

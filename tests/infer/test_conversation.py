@@ -183,15 +183,22 @@ def test_a_chat_without_a_template_and_bad_settings_are_refused(model):
 
 
 def test_speculative_turns_answer_as_plain_turns_with_the_depths_drafting():
-    """With the MTP depths drafting, each greedy turn gives the tokens of a plain turn (every turn runs whole: the
-    depths' states are not kept), and says how many drafts it took; sampled turns repeat for a seed."""
+    """With the MTP depths drafting, each greedy turn gives the tokens of a plain turn and says how many drafts it
+    took; the main model's and the depths' states after an answer serve the next turn (none kept: every turn runs
+    whole); sampled turns repeat for a seed."""
     mtp = ascii_model("M[*-]G-/[*-]/[*-]")
     spec = Conversation(mtp, TOKENIZER, CHAT, system="Be brief.", max_new_tokens=24, speculative="mtp")
+    whole = Conversation(mtp, TOKENIZER, CHAT, system="Be brief.", max_new_tokens=24, speculative="mtp", kept_states=0)
     plain = Conversation(mtp, TOKENIZER, CHAT, system="Be brief.", max_new_tokens=24, kept_states=0)
+    previous = None
     for text in MESSAGES:
-        turn, expected = spec.reply(text), plain.reply(text)
-        assert (turn.tokens, turn.text, turn.kept_tokens) == (expected.tokens, expected.text, 0)
+        turn, again, expected = spec.reply(text), whole.reply(text), plain.reply(text)
+        assert (turn.tokens, turn.text) == (again.tokens, again.text) == (expected.tokens, expected.text)
         assert turn.drafted > 0 and 0 <= turn.accepted <= turn.drafted and expected.drafted == 0
+        assert again.kept_tokens == 0 and turn.prompt_tokens == expected.prompt_tokens
+        # the positions of the last prompt and answer, all but the answer's last token (not yet run)
+        assert turn.kept_tokens == (previous.prompt_tokens + len(previous.tokens) - 1 if previous else 0)
+        previous = turn
     sampled = [
         Conversation(
             mtp, TOKENIZER, CHAT, max_new_tokens=16, temperature=0.9, seed=3, speculative="mtp", draft_tokens=1

@@ -188,3 +188,59 @@ def test_speculative_sampling_on_gpu_is_seeded_and_keeps_greedy_and_the_target_d
         out = drafts[0] if kept else token
         first[out] = first.get(out, 0) + 1
     assert _chi_square(first, dict(enumerate(p[0].tolist())), n) < _chi2_tail(3)
+
+
+def _depth_drafts(model, seq: list[int], k: int) -> list[int]:
+    """The drafts the first ``k`` MTP depths make after ``seq``, from full forwards (greedy)."""
+    drafts: list[int] = []
+    for j in range(k):
+        logits = model(torch.tensor([seq + drafts])).mtp_logits[j]
+        drafts.append(int(logits[0, len(seq) - 2].argmax()))
+    return drafts
+
+
+@pytest.mark.parametrize("pattern", ["M[*-]/[*-]/[*-]", "M[*-]G/[*-]/[*-]"], ids=["rolled-back", "re-run"])
+def test_a_session_serves_a_prompt_that_begins_with_its_tokens_as_a_fresh_generation(pattern, monkeypatch):
+    """An answer stopped inside a verify window whose drafts were all taken (right drafts, a callback that stops at
+    the 5th token) leaves the caches holding exactly its tokens but the last: a prompt that goes on from them runs
+    only what it adds, in caches grown to fit (copied, not re-run), and gives a fresh generation's tokens, the depths
+    drafting as from a full forward. Another prompt starts the session over. Both rollback paths: Mamba2 steps
+    through a window and keeps its per-position states, Gated DeltaNet has none and the kept positions re-run."""
+    from hybridlm.infer.speculative import SpeculativeSession
+
+    model = model_for(pattern)
+    truth = PROMPT + generate(model, PROMPT, 12)
+    monkeypatch.setattr(_Depths, "draft", lambda self, tokens, num: truth[len(tokens) : len(tokens) + num])
+    session, stats, made = SpeculativeSession(), {}, []
+
+    def fifth(row, token):  # stop at the 5th token: inside the second round's window of three
+        made.append(token)
+        return len(made) == 5
+
+    first = generate(model, PROMPT, 12, speculative="mtp", speculative_session=session, stats=stats, callback=fifth)
+    assert first == truth[len(PROMPT) : len(PROMPT) + 5] and stats["accepted"] == stats["drafted"] > 0
+    assert session.tokens == PROMPT + first and session.cache.offset == len(session.tokens) - 1 and session.kept == 0
+    monkeypatch.undo()
+    longer = [*PROMPT, *first, 3, 5, 8]
+    small = session.cache.max_len
+    stats = {}
+    again = generate(model, longer, small, speculative="mtp", speculative_session=session, stats=stats)
+    assert again == generate(model, longer, small) and session.kept == len(PROMPT) + len(first) - 1
+    assert stats["prefill_tokens"] == 4 and session.cache.max_len > small  # the answer's last token, three new
+    tokens = session.tokens
+    assert session.depths.draft(tokens, 2) == _depth_drafts(model, tokens, 2)
+    other = [9, *longer]
+    assert generate(model, other, 6, speculative="mtp", speculative_session=session) == generate(model, other, 6)
+    assert session.kept == 0 and session.tokens[: len(other)] == other
+
+
+def test_a_session_is_for_one_speculative_prompt():
+    from hybridlm.infer.speculative import SpeculativeSession
+
+    model = model_for("M/*")
+    for kwargs in (dict(), dict(speculative="mtp", prompts=[PROMPT, PROMPT])):
+        prompts = kwargs.pop("prompts", PROMPT)
+        with pytest.raises(ValueError, match="speculative_session"):
+            generate(model, prompts, 4, speculative_session=SpeculativeSession(), **kwargs)
+    with pytest.raises(ValueError, match="SpeculativeSession"):
+        generate(model, PROMPT, 4, speculative="mtp", speculative_session={})

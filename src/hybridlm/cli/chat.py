@@ -312,7 +312,8 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
         default=4,  # (Conversation's KEPT_STATES: not imported here, where the parser is built without torch)
         metavar="N",
         help="states kept across turns (the last answer's, the prefixes turns share; default: 4; 0: none, every turn "
-        "runs the whole conversation; none with --speculative)",
+        "runs the whole conversation; with --speculative, any but 0 keeps the last answer's states, the main "
+        "model's and the MTP depths')",
     )
     speculative_options(ap)
     cuda_graph_option(ap, "replay the decode step as a CUDA graph, kept between turns")

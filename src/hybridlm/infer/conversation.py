@@ -61,9 +61,11 @@ class Conversation:
     Sampling as :func:`~hybridlm.infer.generate.generate` samples (greedy at ``temperature`` 0); turn ``n`` (from 0)
     draws from ``seed + n``, so that a session repeats but its turns differ. ``kept_states``: states kept across
     turns (0: none, every turn runs the whole conversation: the reference). ``speculative="mtp"`` (``draft_tokens``
-    a round) drafts with the model's MTP depths as :func:`~hybridlm.infer.generate.generate` does; a turn then runs
-    the whole conversation, since the depths' states are not kept. ValueError for a ``chat`` without a template, bad
-    sampling settings, and speculation with a model without MTP depths or with ``cuda_graph``."""
+    a round) drafts with the model's MTP depths as :func:`~hybridlm.infer.generate.generate` does; the main model's
+    and the depths' states after the last answer are then what is kept (a
+    :class:`~hybridlm.infer.speculative.SpeculativeSession`; ``kept_states`` 0: none). ValueError for a ``chat``
+    without a template, bad sampling settings, and speculation with a model without MTP depths or with
+    ``cuda_graph``."""
 
     def __init__(
         self,
@@ -112,8 +114,11 @@ class Conversation:
         )
         self.seed = seed
         self.speculative = dict(speculative=speculative, draft_tokens=draft_tokens) if speculative else {}
-        # (speculation keeps no state across turns: the MTP depths' caches would have to be kept beside it)
         self.store = PrefixStore(kept_states) if kept_states and not speculative else None
+        if speculative and kept_states:  # (the depths' caches are kept with the main model's: the last answer's)
+            from .speculative import SpeculativeSession
+
+            self.speculative["speculative_session"] = SpeculativeSession()
         # (the decode cache and its graph kept between turns: a turn of a shape seen before captures nothing)
         self.graphs = DecodeGraphs(model, keep=2) if cuda_graph else None
         self.messages: list[dict] = []
@@ -150,6 +155,7 @@ class Conversation:
             self.tokenizer, self.stops, write is not None, ids, specials=specials, write=write or write_stdout
         )
         kept_before = self.store.hit_tokens if self.store is not None else 0
+        session = self.speculative.get("speculative_session")
         tokens: list[int] = []  # (as they come: an interrupted answer's too)
 
         def take(_, token: int) -> bool:
@@ -179,6 +185,8 @@ class Conversation:
         self._answered(text, completion)
         finish = "stop" if completion.stopped or (tokens and tokens[-1] in stop_ids) else "length"
         kept = (self.store.hit_tokens if self.store is not None else 0) - kept_before
+        if session is not None:
+            kept = session.kept
         seconds = time.perf_counter() - t0
         return Turn(
             completion.text, tokens, finish, len(ids), kept, seconds, stats.get("drafted", 0), stats.get("accepted", 0)

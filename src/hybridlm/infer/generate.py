@@ -313,6 +313,7 @@ def generate(
     prefilled: tuple[InferenceCache, torch.Tensor] | None = None,
     prefix_store: PrefixStore | None = None,
     graphs: DecodeGraphs | None = None,
+    speculative_session=None,
 ) -> list[int] | list[list[int]]:
     """Continue one prompt or a batch of prompts.
 
@@ -333,6 +334,9 @@ def generate(
             sampling), not its tokens for a seed.
         draft_tokens: with ``speculative``, tokens drafted per round, from the first depths (default, and
             at most: one per MTP depth). Deeper drafts are accepted less often; fewer can be faster.
+        speculative_session: with ``speculative`` and one prompt, a
+            :class:`~hybridlm.infer.speculative.SpeculativeSession`: the prompt runs from its caches where it begins
+            with their tokens (a chat's next turn), and leaves them holding it and its answer.
         prefill_chunk_size: prompts are prefilled in chunks of this many tokens. Prompts of a batch that begin alike
             (64 tokens or more: a few-shot batch, samples of one prompt) run what they share once
             (:mod:`~hybridlm.infer.prefixes`), each row's tokens still those it takes alone.
@@ -425,6 +429,14 @@ def generate(
         _check_prefilled(prefilled, rows, vocab, speculative, use_cache)
     if prefix_store is not None and (speculative or not use_cache):
         raise ValueError("prefix_store keeps and reads the cache's states: leave use_cache=True and speculative=None")
+    if speculative_session is not None:
+        from .speculative import SpeculativeSession
+
+        if not isinstance(speculative_session, SpeculativeSession) or not speculative or len(rows) != 1:
+            raise ValueError(
+                "speculative_session: a hybridlm.infer.speculative.SpeculativeSession, with speculative='mtp' and one "
+                f"prompt (got {type(speculative_session).__name__}, speculative={speculative!r}, {len(rows)} prompts)"
+            )
     was_training = model.training
     model.eval()
     try:
@@ -446,6 +458,7 @@ def generate(
                         draft_tokens=draft_tokens,
                         row=i,
                         sampler=sampler,
+                        session=speculative_session,
                     )
                     for i, row in enumerate(rows)
                 ]

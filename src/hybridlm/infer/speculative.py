@@ -224,6 +224,49 @@ class _Picks:
         return kept, read[k + kept], read[2 * k + 1 :]
 
 
+class SpeculativeSession:
+    """The main model's and the MTP depths' caches after a speculative generation, and the tokens they stand for
+    (the main cache holds all but the last, as after any generation): a next prompt that begins with those tokens
+    runs only the rest, as a chat's next turn does (:class:`~hybridlm.infer.conversation.Conversation`). Given to
+    ``generate(..., speculative="mtp", speculative_session=...)`` for one prompt at a time; a prompt that does not
+    begin with its tokens, or another ``draft_tokens``, starts it over, and one that needs more room than the caches
+    have moves them into larger ones. ``kept``: the positions the last prompt did not run."""
+
+    def __init__(self) -> None:
+        self.cache: InferenceCache | None = None
+        self.depths: _Depths | None = None
+        self.tokens: list[int] = []
+        self.kept = 0
+
+    def clear(self) -> None:
+        """Drop the caches (their memory goes before new ones are allocated)."""
+        self.cache, self.depths, self.tokens = None, None, []
+
+    def held(self, prompt: Sequence[int], k: int, chunk_size: int) -> int:
+        """The positions of ``prompt`` the caches hold (0: they cannot serve it): all its tokens' but the last of
+        this session's, where ``prompt`` begins with them and ``k`` and ``chunk_size`` are the depths'."""
+        n = len(self.tokens)
+        usable = self.cache is not None and self.depths is not None and 1 < n <= len(prompt)
+        if not usable or list(prompt[:n]) != self.tokens or self.cache.offset != n - 1:
+            return 0
+        return n - 1 if (self.depths.k, self.depths.chunk_size) == (k, chunk_size) else 0
+
+    def grow(self, model, max_len: int) -> None:
+        """Move the caches into ones of ``max_len`` positions: their states copied (``InferenceCache.place``, exact),
+        not recomputed."""
+
+        def moved(old: InferenceCache, new: InferenceCache) -> InferenceCache:
+            if old.offset:  # (an empty cache is a new one)
+                new.advance(old.offset)
+                new.place(old, 0, 0, old.offset)
+            return new
+
+        self.cache = moved(self.cache, InferenceCache.for_model(model, 1, max_len))
+        self.depths.caches = [
+            moved(c, InferenceCache.for_mtp_depth(model, d, 1, max_len)) for d, c in enumerate(self.depths.caches, 1)
+        ]
+
+
 @torch.no_grad()
 def mtp_generate(
     model,
@@ -236,29 +279,62 @@ def mtp_generate(
     draft_tokens=None,
     row: int = 0,
     sampler: Sampler | None = None,
+    session: SpeculativeSession | None = None,
 ) -> list[int]:
     """Generation for one prompt, drafting with the MTP depths (see the module docstring), picking with ``sampler``
     (default: greedy); ``draft_tokens`` drafts per round from the first depths (default: every depth).
     :func:`generate` checks the arguments (a model with MTP depths among them). ``row``: the prompt's index in the
-    batch, which a :class:`~hybridlm.errors.NonFiniteLogitsError` names."""
+    batch, which a :class:`~hybridlm.errors.NonFiniteLogitsError` names. ``session``: caches to start from where
+    ``prompt`` begins with their tokens, left holding the prompt and its answer."""
     device = next(model.parameters()).device
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
-    max_len = len(prompt) + max_new_tokens + k + 1
+    room = len(prompt) + max_new_tokens + k + 1
     picks = _Picks(sampler or Sampler(device=device), prompt, model.config.vocab_size, device)
-    with cache_allocation(1, len(prompt), max_new_tokens):
-        cache = InferenceCache.for_model(model, 1, max_len)
-        depths = _Depths(model, max_len, k, chunk_size, picks.draft)
+    held = session.held(prompt, k, chunk_size) if session is not None else 0
+    if held:
+        if session.cache.max_len < room:  # room to grow again: a chat's turns each add to the last
+            with cache_allocation(1, len(prompt), max_new_tokens):
+                session.grow(model, 2 * room)
+        cache, depths = session.cache, session.depths
+        depths.pick = picks.draft
+    else:
+        if session is not None:
+            session.clear()
+        # A kept session gets room to grow: the next prompts (a chat's turns) begin with this one and its answer.
+        max_len = room if session is None else 2 * room
+        with cache_allocation(1, len(prompt), max_new_tokens):
+            cache = InferenceCache.for_model(model, 1, max_len)
+            depths = _Depths(model, max_len, k, chunk_size, picks.draft)
+    if session is not None:
+        session.kept = held
+    try:
+        new = _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, chunk_size, callback, stats,
+                      k, row)  # fmt: skip
+    except BaseException:  # (Ctrl-C in a callback: the caches may hold a window not rolled back)
+        if session is not None:
+            session.clear()
+        raise
+    if session is not None:
+        session.cache, session.depths, session.tokens = cache, depths, [*prompt, *new]
+    return new
+
+
+def _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, chunk_size, callback, stats, k, row):
+    """:func:`mtp_generate`'s prefill of ``prompt[held:]`` (the caches hold the positions before it) and its rounds;
+    the new tokens. Each round leaves the main cache holding every token but the last, and the depths fed its
+    hidden states, so that the caches can serve a next prompt."""
+    device = cache.offset_t.device
     for key in ("drafted", "accepted", "verify_steps"):
         stats.setdefault(key, 0)  # summed over the prompts of one generate call
-    ids = torch.tensor([prompt], device=device)
+    ids = torch.tensor([prompt[held:]], device=device)
     t0 = _sync(device)
     logits = None
-    for i in range(0, len(prompt), chunk_size):
+    for i in range(0, len(prompt) - held, chunk_size):
         out = model(ids[:, i : i + chunk_size], cache=cache, logits_to_keep=1)
         depths.feed_main(model.norm_f(out.hidden_states))
         logits = out.logits
     t1 = _sync(device)
-    stats["prefill_tokens"] += len(prompt)
+    stats["prefill_tokens"] += len(prompt) - held
     stats["prefill_seconds"] += t1 - t0
     tokens = list(prompt)
     new: list[int] = []
@@ -281,14 +357,6 @@ def mtp_generate(
         cache.record_positions()
         out = model(window, cache=cache)
         a, pick, bad = picks.verify(out.logits[0], drafts)  # a drafts kept, then ``pick``
-        hidden = out.hidden_states
-        if a == len(drafts):
-            cache.trail = None  # every draft taken: the window stands as it ran
-        elif cache.rollback(snap, a + 1):  # states as they were after the accepted prefix
-            hidden = hidden[:, : a + 1]  # causal: the verify computed these positions as a re-run would
-        else:  # a mixer kept no per-position state: re-run the accepted prefix from the snapshot
-            hidden = model(window[:, : a + 1], cache=cache, logits_to_keep=1).hidden_states
-        depths.feed_main(model.norm_f(hidden[:, : a + 1]))
         stats["drafted"] += len(drafts)
         stats["accepted"] += a
         stats["verify_steps"] += 1
@@ -299,6 +367,17 @@ def mtp_generate(
             done = _accept(new, token, 0, eos_ids, callback) or len(new) >= max_new_tokens
             if done:
                 break
+        # The window positions that stand: those before each token taken (the last taken is not run yet). All of
+        # them where every draft and the pick were taken; fewer where a draft was refused, or the answer ended first.
+        keep = len(new) - taken
+        hidden = out.hidden_states
+        if keep == window.shape[1]:
+            cache.trail = None  # the window stands as it ran
+        elif cache.rollback(snap, keep):  # states as they were after the positions kept
+            hidden = hidden[:, :keep]  # causal: the verify computed these positions as a re-run would
+        else:  # a mixer kept no per-position state: re-run the kept positions from the snapshot
+            hidden = model(window[:, :keep], cache=cache, logits_to_keep=1).hidden_states
+        depths.feed_main(model.norm_f(hidden[:, :keep]))
         picks.accept(new[taken:])
     stats["decode_tokens"] += len(new) - 1
     stats["decode_seconds"] += _sync(device) - t1
