@@ -750,3 +750,34 @@ def test_the_prefix_cache_keeps_a_shared_prefix_for_later_requests(model, monkey
             assert runs == [[49], [49, 31], [28]] and worker.prefixes.hits == 1, runs
         else:
             assert runs == [[49], [80], [77]], runs
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    return HybridLM(tiny_config("M[*-]/[*-]/[*-]", vocab_size=257), seed=0).eval()
+
+
+def test_speculative_serving_answers_as_plain_serving_and_keeps_a_chats_state(mtp_model):
+    """--speculative: each request's greedy answer is a plain worker's, its drafts counted for /metrics; a chat's
+    next turn (a lone prompt that begins with the last prompt and its answer) runs only what it adds, reported as
+    cached tokens; a batch of several prompts runs them one at a time; logprobs are refused with 400."""
+    spec = BatchWorker(mtp_model, TOKENIZER, max_batch_size=4, speculative="mtp")
+    plain = BatchWorker(mtp_model, TOKENIZER, max_batch_size=4)
+    first = TOKENIZER.encode("System: be brief. User: name a colour. Assistant:")
+    answer = generate(mtp_model, first, 6, eos_id=TOKENIZER.eos_id)
+    turn = first + answer + TOKENIZER.encode(" User: why? Assistant:")
+    for prompt in (first, turn, ["a", "longer prompt"]):
+        jobs = [w.submit(request({"prompt": prompt, "max_tokens": 6})) for w in (spec, plain)]
+        drain(spec)
+        drain(plain)
+        assert [r.completion.text for r in jobs[0].rows] == [r.completion.text for r in jobs[1].rows]
+        assert events(jobs[0])[-1][0] == "done"
+        if prompt is turn:  # the first answer's state: its prompt and all its tokens but the last
+            assert jobs[0].usage()["prompt_tokens_details"]["cached_tokens"] == len(first) + 6 - 1
+    metrics = {name: value for name, _, _, value in spec.metrics()}
+    assert 0 < metrics["speculative_accepted_tokens_total"] <= metrics["speculative_drafted_tokens_total"]
+    job = spec.submit(request({"prompt": "x", "max_tokens": 2, "logprobs": 1}))
+    kind, _, error = events(job)[-1]
+    assert kind == "error" and error.status == 400 and "speculative" in error.message
+    with pytest.raises(ValueError, match="static batches"):
+        BatchWorker(mtp_model, TOKENIZER, max_batch_size=4, speculative="mtp", continuous=True)

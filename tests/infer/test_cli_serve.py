@@ -109,6 +109,10 @@ def test_a_missing_checkpoint_and_bad_flags_are_refused_before_the_model_loads(
         (["--chat-template-kwargs", '{"messages": []}'], "'messages' is not a template variable one may set"),
         (["--cuda-graph"], "--cuda-graph needs a CUDA device (--device cuda), not cpu"),
         (["--dtype", "int8"], "--dtype must be a floating torch.dtype the model computes in"),
+        (["--draft-tokens", "1"], "--draft-tokens needs --speculative mtp"),
+        (["--speculative", "mtp", "--cuda-graph"], "--cuda-graph does not work with --speculative mtp"),
+        (["--speculative", "mtp", "--kept-graphs", "2"], "--kept-graphs keeps CUDA graphs, which --speculative mtp"),
+        (["--speculative", "mtp"], "has no MTP depths"),
     ):
         assert main(["serve", str(path), "--device", "cpu", *flags]) == 2, flags
         err = capsys.readouterr().err
@@ -179,6 +183,25 @@ def test_either_batching_serves_what_generate_gives(checkpoint, capsys, monkeypa
     err = capsys.readouterr().err
     how = "continuous (requests join the running batch)" if continuous else "static"
     assert f"batching: {how}, at most 8 rows at once, no prefix cache\n" in err
+    tok = ByteTokenizer()
+    want = [tok.decode(generate(model, tok.encode(p), 5, eos_id=256)) for p in body["prompt"]]
+    assert [c["text"] for c in answers[0]["choices"]] == want
+
+
+def test_speculative_serving_answers_what_generate_gives_and_says_how_it_batches(capsys, monkeypatch, tmp_path):
+    """--speculative mtp reaches the worker (static batches, no prefix cache but the last answer's state), which
+    answers a batched request with each prompt's own greedy text; the start-up line says so."""
+    path = tmp_path / "model"
+    model = HybridLM(tiny_config("M[*-]/[*-]", vocab_size=257), seed=0)
+    save(model, path, extra_files=ByteTokenizer().files())
+    body = {"prompt": ["hi", "a longer prompt"], "max_tokens": 5, "temperature": 0}
+    answers, servers = serve_then_ctrl_c(monkeypatch, "", body)
+    assert main(["serve", str(path), "--device", "cpu", "--port", "0", "--speculative", "mtp"]) == 130
+    worker = servers[0].worker
+    assert not worker.continuous and worker.prefixes is None and worker.session is not None
+    err = capsys.readouterr().err
+    assert "batching: static, MTP speculation (1 draft a round; a batch's prompts one at a time)" in err
+    assert "the last answer's state kept (a chat's next turn runs what it adds)" in err
     tok = ByteTokenizer()
     want = [tok.decode(generate(model, tok.encode(p), 5, eos_id=256)) for p in body["prompt"]]
     assert [c["text"] for c in answers[0]["choices"]] == want

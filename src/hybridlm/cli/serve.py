@@ -105,10 +105,16 @@ def check_model_args(args: argparse.Namespace, checks) -> tuple:
 def _check_args(args: argparse.Namespace):
     """``serve``'s options checked (:func:`check_model_args`)."""
     from ..errors import UsageError
+    from .generate import speculative_checks
 
     device, dtype, template_kwargs = check_model_args(
         args,
         (
+            *speculative_checks(args),
+            (
+                not (args.speculative and args.kept_graphs is not None),
+                "--kept-graphs keeps CUDA graphs, which --speculative mtp does not use: leave one out",
+            ),
             (args.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {args.max_batch_size}"),
             (args.prefix_cache >= 0, f"--prefix-cache must be >= 0 (0: none kept), got {args.prefix_cache}"),
             (
@@ -147,11 +153,12 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     from ..infer.server import CompletionServer
     from ..train.threads import cpu_threads
     from . import binary_size, model_folder, model_tokenizer, say
-    from .generate import capture_fails, cuda_graph_on
+    from .generate import capture_fails, check_mtp_depths, cuda_graph_on
 
     device, dtype, template_kwargs = _check_args(args)
     path = model_folder(args.checkpoint, "checkpoint")
     config = read_config(path)
+    check_mtp_depths(args, path, config)
     tokenizer, _ = model_tokenizer(path, config, args.tokenizer, args.eos_token)
     name = args.model_name or args.checkpoint.rstrip("/") or args.checkpoint
     chat = chat_option(args, path, tokenizer, template_kwargs)  # (before the model loads, as a bad flag is)
@@ -161,15 +168,18 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     why = capture_fails(model) if args.cuda_graph else None
     if why is not None:
         raise UsageError(f"--cuda-graph: {why}")
-    graphed = cuda_graph_on(model, args.cuda_graph)
+    graphed = cuda_graph_on(model, args.cuda_graph, bool(args.speculative))
+    continuous = args.continuous_batching and not args.speculative  # (speculation runs a prompt at a time)
     worker = BatchWorker(
         model,
         tokenizer,
         args.max_batch_size,
         cuda_graph=graphed,
-        continuous=args.continuous_batching,
+        continuous=continuous,
         prefix_cache=args.prefix_cache,
         prefix_cache_bytes=args.prefix_cache_memory,
+        speculative=args.speculative,
+        draft_tokens=args.draft_tokens,
         **({} if args.kept_graphs is None else {"kept_graphs": args.kept_graphs}),
     )
     try:
@@ -197,7 +207,10 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             else "no chat template: POST /v1/chat/completions answers 400 (--chat-template FILE gives one)",
             sys.stderr,
         )
-        how = "continuous (requests join the running batch)" if args.continuous_batching else "static"
+        how = "continuous (requests join the running batch)" if continuous else "static"
+        if args.speculative:
+            drafts = min(args.draft_tokens or len(model.mtp), len(model.mtp))
+            how += f", MTP speculation ({drafts} draft{'s' * (drafts > 1)} a round; a batch's prompts one at a time)"
         graphs = ""
         if graphed and worker.graphs.keep:  # (a kept cache: every row's recurrent states, each position's KV)
             row, position = entry_bytes(model)
@@ -214,6 +227,8 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
             f"{binary_size(store.most_bytes(model))} for this model"
             f"{'' if args.prefix_cache_memory is None else ', by --prefix-cache-memory'})"
             if store is not None
+            else ", the last answer's state kept (a chat's next turn runs what it adds)"
+            if args.speculative and args.prefix_cache
             else ", no prefix cache"
         )
         say(f"batching: {how}, at most {args.max_batch_size} rows at once{graphs}{kept}", sys.stderr)
@@ -227,7 +242,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     from . import byte_size, model_options
-    from .generate import cuda_graph_option, run_options
+    from .generate import cuda_graph_option, run_options, speculative_options
 
     ap = sub.add_parser(
         "serve",
@@ -320,6 +335,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="the memory the prefix cache's states may hold together on the model's device, at most (bytes, or with "
         "a unit: 2GiB, 500MB; the least recently used go first, answers before shared prefixes; default: bounded by "
         "--prefix-cache and 65,536 positions only, whose most the start-up line says)",
+    )
+    speculative_options(ap)
+    ap.epilog = (
+        "--speculative mtp: static batches whose prompts run one at a time (no continuous batching, no CUDA graphs, "
+        "no logprobs); instead of the prefix cache, the state after the last lone prompt and its answer is kept "
+        "(--prefix-cache 0: none), so a chat's next turn runs what it adds. For one user of a model with MTP depths."
     )
     run_options(ap)
     ap.set_defaults(func=_cmd_serve)

@@ -180,12 +180,30 @@ class BatchWorker:
         prefix_cache: int = 8,
         kept_graphs: int = KEPT_GRAPHS,
         prefix_cache_bytes: int | None = None,
+        speculative: str | None = None,
+        draft_tokens: int | None = None,
     ) -> None:
         """``prefix_cache``: the prompt prefixes whose states are kept across batches, at most (0: none; see the
         module); ``prefix_cache_bytes``: the memory they may hold together, at most (None: bounded by their count
         and positions only; :class:`~hybridlm.infer.prefix_store.PrefixStore`). ``kept_graphs``: with ``cuda_graph``,
-        the decode caches of ended batches kept with their graphs (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`)."""
+        the decode caches of ended batches kept with their graphs (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`).
+        ``speculative="mtp"`` (``draft_tokens`` a round): the model's MTP depths draft, as ``generate`` drafts, in
+        static batches whose prompts run one at a time (not with ``continuous`` or ``cuda_graph``; a request for
+        logprobs is refused); instead of the prefix cache, the state after the last prompt that ran alone and its
+        answer is kept (:class:`~hybridlm.infer.speculative.SpeculativeSession`: a chat's next turn runs what it
+        adds; ``prefix_cache`` 0: none)."""
+        if speculative is not None and (continuous or cuda_graph):
+            raise ValueError(
+                "speculative decoding runs static batches without CUDA graphs: leave continuous and cuda_graph off"
+            )
         self.model, self.tokenizer, self.max_batch_size, self.generate = model, tokenizer, max_batch_size, generate
+        self.speculative: dict = {}
+        if speculative is not None:
+            from .speculative import SpeculativeSession
+
+            self.speculative = dict(speculative=speculative, draft_tokens=draft_tokens)
+            self.session = SpeculativeSession() if prefix_cache else None
+            prefix_cache = 0
         self.prefixes = PrefixStore(prefix_cache, max_bytes=prefix_cache_bytes) if prefix_cache else None
         self.cuda_graph = cuda_graph  # each batch's decode step replayed as a CUDA graph
         # (its caches and graphs kept when a batch ends: each shape captured once, not once per batch)
@@ -215,6 +233,10 @@ class BatchWorker:
         with self.lock:
             if self.stopping.is_set():
                 job.fail(STOPPING)
+            elif self.speculative and request.logprobs is not None:  # (generate has no logprobs while it speculates)
+                job.fail(
+                    RequestError(400, "logprobs: not served with speculative decoding (hybridlm serve --speculative)")
+                )
             else:
                 self.open.add(job)
                 self.queue.put(job)
@@ -251,6 +273,18 @@ class BatchWorker:
             ("generation_tokens_total", "counter", "Tokens picked.", self.counts["generation_tokens"]),
             ("batches_total", "counter", "Batches run (continuous batching: batches started).", self.batches),
             ("rows_joined_total", "counter", "Rows that joined a batch already decoding.", self.joined),
+            (
+                "speculative_drafted_tokens_total",
+                "counter",
+                "Tokens the MTP depths drafted (hybridlm serve --speculative).",
+                self.counts["drafted"],
+            ),
+            (
+                "speculative_accepted_tokens_total",
+                "counter",
+                "Drafted tokens the model kept (over speculative_drafted_tokens_total: the acceptance rate).",
+                self.counts["accepted"],
+            ),
             ("rows_waiting", "gauge", "Rows taken from the queue and not run yet.", len(self.pending)),
             ("rows_running", "gauge", "Rows of the batch running now.", running),
             (
@@ -353,10 +387,11 @@ class BatchWorker:
         # Where every row that goes on is an echoed, scored prompt (lm-evaluation-harness's loglikelihood requests),
         # the scoring forward is their prefill too and generate starts from its cache: they run through the model
         # once. (A batch that also holds other prompts scores and prefills apart: one left-padded prefill for all.)
-        keep = all(
+        keep = not self.speculative and all(
             (r.job.request.echo and r.job.request.logprobs is not None) or not r.job.request.max_tokens for r in batch
         )
         self.batches += 1
+        stats: dict = {}  # (speculation's drafted and accepted tokens)
         try:
             prepared = self._prepare(batch, keep)
             if prepared is None:
@@ -375,6 +410,10 @@ class BatchWorker:
                 options["prefix_store"] = self.prefixes
             if self.graphs is not None:
                 options["graphs"] = self.graphs
+            if self.speculative:
+                options |= self.speculative | {"stats": stats}
+                if self.session is not None and len(live) == 1:  # (a session holds one prompt's state)
+                    options["speculative_session"] = self.session
             self.running_rows = len(live)
 
             def on_token(r: int, token: int, scores=None) -> bool:
@@ -403,6 +442,7 @@ class BatchWorker:
             return
         finally:
             self.running_rows = 0
+            self.counts.update(drafted=stats.get("drafted", 0), accepted=stats.get("accepted", 0))
         for row in live:  # (each row stops at its own max_tokens: this only catches a row generate cut short)
             if row.finish is None and not (row.job.closed or row.job.cancelled or self.stopping.is_set()):
                 self._end(row, "length")
@@ -537,7 +577,10 @@ class BatchWorker:
 
     def _kept(self, index: int, default: int = 0) -> int:
         """Of prompt ``index`` of the prefill just run, the positions a state the prefix cache held before stood for
-        (:attr:`~hybridlm.infer.prefix_store.PrefixStore.last_kept`); ``default`` without a prefix cache."""
+        (:attr:`~hybridlm.infer.prefix_store.PrefixStore.last_kept`), or the speculative session (a prompt alone);
+        ``default`` without either."""
+        if self.speculative:
+            return self.session.kept if self.session is not None and self.running_rows == 1 else default
         kept = self.prefixes.last_kept if self.prefixes is not None else []
         return kept[index] if index < len(kept) else default
 
