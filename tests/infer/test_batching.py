@@ -760,7 +760,8 @@ def mtp_model():
 def test_speculative_serving_answers_as_plain_serving_and_keeps_a_chats_state(mtp_model):
     """--speculative: each request's greedy answer is a plain worker's, its drafts counted for /metrics; a chat's
     next turn (a lone prompt that begins with the last prompt and its answer) runs only what it adds, reported as
-    cached tokens; a batch of several prompts runs them one at a time; logprobs are refused with 400."""
+    cached tokens; a batch of several prompts runs them one at a time; an echoed prompt's and its answer's logprobs
+    are a plain worker's."""
     spec = BatchWorker(mtp_model, TOKENIZER, max_batch_size=4, speculative="mtp")
     plain = BatchWorker(mtp_model, TOKENIZER, max_batch_size=4)
     first = TOKENIZER.encode("System: be brief. User: name a colour. Assistant:")
@@ -776,8 +777,11 @@ def test_speculative_serving_answers_as_plain_serving_and_keeps_a_chats_state(mt
             assert jobs[0].usage()["prompt_tokens_details"]["cached_tokens"] == len(first) + 6 - 1
     metrics = {name: value for name, _, _, value in spec.metrics()}
     assert 0 < metrics["speculative_accepted_tokens_total"] <= metrics["speculative_drafted_tokens_total"]
-    job = spec.submit(request({"prompt": "x", "max_tokens": 2, "logprobs": 1}))
-    kind, _, error = events(job)[-1]
-    assert kind == "error" and error.status == 400 and "speculative" in error.message
+    jobs = [w.submit(request({"prompt": "x", "max_tokens": 4, "logprobs": 2, "echo": True})) for w in (spec, plain)]
+    drain(spec)
+    drain(plain)
+    got, want = (job.rows[0].logprobs() for job in jobs)
+    assert got["tokens"] == want["tokens"] and got["top_logprobs"] is not None
+    assert got["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:], abs=1e-5)  # (the first: None)
     with pytest.raises(ValueError, match="static batches"):
         BatchWorker(mtp_model, TOKENIZER, max_batch_size=4, speculative="mtp", continuous=True)

@@ -126,7 +126,6 @@ def test_speculative_settings_are_refused_even_for_no_new_tokens():
     for model, kwargs, says in (
         (plain, {}, "needs a model with MTP depths"),
         (plain, dict(temperature=1.0), "needs a model with MTP depths"),
-        (with_mtp, dict(logprobs=2, callback=lambda *a: None), "logprobs is not supported with speculative"),
         (with_mtp, dict(use_cache=False), "decode with the cache"),
     ):
         for n in (0, 1):
@@ -711,14 +710,13 @@ def test_logprobs_are_the_raw_log_softmax_of_the_full_forward(path, rows):
             torch.testing.assert_close([v for _, v in scores.top], top.values.tolist(), rtol=0, atol=1e-10)
 
 
-def test_logprobs_zero_gives_the_picked_tokens_alone_and_needs_a_callback_and_no_speculation():
+def test_logprobs_zero_gives_the_picked_tokens_alone_and_needs_a_callback():
     model = HybridLM(tiny_config("M*-/-"), seed=0)
-    for use_cache in (True, False):
+    for kwargs in (dict(use_cache=True), dict(use_cache=False), dict(speculative="mtp")):
         got = []
-        generate(model, [1, 2], 2, logprobs=0, use_cache=use_cache, callback=lambda r, t, lp, got=got: got.append(lp))
-        assert len(got) == 2 and all(lp.top == () and lp.logprob < 0 for lp in got), use_cache
+        generate(model, [1, 2], 2, logprobs=0, callback=lambda r, t, lp, got=got: got.append(lp), **kwargs)
+        assert len(got) == 2 and all(lp.top == () and lp.logprob < 0 for lp in got), kwargs
     for kwargs, words in (
-        (dict(callback=lambda r, t, lp: None, speculative="mtp"), "logprobs is not supported with speculative"),
         (dict(), "logprobs are given to the callback"),
         (dict(callback=lambda r, t, lp: None, logprobs=-1), "logprobs must be >= 0"),
     ):

@@ -46,7 +46,7 @@ def test_the_acceptance_rule_gives_the_target_distribution_whatever_the_draft_di
         picks = _Picks(sampler, [], 4, torch.device("cpu"))
         drafts = sampler.draw(q).tolist()
         picks.q = [q[:1], q[1:]]
-        kept, token, bad = picks.verify(p.log(), drafts)
+        kept, token, bad, _ = picks.verify(p.log(), drafts)
         assert bad == [0, 0, 0]
         out = [*drafts[:kept], token]
         first[out[0]] = first.get(out[0], 0) + 1
@@ -129,9 +129,9 @@ def test_a_verified_position_is_penalized_for_the_drafts_before_it(settings):
     logits = torch.tensor([[0.0, 3.0, 0.0, 2.9], [0.0, 2.5, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     picks = _Picks(Sampler(**settings), [0], 4, torch.device("cpu"))
     picks.accept([3])
-    assert picks.verify(logits, [1, 2]) == (2, 0, [0, 0, 0])
-    assert picks.verify(logits, [1, 1]) == (1, 2, [0, 0, 0])
-    assert _Picks(Sampler(), [0], 4, torch.device("cpu")).verify(logits, [1, 2]) == (1, 1, [0, 0, 0])
+    assert picks.verify(logits, [1, 2]) == (2, 0, [0, 0, 0], [])
+    assert picks.verify(logits, [1, 1]) == (1, 2, [0, 0, 0], [])
+    assert _Picks(Sampler(), [0], 4, torch.device("cpu")).verify(logits, [1, 2]) == (1, 1, [0, 0, 0], [])
 
 
 def test_speculative_sampling_is_seeded_and_a_one_token_top_p_is_greedy():
@@ -151,10 +151,10 @@ def test_every_draft_kept_or_refused_at_each_depth(monkeypatch):
     seen = set()
     verify = _Picks.verify
 
-    def spy(self, logits, drafts):
-        kept, token, bad = verify(self, logits, drafts)
-        seen.add((len(drafts), kept))
-        return kept, token, bad
+    def spy(self, logits, drafts, logprobs=None):
+        out = verify(self, logits, drafts, logprobs)
+        seen.add((len(drafts), out[0]))
+        return out
 
     monkeypatch.setattr(_Picks, "verify", spy)
     for prompt, seed in itertools.product([PROMPT, [1, 2]], range(3)):
@@ -183,7 +183,7 @@ def test_speculative_sampling_on_gpu_is_seeded_and_keeps_greedy_and_the_target_d
         picks = _Picks(sampler, [], 4, torch.device("cuda"))
         picks.q = [q]
         drafts = sampler.draw(q).tolist()
-        kept, token, bad = picks.verify(p.log(), drafts)
+        kept, token, bad, _ = picks.verify(p.log(), drafts)
         assert bad == [0, 0]
         out = drafts[0] if kept else token
         first[out] = first.get(out, 0) + 1
@@ -244,3 +244,41 @@ def test_a_session_is_for_one_speculative_prompt():
             generate(model, prompts, 4, speculative_session=SpeculativeSession(), **kwargs)
     with pytest.raises(ValueError, match="SpeculativeSession"):
         generate(model, PROMPT, 4, speculative="mtp", speculative_session={})
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=1.0, top_p=1e-6)], ids=["greedy", "top-p-one"])
+@pytest.mark.parametrize("oracle", [False, True], ids=["depths", "right-drafts"])
+def test_speculation_reports_the_logprobs_plain_decoding_reports(settings, oracle, monkeypatch):
+    """Each token's logprob and top k under speculation (a kept draft's from the verify window, the token after the
+    drafts too) are those plain decoding reports for the same tokens, within float rounding (the window's logits
+    come from the chunked path); with the depths' drafts (refused here) and with drafts that are right (kept)."""
+    model = model_for("M[*-]G/[*-]/[*-]")
+    got, want, stats = [], [], {}
+    plain = generate(model, PROMPT, 16, logprobs=3, callback=lambda r, t, lp: want.append((t, lp)), **settings)
+    if oracle:
+        truth = PROMPT + plain
+        monkeypatch.setattr(_Depths, "draft", lambda self, tokens, num: truth[len(tokens) : len(tokens) + num])
+        settings = dict()  # (right drafts are taken greedily: sampling would need their distribution)
+    spec = generate(model, PROMPT, 16, speculative="mtp", logprobs=3, callback=lambda r, t, lp: got.append((t, lp)),
+                    stats=stats, **settings)  # fmt: skip
+    assert spec == plain and [t for t, _ in got] == spec and len(got) == len(want) == 16
+    assert (stats["accepted"] > 0) == oracle
+    for (_, a), (_, b) in zip(got, want):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [i for i, _ in a.top] == [i for i, _ in b.top] and len(a.top) == 3
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-5)
+
+
+def test_sampled_speculations_logprobs_are_the_full_forwards_for_the_tokens_taken():
+    """Sampled, a kept draft and the pick after it differ: each token's reported logprob is the full forward's
+    log_softmax at its position, whichever it was, and its top k the forward's k most likely."""
+    model = model_for("M[*-]G/[*-]/[*-]")
+    got, stats = [], {}
+    out = generate(model, PROMPT, 24, temperature=1.0, speculative="mtp", logprobs=2, seed=1, stats=stats,
+                   callback=lambda r, t, lp: got.append(lp))  # fmt: skip
+    assert 0 < stats["accepted"] < stats["drafted"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([PROMPT + out])).logits[0].double(), -1)[len(PROMPT) - 1 : -1]
+    for i, (token, scored) in enumerate(zip(out, got)):
+        assert scored.logprob == pytest.approx(float(lp[i, token]), abs=1e-5)
+        assert [t for t, _ in scored.top] == lp[i].topk(2).indices.tolist()

@@ -338,8 +338,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     speculative_options(ap)
     ap.epilog = (
-        "--speculative mtp: static batches whose prompts run one at a time (no continuous batching, no CUDA graphs, "
-        "no logprobs); instead of the prefix cache, the state after the last lone prompt and its answer is kept "
+        "--speculative mtp: static batches whose prompts run one at a time (no continuous batching, no CUDA "
+        "graphs); instead of the prefix cache, the state after the last lone prompt and its answer is kept "
         "(--prefix-cache 0: none), so a chat's next turn runs what it adds. For one user of a model with MTP depths."
     )
     run_options(ap)

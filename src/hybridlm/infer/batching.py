@@ -188,8 +188,8 @@ class BatchWorker:
         and positions only; :class:`~hybridlm.infer.prefix_store.PrefixStore`). ``kept_graphs``: with ``cuda_graph``,
         the decode caches of ended batches kept with their graphs (:class:`~hybridlm.infer.cuda_graph.DecodeGraphs`).
         ``speculative="mtp"`` (``draft_tokens`` a round): the model's MTP depths draft, as ``generate`` drafts, in
-        static batches whose prompts run one at a time (not with ``continuous`` or ``cuda_graph``; a request for
-        logprobs is refused); instead of the prefix cache, the state after the last prompt that ran alone and its
+        static batches whose prompts run one at a time (not with ``continuous`` or ``cuda_graph``); instead of the
+        prefix cache, the state after the last prompt that ran alone and its
         answer is kept (:class:`~hybridlm.infer.speculative.SpeculativeSession`: a chat's next turn runs what it
         adds; ``prefix_cache`` 0: none)."""
         if speculative is not None and (continuous or cuda_graph):
@@ -233,10 +233,6 @@ class BatchWorker:
         with self.lock:
             if self.stopping.is_set():
                 job.fail(STOPPING)
-            elif self.speculative and request.logprobs is not None:  # (generate has no logprobs while it speculates)
-                job.fail(
-                    RequestError(400, "logprobs: not served with speculative decoding (hybridlm serve --speculative)")
-                )
             else:
                 self.open.add(job)
                 self.queue.put(job)

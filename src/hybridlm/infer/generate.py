@@ -351,7 +351,8 @@ def generate(
         logprobs: an integer k >= 0: ``callback`` is called as ``callback(row, token, logprob)`` instead, ``logprob``
             a :class:`~hybridlm.infer.logprobs.TokenLogprob`: the token's log_softmax of the raw logits it was picked
             from (before temperature, top-k/top-p and the penalty) and the k most likely (id, logprob). Needs a
-            callback; not with ``speculative``. None (default): nothing is computed.
+            callback (with ``speculative``, from the verify's logits: a kept draft's as any other token's). None
+            (default): nothing is computed.
         prefilled: (cache, logits): the prompts already run through the model, from
             :func:`~hybridlm.infer.logprobs.prefill_scored` over these same prompts (a cache that holds them
             left-padded, and the (B, V) logits of their last positions). Decoding starts from them, so a prompt
@@ -384,8 +385,6 @@ def generate(
     if speculative:  # refused whatever max_new_tokens is
         if cuda_graph:
             raise ValueError("cuda_graph is not supported with speculative decoding")
-        if logprobs is not None:
-            raise ValueError("logprobs is not supported with speculative decoding")
         if not len(getattr(model, "mtp", ())):
             raise ValueError("speculative='mtp' needs a model with MTP depths (a pattern with '/')")
     if callback is not None and not callable(callback):  # (failed at the first token, after the prefill)
@@ -459,6 +458,7 @@ def generate(
                         row=i,
                         sampler=sampler,
                         session=speculative_session,
+                        logprobs=logprobs,
                     )
                     for i, row in enumerate(rows)
                 ]
@@ -518,7 +518,11 @@ def _normalize(prompts, eos_id: int | None) -> tuple[bool, list[list[int]]]:
 
 
 def _row_callback(callback: TokenCallback | None, row: int) -> TokenCallback | None:
-    return None if callback is None else (lambda _, token: callback(row, token))
+    """``callback`` for one prompt run alone as row 0 (speculation): its calls name prompt ``row``, with the logprob
+    as third argument where one is given."""
+    if callback is None:
+        return None
+    return lambda _, token, *logprob: callback(row, token, *logprob)
 
 
 def _eos_ids(eos_id) -> tuple[int, ...]:

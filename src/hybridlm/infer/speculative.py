@@ -28,8 +28,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
-from .generate import Sampler, _accept, _sync, cache_allocation, check_finite, nonfinite
+from .generate import Sampler, _accept, _logprobs, _sync, cache_allocation, check_finite, nonfinite
+from .logprobs import TokenLogprob
 
 
 class _Depths:
@@ -195,33 +197,59 @@ class _Picks:
         self.drafts.append(token)
         return token
 
-    def verify(self, logits: torch.Tensor, drafts: Sequence[int]) -> tuple[int, int, list[int]]:
+    def verify(
+        self, logits: torch.Tensor, drafts: Sequence[int], logprobs: int | None = None
+    ) -> tuple[int, int, list[int], list[TokenLogprob]]:
         """The main model's logits (k + 1, V) over ``[x_{n-1}, *drafts]`` -> the number of drafts kept, the token
-        after them, and each window position's :func:`nonfinite` flag (read back together: one synchronization)."""
+        after them, each window position's :func:`nonfinite` flag, and with ``logprobs`` (k) the
+        :class:`~hybridlm.infer.logprobs.TokenLogprob` of each token taken (the kept drafts', then the one after
+        them: from the raw logits, as plain decoding reports them); all read back together, one synchronization."""
         k = len(drafts)
         bad = nonfinite(logits)
+        raw = logits
         logits = self.sampler.adjusted(logits, *self._history(drafts))
+        x = torch.tensor(list(drafts), dtype=torch.long, device=logits.device)
         if self.greedy:
-            picks, flags = torch.stack([logits.argmax(-1), bad.long()]).tolist()
+            keep, picks = None, logits.argmax(-1)
+        else:
+            if len(self.q) != k:  # (drafts that did not come from draft(): a test's oracle)
+                raise RuntimeError(f"{k} drafts to verify, but {len(self.q)} were drawn by speculative sampling")
+            p = self.sampler.probabilities(logits, bad)
+            q = torch.cat(self.q) if k else p[:0]
+            generator = self.sampler.generator
+            u = torch.rand(k, generator=generator, device=generator.device).to(p.device)
+            keep = u * q.gather(1, x[:, None])[:, 0] < p[:k].gather(1, x[:, None])[:, 0]  # u < p(x) / q(x)
+            # Where a draft is refused, p(x) < q(x) so max(p - q, 0) has mass; rounding may still leave none: then p.
+            residual = torch.cat([(p[:k] - q).clamp_min(0), p[k:]])
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+            picks = self.sampler.draw(residual)  # one for every position: which is used is known only once read back
+        parts = [picks, bad.long()] + ([] if keep is None else [keep.long()])
+        if logprobs is not None:  # each position's two candidates, its draft's and its own pick's, scored as well
+            lp = torch.log_softmax(raw.to(accumulation_dtype(raw)), dim=-1)
+            top = lp.topk(min(logprobs, lp.shape[-1]), dim=-1)
+            parts += [lp[:k].gather(1, x[:, None])[:, 0], lp.gather(1, picks[:, None])[:, 0], top.values, top.indices]
+        # One readback: float64 holds every id and flag exactly, and the float32 (or float64) log-probabilities.
+        dtype = torch.long if logprobs is None else torch.float64
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in parts]).tolist()
+        read, at = [], 0
+        for t in parts:
+            read.append(flat[at : at + t.numel()])
+            at += t.numel()
+        picks_l, flags = [int(t) for t in read[0]], [int(b) for b in read[1]]
+        if keep is None:
             kept = 0
-            while kept < k and drafts[kept] == picks[kept]:
+            while kept < k and drafts[kept] == picks_l[kept]:
                 kept += 1
-            return kept, picks[kept], flags
-        if len(self.q) != k:  # (drafts that did not come from draft(): a test's oracle)
-            raise RuntimeError(f"{k} drafts to verify, but {len(self.q)} were drawn by speculative sampling")
-        p = self.sampler.probabilities(logits, bad)
-        q = torch.cat(self.q) if k else p[:0]
-        x = torch.tensor(list(drafts), dtype=torch.long, device=p.device)[:, None]
-        generator = self.sampler.generator
-        u = torch.rand(k, generator=generator, device=generator.device).to(p.device)
-        keep = u * q.gather(1, x)[:, 0] < p[:k].gather(1, x)[:, 0]  # u < p(x) / q(x), q(x) > 0 as x was drawn
-        # Where a draft is refused, p(x) < q(x) so max(p - q, 0) has mass; rounding may still leave none: then p.
-        residual = torch.cat([(p[:k] - q).clamp_min(0), p[k:]])
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-        picks = self.sampler.draw(residual)  # one for every position: which is used is known only once read back
-        read = torch.cat([keep.long(), picks, bad.long()]).tolist()
-        kept = next((j for j in range(k) if not read[j]), k)
-        return kept, read[k + kept], read[2 * k + 1 :]
+        else:
+            kept = next((j for j in range(k) if not read[2][j]), k)
+        infos: list[TokenLogprob] = []
+        if logprobs is not None:
+            drafted, picked, values, ids = read[-4:]
+            width = top.values.shape[-1]
+            for j, chosen in enumerate([*drafted[:kept], picked[kept]]):
+                row = slice(j * width, (j + 1) * width)
+                infos.append(TokenLogprob(chosen, tuple(zip((int(i) for i in ids[row]), values[row]))))
+        return kept, picks_l[kept], flags, infos
 
 
 class SpeculativeSession:
@@ -280,12 +308,14 @@ def mtp_generate(
     row: int = 0,
     sampler: Sampler | None = None,
     session: SpeculativeSession | None = None,
+    logprobs: int | None = None,
 ) -> list[int]:
     """Generation for one prompt, drafting with the MTP depths (see the module docstring), picking with ``sampler``
     (default: greedy); ``draft_tokens`` drafts per round from the first depths (default: every depth).
     :func:`generate` checks the arguments (a model with MTP depths among them). ``row``: the prompt's index in the
     batch, which a :class:`~hybridlm.errors.NonFiniteLogitsError` names. ``session``: caches to start from where
-    ``prompt`` begins with their tokens, left holding the prompt and its answer."""
+    ``prompt`` begins with their tokens, left holding the prompt and its answer. ``logprobs`` (k): each token's
+    :class:`~hybridlm.infer.logprobs.TokenLogprob` goes to ``callback`` as its third argument."""
     device = next(model.parameters()).device
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     room = len(prompt) + max_new_tokens + k + 1
@@ -309,7 +339,7 @@ def mtp_generate(
         session.kept = held
     try:
         new = _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, chunk_size, callback, stats,
-                      k, row)  # fmt: skip
+                      k, row, logprobs)  # fmt: skip
     except BaseException:  # (Ctrl-C in a callback: the caches may hold a window not rolled back)
         if session is not None:
             session.clear()
@@ -319,7 +349,9 @@ def mtp_generate(
     return new
 
 
-def _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, chunk_size, callback, stats, k, row):
+def _rounds(
+    model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, chunk_size, callback, stats, k, row, logprobs
+):
     """:func:`mtp_generate`'s prefill of ``prompt[held:]`` (the caches hold the positions before it) and its rounds;
     the new tokens. Each round leaves the main cache holding every token but the last, and the depths fed its
     hidden states, so that the caches can serve a next prompt."""
@@ -339,7 +371,9 @@ def _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, 
     tokens = list(prompt)
     new: list[int] = []
     check_finite(nonfinite(logits[:, -1]).tolist(), [False], [len(prompt)], [0], row)
-    done = _accept(new, picks.first(logits[:, -1]), 0, eos_ids, callback)
+    first = picks.first(logits[:, -1])
+    scored = _logprobs(logits[:, -1], torch.tensor([first], device=device), logprobs)[0]
+    done = _accept(new, first, 0, eos_ids, callback, scored)
     tokens.append(new[-1])
     picks.accept(new)
     if not done and len(new) < max_new_tokens:
@@ -356,7 +390,7 @@ def _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, 
         snap = cache.snapshot()
         cache.record_positions()
         out = model(window, cache=cache)
-        a, pick, bad = picks.verify(out.logits[0], drafts)  # a drafts kept, then ``pick``
+        a, pick, bad, scores = picks.verify(out.logits[0], drafts, logprobs)  # a drafts kept, then ``pick``
         stats["drafted"] += len(drafts)
         stats["accepted"] += a
         stats["verify_steps"] += 1
@@ -364,7 +398,8 @@ def _rounds(model, prompt, held, cache, depths, picks, max_new_tokens, eos_ids, 
         for j, token in enumerate([*drafts[:a], pick]):  # window position j's logits picked this token
             check_finite(bad[j : j + 1], [False], [len(prompt)], [len(new)], row)
             tokens.append(token)
-            done = _accept(new, token, 0, eos_ids, callback) or len(new) >= max_new_tokens
+            scored = scores[j] if scores else None
+            done = _accept(new, token, 0, eos_ids, callback, scored) or len(new) >= max_new_tokens
             if done:
                 break
         # The window positions that stand: those before each token taken (the last taken is not run yet). All of
