@@ -166,7 +166,8 @@ def test_every_draft_kept_or_refused_at_each_depth(monkeypatch):
 @pytest.mark.gpu
 def test_speculative_sampling_on_gpu_is_seeded_and_keeps_greedy_and_the_target_distribution():
     """On CUDA (the sampler's generator on the device): seeded, a one-token top-p is greedy, greedy with a penalty
-    is plain greedy, and the acceptance rule's first token has the target distribution."""
+    is plain greedy, logprobs are plain decoding's, and the acceptance rule's first token has the target
+    distribution."""
     model = model_for("M[*-]M/[*-]/[*-]").cuda()
     settings = dict(temperature=0.8, top_k=20, speculative="mtp", max_new_tokens=16)
     stats = {}
@@ -175,6 +176,11 @@ def test_speculative_sampling_on_gpu_is_seeded_and_keeps_greedy_and_the_target_d
     assert generate(model, PROMPT, 16, temperature=1.0, top_p=1e-6, speculative="mtp") == generate(model, PROMPT, 16)
     penalty = dict(repetition_penalty=1.8)
     assert generate(model, PROMPT, 16, speculative="mtp", **penalty) == generate(model, PROMPT, 16, **penalty)
+    got, want = [], []
+    generate(model, PROMPT, 12, speculative="mtp", logprobs=2, callback=lambda r, t, lp: got.append((t, lp)))
+    generate(model, PROMPT, 12, logprobs=2, callback=lambda r, t, lp: want.append((t, lp)))
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [lp.logprob for _, lp in got] == pytest.approx([lp.logprob for _, lp in want], abs=1e-4)
     p = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.4, 0.1]], device="cuda")
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4]], device="cuda")
     sampler = Sampler(temperature=1.0, seed=0, device="cuda")
