@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from hybridlm import generate
+from hybridlm import HybridLM, generate
 from hybridlm.infer.generate import Sampler, nonfinite
 from hybridlm.infer.speculative import _Depths, _Picks
 from tests.infer.test_cache import model_for
@@ -238,6 +238,11 @@ def test_a_session_serves_a_prompt_that_begins_with_its_tokens_as_a_fresh_genera
     other = [9, *longer]
     assert generate(model, other, 6, speculative="mtp", speculative_session=session) == generate(model, other, 6)
     assert session.kept == 0 and session.tokens[: len(other)] == other
+    # Another model (its states are not these) starts the session over too, whatever the prompt.
+    twin = HybridLM(model.config, seed=7).eval()
+    tokens = session.tokens
+    assert generate(twin, tokens, 4, speculative="mtp", speculative_session=session) == generate(twin, tokens, 4)
+    assert session.kept == 0
 
 
 def test_a_session_is_for_one_speculative_prompt():

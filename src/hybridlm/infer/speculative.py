@@ -270,11 +270,13 @@ class SpeculativeSession:
         """Drop the caches (their memory goes before new ones are allocated)."""
         self.cache, self.depths, self.tokens = None, None, []
 
-    def held(self, prompt: Sequence[int], k: int, chunk_size: int) -> int:
+    def held(self, prompt: Sequence[int], k: int, chunk_size: int, model=None) -> int:
         """The positions of ``prompt`` the caches hold (0: they cannot serve it): all its tokens' but the last of
-        this session's, where ``prompt`` begins with them and ``k`` and ``chunk_size`` are the depths'."""
+        this session's, where ``prompt`` begins with them, ``k`` and ``chunk_size`` are the depths' and ``model``
+        (where given) is the one whose states they hold."""
         n = len(self.tokens)
         usable = self.cache is not None and self.depths is not None and 1 < n <= len(prompt)
+        usable = usable and (model is None or self.depths.model is model)
         if not usable or list(prompt[:n]) != self.tokens or self.cache.offset != n - 1:
             return 0
         return n - 1 if (self.depths.k, self.depths.chunk_size) == (k, chunk_size) else 0
@@ -320,7 +322,7 @@ def mtp_generate(
     k = len(model.mtp) if draft_tokens is None else min(draft_tokens, len(model.mtp))
     room = len(prompt) + max_new_tokens + k + 1
     picks = _Picks(sampler or Sampler(device=device), prompt, model.config.vocab_size, device)
-    held = session.held(prompt, k, chunk_size) if session is not None else 0
+    held = session.held(prompt, k, chunk_size, model) if session is not None else 0
     if held:
         if session.cache.max_len < room:  # room to grow again: a chat's turns each add to the last
             with cache_allocation(1, len(prompt), max_new_tokens):
