@@ -5,6 +5,7 @@
     python benchmarks/generate.py --device cuda --mtp-checkpoint DIR  # MTP speculation speed-up
     python benchmarks/generate.py --mtp-checkpoint DIR --mtp-temperatures 0 0.7 1 --rounds 3  # sampled speculation
     python benchmarks/generate.py --mtp-checkpoint DIR --mtp-chat-turns 6 --new-tokens 128   # speculative chat turns
+    python benchmarks/generate.py --device cuda --mtp-cost 2 --rounds 3   # what a speculative round costs, bench-1.3b
     python benchmarks/generate.py --device cuda --profile           # the decode step, kernel by kernel
     python benchmarks/generate.py --buffers 64 1024 8192            # a decode step's cost against max_new_tokens
     python benchmarks/generate.py --device cuda --kept-graphs 8     # CUDA-graphed calls: a capture each or kept
@@ -40,6 +41,13 @@ float32, eagerly, on the CPU) under the default kernels and under ``SETTING`` (a
 one kernel out), ``--rounds`` calls of each taking turns per ``--batches`` size, each setting with its own kept graph
 (no capture timed): the median ms a decode step, their ratio, and whether the tokens agree. ``--pattern`` replaces the
 preset's layers (e.g. Gated DeltaNet for Mamba2), here and for ``--sampling-cost`` and ``--profile``.
+``--mtp-cost D``: what speculation costs where the weights, not the host, should bound a step: ``--preset`` (bf16,
+random weights; the embedded default on the CPU) with ``D`` MTP depths appended (``/*-`` each; ``--pattern`` replaces
+the whole pattern), one ``--prompt-len`` prompt, ``--new-tokens`` greedy tokens. Plain decoding, graphed (CUDA) and
+eager, against speculative rounds of 1..D drafts whose verdicts are forced: every draft kept ("all right") or none
+("all wrong"), so that the cost of a round is measured apart from how well a trained depth drafts (the tokens are
+then not the model's greedy ones; what a round runs is). ``--rounds`` calls of each, medians: tokens/s, ms a round, and the drafts a round must get right on average
+to match plain decoding (``ms a round / ms a plain token - 1``).
 Results belong in docs/benchmarks.md.
 """
 
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -454,6 +463,98 @@ def mtp_chat(args, model, checkpoint: str) -> None:
     print(f"\nthe same answers every way: {'yes' if same else 'no'}")
 
 
+@contextlib.contextmanager
+def forced_verdicts(right: bool):
+    """Speculation whose rounds keep every draft (``right``) or none: the depths draft, the main model verifies and
+    its verdict is read back as always, so a round costs what it would (a refused draft's rollback included), but how
+    many drafts are kept is fixed, not a trained depth's. Forcing the drafts' values instead does not work on random
+    bf16 weights: their logits are so near one another that the verify window and the decode step pick other tokens
+    within a few steps, and every draft after that is wrong."""
+    from hybridlm.infer.speculative import _Picks
+
+    verify = _Picks.verify
+
+    def verify_forced(self, logits, drafts, logprobs=None):
+        _, pick, flags, infos = verify(self, logits, drafts, logprobs)  # (the token after them: any will do)
+        return (len(drafts) if right else 0), pick, flags, infos
+
+    _Picks.verify = verify_forced
+    try:
+        yield
+    finally:
+        _Picks.verify = verify
+
+
+def mtp_cost(args, device) -> None:
+    """``--mtp-cost D``: plain decoding against speculative rounds with forced drafts (module docstring)."""
+    from hybridlm.train.config import DEFAULT_MODEL
+
+    cuda = device.type == "cuda"
+    base = ModelConfig.preset(args.preset) if cuda else ModelConfig(**{**DEFAULT_MODEL, "vocab_size": 257})
+    pattern = args.pattern or base.pattern.split("/")[0] + "/*-" * args.mtp_cost
+    config = dataclasses.replace(base, pattern=pattern)
+    model = HybridLM(config, seed=0, device=device)
+    if cuda:
+        model.cast(torch.bfloat16)
+    model.eval()
+    depths = model.config.parsed.mtp_depths
+    if depths < 1:
+        raise SystemExit(f"error: --mtp-cost needs a pattern with MTP depths ('/'), got {pattern!r}")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    graphs = DecodeGraphs(model) if cuda else None
+    plain_kinds = [("plain, decode step graphed", {"cuda_graph": True, "graphs": graphs})] if cuda else []
+    plain_kinds.append(("plain, eager", {}))
+    settings = [(name, kw, None) for name, kw in plain_kinds]
+    for k in range(1, depths + 1):
+        for right in (True, False):
+            name = f"speculative, {k} draft{'s' if k > 1 else ''} a round, all {'right' if right else 'wrong'}"
+            settings.append((name, {"speculative": "mtp", "draft_tokens": k}, right))
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in settings}
+    accepted: dict[str, float] = {}
+    for r in range(args.rounds + 1):  # (round 0: lazy initialisation, autotuning, the capture; not timed)
+        for name, kw, right in settings:
+            with contextlib.nullcontext() if right is None else forced_verdicts(right):
+                _, st = ours(model, [prompt], args.new_tokens, **kw)
+            accepted[name] = st.get("acceptance_rate", float("nan"))
+            if r:
+                rounds = st.get("verify_steps") or st["decode_tokens"]
+                times[name].append((st["decode_tokens"], st["decode_seconds"], rounds))
+    print(
+        f"\n{args.preset if cuda else 'the embedded default'} + {depths} MTP depth(s), pattern {pattern!r}, "
+        f"{'bf16' if cuda else 'float32'}, random weights; batch 1, {args.prompt_len}-token prompt, {args.new_tokens} "
+        f"new greedy tokens; {args.rounds} calls of each taking turns, medians\n"
+    )
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    plain_ms = {}
+    rows = []
+    for name, _, right in settings:
+        rate_ = median([n / s for n, s, _ in times[name]])
+        per_round = median([s / rounds * 1e3 for _, s, rounds in times[name]])
+        if right is None:
+            plain_ms[name] = per_round
+        rows.append([name, f"{rate_:,.1f}", f"{per_round:.2f}", f"{accepted[name]:.1%}" if right is not None else ""])
+        if right is not None:  # (the plain rows come first)
+            rows[-1] += [f"{per_round / ms - 1:.2f}" for ms in plain_ms.values()]
+    if args.mtp_profile:  # where one round's time goes: a call of one-draft rounds, every draft kept
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with forced_verdicts(True), profile(activities=activities) as prof:
+            _, st = ours(model, [prompt], args.new_tokens, speculative="mtp", draft_tokens=1)
+        print(f"\nprofile of {st['verify_steps']} one-draft rounds, every draft kept:")
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50))
+        if cuda:
+            print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=50))
+    header = ["decoding", "tok/s", "ms a round (plain: a token)", "drafts kept"]
+    header += [f"break-even drafts kept a round, against {name.removeprefix('plain, ')}" for name in plain_ms]
+    print(table(header, [row + [""] * (len(header) - len(row)) for row in rows]))
+
+
 def kept_graphs(args, device) -> None:
     model = HybridLM(ModelConfig.preset(args.preset), seed=0, device=device).cast(torch.bfloat16).eval()
     gen = torch.Generator().manual_seed(0)
@@ -592,7 +693,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=32768, help="GPU prefill length to time (0 = skip)")
     ap.add_argument("--mtp-checkpoint", default=None, help="a checkpoint trained with MTP: speculation speed-up")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
-    ap.add_argument("--mtp-profile", action="store_true", help="with --mtp-checkpoint: profile a speculative run")
+    ap.add_argument(
+        "--mtp-profile", action="store_true", help="with --mtp-checkpoint or --mtp-cost: profile a speculative run"
+    )
     ap.add_argument("--draft-tokens", type=int, default=None, help="with --mtp-checkpoint: drafts per round")
     ap.add_argument(
         "--mtp-temperatures",
@@ -608,6 +711,13 @@ def main(argv=None) -> int:
         default=0,
         metavar="N",
         help="with --mtp-checkpoint: a chat of N turns, plain, speculative from its kept session, speculative whole",
+    )
+    ap.add_argument(
+        "--mtp-cost",
+        type=int,
+        default=0,
+        metavar="D",
+        help="the preset with D MTP depths: speculative rounds with forced drafts against plain decoding, then exit",
     )
     ap.add_argument(
         "--profile", action="store_true", help="GPU: the decode step's kernels (eager and graphed), then exit"
@@ -635,7 +745,12 @@ def main(argv=None) -> int:
         metavar="SETTING",
         help="greedy decoding under the default kernels and under this HYBRIDLM_KERNELS setting, taking turns, then exit",
     )
-    ap.add_argument("--rounds", type=int, default=5, help="with --against: timed calls of each setting")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="with --against, --mtp-cost, --mtp-temperatures: timed calls of each setting",
+    )
     ap.add_argument(
         "--pattern",
         default=None,
@@ -660,6 +775,14 @@ def main(argv=None) -> int:
         else:
             args.prompt_len, args.new_tokens = args.prompt_len or 256, args.new_tokens or 64
             sampling_cost(args, device)
+        return 0
+    if args.mtp_cost:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device", file=sys.stderr)
+            return 2
+        args.prompt_len, args.new_tokens = args.prompt_len or 512, args.new_tokens or 128
+        mtp_cost(args, device)
         return 0
     if args.buffers:
         if min(args.buffers) <= 16:

@@ -73,6 +73,16 @@ for stage in "$@"; do
     gputests4) run gputests4 540 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train -k global_balancing ;;
     speculative) run speculative 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/infer/test_speculative.py \
             tests/infer/test_cache.py -k "speculative" ;;  # sampled and greedy MTP speculation on CUDA
+    savedkinds)  # the same for the other mixers at PRESET's sizes: Gated DeltaNet, MLA, DeepSeek sparse attention
+        i=0
+        read -ra pats <<<"${PATTERNS:-G-*- +- D-}"  # (split, not globbed: '*' is attention)
+        for pat in "${pats[@]}"; do
+            i=$((i + 1))
+            run "savedkinds$i" 240 12 python3 benchmarks/saved_bytes.py --preset "${PRESET:-bench-1.3b}" \
+                --pattern "$pat" --shape "${SHAPES:-4x4096}"
+        done ;;
+    mtpcost) run mtpcost 300 90 python3 benchmarks/generate.py --device cuda --preset "${PRESET:-bench-1.3b}" \
+            --mtp-cost "${DEPTHS:-2}" --rounds "${ROUNDS:-3}" --mtp-profile ;;  # a speculative round's cost, every draft kept / none
     plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once

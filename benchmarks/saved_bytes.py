@@ -3,6 +3,7 @@
     python benchmarks/saved_bytes.py --preset bench-1.3b --shape 4x4096                       # on a GPU
     python benchmarks/saved_bytes.py --preset bench-1.3b --shape 4x4096 --float8 tensorwise
     python benchmarks/saved_bytes.py --preset tiny --shape 2x64 --device cpu
+    python benchmarks/saved_bytes.py --preset bench-1.3b --pattern 'G-+-' --shape 4x4096    # other kinds, its sizes
 
 One model of one block of each distinct kind of the preset's pattern, at its real sizes, compiled as training compiles
 it (``--no-compile``: eager), its linear layers float8 with ``--float8`` (``--float8-auto-filter`` as
@@ -53,16 +54,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-1.3b")
     ap.add_argument("--shape", default="4x4096", help="BxL of the step")
+    ap.add_argument("--pattern", default=None, help="layers in place of the preset's (its sizes kept)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="eager blocks (training compiles them)")
     ap.add_argument("--float8", default="none", help="train.float8's recipe: none, tensorwise or rowwise")
     ap.add_argument("--float8-auto-filter", action="store_true", help="train.float8_auto_filter")
     args = ap.parse_args()
     B, L = (int(x) for x in args.shape.lower().split("x"))
-    config = ModelConfig.preset(args.preset)
+    config = ModelConfig.preset(args.preset, **({"pattern": args.pattern} if args.pattern else {}))
     compiled = not args.no_compile
     print(
-        f"{args.preset} {B}x{L} on {args.device}, {'compiled' if compiled else 'eager'} blocks, bf16 autocast"
+        f"{args.preset}{f' ({args.pattern})' if args.pattern else ''} {B}x{L} on {args.device}, {'compiled' if compiled else 'eager'} blocks, bf16 autocast"
         + (
             f", float8 {args.float8}" + (" (small layers left out)" if args.float8_auto_filter else "")
             if args.float8 != "none"

@@ -336,6 +336,26 @@ def test_generate_times_each_sampling_setting_against_greedy(capsys):
     assert "top-p without sorting against sorting: the same tokens: yes" in out
 
 
+def test_generate_mtp_cost_forces_every_draft_kept_or_refused(capsys):
+    """generate.py --mtp-cost: the rounds forced to keep every draft report 100 % acceptance, those forced to keep none
+    0 %, each with a break-even count against plain decoding; the patch on the sampler is undone after."""
+    from hybridlm.infer.speculative import _Picks
+
+    verify = _Picks.verify
+    bench = _load("generate")
+    assert bench.main(["--mtp-cost", "2", "--rounds", "1", "--prompt-len", "8", "--new-tokens", "9"]) == 0
+    assert _Picks.verify is verify
+    rows = {
+        cells[1].strip(): [c.strip() for c in cells[2:-1]]
+        for cells in (line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| "))
+    }
+    assert rows["plain, eager"][2] == "" and float(rows["plain, eager"][0].replace(",", "")) > 0
+    for k in ("1 draft", "2 drafts"):
+        right, wrong = rows[f"speculative, {k} a round, all right"], rows[f"speculative, {k} a round, all wrong"]
+        assert (right[2], wrong[2]) == ("100.0%", "0.0%"), (right, wrong)
+        assert float(right[3]) > -1 and float(wrong[3]) > -1
+
+
 def test_prefill_cost_fits_a_forwards_fixed_cost_and_its_rate():
     """prefill_cost.py's fit recovers a known line (2 ms per forward + 10,000 positions per second), and the script
     prints its table and the fit for tiny shapes."""

@@ -896,8 +896,8 @@ def test_cuda_graph_batches_of_one_shape_replay_one_graph_and_print_the_eager_te
 def test_cuda_graphs_are_on_by_default_only_where_the_model_runs_on_cuda_and_can_capture(monkeypatch, capsys):
     """``cuda_graph_on``: --cuda-graph / --no-cuda-graph as given; left out, on for a model on CUDA once a short
     capture passed, off (with the reason on stderr) where it fails, and off without a capture on the CPU or where
-    another flag rules graphs out (--no-cache, --speculative). The capture is stood in for here (the GPU test above
-    runs it)."""
+    another flag rules graphs out (--no-cache, --speculative, which on CUDA says what eager rounds cost). The capture is
+    stood in for here (the GPU test above runs it)."""
     from types import SimpleNamespace
 
     from hybridlm.cli import generate as cli_generate
@@ -920,6 +920,10 @@ def test_cuda_graphs_are_on_by_default_only_where_the_model_runs_on_cuda_and_can
     reason[0] = "capturing the decode step as a CUDA graph failed; run without cuda_graph (boom)"
     assert cli_generate.cuda_graph_on(cuda, None) is False
     assert capsys.readouterr().err == f"decoding eagerly (no CUDA graphs): {reason[0]}\n"
+    # --speculative: graphs ruled out, and on CUDA (only) a note that eager rounds cost more than graphed steps
+    assert cli_generate.cuda_graph_on(cpu, None, speculative=True) is False and capsys.readouterr().err == ""
+    assert cli_generate.cuda_graph_on(cuda, None, speculative=True) is False and len(tried) == 2
+    assert capsys.readouterr().err.startswith("note: --speculative mtp runs its rounds eagerly (no CUDA graphs)")
 
 
 def test_the_penalties_min_p_and_the_logit_bias_reach_generation(checkpoint, capsys):

@@ -192,7 +192,7 @@ def _chat(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
         min_p=args.min_p,
         logit_bias=args.logit_bias,
         seed=args.seed,
-        cuda_graph=cuda_graph_on(model, args.cuda_graph, bool(args.speculative)),
+        cuda_graph=cuda_graph_on(model, args.cuda_graph, speculative=bool(args.speculative)),
         kept_states=args.prefix_cache,
         speculative=args.speculative,
         draft_tokens=args.draft_tokens,

@@ -141,18 +141,26 @@ def capture_fails(model) -> str | None:
     return None
 
 
-def cuda_graph_on(model, given: bool | None, *ruled_out: bool) -> bool:
+def cuda_graph_on(model, given: bool | None, *ruled_out: bool, speculative: bool = False) -> bool:
     """Whether decode steps replay as CUDA graphs: as ``--cuda-graph`` / ``--no-cuda-graph`` gave it (``given``,
     checked against the device and the other flags already), or, left out (None), where ``model`` runs on CUDA and
-    no other flag rules graphs out (``ruled_out``: --no-cache, --speculative) once :func:`capture_fails` has found
-    the step capturable; where it is not, a line on stderr says why and the steps run eagerly. (Graphs by default:
-    a replayed step is one launch instead of hundreds; serving bench-1.3b on an H100 took 2.4 to 6.3 times less time
-    with them, docs/benchmarks.md.)"""
+    no other flag rules graphs out (``ruled_out``: --no-cache; ``speculative``: --speculative, which also says on
+    stderr what that costs on CUDA) once :func:`capture_fails` has found the step capturable; where it is not, a line
+    on stderr says why and the steps run eagerly. (Graphs by default: a replayed step is one launch instead of
+    hundreds; serving bench-1.3b on an H100 took 2.4 to 6.3 times less time with them, docs/benchmarks.md.)"""
     from . import say
 
+    cuda = next(model.parameters()).device.type == "cuda"
+    if speculative and cuda:
+        # Measured (benchmarks/generate.py --mtp-cost): a round costs about 12 graphed steps on bench-1.3b.
+        say(
+            "note: --speculative mtp runs its rounds eagerly (no CUDA graphs): on a GPU that is slower than plain "
+            "decoding's graphed steps unless a round keeps many drafts (docs/inference.md: what speculation costs)",
+            sys.stderr,
+        )
     if given is not None:
         return given
-    if next(model.parameters()).device.type != "cuda" or any(ruled_out):
+    if not cuda or speculative or any(ruled_out):
         return False
     why = capture_fails(model)
     if why is not None:
@@ -387,7 +395,7 @@ def _generate(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     model = load(path, device=device, dtype=dtype, verify=not args.no_verify)
     totals = dict(prefill_tokens=0, prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0, drafted=0, accepted=0)
     # (the batches' decode caches kept with their graphs: a batch of a shape seen before captures nothing)
-    graphed = cuda_graph_on(model, args.cuda_graph, args.no_cache, bool(args.speculative))
+    graphed = cuda_graph_on(model, args.cuda_graph, args.no_cache, speculative=bool(args.speculative))
     graphs = DecodeGraphs(model, keep=2) if graphed else None
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]

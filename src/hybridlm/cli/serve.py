@@ -168,7 +168,7 @@ def _serve(args: argparse.Namespace, scope: contextlib.ExitStack) -> int:
     why = capture_fails(model) if args.cuda_graph else None
     if why is not None:
         raise UsageError(f"--cuda-graph: {why}")
-    graphed = cuda_graph_on(model, args.cuda_graph, bool(args.speculative))
+    graphed = cuda_graph_on(model, args.cuda_graph, speculative=bool(args.speculative))
     continuous = args.continuous_batching and not args.speculative  # (speculation runs a prompt at a time)
     worker = BatchWorker(
         model,

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ..ops.precision import accumulation_dtype
 from .cache import InferenceCache
@@ -387,12 +388,15 @@ def _rounds(
         stats["prefill_seconds"] += spent
         t1 += spent  # decode time starts after it
     while not done and len(new) < max_new_tokens:
-        drafts = depths.draft(tokens, min(k, max_new_tokens - len(new) - 1))
-        window = torch.tensor([[tokens[-1], *drafts]], device=device)
-        snap = cache.snapshot()
-        cache.record_positions()
-        out = model(window, cache=cache)
-        a, pick, bad, scores = picks.verify(out.logits[0], drafts, logprobs)  # a drafts kept, then ``pick``
+        # (The phases are named for torch.profiler: benchmarks/generate.py --mtp-cost --mtp-profile times them.)
+        with record_function("speculative.draft"):  # the depths' commit of the last round's tokens, then drafts
+            drafts = depths.draft(tokens, min(k, max_new_tokens - len(new) - 1))
+        with record_function("speculative.verify"):  # the main model over the window, its verdict read back
+            window = torch.tensor([[tokens[-1], *drafts]], device=device)
+            snap = cache.snapshot()
+            cache.record_positions()
+            out = model(window, cache=cache)
+            a, pick, bad, scores = picks.verify(out.logits[0], drafts, logprobs)  # a drafts kept, then ``pick``
         stats["drafted"] += len(drafts)
         stats["accepted"] += a
         stats["verify_steps"] += 1
@@ -408,13 +412,14 @@ def _rounds(
         # them where every draft and the pick were taken; fewer where a draft was refused, or the answer ended first.
         keep = len(new) - taken
         hidden = out.hidden_states
-        if keep == window.shape[1]:
-            cache.trail = None  # the window stands as it ran
-        elif cache.rollback(snap, keep):  # states as they were after the positions kept
-            hidden = hidden[:, :keep]  # causal: the verify computed these positions as a re-run would
-        else:  # a mixer kept no per-position state: re-run the kept positions from the snapshot
-            hidden = model(window[:, :keep], cache=cache, logits_to_keep=1).hidden_states
-        depths.feed_main(model.norm_f(hidden[:, :keep]))
+        with record_function("speculative.keep"):  # the caches cut back to the positions kept
+            if keep == window.shape[1]:
+                cache.trail = None  # the window stands as it ran
+            elif cache.rollback(snap, keep):  # states as they were after the positions kept
+                hidden = hidden[:, :keep]  # causal: the verify computed these positions as a re-run would
+            else:  # a mixer kept no per-position state: re-run the kept positions from the snapshot
+                hidden = model(window[:, :keep], cache=cache, logits_to_keep=1).hidden_states
+            depths.feed_main(model.norm_f(hidden[:, :keep]))
         picks.accept(new[taken:])
     stats["decode_tokens"] += len(new) - 1
     stats["decode_seconds"] += _sync(device) - t1
