@@ -78,8 +78,9 @@ for stage in "$@"; do
         read -ra pats <<<"${PATTERNS:-G-*- +- D-}"  # (split, not globbed: '*' is attention)
         for pat in "${pats[@]}"; do
             i=$((i + 1))
-            run "savedkinds$i" 240 12 python3 benchmarks/saved_bytes.py --preset "${PRESET:-bench-1.3b}" \
-                --pattern "$pat" --shape "${SHAPES:-4x4096}"
+            # shellcheck disable=SC2086  # SAVED_ARGS: more options, space-separated on purpose
+            run "savedkinds$i${TAG:-}" 240 12 python3 benchmarks/saved_bytes.py --preset "${PRESET:-bench-1.3b}" \
+                --pattern "$pat" --shape "${SHAPES:-4x4096}" ${SAVED_ARGS:-}
         done ;;
     mtpcost) run mtpcost 300 90 python3 benchmarks/generate.py --device cuda --preset "${PRESET:-bench-1.3b}" \
             --mtp-cost "${DEPTHS:-2}" --rounds "${ROUNDS:-3}" --mtp-profile ;;  # a speculative round's cost, every draft kept / none

@@ -163,14 +163,16 @@ def _mult(c: ModelConfig) -> int:
     return 3 if c.mlp_activation == "swiglu" else 2
 
 
-def _saved_elements(c: ModelConfig, s: str) -> float:
-    """Elements per token a layer saves for its backward (bf16-equivalent; fp32 counts twice).
+def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
+    """Elements per token a layer saves for its backward in sequences of ``seq_len`` (bf16-equivalent; fp32 counts
+    twice).
 
     Includes the layer input (the fp32 residual stream of bf16 autocast training), its normed copy and the
     norm's fp32 reciprocal RMS; the rest follows the mixers' forward (the Triton kernels' saved tensors on the
-    GPU). Matched per block kind to what compiled bench-1.3b and bench-moe-1b blocks keep on an H100
-    (``plan.measure.saved_bytes``, ``benchmarks/saved_bytes.py``; docs/benchmarks.md, fifty-fourth session): the
-    MLP, attention and MoE to the MiB, Mamba2 within 1 %.
+    GPU). Matched per block kind to what compiled blocks at bench-1.3b's and bench-moe-1b's sizes keep on an H100,
+    their rows cut into documents as training's are (``plan.measure.saved_bytes``, ``benchmarks/saved_bytes.py``;
+    docs/benchmarks.md, fifty-fourth and fifty-fifth sessions): the MLP, attention and MoE to the MiB,
+    Mamba2, Gated DeltaNet, MLA and DSA within 1 %.
     """
     H = c.hidden_size
     n = 2 * H + H + 2  # fp32 input of the norm, normed input of the mixer, the norm's fp32 rstd
@@ -205,12 +207,16 @@ def _saved_elements(c: ModelConfig, s: str) -> float:
     if s in "+D":
         h, dqk, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
         rq = c.q_lora_rank or 0
-        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output
-        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv)
-        if s == "D":  # indexer queries, keys and head weights (float32)
-            saved += 2 * (
-                c.dsa_indexer_n_heads * c.dsa_indexer_head_dim + c.dsa_indexer_head_dim + c.dsa_indexer_n_heads
-            )
+        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; training's
+        # document mask (DSA's top-k one) reaches SDPA as a dense mask, which it keeps as a bf16 bias over the keys
+        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv) + seq_len
+        if s == "D" and c.dsa_indexer_loss_coeff > 0:
+            # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
+            # gradient). Per key: a bf16 value and a byte per indexer head (its ReLU'd products), the fp32 scores
+            # and log-softmax and a mask byte; per token: the bf16 queries, fp32 keys and head weights. Fit to
+            # bench-1.3b's sizes at 4 x 4096 and 4 x 2048 with 32 and 64 heads of 64 and 128 channels, to 0.1 %.
+            ni, di = c.dsa_indexer_n_heads, c.dsa_indexer_head_dim
+            saved += seq_len * (3 * ni + 9) / 2 + ni * di + 2 * di + 2 * ni
         return saved
     mixer = mixer_class(s)  # a symbol no mixer implements is refused as the model refuses it
     raise NotImplementedError(
@@ -434,7 +440,7 @@ def estimate_costs(
             # with a dense (document, or top-k) mask, which skips nothing: they pay for every key.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
-        saved = _saved_elements(c, s) - _float8_unsaved(c, s, f8.names)
+        saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
         return _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
                            min(f8_flops, flops), f8)  # fmt: skip
 

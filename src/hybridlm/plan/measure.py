@@ -108,9 +108,10 @@ def measure_times(
     return times
 
 
-def saved_bytes(model, ids: torch.Tensor) -> list[int]:
+def saved_bytes(model, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[int]:
     """Bytes each main block of ``model`` (a :class:`~hybridlm.model.HybridLM`) keeps for its backward in one training
-    step on ``ids`` (B, L), under bf16 autocast as training runs (compile the blocks first to see what compiled
+    step on ``ids`` (B, L) (``doc_ids`` (B, L): its rows' documents, as training passes them: MLA and DSA then attend
+    through a dense mask), under bf16 autocast as training runs (compile the blocks first to see what compiled
     training keeps): the distinct tensors packed while the block runs (``torch.autograd.graph.saved_tensors_hooks``),
     its parameters left out (they stay anyway; a bf16 copy autocast makes of one counts). Runs the forward and
     backward; what :func:`hybridlm.plan.cost.estimate_costs` counts as a block's ``act_bytes`` (and its weights'
@@ -133,7 +134,7 @@ def saved_bytes(model, ids: torch.Tensor) -> list[int]:
             torch.autocast(ids.device.type, torch.bfloat16),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
-            model(ids, labels=ids, return_logits=False).loss.backward()
+            model(ids, labels=ids, doc_ids=doc_ids, return_logits=False).loss.backward()
     finally:
         for hook in hooks:
             hook.remove()
