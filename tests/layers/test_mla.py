@@ -6,6 +6,8 @@ DSA is here because its indexer learns from its auxiliary loss, which that harne
 """
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from hybridlm import HybridLM, ModelConfig
 from hybridlm.errors import ConfigError
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.layers import DSA, MLA
+from hybridlm.layers import dsa as dsa_module
 from hybridlm.layers.context import SequenceContext
 from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
 from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference
@@ -48,10 +51,17 @@ def kl_reference(layer, x, pos, seq_idx, sparse: bool) -> torch.Tensor:
     return layer.config.dsa_indexer_loss_coeff * torch.stack(rows).mean()
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("sparse_loss", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_dsa_matches_reference(packed, sparse_loss):
+def test_dsa_matches_reference(packed, sparse_loss, chunked, monkeypatch):
+    """The output, the indexer loss and every gradient against float64 references, the selection and the loss run
+    over all queries at once or (``chunked``) over chunks of 4 queries (the last shorter), each chunk of the loss
+    checkpointed."""
     config = dsa_config(dsa_indexer_use_sparse_loss=sparse_loss)
+    if chunked:  # 4 queries a chunk: batch 2 x 21 keys x 3 heads x 4 bytes each
+        monkeypatch.setattr(dsa_module, "INDEXER_CHUNK_BYTES", 4 * 2 * SEQLEN * config.dsa_indexer_n_heads * 4)
+        assert len(dsa_module.query_chunks(2, SEQLEN, SEQLEN, config.dsa_indexer_n_heads, 4)) == 6
     layer = make(DSA, config, seed=3)
     b = 2
     seq_idx = docs(b, SEQLEN, seed=5) if packed else None
@@ -86,6 +96,43 @@ def test_dsa_matches_reference(packed, sparse_loss):
     for name, p in layer.named_parameters():
         assert p.grad is not None, f"no gradient for {name}"
         check(p.grad, p64[name].grad, p32[name].grad, f"grad {name}")
+
+
+@pytest.mark.parametrize("sparse_loss", [False, True])
+def test_the_indexer_loss_keeps_no_products_of_every_query_and_key(sparse_loss):
+    """What a DSA layer keeps for its backward with the indexer loss, beyond what it keeps without it, is a few
+    tensors a token (the indexer's keys and its norm's statistics, the chunks' inputs) and the keys' mask, not the
+    per-head products of every query and key: those are computed again in the backward, chunk by chunk. Counted by
+    storage (a chunk's inputs are views). Before, the loss kept 4 bytes a query, key and index head here (eager,
+    float32) and 3 compiled on an H100: 13 GiB for one layer of 64 heads at 4 x 4096 (docs/benchmarks.md,
+    fifty-fifth session)."""
+    b, L, n = 2, 128, 16
+
+    def kept(coeff: float) -> int:
+        config = dsa_config(
+            dsa_indexer_loss_coeff=coeff, dsa_indexer_use_sparse_loss=sparse_loss, dsa_indexer_n_heads=n
+        )
+        layer = make(DSA, config, seed=3)
+        ctx, _ = context(config, b, L, docs(b, L, seed=5))
+        x = torch.randn(b, L, config.hidden_size, requires_grad=True)
+        packed = []
+
+        def pack(t):
+            packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+            return t
+
+        aux = []
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x, ctx, aux)
+        gc.collect()  # what a graph nothing reaches saved (the selection's) is gone: only what y and aux keep counts
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        alive = {ptr: nbytes for ref, ptr, nbytes in packed if ref() is not None and ptr not in params}
+        (y.sum() + sum(aux)).backward()
+        assert len(aux) == (coeff > 0)
+        return sum(alive.values())
+
+    extra = kept(0.5) - kept(0.0)
+    assert 0 < extra < b * L * L * n * 4 / 8, extra  # an eighth of what it kept before
 
 
 def test_selection_keeps_topk_allowed_keys():

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..ops.precision import accumulation_dtype
@@ -115,8 +116,8 @@ def select_topk(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Te
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True) & allowed
 
 
-def indexer_kl(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over queries of ``KL(p_t || softmax(I(t, :)))`` over the ``valid`` keys.
+def indexer_kl_rows(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``KL(p_t || softmax(I(t, :)))`` of each query over the ``valid`` keys.
 
     Args:
         attention_logits: (B, nh, T, S) the main attention's scaled logits (treated as a constant).
@@ -124,15 +125,26 @@ def indexer_kl(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid
         valid: (B|1, T, S) bool, keys the distributions range over (each query has at least one).
 
     Returns:
-        A scalar float32 (float64 for float64 inputs).
+        (B, T) float32 (float64 for float64 inputs).
     """
     acc = accumulation_dtype(attention_logits, index_scores)
     with torch.no_grad():
         probs = attention_logits.to(acc).masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
         target = probs / probs.sum(dim=-1, keepdim=True)
     log_pred = index_scores.to(acc).masked_fill(~valid, float("-inf")).log_softmax(dim=-1).masked_fill(~valid, 0.0)
-    kl = (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
-    return kl.mean() if kl.numel() else kl.sum()  # no query at all: 0, not the mean of nothing
+    return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
+
+
+#: Bytes the indexer's per-head products (B x queries x heads x keys, float32) may take at once: the selection and
+#: the indexer loss run over the queries in chunks this size allows, so that their transient memory grows with the
+#: keys, not with keys x queries x heads (16 GiB for one layer of 64 index heads at 4 x 4096 in one piece).
+INDEXER_CHUNK_BYTES = 2**30
+
+
+def query_chunks(batch: int, queries: int, keys: int, heads: int, itemsize: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``queries`` rows in chunks within :data:`INDEXER_CHUNK_BYTES`."""
+    rows = max(1, INDEXER_CHUNK_BYTES // max(1, batch * keys * heads * itemsize))
+    return [(a, min(a + rows, queries)) for a in range(0, queries, rows)]
 
 
 class DSA(MLA):
@@ -147,12 +159,67 @@ class DSA(MLA):
     def select(
         self, x: torch.Tensor, c_q: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index scores (B, L, L) and the selected keys (B, L, L) bool of a whole sequence."""
+        """Index scores (B, L, L) and the selected keys (B, L, L) bool of a whole sequence, without gradients (the
+        selection is discrete; with the indexer loss :meth:`select_with_loss` selects instead), in chunks of queries
+        (:func:`query_chunks`)."""
         cos, sin = self.rope(position_ids)
-        x, c_q = x.detach(), c_q.detach()  # the indexer learns from its own loss only
-        q, w = self.indexer.queries(x, c_q, cos, sin)
-        scores = self.indexer.scores(q, w, self.indexer.keys(x, cos, sin))
-        return scores, select_topk(scores, allowed, self.config.dsa_indexer_topk)
+        with torch.no_grad():
+            x, c_q = x.detach(), c_q.detach()  # the indexer learns from its own loss only
+            keys = self.indexer.keys(x, cos, sin)
+            B, T, S = x.shape[0], x.shape[1], keys.shape[1]
+            scores = torch.empty(B, T, S, dtype=keys.dtype, device=keys.device)
+            selected = torch.empty(B, T, S, dtype=torch.bool, device=keys.device)
+            for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
+                # (allowed may be one row's mask, (1, L, L), serving every batch row)
+                part = (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
+                scores[:, a:b], selected[:, a:b] = self._score_and_select(*part)
+        return scores, selected
+
+    def _score_and_select(self, x, c_q, cos, sin, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries: its index scores (B, C, S) and selected keys (B, C, S) bool."""
+        iq, iw = self.indexer.queries(x, c_q, cos, sin)
+        scores = self.indexer.scores(iq, iw, keys)
+        return scores, select_topk(scores.detach(), allowed, self.config.dsa_indexer_topk)
+
+    def select_with_loss(
+        self,
+        x: torch.Tensor,
+        c_q: torch.Tensor,
+        position_ids: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`select`'s selected keys (B, L, L) bool and the indexer loss: the mean over queries of
+        :func:`indexer_kl_rows` (0-d, before ``dsa_indexer_loss_coeff``), its gradient reaching the indexer's weights
+        only (``x`` (B, L, H) and ``c_q`` read detached; MLA's ``q`` and ``k`` (B, L, nh, dn + dr) give the target).
+
+        Chunks of queries (:func:`query_chunks`) each score, select and take their KL under activation
+        checkpointing: the backward computes a chunk's scores and target again, so the loss keeps the indexer's
+        keys and the chunks' inputs (views of tensors the layer keeps anyway), not the per-head products of every
+        query and key (3 bytes a key, query and index head measured: 13 GiB for one layer of 64 heads at 4 x 4096).
+        The selection comes out of the same chunks: scored apart from the loss (as :meth:`select` does), one
+        chunk's computation was merged with it by torch.compile, which then kept the products after all."""
+        cos, sin = self.rope(position_ids)
+        x, c_q, q, k = x.detach(), c_q.detach(), q.detach(), k.detach()
+        keys = self.indexer.keys(x, cos, sin)
+        B, T, S = q.shape[0], q.shape[1], k.shape[1]
+        selected = torch.empty(B, T, S, dtype=torch.bool, device=q.device)
+        total = keys.new_zeros(())
+        for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
+            part = (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], q[:, a:b], k, keys, allowed[:, a:b])
+            kl, selected[:, a:b] = checkpoint(self._chunk_loss, *part, use_reentrant=False)
+            total = total + kl
+        return selected, total / max(1, B * T)  # (no query at all: 0)
+
+    def _chunk_loss(self, x, c_q, cos, sin, q, k, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries of :meth:`select_with_loss`: (its summed KL, its selected keys)."""
+        scores, selected = self._score_and_select(x, c_q, cos, sin, keys, allowed)
+        with _float32(x):
+            acc = accumulation_dtype(q)
+            logits = torch.einsum("bthd,bshd->bhts", q.to(acc), k.to(acc)) * self.softmax_scale
+            valid = selected if self.config.dsa_indexer_use_sparse_loss else allowed
+            return indexer_kl_rows(logits, scores, valid).sum(), selected
 
     #: ``forward`` takes ``aux_losses``: a list owned by the caller for this one call.
     has_aux_loss = True
@@ -166,13 +233,11 @@ class DSA(MLA):
         c = self.config
         q, k, v, c_q = self.qkv(x, ctx.position_ids)
         allowed = allowed_keys(ctx, x.shape[1], x.device)
-        scores, selected = self.select(x, c_q, ctx.position_ids, allowed)
         if c.dsa_indexer_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
-            with _float32(x):
-                acc = accumulation_dtype(q)
-                logits = torch.einsum("bthd,bshd->bhts", q.detach().to(acc), k.detach().to(acc)) * self.softmax_scale
-                valid = selected if c.dsa_indexer_use_sparse_loss else allowed
-                aux_losses.append(c.dsa_indexer_loss_coeff * indexer_kl(logits, scores, valid))
+            selected, loss = self.select_with_loss(x, c_q, ctx.position_ids, q, k, allowed)
+            aux_losses.append(c.dsa_indexer_loss_coeff * loss)
+        else:
+            _, selected = self.select(x, c_q, ctx.position_ids, allowed)
         return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:

@@ -212,11 +212,12 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
         saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv) + seq_len
         if s == "D" and c.dsa_indexer_loss_coeff > 0:
             # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
-            # gradient). Per key: a bf16 value and a byte per indexer head (its ReLU'd products), the fp32 scores
-            # and log-softmax and a mask byte; per token: the bf16 queries, fp32 keys and head weights. Fit to
-            # bench-1.3b's sizes at 4 x 4096 and 4 x 2048 with 32 and 64 heads of 64 and 128 channels, to 0.1 %.
-            ni, di = c.dsa_indexer_n_heads, c.dsa_indexer_head_dim
-            saved += seq_len * (3 * ni + 9) / 2 + ni * di + 2 * di + 2 * ni
+            # gradient), and its chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
+            # indexer's fp32 keys and their norm's statistics, and the keys' mask (a byte per key; one mask serves
+            # every layer, so this counts it once too often per layer after the first). Measured compiled on the
+            # CPU at tiny sizes (within 40 bytes a token); before the chunks it kept 3 bytes per key and index head
+            # and 9 more on an H100 (13 GiB a layer at 4 x 4096; docs/benchmarks.md, fifty-fifth session).
+            saved += seq_len / 2 + 2 * c.dsa_indexer_head_dim + 24
         return saved
     mixer = mixer_class(s)  # a symbol no mixer implements is refused as the model refuses it
     raise NotImplementedError(
