@@ -11,6 +11,7 @@ import torch
 from hybridlm import HybridLM, generate
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.layers import DSA, MLA
+from hybridlm.layers import dsa as dsa_module
 from hybridlm.layers.mla import LatentCache
 from tests.infer import test_cache as base
 from tests.infer.test_cache import PROMPTS, model_for
@@ -27,6 +28,15 @@ def test_cached_greedy_equals_the_no_cache_loop(pattern):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_prefill_then_steps_gives_the_full_forward_logits(pattern, static):
     base.test_prefill_then_steps_gives_the_full_forward_logits(pattern, static)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_dsa_prefill_and_steps_in_chunks_of_queries_give_the_full_forward_logits(static, monkeypatch):
+    """The indexer's selection run over chunks of one query (``INDEXER_CHUNK_BYTES`` smaller than one query's
+    products), in the full forward, the prefill and the decode steps alike: the logits stay the full forward's."""
+    monkeypatch.setattr(dsa_module, "INDEXER_CHUNK_BYTES", 1)
+    assert len(dsa_module.query_chunks(2, 5, 7, 3, 4)) == 5
+    base.test_prefill_then_steps_gives_the_full_forward_logits("GD-M", static)
 
 
 @pytest.mark.parametrize("pattern", ["+", "[DE]M", "G[DE]/[D-]/[D-]"])

@@ -165,14 +165,21 @@ class DSA(MLA):
         cos, sin = self.rope(position_ids)
         with torch.no_grad():
             x, c_q = x.detach(), c_q.detach()  # the indexer learns from its own loss only
-            keys = self.indexer.keys(x, cos, sin)
-            B, T, S = x.shape[0], x.shape[1], keys.shape[1]
-            scores = torch.empty(B, T, S, dtype=keys.dtype, device=keys.device)
-            selected = torch.empty(B, T, S, dtype=torch.bool, device=keys.device)
-            for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
-                # (allowed may be one row's mask, (1, L, L), serving every batch row)
-                part = (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
-                scores[:, a:b], selected[:, a:b] = self._score_and_select(*part)
+            return self._chunked_selection(x, c_q, cos, sin, self.indexer.keys(x, cos, sin), allowed, scored=True)
+
+    def _chunked_selection(
+        self, x, c_q, cos, sin, keys, allowed, scored: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The queries' index scores (B, T, S) (``scored``; else None) and selected keys (B, T, S) bool against
+        ``keys`` (B, S, d), chunk by chunk (:func:`query_chunks`); ``allowed`` (B|1, T, S) bool."""
+        B, T, S = x.shape[0], x.shape[1], keys.shape[1]
+        scores = torch.empty(B, T, S, dtype=keys.dtype, device=keys.device) if scored else None
+        selected = torch.empty(B, T, S, dtype=torch.bool, device=keys.device)
+        for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
+            part = (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
+            part_scores, selected[:, a:b] = self._score_and_select(*part)
+            if scores is not None:
+                scores[:, a:b] = part_scores
         return scores, selected
 
     def _score_and_select(self, x, c_q, cos, sin, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,15 +256,15 @@ class DSA(MLA):
 
     def _forward_cached(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         """As :meth:`MLA._forward_cached`; the indexer scores every cached key and each query keeps the
-        top-k of those it may see (ties to the earlier key), as :meth:`forward` selects."""
+        top-k of those it may see (ties to the earlier key), as :meth:`forward` selects, in chunks of queries as it
+        does."""
         cache, L = ctx.cache, x.shape[1]
         state = cache.state(self)
         cos, sin = self.rope(ctx.position_ids)
         q, c_q = self.project_query(x, cos, sin)
         S = state.write(cache, *self.project_latent(x, cos, sin), self.indexer.keys(x, cos, sin))
-        iq, iw = self.indexer.queries(x, c_q, cos, sin)
-        scores = self.indexer.scores(iq, iw, state.index_k[:, :S])
-        selected = select_topk(scores, cached_keys_mask(cache, L, x.device), self.config.dsa_indexer_topk)
+        keys, allowed = state.index_k[:, :S], cached_keys_mask(cache, L, x.device)
+        _, selected = self._chunked_selection(x, c_q, cos, sin, keys, allowed)  # (a long prompt's chunk: many keys)
         return self.o_proj(self.attend_cached(q, state, S, selected))
 
     @torch.no_grad()
