@@ -297,8 +297,10 @@ def test_compiled_gpu_blocks_keep_what_the_plan_counts():
     runs), the bytes a compiled block keeps for its backward under bf16 autocast, its rows cut into documents as
     training's are, against the plan's count (``plan.cost._saved_elements`` plus the bf16 weight copies), at half
     bench-1.3b's width. bench-1.3b itself on an H100 (docs/benchmarks.md): MLP and attention to the MiB, Mamba2
-    0.6 % more than counted, MLA 0.4 % and DSA 0.1 % less. Without documents MLA keeps no dense mask: the plan's count for
-    training is then too high by a bias of a bf16 value per key, which this test would catch missing."""
+    0.6 % more than counted, MLA 0.4 % less, DSA without its loss as MLA (the indexer's weight copies, which the plan
+    counts, left out here). DSA with its loss was measured before its chunks were checkpointed, and since only on the
+    CPU. Without documents MLA keeps no dense mask: a count without the mask's bf16 bias (a value per key a token)
+    fails here."""
     import torch
 
     from hybridlm import ModelConfig

@@ -135,6 +135,11 @@ def indexer_kl_rows(attention_logits: torch.Tensor, index_scores: torch.Tensor, 
     return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
 
 
+def _joined(chunks) -> torch.Tensor:
+    """Chunks of queries (B, C, S) joined along the queries (one chunk: itself, no copy)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+
 #: Bytes the indexer's per-head products (B x queries x heads x keys, float32) may take at once: the selection and
 #: the indexer loss run over the queries in chunks this size allows, so that their transient memory grows with the
 #: keys, not with keys x queries x heads (16 GiB for one layer of 64 index heads at 4 x 4096 in one piece).
@@ -142,9 +147,9 @@ INDEXER_CHUNK_BYTES = 2**30
 
 
 def query_chunks(batch: int, queries: int, keys: int, heads: int, itemsize: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``queries`` rows in chunks within :data:`INDEXER_CHUNK_BYTES`."""
+    """``[(start, stop), ...]`` covering ``queries`` rows in chunks within :data:`INDEXER_CHUNK_BYTES` (at least one)."""
     rows = max(1, INDEXER_CHUNK_BYTES // max(1, batch * keys * heads * itemsize))
-    return [(a, min(a + rows, queries)) for a in range(0, queries, rows)]
+    return [(a, min(a + rows, queries)) for a in range(0, queries, rows)] or [(0, 0)]  # (no query: one empty chunk)
 
 
 class DSA(MLA):
@@ -173,14 +178,12 @@ class DSA(MLA):
         """The queries' index scores (B, T, S) (``scored``; else None) and selected keys (B, T, S) bool against
         ``keys`` (B, S, d), chunk by chunk (:func:`query_chunks`); ``allowed`` (B|1, T, S) bool."""
         B, T, S = x.shape[0], x.shape[1], keys.shape[1]
-        scores = torch.empty(B, T, S, dtype=keys.dtype, device=keys.device) if scored else None
-        selected = torch.empty(B, T, S, dtype=torch.bool, device=keys.device)
-        for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
-            part = (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
-            part_scores, selected[:, a:b] = self._score_and_select(*part)
-            if scores is not None:
-                scores[:, a:b] = part_scores
-        return scores, selected
+        parts = [
+            self._score_and_select(x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
+            for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size())
+        ]
+        scores, selected = (_joined(p) for p in zip(*parts))  # (a decode step: one chunk, nothing copied)
+        return scores if scored else None, selected
 
     def _score_and_select(self, x, c_q, cos, sin, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk of queries: its index scores (B, C, S) and selected keys (B, C, S) bool."""
@@ -211,13 +214,15 @@ class DSA(MLA):
         x, c_q, q, k = x.detach(), c_q.detach(), q.detach(), k.detach()
         keys = self.indexer.keys(x, cos, sin)
         B, T, S = q.shape[0], q.shape[1], k.shape[1]
-        selected = torch.empty(B, T, S, dtype=torch.bool, device=q.device)
-        total = keys.new_zeros(())
-        for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
-            part = (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], q[:, a:b], k, keys, allowed[:, a:b])
-            kl, selected[:, a:b] = checkpoint(self._chunk_loss, *part, use_reentrant=False)
-            total = total + kl
-        return selected, total / max(1, B * T)  # (no query at all: 0)
+        parts = [
+            checkpoint(self._chunk_loss, *part, use_reentrant=False)
+            for part in (
+                (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], q[:, a:b], k, keys, allowed[:, a:b])
+                for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size())
+            )
+        ]
+        kls, selected = zip(*parts)
+        return _joined(selected), sum(kls) / max(1, B * T)  # (no query at all: 0)
 
     def _chunk_loss(self, x, c_q, cos, sin, q, k, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk of queries of :meth:`select_with_loss`: (its summed KL, its selected keys)."""
