@@ -178,12 +178,13 @@ class DSA(MLA):
         """The queries' index scores (B, T, S) (``scored``; else None) and selected keys (B, T, S) bool against
         ``keys`` (B, S, d), chunk by chunk (:func:`query_chunks`); ``allowed`` (B|1, T, S) bool."""
         B, T, S = x.shape[0], x.shape[1], keys.shape[1]
-        parts = [
-            self._score_and_select(x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
-            for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size())
-        ]
-        scores, selected = (_joined(p) for p in zip(*parts))  # (a decode step: one chunk, nothing copied)
-        return scores if scored else None, selected
+        scores, selected = [], []
+        for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
+            part = self._score_and_select(x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
+            if scored:  # (else each chunk's scores go as soon as it has selected)
+                scores.append(part[0])
+            selected.append(part[1])
+        return (_joined(scores) if scored else None), _joined(selected)  # (a decode step: one chunk, no copy)
 
     def _score_and_select(self, x, c_q, cos, sin, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk of queries: its index scores (B, C, S) and selected keys (B, C, S) bool."""
