@@ -162,15 +162,15 @@ class DSA(MLA):
         self.indexer = Indexer(config)
 
     def select(
-        self, x: torch.Tensor, c_q: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index scores (B, L, L) and the selected keys (B, L, L) bool of a whole sequence, without gradients (the
-        selection is discrete; with the indexer loss :meth:`select_with_loss` selects instead), in chunks of queries
-        (:func:`query_chunks`)."""
+        self, x: torch.Tensor, c_q: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor, scored: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Index scores (B, L, L) (None unless ``scored``: the forward needs none) and the selected keys (B, L, L)
+        bool of a whole sequence, without gradients (the selection is discrete; with the indexer loss
+        :meth:`select_with_loss` selects instead), in chunks of queries (:func:`query_chunks`)."""
         cos, sin = self.rope(position_ids)
         with torch.no_grad():
             x, c_q = x.detach(), c_q.detach()  # the indexer learns from its own loss only
-            return self._chunked_selection(x, c_q, cos, sin, self.indexer.keys(x, cos, sin), allowed, scored=True)
+            return self._chunked_selection(x, c_q, cos, sin, self.indexer.keys(x, cos, sin), allowed, scored)
 
     def _chunked_selection(
         self, x, c_q, cos, sin, keys, allowed, scored: bool = False
@@ -250,7 +250,7 @@ class DSA(MLA):
             selected, loss = self.select_with_loss(x, c_q, ctx.position_ids, q, k, allowed)
             aux_losses.append(c.dsa_indexer_loss_coeff * loss)
         else:
-            _, selected = self.select(x, c_q, ctx.position_ids, allowed)
+            _, selected = self.select(x, c_q, ctx.position_ids, allowed, scored=False)
         return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
