@@ -17,7 +17,7 @@ from hybridlm.errors import ConfigError
 from hybridlm.infer.cache import InferenceCache
 from hybridlm.layers import DSA, MLA
 from hybridlm.layers import dsa as dsa_module
-from hybridlm.layers.context import SequenceContext
+from hybridlm.layers.context import SequenceContext, positions_in_segment
 from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
 from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference
 from hybridlm.layers.rope import Yarn, rope_frequencies
@@ -449,3 +449,60 @@ def test_mla_and_dsa_match_hugging_face_deepseek(case, packed, monkeypatch):
             if config.dsa_indexer_topk < L:
                 assert (allowed.sum(-1) > config.dsa_indexer_topk).any()  # some queries really choose
     assert_rel_close(ours, theirs, 1e-12, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dsa_in_bf16_on_gpu_at_4096_tokens_matches_float64(chunked, monkeypatch):
+    """A bf16 DSA layer on CUDA over 4096 tokens of four packed documents, its selection and indexer loss over
+    the whole sequence at once or (``chunked``) in 8 chunks of 512 queries: the output, the loss and the gradients
+    against the float64 reference, each within twice the error of the same reference run in bf16 (fed the same
+    bf16 inputs and weights)."""
+    b, L, n = 1, 4096, 8
+    config = tiny_config(
+        "D",
+        hidden_size=256,
+        num_attention_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_head_dim=32,
+        qk_pos_emb_head_dim=16,
+        v_head_dim=32,
+        dsa_indexer_n_heads=n,
+        dsa_indexer_head_dim=32,
+        dsa_indexer_topk=256,
+        dsa_indexer_loss_coeff=0.5,
+    )
+    if chunked:
+        monkeypatch.setattr(dsa_module, "INDEXER_CHUNK_BYTES", L // 8 * b * L * n * 4)
+    assert len(dsa_module.query_chunks(b, L, L, n, 4)) == (8 if chunked else 1)
+    layer = make(DSA, config, seed=3).cuda()
+    for name, p in layer.named_parameters():  # as HybridLM casts: the indexer's weights_proj and norm stay float32
+        if name not in DSA.keep_fp32:
+            p.data = p.data.to(torch.bfloat16)
+    seq_idx = docs(b, L, seed=5).cuda()
+    ctx = SequenceContext(position_ids=positions_in_segment(seq_idx), seq_idx=seq_idx)  # (MLA makes its own rope)
+    x = torch.randn(b, L, config.hidden_size, device="cuda").to(torch.bfloat16).requires_grad_()
+    aux = []
+    y = layer(x, ctx, aux)
+
+    refs = {dt: copy.deepcopy(layer).to(dt) for dt in (torch.float64, torch.bfloat16)}
+    xs = {dt: x.detach().to(dt).requires_grad_() for dt in refs}
+    outs = {dt: dsa_reference(refs[dt], xs[dt], ctx.position_ids, seq_idx) for dt in refs}
+    losses = {dt: kl_reference(refs[dt], xs[dt], ctx.position_ids, seq_idx, sparse=False) for dt in refs}
+    g = torch.randn_like(y)
+    ((y * g).sum() + aux[0]).backward()
+    for dt in refs:
+        ((outs[dt] * g.to(dt)).sum() + losses[dt]).backward()
+
+    def check(actual, r64, r16, what):
+        assert_rel_close(actual.double(), r64, max(1e-4, 2 * rel_err(r16.double(), r64)), what)
+
+    f64, b16 = torch.float64, torch.bfloat16
+    check(y, outs[f64], outs[b16], "output")
+    check(aux[0], losses[f64], losses[b16], "indexer loss")
+    check(x.grad, xs[f64].grad, xs[b16].grad, "input grad")
+    p64, p16 = dict(refs[f64].named_parameters()), dict(refs[b16].named_parameters())
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+        check(p.grad, p64[name].grad, p16[name].grad, f"grad {name}")
