@@ -9,7 +9,8 @@
 One model of one block of each distinct kind of the preset's pattern, at its real sizes, compiled as training compiles
 it (``--no-compile``: eager), its linear layers float8 with ``--float8`` (``--float8-auto-filter`` as
 ``train.float8_auto_filter``); one training step under bf16 autocast on rows cut into ``--documents`` documents each, as
-training's packed rows are (document boundaries give MLA and DSA a dense mask), each block's saved tensors measured by
+training's packed rows are (document boundaries give DSA a dense mask; on the GPU MLA and attention take
+FlexAttention, which keeps none), each block's saved tensors measured by
 ``hybridlm.plan.measure.saved_bytes``. Prints per block kind the measured MiB, the plan's (its ``act_bytes`` plus the
 bf16 copies autocast makes of the weights the block does not run in float8) and their ratio: where the planner's
 memory model (``plan.cost._saved_elements``, ``_float8_unsaved``) is off, by kind. On the GPU the kernels are the

@@ -1161,3 +1161,24 @@ def test_zero_centered_norms_compute_the_plain_model_whose_norm_weights_are_one_
     with torch.no_grad():
         plain.load_state_dict(state)
         assert not torch.equal(plain(ids).logits, a.logits)
+
+
+def test_packed_rows_build_the_block_mask_for_mla_too(monkeypatch):
+    """MLA attends through causal_attention as "*" does, so make_context asks use_flex for "+" too (with the smaller
+    of its query/key and value heads) and builds the block mask once; DSA attends under its selection's dense mask
+    and asks nothing. A stand-in for CUDA's answer, as above."""
+    import hybridlm.model as model_module
+
+    asked, answer = [], False
+    monkeypatch.setattr(
+        model_module, "use_flex", lambda seq_idx, head_dim, dtype=None: asked.append(head_dim) or answer
+    )
+    monkeypatch.setattr(model_module, "document_block_mask", lambda seq_idx: "block mask")
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    for pattern, want in (("+-", [5]), ("D-", []), ("*-", [8]), ("M-", [])):  # MLA_TINY: min(6 + 4, 5)
+        model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0)
+        for answer in (False, True):
+            asked.clear()
+            ctx = model.make_context(2, 6, torch.device("cpu"), doc_ids=docs)
+            assert asked == (want if not answer else want[:1]), (pattern, answer)
+            assert ctx.block_mask == ("block mask" if want and answer else None), (pattern, answer)

@@ -543,6 +543,17 @@ class HybridLM(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
+    def flex_head_dims(self) -> list[int]:
+        """The head size each layer kind that attends through :func:`~hybridlm.ops.attention.causal_attention` hands
+        :func:`~hybridlm.ops.attention.use_flex`: ``*``'s, and MLA's smaller of its query/key and value heads
+        (``D`` attends under its own selection's dense mask)."""
+        c, symbols = self.config, self.config.symbols
+        return [
+            d
+            for kind, d in (("*", c.resolved_head_dim), ("+", min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim)))
+            if kind in symbols
+        ]
+
     def make_context(
         self,
         batch: int,
@@ -562,7 +573,7 @@ class HybridLM(nn.Module):
         # float64 in a float64 model (its first parameter tells), else float32: a float64 model's attention
         # takes no FlexAttention (so no block mask to build), and its RoPE angles are float64.
         dtype = accumulation_dtype(next(self.parameters(), None))
-        if "*" in self.config.symbols and use_flex(seq_idx, self.config.resolved_head_dim, dtype):
+        if any(use_flex(seq_idx, d, dtype) for d in self.flex_head_dims()):
             ctx.block_mask = document_block_mask(seq_idx)  # once per forward, outside compiled blocks
         if self.config.rotary_dim and "*" in self.config.symbols:
             # float32 angles (as Hugging Face's), float64 in a float64 model.

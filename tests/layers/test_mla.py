@@ -19,7 +19,7 @@ from hybridlm.layers import DSA, MLA
 from hybridlm.layers import dsa as dsa_module
 from hybridlm.layers.context import SequenceContext, positions_in_segment
 from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
-from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference
+from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference, mla_reference
 from hybridlm.layers.rope import Yarn, rope_frequencies
 from tests.helpers import MLA_TINY, assert_rel_close, hf_rope_parameters, rel_err, tiny_config
 from tests.layers.test_mixers import SEQLEN, YARN, context, make
@@ -452,15 +452,17 @@ def test_mla_and_dsa_match_hugging_face_deepseek(case, packed, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunked", [False, True])
-def test_dsa_in_bf16_on_gpu_at_4096_tokens_matches_float64(chunked, monkeypatch):
-    """A bf16 DSA layer on CUDA over 4096 tokens of four packed documents, its selection and indexer loss over
-    the whole sequence at once or (``chunked``) in 8 chunks of 512 queries: the output, the loss and the gradients
-    against the float64 reference, each within twice the error of the same reference run in bf16 (fed the same
-    bf16 inputs and weights)."""
+@pytest.mark.parametrize("case", ["mla", "dsa", "dsa-chunked"])
+def test_mla_and_dsa_in_bf16_on_gpu_at_4096_tokens_match_float64(case, monkeypatch):
+    """A bf16 MLA or DSA layer on CUDA over 4096 tokens of four packed documents against the float64 reference: the
+    output, DSA's indexer loss and the gradients, each within twice the error of the same reference run in bf16
+    (fed the same bf16 inputs and weights). MLA attends through FlexAttention (the dispatch records it); DSA selects
+    and takes its loss over the whole sequence at once or (``dsa-chunked``) in 8 chunks of 512 queries."""
+    from hybridlm.ops.dispatch import paths_used, reset_paths
+
     b, L, n = 1, 4096, 8
     config = tiny_config(
-        "D",
+        "D" if case.startswith("dsa") else "+",
         hidden_size=256,
         num_attention_heads=4,
         q_lora_rank=64,
@@ -471,27 +473,36 @@ def test_dsa_in_bf16_on_gpu_at_4096_tokens_matches_float64(chunked, monkeypatch)
         dsa_indexer_n_heads=n,
         dsa_indexer_head_dim=32,
         dsa_indexer_topk=256,
-        dsa_indexer_loss_coeff=0.5,
+        dsa_indexer_loss_coeff=0.5 if case.startswith("dsa") else 0.0,
     )
-    if chunked:
+    if case == "dsa-chunked":
         monkeypatch.setattr(dsa_module, "INDEXER_CHUNK_BYTES", L // 8 * b * L * n * 4)
-    assert len(dsa_module.query_chunks(b, L, L, n, 4)) == (8 if chunked else 1)
-    layer = make(DSA, config, seed=3).cuda()
+    assert len(dsa_module.query_chunks(b, L, L, n, 4)) == (8 if case == "dsa-chunked" else 1)
+    cls = DSA if case.startswith("dsa") else MLA
+    layer = make(cls, config, seed=3).cuda()
     for name, p in layer.named_parameters():  # as HybridLM casts: the indexer's weights_proj and norm stay float32
-        if name not in DSA.keep_fp32:
+        if name not in cls.keep_fp32:
             p.data = p.data.to(torch.bfloat16)
     seq_idx = docs(b, L, seed=5).cuda()
     ctx = SequenceContext(position_ids=positions_in_segment(seq_idx), seq_idx=seq_idx)  # (MLA makes its own rope)
     x = torch.randn(b, L, config.hidden_size, device="cuda").to(torch.bfloat16).requires_grad_()
     aux = []
-    y = layer(x, ctx, aux)
+    reset_paths()
+    y = layer(x, ctx, aux) if cls is DSA else layer(x, ctx)
+    if cls is MLA:
+        assert paths_used()["attention"] == "flex"
 
     refs = {dt: copy.deepcopy(layer).to(dt) for dt in (torch.float64, torch.bfloat16)}
     xs = {dt: x.detach().to(dt).requires_grad_() for dt in refs}
-    outs = {dt: dsa_reference(refs[dt], xs[dt], ctx.position_ids, seq_idx) for dt in refs}
-    losses = {dt: kl_reference(refs[dt], xs[dt], ctx.position_ids, seq_idx, sparse=False) for dt in refs}
+    pos = ctx.position_ids
+    if cls is MLA:
+        outs = {dt: mla_reference(refs[dt], xs[dt], pos, seq_idx) for dt in refs}
+        losses = dict.fromkeys(refs, 0.0)
+    else:
+        outs = {dt: dsa_reference(refs[dt], xs[dt], pos, seq_idx) for dt in refs}
+        losses = {dt: kl_reference(refs[dt], xs[dt], pos, seq_idx, sparse=False) for dt in refs}
     g = torch.randn_like(y)
-    ((y * g).sum() + aux[0]).backward()
+    ((y * g).sum() + sum(aux)).backward()
     for dt in refs:
         ((outs[dt] * g.to(dt)).sum() + losses[dt]).backward()
 
@@ -500,7 +511,8 @@ def test_dsa_in_bf16_on_gpu_at_4096_tokens_matches_float64(chunked, monkeypatch)
 
     f64, b16 = torch.float64, torch.bfloat16
     check(y, outs[f64], outs[b16], "output")
-    check(aux[0], losses[f64], losses[b16], "indexer loss")
+    if cls is DSA:
+        check(aux[0], losses[f64], losses[b16], "indexer loss")
     check(x.grad, xs[f64].grad, xs[b16].grad, "input grad")
     p64, p16 = dict(refs[f64].named_parameters()), dict(refs[b16].named_parameters())
     for name, p in layer.named_parameters():

@@ -297,10 +297,9 @@ def test_compiled_gpu_blocks_keep_what_the_plan_counts():
     runs), the bytes a compiled block keeps for its backward under bf16 autocast, its rows cut into documents as
     training's are, against the plan's count (``plan.cost._saved_elements`` plus the bf16 weight copies), at half
     bench-1.3b's width. bench-1.3b itself on an H100 (docs/benchmarks.md): MLP and attention to the MiB, Mamba2
-    0.6 % more than counted, MLA 0.4 % less, DSA without its loss as MLA (the indexer's weight copies, which the plan
-    counts, left out here). DSA with its loss was measured before its chunks were checkpointed, and since only on the
-    CPU. Without documents MLA keeps no dense mask: a count without the mask's bf16 bias (a value per key a token)
-    fails here."""
+    0.6 % more than counted, DSA without its loss as MLA without documents (the indexer's weight copies, which the
+    plan counts, left out here), DSA with its loss 1 % less. MLA's documents take FlexAttention and keep no mask,
+    DSA's top-k mask is kept as a bf16 bias (a value per key a token): a count that mixes the two up fails here."""
     import torch
 
     from hybridlm import ModelConfig

@@ -304,7 +304,7 @@ def dsa_reference(
     """
     b, seqlen, _ = x.shape
     q, k, v, c_q = mla_queries_keys_values_reference(layer, x, position_ids)
-    allowed = causal_document_mask(seqlen, seq_idx, b)
+    allowed = causal_document_mask(seqlen, seq_idx, b, x.device)
     if selected is None:
         selected = select_topk(
             indexer_scores_reference(layer, x, c_q, position_ids), allowed, layer.config.dsa_indexer_topk
@@ -319,7 +319,7 @@ def indexer_scores_reference(
     ix, c = layer.indexer, layer.config
     b, seqlen, _ = x.shape
     dr = c.qk_pos_emb_head_dim
-    inv, amp = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64)
+    inv, amp = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64, position_ids.device)
     ang = position_ids.to(torch.float64)[..., None] * inv
     cos, sin = (amp * ang.cos()).to(x.dtype), (amp * ang.sin()).to(x.dtype)  # (B, L, dr/2)
 
@@ -332,7 +332,7 @@ def indexer_scores_reference(
     k = rot_half(k * ix.k_norm.weight + ix.k_norm.bias)
     q = (c_q @ ix.wq_b.weight.T).view(b, seqlen, ix.n, ix.d)
     w = (x @ ix.weights_proj.weight.T) / (ix.n * ix.d) ** 0.5
-    scores = torch.zeros(b, seqlen, seqlen, dtype=x.dtype)
+    scores = torch.zeros(b, seqlen, seqlen, dtype=x.dtype, device=x.device)
     for j in range(ix.n):
         scores += w[:, :, j, None] * torch.relu(rot_half(q[:, :, j]) @ k.transpose(1, 2))
     return scores

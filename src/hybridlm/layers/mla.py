@@ -10,11 +10,12 @@ Per token, with ``nh`` heads, ``dn = qk_head_dim``, ``dr = qk_pos_emb_head_dim``
     o_h          = softmax((q_nope·k_nope + q_pe·k_pe) / sqrt(dn + dr)) v_h      causal, per document
     y            = [o_1 .. o_nh] W_O
 
-The softmax scale is DeepSeek's ``1/sqrt(dn + dr)``; YaRN's extra ``mscale²`` factor (1 without
-YaRN scaling) is left out, as is YaRN itself. Decoding keeps only ``c_kv`` and the rotated ``k_pe``
-per position (:class:`LatentCache`) and attends in the latent space: ``W_UK`` is absorbed into the
-query and ``W_UV`` applied after the weighted sum, which is the same function (see
-:meth:`MLA.attend_cached`).
+The softmax scale is DeepSeek's ``1/sqrt(dn + dr)``, times YaRN's ``mscale²`` under YaRN scaling
+(:func:`~hybridlm.layers.rope.softmax_factor`). Packed rows attend within their documents through
+:func:`~hybridlm.ops.attention.causal_attention` (FlexAttention on CUDA), as ``*`` does. Decoding keeps
+only ``c_kv`` and the rotated ``k_pe`` per position (:class:`LatentCache`) and attends in the latent
+space: ``W_UK`` is absorbed into the query and ``W_UV`` applied after the weighted sum, which is the
+same function (see :meth:`MLA.attend_cached`).
 
 Parameter names follow Hugging Face's DeepSeek-V3 (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or
 ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``); the Megatron
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.attention import causal_attention
 from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
@@ -204,7 +206,18 @@ class MLA(nn.Module):
         if ctx.cache is not None:
             return self._forward_cached(x, ctx)
         q, k, v, _ = self.qkv(x, ctx.position_ids)
-        return self.o_proj(self.attend(q, k, v, ctx.attention_mask()))
+        b, seqlen = q.shape[:2]
+        # Packed rows on CUDA take FlexAttention under the documents' block mask, as '*' does: SDPA under the dense
+        # mask kept it as a bf16 bias for the backward (128 MiB a layer at 4 x 4096) and scored every pair of
+        # positions, the other documents' too.
+        o = causal_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)),
+            ctx.seq_idx,
+            block_mask=ctx.block_mask,
+            dense_mask=ctx.attention_mask,
+            scale=self.softmax_scale,
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nh * self.dv))
 
     # -- decoding (the protocol of ``layers/cache.py``) -------------------------------------------------
 
@@ -306,7 +319,7 @@ def mla_queries_keys_values_reference(
     c_kv = rms(kv_a[..., : c.kv_lora_rank], layer.kv_a_layernorm.scale())
     kv = (c_kv @ layer.kv_b_proj.weight.T).view(b, seqlen, nh, dn + dv)
 
-    inv, amp = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64)
+    inv, amp = rope_frequencies(dr, c.rope_theta, Yarn.of(c), torch.float64, position_ids.device)
     ang = position_ids.to(torch.float64)[..., None] * inv  # (B, L, dr/2)
     cos, sin = (amp * ang.cos()).to(x.dtype)[:, :, None], (amp * ang.sin()).to(x.dtype)[:, :, None]
 
@@ -325,7 +338,7 @@ def attention_over(
 ) -> torch.Tensor:
     """Explicit per-head softmax attention: allowed (B, L, L) bool -> output after ``o_proj`` (B, L, H)."""
     b, seqlen = q.shape[:2]
-    out = torch.empty(b, seqlen, layer.nh, layer.dv, dtype=q.dtype)
+    out = torch.empty(b, seqlen, layer.nh, layer.dv, dtype=q.dtype, device=q.device)
     for h in range(layer.nh):
         scores = torch.einsum("bld,bsd->bls", q[:, :, h], k[:, :, h]) / (layer.dn + layer.dr) ** 0.5
         scores = scores * softmax_factor(layer.config)
@@ -334,9 +347,13 @@ def attention_over(
     return out.reshape(b, seqlen, -1) @ layer.o_proj.weight.T
 
 
-def causal_document_mask(seqlen: int, seq_idx: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """(B, L, L) bool built by hand: s <= t and, when packed, the same document."""
-    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool).tril().expand(batch, seqlen, seqlen)
+def causal_document_mask(
+    seqlen: int, seq_idx: torch.Tensor | None, batch: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(B, L, L) bool built by hand: s <= t and, when packed, the same document; on ``seq_idx``'s device
+    (``device`` when there is none; the CPU by default)."""
+    device = seq_idx.device if seq_idx is not None else device
+    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril().expand(batch, seqlen, seqlen)
     if seq_idx is not None:
         allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
     return allowed
@@ -348,4 +365,4 @@ def mla_reference(
     """Reference MLA in the dtype of ``x`` (pass a float64 copy of the layer and input): full-rank
     keys and values per head, explicit softmax, masks built by hand."""
     q, k, v, _ = mla_queries_keys_values_reference(layer, x, position_ids)
-    return attention_over(layer, q, k, v, causal_document_mask(x.shape[1], seq_idx, x.shape[0]))
+    return attention_over(layer, q, k, v, causal_document_mask(x.shape[1], seq_idx, x.shape[0], x.device))

@@ -100,7 +100,7 @@ def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
     return ((seq_idx[:, :, None] == seq_idx[:, None, :]) & causal).unsqueeze(1)
 
 
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, scale: float | None) -> torch.Tensor:
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -110,8 +110,8 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
         fast = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
         order = [SDPBackend.MATH] if q.dtype == torch.float64 else fast
         with sdpa_kernel(order, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
 
 
 def attention_growing_keys(
@@ -142,29 +142,31 @@ def causal_attention(
     seq_idx: torch.Tensor | None = None,
     block_mask=None,
     dense_mask: Callable[[], torch.Tensor] | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Causal (grouped-query) attention that never crosses a document boundary.
 
     Args:
-        q: (B, Hq, L, D); k, v: (B, Hkv, L, D) with Hq a multiple of Hkv.
+        q, k: (B, Hq, L, D), (B, Hkv, L, D) with Hq a multiple of Hkv; v: (B, Hkv, L, Dv) (MLA's Dv is not D).
         seq_idx: (B, L) document index per position, non-decreasing along L (as
             :func:`hybridlm.layers.context.segment_ids` gives it), or None for one document per row.
         block_mask: a precomputed :func:`document_block_mask` (shared by all layers of a forward).
         dense_mask: returns the (B, 1, L, L) boolean mask of the reference path (called only when
             that path runs, so a caller can share one cached mask between layers).
+        scale: the scores' factor; None for ``D ** -0.5``.
 
     Returns:
-        (B, Hq, L, D).
+        (B, Hq, L, Dv).
     """
     gqa = k.shape[1] != q.shape[1]
     if seq_idx is None:
         record("attention", "sdpa")
-        return _sdpa_causal(q, k, v, gqa)
+        return _sdpa_causal(q, k, v, gqa, scale)
     if use_flex(seq_idx, min(q.shape[-1], v.shape[-1]), q.dtype):
         record("attention", "flex")
         if block_mask is None:
             block_mask = document_block_mask(seq_idx)
-        return _flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return _flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     record("attention", "sdpa_dense_mask")
     mask = dense_mask() if dense_mask is not None else document_causal_mask(seq_idx)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

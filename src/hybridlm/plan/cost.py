@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from ..config import ModelConfig
 from ..layers import mixer_class
 from ..model import HybridLM
+from ..ops.attention import FLEX_MIN_HEAD_DIM
 from ..ops.cross_entropy import DEFAULT_CHUNK
 from ..ops.float8 import float8_linears
 
@@ -207,9 +208,11 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
     if s in "+D":
         h, dqk, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
         rq = c.q_lora_rank or 0
-        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; training's
-        # document mask (DSA's top-k one) reaches SDPA as a dense mask, which it keeps as a bf16 bias over the keys
-        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv) + seq_len
+        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output. MLA's packed
+        # rows take FlexAttention, which keeps no mask (heads narrower than it takes: SDPA under the dense mask);
+        # DSA's top-k mask reaches SDPA as a dense mask, which SDPA keeps as a bf16 bias over the keys
+        dense = s == "D" or min(dqk + dr, dv) < FLEX_MIN_HEAD_DIM
+        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv) + (seq_len if dense else 0)
         if s == "D" and c.dsa_indexer_loss_coeff > 0:
             # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
             # gradient), and its chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the

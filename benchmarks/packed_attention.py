@@ -1,0 +1,133 @@
+"""One attention layer's training step (forward and backward) by attention path, time and memory, paths taking turns.
+
+    python benchmarks/packed_attention.py --preset bench-1.3b --pattern + --shape 4x4096      # MLA at DeepSeek's heads
+    python benchmarks/packed_attention.py --preset bench-1.3b --pattern '*' --shape 4x4096    # attention, for scale
+    python benchmarks/packed_attention.py --pattern + --set num_attention_heads=32 --documents 8
+
+One ``--pattern`` mixer (``+`` MLA or ``*`` attention) of the preset's sizes, bf16 weights on CUDA, run eagerly (the
+FlexAttention kernel compiled, as ``causal_attention`` runs it), over rows cut into ``--documents`` equal documents:
+
+- ``flex``: the layer as it runs, FlexAttention under the documents' block mask (``ops.attention.causal_attention``);
+- ``dense mask``: the same rows through SDPA under the dense (B, 1, L, L) mask, kernels for attention forced to torch
+  (what MLA ran before it took FlexAttention);
+- ``causal``: rows without documents, SDPA with cuDNN's kernel first, as ``causal_attention`` asks;
+- ``causal, SDPA's order``: the same with SDPA choosing its own backend (what MLA ran before).
+
+Per path: the median step over ``--rounds`` turns, the peak memory above what was allocated before the step, and the
+attention kernel the dispatch recorded. The layer's projections are the same in every path; only attention differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from hybridlm import ModelConfig
+from hybridlm.model import HybridLM
+from hybridlm.ops import attention as attention_ops
+from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+
+MIB = 2**20
+
+
+@contextlib.contextmanager
+def sdpa_default_order():
+    """``causal_attention``'s rows without documents through plain SDPA (its own backend choice)."""
+    before = attention_ops._sdpa_causal
+
+    def plain(q, k, v, gqa, scale):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+    attention_ops._sdpa_causal = plain
+    try:
+        yield
+    finally:
+        attention_ops._sdpa_causal = before
+
+
+PATHS = {  # name: (documents?, context that chooses the path)
+    "flex": (True, contextlib.nullcontext),
+    "dense mask": (True, lambda: use_kernels("auto,attention=torch")),
+    "causal": (False, contextlib.nullcontext),
+    "causal, SDPA's order": (False, sdpa_default_order),
+}
+
+
+def step(model: HybridLM, x: torch.Tensor, doc_ids: torch.Tensor | None, grad: torch.Tensor) -> None:
+    """One forward and backward of the model's only mixer on ``x`` (B, L, H)."""
+    ctx = model.make_context(x.shape[0], x.shape[1], x.device, doc_ids=doc_ids)
+    mixer = model.blocks["0"].layers[0].mixer
+    y = mixer(x, ctx)
+    y.backward(grad)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench-1.3b")
+    ap.add_argument("--pattern", default="+", help="the one mixer: + (MLA) or * (attention)")
+    ap.add_argument("--shape", default="4x4096", help="BxL")
+    ap.add_argument("--documents", type=int, default=4, help="equal documents a row for the packed paths")
+    ap.add_argument("--rounds", type=int, default=7, help="steps of each path, taking turns; medians")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="a model field (repeatable; JSON values)"
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("packed_attention.py times CUDA kernels: no CUDA device here")
+    if args.pattern not in ("+", "*"):
+        raise SystemExit(f"--pattern must be '+' (MLA) or '*' (attention), not {args.pattern!r}")
+    B, L = (int(v) for v in args.shape.lower().split("x"))
+    fields = {"pattern": args.pattern}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            fields[name] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[name] = value
+    config = ModelConfig.preset(args.preset, **fields)
+    model = HybridLM(config, seed=0, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(B, L, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    grad = torch.randn(B, L, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+    doc_ids = (torch.arange(L, device="cuda") * args.documents // L).expand(B, L)
+
+    times: dict[str, list[float]] = {name: [] for name in PATHS}
+    peaks, kernels = {}, {}
+    for r in range(args.rounds + 1):  # round 0 warms up (compiles FlexAttention and the block-mask builder)
+        for name, (packed, choose) in (PATHS if r % 2 else dict(reversed(PATHS.items()))).items():
+            with choose():
+                model.zero_grad(set_to_none=True)
+                x.grad = None
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                reset_paths()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(model, x, doc_ids if packed else None, grad)
+                end.record()
+                torch.cuda.synchronize()
+            if r:
+                times[name].append(start.elapsed_time(end))
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() - base)
+                kernels[name] = paths_used().get("attention", "?")
+
+    print(
+        f"{args.preset} '{args.pattern}'{''.join(f', {s}' for s in args.set)}, {B}x{L}, bf16, "
+        f"{args.documents} documents a row for the packed paths, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, medians of {args.rounds}"
+    )
+    print("\n| path | attention kernel | ms a step | peak MiB above the inputs | vs flex |\n|---|---|---:|---:|---:|")
+    ref = statistics.median(times["flex"])
+    for name in PATHS:
+        ms = statistics.median(times[name])
+        print(f"| {name} | {kernels[name]} | {ms:.2f} | {peaks[name] / MIB:,.0f} | {ms / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
