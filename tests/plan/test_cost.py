@@ -8,7 +8,7 @@ import pytest
 from hybridlm.model import HybridLM
 from hybridlm.plan import estimate_costs
 from hybridlm.plan.cost import in_flight, stage_memory
-from tests.helpers import tiny_config
+from tests.helpers import MLA_TINY, tiny_config
 
 
 def _weight_bytes(item):
@@ -137,6 +137,31 @@ def test_gated_attention_saves_its_gate_and_gated_output():
     assert cost._saved_elements(gated, "*", 64) - cost._saved_elements(plain, "*", 64) == 2 * 4 * 6
     extra = Attention.flops_per_token(gated, 16) - Attention.flops_per_token(plain, 16)
     assert extra == 2 * plain.hidden_size * 4 * 6
+
+
+@pytest.mark.parametrize("heads", ["wide", "narrow"])
+def test_mla_pays_for_a_dense_mask_only_where_its_packed_rows_take_one(heads):
+    """MLA's packed rows take FlexAttention (heads of at least FLEX_MIN_HEAD_DIM): causal scores, as attention's, and
+    no mask kept. Narrower heads take SDPA under the dense mask, as DSA's top-k always does: every key paid for and
+    the mask kept as a bf16 bias (a value per key a token)."""
+    from hybridlm.layers import DSA, MLA
+    from hybridlm.plan import cost
+
+    L, B = 256, 2
+    dims = dict(qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16) if heads == "wide" else {}
+    mla, dsa = (tiny_config(p, **{**MLA_TINY, **dims}) for p in ("+", "D"))
+    dense = heads == "narrow"
+    bare = cost._saved_elements(mla, "+", 0)
+    assert cost._saved_elements(mla, "+", L) == bare + (L if dense else 0)
+    assert cost._saved_elements(dsa, "D", L) == cost._saved_elements(dsa, "D", 0) + L
+
+    def scores(cls, c):  # the part of a layer's forward FLOPs that grows with the keys, for the micro-batch
+        return (cls.flops_per_token(c, L) - cls.flops_per_token(c, 0)) * L * B
+
+    for cls, c, halved in ((MLA, mla, not dense), (DSA, dsa, False)):
+        (block,) = estimate_costs(c, L, B).blocks
+        whole = 3 * cls.flops_per_token(c, L) * L * B  # forward and the backward's twice
+        assert block.flops == pytest.approx(whole - (3 * scores(cls, c) / 2 if halved else 0)), (cls, heads)
 
 
 def test_the_shared_expert_gate_saves_the_shared_output_and_one_gate_per_token():

@@ -164,6 +164,16 @@ def _mult(c: ModelConfig) -> int:
     return 3 if c.mlp_activation == "swiglu" else 2
 
 
+def _dense_mask(c: ModelConfig, s: str) -> bool:
+    """Whether training's packed rows reach an MLA-kind layer's attention (``+``, ``D``) as a dense (B, 1, L, L) mask,
+    which SDPA keeps as a bias and which skips no key: DSA's top-k mask always; MLA's documents only with heads
+    narrower than FlexAttention takes (``ops.attention.FLEX_MIN_HEAD_DIM``), else FlexAttention skips the blocks the
+    documents and causality mask and keeps no mask."""
+    if s == "D":
+        return True
+    return s == "+" and min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim) < FLEX_MIN_HEAD_DIM
+
+
 def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
     """Elements per token a layer saves for its backward in sequences of ``seq_len`` (bf16-equivalent; fp32 counts
     twice).
@@ -208,11 +218,10 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
     if s in "+D":
         h, dqk, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
         rq = c.q_lora_rank or 0
-        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output. MLA's packed
-        # rows take FlexAttention, which keeps no mask (heads narrower than it takes: SDPA under the dense mask);
-        # DSA's top-k mask reaches SDPA as a dense mask, which SDPA keeps as a bf16 bias over the keys
-        dense = s == "D" or min(dqk + dr, dv) < FLEX_MIN_HEAD_DIM
-        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv) + (seq_len if dense else 0)
+        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; a dense mask
+        # (_dense_mask) is kept by SDPA as a bf16 bias over the keys
+        saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv)
+        saved += seq_len if _dense_mask(c, s) else 0
         if s == "D" and c.dsa_indexer_loss_coeff > 0:
             # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
             # gradient), and its chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
@@ -437,11 +446,11 @@ def estimate_costs(
         f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
         f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
-        if s == "*":
+        if s == "*" or (s == "+" and not _dense_mask(c, s)):
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
             # skips the masked half, and time is what the planner balances. The part that grows
-            # with seq_len is exactly the scores and weighted values. MLA ('+') and DSA ('D') train
-            # with a dense (document, or top-k) mask, which skips nothing: they pay for every key.
+            # with seq_len is exactly the scores and weighted values. Under a dense mask (DSA's
+            # top-k; _dense_mask) attention skips nothing: it pays for every key.
             core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
             flops -= core / 2 * T
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
