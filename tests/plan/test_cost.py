@@ -139,29 +139,18 @@ def test_gated_attention_saves_its_gate_and_gated_output():
     assert extra == 2 * plain.hidden_size * 4 * 6
 
 
-@pytest.mark.parametrize("heads", ["wide", "narrow"])
-def test_mla_pays_for_a_dense_mask_only_where_its_packed_rows_take_one(heads):
-    """MLA's packed rows take FlexAttention (heads of at least FLEX_MIN_HEAD_DIM): causal scores, as attention's, and
-    no mask kept. Narrower heads take SDPA under the dense mask, as DSA's top-k always does: every key paid for and
-    the mask kept as a bf16 bias (a value per key a token)."""
-    from hybridlm.layers import DSA, MLA
+@pytest.mark.parametrize("wide", [True, False])
+def test_a_dense_mask_is_kept_only_where_packed_rows_take_one(wide):
+    """Attention's and MLA's packed rows take FlexAttention (heads of at least FLEX_MIN_HEAD_DIM), which keeps no mask.
+    Narrower heads take SDPA under the dense mask, as DSA's top-k always does, and SDPA keeps it as a bf16 bias (a
+    value per key a token). (Their FLOPs: tests/plan/test_planner.py::test_attention_scores_are_counted_causally.)"""
     from hybridlm.plan import cost
 
-    L, B = 256, 2
-    dims = dict(qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16) if heads == "wide" else {}
-    mla, dsa = (tiny_config(p, **{**MLA_TINY, **dims}) for p in ("+", "D"))
-    dense = heads == "narrow"
-    bare = cost._saved_elements(mla, "+", 0)
-    assert cost._saved_elements(mla, "+", L) == bare + (L if dense else 0)
-    assert cost._saved_elements(dsa, "D", L) == cost._saved_elements(dsa, "D", 0) + L
-
-    def scores(cls, c):  # the part of a layer's forward FLOPs that grows with the keys, for the micro-batch
-        return (cls.flops_per_token(c, L) - cls.flops_per_token(c, 0)) * L * B
-
-    for cls, c, halved in ((MLA, mla, not dense), (DSA, dsa, False)):
-        (block,) = estimate_costs(c, L, B).blocks
-        whole = 3 * cls.flops_per_token(c, L) * L * B  # forward and the backward's twice
-        assert block.flops == pytest.approx(whole - (3 * scores(cls, c) / 2 if halved else 0)), (cls, heads)
+    L = 256
+    heads = dict(num_attention_heads=2, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16) if wide else {}
+    for s, dense in (("*", not wide), ("+", not wide), ("D", True)):
+        c = tiny_config(s, **{**MLA_TINY, **heads})
+        assert cost._saved_elements(c, s, L) == cost._saved_elements(c, s, 0) + (L if dense else 0), s
 
 
 def test_the_shared_expert_gate_saves_the_shared_output_and_one_gate_per_token():

@@ -79,11 +79,20 @@ def test_block_flops_are_the_mixers_flops():
     assert again.head.flops == costs.head.flops  # the head is not checkpointed
 
 
-@pytest.mark.parametrize(("pattern", "causal"), [("*", True), ("+", False), ("D", False)])
-def test_attention_scores_are_counted_causally(pattern, causal):
-    """Attention runs a causal kernel (half the scores); MLA and DSA train under a dense mask (documents,
-    top-k), which skips nothing."""
-    config = tiny_config(pattern, **(MLA_TINY if pattern in "+D" else {}))
+#: Heads FlexAttention takes (at least FLEX_MIN_HEAD_DIM): attention's and MLA's (min(16 + 8, 16)).
+WIDE_HEADS = dict(num_attention_heads=2, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "wide", "causal"),
+    [("*", True, True), ("*", False, False), ("+", True, True), ("+", False, False), ("D", True, False)],
+)
+def test_attention_scores_are_counted_causally(pattern, wide, causal):
+    """Attention and MLA run a causal kernel over packed rows (FlexAttention: half the scores); with heads narrower
+    than FlexAttention takes they train under the dense document mask, and DSA always under its top-k's, which skip
+    nothing."""
+    config = tiny_config(pattern, **{**(MLA_TINY if pattern in "+D" else {}), **(WIDE_HEADS if wide else {})})
+    assert config.resolved_head_dim == (16 if wide else 8)
     L = 64
     per_token = flops_per_token(config, L)[pattern]
     core = per_token - flops_per_token(config, 0)[pattern]

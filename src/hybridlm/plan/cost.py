@@ -165,13 +165,15 @@ def _mult(c: ModelConfig) -> int:
 
 
 def _dense_mask(c: ModelConfig, s: str) -> bool:
-    """Whether training's packed rows reach an MLA-kind layer's attention (``+``, ``D``) as a dense (B, 1, L, L) mask,
-    which SDPA keeps as a bias and which skips no key: DSA's top-k mask always; MLA's documents only with heads
-    narrower than FlexAttention takes (``ops.attention.FLEX_MIN_HEAD_DIM``), else FlexAttention skips the blocks the
-    documents and causality mask and keeps no mask."""
+    """Whether training's packed rows reach a layer's attention (``*``, ``+``, ``D``) on the GPU as a dense
+    (B, 1, L, L) mask, which SDPA keeps as a bf16 bias and which skips no key: DSA's top-k mask always; the documents
+    of attention and MLA only with heads narrower than FlexAttention takes (``ops.attention.FLEX_MIN_HEAD_DIM``; the
+    head sizes ``HybridLM.flex_head_dims`` asks with), else FlexAttention skips the blocks the documents and
+    causality mask and keeps no mask."""
     if s == "D":
         return True
-    return s == "+" and min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim) < FLEX_MIN_HEAD_DIM
+    heads = {"*": c.resolved_head_dim, "+": min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim)}
+    return s in heads and heads[s] < FLEX_MIN_HEAD_DIM
 
 
 def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
@@ -200,8 +202,9 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
         hq, hkv, d = c.num_attention_heads, c.resolved_num_query_groups, c.resolved_head_dim
         # q, k, v, output; with the output gate also the gate and the gated output (its sigmoid and product are
         # elementwise: a compiled block, like Megatron's fused gate, recomputes them from those two); the flash
-        # kernel's fp32 log-sum-exp per head
-        return n + ((4 if c.attention_output_gate else 2) * hq + 2 * hkv) * d + 2 * hq
+        # kernel's fp32 log-sum-exp per head; a dense mask's bf16 bias (_dense_mask)
+        saved = n + ((4 if c.attention_output_gate else 2) * hq + 2 * hkv) * d + 2 * hq
+        return saved + (seq_len if _dense_mask(c, s) else 0)
     if s == "M":
         h, p, g, N = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
         di = h * p
@@ -446,7 +449,7 @@ def estimate_costs(
         f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
         f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
-        if s == "*" or (s == "+" and not _dense_mask(c, s)):
+        if s in "*+" and not _dense_mask(c, s):
             # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
             # skips the masked half, and time is what the planner balances. The part that grows
             # with seq_len is exactly the scores and weighted values. Under a dense mask (DSA's
