@@ -20,7 +20,7 @@ class SequenceContext:
             every row is one document. Mixers never let information cross a change of index.
         rope: (cos, sin), each (B, L, rotary_dim), when the attention layers use RoPE.
         block_mask: FlexAttention block mask of the documents (CUDA, packed rows), built once
-            per forward and shared by every attention layer; None elsewhere.
+            per forward and shared by every attention and MLA layer; None elsewhere.
         cache: an ``hybridlm.infer.cache.InferenceCache`` when decoding with a cache (the input
             continues the cached positions; see ``layers/cache.py`` for what mixers do with it).
     """

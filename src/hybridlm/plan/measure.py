@@ -78,8 +78,8 @@ def measure_times(
     ids = torch.randint(0, config.vocab_size, (B, L), device=dev, generator=gen)
     x = torch.randn(B, L, H, device=dev, generator=gen)
     # Training always passes its rows' document ids, which send attention through the document-masked path
-    # (FlexAttention's block mask on CUDA, a dense mask for MLA and DSA) and the scans through their per-document
-    # one: one document per row takes the same kernels.
+    # (FlexAttention's block mask on CUDA for attention and MLA, a dense mask for DSA) and the scans through their
+    # per-document one: one document per row takes the same kernels.
     ctx = model.make_context(B, L, dev, doc_ids=torch.zeros(B, L, dtype=torch.long, device=dev))
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
