@@ -86,8 +86,8 @@ for stage in "$@"; do
             --mtp-cost "${DEPTHS:-2}" --rounds "${ROUNDS:-3}" --mtp-profile ;;  # a speculative round's cost, every draft kept / none
     dsagpu) run dsagpu 240 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_mla.py \
             tests/infer/test_cache_mla.py ;;  # DSA in bf16 at 4096 tokens, its selection whole and in chunks; MLA decoding
-    packedattn) run packedattn 300 30 bash -c "python3 benchmarks/packed_attention.py --pattern +; \
-            python3 benchmarks/packed_attention.py --pattern '*'" ;;  # MLA and attention by path: flex, dense mask, causal
+    packedattn) run packedattn 300 40 bash -c "for p in + D '*'; do python3 benchmarks/packed_attention.py --pattern \"\$p\"; \
+            done" ;;  # MLA, DSA and attention by path: flex, dense mask, causal
     plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once

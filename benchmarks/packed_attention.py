@@ -2,16 +2,19 @@
 
     python benchmarks/packed_attention.py --preset bench-1.3b --pattern + --shape 4x4096      # MLA at DeepSeek's heads
     python benchmarks/packed_attention.py --preset bench-1.3b --pattern '*' --shape 4x4096    # attention, for scale
+    python benchmarks/packed_attention.py --pattern D                                          # DSA (its top-k: 2048)
     python benchmarks/packed_attention.py --pattern + --set num_attention_heads=32 --documents 8
 
-One ``--pattern`` mixer (``+`` MLA or ``*`` attention) of the preset's sizes, bf16 weights on CUDA, run eagerly (the
-FlexAttention kernel compiled, as ``causal_attention`` runs it), over rows cut into ``--documents`` equal documents:
+One ``--pattern`` mixer (``+`` MLA, ``D`` DSA or ``*`` attention) of the preset's sizes, bf16 weights on CUDA, run
+eagerly (the FlexAttention kernel compiled, as the ops run it), over rows cut into ``--documents`` equal documents:
 
-- ``flex``: the layer as it runs, FlexAttention under the documents' block mask (``ops.attention.causal_attention``);
+- ``flex``: the layer as it runs, FlexAttention under the documents' block mask (``ops.attention.causal_attention``;
+  DSA: under its selection's, ``masked_attention``);
 - ``dense mask``: the same rows through SDPA under the dense (B, 1, L, L) mask, kernels for attention forced to torch
-  (what MLA ran before it took FlexAttention);
-- ``causal``: rows without documents, SDPA with cuDNN's kernel first, as ``causal_attention`` asks;
-- ``causal, SDPA's order``: the same with SDPA choosing its own backend (what MLA ran before).
+  (what MLA and DSA ran before they took FlexAttention);
+- ``causal``: rows without documents, SDPA with cuDNN's kernel first, as ``causal_attention`` asks (DSA: FlexAttention
+  under its selection, which is causal);
+- ``causal, SDPA's order``: the same with SDPA choosing its own backend (what MLA ran before; not for DSA).
 
 Per path: the median step over ``--rounds`` turns, the peak memory above what was allocated before the step, and the
 attention kernel the dispatch recorded. The layer's projections are the same in every path; only attention differs.
@@ -69,7 +72,7 @@ def step(model: HybridLM, x: torch.Tensor, doc_ids: torch.Tensor | None, grad: t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-1.3b")
-    ap.add_argument("--pattern", default="+", help="the one mixer: + (MLA) or * (attention)")
+    ap.add_argument("--pattern", default="+", help="the one mixer: + (MLA), D (DSA) or * (attention)")
     ap.add_argument("--shape", default="4x4096", help="BxL")
     ap.add_argument("--documents", type=int, default=4, help="equal documents a row for the packed paths")
     ap.add_argument("--rounds", type=int, default=7, help="steps of each path, taking turns; medians")
@@ -79,8 +82,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("packed_attention.py times CUDA kernels: no CUDA device here")
-    if args.pattern not in ("+", "*"):
-        raise SystemExit(f"--pattern must be '+' (MLA) or '*' (attention), not {args.pattern!r}")
+    if args.pattern not in ("+", "D", "*"):
+        raise SystemExit(f"--pattern must be '+' (MLA), 'D' (DSA) or '*' (attention), not {args.pattern!r}")
     B, L = (int(v) for v in args.shape.lower().split("x"))
     fields = {"pattern": args.pattern}
     for item in args.set:
@@ -96,10 +99,11 @@ def main() -> None:
     grad = torch.randn(B, L, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
     doc_ids = (torch.arange(L, device="cuda") * args.documents // L).expand(B, L)
 
-    times: dict[str, list[float]] = {name: [] for name in PATHS}
+    paths = {k: v for k, v in PATHS.items() if not (args.pattern == "D" and k == "causal, SDPA's order")}
+    times: dict[str, list[float]] = {name: [] for name in paths}
     peaks, kernels = {}, {}
     for r in range(args.rounds + 1):  # round 0 warms up (compiles FlexAttention and the block-mask builder)
-        for name, (packed, choose) in (PATHS if r % 2 else dict(reversed(PATHS.items()))).items():
+        for name, (packed, choose) in (paths if r % 2 else dict(reversed(paths.items()))).items():
             with choose():
                 model.zero_grad(set_to_none=True)
                 x.grad = None
@@ -124,7 +128,7 @@ def main() -> None:
     )
     print("\n| path | attention kernel | ms a step | peak MiB above the inputs | vs flex |\n|---|---|---:|---:|---:|")
     ref = statistics.median(times["flex"])
-    for name in PATHS:
+    for name in paths:
         ms = statistics.median(times[name])
         print(f"| {name} | {kernels[name]} | {ms:.2f} | {peaks[name] / MIB:,.0f} | {ms / ref:.2f}x |")
 

@@ -456,8 +456,9 @@ def test_mla_and_dsa_match_hugging_face_deepseek(case, packed, monkeypatch):
 def test_mla_and_dsa_in_bf16_on_gpu_at_4096_tokens_match_float64(case, monkeypatch):
     """A bf16 MLA or DSA layer on CUDA over 4096 tokens of four packed documents against the float64 reference: the
     output, DSA's indexer loss and the gradients, each within twice the error of the same reference run in bf16
-    (fed the same bf16 inputs and weights). MLA attends through FlexAttention (the dispatch records it); DSA selects
-    and takes its loss over the whole sequence at once or (``dsa-chunked``) in 8 chunks of 512 queries."""
+    (fed the same bf16 inputs and weights). Both attend through FlexAttention (the dispatch records it), MLA under the
+    documents' block mask, DSA under its selection's; DSA selects and takes its loss over the whole sequence at once
+    or (``dsa-chunked``) in 8 chunks of 512 queries."""
     from hybridlm.ops.dispatch import paths_used, reset_paths
 
     b, L, n = 1, 4096, 8
@@ -489,8 +490,7 @@ def test_mla_and_dsa_in_bf16_on_gpu_at_4096_tokens_match_float64(case, monkeypat
     aux = []
     reset_paths()
     y = layer(x, ctx, aux) if cls is DSA else layer(x, ctx)
-    if cls is MLA:
-        assert paths_used()["attention"] == "flex"
+    assert paths_used()["attention"] == ("flex" if cls is MLA else "flex_selection")
 
     refs = {dt: copy.deepcopy(layer).to(dt) for dt in (torch.float64, torch.bfloat16)}
     xs = {dt: x.detach().to(dt).requires_grad_() for dt in refs}

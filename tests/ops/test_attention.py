@@ -66,3 +66,55 @@ def test_flex_attention_under_the_document_block_mask_equals_the_dense_mask(monk
         q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=True
     )
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def random_selection(B: int, L: int, seed: int) -> torch.Tensor:
+    """(B, L, L) bool: causal, within three documents a row, and about half the keys each query may see dropped (as a
+    top-k drops them), every query keeping itself."""
+    from hybridlm.ops.attention import document_causal_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    seq_idx = torch.zeros(B, L, dtype=torch.long)
+    seq_idx[:, L // 3 :] += 1
+    seq_idx[0, L // 2 :] += 1
+    allowed = document_causal_mask(seq_idx)[:, 0]
+    keep = torch.rand(B, L, L, generator=gen) < 0.5
+    return allowed & (keep | torch.eye(L, dtype=torch.bool))
+
+
+def test_compiled_selection_block_mask_equals_eager():
+    """The selection's block mask (DSA's top-k on the GPU) from the compiled builder is the eager one's, and a second
+    selection of the same shape reuses the compilation."""
+    from torch._dynamo.utils import counters
+
+    from hybridlm.ops.attention import selection_block_mask
+
+    first, second = random_selection(2, 384, seed=0), random_selection(2, 384, seed=1)
+    got = selection_block_mask(first)
+    frames = counters["frames"]["ok"]
+    got2 = selection_block_mask(second)
+    assert counters["frames"]["ok"] == frames
+    for mine, sel in ((got, first), (got2, second)):
+        ref = flex.create_block_mask(lambda b, h, q, kv, sel=sel: sel[b, q, kv], 2, None, 384, 384)
+        a, b = block_tensors(mine), block_tensors(ref)
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert block_tensors(got)[0].sum() < 2 * 3 * 3  # (key blocks above the diagonal are skipped)
+
+
+def test_flex_attention_under_the_selection_block_mask_equals_the_dense_mask(monkeypatch):
+    """Query by query within the blocks: FlexAttention under the selection's block mask attends exactly the selected
+    keys, as SDPA under the dense mask does (masked_attention's two paths), with MLA's value heads of another width
+    and its own scale."""
+    import warnings
+
+    from hybridlm.ops.attention import masked_attention, selection_block_mask
+
+    monkeypatch.setitem(attention._COMPILED, flex.create_block_mask, flex.create_block_mask)  # eager: fast on CPU
+    selected = random_selection(2, 128, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 128, 24, generator=gen) for _ in range(2))
+    v = torch.randn(2, 3, 128, 16, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention warns that it is not the fused kernel
+        got = flex.flex_attention(q, k, v, block_mask=selection_block_mask(selected), scale=0.3)
+    torch.testing.assert_close(got, masked_attention(q, k, v, selected, scale=0.3), rtol=1e-5, atol=1e-5)

@@ -141,16 +141,17 @@ def test_gated_attention_saves_its_gate_and_gated_output():
 
 @pytest.mark.parametrize("wide", [True, False])
 def test_a_dense_mask_is_kept_only_where_packed_rows_take_one(wide):
-    """Attention's and MLA's packed rows take FlexAttention (heads of at least FLEX_MIN_HEAD_DIM), which keeps no mask.
-    Narrower heads take SDPA under the dense mask, as DSA's top-k always does, and SDPA keeps it as a bf16 bias (a
-    value per key a token). (Their FLOPs: tests/plan/test_planner.py::test_attention_scores_are_counted_causally.)"""
+    """Attention's and MLA's packed rows take FlexAttention (heads of at least FLEX_MIN_HEAD_DIM), which keeps no mask;
+    DSA's keeps its selection for FlexAttention's mask_mod (a byte, half an element, a key). Narrower heads take SDPA
+    under the dense mask, and SDPA keeps it as a bf16 bias (a value per key a token). (Their FLOPs:
+    tests/plan/test_planner.py::test_attention_scores_are_counted_causally.)"""
     from hybridlm.plan import cost
 
     L = 256
     heads = dict(num_attention_heads=2, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16) if wide else {}
-    for s, dense in (("*", not wide), ("+", not wide), ("D", True)):
+    for s, flex in (("*", 0), ("+", 0), ("D", L / 2)):
         c = tiny_config(s, **{**MLA_TINY, **heads})
-        assert cost._saved_elements(c, s, L) == cost._saved_elements(c, s, 0) + (L if dense else 0), s
+        assert cost._saved_elements(c, s, L) == cost._saved_elements(c, s, 0) + (flex if wide else L), s
 
 
 def test_the_shared_expert_gate_saves_the_shared_output_and_one_gate_per_token():

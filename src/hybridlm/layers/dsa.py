@@ -11,8 +11,11 @@ The indexer (float32 here, float64 in a float64 model), with ``n = dsa_indexer_n
 
 Each query keeps the ``dsa_indexer_topk`` keys with the largest ``I(t, s)`` among those it may see
 (``s <= t``, same document; ties go to the earlier position), and MLA's attention runs over those
-keys only. Here that is dense attention with a mask (reference-grade: no sparse kernel, so the cost
-is that of dense attention; :meth:`DSA.flops_per_token` counts what runs).
+keys only. Here that is attention under the selection as a mask (no gather kernel): on CUDA
+FlexAttention under the selection's block mask, which skips the key blocks no query of a block selects
+(above the diagonal, other documents) but computes every other block whole; elsewhere SDPA under the
+dense mask (:func:`~hybridlm.ops.attention.masked_attention`). :meth:`DSA.flops_per_token` counts
+dense attention, the MFU convention.
 
 The indexer reads ``x`` and ``c_q`` detached, and its selection is discrete, so the language-model
 loss never reaches it and its own loss never reaches the rest of the model (the paper trains the two
@@ -40,6 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..ops.attention import masked_attention
 from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
@@ -251,7 +255,10 @@ class DSA(MLA):
             aux_losses.append(c.dsa_indexer_loss_coeff * loss)
         else:
             _, selected = self.select(x, c_q, ctx.position_ids, allowed, scored=False)
-        return self.o_proj(self.attend(q, k, v, selected.unsqueeze(1)))
+        # FlexAttention under the selection's block mask on CUDA (no key block above the diagonal or in another
+        # document is computed; the backward keeps the selection, not SDPA's bf16 bias of it), else SDPA
+        o = masked_attention(*(t.transpose(1, 2) for t in (q, k, v)), selected, self.softmax_scale)
+        return self.o_proj(self.merge_heads(o))
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
         """MLA's latents plus the indexer's keys, index_k (B, max_len, dsa_indexer_head_dim) float32 (float64 in

@@ -163,15 +163,15 @@ class MLA(nn.Module):
         k, v = self.expand_latent(*self.project_latent(x, cos, sin))
         return q, k, v, c_q
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Softmax attention through SDPA: q, k (B, L, nh, dn+dr), v (B, L, nh, dv), mask (B|1, 1, L, L) bool
-        or None for plain causal -> (B, L, nh * dv)."""
-        b, seqlen = q.shape[:2]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmax attention through SDPA over expanded cached keys: q (B, L, nh, dn+dr), k (B, S, nh, dn+dr),
+        v (B, S, nh, dv), mask (B|1, 1, L, S) bool -> (B, L, nh * dv)."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale))
+
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention's output (B, nh, L, dv) -> (B, L, nh * dv), ``o_proj``'s input."""
+        b, _, seqlen, _ = o.shape
         return o.transpose(1, 2).reshape(b, seqlen, self.nh * self.dv)
 
     def attend_latent(
@@ -206,7 +206,6 @@ class MLA(nn.Module):
         if ctx.cache is not None:
             return self._forward_cached(x, ctx)
         q, k, v, _ = self.qkv(x, ctx.position_ids)
-        b, seqlen = q.shape[:2]
         # Packed rows on CUDA take FlexAttention under the documents' block mask, as '*' does: SDPA under the dense
         # mask kept it as a bf16 bias for the backward (128 MiB a layer at 4 x 4096) and scored every pair of
         # positions, the other documents' too.
@@ -217,7 +216,7 @@ class MLA(nn.Module):
             dense_mask=ctx.attention_mask,
             scale=self.softmax_scale,
         )
-        return self.o_proj(o.transpose(1, 2).reshape(b, seqlen, self.nh * self.dv))
+        return self.o_proj(self.merge_heads(o))
 
     # -- decoding (the protocol of ``layers/cache.py``) -------------------------------------------------
 

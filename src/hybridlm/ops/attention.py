@@ -1,6 +1,6 @@
 """Causal attention over packed rows: document masking without a dense (B, 1, L, L) mask on the GPU.
 
-Three paths, one function (:func:`causal_attention`), chosen by :mod:`hybridlm.ops.dispatch`:
+Three paths, one function (:func:`causal_attention`), chosen by :mod:`hybridlm.ops.dispatch` (op ``attention``):
 
 - no document boundaries: ``scaled_dot_product_attention(is_causal=True)``, with cuDNN's kernel
   asked for first on CUDA (measured 1.8× the flash backend on an H200, gpu_stack.md §4);
@@ -8,6 +8,10 @@ Three paths, one function (:func:`causal_attention`), chosen by :mod:`hybridlm.o
   forward (:func:`document_block_mask`): fully masked key blocks are skipped, nothing is O(L²) in
   memory;
 - document boundaries elsewhere (the CPU reference): SDPA with the dense boolean mask.
+
+Attention under any per-query selection of keys (DSA's top-k, :func:`masked_attention`) takes FlexAttention on CUDA
+too, its block mask built from the selection: the key blocks no query of a block selects (above the diagonal, other
+documents) are skipped, and the backward keeps the selection (a byte a key and query), not SDPA's bf16 bias of it.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ FLEX_MIN_HEAD_DIM = 16
 
 
 def use_flex(seq_idx: torch.Tensor | None, head_dim: int, dtype: torch.dtype | None = None) -> bool:
-    """True when packed attention runs through FlexAttention (CUDA, kernels not forced to torch,
-    heads of at least :data:`FLEX_MIN_HEAD_DIM`, inputs of ``dtype`` other than float64: a float64
-    model is a reference and takes SDPA's math backend, which computes in float64)."""
+    """True when packed attention runs through FlexAttention: ``seq_idx`` (the document ids, or a selection mask) on
+    CUDA, kernels not forced to torch, heads of at least :data:`FLEX_MIN_HEAD_DIM`, inputs of ``dtype`` other than
+    float64 (a float64 model is a reference and takes SDPA's math backend, which computes in float64)."""
     return (
         seq_idx is not None
         and seq_idx.is_cuda
@@ -79,6 +83,24 @@ def document_block_mask(seq_idx: torch.Tensor):
         return (q >= kv) & (seq_idx[b, q] == seq_idx[b, kv])
 
     return _compiled_once(create_block_mask)(mask_mod, B, None, L, L, device=seq_idx.device)
+
+
+def selection_block_mask(selected: torch.Tensor):
+    """FlexAttention block mask (and mask_mod) of a dense selection: query t of row b sees key s iff ``selected[b, t, s]``.
+
+    Built by the compiled ``create_block_mask``, as :func:`document_block_mask` is (one compilation per shape).
+
+    Args:
+        selected: (B, L, S) bool.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L, S = selected.shape
+
+    def mask_mod(b, h, q, kv):
+        return selected[b, q, kv]
+
+    return _compiled_once(create_block_mask)(mask_mod, B, None, L, S, device=selected.device)
 
 
 def _flex():
@@ -170,3 +192,26 @@ def causal_attention(
     record("attention", "sdpa_dense_mask")
     mask = dense_mask() if dense_mask is not None else document_causal_mask(seq_idx)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of each query over the keys it selects (DSA's top-k, already within its document and causal).
+
+    FlexAttention under :func:`selection_block_mask` where :func:`use_flex` allows it (CUDA, heads of at least
+    :data:`FLEX_MIN_HEAD_DIM`, not float64, the ``attention`` op not forced to torch); else SDPA under the dense mask.
+
+    Args:
+        q, k: (B, H, L, D), (B, H, S, D); v: (B, H, S, Dv).
+        selected: (B, L, S) bool, every query selecting at least one key.
+        scale: the scores' factor; None for ``D ** -0.5``.
+
+    Returns:
+        (B, H, L, Dv).
+    """
+    if use_flex(selected, min(q.shape[-1], v.shape[-1]), q.dtype):
+        record("attention", "flex_selection")
+        return _flex()(q, k, v, block_mask=selection_block_mask(selected), scale=scale)
+    record("attention", "sdpa_dense_mask")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=selected.unsqueeze(1), scale=scale)

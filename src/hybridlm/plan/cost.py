@@ -164,16 +164,25 @@ def _mult(c: ModelConfig) -> int:
     return 3 if c.mlp_activation == "swiglu" else 2
 
 
-def _dense_mask(c: ModelConfig, s: str) -> bool:
-    """Whether training's packed rows reach a layer's attention (``*``, ``+``, ``D``) on the GPU as a dense
-    (B, 1, L, L) mask, which SDPA keeps as a bf16 bias and which skips no key: DSA's top-k mask always; the documents
-    of attention and MLA only with heads narrower than FlexAttention takes (``ops.attention.FLEX_MIN_HEAD_DIM``; the
-    head sizes ``HybridLM.flex_head_dims`` asks with), else FlexAttention skips the blocks the documents and
-    causality mask and keeps no mask."""
-    if s == "D":
-        return True
+def _takes_flex(c: ModelConfig, s: str) -> bool:
+    """Whether a layer's attention (``*``, ``+``, ``D``) trains through FlexAttention on the GPU: heads of at least
+    ``ops.attention.FLEX_MIN_HEAD_DIM`` (the sizes ``HybridLM.flex_head_dims`` asks with). It skips the key blocks
+    that causality, the documents (or DSA's selection) mask. Narrower heads take SDPA under a dense (B, 1, L, L) mask,
+    which skips no key and which SDPA keeps as a bf16 bias (a value per key a token) for the backward."""
     heads = {"*": c.resolved_head_dim, "+": min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim)}
-    return s in heads and heads[s] < FLEX_MIN_HEAD_DIM
+    heads["D"] = heads["+"]
+    return s in heads and heads[s] >= FLEX_MIN_HEAD_DIM
+
+
+def _mask_elements(c: ModelConfig, s: str, seq_len: int) -> float:
+    """Elements per token (bf16-equivalent) an attention layer keeps of its mask: SDPA's bf16 bias of a dense mask
+    (:func:`_takes_flex`), or under FlexAttention DSA's selection, which its mask_mod reads (a byte a key); the
+    documents' block mask is a few blocks' indices, nothing per token."""
+    if s not in "*+D":
+        return 0
+    if not _takes_flex(c, s):
+        return seq_len
+    return seq_len / 2 if s == "D" else 0
 
 
 def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
@@ -202,9 +211,9 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
         hq, hkv, d = c.num_attention_heads, c.resolved_num_query_groups, c.resolved_head_dim
         # q, k, v, output; with the output gate also the gate and the gated output (its sigmoid and product are
         # elementwise: a compiled block, like Megatron's fused gate, recomputes them from those two); the flash
-        # kernel's fp32 log-sum-exp per head; a dense mask's bf16 bias (_dense_mask)
+        # kernel's fp32 log-sum-exp per head; a dense mask's bf16 bias (_mask_elements)
         saved = n + ((4 if c.attention_output_gate else 2) * hq + 2 * hkv) * d + 2 * hq
-        return saved + (seq_len if _dense_mask(c, s) else 0)
+        return saved + _mask_elements(c, s, seq_len)
     if s == "M":
         h, p, g, N = c.resolved_mamba_num_heads, c.mamba_head_dim, c.mamba_num_groups, c.mamba_state_dim
         di = h * p
@@ -221,10 +230,9 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
     if s in "+D":
         h, dqk, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
         rq = c.q_lora_rank or 0
-        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; a dense mask
-        # (_dense_mask) is kept by SDPA as a bf16 bias over the keys
+        # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; the mask
         saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv)
-        saved += seq_len if _dense_mask(c, s) else 0
+        saved += _mask_elements(c, s, seq_len)
         if s == "D" and c.dsa_indexer_loss_coeff > 0:
             # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
             # gradient), and its chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
@@ -449,13 +457,13 @@ def estimate_costs(
         f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
         f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
-        if s in "*+" and not _dense_mask(c, s):
-            # flops_per_token counts scores over all keys (the MFU convention); a causal kernel
-            # skips the masked half, and time is what the planner balances. The part that grows
-            # with seq_len is exactly the scores and weighted values. Under a dense mask (DSA's
-            # top-k; _dense_mask) attention skips nothing: it pays for every key.
-            core = mixer_class(s).flops_per_token(c, seq_len) - mixer_class(s).flops_per_token(c, 0)
-            flops -= core / 2 * T
+        if _takes_flex(c, s):
+            # flops_per_token counts scores over all keys (the MFU convention); FlexAttention skips
+            # the key blocks above the diagonal, and time is what the planner balances. The part of
+            # attention's (MLA's for DSA, whose indexer scores every key) that grows with seq_len is
+            # exactly the scores and weighted values. Under a dense mask attention pays for every key.
+            core = mixer_class("+" if s == "D" else s)
+            flops -= (core.flops_per_token(c, seq_len) - core.flops_per_token(c, 0)) / 2 * T
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
         return _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
                            min(f8_flops, flops), f8)  # fmt: skip
