@@ -236,11 +236,12 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
         if s == "D" and c.dsa_indexer_loss_coeff > 0:
             # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
             # gradient), and its chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
-            # indexer's fp32 keys and their norm's statistics, and the keys' mask (a byte per key; one mask serves
-            # every layer, so this counts it once too often per layer after the first). Measured compiled on the
-            # CPU at tiny sizes (within 40 bytes a token); before the chunks it kept 3 bytes per key and index head
-            # and 9 more on an H100 (13 GiB a layer at 4 x 4096; docs/benchmarks.md, fifty-fifth session).
-            saved += seq_len / 2 + 2 * c.dsa_indexer_head_dim + 24
+            # indexer's fp32 keys and their norm's statistics, and a byte per key of selection, which FlexAttention
+            # keeps anyway (_mask_elements; under SDPA's bias it is one more). Measured compiled on the CPU at tiny
+            # sizes (within 40 bytes a token) and on an H100 at half bench-1.3b's width (within 0.3 %, fifty-sixth
+            # session); before the chunks it kept 3 bytes per key and index head and 9 more on an H100 (13 GiB a
+            # layer at 4 x 4096; docs/benchmarks.md, fifty-fifth session).
+            saved += 2 * c.dsa_indexer_head_dim + 24 + (0 if _takes_flex(c, s) else seq_len / 2)
         return saved
     mixer = mixer_class(s)  # a symbol no mixer implements is refused as the model refuses it
     raise NotImplementedError(
