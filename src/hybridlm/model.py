@@ -378,6 +378,13 @@ def allocate(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module._apply(empty)
 
 
+def attention_head_dims(config: ModelConfig) -> dict[str, int]:
+    """Per attention kind (``*``, ``+``, ``D``) the head size :func:`~hybridlm.ops.attention.use_flex` is asked with:
+    attention's ``head_dim``, and MLA's and DSA's smaller of their query/key and value heads."""
+    mla = min(config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim)
+    return {"*": config.resolved_head_dim, "+": mla, "D": mla}
+
+
 class HybridLM(nn.Module):
     """A hybrid language model laid out by ``config.pattern``.
 
@@ -544,15 +551,11 @@ class HybridLM(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def flex_head_dims(self) -> list[int]:
-        """The head size each layer kind that attends through :func:`~hybridlm.ops.attention.causal_attention` hands
-        :func:`~hybridlm.ops.attention.use_flex`: ``*``'s, and MLA's smaller of its query/key and value heads
-        (``D`` attends under its own selection's dense mask)."""
-        c, symbols = self.config, self.config.symbols
-        return [
-            d
-            for kind, d in (("*", c.resolved_head_dim), ("+", min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim)))
-            if kind in symbols
-        ]
+        """The head size (:func:`attention_head_dims`) of each layer kind of the model that attends through
+        :func:`~hybridlm.ops.attention.causal_attention`, so under the documents' block mask: ``*`` and ``+`` (``D``
+        builds a block mask of its own selection in each layer)."""
+        dims = attention_head_dims(self.config)
+        return [dims[kind] for kind in "*+" if kind in self.config.symbols]
 
     def make_context(
         self,

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
 from ..layers import mixer_class
-from ..model import HybridLM
+from ..model import HybridLM, attention_head_dims
 from ..ops.attention import FLEX_MIN_HEAD_DIM
 from ..ops.cross_entropy import DEFAULT_CHUNK
 from ..ops.float8 import float8_linears
@@ -166,11 +166,10 @@ def _mult(c: ModelConfig) -> int:
 
 def _takes_flex(c: ModelConfig, s: str) -> bool:
     """Whether a layer's attention (``*``, ``+``, ``D``) trains through FlexAttention on the GPU: heads of at least
-    ``ops.attention.FLEX_MIN_HEAD_DIM`` (the sizes ``HybridLM.flex_head_dims`` asks with). It skips the key blocks
+    ``ops.attention.FLEX_MIN_HEAD_DIM`` (``model.attention_head_dims``). It skips the key blocks
     that causality, the documents (or DSA's selection) mask. Narrower heads take SDPA under a dense (B, 1, L, L) mask,
     which skips no key and which SDPA keeps as a bf16 bias (a value per key a token) for the backward."""
-    heads = {"*": c.resolved_head_dim, "+": min(c.qk_head_dim + c.qk_pos_emb_head_dim, c.v_head_dim)}
-    heads["D"] = heads["+"]
+    heads = attention_head_dims(c)
     return s in heads and heads[s] >= FLEX_MIN_HEAD_DIM
 
 
