@@ -1,10 +1,24 @@
-"""Kernel settings (module-level upper-case constants of ``hybridlm.ops`` modules) set from the
-command line, as ``MODULE.KNOB=N``: the launchers read them at every call, so a setting takes effect
-at once, compiled graphs included (the kernels are opaque custom ops there)."""
+"""Settings from the command line: kernel settings (module-level upper-case constants of ``hybridlm.ops`` modules),
+as ``MODULE.KNOB=N``: the launchers read them at every call, so a setting takes effect at once, compiled graphs
+included (the kernels are opaque custom ops there); and model fields, as ``FIELD=VALUE`` (:func:`model_fields`)."""
 
 from __future__ import annotations
 
 import importlib
+import json
+
+
+def model_fields(items: list[str]) -> dict[str, object]:
+    """``{FIELD: VALUE}`` of ``FIELD=VALUE`` items (a benchmark's repeatable ``--set``), each value read as JSON, or
+    as a bare string where it is not JSON."""
+    fields = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            fields[name] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[name] = value
+    return fields
 
 
 def parse(item: str) -> tuple[object, str, int | None]:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 
 import torch
 import torch.nn.functional as F
+from knobs import model_fields  # this folder is on the path when run as a script
 
 from hybridlm import ModelConfig
 from hybridlm.model import HybridLM
@@ -85,14 +85,7 @@ def main() -> None:
     if args.pattern not in ("+", "D", "*"):
         raise SystemExit(f"--pattern must be '+' (MLA), 'D' (DSA) or '*' (attention), not {args.pattern!r}")
     B, L = (int(v) for v in args.shape.lower().split("x"))
-    fields = {"pattern": args.pattern}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            fields[name] = json.loads(value)
-        except json.JSONDecodeError:
-            fields[name] = value
-    config = ModelConfig.preset(args.preset, **fields)
+    config = ModelConfig.preset(args.preset, pattern=args.pattern, **model_fields(args.set))
     model = HybridLM(config, seed=0, device="cuda", dtype=torch.bfloat16)
     gen = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(B, L, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()

@@ -9,8 +9,8 @@
 One model of one block of each distinct kind of the preset's pattern, at its real sizes, compiled as training compiles
 it (``--no-compile``: eager), its linear layers float8 with ``--float8`` (``--float8-auto-filter`` as
 ``train.float8_auto_filter``); one training step under bf16 autocast on rows cut into ``--documents`` documents each, as
-training's packed rows are (document boundaries give DSA a dense mask; on the GPU MLA and attention take
-FlexAttention, which keeps none), each block's saved tensors measured by
+training's packed rows are (on the GPU attention and MLA then take FlexAttention, which keeps no mask, and DSA keeps
+its selection for it; on the CPU they keep a dense mask), each block's saved tensors measured by
 ``hybridlm.plan.measure.saved_bytes``. Prints per block kind the measured MiB, the plan's (its ``act_bytes`` plus the
 bf16 copies autocast makes of the weights the block does not run in float8) and their ratio: where the planner's
 memory model (``plan.cost._saved_elements``, ``_float8_unsaved``) is off, by kind. On the GPU the kernels are the
@@ -20,9 +20,9 @@ Triton ones training runs; on the CPU the plain-torch references, which keep mor
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from knobs import model_fields  # this folder is on the path when run as a script
 
 from hybridlm import ModelConfig
 from hybridlm.model import HybridLM
@@ -83,13 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     B, L = (int(x) for x in args.shape.lower().split("x"))
     fields = {"pattern": args.pattern} if args.pattern else {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            fields[name] = json.loads(value)
-        except json.JSONDecodeError:
-            fields[name] = value  # (a bare string)
-    config = ModelConfig.preset(args.preset, **fields)
+    config = ModelConfig.preset(args.preset, **fields, **model_fields(args.set))
     compiled = not args.no_compile
     print(
         f"{args.preset}{f' ({args.pattern})' if args.pattern else ''}{''.join(f', {x}' for x in args.set)} {B}x{L} "

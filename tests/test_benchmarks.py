@@ -406,9 +406,10 @@ def test_plan_vs_measure_costs_every_layout_with_the_measured_times(capsys):
     assert all(float(line.split()[-1]) >= 1.0 for line in layouts), out
 
 
-def test_saved_bytes_measures_each_block_kind_beside_the_plans_count():
+def test_saved_bytes_measures_each_block_kind_beside_the_plans_count(monkeypatch):
     """benchmarks/saved_bytes.py's rows: one per distinct block kind, in pattern order, both sides positive (eager
     blocks here; the comparison with compiled ones is tests/plan/test_cost.py's)."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))  # (it imports knobs' model_fields)
     spec = importlib.util.spec_from_file_location("saved_bytes_bench", _PATH.parent / "saved_bytes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

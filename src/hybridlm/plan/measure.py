@@ -78,8 +78,8 @@ def measure_times(
     ids = torch.randint(0, config.vocab_size, (B, L), device=dev, generator=gen)
     x = torch.randn(B, L, H, device=dev, generator=gen)
     # Training always passes its rows' document ids, which send attention through the document-masked path
-    # (FlexAttention's block mask on CUDA for attention and MLA, a dense mask for DSA) and the scans through their
-    # per-document one: one document per row takes the same kernels.
+    # (on CUDA FlexAttention: attention and MLA under the documents' block mask, DSA under its selection's) and the
+    # scans through their per-document one: one document per row takes the same kernels.
     ctx = model.make_context(B, L, dev, doc_ids=torch.zeros(B, L, dtype=torch.long, device=dev))
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -110,8 +110,8 @@ def measure_times(
 
 def saved_bytes(model, ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[int]:
     """Bytes each main block of ``model`` (a :class:`~hybridlm.model.HybridLM`) keeps for its backward in one training
-    step on ``ids`` (B, L) (``doc_ids`` (B, L): its rows' documents, as training passes them: MLA and DSA then attend
-    through a dense mask), under bf16 autocast as training runs (compile the blocks first to see what compiled
+    step on ``ids`` (B, L) (``doc_ids`` (B, L): its rows' documents, as training passes them; on the CPU attention,
+    MLA and DSA then attend under a dense mask), under bf16 autocast as training runs (compile the blocks first to see what compiled
     training keeps): the distinct tensors packed while the block runs (``torch.autograd.graph.saved_tensors_hooks``),
     its parameters left out (they stay anyway; a bf16 copy autocast makes of one counts). Runs the forward and
     backward; what :func:`hybridlm.plan.cost.estimate_costs` counts as a block's ``act_bytes`` (and its weights'
