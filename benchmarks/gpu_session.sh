@@ -86,6 +86,10 @@ for stage in "$@"; do
             --mtp-cost "${DEPTHS:-2}" --rounds "${ROUNDS:-3}" --mtp-profile ;;  # a speculative round's cost, every draft kept / none
     dsagpu) run dsagpu 240 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_mla.py \
             tests/infer/test_cache_mla.py ;;  # DSA in bf16 at 4096 tokens, its selection whole and in chunks; MLA decoding
+    indexer) run indexer 540 90 bash -c "rc=0; python3 -m pytest -q -p no:cacheprovider -m 'gpu or not gpu' \
+            tests/ops/test_indexer.py tests/layers/test_mla.py || rc=1; python3 benchmarks/dsa_indexer.py --tune || rc=1; \
+            python3 benchmarks/dsa_indexer.py || rc=1; python3 benchmarks/packed_attention.py --pattern D --rounds 5 || rc=1; \
+            exit \$rc" ;;  # DSA's indexer kernels: tests (the layer's GPU tests too), tiles, against torch, the layer
     packedattn) run packedattn 300 40 bash -c "for p in + D '*'; do python3 benchmarks/packed_attention.py --pattern \"\$p\"; \
             done" ;;  # MLA, DSA and attention by path: flex, dense mask, causal
     plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind

@@ -14,7 +14,9 @@ eagerly (the FlexAttention kernel compiled, as the ops run it), over rows cut in
   (what MLA and DSA ran before they took FlexAttention);
 - ``causal``: rows without documents, SDPA with cuDNN's kernel first, as ``causal_attention`` asks (DSA: FlexAttention
   under its selection, which is causal);
-- ``causal, SDPA's order``: the same with SDPA choosing its own backend (what MLA ran before; not for DSA).
+- ``causal, SDPA's order``: the same with SDPA choosing its own backend (what MLA ran before; not for DSA);
+- ``flex, indexer on torch`` (DSA only): ``flex`` with the indexer's scores and top-k on their torch references
+  (``ops.indexer``: per-head products, a sort), what DSA ran before its indexer kernels.
 
 Per path: the median step over ``--rounds`` turns, the peak memory above what was allocated before the step, and the
 attention kernel the dispatch recorded. The layer's projections are the same in every path; only attention differs.
@@ -58,7 +60,9 @@ PATHS = {  # name: (documents?, context that chooses the path)
     "dense mask": (True, lambda: use_kernels("auto,attention=torch")),
     "causal": (False, contextlib.nullcontext),
     "causal, SDPA's order": (False, sdpa_default_order),
+    "flex, indexer on torch": (True, lambda: use_kernels("auto,index_scores=torch,index_topk=torch")),
 }
+NOT_FOR = {"D": ("causal, SDPA's order",), "+": ("flex, indexer on torch",), "*": ("flex, indexer on torch",)}
 
 
 def step(model: HybridLM, x: torch.Tensor, doc_ids: torch.Tensor | None, grad: torch.Tensor) -> None:
@@ -92,7 +96,7 @@ def main() -> None:
     grad = torch.randn(B, L, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
     doc_ids = (torch.arange(L, device="cuda") * args.documents // L).expand(B, L)
 
-    paths = {k: v for k, v in PATHS.items() if not (args.pattern == "D" and k == "causal, SDPA's order")}
+    paths = {k: v for k, v in PATHS.items() if k not in NOT_FOR[args.pattern]}
     times: dict[str, list[float]] = {name: [] for name in paths}
     peaks, kernels = {}, {}
     for r in range(args.rounds + 1):  # round 0 warms up (compiles FlexAttention and the block-mask builder)
@@ -112,14 +116,17 @@ def main() -> None:
             if r:
                 times[name].append(start.elapsed_time(end))
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() - base)
-                kernels[name] = paths_used().get("attention", "?")
+                used = paths_used()  # (DSA: its indexer's scores and top-k too)
+                kernels[name] = ", ".join(used[op] for op in ("attention", "index_scores", "index_topk") if op in used)
 
     print(
         f"{args.preset} '{args.pattern}'{''.join(f', {s}' for s in args.set)}, {B}x{L}, bf16, "
         f"{args.documents} documents a row for the packed paths, {torch.cuda.get_device_name()}, "
         f"torch {torch.__version__}, medians of {args.rounds}"
     )
-    print("\n| path | attention kernel | ms a step | peak MiB above the inputs | vs flex |\n|---|---|---:|---:|---:|")
+    print(
+        "\n| path | kernels (attention, indexer) | ms a step | peak MiB above the inputs | vs flex |\n|---|---|---:|---:|---:|"
+    )
     ref = statistics.median(times["flex"])
     for name in paths:
         ms = statistics.median(times[name])

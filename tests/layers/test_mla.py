@@ -18,9 +18,10 @@ from hybridlm.infer.cache import InferenceCache
 from hybridlm.layers import DSA, MLA
 from hybridlm.layers import dsa as dsa_module
 from hybridlm.layers.context import SequenceContext, positions_in_segment
-from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference, select_topk
+from hybridlm.layers.dsa import dsa_reference, indexer_scores_reference
 from hybridlm.layers.mla import causal_document_mask, mla_queries_keys_values_reference, mla_reference
 from hybridlm.layers.rope import Yarn, rope_frequencies
+from hybridlm.ops.indexer import index_scores, select_topk
 from tests.helpers import MLA_TINY, assert_rel_close, hf_rope_parameters, rel_err, tiny_config
 from tests.layers.test_mixers import SEQLEN, YARN, context, make
 from tests.ops.test_ssd import docs
@@ -166,11 +167,11 @@ def test_indexer_stays_float32_under_autocast_and_in_bf16():
         _, _, _, c_q = layer.qkv(x, pos)
         q, w = ix.queries(x, c_q, cos, sin)
         k = ix.keys(x, cos, sin)
-        scores = ix.scores(q, w, k)
+        scores = index_scores(q, w, k)
         aux_losses = []
         layer(x, ctx, aux_losses)
     assert q.dtype == w.dtype == k.dtype == scores.dtype == aux_losses[0].dtype == torch.float32
-    assert torch.equal(scores, ix.scores(q, w, k))  # the same float32 computation as without autocast
+    assert torch.equal(scores, index_scores(q, w, k))  # the same float32 computation as without autocast
 
     model = HybridLM(tiny_config("D-", **MLA_TINY), dtype=torch.bfloat16)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}

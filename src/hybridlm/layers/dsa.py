@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..ops.attention import masked_attention
+from ..ops.indexer import index_scores, select_topk
 from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
@@ -92,32 +93,10 @@ class Indexer(nn.Module):
             k = F.layer_norm(k.to(acc), (self.d,), norm.weight.to(acc), norm.bias.to(acc), norm.eps)
             return apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
 
-    @staticmethod
-    def scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``I(t, s) = sum_j w_j(t) ReLU(q_j(t) · k(s))``: q (B, T, n, d), w (B, T, n), k (B, S, d) -> (B, T, S)."""
-        with _float32(q):  # (keys cached in another dtype than the model's are read in the queries')
-            return torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)).relu(), w)
-
 
 def _float32(t: torch.Tensor) -> torch.autocast:
     """A region where autocast is off, so the indexer's float32 math stays float32 under bf16 autocast."""
     return torch.autocast(t.device.type, enabled=False)
-
-
-def select_topk(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` allowed keys with the highest scores per query (all of them when fewer are allowed).
-
-    Args:
-        scores: (B, T, S) float.
-        allowed: (B|1, T, S) bool.
-
-    Returns:
-        (B, T, S) bool. A stable sort breaks ties toward the earlier key, so training and decoding
-        (which see different key ranges) choose alike.
-    """
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : min(k, scores.shape[-1])]
-    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True) & allowed
 
 
 def indexer_kl_rows(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -170,30 +149,40 @@ class DSA(MLA):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Index scores (B, L, L) (None unless ``scored``: the forward needs none) and the selected keys (B, L, L)
         bool of a whole sequence, without gradients (the selection is discrete; with the indexer loss
-        :meth:`select_with_loss` selects instead), in chunks of queries (:func:`query_chunks`)."""
+        :meth:`select_with_loss` selects instead), in chunks of queries (:func:`query_chunks`).
+
+        ``allowed`` must be causal (no key after its query): unless ``scored``, the keys after the diagonal are
+        not scored at all (:func:`~hybridlm.ops.indexer.index_scores`' ``diagonal``)."""
         cos, sin = self.rope(position_ids)
         with torch.no_grad():
             x, c_q = x.detach(), c_q.detach()  # the indexer learns from its own loss only
-            return self._chunked_selection(x, c_q, cos, sin, self.indexer.keys(x, cos, sin), allowed, scored)
+            keys = self.indexer.keys(x, cos, sin)
+            return self._chunked_selection(x, c_q, cos, sin, keys, allowed, scored, causal=not scored)
 
     def _chunked_selection(
-        self, x, c_q, cos, sin, keys, allowed, scored: bool = False
+        self, x, c_q, cos, sin, keys, allowed, scored: bool = False, causal: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The queries' index scores (B, T, S) (``scored``; else None) and selected keys (B, T, S) bool against
-        ``keys`` (B, S, d), chunk by chunk (:func:`query_chunks`); ``allowed`` (B|1, T, S) bool."""
+        ``keys`` (B, S, d), chunk by chunk (:func:`query_chunks`); ``allowed`` (B|1, T, S) bool. ``causal``: query
+        ``t`` is key ``t`` (a whole sequence), so no key after it is scored."""
         B, T, S = x.shape[0], x.shape[1], keys.shape[1]
         scores, selected = [], []
         for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size()):
-            part = self._score_and_select(x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b])
+            part = self._score_and_select(
+                x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], keys, allowed[:, a:b], a if causal else None
+            )
             if scored:  # (else each chunk's scores go as soon as it has selected)
                 scores.append(part[0])
             selected.append(part[1])
         return (_joined(scores) if scored else None), _joined(selected)  # (a decode step: one chunk, no copy)
 
-    def _score_and_select(self, x, c_q, cos, sin, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk of queries: its index scores (B, C, S) and selected keys (B, C, S) bool."""
+    def _score_and_select(
+        self, x, c_q, cos, sin, keys, allowed, diagonal: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries: its index scores (B, C, S) and selected keys (B, C, S) bool (``diagonal``: see
+        :func:`~hybridlm.ops.indexer.index_scores`)."""
         iq, iw = self.indexer.queries(x, c_q, cos, sin)
-        scores = self.indexer.scores(iq, iw, keys)
+        scores = index_scores(iq, iw, keys, diagonal)
         return scores, select_topk(scores.detach(), allowed, self.config.dsa_indexer_topk)
 
     def select_with_loss(

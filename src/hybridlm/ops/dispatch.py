@@ -52,6 +52,8 @@ OPS = (
     "moe_route",
     "cross_entropy",
     "top_p",
+    "index_scores",
+    "index_topk",
 )
 
 _mode: str | None = None  # set by set_kernels(); None = read the environment

@@ -1,0 +1,138 @@
+"""The lightning indexer's two steps on CUDA, reference against kernel, time and error (DeepSeek sparse attention).
+
+    python benchmarks/dsa_indexer.py                        # 4 x 4096, 64 index heads of 128, top-k 2048
+    python benchmarks/dsa_indexer.py --shape 1x32768 --heads 64 --dim 128 --topk 2048
+    python benchmarks/dsa_indexer.py --tune                 # the scores kernel's tiles, warps and channel slices
+    python benchmarks/dsa_indexer.py --set indexer_triton.D_CHUNK=64
+
+``scores``: ``index_scores`` over a whole sequence, in the DSA layer's chunks of queries (``dsa.query_chunks``), each
+chunk causal (its ``diagonal``): the torch reference (per-head products in float32), then the Triton kernel at each
+``INPUT_PRECISION`` (tf32x3, ieee, tf32). Error: max |scores - float64| / max |float64| over the first
+``--check-rows`` queries of row 0 (the float64 reference's cost grows with them), beside the float32 reference's.
+
+``top-k``: ``select_topk`` of those scores under the causal mask, the stable sort against the bisection kernel, and
+whether the two kept the same keys (they must, exactly).
+
+Inputs are random, as the layer makes them: q and k bf16-rounded then float32 (projections of a bf16 model), k
+layer-normed, the head weights scaled by 1/sqrt(n d). Times are medians of ``--rounds`` CUDA-event timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from knobs import apply, restore  # this folder is on the path when run as a script
+
+from hybridlm.layers.dsa import query_chunks
+from hybridlm.ops import indexer_triton
+from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+from hybridlm.ops.indexer import index_scores, index_scores_reference, select_topk
+
+#: (BLOCK_T, BLOCK_S, D_CHUNK, warps) settings ``--tune`` times.
+TUNE = [(64, 64, 32, 8), (64, 64, 128, 8), (64, 64, 64, 8), (64, 32, 32, 4), (32, 64, 32, 4), (128, 64, 32, 8),
+        (64, 64, 16, 8), (128, 128, 32, 8), (64, 128, 32, 8), (128, 64, 64, 8)]  # fmt: skip
+
+
+def timed(fn, rounds: int) -> tuple[float, object]:
+    """(median ms, last result) of ``fn()`` over ``rounds`` runs after one warm-up."""
+    out, times = fn(), []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), out
+
+
+def chunked_scores(q, w, k, kernels: str) -> torch.Tensor:
+    """The whole sequence's causal scores (B, L, L), in the layer's chunks of queries."""
+    B, T, n, _ = q.shape
+    with use_kernels(kernels):
+        parts = [index_scores(q[:, a:b], w[:, a:b], k, a) for a, b in query_chunks(B, T, k.shape[1], n, 4)]
+    return torch.cat(parts, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="4x4096", help="BxL")
+    ap.add_argument("--heads", type=int, default=64, help="index heads (dsa_indexer_n_heads)")
+    ap.add_argument("--dim", type=int, default=128, help="index head size (dsa_indexer_head_dim)")
+    ap.add_argument("--topk", type=int, default=2048, help="keys kept per query (dsa_indexer_topk)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--check-rows", type=int, default=256, help="queries of row 0 checked against float64")
+    ap.add_argument("--tune", action="store_true", help="time the scores kernel at each setting of TUNE instead")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.KNOB=N", help="a kernel setting first")
+    args = ap.parse_args()
+    apply(args.set)
+    if not torch.cuda.is_available():
+        raise SystemExit("dsa_indexer.py times CUDA kernels: no CUDA device here")
+    B, L = (int(v) for v in args.shape.lower().split("x"))
+    n, d = args.heads, args.dim
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(B, L, n, d, device="cuda", generator=gen).bfloat16().float()
+    k = torch.nn.functional.layer_norm(torch.randn(B, L, d, device="cuda", generator=gen).bfloat16().float(), (d,))
+    w = torch.randn(B, L, n, device="cuda", generator=gen) * (n * d) ** -0.5
+    allowed = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None]
+    c = min(args.check_rows, L)
+    exact = index_scores_reference(q[:1, :c].double(), w[:1, :c].double(), k[:1].double(), 0)
+    finite = exact.isfinite()
+
+    def err(scores: torch.Tensor) -> float:
+        got = scores[:1, :c].double()
+        return ((got - exact)[finite].abs().max() / exact[finite].abs().max()).item()
+
+    print(
+        f"lightning indexer, {B}x{L}, {n} heads of {d}, top-k {args.topk}, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, medians of {args.rounds}\n"
+    )
+    if args.tune:
+        print("| BLOCK_T | BLOCK_S | D_CHUNK | warps | ms | error vs float64 |\n|---:|---:|---:|---:|---:|---:|")
+        for bt, bs, dc, warps in TUNE:
+            old = apply([f"indexer_triton.{name}={v}" for name, v in (("BLOCK_T", bt), ("BLOCK_S", bs), ("D_CHUNK", dc),
+                                                                  ("SCORE_WARPS", warps))])  # fmt: skip
+            try:
+                ms, got = timed(lambda: chunked_scores(q, w, k, "auto"), args.rounds)
+                print(f"| {bt} | {bs} | {dc} | {warps} | {ms:.2f} | {err(got):.2e} |")
+            except Exception as e:  # (a setting the compiler refuses, e.g. out of shared memory)
+                print(f"| {bt} | {bs} | {dc} | {warps} | failed: {type(e).__name__} | |")
+            finally:
+                restore(old)
+        return
+    print("| step | path | ms | error vs float64 | note |\n|---|---|---:|---:|---|")
+    ms_ref, ref = timed(lambda: chunked_scores(q, w, k, "torch"), args.rounds)
+    print(f"| scores | torch reference (float32 products) | {ms_ref:.2f} | {err(ref):.2e} | |")
+    before = indexer_triton.INPUT_PRECISION
+    try:
+        for precision in ("tf32x3", "ieee", "tf32"):
+            indexer_triton.INPUT_PRECISION = precision
+            reset_paths()
+            ms, got = timed(lambda: chunked_scores(q, w, k, "auto"), args.rounds)
+            path = paths_used().get("index_scores")
+            print(f"| scores | {path} {precision} | {ms:.2f} | {err(got):.2e} | {ms_ref / ms:.2f}x the reference |")
+    finally:
+        indexer_triton.INPUT_PRECISION = before
+    ms_sort, by_sort = timed(lambda: select_with("torch", ref, allowed, args.topk, n), args.rounds)
+    reset_paths()
+    ms_kernel, by_kernel = timed(lambda: select_with("auto", ref, allowed, args.topk, n), args.rounds)
+    same = torch.equal(by_sort, by_kernel)
+    print(f"| top-k | stable sort (torch) | {ms_sort:.2f} | | |")
+    print(f"| top-k | {paths_used().get('index_topk')} bisection | {ms_kernel:.2f} | | {ms_sort / ms_kernel:.2f}x; "
+          f"same keys: {same} |")  # fmt: skip
+    if not same:
+        raise SystemExit(f"top-k: the kernel kept other keys than the sort ({(by_sort != by_kernel).sum().item()})")
+
+
+def select_with(kernels: str, scores: torch.Tensor, allowed: torch.Tensor, topk: int, heads: int) -> torch.Tensor:
+    """The layer's selection in its chunks of queries (of ``heads`` index heads), under ``kernels``."""
+    B, T, S = scores.shape
+    with use_kernels(kernels):
+        chunks = query_chunks(B, T, S, heads, 4)
+        return torch.cat([select_topk(scores[:, a:b], allowed[:, a:b], topk) for a, b in chunks], 1)
+
+
+if __name__ == "__main__":
+    main()

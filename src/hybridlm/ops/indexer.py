@@ -1,0 +1,82 @@
+"""The lightning indexer's two heavy steps (DeepSeek sparse attention, :mod:`hybridlm.layers.dsa`): its scores and
+the top-k selection over them. The references, and the dispatch to the Triton kernels.
+
+``index_scores``: ``I(t, s) = sum_j w_j(t) ReLU(q_j(t) · k(s))``. The reference forms the per-head products
+(B, T, n, S) in float32 (a GiB per 64 heads, 4 rows and 256 queries of 4,096 keys, written and read twice), which
+dominates a ``D`` layer's step on a GPU (docs/benchmarks.md). The kernel (:mod:`hybridlm.ops.indexer_triton`) sums
+the heads in registers, tile by tile, and skips the key tiles after a causal diagonal. It has no backward: the
+selection is discrete and needs no gradient, and the indexer's loss, which does, takes the reference.
+
+``select_topk``: the ``k`` allowed keys with the highest scores per query, ties to the earlier key. The reference
+sorts each row (a stable sort); the kernel finds the k-th score by bisection on its bits and keeps the ties at it
+by position, without sorting. Both give the same set exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import choose, record, triton_available, wants_grad
+
+if triton_available():
+    from .indexer_triton import index_scores_triton, select_topk_triton
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None) -> torch.Tensor:
+    """The indexer's scores of every query against every key.
+
+    Args:
+        q: (B, T, n, d) the index heads' queries, float32 (float64 in a float64 model).
+        w: (B, T, n) the heads' weights, in ``q``'s dtype.
+        k: (B, S, d) the keys (cast to ``q``'s dtype: a cache may keep them in another).
+        diagonal: None, or the causal diagonal: query ``t`` sees no key ``s > t + diagonal``, and those scores are
+            -inf (not computed by the kernel). The caller's mask must exclude them anyway.
+
+    Returns:
+        (B, T, S) in ``q``'s dtype. The Triton kernel runs on CUDA without gradients (op ``index_scores``); with
+        gradients, and for float64, the reference.
+    """
+    if wants_grad(q, w, k):
+        record("index_scores", "torch")  # (no backward kernel: the indexer's loss is the only caller that needs one)
+        return index_scores_reference(q, w, k, diagonal)
+    if choose("index_scores", q, w, k) == "triton":
+        return index_scores_triton(q, w, k.to(q.dtype), diagonal)
+    return index_scores_reference(q, w, k, diagonal)
+
+
+def index_scores_reference(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None
+) -> torch.Tensor:
+    """:func:`index_scores` in plain torch, autocast off, in ``q``'s dtype: q (B, T, n, d), w (B, T, n), k (B, S, d)
+    -> (B, T, S)."""
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k.to(q.dtype)).relu(), w)
+    if diagonal is not None:
+        T, S = scores.shape[1:]
+        after = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu(diagonal + 1)
+        scores = scores.masked_fill(after, float("-inf"))
+    return scores
+
+
+def select_topk(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` allowed keys with the highest scores per query (all of them when fewer are allowed).
+
+    Args:
+        scores: (B, T, S) float, no NaN.
+        allowed: (B|1, T, S) bool.
+        k: keys to keep per query (> 0).
+
+    Returns:
+        (B, T, S) bool. Ties go to the earlier key, so training and decoding (which see different key ranges)
+        choose alike. The Triton kernel runs on CUDA (op ``index_topk``), the reference elsewhere.
+    """
+    if choose("index_topk", scores, allowed) == "triton":
+        return select_topk_triton(scores, allowed, k)
+    return select_topk_reference(scores, allowed, k)
+
+
+def select_topk_reference(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`select_topk` by a stable sort of each row: scores (B, T, S), allowed (B|1, T, S) -> (B, T, S) bool."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : min(k, scores.shape[-1])]
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True) & allowed

@@ -1,0 +1,199 @@
+"""Triton kernels of the lightning indexer (:mod:`hybridlm.ops.indexer`): its scores without the per-head products,
+and the top-k selection without a sort.
+
+``_scores_kernel``: one program per (query tile, key tile, row). It holds the key tile (d, BLOCK_S) and, for each
+index head in turn, multiplies the head's query tile (BLOCK_T, d) into it, applies the ReLU and adds the product
+times the head's weights into a (BLOCK_T, BLOCK_S) float32 accumulator: the products never leave registers. A key
+tile entirely after the causal diagonal is written -inf and nothing else. The products run on tensor cores in
+``INPUT_PRECISION`` ("tf32x3": three TF32 products, about float32's accuracy; "ieee" is float32 on the CUDA cores,
+several times slower; "tf32" alone has a 10-bit mantissa, which would move the selection at near ties).
+
+``_topk_kernel``: one program per query row. The k-th largest allowed score is found by bisection over the scores'
+int32 keys (a float32's bits, the lower 31 flipped for negative numbers, order as the floats do), 32 counting passes
+over the row; then every allowed key above it is kept, and of the keys equal to it the first ``k - above`` by
+position (a running count of the ties), which is what a stable descending sort keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import record
+
+#: Tile sizes and warps of the scores kernel, channels a product takes at once (``D_CHUNK`` below the head size: the
+#: key tile is read again for each head, in slices), and the products' precision (see the module's docstring).
+BLOCK_T, BLOCK_S, SCORE_WARPS, D_CHUNK = 64, 64, 8, 32
+INPUT_PRECISION = "tf32x3"
+#: Keys a step of the top-k kernel's loops over a row, and its warps.
+TOPK_BLOCK, TOPK_WARPS = 1024, 4
+#: int32 keys one below -inf's and one above +inf's: every float32 (no NaN) lies strictly between.
+KEY_LO, KEY_HI = -2139095042, 2139095041
+
+
+@triton.jit
+def _scores_kernel(
+    q_ptr, w_ptr, k_ptr, out_ptr, T, S, N, D, diagonal,
+    sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, so_b, so_t,
+    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, DC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
+    s = pid_s * BS + tl.arange(0, BS)
+    out = out_ptr + b * so_b + t[:, None].to(tl.int64) * so_t + s[None, :]
+    inside = (t[:, None] < T) & (s[None, :] < S)
+    if CAUSAL and pid_s * BS > pid_t * BT + BT - 1 + diagonal:  # (every key of the tile after every query's diagonal)
+        tl.store(out, tl.full([BT, BS], float("-inf"), tl.float32), mask=inside)
+        return
+    k_cols = k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s
+    q_rows = q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t
+    w_rows = w_ptr + b * sw_b + t.to(tl.int64) * sw_t
+    acc = tl.zeros([BT, BS], tl.float32)
+    if DC >= BD:  # the key tile (d, BS) held across the heads
+        dd = tl.arange(0, BD)
+        kt = tl.load(k_cols + dd[:, None], mask=(dd[:, None] < D) & (s[None, :] < S), other=0.0)
+        for j in range(N):
+            qj = tl.load(q_rows + j * sq_n + dd[None, :], mask=(t[:, None] < T) & (dd[None, :] < D), other=0.0)
+            wj = tl.load(w_rows + j * sw_n, mask=t < T, other=0.0)
+            acc += tl.maximum(tl.dot(qj, kt, input_precision=PRECISION), 0.0) * wj[:, None]
+    else:  # the head's product summed over slices of DC channels (fewer registers; the key slices read again)
+        for j in range(N):
+            prod = tl.zeros([BT, BS], tl.float32)
+            for c in tl.static_range(0, BD, DC):
+                dd = c + tl.arange(0, DC)
+                kt = tl.load(k_cols + dd[:, None], mask=(dd[:, None] < D) & (s[None, :] < S), other=0.0)
+                qj = tl.load(q_rows + j * sq_n + dd[None, :], mask=(t[:, None] < T) & (dd[None, :] < D), other=0.0)
+                prod = tl.dot(qj, kt, prod, input_precision=PRECISION)
+            wj = tl.load(w_rows + j * sw_n, mask=t < T, other=0.0)
+            acc += tl.maximum(prod, 0.0) * wj[:, None]
+    if CAUSAL:
+        acc = tl.where(s[None, :] > t[:, None] + diagonal, float("-inf"), acc)
+    tl.store(out, acc, mask=inside)
+
+
+def index_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None) -> torch.Tensor:
+    """:func:`hybridlm.ops.indexer.index_scores` on the kernel: q (B, T, n, d), w (B, T, n), k (B, S, d) float32 ->
+    (B, T, S) float32. No autograd."""
+    return _scores_op(q, w, k, diagonal)
+
+
+@torch.library.custom_op("hybridlm::index_scores", mutates_args=())
+def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None) -> torch.Tensor:
+    record("index_scores", "triton")  # also at run time inside compiled graphs (tracing records nothing)
+    B, T, N, D = q.shape
+    S = k.shape[1]
+    if q.dtype != torch.float32 or w.dtype != torch.float32 or k.dtype != torch.float32:
+        raise ValueError(f"index_scores_triton: float32 inputs only, got q {q.dtype}, w {w.dtype}, k {k.dtype}")
+    out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
+    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(S, BLOCK_S), B)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _scores_kernel[grid](
+            q, w, k, out, T, S, N, D, 0 if diagonal is None else diagonal,
+            q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), w.stride(2), k.stride(0), k.stride(1),
+            out.stride(0), out.stride(1),
+            CAUSAL=diagonal is not None, BT=BLOCK_T, BS=BLOCK_S, BD=max(16, triton.next_power_of_2(D)),
+            DC=max(16, D_CHUNK), PRECISION=INPUT_PRECISION, num_warps=SCORE_WARPS,
+        )  # fmt: skip
+    return out
+
+
+@_scores_op.register_fake
+def _(q, w, k, diagonal):
+    return q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+
+
+@triton.jit
+def _key(x):
+    """float32 -> int32 in the same order (-0.0 as +0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _count_at_least(x_row, a_row, S, cut, BLOCK: tl.constexpr):
+    """Allowed keys of the row whose score's key is at least ``cut``."""
+    n = 0
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < S, other=0.0)
+        ok = tl.load(a_row + offs, mask=offs < S, other=0) != 0
+        n += tl.sum((ok & (_key(x) >= cut)).to(tl.int32), 0)
+    return n
+
+
+@triton.jit
+def _topk_kernel(
+    x_ptr, a_ptr, out_ptr, T, S, K, sx_b, sx_t, sa_b, sa_t, so_b, so_t,
+    LO: tl.constexpr, HI: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    x_row = x_ptr + b * sx_b + t * sx_t
+    a_row = a_ptr + b * sa_b + t * sa_t
+    o_row = out_ptr + b * so_b + t * so_t
+    # The largest key whose count of allowed keys at or above it reaches K: invariant count(lo) >= K > count(hi)
+    # (lo stays LO, below every score, when fewer than K are allowed: then all of them are kept).
+    lo = tl.full([], LO, tl.int64)
+    hi = tl.full([], HI, tl.int64)
+    for _ in range(32):  # (the interval's width is below 2^32: 32 halvings leave hi = lo + 1)
+        mid = lo + (hi - lo) // 2
+        reach = _count_at_least(x_row, a_row, S, mid.to(tl.int32), BLOCK) >= K
+        lo = tl.where(reach, mid, lo)
+        hi = tl.where(reach, hi, mid)
+    cut = lo.to(tl.int32)
+    need = K - _count_at_least(x_row, a_row, S, cut + 1, BLOCK)  # ties at the cut to keep, first by position
+    seen = 0
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < S, other=0.0)
+        ok = tl.load(a_row + offs, mask=offs < S, other=0) != 0
+        key = _key(x)
+        tie = ok & (key == cut)
+        rank = seen + tl.cumsum(tie.to(tl.int32), 0)
+        keep = ok & ((key > cut) | (tie & (rank <= need)))
+        tl.store(o_row + offs, keep.to(tl.int8), mask=offs < S)
+        seen += tl.sum(tie.to(tl.int32), 0)
+
+
+def select_topk_triton(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`hybridlm.ops.indexer.select_topk` on the kernel: scores (B, T, S) float32 (or bf16 / fp16, read as
+    float32), allowed (B|1, T, S) bool -> (B, T, S) bool."""
+    return _topk_op(scores, allowed, k)
+
+
+@torch.library.custom_op("hybridlm::index_topk", mutates_args=())
+def _topk_op(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    record("index_topk", "triton")  # also at run time inside compiled graphs (tracing records nothing)
+    if k <= 0:
+        raise ValueError(f"select_topk_triton: k must be positive, got {k}")
+    B, T, S = scores.shape
+    out = torch.empty(B, T, S, dtype=torch.bool, device=scores.device)
+    if out.numel() == 0:
+        return out
+    x = scores.float()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    a = allowed.expand(B, T, S)
+    a = (a if a.stride(-1) == 1 else a.contiguous()).view(torch.uint8)
+    o = out.view(torch.uint8)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _topk_kernel[(B * T,)](
+            x, a, o, T, S, min(k, S), x.stride(0), x.stride(1), a.stride(0), a.stride(1), o.stride(0), o.stride(1),
+            LO=KEY_LO, HI=KEY_HI, BLOCK=min(TOPK_BLOCK, triton.next_power_of_2(S)), num_warps=TOPK_WARPS,
+        )  # fmt: skip
+    return out
+
+
+@_topk_op.register_fake
+def _(scores, allowed, k):
+    return scores.new_empty(scores.shape, dtype=torch.bool)

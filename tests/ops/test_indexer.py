@@ -1,0 +1,190 @@
+"""The lightning indexer's kernels (scores, top-k) against their references: Triton's interpreter on CPU, compiled on
+the GPU; the top-k exactly, ties included; the scores against float64, and in a DSA layer against the torch path."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridlm.layers import DSA
+from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
+from hybridlm.ops.indexer import index_scores, index_scores_reference, select_topk, select_topk_reference
+from tests.helpers import assert_rel_close, rel_err, runs_triton_kernels, tiny_config
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def indexer_inputs(B, T, S, n, d, seed=0, device=DEV):
+    """q (B, T, n, d) as a slice of a wider tensor (strided heads), w (B, T, n), k (B, S, d), float32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, n, d + 5, generator=g)[..., :d]
+    w = torch.randn(B, T, n, generator=g)
+    k = torch.randn(B, S, d, generator=g)
+    return q.to(device), w.to(device), k.to(device)
+
+
+def test_reference_diagonal_writes_minus_inf_after_it_only():
+    q, w, k = indexer_inputs(2, 5, 9, 3, 4, device="cpu")
+    full = index_scores_reference(q, w, k)
+    for diagonal in (0, 3, -2):
+        part = index_scores_reference(q, w, k, diagonal)
+        after = torch.arange(9)[None, :] > torch.arange(5)[:, None] + diagonal
+        assert torch.isinf(part[:, after]).all() and (part[:, after] < 0).all()
+        assert torch.equal(part[:, ~after], full[:, ~after])
+
+
+@runs_triton_kernels
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 37, 53, 3, 20), (1, 70, 130, 2, 16), (1, 64, 64, 1, 128), (2, 5, 3, 4, 8)],  # ragged tiles; exact; d < 16
+)
+@pytest.mark.parametrize("diagonal", [None, 0, 29])
+def test_scores_kernel_matches_float64(shape, diagonal):
+    """The kernel's scores within 4x the float32 reference's error of float64 (and 1e-6), -inf exactly after the
+    diagonal, and the kernel's path recorded."""
+    q, w, k = indexer_inputs(*shape, seed=sum(shape))
+    exact = index_scores_reference(q.double(), w.double(), k.double(), diagonal)
+    reset_paths()
+    with use_kernels("triton"):
+        got = index_scores(q, w, k, diagonal)
+    assert paths_used() == {"index_scores": "triton"}
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    finite = exact.isfinite()
+    assert torch.equal(got.isfinite(), finite) and (got[~finite] < 0).all()
+    ref32 = index_scores_reference(q, w, k, diagonal)
+    err, err32 = rel_err(got[finite], exact[finite]), rel_err(ref32[finite], exact[finite])
+    assert err <= max(4 * err32, 1e-6), f"kernel {err:.3g} against float32 reference {err32:.3g}"
+
+
+def test_scores_with_gradients_take_the_reference():
+    q, w, k = indexer_inputs(1, 6, 6, 2, 8, device="cpu")
+    w.requires_grad_()
+    reset_paths()
+    with use_kernels("triton"):
+        out = index_scores(q, w, k)
+    assert paths_used() == {"index_scores": "torch"}
+    out.sum().backward()
+    assert w.grad is not None
+
+
+def ties_and_masks(B, T, S, levels, seed, broadcast):
+    """Scores on a few levels (many ties, -0.0 beside 0.0) and an allowed mask (B or 1, T, S) with an empty row and
+    a full one."""
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(-levels, levels + 1, (B, T, S), generator=g).float() * 0.25).to(DEV)
+    scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g).to(DEV) < 0.5, -0.0, 0.0)
+    allowed = (torch.rand(1 if broadcast else B, T, S, generator=g) < 0.6).to(DEV)
+    allowed[:, 0] = False
+    allowed[:, -1] = True
+    return scores, allowed
+
+
+@runs_triton_kernels
+@pytest.mark.parametrize("S", [1, 7, 64, 1100])  # one key; one block; two blocks (the kernel's 1024), ragged
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_topk_kernel_keeps_the_sorted_set_exactly(S, broadcast):
+    """Ties to the earlier key as the stable sort keeps them, rows with no allowed key, fewer than k, k >= S."""
+    scores, allowed = ties_and_masks(2, 6, S, levels=3, seed=S, broadcast=broadcast)
+    for k in sorted({1, 2, max(1, S // 3), S, S + 5}):
+        want = select_topk_reference(scores, allowed, k)
+        reset_paths()
+        with use_kernels("triton"):
+            got = select_topk(scores, allowed, k)
+        assert paths_used() == {"index_topk": "triton"}
+        assert torch.equal(got, want), f"S={S} k={k}: {(got != want).sum().item()} keys differ"
+        counts = got.sum(-1)
+        assert torch.equal(counts, allowed.expand_as(got).sum(-1).clamp(max=k))
+
+
+@runs_triton_kernels
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(1, 5),
+    S=st.integers(1, 90),
+    k=st.integers(1, 100),
+    spread=st.sampled_from([0.0, 1e-30, 1.0, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_kernel_property(T, S, k, spread, seed):
+    """Any scores (tiny, huge, all equal, negative, bf16-rounded) and masks: exactly the stable sort's set."""
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(1, T, S, generator=g) * spread).bfloat16().float().to(DEV)
+    allowed = (torch.rand(1, T, S, generator=g) < 0.7).to(DEV)
+    with use_kernels("triton"):
+        got = select_topk(scores, allowed, k)
+    assert torch.equal(got, select_topk_reference(scores, allowed, k))
+
+
+@runs_triton_kernels
+def test_topk_kernel_reads_strided_bf16_scores():
+    scores, allowed = ties_and_masks(1, 4, 40, levels=50, seed=1, broadcast=False)
+    wide = torch.zeros(1, 4, 80, device=DEV, dtype=torch.bfloat16)
+    wide[..., ::2] = scores.bfloat16()
+    with use_kernels("triton"):
+        got = select_topk(wide[..., ::2], allowed, 9)
+    assert torch.equal(got, select_topk_reference(scores.bfloat16().float(), allowed, 9))
+
+
+@runs_triton_kernels
+@pytest.mark.parametrize("docs", [False, True])
+def test_dsa_layer_selects_alike_on_the_kernels(docs):
+    """A DSA layer's forward on the two kernels (causal scores, top-k) against the torch path: the same outputs; its
+    cached decoding (a prefill, then one token at a time: scores without a diagonal) too; the kernels' paths
+    recorded."""
+    from hybridlm.infer.cache import InferenceCache
+    from hybridlm.layers.context import SequenceContext, positions_in_segment
+    from tests.helpers import MLA_TINY
+    from tests.layers.test_mixers import make
+
+    config = tiny_config("D", **{**MLA_TINY, "dsa_indexer_topk": 5})
+    layer = make(DSA, config, seed=2).to(DEV)
+    L, prefill = 23, 11
+    seq_idx = (torch.arange(L, device=DEV) >= 9).long().expand(2, L) if docs else None
+    pos = positions_in_segment(seq_idx) if docs else torch.arange(L, device=DEV).expand(2, L)
+    x = torch.randn(2, L, config.hidden_size, device=DEV)
+    kernels = "auto,index_scores=triton,index_topk=triton"
+    with torch.no_grad():
+        with use_kernels("torch"):
+            want = layer(x, SequenceContext(position_ids=pos, seq_idx=seq_idx))
+        reset_paths()
+        with use_kernels(kernels):
+            got = layer(x, SequenceContext(position_ids=pos, seq_idx=seq_idx))
+        assert paths_used()["index_scores"] == paths_used()["index_topk"] == "triton"
+        assert_rel_close(got, want, 1e-5, "DSA output on the indexer kernels")
+        if docs:
+            return
+        cache = InferenceCache([layer], 2, L, DEV, torch.float32)
+        outs = []
+        with use_kernels(kernels):
+            for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, L)]:
+                outs.append(
+                    layer(x[:, start:end], SequenceContext(position_ids=cache.position_ids(end - start), cache=cache))
+                )
+                cache.advance(end - start)
+    assert_rel_close(torch.cat(outs, dim=1), want, 1e-5, "cached decoding on the indexer kernels")
+
+
+@pytest.mark.gpu
+def test_kernels_at_deepseek_sizes_on_gpu():
+    """On CUDA at 4096 keys, 64 index heads of 128 (DeepSeek-V3.2's), top-k 2048: the causal scores within twice the
+    float32 reference's error of float64 (first 256 queries), and the top-k of the kernel's scores exactly the stable
+    sort's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    L, n, d = 4096, 64, 128
+    q, w, k = indexer_inputs(1, L, L, n, d, seed=4, device="cuda")
+    q, k, w = q.bfloat16().float(), torch.nn.functional.layer_norm(k.bfloat16().float(), (d,)), w * (n * d) ** -0.5
+    reset_paths()
+    got = index_scores(q, w, k, 0)
+    assert paths_used() == {"index_scores": "triton"}
+    c = 256
+    exact = index_scores_reference(q[:, :c].double(), w[:, :c].double(), k.double(), 0)
+    finite = exact.isfinite()
+    assert torch.equal(got[:, :c].isfinite(), finite)
+    err = rel_err(got[:, :c][finite], exact[finite])
+    err32 = rel_err(index_scores_reference(q[:, :c], w[:, :c], k, 0)[finite], exact[finite])
+    assert err <= 2 * err32, f"kernel {err:.3g} against float32 reference {err32:.3g}"
+    allowed = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None]
+    kept = select_topk(got, allowed, 2048)
+    assert paths_used()["index_topk"] == "triton"
+    assert torch.equal(kept, select_topk_reference(got, allowed, 2048))
