@@ -4,6 +4,7 @@ block, experts read at small micro-batches, stage memory and the 1F1B in-flight 
 import math
 
 import pytest
+import torch
 
 from hybridlm.model import HybridLM
 from hybridlm.plan import estimate_costs
@@ -79,6 +80,26 @@ def test_single_stage_holds_the_embedding_once(pattern, tie):
     assert m["params"] == total
     # 18 bytes a parameter, 16 for the embedding's and the head's (no bf16 copy kept: a gather, the chunked loss)
     assert m["state_bytes"] == total * 18 - 2 * (costs.embedding.params + costs.head.params)
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.5])
+def test_dsa_indexer_without_its_loss_keeps_no_gradient_or_optimizer_state(coeff):
+    """Without ``dsa_indexer_loss_coeff`` a training step leaves DSA's indexer weights without a gradient and AdamW
+    without state for them, and the plan counts their weights only (12 bytes a parameter less than 18)."""
+    config = tiny_config("D-", **MLA_TINY, dsa_indexer_loss_coeff=coeff)
+    model = HybridLM(config, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    model(ids, torch.roll(ids, -1, 1)).loss.backward()
+    opt.step()
+    indexer = {n: p for n, p in model.named_parameters() if ".indexer." in n}
+    assert indexer and all((p.grad is None) == (coeff == 0) for p in indexer.values())
+    assert all((p in opt.state) == (coeff > 0) for p in indexer.values())
+    costs = estimate_costs(config, 12)
+    m = stage_memory(costs, 0, len(costs.blocks), True, True)
+    total, n_indexer = model.num_params(), sum(p.numel() for p in indexer.values())
+    uncopied = 2 * (costs.embedding.params + costs.head.params)  # (no bf16 copy: see the test above)
+    assert m["state_bytes"] == 18 * total - uncopied - (12 * n_indexer if coeff == 0 else 0)
 
 
 def test_last_stage_holds_the_head_and_mtp():

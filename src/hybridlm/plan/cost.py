@@ -97,6 +97,8 @@ class ItemCost:
             head keeps everything; an MTP depth keeps its projection's and head's tensors and
             its blocks' inputs.
         float8_params: weights of the float8 linear layers among ``params``: no bf16 copy of them is kept.
+        gradless_params: parameters among ``params`` that never get a gradient (DSA's indexer without its loss),
+            so no gradient and no optimizer state: their weights only.
     """
 
     name: str
@@ -107,6 +109,7 @@ class ItemCost:
     act_bytes: float
     ckpt_bytes: float
     float8_params: int = 0
+    gradless_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,7 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
         act_bytes=sum(p.act_bytes for p in parts),
         ckpt_bytes=ckpt_bytes,
         float8_params=sum(p.float8_params for p in parts),
+        gradless_params=sum(p.gradless_params for p in parts),
     )
 
 
@@ -398,9 +402,14 @@ def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: 
             names=frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine),
         )
 
-    def per_layer(blocks, prefix: str) -> tuple[list[list[int]], list[list[Float8Layers]]]:
+    def gradless(layer) -> int:
+        # DSA's indexer reads its inputs detached and its top-k takes no gradient: only its loss trains it
+        indexer = getattr(layer.mixer, "indexer", None)
+        return count(indexer) if indexer is not None and config.dsa_indexer_loss_coeff == 0 else 0
+
+    def per_layer(blocks, prefix: str) -> tuple[list[list[tuple[int, int]]], list[list[Float8Layers]]]:
         items = list(blocks.items())
-        params = [[count(layer) for layer in block.layers] for _, block in items]
+        params = [[(count(layer), gradless(layer)) for layer in block.layers] for _, block in items]
         f8 = [
             [count_float8(f"{prefix}{i}.layers.{j}", layer) for j, layer in enumerate(block.layers)]
             for i, block in items
@@ -412,7 +421,7 @@ def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: 
     if len(model.mtp):
         depth = model.mtp[0]
         mtp_blocks, mtp_f8 = per_layer(depth.blocks, "mtp.0.blocks.")
-        mtp_extra = count(depth) - sum(map(sum, mtp_blocks))
+        mtp_extra = count(depth) - sum(n for block in mtp_blocks for n, _ in block)
     head = count(model.norm_f) + (count(model.lm_head) if model.lm_head is not None else 0)
     return {"blocks": blocks, "float8": f8, "mtp_blocks": mtp_blocks, "float8_mtp": mtp_f8, "mtp_extra": mtp_extra,
             "head": head}  # fmt: skip
@@ -453,7 +462,8 @@ def estimate_costs(
     float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
     counts = _param_counts(config, float8, float8_auto_filter)
 
-    def layer(s: str, params: int, f8: Float8Layers) -> ItemCost:
+    def layer(s: str, counted: tuple[int, int], f8: Float8Layers) -> ItemCost:
+        params, gradless = counted
         f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
         f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
@@ -465,10 +475,11 @@ def estimate_costs(
             core = mixer_class("+" if s == "D" else s)
             flops -= (core.flops_per_token(c, seq_len) - core.flops_per_token(c, 0)) / 2 * T
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
-        return _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
+        item = _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
                            min(f8_flops, flops), f8)  # fmt: skip
+        return replace(item, gradless_params=gradless)
 
-    def block(sym: str, params: list[int], f8: list[Float8Layers]) -> ItemCost:
+    def block(sym: str, params: list[tuple[int, int]], f8: list[Float8Layers]) -> ItemCost:
         return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * FP32)  # its fp32 input
 
     blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
@@ -564,9 +575,13 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
     uncopied += (costs.embedding.params if is_first else 0) + (
         costs.head.params + (0 if is_first else costs.shared_embedding_params) if is_last else 0
     )
+    # A parameter that never gets a gradient has no gradient and no optimizer state: its bf16 and fp32 weights only.
+    gradless = sum(b.gradless_params for b in blocks) + (sum(m.gradless_params for m in costs.mtp) if is_last else 0)
     return {
         "params": params,
-        "state_bytes": params * costs.state_bytes_per_param - uncopied * BF16,
+        "state_bytes": params * costs.state_bytes_per_param
+        - uncopied * BF16
+        - gradless * (costs.state_bytes_per_param - BF16 - FP32),
         "act_bytes": act,
         "act_bytes_ckpt": ckpt,
         "work_bytes": costs.work_bytes if is_last else 0.0,
