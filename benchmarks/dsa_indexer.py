@@ -30,9 +30,10 @@ from hybridlm.ops import indexer_triton
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.indexer import index_scores, index_scores_reference, select_topk
 
-#: (BLOCK_T, BLOCK_S, D_CHUNK, warps) settings ``--tune`` times.
-TUNE = [(64, 64, 32, 8), (64, 64, 128, 8), (64, 64, 64, 8), (64, 32, 32, 4), (32, 64, 32, 4), (128, 64, 32, 8),
-        (64, 64, 16, 8), (128, 128, 32, 8), (64, 128, 32, 8), (128, 64, 64, 8)]  # fmt: skip
+#: (BLOCK_T, BLOCK_S, D_CHUNK, warps) settings ``--tune`` times for the scores, and (TOPK_BLOCK, warps) for the top-k.
+TUNE = [(128, 64, 64, 8), (128, 64, 128, 8), (128, 64, 32, 8), (128, 32, 64, 4), (128, 32, 64, 8), (128, 64, 64, 4),
+        (256, 32, 64, 8), (256, 64, 64, 8), (64, 64, 64, 8), (64, 32, 64, 4)]  # fmt: skip
+TUNE_TOPK = [(1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16), (512, 4)]
 
 
 def timed(fn, rounds: int) -> tuple[float, object]:
@@ -99,6 +100,16 @@ def main() -> None:
                 print(f"| {bt} | {bs} | {dc} | {warps} | {ms:.2f} | {err(got):.2e} |")
             except Exception as e:  # (a setting the compiler refuses, e.g. out of shared memory)
                 print(f"| {bt} | {bs} | {dc} | {warps} | failed: {type(e).__name__} | |")
+            finally:
+                restore(old)
+        scores = chunked_scores(q, w, k, "auto")
+        want = select_with("torch", scores, allowed, args.topk, n)
+        print("\n| TOPK_BLOCK | warps | top-k ms | same keys as the sort |\n|---:|---:|---:|---|")
+        for block, warps in TUNE_TOPK:
+            old = apply([f"indexer_triton.TOPK_BLOCK={block}", f"indexer_triton.TOPK_WARPS={warps}"])
+            try:
+                ms, got = timed(lambda: select_with("auto", scores, allowed, args.topk, n), args.rounds)
+                print(f"| {block} | {warps} | {ms:.2f} | {torch.equal(got, want)} |")
             finally:
                 restore(old)
         return

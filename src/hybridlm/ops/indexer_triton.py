@@ -26,7 +26,9 @@ from .dispatch import record
 
 #: Tile sizes and warps of the scores kernel, channels a product takes at once (``D_CHUNK`` below the head size: the
 #: key tile is read again for each head, in slices), and the products' precision (see the module's docstring).
-BLOCK_T, BLOCK_S, SCORE_WARPS, D_CHUNK = 64, 64, 8, 32
+#: Measured on an H100 at 4 x 4096, 64 heads of 128 (``benchmarks/dsa_indexer.py --tune``, docs/benchmarks.md):
+#: 8.4 ms, against 9.3 with slices of 32 channels, 10.9 for 64 x 32 tiles and 12.8 to 23.6 for 64 x 64 ones.
+BLOCK_T, BLOCK_S, SCORE_WARPS, D_CHUNK = 128, 64, 8, 64
 INPUT_PRECISION = "tf32x3"
 #: Keys a step of the top-k kernel's loops over a row, and its warps.
 TOPK_BLOCK, TOPK_WARPS = 1024, 4
