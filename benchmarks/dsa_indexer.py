@@ -10,6 +10,9 @@ chunk causal (its ``diagonal``): the torch reference (per-head products in float
 ``INPUT_PRECISION`` (tf32x3, ieee, tf32). Error: max |scores - float64| / max |float64| over the first
 ``--check-rows`` queries of row 0 (the float64 reference's cost grows with them), beside the float32 reference's.
 
+``scores fwd + bwd``: the indexer loss's pattern, each chunk scored with gradients and its backward run from a
+random gradient of the scores (dq, dw, dk; the error: the largest of the three against float64).
+
 ``top-k``: ``select_topk`` of those scores under the causal mask, the stable sort against the bisection kernel, and
 whether the two kept the same keys (they must, exactly).
 
@@ -30,10 +33,14 @@ from hybridlm.ops import indexer_triton
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
 from hybridlm.ops.indexer import index_scores, index_scores_reference, select_topk
 
-#: (BLOCK_T, BLOCK_S, D_CHUNK, warps) settings ``--tune`` times for the scores, and (TOPK_BLOCK, warps) for the top-k.
-TUNE = [(128, 64, 64, 8), (128, 64, 128, 8), (128, 64, 32, 8), (128, 32, 64, 4), (128, 32, 64, 8), (128, 64, 64, 4),
-        (256, 32, 64, 8), (256, 64, 64, 8), (64, 64, 64, 8), (64, 32, 64, 4)]  # fmt: skip
+#: (BLOCK_T, BLOCK_S, D_CHUNK, warps, KEYS_FASTEST) settings ``--tune`` times for the scores, and (TOPK_BLOCK, warps)
+#: for the top-k.
+TUNE = [(128, 64, 64, 8, 1), (128, 64, 64, 8, 0), (128, 64, 128, 8, 1), (128, 64, 32, 8, 1), (64, 32, 64, 4, 1),
+        (64, 32, 64, 4, 0), (128, 32, 64, 8, 1), (64, 64, 64, 8, 1)]  # fmt: skip
 TUNE_TOPK = [(1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16), (512, 4)]
+#: (DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, warps) settings ``--tune`` times for the scores' backward.
+TUNE_BWD = [(32, 64, 32, 64, 8), (32, 64, 32, 64, 4), (32, 32, 32, 32, 4), (32, 32, 32, 32, 8), (64, 32, 64, 32, 8),
+            (32, 128, 128, 32, 8), (16, 64, 64, 16, 4), (64, 64, 64, 64, 8)]  # fmt: skip
 
 
 def timed(fn, rounds: int) -> tuple[float, object]:
@@ -57,6 +64,40 @@ def chunked_scores(q, w, k, kernels: str) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
+def chunked_scores_backward(q, w, k, g, kernels: str) -> tuple[torch.Tensor, ...]:
+    """The indexer loss's pattern: each chunk of queries scored with gradients (causal), then its backward from ``g``
+    (B, L, L); returns (dq, dw, dk) of the whole sequence."""
+    B, T, n, _ = q.shape
+    dq, dw, dk = torch.empty_like(q), torch.empty_like(w), torch.zeros_like(k)
+    with use_kernels(kernels):
+        for a, b in query_chunks(B, T, k.shape[1], n, 4):
+            qa, wa, kk = (
+                q[:, a:b].detach().requires_grad_(),
+                w[:, a:b].detach().requires_grad_(),
+                k.detach().requires_grad_(),
+            )
+            ga, gw, gk = torch.autograd.grad(index_scores(qa, wa, kk, a), (qa, wa, kk), g[:, a:b])
+            dq[:, a:b], dw[:, a:b] = ga, gw
+            dk += gk
+    return dq, dw, dk
+
+
+def backward_error(q, w, k, g, c: int, kernels: str) -> float:
+    """The largest of dq's, dw's and dk's max |x - float64| / max |float64| over the first ``c`` queries of row 0."""
+
+    def grads(dtype, mode):
+        leaves = [t[:1, :c].detach().to(dtype).requires_grad_() for t in (q, w)] + [
+            k[:1].detach().to(dtype).requires_grad_()
+        ]
+        with use_kernels(mode):
+            return torch.autograd.grad(index_scores(*leaves, 0), leaves, g[:1, :c].to(dtype))
+
+    exact = grads(torch.float64, "torch")
+    return max(
+        ((a.double() - e).abs().max() / e.abs().max()).item() for a, e in zip(grads(torch.float32, kernels), exact)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="4x4096", help="BxL")
@@ -78,6 +119,7 @@ def main() -> None:
     k = torch.nn.functional.layer_norm(torch.randn(B, L, d, device="cuda", generator=gen).bfloat16().float(), (d,))
     w = torch.randn(B, L, n, device="cuda", generator=gen) * (n * d) ** -0.5
     allowed = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None]
+    g = torch.randn(B, L, L, device="cuda", generator=gen) * 1e-3  # (a loss's gradient of the scores)
     c = min(args.check_rows, L)
     exact = index_scores_reference(q[:1, :c].double(), w[:1, :c].double(), k[:1].double(), 0)
     finite = exact.isfinite()
@@ -91,15 +133,30 @@ def main() -> None:
         f"torch {torch.__version__}, medians of {args.rounds}\n"
     )
     if args.tune:
-        print("| BLOCK_T | BLOCK_S | D_CHUNK | warps | ms | error vs float64 |\n|---:|---:|---:|---:|---:|---:|")
-        for bt, bs, dc, warps in TUNE:
-            old = apply([f"indexer_triton.{name}={v}" for name, v in (("BLOCK_T", bt), ("BLOCK_S", bs), ("D_CHUNK", dc),
-                                                                  ("SCORE_WARPS", warps))])  # fmt: skip
+        print("| BLOCK_T | BLOCK_S | D_CHUNK | warps | KEYS_FASTEST | ms | error vs float64 |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for setting in TUNE:
+            names = ("BLOCK_T", "BLOCK_S", "D_CHUNK", "SCORE_WARPS", "KEYS_FASTEST")
+            old = apply([f"indexer_triton.{name}={v}" for name, v in zip(names, setting)])
+            cells = " | ".join(map(str, setting))
             try:
                 ms, got = timed(lambda: chunked_scores(q, w, k, "auto"), args.rounds)
-                print(f"| {bt} | {bs} | {dc} | {warps} | {ms:.2f} | {err(got):.2e} |")
+                print(f"| {cells} | {ms:.2f} | {err(got):.2e} |")
             except Exception as e:  # (a setting the compiler refuses, e.g. out of shared memory)
-                print(f"| {bt} | {bs} | {dc} | {warps} | failed: {type(e).__name__} | |")
+                print(f"| {cells} | failed: {type(e).__name__} | |")
+            finally:
+                restore(old)
+        print("\n| DQ_BLOCK_T | DQ_BLOCK_S | DK_BLOCK_T | DK_BLOCK_S | warps | fwd + bwd ms | error vs float64 |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for setting in TUNE_BWD:
+            names = ("DQ_BLOCK_T", "DQ_BLOCK_S", "DK_BLOCK_T", "DK_BLOCK_S", "BWD_WARPS")
+            old = apply([f"indexer_triton.{name}={v}" for name, v in zip(names, setting)])
+            cells = " | ".join(map(str, setting))
+            try:
+                ms, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
+                print(f"| {cells} | {ms:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e} |")
+            except Exception as e:  # (a setting the compiler refuses)
+                print(f"| {cells} | failed: {type(e).__name__} | |")
             finally:
                 restore(old)
         scores = chunked_scores(q, w, k, "auto")
@@ -126,6 +183,13 @@ def main() -> None:
             print(f"| scores | {path} {precision} | {ms:.2f} | {err(got):.2e} | {ms_ref / ms:.2f}x the reference |")
     finally:
         indexer_triton.INPUT_PRECISION = before
+    ms_bref, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "torch"), args.rounds)
+    print(f"| scores fwd + bwd | torch reference | {ms_bref:.2f} | {backward_error(q, w, k, g, c, 'torch'):.2e} | |")
+    reset_paths()
+    ms_bk, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
+    path = paths_used().get("index_scores")
+    print(f"| scores fwd + bwd | {path} {before} | {ms_bk:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e} | "
+          f"{ms_bref / ms_bk:.2f}x the reference |")  # fmt: skip
     ms_sort, by_sort = timed(lambda: select_with("torch", ref, allowed, args.topk, n), args.rounds)
     reset_paths()
     ms_kernel, by_kernel = timed(lambda: select_with("auto", ref, allowed, args.topk, n), args.rounds)

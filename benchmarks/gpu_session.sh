@@ -90,9 +90,10 @@ for stage in "$@"; do
             tests/ops/test_indexer.py tests/layers/test_mla.py || rc=1; python3 benchmarks/dsa_indexer.py --tune || rc=1; \
             python3 benchmarks/dsa_indexer.py || rc=1; python3 benchmarks/packed_attention.py --pattern D --rounds 5 || rc=1; \
             exit \$rc" ;;  # DSA's indexer kernels: tests (the layer's GPU tests too), tiles, against torch, the layer
-    indexertune) run indexertune 300 60 bash -c "rc=0; python3 benchmarks/dsa_indexer.py --tune || rc=1; \
+    indexertune) run indexertune 420 90 bash -c "rc=0; python3 benchmarks/dsa_indexer.py --tune || rc=1; \
             python3 benchmarks/dsa_indexer.py || rc=1; python3 benchmarks/packed_attention.py --pattern D --rounds 5 || rc=1; \
-            exit \$rc" ;;  # the indexer's tiles and top-k blocks, then against torch and in the layer (no tests)
+            python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set dsa_indexer_loss_coeff=0.01 || rc=1; \
+            exit \$rc" ;;  # the indexer's tiles and top-k blocks, then against torch, in the layer, and with its loss
     packedattn) run packedattn 300 40 bash -c "for p in + D '*'; do python3 benchmarks/packed_attention.py --pattern \"\$p\"; \
             done" ;;  # MLA, DSA and attention by path: flex, dense mask, causal
     plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind

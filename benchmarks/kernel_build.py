@@ -271,14 +271,17 @@ def setup_cross_entropy(dtype: torch.dtype) -> Callable[[], None]:
 
 def setup_indexer(dtype: torch.dtype) -> Callable[[], None]:
     """DSA's lightning indexer at DeepSeek's sizes (64 heads of 128, top-k 2048) over 256 queries of 4,096 keys: the
-    causal scores (float32 whatever ``dtype``: the indexer computes in float32) and the top-k of ``dtype`` scores."""
+    causal scores forward and backward (float32 whatever ``dtype``: the indexer computes in float32) and the top-k of
+    ``dtype`` scores."""
     from hybridlm.ops.indexer_triton import index_scores_triton, select_topk_triton
 
-    q, w, k = torch.randn(1, 256, 64, 128), torch.randn(1, 256, 64), torch.randn(1, 4096, 128)
+    q, w, k = (
+        t.requires_grad_() for t in (torch.randn(1, 256, 64, 128), torch.randn(1, 256, 64), torch.randn(1, 4096, 128))
+    )
     scores, allowed = torch.randn(1, 256, 4096).to(dtype), torch.ones(1, 256, 4096, dtype=torch.bool)
 
     def run() -> None:
-        index_scores_triton(q, w, k, 3840)
+        _backward(index_scores_triton(q, w, k, 3840))  # (the backward: the indexer loss's)
         select_topk_triton(scores, allowed, 2048)
 
     return run

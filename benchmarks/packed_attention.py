@@ -3,6 +3,7 @@
     python benchmarks/packed_attention.py --preset bench-1.3b --pattern + --shape 4x4096      # MLA at DeepSeek's heads
     python benchmarks/packed_attention.py --preset bench-1.3b --pattern '*' --shape 4x4096    # attention, for scale
     python benchmarks/packed_attention.py --pattern D                                          # DSA (its top-k: 2048)
+    python benchmarks/packed_attention.py --pattern D --set dsa_indexer_loss_coeff=0.01        # DSA with its indexer loss
     python benchmarks/packed_attention.py --pattern + --set num_attention_heads=32 --documents 8
 
 One ``--pattern`` mixer (``+`` MLA, ``D`` DSA or ``*`` attention) of the preset's sizes, bf16 weights on CUDA, run
@@ -66,11 +67,13 @@ NOT_FOR = {"D": ("causal, SDPA's order",), "+": ("flex, indexer on torch",), "*"
 
 
 def step(model: HybridLM, x: torch.Tensor, doc_ids: torch.Tensor | None, grad: torch.Tensor) -> None:
-    """One forward and backward of the model's only mixer on ``x`` (B, L, H)."""
+    """One forward and backward of the model's only mixer on ``x`` (B, L, H), and of its auxiliary loss if it has one
+    (DSA's indexer loss, with ``--set dsa_indexer_loss_coeff=...``)."""
     ctx = model.make_context(x.shape[0], x.shape[1], x.device, doc_ids=doc_ids)
     mixer = model.blocks["0"].layers[0].mixer
-    y = mixer(x, ctx)
-    y.backward(grad)
+    aux = []
+    y = mixer(x, ctx, aux) if getattr(mixer, "has_aux_loss", False) else mixer(x, ctx)
+    torch.autograd.backward([y, *aux], [grad, *(torch.ones_like(a) for a in aux)])
 
 
 def main() -> None:

@@ -211,16 +211,17 @@ class DSA(MLA):
         parts = [
             checkpoint(self._chunk_loss, *part, use_reentrant=False)
             for part in (
-                (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], q[:, a:b], k, keys, allowed[:, a:b])
+                (x[:, a:b], c_q[:, a:b], cos[:, a:b], sin[:, a:b], q[:, a:b], k, keys, allowed[:, a:b], a)
                 for a, b in query_chunks(B, T, S, self.indexer.n, keys.element_size())
             )
         ]
         kls, selected = zip(*parts)
         return _joined(selected), sum(kls) / max(1, B * T)  # (no query at all: 0)
 
-    def _chunk_loss(self, x, c_q, cos, sin, q, k, keys, allowed) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk of queries of :meth:`select_with_loss`: (its summed KL, its selected keys)."""
-        scores, selected = self._score_and_select(x, c_q, cos, sin, keys, allowed)
+    def _chunk_loss(self, x, c_q, cos, sin, q, k, keys, allowed, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries of :meth:`select_with_loss`, from query ``start`` on: (its summed KL, its selected
+        keys). Its queries see no key after their own (``allowed`` is causal), so those are not scored."""
+        scores, selected = self._score_and_select(x, c_q, cos, sin, keys, allowed, start)
         with _float32(x):
             acc = accumulation_dtype(q)
             logits = torch.einsum("bthd,bshd->bhts", q.to(acc), k.to(acc)) * self.softmax_scale

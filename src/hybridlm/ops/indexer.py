@@ -3,9 +3,9 @@ the top-k selection over them. The references, and the dispatch to the Triton ke
 
 ``index_scores``: ``I(t, s) = sum_j w_j(t) ReLU(q_j(t) · k(s))``. The reference forms the per-head products
 (B, T, n, S) in float32 (a GiB per 64 heads, 4 rows and 256 queries of 4,096 keys, written and read twice), which
-dominates a ``D`` layer's step on a GPU (docs/benchmarks.md). The kernel (:mod:`hybridlm.ops.indexer_triton`) sums
-the heads in registers, tile by tile, and skips the key tiles after a causal diagonal. It has no backward: the
-selection is discrete and needs no gradient, and the indexer's loss, which does, takes the reference.
+dominated a ``D`` layer's step on a GPU (docs/benchmarks.md). The kernel (:mod:`hybridlm.ops.indexer_triton`) sums
+the heads in registers, tile by tile, and skips the key tiles after a causal diagonal; its backward (the indexer's
+loss: the selection itself takes no gradient) computes the products again, tile by tile, rather than keep them.
 
 ``select_topk``: the ``k`` allowed keys with the highest scores per query, ties to the earlier key. The reference
 sorts each row (a stable sort); the kernel finds the k-th score by bisection on its bits and keeps the ties at it
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import choose, record, triton_available, wants_grad
+from .dispatch import choose, triton_available
 
 if triton_available():
     from .indexer_triton import index_scores_triton, select_topk_triton
@@ -33,12 +33,9 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: in
             -inf (not computed by the kernel). The caller's mask must exclude them anyway.
 
     Returns:
-        (B, T, S) in ``q``'s dtype. The Triton kernel runs on CUDA without gradients (op ``index_scores``); with
-        gradients, and for float64, the reference.
+        (B, T, S) in ``q``'s dtype, differentiable in q, w and k. The Triton kernels run on CUDA (op
+        ``index_scores``), the reference elsewhere and for float64.
     """
-    if wants_grad(q, w, k):
-        record("index_scores", "torch")  # (no backward kernel: the indexer's loss is the only caller that needs one)
-        return index_scores_reference(q, w, k, diagonal)
     if choose("index_scores", q, w, k) == "triton":
         return index_scores_triton(q, w, k.to(q.dtype), diagonal)
     return index_scores_reference(q, w, k, diagonal)

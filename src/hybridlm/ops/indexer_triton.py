@@ -8,6 +8,10 @@ tile entirely after the causal diagonal is written -inf and nothing else. The pr
 ``INPUT_PRECISION`` ("tf32x3": three TF32 products, about float32's accuracy; "ieee" is float32 on the CUDA cores,
 several times slower; "tf32" alone has a 10-bit mantissa, which would move the selection at near ties).
 
+``_scores_bwd_q_kernel`` and ``_scores_bwd_k_kernel`` (the indexer loss's backward): each computes the products
+again from q and k, the first per query tile (dq and dw, heads then key tiles in turn), the second per key tile (dk,
+query tiles then heads), both only up to the diagonal; the scores' gradient is read, nothing per head is stored.
+
 ``_topk_kernel``: one program per query row. The k-th largest allowed score is found by bisection over the scores'
 int32 keys (a float32's bits, the lower 31 flipped for negative numbers, order as the floats do), 32 counting passes
 over the row; then every allowed key above it is kept, and of the keys equal to it the first ``k - above`` by
@@ -30,6 +34,13 @@ from .dispatch import record
 #: 8.4 ms, against 9.3 with slices of 32 channels, 10.9 for 64 x 32 tiles and 12.8 to 23.6 for 64 x 64 ones.
 BLOCK_T, BLOCK_S, SCORE_WARPS, D_CHUNK = 128, 64, 8, 64
 INPUT_PRECISION = "tf32x3"
+#: 1: the programs of one query tile (every key tile) run next to each other, so its queries (all heads: 4 MiB at
+#: 128 queries of 64 heads of 128) are read from L2 rather than once per key tile from memory; 0: those of one key tile.
+KEYS_FASTEST = 1
+#: The backward's tiles (queries x keys) and warps: dq and dw per (DQ_BLOCK_T queries, row), looping over heads then
+#: tiles of DQ_BLOCK_S keys; dk per (DK_BLOCK_S keys, row), looping over tiles of DK_BLOCK_T queries then heads. Each
+#: holds a (tile, head size) float32 accumulator, so the tiles are smaller than the forward's.
+DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, BWD_WARPS = 32, 64, 32, 64, 8
 #: Keys a step of the top-k kernel's loops over a row, and its warps.
 TOPK_BLOCK, TOPK_WARPS = 1024, 4
 #: int32 keys one below -inf's and one above +inf's: every float32 (no NaN) lies strictly between.
@@ -41,10 +52,10 @@ def _scores_kernel(
     q_ptr, w_ptr, k_ptr, out_ptr, T, S, N, D, diagonal,
     sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, so_b, so_t,
     CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, DC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(1) if KEYS_FIRST else tl.program_id(0)
+    pid_s = tl.program_id(0) if KEYS_FIRST else tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
     s = pid_s * BS + tl.arange(0, BS)
@@ -81,7 +92,7 @@ def _scores_kernel(
 
 def index_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None) -> torch.Tensor:
     """:func:`hybridlm.ops.indexer.index_scores` on the kernel: q (B, T, n, d), w (B, T, n), k (B, S, d) float32 ->
-    (B, T, S) float32. No autograd."""
+    (B, T, S) float32, differentiable in q, w and k (two backward kernels, which compute the products again)."""
     return _scores_op(q, w, k, diagonal)
 
 
@@ -96,14 +107,19 @@ def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int 
     if out.numel() == 0:
         return out
     q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(S, BLOCK_S), B)
+    tiles = (
+        (triton.cdiv(S, BLOCK_S), triton.cdiv(T, BLOCK_T))
+        if KEYS_FASTEST
+        else (triton.cdiv(T, BLOCK_T), triton.cdiv(S, BLOCK_S))
+    )
+    grid = (*tiles, B)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _scores_kernel[grid](
             q, w, k, out, T, S, N, D, 0 if diagonal is None else diagonal,
             q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), w.stride(2), k.stride(0), k.stride(1),
             out.stride(0), out.stride(1),
             CAUSAL=diagonal is not None, BT=BLOCK_T, BS=BLOCK_S, BD=max(16, triton.next_power_of_2(D)),
-            DC=max(16, D_CHUNK), PRECISION=INPUT_PRECISION, num_warps=SCORE_WARPS,
+            DC=max(16, D_CHUNK), PRECISION=INPUT_PRECISION, KEYS_FIRST=bool(KEYS_FASTEST), num_warps=SCORE_WARPS,
         )  # fmt: skip
     return out
 
@@ -111,6 +127,132 @@ def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int 
 @_scores_op.register_fake
 def _(q, w, k, diagonal):
     return q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+
+
+@triton.jit
+def _scores_bwd_q_kernel(
+    q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, T, S, N, D, diagonal,
+    sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdq_b, sdq_t, sdq_n, sdw_b, sdw_t, sdw_n,
+    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq_j(t) = sum_s g(t, s) w_j(t) [P_j > 0] k(s) and dw_j(t) = sum_s g(t, s) ReLU(P_j(t, s)), P_j = q_j(t) · k(s)
+    recomputed: one program per (query tile, row), heads in turn, key tiles up to the diagonal in turn."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
+    dd = tl.arange(0, BD)
+    q_mask = (t[:, None] < T) & (dd[None, :] < D)
+    s_stop = S
+    if CAUSAL:  # (no key after the last query's diagonal: their scores were -inf, constants)
+        s_stop = tl.minimum(S, pid_t * BT + BT + diagonal)
+    for j in range(N):
+        qj = tl.load(q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + j * sq_n + dd[None, :], mask=q_mask, other=0.0)
+        wj = tl.load(w_ptr + b * sw_b + t.to(tl.int64) * sw_t + j * sw_n, mask=t < T, other=0.0)
+        dq = tl.zeros([BT, BD], tl.float32)
+        dw = tl.zeros([BT], tl.float32)
+        for s0 in range(0, s_stop, BS):
+            s = s0 + tl.arange(0, BS)
+            kt = tl.load(k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s + dd[:, None],
+                         mask=(dd[:, None] < D) & (s[None, :] < S), other=0.0)  # fmt: skip
+            g = tl.load(g_ptr + b * sg_b + t[:, None].to(tl.int64) * sg_t + s[None, :],
+                        mask=(t[:, None] < T) & (s[None, :] < S), other=0.0)  # fmt: skip
+            if CAUSAL:
+                g = tl.where(s[None, :] > t[:, None] + diagonal, 0.0, g)
+            p = tl.dot(qj, kt, input_precision=PRECISION)
+            gp = tl.where(p > 0, g, 0.0)
+            dw += tl.sum(gp * p, 1)
+            dq = tl.dot(gp * wj[:, None], tl.trans(kt), dq, input_precision=PRECISION)
+        tl.store(dq_ptr + b * sdq_b + t[:, None].to(tl.int64) * sdq_t + j * sdq_n + dd[None, :], dq, mask=q_mask)
+        tl.store(dw_ptr + b * sdw_b + t.to(tl.int64) * sdw_t + j * sdw_n, dw, mask=t < T)
+
+
+@triton.jit
+def _scores_bwd_k_kernel(
+    q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, T, S, N, D, diagonal,
+    sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdk_b, sdk_s,
+    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dk(s) = sum_t sum_j g(t, s) w_j(t) [P_j > 0] q_j(t): one program per (key tile, row), the query tiles from the
+    diagonal on in turn, heads in turn."""
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s = pid_s * BS + tl.arange(0, BS)
+    dd = tl.arange(0, BD)
+    kt = tl.load(k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s + dd[:, None],
+                 mask=(dd[:, None] < D) & (s[None, :] < S), other=0.0)  # fmt: skip
+    dk = tl.zeros([BS, BD], tl.float32)
+    t_start = 0
+    if CAUSAL:  # (no query before the first key's diagonal sees it)
+        t_start = tl.maximum(0, pid_s * BS - diagonal) // BT * BT
+    for t0 in range(t_start, T, BT):
+        t = t0 + tl.arange(0, BT)
+        g = tl.load(g_ptr + b * sg_b + t[:, None].to(tl.int64) * sg_t + s[None, :],
+                    mask=(t[:, None] < T) & (s[None, :] < S), other=0.0)  # fmt: skip
+        if CAUSAL:
+            g = tl.where(s[None, :] > t[:, None] + diagonal, 0.0, g)
+        for j in range(N):
+            qj = tl.load(q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + j * sq_n + dd[None, :],
+                         mask=(t[:, None] < T) & (dd[None, :] < D), other=0.0)  # fmt: skip
+            wj = tl.load(w_ptr + b * sw_b + t.to(tl.int64) * sw_t + j * sw_n, mask=t < T, other=0.0)
+            p = tl.dot(qj, kt, input_precision=PRECISION)
+            gp = tl.where(p > 0, g, 0.0) * wj[:, None]
+            dk = tl.dot(tl.trans(gp), qj, dk, input_precision=PRECISION)
+    tl.store(
+        dk_ptr + b * sdk_b + s[:, None].to(tl.int64) * sdk_s + dd[None, :],
+        dk,
+        mask=(s[:, None] < S) & (dd[None, :] < D),
+    )
+
+
+@torch.library.custom_op("hybridlm::index_scores_bwd", mutates_args=())
+def _scores_bwd_op(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, g: torch.Tensor, diagonal: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq (B, T, n, d), dw (B, T, n), dk (B, S, d)) float32 of the scores' gradient ``g`` (B, T, S)."""
+    B, T, N, D = q.shape
+    S = k.shape[1]
+    dq, dw, dk = torch.empty(B, T, N, D, **_f32(q)), torch.empty(B, T, N, **_f32(q)), torch.empty(B, S, D, **_f32(q))
+    if B * T * S == 0 or N * D == 0:
+        return dq.zero_(), dw.zero_(), dk.zero_()
+    q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
+    g = g.float() if g.stride(-1) == 1 else g.float().contiguous()
+    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=INPUT_PRECISION,
+                  num_warps=BWD_WARPS)  # fmt: skip
+    strides = (*q.stride()[:3], *w.stride(), *k.stride()[:2], *g.stride()[:2])
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _scores_bwd_q_kernel[(triton.cdiv(T, DQ_BLOCK_T), B)](
+            q, w, k, g, dq, dw, T, S, N, D, 0 if diagonal is None else diagonal, *strides,
+            *dq.stride()[:3], *dw.stride(), BT=DQ_BLOCK_T, BS=DQ_BLOCK_S, **common,
+        )  # fmt: skip
+        _scores_bwd_k_kernel[(triton.cdiv(S, DK_BLOCK_S), B)](
+            q, w, k, g, dk, T, S, N, D, 0 if diagonal is None else diagonal, *strides, *dk.stride()[:2],
+            BT=DK_BLOCK_T, BS=DK_BLOCK_S, **common,
+        )  # fmt: skip
+    return dq, dw, dk
+
+
+@_scores_bwd_op.register_fake
+def _(q, w, k, g, diagonal):
+    return q.new_empty(q.shape), w.new_empty(w.shape), k.new_empty(k.shape)
+
+
+def _f32(t: torch.Tensor) -> dict:
+    return {"dtype": torch.float32, "device": t.device}
+
+
+def _scores_setup(ctx, inputs, output):
+    q, w, k, diagonal = inputs
+    ctx.save_for_backward(q, w, k)
+    ctx.diagonal = diagonal
+
+
+def _scores_backward(ctx, g):
+    q, w, k = ctx.saved_tensors
+    dq, dw, dk = _scores_bwd_op(q, w, k, g, ctx.diagonal)
+    return dq, dw, dk, None
+
+
+_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
 
 
 @triton.jit
