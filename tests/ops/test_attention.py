@@ -118,3 +118,34 @@ def test_flex_attention_under_the_selection_block_mask_equals_the_dense_mask(mon
         warnings.simplefilter("ignore")  # eager flex_attention warns that it is not the fused kernel
         got = flex.flex_attention(q, k, v, block_mask=selection_block_mask(selected), scale=0.3)
     torch.testing.assert_close(got, masked_attention(q, k, v, selected, scale=0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_sdpa_takes_aligned_heads_only():
+    q, v = torch.empty(1, 1, 4, 16), torch.empty(1, 1, 4, 8)
+    assert attention.fused_sdpa_takes(q, v)
+    assert not attention.fused_sdpa_takes(torch.empty(1, 1, 4, 10), v)  # MLA_TINY's query heads
+    assert not attention.fused_sdpa_takes(q, torch.empty(1, 1, 4, 5))  # and its value heads
+    assert not attention.fused_sdpa_takes(q.double(), v.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [(10, 5), (16, 8), (64, 32)])
+def test_causal_attention_of_any_head_sizes_on_gpu(dims):
+    """Rows without documents on CUDA in bf16: heads no fused SDPA kernel takes (MLA_TINY's 10 and 5) run SDPA's math
+    backend, recorded as ``sdpa_math`` (they failed with "No available kernel"), the others a fused kernel (``sdpa``);
+    each against float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from hybridlm.ops.dispatch import paths_used, reset_paths
+
+    d, dv = dims
+    gen = torch.Generator("cuda").manual_seed(1)
+    q, k = (torch.randn(2, 4, 300, d, device="cuda", generator=gen) for _ in range(2))
+    v = torch.randn(2, 4, 300, dv, device="cuda", generator=gen)
+    reset_paths()
+    got = attention.causal_attention(*(t.bfloat16() for t in (q, k, v)), scale=0.3)
+    assert paths_used()["attention"] == ("sdpa" if d % 8 == 0 and dv % 8 == 0 else "sdpa_math")
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, scale=0.3
+    )
+    assert got.shape == (2, 4, 300, dv) and (got.double() - want).abs().max() < 2e-2

@@ -282,6 +282,7 @@ def test_gpu_compiled_blocks_have_no_graph_breaks(pattern):
     assert breaks and not any(breaks.values()), breaks
     # The blocks' eager forward took the GPU's paths (a dispatch falling back to torch traced only the reference).
     kernels = ("mamba2_core", "gated_delta", "add_rms_norm") if "M" in pattern else ("add_rms_norm",)
+    kernels += ("index_scores", "index_topk") if "D" in pattern else ()
     used = paths_used()
     assert {op: used.get(op) for op in kernels} == dict.fromkeys(kernels, "triton"), used
     assert used.get("moe_experts") == "grouped_mm", used

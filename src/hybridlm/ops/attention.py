@@ -122,15 +122,22 @@ def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
     return ((seq_idx[:, :, None] == seq_idx[:, None, :]) & causal).unsqueeze(1)
 
 
+def fused_sdpa_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA's fused CUDA kernels (cuDNN, flash, memory-efficient) may take these heads: query / key and value
+    head sizes that are multiples of 8 (their 16-bit alignment), not float64. Others (tiny test models: MLA with value
+    heads of 5) only SDPA's math backend takes."""
+    return q.dtype != torch.float64 and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0
+
+
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, scale: float | None) -> torch.Tensor:
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        # cuDNN first (the fastest on Hopper at these shapes). For float64 (a reference model) the math
-        # backend, the only one that takes it ("No available kernel" without it); a bf16 or float32 call
-        # that none of the three takes still fails by name rather than run the slow math silently.
+        # cuDNN first (the fastest on Hopper at these shapes). Heads no fused kernel takes (float64, a reference
+        # model; head sizes off their alignment) take the math backend, as the dispatch records (sdpa_math); a call
+        # that the fused kernels should take but do not still fails by name rather than run the slow math silently.
         fast = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        order = [SDPBackend.MATH] if q.dtype == torch.float64 else fast
+        order = fast if fused_sdpa_takes(q, v) else [SDPBackend.MATH]
         with sdpa_kernel(order, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -182,7 +189,7 @@ def causal_attention(
     """
     gqa = k.shape[1] != q.shape[1]
     if seq_idx is None:
-        record("attention", "sdpa")
+        record("attention", "sdpa_math" if q.is_cuda and not fused_sdpa_takes(q, v) else "sdpa")
         return _sdpa_causal(q, k, v, gqa, scale)
     if use_flex(seq_idx, min(q.shape[-1], v.shape[-1]), q.dtype):
         record("attention", "flex")
