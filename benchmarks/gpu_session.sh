@@ -90,6 +90,9 @@ for stage in "$@"; do
             tests/ops/test_indexer.py tests/layers/test_mla.py || rc=1; python3 benchmarks/dsa_indexer.py --tune || rc=1; \
             python3 benchmarks/dsa_indexer.py || rc=1; python3 benchmarks/packed_attention.py --pattern D --rounds 5 || rc=1; \
             exit \$rc" ;;  # DSA's indexer kernels: tests (the layer's GPU tests too), tiles, against torch, the layer
+    indexertests) run indexertests 300 20 python3 -m pytest -q -p no:cacheprovider -m 'gpu or not gpu' \
+            tests/ops/test_indexer.py tests/ops/test_attention.py tests/layers/test_mla.py \
+            tests/parallel/test_execution.py::test_gpu_compiled_blocks_have_no_graph_breaks ;;  # kernels, DSA, MLA, compiled
     indexertune) run indexertune 420 90 bash -c "rc=0; python3 benchmarks/dsa_indexer.py --tune || rc=1; \
             python3 benchmarks/dsa_indexer.py || rc=1; python3 benchmarks/packed_attention.py --pattern D --rounds 5 || rc=1; \
             python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set dsa_indexer_loss_coeff=0.01 || rc=1; \
