@@ -61,8 +61,9 @@ from .rope import Yarn, apply_rope, rope_frequencies
 
 
 class Indexer(nn.Module):
-    """The lightning indexer: scores (B, T, S) of every query against every key, in float32 (float64 in a
-    float64 model: a reference, whose selection and loss float32 rounding would cap at ~1e-7)."""
+    """The lightning indexer's weights, queries and keys, in float32 (float64 in a float64 model: a reference, whose
+    selection and loss float32 rounding would cap at ~1e-7); its scores (B, T, S) of every query against every key
+    are :func:`~hybridlm.ops.indexer.index_scores` (a Triton kernel on CUDA)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
