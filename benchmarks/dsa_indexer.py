@@ -64,6 +64,20 @@ def chunked_scores(q, w, k, kernels: str) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
+def tune_table(knobs: tuple[str, ...], settings: list[tuple[int, ...]], columns: tuple[str, ...], row) -> None:
+    """A table of ``row()`` (its cells, "a | b") at each setting of the ``indexer_triton`` ``knobs``."""
+    print(f"\n| {' | '.join(knobs)} | {' | '.join(columns)} |\n|{'---:|' * (len(knobs) + len(columns))}")
+    for setting in settings:
+        old = apply([f"indexer_triton.{name}={v}" for name, v in zip(knobs, setting)])
+        cells = " | ".join(map(str, setting))
+        try:
+            print(f"| {cells} | {row()} |")
+        except Exception as e:  # (a setting the compiler refuses, e.g. out of shared memory)
+            print(f"| {cells} | failed: {type(e).__name__} |{' |' * (len(columns) - 1)}")
+        finally:
+            restore(old)
+
+
 def chunked_scores_backward(q, w, k, g, kernels: str) -> tuple[torch.Tensor, ...]:
     """The indexer loss's pattern: each chunk of queries scored with gradients (causal), then its backward from ``g``
     (B, L, L); returns (dq, dw, dk) of the whole sequence."""
@@ -133,42 +147,27 @@ def main() -> None:
         f"torch {torch.__version__}, medians of {args.rounds}\n"
     )
     if args.tune:
-        print("| BLOCK_T | BLOCK_S | D_CHUNK | warps | KEYS_FASTEST | ms | error vs float64 |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for setting in TUNE:
-            names = ("BLOCK_T", "BLOCK_S", "D_CHUNK", "SCORE_WARPS", "KEYS_FASTEST")
-            old = apply([f"indexer_triton.{name}={v}" for name, v in zip(names, setting)])
-            cells = " | ".join(map(str, setting))
-            try:
-                ms, got = timed(lambda: chunked_scores(q, w, k, "auto"), args.rounds)
-                print(f"| {cells} | {ms:.2f} | {err(got):.2e} |")
-            except Exception as e:  # (a setting the compiler refuses, e.g. out of shared memory)
-                print(f"| {cells} | failed: {type(e).__name__} | |")
-            finally:
-                restore(old)
-        print("\n| DQ_BLOCK_T | DQ_BLOCK_S | DK_BLOCK_T | DK_BLOCK_S | warps | fwd + bwd ms | error vs float64 |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for setting in TUNE_BWD:
-            names = ("DQ_BLOCK_T", "DQ_BLOCK_S", "DK_BLOCK_T", "DK_BLOCK_S", "BWD_WARPS")
-            old = apply([f"indexer_triton.{name}={v}" for name, v in zip(names, setting)])
-            cells = " | ".join(map(str, setting))
-            try:
-                ms, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
-                print(f"| {cells} | {ms:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e} |")
-            except Exception as e:  # (a setting the compiler refuses)
-                print(f"| {cells} | failed: {type(e).__name__} | |")
-            finally:
-                restore(old)
+
+        def scores_row() -> str:
+            ms, got = timed(lambda: chunked_scores(q, w, k, "auto"), args.rounds)
+            return f"{ms:.2f} | {err(got):.2e}"
+
+        def backward_row() -> str:
+            ms, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
+            return f"{ms:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e}"
+
+        tune_table(("BLOCK_T", "BLOCK_S", "D_CHUNK", "SCORE_WARPS", "KEYS_FASTEST"), TUNE, ("ms", "error vs float64"),
+                   scores_row)  # fmt: skip
+        tune_table(("DQ_BLOCK_T", "DQ_BLOCK_S", "DK_BLOCK_T", "DK_BLOCK_S", "BWD_WARPS"), TUNE_BWD,
+                   ("fwd + bwd ms", "error vs float64"), backward_row)  # fmt: skip
         scores = chunked_scores(q, w, k, "auto")
         want = select_with("torch", scores, allowed, args.topk, n)
-        print("\n| TOPK_BLOCK | warps | top-k ms | same keys as the sort |\n|---:|---:|---:|---|")
-        for block, warps in TUNE_TOPK:
-            old = apply([f"indexer_triton.TOPK_BLOCK={block}", f"indexer_triton.TOPK_WARPS={warps}"])
-            try:
-                ms, got = timed(lambda: select_with("auto", scores, allowed, args.topk, n), args.rounds)
-                print(f"| {block} | {warps} | {ms:.2f} | {torch.equal(got, want)} |")
-            finally:
-                restore(old)
+
+        def topk_row() -> str:
+            ms, got = timed(lambda: select_with("auto", scores, allowed, args.topk, n), args.rounds)
+            return f"{ms:.2f} | {torch.equal(got, want)}"
+
+        tune_table(("TOPK_BLOCK", "TOPK_WARPS"), TUNE_TOPK, ("top-k ms", "same keys as the sort"), topk_row)
         return
     print("| step | path | ms | error vs float64 | note |\n|---|---|---:|---:|---|")
     ms_ref, ref = timed(lambda: chunked_scores(q, w, k, "torch"), args.rounds)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import record
+from .top_p_triton import KEY_HI, KEY_LO, float_key  # (a float32's bits as an int32 in the floats' order)
 
 #: Tile sizes and warps of the scores kernel, channels a product takes at once (``D_CHUNK`` below the head size: the
 #: key tile is read again for each head, in slices), and the products' precision (see the module's docstring).
@@ -43,8 +44,6 @@ KEYS_FASTEST = 1
 DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, BWD_WARPS = 32, 64, 32, 64, 8
 #: Keys a step of the top-k kernel's loops over a row, and its warps.
 TOPK_BLOCK, TOPK_WARPS = 1024, 4
-#: int32 keys one below -inf's and one above +inf's: every float32 (no NaN) lies strictly between.
-KEY_LO, KEY_HI = -2139095042, 2139095041
 
 
 @triton.jit
@@ -256,14 +255,6 @@ _scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
 
 
 @triton.jit
-def _key(x):
-    """float32 -> int32 in the same order (-0.0 as +0.0)."""
-    x = tl.where(x == 0.0, 0.0, x)
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
 def _count_at_least(x_row, a_row, S, cut, BLOCK: tl.constexpr):
     """Allowed keys of the row whose score's key is at least ``cut``."""
     n = 0
@@ -271,7 +262,7 @@ def _count_at_least(x_row, a_row, S, cut, BLOCK: tl.constexpr):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < S, other=0.0)
         ok = tl.load(a_row + offs, mask=offs < S, other=0) != 0
-        n += tl.sum((ok & (_key(x) >= cut)).to(tl.int32), 0)
+        n += tl.sum((ok & (float_key(x) >= cut)).to(tl.int32), 0)
     return n
 
 
@@ -302,7 +293,7 @@ def _topk_kernel(
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < S, other=0.0)
         ok = tl.load(a_row + offs, mask=offs < S, other=0) != 0
-        key = _key(x)
+        key = float_key(x)
         tie = ok & (key == cut)
         rank = seen + tl.cumsum(tie.to(tl.int32), 0)
         keep = ok & ((key > cut) | (tie & (rank <= need)))

@@ -50,7 +50,7 @@ MAX_SEGMENTS = 64
 
 
 @triton.jit
-def _key(x):
+def float_key(x):
     """float32 -> int32 in the same order (-0.0 as +0.0)."""
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.int32, bitcast=True)
@@ -132,7 +132,7 @@ def _sweep_kernel(
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         e = tl.exp(x - shift)
-        k = _key(x)[:, None]
+        k = float_key(x)[:, None]
         acc += tl.where(k > cuts[None, :], e[:, None], 0.0)
         if FIRST:
             z += e
@@ -180,7 +180,7 @@ def _write_kernel(
         offs = start + tl.arange(0, BLOCK)
         inside = offs < V
         x = tl.load(base + offs, mask=inside, other=float("-inf"))
-        k = _key(x.to(tl.float32))
+        k = float_key(x.to(tl.float32))
         tie = (k == kstar) & inside
         rank = seen + tl.cumsum(tie.to(tl.int32), 0)
         keep = (k > kstar) | (tie & (rank <= keep_ties))
