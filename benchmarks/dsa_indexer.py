@@ -2,7 +2,7 @@
 
     python benchmarks/dsa_indexer.py                        # 4 x 4096, 64 index heads of 128, top-k 2048
     python benchmarks/dsa_indexer.py --shape 1x32768 --heads 64 --dim 128 --topk 2048
-    python benchmarks/dsa_indexer.py --tune                 # the scores kernel's tiles, warps and channel slices
+    python benchmarks/dsa_indexer.py --tune                 # every kernel's tiles and warps (--tune backward: one)
     python benchmarks/dsa_indexer.py --set indexer_triton.D_CHUNK=64
 
 ``scores``: ``index_scores`` over a whole sequence, in the DSA layer's chunks of queries (``dsa.query_chunks``), each
@@ -38,9 +38,10 @@ from hybridlm.ops.indexer import index_scores, index_scores_reference, select_to
 TUNE = [(128, 64, 64, 8, 1), (128, 64, 64, 8, 0), (128, 64, 128, 8, 1), (128, 64, 32, 8, 1), (64, 32, 64, 4, 1),
         (64, 32, 64, 4, 0), (128, 32, 64, 8, 1), (64, 64, 64, 8, 1)]  # fmt: skip
 TUNE_TOPK = [(1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16), (512, 4)]
-#: (DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, warps) settings ``--tune`` times for the scores' backward.
-TUNE_BWD = [(32, 64, 32, 64, 8), (32, 64, 32, 64, 4), (32, 32, 32, 32, 4), (32, 32, 32, 32, 8), (64, 32, 64, 32, 8),
-            (32, 128, 128, 32, 8), (16, 64, 64, 16, 4), (64, 64, 64, 64, 8)]  # fmt: skip
+#: (DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, warps, DK_HEAD_GROUPS) settings ``--tune`` times for the backward.
+TUNE_BWD = [(32, 64, 64, 32, 4, 8), (32, 64, 64, 32, 8, 8), (64, 64, 64, 64, 8, 8), (64, 32, 64, 32, 8, 8),
+            (32, 32, 32, 32, 4, 8), (16, 64, 64, 16, 4, 8), (32, 64, 64, 32, 4, 16), (32, 64, 64, 32, 4, 4),
+            (64, 32, 128, 32, 8, 8)]  # fmt: skip
 
 
 def timed(fn, rounds: int) -> tuple[float, object]:
@@ -120,7 +121,9 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=2048, help="keys kept per query (dsa_indexer_topk)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check-rows", type=int, default=256, help="queries of row 0 checked against float64")
-    ap.add_argument("--tune", action="store_true", help="time the scores kernel at each setting of TUNE instead")
+    ap.add_argument("--tune", nargs="?", const="scores,backward,topk", default="",
+                    help="time the kernels at each of their settings instead (TUNE, TUNE_BWD, TUNE_TOPK; "
+                         "a comma list of scores, backward, topk: all three without one)")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.KNOB=N", help="a kernel setting first")
     args = ap.parse_args()
     apply(args.set)
@@ -156,10 +159,15 @@ def main() -> None:
             ms, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
             return f"{ms:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e}"
 
-        tune_table(("BLOCK_T", "BLOCK_S", "D_CHUNK", "SCORE_WARPS", "KEYS_FASTEST"), TUNE, ("ms", "error vs float64"),
-                   scores_row)  # fmt: skip
-        tune_table(("DQ_BLOCK_T", "DQ_BLOCK_S", "DK_BLOCK_T", "DK_BLOCK_S", "BWD_WARPS"), TUNE_BWD,
-                   ("fwd + bwd ms", "error vs float64"), backward_row)  # fmt: skip
+        tables = args.tune.split(",")
+        if "scores" in tables:
+            tune_table(("BLOCK_T", "BLOCK_S", "D_CHUNK", "SCORE_WARPS", "KEYS_FASTEST"), TUNE, ("ms", "error vs float64"),
+                       scores_row)  # fmt: skip
+        if "backward" in tables:
+            tune_table(("DQ_BLOCK_T", "DQ_BLOCK_S", "DK_BLOCK_T", "DK_BLOCK_S", "BWD_WARPS", "DK_HEAD_GROUPS"),
+                       TUNE_BWD, ("fwd + bwd ms", "error vs float64"), backward_row)  # fmt: skip
+        if "topk" not in tables:
+            return
         scores = chunked_scores(q, w, k, "auto")
         want = select_with("torch", scores, allowed, args.topk, n)
 

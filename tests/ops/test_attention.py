@@ -95,7 +95,7 @@ def test_compiled_selection_block_mask_equals_eager():
     got2 = selection_block_mask(second)
     assert counters["frames"]["ok"] == frames
     for mine, sel in ((got, first), (got2, second)):
-        ref = flex.create_block_mask(lambda b, h, q, kv, sel=sel: sel[b, q, kv], 2, None, 384, 384)
+        ref = flex.create_block_mask(lambda b, h, q, kv, sel=sel: sel[b, q, kv], 2, None, 384, 384, device=sel.device)
         a, b = block_tensors(mine), block_tensors(ref)
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert block_tensors(got)[0].sum() < 2 * 3 * 3  # (key blocks above the diagonal are skipped)

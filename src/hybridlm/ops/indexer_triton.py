@@ -9,8 +9,9 @@ tile entirely after the causal diagonal is written -inf and nothing else. The pr
 several times slower; "tf32" alone has a 10-bit mantissa, which would move the selection at near ties).
 
 ``_scores_bwd_q_kernel`` and ``_scores_bwd_k_kernel`` (the indexer loss's backward): each computes the products
-again from q and k, the first per query tile (dq and dw, heads then key tiles in turn), the second per key tile (dk,
-query tiles then heads), both only up to the diagonal; the scores' gradient is read, nothing per head is stored.
+again from q and k, the first per (query tile, head) (dq and dw, key tiles in turn), the second per (key tile, group
+of heads) (dk, query tiles then the group's heads), both only up to the diagonal; the scores' gradient is read,
+nothing per head is stored.
 
 ``_topk_kernel``: one program per query row. The k-th largest allowed score is found by bisection over the scores'
 int32 keys (a float32's bits, the lower 31 flipped for negative numbers, order as the floats do), 32 counting passes
@@ -38,10 +39,11 @@ INPUT_PRECISION = "tf32x3"
 #: 1: the programs of one query tile (every key tile) run next to each other, so its queries (all heads: 4 MiB at
 #: 128 queries of 64 heads of 128) are read from L2 rather than once per key tile from memory; 0: those of one key tile.
 KEYS_FASTEST = 1
-#: The backward's tiles (queries x keys) and warps: dq and dw per (DQ_BLOCK_T queries, row), looping over heads then
-#: tiles of DQ_BLOCK_S keys; dk per (DK_BLOCK_S keys, row), looping over tiles of DK_BLOCK_T queries then heads. Each
-#: holds a (tile, head size) float32 accumulator, so the tiles are smaller than the forward's.
-DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, BWD_WARPS = 32, 64, 32, 64, 8
+#: The backward's tiles (queries x keys) and warps: dq and dw per (DQ_BLOCK_T queries, head, row), looping over tiles
+#: of DQ_BLOCK_S keys; dk per (DK_BLOCK_S keys, group of heads, row), looping over tiles of DK_BLOCK_T queries then the
+#: group's heads, DK_HEAD_GROUPS groups (partial sums added after: a chunk of the loss's queries alone would give the
+#: dk kernel too few programs). Each holds a (tile, head size) float32 accumulator: smaller tiles than the forward's.
+DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, BWD_WARPS, DK_HEAD_GROUPS = 32, 64, 64, 32, 4, 8
 #: Keys a step of the top-k kernel's loops over a row, and its warps.
 TOPK_BLOCK, TOPK_WARPS = 1024, 4
 
@@ -130,51 +132,52 @@ def _(q, w, k, diagonal):
 
 @triton.jit
 def _scores_bwd_q_kernel(
-    q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, T, S, N, D, diagonal,
+    q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, T, S, D, diagonal,
     sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdq_b, sdq_t, sdq_n, sdw_b, sdw_t, sdw_n,
     CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dq_j(t) = sum_s g(t, s) w_j(t) [P_j > 0] k(s) and dw_j(t) = sum_s g(t, s) ReLU(P_j(t, s)), P_j = q_j(t) · k(s)
-    recomputed: one program per (query tile, row), heads in turn, key tiles up to the diagonal in turn."""
+    recomputed: one program per (query tile, head, row), the key tiles up to the diagonal in turn."""
     pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
     dd = tl.arange(0, BD)
     q_mask = (t[:, None] < T) & (dd[None, :] < D)
     s_stop = S
     if CAUSAL:  # (no key after the last query's diagonal: their scores were -inf, constants)
         s_stop = tl.minimum(S, pid_t * BT + BT + diagonal)
-    for j in range(N):
-        qj = tl.load(q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + j * sq_n + dd[None, :], mask=q_mask, other=0.0)
-        wj = tl.load(w_ptr + b * sw_b + t.to(tl.int64) * sw_t + j * sw_n, mask=t < T, other=0.0)
-        dq = tl.zeros([BT, BD], tl.float32)
-        dw = tl.zeros([BT], tl.float32)
-        for s0 in range(0, s_stop, BS):
-            s = s0 + tl.arange(0, BS)
-            kt = tl.load(k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s + dd[:, None],
-                         mask=(dd[:, None] < D) & (s[None, :] < S), other=0.0)  # fmt: skip
-            g = tl.load(g_ptr + b * sg_b + t[:, None].to(tl.int64) * sg_t + s[None, :],
-                        mask=(t[:, None] < T) & (s[None, :] < S), other=0.0)  # fmt: skip
-            if CAUSAL:
-                g = tl.where(s[None, :] > t[:, None] + diagonal, 0.0, g)
-            p = tl.dot(qj, kt, input_precision=PRECISION)
-            gp = tl.where(p > 0, g, 0.0)
-            dw += tl.sum(gp * p, 1)
-            dq = tl.dot(gp * wj[:, None], tl.trans(kt), dq, input_precision=PRECISION)
-        tl.store(dq_ptr + b * sdq_b + t[:, None].to(tl.int64) * sdq_t + j * sdq_n + dd[None, :], dq, mask=q_mask)
-        tl.store(dw_ptr + b * sdw_b + t.to(tl.int64) * sdw_t + j * sdw_n, dw, mask=t < T)
+    qj = tl.load(q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + j * sq_n + dd[None, :], mask=q_mask, other=0.0)
+    wj = tl.load(w_ptr + b * sw_b + t.to(tl.int64) * sw_t + j * sw_n, mask=t < T, other=0.0)
+    dq = tl.zeros([BT, BD], tl.float32)
+    dw = tl.zeros([BT], tl.float32)
+    for s0 in range(0, s_stop, BS):
+        s = s0 + tl.arange(0, BS)
+        kt = tl.load(k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s + dd[:, None],
+                     mask=(dd[:, None] < D) & (s[None, :] < S), other=0.0)  # fmt: skip
+        g = tl.load(g_ptr + b * sg_b + t[:, None].to(tl.int64) * sg_t + s[None, :],
+                    mask=(t[:, None] < T) & (s[None, :] < S), other=0.0)  # fmt: skip
+        if CAUSAL:
+            g = tl.where(s[None, :] > t[:, None] + diagonal, 0.0, g)
+        p = tl.dot(qj, kt, input_precision=PRECISION)
+        gp = tl.where(p > 0, g, 0.0)
+        dw += tl.sum(gp * p, 1)
+        dq = tl.dot(gp * wj[:, None], tl.trans(kt), dq, input_precision=PRECISION)
+    tl.store(dq_ptr + b * sdq_b + t[:, None].to(tl.int64) * sdq_t + j * sdq_n + dd[None, :], dq, mask=q_mask)
+    tl.store(dw_ptr + b * sdw_b + t.to(tl.int64) * sdw_t + j * sdw_n, dw, mask=t < T)
 
 
 @triton.jit
 def _scores_bwd_k_kernel(
-    q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, T, S, N, D, diagonal,
-    sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdk_b, sdk_s,
+    q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, T, S, N, D, diagonal, HEADS,
+    sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdk_g, sdk_b, sdk_s,
     CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk(s) = sum_t sum_j g(t, s) w_j(t) [P_j > 0] q_j(t): one program per (key tile, row), the query tiles from the
-    diagonal on in turn, heads in turn."""
+    """dk(s) = sum_t sum_j g(t, s) w_j(t) [P_j > 0] q_j(t): one program per (key tile, group of HEADS heads, row), the
+    query tiles from the diagonal on in turn, the group's heads in turn; each group writes its own partial sum."""
     pid_s = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     s = pid_s * BS + tl.arange(0, BS)
     dd = tl.arange(0, BD)
     kt = tl.load(k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s + dd[:, None],
@@ -183,24 +186,22 @@ def _scores_bwd_k_kernel(
     t_start = 0
     if CAUSAL:  # (no query before the first key's diagonal sees it)
         t_start = tl.maximum(0, pid_s * BS - diagonal) // BT * BT
+    j_stop = tl.minimum(N, grp * HEADS + HEADS)
     for t0 in range(t_start, T, BT):
         t = t0 + tl.arange(0, BT)
         g = tl.load(g_ptr + b * sg_b + t[:, None].to(tl.int64) * sg_t + s[None, :],
                     mask=(t[:, None] < T) & (s[None, :] < S), other=0.0)  # fmt: skip
         if CAUSAL:
             g = tl.where(s[None, :] > t[:, None] + diagonal, 0.0, g)
-        for j in range(N):
+        for j in range(grp * HEADS, j_stop):
             qj = tl.load(q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + j * sq_n + dd[None, :],
                          mask=(t[:, None] < T) & (dd[None, :] < D), other=0.0)  # fmt: skip
             wj = tl.load(w_ptr + b * sw_b + t.to(tl.int64) * sw_t + j * sw_n, mask=t < T, other=0.0)
             p = tl.dot(qj, kt, input_precision=PRECISION)
             gp = tl.where(p > 0, g, 0.0) * wj[:, None]
             dk = tl.dot(tl.trans(gp), qj, dk, input_precision=PRECISION)
-    tl.store(
-        dk_ptr + b * sdk_b + s[:, None].to(tl.int64) * sdk_s + dd[None, :],
-        dk,
-        mask=(s[:, None] < S) & (dd[None, :] < D),
-    )
+    out = dk_ptr + grp * sdk_g + b * sdk_b + s[:, None].to(tl.int64) * sdk_s + dd[None, :]
+    tl.store(out, dk, mask=(s[:, None] < S) & (dd[None, :] < D))
 
 
 @torch.library.custom_op("hybridlm::index_scores_bwd", mutates_args=())
@@ -210,24 +211,27 @@ def _scores_bwd_op(
     """(dq (B, T, n, d), dw (B, T, n), dk (B, S, d)) float32 of the scores' gradient ``g`` (B, T, S)."""
     B, T, N, D = q.shape
     S = k.shape[1]
-    dq, dw, dk = torch.empty(B, T, N, D, **_f32(q)), torch.empty(B, T, N, **_f32(q)), torch.empty(B, S, D, **_f32(q))
+    dq, dw = torch.empty(B, T, N, D, **_f32(q)), torch.empty(B, T, N, **_f32(q))
     if B * T * S == 0 or N * D == 0:
-        return dq.zero_(), dw.zero_(), dk.zero_()
+        return dq.zero_(), dw.zero_(), torch.zeros(B, S, D, **_f32(q))
     q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
     g = g.float() if g.stride(-1) == 1 else g.float().contiguous()
     common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=INPUT_PRECISION,
                   num_warps=BWD_WARPS)  # fmt: skip
     strides = (*q.stride()[:3], *w.stride(), *k.stride()[:2], *g.stride()[:2])
+    heads = triton.cdiv(N, min(N, DK_HEAD_GROUPS))  # heads a dk program sums
+    groups = triton.cdiv(N, heads)
+    dk_parts = torch.empty(groups, B, S, D, **_f32(q))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _scores_bwd_q_kernel[(triton.cdiv(T, DQ_BLOCK_T), B)](
-            q, w, k, g, dq, dw, T, S, N, D, 0 if diagonal is None else diagonal, *strides,
+        _scores_bwd_q_kernel[(triton.cdiv(T, DQ_BLOCK_T), N, B)](
+            q, w, k, g, dq, dw, T, S, D, 0 if diagonal is None else diagonal, *strides,
             *dq.stride()[:3], *dw.stride(), BT=DQ_BLOCK_T, BS=DQ_BLOCK_S, **common,
         )  # fmt: skip
-        _scores_bwd_k_kernel[(triton.cdiv(S, DK_BLOCK_S), B)](
-            q, w, k, g, dk, T, S, N, D, 0 if diagonal is None else diagonal, *strides, *dk.stride()[:2],
-            BT=DK_BLOCK_T, BS=DK_BLOCK_S, **common,
+        _scores_bwd_k_kernel[(triton.cdiv(S, DK_BLOCK_S), groups, B)](
+            q, w, k, g, dk_parts, T, S, N, D, 0 if diagonal is None else diagonal, heads, *strides,
+            *dk_parts.stride()[:3], BT=DK_BLOCK_T, BS=DK_BLOCK_S, **common,
         )  # fmt: skip
-    return dq, dw, dk
+    return dq, dw, dk_parts.sum(0) if groups > 1 else dk_parts[0]
 
 
 @_scores_bwd_op.register_fake
