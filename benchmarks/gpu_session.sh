@@ -97,7 +97,7 @@ for stage in "$@"; do
             python3 benchmarks/dsa_indexer.py || rc=1; python3 benchmarks/packed_attention.py --pattern D --rounds 5 || rc=1; \
             python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set dsa_indexer_loss_coeff=0.01 || rc=1; \
             exit \$rc" ;;  # the indexer's tiles and top-k blocks, then against torch, in the layer, and with its loss
-    indexerbwd) run indexerbwd 420 60 bash -c "rc=0; python3 -m pytest -q -p no:cacheprovider tests/ops/test_indexer.py \
+    indexerbwd) run indexerbwd 330 60 bash -c "rc=0; python3 -m pytest -q -p no:cacheprovider tests/ops/test_indexer.py \
             tests/ops/test_attention.py -k 'gradients or loss or selection_block_mask' || rc=1; \
             python3 benchmarks/dsa_indexer.py --tune backward || rc=1; python3 benchmarks/dsa_indexer.py || rc=1; \
             python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set dsa_indexer_loss_coeff=0.01 || rc=1; \
