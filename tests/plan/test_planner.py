@@ -87,16 +87,18 @@ WIDE_HEADS = dict(num_attention_heads=2, qk_head_dim=16, qk_pos_emb_head_dim=8, 
 @pytest.mark.parametrize("wide", [True, False])
 def test_attention_scores_are_counted_causally(pattern, wide):
     """Attention, MLA and DSA run FlexAttention over packed rows, which skips the key blocks above the diagonal: half
-    the scores (DSA's indexer still scores every key). With heads narrower than FlexAttention takes they train under
-    a dense mask, which skips nothing."""
+    the scores. With heads narrower than FlexAttention takes they train under a dense mask, which skips nothing. DSA's
+    indexer scores half its keys at any head size (its kernel skips the key tiles after the diagonal)."""
     config = tiny_config(pattern, **{**(MLA_TINY if pattern in "+D" else {}), **(WIDE_HEADS if wide else {})})
     assert config.resolved_head_dim == (16 if wide else 8)
     L = 64
     per_token = flops_per_token(config, L)[pattern]
-    kind = "+" if pattern == "D" else pattern  # (DSA: MLA's attention, not the indexer)
+    kind = "+" if pattern == "D" else pattern  # (DSA: MLA's attention, then the indexer)
     attention = config.replace(pattern=kind)
     core = flops_per_token(attention, L)[kind] - flops_per_token(attention, 0)[kind]
-    want = 3 * L * (per_token - core / 2 if wide else per_token)
+    indexer = flops_per_token(config, L)[pattern] - flops_per_token(config, 0)[pattern] - core
+    assert (indexer > 0) == (pattern == "D")
+    want = 3 * L * (per_token - (core / 2 if wide else 0) - indexer / 2)
     assert core > 0 and math.isclose(estimate_costs(config, L).blocks[0].flops, want, rel_tol=1e-12)
 
 

@@ -470,10 +470,16 @@ def estimate_costs(
         if _takes_flex(c, s):
             # flops_per_token counts scores over all keys (the MFU convention); FlexAttention skips
             # the key blocks above the diagonal, and time is what the planner balances. The part of
-            # attention's (MLA's for DSA, whose indexer scores every key) that grows with seq_len is
+            # attention's (MLA's for DSA; its indexer below) that grows with seq_len is
             # exactly the scores and weighted values. Under a dense mask attention pays for every key.
             core = mixer_class("+" if s == "D" else s)
             flops -= (core.flops_per_token(c, seq_len) - core.flops_per_token(c, 0)) / 2 * T
+        if s == "D":
+            # DSA's indexer scores its keys causally too, whatever the head sizes: its kernel (ops.indexer) skips the
+            # key tiles after the diagonal, forward and backward
+            indexer = mixer_class(s), mixer_class("+")
+            grows = [m.flops_per_token(c, seq_len) - m.flops_per_token(c, 0) for m in indexer]
+            flops -= (grows[0] - grows[1]) / 2 * T
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
         item = _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
                            min(f8_flops, flops), f8)  # fmt: skip
