@@ -97,6 +97,13 @@ def index_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diago
     return _scores_op(q, w, k, diagonal)
 
 
+def _precision(device: torch.device) -> str:
+    """:data:`INPUT_PRECISION`, or "ieee" on a GPU older than Ampere (sm_80), which has no TF32 tensor cores."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "ieee"
+    return INPUT_PRECISION
+
+
 @torch.library.custom_op("hybridlm::index_scores", mutates_args=())
 def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None) -> torch.Tensor:
     record("index_scores", "triton")  # also at run time inside compiled graphs (tracing records nothing)
@@ -120,7 +127,7 @@ def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int 
             q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), w.stride(2), k.stride(0), k.stride(1),
             out.stride(0), out.stride(1),
             CAUSAL=diagonal is not None, BT=BLOCK_T, BS=BLOCK_S, BD=max(16, triton.next_power_of_2(D)),
-            DC=max(16, D_CHUNK), PRECISION=INPUT_PRECISION, KEYS_FIRST=bool(KEYS_FASTEST), num_warps=SCORE_WARPS,
+            DC=max(16, D_CHUNK), PRECISION=_precision(q.device), KEYS_FIRST=bool(KEYS_FASTEST), num_warps=SCORE_WARPS,
         )  # fmt: skip
     return out
 
@@ -216,7 +223,7 @@ def _scores_bwd_op(
         return dq.zero_(), dw.zero_(), torch.zeros(B, S, D, **_f32(q))
     q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
     g = g.float() if g.stride(-1) == 1 else g.float().contiguous()
-    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=INPUT_PRECISION,
+    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.device),
                   num_warps=BWD_WARPS)  # fmt: skip
     strides = (*q.stride()[:3], *w.stride(), *k.stride()[:2], *g.stride()[:2])
     heads = triton.cdiv(N, min(N, DK_HEAD_GROUPS))  # heads a dk program sums
