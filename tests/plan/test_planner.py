@@ -88,7 +88,8 @@ WIDE_HEADS = dict(num_attention_heads=2, qk_head_dim=16, qk_pos_emb_head_dim=8, 
 def test_attention_scores_are_counted_causally(pattern, wide):
     """Attention, MLA and DSA run FlexAttention over packed rows, which skips the key blocks above the diagonal: half
     the scores. With heads narrower than FlexAttention takes they train under a dense mask, which skips nothing. DSA's
-    indexer scores half its keys at any head size (its kernel skips the key tiles after the diagonal)."""
+    indexer scores half its keys at any head size (its kernel skips the key tiles after the diagonal), and without its
+    loss has no backward."""
     config = tiny_config(pattern, **{**(MLA_TINY if pattern in "+D" else {}), **(WIDE_HEADS if wide else {})})
     assert config.resolved_head_dim == (16 if wide else 8)
     L = 64
@@ -98,8 +99,14 @@ def test_attention_scores_are_counted_causally(pattern, wide):
     core = flops_per_token(attention, L)[kind] - flops_per_token(attention, 0)[kind]
     indexer = flops_per_token(config, L)[pattern] - flops_per_token(config, 0)[pattern] - core
     assert (indexer > 0) == (pattern == "D")
-    want = 3 * L * (per_token - (core / 2 if wide else 0) - indexer / 2)
+    forward = per_token - (core / 2 if wide else 0) - indexer / 2
+    # without its loss DSA's indexer (projections and scores) has no backward: forward once, backward twice the rest
+    no_backward = per_token - flops_per_token(attention, L)[kind] - indexer / 2 if pattern == "D" else 0
+    want = L * (3 * forward - 2 * no_backward)
     assert core > 0 and math.isclose(estimate_costs(config, L).blocks[0].flops, want, rel_tol=1e-12)
+    if pattern == "D":  # with its loss the indexer has a backward, as the rest
+        with_loss = config.replace(dsa_indexer_loss_coeff=0.5)
+        assert math.isclose(estimate_costs(with_loss, L).blocks[0].flops, 3 * L * forward, rel_tol=1e-12)
 
 
 def test_checkpointed_activations_never_exceed_the_plain_ones():

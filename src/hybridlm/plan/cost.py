@@ -339,12 +339,13 @@ def _train_cost(
     hw: Hardware,
     fwd_f8_flops: float = 0.0,
     float8: Float8Layers = Float8Layers(),
+    fwd_only_flops: float = 0.0,
 ) -> ItemCost:
     """Forward+backward cost of one unit from its forward FLOPs (``fwd_f8_flops`` of them in the ``float8`` linear
-    layers, whose two backward matmuls are float8 too, their casts kernels of their own) and saved elements per
-    token."""
+    layers, whose two backward matmuls are float8 too, their casts kernels of their own; ``fwd_only_flops`` of them
+    in work with no backward at all) and saved elements per token."""
     fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
-    bwd_flops = 2 * fwd_flops
+    bwd_flops = 2 * (fwd_flops - fwd_only_flops)
     bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + 2 * read_params * BF16 + 2 * read_params * FP32
     passes = 2 if recompute else 1
     fwd_cast, bwd_cast = float8.cast_bytes(tokens)
@@ -474,15 +475,20 @@ def estimate_costs(
             # exactly the scores and weighted values. Under a dense mask attention pays for every key.
             core = mixer_class("+" if s == "D" else s)
             flops -= (core.flops_per_token(c, seq_len) - core.flops_per_token(c, 0)) / 2 * T
+        fwd_only = 0.0
         if s == "D":
             # DSA's indexer scores its keys causally too, whatever the head sizes: its kernel (ops.indexer) skips the
-            # key tiles after the diagonal, forward and backward
-            indexer = mixer_class(s), mixer_class("+")
-            grows = [m.flops_per_token(c, seq_len) - m.flops_per_token(c, 0) for m in indexer]
+            # key tiles after the diagonal, forward and backward. Without its loss it has no backward at all (its
+            # inputs are read detached, its top-k takes no gradient).
+            dsa, mla = mixer_class(s), mixer_class("+")
+            grows = [m.flops_per_token(c, seq_len) - m.flops_per_token(c, 0) for m in (dsa, mla)]
             flops -= (grows[0] - grows[1]) / 2 * T
+            if c.dsa_indexer_loss_coeff == 0:
+                fwd_only = (dsa.flops_per_token(c, seq_len) - mla.flops_per_token(c, seq_len)) * T
+                fwd_only -= (grows[0] - grows[1]) / 2 * T
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
         item = _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
-                           min(f8_flops, flops), f8)  # fmt: skip
+                           min(f8_flops, flops), f8, fwd_only)  # fmt: skip
         return replace(item, gradless_params=gradless)
 
     def block(sym: str, params: list[tuple[int, int]], f8: list[Float8Layers]) -> ItemCost:
