@@ -167,6 +167,13 @@ def _mult(c: ModelConfig) -> int:
     return 3 if c.mlp_activation == "swiglu" else 2
 
 
+def _indexer_trains(c: ModelConfig) -> bool:
+    """Whether DSA's indexer has a backward: only its own loss reaches it (its inputs are read detached, its top-k
+    takes no gradient), so without ``dsa_indexer_loss_coeff`` it keeps nothing for one, computes none, and its
+    weights get no gradient and no optimizer state."""
+    return c.dsa_indexer_loss_coeff > 0
+
+
 def _takes_flex(c: ModelConfig, s: str) -> bool:
     """Whether a layer's attention (``*``, ``+``, ``D``) trains through FlexAttention on the GPU: heads of at least
     ``ops.attention.FLEX_MIN_HEAD_DIM`` (``model.attention_head_dims``). It skips the key blocks
@@ -235,9 +242,8 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
         # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; the mask
         saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv)
         saved += _mask_elements(c, s, seq_len)
-        if s == "D" and c.dsa_indexer_loss_coeff > 0:
-            # Only the indexer loss gives the indexer a backward (its input is detached; the top-k picks no
-            # gradient), and its chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
+        if s == "D" and _indexer_trains(c):
+            # The indexer loss's chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
             # indexer's fp32 keys and their norm's statistics, and a byte per key of selection, which FlexAttention
             # keeps anyway (_mask_elements; under SDPA's bias it is one more). Measured compiled on the CPU at tiny
             # sizes (within 40 bytes a token) and on an H100 at half bench-1.3b's width (within 0.3 %, fifty-sixth
@@ -404,9 +410,8 @@ def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: 
         )
 
     def gradless(layer) -> int:
-        # DSA's indexer reads its inputs detached and its top-k takes no gradient: only its loss trains it
-        indexer = getattr(layer.mixer, "indexer", None)
-        return count(indexer) if indexer is not None and config.dsa_indexer_loss_coeff == 0 else 0
+        indexer = getattr(layer.mixer, "indexer", None)  # (DSA's)
+        return count(indexer) if indexer is not None and not _indexer_trains(config) else 0
 
     def per_layer(blocks, prefix: str) -> tuple[list[list[tuple[int, int]]], list[list[Float8Layers]]]:
         items = list(blocks.items())
@@ -477,15 +482,13 @@ def estimate_costs(
             flops -= (core.flops_per_token(c, seq_len) - core.flops_per_token(c, 0)) / 2 * T
         fwd_only = 0.0
         if s == "D":
-            # DSA's indexer scores its keys causally too, whatever the head sizes: its kernel (ops.indexer) skips the
-            # key tiles after the diagonal, forward and backward. Without its loss it has no backward at all (its
-            # inputs are read detached, its top-k takes no gradient).
+            # DSA's indexer (its part of flops_per_token beyond MLA's) scores its keys causally too, whatever the head
+            # sizes: its kernel (ops.indexer) skips the key tiles after the diagonal. Without its loss it has no
+            # backward at all (_indexer_trains).
             dsa, mla = mixer_class(s), mixer_class("+")
-            grows = [m.flops_per_token(c, seq_len) - m.flops_per_token(c, 0) for m in (dsa, mla)]
-            flops -= (grows[0] - grows[1]) / 2 * T
-            if c.dsa_indexer_loss_coeff == 0:
-                fwd_only = (dsa.flops_per_token(c, seq_len) - mla.flops_per_token(c, seq_len)) * T
-                fwd_only -= (grows[0] - grows[1]) / 2 * T
+            indexer, fixed = ((dsa.flops_per_token(c, n) - mla.flops_per_token(c, n)) * T for n in (seq_len, 0))
+            flops -= (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
+            fwd_only = 0.0 if _indexer_trains(c) else indexer - (indexer - fixed) / 2
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
         item = _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
                            min(f8_flops, flops), f8, fwd_only)  # fmt: skip
