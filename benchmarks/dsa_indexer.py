@@ -1,8 +1,9 @@
-"""The lightning indexer's two steps on CUDA, reference against kernel, time and error (DeepSeek sparse attention).
+"""The lightning indexer's steps on CUDA, reference against kernel, time and error (DeepSeek sparse attention).
 
     python benchmarks/dsa_indexer.py                        # 4 x 4096, 64 index heads of 128, top-k 2048
     python benchmarks/dsa_indexer.py --shape 1x32768 --heads 64 --dim 128 --topk 2048
     python benchmarks/dsa_indexer.py --tune                 # every kernel's tiles and warps (--tune backward: one)
+    python benchmarks/dsa_indexer.py --tune target --attention-heads 16 --attention-dim 192
     python benchmarks/dsa_indexer.py --set indexer_triton.D_CHUNK=64
 
 ``scores``: ``index_scores`` over a whole sequence, in the DSA layer's chunks of queries (``dsa.query_chunks``), each
@@ -15,6 +16,10 @@ random gradient of the scores (dq, dw, dk; the error: the largest of the three a
 
 ``top-k``: ``select_topk`` of those scores under the causal mask, the stable sort against the bisection kernel, and
 whether the two kept the same keys (they must, exactly).
+
+``loss target``: the indexer loss's target (``indexer_target``: the main attention's probabilities summed over its
+``--attention-heads`` heads of ``--attention-dim``, bf16 q and k as MLA makes them) under the causal mask, in the
+layer's chunks: the torch reference (every head's float32 logits) against the two-pass kernel.
 
 Inputs are random, as the layer makes them: q and k bf16-rounded then float32 (projections of a bf16 model), k
 layer-normed, the head weights scaled by 1/sqrt(n d). Times are medians of ``--rounds`` CUDA-event timings.
@@ -31,7 +36,13 @@ from knobs import apply, restore  # this folder is on the path when run as a scr
 from hybridlm.layers.dsa import query_chunks
 from hybridlm.ops import indexer_triton
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
-from hybridlm.ops.indexer import index_scores, index_scores_reference, select_topk
+from hybridlm.ops.indexer import (
+    index_scores,
+    index_scores_reference,
+    indexer_target,
+    indexer_target_reference,
+    select_topk,
+)
 
 #: (BLOCK_T, BLOCK_S, D_CHUNK, warps, KEYS_FASTEST) settings ``--tune`` times for the scores, and (TOPK_BLOCK, warps)
 #: for the top-k.
@@ -42,6 +53,11 @@ TUNE_TOPK = [(1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16), (512, 4)]
 TUNE_BWD = [(32, 64, 64, 32, 4, 8), (32, 64, 64, 32, 8, 8), (64, 64, 64, 64, 8, 8), (64, 32, 64, 32, 8, 8),
             (32, 32, 32, 32, 4, 8), (16, 64, 64, 16, 4, 8), (32, 64, 64, 32, 4, 16), (32, 64, 64, 32, 4, 4),
             (64, 32, 128, 32, 8, 8)]  # fmt: skip
+#: (LSE_BLOCK_T, LSE_BLOCK_S, LSE_WARPS, PROBS_BLOCK_T, PROBS_BLOCK_S, PROBS_WARPS, D_CHUNK) settings ``--tune`` times
+#: for the loss target's two kernels.
+TUNE_TARGET = [(64, 64, 4, 128, 64, 8, 64), (64, 64, 4, 64, 64, 4, 64), (128, 64, 8, 64, 64, 4, 64),
+               (128, 64, 8, 128, 64, 8, 64), (64, 128, 8, 64, 128, 8, 64), (64, 64, 4, 64, 64, 4, 32),
+               (128, 32, 4, 128, 32, 4, 64), (32, 64, 4, 32, 64, 4, 64)]  # fmt: skip
 
 
 def timed(fn, rounds: int) -> tuple[float, object]:
@@ -65,11 +81,13 @@ def chunked_scores(q, w, k, kernels: str) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def tune_table(knobs: tuple[str, ...], settings: list[tuple[int, ...]], columns: tuple[str, ...], row) -> None:
-    """A table of ``row()`` (its cells, "a | b") at each setting of the ``indexer_triton`` ``knobs``."""
+def tune_table(
+    knobs: tuple[str, ...], settings: list[tuple[int, ...]], columns: tuple[str, ...], row, module="indexer_triton"
+) -> None:
+    """A table of ``row()`` (its cells, "a | b") at each setting of the ``knobs`` of ``hybridlm.ops.<module>``."""
     print(f"\n| {' | '.join(knobs)} | {' | '.join(columns)} |\n|{'---:|' * (len(knobs) + len(columns))}")
     for setting in settings:
-        old = apply([f"indexer_triton.{name}={v}" for name, v in zip(knobs, setting)])
+        old = apply([f"{module}.{name}={v}" for name, v in zip(knobs, setting)])
         cells = " | ".join(map(str, setting))
         try:
             print(f"| {cells} | {row()} |")
@@ -97,6 +115,16 @@ def chunked_scores_backward(q, w, k, g, kernels: str) -> tuple[torch.Tensor, ...
     return dq, dw, dk
 
 
+def chunked_target(qa, ka, allowed, heads: int, kernels: str) -> torch.Tensor:
+    """The loss target of the whole sequence (B, L, L) under the causal ``allowed``, in the layer's chunks of queries
+    (sized by its ``heads`` index heads), each chunk's diagonal given."""
+    B, T = qa.shape[:2]
+    with use_kernels(kernels):
+        chunks = query_chunks(B, T, ka.shape[1], heads, 4)
+        scale = qa.shape[-1] ** -0.5
+        return torch.cat([indexer_target(qa[:, a:b], ka, allowed[:, a:b], scale, a) for a, b in chunks], 1)
+
+
 def backward_error(q, w, k, g, c: int, kernels: str) -> float:
     """The largest of dq's, dw's and dk's max |x - float64| / max |float64| over the first ``c`` queries of row 0."""
 
@@ -121,9 +149,11 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=2048, help="keys kept per query (dsa_indexer_topk)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check-rows", type=int, default=256, help="queries of row 0 checked against float64")
-    ap.add_argument("--tune", nargs="?", const="scores,backward,topk", default="",
-                    help="time the kernels at each of their settings instead (TUNE, TUNE_BWD, TUNE_TOPK; "
-                         "a comma list of scores, backward, topk: all three without one)")  # fmt: skip
+    ap.add_argument("--attention-heads", type=int, default=16, help="the main attention's heads (loss target)")
+    ap.add_argument("--attention-dim", type=int, default=192, help="its query-key head size (MLA: 128 + 64)")
+    ap.add_argument("--tune", nargs="?", const="scores,backward,topk,target", default="",
+                    help="time the kernels at each of their settings instead (TUNE, TUNE_BWD, TUNE_TOPK, "
+                         "TUNE_TARGET; a comma list of scores, backward, topk, target: all four without one)")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.KNOB=N", help="a kernel setting first")
     args = ap.parse_args()
     apply(args.set)
@@ -137,7 +167,14 @@ def main() -> None:
     w = torch.randn(B, L, n, device="cuda", generator=gen) * (n * d) ** -0.5
     allowed = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None]
     g = torch.randn(B, L, L, device="cuda", generator=gen) * 1e-3  # (a loss's gradient of the scores)
+    qa = torch.randn(B, L, args.attention_heads, args.attention_dim, device="cuda", generator=gen).bfloat16()
+    ka = torch.randn(B, L, args.attention_heads, args.attention_dim, device="cuda", generator=gen).bfloat16()
     c = min(args.check_rows, L)
+    exact_target = indexer_target_reference(qa[:1, :c].double(), ka[:1].double(), allowed[:, :c], qa.shape[-1] ** -0.5)
+
+    def target_err(target: torch.Tensor) -> float:
+        return ((target[:1, :c].double() - exact_target).abs().max() / exact_target.abs().max()).item()
+
     exact = index_scores_reference(q[:1, :c].double(), w[:1, :c].double(), k[:1].double(), 0)
     finite = exact.isfinite()
 
@@ -166,6 +203,14 @@ def main() -> None:
         if "backward" in tables:
             tune_table(("DQ_BLOCK_T", "DQ_BLOCK_S", "DK_BLOCK_T", "DK_BLOCK_S", "BWD_WARPS", "DK_HEAD_GROUPS"),
                        TUNE_BWD, ("fwd + bwd ms", "error vs float64"), backward_row)  # fmt: skip
+        if "target" in tables:
+
+            def target_row() -> str:
+                ms, got = timed(lambda: chunked_target(qa, ka, allowed, n, "auto"), args.rounds)
+                return f"{ms:.2f} | {target_err(got):.2e}"
+
+            tune_table(("LSE_BLOCK_T", "LSE_BLOCK_S", "LSE_WARPS", "PROBS_BLOCK_T", "PROBS_BLOCK_S", "PROBS_WARPS",
+                        "D_CHUNK"), TUNE_TARGET, ("ms", "error vs float64"), target_row, "indexer_target_triton")  # fmt: skip
         if "topk" not in tables:
             return
         scores = chunked_scores(q, w, k, "auto")
@@ -192,11 +237,25 @@ def main() -> None:
         indexer_triton.INPUT_PRECISION = before
     ms_bref, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "torch"), args.rounds)
     print(f"| scores fwd + bwd | torch reference | {ms_bref:.2f} | {backward_error(q, w, k, g, c, 'torch'):.2e} | |")
+    bwd_before = indexer_triton.BWD_INPUT_PRECISION
+    try:
+        for precision in (bwd_before or before, "tf32"):  # (the backward's products; the forward's stay as they are)
+            indexer_triton.BWD_INPUT_PRECISION = precision
+            reset_paths()
+            ms_bk, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
+            path = paths_used().get("index_scores")
+            print(f"| scores fwd + bwd | {path}, backward {precision} | {ms_bk:.2f} | "
+                  f"{backward_error(q, w, k, g, c, 'auto'):.2e} | {ms_bref / ms_bk:.2f}x the reference |")  # fmt: skip
+    finally:
+        indexer_triton.BWD_INPUT_PRECISION = bwd_before
+    ms_tref, tref = timed(lambda: chunked_target(qa, ka, allowed, n, "torch"), args.rounds)
+    print(f"| loss target | torch reference (float32 logits) | {ms_tref:.2f} | {target_err(tref):.2e} | |")
+    del tref
     reset_paths()
-    ms_bk, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
-    path = paths_used().get("index_scores")
-    print(f"| scores fwd + bwd | {path} {before} | {ms_bk:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e} | "
-          f"{ms_bref / ms_bk:.2f}x the reference |")  # fmt: skip
+    ms_tk, tk = timed(lambda: chunked_target(qa, ka, allowed, n, "auto"), args.rounds)
+    print(f"| loss target | {paths_used().get('index_target')} two passes | {ms_tk:.2f} | {target_err(tk):.2e} | "
+          f"{ms_tref / ms_tk:.2f}x the reference |")  # fmt: skip
+    del tk
     ms_sort, by_sort = timed(lambda: select_with("torch", ref, allowed, args.topk, n), args.rounds)
     reset_paths()
     ms_kernel, by_kernel = timed(lambda: select_with("auto", ref, allowed, args.topk, n), args.rounds)

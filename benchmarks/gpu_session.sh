@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests kernels mixers step
 #   bash benchmarks/gpu_session.sh --lanes "kernels mixers" "step"   # lane i on GPU i, concurrently
+#   bash benchmarks/gpu_session.sh --together gputests1 gputests2     # lanes sharing one GPU (tests, never timings)
 #
 # Logs are also packed into $OUT/logs.tgz (the device tool returns at most 8 files). CLOCKS=1 also
 # writes $OUT/<stage>.clocks.csv: the GPU's SM clock, power and temperature every 200 ms of the stage.
@@ -21,13 +22,16 @@ MTP_ARGS=${MTP_ARGS:-}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
-if [[ ${1:-} == --lanes ]]; then  # each later argument: the stages of one lane, run on its own GPU
+if [[ ${1:-} == --lanes || ${1:-} == --together ]]; then  # each later argument: the stages of one lane
+    mode=$1  # --lanes: lane i on GPU i; --together: every lane on the one GPU (test suites, not timings)
     shift
     nvidia-smi --query-gpu=index,name,memory.used,clocks.sm --format=csv,noheader
     lane=0
     for stages in "$@"; do
+        gpu=$lane
+        [[ $mode == --together ]] && gpu=${CUDA_VISIBLE_DEVICES:-0}
         # shellcheck disable=SC2086  # a lane's stages are space-separated on purpose
-        CUDA_VISIBLE_DEVICES=$lane OUT=$OUT bash "$0" --no-install $stages >"$OUT/lane$lane.txt" 2>&1 &
+        CUDA_VISIBLE_DEVICES=$gpu OUT=$OUT bash "$0" --no-install $stages >"$OUT/lane$lane.txt" 2>&1 &
         lane=$((lane + 1))
     done
     wait
@@ -104,6 +108,14 @@ for stage in "$@"; do
             exit \$rc" ;;  # the indexer loss's backward kernels: tests, tiles, against torch, in the layer
     packedattn) run packedattn 300 40 bash -c "for p in + D '*'; do python3 benchmarks/packed_attention.py --pattern \"\$p\"; \
             done" ;;  # MLA, DSA and attention by path: flex, dense mask, causal
+    target) run target 400 130 bash -c "rc=0; python3 -m pytest -q -p no:cacheprovider -m 'gpu or not gpu' \
+            tests/ops/test_indexer.py tests/layers/test_mla.py -k 'target or indexer_loss or dsa' || rc=1; \
+            python3 benchmarks/dsa_indexer.py --tune target || rc=1; python3 benchmarks/dsa_indexer.py || rc=1; \
+            python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set dsa_indexer_loss_coeff=0.01 --profile \
+            --profile-rows 25 || rc=1; exit \$rc" ;;  # the indexer loss's target kernels: tests, tiles, against torch, the layer
+    dsaprof) run dsaprof 300 100 bash -c "rc=0; for s in dsa_indexer_loss_coeff=0 dsa_indexer_loss_coeff=0.01; do \
+            python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set \$s --profile --profile-rows 30 || rc=1; \
+            done; exit \$rc" ;;  # where a DSA layer's step goes, kernel by kernel, without and with its indexer loss
     plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once

@@ -5,6 +5,7 @@
     python benchmarks/packed_attention.py --pattern D                                          # DSA (its top-k: 2048)
     python benchmarks/packed_attention.py --pattern D --set dsa_indexer_loss_coeff=0.01        # DSA with its indexer loss
     python benchmarks/packed_attention.py --pattern + --set num_attention_heads=32 --documents 8
+    python benchmarks/packed_attention.py --pattern D --rounds 3 --profile --profile-rows 25   # DSA's kernels
 
 One ``--pattern`` mixer (``+`` MLA, ``D`` DSA or ``*`` attention) of the preset's sizes, bf16 weights on CUDA, run
 eagerly (the FlexAttention kernel compiled, as the ops run it), over rows cut into ``--documents`` equal documents:
@@ -21,6 +22,7 @@ eagerly (the FlexAttention kernel compiled, as the ops run it), over rows cut in
 
 Per path: the median step over ``--rounds`` turns, the peak memory above what was allocated before the step, and the
 attention kernel the dispatch recorded. The layer's projections are the same in every path; only attention differs.
+``--profile``: then the ``flex`` step's kernels by GPU time (where a step's time goes).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from knobs import model_fields  # this folder is on the path when run as a script
+from kernel_profile import top_kernels  # this folder is on the path when run as a script
+from knobs import model_fields
 
 from hybridlm import ModelConfig
 from hybridlm.model import HybridLM
@@ -86,6 +89,8 @@ def main() -> None:
     ap.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="a model field (repeatable; JSON values)"
     )
+    ap.add_argument("--profile", action="store_true", help="then the flex step's kernels by GPU time")
+    ap.add_argument("--profile-rows", type=int, default=20, metavar="N", help="kernels listed (--profile)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("packed_attention.py times CUDA kernels: no CUDA device here")
@@ -134,6 +139,8 @@ def main() -> None:
     for name in paths:
         ms = statistics.median(times[name])
         print(f"| {name} | {kernels[name]} | {ms:.2f} | {peaks[name] / MIB:,.0f} | {ms / ref:.2f}x |")
+    if args.profile:
+        top_kernels(lambda: step(model, x, doc_ids, grad), "flex step", rows=args.profile_rows)
 
 
 if __name__ == "__main__":

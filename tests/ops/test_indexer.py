@@ -1,5 +1,6 @@
-"""The lightning indexer's kernels (scores, top-k) against their references: Triton's interpreter on CPU, compiled on
-the GPU; the top-k exactly, ties included; the scores against float64, and in a DSA layer against the torch path."""
+"""The lightning indexer's kernels (scores, top-k, the indexer loss's target) against their references: Triton's
+interpreter on CPU, compiled on the GPU; the top-k exactly, ties included; the scores and the target against float64,
+and in a DSA layer against the torch path."""
 
 import pytest
 import torch
@@ -8,7 +9,14 @@ from hypothesis import strategies as st
 
 from hybridlm.layers import DSA
 from hybridlm.ops.dispatch import paths_used, reset_paths, use_kernels
-from hybridlm.ops.indexer import index_scores, index_scores_reference, select_topk, select_topk_reference
+from hybridlm.ops.indexer import (
+    index_scores,
+    index_scores_reference,
+    indexer_target,
+    indexer_target_reference,
+    select_topk,
+    select_topk_reference,
+)
 from tests.helpers import assert_rel_close, rel_err, runs_triton_kernels, tiny_config
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,21 +92,30 @@ def test_scores_kernel_gradients_match_float64(shape, diagonal):
 
 
 @runs_triton_kernels
-def test_dsa_indexer_loss_on_the_kernels_matches_the_torch_path():
-    """A DSA layer with its indexer loss (the scores' backward kernels, in chunks of queries) against the torch path:
-    the loss and the indexer's weight gradients."""
+@pytest.mark.parametrize("sparse_loss", [False, True])
+def test_dsa_indexer_loss_on_the_kernels_matches_the_torch_path(sparse_loss):
+    """A DSA layer with its indexer loss (the target's kernels, the scores' backward kernels, in chunks of queries)
+    against the torch path: the loss and the indexer's weight gradients."""
     from hybridlm.layers import dsa as dsa_module
     from hybridlm.layers.context import SequenceContext
     from tests.helpers import MLA_TINY
     from tests.layers.test_mixers import make
 
-    config = tiny_config("D", **{**MLA_TINY, "dsa_indexer_topk": 5, "dsa_indexer_loss_coeff": 0.5})
+    config = tiny_config(
+        "D",
+        **{
+            **MLA_TINY,
+            "dsa_indexer_topk": 5,
+            "dsa_indexer_loss_coeff": 0.5,
+            "dsa_indexer_use_sparse_loss": sparse_loss,
+        },
+    )
     layer = make(DSA, config, seed=4).to(DEV)
     L = 21
     x = torch.randn(2, L, config.hidden_size, device=DEV)
     pos = torch.arange(L, device=DEV).expand(2, L)
     results = {}
-    for kernels in ("torch", "auto,index_scores=triton,index_topk=triton"):
+    for kernels in ("torch", "auto,index_scores=triton,index_topk=triton,index_target=triton"):
         layer.zero_grad(set_to_none=True)
         aux = []
         reset_paths()
@@ -106,13 +123,76 @@ def test_dsa_indexer_loss_on_the_kernels_matches_the_torch_path():
             mp.setattr(dsa_module, "INDEXER_CHUNK_BYTES", 2 * 8 * L * config.dsa_indexer_n_heads * 4)  # 3 chunks
             layer(x, SequenceContext(position_ids=pos), aux)
             aux[0].backward()
-        assert paths_used()["index_scores"] == ("torch" if kernels == "torch" else "triton")
+        used = paths_used()
+        assert used["index_scores"] == used["index_target"] == ("torch" if kernels == "torch" else "triton")
         grads = {n: p.grad.clone() for n, p in layer.indexer.named_parameters()}
         results[kernels] = (aux[0].detach(), grads)
     (loss_t, grads_t), (loss_k, grads_k) = results.values()
     assert_rel_close(loss_k, loss_t, 1e-5, "indexer loss")
     for name, grad in grads_t.items():
         assert_rel_close(grads_k[name], grad, 1e-4, f"indexer.{name}.grad")
+
+
+def target_inputs(B, T, S, H, D, diagonal, seed, broadcast=False, dtype=torch.float32):
+    """q (B, T, H, D) as a slice of a wider tensor, k (B, S, H, D) (logits of a few units, as attention's are), and a
+    valid mask (B or 1, T, S): random keys, none after the diagonal, key 0 always (so every row has one), except one
+    row with none at all."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, T, H, D + 3, generator=g) * 1.5)[..., :D].to(dtype)
+    k = torch.randn(B, S, H, D, generator=g).to(dtype)
+    valid = torch.rand(1 if broadcast else B, T, S, generator=g) < 0.6
+    if diagonal is not None:
+        valid &= torch.arange(S)[None, :] <= torch.arange(T)[:, None] + diagonal
+    valid[..., 0] = True
+    valid[0, min(1, T - 1)] = False
+    return q.to(DEV), k.to(DEV), valid.to(DEV)
+
+
+def test_target_reference_is_each_heads_softmax_averaged():
+    """The reference against a row-by-row float64 computation: each head's softmax over the query's valid keys,
+    averaged over the heads; zero at keys not valid."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 9, 3, 5, generator=g, dtype=torch.float64)
+    valid = torch.rand(2, 6, 9, generator=g) < 0.5
+    valid[..., 3] = True
+    got = indexer_target_reference(q, k, valid, 0.7)
+    assert got.dtype == torch.float64
+    for b in range(2):
+        for t in range(6):
+            keys = valid[b, t].nonzero().flatten()
+            want = torch.zeros(9, dtype=torch.float64)
+            want[keys] = torch.stack([(0.7 * k[b, keys, h] @ q[b, t, h]).softmax(0) for h in range(3)]).mean(0)
+            assert torch.allclose(got[b, t], want, rtol=1e-12, atol=1e-15)
+
+
+@runs_triton_kernels
+@pytest.mark.parametrize(
+    "shape",
+    # ragged tiles; MLA's head size (three slices of 64); d < 16; one key; several query and key tiles
+    [(2, 37, 53, 3, 20), (1, 70, 130, 2, 192), (2, 5, 3, 4, 8), (1, 9, 1, 2, 16), (1, 150, 140, 3, 10)],
+)
+@pytest.mark.parametrize("diagonal", [None, 0, 29])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_kernel_matches_float64(shape, diagonal, dtype):
+    """The kernels' target within 4x the float32 reference's error of float64 (and 1e-6), both fed the same inputs
+    (bf16 ones too: their products are exact in float32), zero at keys not valid and in a row without any (the
+    reference's NaN there is left out); broadcast masks; the kernels' path recorded."""
+    B, T, S, H, D = shape
+    q, k, valid = target_inputs(B, T, S, H, D, diagonal, seed=sum(shape), broadcast=B > 1, dtype=dtype)
+    reset_paths()
+    with use_kernels("triton"):
+        got = indexer_target(q, k, valid, D**-0.5, diagonal)
+    assert paths_used() == {"index_target": "triton"}
+    assert got.dtype == torch.float32 and got.shape == (B, T, S) and not got.requires_grad
+    valid = valid.expand(B, T, S)
+    assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+    rows = valid.any(-1)
+    assert not rows.all() and torch.equal(got[~rows], torch.zeros_like(got[~rows]))
+    exact = indexer_target_reference(q.double(), k.double(), valid, D**-0.5)[rows]
+    ref32 = indexer_target_reference(q, k, valid, D**-0.5)[rows]
+    err, err32 = rel_err(got[rows], exact), rel_err(ref32, exact)
+    assert err <= max(4 * err32, 1e-6), f"kernel {err:.3g} against float32 reference {err32:.3g}"
 
 
 def ties_and_masks(B, T, S, levels, seed, broadcast):
@@ -236,3 +316,33 @@ def test_kernels_at_deepseek_sizes_on_gpu():
     kept = select_topk(got, allowed, 2048)
     assert paths_used()["index_topk"] == "triton"
     assert torch.equal(kept, select_topk_reference(got, allowed, 2048))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [False, True])
+def test_target_kernel_at_mla_sizes_on_gpu(sparse):
+    """On CUDA at 4096 keys, 16 heads of 192 (MLA's 128 + 64) in bf16, in chunks of 1024 queries each given its
+    causal diagonal, over documents (the dense loss) or a top-2048 selection in them (the sparse loss): within twice
+    the float32 reference's error of float64, both fed the same bf16 q and k."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    L, H, D, chunk = 4096, 16, 192, 1024
+    g = torch.Generator("cuda").manual_seed(3)
+    q, k = (torch.randn(1, L, H, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    doc = torch.arange(L, device="cuda") * 3 // L  # three documents
+    valid = (torch.ones(L, L, dtype=torch.bool, device="cuda").tril() & (doc[:, None] == doc[None, :]))[None]
+    if sparse:
+        valid = select_topk(torch.rand(1, L, L, device="cuda", generator=g), valid, 2048)
+    reset_paths()
+    got = torch.cat(
+        [indexer_target(q[:, a : a + chunk], k, valid[:, a : a + chunk], D**-0.5, a) for a in range(0, L, chunk)], 1
+    )
+    assert paths_used()["index_target"] == "triton"
+    assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+    errs = []
+    for a in range(0, L, chunk):  # (float64 logits of every head: 2 GiB a chunk)
+        exact = indexer_target_reference(q[:, a : a + chunk].double(), k.double(), valid[:, a : a + chunk], D**-0.5)
+        ref32 = indexer_target_reference(q[:, a : a + chunk], k, valid[:, a : a + chunk], D**-0.5)
+        errs.append((rel_err(got[:, a : a + chunk], exact), rel_err(ref32, exact)))
+    err, err32 = max(e for e, _ in errs), max(e for _, e in errs)
+    assert err <= 2 * err32, f"kernel {err:.3g} against float32 reference {err32:.3g}"

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..ops.attention import masked_attention
-from ..ops.indexer import index_scores, select_topk
+from ..ops.indexer import index_scores, indexer_target, select_topk
 from ..ops.precision import accumulation_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
@@ -100,21 +100,20 @@ def _float32(t: torch.Tensor) -> torch.autocast:
     return torch.autocast(t.device.type, enabled=False)
 
 
-def indexer_kl_rows(attention_logits: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def indexer_kl_rows(target: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``KL(p_t || softmax(I(t, :)))`` of each query over the ``valid`` keys.
 
     Args:
-        attention_logits: (B, nh, T, S) the main attention's scaled logits (treated as a constant).
+        target: (B, T, S) the target ``p`` (:func:`~hybridlm.ops.indexer.indexer_target`, a constant), zero at keys
+            not valid.
         index_scores: (B, T, S) the indexer's scores (the only input with a gradient).
         valid: (B|1, T, S) bool, keys the distributions range over (each query has at least one).
 
     Returns:
         (B, T) float32 (float64 for float64 inputs).
     """
-    acc = accumulation_dtype(attention_logits, index_scores)
-    with torch.no_grad():
-        probs = attention_logits.to(acc).masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
-        target = probs / probs.sum(dim=-1, keepdim=True)
+    acc = accumulation_dtype(target, index_scores)
+    target = target.to(acc)
     log_pred = index_scores.to(acc).masked_fill(~valid, float("-inf")).log_softmax(dim=-1).masked_fill(~valid, 0.0)
     return (torch.xlogy(target, target) - target * log_pred).sum(dim=-1)
 
@@ -223,11 +222,10 @@ class DSA(MLA):
         """One chunk of queries of :meth:`select_with_loss`, from query ``start`` on: (its summed KL, its selected
         keys). Its queries see no key after their own (``allowed`` is causal), so those are not scored."""
         scores, selected = self._score_and_select(x, c_q, cos, sin, keys, allowed, start)
+        valid = selected if self.config.dsa_indexer_use_sparse_loss else allowed
+        target = indexer_target(q, k, valid, self.softmax_scale, start)
         with _float32(x):
-            acc = accumulation_dtype(q)
-            logits = torch.einsum("bthd,bshd->bhts", q.to(acc), k.to(acc)) * self.softmax_scale
-            valid = selected if self.config.dsa_indexer_use_sparse_loss else allowed
-            return indexer_kl_rows(logits, scores, valid).sum(), selected
+            return indexer_kl_rows(target, scores, valid).sum(), selected
 
     #: ``forward`` takes ``aux_losses``: a list owned by the caller for this one call.
     has_aux_loss = True

@@ -54,6 +54,7 @@ OPS = (
     "top_p",
     "index_scores",
     "index_topk",
+    "index_target",
 )
 
 _mode: str | None = None  # set by set_kernels(); None = read the environment

@@ -7,6 +7,11 @@ dominated a ``D`` layer's step on a GPU (docs/benchmarks.md). The kernel (:mod:`
 the heads in registers, tile by tile, and skips the key tiles after a causal diagonal; its backward (the indexer's
 loss: the selection itself takes no gradient) computes the products again, tile by tile, rather than keep them.
 
+``indexer_target``: the indexer loss's target, the main attention's probabilities over the valid keys summed over
+its heads. The reference forms every head's logits (B, H, T, S) in float32; the kernels
+(:mod:`hybridlm.ops.indexer_target_triton`) run two flash-attention-like passes (each head's log-sum-exp, then the
+probabilities summed in registers) and keep nothing per head.
+
 ``select_topk``: the ``k`` allowed keys with the highest scores per query, ties to the earlier key. The reference
 sorts each row (a stable sort); the kernel finds the k-th score by bisection on its bits and keeps the ties at it
 by position, without sorting. Both give the same set exactly.
@@ -17,8 +22,10 @@ from __future__ import annotations
 import torch
 
 from .dispatch import choose, triton_available
+from .precision import accumulation_dtype
 
 if triton_available():
+    from .indexer_target_triton import indexer_target_triton
     from .indexer_triton import index_scores_triton, select_topk_triton
 
 
@@ -53,6 +60,40 @@ def index_scores_reference(
         after = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu(diagonal + 1)
         scores = scores.masked_fill(after, float("-inf"))
     return scores
+
+
+def indexer_target(
+    q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float, diagonal: int | None = None
+) -> torch.Tensor:
+    """The indexer loss's target: ``p(t, s) = 1/H sum_h softmax_s(scale q_h(t) · k_h(s))`` over the ``valid`` keys.
+
+    Args:
+        q: (B, T, H, D) the main attention's queries.
+        k: (B, S, H, D) its keys, in ``q``'s dtype.
+        valid: (B|1, T, S) bool, the keys each query's distribution ranges over (at least one a query: a row without
+            any is NaN in the reference, zero in the kernel).
+        scale: the logits' scale (the attention's softmax scale).
+        diagonal: None, or a causal diagonal ``valid`` keeps to (no key ``s > t + diagonal``), which the kernels then
+            skip.
+
+    Returns:
+        (B, T, S) float32 (float64 for float64 inputs), zero at keys not valid; a constant (no gradient). The Triton
+        kernels run on CUDA (op ``index_target``), the reference elsewhere and for float64.
+    """
+    with torch.no_grad():
+        if choose("index_target", q, k, valid) == "triton":
+            return indexer_target_triton(q, k, valid, scale, diagonal)
+        return indexer_target_reference(q, k, valid, scale)
+
+
+def indexer_target_reference(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`indexer_target` in plain torch, autocast off: every head's logits (B, H, T, S) in float32 (float64 for
+    float64 inputs), softmax over the valid keys, summed over the heads and normalized."""
+    acc = accumulation_dtype(q, k)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        logits = torch.einsum("bthd,bshd->bhts", q.to(acc), k.to(acc)) * scale
+        probs = logits.masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(dim=-1).sum(1)
+        return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def select_topk(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:

@@ -45,6 +45,8 @@ KEYS_FASTEST = 1
 #: group's heads, DK_HEAD_GROUPS groups (partial sums added after: a chunk of the loss's queries alone would give the
 #: dk kernel too few programs). Each holds a (tile, head size) float32 accumulator: smaller tiles than the forward's.
 DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, BWD_WARPS, DK_HEAD_GROUPS = 32, 64, 64, 32, 4, 8
+#: The backward's products (None: :data:`INPUT_PRECISION`). benchmarks/dsa_indexer.py times and checks "tf32" too.
+BWD_INPUT_PRECISION: str | None = None
 #: Keys a step of the top-k kernel's loops over a row, and its warps.
 TOPK_BLOCK, TOPK_WARPS = 1024, 4
 
@@ -98,11 +100,12 @@ def index_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diago
     return _scores_op(q, w, k, diagonal)
 
 
-def _precision(device: torch.device) -> str:
-    """:data:`INPUT_PRECISION`, or "ieee" on a GPU older than Ampere (sm_80), which has no TF32 tensor cores."""
+def _precision(device: torch.device, precision: str | None = None) -> str:
+    """``precision`` (default :data:`INPUT_PRECISION`), or "ieee" on a GPU older than Ampere (sm_80), which has no
+    TF32 tensor cores."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return "ieee"
-    return INPUT_PRECISION
+    return precision or INPUT_PRECISION
 
 
 @torch.library.custom_op("hybridlm::index_scores", mutates_args=())
@@ -224,7 +227,7 @@ def _scores_bwd_op(
         return dq.zero_(), dw.zero_(), torch.zeros(B, S, D, **_f32(q))
     q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
     g = g.float() if g.stride(-1) == 1 else g.float().contiguous()
-    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.device),
+    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.device, BWD_INPUT_PRECISION),
                   num_warps=BWD_WARPS)  # fmt: skip
     strides = (*q.stride()[:3], *w.stride(), *k.stride()[:2], *g.stride()[:2])
     heads = triton.cdiv(N, min(N, DK_HEAD_GROUPS))  # heads a dk program sums
