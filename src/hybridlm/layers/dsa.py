@@ -25,6 +25,8 @@ separately). Its loss (DeepSeek-V3.2, section 2.1), recorded in the caller's ``a
     p_t = normalize(sum_h softmax_h(main attention logits of query t))   (detached target)
     L_I = coeff * mean_t KL(p_t || softmax(I(t, :)))
 
+(the target: :func:`~hybridlm.ops.indexer.indexer_target`, two Triton kernels on CUDA that keep nothing per head)
+
 over all keys query ``t`` may see (the paper's dense warm-up stage; run it with
 ``dsa_indexer_topk >= seq_len`` so attention is dense and freeze everything but the indexer), or
 over the selected keys only with ``dsa_indexer_use_sparse_loss`` (the sparse training stage).
