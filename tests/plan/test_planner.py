@@ -1,6 +1,7 @@
 """The planner: the planned pattern is the same model with pp x vpp segments, fused groups whole;
 costs agree with the model's own counts."""
 
+import dataclasses
 import math
 import random
 import re
@@ -10,11 +11,12 @@ import pytest
 from hybridlm import ModelConfig
 from hybridlm.counting import flops_per_token
 from hybridlm.errors import UsageError
+from hybridlm.layers import DSA
 from hybridlm.model import HybridLM
 from hybridlm.pattern import parse
 from hybridlm.plan import estimate_costs, plan_pipeline
 from hybridlm.plan.balance import brute_force_cuts, segment_costs
-from hybridlm.plan.cost import recompute_bytes, stage_memory
+from hybridlm.plan.cost import HARDWARE, recompute_bytes, stage_memory
 from hybridlm.plan.planner import _count, imbalance
 from tests.helpers import MLA_TINY, random_pattern, tiny_config
 
@@ -104,9 +106,35 @@ def test_attention_scores_are_counted_causally(pattern, wide):
     no_backward = per_token - flops_per_token(attention, L)[kind] - indexer / 2 if pattern == "D" else 0
     want = L * (3 * forward - 2 * no_backward)
     assert core > 0 and math.isclose(estimate_costs(config, L).blocks[0].flops, want, rel_tol=1e-12)
-    if pattern == "D":  # with its loss the indexer has a backward, as the rest
+    if pattern == "D":  # with its loss the indexer has a backward as the rest, and the loss's own work
         with_loss = config.replace(dsa_indexer_loss_coeff=0.5)
-        assert math.isclose(estimate_costs(with_loss, L).blocks[0].flops, 3 * L * forward, rel_tol=1e-12)
+        # (its checkpointed chunks score once more and compute two more products a score in the backward; the target
+        # runs two causal passes over the attention's logits, in the forward and again in the backward)
+        loss = 3 * indexer / 2 + 2 * 2 * DSA.target_flops_per_token(config, L) / 2
+        want = 3 * L * forward + L * loss
+        assert math.isclose(estimate_costs(with_loss, L).blocks[0].flops, want, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.5])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_dsa_index_scores_are_timed_as_float32_products(coeff, recompute):
+    """DSA's index scores are float32 products, run as three TF32 products each (``tf32x3``): the estimate times them
+    at a third of the TF32 peak, the rest of the layer at the bf16 one. Each forward scores once (twice under block
+    recompute); with the loss the backward scores once more and computes four products a score (two kernels, each
+    recomputing the products). On an H100 (bench-1.3b's sizes, 4 x 4096) that put a D layer at 2.7x MLA's time
+    without the loss and 11.5x with it, measured 2.65x and 16.4x (docs/benchmarks.md, fifty-eighth session), where
+    counting the scores at the bf16 peak put it at 1.35x and 2.0x."""
+    config = tiny_config("D", **MLA_TINY, dsa_indexer_loss_coeff=coeff)
+    L = 64
+    h100 = HARDWARE["h100"]
+    free = dataclasses.replace(h100, tf32_flops_per_s=math.inf)  # float32 products take no time
+    core, no_scores = flops_per_token(config, L)["D"], flops_per_token(config, 0)["D"]
+    mla = config.replace(pattern="+")
+    scores = L * ((core - no_scores) - (flops_per_token(mla, L)["+"] - flops_per_token(mla, 0)["+"])) / 2
+    runs = (2 if recompute else 1) + (1 + 4 if coeff else 0)
+    t, t_free = (estimate_costs(config, L, recompute=recompute, hardware=hw).blocks[0].time_s for hw in (h100, free))
+    assert math.isclose(t - t_free, runs * scores * 3 / 494.7e12, rel_tol=1e-9)
+    assert h100.fp32_products_per_s == 494.7e12 / 3 and HARDWARE["a100"].fp32_products_per_s == 156e12 / 3
 
 
 def test_checkpointed_activations_never_exceed_the_plain_ones():

@@ -287,6 +287,12 @@ class DSA(MLA):
         indexer = 2 * c.q_lora_rank * n * d + 2 * H * d + 2 * H * n + 2 * seq_len * n * (d + 1)
         return MLA.flops_per_token(c, seq_len) + indexer
 
+    @staticmethod
+    def target_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+        """One pass of the indexer loss's target over the main attention's logits (``ops.indexer.indexer_target``
+        takes two, forward only) against all ``seq_len`` keys: a query-key product per head and key."""
+        return 2 * seq_len * c.num_attention_heads * (c.qk_head_dim + c.qk_pos_emb_head_dim)
+
 
 def dsa_reference(
     layer: DSA,

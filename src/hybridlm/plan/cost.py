@@ -65,6 +65,7 @@ class Hardware:
         bytes_per_s: main-memory bandwidth.
         state_bytes_per_param: weight + gradient + optimizer bytes per parameter.
         float8_flops_per_s: dense float8 matmul peak; None where there are no float8 tensor cores.
+        tf32_flops_per_s: dense TF32 matmul peak (None: half the bf16 one, as on the A100, H100 and H200).
     """
 
     name: str
@@ -72,13 +73,23 @@ class Hardware:
     bytes_per_s: float
     state_bytes_per_param: float = BF16 + FP32 + 3 * FP32
     float8_flops_per_s: float | None = None
+    tf32_flops_per_s: float | None = None
+
+    @property
+    def fp32_products_per_s(self) -> float:
+        """The rate of float32 products on tensor cores as the indexer's kernels run them: ``tf32x3``, three TF32
+        products for each (``ops.indexer_triton.INPUT_PRECISION``)."""
+        return (self.tf32_flops_per_s or self.flops_per_s / 2) / FP32_PRODUCT_PASSES
 
 
-#: Dense bf16 (and float8) peak and HBM bandwidth from the vendors' data sheets (SXM parts).
+#: TF32 products per float32 product in ``tf32x3`` (a high and a low part: hi·hi + hi·lo + lo·hi).
+FP32_PRODUCT_PASSES = 3
+
+#: Dense bf16 (and float8, TF32) peak and HBM bandwidth from the vendors' data sheets (SXM parts).
 HARDWARE = {
-    "h100": Hardware("H100 SXM", 989e12, 3.35e12, float8_flops_per_s=1979e12),
-    "h200": Hardware("H200 SXM", 989e12, 4.8e12, float8_flops_per_s=1979e12),
-    "a100": Hardware("A100 SXM 80GB", 312e12, 2.04e12),
+    "h100": Hardware("H100 SXM", 989e12, 3.35e12, float8_flops_per_s=1979e12, tf32_flops_per_s=494.7e12),
+    "h200": Hardware("H200 SXM", 989e12, 4.8e12, float8_flops_per_s=1979e12, tf32_flops_per_s=494.7e12),
+    "a100": Hardware("A100 SXM 80GB", 312e12, 2.04e12, tf32_flops_per_s=156e12),
 }
 
 
@@ -172,6 +183,29 @@ def _indexer_trains(c: ModelConfig) -> bool:
     takes no gradient), so without ``dsa_indexer_loss_coeff`` it keeps nothing for one, computes none, and its
     weights get no gradient and no optimizer state."""
     return c.dsa_indexer_loss_coeff > 0
+
+
+#: The products the scores' backward computes for each one of the forward (``ops.indexer_triton``): each of its two
+#: kernels computes the products again, then multiplies the scores' gradient into keys (dq) or queries (dk).
+INDEXER_BACKWARD_PRODUCTS = 4
+
+
+def _indexer_products(
+    c: ModelConfig, scores: float, seq_len: int, tokens: int, recompute: bool, hw: Hardware
+) -> tuple[float, float]:
+    """(FLOPs, seconds) of a DSA layer's float32 index scores (``scores``: one forward's FLOPs) at the rate of
+    float32 products on tensor cores, and with the indexer loss, of its target too.
+
+    Each forward scores once (block recompute: twice). With the loss (``_indexer_trains``) the loss's chunks are
+    checkpointed, so the backward scores once more, then computes :data:`INDEXER_BACKWARD_PRODUCTS` products for
+    each; and each of those forwards runs the target's two passes over the main attention's logits (bf16 products,
+    causal, no backward: ``ops.indexer.indexer_target``)."""
+    forwards = 2 if recompute else 1
+    if not _indexer_trains(c):
+        return forwards * scores, forwards * scores / hw.fp32_products_per_s
+    runs = forwards + 1 + INDEXER_BACKWARD_PRODUCTS
+    target = 2 * (forwards + 1) * tokens * mixer_class("D").target_flops_per_token(c, seq_len) / 2  # (causal: half)
+    return runs * scores + target, runs * scores / hw.fp32_products_per_s + target / hw.flops_per_s
 
 
 def _takes_flex(c: ModelConfig, s: str) -> bool:
@@ -480,18 +514,22 @@ def estimate_costs(
             # exactly the scores and weighted values. Under a dense mask attention pays for every key.
             core = mixer_class("+" if s == "D" else s)
             flops -= (core.flops_per_token(c, seq_len) - core.flops_per_token(c, 0)) / 2 * T
-        fwd_only = 0.0
+        fwd_only, products = 0.0, 0.0
         if s == "D":
-            # DSA's indexer (its part of flops_per_token beyond MLA's) scores its keys causally too, whatever the head
-            # sizes: its kernel (ops.indexer) skips the key tiles after the diagonal. Without its loss it has no
-            # backward at all (_indexer_trains).
+            # DSA's indexer (its part of flops_per_token beyond MLA's): its projections, and its scores, float32
+            # products counted apart (_indexer_products), causally whatever the head sizes (its kernel skips the key
+            # tiles after the diagonal). Without its loss it has no backward at all (_indexer_trains).
             dsa, mla = mixer_class(s), mixer_class("+")
             indexer, fixed = ((dsa.flops_per_token(c, n) - mla.flops_per_token(c, n)) * T for n in (seq_len, 0))
-            flops -= (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
-            fwd_only = 0.0 if _indexer_trains(c) else indexer - (indexer - fixed) / 2
+            products = (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
+            flops -= indexer - fixed
+            fwd_only = 0.0 if _indexer_trains(c) else fixed
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
         item = _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
                            min(f8_flops, flops), f8, fwd_only)  # fmt: skip
+        if s == "D":
+            extra_flops, extra_s = _indexer_products(c, products, seq_len, T, recompute, hw)
+            item = replace(item, time_s=item.time_s + extra_s, flops=item.flops + extra_flops)
         return replace(item, gradless_params=gradless)
 
     def block(sym: str, params: list[tuple[int, int]], f8: list[Float8Layers]) -> ItemCost:
