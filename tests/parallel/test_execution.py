@@ -258,13 +258,15 @@ def _graph_breaks(model: HybridLM, ids: torch.Tensor, kernels: str) -> dict[str,
 
 
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=[runs_triton_kernels, interpreter_only])])
-@pytest.mark.parametrize("pattern", ["M-G-*-[*-][M-][G-]", "+-D-[D-]"])
+@pytest.mark.parametrize("pattern", ["M-G-*-[*-][M-][G-]", "+-D-[D-]", "+-D-[D-] with the indexer loss"])
 def test_compiled_blocks_have_no_graph_breaks(pattern, kernels):
     """A graph break splits a compiled block (and its CUDA graphs) in parts. Under torch 2.11 and
     Python 3.11 the Mamba2 core's ``dataclasses.astuple`` broke every Mamba2 block five times (the
     triton case fails there on that code; torch 2.13 traces it). On the CPU, MoE's per-expert loop
-    needs the counts on the host, a break by design; the GPU test covers MoE."""
-    model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0)
+    needs the counts on the host, a break by design; the GPU test covers MoE. DSA with its indexer loss runs
+    its checkpointed chunks and the loss target's op inside the block."""
+    pattern, _, loss = pattern.partition(" with ")
+    model = HybridLM(tiny_config(pattern, **MLA_TINY, dsa_indexer_loss_coeff=0.5 if loss else 0.0), seed=0)
     breaks = _graph_breaks(model, torch.randint(0, 97, (2, 24)), kernels)
     assert breaks and not any(breaks.values()), breaks
 
