@@ -283,6 +283,22 @@ def setup_indexer(dtype: torch.dtype) -> Callable[[], None]:
     def run() -> None:
         _backward(index_scores_triton(q, w, k, 3840))  # (the backward: the indexer loss's)
         select_topk_triton(scores, allowed, 2048)
+        index_scores_triton(q.detach(), w.detach(), k.detach())  # (a decoding chunk's: no diagonal)
+
+    return run
+
+
+def setup_indexer_target(dtype: torch.dtype) -> Callable[[], None]:
+    """The indexer loss's target at MLA's sizes (16 heads of 192) over 256 queries of 4,096 keys, ``dtype`` q and k,
+    causal (a loss chunk's) and not."""
+    from hybridlm.ops.indexer_target_triton import indexer_target_triton
+
+    q, k = torch.randn(1, 256, 16, 192).to(dtype), torch.randn(1, 4096, 16, 192).to(dtype)
+    valid = torch.ones(1, 256, 4096, dtype=torch.bool)
+
+    def run() -> None:
+        indexer_target_triton(q, k, valid, 192**-0.5, 3840)
+        indexer_target_triton(q, k, valid, 192**-0.5)
 
     return run
 
@@ -298,6 +314,7 @@ OPS = {
     "top_p": setup_top_p,
     "cross_entropy": setup_cross_entropy,
     "indexer": setup_indexer,
+    "indexer_target": setup_indexer_target,
     "mamba2_core": setup_mamba2_core,
     "mamba2_composed": lambda dtype: setup_mamba2_core(dtype, one_op=False),
 }

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import record
-from .indexer_triton import _precision
+from .dispatch import _interpreting, record
+from .indexer_triton import _precision, output_tile
 
 #: Tiles (queries x keys) and warps of the two passes, and the channels one product takes at once. Measured on an
 #: H100 at 4 x 4096, 16 heads of 192 (``benchmarks/dsa_indexer.py --tune target``, docs/benchmarks.md): 3.28 ms for
@@ -100,14 +100,11 @@ def _probs_kernel(
     CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, DC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_s = tl.program_id(0)
-    pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
-    s = pid_s * BS + tl.arange(0, BS)
-    out = out_ptr + b * so_b + t[:, None].to(tl.int64) * so_t + s[None, :]
-    inside = (t[:, None] < T) & (s[None, :] < S)
-    if CAUSAL and pid_s * BS > pid_t * BT + BT - 1 + diagonal:  # (every key of the tile after every query's diagonal)
+    t, s, out, inside, after = output_tile(
+        out_ptr, b, tl.program_id(1), tl.program_id(0), T, S, diagonal, so_b, so_t, CAUSAL, BT, BS
+    )
+    if after:
         tl.store(out, tl.zeros([BT, BS], tl.float32), mask=inside)
         return
     ok = _valid_tile(v_ptr, b, t, s, T, S, diagonal, sv_b, sv_t, CAUSAL)
@@ -147,8 +144,8 @@ def _target_op(
         return out
     if H * D == 0:
         return out.zero_()
-    if not q.is_cuda and q.dtype != torch.float32:  # Triton's interpreter (3.9) multiplies bf16 tiles wrongly; the
-        q, k = q.float(), k.float()  # same products, exact in float32 either way
+    if _interpreting() and q.dtype != torch.float32:  # Triton's interpreter (3.9) multiplies bf16 tiles wrongly;
+        q, k = q.float(), k.float()  # the same products, exact in float32 either way
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     v = valid.expand(B, T, S)
     v = (v if v.stride(-1) == 1 else v.contiguous()).view(torch.uint8)
