@@ -195,6 +195,19 @@ def test_target_kernel_matches_float64(shape, diagonal, dtype):
     assert err <= max(4 * err32, 1e-6), f"kernel {err:.3g} against float32 reference {err32:.3g}"
 
 
+@runs_triton_kernels
+def test_target_kernel_reads_queries_and_keys_of_two_dtypes():
+    """bf16 queries with float32 keys: both read as float32, as the reference computes them."""
+    q, k, valid = target_inputs(2, 21, 33, 3, 24, 0, seed=7)
+    q = q.bfloat16()
+    with use_kernels("triton"):
+        got = indexer_target(q, k, valid, 0.2, 0)
+    rows = valid.any(-1)
+    exact = indexer_target_reference(q.double(), k.double(), valid, 0.2)[rows]
+    err, err32 = rel_err(got[rows], exact), rel_err(indexer_target_reference(q, k, valid, 0.2)[rows], exact)
+    assert err <= max(4 * err32, 1e-6), f"kernel {err:.3g} against float32 reference {err32:.3g}"
+
+
 def ties_and_masks(B, T, S, levels, seed, broadcast):
     """Scores on a few levels (many ties, -0.0 beside 0.0) and an allowed mask (B or 1, T, S) with an empty row and
     a full one."""

@@ -69,7 +69,7 @@ def indexer_target(
 
     Args:
         q: (B, T, H, D) the main attention's queries.
-        k: (B, S, H, D) its keys, in ``q``'s dtype.
+        k: (B, S, H, D) its keys (in another dtype than ``q``'s, both are read as float32).
         valid: (B|1, T, S) bool, the keys each query's distribution ranges over (at least one a query: a row without
             any is NaN in the reference, zero in the kernel).
         scale: the logits' scale (the attention's softmax scale).
@@ -82,6 +82,8 @@ def indexer_target(
     """
     with torch.no_grad():
         if choose("index_target", q, k, valid) == "triton":
+            if q.dtype != k.dtype:  # (the kernels take one dtype: both in float32, as the reference computes them)
+                q, k = q.float(), k.float()
             return indexer_target_triton(q, k, valid, scale, diagonal)
         return indexer_target_reference(q, k, valid, scale)
 
