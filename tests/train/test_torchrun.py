@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from hybridlm import HybridLM
+from hybridlm.checkpoint.weights import canonical_state_dict, read_config, read_tensors
 from hybridlm.cli import main
 from tests.helpers import run_failure, subprocess_env
 
@@ -186,3 +189,34 @@ def test_two_processes_balance_experts_over_both_ranks_with_the_global_loss(tmp_
     assert main(["train", *run, "--run-dir", str(tmp_path / "one")]) == 0
     (two,), (one,) = (step_values(tmp_path / d, "aux_loss").values() for d in ("two", "one"))
     assert one > 0.1 and abs(two - one) <= 1e-6 * one, (two, one)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_only_what_train_trainable_names(tmp_path):
+    """FSDP shards frozen parameters as it shards the rest (train.trainable): the two-process run follows the one-process
+    one, its frozen tensors end as the one-process run's (as initialized), and its checkpoint resumes in one process."""
+    frozen_run = [*RUN, "--set", 'train.trainable=["layers.2.*", "norm_f.*"]', "--set", "optim.moe_expert_bias_rate=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
+    r = subprocess.run(
+        [*cmd, "train", *frozen_run, "--run-dir", str(tmp_path / "two")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, run_failure(r)
+    assert "trained (train.trainable)" in r.stdout
+    assert main(["train", *frozen_run, "--run-dir", str(tmp_path / "one")]) == 0
+    two, one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
+    assert two.keys() == one.keys() == set(range(1, 7))
+    for step in one:
+        assert abs(two[step] - one[step]) <= 2e-4 * one[step], (step, two[step], one[step])
+    a, b = (read_tensors(tmp_path / d / "model") for d in ("two", "one"))
+    trained = {k for k in a if k.startswith(("layers.2.", "norm_f."))}
+    config = read_config(tmp_path / "one" / "model")
+    init = canonical_state_dict(HybridLM(config, seed=0))  # (train.seed's default)
+    assert trained and all(torch.equal(a[k], b[k]) and torch.equal(a[k], init[k]) for k in a if k not in trained)
+    assert not any(torch.equal(a[k], init[k]) for k in trained)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in trained)
+    assert main(["train", "--resume", str(tmp_path / "two"), "--set", "train.steps=8", "--no-progress"]) == 0
+    assert max(step_losses(tmp_path / "two")) == 8

@@ -28,7 +28,7 @@ separately). Its loss (DeepSeek-V3.2, section 2.1), recorded in the caller's ``a
 (the target: :func:`~hybridlm.ops.indexer.indexer_target`, two Triton kernels on CUDA that keep nothing per head)
 
 over all keys query ``t`` may see (the paper's dense warm-up stage; run it with
-``dsa_indexer_topk >= seq_len`` so attention is dense and freeze everything but the indexer), or
+``dsa_indexer_topk >= seq_len`` so attention is dense and freeze everything but the indexer: ``train.trainable``), or
 over the selected keys only with ``dsa_indexer_use_sparse_loss`` (the sparse training stage).
 
 Left out, as they do not change the function in float32: the Hadamard ``rotate_activation`` of q

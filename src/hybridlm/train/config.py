@@ -162,6 +162,11 @@ class TrainConfig:
     #: a hybridlm model folder (hybridlm.save, a run's model/, hybridlm convert --from) to start from: its
     #: config.json is the model, under the [model] fields the run sets; its weights replace the initialization
     init_from: str | None = None
+    #: the parameters that train: glob patterns (``*`` any text, dots too) over their canonical names (``hybridlm
+    #: inspect`` lists them), e.g. "*.indexer.*" for DSA's indexer alone (DeepSeek-V3.2's dense warm-up); the others are
+    #: frozen (no gradient, no optimizer state). None: every parameter. MoE expert biases are no parameters: they
+    #: follow the routing unless optim.moe_expert_bias_rate = 0.
+    trainable: str | list[str] | None = None
 
 
 #: ``parallel.schedule`` names: torch.distributed.pipelining schedules that run stages cut by ``|``.
@@ -423,6 +428,16 @@ class RunConfig:
                 raise ConfigError("train.threads", f"must be at most {MAX_THREADS:,}, got {t.threads:,}")
         if t.gc_every < 0:
             raise ConfigError("train.gc_every", f"must be >= 0 (0: automatic collection), got {t.gc_every}")
+        if t.trainable is not None:
+            from .trainable import trainable_patterns
+
+            trainable_patterns(t.trainable)  # (what they match is checked against the model: Trainer)
+            if self.parallel.pp > 1:
+                raise ConfigError(
+                    "train.trainable",
+                    f"is not supported with pipeline stages (parallel.pp = {self.parallel.pp}): a stage whose "
+                    "parameters are all frozen would send its successor activations without a gradient",
+                )
         self._validate_parallel()
 
     def notes(self) -> list[str]:

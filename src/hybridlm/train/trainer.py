@@ -88,6 +88,7 @@ from .rundir import (
 from .signals import SetupSignals, StopSignals, TrainingInterrupted, signal_name
 from .threads import cpu_threads
 from .tokenizer import build_tokenizer, tokenizer_fingerprint
+from .trainable import freeze_others, trainable_names, trained_elements
 
 logger = logging.getLogger("hybridlm.train")
 
@@ -405,6 +406,12 @@ class Trainer:
         self._check_model_fits()
         #: The linear layers ``train.float8`` runs in float8 (all ranks' stages together; 0 without it).
         self.float8_layers = self._check_float8(meta)
+        #: Canonical names of the parameters ``train.trainable`` trains (None: all of them).
+        self.trainable = trainable_names(meta, self.config.parsed, t.trainable)
+        #: Elements of those (the header's; None: every parameter trains).
+        self.num_trainable = (
+            None if self.trainable is None else trained_elements(meta, self.config.parsed, self.trainable)
+        )
         if resume:
             self._check_same_model()
         init_tensors = self._read_init() if self.init_from is not None else None
@@ -458,6 +465,8 @@ class Trainer:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
             compile_blocks(self.model, **({} if self.compile_mode == "default" else {"mode": self.compile_mode}))
+        # (train.trainable: before FSDP shards the parameters, which keeps their requires_grad; no pipeline stages)
+        freeze_others(self.model, self.config.parsed, self.trainable)
         if self.world > 1 and self.pipeline is None:
             # Losses are divided by the labelled tokens of all processes: gradients are summed.
             apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
@@ -699,6 +708,23 @@ class Trainer:
         except CheckpointError:
             return
         check_same_model(checkpoints[-1], extra, self.config)
+        self._check_same_trainable(checkpoints[-1], extra.get("trainable"))
+
+    def _check_same_trainable(self, checkpoint: Path, saved: Any) -> None:
+        """Refuse a resume that trains other parameters than the checkpoint's run (``train.trainable``): its optimizer
+        state holds the moments of those it trained, and no others. A checkpoint from before the field trained all."""
+        meta = HybridLM(self.config, device="meta")
+        try:
+            was = trainable_names(meta, self.config.parsed, saved)
+        except (ConfigError, TypeError, AttributeError):  # (or a damaged record: not a pattern, not a list of them)
+            was = {"(patterns that match none of this model's parameters)"}
+        if was != self.trainable:
+            raise ConfigError(
+                "train.trainable",
+                f"{self.run.train.trainable!r} trains other parameters than {checkpoint}'s run did ({saved!r}); its "
+                "optimizer state is that of the parameters it trained: resume with its setting, or start the next "
+                "stage from the run's model/ folder (train.init_from)",
+            )
 
     def _note_changed_blend(self, saved: Any) -> None:
         """Warn where a resume blends other sources or weights than the checkpoint's run (a setting changed on
@@ -823,6 +849,12 @@ class Trainer:
                 # The auxiliary losses are each micro-batch's own, under the main head's share.
                 shares = counts[start : start + self.micro].sum(0) / totals  # exactly 1 for the whole batch
                 loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, self.config.mtp_loss_scale, shares)
+                if not loss.requires_grad:  # (only train.trainable freezes every parameter the loss reaches)
+                    raise ConfigError(
+                        "train.trainable",
+                        f"{self.run.train.trainable!r}: the loss reaches none of the parameters it trains (DSA's "
+                        "indexer, for one, learns only from its own loss: model.dsa_indexer_loss_coeff > 0)",
+                    )
                 loss.backward()
                 total += loss.detach()
                 heads += torch.stack([out.lm_loss, *out.mtp_losses]).detach() * shares
@@ -991,6 +1023,7 @@ class Trainer:
             data_position=position,
             window=self._window,
             guard=self.guard.state(),
+            trainable=self.run.train.trainable,  # (a resume checks that it trains the same parameters)
         )
         self._saved_step, self._checkpoint_due = self.step, False
         if self.is_main and not self.guard.in_a_row:  # a save inside a streak (a signal, the last step) prunes none
@@ -1067,6 +1100,11 @@ class Trainer:
             f"run     {self.run_dir}",
             f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters"
             + (f" ({self.num_active_params / 1e6:.2f}M active)" if self.num_active_params is not None else "")
+            + (
+                f" · {self.num_trainable / 1e6:.2f}M trained (train.trainable)"
+                if self.num_trainable is not None
+                else ""
+            )
             + f" · hidden {self.config.hidden_size} "
             f"· vocab {self.config.vocab_size}",
             f"data    {what} · {r.data.tokenizer} tokenizer · {train_tokens:,} train / "
