@@ -162,10 +162,11 @@ class TrainConfig:
     #: a hybridlm model folder (hybridlm.save, a run's model/, hybridlm convert --from) to start from: its
     #: config.json is the model, under the [model] fields the run sets; its weights replace the initialization
     init_from: str | None = None
-    #: the parameters that train: glob patterns (``*`` any text, dots too) over their canonical names (``hybridlm
-    #: inspect`` lists them), e.g. "*.indexer.*" for DSA's indexer alone (DeepSeek-V3.2's dense warm-up); the others are
-    #: frozen (no gradient, no optimizer state). None: every parameter. MoE expert biases are no parameters: they
-    #: follow the routing unless optim.moe_expert_bias_rate = 0.
+    #: the parameters that train: glob patterns (``*`` any text, dots too) over their canonical names (``layers.{i}.…``,
+    #: ``embeddings.weight``: a pattern that matches none is refused with their shapes), e.g. "*.indexer.*" for DSA's
+    #: indexer alone (DeepSeek-V3.2's dense warm-up); the others are frozen (no gradient, no optimizer state). None:
+    #: every parameter. MoE expert biases are no parameters: they follow the routing unless
+    #: optim.moe_expert_bias_rate = 0.
     trainable: str | list[str] | None = None
 
 

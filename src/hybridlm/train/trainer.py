@@ -169,6 +169,11 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _count(n: int) -> str:
+    """A parameter count as the header writes it: millions, or the number itself below 10,000 (0.00M says nothing)."""
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
 def _fresh_window() -> dict[str, Any]:
     """What a console row averages over: the steps since the previous row."""
     return {"tokens": 0, "time": 0.0, "losses": []}
@@ -1100,11 +1105,7 @@ class Trainer:
             f"run     {self.run_dir}",
             f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters"
             + (f" ({self.num_active_params / 1e6:.2f}M active)" if self.num_active_params is not None else "")
-            + (
-                f" · {self.num_trainable / 1e6:.2f}M trained (train.trainable)"
-                if self.num_trainable is not None
-                else ""
-            )
+            + (f" · {_count(self.num_trainable)} trained (train.trainable)" if self.num_trainable is not None else "")
             + f" · hidden {self.config.hidden_size} "
             f"· vocab {self.config.vocab_size}",
             f"data    {what} · {r.data.tokenizer} tokenizer · {train_tokens:,} train / "
