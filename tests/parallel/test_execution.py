@@ -272,12 +272,15 @@ def test_compiled_blocks_have_no_graph_breaks(pattern, kernels):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["M-G-*-E[*E][M-][GE]", "+-D-[DE]"])
+@pytest.mark.parametrize("pattern", ["M-G-*-E[*E][M-][GE]", "+-D-[DE]", "+-D-[DE] with the indexer loss"])
 def test_gpu_compiled_blocks_have_no_graph_breaks(pattern):
-    """The GPU's paths (Triton kernels, grouped_mm experts, bf16 autocast) trace without a break."""
+    """The GPU's paths (Triton kernels, grouped_mm experts, bf16 autocast) trace without a break; DSA's indexer loss
+    runs its target's kernels."""
     from hybridlm.ops.dispatch import paths_used, reset_paths
 
-    model = HybridLM(tiny_config(pattern, **MLA_TINY), seed=0).cuda()
+    pattern, _, loss = pattern.partition(" with ")
+    config = tiny_config(pattern, **MLA_TINY, dsa_indexer_loss_coeff=0.5 if loss else 0.0)
+    model = HybridLM(config, seed=0).cuda()
     reset_paths()
     with torch.autocast("cuda", torch.bfloat16):
         breaks = _graph_breaks(model, torch.randint(0, 97, (2, 256), device="cuda"), "auto")
@@ -285,6 +288,7 @@ def test_gpu_compiled_blocks_have_no_graph_breaks(pattern):
     # The blocks' eager forward took the GPU's paths (a dispatch falling back to torch traced only the reference).
     kernels = ("mamba2_core", "gated_delta", "add_rms_norm") if "M" in pattern else ("add_rms_norm",)
     kernels += ("index_scores", "index_topk") if "D" in pattern else ()
+    kernels += ("index_target",) if loss else ()
     used = paths_used()
     assert {op: used.get(op) for op in kernels} == dict.fromkeys(kernels, "triton"), used
     assert used.get("moe_experts") == "grouped_mm", used
