@@ -8,19 +8,22 @@ The one-process reference uses the same micro-batches (the MoE loss is per micro
 import importlib.util
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from hybridlm.checkpoint.weights import read_tensors
+from hybridlm import HybridLM
+from hybridlm.checkpoint.weights import canonical_state_dict, read_config, read_tensors
 from hybridlm.cli import main
 from hybridlm.errors import ConfigError
 from hybridlm.parallel.pipeline import SCHEDULES, build_stage, rank_stages
 from hybridlm.train.config import MULTI_STAGE_SCHEDULES, SINGLE_STAGE_SCHEDULES, RunConfig
 from hybridlm.train.trainer import Trainer
-from tests.helpers import ROOT, rel_err, run_failure, short_documents, subprocess_env
+from tests.helpers import MLA_TINY, ROOT, rel_err, run_failure, short_documents, subprocess_env
 
 BASE = [
     "model.hidden_size=32",
@@ -211,6 +214,38 @@ def test_init_from_loads_into_pipeline_stages_and_fsdp_shards(tmp_path):
     ref = one_process(tmp_path / "ref", init)
     for name in ("dp2pp2", "dp4"):
         assert_same_run(tmp_path / name, ref)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("trainable", ['["layers.[3-6].*", "mtp.*"]', "layers.[0-2].*"])
+def test_pipeline_stages_train_only_what_train_trainable_names(tmp_path, trainable):
+    """train.trainable over two stages: the second stage and the MTP depth alone (the first stage, tied embedding
+    included, frozen: its backward has nothing to train), or the first stage alone (the last stage's backward passes
+    its gradient on, training nothing of its own). As one process does; the frozen tensors as initialized."""
+    sets = [P2, f"train.trainable={trainable}", "parallel.pp=2"]
+    torchrun(2, [{"set": [*BASE, *sets], "run_dir": str(tmp_path / "pp2")}], tmp_path)
+    ref = one_process(tmp_path / "ref", P2, f"train.trainable={trainable}")
+    assert_same_run(tmp_path / "pp2", ref)
+    got = read_tensors(tmp_path / "pp2" / "model")
+    init = canonical_state_dict(HybridLM(read_config(tmp_path / "ref" / "model"), seed=0))  # (train.seed's default)
+    trained = {k for k in got if re.match(r"(layers\.[3-6]|mtp)\." if "mtp" in trainable else r"layers\.[0-2]\.", k)}
+    frozen = [k for k in got if k not in trained and not k.endswith("e_score_correction_bias")]  # (a buffer: routing)
+    assert trained and frozen and [k for k in frozen if not torch.equal(got[k], init[k])] == []
+    assert not any(torch.equal(got[k], init[k]) for k in trained if k.endswith("weight") and got[k].dim() > 1)
+
+
+@pytest.mark.multiprocess
+def test_pipeline_stages_that_train_nothing_are_refused_by_name(tmp_path):
+    """DSA's indexers alone without their loss: no stage's backward reaches a trained parameter, which the first step
+    says (one process: the loss's "does not require grad"; stages: each ran its backward)."""
+    mla = [f"model.{k}={v}" for k, v in MLA_TINY.items()]
+    sets = ["model.pattern=D-|D-", *mla, "train.trainable=*.indexer.*", "parallel.pp=2"]
+    env = subprocess_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
+    cmd += ["train", *(x for item in [*BASE, *sets] for x in ("--set", item)), "--no-progress"]
+    r = subprocess.run([*cmd, "--run-dir", str(tmp_path / "pp")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "train.trainable: '*.indexer.*': the loss reaches none of the parameters it trains" in r.stderr + r.stdout
 
 
 # Two MTP depths weighing as much as the main head; no MoE, whose balancing loss is per micro-batch.

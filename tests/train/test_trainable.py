@@ -51,9 +51,6 @@ def test_patterns_are_refused_by_name_when_empty_or_unmatched():
         trainable_names(HybridLM(config, device="meta"), config.parsed, ["*.indexer.*", "*.indexr.*"])
     with pytest.raises(ConfigError, match="trains nothing"):
         RunConfig().with_overrides(["train.trainable=[]"]).validate()
-    with pytest.raises(ConfigError, match="pipeline stages") as e:
-        RunConfig().with_overrides(["train.trainable=*.mixer.*", "parallel.pp=2"]).validate()
-    assert e.value.field == "train.trainable"
 
 
 @pytest.mark.parametrize("pattern", ["D-D-", "[D-][D-]"])

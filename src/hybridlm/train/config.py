@@ -433,12 +433,6 @@ class RunConfig:
             from .trainable import trainable_patterns
 
             trainable_patterns(t.trainable)  # (what they match is checked against the model: Trainer)
-            if self.parallel.pp > 1:
-                raise ConfigError(
-                    "train.trainable",
-                    f"is not supported with pipeline stages (parallel.pp = {self.parallel.pp}): a stage whose "
-                    "parameters are all frozen would send its successor activations without a gradient",
-                )
         self._validate_parallel()
 
     def notes(self) -> list[str]:

@@ -38,6 +38,7 @@ from ..parallel.execution import (
     share_expert_counts,
 )
 from ..parallel.pipeline import build_pipeline_model, make_schedule, rank_stages
+from .trainable import freeze_others
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +100,7 @@ class PipelineRunner:
         float8: str = "none",
         float8_auto_filter: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        trainable: set[str] | None = None,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.pipelining import PipelineStage
@@ -128,6 +130,7 @@ class PipelineRunner:
         if compile:  # on meta, so say what compile_blocks cannot see: CPU blocks get scalar C++ code
             mode = {} if compile_mode == "default" else {"mode": compile_mode}
             compile_blocks(self.model, **mode, **({"options": {"cpp.simdlen": 1}} if device.type == "cpu" else {}))
+        freeze_others(self.model, config.parsed, trainable)  # (before FSDP shards the stages: it keeps the flag)
         for m in self.stages:
             m.boundary_dtype = param_dtype or torch.float32
             # One data-parallel rank has nothing to shard: the stage then runs like the one-process
@@ -224,7 +227,7 @@ class PipelineRunner:
         out = self._run(batch, weight, train=True)
         if self.dp > 1:
             reduce_replicated_gradients(self.model, self.dp_group)
-        if self.tied_group is not None:
+        if self.tied_group is not None and self.model.embeddings.weight.requires_grad:  # (train.trainable froze it)
             grad = self.model.embeddings.weight.grad
             dist.all_reduce(_local(grad), group=self.tied_group)
         return out

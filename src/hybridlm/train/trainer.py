@@ -441,6 +441,7 @@ class Trainer:
                 float8=t.float8,
                 float8_auto_filter=t.float8_auto_filter,
                 autocast=self._autocast,
+                trainable=self.trainable,
             )
             self.model = self.pipeline.model  # this rank's stages, under the whole model's names
         else:
@@ -489,6 +490,7 @@ class Trainer:
         self.moe_layer_load: dict[str, float] = {}
         self.scheduler = build_scheduler(self.optimizer, t.steps, run.optim)
         self.step, self._window = 0, _fresh_window()
+        self._gradient_seen = False  # (a pipeline run checks its first step's gradients: _check_some_gradient)
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
@@ -715,6 +717,23 @@ class Trainer:
         check_same_model(checkpoints[-1], extra, self.config)
         self._check_same_trainable(checkpoints[-1], extra.get("trainable"))
 
+    def _reaches_none(self) -> ConfigError:
+        return ConfigError(
+            "train.trainable",
+            f"{self.run.train.trainable!r}: the loss reaches none of the parameters it trains (DSA's indexer, for "
+            "one, learns only from its own loss: model.dsa_indexer_loss_coeff > 0)",
+        )
+
+    def _check_some_gradient(self) -> None:
+        """After a pipeline step's backward: some trained parameter got a gradient on some rank (a stage runs its
+        backward whether or not its own parameters train, so nothing else says that none did). Once a run."""
+        got = any(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+        flag = torch.tensor([float(got)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            raise self._reaches_none()
+        self._gradient_seen = True
+
     def _check_same_trainable(self, checkpoint: Path, saved: Any) -> None:
         """Refuse a resume that trains other parameters than the checkpoint's run (``train.trainable``): its optimizer
         state holds the moments of those it trained, and no others. A checkpoint from before the field trained all."""
@@ -837,6 +856,8 @@ class Trainer:
         heads = torch.zeros(totals.shape, device=self.device)  # the main head's loss, then each MTP depth's
         if self.pipeline is not None:
             total, heads = (torch.tensor(x) for x in self.pipeline.forward_backward(batch, counts / totals))
+            if self.trainable is not None and not self._gradient_seen:
+                self._check_some_gradient()
         else:
             for routed in self.step_counts:  # a step's micro-batches count from nothing
                 routed.reset()
@@ -855,11 +876,7 @@ class Trainer:
                 shares = counts[start : start + self.micro].sum(0) / totals  # exactly 1 for the whole batch
                 loss = combine_losses(out.lm_loss, out.mtp_losses, out.aux_loss, self.config.mtp_loss_scale, shares)
                 if not loss.requires_grad:  # (only train.trainable freezes every parameter the loss reaches)
-                    raise ConfigError(
-                        "train.trainable",
-                        f"{self.run.train.trainable!r}: the loss reaches none of the parameters it trains (DSA's "
-                        "indexer, for one, learns only from its own loss: model.dsa_indexer_loss_coeff > 0)",
-                    )
+                    raise self._reaches_none()
                 loss.backward()
                 total += loss.detach()
                 heads += torch.stack([out.lm_loss, *out.mtp_losses]).detach() * shares
