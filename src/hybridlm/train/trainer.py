@@ -471,8 +471,8 @@ class Trainer:
             apply_activation_checkpointing(self.model, t.ac_policy)
         if t.compile and self.pipeline is None:
             compile_blocks(self.model, **({} if self.compile_mode == "default" else {"mode": self.compile_mode}))
-        # (train.trainable: before FSDP shards the parameters, which keeps their requires_grad; no pipeline stages)
-        freeze_others(self.model, self.config.parsed, self.trainable)
+        if self.pipeline is None:  # (train.trainable: before FSDP shards them, which keeps the flag; stages: their own)
+            freeze_others(self.model, self.config.parsed, self.trainable)
         if self.world > 1 and self.pipeline is None:
             # Losses are divided by the labelled tokens of all processes: gradients are summed.
             apply_fsdp(self.model, param_dtype=self.autocast_dtype, sum_gradients=True)
