@@ -55,6 +55,20 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return step_values(run_dir, "loss")
 
 
+def train_two(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """``hybridlm train ARGS --run-dir RUN_DIR`` as two processes under torchrun; asserted to succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
+    r = subprocess.run(
+        [*cmd, "train", *args, "--run-dir", str(run_dir)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, run_failure(r)
+    return r
+
+
 @pytest.mark.multiprocess
 def test_two_processes_follow_one(tmp_path):
     env = subprocess_env()
@@ -101,15 +115,7 @@ def test_two_processes_evaluate_rows_that_do_not_split_evenly(tmp_path):
         *("--set", "model.ffn_hidden_size=64", "--set", "model.mamba_head_dim=16", "--set", "model.mamba_state_dim=16"),
         "--no-progress",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
-    r = subprocess.run(
-        [*cmd, "train", *run, "--run-dir", str(tmp_path / "two")],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, run_failure(r)
+    train_two(run, tmp_path / "two")
     assert main(["train", *run, "--run-dir", str(tmp_path / "one")]) == 0
 
     def val_losses(run_dir: Path) -> dict[int, float]:
@@ -158,15 +164,7 @@ def test_two_processes_train_a_blend_as_one(tmp_path):
         *("--set", f'data.source=["builtin:pydoc", "{tmp_path / "code.jsonl"}"]', "--set", "data.weights=[0.4, 0.6]"),
         *("--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=2"),
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
-    r = subprocess.run(
-        [*cmd, "train", *RUN, *blend, "--run-dir", str(tmp_path / "two")],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, run_failure(r)
+    train_two([*RUN, *blend], tmp_path / "two")
     assert main(["train", *RUN, *blend, "--run-dir", str(tmp_path / "one")]) == 0
     for key in ("loss", "val_loss", "val_loss/pydoc", "val_loss/code"):
         two, one = step_values(tmp_path / "two", key), step_values(tmp_path / "one", key)
@@ -182,10 +180,7 @@ def test_two_processes_balance_experts_over_both_ranks_with_the_global_loss(tmp_
     local "aux_loss" of 4 rows each differs by 2e-4 here: the reducer's absence would fail this)."""
     run = [*RUN, "--set", "model.moe_aux_loss_coeff=0.1", "--set", "model.init_std=0.3", "--set", "train.steps=1"]
     run += ["--set", "train.eval_every=1", "--set", "model.moe_aux_loss_type=global_aux_loss"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
-    r = subprocess.run([*cmd, "train", *run, "--run-dir", str(tmp_path / "two")], env=subprocess_env(),
-                       capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert r.returncode == 0, run_failure(r)
+    train_two(run, tmp_path / "two")
     assert main(["train", *run, "--run-dir", str(tmp_path / "one")]) == 0
     (two,), (one,) = (step_values(tmp_path / d, "aux_loss").values() for d in ("two", "one"))
     assert one > 0.1 and abs(two - one) <= 1e-6 * one, (two, one)
@@ -196,16 +191,7 @@ def test_two_processes_train_only_what_train_trainable_names(tmp_path):
     """FSDP shards frozen parameters as it shards the rest (train.trainable): the two-process run follows the one-process
     one, its frozen tensors end as the one-process run's (as initialized), and its checkpoint resumes in one process."""
     frozen_run = [*RUN, "--set", 'train.trainable=["layers.2.*", "norm_f.*"]', "--set", "optim.moe_expert_bias_rate=0"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridlm.cli"]
-    r = subprocess.run(
-        [*cmd, "train", *frozen_run, "--run-dir", str(tmp_path / "two")],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert r.returncode == 0, run_failure(r)
-    assert "trained (train.trainable)" in r.stdout
+    assert "trained (train.trainable)" in train_two(frozen_run, tmp_path / "two").stdout
     assert main(["train", *frozen_run, "--run-dir", str(tmp_path / "one")]) == 0
     two, one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
     assert two.keys() == one.keys() == set(range(1, 7))
