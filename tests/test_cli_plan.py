@@ -301,3 +301,23 @@ def test_plan_of_a_preset_counts_the_gradients_at_the_peak(capsys):
     """Without a run file the number of micro-batches a step is unknown: the peak keeps the gradients (the larger)."""
     assert main(["plan", "--preset", "tiny", "--pp", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["grads_at_peak"] is True
+
+
+def test_a_run_files_trainable_parameters_are_planned_with_their_state_alone(tmp_path, capsys):
+    """train.trainable in the run file: the frozen parameters hold their weights only (12 bytes a parameter fewer than
+    18, the embedding's and head's 12 of 16), said in a note; the times are those of the run that trains all."""
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\npreset = "tiny"\n[data]\nseq_len = 48\n')
+    every = _json(capsys, ["plan", "--config", str(run), "--pp", "2", "--json"])
+    run.write_text('[model]\npreset = "tiny"\n[data]\nseq_len = 48\n[train]\ntrainable = "layers.0.*"\n')
+    assert main(["plan", "--config", str(run), "--pp", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    some = json.loads(out)
+    assert "note: train.trainable 'layers.0.*' trains" in err and "others are counted without gradient" in err
+    assert some["block_costs"] == every["block_costs"]
+    params = [sum(s["params"] for s in every["stages"] if s["pp_rank"] == r) for r in range(2)]
+    saved = [a["state_bytes"] - b["state_bytes"] for a, b in zip(every["ranks"], some["ranks"])]
+    assert 0 < saved[0] < 12 * params[0] and saved[1] == pytest.approx(12 * params[1], rel=0.02), (saved, params)
+    run.write_text('[model]\npreset = "tiny"\n[train]\ntrainable = "*.indexer.*"\n')
+    assert main(["plan", "--config", str(run), "--pp", "2"]) == 2
+    assert "train.trainable: '*.indexer.*' matches no parameter" in capsys.readouterr().err

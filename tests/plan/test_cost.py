@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
+from hybridlm.checkpoint.canonical import canonical_name
 from hybridlm.model import HybridLM
 from hybridlm.plan import estimate_costs
 from hybridlm.plan.cost import in_flight, stage_memory
+from hybridlm.train.trainable import freeze_others, trainable_names
 from tests.helpers import MLA_TINY, tiny_config
 
 
@@ -100,6 +102,34 @@ def test_dsa_indexer_without_its_loss_keeps_no_gradient_or_optimizer_state(coeff
     total, n_indexer = model.num_params(), sum(p.numel() for p in indexer.values())
     uncopied = 2 * (costs.embedding.params + costs.head.params)  # (no bf16 copy: see the test above)
     assert m["state_bytes"] == 18 * total - uncopied - (12 * n_indexer if coeff == 0 else 0)
+
+
+@pytest.mark.parametrize("pattern", ["*", "embeddings.weight", "layers.1.*", "mtp.0.*", "*.indexer.*"])
+def test_frozen_parameters_hold_no_gradient_or_optimizer_state(pattern):
+    """train.trainable's frozen parameters are counted as what they are after a training step: weights only (12 bytes
+    a parameter less than 18; a frozen embedding keeps its 4 bytes of fp32 weights). Checked against a step of the
+    model frozen so: the parameters AdamW holds state for, with a tied embedding and an MTP depth, on every stage."""
+    config = tiny_config("D-|[+-]/+-", **MLA_TINY, dsa_indexer_loss_coeff=0.5, tie_embeddings=True)
+    model = HybridLM(config, seed=0)
+    names = trainable_names(model, config.parsed, pattern)
+    freeze_others(model, config.parsed, names)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    model(ids, torch.roll(ids, -1, 1)).loss.backward()
+    opt.step()
+    params = dict(model.named_parameters())
+    stateless = sum(p.numel() for p in params.values() if p not in opt.state)
+    assert stateless == sum(p.numel() for n, p in params.items() if canonical_name(n, config.parsed) not in names)
+    costs = estimate_costs(config, 12, trainable=names)
+    whole = stage_memory(costs, 0, len(costs.blocks), True, True)
+    uncopied = 2 * (costs.embedding.params + costs.head.params)  # (no bf16 copy: see above)
+    assert whole["state_bytes"] == 18 * model.num_params() - uncopied - 12 * stateless, pattern
+    split = ((0, 1, True, False), (1, len(costs.blocks), False, True))
+    stages = [stage_memory(costs, *args) for args in split]
+    everything = [stage_memory(estimate_costs(config, 12), *args) for args in split]
+    frozen_embedding = 12 * costs.embedding.params if pattern not in ("*", "embeddings.weight") else 0  # (two copies)
+    saved = sum(a["state_bytes"] - b["state_bytes"] for a, b in zip(everything, stages))
+    assert saved == 12 * stateless + frozen_embedding, pattern
 
 
 def test_last_stage_holds_the_head_and_mtp():

@@ -156,6 +156,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     micro = args.micro_batch_size if args.micro_batch_size is not None else _plan_micro_batch(run, args.pp)
+    trainable = None
+    if run is not None and run.train.trainable is not None:  # (the run file's: frozen parameters hold no state)
+        from ..model import HybridLM
+        from ..train.trainable import trainable_names
+
+        trainable = trainable_names(HybridLM(config, device="meta"), config.parsed, run.train.trainable)
     plan = plan_pipeline(
         config,
         args.pp,
@@ -172,6 +178,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         # A run's step at pp 1 is one micro-batch unless its batch is split for accumulation: then the gradients,
         # set to None before each step, do not exist yet at its peak. A pipeline rank accumulates over several.
         grads_at_peak=not (args.pp == 1 and run is not None and micro >= run.train.batch_size),
+        trainable=trainable,
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.render())
     if run is not None and args.pp > 1 and args.micro_batch_size is None and not run.train.micro_batch_size:
@@ -184,6 +191,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 f"above are for micro-batches of {_plan_micro_batch(run, args.pp)} row(s)",
                 file=sys.stderr,
             )
+    if trainable is not None:
+        print(
+            f"note: train.trainable {run.train.trainable!r} trains {len(trainable):,} of the model's tensors: the "
+            "others are counted without gradient or optimizer state; times and activations as if they trained (an "
+            "upper bound)",
+            file=sys.stderr,
+        )
     if args.plot is not None:  # as pattern --plot says it; on stderr under --json, which keeps stdout one document
         print(f"wrote {plan.plot(args.plot)}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -34,6 +34,7 @@ Parameters per block are counted exactly, on a model built on the meta device.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass, replace
 
 from ..config import ModelConfig
@@ -423,16 +424,27 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 # -- the model --------------------------------------------------------------------------------------
 
 
-def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: bool = False) -> dict[str, object]:
-    """Parameters per canonical layer of every main and MTP block, of one MTP depth's own parts
-    (norms, ``eh_proj``), and of the final norm + head, counted on a meta-device build; and per
-    layer the linear layers float8 training converts (``float8``, ``float8_mtp``: their weights and their names
-    relative to the mixer; ``recipe`` and ``auto_filter`` as :func:`~hybridlm.ops.float8.float8_linears` takes them)."""
+def _param_counts(
+    config: ModelConfig, recipe: str = "tensorwise", auto_filter: bool = False, trainable: Set[str] | None = None
+) -> dict[str, object]:
+    """Parameters per canonical layer of every main and MTP block (each a pair: all of them, and those that never get
+    a gradient), of each MTP depth's own parts (norms, ``eh_proj``), and of the final norm + head, counted on a
+    meta-device build; and per layer the linear layers float8 training converts (``float8``, ``float8_mtp``: their
+    weights and their names relative to the mixer; ``recipe`` and ``auto_filter`` as
+    :func:`~hybridlm.ops.float8.float8_linears` takes them). ``trainable``: the canonical names ``train.trainable``
+    trains (None: all); the others get no gradient either."""
     model = HybridLM(config, device="meta")
     converted = set(float8_linears(model, recipe, auto_filter))
+    p = config.parsed
 
     def count(module) -> int:
         return sum(t.numel() for t in module.parameters())
+
+    def frozen(module, prefix: str) -> int:
+        """Elements of ``module``'s parameters (canonical names ``prefix`` + their own) that train.trainable leaves."""
+        if trainable is None:
+            return 0
+        return sum(t.numel() for n, t in module.named_parameters() if prefix + n not in trainable)
 
     def count_float8(prefix: str, layer) -> Float8Layers:
         mine = {name: m for name, m in layer.named_modules(prefix=prefix) if name in converted}
@@ -443,28 +455,41 @@ def _param_counts(config: ModelConfig, recipe: str = "tensorwise", auto_filter: 
             names=frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine),
         )
 
-    def gradless(layer) -> int:
-        indexer = getattr(layer.mixer, "indexer", None)  # (DSA's)
-        return count(indexer) if indexer is not None and not _indexer_trains(config) else 0
+    def gradless(layer, prefix: str) -> int:
+        """Elements of ``layer``'s parameters that get no gradient: DSA's indexer without its loss, and those
+        train.trainable leaves (canonical names ``prefix`` + their own)."""
+        indexer = getattr(layer.mixer, "indexer", None)
+        idle = {id(t) for t in indexer.parameters()} if indexer is not None and not _indexer_trains(config) else set()
+        frozen_names = {n for n, _ in layer.named_parameters() if trainable is not None and prefix + n not in trainable}
+        return sum(t.numel() for n, t in layer.named_parameters() if id(t) in idle or n in frozen_names)
 
-    def per_layer(blocks, prefix: str) -> tuple[list[list[tuple[int, int]]], list[list[Float8Layers]]]:
+    def per_layer(blocks, prefix: str, canonical: str, offsets) -> tuple[list[list[tuple[int, int]]], list]:
         items = list(blocks.items())
-        params = [[(count(layer), gradless(layer)) for layer in block.layers] for _, block in items]
+        params = [
+            [
+                (count(layer), gradless(layer, f"{canonical}layers.{offsets[b] + j}."))
+                for j, layer in enumerate(block.layers)
+            ]
+            for b, (_, block) in enumerate(items)
+        ]
         f8 = [
             [count_float8(f"{prefix}{i}.layers.{j}", layer) for j, layer in enumerate(block.layers)]
             for i, block in items
         ]
         return params, f8
 
-    blocks, f8 = per_layer(model.blocks, "blocks.")
-    mtp_blocks, mtp_f8, mtp_extra = [], [], 0
-    if len(model.mtp):
-        depth = model.mtp[0]
-        mtp_blocks, mtp_f8 = per_layer(depth.blocks, "mtp.0.blocks.")
-        mtp_extra = count(depth) - sum(n for block in mtp_blocks for n, _ in block)
+    blocks, f8 = per_layer(model.blocks, "blocks.", "", p.block_layer_offsets)
+    mtp_blocks, mtp_f8, mtp_extra = [], [], []  # (per depth)
+    for d, depth in enumerate(model.mtp):
+        params, mtp_f8 = per_layer(depth.blocks, f"mtp.{d}.blocks.", f"mtp.{d}.", p.mtp_block_layer_offsets)
+        mtp_blocks.append(params)
+        own = [(n, t) for n, t in depth.named_parameters() if not n.startswith("blocks.")]  # (norms, eh_proj)
+        left = [t for n, t in own if trainable is not None and f"mtp.{d}.{n}" not in trainable]
+        mtp_extra.append((sum(t.numel() for _, t in own), sum(t.numel() for t in left)))
     head = count(model.norm_f) + (count(model.lm_head) if model.lm_head is not None else 0)
+    head_frozen = frozen(model.norm_f, "norm_f.") + (frozen(model.lm_head, "lm_head.") if model.lm_head else 0)
     return {"blocks": blocks, "float8": f8, "mtp_blocks": mtp_blocks, "float8_mtp": mtp_f8, "mtp_extra": mtp_extra,
-            "head": head}  # fmt: skip
+            "head": (head, head_frozen), "embedding": frozen(model.embeddings, "embeddings.")}  # fmt: skip
 
 
 def estimate_costs(
@@ -475,6 +500,7 @@ def estimate_costs(
     hardware: Hardware | str = "h100",
     float8: str = "none",
     float8_auto_filter: bool = False,
+    trainable: Set[str] | None = None,
 ) -> Costs:
     """Estimated costs of every block, the embedding, the head and the MTP depths.
 
@@ -489,6 +515,10 @@ def estimate_costs(
             bytes a value (both recipes alike), and compiled blocks save less (:func:`_float8_unsaved`).
         float8_auto_filter: ``train.float8_auto_filter``: the layers too small to gain from ``float8`` stay
             at the bf16 peak (``ops.float8.slower_in_float8``).
+        trainable: the canonical names of the parameters ``train.trainable`` trains (``train.trainable``'s
+            ``trainable_names``; None: all). The others hold no gradient and no optimizer state (``gradless_params``);
+            times and activations are counted as if they trained (a bound: a frozen layer computes no weight
+            gradient, and none at all before the first that trains).
 
     Raises:
         ValueError: ``float8`` on hardware without a float8 peak.
@@ -500,7 +530,7 @@ def estimate_costs(
     H, V = c.hidden_size, c.vocab_size
     T = seq_len * micro_batch_size
     float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
-    counts = _param_counts(config, float8, float8_auto_filter)
+    counts = _param_counts(config, float8, float8_auto_filter, trainable)
 
     def layer(s: str, counted: tuple[int, int], f8: Float8Layers) -> ItemCost:
         params, gradless = counted
@@ -547,6 +577,7 @@ def estimate_costs(
         params=emb_params,
         act_bytes=0.0,
         ckpt_bytes=0.0,
+        gradless_params=counts["embedding"],
     )
 
     # Head: final norm, (H -> V) projection and cross entropy. Training runs them as the chunked linear
@@ -554,18 +585,20 @@ def estimate_costs(
     # traffic counted: bf16 logits, fp32 logits and log-probs, 5V per token), but only the input and normed
     # input (2H) and the gradients its forward already computed are kept for the backward: dh in bf16 (H per
     # token) and an fp32 (V, H) dW, whatever the number of tokens.
-    def head_cost(name: str, params: int) -> ItemCost:
+    def head_cost(name: str, params: int, gradless: int = 0) -> ItemCost:
         item = _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw)
         kept = 3 * H * T * BF16 + V * H * FP32
-        return replace(item, act_bytes=kept, ckpt_bytes=kept)
+        return replace(item, act_bytes=kept, ckpt_bytes=kept, gradless_params=gradless)
 
-    head = head_cost("head", counts["head"])
+    head = head_cost("head", *counts["head"])
     shared = emb_params if (c.tie_embeddings or p.mtp_depths) else 0
     mtp = []
     for d in range(1, p.mtp_depths + 1):
         # enorm/hnorm, concat, eh_proj (2H -> H), the depth's blocks, final norm; then the shared head.
-        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, counts["mtp_extra"], 2 * H * H, T, False, hw)
-        inner = [block(*item) for item in zip(p.mtp_blocks, counts["mtp_blocks"], counts["float8_mtp"])]
+        own, own_gradless = counts["mtp_extra"][d - 1]
+        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, own, 2 * H * H, T, False, hw)
+        proj = replace(proj, gradless_params=own_gradless)
+        inner = [block(*item) for item in zip(p.mtp_blocks, counts["mtp_blocks"][d - 1], counts["float8_mtp"])]
         depth_head = head_cost("head", 0)
         ckpt = proj.ckpt_bytes + sum(b.ckpt_bytes for b in inner) + depth_head.ckpt_bytes
         mtp.append(_sum(f"mtp {d}", [proj, *inner, depth_head], ckpt))
@@ -606,7 +639,8 @@ def recompute_bytes(costs: Costs, start: int, stop: int) -> float:
 def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: bool) -> dict[str, float]:
     """Memory of the stage holding blocks ``start:stop`` (per micro-batch for activations).
 
-    Returns ``params``, ``state_bytes`` (weights + gradients + optimizer), ``act_bytes`` (no
+    Returns ``params``, ``gradless`` (those that never get a gradient), ``state_bytes`` (weights + gradients +
+    optimizer), ``act_bytes`` (no
     checkpointing), ``act_bytes_ckpt`` (block-level checkpointing) and ``work_bytes`` (live for a moment once
     per micro-batch: :attr:`Costs.work_bytes` on the last stage).
     """
@@ -630,8 +664,13 @@ def stage_memory(costs: Costs, start: int, stop: int, is_first: bool, is_last: b
     )
     # A parameter that never gets a gradient has no gradient and no optimizer state: its bf16 and fp32 weights only.
     gradless = sum(b.gradless_params for b in blocks) + (sum(m.gradless_params for m in costs.mtp) if is_last else 0)
+    gradless += costs.embedding.gradless_params if is_first else 0
+    if is_last:  # (the last stage's copy of a shared embedding is frozen with it)
+        shared = costs.shared_embedding_params if costs.embedding.gradless_params and not is_first else 0
+        gradless += costs.head.gradless_params + shared
     return {
         "params": params,
+        "gradless": gradless,
         "state_bytes": params * costs.state_bytes_per_param
         - uncopied * BF16
         - gradless * (costs.state_bytes_per_param - BF16 - FP32),

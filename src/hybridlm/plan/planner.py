@@ -9,6 +9,7 @@ pipeline (and bounds each rank's total by ``vpp`` times its cost). docs/pipeline
 from __future__ import annotations
 
 import itertools
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,20 @@ class Plan:
             mine = [s for s in self.stages if s.pp_rank == r]
             state = sum(s.memory["state_bytes"] for s in mine)
             params = sum(s.memory["params"] for s in mine)
+            gradless = sum(s.memory["gradless"] for s in mine)
             indices = {s.index for s in mine}
             if len(mine) > 1 and {0, len(self.stages) - 1} <= indices:
                 # One rank (pp 1) holds the first and the last segment: the embedding the last stage
                 # shares (tied head, MTP) is the one the first stage holds, counted there already (without a
-                # bf16 copy, as stage_memory counts it).
-                state -= self.costs.shared_embedding_params * (self.costs.state_bytes_per_param - BF16)
-                params -= self.costs.shared_embedding_params
-            held = state - (0 if grads_at_peak else params * FP32)
+                # bf16 copy, as stage_memory counts it; a frozen one without gradient and optimizer state either).
+                shared, frozen = self.costs.shared_embedding_params, bool(self.costs.embedding.gradless_params)
+                per = (
+                    self.costs.state_bytes_per_param - BF16 - (self.costs.state_bytes_per_param - BF16 - FP32) * frozen
+                )
+                state -= shared * per
+                params -= shared
+                gradless -= shared if frozen else 0
+            held = state - (0 if grads_at_peak else (params - gradless) * FP32)  # (frozen parameters have none)
             # The loss's logits chunk (the last stage's) is live at the end of a forward, a block's recomputation
             # in a backward: never both at once.
             work = max(s.memory["work_bytes"] for s in mine)
@@ -279,6 +286,7 @@ def plan_pipeline(
     float8: str = "none",
     float8_auto_filter: bool = False,
     grads_at_peak: bool = True,
+    trainable: Set[str] | None = None,
 ) -> Plan:
     """Balance ``config.pattern`` over ``pp`` ranks with ``vpp`` virtual stages each.
 
@@ -294,6 +302,8 @@ def plan_pipeline(
         float8_auto_filter: with ``float8``, the layers too small to gain stay in bf16 (``train.float8_auto_filter``).
         grads_at_peak: whether the ranks' peaks hold the gradients (:meth:`Plan.rank_memory`): False where each
             rank runs one micro-batch a step.
+        trainable: canonical names of the parameters ``train.trainable`` trains (None: all); the others hold no
+            gradient and no optimizer state (:func:`~hybridlm.plan.cost.estimate_costs`).
     """
     for name, value in (("pp", pp), ("vpp", vpp), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -328,7 +338,9 @@ def plan_pipeline(
     # Measured, every item's time is replaced: the estimate gives only FLOPs, bytes and memory, which no roofline
     # changes, so one without float8 matmuls (the A100's) is swapped for one with them rather than refused.
     roofline = hardware if measure is None or HARDWARE[hardware].float8_flops_per_s else "h100"
-    costs = estimate_costs(config, seq_len, micro_batch_size, recompute, roofline, float8, float8_auto_filter)
+    costs = estimate_costs(
+        config, seq_len, micro_batch_size, recompute, roofline, float8, float8_auto_filter, trainable
+    )
     if measure is not None:
         from .measure import measure_times
 
