@@ -375,3 +375,22 @@ def test_a_checkpoint_with_moe_layers_shows_its_active_parameters(tmp_path, caps
     assert "parameters   272 (272), active 200 (200)\n" in capsys.readouterr().out
     dense = describe(hybridlm.save(tiny(), tmp_path / "dense"))
     assert "active_parameters" not in dense and ", active" not in render(dense)
+
+
+def test_names_lists_every_tensor_by_its_canonical_name_and_shape(tmp_path, capsys):
+    """``--names``: a checkpoint's tensors by name (the canonical names train.trainable's patterns match, whatever the
+    brackets), shape and dtype; a training state's by its entries' names and shapes; none without the flag."""
+    model = tiny()
+    state = canonical_state_dict(model)
+    info = describe(hybridlm.save(model, tmp_path / "ckpt"), names=True)
+    assert info["names"] == {k: {"shape": list(t.shape), "dtype": "F32"} for k, t in state.items()}
+    assert "names" not in describe(tmp_path / "ckpt")
+    assert main(["inspect", str(tmp_path / "ckpt"), "--names"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  layers\.2\.mixer\.q_proj\.weight +\(\d+, \d+\)  F32$", out, re.M), out
+    assert out.splitlines().index("names") == len(out.splitlines()) - len(state) - 1
+    from hybridlm.checkpoint.training_state import save_training_state
+
+    save_training_state(tmp_path / "state", model, step=1)
+    names = describe(tmp_path / "state", names=True)["names"]
+    assert names["model.layers.2.mixer.q_proj.weight"] == {"shape": list(state["layers.2.mixer.q_proj.weight"].shape)}

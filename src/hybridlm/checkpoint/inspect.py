@@ -84,8 +84,9 @@ def _head(file: Path) -> bytes:
         return f.read(9)
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """A summary of a hybridlm checkpoint, a Hugging Face directory, a DCP state or a safetensors file."""
+def describe(path: str | Path, names: bool = False) -> dict[str, Any]:
+    """A summary of a hybridlm checkpoint, a Hugging Face directory, a DCP state or a safetensors file; ``names``: also
+    every tensor's shape (and a file's dtype) by name, under ``names``."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -96,6 +97,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         info = dict(
             kind="DCP training state", path=str(path), tensors=len(sizes), elements=sum(sizes), entries=len(meta)
         )
+        if names:
+            info["names"] = {k: {"shape": list(v.size)} for k, v in meta.items() if hasattr(v, "size")}
         with contextlib.suppress(CheckpointError):  # the step and model beside the tensors, where readable
             state = read_trainer_state(path)
             cfg = state.get("model_config")
@@ -150,6 +153,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         odd := not_floating(_stand_ins({k: v for k, v in shapes.items() if mtp_read or not _MTP.match(k)}, path))
     ):
         raise CheckpointError(f"{path}: {odd[0]}")
+    if names:
+        summary["names"] = {k: {"shape": list(shape), "dtype": code} for k, (shape, code) in shapes.items()}
     return {**info, "files": [f.name for f in files], **summary}
 
 
@@ -212,4 +217,11 @@ def render(info: dict[str, Any]) -> str:
     if info["kind"] in ("hybridlm checkpoint", "DCP training state") and isinstance(cfg := info.get("config"), dict):
         keys = _shown_fields(cfg)
         rows.append(("config", ", ".join(f"{k}={cfg[k]}" for k in keys)))
-    return "\n".join([f"{info['kind']}: {info['path']}"] + [f"{k:<13}{v}" for k, v in rows])
+    lines = [f"{info['kind']}: {info['path']}"] + [f"{k:<13}{v}" for k, v in rows]
+    if "names" in info:  # (--names: a hybridlm checkpoint's are the canonical names train.trainable matches)
+        width = max((len(k) for k in info["names"]), default=0)
+        lines += ["names"] + [
+            f"  {k:<{width}}  {tuple(v['shape'])}" + (f"  {v['dtype']}" if "dtype" in v else "")
+            for k, v in info["names"].items()
+        ]
+    return "\n".join(lines)

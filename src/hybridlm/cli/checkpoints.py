@@ -15,7 +15,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not (path / "config.json").exists() and (path / MODEL_DIR).is_dir():
         path = path / MODEL_DIR  # a run directory: its exported model, as generate and convert read it
-    info = describe(path)
+    info = describe(path, names=args.names)
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
@@ -31,6 +31,12 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     )
     ap.add_argument("path", help="checkpoint or run directory, or .safetensors file")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument(
+        "--names",
+        action="store_true",
+        help="also list every tensor's name and shape (a hybridlm checkpoint's are the canonical names, those "
+        "train.trainable's patterns match)",
+    )
     ap.set_defaults(func=_cmd_inspect)
 
 

@@ -163,7 +163,7 @@ class TrainConfig:
     #: config.json is the model, under the [model] fields the run sets; its weights replace the initialization
     init_from: str | None = None
     #: the parameters that train: glob patterns (``*`` any text, dots too) over their canonical names (``layers.{i}.…``,
-    #: ``embeddings.weight``: a pattern that matches none is refused with their shapes), e.g. "*.indexer.*" for DSA's
+    #: ``embeddings.weight``: ``hybridlm inspect DIR --names`` lists them), e.g. "*.indexer.*" for DSA's
     #: indexer alone (DeepSeek-V3.2's dense warm-up); the others are frozen (no gradient, no optimizer state). None:
     #: every parameter. MoE expert biases are no parameters: they follow the routing unless
     #: optim.moe_expert_bias_rate = 0.
