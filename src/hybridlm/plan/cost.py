@@ -440,11 +440,13 @@ def _param_counts(
     def count(module) -> int:
         return sum(t.numel() for t in module.parameters())
 
+    def left(name: str) -> bool:
+        """Whether train.trainable leaves the parameter of canonical name ``name`` frozen."""
+        return trainable is not None and name not in trainable
+
     def frozen(module, prefix: str) -> int:
         """Elements of ``module``'s parameters (canonical names ``prefix`` + their own) that train.trainable leaves."""
-        if trainable is None:
-            return 0
-        return sum(t.numel() for n, t in module.named_parameters() if prefix + n not in trainable)
+        return sum(t.numel() for n, t in module.named_parameters() if left(prefix + n))
 
     def count_float8(prefix: str, layer) -> Float8Layers:
         mine = {name: m for name, m in layer.named_modules(prefix=prefix) if name in converted}
@@ -460,8 +462,7 @@ def _param_counts(
         train.trainable leaves (canonical names ``prefix`` + their own)."""
         indexer = getattr(layer.mixer, "indexer", None)
         idle = {id(t) for t in indexer.parameters()} if indexer is not None and not _indexer_trains(config) else set()
-        frozen_names = {n for n, _ in layer.named_parameters() if trainable is not None and prefix + n not in trainable}
-        return sum(t.numel() for n, t in layer.named_parameters() if id(t) in idle or n in frozen_names)
+        return sum(t.numel() for n, t in layer.named_parameters() if id(t) in idle or left(prefix + n))
 
     def per_layer(blocks, prefix: str, canonical: str, offsets) -> tuple[list[list[tuple[int, int]]], list]:
         items = list(blocks.items())
@@ -484,8 +485,7 @@ def _param_counts(
         params, mtp_f8 = per_layer(depth.blocks, f"mtp.{d}.blocks.", f"mtp.{d}.", p.mtp_block_layer_offsets)
         mtp_blocks.append(params)
         own = [(n, t) for n, t in depth.named_parameters() if not n.startswith("blocks.")]  # (norms, eh_proj)
-        left = [t for n, t in own if trainable is not None and f"mtp.{d}.{n}" not in trainable]
-        mtp_extra.append((sum(t.numel() for _, t in own), sum(t.numel() for t in left)))
+        mtp_extra.append((sum(t.numel() for _, t in own), sum(t.numel() for n, t in own if left(f"mtp.{d}.{n}"))))
     head = count(model.norm_f) + (count(model.lm_head) if model.lm_head is not None else 0)
     head_frozen = frozen(model.norm_f, "norm_f.") + (frozen(model.lm_head, "lm_head.") if model.lm_head else 0)
     return {"blocks": blocks, "float8": f8, "mtp_blocks": mtp_blocks, "float8_mtp": mtp_f8, "mtp_extra": mtp_extra,
