@@ -101,10 +101,9 @@ def _probs_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
-    t, s, out, inside, after = output_tile(
-        out_ptr, b, tl.program_id(1), tl.program_id(0), T, S, diagonal, so_b, so_t, CAUSAL, BT, BS
-    )
-    if after:
+    pid_t, pid_s = tl.program_id(1), tl.program_id(0)
+    t, s, out, inside = output_tile(out_ptr, b, pid_t, pid_s, T, S, so_b, so_t, BT, BS)
+    if CAUSAL and pid_s * BS > pid_t * BT + BT - 1 + diagonal:  # (every key of the tile after every query's diagonal)
         tl.store(out, tl.zeros([BT, BS], tl.float32), mask=inside)
         return
     ok = _valid_tile(v_ptr, b, t, s, T, S, diagonal, sv_b, sv_t, CAUSAL)

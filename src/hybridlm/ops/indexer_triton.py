@@ -52,17 +52,15 @@ TOPK_BLOCK, TOPK_WARPS = 1024, 4
 
 
 @triton.jit
-def output_tile(
-    out_ptr, b, pid_t, pid_s, T, S, diagonal, so_b, so_t, CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr
-):  # fmt: skip
-    """A (BT queries, BS keys) tile of a (B, T, S) output with unit key stride: its queries, keys, pointers, which
-    of them lie inside, and whether (CAUSAL) every key of it comes after every query's diagonal."""
+def output_tile(out_ptr, b, pid_t, pid_s, T, S, so_b, so_t, BT: tl.constexpr, BS: tl.constexpr):
+    """A (BT queries, BS keys) tile of a (B, T, S) output with unit key stride: its queries, keys, pointers and which
+    of them lie inside. (Whether the tile lies after the diagonal each kernel asks itself, of its CAUSAL constexpr:
+    a constexpr ``and`` returned from a function is not what the GPU runs were measured with.)"""
     t = pid_t * BT + tl.arange(0, BT)
     s = pid_s * BS + tl.arange(0, BS)
     out = out_ptr + b * so_b + t[:, None].to(tl.int64) * so_t + s[None, :]
     inside = (t[:, None] < T) & (s[None, :] < S)
-    after = CAUSAL and pid_s * BS > pid_t * BT + BT - 1 + diagonal
-    return t, s, out, inside, after
+    return t, s, out, inside
 
 
 @triton.jit
@@ -75,8 +73,8 @@ def _scores_kernel(
     pid_t = tl.program_id(1) if KEYS_FIRST else tl.program_id(0)
     pid_s = tl.program_id(0) if KEYS_FIRST else tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    t, s, out, inside, after = output_tile(out_ptr, b, pid_t, pid_s, T, S, diagonal, so_b, so_t, CAUSAL, BT, BS)
-    if after:
+    t, s, out, inside = output_tile(out_ptr, b, pid_t, pid_s, T, S, so_b, so_t, BT, BS)
+    if CAUSAL and pid_s * BS > pid_t * BT + BT - 1 + diagonal:  # (every key of the tile after every query's diagonal)
         tl.store(out, tl.full([BT, BS], float("-inf"), tl.float32), mask=inside)
         return
     k_cols = k_ptr + b * sk_b + s[None, :].to(tl.int64) * sk_s
