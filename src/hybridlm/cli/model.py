@@ -219,7 +219,12 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--vpp", type=int, default=1, metavar="V", help="virtual stages per rank (default 1)")
     model = ap.add_mutually_exclusive_group()
     model.add_argument("--preset", default=None, metavar="NAME", help="model preset, e.g. nemotron-h-8b")
-    model.add_argument("--config", default=None, metavar="RUN.toml", help="run file (its model, seq_len, batch)")
+    model.add_argument(
+        "--config",
+        default=None,
+        metavar="RUN.toml",
+        help="run file (its model, seq_len, batch; train.trainable: frozen parameters hold no optimizer state)",
+    )
     ap.add_argument(
         "--seq-len",
         type=int,
