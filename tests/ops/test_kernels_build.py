@@ -17,6 +17,9 @@ import sys
 
 from tests.helpers import ROOT, requires_triton
 
+#: The most shared memory one block of an H100 or H200 may use (227 KiB, ``cudaDevAttrMaxSharedMemoryPerBlockOptin``).
+HOPPER_SHARED_BYTES = 227 * 1024
+
 
 def triton_kernels() -> set[str]:
     """Names of the @triton.jit kernels (``…_kernel``) defined in hybridlm.ops, read from the source
@@ -36,3 +39,8 @@ def test_every_kernel_builds_for_hopper():
     missing = triton_kernels() - built
     assert not missing, f"kernels no op launched in kernel_build.py: {sorted(missing)}"
     assert built and built <= triton_kernels(), out.stdout  # a table, of the package's kernels
+    # A kernel asking more shared memory than a block may hold builds, and is refused only at its first launch.
+    rows = re.findall(r"^\| (\w+) \| (\w+) \| `(\w+)` \| -?\d+ \| -?\d+ \| (\d+) \|$", out.stdout, re.M)
+    assert rows, out.stdout
+    over = [row for row in rows if int(row[3]) > HOPPER_SHARED_BYTES]
+    assert not over, f"kernels asking more than sm_90's {HOPPER_SHARED_BYTES} bytes of shared memory: {over}"

@@ -35,6 +35,11 @@ from .indexer_triton import _precision, output_tile
 LSE_BLOCK_T, LSE_BLOCK_S, LSE_WARPS = 64, 64, 4
 PROBS_BLOCK_T, PROBS_BLOCK_S, PROBS_WARPS = 128, 64, 8
 D_CHUNK = 64
+#: Software-pipelining stages for float32 q and k (``tf32x3``: each operand split in two): Triton's default (3 on
+#: sm_90) asks 224 KiB of shared memory in the first pass and 320 KiB in the second under Triton 3.9, more than
+#: an H100's 227 KiB; one stage asks 128 / 32 KiB (``benchmarks/kernel_build.py --ops indexer_target``), which
+#: an A100's 163 KiB holds too. bf16 and fp16 keep the default (40 / 32 KiB).
+FP32_STAGES = 1
 
 
 @triton.jit
@@ -154,6 +159,8 @@ def _target_op(
         CAUSAL=diagonal is not None, BD=triton.cdiv(D, dc) * dc, DC=dc,
         PRECISION=_precision(q.device) if q.dtype == torch.float32 else "tf32",  # (bf16 / fp16: no choice to make)
     )  # fmt: skip
+    if q.dtype == torch.float32:
+        common["num_stages"] = FP32_STAGES
     strides = (*q.stride()[:3], *k.stride()[:3], v.stride(0), v.stride(1), lse.stride(0), lse.stride(1))
     diag = 0 if diagonal is None else diagonal
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
