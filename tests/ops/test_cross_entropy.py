@@ -198,6 +198,25 @@ def test_linear_cross_entropy_of_no_tokens_has_zero_gradients(monkeypatch):
     assert torch.equal(gw, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("frozen", ["weight", "h"])
+def test_a_frozen_side_gets_no_gradient_computed_or_kept(frozen):
+    """A frozen head (train.trainable) needs no (V, H) float32 dW, a head trained on frozen layers' output no dh: the
+    forward computes and saves only the gradient asked for, which is bitwise the one both sides get."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 11, 8, generator=gen, requires_grad=True)
+    w = torch.randn(29, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 29, (2, 11), generator=gen)
+    both = torch.autograd.grad(linear_cross_entropy(h, w, labels, chunk=5), (h, w))
+    one = (h, w.detach()) if frozen == "weight" else (h.detach(), w)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = linear_cross_entropy(*one, labels, chunk=5)
+    big = [shape for shape in saved if shape]  # (the mean's divisor is a scalar)
+    assert big == ([(22, 8)] if frozen == "weight" else [(29, 8)])  # dh (tokens, H) or dW (V, H), not both
+    (grad,) = torch.autograd.grad(loss, one[0] if frozen == "weight" else one[1])
+    assert torch.equal(grad, both[0] if frozen == "weight" else both[1])
+
+
 def test_a_second_derivative_is_refused_not_wrong():
     """The backward scales the dh / dW the forward stored, so differentiating it again followed only the
     incoming gradient (here 2 * loss) and dropped the loss's own Hessian: a silently wrong result. Now autograd

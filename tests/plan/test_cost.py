@@ -132,6 +132,56 @@ def test_frozen_parameters_hold_no_gradient_or_optimizer_state(pattern):
     assert saved == 12 * stateless + frozen_embedding, pattern
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(
+    "pattern",
+    [None, "layers.4.*", "layers.[34].*", "layers.0.*", "lm_head.weight", "embeddings.weight", "norm_f.*", "mtp.*",
+     "mtp.0.layers.0.*", "mtp.1.*"],
+)  # fmt: skip
+def test_frozen_parameters_cost_the_products_autograd_runs(pattern, tied):
+    """A frozen layer computes no weight gradient, one before the first that trains (the embedding frozen) no
+    backward at all, a frozen head matrix no dW and a head no gradient reaches no dh: the estimate's FLOPs of a step
+    against the FLOPs torch counts running it (``FlopCounterMode``), on MLP layers, whose products the estimate
+    counts exactly. Within 0.5 %: the first layer that trains is counted with its input's gradient (a bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = tiny_config("-----/-/-", vocab_size=512, tie_embeddings=tied)
+    model = HybridLM(config, seed=0)
+    if pattern == "lm_head.weight" and tied:
+        pytest.skip("a tied model has no lm_head")
+    names = None if pattern is None else trainable_names(model, config.parsed, pattern)
+    if names is not None:
+        freeze_others(model, config.parsed, names)
+    B, L = 2, 48
+    ids = torch.randint(0, config.vocab_size, (B, L), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, torch.roll(ids, -1, 1)).loss.backward()
+    costs = estimate_costs(config, L, B, trainable=names)
+    estimated = sum(item.flops for item in (*costs.blocks, costs.head, *costs.mtp))
+    assert math.isclose(estimated, counter.get_total_flops(), rel_tol=5e-3), (estimated, counter.get_total_flops())
+
+
+def test_blocks_no_gradient_reaches_keep_nothing():
+    """Blocks before the first that trains keep nothing for a backward that never runs, as measured
+    (``measure.saved_bytes``); the estimate counts none of their activations or recomputation, nor the head's dW when
+    its matrix is frozen."""
+    from hybridlm.plan.measure import saved_bytes
+
+    config = tiny_config("M-*-G-", vocab_size=512)
+    model = HybridLM(config, seed=0)
+    names = trainable_names(model, config.parsed, "layers.[34].*")  # (an MLP and Gated DeltaNet, blocks 3 and 4)
+    freeze_others(model, config.parsed, names)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    measured = saved_bytes(model, ids)
+    costs, whole = estimate_costs(config, 16, 2, recompute=True, trainable=names), estimate_costs(config, 16, 2)
+    assert measured[:3] == [0, 0, 0] and all(measured[3:]), measured  # (the last, frozen, passes a gradient on)
+    assert [(b.act_bytes, b.ckpt_bytes) for b in costs.blocks[:3]] == [(0, 0)] * 3
+    assert all(b.act_bytes for b in costs.blocks[3:])
+    first = estimate_costs(config, 16, 2, recompute=False, trainable=names).blocks[0]  # (recomputation not run)
+    assert costs.blocks[0].time_s == first.time_s < whole.blocks[0].time_s / 2
+    assert whole.head.act_bytes - costs.head.act_bytes == config.vocab_size * config.hidden_size * 4  # (no fp32 dW)
+
+
 def test_last_stage_holds_the_head_and_mtp():
     """Guards against the last stage's memory missing the head, the MTP depths and the shared embedding."""
     costs = estimate_costs(tiny_config("M-[*-]/[*-]"), 16)

@@ -98,31 +98,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = accumulation_dtype(dtype)
         w = weight.to(dtype)
         hc = h.to(dtype)
-        dh = torch.empty_like(hc)
-        dw = torch.empty(weight.shape, dtype=acc, device=weight.device)
-        if n == 0:
+        # Only the gradients asked for: a frozen head (train.trainable) needs no (V, H) float32 dW, whose product
+        # is a third of the loss's FLOPs; a head trained on frozen layers' output needs no dh.
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(hc) if need_h else None
+        dw = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        if n == 0 and need_w:
             dw.zero_()
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, n, chunk):
             x, y = hc[s : s + chunk], labels[s : s + chunk]
             loss, grad = _chunk_loss_and_grad(x @ w.T, y, acc)
             total += loss
-            torch.mm(grad, w, out=dh[s : s + chunk])
-            _accumulate_product(dw, grad.T, x, first=s == 0)
+            if need_h:
+                torch.mm(grad, w, out=dh[s : s + chunk])
+            if need_w:
+                _accumulate_product(dw, grad.T, x, first=s == 0)
             # Freed before the next chunk's logits are made, not when they replace it: two chunks at once were
             # 1 GiB more at bench-1.3b's peak (4,096 × 131,072 bf16 logits each; docs/benchmarks.md).
             del grad
         ctx.save_for_backward(dh, dw)
-        ctx.h_dtype = h.dtype
-        ctx.w_dtype = weight.dtype
+        ctx.h_dtype, ctx.w_dtype, ctx.acc = h.dtype, weight.dtype, acc
         return total
 
     @staticmethod
     @once_differentiable  # the backward only scales what the forward stored: a second derivative would be wrong
     def backward(ctx, grad_total):
-        dh, dw = ctx.saved_tensors
-        g = grad_total.to(dw.dtype)
-        return (dh.to(dw.dtype) * g).to(ctx.h_dtype), (dw * g).to(ctx.w_dtype), None, None, None
+        dh, dw = ctx.saved_tensors  # (None where the forward was not asked for it)
+        g = grad_total.to(ctx.acc)
+        grad_h = None if dh is None else (dh.to(ctx.acc) * g).to(ctx.h_dtype)
+        return grad_h, None if dw is None else (dw * g).to(ctx.w_dtype), None, None, None
 
 
 def linear_cross_entropy(

@@ -192,7 +192,7 @@ INDEXER_BACKWARD_PRODUCTS = 4
 
 
 def _indexer_products(
-    c: ModelConfig, scores: float, seq_len: int, tokens: int, recompute: bool, hw: Hardware
+    c: ModelConfig, scores: float, seq_len: int, tokens: int, recompute: bool, hw: Hardware, backward: bool = True
 ) -> tuple[float, float]:
     """(FLOPs, seconds) of a DSA layer's float32 index scores (``scores``: one forward's FLOPs) at the rate of
     float32 products on tensor cores, and with the indexer loss, of its target too.
@@ -200,9 +200,10 @@ def _indexer_products(
     Each forward scores once (block recompute: twice). With the loss (``_indexer_trains``) the loss's chunks are
     checkpointed, so the backward scores once more, then computes :data:`INDEXER_BACKWARD_PRODUCTS` products for
     each; and each of those forwards runs the target's two passes over the main attention's logits (bf16 products,
-    causal, no backward: ``ops.indexer.indexer_target``)."""
-    forwards = 2 if recompute else 1
-    if not _indexer_trains(c):
+    causal, no backward: ``ops.indexer.indexer_target``). ``backward`` False: a layer no gradient reaches, which
+    scores once."""
+    forwards = 2 if recompute and backward else 1
+    if not (_indexer_trains(c) and backward):
         return forwards * scores, forwards * scores / hw.fp32_products_per_s
     runs = forwards + 1 + INDEXER_BACKWARD_PRODUCTS
     target = 2 * (forwards + 1) * tokens * mixer_class("D").target_flops_per_token(c, seq_len) / 2  # (causal: half)
@@ -381,18 +382,31 @@ def _train_cost(
     fwd_f8_flops: float = 0.0,
     float8: Float8Layers = Float8Layers(),
     fwd_only_flops: float = 0.0,
+    frozen: float = 0.0,
+    backward: bool = True,
 ) -> ItemCost:
     """Forward+backward cost of one unit from its forward FLOPs (``fwd_f8_flops`` of them in the ``float8`` linear
     layers, whose two backward matmuls are float8 too, their casts kernels of their own; ``fwd_only_flops`` of them
-    in work with no backward at all) and saved elements per token."""
+    in work with no backward at all) and saved elements per token.
+
+    ``frozen``: weights among ``read_params`` that train.trainable leaves frozen: the backward computes no weight
+    gradient for them (a multiply-add per weight and token less), reads them once, not twice, and moves no fp32
+    gradient. ``backward`` False: no gradient passes through the unit (it and every unit before it frozen), so it
+    runs its forward once and saves nothing."""
     fwd_bytes = 2 * act_elems * tokens * BF16 + read_params * BF16
-    bwd_flops = 2 * (fwd_flops - fwd_only_flops)
-    bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + 2 * read_params * BF16 + 2 * read_params * FP32
-    passes = 2 if recompute else 1
     fwd_cast, bwd_cast = float8.cast_bytes(tokens)
+    if not backward:
+        return ItemCost(name, _roofline(fwd_flops, fwd_bytes, hw, fwd_f8_flops) + fwd_cast / hw.bytes_per_s,
+                        fwd_flops, fwd_bytes + fwd_cast, params, 0.0, 0.0, float8.weights)  # fmt: skip
+    trained = read_params - frozen
+    bwd_flops = 2 * (fwd_flops - fwd_only_flops) - 2 * frozen * tokens
+    # (the weight gradients' share of the float8 products, as the weights' share frozen)
+    bwd_f8_flops = 2 * fwd_f8_flops - (frozen / read_params * fwd_f8_flops if read_params else 0.0)
+    bwd_bytes = 2 * 2 * act_elems * tokens * BF16 + (read_params + trained) * BF16 + 2 * trained * FP32
+    passes = 2 if recompute else 1
     time = (
         passes * (_roofline(fwd_flops, fwd_bytes, hw, fwd_f8_flops) + fwd_cast / hw.bytes_per_s)
-        + _roofline(bwd_flops, bwd_bytes, hw, 2 * fwd_f8_flops)
+        + _roofline(bwd_flops, bwd_bytes, hw, bwd_f8_flops)
         + bwd_cast / hw.bytes_per_s
     )
     return ItemCost(
@@ -427,8 +441,10 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 def _param_counts(
     config: ModelConfig, recipe: str = "tensorwise", auto_filter: bool = False, trainable: Set[str] | None = None
 ) -> dict[str, object]:
-    """Parameters per canonical layer of every main and MTP block (each a pair: all of them, and those that never get
-    a gradient), of each MTP depth's own parts (norms, ``eh_proj``), and of the final norm + head, counted on a
+    """Parameters per canonical layer of every main and MTP block (each a triple: all of them, those that never get a
+    gradient, and those of them train.trainable leaves frozen that would get one), of each MTP depth's own parts
+    (norms, ``eh_proj``: all, frozen), of the final norm + head (all, frozen, whether the head's matrix, the
+    embedding's when tied, is frozen, and whether the norm trains) and the embedding's frozen ones, counted on a
     meta-device build; and per layer the linear layers float8 training converts (``float8``, ``float8_mtp``: their
     weights and their names relative to the mixer; ``recipe`` and ``auto_filter`` as
     :func:`~hybridlm.ops.float8.float8_linears` takes them). ``trainable``: the canonical names ``train.trainable``
@@ -457,18 +473,20 @@ def _param_counts(
             names=frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine),
         )
 
-    def gradless(layer, prefix: str) -> int:
+    def gradless(layer, prefix: str) -> tuple[int, int]:
         """Elements of ``layer``'s parameters that get no gradient: DSA's indexer without its loss, and those
-        train.trainable leaves (canonical names ``prefix`` + their own)."""
+        train.trainable leaves (canonical names ``prefix`` + their own); and those of the second kind only."""
         indexer = getattr(layer.mixer, "indexer", None)
         idle = {id(t) for t in indexer.parameters()} if indexer is not None and not _indexer_trains(config) else set()
-        return sum(t.numel() for n, t in layer.named_parameters() if id(t) in idle or left(prefix + n))
+        named = list(layer.named_parameters())
+        frozen = sum(t.numel() for n, t in named if id(t) not in idle and left(prefix + n))
+        return sum(t.numel() for n, t in named if id(t) in idle) + frozen, frozen
 
     def per_layer(blocks, prefix: str, canonical: str, offsets) -> tuple[list[list[tuple[int, int]]], list]:
         items = list(blocks.items())
         params = [
             [
-                (count(layer), gradless(layer, f"{canonical}layers.{offsets[b] + j}."))
+                (count(layer), *gradless(layer, f"{canonical}layers.{offsets[b] + j}."))
                 for j, layer in enumerate(block.layers)
             ]
             for b, (_, block) in enumerate(items)
@@ -488,8 +506,11 @@ def _param_counts(
         mtp_extra.append((sum(t.numel() for _, t in own), sum(t.numel() for n, t in own if left(f"mtp.{d}.{n}"))))
     head = count(model.norm_f) + (count(model.lm_head) if model.lm_head is not None else 0)
     head_frozen = frozen(model.norm_f, "norm_f.") + (frozen(model.lm_head, "lm_head.") if model.lm_head else 0)
+    embedding_frozen = frozen(model.embeddings, "embeddings.")
+    matrix_frozen = bool(frozen(model.lm_head, "lm_head.") if model.lm_head is not None else embedding_frozen)
+    norm_trains = frozen(model.norm_f, "norm_f.") < count(model.norm_f)
     return {"blocks": blocks, "float8": f8, "mtp_blocks": mtp_blocks, "float8_mtp": mtp_f8, "mtp_extra": mtp_extra,
-            "head": (head, head_frozen), "embedding": frozen(model.embeddings, "embeddings.")}  # fmt: skip
+            "head": (head, head_frozen, matrix_frozen, norm_trains), "embedding": embedding_frozen}  # fmt: skip
 
 
 def estimate_costs(
@@ -516,9 +537,12 @@ def estimate_costs(
         float8_auto_filter: ``train.float8_auto_filter``: the layers too small to gain from ``float8`` stay
             at the bf16 peak (``ops.float8.slower_in_float8``).
         trainable: the canonical names of the parameters ``train.trainable`` trains (``train.trainable``'s
-            ``trainable_names``; None: all). The others hold no gradient and no optimizer state (``gradless_params``);
-            times and activations are counted as if they trained (a bound: a frozen layer computes no weight
-            gradient, and none at all before the first that trains).
+            ``trainable_names``; None: all). The others hold no gradient and no optimizer state (``gradless_params``),
+            and the backward computes no weight gradient for them (:func:`_train_cost`'s ``frozen``); a layer no
+            gradient passes through (before the first that trains, the embedding frozen) runs its forward only and
+            saves nothing. A frozen layer after a trained one is counted as keeping what it would keep training (a
+            bound: a frozen linear layer needs its weight, not its input, for the input's gradient), and the first
+            layer that trains as computing its input's gradient (which nothing reads).
 
     Raises:
         ValueError: ``float8`` on hardware without a float8 peak.
@@ -532,8 +556,13 @@ def estimate_costs(
     float8_auto_filter = float8_auto_filter and float8 != "none"  # no float8, nothing to leave out
     counts = _param_counts(config, float8, float8_auto_filter, trainable)
 
-    def layer(s: str, counted: tuple[int, int], f8: Float8Layers) -> ItemCost:
-        params, gradless = counted
+    # Whether a gradient reaches the unit about to be costed from a trained parameter before it: units are costed in
+    # the order the forward runs them (the main stack, then the MTP depths, which read its output).
+    flowing = [counts["embedding"] == 0]
+
+    def layer(s: str, counted: tuple[int, int, int], f8: Float8Layers) -> ItemCost:
+        params, gradless, frozen = counted
+        flowing[0] = backward = flowing[0] or gradless < params
         f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
         f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
@@ -555,25 +584,29 @@ def estimate_costs(
             flops -= indexer - fixed
             fwd_only = 0.0 if _indexer_trains(c) else fixed
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
-        item = _train_cost(s, flops, saved, params, _active_params(c, s, params, T), T, recompute, hw,
-                           min(f8_flops, flops), f8, fwd_only)  # fmt: skip
+        active = _active_params(c, s, params, T)
+        item = _train_cost(s, flops, saved, params, active, T, recompute, hw, min(f8_flops, flops), f8, fwd_only,
+                           frozen * active / params if params else 0.0, backward)  # fmt: skip
         if s == "D":
-            extra_flops, extra_s = _indexer_products(c, products, seq_len, T, recompute, hw)
+            # (a frozen indexer after a trained layer is counted with its loss's backward, a bound)
+            extra_flops, extra_s = _indexer_products(c, products, seq_len, T, recompute, hw, backward)
             item = replace(item, time_s=item.time_s + extra_s, flops=item.flops + extra_flops)
         return replace(item, gradless_params=gradless)
 
-    def block(sym: str, params: list[tuple[int, int]], f8: list[Float8Layers]) -> ItemCost:
-        return _sum(sym, [layer(s, n, w) for s, n, w in zip(sym, params, f8)], H * T * FP32)  # its fp32 input
+    def block(sym: str, params: list[tuple[int, int, int]], f8: list[Float8Layers]) -> ItemCost:
+        layers = [layer(s, n, w) for s, n, w in zip(sym, params, f8)]
+        return _sum(sym, layers, H * T * FP32 if flowing[0] else 0.0)  # its fp32 input, if it has a backward
 
     blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
 
-    # Embedding: a gather forward; the backward scatters into a dense fp32 (V, H) gradient.
+    # Embedding: a gather forward; the backward (unless frozen) scatters into a dense fp32 (V, H) gradient.
     emb_params = V * H
+    emb_bytes = 2 * T * H * BF16 + (0 if counts["embedding"] else 2 * emb_params * FP32 + T * H * BF16)
     embedding = ItemCost(
         "embedding",
-        time_s=(2 * T * H * BF16 + 2 * emb_params * FP32 + T * H * BF16) / hw.bytes_per_s,
+        time_s=emb_bytes / hw.bytes_per_s,
         flops=0.0,
-        bytes=2 * T * H * BF16 + 2 * emb_params * FP32 + T * H * BF16,
+        bytes=emb_bytes,
         params=emb_params,
         act_bytes=0.0,
         ckpt_bytes=0.0,
@@ -585,18 +618,29 @@ def estimate_costs(
     # traffic counted: bf16 logits, fp32 logits and log-probs, 5V per token), but only the input and normed
     # input (2H) and the gradients its forward already computed are kept for the backward: dh in bf16 (H per
     # token) and an fp32 (V, H) dW, whatever the number of tokens.
+    # A frozen matrix (the embedding's when tied) gets no dW, and hidden states no gradient reaches need no dh: the
+    # loss computes and keeps only the gradients asked for.
+    head_params, head_gradless, matrix_frozen, norm_trains = counts["head"]
+
     def head_cost(name: str, params: int, gradless: int = 0) -> ItemCost:
-        item = _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw)
-        kept = 3 * H * T * BF16 + V * H * FP32
+        dh = flowing[0]  # (the hidden states' gradient: half of the products a trained head's has)
+        item = _train_cost(name, 2 * H * V * T, 2 * H + 5 * V, params, V * H, T, False, hw,
+                           fwd_only_flops=0 if dh else H * V * T, frozen=V * H if matrix_frozen else 0,
+                           backward=dh or not matrix_frozen)  # fmt: skip
+        kept = 3 * H * T * BF16 * dh + V * H * FP32 * (not matrix_frozen)
         return replace(item, act_bytes=kept, ckpt_bytes=kept, gradless_params=gradless)
 
-    head = head_cost("head", *counts["head"])
+    flowing[0] = flowing[0] or norm_trains  # (the final norm's output is the head's input and the MTP depths')
+    head = head_cost("head", head_params, head_gradless)
     shared = emb_params if (c.tie_embeddings or p.mtp_depths) else 0
     mtp = []
     for d in range(1, p.mtp_depths + 1):
         # enorm/hnorm, concat, eh_proj (2H -> H), the depth's blocks, final norm; then the shared head.
         own, own_gradless = counts["mtp_extra"][d - 1]
-        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, own, 2 * H * H, T, False, hw)
+        flowing[0] = flowing[0] or own_gradless < own
+        frozen = 2 * H * H * own_gradless / own if own else 0.0  # (of eh_proj's matrix; its norms are few)
+        proj = _train_cost("eh_proj", 2 * 2 * H * H * T, 5 * H, own, 2 * H * H, T, False, hw, frozen=frozen,
+                           backward=flowing[0])  # fmt: skip
         proj = replace(proj, gradless_params=own_gradless)
         inner = [block(*item) for item in zip(p.mtp_blocks, counts["mtp_blocks"][d - 1], counts["float8_mtp"])]
         depth_head = head_cost("head", 0)
