@@ -95,7 +95,7 @@ def measure(
     return seconds, peak, sum(i.time_s for i in items), sum(i.flops for i in items)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-1.3b")
     ap.add_argument("--pattern", default=None, help="layers in place of the preset's (its sizes kept)")
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="eager blocks (training compiles them on the GPU)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps a setting (the median is shown)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     B, L = (int(x) for x in args.shape.lower().split("x"))
     fields = {"pattern": args.pattern} if args.pattern else {}
     config = ModelConfig.preset(args.preset, **fields, **model_fields(args.set))

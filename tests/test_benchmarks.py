@@ -419,3 +419,22 @@ def test_saved_bytes_measures_each_block_kind_beside_the_plans_count(monkeypatch
     rows = module.rows(config, 1, 16, "cpu", compiled=False, float8="none", auto_filter=False)
     assert [kind for kind, _, _ in rows] == ["M", "-", "*", "*-"]
     assert all(got > 0 and want > 0 for _, got, want in rows)
+
+
+def test_frozen_step_times_each_trainable_setting_beside_the_plans_ratios(monkeypatch, capsys):
+    """benchmarks/frozen_step.py on the CPU: a row per default setting (everything, the layers, their second half, the
+    last layer, the MTP depths), the first the ratios' base, and the plan's FLOPs below it for every frozen one."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))  # (it imports knobs' model_fields)
+    spec = importlib.util.spec_from_file_location("frozen_step_bench", _PATH.parent / "frozen_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--preset", "tiny", "--pattern=----/-", "--shape", "1x16", "--device", "cpu", "--steps", "1"])
+    rows = [
+        line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
+    names = [row[0].removeprefix("| ") for row in rows[1:]]
+    assert names == ["everything", "layers.*", "layers.2.*,layers.3.*", "layers.3.*", "mtp.*"], rows
+    assert rows[1][3:] == ["1.000", "1.000", "1.000 |"] and rows[1][2] == "n/a", rows  # (no peak measured on the CPU)
+    assert all(float(row[-1].rstrip(" |")) < 1 for row in rows[2:]), rows
