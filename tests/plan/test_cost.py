@@ -161,6 +161,31 @@ def test_frozen_parameters_cost_the_products_autograd_runs(pattern, tied):
     assert math.isclose(estimated, counter.get_total_flops(), rel_tol=5e-3), (estimated, counter.get_total_flops())
 
 
+@pytest.mark.parametrize("pattern", ["*.indexer.*", "layers.2.*"])
+def test_the_indexer_warm_up_costs_its_own_backward_alone(pattern):
+    """DeepSeek-V3.2's dense warm-up trains the indexers alone (``*.indexer.*``): their inputs are read detached, so
+    only their own loss has a backward, and the model around them runs its forward only. The estimate's share of the
+    step that trains everything against the share torch counts (``FlopCounterMode``; DSA's products are not counted
+    exactly, so the shares, not the FLOPs, are compared): counting the model's backward from the first indexer on, it
+    said 0.79 where 0.47 ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = tiny_config("D-D-", **MLA_TINY, vocab_size=512, dsa_indexer_loss_coeff=0.5)
+    ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    shares = []
+    for setting in (None, pattern):
+        model = HybridLM(config, seed=0)
+        names = None if setting is None else trainable_names(model, config.parsed, setting)
+        if names is not None:
+            freeze_others(model, config.parsed, names)
+        with FlopCounterMode(display=False) as counter:
+            model(ids, torch.roll(ids, -1, 1)).loss.backward()
+        costs = estimate_costs(config, 64, 2, trainable=names)
+        shares.append((counter.get_total_flops(), sum(i.flops for i in (*costs.blocks, costs.head))))
+    measured, estimated = (shares[1][i] / shares[0][i] for i in range(2))
+    assert abs(estimated - measured) < 0.03, (estimated, measured)
+
+
 def test_blocks_no_gradient_reaches_keep_nothing():
     """Blocks before the first that trains keep nothing for a backward that never runs, as measured
     (``measure.saved_bytes``); the estimate counts none of their activations or recomputation, nor the head's dW when

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..config import ModelConfig
 from ..layers import mixer_class
@@ -192,7 +193,7 @@ INDEXER_BACKWARD_PRODUCTS = 4
 
 
 def _indexer_products(
-    c: ModelConfig, scores: float, seq_len: int, tokens: int, recompute: bool, hw: Hardware, backward: bool = True
+    c: ModelConfig, scores: float, seq_len: int, tokens: int, recompute: bool, hw: Hardware, trains: bool
 ) -> tuple[float, float]:
     """(FLOPs, seconds) of a DSA layer's float32 index scores (``scores``: one forward's FLOPs) at the rate of
     float32 products on tensor cores, and with the indexer loss, of its target too.
@@ -200,10 +201,10 @@ def _indexer_products(
     Each forward scores once (block recompute: twice). With the loss (``_indexer_trains``) the loss's chunks are
     checkpointed, so the backward scores once more, then computes :data:`INDEXER_BACKWARD_PRODUCTS` products for
     each; and each of those forwards runs the target's two passes over the main attention's logits (bf16 products,
-    causal, no backward: ``ops.indexer.indexer_target``). ``backward`` False: a layer no gradient reaches, which
-    scores once."""
-    forwards = 2 if recompute and backward else 1
-    if not (_indexer_trains(c) and backward):
+    causal, no backward: ``ops.indexer.indexer_target``). ``trains``: whether the indexer trains (its loss on,
+    ``_indexer_trains``, and a parameter of it not frozen); False: it scores in each forward only."""
+    forwards = 2 if recompute else 1
+    if not trains:
         return forwards * scores, forwards * scores / hw.fp32_products_per_s
     runs = forwards + 1 + INDEXER_BACKWARD_PRODUCTS
     target = 2 * (forwards + 1) * tokens * mixer_class("D").target_flops_per_token(c, seq_len) / 2  # (causal: half)
@@ -438,11 +439,30 @@ def _sum(name: str, parts: list[ItemCost], ckpt_bytes: float) -> ItemCost:
 # -- the model --------------------------------------------------------------------------------------
 
 
+class LayerParams(NamedTuple):
+    """One layer's parameters for the costs.
+
+    Attributes:
+        params: elements of all of them.
+        gradless: elements of those that never get a gradient: DSA's indexer without its loss, and what
+            train.trainable leaves frozen.
+        frozen: elements train.trainable leaves frozen outside DSA's indexer (no weight-gradient products).
+        trains: whether a parameter outside the indexer trains (a gradient flows on from the layer).
+        indexer_trains: whether DSA's indexer trains: its loss on and a parameter of it not frozen. Its inputs are
+            read detached, so its loss's backward stays inside it.
+    """
+
+    params: int
+    gradless: int
+    frozen: int
+    trains: bool
+    indexer_trains: bool = False
+
+
 def _param_counts(
     config: ModelConfig, recipe: str = "tensorwise", auto_filter: bool = False, trainable: Set[str] | None = None
 ) -> dict[str, object]:
-    """Parameters per canonical layer of every main and MTP block (each a triple: all of them, those that never get a
-    gradient, and those of them train.trainable leaves frozen that would get one), of each MTP depth's own parts
+    """Parameters per canonical layer of every main and MTP block (:class:`LayerParams`), of each MTP depth's own parts
     (norms, ``eh_proj``: all, frozen), of the final norm + head (all, frozen, whether the head's matrix, the
     embedding's when tied, is frozen, and whether the norm trains) and the embedding's frozen ones, counted on a
     meta-device build; and per layer the linear layers float8 training converts (``float8``, ``float8_mtp``: their
@@ -473,22 +493,24 @@ def _param_counts(
             names=frozenset(n.removeprefix(f"{prefix}.mixer.") for n in mine),
         )
 
-    def gradless(layer, prefix: str) -> tuple[int, int]:
-        """Elements of ``layer``'s parameters that get no gradient: DSA's indexer without its loss, and those
-        train.trainable leaves (canonical names ``prefix`` + their own); and those of the second kind only."""
+    def layer_params(layer, prefix: str) -> LayerParams:
+        """``layer``'s :class:`LayerParams` (its canonical names: ``prefix`` + their own)."""
         indexer = getattr(layer.mixer, "indexer", None)
-        idle = {id(t) for t in indexer.parameters()} if indexer is not None and not _indexer_trains(config) else set()
-        named = list(layer.named_parameters())
-        frozen = sum(t.numel() for n, t in named if id(t) not in idle and left(prefix + n))
-        return sum(t.numel() for n, t in named if id(t) in idle) + frozen, frozen
+        side = {id(t) for t in indexer.parameters()} if indexer is not None else set()
+        named = [(n, t, left(prefix + n)) for n, t in layer.named_parameters()]
+        idle = not _indexer_trains(config)  # (without its loss no gradient reaches the indexer)
+        return LayerParams(
+            params=sum(t.numel() for _, t, _ in named),
+            gradless=sum(t.numel() for _, t, frozen in named if frozen or (id(t) in side and idle)),
+            frozen=sum(t.numel() for _, t, frozen in named if frozen and id(t) not in side),
+            trains=any(not frozen for _, t, frozen in named if id(t) not in side),
+            indexer_trains=not idle and any(not frozen for _, t, frozen in named if id(t) in side),
+        )
 
-    def per_layer(blocks, prefix: str, canonical: str, offsets) -> tuple[list[list[tuple[int, int]]], list]:
+    def per_layer(blocks, prefix: str, canonical: str, offsets) -> tuple[list[list[LayerParams]], list]:
         items = list(blocks.items())
         params = [
-            [
-                (count(layer), *gradless(layer, f"{canonical}layers.{offsets[b] + j}."))
-                for j, layer in enumerate(block.layers)
-            ]
+            [layer_params(layer, f"{canonical}layers.{offsets[b] + j}.") for j, layer in enumerate(block.layers)]
             for b, (_, block) in enumerate(items)
         ]
         f8 = [
@@ -560,9 +582,8 @@ def estimate_costs(
     # the order the forward runs them (the main stack, then the MTP depths, which read its output).
     flowing = [counts["embedding"] == 0]
 
-    def layer(s: str, counted: tuple[int, int, int], f8: Float8Layers) -> ItemCost:
-        params, gradless, frozen = counted
-        flowing[0] = backward = flowing[0] or gradless < params
+    def layer(s: str, n: LayerParams, f8: Float8Layers) -> ItemCost:
+        flowing[0] = backward = flowing[0] or n.trains
         f8 = f8 if float8 != "none" else Float8Layers()
         flops = mixer_class(s).flops_per_token(c, seq_len) * T
         f8_flops = 2 * f8.weights * T  # one multiply-add per weight and token
@@ -582,20 +603,29 @@ def estimate_costs(
             indexer, fixed = ((dsa.flops_per_token(c, n) - mla.flops_per_token(c, n)) * T for n in (seq_len, 0))
             products = (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
             flops -= indexer - fixed
-            fwd_only = 0.0 if _indexer_trains(c) else fixed
+            fwd_only = 0.0 if n.indexer_trains else fixed
         saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
-        active = _active_params(c, s, params, T)
-        item = _train_cost(s, flops, saved, params, active, T, recompute, hw, min(f8_flops, flops), f8, fwd_only,
-                           frozen * active / params if params else 0.0, backward)  # fmt: skip
+        active = _active_params(c, s, n.params, T)
+        item = _train_cost(s, flops, saved, n.params, active, T, recompute, hw, min(f8_flops, flops), f8, fwd_only,
+                           n.frozen * active / n.params if n.params else 0.0, backward)  # fmt: skip
         if s == "D":
-            # (a frozen indexer after a trained layer is counted with its loss's backward, a bound)
-            extra_flops, extra_s = _indexer_products(c, products, seq_len, T, recompute, hw, backward)
+            side = n.indexer_trains and not backward  # (only the indexer's own loss has a backward: DSA's warm-up)
+            if side:
+                # Its projections' weight gradients; what its loss's checkpointed chunks keep (layer.dsa), and the
+                # projections' inputs (the compressed query, the normed input); the block run again under recompute.
+                kept = (2 * c.dsa_indexer_head_dim + 24 + (c.q_lora_rank or H) + H) * T * BF16
+                again = item.time_s if recompute else 0.0
+                item = replace(item, time_s=item.time_s + again + fixed / hw.flops_per_s,
+                               flops=item.flops * (2 if recompute else 1) + fixed, act_bytes=kept, ckpt_bytes=kept)  # fmt: skip
+            runs = recompute and (backward or side)
+            extra_flops, extra_s = _indexer_products(c, products, seq_len, T, runs, hw, n.indexer_trains)
             item = replace(item, time_s=item.time_s + extra_s, flops=item.flops + extra_flops)
-        return replace(item, gradless_params=gradless)
+        return replace(item, gradless_params=n.gradless)
 
-    def block(sym: str, params: list[tuple[int, int, int]], f8: list[Float8Layers]) -> ItemCost:
+    def block(sym: str, params: list[LayerParams], f8: list[Float8Layers]) -> ItemCost:
         layers = [layer(s, n, w) for s, n, w in zip(sym, params, f8)]
-        return _sum(sym, layers, H * T * FP32 if flowing[0] else 0.0)  # its fp32 input, if it has a backward
+        kept = flowing[0] or any(item.act_bytes for item in layers)  # (a backward runs: its input is kept)
+        return _sum(sym, layers, H * T * FP32 if kept else 0.0)
 
     blocks = tuple(block(*item) for item in zip(p.blocks, counts["blocks"], counts["float8"]))
 
