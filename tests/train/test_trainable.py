@@ -7,6 +7,7 @@ import torch
 from hybridlm import HybridLM
 from hybridlm.checkpoint.canonical import canonical_name
 from hybridlm.errors import ConfigError
+from hybridlm.plan.cost import step_flops_share
 from hybridlm.train.config import RunConfig
 from hybridlm.train.trainable import freeze_others, trainable_names, trainable_patterns
 from hybridlm.train.trainer import Trainer
@@ -73,6 +74,9 @@ def test_only_the_indexer_trains_and_a_resume_trains_it_on(tmp_path):
     run = dsa_run("train.trainable=*.indexer.*", "optim.moe_expert_bias_rate=0")
     straight = Trainer(run, run_dir=tmp_path / "a", progress=False)
     assert "trained (train.trainable)" in straight.describe()[1]
+    # MFU counts the step that runs: the model's forward, the indexers' own backward (plan.cost.step_flops_share)
+    every = Trainer(dsa_run(), run_dir=tmp_path / "every", progress=False).flops_per_token
+    assert straight.flops_per_token == every * step_flops_share(straight.config, 48, straight.trainable) < every / 2
     start = weights(HybridLM(straight.config, seed=run.train.seed))
     straight.run_loop()
     end = weights(straight.model)

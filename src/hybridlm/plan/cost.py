@@ -684,6 +684,20 @@ def estimate_costs(
                  hw.state_bytes_per_param, float8, float8_auto_filter, work)  # fmt: skip
 
 
+def step_flops_share(config: ModelConfig, seq_len: int, trainable: Set[str] | None) -> float:
+    """The share of a training step's FLOPs that a run training only the canonical names ``trainable``
+    (``train.trainable``) computes, of one that trains everything (1.0 for None): what the trainer scales its MFU's
+    FLOPs by, as :func:`estimate_costs` counts both (frozen weights' gradients and the backward no gradient reaches
+    left out)."""
+    if trainable is None:
+        return 1.0
+
+    def flops(costs: Costs) -> float:
+        return sum(item.flops for item in (*costs.blocks, costs.head, *costs.mtp))
+
+    return flops(estimate_costs(config, seq_len, trainable=trainable)) / flops(estimate_costs(config, seq_len))
+
+
 def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:
     """``costs`` with the time of every item whose name is a key of ``times`` replaced.
 
@@ -774,5 +788,6 @@ __all__ = [
     "in_flight",
     "recompute_bytes",
     "stage_memory",
+    "step_flops_share",
     "with_times",
 ]

@@ -52,6 +52,7 @@ from ..parallel.execution import (
     shard_like,
     share_expert_counts,
 )
+from ..plan.cost import step_flops_share
 from .collector import ManualGC
 from .config import CUDA_GRAPH_MODES, RunConfig, records_init_from
 from .data import (
@@ -458,7 +459,10 @@ class Trainer:
                 f"{self.config.init_std} makes the initial weights overflow to inf: nothing could train (every "
                 "step would be skipped, and the end refused as diverged); use a smaller one (default 0.02)",
             )
-        self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))  # forward + backward
+        # Forward + backward; with train.trainable, of the step that runs (no frozen weight's gradient, no backward
+        # before the first trained layer), so that MFU counts the work done.
+        self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))
+        self.flops_per_token *= step_flops_share(self.config, run.data.seq_len, self.trainable)
         # "global_aux_loss" balances with the counts of every rank's micro-batches of the step so far.
         self.step_counts = (
             []
