@@ -18,6 +18,7 @@ from hybridlm.plan import estimate_costs, plan_pipeline
 from hybridlm.plan.balance import brute_force_cuts, segment_costs
 from hybridlm.plan.cost import HARDWARE, recompute_bytes, stage_memory
 from hybridlm.plan.planner import _count, imbalance
+from hybridlm.train.trainable import trainable_names
 from tests.helpers import MLA_TINY, random_pattern, tiny_config
 
 
@@ -189,6 +190,24 @@ def test_measured_times_replace_the_estimate():
     t = plan.costs.block_times
     assert all(x > 0 for x in t)
     assert len(t) == 6 and t[0] == t[3] and t[1] == t[4] and t[2] == t[5]  # one timing per block kind
+
+
+def test_measured_times_with_frozen_parameters_keep_the_estimates_share(monkeypatch):
+    """Measurement trains every parameter of a block kind; with train.trainable each block's measured time is scaled
+    by the estimate's share of it that the block runs: the frozen first block (no backward) costs its forward, the
+    block that trains the measurement whole, rather than every block of a kind one time."""
+    from hybridlm.plan import measure
+
+    monkeypatch.setattr(measure, "measure_times", lambda *a, **k: {"M": 1.0, "-": 0.5, "embedding": 0.1, "head": 0.2})
+    config = tiny_config("M-M-")
+    names = trainable_names(HybridLM(config, device="meta"), config.parsed, "layers.2.*")
+    plan = plan_pipeline(config, 2, seq_len=16, measure="cpu", trainable=names)
+    everything, some = estimate_costs(config, 16), estimate_costs(config, 16, trainable=names)
+    t = plan.costs.block_times
+    share = [a.time_s / b.time_s for a, b in zip(some.blocks, everything.blocks)]
+    assert t == pytest.approx([1.0 * share[0], 0.5 * share[1], 1.0, 0.5 * share[3]])
+    assert share[0] < 0.5 and share[1] < 0.5 and share[2] == 1.0 and share[3] < 1.0
+    assert plan_pipeline(config, 2, seq_len=16, measure="cpu").costs.block_times == [1.0, 0.5, 1.0, 0.5]
 
 
 @pytest.mark.parametrize("recompute", [False, True])

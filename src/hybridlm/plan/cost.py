@@ -698,21 +698,26 @@ def step_flops_share(config: ModelConfig, seq_len: int, trainable: Set[str] | No
     return flops(estimate_costs(config, seq_len, trainable=trainable)) / flops(estimate_costs(config, seq_len))
 
 
-def with_times(costs: Costs, times: dict[str, float], source: str) -> Costs:
+def with_times(costs: Costs, times: dict[str, float], source: str, everything: Costs | None = None) -> Costs:
     """``costs`` with the time of every item whose name is a key of ``times`` replaced.
 
-    Keys are block strings (``'M'``, ``'*-'``), ``'embedding'``, ``'head'`` and ``'mtp'`` (one depth).
+    Keys are block strings (``'M'``, ``'*-'``), ``'embedding'``, ``'head'`` and ``'mtp'`` (one depth). ``everything``:
+    the estimate of the same items when every parameter trains, where ``costs`` trains some (``train.trainable``):
+    a time, measured training all of a kind, is then scaled by the estimate's share of it each item runs.
     """
+    ref = everything or costs
 
-    def swap(item: ItemCost, key: str) -> ItemCost:
-        return replace(item, time_s=times[key]) if key in times else item
+    def swap(item: ItemCost, key: str, full: ItemCost) -> ItemCost:
+        if key not in times:
+            return item
+        return replace(item, time_s=times[key] * (item.time_s / full.time_s if full.time_s else 1.0))
 
     return replace(
         costs,
-        blocks=tuple(swap(b, b.name) for b in costs.blocks),
-        embedding=swap(costs.embedding, "embedding"),
-        head=swap(costs.head, "head"),
-        mtp=tuple(swap(m, "mtp") for m in costs.mtp),
+        blocks=tuple(swap(b, b.name, f) for b, f in zip(costs.blocks, ref.blocks)),
+        embedding=swap(costs.embedding, "embedding", ref.embedding),
+        head=swap(costs.head, "head", ref.head),
+        mtp=tuple(swap(m, "mtp", f) for m, f in zip(costs.mtp, ref.mtp)),
         source=source,
     )
 

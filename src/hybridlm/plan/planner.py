@@ -362,7 +362,11 @@ def plan_pipeline(
             )
         except ImportError as e:  # torchao missing: how to install it
             raise UsageError(f"--float8 {float8}: {e}") from None
-        costs = with_times(costs, times, f"measured on {measure}")
+        # (measured training every parameter: with train.trainable each item's share of that, as estimated)
+        everything = None if trainable is None else estimate_costs(
+            config, seq_len, micro_batch_size, recompute, roofline, float8, float8_auto_filter
+        )  # fmt: skip
+        costs = with_times(costs, times, f"measured on {measure}", everything)
     times = costs.block_times
     cuts = balanced_cuts(times, k, costs.first_extra_s, costs.last_extra_s)
     user = None
