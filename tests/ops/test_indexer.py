@@ -17,7 +17,7 @@ from hybridlm.ops.indexer import (
     select_topk,
     select_topk_reference,
 )
-from tests.helpers import assert_rel_close, rel_err, runs_triton_kernels, tiny_config
+from tests.helpers import assert_rel_close, rel_err, requires_triton, runs_triton_kernels, tiny_config
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -359,3 +359,17 @@ def test_target_kernel_at_mla_sizes_on_gpu(sparse):
         errs.append((rel_err(got[:, a : a + chunk], exact), rel_err(ref32, exact)))
     err, err32 = max(e for e, _ in errs), max(e for _, e in errs)
     assert err <= 2 * err32, f"kernel {err:.3g} against float32 reference {err32:.3g}"
+
+
+@requires_triton
+def test_float32_products_fall_back_to_ieee_before_ampere(monkeypatch):
+    """Before sm_80 a GPU has no TF32 tensor cores: the indexer's float32 products (scores, and the loss's target of
+    float32 q and k) are asked for in IEEE float32 there, tf32x3 from Ampere on; the CPU (the interpreter) keeps
+    the setting."""
+    from hybridlm.ops import indexer_triton
+
+    for capability, want in (((7, 5), "ieee"), ((8, 0), "tf32x3"), ((9, 0), "tf32x3")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert indexer_triton._precision(torch.device("cuda", 0)) == want, capability
+        assert indexer_triton._precision(torch.device("cuda", 0), "tf32") == ("ieee" if want == "ieee" else "tf32")
+    assert indexer_triton._precision(torch.device("cpu")) == indexer_triton.INPUT_PRECISION
