@@ -600,7 +600,7 @@ def estimate_costs(
             # products counted apart (_indexer_products), causally whatever the head sizes (its kernel skips the key
             # tiles after the diagonal). Without its loss it has no backward at all (_indexer_trains).
             dsa, mla = mixer_class(s), mixer_class("+")
-            indexer, fixed = ((dsa.flops_per_token(c, n) - mla.flops_per_token(c, n)) * T for n in (seq_len, 0))
+            indexer, fixed = ((dsa.flops_per_token(c, k) - mla.flops_per_token(c, k)) * T for k in (seq_len, 0))
             products = (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
             flops -= indexer - fixed
             fwd_only = 0.0 if n.indexer_trains else fixed
