@@ -461,8 +461,8 @@ class Trainer:
             )
         # Forward + backward; with train.trainable, of the step that runs (no frozen weight's gradient, no backward
         # before the first trained layer), so that MFU counts the work done.
-        self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len))
-        self.flops_per_token *= step_flops_share(self.config, run.data.seq_len, self.trainable)
+        self.step_share = step_flops_share(self.config, run.data.seq_len, self.trainable)
+        self.flops_per_token = 3 * float(self.model.flops_per_token(run.data.seq_len)) * self.step_share
         # "global_aux_loss" balances with the counts of every rank's micro-batches of the step so far.
         self.step_counts = (
             []
@@ -1126,7 +1126,12 @@ class Trainer:
             f"run     {self.run_dir}",
             f"model   {self.config.pattern} · {self.num_params / 1e6:.2f}M parameters"
             + (f" ({self.num_active_params / 1e6:.2f}M active)" if self.num_active_params is not None else "")
-            + (f" · {_count(self.num_trainable)} trained (train.trainable)" if self.num_trainable is not None else "")
+            + (
+                f" · {_count(self.num_trainable)} trained (train.trainable), a step {self.step_share:.0%} of a full "
+                "one's FLOPs"
+                if self.num_trainable is not None
+                else ""
+            )
             + f" · hidden {self.config.hidden_size} "
             f"· vocab {self.config.vocab_size}",
             f"data    {what} · {r.data.tokenizer} tokenizer · {train_tokens:,} train / "
