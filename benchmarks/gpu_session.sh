@@ -116,8 +116,9 @@ for stage in "$@"; do
     dsaprof) run dsaprof 300 100 bash -c "rc=0; for s in dsa_indexer_loss_coeff=0 dsa_indexer_loss_coeff=0.01; do \
             python3 benchmarks/packed_attention.py --pattern D --rounds 3 --set \$s --profile --profile-rows 30 || rc=1; \
             done; exit \$rc" ;;  # where a DSA layer's step goes, kernel by kernel, without and with its indexer loss
+    # shellcheck disable=SC2086  # FROZEN_ARGS: more options (--no-compile, --trainable ...), space-separated on purpose
     frozen) run frozen 480 20 python3 benchmarks/frozen_step.py --preset "${PRESET:-bench-1.3b}" --shape "${SHAPES:-4x4096}" \
-            --steps "${STEPS:-3}" ;;  # train.trainable's savings in a step, measured beside the plan's estimate
+            --steps "${STEPS:-3}" ${FROZEN_ARGS:-} ;;  # train.trainable's savings in a step, beside the plan's estimate
     plangpu) run plangpu 300 12 python3 -m pytest -q -p no:cacheprovider -m gpu tests/plan ;;  # saved bytes per kind
     all) run all 560 16 python3 -m pytest -q -p no:cacheprovider tests ;;  # CPU and GPU tests under the image's torch
     cpushards)  # the CPU tests under the image's torch, on a machine with CUDA: SHARDS pytest runs at once
