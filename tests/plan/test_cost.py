@@ -411,6 +411,59 @@ def test_float8_needs_hardware_with_a_float8_peak():
         estimate_costs(tiny_config("-"), 16, hardware="a100", float8="tensorwise")
 
 
+def test_frozen_layers_after_a_trained_one_keep_what_the_plan_counts():
+    """A layer a gradient passes through keeps no tensor that only its frozen linear layers' weight gradients read:
+    per block, what a compiled block keeps less frozen than training, measured, against what the plan counts less.
+    First every layer after the first frozen; then each with only some of its linear layers frozen (the MLP's down
+    projection: its activation goes, its normed input stays; attention's q, k, v and gate: the normed input goes,
+    the gated output stays; the experts' down projection: their activation). MoE: the CPU's partitioner keeps no
+    float32 copy of the router's input even training (it recomputes it from the normed input), which the plan counts,
+    so frozen it is missing from the measure too. Before the plan counted what a frozen layer keeps training."""
+    from hybridlm.parallel.execution import compile_blocks
+    from hybridlm.plan.cost import BF16
+    from hybridlm.plan.measure import saved_bytes
+
+    config = tiny_config("--*MGE", hidden_size=64, ffn_hidden_size=256, mamba_num_heads=8, mamba_head_dim=16,
+                         gdn_head_dim=32, vocab_size=128, attention_output_gate=True)  # fmt: skip
+    B, L = 2, 64
+    ids = torch.randint(0, 128, (B, L), generator=torch.Generator().manual_seed(0))
+    model = HybridLM(config, device="meta")
+    names = [canonical_name(n, config.parsed) for n, _ in model.named_parameters()]
+    frozen_linears = {  # (a part frozen in each layer after the first)
+        "layers.1.": ("down_proj",),
+        "layers.2.": ("q_proj", "k_proj", "v_proj", "gate_proj"),
+        "layers.5.": ("experts.down_proj",),
+    }
+
+    def partly(name: str) -> bool:
+        layer = next((k for k in frozen_linears if name.startswith(k)), None)
+        return layer is None or not any(name.startswith(f"{layer}mixer.{m}") for m in frozen_linears[layer])
+
+    router = 2 * config.hidden_size * B * L * BF16  # (the CPU does not keep it)
+    everything = estimate_costs(config, L, B)
+    trained = None
+    cases = [
+        (None, ""),
+        ({n for n in names if n.startswith("layers.0.")}, "-*MGE"),  # (the blocks after the first, wholly frozen)
+        ({n for n in names if partly(n)}, "-*E"),
+    ]
+    for trainable, frozen in cases:
+        torch._dynamo.reset()
+        model = HybridLM(config, seed=0)
+        freeze_others(model, config.parsed, trainable)
+        measured = saved_bytes(compile_blocks(model), ids)
+        if trainable is None:
+            trained = measured
+            continue
+        costs = estimate_costs(config, L, B, trainable=trainable)
+        for i, block in enumerate(config.parsed.blocks[1:], 1):
+            planned = everything.blocks[i].act_bytes - costs.blocks[i].act_bytes
+            if block == "E" and "layers.5.mixer.gate.weight" not in trainable:
+                planned -= router
+            assert trained[i] - measured[i] == planned, (frozen, block, trained[i], measured[i], planned)
+            assert (planned > 0) == (block in frozen), (frozen, block, planned)
+
+
 def test_a_compiled_mlp_block_keeps_what_the_plan_counts():
     """The bytes a compiled MLP block keeps for its backward under bf16 autocast (its fp32 input, normed input, the
     norm's fp32 rstd, up projection output and activation, the bf16 weight copies) are the plan's to the element:
@@ -465,3 +518,35 @@ def test_compiled_gpu_blocks_keep_what_the_plan_counts():
                 copied -= sum(p.numel() for p in block.layers[0].mixer.indexer.parameters())
             want = cost.act_bytes + BF16 * copied
             assert abs(want / got - 1) < 0.02, (pattern, kind, got, want)
+
+
+@pytest.mark.gpu
+def test_compiled_gpu_frozen_blocks_keep_what_the_plan_counts():
+    """After a trained MLP, each block frozen (MLP, Mamba2, attention, MLA, DSA; the Triton kernels training runs)
+    keeps less than training by what the plan counts less (``plan.cost._unsaved``: the inputs only frozen linear
+    layers read), within 2 % of what the block keeps training, at half bench-1.3b's width. The gated norms' and the
+    attention kernels' backward read their inputs and outputs, not what the projections after them read."""
+    from hybridlm import ModelConfig
+    from hybridlm.parallel.execution import compile_blocks
+    from hybridlm.plan.measure import saved_bytes
+
+    half = dict(hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=8, num_query_groups=2, mamba_num_heads=32,
+                vocab_size=32768)  # fmt: skip
+    B, L = 2, 2048
+    ids = torch.randint(0, half["vocab_size"], (B, L), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    doc_ids = (torch.arange(L, device="cuda") * 4 // L).expand(B, L)  # four documents a row
+    config = ModelConfig.preset("bench-1.3b").replace(pattern="--M*+D", **half)
+    first = {canonical_name(n, config.parsed) for n, _ in HybridLM(config, device="meta").named_parameters()}
+    first = {n for n in first if n.startswith("layers.0.")}
+    measured = {}
+    for trainable in (None, first):
+        torch._dynamo.reset()
+        model = HybridLM(config, seed=0, device="cuda")
+        freeze_others(model, config.parsed, trainable)
+        measured[trainable is None] = saved_bytes(compile_blocks(model), ids, doc_ids)
+    trained, frozen = measured[True], measured[False]
+    everything, costs = estimate_costs(config, L, B), estimate_costs(config, L, B, trainable=first)
+    for i, kind in enumerate(config.parsed.blocks[1:], 1):
+        planned = everything.blocks[i].act_bytes - costs.blocks[i].act_bytes
+        assert planned > 0 and abs(trained[i] - frozen[i] - planned) < 0.02 * trained[i], (kind, trained[i], frozen[i],
+                                                                                            planned)  # fmt: skip

@@ -24,7 +24,7 @@ tokens (``T`` tokens):
   block's input, plus one block's full activations while it is recomputed. The head keeps what the
   chunked loss saves (no logits); while it runs, one chunk of bf16 logits and the bf16 copies of its
   weight and input are live on top (``Costs.work_bytes``, the last stage's).
-  With float8, what a compiled block saves for its converted layers (:func:`_float8_unsaved`): a layer's
+  With float8, what a compiled block saves for its converted layers (:func:`_unsaved`): a layer's
   input made by a norm or an activation from a tensor saved anyway is recomputed in the backward, a
   gated norm's output is kept as its one-byte float8 cast, and a converted weight has no bf16 copy (its
   fp32 master is cast to float8 at each matmul): 16 bytes of state, not 18.
@@ -295,47 +295,73 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
     )
 
 
-def _float8_unsaved(c: ModelConfig, s: str, converted: frozenset[str]) -> float:
-    """Elements per token of :func:`_saved_elements` a compiled ``s`` layer does not save in bf16 when the
-    linear layers named in ``converted`` (relative to its mixer: ``'in_proj'``, ``'shared_experts.down_proj'``)
-    are float8.
+def _unsaved(c: ModelConfig, s: str, converted: frozenset[str], frozen: frozenset[str] = frozenset()) -> float:
+    """Elements per token of :func:`_saved_elements` a compiled ``s`` layer does not keep when the linear layers
+    named in ``converted`` (relative to its mixer: ``'in_proj'``, ``'shared_experts.down_proj'``) are float8 and
+    those in ``frozen`` (the same names; a weight matrix or an expert stack) hold no gradient, a gradient still
+    passing through the layer.
 
-    A float8 layer's backward needs its input cast to float8, not the bf16 input itself, and inductor's
-    partitioner recomputes such an input where the block made it by a norm or an activation from a tensor it
-    saves anyway (the normed input from the layer's input; the activation from the up projection's output):
-    so the normed input goes where every layer reading it is float8, and the activation where the down
-    projection is. A gated norm's output (Mamba2, Gated DeltaNet) comes out of a kernel the partitioner cannot
-    run again: it keeps the float8 cast instead, one byte a value. MoE's router and DSA's indexer read the
-    normed input in the model's precision, which keeps it. Found on the CPU for the MLP (what a compiled
-    block saves, ``tests/plan/test_cost.py``) and matched to bench-1.3b's peak memory on an H100
-    (docs/benchmarks.md, fifty-third session).
+    A tensor the plan counts as saved only because a linear layer reads it (the normed input, an activation, the
+    gated norm's output, the router's float32 input, the rows dispatched to the experts) goes where every layer
+    reading it is frozen: a frozen layer's input gradient needs its weight, not its input. Where every reader is
+    frozen or float8 (some float8), the float8 rule holds. A float8 layer's backward needs its input cast to
+    float8, not the bf16 input itself, and inductor's partitioner recomputes such an input where the block made it
+    by a norm or an activation from a tensor it saves anyway (the normed input from the layer's input; the
+    activation from the up projection's output): so the normed input goes where every layer reading it is float8,
+    and the activation where the down projection is. A gated norm's output (Mamba2, Gated DeltaNet) comes out of a
+    kernel the partitioner cannot run again: it keeps the float8 cast instead, one byte a value. MoE's router and
+    DSA's indexer read the normed input in the model's precision, which keeps it unless they are frozen too (a DSA
+    indexer that does not train is frozen here: its readers belong in ``frozen``). Attention's output is kept
+    whatever reads it (the attention kernel's backward reads it). Float8 found on the CPU for the MLP (what a
+    compiled block saves, ``tests/plan/test_cost.py``) and matched to bench-1.3b's peak memory on an H100
+    (docs/benchmarks.md, fifty-third session); frozen layers measured compiled on the CPU for the MLP, MoE,
+    attention, Mamba2 and Gated DeltaNet (``tests/plan/test_cost.py``).
     """
-    if not converted:
+    if not converted and not frozen:
         return 0.0
-
-    def all_float8(*names: str | None) -> bool:
-        return all(n in converted for n in names if n)
-
     H, swiglu = c.hidden_size, c.mlp_activation == "swiglu"
+    # Per tensor: its elements per token, the linear layers reading it, and what float8 readers leave of it.
     if s == "-":
-        normed = all_float8("up_proj", "gate_proj" if swiglu else None)
-        return normed * H + all_float8("down_proj") * c.resolved_ffn_hidden_size
-    if s == "E":
-        return all_float8("shared_experts.down_proj") * c.moe_shared_expert_ffn_hidden_size
-    if s == "*":
-        normed = all_float8("q_proj", "k_proj", "v_proj", "gate_proj" if c.attention_output_gate else None)
-        return normed * H
-    if s == "M":
-        return all_float8("in_proj") * H + all_float8("out_proj") * c.resolved_mamba_num_heads * c.mamba_head_dim / 2
-    if s == "G":
+        F = c.resolved_ffn_hidden_size
+        items = [(H, ("up_proj", "gate_proj" if swiglu else None), H), (F, ("down_proj",), F)]
+    elif s == "E":
+        k, Fm, Fs = c.moe_top_k, c.resolved_moe_ffn_hidden_size, c.moe_shared_expert_ffn_hidden_size
+        shared = ("shared_experts.up_proj", "shared_experts.gate_proj" if swiglu else None) if Fs else ()
+        items = [
+            (H, ("gate", *shared), 0),  # the normed input
+            (2 * H, ("gate",), 0),  # its float32 copy, the router's input
+            (k * H, ("experts.up_proj", "experts.gate_proj" if swiglu else None), 0),  # the dispatched rows
+            (k * Fm, ("experts.down_proj",), 0),  # the experts' activation
+            (Fs, ("shared_experts.down_proj",), Fs),  # the shared expert's
+        ]
+    elif s == "*":
+        gated = c.num_attention_heads * c.resolved_head_dim if c.attention_output_gate else 0
+        q = ("q_proj", "k_proj", "v_proj", "gate_proj" if c.attention_output_gate else None)
+        items = [(H, q, H), (gated, ("o_proj",), 0)]  # the normed input; the gated output
+    elif s == "M":
+        di = c.resolved_mamba_num_heads * c.mamba_head_dim
+        items = [(H, ("in_proj",), H), (di, ("out_proj",), di / 2)]
+    elif s == "G":
         value_dim = c.resolved_gdn_num_value_heads * c.resolved_gdn_value_head_dim
-        return all_float8("in_proj_qkvz", "in_proj_ba") * H + all_float8("out_proj") * value_dim / 2
-    if s in "+D":
-        q = "q_a_proj" if c.q_lora_rank else "q_proj"
-        mla = s == "+"  # DSA's indexer reads the normed input and the normed compressed q
-        normed_q = c.q_lora_rank if mla and c.q_lora_rank and all_float8("q_b_proj") else 0
-        return (mla and all_float8(q, "kv_a_proj_with_mqa")) * H + normed_q + all_float8("kv_b_proj") * c.kv_lora_rank
-    return 0.0
+        items = [(H, ("in_proj_qkvz", "in_proj_ba"), H), (value_dim, ("out_proj",), value_dim / 2)]
+    elif s in "+D":
+        mla, rq = s == "+", c.q_lora_rank or 0
+        indexer = () if mla else ("indexer.wk", "indexer.weights_proj")  # (DSA's indexer reads both normed inputs)
+        items = [
+            (H, ("q_a_proj" if rq else "q_proj", "kv_a_proj_with_mqa", *indexer), H if mla else 0),
+            (rq, ("q_b_proj", *(() if mla else ("indexer.wq_b",))), rq if mla else 0),  # the normed compressed q
+            (c.kv_lora_rank, ("kv_b_proj",), c.kv_lora_rank),  # the normed latent
+        ]
+    else:
+        return 0.0
+    gone = 0.0
+    for width, readers, float8_width in items:
+        readers = [r for r in readers if r]
+        if readers and all(r in frozen for r in readers):
+            gone += width
+        elif readers and all(r in frozen or r in converted for r in readers):
+            gone += float8_width
+    return gone
 
 
 def _active_params(c: ModelConfig, s: str, params: int, tokens: int) -> float:
@@ -450,6 +476,9 @@ class LayerParams(NamedTuple):
         trains: whether a parameter outside the indexer trains (a gradient flows on from the layer).
         indexer_trains: whether DSA's indexer trains: its loss on and a parameter of it not frozen. Its inputs are
             read detached, so its loss's backward stays inside it.
+        gradless_linears: the names, relative to the mixer, of the weight matrices and expert stacks among
+            ``gradless`` (``'down_proj'``, ``'experts.up_proj'``, ``'indexer.wk'``): their inputs need not be kept
+            (:func:`_unsaved`).
     """
 
     params: int
@@ -457,6 +486,7 @@ class LayerParams(NamedTuple):
     frozen: int
     trains: bool
     indexer_trains: bool = False
+    gradless_linears: frozenset[str] = frozenset()
 
 
 def _param_counts(
@@ -499,12 +529,16 @@ def _param_counts(
         side = {id(t) for t in indexer.parameters()} if indexer is not None else set()
         named = [(n, t, left(prefix + n)) for n, t in layer.named_parameters()]
         idle = not _indexer_trains(config)  # (without its loss no gradient reaches the indexer)
+        gradless = [(n, t) for n, t, frozen in named if frozen or (id(t) in side and idle)]
         return LayerParams(
             params=sum(t.numel() for _, t, _ in named),
-            gradless=sum(t.numel() for _, t, frozen in named if frozen or (id(t) in side and idle)),
+            gradless=sum(t.numel() for _, t in gradless),
             frozen=sum(t.numel() for _, t, frozen in named if frozen and id(t) not in side),
             trains=any(not frozen for _, t, frozen in named if id(t) not in side),
             indexer_trains=not idle and any(not frozen for _, t, frozen in named if id(t) in side),
+            gradless_linears=frozenset(
+                n.removeprefix("mixer.").removesuffix(".weight") for n, t in gradless if t.dim() >= 2
+            ),
         )
 
     def per_layer(blocks, prefix: str, canonical: str, offsets) -> tuple[list[list[LayerParams]], list]:
@@ -555,16 +589,17 @@ def estimate_costs(
         hardware: a :class:`Hardware` or a key of :data:`HARDWARE`.
         float8: ``train.float8``'s recipe: other than ``"none"``, the converted linear layers' matmuls
             run at ``hardware``'s float8 peak, their casts move :data:`CAST_BF16` and :data:`CAST_MASTER`
-            bytes a value (both recipes alike), and compiled blocks save less (:func:`_float8_unsaved`).
+            bytes a value (both recipes alike), and compiled blocks save less (:func:`_unsaved`).
         float8_auto_filter: ``train.float8_auto_filter``: the layers too small to gain from ``float8`` stay
             at the bf16 peak (``ops.float8.slower_in_float8``).
         trainable: the canonical names of the parameters ``train.trainable`` trains (``train.trainable``'s
             ``trainable_names``; None: all). The others hold no gradient and no optimizer state (``gradless_params``),
             and the backward computes no weight gradient for them (:func:`_train_cost`'s ``frozen``); a layer no
             gradient passes through (before the first that trains, the embedding frozen) runs its forward only and
-            saves nothing. A frozen layer after a trained one is counted as keeping what it would keep training (a
-            bound: a frozen linear layer needs its weight, not its input, for the input's gradient), and the first
-            layer that trains as computing its input's gradient (which nothing reads).
+            saves nothing. In a layer a gradient passes through, a tensor kept only for frozen linear layers' weight
+            gradients is not kept (:func:`_unsaved`: a frozen layer needs its weight, not its input, for the input's
+            gradient); the first layer that trains is counted as computing its input's gradient (which nothing
+            reads), and DSA's indexer loss as keeping its chunks' tensors whether its indexer trains or not.
 
     Raises:
         ValueError: ``float8`` on hardware without a float8 peak.
@@ -604,7 +639,7 @@ def estimate_costs(
             products = (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
             flops -= indexer - fixed
             fwd_only = 0.0 if n.indexer_trains else fixed
-        saved = _saved_elements(c, s, seq_len) - _float8_unsaved(c, s, f8.names)
+        saved = _saved_elements(c, s, seq_len) - _unsaved(c, s, f8.names, n.gradless_linears)
         active = _active_params(c, s, n.params, T)
         item = _train_cost(s, flops, saved, n.params, active, T, recompute, hw, min(f8_flops, flops), f8, fwd_only,
                            n.frozen * active / n.params if n.params else 0.0, backward)  # fmt: skip
