@@ -231,6 +231,29 @@ def test_indexer_loss_only_when_asked():
     assert aux_losses == []
 
 
+def test_a_frozen_indexer_computes_no_loss_and_changes_nothing_else():
+    """train.trainable may freeze the indexer (every parameter of it) while the layer trains: its loss would reach
+    nothing, so it is not computed (its target costs several times the layer's step); the output and every other
+    gradient are bitwise those of the layer that computes it. One parameter of the indexer trained: computed."""
+    config = dsa_config()
+    x = torch.randn(2, SEQLEN, config.hidden_size)
+    ctx, _ = context(config, 2, SEQLEN, None)
+    runs = {}
+    for frozen in ((), ("indexer.",), ("indexer.wq_b.", "indexer.weights_proj.", "indexer.k_norm.")):
+        layer = make(DSA, config, seed=6)
+        for name, p in layer.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+        aux_losses = []
+        y = layer(x, ctx, aux_losses)
+        y.square().sum().backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if not n.startswith("indexer.")}
+        runs[frozen] = (y, grads, len(aux_losses))
+    (y, grads, n), (y_frozen, grads_frozen, n_frozen), (_, _, n_wk) = runs.values()
+    assert (n, n_frozen, n_wk) == (1, 0, 1)
+    assert torch.equal(y, y_frozen) and grads.keys() == grads_frozen.keys()
+    assert all(torch.equal(grads[k], grads_frozen[k]) for k in grads)
+
+
 def test_dsa_packed_equals_separate_documents():
     config = dsa_config(dsa_indexer_topk=3)
     layer = make(DSA, config, seed=2)

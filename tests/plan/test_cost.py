@@ -160,7 +160,7 @@ def test_frozen_parameters_cost_the_products_autograd_runs(pattern, tied):
     assert math.isclose(estimated, counter.get_total_flops(), rel_tol=5e-3), (estimated, counter.get_total_flops())
 
 
-@pytest.mark.parametrize("pattern", ["*.indexer.*", "layers.2.*"])
+@pytest.mark.parametrize("pattern", ["*.indexer.*", "layers.2.*", "layers.3.*"])
 def test_the_indexer_warm_up_costs_its_own_backward_alone(pattern):
     """DeepSeek-V3.2's dense warm-up trains the indexers alone (``*.indexer.*``): their inputs are read detached, so
     only their own loss has a backward, and the model around them runs its forward only. The estimate's share of the

@@ -20,7 +20,8 @@ dense attention, the MFU convention.
 The indexer reads ``x`` and ``c_q`` detached, and its selection is discrete, so the language-model
 loss never reaches it and its own loss never reaches the rest of the model (the paper trains the two
 separately). Its loss (DeepSeek-V3.2, section 2.1), recorded in the caller's ``aux_losses`` list when
-``dsa_indexer_loss_coeff > 0`` and gradients are on::
+``dsa_indexer_loss_coeff > 0``, gradients are on and a parameter of the indexer trains (a frozen indexer's loss
+would cost its target, several times the layer's step, and reach nothing)::
 
     p_t = normalize(sum_h softmax_h(main attention logits of query t))   (detached target)
     L_I = coeff * mean_t KL(p_t || softmax(I(t, :)))
@@ -187,6 +188,12 @@ class DSA(MLA):
         scores = index_scores(iq, iw, keys, diagonal)
         return scores, select_topk(scores.detach(), allowed, self.config.dsa_indexer_topk)
 
+    @property
+    def indexer_trains(self) -> bool:
+        """Whether a parameter of the indexer takes a gradient (``train.trainable`` may freeze it): its loss has
+        nothing to train otherwise, and is not computed."""
+        return any(p.requires_grad for p in self.indexer.parameters())
+
     def select_with_loss(
         self,
         x: torch.Tensor,
@@ -241,7 +248,7 @@ class DSA(MLA):
         c = self.config
         q, k, v, c_q = self.qkv(x, ctx.position_ids)
         allowed = allowed_keys(ctx, x.shape[1], x.device)
-        if c.dsa_indexer_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled():
+        if c.dsa_indexer_loss_coeff > 0 and aux_losses is not None and torch.is_grad_enabled() and self.indexer_trains:
             selected, loss = self.select_with_loss(x, c_q, ctx.position_ids, q, k, allowed)
             aux_losses.append(c.dsa_indexer_loss_coeff * loss)
         else:
