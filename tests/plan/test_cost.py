@@ -464,6 +464,25 @@ def test_frozen_layers_after_a_trained_one_keep_what_the_plan_counts():
             assert (planned > 0) == (block in frozen), (frozen, block, planned)
 
 
+def test_a_frozen_indexer_costs_as_much_with_its_loss_as_without():
+    """A DSA layer whose indexer is frozen computes no indexer loss (``layers.dsa.DSA.indexer_trains``): what the
+    layer keeps for its backward is the same with the loss on as off, measured, and the plan counts the layer the
+    same, in FLOPs, time and memory. Before, the frozen indexer's loss ran and kept its chunks' tensors."""
+    from hybridlm.plan.measure import saved_bytes
+
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    kept, planned = [], []
+    for coeff in (0.0, 0.5):
+        config = tiny_config("-D", **MLA_TINY, vocab_size=512, dsa_indexer_loss_coeff=coeff)
+        model = HybridLM(config, seed=0)
+        names = trainable_names(model, config.parsed, "layers.0.*")
+        freeze_others(model, config.parsed, names)
+        kept.append(saved_bytes(model, ids)[1])
+        block = estimate_costs(config, 64, 2, trainable=names).blocks[1]
+        planned.append((block.flops, block.time_s, block.act_bytes))
+    assert kept[0] == kept[1] > 0 and planned[0] == planned[1], (kept, planned)
+
+
 def test_a_compiled_mlp_block_keeps_what_the_plan_counts():
     """The bytes a compiled MLP block keeps for its backward under bf16 autocast (its fp32 input, normed input, the
     norm's fp32 rstd, up projection output and activation, the bf16 weight copies) are the plan's to the element:

@@ -231,9 +231,10 @@ def _mask_elements(c: ModelConfig, s: str, seq_len: int) -> float:
     return seq_len / 2 if s == "D" else 0
 
 
-def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
+def _saved_elements(c: ModelConfig, s: str, seq_len: int, indexer_trains: bool | None = None) -> float:
     """Elements per token a layer saves for its backward in sequences of ``seq_len`` (bf16-equivalent; fp32 counts
-    twice).
+    twice). ``indexer_trains``: whether a DSA layer's indexer loss runs (None: :func:`_indexer_trains`; a frozen
+    indexer computes none).
 
     Includes the layer input (the fp32 residual stream of bf16 autocast training), its normed copy and the
     norm's fp32 reciprocal RMS; the rest follows the mixers' forward (the Triton kernels' saved tensors on the
@@ -279,7 +280,7 @@ def _saved_elements(c: ModelConfig, s: str, seq_len: int) -> float:
         # compressed q (and its norm), latent kv + rope key (and norm), up-projected q, k, v, output; the mask
         saved = n + 2 * rq + 2 * (c.kv_lora_rank + dr) + h * (2 * (dqk + dr) + 2 * dv)
         saved += _mask_elements(c, s, seq_len)
-        if s == "D" and _indexer_trains(c):
+        if s == "D" and (_indexer_trains(c) if indexer_trains is None else indexer_trains):
             # The indexer loss's chunks of queries are checkpointed (layers.dsa.DSA.select_with_loss): it keeps the
             # indexer's fp32 keys and their norm's statistics, and a byte per key of selection, which FlexAttention
             # keeps anyway (_mask_elements; under SDPA's bias it is one more). Measured compiled on the CPU at tiny
@@ -598,8 +599,8 @@ def estimate_costs(
             gradient passes through (before the first that trains, the embedding frozen) runs its forward only and
             saves nothing. In a layer a gradient passes through, a tensor kept only for frozen linear layers' weight
             gradients is not kept (:func:`_unsaved`: a frozen layer needs its weight, not its input, for the input's
-            gradient); the first layer that trains is counted as computing its input's gradient (which nothing
-            reads), and DSA's indexer loss as keeping its chunks' tensors whether its indexer trains or not.
+            gradient), nor a frozen DSA indexer's loss (not computed); the first layer that trains is counted as
+            computing its input's gradient (which nothing reads).
 
     Raises:
         ValueError: ``float8`` on hardware without a float8 peak.
@@ -639,7 +640,7 @@ def estimate_costs(
             products = (indexer - fixed) / 2  # (its scores, the part that grows with seq_len, halved)
             flops -= indexer - fixed
             fwd_only = 0.0 if n.indexer_trains else fixed
-        saved = _saved_elements(c, s, seq_len) - _unsaved(c, s, f8.names, n.gradless_linears)
+        saved = _saved_elements(c, s, seq_len, n.indexer_trains) - _unsaved(c, s, f8.names, n.gradless_linears)
         active = _active_params(c, s, n.params, T)
         item = _train_cost(s, flops, saved, n.params, active, T, recompute, hw, min(f8_flops, flops), f8, fwd_only,
                            n.frozen * active / n.params if n.params else 0.0, backward)  # fmt: skip
