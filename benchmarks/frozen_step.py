@@ -9,8 +9,9 @@ runs them (``--no-compile``: eager; on the CPU float32, eager), one forward + ba
 optimizer: what the patterns change is the backward) on rows of ``--documents`` documents. For each
 ``train.trainable`` setting (by default: everything; the layers only, embedding and head frozen; the second half of
 the layers; the last layer; the MTP depths, if any) it prints the median step time and the peak memory above the
-model, each also over the run that trains everything, beside the plan's estimate of the same ratio
-(``plan.cost.estimate_costs(trainable=...)``: its roofline time and its FLOPs).
+model, each also over the run that trains everything, beside the plan's estimate of the same ratios
+(``plan.cost.estimate_costs(trainable=...)``: its roofline time, its FLOPs, and its memory above the float32 model:
+activations, the loss's working chunk, bf16 weight copies and the trained parameters' gradients).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hybridlm import ModelConfig
 from hybridlm.errors import ConfigError
 from hybridlm.model import HybridLM
 from hybridlm.parallel.execution import compile_blocks
-from hybridlm.plan.cost import estimate_costs
+from hybridlm.plan.cost import BF16, FP32, estimate_costs, stage_memory
 from hybridlm.plan.measure import _timed
 from hybridlm.train.trainable import freeze_others, trainable_names
 
@@ -60,9 +61,9 @@ def _names(model: HybridLM, config: ModelConfig, setting: str | None) -> frozens
 def measure(
     config: ModelConfig, setting: str | None, batch: int, seq: int, device: str, compiled: bool, documents: int,
     steps: int,
-) -> tuple[float, float, float, float]:  # fmt: skip
-    """(median seconds of a step, peak bytes above the model (CUDA; 0: not measured), estimated seconds, estimated FLOPs)
-    of one forward + backward with ``setting`` as train.trainable."""
+) -> tuple[float, float, float, float, float]:  # fmt: skip
+    """(median seconds of a step, peak bytes above the model (CUDA; 0: not measured), estimated seconds, estimated FLOPs,
+    estimated bytes above the model) of one forward + backward with ``setting`` as train.trainable."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # (the last setting's model is gone: its cached blocks would count in this one's peak)
@@ -93,7 +94,12 @@ def measure(
     peak = torch.cuda.max_memory_allocated(dev) - base if dev.type == "cuda" else 0.0
     costs = estimate_costs(config, seq, batch, trainable=names)
     items = (costs.embedding, *costs.blocks, costs.head, *costs.mtp)
-    return seconds, peak, sum(i.time_s for i in items), sum(i.flops for i in items)
+    memory = stage_memory(costs, 0, len(costs.blocks), True, True)
+    # The state less what is no step's peak here: the float32 weights (the model) and AdamW's two moments (no step).
+    moments = costs.state_bytes_per_param - BF16 - 2 * FP32
+    above = memory["state_bytes"] - FP32 * memory["params"] - moments * (memory["params"] - memory["gradless"])
+    above += memory["act_bytes"] + memory["work_bytes"]
+    return seconds, peak, sum(i.time_s for i in items), sum(i.flops for i in items), above
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,21 +133,22 @@ def main(argv: list[str] | None = None) -> None:
         f"backward a step, median of {args.steps}"
     )
     print(
-        "\n| train.trainable | ms a step | peak MiB | time / all | plan's time / all | plan's FLOPs / all |"
-        "\n|---|---:|---:|---:|---:|---:|"
+        "\n| train.trainable | ms a step | peak MiB | time / all | plan's time / all | plan's FLOPs / all | peak / all "
+        "| plan's memory / all |\n|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     base = None
     for setting in settings:
         try:
             got = measure(config, setting, B, L, args.device, compiled, args.documents, args.steps)
         except ConfigError as e:  # (a pattern this model has no parameter for: said, and the next one timed)
-            print(f"| {_shown(setting)} | {e} | | | | |", flush=True)
+            print(f"| {_shown(setting)} | {e} | | | | | | |", flush=True)
             continue
         base = base or got
         print(
             f"| {_shown(setting)} | {got[0] * 1e3:,.1f} | {f'{got[1] / MIB:,.0f}' if got[1] else 'n/a'} | "
             f"{got[0] / base[0]:.3f} | "
-            f"{got[2] / base[2]:.3f} | {got[3] / base[3]:.3f} |",
+            f"{got[2] / base[2]:.3f} | {got[3] / base[3]:.3f} | {f'{got[1] / base[1]:.3f}' if got[1] else 'n/a'} | "
+            f"{got[4] / base[4]:.3f} |",
             flush=True,
         )
 

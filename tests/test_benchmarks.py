@@ -436,5 +436,5 @@ def test_frozen_step_times_each_trainable_setting_beside_the_plans_ratios(monkey
     ]
     names = [row[0].removeprefix("| ") for row in rows[1:]]
     assert names == ["everything", "layers.*", "layers.2.*,layers.3.*", "layers.3.*", "mtp.*"], rows
-    assert rows[1][3:] == ["1.000", "1.000", "1.000 |"] and rows[1][2] == "n/a", rows  # (no peak measured on the CPU)
-    assert all(float(row[-1].rstrip(" |")) < 1 for row in rows[2:]), rows
+    assert rows[1][3:] == ["1.000", "1.000", "1.000", "n/a", "1.000 |"] and rows[1][2] == "n/a", rows  # (no peak)
+    assert all(float(row[5]) < 1 and float(row[-1].rstrip(" |")) < 1 for row in rows[2:]), rows  # (FLOPs, memory)
