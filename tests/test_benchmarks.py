@@ -419,6 +419,10 @@ def test_saved_bytes_measures_each_block_kind_beside_the_plans_count(monkeypatch
     rows = module.rows(config, 1, 16, "cpu", compiled=False, float8="none", auto_filter=False)
     assert [kind for kind, _, _ in rows] == ["M", "-", "*", "*-"]
     assert all(got > 0 and want > 0 for _, got, want in rows)
+    # --frozen: the same kinds, frozen behind a trained MLP (not shown), each keeping less on both sides
+    frozen = module.rows(config, 1, 16, "cpu", compiled=False, float8="none", auto_filter=False, frozen=True)
+    assert [kind for kind, _, _ in frozen] == ["M", "-", "*", "*-"]
+    assert all(0 < got < a and 0 < want < b for (_, got, want), (_, a, b) in zip(frozen, rows)), (frozen, rows)
 
 
 def test_frozen_step_times_each_trainable_setting_beside_the_plans_ratios(monkeypatch, capsys):
