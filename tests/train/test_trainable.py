@@ -105,6 +105,16 @@ def test_only_the_indexer_trains_and_a_resume_trains_it_on(tmp_path):
         Trainer(run.with_overrides(["train.trainable=none"]), run_dir=tmp_path / "b", resume=True)
 
 
+def test_the_indexer_loss_is_noted_where_every_indexer_is_frozen(tmp_path):
+    """With every DSA indexer frozen the indexer loss is not computed (a frozen indexer's would train nothing): the
+    header says its coefficient changes nothing, and only then."""
+    said = "model.dsa_indexer_loss_coeff has no effect: train.trainable freezes every DSA indexer"
+    for setting, noted in (("layers.1.*", True), ("*.indexer.*", False), ("layers.0.*", False), (None, False)):
+        run = dsa_run(*([f"train.trainable={setting}"] if setting else []))
+        header = "\n".join(Trainer(run, run_dir=tmp_path / str(setting), progress=False).describe())
+        assert (said in header) == noted, (setting, header)
+
+
 def test_a_loss_that_reaches_no_trained_parameter_is_refused_by_name(tmp_path):
     """Without its loss the indexer gets no gradient: training it alone would step nothing, so the first step says
     why rather than torch's "does not require grad"."""

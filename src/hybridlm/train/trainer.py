@@ -1154,7 +1154,7 @@ class Trainer:
             + (f" ({self.compile_mode})" if t.compile and self.compile_mode != "default" else "")
             + (f" · PYTORCH_CUDA_ALLOC_CONF={self.cuda_alloc_conf}" if self.device.type == "cuda" else ""),
             *self._init_lines(),
-        ] + [f"note    {n}" for n in r.notes() + self._batch_notes() + self._split_notes()]
+        ] + [f"note    {n}" for n in r.notes() + self._batch_notes() + self._split_notes() + self._trainable_notes()]
 
     def _source_lines(self) -> list[str]:
         """A blend's sources, one line each: its name in the metrics, weight, training rows, and how many epochs of
@@ -1191,6 +1191,19 @@ class Trainer:
             f"train.micro_batch_size {t.micro_batch_size} is more than the {self.local_batch} rows each of the "
             f"{self.dp} data-parallel processes takes per step (train.batch_size {t.batch_size}): each forward takes "
             f"{self.micro}"
+        ]
+
+    def _trainable_notes(self) -> list[str]:
+        """A setting that train.trainable leaves without effect: the DSA indexer loss's coefficient where every indexer
+        is frozen (a frozen indexer computes no loss: ``layers.dsa.DSA.indexer_trains``; it would train nothing)."""
+        c = self.config
+        if self.trainable is None or "D" not in c.symbols or c.dsa_indexer_loss_coeff == 0:
+            return []
+        if any(".indexer." in name for name in self.trainable):
+            return []
+        return [
+            "model.dsa_indexer_loss_coeff has no effect: train.trainable freezes every DSA indexer, and a frozen "
+            "indexer's loss is not computed (it would train nothing)"
         ]
 
     def _split_notes(self) -> list[str]:
