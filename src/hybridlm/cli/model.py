@@ -194,8 +194,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if trainable is not None:
         print(
             f"note: train.trainable {run.train.trainable!r} trains {len(trainable):,} of the model's tensors: the "
-            "others are counted without gradient, optimizer state or weight-gradient products, and the layers before "
-            "the first that trains without a backward",
+            "others are counted without gradient, optimizer state or weight-gradient products, the layers before "
+            "the first that trains without a backward, and the inputs only frozen weights would need not kept",
             file=sys.stderr,
         )
     if args.plot is not None:  # as pattern --plot says it; on stderr under --json, which keeps stdout one document
