@@ -12,7 +12,9 @@ chunk causal (its ``diagonal``): the torch reference (per-head products in float
 ``--check-rows`` queries of row 0 (the float64 reference's cost grows with them), beside the float32 reference's.
 
 ``scores fwd + bwd``: the indexer loss's pattern, each chunk scored with gradients and its backward run from a
-random gradient of the scores (dq, dw, dk; the error: the largest of the three against float64).
+random gradient of the scores (dq, dw, dk; the error: the largest of the three against float64), for float32
+gradients (the products into q and k in ``INPUT_PRECISION``) and for gradients that go on in bf16 (``grad_dtype``: in
+``PRODUCTS_16BIT``), beside the float32 reference's gradients rounded to bf16.
 
 ``top-k``: ``select_topk`` of those scores under the causal mask, the stable sort against the bisection kernel, and
 whether the two kept the same keys (they must, exactly).
@@ -97,9 +99,9 @@ def tune_table(
             restore(old)
 
 
-def chunked_scores_backward(q, w, k, g, kernels: str) -> tuple[torch.Tensor, ...]:
+def chunked_scores_backward(q, w, k, g, kernels: str, grad_dtype=None) -> tuple[torch.Tensor, ...]:
     """The indexer loss's pattern: each chunk of queries scored with gradients (causal), then its backward from ``g``
-    (B, L, L); returns (dq, dw, dk) of the whole sequence."""
+    (B, L, L); returns (dq, dw, dk) of the whole sequence (``grad_dtype``: ``index_scores``')."""
     B, T, n, _ = q.shape
     dq, dw, dk = torch.empty_like(q), torch.empty_like(w), torch.zeros_like(k)
     with use_kernels(kernels):
@@ -109,7 +111,7 @@ def chunked_scores_backward(q, w, k, g, kernels: str) -> tuple[torch.Tensor, ...
                 w[:, a:b].detach().requires_grad_(),
                 k.detach().requires_grad_(),
             )
-            ga, gw, gk = torch.autograd.grad(index_scores(qa, wa, kk, a), (qa, wa, kk), g[:, a:b])
+            ga, gw, gk = torch.autograd.grad(index_scores(qa, wa, kk, a, grad_dtype), (qa, wa, kk), g[:, a:b])
             dq[:, a:b], dw[:, a:b] = ga, gw
             dk += gk
     return dq, dw, dk
@@ -125,20 +127,20 @@ def chunked_target(qa, ka, allowed, heads: int, kernels: str) -> torch.Tensor:
         return torch.cat([indexer_target(qa[:, a:b], ka, allowed[:, a:b], scale, a) for a, b in chunks], 1)
 
 
-def backward_error(q, w, k, g, c: int, kernels: str) -> float:
-    """The largest of dq's, dw's and dk's max |x - float64| / max |float64| over the first ``c`` queries of row 0."""
+def backward_error(q, w, k, g, c: int, kernels: str, grad_dtype=None, rounded: bool = False) -> float:
+    """The largest of dq's, dw's and dk's max |x - float64| / max |float64| over the first ``c`` queries of row 0
+    (``grad_dtype``: ``index_scores``'; ``rounded``: each gradient rounded to bf16 first)."""
 
     def grads(dtype, mode):
         leaves = [t[:1, :c].detach().to(dtype).requires_grad_() for t in (q, w)] + [
             k[:1].detach().to(dtype).requires_grad_()
         ]
         with use_kernels(mode):
-            return torch.autograd.grad(index_scores(*leaves, 0), leaves, g[:1, :c].to(dtype))
+            return torch.autograd.grad(index_scores(*leaves, 0, grad_dtype), leaves, g[:1, :c].to(dtype))
 
     exact = grads(torch.float64, "torch")
-    return max(
-        ((a.double() - e).abs().max() / e.abs().max()).item() for a, e in zip(grads(torch.float32, kernels), exact)
-    )
+    got = [t.bfloat16() if rounded else t for t in grads(torch.float32, kernels)]
+    return max(((a.double() - e).abs().max() / e.abs().max()).item() for a, e in zip(got, exact))
 
 
 def main() -> None:
@@ -192,9 +194,9 @@ def main() -> None:
             ms, got = timed(lambda: chunked_scores(q, w, k, "auto"), args.rounds)
             return f"{ms:.2f} | {err(got):.2e}"
 
-        def backward_row() -> str:
-            ms, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
-            return f"{ms:.2f} | {backward_error(q, w, k, g, c, 'auto'):.2e}"
+        def backward_row() -> str:  # (a bf16 model's backward: its products into q and k in PRODUCTS_16BIT)
+            ms, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto", torch.bfloat16), args.rounds)
+            return f"{ms:.2f} | {backward_error(q, w, k, g, c, 'auto', torch.bfloat16):.2e}"
 
         tables = args.tune.split(",")
         if "scores" in tables:
@@ -237,17 +239,16 @@ def main() -> None:
         indexer_triton.INPUT_PRECISION = before
     ms_bref, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "torch"), args.rounds)
     print(f"| scores fwd + bwd | torch reference | {ms_bref:.2f} | {backward_error(q, w, k, g, c, 'torch'):.2e} | |")
-    bwd_before = indexer_triton.BWD_INPUT_PRECISION
-    try:
-        for precision in (bwd_before or before, "tf32"):  # (the backward's products; the forward's stay as they are)
-            indexer_triton.BWD_INPUT_PRECISION = precision
-            reset_paths()
-            ms_bk, _ = timed(lambda: chunked_scores_backward(q, w, k, g, "auto"), args.rounds)
-            path = paths_used().get("index_scores")
-            print(f"| scores fwd + bwd | {path}, backward {precision} | {ms_bk:.2f} | "
-                  f"{backward_error(q, w, k, g, c, 'auto'):.2e} | {ms_bref / ms_bk:.2f}x the reference |")  # fmt: skip
-    finally:
-        indexer_triton.BWD_INPUT_PRECISION = bwd_before
+    print(f"| scores fwd + bwd | torch reference, gradients rounded to bf16 | | "
+          f"{backward_error(q, w, k, g, c, 'torch', rounded=True):.2e} | what a bf16 model's projections read |")  # fmt: skip
+    for grad_dtype in (None, torch.bfloat16):  # the products into q and k: INPUT_PRECISION, then PRODUCTS_16BIT
+        products = indexer_triton.PRODUCTS_16BIT if grad_dtype else indexer_triton.INPUT_PRECISION
+        reset_paths()
+        ms_bk, _ = timed(lambda dt=grad_dtype: chunked_scores_backward(q, w, k, g, "auto", dt), args.rounds)
+        path = paths_used().get("index_scores")
+        print(f"| scores fwd + bwd | {path}, gradients {'bf16' if grad_dtype else 'float32'} (products {products}) | "
+              f"{ms_bk:.2f} | {backward_error(q, w, k, g, c, 'auto', grad_dtype):.2e} | "
+              f"{ms_bref / ms_bk:.2f}x the reference |")  # fmt: skip
     ms_tref, tref = timed(lambda: chunked_target(qa, ka, allowed, n, "torch"), args.rounds)
     print(f"| loss target | torch reference (float32 logits) | {ms_tref:.2f} | {target_err(tref):.2e} | |")
     del tref

@@ -271,7 +271,8 @@ def setup_cross_entropy(dtype: torch.dtype) -> Callable[[], None]:
 
 def setup_indexer(dtype: torch.dtype) -> Callable[[], None]:
     """DSA's lightning indexer at DeepSeek's sizes (64 heads of 128, top-k 2048) over 256 queries of 4,096 keys: the
-    causal scores forward and backward (float32 whatever ``dtype``: the indexer computes in float32) and the top-k of
+    causal scores forward and backward (float32 whatever ``dtype``: the indexer computes in float32; the backward for
+    float32 gradients, then for a bf16 model's, its products into q and k in ``PRODUCTS_16BIT``) and the top-k of
     ``dtype`` scores."""
     from hybridlm.ops.indexer_triton import index_scores_triton, select_topk_triton
 
@@ -282,6 +283,7 @@ def setup_indexer(dtype: torch.dtype) -> Callable[[], None]:
 
     def run() -> None:
         _backward(index_scores_triton(q, w, k, 3840))  # (the backward: the indexer loss's)
+        _backward(index_scores_triton(q, w, k, 3840, coarse_grads=True))
         select_topk_triton(scores, allowed, 2048)
         index_scores_triton(q.detach(), w.detach(), k.detach())  # (a decoding chunk's: no diagonal)
 

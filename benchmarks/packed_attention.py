@@ -18,7 +18,10 @@ eagerly (the FlexAttention kernel compiled, as the ops run it), over rows cut in
   under its selection, which is causal);
 - ``causal, SDPA's order``: the same with SDPA choosing its own backend (what MLA ran before; not for DSA);
 - ``flex, indexer on torch`` (DSA only): ``flex`` with the indexer's scores and top-k on their torch references
-  (``ops.indexer``: per-head products, a sort), what DSA ran before its indexer kernels.
+  (``ops.indexer``: per-head products, a sort), what DSA ran before its indexer kernels;
+- ``flex, loss's products in float32`` (DSA only): ``flex`` with the indexer loss's backward taking its products into
+  q and k in the forward's precision (``indexer_triton.PRODUCTS_16BIT`` = None), as it did before a bf16 model's took
+  them in TF32 (the same as ``flex`` without the loss).
 
 Per path: the median step over ``--rounds`` turns, the peak memory above what was allocated before the step, and the
 attention kernel the dispatch recorded. The layer's projections are the same in every path; only attention differs.
@@ -59,14 +62,29 @@ def sdpa_default_order():
         attention_ops._sdpa_causal = before
 
 
+@contextlib.contextmanager
+def float32_loss_products():
+    """The indexer loss's backward with its products into q and k in the forward's precision, whatever the model's."""
+    from hybridlm.ops import indexer_triton
+
+    before = indexer_triton.PRODUCTS_16BIT
+    indexer_triton.PRODUCTS_16BIT = None
+    try:
+        yield
+    finally:
+        indexer_triton.PRODUCTS_16BIT = before
+
+
 PATHS = {  # name: (documents?, context that chooses the path)
     "flex": (True, contextlib.nullcontext),
     "dense mask": (True, lambda: use_kernels("auto,attention=torch")),
     "causal": (False, contextlib.nullcontext),
     "causal, SDPA's order": (False, sdpa_default_order),
     "flex, indexer on torch": (True, lambda: use_kernels("auto,index_scores=torch,index_topk=torch")),
+    "flex, loss's products in float32": (True, float32_loss_products),
 }
-NOT_FOR = {"D": ("causal, SDPA's order",), "+": ("flex, indexer on torch",), "*": ("flex, indexer on torch",)}
+DSA_ONLY = ("flex, indexer on torch", "flex, loss's products in float32")
+NOT_FOR = {"D": ("causal, SDPA's order",), "+": DSA_ONLY, "*": DSA_ONLY}
 
 
 def step(model: HybridLM, x: torch.Tensor, doc_ids: torch.Tensor | None, grad: torch.Tensor) -> None:

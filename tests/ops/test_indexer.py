@@ -65,30 +65,60 @@ def test_scores_kernel_matches_float64(shape, diagonal):
     assert err <= max(4 * err32, 1e-6), f"kernel {err:.3g} against float32 reference {err32:.3g}"
 
 
+def scores_grads(q, w, k, g, diagonal, dtype, kernels, grad_dtype=None):
+    """(dq, dw, dk) of ``index_scores`` from the scores' gradient ``g``, q, w, k and g cast to ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, w, k)]
+    with use_kernels(kernels):
+        out = index_scores(*leaves, diagonal, grad_dtype)
+    return torch.autograd.grad(out, leaves, g.to(dtype))
+
+
+def assert_scores_grads_close(got, exact, ref32, grad_dtype, factor):
+    """dw (and, for float32 gradients, dq and dk) within ``factor`` x the float32 reference's error of float64 (and
+    1e-6); for gradients that go on in ``grad_dtype`` (16-bit), dq and dk as close as the float32 reference's rounded
+    to it."""
+    for name, a, e, r in zip(("dq", "dw", "dk"), got, exact, ref32):
+        err, err32 = rel_err(a, e), rel_err(r, e)
+        bound = max(factor * err32, 1e-6)
+        if grad_dtype is not None and name != "dw":
+            bound = max(bound, rel_err(r.to(grad_dtype), e))
+        assert err <= bound, f"{name}: kernel {err:.3g} against {bound:.3g} (float32 reference {err32:.3g})"
+
+
 @runs_triton_kernels
 @pytest.mark.parametrize("shape", [(2, 37, 53, 3, 20), (1, 70, 130, 2, 16), (2, 5, 3, 4, 8), (1, 40, 45, 11, 16)])
 @pytest.mark.parametrize("diagonal", [None, 0, 29])
-def test_scores_kernel_gradients_match_float64(shape, diagonal):
+@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
+def test_scores_kernel_gradients_match_float64(shape, diagonal, grad_dtype):
     """The backward kernels' dq, dw and dk within 4x the float32 reference's error of float64 (and 1e-6), for a
     gradient of the scores that is not zero after the diagonal either (those scores are constants: -inf); 11 heads
-    make groups of two heads and one of one in the dk kernel (``DK_HEAD_GROUPS`` = 8)."""
+    make groups of two heads and one of one in the dk kernel (``DK_HEAD_GROUPS`` = 8). For gradients that go on in
+    bf16 (their products in TF32 on a GPU), dq and dk as close as the float32 reference's rounded to bf16."""
     q, w, k = indexer_inputs(*shape, seed=sum(shape) + 1)
     B, T, S = shape[0], shape[1], shape[2]
     g = torch.randn(B, T, S, generator=torch.Generator().manual_seed(9)).to(DEV)
-
-    def grads(dtype, kernels):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, w, k)]
-        with use_kernels(kernels):
-            out = index_scores(*leaves, diagonal)
-        return torch.autograd.grad(out, leaves, g.to(dtype))
-
-    exact, ref32 = grads(torch.float64, "torch"), grads(torch.float32, "torch")
+    exact = scores_grads(q, w, k, g, diagonal, torch.float64, "torch")
+    ref32 = scores_grads(q, w, k, g, diagonal, torch.float32, "torch")
     reset_paths()
-    got = grads(torch.float32, "triton")
+    got = scores_grads(q, w, k, g, diagonal, torch.float32, "triton", grad_dtype)
     assert paths_used() == {"index_scores": "triton"}
-    for name, a, e, r in zip(("dq", "dw", "dk"), got, exact, ref32):
-        err, err32 = rel_err(a, e), rel_err(r, e)
-        assert err <= max(4 * err32, 1e-6), f"{name}: kernel {err:.3g} against float32 reference {err32:.3g}"
+    assert_scores_grads_close(got, exact, ref32, grad_dtype, 4)
+
+
+@requires_triton
+@pytest.mark.parametrize("grad_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+def test_scores_backward_takes_coarse_products_only_for_narrow_gradients(monkeypatch, grad_dtype):
+    """``grad_dtype`` reaches the backward op: products in ``PRODUCTS_16BIT`` for a 16-bit one, in the forward's
+    precision otherwise (the gates always in the forward's)."""
+    from hybridlm.ops import indexer_triton
+
+    seen = []
+    real = indexer_triton._scores_bwd_op
+    monkeypatch.setattr(indexer_triton, "_scores_bwd_op", lambda *a: seen.append(a[-1]) or real(*a))
+    q, w, k = indexer_inputs(1, 3, 4, 2, 16, device="cpu")
+    g = torch.randn(1, 3, 4)
+    scores_grads(q, w, k, g, None, torch.float32, "triton", grad_dtype)
+    assert seen == [grad_dtype in (torch.bfloat16, torch.float16)]
 
 
 @runs_triton_kernels
@@ -131,6 +161,29 @@ def test_dsa_indexer_loss_on_the_kernels_matches_the_torch_path(sparse_loss):
     assert_rel_close(loss_k, loss_t, 1e-5, "indexer loss")
     for name, grad in grads_t.items():
         assert_rel_close(grads_k[name], grad, 1e-4, f"indexer.{name}.grad")
+
+
+@requires_triton
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dsa_layer_asks_coarse_products_under_bf16_autocast_only(monkeypatch, autocast):
+    """A DSA layer's indexer loss asks the scores' backward for 16-bit products exactly where its projections compute
+    in bf16 (autocast), so their backward rounds q's and k's gradients to bf16 anyway."""
+    from hybridlm.layers.context import SequenceContext
+    from hybridlm.ops import indexer_triton
+    from tests.helpers import MLA_TINY
+    from tests.layers.test_mixers import make
+
+    seen = []
+    real = indexer_triton._scores_bwd_op
+    monkeypatch.setattr(indexer_triton, "_scores_bwd_op", lambda *a: seen.append(a[-1]) or real(*a))
+    config = tiny_config("D", **{**MLA_TINY, "dsa_indexer_topk": 3, "dsa_indexer_loss_coeff": 0.5})
+    layer = make(DSA, config, seed=1)
+    x = torch.randn(1, 7, config.hidden_size)
+    aux = []
+    with use_kernels("auto,index_scores=triton"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        layer(x, SequenceContext(position_ids=torch.arange(7)[None]), aux)
+        aux[0].backward()  # (within use_kernels: the checkpointed chunks run again on the same path)
+    assert seen and set(seen) == {autocast}
 
 
 def target_inputs(B, T, S, H, D, diagonal, seed, broadcast=False, dtype=torch.float32):
@@ -329,6 +382,26 @@ def test_kernels_at_deepseek_sizes_on_gpu():
     kept = select_topk(got, allowed, 2048)
     assert paths_used()["index_topk"] == "triton"
     assert torch.equal(kept, select_topk_reference(got, allowed, 2048))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
+def test_scores_gradients_at_deepseek_sizes_on_gpu(grad_dtype):
+    """On CUDA at 4096 keys, 64 index heads of 128, the last 256 queries as the loss's last chunk runs them (its
+    diagonal given): dw, and dq and dk for float32 gradients, within 4x the float32 reference's error of float64; for
+    gradients that go on in bf16 (their products in TF32), dq and dk as close as the reference's rounded to bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    L, n, d, c = 4096, 64, 128, 256
+    q, w, k = indexer_inputs(1, c, L, n, d, seed=5, device="cuda")
+    q, k, w = q.bfloat16().float(), torch.nn.functional.layer_norm(k.bfloat16().float(), (d,)), w * (n * d) ** -0.5
+    g = torch.randn(1, c, L, device="cuda", generator=torch.Generator("cuda").manual_seed(2)) * 1e-3
+    exact = scores_grads(q, w, k, g, L - c, torch.float64, "torch")
+    ref32 = scores_grads(q, w, k, g, L - c, torch.float32, "torch")
+    reset_paths()
+    got = scores_grads(q, w, k, g, L - c, torch.float32, "auto", grad_dtype)
+    assert paths_used() == {"index_scores": "triton"}
+    assert_scores_grads_close(got, exact, ref32, grad_dtype, 4)
 
 
 @pytest.mark.gpu

@@ -122,9 +122,10 @@ def test_dsa_index_scores_are_timed_as_float32_products(coeff, recompute):
     """DSA's index scores are float32 products, run as three TF32 products each (``tf32x3``): the estimate times them
     at a third of the TF32 peak, the rest of the layer at the bf16 one. Each forward scores once (twice under block
     recompute); with the loss the backward scores once more and computes four products a score (two kernels, each
-    recomputing the products). On an H100 (bench-1.3b's sizes, 4 x 4096) that put a D layer at 2.7x MLA's time
-    without the loss and 11.5x with it, measured 2.65x and 16.4x (docs/benchmarks.md, fifty-eighth session), where
-    counting the scores at the bf16 peak put it at 1.35x and 2.0x."""
+    recomputing the products): two float32 ones (the ReLU's gates) and two TF32 ones (the gradients into q and k,
+    which a bf16 model rounds to bf16). On an H100 (bench-1.3b's sizes, 4 x 4096) the float32 backward put a D layer
+    at 2.7x MLA's time without the loss and 11.5x with it, measured 2.65x and 16.4x (docs/benchmarks.md, fifty-eighth
+    session), where counting the scores at the bf16 peak put it at 1.35x and 2.0x."""
     config = tiny_config("D", **MLA_TINY, dsa_indexer_loss_coeff=coeff)
     L = 64
     h100 = HARDWARE["h100"]
@@ -132,9 +133,9 @@ def test_dsa_index_scores_are_timed_as_float32_products(coeff, recompute):
     core, no_scores = flops_per_token(config, L)["D"], flops_per_token(config, 0)["D"]
     mla = config.replace(pattern="+")
     scores = L * ((core - no_scores) - (flops_per_token(mla, L)["+"] - flops_per_token(mla, 0)["+"])) / 2
-    runs = (2 if recompute else 1) + (1 + 4 if coeff else 0)
+    runs, tf32_runs = (2 if recompute else 1) + (1 + 2 if coeff else 0), 2 if coeff else 0
     t, t_free = (estimate_costs(config, L, recompute=recompute, hardware=hw).blocks[0].time_s for hw in (h100, free))
-    assert math.isclose(t - t_free, runs * scores * 3 / 494.7e12, rel_tol=1e-9)
+    assert math.isclose(t - t_free, (runs * 3 + tf32_runs) * scores / 494.7e12, rel_tol=1e-9)
     assert h100.fp32_products_per_s == 494.7e12 / 3 and HARDWARE["a100"].fp32_products_per_s == 156e12 / 3
 
 

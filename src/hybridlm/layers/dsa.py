@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from ..ops.attention import masked_attention
 from ..ops.indexer import index_scores, indexer_target, select_topk
-from ..ops.precision import accumulation_dtype
+from ..ops.precision import accumulation_dtype, matmul_dtype
 from .cache import cached_keys_mask
 from .context import SequenceContext
 from .init import normal_
@@ -185,7 +185,8 @@ class DSA(MLA):
         """One chunk of queries: its index scores (B, C, S) and selected keys (B, C, S) bool (``diagonal``: see
         :func:`~hybridlm.ops.indexer.index_scores`)."""
         iq, iw = self.indexer.queries(x, c_q, cos, sin)
-        scores = index_scores(iq, iw, keys, diagonal)
+        # (The projections that made q and k compute in matmul_dtype: their backward rounds the gradients to it.)
+        scores = index_scores(iq, iw, keys, diagonal, grad_dtype=matmul_dtype(c_q))
         return scores, select_topk(scores.detach(), allowed, self.config.dsa_indexer_topk)
 
     @property

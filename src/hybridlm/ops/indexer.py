@@ -29,7 +29,13 @@ if triton_available():
     from .indexer_triton import index_scores_triton, select_topk_triton
 
 
-def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None) -> torch.Tensor:
+def index_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    diagonal: int | None = None,
+    grad_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The indexer's scores of every query against every key.
 
     Args:
@@ -38,13 +44,18 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: in
         k: (B, S, d) the keys (cast to ``q``'s dtype: a cache may keep them in another).
         diagonal: None, or the causal diagonal: query ``t`` sees no key ``s > t + diagonal``, and those scores are
             -inf (not computed by the kernel). The caller's mask must exclude them anyway.
+        grad_dtype: the dtype the gradients of ``q`` and ``k`` go on in (that of the projections that made them;
+            None: ``q``'s). Narrower than float32 (bf16, fp16), it lets the kernel's backward run its products into
+            q and k in TF32 (``indexer_triton.PRODUCTS_16BIT``), which that dtype rounds more coarsely anyway. The
+            reference ignores it.
 
     Returns:
         (B, T, S) in ``q``'s dtype, differentiable in q, w and k. The Triton kernels run on CUDA (op
         ``index_scores``), the reference elsewhere and for float64.
     """
     if choose("index_scores", q, w, k) == "triton":
-        return index_scores_triton(q, w, k.to(q.dtype), diagonal)
+        coarse = grad_dtype is not None and grad_dtype.itemsize < 4
+        return index_scores_triton(q, w, k.to(q.dtype), diagonal, coarse)
     return index_scores_reference(q, w, k, diagonal)
 
 

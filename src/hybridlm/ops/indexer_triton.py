@@ -11,7 +11,10 @@ several times slower; "tf32" alone has a 10-bit mantissa, which would move the s
 ``_scores_bwd_q_kernel`` and ``_scores_bwd_k_kernel`` (the indexer loss's backward): each computes the products
 again from q and k, the first per (query tile, head) (dq and dw, key tiles in turn), the second per (key tile, group
 of heads) (dk, query tiles then the group's heads), both only up to the diagonal; the scores' gradient is read,
-nothing per head is stored.
+nothing per head is stored. The products computed again gate the ReLU and make dw: they run in the forward's
+precision, so that each gate is the forward's (a gate flipped at a product near 0 moves a whole term of dq and dk:
+in TF32 they put the gradients 11 % off, measured). The second products, of the gated gradient into k and q (dq,
+dk), run in ``products``: TF32 where the caller's gradients go on in a 16-bit dtype (:data:`PRODUCTS_16BIT`).
 
 ``_topk_kernel``: one program per query row. The k-th largest allowed score is found by bisection over the scores'
 int32 keys (a float32's bits, the lower 31 flipped for negative numbers, order as the floats do), 32 counting passes
@@ -45,8 +48,12 @@ KEYS_FASTEST = 1
 #: group's heads, DK_HEAD_GROUPS groups (partial sums added after: a chunk of the loss's queries alone would give the
 #: dk kernel too few programs). Each holds a (tile, head size) float32 accumulator: smaller tiles than the forward's.
 DQ_BLOCK_T, DQ_BLOCK_S, DK_BLOCK_T, DK_BLOCK_S, BWD_WARPS, DK_HEAD_GROUPS = 32, 64, 64, 32, 4, 8
-#: The backward's products (None: :data:`INPUT_PRECISION`). benchmarks/dsa_indexer.py times and checks "tf32" too.
-BWD_INPUT_PRECISION: str | None = None
+#: The backward's second products (the gated gradient into k for dq, into q for dk) where the gradients of q and k go
+#: on in a 16-bit dtype (``index_scores_triton``'s ``coarse_grads``: a bf16 model's projections make q and k, and
+#: their backward rounds these gradients to bf16): TF32, whose 10-bit mantissa is fp16's and finer than bf16's.
+#: Measured (benchmarks/dsa_indexer.py, docs/benchmarks.md): dq and dk 3e-4 off float64 against bf16's 2e-3 rounding.
+#: Otherwise, or with None here, they run in :data:`INPUT_PRECISION`, as the products that gate the ReLU always do.
+PRODUCTS_16BIT: str | None = "tf32"
 #: Keys a step of the top-k kernel's loops over a row, and its warps.
 TOPK_BLOCK, TOPK_WARPS = 1024, 4
 
@@ -103,10 +110,14 @@ def _scores_kernel(
     tl.store(out, acc, mask=inside)
 
 
-def index_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None) -> torch.Tensor:
+def index_scores_triton(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None = None, coarse_grads: bool = False
+) -> torch.Tensor:
     """:func:`hybridlm.ops.indexer.index_scores` on the kernel: q (B, T, n, d), w (B, T, n), k (B, S, d) float32 ->
-    (B, T, S) float32, differentiable in q, w and k (two backward kernels, which compute the products again)."""
-    return _scores_op(q, w, k, diagonal)
+    (B, T, S) float32, differentiable in q, w and k (two backward kernels, which compute the products again).
+    ``coarse_grads``: the gradients of q and k go on in a 16-bit dtype, so their products run in
+    :data:`PRODUCTS_16BIT`."""
+    return _scores_op(q, w, k, diagonal, coarse_grads)
 
 
 def _precision(device: torch.device, precision: str | None = None) -> str:
@@ -118,7 +129,9 @@ def _precision(device: torch.device, precision: str | None = None) -> str:
 
 
 @torch.library.custom_op("hybridlm::index_scores", mutates_args=())
-def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None) -> torch.Tensor:
+def _scores_op(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int | None, coarse_grads: bool
+) -> torch.Tensor:
     record("index_scores", "triton")  # also at run time inside compiled graphs (tracing records nothing)
     B, T, N, D = q.shape
     S = k.shape[1]
@@ -146,7 +159,7 @@ def _scores_op(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, diagonal: int 
 
 
 @_scores_op.register_fake
-def _(q, w, k, diagonal):
+def _(q, w, k, diagonal, coarse_grads):
     return q.new_empty(q.shape[0], q.shape[1], k.shape[1])
 
 
@@ -154,10 +167,12 @@ def _(q, w, k, diagonal):
 def _scores_bwd_q_kernel(
     q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, T, S, D, diagonal,
     sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdq_b, sdq_t, sdq_n, sdw_b, sdw_t, sdw_n,
-    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dq_j(t) = sum_s g(t, s) w_j(t) [P_j > 0] k(s) and dw_j(t) = sum_s g(t, s) ReLU(P_j(t, s)), P_j = q_j(t) · k(s)
-    recomputed: one program per (query tile, head, row), the key tiles up to the diagonal in turn."""
+    recomputed (in ``GATE``; dq's product in ``PRECISION``): one program per (query tile, head, row), the key tiles up
+    to the diagonal in turn."""
     pid_t = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -179,7 +194,7 @@ def _scores_bwd_q_kernel(
                     mask=(t[:, None] < T) & (s[None, :] < S), other=0.0)  # fmt: skip
         if CAUSAL:
             g = tl.where(s[None, :] > t[:, None] + diagonal, 0.0, g)
-        p = tl.dot(qj, kt, input_precision=PRECISION)
+        p = tl.dot(qj, kt, input_precision=GATE)
         gp = tl.where(p > 0, g, 0.0)
         dw += tl.sum(gp * p, 1)
         dq = tl.dot(gp * wj[:, None], tl.trans(kt), dq, input_precision=PRECISION)
@@ -191,10 +206,12 @@ def _scores_bwd_q_kernel(
 def _scores_bwd_k_kernel(
     q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, T, S, N, D, diagonal, HEADS,
     sq_b, sq_t, sq_n, sw_b, sw_t, sw_n, sk_b, sk_s, sg_b, sg_t, sdk_g, sdk_b, sdk_s,
-    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk(s) = sum_t sum_j g(t, s) w_j(t) [P_j > 0] q_j(t): one program per (key tile, group of HEADS heads, row), the
-    query tiles from the diagonal on in turn, the group's heads in turn; each group writes its own partial sum."""
+    """dk(s) = sum_t sum_j g(t, s) w_j(t) [P_j > 0] q_j(t) (P_j in ``GATE``, dk's product in ``PRECISION``): one program
+    per (key tile, group of HEADS heads, row), the query tiles from the diagonal on in turn, the group's heads in turn;
+    each group writes its own partial sum."""
     pid_s = tl.program_id(0)
     grp = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -217,7 +234,7 @@ def _scores_bwd_k_kernel(
             qj = tl.load(q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + j * sq_n + dd[None, :],
                          mask=(t[:, None] < T) & (dd[None, :] < D), other=0.0)  # fmt: skip
             wj = tl.load(w_ptr + b * sw_b + t.to(tl.int64) * sw_t + j * sw_n, mask=t < T, other=0.0)
-            p = tl.dot(qj, kt, input_precision=PRECISION)
+            p = tl.dot(qj, kt, input_precision=GATE)
             gp = tl.where(p > 0, g, 0.0) * wj[:, None]
             dk = tl.dot(tl.trans(gp), qj, dk, input_precision=PRECISION)
     out = dk_ptr + grp * sdk_g + b * sdk_b + s[:, None].to(tl.int64) * sdk_s + dd[None, :]
@@ -226,9 +243,10 @@ def _scores_bwd_k_kernel(
 
 @torch.library.custom_op("hybridlm::index_scores_bwd", mutates_args=())
 def _scores_bwd_op(
-    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, g: torch.Tensor, diagonal: int | None
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, g: torch.Tensor, diagonal: int | None, coarse_grads: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq (B, T, n, d), dw (B, T, n), dk (B, S, d)) float32 of the scores' gradient ``g`` (B, T, S)."""
+    """(dq (B, T, n, d), dw (B, T, n), dk (B, S, d)) float32 of the scores' gradient ``g`` (B, T, S); dq's and dk's
+    products in :data:`PRODUCTS_16BIT` where ``coarse_grads``."""
     B, T, N, D = q.shape
     S = k.shape[1]
     dq, dw = torch.empty(B, T, N, D, **_f32(q)), torch.empty(B, T, N, **_f32(q))
@@ -236,8 +254,8 @@ def _scores_bwd_op(
         return dq.zero_(), dw.zero_(), torch.zeros(B, S, D, **_f32(q))
     q, w, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, w, k))
     g = g.float() if g.stride(-1) == 1 else g.float().contiguous()
-    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.device, BWD_INPUT_PRECISION),
-                  num_warps=BWD_WARPS)  # fmt: skip
+    common = dict(CAUSAL=diagonal is not None, BD=max(16, triton.next_power_of_2(D)), GATE=_precision(q.device),
+                  PRECISION=_precision(q.device, PRODUCTS_16BIT if coarse_grads else None), num_warps=BWD_WARPS)  # fmt: skip
     strides = (*q.stride()[:3], *w.stride(), *k.stride()[:2], *g.stride()[:2])
     heads = triton.cdiv(N, min(N, DK_HEAD_GROUPS))  # heads a dk program sums
     groups = triton.cdiv(N, heads)
@@ -255,7 +273,7 @@ def _scores_bwd_op(
 
 
 @_scores_bwd_op.register_fake
-def _(q, w, k, g, diagonal):
+def _(q, w, k, g, diagonal, coarse_grads):
     return q.new_empty(q.shape), w.new_empty(w.shape), k.new_empty(k.shape)
 
 
@@ -264,15 +282,15 @@ def _f32(t: torch.Tensor) -> dict:
 
 
 def _scores_setup(ctx, inputs, output):
-    q, w, k, diagonal = inputs
+    q, w, k, diagonal, coarse_grads = inputs
     ctx.save_for_backward(q, w, k)
-    ctx.diagonal = diagonal
+    ctx.diagonal, ctx.coarse_grads = diagonal, coarse_grads
 
 
 def _scores_backward(ctx, g):
     q, w, k = ctx.saved_tensors
-    dq, dw, dk = _scores_bwd_op(q, w, k, g, ctx.diagonal)
-    return dq, dw, dk, None
+    dq, dw, dk = _scores_bwd_op(q, w, k, g, ctx.diagonal, ctx.coarse_grads)
+    return dq, dw, dk, None, None
 
 
 _scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)

@@ -188,8 +188,10 @@ def _indexer_trains(c: ModelConfig) -> bool:
 
 
 #: The products the scores' backward computes for each one of the forward (``ops.indexer_triton``): each of its two
-#: kernels computes the products again, then multiplies the scores' gradient into keys (dq) or queries (dk).
-INDEXER_BACKWARD_PRODUCTS = 4
+#: kernels computes the products again (the ReLU's gates: float32 products), then multiplies the scores' gradient into
+#: keys (dq) or queries (dk): TF32 products in a bf16 model, whose projections round those gradients to bf16
+#: (``ops.indexer_triton.PRODUCTS_16BIT``).
+INDEXER_GATE_PRODUCTS, INDEXER_GRAD_PRODUCTS = 2, 2
 
 
 def _indexer_products(
@@ -199,16 +201,21 @@ def _indexer_products(
     float32 products on tensor cores, and with the indexer loss, of its target too.
 
     Each forward scores once (block recompute: twice). With the loss (``_indexer_trains``) the loss's chunks are
-    checkpointed, so the backward scores once more, then computes :data:`INDEXER_BACKWARD_PRODUCTS` products for
-    each; and each of those forwards runs the target's two passes over the main attention's logits (bf16 products,
+    checkpointed, so the backward scores once more, then computes :data:`INDEXER_GATE_PRODUCTS` float32 products
+    and :data:`INDEXER_GRAD_PRODUCTS` TF32 ones for each; and each of those forwards runs the target's two passes over the main attention's logits (bf16 products,
     causal, no backward: ``ops.indexer.indexer_target``). ``trains``: whether the indexer trains (its loss on,
     ``_indexer_trains``, and a parameter of it not frozen); False: it scores in each forward only."""
     forwards = 2 if recompute else 1
     if not trains:
         return forwards * scores, forwards * scores / hw.fp32_products_per_s
-    runs = forwards + 1 + INDEXER_BACKWARD_PRODUCTS
+    runs = forwards + 1 + INDEXER_GATE_PRODUCTS
+    tf32 = hw.fp32_products_per_s * FP32_PRODUCT_PASSES
     target = 2 * (forwards + 1) * tokens * mixer_class("D").target_flops_per_token(c, seq_len) / 2  # (causal: half)
-    return runs * scores + target, runs * scores / hw.fp32_products_per_s + target / hw.flops_per_s
+    flops = (runs + INDEXER_GRAD_PRODUCTS) * scores + target
+    return (
+        flops,
+        runs * scores / hw.fp32_products_per_s + INDEXER_GRAD_PRODUCTS * scores / tf32 + target / hw.flops_per_s,
+    )
 
 
 def _takes_flex(c: ModelConfig, s: str) -> bool:
