@@ -115,8 +115,8 @@ def test_scores_backward_takes_coarse_products_only_for_narrow_gradients(monkeyp
     seen = []
     real = indexer_triton._scores_bwd_op
     monkeypatch.setattr(indexer_triton, "_scores_bwd_op", lambda *a: seen.append(a[-1]) or real(*a))
-    q, w, k = indexer_inputs(1, 3, 4, 2, 16, device="cpu")
-    g = torch.randn(1, 3, 4)
+    q, w, k = indexer_inputs(1, 3, 4, 2, 16)
+    g = torch.randn(1, 3, 4, device=DEV)
     scores_grads(q, w, k, g, None, torch.float32, "triton", grad_dtype)
     assert seen == [grad_dtype in (torch.bfloat16, torch.float16)]
 
@@ -177,11 +177,11 @@ def test_dsa_layer_asks_coarse_products_under_bf16_autocast_only(monkeypatch, au
     real = indexer_triton._scores_bwd_op
     monkeypatch.setattr(indexer_triton, "_scores_bwd_op", lambda *a: seen.append(a[-1]) or real(*a))
     config = tiny_config("D", **{**MLA_TINY, "dsa_indexer_topk": 3, "dsa_indexer_loss_coeff": 0.5})
-    layer = make(DSA, config, seed=1)
-    x = torch.randn(1, 7, config.hidden_size)
+    layer = make(DSA, config, seed=1).to(DEV)
+    x = torch.randn(1, 7, config.hidden_size, device=DEV)
     aux = []
-    with use_kernels("auto,index_scores=triton"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        layer(x, SequenceContext(position_ids=torch.arange(7)[None]), aux)
+    with use_kernels("auto,index_scores=triton"), torch.autocast(DEV, torch.bfloat16, enabled=autocast):
+        layer(x, SequenceContext(position_ids=torch.arange(7, device=DEV)[None]), aux)
         aux[0].backward()  # (within use_kernels: the checkpointed chunks run again on the same path)
     assert seen and set(seen) == {autocast}
 
