@@ -389,13 +389,25 @@ def test_kernels_at_deepseek_sizes_on_gpu():
 def test_scores_gradients_at_deepseek_sizes_on_gpu(grad_dtype):
     """On CUDA at 4096 keys, 64 index heads of 128, the last 256 queries as the loss's last chunk runs them (its
     diagonal given): dw, and dq and dk for float32 gradients, within 4x the float32 reference's error of float64; for
-    gradients that go on in bf16 (their products in TF32), dq and dk as close as the reference's rounded to bf16."""
+    gradients that go on in bf16 (their products in TF32), dq and dk as close as the reference's rounded to bf16.
+
+    The ReLU's gradient jumps where a product crosses 0, and of these 67M products any rounding puts a few near 0 on
+    the other side: with every gate in play dq was 5e-4 off float64 for the float32 reference and 7e-3 for the kernel
+    (its gates in ``tf32x3``; measured on an H100), one term of 4096 moved each. So the scores' gradient is zeroed
+    where some head's product lies within 1e-4 of its scale of 0 (0.4 % of the pairs), and the test measures the
+    products' precision."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     L, n, d, c = 4096, 64, 128, 256
     q, w, k = indexer_inputs(1, c, L, n, d, seed=5, device="cuda")
     q, k, w = q.bfloat16().float(), torch.nn.functional.layer_norm(k.bfloat16().float(), (d,)), w * (n * d) ** -0.5
     g = torch.randn(1, c, L, device="cuda", generator=torch.Generator("cuda").manual_seed(2)) * 1e-3
+    p = torch.einsum("bthd,bsd->bths", q.double(), k.double())
+    scale = q.double().norm(dim=-1)[..., None] * k.double().norm(dim=-1)[:, None, None, :]
+    near = (p.abs() < 1e-4 * scale).any(2)  # (B, T, S): a gate some rounding may flip
+    del p, scale
+    assert 0 < near.float().mean() < 0.02
+    g = g.masked_fill(near, 0.0)
     exact = scores_grads(q, w, k, g, L - c, torch.float64, "torch")
     ref32 = scores_grads(q, w, k, g, L - c, torch.float32, "torch")
     reset_paths()
