@@ -78,10 +78,15 @@ class Hardware:
     tf32_flops_per_s: float | None = None
 
     @property
+    def tf32_products_per_s(self) -> float:
+        """The TF32 matmul peak (``tf32_flops_per_s``, or half the bf16 one)."""
+        return self.tf32_flops_per_s or self.flops_per_s / 2
+
+    @property
     def fp32_products_per_s(self) -> float:
         """The rate of float32 products on tensor cores as the indexer's kernels run them: ``tf32x3``, three TF32
         products for each (``ops.indexer_triton.INPUT_PRECISION``)."""
-        return (self.tf32_flops_per_s or self.flops_per_s / 2) / FP32_PRODUCT_PASSES
+        return self.tf32_products_per_s / FP32_PRODUCT_PASSES
 
 
 #: TF32 products per float32 product in ``tf32x3`` (a high and a low part: hi·hi + hi·lo + lo·hi).
@@ -202,19 +207,21 @@ def _indexer_products(
 
     Each forward scores once (block recompute: twice). With the loss (``_indexer_trains``) the loss's chunks are
     checkpointed, so the backward scores once more, then computes :data:`INDEXER_GATE_PRODUCTS` float32 products
-    and :data:`INDEXER_GRAD_PRODUCTS` TF32 ones for each; and each of those forwards runs the target's two passes over the main attention's logits (bf16 products,
-    causal, no backward: ``ops.indexer.indexer_target``). ``trains``: whether the indexer trains (its loss on,
-    ``_indexer_trains``, and a parameter of it not frozen); False: it scores in each forward only."""
+    and :data:`INDEXER_GRAD_PRODUCTS` TF32 ones for each; and each of those forwards runs the target's two passes
+    over the main attention's logits (bf16 products, causal, no backward: ``ops.indexer.indexer_target``).
+    ``trains``: whether the indexer trains (its loss on, ``_indexer_trains``, and a parameter of it not frozen);
+    False: it scores in each forward only."""
     forwards = 2 if recompute else 1
     if not trains:
         return forwards * scores, forwards * scores / hw.fp32_products_per_s
     runs = forwards + 1 + INDEXER_GATE_PRODUCTS
-    tf32 = hw.fp32_products_per_s * FP32_PRODUCT_PASSES
     target = 2 * (forwards + 1) * tokens * mixer_class("D").target_flops_per_token(c, seq_len) / 2  # (causal: half)
     flops = (runs + INDEXER_GRAD_PRODUCTS) * scores + target
     return (
         flops,
-        runs * scores / hw.fp32_products_per_s + INDEXER_GRAD_PRODUCTS * scores / tf32 + target / hw.flops_per_s,
+        runs * scores / hw.fp32_products_per_s
+        + INDEXER_GRAD_PRODUCTS * scores / hw.tf32_products_per_s
+        + target / hw.flops_per_s,
     )
 
 
